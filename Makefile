@@ -1,0 +1,43 @@
+# The two commands a newcomer needs:  `make demo`  and  `make test`.
+# Both install what they need (virtualenv, npm packages, Maven artifacts, Debian packages)
+# and start the local services they need; installs are cached, so reruns take seconds.
+
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+PYTEST_ARGS ?=
+
+.PHONY: demo test unit stack stack-down system-deps venv bench clean
+
+demo: venv stack
+	$(BIN)/python -m archive_kms.demo
+
+test: venv stack
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+unit: venv
+	$(BIN)/python -m pytest tests/unit tests/vectors $(PYTEST_ARGS)
+
+system-deps:
+	bash localstack/system-deps.sh
+
+venv: system-deps $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test,postgres,dask]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+stack: venv
+	$(BIN)/archive-kms stack up
+
+stack-down:
+	-$(BIN)/archive-kms stack down
+
+bench: venv stack
+	$(BIN)/python bench/bench_envelope.py
+
+clean: stack-down
+	rm -rf .stack $(VENV)

@@ -1,0 +1,98 @@
+"""Settings: one object, read from ``ARCHIVE_KMS_*`` environment variables and the
+endpoints file that ``archive-kms stack up`` writes (``.stack/endpoints.json``).
+
+Precedence: explicit arguments > environment > endpoints file > defaults. Emulator
+endpoints are configuration only; no code path checks "am I on an emulator".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def stack_dir() -> Path:
+    """Where the local stack keeps its runtime state, logs and the endpoints file."""
+    return Path(os.environ.get("ARCHIVE_KMS_STACK_DIR", PROJECT_ROOT / ".stack"))
+
+
+def endpoints_file() -> Path:
+    return Path(os.environ.get("ARCHIVE_KMS_ENDPOINTS_FILE", stack_dir() / "endpoints.json"))
+
+
+class _EndpointsFileSource(PydanticBaseSettingsSource):
+    """Flat JSON object whose keys are Settings field names."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = endpoints_file()
+        if not path.is_file():
+            return {}
+        data = json.loads(path.read_text())
+        return {k: v for k, v in data.items() if k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ARCHIVE_KMS_", extra="ignore")
+
+    # AWS (LocalStack locally): S3 and KMS.
+    aws_endpoint_url: str | None = None
+    aws_region: str = "us-east-1"
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+
+    # Azure Blob (Azurite locally).
+    azure_blob_connection_string: SecretStr | None = None
+
+    # Azure Key Vault (emulator locally): vault URL and TLS trust for it.
+    azure_keyvault_url: str | None = None
+    azure_keyvault_ca_bundle: str | None = None  # path to PEM; None = system trust
+    azure_keyvault_verify_challenge_resource: bool = True
+
+    # KMIP HSM.
+    kmip_host: str = "127.0.0.1"
+    kmip_port: int = 5696
+    kmip_ca_cert: str | None = None
+    kmip_client_cert: str | None = None
+    kmip_client_key: str | None = None
+
+    # Elasticsearch.
+    elasticsearch_url: str | None = None
+
+    # State store: SQLite by default, PostgreSQL by URL.
+    state_url: str = Field(default_factory=lambda: f"sqlite:///{stack_dir() / 'state.db'}")
+
+    # Naming.
+    shared_bucket: str = "archive-kms-shared"
+    shared_azure_account: str = "devstoreaccount1"
+
+    # Keys.
+    key_cache_ttl_seconds: float = 60.0
+    dek_bucket_seconds: int = 3600
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _EndpointsFileSource(settings_cls))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings; tests build their own ``Settings(...)`` instead."""
+    return Settings()

@@ -1,0 +1,128 @@
+"""One error hierarchy for the whole product.
+
+Adapters catch vendor exceptions (botocore ClientError, azure-core HttpResponseError,
+KMIP result codes, elasticsearch ApiError) at the edge and re-raise one of these, naming
+the resource (key id, bucket, index) in the message. The type says whether a retry can
+help: ``retryable`` is a class attribute that Prefect task retry conditions read.
+
+Messages never contain key material or object plaintext.
+"""
+
+from __future__ import annotations
+
+
+class ArchiveKmsError(Exception):
+    """Root of every error the product raises on purpose."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, resource: str | None = None) -> None:
+        super().__init__(message)
+        self.resource = resource
+
+
+class TransientError(ArchiveKmsError):
+    """A retry with backoff can help (throttling, 5xx, timeouts, resets)."""
+
+    retryable = True
+
+
+class ConfigurationError(ArchiveKmsError):
+    """Settings, endpoints or inputs are wrong; a human must fix them."""
+
+
+class ValidationError(ArchiveKmsError):
+    """An input (tenant id, key reference, object name, header field) is malformed."""
+
+
+class ServiceUnavailableError(TransientError):
+    """A backing service (S3, Blob, KMS, Key Vault, KMIP, Elasticsearch, DB) does not answer."""
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+class KeyError_(ArchiveKmsError):  # noqa: N801 - avoid shadowing the builtin KeyError
+    """Base of key-provider errors."""
+
+
+class KeyUnavailableError(KeyError_):
+    """The key exists but cannot be used now: disabled, revoked, pending deletion,
+    material expired or deleted. Terminal: retrying does not help until a human acts."""
+
+    def __init__(self, message: str, *, resource: str | None = None, state: str | None = None) -> None:
+        super().__init__(message, resource=resource)
+        self.state = state
+
+
+class KeyNotFoundError(KeyError_):
+    """No key under this reference (wrong id, wrong region or account, deleted)."""
+
+
+class KeyAccessDeniedError(KeyError_):
+    """We are not permitted to use the key (missing grant, policy, role assignment)."""
+
+
+class KeyThrottledError(TransientError):
+    """The key service throttled us; back off and retry."""
+
+
+class WrongKeyError(KeyError_):
+    """Material or ciphertext does not belong to this key / tenant / context.
+    Never retried with a relaxed context."""
+
+
+class KeyImportError(KeyError_):
+    """BYOK import failed: bad digest, wrong wrapping, expired import token."""
+
+
+# --- cryptography -----------------------------------------------------------------------
+
+class IntegrityError(ArchiveKmsError):
+    """Authentication failed: tampered, truncated, reordered, or bound to another
+    tenant/object. No unauthenticated plaintext was released."""
+
+
+class FormatError(IntegrityError):
+    """A header or length field is malformed or out of bounds."""
+
+
+class KeychainTamperedError(IntegrityError):
+    """A keychain record's signature does not verify."""
+
+
+class TenantRevokedError(KeyUnavailableError):
+    """The tenant's key access is revoked; reads, writes and searches are refused."""
+
+
+# --- storage, search, state ------------------------------------------------------------
+
+class ObjectNotFoundError(ArchiveKmsError):
+    """No such object in the store."""
+
+
+class ObjectExistsError(ArchiveKmsError):
+    """A conditional create found the object already there."""
+
+
+class StorageError(ArchiveKmsError):
+    """A non-retryable storage failure (permission, bad bucket, quota)."""
+
+
+class SearchError(ArchiveKmsError):
+    """A non-retryable search-index failure (mapping, bad query)."""
+
+
+class StateError(ArchiveKmsError):
+    """State store inconsistency or a conflicting write."""
+
+
+class LeaseHeldError(StateError):
+    """Another run holds the tenant's lease."""
+
+
+class FencedError(StateError):
+    """A write carried a stale fencing token; the writer lost its lease."""
+
+
+class AuditChainBrokenError(IntegrityError):
+    """The audit log's hash chain does not verify."""
