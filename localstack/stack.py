@@ -212,11 +212,14 @@ def ls_install(s: Service) -> None:
     if marker.exists():
         return
     py313 = find_python("3.13", "3.12")
+    # Newer cbor2 (5.7+) drops the private module LocalStack's plugins import, and the
+    # pyopenssl LocalStack pins needs cryptography<44: without these pins it fails to start.
+    fixes = ["cbor2<5.7", "cryptography<44", "pyopenssl<24.3", "service_identity"]
     if py313:
-        py, pins = py313, [f"localstack-core[runtime]=={LOCALSTACK_VERSION_PY313}"]
-    else:  # stack.md: 4.4.0 is the release whose KMS works on 3.11, with these pins
+        py, pins = py313, [f"localstack-core[runtime]=={LOCALSTACK_VERSION_PY313}", *fixes]
+    else:  # stack.md: 4.4.0 is the release whose KMS works on 3.11
         py = find_python("3.11") or sys.executable
-        pins = [f"localstack-core[runtime]=={LOCALSTACK_VERSION_PY311}", "cbor2<5.7", "cryptography<44", "pyopenssl<24.3", "service_identity"]
+        pins = [f"localstack-core[runtime]=={LOCALSTACK_VERSION_PY311}", *fixes]
     log(f"installing LocalStack ({pins[0]}) into {venv}")
     shutil.rmtree(venv, ignore_errors=True)
     run([py, "-m", "venv", str(venv)], logfile=s.logfile)
