@@ -338,6 +338,15 @@ def es_install(s: Service) -> None:
     subprocess.call(["chmod", "-R", "a+rX", str(home.parent)])
 
 
+def _open_path_for_others(path: Path) -> None:
+    """Let a service user (ES, postgres) traverse the directories down to its own."""
+    parent = path
+    while parent != parent.parent:
+        parent = parent.parent
+        if parent.stat().st_mode & 0o001 == 0:
+            parent.chmod(parent.stat().st_mode | 0o001)
+
+
 def _ensure_es_user() -> str | None:
     if os.geteuid() != 0:
         return None
@@ -363,11 +372,7 @@ def es_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
     user = _ensure_es_user()
     if user:
         subprocess.check_call(["chown", "-R", user, str(s.run_dir)])
-        parent = s.run_dir
-        while parent != parent.parent:  # the ES user must be able to traverse to its dirs
-            parent = parent.parent
-            if parent.stat().st_mode & 0o001 == 0:
-                parent.chmod(parent.stat().st_mode | 0o001)
+        _open_path_for_others(s.run_dir)
     env = dict(os.environ, ES_PATH_CONF=str(conf), ES_TMPDIR=str(tmp), ES_JAVA_HOME=_es_java_home())
     env.pop("JAVA_HOME", None)
     cmd = [str(_es_home() / "bin" / "elasticsearch"), "-E", f"path.data={data}", "-E", f"path.logs={logs}"]
@@ -509,6 +514,80 @@ def kmip_endpoints(s: Service) -> dict[str, object]:
             "kmip_client_cert": str(tls / "client.pem"), "kmip_client_key": str(tls / "client.key")}
 
 
+# ---------------------------------------------------------------- PostgreSQL (state store)
+
+PG_DB = "archive_kms"
+
+
+def _pg_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    if not found:
+        raise StackError("PostgreSQL server binaries not found: apt-get install postgresql")
+    return found[-1].parent
+
+
+def _pg_user() -> str | None:
+    return "postgres" if os.geteuid() == 0 else None  # postgres refuses to run as root
+
+
+def _as_pg(cmd: list[str]) -> list[str]:
+    user = _pg_user()
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--"] + cmd if user else cmd
+
+
+def pg_install(s: Service) -> None:
+    if not sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres")):
+        if os.geteuid() != 0:
+            raise StackError("PostgreSQL is not installed: apt-get install postgresql")
+        log("installing PostgreSQL (Debian package)")
+        run(["apt-get", "install", "-y", "-qq", "postgresql"], logfile=s.logfile,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    data = s.run_dir / "data"
+    if (data / "PG_VERSION").exists():
+        return
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    if _pg_user():
+        subprocess.check_call(["chown", "-R", _pg_user(), str(s.run_dir)])
+        _open_path_for_others(s.run_dir)
+    # Loopback only, trust auth: a local development database with no secrets in it.
+    run(_as_pg([str(_pg_bin() / "initdb"), "-D", str(data), "-U", PG_DB, "--auth=trust", "-E", "UTF8"]),
+        logfile=s.logfile)
+
+
+def pg_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
+    sock = s.run_dir / "socket"
+    sock.mkdir(exist_ok=True)
+    if _pg_user():
+        subprocess.check_call(["chown", _pg_user(), str(sock)])
+    return (_as_pg([str(_pg_bin() / "postgres"), "-D", str(s.run_dir / "data"), "-p", str(s.port),
+                    "-h", "127.0.0.1", "-k", str(sock), "-c", "fsync=off", "-c", "max_connections=200"]),
+            dict(os.environ), s.run_dir)
+
+
+def pg_healthy(s: Service) -> bool:
+    try:
+        bin_dir = _pg_bin()
+    except StackError:
+        return False
+    ok = subprocess.call([str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(s.port), "-q"]) == 0
+    if ok:  # the database itself is created once, after the first healthy start
+        exists = subprocess.run([str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(s.port), "-U", PG_DB, "-d",
+                                 "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname='{PG_DB}'"],
+                                capture_output=True, text=True)
+        if exists.returncode == 0 and exists.stdout.strip() != "1":
+            subprocess.call([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(s.port), "-U", PG_DB, PG_DB])
+    return ok
+
+
+def pg_version(s: Service) -> str:
+    out = subprocess.run([str(_pg_bin() / "postgres"), "--version"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def pg_endpoints(s: Service) -> dict[str, object]:
+    return {"postgres_url": f"postgresql+psycopg://{PG_DB}@127.0.0.1:{s.port}/{PG_DB}"}
+
+
 SERVICES: list[Service] = [
     Service("localstack", "LocalStack (S3, KMS)", port("localstack", 4566), ls_install, ls_command, ls_healthy,
             ls_version, ls_endpoints, start_timeout=180),
@@ -520,6 +599,8 @@ SERVICES: list[Service] = [
             kv_endpoints, start_timeout=90),
     Service("kmip", "PyKMIP server (KMIP HSM)", port("kmip", 5696), kmip_install, kmip_command, kmip_healthy,
             kmip_version, kmip_endpoints, start_timeout=60),
+    Service("postgres", "PostgreSQL (state store)", port("postgres", 5433), pg_install, pg_command, pg_healthy,
+            pg_version, pg_endpoints, start_timeout=60),
 ]
 
 

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
 
     # State store: SQLite by default, PostgreSQL by URL.
     state_url: str = Field(default_factory=lambda: f"sqlite:///{stack_dir() / 'state.db'}")
+    # The local PostgreSQL server the stack runs; tests run the state store on it too.
+    postgres_url: str | None = None
 
     # Naming.
     shared_bucket: str = "archive-kms-shared"
