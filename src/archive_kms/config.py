@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     shared_azure_account: str = "devstoreaccount1"
 
     # Keys.
+    # Ed25519 platform signing key (PEM) that signs keychain records and erasure records.
+    keychain_signing_key_path: str | None = None
     key_cache_ttl_seconds: float = 60.0
     dek_bucket_seconds: int = 3600
 

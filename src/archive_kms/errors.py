@@ -126,3 +126,20 @@ class FencedError(StateError):
 
 class AuditChainBrokenError(IntegrityError):
     """The audit log's hash chain does not verify."""
+
+
+class KeyDestroyedError(KeyUnavailableError):
+    """The key was crypto-erased (destroyed on purpose: retention or workspace erasure).
+    Data under it is gone for good; terminal, no human action brings it back."""
+
+
+class VersionConflictError(StateError):
+    """A compare-and-set write found that someone else wrote first. Re-read, re-check
+    and retry: the conflict is transient by nature."""
+
+    retryable = True
+
+
+class AliasConflictError(SearchError):
+    """A conditional alias swap found the alias elsewhere than expected (a racing swap or
+    a stale caller). Terminal: the loser must re-read the alias, not retry blindly."""

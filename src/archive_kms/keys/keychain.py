@@ -1,0 +1,1222 @@
+"""The keychain: the L2/L3/L4 key hierarchy under a tenant's L1 key. No Prefect, no I/O
+beyond the store and the key provider passed in. ``docs/key-hierarchy.md`` is the
+narrative; this docstring is the short version.
+
+::
+
+    L1  KeyProvider (customer / platform master key)      wraps L2 with context {"tenant": id}
+    L2  tenant key     "l2/<g>"                  32 random bytes, stored only wrapped by L1
+    L3  workspace key  "l3/<workspace>/<g>"      AES-256-GCM-wrapped by L2
+    L4  DEK            "l4/<workspace>/<bucket>/<g>"  AES-256-GCM-wrapped by L3, one per
+                       workspace per time bucket (floor(ts / bucket_seconds), hourly default)
+
+The DEK id is what an object header carries; it is deterministic per (tenant, workspace,
+bucket, generation) and ``dek_by_id`` needs nothing else. Wrap AAD binds level, tenant,
+workspace, key id, generation and parent (id, generation).
+
+Rotation has one rule (MultiFernet's): the newest key encrypts, any allowed key decrypts,
+rotation re-wraps. Only the DEK of the newest bucket encrypts (ACTIVE); older DEKs are
+DECRYPT_ONLY; DESTROYED keys are gone (crypto-erasure). ``rotate_l1`` re-wraps one L2
+key (1 provider unwrap + 1 wrap, whatever the data volume); ``rotate_l2`` makes a new L2
+and re-wraps the L3 keys (not the DEKs).
+
+Every record and the per-tenant head are signed by the platform key and checked on
+load: an edited, swapped (another tenant's) or replayed (older version) record raises
+``KeychainTamperedError``. Before every unwrap, from cache or provider, the tenant's
+revocation flag in the signed head is read; a revoked tenant gets ``TenantRevokedError``
+and its cached keys are purged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any, NamedTuple, TypeVar
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from archive_kms.crypto.secrets import SecretBytes
+from archive_kms.errors import (
+    IntegrityError,
+    KeychainTamperedError,
+    KeyDestroyedError,
+    KeyNotFoundError,
+    StateError,
+    TenantRevokedError,
+    ValidationError,
+    VersionConflictError,
+    WrongKeyError,
+)
+from archive_kms.keys.cache import KeyCache
+from archive_kms.keys.keychain_store import (
+    KeychainStore,
+    KeyLevel,
+    KeyRecord,
+    KeyRecordState,
+    RecordRef,
+    TenantHead,
+    WorkspaceHead,
+    _b64_in,
+    _b64_out,
+    _time_in,
+    _time_out,
+    canonical_json,
+)
+from archive_kms.keys.port import KeyProvider, WrappedKey
+from archive_kms.keys.signing import Signer, Verifier
+
+__all__ = [
+    "DEFAULT_BUCKET_SECONDS",
+    "DataKey",
+    "DekInfo",
+    "ErasureRecord",
+    "Keychain",
+    "ProviderCallCounts",
+    "TenantKeyStatus",
+    "bucket_of",
+    "dek_id",
+    "parse_dek_id",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_SECONDS = 3600
+KEY_SIZE = 32
+NONCE_SIZE = 12
+WRAP_ALGORITHM = "A256GCM"
+MAX_DEK_ID_LEN = 128  # what the envelope header accepts
+
+_TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+_WORKSPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,95}\Z")
+_UINT_RE = re.compile(r"(0|[1-9][0-9]{0,17})\Z")  # canonical: no sign, no leading zeros
+_U32 = struct.Struct(">I")
+_WRAP_LABEL = b"archive_kms/v1/keychain-wrap"
+
+_RECORD_PURPOSE = "keychain-record/v1"
+_HEAD_PURPOSE = "keychain-head/v1"
+_ERASURE_PURPOSE = "erasure-record/v1"
+
+ProviderResolver = Callable[[str], KeyProvider]
+T = TypeVar("T")
+
+
+# --- ids ----------------------------------------------------------------------------------
+
+
+def _check_tenant(tenant_id: object) -> str:
+    if not isinstance(tenant_id, str) or not _TENANT_RE.match(tenant_id):
+        raise ValidationError("tenant id must be 1..63 chars of [A-Za-z0-9._-], starting alphanumeric")
+    return tenant_id
+
+
+def _check_workspace(workspace_id: object) -> str:
+    if not isinstance(workspace_id, str) or not _WORKSPACE_RE.match(workspace_id):
+        raise ValidationError("workspace id must be 1..96 chars of [A-Za-z0-9._:@-], starting alphanumeric")
+    return workspace_id
+
+
+def _l2_id(generation: int) -> str:
+    return f"l2/{generation}"
+
+
+def _l3_id(workspace_id: str, generation: int) -> str:
+    return f"l3/{workspace_id}/{generation}"
+
+
+def dek_id(workspace_id: str, bucket: int, generation: int) -> str:
+    """The DEK id an object header carries: ``l4/<workspace>/<bucket>/<generation>``."""
+    value = f"l4/{_check_workspace(workspace_id)}/{bucket}/{generation}"
+    if len(value) > MAX_DEK_ID_LEN:
+        raise ValidationError(f"DEK id would exceed {MAX_DEK_ID_LEN} bytes; use a shorter workspace id")
+    return value
+
+
+def parse_dek_id(value: object) -> tuple[str, int, int]:
+    """``(workspace_id, bucket, generation)`` of a canonical DEK id, else ``ValidationError``."""
+    if not isinstance(value, str) or len(value) > MAX_DEK_ID_LEN:
+        raise ValidationError("not a DEK id")
+    parts = value.split("/")
+    if (
+        len(parts) != 4
+        or parts[0] != "l4"
+        or not _WORKSPACE_RE.match(parts[1])
+        or not _UINT_RE.match(parts[2])
+        or not _UINT_RE.match(parts[3])
+        or parts[3] == "0"
+    ):
+        raise ValidationError(f"not a DEK id: {value!r} (expected l4/<workspace>/<bucket>/<generation>)")
+    return parts[1], int(parts[2]), int(parts[3])
+
+
+def bucket_of(ts: float, bucket_seconds: int) -> int:
+    """The time bucket of a POSIX timestamp: ``floor(ts / bucket_seconds)``."""
+    return int(ts // bucket_seconds)
+
+
+def _as_ts(value: datetime | float | int) -> float:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValidationError("times must be timezone-aware datetimes (or POSIX timestamps)")
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    raise ValidationError(f"not a time: {value!r}")
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+# --- AES-GCM wrapping of L3 and L4 ------------------------------------------------------
+
+
+def _wrap_aad(rec: KeyRecord) -> bytes:
+    parts = (
+        rec.tenant_id,
+        rec.level.value,
+        rec.workspace_id or "",
+        rec.record_id,
+        str(rec.generation),
+        rec.parent_id,
+        str(rec.parent_version),
+    )
+    out = [_WRAP_LABEL]
+    for p in parts:
+        b = p.encode("utf-8")
+        out += [_U32.pack(len(b)), b]
+    return b"".join(out)
+
+
+def _seal(parent: SecretBytes, key: SecretBytes, rec: KeyRecord) -> bytes:
+    nonce = os.urandom(NONCE_SIZE)
+    return nonce + AESGCM(parent.reveal()).encrypt(nonce, key.reveal(), _wrap_aad(rec))
+
+
+def _open(parent: SecretBytes, rec: KeyRecord) -> SecretBytes:
+    blob = rec.wrapped
+    if len(blob) != NONCE_SIZE + KEY_SIZE + 16:
+        raise KeychainTamperedError(
+            f"wrapped key of {rec.record_id} has {len(blob)} bytes", resource=f"keychain:{rec.tenant_id}"
+        )
+    try:
+        raw = AESGCM(parent.reveal()).decrypt(blob[:NONCE_SIZE], blob[NONCE_SIZE:], _wrap_aad(rec))
+    except InvalidTag:
+        # The record's signature verified, so its bytes are ours: the parent key is not the
+        # one that wrapped it (e.g. an L1 holding different material than before).
+        raise WrongKeyError(
+            f"{rec.record_id} of tenant {rec.tenant_id} does not open under {rec.parent_id}",
+            resource=f"keychain:{rec.tenant_id}/{rec.record_id}",
+        ) from None
+    return SecretBytes(raw)
+
+
+# --- value types ---------------------------------------------------------------------------
+
+
+class DataKey(NamedTuple):
+    """``(dek_id, key)``: what ``dek_for_encrypt`` returns. ``key`` hides its bytes."""
+
+    dek_id: str
+    key: SecretBytes
+
+
+@dataclass(frozen=True)
+class DekInfo:
+    dek_id: str
+    workspace_id: str
+    bucket: int
+    generation: int
+    state: KeyRecordState
+    created_at: datetime
+    not_after: datetime | None
+
+
+@dataclass(frozen=True)
+class TenantKeyStatus:
+    tenant_id: str
+    l1_ref: str
+    l1_generation: int
+    l2_id: str
+    l2_generation: int
+    revoked: bool
+    revoked_at: datetime | None
+    workspaces: tuple[str, ...]
+    erased_workspaces: tuple[str, ...]
+    head_version: int
+
+
+@dataclass(frozen=True)
+class ProviderCallCounts:
+    """L1 provider calls made by one keychain (attempts, including failed ones)."""
+
+    wrap: int
+    unwrap: int
+
+    def __sub__(self, other: ProviderCallCounts) -> ProviderCallCounts:
+        return ProviderCallCounts(self.wrap - other.wrap, self.unwrap - other.unwrap)
+
+
+@dataclass(frozen=True)
+class ErasureRecord:
+    """Signed evidence that keys were destroyed (crypto-erasure).
+
+    Verifies on its own: ``ErasureRecord.from_json(data).verify(Verifier.from_public_pem(pem))``
+    with the platform's public key. ``head_version`` is the keychain head version that
+    recorded the erasure: a keychain found below it later has been rolled back.
+    ``l3_destroyed`` is true when the workspace key itself was destroyed.
+    """
+
+    tenant_id: str
+    workspace_id: str
+    scope: str  # "buckets" | "workspace"
+    dek_ids: tuple[str, ...]
+    l3_destroyed: bool
+    older_than: datetime | None
+    reason: str
+    erased_at: datetime
+    head_version: int
+    signer_key_id: str = ""
+    signature: bytes = b""
+
+    FORMAT = "archive_kms.erasure-record/1"
+
+    def __repr__(self) -> str:
+        return (
+            f"ErasureRecord({self.tenant_id}/{self.workspace_id} {self.scope}: {len(self.dek_ids)} DEKs"
+            f"{' + L3' if self.l3_destroyed else ''} at {_time_out(self.erased_at)}, head v{self.head_version}, "
+            f"signed by {self.signer_key_id})"
+        )
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "format": self.FORMAT,
+            "tenant_id": self.tenant_id,
+            "workspace_id": self.workspace_id,
+            "scope": self.scope,
+            "dek_ids": list(self.dek_ids),
+            "l3_destroyed": self.l3_destroyed,
+            "older_than": _time_out(self.older_than),
+            "reason": self.reason,
+            "erased_at": _time_out(self.erased_at),
+            "head_version": self.head_version,
+            "signer_key_id": self.signer_key_id,
+        }
+
+    def signing_payload(self) -> bytes:
+        return canonical_json(self._fields())
+
+    def to_json(self) -> bytes:
+        return canonical_json({**self._fields(), "signature": _b64_out(self.signature)})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ErasureRecord:
+        try:
+            obj = json.loads(data)
+            if obj.pop("format") != cls.FORMAT:
+                raise ValueError("unknown format")
+            return cls(
+                tenant_id=obj["tenant_id"],
+                workspace_id=obj["workspace_id"],
+                scope=obj["scope"],
+                dek_ids=tuple(obj["dek_ids"]),
+                l3_destroyed=obj["l3_destroyed"],
+                older_than=_time_in(obj["older_than"]),
+                reason=obj["reason"],
+                erased_at=_time_in(obj["erased_at"]),  # type: ignore[arg-type]
+                head_version=obj["head_version"],
+                signer_key_id=obj["signer_key_id"],
+                signature=_b64_in(obj["signature"]),
+            )
+        except (KeyError, ValueError, TypeError, AttributeError):
+            raise IntegrityError("erasure record is malformed") from None
+
+    def verify(self, verifier: Verifier) -> None:
+        """Return if the platform signed exactly this record; ``IntegrityError`` otherwise."""
+        verifier.verify(self.signing_payload(), self.signature, key_id=self.signer_key_id, purpose=_ERASURE_PURPOSE)
+
+
+# --- internals -----------------------------------------------------------------------------
+
+
+class _Mismatch(Exception):
+    """A record disagrees with the head it was checked against: a concurrent commit (re-read
+    the head and retry) or tampering (the head did not move)."""
+
+    def __init__(self, tenant_id: str, record_id: str, message: str) -> None:
+        super().__init__(message)
+        self.resource = f"keychain:{tenant_id}/{record_id}"
+        self.message = f"tenant {tenant_id}, {record_id}: {message}"
+
+
+@dataclass
+class _Plan:
+    """What a write operation wants committed, and what it returns once committed."""
+
+    result: Any
+    head: TenantHead | None = None  # None: nothing to write
+    records: list[KeyRecord] = field(default_factory=list)
+    cache_put: list[tuple[str, SecretBytes]] = field(default_factory=list)
+    cache_drop: list[str] = field(default_factory=list)
+
+
+def _expect(cond: bool, rec: KeyRecord, message: str) -> None:
+    if not cond:
+        raise _Mismatch(rec.tenant_id, rec.record_id, message)
+
+
+# --- the keychain --------------------------------------------------------------------------
+
+
+class Keychain:
+    """The tenant key hierarchy over a :class:`KeychainStore` and L1 :class:`KeyProvider` s.
+
+    ``provider_resolver`` turns an L1 reference (``KeyProvider.key_ref``, as stored in the
+    head) into a provider (``keys.registry`` in production). ``clock`` returns POSIX
+    seconds (record times, the default ``now``); the cache has its own clock.
+    ``bucket_seconds`` is the DEK bucket width for *new* workspaces; each workspace keeps
+    the width it was created with, so its DEK ids never change meaning.
+    """
+
+    def __init__(
+        self,
+        store: KeychainStore,
+        provider_resolver: ProviderResolver,
+        signer: Signer,
+        clock: Callable[[], float] = time.time,
+        cache: KeyCache | None = None,
+        *,
+        verifier: Verifier | None = None,
+        bucket_seconds: int = DEFAULT_BUCKET_SECONDS,
+        max_attempts: int = 8,
+    ) -> None:
+        if not isinstance(bucket_seconds, int) or isinstance(bucket_seconds, bool) or bucket_seconds < 1:
+            raise ValidationError(f"bucket_seconds must be an int >= 1, got {bucket_seconds!r}")
+        self._store = store
+        self._resolve = provider_resolver
+        self._signer = signer
+        self._verifier = verifier or signer.verifier()
+        self._clock = clock
+        self._cache = cache if cache is not None else KeyCache()
+        self._bucket_seconds = bucket_seconds
+        self._max_attempts = max_attempts
+        self._lock = threading.Lock()
+        self._tenant_locks: dict[str, threading.Lock] = {}
+        self._head_seen: dict[str, int] = {}  # high-water mark: a lower head is a replay
+        self._verified_heads: dict[str, TenantHead] = {}  # last verified head per tenant
+        self._wraps = 0
+        self._unwraps = 0
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Any,
+        store: KeychainStore,
+        provider_resolver: ProviderResolver,
+        signer: Signer,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> Keychain:
+        return cls(
+            store,
+            provider_resolver,
+            signer,
+            clock,
+            KeyCache.from_settings(settings),
+            bucket_seconds=settings.dek_bucket_seconds,
+        )
+
+    def __repr__(self) -> str:
+        return f"Keychain(signer={self._signer.key_id!r}, cache={self._cache!r})"
+
+    @property
+    def cache(self) -> KeyCache:
+        return self._cache
+
+    @property
+    def provider_calls(self) -> ProviderCallCounts:
+        """Total L1 wrap/unwrap calls so far; subtract two snapshots to measure an operation."""
+        with self._lock:
+            return ProviderCallCounts(self._wraps, self._unwraps)
+
+    # --- public API: tenants ----------------------------------------------------------
+
+    def create_tenant(self, tenant_id: str, l1: KeyProvider) -> TenantKeyStatus:
+        """Generate the tenant's L2 key and store it wrapped by ``l1`` (1 provider wrap).
+        Raises ``StateError`` if the tenant already has a keychain."""
+        _check_tenant(tenant_id)
+        with self._tenant_lock(tenant_id):
+            if self._store.get_head(tenant_id) is not None:
+                raise StateError(f"tenant {tenant_id} already has a keychain", resource=f"keychain:{tenant_id}")
+            now = self._now()
+            l2 = SecretBytes.random(KEY_SIZE)
+            wrapped = self._provider_wrap(l1, l2, tenant_id)
+            rec = KeyRecord(
+                tenant_id=tenant_id,
+                record_id=_l2_id(1),
+                level=KeyLevel.TENANT,
+                workspace_id=None,
+                bucket=None,
+                generation=1,
+                parent_id=l1.key_ref,
+                parent_version=1,
+                wrap_ref=wrapped.key_ref,
+                wrap_algorithm=wrapped.algorithm,
+                wrapped=wrapped.ciphertext,
+                state=KeyRecordState.ACTIVE,
+                created_at=now,
+                not_after=None,
+                updated_at=now,
+                version=1,
+            )
+            head = TenantHead(
+                tenant_id=tenant_id,
+                version=1,
+                l1_ref=l1.key_ref,
+                l1_generation=1,
+                l2=RecordRef(rec.record_id, 1, 1),
+                workspaces=(),
+                revoked=False,
+                revoked_at=None,
+                updated_at=now,
+            )
+            head = self._sign_head(head)
+            self._store.commit(tenant_id, head=head, records=[self._sign_record(rec)], expected_head_version=None)
+            self._note_head(tenant_id, head.version)
+            self._cache.put(tenant_id, rec.record_id, l2)
+            log.info("keychain: tenant %s created under L1 %s", tenant_id, l1.key_ref)
+            return self._status(head)
+
+    def status(self, tenant_id: str) -> TenantKeyStatus:
+        """The tenant's key state (works while revoked; unwraps nothing)."""
+        _check_tenant(tenant_id)
+        return self._status(self._load_head(tenant_id, gate=False))
+
+    def create_workspace(self, tenant_id: str, workspace_id: str) -> str:
+        """Create the workspace's L3 key if missing; returns its record id. ``dek_for_encrypt``
+        does this on demand, so calling it is optional."""
+        _check_tenant(tenant_id)
+        _check_workspace(workspace_id)
+
+        def plan(head: TenantHead) -> _Plan:
+            ws = head.workspace(workspace_id)
+            if ws is not None:
+                if ws.erased:
+                    raise self._erased_error(tenant_id, workspace_id)
+                return _Plan(result=ws.l3.record_id)
+            p = _Plan(result=None)
+            ws, _ = self._new_workspace(head, workspace_id, p)
+            p.result = ws.l3.record_id
+            p.head = head.with_workspace(ws)
+            return p
+
+        return self._write(tenant_id, plan, gate=True)
+
+    # --- public API: data keys ----------------------------------------------------------
+
+    def dek_for_encrypt(
+        self, tenant_id: str, workspace_id: str, now: datetime | float | None = None
+    ) -> DataKey:
+        """The ACTIVE DEK for ``now``'s bucket, creating it (and the workspace key) on demand.
+
+        When a new bucket starts, its DEK is created and the previous one becomes
+        DECRYPT_ONLY. A ``now`` behind the newest DEK (clock skew between workers) gets the
+        newest DEK: data lands in a later bucket and is erased later, never earlier.
+        """
+        _check_tenant(tenant_id)
+        _check_workspace(workspace_id)
+        ts = self._clock() if now is None else _as_ts(now)
+
+        def fast(head: TenantHead) -> DataKey | None:
+            ws = head.workspace(workspace_id)
+            if ws is None:
+                return None
+            if ws.erased:
+                raise self._erased_error(tenant_id, workspace_id)
+            active = ws.active_dek
+            if active is not None and parse_dek_id(active.record_id)[1] >= bucket_of(ts, ws.bucket_seconds):
+                return DataKey(active.record_id, self._dek_key(head, active.record_id))
+            return None
+
+        found = self._read(tenant_id, fast)
+        if found is not None:
+            return found
+
+        def plan(head: TenantHead) -> _Plan:
+            existing = fast(head)  # another worker may have created it meanwhile
+            if existing is not None:
+                return _Plan(result=existing)
+            p = _Plan(result=None)
+            ws = head.workspace(workspace_id)
+            if ws is None:
+                ws, l3 = self._new_workspace(head, workspace_id, p)
+            else:
+                l3 = self._l3_key(head, ws)
+            bucket = max(bucket_of(ts, ws.bucket_seconds), ws.erased_before_bucket)
+            generation = 1
+            if ws.last_dek is not None:
+                _, last_bucket, last_gen = parse_dek_id(ws.last_dek)
+                bucket = max(bucket, last_bucket)  # DEK ids only grow
+                if bucket == last_bucket:
+                    generation = last_gen + 1
+            new_id = dek_id(workspace_id, bucket, generation)
+            now_dt = self._now()
+            rec = KeyRecord(
+                tenant_id=tenant_id,
+                record_id=new_id,
+                level=KeyLevel.DEK,
+                workspace_id=workspace_id,
+                bucket=bucket,
+                generation=generation,
+                parent_id=ws.l3.record_id,
+                parent_version=ws.l3.generation,
+                wrap_ref=ws.l3.record_id,
+                wrap_algorithm=WRAP_ALGORITHM,
+                wrapped=b"\0",  # placeholder, replaced below (the AAD needs the record)
+                state=KeyRecordState.ACTIVE,
+                created_at=now_dt,
+                not_after=_dt((bucket + 1) * ws.bucket_seconds),
+                updated_at=now_dt,
+                version=1,
+            )
+            dek = SecretBytes.random(KEY_SIZE)
+            p.records.append(replace(rec, wrapped=_seal(l3, dek, rec)))
+            if ws.active_dek is not None:
+                old = self._checked_dek(head, ws, ws.active_dek.record_id)
+                p.records.append(self._bump(old, state=KeyRecordState.DECRYPT_ONLY))
+            ws = replace(ws, active_dek=RecordRef(new_id, generation, 1), last_dek=new_id)
+            p.head = head.with_workspace(ws)
+            p.cache_put.append((new_id, dek))
+            p.result = DataKey(new_id, SecretBytes(dek.reveal()))
+            log.info("keychain: tenant %s new active DEK %s", tenant_id, new_id)
+            return p
+
+        return self._write(tenant_id, plan, gate=True)
+
+    def dek_by_id(self, tenant_id: str, dek_id: str) -> SecretBytes:
+        """The DEK named in an object header, for decryption (ACTIVE or DECRYPT_ONLY).
+
+        Raises ``KeyDestroyedError`` if it was crypto-erased, ``TenantRevokedError`` if the
+        tenant is revoked, ``KeyNotFoundError`` for an unknown id, ``KeychainTamperedError``
+        if a record on the way fails its signature or binding checks.
+        """
+        _check_tenant(tenant_id)
+        parse_dek_id(dek_id)
+        return self._read(tenant_id, lambda head: self._dek_key(head, dek_id))
+
+    def dek_for_header(self, header: Any) -> SecretBytes:
+        """``dek_by_id`` for an object envelope header (``crypto.envelope.EnvelopeHeader``):
+        pass ``dek_for=keychain.dek_for_header`` to the envelope's decrypt functions. The
+        header's workspace must be the one its DEK id names."""
+        if parse_dek_id(header.dek_id)[0] != header.workspace_id:
+            raise IntegrityError(
+                f"object header names workspace {header.workspace_id} but DEK {header.dek_id}",
+                resource=f"keychain:{header.tenant_id}/{header.dek_id}",
+            )
+        return self.dek_by_id(header.tenant_id, header.dek_id)
+
+    def retire_active_dek(self, tenant_id: str, workspace_id: str) -> str | None:
+        """Make the workspace's active DEK DECRYPT_ONLY now (e.g. suspected exposure); the
+        next ``dek_for_encrypt`` creates the next generation. Returns the retired id."""
+        _check_tenant(tenant_id)
+        _check_workspace(workspace_id)
+
+        def plan(head: TenantHead) -> _Plan:
+            ws = self._workspace(head, workspace_id)
+            if ws.active_dek is None:
+                return _Plan(result=None)
+            old = self._checked_dek(head, ws, ws.active_dek.record_id)
+            return _Plan(
+                result=old.record_id,
+                head=head.with_workspace(replace(ws, active_dek=None)),
+                records=[self._bump(old, state=KeyRecordState.DECRYPT_ONLY)],
+            )
+
+        return self._write(tenant_id, plan, gate=True)
+
+    def list_deks(self, tenant_id: str, workspace_id: str | None = None) -> list[DekInfo]:
+        """Every DEK (tombstones included), each verified; works while revoked."""
+        _check_tenant(tenant_id)
+        if workspace_id is not None:
+            _check_workspace(workspace_id)
+
+        def read(head: TenantHead) -> list[DekInfo]:
+            out = []
+            for rec in self._store.list_records(tenant_id, level=KeyLevel.DEK, workspace_id=workspace_id):
+                ws = head.workspace(rec.workspace_id or "")
+                if ws is None:
+                    raise _Mismatch(tenant_id, rec.record_id, "DEK of a workspace the head does not know")
+                self._check_dek(head, ws, rec, rec.record_id)
+                out.append(
+                    DekInfo(
+                        rec.record_id, ws.workspace_id, rec.bucket or 0, rec.generation, rec.state,
+                        rec.created_at, rec.not_after,
+                    )
+                )
+            return sorted(out, key=lambda d: (d.workspace_id, d.bucket, d.generation))
+
+        return self._read(tenant_id, read, gate=False)
+
+    def reencrypt_path(self, tenant_id: str, workspace_id: str | None = None) -> list[str]:
+        """The hook for a full re-encryption (a DEK or L3 key is believed compromised):
+        every DEK id that can still decrypt, oldest first. The copy machinery decrypts each
+        object under its header's DEK id, re-encrypts it with ``dek_for_encrypt`` into a
+        *new workspace id*, verifies, then calls ``erase_workspace`` on the old one.
+        (Rotating L1 or L2 needs no re-encryption: they are re-wrapped.)"""
+        return [d.dek_id for d in self.list_deks(tenant_id, workspace_id) if d.state is not KeyRecordState.DESTROYED]
+
+    # --- public API: rotation -------------------------------------------------------------
+
+    def rotate_l1(self, tenant_id: str, new_l1: KeyProvider) -> TenantKeyStatus:
+        """Re-wrap the tenant's L2 key under ``new_l1``: exactly 1 unwrap (old L1) + 1 wrap
+        (new L1) whatever the data volume; no L3/L4 record changes. The unwrap always goes to
+        the old provider, never the cache, so the stored L2 is proven to open under it."""
+        _check_tenant(tenant_id)
+
+        def plan(head: TenantHead) -> _Plan:
+            rec = self._checked_l2(head)
+            self._gate(tenant_id)
+            l2 = self._provider_unwrap(self._resolve(head.l1_ref), rec, tenant_id)
+            wrapped = self._provider_wrap(new_l1, l2, tenant_id)
+            new = self._bump(
+                rec,
+                parent_id=new_l1.key_ref,
+                parent_version=head.l1_generation + 1,
+                wrap_ref=wrapped.key_ref,
+                wrap_algorithm=wrapped.algorithm,
+                wrapped=wrapped.ciphertext,
+            )
+            new_head = replace(
+                head,
+                l1_ref=new_l1.key_ref,
+                l1_generation=head.l1_generation + 1,
+                l2=replace(head.l2, version=new.version),
+            )
+            log.info("keychain: tenant %s L2 re-wrapped from %s to %s", tenant_id, head.l1_ref, new_l1.key_ref)
+            return _Plan(result=None, head=new_head, records=[new], cache_put=[(rec.record_id, l2)])
+
+        self._write(tenant_id, plan, gate=True)
+        return self.status(tenant_id)
+
+    def rotate_l2(self, tenant_id: str) -> TenantKeyStatus:
+        """A new L2 key (wrapped by the current L1: 1 wrap, plus 1 unwrap if the old L2 is
+        not cached); every live L3 key is re-wrapped under it; the old L2 is DESTROYED.
+        DEK records do not change, so existing objects keep decrypting."""
+        _check_tenant(tenant_id)
+
+        def plan(head: TenantHead) -> _Plan:
+            old_rec = self._checked_l2(head)
+            old_l2 = self._l2_key(head)
+            new_l2 = SecretBytes.random(KEY_SIZE)
+            self._gate(tenant_id)
+            wrapped = self._provider_wrap(self._resolve(head.l1_ref), new_l2, tenant_id)
+            gen = old_rec.generation + 1
+            now = self._now()
+            new_rec = replace(
+                old_rec,
+                record_id=_l2_id(gen),
+                generation=gen,
+                wrap_ref=wrapped.key_ref,
+                wrap_algorithm=wrapped.algorithm,
+                wrapped=wrapped.ciphertext,
+                created_at=now,
+                updated_at=now,
+                version=1,
+                signer_key_id="",
+                signature=b"",
+            )
+            p = _Plan(result=None, records=[new_rec, self._destroy(old_rec)])
+            workspaces = []
+            for ws in head.workspaces:
+                if ws.erased:  # its L3 is a tombstone; nothing to re-wrap
+                    workspaces.append(ws)
+                    continue
+                l3_rec = self._checked_l3(head, ws)
+                l3 = _open(old_l2, l3_rec)
+                moved = self._bump(l3_rec, parent_id=new_rec.record_id, parent_version=gen, wrap_ref=new_rec.record_id)
+                p.records.append(replace(moved, wrapped=_seal(new_l2, l3, moved)))
+                workspaces.append(replace(ws, l3=replace(ws.l3, version=moved.version)))
+            p.head = replace(head, l2=RecordRef(new_rec.record_id, gen, 1), workspaces=tuple(workspaces))
+            p.cache_drop.append(old_rec.record_id)
+            p.cache_put.append((new_rec.record_id, new_l2))
+            log.info("keychain: tenant %s L2 rotated to %s; %d L3 keys re-wrapped",
+                     tenant_id, new_rec.record_id, len(p.records) - 2)
+            return p
+
+        self._write(tenant_id, plan, gate=True)
+        return self.status(tenant_id)
+
+    # --- public API: revocation -------------------------------------------------------------
+
+    def revoke(self, tenant_id: str) -> TenantKeyStatus:
+        """Refuse every unwrap for the tenant from now on, in every process sharing the store
+        (the flag is in the signed head, read before every unwrap); purge its cached keys.
+        Idempotent."""
+        _check_tenant(tenant_id)
+        self._cache.purge(tenant_id)
+
+        def plan(head: TenantHead) -> _Plan:
+            if head.revoked:
+                return _Plan(result=None)
+            return _Plan(result=None, head=replace(head, revoked=True, revoked_at=self._now()))
+
+        try:
+            self._write(tenant_id, plan, gate=False)
+        finally:
+            self._cache.purge(tenant_id)  # again: a reader may have refilled it meanwhile
+        log.warning("keychain: tenant %s revoked; caches purged", tenant_id)
+        return self.status(tenant_id)
+
+    def restore(self, tenant_id: str) -> TenantKeyStatus:
+        """Re-enable a revoked tenant once its L1 works again: first unwraps the L2 key from
+        the provider (1 unwrap; raises ``KeyUnavailableError`` and stays revoked if the L1
+        is still disabled), then clears the flag. Idempotent."""
+        _check_tenant(tenant_id)
+
+        def plan(head: TenantHead) -> _Plan:
+            if not head.revoked:
+                return _Plan(result=None)
+            rec = self._checked_l2(head)
+            l2 = self._provider_unwrap(self._resolve(head.l1_ref), rec, tenant_id)
+            return _Plan(
+                result=None,
+                head=replace(head, revoked=False, revoked_at=None),
+                cache_put=[(rec.record_id, l2)],
+            )
+
+        self._write(tenant_id, plan, gate=False)
+        log.warning("keychain: tenant %s restored", tenant_id)
+        return self.status(tenant_id)
+
+    # --- public API: crypto-erasure -----------------------------------------------------------
+
+    def erase_buckets(
+        self,
+        tenant_id: str,
+        workspace_id: str,
+        older_than: datetime | float,
+        *,
+        reason: str = "retention expired",
+    ) -> ErasureRecord:
+        """Destroy the DEKs of every bucket that starts before ``older_than``'s bucket
+        (retention). ``older_than`` may not lie in a future bucket (that would destroy the
+        DEK in use: use ``erase_workspace``). Works while revoked. Returns the signed record
+        of the DEKs destroyed by this call (empty if there was nothing left)."""
+        _check_tenant(tenant_id)
+        _check_workspace(workspace_id)
+        cutoff_ts = _as_ts(older_than)
+
+        def plan(head: TenantHead) -> _Plan:
+            ws = self._workspace(head, workspace_id)
+            cutoff = bucket_of(cutoff_ts, ws.bucket_seconds)
+            if cutoff > bucket_of(self._clock(), ws.bucket_seconds):
+                raise ValidationError(
+                    f"older_than {_time_out(_dt(cutoff_ts))} is in a future bucket; erase_buckets "
+                    "never destroys the current DEK (use erase_workspace)"
+                )
+            p = _Plan(result=None)
+            if not ws.erased:
+                for rec in self._store.list_records(tenant_id, level=KeyLevel.DEK, workspace_id=workspace_id):
+                    self._check_dek(head, ws, rec, rec.record_id)
+                    if (rec.bucket or 0) < cutoff and rec.state is not KeyRecordState.DESTROYED:
+                        p.records.append(self._destroy(rec))
+                active = ws.active_dek
+                if active is not None and parse_dek_id(active.record_id)[1] < cutoff:
+                    active = None
+                if p.records or cutoff > ws.erased_before_bucket:
+                    new_ws = replace(ws, erased_before_bucket=max(ws.erased_before_bucket, cutoff), active_dek=active)
+                    p.head = head.with_workspace(new_ws)
+            p.cache_drop = [r.record_id for r in p.records]
+            p.result = self._erasure_record(
+                head, p, workspace_id, "buckets", older_than=_dt(cutoff_ts), reason=reason, l3_destroyed=False
+            )
+            return p
+
+        record = self._write(tenant_id, plan, gate=False)
+        log.info("keychain: tenant %s workspace %s: %d DEKs crypto-erased (%s)",
+                 tenant_id, workspace_id, len(record.dek_ids), reason)
+        return record
+
+    def erase_workspace(
+        self, tenant_id: str, workspace_id: str, *, reason: str = "workspace deleted"
+    ) -> ErasureRecord:
+        """Destroy the workspace's L3 key and every DEK under it; the workspace id can never
+        be used again. Works while revoked. Returns the signed erasure record."""
+        _check_tenant(tenant_id)
+        _check_workspace(workspace_id)
+
+        def plan(head: TenantHead) -> _Plan:
+            ws = self._workspace(head, workspace_id)
+            p = _Plan(result=None)
+            if not ws.erased:
+                for rec in self._store.list_records(tenant_id, level=KeyLevel.DEK, workspace_id=workspace_id):
+                    self._check_dek(head, ws, rec, rec.record_id)
+                    if rec.state is not KeyRecordState.DESTROYED:
+                        p.records.append(self._destroy(rec))
+                l3_rec = self._destroy(self._checked_l3(head, ws))
+                p.cache_drop = [r.record_id for r in p.records] + [l3_rec.record_id]
+                p.records.append(l3_rec)
+                p.head = head.with_workspace(
+                    replace(ws, erased=True, active_dek=None, l3=replace(ws.l3, version=l3_rec.version))
+                )
+            p.result = self._erasure_record(
+                head, p, workspace_id, "workspace", older_than=None, reason=reason, l3_destroyed=not ws.erased
+            )
+            return p
+
+        record = self._write(tenant_id, plan, gate=False)
+        log.info("keychain: tenant %s workspace %s crypto-erased: %d DEKs and its L3 key (%s)",
+                 tenant_id, workspace_id, len(record.dek_ids), reason)
+        return record
+
+    # --- reading and writing under the head --------------------------------------------------
+
+    def _tenant_lock(self, tenant_id: str) -> threading.Lock:
+        with self._lock:
+            return self._tenant_locks.setdefault(tenant_id, threading.Lock())
+
+    def _read(self, tenant_id: str, fn: Callable[[TenantHead], T], *, gate: bool = True) -> T:
+        head = self._load_head(tenant_id, gate=gate)
+        for _ in range(self._max_attempts):
+            try:
+                return fn(head)
+            except _Mismatch as m:
+                head = self._recheck(tenant_id, head, m, gate)
+        raise self._busy(tenant_id)
+
+    def _write(self, tenant_id: str, fn: Callable[[TenantHead], _Plan], *, gate: bool) -> Any:
+        with self._tenant_lock(tenant_id):
+            head = self._load_head(tenant_id, gate=gate)
+            for _ in range(self._max_attempts):
+                try:
+                    plan = fn(head)
+                except _Mismatch as m:
+                    head = self._recheck(tenant_id, head, m, gate)
+                    continue
+                if plan.head is not None:
+                    new_head = self._sign_head(replace(plan.head, version=head.version + 1, updated_at=self._now()))
+                    records = [self._sign_record(r) for r in plan.records]
+                    try:
+                        self._store.commit(
+                            tenant_id, head=new_head, records=records, expected_head_version=head.version
+                        )
+                    except VersionConflictError:  # another process committed first: re-plan
+                        head = self._load_head(tenant_id, gate=gate)
+                        continue
+                    self._note_head(tenant_id, new_head.version)
+                self._cache.discard(tenant_id, plan.cache_drop)
+                for key_id, key in plan.cache_put:
+                    self._cache.put(tenant_id, key_id, key)
+                return plan.result
+            raise self._busy(tenant_id)
+
+    def _recheck(self, tenant_id: str, head: TenantHead, m: _Mismatch, gate: bool) -> TenantHead:
+        fresh = self._load_head(tenant_id, gate=gate)
+        if fresh.version == head.version:
+            log.error("keychain: tampering detected: %s", m.message)
+            raise KeychainTamperedError(m.message, resource=m.resource) from None
+        return fresh
+
+    def _busy(self, tenant_id: str) -> VersionConflictError:
+        return VersionConflictError(
+            f"keychain of tenant {tenant_id} kept changing over {self._max_attempts} attempts; retry",
+            resource=f"keychain:{tenant_id}",
+        )
+
+    def _load_head(self, tenant_id: str, *, gate: bool) -> TenantHead:
+        head = self._store.get_head(tenant_id)
+        if head is None:
+            raise KeyNotFoundError(f"tenant {tenant_id} has no keychain", resource=f"keychain:{tenant_id}")
+        resource = f"keychain:{tenant_id}/head"
+        with self._lock:
+            known = self._verified_heads.get(tenant_id)
+        if known != head:  # equal in every field (signature included) to one verified before: skip
+            self._verify(head.signing_payload(), head.signature, head.signer_key_id, _HEAD_PURPOSE, resource)
+        if head.tenant_id != tenant_id:
+            raise KeychainTamperedError(
+                f"keychain head stored for tenant {tenant_id} belongs to tenant {head.tenant_id}", resource=resource
+            )
+        with self._lock:
+            seen = self._head_seen.get(tenant_id, 0)
+            if head.version < seen:
+                raise KeychainTamperedError(
+                    f"keychain head of tenant {tenant_id} went back from version {seen} to {head.version} (replayed)",
+                    resource=resource,
+                )
+            self._head_seen[tenant_id] = head.version
+            self._verified_heads[tenant_id] = head
+        if head.revoked:
+            self._cache.purge(tenant_id)  # this process may not be the one that revoked
+        if gate and head.revoked:
+            raise TenantRevokedError(
+                f"tenant {tenant_id}: key access is revoked; reads, writes and searches are refused until restore",
+                resource=f"tenant:{tenant_id}",
+                state="revoked",
+            )
+        return head
+
+    def _gate(self, tenant_id: str) -> None:
+        """Re-read the revocation flag right before a provider call (long operations)."""
+        self._load_head(tenant_id, gate=True)
+
+    def _note_head(self, tenant_id: str, version: int) -> None:
+        with self._lock:
+            self._head_seen[tenant_id] = max(version, self._head_seen.get(tenant_id, 0))
+
+    # --- signing ---------------------------------------------------------------------------
+
+    def _verify(self, payload: bytes, signature: bytes, key_id: str, purpose: str, resource: str) -> None:
+        try:
+            self._verifier.verify(payload, signature, key_id=key_id, purpose=purpose)
+        except IntegrityError as exc:
+            log.error("keychain: tampering detected: %s: %s", resource, exc)
+            raise KeychainTamperedError(f"{resource}: {exc}", resource=resource) from None
+
+    def _sign_record(self, rec: KeyRecord) -> KeyRecord:
+        unsigned = replace(rec, signer_key_id=self._signer.key_id, signature=b"")
+        return replace(unsigned, signature=self._signer.sign(unsigned.signing_payload(), purpose=_RECORD_PURPOSE))
+
+    def _sign_head(self, head: TenantHead) -> TenantHead:
+        unsigned = replace(head, signer_key_id=self._signer.key_id, signature=b"")
+        return replace(unsigned, signature=self._signer.sign(unsigned.signing_payload(), purpose=_HEAD_PURPOSE))
+
+    def _erasure_record(
+        self, head: TenantHead, p: _Plan, workspace_id: str, scope: str, *,
+        older_than: datetime | None, reason: str, l3_destroyed: bool,
+    ) -> ErasureRecord:
+        rec = ErasureRecord(
+            tenant_id=head.tenant_id,
+            workspace_id=workspace_id,
+            scope=scope,
+            dek_ids=tuple(sorted((r.record_id for r in p.records if r.level is KeyLevel.DEK), key=parse_dek_id)),
+            l3_destroyed=l3_destroyed,
+            older_than=older_than,
+            reason=reason,
+            erased_at=self._now(),
+            head_version=head.version + 1 if p.head is not None else head.version,
+            signer_key_id=self._signer.key_id,
+        )
+        return replace(rec, signature=self._signer.sign(rec.signing_payload(), purpose=_ERASURE_PURPOSE))
+
+    # --- record loading and checks ---------------------------------------------------------
+
+    def _record(self, tenant_id: str, record_id: str) -> KeyRecord:
+        rec = self._store.get_record(tenant_id, record_id)
+        if rec is None:
+            raise _Mismatch(tenant_id, record_id, "record named by the head is missing")
+        self._check_signed(tenant_id, record_id, rec)
+        return rec
+
+    def _check_signed(self, tenant_id: str, record_id: str, rec: KeyRecord) -> None:
+        resource = f"keychain:{tenant_id}/{record_id}"
+        self._verify(rec.signing_payload(), rec.signature, rec.signer_key_id, _RECORD_PURPOSE, resource)
+        if rec.tenant_id != tenant_id or rec.record_id != record_id:
+            log.error("keychain: tampering detected: %s holds %s/%s", resource, rec.tenant_id, rec.record_id)
+            raise KeychainTamperedError(
+                f"{resource}: the stored record belongs to tenant {rec.tenant_id}, id {rec.record_id} (swapped)",
+                resource=resource,
+            )
+
+    def _checked_l2(self, head: TenantHead) -> KeyRecord:
+        ref = head.l2
+        rec = self._record(head.tenant_id, ref.record_id)
+        _expect(rec.level is KeyLevel.TENANT and rec.generation == ref.generation, rec, "not the head's L2 key")
+        _expect(rec.version == ref.version, rec, f"record version {rec.version}, head says {ref.version} (replayed)")
+        _expect(rec.state is KeyRecordState.ACTIVE, rec, f"L2 key is {rec.state.value}, head says active")
+        _expect(rec.parent_id == head.l1_ref and rec.parent_version == head.l1_generation, rec,
+                "wrapped by another L1 than the head's")
+        return rec
+
+    def _checked_l3(self, head: TenantHead, ws: WorkspaceHead) -> KeyRecord:
+        ref = ws.l3
+        rec = self._record(head.tenant_id, ref.record_id)
+        _expect(
+            rec.level is KeyLevel.WORKSPACE and rec.workspace_id == ws.workspace_id and rec.generation == ref.generation,
+            rec, "not the head's workspace key",
+        )
+        _expect(rec.version == ref.version, rec, f"record version {rec.version}, head says {ref.version} (replayed)")
+        _expect(rec.state is KeyRecordState.ACTIVE, rec, f"workspace key is {rec.state.value}, head says active")
+        _expect(rec.parent_id == head.l2.record_id and rec.parent_version == head.l2.generation, rec,
+                "wrapped by another L2 than the head's")
+        return rec
+
+    def _checked_dek(self, head: TenantHead, ws: WorkspaceHead, record_id: str) -> KeyRecord:
+        rec = self._store.get_record(head.tenant_id, record_id)
+        if rec is None:
+            # DEK ids are sparse (hours without data have none), so a missing id is unknown,
+            # not evidence of tampering; commits are atomic, so it is not a race either.
+            raise KeyNotFoundError(f"tenant {head.tenant_id} has no DEK {record_id}",
+                                   resource=f"keychain:{head.tenant_id}/{record_id}")
+        self._check_dek(head, ws, rec, record_id)
+        return rec
+
+    def _check_dek(self, head: TenantHead, ws: WorkspaceHead, rec: KeyRecord, record_id: str) -> None:
+        """A DEK record's signature, binding and state against the head."""
+        self._check_signed(head.tenant_id, record_id, rec)
+        w, bucket, gen = parse_dek_id(record_id)
+        _expect(
+            rec.level is KeyLevel.DEK and rec.workspace_id == w == ws.workspace_id
+            and rec.bucket == bucket and rec.generation == gen,
+            rec, "DEK record fields do not match its id",
+        )
+        _expect(ws.last_dek is not None and (bucket, gen) <= parse_dek_id(ws.last_dek)[1:], rec,
+                "DEK newer than the newest the head knows")
+        if rec.state is not KeyRecordState.DESTROYED:
+            # A tombstone's parent no longer matters; a live DEK must hang under the head's L3.
+            _expect(rec.parent_id == ws.l3.record_id and rec.parent_version == ws.l3.generation, rec,
+                    "wrapped by another workspace key than the head's")
+        if ws.erased or bucket < ws.erased_before_bucket:
+            _expect(rec.state is KeyRecordState.DESTROYED, rec,
+                    f"DEK is {rec.state.value} but the head records it as crypto-erased (replayed)")
+        active = ws.active_dek
+        if active is not None and active.record_id == record_id:
+            _expect(rec.version == active.version and rec.state is KeyRecordState.ACTIVE, rec,
+                    f"active DEK at version {rec.version} ({rec.state.value}), head says {active.version} (replayed)")
+        else:
+            _expect(rec.state is not KeyRecordState.ACTIVE, rec,
+                    "DEK claims ACTIVE but the head's active DEK is another (replayed)")
+
+    # --- key resolution (gate already passed by the caller) ---------------------------------
+
+    def _l2_key(self, head: TenantHead) -> SecretBytes:
+        rid = head.l2.record_id
+        cached = self._cache.get(head.tenant_id, rid)
+        if cached is not None:
+            return cached
+        rec = self._checked_l2(head)
+        self._gate(head.tenant_id)
+        key = self._provider_unwrap(self._resolve(head.l1_ref), rec, head.tenant_id)
+        self._cache.put(head.tenant_id, rid, key)
+        return key
+
+    def _l3_key(self, head: TenantHead, ws: WorkspaceHead) -> SecretBytes:
+        if ws.erased:
+            raise self._erased_error(head.tenant_id, ws.workspace_id)
+        rid = ws.l3.record_id
+        cached = self._cache.get(head.tenant_id, rid)
+        if cached is not None:
+            return cached
+        rec = self._checked_l3(head, ws)
+        key = _open(self._l2_key(head), rec)
+        self._cache.put(head.tenant_id, rid, key)
+        return key
+
+    def _dek_key(self, head: TenantHead, record_id: str) -> SecretBytes:
+        tenant_id = head.tenant_id
+        workspace_id, bucket, _ = parse_dek_id(record_id)
+        ws = head.workspace(workspace_id)
+        if ws is None:
+            raise KeyNotFoundError(f"tenant {tenant_id} has no workspace {workspace_id} (DEK {record_id})",
+                                   resource=f"keychain:{tenant_id}/{record_id}")
+        if ws.erased or bucket < ws.erased_before_bucket:
+            raise self._destroyed_error(tenant_id, record_id)
+        cached = self._cache.get(tenant_id, record_id)
+        if cached is not None:
+            return cached
+        rec = self._checked_dek(head, ws, record_id)
+        if rec.state is KeyRecordState.DESTROYED:
+            raise self._destroyed_error(tenant_id, record_id)
+        key = _open(self._l3_key(head, ws), rec)
+        self._cache.put(tenant_id, record_id, key)
+        return key
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _new_workspace(self, head: TenantHead, workspace_id: str, p: _Plan) -> tuple[WorkspaceHead, SecretBytes]:
+        l2 = self._l2_key(head)
+        l3 = SecretBytes.random(KEY_SIZE)
+        now = self._now()
+        rec = KeyRecord(
+            tenant_id=head.tenant_id,
+            record_id=_l3_id(workspace_id, 1),
+            level=KeyLevel.WORKSPACE,
+            workspace_id=workspace_id,
+            bucket=None,
+            generation=1,
+            parent_id=head.l2.record_id,
+            parent_version=head.l2.generation,
+            wrap_ref=head.l2.record_id,
+            wrap_algorithm=WRAP_ALGORITHM,
+            wrapped=b"\0",  # placeholder: the AAD needs the record first
+            state=KeyRecordState.ACTIVE,
+            created_at=now,
+            not_after=None,
+            updated_at=now,
+            version=1,
+        )
+        p.records.append(replace(rec, wrapped=_seal(l2, l3, rec)))
+        p.cache_put.append((rec.record_id, l3))
+        log.info("keychain: tenant %s workspace %s created", head.tenant_id, workspace_id)
+        ws = WorkspaceHead(workspace_id, RecordRef(rec.record_id, 1, 1), bucket_seconds=self._bucket_seconds)
+        return ws, l3
+
+    def _workspace(self, head: TenantHead, workspace_id: str) -> WorkspaceHead:
+        ws = head.workspace(workspace_id)
+        if ws is None:
+            raise KeyNotFoundError(f"tenant {head.tenant_id} has no workspace {workspace_id}",
+                                   resource=f"keychain:{head.tenant_id}/{workspace_id}")
+        return ws
+
+    def _bump(self, rec: KeyRecord, **changes: Any) -> KeyRecord:
+        """The next version of a verified record (unsigned until commit)."""
+        return replace(rec, **changes, version=rec.version + 1, updated_at=self._now(), signer_key_id="", signature=b"")
+
+    def _destroy(self, rec: KeyRecord) -> KeyRecord:
+        return self._bump(rec, state=KeyRecordState.DESTROYED, wrapped=b"")
+
+    def _now(self) -> datetime:
+        return _dt(self._clock())
+
+    def _provider_wrap(self, provider: KeyProvider, key: SecretBytes, tenant_id: str) -> WrappedKey:
+        with self._lock:
+            self._wraps += 1
+        return provider.wrap(key, context={"tenant": tenant_id})
+
+    def _provider_unwrap(self, provider: KeyProvider, rec: KeyRecord, tenant_id: str) -> SecretBytes:
+        with self._lock:
+            self._unwraps += 1
+        wrapped = WrappedKey(key_ref=rec.wrap_ref, algorithm=rec.wrap_algorithm, ciphertext=rec.wrapped)
+        key = provider.unwrap(wrapped, context={"tenant": tenant_id})
+        if not isinstance(key, SecretBytes) or len(key) != KEY_SIZE:
+            raise WrongKeyError(f"L1 {provider.key_ref} returned no {KEY_SIZE}-byte key for tenant {tenant_id}",
+                                resource=provider.key_ref)
+        return key
+
+    @staticmethod
+    def _destroyed_error(tenant_id: str, record_id: str) -> KeyDestroyedError:
+        return KeyDestroyedError(
+            f"DEK {record_id} of tenant {tenant_id} was crypto-erased; the data it protected is unrecoverable",
+            resource=f"keychain:{tenant_id}/{record_id}",
+            state="destroyed",
+        )
+
+    @staticmethod
+    def _erased_error(tenant_id: str, workspace_id: str) -> KeyDestroyedError:
+        return KeyDestroyedError(
+            f"workspace {workspace_id} of tenant {tenant_id} was crypto-erased; use a new workspace id",
+            resource=f"keychain:{tenant_id}/{workspace_id}",
+            state="destroyed",
+        )
+
+    @staticmethod
+    def _status(head: TenantHead) -> TenantKeyStatus:
+        return TenantKeyStatus(
+            tenant_id=head.tenant_id,
+            l1_ref=head.l1_ref,
+            l1_generation=head.l1_generation,
+            l2_id=head.l2.record_id,
+            l2_generation=head.l2.generation,
+            revoked=head.revoked,
+            revoked_at=head.revoked_at,
+            workspaces=tuple(w.workspace_id for w in head.workspaces if not w.erased),
+            erased_workspaces=tuple(w.workspace_id for w in head.workspaces if w.erased),
+            head_version=head.version,
+        )
