@@ -623,6 +623,23 @@ class Keychain:
             )
         return self.dek_by_id(header.tenant_id, header.dek_id)
 
+    def search_key_material(self, tenant_id: str) -> SecretBytes:
+        """Key material for the tenant's search keys (``search.derive_search_keys``):
+        HKDF of the L2 key under its own label, so index tokens and display ciphertext
+        die with the tenant key (revocation refuses it like any unwrap), and a new L2
+        means a new index generation."""
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        _check_tenant(tenant_id)
+
+        def derive(head: TenantHead) -> SecretBytes:
+            l2 = self._l2_key(head)
+            info = b"archive_kms/v1/search-material/" + tenant_id.encode() + b"/" + head.l2.record_id.encode()
+            return SecretBytes(HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(l2.reveal()))
+
+        return self._read(tenant_id, derive)
+
     def retire_active_dek(self, tenant_id: str, workspace_id: str) -> str | None:
         """Make the workspace's active DEK DECRYPT_ONLY now (e.g. suspected exposure); the
         next ``dek_for_encrypt`` creates the next generation. Returns the retired id."""

@@ -1,0 +1,302 @@
+"""Archive jobs: write a batch of records and attachments into a tenant's current
+location, encrypted under its keychain, and index them — exactly once.
+
+A job has an idempotency id. The gate (state store) decides: RUN now, DEFERRED (the
+tenant is paused: the job spec is stored durably and replayed after resume), or
+DUPLICATE (already done, running or queued). Writes are conditional creates, index
+document ids are deterministic, so a job retried after a crash archives once.
+
+A job's *spec* (``JobSpec``) is what gets deferred: records inline (small JSON) and
+attachment bytes by reference to a durable source (a file path, or the synthetic
+generator's seed). Attachment bytes are never put in the state store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter, encrypt_iter
+from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
+from archive_kms.errors import ObjectExistsError, ObjectNotFoundError, StateError, ValidationError
+
+log = logging.getLogger(__name__)
+
+RECORD_PREFIX = b"records/"
+ATTACHMENT_PREFIX = b"attachments/"
+
+
+def record_object_name(record: Record) -> bytes:
+    """``records/<workspace>/<object type>/<record id>``: opaque bytes in the tenant's location."""
+    return b"/".join((RECORD_PREFIX.rstrip(b"/"), record.workspace_id.encode(), record.object_type.encode(),
+                      record.record_id.encode()))
+
+
+def attachment_object_name(workspace_id: str, attachment_id: str) -> bytes:
+    return b"/".join((ATTACHMENT_PREFIX.rstrip(b"/"), workspace_id.encode(), attachment_id.encode()))
+
+
+def workspace_of(name: bytes) -> str:
+    """The workspace an object name belongs to (second path element)."""
+    parts = name.split(b"/")
+    if len(parts) < 3 or parts[0] not in (b"records", b"attachments"):
+        raise ValidationError(f"not an archive object name: {name[:80]!r}")
+    return parts[1].decode()
+
+
+# --- job specs: what a deferred job keeps --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A replayable description of an archive job.
+
+    ``kind`` is ``inline`` (records given, attachments from files) or ``synthetic``
+    (records and attachment bytes from the deterministic generator)."""
+
+    job_id: str
+    tenant_id: str
+    kind: str
+    records: tuple[Mapping[str, Any], ...] = ()
+    attachment_files: Mapping[str, str] = field(default_factory=dict)  # attachment_id -> path
+    synthetic: Mapping[str, Any] = field(default_factory=dict)  # {"count", "seed", "offset", "mix"}
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"kind": self.kind, "records": list(self.records), "attachment_files": dict(self.attachment_files),
+                "synthetic": dict(self.synthetic)}
+
+    @classmethod
+    def from_payload(cls, job_id: str, tenant_id: str, payload: Mapping[str, Any]) -> JobSpec:
+        return cls(job_id, tenant_id, payload["kind"], tuple(payload.get("records") or ()),
+                   dict(payload.get("attachment_files") or {}), dict(payload.get("synthetic") or {}))
+
+    def materialise(self) -> Iterator[tuple[Record, list[AttachmentData]]]:
+        """The job's records with their attachment streams."""
+        if self.kind == "synthetic":
+            from archive_kms.synthetic import SizeMix, generate_records
+
+            mix = {"small": SizeMix.small, "default": SizeMix, "large": SizeMix.large}[self.synthetic.get("mix", "small")]()
+            offset = int(self.synthetic.get("offset", 0))
+            gen = generate_records(self.tenant_id, offset + int(self.synthetic["count"]),
+                                   seed=int(self.synthetic.get("seed", 0)), mix=mix,
+                                   workspaces=int(self.synthetic.get("workspaces", 1)))
+            for i, item in enumerate(gen):
+                if i >= offset:
+                    yield item
+            return
+        if self.kind != "inline":
+            raise ValidationError(f"job {self.job_id}: unknown job kind {self.kind!r} (inline|synthetic)")
+        for raw in self.records:
+            record = Record.from_json(raw)
+            atts = []
+            for ref in record.attachments:
+                path = self.attachment_files.get(ref.attachment_id)
+                if path is None:
+                    raise ValidationError(f"job {self.job_id}: attachment {ref.attachment_id} of record "
+                                          f"{record.record_id} has no file; give it with the job")
+                atts.append(AttachmentData(ref, lambda p=path: _read_file(p)))
+            yield record, atts
+
+
+def _read_file(path: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            yield block
+
+
+def load_jsonl(path: str | Path, *, job_id: str, tenant_id: str) -> JobSpec:
+    """A job from a JSONL file: one record per line; attachments as
+    ``{"attachment_id", "file_name", "size", "path"}`` entries in ``attachments``."""
+    records, files = [], {}
+    base = Path(path).parent
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValidationError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            for att in obj.get("attachments") or ():
+                p = att.pop("path", None)
+                if p is not None:
+                    full = (base / p) if not Path(p).is_absolute() else Path(p)
+                    att.setdefault("size", full.stat().st_size)
+                    files[att["attachment_id"]] = str(full.resolve())
+            Record.from_json(obj)  # validate now, name the line on error
+            records.append(obj)
+    return JobSpec(job_id, tenant_id, "inline", tuple(records), files)
+
+
+# --- the writer -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: str
+    tenant_id: str
+    decision: str  # run | deferred | duplicate
+    records: int = 0
+    attachments: int = 0
+    objects_written: int = 0
+    objects_already_there: int = 0
+    bytes_plaintext: int = 0
+    indexed: int = 0
+
+
+class TenantArchive:
+    """A tenant's archive as the writer and readers see it now: where it lives, which
+    keychain encrypts it, which index generation answers searches."""
+
+    def __init__(self, *, tenant_id: str, store, keychain, index, index_mode, search_keys,
+                 index_name: str | None = None, segment_size: int | None = None) -> None:
+        self.tenant_id = tenant_id
+        self.store = store
+        self.keychain = keychain
+        self.index = index
+        self.index_mode = index_mode
+        self.search_keys = search_keys
+        self.index_name = index_name  # the write target (alias's current index when None)
+        self.segment_size = segment_size
+
+    # writes
+
+    def put_object(self, name: bytes, workspace_id: str, chunks: Iterable[bytes]) -> tuple[bool, int]:
+        """Encrypt ``chunks`` into ``name`` unless it is there already. Returns
+        (written, plaintext bytes)."""
+        if self.store.head(name) is not None:
+            return False, 0
+        dek = self.keychain.dek_for_encrypt(self.tenant_id, workspace_id)
+        binding = ObjectBinding(self.tenant_id, workspace_id, name)
+        kwargs = {"segment_size": self.segment_size} if self.segment_size else {}
+        sizes = {"n": 0}
+
+        def counted() -> Iterator[bytes]:
+            for c in chunks:
+                sizes["n"] += len(c)
+                yield c
+
+        ct = encrypt_iter(counted(), dek=dek.key, dek_id=dek.dek_id, binding=binding, **kwargs)
+        try:
+            self.store.put_stream(name, ct, if_absent=True, metadata={"akms_format": "1", "akms_dek": dek.dek_id})
+        except ObjectExistsError:  # a concurrent or earlier attempt won: same content by construction
+            return False, 0
+        return True, sizes["n"]
+
+    # reads
+
+    def read_object(self, name: bytes) -> Iterator[bytes]:
+        """Decrypted, authenticated plaintext of one object, streamed."""
+        binding = ObjectBinding(self.tenant_id, workspace_of(name), name)
+        reader = self.store.open_read(name)
+        return decrypt_iter(reader, binding=binding,
+                            dek_for=lambda header: self.keychain.dek_by_id(self.tenant_id, header.dek_id))
+
+    def read_record(self, workspace_id: str, object_type: str, record_id: str) -> Record:
+        name = record_object_name(Record(object_type, record_id, {}, (), workspace_id))
+        return Record.from_json(b"".join(self.read_object(name)))
+
+    def read_attachment(self, workspace_id: str, attachment_id: str) -> Iterator[bytes]:
+        return self.read_object(attachment_object_name(workspace_id, attachment_id))
+
+    def search(self, query):
+        return self.index.search(self.tenant_id, query, self.search_keys)
+
+
+def write_records(archive: TenantArchive, items: Iterable[tuple[Record, list[AttachmentData]]], *,
+                  batch_size: int = 200) -> dict[str, int]:
+    """Write records and attachments, then index the records (deterministic ids)."""
+    from archive_kms.search import build_document
+
+    counts = {"records": 0, "attachments": 0, "written": 0, "already": 0, "bytes": 0, "indexed": 0}
+    batch: list = []
+
+    target = archive.index_name or archive.index.current_index(archive.tenant_id)
+    if target is None:
+        raise StateError(f"tenant {archive.tenant_id} has no search index: create the tenant first")
+
+    def flush() -> None:
+        if not batch:
+            return
+        result = archive.index.bulk_index(target, batch)
+        result.raise_for_failures()
+        counts["indexed"] += len(batch)
+        batch.clear()
+
+    for record, attachments in items:
+        for att in attachments:
+            written, n = archive.put_object(attachment_object_name(record.workspace_id, att.ref.attachment_id),
+                                            record.workspace_id, att.open())
+            counts["attachments"] += 1
+            counts["written" if written else "already"] += 1
+            counts["bytes"] += n
+        written, n = archive.put_object(record_object_name(record), record.workspace_id, [record.to_json()])
+        counts["records"] += 1
+        counts["written" if written else "already"] += 1
+        counts["bytes"] += n
+        batch.append(build_document(record, tenant=archive.tenant_id, mode=archive.index_mode,
+                                    keys=archive.search_keys))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    archive.index.refresh(target)  # a finished job is searchable
+    return counts
+
+
+def submit_job(state, spec: JobSpec, open_archive: Callable[[str], TenantArchive]) -> JobOutcome:
+    """The archive-job writer's entry point: admit through the gate, then run or defer."""
+    admission = state.admit_job(spec.tenant_id, spec.job_id, spec.to_payload())
+    decision = admission.decision.value
+    if decision != "run":
+        log.info("job %s for tenant %s: %s", spec.job_id, spec.tenant_id, decision)
+        return JobOutcome(spec.job_id, spec.tenant_id, decision)
+    return _run(state, spec, admission.attempt, open_archive)
+
+
+def _run(state, spec: JobSpec, attempt: int, open_archive: Callable[[str], TenantArchive]) -> JobOutcome:
+    try:
+        archive = open_archive(spec.tenant_id)
+        counts = write_records(archive, spec.materialise())
+    except BaseException as e:
+        state.finish_job(spec.job_id, attempt, error=f"{type(e).__name__}: {e}"[:500])
+        raise
+    state.finish_job(spec.job_id, attempt, object_count=counts["written"] + counts["already"])
+    return JobOutcome(spec.job_id, spec.tenant_id, "run", counts["records"], counts["attachments"],
+                      counts["written"], counts["already"], counts["bytes"], counts["indexed"])
+
+
+def replay_deferred(state, tenant_id: str, run_id: str, open_archive: Callable[[str], TenantArchive], *,
+                    fence=None) -> list[JobOutcome]:
+    """Resume the gate and replay every deferred job exactly once, in arrival order,
+    into wherever the tenant lives now."""
+    outcomes: list[JobOutcome] = []
+    claimed = state.resume_and_drain(tenant_id, run_id, fence=fence)
+    while claimed:
+        for job in claimed:
+            admission = state.start_job(tenant_id, job.job_id)
+            if admission.decision.value != "run":  # completed by an earlier replayer, or running now
+                outcomes.append(JobOutcome(job.job_id, tenant_id, "duplicate"))
+                continue
+            spec = JobSpec.from_payload(job.job_id, tenant_id, job.payload)
+            outcomes.append(_run(state, spec, admission.attempt, open_archive))
+        claimed = state.claim_deferred(tenant_id)
+    return outcomes
+
+
+def digest_stream(chunks: Iterable[bytes]) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    for c in chunks:
+        h.update(c)
+        n += len(c)
+    return h.hexdigest(), n
+
+
+__all__ = [
+    "AttachmentRef", "JobOutcome", "JobSpec", "TenantArchive", "attachment_object_name", "digest_stream",
+    "load_jsonl", "record_object_name", "replay_deferred", "submit_job", "workspace_of", "write_records",
+]

@@ -1,0 +1,110 @@
+"""Archive jobs on the in-memory platform: exactly-once writes, the gate, keyed search.
+
+The same operations run on the real services in tests/integration/test_archive_e2e.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from archive_kms.operations.archive import JobSpec, replay_deferred, submit_job
+from archive_kms.operations.platform import Platform
+from archive_kms.operations.tenants import create_tenant
+from archive_kms.search import Query
+
+
+@pytest.fixture()
+def platform() -> Platform:
+    p = Platform.in_memory()
+    create_tenant(p, "acme", provision_storage=False)
+    return p
+
+
+def synthetic(job_id: str, count: int = 12, offset: int = 0) -> JobSpec:
+    return JobSpec(job_id, "acme", "synthetic", synthetic={"count": count, "seed": 7, "offset": offset})
+
+
+def objects(p: Platform) -> list[bytes]:
+    return sorted(o.name for o in p.store_for(p.location_of("acme")).list())
+
+
+def test_job_archives_records_and_attachments_and_they_read_back(platform):
+    out = submit_job(platform.state, synthetic("job-1"), platform.open_archive)
+    assert out.decision == "run" and out.records == 12 and out.objects_written == out.records + out.attachments
+    archive = platform.open_archive("acme")
+    spec_records = [r for r, _ in synthetic("job-1").materialise()]
+    for record in spec_records:
+        assert archive.read_record(record.workspace_id, record.object_type, record.record_id) == record
+    first_with_att = next((r, a) for r, a in synthetic("job-1").materialise() if a)
+    record, atts = first_with_att
+    got = b"".join(archive.read_attachment(record.workspace_id, atts[0].ref.attachment_id))
+    assert got == b"".join(atts[0].open())
+
+
+def test_same_job_id_twice_archives_once(platform):
+    submit_job(platform.state, synthetic("job-1"), platform.open_archive)
+    before = objects(platform)
+    again = submit_job(platform.state, synthetic("job-1"), platform.open_archive)
+    assert again.decision == "duplicate"
+    assert objects(platform) == before
+    index = platform.index.current_index("acme")
+    assert platform.index.count(index) == 12
+
+
+def test_job_retried_after_crash_archives_once(platform, monkeypatch):
+    import archive_kms.operations.archive as archive_mod
+
+    real = archive_mod.TenantArchive.put_object
+    calls = {"n": 0}
+
+    def crash_after_five(self, name, ws, chunks):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("worker killed")
+        return real(self, name, ws, chunks)
+
+    monkeypatch.setattr(archive_mod.TenantArchive, "put_object", crash_after_five)
+    with pytest.raises(RuntimeError):
+        submit_job(platform.state, synthetic("job-crash"), platform.open_archive)
+    monkeypatch.setattr(archive_mod.TenantArchive, "put_object", real)
+    retry = submit_job(platform.state, synthetic("job-crash"), platform.open_archive)
+    assert retry.decision == "run"
+    assert retry.objects_already_there == 5
+    names = objects(platform)
+    assert len(names) == len(set(names)) == retry.objects_written + retry.objects_already_there
+    assert platform.index.count(platform.index.current_index("acme")) == 12
+
+
+def test_jobs_sent_while_paused_are_deferred_then_replayed_once(platform):
+    platform.state.pause("acme", "run-1")
+    out = submit_job(platform.state, synthetic("job-p1", 5), platform.open_archive)
+    out2 = submit_job(platform.state, synthetic("job-p2", 5, offset=5), platform.open_archive)
+    dup = submit_job(platform.state, synthetic("job-p1", 5), platform.open_archive)
+    assert (out.decision, out2.decision, dup.decision) == ("deferred", "deferred", "duplicate")
+    assert objects(platform) == []
+    replayed = replay_deferred(platform.state, "acme", "run-1", platform.open_archive)
+    assert [o.job_id for o in replayed] == ["job-p1", "job-p2"]
+    assert replay_deferred(platform.state, "acme", "run-1", platform.open_archive) == []
+    assert platform.index.count(platform.index.current_index("acme")) == 10
+
+
+def test_search_by_word_and_field_returns_decrypted_records(platform):
+    submit_job(platform.state, synthetic("job-1"), platform.open_archive)
+    archive = platform.open_archive("acme")
+    record = next(r for r, _ in synthetic("job-1").materialise())
+    word = record.fields["Description"].split()[-1]
+    hits = archive.search(Query(text=word))
+    assert record.record_id in {h.record_id for h in hits}
+    by_field = archive.search(Query(filters={"Owner": record.fields["Owner"]}, object_type=record.object_type))
+    assert all(h.fields["Owner"] == record.fields["Owner"] for h in by_field) and len(by_field) >= 1
+
+
+def test_revoked_tenant_cannot_read(platform):
+    from archive_kms.errors import TenantRevokedError
+
+    submit_job(platform.state, synthetic("job-1", 3), platform.open_archive)
+    record = next(r for r, _ in synthetic("job-1", 3).materialise())
+    archive = platform.open_archive("acme")
+    platform.keychain.revoke("acme")
+    with pytest.raises(TenantRevokedError):
+        archive.read_record(record.workspace_id, record.object_type, record.record_id)
