@@ -1,0 +1,355 @@
+"""Where a tenant's objects live, and creating, opening and deleting those places.
+
+Four kinds of ``Location`` (``docs/storage-layout.md``):
+
+============  =========================================  ==========================================
+              S3                                          Azure Blob
+============  =========================================  ==========================================
+shared        shared bucket, prefix ``tenants/<id>/``     shared account, container ``tenant-<id>``
+dedicated     bucket ``<prefix>-<id>``, default           container ``byok-<id>`` in the platform
+              encryption SSE-KMS under the tenant's key   account, or a per-tenant storage account
+============  =========================================  ==========================================
+
+Every name comes from ``domain.tenants`` (validated id, validated output). Admin
+functions take ready SDK clients; ``open_store`` builds them through ``wiring`` unless
+given.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from archive_kms.domain.tenants import (
+    DEFAULT_DEDICATED_BUCKET_PREFIX,
+    DEFAULT_DEDICATED_CONTAINER_PREFIX,
+    DEFAULT_SHARED_CONTAINER_PREFIX,
+    TenantId,
+    azure_container_name,
+    azure_storage_account_name,
+    check_azure_account_name,
+    check_azure_container_name,
+    check_s3_bucket_name,
+    check_s3_key_prefix,
+    dedicated_s3_bucket_name,
+    shared_s3_prefix,
+)
+from archive_kms.errors import (
+    ConfigurationError,
+    ObjectNotFoundError,
+    ServiceUnavailableError,
+    StorageError,
+    ValidationError,
+)
+from archive_kms.storage.port import ObjectStore
+
+log = logging.getLogger(__name__)
+
+# A key ARN, not an alias: S3 reports the key ARN on every object, and we compare.
+_KMS_KEY_ARN_RE = re.compile(r"arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[A-Za-z0-9-]{1,128}", re.ASCII)
+
+
+class Kind(str, enum.Enum):
+    SHARED = "shared"
+    DEDICATED = "dedicated"
+
+
+class Cloud(str, enum.Enum):
+    S3 = "s3"
+    AZURE = "azure"
+
+
+@dataclass(frozen=True)
+class Location:
+    """One tenant's storage place. Build with the ``*_location`` functions; the
+    constructor re-checks every field, so a Location read back from the state store is as
+    trustworthy as a fresh one."""
+
+    tenant: TenantId
+    kind: Kind
+    cloud: Cloud
+    bucket: str | None = None  # S3
+    account: str | None = None  # Azure storage account
+    container: str | None = None  # Azure
+    prefix: str = ""  # key prefix inside the bucket/container ("" = the whole bucket/container)
+    sse_kms_key_arn: str | None = None  # S3 dedicated: default encryption key, sent on every PUT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tenant", TenantId.of(self.tenant))
+        object.__setattr__(self, "kind", Kind(self.kind))
+        object.__setattr__(self, "cloud", Cloud(self.cloud))
+        if self.prefix:
+            check_s3_key_prefix(self.prefix)
+        if self.cloud is Cloud.S3:
+            if self.bucket is None or self.account is not None or self.container is not None:
+                raise ValidationError("an S3 location has a bucket and no account/container")
+            check_s3_bucket_name(self.bucket)
+            if self.kind is Kind.SHARED and not self.prefix:
+                raise ValidationError(f"shared S3 location for {self.tenant} needs a tenant prefix")
+        else:
+            if self.account is None or self.container is None or self.bucket is not None:
+                raise ValidationError("an Azure location has an account and a container and no bucket")
+            check_azure_account_name(self.account)
+            check_azure_container_name(self.container)
+            if self.sse_kms_key_arn is not None:
+                raise ValidationError("sse_kms_key_arn applies to S3 locations only")
+        if self.sse_kms_key_arn is not None and _KMS_KEY_ARN_RE.fullmatch(self.sse_kms_key_arn) is None:
+            raise ValidationError(
+                f"sse_kms_key_arn {ascii(self.sse_kms_key_arn)[:120]} must be a KMS key ARN "
+                "(arn:aws:kms:<region>:<account>:key/<id>), not an alias or bare id")
+
+    @property
+    def uri(self) -> str:
+        if self.cloud is Cloud.S3:
+            return f"s3://{self.bucket}/{self.prefix}"
+        return f"azure://{self.account}/{self.container}/{self.prefix}"
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"tenant": self.tenant.value, "kind": self.kind.value, "cloud": self.cloud.value,
+                "bucket": self.bucket, "account": self.account, "container": self.container,
+                "prefix": self.prefix, "sse_kms_key_arn": self.sse_kms_key_arn}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Location:
+        return cls(tenant=TenantId(data["tenant"]), kind=Kind(data["kind"]), cloud=Cloud(data["cloud"]),
+                   bucket=data.get("bucket"), account=data.get("account"), container=data.get("container"),
+                   prefix=data.get("prefix") or "", sse_kms_key_arn=data.get("sse_kms_key_arn"))
+
+
+# --- constructors ---------------------------------------------------------------------------
+
+
+def shared_s3_location(tenant: TenantId | str, bucket: str) -> Location:
+    """The tenant's prefix ``tenants/<id>/`` in the shared bucket."""
+    t = TenantId.of(tenant)
+    return Location(t, Kind.SHARED, Cloud.S3, bucket=check_s3_bucket_name(bucket), prefix=shared_s3_prefix(t))
+
+
+def dedicated_s3_location(tenant: TenantId | str, *, sse_kms_key_arn: str | None,
+                          bucket_prefix: str = DEFAULT_DEDICATED_BUCKET_PREFIX) -> Location:
+    """A bucket of its own. ``sse_kms_key_arn`` is the tenant's key for AWS-based modes
+    (BYOK imported into our KMS, BYOKMS); None for modes whose key is not in AWS KMS."""
+    t = TenantId.of(tenant)
+    return Location(t, Kind.DEDICATED, Cloud.S3, bucket=dedicated_s3_bucket_name(t, prefix=bucket_prefix),
+                    sse_kms_key_arn=sse_kms_key_arn)
+
+
+def shared_azure_location(tenant: TenantId | str, account: str, *,
+                          container_prefix: str = DEFAULT_SHARED_CONTAINER_PREFIX) -> Location:
+    """Container ``tenant-<id>`` in the shared storage account."""
+    t = TenantId.of(tenant)
+    return Location(t, Kind.SHARED, Cloud.AZURE, account=account,
+                    container=azure_container_name(t, prefix=container_prefix))
+
+
+def dedicated_azure_location(tenant: TenantId | str, account: str | None = None, *,
+                             container_prefix: str = DEFAULT_DEDICATED_CONTAINER_PREFIX,
+                             account_prefix: str | None = None) -> Location:
+    """A dedicated container ``byok-<id>``: in ``account`` (the platform account), or,
+    with ``account_prefix``, in the tenant's own storage account ``<prefix>…<hash>``."""
+    t = TenantId.of(tenant)
+    if (account is None) == (account_prefix is None):
+        raise ValidationError("give exactly one of account (platform account) or account_prefix (per-tenant account)")
+    acct = account if account is not None else azure_storage_account_name(t, prefix=account_prefix or "")
+    return Location(t, Kind.DEDICATED, Cloud.AZURE, account=acct,
+                    container=azure_container_name(t, prefix=container_prefix))
+
+
+# --- opening --------------------------------------------------------------------------------
+
+
+def open_store(location: Location, settings: Any = None, *, s3_client: Any = None, blob_service: Any = None,
+               **tuning: Any) -> ObjectStore:
+    """The ObjectStore for ``location``. Clients default to ``wiring``'s, built from
+    ``settings``; ``tuning`` passes part_size / list_page_size / read_chunk_size."""
+    from archive_kms import wiring
+
+    if location.cloud is Cloud.S3:
+        from archive_kms.storage.s3 import S3ObjectStore
+
+        client = s3_client or wiring.aws_client("s3", settings)
+        return S3ObjectStore(client, location.bucket or "", location.prefix,
+                             sse_kms_key_arn=location.sse_kms_key_arn, **tuning)
+    from archive_kms.storage.azure_blob import AzureBlobObjectStore
+
+    svc = blob_service or wiring.blob_service_client(settings)
+    if svc.account_name != location.account:
+        raise ConfigurationError(
+            f"{location.uri}: no credentials configured for storage account {location.account!r} "
+            f"(the configured Blob connection is for {svc.account_name!r}); per-tenant storage accounts need "
+            "an account-specific client passed as blob_service", resource=location.uri)
+    return AzureBlobObjectStore(svc.get_container_client(location.container), prefix=location.prefix, **tuning)
+
+
+# --- creating --------------------------------------------------------------------------------
+
+
+def _poll(what: str, check: Callable[[], bool], *, timeout: float, interval: float,
+          sleep: Callable[[float], None], monotonic: Callable[[], float]) -> None:
+    deadline = monotonic() + timeout
+    while True:
+        if check():
+            return
+        if monotonic() >= deadline:
+            raise ServiceUnavailableError(f"{what} did not read back within {timeout:.0f} s; retry the step",
+                                          resource=what)
+        sleep(interval)
+
+
+def create_dedicated_s3_bucket(s3: Any, location: Location, *, region: str, timeout: float = 60.0,
+                               interval: float = 0.5, sleep: Callable[[float], None] = time.sleep,
+                               monotonic: Callable[[], float] = time.monotonic) -> None:
+    """Create (or finish creating) the dedicated bucket: private (public access block,
+    ACLs disabled), default encryption SSE-KMS under the location's key with S3 Bucket
+    Keys; then wait until that configuration reads back (faults A14) so the first PUT
+    cannot race it. Idempotent: a re-run on a bucket we own re-applies and re-checks."""
+    from botocore.exceptions import ClientError
+
+    from archive_kms.storage.s3 import translate_error
+
+    if location.cloud is not Cloud.S3 or location.kind is not Kind.DEDICATED:
+        raise ValidationError(f"{location.uri} is not a dedicated S3 location")
+    bucket = location.bucket or ""
+    key_arn = location.sse_kms_key_arn
+
+    def call(op: str, fn: Callable[..., Any], **kw: Any) -> Any:
+        try:
+            return fn(Bucket=bucket, **kw)
+        except Exception as exc:  # noqa: BLE001
+            raise translate_error(exc, bucket=bucket, key=None, op=op) from exc
+
+    try:
+        kw: dict[str, Any] = {}
+        if region != "us-east-1":
+            kw["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        s3.create_bucket(Bucket=bucket, ObjectOwnership="BucketOwnerEnforced", **kw)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        if code == "BucketAlreadyExists":
+            raise StorageError(f"bucket name {bucket!r} is taken by another AWS account; choose another "
+                               "dedicated bucket prefix", resource=bucket) from exc
+        if code != "BucketAlreadyOwnedByYou":
+            raise translate_error(exc, bucket=bucket, key=None, op="CreateBucket") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise translate_error(exc, bucket=bucket, key=None, op="CreateBucket") from exc
+
+    pab = {"BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
+           "RestrictPublicBuckets": True}
+    call("PutPublicAccessBlock", s3.put_public_access_block, PublicAccessBlockConfiguration=pab)
+    if key_arn is not None:
+        rule = {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": key_arn},
+                "BucketKeyEnabled": True}
+    else:
+        rule = {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
+    call("PutBucketEncryption", s3.put_bucket_encryption, ServerSideEncryptionConfiguration={"Rules": [rule]})
+
+    def configured() -> bool:
+        try:
+            rules = call("GetBucketEncryption", s3.get_bucket_encryption)["ServerSideEncryptionConfiguration"]["Rules"]
+            got_pab = call("GetPublicAccessBlock", s3.get_public_access_block)["PublicAccessBlockConfiguration"]
+        except (StorageError, ServiceUnavailableError) as exc:
+            log.info("s3://%s: configuration not readable yet: %s", bucket, exc)
+            return False
+        return got_pab == pab and any(_rule_matches(r, rule) for r in rules)
+
+    _poll(f"s3://{bucket} default encryption and public access block", configured, timeout=timeout,
+          interval=interval, sleep=sleep, monotonic=monotonic)
+
+
+def _rule_matches(got: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
+    g, w = got.get("ApplyServerSideEncryptionByDefault", {}), want["ApplyServerSideEncryptionByDefault"]
+    if g.get("SSEAlgorithm") != w["SSEAlgorithm"]:
+        return False
+    if "KMSMasterKeyID" in w:
+        return g.get("KMSMasterKeyID") == w["KMSMasterKeyID"] and bool(got.get("BucketKeyEnabled"))
+    return True
+
+
+def create_azure_container(blob_service: Any, location: Location) -> None:
+    """Create the location's container (private); an existing one is reused."""
+    from azure.core.exceptions import ResourceExistsError
+
+    from archive_kms.storage.azure_blob import translate_error
+
+    if location.cloud is not Cloud.AZURE:
+        raise ValidationError(f"{location.uri} is not an Azure location")
+    try:
+        blob_service.create_container(location.container)
+    except ResourceExistsError:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        raise translate_error(exc, where=location.uri, op="Create Container") from exc
+
+
+# --- deleting --------------------------------------------------------------------------------
+
+
+def _container_exists(location: Location, s3_client: Any, blob_service: Any) -> bool:
+    """Whether the dedicated bucket / Azure container is still there (the shared bucket
+    always must be: a missing one is an error the listing will report)."""
+    if location.cloud is Cloud.S3:
+        if location.kind is Kind.SHARED:
+            return True
+        from archive_kms.storage.s3 import translate_error as s3_error
+
+        try:
+            s3_client.head_bucket(Bucket=location.bucket)
+        except Exception as exc:  # noqa: BLE001
+            err = s3_error(exc, bucket=location.bucket or "", key=None, op="HeadBucket")
+            if isinstance(err, ObjectNotFoundError):  # HeadBucket answers a bare 404
+                return False
+            raise err from exc
+        return True
+    from archive_kms.storage.azure_blob import translate_error as az_error
+
+    try:
+        return bool(blob_service.get_container_client(location.container).exists())
+    except Exception as exc:  # noqa: BLE001
+        raise az_error(exc, where=location.uri, op="Get Container Properties") from exc
+
+
+
+def delete_location(location: Location, store: ObjectStore, *, s3_client: Any = None,
+                    blob_service: Any = None) -> int:
+    """Delete every object (and unfinished upload) in the location, then the bucket or
+    container itself, except the shared bucket, which only loses the tenant's prefix.
+    Idempotent; returns how many objects were deleted. The caller has verified that the
+    data lives elsewhere: this is the last step of a migration, never a first one."""
+    if location.kind is Kind.DEDICATED and location.cloud is Cloud.S3 and s3_client is None:
+        raise ValidationError("deleting a dedicated S3 location needs s3_client to remove the bucket")
+    if location.cloud is Cloud.AZURE and blob_service is None:
+        raise ValidationError("deleting an Azure location needs blob_service to remove the container")
+    if not _container_exists(location, s3_client, blob_service):
+        return 0  # already deleted by an earlier run
+    count = 0
+    for info in store.list():
+        store.delete(info.name)
+        count += 1
+    store.abort_stale_uploads(timedelta(0))
+    if location.cloud is Cloud.S3 and location.kind is Kind.DEDICATED:
+        from archive_kms.storage.s3 import translate_error as s3_error
+
+        try:
+            s3_client.delete_bucket(Bucket=location.bucket)
+        except Exception as exc:  # noqa: BLE001
+            err = s3_error(exc, bucket=location.bucket or "", key=None, op="DeleteBucket")
+            if "does not exist" not in str(err):
+                raise err from exc
+    elif location.cloud is Cloud.AZURE:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        from archive_kms.storage.azure_blob import translate_error as az_error
+
+        try:
+            blob_service.delete_container(location.container)
+        except ResourceNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            raise az_error(exc, where=location.uri, op="Delete Container") from exc
+    return count

@@ -1,0 +1,306 @@
+"""The ObjectStore port: one tenant's objects in one location.
+
+One adapter per backend (``s3``, ``azure_blob``, ``memory``); ``locations.open_store``
+builds the right one from a ``Location``. ``tests/contract/test_object_store_contract.py``
+holds every adapter, real and fake, to the rules written here.
+
+Contract
+--------
+- **Names are opaque bytes** (1..~980 bytes, see ``storage.naming``), scoped inside the
+  store's location. The adapter maps a name to ``<location prefix> + encode(name)``; no
+  name can reach a key outside the location, and ``list`` returns the names it was given.
+  An empty, non-bytes or too-long name raises ``ValidationError`` before any request.
+- **put_stream** consumes ``chunks`` once, in order, and keeps at most about one part
+  (``part_size``, default 8 MiB; S3 multipart parts / Azure staged blocks) in memory,
+  whatever the object size. Nothing is visible under ``name`` until the upload commits;
+  on any failure the adapter aborts what it started (S3: AbortMultipartUpload; Azure:
+  uncommitted blocks are never committed and use block ids unique to the attempt, so a
+  later attempt never mixes them in) and re-raises. ``if_absent=True`` makes the commit
+  conditional on no object existing (S3 ``If-None-Match: *`` on PutObject /
+  CompleteMultipartUpload; Azure ``If-None-Match: *``): if one exists, nothing is
+  changed and ``ObjectExistsError`` is raised. That includes an object written by an
+  earlier attempt whose response was lost (even an SDK-internal retry of this call), so
+  callers that get ``ObjectExistsError`` on a retry verify the content (faults A7).
+  ``metadata`` keys are ``[a-z][a-z0-9_]*``, values printable ASCII (see
+  ``validate_metadata``). Returns the committed object's ``ObjectInfo``.
+- **open_read** returns an ``ObjectReader`` (a binary file object whose iteration yields
+  chunks) over the object as it was when opened; if it changes or is cut short mid-read
+  the reader raises (never returns a silently truncated or mixed body). Missing object:
+  ``ObjectNotFoundError``.
+- **head** returns ``ObjectInfo`` with metadata, or ``None`` if there is no object.
+- **delete** removes the object; deleting a missing object is not an error (retried
+  cleanups converge).
+- **list** yields every committed object whose *name* starts with ``prefix``, each once,
+  with ``metadata=None`` (not fetched; use ``head``), in backend key order (not name
+  order). Pages are followed to the end; a page failure raises, never skips. Keys under
+  the location that the adapter did not write (not canonically encoded) are skipped
+  with a warning.
+- **pending_uploads** lists started-but-uncommitted uploads (S3 multipart uploads, Azure
+  blobs with only uncommitted blocks) in the location; **abort_stale_uploads** removes
+  those started more than ``older_than`` ago and returns how many it removed.
+
+Errors: ``ObjectNotFoundError``, ``ObjectExistsError``, ``ValidationError``;
+``ServiceUnavailableError`` / ``TransientError`` (throttling, 5xx, resets, timeouts,
+conflicting concurrent writes: retry the whole call); ``StorageError`` (permission,
+missing bucket/container: a human must act); ``KeyUnavailableError`` when the location's
+server-side encryption key refuses. Every message names the location and the key.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol, runtime_checkable
+
+from archive_kms.errors import TransientError, ValidationError
+
+MiB = 1024 * 1024
+DEFAULT_PART_SIZE = 8 * MiB
+#: S3's smallest non-final part; we use it as the floor for every backend.
+MIN_PART_SIZE = 5 * MiB
+MAX_METADATA_BYTES = 2048
+_META_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}", re.ASCII)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows about one committed object."""
+
+    name: bytes
+    size: int
+    etag: str  # opaque; compare only with etags from the same store
+    metadata: Mapping[str, str] | None = field(default=None, compare=False)  # None: not fetched (list)
+    last_modified: datetime | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """A started, uncommitted upload (crash leftovers and uploads in progress)."""
+
+    name: bytes | None  # None if the backend key is not one we wrote
+    key: str  # the raw backend key, for reports
+    upload_id: str | None  # S3 UploadId; None on Azure
+    initiated: datetime | None
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """One location (a tenant's prefix or container). See the module contract."""
+
+    @property
+    def label(self) -> str:
+        """The location as a URI for messages and reports (``s3://bucket/tenants/acme/``)."""
+        ...
+
+    def put_stream(
+        self,
+        name: bytes,
+        chunks: Iterable[bytes],
+        *,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
+        """Stream ``chunks`` into ``name``; ``ObjectExistsError`` if ``if_absent`` and it exists."""
+        ...
+
+    def open_read(self, name: bytes) -> ObjectReader:
+        """A streaming reader; ``ObjectNotFoundError`` if missing."""
+        ...
+
+    def head(self, name: bytes) -> ObjectInfo | None:
+        """Size, etag and metadata, or ``None`` if missing."""
+        ...
+
+    def delete(self, name: bytes) -> None:
+        """Remove ``name``; a missing object is not an error."""
+        ...
+
+    def list(self, prefix: bytes = b"") -> Iterator[ObjectInfo]:
+        """Every committed object whose name starts with ``prefix``, once each."""
+        ...
+
+    def pending_uploads(self) -> Iterator[PendingUpload]:
+        """Started, uncommitted uploads in this location."""
+        ...
+
+    def abort_stale_uploads(self, older_than: timedelta, *, now: datetime | None = None) -> int:
+        """Abort uploads started before ``now - older_than``; returns how many."""
+        ...
+
+
+def validate_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """User metadata that round-trips on every backend unchanged.
+
+    Keys: ``[a-z][a-z0-9_]{0,63}`` (S3 lowercases keys; Azure needs identifiers). Values:
+    printable ASCII without leading/trailing spaces (HTTP trims them). At most 2 KiB in
+    total (S3's limit)."""
+    if metadata is None:
+        return {}
+    out: dict[str, str] = {}
+    total = 0
+    for k, v in metadata.items():
+        if not isinstance(k, str) or _META_KEY_RE.fullmatch(k) is None:
+            raise ValidationError(f"metadata key {ascii(k)[:80]} must match [a-z][a-z0-9_]{{0,63}}")
+        if (not isinstance(v, str) or not v.isascii() or not v.isprintable() or v != v.strip(" ")):
+            raise ValidationError(f"metadata value for {k!r} must be printable ASCII without surrounding spaces")
+        total += len(k) + len(v)
+        out[k] = v
+    if total > MAX_METADATA_BYTES:
+        raise ValidationError(f"metadata is {total} bytes; the limit is {MAX_METADATA_BYTES}")
+    return out
+
+
+def check_part_size(part_size: int) -> int:
+    """Fail at construction (not at the first upload) for a bad part size."""
+    if isinstance(part_size, bool) or not isinstance(part_size, int) or not MIN_PART_SIZE <= part_size <= 512 * MiB:
+        raise ValidationError(f"part_size must be an int in {MIN_PART_SIZE}..{512 * MiB} bytes, got {part_size!r}")
+    return part_size
+
+
+def part_size_for(index: int, base: int, *, tier: int, max_part: int = 512 * MiB) -> int:
+    """Size of part ``index`` (0-based): ``base``, doubling every ``tier`` parts, capped.
+
+    Streams have no known size, and S3 allows 10,000 parts (Azure 50,000 blocks): a fixed
+    8 MiB part would cap objects at 78 GiB. Doubling keeps memory at one part for ordinary
+    objects and only grows it for very large ones (S3: ~2.5 TiB with 8 MiB base)."""
+    return min(base << (index // tier), max_part)
+
+
+def iter_parts(chunks: Iterable[bytes], size_of: Callable[[int], int]) -> Iterator[tuple[bytes, bool]]:
+    """Re-cut a chunk stream into ``(part, is_last)`` with parts of ``size_of(i)`` bytes
+    (the last may be shorter; an empty stream yields ``(b"", True)``).
+
+    ``is_last`` comes from looking one *chunk* ahead, not one part, so a caller can choose
+    a single PUT or a multipart upload while holding at most one part plus one chunk."""
+    it = iter(chunks)
+
+    def next_view() -> memoryview | None:
+        for chunk in it:
+            if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                raise ValidationError(f"chunks must be bytes, got {type(chunk).__name__}")
+            if len(chunk):
+                return memoryview(chunk).cast("B")
+        return None
+
+    index = 0
+    view = next_view()
+    while True:
+        want = size_of(index)
+        buf = bytearray()
+        while len(buf) < want and view is not None:
+            take = min(want - len(buf), len(view))
+            buf += view[:take]
+            view = view[take:] if take < len(view) else next_view()
+        part = bytes(buf)
+        del buf  # only the immutable copy stays alive while the caller uploads it
+        yield part, view is None
+        del part  # not alive while the next part is built
+        if view is None:
+            return
+        index += 1
+
+
+def handover(head: list[bytes], rest: Iterator[tuple[bytes, bool]]) -> Iterator[bytes]:
+    """Yield the part peeked into ``head`` (popping it, so no reference stays behind and
+    memory stays at about one part), then the rest of ``iter_parts``."""
+    while head:
+        yield head.pop()
+    for part, _ in rest:
+        yield part
+        del part  # a generator frame would otherwise keep the previous part alive
+
+
+class ObjectReader(io.BufferedIOBase):
+    """A read-only binary stream over chunks from a backend.
+
+    ``read(n)`` returns exactly ``n`` bytes unless at the end; iterating yields the
+    backend's chunks (not lines). The total is checked against ``info.size``: a stream that
+    ends early or runs long raises ``TransientError`` (the read can be retried) instead of
+    returning a short body (faults A3)."""
+
+    def __init__(self, info: ObjectInfo, chunks: Iterator[bytes], *, label: str,
+                 on_close: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.info = info
+        self._chunks = chunks
+        self._label = label
+        self._on_close = on_close
+        self._buf = b""
+        self._pos = 0  # bytes handed out or buffered so far, from the backend
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _next_chunk(self) -> bytes:
+        if self._eof:
+            return b""
+        for chunk in self._chunks:
+            if not chunk:
+                continue
+            self._pos += len(chunk)
+            if self._pos > self.info.size:
+                raise TransientError(
+                    f"{self._label}: read more bytes than the object's size {self.info.size} (object changed?)",
+                    resource=self._label)
+            return bytes(chunk)
+        self._eof = True
+        if self._pos != self.info.size:
+            raise TransientError(
+                f"{self._label}: stream ended after {self._pos} of {self.info.size} bytes (truncated read)",
+                resource=self._label)
+        return b""
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError("read from a closed ObjectReader")
+        if size is None or size < 0:
+            parts = [self._buf]
+            self._buf = b""
+            while chunk := self._next_chunk():
+                parts.append(chunk)
+            return b"".join(parts)
+        while len(self._buf) < size:
+            chunk = self._next_chunk()
+            if not chunk:
+                break
+            self._buf += chunk
+        out, self._buf = self._buf[:size], self._buf[size:]
+        return out
+
+    def read1(self, size: int = -1) -> bytes:
+        if self.closed:
+            raise ValueError("read from a closed ObjectReader")
+        if not self._buf:
+            self._buf = self._next_chunk()
+        n = len(self._buf) if size is None or size < 0 else size
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def __iter__(self) -> Iterator[bytes]:  # type: ignore[override]
+        return self
+
+    def __next__(self) -> bytes:  # type: ignore[override]
+        chunk = self.read1()
+        if not chunk:
+            raise StopIteration
+        return chunk
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                if self._on_close is not None:
+                    self._on_close()
+            finally:
+                super().close()
+
+    def __repr__(self) -> str:
+        return f"ObjectReader({self._label}, {self.info.size} bytes)"

@@ -1,0 +1,379 @@
+"""S3 adapter (boto3): one tenant's prefix in a shared bucket, or a dedicated bucket.
+
+Takes a ready boto3 S3 client (``wiring.aws_client("s3", settings)``): retries with
+adaptive backoff, checksums "when_required" (faults A13). On top of that the adapter:
+
+* sends ``Content-MD5`` on PutObject and every UploadPart, so a body corrupted on the way
+  fails with ``BadDigest`` instead of being stored;
+* writes objects smaller than one part with one PutObject, larger ones as a multipart
+  upload (parts of ``part_size``, doubling every 1,000 parts), aborted on any failure;
+* makes ``if_absent`` writes conditional with ``If-None-Match: *`` on PutObject and on
+  CompleteMultipartUpload (a 412 becomes ``ObjectExistsError``); a ``head`` first avoids
+  uploading a large object only to be refused at the end;
+* for a location with an SSE-KMS key, sends ``ServerSideEncryption=aws:kms`` and the key
+  ARN on every PutObject / CreateMultipartUpload (never relying on the bucket default,
+  faults A14), and checks the response names that key;
+* reads with one streaming GET; if the connection breaks mid-body it resumes with a
+  ranged GET conditioned on the ETag (``If-Match``), so a changed object fails instead of
+  mixing two versions (faults A3);
+* lists with ListObjectsV2 pages (botocore adds ``EncodingType=url`` and decodes keys),
+  skipping duplicates and failing on out-of-order pages (faults A10).
+
+botocore turns a "200 OK with an <Error> body" on CompleteMultipartUpload into a 500 and
+retries it (``botocore.handlers._handle_200_error``); if retries run out, the ClientError
+is translated like any 5xx (faults A6). ``tests/contract`` checks that path.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
+
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from archive_kms.errors import (
+    ArchiveKmsError,
+    KeyUnavailableError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    ServiceUnavailableError,
+    StorageError,
+    TransientError,
+    ValidationError,
+)
+from archive_kms.storage.naming import decode_key, encode_prefix, object_key
+from archive_kms.storage.port import (
+    DEFAULT_PART_SIZE,
+    ObjectInfo,
+    ObjectReader,
+    PendingUpload,
+    check_part_size,
+    handover,
+    iter_parts,
+    part_size_for,
+    validate_metadata,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_PARTS = 10_000
+_PART_TIER = 1_000
+_READ_CHUNK = 1024 * 1024
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_EXISTS = {"PreconditionFailed", "412"}
+_CONFLICT = {"ConditionalRequestConflict", "409", "OperationAborted"}
+_TRANSIENT = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests", "RequestLimitExceeded",
+    "ServiceUnavailable", "503", "InternalError", "500", "502", "504", "RequestTimeout",
+    # The body was damaged on the way (we send Content-MD5): sending it again can help.
+    "BadDigest", "IncompleteBody", "XAmzContentSHA256Mismatch",
+}
+_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+           "AccountProblem", "InvalidObjectState"}
+_NETWORK_ERRORS = (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError,
+                   IncompleteReadError, ResponseStreamingError)
+
+
+def _code(err: ClientError) -> tuple[str, int]:
+    return (str(err.response.get("Error", {}).get("Code", "")),
+            int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0))
+
+
+def translate_error(exc: BaseException, *, bucket: str, key: str | None, op: str) -> ArchiveKmsError:
+    """Map a botocore exception to our hierarchy, naming bucket, key and operation."""
+    where = f"s3://{bucket}/{key}" if key is not None else f"s3://{bucket}"
+    if isinstance(exc, ArchiveKmsError):
+        return exc
+    if isinstance(exc, ClientError):
+        code, status = _code(exc)
+        msg = f"S3 {op} on {where} failed: {code or status}"
+        if code in _NOT_FOUND:
+            return ObjectNotFoundError(f"{where}: no such object ({op})", resource=where)
+        if code in _EXISTS or status == 412:
+            return ObjectExistsError(f"{where}: object already exists (conditional {op} refused)", resource=where)
+        if code == "NoSuchUpload":
+            return TransientError(f"{msg}: the multipart upload is gone (aborted by a cleanup?); retry the write",
+                                  resource=where)
+        if code == "NoSuchBucket":
+            return StorageError(f"{msg}: bucket {bucket!r} does not exist", resource=bucket)
+        if code.startswith("KMS.") or code in {"KMSDisabledException", "KMSInvalidStateException"}:
+            return KeyUnavailableError(f"{msg}: the bucket's SSE-KMS key refused ({code})", resource=where,
+                                       state=code)
+        if code in _CONFLICT or status == 409:
+            return TransientError(f"{msg}: concurrent conflicting write; retry the whole write", resource=where)
+        if code in _TRANSIENT or status in (429, 500, 502, 503, 504):
+            return ServiceUnavailableError(f"{msg} (retryable)", resource=where)
+        if code in _DENIED or status == 403:
+            return StorageError(f"{msg}: access denied to bucket {bucket!r}", resource=bucket)
+        return StorageError(f"{msg} (HTTP {status})", resource=where)
+    if isinstance(exc, _NETWORK_ERRORS):
+        return ServiceUnavailableError(f"S3 {op} on {where}: {type(exc).__name__} (retryable)", resource=where)
+    if isinstance(exc, BotoCoreError):
+        return StorageError(f"S3 {op} on {where}: {type(exc).__name__}: {exc}", resource=where)
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return ServiceUnavailableError(f"S3 {op} on {where}: {type(exc).__name__} (retryable)", resource=where)
+    raise exc
+
+
+def _md5_b64(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode("ascii")
+
+
+class S3ObjectStore:
+    """A tenant's objects under ``prefix`` in ``bucket``."""
+
+    def __init__(self, client: Any, bucket: str, prefix: str, *, sse_kms_key_arn: str | None = None,
+                 part_size: int = DEFAULT_PART_SIZE, list_page_size: int = 1000,
+                 read_chunk_size: int = _READ_CHUNK, max_read_resumes: int = 3) -> None:
+        if not 1 <= list_page_size <= 1000:
+            raise ValidationError(f"list_page_size must be 1..1000, got {list_page_size}")
+        self._s3 = client
+        self._bucket = bucket
+        self._prefix = prefix
+        self._sse_key = sse_kms_key_arn
+        self._part_size = check_part_size(part_size)
+        self._page_size = list_page_size
+        self._read_chunk = read_chunk_size
+        self._max_resumes = max_read_resumes
+
+    @property
+    def label(self) -> str:
+        return f"s3://{self._bucket}/{self._prefix}"
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    def _fail(self, exc: BaseException, key: str | None, op: str) -> NoReturn:
+        raise translate_error(exc, bucket=self._bucket, key=key, op=op) from exc
+
+    def _sse_args(self) -> dict[str, Any]:
+        if self._sse_key is None:
+            return {}
+        return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self._sse_key, "BucketKeyEnabled": True}
+
+    def _check_sse(self, resp: Mapping[str, Any], key: str, *, written: bool) -> None:
+        """Defense in depth: the object must be encrypted under the location's key. If a
+        committed object is not, it is deleted again before we report the failure."""
+        if self._sse_key is None:
+            return
+        got = resp.get("SSEKMSKeyId")
+        if resp.get("ServerSideEncryption") != "aws:kms" or not got or not (
+                got == self._sse_key or got.endswith("/" + self._sse_key.rsplit("/", 1)[-1])):
+            if written:
+                try:
+                    self._s3.delete_object(Bucket=self._bucket, Key=key)
+                except Exception as exc:  # noqa: BLE001 - the encryption failure is the news
+                    log.warning("s3://%s/%s: could not delete wrongly encrypted object: %s", self._bucket, key,
+                                type(exc).__name__)
+            raise StorageError(
+                f"s3://{self._bucket}/{key}: stored with encryption {resp.get('ServerSideEncryption')!r} "
+                f"key {got!r}, not SSE-KMS under {self._sse_key!r}", resource=f"s3://{self._bucket}/{key}")
+
+    # --- writes --------------------------------------------------------------------------
+
+    def put_stream(self, name: bytes, chunks: Iterable[bytes], *, if_absent: bool = False,
+                   metadata: Mapping[str, str] | None = None) -> ObjectInfo:
+        key = object_key(self._prefix, name)
+        meta = validate_metadata(metadata)
+        if if_absent and self.head(name) is not None:
+            raise ObjectExistsError(f"s3://{self._bucket}/{key}: object already exists",
+                                    resource=f"s3://{self._bucket}/{key}")
+        parts = iter_parts(chunks, lambda i: part_size_for(i, self._part_size, tier=_PART_TIER))
+        first, last = next(parts)
+        if last:
+            return self._put_single(name, key, first, if_absent, meta)
+        # The list hands the first part over without keeping a reference (memory stays
+        # at about one part).
+        head = [first]
+        del first
+        return self._put_multipart(name, key, handover(head, parts), if_absent, meta)
+
+    def _put_single(self, name: bytes, key: str, body: bytes, if_absent: bool,
+                    meta: dict[str, str]) -> ObjectInfo:
+        extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+        try:
+            resp = self._s3.put_object(Bucket=self._bucket, Key=key, Body=body, ContentMD5=_md5_b64(body),
+                                       Metadata=meta, **self._sse_args(), **extra)
+        except Exception as exc:  # noqa: BLE001 - translated at the edge
+            self._fail(exc, key, "PutObject")
+        self._check_sse(resp, key, written=True)
+        return ObjectInfo(name, len(body), resp["ETag"], dict(meta))
+
+    def _put_multipart(self, name: bytes, key: str, parts: Iterator[bytes], if_absent: bool,
+                       meta: dict[str, str]) -> ObjectInfo:
+        try:
+            created = self._s3.create_multipart_upload(Bucket=self._bucket, Key=key, Metadata=meta,
+                                                       **self._sse_args())
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc, key, "CreateMultipartUpload")
+        upload_id = created["UploadId"]
+        done: list[dict[str, Any]] = []
+        size = 0
+        try:
+            self._check_sse(created, key, written=False)
+            number = 0
+            for body in parts:  # not enumerate(): its cached tuple would keep the last part alive
+                number += 1
+                if number > MAX_PARTS:
+                    raise ValidationError(f"s3://{self._bucket}/{key}: object exceeds {MAX_PARTS} parts")
+                try:
+                    resp = self._s3.upload_part(Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                                Body=body, ContentMD5=_md5_b64(body))
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(exc, key, f"UploadPart {number}")
+                done.append({"PartNumber": number, "ETag": resp["ETag"]})
+                size += len(body)
+                del body
+            extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
+            try:
+                resp = self._s3.complete_multipart_upload(
+                    Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}, **extra)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(exc, key, "CompleteMultipartUpload")
+        except BaseException:
+            # Whatever stopped us (a source error, a refused condition, Ctrl-C), leave no
+            # upload behind; a crash that skips this is what abort_stale_uploads is for.
+            self._abort(key, upload_id)
+            raise
+        self._check_sse(resp, key, written=True)
+        return ObjectInfo(name, size, resp["ETag"], dict(meta))
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            self._s3.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:  # noqa: BLE001 - best effort; the original error matters more
+            log.warning("s3://%s/%s: could not abort multipart upload %s: %s (abort_stale_uploads will)",
+                        self._bucket, key, upload_id, type(exc).__name__)
+
+    def delete(self, name: bytes) -> None:
+        key = object_key(self._prefix, name)
+        try:
+            self._s3.delete_object(Bucket=self._bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            err = translate_error(exc, bucket=self._bucket, key=key, op="DeleteObject")
+            if not isinstance(err, ObjectNotFoundError):
+                raise err from exc
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def head(self, name: bytes) -> ObjectInfo | None:
+        key = object_key(self._prefix, name)
+        try:
+            resp = self._s3.head_object(Bucket=self._bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            err = translate_error(exc, bucket=self._bucket, key=key, op="HeadObject")
+            if isinstance(err, ObjectNotFoundError):
+                return None
+            raise err from exc
+        return ObjectInfo(name, int(resp["ContentLength"]), resp["ETag"], dict(resp.get("Metadata") or {}),
+                          resp.get("LastModified"))
+
+    def open_read(self, name: bytes) -> ObjectReader:
+        key = object_key(self._prefix, name)
+        try:
+            resp = self._s3.get_object(Bucket=self._bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc, key, "GetObject")
+        info = ObjectInfo(name, int(resp["ContentLength"]), resp["ETag"], dict(resp.get("Metadata") or {}),
+                          resp.get("LastModified"))
+        state = {"body": resp["Body"]}
+
+        def chunks() -> Iterator[bytes]:
+            pos = 0
+            resumes = 0
+            while True:
+                try:
+                    for chunk in state["body"].iter_chunks(self._read_chunk):
+                        pos += len(chunk)
+                        yield chunk
+                    return
+                except _NETWORK_ERRORS + (ConnectionError,) as exc:
+                    state["body"].close()
+                    if resumes >= self._max_resumes or pos >= info.size:
+                        self._fail(exc, key, "GetObject (body)")
+                    resumes += 1
+                    log.info("s3://%s/%s: resuming read at byte %d after %s", self._bucket, key, pos,
+                             type(exc).__name__)
+                    try:
+                        # If-Match: a replaced object fails (412) instead of mixing versions.
+                        state["body"] = self._s3.get_object(Bucket=self._bucket, Key=key, Range=f"bytes={pos}-",
+                                                            IfMatch=info.etag)["Body"]
+                    except Exception as exc2:  # noqa: BLE001
+                        err = translate_error(exc2, bucket=self._bucket, key=key, op="GetObject (resume)")
+                        if isinstance(err, (ObjectExistsError, ObjectNotFoundError)):
+                            raise TransientError(f"s3://{self._bucket}/{key}: object changed during read",
+                                                 resource=key) from exc2
+                        raise err from exc2
+
+        return ObjectReader(info, chunks(), label=f"s3://{self._bucket}/{key}", on_close=lambda: state["body"].close())
+
+    def list(self, prefix: bytes = b"") -> Iterator[ObjectInfo]:
+        key_prefix = self._prefix + encode_prefix(prefix)
+        paginator = self._s3.get_paginator("list_objects_v2")
+        last: str | None = None
+        try:
+            for page in paginator.paginate(Bucket=self._bucket, Prefix=key_prefix,
+                                           PaginationConfig={"PageSize": self._page_size}):
+                for item in page.get("Contents", ()):
+                    key = item["Key"]
+                    if last is not None and key <= last:
+                        if key == last:
+                            continue  # a page repeated an entry: report each object once
+                        raise ServiceUnavailableError(
+                            f"s3://{self._bucket}/{key_prefix}: listing went backwards ({key!r} after {last!r}); "
+                            "retry the listing", resource=key_prefix)
+                    last = key
+                    name = decode_key(self._prefix, key)
+                    if name is None:
+                        log.warning("s3://%s: skipping key %r not written by this store", self._bucket, key)
+                        continue
+                    yield ObjectInfo(name, int(item["Size"]), item["ETag"], None, item.get("LastModified"))
+        except ArchiveKmsError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc, key_prefix, "ListObjectsV2")
+
+    # --- uploads -------------------------------------------------------------------------
+
+    def pending_uploads(self) -> Iterator[PendingUpload]:
+        paginator = self._s3.get_paginator("list_multipart_uploads")
+        try:
+            for page in paginator.paginate(Bucket=self._bucket, Prefix=self._prefix,
+                                           PaginationConfig={"PageSize": self._page_size}):
+                for up in page.get("Uploads", ()):
+                    yield PendingUpload(decode_key(self._prefix, up["Key"]), up["Key"], up["UploadId"],
+                                        up.get("Initiated"))
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc, self._prefix, "ListMultipartUploads")
+
+    def abort_stale_uploads(self, older_than: timedelta, *, now: datetime | None = None) -> int:
+        horizon = (now or datetime.now(UTC)) - older_than
+        stale = [u for u in self.pending_uploads() if u.initiated is None or u.initiated <= horizon]
+        for up in stale:
+            try:
+                self._s3.abort_multipart_upload(Bucket=self._bucket, Key=up.key, UploadId=up.upload_id)
+            except ClientError as exc:
+                if _code(exc)[0] not in ("NoSuchUpload", "404"):  # already gone: fine
+                    raise translate_error(exc, bucket=self._bucket, key=up.key, op="AbortMultipartUpload") from exc
+            except Exception as exc:  # noqa: BLE001
+                self._fail(exc, up.key, "AbortMultipartUpload")
+        return len(stale)

@@ -1,0 +1,572 @@
+"""ObjectStore contract: the same tests over the in-memory store, S3 on LocalStack and
+Azure Blob on Azurite (style rule 9). Backend-specific checks (raw keys, leftovers,
+SSE-KMS headers, block ids) use each service's raw client as the oracle.
+
+Every test gets a fresh location (uuid-named bucket / container) and a neighbouring
+tenant's object that must stay untouched; both are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pytest
+
+from archive_kms import wiring
+from archive_kms.domain.tenants import TenantId
+from archive_kms.errors import ObjectExistsError, ObjectNotFoundError, TransientError, ValidationError
+from archive_kms.storage import locations as L
+from archive_kms.storage.memory import MemoryObjectStore
+from archive_kms.storage.naming import decode_key
+from archive_kms.storage.port import MIN_PART_SIZE, ObjectStore
+
+MiB = 1024 * 1024
+PART = MIN_PART_SIZE  # 5 MiB: the smallest part S3 accepts, so the tests move little data
+PAGE = 7  # forces pagination with ~25 objects
+
+# faults.md F9 and friends.
+TRAVERSAL = [
+    b"../", b"..\\", b"/abs", b"//", b"%2e%2e/", b"trailing/", b"trailing.", b"..", b".", b"../../other/x",
+    b"\x00", b"nul\x00byte", b"\x01\x1f\x7f", b"line\nbreak", b"\xff\xfe", "ünï/名".encode(), b" sp ",
+    b"?q#f", b"a+b&c=d", b"\\\\srv\\share",
+]
+
+
+def stream(size: int, seed: bytes = b"s", chunk: int = 64 * 1024) -> Iterator[bytes]:
+    """Deterministic pseudo-random bytes, generated lazily (never the whole object)."""
+    counter = 0
+    produced = 0
+    block = b""
+    while produced < size:
+        if not block:
+            block = hashlib.shake_256(seed + counter.to_bytes(8, "big")).digest(chunk)
+            counter += 1
+        take = min(len(block), size - produced)
+        yield block[:take]
+        block = block[take:]
+        produced += take
+
+
+def digest_of(chunks: Iterator[bytes]) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    for c in chunks:
+        h.update(c)
+        n += len(c)
+    return h.hexdigest(), n
+
+
+@dataclass
+class Harness:
+    kind: str
+    store: ObjectStore
+    make_store: Callable[..., ObjectStore]  # same location, other tuning
+    key_prefix: str  # where this tenant's keys live in the raw namespace
+    raw_keys: Callable[[], list[str]]  # every key in the raw namespace of this location
+    raw_pending: Callable[[], list[str]]  # oracle for leftovers (raw client)
+    neighbour_keys: Callable[[], list[str]]  # another tenant's keys, which must not change
+    crash_mid_upload: Callable[[bytes], None]  # start an upload, then die without cleanup
+    extra: dict = field(default_factory=dict)
+
+    def write_bound(self, object_size: int) -> int:
+        # Real adapters hold about one part; the memory store holds the object by design.
+        return 3 * PART + (object_size if self.kind == "memory" else 0)
+
+
+# --- backends -------------------------------------------------------------------------------------
+
+
+def _memory_harness() -> Iterator[Harness]:
+    store = MemoryObjectStore(prefix="tenants/acme/", part_size=PART)
+
+    def crash(name: bytes) -> None:
+        _, upload = store.begin_upload(name)
+        upload.parts.append(b"x" * 1024)  # a started upload that nobody finishes
+
+    yield Harness("memory", store, lambda **kw: store, "tenants/acme/", store.raw_keys,
+                  lambda: [u.key for u in store.pending_uploads()], lambda: [], crash)
+
+
+_CRASH_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys
+    from archive_kms.config import Settings
+    from archive_kms.storage.locations import Location, open_store
+    loc = Location.from_dict(json.loads(sys.argv[1]))
+    store = open_store(loc, Settings(), part_size=int(sys.argv[3]))
+    def chunks():
+        sent = 0
+        while True:
+            if sent >= 2 * int(sys.argv[3]) + 1:
+                # Two parts are uploaded by now; die like kill -9 (no cleanup runs).
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield b"c" * 65536
+            sent += 65536
+    store.put_stream(bytes.fromhex(sys.argv[2]), chunks())
+""")
+
+
+def _crash_in_subprocess(location: L.Location, name: bytes) -> None:
+    proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, json.dumps(location.to_dict()), name.hex(), str(PART)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+
+
+def _s3_harness(settings) -> Iterator[Harness]:
+    s3 = wiring.aws_client("s3", settings)
+    bucket = f"contract-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    loc = L.shared_s3_location(TenantId("acme"), bucket)
+    s3.put_object(Bucket=bucket, Key="tenants/other/neighbour", Body=b"n")
+
+    def make(**kw):
+        kw.setdefault("part_size", PART)
+        kw.setdefault("list_page_size", PAGE)
+        return L.open_store(loc, settings, s3_client=s3, **kw)
+
+    def raw_keys():
+        return [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                for o in p.get("Contents", ())]
+
+    def raw_pending():
+        return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", ())]
+
+    h = Harness("s3", make(), make, loc.prefix, raw_keys, raw_pending,
+                lambda: [k for k in raw_keys() if k.startswith("tenants/other/")],
+                lambda name: _crash_in_subprocess(loc, name), {"s3": s3, "bucket": bucket, "location": loc})
+    yield h
+    for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", ()):
+        s3.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+    for k in raw_keys():
+        s3.delete_object(Bucket=bucket, Key=k)
+    s3.delete_bucket(Bucket=bucket)
+
+
+def _azure_harness(settings) -> Iterator[Harness]:
+    svc = wiring.blob_service_client(settings)
+    tenant = TenantId(f"acme-{uuid.uuid4().hex[:8]}")
+    loc = L.shared_azure_location(tenant, svc.account_name)
+    L.create_azure_container(svc, loc)
+    other = svc.create_container(f"tenant-other-{uuid.uuid4().hex[:8]}")
+    other.upload_blob("neighbour", b"n")
+    container = svc.get_container_client(loc.container)
+
+    def make(**kw):
+        kw.setdefault("part_size", PART)
+        kw.setdefault("list_page_size", PAGE)
+        return L.open_store(loc, settings, blob_service=svc, **kw)
+
+    def raw_keys():
+        return [b.name for b in container.list_blobs()]
+
+    def raw_pending():
+        committed = set(raw_keys())
+        return [b.name for b in container.list_blobs(include=["uncommittedblobs"]) if b.name not in committed]
+
+    h = Harness("azure", make(), make, "", raw_keys, raw_pending,
+                lambda: [b.name for b in other.list_blobs()],
+                lambda name: _crash_in_subprocess(loc, name),
+                {"container": container, "location": loc, "svc": svc})
+    yield h
+    container.delete_container()
+    other.delete_container()
+
+
+@pytest.fixture(params=["memory", "s3", "azure"])
+def backend(request) -> Iterator[Harness]:
+    if request.param == "memory":
+        yield from _memory_harness()
+    elif request.param == "s3":
+        yield from _s3_harness(request.getfixturevalue("localstack"))
+    else:
+        yield from _azure_harness(request.getfixturevalue("azurite"))
+
+
+# --- the contract -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 5 * MiB + 1])
+def test_put_read_round_trip(backend, size):
+    store = backend.store
+    assert isinstance(store, ObjectStore)
+    name = f"obj-{size}".encode()
+    info = store.put_stream(name, stream(size), metadata={"sha256": "x" * 64, "kind": "record"})
+    assert info.name == name and info.size == size and info.etag
+    head = store.head(name)
+    assert head is not None and head.size == size and head.etag == info.etag
+    assert head.metadata == {"sha256": "x" * 64, "kind": "record"}
+    want = digest_of(stream(size))
+    with store.open_read(name) as r:
+        assert r.info.size == size and r.info.metadata == head.metadata
+        assert digest_of(iter(r)) == want
+    with store.open_read(name) as r:
+        data = b"".join(iter(lambda: r.read(1_000_003), b""))
+    assert (hashlib.sha256(data).hexdigest(), len(data)) == want
+
+
+def test_streamed_20mib_object_keeps_memory_flat(backend):
+    store = backend.store
+    size = 20 * MiB
+    tracemalloc.start()
+    try:
+        store.put_stream(b"big", stream(size))
+        _, write_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        held, _ = tracemalloc.get_traced_memory()  # what the store keeps (the memory store: the object)
+        with store.open_read(b"big") as r:
+            got = digest_of(iter(r))
+        _, read_peak = tracemalloc.get_traced_memory()
+        read_peak -= held
+    finally:
+        tracemalloc.stop()
+    assert got == digest_of(stream(size))
+    assert write_peak < backend.write_bound(size), f"write path peaked at {write_peak / MiB:.1f} MiB"
+    assert read_peak < 3 * PART, f"read path peaked at {read_peak / MiB:.1f} MiB"
+
+
+def test_head_missing_read_missing_and_delete(backend):
+    store = backend.store
+    assert store.head(b"missing") is None
+    with pytest.raises(ObjectNotFoundError) as exc:
+        store.open_read(b"missing")
+    assert "missing" in str(exc.value)
+    store.delete(b"missing")  # not an error
+    store.put_stream(b"doomed", [b"bye"])
+    store.delete(b"doomed")
+    assert store.head(b"doomed") is None and [i.name for i in store.list()] == []
+    store.delete(b"doomed")
+
+
+def test_list_prefix_pagination_each_once(backend):
+    store = backend.store
+    before = backend.neighbour_keys()
+    names = [f"ws1/2024/{i:02d}".encode() for i in range(20)] + [f"ws2/{i}".encode() for i in range(5)]
+    for n in names:
+        store.put_stream(n, [n])
+    listed = list(store.list())
+    assert sorted(i.name for i in listed) == sorted(names) and len(listed) == len(names)
+    assert all(i.metadata is None and i.size == len(i.name) for i in listed)
+    assert sorted(i.name for i in store.list(b"ws1/")) == sorted(names[:20])
+    assert sorted(i.name for i in store.list(b"ws1/2024/1")) == sorted(n for n in names if n.startswith(b"ws1/2024/1"))
+    assert list(store.list(b"nothing")) == []
+    assert backend.neighbour_keys() == before  # the other tenant's objects are not listed or touched
+
+
+def test_conditional_create_twice(backend):
+    store = backend.store
+    store.put_stream(b"once", [b"first"], if_absent=True)
+    with pytest.raises(ObjectExistsError) as exc:
+        store.put_stream(b"once", [b"second"], if_absent=True)
+    assert "once" in str(exc.value)
+    assert store.open_read(b"once").read() == b"first"
+    store.put_stream(b"once", [b"third"])  # unconditional overwrite replaces
+    assert store.open_read(b"once").read() == b"third"
+
+
+@pytest.mark.parametrize("size", [100, PART + 1024], ids=["single-put", "multipart"])
+def test_conditional_create_race_is_decided_at_commit(backend, size):
+    """Writer A passes the existence check, then B commits while A streams: A's commit
+    must be refused (If-None-Match at PutObject / CompleteMultipartUpload / Put Block
+    List), B's content stays, and A leaves no upload behind (faults A7/A8)."""
+    store_a, store_b = backend.store, backend.make_store()
+
+    def racing_chunks():
+        first = True
+        for c in stream(size, b"A"):
+            if first:
+                store_b.put_stream(b"raced", [b"B wins"], if_absent=True)
+                first = False
+            yield c
+
+    with pytest.raises(ObjectExistsError):
+        store_a.put_stream(b"raced", racing_chunks(), if_absent=True)
+    assert store_a.open_read(b"raced").read() == b"B wins"
+    store_a.abort_stale_uploads(timedelta(0))
+    assert backend.raw_pending() == []
+
+
+def test_traversal_names_round_trip_and_stay_inside(backend):
+    store = backend.store
+    before = backend.neighbour_keys()
+    for i, name in enumerate(TRAVERSAL):
+        store.put_stream(name, [b"payload-%d" % i], if_absent=True)
+    for i, name in enumerate(TRAVERSAL):
+        assert store.open_read(name).read() == b"payload-%d" % i
+        assert store.head(name).size == len(b"payload-%d" % i)
+    assert sorted(i.name for i in store.list()) == sorted(TRAVERSAL)
+    raw = [k for k in backend.raw_keys() if k.startswith(backend.key_prefix) and k not in before]
+    assert len(raw) == len(TRAVERSAL)
+    for key in raw:
+        rest = key[len(backend.key_prefix):]
+        assert all(c.isascii() and (c.isalnum() or c in "%_-") for c in rest), key
+        assert decode_key(backend.key_prefix, key) in TRAVERSAL
+    assert backend.neighbour_keys() == before
+
+
+@pytest.mark.parametrize("name", [b"", "text", b"x" * 1100, b"/" * 400])
+def test_bad_names_refused_before_any_request(backend, name):
+    with pytest.raises(ValidationError):
+        backend.store.put_stream(name, [b"x"])
+    with pytest.raises(ValidationError):
+        backend.store.head(name)
+
+
+def test_bad_metadata_refused(backend):
+    with pytest.raises(ValidationError):
+        backend.store.put_stream(b"m", [b"x"], metadata={"Bad-Key": "v"})
+    assert backend.store.head(b"m") is None
+
+
+def test_failing_source_leaves_no_object(backend):
+    class SourceBroke(Exception):
+        pass
+
+    def chunks():
+        yield from stream(2 * PART + 1024)  # two parts/blocks are sent before the failure
+        raise SourceBroke("reader of the source failed")
+
+    with pytest.raises(SourceBroke):
+        backend.store.put_stream(b"partial", chunks())
+    assert backend.store.head(b"partial") is None
+    assert [i.name for i in backend.store.list()] == []
+    backend.store.abort_stale_uploads(timedelta(0))
+    assert backend.raw_pending() == [] and list(backend.store.pending_uploads()) == []
+
+
+def test_crashed_upload_is_invisible_and_cleaned_up(backend):
+    store = backend.store
+    backend.crash_mid_upload(b"crashed/obj")
+    assert store.head(b"crashed/obj") is None
+    assert [i.name for i in store.list()] == []
+    pending = list(store.pending_uploads())
+    assert [p.name for p in pending] == [b"crashed/obj"], backend.raw_pending()
+    assert backend.raw_pending() != []
+    assert store.abort_stale_uploads(timedelta(hours=1)) == 0  # too young to be stale
+    assert store.abort_stale_uploads(timedelta(0)) == 1
+    assert backend.raw_pending() == [] and list(store.pending_uploads()) == []
+    # The name is usable afterwards, and only the new attempt's data is in it.
+    store.put_stream(b"crashed/obj", stream(PART + 10, b"new"), if_absent=True)
+    assert digest_of(iter(store.open_read(b"crashed/obj"))) == digest_of(stream(PART + 10, b"new"))
+
+
+def test_reader_never_mixes_versions(backend):
+    """Overwrite while a reader is mid-way: the reader returns the old version entirely
+    or raises a retryable error; never a mix."""
+    store = backend.make_store(read_chunk_size=MiB) if backend.kind != "memory" else backend.store
+    store.put_stream(b"v", stream(3 * MiB, b"old"))
+    old = digest_of(stream(3 * MiB, b"old"))
+    r = store.open_read(b"v")
+    first = r.read(MiB)
+    store.put_stream(b"v", stream(3 * MiB, b"new"))
+    try:
+        rest = r.read()
+    except TransientError:
+        return
+    data = first + rest
+    assert (hashlib.sha256(data).hexdigest(), len(data)) == old
+
+
+# --- backend-specific -------------------------------------------------------------------------------
+
+
+def test_s3_dedicated_bucket_sse_kms(localstack):
+    s3 = wiring.aws_client("s3", localstack)
+    kms = wiring.aws_client("kms", localstack)
+    key_arn = kms.create_key(Description="contract: dedicated bucket")["KeyMetadata"]["Arn"]
+    tenant = TenantId(f"t{uuid.uuid4().hex[:10]}")
+    loc = L.dedicated_s3_location(tenant, sse_kms_key_arn=key_arn, bucket_prefix="contract-ded")
+    try:
+        L.create_dedicated_s3_bucket(s3, loc, region=localstack.aws_region)
+        L.create_dedicated_s3_bucket(s3, loc, region=localstack.aws_region)  # idempotent re-run
+        rule = s3.get_bucket_encryption(Bucket=loc.bucket)["ServerSideEncryptionConfiguration"]["Rules"][0]
+        assert rule["ApplyServerSideEncryptionByDefault"] == {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": key_arn}
+        assert rule["BucketKeyEnabled"] is True
+        pab = s3.get_public_access_block(Bucket=loc.bucket)["PublicAccessBlockConfiguration"]
+        assert all(pab.values())
+        store = L.open_store(loc, localstack, s3_client=s3, part_size=PART)
+        store.put_stream(b"first", [b"hello"])
+        store.put_stream(b"second", stream(PART + 1))  # multipart path
+        for name in (b"first", b"second"):
+            h = s3.head_object(Bucket=loc.bucket, Key=name.decode())
+            assert h["ServerSideEncryption"] == "aws:kms" and h["SSEKMSKeyId"] == key_arn
+        assert L.delete_location(loc, store, s3_client=s3) == 2
+        assert loc.bucket not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+        L.delete_location(loc, store, s3_client=s3)  # idempotent
+    finally:
+        kms.schedule_key_deletion(KeyId=key_arn, PendingWindowInDays=7)
+
+
+def test_s3_every_put_names_the_key_even_if_the_bucket_default_differs(localstack):
+    """Defense in depth (A14): the adapter sends the key on every PUT, so an object lands
+    under the tenant's key even while the bucket default is something else."""
+    s3 = wiring.aws_client("s3", localstack)
+    kms = wiring.aws_client("kms", localstack)
+    key_arn = kms.create_key(Description="contract: explicit sse")["KeyMetadata"]["Arn"]
+    bucket = f"contract-sse-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    try:
+        loc = L.Location(TenantId("acme"), L.Kind.DEDICATED, L.Cloud.S3, bucket=bucket, sse_kms_key_arn=key_arn)
+        store = L.open_store(loc, localstack, s3_client=s3)
+        store.put_stream(b"x", [b"data"])
+        assert s3.head_object(Bucket=bucket, Key="x")["SSEKMSKeyId"] == key_arn
+        L.delete_location(loc, store, s3_client=s3)
+    finally:
+        kms.schedule_key_deletion(KeyId=key_arn, PendingWindowInDays=7)
+
+
+def _inject_200_error(s3, times: int) -> list[int]:
+    """Make CompleteMultipartUpload answer '200 OK' with an <Error> body ``times`` times,
+    before the request reaches the server (faults A6)."""
+    from botocore.awsrequest import AWSResponse
+
+    calls = [0]
+
+    class _Raw:
+        def __init__(self, body):
+            self._body = body
+
+        def stream(self, **kw):
+            yield self._body
+
+    def hook(request, **kw):
+        if "uploadId=" in request.url and request.method == "POST" and calls[0] < times:
+            calls[0] += 1
+            body = b"<?xml version='1.0'?><Error><Code>InternalError</Code><Message>boom</Message></Error>"
+            return AWSResponse(request.url, 200, {}, _Raw(body))
+        return None
+
+    s3.meta.events.register_first("before-send.s3.CompleteMultipartUpload", hook)
+    return calls
+
+
+def test_s3_200_with_error_body_is_retried(localstack, monkeypatch):
+    s3 = wiring.aws_client("s3", localstack)
+    bucket = f"contract-200-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    loc = L.shared_s3_location("acme", bucket)
+    try:
+        calls = _inject_200_error(s3, times=1)
+        store = L.open_store(loc, localstack, s3_client=s3, part_size=PART)
+        store.put_stream(b"obj", stream(PART + 1))
+        assert calls[0] == 1
+        assert digest_of(iter(store.open_read(b"obj"))) == digest_of(stream(PART + 1))
+
+        calls = _inject_200_error(s3, times=10**6)  # every attempt: retries run out
+        import time
+
+        monkeypatch.setattr(time, "sleep", lambda s: None)  # skip botocore's backoff between attempts
+        with pytest.raises(TransientError) as exc:
+            store.put_stream(b"obj2", stream(PART + 1))
+        assert exc.value.retryable and "CompleteMultipartUpload" in str(exc.value)
+        assert store.head(b"obj2") is None
+        assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    finally:
+        L.delete_location(loc, L.open_store(loc, localstack))
+        s3.delete_bucket(Bucket=bucket)
+
+
+def test_s3_read_resumes_after_connection_break(localstack):
+    """A body that breaks mid-read is resumed with a ranged GET conditioned on the etag;
+    if the object changed in between the read fails instead (faults A3)."""
+    from botocore.exceptions import ResponseStreamingError
+
+    s3 = wiring.aws_client("s3", localstack)
+    bucket = f"contract-rd-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    loc = L.shared_s3_location("acme", bucket)
+    real_get = s3.get_object
+    ranges: list[str | None] = []
+
+    class Breaking:
+        def __init__(self, body, after):
+            self.body, self.after = body, after
+
+        def iter_chunks(self, n):
+            sent = 0
+            for c in self.body.iter_chunks(n):
+                if sent >= self.after:
+                    raise ResponseStreamingError(error="connection reset by peer")
+                sent += len(c)
+                yield c
+
+        def close(self):
+            self.body.close()
+
+    def flaky_get(**kw):
+        ranges.append(kw.get("Range"))
+        resp = real_get(**kw)
+        if len(ranges) == 1:
+            resp["Body"] = Breaking(resp["Body"], MiB)
+        return resp
+
+    try:
+        store = L.open_store(loc, localstack, s3_client=s3, read_chunk_size=256 * 1024)
+        store.put_stream(b"o", stream(3 * MiB))
+        s3.get_object = flaky_get
+        assert digest_of(iter(store.open_read(b"o"))) == digest_of(stream(3 * MiB))
+        assert ranges == [None, f"bytes={MiB}-"]
+
+        ranges.clear()  # the next GET breaks again after 1 MiB
+        r = store.open_read(b"o")
+        assert len(r.read(MiB)) == MiB
+        store.put_stream(b"o", stream(3 * MiB, b"changed"))
+        with pytest.raises(TransientError, match="changed during read"):
+            r.read()
+        assert ranges == [None, f"bytes={MiB}-"]
+    finally:
+        s3.get_object = real_get
+        L.delete_location(loc, L.open_store(loc, localstack))
+        s3.delete_bucket(Bucket=bucket)
+
+
+def test_azure_stale_blocks_of_a_crashed_attempt_are_never_committed(azurite):
+    """A16: attempt 1 stages blocks and dies; attempt 2 commits only its own block ids."""
+    svc = wiring.blob_service_client(azurite)
+    loc = L.shared_azure_location(f"acme-{uuid.uuid4().hex[:8]}", svc.account_name)
+    L.create_azure_container(svc, loc)
+    try:
+        _crash_in_subprocess(loc, b"obj")
+        store = L.open_store(loc, azurite, blob_service=svc, part_size=PART)
+        blob = svc.get_blob_client(loc.container, "obj")
+        _, stale = blob.get_block_list("uncommitted")
+        assert len(stale) >= 2
+        stale_attempt = {b.id.split("-")[0] for b in stale}
+        store.put_stream(b"obj", stream(2 * PART + 5, b"attempt2"), if_absent=True)
+        committed, uncommitted = blob.get_block_list("all")
+        assert len(committed) == 3 and uncommitted == []  # the commit discarded the stale blocks
+        assert {b.id.split("-")[0] for b in committed}.isdisjoint(stale_attempt)
+        assert len({len(b.id) for b in committed}) == 1
+        assert digest_of(iter(store.open_read(b"obj"))) == digest_of(stream(2 * PART + 5, b"attempt2"))
+    finally:
+        svc.delete_container(loc.container)
+
+
+def test_azure_dedicated_container_and_delete_location(azurite):
+    svc = wiring.blob_service_client(azurite)
+    loc = L.dedicated_azure_location(f"acme-{uuid.uuid4().hex[:8]}", svc.account_name)
+    assert loc.container.startswith("byok-")
+    L.create_azure_container(svc, loc)
+    L.create_azure_container(svc, loc)  # idempotent
+    store = L.open_store(loc, azurite)
+    store.put_stream(b"a", [b"1"])
+    store.put_stream(b"b/c", [b"2"])
+    assert L.delete_location(loc, store, blob_service=svc) == 2
+    assert loc.container not in [c.name for c in svc.list_containers()]
+    L.delete_location(loc, store, blob_service=svc)  # idempotent
+
+
+def test_open_store_refuses_an_unconfigured_azure_account(azurite):
+    from archive_kms.errors import ConfigurationError
+
+    loc = L.dedicated_azure_location("acme", account_prefix="akms")
+    with pytest.raises(ConfigurationError, match="no credentials configured"):
+        L.open_store(loc, azurite)
+

@@ -1,0 +1,437 @@
+"""Object-name encoding, the port's helpers, locations and error translation (no services)."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from archive_kms.errors import (
+    KeyUnavailableError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    ServiceUnavailableError,
+    StorageError,
+    TransientError,
+    ValidationError,
+)
+from archive_kms.storage import locations as L
+from archive_kms.storage.naming import MAX_KEY_LEN, decode_key, encode_name, object_key
+from archive_kms.storage.port import (
+    MIN_PART_SIZE,
+    ObjectInfo,
+    ObjectReader,
+    check_part_size,
+    iter_parts,
+    part_size_for,
+    validate_metadata,
+)
+
+# faults.md F9, plus the other bytes that trip paths and URLs.
+TRAVERSAL = [
+    b"../", b"..\\", b"/abs", b"//", b"%2e%2e/", b"%2E%2E%2F", b"trailing/", b"trailing.", b"..", b".", b"a/../../b",
+    b"\x00", b"nul\x00byte", b"\x01\x1f\x7f", b"line\nbreak\r", b"\xff\xfe", "ünïcode/名".encode(), b" space ",
+    b"?query#frag", b"a+b&c=d", b"~tilde", b"\\\\server\\share",
+]
+
+
+def _safe_chars(key: str) -> bool:
+    return all(c.isascii() and (c.isalnum() or c in "%_-") for c in key)
+
+
+@pytest.mark.parametrize("name", TRAVERSAL)
+def test_traversal_names_stay_inside_the_prefix(name):
+    key = object_key("tenants/acme/", name)
+    assert key.startswith("tenants/acme/")
+    rest = key[len("tenants/acme/"):]
+    assert _safe_chars(rest)  # no '/', '.', '\\', control chars: no segment can be '..' or empty
+    assert decode_key("tenants/acme/", key) == name
+
+
+def test_distinct_names_never_collide():
+    keys = [object_key("p/", n) for n in TRAVERSAL]
+    assert len(set(keys)) == len(TRAVERSAL)
+    assert object_key("p/", b"../") != object_key("p/", b"%2e%2e/")
+
+
+@given(st.binary(min_size=1, max_size=300))
+def test_round_trip(name):
+    assert decode_key("t/", object_key("t/", name)) == name
+
+
+@given(st.binary(max_size=50), st.binary(max_size=50))
+def test_prefix_of_names_is_prefix_of_keys(a, b):
+    assert encode_name(a + b) == encode_name(a) + encode_name(b)
+
+
+@pytest.mark.parametrize("key", [
+    "t/a.b", "t/a/b", "t/%2e", "t/%41", "t/%4", "t/%zz", "t/\u00e9", "other/x", "t/", "t/a%",
+])
+def test_decode_refuses_keys_we_did_not_write(key):
+    assert decode_key("t/", key) is None
+
+
+@pytest.mark.parametrize("name", [b"", "text", bytearray(b"x"), None])
+def test_bad_names(name):
+    with pytest.raises(ValidationError):
+        object_key("t/", name)
+
+
+def test_name_length_limit_counts_the_encoding():
+    prefix = "tenants/acme/"
+    room = MAX_KEY_LEN - len(prefix)
+    assert len(object_key(prefix, b"a" * room)) == MAX_KEY_LEN
+    with pytest.raises(ValidationError, match="1024"):
+        object_key(prefix, b"a" * (room + 1))
+    with pytest.raises(ValidationError, match="3 chars"):
+        object_key(prefix, b"/" * (room // 3 + 1))
+
+
+# --- metadata, parts, reader ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("meta", [
+    {"Upper": "x"}, {"1a": "x"}, {"a-b": "x"}, {"a": "\u00e9"}, {"a": " padded"}, {"a": "line\n"},
+    {"a" * 65: "x"}, {"a": "x" * 2100}, {"a": 1},
+])
+def test_bad_metadata(meta):
+    with pytest.raises(ValidationError):
+        validate_metadata(meta)
+
+
+def test_good_metadata():
+    assert validate_metadata({"sha256": "ab" * 32, "tenant_id": "acme", "n": ""}) == {
+        "sha256": "ab" * 32, "tenant_id": "acme", "n": ""}
+    assert validate_metadata(None) == {}
+
+
+@pytest.mark.parametrize("size", [0, 1, MIN_PART_SIZE - 1, 600 * 1024 * 1024, True, 8.0])
+def test_bad_part_sizes_fail_at_construction(size):
+    with pytest.raises(ValidationError, match="part_size"):
+        check_part_size(size)
+
+
+def test_iter_parts_recuts_and_flags_the_last_part():
+    assert list(iter_parts([], lambda i: 4)) == [(b"", True)]
+    assert list(iter_parts([b"", b""], lambda i: 4)) == [(b"", True)]
+    assert list(iter_parts([b"abcdef", b"gh", b"ijk"], lambda i: 4)) == [(b"abcd", False), (b"efgh", False),
+                                                                         (b"ijk", True)]
+    assert list(iter_parts([b"abcd"], lambda i: 4)) == [(b"abcd", True)]
+    assert list(iter_parts([b"abcd", b""], lambda i: 4)) == [(b"abcd", True)]
+    assert list(iter_parts([b"ab", b"cd", b"e"], lambda i: 4)) == [(b"abcd", False), (b"e", True)]
+    assert list(iter_parts([memoryview(b"abcdefg")], lambda i: 2 + i)) == [(b"ab", False), (b"cde", False),
+                                                                           (b"fg", True)]
+    with pytest.raises(ValidationError, match="chunks must be bytes"):
+        list(iter_parts(["text"], lambda i: 4))
+
+
+def test_iter_parts_looks_ahead_one_chunk_only():
+    pulled = []
+
+    def chunks():
+        for c in (b"aaaa", b"bbbb", b"cccc"):
+            pulled.append(c)
+            yield c
+
+    it = iter_parts(chunks(), lambda i: 4)
+    assert next(it) == (b"aaaa", False) and pulled == [b"aaaa", b"bbbb"]
+
+
+def test_part_size_doubles_per_tier_and_caps():
+    base = 8 * 1024 * 1024
+    assert part_size_for(0, base, tier=1000) == base
+    assert part_size_for(999, base, tier=1000) == base
+    assert part_size_for(1000, base, tier=1000) == 2 * base
+    assert part_size_for(9999, base, tier=1000) == 512 * 1024 * 1024
+    total = sum(part_size_for(i, base, tier=1000) for i in range(10_000))
+    assert total > 2 * 1024**4  # > 2 TiB fits in S3's 10,000 parts
+
+
+def _reader(chunks, size):
+    return ObjectReader(ObjectInfo(b"n", size, "e"), iter(chunks), label="mem://n")
+
+
+def test_reader_read_n_is_exact_and_iterates_chunks():
+    r = _reader([b"abc", b"defg", b"h"], 8)
+    assert r.read(2) == b"ab" and r.read(4) == b"cdef" and r.read(10) == b"gh" and r.read(1) == b""
+    assert list(_reader([b"abc", b"", b"de"], 5)) == [b"abc", b"de"]
+    buf = bytearray(5)
+    assert _reader([b"abc", b"de"], 5).readinto(buf) == 5 and bytes(buf) == b"abcde"
+    assert io.BufferedReader(_reader([b"xy"], 2)).read() == b"xy"  # type: ignore[arg-type]
+
+
+def test_reader_refuses_short_and_long_streams():
+    with pytest.raises(TransientError, match="truncated"):
+        _reader([b"abc"], 5).read()
+    with pytest.raises(TransientError, match="more bytes"):
+        _reader([b"abcdef"], 5).read()
+    r = _reader([b"abc"], 3)
+    r.close()
+    with pytest.raises(ValueError):
+        r.read()
+
+
+# --- locations ---------------------------------------------------------------------------------
+
+ARN = "arn:aws:kms:us-east-1:000000000000:key/7e506c14-46b7-4e69-9571-01c430f339fb"
+
+
+def test_location_constructors_and_round_trip():
+    for loc in (L.shared_s3_location("acme", "archive-kms-shared"),
+                L.dedicated_s3_location("acme", sse_kms_key_arn=ARN),
+                L.shared_azure_location("acme", "devstoreaccount1"),
+                L.dedicated_azure_location("acme", "devstoreaccount1"),
+                L.dedicated_azure_location("acme", account_prefix="akms")):
+        assert L.Location.from_dict(loc.to_dict()) == loc
+    assert L.shared_s3_location("acme", "archive-kms-shared").uri == "s3://archive-kms-shared/tenants/acme/"
+    assert L.dedicated_s3_location("acme", sse_kms_key_arn=ARN).bucket == "archive-kms-tenant-acme"
+    assert L.shared_azure_location("acme", "devstoreaccount1").container == "tenant-acme"
+    assert L.dedicated_azure_location("acme", "devstoreaccount1").container == "byok-acme"
+
+
+@pytest.mark.parametrize("data", [
+    {"tenant": "Acme", "kind": "shared", "cloud": "s3", "bucket": "b-x", "prefix": "tenants/acme/"},
+    {"tenant": "acme", "kind": "shared", "cloud": "s3", "bucket": "b-x", "prefix": ""},
+    {"tenant": "acme", "kind": "shared", "cloud": "s3", "bucket": "b-x", "prefix": "../"},
+    {"tenant": "acme", "kind": "dedicated", "cloud": "s3", "bucket": "B_X"},
+    {"tenant": "acme", "kind": "dedicated", "cloud": "s3", "bucket": "b-x", "sse_kms_key_arn": "alias/x"},
+    {"tenant": "acme", "kind": "dedicated", "cloud": "azure", "account": "acct1", "container": "a--b"},
+    {"tenant": "acme", "kind": "dedicated", "cloud": "azure", "account": "Acct", "container": "byok-acme"},
+    {"tenant": "acme", "kind": "weird", "cloud": "s3", "bucket": "b-x"},
+])
+def test_location_refuses_bad_records(data):
+    with pytest.raises((ValidationError, ValueError)):
+        L.Location.from_dict(data)
+
+
+class _FakeS3Config:
+    """Answers like S3 whose bucket configuration becomes visible only after N reads."""
+
+    def __init__(self, stale_reads: int) -> None:
+        self.stale = stale_reads
+        self.enc = None
+        self.pab = None
+
+    def create_bucket(self, **kw):
+        return {}
+
+    def put_public_access_block(self, Bucket, PublicAccessBlockConfiguration):
+        self.pab = PublicAccessBlockConfiguration
+
+    def put_bucket_encryption(self, Bucket, ServerSideEncryptionConfiguration):
+        self.enc = ServerSideEncryptionConfiguration
+
+    def get_bucket_encryption(self, Bucket):
+        if self.stale > 0:
+            self.stale -= 1
+            return {"ServerSideEncryptionConfiguration": {"Rules": [
+                {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]}}
+        return {"ServerSideEncryptionConfiguration": self.enc}
+
+    def get_public_access_block(self, Bucket):
+        return {"PublicAccessBlockConfiguration": self.pab}
+
+
+def test_dedicated_bucket_waits_until_encryption_reads_back():
+    fake = _FakeS3Config(stale_reads=3)
+    clock = [0.0]
+    L.create_dedicated_s3_bucket(fake, L.dedicated_s3_location("acme", sse_kms_key_arn=ARN), region="us-east-1",
+                                 sleep=lambda s: clock.__setitem__(0, clock[0] + s), monotonic=lambda: clock[0])
+    assert fake.stale == 0 and clock[0] == pytest.approx(1.5)
+
+
+def test_dedicated_bucket_times_out_retryably():
+    fake = _FakeS3Config(stale_reads=10**6)
+    clock = [0.0]
+    with pytest.raises(ServiceUnavailableError, match="did not read back"):
+        L.create_dedicated_s3_bucket(fake, L.dedicated_s3_location("acme", sse_kms_key_arn=ARN),
+                                     region="us-east-1", timeout=5,
+                                     sleep=lambda s: clock.__setitem__(0, clock[0] + s), monotonic=lambda: clock[0])
+
+
+# --- error translation -----------------------------------------------------------------------------
+
+
+def _client_error(code, status):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+
+
+@pytest.mark.parametrize("code, status, expected", [
+    ("NoSuchKey", 404, ObjectNotFoundError), ("404", 404, ObjectNotFoundError),
+    ("PreconditionFailed", 412, ObjectExistsError), ("ConditionalRequestConflict", 409, TransientError),
+    ("SlowDown", 503, ServiceUnavailableError), ("InternalError", 500, ServiceUnavailableError),
+    ("ServiceUnavailable", 503, ServiceUnavailableError), ("RequestTimeout", 400, ServiceUnavailableError),
+    ("BadDigest", 400, ServiceUnavailableError), ("AccessDenied", 403, StorageError),
+    ("NoSuchBucket", 404, StorageError), ("KMS.DisabledException", 400, KeyUnavailableError),
+    ("RequestTimeTooSkewed", 403, StorageError), ("Weird", 400, StorageError),
+    ("NoSuchUpload", 404, TransientError),
+])
+def test_s3_error_translation(code, status, expected):
+    from archive_kms.storage.s3 import translate_error
+
+    err = translate_error(_client_error(code, status), bucket="bkt", key="tenants/acme/k", op="PutObject")
+    assert type(err) is expected
+    assert "bkt" in str(err)
+    assert err.retryable == issubclass(expected, TransientError)
+
+
+def test_s3_network_errors_are_retryable():
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+    from archive_kms.storage.s3 import translate_error
+
+    for exc in (EndpointConnectionError(endpoint_url="http://x"), ReadTimeoutError(endpoint_url="http://x")):
+        assert isinstance(translate_error(exc, bucket="b", key="k", op="GetObject"), ServiceUnavailableError)
+
+
+@pytest.mark.parametrize("cls, code, status, expected", [
+    ("ResourceNotFoundError", "BlobNotFound", 404, ObjectNotFoundError),
+    ("ResourceNotFoundError", "ContainerNotFound", 404, StorageError),
+    ("ResourceExistsError", "BlobAlreadyExists", 409, ObjectExistsError),
+    ("ResourceModifiedError", "ConditionNotMet", 412, ObjectExistsError),
+    ("HttpResponseError", "ServerBusy", 503, ServiceUnavailableError),
+    ("HttpResponseError", "OperationTimedOut", 500, ServiceUnavailableError),
+    ("HttpResponseError", None, 429, ServiceUnavailableError),
+    ("ClientAuthenticationError", "AuthenticationFailed", 403, StorageError),
+    ("HttpResponseError", "KeyVaultEncryptionKeyNotFound", 403, KeyUnavailableError),
+])
+def test_azure_error_translation(cls, code, status, expected):
+    import azure.core.exceptions as ace
+
+    from archive_kms.storage.azure_blob import translate_error
+
+    exc = getattr(ace, cls)(message="m")
+    exc.status_code = status
+    exc.error_code = code
+    err = translate_error(exc, where="azure://acct/tenant-acme/k", op="Put Blob")
+    assert type(err) is expected and "tenant-acme" in str(err)
+
+
+def test_azure_network_errors_are_retryable():
+    from azure.core.exceptions import ServiceRequestError
+
+    from archive_kms.storage.azure_blob import translate_error
+
+    assert isinstance(translate_error(ServiceRequestError("reset"), where="w", op="o"), ServiceUnavailableError)
+
+
+# --- S3 listing faults (A10) with a scripted client --------------------------------------------------
+
+
+class _ScriptedPages:
+    def __init__(self, pages):
+        self.pages = pages
+
+    def get_paginator(self, name):
+        pages = self.pages
+
+        class P:
+            def paginate(self, **kw):
+                return iter(pages)
+
+        return P()
+
+
+def _page(*keys):
+    return {"Contents": [{"Key": k, "Size": 1, "ETag": '"e"'} for k in keys]}
+
+
+def test_s3_list_drops_repeated_entries_across_pages():
+    from archive_kms.storage.s3 import S3ObjectStore
+
+    store = S3ObjectStore(_ScriptedPages([_page("p/a", "p/b"), _page("p/b", "p/c"), _page("p/c")]), "bkt", "p/")
+    assert [i.name for i in store.list()] == [b"a", b"b", b"c"]
+
+
+def test_s3_list_fails_on_out_of_order_pages_and_skips_foreign_keys(caplog):
+    from archive_kms.storage.s3 import S3ObjectStore
+
+    store = S3ObjectStore(_ScriptedPages([_page("p/b", "p/x.y"), _page("p/a")]), "bkt", "p/")
+    it = store.list()
+    assert next(it).name == b"b"
+    with pytest.raises(ServiceUnavailableError, match="backwards"):
+        next(it)
+    assert "not written by this store" in caplog.text
+
+
+def test_memory_abort_stale_uploads_respects_horizon():
+    from datetime import UTC, datetime
+
+    from archive_kms.storage.memory import MemoryObjectStore
+
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    store = MemoryObjectStore(clock=lambda: now)
+    store.begin_upload(b"x")
+    assert [u.name for u in store.pending_uploads()] == [b"x"]
+    assert store.abort_stale_uploads(timedelta(hours=1)) == 0
+    assert store.abort_stale_uploads(timedelta(hours=1), now=now + timedelta(hours=2)) == 1
+    assert list(store.pending_uploads()) == []
+
+
+# --- adapters' own logic with scripted clients ---------------------------------------------------
+
+
+class _WrongKeyS3:
+    """PutObject 'succeeds' but reports another KMS key (a misconfigured bucket or proxy)."""
+
+    def __init__(self):
+        self.deleted = []
+
+    def head_object(self, **kw):
+        raise _client_error("404", 404)
+
+    def put_object(self, **kw):
+        assert kw["ServerSideEncryption"] == "aws:kms" and kw["SSEKMSKeyId"] == ARN
+        return {"ETag": '"e"', "ServerSideEncryption": "aws:kms",
+                "SSEKMSKeyId": "arn:aws:kms:us-east-1:000000000000:key/other"}
+
+    def delete_object(self, Bucket, Key):
+        self.deleted.append(Key)
+
+
+def test_s3_object_under_the_wrong_kms_key_is_removed_and_reported():
+    from archive_kms.storage.s3 import S3ObjectStore
+
+    fake = _WrongKeyS3()
+    store = S3ObjectStore(fake, "bkt", "", sse_kms_key_arn=ARN)
+    with pytest.raises(StorageError, match="not SSE-KMS under"):
+        store.put_stream(b"x", [b"data"], if_absent=True)
+    assert fake.deleted == ["x"]
+
+
+class _UncommittedBlob:
+    """Azure proper: Delete Blob answers 404 for a blob that has only uncommitted blocks."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def delete_blob(self, **kw):
+        from azure.core.exceptions import ResourceNotFoundError
+
+        self.log.append(("delete", kw.get("etag")))
+        if kw.get("etag") is None:
+            raise ResourceNotFoundError(message="BlobNotFound")
+
+    def commit_block_list(self, blocks, **kw):
+        self.log.append(("commit", tuple(blocks), kw["match_condition"].name))
+        return {"etag": '"empty"'}
+
+
+def test_azure_discard_falls_back_to_commit_empty_then_conditional_delete():
+    from archive_kms.storage.azure_blob import AzureBlobObjectStore
+
+    log: list = []
+
+    class Container:
+        account_name, container_name = "acct", "tenant-acme"
+
+        def get_blob_client(self, key):
+            return _UncommittedBlob(log)
+
+    AzureBlobObjectStore(Container())._discard_uncommitted("k")
+    assert log == [("delete", None), ("commit", (), "IfMissing"), ("delete", '"empty"')]
