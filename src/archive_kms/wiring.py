@@ -125,3 +125,115 @@ def kmip_client(settings: Settings | None = None):
         config_file="/dev/null",  # never read ~/.pykmip/pykmip.conf: configuration comes from Settings
         kmip_version=None,
     )
+
+
+# --- key providers (keys/) --------------------------------------------------------------
+
+
+def kms_client(settings: Settings | None = None, *, region: str | None = None, max_attempts: int = 8,
+               connect_timeout: float = 5.0, read_timeout: float = 15.0):
+    """A boto3 KMS client for ``region`` (default: the configured region).
+
+    A customer key named by ARN lives in the ARN's region, so BYOKMS adapters ask for that
+    region. ``max_attempts`` is lower for one-shot operations a human retries (BYOK import),
+    where eight adaptive retries of a bad upload only delay the precise error.
+    """
+    from botocore.config import Config
+
+    s = settings or get_settings()
+    cfg = Config(
+        retries={"max_attempts": max_attempts, "mode": "adaptive"},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        max_pool_connections=32,
+    )
+    return boto3_session(s).client("kms", region_name=region or s.aws_region, endpoint_url=s.aws_endpoint_url,
+                                   config=cfg)
+
+
+def keyvault_key_client_for(vault_url: str, settings: Settings | None = None):
+    """A KeyClient for a customer's vault (BYOKV), with our credential and TLS settings."""
+    from azure.keyvault.keys import KeyClient
+
+    s = settings or get_settings()
+    return KeyClient(vault_url=vault_url, credential=_keyvault_credential_for(vault_url), **keyvault_client_kwargs(s))
+
+
+def _keyvault_credential_for(vault_url: str):
+    # keyvault_credential's rule, applied to the vault the key reference names; the host is
+    # compared exactly, so "https://localhost.example.com" does not get the static token.
+    from urllib.parse import urlsplit
+
+    if urlsplit(vault_url).hostname in ("localhost", "127.0.0.1"):
+        return StaticTokenCredential()
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential()
+
+
+def keyvault_crypto_client(key_id: str, settings: Settings | None = None):
+    """A CryptographyClient for one versioned key id (``https://vault/keys/name/version``)."""
+    from azure.keyvault.keys.crypto import CryptographyClient
+
+    s = settings or get_settings()
+    return CryptographyClient(key_id, credential=_keyvault_credential_for(key_id), **keyvault_client_kwargs(s))
+
+
+# --- search index (search/) -------------------------------------------------------------
+
+
+def search_index(settings: Settings | None = None, *, elasticsearch_url: str | None = None):
+    """The Elasticsearch SearchIndex adapter. ``elasticsearch_url`` selects a tenant's
+    dedicated cluster; by default the configured shared cluster is used."""
+    from archive_kms.search.elasticsearch import ElasticsearchSearchIndex
+
+    s = settings or get_settings()
+    if elasticsearch_url is not None:
+        s = s.model_copy(update={"elasticsearch_url": elasticsearch_url})
+    return ElasticsearchSearchIndex(elasticsearch_client(s))
+
+
+# --- the platform (operations/) ------------------------------------------------------------
+
+
+def keychain_signer(settings: Settings | None = None):
+    """The platform signing key. Configured by ``keychain_signing_key_path``; on a local
+    stack without one, a key is created once in the stack directory (owner-only file)."""
+    from archive_kms.config import stack_dir
+    from archive_kms.keys.signing import Signer
+
+    s = settings or get_settings()
+    if s.keychain_signing_key_path:
+        return Signer.from_settings(s)
+    path = stack_dir() / "keychain-signing.pem"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Signer.create_key_file(path)
+    return Signer.from_pem_file(path)
+
+
+def build_platform(settings: Settings | None = None):
+    """Every port on its real backend, from settings: SQL state store (SQLite or
+    PostgreSQL), the keychain stored beside it, Elasticsearch, S3/Azure stores, and the
+    key-provider registry."""
+    from archive_kms.keys.keychain import Keychain
+    from archive_kms.keys.registry import resolve
+    from archive_kms.operations.platform import Platform
+    from archive_kms.state.sql import open_state
+    from archive_kms.state.sql_keychain import SqlKeychainStore
+    from archive_kms.storage import open_store
+
+    s = settings or get_settings()
+    state = open_state(s.state_url)
+    providers: dict[str, Any] = {}
+
+    def resolve_provider(ref: str):
+        if ref not in providers:
+            providers[ref] = resolve(ref, s)
+        return providers[ref]
+
+    keychain = Keychain.from_settings(s, SqlKeychainStore(state), resolve_provider, keychain_signer(s))
+    s3 = aws_client("s3", s) if s.aws_endpoint_url or s.aws_access_key_id else None
+    blob = blob_service_client(s) if s.azure_blob_connection_string else None
+    return Platform(s, state, keychain, search_index(s), resolve_provider,
+                    lambda loc: open_store(loc, s, s3_client=s3, blob_service=blob))
