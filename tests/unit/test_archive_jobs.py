@@ -108,3 +108,26 @@ def test_revoked_tenant_cannot_read(platform):
     platform.keychain.revoke("acme")
     with pytest.raises(TenantRevokedError):
         archive.read_record(record.workspace_id, record.object_type, record.record_id)
+
+
+def test_customer_key_tenant_gets_a_keyed_index_without_plaintext():
+    p = Platform.in_memory()
+    create_tenant(p, "globex", key_ref="memory://customer", provision_storage=False)
+    spec = JobSpec("job-k", "globex", "synthetic", synthetic={"count": 8, "seed": 3})
+    submit_job(p.state, spec, p.open_archive)
+    archive = p.open_archive("globex")
+    record = next(r for r, _ in spec.materialise())
+    word = record.fields["Description"].split()[-1]
+    assert record.record_id in {h.record_id for h in archive.search(Query(text=word))}
+    assert p.index_mode(p.state.get_tenant("globex").key_mode).value == "keyed"
+
+
+def test_bad_tenant_ids_are_refused_before_anything_is_created():
+    from archive_kms.errors import ValidationError
+
+    p = Platform.in_memory()
+    for bad in ("", "..", "a/b", "Acme", "x" * 80, "ac*me", "-acme", "acme,b"):
+        with pytest.raises(ValidationError):
+            create_tenant(p, bad, provision_storage=False)
+    assert p.state.list_tenants() == []
+    assert p.index.list_generations("acme") == []

@@ -13,6 +13,9 @@ Contract
 - ``unwrap(wrap(k, ctx), ctx) == k``. Unwrapping with a different ``context`` raises
   ``WrongKeyError``: the context binds the wrapped key to its tenant (KMS encryption
   context; for backends without AAD the adapter binds it itself, documented per adapter).
+  So do a modified ciphertext, a wrapped key made by another key (checked against
+  ``WrappedKey.key_ref`` before any call where possible) and another ``algorithm``.
+  ``context`` is checked first (``keys.context.check_context``: ``tenant`` required).
 - A key that is disabled, revoked, pending deletion, pending import, or whose material
   expired makes ``wrap``/``unwrap`` raise ``KeyUnavailableError`` (terminal, with
   ``.state`` set). Unknown key: ``KeyNotFoundError``. Permission: ``KeyAccessDeniedError``.
@@ -20,6 +23,10 @@ Contract
   (retryable). Every message names the key reference, never key bytes.
 - ``status`` reports the key's state in one vocabulary (``KeyState``) without raising for
   unusable states (it raises only for transport failures).
+
+Adapters may also offer ``check_metadata()`` (``keys.preflight.SupportsMetadataCheck``):
+is the key of a kind we can use (symmetric ENCRYPT_DECRYPT, RSA with wrapKey, AES-256...).
+Per-backend details, state and error tables: ``docs/key-providers.md``.
 """
 
 from __future__ import annotations
@@ -66,7 +73,7 @@ class WrappedKey:
     """An L2 key wrapped by an L1 key. Safe to store and log (ciphertext only)."""
 
     key_ref: str  # the reference as resolved, including the exact version used to wrap
-    algorithm: str  # e.g. "aws-kms:SYMMETRIC_DEFAULT", "RSA-OAEP-256", "kmip:AES-GCM"
+    algorithm: str  # "aws-kms:SYMMETRIC_DEFAULT", "azure-kv:RSA-OAEP-256+ctx16", "kmip:AES-256-GCM", ...
     ciphertext: bytes
 
     def __repr__(self) -> str:

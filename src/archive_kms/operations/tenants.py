@@ -27,6 +27,20 @@ class TenantCreated:
     index: str
 
 
+_MODE_BY_SCHEME = {"managed": KeyMode.MANAGED, "aws-kms": KeyMode.BYOKMS, "azure-kv": KeyMode.BYOKV,
+                   "kmip": KeyMode.KMIP, "memory": KeyMode.BYOKMS}
+
+
+def key_mode_of(key_ref: str) -> KeyMode:
+    """The key mode a reference implies (imported-material AWS keys are BYOK: the caller
+    says so when it imported the material)."""
+    scheme = key_ref.split("://", 1)[0]
+    if scheme not in _MODE_BY_SCHEME:
+        raise ValidationError(f"key reference {key_ref[:80]!r}: unknown scheme {scheme!r} "
+                              f"(use one of {', '.join(sorted(_MODE_BY_SCHEME))})")
+    return _MODE_BY_SCHEME[scheme]
+
+
 def shared_location(platform: Platform, tenant: TenantId, cloud: str) -> Location:
     s = platform.settings
     if cloud in ("s3", "aws"):
@@ -67,12 +81,13 @@ def create_tenant(platform: Platform, tenant_id: str, *, cloud: str = "s3", key_
         pass  # a previous attempt crashed after the keychain: reuse it
     else:
         platform.keychain.create_tenant(tenant.value, provider)
-    mode = platform.index_mode(KeyMode.MANAGED)
+    key_mode = key_mode_of(ref)
+    mode = platform.index_mode(key_mode)
     index = platform.index.create_generation(tenant.value, 1, mode)
     if platform.index.current_index(tenant.value) != index:
         platform.index.swap_alias(tenant.value, index, expected_current=None)
     platform.state.create_tenant(TenantRecord(
-        tenant_id=tenant.value, key_mode=KeyMode.MANAGED, location=location.to_dict(), key_ref=ref,
+        tenant_id=tenant.value, key_mode=key_mode, location=location.to_dict(), key_ref=ref,
         index_alias=alias_name(tenant.value), index_generation=1))
     platform.state.append_audit(AuditEvent(actor=actor, action="tenant.create", tenant_id=tenant.value,
                                            details={"location": location.uri, "key_ref": ref, "index": index}))

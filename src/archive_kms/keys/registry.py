@@ -1,0 +1,104 @@
+"""One registry resolves a key reference to the adapter for its scheme.
+
+    provider = resolve("aws-kms://arn:aws:kms:eu-west-1:111122223333:key/...", settings)
+
+Adapters register by scheme (``aws-kms``, ``azure-kv``, ``kmip``, ``managed``); each
+factory takes the parsed reference and ``Settings`` and builds its SDK clients through
+``wiring``. Adapter modules are imported on first use, so resolving an ``aws-kms`` key does
+not import the Azure or KMIP SDKs. The ``memory`` scheme has no default adapter: tests and
+the demo register one (``registry.register("memory", kms.factory)``), so a production
+configuration can never resolve a tenant to an in-process key.
+
+A long-lived caller (a worker, the console API) keeps one :class:`KeyProviderRegistry`:
+it caches one provider per canonical reference, and each provider keeps its clients and
+connections. :func:`resolve` is the one-shot form.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from archive_kms.errors import ConfigurationError
+from archive_kms.keys.port import KeyProvider
+from archive_kms.keys.refs import KeyRef, parse_key_ref
+
+__all__ = ["DEFAULT_ADAPTERS", "KeyProviderRegistry", "ProviderFactory", "resolve"]
+
+#: A factory builds a provider for a parsed reference from settings.
+ProviderFactory = Callable[[KeyRef, Any], KeyProvider]
+
+#: scheme -> "module:Class"; the class's ``from_settings(ref, settings)`` is the factory.
+DEFAULT_ADAPTERS: dict[str, str] = {
+    "aws-kms": "archive_kms.keys.aws_kms:AwsKmsKeyProvider",
+    "azure-kv": "archive_kms.keys.azure_key_vault:AzureKeyVaultKeyProvider",
+    "kmip": "archive_kms.keys.kmip:KmipKeyProvider",
+    "managed": "archive_kms.keys.managed:ManagedKeyProvider",
+}
+
+
+def _lazy(target: str) -> ProviderFactory:
+    module_name, _, class_name = target.partition(":")
+
+    def factory(ref: KeyRef, settings: Any) -> KeyProvider:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return cls.from_settings(ref, settings)
+
+    return factory
+
+
+class KeyProviderRegistry:
+    """Scheme -> adapter factory, plus a cache of resolved providers."""
+
+    def __init__(self, settings: Any, *, defaults: bool = True) -> None:
+        self._settings = settings
+        self._factories: dict[str, ProviderFactory] = {}
+        self._providers: dict[str, KeyProvider] = {}
+        self._lock = threading.Lock()
+        if defaults:
+            for scheme, target in DEFAULT_ADAPTERS.items():
+                self._factories[scheme] = _lazy(target)
+
+    def __repr__(self) -> str:
+        return f"KeyProviderRegistry(schemes={sorted(self._factories)}, cached={len(self._providers)})"
+
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        return tuple(sorted(self._factories))
+
+    def register(self, scheme: str, factory: ProviderFactory) -> None:
+        """Register (or replace) the adapter for ``scheme``; cached providers of it are dropped."""
+        with self._lock:
+            self._factories[scheme] = factory
+            for uri in [u for u in self._providers if u.startswith(f"{scheme}://")]:
+                del self._providers[uri]
+
+    def resolve(self, ref: str | KeyRef) -> KeyProvider:
+        """The provider for ``ref`` (validated; ValidationError names what to fix).
+        ConfigurationError when no adapter handles the scheme."""
+        parsed = parse_key_ref(ref)
+        with self._lock:
+            cached = self._providers.get(parsed.uri)
+            if cached is not None:
+                return cached
+            factory = self._factories.get(parsed.scheme)
+        if factory is None:
+            raise ConfigurationError(
+                f"no key provider for {parsed.uri}: scheme {parsed.scheme!r} is not enabled here "
+                f"(enabled: {', '.join(self.schemes) or 'none'})",
+                resource=parsed.uri,
+            )
+        provider = factory(parsed, self._settings)
+        with self._lock:
+            return self._providers.setdefault(parsed.uri, provider)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._providers.clear()
+
+
+def resolve(ref: str | KeyRef, settings: Any) -> KeyProvider:
+    """One-shot: a fresh provider for ``ref`` from the default adapters."""
+    return KeyProviderRegistry(settings).resolve(ref)

@@ -1,0 +1,95 @@
+"""Rules both StateStore backends apply identically (validation, state machines, fencing)."""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from archive_kms.errors import FencedError, StateError, ValidationError
+from archive_kms.state.port import MAX_OBJECT_NAME_BYTES, ManifestEntry, RunState, StepState
+from archive_kms.state.schema import STEP_NAME
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def member(enum_cls: type[E], value: Any, what: str) -> E:
+    """``enum_cls(value)``, or ``ValidationError`` listing the allowed values."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in enum_cls)
+        raise ValidationError(f"{what} must be one of {allowed}; got {str(value)[:40]!r}") from None
+
+
+RUN_MOVES: dict[RunState, set[RunState]] = {
+    RunState.RUNNING: {RunState.FAILED, RunState.COMPLETED, RunState.CANCELLED},
+    RunState.FAILED: {RunState.RUNNING, RunState.CANCELLED},
+    RunState.COMPLETED: set(),
+    RunState.CANCELLED: set(),
+}
+
+
+class LeaseRow(Protocol):
+    run_id: str
+    token: int
+    released_at: datetime | None
+
+
+def check_id(kind: str, value: Any, max_len: int) -> None:
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise ValidationError(f"{kind} must be a non-empty str of at most {max_len} characters")
+
+
+def check_steps(steps: Sequence[str]) -> None:
+    if isinstance(steps, str) or not steps:
+        raise ValidationError("a run needs a non-empty sequence of step names")
+    for s in steps:
+        check_id("step name", s, STEP_NAME)
+    if len(set(steps)) != len(steps):
+        raise ValidationError("step names of a run must be unique")
+
+
+def check_entry(e: ManifestEntry) -> None:
+    if not isinstance(e.name, (bytes, bytearray)) or not e.name or len(e.name) > MAX_OBJECT_NAME_BYTES:
+        raise ValidationError(f"object names are 1..{MAX_OBJECT_NAME_BYTES} bytes")
+    if not isinstance(e.size, int) or e.size < 0 or not isinstance(e.shard, int) or e.shard < 0:
+        raise ValidationError("manifest entry size and shard must be non-negative ints")
+
+
+def json_object(value: Mapping[str, Any], what: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValidationError(f"{what} must be a JSON object")
+    try:
+        return json.loads(json.dumps(dict(value), allow_nan=False))  # a plain, JSON-exact copy
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"{what} must be plain JSON ({type(exc).__name__})") from None
+
+
+def check_token(row: LeaseRow | None, tenant_id: str, token: int) -> None:
+    if row is None:
+        raise FencedError(f"tenant {tenant_id!r} has no lease; token {token} is not valid",
+                          resource=f"lease:{tenant_id}")
+    if row.token != token:
+        raise FencedError(f"lease of tenant {tenant_id!r} moved to run {row.run_id!r} (token {row.token}); "
+                          f"token {token} is stale", resource=f"lease:{tenant_id}")
+    if row.released_at is not None:
+        raise FencedError(f"lease of tenant {tenant_id!r} token {token} was released", resource=f"lease:{tenant_id}")
+
+
+def step_transition(current: str, target: StepState, attempt: int, result: Mapping[str, Any] | None,
+                     error: str | None, now: datetime, run_id: str, step: str) -> dict[str, Any] | None:
+    cur = StepState(current)
+    if cur is StepState.COMPLETED and target is not StepState.COMPLETED:
+        raise StateError(f"step {step!r} of run {run_id!r} is completed; reset_steps to rerun it",
+                         resource=f"run:{run_id}")
+    if cur is target and target is not StepState.RUNNING:
+        return None  # idempotent repeat
+    if target is StepState.RUNNING:
+        return {"state": target.value, "attempt": attempt + 1, "started_at": now, "finished_at": None,
+                "error": None, "result": None}
+    if target is StepState.PENDING:
+        raise StateError("use reset_steps to move a step back to pending", resource=f"run:{run_id}")
+    return {"state": target.value, "finished_at": now, "result": result, "error": error}

@@ -1,0 +1,608 @@
+"""The StateStore port: everything the flows, the archive-job writer, the CLI and the
+console remember between processes.
+
+It is split into small protocols, one per concern, so a caller can ask for only what it
+uses (``TenantRepo``, ``GateRepo``, ``RunRepo``, ``LedgerRepo``, ``LeaseRepo``,
+``AuditLog``); ``StateStore`` is all of them. Backends: ``state.sql`` (SQLite by default,
+PostgreSQL by URL) and ``state.memory`` (in-process). Both are held to the same contract
+suite, ``tests/contract/test_state_store_contract.py``. The design and the concurrency
+model are described in ``docs/state-store.md``.
+
+Contract shared by every method
+-------------------------------
+- Each method is one atomic transaction: it either happened completely or not at all.
+- Records are immutable values (frozen dataclasses); datetimes are timezone-aware UTC.
+- Conflicts raise ``StateError`` subclasses: ``VersionConflictError`` (stale optimistic
+  version: reload and retry), ``LeaseHeldError`` (another run holds the tenant),
+  ``FencedError`` (the caller's fencing token is stale: it lost its lease and must stop).
+  An unknown tenant / run / job named in a write raises ``StateError``.
+- The database not answering, being locked past the busy timeout, or a PostgreSQL
+  serialization failure raise ``ServiceUnavailableError`` / ``TransientError``
+  (retryable). Messages name the database with its password hidden.
+- ``fence=`` on a write: when given, the write happens only if the fence's token is still
+  the tenant's current lease token, checked *inside the same transaction* (a separate
+  ``check_fence`` call followed by a write would leave a window).
+- Nothing here stores key material: wrapped keys only (see the keychain store).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol, runtime_checkable
+
+# --- tenants ---------------------------------------------------------------------------
+
+
+class KeyMode(str, enum.Enum):
+    """How a tenant's L1 key is held (product.md, "Who uses it")."""
+
+    MANAGED = "managed"
+    BYOK = "byok"
+    BYOKMS = "byokms"
+    BYOKV = "byokv"
+    KMIP = "kmip"
+
+
+@dataclass(frozen=True)
+class TenantRecord:
+    """A tenant's registry entry: its current storage, key binding and index.
+
+    ``location`` is the storage location as JSON (``storage.Location.to_dict()``: cloud,
+    kind, bucket or account/container, prefix, ...): the storage package owns its shape;
+    the store keeps it verbatim. ``version`` is the optimistic-concurrency row version: 0 for a record not yet
+    stored; ``update_tenant`` succeeds only if it equals the stored version and returns
+    the record with ``version + 1``.
+    """
+
+    tenant_id: str
+    key_mode: KeyMode
+    location: Mapping[str, Any]
+    key_ref: str | None = None
+    index_alias: str | None = None
+    index_generation: int = 0
+    revoked: bool = False
+    version: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@runtime_checkable
+class TenantRepo(Protocol):
+    def create_tenant(self, tenant: TenantRecord) -> TenantRecord:
+        """Store a new tenant (its archive gate starts ``open``); returns it with
+        ``version == 1`` and timestamps set. ``StateError`` if the id exists."""
+        ...
+
+    def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        """The tenant, or None."""
+        ...
+
+    def list_tenants(self) -> list[TenantRecord]:
+        """All tenants, ordered by id."""
+        ...
+
+    def update_tenant(self, tenant: TenantRecord, *, fence: Fence | None = None) -> TenantRecord:
+        """Replace every mutable field with ``tenant``'s, if ``tenant.version`` is the
+        stored version; returns the stored record (``version + 1``). Raises
+        ``VersionConflictError`` if someone else updated it first, ``StateError`` if
+        the tenant does not exist, ``FencedError`` for a stale ``fence``. Used for the
+        atomic cutover: location, key binding and index generation change together."""
+        ...
+
+
+# --- archive gate, deferred jobs, archive-job ledger -----------------------------------
+
+
+class GateState(str, enum.Enum):
+    OPEN = "open"  # jobs run
+    PAUSED = "paused"  # jobs are deferred durably
+    DRAINING = "draining"  # resumed; deferred jobs are being replayed, new ones still queue behind them
+
+
+@dataclass(frozen=True)
+class GateStatus:
+    tenant_id: str
+    state: GateState
+    paused_by_run: str | None
+    since: datetime
+    pending: int = 0  # deferred jobs not yet replayed
+
+
+class DeferredState(str, enum.Enum):
+    DEFERRED = "deferred"
+    CLAIMED = "claimed"  # handed to a replayer; re-claimable after ``reclaim_after``
+    REPLAYED = "replayed"
+
+
+@dataclass(frozen=True)
+class DeferredJob:
+    """An archive job received while the tenant's gate was not open. ``job_id`` is the
+    job's idempotency id, unique across all tenants."""
+
+    job_id: str
+    tenant_id: str
+    payload: Mapping[str, Any]
+    received_at: datetime | None = None
+    state: DeferredState = DeferredState.DEFERRED
+    position: int = 0  # FIFO position within the tenant
+    claimed_at: datetime | None = None
+    replayed_at: datetime | None = None
+
+
+class JobState(str, enum.Enum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ArchiveJob:
+    """One row of the archive-job ledger (unique ``job_id``: a job archives once)."""
+
+    job_id: str
+    tenant_id: str
+    state: JobState
+    attempt: int
+    started_at: datetime
+    finished_at: datetime | None = None
+    object_count: int | None = None
+    error: str | None = None
+
+
+class Decision(str, enum.Enum):
+    RUN = "run"  # run it now, as ``attempt``; then ``finish_job(job_id, attempt, ...)``
+    DEFERRED = "deferred"  # durably queued; it will be replayed after resume
+    DUPLICATE = "duplicate"  # already completed, running, or queued: do nothing
+
+
+@dataclass(frozen=True)
+class Admission:
+    job_id: str
+    decision: Decision
+    attempt: int | None = None
+
+
+@runtime_checkable
+class GateRepo(Protocol):
+    """Pausing a tenant's archive jobs and replaying them exactly once.
+
+    A tenant's gate is ``open``, ``paused`` (by one run) or ``draining``. Every method
+    here serialises on the tenant's gate, so a job is either admitted before a pause
+    commits (and then listed by ``running_jobs``) or deferred after it: none slips
+    through. Exactly-once: the job ledger has one row per ``job_id``; a job runs only
+    when ``admit_job``/``start_job`` says ``RUN``, and ``finish_job`` marks a replayed
+    job ``replayed`` in the same transaction that records its completion. A replayer
+    that crashes between its work and ``finish_job`` gets the job again (the claim
+    expires) and ``start_job`` decides from the ledger whether it still has to run.
+    """
+
+    def gate(self, tenant_id: str) -> GateStatus:
+        """The gate now. ``StateError`` for an unknown tenant."""
+        ...
+
+    def pause(self, tenant_id: str, run_id: str, *, fence: Fence | None = None) -> GateStatus:
+        """Close the gate for ``run_id``: jobs admitted from now on are deferred.
+        Idempotent for the same run; ``StateError`` naming the holder if another run
+        paused it. Jobs already admitted keep running: wait until ``running_jobs`` is
+        empty before relying on the storage being quiet."""
+        ...
+
+    def resume(self, tenant_id: str, run_id: str, *, fence: Fence | None = None) -> GateStatus:
+        """Paused by ``run_id`` → ``draining`` (or ``open`` if nothing is queued).
+        Idempotent when already draining/open; ``StateError`` if another run paused it."""
+        ...
+
+    def admit_job(self, tenant_id: str, job_id: str, payload: Mapping[str, Any]) -> Admission:
+        """The archive-job writer's entry point. Gate open: ``RUN`` (ledger row created,
+        attempt 1, or a later attempt if a previous one failed or went stale). Gate
+        paused/draining: ``DEFERRED`` (queued in FIFO order). Known id (queued, running,
+        completed): ``DUPLICATE``. Reusing a job id for another tenant or payload
+        raises ``StateError``."""
+        ...
+
+    def defer(self, job: DeferredJob) -> bool:
+        """Queue ``job`` whatever the gate says; True if newly queued, False if this
+        job id is already queued (same tenant and payload). ``StateError`` if the id is
+        queued with another tenant or payload."""
+        ...
+
+    def claim_deferred(self, tenant_id: str, limit: int = 100, *,
+                       reclaim_after: timedelta = timedelta(minutes=5)) -> list[DeferredJob]:
+        """Hand out up to ``limit`` queued jobs in FIFO order and mark them claimed
+        (nothing while the gate is paused). Claims older than ``reclaim_after`` that were never replayed are handed out
+        again (the replayer crashed). When the gate is ``draining`` and nothing is left
+        unreplayed, the gate becomes ``open`` in this same transaction."""
+        ...
+
+    def mark_replayed(self, job_id: str) -> None:
+        """Mark a claimed job replayed (idempotent). ``finish_job`` does this for you."""
+        ...
+
+    def resume_and_drain(self, tenant_id: str, run_id: str, *, limit: int = 1000,
+                         fence: Fence | None = None) -> list[DeferredJob]:
+        """``resume`` then ``claim_deferred(limit)``. A second call returns only jobs
+        queued since, or whose claim expired."""
+        ...
+
+    def start_job(self, tenant_id: str, job_id: str) -> Admission:
+        """The replayer's ledger check for a claimed job: ``RUN`` with the attempt number
+        if it must run now (never run, failed, or its running attempt went stale);
+        ``DUPLICATE`` if it completed (its queued copy is then marked replayed in this
+        transaction) or another attempt is running. ``StateError`` if the gate is
+        paused again: stop replaying, the job stays queued."""
+        ...
+
+    def finish_job(self, job_id: str, attempt: int, *, object_count: int | None = None,
+                   error: str | None = None) -> ArchiveJob:
+        """Record the end of ``attempt`` (completed, or failed if ``error``). A queued
+        copy of the job is marked ``replayed`` in the same transaction when it
+        completed. ``FencedError`` if a newer attempt took the job over."""
+        ...
+
+    def get_job(self, job_id: str) -> ArchiveJob | None:
+        ...
+
+    def running_jobs(self, tenant_id: str) -> list[ArchiveJob]:
+        """Jobs admitted and not finished (pause waits for these)."""
+        ...
+
+    def list_deferred(self, tenant_id: str, *, include_replayed: bool = False) -> list[DeferredJob]:
+        """Queued jobs in FIFO order (for status screens)."""
+        ...
+
+
+# --- migration runs, steps, checkpoints -------------------------------------------------
+
+
+class Flow(str, enum.Enum):
+    ENABLE = "enable"
+    REMOVE = "remove"
+    ROTATE = "rotate"
+    REVOKE = "revoke"
+    RESTORE = "restore"
+    ERASE = "erase"
+
+
+class RunState(str, enum.Enum):
+    RUNNING = "running"
+    FAILED = "failed"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+class StepState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    run_id: str
+    name: str
+    ordinal: int
+    state: StepState = StepState.PENDING
+    attempt: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: Mapping[str, Any] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class MigrationRun:
+    run_id: str
+    tenant_id: str
+    flow: Flow
+    mode: str
+    state: RunState
+    params: Mapping[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    steps: tuple[StepRecord, ...] = ()
+
+    def step(self, name: str) -> StepRecord:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+@runtime_checkable
+class RunRepo(Protocol):
+    """Migration runs: one ``running`` run per tenant, enforced by a unique index."""
+
+    def start_run(self, tenant_id: str, flow: Flow, *, mode: str, steps: Sequence[str],
+                  params: Mapping[str, Any] | None = None,
+                  run_id: str | None = None) -> tuple[MigrationRun, bool]:
+        """Create a ``running`` run with ``steps`` pending, or — if the tenant already
+        has a running run — return that one. The bool says whether this call created
+        it. ``StateError`` for an unknown tenant or a reused ``run_id``."""
+        ...
+
+    def find_active_run(self, tenant_id: str) -> MigrationRun | None:
+        """The tenant's ``running`` run, or None."""
+        ...
+
+    def get_run(self, run_id: str) -> MigrationRun | None:
+        ...
+
+    def list_runs(self, tenant_id: str | None = None, *, states: Iterable[RunState] | None = None,
+                  limit: int = 100) -> list[MigrationRun]:
+        """Newest first."""
+        ...
+
+    def set_run_state(self, run_id: str, state: RunState, *, fence: Fence | None = None) -> MigrationRun:
+        """Move a run: running → failed|completed|cancelled, failed → running (resume) |
+        cancelled. Same-state is a no-op. Other moves raise ``StateError``; resuming
+        while another run of the tenant is running raises ``StateError``."""
+        ...
+
+    def update_step(self, run_id: str, step: str, state: StepState, *,
+                    result: Mapping[str, Any] | None = None, error: str | None = None,
+                    fence: Fence | None = None) -> StepRecord:
+        """Record a step transition. → running increments ``attempt`` and sets
+        ``started_at``; → completed/failed/skipped sets ``finished_at`` (and ``result``
+        / ``error``). ``StateError`` for an unknown run or step."""
+        ...
+
+    def reset_steps(self, run_id: str, from_step: str, *, fence: Fence | None = None) -> MigrationRun:
+        """Support rerun: ``from_step`` and every later step back to pending (attempt
+        counts kept, checkpoints of those steps deleted)."""
+        ...
+
+    def save_checkpoint(self, run_id: str, step: str, shard: int, cursor: Mapping[str, Any], *,
+                        fence: Fence | None = None) -> None:
+        """Upsert the cursor of one shard of a step."""
+        ...
+
+    def load_checkpoints(self, run_id: str, step: str) -> dict[int, dict[str, Any]]:
+        """Shard → cursor for the step (empty if none)."""
+        ...
+
+
+# --- manifests and the copy ledger ------------------------------------------------------
+
+
+MAX_OBJECT_NAME_BYTES = 1024  # S3's key limit; Azure's is larger but we use the tighter one
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One source object. ``name`` is opaque bytes (never decoded or normalised)."""
+
+    name: bytes
+    size: int
+    shard: int = 0
+    etag: str | None = None
+    plaintext_sha256: str | None = None  # hex; known once read, or from the source's own record
+
+
+@dataclass(frozen=True)
+class ManifestSummary:
+    run_id: str
+    tenant_id: str
+    source: Mapping[str, Any]  # storage location JSON, as given to create_manifest
+    created_at: datetime
+    entries: int
+    total_bytes: int
+    shards: int
+
+
+class CopyStatus(str, enum.Enum):
+    COPIED = "copied"  # written at the destination, not yet verified
+    VERIFIED = "verified"  # read back: size and plaintext digest match the manifest
+    FAILED = "failed"  # retryable failure recorded
+    QUARANTINED = "quarantined"  # poison object, reported, excluded from cutover until waived
+
+
+@dataclass(frozen=True)
+class CopyRecord:
+    name: bytes
+    status: CopyStatus
+    dest_etag: str | None = None
+    dest_size: int | None = None
+    plaintext_sha256: str | None = None
+    error: str | None = None
+    updated_at: datetime | None = None
+
+
+@runtime_checkable
+class LedgerRepo(Protocol):
+    """The manifest of source objects per run, and the copy ledger against it. A copy
+    row exists only for a name in the run's manifest (foreign key)."""
+
+    def create_manifest(self, run_id: str, source: Mapping[str, Any], *, fence: Fence | None = None) -> None:
+        """Start the run's manifest of the objects at ``source`` (a storage location as
+        JSON). Idempotent for the same source; ``StateError`` for another source or an
+        unknown run."""
+        ...
+
+    def add_manifest_entries(self, run_id: str, entries: Iterable[ManifestEntry], *,
+                             fence: Fence | None = None) -> int:
+        """Add entries (one transaction per call; send pages of ~1000). Re-adding an
+        identical entry is a no-op (rerun of a listing); the same name with another
+        size/etag/shard raises ``StateError``. Returns how many were new."""
+        ...
+
+    def manifest_summary(self, run_id: str) -> ManifestSummary | None:
+        ...
+
+    def iter_manifest(self, run_id: str, *, shard: int | None = None,
+                      page_size: int = 1000) -> Iterator[ManifestEntry]:
+        """Entries ordered by name, read in pages (no transaction held between pages)."""
+        ...
+
+    def record_copy(self, run_id: str, record: CopyRecord, *, fence: Fence | None = None) -> None:
+        """Upsert the ledger row for ``record.name``. ``StateError`` if the name is not
+        in the run's manifest."""
+        ...
+
+    def get_copy(self, run_id: str, name: bytes) -> CopyRecord | None:
+        ...
+
+    def iter_copies(self, run_id: str, *, status: CopyStatus | None = None,
+                    page_size: int = 1000) -> Iterator[CopyRecord]:
+        ...
+
+    def copy_counts(self, run_id: str) -> dict[CopyStatus, int]:
+        """Rows per status (statuses with no rows are absent)."""
+        ...
+
+    def iter_uncopied(self, run_id: str, *, shard: int | None = None,
+                      page_size: int = 1000) -> Iterator[ManifestEntry]:
+        """Manifest entries with no ledger row in ``copied`` or ``verified``: what a
+        resumed copy step still has to do."""
+        ...
+
+
+# --- leases and fencing -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What a write carries to prove its writer still holds the tenant."""
+
+    tenant_id: str
+    token: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    tenant_id: str
+    run_id: str
+    token: int  # fencing token: strictly increases each time the lease changes hands
+    acquired_at: datetime
+    expires_at: datetime
+
+    @property
+    def fence(self) -> Fence:
+        return Fence(self.tenant_id, self.token)
+
+
+@runtime_checkable
+class LeaseRepo(Protocol):
+    """One lease row per tenant. Safety never depends on clocks: expiry only decides
+    when a takeover is *allowed*; every takeover bumps the token, and fenced writes
+    with an older token are refused."""
+
+    def acquire_lease(self, tenant_id: str, run_id: str, ttl: timedelta) -> Lease:
+        """Take the tenant's lease for ``ttl``. Succeeds if nobody holds it, it expired,
+        it was released, or ``run_id`` already holds it (a restarted incarnation of the
+        same run: it gets a new token, fencing the old one). Among concurrent callers
+        exactly one wins. Raises ``LeaseHeldError`` naming the holder otherwise."""
+        ...
+
+    def renew_lease(self, lease: Lease, ttl: timedelta) -> Lease:
+        """Extend; ``FencedError`` if the lease was taken over or released."""
+        ...
+
+    def release_lease(self, lease: Lease) -> bool:
+        """Release; False (no error) if it had already been taken over or released."""
+        ...
+
+    def get_lease(self, tenant_id: str) -> Lease | None:
+        """The current (possibly expired) unreleased lease, or None."""
+        ...
+
+    def check_fence(self, tenant_id: str, token: int) -> None:
+        """``FencedError`` unless ``token`` is the tenant's current unreleased lease
+        token. Prefer ``fence=`` on the write itself (checked in its transaction)."""
+        ...
+
+
+# --- audit log --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """What a caller appends. ``details`` must be JSON (str keys; no NaN/Infinity) and
+    must never contain key material."""
+
+    actor: str
+    action: str
+    tenant_id: str | None = None
+    run_id: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """A stored audit record: on the global chain (``seq``/``prev_hash``) and, when it
+    names a tenant, on that tenant's chain (``tenant_seq``/``tenant_prev_hash``).
+    ``hash`` = SHA-256 of the canonical encoding of every other field (``state.audit``)."""
+
+    seq: int
+    ts: datetime
+    actor: str
+    action: str
+    tenant_id: str | None
+    run_id: str | None
+    details: Mapping[str, Any]
+    prev_hash: str
+    tenant_seq: int | None
+    tenant_prev_hash: str | None
+    hash: str
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    ok: bool
+    first_bad_seq: int | None = None
+    reason: str | None = None
+    records: int = 0  # records examined
+    sealed: bool = False  # chain heads' seals were checked with a key
+
+
+@runtime_checkable
+class AuditLog(Protocol):
+    """Append-only, hash-chained audit log (``docs/state-store.md`` has the threat model)."""
+
+    def append_audit(self, event: AuditEvent) -> AuditRecord:
+        """Append one record; concurrent appends are serialised into one chain.
+        ``ValidationError`` if ``details`` is not canonical JSON."""
+        ...
+
+    def iter_audit(self, *, tenant_id: str | None = None, after_seq: int = 0,
+                   page_size: int = 1000) -> Iterator[AuditRecord]:
+        """Records in ``seq`` order (one tenant's, or all)."""
+        ...
+
+    def verify_audit(self, *, tenant_id: str | None = None) -> AuditVerification:
+        """Recompute and check the chain(s): every record's hash, every link, no gap,
+        heads (count, hash, seal) match the last record. ``tenant_id`` checks that
+        tenant's chain only. Never raises for a broken chain: returns ``ok=False`` with
+        the first bad ``seq`` and why."""
+        ...
+
+    def reseal_audit_heads(self) -> AuditVerification:
+        """Verify every chain's links (seals not checked), then seal every head with the
+        configured sealer: after sealing is first enabled or its key rotated. It trusts
+        what it verifies, so verify with the old key or an anchor first if in doubt.
+        Returns the verification; heads are resealed only if it is ok.
+        ``ConfigurationError`` if the store has no sealer."""
+        ...
+
+    def export_audit(self, tenant_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """JSON-ready dicts (one per line of a JSONL export): every record of the tenant,
+        then one ``{"type": "head", ...}`` line with its chain head and seal; or, with
+        no tenant, every record then every chain's head (``global`` included).
+        ``state.audit.verify_export`` verifies either offline."""
+        ...
+
+
+# --- the whole store --------------------------------------------------------------------
+
+
+@runtime_checkable
+class StateStore(TenantRepo, GateRepo, RunRepo, LedgerRepo, LeaseRepo, AuditLog, Protocol):
+    """Every concern above in one object (what ``open_state`` returns)."""
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+        ...

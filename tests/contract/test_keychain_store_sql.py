@@ -1,0 +1,100 @@
+"""The keychain's own test suite (tests/unit/test_keychain.py), rerun with its store
+swapped for ``SqlKeychainStore`` on SQLite and on PostgreSQL.
+
+Those tests play an attacker by editing the in-memory store's raw ``records`` / ``heads``
+dicts; here the same names are live views onto the SQL rows (writing one writes the row
+as an attacker with database access would), so every tampering test runs against the
+real tables.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, select
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the keychain's test module
+
+import test_keychain as keychain_suite  # noqa: E402
+from test_keychain import *  # noqa: E402,F401,F403 - every keychain test, collected here again
+
+from archive_kms.keys.keychain_store import KeychainStore, KeyRecord  # noqa: E402
+from archive_kms.state.schema import keychain_heads, keychain_records  # noqa: E402
+from archive_kms.state.sql import SqlStateStore, open_state  # noqa: E402
+from archive_kms.state.sql_keychain import SqlKeychainStore  # noqa: E402
+
+
+class _RawRows(MutableMapping[Any, bytes]):
+    """Raw ``body`` bytes of keychain rows, keyed like the in-memory store's dicts."""
+
+    def __init__(self, state: SqlStateStore, table: Any, key_cols: tuple[str, ...]) -> None:
+        self._engine = state.engine
+        self._state = state
+        self._table = table
+        self._cols = key_cols
+
+    def _key(self, key: Any) -> tuple[Any, ...]:
+        return key if isinstance(key, tuple) else (key,)
+
+    def _where(self, key: Any) -> Any:
+        return [self._table.c[c] == v for c, v in zip(self._cols, self._key(key), strict=True)]
+
+    def __getitem__(self, key: Any) -> bytes:
+        with self._engine.connect() as conn:
+            body = conn.execute(select(self._table.c.body).where(*self._where(key))).scalar()
+        if body is None:
+            raise KeyError(key)
+        return bytes(body)
+
+    def __setitem__(self, key: Any, body: bytes) -> None:
+        values: dict[str, Any] = {"body": body}
+        if self._table is keychain_records:
+            try:  # an attacker keeps the index columns consistent with what he writes
+                rec = KeyRecord.from_json(body)
+                values |= {"level": rec.level.value, "workspace_id": rec.workspace_id}
+            except Exception:  # noqa: BLE001 - garbage bodies keep the old columns
+                pass
+        with self._engine.begin() as conn:
+            res = conn.execute(self._table.update().where(*self._where(key)).values(**values))
+            if res.rowcount == 0:
+                raise KeyError(f"tests only overwrite existing rows: {key!r}")
+
+    def __delitem__(self, key: Any) -> None:
+        with self._engine.begin() as conn:
+            conn.execute(delete(self._table).where(*self._where(key)))
+
+    def _keys(self) -> list[Any]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(*[self._table.c[c] for c in self._cols])).all()
+        return [tuple(r) if len(self._cols) > 1 else r[0] for r in rows]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+
+class _InspectableSqlKeychainStore(SqlKeychainStore):
+    def __init__(self, state: SqlStateStore) -> None:
+        super().__init__(state)
+        self.records = _RawRows(state, keychain_records, ("tenant_id", "record_id"))
+        self.heads = _RawRows(state, keychain_heads, ("tenant_id",))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    url = (f"sqlite:///{tmp_path / 'state.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    state = open_state(url)
+    store = _InspectableSqlKeychainStore(state)
+    assert isinstance(store, KeychainStore)
+    monkeypatch.setattr(keychain_suite, "InMemoryKeychainStore", lambda: store)
+    try:
+        yield keychain_suite.Env()
+    finally:
+        state.close()
