@@ -223,8 +223,13 @@ def build_platform(settings: Settings | None = None):
     from archive_kms.state.sql_keychain import SqlKeychainStore
     from archive_kms.storage import open_store
 
+    from archive_kms.state.audit import SignerHeadSealer
+
     s = settings or get_settings()
-    state = open_state(s.state_url)
+    signer = keychain_signer(s)
+    # The audit chain's head is sealed with the platform key: a re-hashed, edited chain
+    # does not verify without it.
+    state = open_state(s.state_url, sealer=SignerHeadSealer(signer))
     providers: dict[str, Any] = {}
 
     def resolve_provider(ref: str):
@@ -232,7 +237,7 @@ def build_platform(settings: Settings | None = None):
             providers[ref] = resolve(ref, s)
         return providers[ref]
 
-    keychain = Keychain.from_settings(s, SqlKeychainStore(state), resolve_provider, keychain_signer(s))
+    keychain = Keychain.from_settings(s, SqlKeychainStore(state), resolve_provider, signer)
     s3 = aws_client("s3", s) if s.aws_endpoint_url or s.aws_access_key_id else None
     blob = blob_service_client(s) if s.azure_blob_connection_string else None
     return Platform(s, state, keychain, search_index(s), resolve_provider,
