@@ -75,6 +75,8 @@ def _kv(settings: Settings) -> str:
     secret = os.urandom(32)
     w = cc.wrap_key(KeyWrapAlgorithm.rsa_oaep_256, secret).encrypted_key
     ok = cc.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, w).key == secret
+    kc.begin_delete_key(key.name).wait()
+    kc.purge_deleted_key(key.name)
     return "wrapKey/unwrapKey RSA-OAEP-256" if ok else "MISMATCH"
 
 

@@ -69,8 +69,11 @@ def test_keyvault_wrap_unwrap_and_disable_refuses(keyvault):
     wrapped = crypto.wrap_key(KeyWrapAlgorithm.rsa_oaep_256, secret).encrypted_key
     assert crypto.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped).key == secret
     kc.update_key_properties(name, key.properties.version, enabled=False)
-    with pytest.raises(HttpResponseError):
+    with pytest.raises(HttpResponseError) as exc:
         crypto.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped)
+    assert exc.value.status_code == 403
+    kc.begin_delete_key(name).wait()
+    kc.purge_deleted_key(name)
 
 
 def test_kmip_encrypt_decrypt_inside_server_and_revoke_refuses(kmip):
