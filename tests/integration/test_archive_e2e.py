@@ -108,5 +108,6 @@ def test_customer_key_tenant_index_holds_no_plaintext(platform, localstack):
 def test_audit_chain_records_tenant_creation_and_verifies(platform):
     tenant = _tenant("a")
     create_tenant(platform, tenant, cloud="s3", actor="test")
-    assert platform.state.verify_audit().ok
+    verification = platform.state.verify_audit(tenant_id=tenant)
+    assert verification.ok and verification.sealed, verification
     assert any(r["action"] == "tenant.create" for r in platform.state.export_audit(tenant))
