@@ -141,7 +141,7 @@ def _archive_demo(console: Console, settings: Settings) -> int:
 
 
 def main() -> int:
-    console = Console()
+    console = Console(width=max(140, Console().width))
     settings = Settings()
     table = Table(title="archive_kms local cloud")
     for col in ("service", "result", "ms"):
