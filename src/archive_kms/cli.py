@@ -70,9 +70,10 @@ app.add_typer(audit_app, name="audit")
 
 
 def _platform():
+    from archive_kms.config import Settings
     from archive_kms.wiring import build_platform
 
-    return build_platform()
+    return build_platform(Settings())  # read now: environment and endpoints file of this invocation
 
 
 def _emit(as_json: bool, data, human: str) -> None:

@@ -111,3 +111,54 @@ def test_audit_chain_records_tenant_creation_and_verifies(platform):
     verification = platform.state.verify_audit(tenant_id=tenant)
     assert verification.ok and verification.sealed, verification
     assert any(r["action"] == "tenant.create" for r in platform.state.export_audit(tenant))
+
+
+def test_job_retried_after_a_crash_archives_once(platform, monkeypatch):
+    import archive_kms.operations.archive as archive_mod
+
+    tenant = _tenant("c")
+    create_tenant(platform, tenant, cloud="s3", actor="test")
+    spec = JobSpec(f"{tenant}-1", tenant, "synthetic", synthetic={"count": 10, "seed": 3})
+    real, calls = archive_mod.TenantArchive.put_object, {"n": 0}
+
+    def crash_on_fourth(self, name, ws, chunks):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ConnectionResetError("worker lost mid-job")
+        return real(self, name, ws, chunks)
+
+    monkeypatch.setattr(archive_mod.TenantArchive, "put_object", crash_on_fourth)
+    with pytest.raises(ConnectionResetError):
+        submit_job(platform.state, spec, platform.open_archive)
+    monkeypatch.setattr(archive_mod.TenantArchive, "put_object", real)
+    retry = submit_job(platform.state, spec, platform.open_archive)
+    assert retry.decision == "run" and retry.objects_already_there == 3
+    names = [o.name for o in platform.open_archive(tenant).store.list()]
+    assert len(names) == len(set(names)) == retry.objects_written + retry.objects_already_there
+    assert platform.index.count(platform.index.current_index(tenant)) == 10
+
+
+@pytest.mark.parametrize("cloud", ["s3", "azure"])
+def test_cli_archive_then_search(localstack, azurite, elasticsearch, tmp_path, monkeypatch, cloud):
+    from typer.testing import CliRunner
+
+    from archive_kms.cli import app
+
+    monkeypatch.setenv("ARCHIVE_KMS_STATE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    runner = CliRunner()
+    tenant = _tenant("cli")
+    made = runner.invoke(app, ["tenant", "create", tenant, "--cloud", cloud, "--json"])
+    assert made.exit_code == 0, made.output
+    run = runner.invoke(app, ["archive", tenant, "--generate", "12", "--seed", "4", "--job-id", f"{tenant}-j",
+                              "--json"])
+    assert run.exit_code == 0 and json.loads(run.output)["records"] == 12, run.output
+    spec = JobSpec(f"{tenant}-j", tenant, "synthetic", synthetic={"count": 12, "seed": 4})
+    record = next(r for r, _ in spec.materialise())
+    word = record.fields["Description"].split()[-1]
+    found = runner.invoke(app, ["search", tenant, word, "--json"])
+    assert found.exit_code == 0, found.output
+    assert record.record_id in {h["record_id"] for h in json.loads(found.output)["hits"]}
+    read = runner.invoke(app, ["read", tenant, "--record", f"{record.object_type}/{record.record_id}", "--json"])
+    assert read.exit_code == 0 and json.loads(read.output)["fields"] == dict(record.fields)
+    bad = runner.invoke(app, ["tenant", "create", "Bad/Id"])
+    assert bad.exit_code == 2 and "tenant" in bad.output.lower()
