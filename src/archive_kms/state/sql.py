@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -297,7 +298,20 @@ class SqlStateStore:
         return pg_insert(table) if self._pg else sqlite_insert(table)
 
     def create_schema(self) -> None:
-        """Create missing tables, record the schema version, seed the global audit head."""
+        """Create missing tables, record the schema version, seed the global audit head.
+
+        Many processes may open a new SQLite file at once; SQLite can report "locked"
+        at once (not after the busy timeout) while another connection switches the file
+        to WAL, so the creation is retried a few times before the error stands."""
+        for attempt in range(5):
+            try:
+                return self._create_schema_once()
+            except TransientError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    def _create_schema_once(self) -> None:
         now = self._now()
         with self._tx("create schema") as conn:
             if self._pg:
