@@ -41,7 +41,7 @@ from archive_kms.errors import (
 )
 from archive_kms.keys.context import check_context
 from archive_kms.keys.port import KeyState, KeyStatus, WrappedKey
-from archive_kms.keys.refs import AwsKmsKeyRef, parse_key_ref
+from archive_kms.keys.refs import AwsKmsKeyRef, parse_key_ref, wrapped_key_ref
 
 __all__ = [
     "ALGORITHM",
@@ -366,14 +366,7 @@ class AwsKmsKeyProvider:
     # --- internals -----------------------------------------------------------------------
 
     def _owned_key_arn(self, wrapped: WrappedKey) -> str:
-        if wrapped.algorithm != ALGORITHM:
-            raise WrongKeyError(f"wrapped key algorithm {wrapped.algorithm!r} is not {ALGORITHM!r}",
-                                resource=self.key_ref)
-        try:
-            ref = parse_key_ref(wrapped.key_ref)
-        except ValidationError:
-            raise WrongKeyError(f"wrapped key names an invalid key reference; expected {self.key_ref}",
-                                resource=self.key_ref) from None
+        ref = wrapped_key_ref(wrapped, algorithm=ALGORITHM, owner=self.key_ref)
         if not isinstance(ref, AwsKmsKeyRef) or not ref.is_key_arn:
             raise WrongKeyError(f"wrapped key names {ref.uri}, not a KMS key ARN", resource=self.key_ref)
         if self._ref.is_key_arn:

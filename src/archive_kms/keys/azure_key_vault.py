@@ -56,7 +56,7 @@ from archive_kms.errors import (
 )
 from archive_kms.keys.context import TAG_SIZE, context_tag
 from archive_kms.keys.port import KeyState, KeyStatus, WrappedKey
-from archive_kms.keys.refs import AzureKeyVaultKeyRef, parse_key_ref
+from archive_kms.keys.refs import AzureKeyVaultKeyRef, parse_key_ref, wrapped_key_ref
 
 __all__ = ["ALGORITHM", "AZURE_VAULT_SUFFIXES", "AzureKeyVaultKeyProvider"]
 
@@ -248,14 +248,7 @@ class AzureKeyVaultKeyProvider:
             return client
 
     def _owned(self, wrapped: WrappedKey) -> AzureKeyVaultKeyRef:
-        if wrapped.algorithm != ALGORITHM:
-            raise WrongKeyError(f"wrapped key algorithm {wrapped.algorithm!r} is not {ALGORITHM!r}",
-                                resource=self.key_ref)
-        try:
-            ref = parse_key_ref(wrapped.key_ref)
-        except ValidationError:
-            raise WrongKeyError(f"wrapped key names an invalid key reference; expected {self.key_ref}",
-                                resource=self.key_ref) from None
+        ref = wrapped_key_ref(wrapped, algorithm=ALGORITHM, owner=self.key_ref)
         if (not isinstance(ref, AzureKeyVaultKeyRef) or ref.version is None or not ref.same_key(self._ref)
                 or (self._ref.version is not None and ref.version != self._ref.version)):
             raise WrongKeyError(f"wrapped key belongs to {ref.uri}, not {self.key_ref}", resource=self.key_ref)

@@ -54,7 +54,7 @@ from archive_kms.errors import (
 )
 from archive_kms.keys.context import canonical_context
 from archive_kms.keys.port import KeyState, KeyStatus, WrappedKey
-from archive_kms.keys.refs import KmipKeyRef, parse_key_ref
+from archive_kms.keys.refs import KmipKeyRef, parse_key_ref, wrapped_key_ref
 
 __all__ = ["ALGORITHM", "KmipKeyProvider"]
 
@@ -198,14 +198,7 @@ class KmipKeyProvider:
     # --- internals -----------------------------------------------------------------------
 
     def _check_owned(self, wrapped: WrappedKey) -> None:
-        if wrapped.algorithm != ALGORITHM:
-            raise WrongKeyError(f"wrapped key algorithm {wrapped.algorithm!r} is not {ALGORITHM!r}",
-                                resource=self.key_ref)
-        try:
-            ref = parse_key_ref(wrapped.key_ref)
-        except ValidationError:
-            raise WrongKeyError(f"wrapped key names an invalid key reference; expected {self.key_ref}",
-                                resource=self.key_ref) from None
+        ref = wrapped_key_ref(wrapped, algorithm=ALGORITHM, owner=self.key_ref)
         if ref != self._ref:
             raise WrongKeyError(f"wrapped key belongs to {ref.uri}, not {self.key_ref}", resource=self.key_ref)
 

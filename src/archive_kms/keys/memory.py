@@ -46,7 +46,7 @@ from archive_kms.errors import (
 )
 from archive_kms.keys.context import canonical_context
 from archive_kms.keys.port import KeyState, KeyStatus, WrappedKey
-from archive_kms.keys.refs import MemoryKeyRef, parse_key_ref
+from archive_kms.keys.refs import MemoryKeyRef, parse_key_ref, wrapped_key_ref
 
 __all__ = ["ALGORITHM", "MemoryKeyProvider", "MemoryKms"]
 
@@ -254,14 +254,7 @@ class MemoryKeyProvider:
             )
 
     def _version_of(self, wrapped: WrappedKey) -> int:
-        if wrapped.algorithm != ALGORITHM:
-            raise WrongKeyError(f"wrapped key algorithm {wrapped.algorithm!r} is not {ALGORITHM!r}",
-                                resource=self._ref.uri)
-        try:
-            ref = parse_key_ref(wrapped.key_ref)
-        except ValidationError:
-            raise WrongKeyError(f"wrapped key names an invalid key reference; expected {self._ref.uri}",
-                                resource=self._ref.uri) from None
+        ref = wrapped_key_ref(wrapped, algorithm=ALGORITHM, owner=self._ref.uri)
         if not isinstance(ref, MemoryKeyRef) or ref.name != self._ref.name or ref.version is None:
             raise WrongKeyError(f"wrapped key belongs to {ref.uri}, not {self._ref.uri}", resource=self._ref.uri)
         if self._ref.version is not None and ref.version != self._ref.version:

@@ -28,9 +28,12 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import TYPE_CHECKING, ClassVar, Union
 
-from archive_kms.errors import ValidationError
+from archive_kms.errors import ValidationError, WrongKeyError
+
+if TYPE_CHECKING:
+    from archive_kms.keys.port import WrappedKey
 
 __all__ = [
     "AwsKmsKeyRef",
@@ -381,3 +384,17 @@ def _parse_memory(ref: str, rest: str) -> MemoryKeyRef:
     if slash and not _MEMORY_VERSION_RE.match(version):
         raise _fail(ref, "the version is a positive integer", MemoryKeyRef.syntax)
     return MemoryKeyRef(name=name, version=int(version) if slash else None)
+
+
+def wrapped_key_ref(wrapped: WrappedKey, *, algorithm: str, owner: str) -> KeyRef:
+    """The reference a wrapped key names, once its algorithm is ``algorithm``: the first
+    check every provider makes before an unwrap. ``owner`` (the provider's own reference)
+    names the resource in the ``WrongKeyError`` raised otherwise. Each provider then checks
+    that the reference is its own key."""
+    if wrapped.algorithm != algorithm:
+        raise WrongKeyError(f"wrapped key algorithm {wrapped.algorithm!r} is not {algorithm!r}", resource=owner)
+    try:
+        return parse_key_ref(wrapped.key_ref)
+    except ValidationError:
+        raise WrongKeyError(f"wrapped key names an invalid key reference; expected {owner}",
+                            resource=owner) from None
