@@ -64,12 +64,11 @@ from archive_kms.keys.keychain_store import (
     KeyRecordState,
     RecordRef,
     TenantHead,
+    SignedJson,
     WorkspaceHead,
     _b64_in,
-    _b64_out,
     _time_in,
     _time_out,
-    canonical_json,
 )
 from archive_kms.keys.port import KeyProvider, WrappedKey
 from archive_kms.keys.signing import Signer, Verifier
@@ -266,7 +265,7 @@ class ProviderCallCounts:
 
 
 @dataclass(frozen=True)
-class ErasureRecord:
+class ErasureRecord(SignedJson):
     """Signed evidence that keys were destroyed (crypto-erasure).
 
     Verifies on its own: ``ErasureRecord.from_json(data).verify(Verifier.from_public_pem(pem))``
@@ -310,12 +309,6 @@ class ErasureRecord:
             "head_version": self.head_version,
             "signer_key_id": self.signer_key_id,
         }
-
-    def signing_payload(self) -> bytes:
-        return canonical_json(self._fields())
-
-    def to_json(self) -> bytes:
-        return canonical_json({**self._fields(), "signature": _b64_out(self.signature)})
 
     @classmethod
     def from_json(cls, data: bytes | str) -> ErasureRecord:

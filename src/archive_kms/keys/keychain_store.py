@@ -125,8 +125,25 @@ def _check_str(name: str, value: Any) -> None:
 # --- records ----------------------------------------------------------------------------
 
 
+class SignedJson:
+    """Shared by the signed keychain values: the canonical JSON of ``_fields()`` (every
+    field except the signature; the signer key id is included) is what gets signed, and
+    ``to_json`` stores it with the signature."""
+
+    __slots__ = ()
+
+    def _fields(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def signing_payload(self) -> bytes:
+        return canonical_json(self._fields())
+
+    def to_json(self) -> bytes:
+        return canonical_json({**self._fields(), "signature": _b64_out(self.signature)})  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
-class KeyRecord:
+class KeyRecord(SignedJson):
     """A wrapped key with its binding, state and signature.
 
     ``parent_id`` names what wrapped it: the L1 key reference (L2 records), the L2 record
@@ -203,13 +220,6 @@ class KeyRecord:
             "version": self.version,
             "signer_key_id": self.signer_key_id,
         }
-
-    def signing_payload(self) -> bytes:
-        """Canonical JSON of every field except the signature (the signer key id is signed)."""
-        return canonical_json(self._fields())
-
-    def to_json(self) -> bytes:
-        return canonical_json({**self._fields(), "signature": _b64_out(self.signature)})
 
     @classmethod
     def from_json(cls, data: bytes | str) -> KeyRecord:
@@ -323,7 +333,7 @@ class WorkspaceHead:
 
 
 @dataclass(frozen=True)
-class TenantHead:
+class TenantHead(SignedJson):
     """The signed root of a tenant's keychain; ``version`` goes up by one per commit."""
 
     tenant_id: str
@@ -390,12 +400,6 @@ class TenantHead:
             "updated_at": _time_out(self.updated_at),
             "signer_key_id": self.signer_key_id,
         }
-
-    def signing_payload(self) -> bytes:
-        return canonical_json(self._fields())
-
-    def to_json(self) -> bytes:
-        return canonical_json({**self._fields(), "signature": _b64_out(self.signature)})
 
     @classmethod
     def from_json(cls, data: bytes | str) -> TenantHead:
