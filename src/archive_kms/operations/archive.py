@@ -13,7 +13,6 @@ generator's seed). Attachment bytes are never put in the state store.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,7 +22,7 @@ from typing import Any
 
 from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter, encrypt_iter
 from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
-from archive_kms.errors import ObjectExistsError, ObjectNotFoundError, StateError, ValidationError
+from archive_kms.errors import ObjectExistsError, StateError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -288,15 +287,7 @@ def replay_deferred(state, tenant_id: str, run_id: str, open_archive: Callable[[
     return outcomes
 
 
-def digest_stream(chunks: Iterable[bytes]) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
-    for c in chunks:
-        h.update(c)
-        n += len(c)
-    return h.hexdigest(), n
-
-
 __all__ = [
-    "AttachmentRef", "JobOutcome", "JobSpec", "TenantArchive", "attachment_object_name", "digest_stream",
+    "AttachmentRef", "JobOutcome", "JobSpec", "TenantArchive", "attachment_object_name",
     "load_jsonl", "record_object_name", "replay_deferred", "submit_job", "workspace_of", "write_records",
 ]
