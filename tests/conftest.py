@@ -46,34 +46,22 @@ def settings() -> Settings:
     return Settings()
 
 
-@pytest.fixture()
-def localstack(stack, settings) -> Settings:
-    _need(stack, "localstack")
-    return settings
+def _service(name: str):
+    """A fixture giving Settings for the real service ``name``, failing loudly if it is down."""
+
+    @pytest.fixture(name=name)
+    def fixture(stack, settings) -> Settings:
+        _need(stack, name)
+        return settings
+
+    return fixture
 
 
-@pytest.fixture()
-def azurite(stack, settings) -> Settings:
-    _need(stack, "azurite")
-    return settings
-
-
-@pytest.fixture()
-def elasticsearch(stack, settings) -> Settings:
-    _need(stack, "elasticsearch")
-    return settings
-
-
-@pytest.fixture()
-def keyvault(stack, settings) -> Settings:
-    _need(stack, "keyvault")
-    return settings
-
-
-@pytest.fixture()
-def kmip(stack, settings) -> Settings:
-    _need(stack, "kmip")
-    return settings
+localstack = _service("localstack")
+azurite = _service("azurite")
+elasticsearch = _service("elasticsearch")
+keyvault = _service("keyvault")
+kmip = _service("kmip")
 
 
 def pytest_collection_modifyitems(items):

@@ -77,9 +77,7 @@ def create_tenant(platform: Platform, tenant_id: str, *, cloud: str = "s3", key_
     provider = platform.resolve_provider(ref)  # validates the reference before anything is created
     if provision_storage:
         ensure_shared_container(platform, location)
-    if platform.keychain_exists(tenant.value):
-        pass  # a previous attempt crashed after the keychain: reuse it
-    else:
+    if not platform.keychain_exists(tenant.value):  # else an earlier attempt crashed after it: reuse
         platform.keychain.create_tenant(tenant.value, provider)
     key_mode = key_mode_of(ref)
     mode = platform.index_mode(key_mode)
