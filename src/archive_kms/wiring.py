@@ -240,5 +240,8 @@ def build_platform(settings: Settings | None = None):
     keychain = Keychain.from_settings(s, SqlKeychainStore(state), resolve_provider, signer)
     s3 = aws_client("s3", s) if s.aws_endpoint_url or s.aws_access_key_id else None
     blob = blob_service_client(s) if s.azure_blob_connection_string else None
+    from archive_kms.storage.provisioning import CloudProvisioner
+
     return Platform(s, state, keychain, search_index(s), resolve_provider,
-                    lambda loc: open_store(loc, s, s3_client=s3, blob_service=blob))
+                    lambda loc: open_store(loc, s, s3_client=s3, blob_service=blob),
+                    CloudProvisioner(s, s3_client=s3, blob_service=blob))

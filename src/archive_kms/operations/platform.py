@@ -29,6 +29,7 @@ class Platform:
     index: SearchIndex
     resolve_provider: Callable[[str], Any]  # key ref -> KeyProvider
     open_store: Callable[[Location], ObjectStore]
+    provisioner: Any = None  # storage.provisioning.LocationProvisioner: buckets/containers themselves
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -101,7 +102,8 @@ class Platform:
             # every reference resolves to a key of the in-memory KMS, created on first use
             if ref not in providers:
                 name = "k" + hashlib.sha256(ref.encode()).hexdigest()[:16]
-                providers[ref] = MemoryKeyProvider(kms, kms.create_key(name))
+                provider = MemoryKeyProvider(kms, kms.create_key(name))
+                providers[ref] = providers[provider.key_ref] = provider  # the keychain resolves by key_ref
             return providers[ref]
 
         stores: dict[str, MemoryObjectStore] = {}
@@ -111,4 +113,7 @@ class Platform:
 
         clock = clock or time.time
         keychain = Keychain(InMemoryKeychainStore(), resolve, Signer.generate(), clock, KeyCache())
-        return cls(settings, InMemoryStateStore(), keychain, MemorySearchIndex(), resolve, open_store)
+        from archive_kms.storage.provisioning import MemoryProvisioner
+
+        return cls(settings, InMemoryStateStore(), keychain, MemorySearchIndex(), resolve, open_store,
+                   MemoryProvisioner(open_store))

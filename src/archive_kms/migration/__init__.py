@@ -1,0 +1,10 @@
+"""Moving a tenant onto its own key and back: plan, steps, copy/verify shards, the step
+engine and the run report. Plain functions; the Prefect flows in ``flows/`` compose them.
+See ``docs/migration-flows.md``."""
+
+from archive_kms.migration.engine import Hooks, Outcome, execute, rerun, resume, thread_shard_runner, trigger
+from archive_kms.migration.plan import STEPS, EnableMode, MigrationPlan, plan_enable, plan_remove
+from archive_kms.migration.report import build_report, progress
+
+__all__ = ["EnableMode", "Hooks", "MigrationPlan", "Outcome", "STEPS", "build_report", "execute", "plan_enable",
+           "plan_remove", "progress", "rerun", "resume", "thread_shard_runner", "trigger"]

@@ -1,0 +1,335 @@
+"""The step engine: runs a migration run's steps in order, checkpointed in the state store.
+
+- ``trigger`` plans and starts a run, or returns the tenant's run already going (one
+  running run per tenant is a unique index in the state store: two simultaneous triggers
+  produce one run).
+- ``execute`` takes the tenant's lease (expiry + fencing token), keeps it alive from a
+  heartbeat thread, and runs every step not yet completed. Every state write carries the
+  fence, so a stalled incarnation that wakes up after a takeover cannot write (faults D5).
+  A failure marks the step and the run failed, with the error; nothing else changes.
+- ``resume`` continues a failed or crashed run; ``rerun`` resets a named step and the
+  later ones and runs them again (refused before the point of no return once it is
+  passed, faults D8); either on a completed run changes nothing and says so (D7).
+
+Prefect is not needed here: the flows in ``flows/`` call ``execute`` with hooks that
+create Prefect artifacts and a shard runner that maps shard tasks onto Prefect's task
+runner (threads, or Dask worker processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from archive_kms.errors import ArchiveKmsError, FencedError, LeaseHeldError, StateError, ValidationError
+from archive_kms.migration import crashpoints
+from archive_kms.migration.plan import POINT_OF_NO_RETURN, STEPS, MigrationPlan
+from archive_kms.state.port import AuditEvent, Fence, Flow, Lease, MigrationRun, RunState, StepState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_TTL = timedelta(seconds=60)
+
+#: step -> per-shard worker; resolved lazily so Dask workers import only what they run
+SHARD_FUNCTIONS = {"copy": "archive_kms.migration.copying:copy_shard",
+                   "verify": "archive_kms.migration.copying:verify_shard"}
+
+
+def shard_function(step: str) -> Callable[..., dict[str, Any]]:
+    import importlib
+
+    module, _, name = SHARD_FUNCTIONS[step].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+#: (platform, run_id, step, shards, fence) -> one result dict per shard
+ShardRunner = Callable[[Any, str, str, Sequence[int], Fence | None], list[dict[str, Any]]]
+
+
+def thread_shard_runner(platform: Any, run_id: str, step: str, shards: Sequence[int],
+                        fence: Fence | None) -> list[dict[str, Any]]:
+    """Shards in threads of this process (``parallel_shards`` at a time)."""
+    plan = MigrationPlan.from_params(platform.state.get_run(run_id).params)
+    fn = shard_function(step)
+    with ThreadPoolExecutor(max_workers=plan.parallel_shards, thread_name_prefix=f"akms-{step}") as pool:
+        return list(pool.map(lambda s: fn(platform, run_id, s, fence), shards))
+
+
+@dataclass
+class Hooks:
+    """Callbacks for progress reporting (Prefect artifacts, CLI progress bars)."""
+
+    on_step: Callable[[str, str, dict[str, Any] | None], None] = lambda step, state, result: None
+    on_progress: Callable[[str, int, int], None] = lambda step, done, total: None
+
+
+@dataclass
+class RunContext:
+    platform: Any
+    run_id: str
+    plan: MigrationPlan
+    fence: Fence | None
+    actor: str
+    shard_runner: ShardRunner
+    hooks: Hooks
+    _fenced: threading.Event = field(default_factory=threading.Event)
+
+    def check(self) -> None:
+        """Raise FencedError if the heartbeat lost the lease."""
+        if self._fenced.is_set():
+            raise FencedError(f"run {self.run_id} lost the lease of tenant {self.plan.tenant_id}; stopping",
+                              resource=f"run:{self.run_id}")
+
+    def run_shards(self, step: str, shards: Sequence[int]) -> list[dict[str, Any]]:
+        stop = threading.Event()
+        poller = threading.Thread(target=self._poll_progress, args=(step, stop), daemon=True)
+        poller.start()
+        try:
+            return self.shard_runner(self.platform, self.run_id, step, shards, self.fence)
+        finally:
+            stop.set()
+            poller.join(timeout=5)
+            self._report_progress(step)
+
+    def _report_progress(self, step: str) -> None:
+        from archive_kms.state.port import CopyStatus
+
+        summary = self.platform.state.manifest_summary(self.run_id)
+        counts = self.platform.state.copy_counts(self.run_id)
+        done = counts.get(CopyStatus.VERIFIED, 0)
+        if step == "copy":
+            done += counts.get(CopyStatus.COPIED, 0)
+        self.hooks.on_progress(step, done, summary.entries if summary else 0)
+
+    def _poll_progress(self, step: str, stop: threading.Event) -> None:
+        while not stop.wait(1.0):
+            try:
+                self._report_progress(step)
+            except Exception:  # noqa: BLE001 - progress is best effort; the step reports errors
+                log.debug("progress poll failed", exc_info=True)
+
+    def audit(self, action: str, details: dict[str, Any] | None = None) -> None:
+        self.platform.state.append_audit(AuditEvent(actor=self.actor, action=action, tenant_id=self.plan.tenant_id,
+                                                    run_id=self.run_id, details=details or {}))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_id: str
+    tenant_id: str
+    flow: str
+    state: str
+    created: bool = True  # False: the trigger found a run already going
+    executed: tuple[str, ...] = ()  # steps run by this call
+    message: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "tenant": self.tenant_id, "flow": self.flow, "state": self.state,
+                "created": self.created, "executed": list(self.executed), "message": self.message,
+                "error": self.error}
+
+
+# --- triggering ---------------------------------------------------------------------------
+
+
+def trigger(platform: Any, plan: MigrationPlan, *, actor: str) -> tuple[MigrationRun, bool]:
+    """Start a run for ``plan``, or return the tenant's running run (created False).
+    A running run of the *other* flow is refused (faults E6)."""
+    active = platform.state.find_active_run(plan.tenant_id)
+    if active is not None and active.flow.value != plan.flow:
+        raise StateError(f"tenant {plan.tenant_id} has a running {active.flow.value} run {active.run_id}; "
+                         f"finish or cancel it before starting {plan.flow}", resource=f"run:{active.run_id}")
+    run, created = platform.state.start_run(plan.tenant_id, Flow(plan.flow), mode=plan.mode, steps=STEPS,
+                                            params=plan.to_params())
+    if created:
+        platform.state.append_audit(AuditEvent(actor=actor, action=f"run.start", tenant_id=plan.tenant_id,
+                                               run_id=run.run_id, details={"flow": plan.flow, "mode": plan.mode,
+                                                                           "key_ref": plan.key_ref}))
+    elif run.flow.value != plan.flow:
+        raise StateError(f"tenant {plan.tenant_id} has a running {run.flow.value} run {run.run_id}",
+                         resource=f"run:{run.run_id}")
+    return run, created
+
+
+# --- executing ------------------------------------------------------------------------------
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, platform: Any, lease: Lease, ttl: timedelta, fenced: threading.Event) -> None:
+        super().__init__(daemon=True, name=f"akms-lease-{lease.tenant_id}")
+        self._platform, self.lease, self._ttl, self._fenced = platform, lease, ttl, fenced
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        interval = max(self._ttl.total_seconds() / 3, 0.2)
+        while not self._stop_event.wait(interval):
+            try:
+                self.lease = self._platform.state.renew_lease(self.lease, self._ttl)
+            except FencedError:
+                log.error("run %s lost the lease of %s: stopping", self.lease.run_id, self.lease.tenant_id)
+                self._fenced.set()
+                return
+            except ArchiveKmsError:  # database blip: the next beat retries; expiry is ttl away
+                log.warning("lease renewal failed; retrying", exc_info=True)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=5)
+
+
+def _lease_ttl(platform: Any) -> timedelta:
+    seconds = getattr(platform.settings, "lease_ttl_seconds", None)
+    return timedelta(seconds=seconds) if seconds else DEFAULT_LEASE_TTL
+
+
+def _acquire(platform: Any, run: MigrationRun, *, takeover: bool) -> Lease:
+    current = platform.state.get_lease(run.tenant_id)
+    now = datetime.now(timezone.utc)
+    if (current is not None and current.run_id == run.run_id and current.expires_at > now and not takeover):
+        raise LeaseHeldError(
+            f"run {run.run_id} is being executed by a live worker (its lease expires at "
+            f"{current.expires_at.isoformat(timespec='seconds')}); wait for it, or pass --takeover if that worker "
+            "is known to be dead", resource=f"run:{run.run_id}")
+    return platform.state.acquire_lease(run.tenant_id, run.run_id, _lease_ttl(platform))
+
+
+def execute(platform: Any, run_id: str, *, actor: str, shard_runner: ShardRunner | None = None,
+            hooks: Hooks | None = None, takeover: bool = False) -> Outcome:
+    """Run every step of ``run_id`` that is not completed yet, in order."""
+    run = _get(platform, run_id)
+    if run.state is RunState.COMPLETED:
+        return Outcome(run.run_id, run.tenant_id, run.flow.value, run.state.value, message="run already completed")
+    if run.state is not RunState.RUNNING:
+        raise StateError(f"run {run_id} is {run.state.value}: use `archive-kms runs resume {run_id}`",
+                         resource=f"run:{run_id}")
+    plan = MigrationPlan.from_params(run.params)
+    hooks = hooks or Hooks()
+    lease = _acquire(platform, run, takeover=takeover)
+    fenced = threading.Event()
+    beat = _Heartbeat(platform, lease, _lease_ttl(platform), fenced)
+    beat.start()
+    ctx = RunContext(platform, run_id, plan, lease.fence, actor, shard_runner or thread_shard_runner, hooks, fenced)
+    executed: list[str] = []
+    try:
+        for step in STEPS:
+            record = _get(platform, run_id).step(step)
+            if record.state in (StepState.COMPLETED, StepState.SKIPPED):
+                continue
+            ctx.check()
+            platform.state.update_step(run_id, step, StepState.RUNNING, fence=ctx.fence)
+            hooks.on_step(step, "running", None)
+            crashpoints.hit(f"before:{step}")
+            started = time.monotonic()
+            try:
+                result = _call(step, ctx)
+            except BaseException as exc:
+                _fail(platform, ctx, step, exc)
+                hooks.on_step(step, "failed", {"error": _describe(exc)})
+                if isinstance(exc, ArchiveKmsError):
+                    return Outcome(run_id, plan.tenant_id, plan.flow, RunState.FAILED.value,
+                                   executed=tuple(executed), message=f"step {step} failed", error=_describe(exc))
+                raise
+            result = {**result, "seconds": round(time.monotonic() - started, 3)}
+            crashpoints.hit(f"after:{step}")
+            platform.state.update_step(run_id, step, StepState.COMPLETED, result=result, fence=ctx.fence)
+            executed.append(step)
+            hooks.on_step(step, "completed", result)
+        platform.state.set_run_state(run_id, RunState.COMPLETED, fence=ctx.fence)
+        ctx.audit("run.complete", {"flow": plan.flow, "steps": executed})
+        return Outcome(run_id, plan.tenant_id, plan.flow, RunState.COMPLETED.value, executed=tuple(executed),
+                       message="completed")
+    finally:
+        beat.stop()
+        platform.state.release_lease(beat.lease)
+
+
+def _call(step: str, ctx: RunContext) -> dict[str, Any]:
+    from archive_kms.migration.steps import STEP_FUNCTIONS
+
+    return STEP_FUNCTIONS[step](ctx)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
+
+
+def _fail(platform: Any, ctx: RunContext, step: str, exc: BaseException) -> None:
+    """Record the failure if we still hold the tenant (a fenced run records nothing)."""
+    if isinstance(exc, FencedError):
+        return
+    try:
+        platform.state.update_step(ctx.run_id, step, StepState.FAILED, error=_describe(exc), fence=ctx.fence)
+        platform.state.set_run_state(ctx.run_id, RunState.FAILED, fence=ctx.fence)
+        ctx.audit("run.fail", {"step": step, "error": _describe(exc)[:300]})
+    except FencedError:
+        log.error("run %s was taken over while failing step %s", ctx.run_id, step)
+
+
+def _get(platform: Any, run_id: str) -> MigrationRun:
+    run = platform.state.get_run(run_id)
+    if run is None:
+        raise StateError(f"unknown run {run_id!r}: see `archive-kms runs list`", resource=f"run:{run_id}")
+    return run
+
+
+# --- support: resume and rerun ----------------------------------------------------------------
+
+
+def resume(platform: Any, run_id: str, *, actor: str, takeover: bool = False, **kw: Any) -> Outcome:
+    """Continue a failed run, or a running one whose worker died (lease expired, or
+    ``takeover``), from its first step not completed."""
+    run = _get(platform, run_id)
+    if run.state is RunState.COMPLETED:
+        _audit_run(platform, run, actor, "run.resume.noop", {})
+        return Outcome(run_id, run.tenant_id, run.flow.value, run.state.value, created=False,
+                       message="run already completed: nothing to resume")
+    if run.state is RunState.CANCELLED:
+        raise StateError(f"run {run_id} was cancelled; start a new run", resource=f"run:{run_id}")
+    if run.state is RunState.FAILED:
+        platform.state.set_run_state(run_id, RunState.RUNNING)
+    _audit_run(platform, run, actor, "run.resume", {"from_state": run.state.value})
+    return execute(platform, run_id, actor=actor, takeover=takeover, **kw)
+
+
+def rerun(platform: Any, run_id: str, from_step: str, *, actor: str, takeover: bool = False, **kw: Any) -> Outcome:
+    """Reset ``from_step`` and every later step, then run them again."""
+    if from_step not in STEPS:
+        raise ValidationError(f"unknown step {from_step!r}: one of {', '.join(STEPS)}")
+    run = _get(platform, run_id)
+    if run.state is RunState.COMPLETED:
+        when = run.step(from_step).finished_at
+        _audit_run(platform, run, actor, "run.rerun.noop", {"from": from_step})
+        return Outcome(run_id, run.tenant_id, run.flow.value, run.state.value, created=False,
+                       message=f"run completed; step {from_step} completed at "
+                               f"{when.isoformat(timespec='seconds') if when else '?'}: nothing changed")
+    barrier = run.step(POINT_OF_NO_RETURN)
+    if barrier.state is StepState.COMPLETED and STEPS.index(from_step) <= STEPS.index(POINT_OF_NO_RETURN):
+        raise ValidationError(f"run {run_id} is past {POINT_OF_NO_RETURN} (the tenant lives at the destination); "
+                              f"rerunning {from_step} would move it back. Rerun from "
+                              f"{STEPS[STEPS.index(POINT_OF_NO_RETURN) + 1]} or later")
+    if run.state is RunState.RUNNING:
+        current = platform.state.get_lease(run.tenant_id)
+        if current is not None and current.expires_at > datetime.now(timezone.utc) and not takeover:
+            raise LeaseHeldError(f"run {run_id} is being executed by a live worker; wait for it or pass --takeover",
+                                 resource=f"run:{run_id}")
+    if run.state is RunState.FAILED:
+        platform.state.set_run_state(run_id, RunState.RUNNING)
+    platform.state.reset_steps(run_id, from_step)
+    _audit_run(platform, run, actor, "run.rerun", {"from": from_step})
+    return execute(platform, run_id, actor=actor, takeover=True, **kw)
+
+
+def _audit_run(platform: Any, run: MigrationRun, actor: str, action: str, details: dict[str, Any]) -> None:
+    platform.state.append_audit(AuditEvent(actor=actor, action=action, tenant_id=run.tenant_id, run_id=run.run_id,
+                                           details=details))
+
+
+__all__ = ["Hooks", "Outcome", "RunContext", "ShardRunner", "execute", "rerun", "resume", "shard_function",
+           "thread_shard_runner", "trigger"]

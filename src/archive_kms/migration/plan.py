@@ -1,0 +1,190 @@
+"""What a migration run does, decided once before it starts and stored with the run.
+
+A ``MigrationPlan`` names the tenant, the flow (enable / remove), the target key mode and
+L1 key reference, the source and destination locations, the old index and the new index
+generation, and the copy fan-out. It is computed when the run is triggered and kept in the
+run's ``params``; every step, every rerun and every worker process reads it back from
+there, so a resumed run does exactly what the first attempt set out to do even if the
+tenant's registry entry has moved on (it does, at cutover).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+from archive_kms.domain.tenants import TenantId
+from archive_kms.errors import StateError, ValidationError
+from archive_kms.keys.refs import AwsKmsKeyRef, parse_key_ref
+from archive_kms.operations.tenants import MANAGED_KEY_REF
+from archive_kms.search import index_name
+from archive_kms.state.port import Flow, KeyMode
+from archive_kms.storage import (
+    Cloud,
+    Kind,
+    Location,
+    dedicated_azure_location,
+    dedicated_s3_location,
+)
+
+#: The steps of both flows, in order (product.md "Flows"). Remove runs the same steps in
+#: reverse direction: its destination is a new shared entity under the managed key.
+STEPS: tuple[str, ...] = (
+    "preflight",
+    "pause",
+    "cutover_point",
+    "create_destination",
+    "bind_key",
+    "manifest",
+    "copy",
+    "verify",
+    "build_index",
+    "cutover",
+    "cleanup_source",
+    "resume",
+    "report",
+)
+
+#: Once this step has completed, the tenant lives at the destination: rerunning any earlier
+#: step would move it backwards (faults D8), so reruns may only start after it.
+POINT_OF_NO_RETURN = "cutover"
+
+class EnableMode(str, enum.Enum):
+    BYOKMS = "byokms"  # customer's own AWS KMS key
+    BYOK = "byok"  # customer's key material imported into our AWS KMS
+    BYOKV = "byokv"  # customer's Azure Key Vault key
+    KMIP = "kmip"  # master key in a KMIP HSM
+
+
+_SCHEMES = {EnableMode.BYOKMS: ("aws-kms",), EnableMode.BYOK: ("aws-kms",), EnableMode.BYOKV: ("azure-kv",),
+            EnableMode.KMIP: ("kmip",)}
+_CLOUDS = {EnableMode.BYOKMS: ("s3",), EnableMode.BYOK: ("s3",), EnableMode.BYOKV: ("azure",),
+           EnableMode.KMIP: ("s3", "azure")}
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    tenant_id: str
+    flow: str  # Flow.ENABLE | Flow.REMOVE value
+    mode: str  # target KeyMode value
+    key_ref: str  # target L1 key reference
+    source: Mapping[str, Any]  # Location.to_dict()
+    destination: Mapping[str, Any]
+    old_index: str | None
+    new_generation: int
+    shards: int = 8
+    parallel_shards: int = 4  # shards copied at once by the default (thread) shard runner
+    threads_per_shard: int = 4
+    cutover_grace_seconds: float = 1.0  # readers that looked the location up before cutover finish first
+
+    @property
+    def source_location(self) -> Location:
+        return Location.from_dict(self.source)
+
+    @property
+    def destination_location(self) -> Location:
+        return Location.from_dict(self.destination)
+
+    @property
+    def new_index(self) -> str:
+        return index_name(self.tenant_id, self.new_generation)
+
+    @property
+    def target_key_mode(self) -> KeyMode:
+        return KeyMode(self.mode)
+
+    def to_params(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["source"], d["destination"] = dict(self.source), dict(self.destination)
+        return d
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> MigrationPlan:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in params.items() if k in known})
+
+
+def _fanout(shards: int | None, parallel: int | None, threads: int | None) -> dict[str, int]:
+    out = {"shards": shards or 8, "parallel_shards": parallel or 4, "threads_per_shard": threads or 4}
+    for k, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256:
+            raise ValidationError(f"{k} must be an integer in 1..256, got {v!r}")
+    return out
+
+
+def _tenant(platform: Any, tenant_id: str):
+    tid = TenantId(tenant_id).value  # the one strict rule, before any lookup
+    t = platform.state.get_tenant(tid)
+    if t is None:
+        raise StateError(f"unknown tenant {tid!r}: create it with `archive-kms tenant create`",
+                         resource=f"tenant:{tid}")
+    return t
+
+
+def _sse_key_arn(platform: Any, key_ref: str) -> str | None:
+    """The KMS key ARN for the dedicated bucket's default encryption (defense in depth),
+    for AWS-held customer keys; None for keys outside AWS KMS."""
+    ref = parse_key_ref(key_ref)
+    if not isinstance(ref, AwsKmsKeyRef):
+        return None
+    if ref.is_key_arn:
+        return ref.api_key_id
+    return platform.resolve_provider(key_ref).describe().arn  # an alias: the key it names now
+
+
+def plan_enable(platform: Any, tenant_id: str, mode: str, key_ref: str, *, cloud: str | None = None,
+                shards: int | None = None, parallel_shards: int | None = None,
+                threads_per_shard: int | None = None) -> MigrationPlan:
+    """Plan onboarding ``tenant_id`` onto ``key_ref`` in ``mode``; ValidationError naming
+    what to fix for a mode/key/cloud mismatch."""
+    t = _tenant(platform, tenant_id)
+    try:
+        m = EnableMode(mode)
+    except ValueError:
+        raise ValidationError(f"unknown mode {mode!r}: use one of {', '.join(x.value for x in EnableMode)}") from None
+    ref = parse_key_ref(key_ref)  # ValidationError names the problem
+    if ref.scheme not in _SCHEMES[m] and ref.scheme != "memory":
+        raise ValidationError(f"mode {m.value} needs a {' or '.join(_SCHEMES[m])}:// key reference, "
+                              f"got a {ref.scheme}:// one")
+    source = Location.from_dict(t.location)
+    target_cloud = cloud or source.cloud.value
+    if target_cloud not in _CLOUDS[m]:
+        raise ValidationError(f"mode {m.value} runs on {' or '.join(_CLOUDS[m])}, not {target_cloud}")
+    if target_cloud != source.cloud.value:
+        raise ValidationError(f"tenant {t.tenant_id} lives on {source.cloud.value}; moving between clouds is "
+                              f"not supported (use --cloud {source.cloud.value})")
+    if t.key_mode is not KeyMode.MANAGED or source.kind is not Kind.SHARED:
+        raise ValidationError(f"tenant {t.tenant_id} already uses its own key ({t.key_mode.value}, "
+                              f"{source.uri}); run `archive-kms remove {t.tenant_id}` first")
+    if source.cloud is Cloud.S3:
+        dest = dedicated_s3_location(t.tenant_id, sse_kms_key_arn=_sse_key_arn(platform, ref.uri))
+    else:
+        dest = dedicated_azure_location(t.tenant_id, account=platform.settings.shared_azure_account)
+    return MigrationPlan(
+        tenant_id=t.tenant_id, flow=Flow.ENABLE.value, mode=KeyMode(m.value).value, key_ref=ref.uri,
+        source=source.to_dict(), destination=dest.to_dict(),
+        old_index=platform.index.current_index(t.tenant_id), new_generation=t.index_generation + 1,
+        **_fanout(shards, parallel_shards, threads_per_shard))
+
+
+def plan_remove(platform: Any, tenant_id: str, *, shards: int | None = None, parallel_shards: int | None = None,
+                threads_per_shard: int | None = None) -> MigrationPlan:
+    """Plan moving a customer-key tenant back to a new shared entity under the managed key."""
+    from archive_kms.operations.tenants import shared_location
+
+    t = _tenant(platform, tenant_id)
+    source = Location.from_dict(t.location)
+    if t.key_mode is KeyMode.MANAGED or source.kind is not Kind.DEDICATED:
+        raise ValidationError(f"tenant {t.tenant_id} is on the managed key in shared storage already; "
+                              "nothing to remove")
+    dest = shared_location(platform, TenantId(t.tenant_id), source.cloud.value)
+    return MigrationPlan(
+        tenant_id=t.tenant_id, flow=Flow.REMOVE.value, mode=KeyMode.MANAGED.value, key_ref=MANAGED_KEY_REF,
+        source=source.to_dict(), destination=dest.to_dict(),
+        old_index=platform.index.current_index(t.tenant_id), new_generation=t.index_generation + 1,
+        **_fanout(shards, parallel_shards, threads_per_shard))
+
+
+__all__ = ["EnableMode", "MANAGED_KEY_REF", "MigrationPlan", "POINT_OF_NO_RETURN", "STEPS", "plan_enable",
+           "plan_remove"]

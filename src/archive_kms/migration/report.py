@@ -1,0 +1,74 @@
+"""The run report: objects, bytes, throughput, verification result and time per step,
+built from what the state store recorded (so ``runs show`` gives the same report for a
+run finished last week as the flow printed when it ended)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from archive_kms.state.port import CopyStatus, MigrationRun, StepState
+
+
+def _seconds(step) -> float | None:
+    if step.started_at is None or step.finished_at is None:
+        return None
+    return round((step.finished_at - step.started_at).total_seconds(), 3)
+
+
+def progress(platform: Any, run: MigrationRun) -> dict[str, Any]:
+    summary = platform.state.manifest_summary(run.run_id)
+    counts = platform.state.copy_counts(run.run_id) if summary else {}
+    total = summary.entries if summary else 0
+    copied = counts.get(CopyStatus.COPIED, 0) + counts.get(CopyStatus.VERIFIED, 0)
+    done_steps = sum(s.state in (StepState.COMPLETED, StepState.SKIPPED) for s in run.steps)
+    return {"steps_done": done_steps, "steps": len(run.steps), "objects": total, "copied": copied,
+            "verified": counts.get(CopyStatus.VERIFIED, 0), "failed": counts.get(CopyStatus.FAILED, 0),
+            "quarantined": counts.get(CopyStatus.QUARANTINED, 0)}
+
+
+def build_report(platform: Any, run_id: str, *, final: bool = False) -> dict[str, Any]:
+    run = platform.state.get_run(run_id)
+    params = run.params
+    summary = platform.state.manifest_summary(run_id)
+    steps = []
+    for s in run.steps:
+        steps.append({"step": s.name, "state": s.state.value, "attempts": s.attempt, "seconds": _seconds(s),
+                      "error": s.error})
+    copy_result = run.step("copy").result or {}
+    verify_result = run.step("verify").result or {}
+    index_result = run.step("build_index").result or {}
+    resume_result = run.step("resume").result or {}
+    started = run.created_at
+    ends = [s.finished_at for s in run.steps if s.finished_at is not None]
+    total = round((max(ends) - started).total_seconds(), 3) if ends else None
+    copy_seconds = _seconds(run.step("copy")) or copy_result.get("seconds")
+    plaintext = copy_result.get("bytes_plaintext")
+    report = {
+        "run_id": run.run_id, "tenant": run.tenant_id, "flow": run.flow.value, "mode": run.mode,
+        "state": "completed" if final else run.state.value,
+        "source": _uri(params.get("source")), "destination": _uri(params.get("destination")),
+        "key_ref": params.get("key_ref"),
+        "objects": summary.entries if summary else 0, "bytes": summary.total_bytes if summary else 0,
+        "bytes_plaintext_copied": plaintext,
+        "copy_seconds": copy_seconds,
+        "throughput_mb_s": round(plaintext / 1e6 / copy_seconds, 2) if plaintext and copy_seconds else None,
+        "verification": verify_result.get("result", "pending"),
+        "lost": verify_result.get("lost"), "duplicated": verify_result.get("duplicated"),
+        "index": index_result.get("index"), "index_documents": index_result.get("documents"),
+        "deferred_replayed": resume_result.get("replayed"),
+        "total_seconds": total,
+        "progress": progress(platform, run),
+        "steps": steps,
+    }
+    return report
+
+
+def _uri(loc: Any) -> str | None:
+    if not loc:
+        return None
+    from archive_kms.storage import Location
+
+    return Location.from_dict(loc).uri
+
+
+__all__ = ["build_report", "progress"]

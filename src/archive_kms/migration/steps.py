@@ -1,0 +1,398 @@
+"""The steps of the enable and remove flows, as plain idempotent functions.
+
+Each step takes the ``RunContext`` and returns a small JSON result (stored with the step;
+never key material). Running a step again after it completed, or after it crashed half
+way, converges to the same state: every side effect is either conditional (create if
+absent, swap alias if it still points at the old index, update the registry if it still
+has the old version) or recorded in the ledger before the next one. The engine
+(``migration.engine``) decides which steps run; ``docs/migration-flows.md`` explains each.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from archive_kms.domain.records import Record
+from archive_kms.errors import (
+    AliasConflictError,
+    ConfigurationError,
+    IntegrityError,
+    KeyUnavailableError,
+    SearchError,
+    StateError,
+    TransientError,
+)
+from archive_kms.keys.keychain import parse_dek_id
+from archive_kms.keys.preflight import check_usable
+from archive_kms.migration.plan import EnableMode
+from archive_kms.operations.archive import RECORD_PREFIX, replay_deferred
+from archive_kms.search import alias_name, rebuild_generation
+from archive_kms.state.port import CopyStatus, KeyMode, ManifestEntry
+
+if TYPE_CHECKING:
+    from archive_kms.migration.engine import RunContext
+
+Step = Callable[["RunContext"], dict[str, Any]]
+
+MANIFEST_PAGE = 1000
+PAUSE_WAIT_SECONDS = 300.0
+
+
+def _shard_of(name: bytes, shards: int) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(name).digest()[:4], "big") % shards
+
+
+# --- preflight ----------------------------------------------------------------------------
+
+
+def preflight(ctx: RunContext) -> dict[str, Any]:
+    """Refuse before any byte moves: tenant state, key usable (test wrap/unwrap under the
+    customer key, metadata, origin), the current key still opens the keychain, the index
+    answers, and the destination is free of anything this run did not write."""
+    plan, p = ctx.plan, ctx.platform
+    checks: list[str] = []
+    t = p.state.get_tenant(plan.tenant_id)
+    if t is None:
+        raise StateError(f"tenant {plan.tenant_id} disappeared", resource=f"tenant:{plan.tenant_id}")
+    status = p.keychain.status(plan.tenant_id)
+    if t.revoked or status.revoked:
+        raise KeyUnavailableError(f"tenant {plan.tenant_id} is revoked: restore it before migrating",
+                                  resource=f"tenant:{plan.tenant_id}")
+    if dict(t.location) not in (dict(plan.source), dict(plan.destination)):
+        raise StateError(f"tenant {plan.tenant_id} moved since this run was planned (now {t.location}); "
+                         "start a new run", resource=f"tenant:{plan.tenant_id}")
+    checks.append("tenant")
+
+    # The key we move onto: usable, of the right kind, bound to the tenant.
+    target = p.resolve_provider(plan.key_ref)
+    report = check_usable(target, {"tenant": plan.tenant_id})
+    details = dict(report.status.details or {}) | dict(report.metadata or {})
+    origin = details.get("origin")
+    if plan.mode == EnableMode.BYOK.value and origin not in (None, "EXTERNAL"):
+        raise ConfigurationError(f"mode byok needs a KMS key with imported material (Origin EXTERNAL); "
+                                 f"{plan.key_ref} has Origin {origin}: use --mode byokms for it",
+                                 resource=plan.key_ref)
+    if plan.mode == EnableMode.BYOKMS.value and origin == "EXTERNAL":
+        raise ConfigurationError(f"{plan.key_ref} holds imported material (Origin EXTERNAL): use --mode byok",
+                                 resource=plan.key_ref)
+    if report.status.expires_at is not None and report.status.expires_at <= datetime.now(timezone.utc):
+        raise KeyUnavailableError(f"imported key material of {plan.key_ref} expired at {report.status.expires_at}",
+                                  resource=plan.key_ref, state="expired")
+    checks += [f"key:{c}" for c in report.checks]
+
+    # The key we move away from must still open the keychain (rotate_l1 unwraps with it).
+    current = p.resolve_provider(status.l1_ref)
+    cur_state = current.status().state
+    if not cur_state.usable and status.l1_ref != plan.key_ref:
+        raise KeyUnavailableError(f"the tenant's current key {status.l1_ref} is {cur_state.value}: "
+                                  "it must stay usable until the data is re-encrypted", resource=status.l1_ref)
+    checks.append("current-key")
+
+    if plan.old_index is not None and p.index.current_index(plan.tenant_id) not in (plan.old_index, plan.new_index):
+        raise SearchError(f"tenant {plan.tenant_id}'s alias no longer points at {plan.old_index}; start a new run",
+                          resource=alias_name(plan.tenant_id))
+    checks.append("index")
+
+    dest_loc = plan.destination_location
+    foreign = 0
+    first: bytes | None = None
+    if p.provisioner.exists(dest_loc):
+        for info in p.store_for(dest_loc).list():
+            if p.state.manifest_summary(ctx.run_id) is None or p.state.get_copy(ctx.run_id, info.name) is None:
+                foreign += 1
+                first = first or info.name
+                if foreign >= 1000:
+                    break
+    if foreign:
+        raise ConfigurationError(
+            f"destination {dest_loc.uri} already holds {foreign}{'+' if foreign >= 1000 else ''} object(s) this run "
+            f"did not write (first: {first[:80]!r}); empty or remove it, or choose another destination",
+            resource=dest_loc.uri)
+    checks.append("destination-free")
+    return {"checks": checks, "key": {"ref": report.key_ref, "state": report.status.state.value,
+                                      "wrap_ms": round(report.wrap_seconds * 1000, 1),
+                                      "unwrap_ms": round(report.unwrap_seconds * 1000, 1),
+                                      **{k: v for k, v in details.items() if k in ("origin", "key_spec", "region")}}}
+
+
+# --- pause and the cutover point ------------------------------------------------------------
+
+
+def pause(ctx: RunContext) -> dict[str, Any]:
+    """Close the archive gate (new jobs are deferred) and wait for running jobs to finish."""
+    p, tenant = ctx.platform, ctx.plan.tenant_id
+    gate = p.state.pause(tenant, ctx.run_id, fence=ctx.fence)
+    deadline = time.monotonic() + PAUSE_WAIT_SECONDS
+    while running := p.state.running_jobs(tenant):
+        ctx.check()
+        if time.monotonic() > deadline:
+            raise TransientError(f"{len(running)} archive job(s) of {tenant} still running after "
+                                 f"{PAUSE_WAIT_SECONDS:.0f} s (first: {running[0].job_id}); rerun the step")
+        time.sleep(0.2)
+    return {"gate": gate.state.value, "paused_since": gate.since.isoformat()}
+
+
+def cutover_point(ctx: RunContext) -> dict[str, Any]:
+    """Record what the tenant looked like when writes stopped, and write-block the old
+    index so nothing can land in it unnoticed from here on (faults C5)."""
+    p, plan = ctx.platform, ctx.plan
+    gate = p.state.gate(plan.tenant_id)
+    docs = None
+    if plan.old_index is not None:
+        p.index.refresh(plan.old_index)
+        docs = p.index.count(plan.old_index)
+        p.index.set_write_block(plan.old_index, True)
+    return {"at": datetime.now(timezone.utc).isoformat(), "gate_since": gate.since.isoformat(),
+            "deferred_at_point": gate.pending, "old_index": plan.old_index, "old_index_documents": docs}
+
+
+# --- destination and key --------------------------------------------------------------------
+
+
+def create_destination(ctx: RunContext) -> dict[str, Any]:
+    loc = ctx.plan.destination_location
+    existed = ctx.platform.provisioner.exists(loc)
+    ctx.platform.provisioner.create(loc)
+    return {"location": loc.uri, "created": not existed, "sse_kms_key_arn": loc.sse_kms_key_arn}
+
+
+def bind_key(ctx: RunContext) -> dict[str, Any]:
+    """Re-wrap the tenant key (L2) under the target key (1 unwrap with the old key, 1 wrap
+    with the new one), then retire every workspace's active DEK so each copy is encrypted
+    under a DEK created after the binding. ``dek_floor`` records the newest DEK per
+    workspace at bind time; verify refuses any copy not newer than it."""
+    p, plan = ctx.platform, ctx.plan
+    kc = p.keychain
+    before = kc.status(plan.tenant_id)
+    rewrapped = False
+    if before.l1_ref != plan.key_ref:
+        kc.rotate_l1(plan.tenant_id, p.resolve_provider(plan.key_ref))
+        rewrapped = True
+        ctx.audit("key.bind", {"from": before.l1_ref, "to": plan.key_ref})
+    floor: dict[str, list[int]] = {}
+    for ws in kc.status(plan.tenant_id).workspaces:
+        kc.retire_active_dek(plan.tenant_id, ws)
+    for d in kc.list_deks(plan.tenant_id):
+        _, bucket, gen = parse_dek_id(d.dek_id)
+        if d.workspace_id not in floor or [bucket, gen] > floor[d.workspace_id]:
+            floor[d.workspace_id] = [bucket, gen]
+    after = kc.status(plan.tenant_id)
+    return {"from": before.l1_ref, "to": after.l1_ref, "rewrapped": rewrapped, "l1_generation": after.l1_generation,
+            "dek_floor": floor}
+
+
+# --- manifest, copy, verify --------------------------------------------------------------------
+
+
+def _listing_fingerprint(store: Any) -> tuple[int, int, str]:
+    import hashlib
+
+    count, total, acc = 0, 0, 0
+    for info in store.list():
+        count += 1
+        total += info.size
+        acc ^= int.from_bytes(hashlib.sha256(info.name + b"\0" + str(info.size).encode()).digest()[:16], "big")
+    return count, total, f"{acc:032x}"
+
+
+def manifest(ctx: RunContext) -> dict[str, Any]:
+    """List the source into the run's manifest (sharded by a hash of the name). A second,
+    independent listing must agree (faults A10), which also proves nothing writes to
+    the source any more."""
+    p, plan = ctx.platform, ctx.plan
+    src = p.store_for(plan.source_location)
+    p.state.create_manifest(ctx.run_id, plan.source, fence=ctx.fence)
+    page: list[ManifestEntry] = []
+    new = 0
+    for info in src.list():
+        page.append(ManifestEntry(info.name, info.size, _shard_of(info.name, plan.shards), info.etag))
+        if len(page) >= MANIFEST_PAGE:
+            new += p.state.add_manifest_entries(ctx.run_id, page, fence=ctx.fence)
+            page.clear()
+            ctx.check()
+    if page:
+        new += p.state.add_manifest_entries(ctx.run_id, page, fence=ctx.fence)
+    summary = p.state.manifest_summary(ctx.run_id)
+    count, total, _ = _listing_fingerprint(src)
+    if (count, total) != (summary.entries, summary.total_bytes):
+        raise IntegrityError(f"two listings of {plan.source_location.uri} disagree ({summary.entries} objects / "
+                             f"{summary.total_bytes} bytes in the manifest, {count} / {total} now): something is "
+                             "still writing to the source; rerun the step", resource=plan.source_location.uri)
+    return {"objects": summary.entries, "bytes": summary.total_bytes, "shards": summary.shards, "new_entries": new}
+
+
+def copy(ctx: RunContext) -> dict[str, Any]:
+    """Copy + re-encrypt every manifest entry not yet in the ledger, shards in parallel."""
+    started = time.monotonic()
+    results = ctx.run_shards("copy", list(range(ctx.plan.shards)))
+    failed = sum(r["failed"] for r in results)
+    out = {"objects": sum(r["objects"] for r in results), "written": sum(r["written"] for r in results),
+           "already": sum(r["already"] for r in results), "bytes_plaintext": sum(r["bytes_plaintext"] for r in results),
+           "failed": failed, "seconds": round(time.monotonic() - started, 3)}
+    if failed:
+        errors = [e for r in results for e in (r.get("errors") or [])][:5]
+        raise TransientError(f"{failed} object(s) failed to copy; they stay in the ledger as failed and are "
+                             f"retried by a rerun of the step. First: {'; '.join(errors)}")
+    counts = ctx.platform.state.copy_counts(ctx.run_id)
+    summary = ctx.platform.state.manifest_summary(ctx.run_id)
+    done = counts.get(CopyStatus.COPIED, 0) + counts.get(CopyStatus.VERIFIED, 0)
+    if done != summary.entries:
+        raise IntegrityError(f"ledger has {done} of {summary.entries} objects copied after the copy step")
+    out["mb_per_s"] = round(out["bytes_plaintext"] / 1e6 / max(out["seconds"], 1e-6), 2)
+    return out
+
+
+def verify(ctx: RunContext) -> dict[str, Any]:
+    """Every object read back and checked (verify_shard), then manifest, ledger and
+    destination listing reconciled name by name: 0 lost, 0 duplicated, 0 unexpected."""
+    from datetime import timedelta
+
+    p, plan = ctx.platform, ctx.plan
+    results = ctx.run_shards("verify", list(range(plan.shards)))
+    mismatched = sum(r["mismatched"] for r in results)
+    if mismatched:
+        errors = [e for r in results for e in r["errors"]][:5]
+        raise IntegrityError(f"{mismatched} object(s) failed verification and are marked failed; rerun from "
+                             f"`copy` to redo them. First: {'; '.join(errors)}")
+    dst = p.store_for(plan.destination_location)
+    aborted = dst.abort_stale_uploads(timedelta(0))  # uploads of crashed attempts (faults A5, I5)
+    manifest_names = {e.name for e in p.state.iter_manifest(ctx.run_id)}
+    verified = {c.name for c in p.state.iter_copies(ctx.run_id, status=CopyStatus.VERIFIED)}
+    listed: dict[bytes, int] = {}
+    for info in dst.list():
+        listed[info.name] = listed.get(info.name, 0) + 1
+    duplicates = sum(n - 1 for n in listed.values())
+    lost = manifest_names - set(listed)
+    unexpected = set(listed) - manifest_names
+    unverified = manifest_names - verified
+    out = {"objects": len(manifest_names), "verified": len(verified), "listed": len(listed), "lost": len(lost),
+           "duplicated": duplicates, "unexpected": len(unexpected), "unverified": len(unverified),
+           "aborted_uploads": aborted, "result": "ok"}
+    if lost or duplicates or unexpected or unverified:
+        out["result"] = "mismatch"
+        sample = sorted(lost | unexpected | unverified)[:3]
+        raise IntegrityError(f"reconciliation failed for {plan.destination_location.uri}: {out} (e.g. {sample!r})",
+                             resource=plan.destination_location.uri)
+    return out
+
+
+# --- index and cutover ------------------------------------------------------------------------
+
+
+def _records(ctx: RunContext, store: Any):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from archive_kms.migration.copying import _dek_lookup
+    from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter
+    from archive_kms.operations.archive import workspace_of
+
+    tenant, kc = ctx.plan.tenant_id, ctx.platform.keychain
+
+    def load(name: bytes) -> Record:
+        binding = ObjectBinding(tenant, workspace_of(name), name)
+        with store.open_read(name) as reader:
+            return Record.from_json(b"".join(decrypt_iter(reader, binding=binding, dek_for=_dek_lookup(kc, tenant))))
+
+    names = (info.name for info in store.list(RECORD_PREFIX))
+    with ThreadPoolExecutor(max_workers=ctx.plan.threads_per_shard * 2, thread_name_prefix="akms-etl") as pool:
+        window: list = []
+        for name in names:
+            window.append(pool.submit(load, name))
+            if len(window) >= 64:
+                yield window.pop(0).result()
+        for f in window:
+            yield f.result()
+
+
+def build_index(ctx: RunContext) -> dict[str, Any]:
+    """Build the new index generation from the *new* storage (the ETL); the alias keeps
+    pointing at the old generation, so searches during the run see the pre-run data."""
+    p, plan = ctx.platform, ctx.plan
+    mode = p.index_mode(plan.target_key_mode)
+    keys = p.search_keys(plan.tenant_id, plan.target_key_mode)
+    report = rebuild_generation(_records(ctx, p.store_for(plan.destination_location)), p.index, plan.tenant_id,
+                                plan.new_generation, mode, keys)
+    report.require_complete()
+    expected = sum(1 for e in p.state.iter_manifest(ctx.run_id) if e.name.startswith(RECORD_PREFIX))
+    if report.count != expected:
+        raise IntegrityError(f"index {report.index} holds {report.count} documents but the manifest has {expected} "
+                             "records", resource=report.index)
+    return {"index": report.index, "mode": mode.value, "documents": report.count, "indexed": report.indexed,
+            "reused": report.reused, "seconds": round(report.seconds, 3)}
+
+
+def cutover(ctx: RunContext) -> dict[str, Any]:
+    """Point the registry (location, key mode, key, index generation) and the alias at the
+    new storage and index. Each half is conditional, so a rerun after a crash between
+    them finishes the other half; readers see old or new, never neither."""
+    p, plan = ctx.platform, ctx.plan
+    t = p.state.get_tenant(plan.tenant_id)
+    registry_changed = dict(t.location) != dict(plan.destination)
+    if registry_changed:
+        p.state.update_tenant(replace(t, location=dict(plan.destination), key_mode=KeyMode(plan.mode),
+                                      key_ref=plan.key_ref, index_alias=alias_name(plan.tenant_id),
+                                      index_generation=plan.new_generation), fence=ctx.fence)
+    current = p.index.current_index(plan.tenant_id)
+    alias_changed = current != plan.new_index
+    if alias_changed:
+        if current != plan.old_index:
+            raise AliasConflictError(f"alias of {plan.tenant_id} points at {current}, expected {plan.old_index}: "
+                                     "another flow moved it; not swapping", resource=alias_name(plan.tenant_id))
+        p.index.swap_alias(plan.tenant_id, plan.new_index, expected_current=plan.old_index)
+    ctx.audit("tenant.cutover", {"location": plan.destination_location.uri, "index": plan.new_index,
+                                 "key_mode": plan.mode, "key_ref": plan.key_ref})
+    return {"location": plan.destination_location.uri, "index": plan.new_index,
+            "registry_changed": registry_changed, "alias_changed": alias_changed}
+
+
+def cleanup_source(ctx: RunContext) -> dict[str, Any]:
+    """Delete the old storage entity and the old index, after a short grace period for
+    reads that looked the location up just before cutover."""
+    p, plan = ctx.platform, ctx.plan
+    if dict(p.state.get_tenant(plan.tenant_id).location) != dict(plan.destination):
+        raise StateError("refusing to delete the source: the registry does not point at the destination yet")
+    time.sleep(plan.cutover_grace_seconds)
+    src_loc = plan.source_location
+    deleted = p.provisioner.delete(src_loc, p.store_for(src_loc))
+    index_deleted = False
+    if plan.old_index is not None and plan.old_index != plan.new_index:
+        p.index.delete_index(plan.old_index)
+        index_deleted = True
+    left = sum(1 for _ in p.store_for(src_loc).list()) if p.provisioner.exists(src_loc) else 0
+    if left:
+        raise IntegrityError(f"{left} object(s) still in {src_loc.uri} after cleanup; rerun the step")
+    ctx.audit("storage.delete", {"location": src_loc.uri, "objects": deleted, "index": plan.old_index})
+    return {"location": src_loc.uri, "objects_deleted": deleted, "old_index": plan.old_index,
+            "old_index_deleted": index_deleted}
+
+
+def resume(ctx: RunContext) -> dict[str, Any]:
+    """Open the gate and replay the jobs deferred during the run, exactly once, into the
+    tenant's new home."""
+    p = ctx.platform
+    outcomes = replay_deferred(p.state, ctx.plan.tenant_id, ctx.run_id, p.open_archive, fence=ctx.fence)
+    ran = [o for o in outcomes if o.decision == "run"]
+    return {"replayed": len(ran), "duplicates": len(outcomes) - len(ran),
+            "records": sum(o.records for o in ran), "gate": p.state.gate(ctx.plan.tenant_id).state.value}
+
+
+def report(ctx: RunContext) -> dict[str, Any]:
+    from archive_kms.migration.report import build_report
+
+    return build_report(ctx.platform, ctx.run_id, final=True)
+
+
+STEP_FUNCTIONS: dict[str, Step] = {
+    "preflight": preflight, "pause": pause, "cutover_point": cutover_point,
+    "create_destination": create_destination, "bind_key": bind_key, "manifest": manifest, "copy": copy,
+    "verify": verify, "build_index": build_index, "cutover": cutover, "cleanup_source": cleanup_source,
+    "resume": resume, "report": report,
+}
+
+__all__ = ["STEP_FUNCTIONS", "Step"]
