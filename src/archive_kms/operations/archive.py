@@ -22,7 +22,7 @@ from typing import Any
 
 from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter, encrypt_iter
 from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
-from archive_kms.errors import ObjectExistsError, StateError, ValidationError
+from archive_kms.errors import ObjectExistsError, ObjectNotFoundError, StateError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ class TenantArchive:
     keychain encrypts it, which index generation answers searches."""
 
     def __init__(self, *, tenant_id: str, store, keychain, index, index_mode, search_keys,
-                 index_name: str | None = None, segment_size: int | None = None) -> None:
+                 index_name: str | None = None, segment_size: int | None = None,
+                 relocate: Callable[[], TenantArchive] | None = None) -> None:
         self.tenant_id = tenant_id
         self.store = store
         self.keychain = keychain
@@ -162,6 +163,7 @@ class TenantArchive:
         self.search_keys = search_keys
         self.index_name = index_name  # the write target (alias's current index when None)
         self.segment_size = segment_size
+        self._relocate = relocate  # the tenant's archive where the registry says it lives *now*
 
     # writes
 
@@ -192,7 +194,15 @@ class TenantArchive:
     def read_object(self, name: bytes) -> Iterator[bytes]:
         """Decrypted, authenticated plaintext of one object, streamed."""
         binding = ObjectBinding(self.tenant_id, workspace_of(name), name)
-        reader = self.store.open_read(name)
+        try:
+            reader = self.store.open_read(name)
+        except ObjectNotFoundError:
+            # A migration may have cut over and deleted the old location since this archive
+            # was opened: look the tenant up again rather than answer 404 (faults E7).
+            fresh = self._relocate() if self._relocate is not None else None
+            if fresh is None or fresh.store is self.store:
+                raise
+            return fresh.read_object(name)
         return decrypt_iter(reader, binding=binding,
                             dek_for=lambda header: self.keychain.dek_by_id(self.tenant_id, header.dek_id))
 

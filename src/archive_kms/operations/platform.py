@@ -77,6 +77,7 @@ class Platform:
             index=self.index,
             index_mode=self.index_mode(t.key_mode),
             search_keys=self.search_keys(tenant_id, t.key_mode),
+            relocate=lambda: self.open_archive(tenant_id),
         )
 
     @classmethod
