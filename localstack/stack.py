@@ -588,6 +588,54 @@ def pg_endpoints(s: Service) -> dict[str, object]:
     return {"postgres_url": f"postgresql+psycopg://{PG_DB}@127.0.0.1:{s.port}/{PG_DB}"}
 
 
+# ---------------------------------------------------------------- Prefect server (orchestration API)
+
+def _prefect_api_url(s: Service) -> str:
+    return f"http://127.0.0.1:{s.port}/api"
+
+
+def prefect_install(s: Service) -> None:
+    # Nothing to install: the server is the Prefect the project venv already has (pyproject),
+    # so client and server versions always match. find_spec checks without a slow import.
+    has_prefect = "import importlib.util, sys; sys.exit(importlib.util.find_spec('prefect') is None)"
+    if subprocess.call([_project_python(), "-c", has_prefect]) != 0:
+        raise StackError(f"prefect is not installed for {_project_python()}: create the project venv first (make venv)")
+
+
+def prefect_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    # Configured only by what is set here: inherited PREFECT_* (a client's PREFECT_API_URL, a
+    # profile) must not change where the server keeps its data.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(s.run_dir),
+               PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{s.run_dir / 'prefect.db'}",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false",  # no phoning home from a test stack
+               PREFECT_SERVER_UI_ENABLED="false",  # API only: nobody browses it, saves memory
+               PREFECT_SERVER_LOGGING_LEVEL="WARNING")  # no per-request access log lines
+    return ([_project_python(), "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(s.port)],
+            env, s.run_dir)
+
+
+def prefect_healthy(s: Service) -> bool:
+    try:
+        code, _ = http_get(f"{_prefect_api_url(s)}/health")
+        return code == 200
+    except OSError:
+        return False
+
+
+def prefect_version(s: Service) -> str:
+    try:
+        code, body = http_get(f"{_prefect_api_url(s)}/admin/version")
+        return f"prefect server {json.loads(body)}" if code == 200 else "?"
+    except (OSError, ValueError):
+        return "?"
+
+
+def prefect_endpoints(s: Service) -> dict[str, object]:
+    return {"prefect_api_url": _prefect_api_url(s)}
+
+
 SERVICES: list[Service] = [
     Service("localstack", "LocalStack (S3, KMS)", port("localstack", 4566), ls_install, ls_command, ls_healthy,
             ls_version, ls_endpoints, start_timeout=180),
@@ -601,6 +649,8 @@ SERVICES: list[Service] = [
             kmip_version, kmip_endpoints, start_timeout=60),
     Service("postgres", "PostgreSQL (state store)", port("postgres", 5433), pg_install, pg_command, pg_healthy,
             pg_version, pg_endpoints, start_timeout=60),
+    Service("prefect", "Prefect server (flow orchestration API)", port("prefect", 4200), prefect_install,
+            prefect_command, prefect_healthy, prefect_version, prefect_endpoints, start_timeout=120),
 ]
 
 

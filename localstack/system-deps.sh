@@ -12,6 +12,7 @@ need npm npm
 need mvn maven
 need setpriv util-linux
 need unzip unzip
+need rclone rclone  # bench/: the peer the copy benchmark compares against
 
 java_ok=0
 for j in /usr/lib/jvm/temurin-2[5-9]* /usr/lib/jvm/java-2[1-9]*; do

@@ -1,10 +1,15 @@
 """Shared fixtures. The service fixtures (`localstack`, `azurite`, `elasticsearch`,
-`keyvault`, `kmip`) give Settings for a real server on loopback; any tier may use them.
+`keyvault`, `kmip`, `prefect`) give Settings for a real server on loopback; any tier may
+use them.
 
 The services are started by `archive-kms stack up` (`make test` does it first). A test
 never skips for a missing service: if one is down, the session fails naming it and the
 command that starts it. Set ARCHIVE_KMS_TEST_AUTOSTART=1 to have the suite start the
 stack itself.
+
+Prefect: flows report to the stack's Prefect server (`prefect` service, `prefect_api`
+fixture). Prefect's ephemeral mode (a temporary server started inside each process) is
+switched off for the whole session, so a flow run without the fixture fails loudly instead.
 """
 
 from __future__ import annotations
@@ -13,11 +18,16 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
 from archive_kms.config import PROJECT_ROOT, Settings
 
+# Set before anything imports Prefect (it reads the environment once, at import), and
+# inherited by subprocesses: with no API URL a flow run raises "No Prefect API URL provided"
+# instead of silently starting a temporary server (8-20 s per process, runs nobody can see).
+os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
 
 
 def _stack_status() -> dict[str, bool]:
@@ -62,6 +72,41 @@ azurite = _service("azurite")
 elasticsearch = _service("elasticsearch")
 keyvault = _service("keyvault")
 kmip = _service("kmip")
+prefect = _service("prefect")
+
+
+@pytest.fixture(scope="session")
+def prefect_api(stack, settings) -> Iterator[str]:
+    """The stack's Prefect API URL, made the API of every flow run in this session.
+
+    Fails the session if the `prefect` service is down. Sets PREFECT_API_URL twice: in
+    ``os.environ`` for subprocesses (kill -9 tests run flows in child processes), and in
+    Prefect's settings context for this process, because Prefect reads the environment
+    once at import and would not see a later ``os.environ`` change. Both are restored on
+    teardown.
+
+    No silent fallback to Prefect's ephemeral server: ephemeral mode is off for the whole
+    session (module top), both here and in subprocesses, so a flow run that reaches no API
+    URL raises instead of quietly starting a temporary server.
+    """
+    _need(stack, "prefect")
+    if not settings.prefect_api_url:
+        pytest.fail("prefect_api_url is not set: run `archive-kms stack up` (it writes .stack/endpoints.json)",
+                    pytrace=False)
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_SERVER_EPHEMERAL_ENABLED")}
+    os.environ.update(PREFECT_API_URL=settings.prefect_api_url, PREFECT_SERVER_EPHEMERAL_ENABLED="false")
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url,
+                                         PREFECT_SERVER_EPHEMERAL_ENABLED: False}):
+            yield settings.prefect_api_url
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def pytest_collection_modifyitems(items):

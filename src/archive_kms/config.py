@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # The local PostgreSQL server the stack runs; tests run the state store on it too.
     postgres_url: str | None = None
 
+    # Prefect API the flows report to (the stack's server locally); None = Prefect's own default.
+    prefect_api_url: str | None = None
+
     # Naming.
     shared_bucket: str = "archive-kms-shared"
     shared_azure_account: str = "devstoreaccount1"
@@ -83,6 +86,14 @@ class Settings(BaseSettings):
     keychain_signing_key_path: str | None = None
     key_cache_ttl_seconds: float = 60.0
     dek_bucket_seconds: int = 3600
+
+    # Migration flows.
+    # A run's tenant lease: renewed every third of it; a crashed worker's run can be
+    # resumed by another process once it expires (or at once with --takeover).
+    lease_ttl_seconds: float = Field(default=60.0, gt=0)
+    # Dask scheduler for the copy/verify shard tasks with --task-runner dask; None = a
+    # local cluster of two worker processes.
+    dask_address: str | None = None
 
     @classmethod
     def settings_customise_sources(
