@@ -85,6 +85,17 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
         raise KeyUnavailableError(f"imported key material of {plan.key_ref} expired at {report.status.expires_at}",
                                   resource=plan.key_ref, state="expired")
     checks += [f"key:{c}" for c in report.checks]
+    sse_arn = plan.destination_location.sse_kms_key_arn
+    if sse_arn is not None:
+        # S3 default encryption (SSE-KMS) only takes a key in the bucket's own region; a
+        # key elsewhere would pass the wrap test and fail every PUT later.
+        key_region, bucket_region = sse_arn.split(":")[3], p.settings.aws_region
+        if key_region != bucket_region:
+            raise ConfigurationError(
+                f"key {plan.key_ref} is in region {key_region}, but the tenant's dedicated bucket is in "
+                f"{bucket_region}: S3 default encryption needs a key in the bucket's region (create or replicate "
+                f"the key in {bucket_region})", resource=plan.key_ref)
+        checks.append("key:region")
 
     # The key we move away from must still open the keychain (rotate_l1 unwraps with it).
     current = p.resolve_provider(status.l1_ref)
