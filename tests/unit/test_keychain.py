@@ -426,6 +426,43 @@ def test_replayed_head_is_tampering_in_a_process_that_saw_a_newer_one(env: Env) 
     assert "went back" in str(info.value)
 
 
+def test_a_head_read_that_races_a_newer_write_is_not_a_replay(env: Env) -> None:
+    """Thread A reads the head (version n) while thread B commits n+1 and notes it: A's
+    head is older than the mark when A checks it, but was current when A read it. Only a
+    head older than the mark seen *before* the read is a replay (the store never goes back)."""
+    env.tenant()
+    env.kc.create_workspace("acme", "ws0")
+    read_done, write_done = threading.Event(), threading.Event()
+    real_get_head = env.store.get_head
+    racing = {"on": True}
+
+    def slow_get_head(tenant_id):
+        head = real_get_head(tenant_id)
+        if racing["on"] and threading.current_thread().name == "reader":
+            racing["on"] = False
+            read_done.set()
+            assert write_done.wait(5)  # B commits and notes a newer head meanwhile
+        return head
+
+    env.store.get_head = slow_get_head  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            env.kc.status("acme")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=reader, name="reader")
+    t.start()
+    assert read_done.wait(5)
+    env.kc.create_workspace("acme", "ws1")  # head version + 1, noted by this keychain
+    write_done.set()
+    t.join(5)
+    assert errors == []
+    assert env.kc.status("acme").head_version == real_get_head("acme").version
+
+
 def test_signature_from_another_platform_key_is_tampering(env: Env) -> None:
     old, _ = _two_hours_of_deks(env)
     stranger = Keychain(env.store, env.kms.provider, Signer.generate(), env.clock, KeyCache(clock=env.clock))

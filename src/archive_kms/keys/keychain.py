@@ -942,6 +942,11 @@ class Keychain:
         )
 
     def _load_head(self, tenant_id: str, *, gate: bool) -> TenantHead:
+        # The replay check compares with the high-water mark as it was *before* this read:
+        # a concurrent thread may raise the mark while we read, and a head older than that
+        # newer mark is then a race, not a replay (the store only moves forward).
+        with self._lock:
+            seen = self._head_seen.get(tenant_id, 0)
         head = self._store.get_head(tenant_id)
         if head is None:
             raise KeyNotFoundError(f"tenant {tenant_id} has no keychain", resource=f"keychain:{tenant_id}")
@@ -954,15 +959,15 @@ class Keychain:
             raise KeychainTamperedError(
                 f"keychain head stored for tenant {tenant_id} belongs to tenant {head.tenant_id}", resource=resource
             )
+        if head.version < seen:
+            raise KeychainTamperedError(
+                f"keychain head of tenant {tenant_id} went back from version {seen} to {head.version} (replayed)",
+                resource=resource,
+            )
         with self._lock:
-            seen = self._head_seen.get(tenant_id, 0)
-            if head.version < seen:
-                raise KeychainTamperedError(
-                    f"keychain head of tenant {tenant_id} went back from version {seen} to {head.version} (replayed)",
-                    resource=resource,
-                )
-            self._head_seen[tenant_id] = head.version
-            self._verified_heads[tenant_id] = head
+            if head.version >= self._head_seen.get(tenant_id, 0):
+                self._head_seen[tenant_id] = head.version
+                self._verified_heads[tenant_id] = head
         if head.revoked:
             self._cache.purge(tenant_id)  # this process may not be the one that revoked
         if gate and head.revoked:
