@@ -11,7 +11,8 @@ bounded thread pool. The copy ledger in the state store is the checkpoint: every
 is recorded (fenced) as soon as it is committed, so a crash redoes at most the objects in
 flight; a rerun skips what the ledger says is done. A retried write that finds the object
 already there (the earlier attempt committed, then died before the ledger write: faults
-A7) verifies that object instead of writing a second one.
+A7) checks that object against the source instead of writing a second one, and replaces
+it only if it is not a good copy (verify rejected it, or it is not what the source holds).
 
 Both functions take plain, picklable arguments (run id, shard, fence token) and a
 ``Platform``, so the shard tasks can run in threads of the flow process or in Dask worker
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter, encrypt_iter
-from archive_kms.errors import ArchiveKmsError, FencedError, IntegrityError, ObjectExistsError
+from archive_kms.errors import ArchiveKmsError, FencedError, IntegrityError, KeychainTamperedError, ObjectExistsError
 from archive_kms.keys.keychain import parse_dek_id
 from archive_kms.migration import crashpoints
 from archive_kms.migration.plan import MigrationPlan
@@ -69,8 +70,28 @@ def read_plaintext_digest(store: Any, keychain: Any, tenant_id: str, name: bytes
     return res.plaintext_size, res.plaintext_sha256, it.header.dek_id
 
 
-def copy_object(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes) -> ObjectCopy:
-    """Copy one object, re-encrypted under a new DEK; see the module docstring."""
+def copy_object(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes, *,
+                dek_floor: dict[str, list[int]] | None = None) -> ObjectCopy:
+    """Copy one object, re-encrypted under a new DEK; see the module docstring.
+
+    If ``name`` is at the destination already (an earlier attempt committed it and died
+    before the ledger write, or verify rejected it), it is kept only when it is what a copy
+    would be now: it authenticates, its plaintext equals the source's and its DEK is newer
+    than ``dek_floor``. Otherwise it is replaced: before cutover nothing reads the
+    destination, and the source is intact."""
+    try:
+        return _write_copy(src, dst, keychain, tenant_id, name)
+    except ObjectExistsError:
+        pass
+    existing = _existing(src, dst, keychain, tenant_id, name, dek_floor)
+    if existing is not None:
+        return existing
+    log.warning("%s: replacing %r, which does not match its source", dst.label, name[:80])
+    dst.delete(name)
+    return _write_copy(src, dst, keychain, tenant_id, name)
+
+
+def _write_copy(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes) -> ObjectCopy:
     workspace = workspace_of(name)
     binding = ObjectBinding(tenant_id, workspace, name)
     sha = hashlib.sha256()
@@ -87,21 +108,28 @@ def copy_object(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes) 
                     crashpoints.hit("copy:mid-object")
                 yield chunk
 
-        try:
-            info = dst.put_stream(name, encrypt_iter(measured(), dek=dek.key, dek_id=dek.dek_id, binding=binding),
-                                  if_absent=True, metadata={"akms_format": "1", "akms_dek": dek.dek_id})
-        except ObjectExistsError:
-            # An earlier attempt committed it and died before the ledger write: check it, never rewrite it.
-            return _existing(dst, keychain, tenant_id, name)
+        info = dst.put_stream(name, encrypt_iter(measured(), dek=dek.key, dek_id=dek.dek_id, binding=binding),
+                              if_absent=True, metadata={"akms_format": "1", "akms_dek": dek.dek_id})
     crashpoints.hit("copy:after-put")
     return ObjectCopy(name, size["n"], sha.hexdigest(), info.size, info.etag, dek.dek_id, True)
 
 
-def _existing(dst: Any, keychain: Any, tenant_id: str, name: bytes) -> ObjectCopy:
+def _existing(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes,
+              dek_floor: dict[str, list[int]] | None) -> ObjectCopy | None:
+    """The object already at the destination if it is a good copy of the source, else None.
+    Compared with the source's plaintext, never with itself (faults A7, D10; I3)."""
     info = dst.head(name)
-    if info is None:  # deleted between the conditional write and now: let the retry write it
-        raise IntegrityError(f"{dst.label}: {name[:80]!r} vanished after a conditional write", resource=dst.label)
-    size, digest, dek_id = read_plaintext_digest(dst, keychain, tenant_id, name)
+    if info is None:  # deleted between the conditional write and now: write it
+        return None
+    try:
+        size, digest, dek_id = read_plaintext_digest(dst, keychain, tenant_id, name)
+    except KeychainTamperedError:
+        raise  # the keychain, not the object, is in doubt: stop rather than rewrite
+    except IntegrityError:
+        return None  # does not authenticate: corrupt or foreign
+    _, src_digest, _ = read_plaintext_digest(src, keychain, tenant_id, name)
+    if digest != src_digest or (dek_floor is not None and not newer_than_bind(dek_id, dek_floor)):
+        return None
     return ObjectCopy(name, size, digest, info.size, info.etag, dek_id, False)
 
 
@@ -152,6 +180,7 @@ def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> d
     src = platform.store_for(plan.source_location)
     dst = platform.store_for(plan.destination_location)
     state, keychain, tenant = platform.state, platform.keychain, plan.tenant_id
+    floor = (run.step("bind_key").result or {}).get("dek_floor")
     result = ShardResult(shard, errors=[])
     started = time.monotonic()
     stop = threading.Event()
@@ -159,7 +188,7 @@ def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> d
     lock = threading.Lock()
 
     def work(entry: ManifestEntry) -> ObjectCopy:
-        return copy_object(src, dst, keychain, tenant, entry.name)
+        return copy_object(src, dst, keychain, tenant, entry.name, dek_floor=floor)
 
     def done(entry: ManifestEntry, copied: ObjectCopy | None, exc: BaseException | None) -> None:
         with lock:

@@ -106,7 +106,9 @@ class MigrationPlan:
 
 
 def _fanout(shards: int | None, parallel: int | None, threads: int | None) -> dict[str, int]:
-    out = {"shards": shards or 8, "parallel_shards": parallel or 4, "threads_per_shard": threads or 4}
+    # None means "not given"; 0 is a value, and out of bounds (``or`` would turn it into the default)
+    out = {"shards": 8 if shards is None else shards, "parallel_shards": 4 if parallel is None else parallel,
+           "threads_per_shard": 4 if threads is None else threads}
     for k, v in out.items():
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256:
             raise ValidationError(f"{k} must be an integer in 1..256, got {v!r}")

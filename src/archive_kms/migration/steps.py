@@ -100,7 +100,7 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
     # The key we move away from must still open the keychain (rotate_l1 unwraps with it).
     current = p.resolve_provider(status.l1_ref)
     cur_state = current.status().state
-    if not cur_state.usable and status.l1_ref != plan.key_ref:
+    if not cur_state.usable and status.l1_ref != target.key_ref:
         raise KeyUnavailableError(f"the tenant's current key {status.l1_ref} is {cur_state.value}: "
                                   "it must stay usable until the data is re-encrypted", resource=status.l1_ref)
     checks.append("current-key")
@@ -181,9 +181,12 @@ def bind_key(ctx: RunContext) -> dict[str, Any]:
     p, plan = ctx.platform, ctx.plan
     kc = p.keychain
     before = kc.status(plan.tenant_id)
+    target = p.resolve_provider(plan.key_ref)
     rewrapped = False
-    if before.l1_ref != plan.key_ref:
-        kc.rotate_l1(plan.tenant_id, p.resolve_provider(plan.key_ref))
+    # Compare with the reference the keychain records (the provider's): a resolver may spell
+    # it differently from the plan (the in-memory one does), and then every rerun re-wrapped.
+    if before.l1_ref != target.key_ref:
+        kc.rotate_l1(plan.tenant_id, target)
         rewrapped = True
         ctx.audit("key.bind", {"from": before.l1_ref, "to": plan.key_ref})
     floor: dict[str, list[int]] = {}
