@@ -35,6 +35,11 @@ class ValidationError(ArchiveKmsError):
     """An input (tenant id, key reference, object name, header field) is malformed."""
 
 
+class IndexModeMismatchError(ValidationError):
+    """Search keys given for a plaintext index, or missing for a keyed one (the index's
+    generation decides its mode; a caller holding the other mode's keys may retry)."""
+
+
 class ServiceUnavailableError(TransientError):
     """A backing service (S3, Blob, KMS, Key Vault, KMIP, Elasticsearch, DB) does not answer."""
 

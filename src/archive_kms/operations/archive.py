@@ -22,7 +22,13 @@ from typing import Any
 
 from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter, encrypt_iter
 from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
-from archive_kms.errors import ObjectExistsError, ObjectNotFoundError, StateError, ValidationError
+from archive_kms.errors import (
+    IndexModeMismatchError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    StateError,
+    ValidationError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +160,8 @@ class TenantArchive:
 
     def __init__(self, *, tenant_id: str, store, keychain, index, index_mode, search_keys,
                  index_name: str | None = None, segment_size: int | None = None,
-                 relocate: Callable[[], TenantArchive] | None = None) -> None:
+                 relocate: Callable[[], TenantArchive] | None = None,
+                 keyed_search_keys: Callable[[], Any] | None = None) -> None:
         self.tenant_id = tenant_id
         self.store = store
         self.keychain = keychain
@@ -164,6 +171,7 @@ class TenantArchive:
         self.index_name = index_name  # the write target (alias's current index when None)
         self.segment_size = segment_size
         self._relocate = relocate  # the tenant's archive where the registry says it lives *now*
+        self._keyed_search_keys = keyed_search_keys  # the tenant's SearchKeys, derived on demand
 
     # writes
 
@@ -214,7 +222,16 @@ class TenantArchive:
         return self.read_object(attachment_object_name(workspace_id, attachment_id))
 
     def search(self, query):
-        return self.index.search(self.tenant_id, query, self.search_keys)
+        try:
+            return self.index.search(self.tenant_id, query, self.search_keys)
+        except IndexModeMismatchError:
+            # At cutover the registry (key mode) and the alias (index generation) move one
+            # after the other; a search in between meets the other mode's index. The
+            # index's own mode decides which keys the query needs (faults E7).
+            if self._keyed_search_keys is None:
+                raise
+            other = None if self.search_keys is not None else self._keyed_search_keys()
+            return self.index.search(self.tenant_id, query, other)
 
 
 def write_records(archive: TenantArchive, items: Iterable[tuple[Record, list[AttachmentData]]], *,

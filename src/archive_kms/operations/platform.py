@@ -78,6 +78,7 @@ class Platform:
             index_mode=self.index_mode(t.key_mode),
             search_keys=self.search_keys(tenant_id, t.key_mode),
             relocate=lambda: self.open_archive(tenant_id),
+            keyed_search_keys=lambda: derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id),
         )
 
     @classmethod

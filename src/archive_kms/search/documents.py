@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from archive_kms.domain.records import Record
-from archive_kms.errors import IntegrityError, ValidationError
+from archive_kms.errors import IndexModeMismatchError, IntegrityError, ValidationError
 from archive_kms.search.naming import check_tenant_id
 from archive_kms.search.port import Hit, IndexDocument, IndexMode, Query
 from archive_kms.search.tokens import (
@@ -201,11 +201,11 @@ def _check_mode_keys(tenant: str, mode: IndexMode, keys: SearchKeys | None) -> N
     mode = IndexMode(mode)
     if mode is IndexMode.KEYED:
         if not isinstance(keys, SearchKeys):
-            raise ValidationError(f"keyed index of tenant {tenant!r} needs the tenant's SearchKeys")
+            raise IndexModeMismatchError(f"keyed index of tenant {tenant!r} needs the tenant's SearchKeys")
         if keys.tenant != tenant:
             raise ValidationError(f"search keys of tenant {keys.tenant!r} used for tenant {tenant!r}")
     elif keys is not None:
-        raise ValidationError(f"plaintext index of tenant {tenant!r} was given SearchKeys: a keyed tenant "
+        raise IndexModeMismatchError(f"plaintext index of tenant {tenant!r} was given SearchKeys: a keyed tenant "
                               "must not be indexed or queried in clear")
 
 

@@ -1,0 +1,175 @@
+"""Fresh customer keys on the real key servers, one per enable mode, and server-side
+disable/enable of them (what a customer does to revoke access).
+
+- byokms: a KMS key in LocalStack (``aws-kms://<arn>``)
+- byok:   a KMS key with Origin EXTERNAL whose material is imported through our
+          ``ByokImporter`` (the customer wraps 32 random bytes under the published RSA key)
+- byokv:  an RSA-2048 key in the Key Vault emulator (``azure-kv://host:port/keys/NAME``)
+- kmip:   an AES-256 key on the PyKMIP server (``kmip://host:port/UID``)
+
+KMIP has no "disable": ``disable`` revokes the key, which KMIP makes permanent, so
+``can_reenable`` is False for it and ``enable`` raises.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from archive_kms import wiring
+from archive_kms.crypto.secrets import SecretBytes
+from archive_kms.keys.byok import ByokImporter, customer_wrap, sha256_hex
+from archive_kms.keys.refs import parse_key_ref
+
+MODES = ("byokms", "byok", "byokv", "kmip")
+#: The stack service each mode's key server is.
+SERVICE_OF_MODE = {"byokms": "localstack", "byok": "localstack", "byokv": "keyvault", "kmip": "kmip"}
+
+
+@dataclass
+class CustomerKeyFactory:
+    """``factory(mode, cloud) -> key reference``; remembers what it made for cleanup."""
+
+    settings: Any
+    need_service: Callable[[str], None] = lambda name: None
+    made: list[tuple[str, str]] = field(default_factory=list)  # (mode, ref)
+
+    def __call__(self, mode: str, cloud: str | None = None) -> str:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: one of {MODES}")
+        self.need_service(SERVICE_OF_MODE[mode])
+        ref = getattr(self, f"_new_{mode}")()
+        self.made.append((mode, ref))
+        return ref
+
+    # --- creation ---------------------------------------------------------------------------
+
+    def _kms(self):
+        return wiring.kms_client(self.settings, max_attempts=2)
+
+    def _new_byokms(self) -> str:
+        arn = self._kms().create_key(Description="flow test (BYOKMS)")["KeyMetadata"]["Arn"]
+        return f"aws-kms://{arn}"
+
+    def _new_byok(self) -> str:
+        importer = ByokImporter(self._kms())
+        ref = importer.create_key(description="flow test (BYOK)", tags={"purpose": "flow-test"})
+        params = importer.import_parameters(ref, wrapping_key_spec="RSA_2048")
+        upload = customer_wrap(params.public_key_pem, SecretBytes.random(32))  # we only ever see it wrapped
+        importer.import_material(params, upload, sha256_hex(upload))
+        return ref
+
+    def _keyvault_host(self) -> str:
+        return self.settings.azure_keyvault_url.removeprefix("https://").rstrip("/")
+
+    def _new_byokv(self) -> str:
+        name = f"flow-{uuid.uuid4().hex[:12]}"
+        wiring.keyvault_key_client(self.settings).create_rsa_key(name, size=2048,
+                                                                 key_operations=["wrapKey", "unwrapKey"])
+        return f"azure-kv://{self._keyvault_host()}/keys/{name}"
+
+    def _kmip_admin(self, action: Callable[[Any], Any]) -> Any:
+        client = wiring.kmip_client(self.settings)
+        with client:
+            return action(client)
+
+    def _new_kmip(self) -> str:
+        from kmip.core import enums
+
+        def create(client) -> str:
+            uid = client.create(enums.CryptographicAlgorithm.AES, 256, name=f"flow-{os.urandom(4).hex()}",
+                                cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT,
+                                                          enums.CryptographicUsageMask.DECRYPT])
+            client.activate(uid)
+            return uid
+
+        uid = self._kmip_admin(create)
+        return f"kmip://{self.settings.kmip_host}:{self.settings.kmip_port}/{uid}"
+
+    # --- server-side disable / enable -------------------------------------------------------------
+
+    @staticmethod
+    def can_reenable(ref: str) -> bool:
+        return parse_key_ref(ref).scheme != "kmip"
+
+    def disable(self, ref: str) -> None:
+        """Disable the key on its server (the customer revokes our access)."""
+        scheme = parse_key_ref(ref).scheme
+        if scheme == "aws-kms":
+            self._kms().disable_key(KeyId=parse_key_ref(ref).api_key_id)
+        elif scheme == "azure-kv":
+            wiring.keyvault_key_client(self.settings).update_key_properties(_kv_name(ref), enabled=False)
+        elif scheme == "kmip":
+            from kmip.core import enums
+
+            self._kmip_admin(lambda c: c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, _kmip_uid(ref)))
+        else:
+            raise ValueError(f"cannot disable {ref}")
+
+    def enable(self, ref: str) -> None:
+        scheme = parse_key_ref(ref).scheme
+        if scheme == "aws-kms":
+            self._kms().enable_key(KeyId=parse_key_ref(ref).api_key_id)
+        elif scheme == "azure-kv":
+            wiring.keyvault_key_client(self.settings).update_key_properties(_kv_name(ref), enabled=True)
+        else:
+            raise ValueError(f"{ref}: a revoked KMIP key cannot be re-enabled (KMIP revocation is permanent)")
+
+    # --- cleanup ------------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Schedule deletion / delete / destroy every key made (best effort)."""
+        for mode, ref in self.made:
+            try:
+                self._destroy(ref)
+            except Exception:  # noqa: BLE001 - already gone or pending deletion
+                pass
+
+    def _destroy(self, ref: str) -> None:
+        scheme = parse_key_ref(ref).scheme
+        if scheme == "aws-kms":
+            self._kms().schedule_key_deletion(KeyId=parse_key_ref(ref).api_key_id, PendingWindowInDays=7)
+        elif scheme == "azure-kv":
+            kc = wiring.keyvault_key_client(self.settings)
+            kc.begin_delete_key(_kv_name(ref)).wait()
+            kc.purge_deleted_key(_kv_name(ref))
+        elif scheme == "kmip":
+            from kmip.core import enums
+
+            uid = _kmip_uid(ref)
+            try:
+                self._kmip_admin(lambda c: c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid))
+            except Exception:  # noqa: BLE001 - revoked already by a test
+                pass
+            self._kmip_admin(lambda c: c.destroy(uid))
+
+
+def _kv_name(ref: str) -> str:
+    # azure-kv://host:port/keys/NAME[/VERSION]
+    return ref.split("/keys/", 1)[1].split("/", 1)[0]
+
+
+def _kmip_uid(ref: str) -> str:
+    return ref.rstrip("/").rsplit("/", 1)[1]
+
+
+@pytest.fixture
+def customer_key(request, localstack) -> Iterator[CustomerKeyFactory]:
+    """``customer_key(mode, cloud) -> key reference`` of a fresh customer key on the real
+    server; ``customer_key.disable(ref)`` / ``.enable(ref)`` / ``.can_reenable(ref)``.
+    The key server's service fixture is required on first use (fails loudly if down)."""
+
+    def need(service: str) -> None:
+        request.getfixturevalue(service)
+
+    factory = CustomerKeyFactory(localstack, need)
+    yield factory
+    factory.cleanup()
+
+
+__all__ = ["CustomerKeyFactory", "MODES", "SERVICE_OF_MODE", "customer_key"]
