@@ -219,3 +219,263 @@ def audit_export(tenant: str | None = None) -> None:
     """Export the audit log as JSONL (verifiable by the customer)."""
     for rec in _platform().state.export_audit(tenant):
         typer.echo(_json.dumps(rec, default=str, sort_keys=True))
+
+
+# --- migrations: enable, remove, runs, verify (issue #6) ---------------------------------------
+#
+# enable / remove / runs resume / runs rerun run a Prefect flow (archive_kms.flows.migration)
+# in this process, reporting to the stack's Prefect server; runs list / show and verify
+# read the state store and the storage directly and need no Prefect.
+
+import os as _os  # noqa: E402
+from dataclasses import dataclass as _dataclass  # noqa: E402
+from typing import Any as _Any  # noqa: E402
+
+from archive_kms.errors import ConfigurationError, StateError, ValidationError  # noqa: E402
+
+runs_app = typer.Typer(no_args_is_help=True, help="Migration runs: list, show, resume, rerun a step.")
+app.add_typer(runs_app, name="runs")
+
+TASK_RUNNER = typer.Option("threads", "--task-runner",
+                           help="Where copy/verify shard tasks run: threads (Prefect's thread pool) or dask "
+                                "(prefect-dask: settings.dask_address, else 2 local worker processes)")
+SHARDS = typer.Option(None, "--shards", help="Copy/verify shards (1..256, default 8)")
+TAKEOVER = typer.Option(False, "--takeover", help="Take the tenant's lease from a worker known to be dead")
+
+
+@_dataclass(frozen=True)
+class _StateOnly:
+    """What the run report reads (``platform.state``) without the clouds, keys or index."""
+
+    state: _Any
+
+
+def _state_only() -> _StateOnly:
+    from archive_kms.config import Settings
+    from archive_kms.state.sql import open_state
+
+    return _StateOnly(open_state(Settings().state_url))
+
+
+def _require_run(state: _Any, run_id: str):
+    run = state.get_run(run_id)
+    if run is None:
+        raise StateError(f"unknown run {run_id!r}: see `archive-kms runs list`", resource=f"run:{run_id}")
+    return run
+
+
+def _check_task_runner(name: str) -> None:
+    if name not in ("threads", "dask"):
+        raise ValidationError(f"--task-runner {name!r}: use threads or dask")
+
+
+def _check_shards(shards: int | None) -> None:
+    if shards is not None and not 1 <= shards <= 256:
+        raise ValidationError(f"--shards {shards}: use an integer in 1..256")
+
+
+def _prefect_api() -> str:
+    """Point Prefect at the stack's server before it is imported, so a flow never starts a
+    temporary server of its own; refuse clearly when there is none."""
+    import requests
+
+    from archive_kms.config import Settings
+
+    url = Settings().prefect_api_url
+    if not url:
+        raise ConfigurationError("prefect_api_url is not set: run `archive-kms stack up` (it starts the Prefect "
+                                 "server and writes .stack/endpoints.json) or export ARCHIVE_KMS_PREFECT_API_URL")
+    try:
+        requests.get(f"{url.rstrip('/')}/health", timeout=5).raise_for_status()
+    except requests.RequestException as e:
+        raise ConfigurationError(f"the Prefect API at {url} does not answer ({type(e).__name__}): "
+                                 "run `archive-kms stack up`") from None
+    _os.environ["PREFECT_API_URL"] = url
+    _os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
+    return url
+
+
+def _run_flow(name: str, **params: _Any) -> dict[str, _Any]:
+    url = _prefect_api()
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    from archive_kms.flows.migration import run_flow
+
+    # the environment covers Prefect imported from here on (and Dask workers); the settings
+    # context covers a process that imported Prefect earlier
+    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_SERVER_EPHEMERAL_ENABLED: False}):
+        return run_flow(name, **params)
+
+
+def _fmt(value: _Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _report_tables(report: dict[str, _Any]):
+    """Progress bars (steps, objects copied, verified), the totals and the steps, for rich."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    p = report["progress"]
+    bars = Table.grid(padding=(0, 1))
+    for label, done, total in (("steps", p["steps_done"], p["steps"]), ("copied", p["copied"], p["objects"]),
+                               ("verified", p["verified"], p["objects"])):
+        bars.add_row(label, ProgressBar(total=max(total, 1), completed=done if total else 0, width=40),
+                     f"{done}/{total}")
+    totals = Table(title=f"{report['flow']} {report['tenant']}: run {report['run_id']}", show_header=False)
+    for key in ("state", "mode", "key_ref", "source", "destination", "objects", "bytes", "bytes_plaintext_copied",
+                "copy_seconds", "throughput_mb_s", "verification", "lost", "duplicated", "index",
+                "index_documents", "deferred_replayed", "total_seconds"):
+        totals.add_row(key, _fmt(report.get(key)))
+    steps = Table("step", "state", "attempts", "seconds", "error", title="steps")
+    for s in report["steps"]:
+        steps.add_row(s["step"], s["state"], str(s["attempts"]), _fmt(s["seconds"]), s["error"] or "")
+    return Group(bars, totals, steps)
+
+
+def _print_report(report: dict[str, _Any]) -> None:
+    from rich.console import Console
+
+    Console(soft_wrap=False).print(_report_tables(report))
+
+
+def _finish_run(answer: dict[str, _Any], as_json: bool) -> None:
+    """Print a flow's answer; exit 1 when the run ended failed, naming the step and error."""
+    outcome, report = answer["outcome"], answer["report"]
+    if as_json:
+        typer.echo(_json.dumps(answer, indent=2, default=str))
+    elif not outcome["created"] and outcome["state"] == "running":
+        typer.echo(f"tenant {outcome['tenant']} already has {outcome['flow']} run {outcome['run_id']} going: "
+                   f"see `archive-kms runs show {outcome['run_id']}`")
+    else:
+        _print_report(report)
+        typer.echo(f"run {outcome['run_id']}: {outcome['state']} ({outcome['message']})")
+    if outcome["state"] == "failed":
+        failed = next((s for s in report["steps"] if s["state"] == "failed"), None)
+        step = failed["step"] if failed else "?"
+        typer.echo(f"error: run {outcome['run_id']} failed at step {step}: {outcome['error']}; after fixing the "
+                   f"cause: `archive-kms runs resume {outcome['run_id']}`", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("enable")
+@_errors_are_messages
+def enable_cmd(tenant: str,
+               mode: str = typer.Option(..., "--mode", help="byokms | byok | byokv | kmip"),
+               key_ref: str = typer.Option(..., "--key-ref", help="The customer's key: aws-kms://, azure-kv://, kmip://"),
+               cloud: str | None = typer.Option(None, "--cloud", help="s3 or azure (default: where the tenant lives)"),
+               shards: int | None = SHARDS, task_runner: str = TASK_RUNNER, as_json: bool = JSON) -> None:
+    """Move TENANT onto its own key: new dedicated storage and index, every object re-encrypted and verified."""
+    from archive_kms.domain.tenants import TenantId
+    from archive_kms.keys.refs import parse_key_ref
+    from archive_kms.migration import EnableMode, plan_enable
+
+    TenantId(tenant)
+    if mode not in {m.value for m in EnableMode}:
+        raise ValidationError(f"--mode {mode!r}: use one of {', '.join(m.value for m in EnableMode)}")
+    parse_key_ref(key_ref)
+    if cloud is not None and cloud not in ("s3", "azure"):
+        raise ValidationError(f"--cloud {cloud!r}: use s3 or azure")
+    _check_shards(shards)
+    _check_task_runner(task_runner)
+    _prefect_api()
+    plan_enable(_platform(), tenant, mode, key_ref, cloud=cloud, shards=shards)  # refusals before a flow run
+    _finish_run(_run_flow("enable", tenant=tenant, mode=mode, key_ref=key_ref, cloud=cloud, shards=shards,
+                          task_runner=task_runner), as_json)
+
+
+@app.command("remove")
+@_errors_are_messages
+def remove_cmd(tenant: str, shards: int | None = SHARDS, task_runner: str = TASK_RUNNER,
+               as_json: bool = JSON) -> None:
+    """Move TENANT back to shared storage under the managed key; its dedicated storage and index are deleted."""
+    from archive_kms.domain.tenants import TenantId
+    from archive_kms.migration import plan_remove
+
+    TenantId(tenant)
+    _check_shards(shards)
+    _check_task_runner(task_runner)
+    _prefect_api()
+    plan_remove(_platform(), tenant, shards=shards)  # refusals before a flow run
+    _finish_run(_run_flow("remove", tenant=tenant, shards=shards, task_runner=task_runner), as_json)
+
+
+@runs_app.command("list")
+@_errors_are_messages
+def runs_list(tenant: str | None = typer.Option(None, "--tenant"), as_json: bool = JSON) -> None:
+    """List migration runs, newest first."""
+    from archive_kms.migration import progress
+
+    view = _state_only()
+    rows = []
+    for run in view.state.list_runs(tenant):
+        p = progress(view, run)
+        current = next((s.name for s in run.steps if s.state.value not in ("completed", "skipped")), None)
+        rows.append({"run_id": run.run_id, "tenant": run.tenant_id, "flow": run.flow.value, "mode": run.mode,
+                     "state": run.state.value, "created_at": run.created_at.isoformat(timespec="seconds"),
+                     "steps_done": p["steps_done"], "steps": p["steps"], "current_step": current})
+    _emit(as_json, rows, "\n".join(
+        f"{r['run_id']}  {r['tenant']:<20} {r['flow']:<7} {r['mode']:<7} {r['state']:<9} "
+        f"{r['steps_done']:>2}/{r['steps']} {r['current_step'] or ''}  {r['created_at']}" for r in rows) or "no runs")
+
+
+@runs_app.command("show")
+@_errors_are_messages
+def runs_show(run_id: str = typer.Argument(..., metavar="RUN"), as_json: bool = JSON) -> None:
+    """Show a run: progress bars, the report and every step (state, attempts, seconds, error)."""
+    from archive_kms.migration import build_report
+
+    view = _state_only()
+    _require_run(view.state, run_id)
+    report = build_report(view, run_id)
+    if as_json:
+        typer.echo(_json.dumps(report, indent=2, default=str))
+    else:
+        _print_report(report)
+
+
+@runs_app.command("resume")
+@_errors_are_messages
+def runs_resume(run_id: str = typer.Argument(..., metavar="RUN"), takeover: bool = TAKEOVER,
+                task_runner: str = TASK_RUNNER, as_json: bool = JSON) -> None:
+    """Continue a failed or crashed run from its first step not completed."""
+    _check_task_runner(task_runner)
+    _require_run(_state_only().state, run_id)
+    _finish_run(_run_flow("support", run_id=run_id, action="resume", takeover=takeover, task_runner=task_runner),
+                as_json)
+
+
+@runs_app.command("rerun")
+@_errors_are_messages
+def runs_rerun(run_id: str = typer.Argument(..., metavar="RUN"),
+               from_step: str = typer.Option(..., "--from", help="The step to run again (and every later one)"),
+               takeover: bool = TAKEOVER, task_runner: str = TASK_RUNNER, as_json: bool = JSON) -> None:
+    """Run a run again from a named step; on a completed run this changes nothing and says so."""
+    from archive_kms.migration import STEPS
+
+    if from_step not in STEPS:
+        raise ValidationError(f"--from {from_step!r}: use one of {', '.join(STEPS)}")
+    _check_task_runner(task_runner)
+    _require_run(_state_only().state, run_id)
+    _finish_run(_run_flow("support", run_id=run_id, action="rerun", from_step=from_step, takeover=takeover,
+                          task_runner=task_runner), as_json)
+
+
+@app.command("verify")
+@_errors_are_messages
+def verify_cmd(tenant: str, as_json: bool = JSON) -> None:
+    """Read every object of TENANT end to end and reconcile its records with its index; exit 1 if anything is off."""
+    from archive_kms.operations.verification import verify_tenant
+
+    v = verify_tenant(_platform(), tenant)
+    human = (f"tenant {v['tenant']} at {v['location']}: {v['objects']} objects ({v['bytes_plaintext']} plaintext "
+             f"bytes), {v['unreadable']} unreadable; {v['records']} records, index {v['index']} holds "
+             f"{v['index_documents']} documents ({v['missing_in_index']} missing, {v['extra_in_index']} extra, "
+             f"{v['index_unreadable']} unreadable): {'OK' if v['ok'] else 'NOT OK'}")
+    for kind, names in v["examples"].items():
+        if names:
+            human += f"\n  {kind}: {', '.join(names)}"
+    _emit(as_json, v, human)
+    if not v["ok"]:
+        raise typer.Exit(1)

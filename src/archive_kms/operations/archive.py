@@ -222,16 +222,19 @@ class TenantArchive:
         return self.read_object(attachment_object_name(workspace_id, attachment_id))
 
     def search(self, query):
-        try:
-            return self.index.search(self.tenant_id, query, self.search_keys)
-        except IndexModeMismatchError:
-            # At cutover the registry (key mode) and the alias (index generation) move one
-            # after the other; a search in between meets the other mode's index. The
-            # index's own mode decides which keys the query needs (faults E7).
-            if self._keyed_search_keys is None:
-                raise
-            other = None if self.search_keys is not None else self._keyed_search_keys()
-            return self.index.search(self.tenant_id, query, other)
+        # At cutover the registry (key mode) and the alias (index generation) move one
+        # after the other; a search in between meets the other mode's index, and the
+        # alias may move again while we retry. The index's own mode decides which keys
+        # the query needs (faults E7); a cutover moves once, so three tries suffice.
+        keys = self.search_keys
+        for attempt in range(3):
+            try:
+                return self.index.search(self.tenant_id, query, keys)
+            except IndexModeMismatchError:
+                if self._keyed_search_keys is None or attempt == 2:
+                    raise
+                keys = None if keys is not None else self._keyed_search_keys()
+        raise AssertionError("unreachable")
 
 
 def write_records(archive: TenantArchive, items: Iterable[tuple[Record, list[AttachmentData]]], *,
