@@ -1,9 +1,14 @@
 """The main job, end to end, on the local cloud (`make demo`).
 
-Today: every service answers through the project's wiring (S3 and KMS on LocalStack,
-Blob on Azurite, Elasticsearch, Key Vault, the KMIP HSM), with a report. Later issues
-extend this into the full onboarding demo (archive, enable per mode, rotate, revoke,
-remove).
+1. Every service answers through the project's wiring (S3 and KMS on LocalStack, Blob on
+   Azurite, Elasticsearch, Key Vault, the KMIP HSM, the Prefect server).
+2. Tenants on S3 and Azure are archived, searched, read back, paused with a job deferred
+   and replayed once.
+3. The main job: tenants archived on S3 and Azure are onboarded onto their own keys, one
+   per mode (BYOKMS, BYOK, BYOKV, KMIP HSM), through the Prefect ``enable`` flow (one of
+   them on a Dask cluster); searches before, during and after each run; an archive job
+   sent during a run is deferred and lands once after it; one tenant is removed back to
+   shared storage. The run reports and the audit chain are printed.
 """
 
 from __future__ import annotations
@@ -140,6 +145,127 @@ def _archive_demo(console: Console, settings: Settings) -> int:
     return failed + (not audit.ok)
 
 
+# --- the customer's side: keys they bring ---------------------------------------------------
+
+
+def _customer_key(settings: Settings, mode: str) -> str:
+    """A fresh key as the customer would create it in their own key service."""
+    if mode == "byokms":
+        arn = wiring.aws_client("kms", settings).create_key(Description="demo customer key")["KeyMetadata"]["Arn"]
+        return f"aws-kms://{arn}"
+    if mode == "byok":
+        from archive_kms.crypto.secrets import SecretBytes
+        from archive_kms.keys.byok import ByokImporter, customer_wrap, sha256_hex
+
+        importer = ByokImporter(wiring.aws_client("kms", settings))
+        ref = importer.create_key(description="demo customer key (imported material)", tags={"purpose": "demo"})
+        params = importer.import_parameters(ref, wrapping_key_spec="RSA_2048")
+        upload = customer_wrap(params.public_key_pem, SecretBytes.random(32))  # the customer wraps; we see ciphertext
+        importer.import_material(params, upload, sha256_hex(upload))
+        return ref
+    if mode == "byokv":
+        name = f"demo-{uuid.uuid4().hex[:10]}"
+        wiring.keyvault_key_client(settings).create_rsa_key(name, size=2048, key_operations=["wrapKey", "unwrapKey"])
+        return f"azure-kv://{settings.azure_keyvault_url.removeprefix('https://').rstrip('/')}/keys/{name}"
+    from kmip.core import enums
+
+    with wiring.kmip_client(settings) as c:
+        uid = c.create(enums.CryptographicAlgorithm.AES, 256, name=f"demo-{uuid.uuid4().hex[:8]}",
+                       cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT,
+                                                 enums.CryptographicUsageMask.DECRYPT])
+        c.activate(uid)
+    return f"kmip://{settings.kmip_host}:{settings.kmip_port}/{uid}"
+
+
+#: (mode, cloud, task runner) per onboarded tenant
+ONBOARDING = [("byokms", "s3", "threads"), ("byok", "s3", "threads"), ("byokv", "azure", "threads"),
+              ("kmip", "azure", "dask")]
+
+
+def _migration_demo(console: Console, settings: Settings) -> int:
+    """Onboard one tenant per mode through the Prefect flow, with searches and an
+    archive job during a run, then remove one; print the reports."""
+    import threading
+
+    from archive_kms.flows.migration import run_flow
+    from archive_kms.operations.archive import JobSpec, submit_job
+    from archive_kms.operations.tenants import create_tenant
+    from archive_kms.search import Query
+    from archive_kms.state.port import GateState
+
+    platform = wiring.build_platform(settings)
+    tag = uuid.uuid4().hex[:5]
+    failed = 0
+    reports = []
+    searches = Table(title="searches for 'invoice' before / during / after each run (hits)")
+    for col in ("tenant", "mode", "cloud", "before", "during", "after", "job during run", "readable after"):
+        searches.add_column(col)
+    for mode, cloud, runner in ONBOARDING:
+        tenant = f"{mode}{tag}"
+        create_tenant(platform, tenant, cloud=cloud, actor="demo")
+        submit_job(platform.state, JobSpec(f"{tenant}-j1", tenant, "synthetic",
+                                           synthetic={"count": 60, "seed": 3, "mix": "small", "workspaces": 2}),
+                   platform.open_archive)
+        before = platform.open_archive(tenant).search(Query(text="invoice", limit=500))
+        key_ref = _customer_key(settings, mode)
+        result: dict = {}
+        worker = threading.Thread(target=lambda: result.update(
+            run_flow("enable", tenant=tenant, mode=mode, key_ref=key_ref, task_runner=runner, actor="demo")))
+        worker.start()
+        during, job = None, None
+        while worker.is_alive() and during is None:  # once the gate is paused: search and send a job
+            if platform.state.gate(tenant).state is GateState.PAUSED:
+                during = platform.open_archive(tenant).search(Query(text="invoice", limit=500))
+                job = submit_job(platform.state, JobSpec(f"{tenant}-j2", tenant, "synthetic", synthetic={
+                    "count": 5, "seed": 3, "offset": 60, "mix": "small", "workspaces": 2}), platform.open_archive)
+            time.sleep(0.05)
+        worker.join()
+        report = result.get("report", {})
+        reports.append(report)
+        archive = platform.open_archive(tenant)
+        after = archive.search(Query(text="invoice", limit=500))
+        from archive_kms.synthetic import generate_records
+
+        sample, _ = next(iter(generate_records(tenant, 1, seed=3, workspaces=2)))
+        readable = archive.read_record(sample.workspace_id, sample.object_type, sample.record_id) == sample
+        ok = (result.get("outcome", {}).get("state") == "completed" and readable
+              and report.get("verification") == "ok" and after.total >= before.total
+              and (during is None or {h.doc_id for h in during} == {h.doc_id for h in before}))
+        failed += not ok
+        searches.add_row(tenant, mode, cloud, str(before.total), "-" if during is None else str(during.total),
+                         str(after.total), f"{job.decision} → replayed" if job else "-",
+                         "identical" if readable else "MISMATCH")
+    console.print(searches)
+
+    # BYOK removal: the Key Vault tenant goes back to shared storage under the managed key.
+    removed = f"byokv{tag}"
+    out = run_flow("remove", tenant=removed, actor="demo")
+    reports.append(out.get("report", {}))
+    failed += out.get("outcome", {}).get("state") != "completed"
+
+    table = Table(title="migration runs")
+    for col in ("tenant", "flow", "mode", "destination", "objects", "MB", "copy MB/s", "verification",
+                "lost/dup", "docs", "deferred replayed", "seconds"):
+        table.add_column(col)
+    for r in reports:
+        table.add_row(str(r.get("tenant")), str(r.get("flow")), str(r.get("mode")), str(r.get("destination")),
+                      str(r.get("objects")), f"{(r.get('bytes') or 0) / 1e6:.2f}", str(r.get("throughput_mb_s")),
+                      str(r.get("verification")), f"{r.get('lost')}/{r.get('duplicated')}",
+                      str(r.get("index_documents")), str(r.get("deferred_replayed")), str(r.get("total_seconds")))
+    console.print(table)
+    steps = Table(title=f"time per step (s): {reports[0].get('tenant')} ({reports[0].get('mode')})")
+    steps.add_column("step")
+    steps.add_column("seconds")
+    steps.add_column("attempts")
+    for s in reports[0].get("steps", []):
+        steps.add_row(s["step"], str(s["seconds"]), str(s["attempts"]))
+    console.print(steps)
+    audit = platform.state.verify_audit()
+    console.print(f"audit chain after the migrations: {'verifies' if audit.ok else 'BROKEN: ' + str(audit.reason)}"
+                  f" ({audit.records} records)")
+    return failed + (not audit.ok)
+
+
 def main() -> int:
     console = Console(width=max(140, Console().width))
     settings = Settings()
@@ -156,6 +282,7 @@ def main() -> int:
         table.add_row(name, result, f"{(time.perf_counter() - t0) * 1000:.0f}")
     console.print(table)
     failed += _archive_demo(console, settings)
+    failed += _migration_demo(console, settings)
     return 1 if failed else 0
 
 

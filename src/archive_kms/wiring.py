@@ -54,8 +54,18 @@ def blob_service_client(settings: Settings | None = None):
     from azure.storage.blob import BlobServiceClient
 
     s = settings or get_settings()
+    import requests
+    from azure.core.pipeline.transport import RequestsTransport
+
     cs = _require(s.azure_blob_connection_string, "azure_blob_connection_string")
-    return BlobServiceClient.from_connection_string(cs.get_secret_value())
+    # The migration copies with tens of threads; requests' default pool keeps only 10
+    # connections and discards the rest after every burst.
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=64)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return BlobServiceClient.from_connection_string(cs.get_secret_value(),
+                                                    transport=RequestsTransport(session=session))
 
 
 def elasticsearch_client(settings: Settings | None = None):
@@ -63,7 +73,7 @@ def elasticsearch_client(settings: Settings | None = None):
 
     s = settings or get_settings()
     return Elasticsearch(_require(s.elasticsearch_url, "elasticsearch_url"), request_timeout=30, max_retries=3,
-                         retry_on_timeout=True)
+                         retry_on_timeout=True, connections_per_node=32)
 
 
 class StaticTokenCredential:
