@@ -169,3 +169,33 @@ def test_f18_poisoned_records_never_reach_the_index(es):
     assert report.rejected_total == 2 and report.count == len(RECORDS) and not report.complete
     mapping = client.indices.get_mapping(index=report.index)[report.index]["mappings"]
     assert set(mapping["properties"]) == {"object_type", "record_id", "tokens", "display"}  # no explosion
+
+
+def test_e7_search_that_resolved_an_index_deleted_since_resolves_again(es, monkeypatch):
+    """A search resolves the alias, then a cutover swaps it to a new generation and deletes
+    the old one before the search runs: it resolves again and answers from the new one
+    (it searches the concrete index it compiled the query for, never the moving alias)."""
+    client, index, new_tenant = es
+    tenant = new_tenant()
+    records = [Record("Account", f"00{i}", {"Name": f"Acme {i}"}) for i in range(5)]
+    keys = derive_search_keys(SecretBytes.random(32), tenant)
+    old = rebuild_generation(records, index, tenant, 1, IndexMode.KEYED, keys).index
+    index.swap_alias(tenant, old, expected_current=None)
+    new = rebuild_generation(records, index, tenant, 2, IndexMode.KEYED, keys).index
+    index.swap_alias(tenant, new, expected_current=old)
+    index.delete_index(old)
+
+    real = ElasticsearchSearchIndex.current_index
+    stale = {"left": 1}
+
+    def resolves_stale_once(self, t):
+        if t == tenant and stale["left"]:
+            stale["left"] -= 1
+            return old  # what the alias said just before the swap
+        return real(self, t)
+
+    monkeypatch.setattr(ElasticsearchSearchIndex, "current_index", resolves_stale_once)
+    result = index.search(tenant, Query(limit=50), keys)
+    assert stale["left"] == 0 and result.failures == []
+    assert sorted(h.record_id for h in result.hits) == [r.record_id for r in records]
+    assert {h.index for h in result.hits} == {new}

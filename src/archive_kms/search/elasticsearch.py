@@ -308,17 +308,28 @@ class ElasticsearchSearchIndex:
     def search(self, tenant: str, query: Query, keys: SearchKeys | None) -> SearchResult:
         tenant = check_tenant_id(tenant)
         alias = alias_name(tenant)
-        current = self.current_index(tenant)
-        if current is None:
-            raise SearchError(f"tenant {tenant} has no search index (alias {alias} is missing)", resource=alias)
-        mode = self._mode(current)
-        compiled = D.compile_query(tenant, query, mode=mode, keys=keys)
-        es_query = ({"bool": {"filter": [{"term": {f: v}} for f, v in compiled.terms]}}
-                    if compiled.terms else {"match_all": {}})
-        with self._translate("search", alias):
-            resp = self._es.search(index=alias, query=es_query, size=compiled.limit,
-                                   sort=[{f: "asc"} for f in D.SORT_FIELDS], source_includes=["display"],
-                                   track_total_hits=True)
+        # Resolve the alias once and search that concrete index: the query is compiled for
+        # its mode, so an alias swap in between must not send it to an index of the other
+        # mode. If that index was deleted since (cleanup after a cutover), resolve again.
+        for attempt in range(2):
+            current = self.current_index(tenant)
+            if current is None:
+                raise SearchError(f"tenant {tenant} has no search index (alias {alias} is missing)", resource=alias)
+            try:
+                mode = self._mode(current)
+            except SearchError:
+                if attempt == 0:
+                    continue  # deleted between resolving and reading its mapping
+                raise
+            compiled = D.compile_query(tenant, query, mode=mode, keys=keys)
+            es_query = ({"bool": {"filter": [{"term": {f: v}} for f, v in compiled.terms]}}
+                        if compiled.terms else {"match_all": {}})
+            with self._translate("search", alias):
+                resp = self._es.options(ignore_status=404 if attempt == 0 else ()).search(
+                    index=current, query=es_query, size=compiled.limit, sort=[{f: "asc"} for f in D.SORT_FIELDS],
+                    source_includes=["display"], track_total_hits=True)
+            if getattr(resp, "meta", None) is None or resp.meta.status != 404:
+                break
         hits, failures = [], []
         for h in resp["hits"]["hits"]:
             doc_index, doc_id = h["_index"], h["_id"]
