@@ -452,7 +452,7 @@ def test_manifest_and_copy_ledger(state_store: StateStore) -> None:
     state_store.record_copy("r1", CopyRecord(NAMES[1], CopyStatus.FAILED, error="503"))
     state_store.record_copy("r1", CopyRecord(NAMES[2], CopyStatus.COPIED, dest_size=20))
     state_store.record_copy("r1", CopyRecord(NAMES[2], CopyStatus.VERIFIED, dest_size=20, plaintext_sha256="ab" * 32))
-    with pytest.raises(StateError, match="not in the manifest"):
+    with pytest.raises(StateError, match="not all in the manifest"):
         state_store.record_copy("r1", CopyRecord(b"never-listed", CopyStatus.COPIED))
     assert state_store.copy_counts("r1") == {CopyStatus.COPIED: 1, CopyStatus.FAILED: 1, CopyStatus.VERIFIED: 1}
     got = state_store.get_copy("r1", NAMES[2])
@@ -462,6 +462,17 @@ def test_manifest_and_copy_ledger(state_store: StateStore) -> None:
     todo = [e.name for e in state_store.iter_uncopied("r1", page_size=2)]
     assert todo == sorted([NAMES[1], *NAMES[3:]])
     assert [e.name for e in state_store.iter_uncopied("r1", shard=0)] == sorted([NAMES[4]])
+    assert [c.name for c in state_store.iter_copies("r1", shard=0)] == sorted([NAMES[0], NAMES[2]])
+    assert [c.name for c in state_store.iter_copies("r1", shard=1, status=CopyStatus.FAILED, page_size=1)] == [NAMES[1]]
+
+    # A batch is one transaction: all rows or none.
+    with pytest.raises(StateError, match="nothing recorded"):
+        state_store.record_copies("r1", [CopyRecord(NAMES[3], CopyStatus.COPIED), CopyRecord(b"nope", CopyStatus.COPIED)])
+    assert state_store.get_copy("r1", NAMES[3]) is None
+    state_store.record_copies("r1", [CopyRecord(NAMES[3], CopyStatus.COPIED, dest_size=3),
+                                     CopyRecord(NAMES[1], CopyStatus.COPIED, dest_size=1)])
+    state_store.record_copies("r1", [])
+    assert state_store.copy_counts("r1") == {CopyStatus.COPIED: 3, CopyStatus.VERIFIED: 1}
 
 
 def test_manifest_names_are_bounded(state_store: StateStore) -> None:

@@ -577,24 +577,36 @@ class InMemoryStateStore:
         return self._paged(snap, page_size)
 
     def record_copy(self, run_id: str, record: CopyRecord, *, fence: Fence | None = None) -> None:
-        status = member(CopyStatus, record.status, "copy status")
-        name = bytes(record.name)
+        self.record_copies(run_id, [record], fence=fence)
+
+    def record_copies(self, run_id: str, records: Sequence[CopyRecord], *, fence: Fence | None = None) -> None:
+        if not records:
+            return
+        rows = [replace(r, name=bytes(r.name), status=member(CopyStatus, r.status, "copy status")) for r in records]
         with self._lock:
             run = self._run(run_id)
             self._fenced(fence, run.tenant_id)
-            if name not in self._entries.get(run_id, {}):
-                raise StateError(f"object {name!r} is not in the manifest of run {run_id!r}", resource=f"run:{run_id}")
-            self._copies[run_id][name] = replace(record, name=name, status=status, updated_at=self._now())
+            entries = self._entries.get(run_id, {})
+            missing = [r.name for r in rows if r.name not in entries]
+            if missing:
+                raise StateError(f"object(s) {', '.join(repr(n[:80]) for n in missing[:3])} not all in the manifest "
+                                 f"of run {run_id!r}; nothing recorded", resource=f"run:{run_id}")
+            now = self._now()
+            for r in rows:
+                self._copies[run_id][r.name] = replace(r, updated_at=now)
 
     def get_copy(self, run_id: str, name: bytes) -> CopyRecord | None:
         with self._lock:
             return self._copies.get(run_id, {}).get(bytes(name))
 
-    def iter_copies(self, run_id: str, *, status: CopyStatus | None = None,
+    def iter_copies(self, run_id: str, *, status: CopyStatus | None = None, shard: int | None = None,
                     page_size: int = 1000) -> Iterator[CopyRecord]:
         def snap() -> list[CopyRecord]:
-            return sorted((c for c in self._copies.get(run_id, {}).values() if status is None or c.status is status),
-                          key=lambda c: c.name)
+            with self._lock:
+                entries = self._entries.get(run_id, {})
+                return sorted((c for c in self._copies.get(run_id, {}).values()
+                               if (status is None or c.status is status)
+                               and (shard is None or entries[c.name].shard == shard)), key=lambda c: c.name)
         return self._paged(snap, page_size)
 
     def copy_counts(self, run_id: str) -> dict[CopyStatus, int]:

@@ -443,11 +443,17 @@ class LedgerRepo(Protocol):
         in the run's manifest."""
         ...
 
+    def record_copies(self, run_id: str, records: Sequence[CopyRecord], *, fence: Fence | None = None) -> None:
+        """``record_copy`` for several names in one transaction (all or none): the copy
+        shards flush their ledger rows in small batches."""
+        ...
+
     def get_copy(self, run_id: str, name: bytes) -> CopyRecord | None:
         ...
 
-    def iter_copies(self, run_id: str, *, status: CopyStatus | None = None,
+    def iter_copies(self, run_id: str, *, status: CopyStatus | None = None, shard: int | None = None,
                     page_size: int = 1000) -> Iterator[CopyRecord]:
+        """Ledger rows ordered by name (of one manifest shard, if given)."""
         ...
 
     def copy_counts(self, run_id: str) -> dict[CopyStatus, int]:

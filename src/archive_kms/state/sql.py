@@ -881,19 +881,28 @@ class SqlStateStore:
         return self._pages("read manifest", query, page_size, _entry)
 
     def record_copy(self, run_id: str, record: CopyRecord, *, fence: Fence | None = None) -> None:
-        status = member(CopyStatus, record.status, "copy status")
+        self.record_copies(run_id, [record], fence=fence)
+
+    def record_copies(self, run_id: str, records: Sequence[CopyRecord], *, fence: Fence | None = None) -> None:
+        if not records:
+            return
         now = self._now()
-        values = {"status": status.value, "dest_etag": record.dest_etag, "dest_size": record.dest_size,
-                  "plaintext_sha256": record.plaintext_sha256, "error": record.error, "updated_at": now}
+        rows = []
+        for record in records:
+            status = member(CopyStatus, record.status, "copy status")
+            rows.append({"status": status.value, "dest_etag": record.dest_etag, "dest_size": record.dest_size,
+                         "plaintext_sha256": record.plaintext_sha256, "error": record.error, "updated_at": now})
         try:
             with self._tx("record copy") as conn:
                 tenant_id = self._run_tenant(conn, run_id)
                 self._fenced(conn, fence, tenant_id)
-                stmt = self._insert(copy_ledger).values(run_id=run_id, name=bytes(record.name), **values)
-                conn.execute(stmt.on_conflict_do_update(index_elements=["run_id", "name"], set_=values))
+                for record, values in zip(records, rows):
+                    stmt = self._insert(copy_ledger).values(run_id=run_id, name=bytes(record.name), **values)
+                    conn.execute(stmt.on_conflict_do_update(index_elements=["run_id", "name"], set_=values))
         except _Conflict:
-            raise StateError(f"object {record.name!r} is not in the manifest of run {run_id!r}",
-                             resource=f"run:{run_id}") from None
+            names = ", ".join(repr(r.name[:80]) for r in records[:3])
+            raise StateError(f"object(s) {names}{' ...' if len(records) > 3 else ''} not all in the manifest of "
+                             f"run {run_id!r}; nothing recorded", resource=f"run:{run_id}") from None
 
     def get_copy(self, run_id: str, name: bytes) -> CopyRecord | None:
         with self._tx("get copy", write=False) as conn:
@@ -901,12 +910,14 @@ class SqlStateStore:
                                                          copy_ledger.c.name == bytes(name))).one_or_none()
         return None if row is None else _copy(row)
 
-    def iter_copies(self, run_id: str, *, status: CopyStatus | None = None,
+    def iter_copies(self, run_id: str, *, status: CopyStatus | None = None, shard: int | None = None,
                     page_size: int = 1000) -> Iterator[CopyRecord]:
-        c = copy_ledger.c
+        c, e = copy_ledger.c, manifest_entries.c
 
         def query(after: bytes | None) -> Any:
             q = select(copy_ledger).where(c.run_id == run_id)
+            if shard is not None:
+                q = q.join(manifest_entries, (e.run_id == c.run_id) & (e.name == c.name)).where(e.shard == shard)
             if status is not None:
                 q = q.where(c.status == member(CopyStatus, status, "copy status").value)
             if after is not None:

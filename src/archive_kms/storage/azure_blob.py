@@ -149,12 +149,12 @@ class AzureBlobObjectStore:
                    metadata: Mapping[str, str] | None = None) -> ObjectInfo:
         key = object_key(self._prefix, name)
         meta = validate_metadata(metadata)
-        if if_absent and self.head(name) is not None:
-            raise ObjectExistsError(f"{self._where(key)}: object already exists", resource=self._where(key))
         blob = self._c.get_blob_client(key)
         parts = iter_parts(chunks, lambda i: part_size_for(i, self._part_size, tier=_BLOCK_TIER))
         first, last = next(parts)
-        if last:
+        if not last and if_absent and self.head(name) is not None:  # don't stage blocks only to be refused
+            raise ObjectExistsError(f"{self._where(key)}: object already exists", resource=self._where(key))
+        if last:  # Put Blob with overwrite=False refuses an existing blob itself: no HEAD round trip
             try:
                 resp = blob.upload_blob(first, length=len(first), overwrite=not if_absent, metadata=meta,
                                         validate_content=True, max_concurrency=1)

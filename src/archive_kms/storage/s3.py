@@ -194,13 +194,13 @@ class S3ObjectStore:
                    metadata: Mapping[str, str] | None = None) -> ObjectInfo:
         key = object_key(self._prefix, name)
         meta = validate_metadata(metadata)
-        if if_absent and self.head(name) is not None:
-            raise ObjectExistsError(f"s3://{self._bucket}/{key}: object already exists",
-                                    resource=f"s3://{self._bucket}/{key}")
         parts = iter_parts(chunks, lambda i: part_size_for(i, self._part_size, tier=_PART_TIER))
         first, last = next(parts)
-        if last:
+        if last:  # the conditional PUT itself refuses an existing object: no HEAD round trip
             return self._put_single(name, key, first, if_absent, meta)
+        if if_absent and self.head(name) is not None:  # don't upload gigabytes only to be refused at Complete
+            raise ObjectExistsError(f"s3://{self._bucket}/{key}: object already exists",
+                                    resource=f"s3://{self._bucket}/{key}")
         # The list hands the first part over without keeping a reference (memory stays
         # at about one part).
         head = [first]
