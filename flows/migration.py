@@ -41,6 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.states import Failed
 
 from archive_kms.config import Settings
 from archive_kms.errors import ConfigurationError, StateError, ValidationError
@@ -313,8 +314,10 @@ def _drive(platform: Any, run_id: str, task_runner: str, call: Callable[..., Out
     logger = get_run_logger()
     if outcome.state == "failed":
         logger.error("run %s failed: %s (%s)", run_id, outcome.message, outcome.error)
-    else:
-        logger.info("run %s %s: %s", run_id, outcome.state, outcome.message)
+        # The flow run itself ends Failed (Prefect UI, automations, retries by policy); the
+        # answer rides along as the state's data for run_flow and the CLI.
+        return Failed(message=f"run {run_id}: {outcome.message}: {outcome.error}"[:1000], data=answer)
+    logger.info("run %s %s: %s", run_id, outcome.state, outcome.message)
     return answer
 
 
@@ -380,7 +383,10 @@ def run_flow(name: str, **kwargs: Any) -> dict[str, Any]:
     with _prefect_api(settings):
         selected = FLOWS[name].with_options(task_runner=task_runner_for(runner, settings))
         state = selected(**kwargs, return_state=True)
-    return state.result()
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):  # the flow raised (a refused plan, an unknown run, ...)
+        raise result
+    return result
 
 
 @contextlib.contextmanager

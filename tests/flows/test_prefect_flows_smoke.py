@@ -165,3 +165,27 @@ def test_second_trigger_gets_the_running_run_and_support_resumes_and_reruns_it(
     assert rerun["outcome"]["state"] == "completed" and rerun["outcome"]["executed"] == [], rerun["outcome"]
     assert "nothing changed" in rerun["outcome"]["message"], rerun["outcome"]
     assert flow_platform.state.get_run(run.run_id).state is RunState.COMPLETED
+
+
+def test_a_failed_migration_ends_the_flow_run_failed_and_still_answers(flow_env: Settings, flow_platform: Any,
+                                                                       archived_tenant) -> None:
+    """A refused preflight (disabled customer key): the Prefect flow run is Failed on the
+    server (for the UI and automations), and run_flow still returns the run's answer."""
+    tenant = archived_tenant("s3", records=RECORDS)
+    ref = kms_key(flow_env)
+    wiring.aws_client("kms", flow_env).disable_key(KeyId=ref.removeprefix("aws-kms://"))
+
+    state = enable(tenant.tenant_id, "byokms", ref, return_state=True)
+
+    assert state.is_failed(), state
+    with get_client(sync_client=True) as client:
+        on_server = client.read_flow_run(state.state_details.flow_run_id)
+    assert on_server.state is not None and on_server.state.is_failed(), on_server.state
+    assert "preflight" in (on_server.state.message or ""), on_server.state.message
+    answer = state.result(raise_on_failure=False)
+    assert answer["outcome"]["state"] == "failed" and "disabled" in answer["outcome"]["error"], answer["outcome"]
+    assert answer["report"]["steps"][0] == {**answer["report"]["steps"][0], "step": "preflight", "state": "failed"}
+    assert flow_platform.state.get_tenant(tenant.tenant_id).key_mode.value == "managed"
+
+    again = run_flow("enable", tenant=tenant.tenant_id, mode="byokms", key_ref=ref)  # a new run, refused again
+    assert again["outcome"]["state"] == "failed" and again["outcome"]["run_id"] != answer["outcome"]["run_id"]
