@@ -357,6 +357,10 @@ def _finish_run(answer: dict[str, _Any], as_json: bool) -> None:
         typer.echo(f"error: run {outcome['run_id']} failed at step {step}: {outcome['error']}; after fixing the "
                    f"cause: `archive-kms runs resume {outcome['run_id']}`", err=True)
         raise typer.Exit(1)
+    if outcome["state"] == "superseded":
+        typer.echo(f"error: this worker lost run {outcome['run_id']} to another one (its lease was taken over) and "
+                   f"stopped without writing; see `archive-kms runs show {outcome['run_id']}`", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("enable")

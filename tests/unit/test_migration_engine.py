@@ -665,7 +665,7 @@ def test_takeover_fences_the_stalled_incarnation(monkeypatch):
 
     release.set()  # the stalled worker wakes up
     worker.join(10)
-    assert "FencedError" in stalled["out"].error
+    assert stalled["out"].state == "superseded" and "FencedError" in stalled["out"].error
     assert p.state.get_run(run_id).state is RunState.COMPLETED
     assert snapshot(p, plan, run_id) == settled  # it wrote nothing
     assert_settled(p, plan, run_id, before)

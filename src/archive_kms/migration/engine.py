@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TTL = timedelta(seconds=60)
 
+#: Outcome state of a worker whose lease was taken over mid-run (not a run state: the run
+#: goes on under its new holder).
+SUPERSEDED = "superseded"
+
 #: step -> per-shard worker; resolved lazily so Dask workers import only what they run
 SHARD_FUNCTIONS = {"copy": "archive_kms.migration.copying:copy_shard",
                    "verify": "archive_kms.migration.copying:verify_shard"}
@@ -149,7 +153,7 @@ def trigger(platform: Any, plan: MigrationPlan, *, actor: str) -> tuple[Migratio
     run, created = platform.state.start_run(plan.tenant_id, Flow(plan.flow), mode=plan.mode, steps=STEPS,
                                             params=plan.to_params())
     if created:
-        platform.state.append_audit(AuditEvent(actor=actor, action=f"run.start", tenant_id=plan.tenant_id,
+        platform.state.append_audit(AuditEvent(actor=actor, action="run.start", tenant_id=plan.tenant_id,
                                                run_id=run.run_id, details={"flow": plan.flow, "mode": plan.mode,
                                                                            "key_ref": plan.key_ref}))
     elif run.flow.value != plan.flow:
@@ -229,6 +233,8 @@ def execute(platform: Any, run_id: str, *, actor: str, shard_runner: ShardRunner
             started = time.monotonic()
             try:
                 result = _call(step, ctx)
+            except FencedError:
+                raise  # handled below: this worker was superseded, it records nothing
             except BaseException as exc:
                 _fail(platform, ctx, step, exc)
                 hooks.on_step(step, "failed", {"error": _describe(exc)})
@@ -245,6 +251,14 @@ def execute(platform: Any, run_id: str, *, actor: str, shard_runner: ShardRunner
         ctx.audit("run.complete", {"flow": plan.flow, "steps": executed})
         return Outcome(run_id, plan.tenant_id, plan.flow, RunState.COMPLETED.value, executed=tuple(executed),
                        message="completed")
+    except FencedError as exc:
+        # Another worker took the run over (this one stalled past its lease, or support
+        # passed --takeover): every write of ours is refused from now on, so stop here and
+        # say so; the run's state is whatever the new holder makes it.
+        log.warning("run %s: superseded by another worker; stopping without writing", run_id)
+        return Outcome(run_id, plan.tenant_id, plan.flow, SUPERSEDED, executed=tuple(executed),
+                       message="superseded: another worker holds this run now; this one stopped without writing",
+                       error=_describe(exc))
     finally:
         beat.stop()
         platform.state.release_lease(beat.lease)
