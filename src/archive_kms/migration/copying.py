@@ -82,9 +82,10 @@ class LedgerBatch:
     checked against the source (``copy_object``), never written twice."""
 
     def __init__(self, state: Any, run_id: str, fence: Fence | None, *, size: int = 32,
-                 interval: float = 0.5) -> None:
+                 interval: float = 0.5, on_flush: Callable[[list[CopyRecord]], None] | None = None) -> None:
         self._state, self._run_id, self._fence = state, run_id, fence
         self._size, self._interval = size, interval
+        self._on_flush = on_flush
         self._rows: list[CopyRecord] = []
         self._last = time.monotonic()
 
@@ -99,7 +100,9 @@ class LedgerBatch:
     def flush(self) -> None:
         if self._rows:
             self._state.record_copies(self._run_id, self._rows, fence=self._fence)
-            self._rows = []
+            rows, self._rows = self._rows, []
+            if self._on_flush is not None:
+                self._on_flush(rows)
         self._last = time.monotonic()
 
 
@@ -223,7 +226,11 @@ def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> d
     def work(entry: ManifestEntry) -> ObjectCopy:
         return copy_object(src, dst, keychain, tenant, entry.name, dek_floor=floor)
 
-    ledger = LedgerBatch(state, run_id, fence)
+    def flushed(rows: list[CopyRecord]) -> None:
+        state.save_checkpoint(run_id, "copy", shard, _cursor(result, started), fence=fence)
+        crashpoints.hit("copy:after-record", times=sum(r.status is CopyStatus.COPIED for r in rows))
+
+    ledger = LedgerBatch(state, run_id, fence, on_flush=flushed)
 
     def done(entry: ManifestEntry, copied: ObjectCopy | None, exc: BaseException | None) -> None:
         with lock:
@@ -244,10 +251,8 @@ def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> d
                 result.written += copied.written
                 result.already += not copied.written
                 result.bytes_plaintext += copied.plaintext_size
-                if ledger.add(CopyRecord(entry.name, CopyStatus.COPIED, dest_etag=copied.dest_etag,
-                                         dest_size=copied.dest_size, plaintext_sha256=copied.plaintext_sha256)):
-                    state.save_checkpoint(run_id, "copy", shard, _cursor(result, started), fence=fence)
-                    crashpoints.hit("copy:after-record")
+                ledger.add(CopyRecord(entry.name, CopyStatus.COPIED, dest_etag=copied.dest_etag,
+                                      dest_size=copied.dest_size, plaintext_sha256=copied.plaintext_sha256))
             except BaseException as e:  # noqa: BLE001 - lost lease, or a bug: stop the shard
                 fatal.append(e)
                 stop.set()
@@ -256,7 +261,6 @@ def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> d
     if fatal:
         raise fatal[0]
     ledger.flush()
-    crashpoints.hit("copy:after-record")
     result.seconds = time.monotonic() - started
     state.save_checkpoint(run_id, "copy", shard, {**_cursor(result, started), "complete": result.failed == 0},
                           fence=fence)

@@ -8,7 +8,8 @@ killer or a lost node looks like. Unset (production), ``hit`` is one dictionary 
 Points: ``before:<step>`` / ``after:<step>`` (after the step's side effects, before its
 completion is recorded), ``copy:mid-object`` (first plaintext chunk of an object is in the
 upload), ``copy:after-put`` (object committed, ledger not yet written),
-``copy:after-record`` (ledger written).
+``copy:after-record`` (the ledger row of the N-th object copied by this process is
+durable; rows are written in batches, so the kill comes after that object's batch).
 """
 
 from __future__ import annotations
@@ -33,16 +34,19 @@ def _targets() -> dict[str, int]:
     return out
 
 
-def hit(point: str) -> None:
-    """SIGKILL this process if ``point`` is armed and reached for the armed time."""
-    if ENV not in os.environ:
+def hit(point: str, times: int = 1) -> None:
+    """SIGKILL this process if ``point`` is armed and this reaches its armed count.
+    ``times`` > 1 passes the point that many times at once (a batch of ledger rows made
+    durable together): the kill comes after the batch that contains the armed one."""
+    if ENV not in os.environ or times < 1:
         return
     want = _targets().get(point)
     if want is None:
         return
     with _lock:
-        _counts[point] = _counts.get(point, 0) + 1
-        if _counts[point] != want:
+        before = _counts.get(point, 0)
+        _counts[point] = before + times
+        if not before < want <= before + times:
             return
     logging.getLogger(__name__).warning("crash point %s reached: SIGKILL", point)
     for h in logging.getLogger().handlers:
