@@ -51,6 +51,7 @@ from archive_kms.migration import (
     MigrationPlan,
     Outcome,
     build_report,
+    cancel,
     execute,
     plan_enable,
     plan_remove,
@@ -65,7 +66,7 @@ from archive_kms.state.port import Fence
 log = logging.getLogger(__name__)
 
 TASK_RUNNERS = ("threads", "dask")
-SUPPORT_ACTIONS = ("resume", "rerun")
+SUPPORT_ACTIONS = ("resume", "rerun", "cancel")
 #: The local Dask cluster used when no ``dask_address`` is configured: two worker
 #: processes (the shard tasks really leave the flow's process), no dashboard port.
 LOCAL_DASK_CLUSTER: dict[str, Any] = {"n_workers": 2, "processes": True, "threads_per_worker": 2,
@@ -354,13 +355,18 @@ def remove(tenant: str, shards: int | None = None, task_runner: str = "threads",
 @flow(name="migration-support", flow_run_name="support-{action}-{run_id}", persist_result=False)
 def support(run_id: str, action: str, from_step: str | None = None, takeover: bool = False,
             task_runner: str = "threads", actor: str = "support") -> dict[str, Any]:
-    """Resume a failed or crashed run, or rerun it from a named step."""
+    """Resume a failed or crashed run, rerun it from a named step, or cancel it (before
+    cutover: the tenant is put back as it was)."""
     _check_task_runner(task_runner)
     if action not in SUPPORT_ACTIONS:
         raise ValidationError(f"unknown support action {action!r}: use one of {', '.join(SUPPORT_ACTIONS)}")
     if action == "rerun" and not from_step:
         raise ValidationError(f"rerun needs the step to start from: one of {', '.join(STEPS)}")
     platform = process_platform()
+    if action == "cancel":
+        outcome = cancel(platform, run_id, actor=actor, takeover=takeover)
+        get_run_logger().info("run %s %s", run_id, outcome.message)
+        return _answer(platform, outcome)
     if action == "resume":
         return _drive(platform, run_id, task_runner,
                       lambda **kw: resume(platform, run_id, actor=actor, takeover=takeover, **kw))

@@ -466,6 +466,15 @@ def runs_rerun(run_id: str = typer.Argument(..., metavar="RUN"),
                           task_runner=task_runner), as_json)
 
 
+@runs_app.command("cancel")
+@_errors_are_messages
+def runs_cancel(run_id: str = typer.Argument(..., metavar="RUN"), takeover: bool = TAKEOVER,
+                as_json: bool = JSON) -> None:
+    """Give up a run that has not cut over: key re-bound, destination and new index deleted, jobs replayed."""
+    _require_run(_state_only().state, run_id)
+    _finish_run(_run_flow("support", run_id=run_id, action="cancel", takeover=takeover), as_json)
+
+
 @app.command("verify")
 @_errors_are_messages
 def verify_cmd(tenant: str, as_json: bool = JSON) -> None:

@@ -52,6 +52,7 @@ from archive_kms.errors import FencedError
 from archive_kms.migration import STEPS, MigrationPlan, plan_enable
 from archive_kms.operations.archive import ATTACHMENT_PREFIX, JobSpec, submit_job
 from archive_kms.state.port import CopyRecord, CopyStatus, RunState, StepState
+from archive_kms.storage import Location
 
 WORKER = Path(__file__).with_name("worker.py")
 CLI = Path(sys.executable).with_name("archive-kms")
@@ -552,3 +553,32 @@ def test_cli_enable_killed_mid_copy_then_runs_resume(flow_platform, small_tenant
     copy = p.state.get_run(run_id).step("copy").result
     assert copy["already"] >= 1, copy  # the object put before the kill was verified, not written again
     assert_settled(p, tenant, run_id)
+
+
+def test_cli_runs_cancel_after_a_kill_puts_the_tenant_back(flow_platform, small_tenant, workers, prefect_api):
+    """A run killed after copying is cancelled by support (``archive-kms runs cancel --takeover``):
+    the tenant key is re-bound to its original key, the dedicated bucket and new index are
+    gone, the source and old index serve as before, and the tenant can be onboarded again."""
+    p, tenant = flow_platform, small_tenant(seed=17)
+    l1_before = p.keychain.status(tenant.tenant_id).l1_ref
+    killed = workers.cli("enable", tenant.tenant_id, "--mode", "byokms", "--key-ref", tenant.key_ref,
+                         "--shards", str(SHARDS), "--json", crash_at="after:copy")
+    assert_killed(killed, "after:copy")
+    run = the_run(p, tenant.tenant_id)
+    dest = Location.from_dict(run.params["destination"])
+    assert p.provisioner.exists(dest) and p.keychain.status(tenant.tenant_id).l1_ref != l1_before
+
+    cancelled = workers.cli("runs", "cancel", run.run_id, "--takeover", "--json")
+    assert cancelled.returncode == 0, cancelled.describe()
+    assert json.loads(cancelled.stdout)["outcome"]["state"] == RunState.CANCELLED.value
+    assert p.state.get_run(run.run_id).state is RunState.CANCELLED
+    assert p.keychain.status(tenant.tenant_id).l1_ref == l1_before
+    assert not p.provisioner.exists(dest)
+    assert p.index.describe_generation(run.params["old_index"]) is not None
+    assert tenant_indices(p, tenant.tenant_id) == [run.params["old_index"]]
+    assert storage_snapshot(p, tenant.tenant_id) == tenant.snapshot
+    assert p.state.gate(tenant.tenant_id).state.value == "open"
+
+    again = workers.cli("enable", tenant.tenant_id, "--mode", "byokms", "--key-ref", tenant.key_ref, "--json")
+    assert again.returncode == 0, again.describe()
+    assert json.loads(again.stdout)["outcome"]["state"] == RunState.COMPLETED.value

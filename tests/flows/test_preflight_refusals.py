@@ -39,7 +39,7 @@ def _assert_refused(platform, archived, outcome, *, says: str, dest_existed: boo
 
 
 def test_disabled_customer_key_is_refused(flow_platform, archived_tenant, customer_key):
-    archived = archived_tenant("s3", records=5)
+    archived = archived_tenant("s3", records=25)
     ref = customer_key("byokms")
     customer_key.disable(ref)
     try:
@@ -50,14 +50,14 @@ def test_disabled_customer_key_is_refused(flow_platform, archived_tenant, custom
 
 
 def test_unknown_customer_key_is_refused(flow_platform, archived_tenant, flow_settings):
-    archived = archived_tenant("s3", records=8)
+    archived = archived_tenant("s3", records=25)
     ref = f"aws-kms://arn:aws:kms:{flow_settings.aws_region}:000000000000:key/{uuid.uuid4()}"
     out = run_plan(flow_platform, plan_enable(flow_platform, archived.tenant_id, "byokms", ref))
     _assert_refused(flow_platform, archived, out, says="KeyNotFoundError")
 
 
 def test_asymmetric_kms_key_is_refused(flow_platform, archived_tenant, flow_settings):
-    archived = archived_tenant("s3", records=8)
+    archived = archived_tenant("s3", records=25)
     kms = wiring.aws_client("kms", flow_settings)
     arn = kms.create_key(KeySpec="RSA_2048", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["Arn"]
     out = run_plan(flow_platform, plan_enable(flow_platform, archived.tenant_id, "byokms", f"aws-kms://{arn}"))
@@ -65,7 +65,7 @@ def test_asymmetric_kms_key_is_refused(flow_platform, archived_tenant, flow_sett
 
 
 def test_key_in_another_region_is_refused(flow_platform, archived_tenant, flow_settings):
-    archived = archived_tenant("s3", records=8)
+    archived = archived_tenant("s3", records=25)
     other = "eu-west-1" if flow_settings.aws_region != "eu-west-1" else "us-west-2"
     kms = wiring.aws_client("kms", flow_settings.model_copy(update={"aws_region": other}))
     arn = kms.create_key()["KeyMetadata"]["Arn"]
@@ -79,14 +79,14 @@ def test_key_in_another_region_is_refused(flow_platform, archived_tenant, flow_s
 
 
 def test_byok_mode_needs_imported_material(flow_platform, archived_tenant, customer_key):
-    archived = archived_tenant("s3", records=8)
+    archived = archived_tenant("s3", records=25)
     ref = customer_key("byokms")  # Origin AWS_KMS, not EXTERNAL
     out = run_plan(flow_platform, plan_enable(flow_platform, archived.tenant_id, "byok", ref))
     _assert_refused(flow_platform, archived, out, says="--mode byokms")
 
 
 def test_key_vault_key_without_wrap_permission_is_refused(flow_platform, archived_tenant, flow_settings):
-    archived = archived_tenant("azure", records=8)
+    archived = archived_tenant("azure", records=25)
     kc = wiring.keyvault_key_client(flow_settings)
     name = f"nowrap-{uuid.uuid4().hex[:8]}"
     kc.create_rsa_key(name, size=2048, key_operations=["sign", "verify"])
@@ -97,14 +97,14 @@ def test_key_vault_key_without_wrap_permission_is_refused(flow_platform, archive
 
 
 def test_mode_that_does_not_fit_the_key_is_refused_before_a_run(flow_platform, archived_tenant, customer_key):
-    archived = archived_tenant("s3", records=8)
+    archived = archived_tenant("s3", records=25)
     with pytest.raises(ValidationError, match="azure-kv"):
         plan_enable(flow_platform, archived.tenant_id, "byokv", customer_key("byokms"))
     assert flow_platform.state.list_runs(archived.tenant_id) == []
 
 
 def test_destination_with_foreign_content_is_refused(flow_platform, archived_tenant, customer_key, flow_settings):
-    archived = archived_tenant("s3", records=8)
+    archived = archived_tenant("s3", records=25)
     ref = customer_key("byokms")
     plan = plan_enable(flow_platform, archived.tenant_id, "byokms", ref)
     s3 = wiring.aws_client("s3", flow_settings)

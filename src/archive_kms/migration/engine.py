@@ -340,10 +340,66 @@ def rerun(platform: Any, run_id: str, from_step: str, *, actor: str, takeover: b
     return execute(platform, run_id, actor=actor, takeover=True, **kw)
 
 
+def cancel(platform: Any, run_id: str, *, actor: str, takeover: bool = False) -> Outcome:
+    """Give up a run that has not cut over, and put the tenant back as it was: the tenant
+    key re-wrapped under its original key, the destination and the new index generation
+    deleted (only if this run created them), the old index writable again, the gate
+    reopened with the deferred jobs replayed into the source. Idempotent; refused once
+    the run has cut over (the tenant lives at the destination: use the reverse flow)."""
+    run = _get(platform, run_id)
+    if run.state is RunState.CANCELLED:
+        return Outcome(run_id, run.tenant_id, run.flow.value, run.state.value, created=False,
+                       message="already cancelled")
+    if run.state is RunState.COMPLETED or run.step(POINT_OF_NO_RETURN).state is not StepState.PENDING:
+        raise ValidationError(f"run {run_id} has reached {POINT_OF_NO_RETURN}: the tenant may already live at the "
+                              f"destination, so it cannot be cancelled; resume it, then run the reverse flow")
+    plan = MigrationPlan.from_params(run.params)
+    if run.state is RunState.RUNNING:
+        lease = _acquire(platform, run, takeover=takeover)
+    else:
+        lease = platform.state.acquire_lease(run.tenant_id, run.run_id, _lease_ttl(platform))
+    fence = lease.fence
+    undone: list[str] = []
+    try:
+        tenant = platform.state.get_tenant(plan.tenant_id)
+        if tenant is not None and dict(tenant.location) != dict(plan.source):
+            raise StateError(f"tenant {plan.tenant_id} no longer lives at {plan.source_location.uri}; not cancelling",
+                             resource=f"tenant:{plan.tenant_id}")
+        bind = run.step("bind_key")
+        original = (bind.result or {}).get("from") or tenant.key_ref
+        if bind.state is not StepState.PENDING and original:
+            current = platform.keychain.status(plan.tenant_id).l1_ref
+            provider = platform.resolve_provider(original)
+            if current != provider.key_ref:
+                platform.keychain.rotate_l1(plan.tenant_id, provider)
+                undone.append("bind_key")
+        if run.step("create_destination").state is not StepState.PENDING:
+            dest = plan.destination_location
+            if platform.provisioner.exists(dest):
+                platform.provisioner.delete(dest, platform.store_for(dest))
+                undone.append("create_destination")
+        if platform.index.current_index(plan.tenant_id) != plan.new_index:
+            platform.index.delete_index(plan.new_index)  # no-op if the run never built it
+        if run.step("cutover_point").state is not StepState.PENDING and plan.old_index is not None:
+            platform.index.set_write_block(plan.old_index, False)
+            undone.append("cutover_point")
+        from archive_kms.operations.archive import replay_deferred
+
+        if platform.state.gate(plan.tenant_id).paused_by_run == run_id:
+            replayed = replay_deferred(platform.state, plan.tenant_id, run_id, platform.open_archive, fence=fence)
+            undone.append(f"pause ({len(replayed)} deferred job(s) replayed into the source)")
+        platform.state.set_run_state(run_id, RunState.CANCELLED, fence=fence)
+        _audit_run(platform, run, actor, "run.cancel", {"undone": undone})
+    finally:
+        platform.state.release_lease(lease)
+    return Outcome(run_id, plan.tenant_id, plan.flow, RunState.CANCELLED.value, created=False,
+                   message="cancelled: " + (", ".join(undone) or "nothing to undo"))
+
+
 def _audit_run(platform: Any, run: MigrationRun, actor: str, action: str, details: dict[str, Any]) -> None:
     platform.state.append_audit(AuditEvent(actor=actor, action=action, tenant_id=run.tenant_id, run_id=run.run_id,
                                            details=details))
 
 
-__all__ = ["Hooks", "Outcome", "RunContext", "ShardRunner", "execute", "rerun", "resume", "shard_function",
+__all__ = ["Hooks", "Outcome", "RunContext", "ShardRunner", "cancel", "execute", "rerun", "resume", "shard_function",
            "thread_shard_runner", "trigger"]

@@ -1,0 +1,112 @@
+"""Cancelling a run that has not cut over puts the tenant back as it was (in memory):
+tenant key re-wrapped under its original key, destination and new index deleted, old index
+writable, jobs deferred during the run replayed into the source; refused after cutover;
+never deletes a destination this run did not create."""
+
+from __future__ import annotations
+
+import pytest
+
+from archive_kms.errors import TransientError, ValidationError
+from archive_kms.migration import cancel, execute, plan_enable, trigger
+from archive_kms.migration import steps as steps_module
+from archive_kms.operations.archive import JobSpec, submit_job
+from archive_kms.operations.platform import Platform
+from archive_kms.operations.tenants import create_tenant
+from archive_kms.search import Query
+from archive_kms.state.port import GateState, RunState
+
+TENANT = "acme"
+
+
+def _job(job_id: str, count: int, offset: int = 0) -> JobSpec:
+    return JobSpec(job_id, TENANT, "synthetic", synthetic={"count": count, "seed": 3, "offset": offset,
+                                                           "mix": "small", "workspaces": 2})
+
+
+def _platform() -> Platform:
+    p = Platform.in_memory()
+    create_tenant(p, TENANT, provision_storage=False)
+    assert submit_job(p.state, _job("base", 12), p.open_archive).decision == "run"
+    return p
+
+
+def _digests(p: Platform) -> dict[bytes, str]:
+    from archive_kms.migration.copying import read_plaintext_digest
+
+    store = p.store_for(p.location_of(TENANT))
+    return {i.name: read_plaintext_digest(store, p.keychain, TENANT, i.name)[1] for i in store.list()}
+
+
+def _fail_copy_once(monkeypatch, p: Platform) -> None:
+    real = steps_module.STEP_FUNCTIONS["copy"]
+
+    def copy_then_fail(ctx):
+        assert submit_job(p.state, _job("during", 3, offset=12), p.open_archive).decision == "deferred"
+        real(ctx)
+        raise TransientError("injected: the destination went away")
+
+    monkeypatch.setitem(steps_module.STEP_FUNCTIONS, "copy", copy_then_fail)
+
+
+def test_cancel_after_a_failed_copy_puts_everything_back(monkeypatch):
+    p = _platform()
+    before = _digests(p)
+    l1_before = p.keychain.status(TENANT).l1_ref
+    _fail_copy_once(monkeypatch, p)
+    plan = plan_enable(p, TENANT, "byokms", "memory://customer")
+    run, _ = trigger(p, plan, actor="t")
+    assert execute(p, run.run_id, actor="t").state == "failed"
+    assert p.keychain.status(TENANT).l1_ref != l1_before  # bound to the customer key mid-run
+    assert p.provisioner.exists(plan.destination_location)
+
+    out = cancel(p, run.run_id, actor="support")
+
+    assert out.state == "cancelled" and "bind_key" in out.message and "create_destination" in out.message
+    assert p.state.get_run(run.run_id).state is RunState.CANCELLED
+    assert p.keychain.status(TENANT).l1_ref == l1_before
+    assert not p.provisioner.exists(plan.destination_location)
+    assert p.index.describe_generation(plan.new_index) is None
+    assert p.state.gate(TENANT).state is GateState.OPEN
+    assert p.state.get_tenant(TENANT).key_mode.value == "managed"
+    after = _digests(p)
+    assert {k: v for k, v in after.items() if k in before} == before  # the source untouched
+    assert len(after) > len(before)  # the job deferred during the run landed in the source, once
+    assert len(p.open_archive(TENANT).search(Query(limit=100)).hits) == 15  # old index writable again
+    assert submit_job(p.state, _job("after", 2, offset=15), p.open_archive).decision == "run"
+    assert [r.action for r in p.state.iter_audit(tenant_id=TENANT)].count("run.cancel") == 1
+    assert cancel(p, run.run_id, actor="support").message == "already cancelled"
+    # the tenant can be onboarded afresh
+    monkeypatch.undo()
+    run2, created = trigger(p, plan_enable(p, TENANT, "byokms", "memory://customer"), actor="t")
+    assert created and execute(p, run2.run_id, actor="t").state == "completed"
+
+
+def test_cancel_after_cutover_is_refused(monkeypatch):
+    p = _platform()
+    real = steps_module.STEP_FUNCTIONS["cleanup_source"]
+
+    def fail(ctx):
+        raise TransientError("injected")
+
+    monkeypatch.setitem(steps_module.STEP_FUNCTIONS, "cleanup_source", fail)
+    run, _ = trigger(p, plan_enable(p, TENANT, "byokms", "memory://customer"), actor="t")
+    assert execute(p, run.run_id, actor="t").state == "failed"
+    with pytest.raises(ValidationError, match="cannot be cancelled"):
+        cancel(p, run.run_id, actor="support")
+    assert p.state.get_run(run.run_id).state is RunState.FAILED
+    assert real is not None
+
+
+def test_cancel_never_deletes_a_destination_the_run_did_not_create():
+    p = _platform()
+    plan = plan_enable(p, TENANT, "byokms", "memory://customer")
+    dest = plan.destination_location
+    p.provisioner.create(dest)
+    p.store_for(dest).put_stream(b"records/ws0/Foreign/1", [b"someone else's"])
+    run, _ = trigger(p, plan, actor="t")
+    out = execute(p, run.run_id, actor="t")
+    assert out.state == "failed" and "did not write" in (out.error or "")
+
+    assert cancel(p, run.run_id, actor="support").state == "cancelled"
+    assert [i.name for i in p.store_for(dest).list()] == [b"records/ws0/Foreign/1"]
