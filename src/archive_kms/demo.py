@@ -267,6 +267,10 @@ def _migration_demo(console: Console, settings: Settings) -> int:
 
 
 def main() -> int:
+    # The report tables are the demo's output; Prefect and Dask keep their run logs on the
+    # Prefect server (open the UI or `prefect flow-run logs`) instead of flooding the console.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     console = Console(width=max(140, Console().width))
     settings = Settings()
     table = Table(title="archive_kms local cloud")

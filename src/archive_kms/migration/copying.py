@@ -107,7 +107,8 @@ class LedgerBatch:
 
 
 def copy_object(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes, *,
-                dek_floor: dict[str, list[int]] | None = None) -> ObjectCopy:
+                dek_floor: dict[str, list[int]] | None = None,
+                before_replace: Callable[[bytes], None] | None = None) -> ObjectCopy:
     """Copy one object, re-encrypted under a new DEK; see the module docstring.
 
     If ``name`` is at the destination already (an earlier attempt committed it and died
@@ -122,6 +123,8 @@ def copy_object(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes, 
     existing = _existing(src, dst, keychain, tenant_id, name, dek_floor)
     if existing is not None:
         return existing
+    if before_replace is not None:  # the one unconditional write: let the caller veto it
+        before_replace(name)
     log.warning("%s: replacing %r, which does not match its source", dst.label, name[:80])
     dst.delete(name)
     return _write_copy(src, dst, keychain, tenant_id, name)
@@ -223,8 +226,18 @@ def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> d
     fatal: list[BaseException] = []
     lock = threading.Lock()
 
+    def before_replace(name: bytes) -> None:
+        # Deleting is the one object-store write that is not conditional: only a worker that
+        # still holds the tenant may do it, and never to a copy the ledger has verified.
+        if fence is not None:
+            state.check_fence(fence.tenant_id, fence.token)
+        rec = state.get_copy(run_id, name)
+        if rec is not None and rec.status is CopyStatus.VERIFIED:
+            raise IntegrityError(f"{dst.label}: {name[:80]!r} is recorded verified but does not match its source "
+                                 "now; not replacing it (inspect it, then rerun from verify)", resource=dst.label)
+
     def work(entry: ManifestEntry) -> ObjectCopy:
-        return copy_object(src, dst, keychain, tenant, entry.name, dek_floor=floor)
+        return copy_object(src, dst, keychain, tenant, entry.name, dek_floor=floor, before_replace=before_replace)
 
     def flushed(rows: list[CopyRecord]) -> None:
         state.save_checkpoint(run_id, "copy", shard, _cursor(result, started), fence=fence)

@@ -173,14 +173,22 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         interval = max(self._ttl.total_seconds() / 3, 0.2)
+        last_ok = time.monotonic()
         while not self._stop_event.wait(interval):
             try:
                 self.lease = self._platform.state.renew_lease(self.lease, self._ttl)
+                last_ok = time.monotonic()
             except FencedError:
                 log.error("run %s lost the lease of %s: stopping", self.lease.run_id, self.lease.tenant_id)
                 self._fenced.set()
                 return
-            except ArchiveKmsError:  # database blip: the next beat retries; expiry is ttl away
+            except ArchiveKmsError:  # database blip: the next beat retries while the lease may still hold
+                if time.monotonic() - last_ok >= self._ttl.total_seconds():
+                    # Not renewed for a whole TTL: another worker may hold the tenant by now.
+                    log.error("run %s could not renew its lease for %.0f s: stopping", self.lease.run_id,
+                              self._ttl.total_seconds())
+                    self._fenced.set()
+                    return
                 log.warning("lease renewal failed; retrying", exc_info=True)
 
     def stop(self) -> None:
@@ -323,19 +331,27 @@ def rerun(platform: Any, run_id: str, from_step: str, *, actor: str, takeover: b
         return Outcome(run_id, run.tenant_id, run.flow.value, run.state.value, created=False,
                        message=f"run completed; step {from_step} completed at "
                                f"{when.isoformat(timespec='seconds') if when else '?'}: nothing changed")
+    if run.state is RunState.CANCELLED:
+        raise ValidationError(f"run {run_id} was cancelled; start a new run", resource=f"run:{run_id}")
     barrier = run.step(POINT_OF_NO_RETURN)
-    if barrier.state is StepState.COMPLETED and STEPS.index(from_step) <= STEPS.index(POINT_OF_NO_RETURN):
+    idx, cut = STEPS.index(from_step), STEPS.index(POINT_OF_NO_RETURN)
+    # Completed: the tenant lives at the destination. Started: it may, half way (registry
+    # moved, alias not yet): only the cutover itself (conditional halves) or later may rerun.
+    if (barrier.state is StepState.COMPLETED and idx <= cut) or (barrier.state is not StepState.PENDING and idx < cut):
+        first = STEPS[cut + 1] if barrier.state is StepState.COMPLETED else POINT_OF_NO_RETURN
         raise ValidationError(f"run {run_id} is past {POINT_OF_NO_RETURN} (the tenant lives at the destination); "
-                              f"rerunning {from_step} would move it back. Rerun from "
-                              f"{STEPS[STEPS.index(POINT_OF_NO_RETURN) + 1]} or later")
+                              f"rerunning {from_step} would move it back. Rerun from {first} or later")
     if run.state is RunState.RUNNING:
         current = platform.state.get_lease(run.tenant_id)
         if current is not None and current.expires_at > datetime.now(timezone.utc) and not takeover:
             raise LeaseHeldError(f"run {run_id} is being executed by a live worker; wait for it or pass --takeover",
                                  resource=f"run:{run_id}")
+    # Take the lease *before* resetting: a live worker being taken over is fenced first, so
+    # it cannot mark a just-reset step completed with a token that was still valid.
+    lease = platform.state.acquire_lease(run.tenant_id, run_id, _lease_ttl(platform))
     if run.state is RunState.FAILED:
-        platform.state.set_run_state(run_id, RunState.RUNNING)
-    platform.state.reset_steps(run_id, from_step)
+        platform.state.set_run_state(run_id, RunState.RUNNING, fence=lease.fence)
+    platform.state.reset_steps(run_id, from_step, fence=lease.fence)
     _audit_run(platform, run, actor, "run.rerun", {"from": from_step})
     return execute(platform, run_id, actor=actor, takeover=True, **kw)
 
@@ -366,7 +382,9 @@ def cancel(platform: Any, run_id: str, *, actor: str, takeover: bool = False) ->
             raise StateError(f"tenant {plan.tenant_id} no longer lives at {plan.source_location.uri}; not cancelling",
                              resource=f"tenant:{plan.tenant_id}")
         bind = run.step("bind_key")
-        original = (bind.result or {}).get("from") or tenant.key_ref
+        # The L1 recorded when the run was planned, never a bind result: a bind that crashed
+        # after re-wrapping and was rerun records the *customer* key as its "from".
+        original = plan.source_key_ref or (bind.result or {}).get("from") or tenant.key_ref
         if bind.state is not StepState.PENDING and original:
             current = platform.keychain.status(plan.tenant_id).l1_ref
             provider = platform.resolve_provider(original)
@@ -375,8 +393,15 @@ def cancel(platform: Any, run_id: str, *, actor: str, takeover: bool = False) ->
                 undone.append("bind_key")
         if run.step("create_destination").state is not StepState.PENDING:
             dest = plan.destination_location
+            existed = (run.step("preflight").result or {}).get("destination_existed", True)
             if platform.provisioner.exists(dest):
-                platform.provisioner.delete(dest, platform.store_for(dest))
+                store = platform.store_for(dest)
+                if existed:  # someone else's (empty) bucket/container: take back only what we wrote
+                    for entry in platform.state.iter_manifest(run_id):
+                        store.delete(entry.name)
+                    store.abort_stale_uploads(timedelta(0))
+                else:
+                    platform.provisioner.delete(dest, store)
                 undone.append("create_destination")
         if platform.index.current_index(plan.tenant_id) != plan.new_index:
             platform.index.delete_index(plan.new_index)  # no-op if the run never built it

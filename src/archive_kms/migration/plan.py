@@ -77,6 +77,7 @@ class MigrationPlan:
     parallel_shards: int = 4  # shards copied at once by the default (thread) shard runner
     threads_per_shard: int = 4
     cutover_grace_seconds: float = 1.0  # readers that looked the location up before cutover finish first
+    source_key_ref: str | None = None  # the tenant's L1 when the run was planned: what cancel re-binds to
 
     @property
     def source_location(self) -> Location:
@@ -167,6 +168,7 @@ def plan_enable(platform: Any, tenant_id: str, mode: str, key_ref: str, *, cloud
         tenant_id=t.tenant_id, flow=Flow.ENABLE.value, mode=KeyMode(m.value).value, key_ref=ref.uri,
         source=source.to_dict(), destination=dest.to_dict(),
         old_index=platform.index.current_index(t.tenant_id), new_generation=t.index_generation + 1,
+        source_key_ref=platform.keychain.status(t.tenant_id).l1_ref,
         **_fanout(shards, parallel_shards, threads_per_shard))
 
 
@@ -185,6 +187,7 @@ def plan_remove(platform: Any, tenant_id: str, *, shards: int | None = None, par
         tenant_id=t.tenant_id, flow=Flow.REMOVE.value, mode=KeyMode.MANAGED.value, key_ref=MANAGED_KEY_REF,
         source=source.to_dict(), destination=dest.to_dict(),
         old_index=platform.index.current_index(t.tenant_id), new_generation=t.index_generation + 1,
+        source_key_ref=platform.keychain.status(t.tenant_id).l1_ref,
         **_fanout(shards, parallel_shards, threads_per_shard))
 
 

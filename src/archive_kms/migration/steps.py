@@ -31,7 +31,7 @@ from archive_kms.keys.preflight import check_usable
 from archive_kms.migration.plan import EnableMode
 from archive_kms.operations.archive import RECORD_PREFIX, replay_deferred
 from archive_kms.search import alias_name, rebuild_generation
-from archive_kms.state.port import CopyStatus, KeyMode, ManifestEntry
+from archive_kms.state.port import CopyStatus, KeyMode, ManifestEntry, StepState
 
 if TYPE_CHECKING:
     from archive_kms.migration.engine import RunContext
@@ -113,7 +113,9 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
     dest_loc = plan.destination_location
     foreign = 0
     first: bytes | None = None
-    if p.provisioner.exists(dest_loc):
+    dest_exists = p.provisioner.exists(dest_loc)
+    created_by_us = p.state.get_run(ctx.run_id).step("create_destination").state is not StepState.PENDING
+    if dest_exists:
         for info in p.store_for(dest_loc).list():
             if p.state.manifest_summary(ctx.run_id) is None or p.state.get_copy(ctx.run_id, info.name) is None:
                 foreign += 1
@@ -126,7 +128,7 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
             f"did not write (first: {first[:80]!r}); empty or remove it, or choose another destination",
             resource=dest_loc.uri)
     checks.append("destination-free")
-    return {"checks": checks, "key": {"ref": report.key_ref, "state": report.status.state.value,
+    return {"checks": checks, "destination_existed": dest_exists and not created_by_us, "key": {"ref": report.key_ref, "state": report.status.state.value,
                                       "wrap_ms": round(report.wrap_seconds * 1000, 1),
                                       "unwrap_ms": round(report.unwrap_seconds * 1000, 1),
                                       **{k: v for k, v in details.items() if k in ("origin", "key_spec", "region")}}}
@@ -268,12 +270,17 @@ def verify(ctx: RunContext) -> dict[str, Any]:
     from datetime import timedelta
 
     p, plan = ctx.platform, ctx.plan
+    recopied = 0
+    if p.state.copy_counts(ctx.run_id).get(CopyStatus.FAILED):
+        # Objects an earlier verify rejected (or a copy failed): copy them again first, so a
+        # plain resume converges instead of failing on the same rows every time.
+        recopied = sum(r["written"] + r["already"] for r in ctx.run_shards("copy", list(range(plan.shards))))
     results = ctx.run_shards("verify", list(range(plan.shards)))
     mismatched = sum(r["mismatched"] for r in results)
     if mismatched:
         errors = [e for r in results for e in r["errors"]][:5]
-        raise IntegrityError(f"{mismatched} object(s) failed verification and are marked failed; rerun from "
-                             f"`copy` to redo them. First: {'; '.join(errors)}")
+        raise IntegrityError(f"{mismatched} object(s) failed verification and are marked failed; resume the run "
+                             f"(verify copies them again first). First: {'; '.join(errors)}")
     dst = p.store_for(plan.destination_location)
     aborted = dst.abort_stale_uploads(timedelta(0))  # uploads of crashed attempts (faults A5, I5)
     manifest_names = {e.name for e in p.state.iter_manifest(ctx.run_id)}
@@ -287,7 +294,7 @@ def verify(ctx: RunContext) -> dict[str, Any]:
     unverified = manifest_names - verified
     out = {"objects": len(manifest_names), "verified": len(verified), "listed": len(listed), "lost": len(lost),
            "duplicated": duplicates, "unexpected": len(unexpected), "unverified": len(unverified),
-           "aborted_uploads": aborted, "result": "ok"}
+           "aborted_uploads": aborted, "recopied": recopied, "result": "ok"}
     if lost or duplicates or unexpected or unverified:
         out["result"] = "mismatch"
         sample = sorted(lost | unexpected | unverified)[:3]
@@ -365,14 +372,52 @@ def cutover(ctx: RunContext) -> dict[str, Any]:
             "registry_changed": registry_changed, "alias_changed": alias_changed}
 
 
+def _names_fingerprint(names: Any) -> tuple[int, str]:
+    """(count, XOR of name hashes): compares two listings in constant memory."""
+    import hashlib
+
+    count, acc = 0, 0
+    for name in names:
+        count += 1
+        acc ^= int.from_bytes(hashlib.sha256(name).digest()[:16], "big")
+    return count, f"{acc:032x}"
+
+
+def _recheck_before_deleting(ctx: RunContext) -> None:
+    """The last look at reality before the only other copy goes (faults B5, D10, I1):
+    the key the data now depends on answers, the destination holds exactly the manifest's
+    names, and the source still holds exactly what the manifest listed."""
+    p, plan = ctx.platform, ctx.plan
+    state = p.resolve_provider(plan.key_ref).status().state
+    if not state.usable:
+        raise KeyUnavailableError(f"refusing to delete the source: the tenant's key {plan.key_ref} is "
+                                  f"{state.value}; the source is kept until it is usable again",
+                                  resource=plan.key_ref, state=state.value)
+    manifest = _names_fingerprint(e.name for e in p.state.iter_manifest(ctx.run_id))
+    dest = _names_fingerprint(i.name for i in p.store_for(plan.destination_location).list())
+    if dest != manifest:
+        raise IntegrityError(f"refusing to delete the source: {plan.destination_location.uri} holds {dest[0]} "
+                             f"object(s), not the manifest's {manifest[0]} (or other names); rerun from verify",
+                             resource=plan.destination_location.uri)
+    summary = p.state.manifest_summary(ctx.run_id)
+    count, total, _ = _listing_fingerprint(p.store_for(plan.source_location))
+    if (count, total) != (summary.entries, summary.total_bytes):
+        raise IntegrityError(f"refusing to delete the source: {plan.source_location.uri} changed since the manifest "
+                             f"({count} objects / {total} bytes now, {summary.entries} / {summary.total_bytes} "
+                             "listed); something wrote to it during the run", resource=plan.source_location.uri)
+
+
 def cleanup_source(ctx: RunContext) -> dict[str, Any]:
     """Delete the old storage entity and the old index, after a short grace period for
     reads that looked the location up just before cutover."""
     p, plan = ctx.platform, ctx.plan
     if dict(p.state.get_tenant(plan.tenant_id).location) != dict(plan.destination):
         raise StateError("refusing to delete the source: the registry does not point at the destination yet")
-    time.sleep(plan.cutover_grace_seconds)
     src_loc = plan.source_location
+    if not p.state.load_checkpoints(ctx.run_id, "cleanup_source").get(0, {}).get("deleting"):
+        _recheck_before_deleting(ctx)
+        p.state.save_checkpoint(ctx.run_id, "cleanup_source", 0, {"deleting": True}, fence=ctx.fence)
+    time.sleep(plan.cutover_grace_seconds)
     deleted = p.provisioner.delete(src_loc, p.store_for(src_loc))
     index_deleted = False
     if plan.old_index is not None and plan.old_index != plan.new_index:
@@ -389,11 +434,22 @@ def cleanup_source(ctx: RunContext) -> dict[str, Any]:
 def resume(ctx: RunContext) -> dict[str, Any]:
     """Open the gate and replay the jobs deferred during the run, exactly once, into the
     tenant's new home."""
-    p = ctx.platform
-    outcomes = replay_deferred(p.state, ctx.plan.tenant_id, ctx.run_id, p.open_archive, fence=ctx.fence)
+    from datetime import timedelta
+
+    p, tenant = ctx.platform, ctx.plan.tenant_id
+    # We hold the tenant's lease: claims left by a crashed attempt of this step are ours
+    # to take over at once (reclaim_after=0), not in five minutes.
+    outcomes = replay_deferred(p.state, tenant, ctx.run_id, p.open_archive, fence=ctx.fence,
+                               reclaim_after=timedelta(0))
     ran = [o for o in outcomes if o.decision == "run"]
+    gate = p.state.gate(tenant)
+    if gate.state.value != "open" or gate.pending:
+        # Never "completed" with jobs still queued behind a draining gate (they would wait
+        # for a replayer that is not coming).
+        raise TransientError(f"{gate.pending} deferred archive job(s) of {tenant} not replayed yet (gate "
+                             f"{gate.state.value}; one may still be running from a crashed attempt); rerun the step")
     return {"replayed": len(ran), "duplicates": len(outcomes) - len(ran),
-            "records": sum(o.records for o in ran), "gate": p.state.gate(ctx.plan.tenant_id).state.value}
+            "records": sum(o.records for o in ran), "gate": gate.state.value}
 
 
 def report(ctx: RunContext) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -300,20 +301,29 @@ def _run(state, spec: JobSpec, attempt: int, open_archive: Callable[[str], Tenan
 
 
 def replay_deferred(state, tenant_id: str, run_id: str, open_archive: Callable[[str], TenantArchive], *,
-                    fence=None) -> list[JobOutcome]:
+                    fence=None, reclaim_after: timedelta = timedelta(minutes=5)) -> list[JobOutcome]:
     """Resume the gate and replay every deferred job exactly once, in arrival order,
-    into wherever the tenant lives now."""
+    into wherever the tenant lives now. ``reclaim_after``: claims older than this (a
+    replayer that crashed) are taken over; a migration run that holds the tenant's lease
+    passes 0, since no other replayer can be at work."""
     outcomes: list[JobOutcome] = []
+    seen: set[str] = set()
     claimed = state.resume_and_drain(tenant_id, run_id, fence=fence)
+    if not claimed:
+        claimed = state.claim_deferred(tenant_id, reclaim_after=reclaim_after)
     while claimed:
-        for job in claimed:
+        fresh = [job for job in claimed if job.job_id not in seen]
+        if not fresh:  # only jobs this call handed back as running elsewhere: stop, don't spin
+            break
+        for job in fresh:
+            seen.add(job.job_id)
             admission = state.start_job(tenant_id, job.job_id)
             if admission.decision.value != "run":  # completed by an earlier replayer, or running now
                 outcomes.append(JobOutcome(job.job_id, tenant_id, "duplicate"))
                 continue
             spec = JobSpec.from_payload(job.job_id, tenant_id, job.payload)
             outcomes.append(_run(state, spec, admission.attempt, open_archive))
-        claimed = state.claim_deferred(tenant_id)
+        claimed = state.claim_deferred(tenant_id, reclaim_after=reclaim_after)
     return outcomes
 
 
