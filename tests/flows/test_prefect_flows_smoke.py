@@ -23,6 +23,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from archive_kms import wiring
 from archive_kms.config import Settings
+from archive_kms.errors import StateError
 from archive_kms.flows.migration import artifact_key, enable, run_flow, support
 from archive_kms.migration import STEPS, plan_enable, trigger
 from archive_kms.operations.verification import verify_tenant
@@ -187,5 +188,11 @@ def test_a_failed_migration_ends_the_flow_run_failed_and_still_answers(flow_env:
     assert answer["report"]["steps"][0] == {**answer["report"]["steps"][0], "step": "preflight", "state": "failed"}
     assert flow_platform.state.get_tenant(tenant.tenant_id).key_mode.value == "managed"
 
-    again = run_flow("enable", tenant=tenant.tenant_id, mode="byokms", key_ref=ref)  # a new run, refused again
+    # A new trigger is refused until support resumes or cancels the failed run; after cancel it may start.
+    with pytest.raises(StateError, match="runs cancel"):
+        run_flow("enable", tenant=tenant.tenant_id, mode="byokms", key_ref=ref)
+    from archive_kms.migration import cancel
+
+    assert cancel(flow_platform, answer["outcome"]["run_id"], actor="support").state == "cancelled"
+    again = run_flow("enable", tenant=tenant.tenant_id, mode="byokms", key_ref=ref)  # a new run, refused at preflight
     assert again["outcome"]["state"] == "failed" and again["outcome"]["run_id"] != answer["outcome"]["run_id"]

@@ -160,3 +160,18 @@ def test_rerun_refuses_a_cancelled_run_and_steps_before_a_half_done_cutover(monk
     with pytest.raises(ValidationError, match="Rerun from cutover"):
         rerun(p, run2.run_id, "copy", actor="t")
     assert rerun(p, run2.run_id, "cutover", actor="t").state == "completed"
+
+
+def test_a_new_trigger_is_refused_while_a_failed_run_waits_for_support(monkeypatch):
+    from archive_kms.errors import StateError
+
+    p = _platform()
+    _once(monkeypatch, "copy", after=False)
+    run, _ = trigger(p, plan_enable(p, TENANT, "byokms", KEY), actor="t")
+    assert execute(p, run.run_id, actor="t").state == "failed"
+    with pytest.raises(StateError, match=f"failed enable run {run.run_id} \\(at step copy\\).*runs cancel"):
+        trigger(p, plan_enable(p, TENANT, "byokms", KEY), actor="t")
+    assert len(p.state.list_runs(TENANT)) == 1
+    cancel(p, run.run_id, actor="support")
+    run2, created = trigger(p, plan_enable(p, TENANT, "byokms", KEY), actor="t")
+    assert created and run2.run_id != run.run_id

@@ -147,6 +147,16 @@ def trigger(platform: Any, plan: MigrationPlan, *, actor: str) -> tuple[Migratio
     """Start a run for ``plan``, or return the tenant's running run (created False).
     A running run of the *other* flow is refused (faults E6)."""
     active = platform.state.find_active_run(plan.tenant_id)
+    if active is None:
+        failed = platform.state.list_runs(plan.tenant_id, states=[RunState.FAILED], limit=1)
+        if failed:
+            # A failed run may hold the gate paused and a half-made destination: a second run
+            # would fail on them. Support decides: finish it, or put the tenant back first.
+            f = failed[0]
+            step = next((s.name for s in f.steps if s.state is StepState.FAILED), "?")
+            raise StateError(f"tenant {plan.tenant_id} has failed {f.flow.value} run {f.run_id} (at step {step}): "
+                             f"resume it (`archive-kms runs resume {f.run_id}`) or cancel it "
+                             f"(`archive-kms runs cancel {f.run_id}`) first", resource=f"run:{f.run_id}")
     if active is not None and active.flow.value != plan.flow:
         raise StateError(f"tenant {plan.tenant_id} has a running {active.flow.value} run {active.run_id}; "
                          f"finish or cancel it before starting {plan.flow}", resource=f"run:{active.run_id}")
