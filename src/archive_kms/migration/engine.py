@@ -351,14 +351,9 @@ def rerun(platform: Any, run_id: str, from_step: str, *, actor: str, takeover: b
         first = STEPS[cut + 1] if barrier.state is StepState.COMPLETED else POINT_OF_NO_RETURN
         raise ValidationError(f"run {run_id} is past {POINT_OF_NO_RETURN} (the tenant lives at the destination); "
                               f"rerunning {from_step} would move it back. Rerun from {first} or later")
-    if run.state is RunState.RUNNING:
-        current = platform.state.get_lease(run.tenant_id)
-        if current is not None and current.expires_at > datetime.now(timezone.utc) and not takeover:
-            raise LeaseHeldError(f"run {run_id} is being executed by a live worker; wait for it or pass --takeover",
-                                 resource=f"run:{run_id}")
     # Take the lease *before* resetting: a live worker being taken over is fenced first, so
     # it cannot mark a just-reset step completed with a token that was still valid.
-    lease = platform.state.acquire_lease(run.tenant_id, run_id, _lease_ttl(platform))
+    lease = _acquire(platform, run, takeover=takeover)
     if run.state is RunState.FAILED:
         platform.state.set_run_state(run_id, RunState.RUNNING, fence=lease.fence)
     platform.state.reset_steps(run_id, from_step, fence=lease.fence)
@@ -380,10 +375,7 @@ def cancel(platform: Any, run_id: str, *, actor: str, takeover: bool = False) ->
         raise ValidationError(f"run {run_id} has reached {POINT_OF_NO_RETURN}: the tenant may already live at the "
                               f"destination, so it cannot be cancelled; resume it, then run the reverse flow")
     plan = MigrationPlan.from_params(run.params)
-    if run.state is RunState.RUNNING:
-        lease = _acquire(platform, run, takeover=takeover)
-    else:
-        lease = platform.state.acquire_lease(run.tenant_id, run.run_id, _lease_ttl(platform))
+    lease = _acquire(platform, run, takeover=takeover)
     fence = lease.fence
     undone: list[str] = []
     try:

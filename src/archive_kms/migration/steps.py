@@ -206,15 +206,13 @@ def bind_key(ctx: RunContext) -> dict[str, Any]:
 # --- manifest, copy, verify --------------------------------------------------------------------
 
 
-def _listing_fingerprint(store: Any) -> tuple[int, int, str]:
-    import hashlib
-
-    count, total, acc = 0, 0, 0
+def _listing_totals(store: Any) -> tuple[int, int]:
+    """(objects, bytes) of a fresh listing, to compare with the manifest's summary."""
+    count, total = 0, 0
     for info in store.list():
         count += 1
         total += info.size
-        acc ^= int.from_bytes(hashlib.sha256(info.name + b"\0" + str(info.size).encode()).digest()[:16], "big")
-    return count, total, f"{acc:032x}"
+    return count, total
 
 
 def manifest(ctx: RunContext) -> dict[str, Any]:
@@ -235,7 +233,7 @@ def manifest(ctx: RunContext) -> dict[str, Any]:
     if page:
         new += p.state.add_manifest_entries(ctx.run_id, page, fence=ctx.fence)
     summary = p.state.manifest_summary(ctx.run_id)
-    count, total, _ = _listing_fingerprint(src)
+    count, total = _listing_totals(src)
     if (count, total) != (summary.entries, summary.total_bytes):
         raise IntegrityError(f"two listings of {plan.source_location.uri} disagree ({summary.entries} objects / "
                              f"{summary.total_bytes} bytes in the manifest, {count} / {total} now): something is "
@@ -400,7 +398,7 @@ def _recheck_before_deleting(ctx: RunContext) -> None:
                              f"object(s), not the manifest's {manifest[0]} (or other names); rerun from verify",
                              resource=plan.destination_location.uri)
     summary = p.state.manifest_summary(ctx.run_id)
-    count, total, _ = _listing_fingerprint(p.store_for(plan.source_location))
+    count, total = _listing_totals(p.store_for(plan.source_location))
     if (count, total) != (summary.entries, summary.total_bytes):
         raise IntegrityError(f"refusing to delete the source: {plan.source_location.uri} changed since the manifest "
                              f"({count} objects / {total} bytes now, {summary.entries} / {summary.total_bytes} "
