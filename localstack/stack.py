@@ -115,11 +115,16 @@ def find_python(*versions: str) -> str | None:
 
 
 def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs. A zombie (killed, not yet reaped by its new parent) does not count."""
     try:
         os.kill(pid, 0)
-        return True
     except OSError:
         return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -669,11 +674,15 @@ def start(s: Service) -> dict[str, object]:
     if s.healthy(s):
         return {"service": s.name, "action": "reused", "seconds": 0.0}
     s.install(s)
-    if s.pid():  # a process of ours is there but not healthy yet: wait for it instead of starting twice
-        action = "waited"
+    pid = s.pid()
+    if pid and _started_within(s, s.start_timeout):
+        action = "waited"  # another `stack up` started it moments ago: wait instead of starting twice
     else:
+        if pid:  # ours, but old and not answering (hung, or half-stopped by hand): replace it
+            log(f"{s.name}: pid {pid} is not healthy; stopping it before starting again")
+            stop(s)
         cmd, env, cwd = s.command(s)
-        if tcp_open("127.0.0.1", s.port):
+        if tcp_open("127.0.0.1", s.port) and not _port_frees(s.port, 5.0 if pid else 0.0):
             raise StackError(f"{s.name}: port {s.port} is taken by something that is not a healthy {s.description}; "
                              f"free it or set ARCHIVE_KMS_PORT_{s.name.upper()}")
         s.logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -758,27 +767,54 @@ def cmd_status(services: list[Service], as_json: bool) -> int:
     return 0 if all(r["healthy"] for r in rows) else 1
 
 
-def cmd_down(services: list[Service], as_json: bool) -> int:
-    stopped = []
-    for s in services:
-        pid = s.pid()
-        if not pid:
-            continue
+def _port_frees(p: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        if not tcp_open("127.0.0.1", p):
+            return True
+    return False
+
+
+def _started_within(s: Service, seconds: float) -> bool:
+    try:
+        return time.time() - s.pidfile.stat().st_mtime < seconds
+    except OSError:
+        return False
+
+
+def stop(s: Service) -> bool:
+    """Stop the service's process group: SIGTERM, up to 15 s, then SIGKILL. False if nothing ran."""
+    pid = s.pid()
+    if not pid:
+        s.pidfile.unlink(missing_ok=True)
+        return False
+    for sig in (signal.SIGTERM, signal.SIGCONT):  # SIGCONT: a stopped process must wake to see SIGTERM
         try:
-            os.killpg(pid, signal.SIGTERM)
+            os.killpg(pid, sig)
         except OSError:
             pass
-        for _ in range(60):
-            if not pid_alive(pid):
-                break
-            time.sleep(0.25)
-        else:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        s.pidfile.unlink(missing_ok=True)
-        stopped.append(s.name)
+    if not _wait_gone(pid, 15.0):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+        _wait_gone(pid, 5.0)
+    s.pidfile.unlink(missing_ok=True)
+    return True
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def cmd_down(services: list[Service], as_json: bool) -> int:
+    stopped = [s.name for s in services if stop(s)]
     if as_json:
         print(json.dumps({"stopped": stopped}))
     else:
