@@ -35,8 +35,9 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from archive_kms.domain.records import Record
 from archive_kms.errors import IndexModeMismatchError, IntegrityError, ValidationError
 from archive_kms.search.naming import check_tenant_id
-from archive_kms.search.port import Hit, IndexDocument, IndexMode, Query
+from archive_kms.search.port import Hit, HitFailure, IndexDocument, IndexMode, Query
 from archive_kms.search.tokens import (
     SearchKeys,
     check_field_name,
@@ -59,6 +60,8 @@ from archive_kms.search.tokens import (
     value_text,
     word_terms,
 )
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -358,6 +361,23 @@ def decode_hit(*, tenant: str, mode: IndexMode, keys: SearchKeys | None, index: 
         raise IntegrityError(f"document {doc_id} in {index} holds another record's display field", resource=index)
     return Hit(doc_id=doc_id, index=index, object_type=record.object_type, record_id=record.record_id,
                workspace_id=record.workspace_id, fields=dict(record.fields), attachments=record.attachments)
+
+
+def decode_hits(*, tenant: str, keys: SearchKeys | None, rows: Iterable[tuple[str, str, Mapping[str, Any]]],
+                mode_of: Callable[[str], IndexMode]) -> tuple[list[Hit], list[HitFailure]]:
+    """Decode ``(index, doc_id, source)`` rows the way every backend must: a document that
+    does not authenticate or decode becomes a ``HitFailure`` (logged by id, never by
+    content) and the others are still returned."""
+    hits: list[Hit] = []
+    failures: list[HitFailure] = []
+    for index, doc_id, source in rows:
+        try:
+            hits.append(decode_hit(tenant=tenant, mode=mode_of(index), keys=keys, index=index, doc_id=doc_id,
+                                   source=source))
+        except (IntegrityError, ValidationError) as e:
+            log.warning("search hit %s in %s failed verification: %s", doc_id, index, type(e).__name__)
+            failures.append(HitFailure(doc_id=doc_id, index=index, reason=str(e)))
+    return hits, failures
 
 
 def encode_json(source: Mapping[str, Any]) -> bytes:

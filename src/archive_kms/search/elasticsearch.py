@@ -30,7 +30,6 @@ from typing import Any
 
 from archive_kms.errors import (
     AliasConflictError,
-    IntegrityError,
     SearchError,
     ServiceUnavailableError,
     ValidationError,
@@ -48,7 +47,6 @@ from archive_kms.search.naming import (
 from archive_kms.search.port import (
     BulkResult,
     GenerationInfo,
-    HitFailure,
     IndexDocument,
     IndexMode,
     Query,
@@ -330,17 +328,10 @@ class ElasticsearchSearchIndex:
                     source_includes=["display"], track_total_hits=True)
             if getattr(resp, "meta", None) is None or resp.meta.status != 404:
                 break
-        hits, failures = [], []
-        for h in resp["hits"]["hits"]:
-            doc_index, doc_id = h["_index"], h["_id"]
-            try:
-                # a swap between resolving the alias and searching: decode by the hit's own index
-                hit_mode = mode if doc_index == current else self._mode(doc_index)
-                hits.append(D.decode_hit(tenant=tenant, mode=hit_mode, keys=keys, index=doc_index, doc_id=doc_id,
-                                         source=h.get("_source") or {}))
-            except (IntegrityError, ValidationError) as e:
-                log.warning("search hit %s in %s failed verification: %s", doc_id, doc_index, type(e).__name__)
-                failures.append(HitFailure(doc_id=doc_id, index=doc_index, reason=str(e)))
+        # a swap between resolving the alias and searching: decode each hit by its own index's mode
+        hits, failures = D.decode_hits(
+            tenant=tenant, keys=keys, mode_of=lambda index: mode if index == current else self._mode(index),
+            rows=((h["_index"], h["_id"], h.get("_source") or {}) for h in resp["hits"]["hits"]))
         total = resp["hits"]["total"]["value"]
         return SearchResult(hits=hits, total=int(total), failures=failures)
 

@@ -21,14 +21,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from archive_kms.errors import AliasConflictError, IntegrityError, SearchError, ValidationError
+from archive_kms.errors import AliasConflictError, SearchError, ValidationError
 from archive_kms.search import documents as D
 from archive_kms.search.bulk import run_bulk
 from archive_kms.search.naming import alias_name, check_index_of, check_tenant_id, index_name, parse_index_name
 from archive_kms.search.port import (
     BulkResult,
     GenerationInfo,
-    HitFailure,
     IndexDocument,
     IndexMode,
     Query,
@@ -274,13 +273,8 @@ class MemorySearchIndex:
                 matched = set(idx.visible)
             ordered = sorted(matched, key=lambda d: tuple(str(idx.visible[d].get(f, "")) for f in D.SORT_FIELDS))
             sources = [(d, copy.deepcopy(idx.visible[d])) for d in ordered[:compiled.limit]]
-        hits, failures = [], []
-        for doc_id, source in sources:
-            try:
-                hits.append(D.decode_hit(tenant=tenant, mode=mode, keys=keys, index=current, doc_id=doc_id,
-                                         source=source))
-            except IntegrityError as e:
-                failures.append(HitFailure(doc_id=doc_id, index=current, reason=str(e)))
+        hits, failures = D.decode_hits(tenant=tenant, keys=keys, mode_of=lambda _index: mode,
+                                       rows=((current, doc_id, source) for doc_id, source in sources))
         return SearchResult(hits=hits, total=len(matched), failures=failures)
 
     # --- aliases ---------------------------------------------------------------------
