@@ -333,6 +333,40 @@ def test_tampered_display_is_reported_not_returned(backend):
     assert "authentication" in res.failures[0].reason
 
 
+def test_scan_returns_every_document_past_the_search_limit(backend, mode):
+    """``scan`` pages through a whole generation (more documents than one search may
+    return), decoding like search; a forged document comes back as a failure, in place."""
+    from archive_kms.search.documents import MAX_LIMIT
+    from archive_kms.search.port import HitFailure
+
+    index, tenant = backend.make(), backend.tenant()
+    keys = keys_for(tenant, mode)
+    many = [Record("Task", f"00T{i:012d}", {"Subject": f"call {i}"}) for i in range(MAX_LIMIT + 37)]
+    name = live(index, tenant, 1, mode, keys, records=many)
+    assert index.search(tenant, Query(limit=MAX_LIMIT), keys).total == len(many)
+
+    seen = list(index.scan(name, keys, page_size=400))
+    assert sorted(h.record_id for h in seen) == sorted(r.record_id for r in many)
+    assert {h.fields["Subject"] for h in seen if h.record_id == "00T000000000007"} == {"call 7"}
+
+    victim, donor = (build_document(r, tenant=tenant, mode=mode, keys=keys) for r in many[:2])
+    backend.raw_put(name, victim.doc_id, dict(victim.source, display=donor.source["display"]))
+    after = list(index.scan(name, keys, page_size=1000))
+    failed = [x for x in after if isinstance(x, HitFailure)]
+    assert [f.doc_id for f in failed] == [victim.doc_id]
+    assert len(after) == len(many)
+
+
+def test_scan_refuses_keys_that_do_not_fit(backend):
+    from archive_kms.errors import IndexModeMismatchError
+
+    index, tenant = backend.make(), backend.tenant()
+    keys = keys_for(tenant, IndexMode.KEYED)
+    name = live(index, tenant, 1, IndexMode.KEYED, keys)
+    with pytest.raises(IndexModeMismatchError):
+        list(index.scan(name, None))
+
+
 # --- bulk: idempotence, per-item errors, retries -----------------------------------------
 
 

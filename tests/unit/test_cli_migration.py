@@ -197,6 +197,41 @@ def test_verify_finds_an_object_that_does_not_authenticate(memory_platform) -> N
     assert v["examples"]["unreadable"][0].startswith(repr(name[:120]))
 
 
+def test_verify_compares_ids_past_the_search_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More records of one type than a search returns: a document swapped for a record
+    that does not exist is found by id although the counts agree."""
+    from archive_kms.domain.records import Record
+    from archive_kms.operations.archive import write_records
+    from archive_kms.operations.platform import Platform
+    from archive_kms.operations.tenants import create_tenant
+    from archive_kms.search import build_document
+    from archive_kms.search.documents import MAX_LIMIT
+
+    platform = Platform.in_memory()
+    create_tenant(platform, "bulk", cloud="s3", provision_storage=False)
+    archive = platform.open_archive("bulk")
+    records = [Record("Task", f"00T{i:012d}", {"Subject": f"call {i}"}) for i in range(MAX_LIMIT + 50)]
+    write_records(archive, ((r, []) for r in records))
+    monkeypatch.setattr(cli, "_platform", lambda: platform)
+    result = invoke("verify", "bulk", "--json")
+    v = json.loads(result.output)
+    assert result.exit_code == 0 and v["ok"] and v["records"] == v["index_documents"] == MAX_LIMIT + 50, v
+
+    index = platform.index.current_index("bulk")
+    gone = records[MAX_LIMIT + 10]  # past the first page of any search
+    ghost = Record("Task", "00Tghost", {"Subject": "never archived"})
+    platform.index.delete_documents(index, [build_document(gone, tenant="bulk", mode=archive.index_mode,
+                                                           keys=archive.search_keys).doc_id], refresh=True)
+    platform.index.bulk_index(index, [build_document(ghost, tenant="bulk", mode=archive.index_mode,
+                                                     keys=archive.search_keys)], refresh=True)
+    result = invoke("verify", "bulk", "--json")
+    v = json.loads(result.output)
+    assert result.exit_code == 1 and not v["ok"]
+    assert (v["missing_in_index"], v["extra_in_index"], v["index_documents"]) == (1, 1, MAX_LIMIT + 50)
+    assert v["examples"]["missing_in_index"] == [f"{gone.workspace_id}/Task/{gone.record_id}"]
+    assert v["examples"]["extra_in_index"] == [f"{ghost.workspace_id}/Task/00Tghost"]
+
+
 def test_verify_refuses_an_unknown_tenant(memory_platform) -> None:
     assert_refused(invoke("verify", "nobody"), "unknown tenant 'nobody'")
 

@@ -19,8 +19,6 @@ from archive_kms.domain.tenants import TenantId
 from archive_kms.errors import IntegrityError, StateError
 from archive_kms.migration.copying import read_plaintext_digest
 from archive_kms.operations.archive import RECORD_PREFIX
-from archive_kms.search import Query
-from archive_kms.search.documents import MAX_LIMIT
 from archive_kms.storage import Location
 
 DEFAULT_THREADS = 8
@@ -89,24 +87,20 @@ def _read_objects(platform: Any, tenant_id: str, location: Location, threads: in
     return tally
 
 
-def _index_keys(platform: Any, tenant_id: str, object_types: Iterable[str]) -> tuple[set[RecordKey], int, set[str]]:
-    """The records the index returns (decrypted and authenticated hits), the number of
-    documents that failed authentication, and the object types whose listing was cut
-    short: a search returns at most MAX_LIMIT hits, so for a type with more documents
-    only the totals are compared."""
+def _index_keys(platform: Any, tenant_id: str, index: str) -> tuple[set[RecordKey], int]:
+    """The records held by the documents of ``index`` (every one, decrypted and
+    authenticated, paged through by ``scan``) and the number that failed authentication."""
+    from archive_kms.search.port import HitFailure
+
     archive = platform.open_archive(tenant_id)
-    whole = archive.search(Query(limit=MAX_LIMIT))
-    if whole.total <= MAX_LIMIT:
-        return {(h.workspace_id, h.object_type, h.record_id) for h in whole}, len(whole.failures), set()
     keys: set[RecordKey] = set()
-    failures, truncated = 0, set()
-    for object_type in sorted(set(object_types)):
-        part = archive.search(Query(object_type=object_type, limit=MAX_LIMIT))
-        keys |= {(h.workspace_id, h.object_type, h.record_id) for h in part}
-        failures += len(part.failures)
-        if part.total > MAX_LIMIT:
-            truncated.add(object_type)
-    return keys, failures, truncated
+    failures = 0
+    for item in platform.index.scan(index, archive.search_keys):
+        if isinstance(item, HitFailure):
+            failures += 1
+        else:
+            keys.add((item.workspace_id, item.object_type, item.record_id))
+    return keys, failures
 
 
 def _examples(keys: Iterable[RecordKey]) -> list[str]:
@@ -123,13 +117,12 @@ def verify_tenant(platform: Any, tenant_id: str, *, threads: int = DEFAULT_THREA
     location = Location.from_dict(tenant.location)
     tally = _read_objects(platform, tid, location, threads)
     index = platform.index.current_index(tid)
-    documents, indexed, failures, truncated = 0, set(), 0, set()
+    documents, indexed, failures = 0, set(), 0
     if index is not None:
         platform.index.refresh(index)
         documents = platform.index.count(index)
-        indexed, failures, truncated = _index_keys(platform, tid, (k[1] for k in tally.records))
-    # a record of a type listed only in part is judged by the totals alone
-    missing = {k for k in tally.records - indexed if k[1] not in truncated}
+        indexed, failures = _index_keys(platform, tid, index)
+    missing = tally.records - indexed
     extra = indexed - tally.records
     ok = (tally.unreadable == 0 and failures == 0 and index is not None and documents == len(tally.records)
           and not missing and not extra)
@@ -137,7 +130,7 @@ def verify_tenant(platform: Any, tenant_id: str, *, threads: int = DEFAULT_THREA
         "tenant": tid, "location": location.uri, "index": index,
         "objects": tally.objects, "bytes_plaintext": tally.bytes_plaintext, "records": len(tally.records),
         "index_documents": documents, "missing_in_index": len(missing), "extra_in_index": len(extra),
-        "unreadable": tally.unreadable, "index_unreadable": failures, "ids_compared_by_count_only": sorted(truncated),
+        "unreadable": tally.unreadable, "index_unreadable": failures,
         "examples": {"missing_in_index": _examples(missing), "extra_in_index": _examples(extra),
                      "unreadable": tally.unreadable_examples},
         "ok": ok,

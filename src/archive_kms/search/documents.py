@@ -363,6 +363,15 @@ def decode_hit(*, tenant: str, mode: IndexMode, keys: SearchKeys | None, index: 
                workspace_id=record.workspace_id, fields=dict(record.fields), attachments=record.attachments)
 
 
+def check_scan_keys(index_name: str, mode: IndexMode, keys: SearchKeys | None) -> str:
+    """The tenant of ``index_name``, after checking ``keys`` fit its mode (``scan``)."""
+    from archive_kms.search.naming import parse_index_name
+
+    tenant, _ = parse_index_name(index_name)
+    _check_mode_keys(tenant, IndexMode(mode), keys)
+    return tenant
+
+
 def decode_hits(*, tenant: str, keys: SearchKeys | None, rows: Iterable[tuple[str, str, Mapping[str, Any]]],
                 mode_of: Callable[[str], IndexMode]) -> tuple[list[Hit], list[HitFailure]]:
     """Decode ``(index, doc_id, source)`` rows the way every backend must: a document that

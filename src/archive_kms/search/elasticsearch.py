@@ -47,6 +47,8 @@ from archive_kms.search.naming import (
 from archive_kms.search.port import (
     BulkResult,
     GenerationInfo,
+    Hit,
+    HitFailure,
     IndexDocument,
     IndexMode,
     Query,
@@ -334,6 +336,38 @@ class ElasticsearchSearchIndex:
             rows=((h["_index"], h["_id"], h.get("_source") or {}) for h in resp["hits"]["hits"]))
         total = resp["hits"]["total"]["value"]
         return SearchResult(hits=hits, total=int(total), failures=failures)
+
+    def scan(self, index_name: str, keys: SearchKeys | None, *, page_size: int = 1_000) -> Iterator[Hit | HitFailure]:
+        mode = self._mode(index_name)
+        tenant = D.check_scan_keys(index_name, mode, keys)
+        if not 1 <= page_size <= 10_000:
+            raise ValidationError("page_size must be between 1 and 10000")
+        # A point in time gives one consistent view across pages; search_after on
+        # _shard_doc pages through it without the 10,000-hit window of from/size.
+        with self._translate("open point in time", index_name):
+            pit = self._es.open_point_in_time(index=index_name, keep_alive="2m")["id"]
+        try:
+            after: list[Any] | None = None
+            while True:
+                with self._translate("scan", index_name):
+                    resp = self._es.search(pit={"id": pit, "keep_alive": "2m"}, size=page_size,
+                                           sort=[{"_shard_doc": "asc"}], source_includes=["display"],
+                                           query={"match_all": {}}, track_total_hits=False,
+                                           **({"search_after": after} if after is not None else {}))
+                page = resp["hits"]["hits"]
+                if not page:
+                    return
+                pit = resp.get("pit_id", pit)
+                hits, failures = D.decode_hits(tenant=tenant, keys=keys, mode_of=lambda _i: mode,
+                                               rows=((index_name, h["_id"], h.get("_source") or {}) for h in page))
+                yield from hits
+                yield from failures
+                after = page[-1]["sort"]
+        finally:
+            try:
+                self._es.close_point_in_time(id=pit)
+            except Exception:  # noqa: BLE001 - best effort: the PIT expires on its own after keep_alive
+                log.debug("closing point in time on %s failed", index_name)
 
     # --- aliases ---------------------------------------------------------------------
 

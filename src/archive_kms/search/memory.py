@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,8 @@ from archive_kms.search.naming import alias_name, check_index_of, check_tenant_i
 from archive_kms.search.port import (
     BulkResult,
     GenerationInfo,
+    Hit,
+    HitFailure,
     IndexDocument,
     IndexMode,
     Query,
@@ -276,6 +278,23 @@ class MemorySearchIndex:
         hits, failures = D.decode_hits(tenant=tenant, keys=keys, mode_of=lambda _index: mode,
                                        rows=((current, doc_id, source) for doc_id, source in sources))
         return SearchResult(hits=hits, total=len(matched), failures=failures)
+
+    def scan(self, index_name: str, keys: SearchKeys | None, *, page_size: int = 1_000) -> Iterator[Hit | HitFailure]:
+        with self._lock:
+            idx = self._get(index_name)
+            mode = _mode_of(D.meta_of(idx.mappings), index_name)
+            doc_ids = sorted(idx.visible)
+        tenant = D.check_scan_keys(index_name, mode, keys)
+        if not 1 <= page_size <= 10_000:
+            raise ValidationError("page_size must be between 1 and 10000")
+        for start in range(0, len(doc_ids), page_size):
+            with self._lock:  # a page at a time, like the real index; deleted since listing = skipped
+                idx = self._get(index_name)
+                rows = [(index_name, d, copy.deepcopy(idx.visible[d])) for d in doc_ids[start:start + page_size]
+                        if d in idx.visible]
+            hits, failures = D.decode_hits(tenant=tenant, keys=keys, mode_of=lambda _i: mode, rows=rows)
+            yield from hits
+            yield from failures
 
     # --- aliases ---------------------------------------------------------------------
 

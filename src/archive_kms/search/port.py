@@ -225,6 +225,13 @@ class SearchIndex(Protocol):
         """Search the tenant's current generation through its alias."""
         ...
 
+    def scan(self, index_name: str, keys: SearchKeys | None, *, page_size: int = 1_000) -> Iterator[Hit | HitFailure]:
+        """Every document of one generation, decoded and authenticated like search hits,
+        in pages of ``page_size`` (memory stays bounded; no result-size limit). A document
+        that does not authenticate is yielded as a ``HitFailure``. ``IndexModeMismatchError``
+        if ``keys`` do not fit the index's mode."""
+        ...
+
     def current_index(self, tenant: str) -> str | None:
         """The index the tenant's alias points to, ``None`` if there is no alias.
         ``SearchError`` if it points to more than one index."""
