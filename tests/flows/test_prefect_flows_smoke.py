@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
 from typing import Any
 
 import pytest
 from conftest import invariants
+from prefect_polling import completed_task_runs
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from archive_kms import wiring
 from archive_kms.config import Settings
@@ -31,7 +31,6 @@ from archive_kms.state.port import RunState, StepState
 
 RECORDS = 20
 DEFAULT_SHARDS = 8
-TASK_RUNS_VISIBLE_TIMEOUT_S = 30  # task run states reach the server as events, a moment later
 
 pytestmark = pytest.mark.slow
 
@@ -68,17 +67,6 @@ def assert_tenant_verifies(platform: Any, tenant: Any) -> None:
     assert v["ok"], v
     assert (v["objects"], v["records"], v["index_documents"]) == (len(tenant.snapshot), RECORDS, RECORDS), v
     assert v["location"] == f"s3://archive-kms-tenant-{tenant.tenant_id}/", v
-
-
-def completed_task_runs(flow_run_id: uuid.UUID, expected: int) -> list[Any]:
-    deadline = time.monotonic() + TASK_RUNS_VISIBLE_TIMEOUT_S
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            done = [r for r in runs if r.state is not None and r.state.is_completed()]
-            if len(done) >= expected or time.monotonic() > deadline:
-                return done
-            time.sleep(0.5)
 
 
 def flow_run_on_server(flow_run_id: uuid.UUID, name: str) -> dict[str, Any]:

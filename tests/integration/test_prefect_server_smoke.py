@@ -8,18 +8,15 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
-import uuid
 from pathlib import Path
 
 import requests
 from prefect import flow, task
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import FlowRun, TaskRun
+from prefect.client.schemas.objects import FlowRun
+from prefect_polling import completed_task_runs
 
 SUBPROCESS_TIMEOUT_S = 120  # a hang fails the test instead of the session
-TASK_RUNS_VISIBLE_TIMEOUT_S = 30  # task run states reach the server as events, a moment later
 
 
 @task
@@ -45,17 +42,6 @@ def _flow_run_from_server(api_url: str, flow_run_id: str) -> FlowRun:
     return FlowRun.model_validate(resp.json())
 
 
-def _completed_task_runs(flow_run_id: uuid.UUID, expected: int) -> list[TaskRun]:
-    deadline = time.monotonic() + TASK_RUNS_VISIBLE_TIMEOUT_S
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            done = [r for r in runs if r.state is not None and r.state.is_completed()]
-            if len(done) >= expected or time.monotonic() > deadline:
-                return done
-            time.sleep(0.5)
-
-
 def test_flow_with_mapped_tasks_runs_on_the_stack_server(prefect_api: str) -> None:
     state = smoke_flow([1, 2, 3], return_state=True)
 
@@ -67,7 +53,7 @@ def test_flow_with_mapped_tasks_runs_on_the_stack_server(prefect_api: str) -> No
         flow_run = client.read_flow_run(flow_run_id)
     assert flow_run.name and flow_run.state is not None and flow_run.state.is_completed()
     assert _flow_run_from_server(prefect_api, str(flow_run_id)).state.is_completed()
-    task_names = sorted(r.task_key.split("-")[0] for r in _completed_task_runs(flow_run_id, expected=6))
+    task_names = sorted(r.task_key.split("-")[0] for r in completed_task_runs(flow_run_id, expected=6))
     assert task_names == ["add_one"] * 3 + ["square"] * 3
 
 
