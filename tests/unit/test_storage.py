@@ -435,3 +435,56 @@ def test_azure_discard_falls_back_to_commit_empty_then_conditional_delete():
 
     AzureBlobObjectStore(Container())._discard_uncommitted("k")
     assert log == [("delete", None), ("commit", (), "IfMissing"), ("delete", '"empty"')]
+
+
+# --- Azure container still being deleted ----------------------------------------------------
+
+
+class _BlobServiceDeleting:
+    """A blob service whose container of that name is being deleted for ``busy`` calls."""
+
+    def __init__(self, busy: int, code: str = "ContainerBeingDeleted") -> None:
+        self.busy, self.code, self.calls = busy, code, 0
+
+    def create_container(self, name: str) -> None:
+        from azure.core.exceptions import ResourceExistsError
+
+        self.calls += 1
+        if self.calls <= self.busy:
+            err = ResourceExistsError(message=f"{self.code}: the specified container is being deleted")
+            err.error_code = self.code
+            raise err
+
+
+def _azure_location():
+    from archive_kms.storage.locations import dedicated_azure_location
+
+    return dedicated_azure_location("acme", "devstoreaccount1")
+
+
+def test_create_azure_container_waits_while_one_of_that_name_is_being_deleted() -> None:
+    from archive_kms.storage.locations import create_azure_container
+
+    slept: list[float] = []
+    service = _BlobServiceDeleting(busy=3)
+    create_azure_container(service, _azure_location(), sleep=slept.append, clock=lambda: sum(slept))
+    assert service.calls == 4 and slept == [0.5, 1.0, 2.0]
+
+
+def test_create_azure_container_gives_up_retryably_after_the_wait() -> None:
+    from archive_kms.errors import ServiceUnavailableError
+    from archive_kms.storage.locations import create_azure_container
+
+    slept: list[float] = []
+    service = _BlobServiceDeleting(busy=10**6)
+    with pytest.raises(ServiceUnavailableError, match="still being deleted") as info:
+        create_azure_container(service, _azure_location(), wait_s=20, sleep=slept.append, clock=lambda: sum(slept))
+    assert info.value.retryable and sum(slept) <= 20 and service.calls > 3
+
+
+def test_create_azure_container_reuses_an_existing_one() -> None:
+    from archive_kms.storage.locations import create_azure_container
+
+    service = _BlobServiceDeleting(busy=1, code="ContainerAlreadyExists")
+    create_azure_container(service, _azure_location(), sleep=lambda _s: pytest.fail("must not wait"))
+    assert service.calls == 1

@@ -271,20 +271,39 @@ def _rule_matches(got: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
     return True
 
 
-def create_azure_container(blob_service: Any, location: Location) -> None:
-    """Create the location's container (private); an existing one is reused."""
+#: Azure deletes a container in the background (up to ~30 s, longer under load); creating
+#: one of the same name meanwhile answers 409 ContainerBeingDeleted.
+CONTAINER_BEING_DELETED_WAIT_S = 120.0
+
+
+def create_azure_container(blob_service: Any, location: Location, *,
+                           wait_s: float = CONTAINER_BEING_DELETED_WAIT_S, sleep: Callable[[float], None] = time.sleep,
+                           clock: Callable[[], float] = time.monotonic) -> None:
+    """Create the location's container (private); an existing one is reused. A container
+    of that name still being deleted (a quick remove-then-enable) is waited for, with
+    backoff, up to ``wait_s``: "exists" would be wrong, as it is about to vanish."""
     from azure.core.exceptions import ResourceExistsError
 
     from archive_kms.storage.azure_blob import translate_error
 
     if location.cloud is not Cloud.AZURE:
         raise ValidationError(f"{location.uri} is not an Azure location")
-    try:
-        blob_service.create_container(location.container)
-    except ResourceExistsError:
-        pass
-    except Exception as exc:  # noqa: BLE001
-        raise translate_error(exc, where=location.uri, op="Create Container") from exc
+    deadline, delay = clock() + wait_s, 0.5
+    while True:
+        try:
+            blob_service.create_container(location.container)
+            return
+        except ResourceExistsError as exc:
+            if getattr(exc, "error_code", None) != "ContainerBeingDeleted":
+                return  # ContainerAlreadyExists: reuse it
+            if clock() + delay > deadline:
+                raise ServiceUnavailableError(
+                    f"container {location.container} is still being deleted after {wait_s:.0f}s; "
+                    f"retry the step later", resource=location.uri) from None
+            sleep(delay)
+            delay = min(delay * 2, 8.0)
+        except Exception as exc:  # noqa: BLE001
+            raise translate_error(exc, where=location.uri, op="Create Container") from exc
 
 
 # --- deleting --------------------------------------------------------------------------------
