@@ -122,11 +122,14 @@ def keyvault_key_client(settings: Settings | None = None):
 
 
 def kmip_client(settings: Settings | None = None):
-    """A PyKMIP ProxyKmipClient over mutual TLS (not yet opened: use ``with client:``)."""
+    """A PyKMIP ProxyKmipClient over mutual TLS that checks the server's host name (not yet
+    opened: use ``with client:``)."""
     from kmip.pie.client import ProxyKmipClient
 
+    from archive_kms.keys.kmip import verify_server_hostname
+
     s = settings or get_settings()
-    return ProxyKmipClient(
+    return verify_server_hostname(ProxyKmipClient(
         hostname=s.kmip_host,
         port=s.kmip_port,
         cert=_require(s.kmip_client_cert, "kmip_client_cert"),
@@ -134,7 +137,7 @@ def kmip_client(settings: Settings | None = None):
         ca=_require(s.kmip_ca_cert, "kmip_ca_cert"),
         config_file="/dev/null",  # never read ~/.pykmip/pykmip.conf: configuration comes from Settings
         kmip_version=None,
-    )
+    ))
 
 
 # --- key providers (keys/) --------------------------------------------------------------

@@ -56,7 +56,35 @@ from archive_kms.keys.context import canonical_context
 from archive_kms.keys.port import KeyState, KeyStatus, WrappedKey
 from archive_kms.keys.refs import KmipKeyRef, parse_key_ref, wrapped_key_ref
 
-__all__ = ["ALGORITHM", "KmipKeyProvider"]
+__all__ = ["ALGORITHM", "KmipKeyProvider", "verify_server_hostname"]
+
+def verify_server_hostname(client: Any) -> Any:
+    """Make a PyKMIP ``ProxyKmipClient`` check that the server's certificate names the host
+    it connects to, and refuse anything below TLS 1.2.
+
+    PyKMIP 0.11 verifies the chain but wraps the socket without ``server_hostname``: any
+    certificate from the CA would do for any host, and the wrap request carries the tenant
+    key in clear to whoever answers. Returns ``client``."""
+    from kmip.services.kmip_client import KMIPProxy
+
+    class _HostCheckingProxy(KMIPProxy):
+        def _create_socket(self, sock: Any) -> None:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_certs)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.check_hostname = True
+            context.verify_mode = ssl.CERT_REQUIRED
+            if self.certfile:
+                context.load_cert_chain(self.certfile, self.keyfile)
+            self.socket = context.wrap_socket(sock, server_side=False, server_hostname=self.host,
+                                              do_handshake_on_connect=self.do_handshake_on_connect,
+                                              suppress_ragged_eofs=self.suppress_ragged_eofs)
+            self.socket.settimeout(self.timeout)
+
+    if not isinstance(client.proxy, KMIPProxy):
+        raise TypeError(f"not a PyKMIP client proxy: {type(client.proxy).__name__}")
+    client.proxy.__class__ = _HostCheckingProxy
+    return client
+
 
 ALGORITHM = "kmip:AES-256-GCM"
 _AAD_LABEL = b"archive_kms/kmip-wrap/v1\n"
@@ -237,6 +265,13 @@ class KmipKeyProvider:
             for attempt in (1, 2):
                 try:
                     return fn(self._open())
+                except ssl.SSLCertVerificationError as exc:
+                    # Not the server we were told to trust (wrong host or CA): never retried.
+                    self._drop()
+                    error = ConfigurationError(
+                        f"KMIP {operation} for {self.key_ref}: the server's TLS certificate does not verify "
+                        f"({exc.verify_message}); check kmip_host and kmip_ca_cert", resource=self.key_ref)
+                    break
                 except transport as exc:
                     self._drop()
                     if attempt == 2:
