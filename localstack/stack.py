@@ -834,8 +834,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(services, args.json)
         if args.action == "status":
             return cmd_status(services, args.json)
-        if args.action == "endpoints":
-            print(write_endpoints())
+        if args.action == "endpoints":  # --json: the endpoints themselves; else where they are
+            path = write_endpoints()
+            print(path.read_text().rstrip() if args.json else path)
             return 0
         return cmd_down(services, args.json)
     except StackError as e:

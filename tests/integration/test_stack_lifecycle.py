@@ -99,3 +99,12 @@ def test_hung_service_is_replaced_by_up(stack_env):
             os.kill(hung, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_endpoints_json_prints_the_endpoints(stack_env):
+    _up(stack_env)
+    r = subprocess.run([sys.executable, str(STACK), "endpoints", "--json"], env=stack_env, capture_output=True,
+                       text=True, timeout=60, check=True)
+    endpoints = json.loads(r.stdout)
+    assert endpoints["azure_keyvault_url"].endswith(f":{stack_env['ARCHIVE_KMS_PORT_KEYVAULT']}")
+    assert endpoints["state_url"].startswith("sqlite:///")
