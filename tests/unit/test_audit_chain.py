@@ -135,6 +135,17 @@ def test_a_deleted_tenant_chain_is_found_through_its_head() -> None:
     assert "no head" in verify(recs, heads).reason
 
 
+def test_a_tenant_check_fails_when_the_whole_tenant_chain_is_gone() -> None:
+    """Records and head of one tenant deleted together: the tenant-scoped check (which
+    sees only that tenant's chain) must not call an empty chain verified."""
+    recs = build(LOG)
+    heads = heads_of(recs)
+    assert verify([r for r in recs if r.tenant_id == "beta"], heads, tenant_id="beta").ok
+    del heads["tenant:beta"]
+    result = verify([], heads, tenant_id="beta")
+    assert not result.ok and "no audit records" in result.reason
+
+
 def test_a_forged_record_relinked_into_the_chain_is_found() -> None:
     recs = build(LOG)
     forged = replace(recs[3], details={"i": "forged"})

@@ -333,6 +333,11 @@ class ChainVerifier:
         for chain, tip in expected.items():
             head = heads.get(chain)
             if head is None:
+                if tip.count == 0 and self._only is not None:
+                    # Every tenant's chain starts with its creation record: an empty one
+                    # is a tenant we never had, or a chain deleted with its head.
+                    return self.fail(None, f"tenant {self._only!r} has no audit records: an unknown tenant, "
+                                           "or its records and head were deleted")
                 if tip.count == 0:
                     continue
                 return self.fail(None, f"chain {chain!r}: no head for {tip.count} records (head deleted)")
