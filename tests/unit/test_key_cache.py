@@ -138,3 +138,29 @@ def test_thread_safety_under_contention() -> None:
     assert errors == []
     assert len(cache) <= 50
     assert sum(len(cache._by_tenant.get(f"t{i}", ())) for i in range(4)) == len(cache)
+
+
+def test_expired_keys_are_wiped_even_if_nobody_asks_for_them_again() -> None:
+    """An erased DEK is refused before the cache is consulted, so its entry is never
+    looked up again: expiry must still wipe it."""
+    clock = FakeClock()
+    cache = KeyCache(ttl_seconds=60, clock=clock)
+    cache.put("acme", "l4/ws/1/1", SecretBytes(b"\x01" * 32))
+    cache.put("acme", "l4/ws/2/1", SecretBytes(b"\x02" * 32))
+    held = [secret for _, secret in cache._entries.values()]  # noqa: SLF001 - the cache's own copies
+    clock.t += 30
+    cache.put("beta", "l2/1", SecretBytes(b"\x03" * 32))
+    assert cache.sweep() == 0 and len(cache) == 3
+    clock.t += 31
+    assert cache.sweep() == 2 and len(cache) == 1  # only beta's, put 31 s ago, is left
+    assert [s.fingerprint for s in held] == ["wiped", "wiped"]
+    assert cache.stats().expired == 2
+
+
+def test_the_background_sweeper_wipes_expired_keys_of_an_idle_cache() -> None:
+    cache = KeyCache(ttl_seconds=0.2)
+    cache.put("acme", "l2/1", SecretBytes(b"\x04" * 32))
+    deadline = time.monotonic() + 10
+    while len(cache) and time.monotonic() < deadline:
+        time.sleep(0.1)  # no get/put: only the sweeper thread can empty it
+    assert len(cache) == 0 and cache.stats().expired == 1

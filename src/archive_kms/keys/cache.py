@@ -4,7 +4,10 @@ Bounds, so that a revoked or erased key stops being usable quickly even in a pro
 missed the news:
 
 * lifetime: an entry lives ``ttl_seconds`` from when it was put (default 60 s,
-  ``Settings.key_cache_ttl_seconds``); reading it does not extend it;
+  ``Settings.key_cache_ttl_seconds``); reading it does not extend it. Expired entries are
+  wiped when any operation meets them *and* by a background sweeper (one daemon thread for
+  every cache of the process, each second), so an expired key does not sit in memory
+  because nobody asked for it again (an erased DEK is refused before the cache is looked at);
 * size: at most ``max_entries``; the least recently used entry goes first;
 * ``purge(tenant)`` drops a tenant's entries at once (revocation), ``purge()`` all;
   ``discard(tenant, ids)`` drops named keys (erasure, rotation).
@@ -23,7 +26,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +38,27 @@ from archive_kms.errors import ValidationError
 __all__ = ["CacheStats", "KeyCache"]
 
 DEFAULT_MAX_ENTRIES = 4096
+SWEEP_INTERVAL_SECONDS = 1.0
+
+_live_caches: weakref.WeakSet[KeyCache] = weakref.WeakSet()
+_sweeper_lock = threading.Lock()
+_sweeper: threading.Thread | None = None
+
+
+def _sweep_forever() -> None:
+    while True:
+        time.sleep(SWEEP_INTERVAL_SECONDS)
+        for cache in list(_live_caches):
+            cache.sweep()
+
+
+def _register(cache: KeyCache) -> None:
+    global _sweeper
+    _live_caches.add(cache)
+    with _sweeper_lock:
+        if _sweeper is None or not _sweeper.is_alive():
+            _sweeper = threading.Thread(target=_sweep_forever, name="akms-key-cache-sweeper", daemon=True)
+            _sweeper.start()
 
 
 @dataclass(frozen=True)
@@ -66,7 +91,11 @@ class KeyCache:
         # (tenant, key_id) -> (expires_at, secret); order = least recently used first
         self._entries: OrderedDict[tuple[str, str], tuple[float, SecretBytes]] = OrderedDict()
         self._by_tenant: dict[str, set[tuple[str, str]]] = {}
+        # (expires_at, key) in put order = expiry order (one TTL for all); stale pairs are skipped
+        self._expiries: deque[tuple[float, tuple[str, str]]] = deque()
         self._hits = self._misses = self._expired = self._evicted = self._purged = 0
+        if self._ttl > 0:
+            _register(self)
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> KeyCache:
@@ -87,18 +116,36 @@ class KeyCache:
                 del self._by_tenant[k[0]]
         secret.wipe()
 
+    def _sweep(self, now: float) -> int:
+        n = 0
+        while self._expiries and self._expiries[0][0] <= now:
+            expires_at, k = self._expiries.popleft()
+            entry = self._entries.get(k)
+            if entry is not None and entry[0] == expires_at:
+                self._drop(k)
+                n += 1
+        self._expired += n
+        return n
+
     # --- API -------------------------------------------------------------------------
+
+    def sweep(self) -> int:
+        """Wipe every expired entry now; returns how many (the sweeper calls this)."""
+        with self._lock:
+            return self._sweep(self._clock())
 
     def get(self, tenant_id: str, key_id: str) -> SecretBytes | None:
         """A fresh copy of the cached key, or ``None`` if absent or expired."""
         k = (tenant_id, key_id)
         with self._lock:
+            now = self._clock()
+            self._sweep(now)
             entry = self._entries.get(k)
             if entry is None:
                 self._misses += 1
                 return None
             expires_at, secret = entry
-            if self._clock() >= expires_at:
+            if now >= expires_at:
                 self._drop(k)
                 self._expired += 1
                 self._misses += 1
@@ -116,9 +163,13 @@ class KeyCache:
         copy = SecretBytes(key.reveal())
         k = (tenant_id, key_id)
         with self._lock:
+            now = self._clock()
+            self._sweep(now)
             if k in self._entries:
                 self._drop(k)
-            self._entries[k] = (self._clock() + self._ttl, copy)
+            expires_at = now + self._ttl
+            self._entries[k] = (expires_at, copy)
+            self._expiries.append((expires_at, k))
             self._by_tenant.setdefault(tenant_id, set()).add(k)
             while len(self._entries) > self._max:
                 self._drop(next(iter(self._entries)))
