@@ -333,6 +333,25 @@ def test_tampered_display_is_reported_not_returned(backend):
     assert "authentication" in res.failures[0].reason
 
 
+def test_a_document_given_another_records_terms_is_reported_not_returned(backend, mode):
+    """Only ``display`` is sealed; someone who can write to the index (but has no key)
+    copies the Account's terms onto the Case. A search for the Account's words must not
+    return the Case as a hit: its own record does not carry them."""
+    index, tenant = backend.make(), backend.tenant()
+    keys = keys_for(tenant, mode)
+    name = live(index, tenant, 1, mode, keys)
+    acct, case = (build_document(BY_ID[r], tenant=tenant, mode=mode, keys=keys)
+                  for r in ("001Qz00000AbCdEFGH", "500Qz00000CASE01"))
+    raw_case = {d["_id"]: d["_source"] for d in backend.raw_documents(name)}[case.doc_id]
+    backend.raw_put(name, case.doc_id, dict(raw_case, tokens=acct.source["tokens"],
+                                            object_type=acct.source["object_type"]))
+
+    res = index.search(tenant, Query("marmalade aquaponics"), keys)
+    assert ids(res) == ["001Qz00000AbCdEFGH"]
+    assert [f.doc_id for f in res.failures] == [case.doc_id]
+    assert "altered" in res.failures[0].reason
+
+
 def test_scan_returns_every_document_past_the_search_limit(backend, mode):
     """``scan`` pages through a whole generation (more documents than one search may
     return), decoding like search; a forged document comes back as a failure, in place."""

@@ -37,7 +37,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,22 +231,40 @@ def build_document(record: Record, *, tenant: str, mode: IndexMode, keys: Search
         raise ValidationError(f"record {record.object_type}/{record.record_id} is {len(display)} bytes "
                               f"(max {MAX_DISPLAY_BYTES})")
     doc_id = document_id(tenant, record, keys)
+    source: dict[str, Any] = _indexed_fields(record, mode, keys, terms)
     if mode is IndexMode.PLAINTEXT:
-        source = {
-            "object_type": type_term(record.object_type)[2:],
-            "record_id": record.record_id,
-            "tokens": sorted(terms),
-            "display": display.decode("utf-8"),
-        }
+        source["display"] = display.decode("utf-8")
     else:
         assert keys is not None
-        source = {
-            "object_type": keys.keyed(type_term(record.object_type)),
-            "record_id": keys.keyed(record_term(record.record_id)),
-            "tokens": keys.keyed_all(terms),  # sorted by token: no word order survives
-            "display": seal_display(display, tenant=tenant, doc_id=doc_id, keys=keys),
-        }
+        source["display"] = seal_display(display, tenant=tenant, doc_id=doc_id, keys=keys)
     return IndexDocument(doc_id=doc_id, source=source, version=version)
+
+
+def _indexed_fields(record: Record, mode: IndexMode, keys: SearchKeys | None,
+                    terms: set[str] | None = None) -> dict[str, Any]:
+    """The searchable fields of ``record``'s document (everything but ``display``)."""
+    terms = record_terms(record) if terms is None else terms
+    if mode is IndexMode.PLAINTEXT:
+        return {"object_type": type_term(record.object_type)[2:], "record_id": record.record_id,
+                "tokens": sorted(terms)}
+    assert keys is not None
+    return {"object_type": keys.keyed(type_term(record.object_type)),
+            "record_id": keys.keyed(record_term(record.record_id)),
+            "tokens": keys.keyed_all(terms)}  # sorted by token: no word order survives
+
+
+def _check_matches(record: Record, mode: IndexMode, keys: SearchKeys | None, required: Sequence[tuple[str, str]],
+                   index: str, doc_id: str) -> None:
+    """The hit's own authenticated record must carry every term the query matched on.
+    Only ``display`` is sealed; the searchable fields of a document are not, so someone
+    who can write to the index could copy one record's tokens onto another and make it
+    answer queries it does not match. Recomputing the terms from the record closes that."""
+    own = _indexed_fields(record, mode, keys)
+    for field_name, value in required:
+        held = own.get(field_name)
+        if value != held and not (isinstance(held, list) and value in held):
+            raise IntegrityError(f"document {doc_id} in {index} matched the query on index terms its own record "
+                                 "does not have (the index was altered)", resource=index)
 
 
 # --- display field -----------------------------------------------------------------------
@@ -338,9 +356,10 @@ def compile_query(tenant: str, query: Query, *, mode: IndexMode, keys: SearchKey
 
 
 def decode_hit(*, tenant: str, mode: IndexMode, keys: SearchKeys | None, index: str, doc_id: str,
-               source: Mapping[str, Any]) -> Hit:
+               source: Mapping[str, Any], required: Sequence[tuple[str, str]] = ()) -> Hit:
     """Rebuild the record of a stored document; ``IntegrityError`` if it does not
-    authenticate (keyed mode) or does not match its id (either mode)."""
+    authenticate (keyed mode), does not match its id, or lacks a ``required`` term (the
+    compiled query it was found by) (either mode)."""
     tenant = check_tenant_id(tenant)
     mode = IndexMode(mode)
     _check_mode_keys(tenant, mode, keys)
@@ -359,6 +378,8 @@ def decode_hit(*, tenant: str, mode: IndexMode, keys: SearchKeys | None, index: 
     if document_id(tenant, record, keys) != doc_id:
         # The display field belongs to another record (or tenant): never return it.
         raise IntegrityError(f"document {doc_id} in {index} holds another record's display field", resource=index)
+    if required:
+        _check_matches(record, mode, keys, required, index, doc_id)
     return Hit(doc_id=doc_id, index=index, object_type=record.object_type, record_id=record.record_id,
                workspace_id=record.workspace_id, fields=dict(record.fields), attachments=record.attachments)
 
@@ -373,7 +394,8 @@ def check_scan_keys(index_name: str, mode: IndexMode, keys: SearchKeys | None) -
 
 
 def decode_hits(*, tenant: str, keys: SearchKeys | None, rows: Iterable[tuple[str, str, Mapping[str, Any]]],
-                mode_of: Callable[[str], IndexMode]) -> tuple[list[Hit], list[HitFailure]]:
+                mode_of: Callable[[str], IndexMode],
+                required: Sequence[tuple[str, str]] = ()) -> tuple[list[Hit], list[HitFailure]]:
     """Decode ``(index, doc_id, source)`` rows the way every backend must: a document that
     does not authenticate or decode becomes a ``HitFailure`` (logged by id, never by
     content) and the others are still returned."""
@@ -382,7 +404,7 @@ def decode_hits(*, tenant: str, keys: SearchKeys | None, rows: Iterable[tuple[st
     for index, doc_id, source in rows:
         try:
             hits.append(decode_hit(tenant=tenant, mode=mode_of(index), keys=keys, index=index, doc_id=doc_id,
-                                   source=source))
+                                   source=source, required=required))
         except (IntegrityError, ValidationError) as e:
             log.warning("search hit %s in %s failed verification: %s", doc_id, index, type(e).__name__)
             failures.append(HitFailure(doc_id=doc_id, index=index, reason=str(e)))

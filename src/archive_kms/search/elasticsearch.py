@@ -333,7 +333,8 @@ class ElasticsearchSearchIndex:
         # a swap between resolving the alias and searching: decode each hit by its own index's mode
         hits, failures = D.decode_hits(
             tenant=tenant, keys=keys, mode_of=lambda index: mode if index == current else self._mode(index),
-            rows=((h["_index"], h["_id"], h.get("_source") or {}) for h in resp["hits"]["hits"]))
+            rows=((h["_index"], h["_id"], h.get("_source") or {}) for h in resp["hits"]["hits"]),
+            required=compiled.terms)
         total = resp["hits"]["total"]["value"]
         return SearchResult(hits=hits, total=int(total), failures=failures)
 

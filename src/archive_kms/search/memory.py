@@ -276,7 +276,8 @@ class MemorySearchIndex:
             ordered = sorted(matched, key=lambda d: tuple(str(idx.visible[d].get(f, "")) for f in D.SORT_FIELDS))
             sources = [(d, copy.deepcopy(idx.visible[d])) for d in ordered[:compiled.limit]]
         hits, failures = D.decode_hits(tenant=tenant, keys=keys, mode_of=lambda _index: mode,
-                                       rows=((current, doc_id, source) for doc_id, source in sources))
+                                       rows=((current, doc_id, source) for doc_id, source in sources),
+                                       required=compiled.terms)
         return SearchResult(hits=hits, total=len(matched), failures=failures)
 
     def scan(self, index_name: str, keys: SearchKeys | None, *, page_size: int = 1_000) -> Iterator[Hit | HitFailure]:
