@@ -259,7 +259,9 @@ def ls_version(s: Service) -> str:
 
 def ls_endpoints(s: Service) -> dict[str, object]:
     return {"aws_endpoint_url": f"http://127.0.0.1:{s.port}", "aws_region": "us-east-1",
-            "aws_access_key_id": LOCAL_AWS_KEY, "aws_secret_access_key": LOCAL_AWS_KEY}
+            "aws_access_key_id": LOCAL_AWS_KEY, "aws_secret_access_key": LOCAL_AWS_KEY,
+            # audit anchors under Object Lock; one day locally (production: a year or more)
+            "audit_anchor_bucket": "archive-kms-audit-anchors", "audit_anchor_retention_days": 1}
 
 
 # ---------------------------------------------------------------- Azurite (Blob)

@@ -87,6 +87,11 @@ class Settings(BaseSettings):
     key_cache_ttl_seconds: float = 60.0
     dek_bucket_seconds: int = 3600
 
+    # Audit anchors: the audit log's head published to an S3 bucket with Object Lock
+    # (compliance mode), so a rollback of the database is found. None = not published.
+    audit_anchor_bucket: str | None = None
+    audit_anchor_retention_days: int = Field(default=365, ge=1)
+
     # Migration flows.
     # A run's tenant lease: renewed every third of it; a crashed worker's run can be
     # resumed by another process once it expires (or at once with --takeover).

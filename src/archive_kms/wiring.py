@@ -257,4 +257,15 @@ def build_platform(settings: Settings | None = None):
 
     return Platform(s, state, keychain, search_index(s), resolve_provider,
                     lambda loc: open_store(loc, s, s3_client=s3, blob_service=blob),
-                    CloudProvisioner(s, s3_client=s3, blob_service=blob))
+                    CloudProvisioner(s, s3_client=s3, blob_service=blob), anchors=anchor_store(s, s3))
+
+
+def anchor_store(settings: Settings | None = None, s3_client: Any = None):
+    """Where audit anchors are published (``settings.audit_anchor_bucket``), or None."""
+    from archive_kms.state.anchors_s3 import S3AnchorStore
+
+    s = settings or get_settings()
+    if not s.audit_anchor_bucket:
+        return None
+    return S3AnchorStore(s3_client or aws_client("s3", s), s.audit_anchor_bucket,
+                         retention_days=s.audit_anchor_retention_days)

@@ -30,6 +30,7 @@ class Platform:
     resolve_provider: Callable[[str], Any]  # key ref -> KeyProvider
     open_store: Callable[[Location], ObjectStore]
     provisioner: Any = None  # storage.provisioning.LocationProvisioner: buckets/containers themselves
+    anchors: Any = None  # state.anchors.AnchorStore where the audit head is published; None = not configured
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -117,5 +118,7 @@ class Platform:
         keychain = Keychain(InMemoryKeychainStore(), resolve, Signer.generate(), clock, KeyCache())
         from archive_kms.storage.provisioning import MemoryProvisioner
 
+        from archive_kms.state.anchors import MemoryAnchorStore
+
         return cls(settings, InMemoryStateStore(), keychain, MemorySearchIndex(), resolve, open_store,
-                   MemoryProvisioner(open_store))
+                   MemoryProvisioner(open_store), anchors=MemoryAnchorStore())

@@ -1,0 +1,141 @@
+"""Audit anchors: the AnchorStore contract (memory, and S3 with Object Lock on LocalStack)
+and what anchoring adds to the sealed audit chain — a rolled-back database, or a log
+rewritten by someone holding the sealing key, verifies by itself but not against the
+latest anchor."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from archive_kms import wiring
+from archive_kms.crypto.secrets import SecretBytes
+from archive_kms.errors import ConfigurationError, IntegrityError
+from archive_kms.state.anchors import AuditAnchor, MemoryAnchorStore, log_id, publish_anchor, verify_with_anchor
+from archive_kms.state.anchors_s3 import S3AnchorStore
+from archive_kms.state.audit import HmacHeadSealer
+from archive_kms.state.port import AuditEvent
+from archive_kms.state.sql import open_state
+
+H = "ab" * 32
+LOG = "0f" * 32
+
+
+@pytest.fixture(params=["memory", "s3"])
+def anchor_store(request):
+    if request.param == "memory":
+        yield MemoryAnchorStore()
+        return
+    settings = request.getfixturevalue("localstack")
+    s3 = wiring.aws_client("s3", settings)
+    # a fresh bucket per test: locked objects cannot be cleaned up, so names are never reused
+    yield S3AnchorStore(s3, f"akms-anchors-test-{uuid.uuid4().hex[:12]}", retention_days=1)
+
+
+def test_latest_is_the_highest_count_and_an_anchor_is_write_once(anchor_store) -> None:
+    assert anchor_store.latest(LOG) is None
+    now = datetime.now(UTC)
+    for count in (3, 12, 7):
+        anchor_store.publish(AuditAnchor(LOG, count, f"{count:02d}" * 32, now))
+    anchor_store.publish(AuditAnchor("1e" * 32, 40, H, now))  # another log's anchors are its own
+    assert anchor_store.latest(LOG).count == 12
+    anchor_store.publish(AuditAnchor(LOG, 12, H, now))  # the same count again: the first one stands
+    latest = anchor_store.latest(LOG)
+    assert (latest.count, latest.head_hash) == (12, "12" * 32)
+    assert anchor_store.latest("1e" * 32).count == 40
+
+
+def test_s3_anchors_cannot_be_deleted_before_their_retention(localstack) -> None:
+    s3 = wiring.aws_client("s3", localstack)
+    bucket = f"akms-anchors-test-{uuid.uuid4().hex[:12]}"
+    where = S3AnchorStore(s3, bucket, retention_days=1).publish(AuditAnchor(LOG, 5, H, datetime.now(UTC)))
+    key = where.removeprefix(f"s3://{bucket}/")
+    version = s3.head_object(Bucket=bucket, Key=key)["VersionId"]
+    with pytest.raises(Exception) as info:
+        s3.delete_object(Bucket=bucket, Key=key, VersionId=version)
+    assert info.value.response["Error"]["Code"] == "AccessDenied"
+    retention = s3.get_object_retention(Bucket=bucket, Key=key)["Retention"]
+    assert retention["Mode"] == "COMPLIANCE"
+    # someone writes a newer version of the same anchor: readers keep the first one
+    forged = AuditAnchor(LOG, 5, "cd" * 32, datetime.now(UTC)).to_bytes()
+    s3.put_object(Bucket=bucket, Key=key, Body=forged)
+    assert S3AnchorStore(s3, bucket, retention_days=1).latest(LOG).head_hash == H
+
+
+def test_a_bucket_without_object_lock_is_refused(localstack) -> None:
+    s3 = wiring.aws_client("s3", localstack)
+    bucket = f"akms-anchors-test-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    with pytest.raises(ConfigurationError, match="Object Lock"):
+        S3AnchorStore(s3, bucket, retention_days=1).publish(AuditAnchor(LOG, 1, H, datetime.now(UTC)))
+
+
+# --- what anchoring detects ----------------------------------------------------------------
+
+
+def _append(state, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        state.append_audit(AuditEvent("support:alice", f"step.{i}", ["acme", "beta", None][i % 3], f"run-{i}",
+                                      {"i": i}))
+
+
+def test_a_restored_backup_verifies_alone_but_not_against_the_anchor(tmp_path: Path) -> None:
+    """The attacker restores a copy of the database taken before the anchor: records and
+    sealed heads are all genuine, so the chain verifies; the anchor says otherwise."""
+    sealer = HmacHeadSealer(SecretBytes.random(32), "k1")
+    db, backup = tmp_path / "state.db", tmp_path / "backup.db"
+    state = open_state(f"sqlite:///{db}", sealer=sealer)
+    _append(state, 5)
+    state.close()
+    shutil.copy(db, backup)
+    state = open_state(f"sqlite:///{db}", sealer=sealer)
+    _append(state, 4, start=5)
+    anchors = MemoryAnchorStore()
+    anchor, _ = publish_anchor(state, anchors)
+    assert anchor.count == 9
+    v, used = verify_with_anchor(state, anchors)
+    assert v.ok and used == anchor
+    state.close()
+
+    shutil.copy(backup, db)  # the rollback
+    state = open_state(f"sqlite:///{db}", sealer=sealer)
+    assert state.verify_audit().ok and state.verify_audit().sealed  # undetectable from inside
+    v, _ = verify_with_anchor(state, anchors)
+    assert not v.ok and "rolled back" in v.reason
+    v, _ = verify_with_anchor(state, anchors, tenant_id="acme")
+    assert not v.ok
+    state.close()
+
+
+def test_a_log_rewritten_and_resealed_with_the_key_fails_against_the_anchor(open_state_store, audit_tamper) -> None:
+    """The sealing key is stolen: the attacker edits a record, re-hashes and reseals."""
+    sealer = HmacHeadSealer(SecretBytes.random(32), "k1")
+    state = open_state_store(sealer=sealer)
+    tamper = type(audit_tamper)(state)
+    _append(state, 6)
+    anchors = MemoryAnchorStore()
+    publish_anchor(state, anchors)
+    _append(state, 2, start=6)
+    assert verify_with_anchor(state, anchors)[0].ok  # growth past the anchor is fine
+
+    tamper.edit_details(3, {"i": "forged"})
+    tamper.rehash_from(3)
+    state.reseal_audit_heads()
+    assert state.verify_audit().ok  # the stolen key makes it verify
+    v, _ = verify_with_anchor(state, anchors)
+    assert not v.ok and v.first_bad_seq == 6 and "rewritten" in v.reason
+
+
+def test_a_broken_log_is_never_anchored(open_state_store, audit_tamper) -> None:
+    state = open_state_store()
+    tamper = type(audit_tamper)(state)
+    _append(state, 4)
+    tamper.edit_details(2, {"i": "forged"})
+    anchors = MemoryAnchorStore()
+    with pytest.raises(IntegrityError, match="not anchored"):
+        publish_anchor(state, anchors)
+    assert anchors.latest(log_id(state)) is None
