@@ -263,7 +263,15 @@ def _migration_demo(console: Console, settings: Settings) -> int:
     audit = platform.state.verify_audit()
     console.print(f"audit chain after the migrations: {'verifies' if audit.ok else 'BROKEN: ' + str(audit.reason)}"
                   f" ({audit.records} records)")
-    return failed + (not audit.ok)
+    if not audit.ok or platform.anchors is None:
+        return failed + (not audit.ok)
+    from archive_kms.state.anchors import publish_anchor, verify_with_anchor
+
+    anchor, where = publish_anchor(platform.state, platform.anchors)
+    checked, _ = verify_with_anchor(platform.state, platform.anchors)
+    console.print(f"audit head anchored under Object Lock: {where} (record {anchor.count}); "
+                  f"log {'verifies against it' if checked.ok else 'DOES NOT match it: ' + str(checked.reason)}")
+    return failed + (not checked.ok)
 
 
 def main() -> int:
