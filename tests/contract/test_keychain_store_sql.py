@@ -1,5 +1,6 @@
-"""The keychain's own test suite (tests/unit/test_keychain.py), rerun with its store
-swapped for ``SqlKeychainStore`` on SQLite and on PostgreSQL.
+"""The keychain's own test suites (tests/unit/test_keychain.py, test_keychain_rekey.py),
+rerun with its store swapped for ``SqlKeychainStore`` on SQLite and on PostgreSQL, plus a
+kill at every statement inside the store's commit transaction.
 
 Those tests play an attacker by editing the in-memory store's raw ``records`` / ``heads``
 dicts; here the same names are live views onto the SQL rows (writing one writes the row
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, event, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the keychain's test module
 
 import test_keychain as keychain_suite  # noqa: E402
 from test_keychain import *  # noqa: E402,F401,F403 - every keychain test, collected here again
+import test_keychain_rekey as rekey_suite  # noqa: E402
+from test_keychain_rekey import *  # noqa: E402,F401,F403 - and every re-keying test
 
 from archive_kms.keys.keychain_store import KeychainStore, KeyRecord  # noqa: E402
 from archive_kms.state.schema import keychain_heads, keychain_records  # noqa: E402
@@ -98,3 +101,49 @@ def env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monk
         yield keychain_suite.Env()
     finally:
         state.close()
+
+
+def test_rotate_l3_killed_at_any_statement_of_its_commit_changes_nothing(env: Any) -> None:
+    """The process dies after k statements of the commit transaction, for every k: the
+    rows are exactly as before (the transaction rolled back), every DEK opens, and the
+    next attempt commits the rotation."""
+    blobs = rekey_suite._tenant_with_data(env)
+    engine = env.store._state.engine
+    budget = {"armed": False, "left": 0}
+
+    def kill(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
+        if budget["armed"]:
+            if budget["left"] == 0:
+                raise rekey_suite.Crash()
+            budget["left"] -= 1
+
+    real_commit = env.store.commit
+
+    def commit(tenant_id: str, **kw: Any) -> None:
+        budget["armed"] = True  # count only the statements of the commit transaction
+        try:
+            real_commit(tenant_id, **kw)
+        finally:
+            budget["armed"] = False
+
+    env.store.commit = commit
+    event.listen(engine, "before_cursor_execute", kill)
+    killed = 0
+    try:
+        while True:
+            before = rekey_suite._rows(env)
+            budget["left"] = killed
+            try:
+                env.keychain().rotate_l3("acme", "org-1")
+            except rekey_suite.Crash:
+                assert rekey_suite._rows(env) == before
+                rekey_suite._all_open(env.keychain(), blobs)
+                killed += 1
+                continue
+            break
+    finally:
+        event.remove(engine, "before_cursor_execute", kill)
+    # head read FOR UPDATE, new L3, old L3, two live DEKs, head: at least six kill points
+    assert killed >= 6
+    assert env.store.get_head("acme").workspace("org-1").l3.record_id == "l3/org-1/2"
+    rekey_suite._all_open(env.keychain(), blobs)

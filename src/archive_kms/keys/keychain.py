@@ -18,7 +18,10 @@ Rotation has one rule (MultiFernet's): the newest key encrypts, any allowed key 
 rotation re-wraps. Only the DEK of the newest bucket encrypts (ACTIVE); older DEKs are
 DECRYPT_ONLY; DESTROYED keys are gone (crypto-erasure). ``rotate_l1`` re-wraps one L2
 key (1 provider unwrap + 1 wrap, whatever the data volume); ``rotate_l2`` makes a new L2
-and re-wraps the L3 keys (not the DEKs).
+and re-wraps the L3 keys (not the DEKs); ``rotate_l3`` makes a new workspace key and
+re-wraps that workspace's DEKs. ``rekey_below_l1`` (after binding a new L1) replaces every
+L2/L3 key a copy of the keychain from before the bind could open, so such a copy opens no
+DEK made afterwards; ``erase_deks_below`` then destroys the DEKs up to a floor.
 
 Every record and the per-tenant head are signed by the platform key and checked on
 load: an edited, swapped (another tenant's) or replayed (older version) record raises
@@ -36,7 +39,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, NamedTuple, TypeVar
@@ -80,6 +83,7 @@ __all__ = [
     "ErasureRecord",
     "Keychain",
     "ProviderCallCounts",
+    "RekeyReport",
     "TenantKeyStatus",
     "bucket_of",
     "dek_id",
@@ -265,13 +269,31 @@ class ProviderCallCounts:
 
 
 @dataclass(frozen=True)
+class RekeyReport:
+    """What ``rekey_below_l1`` replaced; all empty on a rerun that found nothing old."""
+
+    tenant_id: str
+    l2_rotated: bool
+    l3_rotated: tuple[str, ...]  # workspaces whose key was replaced
+    deks_rewrapped: int
+    status: TenantKeyStatus
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready, for an audit record (ids and counts only)."""
+        return {"l2_id": self.status.l2_id, "l2_rotated": self.l2_rotated, "l3_rotated": list(self.l3_rotated),
+                "deks_rewrapped": self.deks_rewrapped, "head_version": self.status.head_version}
+
+
+@dataclass(frozen=True)
 class ErasureRecord(SignedJson):
     """Signed evidence that keys were destroyed (crypto-erasure).
 
     Verifies on its own: ``ErasureRecord.from_json(data).verify(Verifier.from_public_pem(pem))``
     with the platform's public key. ``head_version`` is the keychain head version that
     recorded the erasure: a keychain found below it later has been rolled back.
-    ``l3_destroyed`` is true when the workspace key itself was destroyed.
+    ``l3_destroyed`` is true when the workspace key itself was destroyed (the workspace is
+    gone). ``floor_dek_id`` is set for scope ``floor`` (``erase_deks_below``): the newest DEK
+    id the erasure covered; it is left out of the JSON otherwise.
     """
 
     tenant_id: str
@@ -283,6 +305,7 @@ class ErasureRecord(SignedJson):
     reason: str
     erased_at: datetime
     head_version: int
+    floor_dek_id: str | None = None  # scope "floor": the newest DEK id the erasure covered
     signer_key_id: str = ""
     signature: bytes = b""
 
@@ -296,7 +319,7 @@ class ErasureRecord(SignedJson):
         )
 
     def _fields(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": self.FORMAT,
             "tenant_id": self.tenant_id,
             "workspace_id": self.workspace_id,
@@ -309,6 +332,9 @@ class ErasureRecord(SignedJson):
             "head_version": self.head_version,
             "signer_key_id": self.signer_key_id,
         }
+        if self.floor_dek_id is not None:  # absent otherwise: records made before it verify as they were
+            out["floor_dek_id"] = self.floor_dek_id
+        return out
 
     @classmethod
     def from_json(cls, data: bytes | str) -> ErasureRecord:
@@ -326,6 +352,7 @@ class ErasureRecord(SignedJson):
                 reason=obj["reason"],
                 erased_at=_time_in(obj["erased_at"]),  # type: ignore[arg-type]
                 head_version=obj["head_version"],
+                floor_dek_id=obj.get("floor_dek_id"),
                 signer_key_id=obj["signer_key_id"],
                 signature=_b64_in(obj["signature"]),
             )
@@ -359,6 +386,25 @@ class _Plan:
     records: list[KeyRecord] = field(default_factory=list)
     cache_put: list[tuple[str, SecretBytes]] = field(default_factory=list)
     cache_drop: list[str] = field(default_factory=list)
+
+
+def _only_ever_under_current_parent(ref: RecordRef) -> bool:
+    """Whether a live L2/L3 key's bytes were only ever stored wrapped by its current parent.
+    A record's version goes up on every change, and the only change a live L2 or L3 record
+    gets is a re-wrap under a new parent (``rotate_l1``, ``rotate_l2``): version 1 means
+    never re-wrapped. (Any other future bump only makes ``rekey_below_l1`` do more.)"""
+    return ref.version == 1
+
+
+def _check_floor(workspace_id: str, value: object) -> tuple[int, int]:
+    try:
+        bucket, generation = value  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise ValidationError(f"floor of {workspace_id} must be (bucket, generation), got {value!r}") from None
+    for n, least in ((bucket, 0), (generation, 1)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < least:
+            raise ValidationError(f"floor of {workspace_id} must be (bucket >= 0, generation >= 1), got {value!r}")
+    return bucket, generation
 
 
 def _expect(cond: bool, rec: KeyRecord, message: str) -> None:
@@ -721,48 +767,68 @@ class Keychain:
         not cached); every live L3 key is re-wrapped under it; the old L2 is DESTROYED.
         DEK records do not change, so existing objects keep decrypting."""
         _check_tenant(tenant_id)
+        self._write(tenant_id, self._rotate_l2_plan, gate=True)
+        return self.status(tenant_id)
+
+    def rotate_l3(self, tenant_id: str, workspace_id: str) -> TenantKeyStatus:
+        """A new workspace key (new key bytes) wrapped by the current L2; every live DEK of
+        the workspace (ACTIVE and DECRYPT_ONLY) is re-wrapped under it with local AES-GCM
+        (no provider call, beyond 1 L2 unwrap if the L2 is not cached); the old L3 is
+        DESTROYED and dropped from this process's cache. Tombstones stay as they are. DEK
+        key bytes do not change, so existing objects keep decrypting. One atomic commit."""
+        _check_tenant(tenant_id)
+        _check_workspace(workspace_id)
 
         def plan(head: TenantHead) -> _Plan:
-            old_rec = self._checked_l2(head)
-            old_l2 = self._l2_key(head)
-            new_l2 = SecretBytes.random(KEY_SIZE)
-            self._gate(tenant_id)
-            wrapped = self._provider_wrap(self._resolve(head.l1_ref), new_l2, tenant_id)
-            gen = old_rec.generation + 1
-            now = self._now()
-            new_rec = replace(
-                old_rec,
-                record_id=_l2_id(gen),
-                generation=gen,
-                wrap_ref=wrapped.key_ref,
-                wrap_algorithm=wrapped.algorithm,
-                wrapped=wrapped.ciphertext,
-                created_at=now,
-                updated_at=now,
-                version=1,
-                signer_key_id="",
-                signature=b"",
-            )
-            p = _Plan(result=None, records=[new_rec, self._destroy(old_rec)])
-            workspaces = []
-            for ws in head.workspaces:
-                if ws.erased:  # its L3 is a tombstone; nothing to re-wrap
-                    workspaces.append(ws)
-                    continue
-                l3_rec = self._checked_l3(head, ws)
-                l3 = _open(old_l2, l3_rec)
-                moved = self._bump(l3_rec, parent_id=new_rec.record_id, parent_version=gen, wrap_ref=new_rec.record_id)
-                p.records.append(replace(moved, wrapped=_seal(new_l2, l3, moved)))
-                workspaces.append(replace(ws, l3=replace(ws.l3, version=moved.version)))
-            p.head = replace(head, l2=RecordRef(new_rec.record_id, gen, 1), workspaces=tuple(workspaces))
-            p.cache_drop.append(old_rec.record_id)
-            p.cache_put.append((new_rec.record_id, new_l2))
-            log.info("keychain: tenant %s L2 rotated to %s; %d L3 keys re-wrapped",
-                     tenant_id, new_rec.record_id, len(p.records) - 2)
-            return p
+            ws = self._workspace(head, workspace_id)
+            if ws.erased:
+                raise self._erased_error(tenant_id, workspace_id)
+            return self._rotate_l3_plan(head, ws)
 
         self._write(tenant_id, plan, gate=True)
         return self.status(tenant_id)
+
+    def rekey_below_l1(self, tenant_id: str) -> RekeyReport:
+        """Replace every key below L1 whose bytes were ever stored under a key other than
+        its current parent: the L2 (``rotate_l2``) if ``rotate_l1`` re-wrapped it since it
+        was made, then the L3 of every live workspace (``rotate_l3``) made under an older
+        L2. Afterwards no L2 or L3 bytes in a copy of the keychain taken before the call
+        wrap anything live, so such a copy plus an old L1 opens no DEK made from now on
+        (DEKs that already existed keep their bytes: erase them with ``erase_deks_below``).
+
+        Idempotent and resumable: each replacement is one atomic commit, and a rerun after
+        a crash between them (or a second call) replaces only what is still old. Costs 1
+        L1 wrap (+ at most 1 unwrap) when the L2 is replaced, 0 otherwise. A new L2 means
+        new search keys (``search_key_material``): call it before a keyed index is built.
+        """
+        _check_tenant(tenant_id)
+
+        def l2_plan(head: TenantHead) -> _Plan:
+            if _only_ever_under_current_parent(head.l2):
+                return _Plan(result=False)
+            p = self._rotate_l2_plan(head)
+            p.result = True
+            return p
+
+        l2_rotated = self._write(tenant_id, l2_plan, gate=True)
+        rotated: list[str] = []
+        rewrapped = 0
+        for workspace_id in self.status(tenant_id).workspaces:
+
+            def l3_plan(head: TenantHead, workspace_id: str = workspace_id) -> _Plan:
+                ws = self._workspace(head, workspace_id)
+                if ws.erased or _only_ever_under_current_parent(ws.l3):
+                    return _Plan(result=None)
+                return self._rotate_l3_plan(head, ws)
+
+            count = self._write(tenant_id, l3_plan, gate=True)
+            if count is not None:
+                rotated.append(workspace_id)
+                rewrapped += count
+        status = self.status(tenant_id)
+        log.info("keychain: tenant %s re-keyed below L1: L2 %s, %d workspace keys replaced, %d DEKs re-wrapped",
+                 tenant_id, "replaced" if l2_rotated else "kept", len(rotated), rewrapped)
+        return RekeyReport(tenant_id, bool(l2_rotated), tuple(rotated), rewrapped, status)
 
     # --- public API: revocation -------------------------------------------------------------
 
@@ -887,6 +953,72 @@ class Keychain:
                  tenant_id, workspace_id, len(record.dek_ids), reason)
         return record
 
+    def erase_deks_below(
+        self,
+        tenant_id: str,
+        floor: Mapping[str, Sequence[int]],
+        *,
+        reason: str = "superseded by a re-encrypted copy",
+    ) -> list[ErasureRecord]:
+        """Destroy, per workspace, every DEK not newer than its floor ``(bucket, generation)``
+        (e.g. the migration's ``dek_floor``: the newest DEK at bind time), keeping the newer
+        ones, in one commit per workspace. ``erase_buckets`` cannot do this: it cuts whole
+        buckets, and the floor's bucket usually also holds DEKs made after it.
+
+        The same commit replaces the workspace key (as ``rotate_l3``) and raises the
+        workspace's erasure watermark to the floor's bucket, so a live copy of an erased DEK
+        brought back from a backup names a destroyed parent and is refused
+        (``KeychainTamperedError``), like one below the watermark (``KeyDestroyedError``).
+        Needs the L2 (refused while revoked); a floor newer than the workspace's newest DEK
+        is a ``ValidationError``. Returns one signed ``ErasureRecord`` (scope ``floor``) per
+        workspace, in workspace order; a rerun destroys nothing more and returns empty ones.
+        """
+        _check_tenant(tenant_id)
+        floors = {_check_workspace(ws): _check_floor(ws, value) for ws, value in floor.items()}
+        head = self._load_head(tenant_id, gate=True)
+        for workspace_id, through in floors.items():  # every floor checked before anything is destroyed
+            self._check_floor_of(self._workspace(head, workspace_id), through)
+        return [self._erase_through(tenant_id, ws, floors[ws], reason) for ws in sorted(floors)]
+
+    @staticmethod
+    def _check_floor_of(ws: WorkspaceHead, through: tuple[int, int]) -> None:
+        if not ws.erased and (ws.last_dek is None or through > parse_dek_id(ws.last_dek)[1:]):
+            raise ValidationError(
+                f"floor {dek_id(ws.workspace_id, *through)} is newer than the newest DEK of workspace "
+                f"{ws.workspace_id} ({ws.last_dek}); erase_deks_below only destroys DEKs that existed "
+                "(use erase_workspace)"
+            )
+
+    def _erase_through(self, tenant_id: str, workspace_id: str, through: tuple[int, int], reason: str) -> ErasureRecord:
+        floor_id = dek_id(workspace_id, *through)
+
+        def plan(head: TenantHead) -> _Plan:
+            ws = self._workspace(head, workspace_id)
+            p = _Plan(result=None)
+            if not ws.erased:
+                self._check_floor_of(ws, through)
+                doomed = False
+                for rec in self._store.list_records(tenant_id, level=KeyLevel.DEK, workspace_id=workspace_id):
+                    self._check_dek(head, ws, rec, rec.record_id)  # decide on verified records only
+                    if rec.state is not KeyRecordState.DESTROYED and (rec.bucket or 0, rec.generation) <= through:
+                        doomed = True
+                        break
+                if doomed:
+                    p = self._rotate_l3_plan(head, ws, destroy_through=through)
+                    ws = p.head.workspace(workspace_id)  # type: ignore[union-attr]
+                if doomed or through[0] > ws.erased_before_bucket:
+                    # Every DEK of a bucket below the floor's is at or below the floor: destroyed.
+                    p.head = head.with_workspace(replace(ws, erased_before_bucket=max(ws.erased_before_bucket,
+                                                                                     through[0])))
+            p.result = self._erasure_record(head, p, workspace_id, "floor", older_than=None, reason=reason,
+                                            l3_destroyed=False, floor_dek_id=floor_id)
+            return p
+
+        record = self._write(tenant_id, plan, gate=True)
+        log.info("keychain: tenant %s workspace %s: %d DEKs up to %s crypto-erased (%s)",
+                 tenant_id, workspace_id, len(record.dek_ids), floor_id, reason)
+        return record
+
     # --- reading and writing under the head --------------------------------------------------
 
     def _tenant_lock(self, tenant_id: str) -> threading.Lock:
@@ -1005,18 +1137,20 @@ class Keychain:
 
     def _erasure_record(
         self, head: TenantHead, p: _Plan, workspace_id: str, scope: str, *,
-        older_than: datetime | None, reason: str, l3_destroyed: bool,
+        older_than: datetime | None, reason: str, l3_destroyed: bool, floor_dek_id: str | None = None,
     ) -> ErasureRecord:
+        destroyed = (r.record_id for r in p.records if r.level is KeyLevel.DEK and r.state is KeyRecordState.DESTROYED)
         rec = ErasureRecord(
             tenant_id=head.tenant_id,
             workspace_id=workspace_id,
             scope=scope,
-            dek_ids=tuple(sorted((r.record_id for r in p.records if r.level is KeyLevel.DEK), key=parse_dek_id)),
+            dek_ids=tuple(sorted(destroyed, key=parse_dek_id)),
             l3_destroyed=l3_destroyed,
             older_than=older_than,
             reason=reason,
             erased_at=self._now(),
             head_version=head.version + 1 if p.head is not None else head.version,
+            floor_dek_id=floor_dek_id,
             signer_key_id=self._signer.key_id,
         )
         return replace(rec, signature=self._signer.sign(rec.signing_payload(), purpose=_ERASURE_PURPOSE))
@@ -1172,6 +1306,103 @@ class Keychain:
         log.info("keychain: tenant %s workspace %s created", head.tenant_id, workspace_id)
         ws = WorkspaceHead(workspace_id, RecordRef(rec.record_id, 1, 1), bucket_seconds=self._bucket_seconds)
         return ws, l3
+
+    def _rotate_l2_plan(self, head: TenantHead) -> _Plan:
+        """``rotate_l2`` as a plan: a new L2 under the current L1, the live L3 keys re-wrapped
+        under it, the old L2 destroyed."""
+        tenant_id = head.tenant_id
+        old_rec = self._checked_l2(head)
+        old_l2 = self._l2_key(head)
+        new_l2 = SecretBytes.random(KEY_SIZE)
+        self._gate(tenant_id)
+        wrapped = self._provider_wrap(self._resolve(head.l1_ref), new_l2, tenant_id)
+        gen = old_rec.generation + 1
+        now = self._now()
+        new_rec = replace(
+            old_rec,
+            record_id=_l2_id(gen),
+            generation=gen,
+            wrap_ref=wrapped.key_ref,
+            wrap_algorithm=wrapped.algorithm,
+            wrapped=wrapped.ciphertext,
+            created_at=now,
+            updated_at=now,
+            version=1,
+            signer_key_id="",
+            signature=b"",
+        )
+        p = _Plan(result=None, records=[new_rec, self._destroy(old_rec)])
+        workspaces = []
+        for ws in head.workspaces:
+            if ws.erased:  # its L3 is a tombstone; nothing to re-wrap
+                workspaces.append(ws)
+                continue
+            l3_rec = self._checked_l3(head, ws)
+            l3 = _open(old_l2, l3_rec)
+            moved = self._bump(l3_rec, parent_id=new_rec.record_id, parent_version=gen, wrap_ref=new_rec.record_id)
+            p.records.append(replace(moved, wrapped=_seal(new_l2, l3, moved)))
+            workspaces.append(replace(ws, l3=replace(ws.l3, version=moved.version)))
+        p.head = replace(head, l2=RecordRef(new_rec.record_id, gen, 1), workspaces=tuple(workspaces))
+        p.cache_drop.append(old_rec.record_id)
+        p.cache_put.append((new_rec.record_id, new_l2))
+        log.info("keychain: tenant %s L2 rotated to %s; %d L3 keys re-wrapped",
+                 tenant_id, new_rec.record_id, len(p.records) - 2)
+        return p
+
+    def _rotate_l3_plan(
+        self, head: TenantHead, ws: WorkspaceHead, *, destroy_through: tuple[int, int] | None = None
+    ) -> _Plan:
+        """A new L3 for ``ws`` (new bytes, wrapped by the current L2), every live DEK
+        re-wrapped under it, the old L3 destroyed; the plan's result is how many DEKs were
+        re-wrapped. DEKs whose (bucket, generation) is at most ``destroy_through`` are
+        destroyed instead of re-wrapped (``erase_deks_below``). Everything lands in one
+        commit, so a crash leaves either the old or the new workspace key, never a mix."""
+        tenant_id = head.tenant_id
+        old_rec = self._checked_l3(head, ws)
+        old_l3 = self._l3_key(head, ws)
+        l2 = self._l2_key(head)
+        gen = old_rec.generation + 1
+        now = self._now()
+        new_rec = replace(
+            old_rec,
+            record_id=_l3_id(ws.workspace_id, gen),
+            generation=gen,
+            parent_id=head.l2.record_id,
+            parent_version=head.l2.generation,
+            wrap_ref=head.l2.record_id,
+            wrapped=b"\0",  # placeholder: the AAD needs the record first
+            created_at=now,
+            updated_at=now,
+            version=1,
+            signer_key_id="",
+            signature=b"",
+        )
+        new_l3 = SecretBytes.random(KEY_SIZE)
+        new_rec = replace(new_rec, wrapped=_seal(l2, new_l3, new_rec))
+        p = _Plan(result=0, records=[new_rec, self._destroy(old_rec)])
+        active = ws.active_dek
+        for rec in self._store.list_records(tenant_id, level=KeyLevel.DEK, workspace_id=ws.workspace_id):
+            self._check_dek(head, ws, rec, rec.record_id)
+            if rec.state is KeyRecordState.DESTROYED:
+                continue  # a tombstone keeps its old parent: it wraps nothing
+            is_active = active is not None and active.record_id == rec.record_id
+            if destroy_through is not None and (rec.bucket or 0, rec.generation) <= destroy_through:
+                p.records.append(self._destroy(rec))
+                p.cache_drop.append(rec.record_id)
+                if is_active:
+                    active = None
+                continue
+            moved = self._bump(rec, parent_id=new_rec.record_id, parent_version=gen, wrap_ref=new_rec.record_id)
+            p.records.append(replace(moved, wrapped=_seal(new_l3, _open(old_l3, rec), moved)))
+            p.result += 1
+            if is_active:
+                active = replace(active, version=moved.version)  # type: ignore[arg-type]
+        p.head = head.with_workspace(replace(ws, l3=RecordRef(new_rec.record_id, gen, 1), active_dek=active))
+        p.cache_drop.append(old_rec.record_id)  # nothing names it any more; never serve it again
+        p.cache_put.append((new_rec.record_id, new_l3))
+        log.info("keychain: tenant %s workspace %s key rotated to %s; %d DEKs re-wrapped",
+                 tenant_id, ws.workspace_id, new_rec.record_id, p.result)
+        return p
 
     def _workspace(self, head: TenantHead, workspace_id: str) -> WorkspaceHead:
         ws = head.workspace(workspace_id)
