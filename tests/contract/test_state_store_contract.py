@@ -7,6 +7,8 @@ are parametrised over the SQL backends only.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import threading
@@ -14,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -323,6 +326,349 @@ def test_no_job_starts_after_pause_commits(state_store: StateStore) -> None:
     assert ran and deferred, (len(ran), len(deferred))
     assert ran == running_at_pause
     assert deferred == {j.job_id for j in state_store.list_deferred("acme")}
+
+
+# --- deferred content at rest: sealed while queued, purged once replayed -------------------
+#
+# The store keeps a deferred job's clear ``payload`` (metadata) and its ``sealed`` content
+# apart: the seal is never compared, and goes in the transaction that marks the job
+# replayed. The tests below first hold the store to that with opaque bytes, then run the
+# archive-job writer (operations.archive) on each backend with a real keychain and read
+# the rows back raw, as someone with database access would.
+
+
+def test_sealed_content_is_kept_until_the_job_is_replayed(state_store: StateStore) -> None:
+    tenant(state_store)
+    state_store.pause("acme", "run-1")
+    meta = {"kind": "inline", "digest": "d-1"}
+    assert state_store.admit_job("acme", "job-1", meta, sealed=b"\x00opaque-1").decision is Decision.DEFERRED
+    assert state_store.defer(DeferredJob("job-2", "acme", {"kind": "inline", "digest": "d-2"}, sealed=b"opaque-2"))
+    [queued1, queued2] = state_store.list_deferred("acme")
+    assert (queued1.payload, queued1.sealed, queued2.sealed) == (meta, b"\x00opaque-1", b"opaque-2")
+    jobs = state_store.resume_and_drain("acme", "run-1")
+    assert [j.sealed for j in jobs] == [b"\x00opaque-1", b"opaque-2"]  # the replayer gets the seal
+    first = state_store.start_job("acme", "job-1")
+    state_store.finish_job("job-1", first.attempt, error="S3 503")  # type: ignore[arg-type]
+    assert state_store.list_deferred("acme")[0].sealed == b"\x00opaque-1"  # failed: kept for the retry
+    state_store.finish_job("job-2", state_store.start_job("acme", "job-2").attempt)  # type: ignore[arg-type]
+    again = state_store.claim_deferred("acme", reclaim_after=timedelta(0))
+    assert [(j.job_id, j.sealed) for j in again] == [("job-1", b"\x00opaque-1")]
+    state_store.finish_job("job-1", state_store.start_job("acme", "job-1").attempt)  # type: ignore[arg-type]
+    done = state_store.list_deferred("acme", include_replayed=True)
+    assert [(j.job_id, j.state, j.sealed) for j in done] == [
+        ("job-1", DeferredState.REPLAYED, None), ("job-2", DeferredState.REPLAYED, None)]
+    assert done[0].payload == meta  # the clear metadata stays: a resent id is still known
+    assert state_store.admit_job("acme", "job-1", meta, sealed=b"resent").decision is Decision.DUPLICATE
+    assert state_store.gate("acme").state is GateState.OPEN
+
+
+def test_a_job_found_done_at_replay_has_its_seal_purged(state_store: StateStore) -> None:
+    tenant(state_store)
+    first = state_store.admit_job("acme", "job-1", {"d": 1})
+    state_store.finish_job("job-1", first.attempt, object_count=2)  # type: ignore[arg-type]
+    state_store.pause("acme", "run-1")
+    state_store.defer(DeferredJob("job-1", "acme", {"d": 1}, sealed=b"opaque"))  # resent through the deferral path
+    [job] = state_store.resume_and_drain("acme", "run-1")
+    assert job.sealed == b"opaque"
+    assert state_store.start_job("acme", "job-1").decision is Decision.DUPLICATE
+    [gone] = state_store.list_deferred("acme", include_replayed=True)
+    assert (gone.state, gone.sealed, gone.payload) == (DeferredState.REPLAYED, None, {"d": 1})
+    # and through mark_replayed, for callers that acknowledge separately
+    state_store.pause("acme", "run-2")
+    state_store.defer(DeferredJob("job-2", "acme", {"d": 2}, sealed=b"opaque-2"))
+    state_store.mark_replayed("job-2")
+    assert state_store.list_deferred("acme", include_replayed=True)[1].sealed is None
+
+
+def test_the_seal_is_not_compared_and_its_payload_key_is_reserved(state_store: StateStore) -> None:
+    tenant(state_store)
+    state_store.pause("acme", "run-1")
+    state_store.admit_job("acme", "job-1", {"digest": "a"}, sealed=b"first")
+    assert state_store.admit_job("acme", "job-1", {"digest": "a"}, sealed=b"second").decision is Decision.DUPLICATE
+    assert state_store.defer(DeferredJob("job-1", "acme", {"digest": "a"}, sealed=b"third")) is False
+    assert state_store.list_deferred("acme")[0].sealed == b"first"  # the first seal is the one kept
+    with pytest.raises(StateError, match="already used"):
+        state_store.admit_job("acme", "job-1", {"digest": "b"}, sealed=b"first")
+    with pytest.raises(ValidationError, match="reserved"):
+        state_store.admit_job("acme", "job-2", {"sealed": "in the clear"})
+    for bad in (b"", "text", 3):
+        with pytest.raises(ValidationError, match="non-empty bytes"):
+            state_store.admit_job("acme", "job-3", {}, sealed=bad)  # type: ignore[arg-type]
+    assert [j.job_id for j in state_store.list_deferred("acme")] == ["job-1"]
+
+
+class RawDeferredRows:
+    """``deferred_jobs`` below the port: what someone with database access reads and edits."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def dump(self) -> str:
+        """Every deferred row, every column, as stored (JSON as its text, bytes as latin-1)."""
+        if isinstance(self.store, SqlStateStore):
+            from sqlalchemy import text
+
+            with self.store.engine.connect() as conn:
+                rows = conn.execute(text("SELECT job_id, tenant_id, position, CAST(payload AS TEXT), received_at, "
+                                         "state, claimed_at, replayed_at FROM deferred_jobs")).all()
+            return "\n".join(" | ".join(str(v) for v in row) for row in rows)
+        return "\n".join(f"{j.job_id} | {j.tenant_id} | {json.dumps(dict(j.payload))} | {j.state.value} | "
+                         + (j.sealed or b"").decode("latin-1") for j in self.store._deferred.values())
+
+    def document(self, job_id: str) -> dict[str, Any]:
+        """The stored payload document (SQL) or payload plus seal (memory)."""
+        if isinstance(self.store, SqlStateStore):
+            from sqlalchemy import select
+
+            from archive_kms.state.schema import deferred_jobs
+
+            with self.store.engine.connect() as conn:
+                return dict(conn.execute(select(deferred_jobs.c.payload)
+                                         .where(deferred_jobs.c.job_id == job_id)).scalar_one())
+        job = self.store._deferred[job_id]
+        return dict(job.payload) | ({} if job.sealed is None else {"sealed": job.sealed})
+
+    def sealed(self, job_id: str) -> bytes | None:
+        raw = self.document(job_id).get("sealed")
+        return base64.b64decode(raw) if isinstance(raw, str) else raw
+
+    def rewrite(self, job_id: str, *, sealed: bytes | None = None, payload: dict[str, Any] | None = None) -> None:
+        """Replace the stored seal and/or clear payload of one row."""
+        if isinstance(self.store, SqlStateStore):
+            from sqlalchemy import update
+
+            from archive_kms.state.schema import deferred_jobs
+
+            document = self.document(job_id)
+            if payload is not None:
+                document = dict(payload) | ({"sealed": document["sealed"]} if "sealed" in document else {})
+            if sealed is not None:
+                document["sealed"] = base64.b64encode(sealed).decode()
+            with self.store.engine.begin() as conn:
+                conn.execute(update(deferred_jobs).where(deferred_jobs.c.job_id == job_id).values(payload=document))
+            return
+        job = self.store._deferred[job_id]
+        self.store._deferred[job_id] = replace(job, payload=job.payload if payload is None else payload,
+                                               sealed=job.sealed if sealed is None else sealed)
+
+
+# Words of the records below; none may be found in the store while the job waits or after.
+SECRET_WORDS = ("Pemberton-Ashgrove", "Quokkafjord", "zanzibar-merger-7731", "0013000000XyzQk",
+                "5003000000PlmNo", "Ms. Ottoline Varga", "merger_term_sheet.pdf", "9.75e6")
+
+
+def secret_job(job_id: str, files: Path, tenant_id: str = "acme") -> Any:
+    """Two records (two workspaces) and an attachment file; ids differ per job id."""
+    from archive_kms.operations.archive import JobSpec
+
+    files.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha256(job_id.encode()).hexdigest()[:3].upper()
+    sheet = files / "merger_term_sheet.pdf"
+    sheet.write_bytes(b"%PDF-1.7 Quokkafjord term sheet")
+    records = (
+        {"object_type": "Account", "record_id": f"0013000000XyzQk{tag}", "workspace_id": "ws0",
+         "fields": {"Name": "Pemberton-Ashgrove Holdings", "AnnualRevenue": 9.75e6,
+                    "Description": "Quokkafjord acquisition, code name zanzibar-merger-7731"},
+         "attachments": [{"attachment_id": f"att-{tag}", "file_name": "merger_term_sheet.pdf",
+                          "size": sheet.stat().st_size}]},
+        {"object_type": "Case", "record_id": f"5003000000PlmNo{tag}", "workspace_id": "ws1",
+         "fields": {"Subject": "Call back Ms. Ottoline Varga", "Priority": "High"}},
+    )
+    return JobSpec(job_id, tenant_id, "inline", records, {f"att-{tag}": str(sheet)})
+
+
+def assert_no_secret(raw: str | bytes, what: str) -> None:
+    text_ = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    found = [w for w in SECRET_WORDS if w.lower() in text_.lower()]
+    assert not found, f"{what} holds record content: {found}"
+
+
+def platform_on(store: StateStore, *tenants: str) -> Any:
+    """The in-memory platform (keychain, storage, index) on this backend's state store,
+    with customer-key (BYOKMS) tenants."""
+    from archive_kms.operations.platform import Platform
+    from archive_kms.operations.tenants import create_tenant
+
+    p = replace(Platform.in_memory(), state=store)
+    for tid in tenants or ("acme",):
+        create_tenant(p, tid, key_ref=f"memory://customer-{tid}", provision_storage=False)
+    return p
+
+
+def read_back(p: Any, spec: Any) -> list[Any]:
+    from archive_kms.domain.records import Record
+
+    archive = p.open_archive(spec.tenant_id)
+    return [archive.read_record(r.workspace_id, r.object_type, r.record_id)
+            for r in (Record.from_json(raw) for raw in spec.records)]
+
+
+def test_deferred_records_are_sealed_at_rest_and_purged_after_replay(state_store: StateStore, state_url: str | None,
+                                                                     tmp_path: Path) -> None:
+    from archive_kms.domain.records import Record
+    from archive_kms.operations.archive import DEFERRED_FORMAT, replay_deferred, submit_job
+
+    p = platform_on(state_store)
+    rows = RawDeferredRows(state_store)
+    spec = secret_job("job-secret", tmp_path)
+    state_store.pause("acme", "run-1")
+    assert submit_job(state_store, spec, p.open_archive).decision == "deferred"
+    assert submit_job(state_store, spec, p.open_archive).decision == "duplicate"  # a resend: same digest
+
+    assert_no_secret(rows.dump(), "the deferred_jobs row")
+    document = rows.document("job-secret")
+    assert set(document) == {"format", "kind", "record_count", "attachment_count", "digest", "sealed"}
+    assert (document["format"], document["kind"], document["record_count"], document["attachment_count"]) == (
+        DEFERRED_FORMAT, "inline", 2, 1)
+    assert document["digest"].startswith("hmac-sha256:")
+    sealed = rows.sealed("job-secret")
+    assert sealed is not None and sealed.startswith(b"AKMS")  # the project's envelope
+    assert_no_secret(sealed, "the sealed content")
+    if state_url is not None and state_url.startswith("sqlite:///"):  # nothing on disk either
+        db = Path(state_url.removeprefix("sqlite:///"))
+        for f in (db, db.with_name(db.name + "-wal")):
+            if f.exists():
+                assert_no_secret(f.read_bytes(), str(f))
+    other = replace(spec, records=(spec.records[0], {**spec.records[1], "fields": {"Subject": "something else"}}))
+    with pytest.raises(StateError, match="already used"):  # the same id with other content is not a resend
+        submit_job(state_store, other, p.open_archive)
+
+    [outcome] = replay_deferred(state_store, "acme", "run-1", p.open_archive)
+    assert (outcome.decision, outcome.records, outcome.attachments) == ("run", 2, 1)
+    assert read_back(p, spec) == [Record.from_json(r) for r in spec.records]
+    [attachment_id] = spec.attachment_files
+    assert b"".join(p.open_archive("acme").read_attachment("ws0", attachment_id)) == b"%PDF-1.7 Quokkafjord term sheet"
+    [done] = state_store.list_deferred("acme", include_replayed=True)
+    assert (done.state, done.sealed) == (DeferredState.REPLAYED, None)
+    assert rows.sealed("job-secret") is None and "sealed" not in rows.document("job-secret")  # purged
+    assert rows.document("job-secret")["digest"] == document["digest"]  # the row stays: exactly once
+    assert_no_secret(rows.dump(), "the replayed row")
+    assert state_store.get_job("job-secret").state is JobState.COMPLETED  # type: ignore[union-attr]
+    assert submit_job(state_store, spec, p.open_archive).decision == "duplicate"
+
+
+def test_a_failed_replay_keeps_the_seal_and_the_retry_purges_it(state_store: StateStore, tmp_path: Path) -> None:
+    from archive_kms.operations.archive import replay_deferred, submit_job
+
+    p = platform_on(state_store)
+    rows = RawDeferredRows(state_store)
+    spec = secret_job("job-1", tmp_path)
+    state_store.pause("acme", "run-1")
+    submit_job(state_store, spec, p.open_archive)
+    sealed = rows.sealed("job-1")
+    sheet = tmp_path / "merger_term_sheet.pdf"
+    sheet.rename(tmp_path / "away")  # the attachment's durable source is briefly unavailable
+    with pytest.raises(FileNotFoundError):
+        replay_deferred(state_store, "acme", "run-1", p.open_archive)
+    assert state_store.get_job("job-1").state is JobState.FAILED  # type: ignore[union-attr]
+    assert rows.sealed("job-1") == sealed and state_store.gate("acme").pending == 1
+    (tmp_path / "away").rename(sheet)
+    [outcome] = replay_deferred(state_store, "acme", "run-1", p.open_archive, reclaim_after=timedelta(0))
+    assert outcome.decision == "run" and rows.sealed("job-1") is None
+    assert state_store.gate("acme").state is GateState.OPEN
+
+
+def test_a_resent_job_found_done_at_replay_is_purged_without_opening_it(state_store: StateStore,
+                                                                         tmp_path: Path) -> None:
+    from archive_kms.operations.archive import replay_deferred, seal_job, submit_job
+
+    p = platform_on(state_store)
+    spec = secret_job("job-1", tmp_path)
+    assert submit_job(state_store, spec, p.open_archive).decision == "run"
+    state_store.pause("acme", "run-1")
+    queued = seal_job(spec, p.keychain)
+    state_store.defer(DeferredJob("job-1", "acme", queued.metadata, sealed=queued.sealed))
+    [outcome] = replay_deferred(state_store, "acme", "run-1", p.open_archive)
+    assert outcome.decision == "duplicate"
+    assert RawDeferredRows(state_store).sealed("job-1") is None
+    assert state_store.get_job("job-1").attempt == 1  # type: ignore[union-attr]
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+
+
+TAMPERING: dict[str, Callable[[RawDeferredRows, dict[str, bytes]], None]] = {
+    "bit flipped in the body": lambda rows, seals: rows.rewrite("job-b", sealed=_flip(seals["job-b"], -20)),
+    "bit flipped in the header": lambda rows, seals: rows.rewrite("job-b", sealed=_flip(seals["job-b"], 20)),
+    "truncated": lambda rows, seals: rows.rewrite("job-b", sealed=seals["job-b"][:-7]),
+    "swapped from another job": lambda rows, seals: rows.rewrite("job-b", sealed=seals["job-a"]),
+    "moved from another tenant": lambda rows, seals: rows.rewrite("job-b", sealed=seals["job-c"]),
+    "whole row copied from another job": lambda rows, seals: rows.rewrite(
+        "job-b", payload={k: v for k, v in rows.document("job-a").items() if k != "sealed"}, sealed=seals["job-a"]),
+    "clear counts edited": lambda rows, seals: rows.rewrite(
+        "job-b", payload={k: v for k, v in rows.document("job-b").items() if k != "sealed"} | {"record_count": 1}),
+    "not base64": lambda rows, seals: rows.rewrite("job-b", sealed=b"\xff"),  # memory: raw bytes; SQL: below
+}
+
+
+@pytest.mark.parametrize("how", list(TAMPERING))
+def test_a_tampered_or_moved_seal_is_refused_and_the_job_kept(state_store: StateStore, tmp_path: Path,
+                                                              how: str) -> None:
+    from archive_kms.errors import IntegrityError
+    from archive_kms.operations.archive import replay_deferred, submit_job
+
+    p = platform_on(state_store, "acme", "beta")
+    rows = RawDeferredRows(state_store)
+    specs = {job_id: secret_job(job_id, tmp_path / job_id, tenant_id=tid)
+             for job_id, tid in (("job-a", "acme"), ("job-b", "acme"), ("job-c", "beta"))}
+    state_store.pause("acme", "run-1")
+    state_store.pause("beta", "run-2")
+    for spec in specs.values():
+        assert submit_job(state_store, spec, p.open_archive).decision == "deferred"
+    seals = {k: rows.sealed(k) for k in specs}
+    if how == "not base64" and isinstance(state_store, SqlStateStore):
+        from sqlalchemy import update
+
+        from archive_kms.state.schema import deferred_jobs
+
+        with state_store.engine.begin() as conn:
+            conn.execute(update(deferred_jobs).where(deferred_jobs.c.job_id == "job-b")
+                         .values(payload=rows.document("job-b") | {"sealed": "%%% not base64 %%%"}))
+    else:
+        TAMPERING[how](rows, seals)  # type: ignore[arg-type]
+    stored = rows.document("job-b")
+
+    refused = "deferred job job-b of tenant acme: its sealed content was refused"
+    with pytest.raises(IntegrityError, match=refused) as info:
+        replay_deferred(state_store, "acme", "run-1", p.open_archive)
+    assert "stays queued for support" in str(info.value)
+    assert_no_secret(str(info.value), "the error")
+    # job-a, ahead in the queue, replayed and was purged; job-b is kept, seal and all, for support
+    assert state_store.get_job("job-a").state is JobState.COMPLETED  # type: ignore[union-attr]
+    assert rows.sealed("job-a") is None
+    failed = state_store.get_job("job-b")
+    assert failed is not None and failed.state is JobState.FAILED
+    assert failed.error is not None and failed.error.startswith("IntegrityError: deferred job job-b")
+    [kept] = state_store.list_deferred("acme")
+    assert (kept.job_id, kept.state) == ("job-b", DeferredState.CLAIMED)
+    assert rows.document("job-b") == stored  # nothing purged or rewritten
+    assert state_store.gate("acme").pending == 1 and state_store.gate("acme").state is GateState.DRAINING
+    archived = {o.name for o in p.store_for(p.location_of("acme")).list()}
+    assert len(archived) == 3 and len(read_back(p, specs["job-a"])) == 2  # job-a's 2 records + 1 attachment only
+    assert not any(b"PlmNo" + specs["job-b"].records[1]["record_id"][-3:].encode() in n for n in archived)
+    # A later replayer meets the same refusal: the job is never silently dropped.
+    with pytest.raises(IntegrityError, match="job-b"):
+        replay_deferred(state_store, "acme", "run-1", p.open_archive, reclaim_after=timedelta(0))
+    assert [j.job_id for j in state_store.list_deferred("acme")] == ["job-b"]
+    assert state_store.get_job("job-b").attempt == 2  # type: ignore[union-attr]
+    # The other tenant's job, whose seal was the one copied, still replays.
+    [c] = replay_deferred(state_store, "beta", "run-2", p.open_archive)
+    assert c.decision == "run" and rows.sealed("job-c") is None
+
+
+def test_a_job_queued_in_clear_by_an_earlier_version_still_replays(state_store: StateStore, tmp_path: Path) -> None:
+    """Rows written before deferred content was sealed hold the spec itself."""
+    from archive_kms.domain.records import Record
+    from archive_kms.operations.archive import replay_deferred
+
+    p = platform_on(state_store)
+    spec = secret_job("job-old", tmp_path)
+    state_store.pause("acme", "run-1")
+    state_store.defer(DeferredJob("job-old", "acme", spec.to_payload()))
+    [outcome] = replay_deferred(state_store, "acme", "run-1", p.open_archive)
+    assert outcome.decision == "run"
+    assert read_back(p, spec) == [Record.from_json(r) for r in spec.records]
 
 
 # --- runs, steps, checkpoints -------------------------------------------------------------

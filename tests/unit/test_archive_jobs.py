@@ -131,3 +131,80 @@ def test_bad_tenant_ids_are_refused_before_anything_is_created():
             create_tenant(p, bad, provision_storage=False)
     assert p.state.list_tenants() == []
     assert p.index.list_generations("acme") == []
+
+
+# --- deferred jobs keep their record content sealed (faults I7) -----------------------------
+
+
+def inline(job_id: str, tenant: str = "acme", subject: str = "Renewal for Quokkafjord Ltd") -> JobSpec:
+    record = {"object_type": "Case", "record_id": "5003000000QkfJ1AAA", "workspace_id": "ws0",
+              "fields": {"Subject": subject, "Priority": "High"}}
+    return JobSpec(job_id, tenant, "inline", (record,))
+
+
+def test_a_job_without_record_content_is_queued_without_a_seal(platform):
+    platform.state.pause("acme", "run-1")
+    submit_job(platform.state, synthetic("job-s", 5, offset=3), platform.open_archive)
+    [queued] = platform.state.list_deferred("acme")
+    assert queued.sealed is None
+    assert queued.payload == {"format": "akms-deferred-job/1", "kind": "synthetic", "record_count": 0,
+                              "attachment_count": 0, "synthetic": {"count": 5, "seed": 7, "offset": 3}}
+    [out] = replay_deferred(platform.state, "acme", "run-1", platform.open_archive)
+    assert (out.decision, out.records) == ("run", 5)
+
+
+def test_the_content_digest_survives_an_l1_rebinding(platform):
+    """A resend is recognised by the keyed digest, which comes from L2: re-wrapping L2
+    under another L1 (what a migration's bind_key does) changes neither it nor the seal."""
+    platform.state.pause("acme", "run-1")
+    spec = inline("job-i")
+    assert submit_job(platform.state, spec, platform.open_archive).decision == "deferred"
+    digest = platform.state.list_deferred("acme")[0].payload["digest"]
+    platform.keychain.rotate_l1("acme", platform.resolve_provider("memory://customer-acme"))
+    platform.keychain.cache.purge("acme")
+    assert submit_job(platform.state, spec, platform.open_archive).decision == "duplicate"
+    assert platform.state.list_deferred("acme")[0].payload["digest"] == digest
+    [out] = replay_deferred(platform.state, "acme", "run-1", platform.open_archive)
+    assert out.decision == "run"
+    archive = platform.open_archive("acme")
+    assert archive.read_record("ws0", "Case", "5003000000QkfJ1AAA").fields["Subject"] == "Renewal for Quokkafjord Ltd"
+
+
+def test_a_seal_opens_only_for_its_own_job_and_tenant(platform):
+    from archive_kms.errors import IntegrityError
+    from archive_kms.operations.archive import open_queued, seal_job
+    from archive_kms.state.port import DeferredJob
+
+    create_tenant(platform, "beta", provision_storage=False)
+    queued = seal_job(inline("job-1"), platform.keychain)
+    mine = DeferredJob("job-1", "acme", queued.metadata, sealed=queued.sealed)
+    assert open_queued(mine, platform.keychain) == inline("job-1")
+    for moved in (DeferredJob("job-2", "acme", queued.metadata, sealed=queued.sealed),
+                  DeferredJob("job-1", "beta", queued.metadata, sealed=queued.sealed)):
+        with pytest.raises(IntegrityError, match=f"deferred job {moved.job_id} of tenant {moved.tenant_id}: its sealed "
+                                                 "content was refused") as info:
+            open_queued(moved, platform.keychain)
+        assert "Quokkafjord" not in str(info.value)
+    other = seal_job(inline("job-1", subject="something else"), platform.keychain)
+    assert other.metadata["digest"] != queued.metadata["digest"]  # other content, other digest
+    with pytest.raises(IntegrityError, match="metadata does not match"):  # one job's metadata, another seal
+        open_queued(DeferredJob("job-1", "acme", queued.metadata, sealed=other.sealed), platform.keychain)
+
+
+def test_a_resend_is_recognised_after_the_digest_key_changed(platform):
+    """``rotate_l2`` (or a re-key below L1 after a bind) replaces the key the digest comes
+    from: a resent job is then recognised by opening its queued seal, or by the ledger."""
+    from archive_kms.errors import StateError
+
+    platform.state.pause("acme", "run-1")
+    spec = inline("job-i")
+    assert submit_job(platform.state, spec, platform.open_archive).decision == "deferred"
+    platform.keychain.rotate_l2("acme")
+    assert submit_job(platform.state, spec, platform.open_archive).decision == "duplicate"
+    with pytest.raises(StateError, match="already used"):  # other content is still not a resend
+        submit_job(platform.state, inline("job-i", subject="something else"), platform.open_archive)
+    [out] = replay_deferred(platform.state, "acme", "run-1", platform.open_archive)
+    assert out.decision == "run"
+    platform.keychain.rotate_l2("acme")
+    assert submit_job(platform.state, spec, platform.open_archive).decision == "duplicate"  # completed
+    assert platform.state.get_job("job-i").attempt == 1

@@ -8,11 +8,17 @@ document ids are deterministic, so a job retried after a crash archives once.
 
 A job's *spec* (``JobSpec``) is what gets deferred: records inline (small JSON) and
 attachment bytes by reference to a durable source (a file path, or the synthetic
-generator's seed). Attachment bytes are never put in the state store.
+generator's seed). Attachment bytes are never put in the state store, and neither is
+record content in clear: the gate keeps clear metadata (kind, counts, a keyed digest) and
+the content sealed under the tenant's keychain (``seal_job``), bound to tenant and job id;
+the store purges the seal when the job is replayed (``docs/archive-jobs.md``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import io
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -21,15 +27,29 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter, encrypt_iter
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from archive_kms.crypto.envelope import (
+    ObjectBinding,
+    decrypt_iter,
+    decrypt_to_bytes,
+    encrypt_bytes,
+    encrypt_iter,
+    read_header,
+)
 from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
 from archive_kms.errors import (
     IndexModeMismatchError,
+    IntegrityError,
+    KeychainTamperedError,
+    KeyNotFoundError,
     ObjectExistsError,
     ObjectNotFoundError,
     StateError,
     ValidationError,
 )
+from archive_kms.state.port import DeferredJob, JobState
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +93,8 @@ class JobSpec:
     synthetic: Mapping[str, Any] = field(default_factory=dict)  # {"count", "seed", "offset", "mix"}
 
     def to_payload(self) -> dict[str, Any]:
+        """The whole spec as JSON, records included: never queued any more (``seal_job``);
+        ``from_payload`` still reads it, for rows an earlier version queued this way."""
         return {"kind": self.kind, "records": list(self.records), "attachment_files": dict(self.attachment_files),
                 "synthetic": dict(self.synthetic)}
 
@@ -137,6 +159,135 @@ def load_jsonl(path: str | Path, *, job_id: str, tenant_id: str) -> JobSpec:
             Record.from_json(obj)  # validate now, name the line on error
             records.append(obj)
     return JobSpec(job_id, tenant_id, "inline", tuple(records), files)
+
+
+# --- deferred jobs: what the gate keeps --------------------------------------------------
+
+DEFERRED_FORMAT = "akms-deferred-job/1"
+DEFERRED_PREFIX = b"deferred/"
+_DIGEST_INFO = b"archive_kms/v1/deferred-job-digest/"
+
+
+def deferred_object_name(job_id: str) -> bytes:
+    """``deferred/<job id>``: what a job's sealed content is bound to, with the tenant (in
+    the per-object key and the AAD), so content moved to another job or tenant does not open."""
+    return DEFERRED_PREFIX + job_id.encode()
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    """A job as the gate stores it.
+
+    ``metadata`` stays clear and holds no record content: format, kind, counts, a
+    synthetic job's generator parameters, and a keyed digest of the content (the store
+    compares metadata to tell a resent job from a reused id). ``sealed`` is the content
+    (inline records, attachment file references) as an envelope under the tenant's
+    keychain, or None for a job without any (a synthetic job)."""
+
+    metadata: dict[str, Any]
+    sealed: bytes | None = field(default=None, repr=False)
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _content(spec: JobSpec) -> dict[str, Any] | None:
+    """The part of a spec that comes from customer records, or None if it has none."""
+    if not spec.records and not spec.attachment_files:
+        return None
+    return {"records": [dict(r) for r in spec.records], "attachment_files": dict(spec.attachment_files)}
+
+
+def _content_digest(keychain: Any, spec: JobSpec, plaintext: bytes) -> str:
+    """HMAC-SHA256 of job id and content under a key derived from the tenant's L2 key: a
+    database reader cannot confirm a guessed record with it. It survives re-binding L1; a
+    new L2 (``rotate_l2``) changes it, and ``submit_job`` then recognises a resend by
+    opening the queued seal instead (``_is_resend``)."""
+    material = keychain.search_key_material(spec.tenant_id)
+    key = HKDF(hashes.SHA256(), 32, salt=None, info=_DIGEST_INFO + spec.tenant_id.encode()).derive(material.reveal())
+    job = spec.job_id.encode()
+    return "hmac-sha256:" + hmac.new(key, len(job).to_bytes(4, "big") + job + plaintext, hashlib.sha256).hexdigest()
+
+
+def _seal_workspace(spec: JobSpec) -> str:
+    """The workspace whose active DEK seals the content: the first record's, one the job
+    writes into anyway, so sealing adds no key the archive would not have."""
+    return Record.from_json(spec.records[0]).workspace_id if spec.records else "default"
+
+
+def seal_job(spec: JobSpec, keychain: Any) -> QueuedJob:
+    """The form in which the gate may keep ``spec``: content sealed with the project's
+    envelope under the active DEK of a workspace of the tenant's keychain (the DEK outlives
+    an L1 re-binding: only L2's wrapping changes), bound to ``deferred/<job id>``."""
+    metadata: dict[str, Any] = {"format": DEFERRED_FORMAT, "kind": spec.kind, "record_count": len(spec.records),
+                                "attachment_count": len(spec.attachment_files)}
+    if spec.synthetic:
+        metadata["synthetic"] = dict(spec.synthetic)  # generator parameters: no record content
+    content = _content(spec)
+    if content is None:
+        return QueuedJob(metadata)
+    if keychain is None:
+        raise ValidationError(f"job {spec.job_id}: a job with record content is sealed under its tenant's keychain; "
+                              "none was given")
+    try:
+        plaintext = _canonical(content)
+    except (TypeError, ValueError) as e:
+        raise ValidationError(f"job {spec.job_id}: records must be plain JSON ({type(e).__name__})") from None
+    digest = _content_digest(keychain, spec, plaintext)
+    metadata["digest"] = digest
+    workspace = _seal_workspace(spec)
+    dek = keychain.dek_for_encrypt(spec.tenant_id, workspace)
+    sealed = encrypt_bytes(_canonical({"digest": digest, **content}), dek=dek.key, dek_id=dek.dek_id,
+                           binding=ObjectBinding(spec.tenant_id, workspace, deferred_object_name(spec.job_id)))
+    return QueuedJob(metadata, sealed)
+
+
+def _refused(job: DeferredJob, reason: str) -> IntegrityError:
+    return IntegrityError(
+        f"deferred job {job.job_id} of tenant {job.tenant_id}: its sealed content was refused ({reason}); it was "
+        "altered, or moved from another job or tenant. Nothing was archived; the job stays queued for support",
+        resource=f"job:{job.job_id}")
+
+
+def _unseal(job: DeferredJob, keychain: Any) -> dict[str, Any]:
+    sealed = job.sealed or b""
+    try:
+        header = read_header(io.BytesIO(sealed))
+        binding = ObjectBinding(job.tenant_id, header.workspace_id, deferred_object_name(job.job_id))
+        body = json.loads(decrypt_to_bytes(sealed, binding=binding, dek_for=keychain.dek_for_header))
+    except KeychainTamperedError:
+        raise  # the keychain's own alarm, not this job's
+    except (IntegrityError, ValidationError, KeyNotFoundError) as e:
+        # FormatError is an IntegrityError; an edited header may name a DEK that never existed.
+        raise _refused(job, f"{type(e).__name__}: {e}") from e
+    except ValueError as e:  # authenticated but not JSON: not something this code sealed
+        raise _refused(job, f"content is not JSON ({type(e).__name__})") from None
+    if not isinstance(body, dict):
+        raise _refused(job, "content is not a JSON object")
+    return body
+
+
+def open_queued(job: DeferredJob, keychain: Any) -> JobSpec:
+    """The spec of a queued job, its content opened and checked against its metadata.
+    ``IntegrityError`` naming the job if the seal does not open here (tampered, or moved
+    from another job or tenant) or does not match the metadata."""
+    meta = job.payload
+    if meta.get("format") != DEFERRED_FORMAT:  # queued before content was sealed: the spec itself
+        return JobSpec.from_payload(job.job_id, job.tenant_id, meta)
+    synthetic = dict(meta.get("synthetic") or {})
+    if "digest" not in meta:
+        if job.sealed is not None:
+            raise _refused(job, "sealed content found for a job queued without any")
+        return JobSpec(job.job_id, job.tenant_id, meta["kind"], synthetic=synthetic)
+    if not job.sealed:
+        raise _refused(job, "the sealed content is missing")
+    body = _unseal(job, keychain)
+    records, files = body.get("records"), body.get("attachment_files")
+    if (body.get("digest") != meta["digest"] or not isinstance(records, list) or not isinstance(files, dict)
+            or len(records) != meta.get("record_count") or len(files) != meta.get("attachment_count")):
+        raise _refused(job, "the clear metadata does not match the sealed content")
+    return JobSpec(job.job_id, job.tenant_id, meta["kind"], tuple(records), files, synthetic)
 
 
 # --- the writer -----------------------------------------------------------------------------
@@ -279,8 +430,21 @@ def write_records(archive: TenantArchive, items: Iterable[tuple[Record, list[Att
 
 
 def submit_job(state, spec: JobSpec, open_archive: Callable[[str], TenantArchive]) -> JobOutcome:
-    """The archive-job writer's entry point: admit through the gate, then run or defer."""
-    admission = state.admit_job(spec.tenant_id, spec.job_id, spec.to_payload())
+    """The archive-job writer's entry point: admit through the gate, then run or defer.
+
+    The job is sealed before admission whatever the gate says: admission and deferral are
+    one transaction, so the content must be ready to queue (a job with record content
+    costs one DEK lookup and one small encryption even when it then runs at once)."""
+    keychain = open_archive(spec.tenant_id).keychain if _content(spec) is not None else None
+    queued = seal_job(spec, keychain)
+    try:
+        admission = state.admit_job(spec.tenant_id, spec.job_id, queued.metadata, sealed=queued.sealed)
+    except StateError:
+        if keychain is None or not _is_resend(state, spec, keychain):
+            raise
+        log.info("job %s for tenant %s: duplicate (recognised by the ledger or its queued seal)", spec.job_id,
+                 spec.tenant_id)
+        return JobOutcome(spec.job_id, spec.tenant_id, "duplicate")
     decision = admission.decision.value
     if decision != "run":
         log.info("job %s for tenant %s: %s", spec.job_id, spec.tenant_id, decision)
@@ -288,15 +452,36 @@ def submit_job(state, spec: JobSpec, open_archive: Callable[[str], TenantArchive
     return _run(state, spec, admission.attempt, open_archive)
 
 
-def _run(state, spec: JobSpec, attempt: int, open_archive: Callable[[str], TenantArchive]) -> JobOutcome:
+def _is_resend(state, spec: JobSpec, keychain: Any) -> bool:
+    """Whether the store refused ``spec`` only because its digest was keyed by an L2 that
+    has since been replaced: the job completed (as a job that never waited would answer),
+    or its queued seal opens to the same content."""
+    done = state.get_job(spec.job_id)
+    if done is not None and done.tenant_id == spec.tenant_id and done.state is JobState.COMPLETED:
+        return True
+    queued = next((j for j in state.list_deferred(spec.tenant_id) if j.job_id == spec.job_id), None)
+    if queued is None or queued.sealed is None:
+        return False
     try:
-        archive = open_archive(spec.tenant_id)
+        held = open_queued(queued, keychain)
+    except IntegrityError:
+        return False
+    return held.kind == spec.kind and _canonical(_content(held)) == _canonical(_content(spec))
+
+
+def _run(state, job: JobSpec | DeferredJob, attempt: int, open_archive: Callable[[str], TenantArchive]) -> JobOutcome:
+    """Run an admitted attempt into the archive opened now. ``job`` is the spec, or a
+    queued job whose content is opened here under the keychain as it is now. Any failure,
+    a refused seal included, is recorded on the attempt (a queued job stays queued)."""
+    try:
+        archive = open_archive(job.tenant_id)
+        spec = job if isinstance(job, JobSpec) else open_queued(job, archive.keychain)
         counts = write_records(archive, spec.materialise())
     except BaseException as e:
-        state.finish_job(spec.job_id, attempt, error=f"{type(e).__name__}: {e}"[:500])
+        state.finish_job(job.job_id, attempt, error=f"{type(e).__name__}: {e}"[:500])
         raise
-    state.finish_job(spec.job_id, attempt, object_count=counts["written"] + counts["already"])
-    return JobOutcome(spec.job_id, spec.tenant_id, "run", counts["records"], counts["attachments"],
+    state.finish_job(job.job_id, attempt, object_count=counts["written"] + counts["already"])
+    return JobOutcome(job.job_id, job.tenant_id, "run", counts["records"], counts["attachments"],
                       counts["written"], counts["already"], counts["bytes"], counts["indexed"])
 
 
@@ -305,7 +490,13 @@ def replay_deferred(state, tenant_id: str, run_id: str, open_archive: Callable[[
     """Resume the gate and replay every deferred job exactly once, in arrival order,
     into wherever the tenant lives now. ``reclaim_after``: claims older than this (a
     replayer that crashed) are taken over; a migration run that holds the tenant's lease
-    passes 0, since no other replayer can be at work."""
+    passes 0, since no other replayer can be at work.
+
+    Each job's sealed content is opened under the tenant's keychain as it is now (an L1
+    re-binding since the deferral changes nothing: the DEK is the same). A seal that does
+    not open raises ``IntegrityError`` naming the job, after recording the failure on the
+    job's attempt; the job stays queued with its seal, for support. The store purges a
+    job's seal in the transaction that marks it replayed (completed, or found done)."""
     outcomes: list[JobOutcome] = []
     seen: set[str] = set()
     claimed = state.resume_and_drain(tenant_id, run_id, fence=fence)
@@ -321,13 +512,13 @@ def replay_deferred(state, tenant_id: str, run_id: str, open_archive: Callable[[
             if admission.decision.value != "run":  # completed by an earlier replayer, or running now
                 outcomes.append(JobOutcome(job.job_id, tenant_id, "duplicate"))
                 continue
-            spec = JobSpec.from_payload(job.job_id, tenant_id, job.payload)
-            outcomes.append(_run(state, spec, admission.attempt, open_archive))
+            outcomes.append(_run(state, job, admission.attempt, open_archive))
         claimed = state.claim_deferred(tenant_id, reclaim_after=reclaim_after)
     return outcomes
 
 
 __all__ = [
-    "AttachmentRef", "JobOutcome", "JobSpec", "TenantArchive", "attachment_object_name",
-    "load_jsonl", "record_object_name", "replay_deferred", "submit_job", "workspace_of", "write_records",
+    "DEFERRED_FORMAT", "AttachmentRef", "JobOutcome", "JobSpec", "QueuedJob", "TenantArchive",
+    "attachment_object_name", "deferred_object_name", "load_jsonl", "open_queued", "record_object_name",
+    "replay_deferred", "seal_job", "submit_job", "workspace_of", "write_records",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import json
 from collections.abc import Mapping, Sequence
@@ -66,6 +68,47 @@ def json_object(value: Mapping[str, Any], what: str) -> dict[str, Any]:
         return json.loads(json.dumps(dict(value), allow_nan=False))  # a plain, JSON-exact copy
     except (TypeError, ValueError) as exc:
         raise ValidationError(f"{what} must be plain JSON ({type(exc).__name__})") from None
+
+
+# A deferred job's sealed content travels beside its clear payload (``DeferredJob.sealed``).
+# SQL rows keep both in the one ``payload`` document, the seal as base64 under this key, so
+# a purge rewrites the document without it; callers may not use the key themselves.
+SEALED_MEMBER = "sealed"
+
+
+def job_payload(payload: Mapping[str, Any], sealed: Any) -> tuple[dict[str, Any], bytes | None]:
+    """A deferred job's clear payload (plain JSON, reserved key absent) and sealed bytes, checked."""
+    body = json_object(payload, "job payload")
+    if SEALED_MEMBER in body:
+        raise ValidationError(f"job payload key {SEALED_MEMBER!r} is reserved: pass sealed content as sealed=")
+    if sealed is None:
+        return body, None
+    if not isinstance(sealed, (bytes, bytearray)) or not sealed:
+        raise ValidationError("sealed job content must be non-empty bytes")
+    return body, bytes(sealed)
+
+
+def pack_payload(payload: Mapping[str, Any], sealed: bytes | None) -> dict[str, Any]:
+    """The stored document: the clear payload, plus the seal in base64 while there is one."""
+    document = dict(payload)
+    if sealed is not None:
+        document[SEALED_MEMBER] = base64.b64encode(sealed).decode("ascii")
+    return document
+
+
+def unpack_payload(document: Mapping[str, Any]) -> tuple[dict[str, Any], bytes | None]:
+    """(clear payload, sealed bytes) of a stored document. A seal that is not valid base64
+    (an edited row) is handed back as its raw text: it will not open, and the replayer
+    says so, rather than the store failing every read of the tenant's queue."""
+    payload = dict(document)
+    raw = payload.pop(SEALED_MEMBER, None)
+    if raw is None:
+        return payload, None
+    text = raw if isinstance(raw, str) else json.dumps(raw)
+    try:
+        return payload, base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        return payload, text.encode("utf-8", "replace")
 
 
 def check_token(row: LeaseRow | None, tenant_id: str, token: int) -> None:

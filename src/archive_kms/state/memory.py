@@ -26,6 +26,7 @@ from archive_kms.state._common import (
     check_id,
     check_steps,
     check_token,
+    job_payload,
     json_object,
     step_transition,
 )
@@ -234,11 +235,11 @@ class InMemoryStateStore:
             self._resume(tenant_id, run_id, fence)
             return self._status(tenant_id)
 
-    def _queue(self, tenant_id: str, job_id: str, payload: dict[str, Any]) -> None:
+    def _queue(self, tenant_id: str, job_id: str, payload: dict[str, Any], sealed: bytes | None) -> None:
         g = self._gate(tenant_id)
         g.next_position += 1
         self._deferred[job_id] = DeferredJob(job_id, tenant_id, payload, self._now(), DeferredState.DEFERRED,
-                                             g.next_position)
+                                             g.next_position, sealed=sealed)
 
     def _known_deferred(self, tenant_id: str, job_id: str, payload: dict[str, Any]) -> DeferredJob | None:
         job = self._deferred.get(job_id)
@@ -251,7 +252,8 @@ class InMemoryStateStore:
         job = self._deferred.get(job_id)
         if job is None or job.state is DeferredState.REPLAYED:
             return False
-        self._deferred[job_id] = replace(job, state=DeferredState.REPLAYED, replayed_at=self._now())
+        # The sealed content goes with the replay; the clear payload stays for resent ids.
+        self._deferred[job_id] = replace(job, state=DeferredState.REPLAYED, replayed_at=self._now(), sealed=None)
         return True
 
     def _try_start(self, tenant_id: str, job_id: str) -> Admission:
@@ -278,9 +280,10 @@ class InMemoryStateStore:
         return job.state is JobState.COMPLETED or (
             job.state is JobState.RUNNING and job.started_at > self._now() - self._job_stale_after)
 
-    def admit_job(self, tenant_id: str, job_id: str, payload: Mapping[str, Any]) -> Admission:
+    def admit_job(self, tenant_id: str, job_id: str, payload: Mapping[str, Any], *,
+                  sealed: bytes | None = None) -> Admission:
         check_id("job id", job_id, JOB_ID)
-        body = json_object(payload, "job payload")
+        body, sealed = job_payload(payload, sealed)
         with self._lock:
             g = self._gate(tenant_id)
             if self._known_deferred(tenant_id, job_id, body) is not None:
@@ -288,18 +291,18 @@ class InMemoryStateStore:
             if self._job_is_settled(job_id):
                 return self._try_start(tenant_id, job_id)
             if g.state is not GateState.OPEN:
-                self._queue(tenant_id, job_id, body)
+                self._queue(tenant_id, job_id, body, sealed)
                 return Admission(job_id, Decision.DEFERRED)
             return self._try_start(tenant_id, job_id)
 
     def defer(self, job: DeferredJob) -> bool:
         check_id("job id", job.job_id, JOB_ID)
-        body = json_object(job.payload, "job payload")
+        body, sealed = job_payload(job.payload, job.sealed)
         with self._lock:
             self._gate(job.tenant_id)
             if self._known_deferred(job.tenant_id, job.job_id, body) is not None:
                 return False
-            self._queue(job.tenant_id, job.job_id, body)
+            self._queue(job.tenant_id, job.job_id, body, sealed)
             return True
 
     def _claim(self, tenant_id: str, limit: int, reclaim_after: timedelta) -> list[DeferredJob]:

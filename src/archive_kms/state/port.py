@@ -120,7 +120,14 @@ class DeferredState(str, enum.Enum):
 @dataclass(frozen=True)
 class DeferredJob:
     """An archive job received while the tenant's gate was not open. ``job_id`` is the
-    job's idempotency id, unique across all tenants."""
+    job's idempotency id, unique across all tenants.
+
+    ``payload`` is what the store may keep in clear for as long as it keeps the row: the
+    caller's metadata (kind, counts, a keyed digest of the content), never record content.
+    ``sealed`` is the job's content sealed by the caller under the tenant's keychain
+    (``operations.archive`` seals it as an envelope bound to tenant and job id); opaque
+    bytes to the store. It is purged (``None``) in the transaction that marks the job
+    ``replayed``; ``payload`` stays, so a resent job id is still recognised."""
 
     job_id: str
     tenant_id: str
@@ -130,6 +137,7 @@ class DeferredJob:
     position: int = 0  # FIFO position within the tenant
     claimed_at: datetime | None = None
     replayed_at: datetime | None = None
+    sealed: bytes | None = field(default=None, repr=False)
 
 
 class JobState(str, enum.Enum):
@@ -195,18 +203,23 @@ class GateRepo(Protocol):
         Idempotent when already draining/open; ``StateError`` if another run paused it."""
         ...
 
-    def admit_job(self, tenant_id: str, job_id: str, payload: Mapping[str, Any]) -> Admission:
+    def admit_job(self, tenant_id: str, job_id: str, payload: Mapping[str, Any], *,
+                  sealed: bytes | None = None) -> Admission:
         """The archive-job writer's entry point. Gate open: ``RUN`` (ledger row created,
-        attempt 1, or a later attempt if a previous one failed or went stale). Gate
-        paused/draining: ``DEFERRED`` (queued in FIFO order). Known id (queued, running,
+        attempt 1, or a later attempt if a previous one failed or went stale; ``sealed``
+        is not kept). Gate paused/draining: ``DEFERRED`` (queued in FIFO order with
+        ``payload`` and ``sealed``, see ``DeferredJob``). Known id (queued, running,
         completed): ``DUPLICATE``. Reusing a job id for another tenant or payload
-        raises ``StateError``."""
+        raises ``StateError``; ``sealed`` is not compared (a fresh seal differs every
+        time: the payload carries the content's digest). ``ValidationError`` if the
+        payload uses the reserved key ``"sealed"`` or ``sealed`` is not non-empty bytes."""
         ...
 
     def defer(self, job: DeferredJob) -> bool:
-        """Queue ``job`` whatever the gate says; True if newly queued, False if this
-        job id is already queued (same tenant and payload). ``StateError`` if the id is
-        queued with another tenant or payload."""
+        """Queue ``job`` (with ``job.sealed``) whatever the gate says; True if newly
+        queued, False if this job id is already queued (same tenant and payload; the
+        stored seal is kept). ``StateError`` if the id is queued with another tenant or
+        payload."""
         ...
 
     def claim_deferred(self, tenant_id: str, limit: int = 100, *,
@@ -218,7 +231,8 @@ class GateRepo(Protocol):
         ...
 
     def mark_replayed(self, job_id: str) -> None:
-        """Mark a claimed job replayed (idempotent). ``finish_job`` does this for you."""
+        """Mark a claimed job replayed and purge its sealed content, in one transaction
+        (idempotent). ``finish_job`` does this for you."""
         ...
 
     def resume_and_drain(self, tenant_id: str, run_id: str, *, limit: int = 1000,
@@ -230,16 +244,18 @@ class GateRepo(Protocol):
     def start_job(self, tenant_id: str, job_id: str) -> Admission:
         """The replayer's ledger check for a claimed job: ``RUN`` with the attempt number
         if it must run now (never run, failed, or its running attempt went stale);
-        ``DUPLICATE`` if it completed (its queued copy is then marked replayed in this
-        transaction) or another attempt is running. ``StateError`` if the gate is
+        ``DUPLICATE`` if it completed (its queued copy is then marked replayed and its
+        sealed content purged in this transaction) or another attempt is running. ``StateError`` if the gate is
         paused again: stop replaying, the job stays queued."""
         ...
 
     def finish_job(self, job_id: str, attempt: int, *, object_count: int | None = None,
                    error: str | None = None) -> ArchiveJob:
         """Record the end of ``attempt`` (completed, or failed if ``error``). A queued
-        copy of the job is marked ``replayed`` in the same transaction when it
-        completed. ``FencedError`` if a newer attempt took the job over."""
+        copy of the job is marked ``replayed`` and its sealed content purged in the
+        same transaction when it completed; a failed job keeps both, to be replayed
+        again or examined by support. ``FencedError`` if a newer attempt took the job
+        over."""
         ...
 
     def get_job(self, job_id: str) -> ArchiveJob | None:
@@ -250,7 +266,7 @@ class GateRepo(Protocol):
         ...
 
     def list_deferred(self, tenant_id: str, *, include_replayed: bool = False) -> list[DeferredJob]:
-        """Queued jobs in FIFO order (for status screens)."""
+        """Queued jobs in FIFO order (for status screens); replayed ones have ``sealed=None``."""
         ...
 
 

@@ -132,6 +132,10 @@ archive_gates = Table(
     _one_of("state", GateState),
 )
 
+# ``payload``: the job's clear metadata (no record content) and, until the job is replayed,
+# its sealed content as base64 under the key "sealed" (``_common.pack_payload``). Keeping
+# the seal in the document needs no new column, so databases made by version 1 open as
+# they are; rows queued before sealing existed hold the spec itself and still replay.
 deferred_jobs = Table(
     "deferred_jobs", metadata,
     Column("job_id", String(JOB_ID), primary_key=True),

@@ -70,8 +70,11 @@ from archive_kms.state._common import (
     check_id,
     check_steps,
     check_token,
+    job_payload,
     json_object,
+    pack_payload,
     step_transition,
+    unpack_payload,
 )
 from archive_kms.state.port import (
     Admission,
@@ -450,18 +453,19 @@ class SqlStateStore:
         with self._tx("resume archive jobs") as conn:
             return self._gate_status(conn, self._resume(conn, tenant_id, run_id, fence))
 
-    def _queue(self, conn: Connection, gate: Row[Any], job_id: str, payload: Mapping[str, Any]) -> None:
+    def _queue(self, conn: Connection, gate: Row[Any], job_id: str, payload: Mapping[str, Any],
+               sealed: bytes | None) -> None:
         position = gate.next_position + 1
         conn.execute(update(archive_gates).where(archive_gates.c.tenant_id == gate.tenant_id)
                      .values(next_position=position))
         conn.execute(insert(deferred_jobs).values(
-            job_id=job_id, tenant_id=gate.tenant_id, position=position, payload=dict(payload),
+            job_id=job_id, tenant_id=gate.tenant_id, position=position, payload=pack_payload(payload, sealed),
             received_at=self._now(), state=DeferredState.DEFERRED.value))
 
     def _known_deferred(self, conn: Connection, tenant_id: str, job_id: str,
                         payload: Mapping[str, Any]) -> Row[Any] | None:
         row = conn.execute(select(deferred_jobs).where(deferred_jobs.c.job_id == job_id)).one_or_none()
-        if row is not None and (row.tenant_id != tenant_id or dict(row.payload) != dict(payload)):
+        if row is not None and (row.tenant_id != tenant_id or unpack_payload(row.payload)[0] != dict(payload)):
             raise StateError(f"job id {job_id!r} was already used for another tenant or payload",
                              resource=f"job:{job_id}")
         return row
@@ -495,9 +499,10 @@ class SqlStateStore:
         return row.state == JobState.COMPLETED.value or (
             row.state == JobState.RUNNING.value and row.started_at > self._now() - self._job_stale_after)
 
-    def admit_job(self, tenant_id: str, job_id: str, payload: Mapping[str, Any]) -> Admission:
+    def admit_job(self, tenant_id: str, job_id: str, payload: Mapping[str, Any], *,
+                  sealed: bytes | None = None) -> Admission:
         check_id("job id", job_id, JOB_ID)
-        payload = json_object(payload, "job payload")
+        payload, sealed = job_payload(payload, sealed)
         with self._tx("admit archive job") as conn:
             gate = self._lock_gate(conn, tenant_id)
             if self._known_deferred(conn, tenant_id, job_id, payload) is not None:
@@ -505,18 +510,18 @@ class SqlStateStore:
             if self._job_is_settled(conn, job_id):
                 return self._try_start(conn, tenant_id, job_id)  # DUPLICATE (checks the tenant too)
             if gate.state != GateState.OPEN.value:
-                self._queue(conn, gate, job_id, payload)
+                self._queue(conn, gate, job_id, payload, sealed)
                 return Admission(job_id, Decision.DEFERRED)
             return self._try_start(conn, tenant_id, job_id)
 
     def defer(self, job: DeferredJob) -> bool:
         check_id("job id", job.job_id, JOB_ID)
-        payload = json_object(job.payload, "job payload")
+        payload, sealed = job_payload(job.payload, job.sealed)
         with self._tx("defer archive job") as conn:
             gate = self._lock_gate(conn, job.tenant_id)
             if self._known_deferred(conn, job.tenant_id, job.job_id, payload) is not None:
                 return False
-            self._queue(conn, gate, job.job_id, payload)
+            self._queue(conn, gate, job.job_id, payload, sealed)
             return True
 
     def _claim(self, conn: Connection, tenant_id: str, limit: int, reclaim_after: timedelta) -> list[DeferredJob]:
@@ -557,10 +562,17 @@ class SqlStateStore:
             return jobs
 
     def _mark_replayed(self, conn: Connection, job_id: str) -> bool:
+        """Mark the queued copy replayed and purge its sealed content (the document is
+        rewritten without it); the clear payload stays for resent ids."""
+        d = deferred_jobs.c
+        document = conn.execute(select(d.payload).where(d.job_id == job_id, d.state != DeferredState.REPLAYED.value)
+                                ).scalar_one_or_none()
+        if document is None:
+            return False
         res = conn.execute(update(deferred_jobs)
-                           .where(deferred_jobs.c.job_id == job_id,
-                                  deferred_jobs.c.state != DeferredState.REPLAYED.value)
-                           .values(state=DeferredState.REPLAYED.value, replayed_at=self._now()))
+                           .where(d.job_id == job_id, d.state != DeferredState.REPLAYED.value)
+                           .values(state=DeferredState.REPLAYED.value, replayed_at=self._now(),
+                                   payload=unpack_payload(document)[0]))
         return res.rowcount > 0
 
     def mark_replayed(self, job_id: str) -> None:
@@ -1170,7 +1182,8 @@ def _tenant(r: Row[Any]) -> TenantRecord:
 
 
 def _deferred(r: Row[Any], **override: Any) -> DeferredJob:
-    values = {"job_id": r.job_id, "tenant_id": r.tenant_id, "payload": dict(r.payload),
+    payload, sealed = unpack_payload(r.payload)
+    values = {"job_id": r.job_id, "tenant_id": r.tenant_id, "payload": payload, "sealed": sealed,
               "received_at": r.received_at, "state": DeferredState(r.state), "position": int(r.position),
               "claimed_at": r.claimed_at, "replayed_at": r.replayed_at}
     return DeferredJob(**(values | override))
