@@ -570,3 +570,65 @@ def test_open_store_refuses_an_unconfigured_azure_account(azurite):
     with pytest.raises(ConfigurationError, match="no credentials configured"):
         L.open_store(loc, azurite)
 
+
+
+def test_s3_checksum_configuration_is_explicit(localstack):
+    """A13: the S3 client computes and validates checksums only "when_required" (boto3
+    >= 1.36 defaults to CRC trailers some S3-compatible stores reject), and integrity is
+    not left to that default: every PutObject and UploadPart carries our Content-MD5, and
+    no CRC header or trailer is added behind our back."""
+    s3 = wiring.aws_client("s3", localstack)
+    assert s3.meta.config.request_checksum_calculation == "when_required"
+    assert s3.meta.config.response_checksum_validation == "when_required"
+    bucket = f"contract-ck-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    loc = L.shared_s3_location("acme", bucket)
+    sent: list[tuple[str, dict[str, str]]] = []
+
+    def record(request, **kw):
+        op = kw["event_name"].rsplit(".", 1)[-1]
+        sent.append((op, {k.lower(): v for k, v in request.headers.items()}))
+
+    s3.meta.events.register("before-send.s3", record)
+    try:
+        store = L.open_store(loc, localstack, s3_client=s3, part_size=PART)
+        store.put_stream(b"small", [b"x" * 1000])
+        store.put_stream(b"big", stream(PART + 1))
+        writes = [(op, h) for op, h in sent if op in ("PutObject", "UploadPart")]
+        assert [op for op, _ in writes] == ["PutObject", "UploadPart", "UploadPart"]
+        for op, headers in sent:
+            assert not [h for h in headers if h.startswith("x-amz-checksum") or h in (
+                "x-amz-trailer", "x-amz-sdk-checksum-algorithm")], (op, sorted(headers))
+        assert all("content-md5" in h for _, h in writes)
+    finally:
+        s3.meta.events.unregister("before-send.s3", record)
+        L.delete_location(loc, L.open_store(loc, localstack))
+        s3.delete_bucket(Bucket=bucket)
+
+
+@pytest.mark.parametrize("kind", ["s3", "azure"])
+def test_missing_bucket_or_container_is_a_storage_error(request, kind):
+    """A location whose bucket/container is gone is a StorageError naming it (a human must
+    act), never "no such object" (which a copy would answer by writing, a verify by
+    re-copying). Azure tells it apart on every call (x-ms-error-code ContainerNotFound);
+    S3 only where a body is returned (a HEAD 404 has none, so ``head`` says None)."""
+    from archive_kms.errors import StorageError
+
+    if kind == "s3":
+        settings = request.getfixturevalue("localstack")
+        gone = L.shared_s3_location("acme", f"contract-gone-{uuid.uuid4().hex[:10]}")
+        store = L.open_store(gone, settings, part_size=PART)
+        where = gone.bucket
+    else:
+        settings = request.getfixturevalue("azurite")
+        svc = wiring.blob_service_client(settings)
+        gone = L.shared_azure_location(f"gone-{uuid.uuid4().hex[:8]}", svc.account_name)
+        store = L.open_store(gone, settings, blob_service=svc, part_size=PART)
+        where = gone.container
+        with pytest.raises(StorageError, match=where):
+            store.head(b"x")
+    for call in (lambda: store.put_stream(b"x", [b"data"]), lambda: store.open_read(b"x"),
+                 lambda: list(store.list())):
+        with pytest.raises(StorageError, match=where) as exc:
+            call()
+        assert not exc.value.retryable

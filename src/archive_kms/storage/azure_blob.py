@@ -13,9 +13,17 @@ Takes a ready ``ContainerClient`` (from ``wiring.blob_service_client``). The ada
   / ``ConditionNotMet`` become ``ObjectExistsError``);
 * reads in ranged GETs of ``read_chunk_size`` (1 MiB; see ``_READ_CHUNK`` for why not
   more) conditioned on the ETag seen when opened (``If-Match``), so memory stays bounded
-  and a replaced blob fails the read instead of mixing versions; each range is retried by
-  the SDK on its own (faults A3).
+  and a replaced blob fails the read instead of mixing versions; a range whose body breaks
+  is requested again whole (faults A3).
 * lists with ``list_blobs`` pages, once per blob, failing on out-of-order pages.
+* retries every request itself (``AzureRetry``), with the SDK's own retries switched off
+  per call (``retry_total=0``): azure-storage-blob's ``ExponentialRetry`` never retries a
+  429, ignores ``Retry-After`` and waits 15 s (±3) before its first retry. Ours retries
+  429, 5xx, ``ServerBusy``/``OperationTimedOut``, MD5 mismatches and broken connections,
+  sleeping at least what ``Retry-After`` asks (faults A1/A2); a request is re-sent whole
+  (a range GET from its start), which is safe because every write is a complete block,
+  blob or block list whose bytes we still hold. When the attempts run out the caller gets
+  ``ServiceUnavailableError`` naming the blob.
 
 Uncommitted blocks of a crashed attempt are invisible to reads and lists and expire
 after 7 days; ``pending_uploads`` finds blobs that have only uncommitted blocks and
@@ -27,16 +35,21 @@ discards them, or Azure does after 7 days.
 from __future__ import annotations
 
 import logging
+import random
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from email.utils import parsedate_to_datetime
+from typing import Any, NoReturn, TypeVar
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
     ClientAuthenticationError,
     HttpResponseError,
+    IncompleteReadError,
     ResourceExistsError,
     ResourceModifiedError,
     ResourceNotFoundError,
@@ -79,6 +92,61 @@ _READ_CHUNK = 1024 * 1024
 
 _TRANSIENT_CODES = {"ServerBusy", "OperationTimedOut", "InternalError", "Md5Mismatch", "InvalidBlockList",
                     "ContainerBeingDeleted"}
+_BROKEN_CONNECTION = (IncompleteReadError, ServiceRequestError, ServiceResponseError)
+#: Per-call option that switches the SDK's own retry policy off (we retry, see AzureRetry).
+_NO_SDK_RETRY: dict[str, Any] = {"retry_total": 0}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AzureRetry:
+    """How the adapter retries one request: ``max_attempts`` in all, "equal jitter"
+    exponential backoff (half fixed, half random, so a burst shorter than the fixed part
+    of the schedule can never exhaust it), and never sooner than the service's
+    ``Retry-After``. A ``Retry-After`` beyond ``max_retry_after`` is not waited out
+    in-process: the call fails at once (retryable) so the step can be retried later."""
+
+    max_attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 20.0
+    max_retry_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.base_delay < 0 or self.max_delay < self.base_delay:
+            raise ValidationError(f"invalid retry settings {self!r}")
+
+    def delay(self, attempt: int, retry_after: float | None, rand: Callable[[], float]) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        step = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        backoff = step / 2 + rand() * step / 2
+        return max(backoff, retry_after or 0.0)
+
+
+def retry_after_seconds(exc: BaseException, *, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> float | None:
+    """The wait a throttled response asks for: ``retry-after-ms`` / ``x-ms-retry-after-ms``
+    (milliseconds) or ``Retry-After`` (seconds or an HTTP date); ``None`` if absent."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if not headers:
+        return None
+    for name in ("retry-after-ms", "x-ms-retry-after-ms"):
+        value = headers.get(name)
+        if value:
+            try:
+                return max(0.0, float(value) / 1000)
+            except ValueError:
+                pass
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - now()).total_seconds())
+    except (TypeError, ValueError):
+        return None
 
 
 def translate_error(exc: BaseException, *, where: str, op: str) -> ArchiveKmsError:
@@ -89,19 +157,31 @@ def translate_error(exc: BaseException, *, where: str, op: str) -> ArchiveKmsErr
         return ServiceUnavailableError(f"Azure Blob {op} on {where}: {type(exc).__name__} (retryable)",
                                        resource=where)
     if isinstance(exc, HttpResponseError):
-        code = str(getattr(exc, "error_code", None) or "")
+        raw_code = getattr(exc, "error_code", None) or ""
+        # azure-storage-blob gives known codes as StorageErrorCode members, whose str() on
+        # Python 3.11 is "StorageErrorCode.MD5_MISMATCH", not the wire code "Md5Mismatch".
+        code = str(getattr(raw_code, "value", raw_code))
         status = int(getattr(exc, "status_code", None) or 0)
         msg = f"Azure Blob {op} on {where} failed: {code or status}"
+        if not status and (isinstance(exc, IncompleteReadError)
+                           or isinstance(getattr(exc, "inner_exception", None), _BROKEN_CONNECTION)):
+            # No complete HTTP answer: the SDK's download wraps a body that kept breaking
+            # (IncompleteReadError, ServiceResponseError) in a bare HttpResponseError.
+            return ServiceUnavailableError(
+                f"Azure Blob {op} on {where}: connection broke ({type(exc.inner_exception or exc).__name__}, "
+                "retryable)", resource=where)
         if code == "ContainerNotFound":
             return StorageError(f"{msg}: the container does not exist", resource=where)
         if code.startswith("KeyVault") or code == "EncryptionScopeDisabled":
             return KeyUnavailableError(f"{msg}: the customer-managed key refused", resource=where, state=code)
         if isinstance(exc, ResourceNotFoundError) or code == "BlobNotFound" or status == 404:
             return ObjectNotFoundError(f"{where}: no such object ({op})", resource=where)
-        if (isinstance(exc, (ResourceExistsError, ResourceModifiedError))
-                or code in {"BlobAlreadyExists", "ConditionNotMet"} or status == 412):
+        if code in _TRANSIENT_CODES:  # before the 409s: ContainerBeingDeleted is not "object exists"
+            return ServiceUnavailableError(f"{msg} (retryable)", resource=where)
+        if (isinstance(exc, ResourceModifiedError) or code in {"BlobAlreadyExists", "ConditionNotMet"}
+                or status == 412 or (isinstance(exc, ResourceExistsError) and not code)):
             return ObjectExistsError(f"{where}: object already exists (conditional {op} refused)", resource=where)
-        if code in _TRANSIENT_CODES or status in (408, 429, 500, 502, 503, 504):
+        if status in (408, 429, 500, 502, 503, 504):
             return ServiceUnavailableError(f"{msg} (retryable)", resource=where)
         if isinstance(exc, ClientAuthenticationError) or status == 403:
             return StorageError(f"{msg}: access denied", resource=where)
@@ -120,7 +200,9 @@ class AzureBlobObjectStore:
     """A tenant's objects in ``container`` (under ``prefix``, usually empty)."""
 
     def __init__(self, container: Any, *, prefix: str = "", part_size: int = DEFAULT_PART_SIZE,
-                 list_page_size: int = 5000, read_chunk_size: int = _READ_CHUNK) -> None:
+                 list_page_size: int = 5000, read_chunk_size: int = _READ_CHUNK,
+                 retry: AzureRetry = AzureRetry(), sleep: Callable[[float], None] = time.sleep,
+                 rand: Callable[[], float] = random.random) -> None:
         if not 1 <= list_page_size <= 5000:
             raise ValidationError(f"list_page_size must be 1..5000, got {list_page_size}")
         self._c = container
@@ -128,6 +210,9 @@ class AzureBlobObjectStore:
         self._part_size = check_part_size(part_size)
         self._page_size = list_page_size
         self._read_chunk = read_chunk_size
+        self._retry = retry
+        self._sleep = sleep
+        self._rand = rand
 
     @property
     def label(self) -> str:
@@ -143,6 +228,32 @@ class AzureBlobObjectStore:
     def _fail(self, exc: BaseException, key: str | None, op: str) -> NoReturn:
         raise translate_error(exc, where=self._where(key), op=op) from exc
 
+    def _call(self, op: str, key: str | None, request: Callable[[], T]) -> T:
+        """Run one request (made with ``_NO_SDK_RETRY``), retrying what a retry can fix
+        (``ServiceUnavailableError``: throttling, 5xx, broken connections) per ``AzureRetry``.
+        Any other outcome, and the last failure, is raised translated."""
+        attempt = 1
+        while True:
+            try:
+                return request()
+            except Exception as exc:  # noqa: BLE001 - translated at the edge
+                err = translate_error(exc, where=self._where(key), op=op)
+                if not isinstance(err, ServiceUnavailableError):
+                    raise err from exc
+                wait = retry_after_seconds(exc)
+                if wait is not None and wait > self._retry.max_retry_after:
+                    raise ServiceUnavailableError(
+                        f"{err} (the service asks to wait {wait:.0f} s, longer than {self._retry.max_retry_after:.0f} "
+                        "s: retry the step later)", resource=err.resource) from exc
+                if attempt >= self._retry.max_attempts:
+                    raise ServiceUnavailableError(f"{err}; gave up after {attempt} attempts",
+                                                  resource=err.resource) from exc
+                delay = self._retry.delay(attempt, wait, self._rand)
+                log.info("%s: %s failed (%s), attempt %d of %d; retrying in %.2f s", self._where(key), op,
+                         type(exc).__name__, attempt, self._retry.max_attempts, delay)
+                self._sleep(delay)
+                attempt += 1
+
     # --- writes --------------------------------------------------------------------------
 
     def put_stream(self, name: bytes, chunks: Iterable[bytes], *, if_absent: bool = False,
@@ -155,11 +266,7 @@ class AzureBlobObjectStore:
         if not last and if_absent and self.head(name) is not None:  # don't stage blocks only to be refused
             raise ObjectExistsError(f"{self._where(key)}: object already exists", resource=self._where(key))
         if last:  # Put Blob with overwrite=False refuses an existing blob itself: no HEAD round trip
-            try:
-                resp = blob.upload_blob(first, length=len(first), overwrite=not if_absent, metadata=meta,
-                                        validate_content=True, max_concurrency=1)
-            except Exception as exc:  # noqa: BLE001
-                self._fail(exc, key, "Put Blob")
+            resp = self._put_blob(blob, key, first, if_absent, meta)
             return ObjectInfo(name, len(first), resp["etag"], dict(meta), resp.get("last_modified"))
         head = [first]
         del first
@@ -175,65 +282,56 @@ class AzureBlobObjectStore:
             if index >= MAX_BLOCKS:
                 raise ValidationError(f"{self._where(key)}: object exceeds {MAX_BLOCKS} blocks")
             block_id = f"{attempt}-{index:06d}"  # same length for every block (Azure requires it)
-            try:
-                blob.stage_block(block_id, body, length=len(body), validate_content=True)
-            except Exception as exc:  # noqa: BLE001
-                self._fail(exc, key, f"Put Block {index}")
+            self._stage(blob, key, index, block_id, body)
             blocks.append(BlobBlock(block_id=block_id))
             size += len(body)
             del body
         extra: dict[str, Any] = {"match_condition": MatchConditions.IfMissing} if if_absent else {}
-        try:
-            resp = blob.commit_block_list(blocks, metadata=meta, **extra)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc, key, "Put Block List")
+        # A retry after a commit whose response was lost: unconditional, it commits the
+        # same blocks again (same content); conditional, it is refused (ObjectExistsError,
+        # the port's "already there, verify it", faults A7).
+        resp = self._call("Put Block List", key,
+                          lambda: blob.commit_block_list(blocks, metadata=meta, **extra, **_NO_SDK_RETRY))
         return ObjectInfo(name, size, resp["etag"], dict(meta), resp.get("last_modified"))
+
+    def _put_blob(self, blob: Any, key: str, body: bytes, if_absent: bool, meta: dict[str, str]) -> Any:
+        # A retry after a lost response: unconditional, it writes the same bytes again;
+        # conditional, it is refused (ObjectExistsError: "already there, verify it").
+        return self._call("Put Blob", key, lambda: blob.upload_blob(
+            body, length=len(body), overwrite=not if_absent, metadata=meta, validate_content=True,
+            max_concurrency=1, **_NO_SDK_RETRY))
+
+    def _stage(self, blob: Any, key: str, index: int, block_id: str, body: bytes) -> None:
+        self._call(f"Put Block {index}", key, lambda: blob.stage_block(
+            block_id, body, length=len(body), validate_content=True, **_NO_SDK_RETRY))
 
     def delete(self, name: bytes) -> None:
         key = object_key(self._prefix, name)
         try:
-            self._c.delete_blob(key)
-        except Exception as exc:  # noqa: BLE001
-            err = translate_error(exc, where=self._where(key), op="Delete Blob")
-            if not isinstance(err, ObjectNotFoundError):
-                raise err from exc
+            self._call("Delete Blob", key, lambda: self._c.delete_blob(key, **_NO_SDK_RETRY))
+        except ObjectNotFoundError:
+            pass  # already gone (or a retry after a lost response)
 
     # --- reads ---------------------------------------------------------------------------
 
     def head(self, name: bytes) -> ObjectInfo | None:
         key = object_key(self._prefix, name)
         try:
-            props = self._c.get_blob_client(key).get_blob_properties()
-        except Exception as exc:  # noqa: BLE001
-            err = translate_error(exc, where=self._where(key), op="Get Blob Properties")
-            if isinstance(err, ObjectNotFoundError):
-                return None
-            raise err from exc
+            props = self._properties(key)
+        except ObjectNotFoundError:
+            return None
         return ObjectInfo(name, int(props.size), props.etag, dict(props.metadata or {}), props.last_modified)
 
     def open_read(self, name: bytes) -> ObjectReader:
         key = object_key(self._prefix, name)
         blob = self._c.get_blob_client(key)
-        try:
-            props = blob.get_blob_properties()
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc, key, "Get Blob Properties")
+        props = self._properties(key)
         info = ObjectInfo(name, int(props.size), props.etag, dict(props.metadata or {}), props.last_modified)
 
         def chunks() -> Iterator[bytes]:
             offset = 0
             while offset < info.size:
-                length = min(self._read_chunk, info.size - offset)
-                try:
-                    data = blob.download_blob(offset=offset, length=length, etag=info.etag,
-                                              match_condition=MatchConditions.IfNotModified,
-                                              max_concurrency=1).readall()
-                except Exception as exc:  # noqa: BLE001
-                    err = translate_error(exc, where=self._where(key), op="Get Blob (range)")
-                    if isinstance(err, (ObjectExistsError, ObjectNotFoundError)):
-                        raise TransientError(f"{self._where(key)}: object changed or vanished during read",
-                                             resource=self._where(key)) from exc
-                    raise err from exc
+                data = self._read_range(blob, key, info.etag, offset, min(self._read_chunk, info.size - offset))
                 offset += len(data)
                 yield data
                 if not data:
@@ -241,12 +339,26 @@ class AzureBlobObjectStore:
 
         return ObjectReader(info, chunks(), label=self._where(key))
 
+    def _properties(self, key: str) -> Any:
+        blob = self._c.get_blob_client(key)
+        return self._call("Get Blob Properties", key, lambda: blob.get_blob_properties(**_NO_SDK_RETRY))
+
+    def _read_range(self, blob: Any, key: str, etag: str, offset: int, length: int) -> bytes:
+        """One range, fetched whole (a broken body is re-requested from ``offset``), only
+        from the version with ``etag``."""
+        try:
+            return self._call("Get Blob (range)", key, lambda: blob.download_blob(
+                offset=offset, length=length, etag=etag, match_condition=MatchConditions.IfNotModified,
+                max_concurrency=1, **_NO_SDK_RETRY).readall())
+        except (ObjectExistsError, ObjectNotFoundError) as exc:
+            raise TransientError(f"{self._where(key)}: object changed or vanished during read",
+                                 resource=self._where(key)) from exc
+
     def list(self, prefix: bytes = b"") -> Iterator[ObjectInfo]:
         key_prefix = self._prefix + encode_prefix(prefix)
         last: str | None = None
         try:
-            pages = self._c.list_blobs(name_starts_with=key_prefix, results_per_page=self._page_size).by_page()
-            for page in pages:
+            for page in self._pages(key_prefix, "List Blobs", include=None):
                 for props in page:
                     key = props.name
                     if last is not None and key <= last:
@@ -266,6 +378,19 @@ class AzureBlobObjectStore:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc, key_prefix, "List Blobs")
 
+    def _pages(self, key_prefix: str, op: str, include: list[str] | None) -> Iterator[list[Any]]:
+        """Listing pages, each fetched with retries. A failed page fetch leaves the pager's
+        continuation token where it was, so the retry asks for the same page again."""
+        pager = self._c.list_blobs(name_starts_with=key_prefix, include=include, results_per_page=self._page_size,
+                                   **_NO_SDK_RETRY).by_page()
+
+        def fetch() -> list[Any] | None:
+            page = next(pager, None)
+            return None if page is None else list(page)  # the page's items arrived with it
+
+        while (page := self._call(op, key_prefix, fetch)) is not None:
+            yield page
+
     # --- uploads -------------------------------------------------------------------------
 
     def pending_uploads(self) -> Iterator[PendingUpload]:
@@ -273,17 +398,17 @@ class AzureBlobObjectStore:
         ``uncommittedblobs`` shows them with size 0; a properties call tells them apart
         from committed empty blobs (it is 404 for them)."""
         try:
-            for props in self._c.list_blobs(name_starts_with=self._prefix, include=["uncommittedblobs"],
-                                            results_per_page=self._page_size):
-                if props.size:
-                    continue
-                try:
-                    self._c.get_blob_client(props.name).get_blob_properties()
-                    continue  # a committed empty blob
-                except ResourceNotFoundError:
-                    pass
-                yield PendingUpload(decode_key(self._prefix, props.name), props.name, None,
-                                    props.last_modified or props.creation_time)
+            for page in self._pages(self._prefix, "List Blobs (uncommitted)", include=["uncommittedblobs"]):
+                for props in page:
+                    if props.size:
+                        continue
+                    try:
+                        self._properties(props.name)
+                        continue  # a committed empty blob
+                    except ObjectNotFoundError:
+                        pass
+                    yield PendingUpload(decode_key(self._prefix, props.name), props.name, None,
+                                        props.last_modified or props.creation_time)
         except ArchiveKmsError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -302,24 +427,20 @@ class AzureBlobObjectStore:
     def _discard_uncommitted(self, key: str) -> None:
         blob = self._c.get_blob_client(key)
         try:
-            blob.delete_blob()
+            self._call("Delete Blob (uncommitted)", key, lambda: blob.delete_blob(**_NO_SDK_RETRY))
             return
-        except ResourceNotFoundError:
+        except ObjectNotFoundError:
             pass  # Azure proper answers 404 for a blob that has only uncommitted blocks
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc, key, "Delete Blob (uncommitted)")
         # Committing an empty list discards the uncommitted blocks; then delete that empty
         # blob, conditioned on its etag. Only if still absent (If-None-Match), so a
         # writer that committed meanwhile keeps its object.
         try:
-            resp = blob.commit_block_list([], match_condition=MatchConditions.IfMissing)
-        except ResourceExistsError:
+            resp = self._call("Put Block List (discard)", key, lambda: blob.commit_block_list(
+                [], match_condition=MatchConditions.IfMissing, **_NO_SDK_RETRY))
+        except ObjectExistsError:
             return
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc, key, "Put Block List (discard)")
         try:
-            blob.delete_blob(etag=resp["etag"], match_condition=MatchConditions.IfNotModified)
-        except (ResourceNotFoundError, ResourceModifiedError):
+            self._call("Delete Blob (discard)", key, lambda: blob.delete_blob(
+                etag=resp["etag"], match_condition=MatchConditions.IfNotModified, **_NO_SDK_RETRY))
+        except (ObjectNotFoundError, ObjectExistsError):
             return
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc, key, "Delete Blob (discard)")

@@ -41,9 +41,13 @@ Contract
 
 Errors: ``ObjectNotFoundError``, ``ObjectExistsError``, ``ValidationError``;
 ``ServiceUnavailableError`` / ``TransientError`` (throttling, 5xx, resets, timeouts,
-conflicting concurrent writes: retry the whole call); ``StorageError`` (permission,
-missing bucket/container: a human must act); ``KeyUnavailableError`` when the location's
-server-side encryption key refuses. Every message names the location and the key.
+conflicting concurrent writes: retry the whole call). Each request has already been
+retried with backoff inside the adapter (botocore's retries on S3, ``AzureRetry`` on Azure,
+which also honours ``Retry-After``) before one of these reaches the caller, so the caller's
+retry is a later one (a task retry, a rerun), not a tight loop (faults A1/A2);
+``StorageError`` (permission, missing bucket/container: a human must act);
+``KeyUnavailableError`` when the location's server-side encryption key refuses. Every
+message names the location and the key.
 """
 
 from __future__ import annotations

@@ -22,6 +22,13 @@ adaptive backoff, checksums "when_required" (faults A13). On top of that the ada
 botocore turns a "200 OK with an <Error> body" on CompleteMultipartUpload into a 500 and
 retries it (``botocore.handlers._handle_200_error``); if retries run out, the ClientError
 is translated like any 5xx (faults A6). ``tests/contract`` checks that path.
+
+A CompleteMultipartUpload that committed but whose response was lost is retried by
+botocore and answered ``NoSuchUpload`` (the upload is gone because it completed). The
+adapter then reads the object's ETag: if it is the multipart ETag of the parts it sent,
+the write did happen, and is reported as the port says (success; ``ObjectExistsError``
+for ``if_absent``), instead of a failure with nothing left to abort (faults A7).
+``tests/faults/test_storage_faults.py`` runs these paths through a fault proxy.
 """
 
 from __future__ import annotations
@@ -39,10 +46,13 @@ from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    HTTPClientError,
     IncompleteReadError,
+    PaginationError,
     ReadTimeoutError,
     ResponseStreamingError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from archive_kms.errors import (
     ArchiveKmsError,
@@ -85,7 +95,10 @@ _TRANSIENT = {
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
            "AccountProblem", "InvalidObjectState"}
 _NETWORK_ERRORS = (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError,
-                   IncompleteReadError, ResponseStreamingError)
+                   IncompleteReadError, ResponseStreamingError,
+                   # Bases of the above: botocore raises a bare HTTPClientError for any other
+                   # failure while sending (e.g. a reset that urllib3 reports unusually).
+                   HTTPClientError, BotoConnectionError)
 
 
 def _code(err: ClientError) -> tuple[str, int]:
@@ -122,6 +135,9 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None, op: str
         return StorageError(f"{msg} (HTTP {status})", resource=where)
     if isinstance(exc, _NETWORK_ERRORS):
         return ServiceUnavailableError(f"S3 {op} on {where}: {type(exc).__name__} (retryable)", resource=where)
+    if isinstance(exc, PaginationError):  # e.g. the same continuation token twice: list again
+        return ServiceUnavailableError(f"S3 {op} on {where}: inconsistent pagination ({exc}); retry the listing",
+                                       resource=where)
     if isinstance(exc, BotoCoreError):
         return StorageError(f"S3 {op} on {where}: {type(exc).__name__}: {exc}", resource=where)
     if isinstance(exc, (ConnectionError, TimeoutError)):
@@ -131,6 +147,18 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None, op: str
 
 def _md5_b64(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode("ascii")
+
+
+def multipart_etag(part_etags: list[str]) -> str | None:
+    """The ETag S3 gives the object completed from parts with these ETags: the MD5 of
+    their binary digests, ``-<count>``. ``None`` if a part ETag is not an MD5 hex digest."""
+    try:
+        digests = b"".join(bytes.fromhex(e.strip('"')) for e in part_etags)
+    except ValueError:
+        return None
+    if len(digests) != 16 * len(part_etags):
+        return None
+    return f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(part_etags)}"'
 
 
 class S3ObjectStore:
@@ -228,6 +256,7 @@ class S3ObjectStore:
         upload_id = created["UploadId"]
         done: list[dict[str, Any]] = []
         size = 0
+        committed = False
         try:
             self._check_sse(created, key, written=False)
             number = 0
@@ -248,14 +277,43 @@ class S3ObjectStore:
                 resp = self._s3.complete_multipart_upload(
                     Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}, **extra)
             except Exception as exc:  # noqa: BLE001
-                self._fail(exc, key, "CompleteMultipartUpload")
+                found = self._completed_earlier(exc, key, done)
+                if found is None:
+                    self._fail(exc, key, "CompleteMultipartUpload")
+                committed = True
+                if if_absent:  # the port's "already there": the caller verifies (faults A7)
+                    raise ObjectExistsError(
+                        f"s3://{self._bucket}/{key}: object already exists (an earlier attempt of this "
+                        "CompleteMultipartUpload committed it; its response was lost)",
+                        resource=f"s3://{self._bucket}/{key}") from exc
+                resp = found
+            committed = True
         except BaseException:
             # Whatever stopped us (a source error, a refused condition, Ctrl-C), leave no
             # upload behind; a crash that skips this is what abort_stale_uploads is for.
-            self._abort(key, upload_id)
+            if not committed:
+                self._abort(key, upload_id)
             raise
         self._check_sse(resp, key, written=True)
         return ObjectInfo(name, size, resp["ETag"], dict(meta))
+
+    def _completed_earlier(self, exc: BaseException, key: str, parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """After ``NoSuchUpload`` on CompleteMultipartUpload: the HeadObject response if
+        the object under ``key`` is the one these parts make (an earlier attempt of the
+        same request committed it and its response was lost), else ``None``."""
+        if not isinstance(exc, ClientError) or _code(exc)[0] != "NoSuchUpload":
+            return None
+        expected = multipart_etag([p["ETag"] for p in parts])
+        if expected is None:
+            return None
+        try:
+            head = self._s3.head_object(Bucket=self._bucket, Key=key)
+        except Exception:  # noqa: BLE001 - the original failure is the one to report
+            return None
+        if head.get("ETag") != expected:
+            return None
+        log.info("s3://%s/%s: CompleteMultipartUpload had committed before its response was lost", self._bucket, key)
+        return head
 
     def _abort(self, key: str, upload_id: str) -> None:
         try:
