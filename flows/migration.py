@@ -18,6 +18,14 @@ recorded; a rerun or resume redoes it).
 
 Entry points: ``run_flow`` (what the CLI calls), the flows themselves, and the
 deployments in ``flows/prefect.yaml``.
+
+Stopping (faults D3): the flow function runs in the main thread of its process, so the
+engine's SIGTERM/SIGINT handler replaces Prefect's own for as long as a run executes: a
+SIGTERM (a runner cancelling a deployment run, a pod being evicted, Ctrl-C) stops the run
+at the next object boundary, records it failed and resumable ("stopped by signal"),
+releases the lease, and the flow run ends Failed with that message (not Cancelled).
+Code that drives a run from another thread stops it with ``stop_run(run_id)``. Prefect's
+``on_cancellation`` hooks run only after the flow was interrupted, too late to help.
 """
 
 from __future__ import annotations
@@ -259,8 +267,12 @@ def report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The report as (item, value) rows: totals, then the time of every step."""
     items = ("run_id", "tenant", "flow", "mode", "state", "source", "destination", "key_ref", "objects", "bytes",
              "bytes_plaintext_copied", "copy_seconds", "throughput_mb_s", "verification", "lost", "duplicated",
-             "index", "index_documents", "deferred_replayed", "total_seconds")
+             "reconciliation", "quarantined", "waived", "quarantine_kept_at", "index", "index_documents",
+             "deferred_replayed", "total_seconds")
     rows = [{"item": k, "value": "" if report.get(k) is None else str(report[k])} for k in items]
+    for q in report.get("quarantine") or []:
+        waiver = f"waived by {q['waived_by']}: {q['waiver_reason']}" if q["waived"] else "not waived"
+        rows.append({"item": f"quarantined {q['object']}", "value": f"{q['kind']}, {waiver}; {q['reason']}"})
     for s in report["steps"]:
         value = f"{s['state']}" + (f", {s['seconds']} s" if s["seconds"] is not None else "")
         value += f", attempt {s['attempts']}" if s["attempts"] else ""
@@ -269,6 +281,8 @@ def report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def report_markdown(outcome: Outcome, report: dict[str, Any]) -> str:
+    kept = report.get("quarantine_kept_at")
+    kept = f"; their source objects are kept at {kept}" if kept else ""
     head = (f"# {report['flow']} {report['tenant']}: {outcome.state}\n\n"
             f"Run `{report['run_id']}` ({outcome.message}). {report['source']} -> {report['destination']}, "
             f"key `{report['key_ref']}`.\n\n"
@@ -276,6 +290,7 @@ def report_markdown(outcome: Outcome, report: dict[str, Any]) -> str:
             f"- copied: {report['bytes_plaintext_copied']} plaintext bytes in {report['copy_seconds']} s "
             f"({report['throughput_mb_s']} MB/s)\n"
             f"- verification: {report['verification']} (lost {report['lost']}, duplicated {report['duplicated']})\n"
+            f"- quarantined: {report.get('quarantined', 0)} ({report.get('waived', 0)} waived{kept})\n"
             f"- index: {report['index']} with {report['index_documents']} documents\n"
             f"- total: {report['total_seconds']} s\n")
     if outcome.error:
@@ -377,6 +392,14 @@ def support(run_id: str, action: str, from_step: str | None = None, takeover: bo
 FLOWS = {"enable": enable, "remove": remove, "support": support}
 
 
+def stop_run(run_id: str, reason: str = "stop requested") -> bool:
+    """Ask run ``run_id``, executing in this process (a flow in another thread), to stop
+    gracefully at its next object boundary; False if it is not executing here."""
+    from archive_kms.migration import request_stop
+
+    return request_stop(run_id, reason)
+
+
 def run_flow(name: str, **kwargs: Any) -> dict[str, Any]:
     """Run flow ``name`` in this process on the task runner ``kwargs["task_runner"]`` names
     and return its answer; the flow's own exception (a refused plan, an unknown run, a lease
@@ -415,5 +438,5 @@ def _prefect_api(settings: Settings) -> Iterator[None]:
 
 
 __all__ = ["FLOWS", "LOCAL_DASK_CLUSTER", "PrefectShardRunner", "TASK_RUNNERS", "artifact_key", "enable",
-           "process_platform", "remove", "report_markdown", "report_table", "run_flow", "shard_task", "support",
-           "task_runner_for"]
+           "process_platform", "remove", "report_markdown", "report_table", "run_flow", "shard_task", "stop_run",
+           "support", "task_runner_for"]

@@ -233,7 +233,8 @@ from typing import Any as _Any  # noqa: E402
 
 from archive_kms.errors import ConfigurationError, StateError, ValidationError  # noqa: E402
 
-runs_app = typer.Typer(no_args_is_help=True, help="Migration runs: list, show, resume, rerun a step.")
+runs_app = typer.Typer(no_args_is_help=True,
+                       help="Migration runs: list, show, resume, rerun a step, waive quarantined objects, cancel.")
 app.add_typer(runs_app, name="runs")
 
 TASK_RUNNER = typer.Option("threads", "--task-runner",
@@ -325,8 +326,8 @@ def _report_tables(report: dict[str, _Any]):
                      f"{done}/{total}")
     totals = Table(title=f"{report['flow']} {report['tenant']}: run {report['run_id']}", show_header=False)
     for key in ("state", "mode", "key_ref", "source", "destination", "objects", "bytes", "bytes_plaintext_copied",
-                "copy_seconds", "throughput_mb_s", "verification", "lost", "duplicated", "index",
-                "index_documents", "deferred_replayed", "total_seconds"):
+                "copy_seconds", "throughput_mb_s", "verification", "lost", "duplicated", "reconciliation",
+                "quarantined", "waived", "index", "index_documents", "deferred_replayed", "total_seconds"):
         totals.add_row(key, _fmt(report.get(key)))
     steps = Table("step", "state", "attempts", "seconds", "error", title="steps")
     for s in report["steps"]:
@@ -334,10 +335,27 @@ def _report_tables(report: dict[str, _Any]):
     return Group(bars, totals, steps)
 
 
+def _quarantine_lines(report: dict[str, _Any]) -> list[str]:
+    """Quarantined objects one per line, unwrapped, so a name can be copied into
+    `runs waive --object`."""
+    if not report.get("quarantined"):
+        return []
+    shown = len(report["quarantine"])
+    lines = [f"quarantined: {report['quarantined']} ({report['waived']} waived); their source objects are kept at "
+             f"{report['quarantine_kept_at']}" + (f"; the first {shown}:" if shown < report["quarantined"] else ":")]
+    for q in report["quarantine"]:
+        waiver = (f"waived by {q['waived_by']} at {q['waived_at']}: {q['waiver_reason']}" if q["waived"]
+                  else "not waived")
+        lines.append(f"  {q['object']}  [{q['kind']}, {q['attempts']} reads; {waiver}] {q['reason']}")
+    return lines
+
+
 def _print_report(report: dict[str, _Any]) -> None:
     from rich.console import Console
 
     Console(soft_wrap=False).print(_report_tables(report))
+    for line in _quarantine_lines(report):
+        typer.echo(line)
 
 
 def _finish_run(answer: dict[str, _Any], as_json: bool) -> None:
@@ -354,8 +372,15 @@ def _finish_run(answer: dict[str, _Any], as_json: bool) -> None:
     if outcome["state"] == "failed":
         failed = next((s for s in report["steps"] if s["state"] == "failed"), None)
         step = failed["step"] if failed else "?"
-        typer.echo(f"error: run {outcome['run_id']} failed at step {step}: {outcome['error']}; after fixing the "
-                   f"cause: `archive-kms runs resume {outcome['run_id']}`", err=True)
+        if (outcome["error"] or "").startswith("StopRequestedError"):
+            typer.echo(f"error: run {outcome['run_id']} {outcome['message']} at step {step}; it is resumable at "
+                       f"once: `archive-kms runs resume {outcome['run_id']}`", err=True)
+        elif "runs waive" in (outcome["error"] or ""):  # quarantined objects: the message says what to do
+            typer.echo(f"error: run {outcome['run_id']} stopped before cutover at step {step}: {outcome['error']}",
+                       err=True)
+        else:
+            typer.echo(f"error: run {outcome['run_id']} failed at step {step}: {outcome['error']}; after fixing the "
+                       f"cause: `archive-kms runs resume {outcome['run_id']}`", err=True)
         raise typer.Exit(1)
     if outcome["state"] == "superseded":
         typer.echo(f"error: this worker lost run {outcome['run_id']} to another one (its lease was taken over) and "
@@ -464,6 +489,46 @@ def runs_rerun(run_id: str = typer.Argument(..., metavar="RUN"),
     _require_run(_state_only().state, run_id)
     _finish_run(_run_flow("support", run_id=run_id, action="rerun", from_step=from_step, takeover=takeover,
                           task_runner=task_runner), as_json)
+
+
+def _actor(given: str | None) -> str:
+    if given and given.strip():
+        return given.strip()
+    import getpass
+
+    try:
+        return f"support:{getpass.getuser()}"
+    except (KeyError, OSError):  # no passwd entry (containers)
+        return "support"
+
+
+@runs_app.command("waive")
+@_errors_are_messages
+def runs_waive(run_id: str = typer.Argument(..., metavar="RUN"),
+               objects: list[str] = typer.Option(None, "--object", help="A quarantined object's name, as `runs show` "
+                                                                       "prints it (repeatable)"),
+               objects_hex: list[str] = typer.Option(None, "--object-hex", help="The same, hex-encoded (names "
+                                                                              "that are not UTF-8)"),
+               all_objects: bool = typer.Option(False, "--all", help="Every quarantined object of the run"),
+               reason: str = typer.Option(..., "--reason", help="Why the object may be left behind (audited)"),
+               actor: str | None = typer.Option(None, "--actor", help="Who waives (default: support:<login>)"),
+               takeover: bool = TAKEOVER, as_json: bool = JSON) -> None:
+    """Accept that quarantined objects are left behind, so the run can cut over without them; every waiver is audited.
+
+    The source objects of waived objects are kept where they are (ADR 0006). Continue with `runs resume`."""
+    from archive_kms.migration import waive
+
+    names = [o.encode("utf-8") for o in objects or ()]
+    for h in objects_hex or ():
+        try:
+            names.append(bytes.fromhex(h))
+        except ValueError:
+            raise ValidationError(f"--object-hex {h[:40]!r} is not hex") from None
+    view = _state_only()
+    _require_run(view.state, run_id)
+    out = waive(view, run_id, reason=reason, actor=_actor(actor), objects=names, all_objects=all_objects,
+                takeover=takeover)
+    _emit(as_json, out.to_dict(), out.message + "".join(f"\n  waived {n}" for n in out.waived))
 
 
 @runs_app.command("cancel")

@@ -272,3 +272,115 @@ def test_run_flow_refuses_an_unknown_flow_or_task_runner(state_url: str) -> None
         run_flow("rotate", tenant="acme")
     with pytest.raises(ValidationError, match="threads, dask"):
         run_flow("remove", tenant="acme", task_runner="spark")
+
+
+# --- runs waive, the quarantine in runs show, and how a stopped or blocked run is told ---------------
+
+
+def _quarantined_run(state_url: str) -> tuple[str, list[bytes]]:
+    """A failed run of ``acme`` whose ledger holds two quarantined objects (one name not UTF-8)."""
+    from archive_kms.errors import IntegrityError
+    from archive_kms.migration.quarantine import PoisonSourceError, quarantine_record
+    from archive_kms.state.port import CopyRecord, CopyStatus, ManifestEntry, RunState
+
+    run_id = _started_run(state_url)
+    names = [b"records/ws0/Case/500A", b"attachments/ws0/\xff\xfeodd"]
+    state = open_state(state_url)
+    try:
+        state.create_manifest(run_id, {"cloud": "s3", "kind": "shared"})
+        state.add_manifest_entries(run_id, [ManifestEntry(n, 100, 0) for n in names + [b"records/ws0/Case/500B"]])
+        rows = [quarantine_record(n, PoisonSourceError(f"segment 0 failed authentication: {IntegrityError.__name__}",
+                                                       attempts=3)) for n in names]
+        state.record_copies(run_id, rows + [CopyRecord(b"records/ws0/Case/500B", CopyStatus.VERIFIED)])
+        state.set_run_state(run_id, RunState.FAILED)
+    finally:
+        state.close()
+    return run_id, names
+
+
+def test_runs_waive_records_an_audited_waiver_per_object(state_url: str) -> None:
+    from archive_kms.migration.quarantine import Quarantine
+
+    run_id, names = _quarantined_run(state_url)
+    shown = invoke("runs", "show", run_id)
+    assert shown.exit_code == 0, shown.output
+    for word in ("quarantined: 2 (0 waived)", "  records/ws0/Case/500A  [corrupt, 3 reads; not waived]",
+                 "attachments/ws0/\\xff\\xfeodd", "segment 0 failed authentication"):
+        assert word in shown.output, (word, shown.output)
+
+    out = invoke("runs", "waive", run_id, "--object", "records/ws0/Case/500A", "--reason", "restored by hand",
+                 "--actor", "support:alice", "--json")
+    assert out.exit_code == 0, out.output
+    answer = json.loads(out.output)
+    assert answer["waived"] == ["records/ws0/Case/500A"] and answer["remaining"] == 1
+    hexed = invoke("runs", "waive", run_id, "--object-hex", names[1].hex(), "--reason", "junk object",
+                   "--actor", "support:bob")
+    assert hexed.exit_code == 0 and f"archive-kms runs resume {run_id}" in hexed.output, hexed.output
+
+    state = open_state(state_url)
+    try:
+        waived = {n: Quarantine.from_error(state.get_copy(run_id, n).error).waiver for n in names}
+        audit = [r for r in state.iter_audit(tenant_id="acme") if r.action == "object.waive"]
+        assert state.verify_audit(tenant_id="acme").ok
+    finally:
+        state.close()
+    assert {n: (w.actor, w.reason) for n, w in waived.items()} == {
+        names[0]: ("support:alice", "restored by hand"), names[1]: ("support:bob", "junk object")}
+    assert [(r.actor, r.details["object_hex"], r.details["reason"], r.run_id) for r in audit] == [
+        ("support:alice", names[0].hex(), "restored by hand", run_id),
+        ("support:bob", names[1].hex(), "junk object", run_id)]
+    report = json.loads(invoke("runs", "show", run_id, "--json").output)
+    assert (report["quarantined"], report["waived"]) == (2, 2)
+    assert {q["waived_by"] for q in report["quarantine"]} == {"support:alice", "support:bob"}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--object", "records/ws0/Case/500A", "--reason", "  "], ["reason"]),
+    (["--object", "records/ws0/Case/500B", "--reason", "r"], ["not quarantined", "500B", "nothing waived"]),
+    (["--reason", "r"], ["--object", "--all"]),
+    (["--object-hex", "zz", "--reason", "r"], ["--object-hex", "not hex"]),
+])
+def test_runs_waive_refusals_waive_nothing(state_url: str, args: list[str], words: list[str]) -> None:
+    run_id, _ = _quarantined_run(state_url)
+    assert_refused(invoke("runs", "waive", run_id, *args), *words)
+    state = open_state(state_url)
+    try:
+        assert not [r for r in state.iter_audit(tenant_id="acme") if r.action == "object.waive"]
+    finally:
+        state.close()
+
+
+def test_runs_waive_needs_a_reason_option(state_url: str) -> None:
+    run_id, _ = _quarantined_run(state_url)
+    result = invoke("runs", "waive", run_id, "--all")
+    assert result.exit_code != 0 and "--reason" in result.output
+
+
+def _answer(error: str, message: str) -> dict:
+    return {"outcome": {"run_id": "r1", "tenant": "acme", "flow": "enable", "state": "failed", "created": True,
+                        "executed": [], "message": message, "error": error},
+            "report": {"steps": [{"step": "copy", "state": "failed"}]}}
+
+
+def test_a_run_stopped_by_a_signal_is_reported_as_resumable(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    with pytest.raises(typer.Exit) as e:
+        cli._finish_run(_answer("StopRequestedError: interrupted: stopped by signal (SIGTERM) during step copy",
+                                "stopped by signal (SIGTERM)"), as_json=True)
+    assert e.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert "stopped by signal (SIGTERM) at step copy" in err and "archive-kms runs resume r1" in err
+
+
+def test_a_run_blocked_by_quarantine_prints_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    error = ("ObjectsQuarantinedError: 2 object(s) quarantined: ... Run `archive-kms runs waive r1 --object NAME "
+             "--reason ...` (or --all) and then `archive-kms runs resume r1`, or fix the source and "
+             "`archive-kms runs rerun r1 --from copy`")
+    with pytest.raises(typer.Exit) as e:
+        cli._finish_run(_answer(error, "step verify failed"), as_json=True)
+    assert e.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert "stopped before cutover" in err and "runs waive r1" in err and "after fixing the cause" not in err

@@ -2,10 +2,22 @@
 engine and the run report. Plain functions; the Prefect flows in ``flows/`` compose them.
 See ``docs/migration-flows.md``."""
 
-from archive_kms.migration.engine import Hooks, Outcome, cancel, execute, rerun, resume, thread_shard_runner, trigger
+from archive_kms.migration.engine import (
+    Hooks,
+    Outcome,
+    WaiveOutcome,
+    cancel,
+    execute,
+    rerun,
+    resume,
+    thread_shard_runner,
+    trigger,
+    waive,
+)
 from archive_kms.migration.plan import STEPS, EnableMode, MigrationPlan, plan_enable, plan_remove
 from archive_kms.migration.report import build_report, progress
+from archive_kms.migration.stopping import StopRequest, request_stop
 
-__all__ = ["EnableMode", "Hooks", "MigrationPlan", "Outcome", "STEPS", "build_report", "cancel", "execute",
-           "plan_enable",
-           "plan_remove", "progress", "rerun", "resume", "thread_shard_runner", "trigger"]
+__all__ = ["EnableMode", "Hooks", "MigrationPlan", "Outcome", "STEPS", "StopRequest", "WaiveOutcome", "build_report",
+           "cancel", "execute", "plan_enable", "plan_remove", "progress", "request_stop", "rerun", "resume",
+           "thread_shard_runner", "trigger", "waive"]

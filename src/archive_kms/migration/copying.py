@@ -14,6 +14,11 @@ already there (the earlier attempt committed, then died before the ledger write:
 A7) checks that object against the source instead of writing a second one, and replaces
 it only if it is not a good copy (verify rejected it, or it is not what the source holds).
 
+A source object that does not authenticate on ``SOURCE_READ_ATTEMPTS`` reads is
+quarantined, not failed (``migration.quarantine``; faults D9, A11). A run asked to stop
+(``migration.stopping``; faults D3) takes no new object; objects in flight finish, or are
+interrupted after a grace period with their upload aborted.
+
 Both functions take plain, picklable arguments (run id, shard, fence token) and a
 ``Platform``, so the shard tasks can run in threads of the flow process or in Dask worker
 processes that build their own platform from settings.
@@ -31,12 +36,29 @@ from dataclasses import dataclass
 from typing import Any
 
 from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter, encrypt_iter
-from archive_kms.errors import ArchiveKmsError, FencedError, IntegrityError, KeychainTamperedError, ObjectExistsError
+from archive_kms.errors import (
+    ArchiveKmsError,
+    FencedError,
+    IntegrityError,
+    KeychainTamperedError,
+    KeyNotFoundError,
+    ObjectExistsError,
+    ValidationError,
+)
 from archive_kms.keys.keychain import parse_dek_id
-from archive_kms.migration import crashpoints
+from archive_kms.migration import crashpoints, stopping
 from archive_kms.migration.plan import MigrationPlan
+from archive_kms.migration.quarantine import (
+    SOURCE_READ_ATTEMPTS,
+    PoisonSourceError,
+    Quarantine,
+    kind_of,
+    quarantine_record,
+    quarantined,
+)
+from archive_kms.migration.stopping import StopRequestedError
 from archive_kms.operations.archive import workspace_of
-from archive_kms.state.port import CopyRecord, CopyStatus, Fence, ManifestEntry
+from archive_kms.state.port import CopyRecord, CopyStatus, Fence, ManifestEntry, StepState
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +79,61 @@ def _dek_lookup(keychain: Any, tenant_id: str) -> Callable[[Any], Any]:
     return lambda header: keychain.dek_by_id(tenant_id, header.dek_id)
 
 
-def read_back(store: Any, keychain: Any, tenant_id: str, name: bytes) -> Any:
+def _source_dek_lookup(keychain: Any, tenant_id: str, label: str) -> Callable[[Any], Any]:
+    """``_dek_lookup`` for a source object: a header (not yet authenticated) that names a
+    malformed DEK id, or a DEK this tenant never had, is the object's fault, like a failed
+    tag, not the keychain's. Any other key error (unusable key, throttling) stays what it is."""
+
+    def lookup(header: Any) -> Any:
+        try:
+            return keychain.dek_by_id(tenant_id, header.dek_id)
+        except ValidationError:
+            raise PoisonSourceError(f"{label}: the header names a malformed DEK id", resource=label) from None
+        except KeyNotFoundError as exc:
+            if exc.resource != f"keychain:{tenant_id}/{header.dek_id}":
+                raise
+            raise PoisonSourceError(f"{label}: the header names DEK {header.dek_id}, which tenant {tenant_id} does "
+                                    "not have (corrupt or another tenant's object)", resource=label) from None
+
+    return lookup
+
+
+def _as_poison(exc: IntegrityError, label: str) -> IntegrityError:
+    """A source read's IntegrityError as a PoisonSourceError; the keychain's own (a bad
+    signature) is not the object's fault and is returned unchanged."""
+    if isinstance(exc, (PoisonSourceError, KeychainTamperedError)):
+        return exc
+    return PoisonSourceError(f"{label}: {exc}", resource=label, kind=kind_of(exc))
+
+
+def _source_digest(src: Any, keychain: Any, tenant_id: str, name: bytes,
+                   interrupt: Callable[[], bool] | None = None) -> str:
+    """SHA-256 of the source object's plaintext, read end to end; PoisonSourceError if
+    it does not authenticate."""
+    binding = ObjectBinding(tenant_id, workspace_of(name), name)
+    try:
+        with src.open_read(name) as reader:
+            it = decrypt_iter(reader, binding=binding, dek_for=_source_dek_lookup(keychain, tenant_id, src.label))
+            for _ in it:
+                if interrupt is not None and interrupt():
+                    raise StopRequestedError(f"{src.label}: read of {name[:80]!r} interrupted: the run is stopping")
+            return it.result.plaintext_sha256
+    except IntegrityError as exc:
+        raise _as_poison(exc, src.label) from exc
+
+
+def read_back(store: Any, keychain: Any, tenant_id: str, name: bytes,
+              interrupt: Callable[[], bool] | None = None) -> Any:
     """Decrypt ``name`` from ``store`` end to end (one GET); the envelope's
     ``DecryptResult`` (plaintext size and SHA-256, ciphertext size, header). Raises
-    IntegrityError for anything that does not authenticate, ObjectNotFoundError if absent."""
+    IntegrityError for anything that does not authenticate, ObjectNotFoundError if absent,
+    StopRequestedError once ``interrupt()`` says the run is stopping."""
     binding = ObjectBinding(tenant_id, workspace_of(name), name)
     with store.open_read(name) as reader:
         it = decrypt_iter(reader, binding=binding, dek_for=_dek_lookup(keychain, tenant_id))
         for _ in it:
-            pass
+            if interrupt is not None and interrupt():
+                raise StopRequestedError(f"{store.label}: read of {name[:80]!r} interrupted: the run is stopping")
         return it.result
 
 
@@ -108,53 +176,93 @@ class LedgerBatch:
 
 def copy_object(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes, *,
                 dek_floor: dict[str, list[int]] | None = None,
-                before_replace: Callable[[bytes], None] | None = None) -> ObjectCopy:
+                before_replace: Callable[[bytes], None] | None = None,
+                interrupt: Callable[[], bool] | None = None,
+                source_attempts: int = SOURCE_READ_ATTEMPTS) -> ObjectCopy:
     """Copy one object, re-encrypted under a new DEK; see the module docstring.
 
     If ``name`` is at the destination already (an earlier attempt committed it and died
     before the ledger write, or verify rejected it), it is kept only when it is what a copy
     would be now: it authenticates, its plaintext equals the source's and its DEK is newer
     than ``dek_floor``. Otherwise it is replaced: before cutover nothing reads the
-    destination, and the source is intact."""
+    destination, and the source is intact.
+
+    A source that does not authenticate is read again from the start, up to
+    ``source_attempts`` reads in all; then PoisonSourceError (the caller quarantines it).
+    ``interrupt()`` true (the run is stopping and the grace is over) raises
+    StopRequestedError between plaintext chunks; the store aborts the upload."""
+    for attempt in range(1, source_attempts + 1):
+        try:
+            return _copy_once(src, dst, keychain, tenant_id, name, dek_floor, before_replace, interrupt)
+        except PoisonSourceError as exc:
+            if attempt >= source_attempts:
+                raise PoisonSourceError(f"{exc} ({attempt} reads)", resource=exc.resource, kind=exc.kind,
+                                        attempts=attempt) from exc
+            log.warning("%s: %r does not authenticate (read %d of %d); reading it again", src.label, name[:80],
+                        attempt, source_attempts)
+    raise AssertionError("unreachable")  # pragma: no cover - source_attempts >= 1
+
+
+def _copy_once(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes,
+               dek_floor: dict[str, list[int]] | None, before_replace: Callable[[bytes], None] | None,
+               interrupt: Callable[[], bool] | None) -> ObjectCopy:
     try:
-        return _write_copy(src, dst, keychain, tenant_id, name)
+        return _write_copy(src, dst, keychain, tenant_id, name, interrupt)
     except ObjectExistsError:
         pass
-    existing = _existing(src, dst, keychain, tenant_id, name, dek_floor)
+    existing = _existing(src, dst, keychain, tenant_id, name, dek_floor, interrupt)
     if existing is not None:
         return existing
     if before_replace is not None:  # the one unconditional write: let the caller veto it
         before_replace(name)
     log.warning("%s: replacing %r, which does not match its source", dst.label, name[:80])
     dst.delete(name)
-    return _write_copy(src, dst, keychain, tenant_id, name)
+    return _write_copy(src, dst, keychain, tenant_id, name, interrupt)
 
 
-def _write_copy(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes) -> ObjectCopy:
+def _write_copy(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes,
+                interrupt: Callable[[], bool] | None = None) -> ObjectCopy:
     workspace = workspace_of(name)
     binding = ObjectBinding(tenant_id, workspace, name)
     sha = hashlib.sha256()
     size = {"n": 0}
+    source_failure: list[IntegrityError] = []  # the source's own failure, whatever the store wraps it in
     dek = keychain.dek_for_encrypt(tenant_id, workspace)
     with src.open_read(name) as reader:
-        plain = decrypt_iter(reader, binding=binding, dek_for=_dek_lookup(keychain, tenant_id))
+        try:  # the header: parsed and checked against the binding before any upload starts
+            plain = decrypt_iter(reader, binding=binding, dek_for=_source_dek_lookup(keychain, tenant_id, src.label))
+        except IntegrityError as exc:
+            raise _as_poison(exc, src.label) from exc
 
         def measured() -> Iterator[bytes]:
-            for i, chunk in enumerate(plain):
-                sha.update(chunk)
-                size["n"] += len(chunk)
-                if i == 0:
-                    crashpoints.hit("copy:mid-object")
-                yield chunk
+            try:
+                for i, chunk in enumerate(plain):
+                    sha.update(chunk)
+                    size["n"] += len(chunk)
+                    if i == 0:
+                        crashpoints.hit("copy:mid-object")
+                    if interrupt is not None and interrupt():
+                        raise StopRequestedError(f"{dst.label}: upload of {name[:80]!r} interrupted: the run is "
+                                                 "stopping")
+                    yield chunk
+            except IntegrityError as exc:
+                source_failure.append(exc)
+                raise
 
-        info = dst.put_stream(name, encrypt_iter(measured(), dek=dek.key, dek_id=dek.dek_id, binding=binding),
-                              if_absent=True, metadata={"akms_format": "1", "akms_dek": dek.dek_id})
+        try:
+            info = dst.put_stream(name, encrypt_iter(measured(), dek=dek.key, dek_id=dek.dek_id, binding=binding),
+                                  if_absent=True, metadata={"akms_format": "1", "akms_dek": dek.dek_id})
+        except BaseException as exc:
+            if source_failure:
+                raise _as_poison(source_failure[0], src.label) from exc
+            raise
     crashpoints.hit("copy:after-put")
     return ObjectCopy(name, size["n"], sha.hexdigest(), info.size, info.etag, dek.dek_id, True)
 
 
 def _existing(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes,
-              dek_floor: dict[str, list[int]] | None) -> ObjectCopy | None:
+              dek_floor: dict[str, list[int]] | None,
+              interrupt: Callable[[], bool] | None = None) -> ObjectCopy | None:
     """The object already at the destination if it is a good copy of the source, else None.
     Compared with the source's plaintext, never with itself (faults A7, D10; I3)."""
     info = dst.head(name)
@@ -166,7 +274,7 @@ def _existing(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes,
         raise  # the keychain, not the object, is in doubt: stop rather than rewrite
     except IntegrityError:
         return None  # does not authenticate: corrupt or foreign
-    _, src_digest, _ = read_plaintext_digest(src, keychain, tenant_id, name)
+    src_digest = _source_digest(src, keychain, tenant_id, name, interrupt)
     if digest != src_digest or (dek_floor is not None and not newer_than_bind(dek_id, dek_floor)):
         return None
     return ObjectCopy(name, size, digest, info.size, info.etag, dek_id, False)
@@ -181,6 +289,8 @@ class ShardResult:
     skipped: int = 0  # the ledger said done before this call
     bytes_plaintext: int = 0
     failed: int = 0
+    quarantined: int = 0  # source does not authenticate: recorded quarantined, not failed
+    interrupted: bool = False  # the run is stopping: objects of this shard were left for a resume
     errors: list[str] | None = None
     seconds: float = 0.0
 
@@ -189,22 +299,36 @@ class ShardResult:
 
 
 def _run_pool(items: Iterator[Any], work: Callable[[Any], Any], on_done: Callable[[Any, Any, BaseException | None], None],
-              *, threads: int, stop: threading.Event) -> None:
+              *, threads: int, stop: threading.Event, halt: Callable[[], bool] | None = None) -> bool:
     """Run ``work`` over ``items`` with at most ``threads`` in flight (bounded memory:
-    the iterator is consumed lazily)."""
+    the iterator is consumed lazily). ``halt()`` true (the run is stopping): no new item
+    starts, queued ones are dropped, running ones finish. True if items were left."""
+    halted = False
+
+    def halting() -> bool:
+        return halt is not None and halt()
+
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="akms-shard") as pool:
         pending: dict[Any, Any] = {}
         for item in items:
             if stop.is_set():
+                break
+            if halting():
+                halted = True
                 break
             pending[pool.submit(work, item)] = item
             if len(pending) >= threads * 2:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for f in done:
                     on_done(pending.pop(f), f.result() if f.exception() is None else None, f.exception())
+        if halting():
+            for f in [f for f in pending if f.cancel()]:  # queued, never started: a resume does them
+                del pending[f]
+                halted = True
         for f in list(pending):
             exc = f.exception()
             on_done(pending.pop(f), f.result() if exc is None else None, exc)
+    return halted
 
 
 def _fatal(exc: BaseException) -> bool:
@@ -212,9 +336,30 @@ def _fatal(exc: BaseException) -> bool:
     return isinstance(exc, FencedError) or not isinstance(exc, ArchiveKmsError)
 
 
+def _stop_checks(run_id: str) -> tuple[Callable[[], bool] | None, Callable[[], bool] | None]:
+    """(halt, interrupt) for a shard of ``run_id``: take no new object once the run is
+    asked to stop; interrupt objects in flight once the grace is over. (None, None) when
+    the run does not execute in this process (a Dask worker: the shard runs to its end)."""
+    stop = stopping.for_run(run_id)
+    if stop is None:
+        return None, None
+    return stop.is_set, stop.overdue
+
+
 def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> dict[str, Any]:
-    """Copy every object of ``shard`` the ledger does not have as copied/verified."""
+    """Copy every object of ``shard`` the ledger does not have as copied/verified.
+
+    Run by the copy step, it tries quarantined objects again (their source may have been
+    fixed). Run by verify's first pass (verify is the running step), it copies again what
+    failed, a copy or verify's own read-back, and leaves quarantined ones to support."""
     run = platform.state.get_run(run_id)
+    retry_quarantined = run.step("verify").state is not StepState.RUNNING
+    return _copy_shard(platform, run, shard, fence, retry_quarantined=retry_quarantined)
+
+
+def _copy_shard(platform: Any, run: Any, shard: int, fence: Fence | None, *,
+                retry_quarantined: bool) -> dict[str, Any]:
+    run_id = run.run_id
     plan = MigrationPlan.from_params(run.params)
     src = platform.store_for(plan.source_location)
     dst = platform.store_for(plan.destination_location)
@@ -225,6 +370,9 @@ def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> d
     stop = threading.Event()
     fatal: list[BaseException] = []
     lock = threading.Lock()
+    halt, interrupt = _stop_checks(run_id)
+    # Usually empty; a waiver recorded on a row survives the object being quarantined again.
+    before: dict[bytes, Quarantine] = dict(quarantined(state, run_id, shard=shard))
 
     def before_replace(name: bytes) -> None:
         # Deleting is the one object-store write that is not conditional: only a worker that
@@ -237,7 +385,8 @@ def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> d
                                  "now; not replacing it (inspect it, then rerun from verify)", resource=dst.label)
 
     def work(entry: ManifestEntry) -> ObjectCopy:
-        return copy_object(src, dst, keychain, tenant, entry.name, dek_floor=floor, before_replace=before_replace)
+        return copy_object(src, dst, keychain, tenant, entry.name, dek_floor=floor, before_replace=before_replace,
+                           interrupt=interrupt)
 
     def flushed(rows: list[CopyRecord]) -> None:
         state.save_checkpoint(run_id, "copy", shard, _cursor(result, started), fence=fence)
@@ -249,8 +398,18 @@ def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> d
         with lock:
             if stop.is_set():
                 return
-            result.objects += 1
             try:
+                if isinstance(exc, StopRequestedError):
+                    result.interrupted = True  # not a failure: no row, a resume copies it
+                    return
+                result.objects += 1
+                if isinstance(exc, PoisonSourceError):
+                    result.quarantined += 1
+                    prior = before.get(entry.name)
+                    if result.errors is not None and len(result.errors) < 20:
+                        result.errors.append(f"{entry.name[:120]!r}: quarantined: {exc}"[:300])
+                    ledger.add(quarantine_record(entry.name, exc, waiver=prior.waiver if prior else None))
+                    return
                 if exc is not None:
                     result.failed += 1
                     if _fatal(exc):
@@ -270,19 +429,25 @@ def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> d
                 fatal.append(e)
                 stop.set()
 
-    _run_pool(state.iter_uncopied(run_id, shard=shard), work, done, threads=plan.threads_per_shard, stop=stop)
+    todo = state.iter_uncopied(run_id, shard=shard)
+    if not retry_quarantined and before:
+        todo = (e for e in todo if e.name not in before)
+    if _run_pool(todo, work, done, threads=plan.threads_per_shard, stop=stop, halt=halt):
+        result.interrupted = True
     if fatal:
         raise fatal[0]
-    ledger.flush()
+    ledger.flush()  # what finished before a stop is recorded too
     result.seconds = time.monotonic() - started
-    state.save_checkpoint(run_id, "copy", shard, {**_cursor(result, started), "complete": result.failed == 0},
+    state.save_checkpoint(run_id, "copy", shard,
+                          {**_cursor(result, started), "complete": result.failed == 0 and not result.interrupted},
                           fence=fence)
     return result.to_dict()
 
 
 def _cursor(result: ShardResult, started: float) -> dict[str, Any]:
     return {"objects": result.written + result.already, "bytes_plaintext": result.bytes_plaintext,
-            "failed": result.failed, "seconds": round(time.monotonic() - started, 3)}
+            "failed": result.failed, "quarantined": result.quarantined,
+            "seconds": round(time.monotonic() - started, 3)}
 
 
 def newer_than_bind(dek_id: str, floor: dict[str, list[int]]) -> bool:
@@ -304,10 +469,12 @@ def verify_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) ->
     dst = platform.store_for(plan.destination_location)
     state, keychain, tenant = platform.state, platform.keychain, plan.tenant_id
     floor = (run.step("bind_key").result or {}).get("dek_floor", {})
-    out = {"shard": shard, "verified": 0, "already": 0, "mismatched": 0, "errors": []}
+    out: dict[str, Any] = {"shard": shard, "verified": 0, "already": 0, "mismatched": 0, "interrupted": False,
+                           "errors": []}
     lock = threading.Lock()
     stop = threading.Event()
     fatal: list[BaseException] = []
+    halt, interrupt = _stop_checks(run_id)
 
     # Objects recorded but not yet verified; already-verified ones and objects the ledger
     # never recorded are accounted for by the step's reconciliation of the whole run.
@@ -315,7 +482,7 @@ def verify_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) ->
     ledger = LedgerBatch(state, run_id, fence)
 
     def work(rec: CopyRecord) -> str | None:
-        res = read_back(dst, keychain, tenant, rec.name)  # one GET: no HEAD, the body carries the size
+        res = read_back(dst, keychain, tenant, rec.name, interrupt)  # one GET: no HEAD, the body carries the size
         problems = []
         if res.plaintext_sha256 != rec.plaintext_sha256:
             problems.append("plaintext digest differs from the source's")
@@ -330,6 +497,9 @@ def verify_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) ->
             if stop.is_set():
                 return
             try:
+                if isinstance(exc, StopRequestedError):
+                    out["interrupted"] = True  # stays copied: a resume verifies it
+                    return
                 if exc is not None and _fatal(exc):
                     raise exc
                 if exc is not None:
@@ -349,7 +519,8 @@ def verify_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) ->
 
     # Keyset pages by name: rows this loop moves to verified never make a later page skip one.
     todo = state.iter_copies(run_id, shard=shard, status=CopyStatus.COPIED)
-    _run_pool(todo, work, done, threads=plan.threads_per_shard, stop=stop)
+    if _run_pool(todo, work, done, threads=plan.threads_per_shard, stop=stop, halt=halt):
+        out["interrupted"] = True
     if fatal:
         raise fatal[0]
     ledger.flush()

@@ -10,6 +10,11 @@
 - ``resume`` continues a failed or crashed run; ``rerun`` resets a named step and the
   later ones and runs them again (refused before the point of no return once it is
   passed, faults D8); either on a completed run changes nothing and says so (D7).
+- ``execute`` stops gracefully on SIGTERM / SIGINT (main thread) or when its caller sets
+  the run's ``StopRequest`` (faults D3; ``migration.stopping``): the run ends failed,
+  resumable, with its lease released.
+- ``waive`` lets support accept that quarantined objects are left behind, per object and
+  audited, so the run can cut over without them (faults D9; ``migration.quarantine``).
 
 Prefect is not needed here: the flows in ``flows/`` call ``execute`` with hooks that
 create Prefect artifacts and a shard runner that maps shard tasks onto Prefect's task
@@ -28,9 +33,30 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from archive_kms.errors import ArchiveKmsError, FencedError, LeaseHeldError, StateError, ValidationError
-from archive_kms.migration import crashpoints
+from archive_kms.migration import crashpoints, stopping
 from archive_kms.migration.plan import POINT_OF_NO_RETURN, STEPS, MigrationPlan
-from archive_kms.state.port import AuditEvent, Fence, Flow, Lease, MigrationRun, RunState, StepState
+from archive_kms.migration.quarantine import (
+    MAX_WAIVER_REASON_CHARS,
+    WAIVE_ACTION,
+    Quarantine,
+    Waiver,
+    display_name,
+    now_iso,
+    quarantined,
+    waiver_audit_details,
+)
+from archive_kms.migration.stopping import StopRequest, StopRequestedError
+from archive_kms.state.port import (
+    AuditEvent,
+    CopyRecord,
+    CopyStatus,
+    Fence,
+    Flow,
+    Lease,
+    MigrationRun,
+    RunState,
+    StepState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +109,23 @@ class RunContext:
     shard_runner: ShardRunner
     hooks: Hooks
     _fenced: threading.Event = field(default_factory=threading.Event)
+    stop: StopRequest = field(default_factory=StopRequest)
 
     def check(self) -> None:
-        """Raise FencedError if the heartbeat lost the lease."""
+        """Raise FencedError if the heartbeat lost the lease, StopRequestedError if the run
+        was asked to stop (a signal, or the caller)."""
+        self.check_fenced()
+        if self.stop.is_set():
+            raise StopRequestedError(f"run {self.run_id}: {self.stop.reason}", resource=f"run:{self.run_id}")
+
+    def check_fenced(self) -> None:
         if self._fenced.is_set():
             raise FencedError(f"run {self.run_id} lost the lease of tenant {self.plan.tenant_id}; stopping",
                               resource=f"run:{self.run_id}")
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop.is_set()
 
     def run_shards(self, step: str, shards: Sequence[int]) -> list[dict[str, Any]]:
         stop = threading.Event()
@@ -102,8 +139,6 @@ class RunContext:
             self._report_progress(step)
 
     def _report_progress(self, step: str) -> None:
-        from archive_kms.state.port import CopyStatus
-
         summary = self.platform.state.manifest_summary(self.run_id)
         counts = self.platform.state.copy_counts(self.run_id)
         done = counts.get(CopyStatus.VERIFIED, 0)
@@ -207,7 +242,7 @@ class _Heartbeat(threading.Thread):
 
 
 def _lease_ttl(platform: Any) -> timedelta:
-    seconds = getattr(platform.settings, "lease_ttl_seconds", None)
+    seconds = getattr(getattr(platform, "settings", None), "lease_ttl_seconds", None)
     return timedelta(seconds=seconds) if seconds else DEFAULT_LEASE_TTL
 
 
@@ -223,28 +258,50 @@ def _acquire(platform: Any, run: MigrationRun, *, takeover: bool) -> Lease:
 
 
 def execute(platform: Any, run_id: str, *, actor: str, shard_runner: ShardRunner | None = None,
-            hooks: Hooks | None = None, takeover: bool = False) -> Outcome:
-    """Run every step of ``run_id`` that is not completed yet, in order."""
+            hooks: Hooks | None = None, takeover: bool = False, stop: StopRequest | None = None,
+            handle_signals: bool = True) -> Outcome:
+    """Run every step of ``run_id`` that is not completed yet, in order.
+
+    ``stop``: a flag the caller may set (from another thread, a Prefect hook) to stop the
+    run gracefully; one is made if not given, and ``stopping.request_stop(run_id)`` finds
+    it either way. In the main thread, and unless ``handle_signals`` is False, SIGTERM and
+    SIGINT set it for the duration of the call (the previous handlers are restored)."""
     run = _get(platform, run_id)
     if run.state is RunState.COMPLETED:
         return Outcome(run.run_id, run.tenant_id, run.flow.value, run.state.value, message="run already completed")
     if run.state is not RunState.RUNNING:
         raise StateError(f"run {run_id} is {run.state.value}: use `archive-kms runs resume {run_id}`",
                          resource=f"run:{run_id}")
+    stop = stop or StopRequest()
+    with stopping.registered(run_id, stop):
+        if handle_signals:
+            with stopping.stop_on_signals(stop):
+                return _execute(platform, run, actor=actor, shard_runner=shard_runner, hooks=hooks,
+                                takeover=takeover, stop=stop)
+        return _execute(platform, run, actor=actor, shard_runner=shard_runner, hooks=hooks, takeover=takeover,
+                        stop=stop)
+
+
+def _execute(platform: Any, run: MigrationRun, *, actor: str, shard_runner: ShardRunner | None,
+             hooks: Hooks | None, takeover: bool, stop: StopRequest) -> Outcome:
+    run_id = run.run_id
     plan = MigrationPlan.from_params(run.params)
     hooks = hooks or Hooks()
     lease = _acquire(platform, run, takeover=takeover)
     fenced = threading.Event()
     beat = _Heartbeat(platform, lease, _lease_ttl(platform), fenced)
     beat.start()
-    ctx = RunContext(platform, run_id, plan, lease.fence, actor, shard_runner or thread_shard_runner, hooks, fenced)
+    ctx = RunContext(platform, run_id, plan, lease.fence, actor, shard_runner or thread_shard_runner, hooks, fenced,
+                     stop)
     executed: list[str] = []
     try:
         for step in STEPS:
             record = _get(platform, run_id).step(step)
             if record.state in (StepState.COMPLETED, StepState.SKIPPED):
                 continue
-            ctx.check()
+            ctx.check_fenced()
+            if ctx.stopping:  # between steps: the next one is recorded as interrupted before it began
+                return _interrupted(platform, ctx, step, executed, started=False)
             platform.state.update_step(run_id, step, StepState.RUNNING, fence=ctx.fence)
             hooks.on_step(step, "running", None)
             crashpoints.hit(f"before:{step}")
@@ -253,6 +310,8 @@ def execute(platform: Any, run_id: str, *, actor: str, shard_runner: ShardRunner
                 result = _call(step, ctx)
             except FencedError:
                 raise  # handled below: this worker was superseded, it records nothing
+            except StopRequestedError:
+                return _interrupted(platform, ctx, step, executed, started=True)
             except BaseException as exc:
                 _fail(platform, ctx, step, exc)
                 hooks.on_step(step, "failed", {"error": _describe(exc)})
@@ -279,7 +338,25 @@ def execute(platform: Any, run_id: str, *, actor: str, shard_runner: ShardRunner
                        error=_describe(exc))
     finally:
         beat.stop()
-        platform.state.release_lease(beat.lease)
+        platform.state.release_lease(beat.lease)  # a stopped run is resumed at once, without --takeover
+
+
+def _interrupted(platform: Any, ctx: RunContext, step: str, executed: list[str], *, started: bool) -> Outcome:
+    """Record a graceful stop: ``step`` failed as interrupted, the run failed (resumable),
+    audited as ``run.stop``. Raises FencedError if the lease was lost meanwhile."""
+    reason = ctx.stop.reason or "stop requested"
+    when = "during" if started else "before"
+    error = (f"interrupted: {reason} {when} step {step}; `archive-kms runs resume {ctx.run_id}` continues the run")
+    log.warning("run %s: %s", ctx.run_id, error)
+    if not started and _get(platform, ctx.run_id).step(step).state is StepState.FAILED:
+        # failed -> failed would keep the old error: record this stop as an attempt of its own
+        platform.state.update_step(ctx.run_id, step, StepState.RUNNING, fence=ctx.fence)
+    platform.state.update_step(ctx.run_id, step, StepState.FAILED, error=error, fence=ctx.fence)
+    platform.state.set_run_state(ctx.run_id, RunState.FAILED, fence=ctx.fence)
+    ctx.audit("run.stop", {"step": step, "reason": reason, "started": started})
+    ctx.hooks.on_step(step, "failed", {"error": error})
+    return Outcome(ctx.run_id, ctx.plan.tenant_id, ctx.plan.flow, RunState.FAILED.value, executed=tuple(executed),
+                   message=reason, error=f"{StopRequestedError.__name__}: {error}")
 
 
 def _call(step: str, ctx: RunContext) -> dict[str, Any]:
@@ -423,10 +500,81 @@ def cancel(platform: Any, run_id: str, *, actor: str, takeover: bool = False) ->
                    message="cancelled: " + (", ".join(undone) or "nothing to undo"))
 
 
+@dataclass(frozen=True)
+class WaiveOutcome:
+    run_id: str
+    tenant_id: str
+    waived: tuple[str, ...]  # names waived by this call
+    already: tuple[str, ...]  # named, but waived before
+    remaining: int  # quarantined objects of the run still not waived
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "tenant": self.tenant_id, "waived": list(self.waived),
+                "already_waived": list(self.already), "remaining": self.remaining, "message": self.message}
+
+
+def _waiver_reason(reason: str) -> str:
+    text = (reason or "").strip()
+    if not text:
+        raise ValidationError("a waiver needs a reason (--reason): why may this object be left behind?")
+    if len(text) > MAX_WAIVER_REASON_CHARS:
+        raise ValidationError(f"the waiver reason is {len(text)} characters; at most {MAX_WAIVER_REASON_CHARS}")
+    if any(not c.isprintable() for c in text):
+        raise ValidationError("the waiver reason must be printable text on one line")
+    return text
+
+
+def waive(platform: Any, run_id: str, *, reason: str, actor: str, objects: Sequence[bytes] = (),
+          all_objects: bool = False, takeover: bool = False) -> WaiveOutcome:
+    """Accept that quarantined objects of ``run_id`` are left behind, so the run can cut
+    over without them (faults D9). Every waiver is first an ``object.waive`` audit record
+    (actor, object, reason), then a mark on the object's ledger row; the run itself is
+    not executed: ``resume`` it afterwards. Refused once cutover has started, and while a
+    live worker holds the run. Naming an object that is not quarantined waives nothing."""
+    text = _waiver_reason(reason)
+    if bool(objects) == bool(all_objects):
+        raise ValidationError("name the objects to waive (--object NAME, repeatable) or pass --all, not both")
+    run = _get(platform, run_id)
+    if run.state in (RunState.COMPLETED, RunState.CANCELLED):
+        raise ValidationError(f"run {run_id} is {run.state.value}: nothing to waive")
+    if run.step(POINT_OF_NO_RETURN).state is not StepState.PENDING:
+        raise ValidationError(f"run {run_id} has reached {POINT_OF_NO_RETURN}: its quarantine was settled before it")
+    lease = _acquire(platform, run, takeover=takeover)
+    try:
+        held = dict(quarantined(platform.state, run_id))
+        wanted = sorted(held) if all_objects else list(dict.fromkeys(bytes(n) for n in objects))
+        unknown = [n for n in wanted if n not in held]
+        if unknown:
+            first = ", ".join(repr(display_name(n)[:120]) for n in unknown[:5])
+            raise ValidationError(f"{len(unknown)} named object(s) are not quarantined in run {run_id} (first: "
+                                  f"{first}); nothing waived. See `archive-kms runs show {run_id}`")
+        already = [n for n in wanted if held[n].waived]
+        rows: list[CopyRecord] = []
+        for name in (n for n in wanted if not held[n].waived):
+            q: Quarantine = held[name]
+            # The audit record first: a waiver without one never happened (I6), and verify checks it.
+            rec = platform.state.append_audit(AuditEvent(actor=actor, action=WAIVE_ACTION, tenant_id=run.tenant_id,
+                                                         run_id=run_id, details=waiver_audit_details(name, q, text)))
+            waiver = Waiver(actor=actor, reason=text, at=now_iso(), audit_seq=rec.seq)
+            rows.append(CopyRecord(name, CopyStatus.QUARANTINED, error=q.with_waiver(waiver).to_error()))
+        for i in range(0, len(rows), 500):
+            platform.state.record_copies(run_id, rows[i:i + 500], fence=lease.fence)
+    finally:
+        platform.state.release_lease(lease)
+    remaining = sum(1 for q in held.values() if not q.waived) - len(rows)
+    message = f"waived {len(rows)} object(s) of run {run_id}" + (f" ({len(already)} already waived)" if already
+                                                                  else "")
+    message += (f"; {remaining} quarantined object(s) still not waived" if remaining else
+                f"; continue with `archive-kms runs resume {run_id}`")
+    return WaiveOutcome(run_id, run.tenant_id, tuple(display_name(r.name) for r in rows),
+                        tuple(display_name(n) for n in already), remaining, message)
+
+
 def _audit_run(platform: Any, run: MigrationRun, actor: str, action: str, details: dict[str, Any]) -> None:
     platform.state.append_audit(AuditEvent(actor=actor, action=action, tenant_id=run.tenant_id, run_id=run.run_id,
                                            details=details))
 
 
-__all__ = ["Hooks", "Outcome", "RunContext", "ShardRunner", "cancel", "execute", "rerun", "resume", "shard_function",
-           "thread_shard_runner", "trigger"]
+__all__ = ["Hooks", "Outcome", "RunContext", "ShardRunner", "WaiveOutcome", "cancel", "execute", "rerun", "resume",
+           "shard_function", "thread_shard_runner", "trigger", "waive"]

@@ -1,11 +1,12 @@
-"""The run report: objects, bytes, throughput, verification result and time per step,
-built from what the state store recorded (so ``runs show`` gives the same report for a
+"""The run report: objects, bytes, throughput, verification result, quarantined and waived
+objects, and time per step, built from what the state store recorded (so ``runs show`` gives the same report for a
 run finished last week as the flow printed when it ended)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from archive_kms.migration.quarantine import report_section
 from archive_kms.state.port import CopyStatus, MigrationRun, StepState
 
 
@@ -54,13 +55,26 @@ def build_report(platform: Any, run_id: str, *, final: bool = False) -> dict[str
         "throughput_mb_s": round(plaintext / 1e6 / copy_seconds, 2) if plaintext and copy_seconds else None,
         "verification": verify_result.get("result", "pending"),
         "lost": verify_result.get("lost"), "duplicated": verify_result.get("duplicated"),
+        "reconciliation": _reconciliation(verify_result, index_result),
         "index": index_result.get("index"), "index_documents": index_result.get("documents"),
         "deferred_replayed": resume_result.get("replayed"),
         "total_seconds": total,
         "progress": progress(platform, run),
+        # quarantined / waived counts, the first objects with reason and waiver, and where
+        # their source objects are kept (ADR 0006)
+        **report_section(platform.state, run_id, _uri(params.get("source"))),
         "steps": steps,
     }
     return report
+
+
+def _reconciliation(verify_result: dict[str, Any], index_result: dict[str, Any]) -> str | None:
+    """I4 in words, waived objects included: what verify and build_index checked."""
+    text = verify_result.get("reconciled")
+    if text and "expected" in index_result:
+        text += (f"; index documents {index_result['documents']} = manifest records - "
+                 f"{index_result.get('waived_records', 0)} waived")
+    return text
 
 
 def _uri(loc: Any) -> str | None:

@@ -10,6 +10,7 @@ has the old version) or recorded in the ledger before the next one. The engine
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -28,7 +29,9 @@ from archive_kms.errors import (
 )
 from archive_kms.keys.keychain import parse_dek_id
 from archive_kms.keys.preflight import check_usable
+from archive_kms.migration import quarantine
 from archive_kms.migration.plan import EnableMode
+from archive_kms.migration.stopping import StopRequestedError
 from archive_kms.operations.archive import RECORD_PREFIX, replay_deferred
 from archive_kms.search import alias_name, rebuild_generation
 from archive_kms.state.port import CopyStatus, KeyMode, ManifestEntry, StepState
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
     from archive_kms.migration.engine import RunContext
 
 Step = Callable[["RunContext"], dict[str, Any]]
+
+log = logging.getLogger(__name__)
 
 MANIFEST_PAGE = 1000
 PAUSE_WAIT_SECONDS = 300.0
@@ -241,44 +246,73 @@ def manifest(ctx: RunContext) -> dict[str, Any]:
     return {"objects": summary.entries, "bytes": summary.total_bytes, "shards": summary.shards, "new_entries": new}
 
 
+def _shards(ctx: RunContext, step: str) -> list[dict[str, Any]]:
+    """``ctx.run_shards`` for ``step``; StopRequestedError if the run is stopping (after
+    every shard returned, with its ledger rows flushed). Uploads interrupted by the stop
+    were aborted by their store; any left by a writer that died is aborted here too, now
+    that no shard of this run writes (faults D3, I5)."""
+    from datetime import timedelta
+
+    results = ctx.run_shards(step, list(range(ctx.plan.shards)))
+    if ctx.stopping or any(r.get("interrupted") for r in results):
+        aborted = ctx.platform.store_for(ctx.plan.destination_location).abort_stale_uploads(timedelta(0))
+        done = sum(r.get("objects", 0) + r.get("verified", 0) for r in results)
+        raise StopRequestedError(f"{step} stopped after {done} more object(s): {ctx.stop.reason or 'stop requested'}"
+                                 f" ({aborted} unfinished upload(s) aborted)")
+    return results
+
+
 def copy(ctx: RunContext) -> dict[str, Any]:
-    """Copy + re-encrypt every manifest entry not yet in the ledger, shards in parallel."""
+    """Copy + re-encrypt every manifest entry not yet in the ledger, shards in parallel.
+    Quarantined objects are tried again (their source may have been fixed); a source that
+    still does not authenticate stays quarantined, which does not fail this step: verify
+    checks everything else, then blocks the run before cutover until it is resolved."""
     started = time.monotonic()
-    results = ctx.run_shards("copy", list(range(ctx.plan.shards)))
+    results = _shards(ctx, "copy")
     failed = sum(r["failed"] for r in results)
     out = {"objects": sum(r["objects"] for r in results), "written": sum(r["written"] for r in results),
            "already": sum(r["already"] for r in results), "bytes_plaintext": sum(r["bytes_plaintext"] for r in results),
            "failed": failed, "seconds": round(time.monotonic() - started, 3)}
     if failed:
-        errors = [e for r in results for e in (r.get("errors") or [])][:5]
-        raise TransientError(f"{failed} object(s) failed to copy; they stay in the ledger as failed and are "
+        errors = [e for r in results for e in (r.get("errors") or []) if ": quarantined: " not in e][:5]
+        held = sum(r.get("quarantined", 0) for r in results)
+        also = f" ({held} more quarantined: their source does not authenticate)" if held else ""
+        raise TransientError(f"{failed} object(s) failed to copy{also}; they stay in the ledger as failed and are "
                              f"retried by a rerun of the step. First: {'; '.join(errors)}")
     counts = ctx.platform.state.copy_counts(ctx.run_id)
     summary = ctx.platform.state.manifest_summary(ctx.run_id)
     done = counts.get(CopyStatus.COPIED, 0) + counts.get(CopyStatus.VERIFIED, 0)
-    if done != summary.entries:
-        raise IntegrityError(f"ledger has {done} of {summary.entries} objects copied after the copy step")
+    held = counts.get(CopyStatus.QUARANTINED, 0)
+    if done + held != summary.entries:
+        raise IntegrityError(f"ledger has {done} of {summary.entries} objects copied (and {held} quarantined) after "
+                             "the copy step")
+    out["quarantined"] = held
     out["mb_per_s"] = round(out["bytes_plaintext"] / 1e6 / max(out["seconds"], 1e-6), 2)
     return out
 
 
 def verify(ctx: RunContext) -> dict[str, Any]:
     """Every object read back and checked (verify_shard), then manifest, ledger and
-    destination listing reconciled name by name: 0 lost, 0 duplicated, 0 unexpected."""
+    destination listing reconciled name by name: 0 lost, 0 duplicated, 0 unexpected, the
+    quarantined objects left out. Quarantined objects not waived block the run here, once
+    everything else is verified (``quarantine.ObjectsQuarantinedError``)."""
     from datetime import timedelta
 
     p, plan = ctx.platform, ctx.plan
     recopied = 0
     if p.state.copy_counts(ctx.run_id).get(CopyStatus.FAILED):
         # Objects an earlier verify rejected (or a copy failed): copy them again first, so a
-        # plain resume converges instead of failing on the same rows every time.
-        recopied = sum(r["written"] + r["already"] for r in ctx.run_shards("copy", list(range(plan.shards))))
-    results = ctx.run_shards("verify", list(range(plan.shards)))
+        # plain resume converges instead of failing on the same rows every time. A rejected
+        # destination copy is replaced from the source (faults A12), never quarantined.
+        recopied = sum(r["written"] + r["already"] for r in _shards(ctx, "copy"))
+    results = _shards(ctx, "verify")
     mismatched = sum(r["mismatched"] for r in results)
     if mismatched:
         errors = [e for r in results for e in r["errors"]][:5]
         raise IntegrityError(f"{mismatched} object(s) failed verification and are marked failed; resume the run "
                              f"(verify copies them again first). First: {'; '.join(errors)}")
+    held = quarantine.summarize(p.state, ctx.run_id)
+    quarantine.check_waivers_audited(p.state, plan.tenant_id, ctx.run_id, held.waived)
     dst = p.store_for(plan.destination_location)
     aborted = dst.abort_stale_uploads(timedelta(0))  # uploads of crashed attempts (faults A5, I5)
     manifest_names = {e.name for e in p.state.iter_manifest(ctx.run_id)}
@@ -286,18 +320,25 @@ def verify(ctx: RunContext) -> dict[str, Any]:
     listed: dict[bytes, int] = {}
     for info in dst.list():
         listed[info.name] = listed.get(info.name, 0) + 1
+    expected = manifest_names - held.names  # what the destination must hold: all but the quarantined
     duplicates = sum(n - 1 for n in listed.values())
-    lost = manifest_names - set(listed)
-    unexpected = set(listed) - manifest_names
-    unverified = manifest_names - verified
+    lost = expected - set(listed)
+    unexpected = set(listed) - expected  # a quarantined object at the destination counts here
+    unverified = expected - verified
     out = {"objects": len(manifest_names), "verified": len(verified), "listed": len(listed), "lost": len(lost),
            "duplicated": duplicates, "unexpected": len(unexpected), "unverified": len(unverified),
+           "quarantined": held.total, "waived": len(held.waived), "expected": len(expected),
+           "reconciled": (f"manifest {len(manifest_names)} - quarantined {held.total} ({len(held.waived)} waived) = "
+                          f"ledger verified {len(verified)} = destination listing {len(listed)}"),
            "aborted_uploads": aborted, "recopied": recopied, "result": "ok"}
     if lost or duplicates or unexpected or unverified:
         out["result"] = "mismatch"
         sample = sorted(lost | unexpected | unverified)[:3]
         raise IntegrityError(f"reconciliation failed for {plan.destination_location.uri}: {out} (e.g. {sample!r})",
                              resource=plan.destination_location.uri)
+    if held.unwaived:
+        raise quarantine.ObjectsQuarantinedError(quarantine.blocked_message(ctx.run_id, held),
+                                                 resource=f"run:{ctx.run_id}")
     return out
 
 
@@ -322,6 +363,7 @@ def _records(ctx: RunContext, store: Any):
     with ThreadPoolExecutor(max_workers=ctx.plan.threads_per_shard * 2, thread_name_prefix="akms-etl") as pool:
         window: list = []
         for name in names:
+            ctx.check()  # a stop request ends the build here; a resume rebuilds (ids are deterministic)
             window.append(pool.submit(load, name))
             if len(window) >= 64:
                 yield window.pop(0).result()
@@ -338,12 +380,16 @@ def build_index(ctx: RunContext) -> dict[str, Any]:
     report = rebuild_generation(_records(ctx, p.store_for(plan.destination_location)), p.index, plan.tenant_id,
                                 plan.new_generation, mode, keys)
     report.require_complete()
-    expected = sum(1 for e in p.state.iter_manifest(ctx.run_id) if e.name.startswith(RECORD_PREFIX))
+    held = quarantine.require_resolved(p.state, ctx.run_id).names  # all waived, or verify would have stopped
+    records = sum(1 for e in p.state.iter_manifest(ctx.run_id) if e.name.startswith(RECORD_PREFIX))
+    left_out = sum(1 for n in held if n.startswith(RECORD_PREFIX))
+    expected = records - left_out
     if report.count != expected:
-        raise IntegrityError(f"index {report.index} holds {report.count} documents but the manifest has {expected} "
-                             "records", resource=report.index)
+        raise IntegrityError(f"index {report.index} holds {report.count} documents but the manifest has {records} "
+                             f"records ({left_out} of them waived)", resource=report.index)
     return {"index": report.index, "mode": mode.value, "documents": report.count, "indexed": report.indexed,
-            "reused": report.reused, "seconds": round(report.seconds, 3)}
+            "reused": report.reused, "expected": expected, "waived_records": left_out,
+            "seconds": round(report.seconds, 3)}
 
 
 def cutover(ctx: RunContext) -> dict[str, Any]:
@@ -351,6 +397,7 @@ def cutover(ctx: RunContext) -> dict[str, Any]:
     new storage and index. Each half is conditional, so a rerun after a crash between
     them finishes the other half; readers see old or new, never neither."""
     p, plan = ctx.platform, ctx.plan
+    quarantine.require_resolved(p.state, ctx.run_id)  # never cut over with an object nobody accounted for
     t = p.state.get_tenant(plan.tenant_id)
     registry_changed = dict(t.location) != dict(plan.destination)
     if registry_changed:
@@ -381,17 +428,18 @@ def _names_fingerprint(names: Any) -> tuple[int, str]:
     return count, f"{acc:032x}"
 
 
-def _recheck_before_deleting(ctx: RunContext) -> None:
+def _recheck_before_deleting(ctx: RunContext, kept: set[bytes]) -> None:
     """The last look at reality before the only other copy goes (faults B5, D10, I1):
     the key the data now depends on answers, the destination holds exactly the manifest's
-    names, and the source still holds exactly what the manifest listed."""
+    names but the quarantined (``kept``) ones, and the source still holds exactly what the
+    manifest listed."""
     p, plan = ctx.platform, ctx.plan
     state = p.resolve_provider(plan.key_ref).status().state
     if not state.usable:
         raise KeyUnavailableError(f"refusing to delete the source: the tenant's key {plan.key_ref} is "
                                   f"{state.value}; the source is kept until it is usable again",
                                   resource=plan.key_ref, state=state.value)
-    manifest = _names_fingerprint(e.name for e in p.state.iter_manifest(ctx.run_id))
+    manifest = _names_fingerprint(e.name for e in p.state.iter_manifest(ctx.run_id) if e.name not in kept)
     dest = _names_fingerprint(i.name for i in p.store_for(plan.destination_location).list())
     if dest != manifest:
         raise IntegrityError(f"refusing to delete the source: {plan.destination_location.uri} holds {dest[0]} "
@@ -405,28 +453,54 @@ def _recheck_before_deleting(ctx: RunContext) -> None:
                              "listed); something wrote to it during the run", resource=plan.source_location.uri)
 
 
+def _delete_all_but(ctx: RunContext, store: Any, kept: set[bytes]) -> int:
+    """Delete the manifest's objects from the source except ``kept``, object by object
+    (the source entity stays: it still holds the kept ones). Deleting what is gone is a
+    no-op, so a rerun converges."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = (e.name for e in ctx.platform.state.iter_manifest(ctx.run_id) if e.name not in kept)
+    with ThreadPoolExecutor(max_workers=ctx.plan.threads_per_shard * 2, thread_name_prefix="akms-cleanup") as pool:
+        return sum(1 for _ in pool.map(store.delete, names))
+
+
 def cleanup_source(ctx: RunContext) -> dict[str, Any]:
     """Delete the old storage entity and the old index, after a short grace period for
-    reads that looked the location up just before cutover."""
+    reads that looked the location up just before cutover. The source objects of waived
+    (quarantined) objects are kept where they are, named in the result and the report:
+    the run never loses an object silently (ADR 0006)."""
     p, plan = ctx.platform, ctx.plan
     if dict(p.state.get_tenant(plan.tenant_id).location) != dict(plan.destination):
         raise StateError("refusing to delete the source: the registry does not point at the destination yet")
     src_loc = plan.source_location
+    kept = quarantine.summarize(p.state, ctx.run_id).names
     if not p.state.load_checkpoints(ctx.run_id, "cleanup_source").get(0, {}).get("deleting"):
-        _recheck_before_deleting(ctx)
+        _recheck_before_deleting(ctx, kept)
         p.state.save_checkpoint(ctx.run_id, "cleanup_source", 0, {"deleting": True}, fence=ctx.fence)
     time.sleep(plan.cutover_grace_seconds)
-    deleted = p.provisioner.delete(src_loc, p.store_for(src_loc))
+    store = p.store_for(src_loc)
+    deleted = _delete_all_but(ctx, store, kept) if kept else p.provisioner.delete(src_loc, store)
     index_deleted = False
     if plan.old_index is not None and plan.old_index != plan.new_index:
         p.index.delete_index(plan.old_index)
         index_deleted = True
-    left = sum(1 for _ in p.store_for(src_loc).list()) if p.provisioner.exists(src_loc) else 0
-    if left:
-        raise IntegrityError(f"{left} object(s) still in {src_loc.uri} after cleanup; rerun the step")
-    ctx.audit("storage.delete", {"location": src_loc.uri, "objects": deleted, "index": plan.old_index})
-    return {"location": src_loc.uri, "objects_deleted": deleted, "old_index": plan.old_index,
-            "old_index_deleted": index_deleted}
+    left = {i.name for i in p.store_for(src_loc).list()} if p.provisioner.exists(src_loc) else set()
+    if left - kept:
+        raise IntegrityError(f"{len(left - kept)} object(s) still in {src_loc.uri} after cleanup; rerun the step")
+    out: dict[str, Any] = {"location": src_loc.uri, "objects_deleted": deleted, "old_index": plan.old_index,
+                           "old_index_deleted": index_deleted}
+    if kept:
+        missing = kept - left
+        if missing:  # someone removed them by hand since: say so, the run has nothing to undo
+            log.warning("%d quarantined source object(s) are no longer in %s", len(missing), src_loc.uri)
+        shown = sorted(kept & left)[:quarantine.REPORT_LIMIT]
+        out.update({"kept": len(kept & left), "kept_at": src_loc.uri, "kept_missing": len(missing),
+                    "kept_objects": [quarantine.display_name(n) for n in shown]})
+    details: dict[str, Any] = {"location": src_loc.uri, "objects": deleted, "index": plan.old_index}
+    if kept:
+        details["kept_quarantined"] = len(kept & left)
+    ctx.audit("storage.delete", details)
+    return out
 
 
 def resume(ctx: RunContext) -> dict[str, Any]:
