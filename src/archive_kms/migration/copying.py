@@ -76,7 +76,17 @@ class ObjectCopy:
 
 
 def _dek_lookup(keychain: Any, tenant_id: str) -> Callable[[Any], Any]:
-    return lambda header: keychain.dek_by_id(tenant_id, header.dek_id)
+    """The DEK a header names, from ``tenant_id``'s keychain, only if it belongs to the
+    header's workspace (an object must not open with another workspace's DEK: erasing a
+    workspace has to make all of its objects unreadable)."""
+
+    def lookup(header: Any) -> Any:
+        if parse_dek_id(header.dek_id)[0] != header.workspace_id:
+            raise IntegrityError(f"object header names workspace {header.workspace_id} but DEK {header.dek_id}",
+                                 resource=f"keychain:{tenant_id}/{header.dek_id}")
+        return keychain.dek_by_id(tenant_id, header.dek_id)
+
+    return lookup
 
 
 def _source_dek_lookup(keychain: Any, tenant_id: str, label: str) -> Callable[[Any], Any]:
@@ -84,9 +94,11 @@ def _source_dek_lookup(keychain: Any, tenant_id: str, label: str) -> Callable[[A
     malformed DEK id, or a DEK this tenant never had, is the object's fault, like a failed
     tag, not the keychain's. Any other key error (unusable key, throttling) stays what it is."""
 
+    checked = _dek_lookup(keychain, tenant_id)
+
     def lookup(header: Any) -> Any:
         try:
-            return keychain.dek_by_id(tenant_id, header.dek_id)
+            return checked(header)
         except ValidationError:
             raise PoisonSourceError(f"{label}: the header names a malformed DEK id", resource=label) from None
         except KeyNotFoundError as exc:

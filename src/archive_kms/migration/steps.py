@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from archive_kms.domain.records import Record
 from archive_kms.errors import (
     AliasConflictError,
+    ArchiveKmsError,
     ConfigurationError,
     IntegrityError,
     KeyUnavailableError,
@@ -34,7 +35,7 @@ from archive_kms.migration.plan import EnableMode
 from archive_kms.migration.stopping import StopRequestedError
 from archive_kms.operations.archive import RECORD_PREFIX, replay_deferred
 from archive_kms.search import alias_name, rebuild_generation
-from archive_kms.state.port import CopyStatus, KeyMode, ManifestEntry, StepState
+from archive_kms.state.port import CopyStatus, Flow, KeyMode, ManifestEntry, StepState
 
 if TYPE_CHECKING:
     from archive_kms.migration.engine import RunContext
@@ -196,16 +197,40 @@ def bind_key(ctx: RunContext) -> dict[str, Any]:
         kc.rotate_l1(plan.tenant_id, target)
         rewrapped = True
         ctx.audit("key.bind", {"from": before.l1_ref, "to": plan.key_ref})
-    floor: dict[str, list[int]] = {}
-    for ws in kc.status(plan.tenant_id).workspaces:
-        kc.retire_active_dek(plan.tenant_id, ws)
-    for d in kc.list_deks(plan.tenant_id):
-        _, bucket, gen = parse_dek_id(d.dek_id)
-        if d.workspace_id not in floor or [bucket, gen] > floor[d.workspace_id]:
-            floor[d.workspace_id] = [bucket, gen]
+    rekeyed: dict[str, Any] | None = None
+    if plan.flow == Flow.ENABLE.value:
+        # New L2 and L3 keys under the customer's key, so that a copy of the keychain from
+        # before the bind plus the managed key opens no DEK made from now on (ADR 0005).
+        # Called on every attempt: a rerun after a crash mid-rekey finishes it. Enable only:
+        # new L2 = new search keys, and here the old index is the plaintext one.
+        rekey = kc.rekey_below_l1(plan.tenant_id)
+        if rekey.l2_rotated or rekey.l3_rotated:
+            rekeyed = rekey.summary()
+            ctx.audit("key.rekey", rekeyed)
+    floor = _first_dek_floor(ctx)
+    if floor is None:
+        floor = {}
+        for ws in kc.status(plan.tenant_id).workspaces:
+            kc.retire_active_dek(plan.tenant_id, ws)
+        for d in kc.list_deks(plan.tenant_id):
+            _, bucket, gen = parse_dek_id(d.dek_id)
+            if d.workspace_id not in floor or [bucket, gen] > floor[d.workspace_id]:
+                floor[d.workspace_id] = [bucket, gen]
+        ctx.audit("key.dek_floor", {"dek_floor": floor})
     after = kc.status(plan.tenant_id)
     return {"from": before.l1_ref, "to": after.l1_ref, "rewrapped": rewrapped, "l1_generation": after.l1_generation,
-            "dek_floor": floor}
+            "rekeyed": rekeyed, "dek_floor": floor}
+
+
+def _first_dek_floor(ctx: RunContext) -> dict[str, list[int]] | None:
+    """The floor this run recorded the first time it bound the key, if it did. A rerun
+    of bind_key keeps it: copies made (and verified) since are under DEKs newer than the
+    first floor but maybe not a later one, and the DEKs below the floor are erased at the
+    end of the run. Kept in the audit log, which a rerun never resets."""
+    for rec in ctx.platform.state.iter_audit(tenant_id=ctx.plan.tenant_id):
+        if rec.run_id == ctx.run_id and rec.action == "key.dek_floor":
+            return {ws: list(v) for ws, v in rec.details["dek_floor"].items()}
+    return None
 
 
 # --- manifest, copy, verify --------------------------------------------------------------------
@@ -521,13 +546,53 @@ def resume(ctx: RunContext) -> dict[str, Any]:
         raise TransientError(f"{gate.pending} deferred archive job(s) of {tenant} not replayed yet (gate "
                              f"{gate.state.value}; one may still be running from a crashed attempt); rerun the step")
     return {"replayed": len(ran), "duplicates": len(outcomes) - len(ran),
-            "records": sum(o.records for o in ran), "gate": gate.state.value}
+            "records": sum(o.records for o in ran), "gate": gate.state.value, **_erase_old_deks(ctx)}
+
+
+def _erase_old_deks(ctx: RunContext) -> dict[str, Any]:
+    """Crypto-erase the DEKs the source was encrypted under (not newer than bind_key's
+    ``dek_floor``): every object at the destination uses a newer one (verify checked), the
+    source is deleted, and the deferred jobs sealed under them are replayed — so from here
+    they protect nothing but old copies (backups) of data that is gone. Skipped while waived
+    source objects are kept under them (ADR 0006: never lost silently). Idempotent: a rerun
+    finds them destroyed and writes nothing."""
+    import json
+
+    p, tenant = ctx.platform, ctx.plan.tenant_id
+    floor = (p.state.get_run(ctx.run_id).step("bind_key").result or {}).get("dek_floor")
+    if not floor:
+        return {"old_deks_erased": 0}
+    kept = quarantine.summarize(p.state, ctx.run_id).names
+    if kept:
+        return {"old_deks_erased": 0, "old_deks_kept_for": f"{len(kept)} waived source object(s)"}
+    records = p.keychain.erase_deks_below(tenant, floor, reason=f"re-encrypted by migration run {ctx.run_id}")
+    destroyed = 0
+    for rec in records:  # the signed erasure records go into the audit log as they are
+        destroyed += len(rec.dek_ids)
+        ctx.audit("key.erase", json.loads(rec.to_json()))
+    return {"old_deks_erased": destroyed}
 
 
 def report(ctx: RunContext) -> dict[str, Any]:
     from archive_kms.migration.report import build_report
 
-    return build_report(ctx.platform, ctx.run_id, final=True)
+    out = build_report(ctx.platform, ctx.run_id, final=True)
+    if ctx.platform.anchors is not None:
+        out["audit_anchor"] = _anchor_audit(ctx)
+    return out
+
+
+def _anchor_audit(ctx: RunContext) -> dict[str, Any]:
+    """Publish the audit head (with this run's records) outside the database; a failure
+    is reported, not fatal: the data has moved, and the next run or `audit anchor` retries."""
+    from archive_kms.state.anchors import publish_anchor
+
+    try:
+        anchor, where = publish_anchor(ctx.platform.state, ctx.platform.anchors)
+    except ArchiveKmsError as exc:
+        log.warning("audit anchor not published after run %s: %s", ctx.run_id, type(exc).__name__)
+        return {"published": False, "error": str(exc)}
+    return {"published": True, "where": where, "count": anchor.count}
 
 
 STEP_FUNCTIONS: dict[str, Step] = {
