@@ -61,7 +61,7 @@ import uuid as _uuid  # noqa: E402
 from functools import wraps  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from archive_kms.errors import ArchiveKmsError  # noqa: E402
+from archive_kms.errors import ArchiveKmsError, ObjectNotFoundError  # noqa: E402
 
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: create and list.")
 audit_app = typer.Typer(no_args_is_help=True, help="The hash-chained audit log: verify and export.")
@@ -126,7 +126,8 @@ def tenant_list(as_json: bool = JSON) -> None:
 def archive_cmd(tenant: str,
                 jsonl: Path | None = typer.Option(None, help="Records, one JSON object per line"),
                 generate: int = typer.Option(0, help="Generate this many synthetic records instead"),
-                seed: int = typer.Option(0, help="Generator seed"),
+                seed: int = typer.Option(0, help="Generator seed (the data also depends on the tenant id, "
+                                                 "so the same seed gives different records per tenant)"),
                 offset: int = typer.Option(0, help="Skip this many generated records (for later batches)"),
                 job_id: str | None = typer.Option(None, help="Idempotency id (default: a new one)"),
                 as_json: bool = JSON) -> None:
@@ -148,7 +149,8 @@ def archive_cmd(tenant: str,
 @app.command("search")
 @_errors_are_messages
 def search_cmd(tenant: str, words: list[str] = typer.Argument(None),
-               field: list[str] = typer.Option(None, "--field", help="FIELD=VALUE exact filter (repeatable)"),
+               field: list[str] = typer.Option(None, "--field", help="FIELD=VALUE filter on the whole value "
+                                               "(case-insensitive, Unicode NFKC, spaces collapsed; repeatable)"),
                object_type: str | None = typer.Option(None, "--type"), limit: int = 20,
                as_json: bool = JSON) -> None:
     """Search TENANT's archive by words and field filters; results are decrypted."""
@@ -164,9 +166,17 @@ def search_cmd(tenant: str, words: list[str] = typer.Argument(None),
         Query(text=" ".join(words or ()), filters=filters, object_type=object_type, limit=limit))
     rows = [{"object_type": h.object_type, "record_id": h.record_id, "workspace": h.workspace_id,
              "fields": dict(h.fields)} for h in result]
-    human = "\n".join(f"{r['object_type']:<14} {r['record_id']}  {r['fields'].get('Name', '')}" for r in rows)
+    human = "\n".join(f"{r['object_type']:<14} {r['record_id']}  {_title(r['fields'])}" for r in rows)
     _emit(as_json, {"total": result.total, "hits": rows, "failures": [f.__dict__ for f in result.failures]},
           f"{human}\n{result.total} match(es)" if rows else "no matches")
+
+
+def _title(fields: dict) -> str:
+    """What a person recognises a record by: its Name, else Subject/Title, else the first text field."""
+    for key in ("Name", "Subject", "Title", "LastName", "CaseNumber"):
+        if fields.get(key):
+            return str(fields[key])
+    return next((str(v) for v in fields.values() if isinstance(v, str) and v), "")
 
 
 @app.command("read")
@@ -183,22 +193,35 @@ def read_cmd(tenant: str, record: str | None = typer.Option(None, help="TYPE/REC
         otype, sep, rid = record.partition("/")
         if not sep:
             raise typer.BadParameter("--record must be TYPE/RECORD_ID")
-        rec = archive.read_record(workspace, otype, rid)
+        try:
+            rec = archive.read_record(workspace, otype, rid)
+        except ObjectNotFoundError:
+            raise StateError(f"no record {otype}/{rid} in workspace {workspace!r} of tenant {tenant}"
+                             " (the workspace is --workspace; `archive-kms search` finds ids)") from None
         _emit(as_json, _json.loads(rec.to_json()), _json.dumps(_json.loads(rec.to_json()), indent=2))
         return
     import hashlib
 
+    import tempfile
+
     h, n = hashlib.sha256(), 0
-    sink = out.open("wb") if out else None
+    # Plaintext goes to a temporary file beside OUT, renamed only once the whole object
+    # authenticated: a truncated or tampered object leaves no partial plaintext behind.
+    tmp = tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False) if out else None
     try:
         for chunk in archive.read_attachment(workspace, attachment):
             h.update(chunk)
             n += len(chunk)
-            if sink:
-                sink.write(chunk)
-    finally:
-        if sink:
-            sink.close()
+            if tmp:
+                tmp.write(chunk)
+        if tmp:
+            tmp.close()
+            _os.replace(tmp.name, out)
+    except BaseException:
+        if tmp:
+            tmp.close()
+            Path(tmp.name).unlink(missing_ok=True)
+        raise
     _emit(as_json, {"attachment": attachment, "bytes": n, "sha256": h.hexdigest(), "out": str(out) if out else None},
           f"attachment {attachment}: {n} bytes, sha256 {h.hexdigest()}" + (f" -> {out}" if out else ""))
 
@@ -206,11 +229,37 @@ def read_cmd(tenant: str, record: str | None = typer.Option(None, help="TYPE/REC
 @audit_app.command("verify")
 @_errors_are_messages
 def audit_verify(tenant: str | None = None, as_json: bool = JSON) -> None:
-    """Verify the audit log's hash chain; exit 1 if any record was edited, deleted or reordered."""
-    v = _platform().state.verify_audit(tenant_id=tenant)
-    _emit(as_json, v.__dict__, "audit log verifies" if v.ok else f"AUDIT LOG BROKEN at seq {v.first_bad_seq}: {v.reason}")
+    """Verify the audit log's hash chain and, when anchors are published, that the log
+    still holds the latest anchor (no rollback); exit 1 if anything was edited, deleted,
+    reordered or rolled back."""
+    from archive_kms.state.anchors import verify_with_anchor
+
+    p = _platform()
+    v, anchor = verify_with_anchor(p.state, p.anchors, tenant_id=tenant)
+    out = {**v.__dict__, "anchor": None if anchor is None else {"count": anchor.count,
+                                                                 "anchored_at": anchor.anchored_at.isoformat()}}
+    where = ("" if p.anchors is None else
+             f"; against the anchor of record {anchor.count} ({anchor.anchored_at:%Y-%m-%d %H:%M} UTC)"
+             if anchor is not None else "; NO ANCHOR published for this log")
+    _emit(as_json, out, f"audit log verifies{where}" if v.ok else
+          f"AUDIT LOG BROKEN at seq {v.first_bad_seq}: {v.reason}")
     if not v.ok:
         raise typer.Exit(1)
+
+
+@audit_app.command("anchor")
+@_errors_are_messages
+def audit_anchor(as_json: bool = JSON) -> None:
+    """Verify the whole log, then publish its head to the anchor bucket (S3 Object Lock,
+    compliance mode), where nobody can delete it before its retention ends."""
+    from archive_kms.state.anchors import publish_anchor
+
+    p = _platform()
+    if p.anchors is None:
+        raise ConfigurationError("no anchor store: set ARCHIVE_KMS_AUDIT_ANCHOR_BUCKET (a bucket with Object Lock)")
+    anchor, where = publish_anchor(p.state, p.anchors)
+    _emit(as_json, {"count": anchor.count, "head_hash": anchor.head_hash, "where": where},
+          f"audit head anchored: record {anchor.count} -> {where}")
 
 
 @audit_app.command("export")
