@@ -250,7 +250,9 @@ def build_platform(settings: Settings | None = None):
             providers[ref] = resolve(ref, s)
         return providers[ref]
 
-    keychain = Keychain.from_settings(s, SqlKeychainStore(state), resolve_provider, signer)
+    # The keychain audits its commits in the same database and refuses a head older than
+    # the audit log recorded (a restored old keychain: docs/adr/0007-keychain-rollback.md).
+    keychain = Keychain.from_settings(s, SqlKeychainStore(state), resolve_provider, signer, audit=state)
     s3 = aws_client("s3", s) if s.aws_endpoint_url or s.aws_access_key_id else None
     blob = blob_service_client(s) if s.azure_blob_connection_string else None
     from archive_kms.storage.provisioning import CloudProvisioner

@@ -1,6 +1,8 @@
-"""The keychain's own test suites (tests/unit/test_keychain.py, test_keychain_rekey.py),
-rerun with its store swapped for ``SqlKeychainStore`` on SQLite and on PostgreSQL, plus a
-kill at every statement inside the store's commit transaction.
+"""The keychain's own test suites (tests/unit/test_keychain.py, test_keychain_rekey.py,
+test_keychain_rollback.py), rerun with its store swapped for ``SqlKeychainStore`` on SQLite
+and on PostgreSQL, plus a kill at every statement inside the store's commit transaction.
+The rollback suite also gets the SQL state store's audit log, in the same database, as
+production wiring has it.
 
 Those tests play an attacker by editing the in-memory store's raw ``records`` / ``heads``
 dicts; here the same names are live views onto the SQL rows (writing one writes the row
@@ -24,6 +26,8 @@ import test_keychain as keychain_suite  # noqa: E402
 from test_keychain import *  # noqa: E402,F401,F403 - every keychain test, collected here again
 import test_keychain_rekey as rekey_suite  # noqa: E402
 from test_keychain_rekey import *  # noqa: E402,F401,F403 - and every re-keying test
+import test_keychain_rollback as rollback_suite  # noqa: E402
+from test_keychain_rollback import *  # noqa: E402,F401,F403 - and every rollback / audit test
 
 from archive_kms.keys.keychain_store import KeychainStore, KeyRecord  # noqa: E402
 from archive_kms.state.schema import keychain_heads, keychain_records  # noqa: E402
@@ -99,6 +103,50 @@ def env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(keychain_suite, "InMemoryKeychainStore", lambda: store)
     try:
         yield keychain_suite.Env()
+    finally:
+        state.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """The rollback suite's world on SQL: keychain rows and audit log in one database."""
+    url = (f"sqlite:///{tmp_path / 'state.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    state = open_state(url)
+    try:
+        yield rollback_suite.World(_InspectableSqlKeychainStore(state), state)
+    finally:
+        state.close()
+
+
+def test_sql_rollback_by_restoring_rows_in_the_database_file_is_refused(tmp_path: Path) -> None:
+    """PoC 1a verbatim: the attacker edits the SQLite file with plain sqlite3 (no platform
+    code), deleting the keychain rows and inserting the old ones back."""
+    import sqlite3
+
+    db = tmp_path / "state.db"
+    state = open_state(f"sqlite:///{db}")
+    try:
+        world = rollback_suite.World(SqlKeychainStore(state), state)
+        kc = world.process()
+        kc.create_tenant("acme", world.kms.provider(world.kms.create_key("acme-l1")))
+        old_dek = kc.dek_for_encrypt("acme", "org1").dek_id
+        con = sqlite3.connect(db)
+        heads = con.execute("select * from keychain_heads where tenant_id='acme'").fetchall()
+        recs = con.execute("select * from keychain_records where tenant_id='acme'").fetchall()
+        con.close()
+        world.clock.t += 3 * rollback_suite.HOUR
+        kc.dek_for_encrypt("acme", "org1")
+        assert kc.erase_buckets("acme", "org1", world.clock.t).dek_ids == (old_dek,)
+        con = sqlite3.connect(db)
+        con.execute("delete from keychain_heads where tenant_id='acme'")
+        con.execute("delete from keychain_records where tenant_id='acme'")
+        con.executemany(f"insert into keychain_heads values ({','.join('?' * len(heads[0]))})", heads)
+        con.executemany(f"insert into keychain_records values ({','.join('?' * len(recs[0]))})", recs)
+        con.commit()
+        con.close()
+        with pytest.raises(rollback_suite.KeychainTamperedError, match="rolled back"):
+            world.process().dek_by_id("acme", old_dek)
     finally:
         state.close()
 

@@ -28,6 +28,14 @@ load: an edited, swapped (another tenant's) or replayed (older version) record r
 ``KeychainTamperedError``. Before every unwrap, from cache or provider, the tenant's
 revocation flag in the signed head is read; a revoked tenant gets ``TenantRevokedError``
 and its cached keys are purged.
+
+With an audit log (``audit=``, always in production wiring), every commit that changes
+the tenant's security state (everything but routine DEK and workspace creation) is
+recorded as ``keychain.<action>`` with the new head version; erasures carry their signed
+``ErasureRecord``. The first load of a tenant's head in a process (and again every
+``audit_refresh_seconds``) reads the highest head version the log recorded and refuses an
+older head (``KeychainTamperedError``: the keychain was rolled back), so a fresh process
+cannot be served a restored old keychain. ADR 0007 explains the choices.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -61,6 +69,7 @@ from archive_kms.errors import (
 )
 from archive_kms.keys.cache import KeyCache
 from archive_kms.keys.keychain_store import (
+    AuditedChange,
     KeychainStore,
     KeyLevel,
     KeyRecord,
@@ -75,6 +84,9 @@ from archive_kms.keys.keychain_store import (
 )
 from archive_kms.keys.port import KeyProvider, WrappedKey
 from archive_kms.keys.signing import Signer, Verifier
+
+if TYPE_CHECKING:
+    from archive_kms.state.port import AuditEvent, AuditLog, AuditRecord
 
 __all__ = [
     "DEFAULT_BUCKET_SECONDS",
@@ -103,6 +115,10 @@ _WORKSPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,95}\Z")
 _UINT_RE = re.compile(r"(0|[1-9][0-9]{0,17})\Z")  # canonical: no sign, no leading zeros
 _U32 = struct.Struct(">I")
 _WRAP_LABEL = b"archive_kms/v1/keychain-wrap"
+
+AUDIT_ACTOR = "keychain"
+AUDIT_ACTION_PREFIX = "keychain."
+DEFAULT_AUDIT_REFRESH_SECONDS = 60.0  # as long as a cached key may outlive a revoke
 
 _RECORD_PURPOSE = "keychain-record/v1"
 _HEAD_PURPOSE = "keychain-head/v1"
@@ -386,6 +402,27 @@ class _Plan:
     records: list[KeyRecord] = field(default_factory=list)
     cache_put: list[tuple[str, SecretBytes]] = field(default_factory=list)
     cache_drop: list[str] = field(default_factory=list)
+    audit_details: dict[str, Any] = field(default_factory=dict)  # ids and counts only, never key bytes
+
+
+@dataclass(frozen=True)
+class _AuditMark:
+    """What this process knows from a tenant's audit chain: the highest keychain head
+    version recorded, up to which record (``after_seq``), read when (monotonic)."""
+
+    version: int
+    after_seq: int
+    read_at: float
+
+
+def _audited_head_version(rec: AuditRecord) -> int | None:
+    """The head version a keychain audit record vouches for, or None for other records."""
+    if not rec.action.startswith(AUDIT_ACTION_PREFIX):
+        return None
+    version = rec.details.get("head_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version >= 1:
+        return version
+    return None
 
 
 def _only_ever_under_current_parent(ref: RecordRef) -> bool:
@@ -423,6 +460,12 @@ class Keychain:
     seconds (record times, the default ``now``); the cache has its own clock.
     ``bucket_seconds`` is the DEK bucket width for *new* workspaces; each workspace keeps
     the width it was created with, so its DEK ids never change meaning.
+
+    ``audit`` is the state store's ``AuditLog``: committed head changes are recorded there
+    and a head older than what it recorded is refused (rollback). Without it (bare unit
+    tests) only this process's own high-water mark catches a rolled-back head; production
+    wiring always passes it. ``audit_refresh_seconds``: how often a long-running process
+    re-reads the tenant's new audit records (incrementally).
     """
 
     def __init__(
@@ -436,6 +479,8 @@ class Keychain:
         verifier: Verifier | None = None,
         bucket_seconds: int = DEFAULT_BUCKET_SECONDS,
         max_attempts: int = 8,
+        audit: AuditLog | None = None,
+        audit_refresh_seconds: float = DEFAULT_AUDIT_REFRESH_SECONDS,
     ) -> None:
         if not isinstance(bucket_seconds, int) or isinstance(bucket_seconds, bool) or bucket_seconds < 1:
             raise ValidationError(f"bucket_seconds must be an int >= 1, got {bucket_seconds!r}")
@@ -448,9 +493,13 @@ class Keychain:
         self._bucket_seconds = bucket_seconds
         self._max_attempts = max_attempts
         self._lock = threading.Lock()
-        self._tenant_locks: dict[str, threading.Lock] = {}
+        self._tenant_locks: dict[str, threading.RLock] = {}  # re-entrant: a write's own load may repair the audit
         self._head_seen: dict[str, int] = {}  # high-water mark: a lower head is a replay
         self._verified_heads: dict[str, TenantHead] = {}  # last verified head per tenant
+        self._audit = audit
+        self._audit_refresh_seconds = audit_refresh_seconds
+        self._audit_marks: dict[str, _AuditMark] = {}
+        self._audit_pending: dict[str, list[AuditEvent]] = {}  # committed, append failed: retried on next load
         self._wraps = 0
         self._unwraps = 0
 
@@ -463,6 +512,7 @@ class Keychain:
         signer: Signer,
         *,
         clock: Callable[[], float] = time.time,
+        audit: AuditLog | None = None,
     ) -> Keychain:
         return cls(
             store,
@@ -471,6 +521,7 @@ class Keychain:
             clock,
             KeyCache.from_settings(settings),
             bucket_seconds=settings.dek_bucket_seconds,
+            audit=audit,
         )
 
     def __repr__(self) -> str:
@@ -493,8 +544,11 @@ class Keychain:
         Raises ``StateError`` if the tenant already has a keychain."""
         _check_tenant(tenant_id)
         with self._tenant_lock(tenant_id):
+            audited = self._audited_version(tenant_id)  # before the head, as in _load_head
             if self._store.get_head(tenant_id) is not None:
                 raise StateError(f"tenant {tenant_id} already has a keychain", resource=f"keychain:{tenant_id}")
+            if audited:  # a new keychain here would be one more rollback, and refused at once
+                raise self._missing_error(tenant_id, audited)
             now = self._now()
             l2 = SecretBytes.random(KEY_SIZE)
             wrapped = self._provider_wrap(l1, l2, tenant_id)
@@ -526,12 +580,14 @@ class Keychain:
                 revoked=False,
                 revoked_at=None,
                 updated_at=now,
+                audited_change=AuditedChange(1, "create"),
             )
             head = self._sign_head(head)
             self._store.commit(tenant_id, head=head, records=[self._sign_record(rec)], expected_head_version=None)
             self._note_head(tenant_id, head.version)
             self._cache.put(tenant_id, rec.record_id, l2)
             log.info("keychain: tenant %s created under L1 %s", tenant_id, l1.key_ref)
+            self._audit_commit(head, {"l2_id": rec.record_id})
             return self._status(head)
 
     def status(self, tenant_id: str) -> TenantKeyStatus:
@@ -694,9 +750,10 @@ class Keychain:
                 result=old.record_id,
                 head=head.with_workspace(replace(ws, active_dek=None)),
                 records=[self._bump(old, state=KeyRecordState.DECRYPT_ONLY)],
+                audit_details={"workspace_id": workspace_id, "dek_id": old.record_id},
             )
 
-        return self._write(tenant_id, plan, gate=True)
+        return self._write(tenant_id, plan, gate=True, audit_action="retire_dek")
 
     def list_deks(self, tenant_id: str, workspace_id: str | None = None) -> list[DekInfo]:
         """Every DEK (tombstones included), each verified; works while revoked."""
@@ -757,9 +814,11 @@ class Keychain:
                 l2=replace(head.l2, version=new.version),
             )
             log.info("keychain: tenant %s L2 re-wrapped from %s to %s", tenant_id, head.l1_ref, new_l1.key_ref)
-            return _Plan(result=None, head=new_head, records=[new], cache_put=[(rec.record_id, l2)])
+            return _Plan(result=None, head=new_head, records=[new], cache_put=[(rec.record_id, l2)],
+                         audit_details={"previous_l1_ref": head.l1_ref, "l1_generation": head.l1_generation + 1,
+                                        "l2_id": rec.record_id})
 
-        self._write(tenant_id, plan, gate=True)
+        self._write(tenant_id, plan, gate=True, audit_action="rotate_l1")
         return self.status(tenant_id)
 
     def rotate_l2(self, tenant_id: str) -> TenantKeyStatus:
@@ -767,7 +826,7 @@ class Keychain:
         not cached); every live L3 key is re-wrapped under it; the old L2 is DESTROYED.
         DEK records do not change, so existing objects keep decrypting."""
         _check_tenant(tenant_id)
-        self._write(tenant_id, self._rotate_l2_plan, gate=True)
+        self._write(tenant_id, self._rotate_l2_plan, gate=True, audit_action="rotate_l2")
         return self.status(tenant_id)
 
     def rotate_l3(self, tenant_id: str, workspace_id: str) -> TenantKeyStatus:
@@ -785,7 +844,7 @@ class Keychain:
                 raise self._erased_error(tenant_id, workspace_id)
             return self._rotate_l3_plan(head, ws)
 
-        self._write(tenant_id, plan, gate=True)
+        self._write(tenant_id, plan, gate=True, audit_action="rotate_l3")
         return self.status(tenant_id)
 
     def rekey_below_l1(self, tenant_id: str) -> RekeyReport:
@@ -808,9 +867,10 @@ class Keychain:
                 return _Plan(result=False)
             p = self._rotate_l2_plan(head)
             p.result = True
+            p.audit_details["step"] = "l2"
             return p
 
-        l2_rotated = self._write(tenant_id, l2_plan, gate=True)
+        l2_rotated = self._write(tenant_id, l2_plan, gate=True, audit_action="rekey")
         rotated: list[str] = []
         rewrapped = 0
         for workspace_id in self.status(tenant_id).workspaces:
@@ -819,9 +879,11 @@ class Keychain:
                 ws = self._workspace(head, workspace_id)
                 if ws.erased or _only_ever_under_current_parent(ws.l3):
                     return _Plan(result=None)
-                return self._rotate_l3_plan(head, ws)
+                p = self._rotate_l3_plan(head, ws)
+                p.audit_details["step"] = "l3"
+                return p
 
-            count = self._write(tenant_id, l3_plan, gate=True)
+            count = self._write(tenant_id, l3_plan, gate=True, audit_action="rekey")
             if count is not None:
                 rotated.append(workspace_id)
                 rewrapped += count
@@ -842,10 +904,12 @@ class Keychain:
         def plan(head: TenantHead) -> _Plan:
             if head.revoked:
                 return _Plan(result=None)
-            return _Plan(result=None, head=replace(head, revoked=True, revoked_at=self._now()))
+            now = self._now()
+            return _Plan(result=None, head=replace(head, revoked=True, revoked_at=now),
+                         audit_details={"revoked_at": _time_out(now)})
 
         try:
-            self._write(tenant_id, plan, gate=False)
+            self._write(tenant_id, plan, gate=False, audit_action="revoke")
         finally:
             self._cache.purge(tenant_id)  # again: a reader may have refilled it meanwhile
         log.warning("keychain: tenant %s revoked; caches purged", tenant_id)
@@ -868,7 +932,7 @@ class Keychain:
                 cache_put=[(rec.record_id, l2)],
             )
 
-        self._write(tenant_id, plan, gate=False)
+        self._write(tenant_id, plan, gate=False, audit_action="restore")
         log.warning("keychain: tenant %s restored", tenant_id)
         return self.status(tenant_id)
 
@@ -916,7 +980,7 @@ class Keychain:
             )
             return p
 
-        record = self._write(tenant_id, plan, gate=False)
+        record = self._write(tenant_id, plan, gate=False, audit_action="erase")
         log.info("keychain: tenant %s workspace %s: %d DEKs crypto-erased (%s)",
                  tenant_id, workspace_id, len(record.dek_ids), reason)
         return record
@@ -948,7 +1012,7 @@ class Keychain:
             )
             return p
 
-        record = self._write(tenant_id, plan, gate=False)
+        record = self._write(tenant_id, plan, gate=False, audit_action="erase")
         log.info("keychain: tenant %s workspace %s crypto-erased: %d DEKs and its L3 key (%s)",
                  tenant_id, workspace_id, len(record.dek_ids), reason)
         return record
@@ -1014,16 +1078,16 @@ class Keychain:
                                             l3_destroyed=False, floor_dek_id=floor_id)
             return p
 
-        record = self._write(tenant_id, plan, gate=True)
+        record = self._write(tenant_id, plan, gate=True, audit_action="erase")
         log.info("keychain: tenant %s workspace %s: %d DEKs up to %s crypto-erased (%s)",
                  tenant_id, workspace_id, len(record.dek_ids), floor_id, reason)
         return record
 
     # --- reading and writing under the head --------------------------------------------------
 
-    def _tenant_lock(self, tenant_id: str) -> threading.Lock:
+    def _tenant_lock(self, tenant_id: str) -> threading.RLock:
         with self._lock:
-            return self._tenant_locks.setdefault(tenant_id, threading.Lock())
+            return self._tenant_locks.setdefault(tenant_id, threading.RLock())
 
     def _read(self, tenant_id: str, fn: Callable[[TenantHead], T], *, gate: bool = True) -> T:
         head = self._load_head(tenant_id, gate=gate)
@@ -1034,7 +1098,13 @@ class Keychain:
                 head = self._recheck(tenant_id, head, m, gate)
         raise self._busy(tenant_id)
 
-    def _write(self, tenant_id: str, fn: Callable[[TenantHead], _Plan], *, gate: bool) -> Any:
+    def _write(
+        self, tenant_id: str, fn: Callable[[TenantHead], _Plan], *, gate: bool, audit_action: str | None = None
+    ) -> Any:
+        """Plan against the current head and commit (compare-and-set), re-planning on a
+        concurrent commit. ``audit_action``: the commit is recorded in the audit log as
+        ``keychain.<audit_action>`` and named in the new head's ``audited_change``; None
+        for routine DEK and workspace creation (ADR 0007)."""
         with self._tenant_lock(tenant_id):
             head = self._load_head(tenant_id, gate=gate)
             for _ in range(self._max_attempts):
@@ -1043,8 +1113,12 @@ class Keychain:
                 except _Mismatch as m:
                     head = self._recheck(tenant_id, head, m, gate)
                     continue
+                new_head = None
                 if plan.head is not None:
-                    new_head = self._sign_head(replace(plan.head, version=head.version + 1, updated_at=self._now()))
+                    new_head = replace(plan.head, version=head.version + 1, updated_at=self._now())
+                    if audit_action is not None:
+                        new_head = replace(new_head, audited_change=AuditedChange(new_head.version, audit_action))
+                    new_head = self._sign_head(new_head)
                     records = [self._sign_record(r) for r in plan.records]
                     try:
                         self._store.commit(
@@ -1057,6 +1131,8 @@ class Keychain:
                 self._cache.discard(tenant_id, plan.cache_drop)
                 for key_id, key in plan.cache_put:
                     self._cache.put(tenant_id, key_id, key)
+                if new_head is not None and audit_action is not None:
+                    self._audit_commit(new_head, plan.audit_details)  # after the cache: an erased key is gone
                 return plan.result
             raise self._busy(tenant_id)
 
@@ -1074,13 +1150,17 @@ class Keychain:
         )
 
     def _load_head(self, tenant_id: str, *, gate: bool) -> TenantHead:
-        # The replay check compares with the high-water mark as it was *before* this read:
+        # The replay checks compare with high-water marks as they were *before* this read:
         # a concurrent thread may raise the mark while we read, and a head older than that
-        # newer mark is then a race, not a replay (the store only moves forward).
+        # newer mark is then a race, not a replay (the store only moves forward). The same
+        # holds for the audit log's mark: a commit is audited only after it landed.
         with self._lock:
             seen = self._head_seen.get(tenant_id, 0)
+        audited = self._audited_version(tenant_id)
         head = self._store.get_head(tenant_id)
         if head is None:
+            if audited:
+                raise self._missing_error(tenant_id, audited)
             raise KeyNotFoundError(f"tenant {tenant_id} has no keychain", resource=f"keychain:{tenant_id}")
         resource = f"keychain:{tenant_id}/head"
         with self._lock:
@@ -1096,10 +1176,22 @@ class Keychain:
                 f"keychain head of tenant {tenant_id} went back from version {seen} to {head.version} (replayed)",
                 resource=resource,
             )
+        if head.version < audited:
+            log.error("keychain: tampering detected: tenant %s head v%d below audited v%d", tenant_id,
+                      head.version, audited)
+            raise KeychainTamperedError(
+                f"keychain of tenant {tenant_id} is at version {head.version} but the audit log recorded version "
+                f"{audited}: rolled back; restore the keychain rows from a backup at version {audited} or later, "
+                "or investigate (docs/key-hierarchy.md section 7)",
+                resource=resource,
+            )
         with self._lock:
             if head.version >= self._head_seen.get(tenant_id, 0):
                 self._head_seen[tenant_id] = head.version
                 self._verified_heads[tenant_id] = head
+        change = head.audited_change
+        if self._audit is not None and change is not None and change.version > audited:
+            self._repair_audit(head)
         if head.revoked:
             self._cache.purge(tenant_id)  # this process may not be the one that revoked
         if gate and head.revoked:
@@ -1117,6 +1209,118 @@ class Keychain:
     def _note_head(self, tenant_id: str, version: int) -> None:
         with self._lock:
             self._head_seen[tenant_id] = max(version, self._head_seen.get(tenant_id, 0))
+
+    @staticmethod
+    def _missing_error(tenant_id: str, audited: int) -> KeychainTamperedError:
+        return KeychainTamperedError(
+            f"keychain of tenant {tenant_id} is missing but the audit log recorded version {audited}: deleted or "
+            f"rolled back; restore the keychain rows from a backup at version {audited} or later, or investigate",
+            resource=f"keychain:{tenant_id}/head",
+        )
+
+    # --- the audit log: recording commits, reading the high-water mark -------------------
+
+    def _audited_version(self, tenant_id: str, *, fresh: bool = False) -> int:
+        """The highest keychain head version the audit log records for the tenant (0 with
+        no audit log or no record). Read in full once per tenant per process, then only
+        the records appended since, at most every ``audit_refresh_seconds`` (or now, if
+        ``fresh``); this process's own appends raise it as they land."""
+        if self._audit is None:
+            return 0
+        with self._lock:
+            mark = self._audit_marks.get(tenant_id)
+        now = time.monotonic()
+        if mark is not None and not fresh and now - mark.read_at < self._audit_refresh_seconds:
+            return mark.version
+        version, after_seq = (mark.version, mark.after_seq) if mark is not None else (0, 0)
+        for rec in self._audit.iter_audit(tenant_id=tenant_id, after_seq=after_seq):
+            after_seq = max(after_seq, rec.seq)
+            vouched = _audited_head_version(rec)
+            if vouched is not None:
+                version = max(version, vouched)
+        with self._lock:
+            current = self._audit_marks.get(tenant_id)
+            if current is not None:  # a concurrent reader or an own append: keep the larger of each
+                version, after_seq = max(version, current.version), max(after_seq, current.after_seq)
+            self._audit_marks[tenant_id] = _AuditMark(version, after_seq, now)
+        return version
+
+    def _note_audited(self, tenant_id: str, version: int) -> None:
+        with self._lock:
+            mark = self._audit_marks.get(tenant_id)
+            if mark is not None:  # without a mark the next load reads the whole chain anyway
+                self._audit_marks[tenant_id] = replace(mark, version=max(mark.version, version))
+
+    @staticmethod
+    def _audit_event(head: TenantHead, version: int, action: str, details: Mapping[str, Any]) -> AuditEvent:
+        """``keychain.<action>`` for head ``version``: ids and counts only, never key bytes."""
+        from archive_kms.state.port import AuditEvent  # the state package is heavy; only when auditing
+
+        return AuditEvent(
+            actor=AUDIT_ACTOR,
+            action=AUDIT_ACTION_PREFIX + action,
+            tenant_id=head.tenant_id,
+            details={"tenant_id": head.tenant_id, "head_version": version, "l1_ref": head.l1_ref, **details},
+        )
+
+    def _audit_commit(self, head: TenantHead, details: Mapping[str, Any]) -> None:
+        """Record a committed head change. If the append fails the commit stands: the event
+        is kept and appended by the next load of the tenant in this process (another
+        process writes a recovered record instead), and the error goes to the caller."""
+        if self._audit is None or head.audited_change is None:
+            return
+        event = self._audit_event(head, head.version, head.audited_change.action, details)
+        try:
+            self._audit.append_audit(event)
+        except Exception:  # noqa: BLE001 - whatever failed, the commit stands: keep the event, re-raise
+            with self._lock:
+                self._audit_pending.setdefault(head.tenant_id, []).append(event)
+            log.error("keychain: tenant %s head v%d committed but its audit record was not written; "
+                      "it is retried on the next load", head.tenant_id, head.version)
+            raise
+        self._note_audited(head.tenant_id, head.version)
+
+    def _repair_audit(self, head: TenantHead) -> None:
+        """The head's audited change is newer than anything the audit log holds: a crash (or a
+        failed append) between a commit and its audit record. Append the kept event if this
+        process made the commit, else a ``recovered`` record naming the head version, so the
+        log's high-water mark catches up. A concurrent committer may still append its own
+        record: a duplicate for one version is harmless (the mark is a maximum). Under the
+        tenant lock, so a thread of this process never "recovers" a commit another of its
+        threads is still auditing."""
+        tenant_id = head.tenant_id
+        change = head.audited_change
+        if self._audit is None or change is None:
+            return
+        with self._tenant_lock(tenant_id):
+            audited = self._audited_version(tenant_id, fresh=True)  # another process may have appended it
+            if change.version <= audited:
+                return
+            with self._lock:
+                pending = self._audit_pending.pop(tenant_id, [])
+            try:
+                while pending:
+                    event = pending[0]
+                    if event.details["head_version"] > audited:
+                        self._audit.append_audit(event)
+                        self._note_audited(tenant_id, event.details["head_version"])
+                    pending.pop(0)
+            finally:
+                if pending:
+                    with self._lock:
+                        self._audit_pending.setdefault(tenant_id, [])[:0] = pending
+            if change.version <= self._audited_version(tenant_id):
+                return
+            # l1_ref is still the one of that commit: changing it (rotate_l1) is audited.
+            self._audit.append_audit(self._audit_event(head, change.version, change.action, {
+                "recovered": True,
+                "found_at_head_version": head.version,
+                "note": "written on a later load: the commit's own audit record is missing "
+                        "(crash between the keychain commit and the audit append)",
+            }))
+            self._note_audited(tenant_id, change.version)
+            log.warning("keychain: tenant %s head v%d (%s) had no audit record; recovered record written",
+                        tenant_id, change.version, change.action)
 
     # --- signing ---------------------------------------------------------------------------
 
@@ -1153,7 +1357,10 @@ class Keychain:
             floor_dek_id=floor_dek_id,
             signer_key_id=self._signer.key_id,
         )
-        return replace(rec, signature=self._signer.sign(rec.signing_payload(), purpose=_ERASURE_PURPOSE))
+        rec = replace(rec, signature=self._signer.sign(rec.signing_payload(), purpose=_ERASURE_PURPOSE))
+        # The commit's audit record carries the signed record verbatim: verifiable from the log alone.
+        p.audit_details.update(workspace_id=workspace_id, scope=scope, erasure_record=rec.to_json().decode("ascii"))
+        return rec
 
     # --- record loading and checks ---------------------------------------------------------
 
@@ -1345,6 +1552,8 @@ class Keychain:
         p.head = replace(head, l2=RecordRef(new_rec.record_id, gen, 1), workspaces=tuple(workspaces))
         p.cache_drop.append(old_rec.record_id)
         p.cache_put.append((new_rec.record_id, new_l2))
+        p.audit_details.update(l2_id=new_rec.record_id, previous_l2_id=old_rec.record_id,
+                               l3_rewrapped=len(p.records) - 2)
         log.info("keychain: tenant %s L2 rotated to %s; %d L3 keys re-wrapped",
                  tenant_id, new_rec.record_id, len(p.records) - 2)
         return p
@@ -1400,6 +1609,8 @@ class Keychain:
         p.head = head.with_workspace(replace(ws, l3=RecordRef(new_rec.record_id, gen, 1), active_dek=active))
         p.cache_drop.append(old_rec.record_id)  # nothing names it any more; never serve it again
         p.cache_put.append((new_rec.record_id, new_l3))
+        p.audit_details.update(workspace_id=ws.workspace_id, l3_id=new_rec.record_id,
+                               previous_l3_id=old_rec.record_id, deks_rewrapped=p.result)
         log.info("keychain: tenant %s workspace %s key rotated to %s; %d DEKs re-wrapped",
                  tenant_id, ws.workspace_id, new_rec.record_id, p.result)
         return p

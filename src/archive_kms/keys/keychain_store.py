@@ -8,8 +8,11 @@ What is stored (nothing here is secret: wrapped keys are ciphertext):
 * :class:`TenantHead` - one per tenant, also signed, with its own ``version``: the L1
   reference, the current L2 record (id, generation, version), per workspace its L3
   record and active DEK (id, generation, version) and its erasure watermarks, and the
-  revocation flag. The keychain checks every record it loads against the head, which is
-  how a replayed old record (e.g. a DEK back from DESTROYED to ACTIVE) is caught.
+  revocation flag, and its last *audited change* (the version and action of the newest
+  commit the keychain records in the audit log). The keychain checks every record it loads
+  against the head, which is how a replayed old record (e.g. a DEK back from DESTROYED to
+  ACTIVE) is caught, and the head's version against the audit log, which is how a
+  rolled-back keychain is caught.
 
 Both are frozen dataclasses that serialise deterministically (``to_json``: canonical JSON,
 sorted keys, no whitespace, bytes as base64, times as ``YYYY-MM-DDTHH:MM:SS.ffffffZ``) and
@@ -37,6 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 from archive_kms.errors import KeychainTamperedError, StateError, ValidationError, VersionConflictError
 
 __all__ = [
+    "AuditedChange",
     "InMemoryKeychainStore",
     "KeyLevel",
     "KeyRecord",
@@ -333,8 +337,34 @@ class WorkspaceHead:
 
 
 @dataclass(frozen=True)
+class AuditedChange:
+    """The newest commit of a head that the keychain records in the audit log: its head
+    version and action (``create``, ``rotate_l1``, ``erase``, ...; routine DEK and
+    workspace creation are not audited and leave it as it was). A head whose audited
+    change is newer than anything the audit log holds lost its audit record to a crash
+    between the commit and the append."""
+
+    version: int
+    action: str
+
+    def __post_init__(self) -> None:
+        _check_int("audited change version", self.version, 1)
+        _check_str("audited change action", self.action)
+
+    def _json(self) -> list[Any]:
+        return [self.version, self.action]
+
+    @classmethod
+    def _from(cls, value: Any) -> AuditedChange:
+        version, action = value
+        return cls(version, action)
+
+
+@dataclass(frozen=True)
 class TenantHead(SignedJson):
-    """The signed root of a tenant's keychain; ``version`` goes up by one per commit."""
+    """The signed root of a tenant's keychain; ``version`` goes up by one per commit.
+    ``audited_change`` is ``None`` only in heads written before audited changes existed
+    (it is then absent from the JSON, so those heads verify as they were signed)."""
 
     tenant_id: str
     version: int
@@ -345,6 +375,7 @@ class TenantHead(SignedJson):
     revoked: bool
     revoked_at: datetime | None
     updated_at: datetime
+    audited_change: AuditedChange | None = None
     signer_key_id: str = ""
     signature: bytes = b""
 
@@ -353,6 +384,10 @@ class TenantHead(SignedJson):
         _check_str("l1_ref", self.l1_ref)
         _check_int("version", self.version, 1)
         _check_int("l1_generation", self.l1_generation, 1)
+        if self.audited_change is not None and (
+            not isinstance(self.audited_change, AuditedChange) or self.audited_change.version > self.version
+        ):
+            raise ValidationError("audited_change must be an AuditedChange no newer than the head")
         if not isinstance(self.workspaces, tuple):
             raise ValidationError("workspaces must be a tuple")
         ids = [w.workspace_id for w in self.workspaces]
@@ -383,11 +418,12 @@ class TenantHead(SignedJson):
     def __repr__(self) -> str:
         return (
             f"TenantHead({self.tenant_id} v{self.version}, l1={self.l1_ref}@{self.l1_generation}, "
-            f"l2={self.l2.record_id}, {len(self.workspaces)} workspaces, revoked={self.revoked})"
+            f"l2={self.l2.record_id}, {len(self.workspaces)} workspaces, revoked={self.revoked}, "
+            f"audited={self.audited_change.version if self.audited_change else None})"
         )
 
     def _fields(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format": HEAD_FORMAT,
             "tenant_id": self.tenant_id,
             "version": self.version,
@@ -400,6 +436,9 @@ class TenantHead(SignedJson):
             "updated_at": _time_out(self.updated_at),
             "signer_key_id": self.signer_key_id,
         }
+        if self.audited_change is not None:  # absent otherwise: heads made before it verify as they were
+            out["audited_change"] = self.audited_change._json()
+        return out
 
     @classmethod
     def from_json(cls, data: bytes | str) -> TenantHead:
@@ -407,7 +446,8 @@ class TenantHead(SignedJson):
         try:
             if obj.pop("format") != HEAD_FORMAT:
                 raise ValueError("unknown head format")
-            if set(obj) != {f.name for f in fields(cls)}:
+            required = {f.name for f in fields(cls)} - {"audited_change"}
+            if not required <= set(obj) <= required | {"audited_change"}:
                 raise ValueError("unexpected or missing fields")
             return cls(
                 tenant_id=obj["tenant_id"],
@@ -419,6 +459,7 @@ class TenantHead(SignedJson):
                 revoked=obj["revoked"],
                 revoked_at=_time_in(obj["revoked_at"]),
                 updated_at=_time_in(obj["updated_at"]),  # type: ignore[arg-type]
+                audited_change=AuditedChange._from(obj["audited_change"]) if "audited_change" in obj else None,
                 signer_key_id=obj["signer_key_id"],
                 signature=_b64_in(obj["signature"]),
             )

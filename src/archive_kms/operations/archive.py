@@ -363,8 +363,10 @@ class TenantArchive:
             if fresh is None or fresh.store is self.store:
                 raise
             return fresh.read_object(name)
-        return decrypt_iter(reader, binding=binding,
-                            dek_for=lambda header: self.keychain.dek_by_id(self.tenant_id, header.dek_id))
+        # dek_for_header, not dek_by_id: the DEK must belong to the header's workspace, or an
+        # object could name another workspace's DEK and outlive the erasure of its own.
+        # (decrypt_iter has already checked the header's tenant and workspace against the binding.)
+        return decrypt_iter(reader, binding=binding, dek_for=self.keychain.dek_for_header)
 
     def read_record(self, workspace_id: str, object_type: str, record_id: str) -> Record:
         name = record_object_name(Record(object_type, record_id, {}, (), workspace_id))

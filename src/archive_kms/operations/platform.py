@@ -115,10 +115,13 @@ class Platform:
             return stores.setdefault(location.uri, MemoryObjectStore())
 
         clock = clock or time.time
-        keychain = Keychain(InMemoryKeychainStore(), resolve, Signer.generate(), clock, KeyCache())
+        state = InMemoryStateStore()
+        # The keychain records its commits in the state store's audit log and checks its
+        # head against it (rollback detection), as in production wiring.
+        keychain = Keychain(InMemoryKeychainStore(), resolve, Signer.generate(), clock, KeyCache(), audit=state)
         from archive_kms.storage.provisioning import MemoryProvisioner
 
         from archive_kms.state.anchors import MemoryAnchorStore
 
-        return cls(settings, InMemoryStateStore(), keychain, MemorySearchIndex(), resolve, open_store,
+        return cls(settings, state, keychain, MemorySearchIndex(), resolve, open_store,
                    MemoryProvisioner(open_store), anchors=MemoryAnchorStore())
