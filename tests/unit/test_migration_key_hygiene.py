@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 
 from archive_kms.keys.keychain import ErasureRecord, parse_dek_id
 from archive_kms.keys.keychain_store import KeyRecordState
@@ -63,10 +62,11 @@ def test_enable_rekeys_below_l1_and_erases_the_source_deks() -> None:
     states = _deks_by_state(p)
     assert source_deks <= states[KeyRecordState.DESTROYED.value]
     assert all(not _below(d, floor) for d in states.get(KeyRecordState.ACTIVE.value, set()))
-    erased = _audit(p, run_id, "key.erase")
-    assert {d for r in erased for d in r.details["dek_ids"]} == states[KeyRecordState.DESTROYED.value]
-    for r in erased:  # the signed erasure records, as the keychain made them: the signature verifies
-        ErasureRecord.from_json(json.dumps(r.details)).verify(p.keychain._verifier)  # noqa: SLF001
+    erased = [r for r in p.state.iter_audit(tenant_id=TENANT) if r.action == "keychain.erase"]
+    records = [ErasureRecord.from_json(r.details["erasure_record"]) for r in erased]  # the signed JSON text
+    assert {d for rec in records for d in rec.dek_ids} == states[KeyRecordState.DESTROYED.value]
+    for rec in records:  # the signed erasure records, as the keychain made them: the signature verifies
+        rec.verify(p.keychain._verifier)  # noqa: SLF001
     resumed = p.state.get_run(run_id).step("resume").result
     assert resumed["old_deks_erased"] == len(states[KeyRecordState.DESTROYED.value]) > 0
 

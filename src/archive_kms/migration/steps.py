@@ -556,8 +556,6 @@ def _erase_old_deks(ctx: RunContext) -> dict[str, Any]:
     they protect nothing but old copies (backups) of data that is gone. Skipped while waived
     source objects are kept under them (ADR 0006: never lost silently). Idempotent: a rerun
     finds them destroyed and writes nothing."""
-    import json
-
     p, tenant = ctx.platform, ctx.plan.tenant_id
     floor = (p.state.get_run(ctx.run_id).step("bind_key").result or {}).get("dek_floor")
     if not floor:
@@ -565,12 +563,9 @@ def _erase_old_deks(ctx: RunContext) -> dict[str, Any]:
     kept = quarantine.summarize(p.state, ctx.run_id).names
     if kept:
         return {"old_deks_erased": 0, "old_deks_kept_for": f"{len(kept)} waived source object(s)"}
+    # The keychain writes each signed erasure record to the audit log (keychain.erase).
     records = p.keychain.erase_deks_below(tenant, floor, reason=f"re-encrypted by migration run {ctx.run_id}")
-    destroyed = 0
-    for rec in records:  # the signed erasure records go into the audit log as they are
-        destroyed += len(rec.dek_ids)
-        ctx.audit("key.erase", json.loads(rec.to_json()))
-    return {"old_deks_erased": destroyed}
+    return {"old_deks_erased": sum(len(rec.dek_ids) for rec in records)}
 
 
 def report(ctx: RunContext) -> dict[str, Any]:
