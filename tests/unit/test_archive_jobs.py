@@ -88,6 +88,20 @@ def test_jobs_sent_while_paused_are_deferred_then_replayed_once(platform):
     assert platform.index.count(platform.index.current_index("acme")) == 10
 
 
+def test_every_job_leaves_an_audit_record_with_counts_not_content(platform):
+    submit_job(platform.state, synthetic("job-a1", 4), platform.open_archive)
+    platform.state.pause("acme", "run-9")
+    submit_job(platform.state, synthetic("job-a2", 3, offset=4), platform.open_archive)
+    replay_deferred(platform.state, "acme", "run-9", platform.open_archive)
+    jobs = [(r.action, r.actor, r.run_id, r.details["job_id"]) for r in platform.state.iter_audit(tenant_id="acme")
+            if r.action.startswith("job.")]
+    assert jobs == [("job.run", "archive-writer", None, "job-a1"), ("job.deferred", "archive-writer", None, "job-a2"),
+                    ("job.run", "replay:run-9", "run-9", "job-a2")]
+    ran = next(r for r in platform.state.iter_audit(tenant_id="acme") if r.action == "job.run")
+    assert ran.details["records"] == 4 and ran.details["indexed"] == 4
+    assert platform.state.verify_audit(tenant_id="acme").ok
+
+
 def test_search_by_word_and_field_returns_decrypted_records(platform):
     submit_job(platform.state, synthetic("job-1"), platform.open_archive)
     archive = platform.open_archive("acme")

@@ -81,14 +81,14 @@ def test_resume_step_does_not_complete_while_deferred_jobs_wait(monkeypatch):
     real_run = archive_module._run
     calls = {"n": 0}
 
-    def first_replay_fails(state, spec, attempt, open_archive):
+    def first_replay_fails(state, spec, attempt, open_archive, **kw):
         calls["n"] += 1
 
         def failing_open(tenant):
             raise TransientError("injected: the store did not answer")
 
         # through the real _run, so the failed attempt is recorded as the writer would
-        return real_run(state, spec, attempt, failing_open if calls["n"] == 1 else open_archive)
+        return real_run(state, spec, attempt, failing_open if calls["n"] == 1 else open_archive, **kw)
 
     monkeypatch.setattr(archive_module, "_run", first_replay_fails)
     out = resume(p, run.run_id, actor="t")

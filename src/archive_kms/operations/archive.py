@@ -49,9 +49,11 @@ from archive_kms.errors import (
     StateError,
     ValidationError,
 )
-from archive_kms.state.port import DeferredJob, JobState
+from archive_kms.state.port import AuditEvent, DeferredJob, JobState
 
 log = logging.getLogger(__name__)
+
+JOB_ACTOR = "archive-writer"  # the audit actor of archive jobs submitted by the platform's writer
 
 RECORD_PREFIX = b"records/"
 ATTACHMENT_PREFIX = b"attachments/"
@@ -450,8 +452,17 @@ def submit_job(state, spec: JobSpec, open_archive: Callable[[str], TenantArchive
     decision = admission.decision.value
     if decision != "run":
         log.info("job %s for tenant %s: %s", spec.job_id, spec.tenant_id, decision)
+        if decision == "deferred":
+            _audit(state, spec.tenant_id, "job.deferred", {"job_id": spec.job_id, "kind": spec.kind})
         return JobOutcome(spec.job_id, spec.tenant_id, decision)
     return _run(state, spec, admission.attempt, open_archive)
+
+
+def _audit(state, tenant_id: str, action: str, details: dict[str, Any], run_id: str | None = None) -> None:
+    """Every job that writes (or is queued to write) into a tenant's archive leaves an
+    audit record: ids and counts, never record content."""
+    state.append_audit(AuditEvent(actor=JOB_ACTOR if run_id is None else f"replay:{run_id}", action=action,
+                                  tenant_id=tenant_id, run_id=run_id, details=details))
 
 
 def _is_resend(state, spec: JobSpec, keychain: Any) -> bool:
@@ -471,7 +482,8 @@ def _is_resend(state, spec: JobSpec, keychain: Any) -> bool:
     return held.kind == spec.kind and _canonical(_content(held)) == _canonical(_content(spec))
 
 
-def _run(state, job: JobSpec | DeferredJob, attempt: int, open_archive: Callable[[str], TenantArchive]) -> JobOutcome:
+def _run(state, job: JobSpec | DeferredJob, attempt: int, open_archive: Callable[[str], TenantArchive], *,
+         run_id: str | None = None) -> JobOutcome:
     """Run an admitted attempt into the archive opened now. ``job`` is the spec, or a
     queued job whose content is opened here under the keychain as it is now. Any failure,
     a refused seal included, is recorded on the attempt (a queued job stays queued)."""
@@ -481,8 +493,14 @@ def _run(state, job: JobSpec | DeferredJob, attempt: int, open_archive: Callable
         counts = write_records(archive, spec.materialise())
     except BaseException as e:
         state.finish_job(job.job_id, attempt, error=f"{type(e).__name__}: {e}"[:500])
+        _audit(state, job.tenant_id, "job.failed", {"job_id": job.job_id, "attempt": attempt,
+                                                    "error": type(e).__name__}, run_id)
         raise
     state.finish_job(job.job_id, attempt, object_count=counts["written"] + counts["already"])
+    _audit(state, job.tenant_id, "job.run", {
+        "job_id": job.job_id, "attempt": attempt, "records": counts["records"], "attachments": counts["attachments"],
+        "objects_written": counts["written"], "objects_already_there": counts["already"],
+        "indexed": counts["indexed"]}, run_id)
     return JobOutcome(job.job_id, job.tenant_id, "run", counts["records"], counts["attachments"],
                       counts["written"], counts["already"], counts["bytes"], counts["indexed"])
 
@@ -514,7 +532,7 @@ def replay_deferred(state, tenant_id: str, run_id: str, open_archive: Callable[[
             if admission.decision.value != "run":  # completed by an earlier replayer, or running now
                 outcomes.append(JobOutcome(job.job_id, tenant_id, "duplicate"))
                 continue
-            outcomes.append(_run(state, job, admission.attempt, open_archive))
+            outcomes.append(_run(state, job, admission.attempt, open_archive, run_id=run_id))
         claimed = state.claim_deferred(tenant_id, reclaim_after=reclaim_after)
     return outcomes
 
