@@ -151,10 +151,17 @@ def test_sql_rollback_by_restoring_rows_in_the_database_file_is_refused(tmp_path
         state.close()
 
 
-def test_rotate_l3_killed_at_any_statement_of_its_commit_changes_nothing(env: Any) -> None:
+_ERASED_HOUR = "org-1/1"  # erase_buckets below T0 + 2h destroys org-1's DEK of hour 1 (hour 0 already is)
+
+
+@pytest.mark.parametrize("operation", ["rotate_l3", "erase_buckets"])
+def test_workspace_key_replacement_killed_at_any_statement_of_its_commit_changes_nothing(
+    env: Any, operation: str
+) -> None:
     """The process dies after k statements of the commit transaction, for every k: the
     rows are exactly as before (the transaction rolled back), every DEK opens, and the
-    next attempt commits the rotation."""
+    next attempt commits. ``erase_buckets`` replaces the workspace key in the same commit
+    as it destroys, so it is held to the same."""
     blobs = rekey_suite._tenant_with_data(env)
     engine = env.store._state.engine
     budget = {"armed": False, "left": 0}
@@ -174,6 +181,13 @@ def test_rotate_l3_killed_at_any_statement_of_its_commit_changes_nothing(env: An
         finally:
             budget["armed"] = False
 
+    def run() -> None:
+        kc = env.keychain()
+        if operation == "rotate_l3":
+            kc.rotate_l3("acme", "org-1")
+        else:
+            assert len(kc.erase_buckets("acme", "org-1", keychain_suite.T0 + 2 * keychain_suite.HOUR).dek_ids) == 1
+
     env.store.commit = commit
     event.listen(engine, "before_cursor_execute", kill)
     killed = 0
@@ -182,7 +196,7 @@ def test_rotate_l3_killed_at_any_statement_of_its_commit_changes_nothing(env: An
             before = rekey_suite._rows(env)
             budget["left"] = killed
             try:
-                env.keychain().rotate_l3("acme", "org-1")
+                run()
             except rekey_suite.Crash:
                 assert rekey_suite._rows(env) == before
                 rekey_suite._all_open(env.keychain(), blobs)
@@ -191,7 +205,11 @@ def test_rotate_l3_killed_at_any_statement_of_its_commit_changes_nothing(env: An
             break
     finally:
         event.remove(engine, "before_cursor_execute", kill)
-    # head read FOR UPDATE, new L3, old L3, two live DEKs, head: at least six kill points
+    # head read FOR UPDATE, new L3, old L3, two DEKs (re-wrapped or destroyed), head: at least six kill points
     assert killed >= 6
-    assert env.store.get_head("acme").workspace("org-1").l3.record_id == "l3/org-1/2"
+    # _tenant_with_data's erasure already replaced org-1's key once (l3/org-1/2)
+    assert env.store.get_head("acme").workspace("org-1").l3.record_id == "l3/org-1/3"
+    if operation == "erase_buckets":
+        with pytest.raises(keychain_suite.KeyDestroyedError):
+            rekey_suite._all_open(env.keychain(), {_ERASED_HOUR: blobs.pop(_ERASED_HOUR)})
     rekey_suite._all_open(env.keychain(), blobs)

@@ -657,10 +657,12 @@ def test_key_bytes_never_in_repr_errors_logs_or_store(env: Env, caplog) -> None:
     l3 = _open(l2, env.store.get_record("acme", "l3/org-1/1"))
     record = env.kc.erase_buckets("acme", "org-1", older_than=env.clock.t)
     texts.append(repr(record))
+    live_l3 = env.store.get_head("acme").workspace("org-1").l3.record_id  # the erasure replaced it
+    new_l3 = _open(l2, env.store.get_record("acme", live_l3))
 
-    obj = env.record_json("acme", "l3/org-1/1")
+    obj = env.record_json("acme", live_l3)
     _flip_wrapped(obj)
-    env.put_json("acme", "l3/org-1/1", obj)
+    env.put_json("acme", live_l3, obj)
     errors = []
     for call in (lambda: env.keychain().dek_for_encrypt("acme", "org-1"),
                  lambda: env.kc.dek_by_id("acme", dek.dek_id)):
@@ -678,7 +680,7 @@ def test_key_bytes_never_in_repr_errors_logs_or_store(env: Env, caplog) -> None:
     assert any("tampering detected" in t for t in texts)  # the logs did say something
 
     haystack = "\n".join(texts)
-    for secret in (dek.key.reveal(), l2.reveal(), l3.reveal()):
+    for secret in (dek.key.reveal(), l2.reveal(), l3.reveal(), new_l3.reveal()):
         for form in _forms(secret):
             assert form not in haystack
 

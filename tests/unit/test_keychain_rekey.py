@@ -86,7 +86,8 @@ def _attacker_deks(tenant: str, backup: Rows, live: Rows, old_l1: KeyProvider) -
 
 def _tenant_with_data(env: Env) -> dict[str, tuple[str, bytes, bytes]]:
     """acme on its managed key: three hours of DEKs in org-1 and org-2 (the oldest of org-1
-    already erased), org-3 erased. Returns name -> (workspace, object name, blob)."""
+    already erased, which replaced org-1's workspace key: l3/org-1/2), org-3 erased.
+    Returns name -> (workspace, object name, blob)."""
     env.tenant("acme")
     blobs = {}
     for h in range(3):
@@ -129,7 +130,7 @@ def test_rotate_l3_rewraps_live_deks_destroys_the_old_key_and_purges_it(env: Env
     blobs = _tenant_with_data(env)
     before = {r.record_id: r for r in env.store.list_records("acme")}
     env.kc.dek_by_id("acme", "l4/org-1/472223/1")  # old L3 in this process's cache
-    assert env.kc.cache.get("acme", "l3/org-1/1") is not None
+    assert env.kc.cache.get("acme", "l3/org-1/2") is not None
     active = env.store.get_head("acme").workspace("org-1").active_dek
     kms_calls = env.kms.calls.copy()
 
@@ -137,22 +138,22 @@ def test_rotate_l3_rewraps_live_deks_destroys_the_old_key_and_purges_it(env: Env
     assert env.kms.calls == kms_calls  # local AES only: L2 was cached, DEKs never touch the L1
 
     after = {r.record_id: r for r in env.store.list_records("acme")}
-    new_l3, old_l3 = after["l3/org-1/2"], after["l3/org-1/1"]
-    assert (new_l3.state, new_l3.parent_id, new_l3.version, new_l3.generation) == (KeyRecordState.ACTIVE, "l2/1", 1, 2)
+    new_l3, old_l3 = after["l3/org-1/3"], after["l3/org-1/2"]
+    assert (new_l3.state, new_l3.parent_id, new_l3.version, new_l3.generation) == (KeyRecordState.ACTIVE, "l2/1", 1, 3)
     assert old_l3.state is KeyRecordState.DESTROYED and old_l3.wrapped == b""
     live = [rid for rid, r in before.items() if r.workspace_id == "org-1" and r.level is KeyLevel.DEK
             and r.state is not KeyRecordState.DESTROYED]
     assert len(live) == 2
     for rid in live:
-        assert (after[rid].parent_id, after[rid].parent_version, after[rid].wrap_ref) == ("l3/org-1/2", 2, "l3/org-1/2")
+        assert (after[rid].parent_id, after[rid].parent_version, after[rid].wrap_ref) == ("l3/org-1/3", 3, "l3/org-1/3")
         assert after[rid].version == before[rid].version + 1 and after[rid].state is before[rid].state
         assert after[rid].wrapped != before[rid].wrapped
     assert after["l4/org-1/472222/1"] == before["l4/org-1/472222/1"]  # tombstone untouched
-    assert all(after[rid] == r for rid, r in before.items() if r.workspace_id != "org-1" and rid != "l3/org-1/1")
+    assert all(after[rid] == r for rid, r in before.items() if r.workspace_id != "org-1")
     head = env.store.get_head("acme").workspace("org-1")
     assert head.active_dek == RecordRef(active.record_id, active.generation, active.version + 1)
 
-    assert env.kc.cache.get("acme", "l3/org-1/1") is None  # purged: never served again
+    assert env.kc.cache.get("acme", "l3/org-1/2") is None  # purged: never served again
     _all_open(env.keychain(), blobs)  # another process, empty cache
     _all_open(env.kc, blobs)
     assert env.kc.dek_for_encrypt("acme", "org-1").dek_id == active.record_id  # still the active DEK
@@ -171,20 +172,20 @@ def test_rotate_l3_refuses_erased_unknown_and_revoked(env: Env) -> None:
 
 def test_edited_or_replayed_l3_after_rotate_l3_is_tampering(env: Env) -> None:
     blobs = _tenant_with_data(env)
-    old_l3, old_dek = env.store.records[("acme", "l3/org-1/1")], env.store.records[("acme", "l4/org-1/472223/1")]
+    old_l3, old_dek = env.store.records[("acme", "l3/org-1/2")], env.store.records[("acme", "l4/org-1/472223/1")]
     env.kc.rotate_l3("acme", "org-1")
-    good, live_dek = env.store.records[("acme", "l3/org-1/2")], env.store.records[("acme", "l4/org-1/472223/1")]
+    good, live_dek = env.store.records[("acme", "l3/org-1/3")], env.store.records[("acme", "l4/org-1/472223/1")]
 
     for edit in (_flip_wrapped, lambda o: o.update(parent_id="l2/9"), lambda o: o.update(state="destroyed")):
         obj = json.loads(good)
         edit(obj)
-        env.store.records[("acme", "l3/org-1/2")] = json.dumps(obj).encode()
+        env.store.records[("acme", "l3/org-1/3")] = json.dumps(obj).encode()
         with pytest.raises(KeychainTamperedError):
             env.keychain().dek_by_id("acme", "l4/org-1/472223/1")
-    env.store.records[("acme", "l3/org-1/2")] = good
+    env.store.records[("acme", "l3/org-1/3")] = good
 
     # bring back the pre-rotation workspace key and DEK rows: the DEK names a destroyed parent
-    env.store.records[("acme", "l3/org-1/1")] = old_l3
+    env.store.records[("acme", "l3/org-1/2")] = old_l3
     env.store.records[("acme", "l4/org-1/472223/1")] = old_dek
     with pytest.raises(KeychainTamperedError):
         env.keychain().dek_by_id("acme", "l4/org-1/472223/1")
@@ -235,7 +236,7 @@ def test_rekey_replaces_l2_and_every_live_l3_once(env: Env) -> None:
     head = env.store.get_head("acme")
     assert (head.l2.record_id, head.l2.version) == ("l2/2", 1)
     assert [(w.workspace_id, w.l3.record_id, w.l3.version) for w in head.workspaces] == [
-        ("org-1", "l3/org-1/2", 1), ("org-2", "l3/org-2/2", 1), ("org-3", "l3/org-3/1", 2)]
+        ("org-1", "l3/org-1/3", 1), ("org-2", "l3/org-2/2", 1), ("org-3", "l3/org-3/1", 2)]
     assert env.kc.search_key_material("acme").fingerprint != search_before  # new L2: new search keys
 
     again = env.kc.rekey_below_l1("acme")  # a rerun changes nothing
@@ -320,8 +321,8 @@ def test_rotate_l3_killed_at_its_commit_keeps_every_dek_and_a_rerun_converges(en
     _all_open(env.keychain(), blobs)
     _all_open(env.kc, blobs)  # the crashed process's cache did not keep a key nothing names
     env.keychain().rotate_l3("acme", "org-1")
-    assert env.store.get_head("acme").workspace("org-1").l3.record_id == ("l3/org-1/2" if when == "before"
-                                                                         else "l3/org-1/3")
+    assert env.store.get_head("acme").workspace("org-1").l3.record_id == ("l3/org-1/3" if when == "before"
+                                                                         else "l3/org-1/4")
     _all_open(env.keychain(), blobs)
 
 
@@ -422,3 +423,172 @@ def test_migration_sequence_leaves_an_old_backup_nothing_live(env: Env) -> None:
     env.kms.disable("acme-l1")
     _all_open(env.keychain(), copies)
     assert all(parse_dek_id(i)[1:] > floor[parse_dek_id(i)[0]] for i in live_deks)
+
+
+# --- erase_buckets: a retained copy of an erased DEK's row (security review PoC 1b) --------------
+
+
+def _hours_of_data(env: Env, hours: int = 4) -> tuple[dict[str, tuple[str, bytes, bytes]], list[str]]:
+    """acme with one object per hour in org-1, each under that hour's DEK. Returns the
+    objects (name -> (workspace, object name, blob)) and the DEK ids, oldest first."""
+    env.tenant("acme")
+    blobs, ids = {}, []
+    for h in range(hours):
+        env.clock.t = T0 + h * HOUR
+        name = f"org-1/{h}".encode()
+        blobs[f"org-1/{h}"] = ("org-1", name, _encrypt(env.kc, "acme", "org-1", name, b"data " + name))
+        ids.append(env.kc.dek_for_encrypt("acme", "org-1").dek_id)
+    return blobs, ids
+
+
+def _live_l1(env: Env) -> KeyProvider:
+    """The tenant's current L1: what the platform's own unwrap path can always use."""
+    return env.kms.provider(env.store.get_head("acme").l1_ref)
+
+
+def _put_back(env: Env, rows: Rows) -> None:
+    for key, body in rows.items():
+        env.store.records[key] = body
+
+
+def test_erase_buckets_replaces_the_workspace_key_and_keeps_the_surviving_deks(env: Env) -> None:
+    blobs, ids = _hours_of_data(env)
+    env.kc.dek_by_id("acme", ids[0])  # cached: erasure must drop it
+    before = {rid: env.store.get_record("acme", rid) for rid in ids}
+    version, calls = env.store.get_head("acme").version, env.kms.calls.copy()
+
+    record = env.kc.erase_buckets("acme", "org-1", older_than=T0 + 2 * HOUR, reason="retention 2h")
+    assert (record.dek_ids, record.scope, record.l3_destroyed) == (tuple(ids[:2]), "buckets", False)
+    assert record.head_version == version + 1  # one commit
+    assert env.kms.calls == calls  # local AES only: the L2 was cached
+    # the record's JSON is the one older records have (they verify unchanged)
+    assert set(json.loads(record.to_json())) == {
+        "format", "tenant_id", "workspace_id", "scope", "dek_ids", "l3_destroyed", "older_than", "reason",
+        "erased_at", "head_version", "signer_key_id", "signature"}
+    record.verify(env.signer.verifier())
+
+    head = env.store.get_head("acme").workspace("org-1")
+    assert (head.l3.record_id, head.l3.version, head.erased_before_bucket) == ("l3/org-1/2", 1, parse_dek_id(ids[2])[1])
+    old_l3 = env.store.get_record("acme", "l3/org-1/1")
+    assert old_l3.state is KeyRecordState.DESTROYED and old_l3.wrapped == b""
+    states = {}
+    for rid in ids:
+        rec = env.store.get_record("acme", rid)
+        states[rid] = rec.state
+        if rec.state is not KeyRecordState.DESTROYED:  # survivors re-wrapped under the new key
+            assert (rec.parent_id, rec.parent_version, rec.version) == ("l3/org-1/2", 2, before[rid].version + 1)
+            assert rec.wrapped != before[rid].wrapped and rec.state is before[rid].state
+    assert list(states.values()) == [KeyRecordState.DESTROYED, KeyRecordState.DESTROYED,
+                                     KeyRecordState.DECRYPT_ONLY, KeyRecordState.ACTIVE]
+    assert head.active_dek == RecordRef(ids[3], 1, 2)
+    assert env.kc.cache.get("acme", ids[0]) is None and env.kc.cache.get("acme", "l3/org-1/1") is None
+
+    survivors = {k: v for k, v in blobs.items() if k in ("org-1/2", "org-1/3")}
+    for kc in (env.kc, env.keychain()):
+        _all_open(kc, survivors)
+        for rid in ids[:2]:
+            with pytest.raises(KeyDestroyedError):
+                kc.dek_by_id("acme", rid)
+    assert env.kc.dek_for_encrypt("acme", "org-1").dek_id == ids[3]  # still the active DEK
+    assert env.kc.reencrypt_path("acme") == ids[2:]
+
+
+def test_a_copy_of_an_erased_dek_row_put_back_opens_under_no_live_key(env: Env) -> None:
+    """PoC 1b: rows of DEKs retained from before the erasure (a dead tuple, a replica, a
+    backup of those rows) written back into the store. Neither the keychain nor anyone with
+    the live rows and the tenant's L1 (the platform's unwrap path) opens them: the workspace
+    key that wrapped them was replaced in the erasure's commit. With the old behaviour (the
+    workspace key kept) ``opened`` holds both erased DEKs."""
+    blobs, ids = _hours_of_data(env)
+    retained = {("acme", rid): env.store.records[("acme", rid)] for rid in ids[:2]}
+    env.kc.erase_buckets("acme", "org-1", older_than=T0 + 2 * HOUR)
+    _put_back(env, retained)
+
+    opened = _attacker_deks("acme", retained, _rows(env)[0], _live_l1(env))
+    assert set(opened) == set(ids[2:])  # the survivors only: the live L1 is the platform's own
+    for kc in (env.kc, env.keychain()):
+        for rid in ids[:2]:
+            with pytest.raises(KeyDestroyedError):  # below the signed watermark: refused unread
+                kc.dek_by_id("acme", rid)
+    with pytest.raises(KeychainTamperedError):  # an inventory reports the restored rows
+        env.keychain().list_deks("acme")
+    _all_open(env.keychain(), {k: v for k, v in blobs.items() if k in ("org-1/2", "org-1/3")})
+
+
+def test_erase_buckets_rerun_changes_nothing_and_a_later_one_replaces_the_key_again(env: Env) -> None:
+    blobs, ids = _hours_of_data(env)
+    first = env.kc.erase_buckets("acme", "org-1", older_than=T0 + 2 * HOUR)
+    rows, heads = _rows(env)
+
+    again = env.keychain().erase_buckets("acme", "org-1", older_than=T0 + 2 * HOUR)  # another process
+    assert again.dek_ids == () and again.head_version == first.head_version
+    assert _rows(env) == (rows, heads)  # nothing written
+
+    retained = {("acme", ids[2]): env.store.records[("acme", ids[2])]}  # under l3/org-1/2
+    later = env.kc.erase_buckets("acme", "org-1", older_than=T0 + 3 * HOUR)
+    assert later.dek_ids == (ids[2],)
+    assert env.store.get_head("acme").workspace("org-1").l3.record_id == "l3/org-1/3"
+    _put_back(env, retained)
+    assert ids[2] not in _attacker_deks("acme", retained, _rows(env)[0], _live_l1(env))
+    env.store.records[("acme", ids[2])] = rows[("acme", ids[2])]  # the tombstone back: a clean store
+    _all_open(env.keychain(), {"org-1/3": blobs["org-1/3"]})
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_erase_buckets_killed_at_its_commit_converges(env: Env, when: str) -> None:
+    blobs, ids = _hours_of_data(env)
+    retained = {("acme", rid): env.store.records[("acme", rid)] for rid in ids[:2]}
+    undo = _crash_on_commit(env, 1, when)
+    with pytest.raises(Crash):
+        env.kc.erase_buckets("acme", "org-1", older_than=T0 + 2 * HOUR)
+    undo()
+    between = env.keychain()  # another process reads a consistent keychain: all old or all new
+    if when == "before":
+        _all_open(between, blobs)
+        assert env.store.get_head("acme").workspace("org-1").l3.record_id == "l3/org-1/1"
+    else:
+        with pytest.raises(KeyDestroyedError):
+            between.dek_by_id("acme", ids[0])
+        assert env.store.get_head("acme").workspace("org-1").l3.record_id == "l3/org-1/2"
+
+    rerun = env.keychain().erase_buckets("acme", "org-1", older_than=T0 + 2 * HOUR)  # a fresh process
+    assert rerun.dek_ids == (tuple(ids[:2]) if when == "before" else ())
+    assert env.store.get_head("acme").workspace("org-1").l3.record_id == "l3/org-1/2"  # replaced exactly once
+    survivors = {k: v for k, v in blobs.items() if k in ("org-1/2", "org-1/3")}
+    _all_open(env.keychain(), survivors)
+    _all_open(env.kc, survivors)  # the crashed process's cache serves no key nothing names
+    tombstones = {key: env.store.records[key] for key in retained}
+    _put_back(env, retained)
+    assert set(_attacker_deks("acme", retained, _rows(env)[0], _live_l1(env))) == set(ids[2:])
+    _put_back(env, tombstones)
+
+
+def test_erase_buckets_while_revoked_only_destroys_and_the_next_one_replaces_the_key(env: Env) -> None:
+    """Retention works while revoked, but without the L2 the workspace key cannot be replaced:
+    the erasure destroys and raises the watermark only, which leaves the PoC 1b gap (the old
+    behaviour). The first erase_buckets after restore closes it, with nothing left to destroy."""
+    blobs, ids = _hours_of_data(env)
+    retained = {("acme", rid): env.store.records[("acme", rid)] for rid in ids[:2]}
+    env.kc.revoke("acme")
+    calls = env.kms.calls.copy()
+    record = env.kc.erase_buckets("acme", "org-1", older_than=T0 + 2 * HOUR)
+    assert record.dek_ids == tuple(ids[:2]) and env.kms.calls == calls  # nothing unwrapped
+    head = env.store.get_head("acme").workspace("org-1")
+    assert head.l3.record_id == "l3/org-1/1" and head.erased_before_bucket == parse_dek_id(ids[2])[1]
+    env.kc.restore("acme")
+    tombstones = {key: env.store.records[key] for key in retained}
+
+    _put_back(env, retained)
+    assert set(_attacker_deks("acme", retained, _rows(env)[0], _live_l1(env))) >= set(ids[:2])  # the gap
+    _put_back(env, tombstones)
+
+    closing = env.kc.erase_buckets("acme", "org-1", older_than=T0 + 2 * HOUR)
+    assert closing.dek_ids == () and closing.head_version == env.store.get_head("acme").version
+    assert env.store.get_head("acme").workspace("org-1").l3.record_id == "l3/org-1/2"
+    _put_back(env, retained)
+    assert set(_attacker_deks("acme", retained, _rows(env)[0], _live_l1(env))) == set(ids[2:])
+    _put_back(env, tombstones)
+    version = env.store.get_head("acme").version
+    assert env.kc.erase_buckets("acme", "org-1", older_than=T0 + 2 * HOUR).dek_ids == ()
+    assert env.store.get_head("acme").version == version  # closed: a further rerun writes nothing
+    _all_open(env.keychain(), {k: v for k, v in blobs.items() if k in ("org-1/2", "org-1/3")})

@@ -266,6 +266,9 @@ def test_erasure_records_are_in_the_audit_log_and_verify_with_the_public_key(wor
 
     logged = [r for r in world.keychain_audit() if r.action == "keychain.erase"]
     assert [r.details["scope"] for r in logged] == ["buckets", "workspace", "floor"]
+    # buckets and floor replaced the workspace key in the same commit, and say so as rotate_l3 does
+    assert [tuple(r.details.get(k) for k in ("previous_l3_id", "l3_id", "deks_rewrapped")) for r in logged] == [
+        ("l3/org1/1", "l3/org1/2", 1), (None, None, None), ("l3/org3/1", "l3/org3/2", 1)]
     customer = Verifier.from_public_pem(world.signer.public_key_pem())  # all a customer needs
     assert [len(r.dek_ids) for r in made] == [2, 3, 2]
     for rec, returned in zip(logged, made, strict=True):

@@ -21,7 +21,9 @@ key (1 provider unwrap + 1 wrap, whatever the data volume); ``rotate_l2`` makes 
 and re-wraps the L3 keys (not the DEKs); ``rotate_l3`` makes a new workspace key and
 re-wraps that workspace's DEKs. ``rekey_below_l1`` (after binding a new L1) replaces every
 L2/L3 key a copy of the keychain from before the bind could open, so such a copy opens no
-DEK made afterwards; ``erase_deks_below`` then destroys the DEKs up to a floor.
+DEK made afterwards; ``erase_deks_below`` then destroys the DEKs up to a floor. Both DEK
+erasures (``erase_buckets``, ``erase_deks_below``) replace the workspace key in the same
+commit, so a kept copy of an erased DEK's row opens under no live key.
 
 Every record and the per-tenant head are signed by the platform key and checked on
 load: an edited, swapped (another tenant's) or replayed (older version) record raises
@@ -431,6 +433,21 @@ def _only_ever_under_current_parent(ref: RecordRef) -> bool:
     gets is a re-wrap under a new parent (``rotate_l1``, ``rotate_l2``): version 1 means
     never re-wrapped. (Any other future bump only makes ``rekey_below_l1`` do more.)"""
     return ref.version == 1
+
+
+DekSelector = Callable[[tuple[int, int]], bool]  # picks DEKs by (bucket, generation)
+
+
+def _dek_order(rec: KeyRecord) -> tuple[int, int]:
+    """A DEK's place in its workspace's order: (bucket, generation)."""
+    return rec.bucket or 0, rec.generation
+
+
+def _wrapped_by(dek: KeyRecord, l3: RecordRef) -> bool:
+    """Whether the DEK record names ``l3`` (id and generation) as its parent. A tombstone
+    that still does lost its bytes here only: any retained copy of its row opens under that
+    live workspace key, until the key is replaced."""
+    return dek.parent_id == l3.record_id and dek.parent_version == l3.generation
 
 
 def _check_floor(workspace_id: str, value: object) -> tuple[int, int]:
@@ -948,8 +965,16 @@ class Keychain:
     ) -> ErasureRecord:
         """Destroy the DEKs of every bucket that starts before ``older_than``'s bucket
         (retention). ``older_than`` may not lie in a future bucket (that would destroy the
-        DEK in use: use ``erase_workspace``). Works while revoked. Returns the signed record
-        of the DEKs destroyed by this call (empty if there was nothing left)."""
+        DEK in use: use ``erase_workspace``). Returns the signed record of the DEKs destroyed
+        by this call (empty if there was nothing left).
+
+        The same commit replaces the workspace key (as ``rotate_l3``), re-wraps the
+        surviving DEKs under the new one and raises the workspace's erasure watermark, so a
+        retained copy of a destroyed DEK's row (dead tuple, replica, backup) opens under no
+        live key. That needs the L2 (local AES-GCM, at most 1 L1 unwrap). While the tenant
+        is revoked it only destroys and raises the watermark; the first call on the
+        workspace after ``restore`` replaces the key (so does one on a workspace erased
+        before this behaviour existed), even with nothing left to destroy."""
         _check_tenant(tenant_id)
         _check_workspace(workspace_id)
         cutoff_ts = _as_ts(older_than)
@@ -962,19 +987,8 @@ class Keychain:
                     f"older_than {_time_out(_dt(cutoff_ts))} is in a future bucket; erase_buckets "
                     "never destroys the current DEK (use erase_workspace)"
                 )
-            p = _Plan(result=None)
-            if not ws.erased:
-                for rec in self._store.list_records(tenant_id, level=KeyLevel.DEK, workspace_id=workspace_id):
-                    self._check_dek(head, ws, rec, rec.record_id)
-                    if (rec.bucket or 0) < cutoff and rec.state is not KeyRecordState.DESTROYED:
-                        p.records.append(self._destroy(rec))
-                active = ws.active_dek
-                if active is not None and parse_dek_id(active.record_id)[1] < cutoff:
-                    active = None
-                if p.records or cutoff > ws.erased_before_bucket:
-                    new_ws = replace(ws, erased_before_bucket=max(ws.erased_before_bucket, cutoff), active_dek=active)
-                    p.head = head.with_workspace(new_ws)
-            p.cache_drop = [r.record_id for r in p.records]
+            p = self._erasure_plan(head, ws, lambda order: order[0] < cutoff, watermark=cutoff,
+                                   replace_l3=not head.revoked)
             p.result = self._erasure_record(
                 head, p, workspace_id, "buckets", older_than=_dt(cutoff_ts), reason=reason, l3_destroyed=False
             )
@@ -1058,22 +1072,11 @@ class Keychain:
 
         def plan(head: TenantHead) -> _Plan:
             ws = self._workspace(head, workspace_id)
-            p = _Plan(result=None)
             if not ws.erased:
                 self._check_floor_of(ws, through)
-                doomed = False
-                for rec in self._store.list_records(tenant_id, level=KeyLevel.DEK, workspace_id=workspace_id):
-                    self._check_dek(head, ws, rec, rec.record_id)  # decide on verified records only
-                    if rec.state is not KeyRecordState.DESTROYED and (rec.bucket or 0, rec.generation) <= through:
-                        doomed = True
-                        break
-                if doomed:
-                    p = self._rotate_l3_plan(head, ws, destroy_through=through)
-                    ws = p.head.workspace(workspace_id)  # type: ignore[union-attr]
-                if doomed or through[0] > ws.erased_before_bucket:
-                    # Every DEK of a bucket below the floor's is at or below the floor: destroyed.
-                    p.head = head.with_workspace(replace(ws, erased_before_bucket=max(ws.erased_before_bucket,
-                                                                                     through[0])))
+            # Every DEK of a bucket below the floor's is at or below the floor: the watermark
+            # may rise to the floor's bucket.
+            p = self._erasure_plan(head, ws, lambda order: order <= through, watermark=through[0], replace_l3=True)
             p.result = self._erasure_record(head, p, workspace_id, "floor", older_than=None, reason=reason,
                                             l3_destroyed=False, floor_dek_id=floor_id)
             return p
@@ -1558,14 +1561,23 @@ class Keychain:
                  tenant_id, new_rec.record_id, len(p.records) - 2)
         return p
 
+    def _verified_deks(self, head: TenantHead, ws: WorkspaceHead) -> list[KeyRecord]:
+        """Every DEK record of ``ws`` (tombstones included), each checked against the head."""
+        deks = self._store.list_records(head.tenant_id, level=KeyLevel.DEK, workspace_id=ws.workspace_id)
+        for rec in deks:
+            self._check_dek(head, ws, rec, rec.record_id)
+        return deks
+
     def _rotate_l3_plan(
-        self, head: TenantHead, ws: WorkspaceHead, *, destroy_through: tuple[int, int] | None = None
+        self, head: TenantHead, ws: WorkspaceHead, *, destroy: DekSelector | None = None,
+        deks: Sequence[KeyRecord] | None = None,
     ) -> _Plan:
         """A new L3 for ``ws`` (new bytes, wrapped by the current L2), every live DEK
         re-wrapped under it, the old L3 destroyed; the plan's result is how many DEKs were
-        re-wrapped. DEKs whose (bucket, generation) is at most ``destroy_through`` are
-        destroyed instead of re-wrapped (``erase_deks_below``). Everything lands in one
-        commit, so a crash leaves either the old or the new workspace key, never a mix."""
+        re-wrapped. Live DEKs that ``destroy`` selects are destroyed instead of re-wrapped
+        (the erasures). ``deks``: the workspace's DEK records, already verified against
+        ``head`` (read here otherwise). Everything lands in one commit, so a crash leaves
+        either the old or the new workspace key, never a mix."""
         tenant_id = head.tenant_id
         old_rec = self._checked_l3(head, ws)
         old_l3 = self._l3_key(head, ws)
@@ -1590,12 +1602,11 @@ class Keychain:
         new_rec = replace(new_rec, wrapped=_seal(l2, new_l3, new_rec))
         p = _Plan(result=0, records=[new_rec, self._destroy(old_rec)])
         active = ws.active_dek
-        for rec in self._store.list_records(tenant_id, level=KeyLevel.DEK, workspace_id=ws.workspace_id):
-            self._check_dek(head, ws, rec, rec.record_id)
+        for rec in self._verified_deks(head, ws) if deks is None else deks:
             if rec.state is KeyRecordState.DESTROYED:
                 continue  # a tombstone keeps its old parent: it wraps nothing
             is_active = active is not None and active.record_id == rec.record_id
-            if destroy_through is not None and (rec.bucket or 0, rec.generation) <= destroy_through:
+            if destroy is not None and destroy(_dek_order(rec)):
                 p.records.append(self._destroy(rec))
                 p.cache_drop.append(rec.record_id)
                 if is_active:
@@ -1613,6 +1624,34 @@ class Keychain:
                                previous_l3_id=old_rec.record_id, deks_rewrapped=p.result)
         log.info("keychain: tenant %s workspace %s key rotated to %s; %d DEKs re-wrapped",
                  tenant_id, ws.workspace_id, new_rec.record_id, p.result)
+        return p
+
+    def _erasure_plan(
+        self, head: TenantHead, ws: WorkspaceHead, doomed: DekSelector, *, watermark: int, replace_l3: bool
+    ) -> _Plan:
+        """The commit of ``erase_buckets`` and ``erase_deks_below``: destroy the live DEKs of
+        ``ws`` that ``doomed`` selects and raise the erasure watermark to ``watermark`` (every
+        bucket below it must be doomed). With ``replace_l3`` the same commit replaces the
+        workspace key and re-wraps the surviving DEKs (``_rotate_l3_plan``), so a retained
+        copy of a destroyed DEK's row opens under no live key; it does that also with
+        nothing left to destroy if a tombstone still hangs under the live key (an erasure
+        made without replacing it: while revoked, or by an older version). Without
+        ``replace_l3`` (no L2: tenant revoked) it only destroys. ``head`` None: nothing to do."""
+        if ws.erased:
+            return _Plan(result=None)
+        deks = self._verified_deks(head, ws)  # decide on verified records only
+        live_doomed = [r for r in deks if r.state is not KeyRecordState.DESTROYED and doomed(_dek_order(r))]
+        exposed = any(r.state is KeyRecordState.DESTROYED and _wrapped_by(r, ws.l3) for r in deks)
+        if replace_l3 and (live_doomed or exposed):
+            p = self._rotate_l3_plan(head, ws, destroy=doomed, deks=deks)
+            ws = p.head.workspace(ws.workspace_id)  # type: ignore[union-attr]
+        else:
+            p = _Plan(result=None, records=[self._destroy(r) for r in live_doomed])
+            p.cache_drop = [r.record_id for r in live_doomed]
+            if ws.active_dek is not None and ws.active_dek.record_id in p.cache_drop:
+                ws = replace(ws, active_dek=None)
+        if p.records or watermark > ws.erased_before_bucket:
+            p.head = head.with_workspace(replace(ws, erased_before_bucket=max(ws.erased_before_bucket, watermark)))
         return p
 
     def _workspace(self, head: TenantHead, workspace_id: str) -> WorkspaceHead:
