@@ -116,3 +116,41 @@ def test_the_report_step_anchors_the_audit_head() -> None:
     assert anchor["published"] and anchor["count"] >= len(_audit(p, run_id, "run.start"))
     v, latest = verify_with_anchor(p.state, p.anchors)
     assert v.ok and latest.count == anchor["count"]
+
+
+def test_a_rerun_that_finds_copies_but_no_recorded_floor_never_erases(monkeypatch) -> None:
+    """A run bound by code that did not record its floor (or whose record is lost), whose
+    copies were verified, then rerun from bind_key: the recomputed floor covers the DEKs
+    the copies use, so erasing below it would destroy the destination. It must not."""
+    from archive_kms.errors import TransientError
+    from archive_kms.migration import rerun
+    from archive_kms.migration import steps as steps_module
+    from archive_kms.migration.engine import RunContext
+
+    p = archived_platform()
+    before = digests(p)
+    plan = enable_plan(p)
+    real_audit, real_build = RunContext.audit, steps_module.STEP_FUNCTIONS["build_index"]
+
+    def audit_without_floor(self, action, details=None):
+        if action != "key.dek_floor":
+            real_audit(self, action, details)
+
+    def index_down(ctx):
+        raise TransientError("injected: search unavailable")
+
+    monkeypatch.setattr(RunContext, "audit", audit_without_floor)
+    monkeypatch.setitem(steps_module.STEP_FUNCTIONS, "build_index", index_down)
+    run_id = start(p, plan)
+    assert execute(p, run_id, actor="test").message == "step build_index failed"
+    assert _audit(p, run_id, "key.dek_floor") == []
+
+    monkeypatch.setattr(RunContext, "audit", real_audit)
+    monkeypatch.setitem(steps_module.STEP_FUNCTIONS, "build_index", real_build)
+    out = rerun(p, run_id, "bind_key", actor="support")
+    assert out.state == "completed", out
+    (floor,) = _audit(p, run_id, "key.dek_floor")
+    assert floor.details["erasable"] is False
+    resumed = p.state.get_run(run_id).step("resume").result
+    assert resumed["old_deks_erased"] == 0 and "after copies existed" in resumed["old_deks_kept_for"]
+    assert_settled(p, plan, run_id, before)  # every destination object still decrypts

@@ -483,3 +483,39 @@ def test_remove_keeps_the_dedicated_source_holding_only_the_waived_object():
     result = p.state.get_run(run_id).step("cleanup_source").result
     assert result["kept"] == 1 and result["kept_at"] == back.source_location.uri
 
+
+
+def test_a_waived_source_removed_by_hand_before_cleanup_does_not_block_the_run():
+    """Support waives a corrupt object and deletes it from the source before cleanup: the
+    recheck compares the other names, so the run completes (it used to refuse forever)."""
+    p = archived_platform()
+    before = digests(p)
+    plan = enable_plan(p)
+    src = p.store_for(plan.source_location)
+    corrupt = sorted(n for n in before if n.startswith(RECORD_PREFIX))[3]
+    flip_a_byte(src, corrupt)
+    run_id = start(p, plan)
+    assert execute(p, run_id, actor="test").state == "failed"
+    waive(p, run_id, objects=[corrupt], reason="ticket 1: corrupt, the customer re-sends it", actor="support:a")
+    src.delete(corrupt)
+    out = resume(p, run_id, actor="support")
+    assert out.state == "completed", out
+    cleanup = p.state.get_run(run_id).step("cleanup_source").result
+    assert (cleanup["kept"], cleanup["kept_missing"]) == (0, 1)
+    assert listing(p, plan.source_location) == []
+
+
+def test_a_source_changed_beside_a_kept_object_still_refuses_deletion():
+    p = archived_platform()
+    before = digests(p)
+    plan = enable_plan(p)
+    src = p.store_for(plan.source_location)
+    corrupt = sorted(n for n in before if n.startswith(RECORD_PREFIX))[3]
+    flip_a_byte(src, corrupt)
+    run_id = start(p, plan)
+    assert execute(p, run_id, actor="test").state == "failed"
+    waive(p, run_id, objects=[corrupt], reason="ticket 2: corrupt", actor="support:a")
+    put_raw(src, b"records/ws0/Account/late-writer", b"x" * 10)  # something wrote during the run
+    out = resume(p, run_id, actor="support")
+    assert out.state == "failed" and "something wrote to it" in out.error
+    assert corrupt in listing(p, plan.source_location)  # nothing deleted

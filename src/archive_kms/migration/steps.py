@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -207,8 +207,10 @@ def bind_key(ctx: RunContext) -> dict[str, Any]:
         if rekey.l2_rotated or rekey.l3_rotated:
             rekeyed = rekey.summary()
             ctx.audit("key.rekey", rekeyed)
-    floor = _first_dek_floor(ctx)
-    if floor is None:
+    recorded = _first_dek_floor(ctx)
+    if recorded is not None:
+        floor = recorded.floor
+    else:
         floor = {}
         for ws in kc.status(plan.tenant_id).workspaces:
             kc.retire_active_dek(plan.tenant_id, ws)
@@ -216,20 +218,31 @@ def bind_key(ctx: RunContext) -> dict[str, Any]:
             _, bucket, gen = parse_dek_id(d.dek_id)
             if d.workspace_id not in floor or [bucket, gen] > floor[d.workspace_id]:
                 floor[d.workspace_id] = [bucket, gen]
-        ctx.audit("key.dek_floor", {"dek_floor": floor})
+        # Copies already in the ledger with no floor on record (a run bound by older code,
+        # or a lost record): they may use DEKs this new floor covers, and verified rows are
+        # not read again, so this run must never erase below it.
+        erasable = not p.state.copy_counts(ctx.run_id)
+        ctx.audit("key.dek_floor", {"dek_floor": floor, "erasable": erasable})
     after = kc.status(plan.tenant_id)
     return {"from": before.l1_ref, "to": after.l1_ref, "rewrapped": rewrapped, "l1_generation": after.l1_generation,
             "rekeyed": rekeyed, "dek_floor": floor}
 
 
-def _first_dek_floor(ctx: RunContext) -> dict[str, list[int]] | None:
+@dataclass(frozen=True)
+class _RecordedFloor:
+    floor: dict[str, list[int]]
+    erasable: bool  # False: copies existed before the floor was recorded; never erase below it
+
+
+def _first_dek_floor(ctx: RunContext) -> _RecordedFloor | None:
     """The floor this run recorded the first time it bound the key, if it did. A rerun
     of bind_key keeps it: copies made (and verified) since are under DEKs newer than the
     first floor but maybe not a later one, and the DEKs below the floor are erased at the
     end of the run. Kept in the audit log, which a rerun never resets."""
     for rec in ctx.platform.state.iter_audit(tenant_id=ctx.plan.tenant_id):
         if rec.run_id == ctx.run_id and rec.action == "key.dek_floor":
-            return {ws: list(v) for ws, v in rec.details["dek_floor"].items()}
+            return _RecordedFloor({ws: list(v) for ws, v in rec.details["dek_floor"].items()},
+                                  bool(rec.details.get("erasable", False)))
     return None
 
 
@@ -470,12 +483,26 @@ def _recheck_before_deleting(ctx: RunContext, kept: set[bytes]) -> None:
         raise IntegrityError(f"refusing to delete the source: {plan.destination_location.uri} holds {dest[0]} "
                              f"object(s), not the manifest's {manifest[0]} (or other names); rerun from verify",
                              resource=plan.destination_location.uri)
-    summary = p.state.manifest_summary(ctx.run_id)
-    count, total = _listing_totals(p.store_for(plan.source_location))
-    if (count, total) != (summary.entries, summary.total_bytes):
-        raise IntegrityError(f"refusing to delete the source: {plan.source_location.uri} changed since the manifest "
-                             f"({count} objects / {total} bytes now, {summary.entries} / {summary.total_bytes} "
-                             "listed); something wrote to it during the run", resource=plan.source_location.uri)
+    if not kept:
+        summary = p.state.manifest_summary(ctx.run_id)
+        count, total = _listing_totals(p.store_for(plan.source_location))
+        if (count, total) != (summary.entries, summary.total_bytes):
+            raise IntegrityError(f"refusing to delete the source: {plan.source_location.uri} changed since the "
+                                 f"manifest ({count} objects / {total} bytes now, {summary.entries} / "
+                                 f"{summary.total_bytes} listed); something wrote to it during the run",
+                                 resource=plan.source_location.uri)
+        return
+    # With waived objects kept, support may have removed one by hand: the source must hold
+    # every other manifest name (at its size) and nothing outside the manifest; a kept one
+    # may be gone.
+    listed = _names_fingerprint(i.name + b"\0%d" % i.size for i in p.store_for(plan.source_location).list()
+                                if i.name not in kept)
+    expected = _names_fingerprint(e.name + b"\0%d" % e.size for e in p.state.iter_manifest(ctx.run_id)
+                                  if e.name not in kept)
+    if listed != expected:
+        raise IntegrityError(f"refusing to delete the source: {plan.source_location.uri} holds {listed[0]} object(s) "
+                             f"besides the kept ones, not the manifest's {expected[0]} (or other names); something "
+                             "wrote to it during the run", resource=plan.source_location.uri)
 
 
 def _delete_all_but(ctx: RunContext, store: Any, kept: set[bytes]) -> int:
@@ -557,9 +584,12 @@ def _erase_old_deks(ctx: RunContext) -> dict[str, Any]:
     source objects are kept under them (ADR 0006: never lost silently). Idempotent: a rerun
     finds them destroyed and writes nothing."""
     p, tenant = ctx.platform, ctx.plan.tenant_id
-    floor = (p.state.get_run(ctx.run_id).step("bind_key").result or {}).get("dek_floor")
-    if not floor:
-        return {"old_deks_erased": 0}
+    recorded = _first_dek_floor(ctx)  # the audited floor only: never one recomputed after copies existed
+    if recorded is None or not recorded.floor:
+        return {"old_deks_erased": 0, "old_deks_kept_for": "no DEK floor on record for this run"}
+    if not recorded.erasable:
+        return {"old_deks_erased": 0, "old_deks_kept_for": "the floor was recorded after copies existed"}
+    floor = recorded.floor
     kept = quarantine.summarize(p.state, ctx.run_id).names
     if kept:
         return {"old_deks_erased": 0, "old_deks_kept_for": f"{len(kept)} waived source object(s)"}
