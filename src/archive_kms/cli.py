@@ -589,6 +589,59 @@ def runs_cancel(run_id: str = typer.Argument(..., metavar="RUN"), takeover: bool
     _finish_run(_run_flow("support", run_id=run_id, action="cancel", takeover=takeover), as_json)
 
 
+jobs_app = typer.Typer(no_args_is_help=True,
+                       help="Queued (deferred) archive jobs: list them, park one that cannot be replayed.")
+app.add_typer(jobs_app, name="jobs")
+
+
+def _queued_row(job: _Any) -> dict[str, _Any]:
+    """What support sees of a queued job: ids, state, times, the parking; never its content."""
+    parked = job.parked
+    return {"job_id": job.job_id, "tenant": job.tenant_id, "state": "parked" if parked else job.state.value,
+            "position": job.position, "received_at": job.received_at, "replayed_at": job.replayed_at,
+            "parked_reason": parked.get("reason") if parked else None,
+            "parked_by": parked.get("actor") if parked else None}
+
+
+def _queued_line(r: dict[str, _Any]) -> str:
+    received = r["received_at"].isoformat(timespec="seconds") if r["received_at"] else "-"
+    why = f"  parked by {r['parked_by']}: {r['parked_reason']}" if r["parked_reason"] is not None else ""
+    return f"{r['position']:>5}  {r['job_id']:<36} {r['state']:<9} {received}{why}"
+
+
+@jobs_app.command("list")
+@_errors_are_messages
+def jobs_list(tenant: str, include_replayed: bool = typer.Option(False, "--all", help="Replayed and parked jobs "
+                                                                                      "too"),
+              as_json: bool = JSON) -> None:
+    """List TENANT's queued archive jobs in replay order (ids, state, received, parking; never content)."""
+    state = _state_only().state
+    gate = state.gate(tenant)
+    rows = [_queued_row(j) for j in state.list_deferred(tenant, include_replayed=include_replayed)]
+    _emit(as_json, rows, "\n".join([f"gate {gate.state.value}, {gate.pending} pending"]
+                                   + [_queued_line(r) for r in rows]))
+
+
+@jobs_app.command("park")
+@_errors_are_messages
+def jobs_park(tenant: str, job_id: str = typer.Argument(..., metavar="JOB"),
+              reason: str = typer.Option(..., "--reason", help="Why the job is given up (audited)"),
+              actor: str | None = typer.Option(None, "--actor", help="Who parks it (default: support:<login>)"),
+              as_json: bool = JSON) -> None:
+    """Give up one queued job whose content cannot be opened, so the gate drains past it; audited.
+
+    The job is marked replayed without running; its sealed content is kept for forensics and
+    nothing of it is archived (send it again under a new job id). Continue with `runs resume`."""
+    from archive_kms.operations.archive import park_deferred_job
+
+    state = _state_only().state
+    parked = park_deferred_job(state, tenant, job_id, reason=reason, actor=_actor(actor))
+    gate = state.gate(tenant)
+    row = _queued_row(parked) | {"gate": gate.state.value, "pending": gate.pending}
+    _emit(as_json, row, f"job {job_id} of tenant {tenant} parked by {row['parked_by']}: {row['parked_reason']}; "
+                        f"gate {gate.state.value}, {gate.pending} pending")
+
+
 @app.command("verify")
 @_errors_are_messages
 def verify_cmd(tenant: str, as_json: bool = JSON) -> None:

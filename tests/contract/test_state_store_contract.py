@@ -397,6 +397,65 @@ def test_the_seal_is_not_compared_and_its_payload_key_is_reserved(state_store: S
     assert [j.job_id for j in state_store.list_deferred("acme")] == ["job-1"]
 
 
+def test_parking_a_job_keeps_its_seal_and_drains_the_gate(state_store: StateStore) -> None:
+    tenant(state_store)
+    tenant(state_store, "beta")
+    state_store.pause("acme", "run-1")
+    meta = {"kind": "inline", "digest": "d-1"}
+    state_store.admit_job("acme", "job-1", meta, sealed=b"\x00refused-seal")
+    state_store.admit_job("acme", "job-2", {"kind": "inline", "digest": "d-2"}, sealed=b"opaque-2")
+    [claimed, _] = state_store.resume_and_drain("acme", "run-1")
+    failed = state_store.start_job("acme", claimed.job_id)
+    state_store.finish_job("job-1", failed.attempt, error="IntegrityError: refused")  # type: ignore[arg-type]
+    state_store.finish_job("job-2", state_store.start_job("acme", "job-2").attempt)  # type: ignore[arg-type]
+    assert state_store.gate("acme").state is GateState.DRAINING and state_store.gate("acme").pending == 1
+
+    parked = state_store.park_deferred("acme", "job-1", reason="  seal refused: bit rot ", actor="support:alice")
+    assert (parked.state, parked.sealed) == (DeferredState.REPLAYED, b"\x00refused-seal")
+    assert parked.replayed_at is not None and parked.parked is not None
+    assert (parked.parked["reason"], parked.parked["actor"]) == ("seal refused: bit rot", "support:alice")
+    status = state_store.gate("acme")
+    assert (status.state, status.pending) == (GateState.OPEN, 0)  # parking the last one drained it
+    assert state_store.claim_deferred("acme") == []
+    assert state_store.get_job("job-1").state is JobState.FAILED  # type: ignore[union-attr]  # ledger untouched
+    listed = state_store.list_deferred("acme", include_replayed=True)
+    assert [(j.job_id, j.parked is not None, j.sealed) for j in listed] == [
+        ("job-1", True, b"\x00refused-seal"), ("job-2", False, None)]
+    assert listed[0].parked["reason"] == "seal refused: bit rot"  # type: ignore[index]
+    assert listed[0].payload["digest"] == "d-1" and state_store.list_deferred("acme") == []
+    # A resent id of a parked job is recognised, not queued or run again.
+    assert state_store.admit_job("acme", "job-1", meta, sealed=b"resent").decision is Decision.DUPLICATE
+
+    with pytest.raises(StateError, match="already parked by support:alice"):
+        state_store.park_deferred("acme", "job-1", reason="again", actor="support:bob")
+    with pytest.raises(StateError, match="already replayed"):
+        state_store.park_deferred("acme", "job-2", reason="too late", actor="support")
+    with pytest.raises(StateError, match="no queued job 'job-9'"):
+        state_store.park_deferred("acme", "job-9", reason="unknown", actor="support")
+    with pytest.raises(StateError, match="another tenant"):
+        state_store.park_deferred("beta", "job-1", reason="wrong tenant", actor="support")
+    with pytest.raises(StateError, match="no tenant"):
+        state_store.park_deferred("ghost", "job-1", reason="no such tenant", actor="support")
+    for reason, actor in (("", "support"), ("   ", "support"), ("why", ""), ("x" * 501, "support")):
+        with pytest.raises(ValidationError, match="parking a job needs"):
+            state_store.park_deferred("acme", "job-1", reason=reason, actor=actor)
+
+
+def test_parking_a_deferred_job_while_paused_keeps_the_gate_paused(state_store: StateStore) -> None:
+    tenant(state_store)
+    state_store.pause("acme", "run-1")
+    state_store.defer(DeferredJob("job-1", "acme", {"d": 1}, sealed=b"opaque-1"))
+    state_store.defer(DeferredJob("job-2", "acme", {"d": 2}, sealed=b"opaque-2"))
+    state_store.park_deferred("acme", "job-1", reason="customer withdrew it", actor="support")
+    status = state_store.gate("acme")
+    assert (status.state, status.pending) == (GateState.PAUSED, 1)
+    jobs = state_store.resume_and_drain("acme", "run-1")
+    assert [j.job_id for j in jobs] == ["job-2"]  # the parked job is never handed to a replayer
+    state_store.finish_job("job-2", state_store.start_job("acme", "job-2").attempt)  # type: ignore[arg-type]
+    assert state_store.gate("acme").state is GateState.OPEN
+    assert state_store.list_deferred("acme", include_replayed=True)[0].sealed == b"opaque-1"
+
+
 class RawDeferredRows:
     """``deferred_jobs`` below the port: what someone with database access reads and edits."""
 
@@ -655,6 +714,14 @@ def test_a_tampered_or_moved_seal_is_refused_and_the_job_kept(state_store: State
     # The other tenant's job, whose seal was the one copied, still replays.
     [c] = replay_deferred(state_store, "beta", "run-2", p.open_archive)
     assert c.decision == "run" and rows.sealed("job-c") is None
+    # Support parks it: the gate drains past it and the stored document, seal and all, is kept verbatim.
+    from archive_kms.operations.archive import park_deferred_job
+
+    park_deferred_job(state_store, "acme", "job-b", reason=f"seal refused: {how}", actor="support")
+    assert replay_deferred(state_store, "acme", "run-1", p.open_archive, reclaim_after=timedelta(0)) == []
+    assert state_store.gate("acme").state is GateState.OPEN
+    document = rows.document("job-b")
+    assert document.pop("parked")["reason"] == f"seal refused: {how}" and document == stored
 
 
 def test_a_job_queued_in_clear_by_an_earlier_version_still_replays(state_store: StateStore, tmp_path: Path) -> None:

@@ -78,3 +78,36 @@ def test_audit_anchor_without_an_anchor_store_says_what_to_set(platform: Platfor
     platform.anchors = None
     result = invoke("audit", "anchor")
     assert result.exit_code == 2 and "ARCHIVE_KMS_AUDIT_ANCHOR_BUCKET" in result.output
+
+
+def test_jobs_list_and_park_give_up_one_queued_job(platform: Platform, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "_state_only", lambda: cli._StateOnly(platform.state))
+    platform.state.pause("acme", "run-1")
+    secret = "Quokkafjord-7731"
+    spec = JobSpec("j-stuck", "acme", "inline", ({"object_type": "Account", "record_id": "0013000000AAA",
+                                                   "workspace_id": "ws0", "fields": {"Name": secret}},), {})
+    assert submit_job(platform.state, spec, platform.open_archive).decision == "deferred"
+    listed = invoke("jobs", "list", "acme", "--json")
+    assert listed.exit_code == 0, listed.output
+    [row] = json.loads(listed.output)
+    assert (row["job_id"], row["state"], row["position"], row["parked_reason"]) == ("j-stuck", "deferred", 1, None)
+    assert secret not in listed.output and "gate paused, 1 pending" in invoke("jobs", "list", "acme").output
+
+    no_reason = invoke("jobs", "park", "acme", "j-stuck")
+    assert no_reason.exit_code == 2 and "--reason" in no_reason.output  # mandatory
+    parked = invoke("jobs", "park", "acme", "j-stuck", "--reason", "seal refused", "--actor", "support:alice",
+                    "--json")
+    assert parked.exit_code == 0, parked.output
+    body = json.loads(parked.output)
+    assert (body["state"], body["parked_reason"], body["parked_by"], body["pending"]) == (
+        "parked", "seal refused", "support:alice", 0)
+    assert platform.state.list_deferred("acme", include_replayed=True)[0].sealed is not None  # kept
+    assert any(r.action == "job.parked" for r in platform.state.iter_audit(tenant_id="acme"))
+
+    assert json.loads(invoke("jobs", "list", "acme", "--json").output) == []
+    everything = invoke("jobs", "list", "acme", "--all")
+    assert "parked by support:alice: seal refused" in everything.output and secret not in everything.output
+    twice = invoke("jobs", "park", "acme", "j-stuck", "--reason", "again")
+    assert twice.exit_code == 2 and twice.output.count("\n") == 1 and "already parked" in twice.output
+    unknown = invoke("jobs", "park", "acme", "j-nope", "--reason", "x")
+    assert unknown.exit_code == 2 and "error: tenant 'acme' has no queued job 'j-nope'" in unknown.output

@@ -42,6 +42,7 @@ from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
 from archive_kms.errors import (
     IndexModeMismatchError,
     IntegrityError,
+    KeyDestroyedError,
     KeychainTamperedError,
     KeyNotFoundError,
     ObjectExistsError,
@@ -248,7 +249,8 @@ def seal_job(spec: JobSpec, keychain: Any) -> QueuedJob:
 def _refused(job: DeferredJob, reason: str) -> IntegrityError:
     return IntegrityError(
         f"deferred job {job.job_id} of tenant {job.tenant_id}: its sealed content was refused ({reason}); it was "
-        "altered, or moved from another job or tenant. Nothing was archived; the job stays queued for support",
+        "altered, moved from another job or tenant, or its key was destroyed. Nothing was archived; the job stays "
+        f"queued for support (`archive-kms jobs park {job.tenant_id} {job.job_id} --reason ...` gives it up)",
         resource=f"job:{job.job_id}")
 
 
@@ -260,8 +262,9 @@ def _unseal(job: DeferredJob, keychain: Any) -> dict[str, Any]:
         body = json.loads(decrypt_to_bytes(sealed, binding=binding, dek_for=keychain.dek_for_header))
     except KeychainTamperedError:
         raise  # the keychain's own alarm, not this job's
-    except (IntegrityError, ValidationError, KeyNotFoundError) as e:
-        # FormatError is an IntegrityError; an edited header may name a DEK that never existed.
+    except (IntegrityError, ValidationError, KeyNotFoundError, KeyDestroyedError) as e:
+        # FormatError is an IntegrityError; an edited header may name a DEK that never existed,
+        # and a crypto-erased DEK will never open the seal again.
         raise _refused(job, f"{type(e).__name__}: {e}") from e
     except ValueError as e:  # authenticated but not JSON: not something this code sealed
         raise _refused(job, f"content is not JSON ({type(e).__name__})") from None
@@ -515,7 +518,8 @@ def replay_deferred(state, tenant_id: str, run_id: str, open_archive: Callable[[
     Each job's sealed content is opened under the tenant's keychain as it is now (an L1
     re-binding since the deferral changes nothing: the DEK is the same). A seal that does
     not open raises ``IntegrityError`` naming the job, after recording the failure on the
-    job's attempt; the job stays queued with its seal, for support. The store purges a
+    job's attempt; the job stays queued with its seal, for support (``park_deferred_job``
+    gives it up so the gate can drain past it). The store purges a
     job's seal in the transaction that marks it replayed (completed, or found done)."""
     outcomes: list[JobOutcome] = []
     seen: set[str] = set()
@@ -537,8 +541,21 @@ def replay_deferred(state, tenant_id: str, run_id: str, open_archive: Callable[[
     return outcomes
 
 
+def park_deferred_job(state, tenant_id: str, job_id: str, *, reason: str, actor: str) -> DeferredJob:
+    """Support gives up on a queued job that cannot be replayed (its seal is refused): the
+    store marks it replayed without running it, keeps its seal for forensics, and opens the
+    gate if that drained it; the parking is audited (ids, reason, actor: never content).
+    The job's content is not archived: the writer must send it again under a new job id."""
+    parked = state.park_deferred(tenant_id, job_id, reason=reason, actor=actor)
+    who, why = parked.parked["actor"], parked.parked["reason"]  # as the store kept them (trimmed)
+    state.append_audit(AuditEvent(actor=who, action="job.parked", tenant_id=tenant_id,
+                                  details={"job_id": job_id, "reason": why, "actor": who}))
+    log.warning("job %s of tenant %s parked by %s", job_id, tenant_id, who)
+    return parked
+
+
 __all__ = [
     "DEFERRED_FORMAT", "AttachmentRef", "JobOutcome", "JobSpec", "QueuedJob", "TenantArchive",
-    "attachment_object_name", "deferred_object_name", "load_jsonl", "open_queued", "record_object_name",
-    "replay_deferred", "seal_job", "submit_job", "workspace_of", "write_records",
+    "attachment_object_name", "deferred_object_name", "load_jsonl", "open_queued", "park_deferred_job",
+    "record_object_name", "replay_deferred", "seal_job", "submit_job", "workspace_of", "write_records",
 ]

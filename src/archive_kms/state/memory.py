@@ -31,6 +31,7 @@ from archive_kms.state._common import (
     step_transition,
 )
 from archive_kms.state.port import (
+    PARKED_MEMBER,
     Admission,
     ArchiveJob,
     AuditEvent,
@@ -55,6 +56,9 @@ from archive_kms.state.port import (
     StepRecord,
     StepState,
     TenantRecord,
+    check_parkable,
+    parking_record,
+    submitted_payload,
 )
 from archive_kms.state.schema import JOB_ID, RUN_ID
 
@@ -243,7 +247,7 @@ class InMemoryStateStore:
 
     def _known_deferred(self, tenant_id: str, job_id: str, payload: dict[str, Any]) -> DeferredJob | None:
         job = self._deferred.get(job_id)
-        if job is not None and (job.tenant_id != tenant_id or dict(job.payload) != payload):
+        if job is not None and (job.tenant_id != tenant_id or submitted_payload(job.payload) != payload):
             raise StateError(f"job id {job_id!r} was already used for another tenant or payload",
                              resource=f"job:{job_id}")
         return job
@@ -346,6 +350,19 @@ class InMemoryStateStore:
                 raise StateError(f"no deferred job {job_id!r}", resource=f"job:{job_id}")
             if self._mark_replayed(job_id):
                 self._open_if_drained(job.tenant_id)
+
+    def park_deferred(self, tenant_id: str, job_id: str, *, reason: str, actor: str) -> DeferredJob:
+        now = self._now()
+        parking = parking_record(reason, actor, now)
+        with self._lock:
+            self._gate(tenant_id)
+            job = check_parkable(tenant_id, job_id, self._deferred.get(job_id))
+            # Replayed without running; the seal stays for forensics (mark_replayed purges it).
+            parked = replace(job, state=DeferredState.REPLAYED, replayed_at=now,
+                             payload={**job.payload, PARKED_MEMBER: parking})
+            self._deferred[job_id] = parked
+            self._open_if_drained(tenant_id)
+            return _copy_job(parked)
 
     def start_job(self, tenant_id: str, job_id: str) -> Admission:
         check_id("job id", job_id, JOB_ID)

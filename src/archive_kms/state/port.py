@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
+from archive_kms.errors import StateError, ValidationError
+
 # --- tenants ---------------------------------------------------------------------------
 
 
@@ -139,6 +141,48 @@ class DeferredJob:
     replayed_at: datetime | None = None
     sealed: bytes | None = field(default=None, repr=False)
 
+    @property
+    def parked(self) -> Mapping[str, Any] | None:
+        """``{"reason", "actor", "at"}`` if support parked the job (``park_deferred``)."""
+        record = self.payload.get(PARKED_MEMBER)
+        return record if isinstance(record, Mapping) else None
+
+
+# Parking is recorded in the clear payload under this key (no schema change: the row's
+# state is ``replayed``); it is not part of the payload as submitted, so a resent id of
+# a parked job is still recognised.
+PARKED_MEMBER = "parked"
+MAX_PARK_TEXT = 500
+
+
+def submitted_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored clear payload without the parking record: what the job writer sent."""
+    return {k: v for k, v in payload.items() if k != PARKED_MEMBER}
+
+
+def parking_record(reason: str, actor: str, at: datetime) -> dict[str, str]:
+    """The parking record kept in a parked job's payload; reason and actor are required."""
+    for what, text in (("reason", reason), ("actor", actor)):
+        if not isinstance(text, str) or not text.strip() or len(text) > MAX_PARK_TEXT:
+            raise ValidationError(f"parking a job needs a {what} of 1..{MAX_PARK_TEXT} characters")
+    return {"reason": reason.strip(), "actor": actor.strip(), "at": at.isoformat()}
+
+
+def check_parkable(tenant_id: str, job_id: str, found: DeferredJob | None) -> DeferredJob:
+    """``found`` (the stored row of ``job_id``) if it may be parked for ``tenant_id``;
+    otherwise ``StateError`` saying why (unknown, another tenant's, already parked/replayed)."""
+    if found is None:
+        raise StateError(f"tenant {tenant_id!r} has no queued job {job_id!r}", resource=f"job:{job_id}")
+    if found.tenant_id != tenant_id:
+        raise StateError(f"job {job_id!r} is queued for another tenant, not {tenant_id!r}", resource=f"job:{job_id}")
+    if found.parked is not None:
+        raise StateError(f"job {job_id!r} was already parked by {found.parked.get('actor')} at "
+                         f"{found.parked.get('at')}", resource=f"job:{job_id}")
+    if found.state is DeferredState.REPLAYED:
+        raise StateError(f"job {job_id!r} was already replayed at {found.replayed_at}: nothing to park",
+                         resource=f"job:{job_id}")
+    return found
+
 
 class JobState(str, enum.Enum):
     RUNNING = "running"
@@ -233,6 +277,16 @@ class GateRepo(Protocol):
     def mark_replayed(self, job_id: str) -> None:
         """Mark a claimed job replayed and purge its sealed content, in one transaction
         (idempotent). ``finish_job`` does this for you."""
+        ...
+
+    def park_deferred(self, tenant_id: str, job_id: str, *, reason: str, actor: str) -> DeferredJob:
+        """Support gives up on a queued (deferred or claimed) job that cannot be replayed:
+        it is marked ``replayed`` without running, its seal is *kept* (forensics), and
+        ``parking_record(reason, actor, now)`` is stored under ``payload["parked"]``; the
+        gate opens if that drained it. The job ledger row, if any, is left as it is
+        (failed). A resent id of a parked job is a ``DUPLICATE``. ``StateError`` if the
+        tenant has no such job, the job belongs to another tenant, or it was already
+        replayed or parked; ``ValidationError`` for an empty or overlong reason/actor."""
         ...
 
     def resume_and_drain(self, tenant_id: str, run_id: str, *, limit: int = 1000,

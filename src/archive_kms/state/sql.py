@@ -77,6 +77,7 @@ from archive_kms.state._common import (
     unpack_payload,
 )
 from archive_kms.state.port import (
+    PARKED_MEMBER,
     Admission,
     ArchiveJob,
     AuditEvent,
@@ -101,6 +102,9 @@ from archive_kms.state.port import (
     StepRecord,
     StepState,
     TenantRecord,
+    check_parkable,
+    parking_record,
+    submitted_payload,
 )
 from archive_kms.state.schema import (
     JOB_ID,
@@ -465,7 +469,8 @@ class SqlStateStore:
     def _known_deferred(self, conn: Connection, tenant_id: str, job_id: str,
                         payload: Mapping[str, Any]) -> Row[Any] | None:
         row = conn.execute(select(deferred_jobs).where(deferred_jobs.c.job_id == job_id)).one_or_none()
-        if row is not None and (row.tenant_id != tenant_id or unpack_payload(row.payload)[0] != dict(payload)):
+        stored = None if row is None else submitted_payload(unpack_payload(row.payload)[0])
+        if row is not None and (row.tenant_id != tenant_id or stored != dict(payload)):
             raise StateError(f"job id {job_id!r} was already used for another tenant or payload",
                              resource=f"job:{job_id}")
         return row
@@ -584,6 +589,23 @@ class SqlStateStore:
             gate = self._lock_gate(conn, tenant_id)
             if self._mark_replayed(conn, job_id):
                 self._open_if_drained(conn, gate)
+
+    def park_deferred(self, tenant_id: str, job_id: str, *, reason: str, actor: str) -> DeferredJob:
+        now = self._now()
+        parking = parking_record(reason, actor, now)
+        with self._tx("park deferred job") as conn:
+            gate = self._lock_gate(conn, tenant_id)
+            d = deferred_jobs.c
+            row = conn.execute(select(deferred_jobs).where(d.job_id == job_id)).one_or_none()
+            check_parkable(tenant_id, job_id, None if row is None else _deferred(row))
+            # Replayed without running. The stored document is kept as it is, seal included
+            # (verbatim, even an edited one: it is the evidence), plus the parking record.
+            parked = conn.execute(update(deferred_jobs).where(d.job_id == job_id)
+                                  .values(state=DeferredState.REPLAYED.value, replayed_at=now,
+                                          payload={**row.payload, PARKED_MEMBER: parking})
+                                  .returning(*deferred_jobs.c)).one()
+            self._open_if_drained(conn, gate)
+            return _deferred(parked)
 
     def start_job(self, tenant_id: str, job_id: str) -> Admission:
         check_id("job id", job_id, JOB_ID)
