@@ -45,9 +45,13 @@ _sweeper_lock = threading.Lock()
 _sweeper: threading.Thread | None = None
 
 
+_sweeper_tick = threading.Event()  # never set: its wait() is the sweeper's sleep
+
+
 def _sweep_forever() -> None:
-    while True:
-        time.sleep(SWEEP_INTERVAL_SECONDS)
+    # Event.wait, not time.sleep: code (and tests) that replace time.sleep must not turn
+    # this daemon into a busy loop.
+    while not _sweeper_tick.wait(SWEEP_INTERVAL_SECONDS):
         for cache in list(_live_caches):
             cache.sweep()
 
