@@ -376,7 +376,8 @@ def _report_tables(report: dict[str, _Any]):
     totals = Table(title=f"{report['flow']} {report['tenant']}: run {report['run_id']}", show_header=False)
     for key in ("state", "mode", "key_ref", "source", "destination", "objects", "bytes", "bytes_plaintext_copied",
                 "copy_seconds", "throughput_mb_s", "verification", "lost", "duplicated", "reconciliation",
-                "quarantined", "waived", "index", "index_documents", "deferred_replayed", "total_seconds"):
+                "quarantined", "waived", "index", "index_documents", "deferred_replayed", "keys_rekeyed",
+                "old_deks_erased", "total_seconds"):
         totals.add_row(key, _fmt(report.get(key)))
     steps = Table("step", "state", "attempts", "seconds", "error", title="steps")
     for s in report["steps"]:

@@ -245,13 +245,15 @@ def _migration_demo(console: Console, settings: Settings) -> int:
 
     table = Table(title="migration runs")
     for col in ("tenant", "flow", "mode", "destination", "objects", "MB", "copy MB/s", "verification",
-                "lost/dup", "docs", "deferred replayed", "seconds"):
+                "lost/dup", "docs", "deferred replayed", "L2/L3 new", "old DEKs erased", "seconds"):
         table.add_column(col)
     for r in reports:
         table.add_row(str(r.get("tenant")), str(r.get("flow")), str(r.get("mode")), str(r.get("destination")),
                       str(r.get("objects")), f"{(r.get('bytes') or 0) / 1e6:.2f}", str(r.get("throughput_mb_s")),
                       str(r.get("verification")), f"{r.get('lost')}/{r.get('duplicated')}",
-                      str(r.get("index_documents")), str(r.get("deferred_replayed")), str(r.get("total_seconds")))
+                      str(r.get("index_documents")), str(r.get("deferred_replayed")),
+                      "yes" if r.get("keys_rekeyed") else "no", str(r.get("old_deks_erased")),
+                      str(r.get("total_seconds")))
     console.print(table)
     steps = Table(title=f"time per step (s): {reports[0].get('tenant')} ({reports[0].get('mode')})")
     steps.add_column("step")

@@ -154,3 +154,12 @@ def test_a_rerun_that_finds_copies_but_no_recorded_floor_never_erases(monkeypatc
     resumed = p.state.get_run(run_id).step("resume").result
     assert resumed["old_deks_erased"] == 0 and "after copies existed" in resumed["old_deks_kept_for"]
     assert_settled(p, plan, run_id, before)  # every destination object still decrypts
+
+
+def test_the_report_says_what_happened_to_the_keys() -> None:
+    p = archived_platform()
+    run_id = run_to_end(p, enable_plan(p))
+    from archive_kms.migration import build_report
+
+    report = build_report(p, run_id)
+    assert report["keys_rekeyed"] is True and report["old_deks_erased"] > 0

@@ -39,6 +39,7 @@ def build_report(platform: Any, run_id: str, *, final: bool = False) -> dict[str
     verify_result = run.step("verify").result or {}
     index_result = run.step("build_index").result or {}
     resume_result = run.step("resume").result or {}
+    bind_result = run.step("bind_key").result or {}
     started = run.created_at
     ends = [s.finished_at for s in run.steps if s.finished_at is not None]
     total = round((max(ends) - started).total_seconds(), 3) if ends else None
@@ -58,6 +59,9 @@ def build_report(platform: Any, run_id: str, *, final: bool = False) -> dict[str
         "reconciliation": _reconciliation(verify_result, index_result),
         "index": index_result.get("index"), "index_documents": index_result.get("documents"),
         "deferred_replayed": resume_result.get("replayed"),
+        # key hygiene: L2/L3 replaced under the new key (enable), source-era DEKs crypto-erased
+        "keys_rekeyed": bool(bind_result.get("rekeyed")),
+        "old_deks_erased": resume_result.get("old_deks_erased"),
         "total_seconds": total,
         "progress": progress(platform, run),
         # quarantined / waived counts, the first objects with reason and waiver, and where
