@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_migration.py [--objects 400] [--mix default] [--shards 8]
         [--parallel-shards 4] [--threads 4] [--transfers N] [--rclone-server-side] [--json]
+        [--tenant-tag TAG]
 
 Needs `archive-kms stack up` (LocalStack S3+KMS, Elasticsearch) and `rclone` on PATH.
 
@@ -41,6 +42,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -285,7 +287,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     platform, settings = build_platform(state_url)
     s3 = wiring.aws_client("s3", settings)
     run_tag = uuid.uuid4().hex[:8]
-    tenant = f"{TENANT_PREFIX}-{run_tag}"
+    # The generated data depends on the tenant id: a fixed tag gives every run the same data.
+    tenant = f"{TENANT_PREFIX}-{args.tenant_tag or run_tag}"
     rclone_bucket = f"akms-bench-rclone-{run_tag}"
     buckets: list[str] = []
     key_arn: str | None = None
@@ -367,6 +370,12 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"peak RSS: ours {rss_ours:.1f} MiB, rclone {rss_rclone:.1f} MiB (measured by {o['rss_method']})")
 
 
+def _tenant_tag(value: str) -> str:
+    if re.fullmatch(r"[a-z0-9]{1,12}", value) is None:
+        raise argparse.ArgumentTypeError("a tenant tag is 1-12 lowercase letters or digits")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=400, help="records to generate (attachments come on top)")
@@ -382,6 +391,9 @@ def main() -> int:
     parser.add_argument("--rclone-server-side", action="store_true",
                         help="let rclone use S3 server-side copy (no bytes through the client)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--tenant-tag", type=_tenant_tag, default=None,
+                        help="fixed tenant id suffix (default: random per run). The data depends on the tenant id "
+                             "and --seed, so runs with the same tag compare on identical data; one run at a time.")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--state-url", help=argparse.SUPPRESS)
     parser.add_argument("--tenant", help=argparse.SUPPRESS)

@@ -32,6 +32,19 @@ from archive_kms.storage.port import MIN_PART_SIZE, ObjectStore
 MiB = 1024 * 1024
 PART = MIN_PART_SIZE  # 5 MiB: the smallest part S3 accepts, so the tests move little data
 PAGE = 7  # forces pagination with ~25 objects
+#: Memory a part upload in progress holds beyond the part itself: botocore hashes the body
+#: for SigV4 (plain-HTTP endpoints) in 1 MiB reads, two alive at once; the chunk being
+#: re-cut into parts fits in it too. Measured on S3: +2.0-2.4 MiB per part in flight.
+REQUEST_SLACK = 2 * MiB + 512 * 1024
+
+
+def write_bound(parts_in_flight: int, writers: int = 1, budget_parts: int | None = None) -> int:
+    """The port's write bound for ``writers`` concurrent writes on one store: each holds
+    the part it is cutting (plus BytesIO's 1/8 growth margin) and at most
+    ``parts_in_flight`` uploading parts, and the store's upload threads hold at most
+    ``budget_parts`` parts in all; every part being uploaded adds ``REQUEST_SLACK``."""
+    uploading = writers * parts_in_flight if budget_parts is None else min(writers * parts_in_flight, budget_parts)
+    return writers * (PART + PART // 8) + uploading * PART + (uploading + writers) * REQUEST_SLACK
 
 # faults.md F9 and friends.
 TRAVERSAL = [
@@ -77,9 +90,9 @@ class Harness:
     crash_mid_upload: Callable[[bytes], None]  # start an upload, then die without cleanup
     extra: dict = field(default_factory=dict)
 
-    def write_bound(self, object_size: int) -> int:
-        # Real adapters hold about one part; the memory store holds the object by design.
-        return 3 * PART + (object_size if self.kind == "memory" else 0)
+    def write_bound(self, object_size: int, parts_in_flight: int) -> int:
+        # The memory store holds the object by design.
+        return object_size + 2 * PART if self.kind == "memory" else write_bound(parts_in_flight)
 
 
 # --- backends -------------------------------------------------------------------------------------
@@ -97,20 +110,45 @@ def _memory_harness() -> Iterator[Harness]:
 
 
 _CRASH_SCRIPT = textwrap.dedent("""
-    import json, os, signal, sys
+    import json, os, signal, sys, time
+    from archive_kms import wiring
     from archive_kms.config import Settings
-    from archive_kms.storage.locations import Location, open_store
+    from archive_kms.storage.locations import Cloud, Location, open_store
+    from archive_kms.storage.naming import object_key
     loc = Location.from_dict(json.loads(sys.argv[1]))
-    store = open_store(loc, Settings(), part_size=int(sys.argv[3]))
+    name, part = bytes.fromhex(sys.argv[2]), int(sys.argv[3])
+    settings = Settings()
+    store = open_store(loc, settings, part_size=part)
+    key = object_key(loc.prefix, name)
+
+    def parts_stored():
+        # Asked of the service itself: parts upload in the background, so having cut two
+        # parts from the stream does not mean they are stored yet.
+        if loc.cloud is Cloud.S3:
+            s3 = wiring.aws_client("s3", settings)
+            ups = s3.list_multipart_uploads(Bucket=loc.bucket, Prefix=key).get("Uploads", [])
+            return sum(len(s3.list_parts(Bucket=loc.bucket, Key=key, UploadId=u["UploadId"]).get("Parts", []))
+                       for u in ups)
+        from azure.core.exceptions import ResourceNotFoundError
+        blob = wiring.blob_service_client(settings).get_blob_client(loc.container, key)
+        try:
+            return len(blob.get_block_list("uncommitted")[1])
+        except ResourceNotFoundError:  # no block staged yet
+            return 0
+
     def chunks():
         sent = 0
         while True:
-            if sent >= 2 * int(sys.argv[3]) + 1:
-                # Two parts are uploaded by now; die like kill -9 (no cleanup runs).
+            if sent >= 2 * part + 1:
+                # Two parts are stored by now (a third is being cut, maybe more uploading);
+                # die like kill -9 (no cleanup runs).
+                deadline = time.monotonic() + 60
+                while parts_stored() < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 os.kill(os.getpid(), signal.SIGKILL)
             yield b"c" * 65536
             sent += 65536
-    store.put_stream(bytes.fromhex(sys.argv[2]), chunks())
+    store.put_stream(name, chunks())
 """)
 
 
@@ -212,9 +250,13 @@ def test_put_read_round_trip(backend, size):
     assert (hashlib.sha256(data).hexdigest(), len(data)) == want
 
 
-def test_streamed_20mib_object_keeps_memory_flat(backend):
-    store = backend.store
-    size = 20 * MiB
+@pytest.mark.parametrize("parts_in_flight", [1, 3])
+def test_streamed_40mib_object_keeps_memory_bounded(backend, parts_in_flight):
+    """Write peak <= (parts_in_flight + 1) parts + margins (``write_bound``: 15.6 MiB for
+    one part in flight, 30.6 MiB for three), for a 40 MiB object: a write that buffered the
+    stream, or let parts pile up behind slower uploads, fails."""
+    store = backend.make_store(parts_in_flight=parts_in_flight) if backend.kind != "memory" else backend.store
+    size = 8 * PART
     tracemalloc.start()
     try:
         store.put_stream(b"big", stream(size))
@@ -228,8 +270,54 @@ def test_streamed_20mib_object_keeps_memory_flat(backend):
     finally:
         tracemalloc.stop()
     assert got == digest_of(stream(size))
-    assert write_peak < backend.write_bound(size), f"write path peaked at {write_peak / MiB:.1f} MiB"
+    assert write_peak < backend.write_bound(size, parts_in_flight), f"write path peaked at {write_peak / MiB:.1f} MiB"
     assert read_peak < 3 * PART, f"read path peaked at {read_peak / MiB:.1f} MiB"
+
+
+@pytest.mark.parametrize("kind", ["s3", "azure"])
+def test_concurrent_writes_share_the_stores_upload_budget(request, kind):
+    """Three multipart writes at once on one store whose upload budget holds two parts:
+    the parts held by upload threads never exceed it (the rest are uploaded by their
+    writers' own threads), so the store's write memory is the budget plus one part per
+    writer (``write_bound``), not (parts_in_flight + 1) parts per writer. Every object
+    arrives whole."""
+    import threading
+
+    gen = (_s3_harness(request.getfixturevalue("localstack")) if kind == "s3"
+           else _azure_harness(request.getfixturevalue("azurite")))
+    backend = next(gen)
+    try:
+        store = backend.make_store(parts_in_flight=4, upload_buffer=2 * PART)
+        writers, size = 3, 4 * PART + 1000
+        errors: list[BaseException] = []
+
+        def write(i: int) -> None:
+            try:
+                store.put_stream(f"w{i}".encode(), stream(size, b"w%d" % i))
+            except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                errors.append(exc)
+
+        tracemalloc.start()
+        try:
+            threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert errors == []
+        budget = store.upload_budget
+        assert 0 < budget.peak <= 2 * PART and budget.held == 0
+        # 39.4 MiB; unbudgeted, all 12 parts could be uploading at once: ~88 MiB.
+        bound = write_bound(4, writers=writers, budget_parts=2)
+        assert peak < bound, f"{writers} writers peaked at {peak / MiB:.1f} MiB (bound {bound / MiB:.1f} MiB)"
+        for i in range(writers):
+            assert digest_of(iter(store.open_read(f"w{i}".encode()))) == digest_of(stream(size, b"w%d" % i))
+    finally:
+        for _ in gen:  # the harness's own cleanup, after its yield
+            pass
 
 
 def test_head_missing_read_missing_and_delete(backend):

@@ -488,3 +488,211 @@ def test_create_azure_container_reuses_an_existing_one() -> None:
     service = _BlobServiceDeleting(busy=1, code="ContainerAlreadyExists")
     create_azure_container(service, _azure_location(), sleep=lambda _s: pytest.fail("must not wait"))
     assert service.calls == 1
+
+
+# --- parallel part uploads with a scripted multipart client ----------------------------------------
+
+
+class _MultipartS3:
+    """A scripted S3 multipart endpoint. ``upload_part`` checks the Content-MD5, records
+    which thread sent which part and how many parts (and bytes) were being uploaded at
+    once, and waits ``delay`` seconds (a slow network) or for ``gate`` (a Barrier the first
+    parts must cross together). ``fail_part`` makes that part fail with ``fail_with``."""
+
+    def __init__(self, *, delay: float = 0.0, gate=None, fail_part: int | None = None,
+                 fail_with: BaseException | None = None):
+        import threading
+
+        self.delay, self.gate, self.fail_part = delay, gate, fail_part
+        self.fail_with = fail_with or _client_error("AccessDenied", 403)
+        self.lock = threading.Lock()
+        self.events: list[tuple] = []
+        self.in_flight = self.max_in_flight = 0
+        self.bytes_in_flight = self.max_bytes_in_flight = 0
+        self.part_threads: list[tuple[int, str]] = []  # (part number, thread name)
+        self.completed: list[dict] = []
+
+    def create_multipart_upload(self, **kw):
+        self.events.append(("create",))
+        return {"UploadId": "u1"}
+
+    def head_object(self, **kw):
+        raise _client_error("404", 404)
+
+    def upload_part(self, *, Body, ContentMD5, PartNumber, **kw):
+        import base64
+        import hashlib
+        import threading
+        import time
+
+        assert base64.b64encode(hashlib.md5(Body).digest()).decode() == ContentMD5
+        with self.lock:
+            self.in_flight += 1
+            self.bytes_in_flight += len(Body)
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.max_bytes_in_flight = max(self.max_bytes_in_flight, self.bytes_in_flight)
+            self.part_threads.append((PartNumber, threading.current_thread().name))
+        try:
+            if self.gate is not None and PartNumber <= self.gate.parties:
+                self.gate.wait(timeout=10)  # BrokenBarrierError if the parts did not overlap
+            time.sleep(self.delay)
+            if PartNumber == self.fail_part:
+                raise self.fail_with
+            return {"ETag": f'"etag-{PartNumber}"'}
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+                self.bytes_in_flight -= len(Body)
+                self.events.append(("part-done", PartNumber, time.monotonic()))
+
+    def complete_multipart_upload(self, **kw):
+        self.completed.append(kw)
+        self.events.append(("complete",))
+        return {"ETag": '"done-3"'}
+
+    def abort_multipart_upload(self, **kw):
+        import time
+
+        self.events.append(("abort", time.monotonic()))
+
+
+SMALL_PART = MIN_PART_SIZE
+
+
+def _parts(n: int, tail: int = 1000, pulled: list | None = None):
+    """``n`` full parts plus ``tail`` bytes, in 256 KiB chunks generated lazily."""
+    total = n * SMALL_PART + tail
+    chunk = b"\x5a" * (256 * 1024)
+    sent = 0
+    while sent < total:
+        piece = chunk[: min(len(chunk), total - sent)]
+        sent += len(piece)
+        if pulled is not None:
+            pulled.append(sent)
+        yield piece
+
+
+def test_multipart_uploads_up_to_n_parts_at_once_in_order():
+    import threading
+
+    from archive_kms.storage.s3 import S3ObjectStore
+
+    fake = _MultipartS3(gate=threading.Barrier(3))  # parts 1-3 must be in flight together
+    store = S3ObjectStore(fake, "bkt", "p/", part_size=SMALL_PART, parts_in_flight=3, upload_buffer=64 * 2**20)
+    info = store.put_stream(b"obj", _parts(7), if_absent=True)
+    assert info.size == 7 * SMALL_PART + 1000
+    assert fake.max_in_flight == 3  # the gate proves 3 overlapped; never more than N
+    (complete,) = fake.completed
+    assert complete["IfNoneMatch"] == "*"
+    assert complete["MultipartUpload"]["Parts"] == [{"PartNumber": n, "ETag": f'"etag-{n}"'} for n in range(1, 9)]
+    assert store.upload_budget.held == 0 and 0 < store.upload_budget.peak <= 3 * SMALL_PART + 1000
+
+
+def test_multipart_without_budget_is_sequential_in_the_writers_thread():
+    import threading
+
+    from archive_kms.storage.s3 import S3ObjectStore
+
+    fake = _MultipartS3()
+    store = S3ObjectStore(fake, "bkt", "p/", part_size=SMALL_PART, parts_in_flight=4, upload_buffer=0)
+    store.put_stream(b"obj", _parts(3))
+    assert fake.max_in_flight == 1
+    assert {t for _, t in fake.part_threads} == {threading.current_thread().name}
+    assert [p["PartNumber"] for p in fake.completed[0]["MultipartUpload"]["Parts"]] == [1, 2, 3, 4]
+
+
+def test_a_failed_part_stops_the_stream_and_aborts_after_the_parts_in_flight():
+    from archive_kms.storage.s3 import S3ObjectStore
+
+    pulled: list[int] = []
+    fake = _MultipartS3(delay=0.05, fail_part=2)
+    store = S3ObjectStore(fake, "bkt", "p/", part_size=SMALL_PART, parts_in_flight=2)
+    with pytest.raises(StorageError, match="UploadPart 2"):
+        store.put_stream(b"obj", _parts(40, pulled=pulled))
+    assert fake.completed == []
+    kinds = [e[0] for e in fake.events]
+    assert kinds.count("abort") == 1 and kinds[-1] == "abort", kinds  # after every part that was sent
+    abort_at = fake.events[-1][1]
+    assert all(e[2] <= abort_at for e in fake.events if e[0] == "part-done")
+    assert pulled[-1] < 10 * SMALL_PART  # the writer stopped reading soon after the failure
+    assert store.upload_budget.held == 0
+
+
+def test_a_failing_source_aborts_after_the_parts_in_flight():
+    from archive_kms.storage.s3 import S3ObjectStore
+
+    class SourceBroke(Exception):
+        pass
+
+    def chunks():
+        yield from _parts(4, tail=1000)  # four whole parts go out; the fifth is never complete
+        raise SourceBroke("source read failed")
+
+    fake = _MultipartS3(delay=0.05)
+    store = S3ObjectStore(fake, "bkt", "p/", part_size=SMALL_PART, parts_in_flight=4)
+    with pytest.raises(SourceBroke):
+        store.put_stream(b"obj", chunks())
+    abort_at = fake.events[-1][1]
+    assert fake.events[-1][0] == "abort" and fake.completed == []
+    assert sum(e[0] == "part-done" for e in fake.events) == 4  # the four parts sent finished first
+    assert all(e[2] <= abort_at for e in fake.events if e[0] == "part-done")
+    assert store.upload_budget.held == 0
+
+
+def test_write_memory_is_n_plus_one_parts_however_slow_the_uploads():
+    """Uploads far slower than the stream: the writer must wait for a free slot instead of
+    cutting parts ahead. Peak <= (N + 1) parts + slack; buffering the 12 parts would be
+    60 MiB."""
+    import tracemalloc
+
+    from archive_kms.storage.s3 import S3ObjectStore
+
+    fake = _MultipartS3(delay=0.05)
+    store = S3ObjectStore(fake, "bkt", "p/", part_size=SMALL_PART, parts_in_flight=2)
+    tracemalloc.start()
+    try:
+        store.put_stream(b"obj", _parts(12))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert fake.max_in_flight == 2
+    assert peak < 3 * SMALL_PART + 2 * 2**20, f"peaked at {peak / 2**20:.1f} MiB"
+
+
+def test_concurrent_writes_never_exceed_the_stores_budget():
+    """Four writers, budget for two parts: upload threads never hold more than two parts;
+    the other parts are uploaded by the writers' own threads (no writer waits on another)."""
+    import threading
+
+    from archive_kms.storage.s3 import S3ObjectStore
+
+    fake = _MultipartS3(delay=0.02)
+    store = S3ObjectStore(fake, "bkt", "p/", part_size=SMALL_PART, parts_in_flight=4,
+                          upload_buffer=2 * SMALL_PART)
+    errors: list[BaseException] = []
+
+    def write(i: int) -> None:
+        try:
+            store.put_stream(b"w%d" % i, _parts(5, tail=0))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,), name=f"writer-{i}") for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == [] and len(fake.completed) == 4
+    assert store.upload_budget.peak <= 2 * SMALL_PART and store.upload_budget.held == 0
+    by_writer = sum(t.startswith("writer-") for _, t in fake.part_threads)
+    assert by_writer > 0  # the budget was full at times: parts went up the sequential way
+
+
+@pytest.mark.parametrize("bad", [0, 65, True, 2.0])
+def test_bad_parts_in_flight_fail_at_construction(bad):
+    from archive_kms.storage.s3 import S3ObjectStore
+
+    with pytest.raises(ValidationError, match="parts_in_flight"):
+        S3ObjectStore(_MultipartS3(), "bkt", "p/", parts_in_flight=bad)
+    with pytest.raises(ValidationError, match="upload_buffer"):
+        S3ObjectStore(_MultipartS3(), "bkt", "p/", upload_buffer=-1)

@@ -3,7 +3,9 @@
 Takes a ready ``ContainerClient`` (from ``wiring.blob_service_client``). The adapter:
 
 * writes objects smaller than one block with one Put Blob, larger ones as staged blocks
-  (``part_size``, doubling every 5,000 blocks) committed with Put Block List. Block ids
+  (``part_size``, doubling every 5,000 blocks; up to ``parts_in_flight`` staging at once
+  while the next is cut from the stream, charged to the store's ``PartBudget``: see
+  ``port.PartUploads``) committed with Put Block List. Block ids
   are ``<attempt>-<index>`` where ``attempt`` is new for every call: ids are deterministic
   within an attempt and never reused across attempts, so a crashed attempt's uncommitted
   blocks can never be committed by a later one (faults A16); all ids have the same length
@@ -70,10 +72,16 @@ from archive_kms.errors import (
 from archive_kms.storage.naming import decode_key, encode_prefix, object_key
 from archive_kms.storage.port import (
     DEFAULT_PART_SIZE,
+    DEFAULT_PARTS_IN_FLIGHT,
+    DEFAULT_UPLOAD_BUFFER,
     ObjectInfo,
     ObjectReader,
+    PartBudget,
+    PartUploads,
     PendingUpload,
+    as_budget,
     check_part_size,
+    check_parts_in_flight,
     handover,
     iter_parts,
     part_size_for,
@@ -202,12 +210,15 @@ class AzureBlobObjectStore:
     def __init__(self, container: Any, *, prefix: str = "", part_size: int = DEFAULT_PART_SIZE,
                  list_page_size: int = 5000, read_chunk_size: int = _READ_CHUNK,
                  retry: AzureRetry = AzureRetry(), sleep: Callable[[float], None] = time.sleep,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random, parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
+                 upload_buffer: int | PartBudget = DEFAULT_UPLOAD_BUFFER) -> None:
         if not 1 <= list_page_size <= 5000:
             raise ValidationError(f"list_page_size must be 1..5000, got {list_page_size}")
         self._c = container
         self._prefix = prefix
         self._part_size = check_part_size(part_size)
+        self._parts_in_flight = check_parts_in_flight(parts_in_flight)
+        self.upload_budget = as_budget(upload_buffer)
         self._page_size = list_page_size
         self._read_chunk = read_chunk_size
         self._retry = retry
@@ -274,18 +285,31 @@ class AzureBlobObjectStore:
         from azure.storage.blob import BlobBlock
 
         attempt = uuid.uuid4().hex[:16]
-        blocks: list[BlobBlock] = []
+
+        def block_id_of(number: int) -> str:
+            return f"{attempt}-{number - 1:06d}"  # same length for every block (Azure requires it)
+
+        def stage(number: int, body: bytes) -> None:
+            self._stage(blob, key, number - 1, block_id_of(number), body)
+
+        # No abort on Azure: staged blocks of a failed attempt stay uncommitted (cleanup's,
+        # A16). Draining only makes sure no block is still being staged after we return.
+        uploads: PartUploads[None] = PartUploads(stage, in_flight=self._parts_in_flight, budget=self.upload_budget,
+                                                 thread_name="akms-blob-block")
         size = 0
-        index = -1
-        for body in handover(head, parts):  # not enumerate(): its cached tuple keeps the last part alive
-            index += 1
-            if index >= MAX_BLOCKS:
-                raise ValidationError(f"{self._where(key)}: object exceeds {MAX_BLOCKS} blocks")
-            block_id = f"{attempt}-{index:06d}"  # same length for every block (Azure requires it)
-            self._stage(blob, key, index, block_id, body)
-            blocks.append(BlobBlock(block_id=block_id))
-            size += len(body)
-            del body
+        number = 0
+        try:
+            for body in handover(head, parts):  # not enumerate(): its cached tuple keeps the last part alive
+                number += 1
+                if number > MAX_BLOCKS:
+                    raise ValidationError(f"{self._where(key)}: object exceeds {MAX_BLOCKS} blocks")
+                size += len(body)
+                uploads.send(number, body)
+                del body
+            blocks = [BlobBlock(block_id=block_id_of(n)) for n, _ in uploads.finish()]
+        except BaseException:
+            uploads.drain()
+            raise
         extra: dict[str, Any] = {"match_condition": MatchConditions.IfMissing} if if_absent else {}
         # A retry after a commit whose response was lost: unconditional, it commits the
         # same blocks again (same content); conditional, it is refused (ObjectExistsError,

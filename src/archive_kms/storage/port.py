@@ -10,15 +10,21 @@ Contract
   store's location. The adapter maps a name to ``<location prefix> + encode(name)``; no
   name can reach a key outside the location, and ``list`` returns the names it was given.
   An empty, non-bytes or too-long name raises ``ValidationError`` before any request.
-- **put_stream** consumes ``chunks`` once, in order, and keeps at most about one part
-  (``part_size``, default 8 MiB; S3 multipart parts / Azure staged blocks) in memory,
-  whatever the object size. Nothing is visible under ``name`` until the upload commits;
-  on any failure the adapter aborts what it started (S3: AbortMultipartUpload; Azure:
-  uncommitted blocks are never committed and use block ids unique to the attempt, so a
-  later attempt never mixes them in) and re-raises. ``if_absent=True`` makes the commit
-  conditional on no object existing (S3 ``If-None-Match: *`` on PutObject /
-  CompleteMultipartUpload; Azure ``If-None-Match: *``): if one exists, nothing is
-  changed and ``ObjectExistsError`` is raised. That includes an object written by an
+- **put_stream** consumes ``chunks`` once, in order, in the calling thread, and keeps a
+  bounded number of parts (``part_size``, default 8 MiB; S3 multipart parts / Azure
+  staged blocks) in memory whatever the object size: the part being cut from the stream
+  plus at most ``parts_in_flight`` (default 4) parts uploading in the adapter's threads,
+  i.e. ``(parts_in_flight + 1) x part_size`` per call. Parts handed to those threads are
+  also charged to the store's ``PartBudget`` (``upload_buffer``, default 64 MiB, shared
+  by every call on the store): a part that does not fit is uploaded by the calling thread
+  itself, so the store holds at most ``upload_buffer + (calls in progress) x part_size``
+  of parts. Nothing is visible under ``name`` until the upload commits; on any failure
+  the adapter lets the parts already sent finish, aborts what it started (S3:
+  AbortMultipartUpload; Azure: uncommitted blocks are never committed and use block ids
+  unique to the attempt, so a later attempt never mixes them in) and re-raises.
+  ``if_absent=True`` makes the commit conditional on no object existing (S3
+  ``If-None-Match: *`` on PutObject / CompleteMultipartUpload; Azure ``If-None-Match:
+  *``): if one exists, nothing is changed and ``ObjectExistsError`` is raised. That includes an object written by an
   earlier attempt whose response was lost (even an SDK-internal retry of this call), so
   callers that get ``ObjectExistsError`` on a retry verify the content (faults A7).
   ``metadata`` keys are ``[a-z][a-z0-9_]*``, values printable ASCII (see
@@ -54,10 +60,12 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from archive_kms.errors import TransientError, ValidationError
 
@@ -65,6 +73,11 @@ MiB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MiB
 #: S3's smallest non-final part; we use it as the floor for every backend.
 MIN_PART_SIZE = 5 * MiB
+#: Parts of one object uploading at once (rclone's --s3-upload-concurrency default is 4 too).
+DEFAULT_PARTS_IN_FLIGHT = 4
+MAX_PARTS_IN_FLIGHT = 64
+#: Bytes of parts a store's upload threads may hold, across every write on that store.
+DEFAULT_UPLOAD_BUFFER = 64 * MiB
 MAX_METADATA_BYTES = 2048
 _META_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}", re.ASCII)
 
@@ -193,18 +206,153 @@ def iter_parts(chunks: Iterable[bytes], size_of: Callable[[int], int]) -> Iterat
     view = next_view()
     while True:
         want = size_of(index)
-        buf = bytearray()
-        while len(buf) < want and view is not None:
-            take = min(want - len(buf), len(view))
-            buf += view[:take]
+        buf = io.BytesIO()
+        filled = 0
+        while filled < want and view is not None:
+            take = min(want - filled, len(view))
+            buf.write(view[:take])
+            filled += take
             view = view[take:] if take < len(view) else next_view()
-        part = bytes(buf)
-        del buf  # only the immutable copy stays alive while the caller uploads it
+        # getvalue() hands BytesIO's own buffer over (trimmed in place) when nothing else
+        # refers to it: the part exists once, not as a buffer plus an immutable copy.
+        part = buf.getvalue()
+        del buf
         yield part, view is None
         del part  # not alive while the next part is built
         if view is None:
             return
         index += 1
+
+
+def check_parts_in_flight(parts_in_flight: int) -> int:
+    if (isinstance(parts_in_flight, bool) or not isinstance(parts_in_flight, int)
+            or not 1 <= parts_in_flight <= MAX_PARTS_IN_FLIGHT):
+        raise ValidationError(f"parts_in_flight must be an int in 1..{MAX_PARTS_IN_FLIGHT}, got {parts_in_flight!r}")
+    return parts_in_flight
+
+
+class PartBudget:
+    """Bytes of upload parts held by upload threads, capped across every write that
+    shares the budget (each adapter instance has its own unless one is passed in).
+
+    Never waited for: a part that does not fit is uploaded by its writer's own thread
+    (the sequential way), so no writer blocks on another and memory stays at
+    ``capacity`` plus one part per writer. ``capacity=0`` makes every upload sequential."""
+
+    def __init__(self, capacity: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValidationError(f"upload_buffer must be an int >= 0 bytes, got {capacity!r}")
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._held = 0
+        self._peak = 0
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    @property
+    def peak(self) -> int:
+        """The most ever held at once (for tests and diagnostics)."""
+        return self._peak
+
+    def try_take(self, nbytes: int) -> bool:
+        with self._lock:
+            if self._held + nbytes > self.capacity:
+                return False
+            self._held += nbytes
+            self._peak = max(self._peak, self._held)
+            return True
+
+    def give_back(self, nbytes: int) -> None:
+        with self._lock:
+            self._held -= nbytes
+
+
+def as_budget(upload_buffer: int | PartBudget) -> PartBudget:
+    return upload_buffer if isinstance(upload_buffer, PartBudget) else PartBudget(upload_buffer)
+
+
+T = TypeVar("T")
+
+
+class PartUploads(Generic[T]):
+    """The part uploads of one multipart write, up to ``in_flight`` at a time.
+
+    The writer's thread stays the only consumer of the stream: it cuts part ``n``, hands it
+    to ``send`` and goes on cutting part ``n + 1`` while up to ``in_flight`` earlier parts
+    upload in threads of this object's own small pool. ``send`` waits while ``in_flight``
+    parts are running; a part the ``budget`` cannot hold is uploaded in the writer's thread
+    instead. ``upload(number, body)`` does one part (with its own retries) and returns
+    what the commit needs (S3: the ETag). The first failure is raised by the next
+    ``send`` or by ``finish``; the caller then calls ``drain`` before aborting."""
+
+    def __init__(self, upload: Callable[[int, bytes], T], *, in_flight: int, budget: PartBudget,
+                 thread_name: str = "akms-part") -> None:
+        self._upload = upload
+        self._in_flight = check_parts_in_flight(in_flight)
+        self._budget = budget
+        self._thread_name = thread_name
+        self._pool: ThreadPoolExecutor | None = None
+        self._running: dict[Future[T], int] = {}
+        self._results: dict[int, T] = {}
+
+    def send(self, number: int, body: bytes) -> None:
+        """Upload part ``number`` (1-based), in the background if the budget allows."""
+        self._collect(block=False)
+        while len(self._running) >= self._in_flight:
+            self._collect(block=True)
+        size = len(body)
+        if not self._budget.try_take(size):
+            self._results[number] = self._upload(number, body)  # in this thread: no extra part held
+            return
+        try:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._in_flight, thread_name_prefix=self._thread_name)
+            future = self._pool.submit(self._run, number, body, size)
+        except BaseException:
+            self._budget.give_back(size)
+            raise
+        self._running[future] = number
+
+    def _run(self, number: int, body: bytes, size: int) -> T:
+        try:
+            return self._upload(number, body)
+        finally:
+            self._budget.give_back(size)
+
+    def _collect(self, *, block: bool) -> None:
+        """Record finished parts; raises the error of a failed one."""
+        if not self._running:
+            return
+        if block:
+            finished = wait(self._running, return_when=FIRST_COMPLETED).done
+        else:
+            finished = {f for f in self._running if f.done()}
+        for future in finished:
+            number = self._running.pop(future)
+            self._results[number] = future.result()
+
+    def finish(self) -> list[tuple[int, T]]:
+        """Wait for every part; ``(number, result)`` in part order. Raises the first failure."""
+        while self._running:
+            self._collect(block=True)
+        self._close()
+        return sorted(self._results.items())
+
+    def drain(self) -> None:
+        """After a failure: wait for the parts already sent (a request cannot be recalled
+        half way), ignoring their outcome, so that an abort that follows is the last word
+        and no thread writes for this object after the call returns."""
+        if self._running:
+            wait(self._running)
+            self._running.clear()
+        self._close()
+
+    def _close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def handover(head: list[bytes], rest: Iterator[tuple[bytes, bool]]) -> Iterator[bytes]:
@@ -232,7 +380,10 @@ class ObjectReader(io.BufferedIOBase):
         self._chunks = chunks
         self._label = label
         self._on_close = on_close
+        # The current chunk and how much of it was handed out: consuming it moves the
+        # offset instead of copying the rest (a 1-byte read must not copy a 1 MiB chunk).
         self._buf = b""
+        self._off = 0
         self._pos = 0  # bytes handed out or buffered so far, from the backend
         self._eof = False
 
@@ -258,31 +409,36 @@ class ObjectReader(io.BufferedIOBase):
                 resource=self._label)
         return b""
 
+    def _take(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the current chunk (the chunk itself if it is all of it)."""
+        out = self._buf[self._off:self._off + n]  # a whole bytes slice is the object itself: no copy
+        self._off += len(out)
+        if self._off >= len(self._buf):
+            self._buf, self._off = b"", 0
+        return out
+
     def read(self, size: int | None = -1) -> bytes:
         if self.closed:
             raise ValueError("read from a closed ObjectReader")
-        if size is None or size < 0:
-            parts = [self._buf]
-            self._buf = b""
-            while chunk := self._next_chunk():
-                parts.append(chunk)
-            return b"".join(parts)
-        while len(self._buf) < size:
-            chunk = self._next_chunk()
-            if not chunk:
-                break
-            self._buf += chunk
-        out, self._buf = self._buf[:size], self._buf[size:]
-        return out
+        want = -1 if size is None or size < 0 else size
+        parts: list[bytes] = []
+        got = 0
+        while want < 0 or got < want:
+            if not self._buf:
+                self._buf = self._next_chunk()
+                if not self._buf:
+                    break
+            part = self._take(len(self._buf) if want < 0 else want - got)
+            parts.append(part)
+            got += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read1(self, size: int = -1) -> bytes:
         if self.closed:
             raise ValueError("read from a closed ObjectReader")
         if not self._buf:
             self._buf = self._next_chunk()
-        n = len(self._buf) if size is None or size < 0 else size
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out
+        return self._take(len(self._buf) if size is None or size < 0 else size)
 
     def readinto(self, b) -> int:  # type: ignore[override]
         data = self.read(len(b))

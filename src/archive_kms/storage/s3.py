@@ -6,7 +6,10 @@ adaptive backoff, checksums "when_required" (faults A13). On top of that the ada
 * sends ``Content-MD5`` on PutObject and every UploadPart, so a body corrupted on the way
   fails with ``BadDigest`` instead of being stored;
 * writes objects smaller than one part with one PutObject, larger ones as a multipart
-  upload (parts of ``part_size``, doubling every 1,000 parts), aborted on any failure;
+  upload (parts of ``part_size``, doubling every 1,000 parts) with up to
+  ``parts_in_flight`` parts uploading at once while the next is cut from the stream
+  (``port.PartUploads``, charged to the store's ``PartBudget``), aborted on any failure
+  once the parts already sent have finished;
 * makes ``if_absent`` writes conditional with ``If-None-Match: *`` on PutObject and on
   CompleteMultipartUpload (a 412 becomes ``ObjectExistsError``); a ``head`` first avoids
   uploading a large object only to be refused at the end;
@@ -67,10 +70,16 @@ from archive_kms.errors import (
 from archive_kms.storage.naming import decode_key, encode_prefix, object_key
 from archive_kms.storage.port import (
     DEFAULT_PART_SIZE,
+    DEFAULT_PARTS_IN_FLIGHT,
+    DEFAULT_UPLOAD_BUFFER,
     ObjectInfo,
     ObjectReader,
+    PartBudget,
+    PartUploads,
     PendingUpload,
+    as_budget,
     check_part_size,
+    check_parts_in_flight,
     handover,
     iter_parts,
     part_size_for,
@@ -166,7 +175,9 @@ class S3ObjectStore:
 
     def __init__(self, client: Any, bucket: str, prefix: str, *, sse_kms_key_arn: str | None = None,
                  part_size: int = DEFAULT_PART_SIZE, list_page_size: int = 1000,
-                 read_chunk_size: int = _READ_CHUNK, max_read_resumes: int = 3) -> None:
+                 read_chunk_size: int = _READ_CHUNK, max_read_resumes: int = 3,
+                 parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
+                 upload_buffer: int | PartBudget = DEFAULT_UPLOAD_BUFFER) -> None:
         if not 1 <= list_page_size <= 1000:
             raise ValidationError(f"list_page_size must be 1..1000, got {list_page_size}")
         self._s3 = client
@@ -174,6 +185,8 @@ class S3ObjectStore:
         self._prefix = prefix
         self._sse_key = sse_kms_key_arn
         self._part_size = check_part_size(part_size)
+        self._parts_in_flight = check_parts_in_flight(parts_in_flight)
+        self.upload_budget = as_budget(upload_buffer)
         self._page_size = list_page_size
         self._read_chunk = read_chunk_size
         self._max_resumes = max_read_resumes
@@ -254,6 +267,17 @@ class S3ObjectStore:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc, key, "CreateMultipartUpload")
         upload_id = created["UploadId"]
+
+        def upload_part(number: int, body: bytes) -> str:
+            try:
+                resp = self._s3.upload_part(Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumber=number,
+                                            Body=body, ContentMD5=_md5_b64(body))
+            except Exception as exc:  # noqa: BLE001
+                self._fail(exc, key, f"UploadPart {number}")
+            return str(resp["ETag"])
+
+        uploads = PartUploads(upload_part, in_flight=self._parts_in_flight, budget=self.upload_budget,
+                              thread_name="akms-s3-part")
         done: list[dict[str, Any]] = []
         size = 0
         committed = False
@@ -264,14 +288,10 @@ class S3ObjectStore:
                 number += 1
                 if number > MAX_PARTS:
                     raise ValidationError(f"s3://{self._bucket}/{key}: object exceeds {MAX_PARTS} parts")
-                try:
-                    resp = self._s3.upload_part(Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                                Body=body, ContentMD5=_md5_b64(body))
-                except Exception as exc:  # noqa: BLE001
-                    self._fail(exc, key, f"UploadPart {number}")
-                done.append({"PartNumber": number, "ETag": resp["ETag"]})
                 size += len(body)
+                uploads.send(number, body)
                 del body
+            done = [{"PartNumber": n, "ETag": etag} for n, etag in uploads.finish()]
             extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
             try:
                 resp = self._s3.complete_multipart_upload(
@@ -289,10 +309,15 @@ class S3ObjectStore:
                 resp = found
             committed = True
         except BaseException:
-            # Whatever stopped us (a source error, a refused condition, Ctrl-C), leave no
-            # upload behind; a crash that skips this is what abort_stale_uploads is for.
-            if not committed:
-                self._abort(key, upload_id)
+            # Whatever stopped us (a source error, a failed part, a refused condition,
+            # Ctrl-C), leave no upload behind: first let the parts already sent finish (a
+            # part landing after the abort could outlive it), then abort. A crash that
+            # skips this is what abort_stale_uploads is for.
+            try:
+                uploads.drain()
+            finally:
+                if not committed:
+                    self._abort(key, upload_id)
             raise
         self._check_sse(resp, key, written=True)
         return ObjectInfo(name, size, resp["ETag"], dict(meta))
