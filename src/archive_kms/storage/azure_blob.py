@@ -296,16 +296,8 @@ class AzureBlobObjectStore:
         # A16). Draining only makes sure no block is still being staged after we return.
         uploads: PartUploads[None] = PartUploads(stage, in_flight=self._parts_in_flight, budget=self.upload_budget,
                                                  thread_name="akms-blob-block")
-        size = 0
-        number = 0
         try:
-            for body in handover(head, parts):  # not enumerate(): its cached tuple keeps the last part alive
-                number += 1
-                if number > MAX_BLOCKS:
-                    raise ValidationError(f"{self._where(key)}: object exceeds {MAX_BLOCKS} blocks")
-                size += len(body)
-                uploads.send(number, body)
-                del body
+            size = uploads.send_all(handover(head, parts), limit=MAX_BLOCKS, where=self._where(key), unit="blocks")
             blocks = [BlobBlock(block_id=block_id_of(n)) for n, _ in uploads.finish()]
         except BaseException:
             uploads.drain()

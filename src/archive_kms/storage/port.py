@@ -315,6 +315,21 @@ class PartUploads(Generic[T]):
             raise
         self._running[future] = number
 
+    def send_all(self, parts: Iterable[bytes], *, limit: int, where: str, unit: str = "parts") -> int:
+        """``send`` each of ``parts`` as parts 1, 2, …; ``ValidationError`` naming ``where``
+        past ``limit`` parts. Returns the bytes sent. Holds no reference to a part once
+        sent (the bound on memory counts on it)."""
+        size = 0
+        number = 0
+        for body in parts:  # not enumerate(): its cached tuple would keep the last part alive
+            number += 1
+            if number > limit:
+                raise ValidationError(f"{where}: object exceeds {limit} {unit}")
+            size += len(body)
+            self.send(number, body)
+            del body
+        return size
+
     def _run(self, number: int, body: bytes, size: int) -> T:
         try:
             return self._upload(number, body)

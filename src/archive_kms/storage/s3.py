@@ -279,18 +279,10 @@ class S3ObjectStore:
         uploads = PartUploads(upload_part, in_flight=self._parts_in_flight, budget=self.upload_budget,
                               thread_name="akms-s3-part")
         done: list[dict[str, Any]] = []
-        size = 0
         committed = False
         try:
             self._check_sse(created, key, written=False)
-            number = 0
-            for body in parts:  # not enumerate(): its cached tuple would keep the last part alive
-                number += 1
-                if number > MAX_PARTS:
-                    raise ValidationError(f"s3://{self._bucket}/{key}: object exceeds {MAX_PARTS} parts")
-                size += len(body)
-                uploads.send(number, body)
-                del body
+            size = uploads.send_all(parts, limit=MAX_PARTS, where=f"s3://{self._bucket}/{key}")
             done = [{"PartNumber": n, "ETag": etag} for n, etag in uploads.finish()]
             extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
             try:
