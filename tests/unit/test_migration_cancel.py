@@ -10,39 +10,23 @@ import pytest
 from archive_kms.errors import TransientError, ValidationError
 from archive_kms.migration import cancel, execute, plan_enable, trigger
 from archive_kms.migration import steps as steps_module
-from archive_kms.operations.archive import JobSpec, submit_job
+from archive_kms.operations.archive import submit_job
 from archive_kms.operations.platform import Platform
-from archive_kms.operations.tenants import create_tenant
 from archive_kms.search import Query
 from archive_kms.state.port import GateState, RunState
 
-TENANT = "acme"
-
-
-def _job(job_id: str, count: int, offset: int = 0) -> JobSpec:
-    return JobSpec(job_id, TENANT, "synthetic", synthetic={"count": count, "seed": 3, "offset": offset,
-                                                           "mix": "small", "workspaces": 2})
+from test_migration_engine import TENANT, archived_platform, digests, job  # shared setup
 
 
 def _platform() -> Platform:
-    p = Platform.in_memory()
-    create_tenant(p, TENANT, provision_storage=False)
-    assert submit_job(p.state, _job("base", 12), p.open_archive).decision == "run"
-    return p
-
-
-def _digests(p: Platform) -> dict[bytes, str]:
-    from archive_kms.migration.copying import read_plaintext_digest
-
-    store = p.store_for(p.location_of(TENANT))
-    return {i.name: read_plaintext_digest(store, p.keychain, TENANT, i.name)[1] for i in store.list()}
+    return archived_platform(12)
 
 
 def _fail_copy_once(monkeypatch, p: Platform) -> None:
     real = steps_module.STEP_FUNCTIONS["copy"]
 
     def copy_then_fail(ctx):
-        assert submit_job(p.state, _job("during", 3, offset=12), p.open_archive).decision == "deferred"
+        assert submit_job(p.state, job("during", 3, offset=12), p.open_archive).decision == "deferred"
         real(ctx)
         raise TransientError("injected: the destination went away")
 
@@ -51,7 +35,7 @@ def _fail_copy_once(monkeypatch, p: Platform) -> None:
 
 def test_cancel_after_a_failed_copy_puts_everything_back(monkeypatch):
     p = _platform()
-    before = _digests(p)
+    before = digests(p)
     l1_before = p.keychain.status(TENANT).l1_ref
     _fail_copy_once(monkeypatch, p)
     plan = plan_enable(p, TENANT, "byokms", "memory://customer")
@@ -69,11 +53,11 @@ def test_cancel_after_a_failed_copy_puts_everything_back(monkeypatch):
     assert p.index.describe_generation(plan.new_index) is None
     assert p.state.gate(TENANT).state is GateState.OPEN
     assert p.state.get_tenant(TENANT).key_mode.value == "managed"
-    after = _digests(p)
+    after = digests(p)
     assert {k: v for k, v in after.items() if k in before} == before  # the source untouched
     assert len(after) > len(before)  # the job deferred during the run landed in the source, once
     assert len(p.open_archive(TENANT).search(Query(limit=100)).hits) == 15  # old index writable again
-    assert submit_job(p.state, _job("after", 2, offset=15), p.open_archive).decision == "run"
+    assert submit_job(p.state, job("after", 2, offset=15), p.open_archive).decision == "run"
     assert [r.action for r in p.state.iter_audit(tenant_id=TENANT)].count("run.cancel") == 1
     assert cancel(p, run.run_id, actor="support").message == "already cancelled"
     # the tenant can be onboarded afresh

@@ -12,26 +12,17 @@ from archive_kms.migration import cancel, execute, plan_enable, rerun, resume, t
 from archive_kms.migration import steps as steps_module
 from archive_kms.migration.copying import read_plaintext_digest
 from archive_kms.operations import archive as archive_module
-from archive_kms.operations.archive import JobSpec, submit_job
+from archive_kms.operations.archive import submit_job
 from archive_kms.operations.platform import Platform
-from archive_kms.operations.tenants import create_tenant
 from archive_kms.state.port import GateState, RunState, StepState
 from archive_kms.storage import Location
 
-TENANT = "acme"
+from test_migration_engine import TENANT, archived_platform, job  # shared setup
 KEY = "memory://customer"
 
 
-def _job(job_id: str, count: int, offset: int = 0) -> JobSpec:
-    return JobSpec(job_id, TENANT, "synthetic", synthetic={"count": count, "seed": 5, "offset": offset,
-                                                           "mix": "small", "workspaces": 2})
-
-
 def _platform() -> Platform:
-    p = Platform.in_memory()
-    create_tenant(p, TENANT, provision_storage=False)
-    assert submit_job(p.state, _job("base", 12), p.open_archive).decision == "run"
-    return p
+    return archived_platform(12)
 
 
 def _once(monkeypatch, step: str, *, after: bool, effect=None) -> None:
@@ -72,7 +63,7 @@ def test_resume_step_does_not_complete_while_deferred_jobs_wait(monkeypatch):
 
     def defer_two(ctx):
         for i in range(2):
-            assert submit_job(p.state, _job(f"during-{i}", 2, offset=12 + 2 * i), p.open_archive).decision == "deferred"
+            assert submit_job(p.state, job(f"during-{i}", 2, offset=12 + 2 * i), p.open_archive).decision == "deferred"
 
     _once(monkeypatch, "copy", after=True, effect=defer_two)
     run, _ = trigger(p, plan_enable(p, TENANT, "byokms", KEY), actor="t")
