@@ -270,21 +270,26 @@ def test_a_source_that_authenticates_on_a_second_read_is_copied_not_quarantined(
     assert digests(p) == before
 
 
+def rot_before_first_verify(monkeypatch, store: Any, name: bytes) -> None:
+    """Flip a byte of ``name`` in ``store`` just before the first verify step runs."""
+    state = {"done": False}
+
+    def rot_then_verify(real, ctx):
+        if not state["done"]:
+            state["done"] = True
+            flip_a_byte(store, name)
+        return real(ctx)
+
+    wrap_step(monkeypatch, "verify", rot_then_verify)
+
+
 def test_destination_bit_rot_is_rewritten_from_the_source_not_quarantined(monkeypatch):
     p = archived_platform()
     before = digests(p)
     plan = enable_plan(p)
     dst = p.store_for(plan.destination_location)
     name = sorted(before)[4]
-    state = {"done": False}
-
-    def rot_then_verify(real, ctx):
-        if not state["done"]:
-            state["done"] = True
-            flip_a_byte(dst, name)
-        return real(ctx)
-
-    wrap_step(monkeypatch, "verify", rot_then_verify)
+    rot_before_first_verify(monkeypatch, dst, name)
     run_id = start(p, plan)
     first = execute(p, run_id, actor="test")
     assert first.state == "failed" and "failed verification" in first.error
@@ -304,15 +309,7 @@ def test_verify_recopies_failed_objects_but_leaves_quarantined_ones_alone(monkey
     plan = w["plan"]
     dst = p.store_for(plan.destination_location)
     rotten = sorted(n for n in w["before"] if n != w["corrupt"])[0]
-    state = {"done": False}
-
-    def rot_then_verify(real, ctx):
-        if not state["done"]:
-            state["done"] = True
-            flip_a_byte(dst, rotten)
-        return real(ctx)
-
-    wrap_step(monkeypatch, "verify", rot_then_verify)
+    rot_before_first_verify(monkeypatch, dst, rotten)
     reads = count_reads(w["src"], {w["corrupt"], w["foreign"], rotten})
     run_id = start(p, plan)
     first = execute(p, run_id, actor="test")
