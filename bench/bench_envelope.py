@@ -149,8 +149,16 @@ def run_phase(phase: str, size: int, segment_size: int) -> dict:
 
 
 def _in_subprocess(phase: str, size: int, segment_size: int) -> dict:
-    cmd = [sys.executable, __file__, "--phase", phase, "--size-mib", str(size // MIB),
-           "--segment-size", str(segment_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        phase,
+        "--size-mib",
+        str(size // MIB),
+        "--segment-size",
+        str(segment_size),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -198,8 +206,9 @@ def throughput(size: int, segment_size: int, repeats: int) -> dict[str, float]:
         "raw AES-GCM encrypt": _best_seconds(raw_encrypt, repeats),
         "raw AES-GCM + SHA-256 encrypt": _best_seconds(lambda: raw_encrypt(True), repeats),
         "encrypt_stream": _best_seconds(
-            lambda: encrypt_stream(io.BytesIO(data), NullSink(), dek=DEK, dek_id="d", binding=BINDING,
-                                   segment_size=segment_size),
+            lambda: encrypt_stream(
+                io.BytesIO(data), NullSink(), dek=DEK, dek_id="d", binding=BINDING, segment_size=segment_size
+            ),
             repeats,
         ),
         "raw AES-GCM decrypt": _best_seconds(raw_decrypt, repeats),
@@ -234,21 +243,28 @@ def main() -> int:
         within = rss < RSS_LIMIT_BYTES
         ok &= within
         rate = "" if name == "baseline" else f"  {args.size_mib / report['seconds']:8.1f} MiB/s"
-        print(f"    {name:<8} peak RSS {rss / MIB:7.1f} MiB ({rss / 1e6:6.1f} MB)  {report['seconds']:7.2f} s{rate}"
-              f"  {'ok' if within else 'OVER 150 MB'}")
+        print(
+            f"    {name:<8} peak RSS {rss / MIB:7.1f} MiB ({rss / 1e6:6.1f} MB)  {report['seconds']:7.2f} s{rate}"
+            f"  {'ok' if within else 'OVER 150 MB'}"
+        )
     print("    (decrypt phase = on-the-fly encrypt_iter feeding decrypt_stream; round trip digest matched)")
 
-    print(f"(b) throughput: {args.throughput_mib} MiB in memory, segment size {args.segment_size}, "
-          f"best of {args.repeats}")
+    print(
+        f"(b) throughput: {args.throughput_mib} MiB in memory, segment size {args.segment_size}, best of {args.repeats}"
+    )
     rates = throughput(args.throughput_mib * MIB, args.segment_size, args.repeats)
     for name, rate in rates.items():
         print(f"    {name:<32} {rate:8.1f} MiB/s")
     for direction in ("encrypt", "decrypt"):
         ours = rates[f"{direction}_stream"]
-        print(f"    {direction}_stream / raw AES-GCM {direction}:            "
-              f"{ours / rates[f'raw AES-GCM {direction}']:.2f}")
-        print(f"    {direction}_stream / raw AES-GCM + SHA-256 {direction}:  "
-              f"{ours / rates[f'raw AES-GCM + SHA-256 {direction}']:.2f}")
+        print(
+            f"    {direction}_stream / raw AES-GCM {direction}:            "
+            f"{ours / rates[f'raw AES-GCM {direction}']:.2f}"
+        )
+        print(
+            f"    {direction}_stream / raw AES-GCM + SHA-256 {direction}:  "
+            f"{ours / rates[f'raw AES-GCM + SHA-256 {direction}']:.2f}"
+        )
     return 0 if ok else 1
 
 

@@ -48,8 +48,9 @@ def p(values: list[float], q: float) -> float:
 def report(name: str, op: str, ours: list[float], raw: list[float] | None) -> None:
     ratio = f"{p(ours, 50) / p(raw, 50):5.2f}x" if raw else "   - "
     raw_text = f"{p(raw, 50):7.2f}" if raw else "      -"
-    print(f"{name:9} {op:7} p50 {p(ours, 50):7.2f} ms  p95 {p(ours, 95):7.2f} ms   raw p50 {raw_text} ms  "
-          f"ratio {ratio}")
+    print(
+        f"{name:9} {op:7} p50 {p(ours, 50):7.2f} ms  p95 {p(ours, 95):7.2f} ms   raw p50 {raw_text} ms  ratio {ratio}"
+    )
 
 
 def main() -> None:
@@ -117,16 +118,31 @@ def main() -> None:
         nonce = w.ciphertext[:12]
 
         def raw_encrypt():
-            return admin.proxy.send_request_payload(enums.Operation.ENCRYPT, payloads.EncryptRequestPayload(
-                unique_identifier=uid, cryptographic_parameters=_gcm_parameters(), data=secret.reveal(),
-                iv_counter_nonce=nonce, auth_additional_data=b"x"))
+            return admin.proxy.send_request_payload(
+                enums.Operation.ENCRYPT,
+                payloads.EncryptRequestPayload(
+                    unique_identifier=uid,
+                    cryptographic_parameters=_gcm_parameters(),
+                    data=secret.reveal(),
+                    iv_counter_nonce=nonce,
+                    auth_additional_data=b"x",
+                ),
+            )
 
         enc = raw_encrypt()
 
         def raw_decrypt():
-            return admin.proxy.send_request_payload(enums.Operation.DECRYPT, payloads.DecryptRequestPayload(
-                unique_identifier=uid, cryptographic_parameters=_gcm_parameters(), data=enc.data,
-                iv_counter_nonce=nonce, auth_additional_data=b"x", auth_tag=enc.auth_tag))
+            return admin.proxy.send_request_payload(
+                enums.Operation.DECRYPT,
+                payloads.DecryptRequestPayload(
+                    unique_identifier=uid,
+                    cryptographic_parameters=_gcm_parameters(),
+                    data=enc.data,
+                    iv_counter_nonce=nonce,
+                    auth_additional_data=b"x",
+                    auth_tag=enc.auth_tag,
+                ),
+            )
 
         report("kmip", "wrap", timed(lambda: hsm.wrap(secret, context=CTX), n), timed(raw_encrypt, n))
         report("kmip", "unwrap", timed(lambda: hsm.unwrap(w, context=CTX), n), timed(raw_decrypt, n))

@@ -120,8 +120,14 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> Measured:
         if use_time:
             lines = rss_path.read_text().split()
             peak = int(lines[-1]) * 1024 if lines and lines[-1].isdigit() else 0  # KiB
-        return Measured(proc.returncode, seconds, peak, "gnu-time" if use_time else "proc-poll",
-                        out_path.read_text(), err_path.read_text())
+        return Measured(
+            proc.returncode,
+            seconds,
+            peak,
+            "gnu-time" if use_time else "proc-poll",
+            out_path.read_text(),
+            err_path.read_text(),
+        )
 
 
 # --- the archive ----------------------------------------------------------------------------
@@ -137,12 +143,17 @@ def generate_archive(platform: Any, tenant: str, *, records: int, mix: str, seed
     from archive_kms.operations.tenants import create_tenant
 
     create_tenant(platform, tenant, cloud="s3", actor="bench")
-    spec = JobSpec(f"{tenant}-job", tenant, "synthetic",
-                   synthetic={"count": records, "seed": seed, "mix": mix, "workspaces": 2})
+    spec = JobSpec(
+        f"{tenant}-job", tenant, "synthetic", synthetic={"count": records, "seed": seed, "mix": mix, "workspaces": 2}
+    )
     started = time.perf_counter()
     outcome = submit_job(platform.state, spec, platform.open_archive)
-    return {"records": outcome.records, "attachments": outcome.attachments, "bytes_plaintext": outcome.bytes_plaintext,
-            "seconds": time.perf_counter() - started}
+    return {
+        "records": outcome.records,
+        "attachments": outcome.attachments,
+        "bytes_plaintext": outcome.bytes_plaintext,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def listing_totals(s3: Any, bucket: str, prefix: str = "") -> tuple[int, int]:
@@ -162,24 +173,39 @@ def rclone_env(settings: Settings) -> dict[str, str]:
     """rclone configured for LocalStack S3 through the environment only (no config file)."""
     env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE" and not k.startswith("RCLONE_")}
     prefix = f"RCLONE_CONFIG_{RCLONE_REMOTE.upper()}_"
-    env.update({
-        "RCLONE_CONFIG": os.devnull,  # never read a user's rclone.conf
-        prefix + "TYPE": "s3",
-        prefix + "PROVIDER": "Other",
-        prefix + "ENDPOINT": settings.aws_endpoint_url or "",
-        prefix + "REGION": settings.aws_region,
-        prefix + "ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value() if settings.aws_access_key_id else "",
-        prefix + "SECRET_ACCESS_KEY": (settings.aws_secret_access_key.get_secret_value()
-                                       if settings.aws_secret_access_key else ""),
-        prefix + "FORCE_PATH_STYLE": "true",
-    })
+    env.update(
+        {
+            "RCLONE_CONFIG": os.devnull,  # never read a user's rclone.conf
+            prefix + "TYPE": "s3",
+            prefix + "PROVIDER": "Other",
+            prefix + "ENDPOINT": settings.aws_endpoint_url or "",
+            prefix + "REGION": settings.aws_region,
+            prefix + "ACCESS_KEY_ID": settings.aws_access_key_id.get_secret_value()
+            if settings.aws_access_key_id
+            else "",
+            prefix + "SECRET_ACCESS_KEY": (
+                settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else ""
+            ),
+            prefix + "FORCE_PATH_STYLE": "true",
+        }
+    )
     return env
 
 
-def run_rclone(settings: Settings, src_bucket: str, src_prefix: str, dst_bucket: str, *, transfers: int,
-               server_side: bool) -> Measured:
-    cmd = ["rclone", "copy", f"{RCLONE_REMOTE}:{src_bucket}/{src_prefix}", f"{RCLONE_REMOTE}:{dst_bucket}/",
-           "--transfers", str(transfers), "--checkers", str(transfers), "--s3-no-check-bucket"]
+def run_rclone(
+    settings: Settings, src_bucket: str, src_prefix: str, dst_bucket: str, *, transfers: int, server_side: bool
+) -> Measured:
+    cmd = [
+        "rclone",
+        "copy",
+        f"{RCLONE_REMOTE}:{src_bucket}/{src_prefix}",
+        f"{RCLONE_REMOTE}:{dst_bucket}/",
+        "--transfers",
+        str(transfers),
+        "--checkers",
+        str(transfers),
+        "--s3-no-check-bucket",
+    ]
     if not server_side:
         cmd += ["--disable", "Copy"]  # stream through the client, as our migration must
     return run_measured(cmd, rclone_env(settings))
@@ -196,32 +222,59 @@ def rclone_version() -> str:
 # --- our migration (the child process) --------------------------------------------------------
 
 
-def migrate_phase(state_url: str, tenant: str, key_ref: str, *, shards: int, parallel_shards: int,
-                  threads: int) -> dict[str, Any]:
+def migrate_phase(
+    state_url: str, tenant: str, key_ref: str, *, shards: int, parallel_shards: int, threads: int
+) -> dict[str, Any]:
     """Runs in the child: the whole enable flow of ``tenant``; step timings from the run."""
     from archive_kms.migration import build_report, execute, plan_enable, trigger
 
     platform, _ = build_platform(state_url)
     started = time.perf_counter()
-    plan = plan_enable(platform, tenant, "byokms", key_ref, shards=shards, parallel_shards=parallel_shards,
-                       threads_per_shard=threads)
+    plan = plan_enable(
+        platform, tenant, "byokms", key_ref, shards=shards, parallel_shards=parallel_shards, threads_per_shard=threads
+    )
     run, _ = trigger(platform, plan, actor="bench")
     outcome = execute(platform, run.run_id, actor="bench")
     end_to_end = time.perf_counter() - started
     run = platform.state.get_run(run.run_id)
-    steps = {s.name: (s.finished_at - s.started_at).total_seconds()
-             for s in run.steps if s.started_at is not None and s.finished_at is not None}
+    steps = {
+        s.name: (s.finished_at - s.started_at).total_seconds()
+        for s in run.steps
+        if s.started_at is not None and s.finished_at is not None
+    }
     report = build_report(platform, run.run_id)
-    return {"outcome": outcome.to_dict(), "steps": steps, "end_to_end_seconds": end_to_end,
-            "copy": run.step("copy").result or {}, "verify": run.step("verify").result or {},
-            "objects": report["objects"], "bytes": report["bytes"], "destination": report["destination"],
-            "peak_rss_self_bytes": _vm_hwm_bytes("self")}
+    return {
+        "outcome": outcome.to_dict(),
+        "steps": steps,
+        "end_to_end_seconds": end_to_end,
+        "copy": run.step("copy").result or {},
+        "verify": run.step("verify").result or {},
+        "objects": report["objects"],
+        "bytes": report["bytes"],
+        "destination": report["destination"],
+        "peak_rss_self_bytes": _vm_hwm_bytes("self"),
+    }
 
 
 def run_ours(state_url: str, tenant: str, key_ref: str, args: argparse.Namespace) -> tuple[Measured, dict[str, Any]]:
-    cmd = [sys.executable, __file__, "--phase", "migrate", "--state-url", state_url, "--tenant", tenant,
-           "--key-ref", key_ref, "--shards", str(args.shards), "--parallel-shards", str(args.parallel_shards),
-           "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        "migrate",
+        "--state-url",
+        state_url,
+        "--tenant",
+        tenant,
+        "--key-ref",
+        key_ref,
+        "--shards",
+        str(args.shards),
+        "--parallel-shards",
+        str(args.parallel_shards),
+        "--threads",
+        str(args.threads),
+    ]
     measured = run_measured(cmd, dict(os.environ))
     if measured.returncode != 0:
         raise SystemExit(f"migration subprocess exited {measured.returncode}:\n{measured.stderr[-4000:]}")
@@ -242,8 +295,9 @@ def empty_and_delete_bucket(s3: Any, bucket: str) -> None:
         pass
 
 
-def cleanup(settings: Settings, s3: Any, tenant: str, buckets: list[str], shared_prefix: str | None,
-            key_arn: str | None) -> None:
+def cleanup(
+    settings: Settings, s3: Any, tenant: str, buckets: list[str], shared_prefix: str | None, key_arn: str | None
+) -> None:
     """Remove what the run created; best effort, a failure is printed, not raised."""
     from archive_kms.domain.tenants import es_index_pattern
 
@@ -253,13 +307,14 @@ def cleanup(settings: Settings, s3: Any, tenant: str, buckets: list[str], shared
 
     def indices() -> None:
         es = wiring.elasticsearch_client(settings)
-        for name in es.options(ignore_status=404).indices.get(index=es_index_pattern(tenant)).keys():
+        for name in es.options(ignore_status=404).indices.get(index=es_index_pattern(tenant)):
             es.indices.delete(index=name)
 
     steps.append(("search indices", indices))
     if key_arn:
-        steps.append(("kms key", lambda: wiring.kms_client(settings).schedule_key_deletion(
-            KeyId=key_arn, PendingWindowInDays=7)))
+        steps.append(
+            ("kms key", lambda: wiring.kms_client(settings).schedule_key_deletion(KeyId=key_arn, PendingWindowInDays=7))
+        )
     for what, fn in steps:
         try:
             fn()
@@ -301,12 +356,20 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
         s3.create_bucket(Bucket=rclone_bucket)
         buckets.append(rclone_bucket)
-        rclone = run_rclone(settings, src.bucket, src.prefix, rclone_bucket, transfers=args.transfers,
-                            server_side=args.rclone_server_side)
+        rclone = run_rclone(
+            settings,
+            src.bucket,
+            src.prefix,
+            rclone_bucket,
+            transfers=args.transfers,
+            server_side=args.rclone_server_side,
+        )
         rclone_copied = listing_totals(s3, rclone_bucket)
         if rclone.returncode != 0 or rclone_copied != (objects, source_bytes):
-            raise SystemExit(f"rclone copy incomplete (exit {rclone.returncode}, {rclone_copied} of "
-                             f"{(objects, source_bytes)}):\n{rclone.stderr[-4000:]}")
+            raise SystemExit(
+                f"rclone copy incomplete (exit {rclone.returncode}, {rclone_copied} of "
+                f"{(objects, source_bytes)}):\n{rclone.stderr[-4000:]}"
+            )
 
         key_arn = wiring.kms_client(settings).create_key(Description=f"bench {tenant}")["KeyMetadata"]["Arn"]
         from archive_kms.domain.tenants import dedicated_s3_bucket_name
@@ -314,27 +377,50 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         buckets.append(dedicated_s3_bucket_name(tenant))
         ours_proc, ours = run_ours(state_url, tenant, f"aws-kms://{key_arn}", args)
         if ours["outcome"]["state"] != "completed" or ours["objects"] != objects or ours["bytes"] != source_bytes:
-            raise SystemExit(f"migration did not complete over the same data: {json.dumps(ours['outcome'])}; "
-                             f"{ours['objects']} objects / {ours['bytes']} bytes vs {objects} / {source_bytes}")
+            raise SystemExit(
+                f"migration did not complete over the same data: {json.dumps(ours['outcome'])}; "
+                f"{ours['objects']} objects / {ours['bytes']} bytes vs {objects} / {source_bytes}"
+            )
         copy_s, verify_s = ours["steps"]["copy"], ours["steps"]["verify"]
         result = {
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "rclone": version},
-            "data": {"records": generated["records"], "attachments": generated["attachments"], "objects": objects,
-                     "source_bytes": source_bytes, "plaintext_bytes": ours["copy"].get("bytes_plaintext"),
-                     "mix": args.mix, "seed": args.seed, "generate_seconds": round(generated["seconds"], 3)},
-            "concurrency": {"shards": args.shards, "parallel_shards": args.parallel_shards,
-                            "threads_per_shard": args.threads, "in_flight": args.parallel_shards * args.threads,
-                            "rclone_transfers": args.transfers, "rclone_checkers": args.transfers,
-                            "rclone_server_side": args.rclone_server_side},
-            "ours": {"copy_seconds": copy_s, "verify_seconds": verify_s,
-                     "end_to_end_seconds": ours["end_to_end_seconds"], "process_seconds": ours_proc.seconds,
-                     "copy_verify_mib_s": rate(source_bytes, copy_s + verify_s),
-                     "copy_only_mib_s": rate(source_bytes, copy_s),
-                     "end_to_end_mib_s": rate(source_bytes, ours["end_to_end_seconds"]),
-                     "peak_rss_bytes": ours_proc.peak_rss_bytes, "rss_method": ours_proc.rss_method,
-                     "steps": ours["steps"]},
-            "rclone": {"seconds": rclone.seconds, "mib_s": rate(source_bytes, rclone.seconds),
-                       "peak_rss_bytes": rclone.peak_rss_bytes, "rss_method": rclone.rss_method},
+            "data": {
+                "records": generated["records"],
+                "attachments": generated["attachments"],
+                "objects": objects,
+                "source_bytes": source_bytes,
+                "plaintext_bytes": ours["copy"].get("bytes_plaintext"),
+                "mix": args.mix,
+                "seed": args.seed,
+                "generate_seconds": round(generated["seconds"], 3),
+            },
+            "concurrency": {
+                "shards": args.shards,
+                "parallel_shards": args.parallel_shards,
+                "threads_per_shard": args.threads,
+                "in_flight": args.parallel_shards * args.threads,
+                "rclone_transfers": args.transfers,
+                "rclone_checkers": args.transfers,
+                "rclone_server_side": args.rclone_server_side,
+            },
+            "ours": {
+                "copy_seconds": copy_s,
+                "verify_seconds": verify_s,
+                "end_to_end_seconds": ours["end_to_end_seconds"],
+                "process_seconds": ours_proc.seconds,
+                "copy_verify_mib_s": rate(source_bytes, copy_s + verify_s),
+                "copy_only_mib_s": rate(source_bytes, copy_s),
+                "end_to_end_mib_s": rate(source_bytes, ours["end_to_end_seconds"]),
+                "peak_rss_bytes": ours_proc.peak_rss_bytes,
+                "rss_method": ours_proc.rss_method,
+                "steps": ours["steps"],
+            },
+            "rclone": {
+                "seconds": rclone.seconds,
+                "mib_s": rate(source_bytes, rclone.seconds),
+                "peak_rss_bytes": rclone.peak_rss_bytes,
+                "rss_method": rclone.rss_method,
+            },
         }
         result["ratio"] = result["ours"]["copy_verify_mib_s"] / result["rclone"]["mib_s"]
         result["ratio_copy_only"] = result["ours"]["copy_only_mib_s"] / result["rclone"]["mib_s"]
@@ -349,16 +435,22 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(r: dict[str, Any]) -> None:
     d, c, o, rc = r["data"], r["concurrency"], r["ours"], r["rclone"]
     print(f"machine: {r['machine']['cpus']} CPUs, Python {r['machine']['python']}, {r['machine']['rclone']}")
-    print(f"data: {d['objects']} objects ({d['records']} records, {d['attachments']} attachments, mix {d['mix']}, "
-          f"seed {d['seed']}), {d['source_bytes'] / MIB:.1f} MiB stored, generated in {d['generate_seconds']:.1f} s")
-    print(f"concurrency: ours {c['shards']} shards, {c['parallel_shards']} at a time x {c['threads_per_shard']} "
-          f"threads = {c['in_flight']} objects in flight; rclone --transfers {c['rclone_transfers']} "
-          f"--checkers {c['rclone_checkers']}{'' if c['rclone_server_side'] else ' --disable Copy'}")
+    print(
+        f"data: {d['objects']} objects ({d['records']} records, {d['attachments']} attachments, mix {d['mix']}, "
+        f"seed {d['seed']}), {d['source_bytes'] / MIB:.1f} MiB stored, generated in {d['generate_seconds']:.1f} s"
+    )
+    print(
+        f"concurrency: ours {c['shards']} shards, {c['parallel_shards']} at a time x {c['threads_per_shard']} "
+        f"threads = {c['in_flight']} objects in flight; rclone --transfers {c['rclone_transfers']} "
+        f"--checkers {c['rclone_checkers']}{'' if c['rclone_server_side'] else ' --disable Copy'}"
+    )
     print()
     print(f"{'':34} {'seconds':>9} {'MiB/s':>9} {'peak RSS MiB':>13}")
     rss_ours, rss_rclone = o["peak_rss_bytes"] / MIB, rc["peak_rss_bytes"] / MIB
-    print(f"{'ours: copy + verify':34} {o['copy_seconds'] + o['verify_seconds']:9.2f} {o['copy_verify_mib_s']:9.1f} "
-          f"{rss_ours:13.1f}")
+    print(
+        f"{'ours: copy + verify':34} {o['copy_seconds'] + o['verify_seconds']:9.2f} {o['copy_verify_mib_s']:9.1f} "
+        f"{rss_ours:13.1f}"
+    )
     print(f"{'ours: copy only':34} {o['copy_seconds']:9.2f} {o['copy_only_mib_s']:9.1f} {'':>13}")
     print(f"{'ours: end to end (13 steps)':34} {o['end_to_end_seconds']:9.2f} {o['end_to_end_mib_s']:9.1f} {'':>13}")
     print(f"{'rclone copy':34} {rc['seconds']:9.2f} {rc['mib_s']:9.1f} {rss_rclone:13.1f}")
@@ -379,21 +471,36 @@ def _tenant_tag(value: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=400, help="records to generate (attachments come on top)")
-    parser.add_argument("--mix", choices=("small", "default", "large"), default="default",
-                        help="attachment size mix (synthetic.SizeMix)")
+    parser.add_argument(
+        "--mix",
+        choices=("small", "default", "large"),
+        default="default",
+        help="attachment size mix (synthetic.SizeMix)",
+    )
     parser.add_argument("--seed", type=int, default=7)
     # The fan-out defaults are the product's (plan._fanout): 16 objects in flight.
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--parallel-shards", type=int, default=4)
     parser.add_argument("--threads", type=int, default=4, help="threads per shard")
-    parser.add_argument("--transfers", type=int, default=None,
-                        help="rclone --transfers and --checkers (default: parallel shards x threads)")
-    parser.add_argument("--rclone-server-side", action="store_true",
-                        help="let rclone use S3 server-side copy (no bytes through the client)")
+    parser.add_argument(
+        "--transfers",
+        type=int,
+        default=None,
+        help="rclone --transfers and --checkers (default: parallel shards x threads)",
+    )
+    parser.add_argument(
+        "--rclone-server-side",
+        action="store_true",
+        help="let rclone use S3 server-side copy (no bytes through the client)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--tenant-tag", type=_tenant_tag, default=None,
-                        help="fixed tenant id suffix (default: random per run). The data depends on the tenant id "
-                             "and --seed, so runs with the same tag compare on identical data; one run at a time.")
+    parser.add_argument(
+        "--tenant-tag",
+        type=_tenant_tag,
+        default=None,
+        help="fixed tenant id suffix (default: random per run). The data depends on the tenant id "
+        "and --seed, so runs with the same tag compare on identical data; one run at a time.",
+    )
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--state-url", help=argparse.SUPPRESS)
     parser.add_argument("--tenant", help=argparse.SUPPRESS)
@@ -401,8 +508,19 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.phase == "migrate":
-        print(json.dumps(migrate_phase(args.state_url, args.tenant, args.key_ref, shards=args.shards,
-                                       parallel_shards=args.parallel_shards, threads=args.threads), default=str))
+        print(
+            json.dumps(
+                migrate_phase(
+                    args.state_url,
+                    args.tenant,
+                    args.key_ref,
+                    shards=args.shards,
+                    parallel_shards=args.parallel_shards,
+                    threads=args.threads,
+                ),
+                default=str,
+            )
+        )
         return 0
     if args.transfers is None:
         args.transfers = args.parallel_shards * args.threads

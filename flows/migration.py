@@ -48,8 +48,8 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.states import Failed
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from archive_kms.config import Settings
 from archive_kms.errors import ConfigurationError, StateError, ValidationError
@@ -77,8 +77,12 @@ TASK_RUNNERS = ("threads", "dask")
 SUPPORT_ACTIONS = ("resume", "rerun", "cancel")
 #: The local Dask cluster used when no ``dask_address`` is configured: two worker
 #: processes (the shard tasks really leave the flow's process), no dashboard port.
-LOCAL_DASK_CLUSTER: dict[str, Any] = {"n_workers": 2, "processes": True, "threads_per_worker": 2,
-                                      "dashboard_address": ":0"}
+LOCAL_DASK_CLUSTER: dict[str, Any] = {
+    "n_workers": 2,
+    "processes": True,
+    "threads_per_worker": 2,
+    "dashboard_address": ":0",
+}
 #: Fields of a shard result kept in the flow's answer (which process ran which shard).
 _SHARD_SUMMARY_FIELDS = ("shard", "pid", "objects", "written", "already", "verified", "failed", "mismatched")
 
@@ -108,8 +112,9 @@ def process_platform(settings: Settings | None = None) -> Any:
 # --- shard tasks ------------------------------------------------------------------------------
 
 
-@task(name="migration-shard", task_run_name="{step}-shard-{shard}", retries=0, persist_result=False,
-      cache_policy=NO_CACHE)
+@task(
+    name="migration-shard", task_run_name="{step}-shard-{shard}", retries=0, persist_result=False, cache_policy=NO_CACHE
+)
 def shard_task(run_id: str, step: str, shard: int, tenant_id: str | None, fence_token: int | None) -> dict[str, Any]:
     """Copy or verify one shard in whatever process the task runner chose."""
     fence = Fence(tenant_id, fence_token) if tenant_id is not None and fence_token is not None else None
@@ -135,24 +140,31 @@ class PrefectShardRunner:
             return None
         return MigrationPlan.from_params(platform.state.get_run(run_id).params).parallel_shards
 
-    def __call__(self, platform: Any, run_id: str, step: str, shards: Sequence[int],
-                 fence: Fence | None) -> list[dict[str, Any]]:
+    def __call__(
+        self, platform: Any, run_id: str, step: str, shards: Sequence[int], fence: Fence | None
+    ) -> list[dict[str, Any]]:
         window = self._window(platform, run_id)
         futures: list[PrefectFuture[dict[str, Any]]] = []
         in_flight: set[PrefectFuture[dict[str, Any]]] = set()
         for shard in shards:
             if window is not None and len(in_flight) >= window:
                 in_flight.discard(next(as_completed(list(in_flight))))
-            future = self.task_runner.submit(shard_task, {
-                "run_id": run_id, "step": step, "shard": shard, "tenant_id": fence.tenant_id if fence else None,
-                "fence_token": fence.token if fence else None})
+            future = self.task_runner.submit(
+                shard_task,
+                {
+                    "run_id": run_id,
+                    "step": step,
+                    "shard": shard,
+                    "tenant_id": fence.tenant_id if fence else None,
+                    "fence_token": fence.token if fence else None,
+                },
+            )
             futures.append(future)
             in_flight.add(future)
         for future in futures:
             future.wait()
         results = [future.result() for future in futures]  # raises the first shard's error
-        self.ran.setdefault(step, []).extend(
-            {k: r[k] for k in _SHARD_SUMMARY_FIELDS if k in r} for r in results)
+        self.ran.setdefault(step, []).extend({k: r[k] for k in _SHARD_SUMMARY_FIELDS if k in r} for r in results)
         return results
 
 
@@ -214,8 +226,10 @@ class ArtifactReporter:
         # hooks run on the engine's progress thread too: give it this flow's Prefect context
         self._context = contextvars.copy_context()
         self._artifact_id = create_progress_artifact(
-            progress=self._percent(), key=artifact_key(self.tenant_id, "progress"),
-            description=self._describe(f"{self._steps_done}/{len(STEPS)} steps done"))
+            progress=self._percent(),
+            key=artifact_key(self.tenant_id, "progress"),
+            description=self._describe(f"{self._steps_done}/{len(STEPS)} steps done"),
+        )
 
     def hooks(self) -> Hooks:
         return Hooks(on_step=self.on_step, on_progress=self.on_progress)
@@ -232,9 +246,13 @@ class ArtifactReporter:
                 return
             self._last = (percent, what)
             try:
-                self._context.copy().run(update_progress_artifact, artifact_id=self._artifact_id, progress=percent,
-                                         description=self._describe(what))
-            except Exception:  # noqa: BLE001 - see the class docstring
+                self._context.copy().run(
+                    update_progress_artifact,
+                    artifact_id=self._artifact_id,
+                    progress=percent,
+                    description=self._describe(what),
+                )
+            except Exception:
                 log.warning("could not update the progress artifact of run %s", self.run_id, exc_info=True)
 
     def on_step(self, step: str, state: str, result: dict[str, Any] | None) -> None:
@@ -257,18 +275,46 @@ class ArtifactReporter:
         """The final report as a table and a markdown summary."""
         key = artifact_key(self.tenant_id)
         self._update(self._percent(), f"{outcome.state}: {outcome.message}")
-        create_table_artifact(table=report_table(report), key=f"{key}-report",
-                              description=f"{report['flow']} run {report['run_id']}: {report['state']}")
-        create_markdown_artifact(markdown=report_markdown(outcome, report), key=key,
-                                 description=f"{report['flow']} {self.tenant_id}: {outcome.state}")
+        create_table_artifact(
+            table=report_table(report),
+            key=f"{key}-report",
+            description=f"{report['flow']} run {report['run_id']}: {report['state']}",
+        )
+        create_markdown_artifact(
+            markdown=report_markdown(outcome, report),
+            key=key,
+            description=f"{report['flow']} {self.tenant_id}: {outcome.state}",
+        )
 
 
 def report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The report as (item, value) rows: totals, then the time of every step."""
-    items = ("run_id", "tenant", "flow", "mode", "state", "source", "destination", "key_ref", "objects", "bytes",
-             "bytes_plaintext_copied", "copy_seconds", "throughput_mb_s", "verification", "lost", "duplicated",
-             "reconciliation", "quarantined", "waived", "quarantine_kept_at", "index", "index_documents",
-             "deferred_replayed", "total_seconds")
+    items = (
+        "run_id",
+        "tenant",
+        "flow",
+        "mode",
+        "state",
+        "source",
+        "destination",
+        "key_ref",
+        "objects",
+        "bytes",
+        "bytes_plaintext_copied",
+        "copy_seconds",
+        "throughput_mb_s",
+        "verification",
+        "lost",
+        "duplicated",
+        "reconciliation",
+        "quarantined",
+        "waived",
+        "quarantine_kept_at",
+        "index",
+        "index_documents",
+        "deferred_replayed",
+        "total_seconds",
+    )
     rows = [{"item": k, "value": "" if report.get(k) is None else str(report[k])} for k in items]
     for q in report.get("quarantine") or []:
         waiver = f"waived by {q['waived_by']}: {q['waiver_reason']}" if q["waived"] else "not waived"
@@ -283,16 +329,18 @@ def report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
 def report_markdown(outcome: Outcome, report: dict[str, Any]) -> str:
     kept = report.get("quarantine_kept_at")
     kept = f"; their source objects are kept at {kept}" if kept else ""
-    head = (f"# {report['flow']} {report['tenant']}: {outcome.state}\n\n"
-            f"Run `{report['run_id']}` ({outcome.message}). {report['source']} -> {report['destination']}, "
-            f"key `{report['key_ref']}`.\n\n"
-            f"- objects: {report['objects']} ({report['bytes']} bytes stored)\n"
-            f"- copied: {report['bytes_plaintext_copied']} plaintext bytes in {report['copy_seconds']} s "
-            f"({report['throughput_mb_s']} MB/s)\n"
-            f"- verification: {report['verification']} (lost {report['lost']}, duplicated {report['duplicated']})\n"
-            f"- quarantined: {report.get('quarantined', 0)} ({report.get('waived', 0)} waived{kept})\n"
-            f"- index: {report['index']} with {report['index_documents']} documents\n"
-            f"- total: {report['total_seconds']} s\n")
+    head = (
+        f"# {report['flow']} {report['tenant']}: {outcome.state}\n\n"
+        f"Run `{report['run_id']}` ({outcome.message}). {report['source']} -> {report['destination']}, "
+        f"key `{report['key_ref']}`.\n\n"
+        f"- objects: {report['objects']} ({report['bytes']} bytes stored)\n"
+        f"- copied: {report['bytes_plaintext_copied']} plaintext bytes in {report['copy_seconds']} s "
+        f"({report['throughput_mb_s']} MB/s)\n"
+        f"- verification: {report['verification']} (lost {report['lost']}, duplicated {report['duplicated']})\n"
+        f"- quarantined: {report.get('quarantined', 0)} ({report.get('waived', 0)} waived{kept})\n"
+        f"- index: {report['index']} with {report['index_documents']} documents\n"
+        f"- total: {report['total_seconds']} s\n"
+    )
     if outcome.error:
         head += f"\n**Failed**: {outcome.error}\n"
     lines = ["| step | state | attempts | seconds | error |", "|---|---|---|---|---|"]
@@ -341,15 +389,25 @@ def _start(platform: Any, plan: MigrationPlan, *, actor: str, task_runner: str) 
     run, created = trigger(platform, plan, actor=actor)
     if not created:  # one flow per tenant: report the run already going, never execute it twice
         get_run_logger().info("tenant %s already has %s run %s going", plan.tenant_id, run.flow.value, run.run_id)
-        return _answer(platform, Outcome(run.run_id, run.tenant_id, run.flow.value, run.state.value, created=False,
-                                         message="already running"))
-    return _drive(platform, run.run_id, task_runner,
-                  lambda **kw: execute(platform, run.run_id, actor=actor, **kw))
+        return _answer(
+            platform,
+            Outcome(
+                run.run_id, run.tenant_id, run.flow.value, run.state.value, created=False, message="already running"
+            ),
+        )
+    return _drive(platform, run.run_id, task_runner, lambda **kw: execute(platform, run.run_id, actor=actor, **kw))
 
 
 @flow(name="migration-enable", flow_run_name="enable-{tenant}", persist_result=False)
-def enable(tenant: str, mode: str, key_ref: str, cloud: str | None = None, shards: int | None = None,
-           task_runner: str = "threads", actor: str = "operator") -> dict[str, Any]:
+def enable(
+    tenant: str,
+    mode: str,
+    key_ref: str,
+    cloud: str | None = None,
+    shards: int | None = None,
+    task_runner: str = "threads",
+    actor: str = "operator",
+) -> dict[str, Any]:
     """Move ``tenant`` onto its own key ``key_ref`` in ``mode`` (byokms | byok | byokv | kmip)."""
     _check_task_runner(task_runner)
     platform = process_platform()
@@ -358,8 +416,9 @@ def enable(tenant: str, mode: str, key_ref: str, cloud: str | None = None, shard
 
 
 @flow(name="migration-remove", flow_run_name="remove-{tenant}", persist_result=False)
-def remove(tenant: str, shards: int | None = None, task_runner: str = "threads",
-           actor: str = "operator") -> dict[str, Any]:
+def remove(
+    tenant: str, shards: int | None = None, task_runner: str = "threads", actor: str = "operator"
+) -> dict[str, Any]:
     """Move ``tenant`` back into shared storage under the managed key."""
     _check_task_runner(task_runner)
     platform = process_platform()
@@ -368,8 +427,14 @@ def remove(tenant: str, shards: int | None = None, task_runner: str = "threads",
 
 
 @flow(name="migration-support", flow_run_name="support-{action}-{run_id}", persist_result=False)
-def support(run_id: str, action: str, from_step: str | None = None, takeover: bool = False,
-            task_runner: str = "threads", actor: str = "support") -> dict[str, Any]:
+def support(
+    run_id: str,
+    action: str,
+    from_step: str | None = None,
+    takeover: bool = False,
+    task_runner: str = "threads",
+    actor: str = "support",
+) -> dict[str, Any]:
     """Resume a failed or crashed run, rerun it from a named step, or cancel it (before
     cutover: the tenant is put back as it was)."""
     _check_task_runner(task_runner)
@@ -383,10 +448,15 @@ def support(run_id: str, action: str, from_step: str | None = None, takeover: bo
         get_run_logger().info("run %s %s", run_id, outcome.message)
         return _answer(platform, outcome)
     if action == "resume":
-        return _drive(platform, run_id, task_runner,
-                      lambda **kw: resume(platform, run_id, actor=actor, takeover=takeover, **kw))
-    return _drive(platform, run_id, task_runner,
-                  lambda **kw: rerun(platform, run_id, from_step, actor=actor, takeover=takeover, **kw))
+        return _drive(
+            platform, run_id, task_runner, lambda **kw: resume(platform, run_id, actor=actor, takeover=takeover, **kw)
+        )
+    return _drive(
+        platform,
+        run_id,
+        task_runner,
+        lambda **kw: rerun(platform, run_id, from_step, actor=actor, takeover=takeover, **kw),
+    )
 
 
 FLOWS = {"enable": enable, "remove": remove, "support": support}
@@ -430,13 +500,29 @@ def _prefect_api(settings: Settings) -> Iterator[None]:
         return
     url = settings.prefect_api_url
     if not url:
-        raise ConfigurationError("no Prefect API: prefect_api_url is not set (run `archive-kms stack up`, or export "
-                                 "ARCHIVE_KMS_PREFECT_API_URL or PREFECT_API_URL)")
+        raise ConfigurationError(
+            "no Prefect API: prefect_api_url is not set (run `archive-kms stack up`, or export "
+            "ARCHIVE_KMS_PREFECT_API_URL or PREFECT_API_URL)"
+        )
     os.environ.setdefault("PREFECT_API_URL", url)  # Dask worker processes started from here inherit it
     with temporary_settings(updates={PREFECT_API_URL: url}):
         yield
 
 
-__all__ = ["FLOWS", "LOCAL_DASK_CLUSTER", "PrefectShardRunner", "TASK_RUNNERS", "artifact_key", "enable",
-           "process_platform", "remove", "report_markdown", "report_table", "run_flow", "shard_task", "stop_run",
-           "support", "task_runner_for"]
+__all__ = [
+    "FLOWS",
+    "LOCAL_DASK_CLUSTER",
+    "TASK_RUNNERS",
+    "PrefectShardRunner",
+    "artifact_key",
+    "enable",
+    "process_platform",
+    "remove",
+    "report_markdown",
+    "report_table",
+    "run_flow",
+    "shard_task",
+    "stop_run",
+    "support",
+    "task_runner_for",
+]

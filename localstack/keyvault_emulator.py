@@ -75,9 +75,7 @@ CHALLENGE = (
 
 # The SDK sends the newest version it knows (2025-07-01 for azure-keyvault-keys 4.11);
 # older clients send 7.x. Previews are accepted as their base version.
-API_VERSIONS = frozenset(
-    {"2016-10-01", "7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01"}
-)
+API_VERSIONS = frozenset({"2016-10-01", "7.0", "7.1", "7.2", "7.3", "7.4", "7.5", "7.6", "2025-07-01"})
 
 RSA_TYPES = ("RSA", "RSA-HSM")
 OCT_TYPES = ("oct", "oct-HSM")
@@ -227,7 +225,7 @@ class KeyVersion:
         }
 
     @classmethod
-    def from_state(cls, data: dict[str, Any]) -> "KeyVersion":
+    def from_state(cls, data: dict[str, Any]) -> KeyVersion:
         return cls(**{k: data.get(k) for k in cls.__dataclass_fields__ if not k.startswith("_")})
 
 
@@ -263,7 +261,7 @@ class KeyEntry:
         }
 
     @classmethod
-    def from_state(cls, data: dict[str, Any]) -> "KeyEntry":
+    def from_state(cls, data: dict[str, Any]) -> KeyEntry:
         return cls(
             name=data["name"],
             versions=[KeyVersion.from_state(v) for v in data["versions"]],
@@ -278,9 +276,7 @@ class KeyEntry:
 
 def check_name(name: str) -> str:
     if not KEY_NAME_RE.match(name):
-        raise bad_parameter(
-            f"The key name '{name[:80]}' is invalid: use 1-127 characters from 0-9, a-z, A-Z and '-'."
-        )
+        raise bad_parameter(f"The key name '{name[:80]}' is invalid: use 1-127 characters from 0-9, a-z, A-Z and '-'.")
     return name
 
 
@@ -916,7 +912,7 @@ def ensure_certificate(tls_dir: Path, host: str) -> tuple[Path, Path]:
     if host and extra not in names:
         names.append(extra)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keyvault-emulator")])
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
@@ -969,7 +965,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "keyvault-emulator"
     timeout = IDLE_TIMEOUT_SECONDS
-    server: "EmulatorServer"
+    server: EmulatorServer
 
     def version_string(self) -> str:
         return self.server_version
@@ -991,7 +987,7 @@ class Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path if hasattr(self, "path") else "-"
         sys.stderr.write(f"keyvault-emulator: {getattr(self, 'command', '-')} {path} {int(code)}\n")
 
-    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002 - signature from the base class
+    def log_error(self, format: str, *args: Any) -> None:
         sys.stderr.write("keyvault-emulator: " + (format % args)[:200] + "\n")
 
     def _read_body(self) -> bytes:
@@ -1056,7 +1052,7 @@ class Handler(BaseHTTPRequestHandler):
             status, body, extra, text = self._route(raw)
         except KVError as err:
             status, body, extra, text = err.status, err.body(), None, None
-        except Exception as exc:  # never echo internals (or material) to the client or the log
+        except Exception as exc:  # noqa: BLE001 - never echo internals (or material) to the client or the log
             sys.stderr.write(f"keyvault-emulator: internal error {type(exc).__name__}\n")
             internal = {"error": {"code": "InternalServerError", "message": "Internal error."}}
             status, body, extra, text = 500, internal, None, None

@@ -29,9 +29,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -89,7 +89,7 @@ def run(cmd: list[str], *, logfile: Path, env: dict[str, str] | None = None, cwd
 def http_get(url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
     req = urllib.request.Request(url, method="GET")
     try:
-        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -155,18 +155,72 @@ def make_tls(dirpath: Path, logfile: Path) -> None:
         return
     dirpath.mkdir(parents=True, exist_ok=True)
     ossl = ["openssl"]
-    run(ossl + ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650", "-subj", "/CN=archive-kms local CA",
-                "-keyout", str(dirpath / "ca.key"), "-out", str(dirpath / "ca.pem"),
-                "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-        logfile=logfile)
-    for name, eku, san in (("server", "serverAuth", "DNS:localhost,IP:127.0.0.1"), ("client", "clientAuth", "DNS:archive-kms")):
-        run(ossl + ["req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={'localhost' if name == 'server' else 'archive-kms'}",
-                    "-keyout", str(dirpath / f"{name}.key"), "-out", str(dirpath / f"{name}.csr")], logfile=logfile)
+    run(
+        ossl
+        + [
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=archive-kms local CA",
+            "-keyout",
+            str(dirpath / "ca.key"),
+            "-out",
+            str(dirpath / "ca.pem"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+        logfile=logfile,
+    )
+    for name, eku, san in (
+        ("server", "serverAuth", "DNS:localhost,IP:127.0.0.1"),
+        ("client", "clientAuth", "DNS:archive-kms"),
+    ):
+        run(
+            ossl
+            + [
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                f"/CN={'localhost' if name == 'server' else 'archive-kms'}",
+                "-keyout",
+                str(dirpath / f"{name}.key"),
+                "-out",
+                str(dirpath / f"{name}.csr"),
+            ],
+            logfile=logfile,
+        )
         ext = dirpath / f"{name}.ext"
         ext.write_text(f"extendedKeyUsage={eku}\nsubjectAltName={san}\nkeyUsage=digitalSignature,keyEncipherment\n")
-        run(ossl + ["x509", "-req", "-in", str(dirpath / f"{name}.csr"), "-CA", str(dirpath / "ca.pem"),
-                    "-CAkey", str(dirpath / "ca.key"), "-CAcreateserial", "-days", "3650", "-extfile", str(ext),
-                    "-out", str(dirpath / f"{name}.pem")], logfile=logfile)
+        run(
+            ossl
+            + [
+                "x509",
+                "-req",
+                "-in",
+                str(dirpath / f"{name}.csr"),
+                "-CA",
+                str(dirpath / "ca.pem"),
+                "-CAkey",
+                str(dirpath / "ca.key"),
+                "-CAcreateserial",
+                "-days",
+                "3650",
+                "-extfile",
+                str(ext),
+                "-out",
+                str(dirpath / f"{name}.pem"),
+            ],
+            logfile=logfile,
+        )
     for f in dirpath.glob("*.key"):
         f.chmod(0o600)
 
@@ -176,11 +230,11 @@ class Service:
     name: str
     description: str
     port: int
-    install: Callable[["Service"], None]
-    command: Callable[["Service"], tuple[list[str], dict[str, str], Path | None]]
-    healthy: Callable[["Service"], bool]
-    version: Callable[["Service"], str]
-    endpoints: Callable[["Service"], dict[str, object]]
+    install: Callable[[Service], None]
+    command: Callable[[Service], tuple[list[str], dict[str, str], Path | None]]
+    healthy: Callable[[Service], bool]
+    version: Callable[[Service], str]
+    endpoints: Callable[[Service], dict[str, object]]
     start_timeout: float = 120.0
     preexec_user: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
@@ -206,6 +260,7 @@ class Service:
 
 
 # ---------------------------------------------------------------- LocalStack (S3, KMS)
+
 
 def _ls_venv() -> Path:
     return cache_dir() / "localstack-venv"
@@ -235,8 +290,16 @@ def ls_install(s: Service) -> None:
 def ls_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
     data = s.run_dir / "volume"
     data.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, GATEWAY_LISTEN=f"127.0.0.1:{s.port}", SERVICES="s3,kms", LOCALSTACK_VOLUME_DIR=str(data),
-               PERSISTENCE="0", SKIP_SSL_CERT_DOWNLOAD="1", DISABLE_EVENTS="1", LS_LOG="warn")
+    env = dict(
+        os.environ,
+        GATEWAY_LISTEN=f"127.0.0.1:{s.port}",
+        SERVICES="s3,kms",
+        LOCALSTACK_VOLUME_DIR=str(data),
+        PERSISTENCE="0",
+        SKIP_SSL_CERT_DOWNLOAD="1",
+        DISABLE_EVENTS="1",
+        LS_LOG="warn",
+    )
     env.pop("AWS_CA_BUNDLE", None)
     return [str(_ls_venv() / "bin" / "python"), "-m", "localstack.runtime.main"], env, s.run_dir
 
@@ -252,19 +315,27 @@ def ls_healthy(s: Service) -> bool:
 
 def ls_version(s: Service) -> str:
     try:
-        return "localstack " + json.loads(http_get(f"http://127.0.0.1:{s.port}/_localstack/health")[1]).get("version", "?")
+        return "localstack " + json.loads(http_get(f"http://127.0.0.1:{s.port}/_localstack/health")[1]).get(
+            "version", "?"
+        )
     except (OSError, ValueError):
         return "?"
 
 
 def ls_endpoints(s: Service) -> dict[str, object]:
-    return {"aws_endpoint_url": f"http://127.0.0.1:{s.port}", "aws_region": "us-east-1",
-            "aws_access_key_id": LOCAL_AWS_KEY, "aws_secret_access_key": LOCAL_AWS_KEY,
-            # audit anchors under Object Lock; one day locally (production: a year or more)
-            "audit_anchor_bucket": "archive-kms-audit-anchors", "audit_anchor_retention_days": 1}
+    return {
+        "aws_endpoint_url": f"http://127.0.0.1:{s.port}",
+        "aws_region": "us-east-1",
+        "aws_access_key_id": LOCAL_AWS_KEY,
+        "aws_secret_access_key": LOCAL_AWS_KEY,
+        # audit anchors under Object Lock; one day locally (production: a year or more)
+        "audit_anchor_bucket": "archive-kms-audit-anchors",
+        "audit_anchor_retention_days": 1,
+    }
 
 
 # ---------------------------------------------------------------- Azurite (Blob)
+
 
 def _azurite_dir() -> Path:
     return cache_dir() / "azurite"
@@ -284,9 +355,22 @@ def az_install(s: Service) -> None:
 def az_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
     data = s.run_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
-    return ([str(_azurite_dir() / "node_modules" / ".bin" / "azurite-blob"), "--blobHost", "127.0.0.1",
-             "--blobPort", str(s.port), "--location", str(data), "--skipApiVersionCheck", "--loose", "--silent"],
-            dict(os.environ), s.run_dir)
+    return (
+        [
+            str(_azurite_dir() / "node_modules" / ".bin" / "azurite-blob"),
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            str(s.port),
+            "--location",
+            str(data),
+            "--skipApiVersionCheck",
+            "--loose",
+            "--silent",
+        ],
+        dict(os.environ),
+        s.run_dir,
+    )
 
 
 def az_healthy(s: Service) -> bool:
@@ -302,19 +386,24 @@ def az_version(s: Service) -> str:
 
 
 def az_endpoints(s: Service) -> dict[str, object]:
-    cs = (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-          f"BlobEndpoint=http://127.0.0.1:{s.port}/{AZURITE_ACCOUNT};")
+    cs = (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint=http://127.0.0.1:{s.port}/{AZURITE_ACCOUNT};"
+    )
     return {"azure_blob_connection_string": cs}
 
 
 # ---------------------------------------------------------------- Elasticsearch
+
 
 def _es_home() -> Path:
     return cache_dir() / "elasticsearch" / f"elasticsearch-{ELASTICSEARCH_VERSION}"
 
 
 def _es_java_home() -> str:
-    for cand in sorted(Path("/usr/lib/jvm").glob("temurin-2[5-9]*")) + sorted(Path("/usr/lib/jvm").glob("java-2[1-9]*")):
+    for cand in sorted(Path("/usr/lib/jvm").glob("temurin-2[5-9]*")) + sorted(
+        Path("/usr/lib/jvm").glob("java-2[1-9]*")
+    ):
         if (cand / "bin" / "java").exists():
             return str(cand)
     if os.environ.get("ES_JAVA_HOME"):
@@ -330,7 +419,12 @@ def es_install(s: Service) -> None:
     log(f"installing Elasticsearch {ELASTICSEARCH_VERSION} from Maven Central ({coords})")
     run(["mvn", "-B", "-q", "dependency:get", f"-Dartifact={coords}", "-Dtransitive=false"], logfile=s.logfile)
     m2 = Path(os.environ.get("MAVEN_REPO", Path.home() / ".m2" / "repository"))
-    zipf = m2 / "org/elasticsearch/distribution/integ-test-zip/elasticsearch" / ELASTICSEARCH_VERSION / f"elasticsearch-{ELASTICSEARCH_VERSION}.zip"
+    zipf = (
+        m2
+        / "org/elasticsearch/distribution/integ-test-zip/elasticsearch"
+        / ELASTICSEARCH_VERSION
+        / f"elasticsearch-{ELASTICSEARCH_VERSION}.zip"
+    )
     tmp = home.parent / ".unpack"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -369,9 +463,11 @@ def es_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
         with (conf / "elasticsearch.yml").open("a") as f:
             # No security plugin configuration: plain HTTP on loopback only. Setting it
             # explicitly also stops the first start from auto-configuring TLS.
-            f.write(f"\nxpack.security.enabled: false\ndiscovery.type: single-node\nnetwork.host: 127.0.0.1\n"
-                    f"http.port: {s.port}\ntransport.port: {s.port + 100}\n"
-                    "cluster.routing.allocation.disk.threshold_enabled: false\naction.destructive_requires_name: false\n")
+            f.write(
+                f"\nxpack.security.enabled: false\ndiscovery.type: single-node\nnetwork.host: 127.0.0.1\n"
+                f"http.port: {s.port}\ntransport.port: {s.port + 100}\n"
+                "cluster.routing.allocation.disk.threshold_enabled: false\naction.destructive_requires_name: false\n"
+            )
         (conf / "jvm.options.d").mkdir(exist_ok=True)
         (conf / "jvm.options.d" / "heap.options").write_text("-Xms512m\n-Xmx512m\n")
     for d in (data, logs, tmp):
@@ -398,7 +494,7 @@ def es_healthy(s: Service) -> bool:
 
 def es_version(s: Service) -> str:
     try:
-        code, body = http_get(f"http://127.0.0.1:{s.port}/_nodes/_local?filter_path=nodes.*.version")
+        _, body = http_get(f"http://127.0.0.1:{s.port}/_nodes/_local?filter_path=nodes.*.version")
         versions = {n["version"] for n in json.loads(body)["nodes"].values()}
         return "elasticsearch " + ",".join(sorted(versions))
     except (OSError, ValueError, KeyError):
@@ -410,6 +506,7 @@ def es_endpoints(s: Service) -> dict[str, object]:
 
 
 # ---------------------------------------------------------------- Azure Key Vault
+
 
 def _lowkey_jar() -> str | None:
     jar = os.environ.get("ARCHIVE_KMS_LOWKEY_VAULT_JAR")
@@ -428,11 +525,33 @@ def kv_install(s: Service) -> None:
 def kv_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
     jar = _lowkey_jar()
     if jar:  # opt-in: a Lowkey Vault jar the operator provides (see docs/adr)
-        return ([str(Path(_es_java_home()) / "bin" / "java"), "-Xmx256m", "-jar", jar, f"--server.port={s.port}",
-                 f"--app.token.port={s.port + 1}"], dict(os.environ), s.run_dir)
+        return (
+            [
+                str(Path(_es_java_home()) / "bin" / "java"),
+                "-Xmx256m",
+                "-jar",
+                jar,
+                f"--server.port={s.port}",
+                f"--app.token.port={s.port + 1}",
+            ],
+            dict(os.environ),
+            s.run_dir,
+        )
     s.run_dir.mkdir(parents=True, exist_ok=True)
-    return ([_project_python(), str(HERE / "keyvault_emulator.py"), "--host", "127.0.0.1", "--port", str(s.port),
-             "--state-dir", str(s.run_dir)], dict(os.environ), s.run_dir)
+    return (
+        [
+            _project_python(),
+            str(HERE / "keyvault_emulator.py"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(s.port),
+            "--state-dir",
+            str(s.run_dir),
+        ],
+        dict(os.environ),
+        s.run_dir,
+    )
 
 
 def kv_healthy(s: Service) -> bool:
@@ -447,17 +566,24 @@ def kv_healthy(s: Service) -> bool:
 
 
 def kv_version(s: Service) -> str:
-    return f"lowkey-vault ({Path(_lowkey_jar()).name})" if _lowkey_jar() else "archive-kms keyvault-emulator (Key Vault REST 7.4-7.6)"
+    return (
+        f"lowkey-vault ({Path(_lowkey_jar()).name})"
+        if _lowkey_jar()
+        else "archive-kms keyvault-emulator (Key Vault REST 7.4-7.6)"
+    )
 
 
 def kv_endpoints(s: Service) -> dict[str, object]:
     cert = s.run_dir / "tls" / "cert.pem"
-    return {"azure_keyvault_url": f"https://localhost:{s.port}",
-            "azure_keyvault_ca_bundle": str(cert) if cert.exists() and not _lowkey_jar() else None,
-            "azure_keyvault_verify_challenge_resource": False}
+    return {
+        "azure_keyvault_url": f"https://localhost:{s.port}",
+        "azure_keyvault_ca_bundle": str(cert) if cert.exists() and not _lowkey_jar() else None,
+        "azure_keyvault_verify_challenge_resource": False,
+    }
 
 
 # ---------------------------------------------------------------- PyKMIP server (KMIP HSM)
+
 
 def _kmip_venv() -> Path:
     return cache_dir() / "kmip-venv"
@@ -472,8 +598,10 @@ def kmip_install(s: Service) -> None:
     shutil.rmtree(venv, ignore_errors=True)
     # Its own venv: the PyKMIP server's SQL layer needs SQLAlchemy 1.x; the project uses 2.x.
     run([find_python("3.11") or sys.executable, "-m", "venv", str(venv)], logfile=s.logfile)
-    run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"pykmip=={PYKMIP_VERSION}", "sqlalchemy<2"],
-        logfile=s.logfile)
+    run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"pykmip=={PYKMIP_VERSION}", "sqlalchemy<2"],
+        logfile=s.logfile,
+    )
     marker.write_text(PYKMIP_VERSION)
 
 
@@ -490,11 +618,15 @@ def kmip_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
         f"certificate_path={tls / 'server.pem'}\nkey_path={tls / 'server.key'}\nca_path={tls / 'ca.pem'}\n"
         "auth_suite=TLS1.2\nenable_tls_client_auth=True\n"
         f"policy_path={policies}\n"
-        f"database_path={s.run_dir / 'pykmip.db'}\nlogging_level=INFO\n")
+        f"database_path={s.run_dir / 'pykmip.db'}\nlogging_level=INFO\n"
+    )
     # Run the entry point through the venv's interpreter: immune to script shebangs.
     launcher = "import sys; from kmip.services.server.server import main; sys.exit(main())"
-    return ([str(_kmip_venv() / "bin" / "python"), "-c", launcher, "-f", str(conf), "-l", str(s.run_dir / "server.log")],
-            dict(os.environ), s.run_dir)
+    return (
+        [str(_kmip_venv() / "bin" / "python"), "-c", launcher, "-f", str(conf), "-l", str(s.run_dir / "server.log")],
+        dict(os.environ),
+        s.run_dir,
+    )
 
 
 def kmip_healthy(s: Service) -> bool:
@@ -517,8 +649,13 @@ def kmip_version(s: Service) -> str:
 
 def kmip_endpoints(s: Service) -> dict[str, object]:
     tls = stack_dir() / "tls"
-    return {"kmip_host": "127.0.0.1", "kmip_port": s.port, "kmip_ca_cert": str(tls / "ca.pem"),
-            "kmip_client_cert": str(tls / "client.pem"), "kmip_client_key": str(tls / "client.key")}
+    return {
+        "kmip_host": "127.0.0.1",
+        "kmip_port": s.port,
+        "kmip_ca_cert": str(tls / "ca.pem"),
+        "kmip_client_cert": str(tls / "client.pem"),
+        "kmip_client_key": str(tls / "client.key"),
+    }
 
 
 # ---------------------------------------------------------------- PostgreSQL (state store)
@@ -547,8 +684,11 @@ def pg_install(s: Service) -> None:
         if os.geteuid() != 0:
             raise StackError("PostgreSQL is not installed: apt-get install postgresql")
         log("installing PostgreSQL (Debian package)")
-        run(["apt-get", "install", "-y", "-qq", "postgresql"], logfile=s.logfile,
-            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        run(
+            ["apt-get", "install", "-y", "-qq", "postgresql"],
+            logfile=s.logfile,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
     data = s.run_dir / "data"
     if (data / "PG_VERSION").exists():
         return
@@ -557,8 +697,10 @@ def pg_install(s: Service) -> None:
         subprocess.check_call(["chown", "-R", _pg_user(), str(s.run_dir)])
         _open_path_for_others(s.run_dir)
     # Loopback only, trust auth: a local development database with no secrets in it.
-    run(_as_pg([str(_pg_bin() / "initdb"), "-D", str(data), "-U", PG_DB, "--auth=trust", "-E", "UTF8"]),
-        logfile=s.logfile)
+    run(
+        _as_pg([str(_pg_bin() / "initdb"), "-D", str(data), "-U", PG_DB, "--auth=trust", "-E", "UTF8"]),
+        logfile=s.logfile,
+    )
 
 
 def pg_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
@@ -566,9 +708,27 @@ def pg_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
     sock.mkdir(exist_ok=True)
     if _pg_user():
         subprocess.check_call(["chown", _pg_user(), str(sock)])
-    return (_as_pg([str(_pg_bin() / "postgres"), "-D", str(s.run_dir / "data"), "-p", str(s.port),
-                    "-h", "127.0.0.1", "-k", str(sock), "-c", "fsync=off", "-c", "max_connections=200"]),
-            dict(os.environ), s.run_dir)
+    return (
+        _as_pg(
+            [
+                str(_pg_bin() / "postgres"),
+                "-D",
+                str(s.run_dir / "data"),
+                "-p",
+                str(s.port),
+                "-h",
+                "127.0.0.1",
+                "-k",
+                str(sock),
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ]
+        ),
+        dict(os.environ),
+        s.run_dir,
+    )
 
 
 def pg_healthy(s: Service) -> bool:
@@ -578,9 +738,23 @@ def pg_healthy(s: Service) -> bool:
         return False
     ok = subprocess.call([str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(s.port), "-q"]) == 0
     if ok:  # the database itself is created once, after the first healthy start
-        exists = subprocess.run([str(bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(s.port), "-U", PG_DB, "-d",
-                                 "postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname='{PG_DB}'"],
-                                capture_output=True, text=True)
+        exists = subprocess.run(
+            [
+                str(bin_dir / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(s.port),
+                "-U",
+                PG_DB,
+                "-d",
+                "postgres",
+                "-tAc",
+                f"SELECT 1 FROM pg_database WHERE datname='{PG_DB}'",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if exists.returncode == 0 and exists.stdout.strip() != "1":
             subprocess.call([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(s.port), "-U", PG_DB, PG_DB])
     return ok
@@ -596,6 +770,7 @@ def pg_endpoints(s: Service) -> dict[str, object]:
 
 
 # ---------------------------------------------------------------- Prefect server (orchestration API)
+
 
 def _prefect_api_url(s: Service) -> str:
     return f"http://127.0.0.1:{s.port}/api"
@@ -614,13 +789,18 @@ def prefect_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]
     # Configured only by what is set here: inherited PREFECT_* (a client's PREFECT_API_URL, a
     # profile) must not change where the server keeps its data.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(s.run_dir),
-               PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{s.run_dir / 'prefect.db'}",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false",  # no phoning home from a test stack
-               PREFECT_SERVER_UI_ENABLED="false",  # API only: nobody browses it, saves memory
-               PREFECT_SERVER_LOGGING_LEVEL="WARNING")  # no per-request access log lines
-    return ([_project_python(), "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(s.port)],
-            env, s.run_dir)
+    env.update(
+        PREFECT_HOME=str(s.run_dir),
+        PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{s.run_dir / 'prefect.db'}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",  # no phoning home from a test stack
+        PREFECT_SERVER_UI_ENABLED="false",  # API only: nobody browses it, saves memory
+        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+    )  # no per-request access log lines
+    return (
+        [_project_python(), "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(s.port)],
+        env,
+        s.run_dir,
+    )
 
 
 def prefect_healthy(s: Service) -> bool:
@@ -644,20 +824,83 @@ def prefect_endpoints(s: Service) -> dict[str, object]:
 
 
 SERVICES: list[Service] = [
-    Service("localstack", "LocalStack (S3, KMS)", port("localstack", 4566), ls_install, ls_command, ls_healthy,
-            ls_version, ls_endpoints, start_timeout=180),
-    Service("azurite", "Azurite (Blob)", port("azurite", 10000), az_install, az_command, az_healthy, az_version,
-            az_endpoints, start_timeout=60),
-    Service("elasticsearch", "Elasticsearch (search)", port("elasticsearch", 9200), es_install, es_command,
-            es_healthy, es_version, es_endpoints, start_timeout=240),
-    Service("keyvault", "Azure Key Vault", port("keyvault", 8443), kv_install, kv_command, kv_healthy, kv_version,
-            kv_endpoints, start_timeout=90),
-    Service("kmip", "PyKMIP server (KMIP HSM)", port("kmip", 5696), kmip_install, kmip_command, kmip_healthy,
-            kmip_version, kmip_endpoints, start_timeout=60),
-    Service("postgres", "PostgreSQL (state store)", port("postgres", 5433), pg_install, pg_command, pg_healthy,
-            pg_version, pg_endpoints, start_timeout=60),
-    Service("prefect", "Prefect server (flow orchestration API)", port("prefect", 4200), prefect_install,
-            prefect_command, prefect_healthy, prefect_version, prefect_endpoints, start_timeout=120),
+    Service(
+        "localstack",
+        "LocalStack (S3, KMS)",
+        port("localstack", 4566),
+        ls_install,
+        ls_command,
+        ls_healthy,
+        ls_version,
+        ls_endpoints,
+        start_timeout=180,
+    ),
+    Service(
+        "azurite",
+        "Azurite (Blob)",
+        port("azurite", 10000),
+        az_install,
+        az_command,
+        az_healthy,
+        az_version,
+        az_endpoints,
+        start_timeout=60,
+    ),
+    Service(
+        "elasticsearch",
+        "Elasticsearch (search)",
+        port("elasticsearch", 9200),
+        es_install,
+        es_command,
+        es_healthy,
+        es_version,
+        es_endpoints,
+        start_timeout=240,
+    ),
+    Service(
+        "keyvault",
+        "Azure Key Vault",
+        port("keyvault", 8443),
+        kv_install,
+        kv_command,
+        kv_healthy,
+        kv_version,
+        kv_endpoints,
+        start_timeout=90,
+    ),
+    Service(
+        "kmip",
+        "PyKMIP server (KMIP HSM)",
+        port("kmip", 5696),
+        kmip_install,
+        kmip_command,
+        kmip_healthy,
+        kmip_version,
+        kmip_endpoints,
+        start_timeout=60,
+    ),
+    Service(
+        "postgres",
+        "PostgreSQL (state store)",
+        port("postgres", 5433),
+        pg_install,
+        pg_command,
+        pg_healthy,
+        pg_version,
+        pg_endpoints,
+        start_timeout=60,
+    ),
+    Service(
+        "prefect",
+        "Prefect server (flow orchestration API)",
+        port("prefect", 4200),
+        prefect_install,
+        prefect_command,
+        prefect_healthy,
+        prefect_version,
+        prefect_endpoints,
+        start_timeout=120,
+    ),
 ]
 
 
@@ -667,7 +910,9 @@ def select(only: str | None) -> list[Service]:
     names = {n.strip() for n in only.split(",") if n.strip()}
     unknown = names - {s.name for s in SERVICES}
     if unknown:
-        raise StackError(f"unknown service(s): {', '.join(sorted(unknown))}; known: {', '.join(s.name for s in SERVICES)}")
+        raise StackError(
+            f"unknown service(s): {', '.join(sorted(unknown))}; known: {', '.join(s.name for s in SERVICES)}"
+        )
     return [s for s in SERVICES if s.name in names]
 
 
@@ -685,13 +930,22 @@ def start(s: Service) -> dict[str, object]:
             stop(s)
         cmd, env, cwd = s.command(s)
         if tcp_open("127.0.0.1", s.port) and not _port_frees(s.port, 5.0 if pid else 0.0):
-            raise StackError(f"{s.name}: port {s.port} is taken by something that is not a healthy {s.description}; "
-                             f"free it or set ARCHIVE_KMS_PORT_{s.name.upper()}")
+            raise StackError(
+                f"{s.name}: port {s.port} is taken by something that is not a healthy {s.description}; "
+                f"free it or set ARCHIVE_KMS_PORT_{s.name.upper()}"
+            )
         s.logfile.parent.mkdir(parents=True, exist_ok=True)
         s.pidfile.parent.mkdir(parents=True, exist_ok=True)
         out = s.logfile.open("ab")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
         s.pidfile.write_text(str(proc.pid))
         action = "started"
     t0 = time.monotonic()
@@ -722,9 +976,18 @@ def status_rows(services: list[Service]) -> list[dict[str, object]]:
     for s in services:
         pid = s.pid()
         ok = s.healthy(s)
-        rows.append({"service": s.name, "description": s.description, "port": s.port, "healthy": ok,
-                     "pid": pid, "rss_mb": tree_rss_mb(pid) if pid else None,
-                     "version": s.version(s) if ok else None, "log": str(s.logfile)})
+        rows.append(
+            {
+                "service": s.name,
+                "description": s.description,
+                "port": s.port,
+                "healthy": ok,
+                "pid": pid,
+                "rss_mb": tree_rss_mb(pid) if pid else None,
+                "version": s.version(s) if ok else None,
+                "log": str(s.logfile),
+            }
+        )
     return rows
 
 
@@ -745,8 +1008,17 @@ def cmd_up(services: list[Service], as_json: bool) -> int:
                 log(f"FAILED {e}")
     path = write_endpoints()
     if as_json:
-        print(json.dumps({"services": rows, "failures": failures, "endpoints": str(path),
-                          "seconds": round(time.monotonic() - t0, 1)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "services": rows,
+                    "failures": failures,
+                    "endpoints": str(path),
+                    "seconds": round(time.monotonic() - t0, 1),
+                },
+                indent=2,
+            )
+        )
     else:
         log(f"endpoints written to {path} ({time.monotonic() - t0:.1f}s)")
     if failures:
@@ -764,8 +1036,10 @@ def cmd_status(services: list[Service], as_json: bool) -> int:
         print(f"{'service':<14}{'state':<10}{'port':<7}{'pid':<9}{'rss MB':<9}version")
         for r in rows:
             state = "healthy" if r["healthy"] else ("DOWN" if not r["pid"] else "UNHEALTHY")
-            print(f"{r['service']:<14}{state:<10}{r['port']:<7}{str(r['pid'] or '-'):<9}{str(r['rss_mb'] or '-'):<9}"
-                  f"{r['version'] or ('see ' + str(r['log']))}")
+            print(
+                f"{r['service']:<14}{state:<10}{r['port']:<7}{r['pid'] or '-'!s:<9}{r['rss_mb'] or '-'!s:<9}"
+                f"{r['version'] or ('see ' + str(r['log']))}"
+            )
     return 0 if all(r["healthy"] for r in rows) else 1
 
 

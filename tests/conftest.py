@@ -31,8 +31,12 @@ os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
 
 
 def _stack_status() -> dict[str, bool]:
-    out = subprocess.run([sys.executable, str(PROJECT_ROOT / "localstack" / "stack.py"), "status", "--json"],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "localstack" / "stack.py"), "status", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return {row["service"]: row["healthy"] for row in json.loads(out.stdout)}
 
 
@@ -47,8 +51,11 @@ def stack() -> dict[str, bool]:
 
 def _need(stack: dict[str, bool], name: str) -> None:
     if not stack.get(name):
-        pytest.fail(f"service {name!r} is not healthy: run `archive-kms stack up` "
-                    f"(see `archive-kms stack status`; log in .stack/logs/{name}.log)", pytrace=False)
+        pytest.fail(
+            f"service {name!r} is not healthy: run `archive-kms stack up` "
+            f"(see `archive-kms stack status`; log in .stack/logs/{name}.log)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -91,15 +98,17 @@ def prefect_api(stack, settings) -> Iterator[str]:
     """
     _need(stack, "prefect")
     if not settings.prefect_api_url:
-        pytest.fail("prefect_api_url is not set: run `archive-kms stack up` (it writes .stack/endpoints.json)",
-                    pytrace=False)
+        pytest.fail(
+            "prefect_api_url is not set: run `archive-kms stack up` (it writes .stack/endpoints.json)", pytrace=False
+        )
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
 
     saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_SERVER_EPHEMERAL_ENABLED")}
     os.environ.update(PREFECT_API_URL=settings.prefect_api_url, PREFECT_SERVER_EPHEMERAL_ENABLED="false")
     try:
-        with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url,
-                                         PREFECT_SERVER_EPHEMERAL_ENABLED: False}):
+        with temporary_settings(
+            updates={PREFECT_API_URL: settings.prefect_api_url, PREFECT_SERVER_EPHEMERAL_ENABLED: False}
+        ):
             yield settings.prefect_api_url
     finally:
         for key, value in saved.items():

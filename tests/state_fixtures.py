@@ -36,9 +36,20 @@ from archive_kms.state.schema import AUDIT_TRIGGERS
 from archive_kms.state.sql import SqlStateStore, open_state
 
 __all__ = [
-    "BACKENDS", "SQL_BACKENDS", "AuditTamper", "FakeClock", "ThrowawayPostgres",
-    "audit_tamper", "open_state_store", "postgres_admin_engine", "postgres_admin_url", "postgres_url", "state_backend",
-    "state_clock", "state_store", "state_url",
+    "BACKENDS",
+    "SQL_BACKENDS",
+    "AuditTamper",
+    "FakeClock",
+    "ThrowawayPostgres",
+    "audit_tamper",
+    "open_state_store",
+    "postgres_admin_engine",
+    "postgres_admin_url",
+    "postgres_url",
+    "state_backend",
+    "state_clock",
+    "state_store",
+    "state_url",
 ]
 
 PG_BIN = Path(os.environ.get("ARCHIVE_KMS_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -94,8 +105,10 @@ class ThrowawayPostgres:
 
     def start(self) -> str:
         if not (PG_BIN / "initdb").exists():
-            raise RuntimeError(f"PostgreSQL binaries not found in {PG_BIN} (set ARCHIVE_KMS_TEST_PG_BIN, "
-                               "or ARCHIVE_KMS_TEST_POSTGRES_URL to use a running server)")
+            raise RuntimeError(
+                f"PostgreSQL binaries not found in {PG_BIN} (set ARCHIVE_KMS_TEST_PG_BIN, "
+                "or ARCHIVE_KMS_TEST_POSTGRES_URL to use a running server)"
+            )
         if os.geteuid() == 0:
             pw = pwd.getpwnam("postgres")
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
@@ -103,12 +116,19 @@ class ThrowawayPostgres:
         out = self._run("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
         if out.returncode != 0:
             raise RuntimeError(f"initdb failed: {out.stderr.strip()[-800:]}")
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses='' -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        out = self._run("pg_ctl", "-D", str(data), "-l", str(self.root / "server.log"), "-w", "-t", "60",
-                        "-o", options, "start")
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses='' -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+        )
+        out = self._run(
+            "pg_ctl", "-D", str(data), "-l", str(self.root / "server.log"), "-w", "-t", "60", "-o", options, "start"
+        )
         if out.returncode != 0:
-            log = (self.root / "server.log").read_text(errors="replace")[-1500:] if (self.root / "server.log").exists() else ""
+            log = (
+                (self.root / "server.log").read_text(errors="replace")[-1500:]
+                if (self.root / "server.log").exists()
+                else ""
+            )
             raise RuntimeError(f"pg_ctl start failed: {out.stderr.strip()[-800:]}\n{log}")
         return f"postgresql+psycopg://postgres@/postgres?host={self.root}&port={self.port}"
 
@@ -130,8 +150,11 @@ def postgres_admin_url() -> Iterator[str]:
         url = server.start()
     except Exception as exc:  # noqa: BLE001 - any failure to start must fail loudly, not skip
         server.stop()
-        pytest.fail(f"could not start a throwaway PostgreSQL for the state store tests: {exc}\n"
-                    "Set ARCHIVE_KMS_TEST_POSTGRES_URL to a server to use it instead.", pytrace=False)
+        pytest.fail(
+            f"could not start a throwaway PostgreSQL for the state store tests: {exc}\n"
+            "Set ARCHIVE_KMS_TEST_POSTGRES_URL to a server to use it instead.",
+            pytrace=False,
+        )
     try:
         yield url
     finally:
@@ -146,8 +169,10 @@ def postgres_admin_engine(postgres_admin_url: str) -> Iterator[Engine]:
             conn.execute(text("SELECT 1"))
     except Exception as exc:  # noqa: BLE001
         engine.dispose()
-        pytest.fail(f"PostgreSQL at {make_url(postgres_admin_url).render_as_string(hide_password=True)} "
-                    f"does not answer: {exc}", pytrace=False)
+        pytest.fail(
+            f"PostgreSQL at {make_url(postgres_admin_url).render_as_string(hide_password=True)} does not answer: {exc}",
+            pytrace=False,
+        )
     yield engine
     engine.dispose()
 
@@ -259,8 +284,9 @@ class SqlAuditTamper(AuditTamper):
         self._exec("DELETE FROM audit_log WHERE seq > (SELECT MAX(seq) FROM audit_log) - :n", n=n)
 
     def set_head(self, chain_name: str, count: int, head_hash: str) -> None:
-        self._exec("UPDATE audit_heads SET count = :c, head_hash = :h WHERE chain = :n",
-                   c=count, h=head_hash, n=chain_name)
+        self._exec(
+            "UPDATE audit_heads SET count = :c, head_hash = :h WHERE chain = :n", c=count, h=head_hash, n=chain_name
+        )
 
     def rehash_from(self, seq: int) -> None:
         from sqlalchemy import select
@@ -273,11 +299,15 @@ class SqlAuditTamper(AuditTamper):
         recs = _rehash(rows, seq)
         with self.engine.begin() as conn:
             for r in recs:
-                conn.execute(text("UPDATE audit_log SET prev_hash=:p, tenant_prev_hash=:tp, hash=:h WHERE seq=:s"),
-                             {"p": r.prev_hash, "tp": r.tenant_prev_hash, "h": r.hash, "s": r.seq})
+                conn.execute(
+                    text("UPDATE audit_log SET prev_hash=:p, tenant_prev_hash=:tp, hash=:h WHERE seq=:s"),
+                    {"p": r.prev_hash, "tp": r.tenant_prev_hash, "h": r.hash, "s": r.seq},
+                )
             for name, (count, head_hash) in _tips(recs).items():
-                conn.execute(text("UPDATE audit_heads SET count=:c, head_hash=:h, seal=NULL WHERE chain=:n"),
-                             {"c": count, "h": head_hash, "n": name})
+                conn.execute(
+                    text("UPDATE audit_heads SET count=:c, head_hash=:h, seal=NULL WHERE chain=:n"),
+                    {"c": count, "h": head_hash, "n": name},
+                )
 
 
 class MemoryAuditTamper(AuditTamper):
@@ -323,8 +353,11 @@ def _rehash(records: list[Any], start: int) -> list[Any]:
     tprev: dict[str, str] = {}
     for r in records:
         if r.seq >= start:
-            r = replace(r, prev_hash=prev,
-                        tenant_prev_hash=None if r.tenant_id is None else tprev.get(r.tenant_id, chain.GENESIS))
+            r = replace(
+                r,
+                prev_hash=prev,
+                tenant_prev_hash=None if r.tenant_id is None else tprev.get(r.tenant_id, chain.GENESIS),
+            )
             r = replace(r, hash=chain.recompute_hash(r))
         out.append(r)
         prev = r.hash

@@ -14,7 +14,9 @@ from archive_kms import __version__
 from archive_kms.config import PROJECT_ROOT
 
 app = typer.Typer(no_args_is_help=True, help="archive_kms: tenant archives under the tenant's own key.")
-stack_app = typer.Typer(no_args_is_help=True, help="The local cloud: LocalStack, Azurite, Elasticsearch, Key Vault, KMIP.")
+stack_app = typer.Typer(
+    no_args_is_help=True, help="The local cloud: LocalStack, Azurite, Elasticsearch, Key Vault, KMIP."
+)
 app.add_typer(stack_app, name="stack")
 
 
@@ -96,15 +98,21 @@ def _errors_are_messages(fn):
 
 @tenant_app.command("create")
 @_errors_are_messages
-def tenant_create(tenant: str, cloud: str = typer.Option("s3", help="s3 or azure"),
-                  key_ref: str | None = typer.Option(None, help="L1 key reference (default: managed://platform)"),
-                  as_json: bool = JSON) -> None:
+def tenant_create(
+    tenant: str,
+    cloud: str = typer.Option("s3", help="s3 or azure"),
+    key_ref: str | None = typer.Option(None, help="L1 key reference (default: managed://platform)"),
+    as_json: bool = JSON,
+) -> None:
     """Create a tenant on shared storage with its keychain and search index."""
     from archive_kms.operations.tenants import create_tenant
 
     made = create_tenant(_platform(), tenant, cloud=cloud, key_ref=key_ref)
-    _emit(as_json, made.__dict__, f"tenant {made.tenant_id} created: {made.location}, key {made.key_ref}, "
-                                  f"index {made.index}")
+    _emit(
+        as_json,
+        made.__dict__,
+        f"tenant {made.tenant_id} created: {made.location}, key {made.key_ref}, index {made.index}",
+    )
 
 
 @tenant_app.command("list")
@@ -114,45 +122,74 @@ def tenant_list(as_json: bool = JSON) -> None:
     p = _platform()
     rows = []
     for t in p.state.list_tenants():
-        rows.append({"tenant": t.tenant_id, "key_mode": t.key_mode.value, "key_ref": t.key_ref,
-                     "location": p.location_of(t.tenant_id).uri, "gate": p.state.gate(t.tenant_id).state.value,
-                     "revoked": t.revoked})
-    _emit(as_json, rows, "\n".join(f"{r['tenant']:<20} {r['key_mode']:<8} {r['gate']:<9} {r['location']}"
-                                   for r in rows) or "no tenants")
+        rows.append(
+            {
+                "tenant": t.tenant_id,
+                "key_mode": t.key_mode.value,
+                "key_ref": t.key_ref,
+                "location": p.location_of(t.tenant_id).uri,
+                "gate": p.state.gate(t.tenant_id).state.value,
+                "revoked": t.revoked,
+            }
+        )
+    _emit(
+        as_json,
+        rows,
+        "\n".join(f"{r['tenant']:<20} {r['key_mode']:<8} {r['gate']:<9} {r['location']}" for r in rows) or "no tenants",
+    )
 
 
 @app.command("archive")
 @_errors_are_messages
-def archive_cmd(tenant: str,
-                jsonl: Path | None = typer.Option(None, help="Records, one JSON object per line"),
-                generate: int = typer.Option(0, help="Generate this many synthetic records instead"),
-                seed: int = typer.Option(0, help="Generator seed (the data also depends on the tenant id, "
-                                                 "so the same seed gives different records per tenant)"),
-                offset: int = typer.Option(0, help="Skip this many generated records (for later batches)"),
-                job_id: str | None = typer.Option(None, help="Idempotency id (default: a new one)"),
-                as_json: bool = JSON) -> None:
+def archive_cmd(
+    tenant: str,
+    jsonl: Path | None = typer.Option(None, help="Records, one JSON object per line"),
+    generate: int = typer.Option(0, help="Generate this many synthetic records instead"),
+    seed: int = typer.Option(
+        0,
+        help="Generator seed (the data also depends on the tenant id, "
+        "so the same seed gives different records per tenant)",
+    ),
+    offset: int = typer.Option(0, help="Skip this many generated records (for later batches)"),
+    job_id: str | None = typer.Option(None, help="Idempotency id (default: a new one)"),
+    as_json: bool = JSON,
+) -> None:
     """Run an archive job for TENANT (deferred while the tenant is paused)."""
     from archive_kms.operations.archive import JobSpec, load_jsonl, submit_job
 
     if (jsonl is None) == (generate <= 0):
         raise typer.BadParameter("give exactly one of --jsonl FILE or --generate N")
     jid = job_id or f"job-{_uuid.uuid4().hex[:16]}"
-    spec = (load_jsonl(jsonl, job_id=jid, tenant_id=tenant) if jsonl else
-            JobSpec(jid, tenant, "synthetic", synthetic={"count": generate, "seed": seed, "offset": offset}))
+    spec = (
+        load_jsonl(jsonl, job_id=jid, tenant_id=tenant)
+        if jsonl
+        else JobSpec(jid, tenant, "synthetic", synthetic={"count": generate, "seed": seed, "offset": offset})
+    )
     p = _platform()
     out = submit_job(p.state, spec, p.open_archive)
-    _emit(as_json, out.__dict__, f"job {out.job_id}: {out.decision}; {out.records} records, {out.attachments} "
-                                 f"attachments, {out.objects_written} objects written, "
-                                 f"{out.objects_already_there} already there, {out.indexed} indexed")
+    _emit(
+        as_json,
+        out.__dict__,
+        f"job {out.job_id}: {out.decision}; {out.records} records, {out.attachments} "
+        f"attachments, {out.objects_written} objects written, "
+        f"{out.objects_already_there} already there, {out.indexed} indexed",
+    )
 
 
 @app.command("search")
 @_errors_are_messages
-def search_cmd(tenant: str, words: list[str] = typer.Argument(None),
-               field: list[str] = typer.Option(None, "--field", help="FIELD=VALUE filter on the whole value "
-                                               "(case-insensitive, Unicode NFKC, spaces collapsed; repeatable)"),
-               object_type: str | None = typer.Option(None, "--type"), limit: int = 20,
-               as_json: bool = JSON) -> None:
+def search_cmd(
+    tenant: str,
+    words: list[str] = typer.Argument(None),
+    field: list[str] = typer.Option(
+        None,
+        "--field",
+        help="FIELD=VALUE filter on the whole value (case-insensitive, Unicode NFKC, spaces collapsed; repeatable)",
+    ),
+    object_type: str | None = typer.Option(None, "--type"),
+    limit: int = 20,
+    as_json: bool = JSON,
+) -> None:
     """Search TENANT's archive by words and field filters; results are decrypted."""
     from archive_kms.search import Query
 
@@ -162,13 +199,21 @@ def search_cmd(tenant: str, words: list[str] = typer.Argument(None),
         if not sep:
             raise typer.BadParameter(f"--field {f!r}: use FIELD=VALUE")
         filters[k] = v
-    result = _platform().open_archive(tenant).search(
-        Query(text=" ".join(words or ()), filters=filters, object_type=object_type, limit=limit))
-    rows = [{"object_type": h.object_type, "record_id": h.record_id, "workspace": h.workspace_id,
-             "fields": dict(h.fields)} for h in result]
+    result = (
+        _platform()
+        .open_archive(tenant)
+        .search(Query(text=" ".join(words or ()), filters=filters, object_type=object_type, limit=limit))
+    )
+    rows = [
+        {"object_type": h.object_type, "record_id": h.record_id, "workspace": h.workspace_id, "fields": dict(h.fields)}
+        for h in result
+    ]
     human = "\n".join(f"{r['object_type']:<14} {r['record_id']}  {_title(r['fields'])}" for r in rows)
-    _emit(as_json, {"total": result.total, "hits": rows, "failures": [f.__dict__ for f in result.failures]},
-          f"{human}\n{result.total} match(es)" if rows else "no matches")
+    _emit(
+        as_json,
+        {"total": result.total, "hits": rows, "failures": [f.__dict__ for f in result.failures]},
+        f"{human}\n{result.total} match(es)" if rows else "no matches",
+    )
 
 
 def _title(fields: dict) -> str:
@@ -181,10 +226,14 @@ def _title(fields: dict) -> str:
 
 @app.command("read")
 @_errors_are_messages
-def read_cmd(tenant: str, record: str | None = typer.Option(None, help="TYPE/RECORD_ID"),
-             attachment: str | None = typer.Option(None, help="ATTACHMENT_ID"),
-             workspace: str = "default", out: Path | None = typer.Option(None, help="Write attachment here"),
-             as_json: bool = JSON) -> None:
+def read_cmd(
+    tenant: str,
+    record: str | None = typer.Option(None, help="TYPE/RECORD_ID"),
+    attachment: str | None = typer.Option(None, help="ATTACHMENT_ID"),
+    workspace: str = "default",
+    out: Path | None = typer.Option(None, help="Write attachment here"),
+    as_json: bool = JSON,
+) -> None:
     """Read one record or attachment, decrypted and authenticated."""
     archive = _platform().open_archive(tenant)
     if (record is None) == (attachment is None):
@@ -196,18 +245,19 @@ def read_cmd(tenant: str, record: str | None = typer.Option(None, help="TYPE/REC
         try:
             rec = archive.read_record(workspace, otype, rid)
         except ObjectNotFoundError:
-            raise StateError(f"no record {otype}/{rid} in workspace {workspace!r} of tenant {tenant}"
-                             " (the workspace is --workspace; `archive-kms search` finds ids)") from None
+            raise StateError(
+                f"no record {otype}/{rid} in workspace {workspace!r} of tenant {tenant}"
+                " (the workspace is --workspace; `archive-kms search` finds ids)"
+            ) from None
         _emit(as_json, _json.loads(rec.to_json()), _json.dumps(_json.loads(rec.to_json()), indent=2))
         return
     import hashlib
-
     import tempfile
 
     h, n = hashlib.sha256(), 0
     # Plaintext goes to a temporary file beside OUT, renamed only once the whole object
     # authenticated: a truncated or tampered object leaves no partial plaintext behind.
-    tmp = tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False) if out else None
+    tmp = tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", delete=False) if out else None  # noqa: SIM115
     try:
         for chunk in archive.read_attachment(workspace, attachment):
             h.update(chunk)
@@ -222,8 +272,11 @@ def read_cmd(tenant: str, record: str | None = typer.Option(None, help="TYPE/REC
             tmp.close()
             Path(tmp.name).unlink(missing_ok=True)
         raise
-    _emit(as_json, {"attachment": attachment, "bytes": n, "sha256": h.hexdigest(), "out": str(out) if out else None},
-          f"attachment {attachment}: {n} bytes, sha256 {h.hexdigest()}" + (f" -> {out}" if out else ""))
+    _emit(
+        as_json,
+        {"attachment": attachment, "bytes": n, "sha256": h.hexdigest(), "out": str(out) if out else None},
+        f"attachment {attachment}: {n} bytes, sha256 {h.hexdigest()}" + (f" -> {out}" if out else ""),
+    )
 
 
 @audit_app.command("verify")
@@ -236,13 +289,20 @@ def audit_verify(tenant: str | None = None, as_json: bool = JSON) -> None:
 
     p = _platform()
     v, anchor = verify_with_anchor(p.state, p.anchors, tenant_id=tenant)
-    out = {**v.__dict__, "anchor": None if anchor is None else {"count": anchor.count,
-                                                                 "anchored_at": anchor.anchored_at.isoformat()}}
-    where = ("" if p.anchors is None else
-             f"; against the anchor of record {anchor.count} ({anchor.anchored_at:%Y-%m-%d %H:%M} UTC)"
-             if anchor is not None else "; NO ANCHOR published for this log")
-    _emit(as_json, out, f"audit log verifies{where}" if v.ok else
-          f"AUDIT LOG BROKEN at seq {v.first_bad_seq}: {v.reason}")
+    out = {
+        **v.__dict__,
+        "anchor": None if anchor is None else {"count": anchor.count, "anchored_at": anchor.anchored_at.isoformat()},
+    }
+    where = (
+        ""
+        if p.anchors is None
+        else f"; against the anchor of record {anchor.count} ({anchor.anchored_at:%Y-%m-%d %H:%M} UTC)"
+        if anchor is not None
+        else "; NO ANCHOR published for this log"
+    )
+    _emit(
+        as_json, out, f"audit log verifies{where}" if v.ok else f"AUDIT LOG BROKEN at seq {v.first_bad_seq}: {v.reason}"
+    )
     if not v.ok:
         raise typer.Exit(1)
 
@@ -258,8 +318,11 @@ def audit_anchor(as_json: bool = JSON) -> None:
     if p.anchors is None:
         raise ConfigurationError("no anchor store: set ARCHIVE_KMS_AUDIT_ANCHOR_BUCKET (a bucket with Object Lock)")
     anchor, where = publish_anchor(p.state, p.anchors)
-    _emit(as_json, {"count": anchor.count, "head_hash": anchor.head_hash, "where": where},
-          f"audit head anchored: record {anchor.count} -> {where}")
+    _emit(
+        as_json,
+        {"count": anchor.count, "head_hash": anchor.head_hash, "where": where},
+        f"audit head anchored: record {anchor.count} -> {where}",
+    )
 
 
 @audit_app.command("export")
@@ -282,13 +345,17 @@ from typing import Any as _Any  # noqa: E402
 
 from archive_kms.errors import ConfigurationError, StateError, ValidationError  # noqa: E402
 
-runs_app = typer.Typer(no_args_is_help=True,
-                       help="Migration runs: list, show, resume, rerun a step, waive quarantined objects, cancel.")
+runs_app = typer.Typer(
+    no_args_is_help=True, help="Migration runs: list, show, resume, rerun a step, waive quarantined objects, cancel."
+)
 app.add_typer(runs_app, name="runs")
 
-TASK_RUNNER = typer.Option("threads", "--task-runner",
-                           help="Where copy/verify shard tasks run: threads (Prefect's thread pool) or dask "
-                                "(prefect-dask: settings.dask_address, else 2 local worker processes)")
+TASK_RUNNER = typer.Option(
+    "threads",
+    "--task-runner",
+    help="Where copy/verify shard tasks run: threads (Prefect's thread pool) or dask "
+    "(prefect-dask: settings.dask_address, else 2 local worker processes)",
+)
 SHARDS = typer.Option(None, "--shards", help="Copy/verify shards (1..256, default 8)")
 TAKEOVER = typer.Option(False, "--takeover", help="Take the tenant's lease from a worker known to be dead")
 
@@ -333,13 +400,16 @@ def _prefect_api() -> str:
 
     url = Settings().prefect_api_url
     if not url:
-        raise ConfigurationError("prefect_api_url is not set: run `archive-kms stack up` (it starts the Prefect "
-                                 "server and writes .stack/endpoints.json) or export ARCHIVE_KMS_PREFECT_API_URL")
+        raise ConfigurationError(
+            "prefect_api_url is not set: run `archive-kms stack up` (it starts the Prefect "
+            "server and writes .stack/endpoints.json) or export ARCHIVE_KMS_PREFECT_API_URL"
+        )
     try:
         requests.get(f"{url.rstrip('/')}/health", timeout=5).raise_for_status()
     except requests.RequestException as e:
-        raise ConfigurationError(f"the Prefect API at {url} does not answer ({type(e).__name__}): "
-                                 "run `archive-kms stack up`") from None
+        raise ConfigurationError(
+            f"the Prefect API at {url} does not answer ({type(e).__name__}): run `archive-kms stack up`"
+        ) from None
     _os.environ["PREFECT_API_URL"] = url
     _os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
     return url
@@ -369,15 +439,39 @@ def _report_tables(report: dict[str, _Any]):
 
     p = report["progress"]
     bars = Table.grid(padding=(0, 1))
-    for label, done, total in (("steps", p["steps_done"], p["steps"]), ("copied", p["copied"], p["objects"]),
-                               ("verified", p["verified"], p["objects"])):
-        bars.add_row(label, ProgressBar(total=max(total, 1), completed=done if total else 0, width=40),
-                     f"{done}/{total}")
+    for label, done, total in (
+        ("steps", p["steps_done"], p["steps"]),
+        ("copied", p["copied"], p["objects"]),
+        ("verified", p["verified"], p["objects"]),
+    ):
+        bars.add_row(
+            label, ProgressBar(total=max(total, 1), completed=done if total else 0, width=40), f"{done}/{total}"
+        )
     totals = Table(title=f"{report['flow']} {report['tenant']}: run {report['run_id']}", show_header=False)
-    for key in ("state", "mode", "key_ref", "source", "destination", "objects", "bytes", "bytes_plaintext_copied",
-                "copy_seconds", "throughput_mb_s", "verification", "lost", "duplicated", "reconciliation",
-                "quarantined", "waived", "index", "index_documents", "deferred_replayed", "keys_rekeyed",
-                "old_deks_erased", "total_seconds"):
+    for key in (
+        "state",
+        "mode",
+        "key_ref",
+        "source",
+        "destination",
+        "objects",
+        "bytes",
+        "bytes_plaintext_copied",
+        "copy_seconds",
+        "throughput_mb_s",
+        "verification",
+        "lost",
+        "duplicated",
+        "reconciliation",
+        "quarantined",
+        "waived",
+        "index",
+        "index_documents",
+        "deferred_replayed",
+        "keys_rekeyed",
+        "old_deks_erased",
+        "total_seconds",
+    ):
         totals.add_row(key, _fmt(report.get(key)))
     steps = Table("step", "state", "attempts", "seconds", "error", title="steps")
     for s in report["steps"]:
@@ -391,11 +485,14 @@ def _quarantine_lines(report: dict[str, _Any]) -> list[str]:
     if not report.get("quarantined"):
         return []
     shown = len(report["quarantine"])
-    lines = [f"quarantined: {report['quarantined']} ({report['waived']} waived); their source objects are kept at "
-             f"{report['quarantine_kept_at']}" + (f"; the first {shown}:" if shown < report["quarantined"] else ":")]
+    lines = [
+        f"quarantined: {report['quarantined']} ({report['waived']} waived); their source objects are kept at "
+        f"{report['quarantine_kept_at']}" + (f"; the first {shown}:" if shown < report["quarantined"] else ":")
+    ]
     for q in report["quarantine"]:
-        waiver = (f"waived by {q['waived_by']} at {q['waived_at']}: {q['waiver_reason']}" if q["waived"]
-                  else "not waived")
+        waiver = (
+            f"waived by {q['waived_by']} at {q['waived_at']}: {q['waiver_reason']}" if q["waived"] else "not waived"
+        )
         lines.append(f"  {q['object']}  [{q['kind']}, {q['attempts']} reads; {waiver}] {q['reason']}")
     return lines
 
@@ -414,8 +511,10 @@ def _finish_run(answer: dict[str, _Any], as_json: bool) -> None:
     if as_json:
         typer.echo(_json.dumps(answer, indent=2, default=str))
     elif not outcome["created"] and outcome["state"] == "running":
-        typer.echo(f"tenant {outcome['tenant']} already has {outcome['flow']} run {outcome['run_id']} going: "
-                   f"see `archive-kms runs show {outcome['run_id']}`")
+        typer.echo(
+            f"tenant {outcome['tenant']} already has {outcome['flow']} run {outcome['run_id']} going: "
+            f"see `archive-kms runs show {outcome['run_id']}`"
+        )
     else:
         _print_report(report)
         typer.echo(f"run {outcome['run_id']}: {outcome['state']} ({outcome['message']})")
@@ -423,28 +522,42 @@ def _finish_run(answer: dict[str, _Any], as_json: bool) -> None:
         failed = next((s for s in report["steps"] if s["state"] == "failed"), None)
         step = failed["step"] if failed else "?"
         if (outcome["error"] or "").startswith("StopRequestedError"):
-            typer.echo(f"error: run {outcome['run_id']} {outcome['message']} at step {step}; it is resumable at "
-                       f"once: `archive-kms runs resume {outcome['run_id']}`", err=True)
+            typer.echo(
+                f"error: run {outcome['run_id']} {outcome['message']} at step {step}; it is resumable at "
+                f"once: `archive-kms runs resume {outcome['run_id']}`",
+                err=True,
+            )
         elif "runs waive" in (outcome["error"] or ""):  # quarantined objects: the message says what to do
-            typer.echo(f"error: run {outcome['run_id']} stopped before cutover at step {step}: {outcome['error']}",
-                       err=True)
+            typer.echo(
+                f"error: run {outcome['run_id']} stopped before cutover at step {step}: {outcome['error']}", err=True
+            )
         else:
-            typer.echo(f"error: run {outcome['run_id']} failed at step {step}: {outcome['error']}; after fixing the "
-                       f"cause: `archive-kms runs resume {outcome['run_id']}`", err=True)
+            typer.echo(
+                f"error: run {outcome['run_id']} failed at step {step}: {outcome['error']}; after fixing the "
+                f"cause: `archive-kms runs resume {outcome['run_id']}`",
+                err=True,
+            )
         raise typer.Exit(1)
     if outcome["state"] == "superseded":
-        typer.echo(f"error: this worker lost run {outcome['run_id']} to another one (its lease was taken over) and "
-                   f"stopped without writing; see `archive-kms runs show {outcome['run_id']}`", err=True)
+        typer.echo(
+            f"error: this worker lost run {outcome['run_id']} to another one (its lease was taken over) and "
+            f"stopped without writing; see `archive-kms runs show {outcome['run_id']}`",
+            err=True,
+        )
         raise typer.Exit(1)
 
 
 @app.command("enable")
 @_errors_are_messages
-def enable_cmd(tenant: str,
-               mode: str = typer.Option(..., "--mode", help="byokms | byok | byokv | kmip"),
-               key_ref: str = typer.Option(..., "--key-ref", help="The customer's key: aws-kms://, azure-kv://, kmip://"),
-               cloud: str | None = typer.Option(None, "--cloud", help="s3 or azure (default: where the tenant lives)"),
-               shards: int | None = SHARDS, task_runner: str = TASK_RUNNER, as_json: bool = JSON) -> None:
+def enable_cmd(
+    tenant: str,
+    mode: str = typer.Option(..., "--mode", help="byokms | byok | byokv | kmip"),
+    key_ref: str = typer.Option(..., "--key-ref", help="The customer's key: aws-kms://, azure-kv://, kmip://"),
+    cloud: str | None = typer.Option(None, "--cloud", help="s3 or azure (default: where the tenant lives)"),
+    shards: int | None = SHARDS,
+    task_runner: str = TASK_RUNNER,
+    as_json: bool = JSON,
+) -> None:
     """Move TENANT onto its own key: new dedicated storage and index, every object re-encrypted and verified."""
     from archive_kms.domain.tenants import TenantId
     from archive_kms.keys.refs import parse_key_ref
@@ -460,14 +573,17 @@ def enable_cmd(tenant: str,
     _check_task_runner(task_runner)
     _prefect_api()
     plan_enable(_platform(), tenant, mode, key_ref, cloud=cloud, shards=shards)  # refusals before a flow run
-    _finish_run(_run_flow("enable", tenant=tenant, mode=mode, key_ref=key_ref, cloud=cloud, shards=shards,
-                          task_runner=task_runner), as_json)
+    _finish_run(
+        _run_flow(
+            "enable", tenant=tenant, mode=mode, key_ref=key_ref, cloud=cloud, shards=shards, task_runner=task_runner
+        ),
+        as_json,
+    )
 
 
 @app.command("remove")
 @_errors_are_messages
-def remove_cmd(tenant: str, shards: int | None = SHARDS, task_runner: str = TASK_RUNNER,
-               as_json: bool = JSON) -> None:
+def remove_cmd(tenant: str, shards: int | None = SHARDS, task_runner: str = TASK_RUNNER, as_json: bool = JSON) -> None:
     """Move TENANT back to shared storage under the managed key; its dedicated storage and index are deleted."""
     from archive_kms.domain.tenants import TenantId
     from archive_kms.migration import plan_remove
@@ -491,12 +607,29 @@ def runs_list(tenant: str | None = typer.Option(None, "--tenant"), as_json: bool
     for run in view.state.list_runs(tenant):
         p = progress(view, run)
         current = next((s.name for s in run.steps if s.state.value not in ("completed", "skipped")), None)
-        rows.append({"run_id": run.run_id, "tenant": run.tenant_id, "flow": run.flow.value, "mode": run.mode,
-                     "state": run.state.value, "created_at": run.created_at.isoformat(timespec="seconds"),
-                     "steps_done": p["steps_done"], "steps": p["steps"], "current_step": current})
-    _emit(as_json, rows, "\n".join(
-        f"{r['run_id']}  {r['tenant']:<20} {r['flow']:<7} {r['mode']:<7} {r['state']:<9} "
-        f"{r['steps_done']:>2}/{r['steps']} {r['current_step'] or ''}  {r['created_at']}" for r in rows) or "no runs")
+        rows.append(
+            {
+                "run_id": run.run_id,
+                "tenant": run.tenant_id,
+                "flow": run.flow.value,
+                "mode": run.mode,
+                "state": run.state.value,
+                "created_at": run.created_at.isoformat(timespec="seconds"),
+                "steps_done": p["steps_done"],
+                "steps": p["steps"],
+                "current_step": current,
+            }
+        )
+    _emit(
+        as_json,
+        rows,
+        "\n".join(
+            f"{r['run_id']}  {r['tenant']:<20} {r['flow']:<7} {r['mode']:<7} {r['state']:<9} "
+            f"{r['steps_done']:>2}/{r['steps']} {r['current_step'] or ''}  {r['created_at']}"
+            for r in rows
+        )
+        or "no runs",
+    )
 
 
 @runs_app.command("show")
@@ -516,20 +649,29 @@ def runs_show(run_id: str = typer.Argument(..., metavar="RUN"), as_json: bool = 
 
 @runs_app.command("resume")
 @_errors_are_messages
-def runs_resume(run_id: str = typer.Argument(..., metavar="RUN"), takeover: bool = TAKEOVER,
-                task_runner: str = TASK_RUNNER, as_json: bool = JSON) -> None:
+def runs_resume(
+    run_id: str = typer.Argument(..., metavar="RUN"),
+    takeover: bool = TAKEOVER,
+    task_runner: str = TASK_RUNNER,
+    as_json: bool = JSON,
+) -> None:
     """Continue a failed or crashed run from its first step not completed."""
     _check_task_runner(task_runner)
     _require_run(_state_only().state, run_id)
-    _finish_run(_run_flow("support", run_id=run_id, action="resume", takeover=takeover, task_runner=task_runner),
-                as_json)
+    _finish_run(
+        _run_flow("support", run_id=run_id, action="resume", takeover=takeover, task_runner=task_runner), as_json
+    )
 
 
 @runs_app.command("rerun")
 @_errors_are_messages
-def runs_rerun(run_id: str = typer.Argument(..., metavar="RUN"),
-               from_step: str = typer.Option(..., "--from", help="The step to run again (and every later one)"),
-               takeover: bool = TAKEOVER, task_runner: str = TASK_RUNNER, as_json: bool = JSON) -> None:
+def runs_rerun(
+    run_id: str = typer.Argument(..., metavar="RUN"),
+    from_step: str = typer.Option(..., "--from", help="The step to run again (and every later one)"),
+    takeover: bool = TAKEOVER,
+    task_runner: str = TASK_RUNNER,
+    as_json: bool = JSON,
+) -> None:
     """Run a run again from a named step; on a completed run this changes nothing and says so."""
     from archive_kms.migration import STEPS
 
@@ -537,8 +679,12 @@ def runs_rerun(run_id: str = typer.Argument(..., metavar="RUN"),
         raise ValidationError(f"--from {from_step!r}: use one of {', '.join(STEPS)}")
     _check_task_runner(task_runner)
     _require_run(_state_only().state, run_id)
-    _finish_run(_run_flow("support", run_id=run_id, action="rerun", from_step=from_step, takeover=takeover,
-                          task_runner=task_runner), as_json)
+    _finish_run(
+        _run_flow(
+            "support", run_id=run_id, action="rerun", from_step=from_step, takeover=takeover, task_runner=task_runner
+        ),
+        as_json,
+    )
 
 
 def _actor(given: str | None) -> str:
@@ -554,15 +700,20 @@ def _actor(given: str | None) -> str:
 
 @runs_app.command("waive")
 @_errors_are_messages
-def runs_waive(run_id: str = typer.Argument(..., metavar="RUN"),
-               objects: list[str] = typer.Option(None, "--object", help="A quarantined object's name, as `runs show` "
-                                                                       "prints it (repeatable)"),
-               objects_hex: list[str] = typer.Option(None, "--object-hex", help="The same, hex-encoded (names "
-                                                                              "that are not UTF-8)"),
-               all_objects: bool = typer.Option(False, "--all", help="Every quarantined object of the run"),
-               reason: str = typer.Option(..., "--reason", help="Why the object may be left behind (audited)"),
-               actor: str | None = typer.Option(None, "--actor", help="Who waives (default: support:<login>)"),
-               takeover: bool = TAKEOVER, as_json: bool = JSON) -> None:
+def runs_waive(
+    run_id: str = typer.Argument(..., metavar="RUN"),
+    objects: list[str] = typer.Option(
+        None, "--object", help="A quarantined object's name, as `runs show` prints it (repeatable)"
+    ),
+    objects_hex: list[str] = typer.Option(
+        None, "--object-hex", help="The same, hex-encoded (names that are not UTF-8)"
+    ),
+    all_objects: bool = typer.Option(False, "--all", help="Every quarantined object of the run"),
+    reason: str = typer.Option(..., "--reason", help="Why the object may be left behind (audited)"),
+    actor: str | None = typer.Option(None, "--actor", help="Who waives (default: support:<login>)"),
+    takeover: bool = TAKEOVER,
+    as_json: bool = JSON,
+) -> None:
     """Accept that quarantined objects are left behind, so the run can cut over without them; every waiver is audited.
 
     The source objects of waived objects are kept where they are (ADR 0006). Continue with `runs resume`."""
@@ -576,32 +727,41 @@ def runs_waive(run_id: str = typer.Argument(..., metavar="RUN"),
             raise ValidationError(f"--object-hex {h[:40]!r} is not hex") from None
     view = _state_only()
     _require_run(view.state, run_id)
-    out = waive(view, run_id, reason=reason, actor=_actor(actor), objects=names, all_objects=all_objects,
-                takeover=takeover)
+    out = waive(
+        view, run_id, reason=reason, actor=_actor(actor), objects=names, all_objects=all_objects, takeover=takeover
+    )
     _emit(as_json, out.to_dict(), out.message + "".join(f"\n  waived {n}" for n in out.waived))
 
 
 @runs_app.command("cancel")
 @_errors_are_messages
-def runs_cancel(run_id: str = typer.Argument(..., metavar="RUN"), takeover: bool = TAKEOVER,
-                as_json: bool = JSON) -> None:
+def runs_cancel(
+    run_id: str = typer.Argument(..., metavar="RUN"), takeover: bool = TAKEOVER, as_json: bool = JSON
+) -> None:
     """Give up a run that has not cut over: key re-bound, destination and new index deleted, jobs replayed."""
     _require_run(_state_only().state, run_id)
     _finish_run(_run_flow("support", run_id=run_id, action="cancel", takeover=takeover), as_json)
 
 
-jobs_app = typer.Typer(no_args_is_help=True,
-                       help="Queued (deferred) archive jobs: list them, park one that cannot be replayed.")
+jobs_app = typer.Typer(
+    no_args_is_help=True, help="Queued (deferred) archive jobs: list them, park one that cannot be replayed."
+)
 app.add_typer(jobs_app, name="jobs")
 
 
 def _queued_row(job: _Any) -> dict[str, _Any]:
     """What support sees of a queued job: ids, state, times, the parking; never its content."""
     parked = job.parked
-    return {"job_id": job.job_id, "tenant": job.tenant_id, "state": "parked" if parked else job.state.value,
-            "position": job.position, "received_at": job.received_at, "replayed_at": job.replayed_at,
-            "parked_reason": parked.get("reason") if parked else None,
-            "parked_by": parked.get("actor") if parked else None}
+    return {
+        "job_id": job.job_id,
+        "tenant": job.tenant_id,
+        "state": "parked" if parked else job.state.value,
+        "position": job.position,
+        "received_at": job.received_at,
+        "replayed_at": job.replayed_at,
+        "parked_reason": parked.get("reason") if parked else None,
+        "parked_by": parked.get("actor") if parked else None,
+    }
 
 
 def _queued_line(r: dict[str, _Any]) -> str:
@@ -612,23 +772,29 @@ def _queued_line(r: dict[str, _Any]) -> str:
 
 @jobs_app.command("list")
 @_errors_are_messages
-def jobs_list(tenant: str, include_replayed: bool = typer.Option(False, "--all", help="Replayed and parked jobs "
-                                                                                      "too"),
-              as_json: bool = JSON) -> None:
+def jobs_list(
+    tenant: str,
+    include_replayed: bool = typer.Option(False, "--all", help="Replayed and parked jobs too"),
+    as_json: bool = JSON,
+) -> None:
     """List TENANT's queued archive jobs in replay order (ids, state, received, parking; never content)."""
     state = _state_only().state
     gate = state.gate(tenant)
     rows = [_queued_row(j) for j in state.list_deferred(tenant, include_replayed=include_replayed)]
-    _emit(as_json, rows, "\n".join([f"gate {gate.state.value}, {gate.pending} pending"]
-                                   + [_queued_line(r) for r in rows]))
+    _emit(
+        as_json, rows, "\n".join([f"gate {gate.state.value}, {gate.pending} pending"] + [_queued_line(r) for r in rows])
+    )
 
 
 @jobs_app.command("park")
 @_errors_are_messages
-def jobs_park(tenant: str, job_id: str = typer.Argument(..., metavar="JOB"),
-              reason: str = typer.Option(..., "--reason", help="Why the job is given up (audited)"),
-              actor: str | None = typer.Option(None, "--actor", help="Who parks it (default: support:<login>)"),
-              as_json: bool = JSON) -> None:
+def jobs_park(
+    tenant: str,
+    job_id: str = typer.Argument(..., metavar="JOB"),
+    reason: str = typer.Option(..., "--reason", help="Why the job is given up (audited)"),
+    actor: str | None = typer.Option(None, "--actor", help="Who parks it (default: support:<login>)"),
+    as_json: bool = JSON,
+) -> None:
     """Give up one queued job whose content cannot be opened, so the gate drains past it; audited.
 
     The job is marked replayed without running; its sealed content is kept for forensics and
@@ -639,8 +805,12 @@ def jobs_park(tenant: str, job_id: str = typer.Argument(..., metavar="JOB"),
     parked = park_deferred_job(state, tenant, job_id, reason=reason, actor=_actor(actor))
     gate = state.gate(tenant)
     row = _queued_row(parked) | {"gate": gate.state.value, "pending": gate.pending}
-    _emit(as_json, row, f"job {job_id} of tenant {tenant} parked by {row['parked_by']}: {row['parked_reason']}; "
-                        f"gate {gate.state.value}, {gate.pending} pending")
+    _emit(
+        as_json,
+        row,
+        f"job {job_id} of tenant {tenant} parked by {row['parked_by']}: {row['parked_reason']}; "
+        f"gate {gate.state.value}, {gate.pending} pending",
+    )
 
 
 @app.command("verify")
@@ -650,10 +820,12 @@ def verify_cmd(tenant: str, as_json: bool = JSON) -> None:
     from archive_kms.operations.verification import verify_tenant
 
     v = verify_tenant(_platform(), tenant)
-    human = (f"tenant {v['tenant']} at {v['location']}: {v['objects']} objects ({v['bytes_plaintext']} plaintext "
-             f"bytes), {v['unreadable']} unreadable; {v['records']} records, index {v['index']} holds "
-             f"{v['index_documents']} documents ({v['missing_in_index']} missing, {v['extra_in_index']} extra, "
-             f"{v['index_unreadable']} unreadable): {'OK' if v['ok'] else 'NOT OK'}")
+    human = (
+        f"tenant {v['tenant']} at {v['location']}: {v['objects']} objects ({v['bytes_plaintext']} plaintext "
+        f"bytes), {v['unreadable']} unreadable; {v['records']} records, index {v['index']} holds "
+        f"{v['index_documents']} documents ({v['missing_in_index']} missing, {v['extra_in_index']} extra, "
+        f"{v['index_unreadable']} unreadable): {'OK' if v['ok'] else 'NOT OK'}"
+    )
     for kind, names in v["examples"].items():
         if names:
             human += f"\n  {kind}: {', '.join(names)}"

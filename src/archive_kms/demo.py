@@ -74,8 +74,9 @@ def _kv(settings: Settings) -> str:
     from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 
     kc = wiring.keyvault_key_client(settings)
-    key = kc.create_rsa_key(f"demo-{uuid.uuid4().hex[:10]}", size=2048,
-                            key_operations=["wrapKey", "unwrapKey", "encrypt", "decrypt"])
+    key = kc.create_rsa_key(
+        f"demo-{uuid.uuid4().hex[:10]}", size=2048, key_operations=["wrapKey", "unwrapKey", "encrypt", "decrypt"]
+    )
     cc = CryptographyClient(key.id, wiring.keyvault_credential(settings), **wiring.keyvault_client_kwargs(settings))
     secret = os.urandom(32)
     w = cc.wrap_key(KeyWrapAlgorithm.rsa_oaep_256, secret).encrypted_key
@@ -91,8 +92,11 @@ def _kmip(settings: Settings) -> str:
     with wiring.kmip_client(settings) as c:
         uid = c.create(enums.CryptographicAlgorithm.AES, 256)
         c.activate(uid)
-        p = {"block_cipher_mode": enums.BlockCipherMode.CBC, "padding_method": enums.PaddingMethod.PKCS5,
-             "cryptographic_algorithm": enums.CryptographicAlgorithm.AES}
+        p = {
+            "block_cipher_mode": enums.BlockCipherMode.CBC,
+            "padding_method": enums.PaddingMethod.PKCS5,
+            "cryptographic_algorithm": enums.CryptographicAlgorithm.AES,
+        }
         iv = os.urandom(16)
         ct, _ = c.encrypt(b"hello", uid=uid, cryptographic_parameters=p, iv_counter_nonce=iv)
         ok = c.decrypt(ct, uid=uid, cryptographic_parameters=p, iv_counter_nonce=iv) == b"hello"
@@ -101,8 +105,12 @@ def _kmip(settings: Settings) -> str:
 
 
 CHECKS: list[tuple[str, Callable[[Settings], str]]] = [
-    ("S3 (LocalStack)", _s3), ("KMS (LocalStack)", _kms), ("Blob (Azurite)", _blob),
-    ("Elasticsearch", _es), ("Key Vault", _kv), ("KMIP HSM (PyKMIP)", _kmip),
+    ("S3 (LocalStack)", _s3),
+    ("KMS (LocalStack)", _kms),
+    ("Blob (Azurite)", _blob),
+    ("Elasticsearch", _es),
+    ("Key Vault", _kv),
+    ("KMIP HSM (PyKMIP)", _kmip),
 ]
 
 
@@ -117,7 +125,16 @@ def _archive_demo(console: Console, settings: Settings) -> int:
     platform = wiring.build_platform(settings)
     run = uuid.uuid4().hex[:6]
     table = Table(title="archive_kms: tenants archived and searched")
-    for col in ("tenant", "cloud", "location", "records", "objects", "search 'invoice'", "read back", "deferred→replayed"):
+    for col in (
+        "tenant",
+        "cloud",
+        "location",
+        "records",
+        "objects",
+        "search 'invoice'",
+        "read back",
+        "deferred→replayed",
+    ):
         table.add_column(col)
     failed = 0
     for cloud in ("s3", "azure"):
@@ -130,15 +147,24 @@ def _archive_demo(console: Console, settings: Settings) -> int:
         record, _ = next(iter(generate_records(tenant, 1, seed=1)))
         same = archive.read_record(record.workspace_id, record.object_type, record.record_id) == record
         platform.state.pause(tenant, f"demo-{run}")
-        deferred = submit_job(platform.state, JobSpec(f"{tenant}-j2", tenant, "synthetic",
-                                                      synthetic={"count": 10, "seed": 1, "offset": 40}),
-                              platform.open_archive)
+        deferred = submit_job(
+            platform.state,
+            JobSpec(f"{tenant}-j2", tenant, "synthetic", synthetic={"count": 10, "seed": 1, "offset": 40}),
+            platform.open_archive,
+        )
         replayed = replay_deferred(platform.state, tenant, f"demo-{run}", platform.open_archive)
         ok = same and deferred.decision == "deferred" and [o.job_id for o in replayed] == [f"{tenant}-j2"]
         failed += not ok
-        table.add_row(tenant, cloud, created.location, str(out.records), str(out.objects_written),
-                      f"{hits.total} hits", "identical" if same else "MISMATCH",
-                      f"{deferred.decision} → {len(replayed)} replayed")
+        table.add_row(
+            tenant,
+            cloud,
+            created.location,
+            str(out.records),
+            str(out.objects_written),
+            f"{hits.total} hits",
+            "identical" if same else "MISMATCH",
+            f"{deferred.decision} → {len(replayed)} replayed",
+        )
     console.print(table)
     audit = platform.state.verify_audit()
     console.print(f"audit chain: {'verifies' if audit.ok else 'BROKEN: ' + str(audit.reason)}")
@@ -170,16 +196,23 @@ def _customer_key(settings: Settings, mode: str) -> str:
     from kmip.core import enums
 
     with wiring.kmip_client(settings) as c:
-        uid = c.create(enums.CryptographicAlgorithm.AES, 256, name=f"demo-{uuid.uuid4().hex[:8]}",
-                       cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT,
-                                                 enums.CryptographicUsageMask.DECRYPT])
+        uid = c.create(
+            enums.CryptographicAlgorithm.AES,
+            256,
+            name=f"demo-{uuid.uuid4().hex[:8]}",
+            cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT],
+        )
         c.activate(uid)
     return f"kmip://{settings.kmip_host}:{settings.kmip_port}/{uid}"
 
 
 #: (mode, cloud, task runner) per onboarded tenant
-ONBOARDING = [("byokms", "s3", "threads"), ("byok", "s3", "threads"), ("byokv", "azure", "threads"),
-              ("kmip", "azure", "dask")]
+ONBOARDING = [
+    ("byokms", "s3", "threads"),
+    ("byok", "s3", "threads"),
+    ("byokv", "azure", "threads"),
+    ("kmip", "azure", "dask"),
+]
 
 
 def _migration_demo(console: Console, settings: Settings) -> int:
@@ -203,21 +236,37 @@ def _migration_demo(console: Console, settings: Settings) -> int:
     for mode, cloud, runner in ONBOARDING:
         tenant = f"{mode}{tag}"
         create_tenant(platform, tenant, cloud=cloud, actor="demo")
-        submit_job(platform.state, JobSpec(f"{tenant}-j1", tenant, "synthetic",
-                                           synthetic={"count": 60, "seed": 3, "mix": "small", "workspaces": 2}),
-                   platform.open_archive)
+        submit_job(
+            platform.state,
+            JobSpec(
+                f"{tenant}-j1", tenant, "synthetic", synthetic={"count": 60, "seed": 3, "mix": "small", "workspaces": 2}
+            ),
+            platform.open_archive,
+        )
         before = platform.open_archive(tenant).search(Query(text="invoice", limit=500))
         key_ref = _customer_key(settings, mode)
         result: dict = {}
-        worker = threading.Thread(target=lambda: result.update(
-            run_flow("enable", tenant=tenant, mode=mode, key_ref=key_ref, task_runner=runner, actor="demo")))
+        worker = threading.Thread(
+            # joined before the loop moves on
+            target=lambda: result.update(  # noqa: B023
+                run_flow("enable", tenant=tenant, mode=mode, key_ref=key_ref, task_runner=runner, actor="demo")  # noqa: B023
+            )
+        )
         worker.start()
         during, job = None, None
         while worker.is_alive() and during is None:  # once the gate is paused: search and send a job
             if platform.state.gate(tenant).state is GateState.PAUSED:
                 during = platform.open_archive(tenant).search(Query(text="invoice", limit=500))
-                job = submit_job(platform.state, JobSpec(f"{tenant}-j2", tenant, "synthetic", synthetic={
-                    "count": 5, "seed": 3, "offset": 60, "mix": "small", "workspaces": 2}), platform.open_archive)
+                job = submit_job(
+                    platform.state,
+                    JobSpec(
+                        f"{tenant}-j2",
+                        tenant,
+                        "synthetic",
+                        synthetic={"count": 5, "seed": 3, "offset": 60, "mix": "small", "workspaces": 2},
+                    ),
+                    platform.open_archive,
+                )
             time.sleep(0.05)
         worker.join()
         report = result.get("report", {})
@@ -228,13 +277,24 @@ def _migration_demo(console: Console, settings: Settings) -> int:
 
         sample, _ = next(iter(generate_records(tenant, 1, seed=3, workspaces=2)))
         readable = archive.read_record(sample.workspace_id, sample.object_type, sample.record_id) == sample
-        ok = (result.get("outcome", {}).get("state") == "completed" and readable
-              and report.get("verification") == "ok" and after.total >= before.total
-              and (during is None or {h.doc_id for h in during} == {h.doc_id for h in before}))
+        ok = (
+            result.get("outcome", {}).get("state") == "completed"
+            and readable
+            and report.get("verification") == "ok"
+            and after.total >= before.total
+            and (during is None or {h.doc_id for h in during} == {h.doc_id for h in before})
+        )
         failed += not ok
-        searches.add_row(tenant, mode, cloud, str(before.total), "-" if during is None else str(during.total),
-                         str(after.total), f"{job.decision} → replayed" if job else "-",
-                         "identical" if readable else "MISMATCH")
+        searches.add_row(
+            tenant,
+            mode,
+            cloud,
+            str(before.total),
+            "-" if during is None else str(during.total),
+            str(after.total),
+            f"{job.decision} → replayed" if job else "-",
+            "identical" if readable else "MISMATCH",
+        )
     console.print(searches)
 
     # BYOK removal: the Key Vault tenant goes back to shared storage under the managed key.
@@ -244,16 +304,40 @@ def _migration_demo(console: Console, settings: Settings) -> int:
     failed += out.get("outcome", {}).get("state") != "completed"
 
     table = Table(title="migration runs")
-    for col in ("tenant", "flow", "mode", "destination", "objects", "MB", "copy MB/s", "verification",
-                "lost/dup", "docs", "deferred replayed", "L2/L3 new", "old DEKs erased", "seconds"):
+    for col in (
+        "tenant",
+        "flow",
+        "mode",
+        "destination",
+        "objects",
+        "MB",
+        "copy MB/s",
+        "verification",
+        "lost/dup",
+        "docs",
+        "deferred replayed",
+        "L2/L3 new",
+        "old DEKs erased",
+        "seconds",
+    ):
         table.add_column(col)
     for r in reports:
-        table.add_row(str(r.get("tenant")), str(r.get("flow")), str(r.get("mode")), str(r.get("destination")),
-                      str(r.get("objects")), f"{(r.get('bytes') or 0) / 1e6:.2f}", str(r.get("throughput_mb_s")),
-                      str(r.get("verification")), f"{r.get('lost')}/{r.get('duplicated')}",
-                      str(r.get("index_documents")), str(r.get("deferred_replayed")),
-                      "yes" if r.get("keys_rekeyed") else "no", str(r.get("old_deks_erased")),
-                      str(r.get("total_seconds")))
+        table.add_row(
+            str(r.get("tenant")),
+            str(r.get("flow")),
+            str(r.get("mode")),
+            str(r.get("destination")),
+            str(r.get("objects")),
+            f"{(r.get('bytes') or 0) / 1e6:.2f}",
+            str(r.get("throughput_mb_s")),
+            str(r.get("verification")),
+            f"{r.get('lost')}/{r.get('duplicated')}",
+            str(r.get("index_documents")),
+            str(r.get("deferred_replayed")),
+            "yes" if r.get("keys_rekeyed") else "no",
+            str(r.get("old_deks_erased")),
+            str(r.get("total_seconds")),
+        )
     console.print(table)
     steps = Table(title=f"time per step (s): {reports[0].get('tenant')} ({reports[0].get('mode')})")
     steps.add_column("step")
@@ -263,16 +347,20 @@ def _migration_demo(console: Console, settings: Settings) -> int:
         steps.add_row(s["step"], str(s["seconds"]), str(s["attempts"]))
     console.print(steps)
     audit = platform.state.verify_audit()
-    console.print(f"audit chain after the migrations: {'verifies' if audit.ok else 'BROKEN: ' + str(audit.reason)}"
-                  f" ({audit.records} records)")
+    console.print(
+        f"audit chain after the migrations: {'verifies' if audit.ok else 'BROKEN: ' + str(audit.reason)}"
+        f" ({audit.records} records)"
+    )
     if not audit.ok or platform.anchors is None:
         return failed + (not audit.ok)
     from archive_kms.state.anchors import publish_anchor, verify_with_anchor
 
     anchor, where = publish_anchor(platform.state, platform.anchors)
     checked, _ = verify_with_anchor(platform.state, platform.anchors)
-    console.print(f"audit head anchored under Object Lock: {where} (record {anchor.count}); "
-                  f"log {'verifies against it' if checked.ok else 'DOES NOT match it: ' + str(checked.reason)}")
+    console.print(
+        f"audit head anchored under Object Lock: {where} (record {anchor.count}); "
+        f"log {'verifies against it' if checked.ok else 'DOES NOT match it: ' + str(checked.reason)}"
+    )
     return failed + (not checked.ok)
 
 

@@ -46,6 +46,7 @@ class ServiceUnavailableError(TransientError):
 
 # --- keys ---------------------------------------------------------------------------------
 
+
 class KeyError_(ArchiveKmsError):  # noqa: N801 - avoid shadowing the builtin KeyError
     """Base of key-provider errors."""
 
@@ -82,6 +83,7 @@ class KeyImportError(KeyError_):
 
 # --- cryptography -----------------------------------------------------------------------
 
+
 class IntegrityError(ArchiveKmsError):
     """Authentication failed: tampered, truncated, reordered, or bound to another
     tenant/object. No unauthenticated plaintext was released."""
@@ -100,6 +102,7 @@ class TenantRevokedError(KeyUnavailableError):
 
 
 # --- storage, search, state ------------------------------------------------------------
+
 
 class ObjectNotFoundError(ArchiveKmsError):
     """No such object in the store."""

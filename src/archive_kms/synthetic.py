@@ -17,12 +17,47 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
 
-_WORDS = (
-    "invoice renewal contract escalation outage refund shipment warranty quarterly forecast "
-    "pipeline churn onboarding migration compliance audit retention subscription discount "
-    "priority severity customer partner reseller enterprise pilot proposal signature legal "
-    "security incident firmware license upgrade downgrade billing payment overdue credit"
-).split()
+_WORDS = [
+    "invoice",
+    "renewal",
+    "contract",
+    "escalation",
+    "outage",
+    "refund",
+    "shipment",
+    "warranty",
+    "quarterly",
+    "forecast",
+    "pipeline",
+    "churn",
+    "onboarding",
+    "migration",
+    "compliance",
+    "audit",
+    "retention",
+    "subscription",
+    "discount",
+    "priority",
+    "severity",
+    "customer",
+    "partner",
+    "reseller",
+    "enterprise",
+    "pilot",
+    "proposal",
+    "signature",
+    "legal",
+    "security",
+    "incident",
+    "firmware",
+    "license",
+    "upgrade",
+    "downgrade",
+    "billing",
+    "payment",
+    "overdue",
+    "credit",
+]
 _COMPANIES = ("Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Wonka", "Tyrell", "Cyberdyne")
 _NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia", "Tim")
 _TYPES = ("Account", "Contact", "Case", "Opportunity", "EmailMessage")
@@ -32,8 +67,11 @@ _TYPES = ("Account", "Contact", "Case", "Opportunity", "EmailMessage")
 class SizeMix:
     """Attachment sizes as (weight, min_bytes, max_bytes) bands."""
 
-    bands: tuple[tuple[float, int, int], ...] = ((0.7, 2_000, 60_000), (0.25, 60_000, 2_000_000),
-                                                 (0.05, 2_000_000, 8_000_000))
+    bands: tuple[tuple[float, int, int], ...] = (
+        (0.7, 2_000, 60_000),
+        (0.25, 60_000, 2_000_000),
+        (0.05, 2_000_000, 8_000_000),
+    )
     attachment_probability: float = 0.3
 
     @classmethod
@@ -64,8 +102,9 @@ def _record_id(rng: random.Random, prefix: str) -> str:
     return prefix + "".join(rng.choice(alphabet) for _ in range(15))
 
 
-def generate_records(tenant_id: str, count: int, *, seed: int = 0, mix: SizeMix | None = None,
-                     workspaces: int = 1) -> Iterator[tuple[Record, list[AttachmentData]]]:
+def generate_records(
+    tenant_id: str, count: int, *, seed: int = 0, mix: SizeMix | None = None, workspaces: int = 1
+) -> Iterator[tuple[Record, list[AttachmentData]]]:
     """``count`` records for one tenant, each with its attachments (bytes produced lazily)."""
     mix = mix or SizeMix.small()
     rng = random.Random(f"{seed}/{tenant_id}")
@@ -82,8 +121,9 @@ def generate_records(tenant_id: str, count: int, *, seed: int = 0, mix: SizeMix 
             "Amount": rng.randint(100, 250_000) if otype == "Opportunity" else None,
             "Status": rng.choice(("New", "Open", "Closed", "Escalated")),
         }
-        rid = _record_id(rng, {"Account": "001", "Contact": "003", "Case": "500", "Opportunity": "006",
-                               "EmailMessage": "02s"}[otype])
+        rid = _record_id(
+            rng, {"Account": "001", "Contact": "003", "Case": "500", "Opportunity": "006", "EmailMessage": "02s"}[otype]
+        )
         attachments: list[AttachmentData] = []
         while rng.random() < mix.attachment_probability and len(attachments) < 3:
             r, acc = rng.random(), 0.0

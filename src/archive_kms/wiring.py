@@ -64,16 +64,20 @@ def blob_service_client(settings: Settings | None = None):
     adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=64)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    return BlobServiceClient.from_connection_string(cs.get_secret_value(),
-                                                    transport=RequestsTransport(session=session))
+    return BlobServiceClient.from_connection_string(cs.get_secret_value(), transport=RequestsTransport(session=session))
 
 
 def elasticsearch_client(settings: Settings | None = None):
     from elasticsearch import Elasticsearch
 
     s = settings or get_settings()
-    return Elasticsearch(_require(s.elasticsearch_url, "elasticsearch_url"), request_timeout=30, max_retries=3,
-                         retry_on_timeout=True, connections_per_node=32)
+    return Elasticsearch(
+        _require(s.elasticsearch_url, "elasticsearch_url"),
+        request_timeout=30,
+        max_retries=3,
+        retry_on_timeout=True,
+        connections_per_node=32,
+    )
 
 
 class StaticTokenCredential:
@@ -117,8 +121,11 @@ def keyvault_key_client(settings: Settings | None = None):
     from azure.keyvault.keys import KeyClient
 
     s = settings or get_settings()
-    return KeyClient(vault_url=_require(s.azure_keyvault_url, "azure_keyvault_url"),
-                     credential=keyvault_credential(s), **keyvault_client_kwargs(s))
+    return KeyClient(
+        vault_url=_require(s.azure_keyvault_url, "azure_keyvault_url"),
+        credential=keyvault_credential(s),
+        **keyvault_client_kwargs(s),
+    )
 
 
 def kmip_client(settings: Settings | None = None):
@@ -129,22 +136,30 @@ def kmip_client(settings: Settings | None = None):
     from archive_kms.keys.kmip import verify_server_hostname
 
     s = settings or get_settings()
-    return verify_server_hostname(ProxyKmipClient(
-        hostname=s.kmip_host,
-        port=s.kmip_port,
-        cert=_require(s.kmip_client_cert, "kmip_client_cert"),
-        key=_require(s.kmip_client_key, "kmip_client_key"),
-        ca=_require(s.kmip_ca_cert, "kmip_ca_cert"),
-        config_file="/dev/null",  # never read ~/.pykmip/pykmip.conf: configuration comes from Settings
-        kmip_version=None,
-    ))
+    return verify_server_hostname(
+        ProxyKmipClient(
+            hostname=s.kmip_host,
+            port=s.kmip_port,
+            cert=_require(s.kmip_client_cert, "kmip_client_cert"),
+            key=_require(s.kmip_client_key, "kmip_client_key"),
+            ca=_require(s.kmip_ca_cert, "kmip_ca_cert"),
+            config_file="/dev/null",  # never read ~/.pykmip/pykmip.conf: configuration comes from Settings
+            kmip_version=None,
+        )
+    )
 
 
 # --- key providers (keys/) --------------------------------------------------------------
 
 
-def kms_client(settings: Settings | None = None, *, region: str | None = None, max_attempts: int = 8,
-               connect_timeout: float = 5.0, read_timeout: float = 15.0):
+def kms_client(
+    settings: Settings | None = None,
+    *,
+    region: str | None = None,
+    max_attempts: int = 8,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 15.0,
+):
     """A boto3 KMS client for ``region`` (default: the configured region).
 
     A customer key named by ARN lives in the ARN's region, so BYOKMS adapters ask for that
@@ -160,8 +175,9 @@ def kms_client(settings: Settings | None = None, *, region: str | None = None, m
         read_timeout=read_timeout,
         max_pool_connections=32,
     )
-    return boto3_session(s).client("kms", region_name=region or s.aws_region, endpoint_url=s.aws_endpoint_url,
-                                   config=cfg)
+    return boto3_session(s).client(
+        "kms", region_name=region or s.aws_region, endpoint_url=s.aws_endpoint_url, config=cfg
+    )
 
 
 def keyvault_key_client_for(vault_url: str, settings: Settings | None = None):
@@ -232,11 +248,10 @@ def build_platform(settings: Settings | None = None):
     from archive_kms.keys.keychain import Keychain
     from archive_kms.keys.registry import resolve
     from archive_kms.operations.platform import Platform
+    from archive_kms.state.audit import SignerHeadSealer
     from archive_kms.state.sql import open_state
     from archive_kms.state.sql_keychain import SqlKeychainStore
     from archive_kms.storage import open_store
-
-    from archive_kms.state.audit import SignerHeadSealer
 
     s = settings or get_settings()
     signer = keychain_signer(s)
@@ -257,9 +272,16 @@ def build_platform(settings: Settings | None = None):
     blob = blob_service_client(s) if s.azure_blob_connection_string else None
     from archive_kms.storage.provisioning import CloudProvisioner
 
-    return Platform(s, state, keychain, search_index(s), resolve_provider,
-                    lambda loc: open_store(loc, s, s3_client=s3, blob_service=blob),
-                    CloudProvisioner(s, s3_client=s3, blob_service=blob), anchors=anchor_store(s, s3))
+    return Platform(
+        s,
+        state,
+        keychain,
+        search_index(s),
+        resolve_provider,
+        lambda loc: open_store(loc, s, s3_client=s3, blob_service=blob),
+        CloudProvisioner(s, s3_client=s3, blob_service=blob),
+        anchors=anchor_store(s, s3),
+    )
 
 
 def anchor_store(settings: Settings | None = None, s3_client: Any = None):
@@ -269,5 +291,6 @@ def anchor_store(settings: Settings | None = None, s3_client: Any = None):
     s = settings or get_settings()
     if not s.audit_anchor_bucket:
         return None
-    return S3AnchorStore(s3_client or aws_client("s3", s), s.audit_anchor_bucket,
-                         retention_days=s.audit_anchor_retention_days)
+    return S3AnchorStore(
+        s3_client or aws_client("s3", s), s.audit_anchor_bucket, retention_days=s.audit_anchor_retention_days
+    )

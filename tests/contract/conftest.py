@@ -6,4 +6,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the fixture modules
 
-from state_fixtures import *  # noqa: E402,F401,F403 - StateStore backends (state_store, state_clock, ...)
+from state_fixtures import *  # noqa: F403 - StateStore backends (state_store, state_clock, ...)

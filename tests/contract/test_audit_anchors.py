@@ -79,8 +79,9 @@ def test_a_bucket_without_object_lock_is_refused(localstack) -> None:
 
 def _append(state, n: int, start: int = 0) -> None:
     for i in range(start, start + n):
-        state.append_audit(AuditEvent("support:alice", f"step.{i}", ["acme", "beta", None][i % 3], f"run-{i}",
-                                      {"i": i}))
+        state.append_audit(
+            AuditEvent("support:alice", f"step.{i}", ["acme", "beta", None][i % 3], f"run-{i}", {"i": i})
+        )
 
 
 def test_a_restored_backup_verifies_alone_but_not_against_the_anchor(tmp_path: Path) -> None:

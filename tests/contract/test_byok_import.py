@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -74,7 +74,7 @@ def test_import_parameters_are_published_as_pem(importer, byok_key) -> None:
     assert params.key_ref == byok_key
     assert params.wrapping_algorithm == "RSAES_OAEP_SHA_256" and params.wrapping_key_spec == "RSA_4096"
     assert load_pem_public_key(params.public_key_pem.encode()).key_size == 4096
-    assert params.expires_at > datetime.now(timezone.utc)
+    assert params.expires_at > datetime.now(UTC)
     assert params.import_token and "import_token" not in repr(params)
 
 
@@ -146,8 +146,9 @@ def test_wrongly_wrapped_upload_fails_and_key_stays_pending(importer, kms, byok_
         upload = os.urandom(256)
     elif how == "sha1-oaep":  # the customer picked RSAES_OAEP_SHA_1
         public = load_pem_public_key(params.public_key_pem.encode())
-        upload = public.encrypt(material.reveal(), padding.OAEP(mgf=padding.MGF1(hashes.SHA1()),
-                                                                algorithm=hashes.SHA1(), label=None))
+        upload = public.encrypt(
+            material.reveal(), padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+        )
     else:  # wrapped for our key, presented with another key's token
         other_ref = importer.create_key(description="byok other")
         other = importer.import_parameters(other_ref, wrapping_key_spec="RSA_2048")
@@ -167,7 +168,7 @@ def test_wrongly_wrapped_upload_fails_and_key_stays_pending(importer, kms, byok_
 def test_valid_to_must_be_in_the_next_365_days(importer, byok_key) -> None:
     params = importer.import_parameters(byok_key, wrapping_key_spec="RSA_2048")
     upload = customer_wrap(params.public_key_pem, SecretBytes.random(32))
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for bad in (now - timedelta(minutes=1), now + timedelta(days=366)):
         with pytest.raises(ValidationError, match="365 days"):
             importer.import_material(params, upload, sha256_hex(upload), valid_to=bad)
@@ -178,7 +179,7 @@ def test_valid_to_must_be_in_the_next_365_days(importer, byok_key) -> None:
 def test_expiring_material_reports_its_expiration_model(importer, kms, byok_key) -> None:
     params = importer.import_parameters(byok_key, wrapping_key_spec="RSA_2048")
     upload = customer_wrap(params.public_key_pem, SecretBytes.random(32))
-    valid_to = (datetime.now(timezone.utc) + timedelta(days=30)).replace(microsecond=0)
+    valid_to = (datetime.now(UTC) + timedelta(days=30)).replace(microsecond=0)
     result = importer.import_material(params, upload, sha256_hex(upload), valid_to=valid_to)
     assert result.valid_to == valid_to and result.expiration_model == "KEY_MATERIAL_EXPIRES"
     status = AwsKmsKeyProvider(byok_key, kms).status()
@@ -186,12 +187,16 @@ def test_expiring_material_reports_its_expiration_model(importer, kms, byok_key)
     assert status.details["expiration_model"] == "KEY_MATERIAL_EXPIRES"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="LocalStack 2026.3.0 does not store or report ValidTo (provider.py: "
-                                       "'TODO actually set validTo and make the key expire')")
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="LocalStack 2026.3.0 does not store or report ValidTo (provider.py: "
+    "'TODO actually set validTo and make the key expire')",
+)
 def test_status_reports_when_imported_material_expires(importer, kms, byok_key) -> None:
     params = importer.import_parameters(byok_key, wrapping_key_spec="RSA_2048")
     upload = customer_wrap(params.public_key_pem, SecretBytes.random(32))
-    valid_to = (datetime.now(timezone.utc) + timedelta(days=30)).replace(microsecond=0)
+    valid_to = (datetime.now(UTC) + timedelta(days=30)).replace(microsecond=0)
     importer.import_material(params, upload, sha256_hex(upload), valid_to=valid_to)
     assert AwsKmsKeyProvider(byok_key, kms).status().expires_at == valid_to
 
@@ -221,9 +226,13 @@ def test_reimport_after_deletion_makes_the_key_enabled_again(importer, kms, byok
     assert provider.status().state is KeyState.ENABLED
 
 
-@pytest.mark.xfail(strict=True, raises=ServiceUnavailableError, reason="LocalStack 2026.3.0 keeps CurrentKeyMaterialId after "
-                                       "DeleteImportedKeyMaterial, parks the reimported material as 'pending "
-                                       "rotation' and then fails Encrypt/Decrypt with 500 'key must be bytes-like'")
+@pytest.mark.xfail(
+    strict=True,
+    raises=ServiceUnavailableError,
+    reason="LocalStack 2026.3.0 keeps CurrentKeyMaterialId after "
+    "DeleteImportedKeyMaterial, parks the reimported material as 'pending "
+    "rotation' and then fails Encrypt/Decrypt with 500 'key must be bytes-like'",
+)
 def test_reimport_after_deletion_restores_unwrap(importer, kms, byok_key) -> None:
     provider, wrapped, secret = _import_then_delete(importer, kms, byok_key)
     assert provider.unwrap(wrapped, context=CTX) == secret

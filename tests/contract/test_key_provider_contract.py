@@ -21,7 +21,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -89,17 +89,30 @@ class MemoryBackend(Backend):
             kms.cancel_deletion(name)
             kms.enable(name)
 
-        return Key(self.kms.provider(ref), {
-            "disable": Revocation("disable", KeyState.DISABLED, lambda: kms.disable(name), lambda: kms.enable(name)),
-            "revoke": Revocation("revoke", KeyState.REVOKED, lambda: kms.revoke(name)),
-            "schedule-deletion": Revocation("schedule-deletion", KeyState.PENDING_DELETION,
-                                            lambda: kms.schedule_deletion(name), restore_deleted),
-            "delete-material": Revocation("delete-material", KeyState.PENDING_IMPORT,
-                                          lambda: kms.delete_material(name), lambda: kms.restore_material(name)),
-            "expire": Revocation("expire", KeyState.MATERIAL_EXPIRED,
-                                 lambda: kms.set_valid_to(name, datetime.now(timezone.utc) - timedelta(seconds=1)),
-                                 lambda: kms.set_valid_to(name, None)),
-        })
+        return Key(
+            self.kms.provider(ref),
+            {
+                "disable": Revocation(
+                    "disable", KeyState.DISABLED, lambda: kms.disable(name), lambda: kms.enable(name)
+                ),
+                "revoke": Revocation("revoke", KeyState.REVOKED, lambda: kms.revoke(name)),
+                "schedule-deletion": Revocation(
+                    "schedule-deletion", KeyState.PENDING_DELETION, lambda: kms.schedule_deletion(name), restore_deleted
+                ),
+                "delete-material": Revocation(
+                    "delete-material",
+                    KeyState.PENDING_IMPORT,
+                    lambda: kms.delete_material(name),
+                    lambda: kms.restore_material(name),
+                ),
+                "expire": Revocation(
+                    "expire",
+                    KeyState.MATERIAL_EXPIRED,
+                    lambda: kms.set_valid_to(name, datetime.now(UTC) - timedelta(seconds=1)),
+                    lambda: kms.set_valid_to(name, None),
+                ),
+            },
+        )
 
     def unknown_provider(self) -> KeyProvider:
         return self.kms.provider("memory://missing-" + os.urandom(4).hex())
@@ -125,11 +138,15 @@ class AwsKmsBackend(Backend):
             kms.enable_key(KeyId=arn)
 
         return {
-            "disable": Revocation("disable", KeyState.DISABLED, lambda: kms.disable_key(KeyId=arn),
-                                  lambda: kms.enable_key(KeyId=arn)),
-            "schedule-deletion": Revocation("schedule-deletion", KeyState.PENDING_DELETION,
-                                            lambda: kms.schedule_key_deletion(KeyId=arn, PendingWindowInDays=7),
-                                            cancel),
+            "disable": Revocation(
+                "disable", KeyState.DISABLED, lambda: kms.disable_key(KeyId=arn), lambda: kms.enable_key(KeyId=arn)
+            ),
+            "schedule-deletion": Revocation(
+                "schedule-deletion",
+                KeyState.PENDING_DELETION,
+                lambda: kms.schedule_key_deletion(KeyId=arn, PendingWindowInDays=7),
+                cancel,
+            ),
         }
 
     def new_key(self) -> Key:
@@ -170,7 +187,8 @@ class ByokBackend(AwsKmsBackend):
         # Restoring after DeleteImportedKeyMaterial (reimport of the same material) is covered,
         # with LocalStack's defect documented, in test_byok_import.py.
         revocations["delete-material"] = Revocation(
-            "delete-material", KeyState.PENDING_IMPORT, lambda: self.importer.delete_material(ref))
+            "delete-material", KeyState.PENDING_IMPORT, lambda: self.importer.delete_material(ref)
+        )
         return Key(self.registry.resolve(ref), revocations)
 
 
@@ -220,16 +238,25 @@ class AzureKeyVaultBackend(Backend):
         self.created.append(name)
         version = key.properties.version
         kc = self.kc
-        past = datetime.now(timezone.utc) - timedelta(hours=1)
-        future = datetime.now(timezone.utc) + timedelta(days=365)
-        return Key(self.registry.resolve(f"azure-kv://{self.host}/keys/{name}"), {
-            "disable": Revocation("disable", KeyState.DISABLED,
-                                  lambda: kc.update_key_properties(name, version, enabled=False),
-                                  lambda: kc.update_key_properties(name, version, enabled=True)),
-            "expire": Revocation("expire", KeyState.MATERIAL_EXPIRED,
-                                 lambda: kc.update_key_properties(name, version, expires_on=past),
-                                 lambda: kc.update_key_properties(name, version, expires_on=future)),
-        })
+        past = datetime.now(UTC) - timedelta(hours=1)
+        future = datetime.now(UTC) + timedelta(days=365)
+        return Key(
+            self.registry.resolve(f"azure-kv://{self.host}/keys/{name}"),
+            {
+                "disable": Revocation(
+                    "disable",
+                    KeyState.DISABLED,
+                    lambda: kc.update_key_properties(name, version, enabled=False),
+                    lambda: kc.update_key_properties(name, version, enabled=True),
+                ),
+                "expire": Revocation(
+                    "expire",
+                    KeyState.MATERIAL_EXPIRED,
+                    lambda: kc.update_key_properties(name, version, expires_on=past),
+                    lambda: kc.update_key_properties(name, version, expires_on=future),
+                ),
+            },
+        )
 
     def unknown_provider(self) -> KeyProvider:
         return self.registry.resolve(f"azure-kv://{self.host}/keys/missing-{uuid.uuid4().hex[:8]}")
@@ -264,33 +291,48 @@ class KmipBackend(Backend):
         from kmip.core import enums
 
         def create(client):
-            uid = client.create(enums.CryptographicAlgorithm.AES, 256, name=f"ct-{os.urandom(4).hex()}",
-                                cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT,
-                                                          enums.CryptographicUsageMask.DECRYPT])
+            uid = client.create(
+                enums.CryptographicAlgorithm.AES,
+                256,
+                name=f"ct-{os.urandom(4).hex()}",
+                cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT],
+            )
             client.activate(uid)
             return uid
 
         uid = self._admin(create)
         self.created.append(uid)
         ref = f"kmip://{self.settings.kmip_host}:{self.settings.kmip_port}/{uid}"
-        return Key(self.registry.resolve(ref), {
-            "revoke-compromised": Revocation("revoke-compromised", KeyState.REVOKED, lambda: self._admin(
-                lambda c: c.revoke(enums.RevocationReasonCode.KEY_COMPROMISE, uid))),
-            "revoke-deactivated": Revocation("revoke-deactivated", KeyState.REVOKED, lambda: self._admin(
-                lambda c: c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid))),
-        })
+        return Key(
+            self.registry.resolve(ref),
+            {
+                "revoke-compromised": Revocation(
+                    "revoke-compromised",
+                    KeyState.REVOKED,
+                    lambda: self._admin(lambda c: c.revoke(enums.RevocationReasonCode.KEY_COMPROMISE, uid)),
+                ),
+                "revoke-deactivated": Revocation(
+                    "revoke-deactivated",
+                    KeyState.REVOKED,
+                    lambda: self._admin(lambda c: c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid)),
+                ),
+            },
+        )
 
     def unknown_provider(self) -> KeyProvider:
-        return self.registry.resolve(f"kmip://{self.settings.kmip_host}:{self.settings.kmip_port}/"
-                                     f"{900000 + int.from_bytes(os.urandom(2), 'big')}")
+        return self.registry.resolve(
+            f"kmip://{self.settings.kmip_host}:{self.settings.kmip_port}/"
+            f"{900000 + int.from_bytes(os.urandom(2), 'big')}"
+        )
 
     def cleanup(self) -> None:
         from kmip.core import enums
 
         for uid in self.created:
             try:
-                self._admin(lambda c: (c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid),
-                                       c.destroy(uid)))
+                self._admin(
+                    lambda c: (c.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid), c.destroy(uid))
+                )
             except Exception:  # noqa: BLE001 - already revoked: destroy alone
                 try:
                     self._admin(lambda c: c.destroy(uid))
@@ -325,8 +367,13 @@ def backend(request, _backends) -> Backend:
 def _backend_named(request, made: dict[str, Backend], name: str) -> Backend:
     """One harness per backend per module; the service fixture fails loudly if it is down."""
     if name not in made:
-        service = {"aws-kms": "localstack", "byok": "localstack", "managed": "localstack",
-                   "azure-kv": "keyvault", "kmip": "kmip"}.get(name)
+        service = {
+            "aws-kms": "localstack",
+            "byok": "localstack",
+            "managed": "localstack",
+            "azure-kv": "keyvault",
+            "kmip": "kmip",
+        }.get(name)
         settings = request.getfixturevalue(service) if service else None
         made[name] = {
             "memory": lambda: MemoryBackend(),
@@ -374,12 +421,16 @@ def test_round_trip(backend: Backend) -> None:
     assert str(len(wrapped.ciphertext)) in repr(wrapped) and wrapped.ciphertext.hex()[:16] not in repr(wrapped)
 
 
-@pytest.mark.parametrize("other", [
-    {"tenant": "acme-evil", "purpose": "l2"},
-    {"tenant": "acme", "purpose": "l3"},
-    {"tenant": "acme"},
-    {"tenant": "acme", "purpose": "l2", "extra": "x"},
-], ids=["other-tenant", "other-value", "missing-entry", "extra-entry"])
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"tenant": "acme-evil", "purpose": "l2"},
+        {"tenant": "acme", "purpose": "l3"},
+        {"tenant": "acme"},
+        {"tenant": "acme", "purpose": "l2", "extra": "x"},
+    ],
+    ids=["other-tenant", "other-value", "missing-entry", "extra-entry"],
+)
 def test_unwrap_with_another_context_is_wrong_key(backend: Backend, other: dict[str, str]) -> None:
     provider = backend.new_key().provider
     secret = SecretBytes.random(32)
@@ -393,7 +444,7 @@ def _tampered(wrapped: WrappedKey) -> dict[str, WrappedKey]:
     data = wrapped.ciphertext
     cases = {
         "flip-first": bytes([data[0] ^ 0x01]) + data[1:],
-        "flip-middle": data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0x80]) + data[len(data) // 2 + 1:],
+        "flip-middle": data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0x80]) + data[len(data) // 2 + 1 :],
         "flip-last": data[:-1] + bytes([data[-1] ^ 0x01]),
         "truncated": data[:-1],
         "extended": data + b"\x00",
@@ -440,8 +491,9 @@ def pytest_generate_tests(metafunc) -> None:
         metafunc.parametrize("backend_name,revocation_name", pairs, ids=[f"{b}-{r}" for b, r in pairs])
 
 
-def test_server_side_revocation_makes_the_key_unusable(request, _backends, backend_name: str,
-                                                       revocation_name: str) -> None:
+def test_server_side_revocation_makes_the_key_unusable(
+    request, _backends, backend_name: str, revocation_name: str
+) -> None:
     backend = _backend_named(request, _backends, backend_name)
     key = backend.new_key()
     provider, revocation = key.provider, key.revocations[revocation_name]

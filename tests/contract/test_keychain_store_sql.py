@@ -22,17 +22,17 @@ from sqlalchemy import delete, event, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the keychain's test module
 
-import test_keychain as keychain_suite  # noqa: E402
-from test_keychain import *  # noqa: E402,F401,F403 - every keychain test, collected here again
-import test_keychain_rekey as rekey_suite  # noqa: E402
-from test_keychain_rekey import *  # noqa: E402,F401,F403 - and every re-keying test
-import test_keychain_rollback as rollback_suite  # noqa: E402
-from test_keychain_rollback import *  # noqa: E402,F401,F403 - and every rollback / audit test
+import test_keychain as keychain_suite
+import test_keychain_rekey as rekey_suite
+import test_keychain_rollback as rollback_suite
+from test_keychain import *  # noqa: F403 - every keychain test, collected here again
+from test_keychain_rekey import *  # noqa: F403 - and every re-keying test
+from test_keychain_rollback import *  # noqa: F403 - and every rollback / audit test
 
-from archive_kms.keys.keychain_store import KeychainStore, KeyRecord  # noqa: E402
-from archive_kms.state.schema import keychain_heads, keychain_records  # noqa: E402
-from archive_kms.state.sql import SqlStateStore, open_state  # noqa: E402
-from archive_kms.state.sql_keychain import SqlKeychainStore  # noqa: E402
+from archive_kms.keys.keychain_store import KeychainStore, KeyRecord
+from archive_kms.state.schema import keychain_heads, keychain_records
+from archive_kms.state.sql import SqlStateStore, open_state
+from archive_kms.state.sql_keychain import SqlKeychainStore
 
 
 class _RawRows(MutableMapping[Any, bytes]):
@@ -95,8 +95,7 @@ class _InspectableSqlKeychainStore(SqlKeychainStore):
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    url = (f"sqlite:///{tmp_path / 'state.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("postgres_url"))
+    url = f"sqlite:///{tmp_path / 'state.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     state = open_state(url)
     store = _InspectableSqlKeychainStore(state)
     assert isinstance(store, KeychainStore)
@@ -110,8 +109,7 @@ def env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Monk
 @pytest.fixture(params=["sqlite", "postgresql"])
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """The rollback suite's world on SQL: keychain rows and audit log in one database."""
-    url = (f"sqlite:///{tmp_path / 'state.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("postgres_url"))
+    url = f"sqlite:///{tmp_path / 'state.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     state = open_state(url)
     try:
         yield rollback_suite.World(_InspectableSqlKeychainStore(state), state)

@@ -46,11 +46,29 @@ def write_bound(parts_in_flight: int, writers: int = 1, budget_parts: int | None
     uploading = writers * parts_in_flight if budget_parts is None else min(writers * parts_in_flight, budget_parts)
     return writers * (PART + PART // 8) + uploading * PART + (uploading + writers) * REQUEST_SLACK
 
+
 # faults.md F9 and friends.
 TRAVERSAL = [
-    b"../", b"..\\", b"/abs", b"//", b"%2e%2e/", b"trailing/", b"trailing.", b"..", b".", b"../../other/x",
-    b"\x00", b"nul\x00byte", b"\x01\x1f\x7f", b"line\nbreak", b"\xff\xfe", "ünï/名".encode(), b" sp ",
-    b"?q#f", b"a+b&c=d", b"\\\\srv\\share",
+    b"../",
+    b"..\\",
+    b"/abs",
+    b"//",
+    b"%2e%2e/",
+    b"trailing/",
+    b"trailing.",
+    b"..",
+    b".",
+    b"../../other/x",
+    b"\x00",
+    b"nul\x00byte",
+    b"\x01\x1f\x7f",
+    b"line\nbreak",
+    b"\xff\xfe",
+    "ünï/名".encode(),
+    b" sp ",
+    b"?q#f",
+    b"a+b&c=d",
+    b"\\\\srv\\share",
 ]
 
 
@@ -105,8 +123,16 @@ def _memory_harness() -> Iterator[Harness]:
         _, upload = store.begin_upload(name)
         upload.parts.append(b"x" * 1024)  # a started upload that nobody finishes
 
-    yield Harness("memory", store, lambda **kw: store, "tenants/acme/", store.raw_keys,
-                  lambda: [u.key for u in store.pending_uploads()], lambda: [], crash)
+    yield Harness(
+        "memory",
+        store,
+        lambda **kw: store,
+        "tenants/acme/",
+        store.raw_keys,
+        lambda: [u.key for u in store.pending_uploads()],
+        lambda: [],
+        crash,
+    )
 
 
 _CRASH_SCRIPT = textwrap.dedent("""
@@ -153,8 +179,12 @@ _CRASH_SCRIPT = textwrap.dedent("""
 
 
 def _crash_in_subprocess(location: L.Location, name: bytes) -> None:
-    proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, json.dumps(location.to_dict()), name.hex(), str(PART)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CRASH_SCRIPT, json.dumps(location.to_dict()), name.hex(), str(PART)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
 
 
@@ -171,15 +201,24 @@ def _s3_harness(settings) -> Iterator[Harness]:
         return L.open_store(loc, settings, s3_client=s3, **kw)
 
     def raw_keys():
-        return [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-                for o in p.get("Contents", ())]
+        return [
+            o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", ())
+        ]
 
     def raw_pending():
         return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", ())]
 
-    h = Harness("s3", make(), make, loc.prefix, raw_keys, raw_pending,
-                lambda: [k for k in raw_keys() if k.startswith("tenants/other/")],
-                lambda name: _crash_in_subprocess(loc, name), {"s3": s3, "bucket": bucket, "location": loc})
+    h = Harness(
+        "s3",
+        make(),
+        make,
+        loc.prefix,
+        raw_keys,
+        raw_pending,
+        lambda: [k for k in raw_keys() if k.startswith("tenants/other/")],
+        lambda name: _crash_in_subprocess(loc, name),
+        {"s3": s3, "bucket": bucket, "location": loc},
+    )
     yield h
     for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", ()):
         s3.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
@@ -209,10 +248,17 @@ def _azure_harness(settings) -> Iterator[Harness]:
         committed = set(raw_keys())
         return [b.name for b in container.list_blobs(include=["uncommittedblobs"]) if b.name not in committed]
 
-    h = Harness("azure", make(), make, "", raw_keys, raw_pending,
-                lambda: [b.name for b in other.list_blobs()],
-                lambda name: _crash_in_subprocess(loc, name),
-                {"container": container, "location": loc, "svc": svc})
+    h = Harness(
+        "azure",
+        make(),
+        make,
+        "",
+        raw_keys,
+        raw_pending,
+        lambda: [b.name for b in other.list_blobs()],
+        lambda name: _crash_in_subprocess(loc, name),
+        {"container": container, "location": loc, "svc": svc},
+    )
     yield h
     container.delete_container()
     other.delete_container()
@@ -283,8 +329,11 @@ def test_concurrent_writes_share_the_stores_upload_budget(request, kind):
     arrives whole."""
     import threading
 
-    gen = (_s3_harness(request.getfixturevalue("localstack")) if kind == "s3"
-           else _azure_harness(request.getfixturevalue("azurite")))
+    gen = (
+        _s3_harness(request.getfixturevalue("localstack"))
+        if kind == "s3"
+        else _azure_harness(request.getfixturevalue("azurite"))
+    )
     backend = next(gen)
     try:
         store = backend.make_store(parts_in_flight=4, upload_buffer=2 * PART)
@@ -393,7 +442,7 @@ def test_traversal_names_round_trip_and_stay_inside(backend):
     raw = [k for k in backend.raw_keys() if k.startswith(backend.key_prefix) and k not in before]
     assert len(raw) == len(TRAVERSAL)
     for key in raw:
-        rest = key[len(backend.key_prefix):]
+        rest = key[len(backend.key_prefix) :]
         assert all(c.isascii() and (c.isalnum() or c in "%_-") for c in rest), key
         assert decode_key(backend.key_prefix, key) in TRAVERSAL
     assert backend.neighbour_keys() == before
@@ -659,7 +708,6 @@ def test_open_store_refuses_an_unconfigured_azure_account(azurite):
         L.open_store(loc, azurite)
 
 
-
 def test_s3_checksum_configuration_is_explicit(localstack):
     """A13: the S3 client computes and validates checksums only "when_required" (boto3
     >= 1.36 defaults to CRC trailers some S3-compatible stores reject), and integrity is
@@ -685,8 +733,11 @@ def test_s3_checksum_configuration_is_explicit(localstack):
         writes = [(op, h) for op, h in sent if op in ("PutObject", "UploadPart")]
         assert [op for op, _ in writes] == ["PutObject", "UploadPart", "UploadPart"]
         for op, headers in sent:
-            assert not [h for h in headers if h.startswith("x-amz-checksum") or h in (
-                "x-amz-trailer", "x-amz-sdk-checksum-algorithm")], (op, sorted(headers))
+            assert not [
+                h
+                for h in headers
+                if h.startswith("x-amz-checksum") or h in ("x-amz-trailer", "x-amz-sdk-checksum-algorithm")
+            ], (op, sorted(headers))
         assert all("content-md5" in h for _, h in writes)
     finally:
         s3.meta.events.unregister("before-send.s3", record)
@@ -715,8 +766,7 @@ def test_missing_bucket_or_container_is_a_storage_error(request, kind):
         where = gone.container
         with pytest.raises(StorageError, match=where):
             store.head(b"x")
-    for call in (lambda: store.put_stream(b"x", [b"data"]), lambda: store.open_read(b"x"),
-                 lambda: list(store.list())):
+    for call in (lambda: store.put_stream(b"x", [b"data"]), lambda: store.open_read(b"x"), lambda: list(store.list())):
         with pytest.raises(StorageError, match=where) as exc:
             call()
         assert not exc.value.retryable

@@ -37,17 +37,36 @@ from archive_kms.search.naming import index_name
 from archive_kms.search.tokens import words
 
 RECORDS = [
-    Record("Account", "001Qz00000AbCdEFGH",
-           {"Name": "Zanzibar Quokkafarm Holdings", "Industry": "Biotechnology", "BillingCity": "Wellington",
-            "AnnualRevenue": 1250000, "Description": "Marmalade distributor & aquaponics", "IsActive": True},
-           (AttachmentRef("att00001", "Pemberton-Ledger-2024.pdf", 1234, "application/pdf"),)),
+    Record(
+        "Account",
+        "001Qz00000AbCdEFGH",
+        {
+            "Name": "Zanzibar Quokkafarm Holdings",
+            "Industry": "Biotechnology",
+            "BillingCity": "Wellington",
+            "AnnualRevenue": 1250000,
+            "Description": "Marmalade distributor & aquaponics",
+            "IsActive": True,
+        },
+        (AttachmentRef("att00001", "Pemberton-Ledger-2024.pdf", 1234, "application/pdf"),),
+    ),
     # A record id full of query and path metacharacters: ids are hashed, never used raw.
-    Record("Account", "001Qz00000XyZ/..#*?\"<>|", {"Name": "Halloway  Brothers", "Industry": "Shipbuilding",
-                                                  "BillingCity": "Wellington", "Phone": None}),
-    Record("Contact", "003Qz00000Mülléŕ", {"LastName": "Müller", "Email": "greta.mueller@example.org",
-                                            "Title": "Chief Lighthouse Keeper"}),
-    Record("Case", "500Qz00000CASE01", {"Subject": "Quokkafarm invoice dispute", "Status": "Escalated",
-                                         "Priority": "High"}, workspace_id="org-eu"),
+    Record(
+        "Account",
+        '001Qz00000XyZ/..#*?"<>|',
+        {"Name": "Halloway  Brothers", "Industry": "Shipbuilding", "BillingCity": "Wellington", "Phone": None},
+    ),
+    Record(
+        "Contact",
+        "003Qz00000Mülléŕ",
+        {"LastName": "Müller", "Email": "greta.mueller@example.org", "Title": "Chief Lighthouse Keeper"},
+    ),
+    Record(
+        "Case",
+        "500Qz00000CASE01",
+        {"Subject": "Quokkafarm invoice dispute", "Status": "Escalated", "Priority": "High"},
+        workspace_id="org-eu",
+    ),
 ]
 BY_ID = {r.record_id: r for r in RECORDS}
 
@@ -71,8 +90,10 @@ class _Rejector:
             return False
 
 
-REJECTED = {"status": 429, "error": {"type": "es_rejected_execution_exception",
-                                     "reason": "rejected execution of coordinating operation"}}
+REJECTED = {
+    "status": 429,
+    "error": {"type": "es_rejected_execution_exception", "reason": "rejected execution of coordinating operation"},
+}
 
 
 class _RejectingClient:
@@ -137,11 +158,11 @@ def backend(request):
             return store
 
         def raw_documents(name: str) -> list[dict[str, Any]]:
-            idx = store._indices[name]  # noqa: SLF001 - the test reads storage directly
+            idx = store._indices[name]
             return [{"_id": k, "_source": v[1]} for k, v in idx.live.items()]
 
         def raw_put(name: str, doc_id: str, source: Mapping[str, Any]) -> None:
-            idx = store._indices[name]  # noqa: SLF001
+            idx = store._indices[name]
             idx.live[doc_id] = (idx.live[doc_id][0] + 1, dict(source))
             idx.dirty.add(doc_id)
             idx.refresh()
@@ -219,9 +240,9 @@ def test_search_by_words_filters_and_type(backend, mode):
     assert ids(q("ＭÜLLER")) == ["003Qz00000Mülléŕ"]  # NFKC + casefold
     assert ids(q("greta.mueller@example.org")) == ["003Qz00000Mülléŕ"]
     assert ids(q("nonexistentword")) == []
-    assert ids(q(filters={"BillingCity": "wellington"})) == ["001Qz00000AbCdEFGH", "001Qz00000XyZ/..#*?\"<>|"]
-    assert ids(q(filters={"billingcity": "WELLINGTON", "Industry": "Shipbuilding"})) == ["001Qz00000XyZ/..#*?\"<>|"]
-    assert ids(q(filters={"Name": " halloway brothers "})) == ["001Qz00000XyZ/..#*?\"<>|"]  # whitespace
+    assert ids(q(filters={"BillingCity": "wellington"})) == ["001Qz00000AbCdEFGH", '001Qz00000XyZ/..#*?"<>|']
+    assert ids(q(filters={"billingcity": "WELLINGTON", "Industry": "Shipbuilding"})) == ['001Qz00000XyZ/..#*?"<>|']
+    assert ids(q(filters={"Name": " halloway brothers "})) == ['001Qz00000XyZ/..#*?"<>|']  # whitespace
     assert ids(q(filters={"Email": "Greta.Mueller@Example.org"})) == ["003Qz00000Mülléŕ"]
     assert ids(q(filters={"AnnualRevenue": 1250000})) == ["001Qz00000AbCdEFGH"]
     assert ids(q(filters={"IsActive": True})) == ["001Qz00000AbCdEFGH"]
@@ -234,8 +255,12 @@ def test_search_by_words_filters_and_type(backend, mode):
     # Hits come back decrypted and whole, metacharacter ids included.
     for hit in everything:
         rec = BY_ID[hit.record_id]
-        assert (hit.object_type, dict(hit.fields), hit.attachments, hit.workspace_id) == \
-            (rec.object_type, dict(rec.fields), rec.attachments, rec.workspace_id)
+        assert (hit.object_type, dict(hit.fields), hit.attachments, hit.workspace_id) == (
+            rec.object_type,
+            dict(rec.fields),
+            rec.attachments,
+            rec.workspace_id,
+        )
 
 
 def test_keys_must_fit_the_index_mode(backend):
@@ -340,11 +365,14 @@ def test_a_document_given_another_records_terms_is_reported_not_returned(backend
     index, tenant = backend.make(), backend.tenant()
     keys = keys_for(tenant, mode)
     name = live(index, tenant, 1, mode, keys)
-    acct, case = (build_document(BY_ID[r], tenant=tenant, mode=mode, keys=keys)
-                  for r in ("001Qz00000AbCdEFGH", "500Qz00000CASE01"))
+    acct, case = (
+        build_document(BY_ID[r], tenant=tenant, mode=mode, keys=keys)
+        for r in ("001Qz00000AbCdEFGH", "500Qz00000CASE01")
+    )
     raw_case = {d["_id"]: d["_source"] for d in backend.raw_documents(name)}[case.doc_id]
-    backend.raw_put(name, case.doc_id, dict(raw_case, tokens=acct.source["tokens"],
-                                            object_type=acct.source["object_type"]))
+    backend.raw_put(
+        name, case.doc_id, dict(raw_case, tokens=acct.source["tokens"], object_type=acct.source["object_type"])
+    )
 
     res = index.search(tenant, Query("marmalade aquaponics"), keys)
     assert ids(res) == ["001Qz00000AbCdEFGH"]
@@ -426,8 +454,9 @@ def test_mapping_violations_are_reported_per_document(backend, mode):
     extra_field = IndexDocument("poison-extra", {**good[0].source, "injected": "x"})
     object_value = IndexDocument("poison-object", {**good[1].source, "tokens": {"nested": "x"}})
     immense = IndexDocument("poison-immense", {**good[2].source, "tokens": ["x" * 40_000]})
-    result = index.bulk_index(name, [good[0], extra_field, good[1], object_value, good[2], immense, good[3]],
-                              refresh=True)
+    result = index.bulk_index(
+        name, [good[0], extra_field, good[1], object_value, good[2], immense, good[3]], refresh=True
+    )
     assert not result.ok
     assert sorted(e.doc_id for e in result.failed) == ["poison-extra", "poison-immense", "poison-object"]
     assert all(e.status == 400 and not e.retryable for e in result.failed)
@@ -453,8 +482,7 @@ def test_rejected_items_are_retried_per_item(backend, mode):
     assert index.count(name) == 4
 
     # Rejected beyond the retry budget: reported as retryable failures, never "all good".
-    more = docs_for(tenant, mode, keys, [Record("Lead", f"00Q{i:05d}", {"Company": f"Company {i}"})
-                                         for i in range(3)])
+    more = docs_for(tenant, mode, keys, [Record("Lead", f"00Q{i:05d}", {"Company": f"Company {i}"}) for i in range(3)])
     stubborn = _Rejector({more[0].doc_id}, times=99)
     index2 = backend.make(stubborn)
     result = index2.bulk_index(name, more, refresh=True)
@@ -510,8 +538,13 @@ def test_create_generation_is_idempotent_and_detects_drift(backend):
         index.create_generation(tenant, 1, IndexMode.PLAINTEXT)  # same name, other mapping marker
     assert name in str(err.value) and "incompatible" in str(err.value)
     info = index.describe_generation(name)
-    assert (info.tenant, info.generation, info.mode, info.completed_records, info.is_current) == \
-        (tenant, 1, IndexMode.KEYED, None, False)
+    assert (info.tenant, info.generation, info.mode, info.completed_records, info.is_current) == (
+        tenant,
+        1,
+        IndexMode.KEYED,
+        None,
+        False,
+    )
     with pytest.raises(ValidationError):
         index.create_generation("Acme/../other", 1, IndexMode.KEYED)
     with pytest.raises(ValidationError):

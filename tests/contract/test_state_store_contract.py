@@ -54,14 +54,21 @@ from archive_kms.state.sql import SqlStateStore
 
 # Storage locations are opaque JSON to the store (storage.Location.to_dict() in production).
 SHARED = {"tenant": "acme", "kind": "shared", "cloud": "s3", "bucket": "archive-kms-shared", "prefix": "tenants/acme/"}
-DEDICATED = {"tenant": "acme", "kind": "dedicated", "cloud": "s3", "bucket": "archive-kms-tenant-acme", "prefix": "",
-             "sse_kms_key_arn": "arn:aws:kms:us-east-1:111122223333:key/k"}
+DEDICATED = {
+    "tenant": "acme",
+    "kind": "dedicated",
+    "cloud": "s3",
+    "bucket": "archive-kms-tenant-acme",
+    "prefix": "",
+    "sse_kms_key_arn": "arn:aws:kms:us-east-1:111122223333:key/k",
+}
 STEPS = ["preflight", "pause", "manifest", "copy", "verify", "cutover", "resume"]
 
 
 def tenant(store: StateStore, tid: str = "acme") -> TenantRecord:
-    return store.create_tenant(TenantRecord(tid, KeyMode.MANAGED, SHARED, index_alias=f"archive-{tid}",
-                                            index_generation=1))
+    return store.create_tenant(
+        TenantRecord(tid, KeyMode.MANAGED, SHARED, index_alias=f"archive-{tid}", index_generation=1)
+    )
 
 
 def in_threads(n: int, fn: Callable[[int], Any]) -> list[tuple[str, Any]]:
@@ -124,8 +131,9 @@ def test_tenant_location_is_kept_verbatim_and_inputs_checked(state_store: StateS
 
 def test_tenant_update_is_optimistic(state_store: StateStore) -> None:
     t = tenant(state_store)
-    t2 = state_store.update_tenant(replace(t, key_mode=KeyMode.BYOK, key_ref="aws-kms://arn:x", location=DEDICATED,
-                                           index_generation=2))
+    t2 = state_store.update_tenant(
+        replace(t, key_mode=KeyMode.BYOK, key_ref="aws-kms://arn:x", location=DEDICATED, index_generation=2)
+    )
     assert (t2.version, t2.key_mode, t2.location, t2.index_generation) == (2, KeyMode.BYOK, DEDICATED, 2)
     assert t2.created_at == t.created_at and t2.updated_at > t.updated_at  # type: ignore[operator]
     with pytest.raises(VersionConflictError, match="version 2") as info:
@@ -179,7 +187,8 @@ def test_deferred_jobs_replay_exactly_once_in_order(state_store: StateStore) -> 
         assert state_store.admit_job("acme", f"job-{i}", {"n": i}).decision is Decision.DEFERRED
     jobs = state_store.resume_and_drain("acme", "run-1")
     assert [(j.job_id, j.payload, j.state) for j in jobs] == [
-        (f"job-{i}", {"n": i}, DeferredState.CLAIMED) for i in range(3)]
+        (f"job-{i}", {"n": i}, DeferredState.CLAIMED) for i in range(3)
+    ]
     assert state_store.gate("acme").state is GateState.DRAINING
     for j in jobs:
         adm = state_store.start_job("acme", j.job_id)
@@ -189,8 +198,10 @@ def test_deferred_jobs_replay_exactly_once_in_order(state_store: StateStore) -> 
     assert state_store.gate("acme").state is GateState.OPEN  # the last acknowledgement opened it
     assert state_store.resume_and_drain("acme", "run-1") == []  # a second drain finds nothing
     assert state_store.claim_deferred("acme") == []
-    assert all(j.state is DeferredState.REPLAYED and j.replayed_at is not None
-               for j in state_store.list_deferred("acme", include_replayed=True))
+    assert all(
+        j.state is DeferredState.REPLAYED and j.replayed_at is not None
+        for j in state_store.list_deferred("acme", include_replayed=True)
+    )
     for i in range(3):  # the same jobs sent again archive nothing
         assert state_store.admit_job("acme", f"job-{i}", {"n": i}).decision is Decision.DUPLICATE
 
@@ -356,7 +367,9 @@ def test_sealed_content_is_kept_until_the_job_is_replayed(state_store: StateStor
     state_store.finish_job("job-1", state_store.start_job("acme", "job-1").attempt)  # type: ignore[arg-type]
     done = state_store.list_deferred("acme", include_replayed=True)
     assert [(j.job_id, j.state, j.sealed) for j in done] == [
-        ("job-1", DeferredState.REPLAYED, None), ("job-2", DeferredState.REPLAYED, None)]
+        ("job-1", DeferredState.REPLAYED, None),
+        ("job-2", DeferredState.REPLAYED, None),
+    ]
     assert done[0].payload == meta  # the clear metadata stays: a resent id is still known
     assert state_store.admit_job("acme", "job-1", meta, sealed=b"resent").decision is Decision.DUPLICATE
     assert state_store.gate("acme").state is GateState.OPEN
@@ -420,7 +433,9 @@ def test_parking_a_job_keeps_its_seal_and_drains_the_gate(state_store: StateStor
     assert state_store.get_job("job-1").state is JobState.FAILED  # type: ignore[union-attr]  # ledger untouched
     listed = state_store.list_deferred("acme", include_replayed=True)
     assert [(j.job_id, j.parked is not None, j.sealed) for j in listed] == [
-        ("job-1", True, b"\x00refused-seal"), ("job-2", False, None)]
+        ("job-1", True, b"\x00refused-seal"),
+        ("job-2", False, None),
+    ]
     assert listed[0].parked["reason"] == "seal refused: bit rot"  # type: ignore[index]
     assert listed[0].payload["digest"] == "d-1" and state_store.list_deferred("acme") == []
     # A resent id of a parked job is recognised, not queued or run again.
@@ -468,11 +483,18 @@ class RawDeferredRows:
             from sqlalchemy import text
 
             with self.store.engine.connect() as conn:
-                rows = conn.execute(text("SELECT job_id, tenant_id, position, CAST(payload AS TEXT), received_at, "
-                                         "state, claimed_at, replayed_at FROM deferred_jobs")).all()
+                rows = conn.execute(
+                    text(
+                        "SELECT job_id, tenant_id, position, CAST(payload AS TEXT), received_at, "
+                        "state, claimed_at, replayed_at FROM deferred_jobs"
+                    )
+                ).all()
             return "\n".join(" | ".join(str(v) for v in row) for row in rows)
-        return "\n".join(f"{j.job_id} | {j.tenant_id} | {json.dumps(dict(j.payload))} | {j.state.value} | "
-                         + (j.sealed or b"").decode("latin-1") for j in self.store._deferred.values())
+        return "\n".join(
+            f"{j.job_id} | {j.tenant_id} | {json.dumps(dict(j.payload))} | {j.state.value} | "
+            + (j.sealed or b"").decode("latin-1")
+            for j in self.store._deferred.values()
+        )
 
     def document(self, job_id: str) -> dict[str, Any]:
         """The stored payload document (SQL) or payload plus seal (memory)."""
@@ -482,8 +504,9 @@ class RawDeferredRows:
             from archive_kms.state.schema import deferred_jobs
 
             with self.store.engine.connect() as conn:
-                return dict(conn.execute(select(deferred_jobs.c.payload)
-                                         .where(deferred_jobs.c.job_id == job_id)).scalar_one())
+                return dict(
+                    conn.execute(select(deferred_jobs.c.payload).where(deferred_jobs.c.job_id == job_id)).scalar_one()
+                )
         job = self.store._deferred[job_id]
         return dict(job.payload) | ({} if job.sealed is None else {"sealed": job.sealed})
 
@@ -507,13 +530,22 @@ class RawDeferredRows:
                 conn.execute(update(deferred_jobs).where(deferred_jobs.c.job_id == job_id).values(payload=document))
             return
         job = self.store._deferred[job_id]
-        self.store._deferred[job_id] = replace(job, payload=job.payload if payload is None else payload,
-                                               sealed=job.sealed if sealed is None else sealed)
+        self.store._deferred[job_id] = replace(
+            job, payload=job.payload if payload is None else payload, sealed=job.sealed if sealed is None else sealed
+        )
 
 
 # Words of the records below; none may be found in the store while the job waits or after.
-SECRET_WORDS = ("Pemberton-Ashgrove", "Quokkafjord", "zanzibar-merger-7731", "0013000000XyzQk",
-                "5003000000PlmNo", "Ms. Ottoline Varga", "merger_term_sheet.pdf", "9.75e6")
+SECRET_WORDS = (
+    "Pemberton-Ashgrove",
+    "Quokkafjord",
+    "zanzibar-merger-7731",
+    "0013000000XyzQk",
+    "5003000000PlmNo",
+    "Ms. Ottoline Varga",
+    "merger_term_sheet.pdf",
+    "9.75e6",
+)
 
 
 def secret_job(job_id: str, files: Path, tenant_id: str = "acme") -> Any:
@@ -525,13 +557,25 @@ def secret_job(job_id: str, files: Path, tenant_id: str = "acme") -> Any:
     sheet = files / "merger_term_sheet.pdf"
     sheet.write_bytes(b"%PDF-1.7 Quokkafjord term sheet")
     records = (
-        {"object_type": "Account", "record_id": f"0013000000XyzQk{tag}", "workspace_id": "ws0",
-         "fields": {"Name": "Pemberton-Ashgrove Holdings", "AnnualRevenue": 9.75e6,
-                    "Description": "Quokkafjord acquisition, code name zanzibar-merger-7731"},
-         "attachments": [{"attachment_id": f"att-{tag}", "file_name": "merger_term_sheet.pdf",
-                          "size": sheet.stat().st_size}]},
-        {"object_type": "Case", "record_id": f"5003000000PlmNo{tag}", "workspace_id": "ws1",
-         "fields": {"Subject": "Call back Ms. Ottoline Varga", "Priority": "High"}},
+        {
+            "object_type": "Account",
+            "record_id": f"0013000000XyzQk{tag}",
+            "workspace_id": "ws0",
+            "fields": {
+                "Name": "Pemberton-Ashgrove Holdings",
+                "AnnualRevenue": 9.75e6,
+                "Description": "Quokkafjord acquisition, code name zanzibar-merger-7731",
+            },
+            "attachments": [
+                {"attachment_id": f"att-{tag}", "file_name": "merger_term_sheet.pdf", "size": sheet.stat().st_size}
+            ],
+        },
+        {
+            "object_type": "Case",
+            "record_id": f"5003000000PlmNo{tag}",
+            "workspace_id": "ws1",
+            "fields": {"Subject": "Call back Ms. Ottoline Varga", "Priority": "High"},
+        },
     )
     return JobSpec(job_id, tenant_id, "inline", records, {f"att-{tag}": str(sheet)})
 
@@ -558,12 +602,15 @@ def read_back(p: Any, spec: Any) -> list[Any]:
     from archive_kms.domain.records import Record
 
     archive = p.open_archive(spec.tenant_id)
-    return [archive.read_record(r.workspace_id, r.object_type, r.record_id)
-            for r in (Record.from_json(raw) for raw in spec.records)]
+    return [
+        archive.read_record(r.workspace_id, r.object_type, r.record_id)
+        for r in (Record.from_json(raw) for raw in spec.records)
+    ]
 
 
-def test_deferred_records_are_sealed_at_rest_and_purged_after_replay(state_store: StateStore, state_url: str | None,
-                                                                     tmp_path: Path) -> None:
+def test_deferred_records_are_sealed_at_rest_and_purged_after_replay(
+    state_store: StateStore, state_url: str | None, tmp_path: Path
+) -> None:
     from archive_kms.domain.records import Record
     from archive_kms.operations.archive import DEFERRED_FORMAT, replay_deferred, submit_job
 
@@ -578,7 +625,11 @@ def test_deferred_records_are_sealed_at_rest_and_purged_after_replay(state_store
     document = rows.document("job-secret")
     assert set(document) == {"format", "kind", "record_count", "attachment_count", "digest", "sealed"}
     assert (document["format"], document["kind"], document["record_count"], document["attachment_count"]) == (
-        DEFERRED_FORMAT, "inline", 2, 1)
+        DEFERRED_FORMAT,
+        "inline",
+        2,
+        1,
+    )
     assert document["digest"].startswith("hmac-sha256:")
     sealed = rows.sealed("job-secret")
     assert sealed is not None and sealed.startswith(b"AKMS")  # the project's envelope
@@ -627,8 +678,9 @@ def test_a_failed_replay_keeps_the_seal_and_the_retry_purges_it(state_store: Sta
     assert state_store.gate("acme").state is GateState.OPEN
 
 
-def test_a_resent_job_found_done_at_replay_is_purged_without_opening_it(state_store: StateStore,
-                                                                         tmp_path: Path) -> None:
+def test_a_resent_job_found_done_at_replay_is_purged_without_opening_it(
+    state_store: StateStore, tmp_path: Path
+) -> None:
     from archive_kms.operations.archive import replay_deferred, seal_job, submit_job
 
     p = platform_on(state_store)
@@ -644,7 +696,7 @@ def test_a_resent_job_found_done_at_replay_is_purged_without_opening_it(state_st
 
 
 def _flip(data: bytes, at: int) -> bytes:
-    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
 
 
 TAMPERING: dict[str, Callable[[RawDeferredRows, dict[str, bytes]], None]] = {
@@ -654,23 +706,28 @@ TAMPERING: dict[str, Callable[[RawDeferredRows, dict[str, bytes]], None]] = {
     "swapped from another job": lambda rows, seals: rows.rewrite("job-b", sealed=seals["job-a"]),
     "moved from another tenant": lambda rows, seals: rows.rewrite("job-b", sealed=seals["job-c"]),
     "whole row copied from another job": lambda rows, seals: rows.rewrite(
-        "job-b", payload={k: v for k, v in rows.document("job-a").items() if k != "sealed"}, sealed=seals["job-a"]),
+        "job-b", payload={k: v for k, v in rows.document("job-a").items() if k != "sealed"}, sealed=seals["job-a"]
+    ),
     "clear counts edited": lambda rows, seals: rows.rewrite(
-        "job-b", payload={k: v for k, v in rows.document("job-b").items() if k != "sealed"} | {"record_count": 1}),
+        "job-b", payload={k: v for k, v in rows.document("job-b").items() if k != "sealed"} | {"record_count": 1}
+    ),
     "not base64": lambda rows, seals: rows.rewrite("job-b", sealed=b"\xff"),  # memory: raw bytes; SQL: below
 }
 
 
 @pytest.mark.parametrize("how", list(TAMPERING))
-def test_a_tampered_or_moved_seal_is_refused_and_the_job_kept(state_store: StateStore, tmp_path: Path,
-                                                              how: str) -> None:
+def test_a_tampered_or_moved_seal_is_refused_and_the_job_kept(
+    state_store: StateStore, tmp_path: Path, how: str
+) -> None:
     from archive_kms.errors import IntegrityError
     from archive_kms.operations.archive import replay_deferred, submit_job
 
     p = platform_on(state_store, "acme", "beta")
     rows = RawDeferredRows(state_store)
-    specs = {job_id: secret_job(job_id, tmp_path / job_id, tenant_id=tid)
-             for job_id, tid in (("job-a", "acme"), ("job-b", "acme"), ("job-c", "beta"))}
+    specs = {
+        job_id: secret_job(job_id, tmp_path / job_id, tenant_id=tid)
+        for job_id, tid in (("job-a", "acme"), ("job-b", "acme"), ("job-c", "beta"))
+    }
     state_store.pause("acme", "run-1")
     state_store.pause("beta", "run-2")
     for spec in specs.values():
@@ -682,8 +739,11 @@ def test_a_tampered_or_moved_seal_is_refused_and_the_job_kept(state_store: State
         from archive_kms.state.schema import deferred_jobs
 
         with state_store.engine.begin() as conn:
-            conn.execute(update(deferred_jobs).where(deferred_jobs.c.job_id == "job-b")
-                         .values(payload=rows.document("job-b") | {"sealed": "%%% not base64 %%%"}))
+            conn.execute(
+                update(deferred_jobs)
+                .where(deferred_jobs.c.job_id == "job-b")
+                .values(payload=rows.document("job-b") | {"sealed": "%%% not base64 %%%"})
+            )
     else:
         TAMPERING[how](rows, seals)  # type: ignore[arg-type]
     stored = rows.document("job-b")
@@ -756,8 +816,9 @@ def test_second_trigger_returns_the_running_run(state_store: StateStore) -> None
 
 def test_concurrent_triggers_create_one_run(state_store: StateStore) -> None:
     tenant(state_store)
-    results = in_threads(6, lambda i: state_store.start_run("acme", Flow.ENABLE, mode="byok", steps=STEPS,
-                                                            run_id=f"run-{i}"))
+    results = in_threads(
+        6, lambda i: state_store.start_run("acme", Flow.ENABLE, mode="byok", steps=STEPS, run_id=f"run-{i}")
+    )
     assert all(kind == "ok" for kind, _ in results), results
     created = [r for _, (r, c) in results if c]
     assert len(created) == 1
@@ -880,10 +941,14 @@ def test_manifest_and_copy_ledger(state_store: StateStore) -> None:
 
     # A batch is one transaction: all rows or none.
     with pytest.raises(StateError, match="nothing recorded"):
-        state_store.record_copies("r1", [CopyRecord(NAMES[3], CopyStatus.COPIED), CopyRecord(b"nope", CopyStatus.COPIED)])
+        state_store.record_copies(
+            "r1", [CopyRecord(NAMES[3], CopyStatus.COPIED), CopyRecord(b"nope", CopyStatus.COPIED)]
+        )
     assert state_store.get_copy("r1", NAMES[3]) is None
-    state_store.record_copies("r1", [CopyRecord(NAMES[3], CopyStatus.COPIED, dest_size=3),
-                                     CopyRecord(NAMES[1], CopyStatus.COPIED, dest_size=1)])
+    state_store.record_copies(
+        "r1",
+        [CopyRecord(NAMES[3], CopyStatus.COPIED, dest_size=3), CopyRecord(NAMES[1], CopyStatus.COPIED, dest_size=1)],
+    )
     state_store.record_copies("r1", [])
     assert state_store.copy_counts("r1") == {CopyStatus.COPIED: 3, CopyStatus.VERIFIED: 1}
 
@@ -991,9 +1056,18 @@ def test_fence_of_another_tenant_is_refused(state_store: StateStore) -> None:
 
 def fill_audit(store: StateStore, n: int = 6) -> list[Any]:
     tenants = ["acme", "beta", None]
-    return [store.append_audit(AuditEvent("support:alice", f"step.{i}", tenants[i % 3], f"run-{i}",
-                                          {"i": i, "obj": "caf\u00e9", "nested": {"b": [1, 2], "a": None}}))
-            for i in range(n)]
+    return [
+        store.append_audit(
+            AuditEvent(
+                "support:alice",
+                f"step.{i}",
+                tenants[i % 3],
+                f"run-{i}",
+                {"i": i, "obj": "caf\u00e9", "nested": {"b": [1, 2], "a": None}},
+            )
+        )
+        for i in range(n)
+    ]
 
 
 def test_audit_appends_form_verifiable_chains(state_store: StateStore) -> None:
@@ -1059,8 +1133,9 @@ def test_tenant_chain_detects_its_own_tampering(state_store: StateStore, audit_t
 def test_concurrent_appends_keep_one_chain(state_store: StateStore) -> None:
     def append_many(i: int) -> int:
         for k in range(25):
-            state_store.append_audit(AuditEvent(f"worker-{i}", "copy.shard", ["acme", "beta", None][k % 3],
-                                                details={"k": k}))
+            state_store.append_audit(
+                AuditEvent(f"worker-{i}", "copy.shard", ["acme", "beta", None][k % 3], details={"k": k})
+            )
         return i
 
     results = in_threads(8, append_many)
@@ -1122,8 +1197,11 @@ def test_without_a_seal_key_a_full_rewrite_is_undetectable(state_store: StateSto
 
 @pytest.mark.parametrize("sealer_kind", ["hmac", "ed25519"])
 def test_sealed_heads_catch_rewrites_and_truncation(open_state_store: Callable[..., Any], sealer_kind: str) -> None:
-    sealer = (chain.HmacHeadSealer(SecretBytes.random(32), "audit-2030") if sealer_kind == "hmac"
-              else chain.SignerHeadSealer(Signer.generate()))
+    sealer = (
+        chain.HmacHeadSealer(SecretBytes.random(32), "audit-2030")
+        if sealer_kind == "hmac"
+        else chain.SignerHeadSealer(Signer.generate())
+    )
     store = open_state_store(sealer=sealer)
     fill_audit(store)
     v = store.verify_audit()
@@ -1151,8 +1229,9 @@ def test_sealed_heads_catch_rewrites_and_truncation(open_state_store: Callable[.
 
 
 @pytest.mark.parametrize("state_backend", SQL_BACKENDS, indirect=True)
-def test_enabling_sealing_on_an_existing_log_needs_a_reseal(state_store: SqlStateStore,
-                                                             open_state_store: Callable[..., Any]) -> None:
+def test_enabling_sealing_on_an_existing_log_needs_a_reseal(
+    state_store: SqlStateStore, open_state_store: Callable[..., Any]
+) -> None:
     fill_audit(state_store)
     old = chain.SignerHeadSealer(Signer.generate())
     sealed = open_state_store(sealer=old)
@@ -1184,8 +1263,9 @@ def test_audit_table_refuses_update_and_delete(state_store: SqlStateStore) -> No
 
 
 @pytest.mark.parametrize("state_backend", SQL_BACKENDS, indirect=True)
-def test_reopening_keeps_state_and_schema_version(state_store: SqlStateStore,
-                                                  open_state_store: Callable[..., Any]) -> None:
+def test_reopening_keeps_state_and_schema_version(
+    state_store: SqlStateStore, open_state_store: Callable[..., Any]
+) -> None:
     tenant(state_store)
     fill_audit(state_store, 3)
     again = open_state_store()

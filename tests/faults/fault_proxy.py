@@ -69,8 +69,7 @@ class Response:
     def serialize(self, *, has_body: bool = True) -> bytes:
         """Status line and headers, re-framed with Content-Length (responses are not signed)."""
         lines = [f"HTTP/1.1 {self.status} {self.reason}"]
-        lines += [f"{k}: {v}" for k, v in self.headers
-                  if k.lower() not in ("content-length", "transfer-encoding")]
+        lines += [f"{k}: {v}" for k, v in self.headers if k.lower() not in ("content-length", "transfer-encoding")]
         if has_body:
             lines.append(f"Content-Length: {len(self.body)}")
         else:
@@ -462,8 +461,9 @@ class Proxy:
         with self._lock:
             faults = [rule(req) for rule in self.rules]  # every rule counts every request
             fault = next((f for f in faults if f is not None), None)
-            self.log.append(LogEntry(req.op, req.method, req.target,
-                                     type(fault).__name__ if fault else None, list(req.headers)))
+            self.log.append(
+                LogEntry(req.op, req.method, req.target, type(fault).__name__ if fault else None, list(req.headers))
+            )
             return fault
 
     def _serve(self, client: socket.socket) -> None:
@@ -477,8 +477,9 @@ class Proxy:
                 fault = self._decide(req)
                 if isinstance(fault, Reply):
                     resp = Response(fault.status, fault.reason, list(fault.headers), fault.body)
-                    client.sendall(resp.serialize(has_body=req.method != "HEAD")
-                                   + (resp.body if req.method != "HEAD" else b""))
+                    client.sendall(
+                        resp.serialize(has_body=req.method != "HEAD") + (resp.body if req.method != "HEAD" else b"")
+                    )
                     continue
                 if upstream is None:
                     upstream = socket.create_connection(self.upstream, timeout=60)
@@ -486,19 +487,19 @@ class Proxy:
                         self._open.add(upstream)
                     up_reader = _Reader(upstream)
                 if isinstance(fault, ResetMidRequest):
-                    upstream.sendall(req.raw_head + req.body[:fault.after])
+                    upstream.sendall(req.raw_head + req.body[: fault.after])
                     raise _Reset("injected reset mid-request")
                 body = req.body
                 if isinstance(fault, CorruptBody) and body:
                     i = fault.offset % len(body)
-                    body = body[:i] + bytes([body[i] ^ 0x01]) + body[i + 1:]
+                    body = body[:i] + bytes([body[i] ^ 0x01]) + body[i + 1 :]
                 upstream.sendall(req.raw_head + body)
                 resp, close_after = self._read_response(up_reader, req.method)
                 if isinstance(fault, DropResponse):
                     raise _Reset("injected: response dropped after commit")
                 has_body = req.method != "HEAD" and resp.status not in (204, 304)
                 if isinstance(fault, CutResponse):
-                    client.sendall(resp.serialize(has_body=has_body) + resp.body[:fault.after])
+                    client.sendall(resp.serialize(has_body=has_body) + resp.body[: fault.after])
                     if fault.rst:
                         raise _Reset("injected reset mid-response")
                     raise _Close()
@@ -568,14 +569,17 @@ class Proxy:
 
 
 def s3_error(status: int, code: str, message: str = "injected") -> Reply:
-    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-            f"<Message>{message}</Message><RequestId>INJECTED</RequestId></Error>").encode()
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+        f"<Message>{message}</Message><RequestId>INJECTED</RequestId></Error>"
+    ).encode()
     return Reply(status, body, (("Content-Type", "application/xml"),))
 
 
 def azure_error(status: int, code: str, retry_after: int | None = None) -> Reply:
-    body = (f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code>'
-            f"<Message>injected</Message></Error>").encode()
+    body = (
+        f'<?xml version="1.0" encoding="utf-8"?><Error><Code>{code}</Code><Message>injected</Message></Error>'
+    ).encode()
     headers = [("Content-Type", "application/xml"), ("x-ms-error-code", code)]
     if retry_after is not None:
         headers.append(("Retry-After", str(retry_after)))
@@ -588,4 +592,3 @@ def slow_down() -> Reply:
 
 def server_busy(retry_after: int | None = None) -> Reply:
     return azure_error(503, "ServerBusy", retry_after)
-

@@ -18,8 +18,9 @@ from archive_kms.errors import AliasConflictError, SearchError, ServiceUnavailab
 from archive_kms.search import IndexMode, Query, build_document, derive_search_keys, rebuild_generation
 from archive_kms.search.elasticsearch import ElasticsearchSearchIndex
 
-RECORDS = [Record("Lead", f"00Q{i:05d}", {"Company": f"Company {i}", "Rating": "Warm" if i % 2 else "Cold"})
-           for i in range(40)]
+RECORDS = [
+    Record("Lead", f"00Q{i:05d}", {"Company": f"Company {i}", "Rating": "Warm" if i % 2 else "Cold"}) for i in range(40)
+]
 
 
 @pytest.fixture()
@@ -163,8 +164,10 @@ def test_f18_poisoned_records_never_reach_the_index(es):
     client, index, new_tenant = es
     tenant = new_tenant()
     keys = derive_search_keys(SecretBytes.random(), tenant)
-    poison = [Record("Note", "002BOMB", {f"F{i}": i for i in range(5000)}),
-              Record("Note", "002HUGE", {"Body": "A" * 500_000})]
+    poison = [
+        Record("Note", "002BOMB", {f"F{i}": i for i in range(5000)}),
+        Record("Note", "002HUGE", {"Body": "A" * 500_000}),
+    ]
     report = rebuild_generation(RECORDS + poison, index, tenant, 1, IndexMode.KEYED, keys)
     assert report.rejected_total == 2 and report.count == len(RECORDS) and not report.complete
     mapping = client.indices.get_mapping(index=report.index)[report.index]["mappings"]

@@ -81,11 +81,26 @@ MARK = b"<object-bytes-must-not-leak>"
 
 # Generic operation names -> each backend's (as the proxy classifies requests).
 OPS = {
-    "s3": {"put": "PutObject", "part": "UploadPart", "create": "CreateMultipartUpload",
-           "commit": "CompleteMultipartUpload", "abort": "AbortMultipartUpload", "get": "GetObject",
-           "head": "HeadObject", "list": "ListObjectsV2", "pending": "ListMultipartUploads"},
-    "azure": {"put": "PutBlob", "part": "PutBlock", "commit": "PutBlockList", "get": "GetBlob",
-              "head": "GetBlobProperties", "list": "ListBlobs", "pending": "ListBlobs"},
+    "s3": {
+        "put": "PutObject",
+        "part": "UploadPart",
+        "create": "CreateMultipartUpload",
+        "commit": "CompleteMultipartUpload",
+        "abort": "AbortMultipartUpload",
+        "get": "GetObject",
+        "head": "HeadObject",
+        "list": "ListObjectsV2",
+        "pending": "ListMultipartUploads",
+    },
+    "azure": {
+        "put": "PutBlob",
+        "part": "PutBlock",
+        "commit": "PutBlockList",
+        "get": "GetBlob",
+        "head": "GetBlobProperties",
+        "list": "ListBlobs",
+        "pending": "ListBlobs",
+    },
 }
 
 
@@ -100,7 +115,7 @@ def body(name: bytes, size: int) -> bytes:
 
 def chunked(data: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]
 
 
 def sha(data: bytes | Iterable[bytes]) -> str:
@@ -216,16 +231,29 @@ def _s3_env(settings, monkeypatch) -> Iterator[Env]:
         return L.open_store(loc, proxied, s3_client=client, **kw)
 
     def raw_keys() -> list[str]:
-        return [o["Key"] for p in raw.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=loc.prefix)
-                for o in p.get("Contents", ())]
+        return [
+            o["Key"]
+            for p in raw.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=loc.prefix)
+            for o in p.get("Contents", ())
+        ]
 
     def raw_pending() -> list[str]:
         return [u["Key"] for u in raw.list_multipart_uploads(Bucket=bucket).get("Uploads", ())]
 
-    env = Env("s3", proxy, open_, L.open_store(loc, settings, s3_client=raw, part_size=PART), loc.prefix,
-              f"s3://{bucket}/{loc.prefix}", raw_keys, raw_pending,
-              lambda name: f"s3://{bucket}/{object_key(loc.prefix, name)}", slow_down(), S3_ATTEMPTS,
-              extra={"s3": raw, "bucket": bucket})
+    env = Env(
+        "s3",
+        proxy,
+        open_,
+        L.open_store(loc, settings, s3_client=raw, part_size=PART),
+        loc.prefix,
+        f"s3://{bucket}/{loc.prefix}",
+        raw_keys,
+        raw_pending,
+        lambda name: f"s3://{bucket}/{object_key(loc.prefix, name)}",
+        slow_down(),
+        S3_ATTEMPTS,
+        extra={"s3": raw, "bucket": bucket},
+    )
     _record_sleeps(env, monkeypatch)
     try:
         yield env
@@ -233,8 +261,11 @@ def _s3_env(settings, monkeypatch) -> Iterator[Env]:
         proxy.close()
         for u in raw.list_multipart_uploads(Bucket=bucket).get("Uploads", ()):
             raw.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
-        for k in [o["Key"] for p in raw.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-                  for o in p.get("Contents", ())]:
+        for k in [
+            o["Key"]
+            for p in raw.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in p.get("Contents", ())
+        ]:
             raw.delete_object(Bucket=bucket, Key=k)
         raw.delete_bucket(Bucket=bucket)
 
@@ -247,8 +278,7 @@ def _azure_env(settings, monkeypatch) -> Iterator[Env]:
     conn = settings.azure_blob_connection_string.get_secret_value()
     endpoint = re.search(r"BlobEndpoint=(http://[^/;]+)", conn).group(1)
     proxy = Proxy(_upstream(endpoint), classify=azure_op)
-    proxied = settings.model_copy(update={"azure_blob_connection_string": SecretStr(
-        conn.replace(endpoint, proxy.url))})
+    proxied = settings.model_copy(update={"azure_blob_connection_string": SecretStr(conn.replace(endpoint, proxy.url))})
     env: Env
 
     def open_(fast: bool = False, **kw) -> ObjectStore:
@@ -265,10 +295,20 @@ def _azure_env(settings, monkeypatch) -> Iterator[Env]:
         committed = set(raw_keys())
         return [b.name for b in container.list_blobs(include=["uncommittedblobs"]) if b.name not in committed]
 
-    env = Env("azure", proxy, open_, L.open_store(loc, settings, blob_service=svc, part_size=PART), loc.prefix,
-              f"azure://{svc.account_name}/{loc.container}/{loc.prefix}", raw_keys, raw_pending,
-              lambda name: f"azure://{svc.account_name}/{loc.container}/{object_key(loc.prefix, name)}",
-              server_busy(), AzureRetry().max_attempts, extra={"container": container})
+    env = Env(
+        "azure",
+        proxy,
+        open_,
+        L.open_store(loc, settings, blob_service=svc, part_size=PART),
+        loc.prefix,
+        f"azure://{svc.account_name}/{loc.container}/{loc.prefix}",
+        raw_keys,
+        raw_pending,
+        lambda name: f"azure://{svc.account_name}/{loc.container}/{object_key(loc.prefix, name)}",
+        server_busy(),
+        AzureRetry().max_attempts,
+        extra={"container": container},
+    )
     _record_sleeps(env, monkeypatch)
     try:
         yield env
@@ -383,7 +423,7 @@ def test_a1_exhausted_budget_is_retryable_named_and_bounded(env, what):
     assert (env.label if what == "list" else env.key_of(name)) in str(err)
     assert_secret_free(str(err), repr(err))
     assert len(env.proxy.faults(op)) == env.budget, "retries must stop at the budget (no tight loop, no give-up early)"
-    backoffs = env.sleeps[-(env.budget - 1):]
+    backoffs = env.sleeps[-(env.budget - 1) :]
     assert len(env.sleeps) >= env.budget - 1 and len(set(backoffs)) == len(backoffs), "backoff without jitter"
     if what == "part":
         env.proxy.set_rules()
@@ -479,8 +519,9 @@ def test_a3_get_cut_mid_body_never_yields_a_short_object(env):
     # chunk, on Azure inside the first 1 MiB range. The next GET is reset (RST) early.
     # The third completes.
     first_cut = rng.randrange(MiB + 1, 2 * MiB) if env.kind == "s3" else rng.randrange(1000, MiB)
-    env.proxy.set_rules(Nth(ops(get), CutResponse(first_cut), n=1),
-                        Nth(ops(get), CutResponse(rng.randrange(1000, MiB), rst=True), n=2))
+    env.proxy.set_rules(
+        Nth(ops(get), CutResponse(first_cut), n=1), Nth(ops(get), CutResponse(rng.randrange(1000, MiB), rst=True), n=2)
+    )
     copy(b"dst/doc")
     assert len(env.proxy.faults(get)) == 2 and len(env.proxy.requests(get)) >= 3
     if env.kind == "s3":  # resumed where it broke, with a ranged GET on the same version (If-Match)
@@ -565,9 +606,13 @@ def test_a5_a16_abandoned_upload_is_listed_aborted_and_never_mixed_in(env):
 
 def _error_200() -> Reply:
     # S3 streams whitespace while a long Complete runs, then the outcome: here an error.
-    return Reply(200, b"\n\n  <?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InternalError</Code>"
-                      b"<Message>We encountered an internal error. Please try again.</Message></Error>",
-                 (("Content-Type", "application/xml"),), reason="OK")
+    return Reply(
+        200,
+        b'\n\n  <?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+        b"<Message>We encountered an internal error. Please try again.</Message></Error>",
+        (("Content-Type", "application/xml"),),
+        reason="OK",
+    )
 
 
 def test_a6_complete_answered_200_with_error_body_is_a_failure(s3_env):
@@ -617,8 +662,10 @@ def test_a7_commit_whose_response_was_lost(env, size, if_absent):
 
 _ENTRY = {"s3": re.compile(rb"<Contents>.*?</Contents>", re.S), "azure": re.compile(rb"<Blob>.*?</Blob>", re.S)}
 _FIRST = {"s3": b"<Contents>", "azure": b"<Blobs>"}
-_TOKEN = {"s3": re.compile(rb"<NextContinuationToken>(.*?)</NextContinuationToken>"),
-          "azure": re.compile(rb"<NextMarker>(.*?)</NextMarker>")}
+_TOKEN = {
+    "s3": re.compile(rb"<NextContinuationToken>(.*?)</NextContinuationToken>"),
+    "azure": re.compile(rb"<NextMarker>(.*?)</NextMarker>"),
+}
 
 
 def _prepend_entries(kind: str, page: bytes, extra: list[bytes]) -> bytes:
@@ -660,8 +707,10 @@ def test_a10_page_failing_once_and_duplicates_across_pages_list_each_object_once
 
     # Each page repeats the previous page's last entry (a retried page, an overlapping token).
     kind = env.kind
-    editor = PageEditor(kind, lambda i, page, seen: page if i == 0 else _prepend_entries(
-        kind, page, _ENTRY[kind].findall(seen[-1])[-1:]))
+    editor = PageEditor(
+        kind,
+        lambda i, page, seen: page if i == 0 else _prepend_entries(kind, page, _ENTRY[kind].findall(seen[-1])[-1:]),
+    )
     env.proxy.set_rules(Always(ops(lst), Rewrite(editor)))
     listed = [i.name for i in env.open().list()]
     assert len(editor.pages) == 5 and len(listed) == len(set(listed)) == len(ledger)
@@ -683,8 +732,9 @@ def test_a10_inconsistent_pages_fail_loudly_never_short(env):
         return got
 
     # Page 3 repeats an entry from page 1 (not adjacent): the order went backwards.
-    editor = PageEditor(kind, lambda i, page, seen: page if i != 2 else _prepend_entries(
-        kind, page, _ENTRY[kind].findall(seen[0])[:1]))
+    editor = PageEditor(
+        kind, lambda i, page, seen: page if i != 2 else _prepend_entries(kind, page, _ENTRY[kind].findall(seen[0])[:1])
+    )
     env.proxy.set_rules(Always(ops(lst), Rewrite(editor)))
     drain(env.open())
 
@@ -715,8 +765,10 @@ def test_a13_body_corrupted_on_the_wire_is_never_stored(env):
     adapter retries the request). Either way the stored bytes are the sent bytes (I3)."""
     rng = random.Random(SEED)
     small, big = body(b"a13/small", 70_000), body(b"a13/big", PART + 99)
-    env.proxy.set_rules(Times(ops(env.op("put")), CorruptBody(rng.randrange(len(small)))),
-                        Times(ops(env.op("part")), CorruptBody(rng.randrange(PART))))
+    env.proxy.set_rules(
+        Times(ops(env.op("put")), CorruptBody(rng.randrange(len(small)))),
+        Times(ops(env.op("part")), CorruptBody(rng.randrange(PART))),
+    )
     ledger: dict[bytes, str] = {}
     store = env.open()
     for name, data in ((b"a13/small", small), (b"a13/big", big)):
@@ -736,14 +788,17 @@ def test_a13_body_corrupted_on_the_wire_is_never_stored(env):
     check_invariants(env, ledger)
 
 
-@pytest.mark.parametrize(("headers", "seconds"), [
-    ({"Retry-After": "3"}, 3.0),
-    ({"Retry-After": "Wed, 25 Nov 2026 06:00:05 GMT"}, 5.0),
-    ({"retry-after-ms": "1500", "Retry-After": "9"}, 1.5),
-    ({"x-ms-retry-after-ms": "250"}, 0.25),
-    ({"Retry-After": "soon"}, None),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"Retry-After": "3"}, 3.0),
+        ({"Retry-After": "Wed, 25 Nov 2026 06:00:05 GMT"}, 5.0),
+        ({"retry-after-ms": "1500", "Retry-After": "9"}, 1.5),
+        ({"x-ms-retry-after-ms": "250"}, 0.25),
+        ({"Retry-After": "soon"}, None),
+        ({}, None),
+    ],
+)
 def test_a2_retry_after_forms(headers, seconds):
     """Seconds, an HTTP date (relative to now), or milliseconds; garbage is ignored."""
     from datetime import UTC, datetime

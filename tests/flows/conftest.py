@@ -35,7 +35,7 @@ from archive_kms.state.port import GateState
 from archive_kms.storage import Location
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # customer_keys, whatever the import mode
-from customer_keys import customer_key  # noqa: E402,F401 - the fixture, registered here
+from customer_keys import customer_key  # noqa: F401 - the fixture, registered here
 
 #: The lease of a test run: short, so a crash-resume test can take over after a few seconds.
 FLOW_LEASE_TTL_SECONDS = 5
@@ -116,13 +116,16 @@ def archived_tenant(flow_platform, new_tenant_id) -> Callable[..., ArchivedTenan
         create_tenant(flow_platform, tid, cloud=cloud, actor="test")
 
         def spec_for(s: int) -> JobSpec:
-            return JobSpec(f"{tid}-seed", tid, "synthetic",
-                           synthetic={"count": records, "seed": s, "mix": "small", "workspaces": 2})
+            return JobSpec(
+                f"{tid}-seed",
+                tid,
+                "synthetic",
+                synthetic={"count": records, "seed": s, "mix": "small", "workspaces": 2},
+            )
 
         # The generator is seeded with (seed, tenant id) and tenant ids are random: with few
         # records a draw can hold no attachment at all. Take the first seed that has one.
-        spec = next(spec_for(s) for s in range(seed, seed + 100)
-                    if any(atts for _, atts in spec_for(s).materialise()))
+        spec = next(spec_for(s) for s in range(seed, seed + 100) if any(atts for _, atts in spec_for(s).materialise()))
         out = submit_job(flow_platform.state, spec, flow_platform.open_archive)
         assert out.decision == "run" and out.records == records, out
         assert out.attachments > 0, "the synthetic mix produced no attachments"
@@ -172,8 +175,7 @@ def tenant_indices(platform: Any, tenant_id: str) -> list[str]:
     return sorted(es.indices.get(index=index_pattern(tenant_id), expand_wildcards="all").keys())
 
 
-def invariants(platform: Any, tenant: str, snapshot: dict[bytes, str], *,
-               extra_records: int = 0) -> dict[str, Any]:
+def invariants(platform: Any, tenant: str, snapshot: dict[bytes, str], *, extra_records: int = 0) -> dict[str, Any]:
     """After a flow settles: the tenant's data is intact and single (faults I1-I5).
 
     - I1/I3: every snapshot object exists exactly once at the tenant's current location,
@@ -223,7 +225,8 @@ def invariants(platform: Any, tenant: str, snapshot: dict[bytes, str], *,
     assert len(ids) == len(set(ids)), "duplicate document ids in the index"
     assert set(ids) == set(expected_ids) and len(ids) == len(expected_ids), (
         f"index {current}: {len(ids)} documents, storage holds {len(expected_ids)} records; "
-        f"{len(set(expected_ids) - set(ids))} unindexed, {len(set(ids) - set(expected_ids))} without a record")
+        f"{len(set(expected_ids) - set(ids))} unindexed, {len(set(ids) - set(expected_ids))} without a record"
+    )
     indices = tenant_indices(platform, tenant)
     assert indices == [current], f"tenant {tenant} has indices {indices}, expected only {current}"
 
@@ -233,9 +236,16 @@ def invariants(platform: Any, tenant: str, snapshot: dict[bytes, str], *,
     assert lease is None, f"tenant {tenant}'s lease is still held by run {lease.run_id}"
     gate = platform.state.gate(tenant)
     assert gate.state is GateState.OPEN and gate.pending == 0, gate
-    return {"location": loc.uri, "objects": len(listed), "snapshot_objects": len(snapshot),
-            "records": len(record_names), "extra_objects": len(extra), "index": current, "documents": len(ids),
-            "pending_uploads": 0}
+    return {
+        "location": loc.uri,
+        "objects": len(listed),
+        "snapshot_objects": len(snapshot),
+        "records": len(record_names),
+        "extra_objects": len(extra),
+        "index": current,
+        "documents": len(ids),
+        "pending_uploads": 0,
+    }
 
 
 @pytest.fixture
@@ -263,9 +273,12 @@ def _teardown_tenants(platform: Any, tenants: list[str]) -> None:
     es = wiring.elasticsearch_client(platform.settings)
     s = platform.settings
     for tid in tenants:
-        candidates = [shared_s3_location(tid, s.shared_bucket), dedicated_s3_location(tid, sse_kms_key_arn=None),
-                      shared_azure_location(tid, s.shared_azure_account),
-                      dedicated_azure_location(tid, account=s.shared_azure_account)]
+        candidates = [
+            shared_s3_location(tid, s.shared_bucket),
+            dedicated_s3_location(tid, sse_kms_key_arn=None),
+            shared_azure_location(tid, s.shared_azure_account),
+            dedicated_azure_location(tid, account=s.shared_azure_account),
+        ]
         for loc in candidates:
             for attempt in range(2):
                 try:
@@ -273,8 +286,9 @@ def _teardown_tenants(platform: Any, tenants: list[str]) -> None:
                     break
                 except Exception as exc:  # noqa: BLE001 - reported below, never raised
                     if attempt:
-                        warnings.warn(f"flow test teardown left {loc.uri}: {type(exc).__name__}: {exc}"[:300],
-                                      stacklevel=1)
+                        warnings.warn(
+                            f"flow test teardown left {loc.uri}: {type(exc).__name__}: {exc}"[:300], stacklevel=1
+                        )
         try:
             es.indices.delete(index=index_pattern(tid), expand_wildcards="all", ignore_unavailable=True)
         except Exception as exc:  # noqa: BLE001
@@ -293,5 +307,12 @@ def _delete_location(platform: Any, loc: Location) -> None:
         platform.provisioner.delete(loc, store)
 
 
-__all__ = ["ArchivedTenant", "FLOW_LEASE_TTL_SECONDS", "es_documents", "invariants", "run_plan", "storage_snapshot",
-           "tenant_indices"]
+__all__ = [
+    "FLOW_LEASE_TTL_SECONDS",
+    "ArchivedTenant",
+    "es_documents",
+    "invariants",
+    "run_plan",
+    "storage_snapshot",
+    "tenant_indices",
+]

@@ -69,8 +69,9 @@ class CustomerKeyFactory:
 
     def _new_byokv(self) -> str:
         name = f"flow-{uuid.uuid4().hex[:12]}"
-        wiring.keyvault_key_client(self.settings).create_rsa_key(name, size=2048,
-                                                                 key_operations=["wrapKey", "unwrapKey"])
+        wiring.keyvault_key_client(self.settings).create_rsa_key(
+            name, size=2048, key_operations=["wrapKey", "unwrapKey"]
+        )
         return f"azure-kv://{self._keyvault_host()}/keys/{name}"
 
     def _kmip_admin(self, action: Callable[[Any], Any]) -> Any:
@@ -82,9 +83,12 @@ class CustomerKeyFactory:
         from kmip.core import enums
 
         def create(client) -> str:
-            uid = client.create(enums.CryptographicAlgorithm.AES, 256, name=f"flow-{os.urandom(4).hex()}",
-                                cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT,
-                                                          enums.CryptographicUsageMask.DECRYPT])
+            uid = client.create(
+                enums.CryptographicAlgorithm.AES,
+                256,
+                name=f"flow-{os.urandom(4).hex()}",
+                cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT],
+            )
             client.activate(uid)
             return uid
 
@@ -172,4 +176,4 @@ def customer_key(request, localstack) -> Iterator[CustomerKeyFactory]:
     factory.cleanup()
 
 
-__all__ = ["CustomerKeyFactory", "MODES", "SERVICE_OF_MODE", "customer_key"]
+__all__ = ["MODES", "SERVICE_OF_MODE", "CustomerKeyFactory", "customer_key"]

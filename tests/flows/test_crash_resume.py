@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +109,9 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            pytest.fail(f"worker {self.pid} still running after {timeout} s; killed it. stderr:\n"
-                        f"{self.err.read_text()[-4000:]}")
+            pytest.fail(
+                f"worker {self.pid} still running after {timeout} s; killed it. stderr:\n{self.err.read_text()[-4000:]}"
+            )
         return Finished(rc, self.out.read_text(), self.err.read_text())
 
 
@@ -119,8 +120,11 @@ class Workers:
 
     def __init__(self, settings: Settings, logs: Path) -> None:
         self._env = {k: v for k, v in os.environ.items() if k != "ARCHIVE_KMS_CRASH_AT"}
-        self._env.update(ARCHIVE_KMS_STATE_URL=settings.state_url,
-                         ARCHIVE_KMS_LEASE_TTL_SECONDS=str(WORKER_LEASE_TTL_SECONDS), PYTHONUNBUFFERED="1")
+        self._env.update(
+            ARCHIVE_KMS_STATE_URL=settings.state_url,
+            ARCHIVE_KMS_LEASE_TTL_SECONDS=str(WORKER_LEASE_TTL_SECONDS),
+            PYTHONUNBUFFERED="1",
+        )
         self._logs = logs
         self._started: list[Worker] = []
 
@@ -214,8 +218,13 @@ def _big_records(tenant_id: str, files: Path) -> JobSpec:
                 f.write(block)
                 left -= len(block)
         paths[attachment_id] = str(path)
-        record = Record("Case", f"500BIG{i:012d}", {"Name": f"big case {i}", "Status": "Open"},
-                        (AttachmentRef(attachment_id, f"scan-{i}.bin", size),), "ws0")
+        record = Record(
+            "Case",
+            f"500BIG{i:012d}",
+            {"Name": f"big case {i}", "Status": "Open"},
+            (AttachmentRef(attachment_id, f"scan-{i}.bin", size),),
+            "ws0",
+        )
         records.append(json.loads(record.to_json()))
     return JobSpec(f"{tenant_id}-big", tenant_id, "inline", tuple(records), paths)
 
@@ -252,8 +261,11 @@ def destination_store(platform: Any, run) -> Any:
 
 def copied_names(platform: Any, run_id: str) -> dict[bytes, str | None]:
     """Ledger entries copied or verified: name -> destination etag."""
-    return {c.name: c.dest_etag for c in platform.state.iter_copies(run_id)
-            if c.status in (CopyStatus.COPIED, CopyStatus.VERIFIED)}
+    return {
+        c.name: c.dest_etag
+        for c in platform.state.iter_copies(run_id)
+        if c.status in (CopyStatus.COPIED, CopyStatus.VERIFIED)
+    }
 
 
 def wait_for_lease_expiry(platform: Any, tenant_id: str) -> None:
@@ -261,7 +273,7 @@ def wait_for_lease_expiry(platform: Any, tenant_id: str) -> None:
     after the last heartbeat), so a plain resume, without --takeover, may take it."""
     lease = platform.state.get_lease(tenant_id)
     assert lease is not None, "the killed worker's lease is gone: who released it?"
-    left = (lease.expires_at - datetime.now(timezone.utc)).total_seconds()
+    left = (lease.expires_at - datetime.now(UTC)).total_seconds()
     assert left <= WORKER_LEASE_TTL_SECONDS + 0.5, f"lease runs {left:.1f} s more, longer than its TTL"
     time.sleep(max(0.0, left) + 0.3)
 
@@ -299,10 +311,14 @@ def world(platform: Any, tenant: Tenant, run_id: str) -> dict[str, Any]:
     platform.index.refresh(current)
     audit = list(platform.state.iter_audit(tenant_id=tenant.tenant_id))
     return {
-        "run": (run.state, [(s.name, s.state, s.attempt, s.finished_at, json.dumps(s.result, sort_keys=True))
-                            for s in run.steps]),
-        "ledger": sorted((c.name, c.status, c.dest_etag, c.dest_size, c.plaintext_sha256, c.error)
-                         for c in platform.state.iter_copies(run_id)),
+        "run": (
+            run.state,
+            [(s.name, s.state, s.attempt, s.finished_at, json.dumps(s.result, sort_keys=True)) for s in run.steps],
+        ),
+        "ledger": sorted(
+            (c.name, c.status, c.dest_etag, c.dest_size, c.plaintext_sha256, c.error)
+            for c in platform.state.iter_copies(run_id)
+        ),
         "objects": sorted((i.name, i.etag, i.size) for i in dest.list()),
         "pending_uploads": sorted(u.key for u in dest.pending_uploads()),
         "tenant": platform.state.get_tenant(tenant.tenant_id),
@@ -326,7 +342,7 @@ def test_kill_at_step_boundary_then_resume(flow_platform, small_tenant, workers,
     run = the_run(p, tenant.tenant_id)
     assert run.state is RunState.RUNNING
     done = [s.name for s in run.steps if s.state is StepState.COMPLETED]
-    assert done == list(STEPS[:STEPS.index(step)]), f"steps completed when killed {point}: {done}"
+    assert done == list(STEPS[: STEPS.index(step)]), f"steps completed when killed {point}: {done}"
     assert run.step(step).state is StepState.RUNNING  # started, completion not recorded
 
     takeover = point not in EXPIRY_POINTS
@@ -334,23 +350,24 @@ def test_kill_at_step_boundary_then_resume(flow_platform, small_tenant, workers,
         wait_for_lease_expiry(p, tenant.tenant_id)
     resumed = workers.run("resume", run.run_id, *(["--takeover"] if takeover else []))
     out = assert_completed(resumed)
-    assert out["executed"] == list(STEPS[STEPS.index(step):]), out
+    assert out["executed"] == list(STEPS[STEPS.index(step) :]), out
     assert_settled(p, tenant, run.run_id)
 
 
 # --- kill -9 in the middle of the copy ------------------------------------------------------------
 
 
-def stop_mid_copy(platform: Any, worker: Worker, tenant: Tenant, sig: signal.Signals,
-                  timeout: float = 90) -> str:
+def stop_mid_copy(platform: Any, worker: Worker, tenant: Tenant, sig: signal.Signals, timeout: float = 90) -> str:
     """Send ``sig`` to ``worker`` once its copy has recorded some objects but not all;
     the run id."""
     total = len(tenant.snapshot)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if worker.proc.poll() is not None:
-            pytest.fail(f"the worker exited (code {worker.proc.returncode}) before its copy was caught half way: "
-                        f"{worker.err.read_text()[-3000:]}")
+            pytest.fail(
+                f"the worker exited (code {worker.proc.returncode}) before its copy was caught half way: "
+                f"{worker.err.read_text()[-3000:]}"
+            )
         run = platform.state.find_active_run(tenant.tenant_id)
         if run is not None and run.step("copy").state is StepState.RUNNING:
             counts = platform.state.copy_counts(run.run_id)
@@ -488,8 +505,8 @@ def test_rerun_of_completed_step_is_a_noop(flow_platform, small_tenant, workers)
     after = world(p, tenant, outcome.run_id)
     assert {k: v for k, v in after.items() if k != "audit"} == {k: v for k, v in before.items() if k != "audit"}
     # the only trace: one audit record saying support asked and nothing ran (faults I6)
-    new = after["audit"][len(before["audit"]):]
-    assert after["audit"][:len(before["audit"])] == before["audit"]
+    new = after["audit"][len(before["audit"]) :]
+    assert after["audit"][: len(before["audit"])] == before["audit"]
     assert [a[1] for a in new] == ["run.rerun.noop"], new
     assert_settled(p, tenant, outcome.run_id)
 
@@ -531,8 +548,18 @@ def test_cli_enable_killed_mid_copy_then_runs_resume(flow_platform, small_tenant
     killed after a put whose ledger record was never written; ``archive-kms runs list``
     finds the run and ``archive-kms runs resume`` (after the lease expired) completes it."""
     p, tenant = flow_platform, small_tenant(seed=13)
-    killed = workers.cli("enable", tenant.tenant_id, "--mode", "byokms", "--key-ref", tenant.key_ref,
-                         "--shards", str(SHARDS), "--json", crash_at="copy:after-put@5")
+    killed = workers.cli(
+        "enable",
+        tenant.tenant_id,
+        "--mode",
+        "byokms",
+        "--key-ref",
+        tenant.key_ref,
+        "--shards",
+        str(SHARDS),
+        "--json",
+        crash_at="copy:after-put@5",
+    )
     assert_killed(killed, "copy:after-put@5")
 
     listed = workers.cli("runs", "list", "--tenant", tenant.tenant_id, "--json")
@@ -561,8 +588,18 @@ def test_cli_runs_cancel_after_a_kill_puts_the_tenant_back(flow_platform, small_
     gone, the source and old index serve as before, and the tenant can be onboarded again."""
     p, tenant = flow_platform, small_tenant(seed=17)
     l1_before = p.keychain.status(tenant.tenant_id).l1_ref
-    killed = workers.cli("enable", tenant.tenant_id, "--mode", "byokms", "--key-ref", tenant.key_ref,
-                         "--shards", str(SHARDS), "--json", crash_at="after:copy")
+    killed = workers.cli(
+        "enable",
+        tenant.tenant_id,
+        "--mode",
+        "byokms",
+        "--key-ref",
+        tenant.key_ref,
+        "--shards",
+        str(SHARDS),
+        "--json",
+        crash_at="after:copy",
+    )
     assert_killed(killed, "after:copy")
     run = the_run(p, tenant.tenant_id)
     dest = Location.from_dict(run.params["destination"])

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from conftest import invariants, run_plan
 
-from archive_kms.migration import Hooks, STEPS, plan_enable
+from archive_kms.migration import STEPS, Hooks, plan_enable
 from archive_kms.migration.steps import STEP_FUNCTIONS
 from archive_kms.operations.archive import JobSpec, record_object_name, submit_job
 from archive_kms.search import Query
@@ -33,8 +33,13 @@ CASES = [("byokms", "s3"), ("byokv", "azure")]
 IDS = [f"{m}-{c}" for m, c in CASES]
 
 
-def wrap_steps(monkeypatch, names: list[str], *, before: Callable[[str], None] = lambda step: None,
-               after: Callable[[str], None] = lambda step: None) -> None:
+def wrap_steps(
+    monkeypatch,
+    names: list[str],
+    *,
+    before: Callable[[str], None] = lambda step: None,
+    after: Callable[[str], None] = lambda step: None,
+) -> None:
     """Run ``before(step)`` / ``after(step)`` around the real step functions ``names``."""
     for name in names:
         real = STEP_FUNCTIONS[name]
@@ -91,14 +96,16 @@ class LoopThread(threading.Thread):
 # --- 1. archive jobs during the run ---------------------------------------------------------------
 
 
-def test_jobs_sent_during_the_run_are_deferred_and_land_once_after_it(flow_platform, archived_tenant,
-                                                                      customer_key, monkeypatch):
+def test_jobs_sent_during_the_run_are_deferred_and_land_once_after_it(
+    flow_platform, archived_tenant, customer_key, monkeypatch
+):
     p = flow_platform
     archived = archived_tenant("s3", records=20, seed=5)
     t = archived.tenant_id
     shared = p.location_of(t)
-    late = JobSpec(f"{t}-late", t, "synthetic",
-                   synthetic={"count": 6, "seed": 5, "offset": 20, "mix": "small", "workspaces": 2})
+    late = JobSpec(
+        f"{t}-late", t, "synthetic", synthetic={"count": 6, "seed": 5, "offset": 20, "mix": "small", "workspaces": 2}
+    )
     late_records = [r for r, _ in late.materialise()]
     assert not {r.record_id for r in late_records} & {r.record_id for r in archived.records}
     seen: dict[str, Any] = {}
@@ -146,21 +153,28 @@ def search_view(p, tenant: str, queries: dict[str, Query]) -> dict[str, list[str
 
 
 @pytest.mark.parametrize(("mode", "cloud"), CASES, ids=IDS)
-def test_search_during_the_run_returns_the_pre_run_data(flow_platform, archived_tenant, customer_key,
-                                                        monkeypatch, mode, cloud):
+def test_search_during_the_run_returns_the_pre_run_data(
+    flow_platform, archived_tenant, customer_key, monkeypatch, mode, cloud
+):
     p = flow_platform
     archived = archived_tenant(cloud, records=20, seed=8)
     t = archived.tenant_id
     first = archived.records[0]
-    queries = {"all": Query(limit=1000), "word": Query(text=first.fields["Description"].split()[-1], limit=1000),
-               "field": Query(filters={"Status": first.fields["Status"]}, limit=1000)}
+    queries = {
+        "all": Query(limit=1000),
+        "word": Query(text=first.fields["Description"].split()[-1], limit=1000),
+        "field": Query(filters={"Status": first.fields["Status"]}, limit=1000),
+    }
     before = search_view(p, t, queries)
     assert len(before["all"]) == archived.record_count and first.record_id in before["word"]
 
     boundary: dict[str, dict[str, list[str]]] = {}
-    wrap_steps(monkeypatch, [s for s in STEPS if s not in ("preflight", "report")],
-               before=lambda step: boundary.__setitem__(f"before:{step}", search_view(p, t, queries)),
-               after=lambda step: boundary.__setitem__(f"after:{step}", search_view(p, t, queries)))
+    wrap_steps(
+        monkeypatch,
+        [s for s in STEPS if s not in ("preflight", "report")],
+        before=lambda step: boundary.__setitem__(f"before:{step}", search_view(p, t, queries)),
+        after=lambda step: boundary.__setitem__(f"after:{step}", search_view(p, t, queries)),
+    )
     tracker = StepTracker()
     differing: list[tuple[str, str]] = []
 
@@ -172,8 +186,9 @@ def test_search_during_the_run_returns_the_pre_run_data(flow_platform, archived_
     searcher = LoopThread(search_once, tracker)
     searcher.start()
     try:
-        outcome = run_plan(p, plan_enable(p, t, mode, customer_key(mode, cloud), cloud=cloud, shards=4),
-                           hooks=tracker.hooks())
+        outcome = run_plan(
+            p, plan_enable(p, t, mode, customer_key(mode, cloud), cloud=cloud, shards=4), hooks=tracker.hooks()
+        )
     finally:
         searcher.stop()
 
@@ -184,7 +199,8 @@ def test_search_during_the_run_returns_the_pre_run_data(flow_platform, archived_
     assert not searcher.errors, f"{len(searcher.errors)} failed searches of {searcher.calls}: {searcher.errors[:5]}"
     assert not differing, f"{len(differing)} searches of {searcher.calls} differed: {differing[:5]}"
     assert searcher.calls > 20 and {"copy", "build_index", "cutover"} <= searcher.steps_seen | {
-        s.removeprefix("after:") for s in searcher.steps_seen}
+        s.removeprefix("after:") for s in searcher.steps_seen
+    }
     assert search_view(p, t, queries) == before  # and after it, under the new key
     invariants(p, t, archived.snapshot)
 
@@ -211,15 +227,17 @@ def test_reads_never_fail_during_the_run(flow_platform, archived_tenant, custome
     reader = LoopThread(read_once, tracker)
     reader.start()
     try:
-        outcome = run_plan(p, plan_enable(p, t, mode, customer_key(mode, cloud), cloud=cloud, shards=4),
-                           hooks=tracker.hooks())
+        outcome = run_plan(
+            p, plan_enable(p, t, mode, customer_key(mode, cloud), cloud=cloud, shards=4), hooks=tracker.hooks()
+        )
         time.sleep(0.2)  # a few reads after the run, from the new home
     finally:
         reader.stop()
 
     assert outcome.state == RunState.COMPLETED.value, outcome.error
-    assert not reader.errors, (f"{len(reader.errors)} of {reader.calls} reads failed; (step, error) of the first: "
-                               f"{reader.errors[:5]}")
+    assert not reader.errors, (
+        f"{len(reader.errors)} of {reader.calls} reads failed; (step, error) of the first: {reader.errors[:5]}"
+    )
     steps = {s.removeprefix("after:") for s in reader.steps_seen}
     assert {"copy", "cutover", "cleanup_source"} <= steps, sorted(steps)
     assert reader.calls > 20

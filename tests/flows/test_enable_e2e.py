@@ -105,7 +105,8 @@ def test_enable_moves_tenant_onto_customer_key(flow_platform, archived_tenant, c
     # S3: the dedicated bucket's default encryption names the customer key (AWS-held keys)
     if cloud == "s3":
         rules = wiring.aws_client("s3", p.settings).get_bucket_encryption(Bucket=dest.bucket)[
-            "ServerSideEncryptionConfiguration"]["Rules"]
+            "ServerSideEncryptionConfiguration"
+        ]["Rules"]
         default = rules[0]["ApplyServerSideEncryptionByDefault"]
         if mode in ("byokms", "byok"):
             arn = parse_key_ref(key_ref).api_key_id

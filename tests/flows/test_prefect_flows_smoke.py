@@ -16,15 +16,15 @@ import uuid
 from typing import Any
 
 import pytest
+from archive_kms.flows.migration import artifact_key, enable, run_flow, support
 from conftest import invariants
-from prefect_polling import completed_task_runs
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect_polling import completed_task_runs
 
 from archive_kms import wiring
 from archive_kms.config import Settings
 from archive_kms.errors import StateError
-from archive_kms.flows.migration import artifact_key, enable, run_flow, support
 from archive_kms.migration import STEPS, plan_enable, trigger
 from archive_kms.operations.verification import verify_tenant
 from archive_kms.state.port import RunState, StepState
@@ -75,7 +75,8 @@ def flow_run_on_server(flow_run_id: uuid.UUID, name: str) -> dict[str, Any]:
         run = client.read_flow_run(flow_run_id)
         assert run.name == name and run.state is not None and run.state.is_completed(), (run.name, run.state)
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     return {a.key: a for a in artifacts}
 
 
@@ -108,16 +109,17 @@ def test_enable_flow_with_shard_tasks_on_threads(flow_env: Settings, flow_platfo
     assert_artifacts(artifacts, tenant.tenant_id, answer["outcome"]["run_id"])
     shard_runs = completed_task_runs(flow_run_id, 2 * DEFAULT_SHARDS)
     assert sorted(r.name for r in shard_runs) == sorted(
-        f"{step}-shard-{n}" for step in ("copy", "verify") for n in range(DEFAULT_SHARDS))
+        f"{step}-shard-{n}" for step in ("copy", "verify") for n in range(DEFAULT_SHARDS)
+    )
 
 
 @pytest.mark.timeout(600)
-def test_enable_flow_with_shard_tasks_on_dask_worker_processes(flow_env: Settings, flow_platform: Any,
-                                                               archived_tenant) -> None:
+def test_enable_flow_with_shard_tasks_on_dask_worker_processes(
+    flow_env: Settings, flow_platform: Any, archived_tenant
+) -> None:
     tenant = archived_tenant("s3", records=RECORDS)
 
-    answer = run_flow("enable", tenant=tenant.tenant_id, mode="byokms", key_ref=kms_key(flow_env),
-                      task_runner="dask")
+    answer = run_flow("enable", tenant=tenant.tenant_id, mode="byokms", key_ref=kms_key(flow_env), task_runner="dask")
 
     assert_completed(answer, tenant.tenant_id)
     assert_tenant_verifies(flow_platform, tenant)
@@ -131,7 +133,8 @@ def test_enable_flow_with_shard_tasks_on_dask_worker_processes(flow_env: Setting
 
 
 def test_second_trigger_gets_the_running_run_and_support_resumes_and_reruns_it(
-        flow_env: Settings, flow_platform: Any, archived_tenant) -> None:
+    flow_env: Settings, flow_platform: Any, archived_tenant
+) -> None:
     tenant = archived_tenant("s3", records=RECORDS)
     key = kms_key(flow_env)
     run, created = trigger(flow_platform, plan_enable(flow_platform, tenant.tenant_id, "byokms", key), actor="test")
@@ -139,9 +142,16 @@ def test_second_trigger_gets_the_running_run_and_support_resumes_and_reruns_it(
 
     # A worker that started it died before its first step: the flow answers with that run, untouched.
     again = enable(tenant.tenant_id, "byokms", key)
-    assert again["outcome"] == {"run_id": run.run_id, "tenant": tenant.tenant_id, "flow": "enable",
-                                "state": "running", "created": False, "executed": [], "message": "already running",
-                                "error": None}
+    assert again["outcome"] == {
+        "run_id": run.run_id,
+        "tenant": tenant.tenant_id,
+        "flow": "enable",
+        "state": "running",
+        "created": False,
+        "executed": [],
+        "message": "already running",
+        "error": None,
+    }
     assert flow_platform.state.get_run(run.run_id).step("preflight").state is StepState.PENDING
     assert len(flow_platform.state.list_runs(tenant.tenant_id)) == 1
 
@@ -156,8 +166,9 @@ def test_second_trigger_gets_the_running_run_and_support_resumes_and_reruns_it(
     assert flow_platform.state.get_run(run.run_id).state is RunState.COMPLETED
 
 
-def test_a_failed_migration_ends_the_flow_run_failed_and_still_answers(flow_env: Settings, flow_platform: Any,
-                                                                       archived_tenant) -> None:
+def test_a_failed_migration_ends_the_flow_run_failed_and_still_answers(
+    flow_env: Settings, flow_platform: Any, archived_tenant
+) -> None:
     """A refused preflight (disabled customer key): the Prefect flow run is Failed on the
     server (for the UI and automations), and run_flow still returns the run's answer."""
     tenant = archived_tenant("s3", records=RECORDS)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from conftest import run_plan, storage_snapshot
 
 from archive_kms import wiring
 from archive_kms.errors import ValidationError
 from archive_kms.migration import plan_enable
 from archive_kms.state.port import GateState, RunState, StepState
-
-from conftest import run_plan, storage_snapshot
 
 
 def _assert_refused(platform, archived, outcome, *, says: str, dest_existed: bool = False) -> None:
@@ -91,8 +90,9 @@ def test_key_vault_key_without_wrap_permission_is_refused(flow_platform, archive
     name = f"nowrap-{uuid.uuid4().hex[:8]}"
     kc.create_rsa_key(name, size=2048, key_operations=["sign", "verify"])
     host = flow_settings.azure_keyvault_url.removeprefix("https://").rstrip("/")
-    out = run_plan(flow_platform, plan_enable(flow_platform, archived.tenant_id, "byokv",
-                                              f"azure-kv://{host}/keys/{name}"))
+    out = run_plan(
+        flow_platform, plan_enable(flow_platform, archived.tenant_id, "byokv", f"azure-kv://{host}/keys/{name}")
+    )
     _assert_refused(flow_platform, archived, out, says="wrapKey")
 
 

@@ -73,8 +73,11 @@ class Cli:
 
     def __init__(self, settings: Settings, logs: Path) -> None:
         self.env = {k: v for k, v in os.environ.items() if k != "ARCHIVE_KMS_CRASH_AT"}
-        self.env.update(ARCHIVE_KMS_STATE_URL=settings.state_url,
-                        ARCHIVE_KMS_LEASE_TTL_SECONDS=str(CLI_LEASE_TTL_SECONDS), PYTHONUNBUFFERED="1")
+        self.env.update(
+            ARCHIVE_KMS_STATE_URL=settings.state_url,
+            ARCHIVE_KMS_LEASE_TTL_SECONDS=str(CLI_LEASE_TTL_SECONDS),
+            PYTHONUNBUFFERED="1",
+        )
         self.logs = logs
         self.procs: list[subprocess.Popen] = []
 
@@ -115,8 +118,9 @@ def cli(flow_settings: Settings, tmp_path: Path):
 # --- settled -------------------------------------------------------------------------------------------
 
 
-def assert_settled_without(platform: Any, tenant_id: str, run_id: str, snapshot: dict[bytes, str],
-                           waived: set[bytes]) -> dict[str, Any]:
+def assert_settled_without(
+    platform: Any, tenant_id: str, run_id: str, snapshot: dict[bytes, str], waived: set[bytes]
+) -> dict[str, Any]:
     """Completed, and I1-I5 for everything but ``waived``: the tenant's data is whole,
     single and byte-identical, ledger verified == manifest - waived == destination listing
     (names and etags), index == records, no pending upload, lease released, gate open;
@@ -144,8 +148,9 @@ def _s3_key(loc: Location, name: bytes) -> str:
     return object_key(loc.prefix, name)
 
 
-def test_corrupt_and_foreign_sources_are_quarantined_waived_and_kept(flow_platform, archived_tenant, customer_key,
-                                                                  cli, prefect_api):
+def test_corrupt_and_foreign_sources_are_quarantined_waived_and_kept(
+    flow_platform, archived_tenant, customer_key, cli, prefect_api
+):
     p = flow_platform
     archived = archived_tenant("s3", records=15, seed=31)
     other = archived_tenant("s3", records=6, seed=33)
@@ -163,8 +168,11 @@ def test_corrupt_and_foreign_sources_are_quarantined_waived_and_kept(flow_platfo
     theirs = sorted(n for n in other.snapshot if n.startswith(ATTACHMENT_PREFIX))[0]
     prefix, ws, attachment_id = theirs.split(b"/", 2)
     foreign = b"/".join((prefix, ws, b"planted-" + attachment_id))
-    s3.copy_object(Bucket=src.bucket, Key=_s3_key(src, foreign),
-                   CopySource={"Bucket": other_loc.bucket, "Key": _s3_key(other_loc, theirs)})
+    s3.copy_object(
+        Bucket=src.bucket,
+        Key=_s3_key(src, foreign),
+        CopySource={"Bucket": other_loc.bucket, "Key": _s3_key(other_loc, theirs)},
+    )
     foreign_body = s3.get_object(Bucket=src.bucket, Key=_s3_key(src, foreign))["Body"].read()
 
     plan = plan_enable(p, t, "byokms", customer_key("byokms", "s3"), shards=4)
@@ -192,12 +200,31 @@ def test_corrupt_and_foreign_sources_are_quarantined_waived_and_kept(flow_platfo
     assert {q["object"] for q in report["quarantine"]} == {display_name(corrupt), display_name(foreign)}
 
     # Support waives them, one by name and the rest with --all; each an audit record.
-    one = cli.run("runs", "waive", run_id, "--object", display_name(corrupt), "--reason",
-                  "INC-1: record restored from the customer's export", "--actor", "support:alice", "--json")
+    one = cli.run(
+        "runs",
+        "waive",
+        run_id,
+        "--object",
+        display_name(corrupt),
+        "--reason",
+        "INC-1: record restored from the customer's export",
+        "--actor",
+        "support:alice",
+        "--json",
+    )
     assert one.returncode == 0, one.describe()
     assert one.json()["waived"] == [display_name(corrupt)] and one.json()["remaining"] == 1
-    rest = cli.run("runs", "waive", run_id, "--all", "--reason", "INC-2: foreign object reported to security",
-                   "--actor", "support:bob", "--json")
+    rest = cli.run(
+        "runs",
+        "waive",
+        run_id,
+        "--all",
+        "--reason",
+        "INC-2: foreign object reported to security",
+        "--actor",
+        "support:bob",
+        "--json",
+    )
     assert rest.returncode == 0 and rest.json()["waived"] == [display_name(foreign)], rest.describe()
 
     resumed = cli.run("runs", "resume", run_id, "--json")
@@ -215,13 +242,16 @@ def test_corrupt_and_foreign_sources_are_quarantined_waived_and_kept(flow_platfo
     assert final["reconciliation"].startswith(f"manifest {len(archived.snapshot) + 1} - quarantined 2 (2 waived)")
     assert final["reconciliation"].endswith("manifest records - 1 waived"), final["reconciliation"]
     assert {(q["object"], q["waived_by"], q["source"]) for q in final["quarantine"]} == {
-        (display_name(corrupt), "support:alice", src.uri), (display_name(foreign), "support:bob", src.uri)}
+        (display_name(corrupt), "support:alice", src.uri),
+        (display_name(foreign), "support:bob", src.uri),
+    }
 
     # The audit chain holds the waivers.
     waivers = [r for r in p.state.iter_audit(tenant_id=t) if r.action == WAIVE_ACTION]
     assert sorted((r.actor, r.details["object"], r.details["reason"], r.run_id) for r in waivers) == [
         ("support:alice", display_name(corrupt), "INC-1: record restored from the customer's export", run_id),
-        ("support:bob", display_name(foreign), "INC-2: foreign object reported to security", run_id)]
+        ("support:bob", display_name(foreign), "INC-2: foreign object reported to security", run_id),
+    ]
     assert p.state.verify_audit(tenant_id=t).ok
 
     # The quarantined sources still exist, byte for byte, where the report says; nothing else does.
@@ -244,14 +274,20 @@ def _big_job(tenant_id: str, files: Path) -> JobSpec:
         path = files / f"{attachment_id}.bin"
         path.write_bytes(os.urandom(size))
         paths[attachment_id] = str(path)
-        record = Record("Case", f"500STOP{i:011d}", {"Name": f"stop case {i}", "Status": "Open"},
-                        (AttachmentRef(attachment_id, f"scan-{i}.bin", size),), "ws0")
+        record = Record(
+            "Case",
+            f"500STOP{i:011d}",
+            {"Name": f"stop case {i}", "Status": "Open"},
+            (AttachmentRef(attachment_id, f"scan-{i}.bin", size),),
+            "ws0",
+        )
         records.append(json.loads(record.to_json()))
     return JobSpec(f"{tenant_id}-big", tenant_id, "inline", tuple(records), paths)
 
 
-def test_sigterm_mid_copy_stops_gracefully_and_runs_resume_completes(flow_platform, archived_tenant, customer_key,
-                                                                     cli, prefect_api, tmp_path):
+def test_sigterm_mid_copy_stops_gracefully_and_runs_resume_completes(
+    flow_platform, archived_tenant, customer_key, cli, prefect_api, tmp_path
+):
     p = flow_platform
     archived = archived_tenant("s3", records=120, seed=41)
     t = archived.tenant_id
@@ -268,8 +304,10 @@ def test_sigterm_mid_copy_stops_gracefully_and_runs_resume_completes(flow_platfo
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"archive-kms enable exited ({proc.returncode}) before its copy was caught half way:\n"
-                        f"{err.read_text()[-3000:]}")
+            pytest.fail(
+                f"archive-kms enable exited ({proc.returncode}) before its copy was caught half way:\n"
+                f"{err.read_text()[-3000:]}"
+            )
         run = p.state.find_active_run(t)
         if run is not None and run.step("copy").state is StepState.RUNNING:
             copied_at_signal = p.state.copy_counts(run.run_id).get(CopyStatus.COPIED, 0)

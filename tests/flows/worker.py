@@ -80,14 +80,23 @@ def _enable(platform: Any, args: argparse.Namespace, actor: str) -> dict[str, An
     plan = plan_enable(platform, args.tenant, args.mode, args.key_ref, shards=args.shards)
     run, created = trigger(platform, plan, actor=actor)
     if not created:
-        return Outcome(run.run_id, run.tenant_id, run.flow.value, run.state.value, created=False,
-                       message=f"run {run.run_id} is already going for {run.tenant_id}").to_dict()
+        return Outcome(
+            run.run_id,
+            run.tenant_id,
+            run.flow.value,
+            run.state.value,
+            created=False,
+            message=f"run {run.run_id} is already going for {run.tenant_id}",
+        ).to_dict()
     return execute(platform, run.run_id, actor=actor, shard_runner=thread_shard_runner).to_dict()
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=os.environ.get("AKMS_WORKER_LOG", "WARNING"), stream=sys.stderr,
-                        format=f"worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("AKMS_WORKER_LOG", "WARNING"),
+        stream=sys.stderr,
+        format=f"worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+    )
     args = _parse(argv)
     _arm_upload_part_point()
 

@@ -63,10 +63,16 @@ def test_paused_jobs_are_deferred_and_replayed_once(platform):
     tenant = _tenant("p")
     create_tenant(platform, tenant, cloud="s3", actor="test")
     platform.state.pause(tenant, "run-x")
-    j1 = submit_job(platform.state, JobSpec(f"{tenant}-a", tenant, "synthetic", synthetic={"count": 4, "seed": 1}),
-                    platform.open_archive)
-    j2 = submit_job(platform.state, JobSpec(f"{tenant}-b", tenant, "synthetic",
-                                            synthetic={"count": 4, "seed": 1, "offset": 4}), platform.open_archive)
+    j1 = submit_job(
+        platform.state,
+        JobSpec(f"{tenant}-a", tenant, "synthetic", synthetic={"count": 4, "seed": 1}),
+        platform.open_archive,
+    )
+    j2 = submit_job(
+        platform.state,
+        JobSpec(f"{tenant}-b", tenant, "synthetic", synthetic={"count": 4, "seed": 1, "offset": 4}),
+        platform.open_archive,
+    )
     assert (j1.decision, j2.decision) == ("deferred", "deferred")
     assert list(platform.open_archive(tenant).store.list()) == []
     done = replay_deferred(platform.state, tenant, "run-x", platform.open_archive)
@@ -154,8 +160,9 @@ def test_cli_archive_then_search(localstack, azurite, elasticsearch, tmp_path, m
     tenant = _tenant("cli")
     made = runner.invoke(app, ["tenant", "create", tenant, "--cloud", cloud, "--json"])
     assert made.exit_code == 0, made.output
-    run = runner.invoke(app, ["archive", tenant, "--generate", "12", "--seed", "4", "--job-id", f"{tenant}-j",
-                              "--json"])
+    run = runner.invoke(
+        app, ["archive", tenant, "--generate", "12", "--seed", "4", "--job-id", f"{tenant}-j", "--json"]
+    )
     assert run.exit_code == 0 and json.loads(run.output)["records"] == 12, run.output
     spec = JobSpec(f"{tenant}-j", tenant, "synthetic", synthetic={"count": 12, "seed": 4})
     record = next(r for r, _ in spec.materialise())

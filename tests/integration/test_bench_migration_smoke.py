@@ -20,13 +20,32 @@ NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
 def _run_bench(*args: str) -> subprocess.CompletedProcess[str]:
     if shutil.which("rclone") is None:
         raise AssertionError("rclone is not installed: run localstack/system-deps.sh (or apt-get install -y rclone)")
-    return subprocess.run([sys.executable, str(BENCH), "--objects", "20", "--mix", "small", "--parallel-shards", "2",
-                           "--threads", "2", *args], capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--objects",
+            "20",
+            "--mix",
+            "small",
+            "--parallel-shards",
+            "2",
+            "--threads",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
 
 
 def test_bench_prints_ratio_and_peak_rss(localstack, elasticsearch) -> None:
     done = _run_bench()
-    assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (
+        f"exit {done.returncode}\nstdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    )
     ratio = re.search(rf"^ratio ours/rclone \(copy \+ verify\): {NUMBER}", done.stdout, re.MULTILINE)
     rss = re.search(rf"^peak RSS: ours {NUMBER} MiB, rclone {NUMBER} MiB", done.stdout, re.MULTILINE)
     assert ratio is not None, done.stdout

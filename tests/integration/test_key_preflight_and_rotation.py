@@ -37,11 +37,14 @@ def _kms_key(kms, **kwargs) -> str:
     return arn
 
 
-@pytest.mark.parametrize("spec,usage,problem", [
-    ("RSA_2048", "ENCRYPT_DECRYPT", "KeySpec is RSA_2048"),
-    ("HMAC_256", "GENERATE_VERIFY_MAC", "KeyUsage is GENERATE_VERIFY_MAC"),
-    ("ECC_NIST_P256", "SIGN_VERIFY", "KeySpec is ECC_NIST_P256"),
-])
+@pytest.mark.parametrize(
+    "spec,usage,problem",
+    [
+        ("RSA_2048", "ENCRYPT_DECRYPT", "KeySpec is RSA_2048"),
+        ("HMAC_256", "GENERATE_VERIFY_MAC", "KeyUsage is GENERATE_VERIFY_MAC"),
+        ("ECC_NIST_P256", "SIGN_VERIFY", "KeySpec is ECC_NIST_P256"),
+    ],
+)
 def test_kms_preflight_rejects_asymmetric_and_hmac_keys(localstack, kms, spec, usage, problem) -> None:
     arn = _kms_key(kms, KeySpec=spec, KeyUsage=usage)
     provider = KeyProviderRegistry(localstack).resolve(f"aws-kms://{arn}")
@@ -134,13 +137,16 @@ def _kmip_key(kmip, *, length=256, masks=("ENCRYPT", "DECRYPT"), activate=True) 
 
     # ProxyKmipClient.create always adds Encrypt|Decrypt to the mask, so build the template.
     factory = AttributeFactory()
-    template = TemplateAttribute(attributes=[
-        factory.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_ALGORITHM, enums.CryptographicAlgorithm.AES),
-        factory.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_LENGTH, length),
-        factory.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_USAGE_MASK,
-                                 [getattr(enums.CryptographicUsageMask, m) for m in masks]),
-        factory.create_attribute(enums.AttributeType.NAME, f"pf-{os.urandom(3).hex()}"),
-    ])
+    template = TemplateAttribute(
+        attributes=[
+            factory.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_ALGORITHM, enums.CryptographicAlgorithm.AES),
+            factory.create_attribute(enums.AttributeType.CRYPTOGRAPHIC_LENGTH, length),
+            factory.create_attribute(
+                enums.AttributeType.CRYPTOGRAPHIC_USAGE_MASK, [getattr(enums.CryptographicUsageMask, m) for m in masks]
+            ),
+            factory.create_attribute(enums.AttributeType.NAME, f"pf-{os.urandom(3).hex()}"),
+        ]
+    )
     client = wiring.kmip_client(kmip)
     with client:
         result = client.proxy.create(enums.ObjectType.SYMMETRIC_KEY, template)
@@ -151,11 +157,14 @@ def _kmip_key(kmip, *, length=256, masks=("ENCRYPT", "DECRYPT"), activate=True) 
     return f"kmip://{kmip.kmip_host}:{kmip.kmip_port}/{uid}"
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"length": 128}, ConfigurationError, "128 bits, not 256"),
-    ({"masks": ("ENCRYPT",)}, ConfigurationError, "lacks Decrypt"),
-    ({"activate": False}, KeyUnavailableError, "disabled"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"length": 128}, ConfigurationError, "128 bits, not 256"),
+        ({"masks": ("ENCRYPT",)}, ConfigurationError, "lacks Decrypt"),
+        ({"activate": False}, KeyUnavailableError, "disabled"),
+    ],
+)
 def test_kmip_preflight_rejects_unsuitable_keys(kmip, kwargs, error, match) -> None:
     ref = _kmip_key(kmip, **kwargs)
     with pytest.raises(error, match=match):

@@ -57,8 +57,11 @@ def test_build_platform_audits_erasure_and_a_fresh_process_refuses_the_old_keych
     con.commit()
     con.close()
     fresh = wiring.build_platform(settings)  # a new CLI call or worker
-    with pytest.raises(KeychainTamperedError, match=f"keychain of tenant {tenant} is at version 2 but the audit "
-                                                    f"log recorded version {erased.head_version}: rolled back"):
+    with pytest.raises(
+        KeychainTamperedError,
+        match=f"keychain of tenant {tenant} is at version 2 but the audit "
+        f"log recorded version {erased.head_version}: rolled back",
+    ):
         fresh.keychain.dek_by_id(tenant, old_dek)
     platform.state.close()
     fresh.state.close()

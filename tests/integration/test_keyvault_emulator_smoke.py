@@ -24,8 +24,10 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -89,8 +91,16 @@ class Emulator:
         started = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(EMULATOR), "--host", "127.0.0.1", "--port", str(self.port),
-                 "--state-dir", str(self.state_dir)],
+                [
+                    sys.executable,
+                    str(EMULATOR),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--state-dir",
+                    str(self.state_dir),
+                ],
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,
@@ -301,9 +311,9 @@ def test_disabled_expired_and_not_yet_valid_versions_refuse(emulator: Emulator, 
     assert kc.update_key_properties(name, version, enabled=True).properties.enabled is True
     assert cc.unwrap_key(OAEP_256, wrapped).key == dek
 
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     kc.update_key_properties(name, version, not_before=now + timedelta(hours=1))
     with pytest.raises(HttpResponseError) as info:
         crypto_client(emulator, key.id).unwrap_key(OAEP_256, wrapped)
@@ -359,7 +369,9 @@ def test_bad_requests_answer_400_and_unknown_keys_404(emulator: Emulator, kc: Ke
     for body in cases:
         status, code, _ = error_of(server_op(kc, key.id, "wrapkey", body))
         assert (status, code) == (400, "BadParameter"), body
-    bad_json = HttpRequest("POST", f"/keys/{name}/create", content=b"{nope", headers={"Content-Type": "application/json"})
+    bad_json = HttpRequest(
+        "POST", f"/keys/{name}/create", content=b"{nope", headers={"Content-Type": "application/json"}
+    )
     assert error_of(kc.send_request(bad_json))[:2] == (400, "BadParameter")
     garbage = {"alg": "RSA-OAEP-256", "value": b64url(b"\x00" * 256)}
     assert error_of(server_op(kc, key.id, "unwrapkey", garbage))[:2] == (400, "BadParameter")

@@ -87,8 +87,14 @@ def test_flow_in_a_subprocess_uses_the_stack_server_not_a_temporary_one(prefect_
     script.write_text(SUBPROCESS_FLOW)
     assert os.environ["PREFECT_API_URL"] == prefect_api  # what the child inherits, set by the fixture
 
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=SUBPROCESS_TIMEOUT_S, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        check=False,
+    )
 
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]

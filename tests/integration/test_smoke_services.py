@@ -85,8 +85,11 @@ def test_kmip_encrypt_decrypt_inside_server_and_revoke_refuses(kmip):
     with client:
         uid = client.create(enums.CryptographicAlgorithm.AES, 256, name=f"smoke-{uuid.uuid4().hex[:8]}")
         client.activate(uid)
-        params = {"block_cipher_mode": enums.BlockCipherMode.CBC, "padding_method": enums.PaddingMethod.PKCS5,
-                  "cryptographic_algorithm": enums.CryptographicAlgorithm.AES}
+        params = {
+            "block_cipher_mode": enums.BlockCipherMode.CBC,
+            "padding_method": enums.PaddingMethod.PKCS5,
+            "cryptographic_algorithm": enums.CryptographicAlgorithm.AES,
+        }
         iv = os.urandom(16)
         ct, _ = client.encrypt(b"smoke-plaintext", uid=uid, cryptographic_parameters=params, iv_counter_nonce=iv)
         assert ct != b"smoke-plaintext"

@@ -31,16 +31,26 @@ def _free_port() -> int:
 
 @pytest.fixture
 def stack_env(tmp_path: Path):
-    env = dict(os.environ, ARCHIVE_KMS_STACK_DIR=str(tmp_path / "stack"),
-               ARCHIVE_KMS_PORT_KEYVAULT=str(_free_port()))
+    env = dict(os.environ, ARCHIVE_KMS_STACK_DIR=str(tmp_path / "stack"), ARCHIVE_KMS_PORT_KEYVAULT=str(_free_port()))
     yield env
-    subprocess.run([sys.executable, str(STACK), "down", "--only", "keyvault"], env=env,
-                   capture_output=True, timeout=60, check=False)
+    subprocess.run(
+        [sys.executable, str(STACK), "down", "--only", "keyvault"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def _stack(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(STACK), *args, "--only", "keyvault", "--json"], env=env,
-                          capture_output=True, text=True, timeout=180, check=False)
+    return subprocess.run(
+        [sys.executable, str(STACK), *args, "--only", "keyvault", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
 
 
 def _up(env: dict[str, str]) -> dict:
@@ -103,8 +113,14 @@ def test_hung_service_is_replaced_by_up(stack_env):
 
 def test_endpoints_json_prints_the_endpoints(stack_env):
     _up(stack_env)
-    r = subprocess.run([sys.executable, str(STACK), "endpoints", "--json"], env=stack_env, capture_output=True,
-                       text=True, timeout=60, check=True)
+    r = subprocess.run(
+        [sys.executable, str(STACK), "endpoints", "--json"],
+        env=stack_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     endpoints = json.loads(r.stdout)
     assert endpoints["azure_keyvault_url"].endswith(f":{stack_env['ARCHIVE_KMS_PORT_KEYVAULT']}")
     assert endpoints["state_url"].startswith("sqlite:///")

@@ -93,10 +93,16 @@ def test_every_job_leaves_an_audit_record_with_counts_not_content(platform):
     platform.state.pause("acme", "run-9")
     submit_job(platform.state, synthetic("job-a2", 3, offset=4), platform.open_archive)
     replay_deferred(platform.state, "acme", "run-9", platform.open_archive)
-    jobs = [(r.action, r.actor, r.run_id, r.details["job_id"]) for r in platform.state.iter_audit(tenant_id="acme")
-            if r.action.startswith("job.")]
-    assert jobs == [("job.run", "archive-writer", None, "job-a1"), ("job.deferred", "archive-writer", None, "job-a2"),
-                    ("job.run", "replay:run-9", "run-9", "job-a2")]
+    jobs = [
+        (r.action, r.actor, r.run_id, r.details["job_id"])
+        for r in platform.state.iter_audit(tenant_id="acme")
+        if r.action.startswith("job.")
+    ]
+    assert jobs == [
+        ("job.run", "archive-writer", None, "job-a1"),
+        ("job.deferred", "archive-writer", None, "job-a2"),
+        ("job.run", "replay:run-9", "run-9", "job-a2"),
+    ]
     ran = next(r for r in platform.state.iter_audit(tenant_id="acme") if r.action == "job.run")
     assert ran.details["records"] == 4 and ran.details["indexed"] == 4
     assert platform.state.verify_audit(tenant_id="acme").ok
@@ -151,8 +157,12 @@ def test_bad_tenant_ids_are_refused_before_anything_is_created():
 
 
 def inline(job_id: str, tenant: str = "acme", subject: str = "Renewal for Quokkafjord Ltd") -> JobSpec:
-    record = {"object_type": "Case", "record_id": "5003000000QkfJ1AAA", "workspace_id": "ws0",
-              "fields": {"Subject": subject, "Priority": "High"}}
+    record = {
+        "object_type": "Case",
+        "record_id": "5003000000QkfJ1AAA",
+        "workspace_id": "ws0",
+        "fields": {"Subject": subject, "Priority": "High"},
+    }
     return JobSpec(job_id, tenant, "inline", (record,))
 
 
@@ -161,8 +171,13 @@ def test_a_job_without_record_content_is_queued_without_a_seal(platform):
     submit_job(platform.state, synthetic("job-s", 5, offset=3), platform.open_archive)
     [queued] = platform.state.list_deferred("acme")
     assert queued.sealed is None
-    assert queued.payload == {"format": "akms-deferred-job/1", "kind": "synthetic", "record_count": 0,
-                              "attachment_count": 0, "synthetic": {"count": 5, "seed": 7, "offset": 3}}
+    assert queued.payload == {
+        "format": "akms-deferred-job/1",
+        "kind": "synthetic",
+        "record_count": 0,
+        "attachment_count": 0,
+        "synthetic": {"count": 5, "seed": 7, "offset": 3},
+    }
     [out] = replay_deferred(platform.state, "acme", "run-1", platform.open_archive)
     assert (out.decision, out.records) == ("run", 5)
 
@@ -193,10 +208,14 @@ def test_a_seal_opens_only_for_its_own_job_and_tenant(platform):
     queued = seal_job(inline("job-1"), platform.keychain)
     mine = DeferredJob("job-1", "acme", queued.metadata, sealed=queued.sealed)
     assert open_queued(mine, platform.keychain) == inline("job-1")
-    for moved in (DeferredJob("job-2", "acme", queued.metadata, sealed=queued.sealed),
-                  DeferredJob("job-1", "beta", queued.metadata, sealed=queued.sealed)):
-        with pytest.raises(IntegrityError, match=f"deferred job {moved.job_id} of tenant {moved.tenant_id}: its sealed "
-                                                 "content was refused") as info:
+    for moved in (
+        DeferredJob("job-2", "acme", queued.metadata, sealed=queued.sealed),
+        DeferredJob("job-1", "beta", queued.metadata, sealed=queued.sealed),
+    ):
+        with pytest.raises(
+            IntegrityError,
+            match=f"deferred job {moved.job_id} of tenant {moved.tenant_id}: its sealed content was refused",
+        ) as info:
             open_queued(moved, platform.keychain)
         assert "Quokkafjord" not in str(info.value)
     other = seal_job(inline("job-1", subject="something else"), platform.keychain)

@@ -29,15 +29,25 @@ VECTOR_HASH = "dd9f972da694c2c8efc4fdd65186729894da437ab1a546b9608ce5432dde1072"
 
 
 def test_canonical_encoding_known_answer() -> None:
-    fields = dict(seq=1, ts=T0, actor="support:alice", action="tenant.pause", tenant_id="acme", run_id="run-1",
-                  details={"b": [1, 2], "a": "caf\u00e9"}, prev_hash=chain.GENESIS, tenant_seq=1,
-                  tenant_prev_hash=chain.GENESIS)
+    fields = dict(
+        seq=1,
+        ts=T0,
+        actor="support:alice",
+        action="tenant.pause",
+        tenant_id="acme",
+        run_id="run-1",
+        details={"b": [1, 2], "a": "caf\u00e9"},
+        prev_hash=chain.GENESIS,
+        tenant_seq=1,
+        tenant_prev_hash=chain.GENESIS,
+    )
     assert chain.canonical_record(**fields).decode() == VECTOR_CANONICAL
     assert chain.record_hash(**fields) == VECTOR_HASH == hashlib.sha256(VECTOR_CANONICAL.encode()).hexdigest()
 
 
-@pytest.mark.parametrize("bad", [{"x": float("nan")}, {"x": float("inf")}, {"x": object()}, {"x": b"bytes"},
-                                 {1: "a", "b": 2}])
+@pytest.mark.parametrize(
+    "bad", [{"x": float("nan")}, {"x": float("inf")}, {"x": object()}, {"x": b"bytes"}, {1: "a", "b": 2}]
+)
 def test_canonical_json_refuses_what_json_cannot_hold_exactly(bad: dict[Any, Any]) -> None:
     with pytest.raises(ValidationError):
         chain.canonical_json(bad)
@@ -61,10 +71,21 @@ def build(tenants: list[str | None]) -> list[AuditRecord]:
     prev = chain.GENESIS
     tips: dict[str, tuple[int, str]] = {}
     for i, t in enumerate(tenants, start=1):
-        tseq, tprev = (None, None) if t is None else (tips.get(t, (0, chain.GENESIS))[0] + 1,
-                                                      tips.get(t, (0, chain.GENESIS))[1])
-        fields = dict(seq=i, ts=T0 + timedelta(seconds=i), actor="a", action=f"act.{i}", tenant_id=t,
-                      run_id=None, details={"i": i}, prev_hash=prev, tenant_seq=tseq, tenant_prev_hash=tprev)
+        tseq, tprev = (
+            (None, None) if t is None else (tips.get(t, (0, chain.GENESIS))[0] + 1, tips.get(t, (0, chain.GENESIS))[1])
+        )
+        fields = dict(
+            seq=i,
+            ts=T0 + timedelta(seconds=i),
+            actor="a",
+            action=f"act.{i}",
+            tenant_id=t,
+            run_id=None,
+            details={"i": i},
+            prev_hash=prev,
+            tenant_seq=tseq,
+            tenant_prev_hash=tprev,
+        )
         rec = AuditRecord(**fields, hash=chain.record_hash(**fields))  # type: ignore[arg-type]
         out.append(rec)
         prev = rec.hash
@@ -83,14 +104,16 @@ def heads_of(records: list[AuditRecord], sealer: Any = None) -> dict[str, chain.
     return heads
 
 
-def verify(records: list[AuditRecord], heads: dict[str, chain.ChainHead], verifier: Any = None,
-           tenant_id: str | None = None) -> Any:
+def verify(
+    records: list[AuditRecord], heads: dict[str, chain.ChainHead], verifier: Any = None, tenant_id: str | None = None
+) -> Any:
     v = chain.ChainVerifier(tenant_id=tenant_id)
     for r in records:
         if v.feed(r) is not None:
             break
-    return v.finish(heads if tenant_id is None else {k: h for k, h in heads.items()
-                                                     if k == chain.tenant_chain(tenant_id)}, verifier)
+    return v.finish(
+        heads if tenant_id is None else {k: h for k, h in heads.items() if k == chain.tenant_chain(tenant_id)}, verifier
+    )
 
 
 LOG = ["acme", "beta", None, "acme", "beta", "acme"]
@@ -103,15 +126,18 @@ def test_a_valid_log_verifies_globally_and_per_tenant() -> None:
     assert verify([], heads_of([])).ok
 
 
-@pytest.mark.parametrize(("tamper", "first_bad"), [
-    (lambda rs: [replace(rs[2], details={"i": "x"}) if r is rs[2] else r for r in rs], 3),  # edit
-    (lambda rs: [replace(rs[2], actor="mallory") if r is rs[2] else r for r in rs], 3),  # edit another field
-    (lambda rs: rs[:2] + rs[3:], 3),  # delete from the middle
-    (lambda rs: rs[1:], 1),  # delete the first
-    (lambda rs: rs[:2] + [replace(rs[3], seq=3), replace(rs[2], seq=4)] + rs[4:], 3),  # swap seq
-    (lambda rs: rs[:3] + [rs[2]] + rs[3:], 3),  # duplicate a record
-    (lambda rs: rs[:3] + [replace(rs[3], tenant_id="beta")] + rs[4:], 4),  # move to another tenant
-])
+@pytest.mark.parametrize(
+    ("tamper", "first_bad"),
+    [
+        (lambda rs: [replace(rs[2], details={"i": "x"}) if r is rs[2] else r for r in rs], 3),  # edit
+        (lambda rs: [replace(rs[2], actor="mallory") if r is rs[2] else r for r in rs], 3),  # edit another field
+        (lambda rs: rs[:2] + rs[3:], 3),  # delete from the middle
+        (lambda rs: rs[1:], 1),  # delete the first
+        (lambda rs: rs[:2] + [replace(rs[3], seq=3), replace(rs[2], seq=4)] + rs[4:], 3),  # swap seq
+        (lambda rs: rs[:3] + [rs[2]] + rs[3:], 3),  # duplicate a record
+        (lambda rs: rs[:3] + [replace(rs[3], tenant_id="beta")] + rs[4:], 4),  # move to another tenant
+    ],
+)
 def test_tampering_is_found_at_the_first_bad_record(tamper: Any, first_bad: int) -> None:
     recs = build(LOG)
     result = verify(tamper(recs), heads_of(recs))
@@ -160,7 +186,7 @@ def test_hmac_seals() -> None:
     heads = heads_of(recs, sealer)
     ok = verify(recs, heads, sealer)
     assert ok.ok and ok.sealed
-    assert "HmacHeadSealer(key_id='k1')" == repr(sealer)
+    assert repr(sealer) == "HmacHeadSealer(key_id='k1')"
     rewritten = dict(heads)
     rewritten[chain.GLOBAL_CHAIN] = replace(heads[chain.GLOBAL_CHAIN], count=5, head_hash=recs[4].hash)
     assert "does not verify" in verify(recs[:5], rewritten, sealer).reason
@@ -195,7 +221,8 @@ def test_export_round_trip_and_offline_verification() -> None:
         lines = export_of(recs, tenant)
         assert chain.verify_export(lines).ok, tenant
         assert [chain.record_from_json(d) for d in lines if d["type"] == "record"] == [
-            r for r in recs if tenant is None or r.tenant_id == tenant]
+            r for r in recs if tenant is None or r.tenant_id == tenant
+        ]
 
 
 def test_export_verification_failures() -> None:

@@ -6,7 +6,7 @@ error, and requests carry the context and the pinned key id."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import boto3
 import pytest
@@ -30,7 +30,7 @@ from archive_kms.keys.aws_kms import ALGORITHM, AwsKmsKeyProvider, _RedactKmsPla
 from archive_kms.keys.byok import ByokImporter, ImportParameters, sha256_hex
 from archive_kms.keys.port import KeyState, WrappedKey
 
-NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 ARN = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
 OTHER = "arn:aws:kms:us-east-1:111122223333:key/99999999-12ab-34cd-56ef-1234567890ab"
 REF = f"aws-kms://{ARN}"
@@ -39,8 +39,13 @@ CTX = {"tenant": "acme"}
 
 @pytest.fixture
 def kms():
-    client = boto3.client("kms", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x",
-                          config=Config(retries={"max_attempts": 1, "mode": "standard"}))
+    client = boto3.client(
+        "kms",
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=Config(retries={"max_attempts": 1, "mode": "standard"}),
+    )
     with Stubber(client) as stub:
         client.stub = stub  # type: ignore[attr-defined]
         yield client
@@ -49,9 +54,17 @@ def kms():
 
 def metadata(**overrides):
     md = {
-        "AWSAccountId": "111122223333", "KeyId": ARN.rsplit("/", 1)[1], "Arn": ARN, "Enabled": True,
-        "KeyUsage": "ENCRYPT_DECRYPT", "KeyState": "Enabled", "Origin": "AWS_KMS", "KeyManager": "CUSTOMER",
-        "KeySpec": "SYMMETRIC_DEFAULT", "CustomerMasterKeySpec": "SYMMETRIC_DEFAULT", "MultiRegion": False,
+        "AWSAccountId": "111122223333",
+        "KeyId": ARN.rsplit("/", 1)[1],
+        "Arn": ARN,
+        "Enabled": True,
+        "KeyUsage": "ENCRYPT_DECRYPT",
+        "KeyState": "Enabled",
+        "Origin": "AWS_KMS",
+        "KeyManager": "CUSTOMER",
+        "KeySpec": "SYMMETRIC_DEFAULT",
+        "CustomerMasterKeySpec": "SYMMETRIC_DEFAULT",
+        "MultiRegion": False,
         "CurrentKeyMaterialId": "m1" * 32,
     }
     md.update(overrides)
@@ -63,50 +76,61 @@ def provider(kms, ref: str = REF) -> AwsKmsKeyProvider:
 
 
 def client_error(code: str, status: int = 400, message: str = "m") -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": message},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, "Decrypt")
+    return ClientError(
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Decrypt"
+    )
 
 
 # --- error translation -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code,status,expected,retryable", [
-    ("DisabledException", 400, KeyUnavailableError, False),
-    ("KMSInvalidStateException", 400, KeyUnavailableError, False),
-    ("NotFoundException", 400, KeyNotFoundError, False),
-    ("AccessDeniedException", 400, KeyAccessDeniedError, False),
-    ("InvalidGrantTokenException", 400, KeyAccessDeniedError, False),
-    ("InvalidCiphertextException", 400, WrongKeyError, False),
-    ("IncorrectKeyException", 400, WrongKeyError, False),
-    ("ThrottlingException", 400, KeyThrottledError, True),
-    ("LimitExceededException", 400, KeyThrottledError, True),
-    ("KMSInternalException", 500, ServiceUnavailableError, True),
-    ("DependencyTimeoutException", 503, ServiceUnavailableError, True),
-    ("KeyUnavailableException", 500, ServiceUnavailableError, True),
-    ("SomethingNew", 502, ServiceUnavailableError, True),
-    ("InvalidKeyUsageException", 400, ConfigurationError, False),
-    ("SomethingNew", 400, KeyError_, False),
-])
+@pytest.mark.parametrize(
+    "code,status,expected,retryable",
+    [
+        ("DisabledException", 400, KeyUnavailableError, False),
+        ("KMSInvalidStateException", 400, KeyUnavailableError, False),
+        ("NotFoundException", 400, KeyNotFoundError, False),
+        ("AccessDeniedException", 400, KeyAccessDeniedError, False),
+        ("InvalidGrantTokenException", 400, KeyAccessDeniedError, False),
+        ("InvalidCiphertextException", 400, WrongKeyError, False),
+        ("IncorrectKeyException", 400, WrongKeyError, False),
+        ("ThrottlingException", 400, KeyThrottledError, True),
+        ("LimitExceededException", 400, KeyThrottledError, True),
+        ("KMSInternalException", 500, ServiceUnavailableError, True),
+        ("DependencyTimeoutException", 503, ServiceUnavailableError, True),
+        ("KeyUnavailableException", 500, ServiceUnavailableError, True),
+        ("SomethingNew", 502, ServiceUnavailableError, True),
+        ("InvalidKeyUsageException", 400, ConfigurationError, False),
+        ("SomethingNew", 400, KeyError_, False),
+    ],
+)
 def test_client_errors_translate_by_code(code, status, expected, retryable) -> None:
-    error = translate_client_error(client_error(code, status), operation="Decrypt", key_ref=REF,
-                                   state_of=lambda: KeyState.PENDING_DELETION)
+    error = translate_client_error(
+        client_error(code, status), operation="Decrypt", key_ref=REF, state_of=lambda: KeyState.PENDING_DELETION
+    )
     assert type(error) is expected
     assert error.retryable is retryable
     assert REF in str(error) and error.resource == REF
 
 
 def test_invalid_state_names_the_state_from_describe_key() -> None:
-    error = translate_client_error(client_error("KMSInvalidStateException"), operation="Decrypt", key_ref=REF,
-                                   state_of=lambda: KeyState.PENDING_IMPORT)
+    error = translate_client_error(
+        client_error("KMSInvalidStateException"),
+        operation="Decrypt",
+        key_ref=REF,
+        state_of=lambda: KeyState.PENDING_IMPORT,
+    )
     assert isinstance(error, KeyUnavailableError) and error.state == "pending_import"
     assert "pending_import" in str(error)
-    assert translate_client_error(client_error("DisabledException"), operation="Decrypt",
-                                  key_ref=REF).state == "disabled"
+    assert (
+        translate_client_error(client_error("DisabledException"), operation="Decrypt", key_ref=REF).state == "disabled"
+    )
 
 
 def test_transport_errors_are_retryable() -> None:
-    error = translate_client_error(EndpointConnectionError(endpoint_url="https://kms"), operation="Encrypt",
-                                   key_ref=REF)
+    error = translate_client_error(
+        EndpointConnectionError(endpoint_url="https://kms"), operation="Encrypt", key_ref=REF
+    )
     assert isinstance(error, ServiceUnavailableError) and error.retryable
 
 
@@ -115,12 +139,16 @@ def test_transport_errors_are_retryable() -> None:
 
 def test_wrap_sends_the_context_and_unwrap_pins_the_key(kms) -> None:
     secret = SecretBytes(b"k" * 32)
-    kms.stub.add_response("encrypt", {"CiphertextBlob": b"blob", "KeyId": ARN},
-                          {"KeyId": ARN, "Plaintext": b"k" * 32, "EncryptionContext": CTX,
-                           "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"})
-    kms.stub.add_response("decrypt", {"Plaintext": b"k" * 32, "KeyId": ARN},
-                          {"KeyId": ARN, "CiphertextBlob": b"blob", "EncryptionContext": CTX,
-                           "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"})
+    kms.stub.add_response(
+        "encrypt",
+        {"CiphertextBlob": b"blob", "KeyId": ARN},
+        {"KeyId": ARN, "Plaintext": b"k" * 32, "EncryptionContext": CTX, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"},
+    )
+    kms.stub.add_response(
+        "decrypt",
+        {"Plaintext": b"k" * 32, "KeyId": ARN},
+        {"KeyId": ARN, "CiphertextBlob": b"blob", "EncryptionContext": CTX, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT"},
+    )
     wrapped = provider(kms).wrap(secret, context=CTX)
     assert wrapped == WrappedKey(key_ref=REF, algorithm=ALGORITHM, ciphertext=b"blob")
     assert provider(kms).unwrap(wrapped, context=CTX) == secret
@@ -162,20 +190,34 @@ def test_invalid_state_on_unwrap_is_enriched_with_describe_key(kms) -> None:
 # --- status ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides,state", [
-    ({}, KeyState.ENABLED),
-    ({"KeyState": "Disabled", "Enabled": False}, KeyState.DISABLED),
-    ({"KeyState": "PendingDeletion"}, KeyState.PENDING_DELETION),
-    ({"KeyState": "PendingReplicaDeletion"}, KeyState.PENDING_DELETION),
-    ({"KeyState": "PendingImport", "Origin": "EXTERNAL"}, KeyState.PENDING_IMPORT),
-    ({"KeyState": "Unavailable"}, KeyState.DISABLED),
-    ({"Origin": "EXTERNAL", "ExpirationModel": "KEY_MATERIAL_EXPIRES", "ValidTo": NOW + timedelta(days=3)},
-     KeyState.ENABLED),
-    ({"Origin": "EXTERNAL", "ExpirationModel": "KEY_MATERIAL_EXPIRES", "ValidTo": NOW - timedelta(seconds=1)},
-     KeyState.MATERIAL_EXPIRED),
-    ({"KeyState": "PendingImport", "Origin": "EXTERNAL", "ExpirationModel": "KEY_MATERIAL_EXPIRES",
-      "ValidTo": NOW - timedelta(days=1)}, KeyState.MATERIAL_EXPIRED),
-])
+@pytest.mark.parametrize(
+    "overrides,state",
+    [
+        ({}, KeyState.ENABLED),
+        ({"KeyState": "Disabled", "Enabled": False}, KeyState.DISABLED),
+        ({"KeyState": "PendingDeletion"}, KeyState.PENDING_DELETION),
+        ({"KeyState": "PendingReplicaDeletion"}, KeyState.PENDING_DELETION),
+        ({"KeyState": "PendingImport", "Origin": "EXTERNAL"}, KeyState.PENDING_IMPORT),
+        ({"KeyState": "Unavailable"}, KeyState.DISABLED),
+        (
+            {"Origin": "EXTERNAL", "ExpirationModel": "KEY_MATERIAL_EXPIRES", "ValidTo": NOW + timedelta(days=3)},
+            KeyState.ENABLED,
+        ),
+        (
+            {"Origin": "EXTERNAL", "ExpirationModel": "KEY_MATERIAL_EXPIRES", "ValidTo": NOW - timedelta(seconds=1)},
+            KeyState.MATERIAL_EXPIRED,
+        ),
+        (
+            {
+                "KeyState": "PendingImport",
+                "Origin": "EXTERNAL",
+                "ExpirationModel": "KEY_MATERIAL_EXPIRES",
+                "ValidTo": NOW - timedelta(days=1),
+            },
+            KeyState.MATERIAL_EXPIRED,
+        ),
+    ],
+)
 def test_status_maps_key_metadata(kms, overrides, state) -> None:
     kms.stub.add_response("describe_key", metadata(**overrides), {"KeyId": ARN})
     status = provider(kms).status()
@@ -185,8 +227,9 @@ def test_status_maps_key_metadata(kms, overrides, state) -> None:
     assert status.details["aws_key_state"] == overrides.get("KeyState", "Enabled")
 
 
-@pytest.mark.parametrize("code,state", [("NotFoundException", KeyState.NOT_FOUND),
-                                        ("AccessDeniedException", KeyState.ACCESS_DENIED)])
+@pytest.mark.parametrize(
+    "code,state", [("NotFoundException", KeyState.NOT_FOUND), ("AccessDeniedException", KeyState.ACCESS_DENIED)]
+)
 def test_status_does_not_raise_for_missing_or_forbidden_keys(kms, code, state) -> None:
     kms.stub.add_client_error("describe_key", code)
     assert provider(kms).status().state is state
@@ -201,16 +244,23 @@ def test_status_raises_for_transport_trouble(kms) -> None:
 # --- preflight metadata ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides,ref,problem", [
-    ({"KeySpec": "RSA_2048"}, REF, "KeySpec is RSA_2048"),
-    ({"KeySpec": "HMAC_256", "KeyUsage": "GENERATE_VERIFY_MAC"}, REF, "KeyUsage is GENERATE_VERIFY_MAC"),
-    ({"KeyUsage": "SIGN_VERIFY", "KeySpec": "ECC_NIST_P256"}, REF, "asymmetric or HMAC"),
-    ({"KeyManager": "AWS"}, REF, "AWS managed key"),
-    ({"MultiRegion": True, "MultiRegionConfiguration": {"MultiRegionKeyType": "REPLICA"}}, REF, "replica"),
-    ({"Arn": ARN.replace("us-east-1", "eu-west-1")}, REF.replace("us-east-1", "eu-west-1"), "client is for us-east-1"),
-    ({}, REF.replace("us-east-1", "eu-west-1"), "reference names eu-west-1"),
-    ({}, REF.replace("111122223333", "444455556666"), "reference names 444455556666"),
-])
+@pytest.mark.parametrize(
+    "overrides,ref,problem",
+    [
+        ({"KeySpec": "RSA_2048"}, REF, "KeySpec is RSA_2048"),
+        ({"KeySpec": "HMAC_256", "KeyUsage": "GENERATE_VERIFY_MAC"}, REF, "KeyUsage is GENERATE_VERIFY_MAC"),
+        ({"KeyUsage": "SIGN_VERIFY", "KeySpec": "ECC_NIST_P256"}, REF, "asymmetric or HMAC"),
+        ({"KeyManager": "AWS"}, REF, "AWS managed key"),
+        ({"MultiRegion": True, "MultiRegionConfiguration": {"MultiRegionKeyType": "REPLICA"}}, REF, "replica"),
+        (
+            {"Arn": ARN.replace("us-east-1", "eu-west-1")},
+            REF.replace("us-east-1", "eu-west-1"),
+            "client is for us-east-1",
+        ),
+        ({}, REF.replace("us-east-1", "eu-west-1"), "reference names eu-west-1"),
+        ({}, REF.replace("111122223333", "444455556666"), "reference names 444455556666"),
+    ],
+)
 def test_check_metadata_rejects_unsuitable_keys(kms, overrides, ref, problem) -> None:
     kms.stub.add_response("describe_key", metadata(**overrides))
     with pytest.raises(ConfigurationError) as info:
@@ -219,8 +269,9 @@ def test_check_metadata_rejects_unsuitable_keys(kms, overrides, ref, problem) ->
 
 
 def test_check_metadata_accepts_a_symmetric_customer_key(kms) -> None:
-    kms.stub.add_response("describe_key", metadata(MultiRegion=True,
-                                                   MultiRegionConfiguration={"MultiRegionKeyType": "PRIMARY"}))
+    kms.stub.add_response(
+        "describe_key", metadata(MultiRegion=True, MultiRegionConfiguration={"MultiRegionKeyType": "PRIMARY"})
+    )
     details = provider(kms).check_metadata()
     assert details["key_spec"] == "SYMMETRIC_DEFAULT" and details["multi_region_type"] == "PRIMARY"
 
@@ -229,21 +280,30 @@ def test_check_metadata_accepts_a_symmetric_customer_key(kms) -> None:
 
 
 def params(expires: datetime = NOW + timedelta(hours=24)) -> ImportParameters:
-    return ImportParameters(key_ref=REF, wrapping_algorithm="RSAES_OAEP_SHA_256", wrapping_key_spec="RSA_2048",
-                            public_key_pem="-", import_token=b"token", expires_at=expires)
+    return ImportParameters(
+        key_ref=REF,
+        wrapping_algorithm="RSAES_OAEP_SHA_256",
+        wrapping_key_spec="RSA_2048",
+        public_key_pem="-",
+        import_token=b"token",
+        expires_at=expires,
+    )
 
 
-@pytest.mark.parametrize("code,status,expected", [
-    ("ExpiredImportTokenException", 400, KeyImportError),
-    ("InvalidImportTokenException", 400, KeyImportError),
-    ("InvalidCiphertextException", 400, KeyImportError),
-    ("IncorrectKeyMaterialException", 400, KeyImportError),
-    ("KMSInvalidStateException", 400, KeyImportError),
-    ("NotFoundException", 400, KeyImportError),
-    ("InternalError", 500, KeyImportError),
-    ("ThrottlingException", 400, KeyThrottledError),
-    ("AccessDeniedException", 400, KeyAccessDeniedError),
-])
+@pytest.mark.parametrize(
+    "code,status,expected",
+    [
+        ("ExpiredImportTokenException", 400, KeyImportError),
+        ("InvalidImportTokenException", 400, KeyImportError),
+        ("InvalidCiphertextException", 400, KeyImportError),
+        ("IncorrectKeyMaterialException", 400, KeyImportError),
+        ("KMSInvalidStateException", 400, KeyImportError),
+        ("NotFoundException", 400, KeyImportError),
+        ("InternalError", 500, KeyImportError),
+        ("ThrottlingException", 400, KeyThrottledError),
+        ("AccessDeniedException", 400, KeyAccessDeniedError),
+    ],
+)
 def test_import_failures_translate(kms, code, status, expected) -> None:
     upload = b"w" * 256
     kms.stub.add_client_error("import_key_material", code, "msg", http_status_code=status)
@@ -258,11 +318,20 @@ def test_import_failures_translate(kms, code, status, expected) -> None:
 def test_import_sends_expiry_and_never_an_import_type(kms) -> None:
     upload = b"w" * 256
     valid_to = NOW + timedelta(days=30)
-    kms.stub.add_response("import_key_material", {"KeyId": ARN, "KeyMaterialId": "m" * 64},
-                          {"KeyId": ARN, "ImportToken": b"token", "EncryptedKeyMaterial": upload,
-                           "ExpirationModel": "KEY_MATERIAL_EXPIRES", "ValidTo": valid_to})
-    result = ByokImporter(kms, clock=lambda: NOW).import_material(params(), upload, sha256_hex(upload),
-                                                                  valid_to=valid_to)
+    kms.stub.add_response(
+        "import_key_material",
+        {"KeyId": ARN, "KeyMaterialId": "m" * 64},
+        {
+            "KeyId": ARN,
+            "ImportToken": b"token",
+            "EncryptedKeyMaterial": upload,
+            "ExpirationModel": "KEY_MATERIAL_EXPIRES",
+            "ValidTo": valid_to,
+        },
+    )
+    result = ByokImporter(kms, clock=lambda: NOW).import_material(
+        params(), upload, sha256_hex(upload), valid_to=valid_to
+    )
     assert result.valid_to == valid_to and result.key_material_id == "m" * 64
 
 
@@ -271,10 +340,18 @@ def test_import_sends_expiry_and_never_an_import_type(kms) -> None:
 
 def test_botocore_records_carrying_plaintext_are_redacted() -> None:
     redact = _RedactKmsPlaintext()
-    body = logging.LogRecord("botocore.parsers", logging.DEBUG, __file__, 1, "Response body:\n%r",
-                             (b'{"KeyId":"k","Plaintext":"c2VjcmV0"}',), None)
+    body = logging.LogRecord(
+        "botocore.parsers",
+        logging.DEBUG,
+        __file__,
+        1,
+        "Response body:\n%r",
+        (b'{"KeyId":"k","Plaintext":"c2VjcmV0"}',),
+        None,
+    )
     assert redact.filter(body) and "c2VjcmV0" not in body.getMessage()
-    other = logging.LogRecord("botocore.parsers", logging.DEBUG, __file__, 1, "Response headers: %r",
-                              ({"x": "y"},), None)
+    other = logging.LogRecord(
+        "botocore.parsers", logging.DEBUG, __file__, 1, "Response headers: %r", ({"x": "y"},), None
+    )
     assert redact.filter(other) and other.getMessage() == "Response headers: {'x': 'y'}"
     assert any(isinstance(f, _RedactKmsPlaintext) for f in logging.getLogger("botocore.endpoint").filters)

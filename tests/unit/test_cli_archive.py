@@ -19,8 +19,9 @@ from archive_kms.operations.tenants import create_tenant
 def platform(monkeypatch: pytest.MonkeyPatch) -> Platform:
     p = Platform.in_memory()
     create_tenant(p, "acme", cloud="s3", provision_storage=False)
-    submit_job(p.state, JobSpec("j1", "acme", "synthetic", synthetic={"count": 6, "seed": 3, "mix": "default"}),
-               p.open_archive)
+    submit_job(
+        p.state, JobSpec("j1", "acme", "synthetic", synthetic={"count": 6, "seed": 3, "mix": "default"}), p.open_archive
+    )
     monkeypatch.setattr(cli, "_platform", lambda: p)
     return p
 
@@ -84,8 +85,13 @@ def test_jobs_list_and_park_give_up_one_queued_job(platform: Platform, monkeypat
     monkeypatch.setattr(cli, "_state_only", lambda: cli._StateOnly(platform.state))
     platform.state.pause("acme", "run-1")
     secret = "Quokkafjord-7731"
-    spec = JobSpec("j-stuck", "acme", "inline", ({"object_type": "Account", "record_id": "0013000000AAA",
-                                                   "workspace_id": "ws0", "fields": {"Name": secret}},), {})
+    spec = JobSpec(
+        "j-stuck",
+        "acme",
+        "inline",
+        ({"object_type": "Account", "record_id": "0013000000AAA", "workspace_id": "ws0", "fields": {"Name": secret}},),
+        {},
+    )
     assert submit_job(platform.state, spec, platform.open_archive).decision == "deferred"
     listed = invoke("jobs", "list", "acme", "--json")
     assert listed.exit_code == 0, listed.output
@@ -95,12 +101,15 @@ def test_jobs_list_and_park_give_up_one_queued_job(platform: Platform, monkeypat
 
     no_reason = invoke("jobs", "park", "acme", "j-stuck")
     assert no_reason.exit_code == 2 and "--reason" in no_reason.output  # mandatory
-    parked = invoke("jobs", "park", "acme", "j-stuck", "--reason", "seal refused", "--actor", "support:alice",
-                    "--json")
+    parked = invoke("jobs", "park", "acme", "j-stuck", "--reason", "seal refused", "--actor", "support:alice", "--json")
     assert parked.exit_code == 0, parked.output
     body = json.loads(parked.output)
     assert (body["state"], body["parked_reason"], body["parked_by"], body["pending"]) == (
-        "parked", "seal refused", "support:alice", 0)
+        "parked",
+        "seal refused",
+        "support:alice",
+        0,
+    )
     assert platform.state.list_deferred("acme", include_replayed=True)[0].sealed is not None  # kept
     assert any(r.action == "job.parked" for r in platform.state.iter_audit(tenant_id="acme"))
 

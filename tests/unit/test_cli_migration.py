@@ -68,11 +68,14 @@ def test_enable_refuses_a_bad_tenant_id_quoting_the_rule(state_url: str) -> None
     assert_refused(invoke("enable", "Acme", "--mode", "byokms", "--key-ref", KEY), "lowercase")
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--task-runner", "spark"], ["--task-runner", "threads", "dask"]),
-    (["--shards", "0"], ["--shards", "1..256"]),
-    (["--cloud", "gcs"], ["--cloud", "s3", "azure"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--task-runner", "spark"], ["--task-runner", "threads", "dask"]),
+        (["--shards", "0"], ["--shards", "1..256"]),
+        (["--cloud", "gcs"], ["--cloud", "s3", "azure"]),
+    ],
+)
 def test_enable_refuses_bad_options(state_url: str, args: list[str], words: list[str]) -> None:
     assert_refused(invoke("enable", "acme", "--mode", "byokms", "--key-ref", KEY, *args), *words)
 
@@ -82,8 +85,9 @@ def test_enable_without_a_prefect_api_says_to_start_the_stack(state_url: str) ->
     assert_refused(result, "prefect_api_url", "archive-kms stack up")
 
 
-def test_enable_with_a_prefect_api_that_does_not_answer_says_so(state_url: str,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_enable_with_a_prefect_api_that_does_not_answer_says_so(
+    state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ARCHIVE_KMS_PREFECT_API_URL", "http://127.0.0.1:9/api")  # discard port: refused
     result = invoke("remove", "acme")
     assert_refused(result, "http://127.0.0.1:9/api", "does not answer", "archive-kms stack up")
@@ -96,8 +100,9 @@ def test_remove_refuses_a_bad_task_runner(state_url: str) -> None:
 # --- runs ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [["runs", "show", "nope"], ["runs", "resume", "nope"],
-                                  ["runs", "rerun", "nope", "--from", "copy"]])
+@pytest.mark.parametrize(
+    "args", [["runs", "show", "nope"], ["runs", "resume", "nope"], ["runs", "rerun", "nope", "--from", "copy"]]
+)
 def test_an_unknown_run_is_refused_naming_runs_list(state_url: str, args: list[str]) -> None:
     assert_refused(invoke(*args), "unknown run 'nope'", "archive-kms runs list")
 
@@ -124,8 +129,14 @@ def test_runs_list_and_show_read_the_state_store(state_url: str) -> None:
     listed = invoke("runs", "list", "--json")
     assert listed.exit_code == 0, listed.output
     [row] = json.loads(listed.output)
-    assert (row["run_id"], row["tenant"], row["state"], row["steps_done"], row["steps"], row["current_step"]) == \
-        (run_id, "acme", "running", 0, len(STEPS), "preflight")
+    assert (row["run_id"], row["tenant"], row["state"], row["steps_done"], row["steps"], row["current_step"]) == (
+        run_id,
+        "acme",
+        "running",
+        0,
+        len(STEPS),
+        "preflight",
+    )
     assert json.loads(invoke("runs", "list", "--tenant", "other", "--json").output) == []
 
     shown = invoke("runs", "show", run_id, "--json")
@@ -220,10 +231,14 @@ def test_verify_compares_ids_past_the_search_limit(monkeypatch: pytest.MonkeyPat
     index = platform.index.current_index("bulk")
     gone = records[MAX_LIMIT + 10]  # past the first page of any search
     ghost = Record("Task", "00Tghost", {"Subject": "never archived"})
-    platform.index.delete_documents(index, [build_document(gone, tenant="bulk", mode=archive.index_mode,
-                                                           keys=archive.search_keys).doc_id], refresh=True)
-    platform.index.bulk_index(index, [build_document(ghost, tenant="bulk", mode=archive.index_mode,
-                                                     keys=archive.search_keys)], refresh=True)
+    platform.index.delete_documents(
+        index,
+        [build_document(gone, tenant="bulk", mode=archive.index_mode, keys=archive.search_keys).doc_id],
+        refresh=True,
+    )
+    platform.index.bulk_index(
+        index, [build_document(ghost, tenant="bulk", mode=archive.index_mode, keys=archive.search_keys)], refresh=True
+    )
     result = invoke("verify", "bulk", "--json")
     v = json.loads(result.output)
     assert result.exit_code == 1 and not v["ok"]
@@ -254,10 +269,10 @@ def test_flows_folder_is_the_package_archive_kms_flows_and_every_package_is_list
 
 
 def test_run_flow_without_any_prefect_api_refuses_instead_of_starting_a_server(state_url: str) -> None:
+    from archive_kms.flows.migration import run_flow
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from archive_kms.errors import ConfigurationError
-    from archive_kms.flows.migration import run_flow
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(ConfigurationError) as refused:
         run_flow("enable", tenant="acme", mode="byokms", key_ref=KEY)
@@ -265,8 +280,9 @@ def test_run_flow_without_any_prefect_api_refuses_instead_of_starting_a_server(s
 
 
 def test_run_flow_refuses_an_unknown_flow_or_task_runner(state_url: str) -> None:
-    from archive_kms.errors import ValidationError
     from archive_kms.flows.migration import run_flow
+
+    from archive_kms.errors import ValidationError
 
     with pytest.raises(ValidationError, match="unknown flow 'rotate'"):
         run_flow("rotate", tenant="acme")
@@ -289,8 +305,12 @@ def _quarantined_run(state_url: str) -> tuple[str, list[bytes]]:
     try:
         state.create_manifest(run_id, {"cloud": "s3", "kind": "shared"})
         state.add_manifest_entries(run_id, [ManifestEntry(n, 100, 0) for n in names + [b"records/ws0/Case/500B"]])
-        rows = [quarantine_record(n, PoisonSourceError(f"segment 0 failed authentication: {IntegrityError.__name__}",
-                                                       attempts=3)) for n in names]
+        rows = [
+            quarantine_record(
+                n, PoisonSourceError(f"segment 0 failed authentication: {IntegrityError.__name__}", attempts=3)
+            )
+            for n in names
+        ]
         state.record_copies(run_id, rows + [CopyRecord(b"records/ws0/Case/500B", CopyStatus.VERIFIED)])
         state.set_run_state(run_id, RunState.FAILED)
     finally:
@@ -304,17 +324,32 @@ def test_runs_waive_records_an_audited_waiver_per_object(state_url: str) -> None
     run_id, names = _quarantined_run(state_url)
     shown = invoke("runs", "show", run_id)
     assert shown.exit_code == 0, shown.output
-    for word in ("quarantined: 2 (0 waived)", "  records/ws0/Case/500A  [corrupt, 3 reads; not waived]",
-                 "attachments/ws0/\\xff\\xfeodd", "segment 0 failed authentication"):
+    for word in (
+        "quarantined: 2 (0 waived)",
+        "  records/ws0/Case/500A  [corrupt, 3 reads; not waived]",
+        "attachments/ws0/\\xff\\xfeodd",
+        "segment 0 failed authentication",
+    ):
         assert word in shown.output, (word, shown.output)
 
-    out = invoke("runs", "waive", run_id, "--object", "records/ws0/Case/500A", "--reason", "restored by hand",
-                 "--actor", "support:alice", "--json")
+    out = invoke(
+        "runs",
+        "waive",
+        run_id,
+        "--object",
+        "records/ws0/Case/500A",
+        "--reason",
+        "restored by hand",
+        "--actor",
+        "support:alice",
+        "--json",
+    )
     assert out.exit_code == 0, out.output
     answer = json.loads(out.output)
     assert answer["waived"] == ["records/ws0/Case/500A"] and answer["remaining"] == 1
-    hexed = invoke("runs", "waive", run_id, "--object-hex", names[1].hex(), "--reason", "junk object",
-                   "--actor", "support:bob")
+    hexed = invoke(
+        "runs", "waive", run_id, "--object-hex", names[1].hex(), "--reason", "junk object", "--actor", "support:bob"
+    )
     assert hexed.exit_code == 0 and f"archive-kms runs resume {run_id}" in hexed.output, hexed.output
 
     state = open_state(state_url)
@@ -325,21 +360,27 @@ def test_runs_waive_records_an_audited_waiver_per_object(state_url: str) -> None
     finally:
         state.close()
     assert {n: (w.actor, w.reason) for n, w in waived.items()} == {
-        names[0]: ("support:alice", "restored by hand"), names[1]: ("support:bob", "junk object")}
+        names[0]: ("support:alice", "restored by hand"),
+        names[1]: ("support:bob", "junk object"),
+    }
     assert [(r.actor, r.details["object_hex"], r.details["reason"], r.run_id) for r in audit] == [
         ("support:alice", names[0].hex(), "restored by hand", run_id),
-        ("support:bob", names[1].hex(), "junk object", run_id)]
+        ("support:bob", names[1].hex(), "junk object", run_id),
+    ]
     report = json.loads(invoke("runs", "show", run_id, "--json").output)
     assert (report["quarantined"], report["waived"]) == (2, 2)
     assert {q["waived_by"] for q in report["quarantine"]} == {"support:alice", "support:bob"}
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--object", "records/ws0/Case/500A", "--reason", "  "], ["reason"]),
-    (["--object", "records/ws0/Case/500B", "--reason", "r"], ["not quarantined", "500B", "nothing waived"]),
-    (["--reason", "r"], ["--object", "--all"]),
-    (["--object-hex", "zz", "--reason", "r"], ["--object-hex", "not hex"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--object", "records/ws0/Case/500A", "--reason", "  "], ["reason"]),
+        (["--object", "records/ws0/Case/500B", "--reason", "r"], ["not quarantined", "500B", "nothing waived"]),
+        (["--reason", "r"], ["--object", "--all"]),
+        (["--object-hex", "zz", "--reason", "r"], ["--object-hex", "not hex"]),
+    ],
+)
 def test_runs_waive_refusals_waive_nothing(state_url: str, args: list[str], words: list[str]) -> None:
     run_id, _ = _quarantined_run(state_url)
     assert_refused(invoke("runs", "waive", run_id, *args), *words)
@@ -357,17 +398,32 @@ def test_runs_waive_needs_a_reason_option(state_url: str) -> None:
 
 
 def _answer(error: str, message: str) -> dict:
-    return {"outcome": {"run_id": "r1", "tenant": "acme", "flow": "enable", "state": "failed", "created": True,
-                        "executed": [], "message": message, "error": error},
-            "report": {"steps": [{"step": "copy", "state": "failed"}]}}
+    return {
+        "outcome": {
+            "run_id": "r1",
+            "tenant": "acme",
+            "flow": "enable",
+            "state": "failed",
+            "created": True,
+            "executed": [],
+            "message": message,
+            "error": error,
+        },
+        "report": {"steps": [{"step": "copy", "state": "failed"}]},
+    }
 
 
 def test_a_run_stopped_by_a_signal_is_reported_as_resumable(capsys: pytest.CaptureFixture[str]) -> None:
     import typer
 
     with pytest.raises(typer.Exit) as e:
-        cli._finish_run(_answer("StopRequestedError: interrupted: stopped by signal (SIGTERM) during step copy",
-                                "stopped by signal (SIGTERM)"), as_json=True)
+        cli._finish_run(
+            _answer(
+                "StopRequestedError: interrupted: stopped by signal (SIGTERM) during step copy",
+                "stopped by signal (SIGTERM)",
+            ),
+            as_json=True,
+        )
     assert e.value.exit_code == 1
     err = capsys.readouterr().err
     assert "stopped by signal (SIGTERM) at step copy" in err and "archive-kms runs resume r1" in err
@@ -376,9 +432,11 @@ def test_a_run_stopped_by_a_signal_is_reported_as_resumable(capsys: pytest.Captu
 def test_a_run_blocked_by_quarantine_prints_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
     import typer
 
-    error = ("ObjectsQuarantinedError: 2 object(s) quarantined: ... Run `archive-kms runs waive r1 --object NAME "
-             "--reason ...` (or --all) and then `archive-kms runs resume r1`, or fix the source and "
-             "`archive-kms runs rerun r1 --from copy`")
+    error = (
+        "ObjectsQuarantinedError: 2 object(s) quarantined: ... Run `archive-kms runs waive r1 --object NAME "
+        "--reason ...` (or --all) and then `archive-kms runs resume r1`, or fix the source and "
+        "`archive-kms runs rerun r1 --from copy`"
+    )
     with pytest.raises(typer.Exit) as e:
         cli._finish_run(_answer(error, "step verify failed"), as_json=True)
     assert e.value.exit_code == 1

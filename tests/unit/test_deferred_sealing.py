@@ -33,8 +33,13 @@ from archive_kms.state.sql import SqlStateStore, open_state
 TENANT = "acme"
 CUSTOMER_KEY = "memory://customer-1"
 # Field values and file names: record content, which the state store must never hold in clear.
-CONTENT_WORDS = ("Pemberton-Ashgrove", "Quokkafjord", "zanzibar-merger-7731", "Ms. Ottoline Varga",
-                 "merger_term_sheet.pdf")
+CONTENT_WORDS = (
+    "Pemberton-Ashgrove",
+    "Quokkafjord",
+    "zanzibar-merger-7731",
+    "Ms. Ottoline Varga",
+    "merger_term_sheet.pdf",
+)
 # Record ids: absent from the deferred rows too; but object names carry them by design
 # (records/<workspace>/<type>/<id>), so a later run's manifest in the same database has them.
 ID_WORDS = ("0013000000XyzQk", "5003000000PlmNo")
@@ -47,12 +52,21 @@ def secret_job(job_id: str, files: Path) -> JobSpec:
     sheet = files / "merger_term_sheet.pdf"
     sheet.write_bytes(b"%PDF-1.7 Quokkafjord term sheet " + job_id.encode())
     records = (
-        {"object_type": "Account", "record_id": f"0013000000XyzQk{tag}", "workspace_id": "ws0",
-         "fields": {"Name": "Pemberton-Ashgrove Holdings", "Description": "Quokkafjord, code zanzibar-merger-7731"},
-         "attachments": [{"attachment_id": f"att-{tag}", "file_name": "merger_term_sheet.pdf",
-                          "size": sheet.stat().st_size}]},
-        {"object_type": "Case", "record_id": f"5003000000PlmNo{tag}", "workspace_id": "ws1",
-         "fields": {"Subject": "Call back Ms. Ottoline Varga"}},
+        {
+            "object_type": "Account",
+            "record_id": f"0013000000XyzQk{tag}",
+            "workspace_id": "ws0",
+            "fields": {"Name": "Pemberton-Ashgrove Holdings", "Description": "Quokkafjord, code zanzibar-merger-7731"},
+            "attachments": [
+                {"attachment_id": f"att-{tag}", "file_name": "merger_term_sheet.pdf", "size": sheet.stat().st_size}
+            ],
+        },
+        {
+            "object_type": "Case",
+            "record_id": f"5003000000PlmNo{tag}",
+            "workspace_id": "ws1",
+            "fields": {"Subject": "Call back Ms. Ottoline Varga"},
+        },
     )
     return JobSpec(job_id, TENANT, "inline", records, {f"att-{tag}": str(sheet)})
 
@@ -65,8 +79,9 @@ def raw_deferred(p: Platform) -> str:
         with p.state.engine.connect() as conn:
             rows = conn.execute(text("SELECT job_id, CAST(payload AS TEXT), state FROM deferred_jobs")).all()
         return "\n".join(" | ".join(str(v) for v in r) for r in rows)
-    return "\n".join(json.dumps(dict(j.payload)) + (j.sealed or b"").decode("latin-1")
-                     for j in p.state._deferred.values())  # type: ignore[attr-defined]
+    return "\n".join(
+        json.dumps(dict(j.payload)) + (j.sealed or b"").decode("latin-1") for j in p.state._deferred.values()
+    )  # type: ignore[attr-defined]
 
 
 def on_disk(p: Platform) -> bytes:
@@ -105,8 +120,9 @@ def fast(plan: MigrationPlan) -> MigrationPlan:
     return replace(plan, shards=2, parallel_shards=2, threads_per_shard=2, cutover_grace_seconds=0.0)
 
 
-def run_with_deferrals(p: Platform, plan: MigrationPlan, monkeypatch: pytest.MonkeyPatch, files: Path,
-                       old_key_ref: str, prefix: str) -> tuple[str, dict[str, JobSpec], dict[str, str]]:
+def run_with_deferrals(
+    p: Platform, plan: MigrationPlan, monkeypatch: pytest.MonkeyPatch, files: Path, old_key_ref: str, prefix: str
+) -> tuple[str, dict[str, JobSpec], dict[str, str]]:
     """Run ``plan`` to the end, submitting one secret job before bind_key, one after it and
     one after cutover. At resume the key the first job was sealed under is disabled and
     the key cache emptied; the replay must open every seal through the new binding.
@@ -123,6 +139,7 @@ def run_with_deferrals(p: Platform, plan: MigrationPlan, monkeypatch: pytest.Mon
             assert submit_job(p.state, spec, p.open_archive).decision == "deferred"
             specs[job_id] = spec
             return result
+
         monkeypatch.setitem(steps_module.STEP_FUNCTIONS, step, wrapped)
 
     submit_after("create_destination", f"{prefix}-before-bind")  # gate paused, old binding
@@ -175,12 +192,14 @@ def assert_replayed_and_purged(p: Platform, run_id: str, specs: dict[str, JobSpe
     steps = p.state.get_run(run_id).steps  # type: ignore[union-attr]
     assert_no_words(json.dumps([s.result for s in steps], default=str), "the step results", CONTENT_WORDS)
     assert_no_words(json.dumps(build_report(p, run_id), default=str), "the report", CONTENT_WORDS)
-    assert_no_words(json.dumps([r.details for r in p.state.iter_audit(tenant_id=TENANT)]), "the audit log",
-                    CONTENT_WORDS)
+    assert_no_words(
+        json.dumps([r.details for r in p.state.iter_audit(tenant_id=TENANT)]), "the audit log", CONTENT_WORDS
+    )
 
 
-def test_jobs_deferred_around_a_key_rebinding_open_after_it(platform: Platform, monkeypatch: pytest.MonkeyPatch,
-                                                           tmp_path: Path) -> None:
+def test_jobs_deferred_around_a_key_rebinding_open_after_it(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     p = platform
     managed = p.resolve_provider(MANAGED_KEY_REF).key_ref
     customer = p.resolve_provider(CUSTOMER_KEY).key_ref
@@ -203,9 +222,9 @@ def test_jobs_deferred_around_a_key_rebinding_open_after_it(platform: Platform, 
         assert submit_job(p.state, spec, p.open_archive).decision == "duplicate"
 
 
-def test_a_seal_does_not_open_while_the_key_it_depends_on_is_unusable(platform: Platform,
-                                                                     monkeypatch: pytest.MonkeyPatch,
-                                                                     tmp_path: Path) -> None:
+def test_a_seal_does_not_open_while_the_key_it_depends_on_is_unusable(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """The control for the test above: with the L1 key now in force disabled too, the
     replay really goes to a provider, fails on the key (not on the seal), and the job
     stays queued with its seal for a later replay."""

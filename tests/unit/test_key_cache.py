@@ -147,7 +147,7 @@ def test_expired_keys_are_wiped_even_if_nobody_asks_for_them_again() -> None:
     cache = KeyCache(ttl_seconds=60, clock=clock)
     cache.put("acme", "l4/ws/1/1", SecretBytes(b"\x01" * 32))
     cache.put("acme", "l4/ws/2/1", SecretBytes(b"\x02" * 32))
-    held = [secret for _, secret in cache._entries.values()]  # noqa: SLF001 - the cache's own copies
+    held = [secret for _, secret in cache._entries.values()]
     clock.t += 30
     cache.put("beta", "l2/1", SecretBytes(b"\x03" * 32))
     assert cache.sweep() == 0 and len(cache) == 3

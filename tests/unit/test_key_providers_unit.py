@@ -5,7 +5,7 @@ error classification (with fake SDK clients)."""
 from __future__ import annotations
 
 import types
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -40,7 +40,7 @@ CTX = {"tenant": "acme"}
 
 class Clock:
     def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
 
     def __call__(self) -> datetime:
         return self.now
@@ -163,9 +163,16 @@ def test_registry_resolves_and_caches_by_canonical_reference() -> None:
 
 
 def test_registry_builds_real_adapters_lazily_from_settings() -> None:
-    settings = Settings(aws_endpoint_url="http://127.0.0.1:1", aws_region="eu-west-1",
-                        azure_keyvault_url="https://localhost:8443", kmip_host="hsm.example.com", kmip_port=5696,
-                        kmip_client_cert="c", kmip_client_key="k", kmip_ca_cert="ca")
+    settings = Settings(
+        aws_endpoint_url="http://127.0.0.1:1",
+        aws_region="eu-west-1",
+        azure_keyvault_url="https://localhost:8443",
+        kmip_host="hsm.example.com",
+        kmip_port=5696,
+        kmip_client_cert="c",
+        kmip_client_key="k",
+        kmip_ca_cert="ca",
+    )
     registry = KeyProviderRegistry(settings)
     arn = "arn:aws:kms:ap-southeast-2:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
     aws = registry.resolve(f"aws-kms://{arn}")
@@ -176,13 +183,16 @@ def test_registry_builds_real_adapters_lazily_from_settings() -> None:
     assert registry.resolve("kmip://hsm.example.com:5696/1").key_ref == "kmip://hsm.example.com:5696/1"
 
 
-@pytest.mark.parametrize("ref,problem", [
-    ("azure-kv://evil.example.com/keys/k", "refusing to send credentials"),
-    ("azure-kv://localhost:9999/keys/k", "refusing to send credentials"),
-    ("azure-kv://localhost.vault.azure.net.evil.com/keys/k", "refusing to send credentials"),
-    ("kmip://other-hsm.example.com:5696/1", "no KMIP mutual-TLS configuration"),
-    ("kmip://hsm.example.com:5697/1", "no KMIP mutual-TLS configuration"),
-])
+@pytest.mark.parametrize(
+    "ref,problem",
+    [
+        ("azure-kv://evil.example.com/keys/k", "refusing to send credentials"),
+        ("azure-kv://localhost:9999/keys/k", "refusing to send credentials"),
+        ("azure-kv://localhost.vault.azure.net.evil.com/keys/k", "refusing to send credentials"),
+        ("kmip://other-hsm.example.com:5696/1", "no KMIP mutual-TLS configuration"),
+        ("kmip://hsm.example.com:5697/1", "no KMIP mutual-TLS configuration"),
+    ],
+)
 def test_registry_refuses_hosts_we_have_no_trust_for(ref: str, problem: str) -> None:
     settings = Settings(azure_keyvault_url="https://localhost:8443", kmip_host="hsm.example.com", kmip_port=5696)
     with pytest.raises(ConfigurationError, match=problem):
@@ -199,11 +209,14 @@ def test_preflight_passes_on_the_fake() -> None:
     assert kms.calls == {"status": 1, "wrap": 1, "unwrap": 2}
 
 
-@pytest.mark.parametrize("action,error,state", [
-    ("disable", KeyUnavailableError, "disabled"),
-    ("revoke", KeyUnavailableError, "revoked"),
-    ("destroy", KeyNotFoundError, None),
-])
+@pytest.mark.parametrize(
+    "action,error,state",
+    [
+        ("disable", KeyUnavailableError, "disabled"),
+        ("revoke", KeyUnavailableError, "revoked"),
+        ("destroy", KeyNotFoundError, None),
+    ],
+)
 def test_preflight_refuses_unusable_keys_before_wrapping(action, error, state) -> None:
     kms = MemoryKms()
     p = kms.provider(kms.create_key("k"))
@@ -260,12 +273,22 @@ class FakeKeyClient:
     def __init__(self, responses: list, enabled: bool = True) -> None:
         self.responses = responses
         self.requests: list = []
-        self.props = types.SimpleNamespace(version="a" * 32, enabled=enabled, not_before=None, expires_on=None,
-                                           vault_url="https://localhost:8443", recovery_level=None)
+        self.props = types.SimpleNamespace(
+            version="a" * 32,
+            enabled=enabled,
+            not_before=None,
+            expires_on=None,
+            vault_url="https://localhost:8443",
+            recovery_level=None,
+        )
 
     def get_key(self, name, version=None):
-        return types.SimpleNamespace(properties=self.props, key=types.SimpleNamespace(n=b"\x01" * 256),
-                                     key_type="RSA", key_operations=["wrapKey", "unwrapKey"])
+        return types.SimpleNamespace(
+            properties=self.props,
+            key=types.SimpleNamespace(n=b"\x01" * 256),
+            key_type="RSA",
+            key_operations=["wrapKey", "unwrapKey"],
+        )
 
     def send_request(self, request):
         self.requests.append(request)
@@ -276,22 +299,43 @@ def kv_error(status: int, code: str, message: str, headers: dict | None = None) 
     return FakeResponse(status, {"error": {"code": code, "message": message}}, headers)
 
 
-@pytest.mark.parametrize("response,expected,state", [
-    (kv_error(403, "Forbidden", "Operation wrapKey is not allowed on a disabled key."), KeyUnavailableError,
-     "disabled"),
-    (kv_error(403, "Forbidden", "Operation wrapKey is not allowed on an expired key."), KeyUnavailableError,
-     "material_expired"),
-    (kv_error(403, "Forbidden", "The key is not yet valid."), KeyUnavailableError, "disabled"),
-    (kv_error(403, "Forbidden", "Operation wrapKey is not permitted on this key."), KeyAccessDeniedError, None),
-    (FakeResponse(403, {"error": {"code": "Forbidden", "message": "Caller is not authorized",
-                                  "innererror": {"code": "ForbiddenByRbac"}}}), KeyAccessDeniedError, None),
-    (kv_error(401, "Unauthorized", "no token"), KeyAccessDeniedError, None),
-    (kv_error(404, "KeyNotFound", "A key with (name/id) k was not found"), KeyNotFoundError, None),
-    (kv_error(400, "BadParameter", "bad alg"), ConfigurationError, None),
-    (kv_error(500, "InternalServerError", "oops"), ServiceUnavailableError, None),
-    (kv_error(503, "ServiceUnavailable", "busy"), ServiceUnavailableError, None),
-    (kv_error(409, "Conflict", "?"), KeyError_, None),
-])
+@pytest.mark.parametrize(
+    "response,expected,state",
+    [
+        (
+            kv_error(403, "Forbidden", "Operation wrapKey is not allowed on a disabled key."),
+            KeyUnavailableError,
+            "disabled",
+        ),
+        (
+            kv_error(403, "Forbidden", "Operation wrapKey is not allowed on an expired key."),
+            KeyUnavailableError,
+            "material_expired",
+        ),
+        (kv_error(403, "Forbidden", "The key is not yet valid."), KeyUnavailableError, "disabled"),
+        (kv_error(403, "Forbidden", "Operation wrapKey is not permitted on this key."), KeyAccessDeniedError, None),
+        (
+            FakeResponse(
+                403,
+                {
+                    "error": {
+                        "code": "Forbidden",
+                        "message": "Caller is not authorized",
+                        "innererror": {"code": "ForbiddenByRbac"},
+                    }
+                },
+            ),
+            KeyAccessDeniedError,
+            None,
+        ),
+        (kv_error(401, "Unauthorized", "no token"), KeyAccessDeniedError, None),
+        (kv_error(404, "KeyNotFound", "A key with (name/id) k was not found"), KeyNotFoundError, None),
+        (kv_error(400, "BadParameter", "bad alg"), ConfigurationError, None),
+        (kv_error(500, "InternalServerError", "oops"), ServiceUnavailableError, None),
+        (kv_error(503, "ServiceUnavailable", "busy"), ServiceUnavailableError, None),
+        (kv_error(409, "Conflict", "?"), KeyError_, None),
+    ],
+)
 def test_key_vault_wrap_errors(response, expected, state) -> None:
     kc = FakeKeyClient([response])
     p = AzureKeyVaultKeyProvider(KV_REF, kc, lambda key_id: None)
@@ -345,8 +389,9 @@ def test_key_vault_unwrap_checks_the_context_tag_and_translates_sdk_errors() -> 
     short = AzureKeyVaultKeyProvider(KV_REF, FakeKeyClient([]), lambda key_id: FakeCrypto(tag))
     with pytest.raises(WrongKeyError):
         short.unwrap(wrapped, context=CTX)  # a tag with no key behind it
-    down = AzureKeyVaultKeyProvider(KV_REF, FakeKeyClient([]),
-                                    lambda key_id: FakeCrypto(ServiceRequestError("connection refused")))
+    down = AzureKeyVaultKeyProvider(
+        KV_REF, FakeKeyClient([]), lambda key_id: FakeCrypto(ServiceRequestError("connection refused"))
+    )
     with pytest.raises(ServiceUnavailableError) as info:
         down.unwrap(wrapped, context=CTX)
     assert info.value.__context__ is None
@@ -381,13 +426,11 @@ class FakeKmipClient:
         raise self.failures.pop(0)
 
     def get_attributes(self, uid, names):
-        from kmip.core import enums
 
         if self.state is None:
             raise OSError("down")
         value = types.SimpleNamespace(value=self.state)
-        return uid, [types.SimpleNamespace(attribute_name=types.SimpleNamespace(value="State"),
-                                           attribute_value=value)]
+        return uid, [types.SimpleNamespace(attribute_name=types.SimpleNamespace(value="State"), attribute_value=value)]
 
 
 def kmip_failure(reason, message="m"):
@@ -397,20 +440,24 @@ def kmip_failure(reason, message="m"):
     return OperationFailure(enums.ResultStatus.OPERATION_FAILED, reason, message)
 
 
-@pytest.mark.parametrize("reason_name,state,expected,expected_state", [
-    ("ITEM_NOT_FOUND", None, KeyNotFoundError, None),
-    ("PERMISSION_DENIED", "DEACTIVATED", KeyUnavailableError, "revoked"),
-    ("PERMISSION_DENIED", "PRE_ACTIVE", KeyUnavailableError, "disabled"),
-    ("PERMISSION_DENIED", "ACTIVE", KeyAccessDeniedError, None),
-    ("GENERAL_FAILURE", None, WrongKeyError, None),
-    ("INVALID_FIELD", None, ConfigurationError, None),
-    ("ILLEGAL_OPERATION", None, KeyError_, None),
-])
+@pytest.mark.parametrize(
+    "reason_name,state,expected,expected_state",
+    [
+        ("ITEM_NOT_FOUND", None, KeyNotFoundError, None),
+        ("PERMISSION_DENIED", "DEACTIVATED", KeyUnavailableError, "revoked"),
+        ("PERMISSION_DENIED", "PRE_ACTIVE", KeyUnavailableError, "disabled"),
+        ("PERMISSION_DENIED", "ACTIVE", KeyAccessDeniedError, None),
+        ("GENERAL_FAILURE", None, WrongKeyError, None),
+        ("INVALID_FIELD", None, ConfigurationError, None),
+        ("ILLEGAL_OPERATION", None, KeyError_, None),
+    ],
+)
 def test_kmip_unwrap_failures(reason_name, state, expected, expected_state) -> None:
     from kmip.core import enums
 
-    client = FakeKmipClient([kmip_failure(getattr(enums.ResultReason, reason_name))],
-                            state=getattr(enums.State, state) if state else None)
+    client = FakeKmipClient(
+        [kmip_failure(getattr(enums.ResultReason, reason_name))], state=getattr(enums.State, state) if state else None
+    )
     p = KmipKeyProvider("kmip://hsm:5696/1", lambda: client)
     wrapped = WrappedKey("kmip://hsm:5696/1", "kmip:AES-256-GCM", b"n" * 12 + b"c" * 32 + b"t" * 16)
     with pytest.raises(expected) as info:

@@ -23,24 +23,38 @@ MRK = "mrk-1234abcd12ab34cd56ef1234567890ab"
 VERSION = "0123456789abcdef0123456789abcdef"
 
 GOOD = [
-    (f"aws-kms://arn:aws:kms:us-east-1:111122223333:key/{KEY_ID}",
-     AwsKmsKeyRef(partition="aws", region="us-east-1", account="111122223333", key_id=KEY_ID)),
-    (f"aws-kms://arn:aws:kms:eu-central-1:111122223333:key/{MRK}",
-     AwsKmsKeyRef(partition="aws", region="eu-central-1", account="111122223333", key_id=MRK)),
-    (f"aws-kms://arn:aws-us-gov:kms:us-gov-west-1:111122223333:key/{KEY_ID}",
-     AwsKmsKeyRef(partition="aws-us-gov", region="us-gov-west-1", account="111122223333", key_id=KEY_ID)),
-    ("aws-kms://arn:aws-cn:kms:cn-north-1:111122223333:alias/tenant/acme",
-     AwsKmsKeyRef(partition="aws-cn", region="cn-north-1", account="111122223333", alias="alias/tenant/acme")),
+    (
+        f"aws-kms://arn:aws:kms:us-east-1:111122223333:key/{KEY_ID}",
+        AwsKmsKeyRef(partition="aws", region="us-east-1", account="111122223333", key_id=KEY_ID),
+    ),
+    (
+        f"aws-kms://arn:aws:kms:eu-central-1:111122223333:key/{MRK}",
+        AwsKmsKeyRef(partition="aws", region="eu-central-1", account="111122223333", key_id=MRK),
+    ),
+    (
+        f"aws-kms://arn:aws-us-gov:kms:us-gov-west-1:111122223333:key/{KEY_ID}",
+        AwsKmsKeyRef(partition="aws-us-gov", region="us-gov-west-1", account="111122223333", key_id=KEY_ID),
+    ),
+    (
+        "aws-kms://arn:aws-cn:kms:cn-north-1:111122223333:alias/tenant/acme",
+        AwsKmsKeyRef(partition="aws-cn", region="cn-north-1", account="111122223333", alias="alias/tenant/acme"),
+    ),
     ("aws-kms://alias/archive_kms-Acme-1", AwsKmsKeyRef(alias="alias/archive_kms-Acme-1")),
-    ("azure-kv://myvault.vault.azure.net/keys/acme-l1",
-     AzureKeyVaultKeyRef(host="myvault.vault.azure.net", name="acme-l1")),
-    (f"azure-kv://myvault.vault.azure.net/keys/Acme-L1/{VERSION}",
-     AzureKeyVaultKeyRef(host="myvault.vault.azure.net", name="Acme-L1", version=VERSION)),
+    (
+        "azure-kv://myvault.vault.azure.net/keys/acme-l1",
+        AzureKeyVaultKeyRef(host="myvault.vault.azure.net", name="acme-l1"),
+    ),
+    (
+        f"azure-kv://myvault.vault.azure.net/keys/Acme-L1/{VERSION}",
+        AzureKeyVaultKeyRef(host="myvault.vault.azure.net", name="Acme-L1", version=VERSION),
+    ),
     ("azure-kv://localhost:8443/keys/k", AzureKeyVaultKeyRef(host="localhost", name="k", port=8443)),
     ("azure-kv://127.0.0.1:8443/keys/k", AzureKeyVaultKeyRef(host="127.0.0.1", name="k", port=8443)),
     ("kmip://hsm.example.com:5696/42", KmipKeyRef(host="hsm.example.com", port=5696, uid="42")),
-    ("kmip://10.0.0.7:5696/3f2504e0-4f89-11d3-9a0c-0305e82c3301",
-     KmipKeyRef(host="10.0.0.7", port=5696, uid="3f2504e0-4f89-11d3-9a0c-0305e82c3301")),
+    (
+        "kmip://10.0.0.7:5696/3f2504e0-4f89-11d3-9a0c-0305e82c3301",
+        KmipKeyRef(host="10.0.0.7", port=5696, uid="3f2504e0-4f89-11d3-9a0c-0305e82c3301"),
+    ),
     ("kmip://[::1]:5696/7", KmipKeyRef(host="::1", port=5696, uid="7")),
     ("managed://platform", ManagedKeyRef()),
     ("managed://eu-1", ManagedKeyRef(name="eu-1")),
@@ -183,18 +197,21 @@ def test_canonical_context_is_order_free_and_injective() -> None:
     assert len(context_tag({"tenant": "a"}, b"x")) == 16
 
 
-@pytest.mark.parametrize("context,fix", [
-    ({}, "must name the tenant"),
-    ({"purpose": "l2"}, "must name the tenant"),
-    ([("tenant", "a")], "mapping"),
-    ({"tenant": 1}, "must be str"),
-    ({"tenant": ""}, "1..256"),
-    ({"tenant": "a\nb"}, "printable"),
-    ({"tenant": "a" * 257}, "1..256"),
-    ({"tenant": "a", "": "x"}, "1..64"),
-    ({"tenant": "a", "awsRegion": "x"}, "reserved"),
-    ({"tenant": "a", **{f"k{i}": "v" for i in range(16)}}, "at most 16"),
-])
+@pytest.mark.parametrize(
+    "context,fix",
+    [
+        ({}, "must name the tenant"),
+        ({"purpose": "l2"}, "must name the tenant"),
+        ([("tenant", "a")], "mapping"),
+        ({"tenant": 1}, "must be str"),
+        ({"tenant": ""}, "1..256"),
+        ({"tenant": "a\nb"}, "printable"),
+        ({"tenant": "a" * 257}, "1..256"),
+        ({"tenant": "a", "": "x"}, "1..64"),
+        ({"tenant": "a", "awsRegion": "x"}, "reserved"),
+        ({"tenant": "a", **{f"k{i}": "v" for i in range(16)}}, "at most 16"),
+    ],
+)
 def test_bad_contexts_are_refused(context, fix: str) -> None:
     with pytest.raises(ValidationError, match=fix):
         check_context(context)

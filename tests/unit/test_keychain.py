@@ -91,7 +91,9 @@ def env() -> Env:
 
 def _encrypt(kc: Keychain, tenant: str, ws: str, name: bytes, data: bytes, now=None) -> bytes:
     dek = kc.dek_for_encrypt(tenant, ws, now)
-    return encrypt_bytes(data, dek=dek.key, dek_id=dek.dek_id, binding=ObjectBinding(tenant, ws, name), segment_size=4096)
+    return encrypt_bytes(
+        data, dek=dek.key, dek_id=dek.dek_id, binding=ObjectBinding(tenant, ws, name), segment_size=4096
+    )
 
 
 def _decrypt(kc: Keychain, tenant: str, ws: str, name: bytes, blob: bytes) -> bytes:
@@ -120,8 +122,17 @@ def test_hierarchy_round_trip_through_a_fresh_process(env: Env) -> None:
 def test_dek_ids_are_deterministic_and_strict() -> None:
     assert dek_id("org-1", 472222, 1) == "l4/org-1/472222/1"
     assert parse_dek_id("l4/org-1/472222/1") == ("org-1", 472222, 1)
-    for bad in ["l4/org-1/0472222/1", "l4/org-1/472222/0", "l3/org-1/1", "l4/org/1/2/3", "l4/org-1/-1/1",
-                "l4//1/1", "l4/org 1/1/1", "l4/" + "w" * 97 + "/1/1", 7]:
+    for bad in [
+        "l4/org-1/0472222/1",
+        "l4/org-1/472222/0",
+        "l3/org-1/1",
+        "l4/org/1/2/3",
+        "l4/org-1/-1/1",
+        "l4//1/1",
+        "l4/org 1/1/1",
+        "l4/" + "w" * 97 + "/1/1",
+        7,
+    ]:
         with pytest.raises(ValidationError):
             parse_dek_id(bad)
     with pytest.raises(ValidationError):
@@ -631,13 +642,19 @@ def test_new_deks_never_land_in_an_erased_bucket(env: Env) -> None:
 
 def _forms(secret: bytes) -> list[str]:
     hexed = secret.hex()
-    return [secret.decode("latin-1"), hexed, hexed.upper(), base64.b64encode(secret).decode(),
-            base64.urlsafe_b64encode(secret).decode(), repr(secret)[2:-1]] + \
-        [hexed[i:i + 16] for i in range(0, len(hexed) - 15, 2)]
+    return [
+        secret.decode("latin-1"),
+        hexed,
+        hexed.upper(),
+        base64.b64encode(secret).decode(),
+        base64.urlsafe_b64encode(secret).decode(),
+        repr(secret)[2:-1],
+    ] + [hexed[i : i + 16] for i in range(0, len(hexed) - 15, 2)]
 
 
 def test_key_bytes_never_in_repr_errors_logs_or_store(env: Env, caplog) -> None:
     import logging
+
     from archive_kms.keys.keychain import _open
     from archive_kms.keys.port import WrappedKey
 
@@ -653,7 +670,8 @@ def test_key_bytes_never_in_repr_errors_logs_or_store(env: Env, caplog) -> None:
     texts += [repr(r) for r in env.store.list_records("acme")] + [repr(env.store.get_head("acme"))]
     l2_rec = env.store.get_record("acme", "l2/2")
     l2 = env.kms.provider(l2_rec.parent_id).unwrap(
-        WrappedKey(l2_rec.wrap_ref, l2_rec.wrap_algorithm, l2_rec.wrapped), context={"tenant": "acme"})
+        WrappedKey(l2_rec.wrap_ref, l2_rec.wrap_algorithm, l2_rec.wrapped), context={"tenant": "acme"}
+    )
     l3 = _open(l2, env.store.get_record("acme", "l3/org-1/1"))
     record = env.kc.erase_buckets("acme", "org-1", older_than=env.clock.t)
     texts.append(repr(record))
@@ -664,14 +682,14 @@ def test_key_bytes_never_in_repr_errors_logs_or_store(env: Env, caplog) -> None:
     _flip_wrapped(obj)
     env.put_json("acme", live_l3, obj)
     errors = []
-    for call in (lambda: env.keychain().dek_for_encrypt("acme", "org-1"),
-                 lambda: env.kc.dek_by_id("acme", dek.dek_id)):
+    for call in (lambda: env.keychain().dek_for_encrypt("acme", "org-1"), lambda: env.kc.dek_by_id("acme", dek.dek_id)):
         try:
             call()
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
     assert len(errors) == 2
     import traceback
+
     texts += [str(e) for e in errors] + [repr(e) for e in errors]
     texts += ["".join(traceback.format_exception(e)) for e in errors]
     texts += [r.getMessage() for r in caplog.records]

@@ -47,8 +47,10 @@ def env() -> Env:
 
 def _rows(env: Env) -> tuple[Rows, Rows]:
     """A copy of the keychain's raw rows (records, heads): a database backup."""
-    return ({k: env.store.records[k] for k in list(env.store.records)},
-            {k: env.store.heads[k] for k in list(env.store.heads)})
+    return (
+        {k: env.store.records[k] for k in list(env.store.records)},
+        {k: env.store.heads[k] for k in list(env.store.heads)},
+    )
 
 
 def _attacker_deks(tenant: str, backup: Rows, live: Rows, old_l1: KeyProvider) -> dict[str, bytes]:
@@ -68,8 +70,9 @@ def _attacker_deks(tenant: str, backup: Rows, live: Rows, old_l1: KeyProvider) -
     l2s = []
     for rec in (r for r in records if r.level is KeyLevel.TENANT):
         try:
-            l2s.append(old_l1.unwrap(WrappedKey(rec.wrap_ref, rec.wrap_algorithm, rec.wrapped),
-                                     context={"tenant": tenant}))
+            l2s.append(
+                old_l1.unwrap(WrappedKey(rec.wrap_ref, rec.wrap_algorithm, rec.wrapped), context={"tenant": tenant})
+            )
         except ArchiveKmsError:
             continue
     l3s = [k for k in (try_open(l2s, r) for r in records if r.level is KeyLevel.WORKSPACE) if k is not None]
@@ -141,8 +144,11 @@ def test_rotate_l3_rewraps_live_deks_destroys_the_old_key_and_purges_it(env: Env
     new_l3, old_l3 = after["l3/org-1/3"], after["l3/org-1/2"]
     assert (new_l3.state, new_l3.parent_id, new_l3.version, new_l3.generation) == (KeyRecordState.ACTIVE, "l2/1", 1, 3)
     assert old_l3.state is KeyRecordState.DESTROYED and old_l3.wrapped == b""
-    live = [rid for rid, r in before.items() if r.workspace_id == "org-1" and r.level is KeyLevel.DEK
-            and r.state is not KeyRecordState.DESTROYED]
+    live = [
+        rid
+        for rid, r in before.items()
+        if r.workspace_id == "org-1" and r.level is KeyLevel.DEK and r.state is not KeyRecordState.DESTROYED
+    ]
     assert len(live) == 2
     for rid in live:
         assert (after[rid].parent_id, after[rid].parent_version, after[rid].wrap_ref) == ("l3/org-1/3", 3, "l3/org-1/3")
@@ -231,12 +237,20 @@ def test_rekey_replaces_l2_and_every_live_l3_once(env: Env) -> None:
     report = env.kc.rekey_below_l1("acme")
     assert (report.l2_rotated, report.l3_rotated, report.deks_rewrapped) == (True, ("org-1", "org-2"), 5)
     assert env.kms.calls["wrap"] - calls["wrap"] == 1 and env.kms.calls["unwrap"] == calls["unwrap"]
-    assert report.summary() == {"l2_id": "l2/2", "l2_rotated": True, "l3_rotated": ["org-1", "org-2"],
-                                "deks_rewrapped": 5, "head_version": report.status.head_version}
+    assert report.summary() == {
+        "l2_id": "l2/2",
+        "l2_rotated": True,
+        "l3_rotated": ["org-1", "org-2"],
+        "deks_rewrapped": 5,
+        "head_version": report.status.head_version,
+    }
     head = env.store.get_head("acme")
     assert (head.l2.record_id, head.l2.version) == ("l2/2", 1)
     assert [(w.workspace_id, w.l3.record_id, w.l3.version) for w in head.workspaces] == [
-        ("org-1", "l3/org-1/3", 1), ("org-2", "l3/org-2/2", 1), ("org-3", "l3/org-3/1", 2)]
+        ("org-1", "l3/org-1/3", 1),
+        ("org-2", "l3/org-2/2", 1),
+        ("org-3", "l3/org-3/1", 2),
+    ]
     assert env.kc.search_key_material("acme").fingerprint != search_before  # new L2: new search keys
 
     again = env.kc.rekey_below_l1("acme")  # a rerun changes nothing
@@ -321,8 +335,9 @@ def test_rotate_l3_killed_at_its_commit_keeps_every_dek_and_a_rerun_converges(en
     _all_open(env.keychain(), blobs)
     _all_open(env.kc, blobs)  # the crashed process's cache did not keep a key nothing names
     env.keychain().rotate_l3("acme", "org-1")
-    assert env.store.get_head("acme").workspace("org-1").l3.record_id == ("l3/org-1/3" if when == "before"
-                                                                         else "l3/org-1/4")
+    assert env.store.get_head("acme").workspace("org-1").l3.record_id == (
+        "l3/org-1/3" if when == "before" else "l3/org-1/4"
+    )
     _all_open(env.keychain(), blobs)
 
 
@@ -346,8 +361,11 @@ def test_erase_deks_below_destroys_up_to_the_floor_and_keeps_newer_deks(env: Env
     floor, _, copies = _migrated(env)
     # as bind_key computes it: erased workspaces included (their erasure is a no-op)
     assert floor == {"org-1": (472224, 1), "org-2": (472224, 1), "org-3": (472224, 1)}
-    doomed = {d.dek_id for d in env.kc.list_deks("acme")
-              if d.state is not KeyRecordState.DESTROYED and (d.bucket, d.generation) <= floor[d.workspace_id]}
+    doomed = {
+        d.dek_id
+        for d in env.kc.list_deks("acme")
+        if d.state is not KeyRecordState.DESTROYED and (d.bucket, d.generation) <= floor[d.workspace_id]
+    }
     assert len(doomed) == 5
     env.kc.dek_by_id("acme", "l4/org-1/472224/1")  # cached: erasure must drop it
 
@@ -390,8 +408,14 @@ def test_an_erased_dek_brought_back_from_a_backup_never_opens(env: Env) -> None:
 def test_erase_deks_below_validates_before_destroying(env: Env) -> None:
     floor, _, _ = _migrated(env)
     version = env.store.get_head("acme").version
-    for bad in ({"org-1": (472224,)}, {"org-1": (472224, 0)}, {"org-1": ("472224", 1)}, {"org-1": (True, 1)},
-                {"org-1": (472300, 1)}, {"bad/ws": (1, 1)}):
+    for bad in (
+        {"org-1": (472224,)},
+        {"org-1": (472224, 0)},
+        {"org-1": ("472224", 1)},
+        {"org-1": (True, 1)},
+        {"org-1": (472300, 1)},
+        {"bad/ws": (1, 1)},
+    ):
         with pytest.raises(ValidationError):
             env.kc.erase_deks_below("acme", bad)
     with pytest.raises(KeyNotFoundError):
@@ -463,8 +487,19 @@ def test_erase_buckets_replaces_the_workspace_key_and_keeps_the_surviving_deks(e
     assert env.kms.calls == calls  # local AES only: the L2 was cached
     # the record's JSON is the one older records have (they verify unchanged)
     assert set(json.loads(record.to_json())) == {
-        "format", "tenant_id", "workspace_id", "scope", "dek_ids", "l3_destroyed", "older_than", "reason",
-        "erased_at", "head_version", "signer_key_id", "signature"}
+        "format",
+        "tenant_id",
+        "workspace_id",
+        "scope",
+        "dek_ids",
+        "l3_destroyed",
+        "older_than",
+        "reason",
+        "erased_at",
+        "head_version",
+        "signer_key_id",
+        "signature",
+    }
     record.verify(env.signer.verifier())
 
     head = env.store.get_head("acme").workspace("org-1")
@@ -478,8 +513,12 @@ def test_erase_buckets_replaces_the_workspace_key_and_keeps_the_surviving_deks(e
         if rec.state is not KeyRecordState.DESTROYED:  # survivors re-wrapped under the new key
             assert (rec.parent_id, rec.parent_version, rec.version) == ("l3/org-1/2", 2, before[rid].version + 1)
             assert rec.wrapped != before[rid].wrapped and rec.state is before[rid].state
-    assert list(states.values()) == [KeyRecordState.DESTROYED, KeyRecordState.DESTROYED,
-                                     KeyRecordState.DECRYPT_ONLY, KeyRecordState.ACTIVE]
+    assert list(states.values()) == [
+        KeyRecordState.DESTROYED,
+        KeyRecordState.DESTROYED,
+        KeyRecordState.DECRYPT_ONLY,
+        KeyRecordState.ACTIVE,
+    ]
     assert head.active_dek == RecordRef(ids[3], 1, 2)
     assert env.kc.cache.get("acme", ids[0]) is None and env.kc.cache.get("acme", "l3/org-1/1") is None
 

@@ -66,13 +66,22 @@ class World:
 
     def process(self, *, audit: AuditLog | None = None, **kwargs: Any) -> Keychain:
         """A fresh process: new keychain, new cache, nothing remembered."""
-        return Keychain(self.store, self.kms.provider, self.signer, self.clock,
-                        KeyCache(ttl_seconds=60, clock=self.clock), audit=audit or self.audit, **kwargs)
+        return Keychain(
+            self.store,
+            self.kms.provider,
+            self.signer,
+            self.clock,
+            KeyCache(ttl_seconds=60, clock=self.clock),
+            audit=audit or self.audit,
+            **kwargs,
+        )
 
     def backup(self) -> Rows:
         """The attacker's copy of every keychain row (a backup, a replica, a SELECT)."""
-        return ({k: self.store.records[k] for k in list(self.store.records)},
-                {k: self.store.heads[k] for k in list(self.store.heads)})
+        return (
+            {k: self.store.records[k] for k in list(self.store.records)},
+            {k: self.store.heads[k] for k in list(self.store.heads)},
+        )
 
     def restore(self, rows: Rows) -> None:
         """Write the copy back: rows made since are deleted, the others overwritten."""
@@ -145,8 +154,10 @@ def test_fresh_process_refuses_a_keychain_rolled_back_to_before_an_erasure(world
     with pytest.raises(KeychainTamperedError) as refused:
         fresh.dek_by_id(TENANT, old_dek)
     head = TenantHead.from_json(backup[1][TENANT])
-    assert (f"keychain of tenant {TENANT} is at version {head.version} but the audit log recorded version "
-            f"{erased.head_version}: rolled back") in str(refused.value)
+    assert (
+        f"keychain of tenant {TENANT} is at version {head.version} but the audit log recorded version "
+        f"{erased.head_version}: rolled back"
+    ) in str(refused.value)
     with pytest.raises(KeychainTamperedError):
         _decrypt(world.process(), "org1", b"records/org1/001", blob)
     with pytest.raises(KeychainTamperedError):  # nothing answers from the old keychain, not even status
@@ -241,8 +252,13 @@ def test_every_security_change_of_the_head_is_audited_without_key_material(world
     head = world.store.get_head(TENANT)
     assert ("keychain." + head.audited_change.action, head.audited_change.version) == expected[-1]
     assert [r.details["step"] for r in records if r.action == "keychain.rekey"] == ["l2", "l3", "l3"]
-    assert all(r.actor == "keychain" and r.tenant_id == TENANT and r.details["tenant_id"] == TENANT
-               and r.details["l1_ref"].startswith("memory://") for r in records)
+    assert all(
+        r.actor == "keychain"
+        and r.tenant_id == TENANT
+        and r.details["tenant_id"] == TENANT
+        and r.details["l1_ref"].startswith("memory://")
+        for r in records
+    )
     assert records[1].details["previous_l1_ref"] == "memory://acme-l1"
     # ids, versions and counts only: no wrapped bytes, no key bytes in any form
     text = json.dumps([r.details for r in records])
@@ -260,15 +276,21 @@ def test_erasure_records_are_in_the_audit_log_and_verify_with_the_public_key(wor
         world.clock.t = T0 + h * HOUR
         for ws in ("org1", "org2", "org3"):
             kc.dek_for_encrypt(TENANT, ws)
-    made = [kc.erase_buckets(TENANT, "org1", T0 + 2 * HOUR), kc.erase_workspace(TENANT, "org2"),
-            *kc.erase_deks_below(TENANT, {"org3": (bucket_of(T0 + HOUR, HOUR), 1)})]
+    made = [
+        kc.erase_buckets(TENANT, "org1", T0 + 2 * HOUR),
+        kc.erase_workspace(TENANT, "org2"),
+        *kc.erase_deks_below(TENANT, {"org3": (bucket_of(T0 + HOUR, HOUR), 1)}),
+    ]
     assert kc.erase_workspace(TENANT, "org2").dek_ids == ()  # a repeat commits nothing, audits nothing
 
     logged = [r for r in world.keychain_audit() if r.action == "keychain.erase"]
     assert [r.details["scope"] for r in logged] == ["buckets", "workspace", "floor"]
     # buckets and floor replaced the workspace key in the same commit, and say so as rotate_l3 does
     assert [tuple(r.details.get(k) for k in ("previous_l3_id", "l3_id", "deks_rewrapped")) for r in logged] == [
-        ("l3/org1/1", "l3/org1/2", 1), (None, None, None), ("l3/org3/1", "l3/org3/2", 1)]
+        ("l3/org1/1", "l3/org1/2", 1),
+        (None, None, None),
+        ("l3/org3/1", "l3/org3/2", 1),
+    ]
     customer = Verifier.from_public_pem(world.signer.public_key_pem())  # all a customer needs
     assert [len(r.dek_ids) for r in made] == [2, 3, 2]
     for rec, returned in zip(logged, made, strict=True):
@@ -301,7 +323,9 @@ def test_head_ahead_of_the_audit_log_is_accepted_and_its_record_written_by_a_fre
     assert fresh.status(TENANT).revoked  # accepted
     records = world.keychain_audit()
     assert [(r.action, r.details["head_version"], r.details.get("recovered")) for r in records] == [
-        ("keychain.create", 1, None), ("keychain.revoke", version, True)]
+        ("keychain.create", 1, None),
+        ("keychain.revoke", version, True),
+    ]
     world.process().status(TENANT)
     assert len(world.keychain_audit()) == 2  # repaired once, not on every load
     backup = world.backup()
@@ -355,5 +379,8 @@ def test_the_in_memory_platform_wires_the_audit_log_into_the_keychain() -> None:
     create_tenant(p, TENANT, provision_storage=False)
     p.keychain.revoke(TENANT)
     assert [r.action for r in p.state.iter_audit(tenant_id=TENANT)] == [
-        "keychain.create", "tenant.create", "keychain.revoke"]
+        "keychain.create",
+        "tenant.create",
+        "keychain.revoke",
+    ]
     assert p.state.verify_audit(tenant_id=TENANT).ok

@@ -68,8 +68,11 @@ def test_load_errors_name_the_path_not_the_contents(tmp_path) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     wrong = tmp_path / "ec.pem"
-    wrong.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    wrong.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     with pytest.raises(ConfigurationError):
         Signer.from_pem_file(wrong)
 
@@ -82,8 +85,7 @@ def test_from_settings_needs_the_path_setting() -> None:
 
 def test_private_key_never_shown_or_pickled() -> None:
     key = Ed25519PrivateKey.generate()
-    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                            serialization.NoEncryption())
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     signer = Signer(key)
     for text in (repr(signer), str(signer), repr(signer.verifier())):
         assert raw.hex() not in text and signer.key_id in text

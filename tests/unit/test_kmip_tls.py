@@ -34,20 +34,26 @@ L2 = bytes(range(0xA0, 0xC0))  # stand-in for a tenant key: what must never reac
 
 
 def _write_key(path: Path, key) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
 
 
 def _issue(ca_key, ca_name, name: str, san: list[x509.GeneralName], usage, tmp: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(san), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     (tmp / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(tmp / f"{name}.key", key)
     return tmp / f"{name}.pem", tmp / f"{name}.key"
@@ -59,20 +65,33 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test KMIP CA")])
     now = dt.datetime.now(dt.UTC)
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     (tmp / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths = {"ca": tmp / "ca.pem"}
-    paths["client"], paths["client_key"] = _issue(ca_key, ca_name, "client", [x509.DNSName("archive-kms")],
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH, tmp)
-    paths["evil"], paths["evil_key"] = _issue(ca_key, ca_name, "evil", [x509.DNSName("evil.example")],
-                                              ExtendedKeyUsageOID.SERVER_AUTH, tmp)
+    paths["client"], paths["client_key"] = _issue(
+        ca_key, ca_name, "client", [x509.DNSName("archive-kms")], ExtendedKeyUsageOID.CLIENT_AUTH, tmp
+    )
+    paths["evil"], paths["evil_key"] = _issue(
+        ca_key, ca_name, "evil", [x509.DNSName("evil.example")], ExtendedKeyUsageOID.SERVER_AUTH, tmp
+    )
     paths["loopback"], paths["loopback_key"] = _issue(
-        ca_key, ca_name, "loopback", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-        ExtendedKeyUsageOID.SERVER_AUTH, tmp)
+        ca_key,
+        ca_name,
+        "loopback",
+        [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        tmp,
+    )
     return paths
 
 
@@ -114,8 +133,13 @@ class _RecordingTlsServer:
 
 
 def _wrap_against(server: _RecordingTlsServer, pki: dict[str, Path]) -> BaseException:
-    settings = Settings(kmip_host="127.0.0.1", kmip_port=server.port, kmip_ca_cert=str(pki["ca"]),
-                        kmip_client_cert=str(pki["client"]), kmip_client_key=str(pki["client_key"]))
+    settings = Settings(
+        kmip_host="127.0.0.1",
+        kmip_port=server.port,
+        kmip_ca_cert=str(pki["ca"]),
+        kmip_client_cert=str(pki["client"]),
+        kmip_client_key=str(pki["client_key"]),
+    )
 
     def client():
         c = wiring.kmip_client(settings)

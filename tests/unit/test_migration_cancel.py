@@ -6,6 +6,7 @@ never deletes a destination this run did not create."""
 from __future__ import annotations
 
 import pytest
+from test_migration_engine import TENANT, archived_platform, digests, job  # shared setup
 
 from archive_kms.errors import TransientError, ValidationError
 from archive_kms.migration import cancel, execute, plan_enable, trigger
@@ -14,8 +15,6 @@ from archive_kms.operations.archive import submit_job
 from archive_kms.operations.platform import Platform
 from archive_kms.search import Query
 from archive_kms.state.port import GateState, RunState
-
-from test_migration_engine import TENANT, archived_platform, digests, job  # shared setup
 
 
 def _platform() -> Platform:

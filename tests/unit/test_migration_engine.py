@@ -56,8 +56,12 @@ RECORDS = 24  # plus attachments: ~30 objects, a few KB each
 
 
 def job(job_id: str, count: int, *, offset: int = 0, tenant: str = TENANT) -> JobSpec:
-    return JobSpec(job_id, tenant, "synthetic",
-                   synthetic={"count": count, "seed": 7, "offset": offset, "mix": "small", "workspaces": 2})
+    return JobSpec(
+        job_id,
+        tenant,
+        "synthetic",
+        synthetic={"count": count, "seed": 7, "offset": offset, "mix": "small", "workspaces": 2},
+    )
 
 
 def archived_platform(records: int = RECORDS) -> Platform:
@@ -298,14 +302,14 @@ def test_failure_in_each_step_then_resume_converges(monkeypatch, step, after_sid
     run = p.state.get_run(run_id)
     assert run.state is RunState.FAILED
     assert run.step(step).state is StepState.FAILED and run.step(step).error == out.error
-    done = STEPS[:STEPS.index(step)]
+    done = STEPS[: STEPS.index(step)]
     assert [s.name for s in run.steps if s.state is StepState.COMPLETED] == list(done)
     assert p.state.get_lease(TENANT) is None
     assert "run.fail" in actions(p, run_id)
 
     out2 = resume(p, run_id, actor="support")
     assert out2.state == "completed", out2
-    assert out2.executed == STEPS[STEPS.index(step):]
+    assert out2.executed == STEPS[STEPS.index(step) :]
     assert calls[0] == 2
     assert p.state.get_run(run_id).step(step).attempt == 2
     assert "run.resume" in actions(p, run_id)
@@ -398,8 +402,11 @@ def _plant(p: Platform, store, name: bytes, plaintext: bytes) -> None:
     ws = workspace_of(name)
     dek = p.keychain.dek_for_encrypt(TENANT, ws)
     store.delete(name)
-    store.put_stream(name, encrypt_iter([plaintext], dek=dek.key, dek_id=dek.dek_id,
-                                        binding=ObjectBinding(TENANT, ws, name)), if_absent=True)
+    store.put_stream(
+        name,
+        encrypt_iter([plaintext], dek=dek.key, dek_id=dek.dek_id, binding=ObjectBinding(TENANT, ws, name)),
+        if_absent=True,
+    )
 
 
 def test_unrecorded_object_with_other_content_is_replaced_not_trusted(monkeypatch):
@@ -515,8 +522,8 @@ def test_rerun_or_resume_of_a_completed_run_changes_nothing_and_says_so(how):
     audit_after = after.pop("audit")
     audit_before = before.pop("audit")
     assert after == before
-    assert audit_after[:len(audit_before)] == audit_before
-    new = [r.action for r in p.state.iter_audit(tenant_id=TENANT)][len(audit_before):]
+    assert audit_after[: len(audit_before)] == audit_before
+    new = [r.action for r in p.state.iter_audit(tenant_id=TENANT)][len(audit_before) :]
     assert new == ([noop] if noop else [])  # a support action is audited even when it does nothing (I6)
 
 
@@ -531,7 +538,7 @@ def test_rerun_before_the_point_of_no_return_after_cutover_is_refused():
     assert out.message == "step cleanup_source failed"
     frozen = snapshot(p, plan, run_id)
 
-    for step in STEPS[:STEPS.index(POINT_OF_NO_RETURN) + 1]:
+    for step in STEPS[: STEPS.index(POINT_OF_NO_RETURN) + 1]:
         with pytest.raises(ValidationError) as err:
             rerun(p, run_id, step, actor="support")
         msg = str(err.value)
@@ -556,7 +563,7 @@ def test_rerun_of_a_failed_run_from_an_earlier_step_completes(monkeypatch, from_
 
     out = rerun(p, run_id, from_step, actor="support")
     assert out.state == "completed", out
-    assert out.executed == STEPS[STEPS.index(from_step):]
+    assert out.executed == STEPS[STEPS.index(from_step) :]
     assert written == []  # the ledger said every object was copied and verified
     assert_settled(p, plan, run_id, before)
 
@@ -787,6 +794,7 @@ def test_jobs_during_the_run_are_deferred_and_replayed_once_into_the_new_locatio
             for _ in range(2):  # a client retry is a duplicate, not a second job
                 decisions.append((job_id, submit_job(p.state, job(job_id, 5, offset=offset), p.open_archive).decision))
             return real(ctx)
+
         return around
 
     wrap_step(monkeypatch, "copy", submit_during("j-during-copy", RECORDS))
@@ -795,8 +803,12 @@ def test_jobs_during_the_run_are_deferred_and_replayed_once_into_the_new_locatio
     wrap_step(monkeypatch, "build_index", lambda real, ctx: (searched.append(search_ids(p)), real(ctx))[1])
 
     run_id = run_to_end(p, plan)
-    assert decisions == [("j-during-copy", "deferred"), ("j-during-copy", "duplicate"),
-                         ("j-after-cutover", "deferred"), ("j-after-cutover", "duplicate")]
+    assert decisions == [
+        ("j-during-copy", "deferred"),
+        ("j-during-copy", "duplicate"),
+        ("j-after-cutover", "deferred"),
+        ("j-after-cutover", "duplicate"),
+    ]
     assert searched == [pre_search]  # the deferred jobs are not visible mid-run
     resumed = p.state.get_run(run_id).step("resume").result
     assert (resumed["replayed"], resumed["duplicates"], resumed["records"]) == (2, 0, 10)
@@ -827,6 +839,7 @@ def test_searches_and_reads_during_the_run_see_the_pre_run_data(monkeypatch):
             result = real(ctx)
             seen[f"after {label}"] = search_ids(p)
             return result
+
         return around
 
     for step in ("copy", "build_index", "cleanup_source"):
@@ -839,8 +852,15 @@ def test_searches_and_reads_during_the_run_see_the_pre_run_data(monkeypatch):
 
     wrap_step(monkeypatch, "cutover", cutover)
     run_to_end(p, plan)
-    assert set(seen) == {"before copy", "after copy", "before build_index", "after build_index", "before cutover",
-                         "before cleanup_source", "after cleanup_source"}
+    assert set(seen) == {
+        "before copy",
+        "after copy",
+        "before build_index",
+        "after build_index",
+        "before cutover",
+        "before cleanup_source",
+        "after cleanup_source",
+    }
     assert all(ids == pre for ids in seen.values()), {k: len(v) for k, v in seen.items()}
     # the stale reader's location is gone; its reads follow the tenant instead of a 404 (faults E7)
     archive = stale["archive"]
@@ -867,13 +887,22 @@ def test_progress_hooks_and_report_numbers(monkeypatch):
     wrap_step(monkeypatch, "verify", peek)
     events: list[tuple[str, str]] = []
     ticks: list[tuple[str, int, int]] = []
-    hooks = Hooks(on_step=lambda step, state, result: events.append((step, state)),
-                  on_progress=lambda step, done, total: ticks.append((step, done, total)))
+    hooks = Hooks(
+        on_step=lambda step, state, result: events.append((step, state)),
+        on_progress=lambda step, done, total: ticks.append((step, done, total)),
+    )
     run_id = run_to_end(p, plan, hooks=hooks)
     n = len(before)
 
-    assert mid["progress"] == {"steps_done": STEPS.index("verify"), "steps": len(STEPS), "objects": n, "copied": n,
-                               "verified": 0, "failed": 0, "quarantined": 0}
+    assert mid["progress"] == {
+        "steps_done": STEPS.index("verify"),
+        "steps": len(STEPS),
+        "objects": n,
+        "copied": n,
+        "verified": 0,
+        "failed": 0,
+        "quarantined": 0,
+    }
     assert mid["report"]["state"] == "running" and mid["report"]["verification"] == "pending"
     assert events == [(s, state) for s in STEPS for state in ("running", "completed")]
     assert ticks[-2:] == [("copy", n, n), ("verify", n, n)]
@@ -891,8 +920,15 @@ def test_progress_hooks_and_report_numbers(monkeypatch):
     assert all(s["state"] == "completed" and s["attempts"] == 1 and s["error"] is None for s in report["steps"])
     assert all(isinstance(s["seconds"], float) and s["seconds"] >= 0 for s in report["steps"])
     assert report["total_seconds"] >= max(s["seconds"] for s in report["steps"])
-    assert report["progress"] == {"steps_done": len(STEPS), "steps": len(STEPS), "objects": n, "copied": n,
-                                  "verified": n, "failed": 0, "quarantined": 0}
+    assert report["progress"] == {
+        "steps_done": len(STEPS),
+        "steps": len(STEPS),
+        "objects": n,
+        "copied": n,
+        "verified": n,
+        "failed": 0,
+        "quarantined": 0,
+    }
     final = p.state.get_run(run_id).step("report").result
     assert final["state"] == "completed" and final["verification"] == "ok" and final["objects"] == n
     text = repr(report)
@@ -911,9 +947,16 @@ def test_report_of_a_failed_run_names_the_step_and_error(monkeypatch):
     by_step = {s["step"]: s for s in report["steps"]}
     assert by_step["verify"]["state"] == "failed" and by_step["verify"]["error"] == out.error
     assert by_step["build_index"]["state"] == "pending" and by_step["build_index"]["seconds"] is None
-    assert out.to_dict() == {"run_id": run_id, "tenant": TENANT, "flow": "enable", "state": "failed",
-                             "created": True, "executed": list(STEPS[:STEPS.index("verify")]),
-                             "message": "step verify failed", "error": out.error}
+    assert out.to_dict() == {
+        "run_id": run_id,
+        "tenant": TENANT,
+        "flow": "enable",
+        "state": "failed",
+        "created": True,
+        "executed": list(STEPS[: STEPS.index("verify")]),
+        "message": "step verify failed",
+        "error": out.error,
+    }
 
 
 # --- other clouds and modes, empty tenants, jobs still running at pause ---------------------------

@@ -11,12 +11,6 @@
 
 from __future__ import annotations
 
-
-from archive_kms.keys.keychain import ErasureRecord, parse_dek_id
-from archive_kms.keys.keychain_store import KeyRecordState
-from archive_kms.migration import execute
-from archive_kms.operations.archive import submit_job
-from archive_kms.state.anchors import verify_with_anchor
 from test_migration_engine import (
     TENANT,
     archived_platform,
@@ -28,6 +22,12 @@ from test_migration_engine import (
     run_to_end,
     start,
 )
+
+from archive_kms.keys.keychain import ErasureRecord, parse_dek_id
+from archive_kms.keys.keychain_store import KeyRecordState
+from archive_kms.migration import execute
+from archive_kms.operations.archive import submit_job
+from archive_kms.state.anchors import verify_with_anchor
 
 
 def _audit(p, run_id: str, action: str) -> list:
@@ -66,7 +66,7 @@ def test_enable_rekeys_below_l1_and_erases_the_source_deks() -> None:
     records = [ErasureRecord.from_json(r.details["erasure_record"]) for r in erased]  # the signed JSON text
     assert {d for rec in records for d in rec.dek_ids} == states[KeyRecordState.DESTROYED.value]
     for rec in records:  # the signed erasure records, as the keychain made them: the signature verifies
-        rec.verify(p.keychain._verifier)  # noqa: SLF001
+        rec.verify(p.keychain._verifier)
     resumed = p.state.get_run(run_id).step("resume").result
     assert resumed["old_deks_erased"] == len(states[KeyRecordState.DESTROYED.value]) > 0
 

@@ -34,12 +34,29 @@ def p() -> Platform:
 
 
 def test_steps_are_the_product_flow_in_order_and_each_has_a_function():
-    assert STEPS == ("preflight", "pause", "cutover_point", "create_destination", "bind_key", "manifest", "copy",
-                     "verify", "build_index", "cutover", "cleanup_source", "resume", "report")
+    assert STEPS == (
+        "preflight",
+        "pause",
+        "cutover_point",
+        "create_destination",
+        "bind_key",
+        "manifest",
+        "copy",
+        "verify",
+        "build_index",
+        "cutover",
+        "cleanup_source",
+        "resume",
+        "report",
+    )
     assert tuple(STEP_FUNCTIONS) == STEPS
     assert POINT_OF_NO_RETURN == "cutover"
-    assert STEPS.index("verify") < STEPS.index("build_index") < STEPS.index(POINT_OF_NO_RETURN) \
+    assert (
+        STEPS.index("verify")
+        < STEPS.index("build_index")
+        < STEPS.index(POINT_OF_NO_RETURN)
         < STEPS.index("cleanup_source")
+    )
     for step in SHARD_FUNCTIONS:
         assert callable(shard_function(step)) and step in STEPS
 
@@ -62,12 +79,15 @@ def test_enable_plan_on_s3_with_a_key_arn(p):
     assert p.state.list_runs("acme") == []  # planning starts nothing
 
 
-@pytest.mark.parametrize("tenant,mode,ref,cloud,kind", [
-    ("acme", "byok", AWS, "s3", "dedicated"),
-    ("acme", "kmip", KMIP, "s3", "dedicated"),
-    ("beta", "byokv", AZURE_KV, "azure", "dedicated"),
-    ("beta", "kmip", KMIP, "azure", "dedicated"),
-])
+@pytest.mark.parametrize(
+    "tenant,mode,ref,cloud,kind",
+    [
+        ("acme", "byok", AWS, "s3", "dedicated"),
+        ("acme", "kmip", KMIP, "s3", "dedicated"),
+        ("beta", "byokv", AZURE_KV, "azure", "dedicated"),
+        ("beta", "kmip", KMIP, "azure", "dedicated"),
+    ],
+)
 def test_each_mode_plans_onto_its_cloud(p, tenant, mode, ref, cloud, kind):
     plan = plan_enable(p, tenant, mode, ref)
     dest = plan.destination_location
@@ -88,16 +108,19 @@ def test_the_in_memory_scheme_is_accepted_for_every_mode(p):
 # --- enable: refusals -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode,ref,needs", [
-    ("byokms", AZURE_KV, "aws-kms"),
-    ("byokms", KMIP, "aws-kms"),
-    ("byok", AZURE_KV, "aws-kms"),
-    ("byokv", AWS, "azure-kv"),
-    ("byokv", KMIP, "azure-kv"),
-    ("kmip", AWS, "kmip"),
-    ("kmip", AZURE_KV, "kmip"),
-    ("byokms", MANAGED_KEY_REF, "aws-kms"),
-])
+@pytest.mark.parametrize(
+    "mode,ref,needs",
+    [
+        ("byokms", AZURE_KV, "aws-kms"),
+        ("byokms", KMIP, "aws-kms"),
+        ("byok", AZURE_KV, "aws-kms"),
+        ("byokv", AWS, "azure-kv"),
+        ("byokv", KMIP, "azure-kv"),
+        ("kmip", AWS, "kmip"),
+        ("kmip", AZURE_KV, "kmip"),
+        ("byokms", MANAGED_KEY_REF, "aws-kms"),
+    ],
+)
 def test_a_key_of_the_wrong_scheme_for_the_mode_is_refused(p, mode, ref, needs):
     scheme = ref.split("://")[0]
     with pytest.raises(ValidationError, match=f"mode {mode} needs a {needs}:// key reference, got a {scheme}:// one"):
@@ -116,16 +139,24 @@ def test_a_malformed_key_reference_is_refused(p, ref):
         plan_enable(p, "acme", "byokms", ref)
 
 
-@pytest.mark.parametrize("tenant,mode,ref,cloud,message", [
-    ("acme", "byokv", AZURE_KV, None, "mode byokv runs on azure, not s3"),
-    ("beta", "byokms", AWS, None, "mode byokms runs on s3, not azure"),
-    ("beta", "byok", AWS, None, "mode byok runs on s3, not azure"),
-    ("acme", "kmip", KMIP, "azure", "tenant acme lives on s3; moving between clouds is not supported "
-                                    "(use --cloud s3)"),
-    ("beta", "kmip", KMIP, "s3", "tenant beta lives on azure; moving between clouds is not supported"),
-    ("acme", "byokms", AWS, "azure", "mode byokms runs on s3, not azure"),
-    ("acme", "kmip", KMIP, "gcp", "mode kmip runs on s3 or azure, not gcp"),
-])
+@pytest.mark.parametrize(
+    "tenant,mode,ref,cloud,message",
+    [
+        ("acme", "byokv", AZURE_KV, None, "mode byokv runs on azure, not s3"),
+        ("beta", "byokms", AWS, None, "mode byokms runs on s3, not azure"),
+        ("beta", "byok", AWS, None, "mode byok runs on s3, not azure"),
+        (
+            "acme",
+            "kmip",
+            KMIP,
+            "azure",
+            "tenant acme lives on s3; moving between clouds is not supported (use --cloud s3)",
+        ),
+        ("beta", "kmip", KMIP, "s3", "tenant beta lives on azure; moving between clouds is not supported"),
+        ("acme", "byokms", AWS, "azure", "mode byokms runs on s3, not azure"),
+        ("acme", "kmip", KMIP, "gcp", "mode kmip runs on s3 or azure, not gcp"),
+    ],
+)
 def test_cloud_mismatches_are_refused(p, tenant, mode, ref, cloud, message):
     with pytest.raises(ValidationError) as err:
         plan_enable(p, tenant, mode, ref, cloud=cloud)
@@ -134,8 +165,9 @@ def test_cloud_mismatches_are_refused(p, tenant, mode, ref, cloud, message):
 
 def test_enabling_a_tenant_already_on_its_own_key_is_refused(p):
     create_tenant(p, "gamma", cloud="s3", key_ref=MEMORY, provision_storage=False)  # own key from day one
-    with pytest.raises(ValidationError,
-                       match="tenant gamma already uses its own key .*run `archive-kms remove gamma` first"):
+    with pytest.raises(
+        ValidationError, match="tenant gamma already uses its own key .*run `archive-kms remove gamma` first"
+    ):
         plan_enable(p, "gamma", "byokms", MEMORY)
 
 
@@ -166,8 +198,9 @@ def test_unknown_and_malformed_tenants(p):
 
 
 def test_remove_on_a_managed_tenant_is_refused(p):
-    with pytest.raises(ValidationError, match="tenant acme is on the managed key in shared storage already; "
-                                              "nothing to remove"):
+    with pytest.raises(
+        ValidationError, match="tenant acme is on the managed key in shared storage already; nothing to remove"
+    ):
         plan_remove(p, "acme")
 
 
@@ -177,8 +210,9 @@ def test_remove_plans_back_to_a_shared_entity_under_the_managed_key(p):
     shared = dict(p.state.get_tenant("acme").location)
     enable = plan_enable(p, "acme", "byokms", MEMORY)
     t = p.state.get_tenant("acme")
-    p.state.update_tenant(replace(t, location=dict(enable.destination), key_mode=KeyMode.BYOKMS, key_ref=MEMORY,
-                                  index_generation=2))
+    p.state.update_tenant(
+        replace(t, location=dict(enable.destination), key_mode=KeyMode.BYOKMS, key_ref=MEMORY, index_generation=2)
+    )
     plan = plan_remove(p, "acme")
     assert (plan.flow, plan.mode, plan.key_ref) == ("remove", "managed", MANAGED_KEY_REF)
     assert plan.source == enable.destination and plan.destination == shared

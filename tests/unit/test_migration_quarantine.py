@@ -17,19 +17,6 @@ import json
 from typing import Any
 
 import pytest
-
-from archive_kms.errors import KeyUnavailableError, LeaseHeldError, TransientError, ValidationError
-from archive_kms.migration import build_report, execute, rerun, resume, waive
-from archive_kms.migration.quarantine import (
-    SOURCE_READ_ATTEMPTS,
-    WAIVE_ACTION,
-    Quarantine,
-    display_name,
-)
-from archive_kms.operations.archive import ATTACHMENT_PREFIX, RECORD_PREFIX, submit_job
-from archive_kms.operations.platform import Platform
-from archive_kms.operations.tenants import create_tenant
-from archive_kms.state.port import CopyRecord, CopyStatus, GateState, RunState, StepState
 from test_migration_engine import (
     TENANT,
     actions,
@@ -46,6 +33,19 @@ from test_migration_engine import (
     start,
     wrap_step,
 )
+
+from archive_kms.errors import KeyUnavailableError, LeaseHeldError, TransientError, ValidationError
+from archive_kms.migration import build_report, execute, rerun, resume, waive
+from archive_kms.migration.quarantine import (
+    SOURCE_READ_ATTEMPTS,
+    WAIVE_ACTION,
+    Quarantine,
+    display_name,
+)
+from archive_kms.operations.archive import ATTACHMENT_PREFIX, RECORD_PREFIX, submit_job
+from archive_kms.operations.platform import Platform
+from archive_kms.operations.tenants import create_tenant
+from archive_kms.state.port import CopyRecord, CopyStatus, GateState, RunState, StepState
 
 OTHER = "globex"
 
@@ -105,8 +105,15 @@ def poisoned(p: Platform) -> dict[str, Any]:
     corrupt = sorted(n for n in before if n.startswith(RECORD_PREFIX))[3]
     corrupt_bytes = flip_a_byte(src, corrupt)
     foreign, foreign_bytes = plant_foreign(p, src)
-    return {"before": before, "plan": plan, "src": src, "corrupt": corrupt, "corrupt_bytes": corrupt_bytes,
-            "foreign": foreign, "foreign_bytes": foreign_bytes}
+    return {
+        "before": before,
+        "plan": plan,
+        "src": src,
+        "corrupt": corrupt,
+        "corrupt_bytes": corrupt_bytes,
+        "foreign": foreign,
+        "foreign_bytes": foreign_bytes,
+    }
 
 
 # --- quarantine, waive, resume --------------------------------------------------------------------
@@ -123,8 +130,12 @@ def test_corrupt_and_foreign_sources_are_quarantined_and_the_run_stops_before_cu
 
     assert out.state == "failed" and out.message == "step verify failed", out
     assert out.error.startswith("ObjectsQuarantinedError: 2 object(s) quarantined")
-    for words in (f"archive-kms runs waive {run_id} --object NAME --reason", "--all",
-                  f"archive-kms runs rerun {run_id} --from copy", f"archive-kms runs resume {run_id}"):
+    for words in (
+        f"archive-kms runs waive {run_id} --object NAME --reason",
+        "--all",
+        f"archive-kms runs rerun {run_id} --from copy",
+        f"archive-kms runs resume {run_id}",
+    ):
         assert words in out.error, (words, out.error)
     run = p.state.get_run(run_id)
     assert run.state is RunState.FAILED
@@ -165,15 +176,25 @@ def test_waive_each_then_resume_cuts_over_without_them_and_keeps_their_sources()
     run_id = start(p, plan)
     assert execute(p, run_id, actor="test").state == "failed"
 
-    one = waive(p, run_id, objects=[corrupt], reason="ticket 4711: record restored from the customer's export",
-                actor="support:alice")
+    one = waive(
+        p,
+        run_id,
+        objects=[corrupt],
+        reason="ticket 4711: record restored from the customer's export",
+        actor="support:alice",
+    )
     assert one.waived == (display_name(corrupt),) and one.remaining == 1
     blocked = resume(p, run_id, actor="support:alice")
     assert blocked.state == "failed" and "1 object(s) quarantined (1 more already waived)" in blocked.error
     assert display_name(foreign) in blocked.error and display_name(corrupt) not in blocked.error.split("First:")[1]
 
-    rest = waive(p, run_id, all_objects=True, reason="foreign object planted by a test; reported to security",
-                 actor="support:bob")
+    rest = waive(
+        p,
+        run_id,
+        all_objects=True,
+        reason="foreign object planted by a test; reported to security",
+        actor="support:bob",
+    )
     assert rest.waived == (display_name(foreign),) and rest.remaining == 0
     again = waive(p, run_id, objects=[corrupt], reason="again", actor="support:carol")  # idempotent
     assert again.waived == () and again.already == (display_name(corrupt),)
@@ -185,7 +206,8 @@ def test_waive_each_then_resume_cuts_over_without_them_and_keeps_their_sources()
     waivers = [r for r in p.state.iter_audit(tenant_id=TENANT) if r.action == WAIVE_ACTION]
     assert [(r.actor, r.details["object"], r.details["reason"]) for r in waivers] == [
         ("support:alice", display_name(corrupt), "ticket 4711: record restored from the customer's export"),
-        ("support:bob", display_name(foreign), "foreign object planted by a test; reported to security")]
+        ("support:bob", display_name(foreign), "foreign object planted by a test; reported to security"),
+    ]
     assert all(r.run_id == run_id for r in waivers)
     assert p.state.verify_audit(tenant_id=TENANT).ok
 
@@ -201,8 +223,10 @@ def test_waive_each_then_resume_cuts_over_without_them_and_keeps_their_sources()
     run = p.state.get_run(run_id)
     verify = run.step("verify").result
     assert (verify["quarantined"], verify["waived"], verify["expected"]) == (2, 2, len(manifest) - 2)
-    assert verify["reconciled"].startswith(f"manifest {len(manifest)} - quarantined 2 (2 waived) = ledger verified "
-                                           f"{len(manifest) - 2} = destination listing {len(manifest) - 2}")
+    assert verify["reconciled"].startswith(
+        f"manifest {len(manifest)} - quarantined 2 (2 waived) = ledger verified "
+        f"{len(manifest) - 2} = destination listing {len(manifest) - 2}"
+    )
     assert run.step("build_index").result["waived_records"] == 1
 
     # The waived sources were never lost: cleanup kept them, bytes unchanged, where the report says.
@@ -215,8 +239,9 @@ def test_waive_each_then_resume_cuts_over_without_them_and_keeps_their_sources()
     assert report["state"] == "completed" and report["quarantine_kept_at"] == plan.source_location.uri
     assert all(q["waived"] and q["source"] == plan.source_location.uri for q in report["quarantine"])
     assert {q["waived_by"] for q in report["quarantine"]} == {"support:alice", "support:bob"}
-    assert report["reconciliation"] == (f"{verify['reconciled']}; index documents {len(record_ids(before)) - 1} = "
-                                        "manifest records - 1 waived")
+    assert report["reconciliation"] == (
+        f"{verify['reconciled']}; index documents {len(record_ids(before)) - 1} = manifest records - 1 waived"
+    )
     assert p.state.gate(TENANT).state is GateState.OPEN and p.state.get_lease(TENANT) is None
     assert actions(p, run_id).count(WAIVE_ACTION) == 2
 
@@ -479,7 +504,6 @@ def test_remove_keeps_the_dedicated_source_holding_only_the_waived_object():
     assert digests(p) == {n: d for n, d in before.items() if n != name}
     result = p.state.get_run(run_id).step("cleanup_source").result
     assert result["kept"] == 1 and result["kept_at"] == back.source_location.uri
-
 
 
 def test_a_waived_source_removed_by_hand_before_cleanup_does_not_block_the_run():

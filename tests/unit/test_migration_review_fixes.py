@@ -6,6 +6,7 @@ mismatch converges on a plain resume; reruns respect cancel and a half-done cuto
 from __future__ import annotations
 
 import pytest
+from test_migration_engine import TENANT, archived_platform, job  # shared setup
 
 from archive_kms.errors import TransientError, ValidationError
 from archive_kms.migration import cancel, execute, plan_enable, rerun, resume, trigger
@@ -17,7 +18,6 @@ from archive_kms.operations.platform import Platform
 from archive_kms.state.port import GateState, RunState, StepState
 from archive_kms.storage import Location
 
-from test_migration_engine import TENANT, archived_platform, job  # shared setup
 KEY = "memory://customer"
 
 
@@ -118,8 +118,9 @@ def test_a_verify_mismatch_converges_on_a_plain_resume(monkeypatch):
         from archive_kms.state.port import CopyRecord, CopyStatus
 
         rec = next(iter(ctx.platform.state.iter_copies(ctx.run_id)))
-        ctx.platform.state.record_copy(ctx.run_id, CopyRecord(rec.name, CopyStatus.COPIED, rec.dest_etag,
-                                                              rec.dest_size, "00" * 32))
+        ctx.platform.state.record_copy(
+            ctx.run_id, CopyRecord(rec.name, CopyStatus.COPIED, rec.dest_etag, rec.dest_size, "00" * 32)
+        )
 
     _once(monkeypatch, "copy", after=True, effect=corrupt_one)
     run, _ = trigger(p, plan_enable(p, TENANT, "byokms", KEY), actor="t")

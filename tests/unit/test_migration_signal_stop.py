@@ -16,13 +16,12 @@ import time
 from typing import Any
 
 import pytest
+from test_migration_engine import TENANT, archived_platform, assert_settled, digests, enable_plan, listing, start
 
-from archive_kms.migration import Hooks, MigrationPlan, StopRequest, execute, request_stop, resume
-from archive_kms.migration import stopping
+from archive_kms.migration import Hooks, MigrationPlan, StopRequest, execute, request_stop, resume, stopping
 from archive_kms.operations.archive import workspace_of
 from archive_kms.operations.platform import Platform
 from archive_kms.state.port import CopyStatus, RunState, StepState
-from test_migration_engine import TENANT, archived_platform, assert_settled, digests, enable_plan, listing, start
 
 MiB = 1024 * 1024
 
@@ -74,8 +73,9 @@ def test_stop_requested_mid_copy_stops_at_an_object_boundary_and_resume_continue
     before = digests(p)
     plan = enable_plan(p)
     run_id = start(p, plan)
-    seen = stop_after_reads(p.store_for(plan.source_location), 6,
-                            lambda: request_stop(run_id, "stop requested by the test"))
+    seen = stop_after_reads(
+        p.store_for(plan.source_location), 6, lambda: request_stop(run_id, "stop requested by the test")
+    )
     started = time.monotonic()
     out = execute(p, run_id, actor="test")
     assert time.monotonic() - started < 10
@@ -216,8 +216,11 @@ def plant_big_object(p: Platform, plan, size: int = 6 * MiB) -> bytes:
     name = b"attachments/" + ws.encode() + b"/00PBIGSTOP0000001"
     dek = p.keychain.dek_for_encrypt(TENANT, ws)
     chunks = (os.urandom(MiB) for _ in range(size // MiB))
-    src.put_stream(name, encrypt_iter(chunks, dek=dek.key, dek_id=dek.dek_id, binding=ObjectBinding(TENANT, ws, name)),
-                   if_absent=True)
+    src.put_stream(
+        name,
+        encrypt_iter(chunks, dek=dek.key, dek_id=dek.dek_id, binding=ObjectBinding(TENANT, ws, name)),
+        if_absent=True,
+    )
     return name
 
 
@@ -233,6 +236,7 @@ def slow_upload_of(store: Any, name: bytes, per_chunk: float, started: threading
                 started.set()
                 time.sleep(per_chunk)
                 yield c
+
         return real(n, slowly(), **kw)
 
     store.put_stream = put_stream

@@ -8,6 +8,7 @@ import json
 from dataclasses import replace
 
 import pytest
+from test_migration_engine import TENANT, archived_platform, enable_plan, start, wrap_step
 
 from archive_kms.errors import IntegrityError, StateError
 from archive_kms.migration import execute, resume
@@ -15,11 +16,9 @@ from archive_kms.operations.archive import JobSpec, park_deferred_job, replay_de
 from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import create_tenant
 from archive_kms.state.port import DeferredState, GateState, JobState, RunState
-from test_migration_engine import TENANT, archived_platform, enable_plan, start, wrap_step
 
 SECRET = "Quokkafjord-merger-7731"  # record content: never in the audit log
-RECORDS = ({"object_type": "Account", "record_id": "0013000000AAA", "workspace_id": "ws0",
-            "fields": {"Name": SECRET}},)
+RECORDS = ({"object_type": "Account", "record_id": "0013000000AAA", "workspace_id": "ws0", "fields": {"Name": SECRET}},)
 REASON = "seal fails authentication (bit rot); the customer resends the batch as j-inline-2"
 
 
@@ -74,8 +73,9 @@ def test_a_seal_whose_key_was_crypto_erased_is_refused_then_parked() -> None:
     p = Platform.in_memory()
     create_tenant(p, TENANT, cloud="s3", provision_storage=False)
     p.state.pause(TENANT, "run-1")
-    assert submit_job(p.state, JobSpec("j-erased", TENANT, "inline", RECORDS, {}), p.open_archive).decision == \
-        "deferred"
+    assert (
+        submit_job(p.state, JobSpec("j-erased", TENANT, "inline", RECORDS, {}), p.open_archive).decision == "deferred"
+    )
     p.open_archive(TENANT).keychain.erase_workspace(TENANT, "ws0", reason="workspace deleted")
     with pytest.raises(IntegrityError, match="j-erased .*sealed content was refused .*KeyDestroyedError"):
         replay_deferred(p.state, TENANT, "run-1", p.open_archive)

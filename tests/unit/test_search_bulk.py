@@ -16,23 +16,26 @@ def item(doc_id, status, etype=None, op="index", **extra):
     return {op: body}
 
 
-@pytest.mark.parametrize("it, kind, retryable", [
-    (item("a", 201), "ok", None),
-    (item("a", 200), "ok", None),
-    (item("a", 409, "version_conflict_engine_exception"), "skip", None),
-    (item("a", 404, op="delete", result="not_found"), "skip", None),
-    (item("a", 429, "es_rejected_execution_exception"), "retry", True),
-    (item("a", 429, "circuit_breaking_exception"), "retry", True),
-    (item("a", 503, "unavailable_shards_exception"), "retry", True),
-    (item("a", 500, "some_internal_exception"), "retry", True),
-    (item("a", 400, "strict_dynamic_mapping_exception"), "fail", False),
-    (item("a", 400, "document_parsing_exception"), "fail", False),
-    (item("a", 403, "cluster_block_exception"), "fail", False),
-    (item("a", 404, "index_not_found_exception"), "fail", False),
-    (item("a", 409, "some_other_conflict"), "fail", False),
-    ({"index": "garbage"}, "retry", True),
-    ({}, "retry", True),
-])
+@pytest.mark.parametrize(
+    "it, kind, retryable",
+    [
+        (item("a", 201), "ok", None),
+        (item("a", 200), "ok", None),
+        (item("a", 409, "version_conflict_engine_exception"), "skip", None),
+        (item("a", 404, op="delete", result="not_found"), "skip", None),
+        (item("a", 429, "es_rejected_execution_exception"), "retry", True),
+        (item("a", 429, "circuit_breaking_exception"), "retry", True),
+        (item("a", 503, "unavailable_shards_exception"), "retry", True),
+        (item("a", 500, "some_internal_exception"), "retry", True),
+        (item("a", 400, "strict_dynamic_mapping_exception"), "fail", False),
+        (item("a", 400, "document_parsing_exception"), "fail", False),
+        (item("a", 403, "cluster_block_exception"), "fail", False),
+        (item("a", 404, "index_not_found_exception"), "fail", False),
+        (item("a", 409, "some_other_conflict"), "fail", False),
+        ({"index": "garbage"}, "retry", True),
+        ({}, "retry", True),
+    ],
+)
 def test_classify_item(it, kind, retryable):
     got, err = classify_item(it)
     assert got == kind
@@ -40,13 +43,16 @@ def test_classify_item(it, kind, retryable):
 
 
 def test_reasons_never_quote_document_values():
-    reason = ("[1:11] failed to parse field [tokens] of type [keyword] in document with id 'c'. "
-              "Preview of field's value: 'CUSTOMER SECRET VALUE'")
+    reason = (
+        "[1:11] failed to parse field [tokens] of type [keyword] in document with id 'c'. "
+        "Preview of field's value: 'CUSTOMER SECRET VALUE'"
+    )
     cleaned = safe_reason(reason)
     assert "CUSTOMER SECRET" not in cleaned and "failed to parse field [tokens]" in cleaned
     assert len(safe_reason("x" * 10_000)) <= 200
-    _, err = classify_item({"index": {"_id": "c", "status": 400,
-                                      "error": {"type": "document_parsing_exception", "reason": reason}}})
+    _, err = classify_item(
+        {"index": {"_id": "c", "status": 400, "error": {"type": "document_parsing_exception", "reason": reason}}}
+    )
     assert "CUSTOMER SECRET" not in err.reason
 
 
@@ -93,27 +99,47 @@ class FakeCluster:
 
 
 def test_only_retryable_items_are_retried_with_backoff():
-    cluster = FakeCluster({
-        "b": [(429, "es_rejected_execution_exception"), (503, "unavailable_shards_exception")],
-        "c": [(400, "strict_dynamic_mapping_exception")],
-    })
+    cluster = FakeCluster(
+        {
+            "b": [(429, "es_rejected_execution_exception"), (503, "unavailable_shards_exception")],
+            "c": [(400, "strict_dynamic_mapping_exception")],
+        }
+    )
     sleeps: list[float] = []
-    result = run_bulk("archive-acme-1", ["a", "b", "c", "d"], doc_id=lambda x: x, send=cluster.send,
-                      sleep=sleeps.append, jitter=lambda: 1.0, backoff=0.5)
+    result = run_bulk(
+        "archive-acme-1",
+        ["a", "b", "c", "d"],
+        doc_id=lambda x: x,
+        send=cluster.send,
+        sleep=sleeps.append,
+        jitter=lambda: 1.0,
+        backoff=0.5,
+    )
     assert cluster.rounds == [["a", "b", "c", "d"], ["b"], ["b"]]
     assert result.indexed == ("a", "d", "b") and result.attempts == 3
     assert [(e.doc_id, e.retryable) for e in result.failed] == [("c", False)]
     assert sleeps == [0.5, 1.0]  # exponential
     with pytest.raises(SearchError) as err:
         result.raise_for_failures()
-    assert not isinstance(err.value, ServiceUnavailableError) and "c (400 strict_dynamic_mapping_exception)" in str(err.value)
+    assert not isinstance(err.value, ServiceUnavailableError) and "c (400 strict_dynamic_mapping_exception)" in str(
+        err.value
+    )
 
 
 def test_retry_budget_exhausted_reports_retryable_failures():
     cluster = FakeCluster({"b": [(429, "es_rejected_execution_exception")] * 10})
     sleeps: list[float] = []
-    result = run_bulk("archive-acme-1", ["a", "b"], doc_id=lambda x: x, send=cluster.send, max_attempts=4,
-                      sleep=sleeps.append, jitter=lambda: 0.0, backoff=1.0, max_backoff=3.0)
+    result = run_bulk(
+        "archive-acme-1",
+        ["a", "b"],
+        doc_id=lambda x: x,
+        send=cluster.send,
+        max_attempts=4,
+        sleep=sleeps.append,
+        jitter=lambda: 0.0,
+        backoff=1.0,
+        max_backoff=3.0,
+    )
     assert result.attempts == 4 and result.indexed == ("a",) and not result.ok
     assert [(e.doc_id, e.status, e.retryable) for e in result.failed] == [("b", 429, True)]
     assert sleeps == [0.5, 1.0, 1.5]  # capped at max_backoff, jitter in [0.5, 1]

@@ -24,8 +24,12 @@ from archive_kms.search.documents import (
 )
 
 KEYS = derive_search_keys(SecretBytes(bytes(range(32))), "acme")
-REC = Record("Account", "001Qz00000AbCdEFGH", {"Name": "Zanzibar Holdings", "City": "Wellington", "Revenue": 12.5},
-             (AttachmentRef("a1", "Ledger.pdf", 10),))
+REC = Record(
+    "Account",
+    "001Qz00000AbCdEFGH",
+    {"Name": "Zanzibar Holdings", "City": "Wellington", "Revenue": 12.5},
+    (AttachmentRef("a1", "Ledger.pdf", 10),),
+)
 
 
 def test_document_ids_are_deterministic_and_distinct():
@@ -42,7 +46,9 @@ def test_document_ids_are_deterministic_and_distinct():
     # Length-prefixing: shifting a boundary between parts changes the id.
     assert document_id("acme", Record("Ab", "c", {}), None) != document_id("acme", Record("A", "bc", {}), None)
     odd = Record("Account", '../../*?"#<>|, \\x', {})
-    assert set(document_id("acme", odd, None)) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    assert set(document_id("acme", odd, None)) <= set(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    )
 
 
 def test_plaintext_document():
@@ -50,8 +56,9 @@ def test_plaintext_document():
     assert doc.version == 3 and doc.doc_id == document_id("acme", REC, None)
     assert doc.source["object_type"] == "account" and doc.source["record_id"] == REC.record_id
     assert doc.source["tokens"] == sorted(doc.source["tokens"])
-    assert {"w:zanzibar", "w:wellington", "f:city=wellington", "f:revenue=12.5", "w:ledger", "w:pdf"} <= \
-        set(doc.source["tokens"])
+    assert {"w:zanzibar", "w:wellington", "f:city=wellington", "f:revenue=12.5", "w:ledger", "w:pdf"} <= set(
+        doc.source["tokens"]
+    )
     assert Record.from_json(doc.source["display"]) == REC
     assert "Zanzibar" not in repr(doc)  # documents may hold plaintext: repr shows field names only
 
@@ -67,8 +74,9 @@ def test_keyed_document_holds_only_tokens_and_ciphertext():
         assert clear not in text
     raw = base64.b64decode(src["display"])
     assert (len(raw) - 1 - 16 - 12 - 16) % DISPLAY_PAD == 0  # padded size class
-    hit = decode_hit(tenant="acme", mode=IndexMode.KEYED, keys=KEYS, index="archive-acme-1", doc_id=doc.doc_id,
-                     source=src)
+    hit = decode_hit(
+        tenant="acme", mode=IndexMode.KEYED, keys=KEYS, index="archive-acme-1", doc_id=doc.doc_id, source=src
+    )
     assert (hit.record_id, dict(hit.fields), hit.attachments) == (REC.record_id, dict(REC.fields), REC.attachments)
 
 
@@ -106,30 +114,41 @@ def test_display_is_bound_to_tenant_document_and_key():
     with pytest.raises(IntegrityError):
         open_display(blob, tenant="acme", doc_id=doc.doc_id, keys=rotated)
     # Plaintext mode: a display field that belongs to another record is refused too.
-    other = build_document(Record("Account", "002", {"Name": "Other"}), tenant="acme", mode=IndexMode.PLAINTEXT,
-                           keys=None)
+    other = build_document(
+        Record("Account", "002", {"Name": "Other"}), tenant="acme", mode=IndexMode.PLAINTEXT, keys=None
+    )
     with pytest.raises(IntegrityError):
-        decode_hit(tenant="acme", mode=IndexMode.PLAINTEXT, keys=None, index="archive-acme-1",
-                   doc_id=document_id("acme", REC, None), source=other.source)
+        decode_hit(
+            tenant="acme",
+            mode=IndexMode.PLAINTEXT,
+            keys=None,
+            index="archive-acme-1",
+            doc_id=document_id("acme", REC, None),
+            source=other.source,
+        )
     for bad in ({}, {"display": 5}, {"display": "[1, 2]"}, {"display": "{"}):
         with pytest.raises(IntegrityError):
-            decode_hit(tenant="acme", mode=IndexMode.PLAINTEXT, keys=None, index="archive-acme-1", doc_id="x",
-                       source=bad)
+            decode_hit(
+                tenant="acme", mode=IndexMode.PLAINTEXT, keys=None, index="archive-acme-1", doc_id="x", source=bad
+            )
 
 
-@pytest.mark.parametrize("record", [
-    Record("Account", "1", {f"F{i}": "x" for i in range(MAX_FIELDS + 1)}),
-    Record("Account", "1", {"Body": "x" * 131_073}),
-    Record("Account", "1", {"bad name": "x"}),
-    Record("Account", "1", {"Nested": {"a": 1}}),  # type: ignore[dict-item]
-    Record("Account", "1", {"List": [1, 2]}),  # type: ignore[dict-item]
-    Record("Account", "1", {"Amount": float("nan")}),
-    Record("Bad Type", "1", {}),
-    Record("Account", "", {}),
-    Record("Account", "id\nwith-newline", {}),
-    Record("Account", "x" * 256, {}),
-    Record("Account", "1", {"Body": " ".join(f"w{i}" for i in range(20_001))}),  # too many distinct terms
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        Record("Account", "1", {f"F{i}": "x" for i in range(MAX_FIELDS + 1)}),
+        Record("Account", "1", {"Body": "x" * 131_073}),
+        Record("Account", "1", {"bad name": "x"}),
+        Record("Account", "1", {"Nested": {"a": 1}}),  # type: ignore[dict-item]
+        Record("Account", "1", {"List": [1, 2]}),  # type: ignore[dict-item]
+        Record("Account", "1", {"Amount": float("nan")}),
+        Record("Bad Type", "1", {}),
+        Record("Account", "", {}),
+        Record("Account", "id\nwith-newline", {}),
+        Record("Account", "x" * 256, {}),
+        Record("Account", "1", {"Body": " ".join(f"w{i}" for i in range(20_001))}),  # too many distinct terms
+    ],
+)
 def test_poisoned_records_are_refused(record):
     for mode, keys in ((IndexMode.PLAINTEXT, None), (IndexMode.KEYED, KEYS)):
         with pytest.raises(ValidationError):
@@ -151,24 +170,31 @@ def test_compile_query():
     q = Query("Zanzibar  holdings!", filters={"City": "WELLINGTON"}, object_type="Account", limit=5)
     plain = compile_query("acme", q, mode=IndexMode.PLAINTEXT, keys=None)
     assert plain.limit == 5
-    assert plain.terms == (("object_type", "account"), ("tokens", "f:city=wellington"),
-                           ("tokens", "w:holdings"), ("tokens", "w:zanzibar"))
+    assert plain.terms == (
+        ("object_type", "account"),
+        ("tokens", "f:city=wellington"),
+        ("tokens", "w:holdings"),
+        ("tokens", "w:zanzibar"),
+    )
     keyed = compile_query("acme", q, mode=IndexMode.KEYED, keys=KEYS)
     assert keyed.terms == tuple((f, KEYS.keyed(v if f == "tokens" else "t:" + v)) for f, v in plain.terms)
     assert compile_query("acme", Query(), mode=IndexMode.PLAINTEXT, keys=None).terms == ()
     assert "Zanzibar" not in repr(q) and "WELLINGTON" not in repr(q)
 
 
-@pytest.mark.parametrize("query", [
-    Query("?!"),  # text without words would otherwise match everything
-    Query(filters={"Note": "x" * 300}),
-    Query(filters={"Note": None}),
-    Query(filters={"bad name": "x"}),
-    Query(object_type="not a type"),
-    Query(limit=0),
-    Query(limit=1001),
-    Query(" ".join(f"w{i}" for i in range(65))),
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        Query("?!"),  # text without words would otherwise match everything
+        Query(filters={"Note": "x" * 300}),
+        Query(filters={"Note": None}),
+        Query(filters={"bad name": "x"}),
+        Query(object_type="not a type"),
+        Query(limit=0),
+        Query(limit=1001),
+        Query(" ".join(f"w{i}" for i in range(65))),
+    ],
+)
 def test_bad_queries_are_refused(query):
     with pytest.raises(ValidationError):
         compile_query("acme", query, mode=IndexMode.PLAINTEXT, keys=None)

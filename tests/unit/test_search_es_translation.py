@@ -12,8 +12,13 @@ from archive_kms.search.elasticsearch import ElasticsearchSearchIndex
 
 
 def api_error(status: int, etype: str, reason: str = "boom") -> ApiError:
-    meta = ApiResponseMeta(status=status, http_version="1.1", headers=HttpHeaders(), duration=0.0,
-                           node=NodeConfig("http", "127.0.0.1", 9200))
+    meta = ApiResponseMeta(
+        status=status,
+        http_version="1.1",
+        headers=HttpHeaders(),
+        duration=0.0,
+        node=NodeConfig("http", "127.0.0.1", 9200),
+    )
     return ApiError(etype, meta=meta, body={"error": {"type": etype, "reason": reason}, "status": status})
 
 
@@ -30,18 +35,22 @@ class Raising:
     def __getattr__(self, name):
         def call(*_a, **_kw):
             raise self.exc
+
         return call
 
 
-@pytest.mark.parametrize("exc, expected", [
-    (api_error(429, "es_rejected_execution_exception"), ServiceUnavailableError),
-    (api_error(503, "cluster_block_exception"), ServiceUnavailableError),
-    (api_error(500, "internal"), ServiceUnavailableError),
-    (ConnectionError("refused"), ServiceUnavailableError),
-    (ConnectionTimeout("timed out"), ServiceUnavailableError),
-    (api_error(400, "illegal_argument_exception"), SearchError),
-    (api_error(403, "security_exception"), SearchError),
-])
+@pytest.mark.parametrize(
+    "exc, expected",
+    [
+        (api_error(429, "es_rejected_execution_exception"), ServiceUnavailableError),
+        (api_error(503, "cluster_block_exception"), ServiceUnavailableError),
+        (api_error(500, "internal"), ServiceUnavailableError),
+        (ConnectionError("refused"), ServiceUnavailableError),
+        (ConnectionTimeout("timed out"), ServiceUnavailableError),
+        (api_error(400, "illegal_argument_exception"), SearchError),
+        (api_error(403, "security_exception"), SearchError),
+    ],
+)
 def test_errors_are_translated_and_name_the_resource(exc, expected):
     index = ElasticsearchSearchIndex(Raising(exc))
     with pytest.raises(expected) as err:
@@ -52,8 +61,11 @@ def test_errors_are_translated_and_name_the_resource(exc, expected):
 
 
 def test_error_text_from_elasticsearch_is_sanitised():
-    exc = api_error(400, "document_parsing_exception",
-                    "failed to parse field [display]. Preview of field's value: 'TOP SECRET CUSTOMER TEXT'")
+    exc = api_error(
+        400,
+        "document_parsing_exception",
+        "failed to parse field [display]. Preview of field's value: 'TOP SECRET CUSTOMER TEXT'",
+    )
     with pytest.raises(SearchError) as err:
         ElasticsearchSearchIndex(Raising(exc)).refresh("archive-acme--1")
     assert "TOP SECRET" not in str(err.value) and "document_parsing_exception" in str(err.value)
@@ -74,8 +86,11 @@ def test_a_second_write_index_on_the_alias_is_a_conflict():
             return {}  # the alias looked absent when we read it...
 
         def update_aliases(self, actions):  # ...but a racer created it meanwhile
-            raise api_error(500, "illegal_state_exception",
-                            "alias [archive-acme] has more than one write index [archive-acme--2,archive-acme--1]")
+            raise api_error(
+                500,
+                "illegal_state_exception",
+                "alias [archive-acme] has more than one write index [archive-acme--2,archive-acme--1]",
+            )
 
     with pytest.raises(AliasConflictError):
         ElasticsearchSearchIndex(OneAliasCluster()).swap_alias("acme", "archive-acme--2", expected_current=None)

@@ -20,11 +20,43 @@ from archive_kms.search.naming import (
 
 GOOD = ["acme", "acme-corp", "acme-1", "t0a", "org-eu-west", "a" + "b" * 31]
 BAD = [
-    "", "*", "..", "tenant/../other", "Acme", "ACME", "acme_corp", "acme corp", "acme,b", "acme#1", "acme|x",
-    "acme\\x", 'acme"', "acme<", "acme?", "acme:1", "-acme", "acme-", "a--b", "_acme", "+acme", "a" * 33,
-    "ａcme", "аcme",  # full-width a, Cyrillic а (confusables)
-    "acme\n", "acme\x00", "ab", "12345", "1acme", "acme.b", "*acme*", "_all", None, 5,
+    "",
+    "*",
+    "..",
+    "tenant/../other",
+    "Acme",
+    "ACME",
+    "acme_corp",
+    "acme corp",
+    "acme,b",
+    "acme#1",
+    "acme|x",
+    "acme\\x",
+    'acme"',
+    "acme<",
+    "acme?",
+    "acme:1",
+    "-acme",
+    "acme-",
+    "a--b",
+    "_acme",
+    "+acme",
+    "a" * 33,
+    "ａcme",
+    "аcme",  # full-width a, Cyrillic а (confusables)
+    "acme\n",
+    "acme\x00",
+    "ab",
+    "12345",
+    "1acme",
+    "acme.b",
+    "*acme*",
+    "_all",
+    None,
+    5,
 ]
+
+
 @pytest.mark.parametrize("tenant", GOOD)
 def test_good_tenant_ids(tenant):
     assert check_tenant_id(tenant) == tenant
@@ -47,11 +79,28 @@ def test_bad_generations(gen):
         index_name("acme", gen)
 
 
-@pytest.mark.parametrize("name", [
-    "archive-acme", "archive-acme--0", "archive-acme--01", "archive-acme--x", "archive-*--1", "*", "_all",
-    "archive-acme--1,archive-other--1", "archive-Acme--1", "other-acme--1", "archive---1", "archive-acme-1",
-    "archive-acme--1--2", "archive-acme--１", "archive-ab--1", 5, None,
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "archive-acme",
+        "archive-acme--0",
+        "archive-acme--01",
+        "archive-acme--x",
+        "archive-*--1",
+        "*",
+        "_all",
+        "archive-acme--1,archive-other--1",
+        "archive-Acme--1",
+        "other-acme--1",
+        "archive---1",
+        "archive-acme-1",
+        "archive-acme--1--2",
+        "archive-acme--１",
+        "archive-ab--1",
+        5,
+        None,
+    ],
+)
 def test_only_generation_names_parse(name):
     with pytest.raises(ValidationError):
         parse_index_name(name)
@@ -68,8 +117,11 @@ def test_index_must_belong_to_the_tenant():
 _ES_NAME = re.compile(r'[^-_+][^A-Z\\/*?"<>| ,#:]*')
 
 _segment = st.text("abcxyz0189", min_size=1, max_size=6)
-tenants = st.lists(_segment, min_size=1, max_size=4).map(lambda segs: "t" + "-".join(segs)).filter(
-    lambda t: 3 <= len(t) <= 32)
+tenants = (
+    st.lists(_segment, min_size=1, max_size=4)
+    .map(lambda segs: "t" + "-".join(segs))
+    .filter(lambda t: 3 <= len(t) <= 32)
+)
 
 
 @given(tenants, tenants, st.integers(1, 10**9))

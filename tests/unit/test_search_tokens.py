@@ -38,20 +38,23 @@ TENANT_KEY = bytes(range(32))
 # --- tokenizer ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Acme Corp.", ["acme", "corp"]),
-    ("greta.mueller@example.org", ["greta", "mueller", "example", "org"]),
-    ("O'Brien-Smith", ["o", "brien", "smith"]),
-    ("snake_case_name", ["snake", "case", "name"]),  # the underscore separates words
-    ("ＡＣＭＥ　ｃｏｒｐ", ["acme", "corp"]),  # full-width letters and space (NFKC)
-    ("Straße", ["strasse"]),  # casefold, not lower()
-    ("Müller", ["müller"]),  # no accent folding: "muller" is another word
-    ("ﬁnance", ["finance"]),  # ligature
-    ("Invoice #2024-001", ["invoice", "2024", "001"]),
-    ("日本語 テキスト", ["日本語", "テキスト"]),
-    ("!!! ... ---", []),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Acme Corp.", ["acme", "corp"]),
+        ("greta.mueller@example.org", ["greta", "mueller", "example", "org"]),
+        ("O'Brien-Smith", ["o", "brien", "smith"]),
+        ("snake_case_name", ["snake", "case", "name"]),  # the underscore separates words
+        ("ＡＣＭＥ　ｃｏｒｐ", ["acme", "corp"]),  # full-width letters and space (NFKC)
+        ("Straße", ["strasse"]),  # casefold, not lower()
+        ("Müller", ["müller"]),  # no accent folding: "muller" is another word
+        ("ﬁnance", ["finance"]),  # ligature
+        ("Invoice #2024-001", ["invoice", "2024", "001"]),
+        ("日本語 テキスト", ["日本語", "テキスト"]),
+        ("!!! ... ---", []),
+        ("", []),
+    ],
+)
 def test_words(text, expected):
     assert words(text) == expected
 
@@ -62,9 +65,19 @@ def test_long_words_are_cut_identically_in_documents_and_queries():
     assert word_terms(long + "yyy") == word_terms(long)  # prefix-equal long words collide, by design
 
 
-@pytest.mark.parametrize("value, text", [
-    (None, None), (True, "true"), (False, "false"), (42, "42"), (-7, "-7"), (1.0, "1"), (2.5, "2.5"), ("x", "x"),
-])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (None, None),
+        (True, "true"),
+        (False, "false"),
+        (42, "42"),
+        (-7, "-7"),
+        (1.0, "1"),
+        (2.5, "2.5"),
+        ("x", "x"),
+    ],
+)
 def test_value_text(value, text):
     assert value_text(value) == text
 
@@ -150,8 +163,9 @@ def _key_spellings(keys_bytes: list[bytes]) -> list[str]:
 def test_search_keys_never_appear_in_repr_errors_or_logs(caplog):
     caplog.set_level(logging.DEBUG)
     keys = derive_search_keys(SecretBytes(TENANT_KEY), "acme")
-    spellings = _key_spellings([TENANT_KEY, _hkdf(b"archive_kms/v1/search/token", "acme"),
-                                _hkdf(b"archive_kms/v1/search/display", "acme")])
+    spellings = _key_spellings(
+        [TENANT_KEY, _hkdf(b"archive_kms/v1/search/token", "acme"), _hkdf(b"archive_kms/v1/search/display", "acme")]
+    )
     texts = [repr(keys), str(keys), f"{keys}", repr(keys.display_key_material())]
 
     with pytest.raises(TypeError) as e1:
@@ -167,8 +181,9 @@ def test_search_keys_never_appear_in_repr_errors_or_logs(caplog):
         lambda: build_document(rec, tenant="globex", mode=IndexMode.KEYED, keys=keys),
         lambda: open_display(doc.source["display"][:-4] + "AAAA", tenant="acme", doc_id=doc.doc_id, keys=keys),
         lambda: compile_query("acme", Query("x"), mode=IndexMode.PLAINTEXT, keys=keys),
-        lambda: decode_hit(tenant="acme", mode=IndexMode.KEYED, keys=keys, index="archive-acme-1",
-                           doc_id="other", source=doc.source),
+        lambda: decode_hit(
+            tenant="acme", mode=IndexMode.KEYED, keys=keys, index="archive-acme-1", doc_id="other", source=doc.source
+        ),
     ):
         with pytest.raises((ValidationError, IntegrityError)) as err:
             call()
@@ -179,12 +194,12 @@ def test_search_keys_never_appear_in_repr_errors_or_logs(caplog):
     name = idx.create_generation("acme", 1, IndexMode.KEYED)
     idx.bulk_index(name, [doc], refresh=True)
     idx.swap_alias("acme", name, expected_current=None)
-    entry = idx._indices[name].live[doc.doc_id]  # noqa: SLF001 - tamper with storage
+    entry = idx._indices[name].live[doc.doc_id]
     sealed = bytearray(base64.b64decode(entry[1]["display"]))
     sealed[-1] ^= 0x01  # flip one tag bit: always a real change, unlike re-spelling base64 characters
     tampered = base64.b64encode(bytes(sealed)).decode()
-    idx._indices[name].live[doc.doc_id] = (entry[0], {**entry[1], "display": tampered})  # noqa: SLF001
-    idx._indices[name].dirty.add(doc.doc_id)  # noqa: SLF001
+    idx._indices[name].live[doc.doc_id] = (entry[0], {**entry[1], "display": tampered})
+    idx._indices[name].dirty.add(doc.doc_id)
     idx.refresh(name)
     res = idx.search("acme", Query("acme"), keys)
     assert res.hits == [] and len(res.failures) == 1

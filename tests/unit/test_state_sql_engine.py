@@ -22,15 +22,18 @@ def test_sqlite_connections_are_configured(tmp_path: Path) -> None:
     store = open_state(f"sqlite:///{tmp_path / 'nested' / 'state.db'}", busy_timeout_s=7)
     try:
         with store.engine.connect() as conn:
-            pragmas = {p: conn.exec_driver_sql(f"PRAGMA {p}").scalar()
-                       for p in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")}
+            pragmas = {
+                p: conn.exec_driver_sql(f"PRAGMA {p}").scalar()
+                for p in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")
+            }
         assert pragmas == {"journal_mode": "wal", "foreign_keys": 1, "busy_timeout": 7000, "synchronous": 2}
     finally:
         store.close()
 
 
-@pytest.mark.parametrize("url", ["mysql://u@h/db", "not a url", "sqlite+aiosqlite:///x.db",
-                                 "postgresql+asyncpg://u@h/db"])
+@pytest.mark.parametrize(
+    "url", ["mysql://u@h/db", "not a url", "sqlite+aiosqlite:///x.db", "postgresql+asyncpg://u@h/db"]
+)
 def test_unsupported_urls_fail_before_connecting(url: str) -> None:
     with pytest.raises(ConfigurationError, match="sqlite:///|postgresql"):
         make_engine(url)

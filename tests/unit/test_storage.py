@@ -32,9 +32,28 @@ from archive_kms.storage.port import (
 
 # faults.md F9, plus the other bytes that trip paths and URLs.
 TRAVERSAL = [
-    b"../", b"..\\", b"/abs", b"//", b"%2e%2e/", b"%2E%2E%2F", b"trailing/", b"trailing.", b"..", b".", b"a/../../b",
-    b"\x00", b"nul\x00byte", b"\x01\x1f\x7f", b"line\nbreak\r", b"\xff\xfe", "ünïcode/名".encode(), b" space ",
-    b"?query#frag", b"a+b&c=d", b"~tilde", b"\\\\server\\share",
+    b"../",
+    b"..\\",
+    b"/abs",
+    b"//",
+    b"%2e%2e/",
+    b"%2E%2E%2F",
+    b"trailing/",
+    b"trailing.",
+    b"..",
+    b".",
+    b"a/../../b",
+    b"\x00",
+    b"nul\x00byte",
+    b"\x01\x1f\x7f",
+    b"line\nbreak\r",
+    b"\xff\xfe",
+    "ünïcode/名".encode(),
+    b" space ",
+    b"?query#frag",
+    b"a+b&c=d",
+    b"~tilde",
+    b"\\\\server\\share",
 ]
 
 
@@ -46,7 +65,7 @@ def _safe_chars(key: str) -> bool:
 def test_traversal_names_stay_inside_the_prefix(name):
     key = object_key("tenants/acme/", name)
     assert key.startswith("tenants/acme/")
-    rest = key[len("tenants/acme/"):]
+    rest = key[len("tenants/acme/") :]
     assert _safe_chars(rest)  # no '/', '.', '\\', control chars: no segment can be '..' or empty
     assert decode_key("tenants/acme/", key) == name
 
@@ -67,9 +86,21 @@ def test_prefix_of_names_is_prefix_of_keys(a, b):
     assert encode_name(a + b) == encode_name(a) + encode_name(b)
 
 
-@pytest.mark.parametrize("key", [
-    "t/a.b", "t/a/b", "t/%2e", "t/%41", "t/%4", "t/%zz", "t/\u00e9", "other/x", "t/", "t/a%",
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "t/a.b",
+        "t/a/b",
+        "t/%2e",
+        "t/%41",
+        "t/%4",
+        "t/%zz",
+        "t/\u00e9",
+        "other/x",
+        "t/",
+        "t/a%",
+    ],
+)
 def test_decode_refuses_keys_we_did_not_write(key):
     assert decode_key("t/", key) is None
 
@@ -93,10 +124,20 @@ def test_name_length_limit_counts_the_encoding():
 # --- metadata, parts, reader ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("meta", [
-    {"Upper": "x"}, {"1a": "x"}, {"a-b": "x"}, {"a": "\u00e9"}, {"a": " padded"}, {"a": "line\n"},
-    {"a" * 65: "x"}, {"a": "x" * 2100}, {"a": 1},
-])
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"Upper": "x"},
+        {"1a": "x"},
+        {"a-b": "x"},
+        {"a": "\u00e9"},
+        {"a": " padded"},
+        {"a": "line\n"},
+        {"a" * 65: "x"},
+        {"a": "x" * 2100},
+        {"a": 1},
+    ],
+)
 def test_bad_metadata(meta):
     with pytest.raises(ValidationError):
         validate_metadata(meta)
@@ -104,7 +145,10 @@ def test_bad_metadata(meta):
 
 def test_good_metadata():
     assert validate_metadata({"sha256": "ab" * 32, "tenant_id": "acme", "n": ""}) == {
-        "sha256": "ab" * 32, "tenant_id": "acme", "n": ""}
+        "sha256": "ab" * 32,
+        "tenant_id": "acme",
+        "n": "",
+    }
     assert validate_metadata(None) == {}
 
 
@@ -117,13 +161,19 @@ def test_bad_part_sizes_fail_at_construction(size):
 def test_iter_parts_recuts_and_flags_the_last_part():
     assert list(iter_parts([], lambda i: 4)) == [(b"", True)]
     assert list(iter_parts([b"", b""], lambda i: 4)) == [(b"", True)]
-    assert list(iter_parts([b"abcdef", b"gh", b"ijk"], lambda i: 4)) == [(b"abcd", False), (b"efgh", False),
-                                                                         (b"ijk", True)]
+    assert list(iter_parts([b"abcdef", b"gh", b"ijk"], lambda i: 4)) == [
+        (b"abcd", False),
+        (b"efgh", False),
+        (b"ijk", True),
+    ]
     assert list(iter_parts([b"abcd"], lambda i: 4)) == [(b"abcd", True)]
     assert list(iter_parts([b"abcd", b""], lambda i: 4)) == [(b"abcd", True)]
     assert list(iter_parts([b"ab", b"cd", b"e"], lambda i: 4)) == [(b"abcd", False), (b"e", True)]
-    assert list(iter_parts([memoryview(b"abcdefg")], lambda i: 2 + i)) == [(b"ab", False), (b"cde", False),
-                                                                           (b"fg", True)]
+    assert list(iter_parts([memoryview(b"abcdefg")], lambda i: 2 + i)) == [
+        (b"ab", False),
+        (b"cde", False),
+        (b"fg", True),
+    ]
     with pytest.raises(ValidationError, match="chunks must be bytes"):
         list(iter_parts(["text"], lambda i: 4))
 
@@ -180,11 +230,13 @@ ARN = "arn:aws:kms:us-east-1:000000000000:key/7e506c14-46b7-4e69-9571-01c430f339
 
 
 def test_location_constructors_and_round_trip():
-    for loc in (L.shared_s3_location("acme", "archive-kms-shared"),
-                L.dedicated_s3_location("acme", sse_kms_key_arn=ARN),
-                L.shared_azure_location("acme", "devstoreaccount1"),
-                L.dedicated_azure_location("acme", "devstoreaccount1"),
-                L.dedicated_azure_location("acme", account_prefix="akms")):
+    for loc in (
+        L.shared_s3_location("acme", "archive-kms-shared"),
+        L.dedicated_s3_location("acme", sse_kms_key_arn=ARN),
+        L.shared_azure_location("acme", "devstoreaccount1"),
+        L.dedicated_azure_location("acme", "devstoreaccount1"),
+        L.dedicated_azure_location("acme", account_prefix="akms"),
+    ):
         assert L.Location.from_dict(loc.to_dict()) == loc
     assert L.shared_s3_location("acme", "archive-kms-shared").uri == "s3://archive-kms-shared/tenants/acme/"
     assert L.dedicated_s3_location("acme", sse_kms_key_arn=ARN).bucket == "archive-kms-tenant-acme"
@@ -192,16 +244,19 @@ def test_location_constructors_and_round_trip():
     assert L.dedicated_azure_location("acme", "devstoreaccount1").container == "byok-acme"
 
 
-@pytest.mark.parametrize("data", [
-    {"tenant": "Acme", "kind": "shared", "cloud": "s3", "bucket": "b-x", "prefix": "tenants/acme/"},
-    {"tenant": "acme", "kind": "shared", "cloud": "s3", "bucket": "b-x", "prefix": ""},
-    {"tenant": "acme", "kind": "shared", "cloud": "s3", "bucket": "b-x", "prefix": "../"},
-    {"tenant": "acme", "kind": "dedicated", "cloud": "s3", "bucket": "B_X"},
-    {"tenant": "acme", "kind": "dedicated", "cloud": "s3", "bucket": "b-x", "sse_kms_key_arn": "alias/x"},
-    {"tenant": "acme", "kind": "dedicated", "cloud": "azure", "account": "acct1", "container": "a--b"},
-    {"tenant": "acme", "kind": "dedicated", "cloud": "azure", "account": "Acct", "container": "byok-acme"},
-    {"tenant": "acme", "kind": "weird", "cloud": "s3", "bucket": "b-x"},
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"tenant": "Acme", "kind": "shared", "cloud": "s3", "bucket": "b-x", "prefix": "tenants/acme/"},
+        {"tenant": "acme", "kind": "shared", "cloud": "s3", "bucket": "b-x", "prefix": ""},
+        {"tenant": "acme", "kind": "shared", "cloud": "s3", "bucket": "b-x", "prefix": "../"},
+        {"tenant": "acme", "kind": "dedicated", "cloud": "s3", "bucket": "B_X"},
+        {"tenant": "acme", "kind": "dedicated", "cloud": "s3", "bucket": "b-x", "sse_kms_key_arn": "alias/x"},
+        {"tenant": "acme", "kind": "dedicated", "cloud": "azure", "account": "acct1", "container": "a--b"},
+        {"tenant": "acme", "kind": "dedicated", "cloud": "azure", "account": "Acct", "container": "byok-acme"},
+        {"tenant": "acme", "kind": "weird", "cloud": "s3", "bucket": "b-x"},
+    ],
+)
 def test_location_refuses_bad_records(data):
     with pytest.raises((ValidationError, ValueError)):
         L.Location.from_dict(data)
@@ -227,8 +282,11 @@ class _FakeS3Config:
     def get_bucket_encryption(self, Bucket):
         if self.stale > 0:
             self.stale -= 1
-            return {"ServerSideEncryptionConfiguration": {"Rules": [
-                {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]}}
+            return {
+                "ServerSideEncryptionConfiguration": {
+                    "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+                }
+            }
         return {"ServerSideEncryptionConfiguration": self.enc}
 
     def get_public_access_block(self, Bucket):
@@ -238,8 +296,13 @@ class _FakeS3Config:
 def test_dedicated_bucket_waits_until_encryption_reads_back():
     fake = _FakeS3Config(stale_reads=3)
     clock = [0.0]
-    L.create_dedicated_s3_bucket(fake, L.dedicated_s3_location("acme", sse_kms_key_arn=ARN), region="us-east-1",
-                                 sleep=lambda s: clock.__setitem__(0, clock[0] + s), monotonic=lambda: clock[0])
+    L.create_dedicated_s3_bucket(
+        fake,
+        L.dedicated_s3_location("acme", sse_kms_key_arn=ARN),
+        region="us-east-1",
+        sleep=lambda s: clock.__setitem__(0, clock[0] + s),
+        monotonic=lambda: clock[0],
+    )
     assert fake.stale == 0 and clock[0] == pytest.approx(1.5)
 
 
@@ -247,9 +310,14 @@ def test_dedicated_bucket_times_out_retryably():
     fake = _FakeS3Config(stale_reads=10**6)
     clock = [0.0]
     with pytest.raises(ServiceUnavailableError, match="did not read back"):
-        L.create_dedicated_s3_bucket(fake, L.dedicated_s3_location("acme", sse_kms_key_arn=ARN),
-                                     region="us-east-1", timeout=5,
-                                     sleep=lambda s: clock.__setitem__(0, clock[0] + s), monotonic=lambda: clock[0])
+        L.create_dedicated_s3_bucket(
+            fake,
+            L.dedicated_s3_location("acme", sse_kms_key_arn=ARN),
+            region="us-east-1",
+            timeout=5,
+            sleep=lambda s: clock.__setitem__(0, clock[0] + s),
+            monotonic=lambda: clock[0],
+        )
 
 
 # --- error translation -----------------------------------------------------------------------------
@@ -261,16 +329,26 @@ def _client_error(code, status):
     return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
 
 
-@pytest.mark.parametrize("code, status, expected", [
-    ("NoSuchKey", 404, ObjectNotFoundError), ("404", 404, ObjectNotFoundError),
-    ("PreconditionFailed", 412, ObjectExistsError), ("ConditionalRequestConflict", 409, TransientError),
-    ("SlowDown", 503, ServiceUnavailableError), ("InternalError", 500, ServiceUnavailableError),
-    ("ServiceUnavailable", 503, ServiceUnavailableError), ("RequestTimeout", 400, ServiceUnavailableError),
-    ("BadDigest", 400, ServiceUnavailableError), ("AccessDenied", 403, StorageError),
-    ("NoSuchBucket", 404, StorageError), ("KMS.DisabledException", 400, KeyUnavailableError),
-    ("RequestTimeTooSkewed", 403, StorageError), ("Weird", 400, StorageError),
-    ("NoSuchUpload", 404, TransientError),
-])
+@pytest.mark.parametrize(
+    "code, status, expected",
+    [
+        ("NoSuchKey", 404, ObjectNotFoundError),
+        ("404", 404, ObjectNotFoundError),
+        ("PreconditionFailed", 412, ObjectExistsError),
+        ("ConditionalRequestConflict", 409, TransientError),
+        ("SlowDown", 503, ServiceUnavailableError),
+        ("InternalError", 500, ServiceUnavailableError),
+        ("ServiceUnavailable", 503, ServiceUnavailableError),
+        ("RequestTimeout", 400, ServiceUnavailableError),
+        ("BadDigest", 400, ServiceUnavailableError),
+        ("AccessDenied", 403, StorageError),
+        ("NoSuchBucket", 404, StorageError),
+        ("KMS.DisabledException", 400, KeyUnavailableError),
+        ("RequestTimeTooSkewed", 403, StorageError),
+        ("Weird", 400, StorageError),
+        ("NoSuchUpload", 404, TransientError),
+    ],
+)
 def test_s3_error_translation(code, status, expected):
     from archive_kms.storage.s3 import translate_error
 
@@ -289,17 +367,20 @@ def test_s3_network_errors_are_retryable():
         assert isinstance(translate_error(exc, bucket="b", key="k", op="GetObject"), ServiceUnavailableError)
 
 
-@pytest.mark.parametrize("cls, code, status, expected", [
-    ("ResourceNotFoundError", "BlobNotFound", 404, ObjectNotFoundError),
-    ("ResourceNotFoundError", "ContainerNotFound", 404, StorageError),
-    ("ResourceExistsError", "BlobAlreadyExists", 409, ObjectExistsError),
-    ("ResourceModifiedError", "ConditionNotMet", 412, ObjectExistsError),
-    ("HttpResponseError", "ServerBusy", 503, ServiceUnavailableError),
-    ("HttpResponseError", "OperationTimedOut", 500, ServiceUnavailableError),
-    ("HttpResponseError", None, 429, ServiceUnavailableError),
-    ("ClientAuthenticationError", "AuthenticationFailed", 403, StorageError),
-    ("HttpResponseError", "KeyVaultEncryptionKeyNotFound", 403, KeyUnavailableError),
-])
+@pytest.mark.parametrize(
+    "cls, code, status, expected",
+    [
+        ("ResourceNotFoundError", "BlobNotFound", 404, ObjectNotFoundError),
+        ("ResourceNotFoundError", "ContainerNotFound", 404, StorageError),
+        ("ResourceExistsError", "BlobAlreadyExists", 409, ObjectExistsError),
+        ("ResourceModifiedError", "ConditionNotMet", 412, ObjectExistsError),
+        ("HttpResponseError", "ServerBusy", 503, ServiceUnavailableError),
+        ("HttpResponseError", "OperationTimedOut", 500, ServiceUnavailableError),
+        ("HttpResponseError", None, 429, ServiceUnavailableError),
+        ("ClientAuthenticationError", "AuthenticationFailed", 403, StorageError),
+        ("HttpResponseError", "KeyVaultEncryptionKeyNotFound", 403, KeyUnavailableError),
+    ],
+)
 def test_azure_error_translation(cls, code, status, expected):
     import azure.core.exceptions as ace
 
@@ -387,8 +468,11 @@ class _WrongKeyS3:
 
     def put_object(self, **kw):
         assert kw["ServerSideEncryption"] == "aws:kms" and kw["SSEKMSKeyId"] == ARN
-        return {"ETag": '"e"', "ServerSideEncryption": "aws:kms",
-                "SSEKMSKeyId": "arn:aws:kms:us-east-1:000000000000:key/other"}
+        return {
+            "ETag": '"e"',
+            "ServerSideEncryption": "aws:kms",
+            "SSEKMSKeyId": "arn:aws:kms:us-east-1:000000000000:key/other",
+        }
 
     def delete_object(self, Bucket, Key):
         self.deleted.append(Key)
@@ -499,8 +583,9 @@ class _MultipartS3:
     once, and waits ``delay`` seconds (a slow network) or for ``gate`` (a Barrier the first
     parts must cross together). ``fail_part`` makes that part fail with ``fail_with``."""
 
-    def __init__(self, *, delay: float = 0.0, gate=None, fail_part: int | None = None,
-                 fail_with: BaseException | None = None):
+    def __init__(
+        self, *, delay: float = 0.0, gate=None, fail_part: int | None = None, fail_with: BaseException | None = None
+    ):
         import threading
 
         self.delay, self.gate, self.fail_part = delay, gate, fail_part
@@ -667,8 +752,7 @@ def test_concurrent_writes_never_exceed_the_stores_budget():
     from archive_kms.storage.s3 import S3ObjectStore
 
     fake = _MultipartS3(delay=0.02)
-    store = S3ObjectStore(fake, "bkt", "p/", part_size=SMALL_PART, parts_in_flight=4,
-                          upload_buffer=2 * SMALL_PART)
+    store = S3ObjectStore(fake, "bkt", "p/", part_size=SMALL_PART, parts_in_flight=4, upload_buffer=2 * SMALL_PART)
     errors: list[BaseException] = []
 
     def write(i: int) -> None:

@@ -78,9 +78,15 @@ def test_bad_ids_are_refused_naming_input_and_rule(label):
 @pytest.mark.parametrize("label", sorted(BAD))
 def test_every_derivation_refuses_bad_ids(label):
     value = BAD[label]
-    for derive in (t.shared_s3_prefix, t.dedicated_s3_bucket_name, t.azure_container_name,
-                   t.azure_storage_account_name, t.es_alias_name, t.es_index_pattern,
-                   lambda v: t.es_index_name(v, 1)):
+    for derive in (
+        t.shared_s3_prefix,
+        t.dedicated_s3_bucket_name,
+        t.azure_container_name,
+        t.azure_storage_account_name,
+        t.es_alias_name,
+        t.es_index_pattern,
+        lambda v: t.es_index_name(v, 1),
+    ):
         with pytest.raises(ValidationError):
             derive(value)
 
@@ -157,13 +163,32 @@ def test_bad_generation(generation):
         t.es_index_name("acme", generation)
 
 
-@pytest.mark.parametrize("name, ok", [
-    ("abc", True), ("a" * 63, True), ("my-bucket-1", True),
-    ("ab", False), ("a" * 64, False), ("My-bucket", False), ("-abc", False), ("abc-", False),
-    ("a..b", False), ("a.b", False), ("192.168.1.1", False), ("xn--abc", False), ("sthree-x", False),
-    ("amzn-s3-demo-x", False), ("abc-s3alias", False), ("abc--ol-s3", False), ("abc--x-s3", False),
-    ("abc--table-s3", False), ("ab_c", False), ("ab c", False), ("abc\n", False),
-])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("abc", True),
+        ("a" * 63, True),
+        ("my-bucket-1", True),
+        ("ab", False),
+        ("a" * 64, False),
+        ("My-bucket", False),
+        ("-abc", False),
+        ("abc-", False),
+        ("a..b", False),
+        ("a.b", False),
+        ("192.168.1.1", False),
+        ("xn--abc", False),
+        ("sthree-x", False),
+        ("amzn-s3-demo-x", False),
+        ("abc-s3alias", False),
+        ("abc--ol-s3", False),
+        ("abc--x-s3", False),
+        ("abc--table-s3", False),
+        ("ab_c", False),
+        ("ab c", False),
+        ("abc\n", False),
+    ],
+)
 def test_s3_bucket_rules(name, ok):
     if ok:
         assert t.check_s3_bucket_name(name) == name
@@ -172,11 +197,24 @@ def test_s3_bucket_rules(name, ok):
             t.check_s3_bucket_name(name)
 
 
-@pytest.mark.parametrize("name, ok", [
-    ("abc", True), ("a-b-c", True), ("a" * 63, True), ("1abc", True),
-    ("ab", False), ("a" * 64, False), ("a--b", False), ("-ab", False), ("ab-", False), ("Abc", False),
-    ("a_b", False), ("a.b", False), ("$root", False),
-])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("abc", True),
+        ("a-b-c", True),
+        ("a" * 63, True),
+        ("1abc", True),
+        ("ab", False),
+        ("a" * 64, False),
+        ("a--b", False),
+        ("-ab", False),
+        ("ab-", False),
+        ("Abc", False),
+        ("a_b", False),
+        ("a.b", False),
+        ("$root", False),
+    ],
+)
 def test_azure_container_rules(name, ok):
     if ok:
         assert t.check_azure_container_name(name) == name
@@ -185,9 +223,17 @@ def test_azure_container_rules(name, ok):
             t.check_azure_container_name(name)
 
 
-@pytest.mark.parametrize("name, ok", [
-    ("abc", True), ("a1" * 12, True), ("ab", False), ("a" * 25, False), ("a-bc", False), ("Abc", False),
-])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("abc", True),
+        ("a1" * 12, True),
+        ("ab", False),
+        ("a" * 25, False),
+        ("a-bc", False),
+        ("Abc", False),
+    ],
+)
 def test_azure_account_rules(name, ok):
     if ok:
         assert t.check_azure_account_name(name) == name
@@ -196,13 +242,36 @@ def test_azure_account_rules(name, ok):
             t.check_azure_account_name(name)
 
 
-@pytest.mark.parametrize("name, ok", [
-    ("archive-acme--1", True), ("a", True), ("a" * 255, True),
-    ("", False), ("Archive", False), ("a b", False), ("a,b", False), ("a#b", False), ("a*", False),
-    ("a?", False), ('a"', False), ("a<", False), ("a>", False), ("a|b", False), ("a/b", False),
-    ("a\\b", False), ("a:b", False), ("-a", False), ("_a", False), ("+a", False), (".a", False),
-    (".", False), ("..", False), ("a" * 256, False), ("\u0430", False),
-])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("archive-acme--1", True),
+        ("a", True),
+        ("a" * 255, True),
+        ("", False),
+        ("Archive", False),
+        ("a b", False),
+        ("a,b", False),
+        ("a#b", False),
+        ("a*", False),
+        ("a?", False),
+        ('a"', False),
+        ("a<", False),
+        ("a>", False),
+        ("a|b", False),
+        ("a/b", False),
+        ("a\\b", False),
+        ("a:b", False),
+        ("-a", False),
+        ("_a", False),
+        ("+a", False),
+        (".a", False),
+        (".", False),
+        ("..", False),
+        ("a" * 256, False),
+        ("\u0430", False),
+    ],
+)
 def test_es_index_rules(name, ok):
     if ok:
         assert t.check_es_index_name(name) == name
@@ -211,11 +280,21 @@ def test_es_index_rules(name, ok):
             t.check_es_index_name(name)
 
 
-@pytest.mark.parametrize("prefix, ok", [
-    ("tenants/acme/", True), ("a/", True),
-    ("", False), ("/", False), ("tenants//", False), ("../", False), ("./", False), ("tenants/acme", False),
-    ("/tenants/", False), ("Tenants/", False),
-])
+@pytest.mark.parametrize(
+    "prefix, ok",
+    [
+        ("tenants/acme/", True),
+        ("a/", True),
+        ("", False),
+        ("/", False),
+        ("tenants//", False),
+        ("../", False),
+        ("./", False),
+        ("tenants/acme", False),
+        ("/tenants/", False),
+        ("Tenants/", False),
+    ],
+)
 def test_s3_prefix_rules(prefix, ok):
     if ok:
         assert t.check_s3_key_prefix(prefix) == prefix

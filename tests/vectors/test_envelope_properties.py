@@ -27,8 +27,9 @@ from archive_kms.errors import FormatError, IntegrityError
 DEK = SecretBytes(os.urandom(32))
 BINDING = ObjectBinding("tenant-a", "ws-1", b"records/0001.json")
 SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
-REFERENCE = encrypt_bytes(os.urandom(2 * MIN_SEGMENT_SIZE + 10), dek=DEK, dek_id="dek-1", binding=BINDING,
-                          segment_size=MIN_SEGMENT_SIZE)
+REFERENCE = encrypt_bytes(
+    os.urandom(2 * MIN_SEGMENT_SIZE + 10), dek=DEK, dek_id="dek-1", binding=BINDING, segment_size=MIN_SEGMENT_SIZE
+)
 REFERENCE_HEADER_LEN = read_header(io.BytesIO(REFERENCE)).encoded_len
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from archive_kms import errors
 from archive_kms.crypto import envelope
 from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter, decrypt_stream, decrypt_to_bytes, read_header
 from archive_kms.crypto.secrets import SecretBytes
-from archive_kms import errors
 from archive_kms.errors import IntegrityError
 
 HERE = Path(__file__).parent

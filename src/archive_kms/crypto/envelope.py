@@ -149,9 +149,7 @@ class ObjectBinding:
         if not isinstance(self.object_name, bytes):
             raise ValidationError("object_name must be bytes (encode the storage key)")
         if not 1 <= len(self.object_name) <= MAX_OBJECT_NAME_LEN:
-            raise ValidationError(
-                f"object_name must be 1..{MAX_OBJECT_NAME_LEN} bytes, got {len(self.object_name)}"
-            )
+            raise ValidationError(f"object_name must be 1..{MAX_OBJECT_NAME_LEN} bytes, got {len(self.object_name)}")
 
     def _context(self) -> bytes:
         """``u32(len(tenant)) || tenant || u32(len(name)) || name`` (used in INFO and AAD)."""

@@ -34,7 +34,7 @@ _FINGERPRINT_KEY = os.urandom(32)
 class SecretBytes:
     """Key material with a safe ``repr`` and an explicit :meth:`reveal`."""
 
-    __slots__ = ("_buf", "_label", "__weakref__")
+    __slots__ = ("__weakref__", "_buf", "_label")
 
     def __init__(self, value: bytes | bytearray | memoryview) -> None:
         if not isinstance(value, (bytes, bytearray, memoryview)):

@@ -8,9 +8,9 @@ with the envelope format under the tenant's keychain and indexed for search.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 FieldValue = str | int | float | bool | None
 
@@ -36,10 +36,16 @@ class Record:
     def to_json(self) -> bytes:
         """Canonical encoding (sorted keys, no whitespace): what gets encrypted and hashed."""
         return json.dumps(
-            {"object_type": self.object_type, "record_id": self.record_id, "workspace_id": self.workspace_id,
-             "fields": dict(self.fields),
-             "attachments": [a.__dict__ for a in self.attachments]},
-            sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+            {
+                "object_type": self.object_type,
+                "record_id": self.record_id,
+                "workspace_id": self.workspace_id,
+                "fields": dict(self.fields),
+                "attachments": [a.__dict__ for a in self.attachments],
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
         ).encode()
 
     @classmethod

@@ -97,8 +97,9 @@ class TenantId:
         if not isinstance(v, str):
             raise _fail("tenant id", v, f"must be a str; {TENANT_ID_RULE}")
         if not TENANT_ID_MIN_LEN <= len(v) <= TENANT_ID_MAX_LEN:
-            raise _fail("tenant id", v, f"length {len(v)} is outside {TENANT_ID_MIN_LEN}..{TENANT_ID_MAX_LEN}; "
-                        f"{TENANT_ID_RULE}")
+            raise _fail(
+                "tenant id", v, f"length {len(v)} is outside {TENANT_ID_MIN_LEN}..{TENANT_ID_MAX_LEN}; {TENANT_ID_RULE}"
+            )
         if not v.isascii():
             raise _fail("tenant id", v, f"contains non-ASCII characters (look-alikes are refused); {TENANT_ID_RULE}")
         if v != v.lower():
@@ -160,8 +161,9 @@ def check_s3_key_prefix(prefix: str) -> str:
     lowercase letters, digits and inner hyphens; so never ``.``, ``..``, ``//`` or a
     leading ``/``. At most 256 bytes (S3 keys are at most 1024)."""
     if not isinstance(prefix, str) or len(prefix) > 256 or _S3_PREFIX_RE.fullmatch(prefix) is None:
-        raise _fail("S3 key prefix", prefix,
-                    "must be one or more 'segment/' of a-z 0-9 and inner hyphens, at most 256 bytes")
+        raise _fail(
+            "S3 key prefix", prefix, "must be one or more 'segment/' of a-z 0-9 and inner hyphens, at most 256 bytes"
+        )
     return prefix
 
 
@@ -172,8 +174,11 @@ def check_azure_container_name(name: str) -> str:
     """Azure container names: 3..63 chars of lowercase letters, digits and hyphens,
     starting and ending with a letter or digit, no consecutive hyphens."""
     if not isinstance(name, str) or not 3 <= len(name) <= 63 or _AZ_CONTAINER_RE.fullmatch(name) is None:
-        raise _fail("Azure container name", name,
-                    "must be 3..63 chars of a-z 0-9 -, start and end with a letter or digit, no '--'")
+        raise _fail(
+            "Azure container name",
+            name,
+            "must be 3..63 chars of a-z 0-9 -, start and end with a letter or digit, no '--'",
+        )
     return name
 
 

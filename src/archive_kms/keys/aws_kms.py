@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from archive_kms.crypto.secrets import SecretBytes
@@ -67,17 +67,34 @@ _STATES = {
 }
 
 _THROTTLED = {"ThrottlingException", "LimitExceededException", "TooManyRequestsException", "RequestLimitExceeded"}
-_UNAVAILABLE = {"KMSInternalException", "DependencyTimeoutException", "KeyUnavailableException",
-                "InternalError", "ServiceUnavailable", "InternalFailure"}
+_UNAVAILABLE = {
+    "KMSInternalException",
+    "DependencyTimeoutException",
+    "KeyUnavailableException",
+    "InternalError",
+    "ServiceUnavailable",
+    "InternalFailure",
+}
 _WRONG_KEY = {"InvalidCiphertextException", "IncorrectKeyException"}
-_DENIED = {"AccessDeniedException", "InvalidGrantTokenException", "InvalidGrantIdException",
-           "UnrecognizedClientException", "InvalidSignatureException", "ExpiredTokenException"}
-_MISCONFIGURED = {"InvalidKeyUsageException", "UnsupportedOperationException", "KMSInvalidMacException",
-                  "ValidationException", "InvalidArnException"}
+_DENIED = {
+    "AccessDeniedException",
+    "InvalidGrantTokenException",
+    "InvalidGrantIdException",
+    "UnrecognizedClientException",
+    "InvalidSignatureException",
+    "ExpiredTokenException",
+}
+_MISCONFIGURED = {
+    "InvalidKeyUsageException",
+    "UnsupportedOperationException",
+    "KMSInvalidMacException",
+    "ValidationException",
+    "InvalidArnException",
+}
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 # --- logging hygiene ---------------------------------------------------------------------
@@ -145,36 +162,43 @@ def translate_client_error(
     )
 
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)):
-        return ServiceUnavailableError(f"KMS {operation} for {key_ref}: KMS did not answer ({type(exc).__name__})",
-                                       resource=key_ref)
+        return ServiceUnavailableError(
+            f"KMS {operation} for {key_ref}: KMS did not answer ({type(exc).__name__})", resource=key_ref
+        )
     if isinstance(exc, NoCredentialsError):
         return ConfigurationError(f"KMS {operation} for {key_ref}: no AWS credentials configured", resource=key_ref)
     if not isinstance(exc, ClientError):
-        return ServiceUnavailableError(f"KMS {operation} for {key_ref} failed: {type(exc).__name__}",
-                                       resource=key_ref)
+        return ServiceUnavailableError(f"KMS {operation} for {key_ref} failed: {type(exc).__name__}", resource=key_ref)
     code, message, status = _error_code(exc)
     said = f"{code}: {message}" if message else code
     where = f"KMS {operation} for {key_ref}"
     if code == "DisabledException":
-        return KeyUnavailableError(f"{where}: the key is disabled ({said})", resource=key_ref,
-                                   state=KeyState.DISABLED.value)
+        return KeyUnavailableError(
+            f"{where}: the key is disabled ({said})", resource=key_ref, state=KeyState.DISABLED.value
+        )
     if code == "KMSInvalidStateException":
         state = state_of() if state_of else None
         if state is None or state is KeyState.ENABLED:
             state_text = "not usable"
         else:
             state_text = state.value
-        return KeyUnavailableError(f"{where}: the key is {state_text} ({said})", resource=key_ref,
-                                   state=state.value if state is not None else None)
+        return KeyUnavailableError(
+            f"{where}: the key is {state_text} ({said})",
+            resource=key_ref,
+            state=state.value if state is not None else None,
+        )
     if code == "NotFoundException":
-        return KeyNotFoundError(f"{where}: no such key ({said}); check the ARN, region and account",
-                                resource=key_ref)
+        return KeyNotFoundError(f"{where}: no such key ({said}); check the ARN, region and account", resource=key_ref)
     if code in _DENIED:
-        return KeyAccessDeniedError(f"{where}: access denied ({said}); the key policy or grant must allow "
-                                    f"kms:{operation} for the platform role", resource=key_ref)
+        return KeyAccessDeniedError(
+            f"{where}: access denied ({said}); the key policy or grant must allow "
+            f"kms:{operation} for the platform role",
+            resource=key_ref,
+        )
     if code in _WRONG_KEY:
-        return WrongKeyError(f"{where}: the ciphertext does not belong to this key and context ({code})",
-                             resource=key_ref)
+        return WrongKeyError(
+            f"{where}: the ciphertext does not belong to this key and context ({code})", resource=key_ref
+        )
     if code in _THROTTLED or status == 429:
         return KeyThrottledError(f"{where}: throttled by KMS ({said})", resource=key_ref)
     if code in _UNAVAILABLE or status >= 500:
@@ -187,8 +211,7 @@ def translate_client_error(
 def map_key_state(metadata: Mapping[str, Any], now: datetime) -> KeyState:
     """Our state for a ``KeyMetadata``: imported material past ``ValidTo`` is MATERIAL_EXPIRED."""
     valid_to = metadata.get("ValidTo")
-    if (metadata.get("ExpirationModel") == "KEY_MATERIAL_EXPIRES" and isinstance(valid_to, datetime)
-            and valid_to <= now):
+    if metadata.get("ExpirationModel") == "KEY_MATERIAL_EXPIRES" and isinstance(valid_to, datetime) and valid_to <= now:
         return KeyState.MATERIAL_EXPIRED
     return _STATES.get(str(metadata.get("KeyState")), KeyState.DISABLED)
 
@@ -289,24 +312,34 @@ class AwsKmsKeyProvider:
 
     def wrap(self, key: SecretBytes, *, context: Mapping[str, str]) -> WrappedKey:
         ctx = check_context(context)
-        response = self._call("Encrypt", self._ref.uri, self._ref.api_key_id, lambda: self._kms.encrypt(
-            KeyId=self._ref.api_key_id,
-            Plaintext=key.reveal(),
-            EncryptionContext=ctx,
-            EncryptionAlgorithm="SYMMETRIC_DEFAULT",
-        ))
+        response = self._call(
+            "Encrypt",
+            self._ref.uri,
+            self._ref.api_key_id,
+            lambda: self._kms.encrypt(
+                KeyId=self._ref.api_key_id,
+                Plaintext=key.reveal(),
+                EncryptionContext=ctx,
+                EncryptionAlgorithm="SYMMETRIC_DEFAULT",
+            ),
+        )
         used = parse_key_ref(f"aws-kms://{response['KeyId']}")
         return WrappedKey(key_ref=used.uri, algorithm=ALGORITHM, ciphertext=bytes(response["CiphertextBlob"]))
 
     def unwrap(self, wrapped: WrappedKey, *, context: Mapping[str, str]) -> SecretBytes:
         ctx = check_context(context)
         key_arn = self._owned_key_arn(wrapped)
-        response = self._call("Decrypt", wrapped.key_ref, key_arn, lambda: self._kms.decrypt(
-            KeyId=key_arn,
-            CiphertextBlob=wrapped.ciphertext,
-            EncryptionContext=ctx,
-            EncryptionAlgorithm="SYMMETRIC_DEFAULT",
-        ))
+        response = self._call(
+            "Decrypt",
+            wrapped.key_ref,
+            key_arn,
+            lambda: self._kms.decrypt(
+                KeyId=key_arn,
+                CiphertextBlob=wrapped.ciphertext,
+                EncryptionContext=ctx,
+                EncryptionAlgorithm="SYMMETRIC_DEFAULT",
+            ),
+        )
         if response.get("KeyId") != key_arn:  # defence in depth: KMS honoured the pinned KeyId
             raise WrongKeyError(f"KMS Decrypt for {wrapped.key_ref} answered for another key", resource=self.key_ref)
         return SecretBytes(response["Plaintext"])
@@ -330,8 +363,13 @@ class AwsKmsKeyProvider:
 
     def describe(self) -> KmsKeyDescription:
         """``DescribeKey`` of this key; raises KeyNotFoundError / KeyAccessDeniedError / ..."""
-        response = self._call("DescribeKey", self.key_ref, self._ref.api_key_id,
-                              lambda: self._kms.describe_key(KeyId=self._ref.api_key_id), describe_state=False)
+        response = self._call(
+            "DescribeKey",
+            self.key_ref,
+            self._ref.api_key_id,
+            lambda: self._kms.describe_key(KeyId=self._ref.api_key_id),
+            describe_state=False,
+        )
         return KmsKeyDescription.from_metadata(response["KeyMetadata"])
 
     def check_metadata(self) -> dict[str, str]:
@@ -357,7 +395,8 @@ class AwsKmsKeyProvider:
             problems.append("it is a multi-Region replica: reference the primary key's ARN")
         if problems:
             raise ConfigurationError(
-                f"key {self.key_ref} cannot be used as a tenant master key: " + "; ".join(problems)
+                f"key {self.key_ref} cannot be used as a tenant master key: "
+                + "; ".join(problems)
                 + ". Use a symmetric encryption key (KeySpec SYMMETRIC_DEFAULT, KeyUsage ENCRYPT_DECRYPT).",
                 resource=self.key_ref,
             )
@@ -379,8 +418,10 @@ class AwsKmsKeyProvider:
         if self._alias_target is None or self._alias_target != ref.api_key_id:
             self._alias_target = self.describe().arn
         if ref.api_key_id != self._alias_target:
-            raise WrongKeyError(f"wrapped key belongs to {ref.uri}, but {self.key_ref} points to "
-                                f"aws-kms://{self._alias_target}", resource=self.key_ref)
+            raise WrongKeyError(
+                f"wrapped key belongs to {ref.uri}, but {self.key_ref} points to aws-kms://{self._alias_target}",
+                resource=self.key_ref,
+            )
         return ref.api_key_id
 
     def _state_now(self, key_id: str) -> KeyState | None:
@@ -390,8 +431,9 @@ class AwsKmsKeyProvider:
             return None
         return map_key_state(response["KeyMetadata"], self._clock())
 
-    def _call(self, operation: str, key_ref: str, key_id: str, fn: Callable[[], Any], *,
-              describe_state: bool = True) -> Any:
+    def _call(
+        self, operation: str, key_ref: str, key_id: str, fn: Callable[[], Any], *, describe_state: bool = True
+    ) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:

@@ -37,7 +37,7 @@ import base64
 import hmac
 import threading
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -64,13 +64,18 @@ ALGORITHM = "azure-kv:RSA-OAEP-256+ctx16"
 _LABEL = b"archive_kms/azure-kv-wrap/v1"
 _WIRE_ALG = "RSA-OAEP-256"
 #: Vault host suffixes of the Azure clouds; any other host must be the configured vault.
-AZURE_VAULT_SUFFIXES = (".vault.azure.net", ".vault.azure.cn", ".vault.usgovcloudapi.net",
-                        ".vault.microsoftazure.de", ".managedhsm.azure.net")
+AZURE_VAULT_SUFFIXES = (
+    ".vault.azure.net",
+    ".vault.azure.cn",
+    ".vault.usgovcloudapi.net",
+    ".vault.microsoftazure.de",
+    ".managedhsm.azure.net",
+)
 _MIN_RSA_BITS = 2048
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _b64url(data: bytes) -> str:
@@ -99,8 +104,14 @@ class AzureKeyVaultKeyProvider:
 
     algorithm = ALGORITHM
 
-    def __init__(self, ref: str | AzureKeyVaultKeyRef, key_client: Any, crypto_client_for: Callable[[str], Any],
-                 *, clock: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(
+        self,
+        ref: str | AzureKeyVaultKeyRef,
+        key_client: Any,
+        crypto_client_for: Callable[[str], Any],
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
         parsed = parse_key_ref(ref)
         if not isinstance(parsed, AzureKeyVaultKeyRef):
             raise ValidationError(f"AzureKeyVaultKeyProvider needs an azure-kv:// reference, got {parsed.uri}")
@@ -116,8 +127,11 @@ class AzureKeyVaultKeyProvider:
         from archive_kms import wiring
 
         _check_vault_host(ref, settings)
-        return cls(ref, wiring.keyvault_key_client_for(ref.vault_url, settings),
-                   lambda key_id: wiring.keyvault_crypto_client(key_id, settings))
+        return cls(
+            ref,
+            wiring.keyvault_key_client_for(ref.vault_url, settings),
+            lambda key_id: wiring.keyvault_crypto_client(key_id, settings),
+        )
 
     @property
     def key_ref(self) -> str:
@@ -136,8 +150,9 @@ class AzureKeyVaultKeyProvider:
         response = self._send("wrapKey", target, "POST", f"/keys/{target.name}/{version}/wrapkey", body)
         kid = str(response.get("kid", ""))
         if not kid.rstrip("/").endswith(f"/keys/{target.name}/{version}"):
-            raise ServiceUnavailableError(f"Key Vault wrapKey for {target.uri} answered for another key version",
-                                          resource=target.uri)
+            raise ServiceUnavailableError(
+                f"Key Vault wrapKey for {target.uri} answered for another key version", resource=target.uri
+            )
         return WrappedKey(key_ref=target.uri, algorithm=ALGORITHM, ciphertext=_unb64url(str(response["value"])))
 
     def unwrap(self, wrapped: WrappedKey, *, context: Mapping[str, str]) -> SecretBytes:
@@ -154,8 +169,10 @@ class AzureKeyVaultKeyProvider:
         if error is not None:
             raise error
         if len(plain) <= TAG_SIZE or not hmac.compare_digest(plain[:TAG_SIZE], tag):
-            raise WrongKeyError(f"wrapped key under {target.uri} was made for another context "
-                                "(wrong tenant or context)", resource=target.uri)
+            raise WrongKeyError(
+                f"wrapped key under {target.uri} was made for another context (wrong tenant or context)",
+                resource=target.uri,
+            )
         return SecretBytes(plain[TAG_SIZE:])
 
     def status(self) -> KeyStatus:
@@ -188,8 +205,10 @@ class AzureKeyVaultKeyProvider:
         if missing:
             problems.append(f"its permitted operations lack {', '.join(sorted(missing))}")
         if problems:
-            raise ConfigurationError(f"key {self.key_ref} cannot be used as a tenant master key: "
-                                     + "; ".join(problems), resource=self.key_ref)
+            raise ConfigurationError(
+                f"key {self.key_ref} cannot be used as a tenant master key: " + "; ".join(problems),
+                resource=self.key_ref,
+            )
         return details
 
     # --- internals -----------------------------------------------------------------------
@@ -226,8 +245,11 @@ class AzureKeyVaultKeyProvider:
         key = self._get_key(self._ref)
         state = self._state_of(key.properties)
         if not state.usable:
-            raise KeyUnavailableError(f"Key Vault key {self.key_ref} is {state.value} (current version "
-                                      f"{key.properties.version})", resource=self.key_ref, state=state.value)
+            raise KeyUnavailableError(
+                f"Key Vault key {self.key_ref} is {state.value} (current version {key.properties.version})",
+                resource=self.key_ref,
+                state=state.value,
+            )
         return str(key.properties.version)
 
     def _get_key(self, ref: AzureKeyVaultKeyRef) -> Any:
@@ -249,13 +271,18 @@ class AzureKeyVaultKeyProvider:
 
     def _owned(self, wrapped: WrappedKey) -> AzureKeyVaultKeyRef:
         ref = wrapped_key_ref(wrapped, algorithm=ALGORITHM, owner=self.key_ref)
-        if (not isinstance(ref, AzureKeyVaultKeyRef) or ref.version is None or not ref.same_key(self._ref)
-                or (self._ref.version is not None and ref.version != self._ref.version)):
+        if (
+            not isinstance(ref, AzureKeyVaultKeyRef)
+            or ref.version is None
+            or not ref.same_key(self._ref)
+            or (self._ref.version is not None and ref.version != self._ref.version)
+        ):
             raise WrongKeyError(f"wrapped key belongs to {ref.uri}, not {self.key_ref}", resource=self.key_ref)
         return ref
 
-    def _send(self, operation: str, ref: AzureKeyVaultKeyRef, method: str, path: str,
-              body: dict[str, Any]) -> dict[str, Any]:
+    def _send(
+        self, operation: str, ref: AzureKeyVaultKeyRef, method: str, path: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
         from azure.core.exceptions import AzureError
         from azure.core.rest import HttpRequest
 
@@ -271,18 +298,27 @@ class AzureKeyVaultKeyProvider:
                 payload = response.json().get("error", {})
             except ValueError:
                 payload = {}
-            raise self._classify(operation, ref, response.status_code, str(payload.get("code", "")),
-                                 str(payload.get("message", ""))[:300], _retry_after(response.headers),
-                                 inner=str((payload.get("innererror") or {}).get("code", "")))
+            raise self._classify(
+                operation,
+                ref,
+                response.status_code,
+                str(payload.get("code", "")),
+                str(payload.get("message", ""))[:300],
+                _retry_after(response.headers),
+                inner=str((payload.get("innererror") or {}).get("code", "")),
+            )
         return response.json()
 
-    def _translate(self, exc: Exception, operation: str, ref: AzureKeyVaultKeyRef, *,
-                   consult_state: bool = True) -> ArchiveKmsError:
+    def _translate(
+        self, exc: Exception, operation: str, ref: AzureKeyVaultKeyRef, *, consult_state: bool = True
+    ) -> ArchiveKmsError:
         from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
         if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
-            return ServiceUnavailableError(f"Key Vault {operation} for {ref.uri}: the vault did not answer "
-                                           f"({type(exc).__name__})", resource=ref.uri)
+            return ServiceUnavailableError(
+                f"Key Vault {operation} for {ref.uri}: the vault did not answer ({type(exc).__name__})",
+                resource=ref.uri,
+            )
         if isinstance(exc, HttpResponseError):
             err = getattr(exc, "error", None)
             code = str(getattr(err, "code", "") or "")
@@ -290,42 +326,68 @@ class AzureKeyVaultKeyProvider:
             innererror = getattr(err, "innererror", None)
             inner = str(innererror.get("code", "")) if isinstance(innererror, Mapping) else ""
             headers = getattr(getattr(exc, "response", None), "headers", None)
-            return self._classify(operation, ref, int(exc.status_code or 0), code, message, _retry_after(headers),
-                                  inner=inner, consult_state=consult_state)
-        return ServiceUnavailableError(f"Key Vault {operation} for {ref.uri} failed: {type(exc).__name__}",
-                                       resource=ref.uri)
+            return self._classify(
+                operation,
+                ref,
+                int(exc.status_code or 0),
+                code,
+                message,
+                _retry_after(headers),
+                inner=inner,
+                consult_state=consult_state,
+            )
+        return ServiceUnavailableError(
+            f"Key Vault {operation} for {ref.uri} failed: {type(exc).__name__}", resource=ref.uri
+        )
 
-    def _classify(self, operation: str, ref: AzureKeyVaultKeyRef, status: int, code: str, message: str,
-                  retry_after: float | None, *, inner: str = "", consult_state: bool = True) -> ArchiveKmsError:
+    def _classify(
+        self,
+        operation: str,
+        ref: AzureKeyVaultKeyRef,
+        status: int,
+        code: str,
+        message: str,
+        retry_after: float | None,
+        *,
+        inner: str = "",
+        consult_state: bool = True,
+    ) -> ArchiveKmsError:
         said = f"{status} {code}: {message}".strip()
         where = f"Key Vault {operation} for {ref.uri}"
         lowered = message.lower()
         if status == 403 and code == "Forbidden" and not inner:
             if "disabled" in lowered:
-                return KeyUnavailableError(f"{where}: the key is disabled ({said})", resource=ref.uri,
-                                           state=KeyState.DISABLED.value)
+                return KeyUnavailableError(
+                    f"{where}: the key is disabled ({said})", resource=ref.uri, state=KeyState.DISABLED.value
+                )
             if "expired" in lowered:
-                return KeyUnavailableError(f"{where}: the key has expired ({said})", resource=ref.uri,
-                                           state=KeyState.MATERIAL_EXPIRED.value)
+                return KeyUnavailableError(
+                    f"{where}: the key has expired ({said})", resource=ref.uri, state=KeyState.MATERIAL_EXPIRED.value
+                )
             if "not yet valid" in lowered:
-                return KeyUnavailableError(f"{where}: the key is not valid yet ({said})", resource=ref.uri,
-                                           state=KeyState.DISABLED.value)
+                return KeyUnavailableError(
+                    f"{where}: the key is not valid yet ({said})", resource=ref.uri, state=KeyState.DISABLED.value
+                )
         if status == 403:
             if consult_state and "not permitted" not in lowered:
                 state = self._state_quietly(ref)
                 if state is not None and not state.usable:
-                    return KeyUnavailableError(f"{where}: the key is {state.value} ({said})", resource=ref.uri,
-                                               state=state.value)
-            return KeyAccessDeniedError(f"{where}: not permitted ({said}); the key's permitted operations and "
-                                        "our role assignment must allow wrapKey, unwrapKey and get",
-                                        resource=ref.uri)
+                    return KeyUnavailableError(
+                        f"{where}: the key is {state.value} ({said})", resource=ref.uri, state=state.value
+                    )
+            return KeyAccessDeniedError(
+                f"{where}: not permitted ({said}); the key's permitted operations and "
+                "our role assignment must allow wrapKey, unwrapKey and get",
+                resource=ref.uri,
+            )
         if status == 401:
             return KeyAccessDeniedError(f"{where}: not authenticated ({said})", resource=ref.uri)
         if status == 404:
             return KeyNotFoundError(f"{where}: no such key or version ({said})", resource=ref.uri)
         if status == 400 and operation == "unwrapKey":
-            return WrongKeyError(f"{where}: the wrapped key does not decrypt under this key version ({code})",
-                                 resource=ref.uri)
+            return WrongKeyError(
+                f"{where}: the wrapped key does not decrypt under this key version ({code})", resource=ref.uri
+            )
         if status == 429:
             error = KeyThrottledError(f"{where}: throttled ({said})", resource=ref.uri)
             error.retry_after = retry_after  # type: ignore[attr-defined]

@@ -33,7 +33,7 @@ import hmac
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from archive_kms.crypto.secrets import SecretBytes
@@ -133,13 +133,17 @@ class ByokImporter:
     def create_key(self, *, description: str, tags: Mapping[str, str] | None = None) -> str:
         """A new EXTERNAL-origin symmetric key (PendingImport); returns its ``aws-kms://`` ARN ref."""
         all_tags = {"archive-kms:purpose": "byok", **(tags or {})}
-        response = self._call("CreateKey", "aws-kms://(new BYOK key)", lambda: self._kms.create_key(
-            Description=description,
-            Origin="EXTERNAL",
-            KeySpec="SYMMETRIC_DEFAULT",
-            KeyUsage="ENCRYPT_DECRYPT",
-            Tags=[{"TagKey": k, "TagValue": v} for k, v in all_tags.items()],
-        ))
+        response = self._call(
+            "CreateKey",
+            "aws-kms://(new BYOK key)",
+            lambda: self._kms.create_key(
+                Description=description,
+                Origin="EXTERNAL",
+                KeySpec="SYMMETRIC_DEFAULT",
+                KeyUsage="ENCRYPT_DECRYPT",
+                Tags=[{"TagKey": k, "TagValue": v} for k, v in all_tags.items()],
+            ),
+        )
         return parse_key_ref(f"aws-kms://{response['KeyMetadata']['Arn']}").uri
 
     def import_parameters(self, key_ref: str, *, wrapping_key_spec: str = "RSA_4096") -> ImportParameters:
@@ -147,12 +151,19 @@ class ByokImporter:
         from cryptography.hazmat.primitives import serialization
 
         if wrapping_key_spec not in WRAPPING_KEY_SPECS:
-            raise ValidationError(f"wrapping key spec {wrapping_key_spec!r} is not one of "
-                                  f"{', '.join(WRAPPING_KEY_SPECS)}")
+            raise ValidationError(
+                f"wrapping key spec {wrapping_key_spec!r} is not one of {', '.join(WRAPPING_KEY_SPECS)}"
+            )
         ref = self._key_arn_ref(key_ref)
-        response = self._call("GetParametersForImport", ref.uri, lambda: self._kms.get_parameters_for_import(
-            KeyId=ref.api_key_id, WrappingAlgorithm=WRAPPING_ALGORITHM, WrappingKeySpec=wrapping_key_spec,
-        ))
+        response = self._call(
+            "GetParametersForImport",
+            ref.uri,
+            lambda: self._kms.get_parameters_for_import(
+                KeyId=ref.api_key_id,
+                WrappingAlgorithm=WRAPPING_ALGORITHM,
+                WrappingKeySpec=wrapping_key_spec,
+            ),
+        )
         public = serialization.load_der_public_key(response["PublicKey"])
         pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         return ImportParameters(
@@ -181,8 +192,11 @@ class ByokImporter:
         if not isinstance(wrapped_material, (bytes, bytearray)):
             raise ValidationError("the uploaded wrapped key material must be bytes")
         if not isinstance(stated_sha256, str) or not _HEX64.match(stated_sha256.strip().lower()):
-            raise ValidationError("the stated SHA-256 digest of the upload must be 64 hex digits "
-                                  "(e.g. the output of `sha256sum wrapped.bin`)", resource=ref.uri)
+            raise ValidationError(
+                "the stated SHA-256 digest of the upload must be 64 hex digits "
+                "(e.g. the output of `sha256sum wrapped.bin`)",
+                resource=ref.uri,
+            )
         expected = stated_sha256.strip().lower()
         actual = sha256_hex(bytes(wrapped_material))
         if not hmac.compare_digest(expected, actual):
@@ -208,8 +222,10 @@ class ByokImporter:
         if valid_to is not None:
             valid_to = _as_utc(valid_to)
             if not now < valid_to <= now + MAX_VALIDITY:
-                raise ValidationError(f"valid_to must be in the future and at most 365 days ahead, got "
-                                      f"{valid_to.isoformat()}", resource=ref.uri)
+                raise ValidationError(
+                    f"valid_to must be in the future and at most 365 days ahead, got {valid_to.isoformat()}",
+                    resource=ref.uri,
+                )
         expiration = "KEY_MATERIAL_EXPIRES" if valid_to is not None else "KEY_MATERIAL_DOES_NOT_EXPIRE"
         request: dict[str, Any] = {
             "KeyId": ref.api_key_id,
@@ -219,17 +235,24 @@ class ByokImporter:
         }
         if valid_to is not None:
             request["ValidTo"] = valid_to
-        response = self._call("ImportKeyMaterial", ref.uri, lambda: self._kms.import_key_material(**request),
-                              importing=True)
-        return ImportResult(key_ref=ref.uri, key_material_id=response.get("KeyMaterialId"),
-                            expiration_model=expiration, valid_to=valid_to, wrapped_sha256=actual)
+        response = self._call(
+            "ImportKeyMaterial", ref.uri, lambda: self._kms.import_key_material(**request), importing=True
+        )
+        return ImportResult(
+            key_ref=ref.uri,
+            key_material_id=response.get("KeyMaterialId"),
+            expiration_model=expiration,
+            valid_to=valid_to,
+            wrapped_sha256=actual,
+        )
 
     def delete_material(self, key_ref: str) -> None:
         """DeleteImportedKeyMaterial: the key becomes PendingImport at once (revocation for
         BYOK); the same material can be imported again later."""
         ref = self._key_arn_ref(key_ref)
-        self._call("DeleteImportedKeyMaterial", ref.uri,
-                   lambda: self._kms.delete_imported_key_material(KeyId=ref.api_key_id))
+        self._call(
+            "DeleteImportedKeyMaterial", ref.uri, lambda: self._kms.delete_imported_key_material(KeyId=ref.api_key_id)
+        )
 
     # --- internals -------------------------------------------------------------------
 
@@ -254,14 +277,13 @@ class ByokImporter:
 
 _IMPORT_HINTS = {
     "ExpiredImportTokenException": "the import token expired; request new import parameters and wrap again",
-    "InvalidImportTokenException": "the import token does not belong to this key; use the parameters published "
-                                   "for it",
+    "InvalidImportTokenException": "the import token does not belong to this key; use the parameters published for it",
     "InvalidCiphertextException": "KMS could not unwrap the upload; wrap the raw 32-byte key with "
-                                  f"{WRAPPING_ALGORITHM} under the published public key",
+    f"{WRAPPING_ALGORITHM} under the published public key",
     "IncorrectKeyMaterialException": "this is not the material previously imported into the key; a key's "
-                                     "material never changes (a new customer key is a new BYOK key)",
+    "material never changes (a new customer key is a new BYOK key)",
     "KMSInvalidStateException": "the key is not in a state that accepts material (pending deletion, or "
-                                "material already present)",
+    "material already present)",
     "NotFoundException": "KMS found no such key or import token",
 }
 
@@ -278,11 +300,15 @@ def _import_error(exc: Exception, translated: ArchiveKmsError, key_ref: str) -> 
     if hint is None and (status >= 500 or code in ("KMSInternalException", "InternalError")):
         # KMS answered with a server error. For an import this is usually the upload (an
         # emulator reports undecryptable material this way), so say both.
-        hint = (f"KMS failed to import it; check that the upload is a {WRAPPING_ALGORITHM} wrap under the "
-                "published public key, then upload again")
+        hint = (
+            f"KMS failed to import it; check that the upload is a {WRAPPING_ALGORITHM} wrap under the "
+            "published public key, then upload again"
+        )
     said = f"{code}: {message}" if message else code
-    return KeyImportError(f"import into {key_ref} failed: {hint or 'KMS refused it'} ({said}); "
-                          "the key stays pending import", resource=key_ref)
+    return KeyImportError(
+        f"import into {key_ref} failed: {hint or 'KMS refused it'} ({said}); the key stays pending import",
+        resource=key_ref,
+    )
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -290,4 +316,4 @@ def _as_utc(value: datetime) -> datetime:
         raise ValidationError("expected a datetime")
     if value.tzinfo is None:
         raise ValidationError("datetimes must be timezone-aware (UTC)")
-    return value.astimezone(timezone.utc)
+    return value.astimezone(UTC)

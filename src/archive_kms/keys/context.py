@@ -47,12 +47,12 @@ def check_context(context: Mapping[str, str]) -> dict[str, str]:
         if not isinstance(key, str) or not isinstance(value, str):
             raise ValidationError("wrap context keys and values must be str")
         if not 1 <= len(key) <= MAX_KEY_LEN or not key.isprintable():
-            raise ValidationError(f"wrap context key {ascii(key[:80])} must be 1..{MAX_KEY_LEN} printable characters")
+            raise ValidationError(f"wrap context key {key[:80]!a} must be 1..{MAX_KEY_LEN} printable characters")
         if key.lower().startswith("aws"):
-            raise ValidationError(f"wrap context key {ascii(key[:80])}: keys starting with 'aws' are reserved by KMS")
+            raise ValidationError(f"wrap context key {key[:80]!a}: keys starting with 'aws' are reserved by KMS")
         if not 1 <= len(value) <= MAX_VALUE_LEN or not value.isprintable():
             raise ValidationError(
-                f"wrap context value for {ascii(key[:80])} must be 1..{MAX_VALUE_LEN} printable characters"
+                f"wrap context value for {key[:80]!a} must be 1..{MAX_VALUE_LEN} printable characters"
             )
         out[key] = value
     return out

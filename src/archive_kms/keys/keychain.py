@@ -51,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from cryptography.exceptions import InvalidTag
@@ -77,8 +77,8 @@ from archive_kms.keys.keychain_store import (
     KeyRecord,
     KeyRecordState,
     RecordRef,
-    TenantHead,
     SignedJson,
+    TenantHead,
     WorkspaceHead,
     _b64_in,
     _time_in,
@@ -194,7 +194,7 @@ def _as_ts(value: datetime | float | int) -> float:
 
 
 def _dt(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
+    return datetime.fromtimestamp(ts, tz=UTC)
 
 
 # --- AES-GCM wrapping of L3 and L4 ------------------------------------------------------
@@ -298,8 +298,13 @@ class RekeyReport:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready, for an audit record (ids and counts only)."""
-        return {"l2_id": self.status.l2_id, "l2_rotated": self.l2_rotated, "l3_rotated": list(self.l3_rotated),
-                "deks_rewrapped": self.deks_rewrapped, "head_version": self.status.head_version}
+        return {
+            "l2_id": self.status.l2_id,
+            "l2_rotated": self.l2_rotated,
+            "l3_rotated": list(self.l3_rotated),
+            "deks_rewrapped": self.deks_rewrapped,
+            "head_version": self.status.head_version,
+        }
 
 
 @dataclass(frozen=True)
@@ -634,9 +639,7 @@ class Keychain:
 
     # --- public API: data keys ----------------------------------------------------------
 
-    def dek_for_encrypt(
-        self, tenant_id: str, workspace_id: str, now: datetime | float | None = None
-    ) -> DataKey:
+    def dek_for_encrypt(self, tenant_id: str, workspace_id: str, now: datetime | float | None = None) -> DataKey:
         """The ACTIVE DEK for ``now``'s bucket, creating it (and the workspace key) on demand.
 
         When a new bucket starts, its DEK is created and the previous one becomes
@@ -787,8 +790,13 @@ class Keychain:
                 self._check_dek(head, ws, rec, rec.record_id)
                 out.append(
                     DekInfo(
-                        rec.record_id, ws.workspace_id, rec.bucket or 0, rec.generation, rec.state,
-                        rec.created_at, rec.not_after,
+                        rec.record_id,
+                        ws.workspace_id,
+                        rec.bucket or 0,
+                        rec.generation,
+                        rec.state,
+                        rec.created_at,
+                        rec.not_after,
                     )
                 )
             return sorted(out, key=lambda d: (d.workspace_id, d.bucket, d.generation))
@@ -831,9 +839,17 @@ class Keychain:
                 l2=replace(head.l2, version=new.version),
             )
             log.info("keychain: tenant %s L2 re-wrapped from %s to %s", tenant_id, head.l1_ref, new_l1.key_ref)
-            return _Plan(result=None, head=new_head, records=[new], cache_put=[(rec.record_id, l2)],
-                         audit_details={"previous_l1_ref": head.l1_ref, "l1_generation": head.l1_generation + 1,
-                                        "l2_id": rec.record_id})
+            return _Plan(
+                result=None,
+                head=new_head,
+                records=[new],
+                cache_put=[(rec.record_id, l2)],
+                audit_details={
+                    "previous_l1_ref": head.l1_ref,
+                    "l1_generation": head.l1_generation + 1,
+                    "l2_id": rec.record_id,
+                },
+            )
 
         self._write(tenant_id, plan, gate=True, audit_action="rotate_l1")
         return self.status(tenant_id)
@@ -905,8 +921,13 @@ class Keychain:
                 rotated.append(workspace_id)
                 rewrapped += count
         status = self.status(tenant_id)
-        log.info("keychain: tenant %s re-keyed below L1: L2 %s, %d workspace keys replaced, %d DEKs re-wrapped",
-                 tenant_id, "replaced" if l2_rotated else "kept", len(rotated), rewrapped)
+        log.info(
+            "keychain: tenant %s re-keyed below L1: L2 %s, %d workspace keys replaced, %d DEKs re-wrapped",
+            tenant_id,
+            "replaced" if l2_rotated else "kept",
+            len(rotated),
+            rewrapped,
+        )
         return RekeyReport(tenant_id, bool(l2_rotated), tuple(rotated), rewrapped, status)
 
     # --- public API: revocation -------------------------------------------------------------
@@ -922,8 +943,11 @@ class Keychain:
             if head.revoked:
                 return _Plan(result=None)
             now = self._now()
-            return _Plan(result=None, head=replace(head, revoked=True, revoked_at=now),
-                         audit_details={"revoked_at": _time_out(now)})
+            return _Plan(
+                result=None,
+                head=replace(head, revoked=True, revoked_at=now),
+                audit_details={"revoked_at": _time_out(now)},
+            )
 
         try:
             self._write(tenant_id, plan, gate=False, audit_action="revoke")
@@ -987,21 +1011,25 @@ class Keychain:
                     f"older_than {_time_out(_dt(cutoff_ts))} is in a future bucket; erase_buckets "
                     "never destroys the current DEK (use erase_workspace)"
                 )
-            p = self._erasure_plan(head, ws, lambda order: order[0] < cutoff, watermark=cutoff,
-                                   replace_l3=not head.revoked)
+            p = self._erasure_plan(
+                head, ws, lambda order: order[0] < cutoff, watermark=cutoff, replace_l3=not head.revoked
+            )
             p.result = self._erasure_record(
                 head, p, workspace_id, "buckets", older_than=_dt(cutoff_ts), reason=reason, l3_destroyed=False
             )
             return p
 
         record = self._write(tenant_id, plan, gate=False, audit_action="erase")
-        log.info("keychain: tenant %s workspace %s: %d DEKs crypto-erased (%s)",
-                 tenant_id, workspace_id, len(record.dek_ids), reason)
+        log.info(
+            "keychain: tenant %s workspace %s: %d DEKs crypto-erased (%s)",
+            tenant_id,
+            workspace_id,
+            len(record.dek_ids),
+            reason,
+        )
         return record
 
-    def erase_workspace(
-        self, tenant_id: str, workspace_id: str, *, reason: str = "workspace deleted"
-    ) -> ErasureRecord:
+    def erase_workspace(self, tenant_id: str, workspace_id: str, *, reason: str = "workspace deleted") -> ErasureRecord:
         """Destroy the workspace's L3 key and every DEK under it; the workspace id can never
         be used again. Works while revoked. Returns the signed erasure record."""
         _check_tenant(tenant_id)
@@ -1027,8 +1055,13 @@ class Keychain:
             return p
 
         record = self._write(tenant_id, plan, gate=False, audit_action="erase")
-        log.info("keychain: tenant %s workspace %s crypto-erased: %d DEKs and its L3 key (%s)",
-                 tenant_id, workspace_id, len(record.dek_ids), reason)
+        log.info(
+            "keychain: tenant %s workspace %s crypto-erased: %d DEKs and its L3 key (%s)",
+            tenant_id,
+            workspace_id,
+            len(record.dek_ids),
+            reason,
+        )
         return record
 
     def erase_deks_below(
@@ -1077,13 +1110,27 @@ class Keychain:
             # Every DEK of a bucket below the floor's is at or below the floor: the watermark
             # may rise to the floor's bucket.
             p = self._erasure_plan(head, ws, lambda order: order <= through, watermark=through[0], replace_l3=True)
-            p.result = self._erasure_record(head, p, workspace_id, "floor", older_than=None, reason=reason,
-                                            l3_destroyed=False, floor_dek_id=floor_id)
+            p.result = self._erasure_record(
+                head,
+                p,
+                workspace_id,
+                "floor",
+                older_than=None,
+                reason=reason,
+                l3_destroyed=False,
+                floor_dek_id=floor_id,
+            )
             return p
 
         record = self._write(tenant_id, plan, gate=True, audit_action="erase")
-        log.info("keychain: tenant %s workspace %s: %d DEKs up to %s crypto-erased (%s)",
-                 tenant_id, workspace_id, len(record.dek_ids), floor_id, reason)
+        log.info(
+            "keychain: tenant %s workspace %s: %d DEKs up to %s crypto-erased (%s)",
+            tenant_id,
+            workspace_id,
+            len(record.dek_ids),
+            floor_id,
+            reason,
+        )
         return record
 
     # --- reading and writing under the head --------------------------------------------------
@@ -1180,8 +1227,9 @@ class Keychain:
                 resource=resource,
             )
         if head.version < audited:
-            log.error("keychain: tampering detected: tenant %s head v%d below audited v%d", tenant_id,
-                      head.version, audited)
+            log.error(
+                "keychain: tampering detected: tenant %s head v%d below audited v%d", tenant_id, head.version, audited
+            )
             raise KeychainTamperedError(
                 f"keychain of tenant {tenant_id} is at version {head.version} but the audit log recorded version "
                 f"{audited}: rolled back; restore the keychain rows from a backup at version {audited} or later, "
@@ -1275,11 +1323,15 @@ class Keychain:
         event = self._audit_event(head, head.version, head.audited_change.action, details)
         try:
             self._audit.append_audit(event)
-        except Exception:  # noqa: BLE001 - whatever failed, the commit stands: keep the event, re-raise
+        except Exception:
             with self._lock:
                 self._audit_pending.setdefault(head.tenant_id, []).append(event)
-            log.error("keychain: tenant %s head v%d committed but its audit record was not written; "
-                      "it is retried on the next load", head.tenant_id, head.version)
+            log.error(
+                "keychain: tenant %s head v%d committed but its audit record was not written; "
+                "it is retried on the next load",
+                head.tenant_id,
+                head.version,
+            )
             raise
         self._note_audited(head.tenant_id, head.version)
 
@@ -1315,15 +1367,26 @@ class Keychain:
             if change.version <= self._audited_version(tenant_id):
                 return
             # l1_ref is still the one of that commit: changing it (rotate_l1) is audited.
-            self._audit.append_audit(self._audit_event(head, change.version, change.action, {
-                "recovered": True,
-                "found_at_head_version": head.version,
-                "note": "written on a later load: the commit's own audit record is missing "
+            self._audit.append_audit(
+                self._audit_event(
+                    head,
+                    change.version,
+                    change.action,
+                    {
+                        "recovered": True,
+                        "found_at_head_version": head.version,
+                        "note": "written on a later load: the commit's own audit record is missing "
                         "(crash between the keychain commit and the audit append)",
-            }))
+                    },
+                )
+            )
             self._note_audited(tenant_id, change.version)
-            log.warning("keychain: tenant %s head v%d (%s) had no audit record; recovered record written",
-                        tenant_id, change.version, change.action)
+            log.warning(
+                "keychain: tenant %s head v%d (%s) had no audit record; recovered record written",
+                tenant_id,
+                change.version,
+                change.action,
+            )
 
     # --- signing ---------------------------------------------------------------------------
 
@@ -1343,8 +1406,16 @@ class Keychain:
         return replace(unsigned, signature=self._signer.sign(unsigned.signing_payload(), purpose=_HEAD_PURPOSE))
 
     def _erasure_record(
-        self, head: TenantHead, p: _Plan, workspace_id: str, scope: str, *,
-        older_than: datetime | None, reason: str, l3_destroyed: bool, floor_dek_id: str | None = None,
+        self,
+        head: TenantHead,
+        p: _Plan,
+        workspace_id: str,
+        scope: str,
+        *,
+        older_than: datetime | None,
+        reason: str,
+        l3_destroyed: bool,
+        floor_dek_id: str | None = None,
     ) -> ErasureRecord:
         destroyed = (r.record_id for r in p.records if r.level is KeyLevel.DEK and r.state is KeyRecordState.DESTROYED)
         rec = ErasureRecord(
@@ -1390,21 +1461,30 @@ class Keychain:
         _expect(rec.level is KeyLevel.TENANT and rec.generation == ref.generation, rec, "not the head's L2 key")
         _expect(rec.version == ref.version, rec, f"record version {rec.version}, head says {ref.version} (replayed)")
         _expect(rec.state is KeyRecordState.ACTIVE, rec, f"L2 key is {rec.state.value}, head says active")
-        _expect(rec.parent_id == head.l1_ref and rec.parent_version == head.l1_generation, rec,
-                "wrapped by another L1 than the head's")
+        _expect(
+            rec.parent_id == head.l1_ref and rec.parent_version == head.l1_generation,
+            rec,
+            "wrapped by another L1 than the head's",
+        )
         return rec
 
     def _checked_l3(self, head: TenantHead, ws: WorkspaceHead) -> KeyRecord:
         ref = ws.l3
         rec = self._record(head.tenant_id, ref.record_id)
         _expect(
-            rec.level is KeyLevel.WORKSPACE and rec.workspace_id == ws.workspace_id and rec.generation == ref.generation,
-            rec, "not the head's workspace key",
+            rec.level is KeyLevel.WORKSPACE
+            and rec.workspace_id == ws.workspace_id
+            and rec.generation == ref.generation,
+            rec,
+            "not the head's workspace key",
         )
         _expect(rec.version == ref.version, rec, f"record version {rec.version}, head says {ref.version} (replayed)")
         _expect(rec.state is KeyRecordState.ACTIVE, rec, f"workspace key is {rec.state.value}, head says active")
-        _expect(rec.parent_id == head.l2.record_id and rec.parent_version == head.l2.generation, rec,
-                "wrapped by another L2 than the head's")
+        _expect(
+            rec.parent_id == head.l2.record_id and rec.parent_version == head.l2.generation,
+            rec,
+            "wrapped by another L2 than the head's",
+        )
         return rec
 
     def _checked_dek(self, head: TenantHead, ws: WorkspaceHead, record_id: str) -> KeyRecord:
@@ -1412,8 +1492,9 @@ class Keychain:
         if rec is None:
             # DEK ids are sparse (hours without data have none), so a missing id is unknown,
             # not evidence of tampering; commits are atomic, so it is not a race either.
-            raise KeyNotFoundError(f"tenant {head.tenant_id} has no DEK {record_id}",
-                                   resource=f"keychain:{head.tenant_id}/{record_id}")
+            raise KeyNotFoundError(
+                f"tenant {head.tenant_id} has no DEK {record_id}", resource=f"keychain:{head.tenant_id}/{record_id}"
+            )
         self._check_dek(head, ws, rec, record_id)
         return rec
 
@@ -1422,26 +1503,44 @@ class Keychain:
         self._check_signed(head.tenant_id, record_id, rec)
         w, bucket, gen = parse_dek_id(record_id)
         _expect(
-            rec.level is KeyLevel.DEK and rec.workspace_id == w == ws.workspace_id
-            and rec.bucket == bucket and rec.generation == gen,
-            rec, "DEK record fields do not match its id",
+            rec.level is KeyLevel.DEK
+            and rec.workspace_id == w == ws.workspace_id
+            and rec.bucket == bucket
+            and rec.generation == gen,
+            rec,
+            "DEK record fields do not match its id",
         )
-        _expect(ws.last_dek is not None and (bucket, gen) <= parse_dek_id(ws.last_dek)[1:], rec,
-                "DEK newer than the newest the head knows")
+        _expect(
+            ws.last_dek is not None and (bucket, gen) <= parse_dek_id(ws.last_dek)[1:],
+            rec,
+            "DEK newer than the newest the head knows",
+        )
         if rec.state is not KeyRecordState.DESTROYED:
             # A tombstone's parent no longer matters; a live DEK must hang under the head's L3.
-            _expect(rec.parent_id == ws.l3.record_id and rec.parent_version == ws.l3.generation, rec,
-                    "wrapped by another workspace key than the head's")
+            _expect(
+                rec.parent_id == ws.l3.record_id and rec.parent_version == ws.l3.generation,
+                rec,
+                "wrapped by another workspace key than the head's",
+            )
         if ws.erased or bucket < ws.erased_before_bucket:
-            _expect(rec.state is KeyRecordState.DESTROYED, rec,
-                    f"DEK is {rec.state.value} but the head records it as crypto-erased (replayed)")
+            _expect(
+                rec.state is KeyRecordState.DESTROYED,
+                rec,
+                f"DEK is {rec.state.value} but the head records it as crypto-erased (replayed)",
+            )
         active = ws.active_dek
         if active is not None and active.record_id == record_id:
-            _expect(rec.version == active.version and rec.state is KeyRecordState.ACTIVE, rec,
-                    f"active DEK at version {rec.version} ({rec.state.value}), head says {active.version} (replayed)")
+            _expect(
+                rec.version == active.version and rec.state is KeyRecordState.ACTIVE,
+                rec,
+                f"active DEK at version {rec.version} ({rec.state.value}), head says {active.version} (replayed)",
+            )
         else:
-            _expect(rec.state is not KeyRecordState.ACTIVE, rec,
-                    "DEK claims ACTIVE but the head's active DEK is another (replayed)")
+            _expect(
+                rec.state is not KeyRecordState.ACTIVE,
+                rec,
+                "DEK claims ACTIVE but the head's active DEK is another (replayed)",
+            )
 
     # --- key resolution (gate already passed by the caller) ---------------------------------
 
@@ -1473,8 +1572,10 @@ class Keychain:
         workspace_id, bucket, _ = parse_dek_id(record_id)
         ws = head.workspace(workspace_id)
         if ws is None:
-            raise KeyNotFoundError(f"tenant {tenant_id} has no workspace {workspace_id} (DEK {record_id})",
-                                   resource=f"keychain:{tenant_id}/{record_id}")
+            raise KeyNotFoundError(
+                f"tenant {tenant_id} has no workspace {workspace_id} (DEK {record_id})",
+                resource=f"keychain:{tenant_id}/{record_id}",
+            )
         if ws.erased or bucket < ws.erased_before_bucket:
             raise self._destroyed_error(tenant_id, record_id)
         cached = self._cache.get(tenant_id, record_id)
@@ -1555,10 +1656,15 @@ class Keychain:
         p.head = replace(head, l2=RecordRef(new_rec.record_id, gen, 1), workspaces=tuple(workspaces))
         p.cache_drop.append(old_rec.record_id)
         p.cache_put.append((new_rec.record_id, new_l2))
-        p.audit_details.update(l2_id=new_rec.record_id, previous_l2_id=old_rec.record_id,
-                               l3_rewrapped=len(p.records) - 2)
-        log.info("keychain: tenant %s L2 rotated to %s; %d L3 keys re-wrapped",
-                 tenant_id, new_rec.record_id, len(p.records) - 2)
+        p.audit_details.update(
+            l2_id=new_rec.record_id, previous_l2_id=old_rec.record_id, l3_rewrapped=len(p.records) - 2
+        )
+        log.info(
+            "keychain: tenant %s L2 rotated to %s; %d L3 keys re-wrapped",
+            tenant_id,
+            new_rec.record_id,
+            len(p.records) - 2,
+        )
         return p
 
     def _verified_deks(self, head: TenantHead, ws: WorkspaceHead) -> list[KeyRecord]:
@@ -1569,7 +1675,11 @@ class Keychain:
         return deks
 
     def _rotate_l3_plan(
-        self, head: TenantHead, ws: WorkspaceHead, *, destroy: DekSelector | None = None,
+        self,
+        head: TenantHead,
+        ws: WorkspaceHead,
+        *,
+        destroy: DekSelector | None = None,
         deks: Sequence[KeyRecord] | None = None,
     ) -> _Plan:
         """A new L3 for ``ws`` (new bytes, wrapped by the current L2), every live DEK
@@ -1620,10 +1730,19 @@ class Keychain:
         p.head = head.with_workspace(replace(ws, l3=RecordRef(new_rec.record_id, gen, 1), active_dek=active))
         p.cache_drop.append(old_rec.record_id)  # nothing names it any more; never serve it again
         p.cache_put.append((new_rec.record_id, new_l3))
-        p.audit_details.update(workspace_id=ws.workspace_id, l3_id=new_rec.record_id,
-                               previous_l3_id=old_rec.record_id, deks_rewrapped=p.result)
-        log.info("keychain: tenant %s workspace %s key rotated to %s; %d DEKs re-wrapped",
-                 tenant_id, ws.workspace_id, new_rec.record_id, p.result)
+        p.audit_details.update(
+            workspace_id=ws.workspace_id,
+            l3_id=new_rec.record_id,
+            previous_l3_id=old_rec.record_id,
+            deks_rewrapped=p.result,
+        )
+        log.info(
+            "keychain: tenant %s workspace %s key rotated to %s; %d DEKs re-wrapped",
+            tenant_id,
+            ws.workspace_id,
+            new_rec.record_id,
+            p.result,
+        )
         return p
 
     def _erasure_plan(
@@ -1657,8 +1776,10 @@ class Keychain:
     def _workspace(self, head: TenantHead, workspace_id: str) -> WorkspaceHead:
         ws = head.workspace(workspace_id)
         if ws is None:
-            raise KeyNotFoundError(f"tenant {head.tenant_id} has no workspace {workspace_id}",
-                                   resource=f"keychain:{head.tenant_id}/{workspace_id}")
+            raise KeyNotFoundError(
+                f"tenant {head.tenant_id} has no workspace {workspace_id}",
+                resource=f"keychain:{head.tenant_id}/{workspace_id}",
+            )
         return ws
 
     def _bump(self, rec: KeyRecord, **changes: Any) -> KeyRecord:
@@ -1682,8 +1803,10 @@ class Keychain:
         wrapped = WrappedKey(key_ref=rec.wrap_ref, algorithm=rec.wrap_algorithm, ciphertext=rec.wrapped)
         key = provider.unwrap(wrapped, context={"tenant": tenant_id})
         if not isinstance(key, SecretBytes) or len(key) != KEY_SIZE:
-            raise WrongKeyError(f"L1 {provider.key_ref} returned no {KEY_SIZE}-byte key for tenant {tenant_id}",
-                                resource=provider.key_ref)
+            raise WrongKeyError(
+                f"L1 {provider.key_ref} returned no {KEY_SIZE}-byte key for tenant {tenant_id}",
+                resource=provider.key_ref,
+            )
         return key
 
     @staticmethod

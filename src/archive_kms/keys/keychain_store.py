@@ -33,7 +33,7 @@ import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 
@@ -74,7 +74,7 @@ class KeyRecordState(str, enum.Enum):
 def _time_out(value: datetime | None) -> str | None:
     if value is None:
         return None
-    return value.astimezone(timezone.utc).strftime(_TIME_FMT)
+    return value.astimezone(UTC).strftime(_TIME_FMT)
 
 
 def _time_in(value: Any) -> datetime | None:
@@ -82,7 +82,7 @@ def _time_in(value: Any) -> datetime | None:
         return None
     if not isinstance(value, str):
         raise ValueError("time must be a string")
-    return datetime.strptime(value, _TIME_FMT).replace(tzinfo=timezone.utc)
+    return datetime.strptime(value, _TIME_FMT).replace(tzinfo=UTC)
 
 
 def _b64_out(value: bytes) -> str:

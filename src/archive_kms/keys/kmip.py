@@ -58,6 +58,7 @@ from archive_kms.keys.refs import KmipKeyRef, parse_key_ref, wrapped_key_ref
 
 __all__ = ["ALGORITHM", "KmipKeyProvider", "verify_server_hostname"]
 
+
 def verify_server_hostname(client: Any) -> Any:
     """Make a PyKMIP ``ProxyKmipClient`` check that the server's certificate names the host
     it connects to, and refuse anything below TLS 1.2.
@@ -75,9 +76,13 @@ def verify_server_hostname(client: Any) -> Any:
             context.verify_mode = ssl.CERT_REQUIRED
             if self.certfile:
                 context.load_cert_chain(self.certfile, self.keyfile)
-            self.socket = context.wrap_socket(sock, server_side=False, server_hostname=self.host,
-                                              do_handshake_on_connect=self.do_handshake_on_connect,
-                                              suppress_ragged_eofs=self.suppress_ragged_eofs)
+            self.socket = context.wrap_socket(
+                sock,
+                server_side=False,
+                server_hostname=self.host,
+                do_handshake_on_connect=self.do_handshake_on_connect,
+                suppress_ragged_eofs=self.suppress_ragged_eofs,
+            )
             self.socket.settimeout(self.timeout)
 
     if not isinstance(client.proxy, KMIPProxy):
@@ -90,8 +95,7 @@ ALGORITHM = "kmip:AES-256-GCM"
 _AAD_LABEL = b"archive_kms/kmip-wrap/v1\n"
 _NONCE = 12
 _TAG = 16
-_ATTRIBUTES = ["State", "Object Type", "Cryptographic Algorithm", "Cryptographic Length",
-               "Cryptographic Usage Mask"]
+_ATTRIBUTES = ["State", "Object Type", "Cryptographic Algorithm", "Cryptographic Length", "Cryptographic Usage Mask"]
 
 
 def _state_map() -> dict[Any, KeyState]:
@@ -158,15 +162,24 @@ class KmipKeyProvider:
         plaintext = key.reveal()
 
         def encrypt(client: Any) -> Any:
-            return client.proxy.send_request_payload(enums.Operation.ENCRYPT, payloads.EncryptRequestPayload(
-                unique_identifier=self._ref.uid, cryptographic_parameters=_gcm_parameters(),
-                data=plaintext, iv_counter_nonce=nonce, auth_additional_data=aad))
+            return client.proxy.send_request_payload(
+                enums.Operation.ENCRYPT,
+                payloads.EncryptRequestPayload(
+                    unique_identifier=self._ref.uid,
+                    cryptographic_parameters=_gcm_parameters(),
+                    data=plaintext,
+                    iv_counter_nonce=nonce,
+                    auth_additional_data=aad,
+                ),
+            )
 
         response = self._call("Encrypt", encrypt)
         tag = response.auth_tag or b""
         if len(tag) != _TAG or len(response.data or b"") != len(plaintext):
-            raise ServiceUnavailableError(f"KMIP Encrypt for {self.key_ref}: the server's answer is not an "
-                                          "AES-GCM ciphertext with a 16-byte tag", resource=self.key_ref)
+            raise ServiceUnavailableError(
+                f"KMIP Encrypt for {self.key_ref}: the server's answer is not an AES-GCM ciphertext with a 16-byte tag",
+                resource=self.key_ref,
+            )
         return WrappedKey(key_ref=self.key_ref, algorithm=ALGORITHM, ciphertext=nonce + response.data + tag)
 
     def unwrap(self, wrapped: WrappedKey, *, context: Mapping[str, str]) -> SecretBytes:
@@ -177,14 +190,23 @@ class KmipKeyProvider:
         self._check_owned(wrapped)
         data = wrapped.ciphertext
         if len(data) <= _NONCE + _TAG:
-            raise WrongKeyError(f"wrapped key for {self.key_ref} is too short ({len(data)} bytes)",
-                                resource=self.key_ref)
+            raise WrongKeyError(
+                f"wrapped key for {self.key_ref} is too short ({len(data)} bytes)", resource=self.key_ref
+            )
         nonce, body, tag = data[:_NONCE], data[_NONCE:-_TAG], data[-_TAG:]
 
         def decrypt(client: Any) -> Any:
-            return client.proxy.send_request_payload(enums.Operation.DECRYPT, payloads.DecryptRequestPayload(
-                unique_identifier=self._ref.uid, cryptographic_parameters=_gcm_parameters(),
-                data=body, iv_counter_nonce=nonce, auth_additional_data=aad, auth_tag=tag))
+            return client.proxy.send_request_payload(
+                enums.Operation.DECRYPT,
+                payloads.DecryptRequestPayload(
+                    unique_identifier=self._ref.uid,
+                    cryptographic_parameters=_gcm_parameters(),
+                    data=body,
+                    iv_counter_nonce=nonce,
+                    auth_additional_data=aad,
+                    auth_tag=tag,
+                ),
+            )
 
         response = self._call("Decrypt", decrypt)
         return SecretBytes(response.data)
@@ -197,8 +219,7 @@ class KmipKeyProvider:
         except KeyAccessDeniedError:
             return KeyStatus(key_ref=self.key_ref, state=KeyState.ACCESS_DENIED)
         state = _state_map().get(attributes.get("State"), KeyState.DISABLED)
-        return KeyStatus(key_ref=self.key_ref, state=state, key_version=self._ref.uid,
-                         details=_details(attributes))
+        return KeyStatus(key_ref=self.key_ref, state=state, key_version=self._ref.uid, details=_details(attributes))
 
     def check_metadata(self) -> dict[str, str]:
         """Preflight: a symmetric AES-256 key whose usage mask allows Encrypt and Decrypt."""
@@ -214,13 +235,17 @@ class KmipKeyProvider:
         if attributes.get("Cryptographic Length") != 256:
             problems.append(f"it is {details.get('length')} bits, not 256")
         mask = int(attributes.get("Cryptographic Usage Mask") or 0)
-        for bit, name in ((enums.CryptographicUsageMask.ENCRYPT, "Encrypt"),
-                          (enums.CryptographicUsageMask.DECRYPT, "Decrypt")):
+        for bit, name in (
+            (enums.CryptographicUsageMask.ENCRYPT, "Encrypt"),
+            (enums.CryptographicUsageMask.DECRYPT, "Decrypt"),
+        ):
             if not mask & bit.value:
                 problems.append(f"its usage mask lacks {name}")
         if problems:
-            raise ConfigurationError(f"key {self.key_ref} cannot be used as a tenant master key: "
-                                     + "; ".join(problems), resource=self.key_ref)
+            raise ConfigurationError(
+                f"key {self.key_ref} cannot be used as a tenant master key: " + "; ".join(problems),
+                resource=self.key_ref,
+            )
         return details
 
     # --- internals -----------------------------------------------------------------------
@@ -270,14 +295,18 @@ class KmipKeyProvider:
                     self._drop()
                     error = ConfigurationError(
                         f"KMIP {operation} for {self.key_ref}: the server's TLS certificate does not verify "
-                        f"({exc.verify_message}); check kmip_host and kmip_ca_cert", resource=self.key_ref)
+                        f"({exc.verify_message}); check kmip_host and kmip_ca_cert",
+                        resource=self.key_ref,
+                    )
                     break
                 except transport as exc:
                     self._drop()
                     if attempt == 2:
                         error = ServiceUnavailableError(
                             f"KMIP {operation} for {self.key_ref}: the KMIP server did not answer "
-                            f"({type(exc).__name__})", resource=self.key_ref)
+                            f"({type(exc).__name__})",
+                            resource=self.key_ref,
+                        )
                 except (KmipOperationFailure, KmipError) as exc:
                     reason = getattr(exc, "reason", None)
                     message = str(getattr(exc, "message", None) or exc)[:300]
@@ -285,8 +314,9 @@ class KmipKeyProvider:
                     break
                 except Exception as exc:  # noqa: BLE001 - a malformed answer; the connection is suspect
                     self._drop()
-                    error = ServiceUnavailableError(f"KMIP {operation} for {self.key_ref} failed "
-                                                    f"({type(exc).__name__})", resource=self.key_ref)
+                    error = ServiceUnavailableError(
+                        f"KMIP {operation} for {self.key_ref} failed ({type(exc).__name__})", resource=self.key_ref
+                    )
                     break
         assert error is not None
         raise error
@@ -302,15 +332,24 @@ class KmipKeyProvider:
         if reason == r.PERMISSION_DENIED:
             state = self._state_unlocked() if consult_state else None
             if state is not None and not state.usable:
-                return KeyUnavailableError(f"{where}: the key is {state.value} ({said})", resource=self.key_ref,
-                                           state=state.value)
+                return KeyUnavailableError(
+                    f"{where}: the key is {state.value} ({said})", resource=self.key_ref, state=state.value
+                )
             return KeyAccessDeniedError(f"{where}: permission denied ({said})", resource=self.key_ref)
         if operation == "Decrypt" and reason in (r.GENERAL_FAILURE, r.CRYPTOGRAPHIC_FAILURE):
             # PyKMIP reports a failed GCM tag check as a general failure.
-            return WrongKeyError(f"{where}: the wrapped key does not authenticate under this key and context "
-                                 "(wrong tenant/context, wrong key, or tampered)", resource=self.key_ref)
-        if reason in (r.INVALID_FIELD, r.INVALID_MESSAGE, r.OPERATION_NOT_SUPPORTED, r.FEATURE_NOT_SUPPORTED,
-                      r.KEY_FORMAT_TYPE_NOT_SUPPORTED):
+            return WrongKeyError(
+                f"{where}: the wrapped key does not authenticate under this key and context "
+                "(wrong tenant/context, wrong key, or tampered)",
+                resource=self.key_ref,
+            )
+        if reason in (
+            r.INVALID_FIELD,
+            r.INVALID_MESSAGE,
+            r.OPERATION_NOT_SUPPORTED,
+            r.FEATURE_NOT_SUPPORTED,
+            r.KEY_FORMAT_TYPE_NOT_SUPPORTED,
+        ):
             return ConfigurationError(f"{where}: the server cannot do this ({said})", resource=self.key_ref)
         return KeyError_(f"{where} failed ({said})", resource=self.key_ref)
 
@@ -330,8 +369,11 @@ def _gcm_parameters() -> Any:
     from kmip.core import enums
     from kmip.core.attributes import CryptographicParameters
 
-    return CryptographicParameters(block_cipher_mode=enums.BlockCipherMode.GCM,
-                                   cryptographic_algorithm=enums.CryptographicAlgorithm.AES, tag_length=_TAG)
+    return CryptographicParameters(
+        block_cipher_mode=enums.BlockCipherMode.GCM,
+        cryptographic_algorithm=enums.CryptographicAlgorithm.AES,
+        tag_length=_TAG,
+    )
 
 
 def _details(attributes: Mapping[str, Any]) -> dict[str, str]:
@@ -339,8 +381,12 @@ def _details(attributes: Mapping[str, Any]) -> dict[str, str]:
         return str(getattr(value, "name", value))
 
     out = {}
-    for key, label in (("State", "kmip_state"), ("Object Type", "object_type"),
-                       ("Cryptographic Algorithm", "algorithm"), ("Cryptographic Length", "length")):
+    for key, label in (
+        ("State", "kmip_state"),
+        ("Object Type", "object_type"),
+        ("Cryptographic Algorithm", "algorithm"),
+        ("Cryptographic Length", "length"),
+    ):
         if key in attributes:
             out[label] = name(attributes[key])
     if "Cryptographic Usage Mask" in attributes:

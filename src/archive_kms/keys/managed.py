@@ -35,8 +35,14 @@ T = TypeVar("T")
 class ManagedKeyProvider:
     """KeyProvider for a platform-managed KMS key."""
 
-    def __init__(self, ref: str | ManagedKeyRef, kms: Any, *, create_if_missing: bool = True,
-                 clock: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(
+        self,
+        ref: str | ManagedKeyRef,
+        kms: Any,
+        *,
+        create_if_missing: bool = True,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
         parsed = parse_key_ref(ref)
         if not isinstance(parsed, ManagedKeyRef):
             raise ValidationError(f"ManagedKeyProvider needs a managed:// reference, got {parsed.uri}")
@@ -74,8 +80,13 @@ class ManagedKeyProvider:
         if self._create:
             self._named(self.ensure)
         inner = self._inner.status()
-        return KeyStatus(key_ref=self.key_ref, state=inner.state, key_version=inner.key_version,
-                         expires_at=inner.expires_at, details={**inner.details, "alias": self.alias})
+        return KeyStatus(
+            key_ref=self.key_ref,
+            state=inner.state,
+            key_version=inner.key_version,
+            expires_at=inner.expires_at,
+            details={**inner.details, "alias": self.alias},
+        )
 
     def check_metadata(self) -> dict[str, str]:
         return self._named(lambda: (self.ensure(), self._inner.check_metadata())[1])
@@ -112,8 +123,10 @@ class ManagedKeyProvider:
                 Description=f"archive_kms platform key for managed tenants ({self.key_ref})",
                 KeySpec="SYMMETRIC_DEFAULT",
                 KeyUsage="ENCRYPT_DECRYPT",
-                Tags=[{"TagKey": "archive-kms:purpose", "TagValue": "managed"},
-                      {"TagKey": "archive-kms:ref", "TagValue": self.key_ref}],
+                Tags=[
+                    {"TagKey": "archive-kms:purpose", "TagValue": "managed"},
+                    {"TagKey": "archive-kms:ref", "TagValue": self.key_ref},
+                ],
             )["KeyMetadata"]["Arn"]
             try:
                 self._kms.create_alias(AliasName=self.alias, TargetKeyId=created)
@@ -126,11 +139,14 @@ class ManagedKeyProvider:
             try:
                 self._kms.enable_key_rotation(KeyId=created)
             except ClientError as exc:  # the key works without it; operators must see it, though
-                _log.warning("managed key %s (%s): could not enable automatic rotation: %s",
-                             self.key_ref, created, exc.response.get("Error", {}).get("Code"))
+                _log.warning(
+                    "managed key %s (%s): could not enable automatic rotation: %s",
+                    self.key_ref,
+                    created,
+                    exc.response.get("Error", {}).get("Code"),
+                )
             _log.info("created managed key %s for %s", created, self.key_ref)
             return created
         except (ClientError, BotoCoreError) as exc:
             error = translate_client_error(exc, operation="CreateKey", key_ref=self.key_ref)
         raise error
-

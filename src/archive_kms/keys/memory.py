@@ -31,7 +31,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -65,7 +65,7 @@ class _Key:
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class MemoryKms:
@@ -118,8 +118,7 @@ class MemoryKms:
 
     def delete_material(self, name: str) -> None:
         """Like KMS DeleteImportedKeyMaterial: unusable until the same material returns."""
-        self._transition(name, {KeyState.ENABLED, KeyState.DISABLED, KeyState.PENDING_IMPORT},
-                         KeyState.PENDING_IMPORT)
+        self._transition(name, {KeyState.ENABLED, KeyState.DISABLED, KeyState.PENDING_IMPORT}, KeyState.PENDING_IMPORT)
 
     def restore_material(self, name: str, *, valid_to: datetime | None = None) -> None:
         """Like reimporting the same material after deletion or expiry."""
@@ -227,8 +226,9 @@ class MemoryKeyProvider:
         _, material = self._kms._usable_version(self._ref, version)
         data = wrapped.ciphertext
         if len(data) < _NONCE + _TAG:
-            raise WrongKeyError(f"wrapped key for {self._ref.uri} is too short ({len(data)} bytes)",
-                                resource=self._ref.uri)
+            raise WrongKeyError(
+                f"wrapped key for {self._ref.uri} is too short ({len(data)} bytes)", resource=self._ref.uri
+            )
         try:
             return SecretBytes(AESGCM(material).decrypt(data[:_NONCE], data[_NONCE:], aad))
         except InvalidTag:

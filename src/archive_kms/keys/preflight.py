@@ -57,8 +57,9 @@ class PreflightReport:
     checks: tuple[str, ...] = ()
 
 
-def check_usable(provider: KeyProvider, context: Mapping[str, str], *,
-                 timer: Callable[[], float] = time.perf_counter) -> PreflightReport:
+def check_usable(
+    provider: KeyProvider, context: Mapping[str, str], *, timer: Callable[[], float] = time.perf_counter
+) -> PreflightReport:
     """Run the checks in the module docstring; raise the first failure."""
     ctx = check_context(context)
     checks = ["context"]
@@ -73,8 +74,11 @@ def check_usable(provider: KeyProvider, context: Mapping[str, str], *,
     if status.state is KeyState.ACCESS_DENIED:
         raise KeyAccessDeniedError(f"preflight: we may not use key {provider.key_ref}", resource=provider.key_ref)
     if not status.state.usable:
-        raise KeyUnavailableError(f"preflight: key {provider.key_ref} is {status.state.value}",
-                                  resource=provider.key_ref, state=status.state.value)
+        raise KeyUnavailableError(
+            f"preflight: key {provider.key_ref} is {status.state.value}",
+            resource=provider.key_ref,
+            state=status.state.value,
+        )
     checks.append("state")
 
     probe = SecretBytes.random(32)
@@ -86,8 +90,9 @@ def check_usable(provider: KeyProvider, context: Mapping[str, str], *,
         back = provider.unwrap(wrapped, context=ctx)
         unwrapped_at = timer()
         if back != probe:
-            raise IntegrityError(f"preflight: key {provider.key_ref} unwrapped the probe to different bytes",
-                                 resource=provider.key_ref)
+            raise IntegrityError(
+                f"preflight: key {provider.key_ref} unwrapped the probe to different bytes", resource=provider.key_ref
+            )
         checks.append("round-trip")
 
         other = {**ctx, "tenant": ctx["tenant"] + "-preflight-other"}
@@ -97,11 +102,20 @@ def check_usable(provider: KeyProvider, context: Mapping[str, str], *,
             checks.append("context-binding")
         else:
             stray.wipe()
-            raise ConfigurationError(f"preflight: key {provider.key_ref} unwrapped under another tenant's "
-                                     "context; the adapter does not bind the context", resource=provider.key_ref)
+            raise ConfigurationError(
+                f"preflight: key {provider.key_ref} unwrapped under another tenant's "
+                "context; the adapter does not bind the context",
+                resource=provider.key_ref,
+            )
     finally:
         probe.wipe()
         if back is not None:
             back.wipe()
-    return PreflightReport(key_ref=provider.key_ref, status=status, wrap_seconds=wrapped_at - started,
-                           unwrap_seconds=unwrapped_at - wrapped_at, metadata=metadata, checks=tuple(checks))
+    return PreflightReport(
+        key_ref=provider.key_ref,
+        status=status,
+        wrap_seconds=wrapped_at - started,
+        unwrap_seconds=unwrapped_at - wrapped_at,
+        metadata=metadata,
+        checks=tuple(checks),
+    )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Union
+from typing import TYPE_CHECKING, ClassVar
 
 from archive_kms.errors import ValidationError, WrongKeyError
 
@@ -36,13 +36,13 @@ if TYPE_CHECKING:
     from archive_kms.keys.port import WrappedKey
 
 __all__ = [
+    "SCHEMES",
     "AwsKmsKeyRef",
     "AzureKeyVaultKeyRef",
     "KeyRef",
     "KmipKeyRef",
     "ManagedKeyRef",
     "MemoryKeyRef",
-    "SCHEMES",
     "parse_key_ref",
 ]
 
@@ -129,7 +129,7 @@ class AzureKeyVaultKeyRef:
 
     @property
     def uri(self) -> str:
-        return "azure-kv://" + self.key_id[len("https://"):]
+        return "azure-kv://" + self.key_id[len("https://") :]
 
     def with_version(self, version: str | None) -> AzureKeyVaultKeyRef:
         if version is not None and not _KV_VERSION_RE.match(version):
@@ -208,7 +208,7 @@ class MemoryKeyRef:
         return self.uri
 
 
-KeyRef = Union[AwsKmsKeyRef, AzureKeyVaultKeyRef, KmipKeyRef, ManagedKeyRef, MemoryKeyRef]
+KeyRef = AwsKmsKeyRef | AzureKeyVaultKeyRef | KmipKeyRef | ManagedKeyRef | MemoryKeyRef
 _BY_SCHEME: dict[str, type] = {
     cls.scheme: cls for cls in (AwsKmsKeyRef, AzureKeyVaultKeyRef, KmipKeyRef, ManagedKeyRef, MemoryKeyRef)
 }
@@ -237,8 +237,9 @@ def parse_key_ref(ref: str | KeyRef) -> KeyRef:
             raise _fail(ref, "the scheme is missing (write aws-kms://" + ref[:40] + "...)", AwsKmsKeyRef.syntax)
         raise _fail(ref, "the scheme is missing", any_syntax)
     if scheme == "https" and ".vault." in rest:
-        raise _fail(ref, "a Key Vault key is written with the azure-kv:// scheme, not https://",
-                    AzureKeyVaultKeyRef.syntax)
+        raise _fail(
+            ref, "a Key Vault key is written with the azure-kv:// scheme, not https://", AzureKeyVaultKeyRef.syntax
+        )
     cls = _BY_SCHEME.get(scheme)
     if cls is None:
         raise _fail(ref, f"unknown scheme {scheme!r}", any_syntax)
@@ -276,10 +277,13 @@ def _parse_aws(ref: str, rest: str) -> AwsKmsKeyRef:
     if not _ACCOUNT_RE.match(account):
         raise _fail(ref, "the account must be 12 digits", syntax)
     if resource.startswith("key/"):
-        key_id = resource[len("key/"):]
+        key_id = resource[len("key/") :]
         if not _KEY_ID_RE.match(key_id):
-            problem = ("key ids are lowercase" if _KEY_ID_RE.match(key_id.lower())
-                       else "the key id must be a UUID (or mrk- and 32 hex digits for a multi-Region key)")
+            problem = (
+                "key ids are lowercase"
+                if _KEY_ID_RE.match(key_id.lower())
+                else "the key id must be a UUID (or mrk- and 32 hex digits for a multi-Region key)"
+            )
             raise _fail(ref, problem, syntax)
         return AwsKmsKeyRef(partition=partition, region=region, account=account, key_id=key_id)
     if resource.startswith("alias/"):
@@ -291,8 +295,11 @@ def _check_alias(ref: str, alias: str) -> str:
     if not _ALIAS_RE.match(alias):
         raise _fail(ref, "an alias name is alias/ and 1-250 characters from A-Z a-z 0-9 / _ -", AwsKmsKeyRef.syntax)
     if alias.startswith("alias/aws/"):
-        raise _fail(ref, "alias/aws/* names AWS managed keys, which cannot be shared with us: "
-                    "use a customer managed key", AwsKmsKeyRef.syntax)
+        raise _fail(
+            ref,
+            "alias/aws/* names AWS managed keys, which cannot be shared with us: use a customer managed key",
+            AwsKmsKeyRef.syntax,
+        )
     return alias
 
 
@@ -301,7 +308,7 @@ def _split_host_port(ref: str, authority: str, syntax: str, *, port_required: bo
         end = authority.find("]")
         if end < 0:
             raise _fail(ref, "an IPv6 host must be written as [ADDRESS]", syntax)
-        host, tail = authority[1:end], authority[end + 1:]
+        host, tail = authority[1:end], authority[end + 1 :]
         try:
             host = str(ipaddress.IPv6Address(host))
         except ValueError:
@@ -371,16 +378,22 @@ def _parse_kmip(ref: str, rest: str) -> KmipKeyRef:
 
 def _parse_managed(ref: str, rest: str) -> ManagedKeyRef:
     if not _NAME_RE.match(rest):
-        raise _fail(ref, "the name is 1-63 lowercase letters, digits and inner hyphens, starting with a letter",
-                    ManagedKeyRef.syntax)
+        raise _fail(
+            ref,
+            "the name is 1-63 lowercase letters, digits and inner hyphens, starting with a letter",
+            ManagedKeyRef.syntax,
+        )
     return ManagedKeyRef(name=rest)
 
 
 def _parse_memory(ref: str, rest: str) -> MemoryKeyRef:
     name, slash, version = rest.partition("/")
     if not _NAME_RE.match(name):
-        raise _fail(ref, "the name is 1-63 lowercase letters, digits and inner hyphens, starting with a letter",
-                    MemoryKeyRef.syntax)
+        raise _fail(
+            ref,
+            "the name is 1-63 lowercase letters, digits and inner hyphens, starting with a letter",
+            MemoryKeyRef.syntax,
+        )
     if slash and not _MEMORY_VERSION_RE.match(version):
         raise _fail(ref, "the version is a positive integer", MemoryKeyRef.syntax)
     return MemoryKeyRef(name=name, version=int(version) if slash else None)
@@ -396,5 +409,4 @@ def wrapped_key_ref(wrapped: WrappedKey, *, algorithm: str, owner: str) -> KeyRe
     try:
         return parse_key_ref(wrapped.key_ref)
     except ValidationError:
-        raise WrongKeyError(f"wrapped key names an invalid key reference; expected {owner}",
-                            resource=owner) from None
+        raise WrongKeyError(f"wrapped key names an invalid key reference; expected {owner}", resource=owner) from None

@@ -49,7 +49,7 @@ def _framed(purpose: str, message: bytes) -> bytes:
 class Signer:
     """The platform's private signing key."""
 
-    __slots__ = ("_private", "_key_id")
+    __slots__ = ("_key_id", "_private")
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
         if not isinstance(private_key, Ed25519PrivateKey):

@@ -18,6 +18,24 @@ from archive_kms.migration.plan import STEPS, EnableMode, MigrationPlan, plan_en
 from archive_kms.migration.report import build_report, progress
 from archive_kms.migration.stopping import StopRequest, request_stop
 
-__all__ = ["EnableMode", "Hooks", "MigrationPlan", "Outcome", "STEPS", "StopRequest", "WaiveOutcome", "build_report",
-           "cancel", "execute", "plan_enable", "plan_remove", "progress", "request_stop", "rerun", "resume",
-           "thread_shard_runner", "trigger", "waive"]
+__all__ = [
+    "STEPS",
+    "EnableMode",
+    "Hooks",
+    "MigrationPlan",
+    "Outcome",
+    "StopRequest",
+    "WaiveOutcome",
+    "build_report",
+    "cancel",
+    "execute",
+    "plan_enable",
+    "plan_remove",
+    "progress",
+    "request_stop",
+    "rerun",
+    "resume",
+    "thread_shard_runner",
+    "trigger",
+    "waive",
+]

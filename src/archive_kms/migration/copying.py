@@ -63,7 +63,6 @@ from archive_kms.state.port import CopyRecord, CopyStatus, Fence, ManifestEntry,
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class ObjectCopy:
     name: bytes
@@ -82,8 +81,10 @@ def _dek_lookup(keychain: Any, tenant_id: str) -> Callable[[Any], Any]:
 
     def lookup(header: Any) -> Any:
         if parse_dek_id(header.dek_id)[0] != header.workspace_id:
-            raise IntegrityError(f"object header names workspace {header.workspace_id} but DEK {header.dek_id}",
-                                 resource=f"keychain:{tenant_id}/{header.dek_id}")
+            raise IntegrityError(
+                f"object header names workspace {header.workspace_id} but DEK {header.dek_id}",
+                resource=f"keychain:{tenant_id}/{header.dek_id}",
+            )
         return keychain.dek_by_id(tenant_id, header.dek_id)
 
     return lookup
@@ -104,8 +105,11 @@ def _source_dek_lookup(keychain: Any, tenant_id: str, label: str) -> Callable[[A
         except KeyNotFoundError as exc:
             if exc.resource != f"keychain:{tenant_id}/{header.dek_id}":
                 raise
-            raise PoisonSourceError(f"{label}: the header names DEK {header.dek_id}, which tenant {tenant_id} does "
-                                    "not have (corrupt or another tenant's object)", resource=label) from None
+            raise PoisonSourceError(
+                f"{label}: the header names DEK {header.dek_id}, which tenant {tenant_id} does "
+                "not have (corrupt or another tenant's object)",
+                resource=label,
+            ) from None
 
     return lookup
 
@@ -118,8 +122,9 @@ def _as_poison(exc: IntegrityError, label: str) -> IntegrityError:
     return PoisonSourceError(f"{label}: {exc}", resource=label, kind=kind_of(exc))
 
 
-def _source_digest(src: Any, keychain: Any, tenant_id: str, name: bytes,
-                   interrupt: Callable[[], bool] | None = None) -> str:
+def _source_digest(
+    src: Any, keychain: Any, tenant_id: str, name: bytes, interrupt: Callable[[], bool] | None = None
+) -> str:
     """SHA-256 of the source object's plaintext, read end to end; PoisonSourceError if
     it does not authenticate."""
     binding = ObjectBinding(tenant_id, workspace_of(name), name)
@@ -134,8 +139,9 @@ def _source_digest(src: Any, keychain: Any, tenant_id: str, name: bytes,
         raise _as_poison(exc, src.label) from exc
 
 
-def read_back(store: Any, keychain: Any, tenant_id: str, name: bytes,
-              interrupt: Callable[[], bool] | None = None) -> Any:
+def read_back(
+    store: Any, keychain: Any, tenant_id: str, name: bytes, interrupt: Callable[[], bool] | None = None
+) -> Any:
     """Decrypt ``name`` from ``store`` end to end (one GET); the envelope's
     ``DecryptResult`` (plaintext size and SHA-256, ciphertext size, header). Raises
     IntegrityError for anything that does not authenticate, ObjectNotFoundError if absent,
@@ -161,8 +167,16 @@ class LedgerBatch:
     loses at most the buffered rows; their objects are then found at the destination and
     checked against the source (``copy_object``), never written twice."""
 
-    def __init__(self, state: Any, run_id: str, fence: Fence | None, *, size: int = 32,
-                 interval: float = 0.5, on_flush: Callable[[list[CopyRecord]], None] | None = None) -> None:
+    def __init__(
+        self,
+        state: Any,
+        run_id: str,
+        fence: Fence | None,
+        *,
+        size: int = 32,
+        interval: float = 0.5,
+        on_flush: Callable[[list[CopyRecord]], None] | None = None,
+    ) -> None:
         self._state, self._run_id, self._fence = state, run_id, fence
         self._size, self._interval = size, interval
         self._on_flush = on_flush
@@ -186,11 +200,18 @@ class LedgerBatch:
         self._last = time.monotonic()
 
 
-def copy_object(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes, *,
-                dek_floor: dict[str, list[int]] | None = None,
-                before_replace: Callable[[bytes], None] | None = None,
-                interrupt: Callable[[], bool] | None = None,
-                source_attempts: int = SOURCE_READ_ATTEMPTS) -> ObjectCopy:
+def copy_object(
+    src: Any,
+    dst: Any,
+    keychain: Any,
+    tenant_id: str,
+    name: bytes,
+    *,
+    dek_floor: dict[str, list[int]] | None = None,
+    before_replace: Callable[[bytes], None] | None = None,
+    interrupt: Callable[[], bool] | None = None,
+    source_attempts: int = SOURCE_READ_ATTEMPTS,
+) -> ObjectCopy:
     """Copy one object, re-encrypted under a new DEK; see the module docstring.
 
     If ``name`` is at the destination already (an earlier attempt committed it and died
@@ -208,16 +229,29 @@ def copy_object(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes, 
             return _copy_once(src, dst, keychain, tenant_id, name, dek_floor, before_replace, interrupt)
         except PoisonSourceError as exc:
             if attempt >= source_attempts:
-                raise PoisonSourceError(f"{exc} ({attempt} reads)", resource=exc.resource, kind=exc.kind,
-                                        attempts=attempt) from exc
-            log.warning("%s: %r does not authenticate (read %d of %d); reading it again", src.label, name[:80],
-                        attempt, source_attempts)
+                raise PoisonSourceError(
+                    f"{exc} ({attempt} reads)", resource=exc.resource, kind=exc.kind, attempts=attempt
+                ) from exc
+            log.warning(
+                "%s: %r does not authenticate (read %d of %d); reading it again",
+                src.label,
+                name[:80],
+                attempt,
+                source_attempts,
+            )
     raise AssertionError("unreachable")  # pragma: no cover - source_attempts >= 1
 
 
-def _copy_once(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes,
-               dek_floor: dict[str, list[int]] | None, before_replace: Callable[[bytes], None] | None,
-               interrupt: Callable[[], bool] | None) -> ObjectCopy:
+def _copy_once(
+    src: Any,
+    dst: Any,
+    keychain: Any,
+    tenant_id: str,
+    name: bytes,
+    dek_floor: dict[str, list[int]] | None,
+    before_replace: Callable[[bytes], None] | None,
+    interrupt: Callable[[], bool] | None,
+) -> ObjectCopy:
     try:
         return _write_copy(src, dst, keychain, tenant_id, name, interrupt)
     except ObjectExistsError:
@@ -232,8 +266,9 @@ def _copy_once(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes,
     return _write_copy(src, dst, keychain, tenant_id, name, interrupt)
 
 
-def _write_copy(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes,
-                interrupt: Callable[[], bool] | None = None) -> ObjectCopy:
+def _write_copy(
+    src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes, interrupt: Callable[[], bool] | None = None
+) -> ObjectCopy:
     workspace = workspace_of(name)
     binding = ObjectBinding(tenant_id, workspace, name)
     sha = hashlib.sha256()
@@ -254,16 +289,21 @@ def _write_copy(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes,
                     if i == 0:
                         crashpoints.hit("copy:mid-object")
                     if interrupt is not None and interrupt():
-                        raise StopRequestedError(f"{dst.label}: upload of {name[:80]!r} interrupted: the run is "
-                                                 "stopping")
+                        raise StopRequestedError(
+                            f"{dst.label}: upload of {name[:80]!r} interrupted: the run is stopping"
+                        )
                     yield chunk
             except IntegrityError as exc:
                 source_failure.append(exc)
                 raise
 
         try:
-            info = dst.put_stream(name, encrypt_iter(measured(), dek=dek.key, dek_id=dek.dek_id, binding=binding),
-                                  if_absent=True, metadata={"akms_format": "1", "akms_dek": dek.dek_id})
+            info = dst.put_stream(
+                name,
+                encrypt_iter(measured(), dek=dek.key, dek_id=dek.dek_id, binding=binding),
+                if_absent=True,
+                metadata={"akms_format": "1", "akms_dek": dek.dek_id},
+            )
         except BaseException as exc:
             if source_failure:
                 raise _as_poison(source_failure[0], src.label) from exc
@@ -272,9 +312,15 @@ def _write_copy(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes,
     return ObjectCopy(name, size["n"], sha.hexdigest(), info.size, info.etag, dek.dek_id, True)
 
 
-def _existing(src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes,
-              dek_floor: dict[str, list[int]] | None,
-              interrupt: Callable[[], bool] | None = None) -> ObjectCopy | None:
+def _existing(
+    src: Any,
+    dst: Any,
+    keychain: Any,
+    tenant_id: str,
+    name: bytes,
+    dek_floor: dict[str, list[int]] | None,
+    interrupt: Callable[[], bool] | None = None,
+) -> ObjectCopy | None:
     """The object already at the destination if it is a good copy of the source, else None.
     Compared with the source's plaintext, never with itself (faults A7, D10; I3)."""
     info = dst.head(name)
@@ -310,8 +356,15 @@ class ShardResult:
         return {k: v for k, v in self.__dict__.items()}
 
 
-def _run_pool(items: Iterator[Any], work: Callable[[Any], Any], on_done: Callable[[Any, Any, BaseException | None], None],
-              *, threads: int, stop: threading.Event, halt: Callable[[], bool] | None = None) -> bool:
+def _run_pool(
+    items: Iterator[Any],
+    work: Callable[[Any], Any],
+    on_done: Callable[[Any, Any, BaseException | None], None],
+    *,
+    threads: int,
+    stop: threading.Event,
+    halt: Callable[[], bool] | None = None,
+) -> bool:
     """Run ``work`` over ``items`` with at most ``threads`` in flight (bounded memory:
     the iterator is consumed lazily). ``halt()`` true (the run is stopping): no new item
     starts, queued ones are dropped, running ones finish. True if items were left."""
@@ -369,8 +422,7 @@ def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> d
     return _copy_shard(platform, run, shard, fence, retry_quarantined=retry_quarantined)
 
 
-def _copy_shard(platform: Any, run: Any, shard: int, fence: Fence | None, *,
-                retry_quarantined: bool) -> dict[str, Any]:
+def _copy_shard(platform: Any, run: Any, shard: int, fence: Fence | None, *, retry_quarantined: bool) -> dict[str, Any]:
     run_id = run.run_id
     plan = MigrationPlan.from_params(run.params)
     src = platform.store_for(plan.source_location)
@@ -393,12 +445,16 @@ def _copy_shard(platform: Any, run: Any, shard: int, fence: Fence | None, *,
             state.check_fence(fence.tenant_id, fence.token)
         rec = state.get_copy(run_id, name)
         if rec is not None and rec.status is CopyStatus.VERIFIED:
-            raise IntegrityError(f"{dst.label}: {name[:80]!r} is recorded verified but does not match its source "
-                                 "now; not replacing it (inspect it, then rerun from verify)", resource=dst.label)
+            raise IntegrityError(
+                f"{dst.label}: {name[:80]!r} is recorded verified but does not match its source "
+                "now; not replacing it (inspect it, then rerun from verify)",
+                resource=dst.label,
+            )
 
     def work(entry: ManifestEntry) -> ObjectCopy:
-        return copy_object(src, dst, keychain, tenant, entry.name, dek_floor=floor, before_replace=before_replace,
-                           interrupt=interrupt)
+        return copy_object(
+            src, dst, keychain, tenant, entry.name, dek_floor=floor, before_replace=before_replace, interrupt=interrupt
+        )
 
     def flushed(rows: list[CopyRecord]) -> None:
         state.save_checkpoint(run_id, "copy", shard, _cursor(result, started), fence=fence)
@@ -435,8 +491,15 @@ def _copy_shard(platform: Any, run: Any, shard: int, fence: Fence | None, *,
                 result.written += copied.written
                 result.already += not copied.written
                 result.bytes_plaintext += copied.plaintext_size
-                ledger.add(CopyRecord(entry.name, CopyStatus.COPIED, dest_etag=copied.dest_etag,
-                                      dest_size=copied.dest_size, plaintext_sha256=copied.plaintext_sha256))
+                ledger.add(
+                    CopyRecord(
+                        entry.name,
+                        CopyStatus.COPIED,
+                        dest_etag=copied.dest_etag,
+                        dest_size=copied.dest_size,
+                        plaintext_sha256=copied.plaintext_sha256,
+                    )
+                )
             except BaseException as e:  # noqa: BLE001 - lost lease, or a bug: stop the shard
                 fatal.append(e)
                 stop.set()
@@ -450,16 +513,24 @@ def _copy_shard(platform: Any, run: Any, shard: int, fence: Fence | None, *,
         raise fatal[0]
     ledger.flush()  # what finished before a stop is recorded too
     result.seconds = time.monotonic() - started
-    state.save_checkpoint(run_id, "copy", shard,
-                          {**_cursor(result, started), "complete": result.failed == 0 and not result.interrupted},
-                          fence=fence)
+    state.save_checkpoint(
+        run_id,
+        "copy",
+        shard,
+        {**_cursor(result, started), "complete": result.failed == 0 and not result.interrupted},
+        fence=fence,
+    )
     return result.to_dict()
 
 
 def _cursor(result: ShardResult, started: float) -> dict[str, Any]:
-    return {"objects": result.written + result.already, "bytes_plaintext": result.bytes_plaintext,
-            "failed": result.failed, "quarantined": result.quarantined,
-            "seconds": round(time.monotonic() - started, 3)}
+    return {
+        "objects": result.written + result.already,
+        "bytes_plaintext": result.bytes_plaintext,
+        "failed": result.failed,
+        "quarantined": result.quarantined,
+        "seconds": round(time.monotonic() - started, 3),
+    }
 
 
 def newer_than_bind(dek_id: str, floor: dict[str, list[int]]) -> bool:
@@ -481,8 +552,14 @@ def verify_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) ->
     dst = platform.store_for(plan.destination_location)
     state, keychain, tenant = platform.state, platform.keychain, plan.tenant_id
     floor = (run.step("bind_key").result or {}).get("dek_floor", {})
-    out: dict[str, Any] = {"shard": shard, "verified": 0, "already": 0, "mismatched": 0, "interrupted": False,
-                           "errors": []}
+    out: dict[str, Any] = {
+        "shard": shard,
+        "verified": 0,
+        "already": 0,
+        "mismatched": 0,
+        "interrupted": False,
+        "errors": [],
+    }
     lock = threading.Lock()
     stop = threading.Event()
     fatal: list[BaseException] = []
@@ -522,8 +599,15 @@ def verify_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) ->
                         out["errors"].append(f"{rec.name[:120]!r}: {problem}")
                     ledger.add(CopyRecord(rec.name, CopyStatus.FAILED, error=problem[:500]))
                     return
-                ledger.add(CopyRecord(rec.name, CopyStatus.VERIFIED, dest_etag=rec.dest_etag, dest_size=rec.dest_size,
-                                      plaintext_sha256=rec.plaintext_sha256))
+                ledger.add(
+                    CopyRecord(
+                        rec.name,
+                        CopyStatus.VERIFIED,
+                        dest_etag=rec.dest_etag,
+                        dest_size=rec.dest_size,
+                        plaintext_sha256=rec.plaintext_sha256,
+                    )
+                )
                 out["verified"] += 1
             except BaseException as e:  # noqa: BLE001 - lost lease, or a bug: stop the shard
                 fatal.append(e)
@@ -539,5 +623,13 @@ def verify_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) ->
     return out
 
 
-__all__ = ["LedgerBatch", "ObjectCopy", "copy_object", "copy_shard", "newer_than_bind", "read_back",
-           "read_plaintext_digest", "verify_shard"]
+__all__ = [
+    "LedgerBatch",
+    "ObjectCopy",
+    "copy_object",
+    "copy_shard",
+    "newer_than_bind",
+    "read_back",
+    "read_plaintext_digest",
+    "verify_shard",
+]

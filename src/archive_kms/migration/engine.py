@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from archive_kms.errors import ArchiveKmsError, FencedError, LeaseHeldError, StateError, ValidationError
@@ -67,8 +67,10 @@ DEFAULT_LEASE_TTL = timedelta(seconds=60)
 SUPERSEDED = "superseded"
 
 #: step -> per-shard worker; resolved lazily so Dask workers import only what they run
-SHARD_FUNCTIONS = {"copy": "archive_kms.migration.copying:copy_shard",
-                   "verify": "archive_kms.migration.copying:verify_shard"}
+SHARD_FUNCTIONS = {
+    "copy": "archive_kms.migration.copying:copy_shard",
+    "verify": "archive_kms.migration.copying:verify_shard",
+}
 
 
 def shard_function(step: str) -> Callable[..., dict[str, Any]]:
@@ -82,8 +84,9 @@ def shard_function(step: str) -> Callable[..., dict[str, Any]]:
 ShardRunner = Callable[[Any, str, str, Sequence[int], Fence | None], list[dict[str, Any]]]
 
 
-def thread_shard_runner(platform: Any, run_id: str, step: str, shards: Sequence[int],
-                        fence: Fence | None) -> list[dict[str, Any]]:
+def thread_shard_runner(
+    platform: Any, run_id: str, step: str, shards: Sequence[int], fence: Fence | None
+) -> list[dict[str, Any]]:
     """Shards in threads of this process (``parallel_shards`` at a time)."""
     plan = MigrationPlan.from_params(platform.state.get_run(run_id).params)
     fn = shard_function(step)
@@ -120,8 +123,10 @@ class RunContext:
 
     def check_fenced(self) -> None:
         if self._fenced.is_set():
-            raise FencedError(f"run {self.run_id} lost the lease of tenant {self.plan.tenant_id}; stopping",
-                              resource=f"run:{self.run_id}")
+            raise FencedError(
+                f"run {self.run_id} lost the lease of tenant {self.plan.tenant_id}; stopping",
+                resource=f"run:{self.run_id}",
+            )
 
     @property
     def stopping(self) -> bool:
@@ -150,12 +155,19 @@ class RunContext:
         while not stop.wait(1.0):
             try:
                 self._report_progress(step)
-            except Exception:  # noqa: BLE001 - progress is best effort; the step reports errors
+            except Exception:
                 log.debug("progress poll failed", exc_info=True)
 
     def audit(self, action: str, details: dict[str, Any] | None = None) -> None:
-        self.platform.state.append_audit(AuditEvent(actor=self.actor, action=action, tenant_id=self.plan.tenant_id,
-                                                    run_id=self.run_id, details=details or {}))
+        self.platform.state.append_audit(
+            AuditEvent(
+                actor=self.actor,
+                action=action,
+                tenant_id=self.plan.tenant_id,
+                run_id=self.run_id,
+                details=details or {},
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -170,9 +182,16 @@ class Outcome:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "tenant": self.tenant_id, "flow": self.flow, "state": self.state,
-                "created": self.created, "executed": list(self.executed), "message": self.message,
-                "error": self.error}
+        return {
+            "run_id": self.run_id,
+            "tenant": self.tenant_id,
+            "flow": self.flow,
+            "state": self.state,
+            "created": self.created,
+            "executed": list(self.executed),
+            "message": self.message,
+            "error": self.error,
+        }
 
 
 # --- triggering ---------------------------------------------------------------------------
@@ -189,21 +208,35 @@ def trigger(platform: Any, plan: MigrationPlan, *, actor: str) -> tuple[Migratio
             # would fail on them. Support decides: finish it, or put the tenant back first.
             f = failed[0]
             step = next((s.name for s in f.steps if s.state is StepState.FAILED), "?")
-            raise StateError(f"tenant {plan.tenant_id} has failed {f.flow.value} run {f.run_id} (at step {step}): "
-                             f"resume it (`archive-kms runs resume {f.run_id}`) or cancel it "
-                             f"(`archive-kms runs cancel {f.run_id}`) first", resource=f"run:{f.run_id}")
+            raise StateError(
+                f"tenant {plan.tenant_id} has failed {f.flow.value} run {f.run_id} (at step {step}): "
+                f"resume it (`archive-kms runs resume {f.run_id}`) or cancel it "
+                f"(`archive-kms runs cancel {f.run_id}`) first",
+                resource=f"run:{f.run_id}",
+            )
     if active is not None and active.flow.value != plan.flow:
-        raise StateError(f"tenant {plan.tenant_id} has a running {active.flow.value} run {active.run_id}; "
-                         f"finish or cancel it before starting {plan.flow}", resource=f"run:{active.run_id}")
-    run, created = platform.state.start_run(plan.tenant_id, Flow(plan.flow), mode=plan.mode, steps=STEPS,
-                                            params=plan.to_params())
+        raise StateError(
+            f"tenant {plan.tenant_id} has a running {active.flow.value} run {active.run_id}; "
+            f"finish or cancel it before starting {plan.flow}",
+            resource=f"run:{active.run_id}",
+        )
+    run, created = platform.state.start_run(
+        plan.tenant_id, Flow(plan.flow), mode=plan.mode, steps=STEPS, params=plan.to_params()
+    )
     if created:
-        platform.state.append_audit(AuditEvent(actor=actor, action="run.start", tenant_id=plan.tenant_id,
-                                               run_id=run.run_id, details={"flow": plan.flow, "mode": plan.mode,
-                                                                           "key_ref": plan.key_ref}))
+        platform.state.append_audit(
+            AuditEvent(
+                actor=actor,
+                action="run.start",
+                tenant_id=plan.tenant_id,
+                run_id=run.run_id,
+                details={"flow": plan.flow, "mode": plan.mode, "key_ref": plan.key_ref},
+            )
+        )
     elif run.flow.value != plan.flow:
-        raise StateError(f"tenant {plan.tenant_id} has a running {run.flow.value} run {run.run_id}",
-                         resource=f"run:{run.run_id}")
+        raise StateError(
+            f"tenant {plan.tenant_id} has a running {run.flow.value} run {run.run_id}", resource=f"run:{run.run_id}"
+        )
     return run, created
 
 
@@ -230,8 +263,11 @@ class _Heartbeat(threading.Thread):
             except ArchiveKmsError:  # database blip: the next beat retries while the lease may still hold
                 if time.monotonic() - last_ok >= self._ttl.total_seconds():
                     # Not renewed for a whole TTL: another worker may hold the tenant by now.
-                    log.error("run %s could not renew its lease for %.0f s: stopping", self.lease.run_id,
-                              self._ttl.total_seconds())
+                    log.error(
+                        "run %s could not renew its lease for %.0f s: stopping",
+                        self.lease.run_id,
+                        self._ttl.total_seconds(),
+                    )
                     self._fenced.set()
                     return
                 log.warning("lease renewal failed; retrying", exc_info=True)
@@ -248,18 +284,28 @@ def _lease_ttl(platform: Any) -> timedelta:
 
 def _acquire(platform: Any, run: MigrationRun, *, takeover: bool) -> Lease:
     current = platform.state.get_lease(run.tenant_id)
-    now = datetime.now(timezone.utc)
-    if (current is not None and current.run_id == run.run_id and current.expires_at > now and not takeover):
+    now = datetime.now(UTC)
+    if current is not None and current.run_id == run.run_id and current.expires_at > now and not takeover:
         raise LeaseHeldError(
             f"run {run.run_id} is being executed by a live worker (its lease expires at "
             f"{current.expires_at.isoformat(timespec='seconds')}); wait for it, or pass --takeover if that worker "
-            "is known to be dead", resource=f"run:{run.run_id}")
+            "is known to be dead",
+            resource=f"run:{run.run_id}",
+        )
     return platform.state.acquire_lease(run.tenant_id, run.run_id, _lease_ttl(platform))
 
 
-def execute(platform: Any, run_id: str, *, actor: str, shard_runner: ShardRunner | None = None,
-            hooks: Hooks | None = None, takeover: bool = False, stop: StopRequest | None = None,
-            handle_signals: bool = True) -> Outcome:
+def execute(
+    platform: Any,
+    run_id: str,
+    *,
+    actor: str,
+    shard_runner: ShardRunner | None = None,
+    hooks: Hooks | None = None,
+    takeover: bool = False,
+    stop: StopRequest | None = None,
+    handle_signals: bool = True,
+) -> Outcome:
     """Run every step of ``run_id`` that is not completed yet, in order.
 
     ``stop``: a flag the caller may set (from another thread, a Prefect hook) to stop the
@@ -270,20 +316,31 @@ def execute(platform: Any, run_id: str, *, actor: str, shard_runner: ShardRunner
     if run.state is RunState.COMPLETED:
         return Outcome(run.run_id, run.tenant_id, run.flow.value, run.state.value, message="run already completed")
     if run.state is not RunState.RUNNING:
-        raise StateError(f"run {run_id} is {run.state.value}: use `archive-kms runs resume {run_id}`",
-                         resource=f"run:{run_id}")
+        raise StateError(
+            f"run {run_id} is {run.state.value}: use `archive-kms runs resume {run_id}`", resource=f"run:{run_id}"
+        )
     stop = stop or StopRequest()
     with stopping.registered(run_id, stop):
         if handle_signals:
             with stopping.stop_on_signals(stop):
-                return _execute(platform, run, actor=actor, shard_runner=shard_runner, hooks=hooks,
-                                takeover=takeover, stop=stop)
-        return _execute(platform, run, actor=actor, shard_runner=shard_runner, hooks=hooks, takeover=takeover,
-                        stop=stop)
+                return _execute(
+                    platform, run, actor=actor, shard_runner=shard_runner, hooks=hooks, takeover=takeover, stop=stop
+                )
+        return _execute(
+            platform, run, actor=actor, shard_runner=shard_runner, hooks=hooks, takeover=takeover, stop=stop
+        )
 
 
-def _execute(platform: Any, run: MigrationRun, *, actor: str, shard_runner: ShardRunner | None,
-             hooks: Hooks | None, takeover: bool, stop: StopRequest) -> Outcome:
+def _execute(
+    platform: Any,
+    run: MigrationRun,
+    *,
+    actor: str,
+    shard_runner: ShardRunner | None,
+    hooks: Hooks | None,
+    takeover: bool,
+    stop: StopRequest,
+) -> Outcome:
     run_id = run.run_id
     plan = MigrationPlan.from_params(run.params)
     hooks = hooks or Hooks()
@@ -291,8 +348,9 @@ def _execute(platform: Any, run: MigrationRun, *, actor: str, shard_runner: Shar
     fenced = threading.Event()
     beat = _Heartbeat(platform, lease, _lease_ttl(platform), fenced)
     beat.start()
-    ctx = RunContext(platform, run_id, plan, lease.fence, actor, shard_runner or thread_shard_runner, hooks, fenced,
-                     stop)
+    ctx = RunContext(
+        platform, run_id, plan, lease.fence, actor, shard_runner or thread_shard_runner, hooks, fenced, stop
+    )
     executed: list[str] = []
     try:
         for step in STEPS:
@@ -316,8 +374,15 @@ def _execute(platform: Any, run: MigrationRun, *, actor: str, shard_runner: Shar
                 _fail(platform, ctx, step, exc)
                 hooks.on_step(step, "failed", {"error": _describe(exc)})
                 if isinstance(exc, ArchiveKmsError):
-                    return Outcome(run_id, plan.tenant_id, plan.flow, RunState.FAILED.value,
-                                   executed=tuple(executed), message=f"step {step} failed", error=_describe(exc))
+                    return Outcome(
+                        run_id,
+                        plan.tenant_id,
+                        plan.flow,
+                        RunState.FAILED.value,
+                        executed=tuple(executed),
+                        message=f"step {step} failed",
+                        error=_describe(exc),
+                    )
                 raise
             result = {**result, "seconds": round(time.monotonic() - started, 3)}
             crashpoints.hit(f"after:{step}")
@@ -326,16 +391,23 @@ def _execute(platform: Any, run: MigrationRun, *, actor: str, shard_runner: Shar
             hooks.on_step(step, "completed", result)
         platform.state.set_run_state(run_id, RunState.COMPLETED, fence=ctx.fence)
         ctx.audit("run.complete", {"flow": plan.flow, "steps": executed})
-        return Outcome(run_id, plan.tenant_id, plan.flow, RunState.COMPLETED.value, executed=tuple(executed),
-                       message="completed")
+        return Outcome(
+            run_id, plan.tenant_id, plan.flow, RunState.COMPLETED.value, executed=tuple(executed), message="completed"
+        )
     except FencedError as exc:
         # Another worker took the run over (this one stalled past its lease, or support
         # passed --takeover): every write of ours is refused from now on, so stop here and
         # say so; the run's state is whatever the new holder makes it.
         log.warning("run %s: superseded by another worker; stopping without writing", run_id)
-        return Outcome(run_id, plan.tenant_id, plan.flow, SUPERSEDED, executed=tuple(executed),
-                       message="superseded: another worker holds this run now; this one stopped without writing",
-                       error=_describe(exc))
+        return Outcome(
+            run_id,
+            plan.tenant_id,
+            plan.flow,
+            SUPERSEDED,
+            executed=tuple(executed),
+            message="superseded: another worker holds this run now; this one stopped without writing",
+            error=_describe(exc),
+        )
     finally:
         beat.stop()
         platform.state.release_lease(beat.lease)  # a stopped run is resumed at once, without --takeover
@@ -346,7 +418,7 @@ def _interrupted(platform: Any, ctx: RunContext, step: str, executed: list[str],
     audited as ``run.stop``. Raises FencedError if the lease was lost meanwhile."""
     reason = ctx.stop.reason or "stop requested"
     when = "during" if started else "before"
-    error = (f"interrupted: {reason} {when} step {step}; `archive-kms runs resume {ctx.run_id}` continues the run")
+    error = f"interrupted: {reason} {when} step {step}; `archive-kms runs resume {ctx.run_id}` continues the run"
     log.warning("run %s: %s", ctx.run_id, error)
     if not started and _get(platform, ctx.run_id).step(step).state is StepState.FAILED:
         # failed -> failed would keep the old error: record this stop as an attempt of its own
@@ -355,8 +427,15 @@ def _interrupted(platform: Any, ctx: RunContext, step: str, executed: list[str],
     platform.state.set_run_state(ctx.run_id, RunState.FAILED, fence=ctx.fence)
     ctx.audit("run.stop", {"step": step, "reason": reason, "started": started})
     ctx.hooks.on_step(step, "failed", {"error": error})
-    return Outcome(ctx.run_id, ctx.plan.tenant_id, ctx.plan.flow, RunState.FAILED.value, executed=tuple(executed),
-                   message=reason, error=f"{StopRequestedError.__name__}: {error}")
+    return Outcome(
+        ctx.run_id,
+        ctx.plan.tenant_id,
+        ctx.plan.flow,
+        RunState.FAILED.value,
+        executed=tuple(executed),
+        message=reason,
+        error=f"{StopRequestedError.__name__}: {error}",
+    )
 
 
 def _call(step: str, ctx: RunContext) -> dict[str, Any]:
@@ -397,8 +476,14 @@ def resume(platform: Any, run_id: str, *, actor: str, takeover: bool = False, **
     run = _get(platform, run_id)
     if run.state is RunState.COMPLETED:
         _audit_run(platform, run, actor, "run.resume.noop", {})
-        return Outcome(run_id, run.tenant_id, run.flow.value, run.state.value, created=False,
-                       message="run already completed: nothing to resume")
+        return Outcome(
+            run_id,
+            run.tenant_id,
+            run.flow.value,
+            run.state.value,
+            created=False,
+            message="run already completed: nothing to resume",
+        )
     if run.state is RunState.CANCELLED:
         raise StateError(f"run {run_id} was cancelled; start a new run", resource=f"run:{run_id}")
     if run.state is RunState.FAILED:
@@ -415,9 +500,15 @@ def rerun(platform: Any, run_id: str, from_step: str, *, actor: str, takeover: b
     if run.state is RunState.COMPLETED:
         when = run.step(from_step).finished_at
         _audit_run(platform, run, actor, "run.rerun.noop", {"from": from_step})
-        return Outcome(run_id, run.tenant_id, run.flow.value, run.state.value, created=False,
-                       message=f"run completed; step {from_step} completed at "
-                               f"{when.isoformat(timespec='seconds') if when else '?'}: nothing changed")
+        return Outcome(
+            run_id,
+            run.tenant_id,
+            run.flow.value,
+            run.state.value,
+            created=False,
+            message=f"run completed; step {from_step} completed at "
+            f"{when.isoformat(timespec='seconds') if when else '?'}: nothing changed",
+        )
     if run.state is RunState.CANCELLED:
         raise ValidationError(f"run {run_id} was cancelled; start a new run", resource=f"run:{run_id}")
     barrier = run.step(POINT_OF_NO_RETURN)
@@ -426,8 +517,10 @@ def rerun(platform: Any, run_id: str, from_step: str, *, actor: str, takeover: b
     # moved, alias not yet): only the cutover itself (conditional halves) or later may rerun.
     if (barrier.state is StepState.COMPLETED and idx <= cut) or (barrier.state is not StepState.PENDING and idx < cut):
         first = STEPS[cut + 1] if barrier.state is StepState.COMPLETED else POINT_OF_NO_RETURN
-        raise ValidationError(f"run {run_id} is past {POINT_OF_NO_RETURN} (the tenant lives at the destination); "
-                              f"rerunning {from_step} would move it back. Rerun from {first} or later")
+        raise ValidationError(
+            f"run {run_id} is past {POINT_OF_NO_RETURN} (the tenant lives at the destination); "
+            f"rerunning {from_step} would move it back. Rerun from {first} or later"
+        )
     # Take the lease *before* resetting: a live worker being taken over is fenced first, so
     # it cannot mark a just-reset step completed with a token that was still valid.
     lease = _acquire(platform, run, takeover=takeover)
@@ -446,11 +539,14 @@ def cancel(platform: Any, run_id: str, *, actor: str, takeover: bool = False) ->
     the run has cut over (the tenant lives at the destination: use the reverse flow)."""
     run = _get(platform, run_id)
     if run.state is RunState.CANCELLED:
-        return Outcome(run_id, run.tenant_id, run.flow.value, run.state.value, created=False,
-                       message="already cancelled")
+        return Outcome(
+            run_id, run.tenant_id, run.flow.value, run.state.value, created=False, message="already cancelled"
+        )
     if run.state is RunState.COMPLETED or run.step(POINT_OF_NO_RETURN).state is not StepState.PENDING:
-        raise ValidationError(f"run {run_id} has reached {POINT_OF_NO_RETURN}: the tenant may already live at the "
-                              f"destination, so it cannot be cancelled; resume it, then run the reverse flow")
+        raise ValidationError(
+            f"run {run_id} has reached {POINT_OF_NO_RETURN}: the tenant may already live at the "
+            f"destination, so it cannot be cancelled; resume it, then run the reverse flow"
+        )
     plan = MigrationPlan.from_params(run.params)
     lease = _acquire(platform, run, takeover=takeover)
     fence = lease.fence
@@ -458,8 +554,10 @@ def cancel(platform: Any, run_id: str, *, actor: str, takeover: bool = False) ->
     try:
         tenant = platform.state.get_tenant(plan.tenant_id)
         if tenant is not None and dict(tenant.location) != dict(plan.source):
-            raise StateError(f"tenant {plan.tenant_id} no longer lives at {plan.source_location.uri}; not cancelling",
-                             resource=f"tenant:{plan.tenant_id}")
+            raise StateError(
+                f"tenant {plan.tenant_id} no longer lives at {plan.source_location.uri}; not cancelling",
+                resource=f"tenant:{plan.tenant_id}",
+            )
         bind = run.step("bind_key")
         # The L1 recorded when the run was planned, never a bind result: a bind that crashed
         # after re-wrapping and was rerun records the *customer* key as its "from".
@@ -496,8 +594,14 @@ def cancel(platform: Any, run_id: str, *, actor: str, takeover: bool = False) ->
         _audit_run(platform, run, actor, "run.cancel", {"undone": undone})
     finally:
         platform.state.release_lease(lease)
-    return Outcome(run_id, plan.tenant_id, plan.flow, RunState.CANCELLED.value, created=False,
-                   message="cancelled: " + (", ".join(undone) or "nothing to undo"))
+    return Outcome(
+        run_id,
+        plan.tenant_id,
+        plan.flow,
+        RunState.CANCELLED.value,
+        created=False,
+        message="cancelled: " + (", ".join(undone) or "nothing to undo"),
+    )
 
 
 @dataclass(frozen=True)
@@ -510,8 +614,14 @@ class WaiveOutcome:
     message: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "tenant": self.tenant_id, "waived": list(self.waived),
-                "already_waived": list(self.already), "remaining": self.remaining, "message": self.message}
+        return {
+            "run_id": self.run_id,
+            "tenant": self.tenant_id,
+            "waived": list(self.waived),
+            "already_waived": list(self.already),
+            "remaining": self.remaining,
+            "message": self.message,
+        }
 
 
 def _waiver_reason(reason: str) -> str:
@@ -525,8 +635,16 @@ def _waiver_reason(reason: str) -> str:
     return text
 
 
-def waive(platform: Any, run_id: str, *, reason: str, actor: str, objects: Sequence[bytes] = (),
-          all_objects: bool = False, takeover: bool = False) -> WaiveOutcome:
+def waive(
+    platform: Any,
+    run_id: str,
+    *,
+    reason: str,
+    actor: str,
+    objects: Sequence[bytes] = (),
+    all_objects: bool = False,
+    takeover: bool = False,
+) -> WaiveOutcome:
     """Accept that quarantined objects of ``run_id`` are left behind, so the run can cut
     over without them (faults D9). Every waiver is first an ``object.waive`` audit record
     (actor, object, reason), then a mark on the object's ledger row; the run itself is
@@ -547,34 +665,65 @@ def waive(platform: Any, run_id: str, *, reason: str, actor: str, objects: Seque
         unknown = [n for n in wanted if n not in held]
         if unknown:
             first = ", ".join(repr(display_name(n)[:120]) for n in unknown[:5])
-            raise ValidationError(f"{len(unknown)} named object(s) are not quarantined in run {run_id} (first: "
-                                  f"{first}); nothing waived. See `archive-kms runs show {run_id}`")
+            raise ValidationError(
+                f"{len(unknown)} named object(s) are not quarantined in run {run_id} (first: "
+                f"{first}); nothing waived. See `archive-kms runs show {run_id}`"
+            )
         already = [n for n in wanted if held[n].waived]
         rows: list[CopyRecord] = []
         for name in (n for n in wanted if not held[n].waived):
             q: Quarantine = held[name]
             # The audit record first: a waiver without one never happened (I6), and verify checks it.
-            rec = platform.state.append_audit(AuditEvent(actor=actor, action=WAIVE_ACTION, tenant_id=run.tenant_id,
-                                                         run_id=run_id, details=waiver_audit_details(name, q, text)))
+            rec = platform.state.append_audit(
+                AuditEvent(
+                    actor=actor,
+                    action=WAIVE_ACTION,
+                    tenant_id=run.tenant_id,
+                    run_id=run_id,
+                    details=waiver_audit_details(name, q, text),
+                )
+            )
             waiver = Waiver(actor=actor, reason=text, at=now_iso(), audit_seq=rec.seq)
             rows.append(CopyRecord(name, CopyStatus.QUARANTINED, error=q.with_waiver(waiver).to_error()))
         for i in range(0, len(rows), 500):
-            platform.state.record_copies(run_id, rows[i:i + 500], fence=lease.fence)
+            platform.state.record_copies(run_id, rows[i : i + 500], fence=lease.fence)
     finally:
         platform.state.release_lease(lease)
     remaining = sum(1 for q in held.values() if not q.waived) - len(rows)
-    message = f"waived {len(rows)} object(s) of run {run_id}" + (f" ({len(already)} already waived)" if already
-                                                                  else "")
-    message += (f"; {remaining} quarantined object(s) still not waived" if remaining else
-                f"; continue with `archive-kms runs resume {run_id}`")
-    return WaiveOutcome(run_id, run.tenant_id, tuple(display_name(r.name) for r in rows),
-                        tuple(display_name(n) for n in already), remaining, message)
+    message = f"waived {len(rows)} object(s) of run {run_id}" + (f" ({len(already)} already waived)" if already else "")
+    message += (
+        f"; {remaining} quarantined object(s) still not waived"
+        if remaining
+        else f"; continue with `archive-kms runs resume {run_id}`"
+    )
+    return WaiveOutcome(
+        run_id,
+        run.tenant_id,
+        tuple(display_name(r.name) for r in rows),
+        tuple(display_name(n) for n in already),
+        remaining,
+        message,
+    )
 
 
 def _audit_run(platform: Any, run: MigrationRun, actor: str, action: str, details: dict[str, Any]) -> None:
-    platform.state.append_audit(AuditEvent(actor=actor, action=action, tenant_id=run.tenant_id, run_id=run.run_id,
-                                           details=details))
+    platform.state.append_audit(
+        AuditEvent(actor=actor, action=action, tenant_id=run.tenant_id, run_id=run.run_id, details=details)
+    )
 
 
-__all__ = ["Hooks", "Outcome", "RunContext", "ShardRunner", "WaiveOutcome", "cancel", "execute", "rerun", "resume",
-           "shard_function", "thread_shard_runner", "trigger", "waive"]
+__all__ = [
+    "Hooks",
+    "Outcome",
+    "RunContext",
+    "ShardRunner",
+    "WaiveOutcome",
+    "cancel",
+    "execute",
+    "rerun",
+    "resume",
+    "shard_function",
+    "thread_shard_runner",
+    "trigger",
+    "waive",
+]

@@ -11,8 +11,9 @@ tenant's registry entry has moved on (it does, at cutover).
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from archive_kms.domain.tenants import TenantId
 from archive_kms.errors import StateError, ValidationError
@@ -50,6 +51,7 @@ STEPS: tuple[str, ...] = (
 #: step would move it backwards (faults D8), so reruns may only start after it.
 POINT_OF_NO_RETURN = "cutover"
 
+
 class EnableMode(str, enum.Enum):
     BYOKMS = "byokms"  # customer's own AWS KMS key
     BYOK = "byok"  # customer's key material imported into our AWS KMS
@@ -57,10 +59,18 @@ class EnableMode(str, enum.Enum):
     KMIP = "kmip"  # master key in a KMIP HSM
 
 
-_SCHEMES = {EnableMode.BYOKMS: ("aws-kms",), EnableMode.BYOK: ("aws-kms",), EnableMode.BYOKV: ("azure-kv",),
-            EnableMode.KMIP: ("kmip",)}
-_CLOUDS = {EnableMode.BYOKMS: ("s3",), EnableMode.BYOK: ("s3",), EnableMode.BYOKV: ("azure",),
-           EnableMode.KMIP: ("s3", "azure")}
+_SCHEMES = {
+    EnableMode.BYOKMS: ("aws-kms",),
+    EnableMode.BYOK: ("aws-kms",),
+    EnableMode.BYOKV: ("azure-kv",),
+    EnableMode.KMIP: ("kmip",),
+}
+_CLOUDS = {
+    EnableMode.BYOKMS: ("s3",),
+    EnableMode.BYOK: ("s3",),
+    EnableMode.BYOKV: ("azure",),
+    EnableMode.KMIP: ("s3", "azure"),
+}
 
 
 @dataclass(frozen=True)
@@ -108,8 +118,11 @@ class MigrationPlan:
 
 def _fanout(shards: int | None, parallel: int | None, threads: int | None) -> dict[str, int]:
     # None means "not given"; 0 is a value, and out of bounds (``or`` would turn it into the default)
-    out = {"shards": 8 if shards is None else shards, "parallel_shards": 4 if parallel is None else parallel,
-           "threads_per_shard": 4 if threads is None else threads}
+    out = {
+        "shards": 8 if shards is None else shards,
+        "parallel_shards": 4 if parallel is None else parallel,
+        "threads_per_shard": 4 if threads is None else threads,
+    }
     for k, v in out.items():
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256:
             raise ValidationError(f"{k} must be an integer in 1..256, got {v!r}")
@@ -120,8 +133,9 @@ def _tenant(platform: Any, tenant_id: str):
     tid = TenantId(tenant_id).value  # the one strict rule, before any lookup
     t = platform.state.get_tenant(tid)
     if t is None:
-        raise StateError(f"unknown tenant {tid!r}: create it with `archive-kms tenant create`",
-                         resource=f"tenant:{tid}")
+        raise StateError(
+            f"unknown tenant {tid!r}: create it with `archive-kms tenant create`", resource=f"tenant:{tid}"
+        )
     return t
 
 
@@ -136,9 +150,17 @@ def _sse_key_arn(platform: Any, key_ref: str) -> str | None:
     return platform.resolve_provider(key_ref).describe().arn  # an alias: the key it names now
 
 
-def plan_enable(platform: Any, tenant_id: str, mode: str, key_ref: str, *, cloud: str | None = None,
-                shards: int | None = None, parallel_shards: int | None = None,
-                threads_per_shard: int | None = None) -> MigrationPlan:
+def plan_enable(
+    platform: Any,
+    tenant_id: str,
+    mode: str,
+    key_ref: str,
+    *,
+    cloud: str | None = None,
+    shards: int | None = None,
+    parallel_shards: int | None = None,
+    threads_per_shard: int | None = None,
+) -> MigrationPlan:
     """Plan onboarding ``tenant_id`` onto ``key_ref`` in ``mode``; ValidationError naming
     what to fix for a mode/key/cloud mismatch."""
     t = _tenant(platform, tenant_id)
@@ -148,48 +170,79 @@ def plan_enable(platform: Any, tenant_id: str, mode: str, key_ref: str, *, cloud
         raise ValidationError(f"unknown mode {mode!r}: use one of {', '.join(x.value for x in EnableMode)}") from None
     ref = parse_key_ref(key_ref)  # ValidationError names the problem
     if ref.scheme not in _SCHEMES[m] and ref.scheme != "memory":
-        raise ValidationError(f"mode {m.value} needs a {' or '.join(_SCHEMES[m])}:// key reference, "
-                              f"got a {ref.scheme}:// one")
+        raise ValidationError(
+            f"mode {m.value} needs a {' or '.join(_SCHEMES[m])}:// key reference, got a {ref.scheme}:// one"
+        )
     source = Location.from_dict(t.location)
     target_cloud = cloud or source.cloud.value
     if target_cloud not in _CLOUDS[m]:
         raise ValidationError(f"mode {m.value} runs on {' or '.join(_CLOUDS[m])}, not {target_cloud}")
     if target_cloud != source.cloud.value:
-        raise ValidationError(f"tenant {t.tenant_id} lives on {source.cloud.value}; moving between clouds is "
-                              f"not supported (use --cloud {source.cloud.value})")
+        raise ValidationError(
+            f"tenant {t.tenant_id} lives on {source.cloud.value}; moving between clouds is "
+            f"not supported (use --cloud {source.cloud.value})"
+        )
     if t.key_mode is not KeyMode.MANAGED or source.kind is not Kind.SHARED:
-        raise ValidationError(f"tenant {t.tenant_id} already uses its own key ({t.key_mode.value}, "
-                              f"{source.uri}); run `archive-kms remove {t.tenant_id}` first")
+        raise ValidationError(
+            f"tenant {t.tenant_id} already uses its own key ({t.key_mode.value}, "
+            f"{source.uri}); run `archive-kms remove {t.tenant_id}` first"
+        )
     if source.cloud is Cloud.S3:
         dest = dedicated_s3_location(t.tenant_id, sse_kms_key_arn=_sse_key_arn(platform, ref.uri))
     else:
         dest = dedicated_azure_location(t.tenant_id, account=platform.settings.shared_azure_account)
     return MigrationPlan(
-        tenant_id=t.tenant_id, flow=Flow.ENABLE.value, mode=KeyMode(m.value).value, key_ref=ref.uri,
-        source=source.to_dict(), destination=dest.to_dict(),
-        old_index=platform.index.current_index(t.tenant_id), new_generation=t.index_generation + 1,
+        tenant_id=t.tenant_id,
+        flow=Flow.ENABLE.value,
+        mode=KeyMode(m.value).value,
+        key_ref=ref.uri,
+        source=source.to_dict(),
+        destination=dest.to_dict(),
+        old_index=platform.index.current_index(t.tenant_id),
+        new_generation=t.index_generation + 1,
         source_key_ref=platform.keychain.status(t.tenant_id).l1_ref,
-        **_fanout(shards, parallel_shards, threads_per_shard))
+        **_fanout(shards, parallel_shards, threads_per_shard),
+    )
 
 
-def plan_remove(platform: Any, tenant_id: str, *, shards: int | None = None, parallel_shards: int | None = None,
-                threads_per_shard: int | None = None) -> MigrationPlan:
+def plan_remove(
+    platform: Any,
+    tenant_id: str,
+    *,
+    shards: int | None = None,
+    parallel_shards: int | None = None,
+    threads_per_shard: int | None = None,
+) -> MigrationPlan:
     """Plan moving a customer-key tenant back to a new shared entity under the managed key."""
     from archive_kms.operations.tenants import shared_location
 
     t = _tenant(platform, tenant_id)
     source = Location.from_dict(t.location)
     if t.key_mode is KeyMode.MANAGED or source.kind is not Kind.DEDICATED:
-        raise ValidationError(f"tenant {t.tenant_id} is on the managed key in shared storage already; "
-                              "nothing to remove")
+        raise ValidationError(
+            f"tenant {t.tenant_id} is on the managed key in shared storage already; nothing to remove"
+        )
     dest = shared_location(platform, TenantId(t.tenant_id), source.cloud.value)
     return MigrationPlan(
-        tenant_id=t.tenant_id, flow=Flow.REMOVE.value, mode=KeyMode.MANAGED.value, key_ref=MANAGED_KEY_REF,
-        source=source.to_dict(), destination=dest.to_dict(),
-        old_index=platform.index.current_index(t.tenant_id), new_generation=t.index_generation + 1,
+        tenant_id=t.tenant_id,
+        flow=Flow.REMOVE.value,
+        mode=KeyMode.MANAGED.value,
+        key_ref=MANAGED_KEY_REF,
+        source=source.to_dict(),
+        destination=dest.to_dict(),
+        old_index=platform.index.current_index(t.tenant_id),
+        new_generation=t.index_generation + 1,
         source_key_ref=platform.keychain.status(t.tenant_id).l1_ref,
-        **_fanout(shards, parallel_shards, threads_per_shard))
+        **_fanout(shards, parallel_shards, threads_per_shard),
+    )
 
 
-__all__ = ["EnableMode", "MANAGED_KEY_REF", "MigrationPlan", "POINT_OF_NO_RETURN", "STEPS", "plan_enable",
-           "plan_remove"]
+__all__ = [
+    "MANAGED_KEY_REF",
+    "POINT_OF_NO_RETURN",
+    "STEPS",
+    "EnableMode",
+    "MigrationPlan",
+    "plan_enable",
+    "plan_remove",
+]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from archive_kms.errors import IntegrityError
@@ -49,8 +49,7 @@ class PoisonSourceError(IntegrityError):
     """The *source* object does not authenticate, read after read: copying it cannot
     succeed until someone fixes or removes it."""
 
-    def __init__(self, message: str, *, resource: str | None = None, kind: str = CORRUPT,
-                 attempts: int = 1) -> None:
+    def __init__(self, message: str, *, resource: str | None = None, kind: str = CORRUPT, attempts: int = 1) -> None:
         super().__init__(message, resource=resource)
         self.kind, self.attempts = kind, attempts
 
@@ -100,9 +99,13 @@ class Quarantine:
         try:
             data = json.loads(error or "")["quarantine"]
             waiver = data.get("waiver")
-            return cls(reason=str(data.get("reason", "")), kind=str(data.get("kind", CORRUPT)),
-                       attempts=int(data.get("attempts", 0)), at=str(data.get("at", "")),
-                       waiver=Waiver(**waiver) if waiver else None)
+            return cls(
+                reason=str(data.get("reason", "")),
+                kind=str(data.get("kind", CORRUPT)),
+                attempts=int(data.get("attempts", 0)),
+                at=str(data.get("at", "")),
+                waiver=Waiver(**waiver) if waiver else None,
+            )
         except (ValueError, TypeError, KeyError, AttributeError):
             return cls(reason=error or "")
 
@@ -111,7 +114,7 @@ class Quarantine:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def quarantine_record(name: bytes, exc: PoisonSourceError, *, waiver: Waiver | None = None) -> CopyRecord:
@@ -154,10 +157,12 @@ def summarize(state: Any, run_id: str) -> QuarantineSummary:
 def blocked_message(run_id: str, summary: QuarantineSummary) -> str:
     first = ", ".join(repr(display_name(n)[:120]) for n in summary.unwaived[:3])
     waived = f" ({len(summary.waived)} more already waived)" if summary.waived else ""
-    return (f"{len(summary.unwaived)} object(s) quarantined{waived}: their source does not authenticate (corrupt or "
-            f"another tenant's; see `archive-kms runs show {run_id}`). First: {first}. Run `archive-kms runs waive "
-            f"{run_id} --object NAME --reason ...` (or --all) and then `archive-kms runs resume {run_id}`, or fix the "
-            f"source and `archive-kms runs rerun {run_id} --from copy`")
+    return (
+        f"{len(summary.unwaived)} object(s) quarantined{waived}: their source does not authenticate (corrupt or "
+        f"another tenant's; see `archive-kms runs show {run_id}`). First: {first}. Run `archive-kms runs waive "
+        f"{run_id} --object NAME --reason ...` (or --all) and then `archive-kms runs resume {run_id}`, or fix the "
+        f"source and `archive-kms runs rerun {run_id} --from copy`"
+    )
 
 
 def require_resolved(state: Any, run_id: str) -> QuarantineSummary:
@@ -169,8 +174,13 @@ def require_resolved(state: Any, run_id: str) -> QuarantineSummary:
 
 
 def waiver_audit_details(name: bytes, q: Quarantine, reason: str) -> dict[str, Any]:
-    return {"object": display_name(name), "object_hex": name.hex(), "reason": reason, "kind": q.kind,
-            "quarantine_reason": q.reason[:300]}
+    return {
+        "object": display_name(name),
+        "object_hex": name.hex(),
+        "reason": reason,
+        "kind": q.kind,
+        "quarantine_reason": q.reason[:300],
+    }
 
 
 def check_waivers_audited(state: Any, tenant_id: str, run_id: str, waived: Iterable[bytes]) -> None:
@@ -185,9 +195,12 @@ def check_waivers_audited(state: Any, tenant_id: str, run_id: str, waived: Itera
             if not want:
                 return
     first = ", ".join(repr(display_name(n)[:120]) for n in sorted(want.values())[:3])
-    raise IntegrityError(f"{len(want)} waived object(s) of run {run_id} have no {WAIVE_ACTION} audit record "
-                         f"(first: {first}): the ledger was changed outside `archive-kms runs waive`; waive them "
-                         "again, or fix the source and rerun from copy", resource=f"run:{run_id}")
+    raise IntegrityError(
+        f"{len(want)} waived object(s) of run {run_id} have no {WAIVE_ACTION} audit record "
+        f"(first: {first}): the ledger was changed outside `archive-kms runs waive`; waive them "
+        "again, or fix the source and rerun from copy",
+        resource=f"run:{run_id}",
+    )
 
 
 def report_section(state: Any, run_id: str, source_uri: str | None) -> dict[str, Any]:
@@ -201,16 +214,49 @@ def report_section(state: Any, run_id: str, source_uri: str | None) -> dict[str,
             waived += q.waived
             if len(objects) < REPORT_LIMIT:
                 w = q.waiver
-                objects.append({"object": display_name(name), "object_hex": name.hex(), "kind": q.kind,
-                                "reason": q.reason, "attempts": q.attempts, "quarantined_at": q.at,
-                                "waived": w is not None, "waived_by": w.actor if w else None,
-                                "waiver_reason": w.reason if w else None, "waived_at": w.at if w else None,
-                                "source": source_uri})
-    return {"quarantined": total, "waived": waived, "quarantine": objects,
-            "quarantine_kept_at": source_uri if total else None}
+                objects.append(
+                    {
+                        "object": display_name(name),
+                        "object_hex": name.hex(),
+                        "kind": q.kind,
+                        "reason": q.reason,
+                        "attempts": q.attempts,
+                        "quarantined_at": q.at,
+                        "waived": w is not None,
+                        "waived_by": w.actor if w else None,
+                        "waiver_reason": w.reason if w else None,
+                        "waived_at": w.at if w else None,
+                        "source": source_uri,
+                    }
+                )
+    return {
+        "quarantined": total,
+        "waived": waived,
+        "quarantine": objects,
+        "quarantine_kept_at": source_uri if total else None,
+    }
 
 
-__all__ = ["CORRUPT", "FOREIGN", "MAX_WAIVER_REASON_CHARS", "ObjectsQuarantinedError", "PoisonSourceError",
-           "Quarantine", "QuarantineSummary", "SOURCE_READ_ATTEMPTS", "WAIVE_ACTION", "Waiver",
-           "blocked_message", "check_waivers_audited", "display_name", "kind_of", "now_iso", "quarantine_record",
-           "quarantined", "report_section", "require_resolved", "summarize", "waiver_audit_details"]
+__all__ = [
+    "CORRUPT",
+    "FOREIGN",
+    "MAX_WAIVER_REASON_CHARS",
+    "SOURCE_READ_ATTEMPTS",
+    "WAIVE_ACTION",
+    "ObjectsQuarantinedError",
+    "PoisonSourceError",
+    "Quarantine",
+    "QuarantineSummary",
+    "Waiver",
+    "blocked_message",
+    "check_waivers_audited",
+    "display_name",
+    "kind_of",
+    "now_iso",
+    "quarantine_record",
+    "quarantined",
+    "report_section",
+    "require_resolved",
+    "summarize",
+    "waiver_audit_details",
+]

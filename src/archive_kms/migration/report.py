@@ -22,9 +22,15 @@ def progress(platform: Any, run: MigrationRun) -> dict[str, Any]:
     total = summary.entries if summary else 0
     copied = counts.get(CopyStatus.COPIED, 0) + counts.get(CopyStatus.VERIFIED, 0)
     done_steps = sum(s.state in (StepState.COMPLETED, StepState.SKIPPED) for s in run.steps)
-    return {"steps_done": done_steps, "steps": len(run.steps), "objects": total, "copied": copied,
-            "verified": counts.get(CopyStatus.VERIFIED, 0), "failed": counts.get(CopyStatus.FAILED, 0),
-            "quarantined": counts.get(CopyStatus.QUARANTINED, 0)}
+    return {
+        "steps_done": done_steps,
+        "steps": len(run.steps),
+        "objects": total,
+        "copied": copied,
+        "verified": counts.get(CopyStatus.VERIFIED, 0),
+        "failed": counts.get(CopyStatus.FAILED, 0),
+        "quarantined": counts.get(CopyStatus.QUARANTINED, 0),
+    }
 
 
 def build_report(platform: Any, run_id: str, *, final: bool = False) -> dict[str, Any]:
@@ -33,8 +39,9 @@ def build_report(platform: Any, run_id: str, *, final: bool = False) -> dict[str
     summary = platform.state.manifest_summary(run_id)
     steps = []
     for s in run.steps:
-        steps.append({"step": s.name, "state": s.state.value, "attempts": s.attempt, "seconds": _seconds(s),
-                      "error": s.error})
+        steps.append(
+            {"step": s.name, "state": s.state.value, "attempts": s.attempt, "seconds": _seconds(s), "error": s.error}
+        )
     copy_result = run.step("copy").result or {}
     verify_result = run.step("verify").result or {}
     index_result = run.step("build_index").result or {}
@@ -46,18 +53,25 @@ def build_report(platform: Any, run_id: str, *, final: bool = False) -> dict[str
     copy_seconds = _seconds(run.step("copy")) or copy_result.get("seconds")
     plaintext = copy_result.get("bytes_plaintext")
     report = {
-        "run_id": run.run_id, "tenant": run.tenant_id, "flow": run.flow.value, "mode": run.mode,
+        "run_id": run.run_id,
+        "tenant": run.tenant_id,
+        "flow": run.flow.value,
+        "mode": run.mode,
         "state": "completed" if final else run.state.value,
-        "source": _uri(params.get("source")), "destination": _uri(params.get("destination")),
+        "source": _uri(params.get("source")),
+        "destination": _uri(params.get("destination")),
         "key_ref": params.get("key_ref"),
-        "objects": summary.entries if summary else 0, "bytes": summary.total_bytes if summary else 0,
+        "objects": summary.entries if summary else 0,
+        "bytes": summary.total_bytes if summary else 0,
         "bytes_plaintext_copied": plaintext,
         "copy_seconds": copy_seconds,
         "throughput_mb_s": round(plaintext / 1e6 / copy_seconds, 2) if plaintext and copy_seconds else None,
         "verification": verify_result.get("result", "pending"),
-        "lost": verify_result.get("lost"), "duplicated": verify_result.get("duplicated"),
+        "lost": verify_result.get("lost"),
+        "duplicated": verify_result.get("duplicated"),
         "reconciliation": _reconciliation(verify_result, index_result),
-        "index": index_result.get("index"), "index_documents": index_result.get("documents"),
+        "index": index_result.get("index"),
+        "index_documents": index_result.get("documents"),
         "deferred_replayed": resume_result.get("replayed"),
         # key hygiene: L2/L3 replaced under the new key (enable), source-era DEKs crypto-erased
         "keys_rekeyed": bool(bind_result.get("rekeyed")),
@@ -76,8 +90,10 @@ def _reconciliation(verify_result: dict[str, Any], index_result: dict[str, Any])
     """I4 in words, waived objects included: what verify and build_index checked."""
     text = verify_result.get("reconciled")
     if text and "expected" in index_result:
-        text += (f"; index documents {index_result['documents']} = manifest records - "
-                 f"{index_result.get('waived_records', 0)} waived")
+        text += (
+            f"; index documents {index_result['documents']} = manifest records - "
+            f"{index_result.get('waived_records', 0)} waived"
+        )
     return text
 
 

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from archive_kms.domain.records import Record
@@ -68,11 +68,14 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
         raise StateError(f"tenant {plan.tenant_id} disappeared", resource=f"tenant:{plan.tenant_id}")
     status = p.keychain.status(plan.tenant_id)
     if t.revoked or status.revoked:
-        raise KeyUnavailableError(f"tenant {plan.tenant_id} is revoked: restore it before migrating",
-                                  resource=f"tenant:{plan.tenant_id}")
+        raise KeyUnavailableError(
+            f"tenant {plan.tenant_id} is revoked: restore it before migrating", resource=f"tenant:{plan.tenant_id}"
+        )
     if dict(t.location) not in (dict(plan.source), dict(plan.destination)):
-        raise StateError(f"tenant {plan.tenant_id} moved since this run was planned (now {t.location}); "
-                         "start a new run", resource=f"tenant:{plan.tenant_id}")
+        raise StateError(
+            f"tenant {plan.tenant_id} moved since this run was planned (now {t.location}); start a new run",
+            resource=f"tenant:{plan.tenant_id}",
+        )
     checks.append("tenant")
 
     # The key we move onto: usable, of the right kind, bound to the tenant.
@@ -81,15 +84,21 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
     details = dict(report.status.details or {}) | dict(report.metadata or {})
     origin = details.get("origin")
     if plan.mode == EnableMode.BYOK.value and origin not in (None, "EXTERNAL"):
-        raise ConfigurationError(f"mode byok needs a KMS key with imported material (Origin EXTERNAL); "
-                                 f"{plan.key_ref} has Origin {origin}: use --mode byokms for it",
-                                 resource=plan.key_ref)
+        raise ConfigurationError(
+            f"mode byok needs a KMS key with imported material (Origin EXTERNAL); "
+            f"{plan.key_ref} has Origin {origin}: use --mode byokms for it",
+            resource=plan.key_ref,
+        )
     if plan.mode == EnableMode.BYOKMS.value and origin == "EXTERNAL":
-        raise ConfigurationError(f"{plan.key_ref} holds imported material (Origin EXTERNAL): use --mode byok",
-                                 resource=plan.key_ref)
-    if report.status.expires_at is not None and report.status.expires_at <= datetime.now(timezone.utc):
-        raise KeyUnavailableError(f"imported key material of {plan.key_ref} expired at {report.status.expires_at}",
-                                  resource=plan.key_ref, state="expired")
+        raise ConfigurationError(
+            f"{plan.key_ref} holds imported material (Origin EXTERNAL): use --mode byok", resource=plan.key_ref
+        )
+    if report.status.expires_at is not None and report.status.expires_at <= datetime.now(UTC):
+        raise KeyUnavailableError(
+            f"imported key material of {plan.key_ref} expired at {report.status.expires_at}",
+            resource=plan.key_ref,
+            state="expired",
+        )
     checks += [f"key:{c}" for c in report.checks]
     sse_arn = plan.destination_location.sse_kms_key_arn
     if sse_arn is not None:
@@ -100,20 +109,27 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
             raise ConfigurationError(
                 f"key {plan.key_ref} is in region {key_region}, but the tenant's dedicated bucket is in "
                 f"{bucket_region}: S3 default encryption needs a key in the bucket's region (create or replicate "
-                f"the key in {bucket_region})", resource=plan.key_ref)
+                f"the key in {bucket_region})",
+                resource=plan.key_ref,
+            )
         checks.append("key:region")
 
     # The key we move away from must still open the keychain (rotate_l1 unwraps with it).
     current = p.resolve_provider(status.l1_ref)
     cur_state = current.status().state
     if not cur_state.usable and status.l1_ref != target.key_ref:
-        raise KeyUnavailableError(f"the tenant's current key {status.l1_ref} is {cur_state.value}: "
-                                  "it must stay usable until the data is re-encrypted", resource=status.l1_ref)
+        raise KeyUnavailableError(
+            f"the tenant's current key {status.l1_ref} is {cur_state.value}: "
+            "it must stay usable until the data is re-encrypted",
+            resource=status.l1_ref,
+        )
     checks.append("current-key")
 
     if plan.old_index is not None and p.index.current_index(plan.tenant_id) not in (plan.old_index, plan.new_index):
-        raise SearchError(f"tenant {plan.tenant_id}'s alias no longer points at {plan.old_index}; start a new run",
-                          resource=alias_name(plan.tenant_id))
+        raise SearchError(
+            f"tenant {plan.tenant_id}'s alias no longer points at {plan.old_index}; start a new run",
+            resource=alias_name(plan.tenant_id),
+        )
     checks.append("index")
 
     dest_loc = plan.destination_location
@@ -132,12 +148,20 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
         raise ConfigurationError(
             f"destination {dest_loc.uri} already holds {foreign}{'+' if foreign >= 1000 else ''} object(s) this run "
             f"did not write (first: {first[:80]!r}); empty or remove it, or choose another destination",
-            resource=dest_loc.uri)
+            resource=dest_loc.uri,
+        )
     checks.append("destination-free")
-    return {"checks": checks, "destination_existed": dest_exists and not created_by_us, "key": {"ref": report.key_ref, "state": report.status.state.value,
-                                      "wrap_ms": round(report.wrap_seconds * 1000, 1),
-                                      "unwrap_ms": round(report.unwrap_seconds * 1000, 1),
-                                      **{k: v for k, v in details.items() if k in ("origin", "key_spec", "region")}}}
+    return {
+        "checks": checks,
+        "destination_existed": dest_exists and not created_by_us,
+        "key": {
+            "ref": report.key_ref,
+            "state": report.status.state.value,
+            "wrap_ms": round(report.wrap_seconds * 1000, 1),
+            "unwrap_ms": round(report.unwrap_seconds * 1000, 1),
+            **{k: v for k, v in details.items() if k in ("origin", "key_spec", "region")},
+        },
+    }
 
 
 # --- pause and the cutover point ------------------------------------------------------------
@@ -151,8 +175,10 @@ def pause(ctx: RunContext) -> dict[str, Any]:
     while running := p.state.running_jobs(tenant):
         ctx.check()
         if time.monotonic() > deadline:
-            raise TransientError(f"{len(running)} archive job(s) of {tenant} still running after "
-                                 f"{PAUSE_WAIT_SECONDS:.0f} s (first: {running[0].job_id}); rerun the step")
+            raise TransientError(
+                f"{len(running)} archive job(s) of {tenant} still running after "
+                f"{PAUSE_WAIT_SECONDS:.0f} s (first: {running[0].job_id}); rerun the step"
+            )
         time.sleep(0.2)
     return {"gate": gate.state.value, "paused_since": gate.since.isoformat()}
 
@@ -167,8 +193,13 @@ def cutover_point(ctx: RunContext) -> dict[str, Any]:
         p.index.refresh(plan.old_index)
         docs = p.index.count(plan.old_index)
         p.index.set_write_block(plan.old_index, True)
-    return {"at": datetime.now(timezone.utc).isoformat(), "gate_since": gate.since.isoformat(),
-            "deferred_at_point": gate.pending, "old_index": plan.old_index, "old_index_documents": docs}
+    return {
+        "at": datetime.now(UTC).isoformat(),
+        "gate_since": gate.since.isoformat(),
+        "deferred_at_point": gate.pending,
+        "old_index": plan.old_index,
+        "old_index_documents": docs,
+    }
 
 
 # --- destination and key --------------------------------------------------------------------
@@ -224,8 +255,14 @@ def bind_key(ctx: RunContext) -> dict[str, Any]:
         erasable = not p.state.copy_counts(ctx.run_id)
         ctx.audit("key.dek_floor", {"dek_floor": floor, "erasable": erasable})
     after = kc.status(plan.tenant_id)
-    return {"from": before.l1_ref, "to": after.l1_ref, "rewrapped": rewrapped, "l1_generation": after.l1_generation,
-            "rekeyed": rekeyed, "dek_floor": floor}
+    return {
+        "from": before.l1_ref,
+        "to": after.l1_ref,
+        "rewrapped": rewrapped,
+        "l1_generation": after.l1_generation,
+        "rekeyed": rekeyed,
+        "dek_floor": floor,
+    }
 
 
 @dataclass(frozen=True)
@@ -241,8 +278,9 @@ def _first_dek_floor(ctx: RunContext) -> _RecordedFloor | None:
     end of the run. Kept in the audit log, which a rerun never resets."""
     for rec in ctx.platform.state.iter_audit(tenant_id=ctx.plan.tenant_id):
         if rec.run_id == ctx.run_id and rec.action == "key.dek_floor":
-            return _RecordedFloor({ws: list(v) for ws, v in rec.details["dek_floor"].items()},
-                                  bool(rec.details.get("erasable", False)))
+            return _RecordedFloor(
+                {ws: list(v) for ws, v in rec.details["dek_floor"].items()}, bool(rec.details.get("erasable", False))
+            )
     return None
 
 
@@ -278,9 +316,12 @@ def manifest(ctx: RunContext) -> dict[str, Any]:
     summary = p.state.manifest_summary(ctx.run_id)
     count, total = _listing_totals(src)
     if (count, total) != (summary.entries, summary.total_bytes):
-        raise IntegrityError(f"two listings of {plan.source_location.uri} disagree ({summary.entries} objects / "
-                             f"{summary.total_bytes} bytes in the manifest, {count} / {total} now): something is "
-                             "still writing to the source; rerun the step", resource=plan.source_location.uri)
+        raise IntegrityError(
+            f"two listings of {plan.source_location.uri} disagree ({summary.entries} objects / "
+            f"{summary.total_bytes} bytes in the manifest, {count} / {total} now): something is "
+            "still writing to the source; rerun the step",
+            resource=plan.source_location.uri,
+        )
     return {"objects": summary.entries, "bytes": summary.total_bytes, "shards": summary.shards, "new_entries": new}
 
 
@@ -295,8 +336,10 @@ def _shards(ctx: RunContext, step: str) -> list[dict[str, Any]]:
     if ctx.stopping or any(r.get("interrupted") for r in results):
         aborted = ctx.platform.store_for(ctx.plan.destination_location).abort_stale_uploads(timedelta(0))
         done = sum(r.get("objects", 0) + r.get("verified", 0) for r in results)
-        raise StopRequestedError(f"{step} stopped after {done} more object(s): {ctx.stop.reason or 'stop requested'}"
-                                 f" ({aborted} unfinished upload(s) aborted)")
+        raise StopRequestedError(
+            f"{step} stopped after {done} more object(s): {ctx.stop.reason or 'stop requested'}"
+            f" ({aborted} unfinished upload(s) aborted)"
+        )
     return results
 
 
@@ -308,22 +351,30 @@ def copy(ctx: RunContext) -> dict[str, Any]:
     started = time.monotonic()
     results = _shards(ctx, "copy")
     failed = sum(r["failed"] for r in results)
-    out = {"objects": sum(r["objects"] for r in results), "written": sum(r["written"] for r in results),
-           "already": sum(r["already"] for r in results), "bytes_plaintext": sum(r["bytes_plaintext"] for r in results),
-           "failed": failed, "seconds": round(time.monotonic() - started, 3)}
+    out = {
+        "objects": sum(r["objects"] for r in results),
+        "written": sum(r["written"] for r in results),
+        "already": sum(r["already"] for r in results),
+        "bytes_plaintext": sum(r["bytes_plaintext"] for r in results),
+        "failed": failed,
+        "seconds": round(time.monotonic() - started, 3),
+    }
     if failed:
         errors = [e for r in results for e in (r.get("errors") or []) if ": quarantined: " not in e][:5]
         held = sum(r.get("quarantined", 0) for r in results)
         also = f" ({held} more quarantined: their source does not authenticate)" if held else ""
-        raise TransientError(f"{failed} object(s) failed to copy{also}; they stay in the ledger as failed and are "
-                             f"retried by a rerun of the step. First: {'; '.join(errors)}")
+        raise TransientError(
+            f"{failed} object(s) failed to copy{also}; they stay in the ledger as failed and are "
+            f"retried by a rerun of the step. First: {'; '.join(errors)}"
+        )
     counts = ctx.platform.state.copy_counts(ctx.run_id)
     summary = ctx.platform.state.manifest_summary(ctx.run_id)
     done = counts.get(CopyStatus.COPIED, 0) + counts.get(CopyStatus.VERIFIED, 0)
     held = counts.get(CopyStatus.QUARANTINED, 0)
     if done + held != summary.entries:
-        raise IntegrityError(f"ledger has {done} of {summary.entries} objects copied (and {held} quarantined) after "
-                             "the copy step")
+        raise IntegrityError(
+            f"ledger has {done} of {summary.entries} objects copied (and {held} quarantined) after the copy step"
+        )
     out["quarantined"] = held
     out["mb_per_s"] = round(out["bytes_plaintext"] / 1e6 / max(out["seconds"], 1e-6), 2)
     return out
@@ -347,8 +398,10 @@ def verify(ctx: RunContext) -> dict[str, Any]:
     mismatched = sum(r["mismatched"] for r in results)
     if mismatched:
         errors = [e for r in results for e in r["errors"]][:5]
-        raise IntegrityError(f"{mismatched} object(s) failed verification and are marked failed; resume the run "
-                             f"(verify copies them again first). First: {'; '.join(errors)}")
+        raise IntegrityError(
+            f"{mismatched} object(s) failed verification and are marked failed; resume the run "
+            f"(verify copies them again first). First: {'; '.join(errors)}"
+        )
     held = quarantine.summarize(p.state, ctx.run_id)
     quarantine.check_waivers_audited(p.state, plan.tenant_id, ctx.run_id, held.waived)
     dst = p.store_for(plan.destination_location)
@@ -363,20 +416,36 @@ def verify(ctx: RunContext) -> dict[str, Any]:
     lost = expected - set(listed)
     unexpected = set(listed) - expected  # a quarantined object at the destination counts here
     unverified = expected - verified
-    out = {"objects": len(manifest_names), "verified": len(verified), "listed": len(listed), "lost": len(lost),
-           "duplicated": duplicates, "unexpected": len(unexpected), "unverified": len(unverified),
-           "quarantined": held.total, "waived": len(held.waived), "expected": len(expected),
-           "reconciled": (f"manifest {len(manifest_names)} - quarantined {held.total} ({len(held.waived)} waived) = "
-                          f"ledger verified {len(verified)} = destination listing {len(listed)}"),
-           "aborted_uploads": aborted, "recopied": recopied, "result": "ok"}
+    out = {
+        "objects": len(manifest_names),
+        "verified": len(verified),
+        "listed": len(listed),
+        "lost": len(lost),
+        "duplicated": duplicates,
+        "unexpected": len(unexpected),
+        "unverified": len(unverified),
+        "quarantined": held.total,
+        "waived": len(held.waived),
+        "expected": len(expected),
+        "reconciled": (
+            f"manifest {len(manifest_names)} - quarantined {held.total} ({len(held.waived)} waived) = "
+            f"ledger verified {len(verified)} = destination listing {len(listed)}"
+        ),
+        "aborted_uploads": aborted,
+        "recopied": recopied,
+        "result": "ok",
+    }
     if lost or duplicates or unexpected or unverified:
         out["result"] = "mismatch"
         sample = sorted(lost | unexpected | unverified)[:3]
-        raise IntegrityError(f"reconciliation failed for {plan.destination_location.uri}: {out} (e.g. {sample!r})",
-                             resource=plan.destination_location.uri)
+        raise IntegrityError(
+            f"reconciliation failed for {plan.destination_location.uri}: {out} (e.g. {sample!r})",
+            resource=plan.destination_location.uri,
+        )
     if held.unwaived:
-        raise quarantine.ObjectsQuarantinedError(quarantine.blocked_message(ctx.run_id, held),
-                                                 resource=f"run:{ctx.run_id}")
+        raise quarantine.ObjectsQuarantinedError(
+            quarantine.blocked_message(ctx.run_id, held), resource=f"run:{ctx.run_id}"
+        )
     return out
 
 
@@ -386,8 +455,8 @@ def verify(ctx: RunContext) -> dict[str, Any]:
 def _records(ctx: RunContext, store: Any):
     from concurrent.futures import ThreadPoolExecutor
 
-    from archive_kms.migration.copying import _dek_lookup
     from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter
+    from archive_kms.migration.copying import _dek_lookup
     from archive_kms.operations.archive import workspace_of
 
     tenant, kc = ctx.plan.tenant_id, ctx.platform.keychain
@@ -415,19 +484,30 @@ def build_index(ctx: RunContext) -> dict[str, Any]:
     p, plan = ctx.platform, ctx.plan
     mode = p.index_mode(plan.target_key_mode)
     keys = p.search_keys(plan.tenant_id, plan.target_key_mode)
-    report = rebuild_generation(_records(ctx, p.store_for(plan.destination_location)), p.index, plan.tenant_id,
-                                plan.new_generation, mode, keys)
+    report = rebuild_generation(
+        _records(ctx, p.store_for(plan.destination_location)), p.index, plan.tenant_id, plan.new_generation, mode, keys
+    )
     report.require_complete()
     held = quarantine.require_resolved(p.state, ctx.run_id).names  # all waived, or verify would have stopped
     records = sum(1 for e in p.state.iter_manifest(ctx.run_id) if e.name.startswith(RECORD_PREFIX))
     left_out = sum(1 for n in held if n.startswith(RECORD_PREFIX))
     expected = records - left_out
     if report.count != expected:
-        raise IntegrityError(f"index {report.index} holds {report.count} documents but the manifest has {records} "
-                             f"records ({left_out} of them waived)", resource=report.index)
-    return {"index": report.index, "mode": mode.value, "documents": report.count, "indexed": report.indexed,
-            "reused": report.reused, "expected": expected, "waived_records": left_out,
-            "seconds": round(report.seconds, 3)}
+        raise IntegrityError(
+            f"index {report.index} holds {report.count} documents but the manifest has {records} "
+            f"records ({left_out} of them waived)",
+            resource=report.index,
+        )
+    return {
+        "index": report.index,
+        "mode": mode.value,
+        "documents": report.count,
+        "indexed": report.indexed,
+        "reused": report.reused,
+        "expected": expected,
+        "waived_records": left_out,
+        "seconds": round(report.seconds, 3),
+    }
 
 
 def cutover(ctx: RunContext) -> dict[str, Any]:
@@ -439,20 +519,42 @@ def cutover(ctx: RunContext) -> dict[str, Any]:
     t = p.state.get_tenant(plan.tenant_id)
     registry_changed = dict(t.location) != dict(plan.destination)
     if registry_changed:
-        p.state.update_tenant(replace(t, location=dict(plan.destination), key_mode=KeyMode(plan.mode),
-                                      key_ref=plan.key_ref, index_alias=alias_name(plan.tenant_id),
-                                      index_generation=plan.new_generation), fence=ctx.fence)
+        p.state.update_tenant(
+            replace(
+                t,
+                location=dict(plan.destination),
+                key_mode=KeyMode(plan.mode),
+                key_ref=plan.key_ref,
+                index_alias=alias_name(plan.tenant_id),
+                index_generation=plan.new_generation,
+            ),
+            fence=ctx.fence,
+        )
     current = p.index.current_index(plan.tenant_id)
     alias_changed = current != plan.new_index
     if alias_changed:
         if current != plan.old_index:
-            raise AliasConflictError(f"alias of {plan.tenant_id} points at {current}, expected {plan.old_index}: "
-                                     "another flow moved it; not swapping", resource=alias_name(plan.tenant_id))
+            raise AliasConflictError(
+                f"alias of {plan.tenant_id} points at {current}, expected {plan.old_index}: "
+                "another flow moved it; not swapping",
+                resource=alias_name(plan.tenant_id),
+            )
         p.index.swap_alias(plan.tenant_id, plan.new_index, expected_current=plan.old_index)
-    ctx.audit("tenant.cutover", {"location": plan.destination_location.uri, "index": plan.new_index,
-                                 "key_mode": plan.mode, "key_ref": plan.key_ref})
-    return {"location": plan.destination_location.uri, "index": plan.new_index,
-            "registry_changed": registry_changed, "alias_changed": alias_changed}
+    ctx.audit(
+        "tenant.cutover",
+        {
+            "location": plan.destination_location.uri,
+            "index": plan.new_index,
+            "key_mode": plan.mode,
+            "key_ref": plan.key_ref,
+        },
+    )
+    return {
+        "location": plan.destination_location.uri,
+        "index": plan.new_index,
+        "registry_changed": registry_changed,
+        "alias_changed": alias_changed,
+    }
 
 
 def _names_fingerprint(names: Any) -> tuple[int, str]:
@@ -474,35 +576,47 @@ def _recheck_before_deleting(ctx: RunContext, kept: set[bytes]) -> None:
     p, plan = ctx.platform, ctx.plan
     state = p.resolve_provider(plan.key_ref).status().state
     if not state.usable:
-        raise KeyUnavailableError(f"refusing to delete the source: the tenant's key {plan.key_ref} is "
-                                  f"{state.value}; the source is kept until it is usable again",
-                                  resource=plan.key_ref, state=state.value)
+        raise KeyUnavailableError(
+            f"refusing to delete the source: the tenant's key {plan.key_ref} is "
+            f"{state.value}; the source is kept until it is usable again",
+            resource=plan.key_ref,
+            state=state.value,
+        )
     manifest = _names_fingerprint(e.name for e in p.state.iter_manifest(ctx.run_id) if e.name not in kept)
     dest = _names_fingerprint(i.name for i in p.store_for(plan.destination_location).list())
     if dest != manifest:
-        raise IntegrityError(f"refusing to delete the source: {plan.destination_location.uri} holds {dest[0]} "
-                             f"object(s), not the manifest's {manifest[0]} (or other names); rerun from verify",
-                             resource=plan.destination_location.uri)
+        raise IntegrityError(
+            f"refusing to delete the source: {plan.destination_location.uri} holds {dest[0]} "
+            f"object(s), not the manifest's {manifest[0]} (or other names); rerun from verify",
+            resource=plan.destination_location.uri,
+        )
     if not kept:
         summary = p.state.manifest_summary(ctx.run_id)
         count, total = _listing_totals(p.store_for(plan.source_location))
         if (count, total) != (summary.entries, summary.total_bytes):
-            raise IntegrityError(f"refusing to delete the source: {plan.source_location.uri} changed since the "
-                                 f"manifest ({count} objects / {total} bytes now, {summary.entries} / "
-                                 f"{summary.total_bytes} listed); something wrote to it during the run",
-                                 resource=plan.source_location.uri)
+            raise IntegrityError(
+                f"refusing to delete the source: {plan.source_location.uri} changed since the "
+                f"manifest ({count} objects / {total} bytes now, {summary.entries} / "
+                f"{summary.total_bytes} listed); something wrote to it during the run",
+                resource=plan.source_location.uri,
+            )
         return
     # With waived objects kept, support may have removed one by hand: the source must hold
     # every other manifest name (at its size) and nothing outside the manifest; a kept one
     # may be gone.
-    listed = _names_fingerprint(i.name + b"\0%d" % i.size for i in p.store_for(plan.source_location).list()
-                                if i.name not in kept)
-    expected = _names_fingerprint(e.name + b"\0%d" % e.size for e in p.state.iter_manifest(ctx.run_id)
-                                  if e.name not in kept)
+    listed = _names_fingerprint(
+        i.name + b"\0%d" % i.size for i in p.store_for(plan.source_location).list() if i.name not in kept
+    )
+    expected = _names_fingerprint(
+        e.name + b"\0%d" % e.size for e in p.state.iter_manifest(ctx.run_id) if e.name not in kept
+    )
     if listed != expected:
-        raise IntegrityError(f"refusing to delete the source: {plan.source_location.uri} holds {listed[0]} object(s) "
-                             f"besides the kept ones, not the manifest's {expected[0]} (or other names); something "
-                             "wrote to it during the run", resource=plan.source_location.uri)
+        raise IntegrityError(
+            f"refusing to delete the source: {plan.source_location.uri} holds {listed[0]} object(s) "
+            f"besides the kept ones, not the manifest's {expected[0]} (or other names); something "
+            "wrote to it during the run",
+            resource=plan.source_location.uri,
+        )
 
 
 def _delete_all_but(ctx: RunContext, store: Any, kept: set[bytes]) -> int:
@@ -539,15 +653,25 @@ def cleanup_source(ctx: RunContext) -> dict[str, Any]:
     left = {i.name for i in p.store_for(src_loc).list()} if p.provisioner.exists(src_loc) else set()
     if left - kept:
         raise IntegrityError(f"{len(left - kept)} object(s) still in {src_loc.uri} after cleanup; rerun the step")
-    out: dict[str, Any] = {"location": src_loc.uri, "objects_deleted": deleted, "old_index": plan.old_index,
-                           "old_index_deleted": index_deleted}
+    out: dict[str, Any] = {
+        "location": src_loc.uri,
+        "objects_deleted": deleted,
+        "old_index": plan.old_index,
+        "old_index_deleted": index_deleted,
+    }
     if kept:
         missing = kept - left
         if missing:  # someone removed them by hand since: say so, the run has nothing to undo
             log.warning("%d quarantined source object(s) are no longer in %s", len(missing), src_loc.uri)
-        shown = sorted(kept & left)[:quarantine.REPORT_LIMIT]
-        out.update({"kept": len(kept & left), "kept_at": src_loc.uri, "kept_missing": len(missing),
-                    "kept_objects": [quarantine.display_name(n) for n in shown]})
+        shown = sorted(kept & left)[: quarantine.REPORT_LIMIT]
+        out.update(
+            {
+                "kept": len(kept & left),
+                "kept_at": src_loc.uri,
+                "kept_missing": len(missing),
+                "kept_objects": [quarantine.display_name(n) for n in shown],
+            }
+        )
     details: dict[str, Any] = {"location": src_loc.uri, "objects": deleted, "index": plan.old_index}
     if kept:
         details["kept_quarantined"] = len(kept & left)
@@ -563,17 +687,23 @@ def resume(ctx: RunContext) -> dict[str, Any]:
     p, tenant = ctx.platform, ctx.plan.tenant_id
     # We hold the tenant's lease: claims left by a crashed attempt of this step are ours
     # to take over at once (reclaim_after=0), not in five minutes.
-    outcomes = replay_deferred(p.state, tenant, ctx.run_id, p.open_archive, fence=ctx.fence,
-                               reclaim_after=timedelta(0))
+    outcomes = replay_deferred(p.state, tenant, ctx.run_id, p.open_archive, fence=ctx.fence, reclaim_after=timedelta(0))
     ran = [o for o in outcomes if o.decision == "run"]
     gate = p.state.gate(tenant)
     if gate.state.value != "open" or gate.pending:
         # Never "completed" with jobs still queued behind a draining gate (they would wait
         # for a replayer that is not coming).
-        raise TransientError(f"{gate.pending} deferred archive job(s) of {tenant} not replayed yet (gate "
-                             f"{gate.state.value}; one may still be running from a crashed attempt); rerun the step")
-    return {"replayed": len(ran), "duplicates": len(outcomes) - len(ran),
-            "records": sum(o.records for o in ran), "gate": gate.state.value, **_erase_old_deks(ctx)}
+        raise TransientError(
+            f"{gate.pending} deferred archive job(s) of {tenant} not replayed yet (gate "
+            f"{gate.state.value}; one may still be running from a crashed attempt); rerun the step"
+        )
+    return {
+        "replayed": len(ran),
+        "duplicates": len(outcomes) - len(ran),
+        "records": sum(o.records for o in ran),
+        "gate": gate.state.value,
+        **_erase_old_deks(ctx),
+    }
 
 
 def _erase_old_deks(ctx: RunContext) -> dict[str, Any]:
@@ -621,10 +751,19 @@ def _anchor_audit(ctx: RunContext) -> dict[str, Any]:
 
 
 STEP_FUNCTIONS: dict[str, Step] = {
-    "preflight": preflight, "pause": pause, "cutover_point": cutover_point,
-    "create_destination": create_destination, "bind_key": bind_key, "manifest": manifest, "copy": copy,
-    "verify": verify, "build_index": build_index, "cutover": cutover, "cleanup_source": cleanup_source,
-    "resume": resume, "report": report,
+    "preflight": preflight,
+    "pause": pause,
+    "cutover_point": cutover_point,
+    "create_destination": create_destination,
+    "bind_key": bind_key,
+    "manifest": manifest,
+    "copy": copy,
+    "verify": verify,
+    "build_index": build_index,
+    "cutover": cutover,
+    "cleanup_source": cleanup_source,
+    "resume": resume,
+    "report": report,
 }
 
 __all__ = ["STEP_FUNCTIONS", "Step"]

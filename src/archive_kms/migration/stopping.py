@@ -143,8 +143,11 @@ def stop_on_signals(stop: StopRequest, signals: Sequence[signal.Signals] = DEFAU
         first = not stop.is_set()
         stop.set(f"{BY_SIGNAL} ({name})")
         if first:  # os.write: no lock that the interrupted code might hold (logging has some)
-            os.write(2, f"archive-kms: {name} received: stopping the migration run at the next object "
-                        "boundary (it can be resumed)\n".encode())
+            os.write(
+                2,
+                f"archive-kms: {name} received: stopping the migration run at the next object "
+                "boundary (it can be resumed)\n".encode(),
+            )
 
     previous: dict[signal.Signals, object] = {}
     try:
@@ -157,5 +160,13 @@ def stop_on_signals(stop: StopRequest, signals: Sequence[signal.Signals] = DEFAU
             signal.signal(sig, signal.SIG_DFL if old is None else old)  # type: ignore[arg-type]
 
 
-__all__ = ["BY_SIGNAL", "STOP_GRACE_SECONDS", "StopRequest", "StopRequestedError", "for_run", "registered",
-           "request_stop", "stop_on_signals"]
+__all__ = [
+    "BY_SIGNAL",
+    "STOP_GRACE_SECONDS",
+    "StopRequest",
+    "StopRequestedError",
+    "for_run",
+    "registered",
+    "request_stop",
+    "stop_on_signals",
+]

@@ -42,8 +42,8 @@ from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
 from archive_kms.errors import (
     IndexModeMismatchError,
     IntegrityError,
-    KeyDestroyedError,
     KeychainTamperedError,
+    KeyDestroyedError,
     KeyNotFoundError,
     ObjectExistsError,
     ObjectNotFoundError,
@@ -62,8 +62,14 @@ ATTACHMENT_PREFIX = b"attachments/"
 
 def record_object_name(record: Record) -> bytes:
     """``records/<workspace>/<object type>/<record id>``: opaque bytes in the tenant's location."""
-    return b"/".join((RECORD_PREFIX.rstrip(b"/"), record.workspace_id.encode(), record.object_type.encode(),
-                      record.record_id.encode()))
+    return b"/".join(
+        (
+            RECORD_PREFIX.rstrip(b"/"),
+            record.workspace_id.encode(),
+            record.object_type.encode(),
+            record.record_id.encode(),
+        )
+    )
 
 
 def attachment_object_name(workspace_id: str, attachment_id: str) -> bytes:
@@ -98,24 +104,40 @@ class JobSpec:
     def to_payload(self) -> dict[str, Any]:
         """The whole spec as JSON, records included: never queued any more (``seal_job``);
         ``from_payload`` still reads it, for rows an earlier version queued this way."""
-        return {"kind": self.kind, "records": list(self.records), "attachment_files": dict(self.attachment_files),
-                "synthetic": dict(self.synthetic)}
+        return {
+            "kind": self.kind,
+            "records": list(self.records),
+            "attachment_files": dict(self.attachment_files),
+            "synthetic": dict(self.synthetic),
+        }
 
     @classmethod
     def from_payload(cls, job_id: str, tenant_id: str, payload: Mapping[str, Any]) -> JobSpec:
-        return cls(job_id, tenant_id, payload["kind"], tuple(payload.get("records") or ()),
-                   dict(payload.get("attachment_files") or {}), dict(payload.get("synthetic") or {}))
+        return cls(
+            job_id,
+            tenant_id,
+            payload["kind"],
+            tuple(payload.get("records") or ()),
+            dict(payload.get("attachment_files") or {}),
+            dict(payload.get("synthetic") or {}),
+        )
 
     def materialise(self) -> Iterator[tuple[Record, list[AttachmentData]]]:
         """The job's records with their attachment streams."""
         if self.kind == "synthetic":
             from archive_kms.synthetic import SizeMix, generate_records
 
-            mix = {"small": SizeMix.small, "default": SizeMix, "large": SizeMix.large}[self.synthetic.get("mix", "small")]()
+            mix = {"small": SizeMix.small, "default": SizeMix, "large": SizeMix.large}[
+                self.synthetic.get("mix", "small")
+            ]()
             offset = int(self.synthetic.get("offset", 0))
-            gen = generate_records(self.tenant_id, offset + int(self.synthetic["count"]),
-                                   seed=int(self.synthetic.get("seed", 0)), mix=mix,
-                                   workspaces=int(self.synthetic.get("workspaces", 1)))
+            gen = generate_records(
+                self.tenant_id,
+                offset + int(self.synthetic["count"]),
+                seed=int(self.synthetic.get("seed", 0)),
+                mix=mix,
+                workspaces=int(self.synthetic.get("workspaces", 1)),
+            )
             for i, item in enumerate(gen):
                 if i >= offset:
                     yield item
@@ -128,8 +150,10 @@ class JobSpec:
             for ref in record.attachments:
                 path = self.attachment_files.get(ref.attachment_id)
                 if path is None:
-                    raise ValidationError(f"job {self.job_id}: attachment {ref.attachment_id} of record "
-                                          f"{record.record_id} has no file; give it with the job")
+                    raise ValidationError(
+                        f"job {self.job_id}: attachment {ref.attachment_id} of record "
+                        f"{record.record_id} has no file; give it with the job"
+                    )
                 atts.append(AttachmentData(ref, lambda p=path: _read_file(p)))
             yield record, atts
 
@@ -223,16 +247,21 @@ def seal_job(spec: JobSpec, keychain: Any) -> QueuedJob:
     """The form in which the gate may keep ``spec``: content sealed with the project's
     envelope under the active DEK of a workspace of the tenant's keychain (the DEK outlives
     an L1 re-binding: only L2's wrapping changes), bound to ``deferred/<job id>``."""
-    metadata: dict[str, Any] = {"format": DEFERRED_FORMAT, "kind": spec.kind, "record_count": len(spec.records),
-                                "attachment_count": len(spec.attachment_files)}
+    metadata: dict[str, Any] = {
+        "format": DEFERRED_FORMAT,
+        "kind": spec.kind,
+        "record_count": len(spec.records),
+        "attachment_count": len(spec.attachment_files),
+    }
     if spec.synthetic:
         metadata["synthetic"] = dict(spec.synthetic)  # generator parameters: no record content
     content = _content(spec)
     if content is None:
         return QueuedJob(metadata)
     if keychain is None:
-        raise ValidationError(f"job {spec.job_id}: a job with record content is sealed under its tenant's keychain; "
-                              "none was given")
+        raise ValidationError(
+            f"job {spec.job_id}: a job with record content is sealed under its tenant's keychain; none was given"
+        )
     try:
         plaintext = _canonical(content)
     except (TypeError, ValueError) as e:
@@ -241,8 +270,12 @@ def seal_job(spec: JobSpec, keychain: Any) -> QueuedJob:
     metadata["digest"] = digest
     workspace = _seal_workspace(spec)
     dek = keychain.dek_for_encrypt(spec.tenant_id, workspace)
-    sealed = encrypt_bytes(_canonical({"digest": digest, **content}), dek=dek.key, dek_id=dek.dek_id,
-                           binding=ObjectBinding(spec.tenant_id, workspace, deferred_object_name(spec.job_id)))
+    sealed = encrypt_bytes(
+        _canonical({"digest": digest, **content}),
+        dek=dek.key,
+        dek_id=dek.dek_id,
+        binding=ObjectBinding(spec.tenant_id, workspace, deferred_object_name(spec.job_id)),
+    )
     return QueuedJob(metadata, sealed)
 
 
@@ -251,7 +284,8 @@ def _refused(job: DeferredJob, reason: str) -> IntegrityError:
         f"deferred job {job.job_id} of tenant {job.tenant_id}: its sealed content was refused ({reason}); it was "
         "altered, moved from another job or tenant, or its key was destroyed. Nothing was archived; the job stays "
         f"queued for support (`archive-kms jobs park {job.tenant_id} {job.job_id} --reason ...` gives it up)",
-        resource=f"job:{job.job_id}")
+        resource=f"job:{job.job_id}",
+    )
 
 
 def _unseal(job: DeferredJob, keychain: Any) -> dict[str, Any]:
@@ -289,8 +323,13 @@ def open_queued(job: DeferredJob, keychain: Any) -> JobSpec:
         raise _refused(job, "the sealed content is missing")
     body = _unseal(job, keychain)
     records, files = body.get("records"), body.get("attachment_files")
-    if (body.get("digest") != meta["digest"] or not isinstance(records, list) or not isinstance(files, dict)
-            or len(records) != meta.get("record_count") or len(files) != meta.get("attachment_count")):
+    if (
+        body.get("digest") != meta["digest"]
+        or not isinstance(records, list)
+        or not isinstance(files, dict)
+        or len(records) != meta.get("record_count")
+        or len(files) != meta.get("attachment_count")
+    ):
         raise _refused(job, "the clear metadata does not match the sealed content")
     return JobSpec(job.job_id, job.tenant_id, meta["kind"], tuple(records), files, synthetic)
 
@@ -315,10 +354,20 @@ class TenantArchive:
     """A tenant's archive as the writer and readers see it now: where it lives, which
     keychain encrypts it, which index generation answers searches."""
 
-    def __init__(self, *, tenant_id: str, store, keychain, index, index_mode, search_keys,
-                 index_name: str | None = None, segment_size: int | None = None,
-                 relocate: Callable[[], TenantArchive] | None = None,
-                 keyed_search_keys: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tenant_id: str,
+        store,
+        keychain,
+        index,
+        index_mode,
+        search_keys,
+        index_name: str | None = None,
+        segment_size: int | None = None,
+        relocate: Callable[[], TenantArchive] | None = None,
+        keyed_search_keys: Callable[[], Any] | None = None,
+    ) -> None:
         self.tenant_id = tenant_id
         self.store = store
         self.keychain = keychain
@@ -396,8 +445,9 @@ class TenantArchive:
         raise AssertionError("unreachable")
 
 
-def write_records(archive: TenantArchive, items: Iterable[tuple[Record, list[AttachmentData]]], *,
-                  batch_size: int = 200) -> dict[str, int]:
+def write_records(
+    archive: TenantArchive, items: Iterable[tuple[Record, list[AttachmentData]]], *, batch_size: int = 200
+) -> dict[str, int]:
     """Write records and attachments, then index the records (deterministic ids)."""
     from archive_kms.search import build_document
 
@@ -418,8 +468,9 @@ def write_records(archive: TenantArchive, items: Iterable[tuple[Record, list[Att
 
     for record, attachments in items:
         for att in attachments:
-            written, n = archive.put_object(attachment_object_name(record.workspace_id, att.ref.attachment_id),
-                                            record.workspace_id, att.open())
+            written, n = archive.put_object(
+                attachment_object_name(record.workspace_id, att.ref.attachment_id), record.workspace_id, att.open()
+            )
             counts["attachments"] += 1
             counts["written" if written else "already"] += 1
             counts["bytes"] += n
@@ -427,8 +478,9 @@ def write_records(archive: TenantArchive, items: Iterable[tuple[Record, list[Att
         counts["records"] += 1
         counts["written" if written else "already"] += 1
         counts["bytes"] += n
-        batch.append(build_document(record, tenant=archive.tenant_id, mode=archive.index_mode,
-                                    keys=archive.search_keys))
+        batch.append(
+            build_document(record, tenant=archive.tenant_id, mode=archive.index_mode, keys=archive.search_keys)
+        )
         if len(batch) >= batch_size:
             flush()
     flush()
@@ -449,8 +501,9 @@ def submit_job(state, spec: JobSpec, open_archive: Callable[[str], TenantArchive
     except StateError:
         if keychain is None or not _is_resend(state, spec, keychain):
             raise
-        log.info("job %s for tenant %s: duplicate (recognised by the ledger or its queued seal)", spec.job_id,
-                 spec.tenant_id)
+        log.info(
+            "job %s for tenant %s: duplicate (recognised by the ledger or its queued seal)", spec.job_id, spec.tenant_id
+        )
         return JobOutcome(spec.job_id, spec.tenant_id, "duplicate")
     decision = admission.decision.value
     if decision != "run":
@@ -464,8 +517,15 @@ def submit_job(state, spec: JobSpec, open_archive: Callable[[str], TenantArchive
 def _audit(state, tenant_id: str, action: str, details: dict[str, Any], run_id: str | None = None) -> None:
     """Every job that writes (or is queued to write) into a tenant's archive leaves an
     audit record: ids and counts, never record content."""
-    state.append_audit(AuditEvent(actor=JOB_ACTOR if run_id is None else f"replay:{run_id}", action=action,
-                                  tenant_id=tenant_id, run_id=run_id, details=details))
+    state.append_audit(
+        AuditEvent(
+            actor=JOB_ACTOR if run_id is None else f"replay:{run_id}",
+            action=action,
+            tenant_id=tenant_id,
+            run_id=run_id,
+            details=details,
+        )
+    )
 
 
 def _is_resend(state, spec: JobSpec, keychain: Any) -> bool:
@@ -485,8 +545,14 @@ def _is_resend(state, spec: JobSpec, keychain: Any) -> bool:
     return held.kind == spec.kind and _canonical(_content(held)) == _canonical(_content(spec))
 
 
-def _run(state, job: JobSpec | DeferredJob, attempt: int, open_archive: Callable[[str], TenantArchive], *,
-         run_id: str | None = None) -> JobOutcome:
+def _run(
+    state,
+    job: JobSpec | DeferredJob,
+    attempt: int,
+    open_archive: Callable[[str], TenantArchive],
+    *,
+    run_id: str | None = None,
+) -> JobOutcome:
     """Run an admitted attempt into the archive opened now. ``job`` is the spec, or a
     queued job whose content is opened here under the keychain as it is now. Any failure,
     a refused seal included, is recorded on the attempt (a queued job stays queued)."""
@@ -496,20 +562,52 @@ def _run(state, job: JobSpec | DeferredJob, attempt: int, open_archive: Callable
         counts = write_records(archive, spec.materialise())
     except BaseException as e:
         state.finish_job(job.job_id, attempt, error=f"{type(e).__name__}: {e}"[:500])
-        _audit(state, job.tenant_id, "job.failed", {"job_id": job.job_id, "attempt": attempt,
-                                                    "error": type(e).__name__}, run_id)
+        _audit(
+            state,
+            job.tenant_id,
+            "job.failed",
+            {"job_id": job.job_id, "attempt": attempt, "error": type(e).__name__},
+            run_id,
+        )
         raise
     state.finish_job(job.job_id, attempt, object_count=counts["written"] + counts["already"])
-    _audit(state, job.tenant_id, "job.run", {
-        "job_id": job.job_id, "attempt": attempt, "records": counts["records"], "attachments": counts["attachments"],
-        "objects_written": counts["written"], "objects_already_there": counts["already"],
-        "indexed": counts["indexed"]}, run_id)
-    return JobOutcome(job.job_id, job.tenant_id, "run", counts["records"], counts["attachments"],
-                      counts["written"], counts["already"], counts["bytes"], counts["indexed"])
+    _audit(
+        state,
+        job.tenant_id,
+        "job.run",
+        {
+            "job_id": job.job_id,
+            "attempt": attempt,
+            "records": counts["records"],
+            "attachments": counts["attachments"],
+            "objects_written": counts["written"],
+            "objects_already_there": counts["already"],
+            "indexed": counts["indexed"],
+        },
+        run_id,
+    )
+    return JobOutcome(
+        job.job_id,
+        job.tenant_id,
+        "run",
+        counts["records"],
+        counts["attachments"],
+        counts["written"],
+        counts["already"],
+        counts["bytes"],
+        counts["indexed"],
+    )
 
 
-def replay_deferred(state, tenant_id: str, run_id: str, open_archive: Callable[[str], TenantArchive], *,
-                    fence=None, reclaim_after: timedelta = timedelta(minutes=5)) -> list[JobOutcome]:
+def replay_deferred(
+    state,
+    tenant_id: str,
+    run_id: str,
+    open_archive: Callable[[str], TenantArchive],
+    *,
+    fence=None,
+    reclaim_after: timedelta = timedelta(minutes=5),
+) -> list[JobOutcome]:
     """Resume the gate and replay every deferred job exactly once, in arrival order,
     into wherever the tenant lives now. ``reclaim_after``: claims older than this (a
     replayer that crashed) are taken over; a migration run that holds the tenant's lease
@@ -548,14 +646,31 @@ def park_deferred_job(state, tenant_id: str, job_id: str, *, reason: str, actor:
     The job's content is not archived: the writer must send it again under a new job id."""
     parked = state.park_deferred(tenant_id, job_id, reason=reason, actor=actor)
     who, why = parked.parked["actor"], parked.parked["reason"]  # as the store kept them (trimmed)
-    state.append_audit(AuditEvent(actor=who, action="job.parked", tenant_id=tenant_id,
-                                  details={"job_id": job_id, "reason": why, "actor": who}))
+    state.append_audit(
+        AuditEvent(
+            actor=who, action="job.parked", tenant_id=tenant_id, details={"job_id": job_id, "reason": why, "actor": who}
+        )
+    )
     log.warning("job %s of tenant %s parked by %s", job_id, tenant_id, who)
     return parked
 
 
 __all__ = [
-    "DEFERRED_FORMAT", "AttachmentRef", "JobOutcome", "JobSpec", "QueuedJob", "TenantArchive",
-    "attachment_object_name", "deferred_object_name", "load_jsonl", "open_queued", "park_deferred_job",
-    "record_object_name", "replay_deferred", "seal_job", "submit_job", "workspace_of", "write_records",
+    "DEFERRED_FORMAT",
+    "AttachmentRef",
+    "JobOutcome",
+    "JobSpec",
+    "QueuedJob",
+    "TenantArchive",
+    "attachment_object_name",
+    "deferred_object_name",
+    "load_jsonl",
+    "open_queued",
+    "park_deferred_job",
+    "record_object_name",
+    "replay_deferred",
+    "seal_job",
+    "submit_job",
+    "workspace_of",
+    "write_records",
 ]

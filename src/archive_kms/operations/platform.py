@@ -54,8 +54,10 @@ class Platform:
     def _tenant(self, tenant_id: str):
         t = self.state.get_tenant(tenant_id)
         if t is None:
-            raise StateError(f"unknown tenant {tenant_id!r}: create it with `archive-kms tenant create`",
-                             resource=f"tenant:{tenant_id}")
+            raise StateError(
+                f"unknown tenant {tenant_id!r}: create it with `archive-kms tenant create`",
+                resource=f"tenant:{tenant_id}",
+            )
         return t
 
     @staticmethod
@@ -119,9 +121,16 @@ class Platform:
         # The keychain records its commits in the state store's audit log and checks its
         # head against it (rollback detection), as in production wiring.
         keychain = Keychain(InMemoryKeychainStore(), resolve, Signer.generate(), clock, KeyCache(), audit=state)
+        from archive_kms.state.anchors import MemoryAnchorStore
         from archive_kms.storage.provisioning import MemoryProvisioner
 
-        from archive_kms.state.anchors import MemoryAnchorStore
-
-        return cls(settings, state, keychain, MemorySearchIndex(), resolve, open_store,
-                   MemoryProvisioner(open_store), anchors=MemoryAnchorStore())
+        return cls(
+            settings,
+            state,
+            keychain,
+            MemorySearchIndex(),
+            resolve,
+            open_store,
+            MemoryProvisioner(open_store),
+            anchors=MemoryAnchorStore(),
+        )

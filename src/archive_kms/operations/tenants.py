@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from archive_kms.domain.tenants import TenantId
 from archive_kms.errors import StateError, ValidationError
-from archive_kms.search import alias_name
 from archive_kms.operations.platform import Platform
+from archive_kms.search import alias_name
 from archive_kms.state.port import AuditEvent, KeyMode, TenantRecord
 from archive_kms.storage import Location, shared_azure_location, shared_s3_location
 
@@ -27,8 +27,13 @@ class TenantCreated:
     index: str
 
 
-_MODE_BY_SCHEME = {"managed": KeyMode.MANAGED, "aws-kms": KeyMode.BYOKMS, "azure-kv": KeyMode.BYOKV,
-                   "kmip": KeyMode.KMIP, "memory": KeyMode.BYOKMS}
+_MODE_BY_SCHEME = {
+    "managed": KeyMode.MANAGED,
+    "aws-kms": KeyMode.BYOKMS,
+    "azure-kv": KeyMode.BYOKV,
+    "kmip": KeyMode.KMIP,
+    "memory": KeyMode.BYOKMS,
+}
 
 
 def key_mode_of(key_ref: str) -> KeyMode:
@@ -36,8 +41,10 @@ def key_mode_of(key_ref: str) -> KeyMode:
     says so when it imported the material)."""
     scheme = key_ref.split("://", 1)[0]
     if scheme not in _MODE_BY_SCHEME:
-        raise ValidationError(f"key reference {key_ref[:80]!r}: unknown scheme {scheme!r} "
-                              f"(use one of {', '.join(sorted(_MODE_BY_SCHEME))})")
+        raise ValidationError(
+            f"key reference {key_ref[:80]!r}: unknown scheme {scheme!r} "
+            f"(use one of {', '.join(sorted(_MODE_BY_SCHEME))})"
+        )
     return _MODE_BY_SCHEME[scheme]
 
 
@@ -66,8 +73,15 @@ def ensure_shared_container(platform: Platform, location: Location) -> None:
         create_azure_container(wiring.blob_service_client(platform.settings), location)
 
 
-def create_tenant(platform: Platform, tenant_id: str, *, cloud: str = "s3", key_ref: str | None = None,
-                  actor: str = "operator", provision_storage: bool = True) -> TenantCreated:
+def create_tenant(
+    platform: Platform,
+    tenant_id: str,
+    *,
+    cloud: str = "s3",
+    key_ref: str | None = None,
+    actor: str = "operator",
+    provision_storage: bool = True,
+) -> TenantCreated:
     """Register a new tenant on shared storage under the managed key (or ``key_ref``)."""
     tenant = TenantId(tenant_id)  # the one strict rule: raises ValidationError naming the problem
     if platform.state.get_tenant(tenant.value) is not None:
@@ -84,9 +98,22 @@ def create_tenant(platform: Platform, tenant_id: str, *, cloud: str = "s3", key_
     index = platform.index.create_generation(tenant.value, 1, mode)
     if platform.index.current_index(tenant.value) != index:
         platform.index.swap_alias(tenant.value, index, expected_current=None)
-    platform.state.create_tenant(TenantRecord(
-        tenant_id=tenant.value, key_mode=key_mode, location=location.to_dict(), key_ref=ref,
-        index_alias=alias_name(tenant.value), index_generation=1))
-    platform.state.append_audit(AuditEvent(actor=actor, action="tenant.create", tenant_id=tenant.value,
-                                           details={"location": location.uri, "key_ref": ref, "index": index}))
+    platform.state.create_tenant(
+        TenantRecord(
+            tenant_id=tenant.value,
+            key_mode=key_mode,
+            location=location.to_dict(),
+            key_ref=ref,
+            index_alias=alias_name(tenant.value),
+            index_generation=1,
+        )
+    )
+    platform.state.append_audit(
+        AuditEvent(
+            actor=actor,
+            action="tenant.create",
+            tenant_id=tenant.value,
+            details={"location": location.uri, "key_ref": ref, "index": index},
+        )
+    )
     return TenantCreated(tenant.value, location.uri, ref, index)

@@ -47,8 +47,9 @@ def record_key_of(name: bytes) -> RecordKey | None:
     return parts[1].decode(), parts[2].decode(), parts[3].decode()
 
 
-def _bounded(items: Iterable[bytes], work: Callable[[bytes], Any], on_done: Callable[[bytes, Future], None],
-             threads: int) -> None:
+def _bounded(
+    items: Iterable[bytes], work: Callable[[bytes], Any], on_done: Callable[[bytes, Future], None], threads: int
+) -> None:
     """``work`` over ``items`` with at most ``2 * threads`` in flight (the listing is consumed lazily)."""
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="akms-verify") as pool:
         pending: dict[Future, bytes] = {}
@@ -124,15 +125,31 @@ def verify_tenant(platform: Any, tenant_id: str, *, threads: int = DEFAULT_THREA
         indexed, failures = _index_keys(platform, tid, index)
     missing = tally.records - indexed
     extra = indexed - tally.records
-    ok = (tally.unreadable == 0 and failures == 0 and index is not None and documents == len(tally.records)
-          and not missing and not extra)
+    ok = (
+        tally.unreadable == 0
+        and failures == 0
+        and index is not None
+        and documents == len(tally.records)
+        and not missing
+        and not extra
+    )
     return {
-        "tenant": tid, "location": location.uri, "index": index,
-        "objects": tally.objects, "bytes_plaintext": tally.bytes_plaintext, "records": len(tally.records),
-        "index_documents": documents, "missing_in_index": len(missing), "extra_in_index": len(extra),
-        "unreadable": tally.unreadable, "index_unreadable": failures,
-        "examples": {"missing_in_index": _examples(missing), "extra_in_index": _examples(extra),
-                     "unreadable": tally.unreadable_examples},
+        "tenant": tid,
+        "location": location.uri,
+        "index": index,
+        "objects": tally.objects,
+        "bytes_plaintext": tally.bytes_plaintext,
+        "records": len(tally.records),
+        "index_documents": documents,
+        "missing_in_index": len(missing),
+        "extra_in_index": len(extra),
+        "unreadable": tally.unreadable,
+        "index_unreadable": failures,
+        "examples": {
+            "missing_in_index": _examples(missing),
+            "extra_in_index": _examples(extra),
+            "unreadable": tally.unreadable_examples,
+        },
         "ok": ok,
     }
 

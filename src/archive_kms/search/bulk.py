@@ -29,15 +29,17 @@ from archive_kms.search.port import BulkItemError, BulkResult
 
 T = TypeVar("T")
 
-RETRYABLE_TYPES = frozenset({
-    "es_rejected_execution_exception",
-    "circuit_breaking_exception",
-    "unavailable_shards_exception",
-    "no_shard_available_action_exception",
-    "node_not_connected_exception",
-    "node_disconnected_exception",
-    "process_cluster_event_timeout_exception",
-})
+RETRYABLE_TYPES = frozenset(
+    {
+        "es_rejected_execution_exception",
+        "circuit_breaking_exception",
+        "unavailable_shards_exception",
+        "no_shard_available_action_exception",
+        "node_not_connected_exception",
+        "node_disconnected_exception",
+        "process_cluster_event_timeout_exception",
+    }
+)
 
 MAX_REASON_CHARS = 200
 _PREVIEW_MARKERS = ("Preview of field's value", "preview of field's value")
@@ -103,8 +105,10 @@ def parse_bulk_response(response: Mapping[str, Any], doc_ids: Sequence[str]) -> 
         out.append((kind, err))
     if response.get("errors") is True and not any(_item_failed(item) for item in items):
         # The flag says something failed but no item shows it: trust nothing.
-        out = [("retry", BulkItemError(d, 0, "inconsistent_response", "errors=true without a failed item", True))
-               for d in doc_ids]
+        out = [
+            ("retry", BulkItemError(d, 0, "inconsistent_response", "errors=true without a failed item", True))
+            for d in doc_ids
+        ]
     return out
 
 
@@ -137,7 +141,7 @@ def run_bulk(
         outcomes = parse_bulk_response(send(pending), ids)
         retry: list[T] = []
         last_errors: list[BulkItemError] = []
-        for item, the_id, (kind, err) in zip(pending, ids, outcomes):
+        for item, the_id, (kind, err) in zip(pending, ids, outcomes, strict=True):
             if kind == "ok":
                 indexed.append(the_id)
             elif kind == "skip":
@@ -154,5 +158,6 @@ def run_bulk(
             delay = min(max_backoff, backoff * 2 ** (attempt - 1))
             sleep(delay * (0.5 + jitter() / 2))
         pending = retry
-    return BulkResult(index=index, indexed=tuple(indexed), skipped=tuple(skipped), failed=tuple(failed),
-                      attempts=attempt)
+    return BulkResult(
+        index=index, indexed=tuple(indexed), skipped=tuple(skipped), failed=tuple(failed), attempts=attempt
+    )

@@ -168,8 +168,9 @@ def _check_record(record: Record) -> None:
         check_field_name(name)
         text = value_text(value)
         if text is not None and len(text) > MAX_VALUE_CHARS:
-            raise ValidationError(f"record {record.object_type}/{rid}: field {name} is longer than "
-                                  f"{MAX_VALUE_CHARS} characters")
+            raise ValidationError(
+                f"record {record.object_type}/{rid}: field {name} is longer than {MAX_VALUE_CHARS} characters"
+            )
     if len(record.attachments) > MAX_ATTACHMENTS:
         raise ValidationError(f"record {record.object_type}/{rid} has more than {MAX_ATTACHMENTS} attachments")
 
@@ -177,8 +178,13 @@ def _check_record(record: Record) -> None:
 def document_id(tenant: str, record: Record, keys: SearchKeys | None) -> str:
     """Deterministic id: the same record always maps to the same document (C6)."""
     tenant = check_tenant_id(tenant)
-    data = (_DOC_LABEL + lp(tenant.encode()) + lp(record.workspace_id.encode()) + lp(record.object_type.encode())
-            + lp(record.record_id.encode()))
+    data = (
+        _DOC_LABEL
+        + lp(tenant.encode())
+        + lp(record.workspace_id.encode())
+        + lp(record.object_type.encode())
+        + lp(record.record_id.encode())
+    )
     digest = keys.mac(data) if keys is not None else hashlib.sha256(data).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
@@ -208,12 +214,15 @@ def _check_mode_keys(tenant: str, mode: IndexMode, keys: SearchKeys | None) -> N
         if keys.tenant != tenant:
             raise ValidationError(f"search keys of tenant {keys.tenant!r} used for tenant {tenant!r}")
     elif keys is not None:
-        raise IndexModeMismatchError(f"plaintext index of tenant {tenant!r} was given SearchKeys: a keyed tenant "
-                              "must not be indexed or queried in clear")
+        raise IndexModeMismatchError(
+            f"plaintext index of tenant {tenant!r} was given SearchKeys: a keyed tenant "
+            "must not be indexed or queried in clear"
+        )
 
 
-def build_document(record: Record, *, tenant: str, mode: IndexMode, keys: SearchKeys | None,
-                   version: int | None = None) -> IndexDocument:
+def build_document(
+    record: Record, *, tenant: str, mode: IndexMode, keys: SearchKeys | None, version: int | None = None
+) -> IndexDocument:
     """The index document of ``record``. ``ValidationError`` for a record that breaks
     the bounds above (reported per record by callers, never indexed)."""
     tenant = check_tenant_id(tenant)
@@ -224,12 +233,14 @@ def build_document(record: Record, *, tenant: str, mode: IndexMode, keys: Search
         raise ValidationError("document version must be a non-negative 64-bit int")
     terms = record_terms(record)
     if len(terms) > MAX_TERMS:
-        raise ValidationError(f"record {record.object_type}/{record.record_id} has {len(terms)} distinct terms "
-                              f"(max {MAX_TERMS})")
+        raise ValidationError(
+            f"record {record.object_type}/{record.record_id} has {len(terms)} distinct terms (max {MAX_TERMS})"
+        )
     display = record.to_json()
     if len(display) > MAX_DISPLAY_BYTES:
-        raise ValidationError(f"record {record.object_type}/{record.record_id} is {len(display)} bytes "
-                              f"(max {MAX_DISPLAY_BYTES})")
+        raise ValidationError(
+            f"record {record.object_type}/{record.record_id} is {len(display)} bytes (max {MAX_DISPLAY_BYTES})"
+        )
     doc_id = document_id(tenant, record, keys)
     source: dict[str, Any] = _indexed_fields(record, mode, keys, terms)
     if mode is IndexMode.PLAINTEXT:
@@ -240,21 +251,33 @@ def build_document(record: Record, *, tenant: str, mode: IndexMode, keys: Search
     return IndexDocument(doc_id=doc_id, source=source, version=version)
 
 
-def _indexed_fields(record: Record, mode: IndexMode, keys: SearchKeys | None,
-                    terms: set[str] | None = None) -> dict[str, Any]:
+def _indexed_fields(
+    record: Record, mode: IndexMode, keys: SearchKeys | None, terms: set[str] | None = None
+) -> dict[str, Any]:
     """The searchable fields of ``record``'s document (everything but ``display``)."""
     terms = record_terms(record) if terms is None else terms
     if mode is IndexMode.PLAINTEXT:
-        return {"object_type": type_term(record.object_type)[2:], "record_id": record.record_id,
-                "tokens": sorted(terms)}
+        return {
+            "object_type": type_term(record.object_type)[2:],
+            "record_id": record.record_id,
+            "tokens": sorted(terms),
+        }
     assert keys is not None
-    return {"object_type": keys.keyed(type_term(record.object_type)),
-            "record_id": keys.keyed(record_term(record.record_id)),
-            "tokens": keys.keyed_all(terms)}  # sorted by token: no word order survives
+    return {
+        "object_type": keys.keyed(type_term(record.object_type)),
+        "record_id": keys.keyed(record_term(record.record_id)),
+        "tokens": keys.keyed_all(terms),
+    }  # sorted by token: no word order survives
 
 
-def _check_matches(record: Record, mode: IndexMode, keys: SearchKeys | None, required: Sequence[tuple[str, str]],
-                   index: str, doc_id: str) -> None:
+def _check_matches(
+    record: Record,
+    mode: IndexMode,
+    keys: SearchKeys | None,
+    required: Sequence[tuple[str, str]],
+    index: str,
+    doc_id: str,
+) -> None:
     """The hit's own authenticated record must carry every term the query matched on.
     Only ``display`` is sealed; the searchable fields of a document are not, so someone
     who can write to the index could copy one record's tokens onto another and make it
@@ -263,8 +286,11 @@ def _check_matches(record: Record, mode: IndexMode, keys: SearchKeys | None, req
     for field_name, value in required:
         held = own.get(field_name)
         if value != held and not (isinstance(held, list) and value in held):
-            raise IntegrityError(f"document {doc_id} in {index} matched the query on index terms its own record "
-                                 "does not have (the index was altered)", resource=index)
+            raise IntegrityError(
+                f"document {doc_id} in {index} matched the query on index terms its own record "
+                "does not have (the index was altered)",
+                resource=index,
+            )
 
 
 # --- display field -----------------------------------------------------------------------
@@ -272,8 +298,7 @@ def _check_matches(record: Record, mode: IndexMode, keys: SearchKeys | None, req
 
 def _display_key(keys: SearchKeys, salt: bytes, tenant: str, doc_id: str) -> AESGCM:
     info = _DISPLAY_KEY_LABEL + lp(tenant.encode()) + lp(doc_id.encode())
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(
-        keys.display_key_material().reveal())
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(keys.display_key_material().reveal())
     return AESGCM(key)
 
 
@@ -301,12 +326,15 @@ def open_display(blob: str, *, tenant: str, doc_id: str, keys: SearchKeys) -> by
         raise IntegrityError(f"display field of document {doc_id} has an impossible length", resource=doc_id)
     if raw[0] != _DISPLAY_VERSION:
         raise IntegrityError(f"display field of document {doc_id} has unknown version {raw[0]}", resource=doc_id)
-    salt, nonce, ct = raw[1:1 + _SALT], raw[1 + _SALT:1 + _SALT + _NONCE], raw[1 + _SALT + _NONCE:]
+    salt, nonce, ct = raw[1 : 1 + _SALT], raw[1 + _SALT : 1 + _SALT + _NONCE], raw[1 + _SALT + _NONCE :]
     try:
         return _display_key(keys, salt, tenant, doc_id).decrypt(nonce, ct, _display_aad(tenant, doc_id))
     except InvalidTag:
-        raise IntegrityError(f"display field of document {doc_id} failed authentication (tampered, or "
-                             "sealed for another document, tenant or key)", resource=doc_id) from None
+        raise IntegrityError(
+            f"display field of document {doc_id} failed authentication (tampered, or "
+            "sealed for another document, tenant or key)",
+            resource=doc_id,
+        ) from None
 
 
 # --- queries -----------------------------------------------------------------------------
@@ -337,8 +365,10 @@ def compile_query(tenant: str, query: Query, *, mode: IndexMode, keys: SearchKey
     for name, value in query.filters.items():
         term = field_term(name, value)
         if term is None:
-            raise ValidationError(f"filter on {name} needs a non-empty value of at most "
-                                  "256 characters; search longer values by their words")
+            raise ValidationError(
+                f"filter on {name} needs a non-empty value of at most "
+                "256 characters; search longer values by their words"
+            )
         terms.add(term)
     if len(terms) > MAX_QUERY_TERMS:
         raise ValidationError(f"query has {len(terms)} terms (max {MAX_QUERY_TERMS})")
@@ -355,8 +385,16 @@ def compile_query(tenant: str, query: Query, *, mode: IndexMode, keys: SearchKey
 # --- stored documents → hits -------------------------------------------------------------
 
 
-def decode_hit(*, tenant: str, mode: IndexMode, keys: SearchKeys | None, index: str, doc_id: str,
-               source: Mapping[str, Any], required: Sequence[tuple[str, str]] = ()) -> Hit:
+def decode_hit(
+    *,
+    tenant: str,
+    mode: IndexMode,
+    keys: SearchKeys | None,
+    index: str,
+    doc_id: str,
+    source: Mapping[str, Any],
+    required: Sequence[tuple[str, str]] = (),
+) -> Hit:
     """Rebuild the record of a stored document; ``IntegrityError`` if it does not
     authenticate (keyed mode), does not match its id, or lacks a ``required`` term (the
     compiled query it was found by) (either mode)."""
@@ -380,8 +418,15 @@ def decode_hit(*, tenant: str, mode: IndexMode, keys: SearchKeys | None, index: 
         raise IntegrityError(f"document {doc_id} in {index} holds another record's display field", resource=index)
     if required:
         _check_matches(record, mode, keys, required, index, doc_id)
-    return Hit(doc_id=doc_id, index=index, object_type=record.object_type, record_id=record.record_id,
-               workspace_id=record.workspace_id, fields=dict(record.fields), attachments=record.attachments)
+    return Hit(
+        doc_id=doc_id,
+        index=index,
+        object_type=record.object_type,
+        record_id=record.record_id,
+        workspace_id=record.workspace_id,
+        fields=dict(record.fields),
+        attachments=record.attachments,
+    )
 
 
 def check_scan_keys(index_name: str, mode: IndexMode, keys: SearchKeys | None) -> str:
@@ -393,9 +438,14 @@ def check_scan_keys(index_name: str, mode: IndexMode, keys: SearchKeys | None) -
     return tenant
 
 
-def decode_hits(*, tenant: str, keys: SearchKeys | None, rows: Iterable[tuple[str, str, Mapping[str, Any]]],
-                mode_of: Callable[[str], IndexMode],
-                required: Sequence[tuple[str, str]] = ()) -> tuple[list[Hit], list[HitFailure]]:
+def decode_hits(
+    *,
+    tenant: str,
+    keys: SearchKeys | None,
+    rows: Iterable[tuple[str, str, Mapping[str, Any]]],
+    mode_of: Callable[[str], IndexMode],
+    required: Sequence[tuple[str, str]] = (),
+) -> tuple[list[Hit], list[HitFailure]]:
     """Decode ``(index, doc_id, source)`` rows the way every backend must: a document that
     does not authenticate or decode becomes a ``HitFailure`` (logged by id, never by
     content) and the others are still returned."""
@@ -403,8 +453,17 @@ def decode_hits(*, tenant: str, keys: SearchKeys | None, rows: Iterable[tuple[st
     failures: list[HitFailure] = []
     for index, doc_id, source in rows:
         try:
-            hits.append(decode_hit(tenant=tenant, mode=mode_of(index), keys=keys, index=index, doc_id=doc_id,
-                                   source=source, required=required))
+            hits.append(
+                decode_hit(
+                    tenant=tenant,
+                    mode=mode_of(index),
+                    keys=keys,
+                    index=index,
+                    doc_id=doc_id,
+                    source=source,
+                    required=required,
+                )
+            )
         except (IntegrityError, ValidationError) as e:
             log.warning("search hit %s in %s failed verification: %s", doc_id, index, type(e).__name__)
             failures.append(HitFailure(doc_id=doc_id, index=index, reason=str(e)))

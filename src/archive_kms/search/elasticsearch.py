@@ -103,8 +103,8 @@ class ElasticsearchSearchIndex:
 
     @contextmanager
     def _translate(self, action: str, resource: str) -> Iterator[None]:
-        from elasticsearch import ApiError, TransportError
         from elastic_transport import SerializationError
+        from elasticsearch import ApiError, TransportError
 
         try:
             yield
@@ -115,11 +115,13 @@ class ElasticsearchSearchIndex:
                 raise ServiceUnavailableError(msg, resource=resource) from None
             raise SearchError(msg, resource=resource) from None
         except SerializationError as e:
-            raise SearchError(f"{action} on {resource} failed: bad response ({type(e).__name__})",
-                              resource=resource) from None
+            raise SearchError(
+                f"{action} on {resource} failed: bad response ({type(e).__name__})", resource=resource
+            ) from None
         except TransportError as e:
-            raise ServiceUnavailableError(f"{action} on {resource} failed: Elasticsearch unreachable "
-                                          f"({type(e).__name__})", resource=resource) from None
+            raise ServiceUnavailableError(
+                f"{action} on {resource} failed: Elasticsearch unreachable ({type(e).__name__})", resource=resource
+            ) from None
 
     # --- generations -----------------------------------------------------------------
 
@@ -137,7 +139,11 @@ class ElasticsearchSearchIndex:
         mode = self._mode_from_meta(meta, name)
         blocks = ((data.get("settings") or {}).get("index") or {}).get("blocks") or {}
         return GenerationInfo(
-            index=name, tenant=tenant, generation=generation, mode=mode, schema=int(meta.get("schema", 0)),
+            index=name,
+            tenant=tenant,
+            generation=generation,
+            mode=mode,
+            schema=int(meta.get("schema", 0)),
             completed_records=meta.get("completed_records"),
             write_blocked=str(blocks.get("write", "false")).lower() == "true",
             is_current=alias_name(tenant) in (data.get("aliases") or {}),
@@ -147,8 +153,9 @@ class ElasticsearchSearchIndex:
         try:
             mode = IndexMode(meta["mode"])
         except (KeyError, ValueError):
-            raise SearchError(f"index {name} has no archive_kms marker: not a search generation",
-                              resource=name) from None
+            raise SearchError(
+                f"index {name} has no archive_kms marker: not a search generation", resource=name
+            ) from None
         with self._modes_lock:
             self._modes[name] = mode
         return mode
@@ -173,8 +180,11 @@ class ElasticsearchSearchIndex:
         try:
             with self._translate("create index", name):
                 try:
-                    self._es.indices.create(index=name, mappings=expected,
-                                            settings=D.index_settings(shards=self._shards, replicas=self._replicas))
+                    self._es.indices.create(
+                        index=name,
+                        mappings=expected,
+                        settings=D.index_settings(shards=self._shards, replicas=self._replicas),
+                    )
                 except BadRequestError as e:
                     if _api_error_parts(e)[1] != "resource_already_exists_exception":
                         raise
@@ -185,8 +195,11 @@ class ElasticsearchSearchIndex:
                 raise ServiceUnavailableError(f"index {name} vanished while being created", resource=name) from None
             drift = D.mapping_drift(data.get("mappings") or {}, expected)
             if drift:
-                raise SearchError(f"index {name} exists with an incompatible mapping: {'; '.join(drift)}; "
-                                  "delete it or use a new generation", resource=name) from None
+                raise SearchError(
+                    f"index {name} exists with an incompatible mapping: {'; '.join(drift)}; "
+                    "delete it or use a new generation",
+                    resource=name,
+                ) from None
         with self._modes_lock:
             self._modes[name] = mode
         return name
@@ -217,7 +230,8 @@ class ElasticsearchSearchIndex:
         mode = self._mode(index_name)
         with self._translate("mark complete", index_name):
             self._es.indices.put_mapping(
-                index=index_name, meta=D.generation_meta(tenant, generation, mode, completed_records=records))
+                index=index_name, meta=D.generation_meta(tenant, generation, mode, completed_records=records)
+            )
 
     # --- documents -------------------------------------------------------------------
 
@@ -251,8 +265,9 @@ class ElasticsearchSearchIndex:
             if d.version is None:
                 ops.append({"create": {"_index": name, "_id": d.doc_id}})
             else:
-                ops.append({"index": {"_index": name, "_id": d.doc_id, "version": d.version,
-                                      "version_type": "external"}})
+                ops.append(
+                    {"index": {"_index": name, "_id": d.doc_id, "version": d.version, "version_type": "external"}}
+                )
             ops.append(dict(d.source))
         return ops
 
@@ -271,10 +286,17 @@ class ElasticsearchSearchIndex:
         self._require_index(index_name)
         results = []
         for batch in self._batches(docs, lambda d: len(D.encode_json(d.source)) + 200):
-            results.append(run_bulk(
-                index_name, batch, doc_id=lambda d: d.doc_id,
-                send=lambda b: self._send(index_name, self._index_ops(index_name, b)),
-                max_attempts=self._max_attempts, backoff=self._backoff, sleep=self._sleep))
+            results.append(
+                run_bulk(
+                    index_name,
+                    batch,
+                    doc_id=lambda d: d.doc_id,
+                    send=lambda b: self._send(index_name, self._index_ops(index_name, b)),
+                    max_attempts=self._max_attempts,
+                    backoff=self._backoff,
+                    sleep=self._sleep,
+                )
+            )
         if refresh:
             self.refresh(index_name)
         return self._merge(index_name, results)
@@ -285,10 +307,17 @@ class ElasticsearchSearchIndex:
         self._require_index(index_name)
         results = []
         for batch in self._batches(ids, lambda i: len(i) + 100):
-            results.append(run_bulk(
-                index_name, batch, doc_id=lambda i: i,
-                send=lambda b: self._send(index_name, [{"delete": {"_index": index_name, "_id": i}} for i in b]),
-                max_attempts=self._max_attempts, backoff=self._backoff, sleep=self._sleep))
+            results.append(
+                run_bulk(
+                    index_name,
+                    batch,
+                    doc_id=lambda i: i,
+                    send=lambda b: self._send(index_name, [{"delete": {"_index": index_name, "_id": i}} for i in b]),
+                    max_attempts=self._max_attempts,
+                    backoff=self._backoff,
+                    sleep=self._sleep,
+                )
+            )
         if refresh:
             self.refresh(index_name)
         return self._merge(index_name, results)
@@ -322,19 +351,30 @@ class ElasticsearchSearchIndex:
                     continue  # deleted between resolving and reading its mapping
                 raise
             compiled = D.compile_query(tenant, query, mode=mode, keys=keys)
-            es_query = ({"bool": {"filter": [{"term": {f: v}} for f, v in compiled.terms]}}
-                        if compiled.terms else {"match_all": {}})
+            es_query = (
+                {"bool": {"filter": [{"term": {f: v}} for f, v in compiled.terms]}}
+                if compiled.terms
+                else {"match_all": {}}
+            )
             with self._translate("search", alias):
                 resp = self._es.options(ignore_status=404 if attempt == 0 else ()).search(
-                    index=current, query=es_query, size=compiled.limit, sort=[{f: "asc"} for f in D.SORT_FIELDS],
-                    source_includes=["display"], track_total_hits=True)
+                    index=current,
+                    query=es_query,
+                    size=compiled.limit,
+                    sort=[{f: "asc"} for f in D.SORT_FIELDS],
+                    source_includes=["display"],
+                    track_total_hits=True,
+                )
             if getattr(resp, "meta", None) is None or resp.meta.status != 404:
                 break
         # a swap between resolving the alias and searching: decode each hit by its own index's mode
         hits, failures = D.decode_hits(
-            tenant=tenant, keys=keys, mode_of=lambda index: mode if index == current else self._mode(index),
+            tenant=tenant,
+            keys=keys,
+            mode_of=lambda index: mode if index == current else self._mode(index),
             rows=((h["_index"], h["_id"], h.get("_source") or {}) for h in resp["hits"]["hits"]),
-            required=compiled.terms)
+            required=compiled.terms,
+        )
         total = resp["hits"]["total"]["value"]
         return SearchResult(hits=hits, total=int(total), failures=failures)
 
@@ -351,16 +391,25 @@ class ElasticsearchSearchIndex:
             after: list[Any] | None = None
             while True:
                 with self._translate("scan", index_name):
-                    resp = self._es.search(pit={"id": pit, "keep_alive": "2m"}, size=page_size,
-                                           sort=[{"_shard_doc": "asc"}], source_includes=["display"],
-                                           query={"match_all": {}}, track_total_hits=False,
-                                           **({"search_after": after} if after is not None else {}))
+                    resp = self._es.search(
+                        pit={"id": pit, "keep_alive": "2m"},
+                        size=page_size,
+                        sort=[{"_shard_doc": "asc"}],
+                        source_includes=["display"],
+                        query={"match_all": {}},
+                        track_total_hits=False,
+                        **({"search_after": after} if after is not None else {}),
+                    )
                 page = resp["hits"]["hits"]
                 if not page:
                     return
                 pit = resp.get("pit_id", pit)
-                hits, failures = D.decode_hits(tenant=tenant, keys=keys, mode_of=lambda _i: mode,
-                                               rows=((index_name, h["_id"], h.get("_source") or {}) for h in page))
+                hits, failures = D.decode_hits(
+                    tenant=tenant,
+                    keys=keys,
+                    mode_of=lambda _i: mode,
+                    rows=((index_name, h["_id"], h.get("_source") or {}) for h in page),
+                )
                 yield from hits
                 yield from failures
                 after = page[-1]["sort"]
@@ -397,8 +446,10 @@ class ElasticsearchSearchIndex:
         if current == new_index:
             return  # already swapped: a rerun after a crash (C4)
         if current != expected_current:
-            raise AliasConflictError(f"alias {alias} points to {current}, not {expected_current}: another swap "
-                                     "won; re-read the alias", resource=alias)
+            raise AliasConflictError(
+                f"alias {alias} points to {current}, not {expected_current}: another swap won; re-read the alias",
+                resource=alias,
+            )
         actions: list[dict[str, Any]] = []
         if expected_current is not None:
             actions.append({"remove": {"index": expected_current, "alias": alias, "must_exist": True}})
@@ -410,8 +461,11 @@ class ElasticsearchSearchIndex:
                 status, etype, reason = _api_error_parts(e)
                 if status == 404 or (etype == "illegal_state_exception" and "write index" in reason):
                     # The alias moved between our read and the atomic request: we lost the race.
-                    raise AliasConflictError(f"alias {alias} changed during the swap to {new_index} ({etype}): "
-                                             "another swap won; re-read the alias", resource=alias) from None
+                    raise AliasConflictError(
+                        f"alias {alias} changed during the swap to {new_index} ({etype}): "
+                        "another swap won; re-read the alias",
+                        resource=alias,
+                    ) from None
                 raise
 
     # --- lifecycle -------------------------------------------------------------------
@@ -427,8 +481,9 @@ class ElasticsearchSearchIndex:
     def delete_index(self, index_name: str) -> None:
         tenant, _ = parse_index_name(index_name)
         if self.current_index(tenant) == index_name:
-            raise SearchError(f"refusing to delete {index_name}: alias {alias_name(tenant)} points to it",
-                              resource=index_name)
+            raise SearchError(
+                f"refusing to delete {index_name}: alias {alias_name(tenant)} points to it", resource=index_name
+            )
         with self._translate("delete index", index_name):
             self._es.options(ignore_status=404).indices.delete(index=index_name)
         with self._modes_lock:

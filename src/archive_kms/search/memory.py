@@ -81,13 +81,19 @@ class _Index:
         props = self.mappings["properties"]
         for name, value in source.items():
             if name not in props:
-                return (400, "strict_dynamic_mapping_exception",
-                        f"mapping set to strict, dynamic introduction of [{name}] within [_doc] is not allowed")
+                return (
+                    400,
+                    "strict_dynamic_mapping_exception",
+                    f"mapping set to strict, dynamic introduction of [{name}] within [_doc] is not allowed",
+                )
             for v in value if isinstance(value, list) else [value]:
                 if isinstance(v, (Mapping, list)):
                     return 400, "document_parsing_exception", f"failed to parse field [{name}] of type [keyword]"
-                if (v is not None and props[name].get("index", True) is not False
-                        and len(_keyword(v).encode("utf-8")) > _MAX_KEYWORD_BYTES):
+                if (
+                    v is not None
+                    and props[name].get("index", True) is not False
+                    and len(_keyword(v).encode("utf-8")) > _MAX_KEYWORD_BYTES
+                ):
                     return 400, "document_parsing_exception", f"failed to parse field [{name}]: immense term"
         return None
 
@@ -109,8 +115,14 @@ def _mode_of(meta: Mapping[str, Any] | None, name: str) -> IndexMode:
 class MemorySearchIndex:
     """SearchIndex in process memory."""
 
-    def __init__(self, *, item_fault: ItemFault | None = None, max_attempts: int = 5, backoff: float = 0.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        *,
+        item_fault: ItemFault | None = None,
+        max_attempts: int = 5,
+        backoff: float = 0.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self._lock = threading.RLock()
         self._indices: dict[str, _Index] = {}
         self._aliases: dict[str, dict[str, bool]] = {}  # alias -> {index: is_write_index}
@@ -134,9 +146,14 @@ class MemorySearchIndex:
         tenant, generation = parse_index_name(name)
         meta = D.meta_of(idx.mappings) or {}
         return GenerationInfo(
-            index=name, tenant=tenant, generation=generation, mode=_mode_of(meta, name),
-            schema=int(meta.get("schema", 0)), completed_records=meta.get("completed_records"),
-            write_blocked=idx.write_blocked, is_current=name in self._aliases.get(alias_name(tenant), {}),
+            index=name,
+            tenant=tenant,
+            generation=generation,
+            mode=_mode_of(meta, name),
+            schema=int(meta.get("schema", 0)),
+            completed_records=meta.get("completed_records"),
+            write_blocked=idx.write_blocked,
+            is_current=name in self._aliases.get(alias_name(tenant), {}),
         )
 
     # --- generations -----------------------------------------------------------------
@@ -153,8 +170,11 @@ class MemorySearchIndex:
             if existing is not None:
                 drift = D.mapping_drift(existing.mappings, expected)
                 if drift:
-                    raise SearchError(f"index {name} exists with an incompatible mapping: {'; '.join(drift)}; "
-                                      "delete it or use a new generation", resource=name)
+                    raise SearchError(
+                        f"index {name} exists with an incompatible mapping: {'; '.join(drift)}; "
+                        "delete it or use a new generation",
+                        resource=name,
+                    )
                 return name
             self._indices[name] = _Index(mappings=expected, settings=D.index_settings())
         return name
@@ -207,8 +227,14 @@ class MemorySearchIndex:
             if injected is not None:
                 return {**base, **copy.deepcopy(dict(injected))}
         if idx.write_blocked:
-            return {**base, "status": 403, "error": {
-                "type": "cluster_block_exception", "reason": f"index [{name}] blocked by: [FORBIDDEN/8/index write (api)];"}}
+            return {
+                **base,
+                "status": 403,
+                "error": {
+                    "type": "cluster_block_exception",
+                    "reason": f"index [{name}] blocked by: [FORBIDDEN/8/index write (api)];",
+                },
+            }
         current = idx.live.get(doc_id)
         if op == "delete":
             if current is None:
@@ -223,19 +249,32 @@ class MemorySearchIndex:
             return {**base, "status": status, "error": {"type": etype, "reason": reason}}
         # Create-only writes get Elasticsearch's first internal version, 1.
         if current is not None and (doc.version is None or current[0] >= doc.version):
-            return {**base, "status": 409, "error": {
-                "type": "version_conflict_engine_exception", "reason": f"[{doc_id}]: version conflict"}}
+            return {
+                **base,
+                "status": 409,
+                "error": {"type": "version_conflict_engine_exception", "reason": f"[{doc_id}]: version conflict"},
+            }
         idx.live[doc_id] = (1 if doc.version is None else doc.version, copy.deepcopy(dict(doc.source)))
         idx.dirty.add(doc_id)
-        return {**base, "status": 200 if current is not None else 201,
-                "result": "updated" if current is not None else "created"}
+        return {
+            **base,
+            "status": 200 if current is not None else 201,
+            "result": "updated" if current is not None else "created",
+        }
 
     def _run(self, name: str, op: str, items: Sequence[Any], key: Callable[[Any], str], refresh: bool) -> BulkResult:
         parse_index_name(name)
         with self._lock:
             self._get(name)  # a missing index is an error, never auto-created
-        result = run_bulk(name, items, doc_id=key, send=lambda batch: self._bulk_send(name, op, batch),
-                          max_attempts=self._max_attempts, backoff=self._backoff, sleep=self._sleep)
+        result = run_bulk(
+            name,
+            items,
+            doc_id=key,
+            send=lambda batch: self._bulk_send(name, op, batch),
+            max_attempts=self._max_attempts,
+            backoff=self._backoff,
+            sleep=self._sleep,
+        )
         if refresh:
             self.refresh(name)
         return result
@@ -274,10 +313,14 @@ class MemorySearchIndex:
             else:
                 matched = set(idx.visible)
             ordered = sorted(matched, key=lambda d: tuple(str(idx.visible[d].get(f, "")) for f in D.SORT_FIELDS))
-            sources = [(d, copy.deepcopy(idx.visible[d])) for d in ordered[:compiled.limit]]
-        hits, failures = D.decode_hits(tenant=tenant, keys=keys, mode_of=lambda _index: mode,
-                                       rows=((current, doc_id, source) for doc_id, source in sources),
-                                       required=compiled.terms)
+            sources = [(d, copy.deepcopy(idx.visible[d])) for d in ordered[: compiled.limit]]
+        hits, failures = D.decode_hits(
+            tenant=tenant,
+            keys=keys,
+            mode_of=lambda _index: mode,
+            rows=((current, doc_id, source) for doc_id, source in sources),
+            required=compiled.terms,
+        )
         return SearchResult(hits=hits, total=len(matched), failures=failures)
 
     def scan(self, index_name: str, keys: SearchKeys | None, *, page_size: int = 1_000) -> Iterator[Hit | HitFailure]:
@@ -291,8 +334,11 @@ class MemorySearchIndex:
         for start in range(0, len(doc_ids), page_size):
             with self._lock:  # a page at a time, like the real index; deleted since listing = skipped
                 idx = self._get(index_name)
-                rows = [(index_name, d, copy.deepcopy(idx.visible[d])) for d in doc_ids[start:start + page_size]
-                        if d in idx.visible]
+                rows = [
+                    (index_name, d, copy.deepcopy(idx.visible[d]))
+                    for d in doc_ids[start : start + page_size]
+                    if d in idx.visible
+                ]
             hits, failures = D.decode_hits(tenant=tenant, keys=keys, mode_of=lambda _i: mode, rows=rows)
             yield from hits
             yield from failures
@@ -320,12 +366,17 @@ class MemorySearchIndex:
                 return  # already swapped: a rerun after a crash (C4)
             targets = self._aliases.get(alias, {})
             if expected_current is not None and expected_current not in targets:
-                raise AliasConflictError(f"alias {alias} does not point to {expected_current} (it points to "
-                                         f"{current}): another swap won; re-read the alias", resource=alias)
+                raise AliasConflictError(
+                    f"alias {alias} does not point to {expected_current} (it points to "
+                    f"{current}): another swap won; re-read the alias",
+                    resource=alias,
+                )
             after = {k: v for k, v in targets.items() if k != expected_current}
             if any(after.values()):
-                raise AliasConflictError(f"alias {alias} already points to {sorted(after)}: another swap won; "
-                                         "re-read the alias", resource=alias)
+                raise AliasConflictError(
+                    f"alias {alias} already points to {sorted(after)}: another swap won; re-read the alias",
+                    resource=alias,
+                )
             after[new_index] = True
             self._aliases[alias] = after
 
@@ -340,8 +391,9 @@ class MemorySearchIndex:
         tenant, _ = parse_index_name(index_name)
         with self._lock:
             if self.current_index(tenant) == index_name:
-                raise SearchError(f"refusing to delete {index_name}: alias {alias_name(tenant)} points to it",
-                                  resource=index_name)
+                raise SearchError(
+                    f"refusing to delete {index_name}: alias {alias_name(tenant)} points to it", resource=index_name
+                )
             self._indices.pop(index_name, None)
             for targets in self._aliases.values():
                 targets.pop(index_name, None)

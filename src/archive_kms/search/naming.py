@@ -65,7 +65,7 @@ def parse_index_name(name: object) -> tuple[str, int]:
         raise ValidationError("index name must be a str")
     shown = ascii(name[:120])
     head = f"{PREFIX}-"
-    rest = name[len(head):] if name.startswith(head) else ""
+    rest = name[len(head) :] if name.startswith(head) else ""
     tenant, sep, gen = rest.rpartition(GENERATION_SEPARATOR)
     if not sep or not gen.isascii() or not gen.isdigit():
         raise ValidationError(f"{shown} is not a search generation index name (archive-<tenant>--<gen>)")

@@ -88,8 +88,10 @@ class Query:
     limit: int = 50
 
     def __repr__(self) -> str:  # query words are customer plaintext
-        return (f"Query(<{len(self.text)} chars>, filters={sorted(self.filters)}, "
-                f"object_type={'<set>' if self.object_type else None}, limit={self.limit})")
+        return (
+            f"Query(<{len(self.text)} chars>, filters={sorted(self.filters)}, "
+            f"object_type={'<set>' if self.object_type else None}, limit={self.limit})"
+        )
 
 
 @dataclass(frozen=True, repr=False)
@@ -105,8 +107,10 @@ class Hit:
     attachments: tuple[AttachmentRef, ...] = ()
 
     def __repr__(self) -> str:  # field values are customer data: keep them out of logs
-        return (f"Hit(doc_id={self.doc_id!r}, index={self.index!r}, object_type={self.object_type!r}, "
-                f"record_id={self.record_id!r}, {len(self.fields)} fields)")
+        return (
+            f"Hit(doc_id={self.doc_id!r}, index={self.index!r}, object_type={self.object_type!r}, "
+            f"record_id={self.record_id!r}, {len(self.fields)} fields)"
+        )
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,8 @@ class RebuildReport:
             raise SearchError(
                 f"rebuild of {self.index} is incomplete: {self.records_seen} records read, {self.count} documents "
                 f"indexed, {self.rejected_total} rejected, {self.failed_total} failed; not swapping",
-                resource=self.index)
+                resource=self.index,
+            )
 
 
 def rebuild_generation(
@@ -100,8 +101,10 @@ def rebuild_generation(
     if mode is IndexMode.KEYED and (keys is None or keys.tenant != tenant):
         raise ValidationError(f"a keyed rebuild of tenant {tenant!r} needs that tenant's SearchKeys")
     if mode is IndexMode.PLAINTEXT and keys is not None:
-        raise ValidationError(f"refusing a plaintext rebuild of tenant {tenant!r} with SearchKeys: "
-                              "a keyed tenant must not be indexed in clear")
+        raise ValidationError(
+            f"refusing a plaintext rebuild of tenant {tenant!r} with SearchKeys: "
+            "a keyed tenant must not be indexed in clear"
+        )
     started = clock()
     name = index.create_generation(tenant, gen, mode)
     report = RebuildReport(tenant=tenant, generation=gen, index=name, mode=mode)
@@ -116,8 +119,12 @@ def rebuild_generation(
             report.reused = True
             report.seconds = clock() - started
             return report
-        log.warning("rebuild of %s: marker says %d documents but the index holds %d; rebuilding",
-                    name, info.completed_records, count)
+        log.warning(
+            "rebuild of %s: marker says %d documents but the index holds %d; rebuilding",
+            name,
+            info.completed_records,
+            count,
+        )
 
     batch: list[IndexDocument] = []
 
@@ -138,8 +145,13 @@ def rebuild_generation(
         except ValidationError as e:
             report.rejected_total += 1
             if len(report.rejected) < MAX_REPORTED:
-                report.rejected.append(RejectedRecord(str(getattr(record, "object_type", "?"))[:100],
-                                                      str(getattr(record, "record_id", "?"))[:255], str(e)))
+                report.rejected.append(
+                    RejectedRecord(
+                        str(getattr(record, "object_type", "?"))[:100],
+                        str(getattr(record, "record_id", "?"))[:255],
+                        str(e),
+                    )
+                )
             continue
         if len(batch) >= batch_size:
             flush()
@@ -150,7 +162,13 @@ def rebuild_generation(
     if report.complete:
         index.mark_generation_complete(name, report.records_seen)
     else:
-        log.warning("rebuild of %s incomplete: %d seen, %d in index, %d rejected, %d failed", name,
-                    report.records_seen, report.count, report.rejected_total, report.failed_total)
+        log.warning(
+            "rebuild of %s incomplete: %d seen, %d in index, %d rejected, %d failed",
+            name,
+            report.records_seen,
+            report.count,
+            report.rejected_total,
+            report.failed_total,
+        )
     report.seconds = clock() - started
     return report

@@ -155,7 +155,7 @@ class SearchKeys:
     explicitly named :meth:`display_key_material` for the display-field cipher.
     """
 
-    __slots__ = ("_tenant", "_mac", "_display", "_wiped")
+    __slots__ = ("_display", "_mac", "_tenant", "_wiped")
 
     def __init__(self, tenant: str, token_key: SecretBytes, display_key: SecretBytes) -> None:
         if not isinstance(token_key, SecretBytes) or not isinstance(display_key, SecretBytes):

@@ -45,10 +45,9 @@ __all__ = [
     "ManifestEntry",
     "MigrationRun",
     "RunState",
+    "SqlStateStore",
     "StateStore",
     "StepState",
-    "SqlStateStore",
     "TenantRecord",
     "open_state",
 ]
-

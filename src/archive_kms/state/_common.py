@@ -113,26 +113,44 @@ def unpack_payload(document: Mapping[str, Any]) -> tuple[dict[str, Any], bytes |
 
 def check_token(row: LeaseRow | None, tenant_id: str, token: int) -> None:
     if row is None:
-        raise FencedError(f"tenant {tenant_id!r} has no lease; token {token} is not valid",
-                          resource=f"lease:{tenant_id}")
+        raise FencedError(
+            f"tenant {tenant_id!r} has no lease; token {token} is not valid", resource=f"lease:{tenant_id}"
+        )
     if row.token != token:
-        raise FencedError(f"lease of tenant {tenant_id!r} moved to run {row.run_id!r} (token {row.token}); "
-                          f"token {token} is stale", resource=f"lease:{tenant_id}")
+        raise FencedError(
+            f"lease of tenant {tenant_id!r} moved to run {row.run_id!r} (token {row.token}); token {token} is stale",
+            resource=f"lease:{tenant_id}",
+        )
     if row.released_at is not None:
         raise FencedError(f"lease of tenant {tenant_id!r} token {token} was released", resource=f"lease:{tenant_id}")
 
 
-def step_transition(current: str, target: StepState, attempt: int, result: Mapping[str, Any] | None,
-                     error: str | None, now: datetime, run_id: str, step: str) -> dict[str, Any] | None:
+def step_transition(
+    current: str,
+    target: StepState,
+    attempt: int,
+    result: Mapping[str, Any] | None,
+    error: str | None,
+    now: datetime,
+    run_id: str,
+    step: str,
+) -> dict[str, Any] | None:
     cur = StepState(current)
     if cur is StepState.COMPLETED and target is not StepState.COMPLETED:
-        raise StateError(f"step {step!r} of run {run_id!r} is completed; reset_steps to rerun it",
-                         resource=f"run:{run_id}")
+        raise StateError(
+            f"step {step!r} of run {run_id!r} is completed; reset_steps to rerun it", resource=f"run:{run_id}"
+        )
     if cur is target and target is not StepState.RUNNING:
         return None  # idempotent repeat
     if target is StepState.RUNNING:
-        return {"state": target.value, "attempt": attempt + 1, "started_at": now, "finished_at": None,
-                "error": None, "result": None}
+        return {
+            "state": target.value,
+            "attempt": attempt + 1,
+            "started_at": now,
+            "finished_at": None,
+            "error": None,
+            "result": None,
+        }
     if target is StepState.PENDING:
         raise StateError("use reset_steps to move a step back to pending", resource=f"run:{run_id}")
     return {"state": target.value, "finished_at": now, "result": result, "error": error}

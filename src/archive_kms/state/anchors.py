@@ -30,8 +30,15 @@ from typing import Any, Protocol, runtime_checkable
 from archive_kms.errors import IntegrityError, StateError, ValidationError
 from archive_kms.state.port import AuditVerification
 
-__all__ = ["AnchorStore", "AuditAnchor", "MemoryAnchorStore", "check_anchor", "log_id", "publish_anchor",
-           "verify_with_anchor"]
+__all__ = [
+    "AnchorStore",
+    "AuditAnchor",
+    "MemoryAnchorStore",
+    "check_anchor",
+    "log_id",
+    "publish_anchor",
+    "verify_with_anchor",
+]
 
 ANCHOR_FORMAT = "archive_kms.audit.anchor/1"
 _HEX = frozenset("0123456789abcdef")
@@ -53,9 +60,18 @@ class AuditAnchor:
             raise ValidationError("an audit anchor's head hash is 64 lowercase hex digits")
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"format": ANCHOR_FORMAT, "chain": "global", "log_id": self.log_id, "count": self.count,
-                           "head_hash": self.head_hash, "anchored_at": self.anchored_at.isoformat()},
-                          sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "format": ANCHOR_FORMAT,
+                "chain": "global",
+                "log_id": self.log_id,
+                "count": self.count,
+                "head_hash": self.head_hash,
+                "anchored_at": self.anchored_at.isoformat(),
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes, *, where: str) -> AuditAnchor:
@@ -63,8 +79,9 @@ class AuditAnchor:
             doc = json.loads(data)
             if doc.get("format") != ANCHOR_FORMAT or doc.get("chain") != "global":
                 raise ValueError("unknown format")
-            return cls(str(doc["log_id"]), int(doc["count"]), str(doc["head_hash"]),
-                       datetime.fromisoformat(doc["anchored_at"]))
+            return cls(
+                str(doc["log_id"]), int(doc["count"]), str(doc["head_hash"]), datetime.fromisoformat(doc["anchored_at"])
+            )
         except (ValueError, KeyError, TypeError, ValidationError) as exc:
             raise IntegrityError(f"audit anchor {where} is malformed ({exc})", resource=where) from None
 
@@ -118,8 +135,9 @@ def publish_anchor(state: Any, store: AnchorStore, *, now: datetime | None = Non
     does not verify (that would bless the damage)."""
     v = state.verify_audit()
     if not v.ok:
-        raise IntegrityError(f"the audit log does not verify (seq {v.first_bad_seq}: {v.reason}); "
-                             "it is not anchored", resource="audit")
+        raise IntegrityError(
+            f"the audit log does not verify (seq {v.first_bad_seq}: {v.reason}); it is not anchored", resource="audit"
+        )
     if v.records == 0:
         raise StateError("the audit log is empty: nothing to anchor", resource="audit")
     last = _last_record(state, v.records)
@@ -133,16 +151,22 @@ def check_anchor(state: Any, anchor: AuditAnchor) -> AuditVerification:
     """Is the log still the one that was anchored? (Run with a verified log.)"""
     rec = _last_record(state, anchor.count)
     if rec is None or rec.seq != anchor.count:
-        return AuditVerification(False, None, f"the log has fewer than {anchor.count} records, the anchored "
-                                              "count: it was rolled back or truncated since the anchor")
+        return AuditVerification(
+            False,
+            None,
+            f"the log has fewer than {anchor.count} records, the anchored "
+            "count: it was rolled back or truncated since the anchor",
+        )
     if rec.hash != anchor.head_hash:
-        return AuditVerification(False, anchor.count, "record at the anchor has another hash: the log was "
-                                                      "rewritten since the anchor")
+        return AuditVerification(
+            False, anchor.count, "record at the anchor has another hash: the log was rewritten since the anchor"
+        )
     return AuditVerification(True, None, "", anchor.count)
 
 
-def verify_with_anchor(state: Any, store: AnchorStore | None, *, tenant_id: str | None = None
-                       ) -> tuple[AuditVerification, AuditAnchor | None]:
+def verify_with_anchor(
+    state: Any, store: AnchorStore | None, *, tenant_id: str | None = None
+) -> tuple[AuditVerification, AuditAnchor | None]:
     """``verify_audit`` and, when anchors are published, the latest anchor. The anchor
     is always checked against the global chain: it covers every tenant's records."""
     v = state.verify_audit(tenant_id=tenant_id)

@@ -45,35 +45,50 @@ class S3AnchorStore:
         try:
             try:
                 s3.head_bucket(Bucket=self._bucket)
-            except Exception as exc:  # noqa: BLE001 - a missing bucket is created below
+            except Exception as exc:
                 if getattr(exc, "response", {}).get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
                     raise
                 s3.create_bucket(Bucket=self._bucket, ObjectLockEnabledForBucket=True)
-                s3.put_object_lock_configuration(Bucket=self._bucket, ObjectLockConfiguration={
-                    "ObjectLockEnabled": "Enabled",
-                    "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": self._days}}})
+                s3.put_object_lock_configuration(
+                    Bucket=self._bucket,
+                    ObjectLockConfiguration={
+                        "ObjectLockEnabled": "Enabled",
+                        "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Days": self._days}},
+                    },
+                )
             conf = s3.get_object_lock_configuration(Bucket=self._bucket)["ObjectLockConfiguration"]
         except ConfigurationError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if getattr(exc, "response", {}).get("Error", {}).get("Code") == "ObjectLockConfigurationNotFoundError":
-                raise ConfigurationError(f"audit anchor bucket {self._bucket} has no Object Lock: anchors there "
-                                         "could be deleted; use a bucket created with Object Lock") from None
+                raise ConfigurationError(
+                    f"audit anchor bucket {self._bucket} has no Object Lock: anchors there "
+                    "could be deleted; use a bucket created with Object Lock"
+                ) from None
             raise translate_error(exc, bucket=self._bucket, key=None, op="audit anchor bucket") from exc
         mode = conf.get("Rule", {}).get("DefaultRetention", {}).get("Mode")
         if conf.get("ObjectLockEnabled") != "Enabled" or mode != "COMPLIANCE":
-            raise ConfigurationError(f"audit anchor bucket {self._bucket} must have Object Lock with a default "
-                                     f"COMPLIANCE retention (found {mode or 'none'})")
+            raise ConfigurationError(
+                f"audit anchor bucket {self._bucket} must have Object Lock with a default "
+                f"COMPLIANCE retention (found {mode or 'none'})"
+            )
         self._ready = True
 
     def publish(self, anchor: AuditAnchor) -> str:
         self.ensure_bucket()
         key = self._key(anchor.log_id, anchor.count)
         try:
-            self._s3.put_object(Bucket=self._bucket, Key=key, Body=anchor.to_bytes(), ContentType="application/json",
-                                ChecksumAlgorithm="SHA256", ObjectLockMode="COMPLIANCE", IfNoneMatch="*",
-                                ObjectLockRetainUntilDate=anchor.anchored_at + timedelta(days=self._days))
-        except Exception as exc:  # noqa: BLE001
+            self._s3.put_object(
+                Bucket=self._bucket,
+                Key=key,
+                Body=anchor.to_bytes(),
+                ContentType="application/json",
+                ChecksumAlgorithm="SHA256",
+                ObjectLockMode="COMPLIANCE",
+                IfNoneMatch="*",
+                ObjectLockRetainUntilDate=anchor.anchored_at + timedelta(days=self._days),
+            )
+        except Exception as exc:
             code = getattr(exc, "response", {}).get("Error", {}).get("Code")
             if code not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 raise translate_error(exc, bucket=self._bucket, key=key, op="PutObject (audit anchor)") from exc
@@ -92,10 +107,13 @@ class S3AnchorStore:
             if last is None:
                 return None
             # S3 lists a key's versions newest first: the last one is the first written
-            versions = [v for v in self._s3.list_object_versions(Bucket=self._bucket, Prefix=last).get("Versions", [])
-                        if v["Key"] == last]
+            versions = [
+                v
+                for v in self._s3.list_object_versions(Bucket=self._bucket, Prefix=last).get("Versions", [])
+                if v["Key"] == last
+            ]
             kwargs = {"VersionId": versions[-1]["VersionId"]} if versions and versions[-1].get("VersionId") else {}
             body = self._s3.get_object(Bucket=self._bucket, Key=last, **kwargs)["Body"].read()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise translate_error(exc, bucket=self._bucket, key=PREFIX, op="read audit anchors") from exc
         return AuditAnchor.from_bytes(body, where=f"s3://{self._bucket}/{last}")

@@ -68,17 +68,36 @@ def canonical_json(value: Any) -> str:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         # The message names the type only: the value might be sensitive.
-        raise ValidationError(f"audit details must be plain JSON: {type(exc).__name__}: "
-                              f"{str(exc).split(':')[0][:80]}") from None
+        raise ValidationError(
+            f"audit details must be plain JSON: {type(exc).__name__}: {str(exc).split(':')[0][:80]}"
+        ) from None
 
 
-def canonical_record(*, seq: int, ts: datetime, actor: str, action: str, tenant_id: str | None,
-                     run_id: str | None, details: Mapping[str, Any], prev_hash: str,
-                     tenant_seq: int | None, tenant_prev_hash: str | None) -> bytes:
+def canonical_record(
+    *,
+    seq: int,
+    ts: datetime,
+    actor: str,
+    action: str,
+    tenant_id: str | None,
+    run_id: str | None,
+    details: Mapping[str, Any],
+    prev_hash: str,
+    tenant_seq: int | None,
+    tenant_prev_hash: str | None,
+) -> bytes:
     doc = {
-        "v": FORMAT_VERSION, "seq": seq, "ts": format_ts(ts), "actor": actor, "action": action,
-        "tenant": tenant_id, "run_id": run_id, "details": dict(details), "prev_hash": prev_hash,
-        "tenant_seq": tenant_seq, "tenant_prev_hash": tenant_prev_hash,
+        "v": FORMAT_VERSION,
+        "seq": seq,
+        "ts": format_ts(ts),
+        "actor": actor,
+        "action": action,
+        "tenant": tenant_id,
+        "run_id": run_id,
+        "details": dict(details),
+        "prev_hash": prev_hash,
+        "tenant_seq": tenant_seq,
+        "tenant_prev_hash": tenant_prev_hash,
     }
     return canonical_json(doc).encode("ascii")
 
@@ -88,24 +107,51 @@ def record_hash(**fields: Any) -> str:
 
 
 def recompute_hash(rec: AuditRecord) -> str:
-    return record_hash(seq=rec.seq, ts=rec.ts, actor=rec.actor, action=rec.action,
-                       tenant_id=rec.tenant_id, run_id=rec.run_id, details=rec.details,
-                       prev_hash=rec.prev_hash, tenant_seq=rec.tenant_seq,
-                       tenant_prev_hash=rec.tenant_prev_hash)
+    return record_hash(
+        seq=rec.seq,
+        ts=rec.ts,
+        actor=rec.actor,
+        action=rec.action,
+        tenant_id=rec.tenant_id,
+        run_id=rec.run_id,
+        details=rec.details,
+        prev_hash=rec.prev_hash,
+        tenant_seq=rec.tenant_seq,
+        tenant_prev_hash=rec.tenant_prev_hash,
+    )
 
 
 def record_to_json(rec: AuditRecord) -> dict[str, Any]:
-    return {"type": "record", "seq": rec.seq, "ts": format_ts(rec.ts), "actor": rec.actor,
-            "action": rec.action, "tenant": rec.tenant_id, "run_id": rec.run_id,
-            "details": dict(rec.details), "prev_hash": rec.prev_hash, "tenant_seq": rec.tenant_seq,
-            "tenant_prev_hash": rec.tenant_prev_hash, "hash": rec.hash}
+    return {
+        "type": "record",
+        "seq": rec.seq,
+        "ts": format_ts(rec.ts),
+        "actor": rec.actor,
+        "action": rec.action,
+        "tenant": rec.tenant_id,
+        "run_id": rec.run_id,
+        "details": dict(rec.details),
+        "prev_hash": rec.prev_hash,
+        "tenant_seq": rec.tenant_seq,
+        "tenant_prev_hash": rec.tenant_prev_hash,
+        "hash": rec.hash,
+    }
 
 
 def record_from_json(doc: Mapping[str, Any]) -> AuditRecord:
-    return AuditRecord(seq=int(doc["seq"]), ts=parse_ts(doc["ts"]), actor=doc["actor"], action=doc["action"],
-                       tenant_id=doc.get("tenant"), run_id=doc.get("run_id"), details=doc.get("details") or {},
-                       prev_hash=doc["prev_hash"], tenant_seq=doc.get("tenant_seq"),
-                       tenant_prev_hash=doc.get("tenant_prev_hash"), hash=doc["hash"])
+    return AuditRecord(
+        seq=int(doc["seq"]),
+        ts=parse_ts(doc["ts"]),
+        actor=doc["actor"],
+        action=doc["action"],
+        tenant_id=doc.get("tenant"),
+        run_id=doc.get("run_id"),
+        details=doc.get("details") or {},
+        prev_hash=doc["prev_hash"],
+        tenant_seq=doc.get("tenant_seq"),
+        tenant_prev_hash=doc.get("tenant_prev_hash"),
+        hash=doc["hash"],
+    )
 
 
 # --- chain heads and seals --------------------------------------------------------------
@@ -121,18 +167,30 @@ class ChainHead:
     seal_key_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": "head", "chain": self.chain, "count": self.count, "head_hash": self.head_hash,
-                "seal": self.seal, "seal_alg": self.seal_alg, "seal_key_id": self.seal_key_id}
+        return {
+            "type": "head",
+            "chain": self.chain,
+            "count": self.count,
+            "head_hash": self.head_hash,
+            "seal": self.seal,
+            "seal_alg": self.seal_alg,
+            "seal_key_id": self.seal_key_id,
+        }
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> ChainHead:
-        return cls(chain=doc["chain"], count=int(doc["count"]), head_hash=doc["head_hash"],
-                   seal=doc.get("seal"), seal_alg=doc.get("seal_alg"), seal_key_id=doc.get("seal_key_id"))
+        return cls(
+            chain=doc["chain"],
+            count=int(doc["count"]),
+            head_hash=doc["head_hash"],
+            seal=doc.get("seal"),
+            seal_alg=doc.get("seal_alg"),
+            seal_key_id=doc.get("seal_key_id"),
+        )
 
 
 def canonical_head(chain: str, count: int, head_hash: str) -> bytes:
-    return canonical_json({"v": FORMAT_VERSION, "chain": chain, "count": count,
-                           "head_hash": head_hash}).encode("ascii")
+    return canonical_json({"v": FORMAT_VERSION, "chain": chain, "count": count, "head_hash": head_hash}).encode("ascii")
 
 
 class HeadVerifier(Protocol):
@@ -212,8 +270,7 @@ def seal_head(sealer: HeadSealer | None, chain: str, count: int, head_hash: str)
     if sealer is None:
         return ChainHead(chain, count, head_hash)
     tag = sealer.seal(canonical_head(chain, count, head_hash))
-    return ChainHead(chain, count, head_hash, base64.b64encode(tag).decode("ascii"),
-                     sealer.algorithm, sealer.key_id)
+    return ChainHead(chain, count, head_hash, base64.b64encode(tag).decode("ascii"), sealer.algorithm, sealer.key_id)
 
 
 def check_head_seal(head: ChainHead, verifier: HeadVerifier | None) -> str | None:
@@ -224,8 +281,9 @@ def check_head_seal(head: ChainHead, verifier: HeadVerifier | None) -> str | Non
     if head.seal is None:
         return f"chain {head.chain!r}: head is not sealed"
     if head.seal_alg != verifier.algorithm or not head.seal_key_id:
-        return (f"chain {head.chain!r}: head sealed with {head.seal_alg}/{head.seal_key_id}, "
-                f"expected {verifier.algorithm}")
+        return (
+            f"chain {head.chain!r}: head sealed with {head.seal_alg}/{head.seal_key_id}, expected {verifier.algorithm}"
+        )
     try:
         tag = base64.b64decode(head.seal, validate=True)
     except ValueError:
@@ -290,23 +348,29 @@ class ChainVerifier:
         except ValidationError as exc:
             return self.fail(rec.seq, f"record {rec.seq} cannot be encoded: {exc}")
         if not hmac.compare_digest(recomputed, rec.hash):
-            return self.fail(rec.seq, f"record {rec.seq}: stored hash does not match its contents "
-                                       "(edited or moved)")
+            return self.fail(rec.seq, f"record {rec.seq}: stored hash does not match its contents (edited or moved)")
         if self._only is None:
             if rec.prev_hash != self._global.hash:
-                return self.fail(rec.seq, f"record {rec.seq}: prev_hash does not link to record "
-                                           f"{rec.seq - 1} (deleted, inserted or reordered)")
+                return self.fail(
+                    rec.seq,
+                    f"record {rec.seq}: prev_hash does not link to record "
+                    f"{rec.seq - 1} (deleted, inserted or reordered)",
+                )
             self._global.count, self._global.hash = rec.seq, rec.hash
         self._last_seq = rec.seq
         if rec.tenant_id is not None:
             tip = self._tenants.setdefault(rec.tenant_id, _Tip())
             if rec.tenant_seq != tip.count + 1:
-                return self.fail(rec.seq, f"record {rec.seq}: tenant {rec.tenant_id!r} record "
-                                           f"{tip.count + 1} is missing or out of order "
-                                           f"(found tenant_seq {rec.tenant_seq})")
+                return self.fail(
+                    rec.seq,
+                    f"record {rec.seq}: tenant {rec.tenant_id!r} record "
+                    f"{tip.count + 1} is missing or out of order "
+                    f"(found tenant_seq {rec.tenant_seq})",
+                )
             if rec.tenant_prev_hash != tip.hash:
-                return self.fail(rec.seq, f"record {rec.seq}: tenant_prev_hash does not link to the "
-                                           f"tenant's previous record")
+                return self.fail(
+                    rec.seq, f"record {rec.seq}: tenant_prev_hash does not link to the tenant's previous record"
+                )
             tip.count, tip.hash = rec.tenant_seq, rec.hash
             if tip.first_seq is None:
                 tip.first_seq = rec.seq
@@ -326,8 +390,9 @@ class ChainVerifier:
             unexpected = sorted(set(heads) - set(expected))
             for chain in unexpected:
                 if heads[chain].count > 0:
-                    return self.fail(None, f"chain {chain!r} has {heads[chain].count} records by its head, "
-                                            "none in the log (deleted)")
+                    return self.fail(
+                        None, f"chain {chain!r} has {heads[chain].count} records by its head, none in the log (deleted)"
+                    )
         else:
             expected[tenant_chain(self._only)] = self._tenants.get(self._only, _Tip())
         for chain, tip in expected.items():
@@ -336,26 +401,33 @@ class ChainVerifier:
                 if tip.count == 0 and self._only is not None:
                     # Every tenant's chain starts with its creation record: an empty one
                     # is a tenant we never had, or a chain deleted with its head.
-                    return self.fail(None, f"tenant {self._only!r} has no audit records: an unknown tenant, "
-                                           "or its records and head were deleted")
+                    return self.fail(
+                        None,
+                        f"tenant {self._only!r} has no audit records: an unknown tenant, "
+                        "or its records and head were deleted",
+                    )
                 if tip.count == 0:
                     continue
                 return self.fail(None, f"chain {chain!r}: no head for {tip.count} records (head deleted)")
             if head.count != tip.count or head.head_hash != tip.hash:
                 bad = (self._global.count + 1) if chain == GLOBAL_CHAIN else None
                 if head.count > tip.count:
-                    return self.fail(bad, f"chain {chain!r}: head says {head.count} records, log has "
-                                           f"{tip.count} (tail truncated)")
-                return self.fail(bad, f"chain {chain!r}: head (count {head.count}) does not match the "
-                                       f"last record (count {tip.count})")
+                    return self.fail(
+                        bad, f"chain {chain!r}: head says {head.count} records, log has {tip.count} (tail truncated)"
+                    )
+                return self.fail(
+                    bad,
+                    f"chain {chain!r}: head (count {head.count}) does not match the last record (count {tip.count})",
+                )
             reason = check_head_seal(head, verifier)
             if reason is not None:
                 return self.fail(None, reason)
         return AuditVerification(True, None, None, self.records, sealed=verifier is not None)
 
 
-def verify_export(lines: Iterable[Mapping[str, Any]], *, verifier: HeadVerifier | None = None,
-                  anchor: tuple[int, str] | None = None) -> AuditVerification:
+def verify_export(
+    lines: Iterable[Mapping[str, Any]], *, verifier: HeadVerifier | None = None, anchor: tuple[int, str] | None = None
+) -> AuditVerification:
     """Verify an export (the dicts of ``export_audit``, e.g. parsed JSONL lines) offline.
 
     A tenant export (its records and that tenant's head) is checked as that tenant's
@@ -391,11 +463,20 @@ def verify_export(lines: Iterable[Mapping[str, Any]], *, verifier: HeadVerifier 
             position = rec.seq if tenant is None else rec.tenant_seq
             if position == anchor[0]:
                 if rec.hash != anchor[1]:
-                    return AuditVerification(False, rec.seq, "record at the anchor has another hash "
-                                                             "(log rewritten since the anchor)", checker.records)
+                    return AuditVerification(
+                        False,
+                        rec.seq,
+                        "record at the anchor has another hash (log rewritten since the anchor)",
+                        checker.records,
+                    )
                 anchor_seen = True
     result = checker.finish(heads, verifier)
     if result.ok and not anchor_seen:
-        return AuditVerification(False, None, f"export has fewer than {anchor[0]} records: "  # type: ignore[index]
-                                              "log rolled back since the anchor", result.records)
+        return AuditVerification(
+            False,
+            None,
+            f"export has fewer than {anchor[0]} records: "  # type: ignore[index]
+            "log rolled back since the anchor",
+            result.records,
+        )
     return result

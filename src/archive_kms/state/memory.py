@@ -17,17 +17,24 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from archive_kms.domain.tenants import TenantId
-from archive_kms.errors import ConfigurationError, FencedError, LeaseHeldError, StateError, ValidationError, VersionConflictError
+from archive_kms.errors import (
+    ConfigurationError,
+    FencedError,
+    LeaseHeldError,
+    StateError,
+    ValidationError,
+    VersionConflictError,
+)
 from archive_kms.state import audit as chain
 from archive_kms.state._common import (
     RUN_MOVES,
-    member,
     check_entry,
     check_id,
     check_steps,
     check_token,
     job_payload,
     json_object,
+    member,
     step_transition,
 )
 from archive_kms.state.port import (
@@ -98,8 +105,13 @@ class _Manifest:
 class InMemoryStateStore:
     """``StateStore`` in memory (thread-safe)."""
 
-    def __init__(self, *, clock: Callable[[], datetime] | None = None, sealer: chain.HeadSealer | None = None,
-                 job_stale_after: timedelta = DEFAULT_JOB_STALE_AFTER) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        sealer: chain.HeadSealer | None = None,
+        job_stale_after: timedelta = DEFAULT_JOB_STALE_AFTER,
+    ) -> None:
         self._now = clock or _utcnow
         self._sealer = sealer
         self._job_stale_after = job_stale_after
@@ -115,8 +127,9 @@ class InMemoryStateStore:
         self._copies: dict[str, dict[bytes, CopyRecord]] = {}
         self._leases: dict[str, _LeaseRow] = {}
         self._audit: list[AuditRecord] = []
-        self._heads: dict[str, chain.ChainHead] = {chain.GLOBAL_CHAIN: chain.ChainHead(chain.GLOBAL_CHAIN, 0,
-                                                                                        chain.GENESIS)}
+        self._heads: dict[str, chain.ChainHead] = {
+            chain.GLOBAL_CHAIN: chain.ChainHead(chain.GLOBAL_CHAIN, 0, chain.GENESIS)
+        }
 
     def __repr__(self) -> str:
         return f"InMemoryStateStore({len(self._tenants)} tenants)"
@@ -130,8 +143,10 @@ class InMemoryStateStore:
         if fence is None:
             return
         if fence.tenant_id != tenant_id:
-            raise FencedError(f"fence of tenant {fence.tenant_id!r} used for a write to tenant {tenant_id!r}",
-                              resource=f"lease:{tenant_id}")
+            raise FencedError(
+                f"fence of tenant {fence.tenant_id!r} used for a write to tenant {tenant_id!r}",
+                resource=f"lease:{tenant_id}",
+            )
         check_token(self._leases.get(tenant_id), tenant_id, fence.token)
 
     def _gate(self, tenant_id: str) -> _Gate:
@@ -155,8 +170,15 @@ class InMemoryStateStore:
             if tenant.tenant_id in self._tenants:
                 raise StateError(f"tenant {tenant.tenant_id!r} already exists", resource=f"tenant:{tenant.tenant_id}")
             now = self._now()
-            rec = replace(tenant, key_mode=key_mode, location=json_object(tenant.location, "tenant location"),
-                          revoked=bool(tenant.revoked), version=1, created_at=now, updated_at=now)
+            rec = replace(
+                tenant,
+                key_mode=key_mode,
+                location=json_object(tenant.location, "tenant location"),
+                revoked=bool(tenant.revoked),
+                version=1,
+                created_at=now,
+                updated_at=now,
+            )
             self._tenants[tenant.tenant_id] = rec
             self._gates[tenant.tenant_id] = _Gate(GateState.OPEN, None, now)
             return _copy_tenant(rec)
@@ -181,18 +203,27 @@ class InMemoryStateStore:
             if current.version != tenant.version:
                 raise VersionConflictError(
                     f"tenant {tid!r} is at version {current.version}; this update was based on version "
-                    f"{tenant.version}: re-read and retry", resource=f"tenant:{tid}")
-            rec = replace(tenant, key_mode=key_mode, location=json_object(tenant.location, "tenant location"),
-                          revoked=bool(tenant.revoked), version=current.version + 1,
-                          created_at=current.created_at, updated_at=self._now())
+                    f"{tenant.version}: re-read and retry",
+                    resource=f"tenant:{tid}",
+                )
+            rec = replace(
+                tenant,
+                key_mode=key_mode,
+                location=json_object(tenant.location, "tenant location"),
+                revoked=bool(tenant.revoked),
+                version=current.version + 1,
+                created_at=current.created_at,
+                updated_at=self._now(),
+            )
             self._tenants[tid] = rec
             return _copy_tenant(rec)
 
     # --- gate ----------------------------------------------------------------------------
 
     def _pending(self, tenant_id: str) -> int:
-        return sum(1 for j in self._deferred.values()
-                   if j.tenant_id == tenant_id and j.state is not DeferredState.REPLAYED)
+        return sum(
+            1 for j in self._deferred.values() if j.tenant_id == tenant_id and j.state is not DeferredState.REPLAYED
+        )
 
     def _status(self, tenant_id: str) -> GateStatus:
         g = self._gate(tenant_id)
@@ -217,8 +248,10 @@ class InMemoryStateStore:
             g = self._gate(tenant_id)
             if g.state is GateState.PAUSED:
                 if g.paused_by_run != run_id:
-                    raise StateError(f"archive jobs of tenant {tenant_id!r} are already paused by run "
-                                     f"{g.paused_by_run!r}", resource=f"gate:{tenant_id}")
+                    raise StateError(
+                        f"archive jobs of tenant {tenant_id!r} are already paused by run {g.paused_by_run!r}",
+                        resource=f"gate:{tenant_id}",
+                    )
             else:
                 self._set_gate(tenant_id, GateState.PAUSED, run_id)
             return self._status(tenant_id)
@@ -229,8 +262,10 @@ class InMemoryStateStore:
         if g.state is not GateState.PAUSED:
             return
         if g.paused_by_run != run_id:
-            raise StateError(f"archive jobs of tenant {tenant_id!r} were paused by run {g.paused_by_run!r}, "
-                             f"not {run_id!r}", resource=f"gate:{tenant_id}")
+            raise StateError(
+                f"archive jobs of tenant {tenant_id!r} were paused by run {g.paused_by_run!r}, not {run_id!r}",
+                resource=f"gate:{tenant_id}",
+            )
         self._set_gate(tenant_id, GateState.DRAINING, run_id)
         self._open_if_drained(tenant_id)
 
@@ -242,14 +277,16 @@ class InMemoryStateStore:
     def _queue(self, tenant_id: str, job_id: str, payload: dict[str, Any], sealed: bytes | None) -> None:
         g = self._gate(tenant_id)
         g.next_position += 1
-        self._deferred[job_id] = DeferredJob(job_id, tenant_id, payload, self._now(), DeferredState.DEFERRED,
-                                             g.next_position, sealed=sealed)
+        self._deferred[job_id] = DeferredJob(
+            job_id, tenant_id, payload, self._now(), DeferredState.DEFERRED, g.next_position, sealed=sealed
+        )
 
     def _known_deferred(self, tenant_id: str, job_id: str, payload: dict[str, Any]) -> DeferredJob | None:
         job = self._deferred.get(job_id)
         if job is not None and (job.tenant_id != tenant_id or submitted_payload(job.payload) != payload):
-            raise StateError(f"job id {job_id!r} was already used for another tenant or payload",
-                             resource=f"job:{job_id}")
+            raise StateError(
+                f"job id {job_id!r} was already used for another tenant or payload", resource=f"job:{job_id}"
+            )
         return job
 
     def _mark_replayed(self, job_id: str) -> bool:
@@ -282,10 +319,12 @@ class InMemoryStateStore:
         if job is None:
             return False
         return job.state is JobState.COMPLETED or (
-            job.state is JobState.RUNNING and job.started_at > self._now() - self._job_stale_after)
+            job.state is JobState.RUNNING and job.started_at > self._now() - self._job_stale_after
+        )
 
-    def admit_job(self, tenant_id: str, job_id: str, payload: Mapping[str, Any], *,
-                  sealed: bytes | None = None) -> Admission:
+    def admit_job(
+        self, tenant_id: str, job_id: str, payload: Mapping[str, Any], *, sealed: bytes | None = None
+    ) -> Admission:
         check_id("job id", job_id, JOB_ID)
         body, sealed = job_payload(payload, sealed)
         with self._lock:
@@ -311,10 +350,22 @@ class InMemoryStateStore:
 
     def _claim(self, tenant_id: str, limit: int, reclaim_after: timedelta) -> list[DeferredJob]:
         now = self._now()
-        ready = sorted((j for j in self._deferred.values() if j.tenant_id == tenant_id and (
-            j.state is DeferredState.DEFERRED or (
-                j.state is DeferredState.CLAIMED and j.claimed_at is not None
-                and j.claimed_at <= now - reclaim_after))), key=lambda j: j.position)[:limit]
+        ready = sorted(
+            (
+                j
+                for j in self._deferred.values()
+                if j.tenant_id == tenant_id
+                and (
+                    j.state is DeferredState.DEFERRED
+                    or (
+                        j.state is DeferredState.CLAIMED
+                        and j.claimed_at is not None
+                        and j.claimed_at <= now - reclaim_after
+                    )
+                )
+            ),
+            key=lambda j: j.position,
+        )[:limit]
         out = []
         for j in ready:
             claimed = replace(j, state=DeferredState.CLAIMED, claimed_at=now)
@@ -322,8 +373,9 @@ class InMemoryStateStore:
             out.append(_copy_job(claimed))
         return out
 
-    def claim_deferred(self, tenant_id: str, limit: int = 100, *,
-                       reclaim_after: timedelta = timedelta(minutes=5)) -> list[DeferredJob]:
+    def claim_deferred(
+        self, tenant_id: str, limit: int = 100, *, reclaim_after: timedelta = timedelta(minutes=5)
+    ) -> list[DeferredJob]:
         if limit < 1:
             raise ValidationError("claim limit must be at least 1")
         with self._lock:
@@ -334,8 +386,9 @@ class InMemoryStateStore:
                 self._open_if_drained(tenant_id)
             return jobs
 
-    def resume_and_drain(self, tenant_id: str, run_id: str, *, limit: int = 1000,
-                         fence: Fence | None = None) -> list[DeferredJob]:
+    def resume_and_drain(
+        self, tenant_id: str, run_id: str, *, limit: int = 1000, fence: Fence | None = None
+    ) -> list[DeferredJob]:
         with self._lock:
             self._resume(tenant_id, run_id, fence)
             jobs = self._claim(tenant_id, limit, timedelta(minutes=5))
@@ -358,8 +411,9 @@ class InMemoryStateStore:
             self._gate(tenant_id)
             job = check_parkable(tenant_id, job_id, self._deferred.get(job_id))
             # Replayed without running; the seal stays for forensics (mark_replayed purges it).
-            parked = replace(job, state=DeferredState.REPLAYED, replayed_at=now,
-                             payload={**job.payload, PARKED_MEMBER: parking})
+            parked = replace(
+                job, state=DeferredState.REPLAYED, replayed_at=now, payload={**job.payload, PARKED_MEMBER: parking}
+            )
             self._deferred[job_id] = parked
             self._open_if_drained(tenant_id)
             return _copy_job(parked)
@@ -369,12 +423,16 @@ class InMemoryStateStore:
         with self._lock:
             g = self._gate(tenant_id)
             if g.state is GateState.PAUSED:
-                raise StateError(f"archive jobs of tenant {tenant_id!r} are paused by run {g.paused_by_run!r}: "
-                                 "stop replaying; the job stays queued", resource=f"gate:{tenant_id}")
+                raise StateError(
+                    f"archive jobs of tenant {tenant_id!r} are paused by run {g.paused_by_run!r}: "
+                    "stop replaying; the job stays queued",
+                    resource=f"gate:{tenant_id}",
+                )
             return self._try_start(tenant_id, job_id)
 
-    def finish_job(self, job_id: str, attempt: int, *, object_count: int | None = None,
-                   error: str | None = None) -> ArchiveJob:
+    def finish_job(
+        self, job_id: str, attempt: int, *, object_count: int | None = None, error: str | None = None
+    ) -> ArchiveJob:
         state = JobState.FAILED if error is not None else JobState.COMPLETED
         with self._lock:
             job = self._jobs.get(job_id)
@@ -383,8 +441,11 @@ class InMemoryStateStore:
             if job.attempt == attempt and job.state is state:
                 return job
             if job.attempt != attempt or job.state is not JobState.RUNNING:
-                raise FencedError(f"archive job {job_id!r} attempt {attempt} is no longer current "
-                                  f"(attempt {job.attempt} is {job.state.value})", resource=f"job:{job_id}")
+                raise FencedError(
+                    f"archive job {job_id!r} attempt {attempt} is no longer current "
+                    f"(attempt {job.attempt} is {job.state.value})",
+                    resource=f"job:{job_id}",
+                )
             job = replace(job, state=state, finished_at=self._now(), object_count=object_count, error=error)
             self._jobs[job_id] = job
             if state is JobState.COMPLETED and self._mark_replayed(job_id):
@@ -397,22 +458,34 @@ class InMemoryStateStore:
 
     def running_jobs(self, tenant_id: str) -> list[ArchiveJob]:
         with self._lock:
-            return sorted((j for j in self._jobs.values() if j.tenant_id == tenant_id and j.state is JobState.RUNNING),
-                          key=lambda j: (j.started_at, j.job_id))
+            return sorted(
+                (j for j in self._jobs.values() if j.tenant_id == tenant_id and j.state is JobState.RUNNING),
+                key=lambda j: (j.started_at, j.job_id),
+            )
 
     def list_deferred(self, tenant_id: str, *, include_replayed: bool = False) -> list[DeferredJob]:
         with self._lock:
-            return [_copy_job(j) for j in sorted(self._deferred.values(), key=lambda j: j.position)
-                    if j.tenant_id == tenant_id and (include_replayed or j.state is not DeferredState.REPLAYED)]
+            return [
+                _copy_job(j)
+                for j in sorted(self._deferred.values(), key=lambda j: j.position)
+                if j.tenant_id == tenant_id and (include_replayed or j.state is not DeferredState.REPLAYED)
+            ]
 
     # --- runs ----------------------------------------------------------------------------
 
     def _running_run(self, tenant_id: str) -> MigrationRun | None:
         return next((r for r in self._runs.values() if r.tenant_id == tenant_id and r.state is RunState.RUNNING), None)
 
-    def start_run(self, tenant_id: str, flow: Flow, *, mode: str, steps: Sequence[str],
-                  params: Mapping[str, Any] | None = None,
-                  run_id: str | None = None) -> tuple[MigrationRun, bool]:
+    def start_run(
+        self,
+        tenant_id: str,
+        flow: Flow,
+        *,
+        mode: str,
+        steps: Sequence[str],
+        params: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> tuple[MigrationRun, bool]:
         flow = member(Flow, flow, "flow")
         run_id = run_id or uuid.uuid4().hex
         check_id("run id", run_id, RUN_ID)
@@ -431,8 +504,17 @@ class InMemoryStateStore:
             if active is not None:
                 return _copy_run(active), False
             now = self._now()
-            run = MigrationRun(run_id, tenant_id, flow, mode, RunState.RUNNING, body, now, now,
-                               tuple(StepRecord(run_id, name, i) for i, name in enumerate(steps)))
+            run = MigrationRun(
+                run_id,
+                tenant_id,
+                flow,
+                mode,
+                RunState.RUNNING,
+                body,
+                now,
+                now,
+                tuple(StepRecord(run_id, name, i) for i, name in enumerate(steps)),
+            )
             self._runs[run_id] = run
             return _copy_run(run), True
 
@@ -446,12 +528,16 @@ class InMemoryStateStore:
             run = self._runs.get(run_id)
             return None if run is None else _copy_run(run)
 
-    def list_runs(self, tenant_id: str | None = None, *, states: Iterable[RunState] | None = None,
-                  limit: int = 100) -> list[MigrationRun]:
+    def list_runs(
+        self, tenant_id: str | None = None, *, states: Iterable[RunState] | None = None, limit: int = 100
+    ) -> list[MigrationRun]:
         wanted = None if states is None else {member(RunState, s, "run state") for s in states}
         with self._lock:
-            found = [r for r in self._runs.values()
-                     if (tenant_id is None or r.tenant_id == tenant_id) and (wanted is None or r.state in wanted)]
+            found = [
+                r
+                for r in self._runs.values()
+                if (tenant_id is None or r.tenant_id == tenant_id) and (wanted is None or r.state in wanted)
+            ]
             found.sort(key=lambda r: (r.created_at, r.run_id), reverse=True)
             return [_copy_run(r) for r in found[:limit]]
 
@@ -463,26 +549,37 @@ class InMemoryStateStore:
             if run.state is state:
                 return _copy_run(run)
             if state not in RUN_MOVES[run.state]:
-                raise StateError(f"run {run_id!r} cannot move from {run.state.value} to {state.value}",
-                                 resource=f"run:{run_id}")
+                raise StateError(
+                    f"run {run_id!r} cannot move from {run.state.value} to {state.value}", resource=f"run:{run_id}"
+                )
             if state is RunState.RUNNING and self._running_run(run.tenant_id) is not None:
-                raise StateError(f"run {run_id!r} cannot resume: its tenant has another running run",
-                                 resource=f"run:{run_id}")
+                raise StateError(
+                    f"run {run_id!r} cannot resume: its tenant has another running run", resource=f"run:{run_id}"
+                )
             run = replace(run, state=state, updated_at=self._now())
             self._runs[run_id] = run
             return _copy_run(run)
 
-    def update_step(self, run_id: str, step: str, state: StepState, *,
-                    result: Mapping[str, Any] | None = None, error: str | None = None,
-                    fence: Fence | None = None) -> StepRecord:
+    def update_step(
+        self,
+        run_id: str,
+        step: str,
+        state: StepState,
+        *,
+        result: Mapping[str, Any] | None = None,
+        error: str | None = None,
+        fence: Fence | None = None,
+    ) -> StepRecord:
         state = member(StepState, state, "step state")
         body = None if result is None else json_object(result, "step result")
         with self._lock:
             run = self._run(run_id)
             self._fenced(fence, run.tenant_id)
             if run.state is not RunState.RUNNING:
-                raise StateError(f"run {run_id!r} is {run.state.value}; steps change only while it is running",
-                                 resource=f"run:{run_id}")
+                raise StateError(
+                    f"run {run_id!r} is {run.state.value}; steps change only while it is running",
+                    resource=f"run:{run_id}",
+                )
             idx = next((i for i, s in enumerate(run.steps) if s.name == step), None)
             if idx is None:
                 raise StateError(f"run {run_id!r} has no step {step!r}", resource=f"run:{run_id}")
@@ -493,7 +590,7 @@ class InMemoryStateStore:
                 return _copy_step(cur)
             values["state"] = StepState(values["state"])
             new = replace(cur, **values)
-            self._runs[run_id] = replace(run, steps=run.steps[:idx] + (new,) + run.steps[idx + 1:], updated_at=now)
+            self._runs[run_id] = replace(run, steps=run.steps[:idx] + (new,) + run.steps[idx + 1 :], updated_at=now)
             return _copy_step(new)
 
     def reset_steps(self, run_id: str, from_step: str, *, fence: Fence | None = None) -> MigrationRun:
@@ -506,14 +603,19 @@ class InMemoryStateStore:
             reset = {s.name for s in run.steps if s.ordinal >= start}
             for key in [k for k in self._checkpoints if k[0] == run_id and k[1] in reset]:
                 del self._checkpoints[key]
-            steps = tuple(replace(s, state=StepState.PENDING, started_at=None, finished_at=None, result=None,
-                                  error=None) if s.name in reset else s for s in run.steps)
+            steps = tuple(
+                replace(s, state=StepState.PENDING, started_at=None, finished_at=None, result=None, error=None)
+                if s.name in reset
+                else s
+                for s in run.steps
+            )
             run = replace(run, steps=steps, updated_at=self._now())
             self._runs[run_id] = run
             return _copy_run(run)
 
-    def save_checkpoint(self, run_id: str, step: str, shard: int, cursor: Mapping[str, Any], *,
-                        fence: Fence | None = None) -> None:
+    def save_checkpoint(
+        self, run_id: str, step: str, shard: int, cursor: Mapping[str, Any], *, fence: Fence | None = None
+    ) -> None:
         body = json_object(cursor, "checkpoint cursor")
         with self._lock:
             run = self._run(run_id)
@@ -536,23 +638,25 @@ class InMemoryStateStore:
             existing = self._manifests.get(run_id)
             if existing is not None:
                 if existing.source != source:
-                    raise StateError(f"run {run_id!r} already has a manifest of another source",
-                                     resource=f"run:{run_id}")
+                    raise StateError(
+                        f"run {run_id!r} already has a manifest of another source", resource=f"run:{run_id}"
+                    )
                 return
             self._manifests[run_id] = _Manifest(run.tenant_id, source, self._now())
             self._entries[run_id] = {}
             self._copies[run_id] = {}
 
-    def add_manifest_entries(self, run_id: str, entries: Iterable[ManifestEntry], *,
-                             fence: Fence | None = None) -> int:
+    def add_manifest_entries(self, run_id: str, entries: Iterable[ManifestEntry], *, fence: Fence | None = None) -> int:
         batch: dict[bytes, ManifestEntry] = {}
         for e in entries:
             check_entry(e)
             e = replace(e, name=bytes(e.name))
             prior = batch.get(e.name)
             if prior is not None and prior != e:
-                raise StateError(f"manifest of run {run_id!r} lists object {e.name!r} twice with different attributes",
-                                 resource=f"run:{run_id}")
+                raise StateError(
+                    f"manifest of run {run_id!r} lists object {e.name!r} twice with different attributes",
+                    resource=f"run:{run_id}",
+                )
             batch[e.name] = e
         with self._lock:
             m = self._manifests.get(run_id)
@@ -562,8 +666,11 @@ class InMemoryStateStore:
             existing = self._entries[run_id]
             for name, e in batch.items():
                 if name in existing and existing[name] != e:
-                    raise StateError(f"object {name!r} is already in the manifest of run {run_id!r} with other "
-                                     "attributes (size/etag/shard/digest)", resource=f"run:{run_id}")
+                    raise StateError(
+                        f"object {name!r} is already in the manifest of run {run_id!r} with other "
+                        "attributes (size/etag/shard/digest)",
+                        resource=f"run:{run_id}",
+                    )
             new = [e for n, e in batch.items() if n not in existing]
             for e in new:
                 existing[e.name] = e
@@ -575,8 +682,15 @@ class InMemoryStateStore:
             if m is None:
                 return None
             entries = self._entries[run_id].values()
-            return ManifestSummary(run_id, m.tenant_id, copy.deepcopy(m.source), m.created_at, len(entries),
-                                   sum(e.size for e in entries), len({e.shard for e in entries}))
+            return ManifestSummary(
+                run_id,
+                m.tenant_id,
+                copy.deepcopy(m.source),
+                m.created_at,
+                len(entries),
+                sum(e.size for e in entries),
+                len({e.shard for e in entries}),
+            )
 
     def _paged(self, snapshot: Callable[[], list[Any]], page_size: int) -> Iterator[Any]:
         # Same observable behaviour as the SQL keyset pages: sorted by name, read lazily.
@@ -589,11 +703,13 @@ class InMemoryStateStore:
                 return
             last = page[-1].name
 
-    def iter_manifest(self, run_id: str, *, shard: int | None = None,
-                      page_size: int = 1000) -> Iterator[ManifestEntry]:
+    def iter_manifest(self, run_id: str, *, shard: int | None = None, page_size: int = 1000) -> Iterator[ManifestEntry]:
         def snap() -> list[ManifestEntry]:
-            return sorted((e for e in self._entries.get(run_id, {}).values() if shard is None or e.shard == shard),
-                          key=lambda e: e.name)
+            return sorted(
+                (e for e in self._entries.get(run_id, {}).values() if shard is None or e.shard == shard),
+                key=lambda e: e.name,
+            )
+
         return self._paged(snap, page_size)
 
     def record_copy(self, run_id: str, record: CopyRecord, *, fence: Fence | None = None) -> None:
@@ -609,8 +725,11 @@ class InMemoryStateStore:
             entries = self._entries.get(run_id, {})
             missing = [r.name for r in rows if r.name not in entries]
             if missing:
-                raise StateError(f"object(s) {', '.join(repr(n[:80]) for n in missing[:3])} not all in the manifest "
-                                 f"of run {run_id!r}; nothing recorded", resource=f"run:{run_id}")
+                raise StateError(
+                    f"object(s) {', '.join(repr(n[:80]) for n in missing[:3])} not all in the manifest "
+                    f"of run {run_id!r}; nothing recorded",
+                    resource=f"run:{run_id}",
+                )
             now = self._now()
             for r in rows:
                 self._copies[run_id][r.name] = replace(r, updated_at=now)
@@ -619,14 +738,21 @@ class InMemoryStateStore:
         with self._lock:
             return self._copies.get(run_id, {}).get(bytes(name))
 
-    def iter_copies(self, run_id: str, *, status: CopyStatus | None = None, shard: int | None = None,
-                    page_size: int = 1000) -> Iterator[CopyRecord]:
+    def iter_copies(
+        self, run_id: str, *, status: CopyStatus | None = None, shard: int | None = None, page_size: int = 1000
+    ) -> Iterator[CopyRecord]:
         def snap() -> list[CopyRecord]:
             with self._lock:
                 entries = self._entries.get(run_id, {})
-                return sorted((c for c in self._copies.get(run_id, {}).values()
-                               if (status is None or c.status is status)
-                               and (shard is None or entries[c.name].shard == shard)), key=lambda c: c.name)
+                return sorted(
+                    (
+                        c
+                        for c in self._copies.get(run_id, {}).values()
+                        if (status is None or c.status is status) and (shard is None or entries[c.name].shard == shard)
+                    ),
+                    key=lambda c: c.name,
+                )
+
         return self._paged(snap, page_size)
 
     def copy_counts(self, run_id: str) -> dict[CopyStatus, int]:
@@ -636,15 +762,21 @@ class InMemoryStateStore:
                 counts[c.status] = counts.get(c.status, 0) + 1
             return counts
 
-    def iter_uncopied(self, run_id: str, *, shard: int | None = None,
-                      page_size: int = 1000) -> Iterator[ManifestEntry]:
+    def iter_uncopied(self, run_id: str, *, shard: int | None = None, page_size: int = 1000) -> Iterator[ManifestEntry]:
         done = {CopyStatus.COPIED, CopyStatus.VERIFIED}
 
         def snap() -> list[ManifestEntry]:
             copies = self._copies.get(run_id, {})
-            return sorted((e for e in self._entries.get(run_id, {}).values()
-                           if (shard is None or e.shard == shard)
-                           and (e.name not in copies or copies[e.name].status not in done)), key=lambda e: e.name)
+            return sorted(
+                (
+                    e
+                    for e in self._entries.get(run_id, {}).values()
+                    if (shard is None or e.shard == shard)
+                    and (e.name not in copies or copies[e.name].status not in done)
+                ),
+                key=lambda e: e.name,
+            )
+
         return self._paged(snap, page_size)
 
     # --- leases --------------------------------------------------------------------------
@@ -663,8 +795,10 @@ class InMemoryStateStore:
             elif row.expires_at <= now or row.released_at is not None or row.run_id == run_id:
                 row = self._leases[tenant_id] = _LeaseRow(run_id, row.token + 1, now, now + ttl)
             else:
-                raise LeaseHeldError(f"tenant {tenant_id!r} is held by run {row.run_id!r} until "
-                                     f"{row.expires_at.isoformat()}", resource=f"lease:{tenant_id}")
+                raise LeaseHeldError(
+                    f"tenant {tenant_id!r} is held by run {row.run_id!r} until {row.expires_at.isoformat()}",
+                    resource=f"lease:{tenant_id}",
+                )
             return Lease(tenant_id, row.run_id, row.token, row.acquired_at, row.expires_at)
 
     def renew_lease(self, lease: Lease, ttl: timedelta) -> Lease:
@@ -709,13 +843,19 @@ class InMemoryStateStore:
         with self._lock:
             head = self._heads.get(chain.GLOBAL_CHAIN)
             if head is None:
-                raise StateError("the audit chain head is missing: run `archive-kms audit verify`",
-                                 resource="audit:global")
+                raise StateError(
+                    "the audit chain head is missing: run `archive-kms audit verify`", resource="audit:global"
+                )
             t_name = None if event.tenant_id is None else chain.tenant_chain(event.tenant_id)
             t_head = None if t_name is None else self._heads.get(t_name)
             fields: dict[str, Any] = {
-                "seq": head.count + 1, "ts": self._now(), "actor": event.actor, "action": event.action,
-                "tenant_id": event.tenant_id, "run_id": event.run_id, "details": details,
+                "seq": head.count + 1,
+                "ts": self._now(),
+                "actor": event.actor,
+                "action": event.action,
+                "tenant_id": event.tenant_id,
+                "run_id": event.run_id,
+                "details": details,
                 "prev_hash": head.head_hash,
                 "tenant_seq": None if t_name is None else (t_head.count + 1 if t_head else 1),
                 "tenant_prev_hash": None if t_name is None else (t_head.head_hash if t_head else chain.GENESIS),
@@ -727,20 +867,27 @@ class InMemoryStateStore:
                 self._heads[t_name] = chain.seal_head(self._sealer, t_name, fields["tenant_seq"], rec.hash)
             return _copy_audit(rec)
 
-    def iter_audit(self, *, tenant_id: str | None = None, after_seq: int = 0,
-                   page_size: int = 1000) -> Iterator[AuditRecord]:
+    def iter_audit(
+        self, *, tenant_id: str | None = None, after_seq: int = 0, page_size: int = 1000
+    ) -> Iterator[AuditRecord]:
         with self._lock:
-            recs = sorted((r for r in self._audit if r.seq > after_seq and (tenant_id is None or r.tenant_id == tenant_id)),
-                          key=lambda r: r.seq)
+            recs = sorted(
+                (r for r in self._audit if r.seq > after_seq and (tenant_id is None or r.tenant_id == tenant_id)),
+                key=lambda r: r.seq,
+            )
         return iter([_copy_audit(r) for r in recs])
 
     def verify_audit(self, *, tenant_id: str | None = None) -> AuditVerification:
         verifier = chain.ChainVerifier(tenant_id=tenant_id)
         with self._lock:
-            recs = sorted((r for r in self._audit if tenant_id is None or r.tenant_id == tenant_id),
-                          key=lambda r: r.seq)
-            heads = dict(self._heads) if tenant_id is None else {
-                k: v for k, v in self._heads.items() if k == chain.tenant_chain(tenant_id)}
+            recs = sorted(
+                (r for r in self._audit if tenant_id is None or r.tenant_id == tenant_id), key=lambda r: r.seq
+            )
+            heads = (
+                dict(self._heads)
+                if tenant_id is None
+                else {k: v for k, v in self._heads.items() if k == chain.tenant_chain(tenant_id)}
+            )
         for rec in recs:
             if verifier.feed(rec) is not None:
                 break
@@ -764,11 +911,11 @@ class InMemoryStateStore:
     def export_audit(self, tenant_id: str | None = None) -> Iterator[dict[str, Any]]:
         name = chain.GLOBAL_CHAIN if tenant_id is None else chain.tenant_chain(tenant_id)
         with self._lock:
-            heads = dict(self._heads) if tenant_id is None else {
-                k: v for k, v in self._heads.items() if k == name}
+            heads = dict(self._heads) if tenant_id is None else {k: v for k, v in self._heads.items() if k == name}
             heads.setdefault(name, chain.ChainHead(name, 0, chain.GENESIS))
-            recs = sorted((r for r in self._audit if tenant_id is None or r.tenant_id == tenant_id),
-                          key=lambda r: r.seq)
+            recs = sorted(
+                (r for r in self._audit if tenant_id is None or r.tenant_id == tenant_id), key=lambda r: r.seq
+            )
         limit = heads[name].count
         for rec in recs:
             position = rec.seq if tenant_id is None else rec.tenant_seq
@@ -780,6 +927,7 @@ class InMemoryStateStore:
 
 
 # Records hold dicts; hand out copies so callers cannot change what the store holds.
+
 
 def _copy_tenant(t: TenantRecord) -> TenantRecord:
     return replace(t, location=copy.deepcopy(dict(t.location)))

@@ -176,11 +176,14 @@ def check_parkable(tenant_id: str, job_id: str, found: DeferredJob | None) -> De
     if found.tenant_id != tenant_id:
         raise StateError(f"job {job_id!r} is queued for another tenant, not {tenant_id!r}", resource=f"job:{job_id}")
     if found.parked is not None:
-        raise StateError(f"job {job_id!r} was already parked by {found.parked.get('actor')} at "
-                         f"{found.parked.get('at')}", resource=f"job:{job_id}")
+        raise StateError(
+            f"job {job_id!r} was already parked by {found.parked.get('actor')} at {found.parked.get('at')}",
+            resource=f"job:{job_id}",
+        )
     if found.state is DeferredState.REPLAYED:
-        raise StateError(f"job {job_id!r} was already replayed at {found.replayed_at}: nothing to park",
-                         resource=f"job:{job_id}")
+        raise StateError(
+            f"job {job_id!r} was already replayed at {found.replayed_at}: nothing to park", resource=f"job:{job_id}"
+        )
     return found
 
 
@@ -247,8 +250,9 @@ class GateRepo(Protocol):
         Idempotent when already draining/open; ``StateError`` if another run paused it."""
         ...
 
-    def admit_job(self, tenant_id: str, job_id: str, payload: Mapping[str, Any], *,
-                  sealed: bytes | None = None) -> Admission:
+    def admit_job(
+        self, tenant_id: str, job_id: str, payload: Mapping[str, Any], *, sealed: bytes | None = None
+    ) -> Admission:
         """The archive-job writer's entry point. Gate open: ``RUN`` (ledger row created,
         attempt 1, or a later attempt if a previous one failed or went stale; ``sealed``
         is not kept). Gate paused/draining: ``DEFERRED`` (queued in FIFO order with
@@ -266,8 +270,9 @@ class GateRepo(Protocol):
         payload."""
         ...
 
-    def claim_deferred(self, tenant_id: str, limit: int = 100, *,
-                       reclaim_after: timedelta = timedelta(minutes=5)) -> list[DeferredJob]:
+    def claim_deferred(
+        self, tenant_id: str, limit: int = 100, *, reclaim_after: timedelta = timedelta(minutes=5)
+    ) -> list[DeferredJob]:
         """Hand out up to ``limit`` queued jobs in FIFO order and mark them claimed
         (nothing while the gate is paused). Claims older than ``reclaim_after`` that were never replayed are handed out
         again (the replayer crashed). When the gate is ``draining`` and nothing is left
@@ -289,8 +294,9 @@ class GateRepo(Protocol):
         replayed or parked; ``ValidationError`` for an empty or overlong reason/actor."""
         ...
 
-    def resume_and_drain(self, tenant_id: str, run_id: str, *, limit: int = 1000,
-                         fence: Fence | None = None) -> list[DeferredJob]:
+    def resume_and_drain(
+        self, tenant_id: str, run_id: str, *, limit: int = 1000, fence: Fence | None = None
+    ) -> list[DeferredJob]:
         """``resume`` then ``claim_deferred(limit)``. A second call returns only jobs
         queued since, or whose claim expired."""
         ...
@@ -303,8 +309,9 @@ class GateRepo(Protocol):
         paused again: stop replaying, the job stays queued."""
         ...
 
-    def finish_job(self, job_id: str, attempt: int, *, object_count: int | None = None,
-                   error: str | None = None) -> ArchiveJob:
+    def finish_job(
+        self, job_id: str, attempt: int, *, object_count: int | None = None, error: str | None = None
+    ) -> ArchiveJob:
         """Record the end of ``attempt`` (completed, or failed if ``error``). A queued
         copy of the job is marked ``replayed`` and its sealed content purged in the
         same transaction when it completed; a failed job keeps both, to be replayed
@@ -312,8 +319,7 @@ class GateRepo(Protocol):
         over."""
         ...
 
-    def get_job(self, job_id: str) -> ArchiveJob | None:
-        ...
+    def get_job(self, job_id: str) -> ArchiveJob | None: ...
 
     def running_jobs(self, tenant_id: str) -> list[ArchiveJob]:
         """Jobs admitted and not finished (pause waits for these)."""
@@ -387,9 +393,16 @@ class MigrationRun:
 class RunRepo(Protocol):
     """Migration runs: one ``running`` run per tenant, enforced by a unique index."""
 
-    def start_run(self, tenant_id: str, flow: Flow, *, mode: str, steps: Sequence[str],
-                  params: Mapping[str, Any] | None = None,
-                  run_id: str | None = None) -> tuple[MigrationRun, bool]:
+    def start_run(
+        self,
+        tenant_id: str,
+        flow: Flow,
+        *,
+        mode: str,
+        steps: Sequence[str],
+        params: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> tuple[MigrationRun, bool]:
         """Create a ``running`` run with ``steps`` pending, or — if the tenant already
         has a running run — return that one. The bool says whether this call created
         it. ``StateError`` for an unknown tenant or a reused ``run_id``."""
@@ -399,11 +412,11 @@ class RunRepo(Protocol):
         """The tenant's ``running`` run, or None."""
         ...
 
-    def get_run(self, run_id: str) -> MigrationRun | None:
-        ...
+    def get_run(self, run_id: str) -> MigrationRun | None: ...
 
-    def list_runs(self, tenant_id: str | None = None, *, states: Iterable[RunState] | None = None,
-                  limit: int = 100) -> list[MigrationRun]:
+    def list_runs(
+        self, tenant_id: str | None = None, *, states: Iterable[RunState] | None = None, limit: int = 100
+    ) -> list[MigrationRun]:
         """Newest first."""
         ...
 
@@ -413,9 +426,16 @@ class RunRepo(Protocol):
         while another run of the tenant is running raises ``StateError``."""
         ...
 
-    def update_step(self, run_id: str, step: str, state: StepState, *,
-                    result: Mapping[str, Any] | None = None, error: str | None = None,
-                    fence: Fence | None = None) -> StepRecord:
+    def update_step(
+        self,
+        run_id: str,
+        step: str,
+        state: StepState,
+        *,
+        result: Mapping[str, Any] | None = None,
+        error: str | None = None,
+        fence: Fence | None = None,
+    ) -> StepRecord:
         """Record a step transition. → running increments ``attempt`` and sets
         ``started_at``; → completed/failed/skipped sets ``finished_at`` (and ``result``
         / ``error``). ``StateError`` for an unknown run or step."""
@@ -426,8 +446,9 @@ class RunRepo(Protocol):
         counts kept, checkpoints of those steps deleted)."""
         ...
 
-    def save_checkpoint(self, run_id: str, step: str, shard: int, cursor: Mapping[str, Any], *,
-                        fence: Fence | None = None) -> None:
+    def save_checkpoint(
+        self, run_id: str, step: str, shard: int, cursor: Mapping[str, Any], *, fence: Fence | None = None
+    ) -> None:
         """Upsert the cursor of one shard of a step."""
         ...
 
@@ -493,18 +514,15 @@ class LedgerRepo(Protocol):
         unknown run."""
         ...
 
-    def add_manifest_entries(self, run_id: str, entries: Iterable[ManifestEntry], *,
-                             fence: Fence | None = None) -> int:
+    def add_manifest_entries(self, run_id: str, entries: Iterable[ManifestEntry], *, fence: Fence | None = None) -> int:
         """Add entries (one transaction per call; send pages of ~1000). Re-adding an
         identical entry is a no-op (rerun of a listing); the same name with another
         size/etag/shard raises ``StateError``. Returns how many were new."""
         ...
 
-    def manifest_summary(self, run_id: str) -> ManifestSummary | None:
-        ...
+    def manifest_summary(self, run_id: str) -> ManifestSummary | None: ...
 
-    def iter_manifest(self, run_id: str, *, shard: int | None = None,
-                      page_size: int = 1000) -> Iterator[ManifestEntry]:
+    def iter_manifest(self, run_id: str, *, shard: int | None = None, page_size: int = 1000) -> Iterator[ManifestEntry]:
         """Entries ordered by name, read in pages (no transaction held between pages)."""
         ...
 
@@ -518,11 +536,11 @@ class LedgerRepo(Protocol):
         shards flush their ledger rows in small batches."""
         ...
 
-    def get_copy(self, run_id: str, name: bytes) -> CopyRecord | None:
-        ...
+    def get_copy(self, run_id: str, name: bytes) -> CopyRecord | None: ...
 
-    def iter_copies(self, run_id: str, *, status: CopyStatus | None = None, shard: int | None = None,
-                    page_size: int = 1000) -> Iterator[CopyRecord]:
+    def iter_copies(
+        self, run_id: str, *, status: CopyStatus | None = None, shard: int | None = None, page_size: int = 1000
+    ) -> Iterator[CopyRecord]:
         """Ledger rows ordered by name (of one manifest shard, if given)."""
         ...
 
@@ -530,8 +548,7 @@ class LedgerRepo(Protocol):
         """Rows per status (statuses with no rows are absent)."""
         ...
 
-    def iter_uncopied(self, run_id: str, *, shard: int | None = None,
-                      page_size: int = 1000) -> Iterator[ManifestEntry]:
+    def iter_uncopied(self, run_id: str, *, shard: int | None = None, page_size: int = 1000) -> Iterator[ManifestEntry]:
         """Manifest entries with no ledger row in ``copied`` or ``verified``: what a
         resumed copy step still has to do."""
         ...
@@ -644,8 +661,9 @@ class AuditLog(Protocol):
         ``ValidationError`` if ``details`` is not canonical JSON."""
         ...
 
-    def iter_audit(self, *, tenant_id: str | None = None, after_seq: int = 0,
-                   page_size: int = 1000) -> Iterator[AuditRecord]:
+    def iter_audit(
+        self, *, tenant_id: str | None = None, after_seq: int = 0, page_size: int = 1000
+    ) -> Iterator[AuditRecord]:
         """Records in ``seq`` order (one tenant's, or all)."""
         ...
 

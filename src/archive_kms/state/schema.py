@@ -85,13 +85,15 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
-metadata = MetaData(naming_convention={
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-})
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
 
 
 def _one_of(column: str, values: type[enum.Enum], name: str | None = None) -> CheckConstraint:
@@ -100,13 +102,15 @@ def _one_of(column: str, values: type[enum.Enum], name: str | None = None) -> Ch
 
 
 schema_version = Table(
-    "schema_version", metadata,
+    "schema_version",
+    metadata,
     Column("version", Integer, primary_key=True, autoincrement=False),
     Column("applied_at", UtcDateTime, nullable=False),
 )
 
 tenants = Table(
-    "tenants", metadata,
+    "tenants",
+    metadata,
     Column("tenant_id", String(TENANT_ID), primary_key=True),
     Column("key_mode", String(16), nullable=False),
     Column("key_ref", Text),
@@ -123,7 +127,8 @@ tenants = Table(
 
 # One row per tenant: the per-tenant mutex every gate operation locks first.
 archive_gates = Table(
-    "archive_gates", metadata,
+    "archive_gates",
+    metadata,
     Column("tenant_id", String(TENANT_ID), ForeignKey("tenants.tenant_id"), primary_key=True),
     Column("state", String(16), nullable=False),
     Column("paused_by_run", String(RUN_ID)),
@@ -137,7 +142,8 @@ archive_gates = Table(
 # the seal in the document needs no new column, so databases made by version 1 open as
 # they are; rows queued before sealing existed hold the spec itself and still replay.
 deferred_jobs = Table(
-    "deferred_jobs", metadata,
+    "deferred_jobs",
+    metadata,
     Column("job_id", String(JOB_ID), primary_key=True),
     Column("tenant_id", String(TENANT_ID), ForeignKey("tenants.tenant_id"), nullable=False),
     Column("position", BigInteger, nullable=False),
@@ -152,7 +158,8 @@ deferred_jobs = Table(
 )
 
 archive_jobs = Table(
-    "archive_jobs", metadata,
+    "archive_jobs",
+    metadata,
     Column("job_id", String(JOB_ID), primary_key=True),  # the idempotency id: a job archives once
     Column("tenant_id", String(TENANT_ID), ForeignKey("tenants.tenant_id"), nullable=False),
     Column("state", String(16), nullable=False),
@@ -166,7 +173,8 @@ archive_jobs = Table(
 )
 
 runs = Table(
-    "runs", metadata,
+    "runs",
+    metadata,
     Column("run_id", String(RUN_ID), primary_key=True),
     Column("tenant_id", String(TENANT_ID), ForeignKey("tenants.tenant_id"), nullable=False),
     Column("flow", String(16), nullable=False),
@@ -179,12 +187,18 @@ runs = Table(
     _one_of("state", RunState),
     Index(None, "tenant_id", "created_at"),
     # One tenant, one running flow: the database refuses a second one.
-    Index("uq_runs_one_running_per_tenant", "tenant_id", unique=True,
-          sqlite_where=text("state = 'running'"), postgresql_where=text("state = 'running'")),
+    Index(
+        "uq_runs_one_running_per_tenant",
+        "tenant_id",
+        unique=True,
+        sqlite_where=text("state = 'running'"),
+        postgresql_where=text("state = 'running'"),
+    ),
 )
 
 run_steps = Table(
-    "run_steps", metadata,
+    "run_steps",
+    metadata,
     Column("run_id", String(RUN_ID), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False),
     Column("name", String(STEP_NAME), nullable=False),
     Column("ordinal", Integer, nullable=False),
@@ -200,7 +214,8 @@ run_steps = Table(
 )
 
 checkpoints = Table(
-    "checkpoints", metadata,
+    "checkpoints",
+    metadata,
     Column("run_id", String(RUN_ID), nullable=False),
     Column("step", String(STEP_NAME), nullable=False),
     Column("shard", Integer, nullable=False),
@@ -211,7 +226,8 @@ checkpoints = Table(
 )
 
 manifests = Table(
-    "manifests", metadata,
+    "manifests",
+    metadata,
     Column("run_id", String(RUN_ID), ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
     Column("tenant_id", String(TENANT_ID), ForeignKey("tenants.tenant_id"), nullable=False),
     Column("source", Json, nullable=False),
@@ -219,7 +235,8 @@ manifests = Table(
 )
 
 manifest_entries = Table(
-    "manifest_entries", metadata,
+    "manifest_entries",
+    metadata,
     Column("run_id", String(RUN_ID), ForeignKey("manifests.run_id", ondelete="CASCADE"), nullable=False),
     Column("name", LargeBinary, nullable=False),
     Column("shard", Integer, nullable=False),
@@ -232,7 +249,8 @@ manifest_entries = Table(
 )
 
 copy_ledger = Table(
-    "copy_ledger", metadata,
+    "copy_ledger",
+    metadata,
     Column("run_id", String(RUN_ID), nullable=False),
     Column("name", LargeBinary, nullable=False),
     Column("status", String(16), nullable=False),
@@ -243,14 +261,14 @@ copy_ledger = Table(
     Column("updated_at", UtcDateTime, nullable=False),
     PrimaryKeyConstraint("run_id", "name"),
     # Ledger ⊆ manifest: no copy of an object the run never listed.
-    ForeignKeyConstraint(["run_id", "name"], ["manifest_entries.run_id", "manifest_entries.name"],
-                         ondelete="CASCADE"),
+    ForeignKeyConstraint(["run_id", "name"], ["manifest_entries.run_id", "manifest_entries.name"], ondelete="CASCADE"),
     _one_of("status", CopyStatus),
     Index(None, "run_id", "status"),
 )
 
 tenant_leases = Table(
-    "tenant_leases", metadata,
+    "tenant_leases",
+    metadata,
     Column("tenant_id", String(TENANT_ID), ForeignKey("tenants.tenant_id"), primary_key=True),
     Column("run_id", String(RUN_ID), nullable=False),
     Column("token", BigInteger, nullable=False),
@@ -262,7 +280,8 @@ tenant_leases = Table(
 
 # No foreign keys: the audit log must outlive anything it mentions.
 audit_log = Table(
-    "audit_log", metadata,
+    "audit_log",
+    metadata,
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
     Column("ts", UtcDateTime, nullable=False),
     Column("actor", String(255), nullable=False),
@@ -278,7 +297,8 @@ audit_log = Table(
 )
 
 audit_heads = Table(
-    "audit_heads", metadata,
+    "audit_heads",
+    metadata,
     Column("chain", String(TENANT_ID + 16), primary_key=True),  # "global" or "tenant:<id>"
     Column("count", BigInteger, nullable=False),
     Column("head_hash", String(HASH_HEX), nullable=False),
@@ -294,7 +314,8 @@ audit_heads = Table(
 # the keychain verifies its signature. No foreign key to tenants: the keychain is created
 # by its own flow step and must be readable whatever happens to the registry row.
 keychain_heads = Table(
-    "keychain_heads", metadata,
+    "keychain_heads",
+    metadata,
     Column("tenant_id", String(TENANT_ID), primary_key=True),
     Column("version", BigInteger, nullable=False),
     Column("body", LargeBinary, nullable=False),
@@ -302,7 +323,8 @@ keychain_heads = Table(
 )
 
 keychain_records = Table(
-    "keychain_records", metadata,
+    "keychain_records",
+    metadata,
     Column("tenant_id", String(TENANT_ID), nullable=False),
     Column("record_id", String(255), nullable=False),
     Column("level", String(8), nullable=False),
@@ -340,11 +362,12 @@ for _stmt in _PG_TRIGGERS:
 # Names the tests (playing an attacker with DDL rights) drop to tamper with the log.
 AUDIT_TRIGGERS: dict[str, list[str]] = {
     "sqlite": ["DROP TRIGGER IF EXISTS audit_log_no_update", "DROP TRIGGER IF EXISTS audit_log_no_delete"],
-    "postgresql": ["DROP TRIGGER IF EXISTS audit_log_no_update_delete ON audit_log",
-                   "DROP TRIGGER IF EXISTS audit_log_no_truncate ON audit_log"],
+    "postgresql": [
+        "DROP TRIGGER IF EXISTS audit_log_no_update_delete ON audit_log",
+        "DROP TRIGGER IF EXISTS audit_log_no_truncate ON audit_log",
+    ],
 }
 
 
 def table_names() -> list[str]:
     return [t.name for t in metadata.sorted_tables]
-

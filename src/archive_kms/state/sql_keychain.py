@@ -38,8 +38,7 @@ class SqlKeychainStore:
 
     def get_head(self, tenant_id: str) -> TenantHead | None:
         with self._state._tx("read keychain head", write=False) as conn:
-            body = conn.execute(select(keychain_heads.c.body)
-                                .where(keychain_heads.c.tenant_id == tenant_id)).scalar()
+            body = conn.execute(select(keychain_heads.c.body).where(keychain_heads.c.tenant_id == tenant_id)).scalar()
         return None if body is None else TenantHead.from_json(bytes(body))
 
     def get_record(self, tenant_id: str, record_id: str) -> KeyRecord | None:
@@ -48,8 +47,9 @@ class SqlKeychainStore:
             body = conn.execute(select(k.body).where(k.tenant_id == tenant_id, k.record_id == record_id)).scalar()
         return None if body is None else KeyRecord.from_json(bytes(body))
 
-    def list_records(self, tenant_id: str, *, level: KeyLevel | None = None,
-                     workspace_id: str | None = None) -> list[KeyRecord]:
+    def list_records(
+        self, tenant_id: str, *, level: KeyLevel | None = None, workspace_id: str | None = None
+    ) -> list[KeyRecord]:
         k = keychain_records.c
         q = select(k.body).where(k.tenant_id == tenant_id)
         if level is not None:
@@ -66,37 +66,63 @@ class SqlKeychainStore:
                 out.append(rec)
         return out
 
-    def commit(self, tenant_id: str, *, head: TenantHead, records: Sequence[KeyRecord],
-               expected_head_version: int | None) -> None:
+    def commit(
+        self, tenant_id: str, *, head: TenantHead, records: Sequence[KeyRecord], expected_head_version: int | None
+    ) -> None:
         if head.tenant_id != tenant_id or any(r.tenant_id != tenant_id for r in records):
             raise StateError(f"commit for tenant {tenant_id} carries another tenant's head or records")
         head_body = head.to_json()
-        rows = [{"tenant_id": tenant_id, "record_id": r.record_id, "level": r.level.value,
-                 "workspace_id": r.workspace_id, "body": r.to_json()} for r in records]
+        rows = [
+            {
+                "tenant_id": tenant_id,
+                "record_id": r.record_id,
+                "level": r.level.value,
+                "workspace_id": r.workspace_id,
+                "body": r.to_json(),
+            }
+            for r in records
+        ]
         conflict = VersionConflictError(
             f"keychain head of tenant {tenant_id} changed since version {expected_head_version} was read",
-            resource=f"keychain:{tenant_id}")
+            resource=f"keychain:{tenant_id}",
+        )
         try:
             with self._state._tx("commit keychain") as conn:
                 now = datetime.now(UTC)
-                current = conn.execute(select(keychain_heads.c.body).where(keychain_heads.c.tenant_id == tenant_id)
-                                       .with_for_update()).scalar()
+                current = conn.execute(
+                    select(keychain_heads.c.body).where(keychain_heads.c.tenant_id == tenant_id).with_for_update()
+                ).scalar()
                 current_version = None if current is None else TenantHead.from_json(bytes(current)).version
                 if current_version != expected_head_version:
                     raise VersionConflictError(
                         f"keychain head of tenant {tenant_id} is at version {current_version}, "
-                        f"expected {expected_head_version}", resource=f"keychain:{tenant_id}")
+                        f"expected {expected_head_version}",
+                        resource=f"keychain:{tenant_id}",
+                    )
                 for row in rows:
                     stmt = self._state._insert(keychain_records).values(**row, updated_at=now)
-                    conn.execute(stmt.on_conflict_do_update(
-                        index_elements=["tenant_id", "record_id"],
-                        set_={"level": row["level"], "workspace_id": row["workspace_id"], "body": row["body"],
-                              "updated_at": now}))
+                    conn.execute(
+                        stmt.on_conflict_do_update(
+                            index_elements=["tenant_id", "record_id"],
+                            set_={
+                                "level": row["level"],
+                                "workspace_id": row["workspace_id"],
+                                "body": row["body"],
+                                "updated_at": now,
+                            },
+                        )
+                    )
                 if current is None:
-                    conn.execute(insert(keychain_heads).values(tenant_id=tenant_id, version=head.version,
-                                                               body=head_body, updated_at=now))
+                    conn.execute(
+                        insert(keychain_heads).values(
+                            tenant_id=tenant_id, version=head.version, body=head_body, updated_at=now
+                        )
+                    )
                 else:
-                    conn.execute(update(keychain_heads).where(keychain_heads.c.tenant_id == tenant_id)
-                                 .values(version=head.version, body=head_body, updated_at=now))
+                    conn.execute(
+                        update(keychain_heads)
+                        .where(keychain_heads.c.tenant_id == tenant_id)
+                        .values(version=head.version, body=head_body, updated_at=now)
+                    )
         except _Conflict:
             raise conflict from None  # a concurrent first commit created the head

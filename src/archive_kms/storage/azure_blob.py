@@ -98,8 +98,14 @@ _BLOCK_TIER = 5_000
 # 9 MiB; larger ranges buy fewer requests at 9x their size in memory.
 _READ_CHUNK = 1024 * 1024
 
-_TRANSIENT_CODES = {"ServerBusy", "OperationTimedOut", "InternalError", "Md5Mismatch", "InvalidBlockList",
-                    "ContainerBeingDeleted"}
+_TRANSIENT_CODES = {
+    "ServerBusy",
+    "OperationTimedOut",
+    "InternalError",
+    "Md5Mismatch",
+    "InvalidBlockList",
+    "ContainerBeingDeleted",
+}
 _BROKEN_CONNECTION = (IncompleteReadError, ServiceRequestError, ServiceResponseError)
 #: Per-call option that switches the SDK's own retry policy off (we retry, see AzureRetry).
 _NO_SDK_RETRY: dict[str, Any] = {"retry_total": 0}
@@ -162,8 +168,7 @@ def translate_error(exc: BaseException, *, where: str, op: str) -> ArchiveKmsErr
     if isinstance(exc, ArchiveKmsError):
         return exc
     if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
-        return ServiceUnavailableError(f"Azure Blob {op} on {where}: {type(exc).__name__} (retryable)",
-                                       resource=where)
+        return ServiceUnavailableError(f"Azure Blob {op} on {where}: {type(exc).__name__} (retryable)", resource=where)
     if isinstance(exc, HttpResponseError):
         raw_code = getattr(exc, "error_code", None) or ""
         # azure-storage-blob gives known codes as StorageErrorCode members, whose str() on
@@ -171,13 +176,17 @@ def translate_error(exc: BaseException, *, where: str, op: str) -> ArchiveKmsErr
         code = str(getattr(raw_code, "value", raw_code))
         status = int(getattr(exc, "status_code", None) or 0)
         msg = f"Azure Blob {op} on {where} failed: {code or status}"
-        if not status and (isinstance(exc, IncompleteReadError)
-                           or isinstance(getattr(exc, "inner_exception", None), _BROKEN_CONNECTION)):
+        if not status and (
+            isinstance(exc, IncompleteReadError)
+            or isinstance(getattr(exc, "inner_exception", None), _BROKEN_CONNECTION)
+        ):
             # No complete HTTP answer: the SDK's download wraps a body that kept breaking
             # (IncompleteReadError, ServiceResponseError) in a bare HttpResponseError.
             return ServiceUnavailableError(
                 f"Azure Blob {op} on {where}: connection broke ({type(exc.inner_exception or exc).__name__}, "
-                "retryable)", resource=where)
+                "retryable)",
+                resource=where,
+            )
         if code == "ContainerNotFound":
             return StorageError(f"{msg}: the container does not exist", resource=where)
         if code.startswith("KeyVault") or code == "EncryptionScopeDisabled":
@@ -186,8 +195,12 @@ def translate_error(exc: BaseException, *, where: str, op: str) -> ArchiveKmsErr
             return ObjectNotFoundError(f"{where}: no such object ({op})", resource=where)
         if code in _TRANSIENT_CODES:  # before the 409s: ContainerBeingDeleted is not "object exists"
             return ServiceUnavailableError(f"{msg} (retryable)", resource=where)
-        if (isinstance(exc, ResourceModifiedError) or code in {"BlobAlreadyExists", "ConditionNotMet"}
-                or status == 412 or (isinstance(exc, ResourceExistsError) and not code)):
+        if (
+            isinstance(exc, ResourceModifiedError)
+            or code in {"BlobAlreadyExists", "ConditionNotMet"}
+            or status == 412
+            or (isinstance(exc, ResourceExistsError) and not code)
+        ):
             return ObjectExistsError(f"{where}: object already exists (conditional {op} refused)", resource=where)
         if status in (408, 429, 500, 502, 503, 504):
             return ServiceUnavailableError(f"{msg} (retryable)", resource=where)
@@ -199,19 +212,27 @@ def translate_error(exc: BaseException, *, where: str, op: str) -> ArchiveKmsErr
     if isinstance(exc, AzureError):
         return StorageError(f"Azure Blob {op} on {where}: {type(exc).__name__}: {exc}", resource=where)
     if isinstance(exc, (ConnectionError, TimeoutError)):
-        return ServiceUnavailableError(f"Azure Blob {op} on {where}: {type(exc).__name__} (retryable)",
-                                       resource=where)
+        return ServiceUnavailableError(f"Azure Blob {op} on {where}: {type(exc).__name__} (retryable)", resource=where)
     raise exc
 
 
 class AzureBlobObjectStore:
     """A tenant's objects in ``container`` (under ``prefix``, usually empty)."""
 
-    def __init__(self, container: Any, *, prefix: str = "", part_size: int = DEFAULT_PART_SIZE,
-                 list_page_size: int = 5000, read_chunk_size: int = _READ_CHUNK,
-                 retry: AzureRetry = AzureRetry(), sleep: Callable[[float], None] = time.sleep,
-                 rand: Callable[[], float] = random.random, parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
-                 upload_buffer: int | PartBudget = DEFAULT_UPLOAD_BUFFER) -> None:
+    def __init__(
+        self,
+        container: Any,
+        *,
+        prefix: str = "",
+        part_size: int = DEFAULT_PART_SIZE,
+        list_page_size: int = 5000,
+        read_chunk_size: int = _READ_CHUNK,
+        retry: AzureRetry = AzureRetry(),
+        sleep: Callable[[float], None] = time.sleep,
+        rand: Callable[[], float] = random.random,
+        parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
+        upload_buffer: int | PartBudget = DEFAULT_UPLOAD_BUFFER,
+    ) -> None:
         if not 1 <= list_page_size <= 5000:
             raise ValidationError(f"list_page_size must be 1..5000, got {list_page_size}")
         self._c = container
@@ -234,7 +255,7 @@ class AzureBlobObjectStore:
         return self._c.container_name
 
     def _where(self, key: str | None) -> str:
-        return self.label + (key[len(self._prefix):] if key is not None else "")
+        return self.label + (key[len(self._prefix) :] if key is not None else "")
 
     def _fail(self, exc: BaseException, key: str | None, op: str) -> NoReturn:
         raise translate_error(exc, where=self._where(key), op=op) from exc
@@ -247,7 +268,7 @@ class AzureBlobObjectStore:
         while True:
             try:
                 return request()
-            except Exception as exc:  # noqa: BLE001 - translated at the edge
+            except Exception as exc:
                 err = translate_error(exc, where=self._where(key), op=op)
                 if not isinstance(err, ServiceUnavailableError):
                     raise err from exc
@@ -255,20 +276,36 @@ class AzureBlobObjectStore:
                 if wait is not None and wait > self._retry.max_retry_after:
                     raise ServiceUnavailableError(
                         f"{err} (the service asks to wait {wait:.0f} s, longer than {self._retry.max_retry_after:.0f} "
-                        "s: retry the step later)", resource=err.resource) from exc
+                        "s: retry the step later)",
+                        resource=err.resource,
+                    ) from exc
                 if attempt >= self._retry.max_attempts:
-                    raise ServiceUnavailableError(f"{err}; gave up after {attempt} attempts",
-                                                  resource=err.resource) from exc
+                    raise ServiceUnavailableError(
+                        f"{err}; gave up after {attempt} attempts", resource=err.resource
+                    ) from exc
                 delay = self._retry.delay(attempt, wait, self._rand)
-                log.info("%s: %s failed (%s), attempt %d of %d; retrying in %.2f s", self._where(key), op,
-                         type(exc).__name__, attempt, self._retry.max_attempts, delay)
+                log.info(
+                    "%s: %s failed (%s), attempt %d of %d; retrying in %.2f s",
+                    self._where(key),
+                    op,
+                    type(exc).__name__,
+                    attempt,
+                    self._retry.max_attempts,
+                    delay,
+                )
                 self._sleep(delay)
                 attempt += 1
 
     # --- writes --------------------------------------------------------------------------
 
-    def put_stream(self, name: bytes, chunks: Iterable[bytes], *, if_absent: bool = False,
-                   metadata: Mapping[str, str] | None = None) -> ObjectInfo:
+    def put_stream(
+        self,
+        name: bytes,
+        chunks: Iterable[bytes],
+        *,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
         key = object_key(self._prefix, name)
         meta = validate_metadata(metadata)
         blob = self._c.get_blob_client(key)
@@ -294,8 +331,9 @@ class AzureBlobObjectStore:
 
         # No abort on Azure: staged blocks of a failed attempt stay uncommitted (cleanup's,
         # A16). Draining only makes sure no block is still being staged after we return.
-        uploads: PartUploads[None] = PartUploads(stage, in_flight=self._parts_in_flight, budget=self.upload_budget,
-                                                 thread_name="akms-blob-block")
+        uploads: PartUploads[None] = PartUploads(
+            stage, in_flight=self._parts_in_flight, budget=self.upload_budget, thread_name="akms-blob-block"
+        )
         try:
             size = uploads.send_all(handover(head, parts), limit=MAX_BLOCKS, where=self._where(key), unit="blocks")
             blocks = [BlobBlock(block_id=block_id_of(n)) for n, _ in uploads.finish()]
@@ -306,20 +344,34 @@ class AzureBlobObjectStore:
         # A retry after a commit whose response was lost: unconditional, it commits the
         # same blocks again (same content); conditional, it is refused (ObjectExistsError,
         # the port's "already there, verify it", faults A7).
-        resp = self._call("Put Block List", key,
-                          lambda: blob.commit_block_list(blocks, metadata=meta, **extra, **_NO_SDK_RETRY))
+        resp = self._call(
+            "Put Block List", key, lambda: blob.commit_block_list(blocks, metadata=meta, **extra, **_NO_SDK_RETRY)
+        )
         return ObjectInfo(name, size, resp["etag"], dict(meta), resp.get("last_modified"))
 
     def _put_blob(self, blob: Any, key: str, body: bytes, if_absent: bool, meta: dict[str, str]) -> Any:
         # A retry after a lost response: unconditional, it writes the same bytes again;
         # conditional, it is refused (ObjectExistsError: "already there, verify it").
-        return self._call("Put Blob", key, lambda: blob.upload_blob(
-            body, length=len(body), overwrite=not if_absent, metadata=meta, validate_content=True,
-            max_concurrency=1, **_NO_SDK_RETRY))
+        return self._call(
+            "Put Blob",
+            key,
+            lambda: blob.upload_blob(
+                body,
+                length=len(body),
+                overwrite=not if_absent,
+                metadata=meta,
+                validate_content=True,
+                max_concurrency=1,
+                **_NO_SDK_RETRY,
+            ),
+        )
 
     def _stage(self, blob: Any, key: str, index: int, block_id: str, body: bytes) -> None:
-        self._call(f"Put Block {index}", key, lambda: blob.stage_block(
-            block_id, body, length=len(body), validate_content=True, **_NO_SDK_RETRY))
+        self._call(
+            f"Put Block {index}",
+            key,
+            lambda: blob.stage_block(block_id, body, length=len(body), validate_content=True, **_NO_SDK_RETRY),
+        )
 
     def delete(self, name: bytes) -> None:
         key = object_key(self._prefix, name)
@@ -363,12 +415,22 @@ class AzureBlobObjectStore:
         """One range, fetched whole (a broken body is re-requested from ``offset``), only
         from the version with ``etag``."""
         try:
-            return self._call("Get Blob (range)", key, lambda: blob.download_blob(
-                offset=offset, length=length, etag=etag, match_condition=MatchConditions.IfNotModified,
-                max_concurrency=1, **_NO_SDK_RETRY).readall())
+            return self._call(
+                "Get Blob (range)",
+                key,
+                lambda: blob.download_blob(
+                    offset=offset,
+                    length=length,
+                    etag=etag,
+                    match_condition=MatchConditions.IfNotModified,
+                    max_concurrency=1,
+                    **_NO_SDK_RETRY,
+                ).readall(),
+            )
         except (ObjectExistsError, ObjectNotFoundError) as exc:
-            raise TransientError(f"{self._where(key)}: object changed or vanished during read",
-                                 resource=self._where(key)) from exc
+            raise TransientError(
+                f"{self._where(key)}: object changed or vanished during read", resource=self._where(key)
+            ) from exc
 
     def list(self, prefix: bytes = b"") -> Iterator[ObjectInfo]:
         key_prefix = self._prefix + encode_prefix(prefix)
@@ -382,7 +444,8 @@ class AzureBlobObjectStore:
                             continue
                         raise ServiceUnavailableError(
                             f"{self.label}: listing went backwards ({key!r} after {last!r}); retry the listing",
-                            resource=self.label)
+                            resource=self.label,
+                        )
                     last = key
                     name = decode_key(self._prefix, key)
                     if name is None:
@@ -397,8 +460,9 @@ class AzureBlobObjectStore:
     def _pages(self, key_prefix: str, op: str, include: list[str] | None) -> Iterator[list[Any]]:
         """Listing pages, each fetched with retries. A failed page fetch leaves the pager's
         continuation token where it was, so the retry asks for the same page again."""
-        pager = self._c.list_blobs(name_starts_with=key_prefix, include=include, results_per_page=self._page_size,
-                                   **_NO_SDK_RETRY).by_page()
+        pager = self._c.list_blobs(
+            name_starts_with=key_prefix, include=include, results_per_page=self._page_size, **_NO_SDK_RETRY
+        ).by_page()
 
         def fetch() -> list[Any] | None:
             page = next(pager, None)
@@ -423,8 +487,12 @@ class AzureBlobObjectStore:
                         continue  # a committed empty blob
                     except ObjectNotFoundError:
                         pass
-                    yield PendingUpload(decode_key(self._prefix, props.name), props.name, None,
-                                        props.last_modified or props.creation_time)
+                    yield PendingUpload(
+                        decode_key(self._prefix, props.name),
+                        props.name,
+                        None,
+                        props.last_modified or props.creation_time,
+                    )
         except ArchiveKmsError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -451,12 +519,20 @@ class AzureBlobObjectStore:
         # blob, conditioned on its etag. Only if still absent (If-None-Match), so a
         # writer that committed meanwhile keeps its object.
         try:
-            resp = self._call("Put Block List (discard)", key, lambda: blob.commit_block_list(
-                [], match_condition=MatchConditions.IfMissing, **_NO_SDK_RETRY))
+            resp = self._call(
+                "Put Block List (discard)",
+                key,
+                lambda: blob.commit_block_list([], match_condition=MatchConditions.IfMissing, **_NO_SDK_RETRY),
+            )
         except ObjectExistsError:
             return
         try:
-            self._call("Delete Blob (discard)", key, lambda: blob.delete_blob(
-                etag=resp["etag"], match_condition=MatchConditions.IfNotModified, **_NO_SDK_RETRY))
+            self._call(
+                "Delete Blob (discard)",
+                key,
+                lambda: blob.delete_blob(
+                    etag=resp["etag"], match_condition=MatchConditions.IfNotModified, **_NO_SDK_RETRY
+                ),
+            )
         except (ObjectNotFoundError, ObjectExistsError):
             return

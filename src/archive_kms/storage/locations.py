@@ -102,7 +102,8 @@ class Location:
         if self.sse_kms_key_arn is not None and _KMS_KEY_ARN_RE.fullmatch(self.sse_kms_key_arn) is None:
             raise ValidationError(
                 f"sse_kms_key_arn {ascii(self.sse_kms_key_arn)[:120]} must be a KMS key ARN "
-                "(arn:aws:kms:<region>:<account>:key/<id>), not an alias or bare id")
+                "(arn:aws:kms:<region>:<account>:key/<id>), not an alias or bare id"
+            )
 
     @property
     def uri(self) -> str:
@@ -111,15 +112,29 @@ class Location:
         return f"azure://{self.account}/{self.container}/{self.prefix}"
 
     def to_dict(self) -> dict[str, str | None]:
-        return {"tenant": self.tenant.value, "kind": self.kind.value, "cloud": self.cloud.value,
-                "bucket": self.bucket, "account": self.account, "container": self.container,
-                "prefix": self.prefix, "sse_kms_key_arn": self.sse_kms_key_arn}
+        return {
+            "tenant": self.tenant.value,
+            "kind": self.kind.value,
+            "cloud": self.cloud.value,
+            "bucket": self.bucket,
+            "account": self.account,
+            "container": self.container,
+            "prefix": self.prefix,
+            "sse_kms_key_arn": self.sse_kms_key_arn,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Location:
-        return cls(tenant=TenantId(data["tenant"]), kind=Kind(data["kind"]), cloud=Cloud(data["cloud"]),
-                   bucket=data.get("bucket"), account=data.get("account"), container=data.get("container"),
-                   prefix=data.get("prefix") or "", sse_kms_key_arn=data.get("sse_kms_key_arn"))
+        return cls(
+            tenant=TenantId(data["tenant"]),
+            kind=Kind(data["kind"]),
+            cloud=Cloud(data["cloud"]),
+            bucket=data.get("bucket"),
+            account=data.get("account"),
+            container=data.get("container"),
+            prefix=data.get("prefix") or "",
+            sse_kms_key_arn=data.get("sse_kms_key_arn"),
+        )
 
 
 # --- constructors ---------------------------------------------------------------------------
@@ -131,41 +146,55 @@ def shared_s3_location(tenant: TenantId | str, bucket: str) -> Location:
     return Location(t, Kind.SHARED, Cloud.S3, bucket=check_s3_bucket_name(bucket), prefix=shared_s3_prefix(t))
 
 
-def dedicated_s3_location(tenant: TenantId | str, *, sse_kms_key_arn: str | None,
-                          bucket_prefix: str = DEFAULT_DEDICATED_BUCKET_PREFIX) -> Location:
+def dedicated_s3_location(
+    tenant: TenantId | str, *, sse_kms_key_arn: str | None, bucket_prefix: str = DEFAULT_DEDICATED_BUCKET_PREFIX
+) -> Location:
     """A bucket of its own. ``sse_kms_key_arn`` is the tenant's key for AWS-based modes
     (BYOK imported into our KMS, BYOKMS); None for modes whose key is not in AWS KMS."""
     t = TenantId.of(tenant)
-    return Location(t, Kind.DEDICATED, Cloud.S3, bucket=dedicated_s3_bucket_name(t, prefix=bucket_prefix),
-                    sse_kms_key_arn=sse_kms_key_arn)
+    return Location(
+        t,
+        Kind.DEDICATED,
+        Cloud.S3,
+        bucket=dedicated_s3_bucket_name(t, prefix=bucket_prefix),
+        sse_kms_key_arn=sse_kms_key_arn,
+    )
 
 
-def shared_azure_location(tenant: TenantId | str, account: str, *,
-                          container_prefix: str = DEFAULT_SHARED_CONTAINER_PREFIX) -> Location:
+def shared_azure_location(
+    tenant: TenantId | str, account: str, *, container_prefix: str = DEFAULT_SHARED_CONTAINER_PREFIX
+) -> Location:
     """Container ``tenant-<id>`` in the shared storage account."""
     t = TenantId.of(tenant)
-    return Location(t, Kind.SHARED, Cloud.AZURE, account=account,
-                    container=azure_container_name(t, prefix=container_prefix))
+    return Location(
+        t, Kind.SHARED, Cloud.AZURE, account=account, container=azure_container_name(t, prefix=container_prefix)
+    )
 
 
-def dedicated_azure_location(tenant: TenantId | str, account: str | None = None, *,
-                             container_prefix: str = DEFAULT_DEDICATED_CONTAINER_PREFIX,
-                             account_prefix: str | None = None) -> Location:
+def dedicated_azure_location(
+    tenant: TenantId | str,
+    account: str | None = None,
+    *,
+    container_prefix: str = DEFAULT_DEDICATED_CONTAINER_PREFIX,
+    account_prefix: str | None = None,
+) -> Location:
     """A dedicated container ``byok-<id>``: in ``account`` (the platform account), or,
     with ``account_prefix``, in the tenant's own storage account ``<prefix>…<hash>``."""
     t = TenantId.of(tenant)
     if (account is None) == (account_prefix is None):
         raise ValidationError("give exactly one of account (platform account) or account_prefix (per-tenant account)")
     acct = account if account is not None else azure_storage_account_name(t, prefix=account_prefix or "")
-    return Location(t, Kind.DEDICATED, Cloud.AZURE, account=acct,
-                    container=azure_container_name(t, prefix=container_prefix))
+    return Location(
+        t, Kind.DEDICATED, Cloud.AZURE, account=acct, container=azure_container_name(t, prefix=container_prefix)
+    )
 
 
 # --- opening --------------------------------------------------------------------------------
 
 
-def open_store(location: Location, settings: Any = None, *, s3_client: Any = None, blob_service: Any = None,
-               **tuning: Any) -> ObjectStore:
+def open_store(
+    location: Location, settings: Any = None, *, s3_client: Any = None, blob_service: Any = None, **tuning: Any
+) -> ObjectStore:
     """The ObjectStore for ``location``. Clients default to ``wiring``'s, built from
     ``settings``; ``tuning`` passes part_size / list_page_size / read_chunk_size."""
     from archive_kms import wiring
@@ -174,8 +203,9 @@ def open_store(location: Location, settings: Any = None, *, s3_client: Any = Non
         from archive_kms.storage.s3 import S3ObjectStore
 
         client = s3_client or wiring.aws_client("s3", settings)
-        return S3ObjectStore(client, location.bucket or "", location.prefix,
-                             sse_kms_key_arn=location.sse_kms_key_arn, **tuning)
+        return S3ObjectStore(
+            client, location.bucket or "", location.prefix, sse_kms_key_arn=location.sse_kms_key_arn, **tuning
+        )
     from archive_kms.storage.azure_blob import AzureBlobObjectStore
 
     svc = blob_service or wiring.blob_service_client(settings)
@@ -183,28 +213,45 @@ def open_store(location: Location, settings: Any = None, *, s3_client: Any = Non
         raise ConfigurationError(
             f"{location.uri}: no credentials configured for storage account {location.account!r} "
             f"(the configured Blob connection is for {svc.account_name!r}); per-tenant storage accounts need "
-            "an account-specific client passed as blob_service", resource=location.uri)
+            "an account-specific client passed as blob_service",
+            resource=location.uri,
+        )
     return AzureBlobObjectStore(svc.get_container_client(location.container), prefix=location.prefix, **tuning)
 
 
 # --- creating --------------------------------------------------------------------------------
 
 
-def _poll(what: str, check: Callable[[], bool], *, timeout: float, interval: float,
-          sleep: Callable[[float], None], monotonic: Callable[[], float]) -> None:
+def _poll(
+    what: str,
+    check: Callable[[], bool],
+    *,
+    timeout: float,
+    interval: float,
+    sleep: Callable[[float], None],
+    monotonic: Callable[[], float],
+) -> None:
     deadline = monotonic() + timeout
     while True:
         if check():
             return
         if monotonic() >= deadline:
-            raise ServiceUnavailableError(f"{what} did not read back within {timeout:.0f} s; retry the step",
-                                          resource=what)
+            raise ServiceUnavailableError(
+                f"{what} did not read back within {timeout:.0f} s; retry the step", resource=what
+            )
         sleep(interval)
 
 
-def create_dedicated_s3_bucket(s3: Any, location: Location, *, region: str, timeout: float = 60.0,
-                               interval: float = 0.5, sleep: Callable[[float], None] = time.sleep,
-                               monotonic: Callable[[], float] = time.monotonic) -> None:
+def create_dedicated_s3_bucket(
+    s3: Any,
+    location: Location,
+    *,
+    region: str,
+    timeout: float = 60.0,
+    interval: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> None:
     """Create (or finish creating) the dedicated bucket: private (public access block,
     ACLs disabled), default encryption SSE-KMS under the location's key with S3 Bucket
     Keys; then wait until that configuration reads back (faults A14) so the first PUT
@@ -221,7 +268,7 @@ def create_dedicated_s3_bucket(s3: Any, location: Location, *, region: str, time
     def call(op: str, fn: Callable[..., Any], **kw: Any) -> Any:
         try:
             return fn(Bucket=bucket, **kw)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise translate_error(exc, bucket=bucket, key=None, op=op) from exc
 
     try:
@@ -232,19 +279,22 @@ def create_dedicated_s3_bucket(s3: Any, location: Location, *, region: str, time
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code")
         if code == "BucketAlreadyExists":
-            raise StorageError(f"bucket name {bucket!r} is taken by another AWS account; choose another "
-                               "dedicated bucket prefix", resource=bucket) from exc
+            raise StorageError(
+                f"bucket name {bucket!r} is taken by another AWS account; choose another dedicated bucket prefix",
+                resource=bucket,
+            ) from exc
         if code != "BucketAlreadyOwnedByYou":
             raise translate_error(exc, bucket=bucket, key=None, op="CreateBucket") from exc
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise translate_error(exc, bucket=bucket, key=None, op="CreateBucket") from exc
 
-    pab = {"BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True,
-           "RestrictPublicBuckets": True}
+    pab = {"BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": True, "RestrictPublicBuckets": True}
     call("PutPublicAccessBlock", s3.put_public_access_block, PublicAccessBlockConfiguration=pab)
     if key_arn is not None:
-        rule = {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": key_arn},
-                "BucketKeyEnabled": True}
+        rule = {
+            "ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": key_arn},
+            "BucketKeyEnabled": True,
+        }
     else:
         rule = {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}
     call("PutBucketEncryption", s3.put_bucket_encryption, ServerSideEncryptionConfiguration={"Rules": [rule]})
@@ -258,8 +308,14 @@ def create_dedicated_s3_bucket(s3: Any, location: Location, *, region: str, time
             return False
         return got_pab == pab and any(_rule_matches(r, rule) for r in rules)
 
-    _poll(f"s3://{bucket} default encryption and public access block", configured, timeout=timeout,
-          interval=interval, sleep=sleep, monotonic=monotonic)
+    _poll(
+        f"s3://{bucket} default encryption and public access block",
+        configured,
+        timeout=timeout,
+        interval=interval,
+        sleep=sleep,
+        monotonic=monotonic,
+    )
 
 
 def _rule_matches(got: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
@@ -276,9 +332,14 @@ def _rule_matches(got: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
 CONTAINER_BEING_DELETED_WAIT_S = 120.0
 
 
-def create_azure_container(blob_service: Any, location: Location, *,
-                           wait_s: float = CONTAINER_BEING_DELETED_WAIT_S, sleep: Callable[[float], None] = time.sleep,
-                           clock: Callable[[], float] = time.monotonic) -> None:
+def create_azure_container(
+    blob_service: Any,
+    location: Location,
+    *,
+    wait_s: float = CONTAINER_BEING_DELETED_WAIT_S,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
     """Create the location's container (private); an existing one is reused. A container
     of that name still being deleted (a quick remove-then-enable) is waited for, with
     backoff, up to ``wait_s``: "exists" would be wrong, as it is about to vanish."""
@@ -298,11 +359,12 @@ def create_azure_container(blob_service: Any, location: Location, *,
                 return  # ContainerAlreadyExists: reuse it
             if clock() + delay > deadline:
                 raise ServiceUnavailableError(
-                    f"container {location.container} is still being deleted after {wait_s:.0f}s; "
-                    f"retry the step later", resource=location.uri) from None
+                    f"container {location.container} is still being deleted after {wait_s:.0f}s; retry the step later",
+                    resource=location.uri,
+                ) from None
             sleep(delay)
             delay = min(delay * 2, 8.0)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise translate_error(exc, where=location.uri, op="Create Container") from exc
 
 
@@ -319,7 +381,7 @@ def _container_exists(location: Location, s3_client: Any, blob_service: Any) -> 
 
         try:
             s3_client.head_bucket(Bucket=location.bucket)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             err = s3_error(exc, bucket=location.bucket or "", key=None, op="HeadBucket")
             if isinstance(err, ObjectNotFoundError):  # HeadBucket answers a bare 404
                 return False
@@ -329,13 +391,11 @@ def _container_exists(location: Location, s3_client: Any, blob_service: Any) -> 
 
     try:
         return bool(blob_service.get_container_client(location.container).exists())
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise az_error(exc, where=location.uri, op="Get Container Properties") from exc
 
 
-
-def delete_location(location: Location, store: ObjectStore, *, s3_client: Any = None,
-                    blob_service: Any = None) -> int:
+def delete_location(location: Location, store: ObjectStore, *, s3_client: Any = None, blob_service: Any = None) -> int:
     """Delete every object (and unfinished upload) in the location, then the bucket or
     container itself, except the shared bucket, which only loses the tenant's prefix.
     Idempotent; returns how many objects were deleted. The caller has verified that the
@@ -356,7 +416,7 @@ def delete_location(location: Location, store: ObjectStore, *, s3_client: Any = 
 
         try:
             s3_client.delete_bucket(Bucket=location.bucket)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             err = s3_error(exc, bucket=location.bucket or "", key=None, op="DeleteBucket")
             if "does not exist" not in str(err):
                 raise err from exc
@@ -369,6 +429,6 @@ def delete_location(location: Location, store: ObjectStore, *, s3_client: Any = 
             blob_service.delete_container(location.container)
         except ResourceNotFoundError:
             pass
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise az_error(exc, where=location.uri, op="Delete Container") from exc
     return count

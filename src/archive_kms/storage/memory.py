@@ -50,8 +50,13 @@ class _Upload:
 class MemoryObjectStore:
     """Objects in a dict, keyed like the cloud adapters key them (``prefix + encode(name)``)."""
 
-    def __init__(self, *, prefix: str = "memory/", part_size: int = DEFAULT_PART_SIZE,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(
+        self,
+        *,
+        prefix: str = "memory/",
+        part_size: int = DEFAULT_PART_SIZE,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self._prefix = prefix
         self._part_size = check_part_size(part_size)
         self._clock = clock
@@ -81,8 +86,14 @@ class MemoryObjectStore:
             self._uploads[upload_id] = upload
         return upload_id, upload
 
-    def put_stream(self, name: bytes, chunks: Iterable[bytes], *, if_absent: bool = False,
-                   metadata: Mapping[str, str] | None = None) -> ObjectInfo:
+    def put_stream(
+        self,
+        name: bytes,
+        chunks: Iterable[bytes],
+        *,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
         meta = validate_metadata(metadata)
         key = object_key(self._prefix, name)
         if if_absent and self.head(name) is not None:  # early exit; the commit below decides

@@ -64,12 +64,12 @@ def decode_key(prefix: str, key: str) -> bytes | None:
     if not key.startswith(prefix) or len(key) == len(prefix):
         return None
     out = bytearray()
-    s = key[len(prefix):]
+    s = key[len(prefix) :]
     i, n = 0, len(s)
     while i < n:
         c = s[i]
         if c == "%":
-            hi, lo = s[i + 1: i + 2], s[i + 2: i + 3]
+            hi, lo = s[i + 1 : i + 2], s[i + 2 : i + 3]
             if not hi or not lo or hi not in _HEX or lo not in _HEX:
                 return None
             b = int(hi + lo, 16)

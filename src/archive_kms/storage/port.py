@@ -161,7 +161,7 @@ def validate_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     for k, v in metadata.items():
         if not isinstance(k, str) or _META_KEY_RE.fullmatch(k) is None:
             raise ValidationError(f"metadata key {ascii(k)[:80]} must match [a-z][a-z0-9_]{{0,63}}")
-        if (not isinstance(v, str) or not v.isascii() or not v.isprintable() or v != v.strip(" ")):
+        if not isinstance(v, str) or not v.isascii() or not v.isprintable() or v != v.strip(" "):
             raise ValidationError(f"metadata value for {k!r} must be printable ASCII without surrounding spaces")
         total += len(k) + len(v)
         out[k] = v
@@ -225,8 +225,11 @@ def iter_parts(chunks: Iterable[bytes], size_of: Callable[[int], int]) -> Iterat
 
 
 def check_parts_in_flight(parts_in_flight: int) -> int:
-    if (isinstance(parts_in_flight, bool) or not isinstance(parts_in_flight, int)
-            or not 1 <= parts_in_flight <= MAX_PARTS_IN_FLIGHT):
+    if (
+        isinstance(parts_in_flight, bool)
+        or not isinstance(parts_in_flight, int)
+        or not 1 <= parts_in_flight <= MAX_PARTS_IN_FLIGHT
+    ):
         raise ValidationError(f"parts_in_flight must be an int in 1..{MAX_PARTS_IN_FLIGHT}, got {parts_in_flight!r}")
     return parts_in_flight
 
@@ -287,8 +290,9 @@ class PartUploads(Generic[T]):
     what the commit needs (S3: the ETag). The first failure is raised by the next
     ``send`` or by ``finish``; the caller then calls ``drain`` before aborting."""
 
-    def __init__(self, upload: Callable[[int, bytes], T], *, in_flight: int, budget: PartBudget,
-                 thread_name: str = "akms-part") -> None:
+    def __init__(
+        self, upload: Callable[[int, bytes], T], *, in_flight: int, budget: PartBudget, thread_name: str = "akms-part"
+    ) -> None:
         self._upload = upload
         self._in_flight = check_parts_in_flight(in_flight)
         self._budget = budget
@@ -322,7 +326,7 @@ class PartUploads(Generic[T]):
         size = 0
         number = 0
         for body in parts:  # not enumerate(): its cached tuple would keep the last part alive
-            number += 1
+            number += 1  # noqa: SIM113
             if number > limit:
                 raise ValidationError(f"{where}: object exceeds {limit} {unit}")
             size += len(body)
@@ -388,8 +392,9 @@ class ObjectReader(io.BufferedIOBase):
     ends early or runs long raises ``TransientError`` (the read can be retried) instead of
     returning a short body (faults A3)."""
 
-    def __init__(self, info: ObjectInfo, chunks: Iterator[bytes], *, label: str,
-                 on_close: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, info: ObjectInfo, chunks: Iterator[bytes], *, label: str, on_close: Callable[[], None] | None = None
+    ) -> None:
         super().__init__()
         self.info = info
         self._chunks = chunks
@@ -415,18 +420,20 @@ class ObjectReader(io.BufferedIOBase):
             if self._pos > self.info.size:
                 raise TransientError(
                     f"{self._label}: read more bytes than the object's size {self.info.size} (object changed?)",
-                    resource=self._label)
+                    resource=self._label,
+                )
             return bytes(chunk)
         self._eof = True
         if self._pos != self.info.size:
             raise TransientError(
                 f"{self._label}: stream ended after {self._pos} of {self.info.size} bytes (truncated read)",
-                resource=self._label)
+                resource=self._label,
+            )
         return b""
 
     def _take(self, n: int) -> bytes:
         """Up to ``n`` bytes of the current chunk (the chunk itself if it is all of it)."""
-        out = self._buf[self._off:self._off + n]  # a whole bytes slice is the object itself: no copy
+        out = self._buf[self._off : self._off + n]  # a whole bytes slice is the object itself: no copy
         self._off += len(out)
         if self._off >= len(self._buf):
             self._buf, self._off = b"", 0

@@ -96,23 +96,52 @@ _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _EXISTS = {"PreconditionFailed", "412"}
 _CONFLICT = {"ConditionalRequestConflict", "409", "OperationAborted"}
 _TRANSIENT = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests", "RequestLimitExceeded",
-    "ServiceUnavailable", "503", "InternalError", "500", "502", "504", "RequestTimeout",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestThrottled",
+    "TooManyRequests",
+    "RequestLimitExceeded",
+    "ServiceUnavailable",
+    "503",
+    "InternalError",
+    "500",
+    "502",
+    "504",
+    "RequestTimeout",
     # The body was damaged on the way (we send Content-MD5): sending it again can help.
-    "BadDigest", "IncompleteBody", "XAmzContentSHA256Mismatch",
+    "BadDigest",
+    "IncompleteBody",
+    "XAmzContentSHA256Mismatch",
 }
-_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-           "AccountProblem", "InvalidObjectState"}
-_NETWORK_ERRORS = (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError,
-                   IncompleteReadError, ResponseStreamingError,
-                   # Bases of the above: botocore raises a bare HTTPClientError for any other
-                   # failure while sending (e.g. a reset that urllib3 reports unusually).
-                   HTTPClientError, BotoConnectionError)
+_DENIED = {
+    "AccessDenied",
+    "403",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "InvalidObjectState",
+}
+_NETWORK_ERRORS = (
+    EndpointConnectionError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+    IncompleteReadError,
+    ResponseStreamingError,
+    # Bases of the above: botocore raises a bare HTTPClientError for any other
+    # failure while sending (e.g. a reset that urllib3 reports unusually).
+    HTTPClientError,
+    BotoConnectionError,
+)
 
 
 def _code(err: ClientError) -> tuple[str, int]:
-    return (str(err.response.get("Error", {}).get("Code", "")),
-            int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0))
+    return (
+        str(err.response.get("Error", {}).get("Code", "")),
+        int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0),
+    )
 
 
 def translate_error(exc: BaseException, *, bucket: str, key: str | None, op: str) -> ArchiveKmsError:
@@ -128,13 +157,13 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None, op: str
         if code in _EXISTS or status == 412:
             return ObjectExistsError(f"{where}: object already exists (conditional {op} refused)", resource=where)
         if code == "NoSuchUpload":
-            return TransientError(f"{msg}: the multipart upload is gone (aborted by a cleanup?); retry the write",
-                                  resource=where)
+            return TransientError(
+                f"{msg}: the multipart upload is gone (aborted by a cleanup?); retry the write", resource=where
+            )
         if code == "NoSuchBucket":
             return StorageError(f"{msg}: bucket {bucket!r} does not exist", resource=bucket)
         if code.startswith("KMS.") or code in {"KMSDisabledException", "KMSInvalidStateException"}:
-            return KeyUnavailableError(f"{msg}: the bucket's SSE-KMS key refused ({code})", resource=where,
-                                       state=code)
+            return KeyUnavailableError(f"{msg}: the bucket's SSE-KMS key refused ({code})", resource=where, state=code)
         if code in _CONFLICT or status == 409:
             return TransientError(f"{msg}: concurrent conflicting write; retry the whole write", resource=where)
         if code in _TRANSIENT or status in (429, 500, 502, 503, 504):
@@ -145,8 +174,9 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None, op: str
     if isinstance(exc, _NETWORK_ERRORS):
         return ServiceUnavailableError(f"S3 {op} on {where}: {type(exc).__name__} (retryable)", resource=where)
     if isinstance(exc, PaginationError):  # e.g. the same continuation token twice: list again
-        return ServiceUnavailableError(f"S3 {op} on {where}: inconsistent pagination ({exc}); retry the listing",
-                                       resource=where)
+        return ServiceUnavailableError(
+            f"S3 {op} on {where}: inconsistent pagination ({exc}); retry the listing", resource=where
+        )
     if isinstance(exc, BotoCoreError):
         return StorageError(f"S3 {op} on {where}: {type(exc).__name__}: {exc}", resource=where)
     if isinstance(exc, (ConnectionError, TimeoutError)):
@@ -173,11 +203,20 @@ def multipart_etag(part_etags: list[str]) -> str | None:
 class S3ObjectStore:
     """A tenant's objects under ``prefix`` in ``bucket``."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str, *, sse_kms_key_arn: str | None = None,
-                 part_size: int = DEFAULT_PART_SIZE, list_page_size: int = 1000,
-                 read_chunk_size: int = _READ_CHUNK, max_read_resumes: int = 3,
-                 parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
-                 upload_buffer: int | PartBudget = DEFAULT_UPLOAD_BUFFER) -> None:
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str,
+        *,
+        sse_kms_key_arn: str | None = None,
+        part_size: int = DEFAULT_PART_SIZE,
+        list_page_size: int = 1000,
+        read_chunk_size: int = _READ_CHUNK,
+        max_read_resumes: int = 3,
+        parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
+        upload_buffer: int | PartBudget = DEFAULT_UPLOAD_BUFFER,
+    ) -> None:
         if not 1 <= list_page_size <= 1000:
             raise ValidationError(f"list_page_size must be 1..1000, got {list_page_size}")
         self._s3 = client
@@ -217,22 +256,37 @@ class S3ObjectStore:
         if self._sse_key is None:
             return
         got = resp.get("SSEKMSKeyId")
-        if resp.get("ServerSideEncryption") != "aws:kms" or not got or not (
-                got == self._sse_key or got.endswith("/" + self._sse_key.rsplit("/", 1)[-1])):
+        if (
+            resp.get("ServerSideEncryption") != "aws:kms"
+            or not got
+            or not (got == self._sse_key or got.endswith("/" + self._sse_key.rsplit("/", 1)[-1]))
+        ):
             if written:
                 try:
                     self._s3.delete_object(Bucket=self._bucket, Key=key)
                 except Exception as exc:  # noqa: BLE001 - the encryption failure is the news
-                    log.warning("s3://%s/%s: could not delete wrongly encrypted object: %s", self._bucket, key,
-                                type(exc).__name__)
+                    log.warning(
+                        "s3://%s/%s: could not delete wrongly encrypted object: %s",
+                        self._bucket,
+                        key,
+                        type(exc).__name__,
+                    )
             raise StorageError(
                 f"s3://{self._bucket}/{key}: stored with encryption {resp.get('ServerSideEncryption')!r} "
-                f"key {got!r}, not SSE-KMS under {self._sse_key!r}", resource=f"s3://{self._bucket}/{key}")
+                f"key {got!r}, not SSE-KMS under {self._sse_key!r}",
+                resource=f"s3://{self._bucket}/{key}",
+            )
 
     # --- writes --------------------------------------------------------------------------
 
-    def put_stream(self, name: bytes, chunks: Iterable[bytes], *, if_absent: bool = False,
-                   metadata: Mapping[str, str] | None = None) -> ObjectInfo:
+    def put_stream(
+        self,
+        name: bytes,
+        chunks: Iterable[bytes],
+        *,
+        if_absent: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ObjectInfo:
         key = object_key(self._prefix, name)
         meta = validate_metadata(metadata)
         parts = iter_parts(chunks, lambda i: part_size_for(i, self._part_size, tier=_PART_TIER))
@@ -240,44 +294,58 @@ class S3ObjectStore:
         if last:  # the conditional PUT itself refuses an existing object: no HEAD round trip
             return self._put_single(name, key, first, if_absent, meta)
         if if_absent and self.head(name) is not None:  # don't upload gigabytes only to be refused at Complete
-            raise ObjectExistsError(f"s3://{self._bucket}/{key}: object already exists",
-                                    resource=f"s3://{self._bucket}/{key}")
+            raise ObjectExistsError(
+                f"s3://{self._bucket}/{key}: object already exists", resource=f"s3://{self._bucket}/{key}"
+            )
         # The list hands the first part over without keeping a reference (memory stays
         # at about one part).
         head = [first]
         del first
         return self._put_multipart(name, key, handover(head, parts), if_absent, meta)
 
-    def _put_single(self, name: bytes, key: str, body: bytes, if_absent: bool,
-                    meta: dict[str, str]) -> ObjectInfo:
+    def _put_single(self, name: bytes, key: str, body: bytes, if_absent: bool, meta: dict[str, str]) -> ObjectInfo:
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
         try:
-            resp = self._s3.put_object(Bucket=self._bucket, Key=key, Body=body, ContentMD5=_md5_b64(body),
-                                       Metadata=meta, **self._sse_args(), **extra)
+            resp = self._s3.put_object(
+                Bucket=self._bucket,
+                Key=key,
+                Body=body,
+                ContentMD5=_md5_b64(body),
+                Metadata=meta,
+                **self._sse_args(),
+                **extra,
+            )
         except Exception as exc:  # noqa: BLE001 - translated at the edge
             self._fail(exc, key, "PutObject")
         self._check_sse(resp, key, written=True)
         return ObjectInfo(name, len(body), resp["ETag"], dict(meta))
 
-    def _put_multipart(self, name: bytes, key: str, parts: Iterator[bytes], if_absent: bool,
-                       meta: dict[str, str]) -> ObjectInfo:
+    def _put_multipart(
+        self, name: bytes, key: str, parts: Iterator[bytes], if_absent: bool, meta: dict[str, str]
+    ) -> ObjectInfo:
         try:
-            created = self._s3.create_multipart_upload(Bucket=self._bucket, Key=key, Metadata=meta,
-                                                       **self._sse_args())
+            created = self._s3.create_multipart_upload(Bucket=self._bucket, Key=key, Metadata=meta, **self._sse_args())
         except Exception as exc:  # noqa: BLE001
             self._fail(exc, key, "CreateMultipartUpload")
         upload_id = created["UploadId"]
 
         def upload_part(number: int, body: bytes) -> str:
             try:
-                resp = self._s3.upload_part(Bucket=self._bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                            Body=body, ContentMD5=_md5_b64(body))
+                resp = self._s3.upload_part(
+                    Bucket=self._bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    ContentMD5=_md5_b64(body),
+                )
             except Exception as exc:  # noqa: BLE001
                 self._fail(exc, key, f"UploadPart {number}")
             return str(resp["ETag"])
 
-        uploads = PartUploads(upload_part, in_flight=self._parts_in_flight, budget=self.upload_budget,
-                              thread_name="akms-s3-part")
+        uploads = PartUploads(
+            upload_part, in_flight=self._parts_in_flight, budget=self.upload_budget, thread_name="akms-s3-part"
+        )
         done: list[dict[str, Any]] = []
         committed = False
         try:
@@ -287,8 +355,9 @@ class S3ObjectStore:
             extra: dict[str, Any] = {"IfNoneMatch": "*"} if if_absent else {}
             try:
                 resp = self._s3.complete_multipart_upload(
-                    Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}, **extra)
-            except Exception as exc:  # noqa: BLE001
+                    Bucket=self._bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": done}, **extra
+                )
+            except Exception as exc:
                 found = self._completed_earlier(exc, key, done)
                 if found is None:
                     self._fail(exc, key, "CompleteMultipartUpload")
@@ -297,7 +366,8 @@ class S3ObjectStore:
                     raise ObjectExistsError(
                         f"s3://{self._bucket}/{key}: object already exists (an earlier attempt of this "
                         "CompleteMultipartUpload committed it; its response was lost)",
-                        resource=f"s3://{self._bucket}/{key}") from exc
+                        resource=f"s3://{self._bucket}/{key}",
+                    ) from exc
                 resp = found
             committed = True
         except BaseException:
@@ -336,14 +406,19 @@ class S3ObjectStore:
         try:
             self._s3.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
         except Exception as exc:  # noqa: BLE001 - best effort; the original error matters more
-            log.warning("s3://%s/%s: could not abort multipart upload %s: %s (abort_stale_uploads will)",
-                        self._bucket, key, upload_id, type(exc).__name__)
+            log.warning(
+                "s3://%s/%s: could not abort multipart upload %s: %s (abort_stale_uploads will)",
+                self._bucket,
+                key,
+                upload_id,
+                type(exc).__name__,
+            )
 
     def delete(self, name: bytes) -> None:
         key = object_key(self._prefix, name)
         try:
             self._s3.delete_object(Bucket=self._bucket, Key=key)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             err = translate_error(exc, bucket=self._bucket, key=key, op="DeleteObject")
             if not isinstance(err, ObjectNotFoundError):
                 raise err from exc
@@ -354,13 +429,14 @@ class S3ObjectStore:
         key = object_key(self._prefix, name)
         try:
             resp = self._s3.head_object(Bucket=self._bucket, Key=key)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             err = translate_error(exc, bucket=self._bucket, key=key, op="HeadObject")
             if isinstance(err, ObjectNotFoundError):
                 return None
             raise err from exc
-        return ObjectInfo(name, int(resp["ContentLength"]), resp["ETag"], dict(resp.get("Metadata") or {}),
-                          resp.get("LastModified"))
+        return ObjectInfo(
+            name, int(resp["ContentLength"]), resp["ETag"], dict(resp.get("Metadata") or {}), resp.get("LastModified")
+        )
 
     def open_read(self, name: bytes) -> ObjectReader:
         key = object_key(self._prefix, name)
@@ -368,8 +444,9 @@ class S3ObjectStore:
             resp = self._s3.get_object(Bucket=self._bucket, Key=key)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc, key, "GetObject")
-        info = ObjectInfo(name, int(resp["ContentLength"]), resp["ETag"], dict(resp.get("Metadata") or {}),
-                          resp.get("LastModified"))
+        info = ObjectInfo(
+            name, int(resp["ContentLength"]), resp["ETag"], dict(resp.get("Metadata") or {}), resp.get("LastModified")
+        )
         state = {"body": resp["Body"]}
 
         def chunks() -> Iterator[bytes]:
@@ -386,17 +463,20 @@ class S3ObjectStore:
                     if resumes >= self._max_resumes or pos >= info.size:
                         self._fail(exc, key, "GetObject (body)")
                     resumes += 1
-                    log.info("s3://%s/%s: resuming read at byte %d after %s", self._bucket, key, pos,
-                             type(exc).__name__)
+                    log.info(
+                        "s3://%s/%s: resuming read at byte %d after %s", self._bucket, key, pos, type(exc).__name__
+                    )
                     try:
                         # If-Match: a replaced object fails (412) instead of mixing versions.
-                        state["body"] = self._s3.get_object(Bucket=self._bucket, Key=key, Range=f"bytes={pos}-",
-                                                            IfMatch=info.etag)["Body"]
-                    except Exception as exc2:  # noqa: BLE001
+                        state["body"] = self._s3.get_object(
+                            Bucket=self._bucket, Key=key, Range=f"bytes={pos}-", IfMatch=info.etag
+                        )["Body"]
+                    except Exception as exc2:
                         err = translate_error(exc2, bucket=self._bucket, key=key, op="GetObject (resume)")
                         if isinstance(err, (ObjectExistsError, ObjectNotFoundError)):
-                            raise TransientError(f"s3://{self._bucket}/{key}: object changed during read",
-                                                 resource=key) from exc2
+                            raise TransientError(
+                                f"s3://{self._bucket}/{key}: object changed during read", resource=key
+                            ) from exc2
                         raise err from exc2
 
         return ObjectReader(info, chunks(), label=f"s3://{self._bucket}/{key}", on_close=lambda: state["body"].close())
@@ -406,8 +486,9 @@ class S3ObjectStore:
         paginator = self._s3.get_paginator("list_objects_v2")
         last: str | None = None
         try:
-            for page in paginator.paginate(Bucket=self._bucket, Prefix=key_prefix,
-                                           PaginationConfig={"PageSize": self._page_size}):
+            for page in paginator.paginate(
+                Bucket=self._bucket, Prefix=key_prefix, PaginationConfig={"PageSize": self._page_size}
+            ):
                 for item in page.get("Contents", ()):
                     key = item["Key"]
                     if last is not None and key <= last:
@@ -415,7 +496,9 @@ class S3ObjectStore:
                             continue  # a page repeated an entry: report each object once
                         raise ServiceUnavailableError(
                             f"s3://{self._bucket}/{key_prefix}: listing went backwards ({key!r} after {last!r}); "
-                            "retry the listing", resource=key_prefix)
+                            "retry the listing",
+                            resource=key_prefix,
+                        )
                     last = key
                     name = decode_key(self._prefix, key)
                     if name is None:
@@ -432,11 +515,13 @@ class S3ObjectStore:
     def pending_uploads(self) -> Iterator[PendingUpload]:
         paginator = self._s3.get_paginator("list_multipart_uploads")
         try:
-            for page in paginator.paginate(Bucket=self._bucket, Prefix=self._prefix,
-                                           PaginationConfig={"PageSize": self._page_size}):
+            for page in paginator.paginate(
+                Bucket=self._bucket, Prefix=self._prefix, PaginationConfig={"PageSize": self._page_size}
+            ):
                 for up in page.get("Uploads", ()):
-                    yield PendingUpload(decode_key(self._prefix, up["Key"]), up["Key"], up["UploadId"],
-                                        up.get("Initiated"))
+                    yield PendingUpload(
+                        decode_key(self._prefix, up["Key"]), up["Key"], up["UploadId"], up.get("Initiated")
+                    )
         except Exception as exc:  # noqa: BLE001
             self._fail(exc, self._prefix, "ListMultipartUploads")
 
