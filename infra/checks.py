@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Static checks of the templates in infra/: cfn-lint and checkov, in their own virtualenv.
+
+    python infra/checks.py [cfn-lint|checkov|all] [--json]
+
+Standard library only. checkov pins many packages that would clash with the project's
+own, so both tools live in ``<cache dir>/infra-checks-venv`` (the cache directory of
+``localstack/stack.py``: ``ARCHIVE_KMS_CACHE_DIR``, else ``/var/cache/archive-kms`` as
+root, else ``~/.cache/archive-kms``), installed once and reused.
+
+Every suppressed rule is written next to the resource it concerns (cfn-lint:
+``Metadata: cfn-lint: config: ignore_checks``; checkov: ``Metadata: checkov: skip`` in
+CloudFormation, ``metadata.checkov.skip`` objects are not read for ARM, so ARM
+suppressions are the ``SKIPPED_CHECKS`` below) with its reason; ``infra/README.md``
+lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+INFRA = Path(__file__).resolve().parent
+ROOT = INFRA.parent
+sys.path.insert(0, str(ROOT / "localstack"))
+from stack import cache_dir, find_python  # noqa: E402 - the one definition of the cache dir
+
+CFN_LINT_VERSION = "1.58.0"
+CHECKOV_VERSION = "3.3.30"
+
+AWS_TEMPLATES = sorted((INFRA / "aws").glob("*.yaml"))
+AZURE_TEMPLATES = sorted((INFRA / "azure").glob("*.json"))
+
+#: checkov rules skipped for whole files, with the reason (ARM has no in-template skip
+#: that checkov reads). Keys are file names under infra/.
+SKIPPED_CHECKS: dict[str, dict[str, str]] = {
+    "azure/platform.json": {
+        "CKV_AZURE_33": "Queue service logging: the platform uses no queues in this account (blob only).",
+        "CKV_AZURE_59": (
+            "Public network access: the workers reach the account from the allowed virtual network "
+            "(networkAcls defaultAction Deny); disabling public access entirely needs private endpoints, "
+            "a choice of the landing zone (parameter publicNetworkAccess)."
+        ),
+        "CKV2_AZURE_1": (
+            "Customer-managed key on the shared account: the shared account holds only envelope-encrypted "
+            "objects under the platform key hierarchy; BYOK tenants get their own account with a CMK "
+            "(tenant-storage.json)."
+        ),
+        "CKV2_AZURE_33": "Private endpoint: as CKV_AZURE_59, depends on the landing zone's network.",
+        "CKV2_AZURE_40": "Shared key authorization is disabled (allowSharedKeyAccess false); checkov misreads it.",
+        "CKV2_AZURE_41": "SAS expiration policy: no SAS can be issued, shared key access is disabled.",
+        "CKV2_AZURE_47": "Blob anonymous access is disabled (allowBlobPublicAccess false); the rule misfires.",
+    },
+    "azure/tenant-storage.json": {
+        "CKV_AZURE_33": "Queue service logging: the tenant account has no queues.",
+        "CKV_AZURE_59": "Public network access: as in platform.json (networkAcls defaultAction Deny).",
+        "CKV2_AZURE_33": "Private endpoint: as in platform.json.",
+        "CKV2_AZURE_40": "Shared key authorization is disabled (allowSharedKeyAccess false); checkov misreads it.",
+        "CKV2_AZURE_41": "SAS expiration policy: no SAS can be issued, shared key access is disabled.",
+        "CKV2_AZURE_47": "Blob anonymous access is disabled (allowBlobPublicAccess false); the rule misfires.",
+    },
+}
+
+
+class ChecksError(RuntimeError):
+    pass
+
+
+def venv_dir() -> Path:
+    return cache_dir() / "infra-checks-venv"
+
+
+def ensure_tools() -> Path:
+    """The virtualenv with cfn-lint and checkov at the pinned versions; installed once."""
+    venv = venv_dir()
+    pins = [f"cfn-lint=={CFN_LINT_VERSION}", f"checkov=={CHECKOV_VERSION}"]
+    marker = venv / ".archive-kms-installed"
+    if marker.exists() and marker.read_text() == " ".join(pins):
+        return venv
+    py = find_python("3.11", "3.12") or sys.executable
+    log = venv.parent / "infra-checks-install.log"
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[infra] installing {' '.join(pins)} into {venv} (once)", file=sys.stderr, flush=True)
+    with log.open("ab") as out:
+        for cmd in (
+            [py, "-m", "venv", "--clear", str(venv)],
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *pins],
+        ):
+            if subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT) != 0:
+                raise ChecksError(f"installing the infra checkers failed: {' '.join(cmd)} — see {log}")
+    marker.write_text(" ".join(pins))
+    return venv
+
+
+@dataclass(frozen=True)
+class CheckovResult:
+    file: str
+    passed: int
+    failed: list[tuple[str, str, str]]  # (check id, resource, name)
+    skipped: list[tuple[str, str, str]]  # (check id, resource, reason)
+    parsing_errors: int
+
+
+def _env() -> dict[str, str]:
+    # checkov asks a SaaS for its guideline mapping unless told not to; nothing leaves here.
+    return dict(os.environ, BC_SKIP_MAPPING="TRUE", CHECKOV_RUN_SCA_PACKAGE_SCAN_V2="false", LOG_LEVEL="ERROR")
+
+
+def run_cfn_lint(templates: list[Path] | None = None) -> tuple[int, str]:
+    """(exit code, output) of cfn-lint over the AWS templates; 0 means no finding."""
+    venv = ensure_tools()
+    files = [str(p) for p in (templates or AWS_TEMPLATES)]
+    out = subprocess.run([str(venv / "bin" / "cfn-lint"), *files], capture_output=True, text=True, env=_env())
+    return out.returncode, (out.stdout + out.stderr).strip()
+
+
+def run_checkov(path: Path, framework: str) -> CheckovResult:
+    """checkov over one template, with that file's SKIPPED_CHECKS."""
+    venv = ensure_tools()
+    rel = path.relative_to(INFRA).as_posix()
+    skips = SKIPPED_CHECKS.get(rel, {})
+    cmd = [
+        str(venv / "bin" / "checkov"),
+        "-f",
+        str(path),
+        "--framework",
+        framework,
+        "--skip-download",
+        "--quiet",
+        "--compact",
+        "-o",
+        "json",
+    ]
+    if skips:
+        cmd += ["--skip-check", ",".join(sorted(skips))]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    if out.returncode not in (0, 1):
+        raise ChecksError(f"checkov failed on {rel} (exit {out.returncode}): {out.stderr.strip()[-500:]}")
+    data = json.loads(out.stdout) if out.stdout.strip() else {}
+    if isinstance(data, list):  # one entry per framework
+        data = next((d for d in data if d.get("check_type") == framework), {})
+    results = data.get("results", {})
+    summary = data.get("summary", {"passed": 0, "parsing_errors": 0})
+    skipped = [
+        (
+            c["check_id"],
+            c["resource"],
+            (c.get("check_result") or {}).get("suppress_comment") or skips.get(c["check_id"], ""),
+        )
+        for c in results.get("skipped_checks", [])
+    ]
+    skipped += [(cid, "(whole file)", why) for cid, why in sorted(skips.items())]
+    return CheckovResult(
+        rel,
+        int(summary.get("passed", 0)),
+        [(c["check_id"], c["resource"], c.get("check_name", "")) for c in results.get("failed_checks", [])],
+        skipped,
+        int(summary.get("parsing_errors", 0)),
+    )
+
+
+def checkov_all() -> list[CheckovResult]:
+    results = [run_checkov(p, "cloudformation") for p in AWS_TEMPLATES]
+    results += [run_checkov(p, "arm") for p in AZURE_TEMPLATES]
+    dockerfile = ROOT / "Dockerfile"
+    if dockerfile.exists():
+        results.append(run_checkov(dockerfile, "dockerfile"))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="cfn-lint and checkov over infra/")
+    ap.add_argument("what", nargs="?", choices=["cfn-lint", "checkov", "all"], default="all")
+    args = ap.parse_args(argv)
+    rc = 0
+    try:
+        if args.what in ("cfn-lint", "all"):
+            code, text = run_cfn_lint()
+            print(
+                f"cfn-lint {CFN_LINT_VERSION}: {len(AWS_TEMPLATES)} templates, {'clean' if code == 0 else 'FINDINGS'}"
+            )
+            if text:
+                print(text)
+            rc |= code != 0
+        if args.what in ("checkov", "all"):
+            for r in checkov_all():
+                print(f"checkov {r.file}: {r.passed} passed, {len(r.failed)} failed, {len(r.skipped)} skipped")
+                for cid, res, name in r.failed:
+                    print(f"  FAILED {cid} {res}: {name}")
+                for cid, res, why in r.skipped:
+                    print(f"  skipped {cid} {res}: {why}")
+                rc |= bool(r.failed or r.parsing_errors)
+    except ChecksError as e:
+        print(f"infra checks: {e}", file=sys.stderr)
+        return 2
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
