@@ -18,9 +18,11 @@ deployed: LocalStack's community edition has no RDS, ECS or EFS. It is linted an
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,11 +38,8 @@ from archive_kms.state.anchors import verify_with_anchor
 from archive_kms.state.port import KeyMode, RunState
 from archive_kms.storage import Kind, Location
 
-import sys
-from pathlib import Path
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cfn_stacks, whatever the import mode
-from cfn_stacks import (  # noqa: E402
+from cfn_stacks import (
     AWS_DIR,
     client,
     delete,
