@@ -8,11 +8,10 @@ own, so both tools live in ``<cache dir>/infra-checks-venv`` (the cache director
 ``localstack/stack.py``: ``ARCHIVE_KMS_CACHE_DIR``, else ``/var/cache/archive-kms`` as
 root, else ``~/.cache/archive-kms``), installed once and reused.
 
-Every suppressed rule is written next to the resource it concerns (cfn-lint:
-``Metadata: cfn-lint: config: ignore_checks``; checkov: ``Metadata: checkov: skip`` in
-CloudFormation, ``metadata.checkov.skip`` objects are not read for ARM, so ARM
-suppressions are the ``SKIPPED_CHECKS`` below) with its reason; ``infra/README.md``
-lists them all.
+Every suppressed rule is written next to the resource it concerns, with its reason
+(checkov: ``Metadata: checkov: skip`` in CloudFormation, ``"metadata": {"checkov":
+["CKV_...: reason"]}`` in ARM, ``# checkov:skip=CKV_...: reason`` in the Dockerfile);
+``infra/README.md`` lists them all and tests/infra checks that the two agree.
 """
 
 from __future__ import annotations
@@ -35,36 +34,6 @@ CHECKOV_VERSION = "3.3.30"
 
 AWS_TEMPLATES = sorted((INFRA / "aws").glob("*.yaml"))
 AZURE_TEMPLATES = sorted((INFRA / "azure").glob("*.json"))
-
-#: checkov rules skipped for whole files, with the reason (ARM has no in-template skip
-#: that checkov reads). Keys are file names under infra/.
-SKIPPED_CHECKS: dict[str, dict[str, str]] = {
-    "azure/platform.json": {
-        "CKV_AZURE_33": "Queue service logging: the platform uses no queues in this account (blob only).",
-        "CKV_AZURE_59": (
-            "Public network access: the workers reach the account from the allowed virtual network "
-            "(networkAcls defaultAction Deny); disabling public access entirely needs private endpoints, "
-            "a choice of the landing zone (parameter publicNetworkAccess)."
-        ),
-        "CKV2_AZURE_1": (
-            "Customer-managed key on the shared account: the shared account holds only envelope-encrypted "
-            "objects under the platform key hierarchy; BYOK tenants get their own account with a CMK "
-            "(tenant-storage.json)."
-        ),
-        "CKV2_AZURE_33": "Private endpoint: as CKV_AZURE_59, depends on the landing zone's network.",
-        "CKV2_AZURE_40": "Shared key authorization is disabled (allowSharedKeyAccess false); checkov misreads it.",
-        "CKV2_AZURE_41": "SAS expiration policy: no SAS can be issued, shared key access is disabled.",
-        "CKV2_AZURE_47": "Blob anonymous access is disabled (allowBlobPublicAccess false); the rule misfires.",
-    },
-    "azure/tenant-storage.json": {
-        "CKV_AZURE_33": "Queue service logging: the tenant account has no queues.",
-        "CKV_AZURE_59": "Public network access: as in platform.json (networkAcls defaultAction Deny).",
-        "CKV2_AZURE_33": "Private endpoint: as in platform.json.",
-        "CKV2_AZURE_40": "Shared key authorization is disabled (allowSharedKeyAccess false); checkov misreads it.",
-        "CKV2_AZURE_41": "SAS expiration policy: no SAS can be issued, shared key access is disabled.",
-        "CKV2_AZURE_47": "Blob anonymous access is disabled (allowBlobPublicAccess false); the rule misfires.",
-    },
-}
 
 
 class ChecksError(RuntimeError):
@@ -120,10 +89,9 @@ def run_cfn_lint(templates: list[Path] | None = None) -> tuple[int, str]:
 
 
 def run_checkov(path: Path, framework: str) -> CheckovResult:
-    """checkov over one template, with that file's SKIPPED_CHECKS."""
+    """checkov over one file; its in-file suppressions count as skipped, with their reasons."""
     venv = ensure_tools()
-    rel = path.relative_to(INFRA).as_posix()
-    skips = SKIPPED_CHECKS.get(rel, {})
+    rel = path.relative_to(ROOT).as_posix()
     cmd = [
         str(venv / "bin" / "checkov"),
         "-f",
@@ -136,8 +104,6 @@ def run_checkov(path: Path, framework: str) -> CheckovResult:
         "-o",
         "json",
     ]
-    if skips:
-        cmd += ["--skip-check", ",".join(sorted(skips))]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env())
     if out.returncode not in (0, 1):
         raise ChecksError(f"checkov failed on {rel} (exit {out.returncode}): {out.stderr.strip()[-500:]}")
@@ -154,7 +120,6 @@ def run_checkov(path: Path, framework: str) -> CheckovResult:
         )
         for c in results.get("skipped_checks", [])
     ]
-    skipped += [(cid, "(whole file)", why) for cid, why in sorted(skips.items())]
     return CheckovResult(
         rel,
         int(summary.get("passed", 0)),

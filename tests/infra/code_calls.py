@@ -62,7 +62,14 @@ def sdk_calls(receivers: set[str], operations: set[str]) -> list[Call]:
                 if any(k.arg is None for k in node.keywords):
                     keywords.add("**")
                 calls.append(
-                    Call(rel, node.lineno, recv, node.func.attr, frozenset(keywords), first if isinstance(first, str) else None)
+                    Call(
+                        rel,
+                        node.lineno,
+                        recv,
+                        node.func.attr,
+                        frozenset(keywords),
+                        first if isinstance(first, str) else None,
+                    )
                 )
         for node in ast.walk(tree):
             if (
