@@ -116,7 +116,7 @@ def run_checkov(path: Path, framework: str) -> CheckovResult:
         (
             c["check_id"],
             c["resource"],
-            (c.get("check_result") or {}).get("suppress_comment") or skips.get(c["check_id"], ""),
+            (c.get("check_result") or {}).get("suppress_comment", ""),
         )
         for c in results.get("skipped_checks", [])
     ]

@@ -151,7 +151,7 @@ def test_the_customer_grants_exactly_the_key_operations_the_code_performs_on_one
     template = _load("customer-byokv-access.json")
     (assignment,) = _resources(template, "Microsoft.Authorization/roleAssignments")
     assert KV_CRYPTO_SERVICE_ENCRYPTION_USER in template["variables"]["roleDefinitionId"]
-    assert KV_CRYPTO_SERVICE_ENCRYPTION_USER_DATA_ACTIONS == {a for a in data if a.startswith("Microsoft.KeyVault/")}
+    assert {a for a in data if a.startswith("Microsoft.KeyVault/")} == KV_CRYPTO_SERVICE_ENCRYPTION_USER_DATA_ACTIONS
     # on the key, not on the vault
     assert (
         assignment["scope"]
