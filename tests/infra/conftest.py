@@ -13,7 +13,7 @@ import pytest
 from archive_kms.config import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compose_stack import compose_settings, use_compose  # noqa: E402
+from compose_stack import compose_settings, use_compose
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 from archive_kms import wiring
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compose_stack import docker_engine_answers, use_compose  # noqa: E402
+from compose_stack import docker_engine_answers, use_compose
 
 
 def _serve_once(path: Path, status: bytes) -> Iterator[threading.Thread]:
