@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Static checks of the templates in infra/: cfn-lint and checkov, in their own virtualenv.
 
-    python infra/checks.py [cfn-lint|checkov|all] [--json]
+    python infra/checks.py [cfn-lint|checkov|all] | --install
 
 Standard library only. checkov pins many packages that would clash with the project's
 own, so both tools live in ``<cache dir>/infra-checks-venv`` (the cache directory of
@@ -133,9 +133,13 @@ def checkov_all() -> list[CheckovResult]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="cfn-lint and checkov over infra/")
     ap.add_argument("what", nargs="?", choices=["cfn-lint", "checkov", "all"], default="all")
+    ap.add_argument("--install", action="store_true", help="only install the tools (cached) and exit")
     args = ap.parse_args(argv)
     rc = 0
     try:
+        if args.install:
+            print(f"[infra] checkers in {ensure_tools()}", file=sys.stderr)
+            return 0
         if args.what in ("cfn-lint", "all"):
             code, text = run_cfn_lint()
             print(
