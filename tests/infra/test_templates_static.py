@@ -241,3 +241,33 @@ def test_arm_templates_are_deployment_templates() -> None:
         template = json.loads(path.read_text())
         assert template["$schema"].endswith("/deploymentTemplate.json#"), path.name
         assert template["resources"], path.name
+
+
+def test_compose_file_validates_with_docker_compose(tmp_path) -> None:
+    """Debian's docker-compose (1.29, installed by localstack/system-deps.sh) validates the
+    file against the Compose schema without an engine. It predates the top-level ``name``,
+    so that one line is dropped for it."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("docker-compose")
+    assert exe, "docker-compose is missing: run `make system-deps` (apt-get install docker-compose)"
+    text = (PROJECT_ROOT / "docker-compose.yml").read_text()
+    assert text.count("\nname: archive-kms\n") == 1
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(text.replace("\nname: archive-kms\n", "\n"))
+    out = subprocess.run(
+        [exe, "-f", str(path), "--project-directory", str(PROJECT_ROOT), "config", "-q"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    # and it can fail: a service depending on one that does not exist
+    path.write_text(
+        text.replace("\nname: archive-kms\n", "\n").replace(
+            "postgres:\n        condition", "nosuch:\n        condition", 1
+        )
+    )
+    bad = subprocess.run([exe, "-f", str(path), "config", "-q"], capture_output=True, text=True, check=False)
+    assert bad.returncode != 0
