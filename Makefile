@@ -8,12 +8,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit stack stack-down system-deps venv bench clean
+.PHONY: demo test unit stack stack-down system-deps venv bench clean infra-tools
 
 demo: venv stack
 	$(BIN)/python -m archive_kms.demo
 
-test: venv stack
+test: venv stack infra-tools
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 unit: venv
@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test,postgres,dask]"
 	rm -f $(VENV)/.installed-* && touch $@
+
+# cfn-lint and checkov in their own virtualenv in the cache directory (installed once)
+infra-tools: venv
+	$(BIN)/python infra/checks.py --install
 
 stack: venv
 	$(BIN)/archive-kms stack up

@@ -287,13 +287,18 @@ def ls_install(s: Service) -> None:
     marker.write_text(" ".join(pins))
 
 
+# S3 and KMS for the code; CloudFormation, IAM and STS so the templates of infra/aws deploy
+# onto it (tests/infra). Changing this list needs a LocalStack restart (`stack down/up`).
+LOCALSTACK_SERVICES = "s3,kms,cloudformation,iam,sts"
+
+
 def ls_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
     data = s.run_dir / "volume"
     data.mkdir(parents=True, exist_ok=True)
     env = dict(
         os.environ,
         GATEWAY_LISTEN=f"127.0.0.1:{s.port}",
-        SERVICES="s3,kms",
+        SERVICES=LOCALSTACK_SERVICES,
         LOCALSTACK_VOLUME_DIR=str(data),
         PERSISTENCE="0",
         SKIP_SSL_CERT_DOWNLOAD="1",

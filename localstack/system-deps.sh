@@ -13,6 +13,7 @@ need mvn maven
 need setpriv util-linux
 need unzip unzip
 need rclone rclone  # bench/: the peer the copy benchmark compares against
+need docker-compose docker-compose  # tests/infra: validates docker-compose.yml (config only, no engine)
 
 java_ok=0
 for j in /usr/lib/jvm/temurin-2[5-9]* /usr/lib/jvm/java-2[1-9]*; do

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
 
     # Azure Blob (Azurite locally).
     azure_blob_connection_string: SecretStr | None = None
+    # Or, for an account that allows no shared key (infra/azure): its blob endpoint
+    # (https://ACCOUNT.blob.core.windows.net), reached with Microsoft Entra ID
+    # (DefaultAzureCredential: the workers' managed identity). Used when no connection string is set.
+    azure_blob_account_url: str | None = None
 
     # Azure Key Vault (emulator locally): vault URL and TLS trust for it.
     azure_keyvault_url: str | None = None

@@ -57,14 +57,22 @@ def blob_service_client(settings: Settings | None = None):
     import requests
     from azure.core.pipeline.transport import RequestsTransport
 
-    cs = _require(s.azure_blob_connection_string, "azure_blob_connection_string")
+    if s.azure_blob_connection_string is None and s.azure_blob_account_url:
+        cs = None
+    else:
+        cs = _require(s.azure_blob_connection_string, "azure_blob_connection_string")
     # The migration copies with tens of threads; requests' default pool keeps only 10
     # connections and discards the rest after every burst.
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=64)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    return BlobServiceClient.from_connection_string(cs.get_secret_value(), transport=RequestsTransport(session=session))
+    transport = RequestsTransport(session=session)
+    if cs is None:  # Entra ID only (the account allows no shared key): the managed identity
+        from azure.identity import DefaultAzureCredential
+
+        return BlobServiceClient(s.azure_blob_account_url, credential=DefaultAzureCredential(), transport=transport)
+    return BlobServiceClient.from_connection_string(cs.get_secret_value(), transport=transport)
 
 
 def elasticsearch_client(settings: Settings | None = None):
@@ -269,7 +277,7 @@ def build_platform(settings: Settings | None = None):
     # the audit log recorded (a restored old keychain: docs/adr/0007-keychain-rollback.md).
     keychain = Keychain.from_settings(s, SqlKeychainStore(state), resolve_provider, signer, audit=state)
     s3 = aws_client("s3", s) if s.aws_endpoint_url or s.aws_access_key_id else None
-    blob = blob_service_client(s) if s.azure_blob_connection_string else None
+    blob = blob_service_client(s) if s.azure_blob_connection_string or s.azure_blob_account_url else None
     from archive_kms.storage.provisioning import CloudProvisioner
 
     return Platform(

@@ -254,6 +254,39 @@ def test_preflight_catches_broken_adapters(mode, error) -> None:
         check_usable(_Broken(mode), {"tenant": "acme", "purpose": "preflight"})
 
 
+class _TenantPinnedKey:
+    """The fake behind a key policy that allows Decrypt only under one tenant's context
+    (the customer's BYOKMS key policy: infra/aws/customer-byokms-key.yaml): KMS answers
+    AccessDenied, not a wrong-key error, under any other context."""
+
+    def __init__(self, tenant: str) -> None:
+        self.kms = MemoryKms()
+        self.inner = self.kms.provider(self.kms.create_key("k"))
+        self.key_ref = self.inner.key_ref
+        self.tenant = tenant
+
+    def status(self) -> KeyStatus:
+        return self.inner.status()
+
+    def wrap(self, key, *, context):
+        return self.inner.wrap(key, context=context)
+
+    def unwrap(self, wrapped, *, context):
+        if context["tenant"] != self.tenant:
+            raise KeyAccessDeniedError("AccessDeniedException: not authorized under this encryption context")
+        return self.inner.unwrap(wrapped, context=context)
+
+
+def test_preflight_accepts_a_key_policy_that_pins_the_tenant_context() -> None:
+    report = check_usable(_TenantPinnedKey("acme"), {"tenant": "acme"})
+    assert report.checks[-1] == "context-binding"
+
+
+def test_preflight_still_refuses_access_denied_for_the_tenant_itself() -> None:
+    with pytest.raises(KeyAccessDeniedError):
+        check_usable(_TenantPinnedKey("someone-else"), {"tenant": "acme"})
+
+
 # --- Key Vault error classification ------------------------------------------------------
 
 

@@ -10,8 +10,9 @@
    ``KeyAccessDeniedError`` naming the state;
 4. a random 32-byte probe wraps and unwraps back to itself (proves the encrypt *and*
    decrypt permissions) -> else ``IntegrityError``;
-5. unwrapping the probe under another tenant's context is refused with ``WrongKeyError``
-   (proves the context binding) -> else ``ConfigurationError``.
+5. unwrapping the probe under another tenant's context is refused with ``WrongKeyError``,
+   or ``KeyAccessDeniedError`` from a key policy that pins the tenant's context (proves
+   the binding) -> else ``ConfigurationError``.
 
 The probe is random and wiped; it is never logged. The report carries timings so the
 console can show how slow the customer's key service is.
@@ -98,7 +99,9 @@ def check_usable(
         other = {**ctx, "tenant": ctx["tenant"] + "-preflight-other"}
         try:
             stray = provider.unwrap(wrapped, context=other)
-        except WrongKeyError:
+        except (WrongKeyError, KeyAccessDeniedError):
+            # AccessDenied here is a key policy pinning the tenant's context (the BYOKMS
+            # policy of docs/customer-key-setup.md): the same call just succeeded under ours.
             checks.append("context-binding")
         else:
             stray.wipe()
