@@ -18,8 +18,8 @@ from datetime import UTC, datetime
 
 from sqlalchemy import insert, select, update
 
+from archive_kms.domain.keychain import KeyLevel, KeyRecord, TenantHead
 from archive_kms.errors import StateError, VersionConflictError
-from archive_kms.keys.keychain_store import KeyLevel, KeyRecord, TenantHead
 from archive_kms.state.schema import keychain_heads, keychain_records
 from archive_kms.state.sql import SqlStateStore, _Conflict
 
