@@ -5,12 +5,12 @@ it and brings the schema up to date."""
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 from sqlalchemy import Engine, func, insert, select
 
-from archive_kms.errors import ConfigurationError, TransientError
+from archive_kms import retry
+from archive_kms.errors import ConfigurationError
 from archive_kms.state import audit as chain
 from archive_kms.state.schema import SCHEMA_VERSION, audit_heads, metadata, schema_version
 from archive_kms.state.sql.audit_log import SqlAuditLog
@@ -31,6 +31,7 @@ from archive_kms.state.sql.tenants import SqlTenantRepo
 
 __all__ = ["SqlStateStore", "open_state"]
 
+_SCHEMA_RETRY = retry.Backoff(max_attempts=5, base_delay=0.2, max_delay=1.6)
 _SCHEMA_LOCK_KEY = 0x41_4B_4D_53  # "AKMS": serialises concurrent schema creation on PostgreSQL
 
 
@@ -98,14 +99,9 @@ class SqlStateStore(SqlTenantRepo, SqlGateRepo, SqlRunRepo, SqlLedgerRepo, SqlLe
 
         Many processes may open a new SQLite file at once; SQLite can report "locked"
         at once (not after the busy timeout) while another connection switches the file
-        to WAL, so the creation is retried a few times before the error stands."""
-        for attempt in range(5):
-            try:
-                return self._create_schema_once()
-            except TransientError:
-                if attempt == 4:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+        to WAL, so the creation is retried a few times (``archive_kms.retry``: 5 attempts,
+        backoff from 0.2 s) before the error stands."""
+        retry.call(self._create_schema_once, backoff=_SCHEMA_RETRY, what=f"{self._db.display}: create schema")
 
     def _create_schema_once(self) -> None:
         now = self._now()
