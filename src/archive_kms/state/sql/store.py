@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine
 
 from archive_kms import retry
-from archive_kms.errors import ConfigurationError
 from archive_kms.state import audit as chain
-from archive_kms.state.schema import SCHEMA_VERSION, audit_heads, metadata, schema_version
+from archive_kms.state.schema import audit_heads
+from archive_kms.state.sql import migrate
 from archive_kms.state.sql.audit_log import SqlAuditLog
 from archive_kms.state.sql.database import (
     DEFAULT_BUSY_TIMEOUT_S,
@@ -32,7 +32,6 @@ from archive_kms.state.sql.tenants import SqlTenantRepo
 __all__ = ["SqlStateStore", "open_state"]
 
 _SCHEMA_RETRY = retry.Backoff(max_attempts=5, base_delay=0.2, max_delay=1.6)
-_SCHEMA_LOCK_KEY = 0x41_4B_4D_53  # "AKMS": serialises concurrent schema creation on PostgreSQL
 
 
 def open_state(
@@ -42,15 +41,19 @@ def open_state(
     sealer: chain.HeadSealer | None = None,
     busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     job_stale_after: timedelta = DEFAULT_JOB_STALE_AFTER,
+    upgrade: bool = False,
     echo: bool = False,
 ) -> SqlStateStore:
-    """Open (and if needed create) the state store at ``url``. Creating the schema is
-    idempotent and safe to race from many processes. ``sealer`` seals audit chain heads
-    (and is then required by ``verify_audit``)."""
+    """Open the state store at ``url``. An empty database gets the schema (safe to race
+    from many processes); a database from before Alembic is stamped at the baseline; one
+    whose schema is behind this code is refused (``ConfigurationError``: run
+    ``archive-kms db upgrade``) unless ``upgrade``; one from a newer release is refused
+    (``state.sql.migrate``). ``sealer`` seals audit chain heads (and is then required by
+    ``verify_audit``)."""
     engine = make_engine(url, busy_timeout_s=busy_timeout_s, echo=echo)
     store = SqlStateStore(engine, clock=clock, sealer=sealer, job_stale_after=job_stale_after)
     try:
-        store.create_schema()
+        store.prepare_schema(upgrade=upgrade)
     except BaseException:
         store.close()
         raise
@@ -94,37 +97,24 @@ class SqlStateStore(SqlTenantRepo, SqlGateRepo, SqlRunRepo, SqlLedgerRepo, SqlLe
         """The ``KeychainStore`` on this database (``state.sql.keychain``)."""
         return SqlKeychainStore(self)
 
-    def create_schema(self) -> None:
-        """Create missing tables, record the schema version, seed the global audit head.
+    def prepare_schema(self, *, upgrade: bool = False) -> migrate.SchemaStatus:
+        """Bring an empty or pre-Alembic database to the current schema (``upgrade``: also
+        one behind it), refuse one this code cannot use (``migrate.prepare``), and seed the
+        global audit chain head.
 
         Many processes may open a new SQLite file at once; SQLite can report "locked"
         at once (not after the busy timeout) while another connection switches the file
-        to WAL, so the creation is retried a few times (``archive_kms.retry``: 5 attempts,
+        to WAL, so this is retried a few times (``archive_kms.retry``: 5 attempts,
         backoff from 0.2 s) before the error stands."""
-        retry.call(self._create_schema_once, backoff=_SCHEMA_RETRY, what=f"{self._db.display}: create schema")
 
-    def _create_schema_once(self) -> None:
-        now = self._now()
-        with self._tx("create schema") as conn:
-            if self._db.pg:
-                conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
-            metadata.create_all(conn, checkfirst=True)
-            found = conn.execute(select(func.max(schema_version.c.version))).scalar()
-            if found is None:
-                conn.execute(insert(schema_version).values(version=SCHEMA_VERSION, applied_at=now))
-            elif found != SCHEMA_VERSION:
-                raise ConfigurationError(
-                    f"state store {self._db.display} has schema version {found}, this code needs "
-                    f"{SCHEMA_VERSION}: {'upgrade the code' if found > SCHEMA_VERSION else 'migrate the database'}",
-                    resource=self._db.display,
+        def once() -> migrate.SchemaStatus:
+            found = migrate.prepare(self._db, upgrade=upgrade)
+            with self._tx("seed audit head") as conn:
+                conn.execute(
+                    self._insert(audit_heads)
+                    .values(chain=chain.GLOBAL_CHAIN, count=0, head_hash=chain.GENESIS, updated_at=self._now())
+                    .on_conflict_do_nothing(index_elements=["chain"])
                 )
-            conn.execute(
-                self._insert(audit_heads)
-                .values(
-                    chain=chain.GLOBAL_CHAIN,
-                    count=0,
-                    head_hash=chain.GENESIS,
-                    updated_at=now,
-                )
-                .on_conflict_do_nothing(index_elements=["chain"])
-            )
+            return found
+
+        return retry.call(once, backoff=_SCHEMA_RETRY, what=f"{self._db.display}: prepare schema")
