@@ -292,7 +292,7 @@ class SqlAuditTamper(AuditTamper):
         from sqlalchemy import select
 
         from archive_kms.state.schema import audit_log
-        from archive_kms.state.sql import _audit
+        from archive_kms.state.sql.audit_log import _audit
 
         with self.engine.begin() as conn:
             rows = [_audit(r) for r in conn.execute(select(audit_log).order_by(audit_log.c.seq))]

@@ -832,3 +832,55 @@ def verify_cmd(tenant: str, as_json: bool = JSON) -> None:
     _emit(as_json, v, human)
     if not v["ok"]:
         raise typer.Exit(1)
+
+
+# --- the state database's schema (Alembic revisions, docs/state-store.md) ------------------
+
+db_app = typer.Typer(no_args_is_help=True, help="The state database's schema: current revision and upgrades.")
+app.add_typer(db_app, name="db")
+DB_URL = typer.Option(None, "--url", help="State database URL (default: the settings' state_url)")
+
+
+def _state_database(url: str | None):
+    from archive_kms.config import Settings
+    from archive_kms.state.sql import SqlDatabase, make_engine
+
+    return SqlDatabase(make_engine(url or Settings().state_url))
+
+
+@db_app.command("current")
+@_errors_are_messages
+def db_current(url: str | None = DB_URL, as_json: bool = JSON) -> None:
+    """Show the schema revision of the state database and this code's head; exit 1 if they differ."""
+    from archive_kms.state.sql import migrate
+
+    db = _state_database(url)
+    try:
+        found = migrate.status(db)
+    finally:
+        db.engine.dispose()
+    _emit(as_json, found.to_dict() | {"database": db.display}, f"{db.display}: {found.describe()}")
+    if not found.at_head:
+        raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+@_errors_are_messages
+def db_upgrade(
+    url: str | None = DB_URL,
+    to: str = typer.Option("head", "--to", help="Target revision (default: head)"),
+    as_json: bool = JSON,
+) -> None:
+    """Upgrade the state database's schema to this code's (one transaction; stamps a database from before Alembic)."""
+    from archive_kms.state.sql import migrate
+
+    db = _state_database(url)
+    try:
+        before, after = migrate.upgrade(db, to)
+    finally:
+        db.engine.dispose()
+    _emit(
+        as_json,
+        {"database": db.display, "before": before.to_dict(), "after": after.to_dict()},
+        f"{db.display}: {before.describe()} -> {after.describe()}",
+    )

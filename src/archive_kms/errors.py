@@ -3,7 +3,9 @@
 Adapters catch vendor exceptions (botocore ClientError, azure-core HttpResponseError,
 KMIP result codes, elasticsearch ApiError) at the edge and re-raise one of these, naming
 the resource (key id, bucket, index) in the message. The type says whether a retry can
-help: ``retryable`` is a class attribute that Prefect task retry conditions read.
+help: ``retryable`` is a class attribute, and it is what ``archive_kms.retry`` (the one
+retry loop every adapter uses) reads to decide whether to try again. ``retry_after`` is
+the wait a throttled service asked for, in seconds, when it said so.
 
 Messages never contain key material or object plaintext.
 """
@@ -15,6 +17,7 @@ class ArchiveKmsError(Exception):
     """Root of every error the product raises on purpose."""
 
     retryable: bool = False
+    retry_after: float | None = None  # seconds the service asked us to wait (Retry-After), if it did
 
     def __init__(self, message: str, *, resource: str | None = None) -> None:
         super().__init__(message)

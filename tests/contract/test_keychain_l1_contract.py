@@ -19,6 +19,7 @@ from archive_kms.crypto.envelope import ObjectBinding, decrypt_to_bytes, encrypt
 from archive_kms.errors import KeyUnavailableError, WrongKeyError
 from archive_kms.keys.cache import KeyCache
 from archive_kms.keys.keychain import Keychain
+from archive_kms.keys.keychain.records import RecordChecks
 from archive_kms.keys.keychain_store import InMemoryKeychainStore
 from archive_kms.keys.memory import MemoryKms
 from archive_kms.keys.registry import KeyProviderRegistry
@@ -169,7 +170,9 @@ def test_l1_context_refuses_another_tenants_l2_even_if_validly_signed(l1, world)
     dek = kc.dek_for_encrypt(a, "org-1")
 
     rec_a, rec_b = store.get_record(a, "l2/1"), store.get_record(b, "l2/1")
-    forged = kc._sign_record(replace(rec_a, wrapped=rec_b.wrapped, wrap_ref=rec_b.wrap_ref))
+    forged = RecordChecks(store, signer, signer.verifier()).sign_record(
+        replace(rec_a, wrapped=rec_b.wrapped, wrap_ref=rec_b.wrap_ref)
+    )
     store.records[(a, "l2/1")] = forged.to_json()
     with pytest.raises(WrongKeyError):
         keychain().dek_by_id(a, dek.dek_id)

@@ -806,7 +806,7 @@ def test_a2_retry_after_forms(headers, seconds):
     from azure.core.exceptions import HttpResponseError
     from requests.structures import CaseInsensitiveDict
 
-    from archive_kms.storage.azure_blob import retry_after_seconds
+    from archive_kms.retry import retry_after_of as retry_after_seconds
 
     class _Resp:  # what azure-core's RequestsTransport response exposes
         def __init__(self) -> None:

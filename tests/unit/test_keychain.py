@@ -655,7 +655,7 @@ def _forms(secret: bytes) -> list[str]:
 def test_key_bytes_never_in_repr_errors_logs_or_store(env: Env, caplog) -> None:
     import logging
 
-    from archive_kms.keys.keychain import _open
+    from archive_kms.keys.keychain.wrapping import open_wrapped as _open
     from archive_kms.keys.port import WrappedKey
 
     caplog.set_level(logging.DEBUG)

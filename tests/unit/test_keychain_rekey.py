@@ -28,7 +28,8 @@ from archive_kms.errors import (
     TenantRevokedError,
     ValidationError,
 )
-from archive_kms.keys.keychain import ErasureRecord, Keychain, _open, parse_dek_id
+from archive_kms.keys.keychain import ErasureRecord, Keychain, parse_dek_id
+from archive_kms.keys.keychain.wrapping import open_wrapped as _open
 from archive_kms.keys.keychain_store import KeyLevel, KeyRecord, KeyRecordState, RecordRef
 from archive_kms.keys.port import KeyProvider, WrappedKey
 from archive_kms.keys.signing import Verifier

@@ -27,8 +27,8 @@ Errors (translated here): 403 for a disabled / expired / not-yet-valid key ->
 ``KeyUnavailableError`` with the state; 403 for an operation outside the key's
 ``key_ops`` or a missing role assignment, and 401 -> ``KeyAccessDeniedError``; 404 ->
 ``KeyNotFoundError``; 400 on unwrap -> ``WrongKeyError``; 429 -> ``KeyThrottledError``
-(``retry_after`` seconds when the vault sent ``Retry-After``; azure-core has already
-retried honouring it); 5xx and transport errors -> ``ServiceUnavailableError``.
+(``retry_after`` seconds when the vault sent ``Retry-After``, read by
+``archive_kms.retry.retry_after_seconds``; azure-core has already retried honouring it); 5xx and transport errors -> ``ServiceUnavailableError``.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from archive_kms.errors import (
 from archive_kms.keys.context import TAG_SIZE, context_tag
 from archive_kms.keys.port import KeyState, KeyStatus, WrappedKey
 from archive_kms.keys.refs import AzureKeyVaultKeyRef, parse_key_ref, wrapped_key_ref
+from archive_kms.retry import retry_after_seconds
 
 __all__ = ["ALGORITHM", "AZURE_VAULT_SUFFIXES", "AzureKeyVaultKeyProvider"]
 
@@ -84,14 +85,6 @@ def _b64url(data: bytes) -> str:
 
 def _unb64url(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    value = (headers or {}).get("Retry-After") or (headers or {}).get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: azure-core already honoured it
 
 
 class AzureKeyVaultKeyProvider:
@@ -304,7 +297,7 @@ class AzureKeyVaultKeyProvider:
                 response.status_code,
                 str(payload.get("code", "")),
                 str(payload.get("message", ""))[:300],
-                _retry_after(response.headers),
+                retry_after_seconds(response.headers),
                 inner=str((payload.get("innererror") or {}).get("code", "")),
             )
         return response.json()
@@ -332,7 +325,7 @@ class AzureKeyVaultKeyProvider:
                 int(exc.status_code or 0),
                 code,
                 message,
-                _retry_after(headers),
+                retry_after_seconds(headers),
                 inner=inner,
                 consult_state=consult_state,
             )
@@ -390,7 +383,7 @@ class AzureKeyVaultKeyProvider:
             )
         if status == 429:
             error = KeyThrottledError(f"{where}: throttled ({said})", resource=ref.uri)
-            error.retry_after = retry_after  # type: ignore[attr-defined]
+            error.retry_after = retry_after
             return error
         if status >= 500 or status == 408:
             return ServiceUnavailableError(f"{where}: the vault is unavailable ({said})", resource=ref.uri)

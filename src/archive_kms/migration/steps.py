@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from archive_kms import retry
 from archive_kms.domain.records import Record
 from archive_kms.errors import (
     AliasConflictError,
@@ -171,15 +172,23 @@ def pause(ctx: RunContext) -> dict[str, Any]:
     """Close the archive gate (new jobs are deferred) and wait for running jobs to finish."""
     p, tenant = ctx.platform, ctx.plan.tenant_id
     gate = p.state.pause(tenant, ctx.run_id, fence=ctx.fence)
-    deadline = time.monotonic() + PAUSE_WAIT_SECONDS
-    while running := p.state.running_jobs(tenant):
-        ctx.check()
-        if time.monotonic() > deadline:
-            raise TransientError(
-                f"{len(running)} archive job(s) of {tenant} still running after "
-                f"{PAUSE_WAIT_SECONDS:.0f} s (first: {running[0].job_id}); rerun the step"
-            )
-        time.sleep(0.2)
+    running: list[Any] = []
+
+    def drained() -> bool:
+        running[:] = p.state.running_jobs(tenant)
+        if running:
+            ctx.check()
+        return not running
+
+    retry.poll(
+        drained,
+        timeout=PAUSE_WAIT_SECONDS,
+        backoff=retry.Backoff(base_delay=0.2, max_delay=0.2, jitter=False, factor=1),
+        on_timeout=lambda: TransientError(
+            f"{len(running)} archive job(s) of {tenant} still running after "
+            f"{PAUSE_WAIT_SECONDS:.0f} s (first: {running[0].job_id}); rerun the step"
+        ),
+    )
     return {"gate": gate.state.value, "paused_since": gate.since.isoformat()}
 
 

@@ -9,8 +9,8 @@ Rules:
   this document at this version or newer (a retried create) ⇒ skipped; a delete that
   found nothing (404, ``not_found``) ⇒ skipped.
 * 429, 5xx and the retryable error types below ⇒ retried, only those items, with capped
-  exponential backoff and jitter; still failing after ``max_attempts`` ⇒ failed with
-  ``retryable=True``.
+  exponential backoff and jitter (``archive_kms.retry.rounds``); still failing after
+  ``max_attempts`` ⇒ failed with ``retryable=True``.
 * Anything else (mapping errors, 403 write block, 400) ⇒ failed at once, per document.
 * A response that says ``errors: true`` but shows no failed item, or that lacks items,
   never counts as success: those items are retried and, if it persists, failed.
@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from archive_kms import retry
+from archive_kms.retry import Backoff
 from archive_kms.search.port import BulkItemError, BulkResult
 
 T = TypeVar("T")
@@ -134,13 +136,14 @@ def run_bulk(
     skipped: list[str] = []
     failed: list[BulkItemError] = []
     pending = list(items)
-    attempt = 0
-    while pending:
-        attempt += 1
+    last_errors: list[BulkItemError] = []
+
+    def one_round() -> bool:
+        """Send what is pending; keep the retryable items pending. True: some are."""
         ids = [doc_id(x) for x in pending]
         outcomes = parse_bulk_response(send(pending), ids)
         retry: list[T] = []
-        last_errors: list[BulkItemError] = []
+        last_errors.clear()
         for item, the_id, (kind, err) in zip(pending, ids, outcomes, strict=True):
             if kind == "ok":
                 indexed.append(the_id)
@@ -151,13 +154,15 @@ def run_bulk(
                 last_errors.append(err)  # type: ignore[arg-type]
             else:
                 failed.append(err)  # type: ignore[arg-type]
-        if retry and attempt >= max_attempts:
-            failed.extend(last_errors)
-            break
-        if retry:
-            delay = min(max_backoff, backoff * 2 ** (attempt - 1))
-            sleep(delay * (0.5 + jitter() / 2))
-        pending = retry
+        pending[:] = retry
+        return bool(retry)
+
+    attempt = 0
+    if pending:
+        schedule = Backoff(max_attempts=max_attempts, base_delay=min(backoff, max_backoff), max_delay=max_backoff)
+        attempt = retry.rounds(one_round, backoff=schedule, sleep=sleep, rand=jitter)
+    if pending:  # the budget ran out
+        failed.extend(last_errors)
     return BulkResult(
         index=index, indexed=tuple(indexed), skipped=tuple(skipped), failed=tuple(failed), attempts=attempt
     )

@@ -33,6 +33,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
+# The audit values live in domain/ (the keychain writes audit records without importing
+# state); re-exported here, where callers have always found them.
+from archive_kms.domain.audit import AuditEvent as AuditEvent
+from archive_kms.domain.audit import AuditRecord as AuditRecord
+from archive_kms.domain.audit import AuditVerification as AuditVerification
 from archive_kms.errors import StateError, ValidationError
 
 # --- tenants ---------------------------------------------------------------------------
@@ -610,46 +615,6 @@ class LeaseRepo(Protocol):
 
 
 # --- audit log --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AuditEvent:
-    """What a caller appends. ``details`` must be JSON (str keys; no NaN/Infinity) and
-    must never contain key material."""
-
-    actor: str
-    action: str
-    tenant_id: str | None = None
-    run_id: str | None = None
-    details: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    """A stored audit record: on the global chain (``seq``/``prev_hash``) and, when it
-    names a tenant, on that tenant's chain (``tenant_seq``/``tenant_prev_hash``).
-    ``hash`` = SHA-256 of the canonical encoding of every other field (``state.audit``)."""
-
-    seq: int
-    ts: datetime
-    actor: str
-    action: str
-    tenant_id: str | None
-    run_id: str | None
-    details: Mapping[str, Any]
-    prev_hash: str
-    tenant_seq: int | None
-    tenant_prev_hash: str | None
-    hash: str
-
-
-@dataclass(frozen=True)
-class AuditVerification:
-    ok: bool
-    first_bad_seq: int | None = None
-    reason: str | None = None
-    records: int = 0  # records examined
-    sealed: bool = False  # chain heads' seals were checked with a key
 
 
 @runtime_checkable

@@ -7,8 +7,11 @@ The audit log is protected against UPDATE/DELETE (and TRUNCATE on PostgreSQL) by
 triggers: that stops bugs and careless hands, not an attacker who can run DDL — the hash
 chain is what detects him (``docs/state-store.md``).
 
-``SCHEMA_VERSION`` is recorded in ``schema_version``; bump it with a migration when a
-table changes.
+Changes to these tables come with an Alembic revision (``state/migrations/versions/``,
+``docs/state-store.md`` "Schema migrations"); ``tests/contract/test_state_schema_upgrade.py``
+fails while the two disagree. ``SCHEMA_VERSION`` is the ``schema_version`` marker the
+releases before Alembic read: raise it (in the revision too) only when a change must keep
+those releases out.
 """
 
 from __future__ import annotations

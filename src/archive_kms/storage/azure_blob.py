@@ -18,11 +18,12 @@ Takes a ready ``ContainerClient`` (from ``wiring.blob_service_client``). The ada
   and a replaced blob fails the read instead of mixing versions; a range whose body breaks
   is requested again whole (faults A3).
 * lists with ``list_blobs`` pages, once per blob, failing on out-of-order pages.
-* retries every request itself (``AzureRetry``), with the SDK's own retries switched off
-  per call (``retry_total=0``): azure-storage-blob's ``ExponentialRetry`` never retries a
-  429, ignores ``Retry-After`` and waits 15 s (±3) before its first retry. Ours retries
-  429, 5xx, ``ServerBusy``/``OperationTimedOut``, MD5 mismatches and broken connections,
-  sleeping at least what ``Retry-After`` asks (faults A1/A2); a request is re-sent whole
+* retries every request itself (``AzureRetry``, through ``archive_kms.retry``), with the
+  SDK's own retries switched off per call (``retry_total=0``): azure-storage-blob's
+  ``ExponentialRetry`` never retries a 429, ignores ``Retry-After`` and waits 15 s (±3)
+  before its first retry. Ours retries what translates to a retryable error (429, 5xx,
+  ``ServerBusy``/``OperationTimedOut``, MD5 mismatches, broken connections, other 409
+  conflicts), sleeping at least what ``Retry-After`` asks (faults A1/A2); a request is re-sent whole
   (a range GET from its start), which is safe because every write is a complete block,
   blob or block list whose bytes we still hold. When the attempts run out the caller gets
   ``ServiceUnavailableError`` naming the blob.
@@ -41,9 +42,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any, NoReturn, TypeVar
 
 from azure.core import MatchConditions
@@ -59,6 +58,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
+from archive_kms import retry
 from archive_kms.errors import (
     ArchiveKmsError,
     KeyUnavailableError,
@@ -69,6 +69,7 @@ from archive_kms.errors import (
     TransientError,
     ValidationError,
 )
+from archive_kms.retry import Backoff
 from archive_kms.storage.naming import decode_key, encode_prefix, object_key
 from archive_kms.storage.port import (
     DEFAULT_PART_SIZE,
@@ -113,54 +114,11 @@ _NO_SDK_RETRY: dict[str, Any] = {"retry_total": 0}
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class AzureRetry:
-    """How the adapter retries one request: ``max_attempts`` in all, "equal jitter"
-    exponential backoff (half fixed, half random, so a burst shorter than the fixed part
-    of the schedule can never exhaust it), and never sooner than the service's
-    ``Retry-After``. A ``Retry-After`` beyond ``max_retry_after`` is not waited out
-    in-process: the call fails at once (retryable) so the step can be retried later."""
-
-    max_attempts: int = 6
-    base_delay: float = 0.5
-    max_delay: float = 20.0
-    max_retry_after: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1 or self.base_delay < 0 or self.max_delay < self.base_delay:
-            raise ValidationError(f"invalid retry settings {self!r}")
-
-    def delay(self, attempt: int, retry_after: float | None, rand: Callable[[], float]) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        step = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        backoff = step / 2 + rand() * step / 2
-        return max(backoff, retry_after or 0.0)
-
-
-def retry_after_seconds(exc: BaseException, *, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> float | None:
-    """The wait a throttled response asks for: ``retry-after-ms`` / ``x-ms-retry-after-ms``
-    (milliseconds) or ``Retry-After`` (seconds or an HTTP date); ``None`` if absent."""
-    headers = getattr(getattr(exc, "response", None), "headers", None)
-    if not headers:
-        return None
-    for name in ("retry-after-ms", "x-ms-retry-after-ms"):
-        value = headers.get(name)
-        if value:
-            try:
-                return max(0.0, float(value) / 1000)
-            except ValueError:
-                pass
-    value = headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, (parsedate_to_datetime(value) - now()).total_seconds())
-    except (TypeError, ValueError):
-        return None
+#: The adapter's retry budget and schedule (``archive_kms.retry``): 6 attempts, equal-jitter
+#: backoff from 0.5 s doubling up to 20 s, never sooner than ``Retry-After``, and a
+#: ``Retry-After`` beyond 60 s is not waited out in-process (the call fails, retryable).
+AzureRetry = Backoff
+AZURE_RETRY = AzureRetry(max_attempts=6, base_delay=0.5, max_delay=20.0, max_retry_after=60.0)
 
 
 def translate_error(exc: BaseException, *, where: str, op: str) -> ArchiveKmsError:
@@ -227,7 +185,7 @@ class AzureBlobObjectStore:
         part_size: int = DEFAULT_PART_SIZE,
         list_page_size: int = 5000,
         read_chunk_size: int = _READ_CHUNK,
-        retry: AzureRetry = AzureRetry(),
+        retry: AzureRetry = AZURE_RETRY,
         sleep: Callable[[float], None] = time.sleep,
         rand: Callable[[], float] = random.random,
         parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
@@ -262,39 +220,18 @@ class AzureBlobObjectStore:
 
     def _call(self, op: str, key: str | None, request: Callable[[], T]) -> T:
         """Run one request (made with ``_NO_SDK_RETRY``), retrying what a retry can fix
-        (``ServiceUnavailableError``: throttling, 5xx, broken connections) per ``AzureRetry``.
-        Any other outcome, and the last failure, is raised translated."""
-        attempt = 1
-        while True:
-            try:
-                return request()
-            except Exception as exc:
-                err = translate_error(exc, where=self._where(key), op=op)
-                if not isinstance(err, ServiceUnavailableError):
-                    raise err from exc
-                wait = retry_after_seconds(exc)
-                if wait is not None and wait > self._retry.max_retry_after:
-                    raise ServiceUnavailableError(
-                        f"{err} (the service asks to wait {wait:.0f} s, longer than {self._retry.max_retry_after:.0f} "
-                        "s: retry the step later)",
-                        resource=err.resource,
-                    ) from exc
-                if attempt >= self._retry.max_attempts:
-                    raise ServiceUnavailableError(
-                        f"{err}; gave up after {attempt} attempts", resource=err.resource
-                    ) from exc
-                delay = self._retry.delay(attempt, wait, self._rand)
-                log.info(
-                    "%s: %s failed (%s), attempt %d of %d; retrying in %.2f s",
-                    self._where(key),
-                    op,
-                    type(exc).__name__,
-                    attempt,
-                    self._retry.max_attempts,
-                    delay,
-                )
-                self._sleep(delay)
-                attempt += 1
+        (a retryable translated error: throttling, 5xx, broken connections) per the
+        store's ``AzureRetry`` (``archive_kms.retry.call``). Any other outcome, and the
+        last failure, is raised translated."""
+        where = self._where(key)
+        return retry.call(
+            request,
+            backoff=self._retry,
+            translate=lambda exc: translate_error(exc, where=where, op=op),
+            what=f"{where}: {op}",
+            sleep=self._sleep,
+            rand=self._rand,
+        )
 
     # --- writes --------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from archive_kms import retry
 from archive_kms.domain.tenants import (
     DEFAULT_DEDICATED_BUCKET_PREFIX,
     DEFAULT_DEDICATED_CONTAINER_PREFIX,
@@ -231,15 +232,16 @@ def _poll(
     sleep: Callable[[float], None],
     monotonic: Callable[[], float],
 ) -> None:
-    deadline = monotonic() + timeout
-    while True:
-        if check():
-            return
-        if monotonic() >= deadline:
-            raise ServiceUnavailableError(
-                f"{what} did not read back within {timeout:.0f} s; retry the step", resource=what
-            )
-        sleep(interval)
+    retry.poll(
+        check,
+        timeout=timeout,
+        backoff=retry.Backoff(base_delay=interval, max_delay=interval, jitter=False, factor=1),
+        on_timeout=lambda: ServiceUnavailableError(
+            f"{what} did not read back within {timeout:.0f} s; retry the step", resource=what
+        ),
+        clock=monotonic,
+        sleep=sleep,
+    )
 
 
 def create_dedicated_s3_bucket(
@@ -349,23 +351,29 @@ def create_azure_container(
 
     if location.cloud is not Cloud.AZURE:
         raise ValidationError(f"{location.uri} is not an Azure location")
-    deadline, delay = clock() + wait_s, 0.5
-    while True:
+
+    def created() -> bool:
         try:
             blob_service.create_container(location.container)
-            return
         except ResourceExistsError as exc:
-            if getattr(exc, "error_code", None) != "ContainerBeingDeleted":
-                return  # ContainerAlreadyExists: reuse it
-            if clock() + delay > deadline:
-                raise ServiceUnavailableError(
-                    f"container {location.container} is still being deleted after {wait_s:.0f}s; retry the step later",
-                    resource=location.uri,
-                ) from None
-            sleep(delay)
-            delay = min(delay * 2, 8.0)
+            # ContainerAlreadyExists: reuse it; ContainerBeingDeleted: wait, it is about to vanish.
+            return getattr(exc, "error_code", None) != "ContainerBeingDeleted"
         except Exception as exc:
             raise translate_error(exc, where=location.uri, op="Create Container") from exc
+        return True
+
+    retry.poll(
+        created,
+        timeout=wait_s,
+        backoff=retry.Backoff(base_delay=0.5, max_delay=8.0, jitter=False),
+        on_timeout=lambda: ServiceUnavailableError(
+            f"container {location.container} is still being deleted after {wait_s:.0f}s; retry the step later",
+            resource=location.uri,
+        ),
+        clock=clock,
+        sleep=sleep,
+        wait_must_fit=True,
+    )
 
 
 # --- deleting --------------------------------------------------------------------------------

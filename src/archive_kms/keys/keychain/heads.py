@@ -1,0 +1,263 @@
+"""Reading and writing a tenant's keychain under its signed head.
+
+Every operation runs against a verified head: ``read`` hands it to a function, ``write``
+asks a function for a :class:`Plan` (records to commit, the new head, cache changes, audit
+details) and commits it with a compare-and-set on the head version, re-planning when
+another process committed first. Loading a head checks its signature, its tenant, this
+process's high-water mark (a lower version is a replay) and the audit log's (a lower
+version is a rollback, ADR 0007), and the revocation flag (``gate``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, TypeVar
+
+from archive_kms.crypto.secrets import SecretBytes
+from archive_kms.domain.keychain import AuditedChange, KeyRecord, KeyRecordState, TenantHead, WorkspaceHead
+from archive_kms.errors import (
+    KeychainTamperedError,
+    KeyNotFoundError,
+    StateError,
+    TenantRevokedError,
+    VersionConflictError,
+)
+from archive_kms.keys.cache import KeyCache
+from archive_kms.keys.keychain.audit import AuditTrail
+from archive_kms.keys.keychain.ids import dt
+from archive_kms.keys.keychain.records import Mismatch, RecordChecks
+from archive_kms.keys.keychain_store import KeychainStore
+
+__all__ = ["Plan", "TenantHeads", "TenantLocks", "workspace_of"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Plan:
+    """What a write operation wants committed, and what it returns once committed."""
+
+    result: Any
+    head: TenantHead | None = None  # None: nothing to write
+    records: list[KeyRecord] = field(default_factory=list)
+    cache_put: list[tuple[str, SecretBytes]] = field(default_factory=list)
+    cache_drop: list[str] = field(default_factory=list)
+    audit_details: dict[str, Any] = field(default_factory=dict)  # ids and counts only, never key bytes
+
+
+class TenantLocks:
+    """One re-entrant lock per tenant (a write's own load may repair the audit)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[str, threading.RLock] = {}
+
+    def __call__(self, tenant_id: str) -> threading.RLock:
+        with self._lock:
+            return self._locks.setdefault(tenant_id, threading.RLock())
+
+
+def workspace_of(head: TenantHead, workspace_id: str) -> WorkspaceHead:
+    ws = head.workspace(workspace_id)
+    if ws is None:
+        raise KeyNotFoundError(
+            f"tenant {head.tenant_id} has no workspace {workspace_id}",
+            resource=f"keychain:{head.tenant_id}/{workspace_id}",
+        )
+    return ws
+
+
+class TenantHeads:
+    """Loads verified heads and commits plans under them (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: KeychainStore,
+        checks: RecordChecks,
+        trail: AuditTrail,
+        cache: KeyCache,
+        *,
+        clock: Callable[[], float],
+        max_attempts: int,
+        locks: TenantLocks,
+    ) -> None:
+        self.store = store
+        self._checks = checks
+        self._trail = trail
+        self._cache = cache
+        self._clock = clock
+        self._max_attempts = max_attempts
+        self.tenant_lock = locks
+        self._lock = threading.Lock()
+        self._head_seen: dict[str, int] = {}  # high-water mark: a lower head is a replay
+        self._verified: dict[str, TenantHead] = {}  # last verified head per tenant
+
+    def now(self) -> datetime:
+        return dt(self._clock())
+
+    def bump(self, rec: KeyRecord, **changes: Any) -> KeyRecord:
+        """The next version of a verified record (unsigned until commit)."""
+        return replace(rec, **changes, version=rec.version + 1, updated_at=self.now(), signer_key_id="", signature=b"")
+
+    def destroy(self, rec: KeyRecord) -> KeyRecord:
+        return self.bump(rec, state=KeyRecordState.DESTROYED, wrapped=b"")
+
+    # --- loading ----------------------------------------------------------------------------
+
+    def load(self, tenant_id: str, *, gate: bool) -> TenantHead:
+        # The replay checks compare with high-water marks as they were *before* this read:
+        # a concurrent thread may raise the mark while we read, and a head older than that
+        # newer mark is then a race, not a replay (the store only moves forward). The same
+        # holds for the audit log's mark: a commit is audited only after it landed.
+        with self._lock:
+            seen = self._head_seen.get(tenant_id, 0)
+        audited = self._trail.audited_version(tenant_id)
+        head = self.store.get_head(tenant_id)
+        if head is None:
+            if audited:
+                raise self.missing_error(tenant_id, audited)
+            raise KeyNotFoundError(f"tenant {tenant_id} has no keychain", resource=f"keychain:{tenant_id}")
+        resource = f"keychain:{tenant_id}/head"
+        with self._lock:
+            known = self._verified.get(tenant_id)
+        if known != head:  # equal in every field (signature included) to one verified before: skip
+            self._checks.verify_head(head, resource)
+        if head.tenant_id != tenant_id:
+            raise KeychainTamperedError(
+                f"keychain head stored for tenant {tenant_id} belongs to tenant {head.tenant_id}", resource=resource
+            )
+        if head.version < seen:
+            raise KeychainTamperedError(
+                f"keychain head of tenant {tenant_id} went back from version {seen} to {head.version} (replayed)",
+                resource=resource,
+            )
+        if head.version < audited:
+            log.error(
+                "keychain: tampering detected: tenant %s head v%d below audited v%d", tenant_id, head.version, audited
+            )
+            raise KeychainTamperedError(
+                f"keychain of tenant {tenant_id} is at version {head.version} but the audit log recorded version "
+                f"{audited}: rolled back; restore the keychain rows from a backup at version {audited} or later, "
+                "or investigate (docs/key-hierarchy.md section 7)",
+                resource=resource,
+            )
+        with self._lock:
+            if head.version >= self._head_seen.get(tenant_id, 0):
+                self._head_seen[tenant_id] = head.version
+                self._verified[tenant_id] = head
+        change = head.audited_change
+        if self._trail.enabled and change is not None and change.version > audited:
+            self._trail.repair(head)
+        if head.revoked:
+            self._cache.purge(tenant_id)  # this process may not be the one that revoked
+        if gate and head.revoked:
+            raise TenantRevokedError(
+                f"tenant {tenant_id}: key access is revoked; reads, writes and searches are refused until restore",
+                resource=f"tenant:{tenant_id}",
+                state="revoked",
+            )
+        return head
+
+    def gate(self, tenant_id: str) -> None:
+        """Re-read the revocation flag right before a provider call (long operations)."""
+        self.load(tenant_id, gate=True)
+
+    def _note(self, tenant_id: str, version: int) -> None:
+        with self._lock:
+            self._head_seen[tenant_id] = max(version, self._head_seen.get(tenant_id, 0))
+
+    @staticmethod
+    def missing_error(tenant_id: str, audited: int) -> KeychainTamperedError:
+        return KeychainTamperedError(
+            f"keychain of tenant {tenant_id} is missing but the audit log recorded version {audited}: deleted or "
+            f"rolled back; restore the keychain rows from a backup at version {audited} or later, or investigate",
+            resource=f"keychain:{tenant_id}/head",
+        )
+
+    # --- reading and writing ----------------------------------------------------------------
+
+    def read(self, tenant_id: str, fn: Callable[[TenantHead], T], *, gate: bool = True) -> T:
+        head = self.load(tenant_id, gate=gate)
+        for _ in range(self._max_attempts):
+            try:
+                return fn(head)
+            except Mismatch as m:
+                head = self._recheck(tenant_id, head, m, gate)
+        raise self._busy(tenant_id)
+
+    def write(
+        self, tenant_id: str, fn: Callable[[TenantHead], Plan], *, gate: bool, audit_action: str | None = None
+    ) -> Any:
+        """Plan against the current head and commit (compare-and-set), re-planning on a
+        concurrent commit. ``audit_action``: the commit is recorded in the audit log as
+        ``keychain.<audit_action>`` and named in the new head's ``audited_change``; None
+        for routine DEK and workspace creation (ADR 0007)."""
+        with self.tenant_lock(tenant_id):
+            head = self.load(tenant_id, gate=gate)
+            for _ in range(self._max_attempts):
+                try:
+                    plan = fn(head)
+                except Mismatch as m:
+                    head = self._recheck(tenant_id, head, m, gate)
+                    continue
+                new_head = None
+                if plan.head is not None:
+                    new_head = replace(plan.head, version=head.version + 1, updated_at=self.now())
+                    if audit_action is not None:
+                        new_head = replace(new_head, audited_change=AuditedChange(new_head.version, audit_action))
+                    new_head = self._checks.sign_head(new_head)
+                    records = [self._checks.sign_record(r) for r in plan.records]
+                    try:
+                        self.store.commit(tenant_id, head=new_head, records=records, expected_head_version=head.version)
+                    except VersionConflictError:  # another process committed first: re-plan
+                        head = self.load(tenant_id, gate=gate)
+                        continue
+                    self._note(tenant_id, new_head.version)
+                self._cache.discard(tenant_id, plan.cache_drop)
+                for key_id, key in plan.cache_put:
+                    self._cache.put(tenant_id, key_id, key)
+                if new_head is not None and audit_action is not None:
+                    self._trail.record_commit(new_head, plan.audit_details)  # after the cache: an erased key is gone
+                return plan.result
+            raise self._busy(tenant_id)
+
+    def check_absent(self, tenant_id: str) -> None:
+        """Before a tenant's first commit (hold ``tenant_lock``): ``StateError`` if it has a
+        keychain, ``KeychainTamperedError`` if the audit log says it had one."""
+        audited = self._trail.audited_version(tenant_id)  # before the head, as in load
+        if self.store.get_head(tenant_id) is not None:
+            raise StateError(f"tenant {tenant_id} already has a keychain", resource=f"keychain:{tenant_id}")
+        if audited:  # a new keychain here would be one more rollback, and refused at once
+            raise self.missing_error(tenant_id, audited)
+
+    def commit_first(
+        self, head: TenantHead, record: KeyRecord, key: SecretBytes, details: dict[str, Any]
+    ) -> TenantHead:
+        """Commit a new tenant's first head and its L2 record (after ``check_absent``), cache
+        the L2 key and record the commit in the audit log."""
+        tenant_id = head.tenant_id
+        head = self._checks.sign_head(head)
+        self.store.commit(tenant_id, head=head, records=[self._checks.sign_record(record)], expected_head_version=None)
+        self._note(tenant_id, head.version)
+        self._cache.put(tenant_id, record.record_id, key)
+        self._trail.record_commit(head, details)
+        return head
+
+    def _recheck(self, tenant_id: str, head: TenantHead, m: Mismatch, gate: bool) -> TenantHead:
+        fresh = self.load(tenant_id, gate=gate)
+        if fresh.version == head.version:
+            log.error("keychain: tampering detected: %s", m.message)
+            raise KeychainTamperedError(m.message, resource=m.resource) from None
+        return fresh
+
+    def _busy(self, tenant_id: str) -> VersionConflictError:
+        return VersionConflictError(
+            f"keychain of tenant {tenant_id} kept changing over {self._max_attempts} attempts; retry",
+            resource=f"keychain:{tenant_id}",
+        )

@@ -1,0 +1,270 @@
+"""The :class:`Keychain`: one object over the tenant key hierarchy, composed of the parts
+in this package (the package docstring has the map). Its methods check their arguments'
+shape and hand over to the part that owns the operation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from archive_kms.crypto.keychain_keys import KEY_SIZE
+from archive_kms.crypto.secrets import SecretBytes
+from archive_kms.domain.keychain import (
+    AuditedChange,
+    KeyLevel,
+    KeyRecord,
+    KeyRecordState,
+    RecordRef,
+    TenantHead,
+)
+from archive_kms.errors import ValidationError
+from archive_kms.keys.cache import KeyCache
+from archive_kms.keys.keychain.audit import DEFAULT_AUDIT_REFRESH_SECONDS, AuditTrail, KeychainAuditLog
+from archive_kms.keys.keychain.deks import DataKeys
+from archive_kms.keys.keychain.erasure import Erasure, ErasureRecord
+from archive_kms.keys.keychain.heads import TenantHeads, TenantLocks
+from archive_kms.keys.keychain.ids import DEFAULT_BUCKET_SECONDS, check_tenant, l2_id
+from archive_kms.keys.keychain.records import RecordChecks
+from archive_kms.keys.keychain.revocation import Revocation
+from archive_kms.keys.keychain.rotation import Rotation
+from archive_kms.keys.keychain.values import (
+    DataKey,
+    DekInfo,
+    ProviderCallCounts,
+    RekeyReport,
+    TenantKeyStatus,
+    status_of,
+)
+from archive_kms.keys.keychain.wrapping import KeyWrapping, ProviderResolver
+from archive_kms.keys.keychain_store import KeychainStore
+from archive_kms.keys.port import KeyProvider
+from archive_kms.keys.signing import Signer, Verifier
+
+__all__ = ["Keychain"]
+
+log = logging.getLogger(__name__)
+
+
+class Keychain:
+    """The tenant key hierarchy over a :class:`KeychainStore` and L1 :class:`KeyProvider` s.
+
+    ``provider_resolver`` turns an L1 reference (``KeyProvider.key_ref``, as stored in the
+    head) into a provider (``keys.registry`` in production). ``clock`` returns POSIX
+    seconds (record times, the default ``now``); the cache has its own clock.
+    ``bucket_seconds`` is the DEK bucket width for *new* workspaces; each workspace keeps
+    the width it was created with, so its DEK ids never change meaning.
+
+    ``audit`` is the state store's audit log (any :class:`KeychainAuditLog`): committed
+    head changes are recorded there and a head older than what it recorded is refused
+    (rollback). Without it (bare unit tests) only this process's own high-water mark
+    catches a rolled-back head; production wiring always passes it.
+    ``audit_refresh_seconds``: how often a long-running process re-reads the tenant's new
+    audit records (incrementally).
+    """
+
+    def __init__(
+        self,
+        store: KeychainStore,
+        provider_resolver: ProviderResolver,
+        signer: Signer,
+        clock: Callable[[], float] = time.time,
+        cache: KeyCache | None = None,
+        *,
+        verifier: Verifier | None = None,
+        bucket_seconds: int = DEFAULT_BUCKET_SECONDS,
+        max_attempts: int = 8,
+        audit: KeychainAuditLog | None = None,
+        audit_refresh_seconds: float = DEFAULT_AUDIT_REFRESH_SECONDS,
+    ) -> None:
+        if not isinstance(bucket_seconds, int) or isinstance(bucket_seconds, bool) or bucket_seconds < 1:
+            raise ValidationError(f"bucket_seconds must be an int >= 1, got {bucket_seconds!r}")
+        self._signer = signer
+        self._verifier = verifier or signer.verifier()
+        self._cache = cache if cache is not None else KeyCache()
+        locks = TenantLocks()
+        checks = RecordChecks(store, signer, self._verifier)
+        trail = AuditTrail(audit, refresh_seconds=audit_refresh_seconds, tenant_lock=locks)
+        heads = TenantHeads(store, checks, trail, self._cache, clock=clock, max_attempts=max_attempts, locks=locks)
+        keys = KeyWrapping(heads, checks, self._cache, provider_resolver)
+        rotation = Rotation(heads, checks, keys)
+        self._checks, self._heads, self._keys = checks, heads, keys
+        self._deks = DataKeys(heads, checks, keys, clock=clock, bucket_seconds=bucket_seconds)
+        self._rotation = rotation
+        self._revocation = Revocation(heads, checks, keys, self._cache)
+        self._erasure = Erasure(heads, checks, rotation, signer, clock=clock)
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Any,
+        store: KeychainStore,
+        provider_resolver: ProviderResolver,
+        signer: Signer,
+        *,
+        clock: Callable[[], float] = time.time,
+        audit: KeychainAuditLog | None = None,
+    ) -> Keychain:
+        return cls(
+            store,
+            provider_resolver,
+            signer,
+            clock,
+            KeyCache.from_settings(settings),
+            bucket_seconds=settings.dek_bucket_seconds,
+            audit=audit,
+        )
+
+    def __repr__(self) -> str:
+        return f"Keychain(signer={self._signer.key_id!r}, cache={self._cache!r})"
+
+    @property
+    def cache(self) -> KeyCache:
+        return self._cache
+
+    @property
+    def provider_calls(self) -> ProviderCallCounts:
+        """Total L1 wrap/unwrap calls so far; subtract two snapshots to measure an operation."""
+        return self._keys.provider_calls
+
+    # --- tenants --------------------------------------------------------------------------
+
+    def create_tenant(self, tenant_id: str, l1: KeyProvider) -> TenantKeyStatus:
+        """Generate the tenant's L2 key and store it wrapped by ``l1`` (1 provider wrap).
+        Raises ``StateError`` if the tenant already has a keychain."""
+        check_tenant(tenant_id)
+        with self._heads.tenant_lock(tenant_id):
+            self._heads.check_absent(tenant_id)
+            now = self._heads.now()
+            l2 = SecretBytes.random(KEY_SIZE)
+            wrapped = self._keys.provider_wrap(l1, l2, tenant_id)
+            rec = KeyRecord(
+                tenant_id=tenant_id,
+                record_id=l2_id(1),
+                level=KeyLevel.TENANT,
+                workspace_id=None,
+                bucket=None,
+                generation=1,
+                parent_id=l1.key_ref,
+                parent_version=1,
+                wrap_ref=wrapped.key_ref,
+                wrap_algorithm=wrapped.algorithm,
+                wrapped=wrapped.ciphertext,
+                state=KeyRecordState.ACTIVE,
+                created_at=now,
+                not_after=None,
+                updated_at=now,
+                version=1,
+            )
+            head = TenantHead(
+                tenant_id=tenant_id,
+                version=1,
+                l1_ref=l1.key_ref,
+                l1_generation=1,
+                l2=RecordRef(rec.record_id, 1, 1),
+                workspaces=(),
+                revoked=False,
+                revoked_at=None,
+                updated_at=now,
+                audited_change=AuditedChange(1, "create"),
+            )
+            log.info("keychain: tenant %s created under L1 %s", tenant_id, l1.key_ref)
+            head = self._heads.commit_first(head, rec, l2, {"l2_id": rec.record_id})
+            return status_of(head)
+
+    def status(self, tenant_id: str) -> TenantKeyStatus:
+        """The tenant's key state (works while revoked; unwraps nothing)."""
+        check_tenant(tenant_id)
+        return status_of(self._heads.load(tenant_id, gate=False))
+
+    # --- data keys (deks.DataKeys) ----------------------------------------------------------
+
+    def create_workspace(self, tenant_id: str, workspace_id: str) -> str:
+        """Create the workspace's L3 key if missing; returns its record id (optional:
+        ``dek_for_encrypt`` does it on demand)."""
+        return self._deks.create_workspace(tenant_id, workspace_id)
+
+    def dek_for_encrypt(self, tenant_id: str, workspace_id: str, now: datetime | float | None = None) -> DataKey:
+        """The ACTIVE DEK for ``now``'s bucket, created on demand (``DataKeys.dek_for_encrypt``)."""
+        return self._deks.dek_for_encrypt(tenant_id, workspace_id, now)
+
+    def dek_by_id(self, tenant_id: str, dek_id: str) -> SecretBytes:
+        """The DEK an object header names, for decryption (``DataKeys.dek_by_id``)."""
+        return self._deks.dek_by_id(tenant_id, dek_id)
+
+    def dek_for_header(self, header: Any) -> SecretBytes:
+        """``dek_by_id`` for an envelope header: pass ``dek_for=keychain.dek_for_header``."""
+        return self._deks.dek_for_header(header)
+
+    def search_key_material(self, tenant_id: str) -> SecretBytes:
+        """The input of the tenant's search keys, derived from its L2 key."""
+        return self._deks.search_key_material(tenant_id)
+
+    def retire_active_dek(self, tenant_id: str, workspace_id: str) -> str | None:
+        """Make the active DEK DECRYPT_ONLY now; returns the retired id."""
+        return self._deks.retire_active_dek(tenant_id, workspace_id)
+
+    def list_deks(self, tenant_id: str, workspace_id: str | None = None) -> list[DekInfo]:
+        """Every DEK (tombstones included), each verified; works while revoked."""
+        return self._deks.list_deks(tenant_id, workspace_id)
+
+    def reencrypt_path(self, tenant_id: str, workspace_id: str | None = None) -> list[str]:
+        """Every DEK id that can still decrypt, oldest first (``DataKeys.reencrypt_path``)."""
+        return self._deks.reencrypt_path(tenant_id, workspace_id)
+
+    # --- rotation (rotation.Rotation) -------------------------------------------------------
+
+    def rotate_l1(self, tenant_id: str, new_l1: KeyProvider) -> TenantKeyStatus:
+        """Re-wrap the L2 key under ``new_l1``: 1 unwrap + 1 wrap, whatever the data volume."""
+        return self._rotation.rotate_l1(tenant_id, new_l1)
+
+    def rotate_l2(self, tenant_id: str) -> TenantKeyStatus:
+        """A new L2 key; the live L3 keys re-wrapped under it; the old L2 destroyed."""
+        return self._rotation.rotate_l2(tenant_id)
+
+    def rotate_l3(self, tenant_id: str, workspace_id: str) -> TenantKeyStatus:
+        """A new workspace key; its live DEKs re-wrapped under it; the old one destroyed."""
+        return self._rotation.rotate_l3(tenant_id, workspace_id)
+
+    def rekey_below_l1(self, tenant_id: str) -> RekeyReport:
+        """Replace every L2/L3 key a keychain copy from before the current L1 could open."""
+        return self._rotation.rekey_below_l1(tenant_id)
+
+    # --- revocation (revocation.Revocation) -------------------------------------------------
+
+    def revoke(self, tenant_id: str) -> TenantKeyStatus:
+        """Refuse every unwrap for the tenant in every process; purge cached keys. Idempotent."""
+        return self._revocation.revoke(tenant_id)
+
+    def restore(self, tenant_id: str) -> TenantKeyStatus:
+        """Re-enable a revoked tenant once its L1 unwraps again. Idempotent."""
+        return self._revocation.restore(tenant_id)
+
+    # --- crypto-erasure (erasure.Erasure) ---------------------------------------------------
+
+    def erase_buckets(
+        self,
+        tenant_id: str,
+        workspace_id: str,
+        older_than: datetime | float,
+        *,
+        reason: str = "retention expired",
+    ) -> ErasureRecord:
+        """Destroy the DEKs of every bucket before ``older_than``'s; signed record."""
+        return self._erasure.erase_buckets(tenant_id, workspace_id, older_than, reason=reason)
+
+    def erase_workspace(self, tenant_id: str, workspace_id: str, *, reason: str = "workspace deleted") -> ErasureRecord:
+        """Destroy the workspace key and every DEK under it; signed record."""
+        return self._erasure.erase_workspace(tenant_id, workspace_id, reason=reason)
+
+    def erase_deks_below(
+        self,
+        tenant_id: str,
+        floor: Mapping[str, Sequence[int]],
+        *,
+        reason: str = "superseded by a re-encrypted copy",
+    ) -> list[ErasureRecord]:
+        """Destroy, per workspace, every DEK up to its floor ``(bucket, generation)``."""
+        return self._erasure.erase_deks_below(tenant_id, floor, reason=reason)

@@ -1,0 +1,26 @@
+"""``InMemoryStateStore``: the whole ``StateStore`` in process memory, one repository per
+aggregate over shared :class:`MemoryTables`, as ``state.sql`` is over one database."""
+
+from __future__ import annotations
+
+from archive_kms.state.memory.audit_log import MemoryAuditLog
+from archive_kms.state.memory.gate import MemoryGateRepo
+from archive_kms.state.memory.leases import MemoryLeaseRepo
+from archive_kms.state.memory.ledger import MemoryLedgerRepo
+from archive_kms.state.memory.runs import MemoryRunRepo
+from archive_kms.state.memory.tenants import MemoryTenantRepo
+
+__all__ = ["InMemoryStateStore"]
+
+
+class InMemoryStateStore(
+    MemoryTenantRepo, MemoryGateRepo, MemoryRunRepo, MemoryLedgerRepo, MemoryLeaseRepo, MemoryAuditLog
+):
+    """``StateStore`` in memory (thread-safe). ``clock``, ``sealer`` and ``job_stale_after``
+    as for ``SqlStateStore``."""
+
+    def __repr__(self) -> str:
+        return f"InMemoryStateStore({len(self._tenants)} tenants)"
+
+    def close(self) -> None:
+        return None

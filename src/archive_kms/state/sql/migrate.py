@@ -1,0 +1,196 @@
+"""The state schema's version and its upgrades (Alembic, ADR 0011).
+
+A database is in one of these states (:func:`status`):
+
+* **empty** - no tables: ``open_state`` creates the schema by running every revision.
+* **before Alembic** - made by a release before Alembic: the tables and a
+  ``schema_version`` row of 1, no ``alembic_version``. That is exactly revision ``0001``
+  (the baseline), so it is *stamped* 0001 (no DDL) and then treated like any other.
+* **at revision R** - ``alembic_version`` says R: at head (open it), behind head
+  (``archive-kms db upgrade``, or ``open_state(..., upgrade=True)``), or unknown to this
+  code (written by a newer release: upgrade the code).
+
+The ``schema_version`` table stays as the marker older releases read: a revision that
+those releases must not open also raises it (``state.schema.SCHEMA_VERSION``), and a
+marker above this code's is refused.
+
+Upgrades run in one transaction on one connection, under the lock every writer takes
+first (``BEGIN IMMEDIATE`` on SQLite, an advisory transaction lock on PostgreSQL), so
+concurrent openers and upgraders take turns and the loser finds the work done. PostgreSQL
+and SQLite both run DDL transactionally: a failed upgrade leaves the database as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, func, inspect, select
+
+from archive_kms.errors import ConfigurationError
+from archive_kms.state.schema import SCHEMA_VERSION, schema_version
+from archive_kms.state.sql.database import SqlDatabase
+
+__all__ = ["BASELINE", "SchemaStatus", "head", "prepare", "status", "upgrade"]
+
+BASELINE = "0001"  # the schema of the releases before Alembic (schema_version 1)
+SCRIPTS = "archive_kms.state:migrations"  # inside the package: an installed wheel can upgrade
+_LOCK_KEY = 0x41_4B_4D_53  # "AKMS": the PostgreSQL advisory lock schema changes take
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    """Where a database's schema stands. ``revision``: its Alembic revision (None: empty,
+    or from before Alembic); ``legacy_version``: its ``schema_version`` marker."""
+
+    revision: str | None
+    head: str
+    legacy_version: int | None
+    empty: bool
+
+    @property
+    def at_head(self) -> bool:
+        return self.revision == self.head
+
+    @property
+    def known(self) -> bool:
+        """Whether this code knows the revision (a newer release's is unknown)."""
+        return self.revision is None or self.revision in _revisions()
+
+    def describe(self) -> str:
+        if self.empty:
+            return "empty (no tables)"
+        if self.revision is None:
+            return f"from before Alembic (schema version {self.legacy_version}; baseline {BASELINE})"
+        if self.at_head:
+            return f"revision {self.revision} (head)"
+        if not self.known:
+            return f"revision {self.revision} (unknown to this code: newer than {self.head})"
+        return f"revision {self.revision} (head is {self.head})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "revision": self.revision,
+            "head": self.head,
+            "at_head": self.at_head,
+            "schema_version": self.legacy_version,
+            "empty": self.empty,
+            "state": self.describe(),
+        }
+
+
+def _config(connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", SCRIPTS)
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+@functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(_config())  # the scripts ship with the code: read once
+
+
+@functools.cache
+def _revisions() -> frozenset[str]:
+    return frozenset(s.revision for s in _scripts().walk_revisions())
+
+
+def head() -> str:
+    """The newest revision this code knows."""
+    found = _scripts().get_current_head()
+    assert found is not None, "no Alembic revisions shipped"
+    return found
+
+
+def _read(conn: Connection) -> SchemaStatus:
+    tables = set(inspect(conn).get_table_names())
+    revision = MigrationContext.configure(conn).get_current_revision() if "alembic_version" in tables else None
+    legacy = conn.execute(select(func.max(schema_version.c.version))).scalar() if "schema_version" in tables else None
+    return SchemaStatus(revision, head(), legacy, empty=not (tables - {"alembic_version"}))
+
+
+def status(db: SqlDatabase) -> SchemaStatus:
+    """The database's schema state (reads only)."""
+    with db.tx("read schema version", write=False) as conn:
+        return _read(conn)
+
+
+def _lock(db: SqlDatabase, conn: Connection) -> None:
+    if db.pg:  # SQLite: the write transaction's BEGIN IMMEDIATE already serialises
+        conn.execute(select(func.pg_advisory_xact_lock(_LOCK_KEY)))
+
+
+def _refuse_unknown(db: SqlDatabase, found: SchemaStatus) -> None:
+    if found.revision is not None and not found.known:
+        raise ConfigurationError(
+            f"state store {db.display} is at schema revision {found.revision}, which this code does not know "
+            f"(its newest is {found.head}): upgrade the code",
+            resource=db.display,
+        )
+    if found.legacy_version is not None and found.legacy_version > SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"state store {db.display} has schema version {found.legacy_version}, this code needs "
+            f"{SCHEMA_VERSION}: upgrade the code",
+            resource=db.display,
+        )
+    if not found.empty and found.revision is None and found.legacy_version != 1:
+        what = "no schema_version row" if found.legacy_version is None else f"schema version {found.legacy_version}"
+        raise ConfigurationError(
+            f"state store {db.display} has tables but {what} and no Alembic revision: not an archive_kms "
+            "state database, or a damaged one; point state_url elsewhere or restore it",
+            resource=db.display,
+        )
+
+
+def _upgrade_in(db: SqlDatabase, conn: Connection, target: str) -> None:
+    cfg = _config(conn)
+    found = _read(conn)  # again, under the lock: another process may have done it
+    _refuse_unknown(db, found)
+    if found.revision is None and not found.empty:
+        command.stamp(cfg, BASELINE)  # a pre-Alembic database is the baseline, as it stands
+    command.upgrade(cfg, target)
+
+
+def upgrade(db: SqlDatabase, target: str = "head") -> tuple[SchemaStatus, SchemaStatus]:
+    """Bring the schema to ``target`` (default: head) in one transaction; returns the
+    status before and after. Stamps a pre-Alembic database at the baseline first.
+    ``ConfigurationError`` for a database this code cannot upgrade (a newer release's,
+    or not a state database); the database is then unchanged."""
+    before = status(db)
+    _refuse_unknown(db, before)
+    if target not in ("head", *_revisions()):
+        raise ConfigurationError(f"unknown schema revision {target!r}: use head or one of {sorted(_revisions())}")
+    with db.tx("upgrade schema") as conn:
+        _lock(db, conn)
+        _upgrade_in(db, conn, target)
+    return before, status(db)
+
+
+def prepare(db: SqlDatabase, *, upgrade: bool = False) -> SchemaStatus:
+    """What ``open_state`` does: create the schema of an empty database, stamp a
+    pre-Alembic one, upgrade one behind head only if ``upgrade`` (else
+    ``ConfigurationError`` naming ``archive-kms db upgrade``), refuse a newer release's.
+    Cheap when the database is at head: one read transaction."""
+    found = status(db)
+    if found.at_head and found.legacy_version == SCHEMA_VERSION:
+        return found
+    _refuse_unknown(db, found)
+    # A pre-Alembic database is at the baseline: behind as soon as a revision follows it.
+    behind = not found.empty and (found.revision or BASELINE) != found.head
+    if behind and not upgrade:
+        raise ConfigurationError(
+            f"state store {db.display} is at schema {found.describe()}: run `archive-kms db upgrade` "
+            "(back the database up first)",
+            resource=db.display,
+        )
+    with db.tx("create or upgrade schema") as conn:
+        _lock(db, conn)
+        _upgrade_in(db, conn, "head")
+    return status(db)
