@@ -109,6 +109,22 @@ LOCAL_DASK_CLUSTER: dict[str, Any] = {
 _SHARD_SUMMARY_FIELDS = ("shard", "pid", "objects", "written", "already", "verified", "failed", "mismatched")
 
 
+# --- library logs in the flow run logs ---------------------------------------------------------
+
+#: Library loggers whose records go to the flow run's logs: deployment runs through
+#: ``PREFECT_LOGGING_EXTRA_LOGGERS`` (prefect.yaml and the worker's environment set it),
+#: in-process runs through ``_library_logs``.
+LIBRARY_LOGGERS = ("archive_kms",)
+
+
+def _library_log_level() -> None:
+    """Let INFO records of the library through (Prefect's root logger stops at WARNING)."""
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
 # --- one platform per process -----------------------------------------------------------------
 
 _platforms: dict[tuple[int, str], Any] = {}
@@ -123,6 +139,7 @@ def process_platform(settings: Settings | None = None) -> Any:
     from archive_kms.wiring import build_platform
 
     settings = settings or Settings()
+    _library_log_level()
     key = (os.getpid(), settings.model_dump_json())
     with _platforms_lock:
         platform = _platforms.get(key)
@@ -568,10 +585,6 @@ def _tags_for(name: str, kwargs: dict[str, Any]) -> list[str]:
     return ["archive-kms"] + ([f"tenant:{tenant}"] if tenant else [])
 
 
-#: Library loggers whose records go to the flow run's logs (as ``PREFECT_LOGGING_EXTRA_LOGGERS``
-#: does for deployment runs: the worker's environment and prefect.yaml set it).
-LIBRARY_LOGGERS = ("archive_kms",)
-
 
 @contextlib.contextmanager
 def _library_logs() -> Iterator[None]:
@@ -587,8 +600,7 @@ def _library_logs() -> Iterator[None]:
         if not any(isinstance(h, APILogHandler) for h in logger.handlers):
             logger.addHandler(handler)
             attached.append(logger)
-        if logger.getEffectiveLevel() > logging.INFO:
-            logger.setLevel(logging.INFO)
+    _library_log_level()
     try:
         yield
     finally:
