@@ -471,7 +471,8 @@ def test_audit_page_export_and_verification(h):
     tampered = list(lines)
     tampered[1] = {**tampered[1], "actor": "someone-else"}
     body = "\n".join(json.dumps(x) for x in tampered).encode()
-    verdict = h.call("POST", "/api/audit/verify", ADMIN, content=body).json()
+    verdict = h.call("POST", "/api/audit/verify", ADMIN, content=body,
+                     headers={"Content-Type": "application/x-ndjson"}).json()
     assert not verdict["ok"] and verdict["first_bad_seq"] == tampered[1]["seq"]
 
 
@@ -482,16 +483,22 @@ def test_audit_page_export_and_verification(h):
         ("GET", "/api/audit?after_seq=-1", {}, 422, ("after_seq",)),
         ("GET", "/api/audit?limit=100000", {}, 422, ("limit",)),
         ("GET", f"/api/audit/export?tenant={GLOBEX}", {}, 404, ("unknown tenant",)),
+        ("PUT", "/api/audit/verify", {}, 405, ()),
         ("GET", "/api/audit/export?tenant=nope", {}, 404, ("unknown tenant",)),
-        ("POST", "/api/audit/verify", {"content": b"not json\n"}, 422, ("line 1",)),
-        ("POST", "/api/audit/verify", {"content": b""}, 422, ("body",)),
-        ("POST", "/api/audit/verify", {"content": b'{"type": "record"}\n'}, 200, ()),
+        ("POST", "/api/audit/verify", {"content": b"not json\n"}, 200, ("line 1 is not JSON",)),
+        ("POST", "/api/audit/verify", {"content": b""}, 200, ("empty",)),
+        ("POST", "/api/audit/verify", {"content": b'{"type": "record"}\n'}, 200, ("exactly one head",)),
+        ("POST", "/api/audit/verify", {"content": b'[1, 2]\n'}, 200, ("not a JSON object",)),
     ],
 )
 def test_audit_refusals(h, method, path, kw, status, words):
+    if method == "POST":
+        kw = {**kw, "headers": {"Content-Type": "application/x-ndjson"}}
     resp = h.call(method, path, ADMIN, **kw)
-    if status == 200:  # a malformed record is a failed verification, not an error
+    if status == 200:  # a file that does not parse is a failed verification, not an error
         assert resp.status_code == 200 and resp.json()["ok"] is False, resp.text
+        for w in words:
+            assert w in resp.json()["reason"], resp.json()
         return
     assert_error(resp, status, *words)
 
@@ -526,3 +533,8 @@ def test_the_page_is_served(h):
     page = h.client.get("/")
     assert page.status_code == 200 and "Archive Console" in page.text
     assert h.client.get("/static/app.js").status_code == 200
+
+
+def test_audit_verify_takes_jsonl_only(h):
+    resp = h.call("POST", "/api/audit/verify", ADMIN, content=b'{"type": "head"}\n')  # no Content-Type
+    assert_error(resp, 415, "application/x-ndjson")

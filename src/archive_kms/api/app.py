@@ -117,10 +117,13 @@ def _error_for(exc: ArchiveKmsError) -> ApiError:
 
 
 _ERRORS = {
+    400: {"model": m.ErrorOut, "description": "The body is not JSON"},
     401: {"model": m.ErrorOut, "description": "No or bad bearer token"},
     403: {"model": m.ErrorOut, "description": "The role may not do this"},
     404: {"model": m.ErrorOut, "description": "Unknown (or another tenant's) id"},
     409: {"model": m.ErrorOut, "description": "Refused in the current state"},
+    413: {"model": m.ErrorOut, "description": "The body is too large"},
+    415: {"model": m.ErrorOut, "description": "The body is not of the media type the operation takes"},
     422: {"model": m.ErrorOut, "description": "Invalid input; the detail names the field"},
     429: {"model": m.ErrorOut, "description": "Too many bad tokens from this client"},
     503: {"model": m.ErrorOut, "description": "The orchestrator or a backing service is not available"},
@@ -163,8 +166,9 @@ def create_app(console: Console) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "not_found", 405: "method_not_allowed"}
-        return _json_error(exc.status_code, kinds.get(exc.status_code, "http"), str(exc.detail)[:300])
+        kinds = {400: "malformed", 404: "not_found", 405: "method_not_allowed"}
+        headers = getattr(exc, "headers", None)  # e.g. Allow on 405
+        return _json_error(exc.status_code, kinds.get(exc.status_code, "http"), str(exc.detail)[:300], headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -627,11 +631,17 @@ def create_app(console: Console) -> FastAPI:
         from archive_kms.state.audit import SignatureHeadVerifier, verify_export
 
         require(p, Permission.AUDIT, "verify audit exports")
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/x-ndjson":
+            raise ApiError(415, "unsupported_media_type", "body: send the export as Content-Type application/x-ndjson")
         body = bytearray()
         async for chunk in request.stream():
             body.extend(chunk)
             if len(body) > MAX_AUDIT_UPLOAD_BYTES:
                 raise ApiError(413, "too_large", f"body: an export of at most {MAX_AUDIT_UPLOAD_BYTES} bytes")
+        def refused(reason: str) -> dict[str, Any]:  # the file does not verify: a verdict, not an error
+            return {"ok": False, "records": 0, "first_bad_seq": None, "reason": reason, "sealed": False}
+
         docs = []
         for number, line in enumerate(bytes(body).splitlines(), start=1):
             if not line.strip():
@@ -639,17 +649,17 @@ def create_app(console: Console) -> FastAPI:
             try:
                 doc = json.loads(line)
             except (ValueError, UnicodeDecodeError):
-                raise ApiError(422, "validation", f"body: line {number} is not JSON") from None
+                return refused(f"line {number} is not JSON")
             if not isinstance(doc, dict):
-                raise ApiError(422, "validation", f"body: line {number} is not a JSON object")
+                return refused(f"line {number} is not a JSON object")
             docs.append(doc)
         if not docs:
-            raise ApiError(422, "validation", "body: an audit export (JSONL, as GET /api/audit/export gives)")
+            return refused("empty: upload an audit export (JSONL, as GET /api/audit/export gives)")
         verifier = SignatureHeadVerifier(console.audit_verifier) if console.audit_verifier is not None else None
         try:
             result = verify_export(docs, verifier=verifier)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ApiError(422, "validation", f"body: not an audit export ({type(exc).__name__})") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            return refused(f"not an audit export ({type(exc).__name__})")
         return {
             "ok": result.ok,
             "records": result.records,
