@@ -124,6 +124,25 @@ class ConsoleHarness:
         self.app = create_app(self.console)
         self.client = TestClient(self.app, raise_server_exceptions=False)
 
+    def reset(self, tmp_path: Any) -> ConsoleHarness:
+        """A fresh platform, console store, launcher, clock and key-state cache under the same
+        app (building the FastAPI app is the slow part), for the next test."""
+        from archive_kms.api.warnings import KeyStateProbe, KeyStateWarnings, RunWarnings
+
+        self.state.close()
+        self.signer = Signer.generate()
+        self.platform = console_platform(self.signer)
+        self.state = open_state(f"sqlite:///{tmp_path / 'console.db'}")
+        self.store = ConsoleStore(self.state)
+        self.launcher = RecordingLauncher()
+        self.clock = Clock()
+        c = self.console
+        c.platform, c.store, c.launcher, c.clock = self.platform, self.store, self.launcher, self.clock
+        c.audit_verifier = self.signer.verifier()
+        c.probe = KeyStateProbe()
+        c.warning_sources = [RunWarnings(self.clock), KeyStateWarnings(c.probe)]
+        return self
+
     def token(self, role: str, sub: str = "alice", tenant: str | None = ACME) -> str:
         return issue_token(self.keys, subject=sub, role=role, tenant_id=tenant, now=datetime.now(UTC))
 

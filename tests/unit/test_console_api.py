@@ -23,11 +23,16 @@ from archive_kms.state.port import CopyRecord, CopyStatus, ManifestEntry, RunSta
 ADMIN, OFFICER, SUPPORT, PLATFORM = "tenant_admin", "security_officer", "support_engineer", "platform_admin"
 
 
-@pytest.fixture
-def h(tmp_path):
-    harness = ConsoleHarness(tmp_path)
+@pytest.fixture(scope="module")
+def _harness(tmp_path_factory):
+    harness = ConsoleHarness(tmp_path_factory.mktemp("console"))
     yield harness
     harness.close()
+
+
+@pytest.fixture
+def h(_harness, tmp_path):
+    return _harness.reset(tmp_path)
 
 
 def failed_run(h: ConsoleHarness, tenant: str = GLOBEX, *, quarantined: bytes | None = None) -> str:

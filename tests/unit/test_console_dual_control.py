@@ -15,11 +15,16 @@ from console_fixtures import ACME, ConsoleHarness  # noqa: E402
 ADMIN, OFFICER, PLATFORM = "tenant_admin", "security_officer", "platform_admin"
 
 
-@pytest.fixture
-def h(tmp_path):
-    harness = ConsoleHarness(tmp_path)
+@pytest.fixture(scope="module")
+def _harness(tmp_path_factory):
+    harness = ConsoleHarness(tmp_path_factory.mktemp("console"))
     yield harness
     harness.close()
+
+
+@pytest.fixture
+def h(_harness, tmp_path):
+    return _harness.reset(tmp_path)
 
 
 def request_removal(h: ConsoleHarness, sub: str = "alice") -> str:
