@@ -60,7 +60,7 @@ class PrefectLauncher:
                 )
         except (ConfigurationError, ServiceUnavailableError):
             raise
-        except Exception as exc:  # httpx errors: the server does not answer
+        except Exception as exc:  # noqa: BLE001 - httpx and Prefect client errors: the server does not answer
             raise ServiceUnavailableError(
                 f"the Prefect API at {self.api_url} did not accept the flow run ({type(exc).__name__})",
                 resource=self.api_url,
@@ -78,7 +78,7 @@ class PrefectLauncher:
                     sort=FlowRunSort.START_TIME_DESC,
                     limit=20,
                 )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - httpx and Prefect client errors: the server does not answer
             raise ServiceUnavailableError(
                 f"the Prefect API at {self.api_url} does not answer ({type(exc).__name__})", resource=self.api_url
             ) from None

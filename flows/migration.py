@@ -78,7 +78,6 @@ from archive_kms.storage import Cloud
 log = logging.getLogger(__name__)
 
 
-
 class TaskRunnerKind(str, enum.Enum):
     """Where copy/verify shard tasks run (a dropdown in the Prefect UI)."""
 
@@ -583,7 +582,6 @@ def _tags_for(name: str, kwargs: dict[str, Any]) -> list[str]:
     if tenant and run_id:
         return run_tags(tenant, run_id)
     return ["archive-kms"] + ([f"tenant:{tenant}"] if tenant else [])
-
 
 
 @contextlib.contextmanager

@@ -878,7 +878,16 @@ def worker_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
         ARCHIVE_KMS_STACK_DIR=str(stack_dir()),
     )
     s.run_dir.mkdir(parents=True, exist_ok=True)
-    deploy = [_project_python(), "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", "flows/prefect.yaml", "--all"]
+    deploy = [
+        _project_python(),
+        "-m",
+        "prefect",
+        "--no-prompt",
+        "deploy",
+        "--prefect-file",
+        "flows/prefect.yaml",
+        "--all",
+    ]
     run(deploy, logfile=s.logfile, env=env, cwd=ROOT)
     name = f"archive-kms-{socket.gethostname()}-{s.port}"
     cmd = [_project_python(), "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type", "process"]

@@ -609,7 +609,14 @@ def enable_cmd(
         from archive_kms.operations.launch import start_enable
 
         started = start_enable(
-            _platform(), _launcher(), tenant, mode, key_ref, actor=_operator(), cloud=cloud, shards=shards,
+            _platform(),
+            _launcher(),
+            tenant,
+            mode,
+            key_ref,
+            actor=_operator(),
+            cloud=cloud,
+            shards=shards,
             task_runner=task_runner,
         )
         _submitted(started, as_json)
@@ -759,7 +766,12 @@ def _follow(view: _Any, run_id: str, interval: float, as_json: bool) -> None:
             last = snap
             typer.echo(_json.dumps(_snapshot_dict(snap), default=str))
     else:
-        columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"))
+        columns = (
+            TextColumn("{task.description:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+        )
         with Progress(*columns, TimeElapsedColumn(), console=Console(stderr=False), transient=False) as bars:
             steps = bars.add_task("steps", total=None, note="")
             copied = bars.add_task("copied", total=None, note="")
@@ -777,7 +789,9 @@ def _follow(view: _Any, run_id: str, interval: float, as_json: bool) -> None:
         typer.echo(f"run {run_id}: {outcome}" + (f" ({last.message})" if last.message else ""))
     if outcome != "completed":
         if not as_json and outcome in ("failed", "crashed"):
-            typer.echo(f"error: run {run_id} {outcome}; after fixing the cause: archive-kms runs resume {run_id}", err=True)
+            typer.echo(
+                f"error: run {run_id} {outcome}; after fixing the cause: archive-kms runs resume {run_id}", err=True
+            )
         raise typer.Exit(1)
 
 
@@ -796,12 +810,20 @@ def _snapshot_dict(snap: _Any) -> dict[str, _Any]:
     }
 
 
-def _submit_support(run_id: str, action: str, *, takeover: bool, task_runner: str, as_json: bool, from_step: str | None = None) -> None:
+def _submit_support(
+    run_id: str, action: str, *, takeover: bool, task_runner: str, as_json: bool, from_step: str | None = None
+) -> None:
     from archive_kms.operations.launch import start_support
 
     _prefect_api()
     started = start_support(
-        _platform(), _launcher(), run_id, action, actor=_actor(None), from_step=from_step, takeover=takeover,
+        _platform(),
+        _launcher(),
+        run_id,
+        action,
+        actor=_actor(None),
+        from_step=from_step,
+        takeover=takeover,
         task_runner=task_runner,
     )
     _submitted(started, as_json)
@@ -1097,7 +1119,9 @@ def console_serve(
 def console_token(
     role: str = typer.Option(..., "--role", help="tenant_admin | security_officer | support_engineer | platform_admin"),
     sub: str = typer.Option(..., "--sub", help="Who the token is for (e.g. alice@acme)"),
-    tenant: str | None = typer.Option(None, "--tenant", help="The tenant (required for tenant_admin and security_officer)"),
+    tenant: str | None = typer.Option(
+        None, "--tenant", help="The tenant (required for tenant_admin and security_officer)"
+    ),
     ttl: int = typer.Option(8 * 3600, "--ttl", help="Lifetime in seconds (at most 12 hours)"),
 ) -> None:
     """Issue a signed console token (the local issuer, for the demo and tests)."""
@@ -1106,4 +1130,6 @@ def console_token(
     from archive_kms.api.auth import issue_token, token_keys
     from archive_kms.config import Settings
 
-    typer.echo(issue_token(token_keys(Settings()), subject=sub, role=role, tenant_id=tenant, ttl=timedelta(seconds=ttl)))
+    typer.echo(
+        issue_token(token_keys(Settings()), subject=sub, role=role, tenant_id=tenant, ttl=timedelta(seconds=ttl))
+    )

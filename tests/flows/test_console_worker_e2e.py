@@ -25,7 +25,7 @@ from archive_kms.operations.tenants import create_tenant
 from archive_kms.operations.verification import verify_tenant
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from console_server import serving  # noqa: E402
+from console_server import serving
 
 FOLLOW_TIMEOUT_S = 240
 ARCHIVE_KMS = str(Path(sys.executable).parent / "archive-kms")
@@ -99,6 +99,7 @@ def test_follow_of_a_run_whose_flow_run_crashed_exits_1(stack_platform, new_tena
     """A flow run that ends without settling the run (here: submitted with a run id the
     flow refuses) makes ``--follow`` stop and exit 1 instead of waiting forever."""
     from archive_kms.flows.launcher import PrefectLauncher
+
     from archive_kms.migration import plan_enable, trigger
     from archive_kms.operations.launch import run_tags
 

@@ -149,7 +149,9 @@ class ConsoleHarness:
     def headers(self, role: str, sub: str = "alice", tenant: str | None = ACME) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(role, sub, tenant)}"}
 
-    def call(self, method: str, path: str, role: str | None, *, sub: str = "alice", tenant: str | None = ACME, **kw: Any):
+    def call(
+        self, method: str, path: str, role: str | None, *, sub: str = "alice", tenant: str | None = ACME, **kw: Any
+    ):
         headers = {**(self.headers(role, sub, tenant) if role else {}), **kw.pop("headers", {})}
         return self.client.request(method, path, headers=headers, **kw)
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from console_fixtures import ACME, CUSTOMER_KEY, GLOBEX, ConsoleHarness  # noqa: E402
+from console_fixtures import ACME, CUSTOMER_KEY, GLOBEX, ConsoleHarness
 
-from archive_kms.migration import plan_enable, trigger  # noqa: E402
-from archive_kms.migration.quarantine import Quarantine  # noqa: E402
-from archive_kms.state.audit import verify_export  # noqa: E402
-from archive_kms.state.port import CopyRecord, CopyStatus, ManifestEntry, RunState, StepState  # noqa: E402
+from archive_kms.migration import plan_enable, trigger
+from archive_kms.migration.quarantine import Quarantine
+from archive_kms.state.audit import verify_export
+from archive_kms.state.port import CopyRecord, CopyStatus, ManifestEntry, RunState, StepState
 
 ADMIN, OFFICER, SUPPORT, PLATFORM = "tenant_admin", "security_officer", "support_engineer", "platform_admin"
 
@@ -89,7 +89,11 @@ def test_forged_expired_and_foreign_tokens_are_refused(h):
     forged = issue_token(other_keys, subject="mallory", role=PLATFORM)
     assert_error(h.client.get("/api/me", headers={"Authorization": f"Bearer {forged}"}), 401, "unknown key")
     old = issue_token(
-        h.keys, subject="alice", role=ADMIN, tenant_id=ACME, ttl=timedelta(seconds=60),
+        h.keys,
+        subject="alice",
+        role=ADMIN,
+        tenant_id=ACME,
+        ttl=timedelta(seconds=60),
         now=datetime.now(UTC) - timedelta(hours=1),
     )
     assert_error(h.client.get("/api/me", headers={"Authorization": f"Bearer {old}"}), 401, "expired")
@@ -177,8 +181,9 @@ def test_blast_radius(h, role, tenant_claim, path, status, words):
 
 
 def test_enable_submits_the_deployment_and_returns_the_run(h):
-    resp = h.call("POST", f"/api/tenants/{GLOBEX}/enable", ADMIN, tenant=GLOBEX,
-                  json={"mode": "byokms", "key_ref": CUSTOMER_KEY})
+    resp = h.call(
+        "POST", f"/api/tenants/{GLOBEX}/enable", ADMIN, tenant=GLOBEX, json={"mode": "byokms", "key_ref": CUSTOMER_KEY}
+    )
     assert resp.status_code == 202, resp.text
     out = resp.json()
     assert out["status"] == "started"
@@ -192,16 +197,18 @@ def test_enable_submits_the_deployment_and_returns_the_run(h):
     stored = h.platform.state.get_run(run["run_id"])
     assert stored.state is RunState.RUNNING and stored.tenant_id == GLOBEX
     # the same trigger again: the run already going, nothing submitted twice
-    again = h.call("POST", f"/api/tenants/{GLOBEX}/enable", ADMIN, tenant=GLOBEX,
-                   json={"mode": "byokms", "key_ref": CUSTOMER_KEY}).json()
+    again = h.call(
+        "POST", f"/api/tenants/{GLOBEX}/enable", ADMIN, tenant=GLOBEX, json={"mode": "byokms", "key_ref": CUSTOMER_KEY}
+    ).json()
     assert again["status"] == "already_running" and again["run"]["run_id"] == run["run_id"]
     assert len(h.launcher.submitted) == 1
 
 
 def test_enable_with_the_deployment_missing_leaves_no_run_behind(h):
     h.launcher.known_deployments.clear()
-    resp = h.call("POST", f"/api/tenants/{GLOBEX}/enable", ADMIN, tenant=GLOBEX,
-                  json={"mode": "byokms", "key_ref": CUSTOMER_KEY})
+    resp = h.call(
+        "POST", f"/api/tenants/{GLOBEX}/enable", ADMIN, tenant=GLOBEX, json={"mode": "byokms", "key_ref": CUSTOMER_KEY}
+    )
     assert_error(resp, 503, "deployment")
     (run,) = h.platform.state.list_runs(GLOBEX)
     assert run.state is RunState.CANCELLED  # nothing of it ran; the tenant is free again
@@ -252,7 +259,11 @@ def test_remove_asks_for_a_second_approver_and_starts_nothing(h):
     assert out["status"] == "approval_required" and out["run"] is None
     a = out["approval"]
     assert (a["action"], a["tenant"], a["requested_by"], a["state"], a["approvals_needed"]) == (
-        "remove", ACME, "alice", "pending", 1
+        "remove",
+        ACME,
+        "alice",
+        "pending",
+        1,
     )
     assert h.launcher.submitted == [] and h.platform.state.find_active_run(ACME) is None
     audited = [r for r in h.platform.state.iter_audit(tenant_id=ACME) if r.action == "approval.request"]
@@ -299,7 +310,9 @@ def test_runs_list_and_show_with_steps_progress_and_report(h):
     rows = h.call("GET", "/api/runs", ADMIN).json()
     assert [r["run_id"] for r in rows] == [run_id] and rows[0]["state"] == "completed"
     shown = h.call("GET", f"/api/runs/{run_id}", ADMIN).json()
-    assert [s["step"] for s in shown["steps"]][0] == "preflight" and all(s["state"] == "completed" for s in shown["steps"])
+    assert next(s["step"] for s in shown["steps"]) == "preflight" and all(
+        s["state"] == "completed" for s in shown["steps"]
+    )
     assert shown["progress"]["steps_done"] == shown["progress"]["steps"] == 13
     assert shown["report"]["verification"] == "ok" and shown["report"]["lost"] == 0
     assert shown["links"]["self"] == f"/api/runs/{run_id}"
@@ -349,7 +362,9 @@ def test_support_actions_submit_the_support_deployment(h, action, body, expected
     assert sub["deployment"] == "migration-support/support"
     assert {k: sub["parameters"][k] for k in expected} == expected
     assert sub["parameters"]["actor"] == f"console:{SUPPORT}:sam"
-    assert [r.details["action"] for r in h.platform.state.iter_audit(tenant_id=GLOBEX) if r.action == "run.submit"] == [action]
+    assert [r.details["action"] for r in h.platform.state.iter_audit(tenant_id=GLOBEX) if r.action == "run.submit"] == [
+        action
+    ]
 
 
 @pytest.mark.parametrize("action", ["resume", "rerun", "cancel", "waive"])
@@ -365,7 +380,9 @@ def test_support_actions_submit_the_support_deployment(h, action, body, expected
 )
 def test_support_action_refusals(h, action, case, role, tenant_claim, body, status, words):
     run_id = failed_run(h, GLOBEX, quarantined=b"records/ws/Case/1")
-    good = {"resume": {}, "rerun": {"from_step": "copy"}, "cancel": {}, "waive": {"reason": "lost", "all": True}}[action]
+    good = {"resume": {}, "rerun": {"from_step": "copy"}, "cancel": {}, "waive": {"reason": "lost", "all": True}}[
+        action
+    ]
     target = "run-unknown" if body == "unknown" else run_id
     payload = good if body in (None, "unknown") else body
     resp = h.call("POST", f"/api/runs/{target}/{action}", role, tenant=tenant_claim, json=payload)
@@ -387,8 +404,14 @@ def test_cancel_of_a_completed_run_is_refused_with_the_reason(h):
 def test_waive_a_quarantined_object_is_audited(h):
     name = b"records/ws/Case/1"
     run_id = failed_run(h, GLOBEX, quarantined=name)
-    resp = h.call("POST", f"/api/runs/{run_id}/waive", SUPPORT, sub="sam", tenant=None,
-                  json={"reason": "customer deleted it", "objects": [name.decode()]})
+    resp = h.call(
+        "POST",
+        f"/api/runs/{run_id}/waive",
+        SUPPORT,
+        sub="sam",
+        tenant=None,
+        json={"reason": "customer deleted it", "objects": [name.decode()]},
+    )
     assert resp.status_code == 200, resp.text
     out = resp.json()
     assert out["waived"] == [name.decode()] and out["remaining"] == 0
@@ -396,7 +419,8 @@ def test_waive_a_quarantined_object_is_audited(h):
     assert rec.actor == f"console:{SUPPORT}:sam"
     assert_error(
         h.call("POST", f"/api/runs/{run_id}/waive", SUPPORT, tenant=None, json={"reason": "x", "objects": ["nope"]}),
-        422, "not quarantined",
+        422,
+        "not quarantined",
     )
 
 
@@ -435,8 +459,14 @@ def test_approvals_list_and_show_in_scope_only(h):
 def test_decision_refusals(h, decision, case, role, tenant_claim, body, status, words):
     rid = _request_removal(h)
     target = "apr-unknown" if body == "unknown" else rid
-    resp = h.call("POST", f"/api/approvals/{target}/{decision}", role, sub="bob", tenant=tenant_claim,
-                  json={} if body == "unknown" else body)
+    resp = h.call(
+        "POST",
+        f"/api/approvals/{target}/{decision}",
+        role,
+        sub="bob",
+        tenant=tenant_claim,
+        json={} if body == "unknown" else body,
+    )
     assert_error(resp, status, *words)
     assert h.store.get_request(rid).state.value == "pending" and h.launcher.submitted == []
 
@@ -447,7 +477,8 @@ def test_reject_closes_the_request_and_is_audited(h):
     assert out["state"] == "rejected"
     assert_error(h.call("POST", f"/api/approvals/{rid}/approve", OFFICER, sub="carol", json={}), 409, "rejected")
     assert [r.action for r in h.platform.state.iter_audit(tenant_id=ACME) if r.action.startswith("approval.")] == [
-        "approval.request", "approval.reject"
+        "approval.request",
+        "approval.reject",
     ]
 
 
@@ -464,8 +495,9 @@ def test_audit_page_export_and_verification(h):
     assert lines[-1]["type"] == "head" and lines[-1]["chain"] == f"tenant:{ACME}"
     assert all(x.get("tenant_id") in (ACME, None) for x in lines)
     # the customer's check: the endpoint, and offline with the published public key
-    verdict = h.call("POST", "/api/audit/verify", ADMIN, content=export.content,
-                     headers={"Content-Type": "application/x-ndjson"}).json()
+    verdict = h.call(
+        "POST", "/api/audit/verify", ADMIN, content=export.content, headers={"Content-Type": "application/x-ndjson"}
+    ).json()
     assert verdict["ok"] and verdict["sealed"] and verdict["records"] == len(lines) - 1
     from archive_kms.keys.signing import Verifier
     from archive_kms.state.audit import SignatureHeadVerifier
@@ -476,8 +508,9 @@ def test_audit_page_export_and_verification(h):
     tampered = list(lines)
     tampered[1] = {**tampered[1], "actor": "someone-else"}
     body = "\n".join(json.dumps(x) for x in tampered).encode()
-    verdict = h.call("POST", "/api/audit/verify", ADMIN, content=body,
-                     headers={"Content-Type": "application/x-ndjson"}).json()
+    verdict = h.call(
+        "POST", "/api/audit/verify", ADMIN, content=body, headers={"Content-Type": "application/x-ndjson"}
+    ).json()
     assert not verdict["ok"] and verdict["first_bad_seq"] == tampered[1]["seq"]
 
 
@@ -493,7 +526,7 @@ def test_audit_page_export_and_verification(h):
         ("POST", "/api/audit/verify", {"content": b"not json\n"}, 200, ("line 1 is not JSON",)),
         ("POST", "/api/audit/verify", {"content": b""}, 200, ("empty",)),
         ("POST", "/api/audit/verify", {"content": b'{"type": "record"}\n'}, 200, ("exactly one head",)),
-        ("POST", "/api/audit/verify", {"content": b'[1, 2]\n'}, 200, ("not a JSON object",)),
+        ("POST", "/api/audit/verify", {"content": b"[1, 2]\n"}, 200, ("not a JSON object",)),
     ],
 )
 def test_audit_refusals(h, method, path, kw, status, words):
@@ -521,12 +554,28 @@ def test_openapi_document_lists_every_route_with_bearer_security(h):
     doc = h.client.get("/api/openapi.json").json()
     paths = set(doc["paths"])
     assert {
-        "/api/tenants", "/api/tenants/{tenant}", "/api/tenants/{tenant}/enable", "/api/tenants/{tenant}/remove",
-        "/api/tenants/{tenant}/blast-radius", "/api/warnings", "/api/runs", "/api/runs/{run_id}",
-        "/api/runs/{run_id}/resume", "/api/runs/{run_id}/rerun", "/api/runs/{run_id}/cancel",
-        "/api/runs/{run_id}/waive", "/api/approvals", "/api/approvals/{request_id}",
-        "/api/approvals/{request_id}/approve", "/api/approvals/{request_id}/reject", "/api/audit",
-        "/api/audit/export", "/api/audit/verify", "/api/audit/public-key", "/api/me", "/api/health",
+        "/api/tenants",
+        "/api/tenants/{tenant}",
+        "/api/tenants/{tenant}/enable",
+        "/api/tenants/{tenant}/remove",
+        "/api/tenants/{tenant}/blast-radius",
+        "/api/warnings",
+        "/api/runs",
+        "/api/runs/{run_id}",
+        "/api/runs/{run_id}/resume",
+        "/api/runs/{run_id}/rerun",
+        "/api/runs/{run_id}/cancel",
+        "/api/runs/{run_id}/waive",
+        "/api/approvals",
+        "/api/approvals/{request_id}",
+        "/api/approvals/{request_id}/approve",
+        "/api/approvals/{request_id}/reject",
+        "/api/audit",
+        "/api/audit/export",
+        "/api/audit/verify",
+        "/api/audit/public-key",
+        "/api/me",
+        "/api/health",
     } <= paths
     enable = doc["paths"]["/api/tenants/{tenant}/enable"]["post"]
     assert enable["security"] == [{"HTTPBearer": []}]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from console_fixtures import ACME, ConsoleHarness  # noqa: E402
+from console_fixtures import ACME, ConsoleHarness
 
 ADMIN, OFFICER, PLATFORM = "tenant_admin", "security_officer", "platform_admin"
 
@@ -34,7 +34,9 @@ def request_removal(h: ConsoleHarness, sub: str = "alice") -> str:
 
 
 def approval_actions(h: ConsoleHarness) -> list[tuple[str, str]]:
-    return [(r.action, r.actor) for r in h.platform.state.iter_audit(tenant_id=ACME) if r.action.startswith("approval.")]
+    return [
+        (r.action, r.actor) for r in h.platform.state.iter_audit(tenant_id=ACME) if r.action.startswith("approval.")
+    ]
 
 
 def nothing_started(h: ConsoleHarness) -> bool:
@@ -97,7 +99,9 @@ def test_an_expired_approval_does_nothing(h):
     assert h.store.get_request(rid).state.value == "expired"
     assert [a for a, _ in approval_actions(h)] == ["approval.request", "approval.expire"]
     # and stays expired: a later approval is refused as well
-    assert h.call("POST", f"/api/approvals/{rid}/approve", PLATFORM, sub="carol", tenant=None, json={}).status_code == 409
+    assert (
+        h.call("POST", f"/api/approvals/{rid}/approve", PLATFORM, sub="carol", tenant=None, json={}).status_code == 409
+    )
     assert nothing_started(h)
 
 

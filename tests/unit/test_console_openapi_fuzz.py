@@ -13,7 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from console_fixtures import ConsoleHarness  # noqa: E402
+from console_fixtures import ConsoleHarness
 
 EXAMPLES = 12
 

@@ -190,7 +190,9 @@ def create_app(console: Console) -> FastAPI:
                 {"Retry-After": str(int(window.total_seconds()))},
             )
         if credentials is None or credentials.scheme.lower() != "bearer":
-            raise ApiError(401, "unauthorized", "missing bearer token (Authorization: Bearer ...)", {"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401, "unauthorized", "missing bearer token (Authorization: Bearer ...)", {"WWW-Authenticate": "Bearer"}
+            )
         try:
             return authenticate(console.keys, credentials.credentials)
         except AuthError as exc:
@@ -226,7 +228,9 @@ def create_app(console: Console) -> FastAPI:
             raise _not_found("approval request")
         return found
 
-    def audit(p: Principal | str, action: str, tenant_id: str | None, run_id: str | None, details: dict[str, Any]) -> None:
+    def audit(
+        p: Principal | str, action: str, tenant_id: str | None, run_id: str | None, details: dict[str, Any]
+    ) -> None:
         actor = p.actor if isinstance(p, Principal) else p
         console.platform.state.append_audit(
             AuditEvent(actor=actor, action=action, tenant_id=tenant_id, run_id=run_id, details=details)
@@ -310,9 +314,7 @@ def create_app(console: Console) -> FastAPI:
         require(p, Permission.READ, "read tenants")
         return tenant_out(p, t)
 
-    @app.get(
-        "/api/tenants/{tenant}/blast-radius", response_model=m.BlastRadiusOut, responses=_ERRORS, tags=["tenants"]
-    )
+    @app.get("/api/tenants/{tenant}/blast-radius", response_model=m.BlastRadiusOut, responses=_ERRORS, tags=["tenants"])
     def blast_radius(
         tenant: str,
         action: str = Query(..., min_length=1, max_length=32, description="The action to preview (remove, ...)"),
@@ -372,7 +374,12 @@ def create_app(console: Console) -> FastAPI:
             "approval.request",
             tenant_id,
             None,
-            {"request": created.request_id, "action": action.name, "params": params, "expires_at": created.expires_at.isoformat()},
+            {
+                "request": created.request_id,
+                "action": action.name,
+                "params": params,
+                "expires_at": created.expires_at.isoformat(),
+            },
         )
         return {"status": "approval_required", "approval": approval_out(created)}
 
@@ -430,17 +437,27 @@ def create_app(console: Console) -> FastAPI:
             "links": {"self": f"/api/runs/{run.run_id}", "page": f"/#run={run.run_id}"},
         }
 
-    def _support(run_id: str, action: str, p: Principal, body: m.TakeoverBody, from_step: str | None = None) -> dict[str, Any]:
+    def _support(
+        run_id: str, action: str, p: Principal, body: m.TakeoverBody, from_step: str | None = None
+    ) -> dict[str, Any]:
         from archive_kms.operations.launch import start_support
 
         run = run_of(p, run_id)
         require(p, Permission.SUPPORT, f"{action} runs")
         started = start_support(
-            console.platform, console.launcher, run.run_id, action, actor=p.actor, from_step=from_step, takeover=body.takeover
+            console.platform,
+            console.launcher,
+            run.run_id,
+            action,
+            actor=p.actor,
+            from_step=from_step,
+            takeover=body.takeover,
         )
         return {"status": "started" if started.created else "nothing_to_do", "run": started_out(started)}
 
-    @app.post("/api/runs/{run_id}/resume", response_model=m.ActionOut, responses=_ERRORS, status_code=202, tags=["runs"])
+    @app.post(
+        "/api/runs/{run_id}/resume", response_model=m.ActionOut, responses=_ERRORS, status_code=202, tags=["runs"]
+    )
     def resume_run(run_id: str, body: m.TakeoverBody, p: Principal = Depends(principal)) -> dict[str, Any]:
         return _support(run_id, "resume", p, body)
 
@@ -448,7 +465,9 @@ def create_app(console: Console) -> FastAPI:
     def rerun_run(run_id: str, body: m.RerunBody, p: Principal = Depends(principal)) -> dict[str, Any]:
         return _support(run_id, "rerun", p, body, from_step=body.from_step.value)
 
-    @app.post("/api/runs/{run_id}/cancel", response_model=m.ActionOut, responses=_ERRORS, status_code=202, tags=["runs"])
+    @app.post(
+        "/api/runs/{run_id}/cancel", response_model=m.ActionOut, responses=_ERRORS, status_code=202, tags=["runs"]
+    )
     def cancel_run(run_id: str, body: m.TakeoverBody, p: Principal = Depends(principal)) -> dict[str, Any]:
         return _support(run_id, "cancel", p, body)
 
@@ -539,7 +558,9 @@ def create_app(console: Console) -> FastAPI:
             None,
             {"request": found.request_id, "action": found.action, "comment": body.comment, "voters": len(voted.voters)},
         )
-        if len(voted.voters) < APPROVERS_NEEDED or not console.store.claim_approved(found.request_id, now=console.clock()):
+        if len(voted.voters) < APPROVERS_NEEDED or not console.store.claim_approved(
+            found.request_id, now=console.clock()
+        ):
             return {"status": "approved", "approval": approval_out(voted)}
         params = action.body.model_validate(found.params)
         actor = f"console:{found.requested_by}+{p.subject}"[:255]
@@ -550,8 +571,18 @@ def create_app(console: Console) -> FastAPI:
             audit(p, "approval.fail", found.tenant_id, None, {"request": found.request_id, "error": type(exc).__name__})
             raise _error_for(exc) from None
         done = console.store.finish(found.request_id, run_id=started.run_id)
-        audit(p, "approval.execute", found.tenant_id, started.run_id, {"request": found.request_id, "action": found.action})
-        return {"status": "started" if started.created else "already_running", "run": started_out(started), "approval": approval_out(done)}
+        audit(
+            p,
+            "approval.execute",
+            found.tenant_id,
+            started.run_id,
+            {"request": found.request_id, "action": found.action},
+        )
+        return {
+            "status": "started" if started.created else "already_running",
+            "run": started_out(started),
+            "approval": approval_out(done),
+        }
 
     @app.post("/api/approvals/{request_id}/reject", response_model=m.ApprovalOut, responses=_ERRORS, tags=["approvals"])
     def reject(request_id: str, body: m.DecisionBody, p: Principal = Depends(principal)) -> dict[str, Any]:
@@ -602,7 +633,9 @@ def create_app(console: Console) -> FastAPI:
         response_class=StreamingResponse,
         tags=["audit"],
     )
-    def audit_export(tenant: str | None = Query(None, max_length=128), p: Principal = Depends(principal)) -> StreamingResponse:
+    def audit_export(
+        tenant: str | None = Query(None, max_length=128), p: Principal = Depends(principal)
+    ) -> StreamingResponse:
         scope = audit_scope(p, tenant)
         audit(p, "audit.export", scope, None, {"scope": scope or "global"})
 
@@ -612,7 +645,9 @@ def create_app(console: Console) -> FastAPI:
 
         name = f"audit-{scope or 'all'}.jsonl"
         return StreamingResponse(
-            lines(), media_type="application/x-ndjson", headers={"Content-Disposition": f'attachment; filename="{name}"'}
+            lines(),
+            media_type="application/x-ndjson",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )
 
     @app.post(
@@ -639,6 +674,7 @@ def create_app(console: Console) -> FastAPI:
             body.extend(chunk)
             if len(body) > MAX_AUDIT_UPLOAD_BYTES:
                 raise ApiError(413, "too_large", f"body: an export of at most {MAX_AUDIT_UPLOAD_BYTES} bytes")
+
         def refused(reason: str) -> dict[str, Any]:  # the file does not verify: a verdict, not an error
             return {"ok": False, "records": 0, "first_bad_seq": None, "reason": reason, "sealed": False}
 
@@ -710,4 +746,4 @@ def console_from_settings(settings: Any = None) -> Console:
     )
 
 
-__all__ = ["APPROVERS_NEEDED", "Console", "create_app", "console_from_settings"]
+__all__ = ["APPROVERS_NEEDED", "Console", "console_from_settings", "create_app"]

@@ -190,7 +190,7 @@ class KeyStateProbe:
             return KeyStateView("unknown", "no keychain", at)
         except ArchiveKmsError as exc:
             return KeyStateView("unknown", f"{type(exc).__name__}", at)
-        except Exception as exc:  # one provider's bug must not take the console's listing down
+        except Exception as exc:  # noqa: BLE001 - one provider's bug must not take the console's listing down
             return KeyStateView("unknown", f"{type(exc).__name__}", at)
         if key.state.usable:
             return KeyStateView("active", key.state.value, at)

@@ -128,7 +128,12 @@ def _submit_new_run(
         cancel(platform, run.run_id, actor=actor)
         raise
     _audit(
-        platform, actor, "run.submit", run.tenant_id, run.run_id, {"deployment": deployment, "flow_run": launch.flow_run_id}
+        platform,
+        actor,
+        "run.submit",
+        run.tenant_id,
+        run.run_id,
+        {"deployment": deployment, "flow_run": launch.flow_run_id},
     )
     return Started(
         run.run_id, run.tenant_id, plan.flow, plan.flow, True, "submitted", launch.flow_run_id, launch.deployment
@@ -205,9 +210,12 @@ def check_support(platform: Any, run_id: str, action: str, from_step: str | None
             )
     if action in ("resume", "rerun") and run.state is RunState.CANCELLED:
         raise ValidationError(f"run {run_id} was cancelled; start a new run")
-    if action == "cancel" and run.state is not RunState.CANCELLED:
-        if run.state is RunState.COMPLETED or run.step(POINT_OF_NO_RETURN).state is not StepState.PENDING:
-            raise ValidationError(f"run {run_id} has reached {POINT_OF_NO_RETURN}; it cannot be cancelled")
+    if (
+        action == "cancel"
+        and run.state is not RunState.CANCELLED
+        and (run.state is RunState.COMPLETED or run.step(POINT_OF_NO_RETURN).state is not StepState.PENDING)
+    ):
+        raise ValidationError(f"run {run_id} has reached {POINT_OF_NO_RETURN}; it cannot be cancelled")
     return run
 
 
@@ -283,9 +291,7 @@ def snapshot(platform: Any, run_id: str, launcher: RunLauncher | None = None) ->
         found = launcher.launches(run_id)
         launch = found[0] if found else None
     current = next((s.name for s in run.steps if s.state not in (StepState.COMPLETED, StepState.SKIPPED)), None)
-    steps = tuple(
-        {"step": s.name, "state": s.state.value, "attempts": s.attempt, "error": s.error} for s in run.steps
-    )
+    steps = tuple({"step": s.name, "state": s.state.value, "attempts": s.attempt, "error": s.error} for s in run.steps)
     base = dict(
         run_id=run_id,
         tenant_id=run.tenant_id,

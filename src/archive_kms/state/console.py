@@ -203,9 +203,7 @@ class ConsoleStore:
             if voter not in found.voters:
                 try:
                     with conn.begin_nested():
-                        conn.execute(
-                            insert(votes_table).values(request_id=request_id, voter=voter, role=role, at=now)
-                        )
+                        conn.execute(insert(votes_table).values(request_id=request_id, voter=voter, role=role, at=now))
                 except sa_exc.IntegrityError:  # a racing identical vote: the primary key says it is there
                     pass
             return self._load(conn, request_id)
