@@ -5,7 +5,7 @@ and failed-token counters for the rate limit. SQL on the state store's own datab
 Kept apart from ``state.schema`` on purpose: the console's tables can change without a
 state-store schema version bump, and nothing in the migration engine reads them.
 
-Contract (``tests/unit/test_console_store.py`` holds it):
+Contract (``tests/contract/test_console_store_contract.py`` holds it, on SQLite and PostgreSQL):
 
 - ``create_request`` stores a pending request whose requester's vote is its first vote.
 - ``vote`` adds one vote per (request, voter) and returns the request with its votes; a
