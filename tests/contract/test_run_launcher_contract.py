@@ -14,7 +14,7 @@ from archive_kms.errors import ConfigurationError
 from archive_kms.operations.launch import run_tags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from console_fixtures import RecordingLauncher  # noqa: E402
+from console_fixtures import RecordingLauncher
 
 STATES = {"scheduled", "pending", "running", "paused", "completed", "failed", "crashed", "cancelled", "cancelling"}
 
@@ -25,8 +25,9 @@ def launcher(request):
         return RecordingLauncher()
     request.getfixturevalue("worker")
     request.getfixturevalue("prefect_api")
-    from archive_kms.config import Settings
     from archive_kms.flows.launcher import PrefectLauncher
+
+    from archive_kms.config import Settings
 
     return PrefectLauncher.from_settings(Settings())
 
