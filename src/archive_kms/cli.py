@@ -34,7 +34,11 @@ def _stack(action: str, only: str | None, as_json: bool) -> None:
     raise typer.Exit(subprocess.call(cmd))
 
 
-ONLY = typer.Option(None, "--only", help="Comma-separated subset: localstack,azurite,elasticsearch,keyvault,kmip")
+ONLY = typer.Option(
+    None,
+    "--only",
+    help="Comma-separated subset: localstack,azurite,elasticsearch,keyvault,kmip,postgres,prefect,worker",
+)
 JSON = typer.Option(False, "--json", help="Machine-readable output")
 
 
