@@ -62,6 +62,15 @@ def console(tmp_path):
 
 
 @pytest.fixture
+def clean_console(tmp_path):
+    """The console with no failed run in the way (both tenants settled)."""
+    h = ConsoleHarness(tmp_path)
+    with serving(h.app) as base:
+        yield h, base
+    h.close()
+
+
+@pytest.fixture
 def browser():
     from playwright.sync_api import sync_playwright
 
@@ -79,6 +88,11 @@ def sign_in(browser, base: str, token: str):
     page.wait_for_selector("#tenants tbody tr")
     page.wait_for_selector("#runs tbody tr")
     return page
+
+
+def message(page) -> str:
+    page.wait_for_function("document.querySelector('#message').textContent.length > 0")
+    return page.inner_text("#message")
 
 
 def test_tenant_admin_sees_their_tenant_warnings_and_runs(console, browser, tmp_path):
@@ -129,3 +143,27 @@ def test_support_engineer_sees_runs_but_no_key_actions(console, browser):
     assert "submitted" in page.inner_text("#message")
     (sub,) = h.launcher.submitted
     assert sub["parameters"]["run_id"] == globex_failed and sub["parameters"]["action"] == "resume"
+
+
+def test_removal_needs_a_second_person_on_the_page(clean_console, browser):
+    """alice (tenant admin) requests the removal from the page; she is offered no approve
+    button for her own request; bob (security officer) approves it on his page and the run
+    is submitted."""
+    h, base = clean_console
+    alice = sign_in(browser, base, h.token("tenant_admin", sub="alice", tenant=ACME))
+    alice.locator("button[data-action=remove]").click()
+    alice.fill("#remove-reason", "customer offboarding")
+    alice.click("#remove-request")
+    assert "waiting for a second approver" in message(alice)
+    alice.wait_for_selector("#approvals tbody tr")
+    row = alice.locator("#approvals tbody tr").first
+    assert "pending" in row.inner_text() and "alice" in row.inner_text()
+    assert row.locator("button.approve").count() == 0
+    assert h.launcher.submitted == []
+
+    bob = sign_in(browser, base, h.token("security_officer", sub="bob", tenant=ACME))
+    bob.wait_for_selector("#approvals tbody tr button.approve")
+    bob.locator("#approvals tbody tr button.approve").first.click()
+    assert message(bob) == "approve: started"
+    (sub,) = h.launcher.submitted
+    assert sub["deployment"] == "migration-remove/remove" and sub["parameters"]["actor"] == "console:alice+bob"

@@ -252,6 +252,19 @@ def test_remove_refusals(h, role, tenant_claim, tenant, body, status, words):
     assert h.store.list_requests() == []
 
 
+def test_remove_with_a_failed_run_in_the_way_is_refused_before_any_request(h):
+    from archive_kms.migration import plan_remove
+
+    p = h.platform
+    run, _ = trigger(p, plan_remove(p, ACME), actor="test")
+    p.state.update_step(run.run_id, "preflight", StepState.RUNNING)
+    p.state.update_step(run.run_id, "preflight", StepState.FAILED, error="boom")
+    p.state.set_run_state(run.run_id, RunState.FAILED)
+    resp = h.call("POST", f"/api/tenants/{ACME}/remove", ADMIN, json={"reason": "offboarding"})
+    assert_error(resp, 409, run.run_id, "runs resume", "runs cancel")
+    assert h.store.list_requests() == []
+
+
 def test_remove_asks_for_a_second_approver_and_starts_nothing(h):
     resp = h.call("POST", f"/api/tenants/{ACME}/remove", ADMIN, json={"reason": "offboarding"})
     assert resp.status_code == 202, resp.text

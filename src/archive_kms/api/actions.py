@@ -73,8 +73,9 @@ def _start_remove(console: Any, principal: Principal, tenant: str, body: RemoveB
 
 def _check_remove(console: Any, tenant: str, body: RemoveBody) -> None:
     from archive_kms.migration import plan_remove
+    from archive_kms.migration.engine import check_trigger
 
-    plan_remove(console.platform, tenant, shards=body.shards)
+    check_trigger(console.platform, plan_remove(console.platform, tenant, shards=body.shards))
 
 
 register_action(
