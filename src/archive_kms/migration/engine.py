@@ -722,12 +722,12 @@ def _audit_run(platform: Any, run: MigrationRun, actor: str, action: str, detail
 
 __all__ = [
     "Hooks",
-    "check_trigger",
     "Outcome",
     "RunContext",
     "ShardRunner",
     "WaiveOutcome",
     "cancel",
+    "check_trigger",
     "execute",
     "rerun",
     "resume",
