@@ -1092,6 +1092,7 @@ def db_upgrade(
         f"{db.display}: {before.describe()} -> {after.describe()}",
     )
 
+
 # --- the Archive Console (issue #15) -------------------------------------------------------------
 
 console_app = typer.Typer(no_args_is_help=True, help="The Archive Console: serve the API and page, issue local tokens.")

@@ -1,9 +1,7 @@
 """What the Archive Console remembers: dual-control approval requests with their votes,
 and failed-token counters for the rate limit. SQL on the state store's own database
-(SQLite or PostgreSQL), in tables of its own (``console_*``), created on first use.
-
-Kept apart from ``state.schema`` on purpose: the console's tables can change without a
-state-store schema version bump, and nothing in the migration engine reads them.
+(SQLite or PostgreSQL), in tables of their own (``console_*`` in ``state.schema``, created
+by Alembic revision 0002); nothing in the migration engine reads them.
 
 Contract (``tests/contract/test_console_store_contract.py`` holds it, on SQLite and PostgreSQL):
 
@@ -27,26 +25,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Column,
-    ForeignKey,
-    Index,
-    MetaData,
-    PrimaryKeyConstraint,
-    String,
-    Table,
-    Text,
-    insert,
-    select,
-    update,
-)
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import insert, select, update
 
 from archive_kms.errors import StateError, ValidationError
-from archive_kms.state.schema import RUN_ID, TENANT_ID, UtcDateTime
+from archive_kms.state.schema import console_approval_requests, console_approval_votes, console_auth_failures
 from archive_kms.state.sql import SqlStateStore
 
 __all__ = ["ApprovalRequest", "ApprovalState", "ApprovalVote", "ConsoleStore"]
@@ -92,44 +75,9 @@ class ApprovalRequest:
         return {v.voter for v in self.votes}
 
 
-_metadata = MetaData(naming_convention={"ix": "ix_%(table_name)s_%(column_0_N_name)s", "pk": "pk_%(table_name)s"})
-_Json = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
-
-requests_table = Table(
-    "console_approval_requests",
-    _metadata,
-    Column("request_id", String(64), primary_key=True),
-    Column("tenant_id", String(TENANT_ID), nullable=False),
-    Column("action", String(64), nullable=False),
-    Column("params", _Json, nullable=False),
-    Column("requested_by", String(255), nullable=False),
-    Column("reason", Text, nullable=False),
-    Column("created_at", UtcDateTime, nullable=False),
-    Column("expires_at", UtcDateTime, nullable=False),
-    Column("state", String(16), nullable=False),
-    Column("run_id", String(RUN_ID)),
-    Column("decided_at", UtcDateTime),
-    Column("error", Text),
-    Index(None, "tenant_id", "state"),
-)
-
-votes_table = Table(
-    "console_approval_votes",
-    _metadata,
-    Column("request_id", String(64), ForeignKey("console_approval_requests.request_id"), nullable=False),
-    Column("voter", String(255), nullable=False),
-    Column("role", String(32), nullable=False),
-    Column("at", UtcDateTime, nullable=False),
-    PrimaryKeyConstraint("request_id", "voter"),
-)
-
-auth_failures_table = Table(
-    "console_auth_failures",
-    _metadata,
-    Column("client", String(255), primary_key=True),
-    Column("window_start", UtcDateTime, nullable=False),
-    Column("count", BigInteger, nullable=False),
-)
+requests_table = console_approval_requests
+votes_table = console_approval_votes
+auth_failures_table = console_auth_failures
 
 
 class ConsoleStore:
@@ -138,11 +86,13 @@ class ConsoleStore:
 
     def __init__(self, state: SqlStateStore) -> None:
         self._state = state
-        with state._tx("create console tables") as conn:
-            _metadata.create_all(conn, checkfirst=True)
+        self._db = state.database
 
     def __repr__(self) -> str:
         return f"ConsoleStore({self._state!r})"
+
+    def _tx(self, op: str, *, write: bool = True) -> Any:
+        return self._db.tx(op, write=write)
 
     # --- approval requests ----------------------------------------------------------------
 
@@ -159,7 +109,7 @@ class ConsoleStore:
         ttl: timedelta,
     ) -> ApprovalRequest:
         request_id = f"apr-{uuid.uuid4().hex[:20]}"
-        with self._state._tx("create approval request") as conn:
+        with self._tx("create approval request") as conn:
             conn.execute(
                 insert(requests_table).values(
                     request_id=request_id,
@@ -177,7 +127,7 @@ class ConsoleStore:
             return self._load(conn, request_id)
 
     def get_request(self, request_id: str) -> ApprovalRequest | None:
-        with self._state._tx("read approval request", write=False) as conn:
+        with self._tx("read approval request", write=False) as conn:
             return self._load(conn, request_id, missing_ok=True)
 
     def list_requests(
@@ -190,13 +140,13 @@ class ConsoleStore:
             q = q.where(r.tenant_id.in_(tenant_ids))
         if state is not None:
             q = q.where(r.state == state.value)
-        with self._state._tx("list approval requests", write=False) as conn:
+        with self._tx("list approval requests", write=False) as conn:
             ids = conn.execute(q.order_by(r.created_at.desc(), r.request_id).limit(limit)).scalars().all()
             return [self._load(conn, i) for i in ids]
 
     def vote(self, request_id: str, *, voter: str, role: str, now: datetime) -> ApprovalRequest:
         """Add ``voter``'s vote (once; a repeated vote changes nothing) to a pending request."""
-        with self._state._tx("approve request") as conn:
+        with self._tx("approve request") as conn:
             found = self._load(conn, request_id)
             if found.state is not ApprovalState.PENDING:
                 raise StateError(f"approval request {request_id} is {found.state.value}", resource=request_id)
@@ -211,7 +161,7 @@ class ConsoleStore:
     def claim_approved(self, request_id: str, *, now: datetime) -> bool:
         """pending -> approved, once; True for the caller that moved it."""
         r = requests_table.c
-        with self._state._tx("claim approved request") as conn:
+        with self._tx("claim approved request") as conn:
             moved = conn.execute(
                 update(requests_table)
                 .where(r.request_id == request_id, r.state == ApprovalState.PENDING.value)
@@ -223,7 +173,7 @@ class ConsoleStore:
         """approved -> executed (``run_id``) or failed (``error``)."""
         r = requests_table.c
         state = ApprovalState.FAILED if error is not None else ApprovalState.EXECUTED
-        with self._state._tx("finish approval request") as conn:
+        with self._tx("finish approval request") as conn:
             moved = conn.execute(
                 update(requests_table)
                 .where(r.request_id == request_id, r.state == ApprovalState.APPROVED.value)
@@ -238,7 +188,7 @@ class ConsoleStore:
         if state not in (ApprovalState.REJECTED, ApprovalState.EXPIRED):
             raise ValidationError(f"a request is closed as rejected or expired, not {state.value}")
         r = requests_table.c
-        with self._state._tx("close approval request") as conn:
+        with self._tx("close approval request") as conn:
             conn.execute(
                 update(requests_table)
                 .where(r.request_id == request_id, r.state == ApprovalState.PENDING.value)
@@ -275,7 +225,7 @@ class ConsoleStore:
 
     def auth_failures(self, client: str, *, now: datetime, window: timedelta) -> int:
         """Failed token checks of ``client`` in the current window."""
-        with self._state._tx("read auth failures", write=False) as conn:
+        with self._tx("read auth failures", write=False) as conn:
             row = conn.execute(
                 select(auth_failures_table).where(auth_failures_table.c.client == client[:255])
             ).one_or_none()
@@ -287,7 +237,7 @@ class ConsoleStore:
         """Count one failed token check of ``client``; the count in the current window."""
         a = auth_failures_table.c
         key = client[:255]
-        with self._state._tx("record auth failure") as conn:
+        with self._tx("record auth failure") as conn:
             row = conn.execute(select(auth_failures_table).where(a.client == key)).one_or_none()
             if row is None:
                 try:
