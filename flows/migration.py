@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import enum
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -55,6 +56,7 @@ from archive_kms.config import Settings
 from archive_kms.errors import ConfigurationError, StateError, ValidationError
 from archive_kms.migration import (
     STEPS,
+    EnableMode,
     Hooks,
     MigrationPlan,
     Outcome,
@@ -69,12 +71,31 @@ from archive_kms.migration import (
     trigger,
 )
 from archive_kms.migration.engine import shard_function
-from archive_kms.state.port import Fence
+from archive_kms.operations.launch import run_tags
+from archive_kms.state.port import Fence, Flow, RunState
+from archive_kms.storage import Cloud
 
 log = logging.getLogger(__name__)
 
-TASK_RUNNERS = ("threads", "dask")
-SUPPORT_ACTIONS = ("resume", "rerun", "cancel")
+
+class TaskRunnerKind(str, enum.Enum):
+    """Where copy/verify shard tasks run (a dropdown in the Prefect UI)."""
+
+    THREADS = "threads"
+    DASK = "dask"
+
+
+class SupportAction(str, enum.Enum):
+    RESUME = "resume"
+    RERUN = "rerun"
+    CANCEL = "cancel"
+
+
+#: The steps a rerun may start from, as an enum so the Prefect UI offers them.
+StepName = enum.Enum("StepName", {s.upper(): s for s in STEPS}, type=str)  # type: ignore[misc]
+
+TASK_RUNNERS = tuple(k.value for k in TaskRunnerKind)
+SUPPORT_ACTIONS = tuple(a.value for a in SupportAction)
 #: The local Dask cluster used when no ``dask_address`` is configured: two worker
 #: processes (the shard tasks really leave the flow's process), no dashboard port.
 LOCAL_DASK_CLUSTER: dict[str, Any] = {
@@ -85,6 +106,22 @@ LOCAL_DASK_CLUSTER: dict[str, Any] = {
 }
 #: Fields of a shard result kept in the flow's answer (which process ran which shard).
 _SHARD_SUMMARY_FIELDS = ("shard", "pid", "objects", "written", "already", "verified", "failed", "mismatched")
+
+
+# --- library logs in the flow run logs ---------------------------------------------------------
+
+#: Library loggers whose records go to the flow run's logs: deployment runs through
+#: ``PREFECT_LOGGING_EXTRA_LOGGERS`` (prefect.yaml and the worker's environment set it),
+#: in-process runs through ``_library_logs``.
+LIBRARY_LOGGERS = ("archive_kms",)
+
+
+def _library_log_level() -> None:
+    """Let INFO records of the library through (Prefect's root logger stops at WARNING)."""
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
 
 
 # --- one platform per process -----------------------------------------------------------------
@@ -101,6 +138,7 @@ def process_platform(settings: Settings | None = None) -> Any:
     from archive_kms.wiring import build_platform
 
     settings = settings or Settings()
+    _library_log_level()
     key = (os.getpid(), settings.model_dump_json())
     with _platforms_lock:
         platform = _platforms.get(key)
@@ -353,9 +391,16 @@ def report_markdown(outcome: Outcome, report: dict[str, Any]) -> str:
 # --- the flows -----------------------------------------------------------------------------------
 
 
-def _check_task_runner(name: str) -> None:
+def _value(x: Any) -> Any:
+    """An enum parameter's value (Prefect hands typed parameters over as their enum)."""
+    return x.value if isinstance(x, enum.Enum) else x
+
+
+def _check_task_runner(name: Any) -> str:
+    name = _value(name)
     if name not in TASK_RUNNERS:
         raise ValidationError(f"unknown task runner {name!r}: use one of {', '.join(TASK_RUNNERS)}")
+    return name
 
 
 def _answer(platform: Any, outcome: Outcome, shards: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
@@ -398,46 +443,85 @@ def _start(platform: Any, plan: MigrationPlan, *, actor: str, task_runner: str) 
     return _drive(platform, run.run_id, task_runner, lambda **kw: execute(platform, run.run_id, actor=actor, **kw))
 
 
+def _submitted(platform: Any, run_id: str, tenant: str, flow_kind: Flow) -> Any:
+    """The run the console or CLI triggered and submitted with this flow run."""
+    run = platform.state.get_run(run_id)
+    if run is None:
+        raise StateError(f"unknown run {run_id!r}: see `archive-kms runs list`", resource=f"run:{run_id}")
+    if run.tenant_id != tenant or run.flow is not flow_kind:
+        raise ValidationError(
+            f"run {run_id} is a {run.flow.value} run of tenant {run.tenant_id}, not {flow_kind.value} of {tenant}"
+        )
+    return run
+
+
+def _execute_submitted(platform: Any, run: Any, *, actor: str, task_runner: str) -> dict[str, Any]:
+    if run.state is not RunState.RUNNING:  # a duplicate delivery of the flow run: report, never redo
+        get_run_logger().info("run %s is %s already: nothing to execute", run.run_id, run.state.value)
+        return _answer(
+            platform,
+            Outcome(run.run_id, run.tenant_id, run.flow.value, run.state.value, created=False, message="not running"),
+        )
+    return _drive(platform, run.run_id, task_runner, lambda **kw: execute(platform, run.run_id, actor=actor, **kw))
+
+
 @flow(name="migration-enable", flow_run_name="enable-{tenant}", persist_result=False)
 def enable(
     tenant: str,
-    mode: str,
+    mode: EnableMode,
     key_ref: str,
-    cloud: str | None = None,
+    cloud: Cloud | None = None,
     shards: int | None = None,
-    task_runner: str = "threads",
+    task_runner: TaskRunnerKind = TaskRunnerKind.THREADS,
     actor: str = "operator",
+    run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Move ``tenant`` onto its own key ``key_ref`` in ``mode`` (byokms | byok | byokv | kmip)."""
-    _check_task_runner(task_runner)
+    """Move ``tenant`` onto its own key ``key_ref`` in ``mode`` (byokms | byok | byokv | kmip).
+
+    ``run_id``: a run the console or CLI already triggered (and checked); it is executed.
+    Without it (a run started from the Prefect UI) the flow plans and triggers one itself."""
+    runner = _check_task_runner(task_runner)
     platform = process_platform()
-    plan = plan_enable(platform, tenant, mode, key_ref, cloud=cloud, shards=shards)
-    return _start(platform, plan, actor=actor, task_runner=task_runner)
+    if run_id is not None:
+        return _execute_submitted(
+            platform, _submitted(platform, run_id, tenant, Flow.ENABLE), actor=actor, task_runner=runner
+        )
+    plan = plan_enable(platform, tenant, _value(mode), key_ref, cloud=_value(cloud), shards=shards)
+    return _start(platform, plan, actor=actor, task_runner=runner)
 
 
 @flow(name="migration-remove", flow_run_name="remove-{tenant}", persist_result=False)
 def remove(
-    tenant: str, shards: int | None = None, task_runner: str = "threads", actor: str = "operator"
+    tenant: str,
+    shards: int | None = None,
+    task_runner: TaskRunnerKind = TaskRunnerKind.THREADS,
+    actor: str = "operator",
+    run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Move ``tenant`` back into shared storage under the managed key."""
-    _check_task_runner(task_runner)
+    """Move ``tenant`` back into shared storage under the managed key (``run_id``: as for enable)."""
+    runner = _check_task_runner(task_runner)
     platform = process_platform()
+    if run_id is not None:
+        return _execute_submitted(
+            platform, _submitted(platform, run_id, tenant, Flow.REMOVE), actor=actor, task_runner=runner
+        )
     plan = plan_remove(platform, tenant, shards=shards)
-    return _start(platform, plan, actor=actor, task_runner=task_runner)
+    return _start(platform, plan, actor=actor, task_runner=runner)
 
 
 @flow(name="migration-support", flow_run_name="support-{action}-{run_id}", persist_result=False)
 def support(
     run_id: str,
-    action: str,
-    from_step: str | None = None,
+    action: SupportAction,
+    from_step: StepName | None = None,  # type: ignore[valid-type]
     takeover: bool = False,
-    task_runner: str = "threads",
+    task_runner: TaskRunnerKind = TaskRunnerKind.THREADS,
     actor: str = "support",
 ) -> dict[str, Any]:
     """Resume a failed or crashed run, rerun it from a named step, or cancel it (before
     cutover: the tenant is put back as it was)."""
-    _check_task_runner(task_runner)
+    runner = _check_task_runner(task_runner)
+    action, from_step = _value(action), _value(from_step)
     if action not in SUPPORT_ACTIONS:
         raise ValidationError(f"unknown support action {action!r}: use one of {', '.join(SUPPORT_ACTIONS)}")
     if action == "rerun" and not from_step:
@@ -449,12 +533,12 @@ def support(
         return _answer(platform, outcome)
     if action == "resume":
         return _drive(
-            platform, run_id, task_runner, lambda **kw: resume(platform, run_id, actor=actor, takeover=takeover, **kw)
+            platform, run_id, runner, lambda **kw: resume(platform, run_id, actor=actor, takeover=takeover, **kw)
         )
     return _drive(
         platform,
         run_id,
-        task_runner,
+        runner,
         lambda **kw: rerun(platform, run_id, from_step, actor=actor, takeover=takeover, **kw),
     )
 
@@ -479,13 +563,47 @@ def run_flow(name: str, **kwargs: Any) -> dict[str, Any]:
     runner = kwargs.get("task_runner", "threads")
     _check_task_runner(runner)
     settings = Settings()
-    with _prefect_api(settings):
+    with _prefect_api(settings), _library_logs(), tags(*_tags_for(name, kwargs)):
         selected = FLOWS[name].with_options(task_runner=task_runner_for(runner, settings))
         state = selected(**kwargs, return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):  # the flow raised (a refused plan, an unknown run, ...)
         raise result
     return result
+
+
+def _tags_for(name: str, kwargs: dict[str, Any]) -> list[str]:
+    """The tenant tag (and the run tag, when the run is known) of an in-process flow run."""
+    tenant = kwargs.get("tenant")
+    run_id = kwargs.get("run_id")
+    if run_id and not tenant:
+        run = process_platform().state.get_run(run_id)
+        tenant = run.tenant_id if run is not None else None
+    if tenant and run_id:
+        return run_tags(tenant, run_id)
+    return ["archive-kms"] + ([f"tenant:{tenant}"] if tenant else [])
+
+
+@contextlib.contextmanager
+def _library_logs() -> Iterator[None]:
+    """Send ``archive_kms`` log records (INFO and up) to the flow run's logs while a flow
+    runs in this process. Prefect's API handler drops records logged outside a run."""
+    from prefect.logging.handlers import APILogHandler
+
+    handler = APILogHandler()
+    handler.setLevel(logging.INFO)
+    attached = []
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+            logger.addHandler(handler)
+            attached.append(logger)
+    _library_log_level()
+    try:
+        yield
+    finally:
+        for logger in attached:
+            logger.removeHandler(handler)
 
 
 @contextlib.contextmanager
@@ -511,9 +629,13 @@ def _prefect_api(settings: Settings) -> Iterator[None]:
 
 __all__ = [
     "FLOWS",
+    "LIBRARY_LOGGERS",
     "LOCAL_DASK_CLUSTER",
     "TASK_RUNNERS",
     "PrefectShardRunner",
+    "StepName",
+    "SupportAction",
+    "TaskRunnerKind",
     "artifact_key",
     "enable",
     "process_platform",

@@ -798,7 +798,7 @@ def prefect_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]
         PREFECT_HOME=str(s.run_dir),
         PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{s.run_dir / 'prefect.db'}",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",  # no phoning home from a test stack
-        PREFECT_SERVER_UI_ENABLED="false",  # API only: nobody browses it, saves memory
+        PREFECT_SERVER_UI_ENABLED="true",  # the UI at http://127.0.0.1:<port>/ (the README and demo point at it)
         PREFECT_SERVER_LOGGING_LEVEL="WARNING",
     )  # no per-request access log lines
     return (
@@ -826,6 +826,92 @@ def prefect_version(s: Service) -> str:
 
 def prefect_endpoints(s: Service) -> dict[str, object]:
     return {"prefect_api_url": _prefect_api_url(s)}
+
+
+# ---------------------------------------------------------------- Prefect worker (runs the deployments)
+
+WORK_POOL = "archive-kms"
+DEPLOYMENTS = ("migration-enable/enable", "migration-remove/remove", "migration-support/support")
+
+
+def _prefect_service() -> Service:
+    return next(x for x in SERVICES if x.name == "prefect")
+
+
+def _api_json(method: str, url: str, body: object | None = None) -> tuple[int, object]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, None
+
+
+def worker_install(s: Service) -> None:
+    prefect_install(s)
+
+
+def worker_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
+    """Create the work pool and deploy flows/prefect.yaml on the stack's Prefect server, then
+    start a process worker for the pool (its health check on ``s.port``)."""
+    server = _prefect_service()
+    deadline = time.monotonic() + server.start_timeout
+    while not server.healthy(server):  # `stack up` starts services in parallel: wait for the server
+        if time.monotonic() > deadline:
+            raise StackError("worker: the Prefect server is not healthy: `archive-kms stack up --only prefect,worker`")
+        time.sleep(0.5)
+    api = _prefect_api_url(server)
+    code, _ = _api_json("POST", f"{api}/work_pools/", {"name": WORK_POOL, "type": "process"})
+    if code not in (200, 201, 409):
+        raise StackError(f"worker: could not create work pool {WORK_POOL} (HTTP {code}) — see {server.logfile}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_API_URL=api,
+        PREFECT_SERVER_EPHEMERAL_ENABLED="false",
+        PREFECT_HOME=str(s.run_dir),
+        # library log lines (archive_kms.*) in the flow run logs
+        PREFECT_LOGGING_EXTRA_LOGGERS="archive_kms",
+        PREFECT_WORKER_WEBSERVER_HOST="127.0.0.1",
+        PREFECT_WORKER_WEBSERVER_PORT=str(s.port),
+        # the flows read the stack's endpoints file, whatever directory they run in
+        ARCHIVE_KMS_STACK_DIR=str(stack_dir()),
+    )
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    deploy = [
+        _project_python(),
+        "-m",
+        "prefect",
+        "--no-prompt",
+        "deploy",
+        "--prefect-file",
+        "flows/prefect.yaml",
+        "--all",
+    ]
+    run(deploy, logfile=s.logfile, env=env, cwd=ROOT)
+    name = f"archive-kms-{socket.gethostname()}-{s.port}"
+    cmd = [_project_python(), "-m", "prefect", "worker", "start", "--pool", WORK_POOL, "--type", "process"]
+    return cmd + ["--name", name, "--with-healthcheck"], env, ROOT
+
+
+def worker_healthy(s: Service) -> bool:
+    """The worker answers its health check (it polled the server lately) and the deployments exist."""
+    try:
+        code, _ = http_get(f"http://127.0.0.1:{s.port}/health")
+        if code != 200:
+            return False
+        api = _prefect_api_url(_prefect_service())
+        return all(http_get(f"{api}/deployments/name/{d}")[0] == 200 for d in DEPLOYMENTS)
+    except OSError:
+        return False
+
+
+def worker_version(s: Service) -> str:
+    return f"prefect process worker, pool {WORK_POOL}, {len(DEPLOYMENTS)} deployments"
+
+
+def worker_endpoints(s: Service) -> dict[str, object]:
+    return {}
 
 
 SERVICES: list[Service] = [
@@ -905,6 +991,17 @@ SERVICES: list[Service] = [
         prefect_version,
         prefect_endpoints,
         start_timeout=120,
+    ),
+    Service(
+        "worker",
+        "Prefect worker (pool archive-kms: enable, remove, support deployments)",
+        port("worker", 4210),
+        worker_install,
+        worker_command,
+        worker_healthy,
+        worker_version,
+        worker_endpoints,
+        start_timeout=240,
     ),
 ]
 

@@ -14,6 +14,7 @@ need setpriv util-linux
 need unzip unzip
 need rclone rclone  # bench/: the peer the copy benchmark compares against
 need docker-compose docker-compose  # tests/infra: validates docker-compose.yml (config only, no engine)
+need chromium chromium  # tests/console: the browser test drives Debian's Chromium through Playwright
 
 java_ok=0
 for j in /usr/lib/jvm/temurin-2[5-9]* /usr/lib/jvm/java-2[1-9]*; do

@@ -80,6 +80,7 @@ elasticsearch = _service("elasticsearch")
 keyvault = _service("keyvault")
 kmip = _service("kmip")
 prefect = _service("prefect")
+worker = _service("worker")  # the Prefect worker for the deployments (flows/prefect.yaml)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,11 @@ def _stack(action: str, only: str | None, as_json: bool) -> None:
     raise typer.Exit(subprocess.call(cmd))
 
 
-ONLY = typer.Option(None, "--only", help="Comma-separated subset: localstack,azurite,elasticsearch,keyvault,kmip")
+ONLY = typer.Option(
+    None,
+    "--only",
+    help="Comma-separated subset: localstack,azurite,elasticsearch,keyvault,kmip,postgres,prefect,worker",
+)
 JSON = typer.Option(False, "--json", help="Machine-readable output")
 
 
@@ -358,6 +362,35 @@ TASK_RUNNER = typer.Option(
 )
 SHARDS = typer.Option(None, "--shards", help="Copy/verify shards (1..256, default 8)")
 TAKEOVER = typer.Option(False, "--takeover", help="Take the tenant's lease from a worker known to be dead")
+WAIT = typer.Option(
+    False,
+    "--wait",
+    help="Run the flow in this process and block until it ends (exit 1 if it failed), instead of submitting "
+    "it to the deployment for a worker",
+)
+
+
+def _launcher():
+    from archive_kms.config import Settings
+    from archive_kms.flows.launcher import PrefectLauncher
+
+    _prefect_api()
+    return PrefectLauncher.from_settings(Settings())
+
+
+def _submitted(started: _Any, as_json: bool) -> None:
+    """Print what a submission did: the run id and how to follow it."""
+    if as_json:
+        typer.echo(_json.dumps(started.to_dict(), indent=2))
+        return
+    if not started.created:
+        typer.echo(f"run {started.run_id} ({started.flow}, tenant {started.tenant_id}): {started.message}")
+    else:
+        typer.echo(
+            f"run {started.run_id} submitted: {started.action} of tenant {started.tenant_id} on deployment "
+            f"{started.deployment} (flow run {started.flow_run_id})"
+        )
+    typer.echo(f"follow it: archive-kms runs show {started.run_id} --follow")
 
 
 @_dataclass(frozen=True)
@@ -556,9 +589,13 @@ def enable_cmd(
     cloud: str | None = typer.Option(None, "--cloud", help="s3 or azure (default: where the tenant lives)"),
     shards: int | None = SHARDS,
     task_runner: str = TASK_RUNNER,
+    wait: bool = WAIT,
     as_json: bool = JSON,
 ) -> None:
-    """Move TENANT onto its own key: new dedicated storage and index, every object re-encrypted and verified."""
+    """Move TENANT onto its own key: new dedicated storage and index, every object re-encrypted and verified.
+
+    Submits the run to the enable deployment and prints its id (follow it with `runs show RUN --follow`);
+    --wait runs it here instead."""
     from archive_kms.domain.tenants import TenantId
     from archive_kms.keys.refs import parse_key_ref
     from archive_kms.migration import EnableMode, plan_enable
@@ -572,6 +609,22 @@ def enable_cmd(
     _check_shards(shards)
     _check_task_runner(task_runner)
     _prefect_api()
+    if not wait:
+        from archive_kms.operations.launch import start_enable
+
+        started = start_enable(
+            _platform(),
+            _launcher(),
+            tenant,
+            mode,
+            key_ref,
+            actor=_operator(),
+            cloud=cloud,
+            shards=shards,
+            task_runner=task_runner,
+        )
+        _submitted(started, as_json)
+        return
     plan_enable(_platform(), tenant, mode, key_ref, cloud=cloud, shards=shards)  # refusals before a flow run
     _finish_run(
         _run_flow(
@@ -583,17 +636,58 @@ def enable_cmd(
 
 @app.command("remove")
 @_errors_are_messages
-def remove_cmd(tenant: str, shards: int | None = SHARDS, task_runner: str = TASK_RUNNER, as_json: bool = JSON) -> None:
-    """Move TENANT back to shared storage under the managed key; its dedicated storage and index are deleted."""
+def remove_cmd(
+    tenant: str,
+    shards: int | None = SHARDS,
+    task_runner: str = TASK_RUNNER,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Only show what removal would touch (objects, bytes, index, jobs, runs)"
+    ),
+    wait: bool = WAIT,
+    as_json: bool = JSON,
+) -> None:
+    """Move TENANT back to shared storage under the managed key; its dedicated storage and index are deleted.
+
+    Submits the run to the remove deployment (the console asks a second approver first; the CLI
+    is the operator's tool and is audited); --dry-run only previews; --wait runs it here."""
     from archive_kms.domain.tenants import TenantId
     from archive_kms.migration import plan_remove
 
     TenantId(tenant)
     _check_shards(shards)
     _check_task_runner(task_runner)
+    if dry_run:
+        from archive_kms.operations.blast_radius import blast_radius
+
+        preview = blast_radius(_platform(), tenant, "remove")
+        _emit(as_json, preview.to_dict(), _blast_radius_text(preview))
+        return
     _prefect_api()
+    if not wait:
+        from archive_kms.operations.launch import start_remove
+
+        started = start_remove(
+            _platform(), _launcher(), tenant, actor=_operator(), shards=shards, task_runner=task_runner
+        )
+        _submitted(started, as_json)
+        return
     plan_remove(_platform(), tenant, shards=shards)  # refusals before a flow run
     _finish_run(_run_flow("remove", tenant=tenant, shards=shards, task_runner=task_runner), as_json)
+
+
+def _blast_radius_text(b: _Any) -> str:
+    docs = "?" if b.index_documents is None else b.index_documents
+    lines = [
+        f"{b.action} {b.tenant} (dry run: nothing changed)",
+        f"  storage:  {b.objects} objects, {b.bytes} bytes at {b.location}",
+        f"  index:    {b.index or '-'} with {docs} documents",
+        f"  jobs:     {b.queued_jobs} queued, {b.running_jobs} running",
+        f"  runs:     {', '.join(b.running_runs) or 'none running'}",
+        f"  key:      {b.key_mode} {b.key_ref or ''}".rstrip(),
+        "  it would:",
+    ]
+    lines += [f"    {i}. {w}" for i, w in enumerate(b.would, 1)]
+    return "\n".join(lines)
 
 
 @runs_app.command("list")
@@ -634,17 +728,109 @@ def runs_list(tenant: str | None = typer.Option(None, "--tenant"), as_json: bool
 
 @runs_app.command("show")
 @_errors_are_messages
-def runs_show(run_id: str = typer.Argument(..., metavar="RUN"), as_json: bool = JSON) -> None:
+def runs_show(
+    run_id: str = typer.Argument(..., metavar="RUN"),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="Show live progress until the run ends; exit 0 if it completed, else 1"
+    ),
+    interval: float = typer.Option(1.0, "--interval", min=0.2, max=60, help="Seconds between looks (--follow)"),
+    as_json: bool = JSON,
+) -> None:
     """Show a run: progress bars, the report and every step (state, attempts, seconds, error)."""
     from archive_kms.migration import build_report
 
     view = _state_only()
     _require_run(view.state, run_id)
+    if follow:
+        _follow(view, run_id, interval, as_json)
+        return
     report = build_report(view, run_id)
     if as_json:
         typer.echo(_json.dumps(report, indent=2, default=str))
     else:
         _print_report(report)
+
+
+def _follow(view: _Any, run_id: str, interval: float, as_json: bool) -> None:
+    """Live progress of a run (a rich progress bar per steps / copied / verified) until it
+    settles; exit code from its outcome."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from archive_kms.operations.launch import follow
+
+    launcher = None
+    try:
+        launcher = _launcher()
+    except ConfigurationError as e:
+        typer.echo(f"note: following from the state store only ({e})", err=True)
+    last = None
+    if as_json:
+        for snap in follow(view, run_id, launcher, interval=interval):
+            last = snap
+            typer.echo(_json.dumps(_snapshot_dict(snap), default=str))
+    else:
+        columns = (
+            TextColumn("{task.description:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+        )
+        with Progress(*columns, TimeElapsedColumn(), console=Console(stderr=False), transient=False) as bars:
+            steps = bars.add_task("steps", total=None, note="")
+            copied = bars.add_task("copied", total=None, note="")
+            verified = bars.add_task("verified", total=None, note="")
+            for snap in follow(view, run_id, launcher, interval=interval):
+                last = snap
+                p = snap.progress
+                note = f"{snap.state}: {snap.current_step or '-'}" + (f" ({snap.message})" if snap.message else "")
+                bars.update(steps, total=p["steps"], completed=p["steps_done"], note=note)
+                bars.update(copied, total=max(p["objects"], 1), completed=p["copied"], note="")
+                bars.update(verified, total=max(p["objects"], 1), completed=p["verified"], note="")
+    assert last is not None
+    outcome = last.outcome or last.state
+    if not as_json:
+        typer.echo(f"run {run_id}: {outcome}" + (f" ({last.message})" if last.message else ""))
+    if outcome != "completed":
+        if not as_json and outcome in ("failed", "crashed"):
+            typer.echo(
+                f"error: run {run_id} {outcome}; after fixing the cause: archive-kms runs resume {run_id}", err=True
+            )
+        raise typer.Exit(1)
+
+
+def _snapshot_dict(snap: _Any) -> dict[str, _Any]:
+    return {
+        "run_id": snap.run_id,
+        "tenant": snap.tenant_id,
+        "flow": snap.flow,
+        "state": snap.state,
+        "progress": dict(snap.progress),
+        "current_step": snap.current_step,
+        "flow_run": None if snap.launch is None else snap.launch.__dict__,
+        "done": snap.done,
+        "outcome": snap.outcome,
+        "message": snap.message,
+    }
+
+
+def _submit_support(
+    run_id: str, action: str, *, takeover: bool, task_runner: str, as_json: bool, from_step: str | None = None
+) -> None:
+    from archive_kms.operations.launch import start_support
+
+    _prefect_api()
+    started = start_support(
+        _platform(),
+        _launcher(),
+        run_id,
+        action,
+        actor=_actor(None),
+        from_step=from_step,
+        takeover=takeover,
+        task_runner=task_runner,
+    )
+    _submitted(started, as_json)
 
 
 @runs_app.command("resume")
@@ -653,11 +839,16 @@ def runs_resume(
     run_id: str = typer.Argument(..., metavar="RUN"),
     takeover: bool = TAKEOVER,
     task_runner: str = TASK_RUNNER,
+    wait: bool = WAIT,
     as_json: bool = JSON,
 ) -> None:
-    """Continue a failed or crashed run from its first step not completed."""
+    """Continue a failed or crashed run from its first step not completed (submitted to the
+    support deployment; --wait runs it here)."""
     _check_task_runner(task_runner)
     _require_run(_state_only().state, run_id)
+    if not wait:
+        _submit_support(run_id, "resume", takeover=takeover, task_runner=task_runner, as_json=as_json)
+        return
     _finish_run(
         _run_flow("support", run_id=run_id, action="resume", takeover=takeover, task_runner=task_runner), as_json
     )
@@ -670,21 +861,33 @@ def runs_rerun(
     from_step: str = typer.Option(..., "--from", help="The step to run again (and every later one)"),
     takeover: bool = TAKEOVER,
     task_runner: str = TASK_RUNNER,
+    wait: bool = WAIT,
     as_json: bool = JSON,
 ) -> None:
-    """Run a run again from a named step; on a completed run this changes nothing and says so."""
+    """Run a run again from a named step; on a completed run this changes nothing and says so
+    (submitted to the support deployment; --wait runs it here)."""
     from archive_kms.migration import STEPS
 
     if from_step not in STEPS:
         raise ValidationError(f"--from {from_step!r}: use one of {', '.join(STEPS)}")
     _check_task_runner(task_runner)
     _require_run(_state_only().state, run_id)
+    if not wait:
+        _submit_support(
+            run_id, "rerun", takeover=takeover, task_runner=task_runner, as_json=as_json, from_step=from_step
+        )
+        return
     _finish_run(
         _run_flow(
             "support", run_id=run_id, action="rerun", from_step=from_step, takeover=takeover, task_runner=task_runner
         ),
         as_json,
     )
+
+
+def _operator() -> str:
+    """Who starts a run from this command line, as the audit log names them."""
+    return "operator:" + _actor(None).partition(":")[2] if ":" in _actor(None) else "operator"
 
 
 def _actor(given: str | None) -> str:
@@ -736,10 +939,14 @@ def runs_waive(
 @runs_app.command("cancel")
 @_errors_are_messages
 def runs_cancel(
-    run_id: str = typer.Argument(..., metavar="RUN"), takeover: bool = TAKEOVER, as_json: bool = JSON
+    run_id: str = typer.Argument(..., metavar="RUN"), takeover: bool = TAKEOVER, wait: bool = WAIT, as_json: bool = JSON
 ) -> None:
-    """Give up a run that has not cut over: key re-bound, destination and new index deleted, jobs replayed."""
+    """Give up a run that has not cut over: key re-bound, destination and new index deleted, jobs replayed
+    (submitted to the support deployment; --wait runs it here)."""
     _require_run(_state_only().state, run_id)
+    if not wait:
+        _submit_support(run_id, "cancel", takeover=takeover, task_runner="threads", as_json=as_json)
+        return
     _finish_run(_run_flow("support", run_id=run_id, action="cancel", takeover=takeover), as_json)
 
 
@@ -883,4 +1090,51 @@ def db_upgrade(
         as_json,
         {"database": db.display, "before": before.to_dict(), "after": after.to_dict()},
         f"{db.display}: {before.describe()} -> {after.describe()}",
+    )
+
+
+# --- the Archive Console (issue #15) -------------------------------------------------------------
+
+console_app = typer.Typer(no_args_is_help=True, help="The Archive Console: serve the API and page, issue local tokens.")
+app.add_typer(console_app, name="console")
+
+
+@console_app.command("serve")
+@_errors_are_messages
+def console_serve(
+    host: str | None = typer.Option(None, "--host", help="Listen address (default: console_host, 127.0.0.1)"),
+    port: int | None = typer.Option(None, "--port", help="Listen port (default: console_port, 8700)"),
+) -> None:
+    """Serve the console API and page (http://HOST:PORT/; the OpenAPI document at /api/openapi.json)."""
+    import uvicorn
+
+    from archive_kms.api.app import console_from_settings, create_app
+    from archive_kms.config import Settings
+
+    s = Settings()
+    _prefect_api()
+    application = create_app(console_from_settings(s))
+    where = f"http://{host or s.console_host}:{port or s.console_port}/"
+    typer.echo(f"console at {where} (sign in with a token from `archive-kms console token`)", err=True)
+    uvicorn.run(application, host=host or s.console_host, port=port or s.console_port, log_level="warning")
+
+
+@console_app.command("token")
+@_errors_are_messages
+def console_token(
+    role: str = typer.Option(..., "--role", help="tenant_admin | security_officer | support_engineer | platform_admin"),
+    sub: str = typer.Option(..., "--sub", help="Who the token is for (e.g. alice@acme)"),
+    tenant: str | None = typer.Option(
+        None, "--tenant", help="The tenant (required for tenant_admin and security_officer)"
+    ),
+    ttl: int = typer.Option(8 * 3600, "--ttl", help="Lifetime in seconds (at most 12 hours)"),
+) -> None:
+    """Issue a signed console token (the local issuer, for the demo and tests)."""
+    from datetime import timedelta
+
+    from archive_kms.api.auth import issue_token, token_keys
+    from archive_kms.config import Settings
+
+    typer.echo(
+        issue_token(token_keys(Settings()), subject=sub, role=role, tenant_id=tenant, ttl=timedelta(seconds=ttl))
     )

@@ -104,6 +104,20 @@ class Settings(BaseSettings):
     # local cluster of two worker processes.
     dask_address: str | None = None
 
+    # Archive Console (src/archive_kms/api, docs/console-api.md).
+    # Ed25519 PEM private key that signs console tokens; None on a local stack = a key
+    # created once in the stack directory (console-token-signing.pem).
+    console_token_signing_key_path: str | None = None
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(default=8700, ge=1, le=65535)
+    # A dual-control request not approved by a second person within this time expires.
+    console_approval_ttl_seconds: float = Field(default=3600.0, gt=0)
+    # Bad bearer tokens from one client: after this many within the window, 429 until it ends.
+    console_auth_failure_limit: int = Field(default=10, ge=1)
+    console_auth_failure_window_seconds: float = Field(default=60.0, gt=0)
+    # How long a tenant's master-key state (provider status) is reused by the console.
+    console_key_probe_ttl_seconds: float = Field(default=30.0, ge=0)
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -208,9 +208,10 @@ def test_the_baseline_revision_is_the_schema_the_release_before_alembic_made(
     db_url: str, other_db_url: str, dialect: str
 ):
     _load_snapshot(db_url, dialect, ddl_only=True)
-    migrate.upgrade(_db(other_db_url))  # an empty database, created by the revisions
+    migrate.upgrade(_db(other_db_url), migrate.BASELINE)  # an empty database, created by the baseline revision
     assert _fingerprint(other_db_url) == _fingerprint(db_url)
-    assert _schema_drift(other_db_url) == []  # and state/schema.py says the same (else: add a revision)
+    migrate.upgrade(_db(other_db_url))  # and the later revisions
+    assert _schema_drift(other_db_url) == []  # state/schema.py says the same as head (else: add a revision)
 
 
 def test_open_state_creates_stamps_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -220,11 +221,15 @@ def test_open_state_creates_stamps_refuses(tmp_path: Path, monkeypatch: pytest.M
 
     legacy = f"sqlite:///{tmp_path / 'legacy.db'}"
     _load_snapshot(legacy, "sqlite")
-    open_state(legacy).close()  # before Alembic, and the baseline is head: stamped, no DDL
-    assert migrate.status(_db(legacy)).revision == migrate.BASELINE
+    # before Alembic, and revisions follow the baseline: refused until upgraded, then at head
+    with pytest.raises(ConfigurationError, match=r"run `archive-kms db upgrade`"):
+        open_state(legacy)
+    open_state(legacy, upgrade=True).close()
+    assert migrate.status(_db(legacy)).at_head
 
-    monkeypatch.setattr(migrate, "head", lambda: "0002")  # as if this code had one revision more
-    with pytest.raises(ConfigurationError, match=r"revision 0001 \(head is 0002\): run `archive-kms db upgrade`"):
+    head = migrate.head()
+    monkeypatch.setattr(migrate, "head", lambda: "ffff0")  # as if this code had one revision more
+    with pytest.raises(ConfigurationError, match=rf"revision {head} \(head is ffff0\): run `archive-kms db upgrade`"):
         open_state(url)
     monkeypatch.undo()
 

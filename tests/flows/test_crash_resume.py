@@ -115,6 +115,16 @@ class Worker:
         return Finished(rc, self.out.read_text(), self.err.read_text())
 
 
+def in_this_process(args: tuple[str, ...]) -> list[str]:
+    """``enable``/``remove``/``runs resume|rerun|cancel`` submit to a deployment unless given
+    ``--wait``: these tests run the flow in the CLI process itself (its crash points, its
+    signals, this test's own state store)."""
+    flows = {("enable",), ("remove",), ("runs", "resume"), ("runs", "rerun"), ("runs", "cancel")}
+    if tuple(args[:1]) in flows or tuple(args[:2]) in flows:
+        return [*args, "--wait"]
+    return list(args)
+
+
 class Workers:
     """Starts ``worker.py`` processes on this test's state store, with a short lease."""
 
@@ -137,7 +147,7 @@ class Workers:
 
     def cli(self, *args: str, crash_at: str | None = None, timeout: float = 180) -> Finished:
         """The real ``archive-kms ARGS`` (Prefect flows on the stack's server), to the end."""
-        return self._spawn([str(CLI), *args], crash_at, None).finish(timeout)
+        return self._spawn([str(CLI), *in_this_process(args)], crash_at, None).finish(timeout)
 
     def _spawn(self, cmd: list[str], crash_at: str | None, env: dict[str, str] | None) -> Worker:
         n = len(self._started)

@@ -68,6 +68,16 @@ class Done:
         return json.loads(self.stdout)
 
 
+def in_this_process(args: tuple[str, ...]) -> list[str]:
+    """``enable``/``remove``/``runs resume|rerun|cancel`` submit to a deployment unless given
+    ``--wait``: these tests run the flow in the CLI process itself (its crash points, its
+    signals, this test's own state store)."""
+    flows = {("enable",), ("remove",), ("runs", "resume"), ("runs", "rerun"), ("runs", "cancel")}
+    if tuple(args[:1]) in flows or tuple(args[:2]) in flows:
+        return [*args, "--wait"]
+    return list(args)
+
+
 class Cli:
     """``archive-kms`` processes on this test's state store."""
 
@@ -85,7 +95,7 @@ class Cli:
         n = len(self.procs)
         out, err = self.logs / f"cli{n}.out", self.logs / f"cli{n}.err"
         with out.open("wb") as o, err.open("wb") as e:
-            proc = subprocess.Popen([str(CLI), *args], stdout=o, stderr=e, env=self.env)
+            proc = subprocess.Popen([str(CLI), *in_this_process(args)], stdout=o, stderr=e, env=self.env)
         self.procs.append(proc)
         return proc, out, err
 

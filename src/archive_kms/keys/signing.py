@@ -173,6 +173,13 @@ class Verifier:
     def key_ids(self) -> tuple[str, ...]:
         return tuple(sorted(self._keys))
 
+    def public_pem(self, key_id: str) -> bytes:
+        """The public key ``key_id`` as PEM (what a customer verifies exports with)."""
+        pk = self._keys.get(key_id)
+        if pk is None:
+            raise ValidationError(f"no public key {key_id!r}")
+        return pk.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
     def verify(self, message: bytes, signature: bytes, *, key_id: str, purpose: str) -> None:
         """Return if ``signature`` is ``key_id``'s signature over ``message`` for ``purpose``;
         raise ``IntegrityError`` otherwise (unknown key id, wrong length, bad signature)."""

@@ -197,9 +197,10 @@ class Outcome:
 # --- triggering ---------------------------------------------------------------------------
 
 
-def trigger(platform: Any, plan: MigrationPlan, *, actor: str) -> tuple[MigrationRun, bool]:
-    """Start a run for ``plan``, or return the tenant's running run (created False).
-    A running run of the *other* flow is refused (faults E6)."""
+def check_trigger(platform: Any, plan: MigrationPlan) -> MigrationRun | None:
+    """What ``trigger`` refuses, without starting anything: ``StateError`` if a failed run
+    of the tenant is in the way or a run of the other flow is going. Returns the tenant's
+    running run of the same flow, if any (``trigger`` would return it)."""
     active = platform.state.find_active_run(plan.tenant_id)
     if active is None:
         failed = platform.state.list_runs(plan.tenant_id, states=[RunState.FAILED], limit=1)
@@ -220,6 +221,13 @@ def trigger(platform: Any, plan: MigrationPlan, *, actor: str) -> tuple[Migratio
             f"finish or cancel it before starting {plan.flow}",
             resource=f"run:{active.run_id}",
         )
+    return active
+
+
+def trigger(platform: Any, plan: MigrationPlan, *, actor: str) -> tuple[MigrationRun, bool]:
+    """Start a run for ``plan``, or return the tenant's running run (created False).
+    A running run of the *other* flow is refused (faults E6)."""
+    check_trigger(platform, plan)
     run, created = platform.state.start_run(
         plan.tenant_id, Flow(plan.flow), mode=plan.mode, steps=STEPS, params=plan.to_params()
     )
@@ -719,6 +727,7 @@ __all__ = [
     "ShardRunner",
     "WaiveOutcome",
     "cancel",
+    "check_trigger",
     "execute",
     "rerun",
     "resume",

@@ -372,5 +372,45 @@ AUDIT_TRIGGERS: dict[str, list[str]] = {
 }
 
 
+# --- the Archive Console (state/console.py; Alembic revision 0002) ------------------------
+# Dual-control approval requests with their votes, and bad-token counters per client.
+
+console_approval_requests = Table(
+    "console_approval_requests",
+    metadata,
+    Column("request_id", String(64), primary_key=True),
+    Column("tenant_id", String(TENANT_ID), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("params", Json, nullable=False),
+    Column("requested_by", String(255), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("run_id", String(RUN_ID)),
+    Column("decided_at", UtcDateTime),
+    Column("error", Text),
+    Index(None, "tenant_id", "state"),
+)
+
+console_approval_votes = Table(
+    "console_approval_votes",
+    metadata,
+    Column("request_id", String(64), ForeignKey("console_approval_requests.request_id"), nullable=False),
+    Column("voter", String(255), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    PrimaryKeyConstraint("request_id", "voter"),
+)
+
+console_auth_failures = Table(
+    "console_auth_failures",
+    metadata,
+    Column("client", String(255), primary_key=True),
+    Column("window_start", UtcDateTime, nullable=False),
+    Column("count", BigInteger, nullable=False),
+)
+
+
 def table_names() -> list[str]:
     return [t.name for t in metadata.sorted_tables]

@@ -1,0 +1,359 @@
+"""Starting migration runs on the deployments, and following them to the end.
+
+The console and the CLI do not execute flows: they trigger the run in the state store
+(so refusals come back at once, and the caller gets the run id), then *submit* a flow
+run of the matching deployment through a ``RunLauncher``; a worker executes it. The
+Prefect implementation is ``archive_kms.flows.launcher.PrefectLauncher`` (the library
+itself never imports Prefect).
+
+- ``start_enable`` / ``start_remove``: plan (every refusal of ``plan_enable`` /
+  ``plan_remove``), trigger (one run per tenant: a run already going is returned with
+  ``created=False`` and nothing is submitted), submit the deployment with the run id. If
+  the submission fails, the just-triggered run is cancelled (none of its steps ran), so
+  nothing is left half-started.
+- ``start_support``: resume / rerun / cancel a run on the support deployment, after the
+  checks that can be made without executing it.
+- ``follow``: snapshots of a run's progress until it settles, read from the state store
+  (the truth) and the run's latest flow run (did a worker take it; did it crash).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from archive_kms.errors import StateError, ValidationError
+from archive_kms.state.port import AuditEvent, RunState, StepState
+
+#: Deployment of each flow (``flows/prefect.yaml``: ``<flow name>/<deployment name>``).
+DEPLOYMENTS: dict[str, str] = {
+    "enable": "migration-enable/enable",
+    "remove": "migration-remove/remove",
+    "support": "migration-support/support",
+}
+SUPPORT_ACTIONS = ("resume", "rerun", "cancel")
+TASK_RUNNERS = ("threads", "dask")
+
+
+def run_tags(tenant_id: str, run_id: str) -> list[str]:
+    """Tags every submitted flow run carries: the tenant, and the run it executes."""
+    return ["archive-kms", f"tenant:{tenant_id}", f"run:{run_id}"]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A flow run submitted to a deployment."""
+
+    flow_run_id: str
+    deployment: str
+
+
+@dataclass(frozen=True)
+class LaunchState:
+    """What the orchestrator says about one flow run."""
+
+    flow_run_id: str
+    state: str  # scheduled | pending | running | paused | completed | failed | crashed | cancelled | cancelling
+    terminal: bool
+    message: str | None = None
+
+
+class RunLauncher(Protocol):
+    """Submits flow runs to deployments and reports on them (``flows/launcher.py``)."""
+
+    def submit(self, deployment: str, parameters: Mapping[str, Any], *, tags: Sequence[str]) -> Launch:
+        """Create a flow run of ``deployment`` for a worker to execute; returns at once.
+        ``ConfigurationError`` if the orchestrator or the deployment is not there."""
+        ...
+
+    def launches(self, run_id: str) -> list[LaunchState]:
+        """The flow runs submitted for ``run_id`` (tag ``run:<id>``), newest first."""
+        ...
+
+
+@dataclass(frozen=True)
+class Started:
+    run_id: str
+    tenant_id: str
+    flow: str
+    action: str  # enable | remove | resume | rerun | cancel
+    created: bool  # False: nothing was submitted (a run already going, or nothing to do)
+    message: str
+    flow_run_id: str | None = None
+    deployment: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "tenant": self.tenant_id,
+            "flow": self.flow,
+            "action": self.action,
+            "created": self.created,
+            "message": self.message,
+            "flow_run_id": self.flow_run_id,
+            "deployment": self.deployment,
+        }
+
+
+def _check_task_runner(task_runner: str) -> None:
+    if task_runner not in TASK_RUNNERS:
+        raise ValidationError(f"task_runner {task_runner!r}: use one of {', '.join(TASK_RUNNERS)}")
+
+
+def _audit(platform: Any, actor: str, action: str, tenant_id: str, run_id: str, details: dict[str, Any]) -> None:
+    platform.state.append_audit(
+        AuditEvent(actor=actor, action=action, tenant_id=tenant_id, run_id=run_id, details=details)
+    )
+
+
+def _submit_new_run(
+    platform: Any, launcher: RunLauncher, plan: Any, parameters: dict[str, Any], *, actor: str
+) -> Started:
+    from archive_kms.migration import cancel, trigger
+
+    run, created = trigger(platform, plan, actor=actor)
+    if not created:
+        return Started(
+            run.run_id, run.tenant_id, run.flow.value, plan.flow, False, f"already running: {run.flow.value} run"
+        )
+    deployment = DEPLOYMENTS[plan.flow]
+    try:
+        launch = launcher.submit(
+            deployment, {**parameters, "run_id": run.run_id}, tags=run_tags(run.tenant_id, run.run_id)
+        )
+    except BaseException:
+        # Nothing of the run executed: cancel it, so the tenant is free for the next attempt.
+        cancel(platform, run.run_id, actor=actor)
+        raise
+    _audit(
+        platform,
+        actor,
+        "run.submit",
+        run.tenant_id,
+        run.run_id,
+        {"deployment": deployment, "flow_run": launch.flow_run_id},
+    )
+    return Started(
+        run.run_id, run.tenant_id, plan.flow, plan.flow, True, "submitted", launch.flow_run_id, launch.deployment
+    )
+
+
+def start_enable(
+    platform: Any,
+    launcher: RunLauncher,
+    tenant_id: str,
+    mode: str,
+    key_ref: str,
+    *,
+    actor: str,
+    cloud: str | None = None,
+    shards: int | None = None,
+    task_runner: str = "threads",
+) -> Started:
+    """Trigger onboarding of ``tenant_id`` onto ``key_ref`` and submit it to the enable deployment."""
+    from archive_kms.migration import plan_enable
+
+    _check_task_runner(task_runner)
+    plan = plan_enable(platform, tenant_id, mode, key_ref, cloud=cloud, shards=shards)
+    parameters = {
+        "tenant": plan.tenant_id,
+        "mode": mode,
+        "key_ref": plan.key_ref,
+        "cloud": cloud,
+        "shards": shards,
+        "task_runner": task_runner,
+        "actor": actor,
+    }
+    return _submit_new_run(platform, launcher, plan, parameters, actor=actor)
+
+
+def start_remove(
+    platform: Any,
+    launcher: RunLauncher,
+    tenant_id: str,
+    *,
+    actor: str,
+    shards: int | None = None,
+    task_runner: str = "threads",
+) -> Started:
+    """Trigger removal of ``tenant_id``'s own key and submit it to the remove deployment."""
+    from archive_kms.migration import plan_remove
+
+    _check_task_runner(task_runner)
+    plan = plan_remove(platform, tenant_id, shards=shards)
+    parameters = {"tenant": plan.tenant_id, "shards": shards, "task_runner": task_runner, "actor": actor}
+    return _submit_new_run(platform, launcher, plan, parameters, actor=actor)
+
+
+def check_support(platform: Any, run_id: str, action: str, from_step: str | None = None) -> Any:
+    """The run, if ``action`` may be submitted for it; ``StateError`` for an unknown run,
+    ``ValidationError`` naming what to fix for a request the flow would refuse."""
+    from archive_kms.migration.plan import POINT_OF_NO_RETURN, STEPS
+
+    if action not in SUPPORT_ACTIONS:
+        raise ValidationError(f"action {action!r}: use one of {', '.join(SUPPORT_ACTIONS)}")
+    run = platform.state.get_run(run_id)
+    if run is None:
+        raise StateError(f"unknown run {run_id!r}", resource=f"run:{run_id}")
+    if action == "rerun":
+        if from_step not in STEPS:
+            raise ValidationError(f"from_step {from_step!r}: use one of {', '.join(STEPS)}")
+        barrier = run.step(POINT_OF_NO_RETURN).state
+        idx, cut = STEPS.index(from_step), STEPS.index(POINT_OF_NO_RETURN)
+        if run.state is not RunState.COMPLETED and (
+            (barrier is StepState.COMPLETED and idx <= cut) or (barrier is not StepState.PENDING and idx < cut)
+        ):
+            raise ValidationError(
+                f"from_step {from_step!r}: run {run_id} is past {POINT_OF_NO_RETURN}; rerun from a later step"
+            )
+    if action in ("resume", "rerun") and run.state is RunState.CANCELLED:
+        raise ValidationError(f"run {run_id} was cancelled; start a new run")
+    if (
+        action == "cancel"
+        and run.state is not RunState.CANCELLED
+        and (run.state is RunState.COMPLETED or run.step(POINT_OF_NO_RETURN).state is not StepState.PENDING)
+    ):
+        raise ValidationError(f"run {run_id} has reached {POINT_OF_NO_RETURN}; it cannot be cancelled")
+    return run
+
+
+def start_support(
+    platform: Any,
+    launcher: RunLauncher,
+    run_id: str,
+    action: str,
+    *,
+    actor: str,
+    from_step: str | None = None,
+    takeover: bool = False,
+    task_runner: str = "threads",
+) -> Started:
+    """Submit ``action`` (resume | rerun | cancel) of run ``run_id`` to the support deployment."""
+    _check_task_runner(task_runner)
+    run = check_support(platform, run_id, action, from_step)
+    if run.state is RunState.COMPLETED and action in ("resume", "rerun"):
+        return Started(run_id, run.tenant_id, run.flow.value, action, False, "run already completed: nothing to do")
+    if run.state is RunState.CANCELLED:
+        return Started(run_id, run.tenant_id, run.flow.value, action, False, "already cancelled")
+    parameters: dict[str, Any] = {
+        "run_id": run_id,
+        "action": action,
+        "takeover": takeover,
+        "task_runner": task_runner,
+        "actor": actor,
+    }
+    if from_step is not None:
+        parameters["from_step"] = from_step
+    deployment = DEPLOYMENTS["support"]
+    launch = launcher.submit(deployment, parameters, tags=run_tags(run.tenant_id, run_id))
+    _audit(
+        platform,
+        actor,
+        "run.submit",
+        run.tenant_id,
+        run_id,
+        {"deployment": deployment, "flow_run": launch.flow_run_id, "action": action},
+    )
+    return Started(
+        run_id, run.tenant_id, run.flow.value, action, True, "submitted", launch.flow_run_id, launch.deployment
+    )
+
+
+# --- following a run ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    run_id: str
+    tenant_id: str
+    flow: str
+    state: str  # the run's state in the state store
+    progress: Mapping[str, Any]
+    current_step: str | None
+    launch: LaunchState | None
+    done: bool
+    outcome: str | None = None  # once done: completed | failed | cancelled | crashed
+    message: str = ""
+    steps: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+
+
+def snapshot(platform: Any, run_id: str, launcher: RunLauncher | None = None) -> Snapshot:
+    """One look at the run and its latest flow run; ``done`` once neither will change."""
+    from archive_kms.migration.report import progress
+
+    run = platform.state.get_run(run_id)
+    if run is None:
+        raise StateError(f"unknown run {run_id!r}", resource=f"run:{run_id}")
+    launch = None
+    if launcher is not None:
+        found = launcher.launches(run_id)
+        launch = found[0] if found else None
+    current = next((s.name for s in run.steps if s.state not in (StepState.COMPLETED, StepState.SKIPPED)), None)
+    steps = tuple({"step": s.name, "state": s.state.value, "attempts": s.attempt, "error": s.error} for s in run.steps)
+    base = dict(
+        run_id=run_id,
+        tenant_id=run.tenant_id,
+        flow=run.flow.value,
+        state=run.state.value,
+        progress=progress(platform, run),
+        current_step=current,
+        launch=launch,
+        steps=steps,
+    )
+    if launch is not None and not launch.terminal:
+        waiting = launch.state in ("scheduled", "pending")
+        return Snapshot(**base, done=False, message="waiting for a worker" if waiting else f"flow run {launch.state}")
+    if run.state is not RunState.RUNNING:
+        failed = next((s for s in run.steps if s.state is StepState.FAILED), None)
+        message = f"step {failed.name} failed: {failed.error}" if failed and run.state is RunState.FAILED else ""
+        return Snapshot(**base, done=True, outcome=run.state.value, message=message)
+    if launch is not None:  # the flow run ended but the run is still marked running: its executor died
+        return Snapshot(
+            **base,
+            done=True,
+            outcome="crashed",
+            message=f"flow run {launch.flow_run_id} ended {launch.state} without settling the run"
+            + (f": {launch.message}" if launch.message else ""),
+        )
+    return Snapshot(**base, done=False, message="running")
+
+
+def follow(
+    platform: Any,
+    run_id: str,
+    launcher: RunLauncher | None = None,
+    *,
+    interval: float = 1.0,
+    timeout: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[Snapshot]:
+    """Snapshots every ``interval`` seconds until the run is done (the last one has
+    ``done=True``), or ``timeout`` passes (the last one then has ``done=False``)."""
+    deadline = None if timeout is None else clock() + timeout
+    while True:
+        snap = snapshot(platform, run_id, launcher)
+        yield snap
+        if snap.done or (deadline is not None and clock() >= deadline):
+            return
+        sleep(interval)
+
+
+__all__ = [
+    "DEPLOYMENTS",
+    "SUPPORT_ACTIONS",
+    "Launch",
+    "LaunchState",
+    "RunLauncher",
+    "Snapshot",
+    "Started",
+    "check_support",
+    "follow",
+    "run_tags",
+    "snapshot",
+    "start_enable",
+    "start_remove",
+    "start_support",
+]
