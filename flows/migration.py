@@ -135,7 +135,7 @@ def process_platform(settings: Settings | None = None) -> Any:
 
     Keyed by process id, so a forked worker never reuses its parent's connections, and by
     the settings (secrets masked), so a process whose configuration changed gets a new one."""
-    from archive_kms.wiring import build_platform
+    from archive_kms.operations.platform import Platform
 
     settings = settings or Settings()
     _library_log_level()
@@ -143,7 +143,7 @@ def process_platform(settings: Settings | None = None) -> Any:
     with _platforms_lock:
         platform = _platforms.get(key)
         if platform is None:
-            platform = _platforms[key] = build_platform(settings)
+            platform = _platforms[key] = Platform.from_settings(settings)
         return platform
 
 

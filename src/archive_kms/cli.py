@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 
 from archive_kms import __version__
 from archive_kms.config import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    from archive_kms.operations.platform import Platform
 
 app = typer.Typer(no_args_is_help=True, help="archive_kms: tenant archives under the tenant's own key.")
 stack_app = typer.Typer(
@@ -75,11 +79,11 @@ app.add_typer(tenant_app, name="tenant")
 app.add_typer(audit_app, name="audit")
 
 
-def _platform():
+def _platform() -> Platform:
     from archive_kms.config import Settings
-    from archive_kms.wiring import build_platform
+    from archive_kms.operations.platform import Platform
 
-    return build_platform(Settings())  # read now: environment and endpoints file of this invocation
+    return Platform.from_settings(Settings())  # read now: environment and endpoints file of this invocation
 
 
 def _emit(as_json: bool, data, human: str) -> None:

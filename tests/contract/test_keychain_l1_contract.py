@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.crypto.envelope import ObjectBinding, decrypt_to_bytes, encrypt_bytes
 from archive_kms.errors import KeyUnavailableError, WrongKeyError
 from archive_kms.keys.cache import KeyCache
@@ -51,7 +51,7 @@ class LocalStackKmsL1:
     name = "aws-kms"
 
     def __init__(self, settings) -> None:
-        self.client = wiring.kms_client(settings)
+        self.client = clients.kms_client(settings)
         self.registry = KeyProviderRegistry(settings)
         self.arns: list[str] = []
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from archive_kms import clients
+from archive_kms.config import Settings
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import (
     ArchiveKmsError,
@@ -111,7 +113,7 @@ class ByokImporter:
     """Creates EXTERNAL-origin keys and imports customer material into them.
 
     ``kms`` is a boto3 KMS client in the region where BYOK keys live (ours);
-    ``wiring.kms_client(settings, max_attempts=2)`` suits: an import a human retries
+    ``clients.kms_client(settings, max_attempts=2)`` suits: an import a human retries
     should fail fast rather than be retried eight times. ``clock`` gives UTC now.
     """
 
@@ -120,10 +122,8 @@ class ByokImporter:
         self._clock = clock
 
     @classmethod
-    def from_settings(cls, settings: Any) -> ByokImporter:
-        from archive_kms import wiring
-
-        return cls(wiring.kms_client(settings, max_attempts=2))
+    def from_settings(cls, settings: Settings) -> ByokImporter:
+        return cls(clients.kms_client(settings, max_attempts=2))
 
     def __repr__(self) -> str:
         return "ByokImporter()"

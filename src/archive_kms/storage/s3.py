@@ -1,6 +1,6 @@
 """S3 adapter (boto3): one tenant's prefix in a shared bucket, or a dedicated bucket.
 
-Takes a ready boto3 S3 client (``wiring.aws_client("s3", settings)``): retries with
+Takes a ready boto3 S3 client (``clients.aws_client("s3", settings)``): retries with
 adaptive backoff, checksums "when_required" (faults A13). On top of that the adapter:
 
 * sends ``Content-MD5`` on PutObject and every UploadPart, so a body corrupted on the way
