@@ -16,6 +16,7 @@ import pytest
 
 from archive_kms import clients
 from archive_kms.crypto.envelope import ObjectBinding, decrypt_to_bytes, encrypt_bytes
+from archive_kms.crypto.signing import Signer
 from archive_kms.errors import KeyUnavailableError, WrongKeyError
 from archive_kms.keys.cache import KeyCache
 from archive_kms.keys.keychain import Keychain
@@ -23,7 +24,6 @@ from archive_kms.keys.keychain.records import RecordChecks
 from archive_kms.keys.keychain_store import InMemoryKeychainStore
 from archive_kms.keys.memory import MemoryKms
 from archive_kms.keys.registry import KeyProviderRegistry
-from archive_kms.keys.signing import Signer
 
 
 class MemoryL1:

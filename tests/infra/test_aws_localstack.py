@@ -29,7 +29,7 @@ import pytest
 
 from archive_kms import clients
 from archive_kms.config import Settings
-from archive_kms.keys.signing import Signer
+from archive_kms.crypto.signing import Signer
 from archive_kms.migration import execute, plan_enable, thread_shard_runner, trigger
 from archive_kms.operations.archive import JobSpec, submit_job
 from archive_kms.operations.platform import Platform

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from archive_kms.crypto.signing import Verifier
 from archive_kms.errors import KeychainTamperedError, KeyDestroyedError
 from archive_kms.keys.keychain import ErasureRecord
-from archive_kms.keys.signing import Verifier
 from archive_kms.operations.platform import Platform, platform_signer
 from archive_kms.operations.tenants import MANAGED_KEY_REF
 

@@ -103,7 +103,7 @@ class TokenKeys:
     def __init__(self, private_key: Any) -> None:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-        from archive_kms.keys.signing import key_id_of
+        from archive_kms.crypto.signing import key_id_of
 
         if not isinstance(private_key, Ed25519PrivateKey):
             raise ConfigurationError("the console token signing key must be an Ed25519 private key")

@@ -14,7 +14,7 @@ mismatch. OAEP is non-malleable, so a modified ciphertext fails to decrypt at th
 (400, ``WrongKeyError``) rather than yielding a related plaintext. What this binding does
 *not* give: origin authentication. Anyone holding the public key can wrap a key of their
 choosing for any context; that a wrapped key record is ours is established by the signed
-keychain (``keys.signing``), not by this wrap.
+keychain (``crypto.signing``), not by this wrap.
 
 Why wrap goes through ``KeyClient.send_request`` rather than ``CryptographyClient.wrap_key``:
 the SDK wraps *locally* with the public key whenever it can read the key, which succeeds

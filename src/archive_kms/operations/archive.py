@@ -27,9 +27,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from archive_kms.crypto.envelope import (
     ObjectBinding,
     decrypt_iter,
@@ -38,6 +35,7 @@ from archive_kms.crypto.envelope import (
     encrypt_iter,
     read_header,
 )
+from archive_kms.crypto.kdf import hkdf_sha256
 from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
 from archive_kms.errors import (
     IndexModeMismatchError,
@@ -232,7 +230,7 @@ def _content_digest(keychain: Any, spec: JobSpec, plaintext: bytes) -> str:
     new L2 (``rotate_l2``) changes it, and ``submit_job`` then recognises a resend by
     opening the queued seal instead (``_is_resend``)."""
     material = keychain.search_key_material(spec.tenant_id)
-    key = HKDF(hashes.SHA256(), 32, salt=None, info=_DIGEST_INFO + spec.tenant_id.encode()).derive(material.reveal())
+    key = hkdf_sha256(material.reveal(), info=_DIGEST_INFO + spec.tenant_id.encode())
     job = spec.job_id.encode()
     return "hmac-sha256:" + hmac.new(key, len(job).to_bytes(4, "big") + job + plaintext, hashlib.sha256).hexdigest()
 

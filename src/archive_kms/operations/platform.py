@@ -34,9 +34,9 @@ from archive_kms.state.port import KeyMode, StateStore, TenantRecord
 from archive_kms.storage import Location, ObjectStore
 
 if TYPE_CHECKING:
+    from archive_kms.crypto.signing import Signer
     from archive_kms.keys.keychain import Keychain
     from archive_kms.keys.port import KeyProvider
-    from archive_kms.keys.signing import Signer
     from archive_kms.state.anchors import AnchorStore
     from archive_kms.storage.provisioning import LocationProvisioner
 
@@ -150,11 +150,11 @@ class Platform:
     @classmethod
     def in_memory(cls, settings: Settings | None = None, *, clock: Callable[[], float] | None = None) -> Platform:
         """Every port on its in-memory implementation (unit tests, dry runs)."""
+        from archive_kms.crypto.signing import Signer
         from archive_kms.keys.cache import KeyCache
         from archive_kms.keys.keychain import Keychain
         from archive_kms.keys.keychain_store import InMemoryKeychainStore
         from archive_kms.keys.memory import MemoryKeyProvider, MemoryKms
-        from archive_kms.keys.signing import Signer
         from archive_kms.search.memory import MemorySearchIndex
         from archive_kms.state.anchors import MemoryAnchorStore
         from archive_kms.state.memory import InMemoryStateStore
@@ -199,7 +199,7 @@ class Platform:
 def platform_signer(settings: Settings | None = None) -> Signer:
     """The platform signing key. Configured by ``keychain_signing_key_path``; on a local
     stack without one, a key is created once in the stack directory (owner-only file)."""
-    from archive_kms.keys.signing import Signer
+    from archive_kms.crypto.signing import Signer
 
     s = settings or get_settings()
     if s.keychain_signing_key_path:
