@@ -57,7 +57,9 @@ from archive_kms.migration.quarantine import (
     quarantined,
 )
 from archive_kms.migration.stopping import StopRequestedError
+from archive_kms.operations import reading
 from archive_kms.operations.archive import workspace_of
+from archive_kms.operations.reading import dek_lookup, read_plaintext_digest
 from archive_kms.state.port import CopyRecord, CopyStatus, Fence, ManifestEntry, StepState
 
 log = logging.getLogger(__name__)
@@ -74,28 +76,12 @@ class ObjectCopy:
     written: bool  # False: an earlier attempt had committed it; verified instead
 
 
-def _dek_lookup(keychain: Any, tenant_id: str) -> Callable[[Any], Any]:
-    """The DEK a header names, from ``tenant_id``'s keychain, only if it belongs to the
-    header's workspace (an object must not open with another workspace's DEK: erasing a
-    workspace has to make all of its objects unreadable)."""
-
-    def lookup(header: Any) -> Any:
-        if parse_dek_id(header.dek_id)[0] != header.workspace_id:
-            raise IntegrityError(
-                f"object header names workspace {header.workspace_id} but DEK {header.dek_id}",
-                resource=f"keychain:{tenant_id}/{header.dek_id}",
-            )
-        return keychain.dek_by_id(tenant_id, header.dek_id)
-
-    return lookup
-
-
 def _source_dek_lookup(keychain: Any, tenant_id: str, label: str) -> Callable[[Any], Any]:
-    """``_dek_lookup`` for a source object: a header (not yet authenticated) that names a
+    """``reading.dek_lookup`` for a source object: a header (not yet authenticated) that names a
     malformed DEK id, or a DEK this tenant never had, is the object's fault, like a failed
     tag, not the keychain's. Any other key error (unusable key, throttling) stays what it is."""
 
-    checked = _dek_lookup(keychain, tenant_id)
+    checked = dek_lookup(keychain, tenant_id)
 
     def lookup(header: Any) -> Any:
         try:
@@ -142,23 +128,14 @@ def _source_digest(
 def read_back(
     store: Any, keychain: Any, tenant_id: str, name: bytes, interrupt: Callable[[], bool] | None = None
 ) -> Any:
-    """Decrypt ``name`` from ``store`` end to end (one GET); the envelope's
-    ``DecryptResult`` (plaintext size and SHA-256, ciphertext size, header). Raises
-    IntegrityError for anything that does not authenticate, ObjectNotFoundError if absent,
-    StopRequestedError once ``interrupt()`` says the run is stopping."""
-    binding = ObjectBinding(tenant_id, workspace_of(name), name)
-    with store.open_read(name) as reader:
-        it = decrypt_iter(reader, binding=binding, dek_for=_dek_lookup(keychain, tenant_id))
-        for _ in it:
-            if interrupt is not None and interrupt():
-                raise StopRequestedError(f"{store.label}: read of {name[:80]!r} interrupted: the run is stopping")
-        return it.result
+    """``reading.read_back`` that raises StopRequestedError once ``interrupt()`` says the
+    run is stopping."""
 
+    def stop_if_interrupted() -> None:
+        if interrupt is not None and interrupt():
+            raise StopRequestedError(f"{store.label}: read of {name[:80]!r} interrupted: the run is stopping")
 
-def read_plaintext_digest(store: Any, keychain: Any, tenant_id: str, name: bytes) -> tuple[int, str, str]:
-    """``read_back`` as (plaintext size, SHA-256 hex, DEK id)."""
-    res = read_back(store, keychain, tenant_id, name)
-    return res.plaintext_size, res.plaintext_sha256, res.header.dek_id
+    return reading.read_back(store, keychain, tenant_id, name, stop_if_interrupted)
 
 
 class LedgerBatch:

@@ -28,12 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from archive_kms.errors import ArchiveKmsError, FencedError, LeaseHeldError, StateError, ValidationError
 from archive_kms.migration import crashpoints, stopping
+from archive_kms.migration.context import Hooks, RunContext, ShardRunner
+from archive_kms.migration.copying import copy_shard, verify_shard
 from archive_kms.migration.plan import POINT_OF_NO_RETURN, STEPS, MigrationPlan
 from archive_kms.migration.quarantine import (
     MAX_WAIVER_REASON_CHARS,
@@ -66,22 +68,19 @@ DEFAULT_LEASE_TTL = timedelta(seconds=60)
 #: goes on under its new holder).
 SUPERSEDED = "superseded"
 
-#: step -> per-shard worker; resolved lazily so Dask workers import only what they run
-SHARD_FUNCTIONS = {
-    "copy": "archive_kms.migration.copying:copy_shard",
-    "verify": "archive_kms.migration.copying:verify_shard",
+#: (platform, run_id, shard, fence) -> the shard's result; runs in a thread or a Dask worker
+ShardFunction = Callable[[Any, str, int, Fence | None], dict[str, Any]]
+
+#: step -> per-shard worker. Named directly: a Dask worker that runs a shard task imports
+#: this module and ``copying`` either way (docs/adr/0009-composition-root.md).
+SHARD_FUNCTIONS: dict[str, ShardFunction] = {
+    "copy": copy_shard,
+    "verify": verify_shard,
 }
 
 
-def shard_function(step: str) -> Callable[..., dict[str, Any]]:
-    import importlib
-
-    module, _, name = SHARD_FUNCTIONS[step].partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-#: (platform, run_id, step, shards, fence) -> one result dict per shard
-ShardRunner = Callable[[Any, str, str, Sequence[int], Fence | None], list[dict[str, Any]]]
+def shard_function(step: str) -> ShardFunction:
+    return SHARD_FUNCTIONS[step]
 
 
 def thread_shard_runner(
@@ -92,82 +91,6 @@ def thread_shard_runner(
     fn = shard_function(step)
     with ThreadPoolExecutor(max_workers=plan.parallel_shards, thread_name_prefix=f"akms-{step}") as pool:
         return list(pool.map(lambda s: fn(platform, run_id, s, fence), shards))
-
-
-@dataclass
-class Hooks:
-    """Callbacks for progress reporting (Prefect artifacts, CLI progress bars)."""
-
-    on_step: Callable[[str, str, dict[str, Any] | None], None] = lambda step, state, result: None
-    on_progress: Callable[[str, int, int], None] = lambda step, done, total: None
-
-
-@dataclass
-class RunContext:
-    platform: Any
-    run_id: str
-    plan: MigrationPlan
-    fence: Fence | None
-    actor: str
-    shard_runner: ShardRunner
-    hooks: Hooks
-    _fenced: threading.Event = field(default_factory=threading.Event)
-    stop: StopRequest = field(default_factory=StopRequest)
-
-    def check(self) -> None:
-        """Raise FencedError if the heartbeat lost the lease, StopRequestedError if the run
-        was asked to stop (a signal, or the caller)."""
-        self.check_fenced()
-        if self.stop.is_set():
-            raise StopRequestedError(f"run {self.run_id}: {self.stop.reason}", resource=f"run:{self.run_id}")
-
-    def check_fenced(self) -> None:
-        if self._fenced.is_set():
-            raise FencedError(
-                f"run {self.run_id} lost the lease of tenant {self.plan.tenant_id}; stopping",
-                resource=f"run:{self.run_id}",
-            )
-
-    @property
-    def stopping(self) -> bool:
-        return self.stop.is_set()
-
-    def run_shards(self, step: str, shards: Sequence[int]) -> list[dict[str, Any]]:
-        stop = threading.Event()
-        poller = threading.Thread(target=self._poll_progress, args=(step, stop), daemon=True)
-        poller.start()
-        try:
-            return self.shard_runner(self.platform, self.run_id, step, shards, self.fence)
-        finally:
-            stop.set()
-            poller.join(timeout=5)
-            self._report_progress(step)
-
-    def _report_progress(self, step: str) -> None:
-        summary = self.platform.state.manifest_summary(self.run_id)
-        counts = self.platform.state.copy_counts(self.run_id)
-        done = counts.get(CopyStatus.VERIFIED, 0)
-        if step == "copy":
-            done += counts.get(CopyStatus.COPIED, 0)
-        self.hooks.on_progress(step, done, summary.entries if summary else 0)
-
-    def _poll_progress(self, step: str, stop: threading.Event) -> None:
-        while not stop.wait(1.0):
-            try:
-                self._report_progress(step)
-            except Exception:
-                log.debug("progress poll failed", exc_info=True)
-
-    def audit(self, action: str, details: dict[str, Any] | None = None) -> None:
-        self.platform.state.append_audit(
-            AuditEvent(
-                actor=self.actor,
-                action=action,
-                tenant_id=self.plan.tenant_id,
-                run_id=self.run_id,
-                details=details or {},
-            )
-        )
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from archive_kms.search import alias_name, rebuild_generation
 from archive_kms.state.port import CopyStatus, Flow, KeyMode, ManifestEntry, StepState
 
 if TYPE_CHECKING:
-    from archive_kms.migration.engine import RunContext
+    from archive_kms.migration.context import RunContext
 
 Step = Callable[["RunContext"], dict[str, Any]]
 
@@ -465,15 +465,15 @@ def _records(ctx: RunContext, store: Any):
     from concurrent.futures import ThreadPoolExecutor
 
     from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter
-    from archive_kms.migration.copying import _dek_lookup
     from archive_kms.operations.archive import workspace_of
+    from archive_kms.operations.reading import dek_lookup
 
     tenant, kc = ctx.plan.tenant_id, ctx.platform.keychain
 
     def load(name: bytes) -> Record:
         binding = ObjectBinding(tenant, workspace_of(name), name)
         with store.open_read(name) as reader:
-            return Record.from_json(b"".join(decrypt_iter(reader, binding=binding, dek_for=_dek_lookup(kc, tenant))))
+            return Record.from_json(b"".join(decrypt_iter(reader, binding=binding, dek_for=dek_lookup(kc, tenant))))
 
     names = (info.name for info in store.list(RECORD_PREFIX))
     with ThreadPoolExecutor(max_workers=ctx.plan.threads_per_shard * 2, thread_name_prefix="akms-etl") as pool:

@@ -17,8 +17,8 @@ from typing import Any
 
 from archive_kms.domain.tenants import TenantId
 from archive_kms.errors import IntegrityError, StateError
-from archive_kms.migration.copying import read_plaintext_digest
 from archive_kms.operations.archive import RECORD_PREFIX
+from archive_kms.operations.reading import read_plaintext_digest
 from archive_kms.storage import Location
 
 DEFAULT_THREADS = 8
