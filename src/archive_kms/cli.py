@@ -16,6 +16,7 @@ from archive_kms.config import PROJECT_ROOT
 
 if TYPE_CHECKING:
     from archive_kms.operations.platform import Platform
+    from archive_kms.state.port import MigrationRun, RunRepo, StateStore
 
 app = typer.Typer(no_args_is_help=True, help="archive_kms: tenant archives under the tenant's own key.")
 stack_app = typer.Typer(
@@ -399,9 +400,10 @@ def _submitted(started: _Any, as_json: bool) -> None:
 
 @_dataclass(frozen=True)
 class _StateOnly:
-    """What the run report reads (``platform.state``) without the clouds, keys or index."""
+    """What the run report and a waiver read (``platform.state``) without the clouds, keys
+    or index (``migration.report.HasRunLedger``, ``migration.engine.HasRunStore``)."""
 
-    state: _Any
+    state: StateStore
 
 
 def _state_only() -> _StateOnly:
@@ -411,7 +413,7 @@ def _state_only() -> _StateOnly:
     return _StateOnly(open_state(Settings().state_url))
 
 
-def _require_run(state: _Any, run_id: str):
+def _require_run(state: RunRepo, run_id: str) -> MigrationRun:
     run = state.get_run(run_id)
     if run is None:
         raise StateError(f"unknown run {run_id!r}: see `archive-kms runs list`", resource=f"run:{run_id}")

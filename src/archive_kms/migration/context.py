@@ -12,17 +12,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from archive_kms.errors import FencedError
+from archive_kms.errors import FencedError, StateError
 from archive_kms.migration.plan import MigrationPlan
 from archive_kms.migration.stopping import StopRequest, StopRequestedError
-from archive_kms.state.port import AuditEvent, CopyStatus, Fence
+from archive_kms.operations.platform import Platform
+from archive_kms.state.port import AuditEvent, CopyStatus, Fence, ManifestSummary, MigrationRun, TenantRecord
 
 __all__ = ["Hooks", "RunContext", "ShardRunner"]
 
 log = logging.getLogger(__name__)
 
 #: (platform, run_id, step, shards, fence) -> one result dict per shard
-ShardRunner = Callable[[Any, str, str, Sequence[int], Fence | None], list[dict[str, Any]]]
+ShardRunner = Callable[[Platform, str, str, Sequence[int], Fence | None], list[dict[str, Any]]]
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Hooks:
 
 @dataclass
 class RunContext:
-    platform: Any
+    platform: Platform
     run_id: str
     plan: MigrationPlan
     fence: Fence | None
@@ -51,6 +52,29 @@ class RunContext:
         self.check_fenced()
         if self.stop.is_set():
             raise StopRequestedError(f"run {self.run_id}: {self.stop.reason}", resource=f"run:{self.run_id}")
+
+    def run(self) -> MigrationRun:
+        """The run as the state store has it now."""
+        run = self.platform.state.get_run(self.run_id)
+        if run is None:
+            raise StateError(f"run {self.run_id} disappeared from the state store", resource=f"run:{self.run_id}")
+        return run
+
+    def tenant(self) -> TenantRecord:
+        """The run's tenant as the registry has it now."""
+        tenant = self.platform.state.get_tenant(self.plan.tenant_id)
+        if tenant is None:
+            raise StateError(f"tenant {self.plan.tenant_id} disappeared", resource=f"tenant:{self.plan.tenant_id}")
+        return tenant
+
+    def manifest_summary(self) -> ManifestSummary:
+        """The run's manifest totals (the manifest step made it)."""
+        summary = self.platform.state.manifest_summary(self.run_id)
+        if summary is None:
+            raise StateError(
+                f"run {self.run_id} has no manifest: rerun it from the manifest step", resource=f"run:{self.run_id}"
+            )
+        return summary
 
     def check_fenced(self) -> None:
         if self._fenced.is_set():
