@@ -53,7 +53,7 @@ from archive_kms.errors import (
 )
 from archive_kms.keys.keychain import DataKey
 from archive_kms.search import IndexMode, SearchIndex, SearchKeys
-from archive_kms.state.port import AuditEvent, AuditLog, DeferredJob, Fence, GateRepo, JobState
+from archive_kms.state.port import Admission, AuditEvent, AuditLog, DeferredJob, Fence, GateRepo, JobState
 from archive_kms.storage.port import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -537,7 +537,14 @@ def submit_job(state: JobGate, spec: JobSpec, open_archive: Callable[[str], Tena
         if decision == "deferred":
             _audit(state, spec.tenant_id, "job.deferred", {"job_id": spec.job_id, "kind": spec.kind})
         return JobOutcome(spec.job_id, spec.tenant_id, decision)
-    return _run(state, spec, admission.attempt, open_archive)
+    return _run(state, spec, _attempt(admission), open_archive)
+
+
+def _attempt(admission: Admission) -> int:
+    """The attempt number of an admission to run (the gate numbers every run)."""
+    if admission.attempt is None:
+        raise StateError(f"job {admission.job_id} was admitted to run without an attempt number")
+    return admission.attempt
 
 
 def _audit(state: AuditLog, tenant_id: str, action: str, details: dict[str, Any], run_id: str | None = None) -> None:
@@ -660,7 +667,7 @@ def replay_deferred(
             if admission.decision.value != "run":  # completed by an earlier replayer, or running now
                 outcomes.append(JobOutcome(job.job_id, tenant_id, "duplicate"))
                 continue
-            outcomes.append(_run(state, job, admission.attempt, open_archive, run_id=run_id))
+            outcomes.append(_run(state, job, _attempt(admission), open_archive, run_id=run_id))
         claimed = state.claim_deferred(tenant_id, reclaim_after=reclaim_after)
     return outcomes
 
@@ -671,7 +678,10 @@ def park_deferred_job(state: JobGate, tenant_id: str, job_id: str, *, reason: st
     gate if that drained it; the parking is audited (ids, reason, actor: never content).
     The job's content is not archived: the writer must send it again under a new job id."""
     parked = state.park_deferred(tenant_id, job_id, reason=reason, actor=actor)
-    who, why = parked.parked["actor"], parked.parked["reason"]  # as the store kept them (trimmed)
+    mark = parked.parked
+    if mark is None:
+        raise StateError(f"job {job_id} of tenant {tenant_id} was not parked", resource=f"job:{job_id}")
+    who, why = mark["actor"], mark["reason"]  # as the store kept them (trimmed)
     state.append_audit(
         AuditEvent(
             actor=who, action="job.parked", tenant_id=tenant_id, details={"job_id": job_id, "reason": why, "actor": who}
