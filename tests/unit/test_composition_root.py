@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from archive_kms.keys.aws_kms import AwsKmsKeyProvider
 from archive_kms.keys.azure_key_vault import AzureKeyVaultKeyProvider
 from archive_kms.keys.kmip import KmipKeyProvider
@@ -20,12 +22,28 @@ from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import create_tenant
 from archive_kms.storage import Location
 
+_SNAPSHOT = "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
 
-def _modules_after(code: str) -> set[str]:
-    """The top-level packages loaded by a fresh interpreter after running ``code``."""
-    script = code + "\nimport json, sys\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120).stdout
-    return set(json.loads(out.strip().splitlines()[-1]))
+_SCRIPT = f"""
+import json, sys
+from archive_kms.operations.platform import Platform
+{_SNAPSHOT}
+from archive_kms.config import Settings
+from archive_kms.keys.registry import KeyProviderRegistry
+s = Settings(aws_endpoint_url="http://127.0.0.1:9", aws_region="eu-west-1")
+p = KeyProviderRegistry(s).resolve("aws-kms://arn:aws:kms:eu-west-1:111122223333:key/0b5f1c9e-6f3c-4a57-9d1e-2f7f2a0c1d11")
+assert p._kms.meta.region_name == "eu-west-1"
+{_SNAPSHOT}
+"""
+
+
+@pytest.fixture(scope="module")
+def loaded() -> tuple[set[str], set[str]]:
+    """Top-level packages a fresh interpreter has loaded after importing ``Platform``, and
+    after then resolving an AWS KMS key through the registry (one subprocess for both)."""
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, check=True, timeout=120)
+    after_import, after_resolve = (set(json.loads(line)) for line in out.stdout.strip().splitlines()[-2:])
+    return after_import, after_resolve
 
 
 def test_registry_maps_each_scheme_to_its_adapter_class():
@@ -37,25 +55,18 @@ def test_registry_maps_each_scheme_to_its_adapter_class():
     }
 
 
-def test_resolving_an_aws_key_builds_a_kms_client_without_importing_other_sdks():
-    loaded = _modules_after(
-        "from archive_kms.config import Settings\n"
-        "from archive_kms.keys.registry import KeyProviderRegistry\n"
-        "s = Settings(aws_endpoint_url='http://127.0.0.1:9', aws_region='eu-west-1')\n"
-        "p = KeyProviderRegistry(s).resolve('aws-kms://arn:aws:kms:eu-west-1:111122223333:key/"
-        "0b5f1c9e-6f3c-4a57-9d1e-2f7f2a0c1d11')\n"
-        "assert p._kms.meta.region_name == 'eu-west-1'\n"
-    )
-    assert "boto3" in loaded
-    assert not loaded & {"azure", "kmip", "elasticsearch"}
+def test_resolving_an_aws_key_builds_a_kms_client_without_importing_other_sdks(loaded):
+    _, after_resolve = loaded
+    assert "boto3" in after_resolve
+    assert not after_resolve & {"azure", "kmip", "elasticsearch"}
 
 
-def test_importing_the_platform_type_loads_no_backend():
+def test_importing_the_platform_type_loads_no_backend(loaded):
     """Every operation and step imports ``Platform`` for its type; the cloud SDKs load only
     when a constructor builds a client (SQLAlchemy does load: the ``state`` package
     exports its SQL store)."""
-    loaded = _modules_after("from archive_kms.operations.platform import Platform")
-    assert not loaded & {"boto3", "botocore", "azure", "elasticsearch", "kmip", "prefect"}
+    after_import, _ = loaded
+    assert not after_import & {"boto3", "botocore", "azure", "elasticsearch", "kmip", "prefect"}
 
 
 def test_tenant_creation_provisions_its_shared_location_through_the_provisioner():
