@@ -71,7 +71,7 @@ from archive_kms.migration import (
     trigger,
 )
 from archive_kms.migration.engine import get_run, shard_function
-from archive_kms.operations.launch import run_tags
+from archive_kms.migration.launch import run_tags
 from archive_kms.operations.platform import Platform
 from archive_kms.state.port import Fence, Flow, RunState
 from archive_kms.storage import Cloud
@@ -444,7 +444,7 @@ def _start(platform: Platform, plan: MigrationPlan, *, actor: str, task_runner: 
     return _drive(platform, run.run_id, task_runner, lambda **kw: execute(platform, run.run_id, actor=actor, **kw))
 
 
-def _submitted(platform: Any, run_id: str, tenant: str, flow_kind: Flow) -> Any:
+def _submitted(platform: Platform, run_id: str, tenant: str, flow_kind: Flow) -> Any:
     """The run the console or CLI triggered and submitted with this flow run."""
     run = platform.state.get_run(run_id)
     if run is None:
@@ -456,7 +456,7 @@ def _submitted(platform: Any, run_id: str, tenant: str, flow_kind: Flow) -> Any:
     return run
 
 
-def _execute_submitted(platform: Any, run: Any, *, actor: str, task_runner: str) -> dict[str, Any]:
+def _execute_submitted(platform: Platform, run: Any, *, actor: str, task_runner: str) -> dict[str, Any]:
     if run.state is not RunState.RUNNING:  # a duplicate delivery of the flow run: report, never redo
         get_run_logger().info("run %s is %s already: nothing to execute", run.run_id, run.state.value)
         return _answer(

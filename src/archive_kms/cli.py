@@ -616,7 +616,7 @@ def enable_cmd(
     _check_task_runner(task_runner)
     _prefect_api()
     if not wait:
-        from archive_kms.operations.launch import start_enable
+        from archive_kms.migration.launch import start_enable
 
         started = start_enable(
             _platform(),
@@ -670,7 +670,7 @@ def remove_cmd(
         return
     _prefect_api()
     if not wait:
-        from archive_kms.operations.launch import start_remove
+        from archive_kms.migration.launch import start_remove
 
         started = start_remove(
             _platform(), _launcher(), tenant, actor=_operator(), shards=shards, task_runner=task_runner
@@ -763,7 +763,7 @@ def _follow(view: _Any, run_id: str, interval: float, as_json: bool) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from archive_kms.operations.launch import follow
+    from archive_kms.migration.launch import follow
 
     launcher = None
     try:
@@ -823,7 +823,7 @@ def _snapshot_dict(snap: _Any) -> dict[str, _Any]:
 def _submit_support(
     run_id: str, action: str, *, takeover: bool, task_runner: str, as_json: bool, from_step: str | None = None
 ) -> None:
-    from archive_kms.operations.launch import start_support
+    from archive_kms.migration.launch import start_support
 
     _prefect_api()
     started = start_support(

@@ -101,7 +101,7 @@ def test_follow_of_a_run_whose_flow_run_crashed_exits_1(stack_platform, new_tena
     from archive_kms.flows.launcher import PrefectLauncher
 
     from archive_kms.migration import plan_enable, trigger
-    from archive_kms.operations.launch import run_tags
+    from archive_kms.migration.launch import run_tags
 
     p = stack_platform
     tenant = new_tenant_id()

@@ -48,7 +48,8 @@ from archive_kms.errors import (
     StateError,
     ValidationError,
 )
-from archive_kms.operations.launch import RunLauncher, Started
+from archive_kms.migration.launch import RunLauncher, Started
+from archive_kms.operations.platform import Platform
 from archive_kms.state.console import ApprovalRequest, ApprovalState, ConsoleStore
 from archive_kms.state.port import AuditEvent, RunState
 
@@ -64,7 +65,7 @@ MAX_AUDIT_UPLOAD_BYTES = 20 * 1024 * 1024
 class Console:
     """Everything the API works with, built once per process (``console_from_settings``)."""
 
-    platform: Any
+    platform: Platform
     store: ConsoleStore
     launcher: RunLauncher
     keys: TokenKeys
@@ -440,7 +441,7 @@ def create_app(console: Console) -> FastAPI:
     def _support(
         run_id: str, action: str, p: Principal, body: m.TakeoverBody, from_step: str | None = None
     ) -> dict[str, Any]:
-        from archive_kms.operations.launch import start_support
+        from archive_kms.migration.launch import start_support
 
         run = run_of(p, run_id)
         require(p, Permission.SUPPORT, f"{action} runs")

@@ -20,6 +20,7 @@ from archive_kms.errors import ConfigurationError, StateError, ValidationError
 from archive_kms.keys.aws_kms import AwsKmsKeyProvider
 from archive_kms.keys.port import KeyProvider
 from archive_kms.keys.refs import AwsKmsKeyRef, parse_key_ref
+from archive_kms.operations.blast_radius import register_dry_run
 from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import MANAGED_KEY_REF, shared_location
 from archive_kms.search import index_name
@@ -239,6 +240,24 @@ def plan_remove(
         source_key_ref=platform.keychain.status(t.tenant_id).l1_ref,
         **_fanout(shards, parallel_shards, threads_per_shard),
     )
+
+
+def _describe_remove(platform: Platform, tenant_id: str) -> list[str]:
+    """The remove flow's blast-radius lines (``operations.blast_radius``)."""
+    plan = plan_remove(platform, tenant_id)  # the refusals the run would give
+    source, dest = plan.source_location.uri, plan.destination_location.uri
+    lines = [
+        f"pause archive jobs of {tenant_id} (new jobs are queued and replayed after the run)",
+        f"copy and re-encrypt every object from {source} to {dest} under the managed key ({plan.key_ref})",
+        "verify every object (count, size, plaintext digest) before cutover",
+        f"build index {plan.new_index} from the new storage (plaintext search index)",
+        f"cut over, then delete {source}" + (f" and index {plan.old_index}" if plan.old_index else ""),
+        f"the customer key {plan.source_key_ref} is no longer used for {tenant_id}",
+    ]
+    return lines
+
+
+register_dry_run("remove", _describe_remove)
 
 
 __all__ = [
