@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.config import Settings
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.keys.memory import MemoryKms
@@ -69,7 +69,7 @@ def main() -> None:
     report("memory", "unwrap", timed(lambda: mem.unwrap(w, context=CTX), n), None)
 
     # aws-kms (LocalStack)
-    kms = wiring.kms_client(s)
+    kms = clients.kms_client(s)
     arn = kms.create_key(Description="bench")["KeyMetadata"]["Arn"]
     try:
         aws = registry.resolve(f"aws-kms://{arn}")
@@ -85,7 +85,7 @@ def main() -> None:
     from azure.core.rest import HttpRequest
     from azure.keyvault.keys.crypto import KeyWrapAlgorithm
 
-    kc = wiring.keyvault_key_client(s)
+    kc = clients.keyvault_key_client(s)
     name = f"bench-{uuid.uuid4().hex[:8]}"
     key = kc.create_rsa_key(name, size=2048, key_operations=["wrapKey", "unwrapKey"])
     try:
@@ -95,7 +95,7 @@ def main() -> None:
         path = f"/keys/{name}/{key.properties.version}/wrapkey"
         raw_w = timed(lambda: kc.send_request(HttpRequest("POST", path, json=body)), n)
         report("azure-kv", "wrap", timed(lambda: kv.wrap(secret, context=CTX), n), raw_w)
-        cc = wiring.keyvault_crypto_client(key.id, s)
+        cc = clients.keyvault_crypto_client(key.id, s)
         raw_u = timed(lambda: cc.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, w.ciphertext), n)
         report("azure-kv", "unwrap", timed(lambda: kv.unwrap(w, context=CTX), n), raw_u)
     finally:
@@ -108,7 +108,7 @@ def main() -> None:
 
     from archive_kms.keys.kmip import _gcm_parameters
 
-    admin = wiring.kmip_client(s)
+    admin = clients.kmip_client(s)
     with admin:
         uid = admin.create(enums.CryptographicAlgorithm.AES, 256, name=f"bench-{uuid.uuid4().hex[:6]}")
         admin.activate(uid)

@@ -53,8 +53,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.config import Settings
+from archive_kms.operations.platform import Platform
 
 MIB = 1024 * 1024
 RCLONE_REMOTE = "ls"  # the rclone remote name, configured only through RCLONE_CONFIG_LS_* variables
@@ -135,7 +136,7 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> Measured:
 
 def build_platform(state_url: str):
     settings = Settings(state_url=state_url)
-    return wiring.build_platform(settings), settings
+    return Platform.from_settings(settings), settings
 
 
 def generate_archive(platform: Any, tenant: str, *, records: int, mix: str, seed: int) -> dict[str, Any]:
@@ -306,14 +307,17 @@ def cleanup(
         steps.append(("shared prefix", lambda: _delete_prefix(s3, settings.shared_bucket, shared_prefix)))
 
     def indices() -> None:
-        es = wiring.elasticsearch_client(settings)
+        es = clients.elasticsearch_client(settings)
         for name in es.options(ignore_status=404).indices.get(index=es_index_pattern(tenant)):
             es.indices.delete(index=name)
 
     steps.append(("search indices", indices))
     if key_arn:
         steps.append(
-            ("kms key", lambda: wiring.kms_client(settings).schedule_key_deletion(KeyId=key_arn, PendingWindowInDays=7))
+            (
+                "kms key",
+                lambda: clients.kms_client(settings).schedule_key_deletion(KeyId=key_arn, PendingWindowInDays=7),
+            )
         )
     for what, fn in steps:
         try:
@@ -340,7 +344,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="akms-bench-mig-"))
     state_url = f"sqlite:///{tmp / 'state.db'}"
     platform, settings = build_platform(state_url)
-    s3 = wiring.aws_client("s3", settings)
+    s3 = clients.aws_client("s3", settings)
     run_tag = uuid.uuid4().hex[:8]
     # The generated data depends on the tenant id: a fixed tag gives every run the same data.
     tenant = f"{TENANT_PREFIX}-{args.tenant_tag or run_tag}"
@@ -371,7 +375,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                 f"{(objects, source_bytes)}):\n{rclone.stderr[-4000:]}"
             )
 
-        key_arn = wiring.kms_client(settings).create_key(Description=f"bench {tenant}")["KeyMetadata"]["Arn"]
+        key_arn = clients.kms_client(settings).create_key(Description=f"bench {tenant}")["KeyMetadata"]["Arn"]
         from archive_kms.domain.tenants import dedicated_s3_bucket_name
 
         buckets.append(dedicated_s3_bucket_name(tenant))

@@ -1,6 +1,6 @@
 """``RunLauncher`` on Prefect: flow runs created from the deployments of ``prefect.yaml``
 through the Prefect API (``prefect_api_url``), for a worker of the ``archive-kms`` work
-pool to execute. The library's ``operations.launch`` decides what to submit; this module
+pool to execute. The library's ``migration.launch`` decides what to submit; this module
 only talks to Prefect.
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from archive_kms.errors import ConfigurationError, ServiceUnavailableError
-from archive_kms.operations.launch import Launch, LaunchState
+from archive_kms.migration.launch import Launch, LaunchState
 
 #: Prefect state types that end a flow run.
 _TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

@@ -70,8 +70,9 @@ from archive_kms.migration import (
     resume,
     trigger,
 )
-from archive_kms.migration.engine import shard_function
-from archive_kms.operations.launch import run_tags
+from archive_kms.migration.engine import get_run, shard_function
+from archive_kms.migration.launch import run_tags
+from archive_kms.operations.platform import Platform
 from archive_kms.state.port import Fence, Flow, RunState
 from archive_kms.storage import Cloud
 
@@ -126,24 +127,22 @@ def _library_log_level() -> None:
 
 # --- one platform per process -----------------------------------------------------------------
 
-_platforms: dict[tuple[int, str], Any] = {}
+_platforms: dict[tuple[int, str], Platform] = {}
 _platforms_lock = threading.Lock()
 
 
-def process_platform(settings: Settings | None = None) -> Any:
+def process_platform(settings: Settings | None = None) -> Platform:
     """This process's platform for ``settings`` (default: the environment), built once.
 
     Keyed by process id, so a forked worker never reuses its parent's connections, and by
     the settings (secrets masked), so a process whose configuration changed gets a new one."""
-    from archive_kms.wiring import build_platform
-
     settings = settings or Settings()
     _library_log_level()
     key = (os.getpid(), settings.model_dump_json())
     with _platforms_lock:
         platform = _platforms.get(key)
         if platform is None:
-            platform = _platforms[key] = build_platform(settings)
+            platform = _platforms[key] = Platform.from_settings(settings)
         return platform
 
 
@@ -173,13 +172,13 @@ class PrefectShardRunner:
         self.task_runner = task_runner
         self.ran: dict[str, list[dict[str, Any]]] = {}
 
-    def _window(self, platform: Any, run_id: str) -> int | None:
+    def _window(self, platform: Platform, run_id: str) -> int | None:
         if not isinstance(self.task_runner, ThreadPoolTaskRunner):
             return None
-        return MigrationPlan.from_params(platform.state.get_run(run_id).params).parallel_shards
+        return MigrationPlan.from_params(get_run(platform, run_id).params).parallel_shards
 
     def __call__(
-        self, platform: Any, run_id: str, step: str, shards: Sequence[int], fence: Fence | None
+        self, platform: Platform, run_id: str, step: str, shards: Sequence[int], fence: Fence | None
     ) -> list[dict[str, Any]]:
         window = self._window(platform, run_id)
         futures: list[PrefectFuture[dict[str, Any]]] = []
@@ -254,8 +253,8 @@ class ArtifactReporter:
     steps complete and objects are copied/verified. Never fails the run: progress is
     best effort (the state store is the truth, ``archive-kms runs show`` reads it)."""
 
-    def __init__(self, platform: Any, run_id: str) -> None:
-        run = platform.state.get_run(run_id)
+    def __init__(self, platform: Platform, run_id: str) -> None:
+        run = get_run(platform, run_id)
         self.tenant_id, self.run_id = run.tenant_id, run_id
         self.logger = get_run_logger()
         self._steps_done = progress(platform, run)["steps_done"]
@@ -403,14 +402,16 @@ def _check_task_runner(name: Any) -> str:
     return name
 
 
-def _answer(platform: Any, outcome: Outcome, shards: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+def _answer(
+    platform: Platform, outcome: Outcome, shards: dict[str, list[dict[str, Any]]] | None = None
+) -> dict[str, Any]:
     answer = {"outcome": outcome.to_dict(), "report": build_report(platform, outcome.run_id)}
     if shards:
         answer["shards"] = shards
     return answer
 
 
-def _drive(platform: Any, run_id: str, task_runner: str, call: Callable[..., Outcome]) -> dict[str, Any]:
+def _drive(platform: Platform, run_id: str, task_runner: str, call: Callable[..., Outcome]) -> dict[str, Any]:
     """Run ``call`` (execute / resume / rerun of the engine) with Prefect shard tasks and
     artifact hooks; the answer the flows return."""
     if platform.state.get_run(run_id) is None:
@@ -430,7 +431,7 @@ def _drive(platform: Any, run_id: str, task_runner: str, call: Callable[..., Out
     return answer
 
 
-def _start(platform: Any, plan: MigrationPlan, *, actor: str, task_runner: str) -> dict[str, Any]:
+def _start(platform: Platform, plan: MigrationPlan, *, actor: str, task_runner: str) -> dict[str, Any]:
     run, created = trigger(platform, plan, actor=actor)
     if not created:  # one flow per tenant: report the run already going, never execute it twice
         get_run_logger().info("tenant %s already has %s run %s going", plan.tenant_id, run.flow.value, run.run_id)
@@ -443,7 +444,7 @@ def _start(platform: Any, plan: MigrationPlan, *, actor: str, task_runner: str) 
     return _drive(platform, run.run_id, task_runner, lambda **kw: execute(platform, run.run_id, actor=actor, **kw))
 
 
-def _submitted(platform: Any, run_id: str, tenant: str, flow_kind: Flow) -> Any:
+def _submitted(platform: Platform, run_id: str, tenant: str, flow_kind: Flow) -> Any:
     """The run the console or CLI triggered and submitted with this flow run."""
     run = platform.state.get_run(run_id)
     if run is None:
@@ -455,7 +456,7 @@ def _submitted(platform: Any, run_id: str, tenant: str, flow_kind: Flow) -> Any:
     return run
 
 
-def _execute_submitted(platform: Any, run: Any, *, actor: str, task_runner: str) -> dict[str, Any]:
+def _execute_submitted(platform: Platform, run: Any, *, actor: str, task_runner: str) -> dict[str, Any]:
     if run.state is not RunState.RUNNING:  # a duplicate delivery of the flow run: report, never redo
         get_run_logger().info("run %s is %s already: nothing to execute", run.run_id, run.state.value)
         return _answer(

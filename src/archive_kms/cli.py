@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 
 from archive_kms import __version__
 from archive_kms.config import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    from archive_kms.operations.platform import Platform
+    from archive_kms.state.port import MigrationRun, RunRepo, StateStore
 
 app = typer.Typer(no_args_is_help=True, help="archive_kms: tenant archives under the tenant's own key.")
 stack_app = typer.Typer(
@@ -75,11 +80,11 @@ app.add_typer(tenant_app, name="tenant")
 app.add_typer(audit_app, name="audit")
 
 
-def _platform():
+def _platform() -> Platform:
     from archive_kms.config import Settings
-    from archive_kms.wiring import build_platform
+    from archive_kms.operations.platform import Platform
 
-    return build_platform(Settings())  # read now: environment and endpoints file of this invocation
+    return Platform.from_settings(Settings())  # read now: environment and endpoints file of this invocation
 
 
 def _emit(as_json: bool, data, human: str) -> None:
@@ -395,9 +400,10 @@ def _submitted(started: _Any, as_json: bool) -> None:
 
 @_dataclass(frozen=True)
 class _StateOnly:
-    """What the run report reads (``platform.state``) without the clouds, keys or index."""
+    """What the run report and a waiver read (``platform.state``) without the clouds, keys
+    or index (``migration.report.HasRunLedger``, ``migration.engine.HasRunStore``)."""
 
-    state: _Any
+    state: StateStore
 
 
 def _state_only() -> _StateOnly:
@@ -407,7 +413,7 @@ def _state_only() -> _StateOnly:
     return _StateOnly(open_state(Settings().state_url))
 
 
-def _require_run(state: _Any, run_id: str):
+def _require_run(state: RunRepo, run_id: str) -> MigrationRun:
     run = state.get_run(run_id)
     if run is None:
         raise StateError(f"unknown run {run_id!r}: see `archive-kms runs list`", resource=f"run:{run_id}")
@@ -610,7 +616,7 @@ def enable_cmd(
     _check_task_runner(task_runner)
     _prefect_api()
     if not wait:
-        from archive_kms.operations.launch import start_enable
+        from archive_kms.migration.launch import start_enable
 
         started = start_enable(
             _platform(),
@@ -664,7 +670,7 @@ def remove_cmd(
         return
     _prefect_api()
     if not wait:
-        from archive_kms.operations.launch import start_remove
+        from archive_kms.migration.launch import start_remove
 
         started = start_remove(
             _platform(), _launcher(), tenant, actor=_operator(), shards=shards, task_runner=task_runner
@@ -757,7 +763,7 @@ def _follow(view: _Any, run_id: str, interval: float, as_json: bool) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from archive_kms.operations.launch import follow
+    from archive_kms.migration.launch import follow
 
     launcher = None
     try:
@@ -817,7 +823,7 @@ def _snapshot_dict(snap: _Any) -> dict[str, _Any]:
 def _submit_support(
     run_id: str, action: str, *, takeover: bool, task_runner: str, as_json: bool, from_step: str | None = None
 ) -> None:
-    from archive_kms.operations.launch import start_support
+    from archive_kms.migration.launch import start_support
 
     _prefect_api()
     started = start_support(

@@ -1,6 +1,6 @@
 """The main job, end to end, on the local cloud (`make demo`).
 
-1. Every service answers through the project's wiring (S3 and KMS on LocalStack, Blob on
+1. Every service answers through the project's clients (S3 and KMS on LocalStack, Blob on
    Azurite, Elasticsearch, Key Vault, the KMIP HSM, the Prefect server).
 2. Tenants on S3 and Azure are archived, searched, read back, paused with a job deferred
    and replayed once.
@@ -22,12 +22,13 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.table import Table
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.config import Settings
+from archive_kms.operations.platform import Platform
 
 
 def _s3(settings: Settings) -> str:
-    s3 = wiring.aws_client("s3", settings)
+    s3 = clients.aws_client("s3", settings)
     bucket = f"demo-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key="hello", Body=b"hello")
@@ -38,7 +39,7 @@ def _s3(settings: Settings) -> str:
 
 
 def _kms(settings: Settings) -> str:
-    kms = wiring.aws_client("kms", settings)
+    kms = clients.aws_client("kms", settings)
     key = kms.create_key(Description="archive-kms demo")["KeyMetadata"]["KeyId"]
     blob = kms.encrypt(KeyId=key, Plaintext=b"x", EncryptionContext={"tenant": "demo"})["CiphertextBlob"]
     kms.decrypt(CiphertextBlob=blob, EncryptionContext={"tenant": "demo"})
@@ -53,7 +54,7 @@ def _kms(settings: Settings) -> str:
 
 
 def _blob(settings: Settings) -> str:
-    svc = wiring.blob_service_client(settings)
+    svc = clients.blob_service_client(settings)
     c = svc.create_container(f"demo-{uuid.uuid4().hex[:10]}")
     c.upload_blob("hello", b"hello")
     ok = c.download_blob("hello").readall() == b"hello"
@@ -62,7 +63,7 @@ def _blob(settings: Settings) -> str:
 
 
 def _es(settings: Settings) -> str:
-    es = wiring.elasticsearch_client(settings)
+    es = clients.elasticsearch_client(settings)
     idx = f"demo-{uuid.uuid4().hex[:10]}"
     es.index(index=idx, id="1", document={"t": "hello archive"}, refresh=True)
     n = es.count(index=idx, query={"match": {"t": "archive"}})["count"]
@@ -73,11 +74,11 @@ def _es(settings: Settings) -> str:
 def _kv(settings: Settings) -> str:
     from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 
-    kc = wiring.keyvault_key_client(settings)
+    kc = clients.keyvault_key_client(settings)
     key = kc.create_rsa_key(
         f"demo-{uuid.uuid4().hex[:10]}", size=2048, key_operations=["wrapKey", "unwrapKey", "encrypt", "decrypt"]
     )
-    cc = CryptographyClient(key.id, wiring.keyvault_credential(settings), **wiring.keyvault_client_kwargs(settings))
+    cc = CryptographyClient(key.id, clients.keyvault_credential(settings), **clients.keyvault_client_kwargs(settings))
     secret = os.urandom(32)
     w = cc.wrap_key(KeyWrapAlgorithm.rsa_oaep_256, secret).encrypted_key
     ok = cc.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, w).key == secret
@@ -89,7 +90,7 @@ def _kv(settings: Settings) -> str:
 def _kmip(settings: Settings) -> str:
     from kmip import enums
 
-    with wiring.kmip_client(settings) as c:
+    with clients.kmip_client(settings) as c:
         uid = c.create(enums.CryptographicAlgorithm.AES, 256)
         c.activate(uid)
         p = {
@@ -122,7 +123,7 @@ def _archive_demo(console: Console, settings: Settings) -> int:
     from archive_kms.search import Query
     from archive_kms.synthetic import generate_records
 
-    platform = wiring.build_platform(settings)
+    platform = Platform.from_settings(settings)
     run = uuid.uuid4().hex[:6]
     table = Table(title="archive_kms: tenants archived and searched")
     for col in (
@@ -177,13 +178,13 @@ def _archive_demo(console: Console, settings: Settings) -> int:
 def _customer_key(settings: Settings, mode: str) -> str:
     """A fresh key as the customer would create it in their own key service."""
     if mode == "byokms":
-        arn = wiring.aws_client("kms", settings).create_key(Description="demo customer key")["KeyMetadata"]["Arn"]
+        arn = clients.aws_client("kms", settings).create_key(Description="demo customer key")["KeyMetadata"]["Arn"]
         return f"aws-kms://{arn}"
     if mode == "byok":
         from archive_kms.crypto.secrets import SecretBytes
         from archive_kms.keys.byok import ByokImporter, customer_wrap, sha256_hex
 
-        importer = ByokImporter(wiring.aws_client("kms", settings))
+        importer = ByokImporter(clients.aws_client("kms", settings))
         ref = importer.create_key(description="demo customer key (imported material)", tags={"purpose": "demo"})
         params = importer.import_parameters(ref, wrapping_key_spec="RSA_2048")
         upload = customer_wrap(params.public_key_pem, SecretBytes.random(32))  # the customer wraps; we see ciphertext
@@ -191,11 +192,11 @@ def _customer_key(settings: Settings, mode: str) -> str:
         return ref
     if mode == "byokv":
         name = f"demo-{uuid.uuid4().hex[:10]}"
-        wiring.keyvault_key_client(settings).create_rsa_key(name, size=2048, key_operations=["wrapKey", "unwrapKey"])
+        clients.keyvault_key_client(settings).create_rsa_key(name, size=2048, key_operations=["wrapKey", "unwrapKey"])
         return f"azure-kv://{settings.azure_keyvault_url.removeprefix('https://').rstrip('/')}/keys/{name}"
     from kmip.core import enums
 
-    with wiring.kmip_client(settings) as c:
+    with clients.kmip_client(settings) as c:
         uid = c.create(
             enums.CryptographicAlgorithm.AES,
             256,
@@ -226,7 +227,7 @@ def _migration_demo(console: Console, settings: Settings) -> int:
     from archive_kms.search import Query
     from archive_kms.state.port import GateState
 
-    platform = wiring.build_platform(settings)
+    platform = Platform.from_settings(settings)
     tag = uuid.uuid4().hex[:5]
     failed = 0
     reports = []

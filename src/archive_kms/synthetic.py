@@ -13,8 +13,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
+from archive_kms.crypto.keystream import aes_ctr_keystream
 from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
 
 _WORDS = [
@@ -88,13 +87,7 @@ class SizeMix:
 def keystream(seed: bytes, size: int, chunk: int = 1 << 20) -> Iterator[bytes]:
     """``size`` deterministic pseudo-random bytes, in chunks, constant memory."""
     key = hashlib.sha256(b"archive_kms/synthetic/" + seed).digest()
-    enc = Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
-    zeros = bytes(chunk)
-    left = size
-    while left > 0:
-        n = min(chunk, left)
-        yield enc.update(zeros[:n])
-        left -= n
+    return aes_ctr_keystream(key, size, chunk=chunk)
 
 
 def _record_id(rng: random.Random, prefix: str) -> str:

@@ -90,10 +90,10 @@ def _inserts(rows: dict[str, list[dict[str, Any]]], dialect: str) -> list[str]:
 def main() -> None:
     if importlib.util.find_spec("archive_kms.state.migrations") is not None:
         sys.exit("this is code with Alembic revisions: run with the d05c93c release first on PYTHONPATH")
+    from archive_kms.crypto.signing import Signer
     from archive_kms.keys.cache import KeyCache
     from archive_kms.keys.keychain import Keychain
     from archive_kms.keys.memory import MemoryKms
-    from archive_kms.keys.signing import Signer
     from archive_kms.state.audit import SignerHeadSealer
     from archive_kms.state.port import (
         AuditEvent,

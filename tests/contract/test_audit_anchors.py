@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import ConfigurationError, IntegrityError
 from archive_kms.state.anchors import AuditAnchor, MemoryAnchorStore, log_id, publish_anchor, verify_with_anchor
@@ -31,7 +31,7 @@ def anchor_store(request):
         yield MemoryAnchorStore()
         return
     settings = request.getfixturevalue("localstack")
-    s3 = wiring.aws_client("s3", settings)
+    s3 = clients.aws_client("s3", settings)
     # a fresh bucket per test: locked objects cannot be cleaned up, so names are never reused
     yield S3AnchorStore(s3, f"akms-anchors-test-{uuid.uuid4().hex[:12]}", retention_days=1)
 
@@ -50,7 +50,7 @@ def test_latest_is_the_highest_count_and_an_anchor_is_write_once(anchor_store) -
 
 
 def test_s3_anchors_cannot_be_deleted_before_their_retention(localstack) -> None:
-    s3 = wiring.aws_client("s3", localstack)
+    s3 = clients.aws_client("s3", localstack)
     bucket = f"akms-anchors-test-{uuid.uuid4().hex[:12]}"
     where = S3AnchorStore(s3, bucket, retention_days=1).publish(AuditAnchor(LOG, 5, H, datetime.now(UTC)))
     key = where.removeprefix(f"s3://{bucket}/")
@@ -67,7 +67,7 @@ def test_s3_anchors_cannot_be_deleted_before_their_retention(localstack) -> None
 
 
 def test_a_bucket_without_object_lock_is_refused(localstack) -> None:
-    s3 = wiring.aws_client("s3", localstack)
+    s3 = clients.aws_client("s3", localstack)
     bucket = f"akms-anchors-test-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
     with pytest.raises(ConfigurationError, match="Object Lock"):

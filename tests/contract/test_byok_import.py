@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import KeyImportError, KeyUnavailableError, ServiceUnavailableError, ValidationError
 from archive_kms.keys.aws_kms import AwsKmsKeyProvider
@@ -50,7 +50,7 @@ class CallCounter:
 
 @pytest.fixture
 def kms(localstack):
-    return wiring.kms_client(localstack, max_attempts=2)
+    return clients.kms_client(localstack, max_attempts=2)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import KeyNotFoundError, KeyUnavailableError, WrongKeyError
 from archive_kms.keys.byok import ByokImporter, customer_wrap, sha256_hex
@@ -126,7 +126,7 @@ class AwsKmsBackend(Backend):
 
     def __init__(self, settings) -> None:
         self.settings = settings
-        self.kms = wiring.kms_client(settings)
+        self.kms = clients.kms_client(settings)
         self.registry = KeyProviderRegistry(settings)
         self.created: list[str] = []
 
@@ -173,7 +173,7 @@ class ByokBackend(AwsKmsBackend):
 
     def __init__(self, settings) -> None:
         super().__init__(settings)
-        self.importer = ByokImporter(wiring.kms_client(settings, max_attempts=2))
+        self.importer = ByokImporter(clients.kms_client(settings, max_attempts=2))
 
     def new_key(self) -> Key:
         ref = self.importer.create_key(description="contract test (BYOK)", tags={"tenant": "acme"})
@@ -227,7 +227,7 @@ class AzureKeyVaultBackend(Backend):
 
     def __init__(self, settings) -> None:
         self.settings = settings
-        self.kc = wiring.keyvault_key_client(settings)
+        self.kc = clients.keyvault_key_client(settings)
         self.registry = KeyProviderRegistry(settings)
         self.host = settings.azure_keyvault_url.removeprefix("https://")
         self.created: list[str] = []
@@ -283,7 +283,7 @@ class KmipBackend(Backend):
         self.created: list[str] = []
 
     def _admin(self, action: Callable) -> object:
-        client = wiring.kmip_client(self.settings)
+        client = clients.kmip_client(self.settings)
         with client:
             return action(client)
 

@@ -14,8 +14,9 @@ from dataclasses import replace
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.crypto.envelope import ObjectBinding, decrypt_to_bytes, encrypt_bytes
+from archive_kms.crypto.signing import Signer
 from archive_kms.errors import KeyUnavailableError, WrongKeyError
 from archive_kms.keys.cache import KeyCache
 from archive_kms.keys.keychain import Keychain
@@ -23,7 +24,6 @@ from archive_kms.keys.keychain.records import RecordChecks
 from archive_kms.keys.keychain_store import InMemoryKeychainStore
 from archive_kms.keys.memory import MemoryKms
 from archive_kms.keys.registry import KeyProviderRegistry
-from archive_kms.keys.signing import Signer
 
 
 class MemoryL1:
@@ -51,7 +51,7 @@ class LocalStackKmsL1:
     name = "aws-kms"
 
     def __init__(self, settings) -> None:
-        self.client = wiring.kms_client(settings)
+        self.client = clients.kms_client(settings)
         self.registry = KeyProviderRegistry(settings)
         self.arns: list[str] = []
 

@@ -21,7 +21,7 @@ from datetime import timedelta
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.domain.tenants import TenantId
 from archive_kms.errors import ObjectExistsError, ObjectNotFoundError, TransientError, ValidationError
 from archive_kms.storage import locations as L
@@ -137,7 +137,7 @@ def _memory_harness() -> Iterator[Harness]:
 
 _CRASH_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys, time
-    from archive_kms import wiring
+    from archive_kms import clients
     from archive_kms.config import Settings
     from archive_kms.storage.locations import Cloud, Location, open_store
     from archive_kms.storage.naming import object_key
@@ -151,12 +151,12 @@ _CRASH_SCRIPT = textwrap.dedent("""
         # Asked of the service itself: parts upload in the background, so having cut two
         # parts from the stream does not mean they are stored yet.
         if loc.cloud is Cloud.S3:
-            s3 = wiring.aws_client("s3", settings)
+            s3 = clients.aws_client("s3", settings)
             ups = s3.list_multipart_uploads(Bucket=loc.bucket, Prefix=key).get("Uploads", [])
             return sum(len(s3.list_parts(Bucket=loc.bucket, Key=key, UploadId=u["UploadId"]).get("Parts", []))
                        for u in ups)
         from azure.core.exceptions import ResourceNotFoundError
-        blob = wiring.blob_service_client(settings).get_blob_client(loc.container, key)
+        blob = clients.blob_service_client(settings).get_blob_client(loc.container, key)
         try:
             return len(blob.get_block_list("uncommitted")[1])
         except ResourceNotFoundError:  # no block staged yet
@@ -189,7 +189,7 @@ def _crash_in_subprocess(location: L.Location, name: bytes) -> None:
 
 
 def _s3_harness(settings) -> Iterator[Harness]:
-    s3 = wiring.aws_client("s3", settings)
+    s3 = clients.aws_client("s3", settings)
     bucket = f"contract-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
     loc = L.shared_s3_location(TenantId("acme"), bucket)
@@ -228,7 +228,7 @@ def _s3_harness(settings) -> Iterator[Harness]:
 
 
 def _azure_harness(settings) -> Iterator[Harness]:
-    svc = wiring.blob_service_client(settings)
+    svc = clients.blob_service_client(settings)
     tenant = TenantId(f"acme-{uuid.uuid4().hex[:8]}")
     loc = L.shared_azure_location(tenant, svc.account_name)
     L.create_azure_container(svc, loc)
@@ -515,8 +515,8 @@ def test_reader_never_mixes_versions(backend):
 
 
 def test_s3_dedicated_bucket_sse_kms(localstack):
-    s3 = wiring.aws_client("s3", localstack)
-    kms = wiring.aws_client("kms", localstack)
+    s3 = clients.aws_client("s3", localstack)
+    kms = clients.aws_client("kms", localstack)
     key_arn = kms.create_key(Description="contract: dedicated bucket")["KeyMetadata"]["Arn"]
     tenant = TenantId(f"t{uuid.uuid4().hex[:10]}")
     loc = L.dedicated_s3_location(tenant, sse_kms_key_arn=key_arn, bucket_prefix="contract-ded")
@@ -544,8 +544,8 @@ def test_s3_dedicated_bucket_sse_kms(localstack):
 def test_s3_every_put_names_the_key_even_if_the_bucket_default_differs(localstack):
     """Defense in depth (A14): the adapter sends the key on every PUT, so an object lands
     under the tenant's key even while the bucket default is something else."""
-    s3 = wiring.aws_client("s3", localstack)
-    kms = wiring.aws_client("kms", localstack)
+    s3 = clients.aws_client("s3", localstack)
+    kms = clients.aws_client("kms", localstack)
     key_arn = kms.create_key(Description="contract: explicit sse")["KeyMetadata"]["Arn"]
     bucket = f"contract-sse-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
@@ -585,7 +585,7 @@ def _inject_200_error(s3, times: int) -> list[int]:
 
 
 def test_s3_200_with_error_body_is_retried(localstack, monkeypatch):
-    s3 = wiring.aws_client("s3", localstack)
+    s3 = clients.aws_client("s3", localstack)
     bucket = f"contract-200-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
     loc = L.shared_s3_location("acme", bucket)
@@ -615,7 +615,7 @@ def test_s3_read_resumes_after_connection_break(localstack):
     if the object changed in between the read fails instead (faults A3)."""
     from botocore.exceptions import ResponseStreamingError
 
-    s3 = wiring.aws_client("s3", localstack)
+    s3 = clients.aws_client("s3", localstack)
     bucket = f"contract-rd-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
     loc = L.shared_s3_location("acme", bucket)
@@ -666,7 +666,7 @@ def test_s3_read_resumes_after_connection_break(localstack):
 
 def test_azure_stale_blocks_of_a_crashed_attempt_are_never_committed(azurite):
     """A16: attempt 1 stages blocks and dies; attempt 2 commits only its own block ids."""
-    svc = wiring.blob_service_client(azurite)
+    svc = clients.blob_service_client(azurite)
     loc = L.shared_azure_location(f"acme-{uuid.uuid4().hex[:8]}", svc.account_name)
     L.create_azure_container(svc, loc)
     try:
@@ -687,7 +687,7 @@ def test_azure_stale_blocks_of_a_crashed_attempt_are_never_committed(azurite):
 
 
 def test_azure_dedicated_container_and_delete_location(azurite):
-    svc = wiring.blob_service_client(azurite)
+    svc = clients.blob_service_client(azurite)
     loc = L.dedicated_azure_location(f"acme-{uuid.uuid4().hex[:8]}", svc.account_name)
     assert loc.container.startswith("byok-")
     L.create_azure_container(svc, loc)
@@ -713,7 +713,7 @@ def test_s3_checksum_configuration_is_explicit(localstack):
     >= 1.36 defaults to CRC trailers some S3-compatible stores reject), and integrity is
     not left to that default: every PutObject and UploadPart carries our Content-MD5, and
     no CRC header or trailer is added behind our back."""
-    s3 = wiring.aws_client("s3", localstack)
+    s3 = clients.aws_client("s3", localstack)
     assert s3.meta.config.request_checksum_calculation == "when_required"
     assert s3.meta.config.response_checksum_validation == "when_required"
     bucket = f"contract-ck-{uuid.uuid4().hex[:10]}"
@@ -760,7 +760,7 @@ def test_missing_bucket_or_container_is_a_storage_error(request, kind):
         where = gone.bucket
     else:
         settings = request.getfixturevalue("azurite")
-        svc = wiring.blob_service_client(settings)
+        svc = clients.blob_service_client(settings)
         gone = L.shared_azure_location(f"gone-{uuid.uuid4().hex[:8]}", svc.account_name)
         store = L.open_store(gone, settings, blob_service=svc, part_size=PART)
         where = gone.container

@@ -1,4 +1,4 @@
-"""The ``RunLauncher`` contract (``operations.launch``), held by the Prefect launcher on the
+"""The ``RunLauncher`` contract (``migration.launch``), held by the Prefect launcher on the
 stack's server (its deployments made by the ``worker`` service) and by the recording
 launcher the console's unit tests use."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from archive_kms.errors import ConfigurationError
-from archive_kms.operations.launch import run_tags
+from archive_kms.migration.launch import run_tags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from console_fixtures import RecordingLauncher

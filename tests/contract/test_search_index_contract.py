@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.domain.records import AttachmentRef, Record
 from archive_kms.errors import (
@@ -171,7 +171,7 @@ def backend(request):
         return
 
     settings = request.getfixturevalue("elasticsearch")
-    client = wiring.elasticsearch_client(settings)
+    client = clients.elasticsearch_client(settings)
 
     def make_es(rejector: _Rejector | None = None) -> SearchIndex:
         return ElasticsearchSearchIndex(_RejectingClient(client, rejector) if rejector else client, backoff=0.01)

@@ -26,9 +26,9 @@ from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from archive_kms import cli
+from archive_kms.crypto.signing import Signer, Verifier
 from archive_kms.errors import ConfigurationError
 from archive_kms.keys.keychain.records import RecordChecks
-from archive_kms.keys.signing import Signer, Verifier
 from archive_kms.state.audit import SignatureHeadVerifier
 from archive_kms.state.port import AuditEvent, CopyStatus, DeferredState, KeyMode, StepState, TenantRecord
 from archive_kms.state.schema import metadata

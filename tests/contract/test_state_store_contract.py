@@ -23,6 +23,7 @@ import pytest
 from state_fixtures import SQL_BACKENDS, MemoryAuditTamper, SqlAuditTamper
 
 from archive_kms.crypto.secrets import SecretBytes
+from archive_kms.crypto.signing import Signer
 from archive_kms.errors import (
     ConfigurationError,
     FencedError,
@@ -31,7 +32,6 @@ from archive_kms.errors import (
     ValidationError,
     VersionConflictError,
 )
-from archive_kms.keys.signing import Signer
 from archive_kms.state import audit as chain
 from archive_kms.state.port import (
     AuditEvent,

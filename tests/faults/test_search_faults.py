@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.config import Settings
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.domain.records import Record
@@ -25,7 +25,7 @@ RECORDS = [
 
 @pytest.fixture()
 def es(elasticsearch):
-    client = wiring.elasticsearch_client(elasticsearch)
+    client = clients.elasticsearch_client(elasticsearch)
     tenants: list[str] = []
 
     def tenant() -> str:
@@ -146,7 +146,7 @@ def test_c9_incompatible_existing_index_stops_before_indexing(es):
 
 
 def test_c8_unreachable_elasticsearch_is_retryable_and_named(elasticsearch):
-    dead = wiring.elasticsearch_client(Settings(elasticsearch_url="http://127.0.0.1:9"))
+    dead = clients.elasticsearch_client(Settings(elasticsearch_url="http://127.0.0.1:9"))
     index = ElasticsearchSearchIndex(dead)
     for call in (
         lambda: index.create_generation("acme", 1, IndexMode.PLAINTEXT),

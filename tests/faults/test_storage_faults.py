@@ -1,7 +1,7 @@
 """Storage faults against the real LocalStack and Azurite (faults.md section A).
 
 Every store under test talks to the service through ``fault_proxy.Proxy`` on loopback,
-with the production client configuration (``wiring.aws_client`` / ``blob_service_client``):
+with the production client configuration (``clients.aws_client`` / ``blob_service_client``):
 only the wire is faulty. Fault schedules are seeded (``SEED``) and counted by the proxy,
 which is the retry counter the tests assert on. Each scenario ends with the storage
 invariants checked through the raw clients, not the adapter under test:
@@ -58,7 +58,7 @@ from fault_proxy import (
 )
 from pydantic import SecretStr
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.config import Settings
 from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter, encrypt_iter
 from archive_kms.crypto.secrets import SecretBytes
@@ -73,7 +73,7 @@ SEED = 0x5EED_A1
 MiB = 1024 * 1024
 PART = MIN_PART_SIZE  # the smallest part S3 allows: multipart paths with little data
 PAGE = 5
-#: wiring.aws_client sets retries={"max_attempts": 8}: botocore reads the legacy key as
+#: clients.aws_client sets retries={"max_attempts": 8}: botocore reads the legacy key as
 #: *retries*, so 9 attempts in all (its requests say "amz-sdk-request: attempt=N; max=9").
 S3_ATTEMPTS = 9
 #: Written into every object: it must never show up in an error or a log line (I7).
@@ -208,7 +208,7 @@ def _upstream(url: str) -> tuple[str, int]:
 
 
 def _s3_env(settings, monkeypatch) -> Iterator[Env]:
-    raw = wiring.aws_client("s3", settings)
+    raw = clients.aws_client("s3", settings)
     bucket = f"faults-{uuid.uuid4().hex[:12]}"
     raw.create_bucket(Bucket=bucket)
     loc = L.shared_s3_location(TenantId("acme"), bucket)
@@ -221,13 +221,13 @@ def _s3_env(settings, monkeypatch) -> Iterator[Env]:
         kw.setdefault("part_size", PART)
         kw.setdefault("list_page_size", PAGE)
         # A new client per store: botocore's retry quota and adaptive rate limiter are per client.
-        client = wiring.aws_client("s3", proxied)
+        client = clients.aws_client("s3", proxied)
         if fast:
             # Same attempts and backoff, without adaptive mode's client-side rate limiter:
             # it waits on a condition variable (real time, ~1-2 s a request once throttled),
             # which the sleep recorder cannot skip.
             cfg = client.meta.config.merge(Config(retries={"max_attempts": S3_ATTEMPTS - 1, "mode": "standard"}))
-            client = wiring.boto3_session(proxied).client("s3", endpoint_url=proxy.url, config=cfg)
+            client = clients.boto3_session(proxied).client("s3", endpoint_url=proxy.url, config=cfg)
         return L.open_store(loc, proxied, s3_client=client, **kw)
 
     def raw_keys() -> list[str]:
@@ -271,7 +271,7 @@ def _s3_env(settings, monkeypatch) -> Iterator[Env]:
 
 
 def _azure_env(settings, monkeypatch) -> Iterator[Env]:
-    svc = wiring.blob_service_client(settings)
+    svc = clients.blob_service_client(settings)
     loc = L.shared_azure_location(TenantId(f"acme-{uuid.uuid4().hex[:8]}"), svc.account_name)
     L.create_azure_container(svc, loc)
     container = svc.get_container_client(loc.container)
@@ -286,7 +286,7 @@ def _azure_env(settings, monkeypatch) -> Iterator[Env]:
         kw.setdefault("part_size", PART)
         kw.setdefault("list_page_size", PAGE)
         kw.setdefault("sleep", lambda s: time.sleep(s))  # late-bound: the recorder below
-        return L.open_store(loc, proxied, blob_service=wiring.blob_service_client(proxied), **kw)
+        return L.open_store(loc, proxied, blob_service=clients.blob_service_client(proxied), **kw)
 
     def raw_keys() -> list[str]:
         return [b.name for b in container.list_blobs()]

@@ -23,11 +23,12 @@ from typing import Any
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.config import Settings
 from archive_kms.domain.records import Record
 from archive_kms.migration.copying import read_plaintext_digest
 from archive_kms.operations.archive import RECORD_PREFIX, JobSpec, submit_job
+from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import create_tenant
 from archive_kms.search.documents import document_id
 from archive_kms.search.naming import index_pattern
@@ -52,7 +53,7 @@ def flow_settings(localstack: Settings, azurite: Settings, elasticsearch: Settin
 
 @pytest.fixture
 def flow_platform(flow_settings: Settings, _flow_cleanup: list[str]):
-    platform = wiring.build_platform(flow_settings)
+    platform = Platform.from_settings(flow_settings)
     yield platform
     _teardown_tenants(platform, _flow_cleanup)
 
@@ -154,7 +155,7 @@ def run_plan(platform: Any, plan: Any, *, actor: str = "test", hooks: Any = None
 
 def es_documents(platform: Any, index: str) -> list[dict[str, Any]]:
     """Every raw document of ``index`` (``_id`` and ``_source``), read past the adapter."""
-    es = wiring.elasticsearch_client(platform.settings)
+    es = clients.elasticsearch_client(platform.settings)
     es.indices.refresh(index=index)
     out: list[dict[str, Any]] = []
     after: list[Any] | None = None
@@ -171,7 +172,7 @@ def es_documents(platform: Any, index: str) -> list[dict[str, Any]]:
 
 def tenant_indices(platform: Any, tenant_id: str) -> list[str]:
     """The tenant's concrete generation indices that exist in Elasticsearch."""
-    es = wiring.elasticsearch_client(platform.settings)
+    es = clients.elasticsearch_client(platform.settings)
     return sorted(es.indices.get(index=index_pattern(tenant_id), expand_wildcards="all").keys())
 
 
@@ -270,7 +271,7 @@ def _teardown_tenants(platform: Any, tenants: list[str]) -> None:
         shared_s3_location,
     )
 
-    es = wiring.elasticsearch_client(platform.settings)
+    es = clients.elasticsearch_client(platform.settings)
     s = platform.settings
     for tid in tenants:
         candidates = [

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.keys.byok import ByokImporter, customer_wrap, sha256_hex
 from archive_kms.keys.refs import parse_key_ref
@@ -50,7 +50,7 @@ class CustomerKeyFactory:
     # --- creation ---------------------------------------------------------------------------
 
     def _kms(self):
-        return wiring.kms_client(self.settings, max_attempts=2)
+        return clients.kms_client(self.settings, max_attempts=2)
 
     def _new_byokms(self) -> str:
         arn = self._kms().create_key(Description="flow test (BYOKMS)")["KeyMetadata"]["Arn"]
@@ -69,13 +69,13 @@ class CustomerKeyFactory:
 
     def _new_byokv(self) -> str:
         name = f"flow-{uuid.uuid4().hex[:12]}"
-        wiring.keyvault_key_client(self.settings).create_rsa_key(
+        clients.keyvault_key_client(self.settings).create_rsa_key(
             name, size=2048, key_operations=["wrapKey", "unwrapKey"]
         )
         return f"azure-kv://{self._keyvault_host()}/keys/{name}"
 
     def _kmip_admin(self, action: Callable[[Any], Any]) -> Any:
-        client = wiring.kmip_client(self.settings)
+        client = clients.kmip_client(self.settings)
         with client:
             return action(client)
 
@@ -107,7 +107,7 @@ class CustomerKeyFactory:
         if scheme == "aws-kms":
             self._kms().disable_key(KeyId=parse_key_ref(ref).api_key_id)
         elif scheme == "azure-kv":
-            wiring.keyvault_key_client(self.settings).update_key_properties(_kv_name(ref), enabled=False)
+            clients.keyvault_key_client(self.settings).update_key_properties(_kv_name(ref), enabled=False)
         elif scheme == "kmip":
             from kmip.core import enums
 
@@ -120,7 +120,7 @@ class CustomerKeyFactory:
         if scheme == "aws-kms":
             self._kms().enable_key(KeyId=parse_key_ref(ref).api_key_id)
         elif scheme == "azure-kv":
-            wiring.keyvault_key_client(self.settings).update_key_properties(_kv_name(ref), enabled=True)
+            clients.keyvault_key_client(self.settings).update_key_properties(_kv_name(ref), enabled=True)
         else:
             raise ValueError(f"{ref}: a revoked KMIP key cannot be re-enabled (KMIP revocation is permanent)")
 
@@ -139,7 +139,7 @@ class CustomerKeyFactory:
         if scheme == "aws-kms":
             self._kms().schedule_key_deletion(KeyId=parse_key_ref(ref).api_key_id, PendingWindowInDays=7)
         elif scheme == "azure-kv":
-            kc = wiring.keyvault_key_client(self.settings)
+            kc = clients.keyvault_key_client(self.settings)
             kc.begin_delete_key(_kv_name(ref)).wait()
             kc.purge_deleted_key(_kv_name(ref))
         elif scheme == "kmip":

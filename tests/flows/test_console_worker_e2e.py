@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from archive_kms import wiring
 from archive_kms.api.auth import issue_token, token_keys
 from archive_kms.config import Settings
 from archive_kms.operations.archive import JobSpec, submit_job
+from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import create_tenant
 from archive_kms.operations.verification import verify_tenant
 
@@ -35,7 +35,7 @@ ARCHIVE_KMS = str(Path(sys.executable).parent / "archive-kms")
 def stack_platform(localstack, elasticsearch, worker, prefect_api, flow_platform):
     """The platform on the stack's own settings (the worker's); ``flow_platform`` is asked
     for only for its teardown of the tenant ids ``new_tenant_id`` hands out."""
-    return wiring.build_platform(Settings())
+    return Platform.from_settings(Settings())
 
 
 def test_enable_through_the_api_runs_on_the_worker_and_follow_sees_it_complete(
@@ -101,7 +101,7 @@ def test_follow_of_a_run_whose_flow_run_crashed_exits_1(stack_platform, new_tena
     from archive_kms.flows.launcher import PrefectLauncher
 
     from archive_kms.migration import plan_enable, trigger
-    from archive_kms.operations.launch import run_tags
+    from archive_kms.migration.launch import run_tags
 
     p = stack_platform
     tenant = new_tenant_id()

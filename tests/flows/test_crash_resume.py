@@ -45,7 +45,7 @@ from typing import Any
 import pytest
 from conftest import invariants, run_plan, storage_snapshot, tenant_indices
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.config import Settings
 from archive_kms.domain.records import AttachmentRef, Record
 from archive_kms.errors import FencedError
@@ -542,7 +542,7 @@ def test_two_simultaneous_enables_produce_one_run(flow_platform, small_tenant, w
     # one set of side effects: one run, one dedicated bucket, one start in the audit log
     run = the_run(p, tenant.tenant_id)
     assert run.run_id == winner["run_id"]
-    s3 = wiring.aws_client("s3", p.settings)
+    s3 = clients.aws_client("s3", p.settings)
     buckets = [b["Name"] for b in s3.list_buckets()["Buckets"] if tenant.tenant_id in b["Name"]]
     assert buckets == [MigrationPlan.from_params(run.params).destination_location.bucket], buckets
     starts = [a for a in p.state.iter_audit(tenant_id=tenant.tenant_id) if a.action == "run.start"]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import es_documents, invariants, run_plan, tenant_indices
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.domain.records import Record
 from archive_kms.errors import KeyUnavailableError
 from archive_kms.keys.refs import parse_key_ref
@@ -65,7 +65,7 @@ def test_enable_moves_tenant_onto_customer_key(flow_platform, archived_tenant, c
     t = archived.tenant_id
     shared = p.location_of(t)
     old_index = p.index.current_index(t)
-    es = wiring.elasticsearch_client(p.settings)
+    es = clients.elasticsearch_client(p.settings)
     assert es.indices.exists(index=old_index)
     key_ref = customer_key(mode, cloud)
 
@@ -104,7 +104,7 @@ def test_enable_moves_tenant_onto_customer_key(flow_platform, archived_tenant, c
 
     # S3: the dedicated bucket's default encryption names the customer key (AWS-held keys)
     if cloud == "s3":
-        rules = wiring.aws_client("s3", p.settings).get_bucket_encryption(Bucket=dest.bucket)[
+        rules = clients.aws_client("s3", p.settings).get_bucket_encryption(Bucket=dest.bucket)[
             "ServerSideEncryptionConfiguration"
         ]["Rules"]
         default = rules[0]["ApplyServerSideEncryptionByDefault"]

@@ -22,7 +22,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect_polling import completed_task_runs
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.config import Settings
 from archive_kms.errors import StateError
 from archive_kms.migration import STEPS, plan_enable, trigger
@@ -47,7 +47,7 @@ def flow_env(flow_settings: Settings, prefect_api: str, monkeypatch: pytest.Monk
 
 def kms_key(settings: Settings) -> str:
     """A fresh customer key in LocalStack KMS."""
-    meta = wiring.aws_client("kms", settings).create_key(Description=f"archive-kms flow smoke {uuid.uuid4().hex[:8]}")
+    meta = clients.aws_client("kms", settings).create_key(Description=f"archive-kms flow smoke {uuid.uuid4().hex[:8]}")
     return f"aws-kms://{meta['KeyMetadata']['Arn']}"
 
 
@@ -173,7 +173,7 @@ def test_a_failed_migration_ends_the_flow_run_failed_and_still_answers(
     server (for the UI and automations), and run_flow still returns the run's answer."""
     tenant = archived_tenant("s3", records=RECORDS)
     ref = kms_key(flow_env)
-    wiring.aws_client("kms", flow_env).disable_key(KeyId=ref.removeprefix("aws-kms://"))
+    clients.aws_client("kms", flow_env).disable_key(KeyId=ref.removeprefix("aws-kms://"))
 
     state = enable(tenant.tenant_id, "byokms", ref, return_state=True)
 

@@ -12,7 +12,7 @@ import uuid
 import pytest
 from conftest import run_plan, storage_snapshot
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.errors import ValidationError
 from archive_kms.migration import plan_enable
 from archive_kms.state.port import GateState, RunState, StepState
@@ -57,7 +57,7 @@ def test_unknown_customer_key_is_refused(flow_platform, archived_tenant, flow_se
 
 def test_asymmetric_kms_key_is_refused(flow_platform, archived_tenant, flow_settings):
     archived = archived_tenant("s3", records=25)
-    kms = wiring.aws_client("kms", flow_settings)
+    kms = clients.aws_client("kms", flow_settings)
     arn = kms.create_key(KeySpec="RSA_2048", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["Arn"]
     out = run_plan(flow_platform, plan_enable(flow_platform, archived.tenant_id, "byokms", f"aws-kms://{arn}"))
     _assert_refused(flow_platform, archived, out, says="KeySpec")
@@ -66,7 +66,7 @@ def test_asymmetric_kms_key_is_refused(flow_platform, archived_tenant, flow_sett
 def test_key_in_another_region_is_refused(flow_platform, archived_tenant, flow_settings):
     archived = archived_tenant("s3", records=25)
     other = "eu-west-1" if flow_settings.aws_region != "eu-west-1" else "us-west-2"
-    kms = wiring.aws_client("kms", flow_settings.model_copy(update={"aws_region": other}))
+    kms = clients.aws_client("kms", flow_settings.model_copy(update={"aws_region": other}))
     arn = kms.create_key()["KeyMetadata"]["Arn"]
     assert f":{other}:" in arn
     out = run_plan(flow_platform, plan_enable(flow_platform, archived.tenant_id, "byokms", f"aws-kms://{arn}"))
@@ -86,7 +86,7 @@ def test_byok_mode_needs_imported_material(flow_platform, archived_tenant, custo
 
 def test_key_vault_key_without_wrap_permission_is_refused(flow_platform, archived_tenant, flow_settings):
     archived = archived_tenant("azure", records=25)
-    kc = wiring.keyvault_key_client(flow_settings)
+    kc = clients.keyvault_key_client(flow_settings)
     name = f"nowrap-{uuid.uuid4().hex[:8]}"
     kc.create_rsa_key(name, size=2048, key_operations=["sign", "verify"])
     host = flow_settings.azure_keyvault_url.removeprefix("https://").rstrip("/")
@@ -107,7 +107,7 @@ def test_destination_with_foreign_content_is_refused(flow_platform, archived_ten
     archived = archived_tenant("s3", records=25)
     ref = customer_key("byokms")
     plan = plan_enable(flow_platform, archived.tenant_id, "byokms", ref)
-    s3 = wiring.aws_client("s3", flow_settings)
+    s3 = clients.aws_client("s3", flow_settings)
     bucket = plan.destination["bucket"]
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key="someone-elses-file", Body=b"not ours")

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from conftest import invariants, storage_snapshot
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.config import Settings
 from archive_kms.domain.records import AttachmentRef, Record
 from archive_kms.migration import MigrationPlan, plan_enable
@@ -166,7 +166,7 @@ def test_corrupt_and_foreign_sources_are_quarantined_waived_and_kept(
     other = archived_tenant("s3", records=6, seed=33)
     t = archived.tenant_id
     src = p.location_of(t)
-    s3 = wiring.aws_client("s3", p.settings)
+    s3 = clients.aws_client("s3", p.settings)
 
     # One byte of one record's stored ciphertext flipped (A12 at the source).
     corrupt = sorted(n for n in archived.snapshot if n.startswith(RECORD_PREFIX))[2]

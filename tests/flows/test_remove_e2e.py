@@ -9,7 +9,7 @@ import pytest
 from botocore.exceptions import ClientError
 from conftest import invariants, run_plan, tenant_indices
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.migration import plan_enable, plan_remove
 from archive_kms.operations.tenants import MANAGED_KEY_REF
 from archive_kms.search import IndexMode, Query
@@ -23,11 +23,11 @@ def dedicated_is_gone(platform, loc: Location) -> bool:
     """The dedicated bucket answers 404 to HEAD (S3), or the container does not exist."""
     if loc.cloud is Cloud.S3:
         try:
-            wiring.aws_client("s3", platform.settings).head_bucket(Bucket=loc.bucket)
+            clients.aws_client("s3", platform.settings).head_bucket(Bucket=loc.bucket)
         except ClientError as exc:
             return exc.response["Error"]["Code"] in ("404", "NoSuchBucket", "NotFound")
         return False
-    container = wiring.blob_service_client(platform.settings).get_container_client(loc.container)
+    container = clients.blob_service_client(platform.settings).get_container_client(loc.container)
     return not container.exists()
 
 
@@ -57,7 +57,7 @@ def test_remove_brings_tenant_back_to_managed_key(flow_platform, archived_tenant
 
     # the dedicated bucket/container and its index are gone
     assert dedicated_is_gone(p, dedicated), f"{dedicated.uri} still exists"
-    es = wiring.elasticsearch_client(p.settings)
+    es = clients.elasticsearch_client(p.settings)
     assert not es.indices.exists(index=byok_index)
     assert tenant_indices(p, t) == [plan.new_index]
 

@@ -4,7 +4,7 @@
     python tests/flows/worker.py resume RUN [--takeover]
     python tests/flows/worker.py rerun RUN STEP [--takeover]
 
-Runs one engine action on the real services with ``wiring.build_platform(Settings())``:
+Runs one engine action on the real services with ``Platform.from_settings(Settings())``:
 Settings come from ``ARCHIVE_KMS_*`` (the test passes the state store URL and a short lease
 TTL) and the stack's endpoints file. Prints the ``Outcome`` as one JSON line on stdout, or
 ``{"error": ...}`` and exit 2 for one of our errors. Crash points come from
@@ -100,14 +100,14 @@ def main(argv: list[str]) -> int:
     args = _parse(argv)
     _arm_upload_part_point()
 
-    from archive_kms import wiring
     from archive_kms.config import Settings
     from archive_kms.errors import ArchiveKmsError
     from archive_kms.migration import rerun, resume
+    from archive_kms.operations.platform import Platform
 
     actor = f"worker-{os.getpid()}"
     try:
-        platform = wiring.build_platform(Settings())
+        platform = Platform.from_settings(Settings())
         if START_AT_ENV in os.environ:
             time.sleep(max(0.0, float(os.environ[START_AT_ENV]) - time.time()))
         if args.action == "enable":

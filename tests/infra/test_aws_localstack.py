@@ -27,11 +27,12 @@ from typing import Any
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.config import Settings
-from archive_kms.keys.signing import Signer
+from archive_kms.crypto.signing import Signer
 from archive_kms.migration import execute, plan_enable, thread_shard_runner, trigger
 from archive_kms.operations.archive import JobSpec, submit_job
+from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import create_tenant
 from archive_kms.search.naming import index_pattern
 from archive_kms.state.anchors import verify_with_anchor
@@ -230,7 +231,7 @@ def deployed(ls: Settings, tmp_path_factory) -> Iterator[Deployed]:
         )
         yield Deployed(platform_account, customer_account, core, customer, tenant, settings)
     finally:
-        es = wiring.elasticsearch_client(ls)
+        es = clients.elasticsearch_client(ls)
         es.indices.delete(index=index_pattern(tenant), expand_wildcards="all", ignore_unavailable=True)
         s3 = client(ls, "s3", platform_account)
         empty_and_delete_bucket(s3, f"archive-kms-tenant-{tenant}")
@@ -264,7 +265,7 @@ def test_demo_s3_kms_path_runs_on_the_stack_resources(deployed: Deployed, ls: Se
     s = deployed.settings
     s3 = client(ls, "s3", deployed.platform_account)
     kms = client(ls, "kms", deployed.platform_account)
-    platform = wiring.build_platform(s)
+    platform = Platform.from_settings(s)
     t = deployed.tenant
 
     # tenant on the stack's shared bucket under the stack's key: the code creates no key
@@ -299,7 +300,7 @@ def test_demo_s3_kms_path_runs_on_the_stack_resources(deployed: Deployed, ls: Se
     assert len(moved) == out.records + out.attachments
     head = s3.head_object(Bucket=dest.bucket, Key=moved[0]["Key"])
     assert head["ServerSideEncryption"] == "aws:kms" and head["SSEKMSKeyId"] == customer_arn
-    archive = wiring.build_platform(s).open_archive(t)  # a fresh process's view
+    archive = Platform.from_settings(s).open_archive(t)  # a fresh process's view
     assert archive.read_record(sample.workspace_id, sample.object_type, sample.record_id) == sample
 
     # the audit head went to the stack's Object Lock bucket, and the log verifies against it

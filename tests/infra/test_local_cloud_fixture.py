@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms import clients
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compose_stack import docker_engine_answers, use_compose
@@ -54,7 +54,7 @@ def test_no_socket_no_engine_and_no_wait(tmp_path) -> None:
 def test_local_cloud_round_trip(local_cloud) -> None:
     kind, settings = local_cloud
     assert kind == ("compose" if use_compose() else "stack")
-    s3 = wiring.aws_client("s3", settings)
+    s3 = clients.aws_client("s3", settings)
     bucket = f"lc-{uuid.uuid4().hex[:10]}"
     s3.create_bucket(Bucket=bucket)
     try:
@@ -63,9 +63,9 @@ def test_local_cloud_round_trip(local_cloud) -> None:
         s3.delete_object(Bucket=bucket, Key="k")
     finally:
         s3.delete_bucket(Bucket=bucket)
-    kms = wiring.aws_client("kms", settings)
+    kms = clients.aws_client("kms", settings)
     key = kms.create_key(Description="local cloud fixture")["KeyMetadata"]["Arn"]
     blob = kms.encrypt(KeyId=key, Plaintext=b"x" * 32, EncryptionContext={"tenant": "lc"})["CiphertextBlob"]
     assert kms.decrypt(CiphertextBlob=blob, EncryptionContext={"tenant": "lc"})["Plaintext"] == b"x" * 32
     kms.schedule_key_deletion(KeyId=key, PendingWindowInDays=7)
-    assert wiring.elasticsearch_client(settings).cluster.health()["status"] in ("green", "yellow")
+    assert clients.elasticsearch_client(settings).cluster.health()["status"] in ("green", "yellow")

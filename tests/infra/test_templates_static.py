@@ -210,7 +210,7 @@ def test_entrypoint_reports_bad_configuration_in_one_line(tmp_path, monkeypatch,
 
 
 def test_entrypoint_moves_the_signing_key_into_an_owner_only_file(tmp_path) -> None:
-    from archive_kms.keys.signing import Signer
+    from archive_kms.crypto.signing import Signer
 
     Signer.create_key_file(tmp_path / "k.pem")
     pem = (tmp_path / "k.pem").read_text()

@@ -10,8 +10,9 @@ import uuid
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.operations.archive import JobSpec, replay_deferred, submit_job
+from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import create_tenant
 from archive_kms.search import Query
 
@@ -26,7 +27,7 @@ def platform(request, localstack, azurite, elasticsearch, tmp_path):
         if not settings.postgres_url:
             pytest.fail("postgres_url not configured: run `archive-kms stack up`", pytrace=False)
         url = settings.postgres_url
-    return wiring.build_platform(settings.model_copy(update={"state_url": url}))
+    return Platform.from_settings(settings.model_copy(update={"state_url": url}))
 
 
 def _tenant(prefix: str) -> str:
@@ -82,14 +83,14 @@ def test_paused_jobs_are_deferred_and_replayed_once(platform):
 
 
 def test_customer_key_tenant_index_holds_no_plaintext(platform, localstack):
-    kms = wiring.aws_client("kms", localstack)
+    kms = clients.aws_client("kms", localstack)
     arn = kms.create_key(Description="byokms test")["KeyMetadata"]["Arn"]
     tenant = _tenant("k")
     create_tenant(platform, tenant, cloud="s3", key_ref=f"aws-kms://{arn}", actor="test")
     spec = JobSpec(f"{tenant}-1", tenant, "synthetic", synthetic={"count": 15, "seed": 5})
     submit_job(platform.state, spec, platform.open_archive)
     records = [r for r, _ in spec.materialise()]
-    es = wiring.elasticsearch_client(localstack)
+    es = clients.elasticsearch_client(localstack)
     index = platform.index.current_index(tenant)
     raw = json.dumps(es.search(index=index, query={"match_all": {}}, size=100)["hits"]["hits"])
     # Whole alphanumeric tokens of the raw documents: a plaintext word would stand alone

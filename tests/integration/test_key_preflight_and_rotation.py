@@ -11,7 +11,7 @@ import uuid
 import pytest
 from kmip.core import enums
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import ConfigurationError, KeyNotFoundError, KeyUnavailableError
 from archive_kms.keys.port import KeyState
@@ -23,7 +23,7 @@ CTX = {"tenant": "acme"}
 
 @pytest.fixture
 def kms(localstack):
-    client = wiring.kms_client(localstack)
+    client = clients.kms_client(localstack)
     created: list[str] = []
     client.created = created  # type: ignore[attr-defined]
     yield client
@@ -83,7 +83,7 @@ def test_kms_rotation_changes_key_version_and_old_wraps_still_unwrap(localstack,
 
 @pytest.fixture
 def kv(keyvault):
-    client = wiring.keyvault_key_client(keyvault)
+    client = clients.keyvault_key_client(keyvault)
     names: list[str] = []
     client.names = names  # type: ignore[attr-defined]
     yield client
@@ -147,7 +147,7 @@ def _kmip_key(kmip, *, length=256, masks=("ENCRYPT", "DECRYPT"), activate=True) 
             factory.create_attribute(enums.AttributeType.NAME, f"pf-{os.urandom(3).hex()}"),
         ]
     )
-    client = wiring.kmip_client(kmip)
+    client = clients.kmip_client(kmip)
     with client:
         result = client.proxy.create(enums.ObjectType.SYMMETRIC_KEY, template)
         assert result.result_status.value == enums.ResultStatus.SUCCESS, result.result_message

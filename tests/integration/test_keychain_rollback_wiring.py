@@ -1,4 +1,4 @@
-"""Production wiring (``wiring.build_platform``) audits keychain commits and refuses a
+"""Production wiring (``Platform.from_settings``) audits keychain commits and refuses a
 rolled-back keychain in a fresh process: the platform's managed key in LocalStack KMS, the
 state store on SQLite, the attacker editing the database file with plain sqlite3
 (security review PoC 1a, end to end)."""
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from archive_kms import wiring
+from archive_kms.crypto.signing import Verifier
 from archive_kms.errors import KeychainTamperedError, KeyDestroyedError
 from archive_kms.keys.keychain import ErasureRecord
-from archive_kms.keys.signing import Verifier
+from archive_kms.operations.platform import Platform, platform_signer
 from archive_kms.operations.tenants import MANAGED_KEY_REF
 
 HOUR = 3600
@@ -24,7 +24,7 @@ def test_build_platform_audits_erasure_and_a_fresh_process_refuses_the_old_keych
     db = tmp_path / "state.db"
     settings = localstack.model_copy(update={"state_url": f"sqlite:///{db}"})
     tenant = f"rb{uuid.uuid4().hex[:8]}"
-    platform = wiring.build_platform(settings)
+    platform = Platform.from_settings(settings)
     kc = platform.keychain
     kc.create_tenant(tenant, platform.resolve_provider(MANAGED_KEY_REF))  # 1 wrap by LocalStack KMS
     t0 = 1_700_000_000.0
@@ -38,7 +38,7 @@ def test_build_platform_audits_erasure_and_a_fresh_process_refuses_the_old_keych
     kc.dek_for_encrypt(tenant, "org1", now=t0 + 3 * HOUR)
     erased = kc.erase_buckets(tenant, "org1", t0 + 3 * HOUR)
     assert erased.dek_ids == (old_dek,)
-    other = wiring.build_platform(settings)
+    other = Platform.from_settings(settings)
     with pytest.raises(KeyDestroyedError):
         other.keychain.dek_by_id(tenant, old_dek)
     other.state.close()
@@ -46,7 +46,7 @@ def test_build_platform_audits_erasure_and_a_fresh_process_refuses_the_old_keych
     logged = [r for r in platform.state.iter_audit(tenant_id=tenant) if r.action.startswith("keychain.")]
     assert [r.action for r in logged] == ["keychain.create", "keychain.erase"]
     record = ErasureRecord.from_json(logged[1].details["erasure_record"])
-    record.verify(Verifier.from_public_pem(wiring.keychain_signer(settings).public_key_pem()))
+    record.verify(Verifier.from_public_pem(platform_signer(settings).public_key_pem()))
     assert record == erased
 
     con = sqlite3.connect(db)
@@ -56,7 +56,7 @@ def test_build_platform_audits_erasure_and_a_fresh_process_refuses_the_old_keych
     con.executemany(f"insert into keychain_records values ({','.join('?' * len(recs[0]))})", recs)
     con.commit()
     con.close()
-    fresh = wiring.build_platform(settings)  # a new CLI call or worker
+    fresh = Platform.from_settings(settings)  # a new CLI call or worker
     with pytest.raises(
         KeychainTamperedError,
         match=f"keychain of tenant {tenant} is at version 2 but the audit "

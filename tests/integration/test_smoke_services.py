@@ -9,11 +9,11 @@ import uuid
 import pytest
 from botocore.exceptions import ClientError
 
-from archive_kms import wiring
+from archive_kms import clients
 
 
 def test_localstack_s3_put_get(localstack):
-    s3 = wiring.aws_client("s3", localstack)
+    s3 = clients.aws_client("s3", localstack)
     bucket = f"smoke-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
     body = os.urandom(4096)
@@ -24,7 +24,7 @@ def test_localstack_s3_put_get(localstack):
 
 
 def test_localstack_kms_encrypt_decrypt_and_disable_refuses(localstack):
-    kms = wiring.aws_client("kms", localstack)
+    kms = clients.aws_client("kms", localstack)
     key_id = kms.create_key(Description="smoke")["KeyMetadata"]["KeyId"]
     ctx = {"tenant": "smoke"}
     blob = kms.encrypt(KeyId=key_id, Plaintext=b"smoke", EncryptionContext=ctx)["CiphertextBlob"]
@@ -37,7 +37,7 @@ def test_localstack_kms_encrypt_decrypt_and_disable_refuses(localstack):
 
 
 def test_azurite_blob_upload_download(azurite):
-    svc = wiring.blob_service_client(azurite)
+    svc = clients.blob_service_client(azurite)
     name = f"smoke-{uuid.uuid4().hex[:12]}"
     container = svc.create_container(name)
     body = os.urandom(8192)
@@ -47,7 +47,7 @@ def test_azurite_blob_upload_download(azurite):
 
 
 def test_elasticsearch_index_search(elasticsearch):
-    es = wiring.elasticsearch_client(elasticsearch)
+    es = clients.elasticsearch_client(elasticsearch)
     index = f"smoke-{uuid.uuid4().hex[:12]}"
     es.index(index=index, id="1", document={"body": "quarterly invoice archive"}, refresh=True)
     hits = es.search(index=index, query={"match": {"body": "invoice"}})["hits"]
@@ -60,11 +60,13 @@ def test_keyvault_wrap_unwrap_and_disable_refuses(keyvault):
     from azure.keyvault.keys import KeyOperation
     from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 
-    kc = wiring.keyvault_key_client(keyvault)
+    kc = clients.keyvault_key_client(keyvault)
     name = f"smoke-{uuid.uuid4().hex[:12]}"
     ops = [KeyOperation.wrap_key, KeyOperation.unwrap_key, KeyOperation.encrypt, KeyOperation.decrypt]
     key = kc.create_rsa_key(name, size=2048, key_operations=ops)
-    crypto = CryptographyClient(key.id, wiring.keyvault_credential(keyvault), **wiring.keyvault_client_kwargs(keyvault))
+    crypto = CryptographyClient(
+        key.id, clients.keyvault_credential(keyvault), **clients.keyvault_client_kwargs(keyvault)
+    )
     secret = os.urandom(32)
     wrapped = crypto.wrap_key(KeyWrapAlgorithm.rsa_oaep_256, secret).encrypted_key
     assert crypto.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped).key == secret
@@ -81,7 +83,7 @@ def test_kmip_encrypt_decrypt_inside_server_and_revoke_refuses(kmip):
     from kmip.core.factories import attributes  # noqa: F401 - ensures the client package is complete
     from kmip.pie.exceptions import KmipOperationFailure
 
-    client = wiring.kmip_client(kmip)
+    client = clients.kmip_client(kmip)
     with client:
         uid = client.create(enums.CryptographicAlgorithm.AES, 256, name=f"smoke-{uuid.uuid4().hex[:8]}")
         client.activate(uid)

@@ -13,10 +13,10 @@ from typing import Any
 
 from archive_kms.api.app import Console, create_app
 from archive_kms.api.auth import TokenKeys, issue_token
-from archive_kms.keys.signing import Signer
+from archive_kms.crypto.signing import Signer
 from archive_kms.migration import execute, plan_enable, thread_shard_runner, trigger
+from archive_kms.migration.launch import Launch, LaunchState
 from archive_kms.operations.archive import JobSpec, submit_job
-from archive_kms.operations.launch import Launch, LaunchState
 from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import create_tenant
 from archive_kms.state.console import ConsoleStore

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from archive_kms.crypto.secrets import SecretBytes
+from archive_kms.crypto.signing import Signer, Verifier
 from archive_kms.errors import ValidationError
-from archive_kms.keys.signing import Signer, Verifier
 from archive_kms.state import audit as chain
 from archive_kms.state.port import AuditRecord
 

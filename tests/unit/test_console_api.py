@@ -512,7 +512,7 @@ def test_audit_page_export_and_verification(h):
         "POST", "/api/audit/verify", ADMIN, content=export.content, headers={"Content-Type": "application/x-ndjson"}
     ).json()
     assert verdict["ok"] and verdict["sealed"] and verdict["records"] == len(lines) - 1
-    from archive_kms.keys.signing import Verifier
+    from archive_kms.crypto.signing import Verifier
     from archive_kms.state.audit import SignatureHeadVerifier
 
     pem = h.call("GET", "/api/audit/public-key", ADMIN).json()["pem"].encode()

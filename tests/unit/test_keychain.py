@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from archive_kms.crypto.envelope import ObjectBinding, decrypt_to_bytes, encrypt_bytes
+from archive_kms.crypto.signing import Signer, Verifier
 from archive_kms.errors import (
     IntegrityError,
     KeychainTamperedError,
@@ -41,7 +42,6 @@ from archive_kms.keys.keychain_store import (
     TenantHead,
 )
 from archive_kms.keys.memory import MemoryKms
-from archive_kms.keys.signing import Signer, Verifier
 
 HOUR = 3600
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z, bucket 472222

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from test_keychain import HOUR, T0, Env, _decrypt, _encrypt, _flip_wrapped
 
+from archive_kms.crypto.signing import Verifier
 from archive_kms.errors import (
     ArchiveKmsError,
     IntegrityError,
@@ -32,7 +33,6 @@ from archive_kms.keys.keychain import ErasureRecord, Keychain, parse_dek_id
 from archive_kms.keys.keychain.wrapping import open_wrapped as _open
 from archive_kms.keys.keychain_store import KeyLevel, KeyRecord, KeyRecordState, RecordRef
 from archive_kms.keys.port import KeyProvider, WrappedKey
-from archive_kms.keys.signing import Verifier
 
 Rows = dict[Any, bytes]
 Blobs = Mapping[str, tuple[str, bytes, bytes]]  # name -> (workspace, object name, envelope)

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from archive_kms.crypto.envelope import ObjectBinding, decrypt_to_bytes, encrypt_bytes
+from archive_kms.crypto.signing import Signer, Verifier
 from archive_kms.errors import (
     IntegrityError,
     KeychainTamperedError,
@@ -33,7 +34,6 @@ from archive_kms.keys.cache import KeyCache
 from archive_kms.keys.keychain import ErasureRecord, Keychain, bucket_of
 from archive_kms.keys.keychain_store import InMemoryKeychainStore, KeychainStore, TenantHead
 from archive_kms.keys.memory import MemoryKms
-from archive_kms.keys.signing import Signer, Verifier
 from archive_kms.state.memory import InMemoryStateStore
 from archive_kms.state.port import AuditEvent, AuditLog, AuditRecord
 

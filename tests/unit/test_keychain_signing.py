@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from archive_kms.config import Settings
+from archive_kms.crypto.signing import Signer, Verifier
 from archive_kms.errors import ConfigurationError, IntegrityError, ValidationError
-from archive_kms.keys.signing import Signer, Verifier
 
 
 def test_sign_and_verify_with_purpose_separation() -> None:

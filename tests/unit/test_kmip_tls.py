@@ -2,7 +2,7 @@
 
 A throwaway PKI (one CA, a client certificate, server certificates for different names)
 and a real TLS listener on loopback that records what a client sends. The project's
-``wiring.kmip_client`` + ``KmipKeyProvider`` wrap a stand-in tenant key against it: with
+``clients.kmip_client`` + ``KmipKeyProvider`` wrap a stand-in tenant key against it: with
 a certificate for another host the handshake fails, nothing reaches the listener, and the
 error says what to check; with a certificate for 127.0.0.1 the request does reach it (so
 the listener can see a leak when there is one).
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.config import Settings
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import ArchiveKmsError, ConfigurationError
@@ -142,7 +142,7 @@ def _wrap_against(server: _RecordingTlsServer, pki: dict[str, Path]) -> BaseExce
     )
 
     def client():
-        c = wiring.kmip_client(settings)
+        c = clients.kmip_client(settings)
         c.proxy.timeout = 2  # the recording server never answers a request
         return c
 

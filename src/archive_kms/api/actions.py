@@ -5,7 +5,7 @@ own body model in the OpenAPI document, the permission it needs, whether it need
 second approver (dual control), and the blast-radius preview it offers
 (``GET /api/tenants/{tenant}/blast-radius?action=NAME``, from
 ``operations.blast_radius``). ``start(console, principal, tenant, body, actor)`` starts
-it (normally by submitting a deployment run through ``operations.launch``) and returns
+it (normally by submitting a deployment run through ``migration.launch``) and returns
 ``Started``.
 
 Built in: ``enable`` and ``remove`` (dual control). The key-lifecycle work registers
@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from archive_kms.api.auth import Permission, Principal
 from archive_kms.api.models import EnableBody, RemoveBody
-from archive_kms.operations.launch import Started, start_enable, start_remove
+from archive_kms.migration.launch import Started, start_enable, start_remove
 
 #: (console, principal, tenant id, body, actor) -> Started
 StartFn = Callable[[Any, Principal, str, Any, str], Started]

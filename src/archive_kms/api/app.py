@@ -48,7 +48,8 @@ from archive_kms.errors import (
     StateError,
     ValidationError,
 )
-from archive_kms.operations.launch import RunLauncher, Started
+from archive_kms.migration.launch import RunLauncher, Started
+from archive_kms.operations.platform import Platform
 from archive_kms.state.console import ApprovalRequest, ApprovalState, ConsoleStore
 from archive_kms.state.port import AuditEvent, RunState
 
@@ -64,11 +65,11 @@ MAX_AUDIT_UPLOAD_BYTES = 20 * 1024 * 1024
 class Console:
     """Everything the API works with, built once per process (``console_from_settings``)."""
 
-    platform: Any
+    platform: Platform
     store: ConsoleStore
     launcher: RunLauncher
     keys: TokenKeys
-    audit_verifier: Any = None  # keys.signing.Verifier of the platform signing key (audit head seals)
+    audit_verifier: Any = None  # crypto.signing.Verifier of the platform signing key (audit head seals)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     approval_ttl: timedelta = timedelta(hours=1)
     auth_failure_limit: int = 10
@@ -440,7 +441,7 @@ def create_app(console: Console) -> FastAPI:
     def _support(
         run_id: str, action: str, p: Principal, body: m.TakeoverBody, from_step: str | None = None
     ) -> dict[str, Any]:
-        from archive_kms.operations.launch import start_support
+        from archive_kms.migration.launch import start_support
 
         run = run_of(p, run_id)
         require(p, Permission.SUPPORT, f"{action} runs")
@@ -727,17 +728,17 @@ def console_from_settings(settings: Any = None) -> Console:
     from archive_kms.api.auth import token_keys
     from archive_kms.config import Settings
     from archive_kms.flows.launcher import PrefectLauncher
-    from archive_kms.wiring import build_platform, keychain_signer
+    from archive_kms.operations.platform import Platform, platform_signer
 
     s = settings or Settings()
-    platform = build_platform(s)
+    platform = Platform.from_settings(s)
     launcher = PrefectLauncher.from_settings(s)
     return Console(
         platform=platform,
         store=ConsoleStore(platform.state),
         launcher=launcher,
         keys=token_keys(s),
-        audit_verifier=keychain_signer(s).verifier(),
+        audit_verifier=platform_signer(s).verifier(),
         approval_ttl=timedelta(seconds=s.console_approval_ttl_seconds),
         auth_failure_limit=s.console_auth_failure_limit,
         auth_failure_window=timedelta(seconds=s.console_auth_failure_window_seconds),

@@ -101,9 +101,7 @@ class TokenKeys:
     """The console's token signing key (private: issuing) and its public key (verifying)."""
 
     def __init__(self, private_key: Any) -> None:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        from archive_kms.keys.signing import key_id_of
+        from archive_kms.crypto.signing import Ed25519PrivateKey, key_id_of
 
         if not isinstance(private_key, Ed25519PrivateKey):
             raise ConfigurationError("the console token signing key must be an Ed25519 private key")
@@ -119,13 +117,13 @@ class TokenKeys:
 
     @classmethod
     def generate(cls) -> TokenKeys:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from archive_kms.crypto.signing import generate_private_key
 
-        return cls(Ed25519PrivateKey.generate())
+        return cls(generate_private_key())
 
     @classmethod
     def from_pem_file(cls, path: str | Path) -> TokenKeys:
-        from cryptography.hazmat.primitives import serialization
+        from archive_kms.crypto.signing import load_private_key_pem
 
         p = Path(path)
         try:
@@ -133,8 +131,8 @@ class TokenKeys:
         except OSError as exc:
             raise ConfigurationError(f"cannot read the console token signing key at {p}: {exc.strerror}") from None
         try:
-            return cls(serialization.load_pem_private_key(data, password=None))
-        except (ValueError, TypeError):
+            return cls(load_private_key_pem(data))
+        except ValueError:
             raise ConfigurationError(f"{p} is not a PEM Ed25519 private key") from None
 
     @classmethod
@@ -142,12 +140,10 @@ class TokenKeys:
         """A new key written to ``path`` (owner-only), for a local stack."""
         import os
 
-        from cryptography.hazmat.primitives import serialization
+        from archive_kms.crypto.signing import private_key_pem
 
         keys = cls.generate()
-        pem = keys._private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        pem = private_key_pem(keys._private)
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

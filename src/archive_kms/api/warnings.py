@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from archive_kms.errors import ArchiveKmsError, KeyNotFoundError
+from archive_kms.operations.platform import Platform
 from archive_kms.state.port import CopyStatus, RunState, StepState, TenantRecord
 
 
@@ -55,7 +56,7 @@ class ConsoleWarning:
 
 
 class WarningSource(Protocol):
-    def warnings(self, platform: Any, tenants: Sequence[TenantRecord]) -> Iterable[ConsoleWarning]:
+    def warnings(self, platform: Platform, tenants: Sequence[TenantRecord]) -> Iterable[ConsoleWarning]:
         """Warnings about ``tenants`` (the caller's scope). Must not raise for one tenant's
         trouble: a source that cannot look says so as a warning."""
         ...
@@ -72,7 +73,9 @@ def warning_sources() -> list[WarningSource]:
     return list(_SOURCES)
 
 
-def collect(platform: Any, tenants: Sequence[TenantRecord], sources: Iterable[WarningSource]) -> list[ConsoleWarning]:
+def collect(
+    platform: Platform, tenants: Sequence[TenantRecord], sources: Iterable[WarningSource]
+) -> list[ConsoleWarning]:
     out: list[ConsoleWarning] = []
     for source in sources:
         out.extend(source.warnings(platform, tenants))
@@ -89,7 +92,7 @@ class RunWarnings:
     def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._clock = clock
 
-    def warnings(self, platform: Any, tenants: Sequence[TenantRecord]) -> Iterable[ConsoleWarning]:
+    def warnings(self, platform: Platform, tenants: Sequence[TenantRecord]) -> Iterable[ConsoleWarning]:
         for t in tenants:
             latest = platform.state.list_runs(t.tenant_id, limit=1)
             if not latest:
@@ -113,7 +116,7 @@ class RunWarnings:
                     )
 
     @staticmethod
-    def _failed(platform: Any, run: Any) -> ConsoleWarning:
+    def _failed(platform: Platform, run: Any) -> ConsoleWarning:
         step = next((s for s in run.steps if s.state is StepState.FAILED), None)
         quarantined = platform.state.copy_counts(run.run_id).get(CopyStatus.QUARANTINED, 0)
         if quarantined:
@@ -165,7 +168,7 @@ class KeyStateProbe:
         self._seen: dict[str, tuple[float, KeyStateView]] = {}
         self._lock = threading.Lock()
 
-    def state(self, platform: Any, tenant: TenantRecord) -> KeyStateView:
+    def state(self, platform: Platform, tenant: TenantRecord) -> KeyStateView:
         now = self._clock()
         with self._lock:
             hit = self._seen.get(tenant.tenant_id)
@@ -177,7 +180,7 @@ class KeyStateProbe:
         return view
 
     @staticmethod
-    def _probe(platform: Any, tenant: TenantRecord) -> KeyStateView:
+    def _probe(platform: Platform, tenant: TenantRecord) -> KeyStateView:
         at = datetime.now(UTC)
         if tenant.revoked:
             return KeyStateView("revoked", "tenant revoked", at)
@@ -201,7 +204,7 @@ class KeyStateWarnings:
     def __init__(self, probe: KeyStateProbe) -> None:
         self._probe = probe
 
-    def warnings(self, platform: Any, tenants: Sequence[TenantRecord]) -> Iterable[ConsoleWarning]:
+    def warnings(self, platform: Platform, tenants: Sequence[TenantRecord]) -> Iterable[ConsoleWarning]:
         for t in tenants:
             view = self._probe.state(platform, t)
             if view.state == "unavailable":

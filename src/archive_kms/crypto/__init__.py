@@ -1,7 +1,17 @@
-"""Cryptographic core: the object envelope (streaming AEAD) and the key-material type.
+"""Cryptographic core, and the only package that calls cryptographic primitives
+(``cryptography.hazmat``; docs/adr/0008-layers.md):
 
-Pure code: no I/O beyond the file-like objects passed in, no Prefect. Raw key bytes are only
-reachable through ``SecretBytes.reveal()`` (``crypto/secrets.py``).
+* ``envelope``: the object format (streaming AES-256-GCM, per-object HKDF key);
+* ``secrets``: ``SecretBytes``, the one type that holds raw key material;
+* ``aes_gcm``: AES-256-GCM with associated data for small sealed values;
+* ``kdf``: HKDF-SHA256;
+* ``signing``: the platform's Ed25519 signing key (``Signer``/``Verifier``);
+* ``rsa_oaep``: RSA-OAEP-SHA-256, the BYOK import wrap;
+* ``keystream``: the deterministic AES-CTR keystream of synthetic data.
+
+No network I/O and no Prefect; the only files touched are the file-like objects passed in
+and the signing key's PEM file. Raw key bytes are only reachable through
+``SecretBytes.reveal()``.
 """
 
 from archive_kms.crypto.envelope import (

@@ -41,7 +41,7 @@ import os
 import struct
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -61,6 +61,7 @@ __all__ = [
     "EncryptResult",
     "EnvelopeHeader",
     "ObjectBinding",
+    "Readable",
     "ciphertext_size",
     "decrypt_iter",
     "decrypt_stream",
@@ -70,6 +71,13 @@ __all__ = [
     "encrypt_stream",
     "read_header",
 ]
+
+
+class Readable(Protocol):
+    """A source of bytes: a binary file, or an object store's reader."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
 
 MAGIC = b"AKMS"
 VERSION = 1
@@ -228,7 +236,7 @@ class DecryptResult:
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _read_exact(src: BinaryIO, n: int) -> bytes:
+def _read_exact(src: Readable, n: int) -> bytes:
     """Read ``n`` bytes, fewer only at end of stream. Never accepts more than asked for."""
     parts: list[bytes] = []
     got = 0
@@ -254,7 +262,7 @@ def _nonce(prefix: bytes, index: int, final: bool) -> bytes:
     return prefix + _NONCE_SUFFIX.pack(index, 1 if final else 0)
 
 
-def _parse_header(src: BinaryIO) -> tuple[EnvelopeHeader, bytes]:
+def _parse_header(src: Readable) -> tuple[EnvelopeHeader, bytes]:
     """Read and validate a header; every length is bounded before anything is read for it."""
     preamble = _read_exact(src, _PREAMBLE.size)
     if len(preamble) < _PREAMBLE.size:
@@ -397,7 +405,7 @@ def _seal(
     return EncryptResult(plaintext_size, ciphertext_size, sha.hexdigest(), header)
 
 
-def _chunks_of(src: BinaryIO, size: int) -> Iterator[bytes]:
+def _chunks_of(src: Readable, size: int) -> Iterator[bytes]:
     while chunk := src.read(size):
         yield chunk
 
@@ -444,7 +452,7 @@ def encrypt_bytes(
 # --- decryption --------------------------------------------------------------------------
 
 
-def read_header(src: BinaryIO) -> EnvelopeHeader:
+def read_header(src: Readable) -> EnvelopeHeader:
     """Parse the header at the start of ``src`` (reads at most ``MAX_HEADER_LEN`` bytes).
 
     Nothing is authenticated yet: use the result only to pick the DEK to unwrap, then
@@ -461,7 +469,7 @@ class DecryptIterator(Iterator[bytes]):
     ``result`` is available after the final segment verified.
     """
 
-    def __init__(self, src: BinaryIO, binding: ObjectBinding, dek_for: Callable[[EnvelopeHeader], SecretBytes]):
+    def __init__(self, src: Readable, binding: ObjectBinding, dek_for: Callable[[EnvelopeHeader], SecretBytes]):
         if not isinstance(binding, ObjectBinding):
             raise ValidationError("binding must be an ObjectBinding")
         header, header_bytes = _parse_header(src)
@@ -554,7 +562,7 @@ class DecryptIterator(Iterator[bytes]):
 
 
 def decrypt_iter(
-    src: BinaryIO,
+    src: Readable,
     *,
     binding: ObjectBinding,
     dek_for: Callable[[EnvelopeHeader], SecretBytes],
@@ -568,7 +576,7 @@ def decrypt_iter(
 
 
 def decrypt_stream(
-    src: BinaryIO,
+    src: Readable,
     dst: BinaryIO,
     *,
     binding: ObjectBinding,

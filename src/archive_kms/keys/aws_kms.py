@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from archive_kms import clients
+from archive_kms.config import Settings
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import (
     ArchiveKmsError,
@@ -276,7 +278,7 @@ class KmsKeyDescription:
 class AwsKmsKeyProvider:
     """KeyProvider over one KMS key (customer's or ours).
 
-    ``kms`` is a ready boto3 KMS client for the key's region (``wiring.kms_client``);
+    ``kms`` is a ready boto3 KMS client for the key's region (``clients.kms_client``);
     ``clock`` returns the current UTC time (material expiry).
     """
 
@@ -292,10 +294,8 @@ class AwsKmsKeyProvider:
         self._alias_target: str | None = None  # key ARN behind an alias reference
 
     @classmethod
-    def from_settings(cls, ref: AwsKmsKeyRef, settings: Any) -> AwsKmsKeyProvider:
-        from archive_kms import wiring
-
-        return cls(ref, wiring.kms_client(settings, region=ref.region))
+    def from_settings(cls, ref: AwsKmsKeyRef, settings: Settings) -> AwsKmsKeyProvider:
+        return cls(ref, clients.kms_client(settings, region=ref.region))
 
     @property
     def key_ref(self) -> str:

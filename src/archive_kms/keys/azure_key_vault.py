@@ -14,7 +14,7 @@ mismatch. OAEP is non-malleable, so a modified ciphertext fails to decrypt at th
 (400, ``WrongKeyError``) rather than yielding a related plaintext. What this binding does
 *not* give: origin authentication. Anyone holding the public key can wrap a key of their
 choosing for any context; that a wrapped key record is ours is established by the signed
-keychain (``keys.signing``), not by this wrap.
+keychain (``crypto.signing``), not by this wrap.
 
 Why wrap goes through ``KeyClient.send_request`` rather than ``CryptographyClient.wrap_key``:
 the SDK wraps *locally* with the public key whenever it can read the key, which succeeds
@@ -41,6 +41,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from archive_kms import clients
+from archive_kms.config import Settings
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import (
     ArchiveKmsError,
@@ -90,9 +92,9 @@ def _unb64url(text: str) -> bytes:
 class AzureKeyVaultKeyProvider:
     """KeyProvider over one Key Vault key (optionally pinned to one version).
 
-    ``key_client`` is a KeyClient for the key's vault (``wiring.keyvault_key_client_for``);
+    ``key_client`` is a KeyClient for the key's vault (``clients.keyvault_key_client_for``);
     ``crypto_client_for(key_id)`` builds a CryptographyClient for a versioned key id
-    (``wiring.keyvault_crypto_client``). ``clock`` gives UTC now (expiry in ``status``).
+    (``clients.keyvault_crypto_client``). ``clock`` gives UTC now (expiry in ``status``).
     """
 
     algorithm = ALGORITHM
@@ -116,14 +118,12 @@ class AzureKeyVaultKeyProvider:
         self._crypto: dict[str, Any] = {}  # versioned key id -> CryptographyClient (each GETs its key once)
 
     @classmethod
-    def from_settings(cls, ref: AzureKeyVaultKeyRef, settings: Any) -> AzureKeyVaultKeyProvider:
-        from archive_kms import wiring
-
+    def from_settings(cls, ref: AzureKeyVaultKeyRef, settings: Settings) -> AzureKeyVaultKeyProvider:
         _check_vault_host(ref, settings)
         return cls(
             ref,
-            wiring.keyvault_key_client_for(ref.vault_url, settings),
-            lambda key_id: wiring.keyvault_crypto_client(key_id, settings),
+            clients.keyvault_key_client_for(ref.vault_url, settings),
+            lambda key_id: clients.keyvault_crypto_client(key_id, settings),
         )
 
     @property

@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from archive_kms import clients
+from archive_kms.config import Settings
+from archive_kms.crypto import rsa_oaep
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import (
     ArchiveKmsError,
@@ -97,21 +100,14 @@ class ImportResult:
 
 def customer_wrap(public_key_pem: str, material: SecretBytes) -> bytes:
     """The customer's side of step 3 (for tests, the demo and the docs): RSA-OAEP-SHA-256."""
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa
-
-    public = serialization.load_pem_public_key(public_key_pem.encode("ascii"))
-    if not isinstance(public, rsa.RSAPublicKey):
-        raise ValidationError("the wrapping key must be an RSA public key")
-    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-    return public.encrypt(material.reveal(), oaep)
+    return rsa_oaep.wrap(public_key_pem, material)
 
 
 class ByokImporter:
     """Creates EXTERNAL-origin keys and imports customer material into them.
 
     ``kms`` is a boto3 KMS client in the region where BYOK keys live (ours);
-    ``wiring.kms_client(settings, max_attempts=2)`` suits: an import a human retries
+    ``clients.kms_client(settings, max_attempts=2)`` suits: an import a human retries
     should fail fast rather than be retried eight times. ``clock`` gives UTC now.
     """
 
@@ -120,10 +116,8 @@ class ByokImporter:
         self._clock = clock
 
     @classmethod
-    def from_settings(cls, settings: Any) -> ByokImporter:
-        from archive_kms import wiring
-
-        return cls(wiring.kms_client(settings, max_attempts=2))
+    def from_settings(cls, settings: Settings) -> ByokImporter:
+        return cls(clients.kms_client(settings, max_attempts=2))
 
     def __repr__(self) -> str:
         return "ByokImporter()"
@@ -148,8 +142,6 @@ class ByokImporter:
 
     def import_parameters(self, key_ref: str, *, wrapping_key_spec: str = "RSA_4096") -> ImportParameters:
         """Fresh wrapping public key + import token for ``key_ref`` (GetParametersForImport)."""
-        from cryptography.hazmat.primitives import serialization
-
         if wrapping_key_spec not in WRAPPING_KEY_SPECS:
             raise ValidationError(
                 f"wrapping key spec {wrapping_key_spec!r} is not one of {', '.join(WRAPPING_KEY_SPECS)}"
@@ -164,13 +156,11 @@ class ByokImporter:
                 WrappingKeySpec=wrapping_key_spec,
             ),
         )
-        public = serialization.load_der_public_key(response["PublicKey"])
-        pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         return ImportParameters(
             key_ref=ref.uri,
             wrapping_algorithm=WRAPPING_ALGORITHM,
             wrapping_key_spec=wrapping_key_spec,
-            public_key_pem=pem.decode("ascii"),
+            public_key_pem=rsa_oaep.spki_der_to_pem(response["PublicKey"]),
             import_token=bytes(response["ImportToken"]),
             expires_at=_as_utc(response["ParametersValidTo"]),
         )

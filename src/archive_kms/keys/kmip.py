@@ -40,6 +40,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from archive_kms import clients
+from archive_kms.config import Settings
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import (
     ArchiveKmsError,
@@ -56,39 +58,7 @@ from archive_kms.keys.context import canonical_context
 from archive_kms.keys.port import KeyState, KeyStatus, WrappedKey
 from archive_kms.keys.refs import KmipKeyRef, parse_key_ref, wrapped_key_ref
 
-__all__ = ["ALGORITHM", "KmipKeyProvider", "verify_server_hostname"]
-
-
-def verify_server_hostname(client: Any) -> Any:
-    """Make a PyKMIP ``ProxyKmipClient`` check that the server's certificate names the host
-    it connects to, and refuse anything below TLS 1.2.
-
-    PyKMIP 0.11 verifies the chain but wraps the socket without ``server_hostname``: any
-    certificate from the CA would do for any host, and the wrap request carries the tenant
-    key in clear to whoever answers. Returns ``client``."""
-    from kmip.services.kmip_client import KMIPProxy
-
-    class _HostCheckingProxy(KMIPProxy):
-        def _create_socket(self, sock: Any) -> None:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_certs)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.check_hostname = True
-            context.verify_mode = ssl.CERT_REQUIRED
-            if self.certfile:
-                context.load_cert_chain(self.certfile, self.keyfile)
-            self.socket = context.wrap_socket(
-                sock,
-                server_side=False,
-                server_hostname=self.host,
-                do_handshake_on_connect=self.do_handshake_on_connect,
-                suppress_ragged_eofs=self.suppress_ragged_eofs,
-            )
-            self.socket.settimeout(self.timeout)
-
-    if not isinstance(client.proxy, KMIPProxy):
-        raise TypeError(f"not a PyKMIP client proxy: {type(client.proxy).__name__}")
-    client.proxy.__class__ = _HostCheckingProxy
-    return client
+__all__ = ["ALGORITHM", "KmipKeyProvider"]
 
 
 ALGORITHM = "kmip:AES-256-GCM"
@@ -114,7 +84,7 @@ def _state_map() -> dict[Any, KeyState]:
 class KmipKeyProvider:
     """KeyProvider over one AES-256 key in a KMIP server.
 
-    ``client_factory`` returns a new, unopened ``ProxyKmipClient`` (``wiring.kmip_client``).
+    ``client_factory`` returns a new, unopened ``ProxyKmipClient`` (``clients.kmip_client``).
     """
 
     algorithm = ALGORITHM
@@ -129,16 +99,14 @@ class KmipKeyProvider:
         self._client: Any = None
 
     @classmethod
-    def from_settings(cls, ref: KmipKeyRef, settings: Any) -> KmipKeyProvider:
-        from archive_kms import wiring
-
+    def from_settings(cls, ref: KmipKeyRef, settings: Settings) -> KmipKeyProvider:
         if (ref.host, ref.port) != (settings.kmip_host, settings.kmip_port):
             raise ConfigurationError(
                 f"key {ref.uri}: no KMIP mutual-TLS configuration for {ref.host}:{ref.port}; the configured "
                 f"KMIP server is {settings.kmip_host}:{settings.kmip_port} (ARCHIVE_KMS_KMIP_HOST/PORT)",
                 resource=ref.uri,
             )
-        return cls(ref, lambda: wiring.kmip_client(settings))
+        return cls(ref, lambda: clients.kmip_client(settings))
 
     @property
     def key_ref(self) -> str:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
 
+from archive_kms import clients
+from archive_kms.config import Settings
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import ArchiveKmsError, KeyNotFoundError, ValidationError
 from archive_kms.keys.aws_kms import AwsKmsKeyProvider, _utcnow, translate_client_error
@@ -54,10 +56,8 @@ class ManagedKeyProvider:
         self._arn: str | None = None  # set once the key is known to exist
 
     @classmethod
-    def from_settings(cls, ref: ManagedKeyRef, settings: Any) -> ManagedKeyProvider:
-        from archive_kms import wiring
-
-        return cls(ref, wiring.kms_client(settings))
+    def from_settings(cls, ref: ManagedKeyRef, settings: Settings) -> ManagedKeyProvider:
+        return cls(ref, clients.kms_client(settings))
 
     @property
     def key_ref(self) -> str:

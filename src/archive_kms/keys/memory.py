@@ -33,9 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+from archive_kms.crypto import aes_gcm
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import (
     ArchiveKmsError,
@@ -216,7 +214,7 @@ class MemoryKeyProvider:
         self._kms._enter("wrap")
         number, material = self._kms._usable_version(self._ref, self._ref.version)
         nonce = os.urandom(_NONCE)
-        ciphertext = nonce + AESGCM(material).encrypt(nonce, key.reveal(), aad)
+        ciphertext = nonce + aes_gcm.seal(material, nonce, key.reveal(), aad)
         return WrappedKey(key_ref=self._ref.with_version(number).uri, algorithm=ALGORITHM, ciphertext=ciphertext)
 
     def unwrap(self, wrapped: WrappedKey, *, context: Mapping[str, str]) -> SecretBytes:
@@ -230,8 +228,8 @@ class MemoryKeyProvider:
                 f"wrapped key for {self._ref.uri} is too short ({len(data)} bytes)", resource=self._ref.uri
             )
         try:
-            return SecretBytes(AESGCM(material).decrypt(data[:_NONCE], data[_NONCE:], aad))
-        except InvalidTag:
+            return SecretBytes(aes_gcm.unseal(material, data[:_NONCE], data[_NONCE:], aad))
+        except aes_gcm.TagMismatch:
             raise WrongKeyError(
                 f"wrapped key does not authenticate under {wrapped.key_ref} with this context "
                 "(wrong tenant/context, wrong key, or tampered)",

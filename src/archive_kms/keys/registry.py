@@ -2,12 +2,13 @@
 
     provider = resolve("aws-kms://arn:aws:kms:eu-west-1:111122223333:key/...", settings)
 
-Adapters register by scheme (``aws-kms``, ``azure-kv``, ``kmip``, ``managed``); each
-factory takes the parsed reference and ``Settings`` and builds its SDK clients through
-``wiring``. Adapter modules are imported on first use, so resolving an ``aws-kms`` key does
-not import the Azure or KMIP SDKs. The ``memory`` scheme has no default adapter: tests and
-the demo register one (``registry.register("memory", kms.factory)``), so a production
-configuration can never resolve a tenant to an in-process key.
+``DEFAULT_ADAPTERS`` maps each scheme (``aws-kms``, ``azure-kv``, ``kmip``, ``managed``) to
+its adapter class; the class's ``from_settings(ref, settings)`` builds the provider with
+its SDK clients from ``archive_kms.clients``. The adapter modules import their SDKs only
+when a client is built, so resolving an ``aws-kms`` key does not import the Azure or KMIP
+SDKs. The ``memory`` scheme has no default adapter: tests and the demo register one
+(``registry.register("memory", kms.factory)``), so a production configuration can never
+resolve a tenant to an in-process key.
 
 A long-lived caller (a worker, the console API) keeps one :class:`KeyProviderRegistry`:
 it caches one provider per canonical reference, and each provider keeps its clients and
@@ -16,50 +17,52 @@ connections. :func:`resolve` is the one-shot form.
 
 from __future__ import annotations
 
-import importlib
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
+from archive_kms.config import Settings
 from archive_kms.errors import ConfigurationError
+from archive_kms.keys.aws_kms import AwsKmsKeyProvider
+from archive_kms.keys.azure_key_vault import AzureKeyVaultKeyProvider
+from archive_kms.keys.kmip import KmipKeyProvider
+from archive_kms.keys.managed import ManagedKeyProvider
 from archive_kms.keys.port import KeyProvider
 from archive_kms.keys.refs import KeyRef, parse_key_ref
 
 __all__ = ["DEFAULT_ADAPTERS", "KeyProviderRegistry", "ProviderFactory", "resolve"]
 
-#: A factory builds a provider for a parsed reference from settings.
-ProviderFactory = Callable[[KeyRef, Any], KeyProvider]
+#: A factory builds a provider for a parsed reference of its scheme from settings.
+ProviderFactory = Callable[[Any, Settings], KeyProvider]
 
-#: scheme -> "module:Class"; the class's ``from_settings(ref, settings)`` is the factory.
-DEFAULT_ADAPTERS: dict[str, str] = {
-    "aws-kms": "archive_kms.keys.aws_kms:AwsKmsKeyProvider",
-    "azure-kv": "archive_kms.keys.azure_key_vault:AzureKeyVaultKeyProvider",
-    "kmip": "archive_kms.keys.kmip:KmipKeyProvider",
-    "managed": "archive_kms.keys.managed:ManagedKeyProvider",
+
+class AdapterClass(Protocol):
+    """What the registry needs of an adapter class: a constructor from a parsed reference
+    of the adapter's scheme and the settings."""
+
+    def from_settings(self, ref: Any, settings: Settings) -> KeyProvider: ...
+
+
+#: scheme -> adapter class (``AdapterClass.from_settings`` builds the provider).
+DEFAULT_ADAPTERS: Mapping[str, AdapterClass] = {
+    "aws-kms": AwsKmsKeyProvider,
+    "azure-kv": AzureKeyVaultKeyProvider,
+    "kmip": KmipKeyProvider,
+    "managed": ManagedKeyProvider,
 }
-
-
-def _lazy(target: str) -> ProviderFactory:
-    module_name, _, class_name = target.partition(":")
-
-    def factory(ref: KeyRef, settings: Any) -> KeyProvider:
-        cls = getattr(importlib.import_module(module_name), class_name)
-        return cls.from_settings(ref, settings)
-
-    return factory
 
 
 class KeyProviderRegistry:
     """Scheme -> adapter factory, plus a cache of resolved providers."""
 
-    def __init__(self, settings: Any, *, defaults: bool = True) -> None:
+    def __init__(self, settings: Settings, *, defaults: bool = True) -> None:
         self._settings = settings
         self._factories: dict[str, ProviderFactory] = {}
         self._providers: dict[str, KeyProvider] = {}
         self._lock = threading.Lock()
         if defaults:
-            for scheme, target in DEFAULT_ADAPTERS.items():
-                self._factories[scheme] = _lazy(target)
+            for scheme, adapter in DEFAULT_ADAPTERS.items():
+                self._factories[scheme] = adapter.from_settings
 
     def __repr__(self) -> str:
         return f"KeyProviderRegistry(schemes={sorted(self._factories)}, cached={len(self._providers)})"
@@ -99,6 +102,6 @@ class KeyProviderRegistry:
             self._providers.clear()
 
 
-def resolve(ref: str | KeyRef, settings: Any) -> KeyProvider:
+def resolve(ref: str | KeyRef, settings: Settings) -> KeyProvider:
     """One-shot: a fresh provider for ``ref`` from the default adapters."""
     return KeyProviderRegistry(settings).resolve(ref)

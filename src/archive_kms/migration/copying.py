@@ -33,9 +33,11 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
-from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter, encrypt_iter
+from archive_kms.crypto.envelope import DecryptResult, EnvelopeHeader, ObjectBinding, decrypt_iter, encrypt_iter
+from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import (
     ArchiveKmsError,
     FencedError,
@@ -43,9 +45,10 @@ from archive_kms.errors import (
     KeychainTamperedError,
     KeyNotFoundError,
     ObjectExistsError,
+    StateError,
     ValidationError,
 )
-from archive_kms.keys.keychain import parse_dek_id
+from archive_kms.keys.keychain import DataKey, parse_dek_id
 from archive_kms.migration import crashpoints, stopping
 from archive_kms.migration.plan import MigrationPlan
 from archive_kms.migration.quarantine import (
@@ -57,10 +60,48 @@ from archive_kms.migration.quarantine import (
     quarantined,
 )
 from archive_kms.migration.stopping import StopRequestedError
+from archive_kms.operations import reading
 from archive_kms.operations.archive import workspace_of
-from archive_kms.state.port import CopyRecord, CopyStatus, Fence, ManifestEntry, StepState
+from archive_kms.operations.reading import DekSource, dek_lookup, read_plaintext_digest
+from archive_kms.state.port import (
+    CopyRecord,
+    CopyStatus,
+    Fence,
+    LeaseRepo,
+    LedgerRepo,
+    ManifestEntry,
+    MigrationRun,
+    RunRepo,
+    StepState,
+)
+from archive_kms.storage import Location, ObjectStore
 
 log = logging.getLogger(__name__)
+
+
+class CopyKeychain(DekSource, Protocol):
+    """The slice of the keychain a copy uses: open objects, and encrypt under the active DEK."""
+
+    def dek_for_encrypt(self, tenant_id: str, workspace_id: str, now: datetime | float | None = None) -> DataKey:
+        """The ACTIVE DEK of ``workspace_id`` for ``now``'s time bucket (created on demand)."""
+        ...
+
+
+class ShardState(RunRepo, LedgerRepo, LeaseRepo, Protocol):
+    """The run records, the copy ledger and the fence check: the state a shard uses."""
+
+
+class ShardPlatform(Protocol):
+    """What a copy or verify shard uses of the platform (``operations.platform.Platform``
+    in a thread of the flow, or the one a Dask worker builds from settings)."""
+
+    @property
+    def state(self) -> ShardState: ...
+
+    @property
+    def keychain(self) -> CopyKeychain: ...
+
+    def store_for(self, location: Location) -> ObjectStore: ...
 
 
 @dataclass(frozen=True)
@@ -74,30 +115,14 @@ class ObjectCopy:
     written: bool  # False: an earlier attempt had committed it; verified instead
 
 
-def _dek_lookup(keychain: Any, tenant_id: str) -> Callable[[Any], Any]:
-    """The DEK a header names, from ``tenant_id``'s keychain, only if it belongs to the
-    header's workspace (an object must not open with another workspace's DEK: erasing a
-    workspace has to make all of its objects unreadable)."""
-
-    def lookup(header: Any) -> Any:
-        if parse_dek_id(header.dek_id)[0] != header.workspace_id:
-            raise IntegrityError(
-                f"object header names workspace {header.workspace_id} but DEK {header.dek_id}",
-                resource=f"keychain:{tenant_id}/{header.dek_id}",
-            )
-        return keychain.dek_by_id(tenant_id, header.dek_id)
-
-    return lookup
-
-
-def _source_dek_lookup(keychain: Any, tenant_id: str, label: str) -> Callable[[Any], Any]:
-    """``_dek_lookup`` for a source object: a header (not yet authenticated) that names a
+def _source_dek_lookup(keychain: DekSource, tenant_id: str, label: str) -> Callable[[EnvelopeHeader], SecretBytes]:
+    """``reading.dek_lookup`` for a source object: a header (not yet authenticated) that names a
     malformed DEK id, or a DEK this tenant never had, is the object's fault, like a failed
     tag, not the keychain's. Any other key error (unusable key, throttling) stays what it is."""
 
-    checked = _dek_lookup(keychain, tenant_id)
+    checked = dek_lookup(keychain, tenant_id)
 
-    def lookup(header: Any) -> Any:
+    def lookup(header: EnvelopeHeader) -> SecretBytes:
         try:
             return checked(header)
         except ValidationError:
@@ -123,7 +148,7 @@ def _as_poison(exc: IntegrityError, label: str) -> IntegrityError:
 
 
 def _source_digest(
-    src: Any, keychain: Any, tenant_id: str, name: bytes, interrupt: Callable[[], bool] | None = None
+    src: ObjectStore, keychain: DekSource, tenant_id: str, name: bytes, interrupt: Callable[[], bool] | None = None
 ) -> str:
     """SHA-256 of the source object's plaintext, read end to end; PoisonSourceError if
     it does not authenticate."""
@@ -140,25 +165,16 @@ def _source_digest(
 
 
 def read_back(
-    store: Any, keychain: Any, tenant_id: str, name: bytes, interrupt: Callable[[], bool] | None = None
-) -> Any:
-    """Decrypt ``name`` from ``store`` end to end (one GET); the envelope's
-    ``DecryptResult`` (plaintext size and SHA-256, ciphertext size, header). Raises
-    IntegrityError for anything that does not authenticate, ObjectNotFoundError if absent,
-    StopRequestedError once ``interrupt()`` says the run is stopping."""
-    binding = ObjectBinding(tenant_id, workspace_of(name), name)
-    with store.open_read(name) as reader:
-        it = decrypt_iter(reader, binding=binding, dek_for=_dek_lookup(keychain, tenant_id))
-        for _ in it:
-            if interrupt is not None and interrupt():
-                raise StopRequestedError(f"{store.label}: read of {name[:80]!r} interrupted: the run is stopping")
-        return it.result
+    store: ObjectStore, keychain: DekSource, tenant_id: str, name: bytes, interrupt: Callable[[], bool] | None = None
+) -> DecryptResult:
+    """``reading.read_back`` that raises StopRequestedError once ``interrupt()`` says the
+    run is stopping."""
 
+    def stop_if_interrupted() -> None:
+        if interrupt is not None and interrupt():
+            raise StopRequestedError(f"{store.label}: read of {name[:80]!r} interrupted: the run is stopping")
 
-def read_plaintext_digest(store: Any, keychain: Any, tenant_id: str, name: bytes) -> tuple[int, str, str]:
-    """``read_back`` as (plaintext size, SHA-256 hex, DEK id)."""
-    res = read_back(store, keychain, tenant_id, name)
-    return res.plaintext_size, res.plaintext_sha256, res.header.dek_id
+    return reading.read_back(store, keychain, tenant_id, name, stop_if_interrupted)
 
 
 class LedgerBatch:
@@ -169,7 +185,7 @@ class LedgerBatch:
 
     def __init__(
         self,
-        state: Any,
+        state: LedgerRepo,
         run_id: str,
         fence: Fence | None,
         *,
@@ -201,9 +217,9 @@ class LedgerBatch:
 
 
 def copy_object(
-    src: Any,
-    dst: Any,
-    keychain: Any,
+    src: ObjectStore,
+    dst: ObjectStore,
+    keychain: CopyKeychain,
     tenant_id: str,
     name: bytes,
     *,
@@ -243,9 +259,9 @@ def copy_object(
 
 
 def _copy_once(
-    src: Any,
-    dst: Any,
-    keychain: Any,
+    src: ObjectStore,
+    dst: ObjectStore,
+    keychain: CopyKeychain,
     tenant_id: str,
     name: bytes,
     dek_floor: dict[str, list[int]] | None,
@@ -267,7 +283,12 @@ def _copy_once(
 
 
 def _write_copy(
-    src: Any, dst: Any, keychain: Any, tenant_id: str, name: bytes, interrupt: Callable[[], bool] | None = None
+    src: ObjectStore,
+    dst: ObjectStore,
+    keychain: CopyKeychain,
+    tenant_id: str,
+    name: bytes,
+    interrupt: Callable[[], bool] | None = None,
 ) -> ObjectCopy:
     workspace = workspace_of(name)
     binding = ObjectBinding(tenant_id, workspace, name)
@@ -313,9 +334,9 @@ def _write_copy(
 
 
 def _existing(
-    src: Any,
-    dst: Any,
-    keychain: Any,
+    src: ObjectStore,
+    dst: ObjectStore,
+    keychain: CopyKeychain,
     tenant_id: str,
     name: bytes,
     dek_floor: dict[str, list[int]] | None,
@@ -411,18 +432,20 @@ def _stop_checks(run_id: str) -> tuple[Callable[[], bool] | None, Callable[[], b
     return stop.is_set, stop.overdue
 
 
-def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> dict[str, Any]:
+def copy_shard(platform: ShardPlatform, run_id: str, shard: int, fence: Fence | None) -> dict[str, Any]:
     """Copy every object of ``shard`` the ledger does not have as copied/verified.
 
     Run by the copy step, it tries quarantined objects again (their source may have been
     fixed). Run by verify's first pass (verify is the running step), it copies again what
     failed, a copy or verify's own read-back, and leaves quarantined ones to support."""
-    run = platform.state.get_run(run_id)
+    run = _get_run(platform.state, run_id)
     retry_quarantined = run.step("verify").state is not StepState.RUNNING
     return _copy_shard(platform, run, shard, fence, retry_quarantined=retry_quarantined)
 
 
-def _copy_shard(platform: Any, run: Any, shard: int, fence: Fence | None, *, retry_quarantined: bool) -> dict[str, Any]:
+def _copy_shard(
+    platform: ShardPlatform, run: MigrationRun, shard: int, fence: Fence | None, *, retry_quarantined: bool
+) -> dict[str, Any]:
     run_id = run.run_id
     plan = MigrationPlan.from_params(run.params)
     src = platform.store_for(plan.source_location)
@@ -523,6 +546,13 @@ def _copy_shard(platform: Any, run: Any, shard: int, fence: Fence | None, *, ret
     return result.to_dict()
 
 
+def _get_run(runs: RunRepo, run_id: str) -> MigrationRun:
+    run = runs.get_run(run_id)
+    if run is None:
+        raise StateError(f"unknown run {run_id!r}: see `archive-kms runs list`", resource=f"run:{run_id}")
+    return run
+
+
 def _cursor(result: ShardResult, started: float) -> dict[str, Any]:
     return {
         "objects": result.written + result.already,
@@ -541,13 +571,13 @@ def newer_than_bind(dek_id: str, floor: dict[str, list[int]]) -> bool:
     return last is None or (bucket, gen) > (last[0], last[1])
 
 
-def verify_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> dict[str, Any]:
+def verify_shard(platform: ShardPlatform, run_id: str, shard: int, fence: Fence | None) -> dict[str, Any]:
     """Read back every copied object of ``shard`` at the destination: it decrypts under
     the tenant's keychain with the destination binding, its plaintext SHA-256 equals the
     source's (recorded at copy time from an authenticated read), its size equals what was
     written, and its DEK was created after the key was bound. Marks it verified, or
     failed (the copy step redoes it)."""
-    run = platform.state.get_run(run_id)
+    run = _get_run(platform.state, run_id)
     plan = MigrationPlan.from_params(run.params)
     dst = platform.store_for(plan.destination_location)
     state, keychain, tenant = platform.state, platform.keychain, plan.tenant_id

@@ -28,12 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from archive_kms.errors import ArchiveKmsError, FencedError, LeaseHeldError, StateError, ValidationError
 from archive_kms.migration import crashpoints, stopping
+from archive_kms.migration.context import Hooks, RunContext, ShardRunner
+from archive_kms.migration.copying import ShardPlatform, copy_shard, verify_shard
 from archive_kms.migration.plan import POINT_OF_NO_RETURN, STEPS, MigrationPlan
 from archive_kms.migration.quarantine import (
     MAX_WAIVER_REASON_CHARS,
@@ -46,19 +48,37 @@ from archive_kms.migration.quarantine import (
     waiver_audit_details,
 )
 from archive_kms.migration.stopping import StopRequest, StopRequestedError
+from archive_kms.operations.platform import Platform
 from archive_kms.state.port import (
     AuditEvent,
+    AuditLog,
     CopyRecord,
     CopyStatus,
     Fence,
     Flow,
     Lease,
+    LeaseRepo,
+    LedgerRepo,
     MigrationRun,
+    RunRepo,
     RunState,
     StepState,
 )
 
 log = logging.getLogger(__name__)
+
+
+class RunStore(RunRepo, LedgerRepo, LeaseRepo, AuditLog, Protocol):
+    """Runs, the copy ledger, leases and the audit log: the state that triggering a run,
+    holding its lease and waiving its quarantined objects use."""
+
+
+class HasRunStore(Protocol):
+    """Anything with such a state store: the platform, or the CLI's state-only view."""
+
+    @property
+    def state(self) -> RunStore: ...
+
 
 DEFAULT_LEASE_TTL = timedelta(seconds=60)
 
@@ -66,108 +86,29 @@ DEFAULT_LEASE_TTL = timedelta(seconds=60)
 #: goes on under its new holder).
 SUPERSEDED = "superseded"
 
-#: step -> per-shard worker; resolved lazily so Dask workers import only what they run
-SHARD_FUNCTIONS = {
-    "copy": "archive_kms.migration.copying:copy_shard",
-    "verify": "archive_kms.migration.copying:verify_shard",
+#: (platform, run_id, shard, fence) -> the shard's result; runs in a thread or a Dask worker
+ShardFunction = Callable[[ShardPlatform, str, int, Fence | None], dict[str, Any]]
+
+#: step -> per-shard worker. Named directly: a Dask worker that runs a shard task imports
+#: this module and ``copying`` either way (docs/adr/0009-composition-root.md).
+SHARD_FUNCTIONS: dict[str, ShardFunction] = {
+    "copy": copy_shard,
+    "verify": verify_shard,
 }
 
 
-def shard_function(step: str) -> Callable[..., dict[str, Any]]:
-    import importlib
-
-    module, _, name = SHARD_FUNCTIONS[step].partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-#: (platform, run_id, step, shards, fence) -> one result dict per shard
-ShardRunner = Callable[[Any, str, str, Sequence[int], Fence | None], list[dict[str, Any]]]
+def shard_function(step: str) -> ShardFunction:
+    return SHARD_FUNCTIONS[step]
 
 
 def thread_shard_runner(
-    platform: Any, run_id: str, step: str, shards: Sequence[int], fence: Fence | None
+    platform: Platform, run_id: str, step: str, shards: Sequence[int], fence: Fence | None
 ) -> list[dict[str, Any]]:
     """Shards in threads of this process (``parallel_shards`` at a time)."""
-    plan = MigrationPlan.from_params(platform.state.get_run(run_id).params)
+    plan = MigrationPlan.from_params(get_run(platform, run_id).params)
     fn = shard_function(step)
     with ThreadPoolExecutor(max_workers=plan.parallel_shards, thread_name_prefix=f"akms-{step}") as pool:
         return list(pool.map(lambda s: fn(platform, run_id, s, fence), shards))
-
-
-@dataclass
-class Hooks:
-    """Callbacks for progress reporting (Prefect artifacts, CLI progress bars)."""
-
-    on_step: Callable[[str, str, dict[str, Any] | None], None] = lambda step, state, result: None
-    on_progress: Callable[[str, int, int], None] = lambda step, done, total: None
-
-
-@dataclass
-class RunContext:
-    platform: Any
-    run_id: str
-    plan: MigrationPlan
-    fence: Fence | None
-    actor: str
-    shard_runner: ShardRunner
-    hooks: Hooks
-    _fenced: threading.Event = field(default_factory=threading.Event)
-    stop: StopRequest = field(default_factory=StopRequest)
-
-    def check(self) -> None:
-        """Raise FencedError if the heartbeat lost the lease, StopRequestedError if the run
-        was asked to stop (a signal, or the caller)."""
-        self.check_fenced()
-        if self.stop.is_set():
-            raise StopRequestedError(f"run {self.run_id}: {self.stop.reason}", resource=f"run:{self.run_id}")
-
-    def check_fenced(self) -> None:
-        if self._fenced.is_set():
-            raise FencedError(
-                f"run {self.run_id} lost the lease of tenant {self.plan.tenant_id}; stopping",
-                resource=f"run:{self.run_id}",
-            )
-
-    @property
-    def stopping(self) -> bool:
-        return self.stop.is_set()
-
-    def run_shards(self, step: str, shards: Sequence[int]) -> list[dict[str, Any]]:
-        stop = threading.Event()
-        poller = threading.Thread(target=self._poll_progress, args=(step, stop), daemon=True)
-        poller.start()
-        try:
-            return self.shard_runner(self.platform, self.run_id, step, shards, self.fence)
-        finally:
-            stop.set()
-            poller.join(timeout=5)
-            self._report_progress(step)
-
-    def _report_progress(self, step: str) -> None:
-        summary = self.platform.state.manifest_summary(self.run_id)
-        counts = self.platform.state.copy_counts(self.run_id)
-        done = counts.get(CopyStatus.VERIFIED, 0)
-        if step == "copy":
-            done += counts.get(CopyStatus.COPIED, 0)
-        self.hooks.on_progress(step, done, summary.entries if summary else 0)
-
-    def _poll_progress(self, step: str, stop: threading.Event) -> None:
-        while not stop.wait(1.0):
-            try:
-                self._report_progress(step)
-            except Exception:
-                log.debug("progress poll failed", exc_info=True)
-
-    def audit(self, action: str, details: dict[str, Any] | None = None) -> None:
-        self.platform.state.append_audit(
-            AuditEvent(
-                actor=self.actor,
-                action=action,
-                tenant_id=self.plan.tenant_id,
-                run_id=self.run_id,
-                details=details or {},
-            )
-        )
 
 
 @dataclass(frozen=True)
@@ -197,7 +138,7 @@ class Outcome:
 # --- triggering ---------------------------------------------------------------------------
 
 
-def check_trigger(platform: Any, plan: MigrationPlan) -> MigrationRun | None:
+def check_trigger(platform: HasRunStore, plan: MigrationPlan) -> MigrationRun | None:
     """What ``trigger`` refuses, without starting anything: ``StateError`` if a failed run
     of the tenant is in the way or a run of the other flow is going. Returns the tenant's
     running run of the same flow, if any (``trigger`` would return it)."""
@@ -224,7 +165,7 @@ def check_trigger(platform: Any, plan: MigrationPlan) -> MigrationRun | None:
     return active
 
 
-def trigger(platform: Any, plan: MigrationPlan, *, actor: str) -> tuple[MigrationRun, bool]:
+def trigger(platform: HasRunStore, plan: MigrationPlan, *, actor: str) -> tuple[MigrationRun, bool]:
     """Start a run for ``plan``, or return the tenant's running run (created False).
     A running run of the *other* flow is refused (faults E6)."""
     check_trigger(platform, plan)
@@ -252,7 +193,7 @@ def trigger(platform: Any, plan: MigrationPlan, *, actor: str) -> tuple[Migratio
 
 
 class _Heartbeat(threading.Thread):
-    def __init__(self, platform: Any, lease: Lease, ttl: timedelta, fenced: threading.Event) -> None:
+    def __init__(self, platform: HasRunStore, lease: Lease, ttl: timedelta, fenced: threading.Event) -> None:
         super().__init__(daemon=True, name=f"akms-lease-{lease.tenant_id}")
         self._platform, self.lease, self._ttl, self._fenced = platform, lease, ttl, fenced
         self._stop_event = threading.Event()
@@ -285,12 +226,12 @@ class _Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
-def _lease_ttl(platform: Any) -> timedelta:
+def _lease_ttl(platform: HasRunStore) -> timedelta:
     seconds = getattr(getattr(platform, "settings", None), "lease_ttl_seconds", None)
     return timedelta(seconds=seconds) if seconds else DEFAULT_LEASE_TTL
 
 
-def _acquire(platform: Any, run: MigrationRun, *, takeover: bool) -> Lease:
+def _acquire(platform: HasRunStore, run: MigrationRun, *, takeover: bool) -> Lease:
     current = platform.state.get_lease(run.tenant_id)
     now = datetime.now(UTC)
     if current is not None and current.run_id == run.run_id and current.expires_at > now and not takeover:
@@ -304,7 +245,7 @@ def _acquire(platform: Any, run: MigrationRun, *, takeover: bool) -> Lease:
 
 
 def execute(
-    platform: Any,
+    platform: Platform,
     run_id: str,
     *,
     actor: str,
@@ -320,7 +261,7 @@ def execute(
     run gracefully; one is made if not given, and ``stopping.request_stop(run_id)`` finds
     it either way. In the main thread, and unless ``handle_signals`` is False, SIGTERM and
     SIGINT set it for the duration of the call (the previous handlers are restored)."""
-    run = _get(platform, run_id)
+    run = get_run(platform, run_id)
     if run.state is RunState.COMPLETED:
         return Outcome(run.run_id, run.tenant_id, run.flow.value, run.state.value, message="run already completed")
     if run.state is not RunState.RUNNING:
@@ -340,7 +281,7 @@ def execute(
 
 
 def _execute(
-    platform: Any,
+    platform: Platform,
     run: MigrationRun,
     *,
     actor: str,
@@ -362,7 +303,7 @@ def _execute(
     executed: list[str] = []
     try:
         for step in STEPS:
-            record = _get(platform, run_id).step(step)
+            record = get_run(platform, run_id).step(step)
             if record.state in (StepState.COMPLETED, StepState.SKIPPED):
                 continue
             ctx.check_fenced()
@@ -421,14 +362,14 @@ def _execute(
         platform.state.release_lease(beat.lease)  # a stopped run is resumed at once, without --takeover
 
 
-def _interrupted(platform: Any, ctx: RunContext, step: str, executed: list[str], *, started: bool) -> Outcome:
+def _interrupted(platform: Platform, ctx: RunContext, step: str, executed: list[str], *, started: bool) -> Outcome:
     """Record a graceful stop: ``step`` failed as interrupted, the run failed (resumable),
     audited as ``run.stop``. Raises FencedError if the lease was lost meanwhile."""
     reason = ctx.stop.reason or "stop requested"
     when = "during" if started else "before"
     error = f"interrupted: {reason} {when} step {step}; `archive-kms runs resume {ctx.run_id}` continues the run"
     log.warning("run %s: %s", ctx.run_id, error)
-    if not started and _get(platform, ctx.run_id).step(step).state is StepState.FAILED:
+    if not started and get_run(platform, ctx.run_id).step(step).state is StepState.FAILED:
         # failed -> failed would keep the old error: record this stop as an attempt of its own
         platform.state.update_step(ctx.run_id, step, StepState.RUNNING, fence=ctx.fence)
     platform.state.update_step(ctx.run_id, step, StepState.FAILED, error=error, fence=ctx.fence)
@@ -456,7 +397,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:1000]
 
 
-def _fail(platform: Any, ctx: RunContext, step: str, exc: BaseException) -> None:
+def _fail(platform: Platform, ctx: RunContext, step: str, exc: BaseException) -> None:
     """Record the failure if we still hold the tenant (a fenced run records nothing)."""
     if isinstance(exc, FencedError):
         return
@@ -468,7 +409,7 @@ def _fail(platform: Any, ctx: RunContext, step: str, exc: BaseException) -> None
         log.error("run %s was taken over while failing step %s", ctx.run_id, step)
 
 
-def _get(platform: Any, run_id: str) -> MigrationRun:
+def get_run(platform: HasRunStore, run_id: str) -> MigrationRun:
     run = platform.state.get_run(run_id)
     if run is None:
         raise StateError(f"unknown run {run_id!r}: see `archive-kms runs list`", resource=f"run:{run_id}")
@@ -478,10 +419,10 @@ def _get(platform: Any, run_id: str) -> MigrationRun:
 # --- support: resume and rerun ----------------------------------------------------------------
 
 
-def resume(platform: Any, run_id: str, *, actor: str, takeover: bool = False, **kw: Any) -> Outcome:
+def resume(platform: Platform, run_id: str, *, actor: str, takeover: bool = False, **kw: Any) -> Outcome:
     """Continue a failed run, or a running one whose worker died (lease expired, or
     ``takeover``), from its first step not completed."""
-    run = _get(platform, run_id)
+    run = get_run(platform, run_id)
     if run.state is RunState.COMPLETED:
         _audit_run(platform, run, actor, "run.resume.noop", {})
         return Outcome(
@@ -500,11 +441,11 @@ def resume(platform: Any, run_id: str, *, actor: str, takeover: bool = False, **
     return execute(platform, run_id, actor=actor, takeover=takeover, **kw)
 
 
-def rerun(platform: Any, run_id: str, from_step: str, *, actor: str, takeover: bool = False, **kw: Any) -> Outcome:
+def rerun(platform: Platform, run_id: str, from_step: str, *, actor: str, takeover: bool = False, **kw: Any) -> Outcome:
     """Reset ``from_step`` and every later step, then run them again."""
     if from_step not in STEPS:
         raise ValidationError(f"unknown step {from_step!r}: one of {', '.join(STEPS)}")
-    run = _get(platform, run_id)
+    run = get_run(platform, run_id)
     if run.state is RunState.COMPLETED:
         when = run.step(from_step).finished_at
         _audit_run(platform, run, actor, "run.rerun.noop", {"from": from_step})
@@ -539,13 +480,13 @@ def rerun(platform: Any, run_id: str, from_step: str, *, actor: str, takeover: b
     return execute(platform, run_id, actor=actor, takeover=True, **kw)
 
 
-def cancel(platform: Any, run_id: str, *, actor: str, takeover: bool = False) -> Outcome:
+def cancel(platform: Platform, run_id: str, *, actor: str, takeover: bool = False) -> Outcome:
     """Give up a run that has not cut over, and put the tenant back as it was: the tenant
     key re-wrapped under its original key, the destination and the new index generation
     deleted (only if this run created them), the old index writable again, the gate
     reopened with the deferred jobs replayed into the source. Idempotent; refused once
     the run has cut over (the tenant lives at the destination: use the reverse flow)."""
-    run = _get(platform, run_id)
+    run = get_run(platform, run_id)
     if run.state is RunState.CANCELLED:
         return Outcome(
             run_id, run.tenant_id, run.flow.value, run.state.value, created=False, message="already cancelled"
@@ -569,7 +510,7 @@ def cancel(platform: Any, run_id: str, *, actor: str, takeover: bool = False) ->
         bind = run.step("bind_key")
         # The L1 recorded when the run was planned, never a bind result: a bind that crashed
         # after re-wrapping and was rerun records the *customer* key as its "from".
-        original = plan.source_key_ref or (bind.result or {}).get("from") or tenant.key_ref
+        original = plan.source_key_ref or (bind.result or {}).get("from") or (tenant.key_ref if tenant else None)
         if bind.state is not StepState.PENDING and original:
             current = platform.keychain.status(plan.tenant_id).l1_ref
             provider = platform.resolve_provider(original)
@@ -644,7 +585,7 @@ def _waiver_reason(reason: str) -> str:
 
 
 def waive(
-    platform: Any,
+    platform: HasRunStore,
     run_id: str,
     *,
     reason: str,
@@ -661,7 +602,7 @@ def waive(
     text = _waiver_reason(reason)
     if bool(objects) == bool(all_objects):
         raise ValidationError("name the objects to waive (--object NAME, repeatable) or pass --all, not both")
-    run = _get(platform, run_id)
+    run = get_run(platform, run_id)
     if run.state in (RunState.COMPLETED, RunState.CANCELLED):
         raise ValidationError(f"run {run_id} is {run.state.value}: nothing to waive")
     if run.step(POINT_OF_NO_RETURN).state is not StepState.PENDING:
@@ -714,7 +655,7 @@ def waive(
     )
 
 
-def _audit_run(platform: Any, run: MigrationRun, actor: str, action: str, details: dict[str, Any]) -> None:
+def _audit_run(platform: HasRunStore, run: MigrationRun, actor: str, action: str, details: dict[str, Any]) -> None:
     platform.state.append_audit(
         AuditEvent(actor=actor, action=action, tenant_id=run.tenant_id, run_id=run.run_id, details=details)
     )
@@ -729,6 +670,7 @@ __all__ = [
     "cancel",
     "check_trigger",
     "execute",
+    "get_run",
     "rerun",
     "resume",
     "shard_function",

@@ -11,16 +11,20 @@ tenant's registry entry has moved on (it does, at cutover).
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from archive_kms.domain.tenants import TenantId
-from archive_kms.errors import StateError, ValidationError
+from archive_kms.errors import ConfigurationError, StateError, ValidationError
+from archive_kms.keys.aws_kms import AwsKmsKeyProvider
+from archive_kms.keys.port import KeyProvider
 from archive_kms.keys.refs import AwsKmsKeyRef, parse_key_ref
-from archive_kms.operations.tenants import MANAGED_KEY_REF
+from archive_kms.operations.blast_radius import register_dry_run
+from archive_kms.operations.platform import Platform
+from archive_kms.operations.tenants import MANAGED_KEY_REF, shared_location
 from archive_kms.search import index_name
-from archive_kms.state.port import Flow, KeyMode
+from archive_kms.state.port import Flow, KeyMode, TenantRecord, TenantRepo
 from archive_kms.storage import (
     Cloud,
     Kind,
@@ -129,9 +133,9 @@ def _fanout(shards: int | None, parallel: int | None, threads: int | None) -> di
     return out
 
 
-def _tenant(platform: Any, tenant_id: str):
+def _tenant(tenants: TenantRepo, tenant_id: str) -> TenantRecord:
     tid = TenantId(tenant_id).value  # the one strict rule, before any lookup
-    t = platform.state.get_tenant(tid)
+    t = tenants.get_tenant(tid)
     if t is None:
         raise StateError(
             f"unknown tenant {tid!r}: create it with `archive-kms tenant create`", resource=f"tenant:{tid}"
@@ -139,7 +143,7 @@ def _tenant(platform: Any, tenant_id: str):
     return t
 
 
-def _sse_key_arn(platform: Any, key_ref: str) -> str | None:
+def _sse_key_arn(resolve_provider: Callable[[str], KeyProvider], key_ref: str) -> str | None:
     """The KMS key ARN for the dedicated bucket's default encryption (defense in depth),
     for AWS-held customer keys; None for keys outside AWS KMS."""
     ref = parse_key_ref(key_ref)
@@ -147,11 +151,14 @@ def _sse_key_arn(platform: Any, key_ref: str) -> str | None:
         return None
     if ref.is_key_arn:
         return ref.api_key_id
-    return platform.resolve_provider(key_ref).describe().arn  # an alias: the key it names now
+    provider = resolve_provider(key_ref)  # an alias: the key it names now
+    if not isinstance(provider, AwsKmsKeyProvider):
+        raise ConfigurationError(f"{key_ref} resolves to {provider!r}, not an AWS KMS key", resource=key_ref)
+    return provider.describe().arn
 
 
 def plan_enable(
-    platform: Any,
+    platform: Platform,
     tenant_id: str,
     mode: str,
     key_ref: str,
@@ -163,7 +170,7 @@ def plan_enable(
 ) -> MigrationPlan:
     """Plan onboarding ``tenant_id`` onto ``key_ref`` in ``mode``; ValidationError naming
     what to fix for a mode/key/cloud mismatch."""
-    t = _tenant(platform, tenant_id)
+    t = _tenant(platform.state, tenant_id)
     try:
         m = EnableMode(mode)
     except ValueError:
@@ -188,7 +195,7 @@ def plan_enable(
             f"{source.uri}); run `archive-kms remove {t.tenant_id}` first"
         )
     if source.cloud is Cloud.S3:
-        dest = dedicated_s3_location(t.tenant_id, sse_kms_key_arn=_sse_key_arn(platform, ref.uri))
+        dest = dedicated_s3_location(t.tenant_id, sse_kms_key_arn=_sse_key_arn(platform.resolve_provider, ref.uri))
     else:
         dest = dedicated_azure_location(t.tenant_id, account=platform.settings.shared_azure_account)
     return MigrationPlan(
@@ -206,7 +213,7 @@ def plan_enable(
 
 
 def plan_remove(
-    platform: Any,
+    platform: Platform,
     tenant_id: str,
     *,
     shards: int | None = None,
@@ -214,9 +221,7 @@ def plan_remove(
     threads_per_shard: int | None = None,
 ) -> MigrationPlan:
     """Plan moving a customer-key tenant back to a new shared entity under the managed key."""
-    from archive_kms.operations.tenants import shared_location
-
-    t = _tenant(platform, tenant_id)
+    t = _tenant(platform.state, tenant_id)
     source = Location.from_dict(t.location)
     if t.key_mode is KeyMode.MANAGED or source.kind is not Kind.DEDICATED:
         raise ValidationError(
@@ -235,6 +240,24 @@ def plan_remove(
         source_key_ref=platform.keychain.status(t.tenant_id).l1_ref,
         **_fanout(shards, parallel_shards, threads_per_shard),
     )
+
+
+def _describe_remove(platform: Platform, tenant_id: str) -> list[str]:
+    """The remove flow's blast-radius lines (``operations.blast_radius``)."""
+    plan = plan_remove(platform, tenant_id)  # the refusals the run would give
+    source, dest = plan.source_location.uri, plan.destination_location.uri
+    lines = [
+        f"pause archive jobs of {tenant_id} (new jobs are queued and replayed after the run)",
+        f"copy and re-encrypt every object from {source} to {dest} under the managed key ({plan.key_ref})",
+        "verify every object (count, size, plaintext digest) before cutover",
+        f"build index {plan.new_index} from the new storage (plaintext search index)",
+        f"cut over, then delete {source}" + (f" and index {plan.old_index}" if plan.old_index else ""),
+        f"the customer key {plan.source_key_ref} is no longer used for {tenant_id}",
+    ]
+    return lines
+
+
+register_dry_run("remove", _describe_remove)
 
 
 __all__ = [

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from archive_kms.errors import IntegrityError
-from archive_kms.state.port import CopyRecord, CopyStatus
+from archive_kms.state.port import CopyRecord, CopyStatus, LedgerRepo
 
 #: Reads of a source object that must all fail authentication before it is quarantined;
 #: each read starts from the first byte (a read cut short by the network is resumed or
@@ -122,7 +122,7 @@ def quarantine_record(name: bytes, exc: PoisonSourceError, *, waiver: Waiver | N
     return CopyRecord(name, CopyStatus.QUARANTINED, error=q.to_error())
 
 
-def quarantined(state: Any, run_id: str, *, shard: int | None = None) -> Iterator[tuple[bytes, Quarantine]]:
+def quarantined(state: LedgerRepo, run_id: str, *, shard: int | None = None) -> Iterator[tuple[bytes, Quarantine]]:
     """(name, quarantine) of every quarantined ledger row, ordered by name."""
     for rec in state.iter_copies(run_id, status=CopyStatus.QUARANTINED, shard=shard):
         yield rec.name, Quarantine.from_error(rec.error)
@@ -203,7 +203,7 @@ def check_waivers_audited(state: Any, tenant_id: str, run_id: str, waived: Itera
     )
 
 
-def report_section(state: Any, run_id: str, source_uri: str | None) -> dict[str, Any]:
+def report_section(state: LedgerRepo, run_id: str, source_uri: str | None) -> dict[str, Any]:
     """What the run report says about quarantine: counts, the first objects by name with
     their reason and waiver, and where their source objects are kept."""
     objects: list[dict[str, Any]] = []

@@ -4,19 +4,32 @@ run finished last week as the flow printed when it ended)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
+from archive_kms.errors import StateError
 from archive_kms.migration.quarantine import report_section
-from archive_kms.state.port import CopyStatus, MigrationRun, StepState
+from archive_kms.state.port import CopyStatus, LedgerRepo, MigrationRun, RunRepo, StepRecord, StepState
 
 
-def _seconds(step) -> float | None:
+class RunLedger(RunRepo, LedgerRepo, Protocol):
+    """The run records and the copy ledger: everything a report reads."""
+
+
+class HasRunLedger(Protocol):
+    """Anything with a state store that has them: the platform, or the CLI's state-only view."""
+
+    @property
+    def state(self) -> RunLedger: ...
+
+
+def _seconds(step: StepRecord) -> float | None:
     if step.started_at is None or step.finished_at is None:
         return None
     return round((step.finished_at - step.started_at).total_seconds(), 3)
 
 
-def progress(platform: Any, run: MigrationRun) -> dict[str, Any]:
+def progress(platform: HasRunLedger, run: MigrationRun) -> dict[str, Any]:
     summary = platform.state.manifest_summary(run.run_id)
     counts = platform.state.copy_counts(run.run_id) if summary else {}
     total = summary.entries if summary else 0
@@ -33,8 +46,10 @@ def progress(platform: Any, run: MigrationRun) -> dict[str, Any]:
     }
 
 
-def build_report(platform: Any, run_id: str, *, final: bool = False) -> dict[str, Any]:
+def build_report(platform: HasRunLedger, run_id: str, *, final: bool = False) -> dict[str, Any]:
     run = platform.state.get_run(run_id)
+    if run is None:
+        raise StateError(f"unknown run {run_id!r}: see `archive-kms runs list`", resource=f"run:{run_id}")
     params = run.params
     summary = platform.state.manifest_summary(run_id)
     steps = []
@@ -86,7 +101,7 @@ def build_report(platform: Any, run_id: str, *, final: bool = False) -> dict[str
     return report
 
 
-def _reconciliation(verify_result: dict[str, Any], index_result: dict[str, Any]) -> str | None:
+def _reconciliation(verify_result: Mapping[str, Any], index_result: Mapping[str, Any]) -> str | None:
     """I4 in words, waived objects included: what verify and build_index checked."""
     text = verify_result.get("reconciled")
     if text and "expected" in index_result:

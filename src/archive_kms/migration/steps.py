@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from archive_kms import retry
 from archive_kms.domain.records import Record
@@ -32,16 +32,15 @@ from archive_kms.errors import (
 from archive_kms.keys.keychain import parse_dek_id
 from archive_kms.keys.preflight import check_usable
 from archive_kms.migration import quarantine
+from archive_kms.migration.context import RunContext
 from archive_kms.migration.plan import EnableMode
 from archive_kms.migration.stopping import StopRequestedError
 from archive_kms.operations.archive import RECORD_PREFIX, replay_deferred
 from archive_kms.search import alias_name, rebuild_generation
+from archive_kms.state.anchors import AnchorStore, publish_anchor
 from archive_kms.state.port import CopyStatus, Flow, KeyMode, ManifestEntry, StepState
 
-if TYPE_CHECKING:
-    from archive_kms.migration.engine import RunContext
-
-Step = Callable[["RunContext"], dict[str, Any]]
+Step = Callable[[RunContext], dict[str, Any]]
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
     foreign = 0
     first: bytes | None = None
     dest_exists = p.provisioner.exists(dest_loc)
-    created_by_us = p.state.get_run(ctx.run_id).step("create_destination").state is not StepState.PENDING
+    created_by_us = ctx.run().step("create_destination").state is not StepState.PENDING
     if dest_exists:
         for info in p.store_for(dest_loc).list():
             if p.state.manifest_summary(ctx.run_id) is None or p.state.get_copy(ctx.run_id, info.name) is None:
@@ -148,7 +147,7 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
     if foreign:
         raise ConfigurationError(
             f"destination {dest_loc.uri} already holds {foreign}{'+' if foreign >= 1000 else ''} object(s) this run "
-            f"did not write (first: {first[:80]!r}); empty or remove it, or choose another destination",
+            f"did not write (first: {(first or b'')[:80]!r}); empty or remove it, or choose another destination",
             resource=dest_loc.uri,
         )
     checks.append("destination-free")
@@ -322,7 +321,7 @@ def manifest(ctx: RunContext) -> dict[str, Any]:
             ctx.check()
     if page:
         new += p.state.add_manifest_entries(ctx.run_id, page, fence=ctx.fence)
-    summary = p.state.manifest_summary(ctx.run_id)
+    summary = ctx.manifest_summary()
     count, total = _listing_totals(src)
     if (count, total) != (summary.entries, summary.total_bytes):
         raise IntegrityError(
@@ -377,7 +376,7 @@ def copy(ctx: RunContext) -> dict[str, Any]:
             f"retried by a rerun of the step. First: {'; '.join(errors)}"
         )
     counts = ctx.platform.state.copy_counts(ctx.run_id)
-    summary = ctx.platform.state.manifest_summary(ctx.run_id)
+    summary = ctx.manifest_summary()
     done = counts.get(CopyStatus.COPIED, 0) + counts.get(CopyStatus.VERIFIED, 0)
     held = counts.get(CopyStatus.QUARANTINED, 0)
     if done + held != summary.entries:
@@ -465,15 +464,15 @@ def _records(ctx: RunContext, store: Any):
     from concurrent.futures import ThreadPoolExecutor
 
     from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter
-    from archive_kms.migration.copying import _dek_lookup
     from archive_kms.operations.archive import workspace_of
+    from archive_kms.operations.reading import dek_lookup
 
     tenant, kc = ctx.plan.tenant_id, ctx.platform.keychain
 
     def load(name: bytes) -> Record:
         binding = ObjectBinding(tenant, workspace_of(name), name)
         with store.open_read(name) as reader:
-            return Record.from_json(b"".join(decrypt_iter(reader, binding=binding, dek_for=_dek_lookup(kc, tenant))))
+            return Record.from_json(b"".join(decrypt_iter(reader, binding=binding, dek_for=dek_lookup(kc, tenant))))
 
     names = (info.name for info in store.list(RECORD_PREFIX))
     with ThreadPoolExecutor(max_workers=ctx.plan.threads_per_shard * 2, thread_name_prefix="akms-etl") as pool:
@@ -525,7 +524,7 @@ def cutover(ctx: RunContext) -> dict[str, Any]:
     them finishes the other half; readers see old or new, never neither."""
     p, plan = ctx.platform, ctx.plan
     quarantine.require_resolved(p.state, ctx.run_id)  # never cut over with an object nobody accounted for
-    t = p.state.get_tenant(plan.tenant_id)
+    t = ctx.tenant()
     registry_changed = dict(t.location) != dict(plan.destination)
     if registry_changed:
         p.state.update_tenant(
@@ -600,7 +599,7 @@ def _recheck_before_deleting(ctx: RunContext, kept: set[bytes]) -> None:
             resource=plan.destination_location.uri,
         )
     if not kept:
-        summary = p.state.manifest_summary(ctx.run_id)
+        summary = ctx.manifest_summary()
         count, total = _listing_totals(p.store_for(plan.source_location))
         if (count, total) != (summary.entries, summary.total_bytes):
             raise IntegrityError(
@@ -645,7 +644,7 @@ def cleanup_source(ctx: RunContext) -> dict[str, Any]:
     (quarantined) objects are kept where they are, named in the result and the report:
     the run never loses an object silently (ADR 0006)."""
     p, plan = ctx.platform, ctx.plan
-    if dict(p.state.get_tenant(plan.tenant_id).location) != dict(plan.destination):
+    if dict(ctx.tenant().location) != dict(plan.destination):
         raise StateError("refusing to delete the source: the registry does not point at the destination yet")
     src_loc = plan.source_location
     kept = quarantine.summarize(p.state, ctx.run_id).names
@@ -742,17 +741,15 @@ def report(ctx: RunContext) -> dict[str, Any]:
 
     out = build_report(ctx.platform, ctx.run_id, final=True)
     if ctx.platform.anchors is not None:
-        out["audit_anchor"] = _anchor_audit(ctx)
+        out["audit_anchor"] = _anchor_audit(ctx, ctx.platform.anchors)
     return out
 
 
-def _anchor_audit(ctx: RunContext) -> dict[str, Any]:
+def _anchor_audit(ctx: RunContext, anchors: AnchorStore) -> dict[str, Any]:
     """Publish the audit head (with this run's records) outside the database; a failure
     is reported, not fatal: the data has moved, and the next run or `audit anchor` retries."""
-    from archive_kms.state.anchors import publish_anchor
-
     try:
-        anchor, where = publish_anchor(ctx.platform.state, ctx.platform.anchors)
+        anchor, where = publish_anchor(ctx.platform.state, anchors)
     except ArchiveKmsError as exc:
         log.warning("audit anchor not published after run %s: %s", ctx.run_id, type(exc).__name__)
         return {"published": False, "error": str(exc)}

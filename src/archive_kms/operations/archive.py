@@ -16,6 +16,7 @@ the store purges the seal when the job is replayed (``docs/archive-jobs.md``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
@@ -23,14 +24,12 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from typing import Any, Protocol
 
 from archive_kms.crypto.envelope import (
+    EnvelopeHeader,
     ObjectBinding,
     decrypt_iter,
     decrypt_to_bytes,
@@ -38,6 +37,8 @@ from archive_kms.crypto.envelope import (
     encrypt_iter,
     read_header,
 )
+from archive_kms.crypto.kdf import hkdf_sha256
+from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
 from archive_kms.errors import (
     IndexModeMismatchError,
@@ -50,9 +51,34 @@ from archive_kms.errors import (
     StateError,
     ValidationError,
 )
-from archive_kms.state.port import AuditEvent, DeferredJob, JobState
+from archive_kms.keys.keychain import DataKey
+from archive_kms.search import IndexMode, SearchIndex, SearchKeys
+from archive_kms.state.port import Admission, AuditEvent, AuditLog, DeferredJob, Fence, GateRepo, JobState
+from archive_kms.storage.port import ObjectStore
 
 log = logging.getLogger(__name__)
+
+
+class ArchiveKeychain(Protocol):
+    """The slice of the keychain archive jobs use: encrypt under the active DEK, open an
+    object by its header, derive the job-digest key."""
+
+    def dek_for_encrypt(self, tenant_id: str, workspace_id: str, now: datetime | float | None = None) -> DataKey:
+        """The ACTIVE DEK of ``workspace_id`` for ``now``'s time bucket (created on demand)."""
+        ...
+
+    def dek_for_header(self, header: EnvelopeHeader) -> SecretBytes:
+        """The DEK an envelope header names, checked against the header's workspace."""
+        ...
+
+    def search_key_material(self, tenant_id: str) -> SecretBytes:
+        """Key material derived from the tenant key for search and job-digest keys."""
+        ...
+
+
+class JobGate(GateRepo, AuditLog, Protocol):
+    """The gate, the job records and the audit log: the state archive jobs use."""
+
 
 JOB_ACTOR = "archive-writer"  # the audit actor of archive jobs submitted by the platform's writer
 
@@ -154,7 +180,7 @@ class JobSpec:
                         f"job {self.job_id}: attachment {ref.attachment_id} of record "
                         f"{record.record_id} has no file; give it with the job"
                     )
-                atts.append(AttachmentData(ref, lambda p=path: _read_file(p)))
+                atts.append(AttachmentData(ref, functools.partial(_read_file, path)))
             yield record, atts
 
 
@@ -226,13 +252,13 @@ def _content(spec: JobSpec) -> dict[str, Any] | None:
     return {"records": [dict(r) for r in spec.records], "attachment_files": dict(spec.attachment_files)}
 
 
-def _content_digest(keychain: Any, spec: JobSpec, plaintext: bytes) -> str:
+def _content_digest(keychain: ArchiveKeychain, spec: JobSpec, plaintext: bytes) -> str:
     """HMAC-SHA256 of job id and content under a key derived from the tenant's L2 key: a
     database reader cannot confirm a guessed record with it. It survives re-binding L1; a
     new L2 (``rotate_l2``) changes it, and ``submit_job`` then recognises a resend by
     opening the queued seal instead (``_is_resend``)."""
     material = keychain.search_key_material(spec.tenant_id)
-    key = HKDF(hashes.SHA256(), 32, salt=None, info=_DIGEST_INFO + spec.tenant_id.encode()).derive(material.reveal())
+    key = hkdf_sha256(material.reveal(), info=_DIGEST_INFO + spec.tenant_id.encode())
     job = spec.job_id.encode()
     return "hmac-sha256:" + hmac.new(key, len(job).to_bytes(4, "big") + job + plaintext, hashlib.sha256).hexdigest()
 
@@ -243,7 +269,7 @@ def _seal_workspace(spec: JobSpec) -> str:
     return Record.from_json(spec.records[0]).workspace_id if spec.records else "default"
 
 
-def seal_job(spec: JobSpec, keychain: Any) -> QueuedJob:
+def seal_job(spec: JobSpec, keychain: ArchiveKeychain | None) -> QueuedJob:
     """The form in which the gate may keep ``spec``: content sealed with the project's
     envelope under the active DEK of a workspace of the tenant's keychain (the DEK outlives
     an L1 re-binding: only L2's wrapping changes), bound to ``deferred/<job id>``."""
@@ -288,7 +314,7 @@ def _refused(job: DeferredJob, reason: str) -> IntegrityError:
     )
 
 
-def _unseal(job: DeferredJob, keychain: Any) -> dict[str, Any]:
+def _unseal(job: DeferredJob, keychain: ArchiveKeychain) -> dict[str, Any]:
     sealed = job.sealed or b""
     try:
         header = read_header(io.BytesIO(sealed))
@@ -307,7 +333,7 @@ def _unseal(job: DeferredJob, keychain: Any) -> dict[str, Any]:
     return body
 
 
-def open_queued(job: DeferredJob, keychain: Any) -> JobSpec:
+def open_queued(job: DeferredJob, keychain: ArchiveKeychain) -> JobSpec:
     """The spec of a queued job, its content opened and checked against its metadata.
     ``IntegrityError`` naming the job if the seal does not open here (tampered, or moved
     from another job or tenant) or does not match the metadata."""
@@ -358,15 +384,15 @@ class TenantArchive:
         self,
         *,
         tenant_id: str,
-        store,
-        keychain,
-        index,
-        index_mode,
-        search_keys,
+        store: ObjectStore,
+        keychain: ArchiveKeychain,
+        index: SearchIndex,
+        index_mode: IndexMode,
+        search_keys: SearchKeys | None,
         index_name: str | None = None,
         segment_size: int | None = None,
         relocate: Callable[[], TenantArchive] | None = None,
-        keyed_search_keys: Callable[[], Any] | None = None,
+        keyed_search_keys: Callable[[], SearchKeys] | None = None,
     ) -> None:
         self.tenant_id = tenant_id
         self.store = store
@@ -488,7 +514,7 @@ def write_records(
     return counts
 
 
-def submit_job(state, spec: JobSpec, open_archive: Callable[[str], TenantArchive]) -> JobOutcome:
+def submit_job(state: JobGate, spec: JobSpec, open_archive: Callable[[str], TenantArchive]) -> JobOutcome:
     """The archive-job writer's entry point: admit through the gate, then run or defer.
 
     The job is sealed before admission whatever the gate says: admission and deferral are
@@ -511,10 +537,17 @@ def submit_job(state, spec: JobSpec, open_archive: Callable[[str], TenantArchive
         if decision == "deferred":
             _audit(state, spec.tenant_id, "job.deferred", {"job_id": spec.job_id, "kind": spec.kind})
         return JobOutcome(spec.job_id, spec.tenant_id, decision)
-    return _run(state, spec, admission.attempt, open_archive)
+    return _run(state, spec, _attempt(admission), open_archive)
 
 
-def _audit(state, tenant_id: str, action: str, details: dict[str, Any], run_id: str | None = None) -> None:
+def _attempt(admission: Admission) -> int:
+    """The attempt number of an admission to run (the gate numbers every run)."""
+    if admission.attempt is None:
+        raise StateError(f"job {admission.job_id} was admitted to run without an attempt number")
+    return admission.attempt
+
+
+def _audit(state: AuditLog, tenant_id: str, action: str, details: dict[str, Any], run_id: str | None = None) -> None:
     """Every job that writes (or is queued to write) into a tenant's archive leaves an
     audit record: ids and counts, never record content."""
     state.append_audit(
@@ -528,7 +561,7 @@ def _audit(state, tenant_id: str, action: str, details: dict[str, Any], run_id: 
     )
 
 
-def _is_resend(state, spec: JobSpec, keychain: Any) -> bool:
+def _is_resend(state: GateRepo, spec: JobSpec, keychain: ArchiveKeychain) -> bool:
     """Whether the store refused ``spec`` only because its digest was keyed by an L2 that
     has since been replaced: the job completed (as a job that never waited would answer),
     or its queued seal opens to the same content."""
@@ -546,7 +579,7 @@ def _is_resend(state, spec: JobSpec, keychain: Any) -> bool:
 
 
 def _run(
-    state,
+    state: JobGate,
     job: JobSpec | DeferredJob,
     attempt: int,
     open_archive: Callable[[str], TenantArchive],
@@ -600,12 +633,12 @@ def _run(
 
 
 def replay_deferred(
-    state,
+    state: JobGate,
     tenant_id: str,
     run_id: str,
     open_archive: Callable[[str], TenantArchive],
     *,
-    fence=None,
+    fence: Fence | None = None,
     reclaim_after: timedelta = timedelta(minutes=5),
 ) -> list[JobOutcome]:
     """Resume the gate and replay every deferred job exactly once, in arrival order,
@@ -634,18 +667,21 @@ def replay_deferred(
             if admission.decision.value != "run":  # completed by an earlier replayer, or running now
                 outcomes.append(JobOutcome(job.job_id, tenant_id, "duplicate"))
                 continue
-            outcomes.append(_run(state, job, admission.attempt, open_archive, run_id=run_id))
+            outcomes.append(_run(state, job, _attempt(admission), open_archive, run_id=run_id))
         claimed = state.claim_deferred(tenant_id, reclaim_after=reclaim_after)
     return outcomes
 
 
-def park_deferred_job(state, tenant_id: str, job_id: str, *, reason: str, actor: str) -> DeferredJob:
+def park_deferred_job(state: JobGate, tenant_id: str, job_id: str, *, reason: str, actor: str) -> DeferredJob:
     """Support gives up on a queued job that cannot be replayed (its seal is refused): the
     store marks it replayed without running it, keeps its seal for forensics, and opens the
     gate if that drained it; the parking is audited (ids, reason, actor: never content).
     The job's content is not archived: the writer must send it again under a new job id."""
     parked = state.park_deferred(tenant_id, job_id, reason=reason, actor=actor)
-    who, why = parked.parked["actor"], parked.parked["reason"]  # as the store kept them (trimmed)
+    mark = parked.parked
+    if mark is None:
+        raise StateError(f"job {job_id} of tenant {tenant_id} was not parked", resource=f"job:{job_id}")
+    who, why = mark["actor"], mark["reason"]  # as the store kept them (trimmed)
     state.append_audit(
         AuditEvent(
             actor=who, action="job.parked", tenant_id=tenant_id, details={"job_id": job_id, "reason": why, "actor": who}

@@ -8,8 +8,8 @@ TENANT --dry-run``) show the same result.
 
 Actions plug in with ``register_dry_run(action, describe)``: ``describe(platform, tenant)``
 checks that the action may run (raising the same ``ValidationError`` the run would) and
-returns the lines saying what it would do. ``remove`` is registered here; revoke, rotate
-and erase register theirs where they are built.
+returns the lines saying what it would do. Each action registers its own where it is built
+(``remove`` in ``migration.plan``), so this module imports no layer above it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from archive_kms.domain.tenants import TenantId
 from archive_kms.errors import SearchError, StateError, ValidationError
+from archive_kms.operations.platform import Platform
 
 #: action -> describe(platform, tenant_id) -> what it would do, one line each
 DryRun = Callable[[Any, str], list[str]]
@@ -54,7 +55,7 @@ class BlastRadius:
         return asdict(self)
 
 
-def blast_radius(platform: Any, tenant_id: str, action: str) -> BlastRadius:
+def blast_radius(platform: Platform, tenant_id: str, action: str) -> BlastRadius:
     """The preview of ``action`` on ``tenant_id``; ``ValidationError`` if the action is
     unknown or would be refused (the reason the run would give)."""
     tid = TenantId(tenant_id).value
@@ -95,23 +96,5 @@ def blast_radius(platform: Any, tenant_id: str, action: str) -> BlastRadius:
         would=would,
     )
 
-
-def _describe_remove(platform: Any, tenant_id: str) -> list[str]:
-    from archive_kms.migration import plan_remove
-
-    plan = plan_remove(platform, tenant_id)  # the refusals the run would give
-    source, dest = plan.source_location.uri, plan.destination_location.uri
-    lines = [
-        f"pause archive jobs of {tenant_id} (new jobs are queued and replayed after the run)",
-        f"copy and re-encrypt every object from {source} to {dest} under the managed key ({plan.key_ref})",
-        "verify every object (count, size, plaintext digest) before cutover",
-        f"build index {plan.new_index} from the new storage (plaintext search index)",
-        f"cut over, then delete {source}" + (f" and index {plan.old_index}" if plan.old_index else ""),
-        f"the customer key {plan.source_key_ref} is no longer used for {tenant_id}",
-    ]
-    return lines
-
-
-register_dry_run("remove", _describe_remove)
 
 __all__ = ["BlastRadius", "DryRun", "blast_radius", "dry_run_actions", "register_dry_run"]

@@ -1,36 +1,58 @@
-"""The platform: the wired set of ports one process works with.
+"""The platform: the wired set of ports one process works with, and the one place that
+wires them (the composition root).
 
-``Platform`` holds the state store, the keychain, the search index and a cache of
-object stores per location. ``wiring.build_platform(settings)`` builds it on the real
-services; ``Platform.in_memory()`` builds it on the fakes (which are held to the same
-contract suites), for fast tests.
+``Platform`` holds the settings, the state store, the keychain, the search index, the
+key-provider resolver, the object stores per location, the location provisioner and the
+audit anchor store. Two constructors build it, and they are the only code that knows
+every adapter (no adapter imports this module; docs/adr/0008-layers.md):
+
+* ``Platform.from_settings(settings)``: every port on its real backend (SQL state store
+  on SQLite or PostgreSQL with the keychain stored beside it, Elasticsearch, S3 / Azure
+  Blob, the key-provider registry, S3 Object Lock anchors when configured), with the SDK
+  clients built once from ``archive_kms.clients``;
+* ``Platform.in_memory()``: every port on its in-memory implementation (held to the same
+  contract suites), for fast tests and dry runs.
+
+The adapters are imported inside the two constructors, so importing ``Platform`` as a
+type (every operation and step does) does not load SQLAlchemy or an SDK.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from archive_kms.config import Settings, get_settings, stack_dir
 from archive_kms.errors import KeyNotFoundError, StateError
 from archive_kms.operations.archive import TenantArchive
-from archive_kms.search import IndexMode, SearchIndex, derive_search_keys
-from archive_kms.state.port import KeyMode, StateStore
+from archive_kms.search import IndexMode, SearchIndex, SearchKeys, derive_search_keys
+from archive_kms.state.port import KeyMode, StateStore, TenantRecord
 from archive_kms.storage import Location, ObjectStore
+
+if TYPE_CHECKING:
+    from archive_kms.crypto.signing import Signer
+    from archive_kms.keys.keychain import Keychain
+    from archive_kms.keys.port import KeyProvider
+    from archive_kms.state.anchors import AnchorStore
+    from archive_kms.storage.provisioning import LocationProvisioner
+
+__all__ = ["Platform", "platform_signer"]
 
 
 @dataclass
 class Platform:
-    settings: Any
+    settings: Settings
     state: StateStore
-    keychain: Any  # keys.keychain.Keychain
+    keychain: Keychain
     index: SearchIndex
-    resolve_provider: Callable[[str], Any]  # key ref -> KeyProvider
-    open_store: Callable[[Location], ObjectStore]
-    provisioner: Any = None  # storage.provisioning.LocationProvisioner: buckets/containers themselves
-    anchors: Any = None  # state.anchors.AnchorStore where the audit head is published; None = not configured
+    resolve_provider: Callable[[str], KeyProvider]  # key reference -> its provider (cached)
+    open_store: Callable[[Location], ObjectStore]  # use ``store_for``: it keeps one store per location
+    provisioner: LocationProvisioner  # the buckets/containers themselves
+    anchors: AnchorStore | None = None  # where the audit head is published; None = not configured
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -51,7 +73,7 @@ class Platform:
     def location_of(self, tenant_id: str) -> Location:
         return Location.from_dict(self._tenant(tenant_id).location)
 
-    def _tenant(self, tenant_id: str):
+    def _tenant(self, tenant_id: str) -> TenantRecord:
         t = self.state.get_tenant(tenant_id)
         if t is None:
             raise StateError(
@@ -65,7 +87,7 @@ class Platform:
         """Managed tenants get a plaintext index; every customer-key tenant a keyed one."""
         return IndexMode.PLAINTEXT if KeyMode(key_mode) is KeyMode.MANAGED else IndexMode.KEYED
 
-    def search_keys(self, tenant_id: str, key_mode: KeyMode | str):
+    def search_keys(self, tenant_id: str, key_mode: KeyMode | str) -> SearchKeys | None:
         if self.index_mode(key_mode) is IndexMode.PLAINTEXT:
             return None
         return derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id)
@@ -85,25 +107,65 @@ class Platform:
         )
 
     @classmethod
-    def in_memory(cls, settings: Any = None, *, clock=None) -> Platform:
-        """Every port on its in-memory implementation (unit tests, dry runs)."""
-        import time
+    def from_settings(cls, settings: Settings | None = None) -> Platform:
+        """Every port on its real backend, from settings: SQL state store (SQLite or
+        PostgreSQL), the keychain stored beside it, Elasticsearch, S3/Azure stores, and the
+        key-provider registry."""
+        from archive_kms import clients
+        from archive_kms.keys.keychain import Keychain
+        from archive_kms.keys.registry import KeyProviderRegistry
+        from archive_kms.search.elasticsearch import ElasticsearchSearchIndex
+        from archive_kms.state.audit import SignerHeadSealer
+        from archive_kms.state.sql import open_state
+        from archive_kms.state.sql_keychain import SqlKeychainStore
+        from archive_kms.storage import open_store
+        from archive_kms.storage.provisioning import CloudProvisioner
 
-        from archive_kms.config import Settings
+        s = settings or get_settings()
+        signer = platform_signer(s)
+        # The audit chain's head is sealed with the platform key: a re-hashed, edited chain
+        # does not verify without it.
+        state = open_state(s.state_url, sealer=SignerHeadSealer(signer))
+        registry = KeyProviderRegistry(s)  # one provider (and its clients) per key reference
+        # The keychain audits its commits in the same database and refuses a head older than
+        # the audit log recorded (a restored old keychain: docs/adr/0007-keychain-rollback.md).
+        keychain = Keychain.from_settings(s, SqlKeychainStore(state), registry.resolve, signer, audit=state)
+        s3 = clients.aws_client("s3", s) if s.aws_endpoint_url or s.aws_access_key_id else None
+        blob = clients.blob_service_client(s) if s.azure_blob_connection_string or s.azure_blob_account_url else None
+
+        def open_location(location: Location) -> ObjectStore:
+            return open_store(location, s, s3_client=s3, blob_service=blob)
+
+        return cls(
+            s,
+            state,
+            keychain,
+            ElasticsearchSearchIndex.from_settings(s),
+            registry.resolve,
+            open_location,
+            CloudProvisioner(s, s3_client=s3, blob_service=blob),
+            anchors=_anchor_store(s, s3),
+        )
+
+    @classmethod
+    def in_memory(cls, settings: Settings | None = None, *, clock: Callable[[], float] | None = None) -> Platform:
+        """Every port on its in-memory implementation (unit tests, dry runs)."""
+        from archive_kms.crypto.signing import Signer
         from archive_kms.keys.cache import KeyCache
         from archive_kms.keys.keychain import Keychain
         from archive_kms.keys.keychain_store import InMemoryKeychainStore
         from archive_kms.keys.memory import MemoryKeyProvider, MemoryKms
-        from archive_kms.keys.signing import Signer
         from archive_kms.search.memory import MemorySearchIndex
+        from archive_kms.state.anchors import MemoryAnchorStore
         from archive_kms.state.memory import InMemoryStateStore
         from archive_kms.storage.memory import MemoryObjectStore
+        from archive_kms.storage.provisioning import MemoryProvisioner
 
         settings = settings or Settings(aws_endpoint_url=None)
         kms = MemoryKms()
-        providers: dict[str, Any] = {}
+        providers: dict[str, KeyProvider] = {}
 
-        def resolve(ref: str):
+        def resolve(ref: str) -> KeyProvider:
             # every reference resolves to a key of the in-memory KMS, created on first use
             if ref not in providers:
                 name = "k" + hashlib.sha256(ref.encode()).hexdigest()[:16]
@@ -111,19 +173,17 @@ class Platform:
                 providers[ref] = providers[provider.key_ref] = provider  # the keychain resolves by key_ref
             return providers[ref]
 
-        stores: dict[str, MemoryObjectStore] = {}
+        stores: dict[str, ObjectStore] = {}
 
         def open_store(location: Location) -> ObjectStore:
             return stores.setdefault(location.uri, MemoryObjectStore())
 
-        clock = clock or time.time
         state = InMemoryStateStore()
         # The keychain records its commits in the state store's audit log and checks its
-        # head against it (rollback detection), as in production wiring.
-        keychain = Keychain(InMemoryKeychainStore(), resolve, Signer.generate(), clock, KeyCache(), audit=state)
-        from archive_kms.state.anchors import MemoryAnchorStore
-        from archive_kms.storage.provisioning import MemoryProvisioner
-
+        # head against it (rollback detection), as ``from_settings`` does.
+        keychain = Keychain(
+            InMemoryKeychainStore(), resolve, Signer.generate(), clock or time.time, KeyCache(), audit=state
+        )
         return cls(
             settings,
             state,
@@ -134,3 +194,32 @@ class Platform:
             MemoryProvisioner(open_store),
             anchors=MemoryAnchorStore(),
         )
+
+
+def platform_signer(settings: Settings | None = None) -> Signer:
+    """The platform signing key. Configured by ``keychain_signing_key_path``; on a local
+    stack without one, a key is created once in the stack directory (owner-only file)."""
+    from archive_kms.crypto.signing import Signer
+
+    s = settings or get_settings()
+    if s.keychain_signing_key_path:
+        return Signer.from_settings(s)
+    path = stack_dir() / "keychain-signing.pem"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Signer.create_key_file(path)
+    return Signer.from_pem_file(path)
+
+
+def _anchor_store(settings: Settings, s3_client: Any = None) -> AnchorStore | None:
+    """Where audit anchors are published (``settings.audit_anchor_bucket``), or None."""
+    from archive_kms import clients
+    from archive_kms.state.anchors_s3 import S3AnchorStore
+
+    if not settings.audit_anchor_bucket:
+        return None
+    return S3AnchorStore(
+        s3_client or clients.aws_client("s3", settings),
+        settings.audit_anchor_bucket,
+        retention_days=settings.audit_anchor_retention_days,
+    )

@@ -15,6 +15,7 @@ from archive_kms.operations.platform import Platform
 from archive_kms.search import alias_name
 from archive_kms.state.port import AuditEvent, KeyMode, TenantRecord
 from archive_kms.storage import Location, shared_azure_location, shared_s3_location
+from archive_kms.storage.provisioning import LocationProvisioner
 
 MANAGED_KEY_REF = "managed://platform"
 
@@ -57,20 +58,10 @@ def shared_location(platform: Platform, tenant: TenantId, cloud: str) -> Locatio
     raise ValidationError(f"unknown cloud {cloud!r}: use s3 or azure")
 
 
-def ensure_shared_container(platform: Platform, location: Location) -> None:
-    """The shared bucket (S3) or the tenant's container (Azure) exists."""
-    from archive_kms import wiring
-
-    if location.cloud.value == "s3":
-        s3 = wiring.aws_client("s3", platform.settings)
-        try:
-            s3.head_bucket(Bucket=location.bucket)
-        except Exception:  # noqa: BLE001 - create on any miss; create_bucket reports real errors
-            s3.create_bucket(Bucket=location.bucket)
-    else:
-        from archive_kms.storage import create_azure_container
-
-        create_azure_container(wiring.blob_service_client(platform.settings), location)
+def ensure_shared_container(provisioner: LocationProvisioner, location: Location) -> None:
+    """The shared bucket (S3) or the tenant's container (Azure) exists (created if not;
+    idempotent)."""
+    provisioner.create(location)
 
 
 def create_tenant(
@@ -90,7 +81,7 @@ def create_tenant(
     ref = key_ref or MANAGED_KEY_REF
     provider = platform.resolve_provider(ref)  # validates the reference before anything is created
     if provision_storage:
-        ensure_shared_container(platform, location)
+        ensure_shared_container(platform.provisioner, location)
     if not platform.keychain_exists(tenant.value):  # else an earlier attempt crashed after it: reuse
         platform.keychain.create_tenant(tenant.value, provider)
     key_mode = key_mode_of(ref)

@@ -17,8 +17,9 @@ from typing import Any
 
 from archive_kms.domain.tenants import TenantId
 from archive_kms.errors import IntegrityError, StateError
-from archive_kms.migration.copying import read_plaintext_digest
 from archive_kms.operations.archive import RECORD_PREFIX
+from archive_kms.operations.platform import Platform
+from archive_kms.operations.reading import read_plaintext_digest
 from archive_kms.storage import Location
 
 DEFAULT_THREADS = 8
@@ -63,7 +64,7 @@ def _bounded(
             on_done(pending.pop(f), f)
 
 
-def _read_objects(platform: Any, tenant_id: str, location: Location, threads: int) -> _Tally:
+def _read_objects(platform: Platform, tenant_id: str, location: Location, threads: int) -> _Tally:
     store = platform.store_for(location)
     tally = _Tally()
 
@@ -88,7 +89,7 @@ def _read_objects(platform: Any, tenant_id: str, location: Location, threads: in
     return tally
 
 
-def _index_keys(platform: Any, tenant_id: str, index: str) -> tuple[set[RecordKey], int]:
+def _index_keys(platform: Platform, tenant_id: str, index: str) -> tuple[set[RecordKey], int]:
     """The records held by the documents of ``index`` (every one, decrypted and
     authenticated, paged through by ``scan``) and the number that failed authentication."""
     from archive_kms.search.port import HitFailure
@@ -108,7 +109,7 @@ def _examples(keys: Iterable[RecordKey]) -> list[str]:
     return [f"{ws}/{otype}/{rid}" for ws, otype, rid in sorted(keys)[:EXAMPLES]]
 
 
-def verify_tenant(platform: Any, tenant_id: str, *, threads: int = DEFAULT_THREADS) -> dict[str, Any]:
+def verify_tenant(platform: Platform, tenant_id: str, *, threads: int = DEFAULT_THREADS) -> dict[str, Any]:
     """Read every object of ``tenant_id`` end to end and reconcile its records with its
     index; ``ok`` only if every object authenticates and records and documents agree."""
     tid = TenantId(tenant_id).value
@@ -118,7 +119,8 @@ def verify_tenant(platform: Any, tenant_id: str, *, threads: int = DEFAULT_THREA
     location = Location.from_dict(tenant.location)
     tally = _read_objects(platform, tid, location, threads)
     index = platform.index.current_index(tid)
-    documents, indexed, failures = 0, set(), 0
+    documents, failures = 0, 0
+    indexed: set[RecordKey] = set()
     if index is not None:
         platform.index.refresh(index)
         documents = platform.index.count(index)

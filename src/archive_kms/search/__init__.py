@@ -2,7 +2,7 @@
 
 Callers use the port types, ``derive_search_keys`` (the keychain derives a tenant's
 search keys from its tenant key), ``build_document`` and ``rebuild_generation``. Backends
-are built by the caller (``ElasticsearchSearchIndex(wiring.elasticsearch_client())`` or
+are built by the caller (``ElasticsearchSearchIndex(clients.elasticsearch_client())`` or
 ``MemorySearchIndex()``) and imported from their modules, so importing this package never
 imports the Elasticsearch client.
 """

@@ -41,11 +41,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
+from archive_kms.crypto import aes_gcm
+from archive_kms.crypto.kdf import hkdf_sha256
 from archive_kms.domain.records import Record
 from archive_kms.errors import IndexModeMismatchError, IntegrityError, ValidationError
 from archive_kms.search.naming import check_tenant_id
@@ -296,10 +293,9 @@ def _check_matches(
 # --- display field -----------------------------------------------------------------------
 
 
-def _display_key(keys: SearchKeys, salt: bytes, tenant: str, doc_id: str) -> AESGCM:
+def _display_key(keys: SearchKeys, salt: bytes, tenant: str, doc_id: str) -> bytes:
     info = _DISPLAY_KEY_LABEL + lp(tenant.encode()) + lp(doc_id.encode())
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(keys.display_key_material().reveal())
-    return AESGCM(key)
+    return hkdf_sha256(keys.display_key_material().reveal(), info=info, salt=salt)
 
 
 def _display_aad(tenant: str, doc_id: str) -> bytes:
@@ -312,7 +308,7 @@ def seal_display(plaintext: bytes, *, tenant: str, doc_id: str, keys: SearchKeys
     # exact record size within DISPLAY_PAD bytes.
     padded = plaintext + b" " * (-len(plaintext) % DISPLAY_PAD)
     salt, nonce = os.urandom(_SALT), os.urandom(_NONCE)
-    ct = _display_key(keys, salt, tenant, doc_id).encrypt(nonce, padded, _display_aad(tenant, doc_id))
+    ct = aes_gcm.seal(_display_key(keys, salt, tenant, doc_id), nonce, padded, _display_aad(tenant, doc_id))
     return base64.b64encode(bytes([_DISPLAY_VERSION]) + salt + nonce + ct).decode("ascii")
 
 
@@ -328,8 +324,8 @@ def open_display(blob: str, *, tenant: str, doc_id: str, keys: SearchKeys) -> by
         raise IntegrityError(f"display field of document {doc_id} has unknown version {raw[0]}", resource=doc_id)
     salt, nonce, ct = raw[1 : 1 + _SALT], raw[1 + _SALT : 1 + _SALT + _NONCE], raw[1 + _SALT + _NONCE :]
     try:
-        return _display_key(keys, salt, tenant, doc_id).decrypt(nonce, ct, _display_aad(tenant, doc_id))
-    except InvalidTag:
+        return aes_gcm.unseal(_display_key(keys, salt, tenant, doc_id), nonce, ct, _display_aad(tenant, doc_id))
+    except aes_gcm.TagMismatch:
         raise IntegrityError(
             f"display field of document {doc_id} failed authentication (tampered, or "
             "sealed for another document, tenant or key)",

@@ -1,5 +1,5 @@
 """SearchIndex on Elasticsearch 9, through the official client (built by
-``archive_kms.wiring.elasticsearch_client``; pass it in).
+``archive_kms.clients.elasticsearch_client``; pass it in).
 
 Edge translation: transport failures (connection refused/reset, timeouts), HTTP 429 and
 5xx ⇒ ``ServiceUnavailableError`` (retryable); other API errors ⇒ ``SearchError`` naming
@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from archive_kms import clients
+from archive_kms.config import Settings
 from archive_kms.errors import (
     AliasConflictError,
     SearchError,
@@ -95,6 +97,14 @@ class ElasticsearchSearchIndex:
         self._max_attempts, self._backoff, self._sleep = max_attempts, backoff, sleep
         self._modes: dict[str, IndexMode] = {}  # an index's mode never changes
         self._modes_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, elasticsearch_url: str | None = None) -> ElasticsearchSearchIndex:
+        """The adapter on the configured shared cluster, or on a tenant's dedicated cluster
+        at ``elasticsearch_url`` (the client from ``archive_kms.clients``)."""
+        if elasticsearch_url is not None:
+            settings = settings.model_copy(update={"elasticsearch_url": elasticsearch_url})
+        return cls(clients.elasticsearch_client(settings))
 
     def __repr__(self) -> str:
         return "ElasticsearchSearchIndex()"

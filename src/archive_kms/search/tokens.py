@@ -34,9 +34,7 @@ import unicodedata
 from collections.abc import Iterable
 from typing import NoReturn
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
+from archive_kms.crypto.kdf import hkdf_sha256
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import ValidationError
 from archive_kms.search.naming import check_tenant_id
@@ -234,6 +232,6 @@ def derive_search_keys(tenant_key_material: SecretBytes, tenant_id: str) -> Sear
     tenant = check_tenant_id(tenant_id)
     ikm = tenant_key_material.reveal()
     info_tail = lp(tenant.encode("utf-8"))
-    token = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=_LABEL_TOKEN + info_tail).derive(ikm)
-    display = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=_LABEL_DISPLAY + info_tail).derive(ikm)
+    token = hkdf_sha256(ikm, info=_LABEL_TOKEN + info_tail, length=KEY_SIZE)
+    display = hkdf_sha256(ikm, info=_LABEL_DISPLAY + info_tail, length=KEY_SIZE)
     return SearchKeys(tenant, SecretBytes(token), SecretBytes(display))

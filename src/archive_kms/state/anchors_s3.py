@@ -14,8 +14,8 @@ from datetime import timedelta
 from typing import Any
 
 from archive_kms.errors import ConfigurationError
+from archive_kms.s3_errors import translate_error
 from archive_kms.state.anchors import AuditAnchor
-from archive_kms.storage.s3 import translate_error
 
 __all__ = ["S3AnchorStore"]
 

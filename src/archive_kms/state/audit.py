@@ -37,8 +37,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from archive_kms.crypto.secrets import SecretBytes
+from archive_kms.crypto.signing import Signer, Verifier
 from archive_kms.errors import IntegrityError, ValidationError
-from archive_kms.keys.signing import Signer, Verifier
 from archive_kms.state.port import AuditRecord, AuditVerification
 
 GENESIS = "0" * 64
@@ -229,7 +229,7 @@ class HmacHeadSealer:
 
 
 class SignerHeadSealer:
-    """Ed25519 with the platform signing key (``keys.signing.Signer``, purpose
+    """Ed25519 with the platform signing key (``crypto.signing.Signer``, purpose
     ``audit-head``): customers verify an export with the public key alone
     (``SignatureHeadVerifier``), and old heads stay verifiable across key rotation."""
 

@@ -1,6 +1,6 @@
 """Azure Blob adapter (azure-storage-blob): one tenant's container (optionally a prefix in it).
 
-Takes a ready ``ContainerClient`` (from ``wiring.blob_service_client``). The adapter:
+Takes a ready ``ContainerClient`` (from ``clients.blob_service_client``). The adapter:
 
 * writes objects smaller than one block with one Put Blob, larger ones as staged blocks
   (``part_size``, doubling every 5,000 blocks; up to ``parts_in_flight`` staging at once

@@ -11,8 +11,8 @@ dedicated     bucket ``<prefix>-<id>``, default           container ``byok-<id>`
 ============  =========================================  ==========================================
 
 Every name comes from ``domain.tenants`` (validated id, validated output). Admin
-functions take ready SDK clients; ``open_store`` builds them through ``wiring`` unless
-given.
+functions take ready SDK clients; ``open_store`` builds them from settings
+(``archive_kms.clients``) unless given.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from archive_kms import retry
+from archive_kms import clients, retry
+from archive_kms.config import Settings
 from archive_kms.domain.tenants import (
     DEFAULT_DEDICATED_BUCKET_PREFIX,
     DEFAULT_DEDICATED_CONTAINER_PREFIX,
@@ -194,22 +195,25 @@ def dedicated_azure_location(
 
 
 def open_store(
-    location: Location, settings: Any = None, *, s3_client: Any = None, blob_service: Any = None, **tuning: Any
+    location: Location,
+    settings: Settings | None = None,
+    *,
+    s3_client: Any = None,
+    blob_service: Any = None,
+    **tuning: Any,
 ) -> ObjectStore:
-    """The ObjectStore for ``location``. Clients default to ``wiring``'s, built from
-    ``settings``; ``tuning`` passes part_size / list_page_size / read_chunk_size."""
-    from archive_kms import wiring
-
+    """The ObjectStore for ``location``. Clients default to ones built from ``settings``
+    (``archive_kms.clients``); ``tuning`` passes part_size / list_page_size / read_chunk_size."""
     if location.cloud is Cloud.S3:
         from archive_kms.storage.s3 import S3ObjectStore
 
-        client = s3_client or wiring.aws_client("s3", settings)
+        client = s3_client or clients.aws_client("s3", settings)
         return S3ObjectStore(
             client, location.bucket or "", location.prefix, sse_kms_key_arn=location.sse_kms_key_arn, **tuning
         )
     from archive_kms.storage.azure_blob import AzureBlobObjectStore
 
-    svc = blob_service or wiring.blob_service_client(settings)
+    svc = blob_service or clients.blob_service_client(settings)
     if svc.account_name != location.account:
         raise ConfigurationError(
             f"{location.uri}: no credentials configured for storage account {location.account!r} "

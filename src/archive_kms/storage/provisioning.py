@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from archive_kms import clients
+from archive_kms.config import Settings
 from archive_kms.storage.locations import (
     Cloud,
     Kind,
@@ -43,25 +45,22 @@ class LocationProvisioner(Protocol):
 
 
 class CloudProvisioner:
-    """S3 buckets and Azure containers through the project's clients."""
+    """S3 buckets and Azure containers. Takes ready SDK clients (the platform's); a client
+    not given is built from ``settings`` on first use."""
 
-    def __init__(self, settings: Any, *, s3_client: Any = None, blob_service: Any = None) -> None:
+    def __init__(self, settings: Settings, *, s3_client: Any = None, blob_service: Any = None) -> None:
         self._settings = settings
         self._s3 = s3_client
         self._blob = blob_service
 
     def _s3_client(self) -> Any:
         if self._s3 is None:
-            from archive_kms import wiring
-
-            self._s3 = wiring.aws_client("s3", self._settings)
+            self._s3 = clients.aws_client("s3", self._settings)
         return self._s3
 
     def _blob_service(self) -> Any:
         if self._blob is None:
-            from archive_kms import wiring
-
-            self._blob = wiring.blob_service_client(self._settings)
+            self._blob = clients.blob_service_client(self._settings)
         return self._blob
 
     def create(self, location: Location) -> None:

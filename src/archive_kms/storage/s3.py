@@ -1,6 +1,6 @@
 """S3 adapter (boto3): one tenant's prefix in a shared bucket, or a dedicated bucket.
 
-Takes a ready boto3 S3 client (``wiring.aws_client("s3", settings)``): retries with
+Takes a ready boto3 S3 client (``clients.aws_client("s3", settings)``): retries with
 adaptive backoff, checksums "when_required" (faults A13). On top of that the adapter:
 
 * sends ``Content-MD5`` on PutObject and every UploadPart, so a body corrupted on the way
@@ -43,23 +43,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    HTTPClientError,
-    IncompleteReadError,
-    PaginationError,
-    ReadTimeoutError,
-    ResponseStreamingError,
-)
-from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import ClientError
 
 from archive_kms.errors import (
     ArchiveKmsError,
-    KeyUnavailableError,
     ObjectExistsError,
     ObjectNotFoundError,
     ServiceUnavailableError,
@@ -67,6 +54,7 @@ from archive_kms.errors import (
     TransientError,
     ValidationError,
 )
+from archive_kms.s3_errors import NETWORK_ERRORS, error_code, translate_error
 from archive_kms.storage.naming import decode_key, encode_prefix, object_key
 from archive_kms.storage.port import (
     DEFAULT_PART_SIZE,
@@ -91,97 +79,6 @@ log = logging.getLogger(__name__)
 MAX_PARTS = 10_000
 _PART_TIER = 1_000
 _READ_CHUNK = 1024 * 1024
-
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_EXISTS = {"PreconditionFailed", "412"}
-_CONFLICT = {"ConditionalRequestConflict", "409", "OperationAborted"}
-_TRANSIENT = {
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestThrottled",
-    "TooManyRequests",
-    "RequestLimitExceeded",
-    "ServiceUnavailable",
-    "503",
-    "InternalError",
-    "500",
-    "502",
-    "504",
-    "RequestTimeout",
-    # The body was damaged on the way (we send Content-MD5): sending it again can help.
-    "BadDigest",
-    "IncompleteBody",
-    "XAmzContentSHA256Mismatch",
-}
-_DENIED = {
-    "AccessDenied",
-    "403",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "AllAccessDisabled",
-    "AccountProblem",
-    "InvalidObjectState",
-}
-_NETWORK_ERRORS = (
-    EndpointConnectionError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    ReadTimeoutError,
-    IncompleteReadError,
-    ResponseStreamingError,
-    # Bases of the above: botocore raises a bare HTTPClientError for any other
-    # failure while sending (e.g. a reset that urllib3 reports unusually).
-    HTTPClientError,
-    BotoConnectionError,
-)
-
-
-def _code(err: ClientError) -> tuple[str, int]:
-    return (
-        str(err.response.get("Error", {}).get("Code", "")),
-        int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0),
-    )
-
-
-def translate_error(exc: BaseException, *, bucket: str, key: str | None, op: str) -> ArchiveKmsError:
-    """Map a botocore exception to our hierarchy, naming bucket, key and operation."""
-    where = f"s3://{bucket}/{key}" if key is not None else f"s3://{bucket}"
-    if isinstance(exc, ArchiveKmsError):
-        return exc
-    if isinstance(exc, ClientError):
-        code, status = _code(exc)
-        msg = f"S3 {op} on {where} failed: {code or status}"
-        if code in _NOT_FOUND:
-            return ObjectNotFoundError(f"{where}: no such object ({op})", resource=where)
-        if code in _EXISTS or status == 412:
-            return ObjectExistsError(f"{where}: object already exists (conditional {op} refused)", resource=where)
-        if code == "NoSuchUpload":
-            return TransientError(
-                f"{msg}: the multipart upload is gone (aborted by a cleanup?); retry the write", resource=where
-            )
-        if code == "NoSuchBucket":
-            return StorageError(f"{msg}: bucket {bucket!r} does not exist", resource=bucket)
-        if code.startswith("KMS.") or code in {"KMSDisabledException", "KMSInvalidStateException"}:
-            return KeyUnavailableError(f"{msg}: the bucket's SSE-KMS key refused ({code})", resource=where, state=code)
-        if code in _CONFLICT or status == 409:
-            return TransientError(f"{msg}: concurrent conflicting write; retry the whole write", resource=where)
-        if code in _TRANSIENT or status in (429, 500, 502, 503, 504):
-            return ServiceUnavailableError(f"{msg} (retryable)", resource=where)
-        if code in _DENIED or status == 403:
-            return StorageError(f"{msg}: access denied to bucket {bucket!r}", resource=bucket)
-        return StorageError(f"{msg} (HTTP {status})", resource=where)
-    if isinstance(exc, _NETWORK_ERRORS):
-        return ServiceUnavailableError(f"S3 {op} on {where}: {type(exc).__name__} (retryable)", resource=where)
-    if isinstance(exc, PaginationError):  # e.g. the same continuation token twice: list again
-        return ServiceUnavailableError(
-            f"S3 {op} on {where}: inconsistent pagination ({exc}); retry the listing", resource=where
-        )
-    if isinstance(exc, BotoCoreError):
-        return StorageError(f"S3 {op} on {where}: {type(exc).__name__}: {exc}", resource=where)
-    if isinstance(exc, (ConnectionError, TimeoutError)):
-        return ServiceUnavailableError(f"S3 {op} on {where}: {type(exc).__name__} (retryable)", resource=where)
-    raise exc
 
 
 def _md5_b64(data: bytes) -> str:
@@ -388,7 +285,7 @@ class S3ObjectStore:
         """After ``NoSuchUpload`` on CompleteMultipartUpload: the HeadObject response if
         the object under ``key`` is the one these parts make (an earlier attempt of the
         same request committed it and its response was lost), else ``None``."""
-        if not isinstance(exc, ClientError) or _code(exc)[0] != "NoSuchUpload":
+        if not isinstance(exc, ClientError) or error_code(exc)[0] != "NoSuchUpload":
             return None
         expected = multipart_etag([p["ETag"] for p in parts])
         if expected is None:
@@ -458,7 +355,7 @@ class S3ObjectStore:
                         pos += len(chunk)
                         yield chunk
                     return
-                except _NETWORK_ERRORS + (ConnectionError,) as exc:
+                except NETWORK_ERRORS + (ConnectionError,) as exc:
                     state["body"].close()
                     if resumes >= self._max_resumes or pos >= info.size:
                         self._fail(exc, key, "GetObject (body)")
@@ -532,7 +429,7 @@ class S3ObjectStore:
             try:
                 self._s3.abort_multipart_upload(Bucket=self._bucket, Key=up.key, UploadId=up.upload_id)
             except ClientError as exc:
-                if _code(exc)[0] not in ("NoSuchUpload", "404"):  # already gone: fine
+                if error_code(exc)[0] not in ("NoSuchUpload", "404"):  # already gone: fine
                     raise translate_error(exc, bucket=self._bucket, key=up.key, op="AbortMultipartUpload") from exc
             except Exception as exc:  # noqa: BLE001
                 self._fail(exc, up.key, "AbortMultipartUpload")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from archive_kms.crypto.signing import Signer, Verifier
 from archive_kms.domain.keychain import (
     KeyLevel,
     KeyRecord,
@@ -43,7 +44,6 @@ from archive_kms.keys.keychain.ids import (
 )
 from archive_kms.keys.keychain.records import RecordChecks
 from archive_kms.keys.keychain.rotation import DekSelector, Rotation, dek_order
-from archive_kms.keys.signing import Signer, Verifier
 
 __all__ = ["ERASURE_PURPOSE", "Erasure", "ErasureRecord"]
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from archive_kms.crypto.keychain_keys import KEY_SIZE
 from archive_kms.crypto.secrets import SecretBytes
+from archive_kms.crypto.signing import Signer, Verifier
 from archive_kms.domain.keychain import (
     AuditedChange,
     KeyLevel,
@@ -41,7 +42,6 @@ from archive_kms.keys.keychain.values import (
 from archive_kms.keys.keychain.wrapping import KeyWrapping, ProviderResolver
 from archive_kms.keys.keychain_store import KeychainStore
 from archive_kms.keys.port import KeyProvider
-from archive_kms.keys.signing import Signer, Verifier
 
 __all__ = ["Keychain"]
 

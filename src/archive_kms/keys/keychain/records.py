@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from archive_kms.crypto.signing import Signer, Verifier
 from archive_kms.domain.keychain import KeyLevel, KeyRecord, KeyRecordState, TenantHead, WorkspaceHead
 from archive_kms.errors import IntegrityError, KeychainTamperedError, KeyNotFoundError
 from archive_kms.keys.keychain.ids import parse_dek_id
 from archive_kms.keys.keychain_store import KeychainStore
-from archive_kms.keys.signing import Signer, Verifier
 
 __all__ = ["HEAD_PURPOSE", "RECORD_PURPOSE", "Mismatch", "RecordChecks", "expect"]
 

@@ -28,7 +28,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from archive_kms.errors import ConfigurationError, IntegrityError, ValidationError
 
-__all__ = ["Signer", "Verifier", "key_id_of"]
+__all__ = [
+    "Ed25519PrivateKey",
+    "Signer",
+    "Verifier",
+    "generate_private_key",
+    "key_id_of",
+    "load_private_key_pem",
+    "private_key_pem",
+]
 
 _DOMAIN = b"archive_kms/"
 SIGNATURE_SIZE = 64
@@ -38,6 +46,29 @@ def key_id_of(public_key: Ed25519PublicKey) -> str:
     """``ed25519:`` + the first 16 hex digits of SHA-256 of the raw public key."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return "ed25519:" + hashlib.sha256(raw).hexdigest()[:16]
+
+
+def generate_private_key() -> Ed25519PrivateKey:
+    """A fresh Ed25519 private key (for keys that are not the platform signing key: the
+    console's token key)."""
+    return Ed25519PrivateKey.generate()
+
+
+def load_private_key_pem(data: bytes, password: bytes | None = None) -> object:
+    """The private key in PEM ``data``, of whatever type it is (the caller checks it is an
+    ``Ed25519PrivateKey``); ``ValueError`` if ``data`` is not a PEM private key or the
+    password is wrong (the caller names the file, never its contents)."""
+    try:
+        return serialization.load_pem_private_key(data, password=password)
+    except TypeError as exc:
+        raise ValueError("not a PEM private key, or the wrong password") from exc
+
+
+def private_key_pem(key: Ed25519PrivateKey) -> bytes:
+    """``key`` as unencrypted PKCS#8 PEM, to write to an owner-only file."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _framed(purpose: str, message: bytes) -> bytes:

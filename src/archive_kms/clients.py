@@ -1,11 +1,17 @@
-"""Builds SDK clients from Settings: the only module that knows every backend's client.
+"""SDK client factories: boto3 (S3, KMS), Azure Blob, Azure Key Vault, Elasticsearch and
+PyKMIP clients built from ``Settings``.
 
-Adapters take ready clients (style: pass clients in), so tests and the demo wire them
-here from configuration; emulator endpoints are just endpoint values.
+This module sits at the bottom of the layers, beside ``config`` and ``errors`` (the only
+project modules it imports; docs/adr/0008-layers.md). Adapters take ready clients in their
+constructors; their ``from_settings`` constructors build them here. The composition root
+(``operations.platform.Platform.from_settings``) builds the shared ones once per platform.
+SDKs are imported inside each factory, so building a KMS client does not import Azure.
+Emulator endpoints are configuration values, never code paths.
 """
 
 from __future__ import annotations
 
+import ssl
 import time
 from typing import Any
 
@@ -136,12 +142,42 @@ def keyvault_key_client(settings: Settings | None = None):
     )
 
 
+def verify_server_hostname(client: Any) -> Any:
+    """Make a PyKMIP ``ProxyKmipClient`` check that the server's certificate names the host
+    it connects to, and refuse anything below TLS 1.2.
+
+    PyKMIP 0.11 verifies the chain but wraps the socket without ``server_hostname``: any
+    certificate from the CA would do for any host, and the wrap request carries the tenant
+    key in clear to whoever answers. Returns ``client``."""
+    from kmip.services.kmip_client import KMIPProxy
+
+    class _HostCheckingProxy(KMIPProxy):
+        def _create_socket(self, sock: Any) -> None:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_certs)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.check_hostname = True
+            context.verify_mode = ssl.CERT_REQUIRED
+            if self.certfile:
+                context.load_cert_chain(self.certfile, self.keyfile)
+            self.socket = context.wrap_socket(
+                sock,
+                server_side=False,
+                server_hostname=self.host,
+                do_handshake_on_connect=self.do_handshake_on_connect,
+                suppress_ragged_eofs=self.suppress_ragged_eofs,
+            )
+            self.socket.settimeout(self.timeout)
+
+    if not isinstance(client.proxy, KMIPProxy):
+        raise TypeError(f"not a PyKMIP client proxy: {type(client.proxy).__name__}")
+    client.proxy.__class__ = _HostCheckingProxy
+    return client
+
+
 def kmip_client(settings: Settings | None = None):
     """A PyKMIP ProxyKmipClient over mutual TLS that checks the server's host name (not yet
     opened: use ``with client:``)."""
     from kmip.pie.client import ProxyKmipClient
-
-    from archive_kms.keys.kmip import verify_server_hostname
 
     s = settings or get_settings()
     return verify_server_hostname(
@@ -214,91 +250,3 @@ def keyvault_crypto_client(key_id: str, settings: Settings | None = None):
 
     s = settings or get_settings()
     return CryptographyClient(key_id, credential=_keyvault_credential_for(key_id), **keyvault_client_kwargs(s))
-
-
-# --- search index (search/) -------------------------------------------------------------
-
-
-def search_index(settings: Settings | None = None, *, elasticsearch_url: str | None = None):
-    """The Elasticsearch SearchIndex adapter. ``elasticsearch_url`` selects a tenant's
-    dedicated cluster; by default the configured shared cluster is used."""
-    from archive_kms.search.elasticsearch import ElasticsearchSearchIndex
-
-    s = settings or get_settings()
-    if elasticsearch_url is not None:
-        s = s.model_copy(update={"elasticsearch_url": elasticsearch_url})
-    return ElasticsearchSearchIndex(elasticsearch_client(s))
-
-
-# --- the platform (operations/) ------------------------------------------------------------
-
-
-def keychain_signer(settings: Settings | None = None):
-    """The platform signing key. Configured by ``keychain_signing_key_path``; on a local
-    stack without one, a key is created once in the stack directory (owner-only file)."""
-    from archive_kms.config import stack_dir
-    from archive_kms.keys.signing import Signer
-
-    s = settings or get_settings()
-    if s.keychain_signing_key_path:
-        return Signer.from_settings(s)
-    path = stack_dir() / "keychain-signing.pem"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return Signer.create_key_file(path)
-    return Signer.from_pem_file(path)
-
-
-def build_platform(settings: Settings | None = None):
-    """Every port on its real backend, from settings: SQL state store (SQLite or
-    PostgreSQL), the keychain stored beside it, Elasticsearch, S3/Azure stores, and the
-    key-provider registry."""
-    from archive_kms.keys.keychain import Keychain
-    from archive_kms.keys.registry import resolve
-    from archive_kms.operations.platform import Platform
-    from archive_kms.state.audit import SignerHeadSealer
-    from archive_kms.state.sql import open_state
-    from archive_kms.state.sql_keychain import SqlKeychainStore
-    from archive_kms.storage import open_store
-
-    s = settings or get_settings()
-    signer = keychain_signer(s)
-    # The audit chain's head is sealed with the platform key: a re-hashed, edited chain
-    # does not verify without it.
-    state = open_state(s.state_url, sealer=SignerHeadSealer(signer))
-    providers: dict[str, Any] = {}
-
-    def resolve_provider(ref: str):
-        if ref not in providers:
-            providers[ref] = resolve(ref, s)
-        return providers[ref]
-
-    # The keychain audits its commits in the same database and refuses a head older than
-    # the audit log recorded (a restored old keychain: docs/adr/0007-keychain-rollback.md).
-    keychain = Keychain.from_settings(s, SqlKeychainStore(state), resolve_provider, signer, audit=state)
-    s3 = aws_client("s3", s) if s.aws_endpoint_url or s.aws_access_key_id else None
-    blob = blob_service_client(s) if s.azure_blob_connection_string or s.azure_blob_account_url else None
-    from archive_kms.storage.provisioning import CloudProvisioner
-
-    return Platform(
-        s,
-        state,
-        keychain,
-        search_index(s),
-        resolve_provider,
-        lambda loc: open_store(loc, s, s3_client=s3, blob_service=blob),
-        CloudProvisioner(s, s3_client=s3, blob_service=blob),
-        anchors=anchor_store(s, s3),
-    )
-
-
-def anchor_store(settings: Settings | None = None, s3_client: Any = None):
-    """Where audit anchors are published (``settings.audit_anchor_bucket``), or None."""
-    from archive_kms.state.anchors_s3 import S3AnchorStore
-
-    s = settings or get_settings()
-    if not s.audit_anchor_bucket:
-        return None
-    return S3AnchorStore(
-        s3_client or aws_client("s3", s), s.audit_anchor_bucket, retention_days=s.audit_anchor_retention_days
-    )

@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from archive_kms.errors import StateError, ValidationError
+from archive_kms.migration.engine import cancel, trigger
+from archive_kms.migration.plan import POINT_OF_NO_RETURN, STEPS, plan_enable, plan_remove
+from archive_kms.migration.report import progress
+from archive_kms.operations.platform import Platform
 from archive_kms.state.port import AuditEvent, RunState, StepState
 
 #: Deployment of each flow (``flows/prefect.yaml``: ``<flow name>/<deployment name>``).
@@ -102,17 +106,15 @@ def _check_task_runner(task_runner: str) -> None:
         raise ValidationError(f"task_runner {task_runner!r}: use one of {', '.join(TASK_RUNNERS)}")
 
 
-def _audit(platform: Any, actor: str, action: str, tenant_id: str, run_id: str, details: dict[str, Any]) -> None:
+def _audit(platform: Platform, actor: str, action: str, tenant_id: str, run_id: str, details: dict[str, Any]) -> None:
     platform.state.append_audit(
         AuditEvent(actor=actor, action=action, tenant_id=tenant_id, run_id=run_id, details=details)
     )
 
 
 def _submit_new_run(
-    platform: Any, launcher: RunLauncher, plan: Any, parameters: dict[str, Any], *, actor: str
+    platform: Platform, launcher: RunLauncher, plan: Any, parameters: dict[str, Any], *, actor: str
 ) -> Started:
-    from archive_kms.migration import cancel, trigger
-
     run, created = trigger(platform, plan, actor=actor)
     if not created:
         return Started(
@@ -141,7 +143,7 @@ def _submit_new_run(
 
 
 def start_enable(
-    platform: Any,
+    platform: Platform,
     launcher: RunLauncher,
     tenant_id: str,
     mode: str,
@@ -153,8 +155,6 @@ def start_enable(
     task_runner: str = "threads",
 ) -> Started:
     """Trigger onboarding of ``tenant_id`` onto ``key_ref`` and submit it to the enable deployment."""
-    from archive_kms.migration import plan_enable
-
     _check_task_runner(task_runner)
     plan = plan_enable(platform, tenant_id, mode, key_ref, cloud=cloud, shards=shards)
     parameters = {
@@ -170,7 +170,7 @@ def start_enable(
 
 
 def start_remove(
-    platform: Any,
+    platform: Platform,
     launcher: RunLauncher,
     tenant_id: str,
     *,
@@ -179,19 +179,15 @@ def start_remove(
     task_runner: str = "threads",
 ) -> Started:
     """Trigger removal of ``tenant_id``'s own key and submit it to the remove deployment."""
-    from archive_kms.migration import plan_remove
-
     _check_task_runner(task_runner)
     plan = plan_remove(platform, tenant_id, shards=shards)
     parameters = {"tenant": plan.tenant_id, "shards": shards, "task_runner": task_runner, "actor": actor}
     return _submit_new_run(platform, launcher, plan, parameters, actor=actor)
 
 
-def check_support(platform: Any, run_id: str, action: str, from_step: str | None = None) -> Any:
+def check_support(platform: Platform, run_id: str, action: str, from_step: str | None = None) -> Any:
     """The run, if ``action`` may be submitted for it; ``StateError`` for an unknown run,
     ``ValidationError`` naming what to fix for a request the flow would refuse."""
-    from archive_kms.migration.plan import POINT_OF_NO_RETURN, STEPS
-
     if action not in SUPPORT_ACTIONS:
         raise ValidationError(f"action {action!r}: use one of {', '.join(SUPPORT_ACTIONS)}")
     run = platform.state.get_run(run_id)
@@ -220,7 +216,7 @@ def check_support(platform: Any, run_id: str, action: str, from_step: str | None
 
 
 def start_support(
-    platform: Any,
+    platform: Platform,
     launcher: RunLauncher,
     run_id: str,
     action: str,
@@ -279,10 +275,8 @@ class Snapshot:
     steps: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
 
 
-def snapshot(platform: Any, run_id: str, launcher: RunLauncher | None = None) -> Snapshot:
+def snapshot(platform: Platform, run_id: str, launcher: RunLauncher | None = None) -> Snapshot:
     """One look at the run and its latest flow run; ``done`` once neither will change."""
-    from archive_kms.migration.report import progress
-
     run = platform.state.get_run(run_id)
     if run is None:
         raise StateError(f"unknown run {run_id!r}", resource=f"run:{run_id}")
@@ -292,7 +286,7 @@ def snapshot(platform: Any, run_id: str, launcher: RunLauncher | None = None) ->
         launch = found[0] if found else None
     current = next((s.name for s in run.steps if s.state not in (StepState.COMPLETED, StepState.SKIPPED)), None)
     steps = tuple({"step": s.name, "state": s.state.value, "attempts": s.attempt, "error": s.error} for s in run.steps)
-    base = dict(
+    base: dict[str, Any] = dict(
         run_id=run_id,
         tenant_id=run.tenant_id,
         flow=run.flow.value,
@@ -321,7 +315,7 @@ def snapshot(platform: Any, run_id: str, launcher: RunLauncher | None = None) ->
 
 
 def follow(
-    platform: Any,
+    platform: Platform,
     run_id: str,
     launcher: RunLauncher | None = None,
     *,
