@@ -578,7 +578,7 @@ def test_create_azure_container_reuses_an_existing_one() -> None:
 
 
 class _MultipartS3:
-    """A scripted S3 multipart endpoint. ``upload_part`` checks the Content-MD5, records
+    """A scripted S3 multipart endpoint. ``upload_part`` checks the SHA-256 checksum, records
     which thread sent which part and how many parts (and bytes) were being uploaded at
     once, and waits ``delay`` seconds (a slow network) or for ``gate`` (a Barrier the first
     parts must cross together). ``fail_part`` makes that part fail with ``fail_with``."""
@@ -604,13 +604,13 @@ class _MultipartS3:
     def head_object(self, **kw):
         raise _client_error("404", 404)
 
-    def upload_part(self, *, Body, ContentMD5, PartNumber, **kw):
+    def upload_part(self, *, Body, ChecksumSHA256, PartNumber, **kw):
         import base64
         import hashlib
         import threading
         import time
 
-        assert base64.b64encode(hashlib.md5(Body).digest()).decode() == ContentMD5
+        assert base64.b64encode(hashlib.sha256(Body).digest()).decode() == ChecksumSHA256
         with self.lock:
             self.in_flight += 1
             self.bytes_in_flight += len(Body)
@@ -623,7 +623,7 @@ class _MultipartS3:
             time.sleep(self.delay)
             if PartNumber == self.fail_part:
                 raise self.fail_with
-            return {"ETag": f'"etag-{PartNumber}"'}
+            return {"ETag": f'"etag-{PartNumber}"', "ChecksumSHA256": ChecksumSHA256}
         finally:
             with self.lock:
                 self.in_flight -= 1
@@ -669,7 +669,12 @@ def test_multipart_uploads_up_to_n_parts_at_once_in_order():
     assert fake.max_in_flight == 3  # the gate proves 3 overlapped; never more than N
     (complete,) = fake.completed
     assert complete["IfNoneMatch"] == "*"
-    assert complete["MultipartUpload"]["Parts"] == [{"PartNumber": n, "ETag": f'"etag-{n}"'} for n in range(1, 9)]
+    parts = complete["MultipartUpload"]["Parts"]
+    assert [{k: p[k] for k in ("PartNumber", "ETag")} for p in parts] == [
+        {"PartNumber": n, "ETag": f'"etag-{n}"'} for n in range(1, 9)
+    ]
+    assert all(len(p["ChecksumSHA256"]) == 44 for p in parts)  # every part's SHA-256, base64
+    assert info.checksum is not None and info.checksum.startswith("sha256-composite:") and info.checksum.endswith("-8")
     assert store.upload_budget.held == 0 and 0 < store.upload_budget.peak <= 3 * SMALL_PART + 1000
 
 
