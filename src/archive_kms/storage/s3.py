@@ -505,7 +505,7 @@ class S3ObjectStore:
         key = object_key(self._prefix, name)
         try:
             resp = self._s3.get_object(Bucket=self._bucket, Key=key, **({"IfMatch": if_match} if if_match else {}))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if if_match and isinstance(exc, ClientError) and (_code(exc)[0] in _EXISTS or _code(exc)[1] == 412):
                 raise ObjectChangedError(
                     f"s3://{self._bucket}/{key}: not the version asked for (ETag {if_match} was replaced)",
