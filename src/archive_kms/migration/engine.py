@@ -141,9 +141,9 @@ class RunContext:
         finally:
             stop.set()
             poller.join(timeout=5)
-            self._report_progress(step)
+            self.report_progress(step)
 
-    def _report_progress(self, step: str) -> None:
+    def report_progress(self, step: str) -> None:
         summary = self.platform.state.manifest_summary(self.run_id)
         counts = self.platform.state.copy_counts(self.run_id)
         done = counts.get(CopyStatus.VERIFIED, 0)
@@ -154,7 +154,7 @@ class RunContext:
     def _poll_progress(self, step: str, stop: threading.Event) -> None:
         while not stop.wait(1.0):
             try:
-                self._report_progress(step)
+                self.report_progress(step)
             except Exception:
                 log.debug("progress poll failed", exc_info=True)
 
@@ -598,6 +598,10 @@ def cancel(platform: Any, run_id: str, *, actor: str, takeover: bool = False) ->
         if platform.state.gate(plan.tenant_id).paused_by_run == run_id:
             replayed = replay_deferred(platform.state, plan.tenant_id, run_id, platform.open_archive, fence=fence)
             undone.append(f"pause ({len(replayed)} deferred job(s) replayed into the source)")
+        from archive_kms.migration.digests import purge_run_digests
+
+        if purge_run_digests(platform.state, run_id, fence=fence):  # nothing verifies them any more
+            undone.append("ledger digests")
         platform.state.set_run_state(run_id, RunState.CANCELLED, fence=fence)
         _audit_run(platform, run, actor, "run.cancel", {"undone": undone})
     finally:

@@ -352,6 +352,79 @@ def _shards(ctx: RunContext, step: str) -> list[dict[str, Any]]:
     return results
 
 
+def _stop_on_source_changes(ctx: RunContext, results: list[dict[str, Any]]) -> None:
+    """Not retryable: a source object is no longer what the manifest recorded. Nothing of
+    it was copied, and the run stops here, before cutover (issue #10)."""
+    changed = sum(r.get("source_changed", 0) for r in results)
+    if changed:
+        errors = [e for r in results for e in (r.get("errors") or []) if ": source " in e][:5]
+        raise IntegrityError(
+            f"{changed} source object(s) changed or were deleted after the manifest; they were not copied and "
+            f"the run stops before cutover. Something wrote to the source during the run: restore the objects "
+            f"as listed, then resume the run, or cancel it (`archive-kms runs cancel {ctx.run_id}`) and start "
+            f"again. First: {'; '.join(errors)}",
+            resource=ctx.plan.source_location.uri,
+        )
+
+
+def source_drift(
+    ctx: RunContext, *, skip: frozenset[bytes] | set[bytes] = frozenset(), limit: int = 5
+) -> tuple[int, list[str]]:
+    """Compare a fresh listing of the source with the manifest, name by name: every
+    manifest object must still be there with the size and ETag the manifest recorded,
+    and nothing else may have appeared; ``skip`` (quarantined objects, which are not copied
+    and which support may repair or remove) is left out. Returns (differences, the first
+    ``limit`` described: which object, and what differs)."""
+    from archive_kms.migration.copying import REPAIRED_ACTION
+    from archive_kms.storage.port import same_etag
+
+    p, plan = ctx.platform, ctx.plan
+    recorded = {e.name: e for e in p.state.iter_manifest(ctx.run_id)}
+    for rec in p.state.iter_audit(tenant_id=plan.tenant_id):  # quarantined sources support restored
+        if rec.run_id == ctx.run_id and rec.action == REPAIRED_ACTION:
+            name = bytes.fromhex(rec.details["object_hex"])
+            recorded[name] = ManifestEntry(name, int(rec.details["size"]), etag=rec.details["etag"])
+    found = 0
+    described: list[str] = []
+
+    def note(text: str) -> None:
+        nonlocal found
+        found += 1
+        if len(described) < limit:
+            described.append(text)
+
+    for name in skip:
+        recorded.pop(name, None)
+    for info in p.store_for(plan.source_location).list():
+        if info.name in skip:
+            continue
+        entry = recorded.pop(info.name, None)
+        if entry is None:
+            note(f"{info.name[:120]!r} appeared after the manifest ({info.size} bytes, ETag {info.etag})")
+        elif info.size != entry.size or (entry.etag is not None and not same_etag(info.etag, entry.etag)):
+            note(
+                f"{info.name[:120]!r} changed after the manifest (recorded {entry.size} bytes, ETag {entry.etag}; "
+                f"now {info.size} bytes, ETag {info.etag})"
+            )
+    for name, entry in recorded.items():
+        note(f"{name[:120]!r} was deleted after the manifest (recorded {entry.size} bytes, ETag {entry.etag})")
+    return found, described
+
+
+def _require_source_as_manifested(ctx: RunContext, step: str, skip: set[bytes] | frozenset[bytes]) -> None:
+    """Stop before cutover (or before deleting the source) if the source no longer holds
+    exactly what the manifest recorded: the destination was proven against the manifest,
+    and a change since then is data a stray writer would lose (issue #10)."""
+    count, described = source_drift(ctx, skip=skip)
+    if count:
+        raise IntegrityError(
+            f"{step}: {ctx.plan.source_location.uri} is not what the manifest recorded: {count} difference(s): "
+            f"{'; '.join(described)}. Something wrote to the source during the run; restore it as listed and "
+            f"resume, or cancel the run (`archive-kms runs cancel {ctx.run_id}`)",
+            resource=ctx.plan.source_location.uri,
+        )
+
+
 def copy(ctx: RunContext) -> dict[str, Any]:
     """Copy + re-encrypt every manifest entry not yet in the ledger, shards in parallel.
     Quarantined objects are tried again (their source may have been fixed); a source that
@@ -368,6 +441,7 @@ def copy(ctx: RunContext) -> dict[str, Any]:
         "failed": failed,
         "seconds": round(time.monotonic() - started, 3),
     }
+    _stop_on_source_changes(ctx, results)
     if failed:
         errors = [e for r in results for e in (r.get("errors") or []) if ": quarantined: " not in e][:5]
         held = sum(r.get("quarantined", 0) for r in results)
@@ -396,14 +470,31 @@ def verify(ctx: RunContext) -> dict[str, Any]:
     everything else is verified (``quarantine.ObjectsQuarantinedError``)."""
     from datetime import timedelta
 
+    from archive_kms.migration.copying import ATTESTED, attest_copies
+
     p, plan = ctx.platform, ctx.plan
     recopied = 0
     if p.state.copy_counts(ctx.run_id).get(CopyStatus.FAILED):
         # Objects an earlier verify rejected (or a copy failed): copy them again first, so a
         # plain resume converges instead of failing on the same rows every time. A rejected
-        # destination copy is replaced from the source (faults A12), never quarantined.
-        recopied = sum(r["written"] + r["already"] for r in _shards(ctx, "copy"))
-    results = _shards(ctx, "verify")
+        # destination copy is replaced from the source (faults A12), never quarantined. A
+        # source changed since the manifest fails here again (copy's IntegrityError).
+        again = _shards(ctx, "copy")
+        _stop_on_source_changes(ctx, again)
+        recopied = sum(r["written"] + r["already"] for r in again)
+    dst = p.store_for(plan.destination_location)
+    aborted = dst.abort_stale_uploads(timedelta(0))  # uploads of crashed attempts (faults A5, I5)
+    infos: dict[bytes, Any] = {}
+    duplicates = 0
+    for info in dst.list():
+        if info.name in infos:
+            duplicates += 1
+        infos[info.name] = info
+    if plan.verify == ATTESTED:
+        results = [attest_copies(p, ctx.run_id, infos, ctx.fence, check=ctx.check)]
+        ctx.report_progress("verify")
+    else:
+        results = _shards(ctx, "verify")
     mismatched = sum(r["mismatched"] for r in results)
     if mismatched:
         errors = [e for r in results for e in r["errors"]][:5]
@@ -413,15 +504,11 @@ def verify(ctx: RunContext) -> dict[str, Any]:
         )
     held = quarantine.summarize(p.state, ctx.run_id)
     quarantine.check_waivers_audited(p.state, plan.tenant_id, ctx.run_id, held.waived)
-    dst = p.store_for(plan.destination_location)
-    aborted = dst.abort_stale_uploads(timedelta(0))  # uploads of crashed attempts (faults A5, I5)
+    _require_source_as_manifested(ctx, "verify", held.names)
     manifest_names = {e.name for e in p.state.iter_manifest(ctx.run_id)}
     verified = {c.name for c in p.state.iter_copies(ctx.run_id, status=CopyStatus.VERIFIED)}
-    listed: dict[bytes, int] = {}
-    for info in dst.list():
-        listed[info.name] = listed.get(info.name, 0) + 1
+    listed = infos
     expected = manifest_names - held.names  # what the destination must hold: all but the quarantined
-    duplicates = sum(n - 1 for n in listed.values())
     lost = expected - set(listed)
     unexpected = set(listed) - expected  # a quarantined object at the destination counts here
     unverified = expected - verified
@@ -442,6 +529,8 @@ def verify(ctx: RunContext) -> dict[str, Any]:
         ),
         "aborted_uploads": aborted,
         "recopied": recopied,
+        "mode": plan.verify,
+        "source_unchanged": True,
         "result": "ok",
     }
     if lost or duplicates or unexpected or unverified:
@@ -600,13 +689,11 @@ def _recheck_before_deleting(ctx: RunContext, kept: set[bytes]) -> None:
             resource=plan.destination_location.uri,
         )
     if not kept:
-        summary = p.state.manifest_summary(ctx.run_id)
-        count, total = _listing_totals(p.store_for(plan.source_location))
-        if (count, total) != (summary.entries, summary.total_bytes):
+        count, described = source_drift(ctx)
+        if count:
             raise IntegrityError(
-                f"refusing to delete the source: {plan.source_location.uri} changed since the "
-                f"manifest ({count} objects / {total} bytes now, {summary.entries} / "
-                f"{summary.total_bytes} listed); something wrote to it during the run",
+                f"refusing to delete the source: {plan.source_location.uri} is not what the manifest "
+                f"recorded ({count} difference(s): {'; '.join(described)}); something wrote to it during the run",
                 resource=plan.source_location.uri,
             )
         return
@@ -629,14 +716,12 @@ def _recheck_before_deleting(ctx: RunContext, kept: set[bytes]) -> None:
 
 
 def _delete_all_but(ctx: RunContext, store: Any, kept: set[bytes]) -> int:
-    """Delete the manifest's objects from the source except ``kept``, object by object
-    (the source entity stays: it still holds the kept ones). Deleting what is gone is a
-    no-op, so a rerun converges."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Delete the manifest's objects from the source except ``kept``, in batches (the
+    source entity stays: it still holds the kept ones). Deleting what is gone is a no-op,
+    so a rerun converges."""
 
     names = (e.name for e in ctx.platform.state.iter_manifest(ctx.run_id) if e.name not in kept)
-    with ThreadPoolExecutor(max_workers=ctx.plan.threads_per_shard * 2, thread_name_prefix="akms-cleanup") as pool:
-        return sum(1 for _ in pool.map(store.delete, names))
+    return store.delete_many(names)  # 1,000 (S3) / 256 (Azure) names a request
 
 
 def cleanup_source(ctx: RunContext) -> dict[str, Any]:
@@ -738,9 +823,12 @@ def _erase_old_deks(ctx: RunContext) -> dict[str, Any]:
 
 
 def report(ctx: RunContext) -> dict[str, Any]:
+    from archive_kms.migration.digests import purge_run_digests
     from archive_kms.migration.report import build_report
 
     out = build_report(ctx.platform, ctx.run_id, final=True)
+    # The keyed plaintext digests served verify; nothing compares them from here on.
+    out["ledger_digests_purged"] = purge_run_digests(ctx.platform.state, ctx.run_id, fence=ctx.fence)
     if ctx.platform.anchors is not None:
         out["audit_anchor"] = _anchor_audit(ctx)
     return out

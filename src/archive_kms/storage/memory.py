@@ -107,7 +107,7 @@ class MemoryObjectStore:
                 if part:
                     upload.parts.append(part)
             size = sum(len(p) for p in upload.parts)
-            etag = f"{digest.hexdigest()[:32]}-{next(self._etags)}"
+            etag = f'"{digest.hexdigest()[:32]}"'  # of the content, as S3's single-part ETag
             with self._lock:
                 if if_absent and key in self._objects:
                     raise ObjectExistsError(f"{self.label}: object {key!r} already exists", resource=key)
