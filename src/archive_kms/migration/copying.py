@@ -61,6 +61,7 @@ from archive_kms.errors import (
 from archive_kms.keys.keychain import parse_dek_id
 from archive_kms.migration import crashpoints, stopping
 from archive_kms.migration.digests import LedgerDigests, is_keyed
+from archive_kms.migration.memory import limit_allocator
 from archive_kms.migration.plan import MigrationPlan
 from archive_kms.migration.quarantine import (
     SOURCE_READ_ATTEMPTS,
@@ -343,6 +344,7 @@ def copy_object(
     interrupt: Callable[[], bool] | None = None,
     source_attempts: int = SOURCE_READ_ATTEMPTS,
     check_dek_for: Callable[[Any], Any] | None = None,
+    source_dek_for: Callable[[Any], Any] | None = None,
 ) -> ObjectCopy:
     """Copy one object, re-encrypted under a new DEK; see the module docstring.
 
@@ -352,8 +354,9 @@ def copy_object(
     write, or verify rejected it), it is kept only when it is what a copy would be now: it
     authenticates, its plaintext equals the source's and its DEK is newer than
     ``dek_floor``. Otherwise it is replaced: before cutover nothing reads the destination,
-    and the source is intact. ``check_dek_for`` resolves the DEK for the in-memory check of
-    the new ciphertext (default: the keychain, per object).
+    and the source is intact. ``check_dek_for`` / ``source_dek_for`` resolve the DEK for the
+    in-memory check of the new ciphertext / for the source (default: the keychain, per
+    object).
 
     A source that does not authenticate is read again from the start, up to
     ``source_attempts`` reads in all; then PoisonSourceError (the caller quarantines it).
@@ -370,6 +373,7 @@ def copy_object(
         dek_floor,
         interrupt,
         check_dek_for or _dek_lookup(keychain, tenant_id),
+        source_dek_for or _source_dek_lookup(keychain, tenant_id, src.label),
     )
     for attempt in range(1, source_attempts + 1):
         try:
@@ -401,6 +405,7 @@ class _Job:
     dek_floor: dict[str, list[int]] | None
     interrupt: Callable[[], bool] | None
     check_dek_for: Callable[[Any], Any]
+    source_dek_for: Callable[[Any], Any]
 
 
 def _copy_once(job: _Job, before_replace: Callable[[bytes], None] | None) -> ObjectCopy:
@@ -433,7 +438,7 @@ def _write_copy(job: _Job) -> ObjectCopy:
     dek = keychain.dek_for_encrypt(tenant_id, workspace)
     with _open_source(src, name, job.source_etag, job.source_size) as reader:
         try:  # the header: parsed and checked against the binding before any upload starts
-            plain = decrypt_iter(reader, binding=binding, dek_for=_source_dek_lookup(keychain, tenant_id, src.label))
+            plain = decrypt_iter(reader, binding=binding, dek_for=job.source_dek_for)
         except IntegrityError as exc:
             raise _as_poison(exc, src.label) from exc
 
@@ -540,26 +545,30 @@ def _existing(job: _Job) -> ObjectCopy | None:
 
 
 class _DekMemo:
-    """``_dek_lookup`` remembered per DEK id for one shard: the in-memory check of new
-    ciphertext asks for the DEK that ``dek_for_encrypt`` just returned, so one keychain
-    read per DEK (not per object) proves the keychain resolves that id to that key.
-    Revocation still stops a shard at the next object: ``dek_for_encrypt`` and the
-    source's DEK lookup read the keychain head for every object."""
+    """A DEK lookup remembered per (workspace, DEK id) for ``ttl`` seconds, within one
+    shard. The in-memory check of new ciphertext asks for the DEK ``dek_for_encrypt`` just
+    returned, and source objects share a handful of DEKs: one keychain read per DEK, not
+    per object. Revocation still stops a shard at the next object: ``dek_for_encrypt``
+    reads the keychain head (and its revocation flag) for every object, before its source
+    is opened. Failed lookups are not remembered."""
 
-    def __init__(self, keychain: Any, tenant_id: str) -> None:
-        self._lookup = _dek_lookup(keychain, tenant_id)
-        self._keys: dict[tuple[str, str], Any] = {}
+    def __init__(self, lookup: Callable[[Any], Any], *, ttl: float = 30.0) -> None:
+        self._lookup = lookup
+        self._ttl = ttl
+        self._keys: dict[tuple[str, str], tuple[float, Any]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, header: Any) -> Any:
         key = (header.workspace_id, header.dek_id)
+        now = time.monotonic()
         with self._lock:
             found = self._keys.get(key)
-        if found is None:
-            found = self._lookup(header)
-            with self._lock:
-                self._keys[key] = found
-        return found
+        if found is not None and now - found[0] < self._ttl:
+            return found[1]
+        dek = self._lookup(header)
+        with self._lock:
+            self._keys[key] = (now, dek)
+        return dek
 
 
 @dataclass
@@ -642,6 +651,7 @@ def copy_shard(platform: Any, run_id: str, shard: int, fence: Fence | None) -> d
     Run by the copy step, it tries quarantined objects again (their source may have been
     fixed). Run by verify's first pass (verify is the running step), it copies again what
     failed, a copy or verify's own read-back, and leaves quarantined ones to support."""
+    limit_allocator()  # in whatever process runs the shard (a Dask worker too); ADR 0019
     run = platform.state.get_run(run_id)
     retry_quarantined = run.step("verify").state is not StepState.RUNNING
     return _copy_shard(platform, run, shard, fence, retry_quarantined=retry_quarantined)
@@ -677,7 +687,8 @@ def _copy_shard(platform: Any, run: Any, shard: int, fence: Fence | None, *, ret
             )
 
     digests = LedgerDigests(keychain, tenant, run_id)
-    check_dek_for = _DekMemo(keychain, tenant)
+    check_dek_for = _DekMemo(_dek_lookup(keychain, tenant))
+    source_dek_for = _DekMemo(_source_dek_lookup(keychain, tenant, src.label))
     attested = plan.verify == ATTESTED
 
     def work(entry: ManifestEntry) -> ObjectCopy:
@@ -699,6 +710,7 @@ def _copy_shard(platform: Any, run: Any, shard: int, fence: Fence | None, *, ret
             before_replace=before_replace,
             interrupt=interrupt,
             check_dek_for=check_dek_for,
+            source_dek_for=source_dek_for,
         )
 
     def flushed(rows: list[CopyRecord]) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 from archive_kms.errors import ArchiveKmsError, FencedError, LeaseHeldError, StateError, ValidationError
 from archive_kms.migration import crashpoints, stopping
+from archive_kms.migration.memory import limit_allocator
 from archive_kms.migration.plan import POINT_OF_NO_RETURN, STEPS, MigrationPlan
 from archive_kms.migration.quarantine import (
     MAX_WAIVER_REASON_CHARS,
@@ -327,6 +328,7 @@ def execute(
         raise StateError(
             f"run {run_id} is {run.state.value}: use `archive-kms runs resume {run_id}`", resource=f"run:{run_id}"
         )
+    limit_allocator()  # flat RSS for the copy threads (ADR 0019)
     stop = stop or StopRequest()
     with stopping.registered(run_id, stop):
         if handle_signals:

@@ -554,18 +554,22 @@ def _records(ctx: RunContext, store: Any):
     from concurrent.futures import ThreadPoolExecutor
 
     from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter
-    from archive_kms.migration.copying import _dek_lookup
+    from archive_kms.migration.copying import _dek_lookup, _DekMemo
     from archive_kms.operations.archive import workspace_of
 
     tenant, kc = ctx.plan.tenant_id, ctx.platform.keychain
+    # One keychain read per DEK, not per record (records share a few DEKs); a revoked
+    # tenant is refused at the next DEK or after the memo's 30 s.
+    dek_for = _DekMemo(_dek_lookup(kc, tenant))
 
     def load(name: bytes) -> Record:
         binding = ObjectBinding(tenant, workspace_of(name), name)
         with store.open_read(name) as reader:
-            return Record.from_json(b"".join(decrypt_iter(reader, binding=binding, dek_for=_dek_lookup(kc, tenant))))
+            return Record.from_json(b"".join(decrypt_iter(reader, binding=binding, dek_for=dek_for)))
 
     names = (info.name for info in store.list(RECORD_PREFIX))
-    with ThreadPoolExecutor(max_workers=ctx.plan.threads_per_shard * 2, thread_name_prefix="akms-etl") as pool:
+    threads = ctx.plan.parallel_shards * ctx.plan.threads_per_shard  # as many reads in flight as the copy
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="akms-etl") as pool:
         window: list = []
         for name in names:
             ctx.check()  # a stop request ends the build here; a resume rebuilds (ids are deterministic)
@@ -730,6 +734,7 @@ def cleanup_source(ctx: RunContext) -> dict[str, Any]:
     (quarantined) objects are kept where they are, named in the result and the report:
     the run never loses an object silently (ADR 0006)."""
     p, plan = ctx.platform, ctx.plan
+    grace_ends = time.monotonic() + plan.cutover_grace_seconds  # the checks below run during the grace
     if dict(p.state.get_tenant(plan.tenant_id).location) != dict(plan.destination):
         raise StateError("refusing to delete the source: the registry does not point at the destination yet")
     src_loc = plan.source_location
@@ -737,7 +742,7 @@ def cleanup_source(ctx: RunContext) -> dict[str, Any]:
     if not p.state.load_checkpoints(ctx.run_id, "cleanup_source").get(0, {}).get("deleting"):
         _recheck_before_deleting(ctx, kept)
         p.state.save_checkpoint(ctx.run_id, "cleanup_source", 0, {"deleting": True}, fence=ctx.fence)
-    time.sleep(plan.cutover_grace_seconds)
+    time.sleep(max(0.0, grace_ends - time.monotonic()))
     store = p.store_for(src_loc)
     deleted = _delete_all_but(ctx, store, kept) if kept else p.provisioner.delete(src_loc, store)
     index_deleted = False
