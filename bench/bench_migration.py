@@ -82,6 +82,7 @@ class Measured:
     rss_method: str  # "gnu-time" (exact) or "proc-poll" (VmHWM sampled every 20 ms)
     stdout: str
     stderr: str
+    cpu_seconds: float | None = None  # user + system CPU of the command (GNU time only)
 
 
 GNU_TIME = "/usr/bin/time"
@@ -116,7 +117,7 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> Measured:
     with tempfile.TemporaryDirectory(prefix="akms-bench-run-") as tmp:
         out_path, err_path, rss_path = (Path(tmp) / n for n in ("stdout", "stderr", "rss"))
         use_time = _gnu_time_usable()
-        full = [GNU_TIME, "-f", "%M", "-o", str(rss_path), *cmd] if use_time else cmd
+        full = [GNU_TIME, "-f", "%U %S %M", "-o", str(rss_path), *cmd] if use_time else cmd
         with out_path.open("w") as out, err_path.open("w") as err:
             started = time.perf_counter()
             proc = subprocess.Popen(full, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
@@ -127,9 +128,14 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> Measured:
                 peak = max(peak, _vm_hwm_bytes(proc.pid) or 0)
                 time.sleep(0.02)
             seconds = time.perf_counter() - started
+        cpu = None
         if use_time:
-            lines = rss_path.read_text().split()
-            peak = int(lines[-1]) * 1024 if lines and lines[-1].isdigit() else 0  # KiB
+            fields = rss_path.read_text().split()
+            peak = int(fields[-1]) * 1024 if fields and fields[-1].isdigit() else 0  # KiB
+            try:
+                cpu = float(fields[-3]) + float(fields[-2])
+            except (IndexError, ValueError):
+                cpu = None
         return Measured(
             proc.returncode,
             seconds,
@@ -137,6 +143,7 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> Measured:
             "gnu-time" if use_time else "proc-poll",
             out_path.read_text(),
             err_path.read_text(),
+            cpu,
         )
 
 
@@ -539,6 +546,7 @@ def compare(args: argparse.Namespace, *, data: str = "synthetic") -> dict[str, A
                 "copy_only_mib_s": rate(source_bytes, copy_s),
                 "end_to_end_mib_s": rate(source_bytes, ours["end_to_end_seconds"]),
                 "peak_rss_bytes": ours_proc.peak_rss_bytes,
+                "cpu_seconds": ours_proc.cpu_seconds,
                 "rss_method": ours_proc.rss_method,
                 "steps": ours["steps"],
             },
@@ -546,12 +554,14 @@ def compare(args: argparse.Namespace, *, data: str = "synthetic") -> dict[str, A
                 "seconds": rclone.seconds,
                 "mib_s": rate(source_bytes, rclone.seconds),
                 "peak_rss_bytes": rclone.peak_rss_bytes,
+                "cpu_seconds": rclone.cpu_seconds,
                 "rss_method": rclone.rss_method,
             },
             "raw_boto3": {
                 "seconds": raw.seconds,
                 "mib_s": rate(source_bytes, raw.seconds),
                 "peak_rss_bytes": raw.peak_rss_bytes,
+                "cpu_seconds": raw.cpu_seconds,
             },
         }
         result["ratio"] = result["ours"]["copy_verify_mib_s"] / result["rclone"]["mib_s"]

@@ -785,3 +785,24 @@ def test_bad_parts_in_flight_fail_at_construction(bad):
         S3ObjectStore(_MultipartS3(), "bkt", "p/", parts_in_flight=bad)
     with pytest.raises(ValidationError, match="upload_buffer"):
         S3ObjectStore(_MultipartS3(), "bkt", "p/", upload_buffer=-1)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Wed, 21 Oct 2015 07:28:00 GMT",
+        "2015-10-21T07:28:00.000Z",
+        "2026-12-07T02:00:00Z",
+        "2015-10-21T07:28:00.123456+00:00",
+        1700000000,
+        1700000000.25,
+        "20151021T072800Z",  # not one the fast path knows: botocore's parser answers
+    ],
+)
+def test_fast_response_timestamps_equal_botocores(value):
+    from botocore.utils import parse_timestamp as botocore_parse
+
+    from archive_kms.storage.s3 import parse_timestamp
+
+    got = parse_timestamp(value)
+    assert got == botocore_parse(value) and got.tzinfo is not None

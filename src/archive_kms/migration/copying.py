@@ -61,7 +61,7 @@ from archive_kms.errors import (
 from archive_kms.keys.keychain import parse_dek_id
 from archive_kms.migration import crashpoints, stopping
 from archive_kms.migration.digests import LedgerDigests, is_keyed
-from archive_kms.migration.memory import limit_allocator
+from archive_kms.migration.memory import COPY_UPLOAD_BUFFER, CopyBudget, copy_budget, limit_allocator
 from archive_kms.migration.plan import MigrationPlan
 from archive_kms.migration.quarantine import (
     SOURCE_READ_ATTEMPTS,
@@ -74,7 +74,7 @@ from archive_kms.migration.quarantine import (
 from archive_kms.migration.stopping import StopRequestedError
 from archive_kms.operations.archive import workspace_of
 from archive_kms.state.port import AuditEvent, CopyRecord, CopyStatus, Fence, ManifestEntry, StepState
-from archive_kms.storage.port import ObjectReader, same_etag
+from archive_kms.storage.port import DEFAULT_PART_SIZE, ObjectReader, same_etag
 
 log = logging.getLogger(__name__)
 
@@ -687,6 +687,11 @@ def _copy_shard(platform: Any, run: Any, shard: int, fence: Fence | None, *, ret
             )
 
     digests = LedgerDigests(keychain, tenant, run_id)
+    budget = copy_budget(platform.settings.migration_copy_buffer_mib * 1024 * 1024)
+    part_size = getattr(dst, "part_size", DEFAULT_PART_SIZE)
+    parts = getattr(dst, "upload_budget", None)
+    if parts is not None and parts.capacity > COPY_UPLOAD_BUFFER:
+        parts.capacity = COPY_UPLOAD_BUFFER  # parts uploading in the store's threads, process-wide (ADR 0019)
     check_dek_for = _DekMemo(_dek_lookup(keychain, tenant))
     source_dek_for = _DekMemo(_source_dek_lookup(keychain, tenant, src.label))
     attested = plan.verify == ATTESTED
@@ -698,6 +703,10 @@ def _copy_shard(platform: Any, run: Any, shard: int, fence: Fence | None, *, ret
         # version verify and cleanup compare the source with. Every other object is read
         # only as the manifest recorded it.
         pinned = entry.name not in before
+        with budget.hold(CopyBudget.cost(entry.size, part_size)):
+            return _copy_entry(entry, pinned)
+
+    def _copy_entry(entry: ManifestEntry, pinned: bool) -> ObjectCopy:
         return copy_object(
             src,
             dst,

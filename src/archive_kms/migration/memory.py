@@ -1,4 +1,5 @@
-"""Keep the migration process's memory flat (issue #16; ADR 0019).
+"""Keep the migration process's memory flat (issue #16; ADR 0019): the allocator, and
+one budget for the object data the copies hold.
 
 The copy streams every object segment by segment and part by part, so what it *holds* is
 bounded (``docs/storage-layout.md``). What the process's RSS shows was not: with 16 copy
@@ -22,6 +23,8 @@ import ctypes.util
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -63,4 +66,66 @@ def limit_allocator() -> bool:
         return ok
 
 
-__all__ = ["limit_allocator"]
+MiB = 1024 * 1024
+#: What one object in flight holds besides its part: the encryptor's segment buffer, the
+#: decrypted and sealed segment, the in-memory check's segment, read chunks.
+OBJECT_OVERHEAD = 1 * MiB
+#: Default for ``settings.migration_copy_buffer_mib``.
+DEFAULT_COPY_BUFFER = 48 * MiB
+#: Parts of the destination store uploading in its threads, across the process's copies
+#: (the store's ``PartBudget``); beyond it each writer uploads its own part.
+COPY_UPLOAD_BUFFER = 16 * MiB
+
+
+class CopyBudget:
+    """Bytes of object data the copies of this process may hold at once. Each object is
+    charged before it starts, by its size from the manifest: ``2 x min(size, part)`` (the
+    part being cut from the stream, and one the writer may be uploading itself) plus
+    ``OBJECT_OVERHEAD``. An object larger than the whole budget runs alone. Small objects
+    (most of an archive) cost about ``OBJECT_OVERHEAD`` and are never held back by a big one
+    that does not fit: a waiting object only blocks objects behind it in its own shard."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._held = 0
+        self._peak = 0
+        self._cond = threading.Condition()
+
+    @property
+    def peak(self) -> int:
+        return self._peak
+
+    @staticmethod
+    def cost(size: int, part_size: int) -> int:
+        return 2 * min(max(size, 0), part_size) + OBJECT_OVERHEAD
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        nbytes = min(nbytes, self.capacity)
+        with self._cond:
+            while self._held and self._held + nbytes > self.capacity:
+                self._cond.wait()
+            self._held += nbytes
+            self._peak = max(self._peak, self._held)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= nbytes
+                self._cond.notify_all()
+
+
+_budget: CopyBudget | None = None
+
+
+def copy_budget(capacity: int = DEFAULT_COPY_BUFFER) -> CopyBudget:
+    """The process's one ``CopyBudget`` (every shard of every run in this process shares
+    it); ``capacity`` is applied when it is created, or raised to it later."""
+    global _budget
+    with _lock:
+        if _budget is None:
+            _budget = CopyBudget(capacity)
+        return _budget
+
+
+__all__ = ["COPY_UPLOAD_BUFFER", "CopyBudget", "copy_budget", "limit_allocator"]

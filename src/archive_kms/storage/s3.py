@@ -193,6 +193,30 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None, op: str
     raise exc
 
 
+def parse_timestamp(value: Any) -> datetime:
+    """botocore's response timestamp parser, fast for what AWS sends: RFC 7231 dates in
+    headers (``Wed, 21 Oct 2015 07:28:00 GMT``), ISO 8601 in XML and JSON bodies
+    (``2015-10-21T07:28:00.000Z``), epoch seconds in JSON. Anything else goes to botocore's
+    own (dateutil) parser. Always timezone-aware."""
+    from email.utils import parsedate_to_datetime
+
+    from botocore.utils import parse_timestamp as slow
+
+    try:
+        if isinstance(value, (int, float)):
+            return datetime.fromtimestamp(value, UTC)
+        text = str(value).strip()
+        if text[:1].isdigit():
+            parsed = datetime.fromisoformat(text)
+        else:
+            parsed = parsedate_to_datetime(text)
+        if parsed.tzinfo is not None:
+            return parsed
+    except (ValueError, TypeError, OverflowError):
+        pass
+    return slow(value)
+
+
 def _md5_b64(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode("ascii")
 
