@@ -326,7 +326,7 @@ def generate_big_object(platform: Any, tenant: str, size: int, *, seed: int) -> 
 
 
 def migrate_phase(
-    state_url: str, tenant: str, key_ref: str, *, shards: int, parallel_shards: int, threads: int, verify: str
+    state_url: str, tenant: str, key_ref: str, *, shards: int, parallel_shards: int, threads: int, verify: str | None
 ) -> dict[str, Any]:
     """Runs in the child: the whole enable flow of ``tenant``; step timings from the run."""
     from archive_kms.migration import build_report, execute, plan_enable, trigger
@@ -341,7 +341,7 @@ def migrate_phase(
         shards=shards,
         parallel_shards=parallel_shards,
         threads_per_shard=threads,
-        verify=verify,
+        **({"verify": verify} if verify else {}),  # not given: the settings' default
     )
     run, _ = trigger(platform, plan, actor="bench")
     outcome = execute(platform, run.run_id, actor="bench")
@@ -384,8 +384,7 @@ def run_ours(state_url: str, tenant: str, key_ref: str, args: argparse.Namespace
         str(args.parallel_shards),
         "--threads",
         str(args.threads),
-        "--verify",
-        args.verify,
+        *(["--verify", args.verify] if args.verify else []),
     ]
     measured = run_measured(cmd, dict(os.environ))
     if measured.returncode != 0:
@@ -537,7 +536,7 @@ def compare(args: argparse.Namespace, *, data: str = "synthetic") -> dict[str, A
                 "rclone_server_side": args.rclone_server_side,
             },
             "ours": {
-                "verify_mode": ours["verify"].get("mode", args.verify),
+                "verify_mode": ours["verify"].get("mode", "read-back"),
                 "copy_seconds": copy_s,
                 "verify_seconds": verify_s,
                 "end_to_end_seconds": ours["end_to_end_seconds"],
@@ -660,8 +659,8 @@ def main() -> int:
     parser.add_argument(
         "--verify",
         choices=("attested", "read-back"),
-        default="attested",
-        help="our verify mode (ADR 0018; the product default is attested)",
+        default=None,
+        help="our verify mode (ADR 0018); default: the settings' (ARCHIVE_KMS_MIGRATION_VERIFY, attested)",
     )
     parser.add_argument(
         "--scale",
