@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     migration_verify: Literal["attested", "read-back"] = "attested"
     # Object data (MiB) the copies of one migration process may hold at once: each object
     # is charged 2 x min(size, 8 MiB part) + 1 MiB before it starts (ADR 0019).
-    migration_copy_buffer_mib: int = Field(default=48, ge=4, le=4096)
+    migration_copy_buffer_mib: int = Field(default=96, ge=4, le=4096)
 
     # Archive Console (src/archive_kms/api, docs/console-api.md).
     # Ed25519 PEM private key that signs console tokens; None on a local stack = a key

@@ -71,7 +71,7 @@ MiB = 1024 * 1024
 #: decrypted and sealed segment, the in-memory check's segment, read chunks.
 OBJECT_OVERHEAD = 1 * MiB
 #: Default for ``settings.migration_copy_buffer_mib``.
-DEFAULT_COPY_BUFFER = 48 * MiB
+DEFAULT_COPY_BUFFER = 96 * MiB
 #: Parts of the destination store uploading in its threads, across the process's copies
 #: (the store's ``PartBudget``); beyond it each writer uploads its own part.
 COPY_UPLOAD_BUFFER = 16 * MiB
