@@ -464,10 +464,13 @@ def copy(ctx: RunContext) -> dict[str, Any]:
 
 
 def verify(ctx: RunContext) -> dict[str, Any]:
-    """Every object read back and checked (verify_shard), then manifest, ledger and
-    destination listing reconciled name by name: 0 lost, 0 duplicated, 0 unexpected, the
-    quarantined objects left out. Quarantined objects not waived block the run here, once
-    everything else is verified (``quarantine.ObjectsQuarantinedError``)."""
+    """Every copied object proven in the run's verify mode (ADR 0018: ``attested``, from
+    the destination listing against what the copy committed; ``read-back``, every object
+    read back and checked by ``verify_shard``), the source compared with the manifest name
+    by name, then manifest, ledger and destination listing reconciled name by name: 0 lost,
+    0 duplicated, 0 unexpected, the quarantined objects left out. Quarantined objects not
+    waived block the run here, once everything else is verified
+    (``quarantine.ObjectsQuarantinedError``)."""
     from datetime import timedelta
 
     from archive_kms.migration.copying import ATTESTED, attest_copies
