@@ -34,7 +34,7 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 ARENA_MAX = 2
-MMAP_THRESHOLD = 128 * 1024
+MMAP_THRESHOLD = 2 * 1024 * 1024
 
 _done = False
 _lock = threading.Lock()
@@ -74,7 +74,7 @@ OBJECT_OVERHEAD = 1 * MiB
 DEFAULT_COPY_BUFFER = 96 * MiB
 #: Parts of the destination store uploading in its threads, across the process's copies
 #: (the store's ``PartBudget``); beyond it each writer uploads its own part.
-COPY_UPLOAD_BUFFER = 16 * MiB
+COPY_UPLOAD_BUFFER = 32 * MiB
 
 
 class CopyBudget:
