@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_migration.py [--objects 400] [--mix default] [--shards 8]
         [--parallel-shards 4] [--threads 4] [--transfers N] [--rclone-server-side] [--json]
-        [--tenant-tag TAG]
+        [--tenant-tag TAG] [--verify attested|read-back] [--scale]
 
 Needs `archive-kms stack up` (LocalStack S3+KMS, Elasticsearch) and `rclone` on PATH.
 
@@ -13,9 +13,19 @@ Needs `archive-kms stack up` (LocalStack S3+KMS, Elasticsearch) and `rclone` on 
    checks its own MD5/ETag per object. Server-side copy is disabled (``--disable Copy``)
    unless ``--rclone-server-side``: our migration has to stream every byte through the
    client to decrypt and re-encrypt it, so the peer streams too.
-3. **Ours**: the enable migration of the same tenant (``plan_enable`` mode byokms onto a
+3. **Raw boto3** (the raw-client peer): a threaded GET + PUT of the same objects into a
+   fresh bucket with boto3 and no cryptography (``upload_fileobj`` of each GET body: one
+   PutObject below 8 MiB, 8 MiB parts 4 at a time above), as many objects in flight as
+   ours. Our ratio to it is the cost of everything we add (decrypt, re-encrypt, checks,
+   ledger).
+4. **Ours**: the enable migration of the same tenant (``plan_enable`` mode byokms onto a
    fresh LocalStack KMS key, ``trigger``, ``execute`` with the thread shard runner), all
-   13 steps, in a subprocess of its own.
+   13 steps, in a subprocess of its own; ``--verify`` picks the verify mode (ADR 0018).
+
+``--scale`` replaces the archive with two: 20,000 small records (written directly, 16 at a
+time, without the archive job's indexing) and one attachment of 2 GiB, each run through the
+three contenders; it prints both tables and the difference of our peak RSS between them
+(the memory bound must not depend on object count or size).
 
 Both contenders run as child processes; each one's peak RSS is measured from outside (GNU
 ``time``'s ``%M`` when /usr/bin/time is there, else the child's ``VmHWM`` sampled every 20 ms;
@@ -73,6 +83,7 @@ class Measured:
     rss_method: str  # "gnu-time" (exact) or "proc-poll" (VmHWM sampled every 20 ms)
     stdout: str
     stderr: str
+    cpu_seconds: float | None = None  # user + system CPU of the command (GNU time only)
 
 
 GNU_TIME = "/usr/bin/time"
@@ -107,7 +118,7 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> Measured:
     with tempfile.TemporaryDirectory(prefix="akms-bench-run-") as tmp:
         out_path, err_path, rss_path = (Path(tmp) / n for n in ("stdout", "stderr", "rss"))
         use_time = _gnu_time_usable()
-        full = [GNU_TIME, "-f", "%M", "-o", str(rss_path), *cmd] if use_time else cmd
+        full = [GNU_TIME, "-f", "%U %S %M", "-o", str(rss_path), *cmd] if use_time else cmd
         with out_path.open("w") as out, err_path.open("w") as err:
             started = time.perf_counter()
             proc = subprocess.Popen(full, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
@@ -118,9 +129,14 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> Measured:
                 peak = max(peak, _vm_hwm_bytes(proc.pid) or 0)
                 time.sleep(0.02)
             seconds = time.perf_counter() - started
+        cpu = None
         if use_time:
-            lines = rss_path.read_text().split()
-            peak = int(lines[-1]) * 1024 if lines and lines[-1].isdigit() else 0  # KiB
+            fields = rss_path.read_text().split()
+            peak = int(fields[-1]) * 1024 if fields and fields[-1].isdigit() else 0  # KiB
+            try:
+                cpu = float(fields[-3]) + float(fields[-2])
+            except (IndexError, ValueError):
+                cpu = None
         return Measured(
             proc.returncode,
             seconds,
@@ -128,6 +144,7 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> Measured:
             "gnu-time" if use_time else "proc-poll",
             out_path.read_text(),
             err_path.read_text(),
+            cpu,
         )
 
 
@@ -220,11 +237,97 @@ def rclone_version() -> str:
     return out.splitlines()[0].strip()
 
 
+# --- the raw boto3 peer (a child process) ------------------------------------------------------
+
+
+def raw_phase(src_bucket: str, src_prefix: str, dst_bucket: str, *, threads: int) -> dict[str, Any]:
+    """Runs in the child: GET each object under the prefix and PUT it into ``dst_bucket``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from boto3.s3.transfer import TransferConfig
+
+    settings = Settings()
+    s3 = clients.aws_client("s3", settings)
+    config = TransferConfig(
+        multipart_threshold=8 * MIB, multipart_chunksize=8 * MIB, max_concurrency=4, use_threads=True
+    )
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=src_bucket, Prefix=src_prefix)
+        for o in page.get("Contents", ())
+    ]
+
+    def copy(key: str) -> int:
+        body = s3.get_object(Bucket=src_bucket, Key=key)["Body"]
+        s3.upload_fileobj(body, dst_bucket, key[len(src_prefix) :], Config=config)
+        return 1
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        done = sum(pool.map(copy, keys))
+    return {"objects": done, "peak_rss_self_bytes": _vm_hwm_bytes("self")}
+
+
+def run_raw(settings: Settings, src_bucket: str, src_prefix: str, dst_bucket: str, *, threads: int) -> Measured:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--phase",
+        "raw",
+        "--src-bucket",
+        src_bucket,
+        "--src-prefix",
+        src_prefix,
+        "--dst-bucket",
+        dst_bucket,
+        "--threads",
+        str(threads),
+    ]
+    return run_measured(cmd, dict(os.environ))
+
+
+# --- scale data --------------------------------------------------------------------------------
+
+
+def generate_small_objects(platform: Any, tenant: str, count: int, *, seed: int) -> dict[str, Any]:
+    """``count`` records (no attachments), written 16 at a time straight through the tenant's
+    archive (encrypted, conditional PUT), without the archive job's index writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from archive_kms.operations.archive import record_object_name
+    from archive_kms.operations.tenants import create_tenant
+    from archive_kms.synthetic import generate_records
+
+    create_tenant(platform, tenant, cloud="s3", actor="bench")
+    archive = platform.open_archive(tenant)
+    started = time.perf_counter()
+
+    def put(record: Any) -> int:
+        return archive.put_object(record_object_name(record), record.workspace_id, [record.to_json()])[1]
+
+    records = (r for r, _ in generate_records(tenant, count, seed=seed, workspaces=2))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        plaintext = sum(pool.map(put, records, chunksize=64))
+    return {"records": count, "attachments": 0, "bytes_plaintext": plaintext, "seconds": time.perf_counter() - started}
+
+
+def generate_big_object(platform: Any, tenant: str, size: int, *, seed: int) -> dict[str, Any]:
+    """One attachment of ``size`` bytes (pseudo-random, generated lazily) and no record."""
+    from archive_kms.operations.archive import attachment_object_name
+    from archive_kms.operations.tenants import create_tenant
+    from archive_kms.synthetic import keystream
+
+    create_tenant(platform, tenant, cloud="s3", actor="bench")
+    archive = platform.open_archive(tenant)
+    started = time.perf_counter()
+    _, n = archive.put_object(attachment_object_name("ws0", "00PSCALE0000000001"), "ws0", keystream(b"%d" % seed, size))
+    return {"records": 0, "attachments": 1, "bytes_plaintext": n, "seconds": time.perf_counter() - started}
+
+
 # --- our migration (the child process) --------------------------------------------------------
 
 
 def migrate_phase(
-    state_url: str, tenant: str, key_ref: str, *, shards: int, parallel_shards: int, threads: int
+    state_url: str, tenant: str, key_ref: str, *, shards: int, parallel_shards: int, threads: int, verify: str | None
 ) -> dict[str, Any]:
     """Runs in the child: the whole enable flow of ``tenant``; step timings from the run."""
     from archive_kms.migration import build_report, execute, plan_enable, trigger
@@ -232,7 +335,14 @@ def migrate_phase(
     platform, _ = build_platform(state_url)
     started = time.perf_counter()
     plan = plan_enable(
-        platform, tenant, "byokms", key_ref, shards=shards, parallel_shards=parallel_shards, threads_per_shard=threads
+        platform,
+        tenant,
+        "byokms",
+        key_ref,
+        shards=shards,
+        parallel_shards=parallel_shards,
+        threads_per_shard=threads,
+        **({"verify": verify} if verify else {}),  # not given: the settings' default
     )
     run, _ = trigger(platform, plan, actor="bench")
     outcome = execute(platform, run.run_id, actor="bench")
@@ -275,6 +385,7 @@ def run_ours(state_url: str, tenant: str, key_ref: str, args: argparse.Namespace
         str(args.parallel_shards),
         "--threads",
         str(args.threads),
+        *(["--verify", args.verify] if args.verify else []),
     ]
     measured = run_measured(cmd, dict(os.environ))
     if measured.returncode != 0:
@@ -340,21 +451,29 @@ def rate(nbytes: int, seconds: float) -> float:
     return nbytes / MIB / seconds if seconds > 0 else float("inf")
 
 
-def compare(args: argparse.Namespace) -> dict[str, Any]:
+def compare(args: argparse.Namespace, *, data: str = "synthetic") -> dict[str, Any]:
+    """One archive (``data``: the synthetic job, or ``small``/``big`` for ``--scale``)
+    through rclone, the raw boto3 peer and our migration."""
     tmp = Path(tempfile.mkdtemp(prefix="akms-bench-mig-"))
     state_url = f"sqlite:///{tmp / 'state.db'}"
     platform, settings = build_platform(state_url)
     s3 = clients.aws_client("s3", settings)
     run_tag = uuid.uuid4().hex[:8]
     # The generated data depends on the tenant id: a fixed tag gives every run the same data.
-    tenant = f"{TENANT_PREFIX}-{args.tenant_tag or run_tag}"
+    tenant = f"{TENANT_PREFIX}-{args.tenant_tag or run_tag}" + ("" if data == "synthetic" else f"-{data}")
     rclone_bucket = f"akms-bench-rclone-{run_tag}"
+    raw_bucket = f"akms-bench-raw-{run_tag}"
     buckets: list[str] = []
     key_arn: str | None = None
     src = None
     try:
         version = rclone_version()
-        generated = generate_archive(platform, tenant, records=args.objects, mix=args.mix, seed=args.seed)
+        if data == "small":
+            generated = generate_small_objects(platform, tenant, args.scale_objects, seed=args.seed)
+        elif data == "big":
+            generated = generate_big_object(platform, tenant, args.scale_big_mib * MIB, seed=args.seed)
+        else:
+            generated = generate_archive(platform, tenant, records=args.objects, mix=args.mix, seed=args.seed)
         src = platform.location_of(tenant)
         objects, source_bytes = listing_totals(s3, src.bucket, src.prefix)
 
@@ -374,6 +493,18 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                 f"rclone copy incomplete (exit {rclone.returncode}, {rclone_copied} of "
                 f"{(objects, source_bytes)}):\n{rclone.stderr[-4000:]}"
             )
+        empty_and_delete_bucket(s3, rclone_bucket)  # keep the shared LocalStack small
+
+        s3.create_bucket(Bucket=raw_bucket)
+        buckets.append(raw_bucket)
+        raw = run_raw(settings, src.bucket, src.prefix, raw_bucket, threads=args.parallel_shards * args.threads)
+        raw_copied = listing_totals(s3, raw_bucket)
+        if raw.returncode != 0 or raw_copied != (objects, source_bytes):
+            raise SystemExit(
+                f"raw boto3 copy incomplete (exit {raw.returncode}, {raw_copied} of "
+                f"{(objects, source_bytes)}):\n{raw.stderr[-4000:]}"
+            )
+        empty_and_delete_bucket(s3, raw_bucket)
 
         key_arn = clients.kms_client(settings).create_key(Description=f"bench {tenant}")["KeyMetadata"]["Arn"]
         from archive_kms.domain.tenants import dedicated_s3_bucket_name
@@ -389,12 +520,13 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         result = {
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "rclone": version},
             "data": {
+                "kind": data,
                 "records": generated["records"],
                 "attachments": generated["attachments"],
                 "objects": objects,
                 "source_bytes": source_bytes,
                 "plaintext_bytes": ours["copy"].get("bytes_plaintext"),
-                "mix": args.mix,
+                "mix": args.mix if data == "synthetic" else data,
                 "seed": args.seed,
                 "generate_seconds": round(generated["seconds"], 3),
             },
@@ -408,6 +540,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                 "rclone_server_side": args.rclone_server_side,
             },
             "ours": {
+                "verify_mode": ours["verify"].get("mode", "read-back"),
                 "copy_seconds": copy_s,
                 "verify_seconds": verify_s,
                 "end_to_end_seconds": ours["end_to_end_seconds"],
@@ -416,6 +549,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                 "copy_only_mib_s": rate(source_bytes, copy_s),
                 "end_to_end_mib_s": rate(source_bytes, ours["end_to_end_seconds"]),
                 "peak_rss_bytes": ours_proc.peak_rss_bytes,
+                "cpu_seconds": ours_proc.cpu_seconds,
                 "rss_method": ours_proc.rss_method,
                 "steps": ours["steps"],
             },
@@ -423,12 +557,21 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                 "seconds": rclone.seconds,
                 "mib_s": rate(source_bytes, rclone.seconds),
                 "peak_rss_bytes": rclone.peak_rss_bytes,
+                "cpu_seconds": rclone.cpu_seconds,
                 "rss_method": rclone.rss_method,
+            },
+            "raw_boto3": {
+                "seconds": raw.seconds,
+                "mib_s": rate(source_bytes, raw.seconds),
+                "peak_rss_bytes": raw.peak_rss_bytes,
+                "cpu_seconds": raw.cpu_seconds,
             },
         }
         result["ratio"] = result["ours"]["copy_verify_mib_s"] / result["rclone"]["mib_s"]
         result["ratio_copy_only"] = result["ours"]["copy_only_mib_s"] / result["rclone"]["mib_s"]
         result["ratio_end_to_end"] = result["ours"]["end_to_end_mib_s"] / result["rclone"]["mib_s"]
+        result["ratio_vs_raw_boto3"] = result["ours"]["copy_verify_mib_s"] / result["raw_boto3"]["mib_s"]
+        result["raw_boto3_vs_rclone"] = result["raw_boto3"]["mib_s"] / result["rclone"]["mib_s"]
         return result
     finally:
         still_shared = src.prefix if src is not None else None
@@ -458,11 +601,23 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"{'ours: copy only':34} {o['copy_seconds']:9.2f} {o['copy_only_mib_s']:9.1f} {'':>13}")
     print(f"{'ours: end to end (13 steps)':34} {o['end_to_end_seconds']:9.2f} {o['end_to_end_mib_s']:9.1f} {'':>13}")
     print(f"{'rclone copy':34} {rc['seconds']:9.2f} {rc['mib_s']:9.1f} {rss_rclone:13.1f}")
+    rb = r["raw_boto3"]
+    print(
+        f"{'raw boto3 GET+PUT (no crypto)':34} {rb['seconds']:9.2f} {rb['mib_s']:9.1f} {rb['peak_rss_bytes'] / MIB:13.1f}"
+    )
     print()
     steps = ", ".join(f"{k} {v:.2f}" for k, v in o["steps"].items() if v >= 0.05)
     print(f"our steps (s): {steps}")
+    print(f"verify mode: {o['verify_mode']}")
     print(f"ratio ours/rclone (copy + verify): {r['ratio']:.2f}   (goal >= 1.0)")
-    print(f"ratio ours/rclone (copy only): {r['ratio_copy_only']:.2f}   end to end: {r['ratio_end_to_end']:.2f}")
+    print(
+        f"ratio ours/raw boto3 (copy + verify): {r['ratio_vs_raw_boto3']:.2f}   (goal >= 0.8); "
+        f"raw boto3/rclone: {r['raw_boto3_vs_rclone']:.2f}"
+    )
+    print(
+        f"ratio ours/rclone (copy only): {r['ratio_copy_only']:.2f}   end to end: {r['ratio_end_to_end']:.2f}"
+        "   (goal >= 0.7)"
+    )
     print(f"peak RSS: ours {rss_ours:.1f} MiB, rclone {rss_rclone:.1f} MiB (measured by {o['rss_method']})")
 
 
@@ -505,7 +660,23 @@ def main() -> int:
         help="fixed tenant id suffix (default: random per run). The data depends on the tenant id "
         "and --seed, so runs with the same tag compare on identical data; one run at a time.",
     )
+    parser.add_argument(
+        "--verify",
+        choices=("attested", "read-back"),
+        default=None,
+        help="our verify mode (ADR 0018); default: the settings' (ARCHIVE_KMS_MIGRATION_VERIFY, attested)",
+    )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="instead of the synthetic archive: 20,000 small records, then one 2 GiB attachment",
+    )
+    parser.add_argument("--scale-objects", type=int, default=20_000, help=argparse.SUPPRESS)
+    parser.add_argument("--scale-big-mib", type=int, default=2048, help=argparse.SUPPRESS)
     parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--src-bucket", help=argparse.SUPPRESS)
+    parser.add_argument("--src-prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--dst-bucket", help=argparse.SUPPRESS)
     parser.add_argument("--state-url", help=argparse.SUPPRESS)
     parser.add_argument("--tenant", help=argparse.SUPPRESS)
     parser.add_argument("--key-ref", help=argparse.SUPPRESS)
@@ -521,13 +692,32 @@ def main() -> int:
                     shards=args.shards,
                     parallel_shards=args.parallel_shards,
                     threads=args.threads,
+                    verify=args.verify,
                 ),
                 default=str,
             )
         )
         return 0
+    if args.phase == "raw":
+        print(json.dumps(raw_phase(args.src_bucket, args.src_prefix, args.dst_bucket, threads=args.threads)))
+        return 0
     if args.transfers is None:
         args.transfers = args.parallel_shards * args.threads
+    if args.scale:
+        results = {"small": compare(args, data="small"), "big": compare(args, data="big")}
+        rss = {k: v["ours"]["peak_rss_bytes"] / MIB for k, v in results.items()}
+        results["peak_rss_difference_mib"] = abs(rss["small"] - rss["big"])  # type: ignore[assignment]
+        if args.json:
+            print(json.dumps(results, indent=1, default=str))
+        else:
+            for kind in ("small", "big"):
+                print_table(results[kind])
+                print()
+            print(
+                f"peak RSS ours: {rss['small']:.1f} MiB (20,000 small) vs {rss['big']:.1f} MiB (one big object): "
+                f"difference {results['peak_rss_difference_mib']:.1f} MiB   (goal <= 10, both <= 150)"
+            )
+        return 0
     result = compare(args)
     if args.json:
         print(json.dumps(result, indent=1, default=str))

@@ -11,7 +11,7 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -103,6 +103,15 @@ class Settings(BaseSettings):
     # Dask scheduler for the copy/verify shard tasks with --task-runner dask; None = a
     # local cluster of two worker processes.
     dask_address: str | None = None
+    # How verify proves each copied object (ADR 0018): "attested" (the copy checks its new
+    # ciphertext in memory and the store validates a checksum of it on every request;
+    # verify compares the destination listing with what was committed) or "read-back"
+    # (verify also reads every object back, decrypts it and compares its keyed digest).
+    # Recorded in the run's plan when the run is triggered.
+    migration_verify: Literal["attested", "read-back"] = "attested"
+    # Object data (MiB) the copies of one migration process may hold at once: each object
+    # is charged 2 x min(size, 8 MiB part) + 1 MiB before it starts (ADR 0019).
+    migration_copy_buffer_mib: int = Field(default=96, ge=4, le=4096)
 
     # Archive Console (src/archive_kms/api, docs/console-api.md).
     # Ed25519 PEM private key that signs console tokens; None on a local stack = a key

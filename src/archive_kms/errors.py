@@ -115,6 +115,12 @@ class ObjectExistsError(ArchiveKmsError):
     """A conditional create found the object already there."""
 
 
+class ObjectChangedError(ArchiveKmsError):
+    """A conditional read (``if_match``) found another version of the object than the one
+    asked for: it was replaced since its ETag was seen. Terminal for that version; the
+    caller decides whether the new one is acceptable."""
+
+
 class StorageError(ArchiveKmsError):
     """A non-retryable storage failure (permission, bad bucket, quota)."""
 

@@ -34,7 +34,7 @@ from archive_kms.errors import (
 
 __all__ = ["NETWORK_ERRORS", "error_code", "translate_error"]
 
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _EXISTS = {"PreconditionFailed", "412"}
 _CONFLICT = {"ConditionalRequestConflict", "409", "OperationAborted"}
 _TRANSIENT = {
@@ -95,7 +95,7 @@ def translate_error(exc: BaseException, *, bucket: str, key: str | None, op: str
     if isinstance(exc, ClientError):
         code, status = error_code(exc)
         msg = f"S3 {op} on {where} failed: {code or status}"
-        if code in _NOT_FOUND:
+        if code in NOT_FOUND_CODES:
             return ObjectNotFoundError(f"{where}: no such object ({op})", resource=where)
         if code in _EXISTS or status == 412:
             return ObjectExistsError(f"{where}: object already exists (conditional {op} refused)", resource=where)

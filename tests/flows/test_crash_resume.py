@@ -306,7 +306,9 @@ def assert_settled(platform: Any, tenant: Tenant, run_id: str) -> dict[str, Any]
     assert set(listing) == manifest
     stale = [c.name for c in ledger if c.dest_etag != listing[c.name]]
     assert not stale, f"{len(stale)} ledger etag(s) differ from the stored objects: {stale[:3]!r}"
-    assert {c.name: c.plaintext_sha256 for c in ledger} == tenant.snapshot
+    # The keyed plaintext digests served verify and were purged by the report (issue #11 finding 5);
+    # the plaintext itself is compared with the snapshot by ``invariants``.
+    assert all(c.plaintext_sha256 is None for c in ledger)
 
     audit = platform.state.verify_audit()
     assert audit.ok, audit

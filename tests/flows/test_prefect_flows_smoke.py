@@ -102,15 +102,15 @@ def test_enable_flow_with_shard_tasks_on_threads(flow_env: Settings, flow_platfo
     assert report["objects"] == len(tenant.snapshot), report
     assert_tenant_verifies(flow_platform, tenant)
     assert [r["shard"] for r in answer["shards"]["copy"]] == list(range(DEFAULT_SHARDS))
-    assert {r["pid"] for step in ("copy", "verify") for r in answer["shards"][step]} == {os.getpid()}
+    assert {r["pid"] for r in answer["shards"]["copy"]} == {os.getpid()}
+    # The attested verify (the default, ADR 0018) reads no object: it runs in the flow, no shard tasks.
+    assert "verify" not in answer["shards"], answer["shards"]
 
     flow_run_id = state.state_details.flow_run_id
     artifacts = flow_run_on_server(flow_run_id, f"enable-{tenant.tenant_id}")
     assert_artifacts(artifacts, tenant.tenant_id, answer["outcome"]["run_id"])
-    shard_runs = completed_task_runs(flow_run_id, 2 * DEFAULT_SHARDS)
-    assert sorted(r.name for r in shard_runs) == sorted(
-        f"{step}-shard-{n}" for step in ("copy", "verify") for n in range(DEFAULT_SHARDS)
-    )
+    shard_runs = completed_task_runs(flow_run_id, DEFAULT_SHARDS)
+    assert sorted(r.name for r in shard_runs) == sorted(f"copy-shard-{n}" for n in range(DEFAULT_SHARDS))
 
 
 @pytest.mark.timeout(600)
@@ -123,12 +123,12 @@ def test_enable_flow_with_shard_tasks_on_dask_worker_processes(
 
     assert_completed(answer, tenant.tenant_id)
     assert_tenant_verifies(flow_platform, tenant)
-    # Every shard ran outside this process, in the local cluster's worker processes.
-    pids = {step: {r["pid"] for r in answer["shards"][step]} for step in ("copy", "verify")}
+    # Every copy shard ran outside this process, in the local cluster's worker processes (the
+    # attested verify, the default, runs in the flow: ADR 0018).
     assert [r["shard"] for r in answer["shards"]["copy"]] == list(range(DEFAULT_SHARDS))
-    assert [r["shard"] for r in answer["shards"]["verify"]] == list(range(DEFAULT_SHARDS))
-    workers = pids["copy"] | pids["verify"]
-    assert os.getpid() not in workers and 1 <= len(workers) <= 2, pids
+    assert "verify" not in answer["shards"], answer["shards"]
+    workers = {r["pid"] for r in answer["shards"]["copy"]}
+    assert os.getpid() not in workers and 1 <= len(workers) <= 2, workers
     assert sum(r["objects"] for r in answer["shards"]["copy"]) == len(tenant.snapshot), answer["shards"]["copy"]
 
 

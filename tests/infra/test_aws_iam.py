@@ -40,6 +40,7 @@ S3_ACTIONS: dict[str, set[str]] = {
     "abort_multipart_upload": {"s3:AbortMultipartUpload"},
     "list_multipart_uploads": {"s3:ListBucketMultipartUploads"},
     "delete_object": {"s3:DeleteObject"},
+    "delete_objects": {"s3:DeleteObject"},  # DeleteObjects is authorised per key as s3:DeleteObject
     "create_bucket": {"s3:CreateBucket"},
     "delete_bucket": {"s3:DeleteBucket"},
     "put_public_access_block": {"s3:PutBucketPublicAccessBlock"},

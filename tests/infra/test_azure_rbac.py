@@ -38,6 +38,7 @@ PERMISSIONS: dict[str, tuple[set[str], set[str]]] = {
     "stage_block": (set(), {f"{BLOB}/blobs/write"}),  # Put Block
     "commit_block_list": (set(), {f"{BLOB}/blobs/write"}),  # Put Block List
     "delete_blob": (set(), {f"{BLOB}/blobs/delete"}),
+    "delete_blobs": (set(), {f"{BLOB}/blobs/delete"}),  # Blob Batch: each Delete Blob sub-request
     "get_blob_properties": (set(), {f"{BLOB}/blobs/read"}),
     "download_blob": (set(), {f"{BLOB}/blobs/read"}),
     "list_blobs": (set(), {f"{BLOB}/blobs/read"}),  # List Blobs (also uncommitted)

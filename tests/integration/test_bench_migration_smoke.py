@@ -55,6 +55,9 @@ def test_bench_prints_ratio_and_peak_rss(localstack, elasticsearch) -> None:
     # Same data on both sides: the table names the object count and rclone's concurrency.
     assert re.search(r"^data: [0-9]+ objects \(20 records", done.stdout, re.MULTILINE), done.stdout
     assert "rclone --transfers 4 --checkers 4 --disable Copy" in done.stdout
+    raw = re.search(rf"^ratio ours/raw boto3 \(copy \+ verify\): {NUMBER}", done.stdout, re.MULTILINE)
+    assert raw is not None and float(raw.group(1)) > 0, done.stdout
+    assert re.search(r"^verify mode: attested$", done.stdout, re.MULTILINE), done.stdout
 
 
 def test_bench_json_has_the_figures(localstack, elasticsearch) -> None:
@@ -65,3 +68,28 @@ def test_bench_json_has_the_figures(localstack, elasticsearch) -> None:
     assert result["ours"]["peak_rss_bytes"] > 0 and result["rclone"]["peak_rss_bytes"] > 0
     assert result["data"]["objects"] == result["data"]["records"] + result["data"]["attachments"]
     assert result["ours"]["copy_seconds"] > 0 and result["ours"]["verify_seconds"] > 0
+    assert result["raw_boto3"]["seconds"] > 0 and result["ratio_vs_raw_boto3"] > 0
+
+
+def test_bench_index_prints_its_ratio(elasticsearch) -> None:
+    """bench/bench_index.py on 60 records, one repeat: it completes and prints the ratio
+    of our rebuild to the faster raw bulk peer (no timing is judged)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT_ROOT / "bench" / "bench_index.py"),
+            "--records",
+            "60",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}\nstderr:\n{done.stderr[-3000:]}"
+    result = json.loads(done.stdout)
+    assert result["records"] == 60 and result["median"]["ratio"] > 0
+    assert set(result["runs"][0]) == {"ours", "bulk", "parallel_bulk", "ratio"}

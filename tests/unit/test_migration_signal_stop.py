@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -32,14 +33,14 @@ def stop_after_reads(store: Any, n: int, do_stop) -> dict[str, int]:
     seen = {"reads": 0, "at": 0}
     lock = threading.Lock()
 
-    def open_read(name):
+    def open_read(name, **kw):
         with lock:
             seen["reads"] += 1
             fire = seen["reads"] == n
         if fire:
             seen["at"] = seen["reads"]
             do_stop()
-        return real(name)
+        return real(name, **kw)
 
     store.open_read = open_read
     return seen
@@ -117,7 +118,7 @@ def test_a_stop_between_steps_marks_the_next_step_interrupted_before_it_began():
 def test_a_stop_during_verify_leaves_unverified_rows_copied_for_the_resume():
     p = archived_platform()
     before = digests(p)
-    plan = enable_plan(p)
+    plan = replace(enable_plan(p), verify="read-back")  # the mode whose verify reads the destination
     run_id = start(p, plan)
     seen = stop_after_reads(p.store_for(plan.destination_location), 4, lambda: request_stop(run_id, "verify stop"))
     out = execute(p, run_id, actor="test")

@@ -578,7 +578,7 @@ def test_create_azure_container_reuses_an_existing_one() -> None:
 
 
 class _MultipartS3:
-    """A scripted S3 multipart endpoint. ``upload_part`` checks the Content-MD5, records
+    """A scripted S3 multipart endpoint. ``upload_part`` checks the SHA-256 checksum, records
     which thread sent which part and how many parts (and bytes) were being uploaded at
     once, and waits ``delay`` seconds (a slow network) or for ``gate`` (a Barrier the first
     parts must cross together). ``fail_part`` makes that part fail with ``fail_with``."""
@@ -604,13 +604,13 @@ class _MultipartS3:
     def head_object(self, **kw):
         raise _client_error("404", 404)
 
-    def upload_part(self, *, Body, ContentMD5, PartNumber, **kw):
+    def upload_part(self, *, Body, ChecksumSHA256, PartNumber, **kw):
         import base64
         import hashlib
         import threading
         import time
 
-        assert base64.b64encode(hashlib.md5(Body).digest()).decode() == ContentMD5
+        assert base64.b64encode(hashlib.sha256(Body).digest()).decode() == ChecksumSHA256
         with self.lock:
             self.in_flight += 1
             self.bytes_in_flight += len(Body)
@@ -623,7 +623,7 @@ class _MultipartS3:
             time.sleep(self.delay)
             if PartNumber == self.fail_part:
                 raise self.fail_with
-            return {"ETag": f'"etag-{PartNumber}"'}
+            return {"ETag": f'"etag-{PartNumber}"', "ChecksumSHA256": ChecksumSHA256}
         finally:
             with self.lock:
                 self.in_flight -= 1
@@ -669,7 +669,12 @@ def test_multipart_uploads_up_to_n_parts_at_once_in_order():
     assert fake.max_in_flight == 3  # the gate proves 3 overlapped; never more than N
     (complete,) = fake.completed
     assert complete["IfNoneMatch"] == "*"
-    assert complete["MultipartUpload"]["Parts"] == [{"PartNumber": n, "ETag": f'"etag-{n}"'} for n in range(1, 9)]
+    parts = complete["MultipartUpload"]["Parts"]
+    assert [{k: p[k] for k in ("PartNumber", "ETag")} for p in parts] == [
+        {"PartNumber": n, "ETag": f'"etag-{n}"'} for n in range(1, 9)
+    ]
+    assert all(len(p["ChecksumSHA256"]) == 44 for p in parts)  # every part's SHA-256, base64
+    assert info.checksum is not None and info.checksum.startswith("sha256-composite:") and info.checksum.endswith("-8")
     assert store.upload_budget.held == 0 and 0 < store.upload_budget.peak <= 3 * SMALL_PART + 1000
 
 
@@ -780,3 +785,24 @@ def test_bad_parts_in_flight_fail_at_construction(bad):
         S3ObjectStore(_MultipartS3(), "bkt", "p/", parts_in_flight=bad)
     with pytest.raises(ValidationError, match="upload_buffer"):
         S3ObjectStore(_MultipartS3(), "bkt", "p/", upload_buffer=-1)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Wed, 21 Oct 2015 07:28:00 GMT",
+        "2015-10-21T07:28:00.000Z",
+        "2026-12-07T02:00:00Z",
+        "2015-10-21T07:28:00.123456+00:00",
+        1700000000,
+        1700000000.25,
+        "20151021T072800Z",  # not one the fast path knows: botocore's parser answers
+    ],
+)
+def test_fast_response_timestamps_equal_botocores(value):
+    from botocore.utils import parse_timestamp as botocore_parse
+
+    from archive_kms.clients import parse_timestamp
+
+    got = parse_timestamp(value)
+    assert got == botocore_parse(value) and got.tzinfo is not None

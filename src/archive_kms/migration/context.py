@@ -96,9 +96,9 @@ class RunContext:
         finally:
             stop.set()
             poller.join(timeout=5)
-            self._report_progress(step)
+            self.report_progress(step)
 
-    def _report_progress(self, step: str) -> None:
+    def report_progress(self, step: str) -> None:
         summary = self.platform.state.manifest_summary(self.run_id)
         counts = self.platform.state.copy_counts(self.run_id)
         done = counts.get(CopyStatus.VERIFIED, 0)
@@ -109,7 +109,7 @@ class RunContext:
     def _poll_progress(self, step: str, stop: threading.Event) -> None:
         while not stop.wait(1.0):
             try:
-                self._report_progress(step)
+                self.report_progress(step)
             except Exception:
                 log.debug("progress poll failed", exc_info=True)
 

@@ -36,6 +36,7 @@ from archive_kms.errors import ArchiveKmsError, FencedError, LeaseHeldError, Sta
 from archive_kms.migration import crashpoints, stopping
 from archive_kms.migration.context import Hooks, RunContext, ShardRunner
 from archive_kms.migration.copying import ShardPlatform, copy_shard, verify_shard
+from archive_kms.migration.memory import limit_allocator
 from archive_kms.migration.plan import POINT_OF_NO_RETURN, STEPS, MigrationPlan
 from archive_kms.migration.quarantine import (
     MAX_WAIVER_REASON_CHARS,
@@ -268,6 +269,7 @@ def execute(
         raise StateError(
             f"run {run_id} is {run.state.value}: use `archive-kms runs resume {run_id}`", resource=f"run:{run_id}"
         )
+    limit_allocator()  # flat RSS for the copy threads (ADR 0019)
     stop = stop or StopRequest()
     with stopping.registered(run_id, stop):
         if handle_signals:
@@ -539,6 +541,10 @@ def cancel(platform: Platform, run_id: str, *, actor: str, takeover: bool = Fals
         if platform.state.gate(plan.tenant_id).paused_by_run == run_id:
             replayed = replay_deferred(platform.state, plan.tenant_id, run_id, platform.open_archive, fence=fence)
             undone.append(f"pause ({len(replayed)} deferred job(s) replayed into the source)")
+        from archive_kms.migration.digests import purge_run_digests
+
+        if purge_run_digests(platform.state, run_id, fence=fence):  # nothing verifies them any more
+            undone.append("ledger digests")
         platform.state.set_run_state(run_id, RunState.CANCELLED, fence=fence)
         _audit_run(platform, run, actor, "run.cancel", {"undone": undone})
     finally:

@@ -92,6 +92,9 @@ class MigrationPlan:
     threads_per_shard: int = 4
     cutover_grace_seconds: float = 1.0  # readers that looked the location up before cutover finish first
     source_key_ref: str | None = None  # the tenant's L1 when the run was planned: what cancel re-binds to
+    # How verify proves the copies (ADR 0018): "attested" or "read-back". A run planned by
+    # code that did not record it reads every object back.
+    verify: str = "read-back"
 
     @property
     def source_location(self) -> Location:
@@ -118,6 +121,16 @@ class MigrationPlan:
     def from_params(cls, params: Mapping[str, Any]) -> MigrationPlan:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in params.items() if k in known})
+
+
+VERIFY_MODES = ("attested", "read-back")
+
+
+def _verify_mode(platform: Any, verify: str | None) -> str:
+    mode = platform.settings.migration_verify if verify is None else verify
+    if mode not in VERIFY_MODES:
+        raise ValidationError(f"verify mode must be one of {', '.join(VERIFY_MODES)}, got {mode!r}")
+    return mode
 
 
 def _fanout(shards: int | None, parallel: int | None, threads: int | None) -> dict[str, int]:
@@ -167,6 +180,7 @@ def plan_enable(
     shards: int | None = None,
     parallel_shards: int | None = None,
     threads_per_shard: int | None = None,
+    verify: str | None = None,
 ) -> MigrationPlan:
     """Plan onboarding ``tenant_id`` onto ``key_ref`` in ``mode``; ValidationError naming
     what to fix for a mode/key/cloud mismatch."""
@@ -208,6 +222,7 @@ def plan_enable(
         old_index=platform.index.current_index(t.tenant_id),
         new_generation=t.index_generation + 1,
         source_key_ref=platform.keychain.status(t.tenant_id).l1_ref,
+        verify=_verify_mode(platform, verify),
         **_fanout(shards, parallel_shards, threads_per_shard),
     )
 
@@ -219,6 +234,7 @@ def plan_remove(
     shards: int | None = None,
     parallel_shards: int | None = None,
     threads_per_shard: int | None = None,
+    verify: str | None = None,
 ) -> MigrationPlan:
     """Plan moving a customer-key tenant back to a new shared entity under the managed key."""
     t = _tenant(platform.state, tenant_id)
@@ -238,6 +254,7 @@ def plan_remove(
         old_index=platform.index.current_index(t.tenant_id),
         new_generation=t.index_generation + 1,
         source_key_ref=platform.keychain.status(t.tenant_id).l1_ref,
+        verify=_verify_mode(platform, verify),
         **_fanout(shards, parallel_shards, threads_per_shard),
     )
 

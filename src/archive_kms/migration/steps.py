@@ -351,6 +351,79 @@ def _shards(ctx: RunContext, step: str) -> list[dict[str, Any]]:
     return results
 
 
+def _stop_on_source_changes(ctx: RunContext, results: list[dict[str, Any]]) -> None:
+    """Not retryable: a source object is no longer what the manifest recorded. Nothing of
+    it was copied, and the run stops here, before cutover (issue #10)."""
+    changed = sum(r.get("source_changed", 0) for r in results)
+    if changed:
+        errors = [e for r in results for e in (r.get("errors") or []) if ": source " in e][:5]
+        raise IntegrityError(
+            f"{changed} source object(s) changed or were deleted after the manifest; they were not copied and "
+            f"the run stops before cutover. Something wrote to the source during the run: restore the objects "
+            f"as listed, then resume the run, or cancel it (`archive-kms runs cancel {ctx.run_id}`) and start "
+            f"again. First: {'; '.join(errors)}",
+            resource=ctx.plan.source_location.uri,
+        )
+
+
+def source_drift(
+    ctx: RunContext, *, skip: frozenset[bytes] | set[bytes] = frozenset(), limit: int = 5
+) -> tuple[int, list[str]]:
+    """Compare a fresh listing of the source with the manifest, name by name: every
+    manifest object must still be there with the size and ETag the manifest recorded,
+    and nothing else may have appeared; ``skip`` (quarantined objects, which are not copied
+    and which support may repair or remove) is left out. Returns (differences, the first
+    ``limit`` described: which object, and what differs)."""
+    from archive_kms.migration.copying import REPAIRED_ACTION
+    from archive_kms.storage.port import same_etag
+
+    p, plan = ctx.platform, ctx.plan
+    recorded = {e.name: e for e in p.state.iter_manifest(ctx.run_id)}
+    for rec in p.state.iter_audit(tenant_id=plan.tenant_id):  # quarantined sources support restored
+        if rec.run_id == ctx.run_id and rec.action == REPAIRED_ACTION:
+            name = bytes.fromhex(rec.details["object_hex"])
+            recorded[name] = ManifestEntry(name, int(rec.details["size"]), etag=rec.details["etag"])
+    found = 0
+    described: list[str] = []
+
+    def note(text: str) -> None:
+        nonlocal found
+        found += 1
+        if len(described) < limit:
+            described.append(text)
+
+    for name in skip:
+        recorded.pop(name, None)
+    for info in p.store_for(plan.source_location).list():
+        if info.name in skip:
+            continue
+        entry = recorded.pop(info.name, None)
+        if entry is None:
+            note(f"{info.name[:120]!r} appeared after the manifest ({info.size} bytes, ETag {info.etag})")
+        elif info.size != entry.size or (entry.etag is not None and not same_etag(info.etag, entry.etag)):
+            note(
+                f"{info.name[:120]!r} changed after the manifest (recorded {entry.size} bytes, ETag {entry.etag}; "
+                f"now {info.size} bytes, ETag {info.etag})"
+            )
+    for name, entry in recorded.items():
+        note(f"{name[:120]!r} was deleted after the manifest (recorded {entry.size} bytes, ETag {entry.etag})")
+    return found, described
+
+
+def _require_source_as_manifested(ctx: RunContext, step: str, skip: set[bytes] | frozenset[bytes]) -> None:
+    """Stop before cutover (or before deleting the source) if the source no longer holds
+    exactly what the manifest recorded: the destination was proven against the manifest,
+    and a change since then is data a stray writer would lose (issue #10)."""
+    count, described = source_drift(ctx, skip=skip)
+    if count:
+        raise IntegrityError(
+            f"{step}: {ctx.plan.source_location.uri} is not what the manifest recorded: {count} difference(s): "
+            f"{'; '.join(described)}. Something wrote to the source during the run; restore it as listed and "
+            f"resume, or cancel the run (`archive-kms runs cancel {ctx.run_id}`)",
+            resource=ctx.plan.source_location.uri,
+        )
+
+
 def copy(ctx: RunContext) -> dict[str, Any]:
     """Copy + re-encrypt every manifest entry not yet in the ledger, shards in parallel.
     Quarantined objects are tried again (their source may have been fixed); a source that
@@ -367,6 +440,7 @@ def copy(ctx: RunContext) -> dict[str, Any]:
         "failed": failed,
         "seconds": round(time.monotonic() - started, 3),
     }
+    _stop_on_source_changes(ctx, results)
     if failed:
         errors = [e for r in results for e in (r.get("errors") or []) if ": quarantined: " not in e][:5]
         held = sum(r.get("quarantined", 0) for r in results)
@@ -389,20 +463,40 @@ def copy(ctx: RunContext) -> dict[str, Any]:
 
 
 def verify(ctx: RunContext) -> dict[str, Any]:
-    """Every object read back and checked (verify_shard), then manifest, ledger and
-    destination listing reconciled name by name: 0 lost, 0 duplicated, 0 unexpected, the
-    quarantined objects left out. Quarantined objects not waived block the run here, once
-    everything else is verified (``quarantine.ObjectsQuarantinedError``)."""
+    """Every copied object proven in the run's verify mode (ADR 0018: ``attested``, from
+    the destination listing against what the copy committed; ``read-back``, every object
+    read back and checked by ``verify_shard``), the source compared with the manifest name
+    by name, then manifest, ledger and destination listing reconciled name by name: 0 lost,
+    0 duplicated, 0 unexpected, the quarantined objects left out. Quarantined objects not
+    waived block the run here, once everything else is verified
+    (``quarantine.ObjectsQuarantinedError``)."""
     from datetime import timedelta
+
+    from archive_kms.migration.copying import ATTESTED, attest_copies
 
     p, plan = ctx.platform, ctx.plan
     recopied = 0
     if p.state.copy_counts(ctx.run_id).get(CopyStatus.FAILED):
         # Objects an earlier verify rejected (or a copy failed): copy them again first, so a
         # plain resume converges instead of failing on the same rows every time. A rejected
-        # destination copy is replaced from the source (faults A12), never quarantined.
-        recopied = sum(r["written"] + r["already"] for r in _shards(ctx, "copy"))
-    results = _shards(ctx, "verify")
+        # destination copy is replaced from the source (faults A12), never quarantined. A
+        # source changed since the manifest fails here again (copy's IntegrityError).
+        again = _shards(ctx, "copy")
+        _stop_on_source_changes(ctx, again)
+        recopied = sum(r["written"] + r["already"] for r in again)
+    dst = p.store_for(plan.destination_location)
+    aborted = dst.abort_stale_uploads(timedelta(0))  # uploads of crashed attempts (faults A5, I5)
+    infos: dict[bytes, Any] = {}
+    duplicates = 0
+    for info in dst.list():
+        if info.name in infos:
+            duplicates += 1
+        infos[info.name] = info
+    if plan.verify == ATTESTED:
+        results = [attest_copies(p, ctx.run_id, infos, ctx.fence, check=ctx.check)]
+        ctx.report_progress("verify")
+    else:
+        results = _shards(ctx, "verify")
     mismatched = sum(r["mismatched"] for r in results)
     if mismatched:
         errors = [e for r in results for e in r["errors"]][:5]
@@ -412,15 +506,11 @@ def verify(ctx: RunContext) -> dict[str, Any]:
         )
     held = quarantine.summarize(p.state, ctx.run_id)
     quarantine.check_waivers_audited(p.state, plan.tenant_id, ctx.run_id, held.waived)
-    dst = p.store_for(plan.destination_location)
-    aborted = dst.abort_stale_uploads(timedelta(0))  # uploads of crashed attempts (faults A5, I5)
+    _require_source_as_manifested(ctx, "verify", held.names)
     manifest_names = {e.name for e in p.state.iter_manifest(ctx.run_id)}
     verified = {c.name for c in p.state.iter_copies(ctx.run_id, status=CopyStatus.VERIFIED)}
-    listed: dict[bytes, int] = {}
-    for info in dst.list():
-        listed[info.name] = listed.get(info.name, 0) + 1
+    listed = infos
     expected = manifest_names - held.names  # what the destination must hold: all but the quarantined
-    duplicates = sum(n - 1 for n in listed.values())
     lost = expected - set(listed)
     unexpected = set(listed) - expected  # a quarantined object at the destination counts here
     unverified = expected - verified
@@ -441,6 +531,8 @@ def verify(ctx: RunContext) -> dict[str, Any]:
         ),
         "aborted_uploads": aborted,
         "recopied": recopied,
+        "mode": plan.verify,
+        "source_unchanged": True,
         "result": "ok",
     }
     if lost or duplicates or unexpected or unverified:
@@ -464,18 +556,23 @@ def _records(ctx: RunContext, store: Any):
     from concurrent.futures import ThreadPoolExecutor
 
     from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter
+    from archive_kms.migration.copying import _DekMemo
     from archive_kms.operations.archive import workspace_of
     from archive_kms.operations.reading import dek_lookup
 
     tenant, kc = ctx.plan.tenant_id, ctx.platform.keychain
+    # One keychain read per DEK, not per record (records share a few DEKs); a revoked
+    # tenant is refused at the next DEK or after the memo's 30 s.
+    dek_for = _DekMemo(dek_lookup(kc, tenant))
 
     def load(name: bytes) -> Record:
         binding = ObjectBinding(tenant, workspace_of(name), name)
         with store.open_read(name) as reader:
-            return Record.from_json(b"".join(decrypt_iter(reader, binding=binding, dek_for=dek_lookup(kc, tenant))))
+            return Record.from_json(b"".join(decrypt_iter(reader, binding=binding, dek_for=dek_for)))
 
     names = (info.name for info in store.list(RECORD_PREFIX))
-    with ThreadPoolExecutor(max_workers=ctx.plan.threads_per_shard * 2, thread_name_prefix="akms-etl") as pool:
+    threads = ctx.plan.parallel_shards * ctx.plan.threads_per_shard  # as many reads in flight as the copy
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="akms-etl") as pool:
         window: list = []
         for name in names:
             ctx.check()  # a stop request ends the build here; a resume rebuilds (ids are deterministic)
@@ -599,13 +696,11 @@ def _recheck_before_deleting(ctx: RunContext, kept: set[bytes]) -> None:
             resource=plan.destination_location.uri,
         )
     if not kept:
-        summary = ctx.manifest_summary()
-        count, total = _listing_totals(p.store_for(plan.source_location))
-        if (count, total) != (summary.entries, summary.total_bytes):
+        count, described = source_drift(ctx)
+        if count:
             raise IntegrityError(
-                f"refusing to delete the source: {plan.source_location.uri} changed since the "
-                f"manifest ({count} objects / {total} bytes now, {summary.entries} / "
-                f"{summary.total_bytes} listed); something wrote to it during the run",
+                f"refusing to delete the source: {plan.source_location.uri} is not what the manifest "
+                f"recorded ({count} difference(s): {'; '.join(described)}); something wrote to it during the run",
                 resource=plan.source_location.uri,
             )
         return
@@ -628,14 +723,12 @@ def _recheck_before_deleting(ctx: RunContext, kept: set[bytes]) -> None:
 
 
 def _delete_all_but(ctx: RunContext, store: Any, kept: set[bytes]) -> int:
-    """Delete the manifest's objects from the source except ``kept``, object by object
-    (the source entity stays: it still holds the kept ones). Deleting what is gone is a
-    no-op, so a rerun converges."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Delete the manifest's objects from the source except ``kept``, in batches (the
+    source entity stays: it still holds the kept ones). Deleting what is gone is a no-op,
+    so a rerun converges."""
 
     names = (e.name for e in ctx.platform.state.iter_manifest(ctx.run_id) if e.name not in kept)
-    with ThreadPoolExecutor(max_workers=ctx.plan.threads_per_shard * 2, thread_name_prefix="akms-cleanup") as pool:
-        return sum(1 for _ in pool.map(store.delete, names))
+    return store.delete_many(names)  # 1,000 (S3) / 256 (Azure) names a request
 
 
 def cleanup_source(ctx: RunContext) -> dict[str, Any]:
@@ -644,6 +737,7 @@ def cleanup_source(ctx: RunContext) -> dict[str, Any]:
     (quarantined) objects are kept where they are, named in the result and the report:
     the run never loses an object silently (ADR 0006)."""
     p, plan = ctx.platform, ctx.plan
+    grace_ends = time.monotonic() + plan.cutover_grace_seconds  # the checks below run during the grace
     if dict(ctx.tenant().location) != dict(plan.destination):
         raise StateError("refusing to delete the source: the registry does not point at the destination yet")
     src_loc = plan.source_location
@@ -651,7 +745,7 @@ def cleanup_source(ctx: RunContext) -> dict[str, Any]:
     if not p.state.load_checkpoints(ctx.run_id, "cleanup_source").get(0, {}).get("deleting"):
         _recheck_before_deleting(ctx, kept)
         p.state.save_checkpoint(ctx.run_id, "cleanup_source", 0, {"deleting": True}, fence=ctx.fence)
-    time.sleep(plan.cutover_grace_seconds)
+    time.sleep(max(0.0, grace_ends - time.monotonic()))
     store = p.store_for(src_loc)
     deleted = _delete_all_but(ctx, store, kept) if kept else p.provisioner.delete(src_loc, store)
     index_deleted = False
@@ -737,9 +831,12 @@ def _erase_old_deks(ctx: RunContext) -> dict[str, Any]:
 
 
 def report(ctx: RunContext) -> dict[str, Any]:
+    from archive_kms.migration.digests import purge_run_digests
     from archive_kms.migration.report import build_report
 
     out = build_report(ctx.platform, ctx.run_id, final=True)
+    # The keyed plaintext digests served verify; nothing compares them from here on.
+    out["ledger_digests_purged"] = purge_run_digests(ctx.platform.state, ctx.run_id, fence=ctx.fence)
     if ctx.platform.anchors is not None:
         out["audit_anchor"] = _anchor_audit(ctx, ctx.platform.anchors)
     return out

@@ -22,8 +22,10 @@ records.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from archive_kms.domain.records import Record
@@ -87,6 +89,7 @@ def rebuild_generation(
     batch_size: int = 500,
     *,
     clock: Callable[[], float] = time.monotonic,
+    bulk_concurrency: int = 3,
 ) -> RebuildReport:
     """Build generation ``gen`` of ``tenant``'s index from ``records``; see module doc.
 
@@ -98,6 +101,8 @@ def rebuild_generation(
     mode = IndexMode(mode)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 10_000:
         raise ValidationError("batch_size must be 1..10000")
+    if isinstance(bulk_concurrency, bool) or not isinstance(bulk_concurrency, int) or not 1 <= bulk_concurrency <= 16:
+        raise ValidationError("bulk_concurrency must be 1..16")
     if mode is IndexMode.KEYED and (keys is None or keys.tenant != tenant):
         raise ValidationError(f"a keyed rebuild of tenant {tenant!r} needs that tenant's SearchKeys")
     if mode is IndexMode.PLAINTEXT and keys is not None:
@@ -127,35 +132,55 @@ def rebuild_generation(
         )
 
     batch: list[IndexDocument] = []
+    lock = threading.Lock()
+    in_flight: set[Future[None]] = set()
+
+    def send(docs: list[IndexDocument]) -> None:
+        result = index.bulk_index(name, docs)
+        with lock:
+            report.indexed += len(result.indexed)
+            report.skipped += len(result.skipped)
+            report.failed_total += len(result.failed)
+            report.failed.extend(result.failed[: max(0, MAX_REPORTED - len(report.failed))])
 
     def flush() -> None:
+        # Up to ``bulk_concurrency`` bulk requests in flight while the next batch is built
+        # (as ``helpers.parallel_bulk`` does); memory: that many batches.
+        nonlocal batch
         if not batch:
             return
-        result = index.bulk_index(name, batch)
-        report.indexed += len(result.indexed)
-        report.skipped += len(result.skipped)
-        report.failed_total += len(result.failed)
-        report.failed.extend(result.failed[: max(0, MAX_REPORTED - len(report.failed))])
-        batch.clear()
+        docs, batch = batch, []
+        while len(in_flight) >= bulk_concurrency:
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for f in finished:
+                in_flight.discard(f)
+                f.result()
+        in_flight.add(pool.submit(send, docs))
 
-    for record in records:
-        report.records_seen += 1
-        try:
-            batch.append(build_document(record, tenant=tenant, mode=mode, keys=keys))
-        except ValidationError as e:
-            report.rejected_total += 1
-            if len(report.rejected) < MAX_REPORTED:
-                report.rejected.append(
-                    RejectedRecord(
-                        str(getattr(record, "object_type", "?"))[:100],
-                        str(getattr(record, "record_id", "?"))[:255],
-                        str(e),
+    pool = ThreadPoolExecutor(max_workers=bulk_concurrency, thread_name_prefix="akms-bulk")
+    try:
+        for record in records:
+            report.records_seen += 1
+            try:
+                batch.append(build_document(record, tenant=tenant, mode=mode, keys=keys))
+            except ValidationError as e:
+                report.rejected_total += 1
+                if len(report.rejected) < MAX_REPORTED:
+                    report.rejected.append(
+                        RejectedRecord(
+                            str(getattr(record, "object_type", "?"))[:100],
+                            str(getattr(record, "record_id", "?"))[:255],
+                            str(e),
+                        )
                     )
-                )
-            continue
-        if len(batch) >= batch_size:
-            flush()
-    flush()
+                continue
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        for f in list(in_flight):
+            f.result()
+    finally:
+        pool.shutdown(wait=True)
 
     index.refresh(name)
     report.count = index.count(name)

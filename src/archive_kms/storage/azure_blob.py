@@ -10,7 +10,13 @@ Takes a ready ``ContainerClient`` (from ``clients.blob_service_client``). The ad
   within an attempt and never reused across attempts, so a crashed attempt's uncommitted
   blocks can never be committed by a later one (faults A16); all ids have the same length
   (Azure rejects mixed lengths on one blob);
-* sends a transactional MD5 with every block and single put (``validate_content``);
+* sends a transactional MD5 with every block and single put (``validate_content``: Azure
+  and Azurite refuse a body that does not match with ``Md5Mismatch``) and checks the MD5
+  the service echoes; ``ObjectInfo.checksum`` is the blob's MD5 (one Put Blob) or the MD5
+  of the blocks' MD5s in order (staged blocks), ADR 0018;
+* reads only the version asked for when given ``if_match`` (``ObjectChangedError``
+  otherwise);
+* deletes many blobs with blob batch requests (256 a request);
 * makes ``if_absent`` writes conditional with ``If-None-Match: *`` (``BlobAlreadyExists``
   / ``ConditionNotMet`` become ``ObjectExistsError``);
 * reads in ranged GETs of ``read_chunk_size`` (1 MiB; see ``_READ_CHUNK`` for why not
@@ -37,6 +43,8 @@ discards them, or Azure does after 7 days.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import random
 import time
@@ -62,6 +70,7 @@ from archive_kms import retry
 from archive_kms.errors import (
     ArchiveKmsError,
     KeyUnavailableError,
+    ObjectChangedError,
     ObjectExistsError,
     ObjectNotFoundError,
     ServiceUnavailableError,
@@ -81,17 +90,20 @@ from archive_kms.storage.port import (
     PartUploads,
     PendingUpload,
     as_budget,
+    batched,
     check_part_size,
     check_parts_in_flight,
     handover,
     iter_parts,
     part_size_for,
+    same_etag,
     validate_metadata,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 50_000
+DELETE_BATCH = 256  # blob batch's limit
 _BLOCK_TIER = 5_000
 # azure-storage-blob materialises each ranged GET with ``b"".join(list(response))``, and
 # ``list()`` takes the stream's ``__len__`` (its byte count) as a length hint: a range of
@@ -174,6 +186,10 @@ def translate_error(exc: BaseException, *, where: str, op: str) -> ArchiveKmsErr
     raise exc
 
 
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
 class AzureBlobObjectStore:
     """A tenant's objects in ``container`` (under ``prefix``, usually empty)."""
 
@@ -252,7 +268,10 @@ class AzureBlobObjectStore:
             raise ObjectExistsError(f"{self._where(key)}: object already exists", resource=self._where(key))
         if last:  # Put Blob with overwrite=False refuses an existing blob itself: no HEAD round trip
             resp = self._put_blob(blob, key, first, if_absent, meta)
-            return ObjectInfo(name, len(first), resp["etag"], dict(meta), resp.get("last_modified"))
+            md5 = self._echoed_md5(resp, first, key, "Put Blob")
+            return ObjectInfo(
+                name, len(first), resp["etag"], dict(meta), resp.get("last_modified"), checksum="md5:" + _b64(md5)
+            )
         head = [first]
         del first
 
@@ -263,17 +282,18 @@ class AzureBlobObjectStore:
         def block_id_of(number: int) -> str:
             return f"{attempt}-{number - 1:06d}"  # same length for every block (Azure requires it)
 
-        def stage(number: int, body: bytes) -> None:
-            self._stage(blob, key, number - 1, block_id_of(number), body)
+        def stage(number: int, body: bytes) -> bytes:
+            return self._stage(blob, key, number - 1, block_id_of(number), body)
 
         # No abort on Azure: staged blocks of a failed attempt stay uncommitted (cleanup's,
         # A16). Draining only makes sure no block is still being staged after we return.
-        uploads: PartUploads[None] = PartUploads(
+        uploads: PartUploads[bytes] = PartUploads(
             stage, in_flight=self._parts_in_flight, budget=self.upload_budget, thread_name="akms-blob-block"
         )
         try:
             size = uploads.send_all(handover(head, parts), limit=MAX_BLOCKS, where=self._where(key), unit="blocks")
-            blocks = [BlobBlock(block_id=block_id_of(n)) for n, _ in uploads.finish()]
+            staged = uploads.finish()
+            blocks = [BlobBlock(block_id=block_id_of(n)) for n, _ in staged]
         except BaseException:
             uploads.drain()
             raise
@@ -284,7 +304,27 @@ class AzureBlobObjectStore:
         resp = self._call(
             "Put Block List", key, lambda: blob.commit_block_list(blocks, metadata=meta, **extra, **_NO_SDK_RETRY)
         )
-        return ObjectInfo(name, size, resp["etag"], dict(meta), resp.get("last_modified"))
+        composite = hashlib.md5(b"".join(md5 for _, md5 in staged), usedforsecurity=False).digest()
+        return ObjectInfo(
+            name,
+            size,
+            resp["etag"],
+            dict(meta),
+            resp.get("last_modified"),
+            checksum=f"md5-blocks:{_b64(composite)}-{len(staged)}",
+        )
+
+    def _echoed_md5(self, resp: Any, body: bytes, key: str, op: str) -> bytes:
+        """The MD5 of ``body``, which the service validated (``validate_content``) and must
+        echo back: a mismatch means it did not confirm it stored our bytes."""
+        md5 = hashlib.md5(body, usedforsecurity=False).digest()
+        got = resp.get("content_md5") if hasattr(resp, "get") else None
+        if got is not None and bytes(got) != md5:
+            raise StorageError(
+                f"{self._where(key)}: {op} echoed MD5 {_b64(bytes(got))}, not {_b64(md5)} we sent",
+                resource=self._where(key),
+            )
+        return md5
 
     def _put_blob(self, blob: Any, key: str, body: bytes, if_absent: bool, meta: dict[str, str]) -> Any:
         # A retry after a lost response: unconditional, it writes the same bytes again;
@@ -303,12 +343,13 @@ class AzureBlobObjectStore:
             ),
         )
 
-    def _stage(self, blob: Any, key: str, index: int, block_id: str, body: bytes) -> None:
-        self._call(
+    def _stage(self, blob: Any, key: str, index: int, block_id: str, body: bytes) -> bytes:
+        resp = self._call(
             f"Put Block {index}",
             key,
             lambda: blob.stage_block(block_id, body, length=len(body), validate_content=True, **_NO_SDK_RETRY),
         )
+        return self._echoed_md5(resp, body, key, f"Put Block {index}")
 
     def delete(self, name: bytes) -> None:
         key = object_key(self._prefix, name)
@@ -316,6 +357,25 @@ class AzureBlobObjectStore:
             self._call("Delete Blob", key, lambda: self._c.delete_blob(key, **_NO_SDK_RETRY))
         except ObjectNotFoundError:
             pass  # already gone (or a retry after a lost response)
+
+    def delete_many(self, names: Iterable[bytes]) -> int:
+        count = 0
+        for batch in batched((object_key(self._prefix, n) for n in names), DELETE_BATCH):
+
+            def send(batch: list[str] = batch) -> list[Any]:
+                return list(self._c.delete_blobs(*batch, raise_on_any_failure=False, **_NO_SDK_RETRY))
+
+            results = self._call(f"Blob Batch Delete ({len(batch)} blobs)", batch[0], send)
+            failed = [(k, r) for k, r in zip(batch, results, strict=False) if r.status_code not in (200, 202, 404)]
+            if failed:
+                key, resp = failed[0]
+                raise StorageError(
+                    f"{self._where(key)}: batch delete refused {len(failed)} of {len(batch)} blobs "
+                    f"(first: HTTP {resp.status_code})",
+                    resource=self._where(key),
+                )
+            count += len(batch)
+        return count
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -327,10 +387,15 @@ class AzureBlobObjectStore:
             return None
         return ObjectInfo(name, int(props.size), props.etag, dict(props.metadata or {}), props.last_modified)
 
-    def open_read(self, name: bytes) -> ObjectReader:
+    def open_read(self, name: bytes, *, if_match: str | None = None) -> ObjectReader:
         key = object_key(self._prefix, name)
         blob = self._c.get_blob_client(key)
         props = self._properties(key)
+        if if_match is not None and not same_etag(props.etag, if_match):
+            raise ObjectChangedError(
+                f"{self._where(key)}: not the version asked for (ETag {if_match} was replaced by {props.etag})",
+                resource=self._where(key),
+            )
         info = ObjectInfo(name, int(props.size), props.etag, dict(props.metadata or {}), props.last_modified)
 
         def chunks() -> Iterator[bytes]:

@@ -418,10 +418,7 @@ def delete_location(location: Location, store: ObjectStore, *, s3_client: Any = 
         raise ValidationError("deleting an Azure location needs blob_service to remove the container")
     if not _container_exists(location, s3_client, blob_service):
         return 0  # already deleted by an earlier run
-    count = 0
-    for info in store.list():
-        store.delete(info.name)
-        count += 1
+    count = store.delete_many(info.name for info in store.list())  # batched: 1,000 (S3) / 256 (Azure) a request
     store.abort_stale_uploads(timedelta(0))
     if location.cloud is Cloud.S3 and location.kind is Kind.DEDICATED:
         from archive_kms.storage.s3 import translate_error as s3_error

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from archive_kms.errors import ObjectExistsError, ObjectNotFoundError
+from archive_kms.errors import ObjectChangedError, ObjectExistsError, ObjectNotFoundError
 from archive_kms.storage.naming import decode_key, encode_prefix, object_key
 from archive_kms.storage.port import (
     DEFAULT_PART_SIZE,
@@ -25,6 +25,7 @@ from archive_kms.storage.port import (
     check_part_size,
     iter_parts,
     part_size_for,
+    same_etag,
     validate_metadata,
 )
 
@@ -106,12 +107,14 @@ class MemoryObjectStore:
                 if part:
                     upload.parts.append(part)
             size = sum(len(p) for p in upload.parts)
-            etag = f"{digest.hexdigest()[:32]}-{next(self._etags)}"
+            etag = f'"{digest.hexdigest()[:32]}"'  # of the content, as S3's single-part ETag
             with self._lock:
                 if if_absent and key in self._objects:
                     raise ObjectExistsError(f"{self.label}: object {key!r} already exists", resource=key)
                 self._objects[key] = _Object(upload.parts, size, etag, meta, self._clock())
-            return ObjectInfo(name, size, etag, dict(meta), self._objects[key].last_modified)
+            return ObjectInfo(
+                name, size, etag, dict(meta), self._objects[key].last_modified, checksum="sha256:" + digest.hexdigest()
+            )
         finally:
             with self._lock:
                 self._uploads.pop(upload_id, None)
@@ -120,6 +123,13 @@ class MemoryObjectStore:
         key = object_key(self._prefix, name)
         with self._lock:
             self._objects.pop(key, None)
+
+    def delete_many(self, names: Iterable[bytes]) -> int:
+        count = 0
+        for name in names:
+            self.delete(name)
+            count += 1
+        return count
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -134,10 +144,12 @@ class MemoryObjectStore:
             return None
         return ObjectInfo(name, obj.size, obj.etag, dict(obj.metadata), obj.last_modified)
 
-    def open_read(self, name: bytes) -> ObjectReader:
+    def open_read(self, name: bytes, *, if_match: str | None = None) -> ObjectReader:
         key, obj = self._get(name)
         if obj is None:
             raise ObjectNotFoundError(f"{self.label}: no object {key!r}", resource=key)
+        if if_match is not None and not same_etag(obj.etag, if_match):
+            raise ObjectChangedError(f"{self.label}: {key!r} is not the version {if_match}", resource=key)
         info = ObjectInfo(name, obj.size, obj.etag, dict(obj.metadata), obj.last_modified)
         # The parts list is never mutated after commit, so the reader sees one version.
         return ObjectReader(info, iter(obj.parts), label=f"{self.label}{key}")

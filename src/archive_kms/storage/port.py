@@ -29,13 +29,26 @@ Contract
   callers that get ``ObjectExistsError`` on a retry verify the content (faults A7).
   ``metadata`` keys are ``[a-z][a-z0-9_]*``, values printable ASCII (see
   ``validate_metadata``). Returns the committed object's ``ObjectInfo``.
+  The returned ``ObjectInfo.checksum`` names the checksum of the committed bytes that
+  the *store validated on receipt* (S3: ``x-amz-checksum-sha256`` on PutObject and on
+  every UploadPart, ``sha256:<base64>`` or the multipart composite
+  ``sha256-composite:<base64>-<parts>``; Azure: the transactional ``Content-MD5`` of Put
+  Blob, ``md5:<base64>``, or of every Put Block, ``md5-blocks:<base64>-<blocks>``, the MD5
+  of the blocks' MD5s in order). The adapter computes it from the bytes it sends, the
+  store refuses a request whose body does not match (``BadDigest`` / ``Md5Mismatch``,
+  retryable), and the adapter checks the store's echo of it: a write that returns has been
+  stored as exactly the bytes the caller's ``chunks`` produced (ADR 0018).
 - **open_read** returns an ``ObjectReader`` (a binary file object whose iteration yields
   chunks) over the object as it was when opened; if it changes or is cut short mid-read
   the reader raises (never returns a silently truncated or mixed body). Missing object:
-  ``ObjectNotFoundError``.
+  ``ObjectNotFoundError``. ``if_match=etag`` reads only that version (S3 ``If-Match``;
+  Azure: the ETag compared before the first range, which is itself conditioned on it): any
+  other version raises ``ObjectChangedError`` before a byte is returned.
 - **head** returns ``ObjectInfo`` with metadata, or ``None`` if there is no object.
 - **delete** removes the object; deleting a missing object is not an error (retried
-  cleanups converge).
+  cleanups converge). **delete_many** does the same for many names with as few requests
+  as the backend allows (S3 ``DeleteObjects``, 1,000 keys a request; Azure blob batch,
+  256 a request) and returns how many names it was given.
 - **list** yields every committed object whose *name* starts with ``prefix``, each once,
   with ``metadata=None`` (not fetched; use ``head``), in backend key order (not name
   order). Pages are followed to the end; a page failure raises, never skips. Keys under
@@ -45,7 +58,7 @@ Contract
   blobs with only uncommitted blocks) in the location; **abort_stale_uploads** removes
   those started more than ``older_than`` ago and returns how many it removed.
 
-Errors: ``ObjectNotFoundError``, ``ObjectExistsError``, ``ValidationError``;
+Errors: ``ObjectNotFoundError``, ``ObjectExistsError``, ``ObjectChangedError``, ``ValidationError``;
 ``ServiceUnavailableError`` / ``TransientError`` (throttling, 5xx, resets, timeouts,
 conflicting concurrent writes: retry the whole call). Each request has already been
 retried with backoff inside the adapter (botocore's retries on S3, ``AzureRetry`` on Azure,
@@ -79,6 +92,7 @@ MAX_PARTS_IN_FLIGHT = 64
 #: Bytes of parts a store's upload threads may hold, across every write on that store.
 DEFAULT_UPLOAD_BUFFER = 64 * MiB
 MAX_METADATA_BYTES = 2048
+T = TypeVar("T")
 _META_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}", re.ASCII)
 
 
@@ -91,6 +105,8 @@ class ObjectInfo:
     etag: str  # opaque; compare only with etags from the same store
     metadata: Mapping[str, str] | None = field(default=None, compare=False)  # None: not fetched (list)
     last_modified: datetime | None = field(default=None, compare=False)
+    # What the store validated on receipt (put_stream only; None from head/list/open_read).
+    checksum: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -123,8 +139,9 @@ class ObjectStore(Protocol):
         """Stream ``chunks`` into ``name``; ``ObjectExistsError`` if ``if_absent`` and it exists."""
         ...
 
-    def open_read(self, name: bytes) -> ObjectReader:
-        """A streaming reader; ``ObjectNotFoundError`` if missing."""
+    def open_read(self, name: bytes, *, if_match: str | None = None) -> ObjectReader:
+        """A streaming reader; ``ObjectNotFoundError`` if missing, ``ObjectChangedError``
+        if ``if_match`` is given and the object's ETag is another."""
         ...
 
     def head(self, name: bytes) -> ObjectInfo | None:
@@ -133,6 +150,10 @@ class ObjectStore(Protocol):
 
     def delete(self, name: bytes) -> None:
         """Remove ``name``; a missing object is not an error."""
+        ...
+
+    def delete_many(self, names: Iterable[bytes]) -> int:
+        """``delete`` each of ``names`` in batches; returns how many names were given."""
         ...
 
     def list(self, prefix: bytes = b"") -> Iterator[ObjectInfo]:
@@ -272,11 +293,26 @@ class PartBudget:
             self._held -= nbytes
 
 
+def same_etag(a: str | None, b: str | None) -> bool:
+    """ETags compared as the stores give them, quoted or not (S3 listings and GETs quote
+    them; some SDK paths strip the quotes)."""
+    return a is not None and b is not None and a.strip('"') == b.strip('"')
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of at most ``size`` (the last may be shorter; none empty)."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def as_budget(upload_buffer: int | PartBudget) -> PartBudget:
     return upload_buffer if isinstance(upload_buffer, PartBudget) else PartBudget(upload_buffer)
-
-
-T = TypeVar("T")
 
 
 class PartUploads(Generic[T]):

@@ -101,10 +101,7 @@ class MemoryProvisioner:
         return location.kind is Kind.SHARED or location.uri in self._created
 
     def delete(self, location: Location, store: ObjectStore) -> int:
-        count = 0
-        for info in list(store.list()):
-            store.delete(info.name)
-            count += 1
+        count = store.delete_many([info.name for info in store.list()])
         self._created.discard(location.uri)
         return count
 

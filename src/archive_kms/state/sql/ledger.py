@@ -155,13 +155,21 @@ class SqlLedgerRepo(SqlRepository):
                     "updated_at": now,
                 }
             )
+        # One statement, executed for every row (executemany): compiling a statement per row
+        # was most of a ledger batch's CPU (issue #16).
+        insert = self._insert(copy_ledger)
+        upsert = insert.on_conflict_do_update(
+            index_elements=["run_id", "name"], set_={k: insert.excluded[k] for k in rows[0]}
+        )
+        params = [
+            {"run_id": run_id, "name": bytes(record.name), **values}
+            for record, values in zip(records, rows, strict=True)
+        ]
         try:
             with self._tx("record copy") as conn:
                 tenant_id = self._run_tenant(conn, run_id)
                 self._fenced(conn, fence, tenant_id)
-                for record, values in zip(records, rows, strict=True):
-                    stmt = self._insert(copy_ledger).values(run_id=run_id, name=bytes(record.name), **values)
-                    conn.execute(stmt.on_conflict_do_update(index_elements=["run_id", "name"], set_=values))
+                conn.execute(upsert, params)
         except Conflict:
             names = ", ".join(repr(r.name[:80]) for r in records[:3])
             raise StateError(
