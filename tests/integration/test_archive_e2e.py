@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,11 @@ from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import create_tenant
 from archive_kms.search import Query
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the fixture modules
+# A fresh schema per test (on a PostgreSQL server the session starts): the stack's own
+# database may be at another schema revision than this checkout's code.
+from state_fixtures import postgres_admin_engine, postgres_admin_url, postgres_url  # noqa: F401
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def platform(request, localstack, azurite, elasticsearch, tmp_path):
@@ -23,10 +30,7 @@ def platform(request, localstack, azurite, elasticsearch, tmp_path):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'state.db'}"
     else:
-        request.getfixturevalue("stack")
-        if not settings.postgres_url:
-            pytest.fail("postgres_url not configured: run `archive-kms stack up`", pytrace=False)
-        url = settings.postgres_url
+        url = request.getfixturevalue("postgres_url")
     return Platform.from_settings(settings.model_copy(update={"state_url": url}))
 
 
