@@ -195,17 +195,17 @@ def kmip_client(settings: Settings | None = None):
     from kmip.pie.client import ProxyKmipClient
 
     s = settings or get_settings()
-    return verify_server_hostname(
-        ProxyKmipClient(
-            hostname=s.kmip_host,
-            port=s.kmip_port,
-            cert=_require(s.kmip_client_cert, "kmip_client_cert"),
-            key=_require(s.kmip_client_key, "kmip_client_key"),
-            ca=_require(s.kmip_ca_cert, "kmip_ca_cert"),
-            config_file="/dev/null",  # never read ~/.pykmip/pykmip.conf: configuration comes from Settings
-            kmip_version=None,
-        )
+    client = ProxyKmipClient(
+        hostname=s.kmip_host,
+        port=s.kmip_port,
+        cert=_require(s.kmip_client_cert, "kmip_client_cert"),
+        key=_require(s.kmip_client_key, "kmip_client_key"),
+        ca=_require(s.kmip_ca_cert, "kmip_ca_cert"),
+        config_file="/dev/null",  # never read ~/.pykmip/pykmip.conf: configuration comes from Settings
+        kmip_version=None,
     )
+    client.proxy.timeout = s.kmip_timeout_seconds  # PyKMIP takes it only from a config file
+    return verify_server_hostname(client)
 
 
 # --- key providers (keys/) --------------------------------------------------------------
