@@ -17,8 +17,8 @@ released, gate open, audit records for every run and every resume, no key materi
 anywhere it should not be).
 
 Trials run in chains, one tenant per chain, alternating enable and remove (so both flows
-are killed everywhere); chain 0 is on S3 (BYOKMS) with its state on PostgreSQL, chain 1
-on Azure (BYOKV) with its state on SQLite. Everything a
+are killed everywhere). Even chains are on S3 (BYOKMS) with their state on PostgreSQL,
+odd ones on Azure (BYOKV) with their state on SQLite; chains run side by side. Everything a
 trial does follows from its seed: the cloud (``seed // 100``), the flow (``seed % 2``:
 even = enable) and the kill (``random.Random(seed)``). A failing trial prints its seed;
 ``ARCHIVE_KMS_SOAK_SEED=<seed>`` runs that trial alone on a fresh tenant (a remove trial
@@ -27,7 +27,7 @@ interleavings inside the worker are not seeded, so an ``io`` kill lands on the s
 event number, give or take the order of concurrent shards.
 
 ``ARCHIVE_KMS_SOAK_TRIALS`` (default 30, the CI tier; ``make soak`` runs 200),
-``ARCHIVE_KMS_SOAK_CHAINS`` (default 2: chains run side by side),
+``ARCHIVE_KMS_SOAK_CHAINS`` (default 3: chains run side by side),
 ``ARCHIVE_KMS_SOAK_BASE_SEED`` (default 20000: chain c uses seeds base + 100 c + i).
 """
 
@@ -52,7 +52,7 @@ from archive_kms.state.port import RunState, StepState
 TRIALS = int(os.environ.get("ARCHIVE_KMS_SOAK_TRIALS", "30"))
 ONE_SEED = os.environ.get("ARCHIVE_KMS_SOAK_SEED")
 BASE_SEED = int(os.environ.get("ARCHIVE_KMS_SOAK_BASE_SEED", "20000"))
-CHAINS = int(os.environ.get("ARCHIVE_KMS_SOAK_CHAINS", "2"))
+CHAINS = int(os.environ.get("ARCHIVE_KMS_SOAK_CHAINS", "3"))
 #: I/O events of one run of these tenants, measured: ~800-900 (enable), ~750-800 (remove).
 MAX_EVENT = 900
 #: Seconds one run of these tenants takes here, roughly (a kill later than the run is none).

@@ -34,7 +34,7 @@ from archive_kms.migration import execute, plan_enable, plan_remove, thread_shar
 from archive_kms.operations.archive import JobSpec, record_object_name, submit_job
 from archive_kms.state.port import RunState
 
-PERIOD = 0.6  # seconds between new jobs
+PERIOD = 1.0  # seconds between new jobs
 RESEND = 0.2  # chance that a tick also sends an earlier job again
 SEED = 0x5EED_E1
 
