@@ -8,7 +8,8 @@ forked from a fork server that has imported everything) and kills it with SIGKIL
 * ``io``: at its K-th I/O event (socket write or SQL statement, ~800 per run), before
   that event happens: in the middle of a request, between two statements of one
   transaction, between an upload part and the next; or
-* ``clock``: from outside, after a random delay: whatever the worker is doing.
+* ``clock``: from outside, after a random delay (a seeded fraction of the chain's latest
+  unkilled run, 6 s until one was timed): whatever the worker is doing.
 
 Then this process resumes the run (``resume --takeover``; or triggers it again if the
 worker died before creating it) and checks the invariants I1-I7 (``invariants``: data
@@ -53,10 +54,11 @@ TRIALS = int(os.environ.get("ARCHIVE_KMS_SOAK_TRIALS", "30"))
 ONE_SEED = os.environ.get("ARCHIVE_KMS_SOAK_SEED")
 BASE_SEED = int(os.environ.get("ARCHIVE_KMS_SOAK_BASE_SEED", "20000"))
 CHAINS = int(os.environ.get("ARCHIVE_KMS_SOAK_CHAINS", "3"))
-#: I/O events of one run of these tenants, measured: ~800-900 (enable), ~750-800 (remove).
-MAX_EVENT = 900
-#: Seconds one run of these tenants takes here, roughly (a kill later than the run is none).
-MAX_DELAY = 9.0
+#: I/O events of one run of these tenants, measured: ~850 (enable), ~780 (remove).
+MAX_EVENT = 800
+#: Seconds a worker's run takes before the chain has timed one (a clock kill falls at a
+#: seeded fraction of the chain's latest unkilled run: machines differ fourfold).
+FIRST_RUN_ESTIMATE = 6.0
 RECORDS = 3
 WORKER_TIMEOUT = 180
 
@@ -73,17 +75,20 @@ def flow_of(seed: int) -> str:
 class Kill:
     mode: str  # io | clock
     at: int = 0  # io: the event number
-    delay: float = 0.0  # clock: seconds after the worker started
+    fraction: float = 0.0  # clock: of the run's expected duration
 
     @classmethod
     def of(cls, seed: int) -> Kill:
         rng = random.Random(seed)
         if rng.random() < 0.7:
             return cls("io", at=rng.randint(1, MAX_EVENT))
-        return cls("clock", delay=round(rng.uniform(0.3, MAX_DELAY), 2))
+        return cls("clock", fraction=round(rng.uniform(0.02, 1.0), 3))
+
+    def delay(self, run_seconds: float) -> float:
+        return round(self.fraction * run_seconds, 2)
 
     def __str__(self) -> str:
-        return f"io@{self.at}" if self.mode == "io" else f"clock@{self.delay}s"
+        return f"io@{self.at}" if self.mode == "io" else f"clock@{self.fraction:.0%}"
 
 
 @dataclass
@@ -94,6 +99,7 @@ class Chain:
     key_ref: str
     logs: Any  # directory for the workers' logs
     resumes: int = 0
+    run_seconds: float = FIRST_RUN_ESTIMATE  # the latest unkilled worker's run
 
 
 @dataclass
@@ -152,7 +158,7 @@ def run_trial(ctx, settings, platform, chain: Chain, seed: int) -> TrialResult:
     proc.start()
     writer.close()
     if kill.mode == "clock":
-        proc.join(kill.delay)
+        proc.join(kill.delay(chain.run_seconds))
         if proc.is_alive():
             proc.kill()
     proc.join(WORKER_TIMEOUT)
@@ -179,6 +185,8 @@ def run_trial(ctx, settings, platform, chain: Chain, seed: int) -> TrialResult:
 
     recovered = "none"
     worker_seconds = time.monotonic() - started
+    if not killed:
+        chain.run_seconds = worker_seconds
     if run_id is None:
         # Killed before the run existed: the operator simply starts it again.
         if flow == "remove":
