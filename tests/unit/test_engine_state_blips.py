@@ -7,13 +7,15 @@ I6), on the in-memory platform with the store's methods made to fail on cue:
 * the ``run.start`` record is lost after the run was created: the first worker that
   executes the run writes it (marked recovered), so no run lacks its start (I6);
 * the ``run.complete`` record cannot be written: the run is not marked completed without
-  it; a resume completes it and records it.
+  it; a resume completes it and records it;
+* a worker killed after its run ended but before it released the lease: the next run
+  takes the lease at once.
 """
 
 from __future__ import annotations
 
 import pytest
-from test_migration_engine import TENANT, archived_platform, enable_plan
+from test_migration_engine import TENANT, archived_platform, enable_plan, remove_plan
 
 from archive_kms.errors import ServiceUnavailableError
 from archive_kms.migration import execute, resume, trigger
@@ -102,3 +104,34 @@ def test_a_run_is_never_completed_without_its_completion_record(monkeypatch):
     assert out.state == RunState.COMPLETED.value and out.executed == (), out
     assert p.state.get_run(run.run_id).state is RunState.COMPLETED
     assert len(_audits(p, run.run_id, "run.complete")) == 1
+
+
+def test_a_lease_left_by_a_worker_killed_after_its_run_ended_does_not_block_the_next_run():
+    """A worker killed between marking its run completed and releasing the lease leaves a
+    live lease behind (found by the random-kill soak, seed 20060). It protects nothing: the
+    next run of the tenant takes it at once instead of failing with LeaseHeldError until
+    it expires."""
+    from datetime import timedelta
+
+    p = archived_platform(records=6)
+    run, _ = trigger(p, enable_plan(p), actor="t")
+    assert execute(p, run.run_id, actor="t", handle_signals=False).state == RunState.COMPLETED.value
+    p.state.acquire_lease(TENANT, run.run_id, timedelta(minutes=5))  # what the killed worker held
+    back, created = trigger(p, remove_plan(p), actor="t")
+    assert created
+    out = execute(p, back.run_id, actor="t", handle_signals=False)
+    assert out.state == RunState.COMPLETED.value, out.error
+    assert p.state.get_lease(TENANT) is None
+
+
+def test_a_running_runs_lease_still_blocks_another_run():
+    """Only a lease whose run has ended is taken over: a live worker's is not."""
+    from datetime import timedelta
+
+    from archive_kms.errors import LeaseHeldError
+
+    p = archived_platform(records=6)
+    run, _ = trigger(p, enable_plan(p), actor="t")
+    p.state.acquire_lease(TENANT, "f" * 32, timedelta(minutes=5))  # another run, still running
+    with pytest.raises(LeaseHeldError):
+        execute(p, run.run_id, actor="t", handle_signals=False)

@@ -244,6 +244,13 @@ def _acquire(platform: HasRunStore, run: MigrationRun, *, takeover: bool) -> Lea
             "is known to be dead",
             resource=f"run:{run.run_id}",
         )
+    if current is not None and current.run_id != run.run_id and current.expires_at > now:
+        holder = platform.state.get_run(current.run_id)
+        if holder is not None and holder.state is not RunState.RUNNING:
+            # Its worker died after the run ended and before it let go (a kill between the
+            # two): the lease protects nothing, so it does not hold the tenant until expiry.
+            log.warning("lease of %s left by ended run %s: released", run.tenant_id, current.run_id)
+            platform.state.release_lease(current)
     return platform.state.acquire_lease(run.tenant_id, run.run_id, _lease_ttl(platform))
 
 
