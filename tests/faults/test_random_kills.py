@@ -23,9 +23,12 @@ odd ones on Azure (BYOKV) with their state on SQLite; chains run side by side. E
 trial does follows from its seed: the cloud (``seed // 100``), the flow (``seed % 2``:
 even = enable) and the kill (``random.Random(seed)``). A failing trial prints its seed;
 ``ARCHIVE_KMS_SOAK_SEED=<seed>`` runs that trial alone on a fresh tenant (a remove trial
-first runs an unkilled enable), e.g. ``ARCHIVE_KMS_SOAK_SEED=<seed> make soak``. Thread
-interleavings inside the worker are not seeded, so an ``io`` kill lands on the same
-event number, give or take the order of concurrent shards.
+first runs an unkilled enable), and ``ARCHIVE_KMS_SOAK_SEED=<first>-<seed>`` replays its
+chain up to it (a tenant with the same history: the number of I/O events of a run grows a
+little with it), e.g. ``ARCHIVE_KMS_SOAK_SEED=20000-20060 make soak``. Thread
+interleavings inside the worker and the machine's speed (for ``clock`` kills) are not
+seeded: an ``io`` kill lands on the same event number, give or take the order of
+concurrent shards.
 
 ``ARCHIVE_KMS_SOAK_TRIALS`` (default 30, the CI tier; ``make soak`` runs 200),
 ``ARCHIVE_KMS_SOAK_CHAINS`` (default 3: chains run side by side),
@@ -207,7 +210,7 @@ def run_trial(ctx, settings, platform, chain: Chain, seed: int) -> TrialResult:
         assert out.state == RunState.COMPLETED.value, f"recovery ({recovered}) ended {out.state}: {out.error}"
     recovered_at = time.monotonic()
     worker_log = log_path.read_text(errors="replace") if log_path.exists() else ""
-    invariants(platform, chain.tenant, chain.snapshot, resumes=chain.resumes, texts=[worker_log])
+    invariants(platform, chain.tenant, chain.snapshot, resumes=chain.resumes, texts=[worker_log], killed_worker=killed)
     now = time.monotonic()
     return TrialResult(
         seed,
@@ -333,8 +336,10 @@ def test_random_kill_trials(fork_context, chains, fault_case, request):
     request.getfixturevalue("keyvault")
     tally = Tally()
     if ONE_SEED is not None:
-        seeds = [int(ONE_SEED)]
-        chain, settings, platform = chains.chain(cloud_of(seeds[0]), 0)
+        first, _, last = ONE_SEED.partition("-")
+        seeds = list(range(int(first), int(last or first) + 1))
+        assert len({cloud_of(s) for s in seeds}) == 1, "a replayed range must stay in one chain (seed // 100)"
+        chain, settings, platform = chains.chain(cloud_of(seeds[0]), (seeds[0] // 100) % 2)
         plans = [(chain, settings, platform, seeds)]
     else:
         per_chain = -(-TRIALS // CHAINS)
@@ -396,10 +401,11 @@ def test_random_kill_trials(fork_context, chains, fault_case, request):
     )
     assert not problems, "\n".join(
         f"trial seed={r.seed} ({cloud_of(r.seed)}/{r.flow}, kill {r.kill}) failed: {r.problem}\n"
-        f"  reproduce: ARCHIVE_KMS_SOAK_SEED={r.seed} make soak"
+        f"  replay it: ARCHIVE_KMS_SOAK_SEED={r.seed} make soak; with its chain's history: "
+        f"ARCHIVE_KMS_SOAK_SEED={r.seed - r.seed % 100}-{r.seed} make soak"
         for r in problems
     )
-    expected = 1 if ONE_SEED is not None else TRIALS
+    expected = len(plans[0][3]) if ONE_SEED is not None else TRIALS
     assert len(results) == expected, f"{len(results)} trials ran, {expected} planned"
     if ONE_SEED is None:
         assert len(killed) >= TRIALS // 2, f"only {len(killed)} of {TRIALS} trials killed the worker: retune MAX_*"
