@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from archive_kms import wiring
 from archive_kms.config import Settings
 from archive_kms.migration.steps import STEP_FUNCTIONS
+from archive_kms.operations.platform import Platform
 
 
 def at_step(monkeypatch, step: str, action: Callable[[], None], *, after: bool = False, once: bool = True) -> None:
@@ -41,7 +41,7 @@ def upstream_of(url: str) -> tuple[str, int]:
 def proxied_platform(settings: Settings, **endpoints: str):
     """A platform on ``settings`` with some endpoints replaced (e.g. ``elasticsearch_url``
     pointing at a proxy)."""
-    return wiring.build_platform(settings.model_copy(update=endpoints))
+    return Platform.from_settings(settings.model_copy(update=endpoints))
 
 
 def run_in_worker(ctx, target, *args, timeout: float = 180) -> tuple[int | None, list]:

@@ -44,8 +44,8 @@ import archive_kms.search.elasticsearch
 import archive_kms.state.sql
 import archive_kms.storage.azure_blob
 import archive_kms.storage.s3  # noqa: F401 - preloaded by the fork server
-from archive_kms import wiring
 from archive_kms.migration import execute, plan_enable, plan_remove, thread_shard_runner, trigger
+from archive_kms.operations.platform import Platform
 
 # Imported once by the fork server: a trial's worker then starts in milliseconds. botocore
 # reads its service models from JSON for every new session; keep what it read.
@@ -113,7 +113,7 @@ def run_flow(
     _log_to(log_path)
     events = _Events(kill_at)
     _count_io(events)
-    platform = wiring.build_platform(settings)
+    platform = Platform.from_settings(settings)
     if flow == "enable":
         plan = plan_enable(platform, tenant, "byokms" if key_ref.startswith("aws-kms") else "byokv", key_ref, shards=2)
     else:
@@ -141,7 +141,7 @@ def support_action(settings: Any, action: str, run_id: str, step: str | None, st
     from archive_kms.errors import ArchiveKmsError
     from archive_kms.migration import rerun, resume
 
-    platform = wiring.build_platform(settings)
+    platform = Platform.from_settings(settings)
     actor = f"support-{os.getpid()}"
     time.sleep(max(0.0, start_at - time.time()))
     try:
@@ -160,7 +160,7 @@ def second_trigger(settings: Any, tenant: str, key_ref: str, conn: Any) -> None:
     was handed the running run, try to execute it too."""
     from archive_kms.errors import ArchiveKmsError
 
-    platform = wiring.build_platform(settings)
+    platform = Platform.from_settings(settings)
     actor = f"second-{os.getpid()}"
     plan = plan_enable(platform, tenant, "byokms", key_ref, shards=2)
     run, created = trigger(platform, plan, actor=actor)

@@ -1,7 +1,7 @@
 """Key-service faults against the real key servers (faults.md B1, B2, B3; issue 17).
 
 Each key service is reached through a fault proxy on loopback, with the production
-client configuration (``wiring``): only the wire is faulty.
+client configuration (``Platform.from_settings``, ``archive_kms.clients``): only the wire is faulty.
 
 * AWS KMS (LocalStack): ``fault_proxy.Proxy`` in front of the LocalStack endpoint, KMS
   requests told apart by ``X-Amz-Target`` (S3 passes untouched): ``ThrottlingException``,
@@ -49,10 +49,11 @@ from flows_support import invariants, run_plan
 from harness import at_step
 from tcp_proxy import NthChunkReset, TcpProxy
 
-from archive_kms import wiring
+from archive_kms import clients
 from archive_kms.config import Settings
 from archive_kms.errors import KeyUnavailableError, TransientError
 from archive_kms.migration import plan_enable, resume
+from archive_kms.operations.platform import Platform
 from archive_kms.state.port import RunState
 
 SEED = 0x5EED_B1
@@ -76,7 +77,7 @@ class KeyEnv:
 
     def platform(self):
         """A new platform (a fresh process's: empty key cache) through the proxy."""
-        return wiring.build_platform(self.settings)
+        return Platform.from_settings(self.settings)
 
 
 def _record_sleeps(env: KeyEnv, monkeypatch) -> None:
@@ -121,7 +122,7 @@ def _kv_env(settings: Settings, tmp_path: Path) -> Iterator[KeyEnv]:
     )
     proxied = settings.model_copy(update={"azure_keyvault_url": proxy.url, "azure_keyvault_ca_bundle": str(cert)})
     name = f"faults-{uuid.uuid4().hex[:12]}"
-    client = wiring.keyvault_key_client(proxied)
+    client = clients.keyvault_key_client(proxied)
     client.create_rsa_key(name, size=2048, key_operations=["wrapKey", "unwrapKey"])
     ref = f"azure-kv://localhost:{proxy.port}/keys/{name}"
 

@@ -262,10 +262,10 @@ class ChainSetup:
         return url.render_as_string(hide_password=False)
 
     def chain(self, cloud: str, n: int) -> tuple[Chain, Any, Any]:
-        from archive_kms import wiring
+        from archive_kms.operations.platform import Platform
 
         settings = self.settings.model_copy(update={"state_url": self.state_url(n)})
-        platform = wiring.build_platform(settings)
+        platform = Platform.from_settings(settings)
         tenant = archive_small_tenant(platform, cloud)
         self.made.append((platform, tenant))
         key = self.customer_key("byokms" if cloud == "s3" else "byokv", cloud)

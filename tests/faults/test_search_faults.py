@@ -318,7 +318,7 @@ def _only_when_items(fault: BulkItemFaults):
     return request
 
 
-#: The client retries a failed request 4 times, 3.75-7.5 s of backoff in all (wiring):
+#: The client retries a failed request 4 times, 3.75-7.5 s of backoff in all (clients.elasticsearch_client):
 #: a restart shorter than that is ridden out, a longer one fails the request.
 SHORT_RESTART, LONG_RESTART = 2.0, 10.0
 

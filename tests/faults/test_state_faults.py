@@ -30,10 +30,10 @@ from sqlalchemy.engine import make_url
 from state_fixtures import ThrowawayPostgres
 from tcp_proxy import PgDrop, PgError, PgProxy, SqlNth
 
-from archive_kms import wiring
 from archive_kms.errors import ArchiveKmsError
 from archive_kms.migration import execute, plan_enable, resume, thread_shard_runner, trigger
 from archive_kms.operations.archive import JobSpec, submit_job
+from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import create_tenant
 from archive_kms.state.port import RunState
 
@@ -118,7 +118,7 @@ def pg_through_proxy(flow_settings, customer_key) -> Iterator[tuple[PgProxy, obj
     proxy = PgProxy((url.host or "127.0.0.1", url.port or 5432))
     proxied = url.set(port=proxy.port).update_query_dict({"options": f"-c search_path={schema}"})
     settings = flow_settings.model_copy(update={"state_url": proxied.render_as_string(hide_password=False)})
-    platform = wiring.build_platform(settings)
+    platform = Platform.from_settings(settings)
     made: list[str] = []
     platform.made = made  # type: ignore[attr-defined]
     try:
@@ -274,7 +274,7 @@ def test_postgres_restart_during_a_run(private_postgres, flow_settings, customer
 
     server, url = private_postgres
     settings = flow_settings.model_copy(update={"state_url": url})
-    p = wiring.build_platform(settings)
+    p = Platform.from_settings(settings)
     tenant, snapshot = _archived(p)
     restarted = threading.Event()
 
