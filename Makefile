@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit stack stack-down system-deps venv bench clean infra-tools
+.PHONY: demo test unit soak stack stack-down system-deps venv bench clean infra-tools
 
 demo: venv stack
 	$(BIN)/python -m archive_kms.demo
@@ -18,6 +18,15 @@ test: venv stack infra-tools
 
 unit: venv
 	$(BIN)/python -m pytest tests/unit tests/vectors $(PYTEST_ARGS)
+
+# Long fault trials: kill -9 of a migration worker at random moments, then resume and
+# check the invariants (tests/faults/test_random_kills.py; CI runs 30 of them in `make
+# test`). ARCHIVE_KMS_SOAK_TRIALS (default 200), ARCHIVE_KMS_SOAK_SEED=<seed> replays one
+# trial; the report is in .stack/soak-report.json.
+SOAK_TRIALS ?= 200
+soak: venv stack
+	ARCHIVE_KMS_SOAK_TRIALS=$${ARCHIVE_KMS_SOAK_TRIALS:-$(SOAK_TRIALS)} ARCHIVE_KMS_FAULT_REPORT=$${ARCHIVE_KMS_FAULT_REPORT:-.stack/soak-report.json} \
+	$(BIN)/python -m pytest tests/faults/test_random_kills.py -s -p no:cacheprovider $(PYTEST_ARGS)
 
 system-deps:
 	bash localstack/system-deps.sh

@@ -97,7 +97,13 @@ def elasticsearch_client(settings: Settings | None = None):
     return Elasticsearch(
         _require(s.elasticsearch_url, "elasticsearch_url"),
         request_timeout=30,
-        max_retries=3,
+        # A failed request (connection refused or reset, timeout) is retried 4 times with
+        # capped exponential backoff and jitter, 3.75-7.5 s in all: a node restart or a blip
+        # of a few seconds is ridden out. Without a backoff base the transport retried at
+        # once and a one-second blip failed a whole rebuild (faults C1).
+        max_retries=4,
+        retry_backoff_base=0.5,
+        retry_backoff_cap=4.0,
         retry_on_timeout=True,
         connections_per_node=32,
     )
@@ -189,17 +195,17 @@ def kmip_client(settings: Settings | None = None):
     from kmip.pie.client import ProxyKmipClient
 
     s = settings or get_settings()
-    return verify_server_hostname(
-        ProxyKmipClient(
-            hostname=s.kmip_host,
-            port=s.kmip_port,
-            cert=_require(s.kmip_client_cert, "kmip_client_cert"),
-            key=_require(s.kmip_client_key, "kmip_client_key"),
-            ca=_require(s.kmip_ca_cert, "kmip_ca_cert"),
-            config_file="/dev/null",  # never read ~/.pykmip/pykmip.conf: configuration comes from Settings
-            kmip_version=None,
-        )
+    client = ProxyKmipClient(
+        hostname=s.kmip_host,
+        port=s.kmip_port,
+        cert=_require(s.kmip_client_cert, "kmip_client_cert"),
+        key=_require(s.kmip_client_key, "kmip_client_key"),
+        ca=_require(s.kmip_ca_cert, "kmip_ca_cert"),
+        config_file="/dev/null",  # never read ~/.pykmip/pykmip.conf: configuration comes from Settings
+        kmip_version=None,
     )
+    client.proxy.timeout = s.kmip_timeout_seconds  # PyKMIP takes it only from a config file
+    return verify_server_hostname(client)
 
 
 # --- key providers (keys/) --------------------------------------------------------------

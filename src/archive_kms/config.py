@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     kmip_ca_cert: str | None = None
     kmip_client_cert: str | None = None
     kmip_client_key: str | None = None
+    # Seconds a KMIP request may take (connect, TLS handshake, answer) before the client
+    # gives up and the adapter reconnects once; a hung HSM then fails the call retryably.
+    kmip_timeout_seconds: float = Field(default=30.0, gt=0)
 
     # Elasticsearch.
     elasticsearch_url: str | None = None

@@ -14,17 +14,33 @@ retry counter the tests assert on.
 
 Only what the SDKs send is supported: Content-Length request bodies (chunked ones are
 passed through), ``Expect: 100-continue`` (answered here), keep-alive connections.
+
+HTTPS services (the Key Vault emulator) are proxied by terminating TLS here
+(``TlsTermination``): the client trusts a certificate the test made (``make_tls_cert``),
+and the proxy speaks TLS to the service, trusting the service's own certificate.
+
+``outage(seconds)`` takes the proxy off the network for a while: every open connection is
+reset and the port refuses new ones, then it listens again on the same port (what a
+client sees of a node restart). ``injected`` counts every fault given since the proxy was
+made (never reset by ``set_rules``); the fault tier's report reads it.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import ipaddress
+import json
 import random
 import socket
+import ssl
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 _HEAD_LIMIT = 64 * 1024
@@ -131,7 +147,42 @@ class CorruptBody:
     offset: int
 
 
-Fault = Reply | ResetMidRequest | DropResponse | CutResponse | Rewrite | CorruptBody
+@dataclass(frozen=True)
+class Reset:
+    """Reset the client's connection without forwarding anything (the request never
+    reaches the service: a connection lost before the request was delivered)."""
+
+
+@dataclass(frozen=True)
+class Stall:
+    """Hold the request for ``seconds`` (a slow or hung service), then apply ``then``
+    (another fault, e.g. ``Reset()`` for a timeout that never reached the service), or
+    forward it normally when ``then`` is None."""
+
+    seconds: float
+    then: Any = None
+
+
+@dataclass(frozen=True)
+class Splice:
+    """Forward a changed request and change the answer to match: ``request(req) -> (body,
+    memo)`` gives the body sent upstream (Content-Length is re-framed), ``response(req,
+    resp, memo) -> resp`` the answer the client gets. For partial failures a service
+    decides per item (bulk): the failed items never reach it, the others do."""
+
+    request: Callable[[Request], tuple[bytes, Any]]
+    response: Callable[[Request, Response, Any], Response]
+
+
+@dataclass(frozen=True)
+class Outage:
+    """Take the whole proxy down for ``seconds`` (``Proxy.outage``), starting with this
+    request, which is reset unanswered: a service that crashed while serving it."""
+
+    seconds: float
+
+
+Fault = Reply | ResetMidRequest | DropResponse | CutResponse | Rewrite | CorruptBody | Reset | Stall | Splice | Outage
 Rule = Callable[[Request], "Fault | None"]
 
 
@@ -281,6 +332,95 @@ def azure_op(req: Request) -> str:
     return req.method
 
 
+def aws_op(req: Request) -> str:
+    """KMS operations by their ``X-Amz-Target`` (``kms:Encrypt``), S3 ones as ``s3_op``:
+    LocalStack serves both on one endpoint, so one proxy sees both."""
+    target = req.header("X-Amz-Target") or ""
+    if target.startswith("TrentService."):
+        return "kms:" + target.split(".", 1)[1]
+    return s3_op(req)
+
+
+KMS_CRYPTO_OPS = ("kms:Encrypt", "kms:Decrypt", "kms:GenerateDataKey", "kms:ReEncrypt")
+
+
+def keyvault_op(req: Request) -> str:
+    """Key Vault REST operations: ``wrapKey``, ``unwrapKey``, ``getKey``, ..."""
+    parts = [p for p in req.path.split("/") if p]
+    if len(parts) >= 2 and parts[0] == "keys":
+        last = parts[-1].lower()
+        if req.method == "POST" and last in ("wrapkey", "unwrapkey", "encrypt", "decrypt", "sign", "verify"):
+            return {"wrapkey": "wrapKey", "unwrapkey": "unwrapKey"}.get(last, last)
+        if req.method == "GET":
+            return "getKey"
+    return f"{req.method} {'/'.join(parts[:1])}"
+
+
+def es_op(req: Request) -> str:
+    """Elasticsearch APIs by their path: ``bulk``, ``aliases``, ``search``, ``count``, ..."""
+    parts = [p for p in req.path.split("/") if p]
+    for name in ("_bulk", "_aliases", "_search", "_count", "_refresh", "_mapping", "_block", "_settings", "_alias"):
+        if name in parts:
+            return name.lstrip("_")
+    return f"{req.method} index" if parts else f"{req.method} /"
+
+
+# --- TLS termination -------------------------------------------------------------------------------
+
+
+def make_tls_cert(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate (and key) for ``localhost`` / ``127.0.0.1``, for a proxy
+    that terminates TLS; the test trusts it as the CA bundle."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fault-proxy")])
+    now = _dt.datetime.now(_dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _dt.timedelta(minutes=5))
+        .not_valid_after(now + _dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "proxy-cert.pem", directory / "proxy-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+@dataclass(frozen=True)
+class TlsTermination:
+    """TLS toward the client with ``cert``/``key``; toward the service trusting ``upstream_ca``."""
+
+    cert: Path
+    key: Path
+    upstream_ca: str
+    upstream_hostname: str = "localhost"
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(self.cert), str(self.key))
+        return ctx
+
+    def upstream_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.upstream_ca)
+
+
 # --- the proxy ----------------------------------------------------------------------------------
 
 
@@ -291,6 +431,7 @@ class LogEntry:
     target: str
     fault: str | None
     request_headers: list[tuple[str, str]]
+    at: float = field(default_factory=time.monotonic)
 
 
 class _Reset(Exception):
@@ -313,7 +454,9 @@ def _close_gracefully(sock: socket.socket) -> None:
 
 
 def _reset(sock: socket.socket | None) -> None:
-    """Close with RST (SO_LINGER 0), as a crashed peer or a middlebox would."""
+    """Close with RST (SO_LINGER 0), as a crashed peer or a middlebox would. SHUT_RD first:
+    it sends nothing, but wakes a thread of ours blocked reading the socket (a bare close
+    would leave it blocked, and the connection alive in the kernel)."""
     if sock is None:
         return
     try:
@@ -321,9 +464,23 @@ def _reset(sock: socket.socket | None) -> None:
     except OSError:
         pass
     try:
+        socket.socket.shutdown(sock, socket.SHUT_RD)
+    except OSError:
+        pass
+    try:
         sock.close()
     except OSError:
         pass
+
+
+def _close_listener(sock: socket.socket) -> None:
+    """Stop listening now: shutdown wakes the thread blocked in accept (close alone does
+    not, and the kernel would keep accepting connections into the backlog)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 class _Reader:
@@ -372,6 +529,22 @@ class _Reader:
         return out
 
 
+def _fault_name(fault: Any) -> str:
+    name = type(fault).__name__
+    if isinstance(fault, Reply):
+        return f"{name}({fault.status})"
+    if isinstance(fault, Stall):
+        return f"Stall({fault.seconds:g}s)" + (f"+{_fault_name(fault.then)}" if fault.then is not None else "")
+    return name
+
+
+def _with_content_length(head: bytes, length: int) -> bytes:
+    start, headers = _parse_head(head)
+    headers = [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding")]
+    headers.append(("Content-Length", str(length)))
+    return (start + "\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode("latin-1")
+
+
 def _parse_head(head: bytes) -> tuple[str, list[tuple[str, str]]]:
     lines = head.decode("latin-1").split("\r\n")
     headers = []
@@ -407,21 +580,66 @@ def _read_chunked(reader: _Reader) -> tuple[bytes, bytes]:
 class Proxy:
     """``Proxy(upstream_port, classify=s3_op)``; ``url``; ``rules``; ``log``; ``close()``."""
 
-    def __init__(self, upstream: tuple[str, int], *, classify: Callable[[Request], str]) -> None:
+    #: Every proxy made in this process (the fault tier's report sums their ``injected``).
+    instances: ClassVar[list[Proxy]] = []
+
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        *,
+        classify: Callable[[Request], str],
+        tls: TlsTermination | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.upstream = upstream
         self.classify = classify
         self.rules: list[Rule] = []
         self.log: list[LogEntry] = []
+        self.injected: Counter[str] = Counter()  # "op fault" -> count, since the proxy was made
         self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._tls = tls
+        self._server_ctx = tls.server_context() if tls else None
+        self._upstream_ctx = tls.upstream_context() if tls else None
+        self.host = host
+        self._listener = socket.create_server((host, 0))
         self.port = self._listener.getsockname()[1]
         self._open: set[socket.socket] = set()
         self._closed = False
-        threading.Thread(target=self._accept, name=f"fault-proxy-{self.port}", daemon=True).start()
+        self._down_until = 0.0
+        self._start_accepting(self._listener)
+        Proxy.instances.append(self)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self._tls else "http"
+        host = "localhost" if self._tls else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    def outage(self, seconds: float) -> None:
+        """Reset every open connection and refuse new ones for ``seconds``, then listen
+        again on the same port (returns at once)."""
+        with self._lock:
+            self._down_until = time.monotonic() + seconds
+            listener, self._listener = self._listener, None
+            self.injected["* outage"] += 1
+            for s in list(self._open):
+                _reset(s)
+            self._open.clear()
+        if listener is not None:
+            _close_listener(listener)
+
+        def back() -> None:
+            time.sleep(seconds)
+            with self._lock:
+                if self._closed or self._listener is not None:
+                    return
+                self._listener = socket.create_server((self.host, self.port))
+                self._start_accepting(self._listener)
+
+        threading.Thread(target=back, daemon=True, name=f"fault-proxy-{self.port}-back").start()
+
+    def _start_accepting(self, listener: socket.socket) -> None:
+        threading.Thread(target=self._accept, args=(listener,), name=f"fault-proxy-{self.port}", daemon=True).start()
 
     def set_rules(self, *rules: Rule) -> None:
         """Replace the rules and start a new log."""
@@ -439,18 +657,20 @@ class Proxy:
             return [e for e in self.log if op is None or e.op == op]
 
     def close(self) -> None:
-        self._closed = True
-        self._listener.close()
         with self._lock:
+            self._closed = True
+            listener, self._listener = self._listener, None
             for s in list(self._open):
                 _reset(s)
+        if listener is not None:
+            _close_listener(listener)
 
     # --- internals ---
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while not self._closed:
             try:
-                client, _ = self._listener.accept()
+                client, _ = listener.accept()
             except OSError:
                 return
             with self._lock:
@@ -462,12 +682,34 @@ class Proxy:
             faults = [rule(req) for rule in self.rules]  # every rule counts every request
             fault = next((f for f in faults if f is not None), None)
             self.log.append(
-                LogEntry(req.op, req.method, req.target, type(fault).__name__ if fault else None, list(req.headers))
+                LogEntry(req.op, req.method, req.target, _fault_name(fault) if fault else None, list(req.headers))
             )
+            if fault is not None:
+                self.injected[f"{req.op} {_fault_name(fault)}"] += 1
             return fault
+
+    def _connect_upstream(self) -> socket.socket:
+        sock = socket.create_connection(self.upstream, timeout=60)
+        if self._upstream_ctx is not None:
+            sock = self._upstream_ctx.wrap_socket(sock, server_hostname=self._tls.upstream_hostname)
+        return sock
 
     def _serve(self, client: socket.socket) -> None:
         upstream: socket.socket | None = None
+        if self._server_ctx is not None:
+            try:
+                client.settimeout(30)
+                tls_client = self._server_ctx.wrap_socket(client, server_side=True)
+                tls_client.settimeout(None)
+            except (OSError, ssl.SSLError):
+                _reset(client)
+                with self._lock:
+                    self._open.discard(client)
+                return
+            with self._lock:
+                self._open.discard(client)
+                self._open.add(tls_client)
+            client = tls_client
         reader = _Reader(client)
         try:
             while True:
@@ -475,6 +717,14 @@ class Proxy:
                 if req is None:
                     return
                 fault = self._decide(req)
+                while isinstance(fault, Stall):
+                    time.sleep(fault.seconds)
+                    fault = fault.then
+                if isinstance(fault, Reset):
+                    raise _Reset("injected reset before forwarding")
+                if isinstance(fault, Outage):
+                    self.outage(fault.seconds)
+                    raise _Reset("injected outage")
                 if isinstance(fault, Reply):
                     resp = Response(fault.status, fault.reason, list(fault.headers), fault.body)
                     client.sendall(
@@ -482,18 +732,21 @@ class Proxy:
                     )
                     continue
                 if upstream is None:
-                    upstream = socket.create_connection(self.upstream, timeout=60)
+                    upstream = self._connect_upstream()
                     with self._lock:
                         self._open.add(upstream)
                     up_reader = _Reader(upstream)
                 if isinstance(fault, ResetMidRequest):
                     upstream.sendall(req.raw_head + req.body[: fault.after])
                     raise _Reset("injected reset mid-request")
-                body = req.body
+                body, head, memo = req.body, req.raw_head, None
                 if isinstance(fault, CorruptBody) and body:
                     i = fault.offset % len(body)
                     body = body[:i] + bytes([body[i] ^ 0x01]) + body[i + 1 :]
-                upstream.sendall(req.raw_head + body)
+                if isinstance(fault, Splice):
+                    body, memo = fault.request(req)
+                    head = _with_content_length(head, len(body))
+                upstream.sendall(head + body)
                 resp, close_after = self._read_response(up_reader, req.method)
                 if isinstance(fault, DropResponse):
                     raise _Reset("injected: response dropped after commit")
@@ -505,6 +758,8 @@ class Proxy:
                     raise _Close()
                 if isinstance(fault, Rewrite):
                     resp = fault.change(req, resp)
+                if isinstance(fault, Splice):
+                    resp = fault.response(req, resp, memo)
                 client.sendall(resp.serialize(has_body=has_body) + (resp.body if has_body else b""))
                 if close_after:
                     return
@@ -592,3 +847,19 @@ def slow_down() -> Reply:
 
 def server_busy(retry_after: int | None = None) -> Reply:
     return azure_error(503, "ServerBusy", retry_after)
+
+
+def kms_error(status: int, code: str, message: str = "injected") -> Reply:
+    """A KMS (AWS JSON 1.1) error answer: ``ThrottlingException`` (400), ``KMSInternalException``
+    (500), ``DependencyTimeoutException`` (503)..."""
+    body = json.dumps({"__type": code, "message": message}).encode()
+    return Reply(status, body, (("Content-Type", "application/x-amz-json-1.1"), ("x-amzn-RequestId", "INJECTED")))
+
+
+def keyvault_error(status: int, code: str, retry_after: float | None = None, message: str = "injected") -> Reply:
+    """A Key Vault REST error answer, optionally with ``Retry-After`` (seconds)."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    headers = [("Content-Type", "application/json; charset=utf-8")]
+    if retry_after is not None:
+        headers.append(("Retry-After", f"{retry_after:g}"))
+    return Reply(status, body, tuple(headers))

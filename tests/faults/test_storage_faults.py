@@ -56,6 +56,7 @@ from fault_proxy import (
     server_busy,
     slow_down,
 )
+from flows_support import report_held
 from pydantic import SecretStr
 
 from archive_kms import clients
@@ -345,6 +346,7 @@ def check_invariants(env: Env, ledger: dict[bytes, str]) -> None:
     for name, digest in ledger.items():
         assert read_sha(env.direct, name) == digest, f"{name!r}: stored bytes differ (I3)"
     assert env.raw_pending() == [], "unfinished uploads left behind (I5)"
+    report_held("I1", "I2", "I3", "I4", "I5")
 
 
 def workload(store: ObjectStore, ledger: dict[bytes, str], small: int) -> None:

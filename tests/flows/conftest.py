@@ -7,14 +7,17 @@ the shared services and are removed at teardown (best effort).
 
 Stable names (other test modules import them): ``flow_settings``, ``flow_platform``,
 ``new_tenant_id``, ``archived_tenant`` (-> ``ArchivedTenant``), ``customer_key``
-(customer_keys.py), and the plain function ``invariants``.
+(customer_keys.py), and the plain functions ``invariants`` (I1-I7), ``audit_holds`` (I6)
+and ``secrets_absent`` (I7). The fault tier (``tests/faults``) loads this module too.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,7 +35,7 @@ from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import create_tenant
 from archive_kms.search.documents import document_id
 from archive_kms.search.naming import index_pattern
-from archive_kms.state.port import GateState
+from archive_kms.state.port import GateState, RunState, StepState
 from archive_kms.storage import Location
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # customer_keys, whatever the import mode
@@ -40,6 +43,13 @@ from customer_keys import customer_key  # noqa: F401 - the fixture, registered h
 
 #: The lease of a test run: short, so a crash-resume test can take over after a few seconds.
 FLOW_LEASE_TTL_SECONDS = 5
+
+#: Called with the names of the invariants ``invariants()`` found holding (the fault
+#: tier's report listens here).
+INVARIANT_LISTENERS: list[Callable[..., None]] = []
+#: More texts for I7 to search, collected when ``invariants()`` runs (the fault tier
+#: registers the log records captured during the test).
+TEXT_SOURCES: list[Callable[[], Iterable[str]]] = []
 
 
 @pytest.fixture
@@ -176,15 +186,35 @@ def tenant_indices(platform: Any, tenant_id: str) -> list[str]:
     return sorted(es.indices.get(index=index_pattern(tenant_id), expand_wildcards="all").keys())
 
 
-def invariants(platform: Any, tenant: str, snapshot: dict[bytes, str], *, extra_records: int = 0) -> dict[str, Any]:
-    """After a flow settles: the tenant's data is intact and single (faults I1-I5).
+def invariants(
+    platform: Any,
+    tenant: str,
+    snapshot: dict[bytes, str],
+    *,
+    extra_records: int = 0,
+    resumes: int | None = None,
+    reruns: int | None = None,
+    texts: Iterable[str] = (),
+    killed_worker: bool = False,
+) -> dict[str, Any]:
+    """After a flow settles: the tenant's data is intact and single, and its story is
+    told by the audit log and nowhere else (faults I1-I7).
 
     - I1/I3: every snapshot object exists exactly once at the tenant's current location,
       with the same plaintext digest; no object that is not in the snapshot.
     - I2/I4: the current index holds exactly one document per record object in storage
       (ids derived from the stored records), and no other generation index remains.
-    - I5: no pending (uncommitted) uploads at the location.
-    - the tenant's lease is released and its archive gate is open.
+    - I5: no pending (uncommitted) uploads / block lists at the tenant's location nor at
+      any location a run of the tenant wrote to; no staging index; the tenant's lease is
+      released (``killed_worker``: or held by a run that ended, which the next run takes
+      over at once) and its archive gate is open.
+    - I6 (``audit_holds``): the audit chain verifies, every run and every key operation
+      has its records; ``resumes`` / ``reruns``: how many support resumes and reruns the
+      test made (each must have exactly one record).
+    - I7 (``secrets_absent``): no key material of the tenant (its DEKs, its search key
+      material) in the state store's run records, audit details, the index or ``texts``
+      (logs, outputs, Prefect results the test collected); a keyed index holds no record
+      value in clear.
 
     ``extra_records``: records archived after the snapshot (deferred jobs); their objects
     are allowed beyond the snapshot, and counted.
@@ -233,10 +263,24 @@ def invariants(platform: Any, tenant: str, snapshot: dict[bytes, str], *, extra_
 
     pending = list(store.pending_uploads())
     assert not pending, f"{len(pending)} pending upload(s) at {loc.uri}: {[p.key for p in pending[:3]]}"
+    for other in _run_locations(platform, tenant):
+        if other.uri != loc.uri and platform.provisioner.exists(other):
+            left = list(platform.store_for(other).pending_uploads())
+            assert not left, f"{len(left)} pending upload(s) left at {other.uri}: {[p.key for p in left[:3]]}"
     lease = platform.state.get_lease(tenant)
-    assert lease is None, f"tenant {tenant}'s lease is still held by run {lease.run_id}"
+    if lease is not None:
+        holder = platform.state.get_run(lease.run_id)
+        # A worker killed after its run ended and before it released the lease leaves it
+        # behind; it protects nothing and the next run takes it at once (engine._acquire).
+        ended = holder is not None and holder.state is not RunState.RUNNING
+        assert killed_worker and ended, f"tenant {tenant}'s lease is still held by run {lease.run_id}"
     gate = platform.state.gate(tenant)
     assert gate.state is GateState.OPEN and gate.pending == 0, gate
+    audit = audit_holds(platform, tenant, resumes=resumes, reruns=reruns)
+    values = _record_values(archive, record_names)
+    texts = [*texts, *(t for source in TEXT_SOURCES for t in source())]
+    secrets = secrets_absent(platform, tenant, texts=texts, plaintext=values)
+    report_held("I1", "I2", "I3", "I4", "I5", "I6", "I7")
     return {
         "location": loc.uri,
         "objects": len(listed),
@@ -246,7 +290,180 @@ def invariants(platform: Any, tenant: str, snapshot: dict[bytes, str], *, extra_
         "index": current,
         "documents": len(ids),
         "pending_uploads": 0,
+        "audit_records": audit["records"],
+        "secrets_checked": secrets["secrets"],
     }
+
+
+def report_held(*names: str) -> None:
+    """Tell the listeners (the fault tier's report) which invariants a check found holding."""
+    for listener in INVARIANT_LISTENERS:
+        listener(*names)
+
+
+def _run_locations(platform: Any, tenant: str) -> list[Location]:
+    out: list[Location] = []
+    for run in platform.state.list_runs(tenant):
+        for key in ("source", "destination"):
+            raw = (run.params or {}).get(key)
+            if raw:
+                out.append(Location.from_dict(raw))
+    return out
+
+
+def _record_values(archive: Any, names: list[bytes]) -> list[str]:
+    """Distinctive field values of the stored records (strings of 10+ characters)."""
+    values: set[str] = set()
+    for name in names:
+        record = Record.from_json(b"".join(archive.read_object(name)))
+        for value in record.fields.values():
+            if isinstance(value, str) and len(value) >= 10:
+                values.add(value)
+    return sorted(values)
+
+
+def audit_holds(platform: Any, tenant: str, *, resumes: int | None = None, reruns: int | None = None) -> dict[str, Any]:
+    """I6: the audit chain verifies, and what happened to the tenant is in it.
+
+    - every run of the tenant has one ``run.start``; a completed run a ``run.complete``,
+      a cancelled one a ``run.cancel``; a run past ``bind_key`` has its ``key.dek_floor``,
+      past ``cutover`` its ``tenant.cutover``, past ``cleanup_source`` its ``storage.delete``;
+    - ``resumes`` / ``reruns`` (when given): that many ``run.resume*`` / ``run.rerun*``
+      records in all (no support action without a record, no record without the action);
+    - the keychain's last audited change is in the log (no record: the op did not run),
+      and the log's latest keychain record names the L1 key the keychain uses now.
+    """
+    from archive_kms.state.sql_keychain import SqlKeychainStore
+
+    verified = platform.state.verify_audit()
+    assert verified.ok, f"audit chain does not verify: {verified}"
+    records = list(platform.state.iter_audit(tenant_id=tenant))
+    actions = [r.action for r in records]
+    for run in platform.state.list_runs(tenant):
+        mine = [r.action for r in records if r.run_id == run.run_id]
+        assert mine.count("run.start") == 1, f"run {run.run_id}: {mine.count('run.start')} run.start records"
+        if run.state is RunState.COMPLETED:
+            # At least one: the record is written before the state, so a worker killed
+            # between the two leaves one that its resume writes again.
+            assert "run.complete" in mine, f"run {run.run_id} completed without a run.complete record"
+        if run.state is RunState.CANCELLED:
+            assert "run.cancel" in mine, f"run {run.run_id} cancelled without a run.cancel record"
+        for step, action in (
+            ("bind_key", "key.dek_floor"),
+            ("cutover", "tenant.cutover"),
+            ("cleanup_source", "storage.delete"),
+        ):
+            if run.step(step).state is StepState.COMPLETED:
+                assert action in mine, f"run {run.run_id}: step {step} completed without its {action} record"
+    if resumes is not None:
+        got = sum(a.startswith("run.resume") for a in actions)
+        assert got == resumes, f"{got} run.resume record(s) for {resumes} resume(s)"
+    if reruns is not None:
+        got = sum(a.startswith("run.rerun") for a in actions)
+        assert got == reruns, f"{got} run.rerun record(s) for {reruns} rerun(s)"
+    head = SqlKeychainStore(platform.state).get_head(tenant) if hasattr(platform.state, "engine") else None
+    keychain_recs = [r for r in records if r.action.startswith("keychain.")]
+    if head is not None and head.audited_change is not None:
+        audited = max((r.details.get("head_version", 0) for r in keychain_recs), default=0)
+        assert audited >= head.audited_change.version, (
+            f"keychain of {tenant} is at audited change v{head.audited_change.version} "
+            f"({head.audited_change.action}) but the log's latest keychain record is v{audited}"
+        )
+        latest = max(keychain_recs, key=lambda r: r.details.get("head_version", 0))
+        assert latest.details.get("l1_ref") == head.l1_ref, (
+            f"keychain of {tenant} uses {head.l1_ref}; its latest audit record says {latest.details.get('l1_ref')}"
+        )
+    return {"records": len(records)}
+
+
+def key_material(platform: Any, tenant: str) -> list[bytes]:
+    """The tenant's live secrets: every DEK not erased, and its search key material."""
+    from archive_kms.errors import KeyDestroyedError
+    from archive_kms.keys.keychain_store import KeyRecordState
+
+    kc = platform.keychain
+    out = []
+    for dek in kc.list_deks(tenant):
+        if dek.state is KeyRecordState.DESTROYED:
+            continue
+        try:
+            out.append(kc.dek_by_id(tenant, dek.dek_id).reveal())
+        except KeyDestroyedError:
+            continue
+    out.append(kc.search_key_material(tenant).reveal())
+    return out
+
+
+def _forms(secret: bytes) -> list[str]:
+    return [
+        secret.hex(),
+        secret.hex().upper(),
+        base64.b64encode(secret).decode(),
+        base64.urlsafe_b64encode(secret).decode().rstrip("="),
+    ]
+
+
+def secrets_absent(
+    platform: Any, tenant: str, *, texts: Iterable[str] = (), plaintext: Iterable[str] = ()
+) -> dict[str, Any]:
+    """I7: none of the tenant's key material (hex or base64) appears in the state store's
+    run records (params, step results and errors), the tenant's audit details, any of its
+    index generations, or ``texts``; none of ``plaintext`` (record values) appears there
+    either, except in a plaintext (managed-key) index, which holds values by design."""
+    forms = [f for s in key_material(platform, tenant) for f in _forms(s)]
+    values = list(plaintext)
+    haystacks: list[tuple[str, str]] = [("text", t) for t in texts]
+    for run in platform.state.list_runs(tenant):
+        haystacks.append((f"run {run.run_id} params", json.dumps(run.params, default=str)))
+        for step in run.steps:
+            haystacks.append((f"run {run.run_id} step {step.name}", json.dumps([step.result, step.error], default=str)))
+    for rec in platform.state.iter_audit(tenant_id=tenant):
+        haystacks.append((f"audit {rec.seq} {rec.action}", json.dumps(rec.details, default=str)))
+    index_docs: list[tuple[str, str]] = []
+    for index in tenant_indices(platform, tenant):
+        index_docs.append((f"index {index}", json.dumps(es_documents(platform, index))))
+    for where, hay in haystacks + index_docs:
+        for form in forms:
+            assert form not in hay, f"key material of {tenant} found in {where} (I7)"
+    keyed = [(w, h) for w, h in index_docs if _index_is_keyed(platform, w.split()[-1])]
+    for where, hay in haystacks + keyed:
+        for value in values:
+            assert value not in hay, f"a record value of {tenant} found in clear in {where} (I7)"
+    return {"secrets": len(forms) // 4, "places": len(haystacks) + len(index_docs)}
+
+
+def prefect_texts(tenant: str) -> list[str]:
+    """What the Prefect API holds about the tenant's flow runs (for I7): the artifacts
+    (progress, report), each run's parameters, final state message and logs. Needs the
+    Prefect API (the ``prefect_api`` fixture)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # logs still batched in this process
+    out: list[str] = []
+    with get_client(sync_client=True) as client:
+        for artifact in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=tenant))):
+            out += [json.dumps(artifact.data, default=str), artifact.description or ""]
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=tenant)))
+        for run in runs:
+            out += [json.dumps(run.parameters, default=str), str(run.state.message if run.state else "")]
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            out += [entry.message for entry in logs]
+    assert runs, f"the Prefect API knows no flow run of {tenant}"
+    return out
+
+
+def _index_is_keyed(platform: Any, index: str) -> bool:
+    info = platform.index.describe_generation(index)
+    return info is not None and info.mode.value != "plaintext"
 
 
 @pytest.fixture
@@ -310,10 +527,17 @@ def _delete_location(platform: Any, loc: Location) -> None:
 
 __all__ = [
     "FLOW_LEASE_TTL_SECONDS",
+    "INVARIANT_LISTENERS",
+    "TEXT_SOURCES",
     "ArchivedTenant",
+    "audit_holds",
     "es_documents",
     "invariants",
+    "key_material",
+    "prefect_texts",
+    "report_held",
     "run_plan",
+    "secrets_absent",
     "storage_snapshot",
     "tenant_indices",
 ]

@@ -508,3 +508,27 @@ def test_kmip_reconnects_once_then_reports_unavailable() -> None:
     assert client.opened == 2 and info.value.retryable
     with pytest.raises(WrongKeyError, match="too short"):
         p.unwrap(WrappedKey("kmip://hsm:5696/1", "kmip:AES-256-GCM", b"x" * 28), context=CTX)
+
+
+def test_kmip_connection_closed_mid_answer_is_retried_once() -> None:
+    """PyKMIP raises EOFError when the connection ends before the answer (a reset HSM, a
+    middlebox): a transport failure like a reset, retried once on a new connection, and
+    retryable if it persists (issue 17: seen with resets injected mid-request)."""
+    from types import SimpleNamespace
+
+    class AnswersSecond(FakeKmipClient):
+        def send_request_payload(self, operation, payload):
+            if self.failures:
+                raise self.failures.pop(0)
+            return SimpleNamespace(data=b"k" * 32, auth_tag=b"t" * 16)
+
+    client = AnswersSecond([EOFError("No data read from socket")])
+    p = KmipKeyProvider("kmip://hsm:5696/1", lambda: client)
+    assert p.wrap(SecretBytes.random(32), context=CTX).ciphertext.endswith(b"t" * 16)
+    assert client.opened == 2
+
+    client = FakeKmipClient([EOFError("No data read from socket"), EOFError("No data read from socket")])
+    p = KmipKeyProvider("kmip://hsm:5696/1", lambda: client)
+    with pytest.raises(ServiceUnavailableError, match="did not answer") as info:
+        p.wrap(SecretBytes.random(32), context=CTX)
+    assert client.opened == 2 and info.value.retryable

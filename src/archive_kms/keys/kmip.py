@@ -252,7 +252,15 @@ class KmipKeyProvider:
         from kmip.core.exceptions import ConnectionClosed, KmipError
         from kmip.pie.exceptions import ClientConnectionFailure, ClientConnectionNotOpen, KmipOperationFailure
 
-        transport = (OSError, ssl.SSLError, ConnectionClosed, ClientConnectionFailure, ClientConnectionNotOpen)
+        # EOFError: PyKMIP's read of an answer on a connection that ended (reset HSM, middlebox).
+        transport = (
+            OSError,
+            EOFError,
+            ssl.SSLError,
+            ConnectionClosed,
+            ClientConnectionFailure,
+            ClientConnectionNotOpen,
+        )
         error: ArchiveKmsError | None = None
         with self._lock:
             for attempt in (1, 2):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from archive_kms import retry
 from archive_kms.errors import ArchiveKmsError, FencedError, LeaseHeldError, StateError, ValidationError
 from archive_kms.migration import crashpoints, stopping
 from archive_kms.migration.context import Hooks, RunContext, ShardRunner
@@ -50,6 +51,7 @@ from archive_kms.migration.quarantine import (
 )
 from archive_kms.migration.stopping import StopRequest, StopRequestedError
 from archive_kms.operations.platform import Platform
+from archive_kms.retry import Backoff
 from archive_kms.state.port import (
     AuditEvent,
     AuditLog,
@@ -242,6 +244,13 @@ def _acquire(platform: HasRunStore, run: MigrationRun, *, takeover: bool) -> Lea
             "is known to be dead",
             resource=f"run:{run.run_id}",
         )
+    if current is not None and current.run_id != run.run_id and current.expires_at > now:
+        holder = platform.state.get_run(current.run_id)
+        if holder is not None and holder.state is not RunState.RUNNING:
+            # Its worker died after the run ended and before it let go (a kill between the
+            # two): the lease protects nothing, so it does not hold the tenant until expiry.
+            log.warning("lease of %s left by ended run %s: released", run.tenant_id, current.run_id)
+            platform.state.release_lease(current)
     return platform.state.acquire_lease(run.tenant_id, run.run_id, _lease_ttl(platform))
 
 
@@ -304,6 +313,7 @@ def _execute(
     )
     executed: list[str] = []
     try:
+        _audit_start_if_missing(platform, run, actor)
         for step in STEPS:
             record = get_run(platform, run_id).step(step)
             if record.state in (StepState.COMPLETED, StepState.SKIPPED):
@@ -340,8 +350,11 @@ def _execute(
             platform.state.update_step(run_id, step, StepState.COMPLETED, result=result, fence=ctx.fence)
             executed.append(step)
             hooks.on_step(step, "completed", result)
-        platform.state.set_run_state(run_id, RunState.COMPLETED, fence=ctx.fence)
+        # The record first: a worker that dies between the two leaves a run that is still
+        # running (a resume completes it, and records it again), never a completed run
+        # without its record (I6).
         ctx.audit("run.complete", {"flow": plan.flow, "steps": executed})
+        platform.state.set_run_state(run_id, RunState.COMPLETED, fence=ctx.fence)
         return Outcome(
             run_id, plan.tenant_id, plan.flow, RunState.COMPLETED.value, executed=tuple(executed), message="completed"
         )
@@ -361,7 +374,25 @@ def _execute(
         )
     finally:
         beat.stop()
-        platform.state.release_lease(beat.lease)  # a stopped run is resumed at once, without --takeover
+        _release(platform, beat.lease)  # a stopped run is resumed at once, without --takeover
+
+
+def _audit_start_if_missing(platform: HasRunStore, run: MigrationRun, actor: str) -> None:
+    """``trigger`` creates the run, then audits ``run.start``: a worker that died (or a
+    state store that failed) between the two left a run with no start in the audit log.
+    The first worker that executes it (holding the lease) writes it, marked recovered."""
+    if any(
+        r.run_id == run.run_id and r.action == "run.start" for r in platform.state.iter_audit(tenant_id=run.tenant_id)
+    ):
+        return
+    plan = MigrationPlan.from_params(run.params)
+    _audit_run(
+        platform,
+        run,
+        actor,
+        "run.start",
+        {"flow": plan.flow, "mode": plan.mode, "key_ref": plan.key_ref, "recovered": True},
+    )
 
 
 def _interrupted(platform: Platform, ctx: RunContext, step: str, executed: list[str], *, started: bool) -> Outcome:
@@ -399,16 +430,54 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:1000]
 
 
+def _bookkeeping_backoff(platform: HasRunStore) -> Backoff:
+    """0.2 s doubling to 2 s, as many attempts as fit in one lease TTL."""
+    ttl = _lease_ttl(platform).total_seconds()
+    attempts, waited, delay = 1, 0.0, 0.2
+    while waited + delay <= ttl:
+        attempts, waited, delay = attempts + 1, waited + delay, min(delay * 2, 2.0)
+    return Backoff(max_attempts=attempts, base_delay=0.2, max_delay=2.0, jitter=False)
+
+
+def _state_write(platform: HasRunStore, what: str, write: Callable[[], Any]) -> Any:
+    """``write()`` to the state store, retried with backoff while the store reports a
+    retryable error, for at most one lease TTL: a step that failed *because* the store
+    blipped (a restart, a dropped connection) must still be recorded as failed, not leave
+    the run running with the worker gone. Each write retried here is idempotent; a
+    ``FencedError`` is not retryable and is raised at once."""
+    return retry.call(write, backoff=_bookkeeping_backoff(platform), what=what)
+
+
 def _fail(platform: Platform, ctx: RunContext, step: str, exc: BaseException) -> None:
-    """Record the failure if we still hold the tenant (a fenced run records nothing)."""
+    """Record the failure if we still hold the tenant (a fenced run records nothing).
+    If the state store stays unreachable for a whole lease TTL the failure is logged and
+    the run stays ``running``; its lease expires and a resume takes it."""
     if isinstance(exc, FencedError):
         return
+    what = f"run {ctx.run_id}: recording the failure of step {step}"
     try:
-        platform.state.update_step(ctx.run_id, step, StepState.FAILED, error=_describe(exc), fence=ctx.fence)
-        platform.state.set_run_state(ctx.run_id, RunState.FAILED, fence=ctx.fence)
-        ctx.audit("run.fail", {"step": step, "error": _describe(exc)[:300]})
+        _state_write(
+            platform,
+            what,
+            lambda: platform.state.update_step(
+                ctx.run_id, step, StepState.FAILED, error=_describe(exc), fence=ctx.fence
+            ),
+        )
+        _state_write(platform, what, lambda: platform.state.set_run_state(ctx.run_id, RunState.FAILED, fence=ctx.fence))
+        _state_write(platform, what, lambda: ctx.audit("run.fail", {"step": step, "error": _describe(exc)[:300]}))
     except FencedError:
         log.error("run %s was taken over while failing step %s", ctx.run_id, step)
+    except ArchiveKmsError as error:
+        log.error("%s failed (%s): the run stays running until its lease expires; resume it then", what, error)
+
+
+def _release(platform: HasRunStore, lease: Lease) -> None:
+    """Release the lease; if the state store stays unreachable, log it (the lease
+    expires by itself) rather than replace what the run ended with."""
+    try:
+        _state_write(platform, f"releasing the lease of {lease.tenant_id}", lambda: platform.state.release_lease(lease))
+    except ArchiveKmsError as exc:
+        log.error("lease of %s not released (%s); it expires by itself", lease.tenant_id, exc)
 
 
 def get_run(platform: HasRunStore, run_id: str) -> MigrationRun:
@@ -503,6 +572,7 @@ def cancel(platform: Platform, run_id: str, *, actor: str, takeover: bool = Fals
     fence = lease.fence
     undone: list[str] = []
     try:
+        _audit_start_if_missing(platform, run, actor)
         tenant = platform.state.get_tenant(plan.tenant_id)
         if tenant is not None and dict(tenant.location) != dict(plan.source):
             raise StateError(

@@ -431,14 +431,17 @@ class ElasticsearchSearchIndex:
 
     # --- aliases ---------------------------------------------------------------------
 
-    def current_index(self, tenant: str) -> str | None:
-        alias = alias_name(tenant)
+    def _alias_targets(self, alias: str) -> list[str]:
         with self._translate("get alias", alias):
             resp = self._es.options(ignore_status=404).indices.get_alias(name=alias)
         body = resp.body if hasattr(resp, "body") else resp
         if not isinstance(body, Mapping) or body.get("status") == 404:
-            return None
-        targets = sorted(name for name, data in body.items() if alias in ((data or {}).get("aliases") or {}))
+            return []
+        return sorted(name for name, data in body.items() if alias in ((data or {}).get("aliases") or {}))
+
+    def current_index(self, tenant: str) -> str | None:
+        alias = alias_name(tenant)
+        targets = self._alias_targets(alias)
         if len(targets) > 1:
             raise SearchError(f"alias {alias} points to {len(targets)} indices: {targets}", resource=alias)
         return targets[0] if targets else None
@@ -470,7 +473,12 @@ class ElasticsearchSearchIndex:
             except ApiError as e:
                 status, etype, reason = _api_error_parts(e)
                 if status == 404 or (etype == "illegal_state_exception" and "write index" in reason):
-                    # The alias moved between our read and the atomic request: we lost the race.
+                    # The alias moved between our read and the atomic request. If it moved to
+                    # new_index, it was this request: an earlier attempt was applied and its
+                    # answer lost (a timeout the client retried), so the swap is done.
+                    if self._alias_targets(alias) == [new_index]:
+                        log.info("alias %s already points at %s: a retried swap found its own", alias, new_index)
+                        return
                     raise AliasConflictError(
                         f"alias {alias} changed during the swap to {new_index} ({etype}): "
                         "another swap won; re-read the alias",
