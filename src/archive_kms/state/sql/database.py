@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from sqlalchemy.pool import StaticPool
 
 from archive_kms.errors import ConfigurationError, FencedError, ServiceUnavailableError, StateError, TransientError
 from archive_kms.state._common import check_token
-from archive_kms.state.port import Fence
+from archive_kms.state.port import DEFAULT_JOB_LEASE_TTL, Fence
 from archive_kms.state.schema import runs, tenant_leases
 
 __all__ = [
@@ -46,7 +46,7 @@ __all__ = [
 Clock = Callable[[], datetime]
 
 DEFAULT_BUSY_TIMEOUT_S = 30.0
-DEFAULT_JOB_STALE_AFTER = timedelta(minutes=15)
+DEFAULT_JOB_STALE_AFTER = DEFAULT_JOB_LEASE_TTL  # the older name of the job lease TTL (ADR 0020)
 
 
 def _utcnow() -> datetime:
