@@ -72,16 +72,24 @@ class Platform:
 
     def open_archive(self, tenant_id: str) -> TenantArchive:
         """The tenant's archive where it lives now (registry lookup)."""
+        from archive_kms.storage.name_limits import tenant_locations
+
         t = self._tenant(tenant_id)
+        location = Location.from_dict(t.location)
         return TenantArchive(
             tenant_id=tenant_id,
-            store=self.store_for(Location.from_dict(t.location)),
+            store=self.store_for(location),
             keychain=self.keychain,
             index=self.index,
             index_mode=self.index_mode(t.key_mode),
             search_keys=self.search_keys(tenant_id, t.key_mode),
             relocate=lambda: self.open_archive(tenant_id),
             keyed_search_keys=lambda: derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id),
+            name_locations=tenant_locations(
+                location,
+                getattr(self.settings, "shared_bucket", None),
+                getattr(self.settings, "shared_azure_account", None),
+            ),
         )
 
     @classmethod
