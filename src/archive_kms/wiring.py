@@ -7,6 +7,7 @@ here from configuration; emulator endpoints are just endpoint values.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 from archive_kms.config import Settings, get_settings
@@ -72,7 +73,14 @@ def blob_service_client(settings: Settings | None = None):
         from azure.identity import DefaultAzureCredential
 
         return BlobServiceClient(s.azure_blob_account_url, credential=DefaultAzureCredential(), transport=transport)
-    return BlobServiceClient.from_connection_string(cs.get_secret_value(), transport=transport)
+    try:
+        return BlobServiceClient.from_connection_string(cs.get_secret_value(), transport=transport)
+    except ValueError:  # malformed: say which setting, never echo it (it holds the account key)
+        raise ConfigurationError(
+            "azure_blob_connection_string (ARCHIVE_KMS_AZURE_BLOB_CONNECTION_STRING) is malformed; expected "
+            "DefaultEndpointsProtocol=...;AccountName=...;AccountKey=...;BlobEndpoint=...",
+            resource="azure_blob_connection_string",
+        ) from None
 
 
 def elasticsearch_client(settings: Settings | None = None):
@@ -265,7 +273,9 @@ def build_platform(settings: Settings | None = None):
     signer = keychain_signer(s)
     # The audit chain's head is sealed with the platform key: a re-hashed, edited chain
     # does not verify without it.
-    state = open_state(s.state_url, sealer=SignerHeadSealer(signer))
+    state = open_state(
+        s.state_url, sealer=SignerHeadSealer(signer), job_stale_after=timedelta(seconds=s.job_lease_ttl_seconds)
+    )
     providers: dict[str, Any] = {}
 
     def resolve_provider(ref: str):

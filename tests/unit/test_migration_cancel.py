@@ -89,7 +89,9 @@ def test_cancel_never_deletes_a_destination_the_run_did_not_create():
     p.store_for(dest).put_stream(b"records/ws0/Foreign/1", [b"someone else's"])
     run, _ = trigger(p, plan, actor="t")
     out = execute(p, run.run_id, actor="t")
-    assert out.state == "failed" and "did not write" in (out.error or "")
+    # refused at preflight: the run ends cancelled by itself (ADR 0021), nothing undone
+    assert out.state == "refused" and "did not write" in (out.error or "")
+    assert p.state.get_run(run.run_id).state is RunState.CANCELLED
 
-    assert cancel(p, run.run_id, actor="support").state == "cancelled"
+    assert cancel(p, run.run_id, actor="support").message == "already cancelled"
     assert [i.name for i in p.store_for(dest).list()] == [b"records/ws0/Foreign/1"]

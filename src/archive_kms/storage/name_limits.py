@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from archive_kms.errors import ValidationError
 from archive_kms.storage.locations import Cloud, Location
 from archive_kms.storage.naming import encode_name
 
@@ -99,6 +100,26 @@ def summary(problems: Sequence[NameProblem], total: int | None = None) -> str:
     return f"{count} object name(s) do not fit: {shown}{more}"
 
 
+def require_names_fit(names: Iterable[bytes], target: Location) -> None:
+    """``ValidationError`` (terminal: no retry makes a name shorter) naming the objects
+    whose names do not fit ``target`` and how many there are; used by migration preflight
+    on every source name, before any byte moves."""
+    problems, total = [], 0
+    for name in names:
+        problem = name_problem(target, name)
+        if problem is not None:
+            total += 1
+            if len(problems) < SHOWN:
+                problems.append(problem)
+    if total:
+        raise ValidationError(
+            f"{summary(problems, total)} at the target {target.uri}; nothing was moved. Object names come from "
+            "record and attachment ids and cannot be renamed: keep the tenant where it is, or erase those records "
+            "first",
+            resource=target.uri,
+        )
+
+
 def tenant_locations(current: Location, shared_bucket: str | None, shared_azure_account: str | None) -> list[Location]:
     """Where a tenant living at ``current`` may live later on the same cloud: ``current``
     and its shared location (``remove`` brings it back there). Names are checked against
@@ -122,6 +143,7 @@ __all__ = [
     "check_names",
     "display",
     "name_problem",
+    "require_names_fit",
     "summary",
     "tenant_locations",
 ]
