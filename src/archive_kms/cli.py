@@ -92,7 +92,6 @@ def _errors_are_messages(fn):
     Anything else that escapes is a bug: one line too (exit code 3), naming its type, and
     the traceback only with ``ARCHIVE_KMS_DEBUG=1``. (Tests hold every expected failure to
     exit code 2 and a message that says what to fix: this net is not how they pass.)"""
-    import click
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -101,17 +100,11 @@ def _errors_are_messages(fn):
         except ArchiveKmsError as e:
             typer.echo(f"error: {_one_line(str(e))}", err=True)
             raise typer.Exit(2) from None
-        except (
-            click.exceptions.ClickException,
-            click.exceptions.Exit,
-            click.exceptions.Abort,
-            typer.Exit,
-            typer.Abort,
-        ):
+        except (typer.Exit, typer.Abort):
             raise
         except Exception as e:
-            if _os.environ.get("ARCHIVE_KMS_DEBUG") == "1":
-                raise
+            if type(e).__module__.startswith(("click", "typer")) or _os.environ.get("ARCHIVE_KMS_DEBUG") == "1":
+                raise  # usage errors: typer prints them (exit 2)
             typer.echo(
                 f"error: internal error {type(e).__name__}: {_one_line(str(e))[:300]} (a bug; rerun with "
                 "ARCHIVE_KMS_DEBUG=1 for the traceback and report it)",
@@ -120,6 +113,13 @@ def _errors_are_messages(fn):
             raise typer.Exit(3) from None
 
     return wrapper
+
+
+def _tenant_arg(tenant: str) -> str:
+    """The TENANT argument, checked against the tenant id rule before anything is opened."""
+    from archive_kms.domain.tenants import TenantId
+
+    return TenantId(tenant).value
 
 
 def _one_line(text: str) -> str:
@@ -191,11 +191,13 @@ def archive_cmd(
     job_id: str | None = typer.Option(None, help="Idempotency id (default: a new one)"),
     as_json: bool = JSON,
 ) -> None:
-    """Run an archive job for TENANT (deferred while the tenant is paused). The whole job
-    is checked before anything is written; a job that fails part-way is rolled back."""
+    """Run an archive job for TENANT (deferred while the tenant is paused); all checked before any write.
+
+    A job that fails part-way is rolled back; the same --job-id again archives it once."""
     from archive_kms.operations.archive import SUPERSEDED, JobSpec, load_jsonl, submit_job
     from archive_kms.operations.job_input import check_job_id, check_synthetic
 
+    _tenant_arg(tenant)
     if (jsonl is None) == (generate == 0):
         raise ValidationError("give exactly one of --jsonl FILE or --generate N")
     if attachments_root is not None and jsonl is None:
@@ -241,11 +243,12 @@ def search_cmd(
     """Search TENANT's archive by words and field filters; results are decrypted."""
     from archive_kms.search import Query
 
+    _tenant_arg(tenant)
     filters = {}
     for f in field or ():
         k, sep, v = f.partition("=")
         if not sep:
-            raise typer.BadParameter(f"--field {f!r}: use FIELD=VALUE")
+            raise ValidationError(f"--field {f!r}: use FIELD=VALUE")
         filters[k] = v
     result = (
         _platform()
@@ -283,13 +286,18 @@ def read_cmd(
     as_json: bool = JSON,
 ) -> None:
     """Read one record or attachment, decrypted and authenticated."""
+    _tenant_arg(tenant)
+    if out is not None and not out.parent.is_dir():
+        raise ValidationError(f"--out {out}: the folder {out.parent} does not exist")
+    if out is not None and out.is_dir():
+        raise ValidationError(f"--out {out} is a directory; give a file name")
     archive = _platform().open_archive(tenant)
     if (record is None) == (attachment is None):
-        raise typer.BadParameter("give exactly one of --record TYPE/ID or --attachment ID")
+        raise ValidationError("give exactly one of --record TYPE/ID or --attachment ID")
     if record:
         otype, sep, rid = record.partition("/")
         if not sep:
-            raise typer.BadParameter("--record must be TYPE/RECORD_ID")
+            raise ValidationError("--record must be TYPE/RECORD_ID")
         try:
             rec = archive.read_record(workspace, otype, rid)
         except ObjectNotFoundError:
@@ -1038,6 +1046,7 @@ def jobs_list(
     as_json: bool = JSON,
 ) -> None:
     """List TENANT's queued archive jobs in replay order (ids, state, received, parking; never content)."""
+    _tenant_arg(tenant)
     state = _state_only().state
     gate = state.gate(tenant)
     rows = [_queued_row(j) for j in state.list_deferred(tenant, include_replayed=include_replayed)]
@@ -1059,6 +1068,7 @@ def jobs_park(
 
     The job is marked replayed without running; its sealed content is kept for forensics and
     nothing of it is archived (send it again under a new job id). Continue with `runs resume`."""
+    _tenant_arg(tenant)
     from archive_kms.operations.archive import park_deferred_job
 
     state = _state_only().state
@@ -1077,6 +1087,7 @@ def jobs_park(
 @_errors_are_messages
 def jobs_running(tenant: str, as_json: bool = JSON) -> None:
     """List TENANT's running archive jobs with their lease (a job whose lease expired has a writer that died or hangs)."""
+    _tenant_arg(tenant)
     from datetime import UTC, datetime
 
     state = _state_only().state
@@ -1118,6 +1129,7 @@ def jobs_abandon(
     The job is failed at once, so its writer can no longer write; once the lease it held
     runs out (at most the job lease TTL) what it wrote is rolled back. The writer may send
     the job again, under the same id. A migration waiting in `pause` then proceeds."""
+    _tenant_arg(tenant)
     from archive_kms.operations.archive import abandon_running_job
 
     p = _platform()
