@@ -21,6 +21,7 @@ import hmac
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -339,6 +340,15 @@ def open_queued(job: DeferredJob, keychain: Any) -> JobSpec:
 # --- the writer -----------------------------------------------------------------------------
 
 
+def _test_point(name: str) -> None:
+    """Crash and freeze points of the fault tests (``migration.crashpoints``); one
+    environment lookup when none is armed (production)."""
+    if "ARCHIVE_KMS_FREEZE_AT" in os.environ or "ARCHIVE_KMS_CRASH_AT" in os.environ:
+        from archive_kms.migration import crashpoints
+
+        crashpoints.hit(name)
+
+
 #: The outcome of an attempt that lost its lease mid-way (not a ledger state).
 SUPERSEDED = "superseded"
 
@@ -420,6 +430,7 @@ class TenantArchive:
                 if guard is not None:
                     guard()
                 sizes["n"] += len(c)
+                _test_point("job:chunk")
                 yield c
             if guard is not None:
                 guard()  # the last look before the upload commits
@@ -719,16 +730,19 @@ def rollback_job_output(
                 ws, otype, rid = (p.decode("utf-8") for p in parts[1:])
                 docs.append(document_id(archive.tenant_id, Record(otype, rid, {}, (), ws), archive.search_keys))
     target = archive.index_name or archive.index.current_index(archive.tenant_id)
+    deleted_docs = 0
     if docs and target is not None:
         check()
-        archive.index.delete_documents(target, docs, refresh=True).raise_for_failures()
+        result = archive.index.delete_documents(target, docs, refresh=True)
+        result.raise_for_failures()
+        deleted_docs = len(result.indexed)  # a document never written is skipped
     for name in ours:
         check()
         archive.store.delete(name)
     state.clear_job_writes(job_id)
     if ours:
-        log.warning("job %s: rolled back %d object(s) and %d document(s)", job_id, len(ours), len(docs))
-    return Rollback(len(ours), len(docs))
+        log.warning("job %s: rolled back %d object(s) and %d document(s)", job_id, len(ours), deleted_docs)
+    return Rollback(len(ours), deleted_docs)
 
 
 def submit_job(state, spec: JobSpec, open_archive: Callable[[str], TenantArchive]) -> JobOutcome:

@@ -388,6 +388,21 @@ def record_payload(record: Record) -> dict[str, Any]:
     return json.loads(record.to_json())
 
 
+def _check_file(path: str, ref: AttachmentRef, where: str) -> None:
+    """An attachment's file is still there, a regular file of the size the job recorded
+    (a deferred job's files are read when it is replayed, maybe much later)."""
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        raise ValidationError(f"{where}: attachment {ref.attachment_id}: cannot read {path} ({e.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValidationError(f"{where}: attachment {ref.attachment_id}: {path} is not a regular file")
+    if info.st_size != ref.size:
+        raise ValidationError(
+            f"{where}: attachment {ref.attachment_id}: {path} has {info.st_size} bytes, the job recorded {ref.size}"
+        )
+
+
 def check_inline_records(
     job_id: str, records: Sequence[Any], files: Mapping[str, str], origins: Sequence[str] = ()
 ) -> list[Record]:
@@ -405,6 +420,7 @@ def check_inline_records(
             path = files.get(ref.attachment_id)
             if path is None:
                 raise ValidationError(f"{where}: attachment {ref.attachment_id} has no file; give it with the job")
+            _check_file(path, ref, where)
             seen.add_attachment(ref.attachment_id, (path, ref.file_name, ref.size, ref.content_type), where)
         if seen.add_record(record, where):
             out.append(record)

@@ -4,8 +4,10 @@ The state store gives every admitted attempt a lease (``JobLeaseRepo``); this mo
 keeps it alive from a heartbeat thread and tells the writer, before each write, whether
 it may still write. Two things end the right to write, whichever comes first:
 
-* the store refuses a renewal (``FencedError``: the attempt was taken over by a retry,
-  fenced by a migration's ``pause`` step, or abandoned by support);
+* the store says the attempt is no longer current: a renewal is refused
+  (``FencedError``), or the ledger row read every ``VERIFY_EVERY`` seconds names another
+  attempt or state (taken over by a retry, fenced by a migration's ``pause`` step, or
+  abandoned by support);
 * the writer's own deadline passes: the lease's expiry, converted once per renewal to
   this process's monotonic clock, minus a margin. A process frozen (SIGSTOP, a VM pause,
   a long GC) past its lease finds the deadline gone when it wakes and writes nothing
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: Part of the remaining lease kept as a safety margin against clock rate differences.
 MARGIN = 0.2
+#: How often (seconds) ``check`` also reads the job's ledger row, so an attempt taken over
+#: or abandoned stops within about this long, not only at its next renewal.
+VERIFY_EVERY = 1.0
 
 
 class JobSupersededError(FencedError):
@@ -46,6 +51,7 @@ class JobLease:
         self._lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._verified = time.monotonic()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -82,8 +88,28 @@ class JobLease:
             )
             with self._lock:
                 self._lost = self._lost or lost
+        if lost is None and time.monotonic() - self._verified >= VERIFY_EVERY:
+            self._verified = time.monotonic()
+            lost = self._current()
         if lost is not None:
             raise JobSupersededError(lost, resource=f"job:{self.job_id}")
+
+    def _current(self) -> str | None:
+        """Why the ledger says this attempt is no longer the job's running one, or None."""
+        try:
+            job = self._state.get_job(self.job_id)
+        except ArchiveKmsError:  # a database blip: the lease deadline still bounds the writer
+            return None
+        if job is not None and job.attempt == self.attempt and job.state.value == "running":
+            return None
+        now = (
+            "gone"
+            if job is None
+            else f"attempt {job.attempt} is {job.state.value}{': ' + job.error if job.error else ''}"
+        )
+        with self._lock:
+            self._lost = self._lost or f"archive job {self.job_id} attempt {self.attempt} is no longer current ({now})"
+            return self._lost
 
     @property
     def lost(self) -> str | None:
@@ -118,4 +144,4 @@ class JobLease:
                 return
 
 
-__all__ = ["MARGIN", "JobLease", "JobSupersededError"]
+__all__ = ["MARGIN", "VERIFY_EVERY", "JobLease", "JobSupersededError"]
