@@ -54,6 +54,7 @@ from archive_kms.errors import (
     ValidationError,
 )
 from archive_kms.operations.job_input import (
+    MAX_SYNTHETIC_RECORDS,
     check_inline_records,
     check_job_id,
     check_record,
@@ -148,7 +149,7 @@ class JobSpec:
                 raise ValidationError(f"job {self.job_id}: unknown size mix {mix_name!r} (small|default|large)")
             count, seed = self.synthetic.get("count"), self.synthetic.get("seed", 0)
             offset = self.synthetic.get("offset", 0)
-            check_synthetic(count, seed, offset)
+            check_synthetic(count, seed, offset, max_count=MAX_SYNTHETIC_RECORDS)
             gen = generate_records(
                 self.tenant_id,
                 offset + count,

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 #: ``--generate N``: one job is a batch; use ``--offset`` for the next one.
 MAX_GENERATE = 10_000
+#: A synthetic job built by code (benchmarks, scale runs): still bounded, records are planned in memory.
+MAX_SYNTHETIC_RECORDS = 1_000_000
 #: Records in one JSONL job (the same bound: a job is one batch, held in memory).
 MAX_JOB_RECORDS = 10_000
 #: A record's canonical JSON (what is encrypted and shown from the index).
@@ -82,10 +84,11 @@ def check_job_id(job_id: Any) -> str:
     return job_id
 
 
-def check_synthetic(count: Any, seed: Any, offset: Any) -> None:
-    """Bounds of a synthetic job (``--generate/--seed/--offset``)."""
+def check_synthetic(count: Any, seed: Any, offset: Any, *, max_count: int = MAX_GENERATE) -> None:
+    """Bounds of a synthetic job (``--generate/--seed/--offset``; ``max_count`` for a
+    spec built by code)."""
     for flag, value, low, high in (
-        ("--generate", count, 1, MAX_GENERATE),
+        ("--generate", count, 1, max_count),
         ("--offset", offset, 0, MAX_OFFSET),
         ("--seed", seed, 0, 2**63 - 1),
     ):
@@ -432,6 +435,7 @@ __all__ = [
     "MAX_JOB_RECORDS",
     "MAX_LINE_BYTES",
     "MAX_RECORD_BYTES",
+    "MAX_SYNTHETIC_RECORDS",
     "Duplicates",
     "check_inline_records",
     "check_job_id",
