@@ -35,6 +35,9 @@ MAX_JOB_RECORDS = 10_000
 MAX_RECORD_BYTES = 1024 * 1024
 #: A JSONL line: a record plus its attachment entries and their paths.
 MAX_LINE_BYTES = MAX_RECORD_BYTES + 256 * 1024
+#: All records of one inline job together (they are held in memory, and sealed into the
+#: state store while the job waits behind a paused gate). Attachments do not count.
+MAX_JOB_RECORD_BYTES = 64 * 1024 * 1024
 MAX_ID_CHARS = 255
 MAX_FILE_NAME_CHARS = 255
 MAX_JOB_ID_CHARS = 255
@@ -288,21 +291,20 @@ def _confined(root: Path, given: str, where: str, attachment_id: str) -> Path:
     return resolved
 
 
-def _lines(path: Path):
-    """(line number, raw bytes) of ``path``; an overlong line is returned as None."""
-    with path.open("rb") as f:
-        number = 0
-        while True:
-            line = f.readline(MAX_LINE_BYTES + 1)
-            if not line:
-                return
-            number += 1
-            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
-                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
-                    pass
-                yield number, None
-                continue
-            yield number, line
+def _lines(f: Any):
+    """(line number, raw bytes) of an open binary file; an overlong line comes as None."""
+    number = 0
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield number, None
+            continue
+        yield number, line
 
 
 def _reject_constant(name: str) -> Any:
@@ -314,7 +316,6 @@ def load_jsonl(path: str | Path, *, job_id: str, tenant_id: str, attachments_roo
     per line, attachments as entries with a ``path`` inside the JSONL's folder (or
     ``attachments_root``). Everything is checked here, before the job is submitted; the
     first problem is raised as a ``ValidationError`` naming ``FILE:LINE``."""
-    from archive_kms.operations.archive import JobSpec
 
     check_job_id(job_id)
     p = Path(path)
@@ -329,15 +330,24 @@ def load_jsonl(path: str | Path, *, job_id: str, tenant_id: str, attachments_roo
     root = Path(root_given).resolve()
     if not root.is_dir():
         raise ValidationError(f"--attachments-root {attachments_root}: not a directory")
+    try:
+        f = p.open("rb")
+    except OSError as e:
+        raise ValidationError(f"--jsonl {shown}: cannot read it ({e.strerror})") from None
+    with f:
+        spec = _read_jsonl(f, shown, root, job_id=job_id, tenant_id=tenant_id)
+    return spec
+
+
+def _read_jsonl(f: Any, shown: str, root: Path, *, job_id: str, tenant_id: str) -> JobSpec:
+    from archive_kms.operations.archive import JobSpec
+
     records: list[dict[str, Any]] = []
     origins: list[str] = []
     files: dict[str, str] = {}
     seen = Duplicates()
-    try:
-        lines = list(_lines(p))
-    except OSError as e:
-        raise ValidationError(f"--jsonl {shown}: cannot read it ({e.strerror})") from None
-    for number, raw in lines:
+    total = 0
+    for number, raw in _lines(f):
         where = f"{shown}:{number}"
         if raw is None:
             raise ValidationError(
@@ -379,8 +389,13 @@ def load_jsonl(path: str | Path, *, job_id: str, tenant_id: str, attachments_roo
             continue  # the same record again, same content: archived once
         records.append(record_payload(record))
         origins.append(where)
+        total += len(record.to_json())
         if len(records) > MAX_JOB_RECORDS:
             raise ValidationError(f"{where}: more than {MAX_JOB_RECORDS} records in one job; split the file")
+        if total > MAX_JOB_RECORD_BYTES:
+            raise ValidationError(
+                f"{where}: the job's records pass {MAX_JOB_RECORD_BYTES} bytes of JSON; split the file"
+            )
     if not records:
         raise ValidationError(f"--jsonl {shown}: no records (one JSON object per line)")
     return JobSpec(job_id, tenant_id, "inline", tuple(records), files, origins=tuple(origins))
@@ -415,6 +430,7 @@ def check_inline_records(
         raise ValidationError(f"job {job_id}: {len(records)} records; at most {MAX_JOB_RECORDS} per job")
     out: list[Record] = []
     seen = Duplicates()
+    total = 0
     for i, raw in enumerate(records):
         where = origins[i] if i < len(origins) else f"record {i + 1} of job {job_id}"
         record, _ = parse_record(raw, where)
@@ -425,6 +441,9 @@ def check_inline_records(
                 raise ValidationError(f"{where}: attachment {ref.attachment_id} has no file; give it with the job")
             _check_file(path, ref, where)
             seen.add_attachment(ref.attachment_id, (path, ref.file_name, ref.size, ref.content_type), where)
+        total += len(record.to_json())
+        if total > MAX_JOB_RECORD_BYTES:
+            raise ValidationError(f"{where}: job {job_id}'s records pass {MAX_JOB_RECORD_BYTES} bytes of JSON")
         if seen.add_record(record, where):
             out.append(record)
     return out
