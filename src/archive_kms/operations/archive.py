@@ -62,7 +62,7 @@ from archive_kms.operations.job_input import (
     load_jsonl,
 )
 from archive_kms.operations.job_lease import JobLease
-from archive_kms.state.port import ABANDONED_PREFIX, AuditEvent, DeferredJob, JobState
+from archive_kms.state.port import ABANDONED_PREFIX, SUPERSEDED_PREFIX, AuditEvent, DeferredJob, JobState
 
 log = logging.getLogger(__name__)
 
@@ -1005,7 +1005,7 @@ def abandon_running_job(
     the attempt is failed at once (``job.abandoned``, audited with reason and actor), so
     it can no longer renew, journal or finish; once the lease its writer held has run out
     (its writer then writes nothing more, by its own deadline) its partial output is
-    rolled back. Run again on a job abandoned earlier whose rollback did not finish, it
+    rolled back. Run on a job abandoned or fenced earlier whose rollback did not finish, it
     finishes it. The writer may send the job again (same id) afterwards."""
     job = state.get_job(job_id)
     if job is not None and job.tenant_id == tenant_id and job.state is JobState.RUNNING:
@@ -1018,7 +1018,11 @@ def abandon_running_job(
                 details={"job_id": job_id, "attempt": job.attempt, "reason": reason.strip(), "actor": actor.strip()},
             )
         )
-    elif job is None or job.tenant_id != tenant_id or not (job.error or "").startswith(ABANDONED_PREFIX):
+    elif (
+        job is None
+        or job.tenant_id != tenant_id
+        or not (job.error or "").startswith((ABANDONED_PREFIX, SUPERSEDED_PREFIX))
+    ):
         state.abandon_job(tenant_id, job_id, reason=reason, actor=actor)  # raises, naming why
     waited = 0.0
     if job.lease_expires_at is not None:
