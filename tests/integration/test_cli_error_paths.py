@@ -279,6 +279,12 @@ def test_attachments_root_confines_paths(env, tenant, tmp_path):
         (("jobs", "park", "{t}", "nope", "--reason", " "), "reason"),
         (("jobs", "abandon", "{t}", "nope", "--reason", "x"), "has no archive job 'nope'"),
         (("jobs", "abandon", "{t}", "nope", "--reason", ""), "reason"),
+        (
+            ("db", "current", "--url", "sqlite:////nonexistent/dir/state.db"),
+            "the folder /nonexistent/dir does not exist",
+        ),
+        (("db", "upgrade", "--to", "bogus"), "unknown schema revision 'bogus'"),
+        (("db", "upgrade", "--url", "nonsense://x"), "unsupported state store database 'nonsense'"),
         (("verify", "nobody"), "unknown tenant 'nobody'"),
         (("verify", "Bad/Id"), "tenant id"),
     ],
