@@ -9,7 +9,8 @@ real services (issue 10, defects 4 and 5).
 * ``enable`` while a failed run exists, and ``runs cancel`` past cutover: one clean line
   from inside the Prefect flow, no traceback.
 
-The CLI runs as real subprocesses (as an operator runs it), on the test's state store.
+The CLI runs as real subprocesses (as an operator runs it), on the test's state store, with
+``--wait`` (the flow runs in the CLI's process, where the refusals under test happen).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def test_cancel_a_remove_run_that_failed_on_a_name_then_preflight_refuses_it(
     kept = storage_snapshot(p, t, dedicated)
     assert name in kept
 
-    cancelled = cli(flow_settings, "runs", "cancel", failed.run_id)
+    cancelled = cli(flow_settings, "runs", "cancel", failed.run_id, "--wait")
     assert cancelled.returncode == 0, cancelled.stderr[-3000:]
     assert "Traceback" not in cancelled.stdout + cancelled.stderr
     tenant = p.state.get_tenant(t)
@@ -97,7 +98,7 @@ def test_cancel_a_remove_run_that_failed_on_a_name_then_preflight_refuses_it(
     assert submit_job(p.state, after, p.open_archive).decision == "run"  # writer and old index work again
 
     # Now remove is refused at preflight, naming the object, nothing moved, no run left.
-    refused = cli(flow_settings, "remove", t)
+    refused = cli(flow_settings, "remove", t, "--wait")
     line = one_error_line(refused)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "refused at preflight" in line and "1 object name(s) do not fit" in line
@@ -125,7 +126,7 @@ def test_refusals_inside_the_flows_are_one_line(
     monkeypatch.undo()
     assert failed.state == RunState.FAILED.value
 
-    again = cli(flow_settings, "enable", t, "--mode", "byokms", "--key-ref", key_ref)
+    again = cli(flow_settings, "enable", t, "--mode", "byokms", "--key-ref", key_ref, "--wait")
     line = one_error_line(again)
     assert again.returncode == 2 and f"has failed enable run {failed.run_id}" in line and "runs cancel" in line
 
@@ -139,6 +140,6 @@ def test_refusals_inside_the_flows_are_one_line(
     late = resume(p, failed.run_id, actor="test")
     monkeypatch.undo()
     assert late.state == RunState.FAILED.value and "cleanup_source" in late.message
-    past = cli(flow_settings, "runs", "cancel", failed.run_id)
+    past = cli(flow_settings, "runs", "cancel", failed.run_id, "--wait")
     line = one_error_line(past)
     assert past.returncode == 2 and "cannot be cancelled" in line

@@ -348,12 +348,12 @@ def test_a_mistyped_key_is_refused_at_preflight_and_leaves_no_run(env, localstac
     good = f"aws-kms://{kms.create_key()['KeyMetadata']['Arn']}"
     typo = good[:-12] + uuid.uuid4().hex[:12]
 
-    refused = cli_process(env, "enable", t, "--mode", "byokms", "--key-ref", typo)
+    refused = cli_process(env, "enable", t, "--mode", "byokms", "--key-ref", typo, "--wait")
     assert_process_error(refused, "refused at preflight")
     assert "KeyNotFoundError" in refused.stderr and "no run is left over" in refused.stderr
     runs = json.loads(cli_process(env, "runs", "list", "--tenant", t, "--json").stdout)
     assert [r["state"] for r in runs] == ["cancelled"]
 
-    enabled = cli_process(env, "enable", t, "--mode", "byokms", "--key-ref", good, "--json")
+    enabled = cli_process(env, "enable", t, "--mode", "byokms", "--key-ref", good, "--wait", "--json")
     assert enabled.returncode == 0, enabled.stderr[-2000:]
     assert json.loads(enabled.stdout)["outcome"]["state"] == "completed"
