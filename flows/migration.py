@@ -53,7 +53,7 @@ from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from archive_kms.config import Settings
-from archive_kms.errors import ConfigurationError, StateError, ValidationError
+from archive_kms.errors import ArchiveKmsError, ConfigurationError, StateError, ValidationError
 from archive_kms.migration import (
     STEPS,
     EnableMode,
@@ -70,7 +70,7 @@ from archive_kms.migration import (
     resume,
     trigger,
 )
-from archive_kms.migration.engine import get_run, shard_function
+from archive_kms.migration.engine import REFUSED, get_run, shard_function
 from archive_kms.migration.launch import run_tags
 from archive_kms.operations.platform import Platform
 from archive_kms.state.port import Fence, Flow, RunState
@@ -422,13 +422,20 @@ def _drive(platform: Platform, run_id: str, task_runner: str, call: Callable[...
     answer = _answer(platform, outcome, shards.ran)
     reporter.finish(outcome, answer["report"])
     logger = get_run_logger()
-    if outcome.state == "failed":
+    if outcome.state in ("failed", REFUSED):
         logger.error("run %s failed: %s (%s)", run_id, outcome.message, outcome.error)
         # The flow run itself ends Failed (Prefect UI, automations, retries by policy); the
         # answer rides along as the state's data for run_flow and the CLI.
         return Failed(message=f"run {run_id}: {outcome.message}: {outcome.error}"[:1000], data=answer)
     logger.info("run %s %s: %s", run_id, outcome.state, outcome.message)
     return answer
+
+
+def _refused(exc: ArchiveKmsError) -> Any:
+    """A refusal (bad input, a failed run in the way, a run past cutover) ends the flow run
+    Failed with the error as its data, not raised: raised, Prefect would log a traceback
+    before the caller's one-line error (``run_flow`` raises it again for the caller)."""
+    return Failed(message=f"{type(exc).__name__}: {exc}"[:1000], data=exc)
 
 
 def _start(platform: Platform, plan: MigrationPlan, *, actor: str, task_runner: str) -> dict[str, Any]:
@@ -481,14 +488,17 @@ def enable(
 
     ``run_id``: a run the console or CLI already triggered (and checked); it is executed.
     Without it (a run started from the Prefect UI) the flow plans and triggers one itself."""
-    runner = _check_task_runner(task_runner)
-    platform = process_platform()
-    if run_id is not None:
-        return _execute_submitted(
-            platform, _submitted(platform, run_id, tenant, Flow.ENABLE), actor=actor, task_runner=runner
-        )
-    plan = plan_enable(platform, tenant, _value(mode), key_ref, cloud=_value(cloud), shards=shards)
-    return _start(platform, plan, actor=actor, task_runner=runner)
+    try:
+        runner = _check_task_runner(task_runner)
+        platform = process_platform()
+        if run_id is not None:
+            return _execute_submitted(
+                platform, _submitted(platform, run_id, tenant, Flow.ENABLE), actor=actor, task_runner=runner
+            )
+        plan = plan_enable(platform, tenant, _value(mode), key_ref, cloud=_value(cloud), shards=shards)
+        return _start(platform, plan, actor=actor, task_runner=runner)
+    except ArchiveKmsError as exc:
+        return _refused(exc)
 
 
 @flow(name="migration-remove", flow_run_name="remove-{tenant}", persist_result=False)
@@ -500,14 +510,17 @@ def remove(
     run_id: str | None = None,
 ) -> dict[str, Any]:
     """Move ``tenant`` back into shared storage under the managed key (``run_id``: as for enable)."""
-    runner = _check_task_runner(task_runner)
-    platform = process_platform()
-    if run_id is not None:
-        return _execute_submitted(
-            platform, _submitted(platform, run_id, tenant, Flow.REMOVE), actor=actor, task_runner=runner
-        )
-    plan = plan_remove(platform, tenant, shards=shards)
-    return _start(platform, plan, actor=actor, task_runner=runner)
+    try:
+        runner = _check_task_runner(task_runner)
+        platform = process_platform()
+        if run_id is not None:
+            return _execute_submitted(
+                platform, _submitted(platform, run_id, tenant, Flow.REMOVE), actor=actor, task_runner=runner
+            )
+        plan = plan_remove(platform, tenant, shards=shards)
+        return _start(platform, plan, actor=actor, task_runner=runner)
+    except ArchiveKmsError as exc:
+        return _refused(exc)
 
 
 @flow(name="migration-support", flow_run_name="support-{action}-{run_id}", persist_result=False)
@@ -521,8 +534,16 @@ def support(
 ) -> dict[str, Any]:
     """Resume a failed or crashed run, rerun it from a named step, or cancel it (before
     cutover: the tenant is put back as it was)."""
+    try:
+        return _support(run_id, _value(action), _value(from_step), takeover, task_runner, actor)
+    except ArchiveKmsError as exc:
+        return _refused(exc)
+
+
+def _support(
+    run_id: str, action: str, from_step: str | None, takeover: bool, task_runner: Any, actor: str
+) -> dict[str, Any]:
     runner = _check_task_runner(task_runner)
-    action, from_step = _value(action), _value(from_step)
     if action not in SUPPORT_ACTIONS:
         raise ValidationError(f"unknown support action {action!r}: use one of {', '.join(SUPPORT_ACTIONS)}")
     if action == "rerun" and not from_step:
@@ -568,7 +589,7 @@ def run_flow(name: str, **kwargs: Any) -> dict[str, Any]:
         selected = FLOWS[name].with_options(task_runner=task_runner_for(runner, settings))
         state = selected(**kwargs, return_state=True)
     result = state.result(raise_on_failure=False)
-    if isinstance(result, BaseException):  # the flow raised (a refused plan, an unknown run, ...)
+    if isinstance(result, BaseException):  # a refusal (_refused), or an exception the flow raised
         raise result
     return result
 

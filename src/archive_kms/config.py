@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     # A run's tenant lease: renewed every third of it; a crashed worker's run can be
     # resumed by another process once it expires (or at once with --takeover).
     lease_ttl_seconds: float = Field(default=60.0, gt=0)
+    # A running archive job's lease (ADR 0020): its writer renews it every third of it; a
+    # writer that stops renewing (died, hangs, frozen) is fenced once it expires.
+    job_lease_ttl_seconds: float = Field(default=60.0, gt=0)
     # Dask scheduler for the copy/verify shard tasks with --task-runner dask; None = a
     # local cluster of two worker processes.
     dask_address: str | None = None

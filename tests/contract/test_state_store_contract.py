@@ -265,6 +265,90 @@ def test_crash_between_replay_and_acknowledgement(state_store: StateStore, state
     assert state_store.claim_deferred("acme") == []
 
 
+# --- job leases, fencing and write journals (ADR 0020) ------------------------------------
+
+
+def test_a_job_lease_is_renewed_and_lost_when_it_expires(state_store: StateStore, state_clock: Any) -> None:
+    from archive_kms.state.port import DEFAULT_JOB_LEASE_TTL
+
+    tenant(state_store)
+    adm = state_store.admit_job("acme", "job-1", {})
+    first = state_store.get_job("job-1").lease_expires_at  # type: ignore[union-attr]
+    assert first is not None
+    state_clock.advance(DEFAULT_JOB_LEASE_TTL / 2)
+    renewed = state_store.renew_job_lease("job-1", adm.attempt)  # type: ignore[arg-type]
+    assert renewed > first and state_store.get_job("job-1").lease_expires_at == renewed  # type: ignore[union-attr]
+    state_store.record_job_writes("job-1", adm.attempt, [b"records/a", b"records/b", b"records/a"])  # type: ignore[arg-type]
+    assert state_store.job_writes("job-1") == [b"records/a", b"records/b"]
+    assert state_store.admit_job("acme", "job-1", {}).decision is Decision.DUPLICATE  # alive: not taken over
+    state_clock.advance(DEFAULT_JOB_LEASE_TTL + timedelta(seconds=1))
+    with pytest.raises(FencedError, match="lease expired"):
+        state_store.renew_job_lease("job-1", adm.attempt)  # type: ignore[arg-type]
+    with pytest.raises(FencedError, match="lease expired"):
+        state_store.record_job_writes("job-1", adm.attempt, [b"records/c"])  # type: ignore[arg-type]
+    # a retry takes the expired job over: the old attempt is fenced for good
+    again = state_store.admit_job("acme", "job-1", {})
+    assert (again.decision, again.attempt) == (Decision.RUN, 2)
+    with pytest.raises(FencedError, match="no longer current"):
+        state_store.renew_job_lease("job-1", 1)
+    with pytest.raises(FencedError):
+        state_store.finish_job("job-1", 1, object_count=1)
+    state_store.record_job_writes("job-1", 2, [b"records/c"])
+    assert state_store.finish_job("job-1", 2, object_count=3).state is JobState.COMPLETED
+    assert state_store.job_writes("job-1") == []  # a completed job keeps what it wrote
+
+
+def test_fencing_expired_jobs_and_their_rollback(state_store: StateStore, state_clock: Any) -> None:
+    from archive_kms.state.port import DEFAULT_JOB_LEASE_TTL
+
+    tenant(state_store)
+    stuck = state_store.admit_job("acme", "stuck", {})
+    state_store.record_job_writes("stuck", stuck.attempt, [b"records/s"])  # type: ignore[arg-type]
+    alive = state_store.admit_job("acme", "alive", {})
+    assert state_store.fence_expired_jobs("acme", by="run r1") == []  # nothing expired yet
+    state_clock.advance(DEFAULT_JOB_LEASE_TTL + timedelta(seconds=1))
+
+    fenced = {j.job_id: j for j in state_store.fence_expired_jobs("acme", by="run r1")}
+    assert set(fenced) == {"stuck", "alive"}
+    assert fenced["stuck"].state is JobState.FAILED and fenced["stuck"].error.startswith("superseded: lease expired")
+    assert "fenced by run r1" in fenced["stuck"].error
+    assert state_store.running_jobs("acme") == []
+    with pytest.raises(FencedError):
+        state_store.renew_job_lease("stuck", stuck.attempt)  # type: ignore[arg-type]
+    with pytest.raises(FencedError):
+        state_store.finish_job("stuck", stuck.attempt, object_count=1)  # type: ignore[arg-type]
+    # the fenced job with a journal waits for its rollback; a retry is refused meanwhile
+    assert [j.job_id for j in state_store.jobs_to_roll_back("acme")] == ["stuck"]
+    with pytest.raises(StateError, match="not rolled back yet"):
+        state_store.admit_job("acme", "stuck", {})
+    state_store.clear_job_writes("stuck")
+    assert state_store.jobs_to_roll_back("acme") == []
+    assert state_store.admit_job("acme", "stuck", {}).attempt == 2
+    del alive
+
+
+def test_support_abandons_a_running_job(state_store: StateStore, state_clock: Any) -> None:
+    tenant(state_store)
+    tenant(state_store, "beta")
+    adm = state_store.admit_job("acme", "job-1", {})
+    state_store.record_job_writes("job-1", adm.attempt, [b"records/x"])  # type: ignore[arg-type]
+    with pytest.raises(StateError, match="has no archive job"):
+        state_store.abandon_job("beta", "job-1", reason="x", actor="support:a")  # another tenant's
+    with pytest.raises(ValidationError):
+        state_store.abandon_job("acme", "job-1", reason=" ", actor="support:a")
+    held = state_store.get_job("job-1").lease_expires_at  # type: ignore[union-attr]
+    gone = state_store.abandon_job("acme", "job-1", reason="writer hung", actor="support:a")
+    assert gone.state is JobState.FAILED and gone.error == "abandoned: by support:a: writer hung"
+    assert gone.lease_expires_at == held  # its writer may write until then
+    with pytest.raises(FencedError):
+        state_store.renew_job_lease("job-1", adm.attempt)  # type: ignore[arg-type]
+    with pytest.raises(StateError, match="not running"):
+        state_store.abandon_job("acme", "job-1", reason="again", actor="support:a")
+    assert state_store.jobs_to_roll_back("acme") == []  # not before the writer's lease ran out
+    state_clock.advance(held - state_clock() + timedelta(seconds=1))
+    assert [j.job_id for j in state_store.jobs_to_roll_back("acme")] == ["job-1"]
+
+
 def test_replaying_an_already_archived_job_archives_once(state_store: StateStore) -> None:
     tenant(state_store)
     state_store.admit_job("acme", "job-1", {})
@@ -668,7 +752,7 @@ def test_a_failed_replay_keeps_the_seal_and_the_retry_purges_it(state_store: Sta
     sealed = rows.sealed("job-1")
     sheet = tmp_path / "merger_term_sheet.pdf"
     sheet.rename(tmp_path / "away")  # the attachment's durable source is briefly unavailable
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValidationError, match="merger_term_sheet.pdf"):  # found before anything is written
         replay_deferred(state_store, "acme", "run-1", p.open_archive)
     assert state_store.get_job("job-1").state is JobState.FAILED  # type: ignore[union-attr]
     assert rows.sealed("job-1") == sealed and state_store.gate("acme").pending == 1

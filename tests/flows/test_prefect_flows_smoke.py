@@ -183,15 +183,17 @@ def test_a_failed_migration_ends_the_flow_run_failed_and_still_answers(
     assert on_server.state is not None and on_server.state.is_failed(), on_server.state
     assert "preflight" in (on_server.state.message or ""), on_server.state.message
     answer = state.result(raise_on_failure=False)
-    assert answer["outcome"]["state"] == "failed" and "disabled" in answer["outcome"]["error"], answer["outcome"]
+    # refused before anything changed: the run is cancelled by itself (ADR 0021)
+    assert answer["outcome"]["state"] == "refused" and "disabled" in answer["outcome"]["error"], answer["outcome"]
     assert answer["report"]["steps"][0] == {**answer["report"]["steps"][0], "step": "preflight", "state": "failed"}
+    assert answer["report"]["state"] == "cancelled"
     assert flow_platform.state.get_tenant(tenant.tenant_id).key_mode.value == "managed"
 
-    # A new trigger is refused until support resumes or cancels the failed run; after cancel it may start.
-    with pytest.raises(StateError, match="runs cancel"):
-        run_flow("enable", tenant=tenant.tenant_id, mode="byokms", key_ref=ref)
-    from archive_kms.migration import cancel
+    # Nothing blocks a new trigger: a new run, refused at preflight the same way while the key is disabled.
+    again = run_flow("enable", tenant=tenant.tenant_id, mode="byokms", key_ref=ref)
+    assert again["outcome"]["state"] == "refused" and again["outcome"]["run_id"] != answer["outcome"]["run_id"]
+    assert flow_platform.state.list_runs(tenant.tenant_id, states=[RunState.FAILED]) == []
 
-    assert cancel(flow_platform, answer["outcome"]["run_id"], actor="support").state == "cancelled"
-    again = run_flow("enable", tenant=tenant.tenant_id, mode="byokms", key_ref=ref)  # a new run, refused at preflight
-    assert again["outcome"]["state"] == "failed" and again["outcome"]["run_id"] != answer["outcome"]["run_id"]
+    # A refusal of the flow itself (an unknown run) is raised by run_flow as the error.
+    with pytest.raises(StateError, match="unknown run 'nope'"):
+        run_flow("support", run_id="nope", action="cancel")

@@ -1,7 +1,8 @@
 """Preflight refuses clearly, on the real key services, before any byte moves: a disabled
 key, an unknown key, a key of the wrong type or region, a key the mode does not fit, a
 Key Vault key without wrap/unwrap permission, and a destination already holding objects
-we did not write. After a refusal: the run is failed at ``preflight``, no dedicated bucket
+we did not write. After a refusal: the run is cancelled, its ``preflight`` step failed with
+the reason (ADR 0021), no dedicated bucket
 or container was created, the tenant's registry entry, keychain binding and gate are as
 they were, and the source objects are untouched."""
 
@@ -15,13 +16,18 @@ from conftest import run_plan, storage_snapshot
 from archive_kms import clients
 from archive_kms.errors import ValidationError
 from archive_kms.migration import plan_enable
+from archive_kms.migration.engine import REFUSED
 from archive_kms.state.port import GateState, RunState, StepState
 
 
 def _assert_refused(platform, archived, outcome, *, says: str, dest_existed: bool = False) -> None:
     t = archived.tenant_id
-    assert outcome.state == RunState.FAILED.value
+    # Refused before anything changed: the run is cancelled by itself, so nothing blocks
+    # the next attempt with a corrected key (ADR 0021).
+    assert outcome.state == REFUSED
     run = platform.state.get_run(outcome.run_id)
+    assert run.state is RunState.CANCELLED and platform.state.find_active_run(t) is None
+    assert platform.state.list_runs(t, states=[RunState.FAILED]) == []
     assert run.step("preflight").state is StepState.FAILED
     assert all(s.state is StepState.PENDING for s in run.steps[1:]), "a step after preflight ran"
     assert says.lower() in (outcome.error or "").lower(), outcome.error
@@ -70,7 +76,7 @@ def test_key_in_another_region_is_refused(flow_platform, archived_tenant, flow_s
     arn = kms.create_key()["KeyMetadata"]["Arn"]
     assert f":{other}:" in arn
     out = run_plan(flow_platform, plan_enable(flow_platform, archived.tenant_id, "byokms", f"aws-kms://{arn}"))
-    assert out.state == RunState.FAILED.value
+    assert out.state == REFUSED
     # Either the metadata check names the region, or the key is simply not found through
     # our region's client: both are refusals before anything moved.
     assert other in (out.error or "") or "KeyNotFoundError" in (out.error or ""), out.error

@@ -137,16 +137,19 @@ def test_job_retried_after_a_crash_archives_once(platform, monkeypatch):
     spec = JobSpec(f"{tenant}-1", tenant, "synthetic", synthetic={"count": 10, "seed": 3})
     real, calls = archive_mod.TenantArchive.put_object, {"n": 0}
 
-    def crash_on_fourth(self, name, ws, chunks):
+    def crash_on_fourth(self, name, ws, chunks, **kw):
         calls["n"] += 1
         if calls["n"] == 4:
             raise ConnectionResetError("worker lost mid-job")
-        return real(self, name, ws, chunks)
+        return real(self, name, ws, chunks, **kw)
 
     monkeypatch.setattr(archive_mod.TenantArchive, "put_object", crash_on_fourth)
+    # A rollback that cannot run (the worker is gone): the three objects stay, journaled.
+    monkeypatch.setattr(archive_mod, "rollback_job_output", lambda *a, **k: (_ for _ in ()).throw(OSError("gone")))
     with pytest.raises(ConnectionResetError):
         submit_job(platform.state, spec, platform.open_archive)
-    monkeypatch.setattr(archive_mod.TenantArchive, "put_object", real)
+    assert len(list(platform.open_archive(tenant).store.list())) == 3
+    monkeypatch.undo()
     retry = submit_job(platform.state, spec, platform.open_archive)
     assert retry.decision == "run" and retry.objects_already_there == 3
     names = [o.name for o in platform.open_archive(tenant).store.list()]

@@ -51,28 +51,62 @@ def test_same_job_id_twice_archives_once(platform):
     assert platform.index.count(index) == 12
 
 
-def test_job_retried_after_crash_archives_once(platform, monkeypatch):
+def _crash_on_sixth_put(monkeypatch):
     import archive_kms.operations.archive as archive_mod
 
     real = archive_mod.TenantArchive.put_object
     calls = {"n": 0}
 
-    def crash_after_five(self, name, ws, chunks):
+    def crash_after_five(self, name, ws, chunks, **kw):
         calls["n"] += 1
         if calls["n"] == 6:
-            raise RuntimeError("worker killed")
-        return real(self, name, ws, chunks)
+            raise RuntimeError("storage refused the sixth object")
+        return real(self, name, ws, chunks, **kw)
 
     monkeypatch.setattr(archive_mod.TenantArchive, "put_object", crash_after_five)
+    return real
+
+
+def test_a_job_failing_part_way_is_rolled_back_and_its_retry_converges(platform, monkeypatch):
+    import archive_kms.operations.archive as archive_mod
+
+    real = _crash_on_sixth_put(monkeypatch)
     with pytest.raises(RuntimeError):
         submit_job(platform.state, synthetic("job-crash"), platform.open_archive)
+    assert objects(platform) == []  # the five objects it wrote were rolled back
+    assert platform.index.count(platform.index.current_index("acme")) == 0
+    assert platform.state.job_writes("job-crash") == []
+    failed = [r for r in platform.state.iter_audit(tenant_id="acme") if r.action == "job.failed"]
+    assert failed[-1].details["objects_deleted"] == 5
     monkeypatch.setattr(archive_mod.TenantArchive, "put_object", real)
     retry = submit_job(platform.state, synthetic("job-crash"), platform.open_archive)
-    assert retry.decision == "run"
-    assert retry.objects_already_there == 5
+    assert (retry.decision, retry.objects_already_there) == ("run", 0)
+    names = objects(platform)
+    assert len(names) == len(set(names)) == retry.objects_written
+    assert platform.index.count(platform.index.current_index("acme")) == 12
+
+
+def test_a_job_whose_rollback_could_not_run_is_completed_by_its_retry(platform, monkeypatch):
+    """A writer that dies without rolling back (here: the rollback fails too) leaves its
+    journal; the retry finds its objects (writer tag) and completes the job."""
+    import archive_kms.operations.archive as archive_mod
+
+    real = _crash_on_sixth_put(monkeypatch)
+
+    def storage_down(*args, **kw):
+        raise RuntimeError("storage down")
+
+    monkeypatch.setattr(archive_mod, "rollback_job_output", storage_down)
+    with pytest.raises(RuntimeError):
+        submit_job(platform.state, synthetic("job-crash"), platform.open_archive)
+    assert len(objects(platform)) == 5 and len(platform.state.job_writes("job-crash")) > 5
+    monkeypatch.setattr(archive_mod.TenantArchive, "put_object", real)
+    retry = submit_job(platform.state, synthetic("job-crash"), platform.open_archive)
+    assert (retry.decision, retry.objects_already_there) == ("run", 5)
     names = objects(platform)
     assert len(names) == len(set(names)) == retry.objects_written + retry.objects_already_there
     assert platform.index.count(platform.index.current_index("acme")) == 12
+    assert platform.state.job_writes("job-crash") == []  # completed: nothing to roll back any more
 
 
 def test_jobs_sent_while_paused_are_deferred_then_replayed_once(platform):

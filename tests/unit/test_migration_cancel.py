@@ -89,7 +89,51 @@ def test_cancel_never_deletes_a_destination_the_run_did_not_create():
     p.store_for(dest).put_stream(b"records/ws0/Foreign/1", [b"someone else's"])
     run, _ = trigger(p, plan, actor="t")
     out = execute(p, run.run_id, actor="t")
-    assert out.state == "failed" and "did not write" in (out.error or "")
+    # refused at preflight: the run ends cancelled by itself (ADR 0021), nothing undone
+    assert out.state == "refused" and "did not write" in (out.error or "")
+    assert p.state.get_run(run.run_id).state is RunState.CANCELLED
 
-    assert cancel(p, run.run_id, actor="support").state == "cancelled"
+    assert cancel(p, run.run_id, actor="support").message == "already cancelled"
     assert [i.name for i in p.store_for(dest).list()] == [b"records/ws0/Foreign/1"]
+
+
+@pytest.mark.parametrize("flow", ["enable", "remove"])
+@pytest.mark.parametrize(
+    "step", ["pause", "cutover_point", "create_destination", "bind_key", "manifest", "copy", "verify", "build_index"]
+)
+def test_cancel_works_from_every_step_before_cutover(monkeypatch, flow, step):
+    """Whatever step failed (after its side effects), cancel puts the tenant back: same
+    location, key and index, gate open, destination and new index gone, source intact."""
+    from test_migration_engine import fail_once
+
+    from archive_kms.migration import plan_remove
+
+    p = _platform()
+    if flow == "remove":
+        run0, _ = trigger(p, plan_enable(p, TENANT, "byokms", "memory://customer"), actor="t")
+        assert execute(p, run0.run_id, actor="t").state == "completed"
+    before = digests(p)
+    tenant_before = p.state.get_tenant(TENANT)
+    l1_before = p.keychain.status(TENANT).l1_ref
+    alias_before = p.index.current_index(TENANT)
+    plan = plan_enable(p, TENANT, "byokms", "memory://customer") if flow == "enable" else plan_remove(p, TENANT)
+    fail_once(monkeypatch, step, after_side_effects=True)
+    run, _ = trigger(p, plan, actor="t")
+    assert execute(p, run.run_id, actor="t").state == "failed"
+    monkeypatch.undo()
+
+    out = cancel(p, run.run_id, actor="support")
+
+    assert out.state == "cancelled" and p.state.get_run(run.run_id).state is RunState.CANCELLED
+    t = p.state.get_tenant(TENANT)
+    assert dict(t.location) == dict(tenant_before.location) and t.key_mode is tenant_before.key_mode
+    assert p.keychain.status(TENANT).l1_ref == l1_before
+    assert p.index.current_index(TENANT) == alias_before
+    assert p.index.describe_generation(plan.new_index) is None
+    assert p.state.gate(TENANT).state is GateState.OPEN and p.state.get_lease(TENANT) is None
+    if plan.destination_location.kind.value == "dedicated":
+        assert not p.provisioner.exists(plan.destination_location)
+    else:
+        assert list(p.store_for(plan.destination_location).list()) == []
+    assert digests(p) == before
+    assert submit_job(p.state, job("after", 2, offset=40), p.open_archive).decision == "run"

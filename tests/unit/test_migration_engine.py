@@ -40,6 +40,7 @@ from archive_kms.migration import (
 )
 from archive_kms.migration import steps as steps_module
 from archive_kms.migration.copying import copy_object, read_plaintext_digest
+from archive_kms.migration.engine import REFUSED
 from archive_kms.migration.plan import POINT_OF_NO_RETURN
 from archive_kms.operations.archive import RECORD_PREFIX, JobSpec, submit_job, workspace_of
 from archive_kms.operations.platform import Platform
@@ -297,6 +298,15 @@ def test_failure_in_each_step_then_resume_converges(monkeypatch, step, after_sid
     run_id = start(p, plan)
 
     out = execute(p, run_id, actor="test")
+    if step == "preflight":  # nothing changed yet: the run ends cancelled, a new one starts (ADR 0021)
+        assert (out.state, out.error) == (REFUSED, f"TransientError: injected failure in {step}")
+        assert p.state.get_run(run_id).state is RunState.CANCELLED
+        assert p.state.get_lease(TENANT) is None and p.state.gate(TENANT).state is GateState.OPEN
+        run_id = start(p, plan)
+        assert execute(p, run_id, actor="test").state == "completed"
+        assert calls[0] == 2
+        assert_settled(p, plan, run_id, before)
+        return
     assert out.state == "failed" and out.message == f"step {step} failed"
     assert out.error == f"TransientError: injected failure in {step}"
     run = p.state.get_run(run_id)
@@ -711,8 +721,11 @@ def test_a_crashed_worker_is_resumed_once_its_lease_expires():
 
 def assert_nothing_moved(p: Platform, plan: MigrationPlan, run_id: str, managed_l1: str) -> None:
     run = p.state.get_run(run_id)
-    assert run.state is RunState.FAILED and run.step("preflight").state is StepState.FAILED
+    # refused at preflight: the run is cancelled by itself, nothing to clean up (ADR 0021)
+    assert run.state is RunState.CANCELLED and run.step("preflight").state is StepState.FAILED
     assert all(s.state is StepState.PENDING for s in run.steps[1:])
+    assert "run.refused" in actions(p, run_id)
+    assert trigger(p, plan_enable(p, TENANT, "byokms", CUSTOMER_KEY), actor="test")[1]  # not blocked
     assert not p.provisioner.exists(plan.destination_location)
     assert listing(p, plan.destination_location) == []
     assert p.keychain.status(TENANT).l1_ref == managed_l1
@@ -732,7 +745,7 @@ def test_preflight_refuses_a_disabled_customer_key():
     plan = enable_plan(p)
     run_id = start(p, plan)
     out = execute(p, run_id, actor="test")
-    assert out.message == "step preflight failed"
+    assert out.state == REFUSED
     assert out.error.startswith("KeyUnavailableError") and "is disabled" in out.error
     assert_nothing_moved(p, plan, run_id, managed_l1)
 
@@ -746,7 +759,7 @@ def test_preflight_refuses_a_destination_with_foreign_objects():
     p.store_for(dest).put_stream(b"someone-elses/file", [b"hello"])
     run_id = start(p, plan)
     out = execute(p, run_id, actor="test")
-    assert out.message == "step preflight failed" and out.error.startswith("ConfigurationError")
+    assert out.state == REFUSED and out.error.startswith("ConfigurationError")
     assert f"destination {dest.uri} already holds 1 object(s)" in out.error and "someone-elses" in out.error
     assert listing(p, dest) == [b"someone-elses/file"]  # untouched
     p.provisioner.delete(dest, p.store_for(dest))  # for the common checks below
@@ -764,7 +777,7 @@ def test_preflight_refuses_a_revoked_tenant(where):
         p.state.update_tenant(replace(p.state.get_tenant(TENANT), revoked=True))
     run_id = start(p, plan)
     out = execute(p, run_id, actor="test")
-    assert out.message == "step preflight failed"
+    assert out.state == REFUSED
     assert out.error == f"KeyUnavailableError: tenant {TENANT} is revoked: restore it before migrating"
     assert_nothing_moved(p, plan, run_id, managed_l1)
 
@@ -775,7 +788,7 @@ def test_preflight_refuses_a_tenant_that_moved_since_the_plan():
     stale = replace(plan, source={**plan.source, "prefix": "tenants/elsewhere/"})
     run_id = start(p, stale)
     out = execute(p, run_id, actor="test")
-    assert out.message == "step preflight failed" and "moved since this run was planned" in out.error
+    assert out.state == REFUSED and "moved since this run was planned" in out.error
 
 
 def test_wrong_mode_for_the_key_scheme_is_refused_when_planning():

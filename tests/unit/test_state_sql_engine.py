@@ -18,7 +18,17 @@ from archive_kms.state.sql import SqlStateStore, make_engine, open_state
 LOC = {"tenant": "acme", "kind": "shared", "cloud": "s3", "bucket": "archive-kms-shared", "prefix": "tenants/acme/"}
 
 
+def test_a_sqlite_state_store_in_a_missing_folder_is_refused(tmp_path: Path) -> None:
+    """A typo in ARCHIVE_KMS_STATE_URL must not start an empty state store silently."""
+    from archive_kms.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="nested does not exist; fix ARCHIVE_KMS_STATE_URL"):
+        open_state(f"sqlite:///{tmp_path / 'nested' / 'state.db'}")
+    assert not (tmp_path / "nested").exists()
+
+
 def test_sqlite_connections_are_configured(tmp_path: Path) -> None:
+    (tmp_path / "nested").mkdir()
     store = open_state(f"sqlite:///{tmp_path / 'nested' / 'state.db'}", busy_timeout_s=7)
     try:
         with store.engine.connect() as conn:

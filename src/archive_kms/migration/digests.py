@@ -37,9 +37,7 @@ import hmac
 from collections.abc import Iterable
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
+from archive_kms.crypto.kdf import hkdf_sha256
 from archive_kms.state.port import CopyRecord, Fence
 
 PREFIX = "hk1:"
@@ -58,7 +56,7 @@ class LedgerDigests:
     def __init__(self, keychain: Any, tenant_id: str, run_id: str) -> None:
         material = keychain.search_key_material(tenant_id)
         info = _INFO + tenant_id.encode() + b"/" + run_id.encode()
-        self._key = HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(material.reveal())
+        self._key = hkdf_sha256(material.reveal(), info=info)
 
     def __repr__(self) -> str:
         return "LedgerDigests(<key hidden>)"

@@ -88,6 +88,10 @@ DEFAULT_LEASE_TTL = timedelta(seconds=60)
 #: Outcome state of a worker whose lease was taken over mid-run (not a run state: the run
 #: goes on under its new holder).
 SUPERSEDED = "superseded"
+#: Outcome state of a run refused at preflight before anything changed; the run itself is
+#: ``cancelled`` (ADR 0021).
+REFUSED = "refused"
+PREFLIGHT = "preflight"
 
 #: (platform, run_id, shard, fence) -> the shard's result; runs in a thread or a Dask worker
 ShardFunction = Callable[[ShardPlatform, str, int, Fence | None], dict[str, Any]]
@@ -332,6 +336,8 @@ def _execute(
             except StopRequestedError:
                 return _interrupted(platform, ctx, step, executed, started=True)
             except BaseException as exc:
+                if step == PREFLIGHT and isinstance(exc, ArchiveKmsError) and _untouched(platform, run_id):
+                    return _refused(platform, ctx, exc)
                 _fail(platform, ctx, step, exc)
                 hooks.on_step(step, "failed", {"error": _describe(exc)})
                 if isinstance(exc, ArchiveKmsError):
@@ -392,6 +398,33 @@ def _audit_start_if_missing(platform: HasRunStore, run: MigrationRun, actor: str
         actor,
         "run.start",
         {"flow": plan.flow, "mode": plan.mode, "key_ref": plan.key_ref, "recovered": True},
+    )
+
+
+def _untouched(platform: HasRunStore, run_id: str) -> bool:
+    """Whether no step after preflight ever started (attempt counts survive a rerun's
+    reset), so the tenant is exactly as it was before the run."""
+    run = get_run(platform, run_id)
+    return all(s.attempt == 0 for s in run.steps if s.name != PREFLIGHT)
+
+
+def _refused(platform: Platform, ctx: RunContext, exc: BaseException) -> Outcome:
+    """A run refused at preflight, before anything changed, ends cancelled (ADR 0021):
+    the tenant is as it was and no failed run blocks the next trigger; the step keeps the
+    error and ``run.refused`` is audited. Fix the cause and trigger the flow again."""
+    error = _describe(exc)
+    platform.state.update_step(ctx.run_id, PREFLIGHT, StepState.FAILED, error=error, fence=ctx.fence)
+    platform.state.set_run_state(ctx.run_id, RunState.CANCELLED, fence=ctx.fence)
+    ctx.audit("run.refused", {"step": PREFLIGHT, "error": error[:300]})
+    ctx.hooks.on_step(PREFLIGHT, "failed", {"error": error})
+    log.warning("run %s refused at preflight: %s", ctx.run_id, error)
+    return Outcome(
+        ctx.run_id,
+        ctx.plan.tenant_id,
+        ctx.plan.flow,
+        REFUSED,
+        message="refused at preflight; nothing was changed and no run is left to clean up",
+        error=error,
     )
 
 
@@ -574,7 +607,9 @@ def cancel(platform: Platform, run_id: str, *, actor: str, takeover: bool = Fals
     try:
         _audit_start_if_missing(platform, run, actor)
         tenant = platform.state.get_tenant(plan.tenant_id)
-        if tenant is not None and dict(tenant.location) != dict(plan.source):
+        if tenant is None:
+            raise StateError(f"tenant {plan.tenant_id} no longer exists; nothing to cancel into")
+        if dict(tenant.location) != dict(plan.source):
             raise StateError(
                 f"tenant {plan.tenant_id} no longer lives at {plan.source_location.uri}; not cancelling",
                 resource=f"tenant:{plan.tenant_id}",
@@ -595,8 +630,13 @@ def cancel(platform: Platform, run_id: str, *, actor: str, takeover: bool = Fals
             if platform.provisioner.exists(dest):
                 store = platform.store_for(dest)
                 if existed:  # someone else's (empty) bucket/container: take back only what we wrote
+                    from archive_kms.storage.name_limits import name_problem
+
                     for entry in platform.state.iter_manifest(run_id):
-                        store.delete(entry.name)
+                        # A name too long for the destination was never written there (and
+                        # cannot even be asked about): skip it rather than fail the cancel.
+                        if name_problem(dest, entry.name) is None:
+                            store.delete(entry.name)
                     store.abort_stale_uploads(timedelta(0))
                 else:
                     platform.provisioner.delete(dest, store)
@@ -738,6 +778,8 @@ def _audit_run(platform: HasRunStore, run: MigrationRun, actor: str, action: str
 
 
 __all__ = [
+    "REFUSED",
+    "SUPERSEDED",
     "Hooks",
     "Outcome",
     "RunContext",

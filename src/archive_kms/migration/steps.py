@@ -35,10 +35,11 @@ from archive_kms.migration import quarantine
 from archive_kms.migration.context import RunContext
 from archive_kms.migration.plan import EnableMode
 from archive_kms.migration.stopping import StopRequestedError
-from archive_kms.operations.archive import RECORD_PREFIX, replay_deferred
+from archive_kms.operations.archive import RECORD_PREFIX, fence_stalled_jobs, replay_deferred
 from archive_kms.search import alias_name, rebuild_generation
 from archive_kms.state.anchors import AnchorStore, publish_anchor
 from archive_kms.state.port import CopyStatus, Flow, KeyMode, ManifestEntry, StepState
+from archive_kms.storage.name_limits import require_names_fit
 
 Step = Callable[[RunContext], dict[str, Any]]
 
@@ -133,6 +134,11 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
     checks.append("index")
 
     dest_loc = plan.destination_location
+    # Every source name must fit the target: a name that fits a dedicated bucket may not
+    # fit under the shared prefix remove moves back to, and could never be copied.
+    require_names_fit((info.name for info in p.store_for(plan.source_location).list()), dest_loc)
+    checks.append("names")
+
     foreign = 0
     first: bytes | None = None
     dest_exists = p.provisioner.exists(dest_loc)
@@ -168,12 +174,24 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
 
 
 def pause(ctx: RunContext) -> dict[str, Any]:
-    """Close the archive gate (new jobs are deferred) and wait for running jobs to finish."""
+    """Close the archive gate (new jobs are deferred) and wait for running jobs to finish.
+    A job whose lease expired (its writer died, hangs or was frozen) is fenced, so it can
+    never write again, and its partial output is rolled back; so is any job fenced or
+    abandoned earlier whose rollback did not finish (ADR 0020). Only jobs that keep
+    renewing their lease are waited for."""
+    from datetime import timedelta
+
     p, tenant = ctx.platform, ctx.plan.tenant_id
     gate = p.state.pause(tenant, ctx.run_id, fence=ctx.fence)
     running: list[Any] = []
+    rolled_back: list[dict[str, Any]] = []
 
     def drained() -> bool:
+        rolled_back.extend(
+            fence_stalled_jobs(
+                p.state, p.open_archive, tenant, by=f"run {ctx.run_id}", actor=ctx.actor, run_id=ctx.run_id
+            )
+        )
         running[:] = p.state.running_jobs(tenant)
         if running:
             ctx.check()
@@ -184,11 +202,18 @@ def pause(ctx: RunContext) -> dict[str, Any]:
         timeout=PAUSE_WAIT_SECONDS,
         backoff=retry.Backoff(base_delay=0.2, max_delay=0.2, jitter=False, factor=1),
         on_timeout=lambda: TransientError(
-            f"{len(running)} archive job(s) of {tenant} still running after "
-            f"{PAUSE_WAIT_SECONDS:.0f} s (first: {running[0].job_id}); rerun the step"
+            f"{len(running)} archive job(s) of {tenant} still running after {PAUSE_WAIT_SECONDS:.0f} s and "
+            f"renewing their lease (first: {running[0].job_id}); rerun the step, or give a hung one up with "
+            f"`archive-kms jobs abandon {tenant} {running[0].job_id} --reason ...`"
         ),
     )
-    return {"gate": gate.state.value, "paused_since": gate.since.isoformat()}
+    out: dict[str, Any] = {"gate": gate.state.value, "paused_since": gate.since.isoformat()}
+    if rolled_back:
+        # A fenced writer's unfinished multipart upload must never complete later. Nothing
+        # else writes here now: the gate is paused and no job runs.
+        aborted = p.store_for(ctx.plan.source_location).abort_stale_uploads(timedelta(0))
+        out |= {"jobs_rolled_back": rolled_back, "aborted_uploads": aborted}
+    return out
 
 
 def cutover_point(ctx: RunContext) -> dict[str, Any]:

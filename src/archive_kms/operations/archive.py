@@ -16,16 +16,16 @@ the store purges the seal when the job is replayed (``docs/archive-jobs.md``).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
 import io
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from archive_kms.crypto.envelope import (
@@ -41,6 +41,8 @@ from archive_kms.crypto.kdf import hkdf_sha256
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
 from archive_kms.errors import (
+    ArchiveKmsError,
+    FencedError,
     IndexModeMismatchError,
     IntegrityError,
     KeychainTamperedError,
@@ -52,8 +54,27 @@ from archive_kms.errors import (
     ValidationError,
 )
 from archive_kms.keys.keychain import DataKey
+from archive_kms.operations.job_input import (
+    MAX_SYNTHETIC_RECORDS,
+    check_inline_records,
+    check_job_id,
+    check_record,
+    check_synthetic,
+    load_jsonl,
+)
+from archive_kms.operations.job_lease import JobLease
 from archive_kms.search import IndexMode, SearchIndex, SearchKeys
-from archive_kms.state.port import Admission, AuditEvent, AuditLog, DeferredJob, Fence, GateRepo, JobState
+from archive_kms.state.port import (
+    ABANDONED_PREFIX,
+    SUPERSEDED_PREFIX,
+    Admission,
+    AuditEvent,
+    AuditLog,
+    DeferredJob,
+    Fence,
+    GateRepo,
+    JobState,
+)
 from archive_kms.storage.port import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -126,6 +147,8 @@ class JobSpec:
     records: tuple[Mapping[str, Any], ...] = ()
     attachment_files: Mapping[str, str] = field(default_factory=dict)  # attachment_id -> path
     synthetic: Mapping[str, Any] = field(default_factory=dict)  # {"count", "seed", "offset", "mix"}
+    #: Where each record came from (``FILE:LINE``), for error messages; never stored or sealed.
+    origins: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def to_payload(self) -> dict[str, Any]:
         """The whole spec as JSON, records included: never queued any more (``seal_job``);
@@ -149,69 +172,59 @@ class JobSpec:
         )
 
     def materialise(self) -> Iterator[tuple[Record, list[AttachmentData]]]:
-        """The job's records with their attachment streams."""
+        """The job's records with their attachment streams, each record checked
+        (``operations.job_input``; ``ValidationError`` naming the record)."""
+        check_job_id(self.job_id)
         if self.kind == "synthetic":
             from archive_kms.synthetic import SizeMix, generate_records
 
-            mix = {"small": SizeMix.small, "default": SizeMix, "large": SizeMix.large}[
-                self.synthetic.get("mix", "small")
-            ]()
-            offset = int(self.synthetic.get("offset", 0))
+            mixes = {"small": SizeMix.small, "default": SizeMix, "large": SizeMix.large}
+            mix_name = self.synthetic.get("mix", "small")
+            if mix_name not in mixes:
+                raise ValidationError(f"job {self.job_id}: unknown size mix {mix_name!r} (small|default|large)")
+            count, seed = self.synthetic.get("count"), self.synthetic.get("seed", 0)
+            offset = self.synthetic.get("offset", 0)
+            check_synthetic(count, seed, offset, max_count=MAX_SYNTHETIC_RECORDS)
             gen = generate_records(
                 self.tenant_id,
-                offset + int(self.synthetic["count"]),
-                seed=int(self.synthetic.get("seed", 0)),
-                mix=mix,
+                offset + count,
+                seed=seed,
+                mix=mixes[mix_name](),
                 workspaces=int(self.synthetic.get("workspaces", 1)),
             )
             for i, item in enumerate(gen):
                 if i >= offset:
-                    yield item
+                    yield check_record(item[0], f"generated record {i + 1} of job {self.job_id}"), item[1]
             return
         if self.kind != "inline":
             raise ValidationError(f"job {self.job_id}: unknown job kind {self.kind!r} (inline|synthetic)")
-        for raw in self.records:
-            record = Record.from_json(raw)
-            atts = []
-            for ref in record.attachments:
-                path = self.attachment_files.get(ref.attachment_id)
-                if path is None:
-                    raise ValidationError(
-                        f"job {self.job_id}: attachment {ref.attachment_id} of record "
-                        f"{record.record_id} has no file; give it with the job"
-                    )
-                atts.append(AttachmentData(ref, functools.partial(_read_file, path)))
+        for record in check_inline_records(self.job_id, self.records, self.attachment_files, self.origins):
+            atts = [
+                AttachmentData(ref, lambda p=self.attachment_files[ref.attachment_id], n=ref.size: _read_file(p, n))
+                for ref in record.attachments
+            ]
             yield record, atts
 
 
-def _read_file(path: str, chunk: int = 1 << 20) -> Iterator[bytes]:
-    with open(path, "rb") as f:
+def _read_file(path: str, size: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The file's bytes; ``ValidationError`` (before the last byte is handed on, so the
+    upload is aborted) if it does not hold exactly ``size`` bytes any more."""
+    n = 0
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, also when the consumer stops early
+    except OSError as e:
+        raise ValidationError(f"attachment file {path}: cannot read it ({e.strerror})") from None
+    with f:
         while block := f.read(chunk):
+            n += len(block)
+            if n > size:
+                break
             yield block
-
-
-def load_jsonl(path: str | Path, *, job_id: str, tenant_id: str) -> JobSpec:
-    """A job from a JSONL file: one record per line; attachments as
-    ``{"attachment_id", "file_name", "size", "path"}`` entries in ``attachments``."""
-    records, files = [], {}
-    base = Path(path).parent
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValidationError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            for att in obj.get("attachments") or ():
-                p = att.pop("path", None)
-                if p is not None:
-                    full = (base / p) if not Path(p).is_absolute() else Path(p)
-                    att.setdefault("size", full.stat().st_size)
-                    files[att["attachment_id"]] = str(full.resolve())
-            Record.from_json(obj)  # validate now, name the line on error
-            records.append(obj)
-    return JobSpec(job_id, tenant_id, "inline", tuple(records), files)
+    if n != size:
+        raise ValidationError(
+            f"attachment file {path} changed while it was archived ({size} bytes declared, "
+            f"{'more' if n > size else n} read); nothing of the job is kept"
+        )
 
 
 # --- deferred jobs: what the gate keeps --------------------------------------------------
@@ -363,17 +376,31 @@ def open_queued(job: DeferredJob, keychain: ArchiveKeychain) -> JobSpec:
 # --- the writer -----------------------------------------------------------------------------
 
 
+def _test_point(name: str) -> None:
+    """Crash and freeze points of the fault tests (``migration.crashpoints``); one
+    environment lookup when none is armed (production)."""
+    if "ARCHIVE_KMS_FREEZE_AT" in os.environ or "ARCHIVE_KMS_CRASH_AT" in os.environ:
+        from archive_kms.migration import crashpoints
+
+        crashpoints.hit(name)
+
+
+#: The outcome of an attempt that lost its lease mid-way (not a ledger state).
+SUPERSEDED = "superseded"
+
+
 @dataclass(frozen=True)
 class JobOutcome:
     job_id: str
     tenant_id: str
-    decision: str  # run | deferred | duplicate
+    decision: str  # run | deferred | duplicate | superseded
     records: int = 0
     attachments: int = 0
     objects_written: int = 0
     objects_already_there: int = 0
     bytes_plaintext: int = 0
     indexed: int = 0
+    message: str = ""  # why, for a superseded attempt
 
 
 class TenantArchive:
@@ -393,6 +420,7 @@ class TenantArchive:
         segment_size: int | None = None,
         relocate: Callable[[], TenantArchive] | None = None,
         keyed_search_keys: Callable[[], SearchKeys] | None = None,
+        name_locations: Sequence[Any] = (),
     ) -> None:
         self.tenant_id = tenant_id
         self.store = store
@@ -404,14 +432,30 @@ class TenantArchive:
         self.segment_size = segment_size
         self._relocate = relocate  # the tenant's archive where the registry says it lives *now*
         self._keyed_search_keys = keyed_search_keys  # the tenant's SearchKeys, derived on demand
+        # Where the tenant lives now and may live later (storage.name_limits.tenant_locations):
+        # a job's names must fit all of them.
+        self.name_locations = tuple(name_locations)
 
     # writes
 
-    def put_object(self, name: bytes, workspace_id: str, chunks: Iterable[bytes]) -> tuple[bool, int]:
+    def put_object(
+        self,
+        name: bytes,
+        workspace_id: str,
+        chunks: Iterable[bytes],
+        *,
+        job_tag: str | None = None,
+        guard: Callable[[], None] | None = None,
+        known_absent: bool = False,
+    ) -> tuple[bool, int]:
         """Encrypt ``chunks`` into ``name`` unless it is there already. Returns
-        (written, plaintext bytes)."""
-        if self.store.head(name) is not None:
+        (written, plaintext bytes). ``job_tag`` goes into the object's metadata (the job
+        that wrote it, for a rollback); ``guard`` is called before the upload and between
+        chunks and raises to stop it (a lost job lease): the upload is then aborted."""
+        if not known_absent and self.store.head(name) is not None:
             return False, 0
+        if guard is not None:
+            guard()
         dek = self.keychain.dek_for_encrypt(self.tenant_id, workspace_id)
         binding = ObjectBinding(self.tenant_id, workspace_id, name)
         kwargs = {"segment_size": self.segment_size} if self.segment_size else {}
@@ -419,12 +463,20 @@ class TenantArchive:
 
         def counted() -> Iterator[bytes]:
             for c in chunks:
+                if guard is not None:
+                    guard()
                 sizes["n"] += len(c)
+                _test_point("job:chunk")
                 yield c
+            if guard is not None:
+                guard()  # the last look before the upload commits
 
         ct = encrypt_iter(counted(), dek=dek.key, dek_id=dek.dek_id, binding=binding, **kwargs)
+        metadata = {"akms_format": "1", "akms_dek": dek.dek_id}
+        if job_tag is not None:
+            metadata[JOB_TAG_KEY] = job_tag
         try:
-            self.store.put_stream(name, ct, if_absent=True, metadata={"akms_format": "1", "akms_dek": dek.dek_id})
+            self.store.put_stream(name, ct, if_absent=True, metadata=metadata)
         except ObjectExistsError:  # a concurrent or earlier attempt won: same content by construction
             return False, 0
         return True, sizes["n"]
@@ -471,56 +523,277 @@ class TenantArchive:
         raise AssertionError("unreachable")
 
 
-def write_records(
-    archive: TenantArchive, items: Iterable[tuple[Record, list[AttachmentData]]], *, batch_size: int = 200
-) -> dict[str, int]:
-    """Write records and attachments, then index the records (deterministic ids)."""
-    from archive_kms.search import build_document
+# --- a job's plan: everything checked before the first write (ADR 0020) ---------------------
 
-    counts = {"records": 0, "attachments": 0, "written": 0, "already": 0, "bytes": 0, "indexed": 0}
-    batch: list = []
+#: Object metadata naming the job that wrote an object (``writer_tag``), so a rollback
+#: deletes only what that job created.
+JOB_TAG_KEY = "akms_job"
+
+
+def writer_tag(job_id: str) -> str:
+    """What an object written by ``job_id`` carries in its metadata: a hash of the job id
+    (the id itself may be anything a writer chose)."""
+    return "j" + hashlib.sha256(job_id.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass
+class _Planned:
+    record: Record
+    where: str
+    name: bytes
+    present: bool  # already stored with this content (a crashed attempt of this job, or an identical record)
+    attachments: list[tuple[AttachmentData, bytes, bool]]  # (data, name, present)
+
+
+@dataclass
+class JobPlan:
+    """What a job will write, once every check passed: records and attachments with their
+    object names, which of them are already stored, and the index generation."""
+
+    job_id: str
+    tenant_id: str
+    target_index: str
+    items: list[_Planned]
+
+    @property
+    def new_names(self) -> list[bytes]:
+        """Names this job may create (the journal a rollback works from)."""
+        out = []
+        for item in self.items:
+            out += [name for _, name, present in item.attachments if not present]
+            if not item.present:
+                out.append(item.name)
+        return out
+
+
+def _digest(chunks: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
+def _already_there(archive: TenantArchive, name: bytes, tag: str, same: Callable[[], bool], what: str) -> bool:
+    """Whether ``name`` is stored already (True) or free (False). An object written by this
+    job (a crashed attempt) counts as there; one written by another job must hold the same
+    plaintext, else the job is refused: an archive never replaces an object."""
+    info = archive.store.head(name)
+    if info is None:
+        return False
+    if (info.metadata or {}).get(JOB_TAG_KEY) == tag:
+        return True
+    try:
+        if same():
+            return True
+    except ArchiveKmsError as e:
+        raise ValidationError(
+            f"{what} is already stored and cannot be read ({type(e).__name__}); nothing of the job was written"
+        ) from None
+    raise ValidationError(
+        f"{what} is already archived with other content (by another job); archived objects are never replaced: "
+        "give the new version another id. Nothing of the job was written"
+    )
+
+
+def plan_job(archive: TenantArchive, spec: JobSpec) -> JobPlan:
+    """Check everything about ``spec`` that can be checked without reading storage: each
+    record's fields and ids, conflicting duplicates, the object names against every
+    location the tenant may live in, and the index document of each record.
+    ``ValidationError`` naming the record (``FILE:LINE`` for a JSONL job); nothing is
+    written. ``check_stored`` then looks at what is stored already."""
+    return _plan(archive, spec.job_id, spec.materialise(), spec.origins)
+
+
+def _plan(
+    archive: TenantArchive,
+    job_id: str,
+    records: Iterable[tuple[Record, list[AttachmentData]]],
+    origins: Sequence[str] = (),
+) -> JobPlan:
+    from archive_kms.search import build_document
+    from archive_kms.storage.name_limits import check_names, summary
 
     target = archive.index_name or archive.index.current_index(archive.tenant_id)
     if target is None:
         raise StateError(f"tenant {archive.tenant_id} has no search index: create the tenant first")
+    items: list[_Planned] = []
+    names: dict[bytes, str] = {}
+    for n, (record, attachments) in enumerate(records):
+        where = origins[n] if n < len(origins) else f"record {n + 1} of job {job_id}"
+        try:
+            build_document(record, tenant=archive.tenant_id, mode=archive.index_mode, keys=archive.search_keys)
+        except ValidationError as e:
+            raise ValidationError(f"{where}: {e}") from None
+        planned = _Planned(record, where, record_object_name(record), False, [])
+        for att in attachments:
+            planned.attachments.append((att, attachment_object_name(record.workspace_id, att.ref.attachment_id), False))
+        for name in [planned.name, *(a[1] for a in planned.attachments)]:
+            names.setdefault(name, where)
+        items.append(planned)
+    if archive.name_locations:
+        problems = list(check_names(archive.name_locations, names))
+        if problems:
+            raise ValidationError(f"{names[problems[0].name]}: {summary(problems)}; nothing of the job was written")
+    return JobPlan(job_id, archive.tenant_id, target, items)
+
+
+def write_records(
+    archive: TenantArchive, items: Iterable[tuple[Record, list[AttachmentData]]], *, job_id: str = "direct"
+) -> dict[str, int]:
+    """Write records outside a job (tools, tests): the same checks and the same writes,
+    without the ledger, a lease or a journal (so nothing is rolled back on failure)."""
+    plan = _plan(archive, job_id, ((check_record(r, f"record {r.record_id}"), a) for r, a in items))
+    check_stored(archive, plan)
+    return write_plan(archive, plan)
+
+
+def check_stored(archive: TenantArchive, plan: JobPlan) -> None:
+    """Mark what ``plan`` finds stored already: its own objects (an earlier attempt of this
+    job) and identical ones of other jobs are skipped; an object of another job with other
+    content refuses the job (``ValidationError`` naming the record). Reads only."""
+    tag = writer_tag(plan.job_id)
+    for item in plan.items:
+        r = item.record
+        for i, (att, name, _) in enumerate(item.attachments):
+            present = _already_there(
+                archive,
+                name,
+                tag,
+                lambda att=att, name=name: _digest(archive.read_object(name)) == _digest(att.open()),
+                f"{item.where}: attachment {att.ref.attachment_id} (workspace {r.workspace_id})",
+            )
+            item.attachments[i] = (att, name, present)
+        item.present = _already_there(
+            archive,
+            item.name,
+            tag,
+            lambda item=item: b"".join(archive.read_object(item.name)) == item.record.to_json(),
+            f"{item.where}: record {r.object_type}/{r.record_id} (workspace {r.workspace_id})",
+        )
+
+
+def write_plan(
+    archive: TenantArchive, plan: JobPlan, *, guard: Callable[[], None] | None = None, batch_size: int = 200
+) -> dict[str, int]:
+    """Write a planned job: attachments, then each record, then its index documents in
+    batches (deterministic ids, create-only). ``guard`` runs before every write."""
+    from archive_kms.search import build_document
+
+    check = guard or (lambda: None)
+    tag = writer_tag(plan.job_id)
+    counts = {"records": 0, "attachments": 0, "written": 0, "already": 0, "bytes": 0, "indexed": 0}
+    batch: list = []
 
     def flush() -> None:
         if not batch:
             return
-        result = archive.index.bulk_index(target, batch)
+        check()
+        result = archive.index.bulk_index(plan.target_index, batch)
         result.raise_for_failures()
         counts["indexed"] += len(batch)
         batch.clear()
 
-    for record, attachments in items:
-        for att in attachments:
-            written, n = archive.put_object(
-                attachment_object_name(record.workspace_id, att.ref.attachment_id), record.workspace_id, att.open()
-            )
+    for item in plan.items:
+        for att, name, present in item.attachments:
             counts["attachments"] += 1
+            if present:
+                counts["already"] += 1
+                continue
+            written, n = archive.put_object(
+                name, item.record.workspace_id, att.open(), job_tag=tag, guard=check, known_absent=True
+            )
             counts["written" if written else "already"] += 1
             counts["bytes"] += n
-        written, n = archive.put_object(record_object_name(record), record.workspace_id, [record.to_json()])
         counts["records"] += 1
-        counts["written" if written else "already"] += 1
-        counts["bytes"] += n
+        if item.present:
+            counts["already"] += 1
+        else:
+            written, n = archive.put_object(
+                item.name,
+                item.record.workspace_id,
+                [item.record.to_json()],
+                job_tag=tag,
+                guard=check,
+                known_absent=True,
+            )
+            counts["written" if written else "already"] += 1
+            counts["bytes"] += n
         batch.append(
-            build_document(record, tenant=archive.tenant_id, mode=archive.index_mode, keys=archive.search_keys)
+            build_document(item.record, tenant=archive.tenant_id, mode=archive.index_mode, keys=archive.search_keys)
         )
         if len(batch) >= batch_size:
             flush()
     flush()
-    archive.index.refresh(target)  # a finished job is searchable
+    check()
+    archive.index.refresh(plan.target_index)  # a finished job is searchable
     return counts
 
 
-def submit_job(state: JobGate, spec: JobSpec, open_archive: Callable[[str], TenantArchive]) -> JobOutcome:
-    """The archive-job writer's entry point: admit through the gate, then run or defer.
+@dataclass(frozen=True)
+class Rollback:
+    """What ``rollback_job_output`` removed."""
 
-    The job is sealed before admission whatever the gate says: admission and deferral are
-    one transaction, so the content must be ready to queue (a job with record content
-    costs one DEK lookup and one small encryption even when it then runs at once)."""
-    keychain = open_archive(spec.tenant_id).keychain if _content(spec) is not None else None
+    objects_deleted: int
+    documents_deleted: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"objects_deleted": self.objects_deleted, "documents_deleted": self.documents_deleted}
+
+
+def rollback_job_output(
+    state: Any, archive: TenantArchive, job_id: str, *, guard: Callable[[], None] | None = None
+) -> Rollback:
+    """Remove what a failed or fenced attempt of ``job_id`` left: of the names it journaled
+    (``record_job_writes``), the objects that carry its writer tag, and the index
+    documents of those records; then forget the journal. Objects another job wrote are
+    never touched. Idempotent. The caller makes sure no attempt of the job writes
+    meanwhile: the writer itself while it holds its lease (``guard`` checks it before each
+    delete), or a fencer while the job cannot start (``jobs_to_roll_back``)."""
+    from archive_kms.search.documents import document_id
+
+    check = guard or (lambda: None)
+    tag = writer_tag(job_id)
+    ours = []
+    for name in state.job_writes(job_id):
+        info = archive.store.head(name)
+        if info is not None and (info.metadata or {}).get(JOB_TAG_KEY) == tag:
+            ours.append(name)
+    docs = []
+    for name in ours:
+        if name.startswith(RECORD_PREFIX):
+            parts = name.split(b"/", 3)
+            if len(parts) == 4:
+                ws, otype, rid = (p.decode("utf-8") for p in parts[1:])
+                docs.append(document_id(archive.tenant_id, Record(otype, rid, {}, (), ws), archive.search_keys))
+    target = archive.index_name or archive.index.current_index(archive.tenant_id)
+    deleted_docs = 0
+    if docs and target is not None:
+        check()
+        result = archive.index.delete_documents(target, docs, refresh=True)
+        result.raise_for_failures()
+        deleted_docs = len(result.indexed)  # a document never written is skipped
+    for name in ours:
+        check()
+        archive.store.delete(name)
+    state.clear_job_writes(job_id)
+    if ours:
+        log.warning("job %s: rolled back %d object(s) and %d document(s)", job_id, len(ours), deleted_docs)
+    return Rollback(len(ours), deleted_docs)
+
+
+def submit_job(state, spec: JobSpec, open_archive: Callable[[str], TenantArchive]) -> JobOutcome:
+    """The archive-job writer's entry point: check the job, admit it through the gate,
+    then run or defer it.
+
+    Everything that can be checked without the ledger is checked first (``plan_job``),
+    so a bad job is refused whatever the gate says and never queued. The job is sealed
+    before admission whatever the gate says: admission and deferral are one transaction,
+    so the content must be ready to queue (a job with record content costs one DEK lookup
+    and one small encryption even when it then runs at once)."""
+    check_job_id(spec.job_id)
+    archive = open_archive(spec.tenant_id)
+    plan = plan_job(archive, spec)
+    keychain = archive.keychain if _content(spec) is not None else None
     queued = seal_job(spec, keychain)
     try:
         admission = state.admit_job(spec.tenant_id, spec.job_id, queued.metadata, sealed=queued.sealed)
@@ -537,7 +810,7 @@ def submit_job(state: JobGate, spec: JobSpec, open_archive: Callable[[str], Tena
         if decision == "deferred":
             _audit(state, spec.tenant_id, "job.deferred", {"job_id": spec.job_id, "kind": spec.kind})
         return JobOutcome(spec.job_id, spec.tenant_id, decision)
-    return _run(state, spec, _attempt(admission), open_archive)
+    return _run(state, spec, _attempt(admission), open_archive, prepared=(archive, plan))
 
 
 def _attempt(admission: Admission) -> int:
@@ -579,31 +852,63 @@ def _is_resend(state: GateRepo, spec: JobSpec, keychain: ArchiveKeychain) -> boo
 
 
 def _run(
-    state: JobGate,
+    state,
     job: JobSpec | DeferredJob,
     attempt: int,
     open_archive: Callable[[str], TenantArchive],
     *,
     run_id: str | None = None,
+    prepared: tuple[TenantArchive, JobPlan] | None = None,
 ) -> JobOutcome:
-    """Run an admitted attempt into the archive opened now. ``job`` is the spec, or a
-    queued job whose content is opened here under the keychain as it is now. Any failure,
-    a refused seal included, is recorded on the attempt (a queued job stays queued)."""
+    """Run an admitted attempt into the archive opened now, under the attempt's lease.
+    ``job`` is the spec, or a queued job whose content is opened here under the keychain
+    as it is now. The job is planned and checked in full before the first write; a
+    failure after it rolls back what this attempt created (``rollback_job_output``), then
+    is recorded on the attempt (a queued job stays queued). An attempt that loses its
+    lease (taken over, fenced, abandoned, or frozen past it) stops writing at once, rolls
+    nothing back (its fencer does) and reports ``superseded``."""
+    lease = JobLease(state, job.job_id, attempt)
+    journaled = False
     try:
-        archive = open_archive(job.tenant_id)
-        spec = job if isinstance(job, JobSpec) else open_queued(job, archive.keychain)
-        counts = write_records(archive, spec.materialise())
+        lease.start()
+        if prepared is not None:
+            archive, plan = prepared
+        else:
+            archive = open_archive(job.tenant_id)
+            spec = job if isinstance(job, JobSpec) else open_queued(job, archive.keychain)
+            plan = plan_job(archive, spec)
+        check_stored(archive, plan)
+        lease.check()
+        state.record_job_writes(job.job_id, attempt, plan.new_names)
+        journaled = True
+        counts = write_plan(archive, plan, guard=lease.check)
+        lease.check()
+        state.finish_job(job.job_id, attempt, object_count=counts["written"] + counts["already"])
+    except FencedError as e:  # lost the lease: write nothing more, leave the rollback to the fencer
+        lease.stop()
+        return _superseded(state, job, attempt, e, run_id)
     except BaseException as e:
-        state.finish_job(job.job_id, attempt, error=f"{type(e).__name__}: {e}"[:500])
-        _audit(
-            state,
-            job.tenant_id,
-            "job.failed",
-            {"job_id": job.job_id, "attempt": attempt, "error": type(e).__name__},
-            run_id,
-        )
+        rolled = None
+        if journaled:
+            try:
+                rolled = rollback_job_output(state, archive, job.job_id, guard=lease.check)
+            except FencedError as lost:
+                lease.stop()
+                return _superseded(state, job, attempt, lost, run_id)
+            except Exception:  # storage down too: the journal stays, a retry completes the job
+                log.warning("job %s: rollback after a failure did not finish", job.job_id, exc_info=True)
+        lease.stop()
+        error = f"{type(e).__name__}: {e}"[:500]
+        try:
+            state.finish_job(job.job_id, attempt, error=error)
+        except FencedError as lost:
+            return _superseded(state, job, attempt, lost, run_id)
+        details = {"job_id": job.job_id, "attempt": attempt, "error": type(e).__name__}
+        if rolled is not None:
+            details |= rolled.to_dict()
+        _audit(state, job.tenant_id, "job.failed", details, run_id)
         raise
-    state.finish_job(job.job_id, attempt, object_count=counts["written"] + counts["already"])
+    lease.stop()
     _audit(
         state,
         job.tenant_id,
@@ -632,8 +937,14 @@ def _run(
     )
 
 
+def _superseded(state, job: JobSpec | DeferredJob, attempt: int, error: Exception, run_id: str | None) -> JobOutcome:
+    log.error("job %s attempt %d superseded: %s", job.job_id, attempt, error)
+    _audit(state, job.tenant_id, "job.superseded", {"job_id": job.job_id, "attempt": attempt}, run_id)
+    return JobOutcome(job.job_id, job.tenant_id, SUPERSEDED, message=str(error)[:500])
+
+
 def replay_deferred(
-    state: JobGate,
+    state,
     tenant_id: str,
     run_id: str,
     open_archive: Callable[[str], TenantArchive],
@@ -672,7 +983,108 @@ def replay_deferred(
     return outcomes
 
 
-def park_deferred_job(state: JobGate, tenant_id: str, job_id: str, *, reason: str, actor: str) -> DeferredJob:
+def fence_stalled_jobs(
+    state, open_archive: Callable[[str], TenantArchive], tenant_id: str, *, by: str, actor: str, run_id: str | None
+) -> list[dict[str, Any]]:
+    """Fence every running job of ``tenant_id`` whose lease expired (its writer died, hung
+    or was frozen), then roll back the partial output of every fenced or abandoned job
+    whose writer's lease has run out (ADR 0020). Each step is audited: ``job.fenced``,
+    ``job.rolled_back``. Call it only while no job of the tenant can start (its gate
+    paused): a migration's ``pause`` step does. Returns one summary per job rolled back."""
+    for job in state.fence_expired_jobs(tenant_id, by=by):
+        details = {"job_id": job.job_id, "attempt": job.attempt, "fenced_by": by}
+        if job.lease_expires_at is not None:
+            details["lease_expired_at"] = job.lease_expires_at.isoformat()
+        state.append_audit(
+            AuditEvent(actor=actor, action="job.fenced", tenant_id=tenant_id, run_id=run_id, details=details)
+        )
+        log.warning("archive job %s of tenant %s fenced by %s: its lease expired", job.job_id, tenant_id, by)
+    out = []
+    pending = state.jobs_to_roll_back(tenant_id)
+    if pending:
+        archive = open_archive(tenant_id)
+        for job in pending:
+            rolled = rollback_job_output(state, archive, job.job_id)
+            details = {"job_id": job.job_id, "attempt": job.attempt, **rolled.to_dict()}
+            state.append_audit(
+                AuditEvent(actor=actor, action="job.rolled_back", tenant_id=tenant_id, run_id=run_id, details=details)
+            )
+            out.append(details)
+    return out
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """What ``abandon_running_job`` did."""
+
+    job_id: str
+    tenant_id: str
+    attempt: int
+    waited_seconds: float
+    rollback: Rollback
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "tenant": self.tenant_id,
+            "attempt": self.attempt,
+            "waited_seconds": round(self.waited_seconds, 1),
+            **self.rollback.to_dict(),
+        }
+
+
+def abandon_running_job(
+    state,
+    open_archive: Callable[[str], TenantArchive],
+    tenant_id: str,
+    job_id: str,
+    *,
+    reason: str,
+    actor: str,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Abandoned:
+    """Support gives up a running archive job (a writer that hangs, or one known dead):
+    the attempt is failed at once (``job.abandoned``, audited with reason and actor), so
+    it can no longer renew, journal or finish; once the lease its writer held has run out
+    (its writer then writes nothing more, by its own deadline) its partial output is
+    rolled back. Run on a job abandoned or fenced earlier whose rollback did not finish, it
+    finishes it. The writer may send the job again (same id) afterwards."""
+    job = state.get_job(job_id)
+    if job is not None and job.tenant_id == tenant_id and job.state is JobState.RUNNING:
+        job = state.abandon_job(tenant_id, job_id, reason=reason, actor=actor)
+        state.append_audit(
+            AuditEvent(
+                actor=actor.strip(),
+                action="job.abandoned",
+                tenant_id=tenant_id,
+                details={"job_id": job_id, "attempt": job.attempt, "reason": reason.strip(), "actor": actor.strip()},
+            )
+        )
+    elif (
+        job is None
+        or job.tenant_id != tenant_id
+        or not (job.error or "").startswith((ABANDONED_PREFIX, SUPERSEDED_PREFIX))
+    ):
+        state.abandon_job(tenant_id, job_id, reason=reason, actor=actor)  # raises, naming why
+    waited = 0.0
+    if job.lease_expires_at is not None:
+        waited = max(0.0, (job.lease_expires_at - datetime.now(UTC)).total_seconds()) + 0.5
+        if waited > 0.5:
+            log.warning("job %s: waiting %.0f s for its writer's lease to run out before rolling back", job_id, waited)
+        sleep(waited)
+    rolled = rollback_job_output(state, open_archive(tenant_id), job_id)
+    state.append_audit(
+        AuditEvent(
+            actor=actor.strip(),
+            action="job.rolled_back",
+            tenant_id=tenant_id,
+            details={"job_id": job_id, "attempt": job.attempt, **rolled.to_dict()},
+        )
+    )
+    return Abandoned(job_id, tenant_id, job.attempt, waited, rolled)
+
+
+def park_deferred_job(state, tenant_id: str, job_id: str, *, reason: str, actor: str) -> DeferredJob:
     """Support gives up on a queued job that cannot be replayed (its seal is refused): the
     store marks it replayed without running it, keeps its seal for forensics, and opens the
     gate if that drained it; the parking is audited (ids, reason, actor: never content).
@@ -693,20 +1105,30 @@ def park_deferred_job(state: JobGate, tenant_id: str, job_id: str, *, reason: st
 
 __all__ = [
     "DEFERRED_FORMAT",
+    "SUPERSEDED",
+    "Abandoned",
     "AttachmentRef",
     "JobOutcome",
+    "JobPlan",
     "JobSpec",
     "QueuedJob",
+    "Rollback",
     "TenantArchive",
+    "abandon_running_job",
     "attachment_object_name",
+    "check_stored",
     "deferred_object_name",
+    "fence_stalled_jobs",
     "load_jsonl",
     "open_queued",
     "park_deferred_job",
+    "plan_job",
     "record_object_name",
     "replay_deferred",
+    "rollback_job_output",
     "seal_job",
     "submit_job",
     "workspace_of",
-    "write_records",
+    "write_plan",
+    "writer_tag",
 ]

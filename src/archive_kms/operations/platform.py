@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from archive_kms.config import Settings, get_settings, stack_dir
@@ -94,16 +95,24 @@ class Platform:
 
     def open_archive(self, tenant_id: str) -> TenantArchive:
         """The tenant's archive where it lives now (registry lookup)."""
+        from archive_kms.storage.name_limits import tenant_locations
+
         t = self._tenant(tenant_id)
+        location = Location.from_dict(t.location)
         return TenantArchive(
             tenant_id=tenant_id,
-            store=self.store_for(Location.from_dict(t.location)),
+            store=self.store_for(location),
             keychain=self.keychain,
             index=self.index,
             index_mode=self.index_mode(t.key_mode),
             search_keys=self.search_keys(tenant_id, t.key_mode),
             relocate=lambda: self.open_archive(tenant_id),
             keyed_search_keys=lambda: derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id),
+            name_locations=tenant_locations(
+                location,
+                getattr(self.settings, "shared_bucket", None),
+                getattr(self.settings, "shared_azure_account", None),
+            ),
         )
 
     @classmethod
@@ -125,7 +134,9 @@ class Platform:
         signer = platform_signer(s)
         # The audit chain's head is sealed with the platform key: a re-hashed, edited chain
         # does not verify without it.
-        state = open_state(s.state_url, sealer=SignerHeadSealer(signer))
+        state = open_state(
+            s.state_url, sealer=SignerHeadSealer(signer), job_stale_after=timedelta(seconds=s.job_lease_ttl_seconds)
+        )
         registry = KeyProviderRegistry(s)  # one provider (and its clients) per key reference
         # The keychain audits its commits in the same database and refuses a head older than
         # the audit log recorded (a restored old keychain: docs/adr/0007-keychain-rollback.md).

@@ -11,7 +11,15 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from archive_kms.errors import FencedError, StateError, ValidationError
-from archive_kms.state.port import MAX_OBJECT_NAME_BYTES, ManifestEntry, RunState, StepState
+from archive_kms.state.port import (
+    ABANDONED_PREFIX,
+    MAX_OBJECT_NAME_BYTES,
+    SUPERSEDED_PREFIX,
+    JobState,
+    ManifestEntry,
+    RunState,
+    StepState,
+)
 from archive_kms.state.schema import STEP_NAME
 
 E = TypeVar("E", bound=enum.Enum)
@@ -38,6 +46,19 @@ class LeaseRow(Protocol):
     run_id: str
     token: int
     released_at: datetime | None
+
+
+ROLLBACK_PENDING = (
+    "archive job {job_id!r} of tenant {tenant_id!r} was fenced or abandoned and its partial output is not rolled "
+    "back yet; it starts again once that is done (a migration's pause step, or `archive-kms jobs abandon "
+    "{tenant_id} {job_id} --reason ...`, finishes it)"
+)
+
+
+def awaits_rollback(state: str, error: str | None) -> bool:
+    """A failed job attempt that was fenced or abandoned (``JobLeaseRepo``): while its
+    journal is not empty, its partial output awaits a rollback."""
+    return state == JobState.FAILED.value and (error or "").startswith((SUPERSEDED_PREFIX, ABANDONED_PREFIX))
 
 
 def check_id(kind: str, value: Any, max_len: int) -> None:

@@ -2,8 +2,8 @@
 console remember between processes.
 
 It is split into small protocols, one per concern, so a caller can ask for only what it
-uses (``TenantRepo``, ``GateRepo``, ``RunRepo``, ``LedgerRepo``, ``LeaseRepo``,
-``AuditLog``); ``StateStore`` is all of them. Backends: ``state.sql`` (SQLite by default,
+uses (``TenantRepo``, ``GateRepo``, ``JobLeaseRepo``, ``RunRepo``, ``LedgerRepo``,
+``LeaseRepo``, ``AuditLog``); ``StateStore`` is all of them. Backends: ``state.sql`` (SQLite by default,
 PostgreSQL by URL) and ``state.memory`` (in-process). Both are held to the same contract
 suite, ``tests/contract/test_state_store_contract.py``. The design and the concurrency
 model are described in ``docs/state-store.md``.
@@ -210,6 +210,17 @@ class ArchiveJob:
     finished_at: datetime | None = None
     object_count: int | None = None
     error: str | None = None
+    #: Until when the running attempt's writer holds the job (its lease, renewed by its
+    #: heartbeat); None when not running. An attempt whose lease expired may be taken over
+    #: (a retry), fenced (``fence_expired_jobs``) or abandoned by support.
+    lease_expires_at: datetime | None = None
+
+
+#: How long an admitted attempt holds its job without a heartbeat (``renew_job_lease``).
+DEFAULT_JOB_LEASE_TTL = timedelta(seconds=60)
+#: What ``fence_expired_jobs`` / ``abandon_job`` record as the error of a fenced attempt.
+SUPERSEDED_PREFIX = "superseded: "
+ABANDONED_PREFIX = "abandoned: "
 
 
 class Decision(str, enum.Enum):
@@ -332,6 +343,64 @@ class GateRepo(Protocol):
 
     def list_deferred(self, tenant_id: str, *, include_replayed: bool = False) -> list[DeferredJob]:
         """Queued jobs in FIFO order (for status screens); replayed ones have ``sealed=None``."""
+        ...
+
+
+@runtime_checkable
+class JobLeaseRepo(Protocol):
+    """Leases of running archive jobs, and the names an attempt may create (ADR 0020).
+
+    ``admit_job`` / ``start_job`` give a RUN attempt a lease of the store's job lease TTL
+    (``DEFAULT_JOB_LEASE_TTL`` unless configured); the writer renews it from a heartbeat.
+    The attempt number is the fencing token: once an attempt is superseded (taken over by
+    a retry after its lease expired, fenced by ``fence_expired_jobs``, or abandoned by
+    support) every write it makes through this port raises ``FencedError``. Before its
+    first object, a writer records the names it may create (``record_job_writes``), so
+    whoever fences it can roll back what it left (``job_writes``)."""
+
+    def renew_job_lease(self, job_id: str, attempt: int) -> datetime:
+        """Extend ``attempt``'s lease by the TTL from now; the new expiry. ``FencedError``
+        if the attempt is no longer the job's running attempt or its lease already
+        expired (a lost lease is never renewed: the writer must stop)."""
+        ...
+
+    def record_job_writes(self, job_id: str, attempt: int, names: Sequence[bytes]) -> None:
+        """Add ``names`` (object names the attempt may create) to the job's journal, in
+        one transaction, if ``attempt`` is the running attempt and its lease has not
+        expired; ``FencedError`` otherwise. Re-adding a name is a no-op."""
+        ...
+
+    def job_writes(self, job_id: str) -> list[bytes]:
+        """The job's journaled names, sorted (empty when none)."""
+        ...
+
+    def clear_job_writes(self, job_id: str) -> None:
+        """Forget the job's journal (after its partial output was rolled back).
+        ``finish_job`` of a completed attempt clears it in its own transaction."""
+        ...
+
+    def jobs_to_roll_back(self, tenant_id: str) -> list[ArchiveJob]:
+        """Jobs of the tenant that were fenced or abandoned, whose writer's lease has run
+        out, and that still have journaled names: their partial output awaits a rollback
+        (``clear_job_writes`` ends it). While such a job has journaled names, ``admit_job``
+        / ``start_job`` refuse to start it again (``StateError``), so a retry never races
+        the rollback."""
+        ...
+
+    def fence_expired_jobs(self, tenant_id: str, *, by: str) -> list[ArchiveJob]:
+        """Under the tenant's gate: every running job whose lease expired is marked
+        failed with error ``"superseded: lease expired at T; fenced by <by>"`` and returned
+        (its journal is kept for the caller's rollback). Its writer can no longer renew,
+        journal or finish."""
+        ...
+
+    def abandon_job(self, tenant_id: str, job_id: str, *, reason: str, actor: str) -> ArchiveJob:
+        """Support gives up a running job by hand: it is marked failed (``"abandoned:
+        by <actor>: <reason>"``) whatever its lease says, and returned with the lease
+        expiry it had (its writer may write until then; the fenced and abandoned keep that
+        expiry in ``lease_expires_at``). ``StateError`` for an unknown
+        job, another tenant's, or one not running; ``ValidationError`` for an empty or
+        overlong reason/actor."""
         ...
 
 
@@ -659,7 +728,7 @@ class AuditLog(Protocol):
 
 
 @runtime_checkable
-class StateStore(TenantRepo, GateRepo, RunRepo, LedgerRepo, LeaseRepo, AuditLog, Protocol):
+class StateStore(TenantRepo, GateRepo, JobLeaseRepo, RunRepo, LedgerRepo, LeaseRepo, AuditLog, Protocol):
     """Every concern above in one object (what ``open_state`` returns)."""
 
     def close(self) -> None:

@@ -175,6 +175,27 @@ archive_jobs = Table(
     Index(None, "tenant_id", "state"),
 )
 
+# Archive-job leases and write journals (ADR 0020; revision 0002). Tables of their own,
+# apart from the ledger (a job running without a lease row counts from its
+# ``started_at``). ``expires_at``: until when the job's running attempt holds it (its
+# writer's heartbeat renews it). The journal lists the object names an attempt may
+# create, so whoever fences it can roll them back.
+archive_job_leases = Table(
+    "archive_job_leases",
+    metadata,
+    Column("job_id", String(JOB_ID), ForeignKey("archive_jobs.job_id"), primary_key=True),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("renewed_at", UtcDateTime, nullable=False),
+)
+
+archive_job_writes = Table(
+    "archive_job_writes",
+    metadata,
+    Column("job_id", String(JOB_ID), ForeignKey("archive_jobs.job_id"), nullable=False),
+    Column("name", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("job_id", "name"),
+)
+
 runs = Table(
     "runs",
     metadata,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from archive_kms.errors import FencedError, StateError, ValidationError
-from archive_kms.state._common import check_id, job_payload
+from archive_kms.state._common import ROLLBACK_PENDING, awaits_rollback, check_id, job_payload
 from archive_kms.state.memory.tables import MemoryTables, _copy_job
 from archive_kms.state.port import (
     PARKED_MEMBER,
@@ -115,24 +115,37 @@ class MemoryGateRepo(MemoryTables):
         job = self._jobs.get(job_id)
         if job is None:
             self._jobs[job_id] = ArchiveJob(job_id, tenant_id, JobState.RUNNING, 1, now)
+            self._job_leases[job_id] = now + self._job_stale_after
             return Admission(job_id, Decision.RUN, 1)
         if job.tenant_id != tenant_id:
             raise StateError(f"job id {job_id!r} belongs to another tenant", resource=f"job:{job_id}")
         if job.state is JobState.COMPLETED:
             self._mark_replayed(job_id)
             return Admission(job_id, Decision.DUPLICATE, job.attempt)
-        if job.state is JobState.RUNNING and job.started_at > now - self._job_stale_after:
+        if job.state is JobState.RUNNING and self._job_expiry(job) > now:
             return Admission(job_id, Decision.DUPLICATE, job.attempt)
-        attempt = job.attempt + 1
+        if awaits_rollback(job.state.value, job.error) and self._job_writes.get(job_id):
+            raise StateError(ROLLBACK_PENDING.format(job_id=job_id, tenant_id=tenant_id), resource=f"job:{job_id}")
+        attempt = job.attempt + 1  # failed, or running but its lease expired: take over
         self._jobs[job_id] = ArchiveJob(job_id, tenant_id, JobState.RUNNING, attempt, now)
+        self._job_leases[job_id] = now + self._job_stale_after
         return Admission(job_id, Decision.RUN, attempt)
+
+    def _job_expiry(self, job: ArchiveJob) -> datetime:
+        return self._job_leases.get(job.job_id) or job.started_at + self._job_stale_after
+
+    def _with_lease(self, job: ArchiveJob) -> ArchiveJob:
+        if job.state is JobState.RUNNING:
+            return replace(job, lease_expires_at=self._job_expiry(job))
+        held = self._job_leases.get(job.job_id)  # fenced or abandoned: the lease its writer had
+        return replace(job, lease_expires_at=held) if held is not None else job
 
     def _job_is_settled(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)
         if job is None:
             return False
         return job.state is JobState.COMPLETED or (
-            job.state is JobState.RUNNING and job.started_at > self._now() - self._job_stale_after
+            job.state is JobState.RUNNING and self._job_expiry(job) > self._now()
         )
 
     def admit_job(
@@ -261,18 +274,26 @@ class MemoryGateRepo(MemoryTables):
                 )
             job = replace(job, state=state, finished_at=self._now(), object_count=object_count, error=error)
             self._jobs[job_id] = job
-            if state is JobState.COMPLETED and self._mark_replayed(job_id):
-                self._open_if_drained(job.tenant_id)
+            self._job_leases.pop(job_id, None)
+            if state is JobState.COMPLETED:
+                self._job_writes.pop(job_id, None)  # a completed job keeps what it wrote
+                if self._mark_replayed(job_id):
+                    self._open_if_drained(job.tenant_id)
             return job
 
     def get_job(self, job_id: str) -> ArchiveJob | None:
         with self._lock:
-            return self._jobs.get(job_id)
+            job = self._jobs.get(job_id)
+            return None if job is None else self._with_lease(job)
 
     def running_jobs(self, tenant_id: str) -> list[ArchiveJob]:
         with self._lock:
             return sorted(
-                (j for j in self._jobs.values() if j.tenant_id == tenant_id and j.state is JobState.RUNNING),
+                (
+                    self._with_lease(j)
+                    for j in self._jobs.values()
+                    if j.tenant_id == tenant_id and j.state is JobState.RUNNING
+                ),
                 key=lambda j: (j.started_at, j.job_id),
             )
 

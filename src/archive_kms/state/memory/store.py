@@ -4,7 +4,7 @@ aggregate over shared :class:`MemoryTables`, as ``state.sql`` is over one databa
 from __future__ import annotations
 
 from archive_kms.state.memory.audit_log import MemoryAuditLog
-from archive_kms.state.memory.gate import MemoryGateRepo
+from archive_kms.state.memory.job_leases import MemoryJobLeaseRepo
 from archive_kms.state.memory.leases import MemoryLeaseRepo
 from archive_kms.state.memory.ledger import MemoryLedgerRepo
 from archive_kms.state.memory.runs import MemoryRunRepo
@@ -14,7 +14,7 @@ __all__ = ["InMemoryStateStore"]
 
 
 class InMemoryStateStore(
-    MemoryTenantRepo, MemoryGateRepo, MemoryRunRepo, MemoryLedgerRepo, MemoryLeaseRepo, MemoryAuditLog
+    MemoryTenantRepo, MemoryJobLeaseRepo, MemoryRunRepo, MemoryLedgerRepo, MemoryLeaseRepo, MemoryAuditLog
 ):
     """``StateStore`` in memory (thread-safe). ``clock``, ``sealer`` and ``job_stale_after``
     as for ``SqlStateStore``."""

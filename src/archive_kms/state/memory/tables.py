@@ -11,10 +11,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from archive_kms.errors import FencedError, StateError
+from archive_kms.errors import FencedError, StateError, ValidationError
 from archive_kms.state import audit as chain
 from archive_kms.state._common import check_token
 from archive_kms.state.port import (
+    DEFAULT_JOB_LEASE_TTL,
     ArchiveJob,
     AuditRecord,
     CopyRecord,
@@ -29,7 +30,7 @@ from archive_kms.state.port import (
 
 __all__ = ["DEFAULT_JOB_STALE_AFTER", "MemoryTables"]
 
-DEFAULT_JOB_STALE_AFTER = timedelta(minutes=15)
+DEFAULT_JOB_STALE_AFTER = DEFAULT_JOB_LEASE_TTL  # the older name of the job lease TTL (ADR 0020)
 
 
 def _utcnow() -> datetime:
@@ -72,8 +73,12 @@ class MemoryTables:
     ) -> None:
         self._now = clock or _utcnow
         self._sealer = sealer
-        self._job_stale_after = job_stale_after
+        if job_stale_after <= timedelta(0):
+            raise ValidationError("the job lease TTL must be positive")
+        self._job_stale_after = job_stale_after  # the job lease TTL (ADR 0020)
         self._lock = threading.RLock()
+        self._job_leases: dict[str, datetime] = {}  # job id -> until when its attempt's writer holds it
+        self._job_writes: dict[str, set[bytes]] = {}  # job id -> names its attempts may create
         self._tenants: dict[str, TenantRecord] = {}
         self._gates: dict[str, _Gate] = {}
         self._deferred: dict[str, DeferredJob] = {}

@@ -9,6 +9,7 @@ module         class                    port (``state.port``)
 ============== ======================== ==========================================
 ``tenants``    ``SqlTenantRepo``        ``TenantRepo``
 ``gate``       ``SqlGateRepo``          ``GateRepo`` (gate, deferred jobs, job ledger)
+``job_leases`` ``SqlJobLeaseRepo``      ``JobLeaseRepo`` (job leases, fencing, write journals)
 ``runs``       ``SqlRunRepo``           ``RunRepo`` (runs, steps, checkpoints)
 ``ledger``     ``SqlLedgerRepo``        ``LedgerRepo`` (manifest, copy ledger)
 ``leases``     ``SqlLeaseRepo``         ``LeaseRepo``

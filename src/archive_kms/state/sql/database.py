@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from sqlalchemy.pool import StaticPool
 
 from archive_kms.errors import ConfigurationError, FencedError, ServiceUnavailableError, StateError, TransientError
 from archive_kms.state._common import check_token
-from archive_kms.state.port import Fence
+from archive_kms.state.port import DEFAULT_JOB_LEASE_TTL, Fence
 from archive_kms.state.schema import runs, tenant_leases
 
 __all__ = [
@@ -46,7 +46,7 @@ __all__ = [
 Clock = Callable[[], datetime]
 
 DEFAULT_BUSY_TIMEOUT_S = 30.0
-DEFAULT_JOB_STALE_AFTER = timedelta(minutes=15)
+DEFAULT_JOB_STALE_AFTER = DEFAULT_JOB_LEASE_TTL  # the older name of the job lease TTL (ADR 0020)
 
 
 def _utcnow() -> datetime:
@@ -83,7 +83,7 @@ def make_engine(url: str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S, ech
         if in_memory:
             kwargs["poolclass"] = StaticPool  # one shared connection; the store serialises use of it
         else:
-            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            _sqlite_directory(Path(u.database).expanduser())
         engine = create_engine(u, echo=echo, **kwargs)
         _configure_sqlite(engine, busy_timeout_s, wal=not in_memory)
         return engine
@@ -106,6 +106,26 @@ def make_engine(url: str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S, ech
         )
     raise ConfigurationError(
         f"unsupported state store database {backend!r}: use sqlite:/// or postgresql+psycopg://", resource="state_url"
+    )
+
+
+def _sqlite_directory(path: Path) -> None:
+    """The SQLite file's folder must exist: a typo in the state URL would otherwise start
+    an empty state store (and create real resources recorded only there). The local
+    stack's own folder is the exception: it is made on first use."""
+    from archive_kms.config import stack_dir
+
+    folder = path.parent
+    if folder.is_dir():
+        return
+    stack = stack_dir().resolve()
+    if folder.resolve() == stack or folder.resolve().is_relative_to(stack):
+        folder.mkdir(parents=True, exist_ok=True)
+        return
+    raise ConfigurationError(
+        f"state store sqlite:///{path}: the folder {folder} does not exist; fix ARCHIVE_KMS_STATE_URL (or create "
+        "the folder for a new state store)",
+        resource="state_url",
     )
 
 

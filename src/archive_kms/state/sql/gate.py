@@ -7,13 +7,21 @@ per-tenant mutex that makes "no job starts after the pause commits" true
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import timedelta
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, Row, and_, delete, func, insert, or_, select, update
 
 from archive_kms.errors import FencedError, StateError, ValidationError
-from archive_kms.state._common import check_id, job_payload, pack_payload, unpack_payload
+from archive_kms.state._common import (
+    ROLLBACK_PENDING,
+    awaits_rollback,
+    check_id,
+    job_payload,
+    pack_payload,
+    unpack_payload,
+)
 from archive_kms.state.port import (
     PARKED_MEMBER,
     Admission,
@@ -29,17 +37,28 @@ from archive_kms.state.port import (
     parking_record,
     submitted_payload,
 )
-from archive_kms.state.schema import JOB_ID, RUN_ID, archive_gates, archive_jobs, deferred_jobs
+from archive_kms.state.schema import (
+    JOB_ID,
+    RUN_ID,
+    archive_gates,
+    archive_job_leases,
+    archive_job_writes,
+    archive_jobs,
+    deferred_jobs,
+)
 from archive_kms.state.sql.database import DEFAULT_JOB_STALE_AFTER, SqlDatabase, SqlRepository
 
 __all__ = ["SqlGateRepo"]
 
 
 class SqlGateRepo(SqlRepository):
-    """``GateRepo`` on SQL. ``job_stale_after``: when a running job's attempt may be taken over."""
+    """``GateRepo`` on SQL. ``job_stale_after``: the job lease TTL, when a running job's
+    attempt whose writer stopped renewing may be taken over (ADR 0020)."""
 
     def __init__(self, db: SqlDatabase, *, job_stale_after: timedelta = DEFAULT_JOB_STALE_AFTER) -> None:
         super().__init__(db)
+        if job_stale_after <= timedelta(0):
+            raise ValidationError("the job lease TTL must be positive")
         self._job_stale_after = job_stale_after
 
     def _lock_gate(self, conn: Connection, tenant_id: str) -> Row[Any]:
@@ -146,7 +165,8 @@ class SqlGateRepo(SqlRepository):
         return row
 
     def _try_start(self, conn: Connection, tenant_id: str, job_id: str) -> Admission:
-        """The ledger decision (caller holds the gate lock)."""
+        """The ledger decision (caller holds the gate lock). A RUN attempt gets a fresh
+        lease (ADR 0020)."""
         now = self._now()
         row = conn.execute(select(archive_jobs).where(archive_jobs.c.job_id == job_id)).one_or_none()
         if row is None:
@@ -155,31 +175,70 @@ class SqlGateRepo(SqlRepository):
                     job_id=job_id, tenant_id=tenant_id, state=JobState.RUNNING.value, attempt=1, started_at=now
                 )
             )
+            self._grant_job_lease(conn, job_id, now)
             return Admission(job_id, Decision.RUN, 1)
         if row.tenant_id != tenant_id:
             raise StateError(f"job id {job_id!r} belongs to another tenant", resource=f"job:{job_id}")
         if row.state == JobState.COMPLETED.value:
             self._mark_replayed(conn, job_id)
             return Admission(job_id, Decision.DUPLICATE, row.attempt)
-        if row.state == JobState.RUNNING.value and row.started_at > now - self._job_stale_after:
+        if row.state == JobState.RUNNING.value and self._job_expiry(conn, row) > now:
             return Admission(job_id, Decision.DUPLICATE, row.attempt)
-        attempt = row.attempt + 1  # failed, or running but stale (its worker died): take over
+        if awaits_rollback(row.state, row.error) and self._has_writes(conn, job_id):
+            raise StateError(ROLLBACK_PENDING.format(job_id=job_id, tenant_id=tenant_id), resource=f"job:{job_id}")
+        attempt = row.attempt + 1  # failed, or running but its lease expired (its writer died): take over
         conn.execute(
             update(archive_jobs)
             .where(archive_jobs.c.job_id == job_id)
             .values(state=JobState.RUNNING.value, attempt=attempt, started_at=now, finished_at=None, error=None)
         )
+        self._grant_job_lease(conn, job_id, now)
         return Admission(job_id, Decision.RUN, attempt)
 
     def _job_is_settled(self, conn: Connection, job_id: str) -> bool:
-        row = conn.execute(
-            select(archive_jobs.c.state, archive_jobs.c.started_at).where(archive_jobs.c.job_id == job_id)
-        ).one_or_none()
+        row = conn.execute(select(archive_jobs).where(archive_jobs.c.job_id == job_id)).one_or_none()
         if row is None:
             return False
         return row.state == JobState.COMPLETED.value or (
-            row.state == JobState.RUNNING.value and row.started_at > self._now() - self._job_stale_after
+            row.state == JobState.RUNNING.value and self._job_expiry(conn, row) > self._now()
         )
+
+    # --- the job's lease and journal rows, shared with SqlJobLeaseRepo (ADR 0020) -------------
+
+    def _grant_job_lease(self, conn: Connection, job_id: str, now: datetime) -> None:
+        conn.execute(delete(archive_job_leases).where(archive_job_leases.c.job_id == job_id))
+        conn.execute(
+            insert(archive_job_leases).values(job_id=job_id, expires_at=now + self._job_stale_after, renewed_at=now)
+        )
+
+    def _job_expiry(self, conn: Connection, row: Row[Any]) -> datetime:
+        """Until when a running job's attempt holds it (a row from before leases: its start + TTL)."""
+        expires = conn.execute(
+            select(archive_job_leases.c.expires_at).where(archive_job_leases.c.job_id == row.job_id)
+        ).scalar()
+        return expires if expires is not None else row.started_at + self._job_stale_after
+
+    def _has_writes(self, conn: Connection, job_id: str) -> bool:
+        w = archive_job_writes.c
+        return conn.execute(select(w.name).where(w.job_id == job_id).limit(1)).first() is not None
+
+    def _jobs_with_leases(self, conn: Connection, *where: Any) -> list[ArchiveJob]:
+        j, lease = archive_jobs.c, archive_job_leases.c
+        rows = conn.execute(
+            select(archive_jobs, lease.expires_at.label("lease_expires_at"))
+            .select_from(archive_jobs.outerjoin(archive_job_leases, lease.job_id == j.job_id))
+            .where(*where)
+            .order_by(j.started_at, j.job_id)
+        ).all()
+        out = []
+        for r in rows:
+            job = _job(r)
+            if job.state is JobState.RUNNING:
+                job = replace(job, lease_expires_at=r.lease_expires_at or r.started_at + self._job_stale_after)
+            elif r.lease_expires_at is not None:  # fenced or abandoned: the lease its writer had
+                job = replace(job, lease_expires_at=r.lease_expires_at)
+            out.append(job)
+        return out
 
     def admit_job(
         self, tenant_id: str, job_id: str, payload: Mapping[str, Any], *, sealed: bytes | None = None
@@ -336,23 +395,24 @@ class SqlGateRepo(SqlRepository):
                 .values(state=state.value, finished_at=self._now(), object_count=object_count, error=error)
                 .returning(*archive_jobs.c)
             ).one()
-            if state is JobState.COMPLETED and self._mark_replayed(conn, job_id):
-                self._open_if_drained(conn, gate)
+            conn.execute(delete(archive_job_leases).where(archive_job_leases.c.job_id == job_id))
+            if state is JobState.COMPLETED:
+                # A completed job keeps what it wrote: nothing to roll back any more.
+                conn.execute(delete(archive_job_writes).where(archive_job_writes.c.job_id == job_id))
+                if self._mark_replayed(conn, job_id):
+                    self._open_if_drained(conn, gate)
             return _job(row)
 
     def get_job(self, job_id: str) -> ArchiveJob | None:
         with self._tx("get archive job", write=False) as conn:
-            row = conn.execute(select(archive_jobs).where(archive_jobs.c.job_id == job_id)).one_or_none()
-        return None if row is None else _job(row)
+            found = self._jobs_with_leases(conn, archive_jobs.c.job_id == job_id)
+        return found[0] if found else None
 
     def running_jobs(self, tenant_id: str) -> list[ArchiveJob]:
         with self._tx("list running jobs", write=False) as conn:
-            rows = conn.execute(
-                select(archive_jobs)
-                .where(archive_jobs.c.tenant_id == tenant_id, archive_jobs.c.state == JobState.RUNNING.value)
-                .order_by(archive_jobs.c.started_at, archive_jobs.c.job_id)
-            ).all()
-        return [_job(r) for r in rows]
+            return self._jobs_with_leases(
+                conn, archive_jobs.c.tenant_id == tenant_id, archive_jobs.c.state == JobState.RUNNING.value
+            )
 
     def list_deferred(self, tenant_id: str, *, include_replayed: bool = False) -> list[DeferredJob]:
         q = select(deferred_jobs).where(deferred_jobs.c.tenant_id == tenant_id)

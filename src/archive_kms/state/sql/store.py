@@ -1,7 +1,8 @@
 """``SqlStateStore``: the whole ``StateStore`` on one SQL database, composed of one
 repository per aggregate (``tenants``, ``gate``, ``runs``, ``ledger``, ``leases``,
 ``audit_log``) over a shared :class:`SqlDatabase`; and ``open_state(url)``, which opens
-it and brings the schema up to date."""
+it and brings the schema up to date. (``SqlJobLeaseRepo`` is the gate's repository with
+the job leases of ADR 0020 added.)"""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from archive_kms.state.sql.database import (
     make_engine,
 )
 from archive_kms.state.sql.gate import SqlGateRepo
+from archive_kms.state.sql.job_leases import SqlJobLeaseRepo
 from archive_kms.state.sql.keychain import SqlKeychainStore
 from archive_kms.state.sql.leases import SqlLeaseRepo
 from archive_kms.state.sql.ledger import SqlLedgerRepo
@@ -60,7 +62,7 @@ def open_state(
     return store
 
 
-class SqlStateStore(SqlTenantRepo, SqlGateRepo, SqlRunRepo, SqlLedgerRepo, SqlLeaseRepo, SqlAuditLog):
+class SqlStateStore(SqlTenantRepo, SqlJobLeaseRepo, SqlRunRepo, SqlLedgerRepo, SqlLeaseRepo, SqlAuditLog):
     """``StateStore`` over one SQLAlchemy Engine (thread-safe; share one per process).
     Each base class is one aggregate's repository and works on its own over the same
     :class:`SqlDatabase`; this class only puts them on one database."""
