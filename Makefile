@@ -8,13 +8,22 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: demo test unit soak stack stack-down system-deps venv bench clean infra-tools
+.PHONY: lint demo test unit soak stack stack-down system-deps venv bench clean infra-tools
 
 demo: venv stack
 	$(BIN)/python -m archive_kms.demo
 
-test: venv stack infra-tools
+test: lint venv stack infra-tools
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# The gates (seconds): format and lint, the layers of docs/architecture.md as import
+# contracts (.importlinter, ADR 0008), types (strict on crypto/, keys/, migration/).
+lint: venv
+	$(BIN)/ruff format --check --quiet .
+	$(BIN)/ruff check --quiet .
+	$(BIN)/lint-imports --config .importlinter
+	$(BIN)/mypy
+	$(BIN)/mypy flows
 
 unit: venv
 	$(BIN)/python -m pytest tests/unit tests/vectors $(PYTEST_ARGS)
@@ -36,7 +45,7 @@ venv: system-deps $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,postgres,dask]"
+	$(BIN)/python -m pip install -q -e ".[test,lint,postgres,dask]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 # cfn-lint and checkov in their own virtualenv in the cache directory (installed once)

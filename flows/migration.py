@@ -557,11 +557,12 @@ def _support(
         return _drive(
             platform, run_id, runner, lambda **kw: resume(platform, run_id, actor=actor, takeover=takeover, **kw)
         )
+    step = str(from_step)  # a rerun without one was refused above
     return _drive(
         platform,
         run_id,
         runner,
-        lambda **kw: rerun(platform, run_id, from_step, actor=actor, takeover=takeover, **kw),
+        lambda **kw: rerun(platform, run_id, step, actor=actor, takeover=takeover, **kw),
     )
 
 

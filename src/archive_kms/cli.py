@@ -315,6 +315,7 @@ def read_cmd(
     import hashlib
     import tempfile
 
+    assert attachment is not None  # exactly one of record and attachment was given
     h, n = hashlib.sha256(), 0
     # Plaintext goes to a temporary file beside OUT, renamed only once the whole object
     # authenticated: a truncated or tampered object leaves no partial plaintext behind.
@@ -325,7 +326,7 @@ def read_cmd(
             n += len(chunk)
             if tmp:
                 tmp.write(chunk)
-        if tmp:
+        if tmp and out:
             tmp.close()
             _os.replace(tmp.name, out)
     except BaseException:

@@ -87,7 +87,14 @@ def blob_service_client(settings: Settings | None = None):
         from azure.identity import DefaultAzureCredential
 
         return BlobServiceClient(s.azure_blob_account_url, credential=DefaultAzureCredential(), transport=transport)
-    return BlobServiceClient.from_connection_string(cs.get_secret_value(), transport=transport)
+    try:
+        return BlobServiceClient.from_connection_string(cs.get_secret_value(), transport=transport)
+    except ValueError:  # malformed: say which setting, never echo it (it holds the account key)
+        raise ConfigurationError(
+            "azure_blob_connection_string (ARCHIVE_KMS_AZURE_BLOB_CONNECTION_STRING) is malformed; expected "
+            "DefaultEndpointsProtocol=...;AccountName=...;AccountKey=...;BlobEndpoint=...",
+            resource="azure_blob_connection_string",
+        ) from None
 
 
 def elasticsearch_client(settings: Settings | None = None):

@@ -193,7 +193,7 @@ def _customer_key(settings: Settings, mode: str) -> str:
     if mode == "byokv":
         name = f"demo-{uuid.uuid4().hex[:10]}"
         clients.keyvault_key_client(settings).create_rsa_key(name, size=2048, key_operations=["wrapKey", "unwrapKey"])
-        return f"azure-kv://{settings.azure_keyvault_url.removeprefix('https://').rstrip('/')}/keys/{name}"
+        return f"azure-kv://{(settings.azure_keyvault_url or '').removeprefix('https://').rstrip('/')}/keys/{name}"
     from kmip.core import enums
 
     with clients.kmip_client(settings) as c:

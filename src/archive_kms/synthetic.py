@@ -8,6 +8,7 @@ produced lazily at GB/s with constant memory and is identical on every run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Iterator
@@ -130,6 +131,6 @@ def generate_records(
             aid = _record_id(rng, "00P")
             ref = AttachmentRef(aid, f"{rng.choice(_WORDS)}-{i}.pdf", size, "application/pdf")
             s = f"{seed}/{tenant_id}/{aid}".encode()
-            attachments.append(AttachmentData(ref, lambda s=s, size=size: keystream(s, size)))
+            attachments.append(AttachmentData(ref, functools.partial(keystream, s, size)))
         ws = f"ws{i % workspaces}" if workspaces > 1 else "default"
         yield Record(otype, rid, fields, tuple(a.ref for a in attachments), ws), attachments

@@ -10,7 +10,7 @@ trial's state store. It may be killed (SIGKILL) two ways:
 * by itself, at its ``kill_at``-th I/O event (``mode="io"``): every socket write (S3, KMS,
   Azure, Elasticsearch, Key Vault, KMIP, PostgreSQL through Python sockets) and every SQL
   statement counts as one, and the kill comes *before* that event is carried out. Unlike
-  the named crash points (``migration.crashpoints``) these fall anywhere: between a
+  the named crash points (``archive_kms.crashpoints``) these fall anywhere: between a
   request's headers and its body, between two statements of one transaction, between
   an upload part and the next.
 

@@ -1,6 +1,6 @@
 """kill -9 of a migration worker at random moments, then resume, then I1-I7 (faults D2).
 
-The named crash points (``migration.crashpoints``, ``tests/flows/test_crash_resume.py``)
+The named crash points (``archive_kms.crashpoints``, ``tests/flows/test_crash_resume.py``)
 kill at the places someone thought of. These trials kill anywhere: each trial runs one
 enable or remove run of a small tenant in a worker process (``kill_worker.run_flow``,
 forked from a fork server that has imported everything) and kills it with SIGKILL

@@ -8,7 +8,7 @@ Runs one engine action on the real services with ``Platform.from_settings(Settin
 Settings come from ``ARCHIVE_KMS_*`` (the test passes the state store URL and a short lease
 TTL) and the stack's endpoints file. Prints the ``Outcome`` as one JSON line on stdout, or
 ``{"error": ...}`` and exit 2 for one of our errors. Crash points come from
-``ARCHIVE_KMS_CRASH_AT`` (``migration.crashpoints``); the process kills itself there.
+``ARCHIVE_KMS_CRASH_AT`` (``archive_kms.crashpoints``); the process kills itself there.
 
 ``enable`` triggers; only the process that created the run executes it. A trigger that
 finds the tenant's run already going reports it (``created: false``) and leaves it to the
@@ -41,7 +41,7 @@ def _arm_upload_part_point() -> None:
     in this process (only when that point is armed: production code paths are untouched)."""
     from botocore.client import BaseClient
 
-    from archive_kms.migration import crashpoints
+    from archive_kms import crashpoints
 
     if AFTER_UPLOAD_PART not in os.environ.get(crashpoints.ENV, ""):
         return

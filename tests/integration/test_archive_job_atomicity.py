@@ -23,8 +23,7 @@ import pytest
 
 from archive_kms.errors import ValidationError
 from archive_kms.operations import archive as archive_mod
-from archive_kms.operations.archive import JobSpec, submit_job
-from archive_kms.operations.job_input import load_jsonl
+from archive_kms.operations.archive import JobSpec, load_jsonl, submit_job
 from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import create_tenant
 from archive_kms.operations.verification import verify_tenant

@@ -52,6 +52,7 @@ from archive_kms.migration.launch import RunLauncher, Started
 from archive_kms.operations.platform import Platform
 from archive_kms.state.console import ApprovalRequest, ApprovalState, ConsoleStore
 from archive_kms.state.port import AuditEvent, RunState
+from archive_kms.state.sql import SqlStateStore
 
 log = logging.getLogger(__name__)
 
@@ -732,6 +733,10 @@ def console_from_settings(settings: Any = None) -> Console:
 
     s = settings or Settings()
     platform = Platform.from_settings(s)
+    if not isinstance(platform.state, SqlStateStore):
+        raise ConfigurationError(
+            "the console keeps approvals in the state database: set state_url to SQLite or PostgreSQL"
+        )
     launcher = PrefectLauncher.from_settings(s)
     return Console(
         platform=platform,

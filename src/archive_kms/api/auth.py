@@ -247,7 +247,7 @@ def authenticate(keys: TokenKeys, token: str, *, now: Callable[[], datetime] | N
     claims = keys.decode(token)
     try:
         role = _role(claims.get("role"))
-        subject = check_subject(claims.get("sub"))
+        subject = check_subject(str(claims.get("sub") or ""))
         scope = _scope(role, claims.get("tenant"))
     except ValidationError as exc:
         raise AuthError(f"the bearer token's claims are not acceptable: {exc}") from None

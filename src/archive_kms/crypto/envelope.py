@@ -434,7 +434,8 @@ def encrypt_stream(
         try:
             dst.write(next(pieces))
         except StopIteration as done:
-            return done.value
+            result: EncryptResult = done.value
+            return result
 
 
 def encrypt_bytes(

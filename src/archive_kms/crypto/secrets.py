@@ -41,7 +41,7 @@ class SecretBytes:
             raise TypeError("SecretBytes takes bytes, bytearray or memoryview")
         self._buf = bytearray(value)
         digest = hmac.new(_FINGERPRINT_KEY, self._buf, hashlib.sha256).hexdigest()
-        self._label = digest[:8]
+        self._label: str | None = digest[:8]
 
     @classmethod
     def random(cls, size: int = 32) -> SecretBytes:

@@ -38,7 +38,7 @@ import hmac
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from archive_kms import clients
@@ -300,7 +300,7 @@ class AzureKeyVaultKeyProvider:
                 retry_after_seconds(response.headers),
                 inner=str((payload.get("innererror") or {}).get("code", "")),
             )
-        return response.json()
+        return cast("dict[str, Any]", response.json())
 
     def _translate(
         self, exc: Exception, operation: str, ref: AzureKeyVaultKeyRef, *, consult_state: bool = True

@@ -146,7 +146,7 @@ class ManagedKeyProvider:
                     exc.response.get("Error", {}).get("Code"),
                 )
             _log.info("created managed key %s for %s", created, self.key_ref)
-            return created
+            return str(created)
         except (ClientError, BotoCoreError) as exc:
             error = translate_client_error(exc, operation="CreateKey", key_ref=self.key_ref)
         raise error

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -209,7 +210,7 @@ class MemoryKeyRef:
 
 
 KeyRef = AwsKmsKeyRef | AzureKeyVaultKeyRef | KmipKeyRef | ManagedKeyRef | MemoryKeyRef
-_BY_SCHEME: dict[str, type] = {
+_BY_SCHEME: dict[str, type[KeyRef]] = {
     cls.scheme: cls for cls in (AwsKmsKeyRef, AzureKeyVaultKeyRef, KmipKeyRef, ManagedKeyRef, MemoryKeyRef)
 }
 SCHEMES = tuple(_BY_SCHEME)
@@ -246,14 +247,14 @@ def parse_key_ref(ref: str | KeyRef) -> KeyRef:
     for ch, what in (("?", "a query"), ("#", "a fragment"), ("%", "percent-escapes"), ("@", "credentials")):
         if ch in rest:
             raise _fail(ref, f"{what} ({ch!r}) is not allowed in a key reference", cls.syntax)
-    parser = {
+    parsers: dict[str, Callable[[str, str], KeyRef]] = {
         "aws-kms": _parse_aws,
         "azure-kv": _parse_azure,
         "kmip": _parse_kmip,
         "managed": _parse_managed,
         "memory": _parse_memory,
-    }[scheme]
-    return parser(ref, rest)
+    }
+    return parsers[scheme](ref, rest)
 
 
 def _parse_aws(ref: str, rest: str) -> AwsKmsKeyRef:

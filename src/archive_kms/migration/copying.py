@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from archive_kms import crashpoints
+from archive_kms.config import Settings
 from archive_kms.crypto.envelope import DecryptResult, EnvelopeHeader, ObjectBinding, decrypt_iter, encrypt_iter
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import (
@@ -62,7 +64,7 @@ from archive_kms.errors import (
     ValidationError,
 )
 from archive_kms.keys.keychain import DataKey, parse_dek_id
-from archive_kms.migration import crashpoints, stopping
+from archive_kms.migration import stopping
 from archive_kms.migration.digests import LedgerDigests, is_keyed
 from archive_kms.migration.memory import COPY_UPLOAD_BUFFER, CopyBudget, copy_budget, limit_allocator
 from archive_kms.migration.plan import MigrationPlan
@@ -79,6 +81,7 @@ from archive_kms.operations.archive import workspace_of
 from archive_kms.operations.reading import DekSource, dek_lookup, read_plaintext_digest
 from archive_kms.state.port import (
     AuditEvent,
+    AuditLog,
     CopyRecord,
     CopyStatus,
     Fence,
@@ -103,8 +106,8 @@ class CopyKeychain(DekSource, Protocol):
         ...
 
 
-class ShardState(RunRepo, LedgerRepo, LeaseRepo, Protocol):
-    """The run records, the copy ledger and the fence check: the state a shard uses."""
+class ShardState(RunRepo, LedgerRepo, LeaseRepo, AuditLog, Protocol):
+    """The run records, the copy ledger, the fence check and the audit log: the state a shard uses."""
 
 
 class ShardPlatform(Protocol):
@@ -116,6 +119,9 @@ class ShardPlatform(Protocol):
 
     @property
     def keychain(self) -> CopyKeychain: ...
+
+    @property
+    def settings(self) -> Settings: ...
 
     def store_for(self, location: Location) -> ObjectStore: ...
 
@@ -152,7 +158,7 @@ class SourceChangedError(IntegrityError):
         self.kind = kind
 
 
-def _open_source(src: Any, name: bytes, etag: str | None, size: int | None) -> ObjectReader:
+def _open_source(src: ObjectStore, name: bytes, etag: str | None, size: int | None) -> ObjectReader:
     """``src.open_read`` of exactly the version the manifest recorded (``etag``, ``size``);
     ``SourceChangedError`` naming the object and what differs otherwise."""
     recorded = f"the manifest recorded {size} bytes, ETag {etag}"
@@ -194,7 +200,7 @@ class _Pieces(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+    def read(self, size: int | None = -1) -> bytes:
         if self._off >= len(self._buf):
             piece = next(self._it, b"")
             if not piece:

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from archive_kms import retry
+from archive_kms import crashpoints, retry
 from archive_kms.errors import ArchiveKmsError, FencedError, LeaseHeldError, StateError, ValidationError
-from archive_kms.migration import crashpoints, stopping
+from archive_kms.migration import stopping
 from archive_kms.migration.context import Hooks, RunContext, ShardRunner
 from archive_kms.migration.copying import ShardPlatform, copy_shard, verify_shard
 from archive_kms.migration.memory import limit_allocator

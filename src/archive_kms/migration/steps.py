@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +39,7 @@ from archive_kms.operations.archive import RECORD_PREFIX, fence_stalled_jobs, re
 from archive_kms.search import alias_name, rebuild_generation
 from archive_kms.state.anchors import AnchorStore, publish_anchor
 from archive_kms.state.port import CopyStatus, Flow, KeyMode, ManifestEntry, StepState
+from archive_kms.storage import ObjectStore
 from archive_kms.storage.name_limits import require_names_fit
 
 Step = Callable[[RunContext], dict[str, Any]]
@@ -577,8 +578,8 @@ def verify(ctx: RunContext) -> dict[str, Any]:
 # --- index and cutover ------------------------------------------------------------------------
 
 
-def _records(ctx: RunContext, store: Any):
-    from concurrent.futures import ThreadPoolExecutor
+def _records(ctx: RunContext, store: ObjectStore) -> Iterator[Record]:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter
     from archive_kms.migration.copying import _DekMemo
@@ -598,7 +599,7 @@ def _records(ctx: RunContext, store: Any):
     names = (info.name for info in store.list(RECORD_PREFIX))
     threads = ctx.plan.parallel_shards * ctx.plan.threads_per_shard  # as many reads in flight as the copy
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="akms-etl") as pool:
-        window: list = []
+        window: list[Future[Record]] = []
         for name in names:
             ctx.check()  # a stop request ends the build here; a resume rebuilds (ids are deterministic)
             window.append(pool.submit(load, name))
@@ -747,7 +748,7 @@ def _recheck_before_deleting(ctx: RunContext, kept: set[bytes]) -> None:
         )
 
 
-def _delete_all_but(ctx: RunContext, store: Any, kept: set[bytes]) -> int:
+def _delete_all_but(ctx: RunContext, store: ObjectStore, kept: set[bytes]) -> int:
     """Delete the manifest's objects from the source except ``kept``, in batches (the
     source entity stays: it still holds the kept ones). Deleting what is gone is a no-op,
     so a rerun converges."""

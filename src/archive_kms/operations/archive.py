@@ -16,6 +16,7 @@ the store purges the seal when the job is replayed (``docs/archive-jobs.md``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from archive_kms.crypto.envelope import (
@@ -60,7 +62,7 @@ from archive_kms.operations.job_input import (
     check_job_id,
     check_record,
     check_synthetic,
-    load_jsonl,
+    read_jsonl,
 )
 from archive_kms.operations.job_lease import JobLease
 from archive_kms.search import IndexMode, SearchIndex, SearchKeys
@@ -200,10 +202,18 @@ class JobSpec:
             raise ValidationError(f"job {self.job_id}: unknown job kind {self.kind!r} (inline|synthetic)")
         for record in check_inline_records(self.job_id, self.records, self.attachment_files, self.origins):
             atts = [
-                AttachmentData(ref, lambda p=self.attachment_files[ref.attachment_id], n=ref.size: _read_file(p, n))
+                AttachmentData(ref, functools.partial(_read_file, self.attachment_files[ref.attachment_id], ref.size))
                 for ref in record.attachments
             ]
             yield record, atts
+
+
+def load_jsonl(path: str | Path, *, job_id: str, tenant_id: str, attachments_root: str | Path | None = None) -> JobSpec:
+    """A job from a JSONL file (format: ``docs/archive-jobs.md``, "Job input"), checked
+    before it is submitted (``operations.job_input.read_jsonl``: a ``ValidationError``
+    naming ``FILE:LINE`` for the first problem)."""
+    found = read_jsonl(path, job_id=job_id, attachments_root=attachments_root)
+    return JobSpec(job_id, tenant_id, "inline", found.records, found.attachment_files, origins=found.origins)
 
 
 def _read_file(path: str, size: int, chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -377,10 +387,10 @@ def open_queued(job: DeferredJob, keychain: ArchiveKeychain) -> JobSpec:
 
 
 def _test_point(name: str) -> None:
-    """Crash and freeze points of the fault tests (``migration.crashpoints``); one
+    """Crash and freeze points of the fault tests (``archive_kms.crashpoints``); one
     environment lookup when none is armed (production)."""
     if "ARCHIVE_KMS_FREEZE_AT" in os.environ or "ARCHIVE_KMS_CRASH_AT" in os.environ:
-        from archive_kms.migration import crashpoints
+        from archive_kms import crashpoints
 
         crashpoints.hit(name)
 
@@ -573,6 +583,15 @@ def _digest(chunks: Iterable[bytes]) -> str:
     return h.hexdigest()
 
 
+def _one_piece(make: Callable[[], bytes]) -> Iterator[bytes]:
+    yield make()
+
+
+def _same_content(archive: TenantArchive, name: bytes, expected: Callable[[], Iterable[bytes]]) -> bool:
+    """Whether the stored plaintext of ``name`` equals ``expected()`` (by SHA-256, streamed)."""
+    return _digest(archive.read_object(name)) == _digest(expected())
+
+
 def _already_there(archive: TenantArchive, name: bytes, tag: str, same: Callable[[], bool], what: str) -> bool:
     """Whether ``name`` is stored already (True) or free (False). An object written by this
     job (a crashed attempt) counts as there; one written by another job must hold the same
@@ -659,7 +678,7 @@ def check_stored(archive: TenantArchive, plan: JobPlan) -> None:
                 archive,
                 name,
                 tag,
-                lambda att=att, name=name: _digest(archive.read_object(name)) == _digest(att.open()),
+                functools.partial(_same_content, archive, name, att.open),
                 f"{item.where}: attachment {att.ref.attachment_id} (workspace {r.workspace_id})",
             )
             item.attachments[i] = (att, name, present)
@@ -667,7 +686,7 @@ def check_stored(archive: TenantArchive, plan: JobPlan) -> None:
             archive,
             item.name,
             tag,
-            lambda item=item: b"".join(archive.read_object(item.name)) == item.record.to_json(),
+            functools.partial(_same_content, archive, item.name, functools.partial(_one_piece, item.record.to_json)),
             f"{item.where}: record {r.object_type}/{r.record_id} (workspace {r.workspace_id})",
         )
 

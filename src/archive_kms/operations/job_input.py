@@ -17,13 +17,10 @@ import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from archive_kms.domain.records import AttachmentRef, Record
 from archive_kms.errors import ValidationError
-
-if TYPE_CHECKING:
-    from archive_kms.operations.archive import JobSpec
 
 #: ``--generate N``: one job is a batch; use ``--offset`` for the next one.
 MAX_GENERATE = 10_000
@@ -271,7 +268,7 @@ def _confined(root: Path, given: str, where: str, attachment_id: str) -> Path:
         raise ValidationError(f"{where}: attachment {attachment_id}: no file at {_show(given)}") from None
     except (OSError, RuntimeError) as e:  # a symlink loop, a permission error on the way
         raise ValidationError(
-            f"{where}: attachment {attachment_id}: cannot read {_show(given)} ({e.strerror or e})"
+            f"{where}: attachment {attachment_id}: cannot read {_show(given)} ({getattr(e, 'strerror', None) or e})"
         ) from None
     if not resolved.is_relative_to(root):
         raise ValidationError(
@@ -311,7 +308,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def load_jsonl(path: str | Path, *, job_id: str, tenant_id: str, attachments_root: str | Path | None = None) -> JobSpec:
+@dataclass(frozen=True)
+class JobInput:
+    """The checked content of a JSONL job file: records, their attachment files
+    (attachment_id -> path) and where each record came from (``FILE:LINE``)."""
+
+    records: tuple[dict[str, Any], ...]
+    attachment_files: dict[str, str]
+    origins: tuple[str, ...]
+
+
+def read_jsonl(path: str | Path, *, job_id: str, attachments_root: str | Path | None = None) -> JobInput:
     """A job from a JSONL file (format: ``docs/archive-jobs.md``, "Job input"): one record
     per line, attachments as entries with a ``path`` inside the JSONL's folder (or
     ``attachments_root``). Everything is checked here, before the job is submitted; the
@@ -335,13 +342,10 @@ def load_jsonl(path: str | Path, *, job_id: str, tenant_id: str, attachments_roo
     except OSError as e:
         raise ValidationError(f"--jsonl {shown}: cannot read it ({e.strerror})") from None
     with f:
-        spec = _read_jsonl(f, shown, root, job_id=job_id, tenant_id=tenant_id)
-    return spec
+        return _read_jsonl(f, shown, root)
 
 
-def _read_jsonl(f: Any, shown: str, root: Path, *, job_id: str, tenant_id: str) -> JobSpec:
-    from archive_kms.operations.archive import JobSpec
-
+def _read_jsonl(f: Any, shown: str, root: Path) -> JobInput:
     records: list[dict[str, Any]] = []
     origins: list[str] = []
     files: dict[str, str] = {}
@@ -398,7 +402,7 @@ def _read_jsonl(f: Any, shown: str, root: Path, *, job_id: str, tenant_id: str) 
             )
     if not records:
         raise ValidationError(f"--jsonl {shown}: no records (one JSON object per line)")
-    return JobSpec(job_id, tenant_id, "inline", tuple(records), files, origins=tuple(origins))
+    return JobInput(tuple(records), files, tuple(origins))
 
 
 def record_payload(record: Record) -> dict[str, Any]:
@@ -456,11 +460,12 @@ __all__ = [
     "MAX_RECORD_BYTES",
     "MAX_SYNTHETIC_RECORDS",
     "Duplicates",
+    "JobInput",
     "check_inline_records",
     "check_job_id",
     "check_record",
     "check_synthetic",
-    "load_jsonl",
     "parse_record",
+    "read_jsonl",
     "record_payload",
 ]

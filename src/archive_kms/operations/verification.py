@@ -228,7 +228,9 @@ def verify_tenant(platform: Platform, tenant_id: str, *, threads: int = DEFAULT_
     location = Location.from_dict(tenant.location)
     tally = _read_objects(platform, tid, location, threads)
     index = platform.index.current_index(tid)
-    documents, indexed, index_failures = 0, {}, []
+    documents = 0
+    indexed: dict[Any, Any] = {}
+    index_failures: list[Any] = []
     if index is not None:
         platform.index.refresh(index)
         documents = platform.index.count(index)

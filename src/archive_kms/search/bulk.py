@@ -99,7 +99,7 @@ def parse_bulk_response(response: Mapping[str, Any], doc_ids: Sequence[str]) -> 
             out.append(("retry", BulkItemError(doc_id, 0, "missing_item", "no item in the bulk response", True)))
             continue
         kind, err = classify_item(items[i])
-        body = next(iter(items[i].values()), {}) if isinstance(items[i], Mapping) and items[i] else {}
+        body: Any = next(iter(items[i].values()), {}) if isinstance(items[i], Mapping) and items[i] else {}
         if isinstance(body, Mapping) and body.get("_id") not in (None, doc_id):
             kind, err = "retry", BulkItemError(doc_id, 0, "mismatched_item", "bulk response items out of order", True)
         if err is not None and err.doc_id != doc_id:

@@ -163,7 +163,7 @@ class SearchKeys:
         if token_key == display_key:
             raise ValidationError("token and display keys must differ")
         self._tenant = check_tenant_id(tenant)
-        self._mac = hmac.new(token_key.reveal(), digestmod=hashlib.sha256)
+        self._mac: hmac.HMAC | None = hmac.new(token_key.reveal(), digestmod=hashlib.sha256)
         self._display = display_key
         self._wiped = False
 
@@ -173,8 +173,7 @@ class SearchKeys:
 
     def keyed(self, term: str) -> str:
         """The keyed token of a plaintext term (22 base64url characters)."""
-        self._check()
-        mac = self._mac.copy()
+        mac = self._live_mac().copy()
         mac.update(term.encode("utf-8"))
         return base64.urlsafe_b64encode(mac.digest()[:TOKEN_BYTES]).rstrip(b"=").decode("ascii")
 
@@ -183,8 +182,7 @@ class SearchKeys:
 
     def mac(self, data: bytes) -> bytes:
         """Full 32-byte HMAC-SHA256 under the token key (deterministic document ids)."""
-        self._check()
-        mac = self._mac.copy()
+        mac = self._live_mac().copy()
         mac.update(data)
         return mac.digest()
 
@@ -202,6 +200,11 @@ class SearchKeys:
     def _check(self) -> None:
         if self._wiped:
             raise ValidationError(f"search keys of tenant {self._tenant!r} were wiped")
+
+    def _live_mac(self) -> hmac.HMAC:
+        self._check()
+        assert self._mac is not None  # set until wiped
+        return self._mac
 
     def __repr__(self) -> str:
         return f"SearchKeys(tenant={self._tenant!r}, <hidden>)"

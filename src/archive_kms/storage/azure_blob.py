@@ -44,6 +44,7 @@ discards them, or Azure does after 7 days.
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
 import logging
 import random
@@ -459,7 +460,7 @@ class AzureBlobObjectStore:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc, key_prefix, "List Blobs")
 
-    def _pages(self, key_prefix: str, op: str, include: list[str] | None) -> Iterator[list[Any]]:
+    def _pages(self, key_prefix: str, op: str, include: builtins.list[str] | None) -> Iterator[builtins.list[Any]]:
         """Listing pages, each fetched with retries. A failed page fetch leaves the pager's
         continuation token where it was, so the retry asks for the same page again."""
         pager = self._c.list_blobs(

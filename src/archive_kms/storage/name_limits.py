@@ -104,7 +104,8 @@ def require_names_fit(names: Iterable[bytes], target: Location) -> None:
     """``ValidationError`` (terminal: no retry makes a name shorter) naming the objects
     whose names do not fit ``target`` and how many there are; used by migration preflight
     on every source name, before any byte moves."""
-    problems, total = [], 0
+    problems: list[NameProblem] = []
+    total = 0
     for name in names:
         problem = name_problem(target, name)
         if problem is not None:

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from archive_kms.crypto.keychain_keys import KEY_SIZE, WRAP_ALGORITHM, derive_search_material
 from archive_kms.crypto.secrets import SecretBytes
@@ -70,7 +70,7 @@ class DataKeys:
             p.head = head.with_workspace(ws)
             return p
 
-        return self._heads.write(tenant_id, plan, gate=True)
+        return cast("str", self._heads.write(tenant_id, plan, gate=True))
 
     def new_workspace(self, head: TenantHead, workspace_id: str, p: Plan) -> tuple[WorkspaceHead, SecretBytes]:
         """Add a new workspace's L3 key (wrapped by the L2) to ``p``; the head is the caller's."""
@@ -176,7 +176,7 @@ class DataKeys:
             log.info("keychain: tenant %s new active DEK %s", tenant_id, new_id)
             return p
 
-        return self._heads.write(tenant_id, plan, gate=True)
+        return cast("DataKey", self._heads.write(tenant_id, plan, gate=True))
 
     def dek_by_id(self, tenant_id: str, dek_id: str) -> SecretBytes:
         """The DEK named in an object header, for decryption (ACTIVE or DECRYPT_ONLY).
@@ -230,7 +230,7 @@ class DataKeys:
                 audit_details={"workspace_id": workspace_id, "dek_id": old.record_id},
             )
 
-        return self._heads.write(tenant_id, plan, gate=True, audit_action="retire_dek")
+        return cast("str | None", self._heads.write(tenant_id, plan, gate=True, audit_action="retire_dek"))
 
     def list_deks(self, tenant_id: str, workspace_id: str | None = None) -> list[DekInfo]:
         """Every DEK (tombstones included), each verified; works while revoked."""

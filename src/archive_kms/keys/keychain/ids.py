@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from typing import cast
 
 from archive_kms.errors import ValidationError
 
@@ -84,13 +85,13 @@ def bucket_of(ts: float, bucket_seconds: int) -> int:
 def check_floor(workspace_id: str, value: object) -> tuple[int, int]:
     """A DEK floor ``(bucket >= 0, generation >= 1)`` (``erase_deks_below``)."""
     try:
-        bucket, generation = value  # type: ignore[misc]
+        bucket, generation = cast("tuple[object, object]", value)  # unpacking checks the shape
     except (TypeError, ValueError):
         raise ValidationError(f"floor of {workspace_id} must be (bucket, generation), got {value!r}") from None
     for n, least in ((bucket, 0), (generation, 1)):
         if not isinstance(n, int) or isinstance(n, bool) or n < least:
             raise ValidationError(f"floor of {workspace_id} must be (bucket >= 0, generation >= 1), got {value!r}")
-    return bucket, generation
+    return cast(int, bucket), cast(int, generation)
 
 
 def as_ts(value: datetime | float | int) -> float:

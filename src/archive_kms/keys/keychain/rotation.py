@@ -275,8 +275,8 @@ class Rotation:
             moved = self._heads.bump(rec, parent_id=new_rec.record_id, parent_version=gen, wrap_ref=new_rec.record_id)
             p.records.append(replace(moved, wrapped=seal(new_l3, open_wrapped(old_l3, rec), moved)))
             p.result += 1
-            if is_active:
-                active = replace(active, version=moved.version)  # type: ignore[arg-type]
+            if is_active and active is not None:
+                active = replace(active, version=moved.version)
         p.head = head.with_workspace(replace(ws, l3=RecordRef(new_rec.record_id, gen, 1), active_dek=active))
         p.cache_drop.append(old_rec.record_id)  # nothing names it any more; never serve it again
         p.cache_put.append((new_rec.record_id, new_l3))
