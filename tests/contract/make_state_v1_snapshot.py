@@ -106,7 +106,7 @@ def main() -> None:
         TenantRecord,
     )
     from archive_kms.state.sql import open_state
-    from archive_kms.state.sql_keychain import SqlKeychainStore
+    from archive_kms.state.sql.keychain import SqlKeychainStore
 
     ticks = [T0]
 

@@ -32,7 +32,7 @@ from test_keychain_rollback import *  # noqa: F403 - and every rollback / audit 
 from archive_kms.keys.keychain_store import KeychainStore, KeyRecord
 from archive_kms.state.schema import keychain_heads, keychain_records
 from archive_kms.state.sql import SqlStateStore, open_state
-from archive_kms.state.sql_keychain import SqlKeychainStore
+from archive_kms.state.sql.keychain import SqlKeychainStore
 
 
 class _RawRows(MutableMapping[Any, bytes]):

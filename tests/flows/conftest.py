@@ -333,7 +333,7 @@ def audit_holds(platform: Any, tenant: str, *, resumes: int | None = None, rerun
     - the keychain's last audited change is in the log (no record: the op did not run),
       and the log's latest keychain record names the L1 key the keychain uses now.
     """
-    from archive_kms.state.sql_keychain import SqlKeychainStore
+    from archive_kms.state.sql.keychain import SqlKeychainStore
 
     verified = platform.state.verify_audit()
     assert verified.ok, f"audit chain does not verify: {verified}"

@@ -982,7 +982,7 @@ def verify_shard(platform: ShardPlatform, run_id: str, shard: int, fence: Fence 
 
 
 def attest_copies(
-    platform: Any,
+    platform: ShardPlatform,
     run_id: str,
     listed: dict[bytes, Any],
     fence: Fence | None,

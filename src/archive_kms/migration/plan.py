@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from archive_kms.config import Settings
 from archive_kms.domain.tenants import TenantId
 from archive_kms.errors import ConfigurationError, StateError, ValidationError
 from archive_kms.keys.aws_kms import AwsKmsKeyProvider
@@ -126,8 +127,8 @@ class MigrationPlan:
 VERIFY_MODES = ("attested", "read-back")
 
 
-def _verify_mode(platform: Any, verify: str | None) -> str:
-    mode = platform.settings.migration_verify if verify is None else verify
+def _verify_mode(settings: Settings, verify: str | None) -> str:
+    mode = settings.migration_verify if verify is None else verify
     if mode not in VERIFY_MODES:
         raise ValidationError(f"verify mode must be one of {', '.join(VERIFY_MODES)}, got {mode!r}")
     return mode
@@ -222,7 +223,7 @@ def plan_enable(
         old_index=platform.index.current_index(t.tenant_id),
         new_generation=t.index_generation + 1,
         source_key_ref=platform.keychain.status(t.tenant_id).l1_ref,
-        verify=_verify_mode(platform, verify),
+        verify=_verify_mode(platform.settings, verify),
         **_fanout(shards, parallel_shards, threads_per_shard),
     )
 
@@ -254,7 +255,7 @@ def plan_remove(
         old_index=platform.index.current_index(t.tenant_id),
         new_generation=t.index_generation + 1,
         source_key_ref=platform.keychain.status(t.tenant_id).l1_ref,
-        verify=_verify_mode(platform, verify),
+        verify=_verify_mode(platform.settings, verify),
         **_fanout(shards, parallel_shards, threads_per_shard),
     )
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from archive_kms import clients
 from archive_kms.config import Settings, get_settings, stack_dir
 from archive_kms.errors import KeyNotFoundError, StateError
 from archive_kms.operations.archive import TenantArchive
@@ -120,13 +121,12 @@ class Platform:
         """Every port on its real backend, from settings: SQL state store (SQLite or
         PostgreSQL), the keychain stored beside it, Elasticsearch, S3/Azure stores, and the
         key-provider registry."""
-        from archive_kms import clients
         from archive_kms.keys.keychain import Keychain
         from archive_kms.keys.registry import KeyProviderRegistry
         from archive_kms.search.elasticsearch import ElasticsearchSearchIndex
         from archive_kms.state.audit import SignerHeadSealer
         from archive_kms.state.sql import open_state
-        from archive_kms.state.sql_keychain import SqlKeychainStore
+        from archive_kms.state.sql.keychain import SqlKeychainStore
         from archive_kms.storage import open_store
         from archive_kms.storage.provisioning import CloudProvisioner
 
@@ -224,7 +224,6 @@ def platform_signer(settings: Settings | None = None) -> Signer:
 
 def _anchor_store(settings: Settings, s3_client: Any = None) -> AnchorStore | None:
     """Where audit anchors are published (``settings.audit_anchor_bucket``), or None."""
-    from archive_kms import clients
     from archive_kms.state.anchors_s3 import S3AnchorStore
 
     if not settings.audit_anchor_bucket:
