@@ -121,6 +121,12 @@ class ObjectChangedError(ArchiveKmsError):
     caller decides whether the new one is acceptable."""
 
 
+class CopyFailedError(ArchiveKmsError):
+    """Objects failed to copy for a reason a retry of the same input cannot fix (access
+    denied, a key refused, a name or size the target cannot hold): fix the cause named,
+    then rerun the step. Failures that a retry may fix are a ``TransientError``."""
+
+
 class StorageError(ArchiveKmsError):
     """A non-retryable storage failure (permission, bad bucket, quota)."""
 

@@ -22,6 +22,7 @@ from archive_kms.errors import (
     FencedError,
     LeaseHeldError,
     StateError,
+    StorageError,
     TransientError,
     ValidationError,
 )
@@ -1051,3 +1052,34 @@ def test_pause_gives_up_on_a_stuck_job_and_resume_finishes(monkeypatch):
     p.state.finish_job(spec.job_id, admission.attempt, error="worker gave up")  # the job ends (without writing)
     assert resume(p, run_id, actor="support").state == "completed"
     assert_settled(p, plan, run_id, before)
+
+
+def test_a_copy_failure_no_retry_fixes_is_not_called_transient():
+    """Issue 10 (4): access denied on the destination fails the copy step as a
+    CopyFailedError (fix the cause, then rerun), never as a TransientError; once the cause is
+    fixed a rerun of the step completes."""
+    p = archived_platform()
+    before = digests(p)
+    plan = enable_plan(p)
+    dst = p.store_for(plan.destination_location)
+    denied = sorted(before)[2]
+    real_put = dst.put_stream
+    fixed: list[bool] = []
+
+    def denying_put(name, chunks, **kw):
+        if name == denied and not fixed:
+            raise StorageError("injected: AccessDenied on PutObject (the bucket policy refuses the platform role)")
+        return real_put(name, chunks, **kw)
+
+    dst.put_stream = denying_put
+    run_id = start(p, plan)
+    out = execute(p, run_id, actor="test")
+    assert out.state == "failed" and out.message == "step copy failed"
+    assert out.error.startswith("CopyFailedError: "), out.error
+    assert "TransientError" not in out.error and "no retry fixes" in out.error and "AccessDenied" in out.error
+    assert p.state.get_copy(run_id, denied).status is CopyStatus.FAILED
+    assert p.state.get_tenant(TENANT).location == plan.source  # nothing cut over
+
+    fixed.append(True)
+    out2 = rerun(p, run_id, "copy", actor="support")
+    assert out2.state == "completed", out2

@@ -607,6 +607,7 @@ class ShardResult:
     failed: int = 0
     source_changed: int = 0  # of the failed: the source is not the manifest's version (changed, deleted)
     quarantined: int = 0  # source does not authenticate: recorded quarantined, not failed
+    permanent: int = 0  # of the failed: no retry of the same input can fix them (not ``retryable``)
     interrupted: bool = False  # the run is stopping: objects of this shard were left for a resume
     errors: list[str] | None = None
     seconds: float = 0.0
@@ -785,6 +786,7 @@ def _copy_shard(
                         result.source_changed += 1
                         msg = f"source {exc.kind}: {exc}"[:500]
                     else:
+                        result.permanent += 0 if getattr(exc, "retryable", False) else 1
                         msg = f"{type(exc).__name__}: {exc}"[:300]
                     if len(result.errors or []) < 20:
                         result.errors.append(f"{entry.name[:120]!r}: {msg}")  # type: ignore[union-attr]

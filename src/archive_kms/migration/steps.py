@@ -23,6 +23,7 @@ from archive_kms.errors import (
     AliasConflictError,
     ArchiveKmsError,
     ConfigurationError,
+    CopyFailedError,
     IntegrityError,
     KeyUnavailableError,
     SearchError,
@@ -471,6 +472,12 @@ def copy(ctx: RunContext) -> dict[str, Any]:
         errors = [e for r in results for e in (r.get("errors") or []) if ": quarantined: " not in e][:5]
         held = sum(r.get("quarantined", 0) for r in results)
         also = f" ({held} more quarantined: their source does not authenticate)" if held else ""
+        permanent = sum(r.get("permanent", 0) for r in results)
+        if permanent:  # a retry of the same input fails again: say so, never "transient"
+            raise CopyFailedError(
+                f"{failed} object(s) failed to copy{also}, {permanent} for a reason no retry fixes; they stay in "
+                f"the ledger as failed: fix the cause, then rerun the step. First: {'; '.join(errors)}"
+            )
         raise TransientError(
             f"{failed} object(s) failed to copy{also}; they stay in the ledger as failed and are "
             f"retried by a rerun of the step. First: {'; '.join(errors)}"
