@@ -204,9 +204,12 @@ def translate_arm_error(exc: BaseException, *, where: str, op: str) -> ArchiveKm
 
 
 def _is_not_found(exc: BaseException) -> bool:
+    """A 404 for the resource itself; a missing resource group or subscription is not
+    "no account" but a configuration error."""
     from azure.core.exceptions import ResourceNotFoundError
 
-    return isinstance(exc, ResourceNotFoundError)
+    code = str(getattr(getattr(exc, "error", None), "code", None) or "")
+    return isinstance(exc, ResourceNotFoundError) and code not in ("ResourceGroupNotFound", "SubscriptionNotFound")
 
 
 # --- the provisioner ------------------------------------------------------------------------------
