@@ -391,9 +391,10 @@ def test_arm_a_passing_server_error_is_retried_by_the_sdk(arm_fake):
 def test_arm_refuses_a_name_taken_outside_the_resource_group(arm_fake):
     p, loc = arm_provisioner(arm_fake), new_location()
     arm_fake.taken_elsewhere.add(loc.account)
-    with pytest.raises(StorageError, match="taken outside resource group"):
+    with pytest.raises(StorageError, match="StorageAccountAlreadyTaken.*another owner"):
         p.create(loc)
-    assert not arm_fake.sent("PUT", f"/storageAccounts/{loc.account}")
+    assert loc.account not in arm_fake.accounts  # nothing created
+    assert not arm_fake.sent("POST", "/checkNameAvailability")  # no subscription-wide call
 
 
 def test_arm_settings_are_required(arm_fake):

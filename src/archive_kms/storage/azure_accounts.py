@@ -6,8 +6,8 @@ specified in docs/storage-layout.md, "A tenant's own storage account"):
 
 1. ``GET .../storageAccounts/{name}``: an account of that name in our resource group must
    carry our tag ``archive-kms-tenant = <tenant id>``, else it is someone else's
-   (``StorageError``, nothing changed). Not there: ``POST .../checkNameAvailability``;
-   a name taken anywhere else in Azure is refused the same way.
+   (``StorageError``, nothing changed). A name held anywhere else in Azure: the PUT below
+   answers 409 ``StorageAccountAlreadyTaken`` (``StorageError``, nothing created).
 2. ``PUT .../storageAccounts/{name}`` (long-running: 202 + ``Location``, polled by the
    SDK): StorageV2, Entra ID only (no shared key), TLS 1.2, HTTPS only, no public blob
    access, network default Deny with the workers' subnets, infrastructure encryption, and
@@ -183,7 +183,13 @@ def translate_arm_error(exc: BaseException, *, where: str, op: str) -> ArchiveKm
             state=code,
         )
     if code in ("StorageAccountAlreadyTaken", "StorageAccountAlreadyExists"):
-        return StorageError(f"{text}; choose another azure_tenant_account_prefix", resource=where)
+        return StorageError(
+            f"{text}: the name is held outside resource group (another owner); choose another "
+            "azure_tenant_account_prefix",
+            resource=where,
+        )
+    if code in ("AccountNameInvalid", "StorageAccountNameNotValid"):
+        return ValidationError(f"{text}", resource=where)
     if code in (
         "ResourceGroupNotFound",
         "SubscriptionNotFound",
@@ -303,24 +309,11 @@ class ArmAccountProvisioner:
             location, region=self._region, sku=self._sku, cmk_identity_id=self._identity, subnet_ids=self._subnets
         )
         found = self._account(location)
-        if found is None:
-            avail = self._call(
-                location,
-                "Check Name Availability",
-                self._mgmt.storage_accounts.check_name_availability,
-                {"name": name, "type": "Microsoft.Storage/storageAccounts"},
-            )
-            if not avail.get("nameAvailable"):
-                reason = avail.get("reason")
-                if reason == "AccountNameInvalid":
-                    raise ValidationError(f"{location.uri}: Azure refuses the account name: {avail.get('message')}")
-                raise StorageError(
-                    f"{location.uri}: storage account name {name} is taken outside resource group {self._rg} "
-                    f"({reason}); choose another azure_tenant_account_prefix",
-                    resource=location.uri,
-                )
-        else:
+        if found is not None:
             self._check_ours(location, found)
+        # Not in our resource group: the PUT creates it, or answers 409 StorageAccountAlreadyTaken
+        # for a name held anywhere else in Azure (no checkNameAvailability: it needs a
+        # subscription-wide permission, and a check before the PUT would race it anyway).
         poller = self._call(
             location,
             "Create Storage Account",
