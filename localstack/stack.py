@@ -364,11 +364,11 @@ AZURITE_POOL_PREFIX = "akmspool"
 
 
 def azurite_pool() -> list[tuple[str, str]]:
-    """(account, base64 key) of the pool, ``ARCHIVE_KMS_AZURITE_POOL_SIZE`` accounts (32)."""
+    """(account, base64 key) of the pool, ``ARCHIVE_KMS_AZURITE_POOL_SIZE`` accounts (64)."""
     import base64
     import hashlib
 
-    size = int(os.environ.get("ARCHIVE_KMS_AZURITE_POOL_SIZE", "32"))
+    size = int(os.environ.get("ARCHIVE_KMS_AZURITE_POOL_SIZE", "64"))
     if not 1 <= size <= 999:
         raise StackError(f"ARCHIVE_KMS_AZURITE_POOL_SIZE must be 1..999, got {size}")
     out = []

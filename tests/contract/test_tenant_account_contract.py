@@ -455,3 +455,27 @@ def test_the_pool_records_the_customer_key_it_cannot_apply(azurite, tmp_path):
         p.delete(loc, open_store(loc, blob_service=p.blob_service(loc)))
     assert allocations.allocation(loc.account) is None  # released
     assert CLAIM_CONTAINER not in [c.name for c in svc.list_containers()]
+
+
+def test_a_delete_that_died_after_dropping_the_claim_finishes_without_touching_the_next_owner(azurite, tmp_path):
+    from archive_kms.storage.azurite_pool import CLAIM_CONTAINER
+
+    require_azurite_pool(azurite)
+    first, first_allocations = pool_provisioner(azurite, f"sqlite:///{tmp_path / 'a.db'}")
+    second, _ = pool_provisioner(azurite, f"sqlite:///{tmp_path / 'b.db'}")
+    a, b = new_location(), new_location()
+    first.create(a)
+    svc = first.blob_service(a)
+    taken = svc.account_name
+    # the first deployment's delete dies after emptying the account and dropping the claim
+    svc.delete_container(a.container)
+    svc.delete_container(CLAIM_CONTAINER)
+    second._allocations.allocate(tenant_id=b.tenant.value, account=b.account, candidates=[taken])
+    second.create(b)  # the next owner takes the now free account
+    try:
+        assert second.blob_service(b).account_name == taken
+        assert first.delete(a, MemoryObjectStore()) == 0  # the rerun releases, deletes nothing
+        assert first_allocations.allocation(a.account) is None
+        assert second.exists(b)
+    finally:
+        second.delete(b, open_store(b, blob_service=second.blob_service(b)))

@@ -166,11 +166,14 @@ class AzuritePoolProvisioner:
         pool_account = found.pool_account
         owner = self._claim_owner(pool_account) if pool_account in self._pool else None
         if owner is not None and owner != self._owner(location):
-            raise StorageError(
-                f"{location.uri}: pool account {pool_account} is claimed by {owner}, not by this tenant; "
-                "not deleting it (its allocation here is stale: release it by hand)",
-                resource=location.uri,
+            # Another deployment claimed it after ours went (a delete that died between
+            # dropping the claim and releasing), or before ours was ever made: nothing of
+            # this tenant is there. Release the stale allocation, touch nothing.
+            log.warning(
+                "pool account %s is claimed by %s; releasing %s's stale allocation", pool_account, owner, location.uri
             )
+            self._allocations.release(location.account or "", pool_account)
+            return 0
         count = 0
         if owner is not None:
             svc = self._pool[pool_account]
