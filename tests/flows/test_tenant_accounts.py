@@ -83,3 +83,66 @@ def test_a_run_planned_onto_a_platform_account_container_still_resumes(
     # and remove brings it back from there
     assert run_plan(p, plan_remove(p, t, shards=2)).state == RunState.COMPLETED.value
     assert not p.provisioner.exists(loc)
+
+
+def test_cli_enable_killed_then_runs_cancel_releases_the_tenant_account(
+    flow_platform, archived_tenant, customer_key, prefect_api, tmp_path
+):
+    """The operator's path: `archive-kms enable --mode kmip --cloud azure --wait` dies after
+    the copy (SIGKILL at a crash point), `archive-kms runs cancel --takeover` deletes the
+    tenant's account and releases its pool account."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    p = flow_platform
+    archived = archived_tenant("azure", records=8, seed=13)
+    t = archived.tenant_id
+    cli = str(Path(sys.executable).with_name("archive-kms"))
+    env = {k: v for k, v in os.environ.items() if k != "ARCHIVE_KMS_CRASH_AT"}
+    env.update(ARCHIVE_KMS_STATE_URL=p.settings.state_url, ARCHIVE_KMS_LEASE_TTL_SECONDS="3")
+    key_ref = customer_key("kmip", "azure")
+    killed = subprocess.run(
+        [
+            cli,
+            "enable",
+            t,
+            "--mode",
+            "kmip",
+            "--cloud",
+            "azure",
+            "--key-ref",
+            key_ref,
+            "--shards",
+            "2",
+            "--json",
+            "--wait",
+        ],
+        env=dict(env, ARCHIVE_KMS_CRASH_AT="after:copy"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    (run,) = p.state.list_runs(t)
+    dest = Location.from_dict(run.params["destination"])
+    assert dest.own_account and dest.cmk_key_url is None  # KMIP: no Key Vault key to encrypt the account with
+    assert p.provisioner.exists(dest)
+    account = p.provisioner.blob_service(dest)
+
+    cancelled = subprocess.run(
+        [cli, "runs", "cancel", run.run_id, "--takeover", "--json", "--wait"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cancelled.returncode == 0, cancelled.stderr[-3000:]
+    assert json.loads(cancelled.stdout)["outcome"]["state"] == RunState.CANCELLED.value
+    assert not p.provisioner.exists(dest)
+    assert SqlAccountPool(p.state).allocation(dest.account) is None
+    assert [c.name for c in account.list_containers()] == []
+    assert storage_snapshot(p, t) == archived.snapshot
