@@ -357,6 +357,34 @@ def az_install(s: Service) -> None:
     run(["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"], logfile=s.logfile, cwd=d)
 
 
+# Accounts that stand in for tenants' own storage accounts (Azurite cannot create accounts;
+# docs/storage-layout.md, "A tenant's own storage account"). Their keys are derived from
+# their names: local emulator credentials, like Azurite's well-known key.
+AZURITE_POOL_PREFIX = "akmspool"
+
+
+def azurite_pool() -> list[tuple[str, str]]:
+    """(account, base64 key) of the pool, ``ARCHIVE_KMS_AZURITE_POOL_SIZE`` accounts (64)."""
+    import base64
+    import hashlib
+
+    size = int(os.environ.get("ARCHIVE_KMS_AZURITE_POOL_SIZE", "64"))
+    if not 1 <= size <= 999:
+        raise StackError(f"ARCHIVE_KMS_AZURITE_POOL_SIZE must be 1..999, got {size}")
+    out = []
+    for i in range(1, size + 1):
+        name = f"{AZURITE_POOL_PREFIX}{i:03d}"
+        key = base64.b64encode(hashlib.sha512(f"archive-kms local Azurite pool account {name}".encode()).digest())
+        out.append((name, key.decode()))
+    return out
+
+
+def azurite_accounts_env() -> str:
+    """``AZURITE_ACCOUNTS``: the well-known account (Azurite drops it when the variable is
+    set) and the pool."""
+    return ";".join(f"{a}:{k}" for a, k in [(AZURITE_ACCOUNT, AZURITE_KEY), *azurite_pool()])
+
+
 def az_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
     data = s.run_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -373,7 +401,7 @@ def az_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
             "--loose",
             "--silent",
         ],
-        dict(os.environ),
+        dict(os.environ, AZURITE_ACCOUNTS=azurite_accounts_env()),
         s.run_dir,
     )
 
@@ -395,7 +423,11 @@ def az_endpoints(s: Service) -> dict[str, object]:
         f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
         f"BlobEndpoint=http://127.0.0.1:{s.port}/{AZURITE_ACCOUNT};"
     )
-    return {"azure_blob_connection_string": cs}
+    pool = [
+        f"DefaultEndpointsProtocol=http;AccountName={a};AccountKey={k};BlobEndpoint=http://127.0.0.1:{s.port}/{a};"
+        for a, k in azurite_pool()
+    ]
+    return {"azure_blob_connection_string": cs, "azure_account_pool": pool}
 
 
 # ---------------------------------------------------------------- Elasticsearch

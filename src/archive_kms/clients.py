@@ -65,36 +65,84 @@ def aws_client(service: str, settings: Settings | None = None, **config: Any):
     return session.client(service, endpoint_url=s.aws_endpoint_url, config=cfg)
 
 
-def blob_service_client(settings: Settings | None = None):
-    from azure.storage.blob import BlobServiceClient
-
-    s = settings or get_settings()
+def _blob_transport():
     import requests
     from azure.core.pipeline.transport import RequestsTransport
 
-    if s.azure_blob_connection_string is None and s.azure_blob_account_url:
-        cs = None
-    else:
-        cs = _require(s.azure_blob_connection_string, "azure_blob_connection_string")
     # The migration copies with tens of threads; requests' default pool keeps only 10
     # connections and discards the rest after every burst.
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=64)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    transport = RequestsTransport(session=session)
+    return RequestsTransport(session=session)
+
+
+def blob_service_client(settings: Settings | None = None):
+
+    s = settings or get_settings()
+    if s.azure_blob_connection_string is None and s.azure_blob_account_url:
+        cs = None
+    else:
+        cs = _require(s.azure_blob_connection_string, "azure_blob_connection_string")
     if cs is None:  # Entra ID only (the account allows no shared key): the managed identity
+        return blob_service_client_for_url(s.azure_blob_account_url or "")
+    return blob_service_client_from_connection_string(cs.get_secret_value())
+
+
+def blob_service_client_from_connection_string(connection_string: str, setting: str = "azure_blob_connection_string"):
+    """A Blob client for one account from its connection string (shared key: Azurite).
+    A malformed one is a ConfigurationError naming ``setting``, never echoing the string
+    (it holds the account key)."""
+    from azure.storage.blob import BlobServiceClient
+
+    try:
+        return BlobServiceClient.from_connection_string(connection_string, transport=_blob_transport())
+    except ValueError:
+        raise ConfigurationError(
+            f"{setting} (ARCHIVE_KMS_{setting.upper()}) is malformed; expected "
+            "DefaultEndpointsProtocol=...;AccountName=...;AccountKey=...;BlobEndpoint=...",
+            resource=setting,
+        ) from None
+
+
+def blob_service_client_for_url(account_url: str):
+    """A Blob client for the account at ``account_url`` (``https://ACCOUNT.blob...``),
+    authenticated with Microsoft Entra ID (DefaultAzureCredential: the workers' managed
+    identity). Tenant accounts created through Resource Manager allow no shared key."""
+    from azure.identity import DefaultAzureCredential
+    from azure.storage.blob import BlobServiceClient
+
+    return BlobServiceClient(account_url, credential=DefaultAzureCredential(), transport=_blob_transport())
+
+
+def storage_management_client(settings: Settings | None = None):
+    """An azure-mgmt-storage client (Azure Resource Manager) for the subscription that holds
+    the tenant accounts. A loopback ``azure_arm_endpoint`` (a local stand-in) gets the static
+    token; anything else DefaultAzureCredential."""
+    from urllib.parse import urlsplit
+
+    from azure.core.pipeline.transport import RequestsTransport
+    from azure.mgmt.storage import StorageManagementClient
+
+    s = settings or get_settings()
+    endpoint = s.azure_arm_endpoint.rstrip("/")
+    if urlsplit(endpoint).hostname in ("localhost", "127.0.0.1"):
+        credential: Any = StaticTokenCredential()
+    else:
         from azure.identity import DefaultAzureCredential
 
-        return BlobServiceClient(s.azure_blob_account_url, credential=DefaultAzureCredential(), transport=transport)
-    try:
-        return BlobServiceClient.from_connection_string(cs.get_secret_value(), transport=transport)
-    except ValueError:  # malformed: say which setting, never echo it (it holds the account key)
-        raise ConfigurationError(
-            "azure_blob_connection_string (ARCHIVE_KMS_AZURE_BLOB_CONNECTION_STRING) is malformed; expected "
-            "DefaultEndpointsProtocol=...;AccountName=...;AccountKey=...;BlobEndpoint=...",
-            resource="azure_blob_connection_string",
-        ) from None
+        credential = DefaultAzureCredential()
+    kwargs: dict[str, Any] = {}
+    if s.azure_arm_ca_bundle:
+        kwargs["transport"] = RequestsTransport(connection_verify=s.azure_arm_ca_bundle)
+    return StorageManagementClient(
+        credential,
+        _require(s.azure_subscription_id, "azure_subscription_id"),
+        base_url=endpoint,
+        credential_scopes=[f"{endpoint}/.default"],
+        **kwargs,
+    )
 
 
 def elasticsearch_client(settings: Settings | None = None):

@@ -58,6 +58,30 @@ class Settings(BaseSettings):
     # (DefaultAzureCredential: the workers' managed identity). Used when no connection string is set.
     azure_blob_account_url: str | None = None
 
+    # Where `enable --cloud azure` puts a tenant: "account" = its own storage account
+    # (docs/storage-layout.md; created by the tenant-account provisioner below), "container" =
+    # a container byok-<tenant> in the platform account (what earlier releases did).
+    azure_dedicated_storage: Literal["account", "container"] = "account"
+    # Tenant account names: <prefix><tenant id letters and digits><8 chars of its SHA-256>.
+    azure_tenant_account_prefix: str = Field(default="akms", pattern=r"^[a-z0-9]{0,15}$")
+    # Local stack: connection strings of the Azurite accounts (AZURITE_ACCOUNTS) that stand in
+    # for tenant accounts; set = the Azurite pool provisioner, empty = Azure Resource Manager.
+    azure_account_pool: list[SecretStr] = Field(default_factory=list)
+    # Azure Resource Manager (real Azure): where tenant accounts are created, and how.
+    azure_subscription_id: str | None = None
+    azure_resource_group: str | None = None  # the tenant accounts' resource group
+    azure_region: str | None = None  # e.g. westeurope
+    # Resource id of the user-assigned identity a tenant account uses to reach the customer's
+    # key (the workers' identity: customers already grant it on their key).
+    azure_cmk_identity_id: str | None = None
+    # Subnets (resource ids, service endpoint Microsoft.Storage) allowed to reach tenant
+    # accounts; every other network is denied.
+    azure_tenant_account_subnet_ids: list[str] = Field(default_factory=list)
+    azure_tenant_account_sku: str = "Standard_GZRS"
+    azure_tenant_account_soft_delete_days: int = Field(default=30, ge=7, le=365)
+    azure_arm_endpoint: str = "https://management.azure.com"
+    azure_arm_ca_bundle: str | None = None  # PEM path; None = system trust
+
     # Azure Key Vault (emulator locally): vault URL and TLS trust for it.
     azure_keyvault_url: str | None = None
     azure_keyvault_ca_bundle: str | None = None  # path to PEM; None = system trust

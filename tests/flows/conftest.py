@@ -497,6 +497,8 @@ def _teardown_tenants(platform: Any, tenants: list[str]) -> None:
             shared_azure_location(tid, s.shared_azure_account),
             dedicated_azure_location(tid, account=s.shared_azure_account),
         ]
+        if s.azure_account_pool:  # the tenant's own account (an Azurite pool account standing in)
+            candidates.append(dedicated_azure_location(tid, account_prefix=s.azure_tenant_account_prefix))
         for loc in candidates:
             for attempt in range(2):
                 try:

@@ -20,6 +20,7 @@ from conftest import es_documents, invariants, run_plan, tenant_indices
 
 from archive_kms import clients
 from archive_kms.domain.records import Record
+from archive_kms.domain.tenants import azure_storage_account_name
 from archive_kms.errors import KeyUnavailableError
 from archive_kms.keys.refs import parse_key_ref
 from archive_kms.migration import plan_enable
@@ -111,6 +112,17 @@ def test_enable_moves_tenant_onto_customer_key(flow_platform, archived_tenant, c
         if mode in ("byokms", "byok"):
             arn = parse_key_ref(key_ref).api_key_id
             assert default["SSEAlgorithm"] == "aws:kms" and default["KMSMasterKeyID"] == arn, default
+
+    # Azure: the tenant's own storage account (an Azurite pool account stands in for it),
+    # named by the rule, recording the customer's Key Vault key (versionless) for byokv
+    if cloud == "azure":
+        assert dest.own_account and dest.container == f"byok-{t}"
+        assert dest.account == azure_storage_account_name(t, prefix=p.settings.azure_tenant_account_prefix)
+        want = parse_key_ref(key_ref).with_version(None).key_id if mode == "byokv" else None
+        assert dest.cmk_key_url == want
+        account = p.provisioner.blob_service(dest)
+        assert account.account_name != p.settings.shared_azure_account
+        assert dest.container in [c.name for c in account.list_containers()]
 
     # the new index holds no plaintext
     docs = es_documents(p, plan.new_index)

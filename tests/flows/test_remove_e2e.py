@@ -27,6 +27,10 @@ def dedicated_is_gone(platform, loc: Location) -> bool:
         except ClientError as exc:
             return exc.response["Error"]["Code"] in ("404", "NoSuchBucket", "NotFound")
         return False
+    if loc.own_account:  # the tenant's own account: gone, its pool account released
+        from archive_kms.state.account_pool import SqlAccountPool
+
+        return not platform.provisioner.exists(loc) and SqlAccountPool(platform.state).allocation(loc.account) is None
     container = clients.blob_service_client(platform.settings).get_container_client(loc.container)
     return not container.exists()
 
@@ -40,7 +44,8 @@ def test_remove_brings_tenant_back_to_managed_key(flow_platform, archived_tenant
     enabled = run_plan(p, plan_enable(p, t, mode, key_ref, cloud=cloud, shards=4))
     assert enabled.state == RunState.COMPLETED.value, enabled.error
     dedicated = p.location_of(t)
-    assert dedicated.kind is Kind.DEDICATED
+    assert dedicated.kind is Kind.DEDICATED and dedicated.own_account is (cloud == "azure")
+    account = p.provisioner.blob_service(dedicated) if dedicated.own_account else None
     byok_index = p.index.current_index(t)
 
     plan = plan_remove(p, t, shards=4)
@@ -57,6 +62,8 @@ def test_remove_brings_tenant_back_to_managed_key(flow_platform, archived_tenant
 
     # the dedicated bucket/container and its index are gone
     assert dedicated_is_gone(p, dedicated), f"{dedicated.uri} still exists"
+    if account is not None:  # the account that stood in for it is empty again
+        assert [c.name for c in account.list_containers()] == []
     es = clients.elasticsearch_client(p.settings)
     assert not es.indices.exists(index=byok_index)
     assert tenant_indices(p, t) == [plan.new_index]

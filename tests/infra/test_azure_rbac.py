@@ -193,3 +193,101 @@ def test_the_tenant_account_is_encrypted_with_the_customer_key_and_names_what_th
     name = azure_storage_account_name("a-long-tenant-name-with-parts-32")
     bounds = template["parameters"]["storageAccountName"]
     assert bounds["minLength"] <= len(name) <= bounds["maxLength"] and name.isalnum() and name.islower()
+
+
+# --- tenants' own storage accounts (storage/azure_accounts.py, tenant-accounts.json) ---------------
+
+ACCOUNTS_ADAPTER = "storage/azure_accounts.py"
+SA = "Microsoft.Storage/storageAccounts"
+#: azure-mgmt-storage call (operation group, method) -> the action Resource Manager checks
+#: (Azure resource provider operations, Microsoft.Storage).
+MGMT_PERMISSIONS: dict[tuple[str, str], set[str]] = {
+    ("storage_accounts", "get_properties"): {f"{SA}/read"},
+    # PUT, then the SDK polls .../locations/{region}/asyncoperations/{id}
+    ("storage_accounts", "begin_create"): {f"{SA}/write", "Microsoft.Storage/locations/asyncoperations/read"},
+    ("storage_accounts", "delete"): {f"{SA}/delete"},
+    ("blob_services", "set_service_properties"): {f"{SA}/blobServices/write"},
+    ("encryption_scopes", "put"): {f"{SA}/encryptionScopes/write"},
+    ("blob_containers", "get"): {f"{BLOB}/read"},
+    ("blob_containers", "create"): {f"{BLOB}/write"},
+}
+#: Attaching a user-assigned identity to a resource (the account's customer-key identity).
+ASSIGN_IDENTITY = "Microsoft.ManagedIdentity/userAssignedIdentities/assign/action"
+
+
+def _mgmt_calls() -> list[tuple[str, str, int]]:
+    """(operation group, method, line) of every ``self._mgmt.<group>.<method>`` the
+    provisioner calls or passes on to be called."""
+    tree = ast.parse((SRC / ACCOUNTS_ADAPTER).read_text())
+    out = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and isinstance(node.value.value, ast.Attribute)
+            and node.value.value.attr == "_mgmt"
+        ):
+            out.append((node.value.attr, node.attr, node.lineno))
+    return out
+
+
+def test_the_tenant_accounts_role_grants_exactly_what_the_account_provisioner_does() -> None:
+    calls = _mgmt_calls()
+    assert len(calls) >= len(MGMT_PERMISSIONS), calls  # the scan sees the provisioner's calls
+    actions: set[str] = set()
+    for group, method, line in calls:
+        if (group, method) not in MGMT_PERMISSIONS:
+            pytest.fail(
+                f"{ACCOUNTS_ADAPTER}:{line} calls {group}.{method}: map it to its Resource Manager action in "
+                "tests/infra/test_azure_rbac.py and grant it in infra/azure/tenant-accounts.json",
+                pytrace=False,
+            )
+        actions |= MGMT_PERMISSIONS[(group, method)]
+    source = (SRC / ACCOUNTS_ADAPTER).read_text()
+    assert '"userAssignedIdentities"' in source  # the account body attaches the customer-key identity
+    actions.add(ASSIGN_IDENTITY)
+    # its data-plane calls (waiting for the container) and the object store's on the account
+    code_actions, code_data = code_permissions()
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in PERMISSIONS:
+            actions |= PERMISSIONS[node.func.attr][0]
+    data = {a for a, where in code_data.items() if any(w.startswith("storage/azure_blob.py") for w in where)}
+
+    (role,) = _resources(_load("tenant-accounts.json"), "Microsoft.Authorization/roleDefinitions")
+    (perm,) = role["properties"]["permissions"]
+    assert set(perm["actions"]) == actions
+    assert set(perm["dataActions"]) == data
+    assert not perm["notActions"] and not perm["notDataActions"]
+    assert not [a for a in perm["actions"] + perm["dataActions"] if "*" in a]
+    assert role["properties"]["assignableScopes"] == ["[resourceGroup().id]"]  # this resource group only
+    (assignment,) = _resources(_load("tenant-accounts.json"), "Microsoft.Authorization/roleAssignments")
+    assert assignment["properties"]["principalId"] == "[parameters('workerIdentityPrincipalId')]"
+    assert "scope" not in assignment  # the resource group the template is deployed to
+
+
+def test_tenant_accounts_get_the_configuration_the_tenant_template_gives() -> None:
+    """The account body the code sends carries what tenant-storage.json sets."""
+    from archive_kms.storage import dedicated_azure_location
+    from archive_kms.storage.azure_accounts import account_body, blob_service_body
+
+    loc = dedicated_azure_location("acme", account_prefix="akms", cmk_key_url="https://v.vault.azure.net/keys/k")
+    body = account_body(loc, region="westeurope", sku="Standard_GZRS", cmk_identity_id="/x/id", subnet_ids=["/s"])
+    (account,) = _resources(_load("tenant-storage.json"), "Microsoft.Storage/storageAccounts")
+    want = account["properties"]
+    for key in (
+        "allowSharedKeyAccess",
+        "defaultToOAuthAuthentication",
+        "allowBlobPublicAccess",
+        "allowCrossTenantReplication",
+        "minimumTlsVersion",
+        "supportsHttpsTrafficOnly",
+        "accessTier",
+    ):
+        assert body["properties"][key] == want[key], key
+    assert body["properties"]["networkAcls"]["defaultAction"] == want["networkAcls"]["defaultAction"] == "Deny"
+    enc = body["properties"]["encryption"]
+    assert enc["keySource"] == want["encryption"]["keySource"] and enc["requireInfrastructureEncryption"] is True
+    assert enc["services"] == want["encryption"]["services"]
+    (blob,) = _resources(_load("tenant-storage.json"), "Microsoft.Storage/storageAccounts/blobServices")
+    assert set(blob_service_body(30)["properties"]) == set(blob["properties"])

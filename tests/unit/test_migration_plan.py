@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from archive_kms.domain.tenants import azure_storage_account_name
 from archive_kms.errors import StateError, ValidationError
 from archive_kms.migration import STEPS, EnableMode, MigrationPlan, plan_enable, plan_remove
 from archive_kms.migration.engine import SHARD_FUNCTIONS, shard_function
@@ -93,10 +94,20 @@ def test_each_mode_plans_onto_its_cloud(p, tenant, mode, ref, cloud, kind):
     dest = plan.destination_location
     assert (dest.cloud.value, dest.kind.value) == (cloud, kind)
     assert plan.mode == mode and plan.key_ref == ref
-    if cloud == "azure":
-        assert dest.container == f"byok-{tenant}" and dest.account == p.settings.shared_azure_account
+    if cloud == "azure":  # the tenant's own storage account, under the customer's key if it is in Key Vault
+        assert dest.container == f"byok-{tenant}" and dest.own_account
+        assert dest.account == azure_storage_account_name(tenant, prefix=p.settings.azure_tenant_account_prefix)
+        want = "https://vault.example.net/keys/tenant-key" if mode == "byokv" else None
+        assert dest.cmk_key_url == want
     if mode != "byok":
         assert dest.sse_kms_key_arn is None  # only keys in AWS KMS go into bucket encryption
+
+
+def test_azure_container_mode_plans_a_container_in_the_platform_account(p):
+    p.settings = p.settings.model_copy(update={"azure_dedicated_storage": "container"})
+    dest = plan_enable(p, "beta", "byokv", AZURE_KV).destination_location
+    assert (dest.account, dest.container, dest.own_account) == (p.settings.shared_azure_account, "byok-beta", False)
+    assert "own_account" not in plan_enable(p, "beta", "byokv", AZURE_KV).destination  # stored as before
 
 
 def test_the_in_memory_scheme_is_accepted_for_every_mode(p):

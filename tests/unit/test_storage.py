@@ -262,6 +262,82 @@ def test_location_refuses_bad_records(data):
         L.Location.from_dict(data)
 
 
+KV_KEY = "https://acme-kv.vault.azure.net/keys/archive"
+
+
+def test_a_tenant_account_location_is_stored_byte_exact_and_old_ones_unchanged():
+    own = L.dedicated_azure_location("acme-eu", account_prefix="akms", cmk_key_url=KV_KEY)
+    assert own.to_dict() == {
+        "tenant": "acme-eu",
+        "kind": "dedicated",
+        "cloud": "azure",
+        "bucket": None,
+        "account": "akmsacmeeudrnn5pgr",
+        "container": "byok-acme-eu",
+        "prefix": "",
+        "sse_kms_key_arn": None,
+        "own_account": True,
+        "cmk_key_url": KV_KEY,
+    }
+    assert own.uri == "azure://akmsacmeeudrnn5pgr/byok-acme-eu/"
+    assert L.Location.from_dict(own.to_dict()) == own
+    kmip = L.dedicated_azure_location("acme-eu", account_prefix="akms")
+    assert kmip.to_dict()["cmk_key_url"] is None and kmip.own_account
+    # what earlier releases stored (no own_account key) reads back as the platform-account container
+    old = {
+        "tenant": "acme",
+        "kind": "dedicated",
+        "cloud": "azure",
+        "bucket": None,
+        "account": "devstoreaccount1",
+        "container": "byok-acme",
+        "prefix": "",
+        "sse_kms_key_arn": None,
+    }
+    loc = L.Location.from_dict(old)
+    assert not loc.own_account and loc.to_dict() == old  # round-trips to the exact same dict
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"account": L.dedicated_azure_location("beta", account_prefix="akms").account}, "is not tenant acme"),
+        ({"account": "devstoreaccount1"}, "is not tenant acme"),
+        ({"kind": "shared", "container": "tenant-acme"}, "dedicated Azure locations"),
+        ({"prefix": "tenants/acme/"}, "a whole container"),
+        ({"own_account": "yes"}, "true or false"),
+        ({"cmk_key_url": "https://v.vault.azure.net/keys/k/" + "0" * 32}, "versionless"),
+        ({"cmk_key_url": "http://v.vault.azure.net/keys/k"}, "versionless"),
+        ({"cmk_key_url": "https://v.vault.azure.net/secrets/k"}, "versionless"),
+        ({"own_account": False}, "own storage account only"),
+    ],
+)
+def test_a_tenant_account_location_refuses_what_is_not_its_tenants(change, match):
+    good = L.dedicated_azure_location("acme", account_prefix="akms", cmk_key_url=KV_KEY).to_dict()
+    with pytest.raises(ValidationError, match=match):
+        L.Location.from_dict({**good, **change})
+
+
+def test_a_tenant_account_store_needs_the_provisioners_client():
+    from archive_kms.errors import ConfigurationError
+
+    loc = L.dedicated_azure_location("acme", account_prefix="akms")
+    with pytest.raises(ConfigurationError, match="its provisioner gives the account's client"):
+        L.open_store(loc)
+
+
+def test_an_own_account_location_needs_a_configured_provisioner():
+    from archive_kms.config import Settings
+    from archive_kms.errors import ConfigurationError
+    from archive_kms.storage.provisioning import CloudProvisioner
+
+    p = CloudProvisioner(Settings(aws_endpoint_url=None, azure_account_pool=[]))
+    loc = L.dedicated_azure_location("acme", account_prefix="akms")
+    for call in (lambda: p.exists(loc), lambda: p.create(loc), lambda: p.blob_service(loc)):
+        with pytest.raises(ConfigurationError, match="azure_subscription_id.*azure_account_pool"):
+            call()
+
+
 class _FakeS3Config:
     """Answers like S3 whose bucket configuration becomes visible only after N reads."""
 

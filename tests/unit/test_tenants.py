@@ -138,6 +138,35 @@ def test_storage_account_names_do_not_collide_when_hyphens_are_stripped():
     assert len(t.azure_storage_account_name(long)) == 24
 
 
+def test_storage_account_name_vectors():
+    """Byte-exact (docs/storage-layout.md): prefix + id without hyphens, cut to fit +
+    first 8 chars of lowercase base32(SHA-256(id))."""
+    import base64
+    import hashlib
+
+    for tid, prefix in [("acme", "akms"), ("acme-eu", "akms"), ("a" * 32, "akms"), ("acme", ""), ("acme", "x" * 15)]:
+        digest = base64.b32encode(hashlib.sha256(tid.encode()).digest()).decode().lower()[:8]
+        room = 24 - len(prefix) - 8
+        assert t.azure_storage_account_name(tid, prefix=prefix) == prefix + tid.replace("-", "")[:room] + digest
+    assert t.azure_storage_account_name("acme-eu") == "akmsacmeeudrnn5pgr"
+
+
+@given(st.from_regex(r"[a-z][a-z0-9]{0,7}(-[a-z0-9]{1,6}){0,3}", fullmatch=True).filter(lambda s: 3 <= len(s) <= 32))
+def test_a_tenant_account_name_belongs_to_its_tenant_whatever_the_prefix(value):
+    for prefix in ("", "akms", "prodeu1", "x" * 15):
+        name = t.azure_storage_account_name(value, prefix=prefix)
+        assert t.check_tenant_account_name(value, name) == name
+        other = value + "x" if len(value) < 32 else value[:-1] + "q"
+        with pytest.raises(ValidationError, match="is not tenant"):
+            t.check_tenant_account_name(other, name)
+
+
+def test_platform_accounts_are_not_tenant_accounts():
+    for name in ("devstoreaccount1", "akmsshared0123456789", "akmsacmeaaaaaaaa"):
+        with pytest.raises(ValidationError):
+            t.check_tenant_account_name("acme", name)
+
+
 @given(st.from_regex(r"[a-z][a-z0-9]{0,7}(-[a-z0-9]{1,6}){0,3}", fullmatch=True).filter(lambda s: 3 <= len(s) <= 32))
 def test_every_valid_id_derives_valid_names(value):
     tid = TenantId(value)

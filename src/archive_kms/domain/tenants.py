@@ -43,6 +43,7 @@ __all__ = [
     "check_es_index_name",
     "check_s3_bucket_name",
     "check_s3_key_prefix",
+    "check_tenant_account_name",
     "dedicated_s3_bucket_name",
     "es_alias_name",
     "es_index_name",
@@ -254,6 +255,29 @@ def azure_storage_account_name(tenant: TenantId | str, *, prefix: str = DEFAULT_
         raise _fail("Azure storage account prefix", prefix, "leaves no room for the tenant id (max 15 chars)")
     readable = t.value.replace("-", "")[:room]
     return check_azure_account_name(f"{prefix}{readable}{digest}")
+
+
+def check_tenant_account_name(tenant: TenantId | str, name: str) -> str:
+    """``name`` is a storage account name the rule of :func:`azure_storage_account_name`
+    derives for ``tenant`` with *some* prefix (0..15 chars of a-z 0-9); else
+    ``ValidationError``. Ties an account named in a stored ``Location`` to its tenant
+    without knowing the deployment's prefix: another tenant's account (another digest), or
+    the platform's shared account, is refused."""
+    t = TenantId.of(tenant)
+    check_azure_account_name(name)
+    for cut in range(0, 16):
+        prefix = name[:cut]
+        try:
+            if azure_storage_account_name(t, prefix=prefix) == name:
+                return name
+        except ValidationError:
+            break  # no room left for a longer prefix
+    raise _fail(
+        "tenant storage account name",
+        name,
+        f"is not tenant {t}'s: a tenant account is <prefix><id without hyphens, truncated><8 chars of "
+        "base32(SHA-256(id))>, 3..24 chars of a-z 0-9 (domain.tenants.azure_storage_account_name)",
+    )
 
 
 def es_alias_name(tenant: TenantId | str, *, prefix: str = DEFAULT_INDEX_PREFIX) -> str:

@@ -20,7 +20,7 @@ from archive_kms.domain.tenants import TenantId
 from archive_kms.errors import ConfigurationError, StateError, ValidationError
 from archive_kms.keys.aws_kms import AwsKmsKeyProvider
 from archive_kms.keys.port import KeyProvider
-from archive_kms.keys.refs import AwsKmsKeyRef, parse_key_ref
+from archive_kms.keys.refs import AwsKmsKeyRef, AzureKeyVaultKeyRef, parse_key_ref
 from archive_kms.operations.blast_radius import register_dry_run
 from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import MANAGED_KEY_REF, shared_location
@@ -171,6 +171,17 @@ def _sse_key_arn(resolve_provider: Callable[[str], KeyProvider], key_ref: str) -
     return provider.describe().arn
 
 
+def _dedicated_azure(platform: Platform, tenant_id: str, ref: Any) -> Location:
+    """The tenant's own storage account (``azure_dedicated_storage=account``, encrypted with
+    the customer's Key Vault key, versionless, when the key is one), or a container in the
+    platform account (``container``)."""
+    s = platform.settings
+    if s.azure_dedicated_storage == "container":
+        return dedicated_azure_location(tenant_id, account=s.shared_azure_account)
+    cmk = ref.with_version(None).key_id if isinstance(ref, AzureKeyVaultKeyRef) else None
+    return dedicated_azure_location(tenant_id, account_prefix=s.azure_tenant_account_prefix, cmk_key_url=cmk)
+
+
 def plan_enable(
     platform: Platform,
     tenant_id: str,
@@ -212,7 +223,7 @@ def plan_enable(
     if source.cloud is Cloud.S3:
         dest = dedicated_s3_location(t.tenant_id, sse_kms_key_arn=_sse_key_arn(platform.resolve_provider, ref.uri))
     else:
-        dest = dedicated_azure_location(t.tenant_id, account=platform.settings.shared_azure_account)
+        dest = _dedicated_azure(platform, t.tenant_id, ref)
     return MigrationPlan(
         tenant_id=t.tenant_id,
         flow=Flow.ENABLE.value,

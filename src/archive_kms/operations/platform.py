@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from archive_kms.keys.keychain import Keychain
     from archive_kms.keys.port import KeyProvider
     from archive_kms.state.anchors import AnchorStore
-    from archive_kms.storage.provisioning import LocationProvisioner
+    from archive_kms.storage.provisioning import LocationProvisioner, TenantAccountProvisioner
 
 __all__ = ["Platform", "platform_signer"]
 
@@ -143,8 +143,11 @@ class Platform:
         keychain = Keychain.from_settings(s, SqlKeychainStore(state), registry.resolve, signer, audit=state)
         s3 = clients.aws_client("s3", s) if s.aws_endpoint_url or s.aws_access_key_id else None
         blob = clients.blob_service_client(s) if s.azure_blob_connection_string or s.azure_blob_account_url else None
+        provisioner = CloudProvisioner(s, s3_client=s3, blob_service=blob, accounts=_tenant_accounts(s, state))
 
         def open_location(location: Location) -> ObjectStore:
+            if location.own_account:  # the tenant's own account: its client comes from its provisioner
+                return open_store(location, s, blob_service=provisioner.blob_service(location))
             return open_store(location, s, s3_client=s3, blob_service=blob)
 
         return cls(
@@ -154,7 +157,7 @@ class Platform:
             ElasticsearchSearchIndex.from_settings(s),
             registry.resolve,
             open_location,
-            CloudProvisioner(s, s3_client=s3, blob_service=blob),
+            provisioner,
             anchors=_anchor_store(s, s3),
         )
 
@@ -220,6 +223,29 @@ def platform_signer(settings: Settings | None = None) -> Signer:
         path.parent.mkdir(parents=True, exist_ok=True)
         return Signer.create_key_file(path)
     return Signer.from_pem_file(path)
+
+
+def _tenant_accounts(settings: Settings, state: Any) -> TenantAccountProvisioner | None:
+    """The provisioner of tenants' own Azure storage accounts: the local stack's Azurite
+    pool when ``azure_account_pool`` is set, Azure Resource Manager when
+    ``azure_subscription_id`` is, else None (an own-account location then fails naming the
+    settings)."""
+    from archive_kms import clients
+
+    if settings.azure_account_pool:
+        from archive_kms.state.account_pool import SqlAccountPool
+        from archive_kms.storage.azurite_pool import AzuritePoolProvisioner
+
+        pool = {}
+        for cs in settings.azure_account_pool:
+            client = clients.blob_service_client_from_connection_string(cs.get_secret_value(), "azure_account_pool")
+            pool[client.account_name] = client
+        return AzuritePoolProvisioner(pool, SqlAccountPool(state))
+    if settings.azure_subscription_id:
+        from archive_kms.storage.azure_accounts import ArmAccountProvisioner
+
+        return ArmAccountProvisioner.from_settings(settings)
+    return None
 
 
 def _anchor_store(settings: Settings, s3_client: Any = None) -> AnchorStore | None:

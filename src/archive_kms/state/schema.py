@@ -433,5 +433,18 @@ console_auth_failures = Table(
 )
 
 
+# --- Azurite accounts standing in for tenant storage accounts (state/account_pool.py; revision 0004)
+# The local stack's pool: which Azurite account stands in for which tenant's own account.
+
+tenant_account_pool = Table(
+    "tenant_account_pool",
+    metadata,
+    Column("pool_account", String(24), primary_key=True),  # the Azurite account
+    Column("account", String(24), nullable=False, unique=True),  # the tenant account it stands in for
+    Column("tenant_id", String(TENANT_ID), nullable=False),
+    Column("allocated_at", UtcDateTime, nullable=False),
+)
+
+
 def table_names() -> list[str]:
     return [t.name for t in metadata.sorted_tables]

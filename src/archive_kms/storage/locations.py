@@ -6,8 +6,11 @@ Four kinds of ``Location`` (``docs/storage-layout.md``):
               S3                                          Azure Blob
 ============  =========================================  ==========================================
 shared        shared bucket, prefix ``tenants/<id>/``     shared account, container ``tenant-<id>``
-dedicated     bucket ``<prefix>-<id>``, default           container ``byok-<id>`` in the platform
-              encryption SSE-KMS under the tenant's key   account, or a per-tenant storage account
+dedicated     bucket ``<prefix>-<id>``, default           the tenant's own storage account
+              encryption SSE-KMS under the tenant's key   ``<prefix><id><hash8>``, container
+                                                          ``byok-<id>`` (``own_account``); or, as
+                                                          earlier releases made them, container
+                                                          ``byok-<id>`` in the platform account
 ============  =========================================  ==========================================
 
 Every name comes from ``domain.tenants`` (validated id, validated output). Admin
@@ -39,6 +42,7 @@ from archive_kms.domain.tenants import (
     check_azure_container_name,
     check_s3_bucket_name,
     check_s3_key_prefix,
+    check_tenant_account_name,
     dedicated_s3_bucket_name,
     shared_s3_prefix,
 )
@@ -55,6 +59,10 @@ log = logging.getLogger(__name__)
 
 # A key ARN, not an alias: S3 reports the key ARN on every object, and we compare.
 _KMS_KEY_ARN_RE = re.compile(r"arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:key/[A-Za-z0-9-]{1,128}", re.ASCII)
+# A versionless Key Vault key URL: the account's encryption follows the customer's rotations.
+_KV_KEY_URL_RE = re.compile(
+    r"https://[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?(?::\d{1,5})?/keys/[A-Za-z0-9-]{1,127}", re.ASCII
+)
 
 
 class Kind(str, enum.Enum):
@@ -81,11 +89,19 @@ class Location:
     container: str | None = None  # Azure
     prefix: str = ""  # key prefix inside the bucket/container ("" = the whole bucket/container)
     sse_kms_key_arn: str | None = None  # S3 dedicated: default encryption key, sent on every PUT
+    # Azure dedicated: the account is the tenant's own (created and deleted with the location
+    # by its provisioner), not the platform's.
+    own_account: bool = False
+    # Azure, own account: the customer's Key Vault key (versionless URL) that encrypts the
+    # account; None = Microsoft-managed keys (the tenant's key is not in Key Vault: KMIP).
+    cmk_key_url: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tenant", TenantId.of(self.tenant))
         object.__setattr__(self, "kind", Kind(self.kind))
         object.__setattr__(self, "cloud", Cloud(self.cloud))
+        if not isinstance(self.own_account, bool):
+            raise ValidationError(f"own_account must be true or false, got {ascii(self.own_account)[:40]}")
         if self.prefix:
             check_s3_key_prefix(self.prefix)
         if self.cloud is Cloud.S3:
@@ -101,6 +117,18 @@ class Location:
             check_azure_container_name(self.container)
             if self.sse_kms_key_arn is not None:
                 raise ValidationError("sse_kms_key_arn applies to S3 locations only")
+        if self.own_account:
+            if self.cloud is not Cloud.AZURE or self.kind is not Kind.DEDICATED or self.prefix:
+                raise ValidationError("own_account applies to dedicated Azure locations (a whole container) only")
+            check_tenant_account_name(self.tenant, self.account or "")  # another tenant's account is refused
+        if self.cmk_key_url is not None:
+            if not self.own_account:
+                raise ValidationError("cmk_key_url applies to a tenant's own storage account only")
+            if _KV_KEY_URL_RE.fullmatch(self.cmk_key_url) is None:
+                raise ValidationError(
+                    f"cmk_key_url {ascii(self.cmk_key_url)[:120]} must be a versionless Key Vault key URL "
+                    "(https://<vault host>[:port]/keys/<name>)"
+                )
         if self.sse_kms_key_arn is not None and _KMS_KEY_ARN_RE.fullmatch(self.sse_kms_key_arn) is None:
             raise ValidationError(
                 f"sse_kms_key_arn {ascii(self.sse_kms_key_arn)[:120]} must be a KMS key ARN "
@@ -113,8 +141,12 @@ class Location:
             return f"s3://{self.bucket}/{self.prefix}"
         return f"azure://{self.account}/{self.container}/{self.prefix}"
 
-    def to_dict(self) -> dict[str, str | None]:
-        return {
+    def to_dict(self) -> dict[str, str | bool | None]:
+        """The stored form (docs/storage-layout.md, "Locations"). ``own_account`` and
+        ``cmk_key_url`` appear only for a tenant's own account, so every other location
+        keeps the exact dict earlier releases stored (plans and registry entries compare
+        these dicts)."""
+        out: dict[str, str | bool | None] = {
             "tenant": self.tenant.value,
             "kind": self.kind.value,
             "cloud": self.cloud.value,
@@ -124,6 +156,10 @@ class Location:
             "prefix": self.prefix,
             "sse_kms_key_arn": self.sse_kms_key_arn,
         }
+        if self.own_account:
+            out["own_account"] = True
+            out["cmk_key_url"] = self.cmk_key_url
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Location:
@@ -136,6 +172,8 @@ class Location:
             container=data.get("container"),
             prefix=data.get("prefix") or "",
             sse_kms_key_arn=data.get("sse_kms_key_arn"),
+            own_account=data.get("own_account", False),
+            cmk_key_url=data.get("cmk_key_url"),
         )
 
 
@@ -179,15 +217,28 @@ def dedicated_azure_location(
     *,
     container_prefix: str = DEFAULT_DEDICATED_CONTAINER_PREFIX,
     account_prefix: str | None = None,
+    cmk_key_url: str | None = None,
 ) -> Location:
-    """A dedicated container ``byok-<id>``: in ``account`` (the platform account), or,
-    with ``account_prefix``, in the tenant's own storage account ``<prefix>…<hash>``."""
+    """A dedicated container ``byok-<id>``: with ``account_prefix``, in the tenant's own
+    storage account ``<prefix><id><hash8>`` (``own_account``; ``cmk_key_url``: the
+    customer's Key Vault key that encrypts it); with ``account``, in that platform account
+    (how earlier releases placed BYOKV tenants; still read and removed)."""
     t = TenantId.of(tenant)
     if (account is None) == (account_prefix is None):
         raise ValidationError("give exactly one of account (platform account) or account_prefix (per-tenant account)")
-    acct = account if account is not None else azure_storage_account_name(t, prefix=account_prefix or "")
+    container = azure_container_name(t, prefix=container_prefix)
+    if account is not None:
+        if cmk_key_url is not None:
+            raise ValidationError("cmk_key_url applies to a tenant's own storage account only")
+        return Location(t, Kind.DEDICATED, Cloud.AZURE, account=account, container=container)
     return Location(
-        t, Kind.DEDICATED, Cloud.AZURE, account=acct, container=azure_container_name(t, prefix=container_prefix)
+        t,
+        Kind.DEDICATED,
+        Cloud.AZURE,
+        account=azure_storage_account_name(t, prefix=account_prefix or ""),
+        container=container,
+        own_account=True,
+        cmk_key_url=cmk_key_url,
     )
 
 
@@ -213,14 +264,25 @@ def open_store(
         )
     from archive_kms.storage.azure_blob import AzureBlobObjectStore
 
-    svc = blob_service or clients.blob_service_client(settings)
-    if svc.account_name != location.account:
-        raise ConfigurationError(
-            f"{location.uri}: no credentials configured for storage account {location.account!r} "
-            f"(the configured Blob connection is for {svc.account_name!r}); per-tenant storage accounts need "
-            "an account-specific client passed as blob_service",
-            resource=location.uri,
-        )
+    if location.own_account:
+        # A tenant's own account is reached through the client its provisioner gives
+        # (storage.provisioning: ARM-created account, or the Azurite pool account standing in).
+        if blob_service is None:
+            raise ConfigurationError(
+                f"{location.uri}: no credentials configured for the tenant's own storage account "
+                f"{location.account!r}: open it through the platform (its provisioner gives the account's client)",
+                resource=location.uri,
+            )
+        svc = blob_service
+    else:
+        svc = blob_service or clients.blob_service_client(settings)
+        if svc.account_name != location.account:
+            raise ConfigurationError(
+                f"{location.uri}: no credentials configured for storage account {location.account!r} "
+                f"(the configured Blob connection is for {svc.account_name!r}); per-tenant storage accounts need "
+                "an account-specific client passed as blob_service",
+                resource=location.uri,
+            )
     return AzureBlobObjectStore(svc.get_container_client(location.container), prefix=location.prefix, **tuning)
 
 

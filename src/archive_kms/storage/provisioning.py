@@ -2,11 +2,15 @@
 container itself), as opposed to the objects in it (``ObjectStore``).
 
 ``LocationProvisioner`` is the port the migration flows use; ``CloudProvisioner`` does it
-on S3 / Azure Blob through the functions in ``storage.locations``; ``MemoryProvisioner``
-does it over the in-memory stores of ``Platform.in_memory()``. Both answer the same
-questions the same way: ``exists`` is False for a dedicated location never created or
-deleted; the shared S3 bucket "exists" for every tenant prefix (the bucket is the
-platform's; the prefix is the tenant's entity).
+on S3 / Azure Blob through the functions in ``storage.locations``, and hands a tenant's
+own Azure storage account (``Location.own_account``) to a ``TenantAccountProvisioner``:
+``storage.azure_accounts.ArmAccountProvisioner`` (Azure Resource Manager) or, on the local
+stack, ``storage.azurite_pool.AzuritePoolProvisioner`` (Azurite accounts standing in);
+both are held to ``tests/contract/test_tenant_account_contract.py``.
+``MemoryProvisioner`` does it over the in-memory stores of ``Platform.in_memory()``. All
+answer the same questions the same way: ``exists`` is False for a dedicated location never
+created or deleted; the shared S3 bucket "exists" for every tenant prefix (the bucket is
+the platform's; the prefix is the tenant's entity).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from archive_kms import clients
 from archive_kms.config import Settings
+from archive_kms.errors import ConfigurationError, ValidationError
 from archive_kms.storage.locations import (
     Cloud,
     Kind,
@@ -44,14 +49,71 @@ class LocationProvisioner(Protocol):
         ...
 
 
-class CloudProvisioner:
-    """S3 buckets and Azure containers. Takes ready SDK clients (the platform's); a client
-    not given is built from ``settings`` on first use."""
+@runtime_checkable
+class TenantAccountProvisioner(LocationProvisioner, Protocol):
+    """A tenant's own storage account (``Location.own_account``), created with the location
+    and deleted with it. Contract, on top of ``LocationProvisioner``'s:
 
-    def __init__(self, settings: Settings, *, s3_client: Any = None, blob_service: Any = None) -> None:
+    - ``create`` makes the account (encrypted with ``location.cmk_key_url`` when given),
+      its container, and waits until both are usable; again on a location of this tenant
+      it converges and returns. An account of that name that is not this tenant's (another
+      owner, another tenant) raises ``StorageError`` and is left alone.
+    - ``exists`` is True only for this tenant's account with its container.
+    - ``delete`` removes the account with everything in it (returns the objects the store
+      listed); a missing account counts as done; another owner's raises ``StorageError``.
+    - A location that is not a tenant's own account raises ``ValidationError`` (names are
+      validated by ``Location``).
+    """
+
+    def blob_service(self, location: Location) -> Any:
+        """The Blob client (azure-storage-blob ``BlobServiceClient``) for the location's
+        account; ``StorageError`` if the account is not there."""
+        ...
+
+
+def require_own_account(location: Location) -> Location:
+    """``ValidationError`` unless ``location`` is a tenant's own Azure storage account."""
+    if not (location.own_account and location.cloud is Cloud.AZURE and location.kind is Kind.DEDICATED):
+        raise ValidationError(f"{location.uri} is not a tenant's own storage account")
+    return location
+
+
+class CloudProvisioner:
+    """S3 buckets and Azure containers, and tenants' own Azure accounts through
+    ``accounts``. Takes ready SDK clients (the platform's); a client not given is built
+    from ``settings`` on first use."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        s3_client: Any = None,
+        blob_service: Any = None,
+        accounts: TenantAccountProvisioner | None = None,
+    ) -> None:
         self._settings = settings
         self._s3 = s3_client
         self._blob = blob_service
+        self._accounts = accounts
+
+    def tenant_accounts(self) -> TenantAccountProvisioner:
+        """The provisioner of tenants' own storage accounts; ConfigurationError naming the
+        settings when none is configured."""
+        if self._accounts is None:
+            raise ConfigurationError(
+                "no provisioner for tenants' own Azure storage accounts: set azure_subscription_id, "
+                "azure_resource_group, azure_region and azure_cmk_identity_id (Azure Resource Manager; "
+                "docs/deployment.md), or azure_account_pool (the local stack's Azurite pool: `archive-kms stack up`), "
+                "or azure_dedicated_storage=container",
+                resource="azure_dedicated_storage",
+            )
+        return self._accounts
+
+    def blob_service(self, location: Location) -> Any:
+        """The Blob client for an Azure location's account."""
+        if location.own_account:
+            return self.tenant_accounts().blob_service(location)
+        return self._blob_service()
 
     def _s3_client(self) -> Any:
         if self._s3 is None:
@@ -64,6 +126,9 @@ class CloudProvisioner:
         return self._blob
 
     def create(self, location: Location) -> None:
+        if location.own_account:
+            self.tenant_accounts().create(location)
+            return
         if location.cloud is Cloud.S3:
             s3 = self._s3_client()
             if location.kind is Kind.DEDICATED:
@@ -77,11 +142,15 @@ class CloudProvisioner:
         create_azure_container(self._blob_service(), location)
 
     def exists(self, location: Location) -> bool:
+        if location.own_account:
+            return self.tenant_accounts().exists(location)
         if location.cloud is Cloud.S3:
             return _container_exists(location, self._s3_client(), None)
         return _container_exists(location, None, self._blob_service())
 
     def delete(self, location: Location, store: ObjectStore) -> int:
+        if location.own_account:
+            return self.tenant_accounts().delete(location, store)
         if location.cloud is Cloud.S3:
             return delete_location(location, store, s3_client=self._s3_client())
         return delete_location(location, store, blob_service=self._blob_service())
@@ -106,4 +175,10 @@ class MemoryProvisioner:
         return count
 
 
-__all__ = ["CloudProvisioner", "LocationProvisioner", "MemoryProvisioner"]
+__all__ = [
+    "CloudProvisioner",
+    "LocationProvisioner",
+    "MemoryProvisioner",
+    "TenantAccountProvisioner",
+    "require_own_account",
+]
