@@ -31,7 +31,8 @@ from archive_kms import clients
 from archive_kms.config import Settings, get_settings, stack_dir
 from archive_kms.errors import KeyNotFoundError, StateError
 from archive_kms.operations.archive import TenantArchive
-from archive_kms.search import IndexMode, SearchIndex, SearchKeys, derive_search_keys
+from archive_kms.operations.search_guard import GuardedSearchIndex
+from archive_kms.search import IndexMode, SearchIndex, SearchKeys, derive_search_keys, index_name
 from archive_kms.state.port import KeyMode, StateStore, TenantRecord
 from archive_kms.storage import Location, ObjectStore
 
@@ -55,6 +56,9 @@ class Platform:
     open_store: Callable[[Location], ObjectStore]  # use ``store_for``: it keeps one store per location
     provisioner: LocationProvisioner  # the buckets/containers themselves
     anchors: AnchorStore | None = None  # where the audit head is published; None = not configured
+    # The L1 references that are the platform's own (managed) key: the in-memory resolver
+    # spells them memory://...; a real one managed://... (``is_platform_key``).
+    platform_key_refs: set[str] = field(default_factory=set)
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -94,26 +98,74 @@ class Platform:
             return None
         return derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id)
 
+    def is_platform_key(self, l1_ref: str) -> bool:
+        """Whether a keychain head's L1 reference is the platform's managed key."""
+        return l1_ref.startswith("managed://") or l1_ref in self.platform_key_refs
+
+    def customer_keyed(self, tenant_id: str) -> bool:
+        """Whether the tenant's signed keychain head binds it to a customer key: then its
+        index must be keyed (``operations/search_guard.py``). Not ``tenants.key_mode``,
+        which anyone who can write the database can edit."""
+        return not self.is_platform_key(self.keychain.status(tenant_id).l1_ref)
+
+    def next_generation(self, tenant_id: str) -> int:
+        """A generation number never used for the tenant: past the registry's and past every
+        one recorded (a cancelled run's generation may have been recorded in another mode)."""
+        current = self._tenant(tenant_id).index_generation
+        if isinstance(self.index, GuardedSearchIndex):
+            current = max([current, *(g.generation for g in self.index.recorded(tenant_id))])
+        return current + 1
+
     def open_archive(self, tenant_id: str) -> TenantArchive:
-        """The tenant's archive where it lives now (registry lookup)."""
+        """The tenant's archive where it lives now (registry lookup). The index generation
+        is the registry's; its mode is the one the platform recorded (signed) when it
+        created the generation, never the index's own marker nor ``tenants.key_mode``."""
         from archive_kms.storage.name_limits import tenant_locations
 
         t = self._tenant(tenant_id)
         location = Location.from_dict(t.location)
+        target = index_name(tenant_id, t.index_generation) if t.index_generation >= 1 else None
+        guard = self.index if isinstance(self.index, GuardedSearchIndex) else None
+        check_write = None
+        if target is not None and guard is not None:
+            mode = guard.mode_of(tenant_id, target)
+
+            def check_write() -> None:
+                guard.check_write(tenant_id, target)
+
+        else:  # a hand-built platform without the registry (unit tests of other parts)
+            mode = self.index_mode(t.key_mode)
+        keys = (
+            derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id)
+            if mode is IndexMode.KEYED
+            else None
+        )
         return TenantArchive(
             tenant_id=tenant_id,
             store=self.store_for(location),
             keychain=self.keychain,
             index=self.index,
-            index_mode=self.index_mode(t.key_mode),
-            search_keys=self.search_keys(tenant_id, t.key_mode),
+            index_mode=mode,
+            search_keys=keys,
+            index_name=target,
             relocate=lambda: self.open_archive(tenant_id),
-            keyed_search_keys=lambda: derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id),
             name_locations=tenant_locations(
                 location,
                 getattr(self.settings, "shared_bucket", None),
                 getattr(self.settings, "shared_azure_account", None),
             ),
+            check_write=check_write,
+        )
+
+    def _guard(self, index: SearchIndex, signer: Signer) -> GuardedSearchIndex:
+        from archive_kms.operations.search_guard import SearchGenerations
+
+        return GuardedSearchIndex(
+            index,
+            SearchGenerations(self.state, signer),
+            keyed_required=self.customer_keyed,
+            registry=self.state,
+            audit=self.state,
         )
 
     @classmethod
@@ -147,7 +199,7 @@ class Platform:
         def open_location(location: Location) -> ObjectStore:
             return open_store(location, s, s3_client=s3, blob_service=blob)
 
-        return cls(
+        platform = cls(
             s,
             state,
             keychain,
@@ -157,6 +209,9 @@ class Platform:
             CloudProvisioner(s, s3_client=s3, blob_service=blob),
             anchors=_anchor_store(s, s3),
         )
+        # Every generation, write and search checked against the signed registry and head.
+        platform.index = platform._guard(platform.index, signer)
+        return platform
 
     @classmethod
     def in_memory(cls, settings: Settings | None = None, *, clock: Callable[[], float] | None = None) -> Platform:
@@ -176,12 +231,16 @@ class Platform:
         kms = MemoryKms()
         providers: dict[str, KeyProvider] = {}
 
+        managed: set[str] = set()  # the memory:// spellings of managed:// references
+
         def resolve(ref: str) -> KeyProvider:
             # every reference resolves to a key of the in-memory KMS, created on first use
             if ref not in providers:
                 name = "k" + hashlib.sha256(ref.encode()).hexdigest()[:16]
                 provider = MemoryKeyProvider(kms, kms.create_key(name))
                 providers[ref] = providers[provider.key_ref] = provider  # the keychain resolves by key_ref
+                if ref.startswith("managed://"):
+                    managed.add(provider.key_ref)
             return providers[ref]
 
         stores: dict[str, ObjectStore] = {}
@@ -190,12 +249,11 @@ class Platform:
             return stores.setdefault(location.uri, MemoryObjectStore())
 
         state = InMemoryStateStore()
+        signer = Signer.generate()
         # The keychain records its commits in the state store's audit log and checks its
         # head against it (rollback detection), as ``from_settings`` does.
-        keychain = Keychain(
-            InMemoryKeychainStore(), resolve, Signer.generate(), clock or time.time, KeyCache(), audit=state
-        )
-        return cls(
+        keychain = Keychain(InMemoryKeychainStore(), resolve, signer, clock or time.time, KeyCache(), audit=state)
+        platform = cls(
             settings,
             state,
             keychain,
@@ -204,7 +262,10 @@ class Platform:
             open_store,
             MemoryProvisioner(open_store),
             anchors=MemoryAnchorStore(),
+            platform_key_refs=managed,
         )
+        platform.index = platform._guard(platform.index, signer)
+        return platform
 
 
 def platform_signer(settings: Settings | None = None) -> Signer:

@@ -38,6 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 from archive_kms.domain.audit import AuditEvent as AuditEvent
 from archive_kms.domain.audit import AuditRecord as AuditRecord
 from archive_kms.domain.audit import AuditVerification as AuditVerification
+from archive_kms.domain.search_generations import SearchGeneration as SearchGeneration
 from archive_kms.errors import StateError, ValidationError
 
 # --- tenants ---------------------------------------------------------------------------
@@ -724,11 +725,33 @@ class AuditLog(Protocol):
         ...
 
 
+# --- search generations ------------------------------------------------------------------
+
+
+@runtime_checkable
+class SearchGenerationRepo(Protocol):
+    """The registry of index generations the platform created (signed records; the
+    store keeps them byte for byte and never checks signatures: ``operations.search_guard``
+    does). A generation is recorded once and never changed or deleted."""
+
+    def record_search_generation(self, record: SearchGeneration) -> SearchGeneration:
+        """Store ``record`` unless ``(tenant_id, generation)`` is recorded already; returns
+        what is stored now (the earlier record if there was one: the caller compares)."""
+        ...
+
+    def search_generations(self, tenant_id: str) -> list[SearchGeneration]:
+        """Every recorded generation of the tenant, oldest first (``IntegrityError`` for a
+        row that does not parse)."""
+        ...
+
+
 # --- the whole store --------------------------------------------------------------------
 
 
 @runtime_checkable
-class StateStore(TenantRepo, GateRepo, JobLeaseRepo, RunRepo, LedgerRepo, LeaseRepo, AuditLog, Protocol):
+class StateStore(
+    TenantRepo, GateRepo, JobLeaseRepo, RunRepo, LedgerRepo, LeaseRepo, AuditLog, SearchGenerationRepo, Protocol
+):
     """Every concern above in one object (what ``open_state`` returns)."""
 
     def close(self) -> None:
