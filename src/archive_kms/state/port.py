@@ -36,6 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 # The audit values live in domain/ (the keychain writes audit records without importing
 # state); re-exported here, where callers have always found them.
 from archive_kms.domain.audit import AuditEvent as AuditEvent
+from archive_kms.domain.audit import AuditHead as AuditHead
 from archive_kms.domain.audit import AuditRecord as AuditRecord
 from archive_kms.domain.audit import AuditVerification as AuditVerification
 from archive_kms.domain.search_generations import SearchGeneration as SearchGeneration
@@ -707,6 +708,12 @@ class AuditLog(Protocol):
         heads (count, hash, seal) match the last record. ``tenant_id`` checks that
         tenant's chain only. Never raises for a broken chain: returns ``ok=False`` with
         the first bad ``seq`` and why."""
+        ...
+
+    def audit_head(self, *, tenant_id: str | None = None) -> AuditHead | None:
+        """The stored head of the tenant's chain (or the global chain): count, head hash,
+        and whether its seal verifies with this store's sealer (``seal_ok`` None when the
+        store does not seal). None if the chain has no head (no record yet)."""
         ...
 
     def reseal_audit_heads(self) -> AuditVerification:
