@@ -354,10 +354,10 @@ def _migration_demo(console: Console, settings: Settings) -> int:
     )
     if not audit.ok or platform.anchors is None:
         return failed + (not audit.ok)
-    from archive_kms.state.anchors import publish_anchor, verify_with_anchor
+    from archive_kms.operations.anchoring import publish, verify
 
-    anchor, where = publish_anchor(platform.state, platform.anchors)
-    checked, _ = verify_with_anchor(platform.state, platform.anchors)
+    anchor, where = publish(platform)
+    checked, _ = verify(platform)
     console.print(
         f"audit head anchored under Object Lock: {where} (record {anchor.count}); "
         f"log {'verifies against it' if checked.ok else 'DOES NOT match it: ' + str(checked.reason)}"

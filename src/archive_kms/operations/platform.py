@@ -37,7 +37,7 @@ from archive_kms.state.port import KeyMode, StateStore, TenantRecord
 from archive_kms.storage import Location, ObjectStore
 
 if TYPE_CHECKING:
-    from archive_kms.crypto.signing import Signer
+    from archive_kms.crypto.signing import Signer, Verifier
     from archive_kms.keys.keychain import Keychain
     from archive_kms.keys.port import KeyProvider
     from archive_kms.state.anchors import AnchorStore
@@ -59,8 +59,14 @@ class Platform:
     # The L1 references that are the platform's own (managed) key: the in-memory resolver
     # spells them memory://...; a real one managed://... (``is_platform_key``).
     platform_key_refs: set[str] = field(default_factory=set)
+    signer: Signer | None = None  # the platform signing key (keychain, audit seals, anchors, generations)
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def verifier(self) -> Verifier | None:
+        """The public keys signatures are checked against: the signing key's (and, after a
+        rotation, the earlier keys' listed in settings)."""
+        return None if self.signer is None else self.signer.verifier()
 
     def store_for(self, location: Location) -> ObjectStore:
         with self._lock:
@@ -176,6 +182,7 @@ class Platform:
         from archive_kms.keys.keychain import Keychain
         from archive_kms.keys.registry import KeyProviderRegistry
         from archive_kms.search.elasticsearch import ElasticsearchSearchIndex
+        from archive_kms.state.anchors import LatestAnchorCheck
         from archive_kms.state.audit import SignerHeadSealer
         from archive_kms.state.sql import open_state
         from archive_kms.state.sql.keychain import SqlKeychainStore
@@ -192,8 +199,14 @@ class Platform:
         registry = KeyProviderRegistry(s)  # one provider (and its clients) per key reference
         # The keychain audits its commits in the same database and refuses a head older than
         # the audit log recorded (a restored old keychain: docs/adr/0007-keychain-rollback.md).
-        keychain = Keychain.from_settings(s, SqlKeychainStore(state), registry.resolve, signer, audit=state)
-        s3 = clients.aws_client("s3", s) if s.aws_endpoint_url or s.aws_access_key_id else None
+        s3 = _s3_client(s)
+        anchors = _anchor_store(s, s3)
+        # A whole-database restore to before an anchor is refused by every fresh process
+        # before it unwraps anything (state/anchors.py, LatestAnchorCheck).
+        anchor_check = None if anchors is None else LatestAnchorCheck(state, anchors, alarms=state)
+        keychain = Keychain.from_settings(
+            s, SqlKeychainStore(state), registry.resolve, signer, audit=state, anchor_check=anchor_check
+        )
         blob = clients.blob_service_client(s) if s.azure_blob_connection_string or s.azure_blob_account_url else None
 
         def open_location(location: Location) -> ObjectStore:
@@ -207,7 +220,8 @@ class Platform:
             registry.resolve,
             open_location,
             CloudProvisioner(s, s3_client=s3, blob_service=blob),
-            anchors=_anchor_store(s, s3),
+            anchors=anchors,
+            signer=signer,
         )
         # Every generation, write and search checked against the signed registry and head.
         platform.index = platform._guard(platform.index, signer)
@@ -222,7 +236,7 @@ class Platform:
         from archive_kms.keys.keychain_store import InMemoryKeychainStore
         from archive_kms.keys.memory import MemoryKeyProvider, MemoryKms
         from archive_kms.search.memory import MemorySearchIndex
-        from archive_kms.state.anchors import MemoryAnchorStore
+        from archive_kms.state.anchors import LatestAnchorCheck, MemoryAnchorStore
         from archive_kms.state.memory import InMemoryStateStore
         from archive_kms.storage.memory import MemoryObjectStore
         from archive_kms.storage.provisioning import MemoryProvisioner
@@ -252,7 +266,16 @@ class Platform:
         signer = Signer.generate()
         # The keychain records its commits in the state store's audit log and checks its
         # head against it (rollback detection), as ``from_settings`` does.
-        keychain = Keychain(InMemoryKeychainStore(), resolve, signer, clock or time.time, KeyCache(), audit=state)
+        anchors = MemoryAnchorStore()
+        keychain = Keychain(
+            InMemoryKeychainStore(),
+            resolve,
+            signer,
+            clock or time.time,
+            KeyCache(),
+            audit=state,
+            anchor_check=LatestAnchorCheck(state, anchors, alarms=state),
+        )
         platform = cls(
             settings,
             state,
@@ -261,8 +284,9 @@ class Platform:
             resolve,
             open_store,
             MemoryProvisioner(open_store),
-            anchors=MemoryAnchorStore(),
+            anchors=anchors,
             platform_key_refs=managed,
+            signer=signer,
         )
         platform.index = platform._guard(platform.index, signer)
         return platform
@@ -281,6 +305,12 @@ def platform_signer(settings: Settings | None = None) -> Signer:
         path.parent.mkdir(parents=True, exist_ok=True)
         return Signer.create_key_file(path)
     return Signer.from_pem_file(path)
+
+
+def _s3_client(settings: Settings) -> Any:
+    from archive_kms import clients
+
+    return clients.aws_client("s3", settings) if settings.aws_endpoint_url or settings.aws_access_key_id else None
 
 
 def _anchor_store(settings: Settings, s3_client: Any = None) -> AnchorStore | None:
