@@ -90,7 +90,7 @@ def _config(connection: Connection | None = None, runtime_role: str | None = Non
     if connection is not None:
         cfg.attributes["connection"] = connection
     if runtime_role:
-        cfg.attributes["runtime_role"] = runtime_role  # revision 0004 grants it what it needs
+        cfg.attributes["runtime_role"] = runtime_role  # revision 0007 grants it what it needs
     return cfg
 
 
@@ -211,7 +211,7 @@ def upgrade(
     """Bring the schema to ``target`` (default: head) in one transaction; returns the
     status before and after. Stamps a pre-Alembic database at the baseline first.
     ``runtime_role`` (PostgreSQL): the role the workers connect as, granted what they need
-    by revision 0004 and after every upgrade (``runtime_grants``). ``ConfigurationError``
+    by revision 0007 and after every upgrade (``runtime_grants``). ``ConfigurationError``
     for a database this code cannot upgrade (a newer release's, or not a state database);
     the database is then unchanged."""
     before = status(db)

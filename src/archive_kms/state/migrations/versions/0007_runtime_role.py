@@ -9,8 +9,8 @@ line); otherwise it changes nothing (SQLite, single-role deployments, tests). Th
 are ``state.sql.migrate.runtime_grants``: every table of the schema, present and future
 (default privileges of the migration role), minus the append-only rights.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-14
 """
 
@@ -20,8 +20,8 @@ import os
 
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
