@@ -192,7 +192,7 @@ def test_anchors_chain_are_signed_and_a_restored_log_is_refused_and_fails_verifi
     # Someone who can write the bucket adds an anchor matching the restored log above the
     # real ones: publishing would continue it, but verification walks every anchor.
     total = state.verify_audit().records
-    last = list(state.iter_audit(after_seq=total - 1))[0]
+    last = next(iter(state.iter_audit(after_seq=total - 1)))
     forged = AuditAnchor(log_id(state), total, last.hash, datetime.now(UTC), prev=(second.count, second.head_hash))
     anchor_store.publish(forged)
     v, latest = verify_with_anchor(state, anchor_store, verifier=signer.verifier())
