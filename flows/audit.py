@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from archive_kms.flows.migration import process_platform
 from prefect import flow, get_run_logger
 
-from archive_kms.flows.migration import process_platform
 from archive_kms.operations.anchoring import anchor_and_verify
 
 
