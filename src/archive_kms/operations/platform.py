@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from archive_kms import clients
 from archive_kms.config import Settings, get_settings, stack_dir
-from archive_kms.errors import KeyNotFoundError, StateError
+from archive_kms.errors import ConfigurationError, KeyNotFoundError, StateError
 from archive_kms.operations.archive import TenantArchive
 from archive_kms.operations.search_guard import GuardedSearchIndex
 from archive_kms.search import IndexMode, SearchIndex, SearchKeys, derive_search_keys, index_name
@@ -293,18 +293,28 @@ class Platform:
 
 
 def platform_signer(settings: Settings | None = None) -> Signer:
-    """The platform signing key. Configured by ``keychain_signing_key_path``; on a local
-    stack without one, a key is created once in the stack directory (owner-only file)."""
+    """The platform signing key. Configured by ``keychain_signing_key_path`` (with
+    ``keychain_previous_public_keys_path`` after a rotation). Without one, only a local
+    stack (an endpoints file exists) or a development setup that says so
+    (``keychain_signing_key_autocreate``) creates a key once in the stack directory
+    (owner-only file); anywhere else it is a ``ConfigurationError``: a worker that signs
+    with a key of its own making would write records no other process verifies."""
+    from archive_kms.config import endpoints_file
     from archive_kms.crypto.signing import Signer
 
     s = settings or get_settings()
     if s.keychain_signing_key_path:
         return Signer.from_settings(s)
+    if not (s.keychain_signing_key_autocreate or endpoints_file().exists()):
+        raise ConfigurationError(
+            "no platform signing key: set ARCHIVE_KMS_KEYCHAIN_SIGNING_KEY_PATH to the PEM file of the "
+            "deployment's Ed25519 key (docs/deployment.md); a worker never creates its own"
+        )
     path = stack_dir() / "keychain-signing.pem"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        return Signer.create_key_file(path)
-    return Signer.from_pem_file(path)
+        return Signer.create_key_file(path).with_previous_file(s.keychain_previous_public_keys_path)
+    return Signer.from_pem_file(path).with_previous_file(s.keychain_previous_public_keys_path)
 
 
 def _s3_client(settings: Settings) -> Any:
