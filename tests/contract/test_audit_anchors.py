@@ -197,4 +197,33 @@ def test_anchors_chain_are_signed_and_a_restored_log_is_refused_and_fails_verifi
     anchor_store.publish(forged)
     v, latest = verify_with_anchor(state, anchor_store, verifier=signer.verifier())
     assert latest == forged and not v.ok and "another hash" in v.reason
+
+    # ... and the keychain's check and the next publish look past anchors the platform did
+    # not sign (format 2 unsigned, or format 1 above signed ones): the restored log is
+    # still refused; an anchor nobody signed cannot vouch for it.
+    legacy = AuditAnchor(
+        log_id(state), total + 1, last.hash, datetime.now(UTC), format="archive_kms.audit.anchor/1"
+    )  # the hash does not matter for the store: it files by name
+    anchor_store.publish(legacy)
+    with pytest.raises(AuditForkError, match="does not hold its latest anchor"):
+        check_latest_anchor(state, anchor_store, alarms=state, verifier=signer.verifier())
+    with pytest.raises(AuditForkError):
+        publish_anchor(state, anchor_store, signer=signer, alarms=state)
+    state.close()
+
+
+def test_unsigned_anchors_above_the_signed_ones_do_not_lock_an_intact_log(tmp_path: Path, anchor_store) -> None:
+    """A bucket writer's anchor that does not match the log makes `audit verify` fail (a
+    false alarm) but does not lock every keychain: the keychain's check uses the latest
+    anchor the platform signed."""
+    from archive_kms.crypto.signing import Signer
+    from archive_kms.state.anchors import check_latest_anchor
+
+    signer = Signer.generate()
+    state = open_state(f"sqlite:///{tmp_path / 'state.db'}")
+    _append(state, 5)
+    real, _ = publish_anchor(state, anchor_store, signer=signer, alarms=state)
+    anchor_store.publish(AuditAnchor(real.log_id, 50, H, datetime.now(UTC), prev=real.point))
+    assert check_latest_anchor(state, anchor_store, alarms=state, verifier=signer.verifier()) == real
+    assert not verify_with_anchor(state, anchor_store, verifier=signer.verifier())[0].ok
     state.close()

@@ -203,7 +203,9 @@ class Platform:
         anchors = _anchor_store(s, s3)
         # A whole-database restore to before an anchor is refused by every fresh process
         # before it unwraps anything (state/anchors.py, LatestAnchorCheck).
-        anchor_check = None if anchors is None else LatestAnchorCheck(state, anchors, alarms=state)
+        anchor_check = (
+            None if anchors is None else LatestAnchorCheck(state, anchors, alarms=state, verifier=signer.verifier())
+        )
         keychain = Keychain.from_settings(
             s, SqlKeychainStore(state), registry.resolve, signer, audit=state, anchor_check=anchor_check
         )
@@ -274,7 +276,7 @@ class Platform:
             clock or time.time,
             KeyCache(),
             audit=state,
-            anchor_check=LatestAnchorCheck(state, anchors, alarms=state),
+            anchor_check=LatestAnchorCheck(state, anchors, alarms=state, verifier=signer.verifier()),
         )
         platform = cls(
             settings,

@@ -67,6 +67,7 @@ __all__ = [
     "MemoryAnchorStore",
     "check_anchor",
     "check_latest_anchor",
+    "latest_signed",
     "log_id",
     "publish_anchor",
     "verify_with_anchor",
@@ -195,6 +196,10 @@ class AnchorStore(Protocol):
         """Every anchor of log ``log_id`` (count, head hash), lowest count first."""
         ...
 
+    def read(self, log_id: str, point: AnchorPoint) -> AuditAnchor:
+        """The anchor at ``point`` (from ``points``); ``IntegrityError`` if it is not the one its name says."""
+        ...
+
 
 class MemoryAnchorStore:
     """Anchors in a dict (unit tests, ``Platform.in_memory()``), filed like the S3 store:
@@ -211,11 +216,11 @@ class MemoryAnchorStore:
 
     def latest(self, log_id: str) -> AuditAnchor | None:
         points = self.points(log_id)
-        if not points:
-            return None
-        top = points[-1]
+        return self.read(log_id, points[-1]) if points else None
+
+    def read(self, log_id: str, point: AnchorPoint) -> AuditAnchor:
         with self._lock:
-            return AuditAnchor.from_bytes(self._anchors[(log_id, top.count, top.head_hash)], where=top.where)
+            return AuditAnchor.from_bytes(self._anchors[(log_id, point.count, point.head_hash)], where=point.where)
 
     def points(self, log_id: str) -> list[AnchorPoint]:
         with self._lock:
@@ -281,6 +286,27 @@ def _check_points(state: Any, points: Iterable[AnchorPoint]) -> AuditVerificatio
     return AuditVerification(True, None, "", len(wanted))
 
 
+def latest_signed(
+    store: AnchorStore, lid: str, verifier: Verifier | None
+) -> tuple[AuditAnchor | None, AuditAnchor | None]:
+    """``(top, trusted)``: the anchor with the highest count, and the one a decision may
+    rest on: the highest anchor the platform signed (``verifier``), walking down past
+    anchors it did not sign (anyone who can write the bucket can add those). A log with
+    no signed anchor at all (anchored only by earlier releases, format 1): the top one.
+    No verifier: the top one."""
+    points = store.points(lid)
+    if not points:
+        return None, None
+    top = store.read(lid, points[-1])
+    if verifier is None:
+        return top, top
+    for point in reversed(points):
+        anchor = top if point is points[-1] else store.read(lid, point)
+        if anchor.format == ANCHOR_FORMAT and anchor.signature_problem(verifier) is None:
+            return top, anchor
+    return top, top
+
+
 def _chain_problem(latest: AuditAnchor, points: list[AnchorPoint], verifier: Verifier | None) -> str | None:
     """Why the latest anchor does not continue the published chain, or None."""
     if latest.format != ANCHOR_FORMAT:
@@ -330,14 +356,14 @@ def publish_anchor(
     if last is None or last.seq != v.records:
         raise IntegrityError(f"audit record {v.records} vanished while anchoring", resource="audit")
     lid = log_id(state) or ""
-    latest = store.latest(lid)
     verifier = verifier or (signer.verifier() if signer is not None else None)
+    top, latest = latest_signed(store, lid, verifier)
     if latest is not None:
         continued = check_anchor(state, latest)
         problem = None if continued.ok else continued.reason
-        if problem is None and verifier is not None and latest.format == ANCHOR_FORMAT:
-            sig = latest.signature_problem(verifier)
-            problem = None if sig is None else f"the latest anchor (record {latest.count}) is not the platform's: {sig}"
+        if problem is None and top is not None and top.point != latest.point:
+            sig = top.signature_problem(verifier) if verifier is not None else "it is not signed"
+            problem = f"the latest anchor (record {top.count}) is not the platform's: {sig}"
         if problem is not None:
             message = (
                 f"refusing to anchor the audit log ({v.records} records): it does not continue the latest anchor "
@@ -408,10 +434,11 @@ class LatestAnchorCheck:
         store: AnchorStore,
         *,
         alarms: AlarmLog | None = None,
+        verifier: Verifier | None = None,
         every: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._state, self._store, self._alarms = state, store, alarms
+        self._state, self._store, self._alarms, self._verifier = state, store, alarms, verifier
         self._every, self._clock = every, clock
         self._lock = threading.Lock()
         self._checked_at: float | None = None
@@ -421,18 +448,22 @@ class LatestAnchorCheck:
         with self._lock:
             if self._checked_at is not None and now - self._checked_at < self._every:
                 return
-        check_latest_anchor(self._state, self._store, alarms=self._alarms)
+        check_latest_anchor(self._state, self._store, alarms=self._alarms, verifier=self._verifier)
         with self._lock:
             self._checked_at = now
 
 
-def check_latest_anchor(state: Any, store: AnchorStore, *, alarms: AlarmLog | None = None) -> AuditAnchor | None:
-    """The latest anchor of the log, checked against it; ``AuditForkError`` (alarmed) if
-    the log no longer holds it."""
+def check_latest_anchor(
+    state: Any, store: AnchorStore, *, alarms: AlarmLog | None = None, verifier: Verifier | None = None
+) -> AuditAnchor | None:
+    """The latest anchor of the log the platform signed (``latest_signed``), checked
+    against it; ``AuditForkError`` (alarmed) if the log no longer holds it. Anchors the
+    platform did not sign neither vouch for a log nor lock it (``audit verify`` reports
+    them)."""
     lid = log_id(state)
     if lid is None:
         return None
-    latest = store.latest(lid)
+    _, latest = latest_signed(store, lid, verifier)
     if latest is None:
         return None
     checked = check_anchor(state, latest)

@@ -152,9 +152,10 @@ class S3AnchorStore:
 
     def latest(self, log_id: str) -> AuditAnchor | None:
         points = self.points(log_id)
-        if not points:
-            return None
-        top = points[-1]
+        return self.read(log_id, points[-1]) if points else None
+
+    def read(self, log_id: str, point: AnchorPoint) -> AuditAnchor:
+        top = point
         key = top.where.removeprefix(f"s3://{self._bucket}/")
         try:
             anchor = self._read(key)
