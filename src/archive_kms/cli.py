@@ -260,7 +260,7 @@ def search_cmd(
         .open_archive(tenant)
         .search(Query(text=" ".join(words or ()), filters=filters, object_type=object_type, limit=limit))
     )
-    rows = [
+    rows: list[dict[str, _Any]] = [
         {"object_type": h.object_type, "record_id": h.record_id, "workspace": h.workspace_id, "fields": dict(h.fields)}
         for h in result
     ]

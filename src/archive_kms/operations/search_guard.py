@@ -205,13 +205,13 @@ class GuardedSearchIndex:
             self._alarm("search_binding", tenant, exc, index=index)
             raise
         if rec is None:
-            exc = SearchBindingError(
+            refused = SearchBindingError(
                 f"index {index} is not a generation the platform recorded for tenant {tenant}: "
                 "someone else created it or pointed the tenant's alias at it; refusing to search or write it",
                 resource=index,
             )
-            self._alarm("search_binding", tenant, exc, index=index)
-            raise exc
+            self._alarm("search_binding", tenant, refused, index=index)
+            raise refused
         return rec
 
     def recorded(self, tenant: str) -> list[SearchGeneration]:

@@ -368,12 +368,12 @@ class ElasticsearchSearchIndex:
             if current is None:
                 raise SearchError(f"tenant {tenant} has no search index (alias {alias} is missing)", resource=alias)
             try:
-                mode = self._mode(current)
+                current_mode = self._mode(current)
             except SearchError:
                 if attempt == 0:
                     continue  # deleted between resolving and reading its mapping
                 raise
-            compiled = D.compile_query(tenant, query, mode=mode, keys=keys)
+            compiled = D.compile_query(tenant, query, mode=current_mode, keys=keys)
             es_query = (
                 {"bool": {"filter": [{"term": {f: v}} for f, v in compiled.terms]}}
                 if compiled.terms
@@ -394,7 +394,7 @@ class ElasticsearchSearchIndex:
         hits, failures = D.decode_hits(
             tenant=tenant,
             keys=keys,
-            mode_of=lambda index: mode if index == current else self._mode(index),
+            mode_of=lambda index: current_mode if index == current else self._mode(index),
             rows=((h["_index"], h["_id"], h.get("_source") or {}) for h in resp["hits"]["hits"]),
             required=compiled.terms,
         )

@@ -113,7 +113,7 @@ class S3AnchorStore:
         return f"s3://{self._bucket}/{key}"
 
     def _keys(self, log_id: str) -> list[str]:
-        keys = []
+        keys: list[str] = []
         for page in self._s3.get_paginator("list_objects_v2").paginate(
             Bucket=self._bucket, Prefix=f"{PREFIX}{log_id}/"
         ):
