@@ -5,8 +5,7 @@ Thin: the flow builds this process's platform and calls one function. A log that
 continue its anchors (a restored or replaced database) fails the flow run with the alarm's
 message (``AuditForkError``); the alarm is also in the logs and the audit log, and the
 console shows it. Deployment ``audit-anchor/audit-anchor`` in ``flows/prefect.yaml``, on an
-interval of ``ARCHIVE_KMS_AUDIT_ANCHOR_INTERVAL_SECONDS`` (default 3600, set when the
-deployment is deployed: docs/deployment.md).
+interval of 3600 seconds (``flows/prefect.yaml``; docs/deployment.md).
 """
 
 from __future__ import annotations

@@ -837,7 +837,6 @@ DEPLOYMENTS = (
     "migration-support/support",
     "audit-anchor/audit-anchor",
 )
-AUDIT_ANCHOR_INTERVAL_SECONDS = "3600"  # the audit-anchor deployment's schedule unless the environment says otherwise
 
 
 def _prefect_service() -> Service:
@@ -882,10 +881,6 @@ def worker_command(s: Service) -> tuple[list[str], dict[str, str], Path | None]:
         PREFECT_WORKER_WEBSERVER_PORT=str(s.port),
         # the flows read the stack's endpoints file, whatever directory they run in
         ARCHIVE_KMS_STACK_DIR=str(stack_dir()),
-        # flows/prefect.yaml reads it when deploying: the audit-anchor schedule
-        ARCHIVE_KMS_AUDIT_ANCHOR_INTERVAL_SECONDS=os.environ.get(
-            "ARCHIVE_KMS_AUDIT_ANCHOR_INTERVAL_SECONDS", AUDIT_ANCHOR_INTERVAL_SECONDS
-        ),
     )
     s.run_dir.mkdir(parents=True, exist_ok=True)
     deploy = [

@@ -105,11 +105,6 @@ class Settings(BaseSettings):
     # (compliance mode), so a rollback of the database is found. None = not published.
     audit_anchor_bucket: str | None = None
     audit_anchor_retention_days: int = Field(default=365, ge=1)
-    # How often the audit-anchor deployment anchors and verifies (flows/prefect.yaml reads
-    # ARCHIVE_KMS_AUDIT_ANCHOR_INTERVAL_SECONDS when it is deployed; `stack up` sets 3600):
-    # a database restored to a state older than the latest anchor is refused by every
-    # fresh process, so this bounds how much history a restore can silently drop.
-    audit_anchor_interval_seconds: int = Field(default=3600, ge=60)
 
     # Migration flows.
     # A run's tenant lease: renewed every third of it; a crashed worker's run can be
