@@ -863,7 +863,12 @@ def prefect_endpoints(s: Service) -> dict[str, object]:
 # ---------------------------------------------------------------- Prefect worker (runs the deployments)
 
 WORK_POOL = "archive-kms"
-DEPLOYMENTS = ("migration-enable/enable", "migration-remove/remove", "migration-support/support")
+DEPLOYMENTS = (
+    "migration-enable/enable",
+    "migration-remove/remove",
+    "migration-support/support",
+    "audit-anchor/audit-anchor",
+)
 
 
 def _prefect_service() -> Service:

@@ -260,7 +260,7 @@ def search_cmd(
         .open_archive(tenant)
         .search(Query(text=" ".join(words or ()), filters=filters, object_type=object_type, limit=limit))
     )
-    rows = [
+    rows: list[dict[str, _Any]] = [
         {"object_type": h.object_type, "record_id": h.record_id, "workspace": h.workspace_id, "fields": dict(h.fields)}
         for h in result
     ]
@@ -347,10 +347,10 @@ def audit_verify(tenant: str | None = None, as_json: bool = JSON) -> None:
     """Verify the audit log's hash chain and, when anchors are published, that the log
     still holds the latest anchor (no rollback); exit 1 if anything was edited, deleted,
     reordered or rolled back."""
-    from archive_kms.state.anchors import verify_with_anchor
+    from archive_kms.operations.anchoring import verify
 
     p = _platform()
-    v, anchor = verify_with_anchor(p.state, p.anchors, tenant_id=tenant)
+    v, anchor = verify(p, tenant_id=tenant)
     out = {
         **v.__dict__,
         "anchor": None if anchor is None else {"count": anchor.count, "anchored_at": anchor.anchored_at.isoformat()},
@@ -372,14 +372,15 @@ def audit_verify(tenant: str | None = None, as_json: bool = JSON) -> None:
 @audit_app.command("anchor")
 @_errors_are_messages
 def audit_anchor(as_json: bool = JSON) -> None:
-    """Verify the whole log, then publish its head to the anchor bucket (S3 Object Lock,
-    compliance mode), where nobody can delete it before its retention ends."""
-    from archive_kms.state.anchors import publish_anchor
+    """Verify the whole log, check it continues the latest anchor, then publish its head
+    (signed, chained to that anchor) to the anchor bucket (S3 Object Lock, compliance
+    mode), where nobody can delete it before its retention ends. A log that does not
+    continue the latest anchor (a restored or replaced database) is refused with an alarm
+    (exit 2). The `audit-anchor` deployment does this on a schedule."""
+    from archive_kms.operations.anchoring import publish
 
     p = _platform()
-    if p.anchors is None:
-        raise ConfigurationError("no anchor store: set ARCHIVE_KMS_AUDIT_ANCHOR_BUCKET (a bucket with Object Lock)")
-    anchor, where = publish_anchor(p.state, p.anchors)
+    anchor, where = publish(p)
     _emit(
         as_json,
         {"count": anchor.count, "head_hash": anchor.head_hash, "where": where},
@@ -1175,6 +1176,51 @@ def verify_cmd(tenant: str, as_json: bool = JSON) -> None:
 
 # --- the state database's schema (Alembic revisions, docs/state-store.md) ------------------
 
+keychain_app = typer.Typer(
+    no_args_is_help=True, help="Tenant keychains: why one is refused, and the audited override for a false lock."
+)
+app.add_typer(keychain_app, name="keychain")
+
+
+@keychain_app.command("status")
+@_errors_are_messages
+def keychain_status(tenant: str, as_json: bool = JSON) -> None:
+    """Whether the tenant's keychain is refused (locked), and why: the head's version
+    against the version its verified audit chain vouches for, and the chain's problem.
+    Exit 1 if locked."""
+    status = _platform().keychain.lock_status(tenant)
+    human = (
+        f"keychain of {tenant}: LOCKED: "
+        + (status["chain_problem"] or f"head v{status['head_version']} below audited v{status['audited_version']}")
+        if status["locked"]
+        else f"keychain of {tenant}: not locked (head v{status['head_version']}, audit log v{status['audited_version']})"
+    )
+    _emit(as_json, status, human)
+    if status["locked"]:
+        raise typer.Exit(1)
+
+
+@keychain_app.command("unlock")
+@_errors_are_messages
+def keychain_unlock(
+    tenant: str,
+    reason: str = typer.Option(..., "--reason", help="Why the lock is false (audited)"),
+    actor: str | None = typer.Option(None, "--actor", help="Who overrides it (default: support:<login>)"),
+    as_json: bool = JSON,
+) -> None:
+    """Override a false lock: accept the keychain head as it is now, audited
+    (`keychain.unlock`, with actor and reason). Accepting a head below the audited
+    version brings back what the audited commits in between did (they are listed): after
+    a whole-database restore, restore a newer backup instead. Exit 2 if not locked."""
+    out = _platform().keychain.unlock(tenant, reason=reason, actor=_actor(actor))
+    undone = ", ".join(f"{u['action']} (v{u['head_version']})" for u in out["undone"]) or "nothing"
+    _emit(
+        as_json,
+        out,
+        f"keychain of {tenant} unlocked by {out['unlocked_by']} at head v{out['head_version']}; undone: {undone}",
+    )
+
+
 db_app = typer.Typer(no_args_is_help=True, help="The state database's schema: current revision and upgrades.")
 app.add_typer(db_app, name="db")
 DB_URL = typer.Option(None, "--url", help="State database URL (default: the settings' state_url)")
@@ -1208,6 +1254,12 @@ def db_current(url: str | None = DB_URL, as_json: bool = JSON) -> None:
 def db_upgrade(
     url: str | None = DB_URL,
     to: str = typer.Option("head", "--to", help="Target revision (default: head)"),
+    runtime_role: str | None = typer.Option(
+        None,
+        "--runtime-role",
+        help="PostgreSQL: the role the workers connect as; granted what they need, not the rights to rewrite the "
+        "audit log (run the upgrade as the migration role that owns the schema: docs/deployment.md)",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Upgrade the state database's schema to this code's (one transaction; stamps a database from before Alembic)."""
@@ -1215,7 +1267,7 @@ def db_upgrade(
 
     db = _state_database(url)
     try:
-        before, after = migrate.upgrade(db, to)
+        before, after = migrate.upgrade(db, to, runtime_role=runtime_role)
     finally:
         db.engine.dispose()
     _emit(

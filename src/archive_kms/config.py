@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     # Keys.
     # Ed25519 platform signing key (PEM) that signs keychain records and erasure records.
     keychain_signing_key_path: str | None = None
+    # Public keys (one PEM file, one or more keys) of the signing keys this one replaced:
+    # what they signed still verifies, by key id (docs/key-hierarchy.md, section 7).
+    keychain_previous_public_keys_path: str | None = None
+    # Development only: with no signing key configured, create one in the stack directory
+    # (the local stack, which has an endpoints file, always may). Anywhere else a missing
+    # key is a configuration error: a worker never signs with a key of its own making.
+    keychain_signing_key_autocreate: bool = False
     key_cache_ttl_seconds: float = 60.0
     dek_bucket_seconds: int = 3600
 

@@ -76,7 +76,7 @@ def _kv(settings: Settings) -> str:
 
     kc = clients.keyvault_key_client(settings)
     key = kc.create_rsa_key(
-        f"demo-{uuid.uuid4().hex[:10]}", size=2048, key_operations=["wrapKey", "unwrapKey", "encrypt", "decrypt"]
+        f"demo-{uuid.uuid4().hex[:10]}", size=3072, key_operations=["wrapKey", "unwrapKey", "encrypt", "decrypt"]
     )
     cc = CryptographyClient(key.id, clients.keyvault_credential(settings), **clients.keyvault_client_kwargs(settings))
     secret = os.urandom(32)
@@ -192,7 +192,7 @@ def _customer_key(settings: Settings, mode: str) -> str:
         return ref
     if mode == "byokv":
         name = f"demo-{uuid.uuid4().hex[:10]}"
-        clients.keyvault_key_client(settings).create_rsa_key(name, size=2048, key_operations=["wrapKey", "unwrapKey"])
+        clients.keyvault_key_client(settings).create_rsa_key(name, size=3072, key_operations=["wrapKey", "unwrapKey"])
         return f"azure-kv://{(settings.azure_keyvault_url or '').removeprefix('https://').rstrip('/')}/keys/{name}"
     from kmip.core import enums
 
@@ -354,10 +354,10 @@ def _migration_demo(console: Console, settings: Settings) -> int:
     )
     if not audit.ok or platform.anchors is None:
         return failed + (not audit.ok)
-    from archive_kms.state.anchors import publish_anchor, verify_with_anchor
+    from archive_kms.operations.anchoring import publish, verify
 
-    anchor, where = publish_anchor(platform.state, platform.anchors)
-    checked, _ = verify_with_anchor(platform.state, platform.anchors)
+    anchor, where = publish(platform)
+    checked, _ = verify(platform)
     console.print(
         f"audit head anchored under Object Lock: {where} (record {anchor.count}); "
         f"log {'verifies against it' if checked.ok else 'DOES NOT match it: ' + str(checked.reason)}"

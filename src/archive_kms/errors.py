@@ -163,6 +163,19 @@ class VersionConflictError(StateError):
     retryable = True
 
 
+class SearchBindingError(IntegrityError):
+    """The search index disagrees with what the platform recorded: an alias on an index we
+    never created, a generation whose stored mode is not the one we recorded, or a mode
+    the signed keychain head forbids. Terminal and alarmed: nothing is sent or indexed
+    until a human looks (docs/threat-model.md, "Search cluster operator")."""
+
+
+class AuditForkError(IntegrityError):
+    """The audit log is not a continuation of what was anchored outside the database (a
+    restored or replaced log, or a forged anchor): nothing is anchored over it. Terminal
+    and alarmed (docs/state-store.md "Anchors")."""
+
+
 class AliasConflictError(SearchError):
     """A conditional alias swap found the alias elsewhere than expected (a racing swap or
     a stale caller). Terminal: the loser must re-read the alias, not retry blindly."""

@@ -5,7 +5,7 @@
 * ``byok``      - an EXTERNAL-origin LocalStack key with material imported like a customer
                   would (GetParametersForImport, RSA-OAEP-SHA-256 wrap, keys/byok.py)
 * ``managed``   - the platform key (keys/managed.py), created on first use
-* ``azure-kv``  - an RSA-2048 key in the Key Vault emulator
+* ``azure-kv``  - an RSA-3072 key in the Key Vault emulator
 * ``kmip``      - an AES-256 key in the PyKMIP server
 
 Key state is changed *on the server*, the way the customer or HSM officer would
@@ -234,7 +234,7 @@ class AzureKeyVaultBackend(Backend):
 
     def new_key(self) -> Key:
         name = f"ct-{uuid.uuid4().hex[:12]}"
-        key = self.kc.create_rsa_key(name, size=2048, key_operations=["wrapKey", "unwrapKey"])
+        key = self.kc.create_rsa_key(name, size=3072, key_operations=["wrapKey", "unwrapKey"])
         self.created.append(name)
         version = key.properties.version
         kc = self.kc

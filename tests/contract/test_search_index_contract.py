@@ -133,6 +133,8 @@ class Backend:
     make: Callable[..., SearchIndex]  # make(rejector=None) -> SearchIndex
     raw_documents: Callable[[str], list[dict[str, Any]]]  # {"_id", "_source"} straight from storage
     raw_put: Callable[[str, str, Mapping[str, Any]], None]  # overwrite a stored document behind our back
+    raw_set_mode: Callable[[str, IndexMode], None]  # rewrite an index's _meta mode behind our back
+    raw_alias_to: Callable[[str, str], None]  # (alias, index): create ``index`` if needed and move the alias there
     tenants: list[str] = field(default_factory=list)
 
     def tenant(self) -> str:
@@ -167,7 +169,14 @@ def backend(request):
             idx.dirty.add(doc_id)
             idx.refresh()
 
-        yield Backend("memory", make, raw_documents, raw_put)
+        def raw_set_mode(name: str, mode: IndexMode) -> None:
+            store._indices[name].mappings["_meta"]["archive_kms"]["mode"] = IndexMode(mode).value
+
+        def raw_alias_to(alias: str, name: str) -> None:
+            with store._lock:
+                store._aliases[alias] = {name: True}
+
+        yield Backend("memory", make, raw_documents, raw_put, raw_set_mode, raw_alias_to)
         return
 
     settings = request.getfixturevalue("elasticsearch")
@@ -184,10 +193,22 @@ def backend(request):
     def es_raw_put(name: str, doc_id: str, source: Mapping[str, Any]) -> None:
         client.index(index=name, id=doc_id, document=dict(source), refresh=True)
 
-    b = Backend("elasticsearch", make_es, es_raw_documents, es_raw_put)
+    def es_raw_set_mode(name: str, mode: IndexMode) -> None:
+        meta = client.indices.get_mapping(index=name)[name]["mappings"]["_meta"]
+        meta["archive_kms"]["mode"] = IndexMode(mode).value
+        client.indices.put_mapping(index=name, meta=meta)
+
+    def es_raw_alias_to(alias: str, name: str) -> None:
+        if not client.indices.exists(index=name):
+            client.indices.create(index=name)
+        actions: list[dict[str, Any]] = [{"remove": {"index": "*", "alias": alias}}]
+        actions.append({"add": {"index": name, "alias": alias}})
+        client.indices.update_aliases(actions=actions)
+
+    b = Backend("elasticsearch", make_es, es_raw_documents, es_raw_put, es_raw_set_mode, es_raw_alias_to)
     yield b
     for t in b.tenants:  # delete by exact names (never a wildcard delete on a shared cluster)
-        names = list(client.indices.get(index=f"archive-{t}*", allow_no_indices=True).body)
+        names = list(client.indices.get(index=f"archive-{t}*,forged-{t}*", allow_no_indices=True).body)
         if names:
             client.indices.delete(index=names)
 
@@ -451,9 +472,9 @@ def test_mapping_violations_are_reported_per_document(backend, mode):
     keys = keys_for(tenant, mode)
     name = index.create_generation(tenant, 1, mode)
     good = docs_for(tenant, mode, keys)
-    extra_field = IndexDocument("poison-extra", {**good[0].source, "injected": "x"})
-    object_value = IndexDocument("poison-object", {**good[1].source, "tokens": {"nested": "x"}})
-    immense = IndexDocument("poison-immense", {**good[2].source, "tokens": ["x" * 40_000]})
+    extra_field = IndexDocument("poison-extra", {**good[0].source, "injected": "x"}, mode=mode)
+    object_value = IndexDocument("poison-object", {**good[1].source, "tokens": {"nested": "x"}}, mode=mode)
+    immense = IndexDocument("poison-immense", {**good[2].source, "tokens": ["x" * 40_000]}, mode=mode)
     result = index.bulk_index(
         name, [good[0], extra_field, good[1], object_value, good[2], immense, good[3]], refresh=True
     )
@@ -691,3 +712,53 @@ def test_rebuild_refuses_keys_that_do_not_fit(backend):
     with pytest.raises(ValidationError):
         rebuild_generation(RECORDS, index, tenant, 1, IndexMode.PLAINTEXT, keys_for(tenant, IndexMode.KEYED))
     assert index.list_generations(tenant) == []
+
+
+# --- the mode and the alias are checked, not believed (docs/threat-model.md) ---------------
+
+
+def test_documents_built_for_another_mode_or_none_are_refused_before_sending(backend, mode):
+    from archive_kms.errors import IndexModeMismatchError
+
+    index, tenant = backend.make(), backend.tenant()
+    keys = keys_for(tenant, mode)
+    name = index.create_generation(tenant, 1, mode)
+    other = IndexMode.PLAINTEXT if mode is IndexMode.KEYED else IndexMode.KEYED
+    wrong = docs_for(tenant, other, keys_for(tenant, other))
+    unmarked = [IndexDocument(d.doc_id, d.source) for d in docs_for(tenant, mode, keys)]
+    for batch in (wrong, unmarked, [*docs_for(tenant, mode, keys)[:2], wrong[2]]):
+        with pytest.raises(IndexModeMismatchError, match=f"into {mode.value} index {name}"):
+            index.bulk_index(name, batch, refresh=True)
+    index.refresh(name)
+    assert index.count(name) == 0 and backend.raw_documents(name) == []  # nothing of any batch was sent
+
+
+def test_a_bound_search_uses_the_recorded_mode_and_refuses_a_contradicting_marker(backend):
+    from archive_kms.errors import SearchBindingError
+
+    index, tenant = backend.make(), backend.tenant()
+    keys = keys_for(tenant, IndexMode.KEYED)
+    name = live(index, tenant, 1, IndexMode.KEYED, keys)
+    assert ids(index.search(tenant, Query("quokkafarm"), keys, index=name, mode=IndexMode.KEYED)) == sorted(
+        ["001Qz00000AbCdEFGH", "500Qz00000CASE01"]
+    )
+    # someone rewrites the marker to "plaintext": neither a keyed nor a plaintext query is sent
+    backend.raw_set_mode(name, IndexMode.PLAINTEXT)
+    with pytest.raises(SearchBindingError, match="was created keyed"):
+        index.search(tenant, Query("quokkafarm"), keys, index=name, mode=IndexMode.KEYED)
+    with pytest.raises(ValidationError):  # the caller's recorded mode decides which keys fit
+        index.search(tenant, Query("quokkafarm"), None, index=name, mode=IndexMode.KEYED)
+    with pytest.raises(ValidationError, match="both index and mode"):
+        index.search(tenant, Query("quokkafarm"), keys, index=name)
+
+
+def test_an_alias_on_an_index_that_is_not_the_tenants_generation_is_refused(backend):
+    from archive_kms.errors import SearchBindingError
+
+    index, tenant = backend.make(), backend.tenant()
+    live(index, tenant, 1, IndexMode.KEYED, keys_for(tenant, IndexMode.KEYED))
+    backend.raw_alias_to(f"archive-{tenant}", f"forged-{tenant}")
+    with pytest.raises(SearchBindingError, match=f"forged-{tenant}"):
+        index.current_index(tenant)
+    with pytest.raises(SearchBindingError):
+        index.search(tenant, Query("quokkafarm"), keys_for(tenant, IndexMode.KEYED))

@@ -1367,3 +1367,23 @@ def test_a_missing_database_is_a_configuration_error(state_url: str) -> None:
     with pytest.raises(ConfigurationError, match="does not exist") as info:
         open_state(url)
     assert not info.value.retryable
+
+
+# --- search generations (operations/search_guard.py signs them) ----------------------------
+
+
+def test_a_search_generation_is_recorded_once_and_kept_byte_for_byte(state_store: StateStore) -> None:
+    from datetime import UTC, datetime
+
+    from archive_kms.domain.search_generations import SearchGeneration
+
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    first = SearchGeneration("acme", 2, "archive-acme--2", "keyed", at, "ed25519:00", b"\x01" * 64)
+    assert state_store.record_search_generation(first) == first
+    later = SearchGeneration("acme", 2, "archive-acme--2", "plaintext", at, "ed25519:00", b"\x02" * 64)
+    assert state_store.record_search_generation(later) == first  # the first record stands
+    state_store.record_search_generation(SearchGeneration("acme", 1, "archive-acme--1", "plaintext", at))
+    state_store.record_search_generation(SearchGeneration("beta", 1, "archive-beta--1", "keyed", at))
+    assert [(g.generation, g.mode) for g in state_store.search_generations("acme")] == [(1, "plaintext"), (2, "keyed")]
+    assert state_store.search_generations("acme")[1].to_json() == first.to_json()
+    assert state_store.search_generations("nobody") == []

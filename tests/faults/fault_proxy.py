@@ -431,6 +431,7 @@ class LogEntry:
     target: str
     fault: str | None
     request_headers: list[tuple[str, str]]
+    request_body: bytes | None = None  # kept only by a Proxy(keep_bodies=True)
     at: float = field(default_factory=time.monotonic)
 
 
@@ -578,7 +579,9 @@ def _read_chunked(reader: _Reader) -> tuple[bytes, bytes]:
 
 
 class Proxy:
-    """``Proxy(upstream_port, classify=s3_op)``; ``url``; ``rules``; ``log``; ``close()``."""
+    """``Proxy(upstream_port, classify=s3_op)``; ``url``; ``rules``; ``log``; ``close()``.
+    ``keep_bodies=True`` keeps every request body in the log (small requests only: an
+    Elasticsearch client's, to prove what went over the wire)."""
 
     #: Every proxy made in this process (the fault tier's report sums their ``injected``).
     instances: ClassVar[list[Proxy]] = []
@@ -590,9 +593,11 @@ class Proxy:
         classify: Callable[[Request], str],
         tls: TlsTermination | None = None,
         host: str = "127.0.0.1",
+        keep_bodies: bool = False,
     ) -> None:
         self.upstream = upstream
         self.classify = classify
+        self.keep_bodies = keep_bodies  # log each request's body too (what went over the wire)
         self.rules: list[Rule] = []
         self.log: list[LogEntry] = []
         self.injected: Counter[str] = Counter()  # "op fault" -> count, since the proxy was made
@@ -682,7 +687,14 @@ class Proxy:
             faults = [rule(req) for rule in self.rules]  # every rule counts every request
             fault = next((f for f in faults if f is not None), None)
             self.log.append(
-                LogEntry(req.op, req.method, req.target, _fault_name(fault) if fault else None, list(req.headers))
+                LogEntry(
+                    req.op,
+                    req.method,
+                    req.target,
+                    _fault_name(fault) if fault else None,
+                    list(req.headers),
+                    req.body if self.keep_bodies else None,
+                )
             )
             if fault is not None:
                 self.injected[f"{req.op} {_fault_name(fault)}"] += 1

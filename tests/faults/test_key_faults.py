@@ -123,7 +123,7 @@ def _kv_env(settings: Settings, tmp_path: Path) -> Iterator[KeyEnv]:
     proxied = settings.model_copy(update={"azure_keyvault_url": proxy.url, "azure_keyvault_ca_bundle": str(cert)})
     name = f"faults-{uuid.uuid4().hex[:12]}"
     client = clients.keyvault_key_client(proxied)
-    client.create_rsa_key(name, size=2048, key_operations=["wrapKey", "unwrapKey"])
+    client.create_rsa_key(name, size=3072, key_operations=["wrapKey", "unwrapKey"])
     ref = f"azure-kv://localhost:{proxy.port}/keys/{name}"
 
     def outage(down: bool) -> None:

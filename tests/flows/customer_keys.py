@@ -4,7 +4,7 @@ disable/enable of them (what a customer does to revoke access).
 - byokms: a KMS key in LocalStack (``aws-kms://<arn>``)
 - byok:   a KMS key with Origin EXTERNAL whose material is imported through our
           ``ByokImporter`` (the customer wraps 32 random bytes under the published RSA key)
-- byokv:  an RSA-2048 key in the Key Vault emulator (``azure-kv://host:port/keys/NAME``)
+- byokv:  an RSA-3072 key in the Key Vault emulator (``azure-kv://host:port/keys/NAME``)
 - kmip:   an AES-256 key on the PyKMIP server (``kmip://host:port/UID``)
 
 KMIP has no "disable": ``disable`` revokes the key, which KMIP makes permanent, so
@@ -70,7 +70,7 @@ class CustomerKeyFactory:
     def _new_byokv(self) -> str:
         name = f"flow-{uuid.uuid4().hex[:12]}"
         clients.keyvault_key_client(self.settings).create_rsa_key(
-            name, size=2048, key_operations=["wrapKey", "unwrapKey"]
+            name, size=3072, key_operations=["wrapKey", "unwrapKey"]
         )
         return f"azure-kv://{self._keyvault_host()}/keys/{name}"
 

@@ -100,9 +100,18 @@ def _kv_ref(keyvault, kv, create) -> str:
 
 
 def test_key_vault_preflight_rejects_keys_without_unwrap(keyvault, kv) -> None:
-    ref = _kv_ref(keyvault, kv, lambda n: kv.create_rsa_key(n, size=2048, key_operations=["wrapKey", "sign"]))
+    ref = _kv_ref(keyvault, kv, lambda n: kv.create_rsa_key(n, size=3072, key_operations=["wrapKey", "sign"]))
     with pytest.raises(ConfigurationError, match="lack unwrapKey"):
         check_usable(KeyProviderRegistry(keyvault).resolve(ref), CTX)
+
+
+def test_key_vault_preflight_requires_rsa_3072(keyvault, kv) -> None:
+    """Issue 11 finding 9: the key wraps the long-lived L2; RSA-2048 is refused, 3072 passes."""
+    small = _kv_ref(keyvault, kv, lambda n: kv.create_rsa_key(n, size=2048, key_operations=["wrapKey", "unwrapKey"]))
+    with pytest.raises(ConfigurationError, match="it is RSA-2048; at least RSA-3072 is required"):
+        check_usable(KeyProviderRegistry(keyvault).resolve(small), CTX)
+    enough = _kv_ref(keyvault, kv, lambda n: kv.create_rsa_key(n, size=3072, key_operations=["wrapKey", "unwrapKey"]))
+    check_usable(KeyProviderRegistry(keyvault).resolve(enough), CTX)
 
 
 def test_key_vault_preflight_rejects_non_rsa_keys(keyvault, kv) -> None:
@@ -112,7 +121,7 @@ def test_key_vault_preflight_rejects_non_rsa_keys(keyvault, kv) -> None:
 
 
 def test_key_vault_rotation_is_a_new_version_and_old_wraps_still_unwrap(keyvault, kv) -> None:
-    ref = _kv_ref(keyvault, kv, lambda n: kv.create_rsa_key(n, size=2048, key_operations=["wrapKey", "unwrapKey"]))
+    ref = _kv_ref(keyvault, kv, lambda n: kv.create_rsa_key(n, size=3072, key_operations=["wrapKey", "unwrapKey"]))
     provider = KeyProviderRegistry(keyvault).resolve(ref)
     secret = SecretBytes.random(32)
     old = provider.wrap(secret, context=CTX)

@@ -127,7 +127,7 @@ class ConsoleHarness:
     def reset(self, tmp_path: Any) -> ConsoleHarness:
         """A fresh platform, console store, launcher, clock and key-state cache under the same
         app (building the FastAPI app is the slow part), for the next test."""
-        from archive_kms.api.warnings import KeyStateProbe, KeyStateWarnings, RunWarnings
+        from archive_kms.api.warnings import AlarmWarnings, KeyStateProbe, KeyStateWarnings, RunWarnings
 
         self.state.close()
         self.signer = Signer.generate()
@@ -140,7 +140,7 @@ class ConsoleHarness:
         c.platform, c.store, c.launcher, c.clock = self.platform, self.store, self.launcher, self.clock
         c.audit_verifier = self.signer.verifier()
         c.probe = KeyStateProbe()
-        c.warning_sources = [RunWarnings(self.clock), KeyStateWarnings(c.probe)]
+        c.warning_sources = [RunWarnings(self.clock), KeyStateWarnings(c.probe), AlarmWarnings()]
         return self
 
     def token(self, role: str, sub: str = "alice", tenant: str | None = ACME) -> str:

@@ -227,6 +227,10 @@ def test_the_content_digest_survives_an_l1_rebinding(platform):
     platform.keychain.cache.purge("acme")
     assert submit_job(platform.state, spec, platform.open_archive).decision == "duplicate"
     assert platform.state.list_deferred("acme")[0].payload["digest"] == digest
+    # bound to a customer key the tenant's plaintext index takes no records (search_guard);
+    # back under the managed key (a cancelled run's undo) the job replays, digest unchanged
+    platform.keychain.rotate_l1("acme", platform.resolve_provider("managed://platform"))
+    assert submit_job(platform.state, spec, platform.open_archive).decision == "duplicate"
     [out] = replay_deferred(platform.state, "acme", "run-1", platform.open_archive)
     assert out.decision == "run"
     archive = platform.open_archive("acme")

@@ -315,6 +315,30 @@ def test_an_unusable_master_key_is_a_warning(h, monkeypatch):
     assert h.call("GET", f"/api/tenants/{ACME}", ADMIN).json()["key_state"]["state"] == "unavailable"
 
 
+def test_a_security_alarm_is_a_critical_warning_in_its_tenants_scope(h):
+    from archive_kms.alarms import raise_alarm
+
+    raise_alarm(
+        h.platform.state,
+        "search_binding",
+        "alias archive-globex moved to an index we never created",
+        tenant_id=GLOBEX,
+        details={"index": "archive-globex--9"},
+    )
+    (w,) = [
+        x
+        for x in h.call("GET", f"/api/warnings?tenant={GLOBEX}", SUPPORT, tenant=None).json()
+        if x["kind"].startswith("alarm_")
+    ]
+    assert (w["kind"], w["severity"], w["tenant"]) == ("alarm_search_binding", "critical", GLOBEX)
+    assert "never created" in w["message"]
+    assert not [x for x in h.call("GET", "/api/warnings", ADMIN).json() if x["kind"].startswith("alarm_")]
+    raise_alarm(h.platform.state, "audit_fork", "the audit log does not continue its latest anchor")
+    assert [x["tenant"] for x in h.call("GET", "/api/warnings", ADMIN).json() if x["kind"] == "alarm_audit_fork"] == [
+        "*"
+    ]
+
+
 # --- runs ----------------------------------------------------------------------------------------------
 
 

@@ -116,6 +116,9 @@ class FlakyAudit:
     def iter_audit(self, **kwargs: Any) -> Iterator[AuditRecord]:
         return self.real.iter_audit(**kwargs)
 
+    def audit_head(self, **kwargs: Any) -> Any:
+        return self.real.audit_head(**kwargs)
+
 
 def _tenant(world: World) -> Keychain:
     kc = world.process()

@@ -10,6 +10,10 @@ sources here:
 - ``KeyStateWarnings``: a tenant whose master key the provider reports unusable
   (``key_unavailable``: disabled, pending deletion, revoked, not found, no access), from the
   preflight's state check (``KeyProvider.status()``; no wrap/unwrap), cached per tenant.
+- ``AlarmWarnings``: security alarms (``archive_kms.alarms``: an index behind a tenant's alias
+  we never created, an audit log that does not continue its anchors, a keychain audit chain
+  that does not verify), from the ``alarm.*`` audit records, the tenant's and the
+  platform-wide ones (critical; read incrementally).
 
 The key-lifecycle work adds its own sources (a rotation waiting for confirmation, offering
 ``confirm_rotation``) with one ``register_warning_source`` call.
@@ -220,7 +224,58 @@ class KeyStateWarnings:
                 )
 
 
+class AlarmWarnings:
+    """The ``alarm.*`` audit records of the tenants in scope and the platform-wide ones
+    (global chain, no tenant), the latest of each kind. Each chain is read once, then only
+    the records appended since (``after_seq``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[str | None, tuple[int, dict[str, Any]]] = {}  # chain -> (after_seq, kind -> record)
+
+    def _alarms(self, platform: Platform, tenant_id: str | None) -> dict[str, Any]:
+        from archive_kms.alarms import is_alarm
+
+        with self._lock:
+            after, found = self._seen.get(tenant_id, (0, {}))
+        found = dict(found)
+        for rec in platform.state.iter_audit(tenant_id=tenant_id, after_seq=after):
+            after = rec.seq
+            if is_alarm(rec.action) and (tenant_id is not None or rec.tenant_id is None):
+                found[rec.action] = rec
+        with self._lock:
+            self._seen[tenant_id] = (after, found)
+        return found
+
+    def warnings(self, platform: Platform, tenants: Sequence[TenantRecord]) -> Iterable[ConsoleWarning]:
+        scopes: list[str | None] = [None, *(t.tenant_id for t in tenants)]
+        for scope in scopes:
+            try:
+                alarms = self._alarms(platform, scope)
+            except ArchiveKmsError as exc:
+                yield ConsoleWarning(
+                    id=f"alarm_unreadable:{scope or '*'}",
+                    kind="alarm_unreadable",
+                    severity="critical",
+                    tenant=scope or "*",
+                    message=f"the audit log could not be read for security alarms: {type(exc).__name__}",
+                )
+                continue
+            for action, rec in sorted(alarms.items()):
+                kind = action.removeprefix("alarm.")
+                yield ConsoleWarning(
+                    id=f"alarm:{kind}:{scope or '*'}",
+                    kind=f"alarm_{kind}",
+                    severity="critical",
+                    tenant=scope or "*",
+                    since=rec.ts,
+                    message=str(rec.details.get("message", action)),
+                    details={"audit_seq": rec.seq},
+                )
+
+
 __all__ = [
+    "AlarmWarnings",
     "ConsoleWarning",
     "KeyStateProbe",
     "KeyStateView",

@@ -7,6 +7,8 @@ erasure records (as Crypteron signs its KEKs with a master signing key).
 * :class:`Verifier` holds one or more public keys, chosen by the ``key_id`` a signature
   names, so a signing-key rotation keeps old records verifiable (the newest key signs,
   any listed key verifies; records are re-signed by the new key on their next change).
+  A ``Signer`` carries the public keys of the keys it replaced (``previous``; setting
+  ``keychain_previous_public_keys_path``), and its ``verifier()`` lists them all.
   A customer verifies an erasure record with ``Verifier.from_public_pem(pem)`` alone.
 
 Every signature is over ``b"archive_kms/" + purpose + b"\\n" + message`` so a signature
@@ -80,13 +82,22 @@ def _framed(purpose: str, message: bytes) -> bytes:
 class Signer:
     """The platform's private signing key."""
 
-    __slots__ = ("_key_id", "_private")
+    __slots__ = ("_key_id", "_previous", "_private")
 
-    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+    def __init__(self, private_key: Ed25519PrivateKey, previous: Iterable[Ed25519PublicKey] = ()) -> None:
         if not isinstance(private_key, Ed25519PrivateKey):
             raise ValidationError("the keychain signing key must be an Ed25519 private key")
         self._private = private_key
         self._key_id = key_id_of(private_key.public_key())
+        self._previous = tuple(previous)
+        if not all(isinstance(pk, Ed25519PublicKey) for pk in self._previous):
+            raise ValidationError("the previous signing keys must be Ed25519 public keys")
+
+    def with_previous(self, *pems: bytes) -> Signer:
+        """This key, also verifying signatures of the keys it replaced (their public PEMs;
+        one PEM may hold several keys): the signing-key rotation."""
+        keys = [pk for pem in pems for pk in _public_keys(pem)]
+        return Signer(self._private, (*self._previous, *keys))
 
     @classmethod
     def generate(cls) -> Signer:
@@ -117,14 +128,32 @@ class Signer:
 
     @classmethod
     def from_settings(cls, settings: Any) -> Signer:
-        """Load the key named by ``settings.keychain_signing_key_path``."""
+        """Load the key named by ``settings.keychain_signing_key_path``, with the public
+        keys of the keys it replaced (``keychain_previous_public_keys_path``, a PEM file
+        of one or more public keys), if set."""
         path = getattr(settings, "keychain_signing_key_path", None)
         if not path:
             raise ConfigurationError(
                 "setting keychain_signing_key_path is not set: export "
                 "ARCHIVE_KMS_KEYCHAIN_SIGNING_KEY_PATH (create one with Signer.create_key_file)"
             )
-        return cls.from_pem_file(path)
+        return cls.from_pem_file(path).with_previous_file(getattr(settings, "keychain_previous_public_keys_path", None))
+
+    def with_previous_file(self, path: str | os.PathLike[str] | None) -> Signer:
+        """``with_previous`` from a PEM file (None: this signer unchanged)."""
+        if not path:
+            return self
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read the previous signing keys at {p}: {exc.strerror}", resource=str(p)
+            ) from None
+        try:
+            return self.with_previous(data)
+        except ValidationError as exc:
+            raise ConfigurationError(f"{p}: {exc}", resource=str(p)) from None
 
     @classmethod
     def create_key_file(cls, path: str | os.PathLike[str]) -> Signer:
@@ -158,7 +187,8 @@ class Signer:
         )
 
     def verifier(self) -> Verifier:
-        return Verifier([self._private.public_key()])
+        """Verifies this key's signatures and those of the keys it replaced."""
+        return Verifier([self._private.public_key(), *self._previous])
 
     def __repr__(self) -> str:
         return f"Signer(key_id={self._key_id!r})"
@@ -170,6 +200,24 @@ class Signer:
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("the signing key cannot be pickled or copied")
+
+
+def _public_keys(pem: bytes) -> list[Ed25519PublicKey]:
+    """Every public key in ``pem`` (concatenated PEM blocks), each Ed25519."""
+    marker = b"-----BEGIN PUBLIC KEY-----"
+    blocks = [marker + part for part in pem.split(marker)[1:]]
+    if not blocks:
+        raise ValidationError("no PEM public key found")
+    keys = []
+    for block in blocks:
+        try:
+            pk = serialization.load_pem_public_key(block)
+        except (ValueError, TypeError):
+            raise ValidationError("not a PEM public key") from None
+        if not isinstance(pk, Ed25519PublicKey):
+            raise ValidationError("a previous signing key must be an Ed25519 public key")
+        keys.append(pk)
+    return keys
 
 
 class Verifier:

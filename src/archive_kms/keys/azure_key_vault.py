@@ -74,7 +74,10 @@ AZURE_VAULT_SUFFIXES = (
     ".vault.microsoftazure.de",
     ".managedhsm.azure.net",
 )
-_MIN_RSA_BITS = 2048
+# The L2 this key wraps protects archives kept for years: NIST SP 800-57 Part 1 rates
+# RSA-2048 at 112-bit strength, acceptable only through 2030; RSA-3072 is 128-bit, the
+# strength of everything else on the path (HKDF-SHA-256 keys, search tokens).
+_MIN_RSA_BITS = 3072
 
 
 def _utcnow() -> datetime:
@@ -185,14 +188,17 @@ class AzureKeyVaultKeyProvider:
         )
 
     def check_metadata(self) -> dict[str, str]:
-        """Preflight: an RSA key of at least 2048 bits whose key_ops allow wrapKey and unwrapKey."""
+        """Preflight: an RSA key of at least 3072 bits whose key_ops allow wrapKey and unwrapKey."""
         key = self._get_key(self._ref)
         details = self._details(key)
         problems = []
         if details["kty"] not in ("RSA", "RSA-HSM"):
             problems.append(f"its type is {details['kty']} (an RSA key is needed for RSA-OAEP-256 wraps)")
         elif int(details["key_size"]) < _MIN_RSA_BITS:
-            problems.append(f"it is RSA-{details['key_size']}; at least RSA-{_MIN_RSA_BITS} is required")
+            problems.append(
+                f"it is RSA-{details['key_size']}; at least RSA-{_MIN_RSA_BITS} is required (it wraps a long-lived "
+                "key: RSA-2048 is rated only to 2030, docs/key-providers.md)"
+            )
         ops = set(details["key_ops"].split(",")) if details["key_ops"] else set()
         missing = {"wrapKey", "unwrapKey"} - ops
         if missing:

@@ -4,7 +4,7 @@
 
 1. the context is valid (``keys.context.check_context``);
 2. the key's metadata suits (adapters that implement ``check_metadata()``: AWS KMS
-   symmetric ENCRYPT_DECRYPT in the right region and not a replica; Key Vault RSA >= 2048
+   symmetric ENCRYPT_DECRYPT in the right region and not a replica; Key Vault RSA >= 3072
    with wrapKey/unwrapKey; KMIP AES-256 with Encrypt/Decrypt) -> ``ConfigurationError``;
 3. ``status()`` is ENABLED -> else ``KeyUnavailableError`` / ``KeyNotFoundError`` /
    ``KeyAccessDeniedError`` naming the state;

@@ -22,6 +22,7 @@ from archive_kms.domain.records import Record
 from archive_kms.errors import (
     AliasConflictError,
     ArchiveKmsError,
+    AuditForkError,
     ConfigurationError,
     CopyFailedError,
     IntegrityError,
@@ -38,7 +39,7 @@ from archive_kms.migration.plan import EnableMode
 from archive_kms.migration.stopping import StopRequestedError
 from archive_kms.operations.archive import RECORD_PREFIX, fence_stalled_jobs, replay_deferred
 from archive_kms.search import alias_name, rebuild_generation
-from archive_kms.state.anchors import AnchorStore, publish_anchor
+from archive_kms.state.anchors import AnchorStore
 from archive_kms.state.port import CopyStatus, Flow, KeyMode, ManifestEntry, StepState
 from archive_kms.storage import ObjectStore
 from archive_kms.storage.name_limits import require_names_fit
@@ -876,10 +877,17 @@ def report(ctx: RunContext) -> dict[str, Any]:
 
 
 def _anchor_audit(ctx: RunContext, anchors: AnchorStore) -> dict[str, Any]:
-    """Publish the audit head (with this run's records) outside the database; a failure
-    is reported, not fatal: the data has moved, and the next run or `audit anchor` retries."""
+    """Publish the audit head (with this run's records) outside the database. A log that
+    does not continue the latest anchor (a restored or replaced database) is fatal and
+    alarmed: nothing is anchored over it and the run fails here (``AuditForkError``).
+    Any other failure (the bucket unreachable) is reported, not fatal: the data has
+    moved, and the next run, `audit anchor` or the scheduled anchor retries."""
+    from archive_kms.operations.anchoring import publish
+
     try:
-        anchor, where = publish_anchor(ctx.platform.state, anchors)
+        anchor, where = publish(ctx.platform)
+    except AuditForkError:
+        raise
     except ArchiveKmsError as exc:
         log.warning("audit anchor not published after run %s: %s", ctx.run_id, type(exc).__name__)
         return {"published": False, "error": str(exc)}

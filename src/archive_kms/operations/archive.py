@@ -52,6 +52,8 @@ from archive_kms.errors import (
     KeyNotFoundError,
     ObjectExistsError,
     ObjectNotFoundError,
+    SearchBindingError,
+    SearchError,
     StateError,
     ValidationError,
 )
@@ -65,7 +67,7 @@ from archive_kms.operations.job_input import (
     read_jsonl,
 )
 from archive_kms.operations.job_lease import JobLease
-from archive_kms.search import IndexMode, SearchIndex, SearchKeys
+from archive_kms.search import IndexMode, Query, SearchIndex, SearchKeys, SearchResult
 from archive_kms.state.port import (
     ABANDONED_PREFIX,
     SUPERSEDED_PREFIX,
@@ -429,8 +431,8 @@ class TenantArchive:
         index_name: str | None = None,
         segment_size: int | None = None,
         relocate: Callable[[], TenantArchive] | None = None,
-        keyed_search_keys: Callable[[], SearchKeys] | None = None,
         name_locations: Sequence[Any] = (),
+        check_write: Callable[[], None] | None = None,
     ) -> None:
         self.tenant_id = tenant_id
         self.store = store
@@ -438,13 +440,19 @@ class TenantArchive:
         self.index = index
         self.index_mode = index_mode
         self.search_keys = search_keys
-        self.index_name = index_name  # the write target (alias's current index when None)
+        self.index_name = index_name  # the registry's generation: write and search target (the alias's when None)
         self.segment_size = segment_size
         self._relocate = relocate  # the tenant's archive where the registry says it lives *now*
-        self._keyed_search_keys = keyed_search_keys  # the tenant's SearchKeys, derived on demand
         # Where the tenant lives now and may live later (storage.name_limits.tenant_locations):
         # a job's names must fit all of them.
         self.name_locations = tuple(name_locations)
+        self._check_write = check_write  # raises if the index must not take this archive's records now
+
+    def check_writable(self) -> None:
+        """Refuse (before any object is written) a write the index would refuse: the
+        platform's check that a customer-keyed tenant never indexes in clear."""
+        if self._check_write is not None:
+            self._check_write()
 
     # writes
 
@@ -517,19 +525,31 @@ class TenantArchive:
     def read_attachment(self, workspace_id: str, attachment_id: str) -> Iterator[bytes]:
         return self.read_object(attachment_object_name(workspace_id, attachment_id))
 
-    def search(self, query):
-        # At cutover the registry (key mode) and the alias (index generation) move one
-        # after the other; a search in between meets the other mode's index, and the
-        # alias may move again while we retry. The index's own mode decides which keys
-        # the query needs (faults E7); a cutover moves once, so three tries suffice.
-        keys = self.search_keys
+    def search(self, query: Query) -> SearchResult:
+        """Search the registry's generation in the mode the platform recorded for it, with
+        keys that fit that mode: never the mode the index claims, never a fallback to
+        plaintext (docs/threat-model.md). At cutover the registry moves first and the
+        alias next, and the old generation is deleted later; a search that meets an index
+        that is gone, or a registry that moved since this archive was opened, re-reads the
+        registry and searches where it says now. A binding the platform did not record
+        (an alias on someone else's index, an index whose marker contradicts our record)
+        is never retried: it raised an alarm and fails closed."""
+        archive = self
         for attempt in range(3):
             try:
-                return self.index.search(self.tenant_id, query, keys)
-            except IndexModeMismatchError:
-                if self._keyed_search_keys is None or attempt == 2:
+                if archive.index_name is None:
+                    return archive.index.search(archive.tenant_id, query, archive.search_keys)
+                return archive.index.search(
+                    archive.tenant_id, query, archive.search_keys, index=archive.index_name, mode=archive.index_mode
+                )
+            except SearchBindingError:
+                raise
+            except (SearchError, IndexModeMismatchError):
+                fresh = archive._relocate() if archive._relocate is not None else None
+                same = fresh is None or (fresh.index_name, fresh.index_mode) == (archive.index_name, archive.index_mode)
+                if same or attempt == 2:
                     raise
-                keys = None if keys is not None else self._keyed_search_keys()
+                archive = fresh  # type: ignore[assignment]
         raise AssertionError("unreachable")
 
 
@@ -698,6 +718,9 @@ def write_plan(
     batches (deterministic ids, create-only). ``guard`` runs before every write."""
     from archive_kms.search import build_document
 
+    # Before the first object (not at planning: a job planned while the tenant is paused
+    # is deferred, and its replay lands in the generation the run leaves behind).
+    archive.check_writable()
     check = guard or (lambda: None)
     tag = writer_tag(plan.job_id)
     counts = {"records": 0, "attachments": 0, "written": 0, "already": 0, "bytes": 0, "indexed": 0}

@@ -29,14 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 from archive_kms import clients
 from archive_kms.config import Settings, get_settings, stack_dir
-from archive_kms.errors import KeyNotFoundError, StateError
+from archive_kms.errors import ConfigurationError, KeyNotFoundError, StateError
 from archive_kms.operations.archive import TenantArchive
-from archive_kms.search import IndexMode, SearchIndex, SearchKeys, derive_search_keys
+from archive_kms.operations.search_guard import GuardedSearchIndex
+from archive_kms.search import IndexMode, SearchIndex, SearchKeys, derive_search_keys, index_name
 from archive_kms.state.port import KeyMode, StateStore, TenantRecord
 from archive_kms.storage import Location, ObjectStore
 
 if TYPE_CHECKING:
-    from archive_kms.crypto.signing import Signer
+    from archive_kms.crypto.signing import Signer, Verifier
     from archive_kms.keys.keychain import Keychain
     from archive_kms.keys.port import KeyProvider
     from archive_kms.state.anchors import AnchorStore
@@ -55,8 +56,17 @@ class Platform:
     open_store: Callable[[Location], ObjectStore]  # use ``store_for``: it keeps one store per location
     provisioner: LocationProvisioner  # the buckets/containers themselves
     anchors: AnchorStore | None = None  # where the audit head is published; None = not configured
+    # The L1 references that are the platform's own (managed) key: the in-memory resolver
+    # spells them memory://...; a real one managed://... (``is_platform_key``).
+    platform_key_refs: set[str] = field(default_factory=set)
+    signer: Signer | None = None  # the platform signing key (keychain, audit seals, anchors, generations)
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def verifier(self) -> Verifier | None:
+        """The public keys signatures are checked against: the signing key's (and, after a
+        rotation, the earlier keys' listed in settings)."""
+        return None if self.signer is None else self.signer.verifier()
 
     def store_for(self, location: Location) -> ObjectStore:
         with self._lock:
@@ -94,26 +104,74 @@ class Platform:
             return None
         return derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id)
 
+    def is_platform_key(self, l1_ref: str) -> bool:
+        """Whether a keychain head's L1 reference is the platform's managed key."""
+        return l1_ref.startswith("managed://") or l1_ref in self.platform_key_refs
+
+    def customer_keyed(self, tenant_id: str) -> bool:
+        """Whether the tenant's signed keychain head binds it to a customer key: then its
+        index must be keyed (``operations/search_guard.py``). Not ``tenants.key_mode``,
+        which anyone who can write the database can edit."""
+        return not self.is_platform_key(self.keychain.status(tenant_id).l1_ref)
+
+    def next_generation(self, tenant_id: str) -> int:
+        """A generation number never used for the tenant: past the registry's and past every
+        one recorded (a cancelled run's generation may have been recorded in another mode)."""
+        current = self._tenant(tenant_id).index_generation
+        if isinstance(self.index, GuardedSearchIndex):
+            current = max([current, *(g.generation for g in self.index.recorded(tenant_id))])
+        return current + 1
+
     def open_archive(self, tenant_id: str) -> TenantArchive:
-        """The tenant's archive where it lives now (registry lookup)."""
+        """The tenant's archive where it lives now (registry lookup). The index generation
+        is the registry's; its mode is the one the platform recorded (signed) when it
+        created the generation, never the index's own marker nor ``tenants.key_mode``."""
         from archive_kms.storage.name_limits import tenant_locations
 
         t = self._tenant(tenant_id)
         location = Location.from_dict(t.location)
+        target = index_name(tenant_id, t.index_generation) if t.index_generation >= 1 else None
+        guard = self.index if isinstance(self.index, GuardedSearchIndex) else None
+        check_write = None
+        if target is not None and guard is not None:
+            mode = guard.mode_of(tenant_id, target)
+
+            def check_write() -> None:
+                guard.check_write(tenant_id, target)
+
+        else:  # a hand-built platform without the registry (unit tests of other parts)
+            mode = self.index_mode(t.key_mode)
+        keys = (
+            derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id)
+            if mode is IndexMode.KEYED
+            else None
+        )
         return TenantArchive(
             tenant_id=tenant_id,
             store=self.store_for(location),
             keychain=self.keychain,
             index=self.index,
-            index_mode=self.index_mode(t.key_mode),
-            search_keys=self.search_keys(tenant_id, t.key_mode),
+            index_mode=mode,
+            search_keys=keys,
+            index_name=target,
             relocate=lambda: self.open_archive(tenant_id),
-            keyed_search_keys=lambda: derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id),
             name_locations=tenant_locations(
                 location,
                 getattr(self.settings, "shared_bucket", None),
                 getattr(self.settings, "shared_azure_account", None),
             ),
+            check_write=check_write,
+        )
+
+    def _guard(self, index: SearchIndex, signer: Signer) -> GuardedSearchIndex:
+        from archive_kms.operations.search_guard import SearchGenerations
+
+        return GuardedSearchIndex(
+            index,
+            SearchGenerations(self.state, signer),
+            keyed_required=self.customer_keyed,
+            registry=self.state,
+            audit=self.state,
         )
 
     @classmethod
@@ -124,6 +182,7 @@ class Platform:
         from archive_kms.keys.keychain import Keychain
         from archive_kms.keys.registry import KeyProviderRegistry
         from archive_kms.search.elasticsearch import ElasticsearchSearchIndex
+        from archive_kms.state.anchors import LatestAnchorCheck
         from archive_kms.state.audit import SignerHeadSealer
         from archive_kms.state.sql import open_state
         from archive_kms.state.sql.keychain import SqlKeychainStore
@@ -140,8 +199,16 @@ class Platform:
         registry = KeyProviderRegistry(s)  # one provider (and its clients) per key reference
         # The keychain audits its commits in the same database and refuses a head older than
         # the audit log recorded (a restored old keychain: docs/adr/0007-keychain-rollback.md).
-        keychain = Keychain.from_settings(s, SqlKeychainStore(state), registry.resolve, signer, audit=state)
-        s3 = clients.aws_client("s3", s) if s.aws_endpoint_url or s.aws_access_key_id else None
+        s3 = _s3_client(s)
+        anchors = _anchor_store(s, s3)
+        # A whole-database restore to before an anchor is refused by every fresh process
+        # before it unwraps anything (state/anchors.py, LatestAnchorCheck).
+        anchor_check = (
+            None if anchors is None else LatestAnchorCheck(state, anchors, alarms=state, verifier=signer.verifier())
+        )
+        keychain = Keychain.from_settings(
+            s, SqlKeychainStore(state), registry.resolve, signer, audit=state, anchor_check=anchor_check
+        )
         blob = clients.blob_service_client(s) if s.azure_blob_connection_string or s.azure_blob_account_url else None
         provisioner = CloudProvisioner(s, s3_client=s3, blob_service=blob, accounts=_tenant_accounts(s, state))
 
@@ -150,7 +217,7 @@ class Platform:
                 return open_store(location, s, blob_service=provisioner.blob_service(location))
             return open_store(location, s, s3_client=s3, blob_service=blob)
 
-        return cls(
+        platform = cls(
             s,
             state,
             keychain,
@@ -158,8 +225,12 @@ class Platform:
             registry.resolve,
             open_location,
             provisioner,
-            anchors=_anchor_store(s, s3),
+            anchors=anchors,
+            signer=signer,
         )
+        # Every generation, write and search checked against the signed registry and head.
+        platform.index = platform._guard(platform.index, signer)
+        return platform
 
     @classmethod
     def in_memory(cls, settings: Settings | None = None, *, clock: Callable[[], float] | None = None) -> Platform:
@@ -170,7 +241,7 @@ class Platform:
         from archive_kms.keys.keychain_store import InMemoryKeychainStore
         from archive_kms.keys.memory import MemoryKeyProvider, MemoryKms
         from archive_kms.search.memory import MemorySearchIndex
-        from archive_kms.state.anchors import MemoryAnchorStore
+        from archive_kms.state.anchors import LatestAnchorCheck, MemoryAnchorStore
         from archive_kms.state.memory import InMemoryStateStore
         from archive_kms.storage.memory import MemoryObjectStore
         from archive_kms.storage.provisioning import MemoryProvisioner
@@ -179,12 +250,16 @@ class Platform:
         kms = MemoryKms()
         providers: dict[str, KeyProvider] = {}
 
+        managed: set[str] = set()  # the memory:// spellings of managed:// references
+
         def resolve(ref: str) -> KeyProvider:
             # every reference resolves to a key of the in-memory KMS, created on first use
             if ref not in providers:
                 name = "k" + hashlib.sha256(ref.encode()).hexdigest()[:16]
                 provider = MemoryKeyProvider(kms, kms.create_key(name))
                 providers[ref] = providers[provider.key_ref] = provider  # the keychain resolves by key_ref
+                if ref.startswith("managed://"):
+                    managed.add(provider.key_ref)
             return providers[ref]
 
         stores: dict[str, ObjectStore] = {}
@@ -193,12 +268,20 @@ class Platform:
             return stores.setdefault(location.uri, MemoryObjectStore())
 
         state = InMemoryStateStore()
+        signer = Signer.generate()
         # The keychain records its commits in the state store's audit log and checks its
         # head against it (rollback detection), as ``from_settings`` does.
+        anchors = MemoryAnchorStore()
         keychain = Keychain(
-            InMemoryKeychainStore(), resolve, Signer.generate(), clock or time.time, KeyCache(), audit=state
+            InMemoryKeychainStore(),
+            resolve,
+            signer,
+            clock or time.time,
+            KeyCache(),
+            audit=state,
+            anchor_check=LatestAnchorCheck(state, anchors, alarms=state, verifier=signer.verifier()),
         )
-        return cls(
+        platform = cls(
             settings,
             state,
             keychain,
@@ -206,23 +289,41 @@ class Platform:
             resolve,
             open_store,
             MemoryProvisioner(open_store),
-            anchors=MemoryAnchorStore(),
+            anchors=anchors,
+            platform_key_refs=managed,
+            signer=signer,
         )
+        platform.index = platform._guard(platform.index, signer)
+        return platform
 
 
 def platform_signer(settings: Settings | None = None) -> Signer:
-    """The platform signing key. Configured by ``keychain_signing_key_path``; on a local
-    stack without one, a key is created once in the stack directory (owner-only file)."""
+    """The platform signing key. Configured by ``keychain_signing_key_path`` (with
+    ``keychain_previous_public_keys_path`` after a rotation). Without one, only a local
+    stack (an endpoints file exists) or a development setup that says so
+    (``keychain_signing_key_autocreate``) creates a key once in the stack directory
+    (owner-only file); anywhere else it is a ``ConfigurationError``: a worker that signs
+    with a key of its own making would write records no other process verifies."""
+    from archive_kms.config import endpoints_file
     from archive_kms.crypto.signing import Signer
 
     s = settings or get_settings()
     if s.keychain_signing_key_path:
         return Signer.from_settings(s)
+    if not (s.keychain_signing_key_autocreate or endpoints_file().exists()):
+        raise ConfigurationError(
+            "no platform signing key: set ARCHIVE_KMS_KEYCHAIN_SIGNING_KEY_PATH to the PEM file of the "
+            "deployment's Ed25519 key (docs/deployment.md); a worker never creates its own"
+        )
     path = stack_dir() / "keychain-signing.pem"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        return Signer.create_key_file(path)
-    return Signer.from_pem_file(path)
+        return Signer.create_key_file(path).with_previous_file(s.keychain_previous_public_keys_path)
+    return Signer.from_pem_file(path).with_previous_file(s.keychain_previous_public_keys_path)
+
+
+def _s3_client(settings: Settings) -> Any:
+    return clients.aws_client("s3", settings) if settings.aws_endpoint_url or settings.aws_access_key_id else None
 
 
 def _tenant_accounts(settings: Settings, state: Any) -> TenantAccountProvisioner | None:
@@ -230,7 +331,6 @@ def _tenant_accounts(settings: Settings, state: Any) -> TenantAccountProvisioner
     pool when ``azure_account_pool`` is set, Azure Resource Manager when
     ``azure_subscription_id`` is, else None (an own-account location then fails naming the
     settings)."""
-    from archive_kms import clients
 
     if settings.azure_account_pool:
         from archive_kms.state.account_pool import SqlAccountPool

@@ -44,7 +44,7 @@ from typing import Any
 from archive_kms.crypto import aes_gcm
 from archive_kms.crypto.kdf import hkdf_sha256
 from archive_kms.domain.records import Record
-from archive_kms.errors import IndexModeMismatchError, IntegrityError, ValidationError
+from archive_kms.errors import IndexModeMismatchError, IntegrityError, SearchBindingError, SearchError, ValidationError
 from archive_kms.search.naming import check_tenant_id
 from archive_kms.search.port import Hit, HitFailure, IndexDocument, IndexMode, Query
 from archive_kms.search.tokens import (
@@ -245,7 +245,7 @@ def build_document(
     else:
         assert keys is not None
         source["display"] = seal_display(display, tenant=tenant, doc_id=doc_id, keys=keys)
-    return IndexDocument(doc_id=doc_id, source=source, version=version)
+    return IndexDocument(doc_id=doc_id, source=source, version=version, mode=mode)
 
 
 def _indexed_fields(
@@ -464,6 +464,51 @@ def decode_hits(
             log.warning("search hit %s in %s failed verification: %s", doc_id, index, type(e).__name__)
             failures.append(HitFailure(doc_id=doc_id, index=index, reason=str(e)))
     return hits, failures
+
+
+def check_document_modes(index: str, mode: IndexMode, docs: Sequence[IndexDocument]) -> None:
+    """``IndexModeMismatchError`` (nothing sent) if a document was built for another mode
+    than ``index``'s, or carries none: the writes every backend refuses."""
+    mode = IndexMode(mode)
+    wrong = [d for d in docs if d.mode is not mode]
+    if wrong:
+        how = "without a mode" if any(d.mode is None for d in wrong) else "for the other mode"
+        log.error("refusing %d document(s) built %s for %s index %s", len(wrong), how, mode.value, index)
+        raise IndexModeMismatchError(
+            f"refusing to write {len(wrong)} document(s) into {mode.value} index {index}: they were built {how} "
+            "(a keyed tenant's records never go into an index in clear, nor into another mode's index)",
+            resource=index,
+        )
+
+
+def check_alias_targets(tenant: str, alias: str, targets: Sequence[str]) -> str | None:
+    """The one index ``alias`` points to, ``None`` for none; ``SearchError`` for several,
+    ``SearchBindingError`` for an index not named as one of ``tenant``'s generations."""
+    from archive_kms.search.naming import check_index_of
+
+    if len(targets) > 1:
+        raise SearchError(f"alias {alias} points to {len(targets)} indices: {sorted(targets)}", resource=alias)
+    for name in targets:
+        try:
+            check_index_of(tenant, name)
+        except ValidationError:
+            raise SearchBindingError(
+                f"alias {alias} points to {name[:120]!r}, which is not one of tenant {tenant}'s index "
+                "generations: refusing to search or write it",
+                resource=alias,
+            ) from None
+    return targets[0] if targets else None
+
+
+def check_bound_mode(index: str, recorded: IndexMode, stored: IndexMode) -> None:
+    """The mode the caller recorded for ``index`` against what the index's ``_meta`` says:
+    ``SearchBindingError`` if they differ (the index was replaced or its marker edited)."""
+    if IndexMode(recorded) is not IndexMode(stored):
+        raise SearchBindingError(
+            f"index {index} says it is {IndexMode(stored).value} but it was created {IndexMode(recorded).value}: "
+            "it was replaced or its marker edited; nothing was sent to it",
+            resource=index,
+        )
 
 
 def encode_json(source: Mapping[str, Any]) -> bytes:

@@ -294,6 +294,7 @@ class ElasticsearchSearchIndex:
         parse_index_name(index_name)
         docs = list(docs)
         self._require_index(index_name)
+        D.check_document_modes(index_name, self._mode(index_name), docs)
         results = []
         for batch in self._batches(docs, lambda d: len(D.encode_json(d.source)) + 200):
             results.append(
@@ -344,8 +345,20 @@ class ElasticsearchSearchIndex:
 
     # --- search ----------------------------------------------------------------------
 
-    def search(self, tenant: str, query: Query, keys: SearchKeys | None) -> SearchResult:
+    def search(
+        self,
+        tenant: str,
+        query: Query,
+        keys: SearchKeys | None,
+        *,
+        index: str | None = None,
+        mode: IndexMode | None = None,
+    ) -> SearchResult:
         tenant = check_tenant_id(tenant)
+        if (index is None) != (mode is None):
+            raise ValidationError("search: give both index and mode, or neither")
+        if index is not None and mode is not None:
+            return self._search_bound(tenant, query, keys, index, IndexMode(mode))
         alias = alias_name(tenant)
         # Resolve the alias once and search that concrete index: the query is compiled for
         # its mode, so an alias swap in between must not send it to an index of the other
@@ -355,12 +368,12 @@ class ElasticsearchSearchIndex:
             if current is None:
                 raise SearchError(f"tenant {tenant} has no search index (alias {alias} is missing)", resource=alias)
             try:
-                mode = self._mode(current)
+                current_mode = self._mode(current)
             except SearchError:
                 if attempt == 0:
                     continue  # deleted between resolving and reading its mapping
                 raise
-            compiled = D.compile_query(tenant, query, mode=mode, keys=keys)
+            compiled = D.compile_query(tenant, query, mode=current_mode, keys=keys)
             es_query = (
                 {"bool": {"filter": [{"term": {f: v}} for f, v in compiled.terms]}}
                 if compiled.terms
@@ -381,12 +394,47 @@ class ElasticsearchSearchIndex:
         hits, failures = D.decode_hits(
             tenant=tenant,
             keys=keys,
-            mode_of=lambda index: mode if index == current else self._mode(index),
+            mode_of=lambda index: current_mode if index == current else self._mode(index),
             rows=((h["_index"], h["_id"], h.get("_source") or {}) for h in resp["hits"]["hits"]),
             required=compiled.terms,
         )
         total = resp["hits"]["total"]["value"]
         return SearchResult(hits=hits, total=int(total), failures=failures)
+
+    def _search_bound(
+        self, tenant: str, query: Query, keys: SearchKeys | None, index: str, mode: IndexMode
+    ) -> SearchResult:
+        """``index`` in ``mode`` (the caller's record), never in the mode its ``_meta`` claims."""
+        check_index_of(tenant, index)
+        compiled = D.compile_query(tenant, query, mode=mode, keys=keys)  # keys must fit the *recorded* mode
+        D.check_bound_mode(index, mode, self._stored_mode(index))
+        es_query = (
+            {"bool": {"filter": [{"term": {f: v}} for f, v in compiled.terms]}} if compiled.terms else {"match_all": {}}
+        )
+        with self._translate("search", index):
+            resp = self._es.search(
+                index=index,
+                query=es_query,
+                size=compiled.limit,
+                sort=[{f: "asc"} for f in D.SORT_FIELDS],
+                source_includes=["display"],
+                track_total_hits=True,
+            )
+        hits, failures = D.decode_hits(
+            tenant=tenant,
+            keys=keys,
+            mode_of=lambda _index: mode,
+            rows=((index, h["_id"], h.get("_source") or {}) for h in resp["hits"]["hits"] if h.get("_index") == index),
+            required=compiled.terms,
+        )
+        return SearchResult(hits=hits, total=int(resp["hits"]["total"]["value"]), failures=failures)
+
+    def _stored_mode(self, name: str) -> IndexMode:
+        """What the index's ``_meta`` says now (read every time: the cache is for our own writes)."""
+        data = self._get_index(name)
+        if data is None:
+            raise SearchError(f"search index {name} does not exist", resource=name)
+        return self._mode_from_meta(D.meta_of(data.get("mappings") or {}) or {}, name)
 
     def scan(self, index_name: str, keys: SearchKeys | None, *, page_size: int = 1_000) -> Iterator[Hit | HitFailure]:
         mode = self._mode(index_name)
@@ -441,10 +489,7 @@ class ElasticsearchSearchIndex:
 
     def current_index(self, tenant: str) -> str | None:
         alias = alias_name(tenant)
-        targets = self._alias_targets(alias)
-        if len(targets) > 1:
-            raise SearchError(f"alias {alias} points to {len(targets)} indices: {targets}", resource=alias)
-        return targets[0] if targets else None
+        return D.check_alias_targets(check_tenant_id(tenant), alias, self._alias_targets(alias))
 
     def swap_alias(self, tenant: str, new_index: str, *, expected_current: str | None) -> None:
         tenant = check_tenant_id(tenant)

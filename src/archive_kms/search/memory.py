@@ -280,7 +280,12 @@ class MemorySearchIndex:
         return result
 
     def bulk_index(self, index_name: str, docs: Sequence[IndexDocument], *, refresh: bool = False) -> BulkResult:
-        return self._run(index_name, "index", list(docs), lambda d: d.doc_id, refresh)
+        docs = list(docs)
+        parse_index_name(index_name)
+        with self._lock:
+            mode = _mode_of(D.meta_of(self._get(index_name).mappings), index_name)
+        D.check_document_modes(index_name, mode, docs)
+        return self._run(index_name, "index", docs, lambda d: d.doc_id, refresh)
 
     def delete_documents(self, index_name: str, doc_ids: Sequence[str], *, refresh: bool = False) -> BulkResult:
         return self._run(index_name, "delete", list(doc_ids), lambda d: d, refresh)
@@ -297,16 +302,34 @@ class MemorySearchIndex:
 
     # --- search ----------------------------------------------------------------------
 
-    def search(self, tenant: str, query: Query, keys: SearchKeys | None) -> SearchResult:
+    def search(
+        self,
+        tenant: str,
+        query: Query,
+        keys: SearchKeys | None,
+        *,
+        index: str | None = None,
+        mode: IndexMode | None = None,
+    ) -> SearchResult:
         tenant = check_tenant_id(tenant)
         alias = alias_name(tenant)
+        if (index is None) != (mode is None):
+            raise ValidationError("search: give both index and mode, or neither")
         with self._lock:
-            current = self.current_index(tenant)
-            if current is None:
-                raise SearchError(f"tenant {tenant} has no search index (alias {alias} is missing)", resource=alias)
-            idx = self._get(current)
-            mode = _mode_of(D.meta_of(idx.mappings), current)
-            compiled = D.compile_query(tenant, query, mode=mode, keys=keys)
+            if index is not None and mode is not None:
+                check_index_of(tenant, index)
+                current, mode = index, IndexMode(mode)
+                compiled = D.compile_query(tenant, query, mode=mode, keys=keys)  # keys fit the recorded mode
+                idx = self._get(current)
+                D.check_bound_mode(current, mode, _mode_of(D.meta_of(idx.mappings), current))
+            else:
+                found = self.current_index(tenant)
+                if found is None:
+                    raise SearchError(f"tenant {tenant} has no search index (alias {alias} is missing)", resource=alias)
+                current = found
+                idx = self._get(current)
+                mode = _mode_of(D.meta_of(idx.mappings), current)
+                compiled = D.compile_query(tenant, query, mode=mode, keys=keys)
             if compiled.terms:
                 sets = [idx.postings.get(term, set()) for term in compiled.terms]
                 matched = set.intersection(*sets) if sets else set()
@@ -349,9 +372,7 @@ class MemorySearchIndex:
         alias = alias_name(tenant)
         with self._lock:
             targets = sorted(self._aliases.get(alias, {}))
-        if len(targets) > 1:
-            raise SearchError(f"alias {alias} points to {len(targets)} indices: {targets}", resource=alias)
-        return targets[0] if targets else None
+        return D.check_alias_targets(check_tenant_id(tenant), alias, targets)
 
     def swap_alias(self, tenant: str, new_index: str, *, expected_current: str | None) -> None:
         tenant = check_tenant_id(tenant)

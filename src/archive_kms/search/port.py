@@ -15,7 +15,10 @@ Contract
   generation, mode). Re-creating an existing generation with the same mapping returns its
   name (idempotent rerun); an existing index whose mapping differs (schema drift, other
   mode) raises ``SearchError`` naming the index (faults.md C9).
-- ``bulk_index`` writes documents with deterministic ids. A document without a version is
+- ``bulk_index`` refuses (``IndexModeMismatchError``, before anything is sent) a batch
+  with a document whose ``mode`` is not the generation's, or that has no mode: a keyed
+  tenant's records never reach its index in clear, whatever a registry column says.
+  It writes documents with deterministic ids. A document without a version is
   written with ``op_type=create`` and one with a version uses external versioning, so a
   retried bulk never duplicates and never lets a stale write win: an item the index
   already holds (same or newer) is reported as ``skipped``. Items rejected as retryable
@@ -25,11 +28,17 @@ Contract
   failed. Writing into a missing index raises ``SearchError`` (never auto-creates one).
 - Writes become visible to ``search`` and ``count`` after a refresh: pass
   ``refresh=True`` or call ``refresh(index)``.
-- ``search`` goes through the tenant's alias. Keyed (BYOK) indices need the tenant's
-  ``SearchKeys`` and plaintext indices refuse them (``ValidationError``): a wiring mistake
-  must not index or query a BYOK tenant in clear. Hits are decrypted and authenticated;
+- ``search`` goes through the tenant's alias, or, given ``index`` and ``mode``, searches
+  that generation of the tenant in that mode (the platform passes both, from its signed
+  generation registry: ``operations/search_guard.py``); the index's own ``_meta`` then
+  only has to agree (``SearchBindingError`` before any query is sent if it does not).
+  Keyed (BYOK) indices need the tenant's ``SearchKeys`` and plaintext indices refuse them
+  (``IndexModeMismatchError``): a wiring mistake must not index or query a BYOK tenant in
+  clear. Hits are decrypted and authenticated;
   a document that fails authentication is listed in ``SearchResult.failures`` (never
   returned as a hit, never dropped silently). No alias ⇒ ``SearchError``.
+- ``current_index`` refuses (``SearchBindingError``) an alias that points at an index not
+  named as one of the tenant's generations (``archive-<tenant>--<gen>``).
 - ``swap_alias`` is atomic and conditional: it moves the alias from ``expected_current``
   (``None``: the alias must not exist yet) to ``new_index`` in one ``_aliases`` request.
   If the alias is not where the caller expected, or a racing swap got there first,
@@ -63,14 +72,20 @@ class IndexMode(str, enum.Enum):
 
 @dataclass(frozen=True, repr=False)
 class IndexDocument:
-    """One document ready for the index. ``version=None`` ⇒ create-only."""
+    """One document ready for the index. ``version=None`` ⇒ create-only. ``mode`` is the
+    mode it was built for (``build_document`` sets it): every backend refuses a document
+    whose mode is not its generation's, and one without a mode."""
 
     doc_id: str
     source: Mapping[str, Any]
     version: int | None = None
+    mode: IndexMode | None = None
 
     def __repr__(self) -> str:  # the source may be customer plaintext (plaintext mode)
-        return f"IndexDocument(doc_id={self.doc_id!r}, fields={sorted(self.source)}, version={self.version})"
+        mode = self.mode.value if self.mode is not None else None
+        return (
+            f"IndexDocument(doc_id={self.doc_id!r}, fields={sorted(self.source)}, version={self.version}, mode={mode})"
+        )
 
 
 @dataclass(frozen=True, repr=False)
@@ -225,8 +240,18 @@ class SearchIndex(Protocol):
         """Documents visible to search in this index (refresh first for an exact count)."""
         ...
 
-    def search(self, tenant: str, query: Query, keys: SearchKeys | None) -> SearchResult:
-        """Search the tenant's current generation through its alias."""
+    def search(
+        self,
+        tenant: str,
+        query: Query,
+        keys: SearchKeys | None,
+        *,
+        index: str | None = None,
+        mode: IndexMode | None = None,
+    ) -> SearchResult:
+        """Search the tenant's current generation through its alias; or, with ``index`` and
+        ``mode`` (both or neither), that generation in that mode, whatever its ``_meta``
+        claims (``SearchBindingError`` if the two disagree)."""
         ...
 
     def scan(self, index_name: str, keys: SearchKeys | None, *, page_size: int = 1_000) -> Iterator[Hit | HitFailure]:
@@ -238,7 +263,8 @@ class SearchIndex(Protocol):
 
     def current_index(self, tenant: str) -> str | None:
         """The index the tenant's alias points to, ``None`` if there is no alias.
-        ``SearchError`` if it points to more than one index."""
+        ``SearchError`` if it points to more than one index, ``SearchBindingError`` if
+        to an index that is not named as one of the tenant's generations."""
         ...
 
     def swap_alias(self, tenant: str, new_index: str, *, expected_current: str | None) -> None:

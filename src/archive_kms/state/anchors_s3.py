@@ -1,7 +1,9 @@
 """Audit anchors in an S3 bucket with Object Lock (compliance mode).
 
-One object per anchor, ``audit-anchors/<log id>/<count, 20 digits>.json``, so a log's
-latest is the last key of a listing of its prefix. The bucket is created with Object Lock and a default retention in
+One object per anchor, ``audit-anchors/<log id>/<count, 20 digits>-<head hash>.json``
+(format 1 anchors of earlier releases: ``<count, 20 digits>.json``), so a listing of the
+log's prefix gives every anchor's count and head hash without reading them, and its
+latest is the last key. The bucket is created with Object Lock and a default retention in
 COMPLIANCE mode: until it expires nobody (no IAM policy, not the account root) can delete
 an anchor's version or shorten its retention. We publish with ``If-None-Match: *`` (the
 first anchor of a count stands); anyone else's PUT of the same key only adds a newer
@@ -13,13 +15,14 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from archive_kms.errors import ConfigurationError
+from archive_kms.errors import ConfigurationError, IntegrityError
 from archive_kms.s3_errors import translate_error
-from archive_kms.state.anchors import AuditAnchor
+from archive_kms.state.anchors import AnchorPoint, AuditAnchor
 
 __all__ = ["S3AnchorStore"]
 
 PREFIX = "audit-anchors/"
+_HEX = frozenset("0123456789abcdef")
 
 
 class S3AnchorStore:
@@ -34,8 +37,22 @@ class S3AnchorStore:
     def __repr__(self) -> str:
         return f"S3AnchorStore(s3://{self._bucket}/{PREFIX}, retention {self._days} days)"
 
-    def _key(self, log_id: str, count: int) -> str:
-        return f"{PREFIX}{log_id}/{count:020d}.json"
+    def _key(self, log_id: str, count: int, head_hash: str) -> str:
+        return f"{PREFIX}{log_id}/{count:020d}-{head_hash}.json"
+
+    @staticmethod
+    def _parse(log_id: str, key: str) -> tuple[int, str | None] | None:
+        """(count, head hash) from a key of the log's prefix (hash None: a format 1 key),
+        None for a key that is not an anchor's."""
+        name = key.removeprefix(f"{PREFIX}{log_id}/").removesuffix(".json")
+        count, _, head = name.partition("-")
+        if len(count) != 20 or not count.isdigit():
+            return None
+        if not head:
+            return int(count), None
+        if len(head) != 64 or not set(head) <= _HEX:
+            return None
+        return int(count), head
 
     def ensure_bucket(self) -> None:
         """Create the bucket with Object Lock, or check an existing one has it in compliance mode."""
@@ -76,7 +93,7 @@ class S3AnchorStore:
 
     def publish(self, anchor: AuditAnchor) -> str:
         self.ensure_bucket()
-        key = self._key(anchor.log_id, anchor.count)
+        key = self._key(anchor.log_id, anchor.count, anchor.head_hash)
         try:
             self._s3.put_object(
                 Bucket=self._bucket,
@@ -95,25 +112,59 @@ class S3AnchorStore:
             # this count is anchored already: the first anchor stands
         return f"s3://{self._bucket}/{key}"
 
-    def latest(self, log_id: str) -> AuditAnchor | None:
+    def _keys(self, log_id: str) -> list[str]:
+        keys: list[str] = []
+        for page in self._s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self._bucket, Prefix=f"{PREFIX}{log_id}/"
+        ):
+            keys.extend(obj["Key"] for obj in page.get("Contents", ()))
+        return keys
+
+    def _read(self, key: str) -> AuditAnchor:
+        # S3 lists a key's versions newest first: the last one is the first written (the
+        # one its retention protects); a later PUT of the same name changes nothing.
+        versions = [
+            v
+            for v in self._s3.list_object_versions(Bucket=self._bucket, Prefix=key).get("Versions", [])
+            if v["Key"] == key
+        ]
+        kwargs = {"VersionId": versions[-1]["VersionId"]} if versions and versions[-1].get("VersionId") else {}
+        body = self._s3.get_object(Bucket=self._bucket, Key=key, **kwargs)["Body"].read()
+        return AuditAnchor.from_bytes(body, where=f"s3://{self._bucket}/{key}")
+
+    def points(self, log_id: str) -> list[AnchorPoint]:
         self.ensure_bucket()
-        prefix = f"{PREFIX}{log_id}/"
+        out = []
         try:
-            last = None
-            for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=prefix):
-                for obj in page.get("Contents", ()):
-                    if last is None or obj["Key"] > last:
-                        last = obj["Key"]
-            if last is None:
-                return None
-            # S3 lists a key's versions newest first: the last one is the first written
-            versions = [
-                v
-                for v in self._s3.list_object_versions(Bucket=self._bucket, Prefix=last).get("Versions", [])
-                if v["Key"] == last
-            ]
-            kwargs = {"VersionId": versions[-1]["VersionId"]} if versions and versions[-1].get("VersionId") else {}
-            body = self._s3.get_object(Bucket=self._bucket, Key=last, **kwargs)["Body"].read()
+            for key in self._keys(log_id):
+                parsed = self._parse(log_id, key)
+                if parsed is None:
+                    continue
+                count, head = parsed
+                if head is None:  # a format 1 key: the hash is only in the body
+                    head = self._read(key).head_hash
+                out.append(AnchorPoint(count, head, f"s3://{self._bucket}/{key}"))
+        except IntegrityError:
+            raise
         except Exception as exc:
             raise translate_error(exc, bucket=self._bucket, key=PREFIX, op="read audit anchors") from exc
-        return AuditAnchor.from_bytes(body, where=f"s3://{self._bucket}/{last}")
+        return sorted(out, key=lambda p: (p.count, p.head_hash))
+
+    def latest(self, log_id: str) -> AuditAnchor | None:
+        points = self.points(log_id)
+        return self.read(log_id, points[-1]) if points else None
+
+    def read(self, log_id: str, point: AnchorPoint) -> AuditAnchor:
+        top = point
+        key = top.where.removeprefix(f"s3://{self._bucket}/")
+        try:
+            anchor = self._read(key)
+        except IntegrityError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc, bucket=self._bucket, key=key, op="read audit anchor") from exc
+        if anchor.point != (top.count, top.head_hash) or anchor.log_id != log_id:
+            raise IntegrityError(
+                f"audit anchor {top.where} holds another anchor than its name says", resource=top.where
+            )
+        return anchor

@@ -36,8 +36,10 @@ from typing import Any, Protocol, runtime_checkable
 # The audit values live in domain/ (the keychain writes audit records without importing
 # state); re-exported here, where callers have always found them.
 from archive_kms.domain.audit import AuditEvent as AuditEvent
+from archive_kms.domain.audit import AuditHead as AuditHead
 from archive_kms.domain.audit import AuditRecord as AuditRecord
 from archive_kms.domain.audit import AuditVerification as AuditVerification
+from archive_kms.domain.search_generations import SearchGeneration as SearchGeneration
 from archive_kms.errors import StateError, ValidationError
 
 # --- tenants ---------------------------------------------------------------------------
@@ -708,6 +710,12 @@ class AuditLog(Protocol):
         the first bad ``seq`` and why."""
         ...
 
+    def audit_head(self, *, tenant_id: str | None = None) -> AuditHead | None:
+        """The stored head of the tenant's chain (or the global chain): count, head hash,
+        and whether its seal verifies with this store's sealer (``seal_ok`` None when the
+        store does not seal). None if the chain has no head (no record yet)."""
+        ...
+
     def reseal_audit_heads(self) -> AuditVerification:
         """Verify every chain's links (seals not checked), then seal every head with the
         configured sealer: after sealing is first enabled or its key rotated. It trusts
@@ -724,11 +732,33 @@ class AuditLog(Protocol):
         ...
 
 
+# --- search generations ------------------------------------------------------------------
+
+
+@runtime_checkable
+class SearchGenerationRepo(Protocol):
+    """The registry of index generations the platform created (signed records; the
+    store keeps them byte for byte and never checks signatures: ``operations.search_guard``
+    does). A generation is recorded once and never changed or deleted."""
+
+    def record_search_generation(self, record: SearchGeneration) -> SearchGeneration:
+        """Store ``record`` unless ``(tenant_id, generation)`` is recorded already; returns
+        what is stored now (the earlier record if there was one: the caller compares)."""
+        ...
+
+    def search_generations(self, tenant_id: str) -> list[SearchGeneration]:
+        """Every recorded generation of the tenant, oldest first (``IntegrityError`` for a
+        row that does not parse)."""
+        ...
+
+
 # --- the whole store --------------------------------------------------------------------
 
 
 @runtime_checkable
-class StateStore(TenantRepo, GateRepo, JobLeaseRepo, RunRepo, LedgerRepo, LeaseRepo, AuditLog, Protocol):
+class StateStore(
+    TenantRepo, GateRepo, JobLeaseRepo, RunRepo, LedgerRepo, LeaseRepo, AuditLog, SearchGenerationRepo, Protocol
+):
     """Every concern above in one object (what ``open_state`` returns)."""
 
     def close(self) -> None:

@@ -446,5 +446,22 @@ tenant_account_pool = Table(
 )
 
 
+# --- search generations (operations/search_guard.py; Alembic revision 0006) ----------------
+# One signed record per index generation the platform created: which index, which mode.
+# The body is the record's canonical JSON, byte for byte (the signature covers it); the
+# id columns are copied from it for the key. No foreign key to tenants: a tenant's first
+# generation is recorded before its registry row exists.
+
+search_generations = Table(
+    "search_generations",
+    metadata,
+    Column("tenant_id", String(TENANT_ID), nullable=False),
+    Column("generation", BigInteger, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("recorded_at", UtcDateTime, nullable=False),
+    PrimaryKeyConstraint("tenant_id", "generation"),
+)
+
+
 def table_names() -> list[str]:
     return [t.name for t in metadata.sorted_tables]

@@ -21,7 +21,7 @@ from archive_kms.domain.keychain import (
     RecordRef,
     TenantHead,
 )
-from archive_kms.errors import ValidationError
+from archive_kms.errors import KeychainTamperedError, KeyNotFoundError, StateError, ValidationError
 from archive_kms.keys.cache import KeyCache
 from archive_kms.keys.keychain.audit import DEFAULT_AUDIT_REFRESH_SECONDS, AuditTrail, KeychainAuditLog
 from archive_kms.keys.keychain.deks import DataKeys
@@ -62,7 +62,10 @@ class Keychain:
     (rollback). Without it (bare unit tests) only this process's own high-water mark
     catches a rolled-back head; production wiring always passes it.
     ``audit_refresh_seconds``: how often a long-running process re-reads the tenant's new
-    audit records (incrementally).
+    audit records (incrementally). ``anchor_check`` raises if the audit log no longer
+    holds its latest anchor outside the database (a whole-database restore): called
+    whenever the trail is read (it throttles itself), so nothing is unwrapped from a
+    restored database (``state.anchors.LatestAnchorCheck``).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class Keychain:
         max_attempts: int = 8,
         audit: KeychainAuditLog | None = None,
         audit_refresh_seconds: float = DEFAULT_AUDIT_REFRESH_SECONDS,
+        anchor_check: Callable[[], None] | None = None,
     ) -> None:
         if not isinstance(bucket_seconds, int) or isinstance(bucket_seconds, bool) or bucket_seconds < 1:
             raise ValidationError(f"bucket_seconds must be an int >= 1, got {bucket_seconds!r}")
@@ -86,7 +90,8 @@ class Keychain:
         self._cache = cache if cache is not None else KeyCache()
         locks = TenantLocks()
         checks = RecordChecks(store, signer, self._verifier)
-        trail = AuditTrail(audit, refresh_seconds=audit_refresh_seconds, tenant_lock=locks)
+        trail = AuditTrail(audit, refresh_seconds=audit_refresh_seconds, tenant_lock=locks, anchor_check=anchor_check)
+        self._trail = trail
         heads = TenantHeads(store, checks, trail, self._cache, clock=clock, max_attempts=max_attempts, locks=locks)
         keys = KeyWrapping(heads, checks, self._cache, provider_resolver)
         rotation = Rotation(heads, checks, keys)
@@ -106,6 +111,7 @@ class Keychain:
         *,
         clock: Callable[[], float] = time.time,
         audit: KeychainAuditLog | None = None,
+        anchor_check: Callable[[], None] | None = None,
     ) -> Keychain:
         return cls(
             store,
@@ -115,6 +121,7 @@ class Keychain:
             KeyCache.from_settings(settings),
             bucket_seconds=settings.dek_bucket_seconds,
             audit=audit,
+            anchor_check=anchor_check,
         )
 
     def __repr__(self) -> str:
@@ -173,6 +180,76 @@ class Keychain:
             log.info("keychain: tenant %s created under L1 %s", tenant_id, l1.key_ref)
             head = self._heads.commit_first(head, rec, l2, {"l2_id": rec.record_id})
             return status_of(head)
+
+    def lock_status(self, tenant_id: str) -> dict[str, Any]:
+        """Why the keychain refuses the tenant, if it does, without refusing: the head's
+        version (signature checked), the version the verified audit chain vouches for,
+        and the chain's problem (``Keychain.unlock`` decides on this)."""
+        check_tenant(tenant_id)
+        head = self._verified_head(tenant_id)
+        trail = self._trail.inspect(tenant_id)
+        locked = trail.problem is not None or head.version < trail.version
+        return {
+            "tenant": tenant_id,
+            "locked": locked,
+            "head_version": head.version,
+            "audited_version": trail.version if trail.problem is None else None,
+            "chain_problem": trail.problem,
+            "chain_breaks": list(trail.breaks),
+        }
+
+    def unlock(self, tenant_id: str, *, reason: str, actor: str) -> dict[str, Any]:
+        """The operator's override for a false lock (ADR 0028): append an audited
+        ``keychain.unlock`` record that accepts the keychain head as it is now (its
+        version becomes the audit log's high-water mark) and the chain breaks found now.
+        It counts only because it is on the verified chain (appended with the platform's
+        sealing key). Accepting a head below the audited version brings back whatever the
+        audited commits in between did (an erasure, a revocation, a rotation): the report
+        lists them. ``StateError`` if the tenant is not locked."""
+        check_tenant(tenant_id)
+        for what, text in (("reason", reason), ("actor", actor)):
+            if not isinstance(text, str) or not text.strip() or len(text) > 500:
+                raise ValidationError(f"unlocking a keychain needs a {what} of 1..500 characters")
+        if not self._trail.enabled:
+            raise StateError("this keychain has no audit log: nothing locks it, nothing to unlock")
+        with self._heads.tenant_lock(tenant_id):
+            status = self.lock_status(tenant_id)
+            if not status["locked"]:
+                raise StateError(
+                    f"the keychain of tenant {tenant_id} is not locked (head v{status['head_version']}, audit log "
+                    f"v{status['audited_version']}): nothing to unlock",
+                    resource=f"keychain:{tenant_id}",
+                )
+            undone = self._trail.commits_above(tenant_id, status["head_version"])
+            self._trail.append_unlock(
+                tenant_id,
+                actor=actor.strip(),
+                details={
+                    "tenant_id": tenant_id,
+                    "accept_head_version": status["head_version"],
+                    "accept_chain_breaks": status["chain_breaks"],
+                    "audited_version_before": status["audited_version"],
+                    "chain_problem": status["chain_problem"],
+                    "undone": undone,
+                    "reason": reason.strip(),
+                    "actor": actor.strip(),
+                },
+            )
+            log.warning("keychain: tenant %s unlocked by %s at head v%d", tenant_id, actor, status["head_version"])
+        self.status(tenant_id)  # loads through every check again: raises if the unlock did not take
+        return {**status, "locked": False, "unlocked_by": actor.strip(), "undone": undone}
+
+    def _verified_head(self, tenant_id: str) -> TenantHead:
+        head = self._heads.store.get_head(tenant_id)
+        if head is None:
+            raise KeyNotFoundError(f"tenant {tenant_id} has no keychain", resource=f"keychain:{tenant_id}")
+        self._checks.verify_head(head, f"keychain:{tenant_id}/head")
+        if head.tenant_id != tenant_id:
+            raise KeychainTamperedError(
+                f"keychain head stored for tenant {tenant_id} belongs to tenant {head.tenant_id}",
+                resource=f"keychain:{tenant_id}/head",
+            )
+        return head
 
     def status(self, tenant_id: str) -> TenantKeyStatus:
         """The tenant's key state (works while revoked; unwraps nothing)."""

@@ -12,7 +12,7 @@ from archive_kms.errors import ConfigurationError, StateError
 from archive_kms.state import audit as chain
 from archive_kms.state._common import check_id
 from archive_kms.state.memory.tables import MemoryTables, _copy_audit
-from archive_kms.state.port import AuditEvent, AuditRecord, AuditVerification
+from archive_kms.state.port import AuditEvent, AuditHead, AuditRecord, AuditVerification
 from archive_kms.state.schema import RUN_ID
 
 __all__ = ["MemoryAuditLog"]
@@ -65,6 +65,15 @@ class MemoryAuditLog(MemoryTables):
                 key=lambda r: r.seq,
             )
         return iter([_copy_audit(r) for r in recs])
+
+    def audit_head(self, *, tenant_id: str | None = None) -> AuditHead | None:
+        name = chain.GLOBAL_CHAIN if tenant_id is None else chain.tenant_chain(tenant_id)
+        with self._lock:
+            head = self._heads.get(name)
+        if head is None:
+            return None
+        seal_ok = None if self._sealer is None else chain.check_head_seal(head, self._sealer) is None
+        return AuditHead(head.count, head.head_hash, seal_ok)
 
     def verify_audit(self, *, tenant_id: str | None = None) -> AuditVerification:
         verifier = chain.ChainVerifier(tenant_id=tenant_id)

@@ -8,13 +8,20 @@ from archive_kms.state.memory.job_leases import MemoryJobLeaseRepo
 from archive_kms.state.memory.leases import MemoryLeaseRepo
 from archive_kms.state.memory.ledger import MemoryLedgerRepo
 from archive_kms.state.memory.runs import MemoryRunRepo
+from archive_kms.state.memory.search_generations import MemorySearchGenerationRepo
 from archive_kms.state.memory.tenants import MemoryTenantRepo
 
 __all__ = ["InMemoryStateStore"]
 
 
 class InMemoryStateStore(
-    MemoryTenantRepo, MemoryJobLeaseRepo, MemoryRunRepo, MemoryLedgerRepo, MemoryLeaseRepo, MemoryAuditLog
+    MemoryTenantRepo,
+    MemoryJobLeaseRepo,
+    MemoryRunRepo,
+    MemoryLedgerRepo,
+    MemoryLeaseRepo,
+    MemoryAuditLog,
+    MemorySearchGenerationRepo,
 ):
     """``StateStore`` in memory (thread-safe). ``clock``, ``sealer`` and ``job_stale_after``
     as for ``SqlStateStore``."""

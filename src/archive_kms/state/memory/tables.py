@@ -90,6 +90,7 @@ class MemoryTables:
         self._copies: dict[str, dict[bytes, CopyRecord]] = {}
         self._leases: dict[str, _LeaseRow] = {}
         self._audit: list[AuditRecord] = []
+        self._search_generations: dict[tuple[str, int], bytes] = {}  # signed JSON, as SQL keeps it
         self._heads: dict[str, chain.ChainHead] = {
             chain.GLOBAL_CHAIN: chain.ChainHead(chain.GLOBAL_CHAIN, 0, chain.GENESIS)
         }

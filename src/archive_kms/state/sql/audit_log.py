@@ -14,7 +14,7 @@ from sqlalchemy import Connection, Row, insert, select, update
 from archive_kms.errors import ConfigurationError, StateError
 from archive_kms.state import audit as chain
 from archive_kms.state._common import check_id
-from archive_kms.state.port import AuditEvent, AuditRecord, AuditVerification
+from archive_kms.state.port import AuditEvent, AuditHead, AuditRecord, AuditVerification
 from archive_kms.state.schema import RUN_ID, audit_heads, audit_log
 from archive_kms.state.sql.database import SqlDatabase, SqlRepository
 
@@ -141,6 +141,16 @@ class SqlAuditLog(SqlRepository):
             finally:
                 result.close()
         return verifier.finish(heads, self._sealer)
+
+    def audit_head(self, *, tenant_id: str | None = None) -> AuditHead | None:
+        name = chain.GLOBAL_CHAIN if tenant_id is None else chain.tenant_chain(tenant_id)
+        with self._tx("read audit head", write=False) as conn:
+            row = self._head(conn, name, lock=False)
+        if row is None:
+            return None
+        head = chain.ChainHead(row.chain, row.count, row.head_hash, row.seal, row.seal_alg, row.seal_key_id)
+        seal_ok = None if self._sealer is None else chain.check_head_seal(head, self._sealer) is None
+        return AuditHead(int(row.count), row.head_hash, seal_ok)
 
     def reseal_audit_heads(self) -> AuditVerification:
         if self._sealer is None:

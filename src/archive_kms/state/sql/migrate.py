@@ -30,13 +30,13 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, func, inspect, select
+from sqlalchemy import Connection, func, inspect, select, text
 
 from archive_kms.errors import ConfigurationError
 from archive_kms.state.schema import SCHEMA_VERSION, schema_version
 from archive_kms.state.sql.database import SqlDatabase
 
-__all__ = ["BASELINE", "SchemaStatus", "head", "prepare", "status", "upgrade"]
+__all__ = ["BASELINE", "SchemaStatus", "grant_runtime", "head", "prepare", "runtime_grants", "status", "upgrade"]
 
 BASELINE = "0001"  # the schema of the releases before Alembic (schema_version 1)
 SCRIPTS = "archive_kms.state:migrations"  # inside the package: an installed wheel can upgrade
@@ -84,12 +84,59 @@ class SchemaStatus:
         }
 
 
-def _config(connection: Connection | None = None) -> Config:
+def _config(connection: Connection | None = None, runtime_role: str | None = None) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", SCRIPTS)
     if connection is not None:
         cfg.attributes["connection"] = connection
+    if runtime_role:
+        cfg.attributes["runtime_role"] = runtime_role  # revision 0007 grants it what it needs
     return cfg
+
+
+# --- the runtime role (PostgreSQL; docs/deployment.md "Database roles") -----------------------
+# The migration role owns the schema and runs the revisions; the workers connect as the
+# runtime role, which may read and write the tables but not change their definitions, drop
+# the audit log's triggers (only an owner can), or rewrite what is append-only.
+
+_APPEND_ONLY = {  # table -> what the runtime role may not do on it
+    "audit_log": "UPDATE, DELETE, TRUNCATE",
+    "audit_heads": "DELETE, TRUNCATE",
+    "search_generations": "UPDATE, DELETE, TRUNCATE",
+    "alembic_version": "INSERT, UPDATE, DELETE, TRUNCATE",
+    "schema_version": "INSERT, UPDATE, DELETE, TRUNCATE",
+}
+
+
+def runtime_grants(conn: Connection, role: str) -> list[str]:
+    """Grant ``role`` what the workers need on the current schema's tables (and on the
+    tables later revisions create), minus the rights that would let it rewrite history;
+    returns the statements run. ``ConfigurationError`` if the role does not exist or this
+    is not PostgreSQL."""
+    if conn.dialect.name != "postgresql":
+        raise ConfigurationError("a runtime role is a PostgreSQL deployment's (SQLite has no roles)")
+    if not conn.execute(text("SELECT count(*) FROM pg_roles WHERE rolname = :r"), {"r": role}).scalar():
+        raise ConfigurationError(f"runtime role {role!r} does not exist: create it first (docs/deployment.md)")
+    schema = conn.execute(select(func.current_schema())).scalar_one()
+    quote = conn.dialect.identifier_preparer.quote
+    r, sch = quote(role), quote(schema)
+    present = set(inspect(conn).get_table_names())
+    statements = [
+        f"GRANT USAGE ON SCHEMA {sch} TO {r}",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {sch} TO {r}",
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA {sch} GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {r}",
+        *(f"REVOKE {rights} ON {sch}.{quote(t)} FROM {r}" for t, rights in _APPEND_ONLY.items() if t in present),
+    ]
+    for stmt in statements:
+        conn.execute(text(stmt))
+    return statements
+
+
+def grant_runtime(db: SqlDatabase, role: str) -> list[str]:
+    """``runtime_grants`` in one transaction under the schema lock (``archive-kms db grant``)."""
+    with db.tx("grant runtime role") as conn:
+        _lock(db, conn)
+        return runtime_grants(conn, role)
 
 
 @functools.cache
@@ -149,8 +196,8 @@ def _refuse_unknown(db: SqlDatabase, found: SchemaStatus) -> None:
         )
 
 
-def _upgrade_in(db: SqlDatabase, conn: Connection, target: str) -> None:
-    cfg = _config(conn)
+def _upgrade_in(db: SqlDatabase, conn: Connection, target: str, runtime_role: str | None = None) -> None:
+    cfg = _config(conn, runtime_role)
     found = _read(conn)  # again, under the lock: another process may have done it
     _refuse_unknown(db, found)
     if found.revision is None and not found.empty:
@@ -158,18 +205,24 @@ def _upgrade_in(db: SqlDatabase, conn: Connection, target: str) -> None:
     command.upgrade(cfg, target)
 
 
-def upgrade(db: SqlDatabase, target: str = "head") -> tuple[SchemaStatus, SchemaStatus]:
+def upgrade(
+    db: SqlDatabase, target: str = "head", *, runtime_role: str | None = None
+) -> tuple[SchemaStatus, SchemaStatus]:
     """Bring the schema to ``target`` (default: head) in one transaction; returns the
     status before and after. Stamps a pre-Alembic database at the baseline first.
-    ``ConfigurationError`` for a database this code cannot upgrade (a newer release's,
-    or not a state database); the database is then unchanged."""
+    ``runtime_role`` (PostgreSQL): the role the workers connect as, granted what they need
+    by revision 0007 and after every upgrade (``runtime_grants``). ``ConfigurationError``
+    for a database this code cannot upgrade (a newer release's, or not a state database);
+    the database is then unchanged."""
     before = status(db)
     _refuse_unknown(db, before)
     if target not in ("head", *_revisions()):
         raise ConfigurationError(f"unknown schema revision {target!r}: use head or one of {sorted(_revisions())}")
     with db.tx("upgrade schema") as conn:
         _lock(db, conn)
-        _upgrade_in(db, conn, target)
+        _upgrade_in(db, conn, target, runtime_role)
+        if runtime_role:  # tables of revisions applied before the role was known get it too
+            runtime_grants(conn, runtime_role)
     return before, status(db)
 
 

@@ -29,6 +29,7 @@ from archive_kms.state.sql.keychain import SqlKeychainStore
 from archive_kms.state.sql.leases import SqlLeaseRepo
 from archive_kms.state.sql.ledger import SqlLedgerRepo
 from archive_kms.state.sql.runs import SqlRunRepo
+from archive_kms.state.sql.search_generations import SqlSearchGenerationRepo
 from archive_kms.state.sql.tenants import SqlTenantRepo
 
 __all__ = ["SqlStateStore", "open_state"]
@@ -62,7 +63,15 @@ def open_state(
     return store
 
 
-class SqlStateStore(SqlTenantRepo, SqlJobLeaseRepo, SqlRunRepo, SqlLedgerRepo, SqlLeaseRepo, SqlAuditLog):
+class SqlStateStore(
+    SqlTenantRepo,
+    SqlJobLeaseRepo,
+    SqlRunRepo,
+    SqlLedgerRepo,
+    SqlLeaseRepo,
+    SqlAuditLog,
+    SqlSearchGenerationRepo,
+):
     """``StateStore`` over one SQLAlchemy Engine (thread-safe; share one per process).
     Each base class is one aggregate's repository and works on its own over the same
     :class:`SqlDatabase`; this class only puts them on one database."""
