@@ -81,6 +81,15 @@ class Settings(BaseSettings):
     # The local PostgreSQL server the stack runs; tests run the state store on it too.
     postgres_url: str | None = None
 
+    # The PostgreSQL connection pool of one process (docs/state-store.md "Connection pool"):
+    # state_pool_size connections kept open, at most state_pool_max_overflow more under load;
+    # a caller waits state_pool_timeout_seconds for one, then gets a retryable error. Every
+    # process of the fleet holds at most size + overflow: keep the sum under the server's
+    # max_connections.
+    state_pool_size: int = Field(default=5, ge=1, le=200)
+    state_pool_max_overflow: int = Field(default=5, ge=0, le=200)
+    state_pool_timeout_seconds: float = Field(default=30.0, gt=0)
+
     # Prefect API the flows report to (the stack's server locally); None = Prefect's own default.
     prefect_api_url: str | None = None
 

@@ -126,6 +126,7 @@ class Platform:
         from archive_kms.search.elasticsearch import ElasticsearchSearchIndex
         from archive_kms.state.audit import SignerHeadSealer
         from archive_kms.state.sql import open_state
+        from archive_kms.state.sql.database import PoolLimits
         from archive_kms.state.sql.keychain import SqlKeychainStore
         from archive_kms.storage import open_store
         from archive_kms.storage.provisioning import CloudProvisioner
@@ -135,7 +136,10 @@ class Platform:
         # The audit chain's head is sealed with the platform key: a re-hashed, edited chain
         # does not verify without it.
         state = open_state(
-            s.state_url, sealer=SignerHeadSealer(signer), job_stale_after=timedelta(seconds=s.job_lease_ttl_seconds)
+            s.state_url,
+            sealer=SignerHeadSealer(signer),
+            job_stale_after=timedelta(seconds=s.job_lease_ttl_seconds),
+            pool=PoolLimits(s.state_pool_size, s.state_pool_max_overflow, s.state_pool_timeout_seconds),
         )
         registry = KeyProviderRegistry(s)  # one provider (and its clients) per key reference
         # The keychain audits its commits in the same database and refuses a head older than

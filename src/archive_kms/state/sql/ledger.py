@@ -114,8 +114,8 @@ class SqlLedgerRepo(SqlRepository):
         """Keyset pagination on object name: no transaction is held between pages."""
         last: bytes | None = None
         while True:
-            with self._tx(op, write=False) as conn:
-                rows = conn.execute(make_query(last).limit(page_size)).all()
+            query = make_query(last).limit(page_size)
+            rows = self._read(op, lambda conn, query=query: conn.execute(query).all())
             for r in rows:
                 yield convert(r)
             if len(rows) < page_size:
