@@ -21,6 +21,7 @@ sets them from the settings).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import threading
@@ -75,12 +76,13 @@ def ensure_limit(name: str, limit: int, slot_decay_per_second: float = 0.0) -> b
 def apply_limits(settings: Settings, domains: Sequence[QuotaDomain] = ()) -> list[dict[str, Any]]:
     """Set the run limit and the rate limits of ``domains`` (and of every rate limit
     already on the server) to the values ``settings`` give, creating missing ones."""
+    known: list[str] = []
     with _client() as client:
-        known = [
-            limit.name
-            for limit in client.read_global_concurrency_limits(limit=1000)
-            if limit.name.startswith(L1_LIMIT_PREFIX)
-        ]
+        for offset in itertools.count(0, 200):  # the API pages by at most 200
+            page = client.read_global_concurrency_limits(limit=200, offset=offset)
+            known += [limit.name for limit in page if limit.name.startswith(L1_LIMIT_PREFIX)]
+            if len(page) < 200:
+                break
     wanted: dict[str, tuple[int, float]] = {RUNS_LIMIT: (settings.max_concurrent_runs, 0.0)}
     for name in known:
         kind, _, scope = name.removeprefix(L1_LIMIT_PREFIX).partition(":")

@@ -206,7 +206,18 @@ class PrefectShardRunner:
             future.wait()
         results = [future.result() for future in futures]  # raises the first shard's error
         self.ran.setdefault(step, []).extend({k: r[k] for k in _SHARD_SUMMARY_FIELDS if k in r} for r in results)
+        logger = _run_logger()
+        for r in results:  # where each shard ran (a Dask worker, or this process): for support
+            logger.info("%s shard %s ran in process %s", step, r.get("shard"), r.get("pid"))
         return results
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The flow run's logger, or this module's outside a flow run."""
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - MissingContextError: called outside a run
+        return log
 
 
 def task_runner_for(name: str, settings: Settings | None = None) -> TaskRunner:
