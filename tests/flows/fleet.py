@@ -389,6 +389,15 @@ class Fleet:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)'))
         self._admin.dispose()
 
+    def state_transactions(self) -> tuple[int, int]:
+        """(commits, rollbacks) of the fleet's database so far, every process together
+        (PostgreSQL's pg_stat_database, flushed within about a second)."""
+        with self._admin.connect() as conn:
+            row = conn.execute(
+                text("SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = :d"), {"d": self.db}
+            ).one()
+        return int(row[0]), int(row[1])
+
     # --- tenants --------------------------------------------------------------------------------
 
     def create_tenants(self, count: int | None = None, *, parallel: int = 4) -> list[Tenant]:
@@ -433,6 +442,7 @@ class Fleet:
         launcher = PrefectLauncher(self.api_url)
         self.started_at = time.monotonic()
         self.started_wall = datetime.now(UTC)
+        self.transactions_at_start = self.state_transactions()
         for t in tenants:
             started = start_enable(
                 self.platform,
@@ -626,6 +636,8 @@ class Fleet:
 
     def figures(self, tenants: list[Tenant], reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
         wall = self.finished_at - self.started_at
+        time.sleep(1.5)  # pg_stat_database is flushed about every second
+        commits, rollbacks = (b - a for a, b in zip(self.transactions_at_start, self.state_transactions(), strict=True))
         objects = sum(t.objects for t in tenants)
         peaks = list(self.sampler.peaks.values()) if self.sampler else []
 
@@ -658,6 +670,10 @@ class Fleet:
             "flow_runs_by_worker": by_worker,
             "killed": self.killed,
             "timings": {k: round(v, 1) for k, v in self.timings.items()},
+            # every process's transactions from submit to the end of the checks (polling and verification included)
+            "state_commits": commits,
+            "state_rollbacks": rollbacks,
+            "state_commits_per_object": round(commits / max(objects, 1), 1),
             "lost": sum(r["lost"] for r in reports.values()),
             "duplicated": sum(r["duplicated"] for r in reports.values()),
         }
