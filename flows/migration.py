@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
-import importlib
 import logging
 import os
 import threading
@@ -192,7 +191,7 @@ class PrefectShardRunner:
             if window is not None and len(in_flight) >= window:
                 in_flight.discard(next(as_completed(list(in_flight))))
             future = self.task_runner.submit(
-                shard_task if window is not None else portable_shard_task(),
+                shard_task,
                 {
                     "run_id": run_id,
                     "step": step,
@@ -219,21 +218,6 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return get_run_logger()
     except Exception:  # noqa: BLE001 - MissingContextError: called outside a run
         return log
-
-
-#: This module's name as the installed package has it.
-PACKAGE_MODULE = "archive_kms.flows.migration"
-
-
-def portable_shard_task() -> Any:
-    """``shard_task`` under a module name every process of the fleet can import. A
-    deployment loads this file from its path (entrypoint ``flows/migration.py:enable``), as
-    the top-level module ``migration``; a task's function is pickled by reference to its
-    module, and the workers of a Dask cluster started elsewhere (``dask_address``) can
-    import the installed package only."""
-    if __name__ == PACKAGE_MODULE:
-        return shard_task
-    return importlib.import_module(PACKAGE_MODULE).shard_task
 
 
 def task_runner_for(name: str, settings: Settings | None = None) -> TaskRunner:
