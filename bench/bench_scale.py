@@ -44,6 +44,7 @@ def trial(label: str, *, tenants: int, workers: int, args: argparse.Namespace) -
         max_concurrent_runs=args.run_limit,
         records=args.records,
         label=f"bench{label.lower()}",
+        prefect_port=14334,  # not the fleet test's (14333): both may run on one machine
     )
     print(f"trial {label}: {workers} worker(s), {tenants} tenants ...", file=sys.stderr, flush=True)
     with Fleet(config) as fleet:
@@ -54,6 +55,7 @@ def trial(label: str, *, tenants: int, workers: int, args: argparse.Namespace) -
         granted = fleet.l1_acquisitions()
     figures["l1_requests_per_run"] = round(sum(len(t) for t in granted.values()) / max(tenants, 1), 1)
     figures["trial"] = label
+    print(f"trial {label}: " + json.dumps(figures, sort_keys=True), file=sys.stderr, flush=True)
     return figures
 
 

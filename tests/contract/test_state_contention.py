@@ -91,9 +91,12 @@ def _in_threads(n: int, fn: Callable[[int], Any]) -> list[BaseException]:
 def test_a_deadlock_with_another_session_is_retried_and_never_reaches_the_caller(postgres_url):
     """The store's ``pause`` takes the lease row (FOR SHARE, fenced) and then the gate row;
     another session holds the gate row and then wants the lease row. PostgreSQL detects
-    the deadlock in the store's session (its deadlock_timeout is the shorter one) and
-    aborts that transaction; the store runs ``pause`` again, and it succeeds."""
-    store = open_state(_with_options(postgres_url, "deadlock_timeout=50ms"))
+    the deadlock in the store's session and aborts that transaction; the store runs
+    ``pause`` again, and it succeeds. PostgreSQL checks for a deadlock once per wait, when
+    the waiter's deadlock_timeout runs out: the store's (3 s) must run out after the other
+    session closed the cycle (well under a second after the store began to wait) and before
+    the other's (60 s)."""
+    store = open_state(_with_options(postgres_url, "deadlock_timeout=3s"))
     other = create_engine(postgres_url)
     try:
         _tenant(store, "acme")
@@ -104,7 +107,7 @@ def test_a_deadlock_with_another_session_is_retried_and_never_reaches_the_caller
 
         with other.connect() as conn:
             tx = conn.begin()
-            conn.execute(text("SET LOCAL deadlock_timeout = '10s'"))
+            conn.execute(text("SET LOCAL deadlock_timeout = '60s'"))
             conn.execute(text("SELECT 1 FROM archive_gates WHERE tenant_id = 'acme' FOR UPDATE"))
             outcome: dict[str, Any] = {}
 

@@ -36,6 +36,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fleet import Fleet, FleetConfig, max_in_window
 
+from archive_kms.config import PROJECT_ROOT
+
 TENANTS = int(os.environ.get("ARCHIVE_KMS_FLEET_TENANTS", "6"))
 WORKER_LIMIT = int(os.environ.get("ARCHIVE_KMS_FLEET_WORKER_LIMIT", "2"))
 RUN_LIMIT = int(os.environ.get("ARCHIVE_KMS_FLEET_RUN_LIMIT", "3"))
@@ -66,12 +68,20 @@ def dask_fleet(stack):
         label="fleet",
     )
     fleet = Fleet(config)
+    # the deployments load flows/migration.py as the top-level module "migration": the
+    # scheduler (in this process) and the Dask workers import it from flows/ (docs/migration-flows.md)
+    flows_dir = str(PROJECT_ROOT / "flows")
+    if flows_dir not in sys.path:
+        sys.path.append(flows_dir)
     cluster = LocalCluster(
         n_workers=2,
         processes=True,
         threads_per_worker=2,
         dashboard_address=":0",
-        env={k: v for k, v in fleet.env().items() if k.startswith(("ARCHIVE_KMS_", "PREFECT_"))},
+        env={
+            **{k: v for k, v in fleet.env().items() if k.startswith(("ARCHIVE_KMS_", "PREFECT_"))},
+            "PYTHONPATH": os.pathsep.join(filter(None, [flows_dir, os.environ.get("PYTHONPATH")])),
+        },
     )
     client = Client(cluster)
     try:
