@@ -114,6 +114,7 @@ def main() -> None:
             c["peak_rss_mb"]["prefect_server"], b["peak_rss_mb"]["prefect_server"]
         ),
         "C/B state transactions per object": _ratio(c["state_commits_per_object"], b["state_commits_per_object"]),
+        "C/B state transactions per run": _ratio(c["state_commits_per_run"], b["state_commits_per_run"]),
     }
     if args.json:
         print(json.dumps({"trials": [a, b, c], "ratios": ratios}, sort_keys=True))

@@ -674,6 +674,7 @@ class Fleet:
             "state_commits": commits,
             "state_rollbacks": rollbacks,
             "state_commits_per_object": round(commits / max(objects, 1), 1),
+            "state_commits_per_run": round(commits / max(len(tenants), 1), 1),
             "lost": sum(r["lost"] for r in reports.values()),
             "duplicated": sum(r["duplicated"] for r in reports.values()),
         }

@@ -16,7 +16,7 @@ import pytest
 
 from archive_kms.config import Settings
 from archive_kms.migration import execute, plan_enable, resume, trigger
-from archive_kms.migration.reclaim import reclaim
+from archive_kms.migration.reclaim import MIN_UNSTARTED_AFTER, reclaim
 from archive_kms.operations.archive import JobSpec, submit_job
 from archive_kms.operations.platform import Platform
 from archive_kms.operations.tenants import create_tenant
@@ -120,6 +120,19 @@ def test_a_flow_run_stuck_started_without_the_lease_is_resubmitted_after_the_gra
     assert reclaim(platform, launcher, unstarted_after=timedelta(minutes=5)) == []
     (done,) = reclaim(platform, launcher, unstarted_after=grace, clock=lambda: _later(60))
     assert "pending" in done.reason and done.crashed == (first,)
+
+
+def test_a_slow_starting_flow_run_is_not_taken_for_lost_before_the_minimum_grace(platform):
+    """A flow-run process on a loaded host stays pending for tens of seconds: with a short
+    lease TTL the default grace is still MIN_UNSTARTED_AFTER, not twice the TTL."""
+    launcher = RecordingLauncher()
+    _, first = _submitted_run(platform, launcher)
+    launcher.move(first, "pending")
+    short = (MIN_UNSTARTED_AFTER - timedelta(seconds=5)).total_seconds()
+    assert short > 2 * LEASE_TTL
+    assert reclaim(platform, launcher, clock=lambda: _later(short)) == []
+    (done,) = reclaim(platform, launcher, clock=lambda: _later(MIN_UNSTARTED_AFTER.total_seconds() + 5))
+    assert done.crashed == (first,)
 
 
 def test_an_in_process_run_whose_lease_expired_is_resumed_on_the_pool(platform):

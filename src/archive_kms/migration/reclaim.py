@@ -17,7 +17,9 @@ its newest flow run ended (completed, failed,       the process exited without s
 crashed, cancelled) and the run is still running
 its newest flow run has been pending or running     the worker that started it died before it
 for ``unstarted_after`` without the run holding     took the lease (default: twice the lease
-a lease                                             TTL)
+a lease                                             TTL, at least 2 minutes: a flow-run process
+                                                    on a loaded host takes tens of seconds to
+                                                    start)
 ==================================================  ===========================================
 
 A run that waits for a fleet slot (``archive-kms-runs``) holds its lease (its heartbeat
@@ -42,10 +44,13 @@ from archive_kms.migration.launch import LaunchState, RunLauncher, start_support
 from archive_kms.operations.platform import Platform
 from archive_kms.state.port import AuditEvent, MigrationRun, RunState
 
-__all__ = ["DEFAULT_MAX_LAUNCHES", "Reclaimed", "reclaim", "stalled_reason"]
+__all__ = ["DEFAULT_MAX_LAUNCHES", "MIN_UNSTARTED_AFTER", "Reclaimed", "reclaim", "stalled_reason"]
 
 log = logging.getLogger(__name__)
 
+#: The shortest wait before a flow run that never took its run's lease counts as lost: a
+#: flow-run process on a loaded host stays ``pending`` for tens of seconds while it starts.
+MIN_UNSTARTED_AFTER = timedelta(minutes=2)
 #: Flow runs submitted for one run (its first one included) after which it is left to support.
 DEFAULT_MAX_LAUNCHES = 5
 _WAITING = {"scheduled", "late", "paused", "cancelling", "awaitingretry"}
@@ -114,9 +119,12 @@ def reclaim(
     limit: int = 10_000,
 ) -> list[Reclaimed]:
     """Resubmit every running run whose executor is gone (module docstring); one entry
-    per run acted on. ``unstarted_after`` defaults to twice the lease TTL."""
+    per run acted on. ``unstarted_after`` defaults to twice the lease TTL, at least
+    ``MIN_UNSTARTED_AFTER``."""
     grace = (
-        unstarted_after if unstarted_after is not None else timedelta(seconds=2 * platform.settings.lease_ttl_seconds)
+        unstarted_after
+        if unstarted_after is not None
+        else max(MIN_UNSTARTED_AFTER, timedelta(seconds=2 * platform.settings.lease_ttl_seconds))
     )
     out: list[Reclaimed] = []
     for run in platform.state.list_runs(states=[RunState.RUNNING], limit=limit):
