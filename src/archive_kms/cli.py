@@ -1023,18 +1023,27 @@ def runs_reclaim(
     every: float = typer.Option(
         0.0, "--every", min=0.0, help="Repeat every SECONDS until interrupted (0: one pass, then exit)"
     ),
+    unstarted_after: float = typer.Option(
+        0.0,
+        "--unstarted-after",
+        min=0.0,
+        help="SECONDS a flow run may stay pending/running without its run taking the lease before it counts "
+        "as lost (0: twice lease_ttl_seconds, at least 120)",
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Resume the runs whose executor is gone (a worker killed mid-run: lease expired, flow run
     ended or stuck without the lease), on the support deployment for a live worker; their lost
     flow runs are marked crashed. Safe to run from several places at once."""
+    import datetime as _dt
     import time as _time
 
     from archive_kms.migration.reclaim import reclaim
 
     platform, launcher = _platform(), _launcher()
     while True:
-        done = reclaim(platform, launcher, actor=_actor(None))
+        grace = _dt.timedelta(seconds=unstarted_after) if unstarted_after > 0 else None
+        done = reclaim(platform, launcher, actor=_actor(None), unstarted_after=grace)
         for r in done:
             line = f"run {r.run_id} ({r.tenant_id}): {r.reason}; " + (
                 f"resume submitted as flow run {r.submitted}" if r.submitted else f"not resubmitted: {r.skipped}"

@@ -84,6 +84,9 @@ class FleetConfig:
     l1_rates: dict[str, float] = field(default_factory=lambda: {"aws_kms": 20.0, "azure_kv": 10.0, "kmip": 10.0})
     prefect_port: int = 14333
     reclaim_every_seconds: float = 5.0
+    #: a flow run pending/running this long without its run's lease counts as lost (a killed
+    #: worker's queued flow runs); above how long a flow-run process takes to start here
+    unstarted_after_seconds: float = 60.0
     dask_address: str | None = None
     label: str = "fleet"
 
@@ -331,7 +334,16 @@ class Fleet:
     def _start_reclaimer(self) -> None:
         log = (self.dir / "reclaimer.log").open("ab")
         self.reclaimer = subprocess.Popen(
-            [ARCHIVE_KMS, "runs", "reclaim", "--every", str(self.config.reclaim_every_seconds), "--json"],
+            [
+                ARCHIVE_KMS,
+                "runs",
+                "reclaim",
+                "--every",
+                str(self.config.reclaim_every_seconds),
+                "--unstarted-after",
+                str(self.config.unstarted_after_seconds),
+                "--json",
+            ],
             env=self.env(),
             cwd=PROJECT_ROOT,
             stdout=log,
