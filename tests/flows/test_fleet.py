@@ -13,13 +13,15 @@ servers and Elasticsearch.
   processes) while it executes a run mid-step; the reclaimer resubmits its runs, another
   worker takes them over (the lease's fencing token grows) and they complete. A worker
   added mid-batch executes work.
-- **Shards on Dask**: one Dask cluster of two worker processes serves the copy/verify shard
-  tasks of several tenants' runs at once; a Dask worker is killed mid-shard, and Dask runs
-  that shard once more on a live worker (the ledger makes the redo idempotent).
+- **Shards on Dask**: in the same batch, a few tenants' runs put their copy/verify shard
+  tasks on one Dask cluster of two worker processes; a Dask worker is killed mid-shard, and
+  Dask runs that shard once more on a live worker (the ledger makes the redo idempotent).
 
-``ARCHIVE_KMS_FLEET_TENANTS`` sets the tenant count (CI: 6; ``make scale``: 100, with more
-workers per host and a higher run limit: ``ARCHIVE_KMS_FLEET_WORKER_LIMIT``,
-``ARCHIVE_KMS_FLEET_RUN_LIMIT``). The figures are printed as one JSON line (``fleet:``).
+One batch does all three at once (CI time). ``ARCHIVE_KMS_FLEET_TENANTS`` sets how many
+tenants run on threads (CI: 6, plus 3 on Dask); ``ARCHIVE_KMS_FLEET_WORKER_LIMIT`` and
+``ARCHIVE_KMS_FLEET_RUN_LIMIT`` the flow-run processes per worker and the run limit.
+``make scale`` runs the 100-tenant trials (``bench/bench_scale.py``). The figures are
+printed as one JSON line (``fleet:``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -94,12 +97,18 @@ def dask_fleet(stack):
         cluster.close()
 
 
-def test_tenants_onboard_at_once_within_the_fleet_limits_and_survive_a_lost_worker(dask_fleet):
-    fleet, _ = dask_fleet
-    tenants = fleet.create_tenants(TENANTS)
-    fleet.submit(tenants)
-    killed = fleet.kill_worker_mid_run("fleet-w1")
-    added = fleet.add_worker("fleet-w3")
+def test_tenants_onboard_at_once_within_the_fleet_limits_and_survive_a_lost_worker_and_dask_worker(dask_fleet):
+    fleet, client = dask_fleet
+    tenants = fleet.create_tenants(TENANTS + DASK_TENANTS)
+    on_threads, on_dask = tenants[:TENANTS], tenants[TENANTS:]
+    # the Dask tenants first, so that their shards run while the batch keeps the fleet busy
+    fleet.submit(on_dask, task_runner="dask")
+    fleet.submit(on_threads, restart_clock=False)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        dask_kill = pool.submit(_kill_a_dask_worker_mid_shard, client, fleet)
+        killed = fleet.kill_worker_mid_run("fleet-w1")
+        added = fleet.add_worker("fleet-w3")
+        key, victim = dask_kill.result(timeout=SETTLE_TIMEOUT_S)
     fleet.wait(tenants, SETTLE_TIMEOUT_S)
     figures = fleet.check(tenants)
 
@@ -139,6 +148,17 @@ def test_tenants_onboard_at_once_within_the_fleet_limits_and_survive_a_lost_work
         }
     figures["l1"] = worst
     figures["l1_requests_per_run"] = round(sum(len(t) for t in granted.values()) / len(tenants), 1)
+
+    # shards on Dask: the killed Dask worker's shard ran once more, on a live worker, and
+    # every Dask tenant's shards ran on the Dask workers, not in the flow-run processes
+    story = client.story(key)
+    processing = [t for t in story if len(t) > 2 and t[2] == "processing"]
+    assert len(processing) == 2, f"shard task {key} ran {len(processing)} time(s): {story[-20:]}"
+    workers = set(_dask_pids(client).values())
+    for t in on_dask:
+        report_pids = _shard_pids(fleet, t.run_id)
+        assert report_pids and report_pids <= workers | {victim}, (report_pids, workers, victim)
+    figures["dask"] = {"tenants": len(on_dask), "killed_dask_worker": victim, "redone": key}
     print("\nfleet: " + json.dumps(figures, sort_keys=True))
 
 
@@ -162,26 +182,7 @@ def _max_concurrent_steps(fleet: Fleet, tenants: list, *, exclude: set[str]) -> 
     return best
 
 
-def test_shards_of_several_tenants_on_one_dask_cluster_survive_a_killed_dask_worker(dask_fleet):
-    fleet, client = dask_fleet
-    tenants = fleet.create_tenants(DASK_TENANTS)
-    fleet.submit(tenants, task_runner="dask")
-    key, victim = _kill_a_dask_worker_mid_shard(client, fleet, tenants)
-    fleet.wait(tenants, SETTLE_TIMEOUT_S)
-    figures = fleet.check(tenants)
-
-    story = client.story(key)
-    processing = [t for t in story if len(t) > 2 and t[2] == "processing"]
-    assert len(processing) == 2, f"shard task {key} ran {len(processing)} time(s): {story[-20:]}"
-    # every tenant's shards really ran on the Dask workers, not in the flow-run processes
-    workers = set(_dask_pids(client).values())
-    for t in tenants:
-        report_pids = _shard_pids(fleet, t.run_id)
-        assert report_pids and report_pids <= workers | {victim}, (report_pids, workers, victim)
-    print(f"\nfleet dask: {json.dumps({'killed_dask_worker': victim, 'redone': key, **figures}, sort_keys=True)}")
-
-
-def _kill_a_dask_worker_mid_shard(client, fleet: Fleet, tenants: list) -> tuple[str, int]:
+def _kill_a_dask_worker_mid_shard(client, fleet: Fleet) -> tuple[str, int]:
     """Once a shard task has been executing for a moment, kill -9 the Dask worker process
     running it. (the task's key, the killed pid)."""
     import psutil
