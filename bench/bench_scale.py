@@ -1,7 +1,7 @@
 """Many tenants at once: throughput and peak memory at 1 vs 2 workers and 10 vs N tenants.
 
     .venv/bin/python bench/bench_scale.py [--tenants 100] [--small 10] [--worker-limit 3]
-        [--run-limit 4] [--records 8] [--json]
+        [--run-limit 4] [--records 8] [--trials A,B,C] [--json]
 
 Needs the stack (`archive-kms stack up`: LocalStack S3+KMS, Azurite, Elasticsearch, the Key
 Vault emulator, the KMIP server, PostgreSQL). ``make scale`` runs it with ``--tenants 100``.
@@ -90,14 +90,20 @@ def main() -> None:
     parser.add_argument("--worker-limit", type=int, default=3, help="flow-run processes per worker")
     parser.add_argument("--run-limit", type=int, default=4, help="archive-kms-runs (max_concurrent_runs)")
     parser.add_argument("--records", type=int, default=8, help="synthetic records per tenant")
+    parser.add_argument("--trials", default="A,B,C", help="which trials to run (the ratios need all three)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if min(args.tenants, args.small, args.worker_limit, args.run_limit, args.records) < 1:
         parser.error("--tenants, --small, --worker-limit, --run-limit and --records must be at least 1")
 
-    a = trial("A", tenants=args.small, workers=1, args=args)
-    b = trial("B", tenants=args.small, workers=2, args=args)
-    c = trial("C", tenants=args.tenants, workers=2, args=args)
+    wanted = {t.strip().upper() for t in args.trials.split(",") if t.strip()}
+    if not wanted or not wanted <= {"A", "B", "C"}:
+        parser.error("--trials: a comma-separated subset of A,B,C")
+    shapes = {"A": (args.small, 1), "B": (args.small, 2), "C": (args.tenants, 2)}
+    done = {name: trial(name, tenants=shapes[name][0], workers=shapes[name][1], args=args) for name in sorted(wanted)}
+    if len(done) < 3:  # each trial's figures were printed as it ended
+        return
+    a, b, c = done["A"], done["B"], done["C"]
     ratios = {
         "B/A tenants_per_min (2 vs 1 worker)": _ratio(b["tenants_per_min"], a["tenants_per_min"]),
         "B/A objects_per_s": _ratio(b["objects_per_s"], a["objects_per_s"]),

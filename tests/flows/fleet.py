@@ -54,8 +54,9 @@ import psutil
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from archive_kms import clients
+from archive_kms import clients, retry
 from archive_kms.config import PROJECT_ROOT, Settings
+from archive_kms.errors import ServiceUnavailableError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from customer_keys import CustomerKeyFactory
@@ -68,6 +69,7 @@ SHARED_STACK = Path(os.environ.get("ARCHIVE_KMS_STACK_DIR", PROJECT_ROOT / ".sta
 #: (mode, cloud) of tenant i is MIX[i % len(MIX)]: both clouds, every customer-key mode.
 MIX = (("byokms", "s3"), ("byokv", "azure"), ("byok", "s3"), ("kmip", "azure"), ("kmip", "s3"))
 TERMINAL_RUN_STATES = {"completed", "failed", "cancelled"}
+SUBMIT_RETRY = retry.Backoff(max_attempts=6, base_delay=1.0, max_delay=15.0)
 
 
 @dataclass
@@ -458,16 +460,24 @@ class Fleet:
             self.started_wall = datetime.now(UTC)
             self.transactions_at_start = self.state_transactions()
         for t in tenants:
-            started = start_enable(
-                self.platform,
-                launcher,
-                t.tenant_id,
-                t.mode,
-                t.key_ref,
-                actor="fleet",
-                cloud=t.cloud,
-                shards=self.config.shards,
-                task_runner=task_runner or self.config.task_runner,
+
+            def start(t: Tenant = t) -> Any:
+                return start_enable(
+                    self.platform,
+                    launcher,
+                    t.tenant_id,
+                    t.mode,
+                    t.key_ref,
+                    actor="fleet",
+                    cloud=t.cloud,
+                    shards=self.config.shards,
+                    task_runner=task_runner or self.config.task_runner,
+                )
+
+            # a busy Prefect server (SQLite) may refuse a flow run: start_enable then cancels
+            # the run it created, so trying again starts a fresh one (counted in the figures)
+            started = retry.call(
+                start, backoff=SUBMIT_RETRY, what=f"submit {t.tenant_id}", retry_on=(ServiceUnavailableError,)
             )
             assert started.created, started
             t.run_id = started.run_id
