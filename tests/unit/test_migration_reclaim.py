@@ -165,3 +165,26 @@ def test_a_completed_run_is_not_reclaimed(platform):
     assert execute(platform, run_id, actor="worker", handle_signals=False).state == "completed"
     launcher.settle(first, "completed")
     assert reclaim(platform, launcher, clock=_later) == []
+
+
+def test_a_run_that_settled_after_the_listing_is_not_taken_for_lost(platform):
+    """The run settles, then its flow run ends: a reclaimer that listed the run as running
+    before and reads the ended flow run after must see the settled run, not a lost one."""
+    launcher = RecordingLauncher()
+    run_id, first = _submitted_run(platform, launcher)
+    listed = platform.state.list_runs(states=[RunState.RUNNING])
+    platform.state.set_run_state(run_id, RunState.COMPLETED)
+    launcher.settle(first, "completed", "done")
+
+    class Stale:
+        def __getattr__(self, name):
+            return getattr(platform.state, name)
+
+        def list_runs(self, **kw):
+            return listed
+
+    stale = Platform.__new__(Platform)
+    stale.__dict__.update(platform.__dict__)
+    stale.__dict__["state"] = Stale()
+    assert reclaim(stale, launcher) == []
+    assert launcher.launches(run_id)[0].state == "completed"

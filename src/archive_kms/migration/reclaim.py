@@ -127,8 +127,13 @@ def reclaim(
         else max(MIN_UNSTARTED_AFTER, timedelta(seconds=2 * platform.settings.lease_ttl_seconds))
     )
     out: list[Reclaimed] = []
-    for run in platform.state.list_runs(states=[RunState.RUNNING], limit=limit):
-        launches = launcher.launches(run.run_id)
+    for listed in platform.state.list_runs(states=[RunState.RUNNING], limit=limit):
+        launches = launcher.launches(listed.run_id)
+        # Read the run again after its flow runs: a run settles before its flow run ends,
+        # so one that ended since the listing is seen settled here, not as lost.
+        run = platform.state.get_run(listed.run_id)
+        if run is None or run.state != RunState.RUNNING:
+            continue
         reason = stalled_reason(platform, run, launches, now=clock(), unstarted_after=grace)
         if reason is None:
             continue
