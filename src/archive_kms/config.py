@@ -48,9 +48,9 @@ class Settings(BaseSettings):
     # AWS (LocalStack locally): S3 and KMS.
     aws_endpoint_url: str | None = None
     aws_region: str = "us-east-1"
-    # The platform's own AWS account (12 digits), if known: names the KMS quota domain of the
-    # managed key and of alias references, so that BYOK keys imported into this account
-    # share its limit (keys/limits.py). None = "platform".
+    # The platform's own AWS account (12 digits), if known: names the KMS quota domains
+    # (keys/limits.py; AWS throttles every request against the caller's account, ours, per
+    # region). None = "platform".
     aws_account_id: str | None = Field(default=None, pattern=r"^\d{12}$")
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None

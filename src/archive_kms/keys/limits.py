@@ -7,7 +7,7 @@ one such quota, derived from the key reference alone (:func:`quota_domain`):
 ==============  =================================================  ==============================
 scheme          domain                                             whose quota
 ==============  =================================================  ==============================
-``aws-kms``     ``aws-kms:REGION:ACCOUNT`` (key or alias ARN)      the key owner's account, region
+``aws-kms``     ``aws-kms:REGION:platform`` (key or alias ARN)     our account, the key's region
                 ``aws-kms:REGION:platform`` (``alias/NAME``)       our account, configured region
 ``managed``     ``aws-kms:REGION:platform``                        our account, configured region
 ``azure-kv``    ``azure-kv:HOST[:PORT]``                           the vault
@@ -15,8 +15,11 @@ scheme          domain                                             whose quota
 ``memory``      none (in-process)                                  —
 ==============  =================================================  ==============================
 
-``platform`` is ``settings.aws_account_id`` when set, so BYOK keys imported into our own
-account (ARNs naming it) and the managed key share one domain.
+``platform`` is ``settings.aws_account_id`` when set. AWS KMS throttles a cross-account
+request against the quota of the account that **makes** it, not of the key's owner
+(https://docs.aws.amazon.com/kms/latest/developerguide/requests-per-second.html,
+"Cross-account requests"): every key of every tenant in one region, the managed key
+included, draws on our account's quota there, so they share one domain.
 
 A :class:`RequestLimiter` decides when a request may go; :class:`LimitedKeyProvider`
 (made by :func:`limit_provider`) asks it before every call that reaches the service (``wrap``, ``unwrap``, ``status``,
@@ -82,7 +85,7 @@ def quota_domain(ref: KeyRef, settings: Settings) -> QuotaDomain | None:
     if isinstance(ref, AwsKmsKeyRef):
         if ref.region is None:  # alias/NAME: our account, the configured region
             return QuotaDomain("aws-kms", f"{settings.aws_region}:{platform}")
-        return QuotaDomain("aws-kms", f"{ref.region}:{ref.account}")
+        return QuotaDomain("aws-kms", f"{ref.region}:{platform}")  # the caller's quota: ours
     if isinstance(ref, AzureKeyVaultKeyRef):
         return QuotaDomain("azure-kv", ref.host + (f":{ref.port}" if ref.port is not None else ""))
     if isinstance(ref, KmipKeyRef):
