@@ -3,6 +3,7 @@ sealed), verification in one snapshot, exports. The chain itself is ``state.audi
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import replace
@@ -109,7 +110,7 @@ class SqlAuditLog(SqlRepository):
             if tenant_id is not None:
                 q = q.where(a.tenant_id == tenant_id)
             page = q.order_by(a.seq).limit(page_size)
-            rows = self._read("read audit log", lambda conn, page=page: conn.execute(page).all())
+            rows = self._read("read audit log", functools.partial(_all_rows, page))
             for r in rows:
                 yield _audit(r)
             if len(rows) < page_size:
@@ -198,3 +199,8 @@ def _audit(r: Row[Any]) -> AuditRecord:
         tenant_prev_hash=r.tenant_prev_hash,
         hash=r.hash,
     )
+
+
+def _all_rows(query: Any, conn: Connection) -> list[Row[Any]]:
+    """Every row of ``query`` (one page of a paged read)."""
+    return list(conn.execute(query).all())
