@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 PYTEST_ARGS ?=
 
-.PHONY: lint demo test unit soak stack stack-down system-deps venv bench clean infra-tools
+.PHONY: lint demo test unit soak scale stack stack-down system-deps venv bench clean infra-tools
 
 demo: venv stack
 	$(BIN)/python -m archive_kms.demo
@@ -36,6 +36,15 @@ SOAK_TRIALS ?= 200
 soak: venv stack
 	ARCHIVE_KMS_SOAK_TRIALS=$${ARCHIVE_KMS_SOAK_TRIALS:-$(SOAK_TRIALS)} ARCHIVE_KMS_FAULT_REPORT=$${ARCHIVE_KMS_FAULT_REPORT:-.stack/soak-report.json} \
 	$(BIN)/python -m pytest tests/faults/test_random_kills.py -s -p no:cacheprovider $(PYTEST_ARGS)
+
+# Many tenants at once (docs/capacity.md): bench/bench_scale.py onboards 10 tenants on 1
+# worker, 10 on 2 workers and SCALE_TENANTS (default 100) on 2 workers, each on a private
+# fleet (PostgreSQL database, Prefect server, process workers) over the shared services,
+# checks every tenant and prints throughput, peak RSS and their ratios. CI runs the small
+# version with a worker and a Dask worker killed (tests/flows/test_fleet.py).
+SCALE_TENANTS ?= 100
+scale: venv stack
+	$(BIN)/python bench/bench_scale.py --tenants $(SCALE_TENANTS) $(SCALE_ARGS)
 
 system-deps:
 	bash localstack/system-deps.sh

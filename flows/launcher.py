@@ -92,9 +92,28 @@ class PrefectLauncher:
                     state=kind.lower(),
                     terminal=kind in _TERMINAL,
                     message=(r.state.message or None) if r.state is not None else None,
+                    created=r.created,
+                    state_since=r.state.timestamp if r.state is not None else None,
+                    parameters=dict(r.parameters or {}),
                 )
             )
         return out
+
+    def mark_crashed(self, flow_run_id: str, message: str) -> None:
+        from prefect.states import Crashed
+
+        try:
+            with self._client() as client:
+                current = client.read_flow_run(flow_run_id).state
+                if current is not None and current.type.value in _TERMINAL:
+                    return
+                client.set_flow_run_state(flow_run_id, Crashed(message=message[:1000]), force=True)
+        except Exception as exc:  # noqa: BLE001 - httpx and Prefect client errors: the server does not answer
+            raise ServiceUnavailableError(
+                f"the Prefect API at {self.api_url} did not take the state of flow run {flow_run_id} "
+                f"({type(exc).__name__})",
+                resource=self.api_url,
+            ) from None
 
     def flow_run_url(self, flow_run_id: str) -> str:
         return f"{self.ui_url}/runs/flow-run/{flow_run_id}"

@@ -39,6 +39,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from archive_kms.flows.limits import PrefectRequestLimiter, run_admission
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -132,7 +133,8 @@ _platforms_lock = threading.Lock()
 
 
 def process_platform(settings: Settings | None = None) -> Platform:
-    """This process's platform for ``settings`` (default: the environment), built once.
+    """This process's platform for ``settings`` (default: the environment), built once,
+    its key-service requests bounded by the fleet's Prefect rate limits (``flows.limits``).
 
     Keyed by process id, so a forked worker never reuses its parent's connections, and by
     the settings (secrets masked), so a process whose configuration changed gets a new one."""
@@ -142,7 +144,9 @@ def process_platform(settings: Settings | None = None) -> Platform:
     with _platforms_lock:
         platform = _platforms.get(key)
         if platform is None:
-            platform = _platforms[key] = Platform.from_settings(settings)
+            # every request to a key service passes the fleet's rate limit of its quota domain
+            platform = Platform.from_settings(settings, request_limiter=PrefectRequestLimiter(settings))
+            _platforms[key] = platform
         return platform
 
 
@@ -202,7 +206,18 @@ class PrefectShardRunner:
             future.wait()
         results = [future.result() for future in futures]  # raises the first shard's error
         self.ran.setdefault(step, []).extend({k: r[k] for k in _SHARD_SUMMARY_FIELDS if k in r} for r in results)
+        logger = _run_logger()
+        for r in results:  # where each shard ran (a Dask worker, or this process): for support
+            logger.info("%s shard %s ran in process %s", step, r.get("shard"), r.get("pid"))
         return results
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The flow run's logger, or this module's outside a flow run."""
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - MissingContextError: called outside a run
+        return log
 
 
 def task_runner_for(name: str, settings: Settings | None = None) -> TaskRunner:
@@ -418,7 +433,8 @@ def _drive(platform: Platform, run_id: str, task_runner: str, call: Callable[...
         raise StateError(f"unknown run {run_id!r}: see `archive-kms runs list`", resource=f"run:{run_id}")
     reporter = ArtifactReporter(platform, run_id)
     with _shard_runner(task_runner) as shards:
-        outcome = call(shard_runner=shards, hooks=reporter.hooks())
+        # the run executes its steps holding a slot of the fleet's run limit (flows.limits)
+        outcome = call(shard_runner=shards, hooks=reporter.hooks(), admission=run_admission(platform.settings))
     answer = _answer(platform, outcome, shards.ran)
     reporter.finish(outcome, answer["report"])
     logger = get_run_logger()

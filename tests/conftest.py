@@ -81,6 +81,7 @@ keyvault = _service("keyvault")
 kmip = _service("kmip")
 prefect = _service("prefect")
 worker = _service("worker")  # the Prefect worker for the deployments (flows/prefect.yaml)
+postgres = _service("postgres")  # the stack's PostgreSQL server (the fleet trials make a database in it)
 
 
 @pytest.fixture(scope="session")

@@ -1018,6 +1018,73 @@ def runs_cancel(
     _finish_run(_run_flow("support", run_id=run_id, action="cancel", takeover=takeover), as_json)
 
 
+@runs_app.command("reclaim")
+@_errors_are_messages
+def runs_reclaim(
+    every: float = typer.Option(
+        0.0, "--every", min=0.0, help="Repeat every SECONDS until interrupted (0: one pass, then exit)"
+    ),
+    unstarted_after: float = typer.Option(
+        0.0,
+        "--unstarted-after",
+        min=0.0,
+        help="SECONDS a flow run may stay pending/running without its run taking the lease before it counts "
+        "as lost (0: twice lease_ttl_seconds, at least 120)",
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Resume the runs whose executor is gone (a worker killed mid-run: lease expired, flow run
+    ended or stuck without the lease), on the support deployment for a live worker; their lost
+    flow runs are marked crashed. Safe to run from several places at once."""
+    import datetime as _dt
+    import time as _time
+
+    from archive_kms.migration.reclaim import reclaim
+
+    platform, launcher = _platform(), _launcher()
+    while True:
+        grace = _dt.timedelta(seconds=unstarted_after) if unstarted_after > 0 else None
+        done = reclaim(platform, launcher, actor=_actor(None), unstarted_after=grace)
+        for r in done:
+            line = f"run {r.run_id} ({r.tenant_id}): {r.reason}; " + (
+                f"resume submitted as flow run {r.submitted}" if r.submitted else f"not resubmitted: {r.skipped}"
+            )
+            typer.echo(_json.dumps(r.to_dict()) if as_json else line)
+        if every <= 0:
+            if not done and not as_json:
+                typer.echo("no run has lost its executor")
+            return
+        _time.sleep(every)
+
+
+limits_app = typer.Typer(
+    no_args_is_help=True,
+    help="The fleet's limits on the Prefect server: concurrent runs and key-service request rates.",
+)
+app.add_typer(limits_app, name="limits")
+
+
+@limits_app.command("apply")
+@_errors_are_messages
+def limits_apply(as_json: bool = JSON) -> None:
+    """Set archive-kms-runs (max_concurrent_runs) and every archive-kms-l1:* rate limit
+    (l1_requests_per_second_*) on the Prefect server to the values of the settings."""
+    from archive_kms.config import Settings
+    from archive_kms.flows.limits import apply_limits
+
+    _prefect_api()
+    rows = apply_limits(Settings())
+    _emit(
+        as_json,
+        rows,
+        "\n".join(
+            f"{r['name']}: {r['limit']} slots"
+            + (f", {r['slot_decay_per_second']:g}/s" if r["slot_decay_per_second"] else "")
+            for r in rows
+        ),
+    )
+
+
 jobs_app = typer.Typer(
     no_args_is_help=True,
     help="Archive jobs: the queue (list, park one that cannot be replayed) and running jobs (running, abandon).",

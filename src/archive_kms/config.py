@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # AWS (LocalStack locally): S3 and KMS.
     aws_endpoint_url: str | None = None
     aws_region: str = "us-east-1"
+    # The platform's own AWS account (12 digits), if known: names the KMS quota domains
+    # (keys/limits.py; AWS throttles every request against the caller's account, ours, per
+    # region). None = "platform".
+    aws_account_id: str | None = Field(default=None, pattern=r"^\d{12}$")
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
 
@@ -105,6 +109,15 @@ class Settings(BaseSettings):
     # The local PostgreSQL server the stack runs; tests run the state store on it too.
     postgres_url: str | None = None
 
+    # The PostgreSQL connection pool of one process (docs/state-store.md "Connection pool"):
+    # state_pool_size connections kept open, at most state_pool_max_overflow more under load;
+    # a caller waits state_pool_timeout_seconds for one, then gets a retryable error. Every
+    # process of the fleet holds at most size + overflow: keep the sum under the server's
+    # max_connections.
+    state_pool_size: int = Field(default=5, ge=1, le=200)
+    state_pool_max_overflow: int = Field(default=5, ge=0, le=200)
+    state_pool_timeout_seconds: float = Field(default=30.0, gt=0)
+
     # Prefect API the flows report to (the stack's server locally); None = Prefect's own default.
     prefect_api_url: str | None = None
 
@@ -129,6 +142,21 @@ class Settings(BaseSettings):
     # (compliance mode), so a rollback of the database is found. None = not published.
     audit_anchor_bucket: str | None = None
     audit_anchor_retention_days: int = Field(default=365, ge=1)
+
+    # Many tenants at once (docs/capacity.md, docs/adr/0033-fleet-limits.md). Flow runs that
+    # execute at once across every worker: the Prefect global concurrency limit
+    # "archive-kms-runs" (created with this value if missing; `archive-kms limits apply`
+    # sets it).
+    max_concurrent_runs: int = Field(default=8, ge=1, le=10_000)
+    # Requests per second the fleet's flow runs may send to one quota domain of each key
+    # service (an AWS account+region, a Key Vault, a KMIP HSM): a Prefect rate limit per
+    # domain ("archive-kms-l1:<domain>", slot decay = this rate, burst = one second of it).
+    # Set to a share of the service's quota (docs/capacity.md gives the quotas).
+    l1_requests_per_second_aws_kms: float = Field(default=500.0, gt=0)
+    l1_requests_per_second_azure_kv: float = Field(default=100.0, gt=0)
+    l1_requests_per_second_kmip: float = Field(default=50.0, gt=0)
+    # How long a request may wait for its rate limit before it fails (retryable).
+    l1_limit_timeout_seconds: float = Field(default=300.0, gt=0)
 
     # Migration flows.
     # A run's tenant lease: renewed every third of it; a crashed worker's run can be

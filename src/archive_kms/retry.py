@@ -132,9 +132,11 @@ def call(
     what: str = "request",
     sleep: Sleep = time.sleep,
     rand: Rand = random.random,
+    retry_on: tuple[type[ArchiveKmsError], ...] = (ArchiveKmsError,),
 ) -> T:
     """``fn()``, retried per ``backoff`` while it raises an error whose ``retryable`` is
-    true. ``translate`` turns a vendor exception into ours (an ``ArchiveKmsError`` passes
+    true (and, narrower, an instance of ``retry_on``: a layer that retries only what it
+    can settle itself names those types; other errors pass through at once). ``translate`` turns a vendor exception into ours (an ``ArchiveKmsError`` passes
     through; without ``translate`` other exceptions propagate unretried); the ``Retry-After``
     of the vendor response, if any, is kept on the error as ``retry_after``. The last
     error is raised with "gave up after N attempts"; a ``Retry-After`` longer than
@@ -191,7 +193,7 @@ def call(
         )
 
     retrying = Retrying(
-        retry=retry_if_exception(lambda e: isinstance(e, ArchiveKmsError) and e.retryable),
+        retry=retry_if_exception(lambda e: isinstance(e, retry_on) and e.retryable),
         stop=stop,
         wait=wait,
         sleep=sleep,

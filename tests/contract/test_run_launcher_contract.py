@@ -49,3 +49,21 @@ def test_submissions_are_found_by_their_run_tag_newest_first(launcher):
         x.state in STATES and x.terminal == (x.state in {"completed", "failed", "crashed", "cancelled"}) for x in found
     )
     assert launcher.launches(f"run-contract-{uuid.uuid4().hex[:12]}") == []
+
+
+def test_a_launch_says_when_it_was_submitted_and_with_what_and_can_be_marked_crashed(launcher):
+    """What reclaiming a run needs (migration.reclaim): the submission time, the state's
+    start, the parameters; and marking a lost flow run crashed (terminal), which leaves a
+    terminal one as it is."""
+    run_id = f"run-contract-{uuid.uuid4().hex[:12]}"
+    params = {"run_id": run_id, "action": "cancel", "actor": "contract-test", "task_runner": "threads"}
+    lost = launcher.submit("migration-support/support", params, tags=run_tags("acme", run_id))
+    (found,) = launcher.launches(run_id)
+    assert found.created is not None and found.state_since is not None
+    assert found.parameters["run_id"] == run_id and found.parameters["task_runner"] == "threads"
+    launcher.mark_crashed(lost.flow_run_id, "executor lost: contract test")
+    (found,) = launcher.launches(run_id)
+    assert found.state in {"crashed", "completed", "failed"} and found.terminal  # a fast worker may have finished it
+    before = found.state
+    launcher.mark_crashed(lost.flow_run_id, "again")
+    assert launcher.launches(run_id)[0].state == before

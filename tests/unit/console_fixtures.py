@@ -23,6 +23,12 @@ from archive_kms.state.console import ConsoleStore
 from archive_kms.state.sql import open_state
 
 ACME, GLOBEX = "acme", "globex"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 CUSTOMER_KEY = "memory://customer-1"
 
 
@@ -47,7 +53,10 @@ class RecordingLauncher:
             self.submitted.append(
                 {"deployment": deployment, "parameters": dict(parameters), "tags": list(tags), "id": flow_run_id}
             )
-            self._states[flow_run_id] = LaunchState(flow_run_id, "scheduled", False)
+            now = _now()
+            self._states[flow_run_id] = LaunchState(
+                flow_run_id, "scheduled", False, created=now, state_since=now, parameters=dict(parameters)
+            )
         return Launch(flow_run_id, deployment)
 
     def launches(self, run_id: str) -> list[LaunchState]:
@@ -57,7 +66,21 @@ class RecordingLauncher:
 
     def settle(self, flow_run_id: str, state: str = "completed", message: str | None = None) -> None:
         with self._lock:
-            self._states[flow_run_id] = LaunchState(flow_run_id, state, True, message)
+            self._states[flow_run_id] = replace(
+                self._states[flow_run_id], state=state, terminal=True, message=message, state_since=_now()
+            )
+
+    def move(self, flow_run_id: str, state: str, *, since: datetime | None = None) -> None:
+        """A worker took the flow run: ``pending`` / ``running`` (not terminal), since ``since``."""
+        with self._lock:
+            self._states[flow_run_id] = replace(self._states[flow_run_id], state=state, state_since=since or _now())
+
+    def mark_crashed(self, flow_run_id: str, message: str) -> None:
+        with self._lock:
+            if not self._states[flow_run_id].terminal:
+                self._states[flow_run_id] = replace(
+                    self._states[flow_run_id], state="crashed", terminal=True, message=message, state_since=_now()
+                )
 
 
 class Clock:

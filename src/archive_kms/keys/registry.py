@@ -26,6 +26,7 @@ from archive_kms.errors import ConfigurationError
 from archive_kms.keys.aws_kms import AwsKmsKeyProvider
 from archive_kms.keys.azure_key_vault import AzureKeyVaultKeyProvider
 from archive_kms.keys.kmip import KmipKeyProvider
+from archive_kms.keys.limits import RequestLimiter, limit_provider, quota_domain
 from archive_kms.keys.managed import ManagedKeyProvider
 from archive_kms.keys.port import KeyProvider
 from archive_kms.keys.refs import KeyRef, parse_key_ref
@@ -53,10 +54,13 @@ DEFAULT_ADAPTERS: Mapping[str, AdapterClass] = {
 
 
 class KeyProviderRegistry:
-    """Scheme -> adapter factory, plus a cache of resolved providers."""
+    """Scheme -> adapter factory, plus a cache of resolved providers. With a ``limiter``,
+    every provider's calls to its key service pass it first, per quota domain
+    (``keys.limits``)."""
 
-    def __init__(self, settings: Settings, *, defaults: bool = True) -> None:
+    def __init__(self, settings: Settings, *, defaults: bool = True, limiter: RequestLimiter | None = None) -> None:
         self._settings = settings
+        self._limiter = limiter
         self._factories: dict[str, ProviderFactory] = {}
         self._providers: dict[str, KeyProvider] = {}
         self._lock = threading.Lock()
@@ -94,6 +98,9 @@ class KeyProviderRegistry:
                 resource=parsed.uri,
             )
         provider = factory(parsed, self._settings)
+        domain = quota_domain(parsed, self._settings) if self._limiter is not None else None
+        if domain is not None and self._limiter is not None:
+            provider = limit_provider(provider, self._limiter, domain)
         with self._lock:
             return self._providers.setdefault(parsed.uri, provider)
 

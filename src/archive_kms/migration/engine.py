@@ -23,6 +23,7 @@ runner (threads, or Dask worker processes).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -84,6 +85,9 @@ class HasRunStore(Protocol):
 
 
 DEFAULT_LEASE_TTL = timedelta(seconds=60)
+
+#: ``execute``'s ``admission``: a fresh context manager per run, held while its steps run.
+Admission = Callable[[], contextlib.AbstractContextManager[None]]
 
 #: Outcome state of a worker whose lease was taken over mid-run (not a run state: the run
 #: goes on under its new holder).
@@ -268,13 +272,19 @@ def execute(
     takeover: bool = False,
     stop: StopRequest | None = None,
     handle_signals: bool = True,
+    admission: Admission | None = None,
 ) -> Outcome:
     """Run every step of ``run_id`` that is not completed yet, in order.
 
     ``stop``: a flag the caller may set (from another thread, a Prefect hook) to stop the
     run gracefully; one is made if not given, and ``stopping.request_stop(run_id)`` finds
     it either way. In the main thread, and unless ``handle_signals`` is False, SIGTERM and
-    SIGINT set it for the duration of the call (the previous handlers are restored)."""
+    SIGINT set it for the duration of the call (the previous handlers are restored).
+
+    ``admission``: entered once the run holds its tenant's lease (the heartbeat renewing
+    it) and before its first step, left when it ends: a fleet-wide slot the run waits for
+    and holds (the flows pass Prefect's global concurrency limit ``archive-kms-runs``).
+    Waiting under a live lease tells everyone the run is alive, only queued."""
     run = get_run(platform, run_id)
     if run.state is RunState.COMPLETED:
         return Outcome(run.run_id, run.tenant_id, run.flow.value, run.state.value, message="run already completed")
@@ -285,14 +295,11 @@ def execute(
     limit_allocator()  # flat RSS for the copy threads (ADR 0019)
     stop = stop or StopRequest()
     with stopping.registered(run_id, stop):
+        kw = dict(shard_runner=shard_runner, hooks=hooks, takeover=takeover, stop=stop, admission=admission)
         if handle_signals:
             with stopping.stop_on_signals(stop):
-                return _execute(
-                    platform, run, actor=actor, shard_runner=shard_runner, hooks=hooks, takeover=takeover, stop=stop
-                )
-        return _execute(
-            platform, run, actor=actor, shard_runner=shard_runner, hooks=hooks, takeover=takeover, stop=stop
-        )
+                return _execute(platform, run, actor=actor, **kw)  # type: ignore[arg-type]
+        return _execute(platform, run, actor=actor, **kw)  # type: ignore[arg-type]
 
 
 def _execute(
@@ -304,6 +311,7 @@ def _execute(
     hooks: Hooks | None,
     takeover: bool,
     stop: StopRequest,
+    admission: Admission | None = None,
 ) -> Outcome:
     run_id = run.run_id
     plan = MigrationPlan.from_params(run.params)
@@ -316,8 +324,11 @@ def _execute(
         platform, run_id, plan, lease.fence, actor, shard_runner or thread_shard_runner, hooks, fenced, stop
     )
     executed: list[str] = []
+    admitted = contextlib.ExitStack()
     try:
         _audit_start_if_missing(platform, run, actor)
+        if admission is not None:
+            admitted.enter_context(admission())
         for step in STEPS:
             record = get_run(platform, run_id).step(step)
             if record.state in (StepState.COMPLETED, StepState.SKIPPED):
@@ -379,6 +390,7 @@ def _execute(
             error=_describe(exc),
         )
     finally:
+        admitted.close()
         beat.stop()
         _release(platform, beat.lease)  # a stopped run is resumed at once, without --takeover
 
@@ -780,6 +792,7 @@ def _audit_run(platform: HasRunStore, run: MigrationRun, actor: str, action: str
 __all__ = [
     "REFUSED",
     "SUPERSEDED",
+    "Admission",
     "Hooks",
     "Outcome",
     "RunContext",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from archive_kms.errors import StateError, ValidationError
@@ -62,6 +63,9 @@ class LaunchState:
     state: str  # scheduled | pending | running | paused | completed | failed | crashed | cancelled | cancelling
     terminal: bool
     message: str | None = None
+    created: datetime | None = None  # when it was submitted
+    state_since: datetime | None = None  # when it entered ``state``
+    parameters: Mapping[str, Any] = field(default_factory=dict)  # what it was submitted with
 
 
 class RunLauncher(Protocol):
@@ -74,6 +78,12 @@ class RunLauncher(Protocol):
 
     def launches(self, run_id: str) -> list[LaunchState]:
         """The flow runs submitted for ``run_id`` (tag ``run:<id>``), newest first."""
+        ...
+
+    def mark_crashed(self, flow_run_id: str, message: str) -> None:
+        """Record that the flow run's executor is gone (its state becomes ``crashed``,
+        terminal), so that nothing waits for it; a flow run already terminal is left as
+        it is."""
         ...
 
 

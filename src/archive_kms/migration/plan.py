@@ -166,9 +166,10 @@ def _sse_key_arn(resolve_provider: Callable[[str], KeyProvider], key_ref: str) -
     if ref.is_key_arn:
         return ref.api_key_id
     provider = resolve_provider(key_ref)  # an alias: the key it names now
-    if not isinstance(provider, AwsKmsKeyProvider):
+    inner = getattr(provider, "inner", provider)  # keys.limits.LimitedKeyProvider wraps the adapter
+    if not isinstance(inner, AwsKmsKeyProvider):
         raise ConfigurationError(f"{key_ref} resolves to {provider!r}, not an AWS KMS key", resource=key_ref)
-    return provider.describe().arn
+    return provider.describe().arn  # type: ignore[attr-defined, no-any-return]
 
 
 def _dedicated_azure(platform: Platform, tenant_id: str, ref: Any) -> Location:

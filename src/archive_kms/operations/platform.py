@@ -39,6 +39,7 @@ from archive_kms.storage import Location, ObjectStore
 if TYPE_CHECKING:
     from archive_kms.crypto.signing import Signer, Verifier
     from archive_kms.keys.keychain import Keychain
+    from archive_kms.keys.limits import RequestLimiter
     from archive_kms.keys.port import KeyProvider
     from archive_kms.state.anchors import AnchorStore
     from archive_kms.storage.provisioning import LocationProvisioner, TenantAccountProvisioner
@@ -175,16 +176,20 @@ class Platform:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> Platform:
+    def from_settings(
+        cls, settings: Settings | None = None, *, request_limiter: RequestLimiter | None = None
+    ) -> Platform:
         """Every port on its real backend, from settings: SQL state store (SQLite or
         PostgreSQL), the keychain stored beside it, Elasticsearch, S3/Azure stores, and the
-        key-provider registry."""
+        key-provider registry. ``request_limiter``: every call to a key service passes it
+        first, per quota domain (``keys.limits``; the flows pass Prefect's rate limits)."""
         from archive_kms.keys.keychain import Keychain
         from archive_kms.keys.registry import KeyProviderRegistry
         from archive_kms.search.elasticsearch import ElasticsearchSearchIndex
         from archive_kms.state.anchors import LatestAnchorCheck
         from archive_kms.state.audit import SignerHeadSealer
         from archive_kms.state.sql import open_state
+        from archive_kms.state.sql.database import PoolLimits
         from archive_kms.state.sql.keychain import SqlKeychainStore
         from archive_kms.storage import open_store
         from archive_kms.storage.provisioning import CloudProvisioner
@@ -194,9 +199,13 @@ class Platform:
         # The audit chain's head is sealed with the platform key: a re-hashed, edited chain
         # does not verify without it.
         state = open_state(
-            s.state_url, sealer=SignerHeadSealer(signer), job_stale_after=timedelta(seconds=s.job_lease_ttl_seconds)
+            s.state_url,
+            sealer=SignerHeadSealer(signer),
+            job_stale_after=timedelta(seconds=s.job_lease_ttl_seconds),
+            pool=PoolLimits(s.state_pool_size, s.state_pool_max_overflow, s.state_pool_timeout_seconds),
         )
-        registry = KeyProviderRegistry(s)  # one provider (and its clients) per key reference
+        # one provider (and its clients) per key reference
+        registry = KeyProviderRegistry(s, limiter=request_limiter)
         # The keychain audits its commits in the same database and refuses a head older than
         # the audit log recorded (a restored old keychain: docs/adr/0007-keychain-rollback.md).
         s3 = _s3_client(s)
@@ -233,13 +242,23 @@ class Platform:
         return platform
 
     @classmethod
-    def in_memory(cls, settings: Settings | None = None, *, clock: Callable[[], float] | None = None) -> Platform:
-        """Every port on its in-memory implementation (unit tests, dry runs)."""
+    def in_memory(
+        cls,
+        settings: Settings | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        request_limiter: RequestLimiter | None = None,
+    ) -> Platform:
+        """Every port on its in-memory implementation (unit tests, dry runs).
+        ``request_limiter``: as for ``from_settings``, per the quota domain each key
+        reference would have (references without one, ``memory://``, pass freely)."""
         from archive_kms.crypto.signing import Signer
         from archive_kms.keys.cache import KeyCache
         from archive_kms.keys.keychain import Keychain
         from archive_kms.keys.keychain_store import InMemoryKeychainStore
+        from archive_kms.keys.limits import limit_provider, quota_domain
         from archive_kms.keys.memory import MemoryKeyProvider, MemoryKms
+        from archive_kms.keys.refs import parse_key_ref
         from archive_kms.search.memory import MemorySearchIndex
         from archive_kms.state.anchors import LatestAnchorCheck, MemoryAnchorStore
         from archive_kms.state.memory import InMemoryStateStore
@@ -256,7 +275,10 @@ class Platform:
             # every reference resolves to a key of the in-memory KMS, created on first use
             if ref not in providers:
                 name = "k" + hashlib.sha256(ref.encode()).hexdigest()[:16]
-                provider = MemoryKeyProvider(kms, kms.create_key(name))
+                provider: KeyProvider = MemoryKeyProvider(kms, kms.create_key(name))
+                domain = quota_domain(parse_key_ref(ref), settings) if request_limiter is not None else None
+                if domain is not None and request_limiter is not None:
+                    provider = limit_provider(provider, request_limiter, domain)
                 providers[ref] = providers[provider.key_ref] = provider  # the keychain resolves by key_ref
                 if ref.startswith("managed://"):
                     managed.add(provider.key_ref)

@@ -31,6 +31,7 @@ from sqlalchemy import insert, select, update
 from archive_kms.errors import StateError, ValidationError
 from archive_kms.state.schema import console_approval_requests, console_approval_votes, console_auth_failures
 from archive_kms.state.sql import SqlStateStore
+from archive_kms.state.sql.database import retry_aborted_transactions
 
 __all__ = ["ApprovalRequest", "ApprovalState", "ApprovalVote", "ConsoleStore"]
 
@@ -80,9 +81,10 @@ votes_table = console_approval_votes
 auth_failures_table = console_auth_failures
 
 
+@retry_aborted_transactions
 class ConsoleStore:
     """The console's tables on a ``SqlStateStore``'s database (its engine, transactions and
-    error translation)."""
+    error translation; a transaction the database aborted is run again)."""
 
     def __init__(self, state: SqlStateStore) -> None:
         self._state = state

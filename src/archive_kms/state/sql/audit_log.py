@@ -3,6 +3,7 @@ sealed), verification in one snapshot, exports. The chain itself is ``state.audi
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import replace
@@ -57,7 +58,11 @@ class SqlAuditLog(SqlRepository):
             check_id("run id", event.run_id, RUN_ID)
         details_text = chain.canonical_json(dict(event.details))
         details = json.loads(details_text)  # what a reader will get back, so the hash covers exactly that
-        with self._tx("append audit record") as conn:
+        # The global head is the one row every writer of the fleet updates. Its lock orders
+        # the appends, so the append runs at READ COMMITTED whatever the server's default: a
+        # REPEATABLE READ / SERIALIZABLE snapshot taken before waiting for that lock would
+        # fail every waiter as soon as the holder commits (a retry storm on a hot row).
+        with self._db.tx("append audit record", isolation="READ COMMITTED") as conn:
             head = self._head(conn, chain.GLOBAL_CHAIN, lock=True)  # serialises appends: one chain
             if head is None:
                 raise StateError(
@@ -104,8 +109,8 @@ class SqlAuditLog(SqlRepository):
             q = select(audit_log).where(a.seq > last)
             if tenant_id is not None:
                 q = q.where(a.tenant_id == tenant_id)
-            with self._tx("read audit log", write=False) as conn:
-                rows = conn.execute(q.order_by(a.seq).limit(page_size)).all()
+            page = q.order_by(a.seq).limit(page_size)
+            rows = self._read("read audit log", functools.partial(_all_rows, page))
             for r in rows:
                 yield _audit(r)
             if len(rows) < page_size:
@@ -175,8 +180,7 @@ class SqlAuditLog(SqlRepository):
         return replace(outcome, sealed=True)
 
     def export_audit(self, tenant_id: str | None = None) -> Iterator[dict[str, Any]]:
-        with self._tx("read audit heads", write=False) as conn:
-            heads = self._heads(conn, tenant_id)
+        heads = self._read("read audit heads", lambda conn: self._heads(conn, tenant_id))
         name = chain.GLOBAL_CHAIN if tenant_id is None else chain.tenant_chain(tenant_id)
         limit = heads[name].count if name in heads else 0
         # Records are immutable, so paging up to the heads read above is consistent.
@@ -205,3 +209,8 @@ def _audit(r: Row[Any]) -> AuditRecord:
         tenant_prev_hash=r.tenant_prev_hash,
         hash=r.hash,
     )
+
+
+def _all_rows(query: Any, conn: Connection) -> list[Row[Any]]:
+    """Every row of ``query`` (one page of a paged read)."""
+    return list(conn.execute(query).all())

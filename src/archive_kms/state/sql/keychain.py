@@ -23,7 +23,7 @@ from sqlalchemy import insert, select, update
 from archive_kms.domain.keychain import KeyLevel, KeyRecord, TenantHead
 from archive_kms.errors import StateError, VersionConflictError
 from archive_kms.state.schema import keychain_heads, keychain_records
-from archive_kms.state.sql.database import Conflict, SqlDatabase
+from archive_kms.state.sql.database import Conflict, SqlDatabase, retry_aborted_transactions
 
 __all__ = ["SqlKeychainStore"]
 
@@ -36,9 +36,11 @@ class _OnDatabase(Protocol):
     def database(self) -> SqlDatabase: ...
 
 
+@retry_aborted_transactions
 class SqlKeychainStore:
     """``KeychainStore`` sharing a ``SqlStateStore``'s engine, transactions and error
-    translation (``ServiceUnavailableError`` / ``TransientError`` for the database)."""
+    translation (``ServiceUnavailableError`` / ``TransientError`` for the database); a
+    transaction the database aborted is run again, like the repositories'."""
 
     def __init__(self, state: _OnDatabase) -> None:
         self._state = state

@@ -3,10 +3,11 @@ ordered bytewise; long reads page by name, one short transaction per page."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Row, and_, func, insert, or_, select
+from sqlalchemy import Connection, Row, and_, func, insert, or_, select
 
 from archive_kms.errors import StateError, TransientError
 from archive_kms.state._common import check_entry, json_object, member
@@ -114,8 +115,8 @@ class SqlLedgerRepo(SqlRepository):
         """Keyset pagination on object name: no transaction is held between pages."""
         last: bytes | None = None
         while True:
-            with self._tx(op, write=False) as conn:
-                rows = conn.execute(make_query(last).limit(page_size)).all()
+            query = make_query(last).limit(page_size)
+            rows = self._read(op, functools.partial(_all_rows, query))
             for r in rows:
                 yield convert(r)
             if len(rows) < page_size:
@@ -246,3 +247,8 @@ def _copy(r: Row[Any]) -> CopyRecord:
         error=r.error,
         updated_at=r.updated_at,
     )
+
+
+def _all_rows(query: Any, conn: Connection) -> list[Row[Any]]:
+    """Every row of ``query`` (one page of a paged read)."""
+    return list(conn.execute(query).all())

@@ -18,7 +18,9 @@ from archive_kms.state.sql.audit_log import SqlAuditLog
 from archive_kms.state.sql.database import (
     DEFAULT_BUSY_TIMEOUT_S,
     DEFAULT_JOB_STALE_AFTER,
+    DEFAULT_POOL,
     Clock,
+    PoolLimits,
     SqlDatabase,
     SqlRepository,
     make_engine,
@@ -45,6 +47,7 @@ def open_state(
     busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     job_stale_after: timedelta = DEFAULT_JOB_STALE_AFTER,
     upgrade: bool = False,
+    pool: PoolLimits = DEFAULT_POOL,
     echo: bool = False,
 ) -> SqlStateStore:
     """Open the state store at ``url``. An empty database gets the schema (safe to race
@@ -52,8 +55,9 @@ def open_state(
     whose schema is behind this code is refused (``ConfigurationError``: run
     ``archive-kms db upgrade``) unless ``upgrade``; one from a newer release is refused
     (``state.sql.migrate``). ``sealer`` seals audit chain heads (and is then required by
-    ``verify_audit``)."""
-    engine = make_engine(url, busy_timeout_s=busy_timeout_s, echo=echo)
+    ``verify_audit``). ``pool`` bounds a PostgreSQL connection pool
+    (``Settings.state_pool_*`` through ``Platform.from_settings``)."""
+    engine = make_engine(url, busy_timeout_s=busy_timeout_s, pool=pool, echo=echo)
     store = SqlStateStore(engine, clock=clock, sealer=sealer, job_stale_after=job_stale_after)
     try:
         store.prepare_schema(upgrade=upgrade)
