@@ -55,7 +55,6 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from archive_kms.config import Settings
 from archive_kms.errors import ArchiveKmsError, ConfigurationError, StateError, ValidationError
 from archive_kms.migration import (
-    STEPS,
     EnableMode,
     Hooks,
     MigrationPlan,
@@ -71,6 +70,7 @@ from archive_kms.migration import (
     trigger,
 )
 from archive_kms.migration.engine import REFUSED, get_run, shard_function
+from archive_kms.migration.flowdef import ALL_STEPS, definition
 from archive_kms.migration.launch import run_tags
 from archive_kms.operations.platform import Platform
 from archive_kms.state.port import Fence, Flow, RunState
@@ -92,8 +92,8 @@ class SupportAction(str, enum.Enum):
     CANCEL = "cancel"
 
 
-#: The steps a rerun may start from, as an enum so the Prefect UI offers them.
-StepName = enum.Enum("StepName", {s.upper(): s for s in STEPS}, type=str)  # type: ignore[misc]
+#: The steps a rerun may start from (of every flow), as an enum so the Prefect UI offers them.
+StepName = enum.Enum("StepName", {s.upper(): s for s in ALL_STEPS}, type=str)  # type: ignore[misc]
 
 TASK_RUNNERS = tuple(k.value for k in TaskRunnerKind)
 SUPPORT_ACTIONS = tuple(a.value for a in SupportAction)
@@ -258,6 +258,7 @@ class ArtifactReporter:
         self.tenant_id, self.run_id = run.tenant_id, run_id
         self.logger = get_run_logger()
         self._steps_done = progress(platform, run)["steps_done"]
+        self._steps_total = len(definition(run.flow).steps)
         self._lock = threading.Lock()
         self._last: tuple[float, str] | None = None
         # hooks run on the engine's progress thread too: give it this flow's Prefect context
@@ -265,14 +266,14 @@ class ArtifactReporter:
         self._artifact_id = create_progress_artifact(
             progress=self._percent(),
             key=artifact_key(self.tenant_id, "progress"),
-            description=self._describe(f"{self._steps_done}/{len(STEPS)} steps done"),
+            description=self._describe(f"{self._steps_done}/{self._steps_total} steps done"),
         )
 
     def hooks(self) -> Hooks:
         return Hooks(on_step=self.on_step, on_progress=self.on_progress)
 
     def _percent(self, fraction_of_step: float = 0.0) -> float:
-        return round(min(100.0, 100.0 * (self._steps_done + fraction_of_step) / len(STEPS)), 1)
+        return round(min(100.0, 100.0 * (self._steps_done + fraction_of_step) / self._steps_total), 1)
 
     def _describe(self, what: str) -> str:
         return f"run {self.run_id} of tenant {self.tenant_id}: {what}"
@@ -547,7 +548,7 @@ def _support(
     if action not in SUPPORT_ACTIONS:
         raise ValidationError(f"unknown support action {action!r}: use one of {', '.join(SUPPORT_ACTIONS)}")
     if action == "rerun" and not from_step:
-        raise ValidationError(f"rerun needs the step to start from: one of {', '.join(STEPS)}")
+        raise ValidationError(f"rerun needs the step to start from: one of {', '.join(ALL_STEPS)}")
     platform = process_platform()
     if action == "cancel":
         outcome = cancel(platform, run_id, actor=actor, takeover=takeover)

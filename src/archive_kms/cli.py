@@ -933,12 +933,14 @@ def runs_rerun(
 ) -> None:
     """Run a run again from a named step; on a completed run this changes nothing and says so
     (submitted to the support deployment; --wait runs it here)."""
-    from archive_kms.migration import STEPS
+    from archive_kms.migration.flowdef import ALL_STEPS, definition
 
-    if from_step not in STEPS:
-        raise ValidationError(f"--from {from_step!r}: use one of {', '.join(STEPS)}")
+    if from_step not in ALL_STEPS:
+        raise ValidationError(f"--from {from_step!r}: use one of {', '.join(ALL_STEPS)}")
     _check_task_runner(task_runner)
-    _require_run(_state_only().state, run_id)
+    steps = definition(_require_run(_state_only().state, run_id).flow).steps
+    if from_step not in steps:
+        raise ValidationError(f"--from {from_step!r}: a run of this flow has the steps {', '.join(steps)}")
     if not wait:
         _submit_support(
             run_id, "rerun", takeover=takeover, task_runner=task_runner, as_json=as_json, from_step=from_step

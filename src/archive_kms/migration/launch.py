@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from archive_kms.errors import StateError, ValidationError
-from archive_kms.migration.engine import cancel, trigger
-from archive_kms.migration.plan import POINT_OF_NO_RETURN, STEPS, plan_enable, plan_remove
+from archive_kms.migration.engine import cancel, trigger, waiting_on
+from archive_kms.migration.flowdef import definition
+from archive_kms.migration.plan import plan_enable, plan_remove
 from archive_kms.migration.report import progress
 from archive_kms.operations.platform import Platform
 from archive_kms.state.port import AuditEvent, RunState, StepState
@@ -193,25 +194,21 @@ def check_support(platform: Platform, run_id: str, action: str, from_step: str |
     run = platform.state.get_run(run_id)
     if run is None:
         raise StateError(f"unknown run {run_id!r}", resource=f"run:{run_id}")
+    flowdef = definition(run.flow)
     if action == "rerun":
-        if from_step not in STEPS:
-            raise ValidationError(f"from_step {from_step!r}: use one of {', '.join(STEPS)}")
-        barrier = run.step(POINT_OF_NO_RETURN).state
-        idx, cut = STEPS.index(from_step), STEPS.index(POINT_OF_NO_RETURN)
-        if run.state is not RunState.COMPLETED and (
-            (barrier is StepState.COMPLETED and idx <= cut) or (barrier is not StepState.PENDING and idx < cut)
-        ):
-            raise ValidationError(
-                f"from_step {from_step!r}: run {run_id} is past {POINT_OF_NO_RETURN}; rerun from a later step"
-            )
+        if from_step not in flowdef.steps:
+            raise ValidationError(f"from_step {from_step!r}: use one of {', '.join(flowdef.steps)}")
+        refusal = None if run.state is RunState.COMPLETED else flowdef.rerun_refusal(run, from_step)
+        if refusal is not None:
+            raise ValidationError(f"from_step {from_step!r}: {refusal}")
     if action in ("resume", "rerun") and run.state is RunState.CANCELLED:
         raise ValidationError(f"run {run_id} was cancelled; start a new run")
-    if (
-        action == "cancel"
-        and run.state is not RunState.CANCELLED
-        and (run.state is RunState.COMPLETED or run.step(POINT_OF_NO_RETURN).state is not StepState.PENDING)
-    ):
-        raise ValidationError(f"run {run_id} has reached {POINT_OF_NO_RETURN}; it cannot be cancelled")
+    if action == "cancel" and run.state is not RunState.CANCELLED:
+        refusal = flowdef.cancel_refusal(run)
+        if refusal is None and run.state is RunState.COMPLETED:
+            refusal = f"run {run_id} has completed"
+        if refusal is not None:
+            raise ValidationError(f"{refusal}; it cannot be cancelled")
     return run
 
 
@@ -270,7 +267,7 @@ class Snapshot:
     current_step: str | None
     launch: LaunchState | None
     done: bool
-    outcome: str | None = None  # once done: completed | failed | cancelled | crashed
+    outcome: str | None = None  # once done: completed | failed | cancelled | crashed | waiting
     message: str = ""
     steps: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
 
@@ -296,6 +293,10 @@ def snapshot(platform: Platform, run_id: str, launcher: RunLauncher | None = Non
         launch=launch,
         steps=steps,
     )
+    wait = waiting_on(platform, run)
+    if wait is not None and (launch is None or launch.terminal or launch.state == "paused"):
+        # the run waits for something outside it (a rotation's confirmation): settled until then
+        return Snapshot(**base, done=True, outcome="waiting", message=str(wait.get("waiting", "")))
     if launch is not None and not launch.terminal:
         waiting = launch.state in ("scheduled", "pending")
         return Snapshot(**base, done=False, message="waiting for a worker" if waiting else f"flow run {launch.state}")
