@@ -7,6 +7,7 @@ from archive_kms.state.memory.audit_log import MemoryAuditLog
 from archive_kms.state.memory.job_leases import MemoryJobLeaseRepo
 from archive_kms.state.memory.leases import MemoryLeaseRepo
 from archive_kms.state.memory.ledger import MemoryLedgerRepo
+from archive_kms.state.memory.lifecycle import MemoryLifecycleRepo
 from archive_kms.state.memory.runs import MemoryRunRepo
 from archive_kms.state.memory.tenants import MemoryTenantRepo
 
@@ -14,7 +15,13 @@ __all__ = ["InMemoryStateStore"]
 
 
 class InMemoryStateStore(
-    MemoryTenantRepo, MemoryJobLeaseRepo, MemoryRunRepo, MemoryLedgerRepo, MemoryLeaseRepo, MemoryAuditLog
+    MemoryTenantRepo,
+    MemoryJobLeaseRepo,
+    MemoryRunRepo,
+    MemoryLedgerRepo,
+    MemoryLeaseRepo,
+    MemoryAuditLog,
+    MemoryLifecycleRepo,
 ):
     """``StateStore`` in memory (thread-safe). ``clock``, ``sealer`` and ``job_stale_after``
     as for ``SqlStateStore``."""
