@@ -49,7 +49,9 @@ def _migration(flow: Flow, summary: str) -> FlowDefinition:
 
 
 def _lifecycle() -> dict[str, FlowDefinition]:
-    return {}
+    from archive_kms.migration.erase import ERASE_FLOW
+
+    return {ERASE_FLOW.flow: ERASE_FLOW}
 
 
 FLOW_DEFINITIONS: dict[str, FlowDefinition] = {

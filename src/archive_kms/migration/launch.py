@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from archive_kms.errors import StateError, ValidationError
@@ -37,6 +38,8 @@ DEPLOYMENTS: dict[str, str] = {
     "enable": "migration-enable/enable",
     "remove": "migration-remove/remove",
     "support": "migration-support/support",
+    "erase": "key-erase/erase",
+    "erase-retention": "key-erase-retention/retention",
 }
 SUPPORT_ACTIONS = ("resume", "rerun", "cancel")
 TASK_RUNNERS = ("threads", "dask")
@@ -83,7 +86,7 @@ class Started:
     run_id: str
     tenant_id: str
     flow: str
-    action: str  # enable | remove | resume | rerun | cancel
+    action: str  # enable | remove | erase | rotate | resume | rerun | cancel
     created: bool  # False: nothing was submitted (a run already going, or nothing to do)
     message: str
     flow_run_id: str | None = None
@@ -183,6 +186,31 @@ def start_remove(
     _check_task_runner(task_runner)
     plan = plan_remove(platform, tenant_id, shards=shards)
     parameters = {"tenant": plan.tenant_id, "shards": shards, "task_runner": task_runner, "actor": actor}
+    return _submit_new_run(platform, launcher, plan, parameters, actor=actor)
+
+
+def start_erase(
+    platform: Platform,
+    launcher: RunLauncher,
+    tenant_id: str,
+    *,
+    actor: str,
+    before: datetime | None = None,
+    workspace: str | None = None,
+    reason: str | None = None,
+) -> Started:
+    """Trigger a crypto-erasure of ``tenant_id``'s buckets before ``before`` or its
+    ``workspace`` and submit it to the erase deployment (every refusal comes first)."""
+    from archive_kms.migration.erase import plan_erase
+
+    plan = plan_erase(platform, tenant_id, before=before, workspace=workspace, reason=reason)
+    parameters = {
+        "tenant": plan.tenant_id,
+        "before": before.isoformat() if before is not None else None,
+        "workspace": workspace,
+        "reason": plan.reason,
+        "actor": actor,
+    }
     return _submit_new_run(platform, launcher, plan, parameters, actor=actor)
 
 
@@ -349,6 +377,7 @@ __all__ = [
     "run_tags",
     "snapshot",
     "start_enable",
+    "start_erase",
     "start_remove",
     "start_support",
 ]

@@ -55,6 +55,7 @@ class Platform:
     open_store: Callable[[Location], ObjectStore]  # use ``store_for``: it keeps one store per location
     provisioner: LocationProvisioner  # the buckets/containers themselves
     anchors: AnchorStore | None = None  # where the audit head is published; None = not configured
+    signer: Signer | None = None  # the platform signing key (erasure records, rotation confirmations)
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -64,6 +65,14 @@ class Platform:
             if store is None:
                 store = self._stores[location.uri] = self.open_store(location)
             return store
+
+    def require_signer(self) -> Signer:
+        """The platform signing key; ``ConfigurationError`` if this platform was built without it."""
+        if self.signer is None:
+            from archive_kms.errors import ConfigurationError
+
+            raise ConfigurationError("this platform has no signing key (build it with Platform.from_settings)")
+        return self.signer
 
     def keychain_exists(self, tenant_id: str) -> bool:
         try:
@@ -156,6 +165,7 @@ class Platform:
             open_location,
             CloudProvisioner(s, s3_client=s3, blob_service=blob),
             anchors=_anchor_store(s, s3),
+            signer=signer,
         )
 
     @classmethod
@@ -190,11 +200,10 @@ class Platform:
             return stores.setdefault(location.uri, MemoryObjectStore())
 
         state = InMemoryStateStore()
+        signer = Signer.generate()
         # The keychain records its commits in the state store's audit log and checks its
         # head against it (rollback detection), as ``from_settings`` does.
-        keychain = Keychain(
-            InMemoryKeychainStore(), resolve, Signer.generate(), clock or time.time, KeyCache(), audit=state
-        )
+        keychain = Keychain(InMemoryKeychainStore(), resolve, signer, clock or time.time, KeyCache(), audit=state)
         return cls(
             settings,
             state,
@@ -204,6 +213,7 @@ class Platform:
             open_store,
             MemoryProvisioner(open_store),
             anchors=MemoryAnchorStore(),
+            signer=signer,
         )
 
 
