@@ -325,8 +325,17 @@ class ArtifactReporter:
         )
 
 
+_GENERIC_SKIP = ("steps", "progress", "run_id", "tenant", "flow")
+
+
 def report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The report as (item, value) rows: totals, then the time of every step."""
+    if report.get("flow") not in ("enable", "remove"):  # rotate, erase: their own fields, in their order
+        rows = [{"item": "run_id", "value": str(report["run_id"])}]
+        rows += [{"item": k, "value": "" if v is None else str(v)} for k, v in report.items() if k not in _GENERIC_SKIP]
+        for s in report["steps"]:
+            rows.append({"item": f"step {s['step']}", "value": s["state"] + (f": {s['error']}" if s["error"] else "")})
+        return rows
     items = (
         "run_id",
         "tenant",
@@ -365,6 +374,12 @@ def report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def report_markdown(outcome: Outcome, report: dict[str, Any]) -> str:
+    if report.get("flow") not in ("enable", "remove"):
+        head = f"# {report['flow']} {report['tenant']}: {outcome.state}\n\nRun `{report['run_id']}` ({outcome.message}).\n\n"
+        head += "".join(f"- {k}: {v}\n" for k, v in report.items() if k not in _GENERIC_SKIP and v is not None)
+        if outcome.error:
+            head += f"\n**Failed**: {outcome.error}\n"
+        return head + _steps_markdown(report)
     kept = report.get("quarantine_kept_at")
     kept = f"; their source objects are kept at {kept}" if kept else ""
     head = (
@@ -381,11 +396,15 @@ def report_markdown(outcome: Outcome, report: dict[str, Any]) -> str:
     )
     if outcome.error:
         head += f"\n**Failed**: {outcome.error}\n"
+    return head + _steps_markdown(report)
+
+
+def _steps_markdown(report: dict[str, Any]) -> str:
     lines = ["| step | state | attempts | seconds | error |", "|---|---|---|---|---|"]
     for s in report["steps"]:
         error = (s["error"] or "").replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {s['step']} | {s['state']} | {s['attempts']} | {s['seconds'] or ''} | {error} |")
-    return head + "\n" + "\n".join(lines) + "\n"
+    return "\n" + "\n".join(lines) + "\n"
 
 
 # --- the flows -----------------------------------------------------------------------------------

@@ -831,7 +831,13 @@ def prefect_endpoints(s: Service) -> dict[str, object]:
 # ---------------------------------------------------------------- Prefect worker (runs the deployments)
 
 WORK_POOL = "archive-kms"
-DEPLOYMENTS = ("migration-enable/enable", "migration-remove/remove", "migration-support/support")
+DEPLOYMENTS = (
+    "migration-enable/enable",
+    "migration-remove/remove",
+    "migration-support/support",
+    "key-erase/erase",
+    "key-erase-retention/retention",
+)
 
 
 def _prefect_service() -> Service:
