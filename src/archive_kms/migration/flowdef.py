@@ -50,8 +50,9 @@ def _migration(flow: Flow, summary: str) -> FlowDefinition:
 
 def _lifecycle() -> dict[str, FlowDefinition]:
     from archive_kms.migration.erase import ERASE_FLOW
+    from archive_kms.migration.rotate import ROTATE_FLOW
 
-    return {ERASE_FLOW.flow: ERASE_FLOW}
+    return {ERASE_FLOW.flow: ERASE_FLOW, ROTATE_FLOW.flow: ROTATE_FLOW}
 
 
 FLOW_DEFINITIONS: dict[str, FlowDefinition] = {
