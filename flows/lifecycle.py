@@ -16,6 +16,7 @@ from typing import Any
 
 from archive_kms.flows.migration import (
     FLOWS,
+    _drive,
     _execute_submitted,
     _start,
     _submitted,
@@ -24,10 +25,11 @@ from archive_kms.flows.migration import (
 from prefect import flow, get_run_logger
 
 from archive_kms.errors import ArchiveKmsError
+from archive_kms.migration import resume
 from archive_kms.migration.erase import plan_erase, plan_retention_erasures
 from archive_kms.state.port import Flow
 
-__all__ = ["erase", "erase_retention"]
+__all__ = ["erase", "erase_retention", "rotate"]
 
 
 @flow(name="key-erase", flow_run_name="erase-{tenant}", persist_result=False)
@@ -86,3 +88,29 @@ def erase_retention(actor: str = "scheduler:retention") -> dict[str, Any]:
 
 
 FLOWS.update({"erase": erase, "erase-retention": erase_retention})
+
+
+@flow(name="key-rotate", flow_run_name="rotate-{tenant}", persist_result=False)
+def rotate(tenant: str, run_id: str | None = None, actor: str = "operator") -> dict[str, Any]:
+    """Apply a customer rotation of ``tenant``'s master key: pause the tenant, wait for the
+    confirmation (the run ends ``waiting``; the state store keeps the wait), then re-wrap
+    the L2 under the new version, rebuild the index, resume jobs, retire the old version.
+    ``run_id``: the rotate run the rotation check triggered. Without it, the check runs
+    here (``migration.rotation_monitor``)."""
+    from archive_kms.migration.engine import waiting_on
+    from archive_kms.migration.rotation_monitor import check_rotation
+
+    platform = process_platform()
+    if run_id is None:
+        _, _, run = check_rotation(platform, tenant, actor=actor)
+        if run is None:
+            get_run_logger().info("tenant %s: no rotation of its key since the last check", tenant)
+            return {"outcome": None, "report": None}
+        run_id = run.run_id
+    run = _submitted(platform, run_id, tenant, Flow.ROTATE)
+    if waiting_on(platform, run) is not None:  # a wait that ended (or not): resume calls the step again
+        return _drive(platform, run_id, "threads", lambda **kw: resume(platform, run_id, actor=actor, **kw))
+    return _execute_submitted(platform, run, actor=actor, task_runner="threads")
+
+
+FLOWS.update({"rotate": rotate})

@@ -837,6 +837,7 @@ DEPLOYMENTS = (
     "migration-support/support",
     "key-erase/erase",
     "key-erase-retention/retention",
+    "key-rotate/rotate",
 )
 
 

@@ -1395,7 +1395,7 @@ def erase_cmd(
         _write_certificate(answer["outcome"]["run_id"], out, quiet=as_json)
 
 
-def _finish_lifecycle(answer: dict[str, _Any], as_json: bool) -> None:
+def _finish_lifecycle(answer: dict[str, _Any], as_json: bool, *, waiting_ok: bool = False) -> None:
     """Print a rotate/erase flow's answer (its report as lines); exit 1 if it failed."""
     outcome, report = answer["outcome"], answer["report"]
     if as_json:
@@ -1416,8 +1416,8 @@ def _finish_lifecycle(answer: dict[str, _Any], as_json: bool) -> None:
             err=True,
         )
         raise typer.Exit(1)
-    if outcome["state"] == "waiting":
-        raise typer.Exit(3)
+    if outcome["state"] == "waiting" and not waiting_ok:
+        raise typer.Exit(4)  # waits for something outside the run (a confirmation)
 
 
 @erasure_app.command("verify")
@@ -1605,3 +1605,160 @@ def retention_run(
     from archive_kms.flows.migration import run_flow
 
     typer.echo(_json.dumps(run_flow("erase-retention", actor=_operator()), indent=2, default=str))
+
+
+# --- key lifecycle: customer key rotation with confirmation (issue #14) ----------------------
+
+rotation_app = typer.Typer(
+    no_args_is_help=True, help="Customer key rotations: check for one, show them, issue a confirmation."
+)
+app.add_typer(rotation_app, name="rotation")
+
+
+def _rotation_rows(platform: _Any, tenant: str) -> list[dict[str, _Any]]:
+    from archive_kms.migration.rotate import canary
+
+    rows = []
+    for r in platform.state.list_rotations(tenant, limit=20):
+        row = {
+            "rotation_id": r.rotation_id,
+            "state": r.state.value,
+            "kind": r.kind,
+            "key_ref": r.key_ref,
+            "previous_version": r.previous_version,
+            "observed_version": r.observed_version,
+            "run_id": r.run_id,
+            "awaiting_since": r.awaiting_since.isoformat(timespec="seconds") if r.awaiting_since else None,
+            "confirmed_by": r.confirmed_by,
+            "reminder": bool(r.details.get("reminded_at")),
+        }
+        if r.state.value == "completed":
+            row.update(canary(platform, tenant, r))
+        rows.append(row)
+    return rows
+
+
+@rotation_app.command("check")
+@_errors_are_messages
+def rotation_check(tenant: str, wait: bool = WAIT, as_json: bool = JSON) -> None:
+    """Compare TENANT's master key version at the provider with the last known one; on a rotation, start the
+    rotate run (it pauses the tenant and waits for the customer's confirmation). The first check records the
+    version. --wait runs the flow here (it ends waiting for the confirmation)."""
+    from archive_kms.domain.tenants import TenantId
+
+    tid = TenantId(tenant).value
+    platform = _platform()
+    if not wait:
+        from archive_kms.migration.launch import start_rotation_check
+
+        _prefect_api()
+        started = start_rotation_check(platform, _launcher(), tid, actor=_operator())
+        if not started.run_id:
+            _emit(as_json, started.to_dict(), f"tenant {tid}: {started.message}")
+            return
+        _submitted(started, as_json)
+        return
+    from archive_kms.migration.rotation_monitor import check_rotation
+
+    observation, rotation, run = check_rotation(platform, tid, actor=_operator())
+    if run is None or rotation is None:
+        _emit(as_json, {"tenant": tid, "rotation": None}, f"tenant {tid}: no rotation of its key since the last check")
+        return
+    import archive_kms.flows.lifecycle  # noqa: F401 - registers the lifecycle flows with run_flow
+
+    answer = _run_flow("rotate", tenant=tid, run_id=run.run_id, actor=_operator())
+    _finish_lifecycle(answer, as_json, waiting_ok=True)
+    if not as_json and answer["outcome"]["state"] == "waiting":
+        typer.echo(
+            f"rotation {rotation.rotation_id}: {rotation.previous_version} -> {rotation.observed_version}; "
+            f"confirm it: archive-kms confirm-rotation {tid} --rotation {rotation.rotation_id}"
+        )
+
+
+@rotation_app.command("show")
+@_errors_are_messages
+def rotation_show(tenant: str, as_json: bool = JSON) -> None:
+    """TENANT's rotations (newest first), and for a completed one whether the old key version may be disabled."""
+    from archive_kms.domain.tenants import TenantId
+
+    rows = _rotation_rows(_platform(), TenantId(tenant).value)
+    _emit(
+        as_json,
+        rows,
+        "\n".join(
+            f"{r['rotation_id']}  {r['state']:<9} {r['previous_version']} -> {r['observed_version']}  run {r['run_id']}"
+            + (f"  safe to disable the old version: {r['safe_to_disable_old_version']}" if "checks" in r else "")
+            + ("  (reminder raised)" if r["reminder"] else "")
+            for r in rows
+        )
+        or "no rotation",
+    )
+
+
+@rotation_app.command("confirmation")
+@_errors_are_messages
+def rotation_confirmation(
+    tenant: str,
+    rotation: str = typer.Option(..., "--rotation", help="The rotation id (archive-kms rotation show TENANT)"),
+    by: str | None = typer.Option(None, "--by", help="Who confirms (default: this operator)"),
+    ttl: int = typer.Option(900, "--ttl", help="Seconds the confirmation stays valid (1..86400)"),
+    out: str | None = typer.Option(None, "--out", help="Write it to this file"),
+) -> None:
+    """Issue a signed confirmation of a rotation awaiting one (to submit later with confirm-rotation
+    --confirmation FILE). Confirms nothing by itself."""
+    from datetime import timedelta
+
+    from archive_kms.operations.rotation import issue_confirmation
+
+    conf = issue_confirmation(
+        _platform(), tenant, rotation, confirmed_by=by or _operator(), ttl=timedelta(seconds=ttl)
+    )
+    data = conf.to_json()
+    if out:
+        Path(out).write_bytes(data + b"\n")
+        typer.echo(f"confirmation written to {out} (valid until {conf.expires_at.isoformat(timespec='seconds')})")
+    else:
+        typer.echo(data.decode("ascii"))
+
+
+@app.command("confirm-rotation")
+@_errors_are_messages
+def confirm_rotation_cmd(
+    tenant: str,
+    rotation: str | None = typer.Option(None, "--rotation", help="The rotation id to confirm (issues a confirmation)"),
+    confirmation: str | None = typer.Option(
+        None, "--confirmation", help="A confirmation issued earlier (archive-kms rotation confirmation --out FILE)"
+    ),
+    wait: bool = WAIT,
+    as_json: bool = JSON,
+) -> None:
+    """Confirm TENANT's pending key rotation: the confirmation (signed, single use, bound to the tenant, the
+    rotation and its key version, expiring) is checked, the provider is read to verify the new version, and the
+    waiting rotate run resumes (re-wrap under the new version, new index generation, jobs resumed). A refused
+    confirmation changes nothing and is audited."""
+    from archive_kms.domain.tenants import TenantId
+    from archive_kms.operations.rotation import confirm_rotation, issue_confirmation
+
+    tid = TenantId(tenant).value
+    if (rotation is None) == (confirmation is None):
+        raise ValidationError("give --rotation ID (confirm now) or --confirmation FILE (one issued earlier)")
+    platform = _platform()
+    if confirmation is not None:
+        path = Path(confirmation)
+        if not path.is_file():
+            raise ValidationError(f"--confirmation {confirmation}: no such file")
+        data = path.read_bytes().strip()
+    else:
+        assert rotation is not None
+        data = issue_confirmation(platform, tid, rotation, confirmed_by=_operator()).to_json()
+    if not wait:
+        from archive_kms.migration.launch import confirm_and_resume
+
+        _prefect_api()
+        _submitted(confirm_and_resume(platform, _launcher(), tid, data, actor=_operator()), as_json)
+        return
+    done = confirm_rotation(platform, data, tenant_id=tid, actor=_operator())
+    import archive_kms.flows.lifecycle  # noqa: F401 - registers the lifecycle flows with run_flow
+
+    answer = _run_flow("rotate", tenant=tid, run_id=done.run_id, actor=_operator())
+    _finish_lifecycle(answer, as_json)

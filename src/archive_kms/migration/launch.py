@@ -40,6 +40,7 @@ DEPLOYMENTS: dict[str, str] = {
     "support": "migration-support/support",
     "erase": "key-erase/erase",
     "erase-retention": "key-erase-retention/retention",
+    "rotate": "key-rotate/rotate",
 }
 SUPPORT_ACTIONS = ("resume", "rerun", "cancel")
 TASK_RUNNERS = ("threads", "dask")
@@ -214,6 +215,53 @@ def start_erase(
     return _submit_new_run(platform, launcher, plan, parameters, actor=actor)
 
 
+def start_rotation_check(platform: Platform, launcher: RunLauncher, tenant_id: str, *, actor: str) -> Started:
+    """Look for a rotation of ``tenant_id``'s key (``migration.rotation_monitor``); on one,
+    make sure its rotate run exists and submit it to the rotate deployment (it pauses the
+    tenant and waits for the confirmation). ``created`` False: no rotation, or its run
+    was submitted already."""
+    from archive_kms.migration.rotation_monitor import check_rotation
+
+    observation, rotation, run = check_rotation(platform, tenant_id, actor=actor)
+    if run is None or rotation is None:
+        return Started("", tenant_id, "rotate", "rotate", False, "no rotation of the key since the last check")
+    submitted = any(
+        r.action == "run.submit" and r.run_id == run.run_id for r in platform.state.iter_audit(tenant_id=tenant_id)
+    )
+    if submitted:
+        return Started(run.run_id, tenant_id, "rotate", "rotate", False, f"rotation {rotation.rotation_id} is in hand")
+    return _submit_run(platform, launcher, run, {"tenant": tenant_id, "actor": actor}, actor=actor)
+
+
+def confirm_and_resume(
+    platform: Platform, launcher: RunLauncher, tenant_id: str, confirmation: bytes | str, *, actor: str
+) -> Started:
+    """Accept a rotation confirmation (``operations.rotation.confirm_rotation``: every
+    refusal raises and changes nothing) and submit the resume of the waiting rotate run."""
+    from archive_kms.operations.rotation import confirm_rotation
+
+    rotation = confirm_rotation(platform, confirmation, tenant_id=tenant_id, actor=actor)
+    if rotation.run_id is None:
+        raise StateError(f"rotation {rotation.rotation_id} has no run", resource=f"rotation:{rotation.rotation_id}")
+    return start_support(platform, launcher, rotation.run_id, "resume", actor=actor)
+
+
+def _submit_run(platform: Platform, launcher: RunLauncher, run: Any, parameters: dict[str, Any], *, actor: str) -> Started:
+    deployment = DEPLOYMENTS[run.flow.value]
+    launch = launcher.submit(deployment, {**parameters, "run_id": run.run_id}, tags=run_tags(run.tenant_id, run.run_id))
+    _audit(
+        platform,
+        actor,
+        "run.submit",
+        run.tenant_id,
+        run.run_id,
+        {"deployment": deployment, "flow_run": launch.flow_run_id},
+    )
+    return Started(
+        run.run_id, run.tenant_id, run.flow.value, run.flow.value, True, "submitted", launch.flow_run_id, launch.deployment
+    )
+
+
 def check_support(platform: Platform, run_id: str, action: str, from_step: str | None = None) -> Any:
     """The run, if ``action`` may be submitted for it; ``StateError`` for an unknown run,
     ``ValidationError`` naming what to fix for a request the flow would refuse."""
@@ -377,7 +425,9 @@ __all__ = [
     "run_tags",
     "snapshot",
     "start_enable",
+    "confirm_and_resume",
     "start_erase",
+    "start_rotation_check",
     "start_remove",
     "start_support",
 ]
