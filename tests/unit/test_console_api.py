@@ -129,7 +129,7 @@ def test_tenants_lists_only_the_callers_tenant_with_key_mode_and_state(h):
     (acme,) = rows
     assert acme["key_mode"] == "byokms" and acme["key_state"]["state"] == "active"
     assert acme["location"].startswith("s3://") and acme["gate"] == {"state": "open", "pending": 0}
-    assert set(acme["actions"]) == {"enable", "remove"}
+    assert set(acme["actions"]) == {"enable", "remove", "confirm_rotation"}  # erase, check_rotation: key_lifecycle
     everyone = h.call("GET", "/api/tenants", SUPPORT, tenant=None).json()
     assert {r["tenant"] for r in everyone} == {ACME, GLOBEX}
     assert all(r["actions"] == [] for r in everyone)  # support: no key actions
