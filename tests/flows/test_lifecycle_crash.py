@@ -33,13 +33,20 @@ from archive_kms.config import Settings  # noqa: E402
 from archive_kms.crypto.signing import Verifier  # noqa: E402
 from archive_kms.migration import trigger  # noqa: E402
 from archive_kms.migration.erase import ERASE_STEPS, certificate_json, plan_erase  # noqa: E402
+from archive_kms.migration.rotate import ROTATE_STEPS  # noqa: E402
+from archive_kms.migration.rotation_monitor import check_rotation, observe  # noqa: E402
+from archive_kms.operations.archive import JobSpec, submit_job  # noqa: E402
 from archive_kms.operations.erasure_record import verify_certificate  # noqa: E402
+from archive_kms.operations.rotation import confirm_rotation, issue_confirmation  # noqa: E402
+from archive_kms.operations.tenants import create_tenant  # noqa: E402
+from archive_kms.search import Query  # noqa: E402
+from archive_kms.state.port import RotationState  # noqa: E402
 from archive_kms.state.port import RunState  # noqa: E402
 
 WORKER = Path(__file__).with_name("worker.py")
 KILLED = -signal.SIGKILL
 
-ERASE_CI_POINTS = ["after:unindex", "erase:between-workspaces", "after:destroy_keys", "after:delete_objects", "after:record"]
+ERASE_CI_POINTS = ["after:unindex", "erase:between-workspaces", "after:delete_objects"]
 ERASE_ALL_POINTS = [f"{when}:{step}" for step in ERASE_STEPS for when in ("before", "after")] + [
     "erase:between-workspaces"
 ]
@@ -129,3 +136,77 @@ def test_kill_9_during_erase_then_resume_converges(flow_settings, flow_platform,
 @pytest.mark.parametrize("point", [p for p in ERASE_ALL_POINTS if p not in ERASE_CI_POINTS])
 def test_kill_9_at_every_erase_point_then_resume_converges(flow_settings, flow_platform, new_tenant_id, point):
     erase_case(flow_settings, flow_platform, new_tenant_id(), point)
+
+
+# --- rotate -------------------------------------------------------------------------------------
+
+ROTATE_CI_POINTS = ["after:pause", "rotate:after-rewrap-commit", "after:cutover"]
+ROTATE_ALL_POINTS = [f"{when}:{step}" for step in ROTATE_STEPS for when in ("before", "after")] + [
+    "rotate:after-rewrap-commit"
+]
+#: Points the first execution reaches before it waits for the confirmation.
+BEFORE_THE_WAIT = {"before:preflight", "after:preflight", "before:pause", "after:pause", "before:confirm"}
+
+
+def _confirm(p: Any, tid: str) -> None:
+    rotation = p.state.find_open_rotation(tid)
+    assert rotation.state is RotationState.AWAITING
+    conf = issue_confirmation(p, tid, rotation.rotation_id, confirmed_by="alice")
+    confirm_rotation(p, conf.to_json(), tenant_id=tid, actor="test")
+
+
+def rotate_case(flow_settings: Settings, flow_platform: Any, tid: str, key_ref: str, point: str) -> None:
+    from archive_kms import clients
+    from archive_kms.migration import engine
+
+    p = flow_platform
+    create_tenant(p, tid, cloud="s3", key_ref=key_ref, actor="test")
+    spec = JobSpec(f"{tid}-a", tid, "synthetic", synthetic={"count": 8, "seed": 3, "offset": 0})
+    assert submit_job(p.state, spec, p.open_archive).decision == "run"
+    old_index = p.index.current_index(tid)
+    assert observe(p, tid) is None
+    clients.kms_client(flow_settings).rotate_key_on_demand(KeyId=key_ref.removeprefix("aws-kms://"))
+    _, rotation, run = check_rotation(p, tid, actor="test")
+
+    if point in BEFORE_THE_WAIT:
+        killed = worker(flow_settings, "execute", run.run_id, crash_at=point)
+    else:
+        assert engine.execute(p, run.run_id, actor="test", handle_signals=False).state == engine.WAITING
+        _confirm(p, tid)
+        killed = worker(flow_settings, "resume", run.run_id, crash_at=point)
+    assert killed.returncode == KILLED, f"expected SIGKILL at {point}, got {killed.returncode}: {killed.stderr[-3000:]}"
+    done = worker(flow_settings, "resume", run.run_id, "--takeover")
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.outcome.get("state") == engine.WAITING:
+        _confirm(p, tid)
+        done = worker(flow_settings, "resume", run.run_id)
+    assert done.outcome.get("state") == RunState.COMPLETED.value, done.outcome
+
+    assert p.keychain.status(tid).l1_generation == 2  # re-wrapped exactly once
+    finished = p.state.get_run(run.run_id)
+    assert (finished.step("rewrap").result["provider_wraps"], finished.step("rewrap").result["provider_unwraps"]) in (
+        (1, 1),
+        (0, 0),  # the kill came after the keychain's commit: the rerun found it done
+    )
+    assert p.state.get_rotation(rotation.rotation_id).state is RotationState.COMPLETED
+    assert p.index.current_index(tid) != old_index
+    assert [g.index for g in p.index.list_generations(tid)] == [p.index.current_index(tid)]
+    p.keychain.cache.purge(tid)
+    result = p.open_archive(tid).search(Query(limit=100))
+    assert not result.failures and len(result.hits) == 8  # 0 lost
+    assert p.state.gate(tid).state.value == "open"
+    assert p.state.get_lease(tid) is None
+    assert p.state.verify_audit(tenant_id=tid).ok
+
+
+@pytest.mark.parametrize("point", ROTATE_CI_POINTS)
+def test_kill_9_during_rotation_then_resume_converges(flow_settings, flow_platform, new_tenant_id, customer_key, point):
+    rotate_case(flow_settings, flow_platform, new_tenant_id(), customer_key("byokms", "s3"), point)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("point", [p for p in ROTATE_ALL_POINTS if p not in ROTATE_CI_POINTS])
+def test_kill_9_at_every_rotate_point_then_resume_converges(
+    flow_settings, flow_platform, new_tenant_id, customer_key, point
+):
+    rotate_case(flow_settings, flow_platform, new_tenant_id(), customer_key("byokms", "s3"), point)
