@@ -160,3 +160,24 @@ def test_cancel_while_waiting_reopens_the_gate_and_closes_the_rotation():
     assert p.state.gate(TENANT).state.value == "open" and searchable(p) == 8
     assert p.state.get_rotation(rotation.rotation_id).state is RotationState.CANCELLED
     assert p.keychain.status(TENANT).l1_generation == 1
+
+
+def test_the_warning_offers_confirm_and_turns_into_a_reminder():
+    from archive_kms.api.key_lifecycle import RotationWarnings
+
+    p = rotated_tenant()
+    rotation, run = waiting_run(p)
+    (w,) = RotationWarnings().warnings(p, [p.state.get_tenant(TENANT)])
+    assert (w.kind, w.severity, w.actions, w.details["reminder"]) == (
+        "rotation_detected",
+        "warning",
+        ("confirm_rotation",),
+        False,
+    )
+    p.settings = p.settings.model_copy(update={"rotation_reminder_seconds": 0.001})
+    (w,) = RotationWarnings().warnings(p, [p.state.get_tenant(TENANT)])
+    assert w.severity == "critical" and w.details["reminder"] and "reminder" in w.message
+    assert engine.resume(p, run.run_id, actor="w").state == WAITING
+    assert [r.action for r in p.state.iter_audit(tenant_id=TENANT)].count("rotation.reminder") == 1
+    assert engine.resume(p, run.run_id, actor="w").state == WAITING
+    assert [r.action for r in p.state.iter_audit(tenant_id=TENANT)].count("rotation.reminder") == 1

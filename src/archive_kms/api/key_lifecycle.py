@@ -19,7 +19,7 @@ when ``api.app`` is imported:
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -157,7 +157,11 @@ class RotationWarnings:
             if rotation is None:
                 continue
             awaiting = rotation.state is RotationState.AWAITING
-            reminder = bool(rotation.details.get("reminded_at"))
+            since = rotation.awaiting_since
+            overdue = since is not None and (
+                (datetime.now(UTC) - since).total_seconds() >= platform.settings.rotation_reminder_seconds
+            )
+            reminder = awaiting and (overdue or bool(rotation.details.get("reminded_at")))
             yield ConsoleWarning(
                 id=f"rotation_detected:{t.tenant_id}:{rotation.rotation_id}",
                 kind="rotation_detected",
