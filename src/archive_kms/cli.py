@@ -1660,7 +1660,7 @@ def rotation_check(tenant: str, wait: bool = WAIT, as_json: bool = JSON) -> None
         return
     from archive_kms.migration.rotation_monitor import check_rotation
 
-    observation, rotation, run = check_rotation(platform, tid, actor=_operator())
+    _, rotation, run = check_rotation(platform, tid, actor=_operator())
     if run is None or rotation is None:
         _emit(as_json, {"tenant": tid, "rotation": None}, f"tenant {tid}: no rotation of its key since the last check")
         return
@@ -1710,9 +1710,7 @@ def rotation_confirmation(
 
     from archive_kms.operations.rotation import issue_confirmation
 
-    conf = issue_confirmation(
-        _platform(), tenant, rotation, confirmed_by=by or _operator(), ttl=timedelta(seconds=ttl)
-    )
+    conf = issue_confirmation(_platform(), tenant, rotation, confirmed_by=by or _operator(), ttl=timedelta(seconds=ttl))
     data = conf.to_json()
     if out:
         Path(out).write_bytes(data + b"\n")

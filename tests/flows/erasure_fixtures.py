@@ -58,7 +58,9 @@ def listing(platform: Any, tenant_id: str) -> set[bytes]:
     return {i.name for i in platform.store_for(platform.location_of(tenant_id)).list()}
 
 
-def two_buckets(platform: Any, tenant_id: str, *, cloud: str, key_ref: str | None = None, records: int = 6) -> TwoBuckets:
+def two_buckets(
+    platform: Any, tenant_id: str, *, cloud: str, key_ref: str | None = None, records: int = 6
+) -> TwoBuckets:
     assert platform.settings.dek_bucket_seconds == BUCKET_SECONDS, "use the erase tests' flow_settings"
     create_tenant(platform, tenant_id, cloud=cloud, key_ref=key_ref, actor="test")
 

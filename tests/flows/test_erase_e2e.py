@@ -21,18 +21,18 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import es_documents, run_plan  # noqa: E402
-from erasure_fixtures import BUCKET_SECONDS, doc_ids, listing, record_keys, two_buckets  # noqa: E402
+from conftest import es_documents, run_plan
+from erasure_fixtures import BUCKET_SECONDS, doc_ids, listing, record_keys, two_buckets
 
-from archive_kms import cli  # noqa: E402
-from archive_kms.config import Settings  # noqa: E402
-from archive_kms.crypto.envelope import ObjectBinding, decrypt_to_bytes  # noqa: E402
-from archive_kms.crypto.signing import Verifier  # noqa: E402
-from archive_kms.errors import KeyDestroyedError, ObjectNotFoundError  # noqa: E402
-from archive_kms.migration.erase import certificate_json, plan_erase  # noqa: E402
-from archive_kms.operations.archive import workspace_of  # noqa: E402
-from archive_kms.operations.erasure_record import verify_certificate  # noqa: E402
-from archive_kms.search import Query  # noqa: E402
+from archive_kms import cli
+from archive_kms.config import Settings
+from archive_kms.crypto.envelope import ObjectBinding, decrypt_to_bytes
+from archive_kms.crypto.signing import Verifier
+from archive_kms.errors import KeyDestroyedError, ObjectNotFoundError
+from archive_kms.migration.erase import certificate_json, plan_erase
+from archive_kms.operations.archive import workspace_of
+from archive_kms.operations.erasure_record import verify_certificate
+from archive_kms.search import Query
 
 pytestmark = pytest.mark.slow
 

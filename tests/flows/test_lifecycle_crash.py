@@ -26,22 +26,24 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import es_documents  # noqa: E402
-from erasure_fixtures import BUCKET_SECONDS, doc_ids, listing, two_buckets  # noqa: E402
+from conftest import es_documents
+from erasure_fixtures import BUCKET_SECONDS, doc_ids, listing, two_buckets
 
-from archive_kms.config import Settings  # noqa: E402
-from archive_kms.crypto.signing import Verifier  # noqa: E402
-from archive_kms.migration import trigger  # noqa: E402
-from archive_kms.migration.erase import ERASE_STEPS, certificate_json, plan_erase  # noqa: E402
-from archive_kms.migration.rotate import ROTATE_STEPS  # noqa: E402
-from archive_kms.migration.rotation_monitor import check_rotation, observe  # noqa: E402
-from archive_kms.operations.archive import JobSpec, submit_job  # noqa: E402
-from archive_kms.operations.erasure_record import verify_certificate  # noqa: E402
-from archive_kms.operations.rotation import confirm_rotation, issue_confirmation  # noqa: E402
-from archive_kms.operations.tenants import create_tenant  # noqa: E402
-from archive_kms.search import Query  # noqa: E402
-from archive_kms.state.port import RotationState  # noqa: E402
-from archive_kms.state.port import RunState  # noqa: E402
+from archive_kms.config import Settings
+from archive_kms.crypto.signing import Verifier
+from archive_kms.migration import trigger
+from archive_kms.migration.erase import ERASE_STEPS, certificate_json, plan_erase
+from archive_kms.migration.rotate import ROTATE_STEPS
+from archive_kms.migration.rotation_monitor import check_rotation, observe
+from archive_kms.operations.archive import JobSpec, submit_job
+from archive_kms.operations.erasure_record import verify_certificate
+from archive_kms.operations.rotation import confirm_rotation, issue_confirmation
+from archive_kms.operations.tenants import create_tenant
+from archive_kms.search import Query
+from archive_kms.state.port import (
+    RotationState,
+    RunState,
+)
 
 WORKER = Path(__file__).with_name("worker.py")
 KILLED = -signal.SIGKILL
@@ -117,7 +119,9 @@ def erase_case(flow_settings: Settings, flow_platform: Any, tid: str, point: str
     for name in data.new:
         b"".join(archive.read_object(name))
     completed = p.state.get_run(run.run_id)
-    check = verify_certificate(certificate_json(completed), Verifier.from_public_pem(p.require_signer().public_key_pem()))
+    check = verify_certificate(
+        certificate_json(completed), Verifier.from_public_pem(p.require_signer().public_key_pem())
+    )
     assert check.ok, check.reason
     # the keychain's signed records of the first attempt are in it, whichever attempt destroyed the keys
     assert check.certificate.dek_ids_destroyed >= 2 and check.certificate.storage["objects_deleted"] == len(data.old)

@@ -23,16 +23,16 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tenant_indices  # noqa: E402
+from conftest import tenant_indices
 
-from archive_kms import cli  # noqa: E402
-from archive_kms.api.key_lifecycle import RotationWarnings  # noqa: E402
-from archive_kms.config import Settings  # noqa: E402
-from archive_kms.migration.rotate import rotate_report  # noqa: E402
-from archive_kms.operations.archive import RECORD_PREFIX, JobSpec, submit_job  # noqa: E402
-from archive_kms.operations.tenants import create_tenant  # noqa: E402
-from archive_kms.search import Query  # noqa: E402
-from archive_kms.state.port import RotationState  # noqa: E402
+from archive_kms import cli
+from archive_kms.api.key_lifecycle import RotationWarnings
+from archive_kms.config import Settings
+from archive_kms.migration.rotate import rotate_report
+from archive_kms.operations.archive import RECORD_PREFIX, JobSpec, submit_job
+from archive_kms.operations.tenants import create_tenant
+from archive_kms.search import Query
+from archive_kms.state.port import RotationState
 
 pytestmark = pytest.mark.slow
 
@@ -99,8 +99,12 @@ def test_customer_rotation_is_confirmed_then_applied(
     assert warning.details["observed_version"] == rotation.observed_version
 
     good = tmp_path / "confirmation.json"
-    assert invoke("rotation", "confirmation", tid, "--rotation", rotation.rotation_id, "--by", "alice",
-                  "--out", str(good)).exit_code == 0
+    assert (
+        invoke(
+            "rotation", "confirmation", tid, "--rotation", rotation.rotation_id, "--by", "alice", "--out", str(good)
+        ).exit_code
+        == 0
+    )
     forged = tmp_path / "forged.json"
     obj = json.loads(good.read_text())
     obj["confirmed_by"] = "mallory"

@@ -29,9 +29,7 @@ KEY = "memory://customer-1"
 
 
 def job(job_id: str, count: int, offset: int) -> JobSpec:
-    return JobSpec(
-        job_id, TENANT, "synthetic", synthetic={"count": count, "seed": 5, "offset": offset, "mix": "small"}
-    )
+    return JobSpec(job_id, TENANT, "synthetic", synthetic={"count": count, "seed": 5, "offset": offset, "mix": "small"})
 
 
 def rotated_tenant(records: int = 6) -> Platform:
@@ -92,8 +90,9 @@ def test_rotation_waits_for_confirmation_then_rewraps_rebuilds_and_resumes():
 def test_rewrap_costs_the_same_provider_calls_at_any_data_size(records):
     p = rotated_tenant(records)
     rotation, run = waiting_run(p)
-    confirm_rotation(p, issue_confirmation(p, TENANT, rotation.rotation_id, confirmed_by="a").to_json(),
-                     tenant_id=TENANT, actor="a")
+    confirm_rotation(
+        p, issue_confirmation(p, TENANT, rotation.rotation_id, confirmed_by="a").to_json(), tenant_id=TENANT, actor="a"
+    )
     assert engine.resume(p, run.run_id, actor="w").state == "completed"
     r = p.state.get_run(run.run_id).step("rewrap").result
     assert (r["provider_wraps"], r["provider_unwraps"]) == (1, 1)

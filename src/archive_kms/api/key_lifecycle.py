@@ -19,14 +19,13 @@ when ``api.app`` is imported:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import Field, model_validator
 
 from archive_kms.api.actions import TenantAction, register_action
-from collections.abc import Iterable, Sequence
-
 from archive_kms.api.auth import Permission, Principal
 from archive_kms.api.models import Reason, Strict
 from archive_kms.api.warnings import ConsoleWarning, register_warning_source
@@ -174,8 +173,7 @@ class RotationWarnings:
                     f"{rotation.observed_version}); archive jobs are deferred until the rotation is confirmed"
                     + (" (reminder: still not confirmed)" if reminder else "")
                     if awaiting
-                    else f"the master key of {t.tenant_id} was rotated; the rotation run is "
-                    f"{rotation.state.value}"
+                    else f"the master key of {t.tenant_id} was rotated; the rotation run is {rotation.state.value}"
                 ),
                 actions=("confirm_rotation",) if awaiting else (),
                 details={

@@ -222,7 +222,7 @@ def start_rotation_check(platform: Platform, launcher: RunLauncher, tenant_id: s
     was submitted already."""
     from archive_kms.migration.rotation_monitor import check_rotation
 
-    observation, rotation, run = check_rotation(platform, tenant_id, actor=actor)
+    _, rotation, run = check_rotation(platform, tenant_id, actor=actor)
     if run is None or rotation is None:
         return Started("", tenant_id, "rotate", "rotate", False, "no rotation of the key since the last check")
     submitted = any(
@@ -246,7 +246,9 @@ def confirm_and_resume(
     return start_support(platform, launcher, rotation.run_id, "resume", actor=actor)
 
 
-def _submit_run(platform: Platform, launcher: RunLauncher, run: Any, parameters: dict[str, Any], *, actor: str) -> Started:
+def _submit_run(
+    platform: Platform, launcher: RunLauncher, run: Any, parameters: dict[str, Any], *, actor: str
+) -> Started:
     deployment = DEPLOYMENTS[run.flow.value]
     launch = launcher.submit(deployment, {**parameters, "run_id": run.run_id}, tags=run_tags(run.tenant_id, run.run_id))
     _audit(
@@ -258,7 +260,14 @@ def _submit_run(platform: Platform, launcher: RunLauncher, run: Any, parameters:
         {"deployment": deployment, "flow_run": launch.flow_run_id},
     )
     return Started(
-        run.run_id, run.tenant_id, run.flow.value, run.flow.value, True, "submitted", launch.flow_run_id, launch.deployment
+        run.run_id,
+        run.tenant_id,
+        run.flow.value,
+        run.flow.value,
+        True,
+        "submitted",
+        launch.flow_run_id,
+        launch.deployment,
     )
 
 
@@ -421,13 +430,13 @@ __all__ = [
     "Snapshot",
     "Started",
     "check_support",
+    "confirm_and_resume",
     "follow",
     "run_tags",
     "snapshot",
     "start_enable",
-    "confirm_and_resume",
     "start_erase",
-    "start_rotation_check",
     "start_remove",
+    "start_rotation_check",
     "start_support",
 ]
