@@ -1760,3 +1760,76 @@ def confirm_rotation_cmd(
 
     answer = _run_flow("rotate", tenant=tid, run_id=done.run_id, actor=_operator())
     _finish_lifecycle(answer, as_json)
+
+
+# --- key lifecycle: BYOK re-upload (issue #14) -------------------------------------------------
+
+byok_app = typer.Typer(no_args_is_help=True, help="BYOK re-upload: new key material from the customer.")
+app.add_typer(byok_app, name="byok")
+
+
+@byok_app.command("import-params")
+@_errors_are_messages
+def byok_import_params(
+    tenant: str,
+    spec: str = typer.Option("RSA_4096", "--wrapping-key-spec", help="RSA_2048 | RSA_3072 | RSA_4096"),
+    out_dir: str | None = typer.Option(
+        None, "--out-dir", help="Write wrapping-key.pem and import-token.bin here (to send to the customer)"
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Publish a wrapping public key and import token for a re-upload of TENANT's key material (BYOK tenants on
+    AWS KMS). The customer wraps 32 random bytes with it (RSA-OAEP-SHA-256) and sends the result and its SHA-256."""
+    import base64
+
+    from archive_kms.domain.tenants import TenantId
+    from archive_kms.migration.byok_upload import import_parameters
+
+    view = import_parameters(_platform(), TenantId(tenant).value, actor=_operator(), wrapping_key_spec=spec)
+    if out_dir:
+        folder = Path(out_dir)
+        if not folder.is_dir():
+            raise ValidationError(f"--out-dir {out_dir}: no such folder")
+        (folder / "wrapping-key.pem").write_text(view["public_key_pem"])
+        (folder / "import-token.bin").write_bytes(base64.b64decode(view["import_token"]))
+    _emit(
+        as_json,
+        view,
+        f"tenant {view['tenant']}: new key {view['key_ref']} awaits material (rotation {view['rotation_id']}); "
+        f"wrap with {view['wrapping_algorithm']} under the public key"
+        + (f" in {out_dir}/wrapping-key.pem" if out_dir else "")
+        + f", before {view['expires_at']}; then: archive-kms byok upload {view['tenant']} --file WRAPPED --sha256 HEX",
+    )
+
+
+@byok_app.command("upload")
+@_errors_are_messages
+def byok_upload_cmd(
+    tenant: str,
+    file: str = typer.Option(..., "--file", help="The wrapped key material (binary)"),
+    sha256: str = typer.Option(..., "--sha256", help="The SHA-256 (hex) of that file, as the customer computed it"),
+    wait: bool = WAIT,
+    as_json: bool = JSON,
+) -> None:
+    """Import the customer's new wrapped key material (its SHA-256 checked first: a mismatch changes nothing) and
+    move TENANT onto it: L2 re-wrapped, new index generation, old key's material deleted after the canary."""
+    from archive_kms.domain.tenants import TenantId
+    from archive_kms.migration.byok_upload import upload
+
+    tid = TenantId(tenant).value
+    path = Path(file)
+    if not path.is_file():
+        raise ValidationError(f"--file {file}: no such file")
+    platform = _platform()
+    rotation, run = upload(platform, tid, path.read_bytes(), sha256, actor=_operator())
+    if not wait:
+        from archive_kms.migration.launch import submit_run
+
+        _prefect_api()
+        _submitted(
+            submit_run(platform, _launcher(), run, {"tenant": tid, "actor": _operator()}, actor=_operator()), as_json
+        )
+        return
+    import archive_kms.flows.lifecycle  # noqa: F401 - registers the lifecycle flows with run_flow
+
+    _finish_lifecycle(_run_flow("rotate", tenant=tid, run_id=run.run_id, actor=_operator()), as_json)

@@ -135,3 +135,51 @@ def test_customer_rotation_is_confirmed_then_applied(
     assert replay.exit_code == 2 and "not awaiting" in replay.output
     shown = json.loads(invoke("rotation", "show", tid, "--json").output)
     assert shown[0]["state"] == "completed" and shown[0]["safe_to_disable_old_version"] is True
+
+
+def test_byok_reupload_on_s3_moves_the_tenant_onto_the_new_material(
+    cli_env, flow_platform, new_tenant_id, customer_key, tmp_path
+):
+    """BYOK re-upload on S3 (LocalStack KMS import): a digest mismatch changes nothing; the
+    right upload re-wraps the L2 under the new imported key, rebuilds the index, and only
+    then deletes the old key's material."""
+    from dataclasses import replace
+
+    from archive_kms import clients
+    from archive_kms.crypto.secrets import SecretBytes
+    from archive_kms.keys.byok import customer_wrap, sha256_hex
+    from archive_kms.state.port import KeyMode
+
+    p = flow_platform
+    tid = new_tenant_id()
+    old_ref = customer_key("byok", "s3")
+    create_tenant(p, tid, cloud="s3", key_ref=old_ref, actor="test")
+    p.state.update_tenant(replace(p.state.get_tenant(tid), key_mode=KeyMode.BYOK))  # as `enable --mode byok` leaves it
+    assert submit_job(p.state, job(tid, "a", 10, 0), p.open_archive).decision == "run"
+    old_index = p.index.current_index(tid)
+
+    out = invoke("byok", "import-params", tid, "--wrapping-key-spec", "RSA_2048", "--out-dir", str(tmp_path), "--json")
+    assert out.exit_code == 0, out.output
+    params = json.loads(out.output)
+    wrapped = customer_wrap((tmp_path / "wrapping-key.pem").read_text(), SecretBytes.random(32))  # the customer
+    upload_file = tmp_path / "wrapped.bin"
+    upload_file.write_bytes(wrapped)
+
+    bad = invoke("byok", "upload", tid, "--file", str(upload_file), "--sha256", "0" * 64, "--wait")
+    assert bad.exit_code == 2 and "SHA-256" in bad.output
+    assert p.state.find_open_rotation(tid).state is RotationState.DETECTED
+    assert p.keychain.status(tid).l1_ref == old_ref
+    assert any(r.action == "byok.upload_refused" for r in p.state.iter_audit(tenant_id=tid))
+
+    good = invoke("byok", "upload", tid, "--file", str(upload_file), "--sha256", sha256_hex(wrapped), "--wait")
+    assert good.exit_code == 0, good.output
+    rotation = p.state.get_rotation(params["rotation_id"])
+    assert rotation.state is RotationState.COMPLETED
+    report = rotate_report(p, p.state.get_run(rotation.run_id))
+    assert (report["provider_wraps"], report["provider_unwraps"]) == (1, 1)
+    assert p.keychain.status(tid).l1_ref == params["key_ref"] == p.state.get_tenant(tid).key_ref
+    assert p.index.current_index(tid) != old_index and tenant_indices(p, tid) == [p.index.current_index(tid)]
+    kms = clients.kms_client(cli_env)
+    assert kms.describe_key(KeyId=old_ref.removeprefix("aws-kms://"))["KeyMetadata"]["KeyState"] == "PendingImport"
+    p.keychain.cache.purge(tid)
+    assert searchable(p, tid) == 10

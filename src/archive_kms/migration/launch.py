@@ -230,7 +230,7 @@ def start_rotation_check(platform: Platform, launcher: RunLauncher, tenant_id: s
     )
     if submitted:
         return Started(run.run_id, tenant_id, "rotate", "rotate", False, f"rotation {rotation.rotation_id} is in hand")
-    return _submit_run(platform, launcher, run, {"tenant": tenant_id, "actor": actor}, actor=actor)
+    return submit_run(platform, launcher, run, {"tenant": tenant_id, "actor": actor}, actor=actor)
 
 
 def confirm_and_resume(
@@ -246,7 +246,7 @@ def confirm_and_resume(
     return start_support(platform, launcher, rotation.run_id, "resume", actor=actor)
 
 
-def _submit_run(
+def submit_run(
     platform: Platform, launcher: RunLauncher, run: Any, parameters: dict[str, Any], *, actor: str
 ) -> Started:
     deployment = DEPLOYMENTS[run.flow.value]
@@ -438,5 +438,6 @@ __all__ = [
     "start_erase",
     "start_remove",
     "start_rotation_check",
+    "submit_run",
     "start_support",
 ]

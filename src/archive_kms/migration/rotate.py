@@ -87,6 +87,8 @@ class RotationPlan:
     old_index: str | None
     new_generation: int
     l1_generation_before: int
+    kind: str = "customer"  # customer | byok (a new imported key: key_ref is the new key)
+    previous_key_ref: str = ""
     parallel_shards: int = 1
     threads_per_shard: int = 8
     flow: str = Flow.ROTATE.value
@@ -114,7 +116,7 @@ def plan_rotation(platform: Platform, rotation: KeyRotation) -> RotationPlan:
     status = platform.keychain.status(t.tenant_id)
     if status.revoked or t.revoked:
         raise ValidationError(f"tenant {t.tenant_id} is revoked: restore it before its key rotation is applied")
-    if status.l1_ref != rotation.key_ref:
+    if status.l1_ref not in (rotation.key_ref, rotation.previous_key_ref):
         raise ValidationError(f"the rotation is of {rotation.key_ref}, the tenant's L2 is wrapped by {status.l1_ref}")
     return RotationPlan(
         tenant_id=t.tenant_id,
@@ -126,6 +128,8 @@ def plan_rotation(platform: Platform, rotation: KeyRotation) -> RotationPlan:
         old_index=platform.index.current_index(t.tenant_id),
         new_generation=t.index_generation + 1,
         l1_generation_before=status.l1_generation,
+        kind=rotation.kind,
+        previous_key_ref=rotation.previous_key_ref,
     )
 
 
@@ -272,8 +276,9 @@ def build_index(ctx: RunContext) -> dict[str, Any]:
 def cutover(ctx: RunContext) -> dict[str, Any]:
     plan, p = _plan(ctx), ctx.platform
     t = ctx.tenant()
-    if t.index_generation != plan.new_generation:
-        p.state.update_tenant(replace(t, index_generation=plan.new_generation), fence=ctx.fence)
+    if t.index_generation != plan.new_generation or (plan.kind == "byok" and t.key_ref != plan.key_ref):
+        key_ref = plan.key_ref if plan.kind == "byok" else t.key_ref
+        p.state.update_tenant(replace(t, index_generation=plan.new_generation, key_ref=key_ref), fence=ctx.fence)
     current = p.index.current_index(plan.tenant_id)
     if current != plan.new_index:
         p.index.swap_alias(plan.tenant_id, plan.new_index, expected_current=plan.old_index)
@@ -313,6 +318,7 @@ def canary(platform: Platform, tenant_id: str, rotation: KeyRotation) -> dict[st
     current = platform.index.current_index(tenant_id)
     built = (run.step("build_index").result or {}).get("index") if run is not None else None
     checks = {
+        "l2_under_the_key": status.l1_ref == platform.resolve_provider(rotation.key_ref).key_ref,
         "l2_rewrapped": bool(rewrapped) and status.l1_generation == rewrapped.get("l1_generation"),
         "l2_under_new_version": rewrapped.get("wrapped_under_version") == rotation.observed_version,
         "provider_current_version": current_key_version(platform, rotation.key_ref) == rotation.observed_version,
@@ -329,6 +335,9 @@ def retire(ctx: RunContext) -> dict[str, Any]:
         failed = [k for k, v in result["checks"].items() if not v]
         raise IntegrityError(f"the old key version is still needed ({', '.join(failed)}); rerun from rewrap")
     p.state.record_key_version(plan.tenant_id, plan.key_ref, plan.observed_version)
+    retired = None
+    if plan.kind == "byok" and plan.previous_key_ref and plan.previous_key_ref != plan.key_ref:
+        retired = _retire_old_byok_key(ctx, plan.previous_key_ref)
     if rotation.state is not RotationState.COMPLETED:
         p.state.update_rotation(
             plan.rotation_id,
@@ -341,7 +350,25 @@ def retire(ctx: RunContext) -> dict[str, Any]:
         "rotation.completed",
         {"rotation_id": plan.rotation_id, "version": plan.observed_version, "previous": plan.previous_version},
     )
-    return {**result, "previous_version": plan.previous_version, "version": plan.observed_version}
+    return {
+        **result,
+        "previous_version": plan.previous_version,
+        "version": plan.observed_version,
+        "old_key_retired": retired,
+    }
+
+
+def _retire_old_byok_key(ctx: RunContext, old_ref: str) -> str:
+    """Delete the old imported key's material (BYOK): after the canary nothing is wrapped
+    under it. Once per run (a checkpoint), so a rerun does not ask KMS again."""
+    from archive_kms.keys.byok import ByokImporter
+
+    done = ctx.platform.state.load_checkpoints(ctx.run_id, "retire").get(0)
+    if done is None:
+        ByokImporter.from_settings(ctx.platform.settings).delete_material(old_ref)
+        ctx.platform.state.save_checkpoint(ctx.run_id, "retire", 0, {"old_key_retired": old_ref}, fence=ctx.fence)
+        ctx.audit("byok.old_key_retired", {"key_ref": old_ref})
+    return old_ref
 
 
 def report(ctx: RunContext) -> dict[str, Any]:

@@ -181,7 +181,17 @@ def step_transition(
 
 #: Fields ``update_rotation`` may change (``details`` is merged, the others replaced).
 ROTATION_CHANGES = frozenset(
-    {"state", "run_id", "nonce", "awaiting_since", "confirmed_by", "confirmed_at", "completed_at", "details"}
+    {
+        "state",
+        "run_id",
+        "nonce",
+        "observed_version",
+        "awaiting_since",
+        "confirmed_by",
+        "confirmed_at",
+        "completed_at",
+        "details",
+    }
 )
 
 
