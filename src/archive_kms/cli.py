@@ -1821,7 +1821,7 @@ def byok_upload_cmd(
     if not path.is_file():
         raise ValidationError(f"--file {file}: no such file")
     platform = _platform()
-    rotation, run = upload(platform, tid, path.read_bytes(), sha256, actor=_operator())
+    _, run = upload(platform, tid, path.read_bytes(), sha256, actor=_operator())
     if not wait:
         from archive_kms.migration.launch import submit_run
 

@@ -438,6 +438,6 @@ __all__ = [
     "start_erase",
     "start_remove",
     "start_rotation_check",
-    "submit_run",
     "start_support",
+    "submit_run",
 ]
