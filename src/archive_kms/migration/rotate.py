@@ -420,6 +420,8 @@ ROTATE_FLOW = FlowDefinition(
 
 
 def rotate_report(platform: HasRunLedger, run: MigrationRun, final: bool = False) -> dict[str, Any]:
+    from archive_kms.migration.report import progress
+
     plan = RotationPlan.from_params(run.params)
     rewrapped = run.step("rewrap").result or {}
     retired = run.step("retire").result or {}
@@ -441,6 +443,7 @@ def rotate_report(platform: HasRunLedger, run: MigrationRun, final: bool = False
         "replayed_jobs": (run.step("resume").result or {}).get("replayed"),
         "safe_to_disable_old_version": retired.get("safe_to_disable_old_version"),
         "total_seconds": total_seconds(run),
+        "progress": progress(platform, run),
         "steps": step_rows(run),
     }
 
