@@ -401,11 +401,13 @@ def _lifecycle_demo(console: Console, settings: Settings) -> int:
     observe(platform, tenant)
     clients.aws_client("kms", settings).rotate_key_on_demand(KeyId=key_ref.removeprefix("aws-kms://"))
     _, rotation, run = check_rotation(platform, tenant, actor="demo:monitor")
+    assert rotation is not None and run is not None, "the rotation was not detected"
+    previous, observed = rotation.previous_version or "-", rotation.observed_version or "-"
     waiting = run_flow("rotate", tenant=tenant, run_id=run.run_id, actor="demo")
     table.add_row(
         tenant,
         "rotation detected",
-        f"{rotation.previous_version[:8]}… → {rotation.observed_version[:8]}…; "
+        f"{previous[:8]}… → {observed[:8]}…; "
         f"run {waiting['outcome']['state']}, gate {platform.state.gate(tenant).state.value}",
     )
     conf = issue_confirmation(platform, tenant, rotation.rotation_id, confirmed_by="security-officer@customer")
@@ -438,8 +440,10 @@ def _lifecycle_demo(console: Console, settings: Settings) -> int:
     quick.state.clear_retention(tenant)
     verified = False
     if mine and mine[0]["state"] == "completed":
+        erased = quick.state.get_run(mine[0]["run_id"])
+        assert erased is not None
         check = verify_certificate(
-            certificate_json(quick.state.get_run(mine[0]["run_id"])),
+            certificate_json(erased),
             Verifier.from_public_pem(quick.require_signer().public_key_pem()),
         )
         verified = check.ok

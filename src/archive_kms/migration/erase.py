@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from archive_kms import crashpoints
 from archive_kms.errors import (
     ArchiveKmsError,
     IntegrityError,
@@ -44,7 +45,6 @@ from archive_kms.errors import (
     TransientError,
     ValidationError,
 )
-from archive_kms.migration import crashpoints
 from archive_kms.migration.context import FlowDefinition, RunContext, Step
 from archive_kms.migration.report import HasRunLedger, register_report, step_rows, total_seconds
 from archive_kms.operations.blast_radius import register_dry_run

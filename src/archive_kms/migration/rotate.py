@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from archive_kms import crashpoints
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import IntegrityError, StateError, ValidationError
-from archive_kms.migration import crashpoints
 from archive_kms.migration.context import FlowDefinition, RunContext, Step, StepWaiting
 from archive_kms.migration.report import HasRunLedger, register_report, step_rows, total_seconds
 from archive_kms.operations.archive import RECORD_PREFIX, replay_deferred
