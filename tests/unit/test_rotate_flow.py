@@ -173,7 +173,8 @@ def test_the_warning_offers_confirm_and_turns_into_a_reminder():
         ("confirm_rotation",),
         False,
     )
-    p.settings = p.settings.model_copy(update={"rotation_reminder_seconds": 0.001})
+    long_ago = datetime.now(UTC) - timedelta(seconds=p.settings.rotation_reminder_seconds + 60)
+    p.state.update_rotation(rotation.rotation_id, expect=[RotationState.AWAITING], awaiting_since=long_ago)
     (w,) = RotationWarnings().warnings(p, [p.state.get_tenant(TENANT)])
     assert w.severity == "critical" and w.details["reminder"] and "reminder" in w.message
     assert engine.resume(p, run.run_id, actor="w").state == WAITING
