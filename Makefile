@@ -36,6 +36,8 @@ SOAK_TRIALS ?= 200
 soak: venv stack
 	ARCHIVE_KMS_SOAK_TRIALS=$${ARCHIVE_KMS_SOAK_TRIALS:-$(SOAK_TRIALS)} ARCHIVE_KMS_FAULT_REPORT=$${ARCHIVE_KMS_FAULT_REPORT:-.stack/soak-report.json} \
 	$(BIN)/python -m pytest tests/faults/test_random_kills.py -s -p no:cacheprovider $(PYTEST_ARGS)
+	# and every named kill point of the erase and rotate flows (tests marked soak; `make test` runs a few)
+	$(BIN)/python -m pytest tests/flows/test_lifecycle_crash.py -m soak -p no:cacheprovider $(PYTEST_ARGS)
 
 # Many tenants at once (docs/capacity.md): bench/bench_scale.py onboards 10 tenants on 1
 # worker, 10 on 2 workers and SCALE_TENANTS (default 100) on 2 workers, each on a private

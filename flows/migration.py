@@ -56,7 +56,6 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from archive_kms.config import Settings
 from archive_kms.errors import ArchiveKmsError, ConfigurationError, StateError, ValidationError
 from archive_kms.migration import (
-    STEPS,
     EnableMode,
     Hooks,
     MigrationPlan,
@@ -72,6 +71,7 @@ from archive_kms.migration import (
     trigger,
 )
 from archive_kms.migration.engine import REFUSED, get_run, shard_function
+from archive_kms.migration.flowdef import ALL_STEPS, definition
 from archive_kms.migration.launch import run_tags
 from archive_kms.operations.platform import Platform
 from archive_kms.state.port import Fence, Flow, RunState
@@ -93,8 +93,8 @@ class SupportAction(str, enum.Enum):
     CANCEL = "cancel"
 
 
-#: The steps a rerun may start from, as an enum so the Prefect UI offers them.
-StepName = enum.Enum("StepName", {s.upper(): s for s in STEPS}, type=str)  # type: ignore[misc]
+#: The steps a rerun may start from (of every flow), as an enum so the Prefect UI offers them.
+StepName = enum.Enum("StepName", {s.upper(): s for s in ALL_STEPS}, type=str)  # type: ignore[misc]
 
 TASK_RUNNERS = tuple(k.value for k in TaskRunnerKind)
 SUPPORT_ACTIONS = tuple(a.value for a in SupportAction)
@@ -273,6 +273,7 @@ class ArtifactReporter:
         self.tenant_id, self.run_id = run.tenant_id, run_id
         self.logger = get_run_logger()
         self._steps_done = progress(platform, run)["steps_done"]
+        self._steps_total = len(definition(run.flow).steps)
         self._lock = threading.Lock()
         self._last: tuple[float, str] | None = None
         # hooks run on the engine's progress thread too: give it this flow's Prefect context
@@ -280,14 +281,14 @@ class ArtifactReporter:
         self._artifact_id = create_progress_artifact(
             progress=self._percent(),
             key=artifact_key(self.tenant_id, "progress"),
-            description=self._describe(f"{self._steps_done}/{len(STEPS)} steps done"),
+            description=self._describe(f"{self._steps_done}/{self._steps_total} steps done"),
         )
 
     def hooks(self) -> Hooks:
         return Hooks(on_step=self.on_step, on_progress=self.on_progress)
 
     def _percent(self, fraction_of_step: float = 0.0) -> float:
-        return round(min(100.0, 100.0 * (self._steps_done + fraction_of_step) / len(STEPS)), 1)
+        return round(min(100.0, 100.0 * (self._steps_done + fraction_of_step) / self._steps_total), 1)
 
     def _describe(self, what: str) -> str:
         return f"run {self.run_id} of tenant {self.tenant_id}: {what}"
@@ -339,8 +340,17 @@ class ArtifactReporter:
         )
 
 
+_GENERIC_SKIP = ("steps", "progress", "run_id", "tenant", "flow")
+
+
 def report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The report as (item, value) rows: totals, then the time of every step."""
+    if report.get("flow") not in ("enable", "remove"):  # rotate, erase: their own fields, in their order
+        rows = [{"item": "run_id", "value": str(report["run_id"])}]
+        rows += [{"item": k, "value": "" if v is None else str(v)} for k, v in report.items() if k not in _GENERIC_SKIP]
+        for s in report["steps"]:
+            rows.append({"item": f"step {s['step']}", "value": s["state"] + (f": {s['error']}" if s["error"] else "")})
+        return rows
     items = (
         "run_id",
         "tenant",
@@ -379,6 +389,12 @@ def report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def report_markdown(outcome: Outcome, report: dict[str, Any]) -> str:
+    if report.get("flow") not in ("enable", "remove"):
+        head = f"# {report['flow']} {report['tenant']}: {outcome.state}\n\nRun `{report['run_id']}` ({outcome.message}).\n\n"
+        head += "".join(f"- {k}: {v}\n" for k, v in report.items() if k not in _GENERIC_SKIP and v is not None)
+        if outcome.error:
+            head += f"\n**Failed**: {outcome.error}\n"
+        return head + _steps_markdown(report)
     kept = report.get("quarantine_kept_at")
     kept = f"; their source objects are kept at {kept}" if kept else ""
     head = (
@@ -395,11 +411,15 @@ def report_markdown(outcome: Outcome, report: dict[str, Any]) -> str:
     )
     if outcome.error:
         head += f"\n**Failed**: {outcome.error}\n"
+    return head + _steps_markdown(report)
+
+
+def _steps_markdown(report: dict[str, Any]) -> str:
     lines = ["| step | state | attempts | seconds | error |", "|---|---|---|---|---|"]
     for s in report["steps"]:
         error = (s["error"] or "").replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {s['step']} | {s['state']} | {s['attempts']} | {s['seconds'] or ''} | {error} |")
-    return head + "\n" + "\n".join(lines) + "\n"
+    return "\n" + "\n".join(lines) + "\n"
 
 
 # --- the flows -----------------------------------------------------------------------------------
@@ -563,7 +583,7 @@ def _support(
     if action not in SUPPORT_ACTIONS:
         raise ValidationError(f"unknown support action {action!r}: use one of {', '.join(SUPPORT_ACTIONS)}")
     if action == "rerun" and not from_step:
-        raise ValidationError(f"rerun needs the step to start from: one of {', '.join(STEPS)}")
+        raise ValidationError(f"rerun needs the step to start from: one of {', '.join(ALL_STEPS)}")
     platform = process_platform()
     if action == "cancel":
         outcome = cancel(platform, run_id, actor=actor, takeover=takeover)

@@ -868,6 +868,9 @@ DEPLOYMENTS = (
     "migration-remove/remove",
     "migration-support/support",
     "audit-anchor/audit-anchor",
+    "key-erase/erase",
+    "key-erase-retention/retention",
+    "key-rotate/rotate",
 )
 
 

@@ -934,12 +934,14 @@ def runs_rerun(
 ) -> None:
     """Run a run again from a named step; on a completed run this changes nothing and says so
     (submitted to the support deployment; --wait runs it here)."""
-    from archive_kms.migration import STEPS
+    from archive_kms.migration.flowdef import ALL_STEPS, definition
 
-    if from_step not in STEPS:
-        raise ValidationError(f"--from {from_step!r}: use one of {', '.join(STEPS)}")
+    if from_step not in ALL_STEPS:
+        raise ValidationError(f"--from {from_step!r}: use one of {', '.join(ALL_STEPS)}")
     _check_task_runner(task_runner)
-    _require_run(_state_only().state, run_id)
+    steps = definition(_require_run(_state_only().state, run_id).flow).steps
+    if from_step not in steps:
+        raise ValidationError(f"--from {from_step!r}: a run of this flow has the steps {', '.join(steps)}")
     if not wait:
         _submit_support(
             run_id, "rerun", takeover=takeover, task_runner=task_runner, as_json=as_json, from_step=from_step
@@ -1389,3 +1391,564 @@ def console_token(
     typer.echo(
         issue_token(token_keys(Settings()), subject=sub, role=role, tenant_id=tenant, ttl=timedelta(seconds=ttl))
     )
+
+
+# --- key lifecycle: crypto-erasure and retention (issue #14) ----------------------------------
+
+erasure_app = typer.Typer(
+    no_args_is_help=True, help="Signed erasure records: verify one offline, show a run's, print the public key."
+)
+retention_app = typer.Typer(
+    no_args_is_help=True, help="Retention policies: how long a tenant's data is kept before it is crypto-erased."
+)
+app.add_typer(erasure_app, name="erasure")
+app.add_typer(retention_app, name="retention")
+
+YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (scripts)")
+
+
+def _parse_time(value: str | None, option: str) -> _Any:
+    if value is None:
+        return None
+    from datetime import datetime
+
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValidationError(
+            f"{option} {value!r} is not a time: use ISO 8601 with a zone, e.g. 2026-01-31T00:00:00Z"
+        ) from None
+    if parsed.tzinfo is None:
+        raise ValidationError(f"{option} {value!r} has no zone: add Z (UTC) or an offset")
+    return parsed
+
+
+def _confirm(prompt: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise ValidationError("this destroys data: pass --yes to confirm (no terminal to ask on)")
+    if not typer.confirm(prompt, default=False):
+        typer.echo("nothing done", err=True)
+        raise typer.Exit(1)
+
+
+def _erasure_text(b: _Any) -> str:
+    lines = [
+        f"erase {b.tenant} (dry run: nothing changed): {b.description}",
+        f"  keys:     {b.deks} DEK(s) in workspaces {', '.join(b.workspaces) or '-'}",
+        f"  storage:  {b.objects} objects ({b.records} records, {b.attachments} attachments), {b.bytes} bytes at "
+        f"{b.location}",
+        f"  index:    {b.index_documents} documents in {b.index or '-'} (and any other generation)",
+        f"  jobs:     {b.queued_jobs} queued; runs: {', '.join(b.running_runs) or 'none running'}",
+        "  it would:",
+    ]
+    lines += [f"    {i}. {w}" for i, w in enumerate(b.would, 1)]
+    return "\n".join(lines)
+
+
+def _write_certificate(run_id: str, out: str | None, *, quiet: bool = False) -> bytes | None:
+    from archive_kms.migration.erase import certificate_of
+
+    run = _require_run(_state_only().state, run_id)
+    text = certificate_of(run)
+    if text is None:
+        return None
+    data = text.encode("ascii")
+    if out:
+        Path(out).write_bytes(data + b"\n")
+        if not quiet:
+            typer.echo(f"erasure record written to {out} (verify it: archive-kms erasure verify {out})")
+    return data
+
+
+@app.command("erase")
+@_errors_are_messages
+def erase_cmd(
+    tenant: str,
+    before: str | None = typer.Option(
+        None, "--before", help="Erase the time buckets that started before this time (ISO 8601 with a zone)"
+    ),
+    workspace: str | None = typer.Option(None, "--workspace", help="Erase this whole workspace (its key and DEKs)"),
+    reason: str | None = typer.Option(None, "--reason", help="Why (audited, and in the erasure record)"),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Only show what would be erased (keys, objects, bytes, index)"
+    ),
+    yes: bool = YES,
+    wait: bool = WAIT,
+    out: str | None = typer.Option(None, "--out", help="With --wait: write the signed erasure record to this file"),
+    as_json: bool = JSON,
+) -> None:
+    """Crypto-erase TENANT's expired time buckets (--before) or a whole workspace: the DEKs are destroyed, the
+    objects they encrypted deleted, their index documents deleted, and a signed erasure record written.
+
+    Asks for confirmation unless --yes. Submits the run to the erase deployment; --wait runs it here."""
+    from archive_kms.domain.tenants import TenantId
+    from archive_kms.migration.erase import plan_erase
+
+    TenantId(tenant)
+    cutoff = _parse_time(before, "--before")
+    if dry_run:
+        from archive_kms.operations.erasure import erasure_blast_radius
+
+        preview = erasure_blast_radius(_platform(), tenant, before=cutoff, workspace=workspace)
+        _emit(as_json, preview.to_dict(), _erasure_text(preview))
+        return
+    platform = _platform()
+    plan = plan_erase(platform, tenant, before=cutoff, workspace=workspace, reason=reason)  # refusals first
+    _confirm(f"crypto-erase {plan.erasure_scope.describe()} of tenant {tenant}? This cannot be undone", yes)
+    _prefect_api()
+    if not wait:
+        from archive_kms.migration.launch import start_erase
+
+        started = start_erase(
+            platform, _launcher(), tenant, actor=_operator(), before=cutoff, workspace=workspace, reason=reason
+        )
+        _submitted(started, as_json)
+        return
+    import archive_kms.flows.lifecycle  # noqa: F401 - registers the lifecycle flows with run_flow
+
+    answer = _run_flow("erase", tenant=tenant, before=cutoff, workspace=workspace, reason=reason, actor=_operator())
+    _finish_lifecycle(answer, as_json)
+    if answer["outcome"]["state"] == "completed":
+        _write_certificate(answer["outcome"]["run_id"], out, quiet=as_json)
+
+
+def _finish_lifecycle(answer: dict[str, _Any], as_json: bool, *, waiting_ok: bool = False) -> None:
+    """Print a rotate/erase flow's answer (its report as lines); exit 1 if it failed."""
+    outcome, report = answer["outcome"], answer["report"]
+    if as_json:
+        typer.echo(_json.dumps(answer, indent=2, default=str))
+    else:
+        skip = {"steps", "progress", "run_id", "tenant", "flow"}
+        typer.echo(f"{report['flow']} {report['tenant']}: run {report['run_id']}")
+        for key, value in report.items():
+            if key not in skip and value is not None:
+                typer.echo(f"  {key}: {value}")
+        for s in report["steps"]:
+            typer.echo(f"  step {s['step']}: {s['state']}" + (f" ({s['error']})" if s["error"] else ""))
+        typer.echo(f"run {outcome['run_id']}: {outcome['state']} ({outcome['message']})")
+    if outcome["state"] == "failed":
+        typer.echo(
+            f"error: run {outcome['run_id']} failed: {outcome['error']}; after fixing the cause: "
+            f"`archive-kms runs resume {outcome['run_id']}`",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if outcome["state"] == "waiting" and not waiting_ok:
+        raise typer.Exit(4)  # waits for something outside the run (a confirmation)
+
+
+@erasure_app.command("verify")
+@_errors_are_messages
+def erasure_verify(
+    file: str = typer.Argument(..., metavar="FILE", help="The erasure record (JSON) to check"),
+    public_key: str | None = typer.Option(
+        None,
+        "--public-key",
+        help="The platform's public key (PEM, from `archive-kms erasure public-key`); default: this platform's own",
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Verify an erasure record offline: the platform's signature over it, every keychain record it embeds, and
+    that they agree. Exit 0 if it verifies, 1 if it does not (the reason is printed)."""
+    from archive_kms.crypto.signing import Verifier
+    from archive_kms.operations.erasure_record import verify_certificate
+
+    path = Path(file)
+    if not path.is_file():
+        raise ValidationError(f"{file}: no such file (the erasure record written by `archive-kms erase --out`)")
+    if public_key is not None:
+        pem_path = Path(public_key)
+        if not pem_path.is_file():
+            raise ValidationError(f"--public-key {public_key}: no such file")
+        verifier = Verifier.from_public_pem(pem_path.read_bytes())
+    else:
+        from archive_kms.config import Settings
+        from archive_kms.operations.platform import platform_signer
+
+        verifier = platform_signer(Settings()).verifier()
+    check = verify_certificate(path.read_bytes(), verifier)
+    summary = check.summary()
+    if as_json:
+        typer.echo(_json.dumps(summary, indent=2, default=str))
+    elif check.ok:
+        typer.echo(
+            f"verified: erasure record of tenant {summary['tenant']} (run {summary['run_id']}, {summary['scope']}), "
+            f"signed by {summary['signer_key_id']}: {summary['dek_ids_destroyed']} DEK(s) destroyed "
+            f"({summary['key_records']} keychain record(s) verified), {summary['objects_deleted']} object(s) / "
+            f"{summary['bytes_deleted']} bytes deleted, {summary['documents_deleted']} index document(s) deleted, "
+            f"at {summary['erased_at']}"
+        )
+    else:
+        typer.echo(f"NOT verified: {check.reason}", err=True)
+    if not check.ok:
+        raise typer.Exit(1)
+
+
+@erasure_app.command("public-key")
+@_errors_are_messages
+def erasure_public_key() -> None:
+    """Print the platform's public verification key (PEM): what a customer verifies erasure records with."""
+    from archive_kms.config import Settings
+    from archive_kms.operations.platform import platform_signer
+
+    typer.echo(platform_signer(Settings()).public_key_pem().decode("ascii").rstrip())
+
+
+@erasure_app.command("show")
+@_errors_are_messages
+def erasure_show(
+    run_id: str = typer.Argument(..., metavar="RUN"),
+    out: str | None = typer.Option(None, "--out", help="Write the record to this file"),
+) -> None:
+    """Print (or write) the signed erasure record of a completed erase run."""
+    data = _write_certificate(run_id, out)
+    if data is None:
+        raise StateError(f"run {run_id} has no signed erasure record (not an erase run, or not finished)")
+    if not out:
+        typer.echo(data.decode("ascii"))
+
+
+def _retention_seconds(days: float | None, hours: float | None, seconds: int | None) -> int:
+    given = [v for v in (days, hours, seconds) if v is not None]
+    if len(given) != 1:
+        raise ValidationError("give the retention once: --days N, --hours N or --seconds N")
+    total = days * 86_400 if days is not None else hours * 3600 if hours is not None else seconds
+    if total is None or total != int(total) or total < 1:
+        raise ValidationError("the retention must be a whole, positive number of seconds")
+    return int(total)
+
+
+@retention_app.command("set")
+@_errors_are_messages
+def retention_set(
+    tenant: str,
+    days: float | None = typer.Option(None, "--days"),
+    hours: float | None = typer.Option(None, "--hours"),
+    seconds: int | None = typer.Option(None, "--seconds"),
+    as_json: bool = JSON,
+) -> None:
+    """Keep TENANT's data this long: the scheduled erase destroys every time bucket that ended longer ago."""
+    from archive_kms.domain.tenants import TenantId
+
+    tid = TenantId(tenant).value
+    value = _retention_seconds(days, hours, seconds)
+    view = _state_only()
+    policy = view.state.set_retention(tid, value, actor=_operator())
+    from archive_kms.state.port import AuditEvent
+
+    view.state.append_audit(
+        AuditEvent(actor=_operator(), action="retention.set", tenant_id=tid, details={"retention_seconds": value})
+    )
+    _emit(
+        as_json,
+        {"tenant": tid, "retention_seconds": policy.retention_seconds, "updated_by": policy.updated_by},
+        f"tenant {tid}: data kept {policy.retention_seconds} s ({policy.retention_seconds / 86_400:g} days); "
+        "the scheduled erase (deployment key-erase-retention/retention) destroys what is older",
+    )
+
+
+@retention_app.command("show")
+@_errors_are_messages
+def retention_show(tenant: str | None = typer.Argument(None), as_json: bool = JSON) -> None:
+    """Show the retention policy of TENANT, or of every tenant that has one."""
+    view = _state_only()
+    policies = [p for p in view.state.list_retention() if tenant is None or p.tenant_id == tenant]
+    rows = [
+        {
+            "tenant": p.tenant_id,
+            "retention_seconds": p.retention_seconds,
+            "updated_by": p.updated_by,
+            "updated_at": p.updated_at.isoformat(timespec="seconds") if p.updated_at else None,
+        }
+        for p in policies
+    ]
+    _emit(
+        as_json,
+        rows,
+        "\n".join(
+            f"{r['tenant']:<24} {r['retention_seconds']:>12} s  (by {r['updated_by']}, {r['updated_at']})" for r in rows
+        )
+        or "no retention policy",
+    )
+
+
+@retention_app.command("clear")
+@_errors_are_messages
+def retention_clear(tenant: str, as_json: bool = JSON) -> None:
+    """Remove TENANT's retention policy (its data is kept until erased by hand)."""
+    from archive_kms.state.port import AuditEvent
+
+    view = _state_only()
+    removed = view.state.clear_retention(tenant)
+    if removed:
+        view.state.append_audit(AuditEvent(actor=_operator(), action="retention.clear", tenant_id=tenant, details={}))
+    _emit(
+        as_json,
+        {"tenant": tenant, "removed": removed},
+        f"tenant {tenant}: " + ("policy removed" if removed else "had no policy"),
+    )
+
+
+@retention_app.command("run")
+@_errors_are_messages
+def retention_run(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only say what each tenant's policy would erase now"),
+    wait: bool = WAIT,
+    as_json: bool = JSON,
+) -> None:
+    """Run the scheduled erasure now (every tenant with a policy); --dry-run says what it would do."""
+    if dry_run:
+        from archive_kms.migration.erase import plan_retention_erasures
+
+        decisions = [d.to_dict() for d in plan_retention_erasures(_platform())]
+        _emit(
+            as_json,
+            decisions,
+            "\n".join(
+                f"{d['tenant']:<24} {'erase' if d['erase'] else 'skip':<6} before {d['cutoff']} ({d['why']})"
+                for d in decisions
+            )
+            or "no retention policy",
+        )
+        return
+    _prefect_api()
+    if not wait:
+        from archive_kms.migration.launch import DEPLOYMENTS
+
+        launch = _launcher().submit(DEPLOYMENTS["erase-retention"], {"actor": _operator()}, tags=["archive-kms"])
+        _emit(as_json, {"flow_run_id": launch.flow_run_id}, f"submitted: flow run {launch.flow_run_id}")
+        return
+    import archive_kms.flows.lifecycle  # noqa: F401 - registers the lifecycle flows with run_flow
+    from archive_kms.flows.migration import run_flow
+
+    typer.echo(_json.dumps(run_flow("erase-retention", actor=_operator()), indent=2, default=str))
+
+
+# --- key lifecycle: customer key rotation with confirmation (issue #14) ----------------------
+
+rotation_app = typer.Typer(
+    no_args_is_help=True, help="Customer key rotations: check for one, show them, issue a confirmation."
+)
+app.add_typer(rotation_app, name="rotation")
+
+
+def _rotation_rows(platform: _Any, tenant: str) -> list[dict[str, _Any]]:
+    from archive_kms.migration.rotate import canary
+
+    rows = []
+    for r in platform.state.list_rotations(tenant, limit=20):
+        row = {
+            "rotation_id": r.rotation_id,
+            "state": r.state.value,
+            "kind": r.kind,
+            "key_ref": r.key_ref,
+            "previous_version": r.previous_version,
+            "observed_version": r.observed_version,
+            "run_id": r.run_id,
+            "awaiting_since": r.awaiting_since.isoformat(timespec="seconds") if r.awaiting_since else None,
+            "confirmed_by": r.confirmed_by,
+            "reminder": bool(r.details.get("reminded_at")),
+        }
+        if r.state.value == "completed":
+            row.update(canary(platform, tenant, r))
+        rows.append(row)
+    return rows
+
+
+@rotation_app.command("check")
+@_errors_are_messages
+def rotation_check(tenant: str, wait: bool = WAIT, as_json: bool = JSON) -> None:
+    """Compare TENANT's master key version at the provider with the last known one; on a rotation, start the
+    rotate run (it pauses the tenant and waits for the customer's confirmation). The first check records the
+    version. --wait runs the flow here (it ends waiting for the confirmation)."""
+    from archive_kms.domain.tenants import TenantId
+
+    tid = TenantId(tenant).value
+    platform = _platform()
+    if not wait:
+        from archive_kms.migration.launch import start_rotation_check
+
+        _prefect_api()
+        started = start_rotation_check(platform, _launcher(), tid, actor=_operator())
+        if not started.run_id:
+            _emit(as_json, started.to_dict(), f"tenant {tid}: {started.message}")
+            return
+        _submitted(started, as_json)
+        return
+    from archive_kms.migration.rotation_monitor import check_rotation
+
+    _, rotation, run = check_rotation(platform, tid, actor=_operator())
+    if run is None or rotation is None:
+        _emit(as_json, {"tenant": tid, "rotation": None}, f"tenant {tid}: no rotation of its key since the last check")
+        return
+    import archive_kms.flows.lifecycle  # noqa: F401 - registers the lifecycle flows with run_flow
+
+    answer = _run_flow("rotate", tenant=tid, run_id=run.run_id, actor=_operator())
+    _finish_lifecycle(answer, as_json, waiting_ok=True)
+    if not as_json and answer["outcome"]["state"] == "waiting":
+        typer.echo(
+            f"rotation {rotation.rotation_id}: {rotation.previous_version} -> {rotation.observed_version}; "
+            f"confirm it: archive-kms confirm-rotation {tid} --rotation {rotation.rotation_id}"
+        )
+
+
+@rotation_app.command("show")
+@_errors_are_messages
+def rotation_show(tenant: str, as_json: bool = JSON) -> None:
+    """TENANT's rotations (newest first), and for a completed one whether the old key version may be disabled."""
+    from archive_kms.domain.tenants import TenantId
+
+    rows = _rotation_rows(_platform(), TenantId(tenant).value)
+    _emit(
+        as_json,
+        rows,
+        "\n".join(
+            f"{r['rotation_id']}  {r['state']:<9} {r['previous_version']} -> {r['observed_version']}  run {r['run_id']}"
+            + (f"  safe to disable the old version: {r['safe_to_disable_old_version']}" if "checks" in r else "")
+            + ("  (reminder raised)" if r["reminder"] else "")
+            for r in rows
+        )
+        or "no rotation",
+    )
+
+
+@rotation_app.command("confirmation")
+@_errors_are_messages
+def rotation_confirmation(
+    tenant: str,
+    rotation: str = typer.Option(..., "--rotation", help="The rotation id (archive-kms rotation show TENANT)"),
+    by: str | None = typer.Option(None, "--by", help="Who confirms (default: this operator)"),
+    ttl: int = typer.Option(900, "--ttl", help="Seconds the confirmation stays valid (1..86400)"),
+    out: str | None = typer.Option(None, "--out", help="Write it to this file"),
+) -> None:
+    """Issue a signed confirmation of a rotation awaiting one (to submit later with confirm-rotation
+    --confirmation FILE). Confirms nothing by itself."""
+    from datetime import timedelta
+
+    from archive_kms.operations.rotation import issue_confirmation
+
+    conf = issue_confirmation(_platform(), tenant, rotation, confirmed_by=by or _operator(), ttl=timedelta(seconds=ttl))
+    data = conf.to_json()
+    if out:
+        Path(out).write_bytes(data + b"\n")
+        typer.echo(f"confirmation written to {out} (valid until {conf.expires_at.isoformat(timespec='seconds')})")
+    else:
+        typer.echo(data.decode("ascii"))
+
+
+@app.command("confirm-rotation")
+@_errors_are_messages
+def confirm_rotation_cmd(
+    tenant: str,
+    rotation: str | None = typer.Option(None, "--rotation", help="The rotation id to confirm (issues a confirmation)"),
+    confirmation: str | None = typer.Option(
+        None, "--confirmation", help="A confirmation issued earlier (archive-kms rotation confirmation --out FILE)"
+    ),
+    wait: bool = WAIT,
+    as_json: bool = JSON,
+) -> None:
+    """Confirm TENANT's pending key rotation: the confirmation (signed, single use, bound to the tenant, the
+    rotation and its key version, expiring) is checked, the provider is read to verify the new version, and the
+    waiting rotate run resumes (re-wrap under the new version, new index generation, jobs resumed). A refused
+    confirmation changes nothing and is audited."""
+    from archive_kms.domain.tenants import TenantId
+    from archive_kms.operations.rotation import confirm_rotation, issue_confirmation
+
+    tid = TenantId(tenant).value
+    if (rotation is None) == (confirmation is None):
+        raise ValidationError("give --rotation ID (confirm now) or --confirmation FILE (one issued earlier)")
+    platform = _platform()
+    if confirmation is not None:
+        path = Path(confirmation)
+        if not path.is_file():
+            raise ValidationError(f"--confirmation {confirmation}: no such file")
+        data = path.read_bytes().strip()
+    else:
+        assert rotation is not None
+        data = issue_confirmation(platform, tid, rotation, confirmed_by=_operator()).to_json()
+    if not wait:
+        from archive_kms.migration.launch import confirm_and_resume
+
+        _prefect_api()
+        _submitted(confirm_and_resume(platform, _launcher(), tid, data, actor=_operator()), as_json)
+        return
+    done = confirm_rotation(platform, data, tenant_id=tid, actor=_operator())
+    import archive_kms.flows.lifecycle  # noqa: F401 - registers the lifecycle flows with run_flow
+
+    answer = _run_flow("rotate", tenant=tid, run_id=done.run_id, actor=_operator())
+    _finish_lifecycle(answer, as_json)
+
+
+# --- key lifecycle: BYOK re-upload (issue #14) -------------------------------------------------
+
+byok_app = typer.Typer(no_args_is_help=True, help="BYOK re-upload: new key material from the customer.")
+app.add_typer(byok_app, name="byok")
+
+
+@byok_app.command("import-params")
+@_errors_are_messages
+def byok_import_params(
+    tenant: str,
+    spec: str = typer.Option("RSA_4096", "--wrapping-key-spec", help="RSA_2048 | RSA_3072 | RSA_4096"),
+    out_dir: str | None = typer.Option(
+        None, "--out-dir", help="Write wrapping-key.pem and import-token.bin here (to send to the customer)"
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Publish a wrapping public key and import token for a re-upload of TENANT's key material (BYOK tenants on
+    AWS KMS). The customer wraps 32 random bytes with it (RSA-OAEP-SHA-256) and sends the result and its SHA-256."""
+    import base64
+
+    from archive_kms.domain.tenants import TenantId
+    from archive_kms.migration.byok_upload import import_parameters
+
+    view = import_parameters(_platform(), TenantId(tenant).value, actor=_operator(), wrapping_key_spec=spec)
+    if out_dir:
+        folder = Path(out_dir)
+        if not folder.is_dir():
+            raise ValidationError(f"--out-dir {out_dir}: no such folder")
+        (folder / "wrapping-key.pem").write_text(view["public_key_pem"])
+        (folder / "import-token.bin").write_bytes(base64.b64decode(view["import_token"]))
+    _emit(
+        as_json,
+        view,
+        f"tenant {view['tenant']}: new key {view['key_ref']} awaits material (rotation {view['rotation_id']}); "
+        f"wrap with {view['wrapping_algorithm']} under the public key"
+        + (f" in {out_dir}/wrapping-key.pem" if out_dir else "")
+        + f", before {view['expires_at']}; then: archive-kms byok upload {view['tenant']} --file WRAPPED --sha256 HEX",
+    )
+
+
+@byok_app.command("upload")
+@_errors_are_messages
+def byok_upload_cmd(
+    tenant: str,
+    file: str = typer.Option(..., "--file", help="The wrapped key material (binary)"),
+    sha256: str = typer.Option(..., "--sha256", help="The SHA-256 (hex) of that file, as the customer computed it"),
+    wait: bool = WAIT,
+    as_json: bool = JSON,
+) -> None:
+    """Import the customer's new wrapped key material (its SHA-256 checked first: a mismatch changes nothing) and
+    move TENANT onto it: L2 re-wrapped, new index generation, old key's material deleted after the canary."""
+    from archive_kms.domain.tenants import TenantId
+    from archive_kms.migration.byok_upload import upload
+
+    tid = TenantId(tenant).value
+    path = Path(file)
+    if not path.is_file():
+        raise ValidationError(f"--file {file}: no such file")
+    platform = _platform()
+    _, run = upload(platform, tid, path.read_bytes(), sha256, actor=_operator())
+    if not wait:
+        from archive_kms.migration.launch import submit_run
+
+        _prefect_api()
+        _submitted(
+            submit_run(platform, _launcher(), run, {"tenant": tid, "actor": _operator()}, actor=_operator()), as_json
+        )
+        return
+    import archive_kms.flows.lifecycle  # noqa: F401 - registers the lifecycle flows with run_flow
+
+    _finish_lifecycle(_run_flow("rotate", tenant=tid, run_id=run.run_id, actor=_operator()), as_json)

@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     keychain_signing_key_autocreate: bool = False
     key_cache_ttl_seconds: float = 60.0
     dek_bucket_seconds: int = 3600
+    # Key rotation (docs/key-lifecycle.md "Rotation"): a rotation waiting longer than this
+    # for the customer's confirmation is marked for a reminder warning.
+    rotation_reminder_seconds: float = Field(default=86_400.0, gt=0)
 
     # Audit anchors: the audit log's head published to an S3 bucket with Object Lock
     # (compliance mode), so a rollback of the database is found. None = not published.

@@ -11,6 +11,10 @@ upload), ``copy:after-put`` (object committed, ledger not yet written),
 ``copy:after-record`` (the ledger row of the N-th object copied by this process is
 durable; rows are written in batches, so the kill comes after that object's batch),
 ``job:chunk`` (an archive job's writer took the N-th plaintext chunk into an upload).
+The same ``before:<step>`` / ``after:<step>`` points exist for every step of every flow
+(rotate, erase: ADR 0025); erase also has ``erase:between-workspaces`` (one workspace's
+keys destroyed, the next not yet), rotate ``rotate:after-rewrap-commit`` (the L2 re-wrapped,
+not yet recorded).
 
 ``ARCHIVE_KMS_FREEZE_AT`` arms the same points with SIGSTOP instead of SIGKILL: the
 process freezes there, every thread with it, until someone sends SIGCONT (a hung writer,

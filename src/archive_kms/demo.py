@@ -9,6 +9,11 @@
    them on a Dask cluster); searches before, during and after each run; an archive job
    sent during a run is deferred and lands once after it; one tenant is removed back to
    shared storage. The run reports and the audit chain are printed.
+4. Key lifecycle: a customer rotates a tenant's KMS key; the rotation is detected, the
+   tenant paused, the rotation confirmed and applied (L2 re-wrapped with 1 unwrap + 1
+   wrap, new index generation, old version safe to disable). A tenant with a retention
+   policy is crypto-erased by the scheduled retention flow (keys, objects and index
+   documents of its expired time bucket) and its signed erasure record verifies.
 """
 
 from __future__ import annotations
@@ -365,6 +370,94 @@ def _migration_demo(console: Console, settings: Settings) -> int:
     return failed + (not checked.ok)
 
 
+def _lifecycle_demo(console: Console, settings: Settings) -> int:
+    """Rotation with the customer's confirmation, and erasure by retention (2 s buckets)."""
+    from datetime import UTC, datetime
+
+    from archive_kms.crypto.signing import Verifier
+    from archive_kms.flows import lifecycle  # noqa: F401 - registers the lifecycle flows with run_flow
+    from archive_kms.flows.migration import run_flow
+    from archive_kms.migration.erase import certificate_json
+    from archive_kms.migration.rotation_monitor import check_rotation, observe
+    from archive_kms.operations.archive import JobSpec, submit_job
+    from archive_kms.operations.erasure_record import verify_certificate
+    from archive_kms.operations.rotation import confirm_rotation, issue_confirmation
+    from archive_kms.operations.tenants import create_tenant
+    from archive_kms.search import Query
+
+    tag = uuid.uuid4().hex[:5]
+    failed = 0
+    table = Table(title="key lifecycle")
+    for col in ("tenant", "what", "result"):
+        table.add_column(col)
+
+    # Rotation: the customer rotates their KMS key; we detect, pause, wait, get the confirmation, apply.
+    platform = Platform.from_settings(settings)
+    tenant = f"rot{tag}"
+    key_ref = _customer_key(settings, "byokms")
+    create_tenant(platform, tenant, cloud="s3", key_ref=key_ref, actor="demo")
+    job = {"count": 20, "seed": 4, "mix": "small"}
+    submit_job(platform.state, JobSpec(f"{tenant}-j1", tenant, "synthetic", synthetic=job), platform.open_archive)
+    observe(platform, tenant)
+    clients.aws_client("kms", settings).rotate_key_on_demand(KeyId=key_ref.removeprefix("aws-kms://"))
+    _, rotation, run = check_rotation(platform, tenant, actor="demo:monitor")
+    assert rotation is not None and run is not None, "the rotation was not detected"
+    previous, observed = rotation.previous_version or "-", rotation.observed_version or "-"
+    waiting = run_flow("rotate", tenant=tenant, run_id=run.run_id, actor="demo")
+    table.add_row(
+        tenant,
+        "rotation detected",
+        f"{previous[:8]}… → {observed[:8]}…; "
+        f"run {waiting['outcome']['state']}, gate {platform.state.gate(tenant).state.value}",
+    )
+    conf = issue_confirmation(platform, tenant, rotation.rotation_id, confirmed_by="security-officer@customer")
+    confirm_rotation(platform, conf.to_json(), tenant_id=tenant, actor="demo:console")
+    done = run_flow("rotate", tenant=tenant, run_id=run.run_id, actor="demo")
+    r = done.get("report") or {}
+    ok = done["outcome"]["state"] == "completed" and r.get("safe_to_disable_old_version") is True
+    failed += not ok
+    table.add_row(
+        tenant,
+        "confirmed and applied",
+        f"{done['outcome']['state']}: {r.get('provider_unwraps')} unwrap + {r.get('provider_wraps')} wrap, index "
+        f"{r.get('index')}, old version safe to disable: {r.get('safe_to_disable_old_version')}",
+    )
+
+    # Erasure by retention: hourly buckets shrunk to 2 s so the first job expires during the demo.
+    quick = Platform.from_settings(settings.model_copy(update={"dek_bucket_seconds": 2}))
+    tenant = f"ret{tag}"
+    create_tenant(quick, tenant, cloud="s3", actor="demo")
+    submit_job(quick.state, JobSpec(f"{tenant}-old", tenant, "synthetic", synthetic=job), quick.open_archive)
+    time.sleep(2.2 - time.time() % 2)  # the next bucket
+    newer = {**job, "offset": 100}
+    submit_job(quick.state, JobSpec(f"{tenant}-new", tenant, "synthetic", synthetic=newer), quick.open_archive)
+    quick.state.set_retention(tenant, 1, actor="demo")
+    time.sleep(1.1)
+    before = quick.open_archive(tenant).search(Query(limit=500)).total
+    out = run_flow("erase-retention", actor="demo:scheduler")
+    mine = [o for o in out.get("runs", []) if o.get("tenant") == tenant]
+    after = quick.open_archive(tenant).search(Query(limit=500)).total
+    quick.state.clear_retention(tenant)
+    verified = False
+    if mine and mine[0]["state"] == "completed":
+        erased = quick.state.get_run(mine[0]["run_id"])
+        assert erased is not None
+        check = verify_certificate(
+            certificate_json(erased),
+            Verifier.from_public_pem(quick.require_signer().public_key_pem()),
+        )
+        verified = check.ok
+    failed += not (verified and before == 40 and after == 20)
+    table.add_row(
+        tenant,
+        "erased by retention",
+        f"searchable {before} → {after}; signed erasure record {'verifies' if verified else 'DOES NOT verify'} "
+        f"({datetime.now(UTC).isoformat(timespec='seconds')})",
+    )
+    console.print(table)
+    return failed
+
+
 def main() -> int:
     # The report tables are the demo's output; Prefect and Dask keep their run logs on the
     # Prefect server (open the UI or `prefect flow-run logs`) instead of flooding the console.
@@ -386,6 +479,7 @@ def main() -> int:
     console.print(table)
     failed += _archive_demo(console, settings)
     failed += _migration_demo(console, settings)
+    failed += _lifecycle_demo(console, settings)
     return 1 if failed else 0
 
 

@@ -1,6 +1,7 @@
 """A migration worker in a fresh process, for the kill -9 tests (tests/flows/test_crash_resume.py).
 
     python tests/flows/worker.py enable TENANT MODE KEYREF [--shards N]
+    python tests/flows/worker.py execute RUN          # a run the test already triggered (any flow)
     python tests/flows/worker.py resume RUN [--takeover]
     python tests/flows/worker.py rerun RUN STEP [--takeover]
 
@@ -64,6 +65,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     enable.add_argument("mode")
     enable.add_argument("key_ref")
     enable.add_argument("--shards", type=int, default=None)
+    execute = sub.add_parser("execute")
+    execute.add_argument("run_id")
     resume = sub.add_parser("resume")
     resume.add_argument("run_id")
     resume.add_argument("--takeover", action="store_true")
@@ -102,7 +105,7 @@ def main(argv: list[str]) -> int:
 
     from archive_kms.config import Settings
     from archive_kms.errors import ArchiveKmsError
-    from archive_kms.migration import rerun, resume
+    from archive_kms.migration import execute, rerun, resume
     from archive_kms.operations.platform import Platform
 
     actor = f"worker-{os.getpid()}"
@@ -112,6 +115,8 @@ def main(argv: list[str]) -> int:
             time.sleep(max(0.0, float(os.environ[START_AT_ENV]) - time.time()))
         if args.action == "enable":
             out = _enable(platform, args, actor)
+        elif args.action == "execute":
+            out = execute(platform, args.run_id, actor=actor).to_dict()
         elif args.action == "resume":
             out = resume(platform, args.run_id, actor=actor, takeover=args.takeover).to_dict()
         else:

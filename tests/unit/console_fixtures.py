@@ -39,7 +39,9 @@ class RecordingLauncher:
 
     def __init__(self) -> None:
         self.submitted: list[dict[str, Any]] = []
-        self.known_deployments = {"migration-enable/enable", "migration-remove/remove", "migration-support/support"}
+        from archive_kms.migration.launch import DEPLOYMENTS
+
+        self.known_deployments = set(DEPLOYMENTS.values())  # what flows/prefect.yaml deploys
         self._states: dict[str, LaunchState] = {}
         self._lock = threading.Lock()
 
@@ -150,7 +152,13 @@ class ConsoleHarness:
     def reset(self, tmp_path: Any) -> ConsoleHarness:
         """A fresh platform, console store, launcher, clock and key-state cache under the same
         app (building the FastAPI app is the slow part), for the next test."""
-        from archive_kms.api.warnings import AlarmWarnings, KeyStateProbe, KeyStateWarnings, RunWarnings
+        from archive_kms.api.warnings import (
+            AlarmWarnings,
+            KeyStateProbe,
+            KeyStateWarnings,
+            RunWarnings,
+            warning_sources,
+        )
 
         self.state.close()
         self.signer = Signer.generate()
@@ -163,7 +171,7 @@ class ConsoleHarness:
         c.platform, c.store, c.launcher, c.clock = self.platform, self.store, self.launcher, self.clock
         c.audit_verifier = self.signer.verifier()
         c.probe = KeyStateProbe()
-        c.warning_sources = [RunWarnings(self.clock), KeyStateWarnings(c.probe), AlarmWarnings()]
+        c.warning_sources = [RunWarnings(self.clock), KeyStateWarnings(c.probe), AlarmWarnings(), *warning_sources()]
         return self
 
     def token(self, role: str, sub: str = "alice", tenant: str | None = ACME) -> str:

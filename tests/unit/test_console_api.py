@@ -129,7 +129,7 @@ def test_tenants_lists_only_the_callers_tenant_with_key_mode_and_state(h):
     (acme,) = rows
     assert acme["key_mode"] == "byokms" and acme["key_state"]["state"] == "active"
     assert acme["location"].startswith("s3://") and acme["gate"] == {"state": "open", "pending": 0}
-    assert set(acme["actions"]) == {"enable", "remove"}
+    assert set(acme["actions"]) == {"enable", "remove", "confirm_rotation"}  # erase, check_rotation: key_lifecycle
     everyone = h.call("GET", "/api/tenants", SUPPORT, tenant=None).json()
     assert {r["tenant"] for r in everyone} == {ACME, GLOBEX}
     assert all(r["actions"] == [] for r in everyone)  # support: no key actions
@@ -629,3 +629,40 @@ def test_the_page_is_served(h):
 def test_audit_verify_takes_jsonl_only(h):
     resp = h.call("POST", "/api/audit/verify", ADMIN, content=b'{"type": "head"}\n')  # no Content-Type
     assert_error(resp, 415, "application/x-ndjson")
+
+
+# --- key lifecycle: rotation with confirmation ------------------------------------------------------
+
+
+def test_a_customer_rotation_is_checked_warned_and_confirmed_through_the_console(h):
+    from archive_kms.migration import engine
+    from archive_kms.migration.rotation_monitor import observe
+    from archive_kms.state.port import RotationState
+
+    p = h.platform
+    observe(p, ACME)  # the version known so far
+    provider = p.resolve_provider(p.keychain.status(ACME).l1_ref)
+    provider._kms.rotate(provider._ref.name)  # the customer rotates
+    assert_error(h.call("POST", f"/api/tenants/{ACME}/check_rotation", ADMIN, json={}), 403)  # key_lifecycle only
+    started = h.call("POST", f"/api/tenants/{ACME}/check_rotation", OFFICER, json={})
+    assert started.status_code == 202, started.text
+    run_id = started.json()["run"]["run_id"]
+    assert h.launcher.submitted[-1]["deployment"] == "key-rotate/rotate"
+    assert engine.execute(p, run_id, actor="worker", handle_signals=False).state == engine.WAITING
+    (w,) = [x for x in h.call("GET", "/api/warnings", ADMIN).json() if x["kind"] == "rotation_detected"]
+    assert w["actions"] == ["confirm_rotation"] and w["run_id"] == run_id
+    rotation_id = w["details"]["rotation_id"]
+    body = {"rotation_id": rotation_id}
+    assert_error(h.call("POST", f"/api/tenants/{ACME}/confirm_rotation", SUPPORT, tenant=None, json=body), 403)
+    assert h.call("POST", f"/api/tenants/{ACME}/confirm_rotation", ADMIN, json={"rotation_id": "nope"}).status_code in (
+        404,
+        409,
+    )
+    ok = h.call("POST", f"/api/tenants/{ACME}/confirm_rotation", ADMIN, json={"rotation_id": rotation_id})
+    assert ok.status_code == 202, ok.text
+    assert h.launcher.submitted[-1]["parameters"] == {**h.launcher.submitted[-1]["parameters"], "action": "resume"}
+    assert p.state.get_rotation(rotation_id).state is RotationState.CONFIRMED
+    again = h.call("POST", f"/api/tenants/{ACME}/confirm_rotation", ADMIN, json={"rotation_id": rotation_id})
+    assert again.status_code == 409, again.text
+    assert engine.resume(p, run_id, actor="worker", handle_signals=False).state == "completed"
+    assert [x for x in h.call("GET", "/api/warnings", ADMIN).json() if x["kind"] == "rotation_detected"] == []

@@ -35,6 +35,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from archive_kms.api import key_lifecycle as _key_lifecycle  # noqa: F401 - registers its actions and warnings
 from archive_kms.api import models as m
 from archive_kms.api.actions import TenantAction, registered_actions
 from archive_kms.api.auth import AuthError, Permission, Principal, TokenKeys, authenticate
@@ -45,6 +46,7 @@ from archive_kms.api.warnings import (
     RunWarnings,
     WarningSource,
     collect,
+    warning_sources,
 )
 from archive_kms.errors import (
     ArchiveKmsError,
@@ -88,7 +90,13 @@ class Console:
 
     def __post_init__(self) -> None:
         if not self.warning_sources:
-            self.warning_sources = [RunWarnings(self.clock), KeyStateWarnings(self.probe), AlarmWarnings()]
+            # the built-in sources, then every registered one (the key lifecycle's rotations)
+            self.warning_sources = [
+                RunWarnings(self.clock),
+                KeyStateWarnings(self.probe),
+                AlarmWarnings(),
+                *warning_sources(),
+            ]
 
 
 class ApiError(Exception):

@@ -11,10 +11,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from archive_kms.migration.plan import STEPS, EnableMode
+from archive_kms.migration.flowdef import ALL_STEPS
+from archive_kms.migration.plan import EnableMode
 from archive_kms.storage import Cloud
 
-StepName = enum.Enum("StepName", {s.upper(): s for s in STEPS}, type=str)  # type: ignore[misc]
+StepName = enum.Enum("StepName", {s.upper(): s for s in ALL_STEPS}, type=str)  # type: ignore[misc]
 
 
 class Strict(BaseModel):

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from archive_kms.errors import ArchiveKmsError, KeyNotFoundError
+from archive_kms.migration.engine import waiting_on
 from archive_kms.operations.platform import Platform
 from archive_kms.state.port import CopyStatus, RunState, StepState, TenantRecord
 
@@ -107,7 +108,9 @@ class RunWarnings:
             elif run.state is RunState.RUNNING:
                 lease = platform.state.get_lease(t.tenant_id)
                 started = any(s.state is not StepState.PENDING for s in run.steps)
-                if started and (lease is None or lease.run_id != run.run_id or lease.expires_at < self._clock()):
+                stale = lease is None or lease.run_id != run.run_id or lease.expires_at < self._clock()
+                # a run waiting for a human (a rotation's confirmation) holds no lease on purpose
+                if started and stale and waiting_on(platform, run) is None:
                     yield ConsoleWarning(
                         id=f"run_stalled:{t.tenant_id}:{run.run_id}",
                         kind="run_stalled",

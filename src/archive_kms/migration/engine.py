@@ -16,6 +16,14 @@
 - ``waive`` lets support accept that quarantined objects are left behind, per object and
   audited, so the run can cut over without them (faults D9; ``migration.quarantine``).
 
+- A step that raises ``StepWaiting`` (a rotation waiting for the customer's confirmation)
+  leaves the run ``running`` with the wait recorded as a checkpoint of that step, releases
+  the lease and returns the outcome ``waiting``; ``resume`` calls the step again.
+
+Every kind of run (enable, remove, rotate, erase) is a ``FlowDefinition``
+(``migration.flowdef``): its steps, their functions, its point of no return, its plan,
+cancel and report. The engine itself is the same for all of them.
+
 Prefect is not needed here: the flows in ``flows/`` call ``execute`` with hooks that
 create Prefect artifacts and a shard runner that maps shard tasks onto Prefect's task
 runner (threads, or Dask worker processes).
@@ -36,10 +44,11 @@ from typing import Any, Protocol
 from archive_kms import crashpoints, retry
 from archive_kms.errors import ArchiveKmsError, FencedError, LeaseHeldError, StateError, ValidationError
 from archive_kms.migration import stopping
-from archive_kms.migration.context import Hooks, RunContext, ShardRunner
+from archive_kms.migration.context import FlowDefinition, Hooks, RunContext, ShardRunner, StepWaiting
 from archive_kms.migration.copying import ShardPlatform, copy_shard, verify_shard
+from archive_kms.migration.flowdef import definition
 from archive_kms.migration.memory import limit_allocator
-from archive_kms.migration.plan import POINT_OF_NO_RETURN, STEPS, MigrationPlan
+from archive_kms.migration.plan import MigrationPlan
 from archive_kms.migration.quarantine import (
     MAX_WAIVER_REASON_CHARS,
     WAIVE_ACTION,
@@ -96,6 +105,9 @@ SUPERSEDED = "superseded"
 #: ``cancelled`` (ADR 0021).
 REFUSED = "refused"
 PREFLIGHT = "preflight"
+#: Outcome state of a run whose step waits for something outside it (``StepWaiting``): the
+#: run is ``running`` in the state store, holds no lease, and continues on ``resume``.
+WAITING = "waiting"
 
 #: (platform, run_id, shard, fence) -> the shard's result; runs in a thread or a Dask worker
 ShardFunction = Callable[[ShardPlatform, str, int, Fence | None], dict[str, Any]]
@@ -149,7 +161,7 @@ class Outcome:
 # --- triggering ---------------------------------------------------------------------------
 
 
-def check_trigger(platform: HasRunStore, plan: MigrationPlan) -> MigrationRun | None:
+def check_trigger(platform: HasRunStore, plan: Any) -> MigrationRun | None:
     """What ``trigger`` refuses, without starting anything: ``StateError`` if a failed run
     of the tenant is in the way or a run of the other flow is going. Returns the tenant's
     running run of the same flow, if any (``trigger`` would return it)."""
@@ -176,12 +188,13 @@ def check_trigger(platform: HasRunStore, plan: MigrationPlan) -> MigrationRun | 
     return active
 
 
-def trigger(platform: HasRunStore, plan: MigrationPlan, *, actor: str) -> tuple[MigrationRun, bool]:
-    """Start a run for ``plan``, or return the tenant's running run (created False).
-    A running run of the *other* flow is refused (faults E6)."""
+def trigger(platform: HasRunStore, plan: Any, *, actor: str) -> tuple[MigrationRun, bool]:
+    """Start a run for ``plan`` (any flow's plan: ``tenant_id``, ``flow``, ``mode``,
+    ``key_ref``, ``to_params()``), or return the tenant's running run (created False).
+    A running run of another flow is refused (faults E5, E6)."""
     check_trigger(platform, plan)
     run, created = platform.state.start_run(
-        plan.tenant_id, Flow(plan.flow), mode=plan.mode, steps=STEPS, params=plan.to_params()
+        plan.tenant_id, Flow(plan.flow), mode=plan.mode, steps=definition(plan.flow).steps, params=plan.to_params()
     )
     if created:
         platform.state.append_audit(
@@ -314,7 +327,8 @@ def _execute(
     admission: Admission | None = None,
 ) -> Outcome:
     run_id = run.run_id
-    plan = MigrationPlan.from_params(run.params)
+    flowdef = definition(run.flow)
+    plan = flowdef.plan_from_params(run.params)
     hooks = hooks or Hooks()
     lease = _acquire(platform, run, takeover=takeover)
     fenced = threading.Event()
@@ -329,7 +343,7 @@ def _execute(
         _audit_start_if_missing(platform, run, actor)
         if admission is not None:
             admitted.enter_context(admission())
-        for step in STEPS:
+        for step in flowdef.steps:
             record = get_run(platform, run_id).step(step)
             if record.state in (StepState.COMPLETED, StepState.SKIPPED):
                 continue
@@ -341,11 +355,13 @@ def _execute(
             crashpoints.hit(f"before:{step}")
             started = time.monotonic()
             try:
-                result = _call(step, ctx)
+                result = _call(flowdef, step, ctx)
             except FencedError:
                 raise  # handled below: this worker was superseded, it records nothing
             except StopRequestedError:
                 return _interrupted(platform, ctx, step, executed, started=True)
+            except StepWaiting as wait:
+                return _waiting(platform, ctx, step, executed, wait)
             except BaseException as exc:
                 if step == PREFLIGHT and isinstance(exc, ArchiveKmsError) and _untouched(platform, run_id):
                     return _refused(platform, ctx, exc)
@@ -403,7 +419,7 @@ def _audit_start_if_missing(platform: HasRunStore, run: MigrationRun, actor: str
         r.run_id == run.run_id and r.action == "run.start" for r in platform.state.iter_audit(tenant_id=run.tenant_id)
     ):
         return
-    plan = MigrationPlan.from_params(run.params)
+    plan = definition(run.flow).plan_from_params(run.params)
     _audit_run(
         platform,
         run,
@@ -465,10 +481,39 @@ def _interrupted(platform: Platform, ctx: RunContext, step: str, executed: list[
     )
 
 
-def _call(step: str, ctx: RunContext) -> dict[str, Any]:
-    from archive_kms.migration.steps import STEP_FUNCTIONS
+def _waiting(platform: Platform, ctx: RunContext, step: str, executed: list[str], wait: StepWaiting) -> Outcome:
+    """Record that ``step`` waits (a checkpoint of the step, so every process and a resume
+    after a crash know it), audit the first wait, and return the ``waiting`` outcome. The
+    run stays running; the lease is released by the caller."""
+    before = waiting_on(platform, get_run(platform, ctx.run_id))
+    since = before["since"] if before and before.get("step") == step else datetime.now(UTC).isoformat()
+    record = {"waiting": wait.reason, "step": step, "since": since, **wait.details}
+    platform.state.save_checkpoint(ctx.run_id, step, 0, record, fence=ctx.fence)
+    if before is None or before.get("step") != step:
+        ctx.audit("run.wait", {"step": step, "reason": wait.reason[:300]})
+    log.info("run %s waits at step %s: %s", ctx.run_id, step, wait.reason)
+    ctx.hooks.on_step(step, WAITING, {"reason": wait.reason})
+    return Outcome(
+        ctx.run_id, ctx.plan.tenant_id, ctx.plan.flow, WAITING, executed=tuple(executed), message=wait.reason
+    )
 
-    return STEP_FUNCTIONS[step](ctx)
+
+def waiting_on(platform: HasRunStore, run: MigrationRun) -> dict[str, Any] | None:
+    """What ``run`` waits for (``{"waiting": reason, "step", "since", ...}``), or None: a
+    running run whose first unfinished step is running and recorded a wait."""
+    if run.state is not RunState.RUNNING:
+        return None
+    current = next((s for s in run.steps if s.state not in (StepState.COMPLETED, StepState.SKIPPED)), None)
+    if current is None or current.state is not StepState.RUNNING:
+        return None
+    mark = platform.state.load_checkpoints(run.run_id, current.name).get(0) or {}
+    if "waiting" not in mark or mark.get("step") != current.name:
+        return None
+    return dict(mark)
+
+
+def _call(flowdef: FlowDefinition, step: str, ctx: RunContext) -> dict[str, Any]:
+    return flowdef.step_functions()[step](ctx)
 
 
 def _describe(exc: BaseException) -> str:
@@ -559,9 +604,10 @@ def resume(platform: Platform, run_id: str, *, actor: str, takeover: bool = Fals
 
 def rerun(platform: Platform, run_id: str, from_step: str, *, actor: str, takeover: bool = False, **kw: Any) -> Outcome:
     """Reset ``from_step`` and every later step, then run them again."""
-    if from_step not in STEPS:
-        raise ValidationError(f"unknown step {from_step!r}: one of {', '.join(STEPS)}")
     run = get_run(platform, run_id)
+    flowdef = definition(run.flow)
+    if from_step not in flowdef.steps:
+        raise ValidationError(f"unknown step {from_step!r}: one of {', '.join(flowdef.steps)}")
     if run.state is RunState.COMPLETED:
         when = run.step(from_step).finished_at
         _audit_run(platform, run, actor, "run.rerun.noop", {"from": from_step})
@@ -576,16 +622,11 @@ def rerun(platform: Platform, run_id: str, from_step: str, *, actor: str, takeov
         )
     if run.state is RunState.CANCELLED:
         raise ValidationError(f"run {run_id} was cancelled; start a new run", resource=f"run:{run_id}")
-    barrier = run.step(POINT_OF_NO_RETURN)
-    idx, cut = STEPS.index(from_step), STEPS.index(POINT_OF_NO_RETURN)
-    # Completed: the tenant lives at the destination. Started: it may, half way (registry
-    # moved, alias not yet): only the cutover itself (conditional halves) or later may rerun.
-    if (barrier.state is StepState.COMPLETED and idx <= cut) or (barrier.state is not StepState.PENDING and idx < cut):
-        first = STEPS[cut + 1] if barrier.state is StepState.COMPLETED else POINT_OF_NO_RETURN
-        raise ValidationError(
-            f"run {run_id} is past {POINT_OF_NO_RETURN} (the tenant lives at the destination); "
-            f"rerunning {from_step} would move it back. Rerun from {first} or later"
-        )
+    # Past the flow's point of no return (enable: the tenant lives at the destination; its
+    # cutover half way: only the cutover itself, whose halves are conditional, or later).
+    refusal = flowdef.rerun_refusal(run, from_step)
+    if refusal is not None:
+        raise ValidationError(refusal)
     # Take the lease *before* resetting: a live worker being taken over is fenced first, so
     # it cannot mark a just-reset step completed with a token that was still valid.
     lease = _acquire(platform, run, takeover=takeover)
@@ -597,76 +638,30 @@ def rerun(platform: Platform, run_id: str, from_step: str, *, actor: str, takeov
 
 
 def cancel(platform: Platform, run_id: str, *, actor: str, takeover: bool = False) -> Outcome:
-    """Give up a run that has not cut over, and put the tenant back as it was: the tenant
-    key re-wrapped under its original key, the destination and the new index generation
-    deleted (only if this run created them), the old index writable again, the gate
-    reopened with the deferred jobs replayed into the source. Idempotent; refused once
-    the run has cut over (the tenant lives at the destination: use the reverse flow)."""
+    """Give up a run that has not reached its flow's point of no return and undo what it did
+    (enable/remove: the tenant key re-wrapped under its original key, the destination and
+    the new index generation deleted if this run created them, the old index writable
+    again, the gate reopened with the deferred jobs replayed; rotate: the gate reopened and
+    the rotation left unconfirmed; erase: nothing destroyed yet). Idempotent; refused past
+    the point of no return and for flows that cannot be cancelled."""
     run = get_run(platform, run_id)
     if run.state is RunState.CANCELLED:
         return Outcome(
             run_id, run.tenant_id, run.flow.value, run.state.value, created=False, message="already cancelled"
         )
-    if run.state is RunState.COMPLETED or run.step(POINT_OF_NO_RETURN).state is not StepState.PENDING:
-        raise ValidationError(
-            f"run {run_id} has reached {POINT_OF_NO_RETURN}: the tenant may already live at the "
-            f"destination, so it cannot be cancelled; resume it, then run the reverse flow"
-        )
-    plan = MigrationPlan.from_params(run.params)
+    flowdef = definition(run.flow)
+    refusal = flowdef.cancel_refusal(run)
+    if refusal is None and run.state is RunState.COMPLETED:
+        refusal = f"run {run_id} has completed"
+    if refusal is not None:
+        raise ValidationError(f"{refusal}: it cannot be cancelled" + _after_cancel_hint(run.flow))
+    plan = flowdef.plan_from_params(run.params)
     lease = _acquire(platform, run, takeover=takeover)
     fence = lease.fence
-    undone: list[str] = []
     try:
         _audit_start_if_missing(platform, run, actor)
-        tenant = platform.state.get_tenant(plan.tenant_id)
-        if tenant is None:
-            raise StateError(f"tenant {plan.tenant_id} no longer exists; nothing to cancel into")
-        if dict(tenant.location) != dict(plan.source):
-            raise StateError(
-                f"tenant {plan.tenant_id} no longer lives at {plan.source_location.uri}; not cancelling",
-                resource=f"tenant:{plan.tenant_id}",
-            )
-        bind = run.step("bind_key")
-        # The L1 recorded when the run was planned, never a bind result: a bind that crashed
-        # after re-wrapping and was rerun records the *customer* key as its "from".
-        original = plan.source_key_ref or (bind.result or {}).get("from") or (tenant.key_ref if tenant else None)
-        if bind.state is not StepState.PENDING and original:
-            current = platform.keychain.status(plan.tenant_id).l1_ref
-            provider = platform.resolve_provider(original)
-            if current != provider.key_ref:
-                platform.keychain.rotate_l1(plan.tenant_id, provider)
-                undone.append("bind_key")
-        if run.step("create_destination").state is not StepState.PENDING:
-            dest = plan.destination_location
-            existed = (run.step("preflight").result or {}).get("destination_existed", True)
-            if platform.provisioner.exists(dest):
-                store = platform.store_for(dest)
-                if existed:  # someone else's (empty) bucket/container: take back only what we wrote
-                    from archive_kms.storage.name_limits import name_problem
-
-                    for entry in platform.state.iter_manifest(run_id):
-                        # A name too long for the destination was never written there (and
-                        # cannot even be asked about): skip it rather than fail the cancel.
-                        if name_problem(dest, entry.name) is None:
-                            store.delete(entry.name)
-                    store.abort_stale_uploads(timedelta(0))
-                else:
-                    platform.provisioner.delete(dest, store)
-                undone.append("create_destination")
-        if platform.index.current_index(plan.tenant_id) != plan.new_index:
-            platform.index.delete_index(plan.new_index)  # no-op if the run never built it
-        if run.step("cutover_point").state is not StepState.PENDING and plan.old_index is not None:
-            platform.index.set_write_block(plan.old_index, False)
-            undone.append("cutover_point")
-        from archive_kms.operations.archive import replay_deferred
-
-        if platform.state.gate(plan.tenant_id).paused_by_run == run_id:
-            replayed = replay_deferred(platform.state, plan.tenant_id, run_id, platform.open_archive, fence=fence)
-            undone.append(f"pause ({len(replayed)} deferred job(s) replayed into the source)")
-        from archive_kms.migration.digests import purge_run_digests
-
-        if purge_run_digests(platform.state, run_id, fence=fence):  # nothing verifies them any more
-            undone.append("ledger digests")
+        assert flowdef.cancel is not None  # cancel_refusal said so
+        undone = flowdef.cancel(platform, run, plan, fence)
         platform.state.set_run_state(run_id, RunState.CANCELLED, fence=fence)
         _audit_run(platform, run, actor, "run.cancel", {"undone": undone})
     finally:
@@ -679,6 +674,12 @@ def cancel(platform: Platform, run_id: str, *, actor: str, takeover: bool = Fals
         created=False,
         message="cancelled: " + (", ".join(undone) or "nothing to undo"),
     )
+
+
+def _after_cancel_hint(flow: Flow) -> str:
+    if flow in (Flow.ENABLE, Flow.REMOVE):
+        return "; the tenant may already live at the destination: resume it, then run the reverse flow"
+    return "; resume it"
 
 
 @dataclass(frozen=True)
@@ -733,8 +734,11 @@ def waive(
     run = get_run(platform, run_id)
     if run.state in (RunState.COMPLETED, RunState.CANCELLED):
         raise ValidationError(f"run {run_id} is {run.state.value}: nothing to waive")
-    if run.step(POINT_OF_NO_RETURN).state is not StepState.PENDING:
-        raise ValidationError(f"run {run_id} has reached {POINT_OF_NO_RETURN}: its quarantine was settled before it")
+    barrier = definition(run.flow).point_of_no_return
+    if run.flow not in (Flow.ENABLE, Flow.REMOVE) or barrier is None:
+        raise ValidationError(f"run {run_id} is a {run.flow.value} run: it copies nothing, so nothing is quarantined")
+    if run.step(barrier).state is not StepState.PENDING:
+        raise ValidationError(f"run {run_id} has reached {barrier}: its quarantine was settled before it")
     lease = _acquire(platform, run, takeover=takeover)
     try:
         held = dict(quarantined(platform.state, run_id))
@@ -792,6 +796,7 @@ def _audit_run(platform: HasRunStore, run: MigrationRun, actor: str, action: str
 __all__ = [
     "REFUSED",
     "SUPERSEDED",
+    "WAITING",
     "Admission",
     "Hooks",
     "Outcome",
@@ -807,5 +812,6 @@ __all__ = [
     "shard_function",
     "thread_shard_runner",
     "trigger",
+    "waiting_on",
     "waive",
 ]

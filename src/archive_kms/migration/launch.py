@@ -26,8 +26,9 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from archive_kms.errors import StateError, ValidationError
-from archive_kms.migration.engine import cancel, trigger
-from archive_kms.migration.plan import POINT_OF_NO_RETURN, STEPS, plan_enable, plan_remove
+from archive_kms.migration.engine import cancel, trigger, waiting_on
+from archive_kms.migration.flowdef import definition
+from archive_kms.migration.plan import plan_enable, plan_remove
 from archive_kms.migration.report import progress
 from archive_kms.operations.platform import Platform
 from archive_kms.state.port import AuditEvent, RunState, StepState
@@ -37,6 +38,9 @@ DEPLOYMENTS: dict[str, str] = {
     "enable": "migration-enable/enable",
     "remove": "migration-remove/remove",
     "support": "migration-support/support",
+    "erase": "key-erase/erase",
+    "erase-retention": "key-erase-retention/retention",
+    "rotate": "key-rotate/rotate",
 }
 SUPPORT_ACTIONS = ("resume", "rerun", "cancel")
 TASK_RUNNERS = ("threads", "dask")
@@ -92,7 +96,7 @@ class Started:
     run_id: str
     tenant_id: str
     flow: str
-    action: str  # enable | remove | resume | rerun | cancel
+    action: str  # enable | remove | erase | rotate | resume | rerun | cancel
     created: bool  # False: nothing was submitted (a run already going, or nothing to do)
     message: str
     flow_run_id: str | None = None
@@ -195,6 +199,87 @@ def start_remove(
     return _submit_new_run(platform, launcher, plan, parameters, actor=actor)
 
 
+def start_erase(
+    platform: Platform,
+    launcher: RunLauncher,
+    tenant_id: str,
+    *,
+    actor: str,
+    before: datetime | None = None,
+    workspace: str | None = None,
+    reason: str | None = None,
+) -> Started:
+    """Trigger a crypto-erasure of ``tenant_id``'s buckets before ``before`` or its
+    ``workspace`` and submit it to the erase deployment (every refusal comes first)."""
+    from archive_kms.migration.erase import plan_erase
+
+    plan = plan_erase(platform, tenant_id, before=before, workspace=workspace, reason=reason)
+    parameters = {
+        "tenant": plan.tenant_id,
+        "before": before.isoformat() if before is not None else None,
+        "workspace": workspace,
+        "reason": plan.reason,
+        "actor": actor,
+    }
+    return _submit_new_run(platform, launcher, plan, parameters, actor=actor)
+
+
+def start_rotation_check(platform: Platform, launcher: RunLauncher, tenant_id: str, *, actor: str) -> Started:
+    """Look for a rotation of ``tenant_id``'s key (``migration.rotation_monitor``); on one,
+    make sure its rotate run exists and submit it to the rotate deployment (it pauses the
+    tenant and waits for the confirmation). ``created`` False: no rotation, or its run
+    was submitted already."""
+    from archive_kms.migration.rotation_monitor import check_rotation
+
+    _, rotation, run = check_rotation(platform, tenant_id, actor=actor)
+    if run is None or rotation is None:
+        return Started("", tenant_id, "rotate", "rotate", False, "no rotation of the key since the last check")
+    submitted = any(
+        r.action == "run.submit" and r.run_id == run.run_id for r in platform.state.iter_audit(tenant_id=tenant_id)
+    )
+    if submitted:
+        return Started(run.run_id, tenant_id, "rotate", "rotate", False, f"rotation {rotation.rotation_id} is in hand")
+    return submit_run(platform, launcher, run, {"tenant": tenant_id, "actor": actor}, actor=actor)
+
+
+def confirm_and_resume(
+    platform: Platform, launcher: RunLauncher, tenant_id: str, confirmation: bytes | str, *, actor: str
+) -> Started:
+    """Accept a rotation confirmation (``operations.rotation.confirm_rotation``: every
+    refusal raises and changes nothing) and submit the resume of the waiting rotate run."""
+    from archive_kms.operations.rotation import confirm_rotation
+
+    rotation = confirm_rotation(platform, confirmation, tenant_id=tenant_id, actor=actor)
+    if rotation.run_id is None:
+        raise StateError(f"rotation {rotation.rotation_id} has no run", resource=f"rotation:{rotation.rotation_id}")
+    return start_support(platform, launcher, rotation.run_id, "resume", actor=actor)
+
+
+def submit_run(
+    platform: Platform, launcher: RunLauncher, run: Any, parameters: dict[str, Any], *, actor: str
+) -> Started:
+    deployment = DEPLOYMENTS[run.flow.value]
+    launch = launcher.submit(deployment, {**parameters, "run_id": run.run_id}, tags=run_tags(run.tenant_id, run.run_id))
+    _audit(
+        platform,
+        actor,
+        "run.submit",
+        run.tenant_id,
+        run.run_id,
+        {"deployment": deployment, "flow_run": launch.flow_run_id},
+    )
+    return Started(
+        run.run_id,
+        run.tenant_id,
+        run.flow.value,
+        run.flow.value,
+        True,
+        "submitted",
+        launch.flow_run_id,
+        launch.deployment,
+    )
+
+
 def check_support(platform: Platform, run_id: str, action: str, from_step: str | None = None) -> Any:
     """The run, if ``action`` may be submitted for it; ``StateError`` for an unknown run,
     ``ValidationError`` naming what to fix for a request the flow would refuse."""
@@ -203,25 +288,21 @@ def check_support(platform: Platform, run_id: str, action: str, from_step: str |
     run = platform.state.get_run(run_id)
     if run is None:
         raise StateError(f"unknown run {run_id!r}", resource=f"run:{run_id}")
+    flowdef = definition(run.flow)
     if action == "rerun":
-        if from_step not in STEPS:
-            raise ValidationError(f"from_step {from_step!r}: use one of {', '.join(STEPS)}")
-        barrier = run.step(POINT_OF_NO_RETURN).state
-        idx, cut = STEPS.index(from_step), STEPS.index(POINT_OF_NO_RETURN)
-        if run.state is not RunState.COMPLETED and (
-            (barrier is StepState.COMPLETED and idx <= cut) or (barrier is not StepState.PENDING and idx < cut)
-        ):
-            raise ValidationError(
-                f"from_step {from_step!r}: run {run_id} is past {POINT_OF_NO_RETURN}; rerun from a later step"
-            )
+        if from_step not in flowdef.steps:
+            raise ValidationError(f"from_step {from_step!r}: use one of {', '.join(flowdef.steps)}")
+        refusal = None if run.state is RunState.COMPLETED else flowdef.rerun_refusal(run, from_step)
+        if refusal is not None:
+            raise ValidationError(f"from_step {from_step!r}: {refusal}")
     if action in ("resume", "rerun") and run.state is RunState.CANCELLED:
         raise ValidationError(f"run {run_id} was cancelled; start a new run")
-    if (
-        action == "cancel"
-        and run.state is not RunState.CANCELLED
-        and (run.state is RunState.COMPLETED or run.step(POINT_OF_NO_RETURN).state is not StepState.PENDING)
-    ):
-        raise ValidationError(f"run {run_id} has reached {POINT_OF_NO_RETURN}; it cannot be cancelled")
+    if action == "cancel" and run.state is not RunState.CANCELLED:
+        refusal = flowdef.cancel_refusal(run)
+        if refusal is None and run.state is RunState.COMPLETED:
+            refusal = f"run {run_id} has completed"
+        if refusal is not None:
+            raise ValidationError(f"{refusal}; it cannot be cancelled")
     return run
 
 
@@ -280,7 +361,7 @@ class Snapshot:
     current_step: str | None
     launch: LaunchState | None
     done: bool
-    outcome: str | None = None  # once done: completed | failed | cancelled | crashed
+    outcome: str | None = None  # once done: completed | failed | cancelled | crashed | waiting
     message: str = ""
     steps: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
 
@@ -306,6 +387,10 @@ def snapshot(platform: Platform, run_id: str, launcher: RunLauncher | None = Non
         launch=launch,
         steps=steps,
     )
+    wait = waiting_on(platform, run)
+    if wait is not None and (launch is None or launch.terminal or launch.state == "paused"):
+        # the run waits for something outside it (a rotation's confirmation): settled until then
+        return Snapshot(**base, done=True, outcome="waiting", message=str(wait.get("waiting", "")))
     if launch is not None and not launch.terminal:
         waiting = launch.state in ("scheduled", "pending")
         return Snapshot(**base, done=False, message="waiting for a worker" if waiting else f"flow run {launch.state}")
@@ -354,10 +439,14 @@ __all__ = [
     "Snapshot",
     "Started",
     "check_support",
+    "confirm_and_resume",
     "follow",
     "run_tags",
     "snapshot",
     "start_enable",
+    "start_erase",
     "start_remove",
+    "start_rotation_check",
     "start_support",
+    "submit_run",
 ]

@@ -4,7 +4,7 @@ run finished last week as the flow printed when it ended)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from archive_kms.errors import StateError
@@ -46,10 +46,37 @@ def progress(platform: HasRunLedger, run: MigrationRun) -> dict[str, Any]:
     }
 
 
+#: The report of a run of another kind than enable/remove: (platform, run, final) -> JSON.
+ReportFn = Callable[[HasRunLedger, MigrationRun, bool], dict[str, Any]]
+_REPORTS: dict[str, ReportFn] = {}
+
+
+def register_report(flow: str, report: ReportFn) -> None:
+    """Use ``report`` for runs of ``flow`` (rotate and erase register theirs where they are built)."""
+    _REPORTS[flow] = report
+
+
+def step_rows(run: MigrationRun) -> list[dict[str, Any]]:
+    """Per step: state, attempts, seconds and error (every report has them)."""
+    return [
+        {"step": s.name, "state": s.state.value, "attempts": s.attempt, "seconds": _seconds(s), "error": s.error}
+        for s in run.steps
+    ]
+
+
+def total_seconds(run: MigrationRun) -> float | None:
+    """Seconds from the run's creation to its last step's end."""
+    ends = [s.finished_at for s in run.steps if s.finished_at is not None]
+    return round((max(ends) - run.created_at).total_seconds(), 3) if ends else None
+
+
 def build_report(platform: HasRunLedger, run_id: str, *, final: bool = False) -> dict[str, Any]:
     run = platform.state.get_run(run_id)
     if run is None:
         raise StateError(f"unknown run {run_id!r}: see `archive-kms runs list`", resource=f"run:{run_id}")
+    other = _REPORTS.get(run.flow.value)
+    if other is not None:
+        return other(platform, run, final)
     params = run.params
     summary = platform.state.manifest_summary(run_id)
     steps = []
@@ -120,4 +147,4 @@ def _uri(loc: Any) -> str | None:
     return Location.from_dict(loc).uri
 
 
-__all__ = ["build_report", "progress"]
+__all__ = ["ReportFn", "build_report", "progress", "register_report", "step_rows", "total_seconds"]

@@ -872,11 +872,11 @@ def report(ctx: RunContext) -> dict[str, Any]:
     # The keyed plaintext digests served verify; nothing compares them from here on.
     out["ledger_digests_purged"] = purge_run_digests(ctx.platform.state, ctx.run_id, fence=ctx.fence)
     if ctx.platform.anchors is not None:
-        out["audit_anchor"] = _anchor_audit(ctx, ctx.platform.anchors)
+        out["audit_anchor"] = anchor_audit(ctx, ctx.platform.anchors)
     return out
 
 
-def _anchor_audit(ctx: RunContext, anchors: AnchorStore) -> dict[str, Any]:
+def anchor_audit(ctx: RunContext, anchors: AnchorStore) -> dict[str, Any]:
     """Publish the audit head (with this run's records) outside the database. A log that
     does not continue the latest anchor (a restored or replaced database) is fatal and
     alarmed: nothing is anchored over it and the run fails here (``AuditForkError``).
@@ -910,4 +910,4 @@ STEP_FUNCTIONS: dict[str, Step] = {
     "report": report,
 }
 
-__all__ = ["STEP_FUNCTIONS", "Step"]
+__all__ = ["STEP_FUNCTIONS", "Step", "anchor_audit"]

@@ -60,7 +60,9 @@ class Platform:
     # The L1 references that are the platform's own (managed) key: the in-memory resolver
     # spells them memory://...; a real one managed://... (``is_platform_key``).
     platform_key_refs: set[str] = field(default_factory=set)
-    signer: Signer | None = None  # the platform signing key (keychain, audit seals, anchors, generations)
+    signer: Signer | None = (
+        None  # the platform signing key (keychain, audit seals, anchors, search generations, erasure records, rotation confirmations)
+    )
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -75,6 +77,14 @@ class Platform:
             if store is None:
                 store = self._stores[location.uri] = self.open_store(location)
             return store
+
+    def require_signer(self) -> Signer:
+        """The platform signing key; ``ConfigurationError`` if this platform was built without it."""
+        if self.signer is None:
+            from archive_kms.errors import ConfigurationError
+
+            raise ConfigurationError("this platform has no signing key (build it with Platform.from_settings)")
+        return self.signer
 
     def keychain_exists(self, tenant_id: str) -> bool:
         try:

@@ -175,3 +175,73 @@ def step_transition(
     if target is StepState.PENDING:
         raise StateError("use reset_steps to move a step back to pending", resource=f"run:{run_id}")
     return {"state": target.value, "finished_at": now, "result": result, "error": error}
+
+
+# --- key lifecycle -------------------------------------------------------------------------
+
+#: Fields ``update_rotation`` may change (``details`` is merged, the others replaced).
+ROTATION_CHANGES = frozenset(
+    {
+        "state",
+        "run_id",
+        "nonce",
+        "observed_version",
+        "awaiting_since",
+        "confirmed_by",
+        "confirmed_at",
+        "completed_at",
+        "details",
+    }
+)
+
+
+def check_retention(retention_seconds: Any, actor: Any) -> int:
+    from archive_kms.state.port import MAX_RETENTION_SECONDS
+
+    if isinstance(retention_seconds, bool) or not isinstance(retention_seconds, int):
+        raise ValidationError(f"retention must be a whole number of seconds, got {retention_seconds!r}")
+    if not 1 <= retention_seconds <= MAX_RETENTION_SECONDS:
+        raise ValidationError(
+            f"retention must be between 1 second and {MAX_RETENTION_SECONDS // 86_400} days, got {retention_seconds} s"
+        )
+    check_id("actor", actor, 255)
+    return retention_seconds
+
+
+def check_rotation(rotation: Any) -> None:
+    from archive_kms.state.port import ROTATION_KINDS
+
+    check_id("rotation id", rotation.rotation_id, 64)
+    if rotation.kind not in ROTATION_KINDS:
+        raise ValidationError(f"rotation kind must be one of {', '.join(ROTATION_KINDS)}, got {rotation.kind!r}")
+    for what in ("key_ref", "previous_key_ref"):
+        check_id(what, getattr(rotation, what), 2048)
+    for what in ("previous_version", "observed_version"):
+        value = getattr(rotation, what)
+        if value is not None:
+            check_id(what, value, 255)
+
+
+def check_rotation_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
+    from archive_kms.state.port import RotationState
+
+    unknown = set(changes) - ROTATION_CHANGES
+    if unknown:
+        raise ValidationError(f"update_rotation cannot change {', '.join(sorted(unknown))}")
+    out = dict(changes)
+    if "state" in out:
+        out["state"] = member(RotationState, out["state"], "rotation state")
+    if "details" in out:
+        out["details"] = json_object(out["details"], "rotation details")
+    return out
+
+
+def rotation_refusal(rotation_id: str, state: Any, expect: Any, nonce_matches: bool) -> StateError:
+    """Why a compare-and-set on a rotation did not apply (single use of its challenge)."""
+    if not nonce_matches:
+        return StateError(
+            f"rotation {rotation_id} has another confirmation challenge (an old or forged one was used)",
+            resource=f"rotation:{rotation_id}",
+        )
+    wanted = ", ".join(s.value for s in expect)
+    return StateError(f"rotation {rotation_id} is {state.value}, not {wanted}", resource=f"rotation:{rotation_id}")

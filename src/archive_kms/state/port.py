@@ -3,7 +3,7 @@ console remember between processes.
 
 It is split into small protocols, one per concern, so a caller can ask for only what it
 uses (``TenantRepo``, ``GateRepo``, ``JobLeaseRepo``, ``RunRepo``, ``LedgerRepo``,
-``LeaseRepo``, ``AuditLog``); ``StateStore`` is all of them. Backends: ``state.sql`` (SQLite by default,
+``LeaseRepo``, ``AuditLog``, ``LifecycleRepo``); ``StateStore`` is all of them. Backends: ``state.sql`` (SQLite by default,
 PostgreSQL by URL) and ``state.memory`` (in-process). Both are held to the same contract
 suite, ``tests/contract/test_state_store_contract.py``. The design and the concurrency
 model are described in ``docs/state-store.md``.
@@ -752,12 +752,157 @@ class SearchGenerationRepo(Protocol):
         ...
 
 
+# --- key lifecycle: retention, rotations, observed key versions -------------------------
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """How long a tenant's archived data is kept: the DEKs of every time bucket that ended
+    more than ``retention_seconds`` ago are crypto-erased (with what they encrypted) by the
+    scheduled erase (``docs/key-lifecycle.md``)."""
+
+    tenant_id: str
+    retention_seconds: int
+    updated_by: str
+    updated_at: datetime | None = None
+
+
+MAX_RETENTION_SECONDS = 100 * 366 * 86_400  # a century: anything longer is a typo
+
+
+class RotationState(str, enum.Enum):
+    """A rotation of a tenant's master key, from detection to the old version being free."""
+
+    DETECTED = "detected"  # the key's version changed (or a BYOK upload arrived); a rotate run is triggered
+    AWAITING = "awaiting"  # the tenant is paused; a confirmation is asked for (challenge ``nonce``)
+    CONFIRMED = "confirmed"  # a valid confirmation consumed the challenge (single use)
+    COMPLETED = "completed"  # L2 wrapped under the new version, index rebuilt, jobs resumed
+    CANCELLED = "cancelled"  # the run was cancelled before it re-wrapped anything
+
+
+OPEN_ROTATION_STATES = (RotationState.DETECTED, RotationState.AWAITING, RotationState.CONFIRMED)
+
+
+@dataclass(frozen=True)
+class KeyRotation:
+    """One rotation of a tenant's L1 key. ``kind``: ``customer`` (the customer rotated
+    their KMS key / Key Vault key / KMIP key; confirmed in the console) or ``byok`` (the
+    customer uploaded new material: a new imported key). ``key_ref``: the key whose new
+    version the L2 is re-wrapped under (BYOK: the new key); ``previous_*``: what the L2 was
+    wrapped under before. ``nonce``: the confirmation challenge, consumed exactly once
+    (``update_rotation(..., match_nonce=)``). ``details``: what the rotation proved and did
+    (ids, versions, counts; never key material)."""
+
+    rotation_id: str
+    tenant_id: str
+    kind: str
+    key_ref: str
+    previous_key_ref: str
+    previous_version: str | None
+    observed_version: str | None
+    state: RotationState = RotationState.DETECTED
+    run_id: str | None = None
+    nonce: str | None = field(default=None, repr=False)
+    detected_at: datetime | None = None
+    updated_at: datetime | None = None
+    awaiting_since: datetime | None = None
+    confirmed_by: str | None = None
+    confirmed_at: datetime | None = None
+    completed_at: datetime | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def open(self) -> bool:
+        return self.state in OPEN_ROTATION_STATES
+
+
+@dataclass(frozen=True)
+class KeyVersionMark:
+    """The L1 key version a tenant's L2 was last known to be wrapped under (what the
+    rotation detector compares the provider's current version with)."""
+
+    tenant_id: str
+    key_ref: str
+    version: str | None
+    observed_at: datetime | None = None
+
+
+ROTATION_KINDS = ("customer", "byok")
+
+
+@runtime_checkable
+class LifecycleRepo(Protocol):
+    """Retention policies, key rotations and the last known key version per tenant.
+    A tenant has at most one open rotation (detected, awaiting or confirmed): a unique
+    index in SQL, as for running runs."""
+
+    def set_retention(self, tenant_id: str, retention_seconds: int, *, actor: str) -> RetentionPolicy:
+        """Create or replace the tenant's policy; ``ValidationError`` outside
+        1..``MAX_RETENTION_SECONDS``; ``StateError`` for an unknown tenant."""
+        ...
+
+    def get_retention(self, tenant_id: str) -> RetentionPolicy | None: ...
+
+    def list_retention(self) -> list[RetentionPolicy]:
+        """Every policy, by tenant id."""
+        ...
+
+    def clear_retention(self, tenant_id: str) -> bool:
+        """Remove the policy; False if there was none."""
+        ...
+
+    def record_key_version(self, tenant_id: str, key_ref: str, version: str | None) -> KeyVersionMark:
+        """Upsert the tenant's last known key version."""
+        ...
+
+    def get_key_version(self, tenant_id: str) -> KeyVersionMark | None: ...
+
+    def open_rotation(self, rotation: KeyRotation) -> tuple[KeyRotation, bool]:
+        """Store a new rotation (state ``detected``), or return the tenant's open one
+        (False). ``StateError`` for an unknown tenant; ``ValidationError`` for a bad kind."""
+        ...
+
+    def get_rotation(self, rotation_id: str) -> KeyRotation | None: ...
+
+    def find_open_rotation(self, tenant_id: str) -> KeyRotation | None: ...
+
+    def list_rotations(
+        self, tenant_id: str | None = None, *, states: Iterable[RotationState] | None = None, limit: int = 100
+    ) -> list[KeyRotation]:
+        """Newest first."""
+        ...
+
+    def update_rotation(
+        self,
+        rotation_id: str,
+        *,
+        expect: Iterable[RotationState],
+        match_nonce: str | None = None,
+        **changes: Any,
+    ) -> KeyRotation:
+        """Compare-and-set: apply ``changes`` (``state``, ``run_id``, ``nonce``,
+        ``awaiting_since``, ``confirmed_by``, ``confirmed_at``, ``completed_at``; ``details``
+        is merged into the stored details) only if the rotation is in one of ``expect`` and,
+        with ``match_nonce``, its challenge is exactly that. Otherwise ``StateError`` saying
+        what it is (so a second consumer of one challenge is refused: single use)."""
+        ...
+
+
 # --- the whole store --------------------------------------------------------------------
 
 
 @runtime_checkable
 class StateStore(
-    TenantRepo, GateRepo, JobLeaseRepo, RunRepo, LedgerRepo, LeaseRepo, AuditLog, SearchGenerationRepo, Protocol
+    TenantRepo,
+    GateRepo,
+    JobLeaseRepo,
+    RunRepo,
+    LedgerRepo,
+    LeaseRepo,
+    AuditLog,
+    SearchGenerationRepo,
+    LifecycleRepo,
+    Protocol,
 ):
     """Every concern above in one object (what ``open_state`` returns)."""
 

@@ -52,6 +52,7 @@ from archive_kms.state.port import (
     GateState,
     JobState,
     KeyMode,
+    RotationState,
     RunState,
     StepState,
 )
@@ -460,6 +461,63 @@ search_generations = Table(
     Column("body", LargeBinary, nullable=False),
     Column("recorded_at", UtcDateTime, nullable=False),
     PrimaryKeyConstraint("tenant_id", "generation"),
+)
+
+
+# --- key lifecycle (state/sql/lifecycle.py; Alembic revision 0008) ------------------------
+# Retention policies, key rotations (with their confirmation challenge) and the last known
+# L1 key version per tenant (docs/key-lifecycle.md).
+
+retention_policies = Table(
+    "retention_policies",
+    metadata,
+    Column("tenant_id", String(TENANT_ID), ForeignKey("tenants.tenant_id"), primary_key=True),
+    Column("retention_seconds", BigInteger, nullable=False),
+    Column("updated_by", String(255), nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    CheckConstraint("retention_seconds >= 1", name="retention_positive"),
+)
+
+key_versions = Table(
+    "key_versions",
+    metadata,
+    Column("tenant_id", String(TENANT_ID), ForeignKey("tenants.tenant_id"), primary_key=True),
+    Column("key_ref", Text, nullable=False),
+    Column("version", String(255)),
+    Column("observed_at", UtcDateTime, nullable=False),
+)
+
+key_rotations = Table(
+    "key_rotations",
+    metadata,
+    Column("rotation_id", String(64), primary_key=True),
+    Column("tenant_id", String(TENANT_ID), ForeignKey("tenants.tenant_id"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("key_ref", Text, nullable=False),
+    Column("previous_key_ref", Text, nullable=False),
+    Column("previous_version", String(255)),
+    Column("observed_version", String(255)),
+    Column("state", String(16), nullable=False),
+    Column("run_id", String(RUN_ID)),
+    Column("nonce", String(64)),
+    Column("detected_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("awaiting_since", UtcDateTime),
+    Column("confirmed_by", String(255)),
+    Column("confirmed_at", UtcDateTime),
+    Column("completed_at", UtcDateTime),
+    Column("details", Json, nullable=False),
+    _one_of("state", RotationState),
+    CheckConstraint("kind IN ('customer', 'byok')", name="kind"),
+    Index(None, "tenant_id", "detected_at"),
+    # One open rotation per tenant.
+    Index(
+        "uq_key_rotations_one_open_per_tenant",
+        "tenant_id",
+        unique=True,
+        sqlite_where=text("state IN ('detected', 'awaiting', 'confirmed')"),
+        postgresql_where=text("state IN ('detected', 'awaiting', 'confirmed')"),
+    ),
 )
 
 

@@ -7,6 +7,7 @@ from archive_kms.state.memory.audit_log import MemoryAuditLog
 from archive_kms.state.memory.job_leases import MemoryJobLeaseRepo
 from archive_kms.state.memory.leases import MemoryLeaseRepo
 from archive_kms.state.memory.ledger import MemoryLedgerRepo
+from archive_kms.state.memory.lifecycle import MemoryLifecycleRepo
 from archive_kms.state.memory.runs import MemoryRunRepo
 from archive_kms.state.memory.search_generations import MemorySearchGenerationRepo
 from archive_kms.state.memory.tenants import MemoryTenantRepo
@@ -22,6 +23,7 @@ class InMemoryStateStore(
     MemoryLeaseRepo,
     MemoryAuditLog,
     MemorySearchGenerationRepo,
+    MemoryLifecycleRepo,
 ):
     """``StateStore`` in memory (thread-safe). ``clock``, ``sealer`` and ``job_stale_after``
     as for ``SqlStateStore``."""

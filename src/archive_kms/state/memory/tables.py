@@ -22,8 +22,11 @@ from archive_kms.state.port import (
     DeferredJob,
     Fence,
     GateState,
+    KeyRotation,
+    KeyVersionMark,
     ManifestEntry,
     MigrationRun,
+    RetentionPolicy,
     StepRecord,
     TenantRecord,
 )
@@ -91,6 +94,9 @@ class MemoryTables:
         self._leases: dict[str, _LeaseRow] = {}
         self._audit: list[AuditRecord] = []
         self._search_generations: dict[tuple[str, int], bytes] = {}  # signed JSON, as SQL keeps it
+        self._retention: dict[str, RetentionPolicy] = {}
+        self._key_versions: dict[str, KeyVersionMark] = {}
+        self._rotations: dict[str, KeyRotation] = {}
         self._heads: dict[str, chain.ChainHead] = {
             chain.GLOBAL_CHAIN: chain.ChainHead(chain.GLOBAL_CHAIN, 0, chain.GENESIS)
         }

@@ -1,0 +1,110 @@
+"""Rotation detection: a **minimal stand-in** for the key-state monitor of issue #13 (the
+revocation work), which was not on ``main`` when rotation was built. The contract it
+stands in for: the monitor raises a ``rotation_detected`` warning and calls
+``on_rotation_detected(tenant_id, observation)``. Here:
+
+- ``observe(platform, tenant_id)`` reads the provider's current version of the tenant's
+  L1 and compares it with the last known one (``LifecycleRepo.get_key_version``); the
+  first observation only records a baseline;
+- ``on_rotation_detected(platform, tenant_id, observation, actor=)`` opens the rotation
+  (one open per tenant) and triggers its ``rotate`` run; the rotation record is the
+  warning the console shows (``api.key_lifecycle``);
+- ``check_rotation`` is both, what ``archive-kms rotation check`` runs.
+
+When the monitor lands, it calls ``on_rotation_detected`` and this module's ``observe``
+either goes or becomes its probe; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from archive_kms.domain.tenants import TenantId
+from archive_kms.errors import StateError
+from archive_kms.migration.engine import trigger
+from archive_kms.migration.rotate import audit_detected, plan_rotation
+from archive_kms.operations.platform import Platform
+from archive_kms.operations.rotation import current_key_version
+from archive_kms.state.port import KeyMode, KeyRotation, MigrationRun
+
+__all__ = ["RotationObservation", "check_rotation", "observe", "on_rotation_detected"]
+
+
+@dataclass(frozen=True)
+class RotationObservation:
+    tenant_id: str
+    key_ref: str
+    previous_version: str | None
+    observed_version: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tenant": self.tenant_id,
+            "key_ref": self.key_ref,
+            "previous_version": self.previous_version,
+            "observed_version": self.observed_version,
+        }
+
+
+def observe(platform: Platform, tenant_id: str) -> RotationObservation | None:
+    """A rotation of ``tenant_id``'s master key since the last known version, or None
+    (unchanged; or the first look, which records the baseline)."""
+    tid = TenantId(tenant_id).value
+    t = platform.state.get_tenant(tid)
+    if t is None:
+        raise StateError(f"unknown tenant {tid!r}", resource=f"tenant:{tid}")
+    if t.key_mode is KeyMode.MANAGED:
+        return None
+    key_ref = platform.keychain.status(tid).l1_ref
+    version = current_key_version(platform, key_ref)
+    mark = platform.state.get_key_version(tid)
+    if mark is None or mark.key_ref != key_ref:
+        platform.state.record_key_version(tid, key_ref, version)
+        return None
+    if version is None or version == mark.version:
+        return None
+    return RotationObservation(tid, key_ref, mark.version, version)
+
+
+def on_rotation_detected(
+    platform: Platform, tenant_id: str, observation: RotationObservation, *, actor: str
+) -> tuple[KeyRotation, MigrationRun, bool]:
+    """Open the rotation (or find the tenant's open one) and trigger its rotate run (or
+    find it). Returns (rotation, run, created)."""
+    rotation, created = platform.state.open_rotation(
+        KeyRotation(
+            rotation_id=uuid.uuid4().hex,
+            tenant_id=tenant_id,
+            kind="customer",
+            key_ref=observation.key_ref,
+            previous_key_ref=observation.key_ref,
+            previous_version=observation.previous_version,
+            observed_version=observation.observed_version,
+        )
+    )
+    if created:
+        audit_detected(platform, rotation, actor)
+    if rotation.run_id is not None:
+        run = platform.state.get_run(rotation.run_id)
+        if run is not None:
+            return rotation, run, False
+    run, run_created = trigger(platform, plan_rotation(platform, rotation), actor=actor)
+    return rotation, run, created or run_created
+
+
+def check_rotation(
+    platform: Platform, tenant_id: str, *, actor: str
+) -> tuple[RotationObservation | None, KeyRotation | None, MigrationRun | None]:
+    """Observe; on a rotation (or with one already open), make sure its run exists."""
+    observation = observe(platform, tenant_id)
+    if observation is None:
+        rotation = platform.state.find_open_rotation(TenantId(tenant_id).value)
+        if rotation is None:
+            return None, None, None
+        observation = RotationObservation(
+            rotation.tenant_id, rotation.key_ref, rotation.previous_version, rotation.observed_version
+        )
+    rotation, run, _ = on_rotation_detected(platform, observation.tenant_id, observation, actor=actor)
+    return observation, rotation, run
