@@ -93,6 +93,21 @@ class Settings(BaseSettings):
     keychain_signing_key_path: str | None = None
     key_cache_ttl_seconds: float = 60.0
     dek_bucket_seconds: int = 3600
+    # How old a keychain head this process verified may be when a read uses it again:
+    # a revocation, erasure or rotation committed elsewhere takes effect here within it
+    # (0 = read the state store on every use). `archive-kms revoke` waits it out before
+    # probing, so nothing is served anywhere once it returns (docs/key-lifecycle.md).
+    revocation_check_seconds: float = Field(default=0.5, ge=0, le=10)
+    # How often a process asks the provider for a tenant's master-key state before using
+    # its keys (0 = never): a key the customer disabled is refused within about this long.
+    key_state_check_seconds: float = Field(default=5.0, ge=0, le=300)
+    # How long a read waits for that answer before treating the key service as unreachable.
+    key_state_check_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    # What an unreachable key service does, unless the tenant has its own policy
+    # (`archive-kms keys policy`): deny-immediately | serve-from-cache-for:SECONDS | alert-only.
+    key_outage_grace: str = "serve-from-cache-for:60"
+    # The key-state monitor's schedule (its Prefect deployment), in seconds.
+    key_monitor_interval_seconds: int = Field(default=60, ge=10, le=86_400)
 
     # Audit anchors: the audit log's head published to an S3 bucket with Object Lock
     # (compliance mode), so a rollback of the database is found. None = not published.
