@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from archive_kms.state.memory.audit_log import MemoryAuditLog
 from archive_kms.state.memory.job_leases import MemoryJobLeaseRepo
+from archive_kms.state.memory.key_lifecycle import MemoryKeyWatchRepo, MemoryWarningRepo
 from archive_kms.state.memory.leases import MemoryLeaseRepo
 from archive_kms.state.memory.ledger import MemoryLedgerRepo
 from archive_kms.state.memory.runs import MemoryRunRepo
@@ -14,7 +15,14 @@ __all__ = ["InMemoryStateStore"]
 
 
 class InMemoryStateStore(
-    MemoryTenantRepo, MemoryJobLeaseRepo, MemoryRunRepo, MemoryLedgerRepo, MemoryLeaseRepo, MemoryAuditLog
+    MemoryTenantRepo,
+    MemoryJobLeaseRepo,
+    MemoryRunRepo,
+    MemoryLedgerRepo,
+    MemoryLeaseRepo,
+    MemoryAuditLog,
+    MemoryWarningRepo,
+    MemoryKeyWatchRepo,
 ):
     """``StateStore`` in memory (thread-safe). ``clock``, ``sealer`` and ``job_stale_after``
     as for ``SqlStateStore``."""

@@ -22,9 +22,12 @@ from archive_kms.state.port import (
     DeferredJob,
     Fence,
     GateState,
+    GracePolicyRecord,
     ManifestEntry,
     MigrationRun,
+    ObservedKey,
     StepRecord,
+    StoredWarning,
     TenantRecord,
 )
 
@@ -90,6 +93,9 @@ class MemoryTables:
         self._copies: dict[str, dict[bytes, CopyRecord]] = {}
         self._leases: dict[str, _LeaseRow] = {}
         self._audit: list[AuditRecord] = []
+        self._warnings: dict[str, StoredWarning] = {}
+        self._observations: dict[str, ObservedKey] = {}
+        self._grace: dict[str, GracePolicyRecord] = {}
         self._heads: dict[str, chain.ChainHead] = {
             chain.GLOBAL_CHAIN: chain.ChainHead(chain.GLOBAL_CHAIN, 0, chain.GENESIS)
         }
