@@ -23,7 +23,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +38,12 @@ from archive_kms.storage import Location, ObjectStore
 if TYPE_CHECKING:
     from archive_kms.crypto.signing import Signer
     from archive_kms.keys.keychain import Keychain
+    from archive_kms.keys.keychain.access import GracePolicy, L1Verdict
     from archive_kms.keys.port import KeyProvider
     from archive_kms.state.anchors import AnchorStore
     from archive_kms.storage.provisioning import LocationProvisioner
 
-__all__ = ["Platform", "platform_signer"]
+__all__ = ["Platform", "grace_policy_lookup", "key_state_reporter", "platform_signer"]
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Platform:
     open_store: Callable[[Location], ObjectStore]  # use ``store_for``: it keeps one store per location
     provisioner: LocationProvisioner  # the buckets/containers themselves
     anchors: AnchorStore | None = None  # where the audit head is published; None = not configured
+    keychain_factory: Callable[[], Keychain] | None = None  # another keychain over the same store (probes)
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -95,18 +97,20 @@ class Platform:
         return derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id)
 
     def open_archive(self, tenant_id: str) -> TenantArchive:
-        """The tenant's archive where it lives now (registry lookup)."""
+        """The tenant's archive where it lives now (registry lookup). Its search keys are
+        asked of the keychain on every use, never kept (``TenantArchive``)."""
         from archive_kms.storage.name_limits import tenant_locations
 
         t = self._tenant(tenant_id)
+        key_mode = t.key_mode
         location = Location.from_dict(t.location)
         return TenantArchive(
             tenant_id=tenant_id,
             store=self.store_for(location),
             keychain=self.keychain,
             index=self.index,
-            index_mode=self.index_mode(t.key_mode),
-            search_keys=self.search_keys(tenant_id, t.key_mode),
+            index_mode=self.index_mode(key_mode),
+            search_keys=lambda: self.search_keys(tenant_id, key_mode),
             relocate=lambda: self.open_archive(tenant_id),
             keyed_search_keys=lambda: derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id),
             name_locations=tenant_locations(
@@ -115,6 +119,17 @@ class Platform:
                 getattr(self.settings, "shared_azure_account", None),
             ),
         )
+
+    def grace_policy(self, tenant_id: str) -> GracePolicy:
+        """The tenant's grace policy for key-service outages: its own, else the settings'."""
+        return grace_policy_lookup(self.state, self.settings)(tenant_id)
+
+    def probe_view(self) -> Platform:
+        """This platform with a keychain of its own (an empty key cache, no view of the
+        tenant heads yet): what another process sees. Revocation receipts probe with it."""
+        if self.keychain_factory is None:
+            raise StateError("this platform cannot make a second keychain (no keychain_factory)")
+        return replace(self, keychain=self.keychain_factory(), _stores={}, _lock=threading.Lock())
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Platform:
@@ -138,9 +153,23 @@ class Platform:
             s.state_url, sealer=SignerHeadSealer(signer), job_stale_after=timedelta(seconds=s.job_lease_ttl_seconds)
         )
         registry = KeyProviderRegistry(s)  # one provider (and its clients) per key reference
-        # The keychain audits its commits in the same database and refuses a head older than
-        # the audit log recorded (a restored old keychain: docs/adr/0007-keychain-rollback.md).
-        keychain = Keychain.from_settings(s, SqlKeychainStore(state), registry.resolve, signer, audit=state)
+
+        def new_keychain(*, report: bool = True) -> Keychain:
+            # The keychain audits its commits in the same database and refuses a head older than
+            # the audit log recorded (a restored old keychain: docs/adr/0007-keychain-rollback.md);
+            # it checks each tenant's master key at its provider before using its keys, with the
+            # tenant's grace policy for outages (docs/key-lifecycle.md).
+            return Keychain.from_settings(
+                s,
+                SqlKeychainStore(state),
+                registry.resolve,
+                signer,
+                audit=state,
+                policy_for=grace_policy_lookup(state, s),
+                on_key_state_change=key_state_reporter(state) if report else None,
+            )
+
+        keychain = new_keychain()
         s3 = clients.aws_client("s3", s) if s.aws_endpoint_url or s.aws_access_key_id else None
         blob = clients.blob_service_client(s) if s.azure_blob_connection_string or s.azure_blob_account_url else None
 
@@ -156,6 +185,7 @@ class Platform:
             open_location,
             CloudProvisioner(s, s3_client=s3, blob_service=blob),
             anchors=_anchor_store(s, s3),
+            keychain_factory=lambda: new_keychain(report=False),
         )
 
     @classmethod
@@ -164,6 +194,7 @@ class Platform:
         from archive_kms.crypto.signing import Signer
         from archive_kms.keys.cache import KeyCache
         from archive_kms.keys.keychain import Keychain
+        from archive_kms.keys.keychain.access import KeyStateGuard
         from archive_kms.keys.keychain_store import InMemoryKeychainStore
         from archive_kms.keys.memory import MemoryKeyProvider, MemoryKms
         from archive_kms.search.memory import MemorySearchIndex
@@ -190,11 +221,35 @@ class Platform:
             return stores.setdefault(location.uri, MemoryObjectStore())
 
         state = InMemoryStateStore()
-        # The keychain records its commits in the state store's audit log and checks its
-        # head against it (rollback detection), as ``from_settings`` does.
-        keychain = Keychain(
-            InMemoryKeychainStore(), resolve, Signer.generate(), clock or time.time, KeyCache(), audit=state
-        )
+        keychain_store, signer = InMemoryKeychainStore(), Signer.generate()
+
+        def new_keychain(*, report: bool = True) -> Keychain:
+            # The keychain records its commits in the state store's audit log and checks its
+            # head against it (rollback detection), and checks each tenant's master key before
+            # using its keys, as ``from_settings`` does.
+            cache = KeyCache.from_settings(settings)
+            guard = None
+            if settings.key_state_check_seconds > 0:
+                guard = KeyStateGuard(
+                    resolve,
+                    cache,
+                    check_seconds=settings.key_state_check_seconds,
+                    timeout_seconds=settings.key_state_check_timeout_seconds,
+                    policy_for=grace_policy_lookup(state, settings),
+                    on_change=key_state_reporter(state) if report else None,
+                )
+            return Keychain(
+                keychain_store,
+                resolve,
+                signer,
+                clock or time.time,
+                cache,
+                audit=state,
+                revocation_check_seconds=settings.revocation_check_seconds,
+                key_state_guard=guard,
+            )
+
+        keychain = new_keychain()
         return cls(
             settings,
             state,
@@ -204,7 +259,63 @@ class Platform:
             open_store,
             MemoryProvisioner(open_store),
             anchors=MemoryAnchorStore(),
+            keychain_factory=lambda: new_keychain(report=False),
         )
+
+
+def grace_policy_lookup(state: Any, settings: Settings) -> Callable[[str], GracePolicy]:
+    """``tenant -> GracePolicy``: the tenant's own (``archive-kms keys policy``), else
+    ``settings.key_outage_grace``."""
+    from archive_kms.keys.keychain.access import GracePolicy
+
+    default = GracePolicy.parse(settings.key_outage_grace)
+
+    def lookup(tenant_id: str) -> GracePolicy:
+        own = state.get_grace_policy(tenant_id)
+        return GracePolicy.parse(own.policy) if own is not None else default
+
+    return lookup
+
+
+def key_state_reporter(state: Any) -> Callable[[L1Verdict, L1Verdict | None], None]:
+    """What a process tells everyone when it finds a tenant's master key unusable or its
+    key service unreachable (stored warnings), and when the service answers again."""
+
+    def report(verdict: L1Verdict, previous: L1Verdict | None) -> None:
+        from archive_kms.keys.keychain.access import Availability
+        from archive_kms.operations.key_warnings import clear_warning, raise_warning
+        from archive_kms.state.port import WarningKind
+
+        tenant_id, ref = verdict.tenant_id, verdict.l1_ref
+        seen = verdict.checked_at.isoformat(timespec="seconds")
+        details = {"key_ref": ref, "seen_at": seen, "key_version": verdict.key_version}
+        if verdict.availability is Availability.UNREACHABLE:
+            raise_warning(
+                state,
+                tenant_id,
+                WarningKind.KEY_UNAVAILABLE,
+                f"the key service of tenant {tenant_id} does not answer ({ref}: {verdict.error}); not a "
+                "revocation: the tenant's grace policy decides what is served meanwhile",
+                actor="key-state-check",
+                details={**details, "error": verdict.error},
+            )
+        elif verdict.availability is Availability.UNUSABLE:
+            state_name = verdict.state.value if verdict.state is not None else "unusable"
+            raise_warning(
+                state,
+                tenant_id,
+                WarningKind.KEY_DISABLED,
+                f"the master key {ref} of tenant {tenant_id} is {state_name} at the provider: reads, writes and "
+                "searches are refused; the key-state monitor records the revocation",
+                actor="key-state-check",
+                details={**details, "key_state": state_name},
+            )
+        elif previous is not None and previous.availability is Availability.UNREACHABLE:
+            clear_warning(
+                state, tenant_id, WarningKind.KEY_UNAVAILABLE, actor="key-state-check", reason="the key service answers"
+            )
+
+    return report
 
 
 def platform_signer(settings: Settings | None = None) -> Signer:
