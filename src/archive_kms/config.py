@@ -106,8 +106,6 @@ class Settings(BaseSettings):
     # What an unreachable key service does, unless the tenant has its own policy
     # (`archive-kms keys policy`): deny-immediately | serve-from-cache-for:SECONDS | alert-only.
     key_outage_grace: str = "serve-from-cache-for:60"
-    # The key-state monitor's schedule (its Prefect deployment), in seconds.
-    key_monitor_interval_seconds: int = Field(default=60, ge=10, le=86_400)
 
     # Audit anchors: the audit log's head published to an S3 bucket with Object Lock
     # (compliance mode), so a rollback of the database is found. None = not published.

@@ -189,8 +189,12 @@ class Platform:
         )
 
     @classmethod
-    def in_memory(cls, settings: Settings | None = None, *, clock: Callable[[], float] | None = None) -> Platform:
-        """Every port on its in-memory implementation (unit tests, dry runs)."""
+    def in_memory(
+        cls, settings: Settings | None = None, *, clock: Callable[[], float] | None = None, kms: Any = None
+    ) -> Platform:
+        """Every port on its in-memory implementation (unit tests, dry runs). ``kms``: the
+        ``MemoryKms`` every key reference resolves into (a test that disables keys passes
+        its own)."""
         from archive_kms.crypto.signing import Signer
         from archive_kms.keys.cache import KeyCache
         from archive_kms.keys.keychain import Keychain
@@ -204,7 +208,7 @@ class Platform:
         from archive_kms.storage.provisioning import MemoryProvisioner
 
         settings = settings or Settings(aws_endpoint_url=None)
-        kms = MemoryKms()
+        kms = kms if kms is not None else MemoryKms()
         providers: dict[str, KeyProvider] = {}
 
         def resolve(ref: str) -> KeyProvider:

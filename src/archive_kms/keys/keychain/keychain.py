@@ -29,7 +29,7 @@ from archive_kms.keys.keychain.audit import DEFAULT_AUDIT_REFRESH_SECONDS, Audit
 from archive_kms.keys.keychain.deks import DataKeys
 from archive_kms.keys.keychain.erasure import Erasure, ErasureRecord
 from archive_kms.keys.keychain.heads import TenantHeads, TenantLocks
-from archive_kms.keys.keychain.ids import DEFAULT_BUCKET_SECONDS, check_tenant, l2_id
+from archive_kms.keys.keychain.ids import DEFAULT_BUCKET_SECONDS, check_tenant, l2_id, parse_dek_id
 from archive_kms.keys.keychain.records import RecordChecks
 from archive_kms.keys.keychain.revocation import Revocation
 from archive_kms.keys.keychain.rotation import Rotation
@@ -345,6 +345,19 @@ class Keychain:
         """Lift the scoped revocation with exactly this scope (after a verified unwrap of
         the L2); returns it, or None if none was in force."""
         return self._revocation.restore_scope(tenant_id, workspace_id, before)
+
+    def scope_covers(
+        self, tenant_id: str, workspace_id: str | None, before: datetime | float | None, dek_id: str
+    ) -> bool:
+        """Whether a scoped revocation of (``workspace_id``, ``before``) would refuse the DEK
+        ``dek_id`` (its workspace's bucket width decides), in force or not."""
+        check_tenant(tenant_id)
+        ws_id, when = self._revocation.scope_of(workspace_id, before)
+        target_ws, bucket, _ = parse_dek_id(dek_id)
+        ws = self._heads.load(tenant_id, gate=False).workspace(target_ws)
+        if ws is None:
+            return False
+        return ScopedRevocation(ws_id, when, self._heads.now()).covers(target_ws, bucket, ws.bucket_seconds)
 
     def scoped_revocations(self, tenant_id: str) -> tuple[ScopedRevocation, ...]:
         """The scoped revocations in force (works while revoked)."""
