@@ -831,7 +831,14 @@ def prefect_endpoints(s: Service) -> dict[str, object]:
 # ---------------------------------------------------------------- Prefect worker (runs the deployments)
 
 WORK_POOL = "archive-kms"
-DEPLOYMENTS = ("migration-enable/enable", "migration-remove/remove", "migration-support/support")
+DEPLOYMENTS = (
+    "migration-enable/enable",
+    "migration-remove/remove",
+    "migration-support/support",
+    "key-revoke/revoke",
+    "key-restore/restore",
+    "key-monitor/monitor",
+)
 
 
 def _prefect_service() -> Service:

@@ -35,10 +35,18 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from archive_kms.api import key_lifecycle as _key_lifecycle  # noqa: F401 - registers revoke, restore, stored warnings
 from archive_kms.api import models as m
 from archive_kms.api.actions import TenantAction, registered_actions
 from archive_kms.api.auth import AuthError, Permission, Principal, TokenKeys, authenticate
-from archive_kms.api.warnings import KeyStateProbe, KeyStateWarnings, RunWarnings, WarningSource, collect
+from archive_kms.api.warnings import (
+    KeyStateProbe,
+    KeyStateWarnings,
+    RunWarnings,
+    WarningSource,
+    collect,
+    warning_sources,
+)
 from archive_kms.errors import (
     ArchiveKmsError,
     ConfigurationError,
@@ -81,7 +89,7 @@ class Console:
 
     def __post_init__(self) -> None:
         if not self.warning_sources:
-            self.warning_sources = [RunWarnings(self.clock), KeyStateWarnings(self.probe)]
+            self.warning_sources = [RunWarnings(self.clock), KeyStateWarnings(self.probe), *warning_sources()]
 
 
 class ApiError(Exception):

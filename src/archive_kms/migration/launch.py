@@ -13,6 +13,10 @@ itself never imports Prefect).
   nothing is left half-started.
 - ``start_support``: resume / rerun / cancel a run on the support deployment, after the
   checks that can be made without executing it.
+- ``start_revoke``: the revocation is made in the caller's process first
+  (``operations.revocation.begin_revocation``: in force everywhere when it returns, no
+  worker needed), then its run (probes and receipt) is submitted to the revoke
+  deployment. ``start_restore``: checked, recorded as a ``restore`` run, submitted.
 - ``follow``: snapshots of a run's progress until it settles, read from the state store
   (the truth) and the run's latest flow run (did a worker take it; did it crash).
 """
@@ -36,6 +40,9 @@ DEPLOYMENTS: dict[str, str] = {
     "enable": "migration-enable/enable",
     "remove": "migration-remove/remove",
     "support": "migration-support/support",
+    "revoke": "key-revoke/revoke",
+    "restore": "key-restore/restore",
+    "monitor": "key-monitor/monitor",
 }
 SUPPORT_ACTIONS = ("resume", "rerun", "cancel")
 TASK_RUNNERS = ("threads", "dask")
@@ -183,6 +190,110 @@ def start_remove(
     plan = plan_remove(platform, tenant_id, shards=shards)
     parameters = {"tenant": plan.tenant_id, "shards": shards, "task_runner": task_runner, "actor": actor}
     return _submit_new_run(platform, launcher, plan, parameters, actor=actor)
+
+
+def start_revoke(
+    platform: Platform,
+    launcher: RunLauncher,
+    tenant_id: str,
+    *,
+    actor: str,
+    reason: str = "",
+    workspace: str | None = None,
+    before: Any = None,
+) -> Started:
+    """Revoke now, in this process (``begin_revocation``), then submit the revocation run
+    (the receipt) to the revoke deployment. If the submission fails the revocation stands
+    and the error says how to record its receipt."""
+    from archive_kms.errors import ServiceUnavailableError
+    from archive_kms.operations.revocation import RevocationScope, begin_revocation
+
+    start = begin_revocation(platform, tenant_id, actor=actor, reason=reason, scope=RevocationScope(workspace, before))
+    deployment = DEPLOYMENTS["revoke"]
+    try:
+        launch = launcher.submit(
+            deployment,
+            {"tenant": tenant_id, "actor": actor, "start": start.to_params()},
+            tags=run_tags(tenant_id, start.run_id),
+        )
+    except Exception as exc:  # noqa: BLE001 - the revocation is in force whatever the orchestrator says
+        raise ServiceUnavailableError(
+            f"tenant {tenant_id}: the revocation is in force since {start.to_params()['committed_at']}, but its "
+            f"receipt run could not be submitted ({type(exc).__name__}); record it with `archive-kms revoke "
+            f"{tenant_id} --wait` (idempotent)",
+            resource=f"run:{start.run_id}",
+        ) from None
+    _audit(
+        platform,
+        actor,
+        "run.submit",
+        tenant_id,
+        start.run_id,
+        {"deployment": deployment, "flow_run": launch.flow_run_id},
+    )
+    return Started(
+        start.run_id,
+        tenant_id,
+        "revoke",
+        "revoke",
+        True,
+        f"revoked at {start.to_params()['committed_at']} ({start.scope.describe()}); every process refuses by "
+        f"{start.to_params()['refusing_everywhere_by']}; the receipt run is submitted",
+        launch.flow_run_id,
+        launch.deployment,
+    )
+
+
+def start_restore(
+    platform: Platform,
+    launcher: RunLauncher,
+    tenant_id: str,
+    *,
+    actor: str,
+    reason: str = "",
+    workspace: str | None = None,
+    before: Any = None,
+) -> Started:
+    """Check the restore, record its run and submit it to the restore deployment."""
+    from archive_kms.operations.revocation import RESTORE_STEPS, RevocationScope, check_restore
+    from archive_kms.state.port import Flow
+
+    scope = RevocationScope(workspace, before)
+    check_restore(platform, tenant_id, scope)
+    run, created = platform.state.start_run(
+        tenant_id,
+        Flow.RESTORE,
+        mode=scope.kind,
+        steps=RESTORE_STEPS,
+        params={"scope": scope.to_dict(), "actor": actor, "reason": reason},
+    )
+    if not created:
+        return Started(
+            run.run_id, tenant_id, run.flow.value, "restore", False, f"already running: {run.flow.value} run"
+        )
+    deployment = DEPLOYMENTS["restore"]
+    try:
+        launch = launcher.submit(
+            deployment,
+            {
+                "tenant": tenant_id,
+                "actor": actor,
+                "reason": reason,
+                "workspace": workspace,
+                "before": scope.to_dict()["before"],
+                "run_id": run.run_id,
+            },
+            tags=run_tags(tenant_id, run.run_id),
+        )
+    except BaseException:
+        platform.state.set_run_state(run.run_id, RunState.CANCELLED)  # none of its steps ran
+        raise
+    _audit(
+        platform, actor, "run.submit", tenant_id, run.run_id, {"deployment": deployment, "flow_run": launch.flow_run_id}
+    )
+    return Started(
+        run.run_id, tenant_id, "restore", "restore", True, "submitted", launch.flow_run_id, launch.deployment
+    )
 
 
 def check_support(platform: Platform, run_id: str, action: str, from_step: str | None = None) -> Any:
@@ -349,5 +460,7 @@ __all__ = [
     "snapshot",
     "start_enable",
     "start_remove",
+    "start_restore",
+    "start_revoke",
     "start_support",
 ]
