@@ -181,13 +181,12 @@ class KeyCache:
     def _sweep(self, now: float) -> int:
         n = 0
         while self._expiries and self._expiries[0][0] <= now:
-            expires_at, k = heapq.heappop(self._expiries)
+            _, k = heapq.heappop(self._expiries)
             entry = self._entries.get(k)
-            if entry is None or entry[0] != expires_at:
+            if entry is None or entry[0] > now:  # gone, or put again since (with its own marker)
                 continue
             held = self._holds.get(k[0])
             if held is not None and held > now:  # a grace hold: look again when it ends
-                self._entries[k] = (held, entry[1])
                 heapq.heappush(self._expiries, (held, k))
                 continue
             self._drop(k)
@@ -314,10 +313,15 @@ class KeyCache:
             self._holds[tenant_id] = float(until)
 
     def release(self, tenant_id: str) -> None:
-        """End ``tenant_id``'s hold: its entries expire as they were put again."""
+        """End ``tenant_id``'s hold: its entries expire as they were put (those past it go now)."""
         with self._lock:
-            if self._holds.pop(tenant_id, None) is not None:
-                self._sweep(self._clock())
+            if self._holds.pop(tenant_id, None) is None:
+                return
+            now = self._clock()
+            gone = [k for k in self._by_tenant.get(tenant_id, ()) if self._entries[k][0] <= now]
+            for k in gone:
+                self._drop(k)
+            self._expired += len(gone)
 
     def tenants(self) -> list[str]:
         """The tenants with at least one entry (expired ones may still be counted)."""

@@ -590,7 +590,7 @@ class TenantArchive:
             if reason is None:
                 kept.append(hit)
             else:
-                withheld.append(HitFailure(hit.doc_id, f"withheld: {reason}"))
+                withheld.append(HitFailure(hit.doc_id, hit.index, f"withheld: {reason}"))
         return SearchResult(kept, result.total - len(withheld), [*result.failures, *withheld])
 
     def _withheld(self, hit: Any, scopes: tuple[ScopedRevocation, ...]) -> str | None:

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from archive_kms.domain.keychain import ScopedRevocation, time_in, time_out
@@ -898,7 +898,19 @@ def restore_tenant(
                 is not None
             )
         restored_at = _now()
-        platform.state.update_step(run_id, current, StepState.COMPLETED, result={"restored_at": _iso(restored_at)})
+        # Other processes reuse the revoked head they verified for at most the bound: wait it
+        # out, so every process serves again once this returns (as a revocation waits it out).
+        bound = platform.keychain.revocation_check_seconds
+        platform.state.update_step(
+            run_id,
+            current,
+            StepState.COMPLETED,
+            result={
+                "restored_at": _iso(restored_at),
+                "serving_everywhere_by": _iso(restored_at + timedelta(seconds=bound)),
+            },
+        )
+        time.sleep(max(0.0, restored_at.timestamp() + bound - time.time()))
         current = "open_gate"
         platform.state.update_step(run_id, current, StepState.RUNNING)
         gate = _open_gate(platform, tenant_id) if scope.whole else {"opened": False, "why": "scoped revocation"}

@@ -173,6 +173,7 @@ class KeyStateGuard:
         self._lock = threading.Lock()
         self._tenants: dict[str, _Tenant] = {}
         self._inflight: dict[str, concurrent.futures.Future[L1Verdict]] = {}
+        self._inflight_since: dict[str, float] = {}
         self._policies: dict[str, tuple[float, GracePolicy]] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="akms-key-state")
 
@@ -184,32 +185,49 @@ class KeyStateGuard:
     def check(self, tenant_id: str, l1_ref: str) -> L1Verdict:
         """Refuse (raise) unless the tenant's keys may be used now; returns the verdict."""
         verdict, last_ok = self.current(tenant_id, l1_ref)
+        assert verdict is not None  # current() with wait always has one
         self.enforce(verdict, last_ok)
         return verdict
 
-    def current(self, tenant_id: str, l1_ref: str, *, wait: bool = True) -> tuple[L1Verdict, float | None]:
-        """The verdict, refreshed from the provider if older than ``check_seconds`` (one
-        call in flight per tenant; callers wait for it at most ``timeout_seconds``, and
-        without ``wait`` not at all, keeping the previous verdict meanwhile)."""
+    def current(self, tenant_id: str, l1_ref: str, *, wait: bool = True) -> tuple[L1Verdict | None, float | None]:
+        """The verdict, refreshed from the provider once it is older than ``check_seconds``.
+
+        One status call per tenant is in flight at a time, in the guard's threads. While
+        it is pending a caller keeps the previous verdict (no read waits for the provider),
+        until the call has been pending ``timeout_seconds``: then the service counts as
+        unreachable until it answers. Only a tenant's first use in a process waits for the
+        answer (at most ``timeout_seconds``); without ``wait`` it gets ``(None, None)``."""
         now = self._cache.now()
         with self._lock:
             known = self._tenants.get(tenant_id)
-            if known is not None and known.verdict.l1_ref == l1_ref and now - known.checked < self.check_seconds:
+            if known is not None and known.verdict.l1_ref != l1_ref:
+                known = None
+            if known is not None and now - known.checked < self.check_seconds:
                 return known.verdict, known.last_ok
             future = self._inflight.get(tenant_id)
             if future is None:
                 future = self._pool.submit(self._probe, tenant_id, l1_ref)
                 self._inflight[tenant_id] = future
-        if not wait and known is not None and known.verdict.l1_ref == l1_ref:
-            return known.verdict, known.last_ok
+                self._inflight_since[tenant_id] = now
+            pending = now - self._inflight_since.get(tenant_id, now)
+        if known is not None and pending < self.timeout_seconds:
+            return known.verdict, known.last_ok  # the answer is on its way
+        if known is None and not wait:
+            return None, None
         try:
-            future.result(timeout=self.timeout_seconds)
+            future.result(timeout=max(0.0, self.timeout_seconds - pending))
         except concurrent.futures.TimeoutError:
-            if not future.done():  # until it answers, every caller gets this at once
+            with self._lock:
+                answered = self._tenants.get(tenant_id)
+            if not future.done() and (
+                answered is None or answered.verdict.availability is not Availability.UNREACHABLE
+            ):
                 self._settle(tenant_id, l1_ref, None, f"no answer within {self.timeout_seconds:g} s")
         with self._lock:
-            known = self._tenants[tenant_id]
-            return known.verdict, known.last_ok
+            latest = self._tenants.get(tenant_id)
+        if latest is None:  # the probe raised before settling (never: it settles every outcome)
+            return None, None
+        return latest.verdict, latest.last_ok
 
     def verdict(self, tenant_id: str) -> L1Verdict | None:
         """The last verdict, without asking the provider."""
@@ -242,6 +260,7 @@ class KeyStateGuard:
         finally:
             with self._lock:
                 self._inflight.pop(tenant_id, None)
+                self._inflight_since.pop(tenant_id, None)
 
     def _settle(
         self,

@@ -193,6 +193,8 @@ class TenantHeads:
             return
         if self.guard is not None:
             verdict, last_ok = self.guard.current(tenant_id, head.l1_ref, wait=False)
+            if verdict is None:
+                return
             try:
                 self.guard.enforce(verdict, last_ok)  # purges as a use would
             except ArchiveKmsError:
