@@ -858,12 +858,13 @@ def rollback_job_output(
         if info is not None and (info.metadata or {}).get(JOB_TAG_KEY) == tag:
             ours.append(name)
     docs = []
+    keys = archive.search_keys if ours else None
     for name in ours:
         if name.startswith(RECORD_PREFIX):
             parts = name.split(b"/", 3)
             if len(parts) == 4:
                 ws, otype, rid = (p.decode("utf-8") for p in parts[1:])
-                docs.append(document_id(archive.tenant_id, Record(otype, rid, {}, (), ws), archive.search_keys))
+                docs.append(document_id(archive.tenant_id, Record(otype, rid, {}, (), ws), keys))
     target = archive.index_name or archive.index.current_index(archive.tenant_id)
     deleted_docs = 0
     if docs and target is not None:
