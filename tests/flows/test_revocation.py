@@ -221,7 +221,9 @@ def test_a_customer_side_disable_is_refused_in_a_warm_process_and_recorded_by_th
     assert check_keys(p, tid).observations[0].classification is Classification.OK
 
 
-def test_a_key_service_outage_is_not_a_revocation(localstack, flow_settings, new_tenant_id, customer_key, _flow_cleanup):
+def test_a_key_service_outage_is_not_a_revocation(
+    localstack, flow_settings, new_tenant_id, customer_key, _flow_cleanup
+):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
     from fault_proxy import Always, Proxy, aws_op, kms_error
 

@@ -51,6 +51,7 @@ from archive_kms.errors import (
     KeychainTamperedError,
     KeyDestroyedError,
     KeyNotFoundError,
+    KeyServiceUnavailableError,
     KeyUnavailableError,
     ObjectExistsError,
     ObjectNotFoundError,
@@ -715,11 +716,18 @@ def _plan(
         raise StateError(f"tenant {archive.tenant_id} has no search index: create the tenant first")
     items: list[_Planned] = []
     names: dict[bytes, str] = {}
-    keys = archive.search_keys  # asked once for the check (each write batch asks again)
+    try:
+        keys = archive.search_keys  # asked once for the check (each write batch asks again)
+        documents = True
+    except (KeyUnavailableError, KeyServiceUnavailableError):
+        # The tenant's keys are refused (revoked, disabled, key service down): the gate
+        # defers the job and its documents are checked when it is replayed after restore.
+        keys, documents = None, False
     for n, (record, attachments) in enumerate(records):
         where = origins[n] if n < len(origins) else f"record {n + 1} of job {job_id}"
         try:
-            build_document(record, tenant=archive.tenant_id, mode=archive.index_mode, keys=keys)
+            if documents:
+                build_document(record, tenant=archive.tenant_id, mode=archive.index_mode, keys=keys)
         except ValidationError as e:
             raise ValidationError(f"{where}: {e}") from None
         planned = _Planned(record, where, record_object_name(record), False, [])

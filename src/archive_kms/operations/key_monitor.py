@@ -469,13 +469,16 @@ def key_status(platform: Platform, tenant_id: str) -> dict[str, Any]:
 def set_grace_policy(platform: Platform, tenant_id: str, policy: str | None, *, actor: str) -> str:
     """Set (or with None reset to the settings' default) the tenant's grace policy for key
     service outages; audited as ``key.grace_policy``. Returns the policy now in force.
-    Processes pick it up within 30 s."""
+    This process uses it at once, other processes within 30 s."""
     text = None if policy is None else str(GracePolicy.parse(policy))
     if platform.state.get_tenant(tenant_id) is None:
         raise StateError(f"unknown tenant {tenant_id!r}: see `archive-kms tenant list`", resource=f"tenant:{tenant_id}")
     previous = str(platform.grace_policy(tenant_id))
     platform.state.set_grace_policy(tenant_id, text, actor=actor)
     now = str(platform.grace_policy(tenant_id))
+    guard = getattr(platform.keychain, "key_state_guard", None)
+    if guard is not None:
+        guard.forget_policy(tenant_id)  # this process at once; others within 30 s
     platform.state.append_audit(
         AuditEvent(
             actor=actor,

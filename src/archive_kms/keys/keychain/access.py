@@ -235,6 +235,11 @@ class KeyStateGuard:
             known = self._tenants.get(tenant_id)
             return None if known is None else known.verdict
 
+    def forget_policy(self, tenant_id: str) -> None:
+        """Look the tenant's grace policy up again at its next use (it was just changed)."""
+        with self._lock:
+            self._policies.pop(tenant_id, None)
+
     def forget(self, tenant_id: str) -> None:
         """Drop what this process knows (after ``restore`` or a new L1): ask again next time."""
         with self._lock:
