@@ -327,3 +327,51 @@ def test_a_revoke_during_an_enable_run_stops_it_safely_and_it_resumes_after_rest
     figures = invariants(p, t, archived.snapshot)  # nothing lost: every object, one document each
     assert figures["records"] == archived.record_count
     assert storage_snapshot(p, t) == archived.snapshot
+
+
+def test_the_key_flows_run_through_prefect_and_the_monitor_sees_a_real_rotation(
+    flow_platform, new_tenant_id, customer_key, monkeypatch
+):
+    """The ``key-monitor``, ``key-revoke`` and ``key-restore`` flows (what the deployments
+    run; here in this process, as ``--wait`` does) on LocalStack KMS: ``RotateKeyOnDemand``
+    changes ``CurrentKeyMaterialId``, which the monitor reports as a customer rotation."""
+    from archive_kms import clients
+    from archive_kms.keys.refs import parse_key_ref
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from flows.key_lifecycle import run_key_flow
+
+    p = flow_platform
+    monkeypatch.setenv("ARCHIVE_KMS_STATE_URL", p.settings.state_url)  # the flows build their platform from env
+    key_ref = customer_key("byokms", "s3")
+    tid, recs = _customer_tenant(p, new_tenant_id, key_ref)
+
+    first = run_key_flow("monitor", tenant=tid)
+    assert [o["classification"] for o in first["observations"]] == ["ok"], first
+    version = first["observations"][0]["key_version"]
+    assert version
+
+    kms = clients.kms_client(p.settings, max_attempts=2)
+    kms.rotate_key_on_demand(KeyId=parse_key_ref(key_ref).api_key_id)
+    deadline = time.monotonic() + 30
+    while True:  # LocalStack rotates asynchronously, like AWS
+        seen = run_key_flow("monitor", tenant=tid, dry_run=True)["observations"][0]
+        if seen["classification"] == "rotation" or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    rotated = run_key_flow("monitor", tenant=tid)["observations"][0]
+    assert rotated["classification"] == "rotation", rotated
+    warning = p.state.get_warning(f"rotation_detected:{tid}")
+    assert warning is not None and warning.active
+    assert warning.details["previous_version"] == version and warning.details["observed_version"] != version
+    assert _read(p, tid, recs[0]) == recs[0]  # a rotation is not a revocation
+
+    receipt = run_key_flow("revoke", tenant=tid, actor="alice@sec", reason="flow test")
+    assert receipt["ok"], receipt["not_refusing_in_time"]
+    with pytest.raises(TenantRevokedError):
+        _read(p, tid, recs[0])
+    restored = run_key_flow("restore", tenant=tid, actor="bob@sec", reason="flow test")
+    assert restored["restored"] is True
+    assert _read(p, tid, recs[0]) == recs[0]
+    flows = [(r.flow, r.state) for r in p.state.list_runs(tid)]
+    assert sorted(f.value for f, _ in flows) == ["restore", "revoke"] and all(s is RunState.COMPLETED for _, s in flows)
