@@ -375,3 +375,41 @@ def test_the_key_flows_run_through_prefect_and_the_monitor_sees_a_real_rotation(
     assert _read(p, tid, recs[0]) == recs[0]
     flows = [(r.flow, r.state) for r in p.state.list_runs(tid)]
     assert sorted(f.value for f, _ in flows) == ["restore", "revoke"] and all(s is RunState.COMPLETED for _, s in flows)
+
+
+def test_the_cli_revokes_with_a_receipt_refuses_reads_and_searches_and_restores(flow_platform, new_tenant_id):
+    """The public surface, in subprocesses on the real services: dry run, revoke (--wait:
+    the receipt run in the CLI's process), read and search refused naming the tenant and
+    when, restore, read again."""
+    p = flow_platform
+    tid = new_tenant_id()
+    create_tenant(p, tid, cloud="s3", actor="test")
+    recs = _archive(p, tid)
+    r = recs[0]
+    env = {**os.environ, "ARCHIVE_KMS_STATE_URL": p.settings.state_url}
+    cli = [str(Path(sys.executable).with_name("archive-kms"))]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=180)
+
+    dry = run("revoke", tid, "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    radius = json.loads(dry.stdout)
+    assert radius["objects"] >= len(recs) and radius["index_documents"] == len(recs), radius
+    assert p.state.get_tenant(tid).revoked is False  # a dry run changes nothing
+
+    revoked = run("revoke", tid, "--reason", "INC-9", "--yes", "--wait", "--json")
+    assert revoked.returncode == 0, revoked.stderr
+    receipt = json.loads(revoked.stdout)
+    assert receipt["ok"] is True and receipt["tenant"] == tid, receipt
+    read = run("read", tid, "--workspace", r.workspace_id, "--record", f"{r.object_type}/{r.record_id}")
+    assert read.returncode == 2 and f"tenant {tid}: key revoked at" in read.stderr, (read.returncode, read.stderr)
+    assert "Traceback" not in read.stderr
+    search = run("search", tid, "invoice")
+    assert search.returncode == 2 and "key revoked" in search.stderr, (search.returncode, search.stderr)
+
+    restored = run("restore", tid, "--reason", "INC-9 closed", "--yes", "--wait", "--json")
+    assert restored.returncode == 0, restored.stderr
+    again = run("read", tid, "--workspace", r.workspace_id, "--record", f"{r.object_type}/{r.record_id}", "--json")
+    assert again.returncode == 0, again.stderr
+    assert r.record_id in again.stdout
