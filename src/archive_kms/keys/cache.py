@@ -73,7 +73,7 @@ def add_sweep_hook(method: Callable[[], None]) -> None:
     """Run the bound ``method`` on the sweeper thread every second for as long as its
     object lives (held weakly). It must be quick and must not block for long."""
     with _hooks_lock:
-        _hooks.append(weakref.WeakMethod(method))  # type: ignore[arg-type]
+        _hooks.append(weakref.WeakMethod(method))
     _start_sweeper()
 
 

@@ -153,7 +153,7 @@ def observe_key(platform: Platform, tenant_id: str) -> KeyObservation:
     stored = platform.state.get_key_observation(tenant_id)
     accepted = stored.accepted_version if stored is not None and stored.key_ref == status.l1_ref else None
     now = _now()
-    base = dict(
+    base: dict[str, Any] = dict(
         tenant_id=tenant_id,
         key_ref=status.l1_ref,
         key_mode=tenant.key_mode.value,

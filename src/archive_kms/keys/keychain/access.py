@@ -108,7 +108,7 @@ class GracePolicy:
     def __str__(self) -> str:
         if self.kind is GraceKind.SERVE_FROM_CACHE:
             return f"{self.kind.value}:{self.seconds:g}"
-        return self.kind.value
+        return str(self.kind.value)
 
 
 DEFAULT_GRACE = GracePolicy(GraceKind.SERVE_FROM_CACHE, 60)

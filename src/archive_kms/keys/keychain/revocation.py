@@ -104,7 +104,8 @@ class Revocation:
             )
 
         try:
-            return self._heads.write(tenant_id, plan, gate=False, audit_action="revoke")
+            added: ScopedRevocation = self._heads.write(tenant_id, plan, gate=False, audit_action="revoke")
+            return added
         finally:
             self._cache.purge(tenant_id)  # what this process holds of the scope goes at once
             log.warning("keychain: tenant %s: scoped revocation (%s, %s)", tenant_id, ws_id, time_out(when))
@@ -136,7 +137,8 @@ class Revocation:
                 },
             )
 
-        return self._heads.write(tenant_id, plan, gate=True, audit_action="restore")
+        removed: ScopedRevocation | None = self._heads.write(tenant_id, plan, gate=True, audit_action="restore")
+        return removed
 
     def restore(self, tenant_id: str) -> TenantKeyStatus:
         """Re-enable a revoked tenant once its L1 works again: first unwraps the L2 key from
