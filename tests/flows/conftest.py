@@ -356,7 +356,10 @@ def audit_holds(platform: Any, tenant: str, *, resumes: int | None = None, rerun
             # between the two leaves one that its resume writes again.
             assert "run.complete" in mine, f"run {run.run_id} completed without a run.complete record"
         if run.state is RunState.CANCELLED:
-            assert "run.cancel" in mine, f"run {run.run_id} cancelled without a run.cancel record"
+            # refused at preflight (ADR 0021): ended cancelled by itself, audited run.refused
+            assert "run.cancel" in mine or "run.refused" in mine, (
+                f"run {run.run_id} cancelled without a run.cancel or run.refused record"
+            )
         for step, action in (
             ("bind_key", "key.dek_floor"),
             ("cutover", "tenant.cutover"),

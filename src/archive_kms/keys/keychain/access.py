@@ -196,38 +196,78 @@ class KeyStateGuard:
         it is pending a caller keeps the previous verdict (no read waits for the provider),
         until the call has been pending ``timeout_seconds``: then the service counts as
         unreachable until it answers. Only a tenant's first use in a process waits for the
-        answer (at most ``timeout_seconds``); without ``wait`` it gets ``(None, None)``."""
+        answer (at most ``timeout_seconds``); without ``wait`` it gets ``(None, None)``.
+
+        While an outage refuses the tenant's keys (its grace policy refuses now), every use
+        asks the service again (still one call in flight per tenant) and waits for an answer
+        asked after it began (at most ``timeout_seconds``), so access returns with the first
+        use after the service answers again, not ``check_seconds`` later."""
         now = self._cache.now()
         with self._lock:
             known = self._tenants.get(tenant_id)
             if known is not None and known.verdict.l1_ref != l1_ref:
                 known = None
-            if known is not None and now - known.checked < self.check_seconds:
-                return known.verdict, known.last_ok
+        refusing = known is not None and self._refuses(tenant_id, known)
+        if known is not None and not refusing and now - known.checked < self.check_seconds:
+            return known.verdict, known.last_ok
+        if known is not None and refusing and not wait:  # the sweeper: ask in the background
+            self._submit(tenant_id, l1_ref)
+            return known.verdict, known.last_ok
+        # How long a call has been pending is real time (monotonic), whatever the cache's clock.
+        began = time.monotonic()
+        deadline = began + self.timeout_seconds
+        latest = known
+        for _ in range(2):  # a refused use waits for an answer asked after it began
+            future, since = self._submit(tenant_id, l1_ref)
+            pending = time.monotonic() - since
+            if known is not None and pending < self.timeout_seconds and not refusing:
+                return known.verdict, known.last_ok  # the answer is on its way
+            if known is not None and refusing and pending >= self.timeout_seconds:
+                return known.verdict, known.last_ok  # a hung call: the refusal it earned stands
+            if known is None and not wait:
+                return None, None
+            try:
+                future.result(timeout=max(0.0, min(deadline, since + self.timeout_seconds) - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                with self._lock:
+                    answered = self._tenants.get(tenant_id)
+                if not future.done() and (
+                    answered is None or answered.verdict.availability is not Availability.UNREACHABLE
+                ):
+                    self._settle(tenant_id, l1_ref, None, f"no answer within {self.timeout_seconds:g} s")
+                with self._lock:
+                    latest = self._tenants.get(tenant_id)
+                break
+            with self._lock:
+                latest = self._tenants.get(tenant_id)
+            still_down = latest is not None and latest.verdict.availability is Availability.UNREACHABLE
+            if not (refusing and still_down and since < began):
+                break  # else that answer was asked before this use began: ask again
+        if latest is None:  # the probe raised before settling (never: it settles every outcome)
+            return None, None
+        return latest.verdict, latest.last_ok
+
+    def _submit(self, tenant_id: str, l1_ref: str) -> tuple[concurrent.futures.Future[L1Verdict], float]:
+        """The tenant's status call in flight (started now if none) and when it started."""
+        with self._lock:
             future = self._inflight.get(tenant_id)
             if future is None:
                 future = self._pool.submit(self._probe, tenant_id, l1_ref)
                 self._inflight[tenant_id] = future
-                self._inflight_since[tenant_id] = now
-            pending = now - self._inflight_since.get(tenant_id, now)
-        if known is not None and pending < self.timeout_seconds:
-            return known.verdict, known.last_ok  # the answer is on its way
-        if known is None and not wait:
-            return None, None
-        try:
-            future.result(timeout=max(0.0, self.timeout_seconds - pending))
-        except concurrent.futures.TimeoutError:
-            with self._lock:
-                answered = self._tenants.get(tenant_id)
-            if not future.done() and (
-                answered is None or answered.verdict.availability is not Availability.UNREACHABLE
-            ):
-                self._settle(tenant_id, l1_ref, None, f"no answer within {self.timeout_seconds:g} s")
-        with self._lock:
-            latest = self._tenants.get(tenant_id)
-        if latest is None:  # the probe raised before settling (never: it settles every outcome)
-            return None, None
-        return latest.verdict, latest.last_ok
+                self._inflight_since[tenant_id] = time.monotonic()
+            return future, self._inflight_since.get(tenant_id, time.monotonic())
+
+    def _refuses(self, tenant_id: str, known: _Tenant) -> bool:
+        """Whether ``known``'s verdict refuses the tenant's keys now because of an outage."""
+        if known.verdict.availability is not Availability.UNREACHABLE:
+            return False
+        policy = self.policy(tenant_id)
+        if policy.kind is GraceKind.ALERT_ONLY:
+            return False
+        if policy.kind is GraceKind.SERVE_FROM_CACHE and known.last_ok is not None:
+            assert policy.seconds is not None
+            return self._cache.now() >= known.last_ok + policy.seconds
+        return True
 
     def verdict(self, tenant_id: str) -> L1Verdict | None:
         """The last verdict, without asking the provider."""
