@@ -258,7 +258,11 @@ def _refused_after_check(kc: Keychain, dek: str, w: World) -> BaseException | No
         guard = kc.key_state_guard
         verdict = guard.verdict("acme") if guard else None
         if verdict is not None and verdict.availability is Availability.UNREACHABLE:
-            return None  # the outage is known and still served
+            try:  # the outage is known now: the next use is what the policy decides
+                kc.dek_by_id("acme", dek)
+            except Exception as exc:  # noqa: BLE001
+                return exc
+            return None  # still served
         time.sleep(0.01)
     return None
 
