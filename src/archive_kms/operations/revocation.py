@@ -1008,10 +1008,11 @@ def _restore_probe(platform: Platform, tenant_id: str, scope: RevocationScope) -
 # --- dry runs -----------------------------------------------------------------------------------
 
 
-def _describe_revoke(platform: Any, tenant_id: str) -> list[str]:
+def _describe_revoke(platform: Platform, tenant_id: str) -> list[str]:
     check_revoke(platform, tenant_id, RevocationScope())
     t = platform.state.get_tenant(tenant_id)
-    index = "keyed index" if t.key_mode is not KeyMode.MANAGED else "plaintext index"
+    keyed = t is not None and t.key_mode is not KeyMode.MANAGED  # check_revoke refused unknown tenants
+    index = "keyed index" if keyed else "plaintext index"
     return [
         "commit the revocation to the tenant's signed keychain head (every process refuses within "
         f"{platform.keychain.revocation_check_seconds:g} s; caches purged)",
@@ -1022,7 +1023,7 @@ def _describe_revoke(platform: Any, tenant_id: str) -> list[str]:
     ]
 
 
-def _describe_restore(platform: Any, tenant_id: str) -> list[str]:
+def _describe_restore(platform: Platform, tenant_id: str) -> list[str]:
     what = check_restore(platform, tenant_id, RevocationScope())
     return [
         "unwrap the tenant key at its master key's provider (refused while the key is unusable)",
