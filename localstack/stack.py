@@ -871,6 +871,9 @@ DEPLOYMENTS = (
     "key-erase/erase",
     "key-erase-retention/retention",
     "key-rotate/rotate",
+    "key-revoke/revoke",
+    "key-restore/restore",
+    "key-monitor/monitor",
 )
 
 

@@ -1243,6 +1243,420 @@ def verify_cmd(tenant: str, as_json: bool = JSON) -> None:
         raise typer.Exit(1)
 
 
+# --- the key lifecycle: revoke, restore, the key-state monitor, warnings (docs/key-lifecycle.md) ---
+
+keys_app = typer.Typer(
+    no_args_is_help=True, help="Tenants' master keys: check them at their providers, status, grace policy."
+)
+app.add_typer(keys_app, name="keys")
+warnings_app = typer.Typer(
+    invoke_without_command=True,
+    help="Stored warnings (key unavailable, key disabled, rotation detected, run failed): list, acknowledge, clear.",
+)
+app.add_typer(warnings_app, name="warnings")
+
+YES = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation")
+WORKSPACE = typer.Option(None, "--workspace", help="Only this workspace (granular revocation)")
+BEFORE = typer.Option(
+    None,
+    "--before",
+    help="Only the data keys of hours that end at or before this time (ISO 8601, e.g. 2026-01-31T00:00Z)",
+)
+REASON = typer.Option("", "--reason", help="Why (kept in the audit log and the receipt)")
+
+
+def _before(value: str | None):
+    if not value:
+        return None
+    from datetime import datetime
+
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValidationError(f"--before {value!r}: use an ISO 8601 time, e.g. 2026-01-31T00:00:00Z") from None
+    if when.tzinfo is None:
+        raise ValidationError(f"--before {value!r}: give a time zone (e.g. Z for UTC)")
+    return when
+
+
+def _confirm(yes: bool, question: str) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise ValidationError(f"{question}: pass --yes to confirm (no terminal to ask on)")
+    if not typer.confirm(question, default=False):
+        typer.echo("nothing changed", err=True)
+        raise typer.Exit(1)
+
+
+def _receipt_lines(receipt: dict[str, _Any]) -> list[str]:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("component", "refusing", "since", "after commit", "served after commit", title="revocation receipt")
+    for c in receipt.get("components", []):
+        refusing = {True: "yes", False: "NO", None: "-"}[c.get("refusing")]
+        after = c.get("after_commit_ms")
+        table.add_row(
+            c["component"],
+            refusing,
+            c.get("refusing_since") or "-",
+            "-" if after is None else f"{after:g} ms",
+            str(c.get("served_after_commit", 0)),
+        )
+    Console(soft_wrap=False).print(table)
+    lines = [
+        f"tenant {receipt.get('tenant')}, scope {receipt.get('scope', {}).get('kind')}, run {receipt.get('run_id')}",
+        f"  requested at {receipt.get('requested_at')} by {receipt.get('actor')}"
+        + (f" ({receipt.get('reason')})" if receipt.get("reason") else ""),
+        f"  committed at {receipt.get('committed_at')}; every process refusing by "
+        f"{receipt.get('refusing_everywhere_by')} (bound {receipt.get('bound_seconds')} s)",
+    ]
+    for r in receipt.get("runs_stopped") or []:
+        lines.append(
+            f"  run {r['run_id']} ({r['flow']}) stopped: {r['state']} at step {r['step']}; {r.get('resume') or ''}"
+        )
+    for c in receipt.get("components", []):
+        if c.get("note"):
+            lines.append(f"  {c['component']}: {c['note']}")
+    lines.append(
+        "receipt: OK" if receipt.get("ok") else f"receipt: NOT OK (late: {receipt.get('not_refusing_in_time')})"
+    )
+    return lines
+
+
+def _preview(tenant: str, action: str, workspace: str | None, before: str | None, as_json: bool) -> None:
+    from archive_kms.operations.revocation import RevocationScope, revocation_preview
+
+    preview = revocation_preview(_platform(), tenant, RevocationScope(workspace, _before(before)), action)
+    _emit(as_json, preview.to_dict(), _blast_radius_text(preview))
+
+
+def _wait_for_receipt(view: _Any, run_id: str, timeout: float = 120.0) -> dict[str, _Any] | None:
+    """The receipt of revocation run ``run_id`` once a worker wrote it (None on timeout)."""
+    import time as _time
+
+    deadline = _time.monotonic() + timeout
+    while _time.monotonic() < deadline:
+        run = view.state.get_run(run_id)
+        if run is not None and run.state.value != "running":
+            if run.state.value != "completed":
+                failed = next((st for st in run.steps if st.state.value == "failed"), None)
+                raise StateError(
+                    f"revocation run {run_id} {run.state.value}"
+                    + (f" at step {failed.name}: {failed.error}" if failed else "")
+                    + "; the revocation itself stays in force"
+                )
+            return dict(run.step("receipt").result or {})
+        _time.sleep(0.5)
+    return None
+
+
+@app.command("revoke")
+@_errors_are_messages
+def revoke_cmd(
+    tenant: str,
+    workspace: str | None = WORKSPACE,
+    before: str | None = BEFORE,
+    reason: str = REASON,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Only show what would be refused (objects, index documents, queued jobs, runs)"
+    ),
+    yes: bool = YES,
+    wait: bool = WAIT,
+    as_json: bool = JSON,
+) -> None:
+    """Revoke TENANT's key access now, in every process: reads, searches and archive writes refused
+    (jobs deferred), caches purged, running migration runs stopped; prints the revocation receipt.
+
+    The revocation is made by this command (it returns once every process refuses); its run
+    (probes and receipt) goes to the revoke deployment and is followed here, or with --wait
+    runs here. --workspace / --before revoke one workspace or a time range only."""
+    from archive_kms.domain.tenants import TenantId
+
+    TenantId(tenant)
+    when = _before(before)
+    if dry_run:
+        _preview(tenant, "revoke", workspace, before, as_json)
+        return
+    from archive_kms.operations.revocation import RevocationScope, check_revoke
+
+    scope = RevocationScope(workspace, when)
+    p = _platform()
+    check_revoke(p, tenant, scope)
+    _confirm(yes, f"revoke {scope.describe()} of tenant {tenant}? Reads and searches are refused until restore")
+    actor = _operator()
+    if wait:
+        from archive_kms.flows.key_lifecycle import run_key_flow
+        from archive_kms.operations.revocation import begin_revocation
+
+        _prefect_api()
+        start = begin_revocation(p, tenant, actor=actor, reason=reason, scope=scope)
+        if not as_json:
+            typer.echo(
+                f"revoked at {start.to_params()['committed_at']}; every process refuses by "
+                f"{start.to_params()['refusing_everywhere_by']}; probing for the receipt ..."
+            )
+        receipt = run_key_flow("revoke", tenant=tenant, actor=actor, start=start.to_params())
+    else:
+        from archive_kms.migration.launch import start_revoke
+
+        _prefect_api()
+        started = start_revoke(p, _launcher(), tenant, actor=actor, reason=reason, workspace=workspace, before=when)
+        if not as_json:
+            typer.echo(f"{started.message}; run {started.run_id} on {started.deployment}: waiting for the receipt ...")
+        receipt = _wait_for_receipt(_state_only(), started.run_id)
+        if receipt is None:
+            typer.echo(
+                f"error: the revocation is in force, but no worker has written run {started.run_id}'s receipt yet: "
+                f"`archive-kms runs show {started.run_id}` later",
+                err=True,
+            )
+            raise typer.Exit(1)
+    if as_json:
+        typer.echo(_json.dumps(receipt, indent=2, default=str))
+    else:
+        for line in _receipt_lines(receipt):
+            typer.echo(line)
+    if not receipt.get("ok"):
+        raise typer.Exit(1)
+
+
+@app.command("restore")
+@_errors_are_messages
+def restore_cmd(
+    tenant: str,
+    workspace: str | None = WORKSPACE,
+    before: str | None = BEFORE,
+    reason: str = REASON,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would become readable again"),
+    yes: bool = YES,
+    wait: bool = WAIT,
+    as_json: bool = JSON,
+) -> None:
+    """Restore TENANT's key access after a verified unwrap at its key's provider; replay the jobs deferred meanwhile.
+
+    The same --workspace / --before lift a granular revocation. Submitted to the restore
+    deployment and followed here; --wait runs it here."""
+    from archive_kms.domain.tenants import TenantId
+    from archive_kms.operations.revocation import RevocationScope, check_restore
+
+    TenantId(tenant)
+    when = _before(before)
+    if dry_run:
+        _preview(tenant, "restore", workspace, before, as_json)
+        return
+    p = _platform()
+    scope = RevocationScope(workspace, when)
+    what = check_restore(p, tenant, scope)
+    _confirm(yes, f"restore {what}?")
+    actor = _operator()
+    _prefect_api()
+    if wait:
+        from archive_kms.flows.key_lifecycle import run_key_flow
+
+        report = run_key_flow(
+            "restore",
+            tenant=tenant,
+            actor=actor,
+            reason=reason,
+            workspace=workspace,
+            before=None if when is None else when.isoformat(),
+        )
+    else:
+        from archive_kms.migration.launch import start_restore
+
+        started = start_restore(p, _launcher(), tenant, actor=actor, reason=reason, workspace=workspace, before=when)
+        if not started.created:
+            raise StateError(f"tenant {tenant}: {started.message} {started.run_id}")
+        if not as_json:
+            typer.echo(f"run {started.run_id} submitted to {started.deployment}; following ...")
+        view = _state_only()
+        import time as _time
+
+        deadline = _time.monotonic() + 120
+        while True:
+            run = view.state.get_run(started.run_id)
+            if run is not None and run.state.value != "running":
+                break
+            if _time.monotonic() >= deadline:
+                typer.echo(
+                    f"error: run {started.run_id} is still running: `archive-kms runs show {started.run_id}`", err=True
+                )
+                raise typer.Exit(1)
+            _time.sleep(0.5)
+        if run.state.value != "completed":
+            failed = next((st for st in run.steps if st.state.value == "failed"), None)
+            raise StateError(
+                f"restore run {started.run_id} {run.state.value}"
+                + (f" at step {failed.name}: {failed.error}" if failed else "")
+                + f"; tenant {tenant} stays revoked"
+            )
+        report = {"run_id": started.run_id, "tenant": tenant, **{st.name: st.result for st in run.steps}}
+    if as_json:
+        typer.echo(_json.dumps(report, indent=2, default=str))
+        return
+    probe = report.get("components") or (report.get("probe") or {}).get("components") or []
+    replayed = report.get("replayed_jobs", (report.get("replay_jobs") or {}).get("replayed"))
+    typer.echo(
+        f"tenant {tenant}: restored (run {report['run_id']}); {replayed} deferred job(s) replayed; "
+        + ", ".join(
+            f"{c['component']} {'serving' if c.get('serving', c.get('served_after_commit')) else 'NOT serving'}"
+            for c in probe
+        )
+    )
+
+
+def _monitor_line(o: dict[str, _Any]) -> str:
+    return (
+        f"{o['tenant']:<20} {o['classification']:<11} {o['state']:<16} {str(o.get('key_version') or '-')[:36]:<36} "
+        f"{o['action']}"
+    )
+
+
+@keys_app.command("check")
+@_errors_are_messages
+def keys_check(
+    tenant: str | None = typer.Argument(None, help="One tenant (default: every tenant on its own key)"),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Say what would be done (and the blast radius), change nothing"
+    ),
+    no_revoke: bool = typer.Option(
+        False, "--no-revoke", help="Record and warn, but do not revoke a tenant whose key the customer disabled"
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """Ask each customer key's provider for its state and version: tell a customer rotation, a disabled /
+    deleted / expired key (the tenant is revoked, actor monitor) and an unreachable provider (never a
+    revocation) apart. What the scheduled key-monitor deployment runs."""
+    from archive_kms.operations.key_monitor import check_keys
+
+    report = check_keys(_platform(), tenant, dry_run=dry_run, revoke=not no_revoke)
+    data = report.to_dict()
+    human = "\n".join(_monitor_line(o) for o in data["observations"]) or "no tenant on its own key"
+    counts = ", ".join(f"{k} {v}" for k, v in data["counts"].items())
+    _emit(as_json, data, f"{human}\n{counts}" + (" (dry run: nothing changed)" if dry_run else ""))
+
+
+@keys_app.command("status")
+@_errors_are_messages
+def keys_status(tenant: str, as_json: bool = JSON) -> None:
+    """TENANT's key: the keychain (revoked? scoped revocations), the provider's answer now, the monitor's
+    last observation, the grace policy and the active warnings."""
+    from archive_kms.operations.key_monitor import key_status
+
+    st = key_status(_platform(), tenant)
+    now = st["provider_now"]
+    lines = [
+        f"tenant {st['tenant']} ({st['key_mode']}): key {st['key_ref']}",
+        f"  revoked: {st['revoked']}" + (f" since {st['revoked_at']}" if st["revoked"] else ""),
+        f"  provider now: {now.get('state', now.get('error'))} version {now.get('key_version') or '-'}"
+        + (f" ({now.get('classification')})" if now.get("classification") else ""),
+        f"  grace policy: {st['grace_policy']} ({st['grace_policy_source']})",
+    ]
+    for s in st["scoped_revocations"]:
+        lines.append(
+            f"  scoped revocation: workspace {s['workspace'] or '*'} before {s['before'] or '-'} since {s['revoked_at']}"
+        )
+    last = st["last_observation"]
+    if last:
+        lines.append(
+            f"  last check: {last['observed_at']} {last['state']} ({last['outcome']}), accepted version "
+            f"{last['accepted_version'] or '-'}"
+        )
+    for w in st["warnings"]:
+        lines.append(f"  warning [{w['severity']}] {w['id']}: {w['message']}")
+    _emit(as_json, st, "\n".join(lines))
+
+
+@keys_app.command("policy")
+@_errors_are_messages
+def keys_policy(
+    tenant: str,
+    policy: str | None = typer.Argument(
+        None, help="deny-immediately | serve-from-cache-for:SECONDS | alert-only (omit to show)"
+    ),
+    default: bool = typer.Option(
+        False, "--default", help="Drop the tenant's own policy: the settings' default applies"
+    ),
+    yes: bool = YES,
+    as_json: bool = JSON,
+) -> None:
+    """Show or set TENANT's grace policy: what an outage of its key service does to reads and searches."""
+    from archive_kms.keys.keychain.access import GracePolicy
+    from archive_kms.operations.key_monitor import set_grace_policy
+
+    p = _platform()
+    if policy is None and not default:
+        own = p.state.get_grace_policy(tenant)
+        if p.state.get_tenant(tenant) is None:
+            raise StateError(f"unknown tenant {tenant!r}: see `archive-kms tenant list`")
+        data = {"tenant": tenant, "policy": str(p.grace_policy(tenant)), "own": own is not None}
+        _emit(as_json, data, f"{tenant}: {data['policy']} ({'its own' if own else 'the settings default'})")
+        return
+    if policy is not None and default:
+        raise ValidationError("give a POLICY or --default, not both")
+    if policy is not None:
+        GracePolicy.parse(policy)  # a bad policy is refused before asking
+    _confirm(yes, f"set the grace policy of {tenant} to {policy or 'the default'}?")
+    now = set_grace_policy(p, tenant, policy, actor=_operator())
+    _emit(as_json, {"tenant": tenant, "policy": now, "own": policy is not None}, f"{tenant}: grace policy {now}")
+
+
+def _warning_line(w: dict[str, _Any]) -> str:
+    ack = f" (acknowledged by {w['acknowledged_by']})" if w.get("acknowledged_by") else ""
+    state = "" if w["active"] else f" [cleared {w['cleared_at']}]"
+    return f"{w['severity']:<8} {w['id']:<48} x{w['count']:<3} {w['updated_at']}{state}{ack}\n         {w['message']}"
+
+
+@warnings_app.callback()
+@_errors_are_messages
+def warnings_list(
+    ctx: typer.Context,
+    tenant: str | None = typer.Option(None, "--tenant", help="One tenant's warnings"),
+    all_: bool = typer.Option(False, "--all", help="Cleared warnings too"),
+    as_json: bool = JSON,
+) -> None:
+    """List the active warnings (of one tenant with --tenant)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from archive_kms.operations.key_warnings import list_warnings
+
+    rows = [w.to_dict() for w in list_warnings(_state_only().state, tenant, include_cleared=all_)]
+    _emit(as_json, rows, "\n".join(_warning_line(w) for w in rows) or "no warnings")
+
+
+@warnings_app.command("ack")
+@_errors_are_messages
+def warnings_ack(warning: str = typer.Argument(..., metavar="ID"), as_json: bool = JSON) -> None:
+    """Acknowledge a warning (it stays until its condition clears); audited."""
+    from archive_kms.operations.key_warnings import acknowledge_warning
+
+    w = acknowledge_warning(_state_only().state, warning, actor=_operator())
+    _emit(as_json, w.to_dict(), f"{w.warning_id}: acknowledged by {w.acknowledged_by}")
+
+
+@warnings_app.command("clear")
+@_errors_are_messages
+def warnings_clear(
+    warning: str = typer.Argument(..., metavar="ID"),
+    reason: str = typer.Option(..., "--reason", help="Why it no longer applies (audited)"),
+    yes: bool = YES,
+    as_json: bool = JSON,
+) -> None:
+    """Clear a warning by hand (the library clears its own when the condition ends); audited."""
+    from archive_kms.operations.key_warnings import clear_warning
+
+    state = _state_only().state
+    found = state.get_warning(warning)
+    if found is None or not found.active:
+        raise StateError(f"no active warning {warning!r}: see `archive-kms warnings`")
+    _confirm(yes, f"clear {warning}?")
+    subject = warning.split(":", 2)[2] if warning.count(":") >= 2 else None
+    cleared = clear_warning(state, found.tenant_id, found.kind, actor=_operator(), subject=subject, reason=reason)
+    _emit(as_json, cleared.to_dict() if cleared else {}, f"{warning}: cleared")
+
+
 # --- the state database's schema (Alembic revisions, docs/state-store.md) ------------------
 
 keychain_app = typer.Typer(
@@ -1423,16 +1837,6 @@ def _parse_time(value: str | None, option: str) -> _Any:
     return parsed
 
 
-def _confirm(prompt: str, yes: bool) -> None:
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise ValidationError("this destroys data: pass --yes to confirm (no terminal to ask on)")
-    if not typer.confirm(prompt, default=False):
-        typer.echo("nothing done", err=True)
-        raise typer.Exit(1)
-
-
 def _erasure_text(b: _Any) -> str:
     lines = [
         f"erase {b.tenant} (dry run: nothing changed): {b.description}",
@@ -1496,7 +1900,7 @@ def erase_cmd(
         return
     platform = _platform()
     plan = plan_erase(platform, tenant, before=cutoff, workspace=workspace, reason=reason)  # refusals first
-    _confirm(f"crypto-erase {plan.erasure_scope.describe()} of tenant {tenant}? This cannot be undone", yes)
+    _confirm(yes, f"crypto-erase {plan.erasure_scope.describe()} of tenant {tenant}? This cannot be undone")
     _prefect_api()
     if not wait:
         from archive_kms.migration.launch import start_erase

@@ -140,6 +140,19 @@ class Settings(BaseSettings):
     # Key rotation (docs/key-lifecycle.md "Rotation"): a rotation waiting longer than this
     # for the customer's confirmation is marked for a reminder warning.
     rotation_reminder_seconds: float = Field(default=86_400.0, gt=0)
+    # How old a keychain head this process verified may be when a read uses it again:
+    # a revocation, erasure or rotation committed elsewhere takes effect here within it
+    # (0 = read the state store on every use). `archive-kms revoke` waits it out before
+    # probing, so nothing is served anywhere once it returns (docs/key-lifecycle.md).
+    revocation_check_seconds: float = Field(default=0.5, ge=0, le=10)
+    # How often a process asks the provider for a tenant's master-key state before using
+    # its keys (0 = never): a key the customer disabled is refused within about this long.
+    key_state_check_seconds: float = Field(default=5.0, ge=0, le=300)
+    # How long a read waits for that answer before treating the key service as unreachable.
+    key_state_check_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    # What an unreachable key service does, unless the tenant has its own policy
+    # (`archive-kms keys policy`): deny-immediately | serve-from-cache-for:SECONDS | alert-only.
+    key_outage_grace: str = "serve-from-cache-for:60"
 
     # Audit anchors: the audit log's head published to an S3 bucket with Object Lock
     # (compliance mode), so a rollback of the database is found. None = not published.

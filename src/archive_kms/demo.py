@@ -221,6 +221,54 @@ ONBOARDING = [
 ]
 
 
+def _revocation_demo(console: Console, platform: Platform, tenant: str) -> int:
+    """Revoke ``tenant``: a warm read and a search refused, the measured receipt; then
+    restore it and read again (docs/key-lifecycle.md)."""
+    from archive_kms.errors import ArchiveKmsError
+    from archive_kms.operations.revocation import restore_tenant, revoke_tenant
+    from archive_kms.search import Query
+    from archive_kms.synthetic import generate_records
+
+    sample, _ = next(iter(generate_records(tenant, 1, seed=3, workspaces=2)))
+    archive = platform.open_archive(tenant)  # warm: kept across the revocation
+
+    def read() -> object:
+        return archive.read_record(sample.workspace_id, sample.object_type, sample.record_id)
+
+    def search() -> object:
+        return archive.search(Query(text="invoice", limit=5))
+
+    read(), search()
+    receipt = revoke_tenant(platform, tenant, actor="demo", reason="demo: incident drill")
+    refused = []
+    for name, attempt in (("read", read), ("search", search)):
+        try:
+            attempt()
+            refused.append(f"{name}: SERVED")
+        except ArchiveKmsError as e:
+            refused.append(f"{name}: {type(e).__name__}")
+    data = receipt.to_dict()
+    table = Table(title=f"revocation receipt: {tenant} (requested {data['requested_at']}, ok: {data['ok']})")
+    for col in ("component", "refusing", "ms after commit", "served after commit"):
+        table.add_column(col)
+    for c in data["components"]:
+        after = c.get("after_commit_ms")
+        table.add_row(
+            c["component"],
+            str(c["refusing"]),
+            "-" if after is None else f"{after:.0f}",
+            str(c.get("served_after_commit", 0)),
+        )
+    console.print(table)
+    report = restore_tenant(platform, tenant, actor="demo", reason="demo: drill over")
+    readable = read() == sample
+    console.print(
+        f"after revoke, a warm process: {', '.join(refused)}; restore ({report.run_id}): "
+        f"{'readable again' if readable else 'NOT readable'}"
+    )
+    return int(not receipt.ok or any("SERVED" in r for r in refused) or not readable)
+
+
 def _migration_demo(console: Console, settings: Settings) -> int:
     """Onboard one tenant per mode through the Prefect flow, with searches and an
     archive job during a run, then remove one; print the reports."""
@@ -302,6 +350,7 @@ def _migration_demo(console: Console, settings: Settings) -> int:
             "identical" if readable else "MISMATCH",
         )
     console.print(searches)
+    failed += _revocation_demo(console, platform, f"{ONBOARDING[0][0]}{tag}")
 
     # BYOK removal: the Key Vault tenant goes back to shared storage under the managed key.
     removed = f"byokv{tag}"

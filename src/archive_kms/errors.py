@@ -47,6 +47,12 @@ class ServiceUnavailableError(TransientError):
     """A backing service (S3, Blob, KMS, Key Vault, KMIP, Elasticsearch, DB) does not answer."""
 
 
+class KeyServiceUnavailableError(ServiceUnavailableError):
+    """A tenant's key service (the provider of its master key) does not answer, and the
+    tenant's grace policy does not (or no longer) let cached keys serve meanwhile. Not a
+    revocation: access comes back by itself when the service answers again."""
+
+
 # --- keys ---------------------------------------------------------------------------------
 
 

@@ -325,9 +325,11 @@ def _record_values(archive: Any, names: list[bytes]) -> list[str]:
 def audit_holds(platform: Any, tenant: str, *, resumes: int | None = None, reruns: int | None = None) -> dict[str, Any]:
     """I6: the audit chain verifies, and what happened to the tenant is in it.
 
-    - every run of the tenant has one ``run.start``; a completed run a ``run.complete``,
+    - every migration run of the tenant has one ``run.start``; a completed run a ``run.complete``,
       a cancelled one a ``run.cancel``; a run past ``bind_key`` has its ``key.dek_floor``,
       past ``cutover`` its ``tenant.cutover``, past ``cleanup_source`` its ``storage.delete``;
+    - a revoke run has one ``revoke.request`` and, completed, a ``revoke.receipt``; a restore
+      run ``restore.request`` and ``restore.complete``;
     - ``resumes`` / ``reruns`` (when given): that many ``run.resume*`` / ``run.rerun*``
       records in all (no support action without a record, no record without the action);
     - the keychain's last audited change is in the log (no record: the op did not run),
@@ -339,15 +341,25 @@ def audit_holds(platform: Any, tenant: str, *, resumes: int | None = None, rerun
     assert verified.ok, f"audit chain does not verify: {verified}"
     records = list(platform.state.iter_audit(tenant_id=tenant))
     actions = [r.action for r in records]
+    lifecycle = {"revoke": ("revoke.request", "revoke.receipt"), "restore": ("restore.request", "restore.complete")}
     for run in platform.state.list_runs(tenant):
         mine = [r.action for r in records if r.run_id == run.run_id]
+        if run.flow.value in lifecycle:  # key-lifecycle runs (docs/key-lifecycle.md): their own records
+            begun, done = lifecycle[run.flow.value]
+            assert mine.count(begun) == 1, f"{run.flow.value} run {run.run_id}: {mine.count(begun)} {begun} records"
+            if run.state is RunState.COMPLETED:
+                assert done in mine, f"{run.flow.value} run {run.run_id} completed without a {done} record"
+            continue
         assert mine.count("run.start") == 1, f"run {run.run_id}: {mine.count('run.start')} run.start records"
         if run.state is RunState.COMPLETED:
             # At least one: the record is written before the state, so a worker killed
             # between the two leaves one that its resume writes again.
             assert "run.complete" in mine, f"run {run.run_id} completed without a run.complete record"
         if run.state is RunState.CANCELLED:
-            assert "run.cancel" in mine, f"run {run.run_id} cancelled without a run.cancel record"
+            # refused at preflight (ADR 0021): ended cancelled by itself, audited run.refused
+            assert "run.cancel" in mine or "run.refused" in mine, (
+                f"run {run.run_id} cancelled without a run.cancel or run.refused record"
+            )
         for step, action in (
             ("bind_key", "key.dek_floor"),
             ("cutover", "tenant.cutover"),

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tenant_indices
 
 from archive_kms import cli
-from archive_kms.api.key_lifecycle import RotationWarnings
+from archive_kms.api.rotation_actions import RotationWarnings
 from archive_kms.config import Settings
 from archive_kms.migration.rotate import rotate_report
 from archive_kms.operations.archive import RECORD_PREFIX, JobSpec, submit_job

@@ -162,7 +162,7 @@ def test_cancel_while_waiting_reopens_the_gate_and_closes_the_rotation():
 
 
 def test_the_warning_offers_confirm_and_turns_into_a_reminder():
-    from archive_kms.api.key_lifecycle import RotationWarnings
+    from archive_kms.api.rotation_actions import RotationWarnings
 
     p = rotated_tenant()
     rotation, run = waiting_run(p)

@@ -35,8 +35,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from archive_kms.api import key_lifecycle as _key_lifecycle  # noqa: F401 - registers its actions and warnings
 from archive_kms.api import models as m
+from archive_kms.api import revocation_actions as _revocation_actions  # noqa: F401 - registers revoke, restore, stored warnings
+from archive_kms.api import rotation_actions as _rotation_actions  # noqa: F401 - registers erase, rotation confirm, rotation warnings
 from archive_kms.api.actions import TenantAction, registered_actions
 from archive_kms.api.auth import AuthError, Permission, Principal, TokenKeys, authenticate
 from archive_kms.api.warnings import (

@@ -82,8 +82,12 @@ def collect(
     platform: Platform, tenants: Sequence[TenantRecord], sources: Iterable[WarningSource]
 ) -> list[ConsoleWarning]:
     out: list[ConsoleWarning] = []
+    seen: set[str] = set()
     for source in sources:
-        out.extend(source.warnings(platform, tenants))
+        for w in source.warnings(platform, tenants):
+            if w.id not in seen:  # two sources may see one condition: the first says it
+                seen.add(w.id)
+                out.append(w)
     order = {"critical": 0, "warning": 1, "info": 2}
     return sorted(out, key=lambda w: (order.get(w.severity, 3), w.tenant, w.id))
 

@@ -7,7 +7,7 @@ signs and the state store keeps). Pure values with their canonical JSON; no keys
 * :class:`TenantHead` - one per tenant, also signed, with its own ``version``: the L1
   reference, the current L2 record (id, generation, version), per workspace its L3
   record and active DEK (id, generation, version) and its erasure watermarks, and the
-  revocation flag, and its last *audited change* (the version and action of the newest
+  revocation flag and its scoped (granular) revocations, and its last *audited change* (the version and action of the newest
   commit the keychain records in the audit log). The keychain checks every record it loads
   against the head, which is how a replayed old record (e.g. a DEK back from DESTROYED to
   ACTIVE) is caught, and the head's version against the audit log, which is how a
@@ -43,6 +43,7 @@ __all__ = [
     "KeyRecord",
     "KeyRecordState",
     "RecordRef",
+    "ScopedRevocation",
     "SignedJson",
     "TenantHead",
     "WorkspaceHead",
@@ -362,10 +363,65 @@ class AuditedChange:
 
 
 @dataclass(frozen=True)
+class ScopedRevocation:
+    """A granular revocation in force (docs/key-lifecycle.md, "Granular revocation"):
+    one workspace's key (``workspace_id`` set, ``before`` None), the DEKs of every bucket
+    that starts before ``before``'s bucket (``workspace_id`` None: in every workspace), or
+    both (that range in that workspace). ``revoked_at``: when it was committed. A scope is
+    identified by ``(workspace_id, before)``; the head keeps them sorted by that."""
+
+    workspace_id: str | None
+    before: datetime | None
+    revoked_at: datetime
+
+    def __post_init__(self) -> None:
+        if self.workspace_id is None and self.before is None:
+            raise ValidationError("a scoped revocation names a workspace, a time (before), or both")
+        if self.workspace_id is not None:
+            _check_str("workspace_id", self.workspace_id)
+        _require_utc("before", self.before, optional=True)
+        _require_utc("revoked_at", self.revoked_at)
+
+    @property
+    def scope(self) -> tuple[str, str]:
+        """The sort and identity key: (workspace or "", before as canonical time or "")."""
+        return (self.workspace_id or "", time_out(self.before) or "")
+
+    def covers(self, workspace_id: str, bucket: int | None, bucket_seconds: int) -> bool:
+        """Whether this scope refuses ``workspace_id``'s key (``bucket`` None) or its DEK of
+        ``bucket``: a range scope covers buckets that start before ``before``'s bucket."""
+        if self.workspace_id is not None and self.workspace_id != workspace_id:
+            return False
+        if self.before is None:
+            return True
+        if bucket is None:
+            return False  # a time range never refuses the workspace key itself
+        return bucket < int(self.before.timestamp()) // bucket_seconds
+
+    def describe(self) -> str:
+        parts = []
+        if self.workspace_id is not None:
+            parts.append(f"workspace {self.workspace_id}")
+        if self.before is not None:
+            parts.append(f"data keys of buckets before {time_out(self.before)}")
+        return " and ".join(parts) if len(parts) == 1 else f"{parts[1]} in {parts[0]}"
+
+    def _json(self) -> list[Any]:
+        return [self.workspace_id, time_out(self.before), time_out(self.revoked_at)]
+
+    @classmethod
+    def _from(cls, value: Any) -> ScopedRevocation:
+        workspace_id, before, revoked_at = value
+        return cls(workspace_id, time_in(before), time_in(revoked_at))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class TenantHead(SignedJson):
     """The signed root of a tenant's keychain; ``version`` goes up by one per commit.
     ``audited_change`` is ``None`` only in heads written before audited changes existed
-    (it is then absent from the JSON, so those heads verify as they were signed)."""
+    (it is then absent from the JSON, so those heads verify as they were signed).
+    ``scoped_revocations``: granular revocations in force, sorted by scope; absent from
+    the JSON while empty (heads written before they existed verify unchanged)."""
 
     tenant_id: str
     version: int
@@ -377,11 +433,19 @@ class TenantHead(SignedJson):
     revoked_at: datetime | None
     updated_at: datetime
     audited_change: AuditedChange | None = None
+    scoped_revocations: tuple[ScopedRevocation, ...] = ()
     signer_key_id: str = ""
     signature: bytes = b""
 
     def __post_init__(self) -> None:
         _check_str("tenant_id", self.tenant_id)
+        if not isinstance(self.scoped_revocations, tuple) or not all(
+            isinstance(r, ScopedRevocation) for r in self.scoped_revocations
+        ):
+            raise ValidationError("scoped_revocations must be a tuple of ScopedRevocation")
+        scopes = [r.scope for r in self.scoped_revocations]
+        if scopes != sorted(set(scopes)):
+            raise ValidationError("scoped revocations must be sorted by scope and unique")
         _check_str("l1_ref", self.l1_ref)
         _check_int("version", self.version, 1)
         _check_int("l1_generation", self.l1_generation, 1)
@@ -405,6 +469,23 @@ class TenantHead(SignedJson):
 
     def workspace(self, workspace_id: str) -> WorkspaceHead | None:
         return self._by_id.get(workspace_id)
+
+    def scoped_revocation(self, workspace_id: str, bucket: int | None, bucket_seconds: int) -> ScopedRevocation | None:
+        """The first scoped revocation that refuses ``workspace_id``'s key (``bucket``
+        None) or its DEK of ``bucket``, or None."""
+        for r in self.scoped_revocations:
+            if r.covers(workspace_id, bucket, bucket_seconds):
+                return r
+        return None
+
+    def with_scoped_revocations(self, revocations: list[ScopedRevocation]) -> TenantHead:
+        """A copy with these scoped revocations (sorted); signature fields cleared."""
+        return replace(
+            self,
+            scoped_revocations=tuple(sorted(revocations, key=lambda r: r.scope)),
+            signer_key_id="",
+            signature=b"",
+        )
 
     def with_workspace(self, ws: WorkspaceHead) -> TenantHead:
         """A copy with ``ws`` added or replaced (kept sorted); signature fields cleared."""
@@ -439,6 +520,8 @@ class TenantHead(SignedJson):
         }
         if self.audited_change is not None:  # absent otherwise: heads made before it verify as they were
             out["audited_change"] = self.audited_change._json()
+        if self.scoped_revocations:  # likewise absent while empty
+            out["scoped_revocations"] = [r._json() for r in self.scoped_revocations]
         return out
 
     @classmethod
@@ -447,9 +530,13 @@ class TenantHead(SignedJson):
         try:
             if obj.pop("format") != HEAD_FORMAT:
                 raise ValueError("unknown head format")
-            required = {f.name for f in fields(cls)} - {"audited_change"}
-            if not required <= set(obj) <= required | {"audited_change"}:
+            optional = {"audited_change", "scoped_revocations"}
+            required = {f.name for f in fields(cls)} - optional
+            if not required <= set(obj) <= required | optional:
                 raise ValueError("unexpected or missing fields")
+            scoped = obj.get("scoped_revocations")
+            if scoped is not None and (not isinstance(scoped, list) or not scoped):
+                raise ValueError("scoped_revocations must be a non-empty list when present")
             return cls(
                 tenant_id=obj["tenant_id"],
                 version=obj["version"],
@@ -461,6 +548,7 @@ class TenantHead(SignedJson):
                 revoked_at=time_in(obj["revoked_at"]),
                 updated_at=time_in(obj["updated_at"]),  # type: ignore[arg-type]
                 audited_change=AuditedChange._from(obj["audited_change"]) if "audited_change" in obj else None,
+                scoped_revocations=tuple(ScopedRevocation._from(r) for r in scoped or ()),
                 signer_key_id=obj["signer_key_id"],
                 signature=b64_in(obj["signature"]),
             )

@@ -4,13 +4,25 @@ Bounds, so that a revoked or erased key stops being usable quickly even in a pro
 missed the news:
 
 * lifetime: an entry lives ``ttl_seconds`` from when it was put (default 60 s,
-  ``Settings.key_cache_ttl_seconds``); reading it does not extend it. Expired entries are
-  wiped when any operation meets them *and* by a background sweeper (one daemon thread for
-  every cache of the process, each second), so an expired key does not sit in memory
-  because nobody asked for it again (an erased DEK is refused before the cache is looked at);
+  ``Settings.key_cache_ttl_seconds``); reading it does not extend it. A key put with a
+  ``parent`` (the key that unwrapped it) never outlives the parent's entry: its expiry is
+  the earlier of its own and the parent's, so a DEK unwrapped from a cached L3 just before
+  that L3 expires expires with it (the TTL does not restart at each level). Expired
+  entries are wiped when any operation meets them *and* by a background sweeper (one
+  daemon thread for every cache of the process, each second), so an expired key does not
+  sit in memory because nobody asked for it again (an erased DEK is refused before the
+  cache is looked at);
+* lineage: an entry carries a ``tag`` (the keychain puts the ids and versions of the
+  records above it there); ``get`` with another tag drops the entry and misses, so a key
+  cached under a workspace key that was since replaced (rotation, erasure) is never
+  served again;
 * size: at most ``max_entries``; the least recently used entry goes first;
 * ``purge(tenant)`` drops a tenant's entries at once (revocation), ``purge()`` all;
-  ``discard(tenant, ids)`` drops named keys (erasure, rotation).
+  ``discard(tenant, ids)`` drops named keys (erasure, rotation);
+* ``hold(tenant, until)``: the only way an entry lives past its expiry. The keychain holds
+  a tenant's entries while its key service is unreachable and the tenant's grace policy
+  is ``serve-from-cache-for N s`` (docs/key-lifecycle.md); every entry of the tenant is
+  held alike, so no key outlives its parent; ``release(tenant)`` ends it.
 
 The cache keeps its own copy of each key and hands out fresh copies, so a caller that
 ``wipe()``s its key does not wipe the cached one; dropped copies are wiped (best effort).
@@ -20,14 +32,19 @@ Nothing here logs, and ``repr`` shows counts only.
 
 The cache does not decide who may read: the keychain checks the tenant's key state before
 every lookup, so a revoked tenant is refused even while entries are still here.
+``add_sweep_hook(fn)`` runs ``fn()`` on the sweeper thread each second (the keychain
+re-checks the tenants it holds keys of there, so an idle process purges a revoked
+tenant's keys too); a hook that raises is logged, never kills the sweeper.
 """
 
 from __future__ import annotations
 
+import heapq
+import logging
 import threading
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +52,9 @@ from typing import Any
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import ValidationError
 
-__all__ = ["CacheStats", "KeyCache"]
+__all__ = ["CacheStats", "KeyCache", "add_sweep_hook"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ENTRIES = 4096
 SWEEP_INTERVAL_SECONDS = 1.0
@@ -46,6 +65,29 @@ _sweeper: threading.Thread | None = None
 
 
 _sweeper_tick = threading.Event()  # never set: its wait() is the sweeper's sleep
+_hooks: list[weakref.WeakMethod[Callable[[], None]]] = []
+_hooks_lock = threading.Lock()
+
+
+def add_sweep_hook(method: Callable[[], None]) -> None:
+    """Run the bound ``method`` on the sweeper thread every second for as long as its
+    object lives (held weakly). It must be quick and must not block for long."""
+    with _hooks_lock:
+        _hooks.append(weakref.WeakMethod(method))
+    _start_sweeper()
+
+
+def _run_hooks() -> None:
+    with _hooks_lock:
+        live = [(ref, ref()) for ref in _hooks]
+        _hooks[:] = [ref for ref, fn in live if fn is not None]
+    for _, fn in live:
+        if fn is None:
+            continue
+        try:
+            fn()
+        except Exception:
+            log.warning("key cache sweep hook failed", exc_info=True)
 
 
 def _sweep_forever() -> None:
@@ -54,11 +96,16 @@ def _sweep_forever() -> None:
     while not _sweeper_tick.wait(SWEEP_INTERVAL_SECONDS):
         for cache in list(_live_caches):
             cache.sweep()
+        _run_hooks()
 
 
 def _register(cache: KeyCache) -> None:
-    global _sweeper
     _live_caches.add(cache)
+    _start_sweeper()
+
+
+def _start_sweeper() -> None:
+    global _sweeper
     with _sweeper_lock:
         if _sweeper is None or not _sweeper.is_alive():
             _sweeper = threading.Thread(target=_sweep_forever, name="akms-key-cache-sweeper", daemon=True)
@@ -75,7 +122,8 @@ class CacheStats:
 
 
 class KeyCache:
-    """Plaintext keys by ``(tenant_id, key_id)`` with TTL, LRU bound and explicit purge."""
+    """Plaintext keys by ``(tenant_id, key_id)`` with TTL, parent-bound expiry, lineage
+    tags, LRU bound, explicit purge and grace holds."""
 
     def __init__(
         self,
@@ -94,9 +142,11 @@ class KeyCache:
         self._lock = threading.Lock()
         # (tenant, key_id) -> (expires_at, secret); order = least recently used first
         self._entries: OrderedDict[tuple[str, str], tuple[float, SecretBytes]] = OrderedDict()
+        self._tags: dict[tuple[str, str], str] = {}
         self._by_tenant: dict[str, set[tuple[str, str]]] = {}
-        # (expires_at, key) in put order = expiry order (one TTL for all); stale pairs are skipped
-        self._expiries: deque[tuple[float, tuple[str, str]]] = deque()
+        # min-heap of (expires_at, key); stale pairs (entry gone or re-put) are skipped
+        self._expiries: list[tuple[float, tuple[str, str]]] = []
+        self._holds: dict[str, float] = {}  # tenant -> entries live at least until then
         self._hits = self._misses = self._expired = self._evicted = self._purged = 0
         if self._ttl > 0:
             _register(self)
@@ -109,10 +159,15 @@ class KeyCache:
     def ttl_seconds(self) -> float:
         return self._ttl
 
+    def now(self) -> float:
+        """The cache's clock (monotonic seconds), the one ``expires_at`` and holds use."""
+        return self._clock()
+
     # --- internal (lock held) --------------------------------------------------------
 
     def _drop(self, k: tuple[str, str]) -> None:
         _, secret = self._entries.pop(k)
+        self._tags.pop(k, None)
         ids = self._by_tenant.get(k[0])
         if ids is not None:
             ids.discard(k)
@@ -120,14 +175,22 @@ class KeyCache:
                 del self._by_tenant[k[0]]
         secret.wipe()
 
+    def _live_until(self, k: tuple[str, str], expires_at: float) -> float:
+        return max(expires_at, self._holds.get(k[0], expires_at))
+
     def _sweep(self, now: float) -> int:
         n = 0
         while self._expiries and self._expiries[0][0] <= now:
-            expires_at, k = self._expiries.popleft()
+            _, k = heapq.heappop(self._expiries)
             entry = self._entries.get(k)
-            if entry is not None and entry[0] == expires_at:
-                self._drop(k)
-                n += 1
+            if entry is None or entry[0] > now:  # gone, or put again since (with its own marker)
+                continue
+            held = self._holds.get(k[0])
+            if held is not None and held > now:  # a grace hold: look again when it ends
+                heapq.heappush(self._expiries, (held, k))
+                continue
+            self._drop(k)
+            n += 1
         self._expired += n
         return n
 
@@ -138,8 +201,14 @@ class KeyCache:
         with self._lock:
             return self._sweep(self._clock())
 
-    def get(self, tenant_id: str, key_id: str) -> SecretBytes | None:
-        """A fresh copy of the cached key, or ``None`` if absent or expired."""
+    def get(self, tenant_id: str, key_id: str, *, tag: str | None = None) -> SecretBytes | None:
+        """A fresh copy of the cached key, or ``None`` if absent or expired. With ``tag``,
+        an entry put under another tag is dropped and missed (its lineage changed)."""
+        found = self.lookup(tenant_id, key_id, tag=tag)
+        return None if found is None else found[0]
+
+    def lookup(self, tenant_id: str, key_id: str, *, tag: str | None = None) -> tuple[SecretBytes, float] | None:
+        """``get``, with the entry's expiry (the cache's clock): ``(copy, expires_at)``."""
         k = (tenant_id, key_id)
         with self._lock:
             now = self._clock()
@@ -149,17 +218,39 @@ class KeyCache:
                 self._misses += 1
                 return None
             expires_at, secret = entry
-            if now >= expires_at:
+            if now >= self._live_until(k, expires_at):
                 self._drop(k)
                 self._expired += 1
                 self._misses += 1
                 return None
+            if tag is not None and self._tags.get(k, "") != tag:
+                self._drop(k)
+                self._purged += 1
+                self._misses += 1
+                return None
             self._entries.move_to_end(k)
             self._hits += 1
-            return SecretBytes(secret.reveal())
+            return SecretBytes(secret.reveal()), expires_at
 
-    def put(self, tenant_id: str, key_id: str, key: SecretBytes) -> None:
-        """Cache a copy of ``key`` for ``ttl_seconds`` from now."""
+    def expiry(self, tenant_id: str, key_id: str) -> float | None:
+        """When the entry expires (the cache's clock), or None if it is not cached."""
+        with self._lock:
+            entry = self._entries.get((tenant_id, key_id))
+            return None if entry is None else entry[0]
+
+    def put(
+        self,
+        tenant_id: str,
+        key_id: str,
+        key: SecretBytes,
+        *,
+        tag: str = "",
+        parent: str | None = None,
+        not_after: float | None = None,
+    ) -> None:
+        """Cache a copy of ``key`` for ``ttl_seconds`` from now, but never past the expiry
+        of the tenant's cached ``parent`` entry (the key that unwrapped it) nor past
+        ``not_after`` (the cache's clock). ``tag``: the key's lineage (see ``get``)."""
         if not isinstance(key, SecretBytes):
             raise ValidationError("the key cache stores SecretBytes only")
         if self._ttl == 0:
@@ -172,8 +263,18 @@ class KeyCache:
             if k in self._entries:
                 self._drop(k)
             expires_at = now + self._ttl
+            if parent is not None:
+                above = self._entries.get((tenant_id, parent))
+                if above is not None:
+                    expires_at = min(expires_at, above[0])
+            if not_after is not None:
+                expires_at = min(expires_at, not_after)
+            if expires_at <= now:
+                copy.wipe()
+                return
             self._entries[k] = (expires_at, copy)
-            self._expiries.append((expires_at, k))
+            self._tags[k] = tag
+            heapq.heappush(self._expiries, (expires_at, k))
             self._by_tenant.setdefault(tenant_id, set()).add(k)
             while len(self._entries) > self._max:
                 self._drop(next(iter(self._entries)))
@@ -192,16 +293,40 @@ class KeyCache:
         return n
 
     def purge(self, tenant_id: str | None = None) -> int:
-        """Drop every entry of ``tenant_id`` (or of everyone); returns how many."""
+        """Drop every entry of ``tenant_id`` (or of everyone) and end its hold; returns how many."""
         with self._lock:
             if tenant_id is None:
                 keys = list(self._entries)
+                self._holds.clear()
             else:
                 keys = list(self._by_tenant.get(tenant_id, ()))
+                self._holds.pop(tenant_id, None)
             for k in keys:
                 self._drop(k)
             self._purged += len(keys)
             return len(keys)
+
+    def hold(self, tenant_id: str, until: float) -> None:
+        """Keep every entry of ``tenant_id`` (present and future) at least until ``until``
+        (the cache's clock); a later call moves it, ``release`` or ``purge`` ends it."""
+        with self._lock:
+            self._holds[tenant_id] = float(until)
+
+    def release(self, tenant_id: str) -> None:
+        """End ``tenant_id``'s hold: its entries expire as they were put (those past it go now)."""
+        with self._lock:
+            if self._holds.pop(tenant_id, None) is None:
+                return
+            now = self._clock()
+            gone = [k for k in self._by_tenant.get(tenant_id, ()) if self._entries[k][0] <= now]
+            for k in gone:
+                self._drop(k)
+            self._expired += len(gone)
+
+    def tenants(self) -> list[str]:
+        """The tenants with at least one entry (expired ones may still be counted)."""
+        with self._lock:
+            return list(self._by_tenant)
 
     def __len__(self) -> int:
         with self._lock:

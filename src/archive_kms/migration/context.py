@@ -55,10 +55,13 @@ class RunContext:
 
     def check(self) -> None:
         """Raise FencedError if the heartbeat lost the lease, StopRequestedError if the run
-        was asked to stop (a signal, or the caller)."""
+        was asked to stop (a signal, or the caller), and what the keychain raises if the
+        tenant's keys are refused (revoked, or its master key taken away: revoke wins even
+        in a step that uses no key; microseconds, docs/key-lifecycle.md)."""
         self.check_fenced()
         if self.stop.is_set():
             raise StopRequestedError(f"run {self.run_id}: {self.stop.reason}", resource=f"run:{self.run_id}")
+        self.platform.keychain.check_access(self.plan.tenant_id)
 
     def run(self) -> MigrationRun:
         """The run as the state store has it now."""

@@ -55,7 +55,10 @@ from archive_kms.errors import (
     FencedError,
     IntegrityError,
     KeychainTamperedError,
+    KeyDestroyedError,
     KeyNotFoundError,
+    KeyServiceUnavailableError,
+    KeyUnavailableError,
     ObjectChangedError,
     ObjectExistsError,
     ObjectNotFoundError,
@@ -569,33 +572,6 @@ def _existing(job: _Job) -> ObjectCopy | None:
     )
 
 
-class _DekMemo:
-    """A DEK lookup remembered per (workspace, DEK id) for ``ttl`` seconds, within one
-    shard. The in-memory check of new ciphertext asks for the DEK ``dek_for_encrypt`` just
-    returned, and source objects share a handful of DEKs: one keychain read per DEK, not
-    per object. Revocation still stops a shard at the next object: ``dek_for_encrypt``
-    reads the keychain head (and its revocation flag) for every object, before its source
-    is opened. Failed lookups are not remembered."""
-
-    def __init__(self, lookup: Callable[[Any], Any], *, ttl: float = 30.0) -> None:
-        self._lookup = lookup
-        self._ttl = ttl
-        self._keys: dict[tuple[str, str], tuple[float, Any]] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, header: Any) -> Any:
-        key = (header.workspace_id, header.dek_id)
-        now = time.monotonic()
-        with self._lock:
-            found = self._keys.get(key)
-        if found is not None and now - found[0] < self._ttl:
-            return found[1]
-        dek = self._lookup(header)
-        with self._lock:
-            self._keys[key] = (now, dek)
-        return dek
-
-
 @dataclass
 class ShardResult:
     shard: int
@@ -657,8 +633,14 @@ def _run_pool(
 
 
 def _fatal(exc: BaseException) -> bool:
-    """Errors that stop the shard at once: lost lease, or not one of ours (a bug)."""
-    return isinstance(exc, FencedError) or not isinstance(exc, ArchiveKmsError)
+    """Errors that stop the shard at once: lost lease; the tenant's keys refused (revoked,
+    the master key disabled by the customer, or its key service down past the grace
+    policy: revoke wins, the run stops at this object boundary and resumes after restore);
+    or not one of ours (a bug)."""
+    refused = isinstance(exc, KeyServiceUnavailableError) or (
+        isinstance(exc, KeyUnavailableError) and not isinstance(exc, KeyDestroyedError)
+    )
+    return isinstance(exc, FencedError) or refused or not isinstance(exc, ArchiveKmsError)
 
 
 def _stop_checks(run_id: str) -> tuple[Callable[[], bool] | None, Callable[[], bool] | None]:
@@ -720,8 +702,11 @@ def _copy_shard(
     parts = getattr(dst, "upload_budget", None)
     if parts is not None and parts.capacity > COPY_UPLOAD_BUFFER:
         parts.capacity = COPY_UPLOAD_BUFFER  # parts uploading in the store's threads, process-wide (ADR 0019)
-    check_dek_for = _DekMemo(dek_lookup(keychain, tenant))
-    source_dek_for = _DekMemo(_source_dek_lookup(keychain, tenant, src.label))
+    # No DEK memo of our own: the keychain's cache answers in microseconds and checks
+    # revocation, erasure and the master key's state on every use (a memo here would let a
+    # DEK outlive a revocation or an erasure by its lifetime).
+    check_dek_for = dek_lookup(keychain, tenant)
+    source_dek_for = _source_dek_lookup(keychain, tenant, src.label)
     attested = plan.verify == ATTESTED
 
     def work(entry: ManifestEntry) -> ObjectCopy:

@@ -15,6 +15,10 @@ itself never imports Prefect).
   checks that can be made without executing it.
 - ``follow``: snapshots of a run's progress until it settles, read from the state store
   (the truth) and the run's latest flow run (did a worker take it; did it crash).
+- ``start_revoke``: the revocation is made in the caller's process first
+  (``operations.revocation.begin_revocation``: in force everywhere when it returns, no
+  worker needed), then its run (probes and receipt) is submitted to the revoke
+  deployment. ``start_restore``: checked, recorded as a ``restore`` run, submitted.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ DEPLOYMENTS: dict[str, str] = {
     "erase": "key-erase/erase",
     "erase-retention": "key-erase-retention/retention",
     "rotate": "key-rotate/rotate",
+    "revoke": "key-revoke/revoke",
+    "restore": "key-restore/restore",
+    "monitor": "key-monitor/monitor",
 }
 SUPPORT_ACTIONS = ("resume", "rerun", "cancel")
 TASK_RUNNERS = ("threads", "dask")
@@ -234,6 +241,31 @@ def start_rotation_check(platform: Platform, launcher: RunLauncher, tenant_id: s
     _, rotation, run = check_rotation(platform, tenant_id, actor=actor)
     if run is None or rotation is None:
         return Started("", tenant_id, "rotate", "rotate", False, "no rotation of the key since the last check")
+    return _submit_rotation_once(platform, launcher, rotation, run, actor=actor)
+
+
+def start_detected_rotation(
+    platform: Platform,
+    launcher: RunLauncher,
+    tenant_id: str,
+    *,
+    key_ref: str,
+    previous_version: str | None,
+    observed_version: str | None,
+    actor: str,
+) -> Started:
+    """The key-state monitor's ``on_rotation_detected``: the provider serves the tenant's
+    key at another version than the accepted one. Open the rotation (or find the tenant's
+    open one) with its rotate run, and submit that run unless it was submitted already."""
+    from archive_kms.migration.rotation_monitor import RotationObservation, on_rotation_detected
+
+    seen = RotationObservation(tenant_id, key_ref, previous_version, observed_version)
+    rotation, run, _ = on_rotation_detected(platform, tenant_id, seen, actor=actor)
+    return _submit_rotation_once(platform, launcher, rotation, run, actor=actor)
+
+
+def _submit_rotation_once(platform: Platform, launcher: RunLauncher, rotation: Any, run: Any, *, actor: str) -> Started:
+    tenant_id = run.tenant_id
     submitted = any(
         r.action == "run.submit" and r.run_id == run.run_id for r in platform.state.iter_audit(tenant_id=tenant_id)
     )
@@ -253,6 +285,110 @@ def confirm_and_resume(
     if rotation.run_id is None:
         raise StateError(f"rotation {rotation.rotation_id} has no run", resource=f"rotation:{rotation.rotation_id}")
     return start_support(platform, launcher, rotation.run_id, "resume", actor=actor)
+
+
+def start_revoke(
+    platform: Platform,
+    launcher: RunLauncher,
+    tenant_id: str,
+    *,
+    actor: str,
+    reason: str = "",
+    workspace: str | None = None,
+    before: Any = None,
+) -> Started:
+    """Revoke now, in this process (``begin_revocation``), then submit the revocation run
+    (the receipt) to the revoke deployment. If the submission fails the revocation stands
+    and the error says how to record its receipt."""
+    from archive_kms.errors import ServiceUnavailableError
+    from archive_kms.operations.revocation import RevocationScope, begin_revocation
+
+    start = begin_revocation(platform, tenant_id, actor=actor, reason=reason, scope=RevocationScope(workspace, before))
+    deployment = DEPLOYMENTS["revoke"]
+    try:
+        launch = launcher.submit(
+            deployment,
+            {"tenant": tenant_id, "actor": actor, "start": start.to_params()},
+            tags=run_tags(tenant_id, start.run_id),
+        )
+    except Exception as exc:  # noqa: BLE001 - the revocation is in force whatever the orchestrator says
+        raise ServiceUnavailableError(
+            f"tenant {tenant_id}: the revocation is in force since {start.to_params()['committed_at']}, but its "
+            f"receipt run could not be submitted ({type(exc).__name__}); record it with `archive-kms revoke "
+            f"{tenant_id} --wait` (idempotent)",
+            resource=f"run:{start.run_id}",
+        ) from None
+    _audit(
+        platform,
+        actor,
+        "run.submit",
+        tenant_id,
+        start.run_id,
+        {"deployment": deployment, "flow_run": launch.flow_run_id},
+    )
+    return Started(
+        start.run_id,
+        tenant_id,
+        "revoke",
+        "revoke",
+        True,
+        f"revoked at {start.to_params()['committed_at']} ({start.scope.describe()}); every process refuses by "
+        f"{start.to_params()['refusing_everywhere_by']}; the receipt run is submitted",
+        launch.flow_run_id,
+        launch.deployment,
+    )
+
+
+def start_restore(
+    platform: Platform,
+    launcher: RunLauncher,
+    tenant_id: str,
+    *,
+    actor: str,
+    reason: str = "",
+    workspace: str | None = None,
+    before: Any = None,
+) -> Started:
+    """Check the restore, record its run and submit it to the restore deployment."""
+    from archive_kms.operations.revocation import RESTORE_STEPS, RevocationScope, check_restore
+    from archive_kms.state.port import Flow
+
+    scope = RevocationScope(workspace, before)
+    check_restore(platform, tenant_id, scope)
+    run, created = platform.state.start_run(
+        tenant_id,
+        Flow.RESTORE,
+        mode=scope.kind,
+        steps=RESTORE_STEPS,
+        params={"scope": scope.to_dict(), "actor": actor, "reason": reason},
+    )
+    if not created:
+        return Started(
+            run.run_id, tenant_id, run.flow.value, "restore", False, f"already running: {run.flow.value} run"
+        )
+    deployment = DEPLOYMENTS["restore"]
+    try:
+        launch = launcher.submit(
+            deployment,
+            {
+                "tenant": tenant_id,
+                "actor": actor,
+                "reason": reason,
+                "workspace": workspace,
+                "before": scope.to_dict()["before"],
+                "run_id": run.run_id,
+            },
+            tags=run_tags(tenant_id, run.run_id),
+        )
+    except BaseException:
+        platform.state.set_run_state(run.run_id, RunState.CANCELLED)  # none of its steps ran
+        raise
+    _audit(
+        platform, actor, "run.submit", tenant_id, run.run_id, {"deployment": deployment, "flow_run": launch.flow_run_id}
+    )
+    return Started(
+        run.run_id, tenant_id, "restore", "restore", True, "submitted", launch.flow_run_id, launch.deployment
+    )
 
 
 def submit_run(
@@ -443,9 +579,12 @@ __all__ = [
     "follow",
     "run_tags",
     "snapshot",
+    "start_detected_rotation",
     "start_enable",
     "start_erase",
     "start_remove",
+    "start_restore",
+    "start_revoke",
     "start_rotation_check",
     "start_support",
     "submit_run",

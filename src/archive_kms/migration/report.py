@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from archive_kms.errors import StateError
 from archive_kms.migration.quarantine import report_section
-from archive_kms.state.port import CopyStatus, LedgerRepo, MigrationRun, RunRepo, StepRecord, StepState
+from archive_kms.state.port import CopyStatus, Flow, LedgerRepo, MigrationRun, RunRepo, StepRecord, StepState
 
 
 class RunLedger(RunRepo, LedgerRepo, Protocol):
@@ -84,15 +84,15 @@ def build_report(platform: HasRunLedger, run_id: str, *, final: bool = False) ->
         steps.append(
             {"step": s.name, "state": s.state.value, "attempts": s.attempt, "seconds": _seconds(s), "error": s.error}
         )
-    copy_result = run.step("copy").result or {}
-    verify_result = run.step("verify").result or {}
-    index_result = run.step("build_index").result or {}
-    resume_result = run.step("resume").result or {}
-    bind_result = run.step("bind_key").result or {}
+    copy_result = _result(run, "copy")
+    verify_result = _result(run, "verify")
+    index_result = _result(run, "build_index")
+    resume_result = _result(run, "resume")
+    bind_result = _result(run, "bind_key")
     started = run.created_at
     ends = [s.finished_at for s in run.steps if s.finished_at is not None]
     total = round((max(ends) - started).total_seconds(), 3) if ends else None
-    copy_seconds = _seconds(run.step("copy")) or copy_result.get("seconds")
+    copy_seconds = (_seconds(run.step("copy")) if "copy" in _names(run) else None) or copy_result.get("seconds")
     plaintext = copy_result.get("bytes_plaintext")
     report = {
         "run_id": run.run_id,
@@ -125,7 +125,18 @@ def build_report(platform: HasRunLedger, run_id: str, *, final: bool = False) ->
         **report_section(platform.state, run_id, _uri(params.get("source"))),
         "steps": steps,
     }
+    if run.flow in (Flow.REVOKE, Flow.RESTORE):  # no copy: what each step found (the receipt too)
+        report["results"] = {st.name: dict(st.result or {}) for st in run.steps}
     return report
+
+
+def _names(run: MigrationRun) -> set[str]:
+    return {s.name for s in run.steps}
+
+
+def _result(run: MigrationRun, step: str) -> Mapping[str, Any]:
+    """A step's result; {} for a step this run's flow does not have (revoke, restore)."""
+    return (run.step(step).result or {}) if step in _names(run) else {}
 
 
 def _reconciliation(verify_result: Mapping[str, Any], index_result: Mapping[str, Any]) -> str | None:

@@ -44,6 +44,7 @@ from archive_kms.errors import IntegrityError, StateError, ValidationError
 from archive_kms.migration.context import FlowDefinition, RunContext, Step, StepWaiting
 from archive_kms.migration.report import HasRunLedger, register_report, step_rows, total_seconds
 from archive_kms.operations.archive import RECORD_PREFIX, replay_deferred
+from archive_kms.operations.key_monitor import accept_key_version
 from archive_kms.operations.platform import Platform
 from archive_kms.operations.rotation import current_key_version, new_challenge
 from archive_kms.search.naming import index_name
@@ -335,6 +336,8 @@ def retire(ctx: RunContext) -> dict[str, Any]:
         failed = [k for k, v in result["checks"].items() if not v]
         raise IntegrityError(f"the old key version is still needed ({', '.join(failed)}); rerun from rewrap")
     p.state.record_key_version(plan.tenant_id, plan.key_ref, plan.observed_version)
+    if plan.observed_version is not None:  # the monitor's accepted version too: its warning clears
+        accept_key_version(p, plan.tenant_id, plan.observed_version, actor=ctx.actor)
     retired = None
     if plan.kind == "byok" and plan.previous_key_ref and plan.previous_key_ref != plan.key_ref:
         retired = _retire_old_byok_key(ctx, plan.previous_key_ref)

@@ -8,7 +8,7 @@ stands in for: the monitor raises a ``rotation_detected`` warning and calls
   first observation only records a baseline;
 - ``on_rotation_detected(platform, tenant_id, observation, actor=)`` opens the rotation
   (one open per tenant) and triggers its ``rotate`` run; the rotation record is the
-  warning the console shows (``api.key_lifecycle``);
+  warning the console shows (``api.rotation_actions``);
 - ``check_rotation`` is both, what ``archive-kms rotation check`` runs.
 
 When the monitor lands, it calls ``on_rotation_detected`` and this module's ``observe``

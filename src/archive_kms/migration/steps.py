@@ -590,14 +590,13 @@ def _records(ctx: RunContext, store: ObjectStore) -> Iterator[Record]:
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter
-    from archive_kms.migration.copying import _DekMemo
     from archive_kms.operations.archive import workspace_of
     from archive_kms.operations.reading import dek_lookup
 
     tenant, kc = ctx.plan.tenant_id, ctx.platform.keychain
-    # One keychain read per DEK, not per record (records share a few DEKs); a revoked
-    # tenant is refused at the next DEK or after the memo's 30 s.
-    dek_for = _DekMemo(dek_lookup(kc, tenant))
+    # The keychain's cache answers each lookup; revocation and erasure are checked on every
+    # one (a revoked tenant is refused at the next record).
+    dek_for = dek_lookup(kc, tenant)
 
     def load(name: bytes) -> Record:
         binding = ObjectBinding(tenant, workspace_of(name), name)

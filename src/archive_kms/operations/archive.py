@@ -41,6 +41,7 @@ from archive_kms.crypto.envelope import (
 )
 from archive_kms.crypto.kdf import hkdf_sha256
 from archive_kms.crypto.secrets import SecretBytes
+from archive_kms.domain.keychain import ScopedRevocation
 from archive_kms.domain.records import AttachmentData, AttachmentRef, Record
 from archive_kms.errors import (
     ArchiveKmsError,
@@ -50,6 +51,8 @@ from archive_kms.errors import (
     KeychainTamperedError,
     KeyDestroyedError,
     KeyNotFoundError,
+    KeyServiceUnavailableError,
+    KeyUnavailableError,
     ObjectExistsError,
     ObjectNotFoundError,
     SearchBindingError,
@@ -68,6 +71,7 @@ from archive_kms.operations.job_input import (
 )
 from archive_kms.operations.job_lease import JobLease
 from archive_kms.search import IndexMode, Query, SearchIndex, SearchKeys, SearchResult
+from archive_kms.search.port import HitFailure
 from archive_kms.state.port import (
     ABANDONED_PREFIX,
     SUPERSEDED_PREFIX,
@@ -98,6 +102,20 @@ class ArchiveKeychain(Protocol):
 
     def search_key_material(self, tenant_id: str) -> SecretBytes:
         """Key material derived from the tenant key for search and job-digest keys."""
+        ...
+
+
+class AccessCheckingKeychain(ArchiveKeychain, Protocol):
+    """What a tenant's archive asks before serving a search: whether the tenant's keys may
+    be used now, and which scoped (granular) revocations are in force."""
+
+    def check_access(self, tenant_id: str) -> None:
+        """Raise what a use of the tenant's keys would raise now (revoked, key unusable,
+        key service unreachable past the grace policy)."""
+        ...
+
+    def scoped_revocations(self, tenant_id: str) -> tuple[ScopedRevocation, ...]:
+        """The granular revocations in force."""
         ...
 
 
@@ -417,7 +435,15 @@ class JobOutcome:
 
 class TenantArchive:
     """A tenant's archive as the writer and readers see it now: where it lives, which
-    keychain encrypts it, which index generation answers searches."""
+    keychain encrypts it, which index generation answers searches.
+
+    Search keys are not kept: ``search_keys`` is asked of the keychain on every use (given
+    as a callable; a ``SearchKeys`` value is accepted for tests), so they are derived from
+    the cached tenant key under the same checks as every other key (revocation, the
+    master key's state, expiry) and a warm archive object stops searching when the tenant
+    is revoked. A search of a plaintext index (managed tenants) has no key to ask for; it
+    passes the keychain's ``check_access`` first, so it is refused alike. Hits covered by
+    a scoped (granular) revocation are withheld (listed as failures saying why)."""
 
     def __init__(
         self,
@@ -427,7 +453,7 @@ class TenantArchive:
         keychain: ArchiveKeychain,
         index: SearchIndex,
         index_mode: IndexMode,
-        search_keys: SearchKeys | None,
+        search_keys: SearchKeys | Callable[[], SearchKeys | None] | None,
         index_name: str | None = None,
         segment_size: int | None = None,
         relocate: Callable[[], TenantArchive] | None = None,
@@ -439,7 +465,7 @@ class TenantArchive:
         self.keychain = keychain
         self.index = index
         self.index_mode = index_mode
-        self.search_keys = search_keys
+        self._search_keys = search_keys
         self.index_name = index_name  # the registry's generation: write and search target (the alias's when None)
         self.segment_size = segment_size
         self._relocate = relocate  # the tenant's archive where the registry says it lives *now*
@@ -453,6 +479,18 @@ class TenantArchive:
         platform's check that a customer-keyed tenant never indexes in clear."""
         if self._check_write is not None:
             self._check_write()
+
+    @property
+    def search_keys(self) -> SearchKeys | None:
+        """The tenant's search keys now (None for a plaintext index), asked of the keychain."""
+        keys = self._search_keys
+        return keys() if callable(keys) else keys
+
+    def check_access(self) -> None:
+        """Raise if the tenant's keys may not be used now (see the class docstring)."""
+        check = getattr(self.keychain, "check_access", None)
+        if check is not None:
+            check(self.tenant_id)
 
     # writes
 
@@ -528,20 +566,28 @@ class TenantArchive:
     def search(self, query: Query) -> SearchResult:
         """Search the registry's generation in the mode the platform recorded for it, with
         keys that fit that mode: never the mode the index claims, never a fallback to
-        plaintext (docs/threat-model.md). At cutover the registry moves first and the
-        alias next, and the old generation is deleted later; a search that meets an index
-        that is gone, or a registry that moved since this archive was opened, re-reads the
-        registry and searches where it says now. A binding the platform did not record
-        (an alias on someone else's index, an index whose marker contradicts our record)
-        is never retried: it raised an alarm and fails closed."""
+        plaintext (docs/threat-model.md). The keys are asked of the keychain for this
+        search (a revoked tenant is refused); a plaintext index asks for no key, so the
+        keychain's ``check_access`` is asked instead. At cutover the registry moves first
+        and the alias next, and the old generation is deleted later; a search that meets
+        an index that is gone, or a registry that moved since this archive was opened,
+        re-reads the registry and searches where it says now. A binding the platform did
+        not record (an alias on someone else's index, an index whose marker contradicts
+        our record) is never retried: it raised an alarm and fails closed. Hits under a
+        scoped revocation are withheld."""
         archive = self
         for attempt in range(3):
+            keys = archive.search_keys
+            if keys is None:
+                archive.check_access()
             try:
                 if archive.index_name is None:
-                    return archive.index.search(archive.tenant_id, query, archive.search_keys)
-                return archive.index.search(
-                    archive.tenant_id, query, archive.search_keys, index=archive.index_name, mode=archive.index_mode
-                )
+                    result = archive.index.search(archive.tenant_id, query, keys)
+                else:
+                    result = archive.index.search(
+                        archive.tenant_id, query, keys, index=archive.index_name, mode=archive.index_mode
+                    )
+                return archive._without_revoked_scopes(result)
             except SearchBindingError:
                 raise
             except (SearchError, IndexModeMismatchError):
@@ -551,6 +597,40 @@ class TenantArchive:
                     raise
                 archive = fresh  # type: ignore[assignment]
         raise AssertionError("unreachable")
+
+    def _without_revoked_scopes(self, result: SearchResult) -> SearchResult:
+        """Withhold hits a scoped revocation covers: a revoked workspace by the hit's
+        workspace; a revoked time range by the DEK the record's object names (one header
+        read per hit, only while such a revocation is in force)."""
+        lookup = getattr(self.keychain, "scoped_revocations", None)
+        scopes = lookup(self.tenant_id) if lookup is not None else ()
+        if not scopes:
+            return result
+        kept, withheld = [], []
+        for hit in result.hits:
+            reason = self._withheld(hit, scopes)
+            if reason is None:
+                kept.append(hit)
+            else:
+                withheld.append(HitFailure(hit.doc_id, hit.index, f"withheld: {reason}"))
+        return SearchResult(kept, result.total - len(withheld), [*result.failures, *withheld])
+
+    def _withheld(self, hit: Any, scopes: tuple[ScopedRevocation, ...]) -> str | None:
+        for scope in scopes:
+            if scope.before is None and scope.workspace_id == hit.workspace_id:
+                return f"{scope.describe()} revoked"
+        if not any(s.before is not None for s in scopes):
+            return None
+        name = record_object_name(Record(hit.object_type, hit.record_id, {}, (), hit.workspace_id))
+        try:
+            with self.store.open_read(name) as reader:
+                header = read_header(reader)
+            self.keychain.dek_for_header(header)
+        except KeyUnavailableError as exc:  # the scope (or a revocation since) refuses its key
+            return str(exc)[:200]
+        except ObjectNotFoundError:
+            return None
+        return None
 
 
 # --- a job's plan: everything checked before the first write (ADR 0020) ---------------------
@@ -657,10 +737,18 @@ def _plan(
         raise StateError(f"tenant {archive.tenant_id} has no search index: create the tenant first")
     items: list[_Planned] = []
     names: dict[bytes, str] = {}
+    try:
+        keys = archive.search_keys  # asked once for the check (each write batch asks again)
+        documents = True
+    except (KeyUnavailableError, KeyServiceUnavailableError):
+        # The tenant's keys are refused (revoked, disabled, key service down): the gate
+        # defers the job and its documents are checked when it is replayed after restore.
+        keys, documents = None, False
     for n, (record, attachments) in enumerate(records):
         where = origins[n] if n < len(origins) else f"record {n + 1} of job {job_id}"
         try:
-            build_document(record, tenant=archive.tenant_id, mode=archive.index_mode, keys=archive.search_keys)
+            if documents:
+                build_document(record, tenant=archive.tenant_id, mode=archive.index_mode, keys=keys)
         except ValidationError as e:
             raise ValidationError(f"{where}: {e}") from None
         planned = _Planned(record, where, record_object_name(record), False, [])
@@ -725,8 +813,10 @@ def write_plan(
     tag = writer_tag(plan.job_id)
     counts = {"records": 0, "attachments": 0, "written": 0, "already": 0, "bytes": 0, "indexed": 0}
     batch: list = []
+    keys = archive.search_keys  # asked again for every batch (below), never kept for the job
 
     def flush() -> None:
+        nonlocal keys
         if not batch:
             return
         check()
@@ -734,6 +824,7 @@ def write_plan(
         result.raise_for_failures()
         counts["indexed"] += len(batch)
         batch.clear()
+        keys = archive.search_keys
 
     for item in plan.items:
         for att, name, present in item.attachments:
@@ -760,9 +851,7 @@ def write_plan(
             )
             counts["written" if written else "already"] += 1
             counts["bytes"] += n
-        batch.append(
-            build_document(item.record, tenant=archive.tenant_id, mode=archive.index_mode, keys=archive.search_keys)
-        )
+        batch.append(build_document(item.record, tenant=archive.tenant_id, mode=archive.index_mode, keys=keys))
         if len(batch) >= batch_size:
             flush()
     flush()
@@ -801,12 +890,13 @@ def rollback_job_output(
         if info is not None and (info.metadata or {}).get(JOB_TAG_KEY) == tag:
             ours.append(name)
     docs = []
+    keys = archive.search_keys if ours else None
     for name in ours:
         if name.startswith(RECORD_PREFIX):
             parts = name.split(b"/", 3)
             if len(parts) == 4:
                 ws, otype, rid = (p.decode("utf-8") for p in parts[1:])
-                docs.append(document_id(archive.tenant_id, Record(otype, rid, {}, (), ws), archive.search_keys))
+                docs.append(document_id(archive.tenant_id, Record(otype, rid, {}, (), ws), keys))
     target = archive.index_name or archive.index.current_index(archive.tenant_id)
     deleted_docs = 0
     if docs and target is not None:

@@ -23,7 +23,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -39,12 +39,13 @@ from archive_kms.storage import Location, ObjectStore
 if TYPE_CHECKING:
     from archive_kms.crypto.signing import Signer, Verifier
     from archive_kms.keys.keychain import Keychain
+    from archive_kms.keys.keychain.access import GracePolicy, L1Verdict
     from archive_kms.keys.limits import RequestLimiter
     from archive_kms.keys.port import KeyProvider
     from archive_kms.state.anchors import AnchorStore
     from archive_kms.storage.provisioning import LocationProvisioner, TenantAccountProvisioner
 
-__all__ = ["Platform", "platform_signer"]
+__all__ = ["Platform", "grace_policy_lookup", "key_state_reporter", "platform_signer"]
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Platform:
     signer: Signer | None = (
         None  # the platform signing key (keychain, audit seals, anchors, search generations, erasure records, rotation confirmations)
     )
+    keychain_factory: Callable[[], Keychain] | None = None  # another keychain over the same store (probes)
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -136,7 +138,8 @@ class Platform:
     def open_archive(self, tenant_id: str) -> TenantArchive:
         """The tenant's archive where it lives now (registry lookup). The index generation
         is the registry's; its mode is the one the platform recorded (signed) when it
-        created the generation, never the index's own marker nor ``tenants.key_mode``."""
+        created the generation, never the index's own marker nor ``tenants.key_mode``. Its search
+        keys are asked of the keychain on every use, never kept (``TenantArchive``)."""
         from archive_kms.storage.name_limits import tenant_locations
 
         t = self._tenant(tenant_id)
@@ -152,11 +155,12 @@ class Platform:
 
         else:  # a hand-built platform without the registry (unit tests of other parts)
             mode = self.index_mode(t.key_mode)
-        keys = (
-            derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id)
-            if mode is IndexMode.KEYED
-            else None
-        )
+
+        def keys() -> SearchKeys | None:  # asked of the keychain on every use (revocation)
+            if mode is not IndexMode.KEYED:
+                return None
+            return derive_search_keys(self.keychain.search_key_material(tenant_id), tenant_id)
+
         return TenantArchive(
             tenant_id=tenant_id,
             store=self.store_for(location),
@@ -184,6 +188,17 @@ class Platform:
             registry=self.state,
             audit=self.state,
         )
+
+    def grace_policy(self, tenant_id: str) -> GracePolicy:
+        """The tenant's grace policy for key-service outages: its own, else the settings'."""
+        return grace_policy_lookup(self.state, self.settings)(tenant_id)
+
+    def probe_view(self) -> Platform:
+        """This platform with a keychain of its own (an empty key cache, no view of the
+        tenant heads yet): what another process sees. Revocation receipts probe with it."""
+        if self.keychain_factory is None:
+            raise StateError("this platform cannot make a second keychain (no keychain_factory)")
+        return replace(self, keychain=self.keychain_factory(), _stores={}, _lock=threading.Lock())
 
     @classmethod
     def from_settings(
@@ -216,8 +231,6 @@ class Platform:
         )
         # one provider (and its clients) per key reference
         registry = KeyProviderRegistry(s, limiter=request_limiter)
-        # The keychain audits its commits in the same database and refuses a head older than
-        # the audit log recorded (a restored old keychain: docs/adr/0007-keychain-rollback.md).
         s3 = _s3_client(s)
         anchors = _anchor_store(s, s3)
         # A whole-database restore to before an anchor is refused by every fresh process
@@ -225,9 +238,24 @@ class Platform:
         anchor_check = (
             None if anchors is None else LatestAnchorCheck(state, anchors, alarms=state, verifier=signer.verifier())
         )
-        keychain = Keychain.from_settings(
-            s, SqlKeychainStore(state), registry.resolve, signer, audit=state, anchor_check=anchor_check
-        )
+
+        def new_keychain(*, report: bool = True) -> Keychain:
+            # The keychain audits its commits in the same database and refuses a head older than
+            # the audit log recorded (a restored old keychain: docs/adr/0007-keychain-rollback.md);
+            # it checks each tenant's master key at its provider before using its keys, with the
+            # tenant's grace policy for outages (docs/key-lifecycle.md).
+            return Keychain.from_settings(
+                s,
+                SqlKeychainStore(state),
+                registry.resolve,
+                signer,
+                audit=state,
+                anchor_check=anchor_check,
+                policy_for=grace_policy_lookup(state, s),
+                on_key_state_change=key_state_reporter(state) if report else None,
+            )
+
+        keychain = new_keychain()
         blob = clients.blob_service_client(s) if s.azure_blob_connection_string or s.azure_blob_account_url else None
         provisioner = CloudProvisioner(s, s3_client=s3, blob_service=blob, accounts=_tenant_accounts(s, state))
 
@@ -246,6 +274,7 @@ class Platform:
             provisioner,
             anchors=anchors,
             signer=signer,
+            keychain_factory=lambda: new_keychain(report=False),
         )
         # Every generation, write and search checked against the signed registry and head.
         platform.index = platform._guard(platform.index, signer)
@@ -258,13 +287,17 @@ class Platform:
         *,
         clock: Callable[[], float] | None = None,
         request_limiter: RequestLimiter | None = None,
+        kms: Any = None,
     ) -> Platform:
         """Every port on its in-memory implementation (unit tests, dry runs).
         ``request_limiter``: as for ``from_settings``, per the quota domain each key
-        reference would have (references without one, ``memory://``, pass freely)."""
+        reference would have (references without one, ``memory://``, pass freely).
+        ``kms``: the ``MemoryKms`` every key reference resolves into (a test that disables
+        keys passes its own)."""
         from archive_kms.crypto.signing import Signer
         from archive_kms.keys.cache import KeyCache
         from archive_kms.keys.keychain import Keychain
+        from archive_kms.keys.keychain.access import KeyStateGuard
         from archive_kms.keys.keychain_store import InMemoryKeychainStore
         from archive_kms.keys.limits import limit_provider, quota_domain
         from archive_kms.keys.memory import MemoryKeyProvider, MemoryKms
@@ -276,7 +309,7 @@ class Platform:
         from archive_kms.storage.provisioning import MemoryProvisioner
 
         settings = settings or Settings(aws_endpoint_url=None)
-        kms = MemoryKms()
+        kms = kms if kms is not None else MemoryKms()
         providers: dict[str, KeyProvider] = {}
 
         managed: set[str] = set()  # the memory:// spellings of managed:// references
@@ -300,19 +333,37 @@ class Platform:
             return stores.setdefault(location.uri, MemoryObjectStore())
 
         state = InMemoryStateStore()
-        signer = Signer.generate()
-        # The keychain records its commits in the state store's audit log and checks its
-        # head against it (rollback detection), as ``from_settings`` does.
+        keychain_store, signer = InMemoryKeychainStore(), Signer.generate()
         anchors = MemoryAnchorStore()
-        keychain = Keychain(
-            InMemoryKeychainStore(),
-            resolve,
-            signer,
-            clock or time.time,
-            KeyCache(),
-            audit=state,
-            anchor_check=LatestAnchorCheck(state, anchors, alarms=state, verifier=signer.verifier()),
-        )
+
+        def new_keychain(*, report: bool = True) -> Keychain:
+            # The keychain records its commits in the state store's audit log and checks its
+            # head against it (rollback detection), and checks each tenant's master key before
+            # using its keys, as ``from_settings`` does.
+            cache = KeyCache.from_settings(settings)
+            guard = None
+            if settings.key_state_check_seconds > 0:
+                guard = KeyStateGuard(
+                    resolve,
+                    cache,
+                    check_seconds=settings.key_state_check_seconds,
+                    timeout_seconds=settings.key_state_check_timeout_seconds,
+                    policy_for=grace_policy_lookup(state, settings),
+                    on_change=key_state_reporter(state) if report else None,
+                )
+            return Keychain(
+                keychain_store,
+                resolve,
+                signer,
+                clock or time.time,
+                cache,
+                audit=state,
+                anchor_check=LatestAnchorCheck(state, anchors, alarms=state, verifier=signer.verifier()),
+                revocation_check_seconds=settings.revocation_check_seconds,
+                key_state_guard=guard,
+            )
+
+        keychain = new_keychain()
         platform = cls(
             settings,
             state,
@@ -324,9 +375,65 @@ class Platform:
             anchors=anchors,
             platform_key_refs=managed,
             signer=signer,
+            keychain_factory=lambda: new_keychain(report=False),
         )
         platform.index = platform._guard(platform.index, signer)
         return platform
+
+
+def grace_policy_lookup(state: Any, settings: Settings) -> Callable[[str], GracePolicy]:
+    """``tenant -> GracePolicy``: the tenant's own (``archive-kms keys policy``), else
+    ``settings.key_outage_grace``."""
+    from archive_kms.keys.keychain.access import GracePolicy
+
+    default = GracePolicy.parse(settings.key_outage_grace)
+
+    def lookup(tenant_id: str) -> GracePolicy:
+        own = state.get_grace_policy(tenant_id)
+        return GracePolicy.parse(own.policy) if own is not None else default
+
+    return lookup
+
+
+def key_state_reporter(state: Any) -> Callable[[L1Verdict, L1Verdict | None], None]:
+    """What a process tells everyone when it finds a tenant's master key unusable or its
+    key service unreachable (stored warnings), and when the service answers again."""
+
+    def report(verdict: L1Verdict, previous: L1Verdict | None) -> None:
+        from archive_kms.keys.keychain.access import Availability
+        from archive_kms.operations.key_warnings import clear_warning, raise_warning
+        from archive_kms.state.port import WarningKind
+
+        tenant_id, ref = verdict.tenant_id, verdict.l1_ref
+        seen = verdict.checked_at.isoformat(timespec="seconds")
+        details = {"key_ref": ref, "seen_at": seen, "key_version": verdict.key_version}
+        if verdict.availability is Availability.UNREACHABLE:
+            raise_warning(
+                state,
+                tenant_id,
+                WarningKind.KEY_UNAVAILABLE,
+                f"the key service of tenant {tenant_id} does not answer ({ref}: {verdict.error}); not a "
+                "revocation: the tenant's grace policy decides what is served meanwhile",
+                actor="key-state-check",
+                details={**details, "error": verdict.error},
+            )
+        elif verdict.availability is Availability.UNUSABLE:
+            state_name = verdict.state.value if verdict.state is not None else "unusable"
+            raise_warning(
+                state,
+                tenant_id,
+                WarningKind.KEY_DISABLED,
+                f"the master key {ref} of tenant {tenant_id} is {state_name} at the provider: reads, writes and "
+                "searches are refused; the key-state monitor records the revocation",
+                actor="key-state-check",
+                details={**details, "key_state": state_name},
+            )
+        elif previous is not None and previous.availability is Availability.UNREACHABLE:
+            clear_warning(
+                state, tenant_id, WarningKind.KEY_UNAVAILABLE, actor="key-state-check", reason="the key service answers"
+            )
+
+    return report
 
 
 def platform_signer(settings: Settings | None = None) -> Signer:

@@ -6,6 +6,7 @@ import base64
 import binascii
 import enum
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -245,3 +246,30 @@ def rotation_refusal(rotation_id: str, state: Any, expect: Any, nonce_matches: b
         )
     wanted = ", ".join(s.value for s in expect)
     return StateError(f"rotation {rotation_id} is {state.value}, not {wanted}", resource=f"rotation:{rotation_id}")
+
+
+# --- warnings and key observations (``WarningRepo``, ``KeyWatchRepo``) ------------------
+
+_KIND = re.compile(r"^[a-z_]{1,32}$")
+_SUBJECT = re.compile(r"^[A-Za-z0-9._:@/-]{1,128}$")
+
+
+def check_warning(kind: str, severity: str, message: str, subject: str | None, details: Any) -> dict[str, Any]:
+    """A warning's fields as ``raise_warning`` accepts them; returns the details as plain JSON."""
+    from archive_kms.state.port import MAX_WARNING_MESSAGE, WARNING_SEVERITIES
+
+    if not isinstance(kind, str) or not _KIND.match(kind):
+        raise ValidationError(f"warning kind {str(kind)[:40]!r}: 1..32 lowercase letters or '_'")
+    if severity not in WARNING_SEVERITIES:
+        raise ValidationError(f"warning severity {str(severity)[:20]!r}: one of {', '.join(WARNING_SEVERITIES)}")
+    if not isinstance(message, str) or not message.strip() or len(message) > MAX_WARNING_MESSAGE:
+        raise ValidationError(f"a warning needs a message of 1..{MAX_WARNING_MESSAGE} characters")
+    if subject is not None and (not isinstance(subject, str) or not _SUBJECT.match(subject)):
+        raise ValidationError(f"warning subject {str(subject)[:40]!r}: 1..128 of A-Z a-z 0-9 . _ : @ / -")
+    return json_object(details or {}, "warning details")
+
+
+def check_actor(actor: str) -> str:
+    if not isinstance(actor, str) or not actor.strip() or len(actor) > 255:
+        raise ValidationError("an actor (who did it) of 1..255 characters is required")
+    return actor.strip()

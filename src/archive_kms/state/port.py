@@ -3,7 +3,7 @@ console remember between processes.
 
 It is split into small protocols, one per concern, so a caller can ask for only what it
 uses (``TenantRepo``, ``GateRepo``, ``JobLeaseRepo``, ``RunRepo``, ``LedgerRepo``,
-``LeaseRepo``, ``AuditLog``, ``LifecycleRepo``); ``StateStore`` is all of them. Backends: ``state.sql`` (SQLite by default,
+``LeaseRepo``, ``AuditLog``, ``LifecycleRepo``, ``WarningRepo``, ``KeyWatchRepo``); ``StateStore`` is all of them. Backends: ``state.sql`` (SQLite by default,
 PostgreSQL by URL) and ``state.memory`` (in-process). Both are held to the same contract
 suite, ``tests/contract/test_state_store_contract.py``. The design and the concurrency
 model are described in ``docs/state-store.md``.
@@ -888,6 +888,176 @@ class LifecycleRepo(Protocol):
         ...
 
 
+# --- key lifecycle: warnings, observed master keys, grace policies -----------------------
+#
+# What the key-state monitor, revocation runs, the console and the rotation flow share
+# (docs/key-lifecycle.md; ADR 0022). Warnings are stored, raised and cleared by the
+# library, never computed on the fly, so every process and the console see the same ones.
+
+
+class WarningKind(str, enum.Enum):
+    """Kinds of stored warnings (``StoredWarning.kind``); the store accepts any kind of
+    lowercase letters and ``_`` so later flows can add their own."""
+
+    KEY_UNAVAILABLE = "key_unavailable"  # the key service does not answer (an outage, not a revocation)
+    KEY_DISABLED = "key_disabled"  # the customer disabled / deleted / expired the key: the tenant was revoked
+    ROTATION_DETECTED = "rotation_detected"  # the customer rotated the key; the rotate flow acts on it
+    RUN_FAILED = "run_failed"  # a revoke / restore / monitor run failed
+    TENANT_REVOKED = "tenant_revoked"  # key access revoked (by an operator or the monitor) until restored
+
+
+WARNING_SEVERITIES = ("critical", "warning", "info")
+MAX_WARNING_MESSAGE = 1000
+
+
+@dataclass(frozen=True)
+class StoredWarning:
+    """A warning as the store keeps it; one row per ``warning_id``.
+
+    ``warning_id`` is ``<kind>:<tenant>`` or ``<kind>:<tenant>:<subject>``: stable while
+    the condition lasts, so raising it again updates it (``count`` + 1, new message and
+    details) rather than adding one. A cleared warning raised again starts a new episode
+    (``raised_at`` now, ``count`` 1, acknowledgement reset)."""
+
+    warning_id: str
+    tenant_id: str
+    kind: str
+    severity: str  # critical | warning | info
+    message: str
+    details: Mapping[str, Any]
+    raised_at: datetime
+    updated_at: datetime
+    count: int = 1
+    cleared_at: datetime | None = None
+    acknowledged_by: str | None = None
+    acknowledged_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.cleared_at is None
+
+    def to_dict(self) -> dict[str, Any]:
+        def iso(t: datetime | None) -> str | None:
+            return t.isoformat(timespec="seconds") if t else None
+
+        return {
+            "id": self.warning_id,
+            "tenant": self.tenant_id,
+            "kind": self.kind,
+            "severity": self.severity,
+            "message": self.message,
+            "details": dict(self.details),
+            "raised_at": iso(self.raised_at),
+            "updated_at": iso(self.updated_at),
+            "count": self.count,
+            "active": self.active,
+            "cleared_at": iso(self.cleared_at),
+            "acknowledged_by": self.acknowledged_by,
+            "acknowledged_at": iso(self.acknowledged_at),
+        }
+
+
+def warning_id(kind: str, tenant_id: str, subject: str | None = None) -> str:
+    """The stable id of a warning (see ``StoredWarning``)."""
+    return f"{kind}:{tenant_id}" + (f":{subject}" if subject else "")
+
+
+@runtime_checkable
+class WarningRepo(Protocol):
+    """Stored warnings per tenant (raise, clear, acknowledge, list)."""
+
+    def raise_warning(
+        self,
+        tenant_id: str,
+        kind: str,
+        *,
+        severity: str,
+        message: str,
+        subject: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> tuple[StoredWarning, bool]:
+        """Raise (or raise again) ``warning_id(kind, tenant, subject)``; the bool says
+        whether this started a new episode (it was not active). ``StateError`` for an
+        unknown tenant; ``ValidationError`` for a bad kind (``[a-z_]{1,32}``), severity,
+        subject (``[A-Za-z0-9._:@/-]{1,128}``), an empty or overlong message (1..1000), or
+        details that are not plain JSON."""
+        ...
+
+    def clear_warning(self, warning_id: str) -> StoredWarning | None:
+        """Clear an active warning; returns it cleared, or None if it was not active."""
+        ...
+
+    def acknowledge_warning(self, warning_id: str, *, actor: str) -> StoredWarning:
+        """Record who acknowledged the warning (it stays active until cleared).
+        ``StateError`` if there is no such warning."""
+        ...
+
+    def get_warning(self, warning_id: str) -> StoredWarning | None: ...
+
+    def list_warnings(
+        self, tenant_id: str | None = None, *, active: bool | None = True, kind: str | None = None, limit: int = 500
+    ) -> list[StoredWarning]:
+        """Warnings (active only by default; ``active=None``: all), newest ``updated_at`` first."""
+        ...
+
+
+@dataclass(frozen=True)
+class ObservedKey:
+    """What the key-state monitor last saw of a tenant's master key at its provider.
+
+    ``state`` is a ``keys.port.KeyState`` value, or ``unreachable``. ``accepted_version``
+    is the key version (KMS ``CurrentKeyMaterialId``, Key Vault version, KMIP UID) the
+    tenant's keychain is known to be on: a provider reporting another one is a customer
+    rotation, until the rotation flow accepts the new version. ``outcome``: what the
+    monitor made of the observation (``ok``, ``rotation``, ``revoked``, ``unreachable``)."""
+
+    tenant_id: str
+    key_ref: str
+    state: str
+    key_version: str | None
+    accepted_version: str | None
+    outcome: str
+    observed_at: datetime
+    expires_at: datetime | None = None
+    unreachable_since: datetime | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GracePolicyRecord:
+    """A tenant's own grace policy (``keys.keychain.access.GracePolicy`` as text)."""
+
+    tenant_id: str
+    policy: str
+    updated_by: str
+    updated_at: datetime
+
+
+@runtime_checkable
+class KeyWatchRepo(Protocol):
+    """The monitor's observations of each tenant's master key, and per-tenant grace policies."""
+
+    def record_key_observation(self, observation: ObservedKey) -> ObservedKey:
+        """Store the tenant's latest observation (replacing the previous one); returns it
+        as stored. ``StateError`` for an unknown tenant."""
+        ...
+
+    def get_key_observation(self, tenant_id: str) -> ObservedKey | None: ...
+
+    def list_key_observations(self) -> list[ObservedKey]:
+        """Every tenant's latest observation, by tenant id."""
+        ...
+
+    def set_grace_policy(self, tenant_id: str, policy: str | None, *, actor: str) -> GracePolicyRecord | None:
+        """Set the tenant's grace policy text (checked by the caller), or with None drop it
+        (the settings' default applies again). ``StateError`` for an unknown tenant."""
+        ...
+
+    def get_grace_policy(self, tenant_id: str) -> GracePolicyRecord | None:
+        """The tenant's own policy, or None (the default applies)."""
+        ...
+
+
 # --- the whole store --------------------------------------------------------------------
 
 
@@ -902,6 +1072,8 @@ class StateStore(
     AuditLog,
     SearchGenerationRepo,
     LifecycleRepo,
+    WarningRepo,
+    KeyWatchRepo,
     Protocol,
 ):
     """Every concern above in one object (what ``open_state`` returns)."""

@@ -521,5 +521,51 @@ key_rotations = Table(
 )
 
 
+# Key lifecycle (revision 0009): stored warnings, the monitor's last observation of each
+# tenant's master key, and per-tenant grace policies (docs/key-lifecycle.md).
+key_warnings = Table(
+    "key_warnings",
+    metadata,
+    Column("warning_id", String(300), primary_key=True),  # "<kind>:<tenant>[:<subject>]"
+    Column("tenant_id", String(TENANT_ID), ForeignKey("tenants.tenant_id"), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("details", Json, nullable=False),
+    Column("raised_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("cleared_at", UtcDateTime),
+    Column("acknowledged_by", String(255)),
+    Column("acknowledged_at", UtcDateTime),
+    CheckConstraint("severity IN ('critical', 'warning', 'info')", name="severity"),
+    Index(None, "tenant_id", "cleared_at"),
+)
+
+key_observations = Table(
+    "key_observations",
+    metadata,
+    Column("tenant_id", String(TENANT_ID), ForeignKey("tenants.tenant_id"), primary_key=True),
+    Column("key_ref", Text, nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("key_version", String(255)),
+    Column("accepted_version", String(255)),
+    Column("outcome", String(16), nullable=False),
+    Column("observed_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime),
+    Column("unreachable_since", UtcDateTime),
+    Column("details", Json, nullable=False),
+)
+
+key_grace_policies = Table(
+    "key_grace_policies",
+    metadata,
+    Column("tenant_id", String(TENANT_ID), ForeignKey("tenants.tenant_id"), primary_key=True),
+    Column("policy", String(64), nullable=False),
+    Column("updated_by", String(255), nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+
 def table_names() -> list[str]:
     return [t.name for t in metadata.sorted_tables]

@@ -27,7 +27,7 @@ from archive_kms.keys.keychain.ids import (
 )
 from archive_kms.keys.keychain.records import Mismatch, RecordChecks
 from archive_kms.keys.keychain.values import DataKey, DekInfo
-from archive_kms.keys.keychain.wrapping import KeyWrapping, erased_error, seal
+from archive_kms.keys.keychain.wrapping import KeyWrapping, erased_error, scoped_refusal, seal
 
 __all__ = ["DataKeys"]
 
@@ -138,6 +138,9 @@ class DataKeys:
             else:
                 l3 = self._keys.l3_key(head, ws)
             bucket = max(bucket_of(ts, ws.bucket_seconds), ws.erased_before_bucket)
+            refused = scoped_refusal(head, ws, bucket, f"workspace {workspace_id}")
+            if refused is not None:
+                raise refused
             generation = 1
             if ws.last_dek is not None:
                 _, last_bucket, last_gen = parse_dek_id(ws.last_dek)

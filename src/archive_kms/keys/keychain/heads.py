@@ -5,7 +5,14 @@ asks a function for a :class:`Plan` (records to commit, the new head, cache chan
 details) and commits it with a compare-and-set on the head version, re-planning when
 another process committed first. Loading a head checks its signature, its tenant, this
 process's high-water mark (a lower version is a replay) and the audit log's (a lower
-version is a rollback, ADR 0007), and the revocation flag (``gate``).
+version is a rollback, ADR 0007), and the revocation flag (``gate``); with a key-state
+guard, ``gate`` also checks the tenant's master key at its provider (``access``).
+
+Reads (``read``) may reuse the head this process verified less than ``recheck_seconds``
+ago instead of reading the store again (``Settings.revocation_check_seconds``, 0.5 s in
+production, 0 = every use reads the store). That bounds what a revocation, erasure or
+rotation committed by another process can go unnoticed here: ``recheck_seconds``. Writes
+always read the store (their compare-and-set needs the current head anyway).
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from archive_kms.crypto.secrets import SecretBytes
-from archive_kms.domain.keychain import AuditedChange, KeyRecord, KeyRecordState, TenantHead, WorkspaceHead
+from archive_kms.domain.keychain import AuditedChange, KeyRecord, KeyRecordState, TenantHead, WorkspaceHead, time_out
 from archive_kms.errors import (
+    ArchiveKmsError,
     KeychainTamperedError,
     KeyNotFoundError,
     StateError,
@@ -27,12 +35,13 @@ from archive_kms.errors import (
     VersionConflictError,
 )
 from archive_kms.keys.cache import KeyCache
+from archive_kms.keys.keychain.access import KeyStateGuard
 from archive_kms.keys.keychain.audit import AuditTrail
 from archive_kms.keys.keychain.ids import dt
 from archive_kms.keys.keychain.records import Mismatch, RecordChecks
 from archive_kms.keys.keychain_store import KeychainStore
 
-__all__ = ["Plan", "TenantHeads", "TenantLocks", "workspace_of"]
+__all__ = ["Plan", "TenantHeads", "TenantLocks", "cache_lineage", "lineage_l2", "lineage_l3", "workspace_of"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,31 @@ def workspace_of(head: TenantHead, workspace_id: str) -> WorkspaceHead:
     return ws
 
 
+def lineage_l2(head: TenantHead) -> str:
+    """The cache tag of the head's L2: which L1 (and generation) wraps which L2 version."""
+    return f"{head.l1_ref}@{head.l1_generation}|{head.l2.record_id}#{head.l2.version}"
+
+
+def lineage_l3(head: TenantHead, ws: WorkspaceHead) -> str:
+    """The cache tag of a workspace key, and of every DEK opened under it."""
+    return f"{lineage_l2(head)}|{ws.l3.record_id}#{ws.l3.version}"
+
+
+def cache_lineage(head: TenantHead, key_id: str) -> tuple[str, str | None]:
+    """(tag, parent id) a key of ``head`` is cached with: an L2 under nothing, an L3 under
+    the L2, a DEK under its workspace's L3."""
+    if key_id == head.l2.record_id:
+        return lineage_l2(head), None
+    level, _, rest = key_id.partition("/")
+    workspace_id = rest.split("/", 1)[0]
+    ws = head.workspace(workspace_id)
+    if ws is None or level not in ("l3", "l4"):
+        return "", None  # not the head's: cached untagged, so a tagged read misses it
+    if level == "l3":
+        return lineage_l3(head, ws), head.l2.record_id
+    return lineage_l3(head, ws), ws.l3.record_id
+
+
 class TenantHeads:
     """Loads verified heads and commits plans under them (see the module docstring)."""
 
@@ -86,8 +120,14 @@ class TenantHeads:
         clock: Callable[[], float],
         max_attempts: int,
         locks: TenantLocks,
+        recheck_seconds: float = 0.0,
+        guard: KeyStateGuard | None = None,
     ) -> None:
+        if recheck_seconds < 0:
+            raise ValueError("recheck_seconds must be >= 0")
         self.store = store
+        self.recheck_seconds = float(recheck_seconds)
+        self.guard = guard
         self._checks = checks
         self._trail = trail
         self._cache = cache
@@ -97,6 +137,7 @@ class TenantHeads:
         self._lock = threading.Lock()
         self._head_seen: dict[str, int] = {}  # high-water mark: a lower head is a replay
         self._verified: dict[str, TenantHead] = {}  # last verified head per tenant
+        self._loaded_at: dict[str, float] = {}  # when it was read from the store (the cache's clock)
 
     def now(self) -> datetime:
         return dt(self._clock())
@@ -110,7 +151,56 @@ class TenantHeads:
 
     # --- loading ----------------------------------------------------------------------------
 
-    def load(self, tenant_id: str, *, gate: bool) -> TenantHead:
+    def load(self, tenant_id: str, *, gate: bool, max_age: float = 0.0) -> TenantHead:
+        """The tenant's verified head; with ``gate``, ``TenantRevokedError`` if it is revoked
+        and the key-state guard's refusal if its master key is unusable. ``max_age`` > 0:
+        a head this process read from the store less than that long ago is used again."""
+        if max_age > 0:
+            with self._lock:
+                known, at = self._verified.get(tenant_id), self._loaded_at.get(tenant_id)
+            if known is not None and at is not None and self._cache.now() - at < max_age:
+                return self._gated(known, gate)
+        head = self._read(tenant_id)
+        return self._gated(head, gate)
+
+    def _gated(self, head: TenantHead, gate: bool) -> TenantHead:
+        tenant_id = head.tenant_id
+        if head.revoked:
+            self._cache.purge(tenant_id)  # this process may not be the one that revoked
+        if gate and head.revoked:
+            raise TenantRevokedError(
+                f"tenant {tenant_id}: key revoked at {time_out(head.revoked_at) or '?'}; reads, writes and "
+                "searches are refused until it is restored (`archive-kms restore`)",
+                resource=f"tenant:{tenant_id}",
+                state="revoked",
+            )
+        if gate and self.guard is not None:
+            self.guard.check(tenant_id, head.l1_ref)
+        return head
+
+    def revalidate(self, tenant_id: str) -> None:
+        """What a use of the tenant's keys would check, without using them: called for the
+        tenants this process holds keys of, so an idle process purges them too."""
+        with self._lock:
+            at = self._loaded_at.get(tenant_id)
+        if at is None or self._cache.now() - at >= max(self.recheck_seconds, 0.25):
+            head = self._read(tenant_id)
+        else:
+            with self._lock:
+                head = self._verified[tenant_id]
+        if head.revoked:
+            self._cache.purge(tenant_id)
+            return
+        if self.guard is not None:
+            verdict, last_ok = self.guard.current(tenant_id, head.l1_ref, wait=False)
+            if verdict is None:
+                return
+            try:
+                self.guard.enforce(verdict, last_ok)  # purges as a use would
+            except ArchiveKmsError:
+                pass
+
+    def _read(self, tenant_id: str) -> TenantHead:
         # The replay checks compare with high-water marks as they were *before* this read:
         # a concurrent thread may raise the mark while we read, and a head older than that
         # newer mark is then a race, not a replay (the store only moves forward). The same
@@ -151,26 +241,29 @@ class TenantHeads:
             if head.version >= self._head_seen.get(tenant_id, 0):
                 self._head_seen[tenant_id] = head.version
                 self._verified[tenant_id] = head
+                self._loaded_at[tenant_id] = self._cache.now()
         change = head.audited_change
         if self._trail.enabled and change is not None and change.version > audited:
             self._trail.repair(head)
-        if head.revoked:
-            self._cache.purge(tenant_id)  # this process may not be the one that revoked
-        if gate and head.revoked:
-            raise TenantRevokedError(
-                f"tenant {tenant_id}: key access is revoked; reads, writes and searches are refused until restore",
-                resource=f"tenant:{tenant_id}",
-                state="revoked",
-            )
         return head
 
     def gate(self, tenant_id: str) -> None:
         """Re-read the revocation flag right before a provider call (long operations)."""
         self.load(tenant_id, gate=True)
 
-    def _note(self, tenant_id: str, version: int) -> None:
+    def forget(self, tenant_id: str) -> None:
+        """Make the next read of ``tenant_id`` go to the store (after this process changed it)."""
         with self._lock:
-            self._head_seen[tenant_id] = max(version, self._head_seen.get(tenant_id, 0))
+            self._loaded_at.pop(tenant_id, None)
+
+    def _note(self, head: TenantHead) -> None:
+        """This process committed ``head``: it is the current one (reads reuse it)."""
+        tenant_id = head.tenant_id
+        with self._lock:
+            if head.version >= self._head_seen.get(tenant_id, 0):
+                self._head_seen[tenant_id] = head.version
+                self._verified[tenant_id] = head
+                self._loaded_at[tenant_id] = self._cache.now()
 
     @staticmethod
     def missing_error(tenant_id: str, audited: int) -> KeychainTamperedError:
@@ -183,7 +276,7 @@ class TenantHeads:
     # --- reading and writing ----------------------------------------------------------------
 
     def read(self, tenant_id: str, fn: Callable[[TenantHead], T], *, gate: bool = True) -> T:
-        head = self.load(tenant_id, gate=gate)
+        head = self.load(tenant_id, gate=gate, max_age=self.recheck_seconds if gate else 0.0)
         for _ in range(self._max_attempts):
             try:
                 return fn(head)
@@ -218,10 +311,12 @@ class TenantHeads:
                     except VersionConflictError:  # another process committed first: re-plan
                         head = self.load(tenant_id, gate=gate)
                         continue
-                    self._note(tenant_id, new_head.version)
+                    self._note(new_head)
                 self._cache.discard(tenant_id, plan.cache_drop)
+                current = new_head or head
                 for key_id, key in plan.cache_put:
-                    self._cache.put(tenant_id, key_id, key)
+                    tag, parent = cache_lineage(current, key_id)
+                    self._cache.put(tenant_id, key_id, key, tag=tag, parent=parent)
                 if new_head is not None and audit_action is not None:
                     self._trail.record_commit(new_head, plan.audit_details)  # after the cache: an erased key is gone
                 return plan.result
@@ -244,8 +339,9 @@ class TenantHeads:
         tenant_id = head.tenant_id
         head = self._checks.sign_head(head)
         self.store.commit(tenant_id, head=head, records=[self._checks.sign_record(record)], expected_head_version=None)
-        self._note(tenant_id, head.version)
-        self._cache.put(tenant_id, record.record_id, key)
+        self._note(head)
+        tag, parent = cache_lineage(head, record.record_id)
+        self._cache.put(tenant_id, record.record_id, key, tag=tag, parent=parent)
         self._trail.record_commit(head, details)
         return head
 

@@ -19,15 +19,17 @@ from archive_kms.domain.keychain import (
     KeyRecord,
     KeyRecordState,
     RecordRef,
+    ScopedRevocation,
     TenantHead,
 )
-from archive_kms.errors import KeychainTamperedError, KeyNotFoundError, StateError, ValidationError
-from archive_kms.keys.cache import KeyCache
+from archive_kms.errors import ArchiveKmsError, KeychainTamperedError, KeyNotFoundError, StateError, ValidationError
+from archive_kms.keys.cache import KeyCache, add_sweep_hook
+from archive_kms.keys.keychain.access import KeyStateGuard
 from archive_kms.keys.keychain.audit import DEFAULT_AUDIT_REFRESH_SECONDS, AuditTrail, KeychainAuditLog
 from archive_kms.keys.keychain.deks import DataKeys
 from archive_kms.keys.keychain.erasure import Erasure, ErasureRecord
 from archive_kms.keys.keychain.heads import TenantHeads, TenantLocks
-from archive_kms.keys.keychain.ids import DEFAULT_BUCKET_SECONDS, check_tenant, l2_id
+from archive_kms.keys.keychain.ids import DEFAULT_BUCKET_SECONDS, check_tenant, l2_id, parse_dek_id
 from archive_kms.keys.keychain.records import RecordChecks
 from archive_kms.keys.keychain.revocation import Revocation
 from archive_kms.keys.keychain.rotation import Rotation
@@ -66,6 +68,14 @@ class Keychain:
     holds its latest anchor outside the database (a whole-database restore): called
     whenever the trail is read (it throttles itself), so nothing is unwrapped from a
     restored database (``state.anchors.LatestAnchorCheck``).
+
+    ``revocation_check_seconds``: how old a head this process verified may be when it is
+    used again for a read (0: every use reads the store; production 0.5 s). Revocations,
+    erasures and rotations committed by other processes take effect here within it.
+    ``key_state_guard``: checks the tenant's master key at its provider before its keys
+    are used (``access.KeyStateGuard``: bounded staleness, grace policy); None = no check.
+    With either, the keychain re-checks the tenants it holds keys of once a second from
+    the key cache's sweeper thread, so an idle process purges a revoked tenant's keys too.
     """
 
     def __init__(
@@ -82,6 +92,8 @@ class Keychain:
         audit: KeychainAuditLog | None = None,
         audit_refresh_seconds: float = DEFAULT_AUDIT_REFRESH_SECONDS,
         anchor_check: Callable[[], None] | None = None,
+        revocation_check_seconds: float = 0.0,
+        key_state_guard: KeyStateGuard | None = None,
     ) -> None:
         if not isinstance(bucket_seconds, int) or isinstance(bucket_seconds, bool) or bucket_seconds < 1:
             raise ValidationError(f"bucket_seconds must be an int >= 1, got {bucket_seconds!r}")
@@ -92,7 +104,18 @@ class Keychain:
         checks = RecordChecks(store, signer, self._verifier)
         trail = AuditTrail(audit, refresh_seconds=audit_refresh_seconds, tenant_lock=locks, anchor_check=anchor_check)
         self._trail = trail
-        heads = TenantHeads(store, checks, trail, self._cache, clock=clock, max_attempts=max_attempts, locks=locks)
+        heads = TenantHeads(
+            store,
+            checks,
+            trail,
+            self._cache,
+            clock=clock,
+            max_attempts=max_attempts,
+            locks=locks,
+            recheck_seconds=revocation_check_seconds,
+            guard=key_state_guard,
+        )
+        self._guard = key_state_guard
         keys = KeyWrapping(heads, checks, self._cache, provider_resolver)
         rotation = Rotation(heads, checks, keys)
         self._checks, self._heads, self._keys = checks, heads, keys
@@ -100,6 +123,8 @@ class Keychain:
         self._rotation = rotation
         self._revocation = Revocation(heads, checks, keys, self._cache)
         self._erasure = Erasure(heads, checks, rotation, signer, clock=clock)
+        if revocation_check_seconds > 0 or key_state_guard is not None:
+            add_sweep_hook(self.revalidate)
 
     @classmethod
     def from_settings(
@@ -112,16 +137,38 @@ class Keychain:
         clock: Callable[[], float] = time.time,
         audit: KeychainAuditLog | None = None,
         anchor_check: Callable[[], None] | None = None,
+        policy_for: Callable[[str], Any] | None = None,
+        on_key_state_change: Callable[..., None] | None = None,
     ) -> Keychain:
+        """The production keychain: cache TTL, bucket width, revocation re-check and the
+        key-state guard (interval, timeout) from ``settings``; ``policy_for(tenant)`` is
+        the tenant's grace policy, ``on_key_state_change(verdict, previous)`` hears about
+        master keys that became unusable, unreachable or usable again."""
+        from archive_kms.keys.keychain.access import GracePolicy
+
+        cache = KeyCache.from_settings(settings)
+        default = GracePolicy.parse(settings.key_outage_grace)
+        guard = None
+        if settings.key_state_check_seconds > 0:
+            guard = KeyStateGuard(
+                provider_resolver,
+                cache,
+                check_seconds=settings.key_state_check_seconds,
+                timeout_seconds=settings.key_state_check_timeout_seconds,
+                policy_for=policy_for or (lambda tenant_id: default),
+                on_change=on_key_state_change,
+            )
         return cls(
             store,
             provider_resolver,
             signer,
             clock,
-            KeyCache.from_settings(settings),
+            cache,
             bucket_seconds=settings.dek_bucket_seconds,
             audit=audit,
             anchor_check=anchor_check,
+            revocation_check_seconds=settings.revocation_check_seconds,
+            key_state_guard=guard,
         )
 
     def __repr__(self) -> str:
@@ -130,6 +177,24 @@ class Keychain:
     @property
     def cache(self) -> KeyCache:
         return self._cache
+
+    @property
+    def key_state_guard(self) -> KeyStateGuard | None:
+        return self._guard
+
+    @property
+    def revocation_check_seconds(self) -> float:
+        """How stale this keychain's view of another process's revocation may be."""
+        return self._heads.recheck_seconds
+
+    def revalidate(self) -> None:
+        """Re-check every tenant this process holds keys of (revocation flag, master-key
+        state) and purge what may no longer be used; the key cache's sweeper calls it."""
+        for tenant_id in self._cache.tenants():
+            try:
+                self._heads.revalidate(tenant_id)
+            except ArchiveKmsError as exc:  # e.g. the state store blinks: keys stay until their expiry
+                log.debug("keychain: re-checking tenant %s failed: %s", tenant_id, type(exc).__name__)
 
     @property
     def provider_calls(self) -> ProviderCallCounts:
@@ -256,6 +321,27 @@ class Keychain:
         check_tenant(tenant_id)
         return status_of(self._heads.load(tenant_id, gate=False))
 
+    def check_access(self, tenant_id: str) -> None:
+        """Raise what a use of the tenant's keys would raise now (revoked:
+        ``TenantRevokedError``; master key unusable at its provider: ``KeyUnavailableError``;
+        key service unreachable past the grace policy: ``KeyServiceUnavailableError``),
+        without touching a key: the gate for what has no key of its own to ask for (a
+        plaintext search index)."""
+        check_tenant(tenant_id)
+        self._heads.read(tenant_id, lambda head: None)
+
+    def verify_l1_unwrap(self, tenant_id: str) -> None:
+        """Unwrap the tenant's L2 from its master key right now, bypassing the cache and
+        the revocation flag (the key is wiped at once): raises whatever the provider
+        raises. What a revocation receipt probes and ``restore`` relies on."""
+        check_tenant(tenant_id)
+
+        def unwrap(head: TenantHead) -> None:
+            rec = self._checks.checked_l2(head)
+            self._keys.unwrap_l2_from_provider(head, rec).wipe()
+
+        self._heads.read(tenant_id, unwrap, gate=False)
+
     # --- data keys (deks.DataKeys) ----------------------------------------------------------
 
     def create_workspace(self, tenant_id: str, workspace_id: str) -> str:
@@ -317,7 +403,43 @@ class Keychain:
 
     def restore(self, tenant_id: str) -> TenantKeyStatus:
         """Re-enable a revoked tenant once its L1 unwraps again. Idempotent."""
-        return self._revocation.restore(tenant_id)
+        status = self._revocation.restore(tenant_id)
+        if self._guard is not None:
+            self._guard.forget(tenant_id)  # ask the provider afresh
+        return status
+
+    def revoke_scope(
+        self, tenant_id: str, *, workspace_id: str | None = None, before: datetime | float | None = None
+    ) -> ScopedRevocation:
+        """Granular revocation: one workspace's key (``workspace_id``), the DEKs of every
+        bucket that ends at or before ``before`` (in every workspace, or in ``workspace_id``),
+        refused in every process; the rest of the tenant stays readable. Idempotent."""
+        return self._revocation.revoke_scope(tenant_id, workspace_id, before)
+
+    def restore_scope(
+        self, tenant_id: str, *, workspace_id: str | None = None, before: datetime | float | None = None
+    ) -> ScopedRevocation | None:
+        """Lift the scoped revocation with exactly this scope (after a verified unwrap of
+        the L2); returns it, or None if none was in force."""
+        return self._revocation.restore_scope(tenant_id, workspace_id, before)
+
+    def scope_covers(
+        self, tenant_id: str, workspace_id: str | None, before: datetime | float | None, dek_id: str
+    ) -> bool:
+        """Whether a scoped revocation of (``workspace_id``, ``before``) would refuse the DEK
+        ``dek_id`` (its workspace's bucket width decides), in force or not."""
+        check_tenant(tenant_id)
+        ws_id, when = self._revocation.scope_of(workspace_id, before)
+        target_ws, bucket, _ = parse_dek_id(dek_id)
+        ws = self._heads.load(tenant_id, gate=False).workspace(target_ws)
+        if ws is None:
+            return False
+        return ScopedRevocation(ws_id, when, self._heads.now()).covers(target_ws, bucket, ws.bucket_seconds)
+
+    def scoped_revocations(self, tenant_id: str) -> tuple[ScopedRevocation, ...]:
+        """The scoped revocations in force (works while revoked)."""
+        check_tenant(tenant_id)
+        return self._heads.load(tenant_id, gate=False).scoped_revocations
 
     # --- crypto-erasure (erasure.Erasure) ---------------------------------------------------
 

@@ -7,6 +7,14 @@
 * ``l2_key`` / ``l3_key`` / ``dek_key``: a key's bytes from the cache, else unwrapped
   down the chain from the L1 provider, each record checked against the head first. The
   caller has already passed the revocation gate; the L1 unwrap re-checks it.
+
+Cached keys carry their lineage (``lineage_l2`` / ``lineage_l3``: the L1 reference and
+generation and the ids and versions of the records above them): a key is served from the
+cache only while the head still names the same lineage, so a DEK cached under a workspace
+key that a rotation or an erasure has since replaced is unwrapped again from its record
+(and then found destroyed) instead of served. A child's cache entry never outlives its
+parent's (``KeyCache.put(parent=)``). ``dek_key`` also refuses a DEK that a scoped
+(granular) revocation covers.
 """
 
 from __future__ import annotations
@@ -16,10 +24,16 @@ from collections.abc import Callable
 
 from archive_kms.crypto.keychain_keys import KEY_SIZE, WRAPPED_KEY_SIZE, open_key, seal_key, wrap_aad
 from archive_kms.crypto.secrets import SecretBytes
-from archive_kms.domain.keychain import KeyRecord, KeyRecordState, TenantHead, WorkspaceHead
-from archive_kms.errors import KeychainTamperedError, KeyDestroyedError, KeyNotFoundError, WrongKeyError
+from archive_kms.domain.keychain import KeyRecord, KeyRecordState, TenantHead, WorkspaceHead, time_out
+from archive_kms.errors import (
+    KeychainTamperedError,
+    KeyDestroyedError,
+    KeyNotFoundError,
+    TenantRevokedError,
+    WrongKeyError,
+)
 from archive_kms.keys.cache import KeyCache
-from archive_kms.keys.keychain.heads import TenantHeads
+from archive_kms.keys.keychain.heads import TenantHeads, lineage_l2, lineage_l3
 from archive_kms.keys.keychain.ids import parse_dek_id
 from archive_kms.keys.keychain.records import RecordChecks
 from archive_kms.keys.keychain.values import ProviderCallCounts
@@ -30,8 +44,11 @@ __all__ = [
     "ProviderResolver",
     "destroyed_error",
     "erased_error",
+    "lineage_l2",
+    "lineage_l3",
     "open_wrapped",
     "record_aad",
+    "scoped_refusal",
     "seal",
 ]
 
@@ -74,6 +91,22 @@ def open_wrapped(parent: SecretBytes, rec: KeyRecord) -> SecretBytes:
             f"{rec.record_id} of tenant {rec.tenant_id} does not open under {rec.parent_id}",
             resource=f"keychain:{rec.tenant_id}/{rec.record_id}",
         ) from None
+
+
+def scoped_refusal(head: TenantHead, ws: WorkspaceHead, bucket: int | None, what: str) -> TenantRevokedError | None:
+    """The error refusing ``what`` (a DEK of ``bucket``, or with None the workspace's new
+    DEKs) if a scoped revocation covers it, else None."""
+    scope = head.scoped_revocation(ws.workspace_id, bucket, ws.bucket_seconds)
+    if scope is None:
+        return None
+    return TenantRevokedError(
+        f"tenant {head.tenant_id}: {what} is under a revocation of {scope.describe()} since "
+        f"{time_out(scope.revoked_at)}; refused until it is restored (`archive-kms restore "
+        f"{head.tenant_id}{' --workspace ' + scope.workspace_id if scope.workspace_id else ''}"
+        f"{' --before ' + (time_out(scope.before) or '') if scope.before else ''}`)",
+        resource=f"keychain:{head.tenant_id}/{ws.workspace_id}",
+        state="revoked",
+    )
 
 
 def destroyed_error(tenant_id: str, record_id: str) -> KeyDestroyedError:
@@ -136,25 +169,27 @@ class KeyWrapping:
 
     def l2_key(self, head: TenantHead) -> SecretBytes:
         rid = head.l2.record_id
-        cached = self._cache.get(head.tenant_id, rid)
+        tag = lineage_l2(head)
+        cached = self._cache.get(head.tenant_id, rid, tag=tag)
         if cached is not None:
             return cached
         rec = self._checks.checked_l2(head)
         self._heads.gate(head.tenant_id)
         key = self.unwrap_l2_from_provider(head, rec)
-        self._cache.put(head.tenant_id, rid, key)
+        self._cache.put(head.tenant_id, rid, key, tag=tag)
         return key
 
     def l3_key(self, head: TenantHead, ws: WorkspaceHead) -> SecretBytes:
         if ws.erased:
             raise erased_error(head.tenant_id, ws.workspace_id)
         rid = ws.l3.record_id
-        cached = self._cache.get(head.tenant_id, rid)
+        tag = lineage_l3(head, ws)
+        cached = self._cache.get(head.tenant_id, rid, tag=tag)
         if cached is not None:
             return cached
         rec = self._checks.checked_l3(head, ws)
         key = open_wrapped(self.l2_key(head), rec)
-        self._cache.put(head.tenant_id, rid, key)
+        self._cache.put(head.tenant_id, rid, key, tag=tag, parent=head.l2.record_id)
         return key
 
     def dek_key(self, head: TenantHead, record_id: str) -> SecretBytes:
@@ -168,12 +203,16 @@ class KeyWrapping:
             )
         if ws.erased or bucket < ws.erased_before_bucket:
             raise destroyed_error(tenant_id, record_id)
-        cached = self._cache.get(tenant_id, record_id)
+        refused = scoped_refusal(head, ws, bucket, f"DEK {record_id}")
+        if refused is not None:
+            raise refused
+        tag = lineage_l3(head, ws)
+        cached = self._cache.get(tenant_id, record_id, tag=tag)
         if cached is not None:
             return cached
         rec = self._checks.checked_dek(head, ws, record_id)
         if rec.state is KeyRecordState.DESTROYED:
             raise destroyed_error(tenant_id, record_id)
         key = open_wrapped(self.l3_key(head, ws), rec)
-        self._cache.put(tenant_id, record_id, key)
+        self._cache.put(tenant_id, record_id, key, tag=tag, parent=ws.l3.record_id)
         return key

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from archive_kms.state.memory.audit_log import MemoryAuditLog
 from archive_kms.state.memory.job_leases import MemoryJobLeaseRepo
+from archive_kms.state.memory.key_lifecycle import MemoryKeyWatchRepo, MemoryWarningRepo
 from archive_kms.state.memory.leases import MemoryLeaseRepo
 from archive_kms.state.memory.ledger import MemoryLedgerRepo
 from archive_kms.state.memory.lifecycle import MemoryLifecycleRepo
@@ -24,6 +25,8 @@ class InMemoryStateStore(
     MemoryAuditLog,
     MemorySearchGenerationRepo,
     MemoryLifecycleRepo,
+    MemoryWarningRepo,
+    MemoryKeyWatchRepo,
 ):
     """``StateStore`` in memory (thread-safe). ``clock``, ``sealer`` and ``job_stale_after``
     as for ``SqlStateStore``."""

@@ -22,12 +22,15 @@ from archive_kms.state.port import (
     DeferredJob,
     Fence,
     GateState,
+    GracePolicyRecord,
     KeyRotation,
     KeyVersionMark,
     ManifestEntry,
     MigrationRun,
+    ObservedKey,
     RetentionPolicy,
     StepRecord,
+    StoredWarning,
     TenantRecord,
 )
 
@@ -97,6 +100,9 @@ class MemoryTables:
         self._retention: dict[str, RetentionPolicy] = {}
         self._key_versions: dict[str, KeyVersionMark] = {}
         self._rotations: dict[str, KeyRotation] = {}
+        self._warnings: dict[str, StoredWarning] = {}
+        self._observations: dict[str, ObservedKey] = {}
+        self._grace: dict[str, GracePolicyRecord] = {}
         self._heads: dict[str, chain.ChainHead] = {
             chain.GLOBAL_CHAIN: chain.ChainHead(chain.GLOBAL_CHAIN, 0, chain.GENESIS)
         }

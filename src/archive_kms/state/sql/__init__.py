@@ -14,6 +14,8 @@ module         class                    port (``state.port``)
 ``ledger``     ``SqlLedgerRepo``        ``LedgerRepo`` (manifest, copy ledger)
 ``leases``     ``SqlLeaseRepo``         ``LeaseRepo``
 ``audit_log``  ``SqlAuditLog``          ``AuditLog``
+``key_life…``  ``SqlWarningRepo``,      ``WarningRepo``, ``KeyWatchRepo`` (module ``key_lifecycle``:
+               ``SqlKeyWatchRepo``       warnings, key observations, grace policies)
 ``keychain``   ``SqlKeychainStore``     ``keys.keychain_store.KeychainStore``
 ``store``      ``SqlStateStore``        ``StateStore`` (all of the above but the keychain's)
 ============== ======================== ==========================================

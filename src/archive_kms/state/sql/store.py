@@ -1,6 +1,6 @@
 """``SqlStateStore``: the whole ``StateStore`` on one SQL database, composed of one
 repository per aggregate (``tenants``, ``gate``, ``runs``, ``ledger``, ``leases``,
-``audit_log``, ``lifecycle``) over a shared :class:`SqlDatabase`; and ``open_state(url)``, which opens
+``audit_log``, ``lifecycle``, ``key_lifecycle``) over a shared :class:`SqlDatabase`; and ``open_state(url)``, which opens
 it and brings the schema up to date. (``SqlJobLeaseRepo`` is the gate's repository with
 the job leases of ADR 0020 added.)"""
 
@@ -27,6 +27,7 @@ from archive_kms.state.sql.database import (
 )
 from archive_kms.state.sql.gate import SqlGateRepo
 from archive_kms.state.sql.job_leases import SqlJobLeaseRepo
+from archive_kms.state.sql.key_lifecycle import SqlKeyWatchRepo, SqlWarningRepo
 from archive_kms.state.sql.keychain import SqlKeychainStore
 from archive_kms.state.sql.leases import SqlLeaseRepo
 from archive_kms.state.sql.ledger import SqlLedgerRepo
@@ -77,6 +78,8 @@ class SqlStateStore(
     SqlAuditLog,
     SqlSearchGenerationRepo,
     SqlLifecycleRepo,
+    SqlWarningRepo,
+    SqlKeyWatchRepo,
 ):
     """``StateStore`` over one SQLAlchemy Engine (thread-safe; share one per process).
     Each base class is one aggregate's repository and works on its own over the same
