@@ -167,3 +167,43 @@ def test_removal_needs_a_second_person_on_the_page(clean_console, browser):
     assert message(bob) == "approve: started"
     (sub,) = h.launcher.submitted
     assert sub["deployment"] == "migration-remove/remove" and sub["parameters"]["actor"] == "console:alice+bob"
+
+
+def test_tenant_admin_confirms_a_key_rotation_and_watches_the_warning_go(clean_console, browser):
+    """The customer rotates the tenant's key; the rotate run pauses the tenant and waits.
+    The tenant admin sees the rotation warning with a Confirm button, confirms on the page
+    (the console issues and checks the signed single-use confirmation and submits the
+    resume), the run completes (the worker's part, here in the test) and the page drops the
+    warning and shows the run completed. A support engineer sees the warning but no Confirm."""
+    from archive_kms.migration import engine
+    from archive_kms.migration.launch import start_rotation_check
+    from archive_kms.migration.rotation_monitor import observe
+    from archive_kms.state.port import RotationState
+
+    h, base = clean_console
+    p = h.platform
+    observe(p, ACME)  # the version known so far
+    provider = p.resolve_provider(p.keychain.status(ACME).l1_ref)
+    provider._kms.rotate(provider._ref.name)  # the customer rotates their key
+    started = start_rotation_check(p, h.launcher, ACME, actor="monitor")
+    assert started.created and h.launcher.submitted[-1]["deployment"] == "key-rotate/rotate"
+    assert engine.execute(p, started.run_id, actor="worker", handle_signals=False).state == engine.WAITING
+
+    support = sign_in(browser, base, h.token("support_engineer", sub="sam", tenant=None))
+    support.wait_for_selector("#warnings li[data-kind=rotation_detected]")
+    assert support.locator("#warnings button.confirm").count() == 0  # no key actions for support
+
+    page = sign_in(browser, base, h.token("tenant_admin", sub="alice", tenant=ACME))
+    confirm = page.wait_for_selector("#warnings li[data-kind=rotation_detected] button.confirm")
+    assert "rotated" in page.inner_text("#warnings li[data-kind=rotation_detected]")
+    confirm.click()
+    assert "confirmed" in message(page), message(page)
+    (rotation,) = p.state.list_rotations(ACME)
+    assert rotation.state is RotationState.CONFIRMED and rotation.confirmed_by == "console:tenant_admin:alice"
+    resume = h.launcher.submitted[-1]
+    assert resume["deployment"] == "migration-support/support" and resume["parameters"]["action"] == "resume"
+
+    assert engine.resume(p, started.run_id, actor="worker", handle_signals=False).state == "completed"
+    page.wait_for_selector("#warnings li[data-kind=rotation_detected]", state="detached", timeout=10_000)
+    page.wait_for_selector(f"#runs tr[data-run='{started.run_id}'][data-state=completed]", timeout=10_000)
+    assert p.state.get_rotation(rotation.rotation_id).state is RotationState.COMPLETED

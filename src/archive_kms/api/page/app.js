@@ -83,9 +83,9 @@ function renderWarnings(warnings) {
   list.replaceChildren(...warnings.map((w) => {
     const item = el("li", { class: `sev-${w.severity}`, "data-kind": w.kind, "data-warning": w.id },
       el("strong", {}, `${w.tenant}: `), w.message, " ");
-    // Confirm button placeholder: the rotation work wires the confirm_rotation action here.
+    // A rotation waiting for the customer's confirmation (docs/key-lifecycle.md section 12).
     if (w.actions.includes("confirm_rotation") && can("confirm_rotation"))
-      item.append(el("button", { class: "key-action confirm", "data-warning": w.id, disabled: "" }, "Confirm"));
+      item.append(el("button", { class: "key-action confirm", "data-warning": w.id, onclick: () => confirmRotation(w) }, "Confirm"));
     if (can("support")) {
       for (const a of w.actions.filter((x) => ["resume", "cancel"].includes(x)))
         item.append(el("button", { class: "support-action", onclick: () => support(w.run_id, a) }, a));
@@ -124,6 +124,15 @@ function renderApprovals(approvals) {
       el("td", {}, a.request_id), el("td", {}, a.tenant), el("td", {}, a.action), el("td", {}, a.requested_by),
       el("td", {}, a.reason), el("td", {}, a.expires_at), el("td", {}, a.state + (a.run_id ? ` (run ${a.run_id})` : "")), cell);
   }));
+}
+
+async function confirmRotation(w) {
+  const rotation = w.details && w.details.rotation_id;
+  try {
+    const out = await api("POST", `/api/tenants/${encodeURIComponent(w.tenant)}/confirm_rotation`, { rotation_id: rotation });
+    say(`rotation of ${w.tenant} confirmed: run ${out.run.run_id} ${out.run.message}`);
+  } catch (e) { say(`confirmation refused: ${e.message}`); }
+  await refresh();
 }
 
 async function support(runId, action) {
