@@ -666,3 +666,62 @@ def test_a_customer_rotation_is_checked_warned_and_confirmed_through_the_console
     assert again.status_code == 409, again.text
     assert engine.resume(p, run_id, actor="worker", handle_signals=False).state == "completed"
     assert [x for x in h.call("GET", "/api/warnings", ADMIN).json() if x["kind"] == "rotation_detected"] == []
+
+
+# --- key lifecycle actions: the refusals every action gets -------------------------------------------
+
+KEY_ACTION_BODIES = {
+    "revoke": {"reason": "incident 42"},
+    "restore": {"reason": "incident 42 closed"},
+    "erase": {"reason": "retention", "scope": {"workspace": "default"}},
+    "check_rotation": {},
+    "confirm_rotation": {"rotation_id": "0" * 32},
+}
+
+
+@pytest.mark.parametrize("action", sorted(KEY_ACTION_BODIES))
+@pytest.mark.parametrize(
+    ("role", "tenant_claim", "tenant", "extra", "status", "words"),
+    [
+        (SUPPORT, None, ACME, {}, 403, ("support_engineer",)),  # support never takes a key action
+        (OFFICER, GLOBEX, ACME, {}, 404, ("unknown tenant",)),  # another tenant: as if it did not exist
+        (PLATFORM, None, "nope", {}, 404, ("unknown tenant",)),  # unknown
+        (PLATFORM, None, "Bad..Id", {}, 404, ()),  # malformed id: never looked up
+        (OFFICER, ACME, ACME, {"extra": 1}, 422, ("extra",)),  # malformed body
+    ],
+    ids=["wrong-role", "other-tenant", "unknown-tenant", "malformed-id", "malformed-body"],
+)
+def test_key_lifecycle_action_refusals(h, action, role, tenant_claim, tenant, extra, status, words):
+    """revoke, restore, erase, check_rotation and confirm_rotation refuse like every tenant
+    action, and a refusal submits nothing, requests no approval and changes no key."""
+    before = h.platform.keychain.status(ACME)
+    body = {**KEY_ACTION_BODIES[action], **extra}
+    resp = h.call("POST", f"/api/tenants/{tenant}/{action}", role, tenant=tenant_claim, json=body)
+    assert_error(resp, status, *words)
+    assert h.launcher.submitted == [] and h.store.list_requests() == []
+    assert h.platform.keychain.status(ACME) == before
+    assert h.platform.state.list_rotations(ACME) == []
+
+
+def test_a_tenant_admin_cannot_revoke_restore_or_erase(h):
+    for action in ("revoke", "restore", "erase", "check_rotation"):
+        resp = h.call("POST", f"/api/tenants/{ACME}/{action}", ADMIN, json=KEY_ACTION_BODIES[action])
+        assert_error(resp, 403, "tenant_admin")
+    assert h.launcher.submitted == []
+
+
+def test_revoke_from_the_console_is_in_force_when_it_answers_and_restore_needs_two_people(h):
+    from archive_kms.errors import TenantRevokedError
+
+    archive = h.platform.open_archive(ACME)
+    name = next(iter(archive.store.list())).name
+    b"".join(archive.read_object(name))  # readable before
+    resp = h.call("POST", f"/api/tenants/{ACME}/revoke", OFFICER, json=KEY_ACTION_BODIES["revoke"])
+    assert resp.status_code == 202, resp.text
+    assert h.launcher.submitted[-1]["deployment"] == "key-revoke/revoke"
+    with pytest.raises(TenantRevokedError):
+        b"".join(h.platform.open_archive(ACME).read_object(name))
+    # restore: a request, not a run, until a second, different person approves
+    asked = h.call("POST", f"/api/tenants/{ACME}/restore", OFFICER, json=KEY_ACTION_BODIES["restore"])
+    assert asked.status_code == 202 and asked.json()["status"] == "approval_required", asked.text
+    assert h.launcher.submitted[-1]["deployment"] == "key-revoke/revoke"  # nothing new submitted
