@@ -874,6 +874,7 @@ DEPLOYMENTS = (
     "key-revoke/revoke",
     "key-restore/restore",
     "key-monitor/monitor",
+    "archive-job/archive",
 )
 
 

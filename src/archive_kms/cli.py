@@ -68,7 +68,6 @@ def stack_down(only: str | None = ONLY, as_json: bool = JSON) -> None:
 # --- tenants, archive jobs, search, reads, audit (the library's operations) ----------------
 
 import json as _json  # noqa: E402
-import uuid as _uuid  # noqa: E402
 from functools import wraps  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -199,20 +198,18 @@ def archive_cmd(
     """Run an archive job for TENANT (deferred while the tenant is paused); all checked before any write.
 
     A job that fails part-way is rolled back; the same --job-id again archives it once."""
-    from archive_kms.operations.archive import SUPERSEDED, JobSpec, load_jsonl, submit_job
-    from archive_kms.operations.job_input import check_job_id, check_synthetic
+    from archive_kms.operations.archive import SUPERSEDED, job_from_options, submit_job
 
     _tenant_arg(tenant)
-    if (jsonl is None) == (generate == 0):
-        raise ValidationError("give exactly one of --jsonl FILE or --generate N")
-    if attachments_root is not None and jsonl is None:
-        raise ValidationError("--attachments-root goes with --jsonl")
-    jid = check_job_id(job_id) if job_id is not None else f"job-{_uuid.uuid4().hex[:16]}"
-    if jsonl is not None:
-        spec = load_jsonl(jsonl, job_id=jid, tenant_id=tenant, attachments_root=attachments_root)
-    else:
-        check_synthetic(generate, seed, offset)
-        spec = JobSpec(jid, tenant, "synthetic", synthetic={"count": generate, "seed": seed, "offset": offset})
+    spec = job_from_options(
+        tenant,
+        job_id=job_id,
+        jsonl=jsonl,
+        attachments_root=attachments_root,
+        generate=generate,
+        seed=seed,
+        offset=offset,
+    )
     p = _platform()
     out = submit_job(p.state, spec, p.open_archive)
     _emit(

@@ -215,4 +215,5 @@ def _flow_name(entrypoint: str) -> str:
         "flows/key_lifecycle.py": {"revoke": "key-revoke", "restore": "key-restore", "monitor": "key-monitor"},
         "flows/lifecycle.py": {"erase": "key-erase", "erase_retention": "key-erase-retention", "rotate": "key-rotate"},
         "flows/audit.py": {"audit_anchor": "audit-anchor"},
+        "flows/archive_jobs.py": {"archive": "archive-job"},
     }[path][fn]

@@ -48,6 +48,7 @@ DEPLOYMENTS: dict[str, str] = {
     "revoke": "key-revoke/revoke",
     "restore": "key-restore/restore",
     "monitor": "key-monitor/monitor",
+    "archive": "archive-job/archive",
 }
 SUPPORT_ACTIONS = ("resume", "rerun", "cancel")
 TASK_RUNNERS = ("threads", "dask")

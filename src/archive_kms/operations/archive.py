@@ -228,6 +228,30 @@ class JobSpec:
             yield record, atts
 
 
+def job_from_options(
+    tenant_id: str,
+    *,
+    job_id: str | None = None,
+    jsonl: str | Path | None = None,
+    attachments_root: str | Path | None = None,
+    generate: int = 0,
+    seed: int = 0,
+    offset: int = 0,
+) -> JobSpec:
+    """The job that ``archive-kms archive`` and the ``archive-job`` deployment run: a JSONL
+    file (``load_jsonl``) or ``generate`` synthetic records; everything checked before
+    anything is written (``ValidationError`` naming the option). No ``job_id``: a new one."""
+    if (jsonl is None) == (generate == 0):
+        raise ValidationError("give exactly one of --jsonl FILE or --generate N")
+    if attachments_root is not None and jsonl is None:
+        raise ValidationError("--attachments-root goes with --jsonl")
+    jid = check_job_id(job_id) if job_id is not None else f"job-{os.urandom(8).hex()}"
+    if jsonl is not None:
+        return load_jsonl(jsonl, job_id=jid, tenant_id=tenant_id, attachments_root=attachments_root)
+    check_synthetic(generate, seed, offset)
+    return JobSpec(jid, tenant_id, "synthetic", synthetic={"count": generate, "seed": seed, "offset": offset})
+
+
 def load_jsonl(path: str | Path, *, job_id: str, tenant_id: str, attachments_root: str | Path | None = None) -> JobSpec:
     """A job from a JSONL file (format: ``docs/archive-jobs.md``, "Job input"), checked
     before it is submitted (``operations.job_input.read_jsonl``: a ``ValidationError``
@@ -1251,6 +1275,7 @@ __all__ = [
     "check_stored",
     "deferred_object_name",
     "fence_stalled_jobs",
+    "job_from_options",
     "load_jsonl",
     "open_queued",
     "park_deferred_job",

@@ -29,6 +29,7 @@ revocation itself: the key-state monitor does (``operations.key_monitor``).
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import enum
 import logging
 import re
@@ -252,7 +253,9 @@ class KeyStateGuard:
         with self._lock:
             future = self._inflight.get(tenant_id)
             if future is None:
-                future = self._pool.submit(self._probe, tenant_id, l1_ref)
+                # The probe runs in the caller's context (contextvars): settings a caller scoped
+                # to itself, such as a Prefect flow run's API for the key-request limiter, hold there too.
+                future = self._pool.submit(contextvars.copy_context().run, self._probe, tenant_id, l1_ref)
                 self._inflight[tenant_id] = future
                 self._inflight_since[tenant_id] = time.monotonic()
             return future, self._inflight_since.get(tenant_id, time.monotonic())
