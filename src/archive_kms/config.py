@@ -149,7 +149,7 @@ class Settings(BaseSettings):
     # its keys (0 = never): a key the customer disabled is refused within about this long.
     key_state_check_seconds: float = Field(default=5.0, ge=0, le=300)
     # How long a read waits for that answer before treating the key service as unreachable.
-    key_state_check_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    key_state_check_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     # What an unreachable key service does, unless the tenant has its own policy
     # (`archive-kms keys policy`): deny-immediately | serve-from-cache-for:SECONDS | alert-only.
     key_outage_grace: str = "serve-from-cache-for:60"
