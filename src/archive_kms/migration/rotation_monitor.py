@@ -27,7 +27,7 @@ from archive_kms.migration.engine import trigger
 from archive_kms.migration.rotate import audit_detected, plan_rotation
 from archive_kms.operations.platform import Platform
 from archive_kms.operations.rotation import current_key_version
-from archive_kms.state.port import KeyMode, KeyRotation, MigrationRun
+from archive_kms.state.port import KeyMode, KeyRotation, MigrationRun, RotationState
 
 __all__ = ["RotationObservation", "check_rotation", "observe", "on_rotation_detected"]
 
@@ -72,7 +72,12 @@ def on_rotation_detected(
     platform: Platform, tenant_id: str, observation: RotationObservation, *, actor: str
 ) -> tuple[KeyRotation, MigrationRun, bool]:
     """Open the rotation (or find the tenant's open one) and trigger its rotate run (or
-    find it). Returns (rotation, run, created)."""
+    find it). Returns (rotation, run, created). An observation made before a rotate run
+    applied this very change (a monitor check racing the run's ``retire``) finds that
+    completed rotation and its run (created False): the same change is not rotated twice."""
+    applied = _applied(platform, tenant_id, observation)
+    if applied is not None:
+        return applied
     rotation, created = platform.state.open_rotation(
         KeyRotation(
             rotation_id=uuid.uuid4().hex,
@@ -92,6 +97,22 @@ def on_rotation_detected(
             return rotation, run, False
     run, run_created = trigger(platform, plan_rotation(platform, rotation), actor=actor)
     return rotation, run, created or run_created
+
+
+def _applied(
+    platform: Platform, tenant_id: str, observation: RotationObservation
+) -> tuple[KeyRotation, MigrationRun, bool] | None:
+    """The completed rotation (and its run) that already moved the tenant onto the
+    observed version, if the tenant's known version is that one; else None."""
+    mark = platform.state.get_key_version(tenant_id)
+    if mark is None or mark.key_ref != observation.key_ref or mark.version != observation.observed_version:
+        return None
+    for done in platform.state.list_rotations(tenant_id, states=[RotationState.COMPLETED]):
+        if done.key_ref == observation.key_ref and done.observed_version == observation.observed_version:
+            run = platform.state.get_run(done.run_id) if done.run_id else None
+            if run is not None:
+                return done, run, False
+    return None
 
 
 def check_rotation(
