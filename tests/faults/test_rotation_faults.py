@@ -30,11 +30,11 @@ from typing import Any
 import pytest
 from fault_proxy import KMS_CRYPTO_OPS, Always, RandomRate, Times, keyvault_error, kms_error, ops
 from flows_support import invariants, storage_snapshot
-from harness import at_step
 from test_key_faults import (
     UNAVAILABLE_ERRORS,
     KeyEnv,
     _apply,
+    _check_wire,
     _kms_env,
     _kv_env,
     _record_sleeps,
@@ -53,7 +53,7 @@ from archive_kms.migration.launch import (
     start_detected_rotation,
     start_rotation_check,
 )
-from archive_kms.migration.rotate import rotate_report
+from archive_kms.migration.rotate import ROTATE_STEP_FUNCTIONS, rotate_report
 from archive_kms.migration.rotation_monitor import check_rotation, observe
 from archive_kms.operations import key_monitor
 from archive_kms.operations.archive import JobSpec, submit_job
@@ -170,7 +170,14 @@ def test_key_service_faults_during_a_confirmed_rotation(
         env.fast[0] = True
         env.outage(True)
 
-    at_step(monkeypatch, "rewrap", go_down)
+    real_rewrap = ROTATE_STEP_FUNCTIONS["rewrap"]
+
+    def rewrap_in_an_outage(ctx: Any) -> Any:  # the first time only: the resume runs it as it is
+        monkeypatch.setitem(ROTATE_STEP_FUNCTIONS, "rewrap", real_rewrap)
+        go_down()
+        return real_rewrap(ctx)
+
+    monkeypatch.setitem(ROTATE_STEP_FUNCTIONS, "rewrap", rewrap_in_an_outage)
     failed = resume(p, run.run_id, actor="test")
     assert failed.state == RunState.FAILED.value, failed
     assert failed.error.startswith(UNAVAILABLE_ERRORS), failed.error
@@ -199,9 +206,9 @@ def test_key_service_faults_during_a_confirmed_rotation(
     cold = env.platform()  # a fresh process: the L2 unwraps under the new version, through the faults
     read_everything(cold, tid, records)
     assert searchable(cold, tid) == RECORDS
-    faulted = {e.op for e in env.log + env.proxy.requests() if e.fault}
-    fault_case.note(faulted_ops=sorted(faulted))
-    assert faulted, "no fault was injected"
+    # B1: crypto calls bounded per object (in fact a handful for the whole rotation: only
+    # the L2 and the proof go to the key service); B2: a 429 retried after its Retry-After.
+    _check_wire(env, len(snapshot), fault_case)
     _apply(env, [])
     assert_not_revoked(env, flow_platform, tid)
     invariants(env.platform(), tid, snapshot, resumes=2)
