@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
-from fault_proxy import KMS_CRYPTO_OPS, Always, RandomRate, Times, keyvault_error, kms_error, ops
+from fault_proxy import KMS_CRYPTO_OPS, RandomRate, Times, keyvault_error, kms_error, ops
 from flows_support import invariants, storage_snapshot
 from test_key_faults import (
     UNAVAILABLE_ERRORS,
