@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -65,6 +66,8 @@ from archive_kms.state.port import Flow, RotationState, RunState, WarningKind
 
 SEED = 0x5EED_17
 RECORDS = 6
+#: How long a submission to the orchestrator takes in the race (a Prefect API round trip).
+SUBMIT_SECONDS = 0.3
 
 
 # --- a tenant on a customer key ----------------------------------------------------------------
@@ -225,6 +228,7 @@ class RecordingLauncher:
         self._lock = threading.Lock()
 
     def submit(self, deployment: str, parameters: Mapping[str, Any], *, tags: Sequence[str]) -> Launch:
+        time.sleep(SUBMIT_SECONDS)  # an orchestrator's API call: the window a concurrent caller sees
         with self._lock:
             self.submitted.append((deployment, dict(parameters)))
             return Launch(f"fr-{len(self.submitted)}", deployment)
