@@ -327,7 +327,9 @@ def audit_holds(platform: Any, tenant: str, *, resumes: int | None = None, rerun
 
     - every migration run of the tenant has one ``run.start``; a completed run a ``run.complete``,
       a cancelled one a ``run.cancel``; a run past ``bind_key`` has its ``key.dek_floor``,
-      past ``cutover`` its ``tenant.cutover``, past ``cleanup_source`` its ``storage.delete``;
+      past ``cutover`` its ``tenant.cutover``, past ``cleanup_source`` its ``storage.delete``
+      (a rotate run: past ``confirm`` its ``rotation.confirmed``, past ``cutover`` its
+      ``tenant.index_cutover``);
     - a revoke run has one ``revoke.request`` and, completed, a ``revoke.receipt``; a restore
       run ``restore.request`` and ``restore.complete``;
     - ``resumes`` / ``reruns`` (when given): that many ``run.resume*`` / ``run.rerun*``
@@ -360,11 +362,14 @@ def audit_holds(platform: Any, tenant: str, *, resumes: int | None = None, rerun
             assert "run.cancel" in mine or "run.refused" in mine, (
                 f"run {run.run_id} cancelled without a run.cancel or run.refused record"
             )
-        for step, action in (
-            ("bind_key", "key.dek_floor"),
-            ("cutover", "tenant.cutover"),
-            ("cleanup_source", "storage.delete"),
-        ):
+        step_records = (
+            (("confirm", "rotation.confirmed"), ("cutover", "tenant.index_cutover"))
+            if run.flow.value == "rotate"
+            else (("bind_key", "key.dek_floor"), ("cutover", "tenant.cutover"), ("cleanup_source", "storage.delete"))
+        )
+        for step, action in step_records:
+            if step not in {s.name for s in run.steps}:  # another flow's step
+                continue
             if run.step(step).state is StepState.COMPLETED:
                 assert action in mine, f"run {run.run_id}: step {step} completed without its {action} record"
     if resumes is not None:

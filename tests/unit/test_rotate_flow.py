@@ -181,3 +181,43 @@ def test_the_warning_offers_confirm_and_turns_into_a_reminder():
     assert [r.action for r in p.state.iter_audit(tenant_id=TENANT)].count("rotation.reminder") == 1
     assert engine.resume(p, run.run_id, actor="w").state == WAITING
     assert [r.action for r in p.state.iter_audit(tenant_id=TENANT)].count("rotation.reminder") == 1
+
+
+class _Launcher:
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def submit(self, deployment, parameters, *, tags):
+        from archive_kms.migration.launch import Launch
+
+        self.submitted.append(parameters["run_id"])
+        return Launch(f"fr-{len(self.submitted)}", deployment)
+
+    def launches(self, run_id):
+        return []
+
+    def mark_crashed(self, flow_run_id, message):
+        pass
+
+
+def test_the_rotate_run_is_submitted_by_its_creator_only_or_after_the_grace(monkeypatch):
+    """A monitor check and a `rotation check` at once submit the run once: the caller whose
+    trigger created it. A run whose creator died before submitting it is submitted by the
+    next check once ``UNSUBMITTED_GRACE`` has passed (issue 17)."""
+    from archive_kms.migration import launch
+    from archive_kms.migration.rotation_monitor import on_rotation_detected
+
+    p = rotated_tenant()
+    observation = observe(p, TENANT)
+    _, run, created = on_rotation_detected(p, TENANT, observation, actor="monitor")  # creator, then died
+    assert created
+    launcher = _Launcher()
+    seen = dict(key_ref=observation.key_ref, previous_version="1", observed_version="2", actor="monitor")
+    found = launch.start_detected_rotation(p, launcher, TENANT, **seen)  # found, not submitted yet: in hand
+    assert not found.created and launcher.submitted == []
+    assert not launch.start_rotation_check(p, launcher, TENANT, actor="support").created
+    monkeypatch.setattr(launch, "UNSUBMITTED_GRACE", timedelta(0))
+    late = launch.start_rotation_check(p, launcher, TENANT, actor="support")
+    assert late.created and launcher.submitted == [run.run_id]
+    again = launch.start_detected_rotation(p, launcher, TENANT, **seen)
+    assert not again.created and launcher.submitted == [run.run_id]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from archive_kms.errors import StateError, ValidationError
@@ -237,12 +237,12 @@ def start_rotation_check(platform: Platform, launcher: RunLauncher, tenant_id: s
     make sure its rotate run exists and submit it to the rotate deployment (it pauses the
     tenant and waits for the confirmation). ``created`` False: no rotation, or its run
     was submitted already."""
-    from archive_kms.migration.rotation_monitor import check_rotation
+    from archive_kms.migration.rotation_monitor import detect_rotation
 
-    _, rotation, run = check_rotation(platform, tenant_id, actor=actor)
+    _, rotation, run, created = detect_rotation(platform, tenant_id, actor=actor)
     if run is None or rotation is None:
         return Started("", tenant_id, "rotate", "rotate", False, "no rotation of the key since the last check")
-    return _submit_rotation_once(platform, launcher, rotation, run, actor=actor)
+    return _submit_rotation_once(platform, launcher, rotation, run, created, actor=actor)
 
 
 def start_detected_rotation(
@@ -261,17 +261,30 @@ def start_detected_rotation(
     from archive_kms.migration.rotation_monitor import RotationObservation, on_rotation_detected
 
     seen = RotationObservation(tenant_id, key_ref, previous_version, observed_version)
-    rotation, run, _ = on_rotation_detected(platform, tenant_id, seen, actor=actor)
-    return _submit_rotation_once(platform, launcher, rotation, run, actor=actor)
+    rotation, run, created = on_rotation_detected(platform, tenant_id, seen, actor=actor)
+    return _submit_rotation_once(platform, launcher, rotation, run, created, actor=actor)
 
 
-def _submit_rotation_once(platform: Platform, launcher: RunLauncher, rotation: Any, run: Any, *, actor: str) -> Started:
+#: A rotate run found not submitted this long after it was triggered lost its submitter (a
+#: process that died between the two): the next check submits it. Younger, its creator is
+#: submitting it now (a monitor check and a `rotation check` at once submit it once).
+UNSUBMITTED_GRACE = timedelta(seconds=60)
+
+
+def _submit_rotation_once(
+    platform: Platform, launcher: RunLauncher, rotation: Any, run: Any, created: bool, *, actor: str
+) -> Started:
+    """Submit the rotate run if this caller triggered it (``created``), or if nobody did
+    within ``UNSUBMITTED_GRACE``; else it is in hand."""
     tenant_id = run.tenant_id
-    submitted = any(
-        r.action == "run.submit" and r.run_id == run.run_id for r in platform.state.iter_audit(tenant_id=tenant_id)
-    )
-    if submitted:
-        return Started(run.run_id, tenant_id, "rotate", "rotate", False, f"rotation {rotation.rotation_id} is in hand")
+    if not created:
+        submitted = any(
+            r.action == "run.submit" and r.run_id == run.run_id for r in platform.state.iter_audit(tenant_id=tenant_id)
+        )
+        born = run.created_at if run.created_at.tzinfo else run.created_at.replace(tzinfo=UTC)
+        if submitted or datetime.now(UTC) - born < UNSUBMITTED_GRACE:
+            message = f"rotation {rotation.rotation_id} is in hand"
+            return Started(run.run_id, tenant_id, "rotate", "rotate", False, message)
     return submit_run(platform, launcher, run, {"tenant": tenant_id, "actor": actor}, actor=actor)
 
 

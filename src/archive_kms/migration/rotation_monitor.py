@@ -27,9 +27,9 @@ from archive_kms.migration.engine import trigger
 from archive_kms.migration.rotate import audit_detected, plan_rotation
 from archive_kms.operations.platform import Platform
 from archive_kms.operations.rotation import current_key_version
-from archive_kms.state.port import KeyMode, KeyRotation, MigrationRun
+from archive_kms.state.port import KeyMode, KeyRotation, MigrationRun, RotationState
 
-__all__ = ["RotationObservation", "check_rotation", "observe", "on_rotation_detected"]
+__all__ = ["RotationObservation", "check_rotation", "detect_rotation", "observe", "on_rotation_detected"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,13 @@ def on_rotation_detected(
     platform: Platform, tenant_id: str, observation: RotationObservation, *, actor: str
 ) -> tuple[KeyRotation, MigrationRun, bool]:
     """Open the rotation (or find the tenant's open one) and trigger its rotate run (or
-    find it). Returns (rotation, run, created)."""
+    find it). Returns (rotation, run, created): ``created`` True for the one caller whose
+    trigger created the run (it submits it; concurrent callers find it). An observation made before a rotate run
+    applied this very change (a monitor check racing the run's ``retire``) finds that
+    completed rotation and its run (created False): the same change is not rotated twice."""
+    applied = _applied(platform, tenant_id, observation)
+    if applied is not None:
+        return applied
     rotation, created = platform.state.open_rotation(
         KeyRotation(
             rotation_id=uuid.uuid4().hex,
@@ -91,20 +97,47 @@ def on_rotation_detected(
         if run is not None:
             return rotation, run, False
     run, run_created = trigger(platform, plan_rotation(platform, rotation), actor=actor)
-    return rotation, run, created or run_created
+    return rotation, run, run_created
+
+
+def _applied(
+    platform: Platform, tenant_id: str, observation: RotationObservation
+) -> tuple[KeyRotation, MigrationRun, bool] | None:
+    """The completed rotation (and its run) that already moved the tenant onto the
+    observed version, if the tenant's known version is that one; else None."""
+    mark = platform.state.get_key_version(tenant_id)
+    if mark is None or mark.key_ref != observation.key_ref or mark.version != observation.observed_version:
+        return None
+    for done in platform.state.list_rotations(tenant_id, states=[RotationState.COMPLETED]):
+        if done.key_ref == observation.key_ref and done.observed_version == observation.observed_version:
+            run = platform.state.get_run(done.run_id) if done.run_id else None
+            if run is not None:
+                return done, run, False
+    return None
 
 
 def check_rotation(
     platform: Platform, tenant_id: str, *, actor: str
 ) -> tuple[RotationObservation | None, KeyRotation | None, MigrationRun | None]:
     """Observe; on a rotation (or with one already open), make sure its run exists."""
+    observation, rotation, run, _ = detect_rotation(platform, tenant_id, actor=actor)
+    return observation, rotation, run
+
+
+def detect_rotation(
+    platform: Platform, tenant_id: str, *, actor: str
+) -> tuple[RotationObservation | None, KeyRotation | None, MigrationRun | None, bool]:
+    """``check_rotation``, and whether this call created the rotate run."""
     observation = observe(platform, tenant_id)
     if observation is None:
-        rotation = platform.state.find_open_rotation(TenantId(tenant_id).value)
-        if rotation is None:
-            return None, None, None
+        open_rotation = platform.state.find_open_rotation(TenantId(tenant_id).value)
+        if open_rotation is None:
+            return None, None, None, False
         observation = RotationObservation(
-            rotation.tenant_id, rotation.key_ref, rotation.previous_version, rotation.observed_version
+            open_rotation.tenant_id,
+            open_rotation.key_ref,
+            open_rotation.previous_version,
+            open_rotation.observed_version,
         )
-    rotation, run, _ = on_rotation_detected(platform, observation.tenant_id, observation, actor=actor)
-    return observation, rotation, run
+    rotation, run, created = on_rotation_detected(platform, observation.tenant_id, observation, actor=actor)
+    return observation, rotation, run, created

@@ -244,6 +244,16 @@ def _act(
 ) -> KeyObservation:
     state, tid = platform.state, obs.tenant_id
     stored = state.get_key_observation(tid)
+    if (
+        obs.classification is Classification.ROTATION
+        and stored is not None
+        and stored.key_ref == obs.key_ref
+        and stored.accepted_version == obs.key_version
+    ):
+        # Observed before a rotate run retired the old version, acted on after: the version
+        # is accepted now. Acting on the stale look would raise the warning again, put the
+        # old version back as the accepted one and open a second rotation of the same change.
+        obs = replace(obs, classification=Classification.OK, previous_version=stored.accepted_version)
     c = obs.classification
     action = "none"
     first_unusable = None
@@ -357,6 +367,9 @@ def _revocation(
 
 
 def _store(platform: Platform, obs: KeyObservation, stored: ObservedKey | None, first_unusable: str | None) -> None:
+    # Read again: a rotate run may have accepted a new version while this check acted on
+    # the tenant (``accept_key_version``); its accepted version must not be overwritten.
+    stored = platform.state.get_key_observation(obs.tenant_id) or stored
     accepted = stored.accepted_version if stored is not None and stored.key_ref == obs.key_ref else None
     if accepted is None and obs.classification is Classification.OK:
         accepted = obs.key_version  # the first look sets the baseline
