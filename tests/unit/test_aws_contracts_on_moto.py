@@ -1,6 +1,8 @@
-"""The AWS adapters' contract suites (``tests/contract``), run again in this process on
-moto's server: seconds, no stack, so a change that breaks the S3 store or the KMS
-providers fails the unit tier before the stack tier runs.
+"""The AWS adapters' contract suites (``tests/contract``), run again on moto's server (a
+child process of this test, on a loopback port): seconds, no stack, so a change that
+breaks the S3 store or the KMS providers fails the unit tier before the stack tier runs.
+The server runs in its own process so that nothing the rest of the session did to
+botocore's loaded models reaches moto's request router.
 
 The same test functions run, only the ``backend`` fixture differs. moto does not enforce
 key state, so the server-side revocation cases are not collected here: LocalStack stays
@@ -12,13 +14,15 @@ import contextlib
 import importlib.util
 import inspect
 import os
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-from moto.server import ThreadedMotoServer
 
 from archive_kms import clients
 from archive_kms.config import Settings
@@ -26,9 +30,8 @@ from archive_kms.config import Settings
 CONTRACTS = Path(__file__).resolve().parents[1] / "contract"
 #: Cases that prove what moto does not do: server-side key state (moto never refuses a
 #: disabled key) and a store that recomputes the checksum we send (moto echoes it unchecked).
-#: Also the memory bound of a write (moto's server runs in this process, so tracemalloc
-#: counts its copy of every part) and stale-upload cleanup (moto lists every upload as
-#: initiated in 2010).
+#: Also the memory bound of a write (the LocalStack run proves it) and stale-upload
+#: cleanup (moto lists every upload as initiated in 2010).
 #: moto's KMS answers a tampered or foreign ciphertext with AccessDenied (KMS:
 #: InvalidCiphertext) and describes keys without KeyUsage/KeySpec, so the cases that tell
 #: a wrong key from a denied one, and key status and preflight, need LocalStack too.
@@ -75,9 +78,25 @@ globals().update(_cases(key_contract, "kms_provider"))
 def moto_settings() -> Iterator[Settings]:
     """moto's S3 and KMS on a loopback port of this process; the environment points there
     too, for the subprocesses some cases start (a crash mid-upload)."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    with socket.socket() as sock:  # a free loopback port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    host = "127.0.0.1"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"moto's server did not start on {host}:{port} (exit {server.poll()})", pytrace=False)
+            time.sleep(0.1)
     env = {
         "ARCHIVE_KMS_AWS_ENDPOINT_URL": f"http://{host}:{port}",
         "ARCHIVE_KMS_AWS_REGION": "us-east-1",
@@ -94,7 +113,8 @@ def moto_settings() -> Iterator[Settings]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        server.stop()
+        server.terminate()
+        server.wait(timeout=10)
 
 
 @contextlib.contextmanager
