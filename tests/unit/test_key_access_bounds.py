@@ -21,6 +21,7 @@ from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.crypto.signing import Signer
 from archive_kms.errors import (
     KeyDestroyedError,
+    KeyNotFoundError,
     KeyServiceUnavailableError,
     KeyUnavailableError,
     ServiceUnavailableError,
@@ -376,3 +377,18 @@ def test_unusable_states_all_refuse_and_say_which() -> None:
                 break
             assert time.monotonic() < deadline
             time.sleep(0.01)
+
+
+def test_a_workspace_and_dek_another_process_just_created_read_at_once_despite_the_reused_head() -> None:
+    """The reused head (``revocation_check_seconds``) is a bound on how late a revocation
+    arrives, not a reason to call a key that exists missing: a DEK another process created
+    a moment ago is found (the store is read again once before KeyNotFoundError)."""
+    world = World(recheck=0.5)
+    reader, writer = world.process(), world.process()
+    world.tenant(reader)
+    reader.create_workspace("acme", "ws0")
+    reader.dek_for_encrypt("acme", "ws0")  # the reader now holds a verified head, reused for 0.5 s
+    dek = writer.dek_for_encrypt("acme", "default")  # another process: a new workspace and its DEK
+    assert reader.dek_by_id("acme", dek.dek_id).reveal() == dek.key.reveal()
+    with pytest.raises(KeyNotFoundError):
+        reader.dek_by_id("acme", "l4/nope/1/1")  # what does not exist is still refused

@@ -276,12 +276,24 @@ class TenantHeads:
     # --- reading and writing ----------------------------------------------------------------
 
     def read(self, tenant_id: str, fn: Callable[[TenantHead], T], *, gate: bool = True) -> T:
-        head = self.load(tenant_id, gate=gate, max_age=self.recheck_seconds if gate else 0.0)
+        max_age = self.recheck_seconds if gate else 0.0
+        head = self.load(tenant_id, gate=gate, max_age=max_age)
         for _ in range(self._max_attempts):
             try:
                 return fn(head)
             except Mismatch as m:
                 head = self._recheck(tenant_id, head, m, gate)
+            except KeyNotFoundError:
+                # A head reused from this process's last look (``recheck_seconds``) may predate
+                # a workspace or DEK another process created since: look at the store once more
+                # before saying it does not exist (an object just written elsewhere reads).
+                if max_age <= 0:
+                    raise
+                max_age = 0.0
+                fresh = self.load(tenant_id, gate=gate)
+                if fresh.version == head.version:
+                    raise
+                head = fresh
         raise self._busy(tenant_id)
 
     def write(
