@@ -61,6 +61,8 @@ from archive_kms.errors import ServiceUnavailableError
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from customer_keys import CustomerKeyFactory
 
+#: What a trial deploys from flows/prefect.yaml: the onboarding and the reclaimer's resumes.
+FLEET_DEPLOYMENTS = ("enable", "support")
 PYTHON = sys.executable
 ARCHIVE_KMS = str(Path(sys.executable).parent / "archive-kms")
 STACK_PY = str(PROJECT_ROOT / "localstack" / "stack.py")
@@ -312,7 +314,10 @@ class Fleet:
         with contextlib.suppress(urllib.error.HTTPError):  # 409: exists
             urllib.request.urlopen(req, timeout=30).close()
         out = subprocess.run(
-            [PYTHON, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", "flows/prefect.yaml", "--all"],
+            # only what the trial runs: the scheduled deployments (the key monitor every
+            # minute, hourly anchors and retention) would add flow runs that never settle
+            [PYTHON, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", "flows/prefect.yaml"]
+            + [arg for name in FLEET_DEPLOYMENTS for arg in ("--name", name)],
             env=self.env(),
             cwd=PROJECT_ROOT,
             capture_output=True,
