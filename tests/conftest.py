@@ -124,3 +124,43 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if any(f"tests/{tier}/" in str(item.fspath) for tier in ("integration", "contract", "flows", "faults")):
             item.add_marker(pytest.mark.integration)
+
+
+# --- exit watchdog --------------------------------------------------------------------------
+# A thread nobody stops (a non-daemon executor thread blocked on a socket, a child process
+# multiprocessing joins at exit) would keep the interpreter alive after the summary, and CI
+# would end on its time limit with every test passed. After the session, a daemon thread
+# waits EXIT_GRACE_SECONDS; if the process is still alive it names what holds it (threads
+# with their stacks, child processes) and exits with the session's own status.
+EXIT_GRACE_SECONDS = 60.0
+_session_status: list[int] = [0]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _session_status[0] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    import threading
+
+    def _watch() -> None:
+        import multiprocessing
+        import time
+        import traceback
+
+        time.sleep(EXIT_GRACE_SECONDS)
+        frames = sys._current_frames()
+        lines = [f"\n[exit watchdog] the test process was still alive {EXIT_GRACE_SECONDS:g} s after the session:"]
+        for thread in threading.enumerate():
+            if thread is threading.current_thread():
+                continue
+            lines.append(f"  thread {thread.name!r} daemon={thread.daemon}")
+            frame = frames.get(thread.ident or -1)
+            if frame is not None:
+                lines.extend("    " + row.rstrip() for row in traceback.format_stack(frame)[-6:])
+        for child in multiprocessing.active_children():
+            lines.append(f"  child process {child.name!r} pid={child.pid} daemon={child.daemon}")
+        print("\n".join(lines), file=sys.__stderr__, flush=True)
+        os._exit(_session_status[0] or 0)
+
+    threading.Thread(target=_watch, name="exit-watchdog", daemon=True).start()

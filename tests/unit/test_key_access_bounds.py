@@ -12,6 +12,9 @@ process's cache, and a warm process serving 58 s after the customer disabled the
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -329,6 +332,34 @@ def test_a_provider_that_hangs_costs_a_read_at_most_the_timeout_once() -> None:
     guard.current("acme", "memory://hang")  # still pending: answered at once, no new wait
     assert time.monotonic() - started < 0.1
     release.set()
+
+
+def test_a_process_whose_provider_never_answers_still_exits() -> None:
+    """The status call of a hung provider runs in a thread that does not hold the
+    interpreter at exit (a ThreadPoolExecutor's would: the process printed its last line
+    and never ended)."""
+    program = textwrap.dedent(
+        """
+        import threading
+        from archive_kms.keys.cache import KeyCache
+        from archive_kms.keys.keychain.access import KeyStateGuard
+
+        class Hanging:
+            key_ref = "memory://hang"
+            def status(self):
+                threading.Event().wait()  # never answers
+
+        guard = KeyStateGuard(lambda ref: Hanging(), KeyCache(), check_seconds=5, timeout_seconds=0.2)
+        verdict, _ = guard.current("acme", "memory://hang")
+        print(verdict.availability.name)
+        """
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit: a status call's thread holds it", pytrace=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "UNREACHABLE"
 
 
 @pytest.mark.parametrize(

@@ -260,6 +260,14 @@ class GuardedSearchIndex:
         t = self._registry.get_tenant(tenant)
         if not writing and t is not None and KeyMode(t.key_mode) is KeyMode.MANAGED:
             return  # an enable run between bind_key and cutover: this generation was built in clear
+        if not writing and t is not None and t.index_generation > rec.generation:
+            # A cutover moved the registry on since the caller looked (the alias follows
+            # it a moment later): nothing is sent; the caller re-reads the registry.
+            raise IndexModeMismatchError(
+                f"{rec.index} is no longer tenant {tenant}'s generation (the registry is at generation "
+                f"{t.index_generation}): re-read the registry",
+                resource=rec.index,
+            )
         exc = SearchBindingError(
             f"tenant {tenant}'s keychain is bound to a customer key, but {rec.index} is a plaintext generation: "
             f"refusing to {'write records into' if writing else 'send queries to'} it in clear",

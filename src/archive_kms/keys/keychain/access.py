@@ -32,12 +32,14 @@ import concurrent.futures
 import contextvars
 import enum
 import logging
+import queue
 import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from archive_kms.errors import ArchiveKmsError, KeyServiceUnavailableError, KeyUnavailableError, ValidationError
 from archive_kms.keys.cache import KeyCache
@@ -142,6 +144,43 @@ class _Tenant:
     last_ok: float | None  # monotonic of the last OK
 
 
+T = TypeVar("T")
+
+
+class _DaemonPool:
+    """A fixed set of daemon threads running submitted calls into futures.
+
+    Not a ``ThreadPoolExecutor``: its threads are joined when the interpreter exits, so a
+    status call hung on a provider that never answers (the case the timeout exists for)
+    would keep a finished process alive forever. A status call has no effect to finish."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]]] = queue.SimpleQueue()
+        self._threads = threads
+        self._name = name
+        self._started = 0
+        self._lock = threading.Lock()
+
+    def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((future, call))
+        with self._lock:
+            if self._started < self._threads:
+                self._started += 1
+                threading.Thread(target=self._serve, name=f"{self._name}-{self._started}", daemon=True).start()
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            future, call = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+
+
 class KeyStateGuard:
     """Per-process, per-tenant L1 state with bounded staleness (see the module docstring).
 
@@ -176,7 +215,7 @@ class KeyStateGuard:
         self._inflight: dict[str, concurrent.futures.Future[L1Verdict]] = {}
         self._inflight_since: dict[str, float] = {}
         self._policies: dict[str, tuple[float, GracePolicy]] = {}
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="akms-key-state")
+        self._pool = _DaemonPool(4, "akms-key-state")
 
     def __repr__(self) -> str:
         return f"KeyStateGuard(check={self.check_seconds}s, timeout={self.timeout_seconds}s)"
@@ -255,7 +294,8 @@ class KeyStateGuard:
             if future is None:
                 # The probe runs in the caller's context (contextvars): settings a caller scoped
                 # to itself, such as a Prefect flow run's API for the key-request limiter, hold there too.
-                future = self._pool.submit(contextvars.copy_context().run, self._probe, tenant_id, l1_ref)
+                context = contextvars.copy_context()
+                future = self._pool.submit(lambda: context.run(self._probe, tenant_id, l1_ref))
                 self._inflight[tenant_id] = future
                 self._inflight_since[tenant_id] = time.monotonic()
             return future, self._inflight_since.get(tenant_id, time.monotonic())
