@@ -161,6 +161,11 @@ def pytest_unconfigure(config):
         for child in multiprocessing.active_children():
             lines.append(f"  child process {child.name!r} pid={child.pid} daemon={child.daemon}")
         print("\n".join(lines), file=sys.__stderr__, flush=True)
+        for stream in (sys.stdout, sys.__stdout__, sys.stderr):
+            try:
+                stream.flush()  # os._exit drops what is still buffered (a pipe is block-buffered)
+            except Exception:  # noqa: BLE001 - a closed stream: nothing left to lose
+                pass
         os._exit(_session_status[0] or 0)
 
     threading.Thread(target=_watch, name="exit-watchdog", daemon=True).start()
