@@ -344,6 +344,102 @@ def require_object(body: Any) -> dict[str, Any]:
     return body
 
 
+def check_import_ops(kty: str, key_ops: list[str] | None) -> None:
+    """A key exchange key (key_ops ``import``) is an RSA-HSM key that can do nothing else,
+    and no other key may have ``import``, as in Azure Key Vault."""
+    if key_ops is None or "import" not in key_ops:
+        return
+    if kty != "RSA-HSM":
+        raise bad_parameter("Only an RSA-HSM key can be a key exchange key (key_ops 'import').")
+    if key_ops != ["import"]:
+        raise bad_parameter("A key exchange key must have exactly one key operation: 'import'.")
+
+
+# --------------------------------------------------------------------------- BYOK transfer blobs
+
+BYOK_SCHEMA_VERSION = "1.0.0"
+BYOK_ALG = "dir"
+BYOK_ENC = "CKM_RSA_AES_KEY_WRAP"
+MAX_TRANSFER_BLOB_BYTES = 64 * 1024
+_KID_PATH_RE = re.compile(r"^/keys/([0-9A-Za-z-]{1,127})/([0-9A-Za-z]{1,64})/?$")
+
+
+def _corrupt_blob(what: str) -> KVError:
+    return bad_parameter(f"The key transfer blob (key_hsm) is invalid: {what}.")
+
+
+def parse_transfer_blob(blob: bytes) -> tuple[str, str, bytes]:
+    """The ``.byok`` JSON: ``schema_version``, ``header`` {``kid`` of a key exchange key
+    version in this vault, ``alg`` "dir", ``enc`` "CKM_RSA_AES_KEY_WRAP"}, ``ciphertext``
+    (base64url), optional ``generator``. Returns (KEK name, KEK version, ciphertext)."""
+    if len(blob) > MAX_TRANSFER_BLOB_BYTES:
+        raise _corrupt_blob("it is too large")
+    try:
+        doc = json.loads(blob.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise _corrupt_blob("it is not JSON") from None
+    if not isinstance(doc, dict):
+        raise _corrupt_blob("it is not a JSON object")
+    if doc.get("schema_version") != BYOK_SCHEMA_VERSION:
+        raise _corrupt_blob(f"schema_version must be {BYOK_SCHEMA_VERSION!r}")
+    header = doc.get("header")
+    if not isinstance(header, dict):
+        raise _corrupt_blob("'header' is missing")
+    if header.get("alg") != BYOK_ALG or header.get("enc") != BYOK_ENC:
+        raise _corrupt_blob(f"the header must say alg {BYOK_ALG!r} and enc {BYOK_ENC!r}")
+    kid = header.get("kid")
+    if not isinstance(kid, str):
+        raise _corrupt_blob("header.kid (the key exchange key's identifier) is missing")
+    match = _KID_PATH_RE.match(urlsplit(kid).path)
+    if urlsplit(kid).scheme != "https" or match is None:
+        raise _corrupt_blob("header.kid is not a versioned key identifier (https://VAULT/keys/NAME/VERSION)")
+    ciphertext = doc.get("ciphertext")
+    if not isinstance(ciphertext, str) or not ciphertext:
+        raise _corrupt_blob("'ciphertext' is missing")
+    try:
+        raw = b64url_decode(ciphertext, "ciphertext")
+    except KVError:
+        raise _corrupt_blob("'ciphertext' is not base64url") from None
+    return match.group(1), match.group(2), raw
+
+
+def open_transfer_blob(kek: rsa.RSAPrivateKey, ciphertext: bytes) -> tuple[str, int]:
+    """CKM_RSA_AES_KEY_WRAP: the first modulus-length bytes are RSA-OAEP (SHA-1, MGF1-SHA-1)
+    of an ephemeral AES key under the KEK, the rest the target key (PKCS#8 DER) under AES key
+    wrap with padding (RFC 5649). Returns the target key as PKCS#8 PEM and its size."""
+    head = kek.key_size // 8
+    if len(ciphertext) < head + 16:
+        raise _corrupt_blob("the ciphertext is too short for this key exchange key")
+    sha1 = asym_padding.OAEP(mgf=asym_padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+    try:
+        aes_key = kek.decrypt(ciphertext[:head], sha1)
+    except ValueError:
+        raise bad_parameter(
+            "The key transfer blob could not be decrypted with the key exchange key named in its header "
+            "(was it wrapped under another key exchange key?)."
+        ) from None
+    if len(aes_key) not in (16, 24, 32):
+        raise _corrupt_blob("the wrapped AES key has a wrong length")
+    try:
+        der = keywrap.aes_key_unwrap_with_padding(aes_key, ciphertext[head:])
+    except (ValueError, keywrap.InvalidUnwrap):
+        raise _corrupt_blob(
+            "the target key does not unwrap (AES key wrap with padding) under the wrapped AES key"
+        ) from None
+    try:
+        target = serialization.load_der_private_key(der, password=None)
+    except (ValueError, TypeError):
+        raise _corrupt_blob("the target key is not a PKCS#8 private key") from None
+    if not isinstance(target, rsa.RSAPrivateKey):
+        raise bad_parameter("Only RSA target keys can be imported into a vault from a key transfer blob.")
+    if target.key_size not in RSA_SIZES:
+        raise bad_parameter(f"RSA key size {target.key_size} is not supported; use one of {RSA_SIZES}.")
+    pem = target.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode("ascii")
+    return pem, target.key_size
+
+
 # --------------------------------------------------------------------------- the vault
 
 
@@ -515,6 +611,7 @@ class Vault:
         if body.get("release_policy") is not None:
             raise bad_parameter("Key release policies are not supported by this emulator.")
         key_ops = parse_key_ops(body.get("key_ops"))
+        check_import_ops(kty, key_ops)
         attrs = parse_attributes(body.get("attributes"))
         tags = parse_tags(body.get("tags"))
         with self._lock:  # fail fast on a deleted name before spending time on key generation
@@ -575,7 +672,9 @@ class Vault:
         if not isinstance(jwk, dict):
             raise bad_parameter("'key' must be a JSON Web Key object.")
         kty = jwk.get("kty")
-        hsm = body.get("Hsm") is True or (isinstance(kty, str) and kty.endswith("-HSM"))
+        if jwk.get("key_hsm") is not None:
+            return self._import_byok(base, name, body, jwk)
+        hsm = body.get("Hsm") is True or body.get("hsm") is True or (isinstance(kty, str) and kty.endswith("-HSM"))
         if kty in RSA_TYPES:
             material, size = self._import_rsa(jwk)
             kty = "RSA-HSM" if hsm else "RSA"
@@ -595,6 +694,51 @@ class Vault:
         if body.get("release_policy") is not None:
             raise bad_parameter("Key release policies are not supported by this emulator.")
         return self._add_version(base, name, kty, size, key_ops, attrs, tags, material)
+
+    def _import_byok(self, base: str, name: str, body: dict[str, Any], jwk: dict[str, Any]) -> dict[str, Any]:
+        """BYOK: ``key_hsm`` is a key transfer blob (a ``.byok`` file) made for one of this
+        vault's key exchange keys; see ``open_transfer_blob``."""
+        if jwk.get("kty") != "RSA-HSM":
+            raise bad_parameter(
+                f"Key type {jwk.get('kty')!r} cannot be imported from a key transfer blob in a vault; use RSA-HSM."
+            )
+        if body.get("Hsm") is False or body.get("hsm") is False:
+            raise bad_parameter("A key transfer blob (key_hsm) can only be imported as an HSM key.")
+        key_ops = parse_key_ops(jwk.get("key_ops"))
+        check_import_ops("RSA-HSM", key_ops)
+        attrs = parse_attributes(body.get("attributes"))
+        tags = parse_tags(body.get("tags"))
+        if body.get("release_policy") is not None:
+            raise bad_parameter("Key release policies are not supported by this emulator.")
+        blob = b64url_decode(jwk["key_hsm"], "key_hsm")
+        kek_name, kek_version, ciphertext = parse_transfer_blob(blob)
+        with self._lock:
+            entry = self._keys.get(kek_name.lower())
+            kek = entry.find(kek_version) if entry is not None and not entry.deleted else None
+            if kek is None:
+                raise bad_parameter(
+                    f"The key exchange key {kek_name}/{kek_version} named in the key transfer blob's header was "
+                    "not found in this vault; the blob must be made for a key exchange key of the vault it is "
+                    "imported into."
+                )
+            now = int(time.time())
+            if kek.kty != "RSA-HSM":
+                raise bad_parameter(f"The key exchange key {kek_name} is not an RSA-HSM key.")
+            if "import" not in kek.key_ops:
+                raise _forbidden(
+                    f"Operation import is not permitted on the key exchange key {kek_name}.", "KeyOperationForbidden"
+                )
+            if not kek.enabled:
+                raise _forbidden(f"Operation import is not allowed on a disabled key ({kek_name}).", "KeyDisabled")
+            if kek.exp is not None and kek.exp <= now:
+                raise _forbidden(f"Operation import is not allowed on an expired key ({kek_name}).", "KeyExpired")
+            if kek.nbf is not None and kek.nbf > now:
+                raise _forbidden(
+                    f"Operation import is not allowed on a key that is not yet valid ({kek_name}).", "KeyNotYetValid"
+                )
+            kek_key = kek.private_key()
+        pem, size = open_transfer_blob(kek_key, ciphertext)
+        return self._add_version(base, name, "RSA-HSM", size, key_ops, attrs, tags, pem)
 
     @staticmethod
     def _import_rsa(jwk: dict[str, Any]) -> tuple[str, int]:

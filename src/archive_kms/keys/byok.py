@@ -57,6 +57,7 @@ __all__ = [
     "ByokImporter",
     "ImportParameters",
     "ImportResult",
+    "check_upload_digest",
     "customer_wrap",
     "sha256_hex",
 ]
@@ -71,6 +72,28 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def check_upload_digest(upload: bytes, stated_sha256: str, key_ref: str, *, example: str) -> str:
+    """The first check of any BYOK upload (AWS KMS and Key Vault), before any provider call:
+    ``stated_sha256`` is 64 hex digits (``ValidationError``) and equals SHA-256 of the
+    uploaded bytes (``KeyImportError`` naming both). Returns the digest (lower-case hex)."""
+    if not isinstance(upload, (bytes, bytearray)):
+        raise ValidationError("the uploaded wrapped key material must be bytes")
+    if not isinstance(stated_sha256, str) or not _HEX64.match(stated_sha256.strip().lower()):
+        raise ValidationError(
+            f"the stated SHA-256 digest of the upload must be 64 hex digits (e.g. the output of `sha256sum {example}`)",
+            resource=key_ref,
+        )
+    expected = stated_sha256.strip().lower()
+    actual = sha256_hex(bytes(upload))
+    if not hmac.compare_digest(expected, actual):
+        raise KeyImportError(
+            f"import into {key_ref} refused: the upload's SHA-256 is {actual}, but the customer stated "
+            f"{expected}; the file was corrupted or swapped in transit - upload it again",
+            resource=key_ref,
+        )
+    return actual
 
 
 @dataclass(frozen=True)
@@ -179,22 +202,7 @@ class ByokImporter:
         (at most 365 days ahead) and ``status()`` reports MATERIAL_EXPIRED afterwards.
         """
         ref = self._key_arn_ref(params.key_ref)
-        if not isinstance(wrapped_material, (bytes, bytearray)):
-            raise ValidationError("the uploaded wrapped key material must be bytes")
-        if not isinstance(stated_sha256, str) or not _HEX64.match(stated_sha256.strip().lower()):
-            raise ValidationError(
-                "the stated SHA-256 digest of the upload must be 64 hex digits "
-                "(e.g. the output of `sha256sum wrapped.bin`)",
-                resource=ref.uri,
-            )
-        expected = stated_sha256.strip().lower()
-        actual = sha256_hex(bytes(wrapped_material))
-        if not hmac.compare_digest(expected, actual):
-            raise KeyImportError(
-                f"import into {ref.uri} refused: the upload's SHA-256 is {actual}, but the customer stated "
-                f"{expected}; the file was corrupted or swapped in transit - upload it again",
-                resource=ref.uri,
-            )
+        actual = check_upload_digest(wrapped_material, stated_sha256, ref.uri, example="wrapped.bin")
         if len(wrapped_material) != params.wrapped_length:
             raise KeyImportError(
                 f"import into {ref.uri} refused: the upload is {len(wrapped_material)} bytes, but an "
