@@ -2292,33 +2292,101 @@ app.add_typer(byok_app, name="byok")
 @_errors_are_messages
 def byok_import_params(
     tenant: str,
-    spec: str = typer.Option("RSA_4096", "--wrapping-key-spec", help="RSA_2048 | RSA_3072 | RSA_4096"),
+    spec: str = typer.Option(
+        "RSA_4096", "--wrapping-key-spec", help="RSA_2048 | RSA_3072 | RSA_4096 (the wrapping / key exchange key)"
+    ),
     out_dir: str | None = typer.Option(
-        None, "--out-dir", help="Write wrapping-key.pem and import-token.bin here (to send to the customer)"
+        None,
+        "--out-dir",
+        help="Write what the customer needs here: wrapping-key.pem, and import-token.bin (AWS KMS) or kek-kid.txt "
+        "(Key Vault)",
     ),
     as_json: bool = JSON,
 ) -> None:
-    """Publish a wrapping public key and import token for a re-upload of TENANT's key material (BYOK tenants on
-    AWS KMS). The customer wraps 32 random bytes with it (RSA-OAEP-SHA-256) and sends the result and its SHA-256."""
+    """Publish the wrapping public key for a re-upload of TENANT's key material (BYOK tenants; the tenant's key
+    service decides). AWS KMS: an import token too; the customer wraps 32 random bytes (RSA-OAEP-SHA-256). Key Vault:
+    a key exchange key (kid); the customer makes a .byok file of a new RSA key (CKM_RSA_AES_KEY_WRAP). Either way
+    they send the file and its SHA-256."""
     import base64
 
     from archive_kms.domain.tenants import TenantId
-    from archive_kms.migration.byok_upload import import_parameters
+    from archive_kms.migration.byok_upload import AZURE_KV, import_parameters
 
     view = import_parameters(_platform(), TenantId(tenant).value, actor=_operator(), wrapping_key_spec=spec)
+    azure = view["key_service"] == AZURE_KV
     if out_dir:
         folder = Path(out_dir)
         if not folder.is_dir():
             raise ValidationError(f"--out-dir {out_dir}: no such folder")
         (folder / "wrapping-key.pem").write_text(view["public_key_pem"])
-        (folder / "import-token.bin").write_bytes(base64.b64decode(view["import_token"]))
+        if azure:
+            (folder / "kek-kid.txt").write_text(view["kek_kid"] + "\n")
+        else:
+            (folder / "import-token.bin").write_bytes(base64.b64decode(view["import_token"]))
+    what = (
+        f"make a .byok file of a new RSA key (3072 bits or more) for key exchange key {view['kek_kid']}"
+        if azure
+        else f"wrap 32 random bytes with {view['wrapping_algorithm']}"
+    )
+    upload = "KEY.byok" if azure else "WRAPPED"
     _emit(
         as_json,
         view,
         f"tenant {view['tenant']}: new key {view['key_ref']} awaits material (rotation {view['rotation_id']}); "
-        f"wrap with {view['wrapping_algorithm']} under the public key"
+        f"{what} under the public key"
         + (f" in {out_dir}/wrapping-key.pem" if out_dir else "")
-        + f", before {view['expires_at']}; then: archive-kms byok upload {view['tenant']} --file WRAPPED --sha256 HEX",
+        + f", before {view['expires_at']}; then: archive-kms byok upload {view['tenant']} --file {upload} --sha256 HEX",
+    )
+
+
+@byok_app.command("wrap")
+@_errors_are_messages
+def byok_wrap(
+    key: str = typer.Option(..., "--key", help="The new RSA private key to send (PEM or DER, PKCS#8 or PKCS#1)"),
+    kek: str = typer.Option(..., "--kek", help="wrapping-key.pem from `byok import-params` (the key exchange key)"),
+    kek_kid: str = typer.Option(..., "--kek-kid", help="The key exchange key's kid (kek-kid.txt)"),
+    out: str = typer.Option(..., "--out", help="Where to write the .byok file"),
+    as_json: bool = JSON,
+) -> None:
+    """THE CUSTOMER'S SIDE (Key Vault BYOK; for tests and demos - a customer normally uses their HSM vendor's tool):
+    make the .byok key transfer blob of KEY for the key exchange key, and print its SHA-256 to send with it."""
+    from archive_kms.keys.azure_byok import customer_transfer_blob
+    from archive_kms.keys.byok import sha256_hex
+
+    key_path, kek_path, out_path = Path(key), Path(kek), Path(out)
+    for option, path in (("--key", key_path), ("--kek", kek_path)):
+        if not path.is_file():
+            raise ValidationError(f"{option} {path}: no such file")
+    if out_path.exists():
+        raise ValidationError(f"--out {out}: the file exists; pick a new name")
+    blob = customer_transfer_blob(kek_path.read_text(), kek_id_text(kek_kid), _pkcs8_der(key_path.read_bytes()))
+    out_path.write_bytes(blob)
+    digest = sha256_hex(blob)
+    _emit(as_json, {"file": str(out_path), "sha256": digest}, f"{out_path}: sha256 {digest}")
+
+
+def kek_id_text(value: str) -> str:
+    kid = value.strip()
+    if not kid.startswith("https://") or "/keys/" not in kid:
+        raise ValidationError(f"--kek-kid {value[:80]!r}: expected https://VAULT/keys/NAME/VERSION (kek-kid.txt)")
+    return kid
+
+
+def _pkcs8_der(data: bytes) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    try:
+        if data.lstrip().startswith(b"-----"):
+            key = serialization.load_pem_private_key(data, password=None)
+        else:
+            key = serialization.load_der_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ValidationError("--key: not an unencrypted RSA private key (PEM or DER)") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValidationError("--key: not an RSA private key")
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
@@ -2326,13 +2394,14 @@ def byok_import_params(
 @_errors_are_messages
 def byok_upload_cmd(
     tenant: str,
-    file: str = typer.Option(..., "--file", help="The wrapped key material (binary)"),
+    file: str = typer.Option(..., "--file", help="The wrapped key material (AWS KMS) or the .byok file (Key Vault)"),
     sha256: str = typer.Option(..., "--sha256", help="The SHA-256 (hex) of that file, as the customer computed it"),
     wait: bool = WAIT,
     as_json: bool = JSON,
 ) -> None:
     """Import the customer's new wrapped key material (its SHA-256 checked first: a mismatch changes nothing) and
-    move TENANT onto it: L2 re-wrapped, new index generation, old key's material deleted after the canary."""
+    move TENANT onto it: L2 re-wrapped, new index generation, the old key retired after the canary (AWS KMS: its
+    material deleted; Key Vault: the key soft-deleted)."""
     from archive_kms.domain.tenants import TenantId
     from archive_kms.migration.byok_upload import upload
 

@@ -86,6 +86,7 @@ def test_enable_plan_on_s3_with_a_key_arn(p):
         ("acme", "byok", AWS, "s3", "dedicated"),
         ("acme", "kmip", KMIP, "s3", "dedicated"),
         ("beta", "byokv", AZURE_KV, "azure", "dedicated"),
+        ("beta", "byok", AZURE_KV, "azure", "dedicated"),
         ("beta", "kmip", KMIP, "azure", "dedicated"),
     ],
 )
@@ -97,7 +98,7 @@ def test_each_mode_plans_onto_its_cloud(p, tenant, mode, ref, cloud, kind):
     if cloud == "azure":  # the tenant's own storage account, under the customer's key if it is in Key Vault
         assert dest.container == f"byok-{tenant}" and dest.own_account
         assert dest.account == azure_storage_account_name(tenant, prefix=p.settings.azure_tenant_account_prefix)
-        want = "https://vault.example.net/keys/tenant-key" if mode == "byokv" else None
+        want = "https://vault.example.net/keys/tenant-key" if mode in ("byokv", "byok") else None
         assert dest.cmk_key_url == want
     if mode != "byok":
         assert dest.sse_kms_key_arn is None  # only keys in AWS KMS go into bucket encryption
@@ -124,7 +125,6 @@ def test_the_in_memory_scheme_is_accepted_for_every_mode(p):
     [
         ("byokms", AZURE_KV, "aws-kms"),
         ("byokms", KMIP, "aws-kms"),
-        ("byok", AZURE_KV, "aws-kms"),
         ("byokv", AWS, "azure-kv"),
         ("byokv", KMIP, "azure-kv"),
         ("kmip", AWS, "kmip"),
@@ -155,7 +155,8 @@ def test_a_malformed_key_reference_is_refused(p, ref):
     [
         ("acme", "byokv", AZURE_KV, None, "mode byokv runs on azure, not s3"),
         ("beta", "byokms", AWS, None, "mode byokms runs on s3, not azure"),
-        ("beta", "byok", AWS, None, "mode byok runs on s3, not azure"),
+        ("beta", "byok", AWS, None, "mode byok on azure needs a azure-kv:// key reference, got a aws-kms:// one"),
+        ("acme", "byok", AZURE_KV, None, "mode byok on s3 needs a aws-kms:// key reference, got a azure-kv:// one"),
         (
             "acme",
             "kmip",

@@ -59,23 +59,26 @@ POINT_OF_NO_RETURN = "cutover"
 
 class EnableMode(str, enum.Enum):
     BYOKMS = "byokms"  # customer's own AWS KMS key
-    BYOK = "byok"  # customer's key material imported into our AWS KMS
+    BYOK = "byok"  # customer's key material imported into our AWS KMS (S3) or our Key Vault (Azure)
     BYOKV = "byokv"  # customer's Azure Key Vault key
     KMIP = "kmip"  # master key in a KMIP HSM
 
 
 _SCHEMES = {
     EnableMode.BYOKMS: ("aws-kms",),
-    EnableMode.BYOK: ("aws-kms",),
+    EnableMode.BYOK: ("aws-kms", "azure-kv"),
     EnableMode.BYOKV: ("azure-kv",),
     EnableMode.KMIP: ("kmip",),
 }
 _CLOUDS = {
     EnableMode.BYOKMS: ("s3",),
-    EnableMode.BYOK: ("s3",),
+    EnableMode.BYOK: ("s3", "azure"),
     EnableMode.BYOKV: ("azure",),
     EnableMode.KMIP: ("s3", "azure"),
 }
+
+#: BYOK imports into the platform's key service of the tenant's cloud.
+_BYOK_SCHEME_ON = {"s3": "aws-kms", "azure": "azure-kv"}
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,12 @@ def plan_enable(
     target_cloud = cloud or source.cloud.value
     if target_cloud not in _CLOUDS[m]:
         raise ValidationError(f"mode {m.value} runs on {' or '.join(_CLOUDS[m])}, not {target_cloud}")
+    if m is EnableMode.BYOK and ref.scheme != "memory" and ref.scheme != _BYOK_SCHEME_ON[target_cloud]:
+        raise ValidationError(
+            f"mode byok on {target_cloud} needs a {_BYOK_SCHEME_ON[target_cloud]}:// key reference, got a "
+            f"{ref.scheme}:// one (BYOK imports into the platform's "
+            f"{'AWS KMS' if target_cloud == 's3' else 'Key Vault'})"
+        )
     if target_cloud != source.cloud.value:
         raise ValidationError(
             f"tenant {t.tenant_id} lives on {source.cloud.value}; moving between clouds is "

@@ -61,6 +61,31 @@ def _shard_of(name: bytes, shards: int) -> int:
 # --- preflight ----------------------------------------------------------------------------
 
 
+def _check_platform_vault(vault_url: str | None, key_ref: str, details: dict[str, Any]) -> None:
+    """Mode byok on Azure: an RSA-HSM key imported into the platform's vault (ADR 0036); a
+    key in the customer's own vault is mode byokv."""
+    from urllib.parse import urlsplit
+
+    from archive_kms.keys.refs import AzureKeyVaultKeyRef, parse_key_ref
+
+    ref = parse_key_ref(key_ref)
+    ours = urlsplit(vault_url or "")
+    if not isinstance(ref, AzureKeyVaultKeyRef) or (ref.host, ref.port) != (
+        ours.hostname,
+        ours.port if ours.port != 443 else None,
+    ):
+        raise ConfigurationError(
+            f"mode byok on Azure needs a key imported into the platform's vault ({vault_url or 'not configured'}); "
+            f"{key_ref} is elsewhere: use --mode byokv for a key in your own vault",
+            resource=key_ref,
+        )
+    if details.get("kty") != "RSA-HSM":
+        raise ConfigurationError(
+            f"mode byok on Azure needs an RSA-HSM key imported from a .byok file; {key_ref} is {details.get('kty')}",
+            resource=key_ref,
+        )
+
+
 def preflight(ctx: RunContext) -> dict[str, Any]:
     """Refuse before any byte moves: tenant state, key usable (test wrap/unwrap under the
     customer key, metadata, origin), the current key still opens the keychain, the index
@@ -93,6 +118,8 @@ def preflight(ctx: RunContext) -> dict[str, Any]:
             f"{plan.key_ref} has Origin {origin}: use --mode byokms for it",
             resource=plan.key_ref,
         )
+    if plan.mode == EnableMode.BYOK.value and plan.key_ref.startswith("azure-kv://"):
+        _check_platform_vault(p.settings.azure_keyvault_url, plan.key_ref, details)
     if plan.mode == EnableMode.BYOKMS.value and origin == "EXTERNAL":
         raise ConfigurationError(
             f"{plan.key_ref} holds imported material (Origin EXTERNAL): use --mode byok", resource=plan.key_ref
