@@ -2,8 +2,10 @@
 disable/enable of them (what a customer does to revoke access).
 
 - byokms: a KMS key in LocalStack (``aws-kms://<arn>``)
-- byok:   a KMS key with Origin EXTERNAL whose material is imported through our
-          ``ByokImporter`` (the customer wraps 32 random bytes under the published RSA key)
+- byok:   on S3, a KMS key with Origin EXTERNAL whose material is imported through our
+          ``ByokImporter`` (the customer wraps 32 random bytes under the published RSA key);
+          on Azure, an RSA-3072 key imported into the Key Vault emulator from a ``.byok``
+          file through our ``KeyVaultByokImporter`` (made for its key exchange key)
 - byokv:  an RSA-3072 key in the Key Vault emulator (``azure-kv://host:port/keys/NAME``)
 - kmip:   an AES-256 key on the PyKMIP server (``kmip://host:port/UID``)
 
@@ -23,6 +25,7 @@ import pytest
 
 from archive_kms import clients
 from archive_kms.crypto.secrets import SecretBytes
+from archive_kms.keys.azure_byok import KeyVaultByokImporter, customer_transfer_blob
 from archive_kms.keys.byok import ByokImporter, customer_wrap, sha256_hex
 from archive_kms.keys.refs import parse_key_ref
 
@@ -42,6 +45,11 @@ class CustomerKeyFactory:
     def __call__(self, mode: str, cloud: str | None = None) -> str:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: one of {MODES}")
+        if mode == "byok" and cloud == "azure":
+            self.need_service("keyvault")
+            ref = self._new_byok_azure()
+            self.made.append((mode, ref))
+            return ref
         self.need_service(SERVICE_OF_MODE[mode])
         ref = getattr(self, f"_new_{mode}")()
         self.made.append((mode, ref))
@@ -63,6 +71,12 @@ class CustomerKeyFactory:
         upload = customer_wrap(params.public_key_pem, SecretBytes.random(32))  # we only ever see it wrapped
         importer.import_material(params, upload, sha256_hex(upload))
         return ref
+
+    def _new_byok_azure(self) -> str:
+        importer = KeyVaultByokImporter.from_settings(self.settings)
+        params = importer.create_import_parameters(wrapping_key_spec="RSA_2048", tags={"purpose": "flow-test"})
+        blob = customer_transfer_blob(params.public_key_pem, params.kek_kid, rsa_private_key_der(3072))
+        return importer.import_blob(params, blob, sha256_hex(blob)).key_ref
 
     def _keyvault_host(self) -> str:
         return self.settings.azure_keyvault_url.removeprefix("https://").rstrip("/")
@@ -153,6 +167,17 @@ class CustomerKeyFactory:
             self._kmip_admin(lambda c: c.destroy(uid))
 
 
+def rsa_private_key_der(bits: int) -> bytes:
+    """A new RSA private key as PKCS#8 DER: what a BYOK customer's HSM exports under a KEK."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 def _kv_name(ref: str) -> str:
     # azure-kv://host:port/keys/NAME[/VERSION]
     return ref.split("/keys/", 1)[1].split("/", 1)[0]
@@ -176,4 +201,4 @@ def customer_key(request, localstack) -> Iterator[CustomerKeyFactory]:
     factory.cleanup()
 
 
-__all__ = ["MODES", "SERVICE_OF_MODE", "CustomerKeyFactory", "customer_key"]
+__all__ = ["MODES", "SERVICE_OF_MODE", "CustomerKeyFactory", "customer_key", "rsa_private_key_der"]

@@ -28,7 +28,7 @@ from archive_kms.search import Query
 from archive_kms.state.port import KeyMode, RunState
 from archive_kms.storage import Kind, Location
 
-CASES = [("byokms", "s3"), ("byok", "s3"), ("byokv", "azure"), ("kmip", "s3"), ("kmip", "azure")]
+CASES = [("byokms", "s3"), ("byok", "s3"), ("byokv", "azure"), ("byok", "azure"), ("kmip", "s3"), ("kmip", "azure")]
 
 
 def plaintext_words_in(raw_documents: list[dict[str, Any]], records: list[Record]) -> set[str]:
@@ -114,11 +114,11 @@ def test_enable_moves_tenant_onto_customer_key(flow_platform, archived_tenant, c
             assert default["SSEAlgorithm"] == "aws:kms" and default["KMSMasterKeyID"] == arn, default
 
     # Azure: the tenant's own storage account (an Azurite pool account stands in for it),
-    # named by the rule, recording the customer's Key Vault key (versionless) for byokv
+    # named by the rule, recording the customer's Key Vault key (versionless) for byokv and byok (Azure)
     if cloud == "azure":
         assert dest.own_account and dest.container == f"byok-{t}"
         assert dest.account == azure_storage_account_name(t, prefix=p.settings.azure_tenant_account_prefix)
-        want = parse_key_ref(key_ref).with_version(None).key_id if mode == "byokv" else None
+        want = parse_key_ref(key_ref).with_version(None).key_id if mode in ("byokv", "byok") else None
         assert dest.cmk_key_url == want
         account = p.provisioner.blob_service(dest)
         assert account.account_name != p.settings.shared_azure_account
