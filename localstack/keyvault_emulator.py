@@ -26,7 +26,10 @@ non-empty bearer token is then accepted. ``GET /ping`` answers ``pong`` without 
 Dependencies: the standard library and ``cryptography``. Request log lines name the
 method, the path and the status only, never bodies or key material.
 
-Differences from the real service are listed in docs/adr/0003-azure-key-vault-emulator.md.
+BYOK: key exchange keys (RSA-HSM, key_ops ``import`` only) and the import of key transfer
+blobs (``key_hsm``, CKM_RSA_AES_KEY_WRAP) as docs/adr/0037-key-vault-emulator-byok-import.md
+says. Differences from the real service are listed in docs/adr/0003-azure-key-vault-emulator.md
+and ADR 0037.
 """
 
 from __future__ import annotations
