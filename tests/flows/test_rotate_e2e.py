@@ -183,3 +183,90 @@ def test_byok_reupload_on_s3_moves_the_tenant_onto_the_new_material(
     assert kms.describe_key(KeyId=old_ref.removeprefix("aws-kms://"))["KeyMetadata"]["KeyState"] == "PendingImport"
     p.keychain.cache.purge(tid)
     assert searchable(p, tid) == 10
+
+
+def test_byok_on_azure_enable_then_reupload_moves_the_tenant_onto_the_new_key(
+    cli_env, flow_platform, archived_tenant, customer_key, tmp_path
+):
+    """BYOK on Azure (Key Vault BYOK import): an Azure tenant is enabled in mode byok on a
+    key imported from a .byok file; then the customer re-uploads. A digest mismatch changes
+    nothing (tenant readable, rotation still waiting, nothing imported); the right .byok
+    file imports a new key, the L2 is re-wrapped under it (1 unwrap + 1 wrap), the index
+    rebuilt, and only then the old key is soft-deleted."""
+    from azure.core.exceptions import ResourceNotFoundError
+    from conftest import run_plan
+    from customer_keys import rsa_private_key_der
+
+    from archive_kms import clients
+    from archive_kms.keys.byok import sha256_hex
+    from archive_kms.migration import plan_enable
+    from archive_kms.state.port import KeyMode
+
+    p = flow_platform
+    archived = archived_tenant("azure", records=10, seed=5)
+    tid = archived.tenant_id
+    old_ref = customer_key("byok", "azure")
+    enabled = run_plan(p, plan_enable(p, tid, "byok", old_ref, cloud="azure", shards=2))
+    assert enabled.state == "completed", enabled.error
+    assert p.state.get_tenant(tid).key_mode is KeyMode.BYOK and p.keychain.status(tid).l1_ref == old_ref
+    old_index = p.index.current_index(tid)
+    vault = clients.keyvault_key_client(cli_env)
+    name_of = lambda ref: ref.split("/keys/", 1)[1].split("/", 1)[0]  # noqa: E731
+
+    out = invoke("byok", "import-params", tid, "--wrapping-key-spec", "RSA_2048", "--out-dir", str(tmp_path), "--json")
+    assert out.exit_code == 0, out.output
+    params = json.loads(out.output)
+    assert (params["key_service"], params["wrapping_algorithm"]) == ("azure-kv", "CKM_RSA_AES_KEY_WRAP")
+    assert "import_token" not in params and (tmp_path / "kek-kid.txt").read_text().strip() == params["kek_kid"]
+    try:
+        # the customer: a new RSA-3072 key, its .byok file made with the customer-side command
+        (tmp_path / "new-key.der").write_bytes(rsa_private_key_der(3072))
+        byok_file = tmp_path / "KEY.byok"
+        made = invoke(
+            "byok", "wrap", "--key", str(tmp_path / "new-key.der"), "--kek", str(tmp_path / "wrapping-key.pem"),
+            "--kek-kid", params["kek_kid"], "--out", str(byok_file), "--json",
+        )  # fmt: skip
+        assert made.exit_code == 0, made.output
+        digest = json.loads(made.output)["sha256"]
+        assert digest == sha256_hex(byok_file.read_bytes())
+
+        bad = invoke("byok", "upload", tid, "--file", str(byok_file), "--sha256", "0" * 64, "--wait")
+        assert bad.exit_code == 2 and "SHA-256" in bad.output
+        assert p.state.find_open_rotation(tid).state is RotationState.DETECTED
+        assert p.keychain.status(tid).l1_ref == old_ref == p.state.get_tenant(tid).key_ref
+        assert any(r.action == "byok.upload_refused" for r in p.state.iter_audit(tenant_id=tid))
+        with pytest.raises(ResourceNotFoundError):
+            vault.get_key(name_of(params["key_ref"]))  # nothing imported
+        p.keychain.cache.purge(tid)
+        assert searchable(p, tid) == 10  # still readable under the old key
+
+        good = invoke("byok", "upload", tid, "--file", str(byok_file), "--sha256", digest, "--wait")
+        assert good.exit_code == 0, good.output
+        rotation = p.state.get_rotation(params["rotation_id"])
+        assert rotation.state is RotationState.COMPLETED
+        report = rotate_report(p, p.state.get_run(rotation.run_id))
+        assert (report["provider_wraps"], report["provider_unwraps"]) == (1, 1)
+        assert p.keychain.status(tid).l1_ref == params["key_ref"] == p.state.get_tenant(tid).key_ref
+        assert rotation.observed_version == vault.get_key(name_of(params["key_ref"])).properties.version
+        assert p.index.current_index(tid) != old_index and tenant_indices(p, tid) == [p.index.current_index(tid)]
+        # the old key is retired (soft-deleted, recoverable for the vault's retention), the KEK is gone
+        with pytest.raises(ResourceNotFoundError):
+            vault.get_key(name_of(old_ref))
+        assert vault.get_deleted_key(name_of(old_ref)).name == name_of(old_ref)
+        with pytest.raises(ResourceNotFoundError):
+            vault.get_key(name_of(params["kek_kid"]))
+        assert any(r.action == "byok.old_key_retired" for r in p.state.iter_audit(tenant_id=tid))
+        p.keychain.cache.purge(tid)
+        assert searchable(p, tid) == 10
+        first = archived.records[0]
+        assert p.open_archive(tid).read_record(first.workspace_id, first.object_type, first.record_id) == first
+    finally:
+        for name in (name_of(params["key_ref"]), name_of(old_ref)):
+            try:
+                vault.begin_delete_key(name).wait()
+            except ResourceNotFoundError:
+                pass
+            try:
+                vault.purge_deleted_key(name)
+            except ResourceNotFoundError:
+                pass
