@@ -2373,21 +2373,12 @@ def kek_id_text(value: str) -> str:
 
 
 def _pkcs8_der(data: bytes) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+    from archive_kms.crypto.rsa_aes_key_wrap import rsa_private_key_pkcs8_der
 
     try:
-        if data.lstrip().startswith(b"-----"):
-            key = serialization.load_pem_private_key(data, password=None)
-        else:
-            key = serialization.load_der_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise ValidationError("--key: not an unencrypted RSA private key (PEM or DER)") from None
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise ValidationError("--key: not an RSA private key")
-    return key.private_bytes(
-        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+        return rsa_private_key_pkcs8_der(data)
+    except ValidationError as exc:
+        raise ValidationError(f"--key: {exc}") from None
 
 
 @byok_app.command("upload")

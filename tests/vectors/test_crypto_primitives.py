@@ -149,3 +149,48 @@ def test_spki_der_to_pem(rsa_key):
     public = rsa_key.public_key()
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     assert rsa_oaep.spki_der_to_pem(der) == _pem(public)
+
+
+# RFC 5649 section 6, the 20-octet example: the AES key wrap with padding CKM_RSA_AES_KEY_WRAP uses.
+KWP_KEK = bytes.fromhex("5840df6e29b02af1ab493b705bf16ea1ae8338f4dcc176a8")
+KWP_KEY = bytes.fromhex("c37b7e6492584340bed12207808941155068f738")
+KWP_WRAPPED = bytes.fromhex("138bdeaa9b8fa7fc61f97742e72248ee5ae6ae5360d1ae6a5f54f373fa543b6a")
+
+
+def test_rsa_aes_key_wrap_is_oaep_sha1_then_rfc5649(rsa_key):
+    from cryptography.hazmat.primitives import keywrap
+
+    from archive_kms.crypto import rsa_aes_key_wrap
+
+    assert keywrap.aes_key_wrap_with_padding(KWP_KEK, KWP_KEY) == KWP_WRAPPED  # the primitive it calls
+    target = bytes(range(256)) * 7  # any byte string; a PKCS#8 DER in use
+    out = rsa_aes_key_wrap.wrap(_pem(rsa_key.public_key()), target)
+    head = rsa_key.key_size // 8
+    sha1 = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+    aes_key = rsa_key.decrypt(out[:head], sha1)
+    assert len(aes_key) == 32
+    assert keywrap.aes_key_unwrap_with_padding(aes_key, out[head:]) == target
+    assert len(out) == head + (len(target) + 7) // 8 * 8 + 8
+    with pytest.raises(ValidationError, match="RSA public key"):
+        rsa_aes_key_wrap.wrap(_pem(ec.generate_private_key(ec.SECP256R1()).public_key()), target)
+
+
+def test_rsa_key_helpers_for_the_byok_file(rsa_key):
+    from archive_kms.crypto import rsa_aes_key_wrap
+
+    numbers = rsa_key.public_key().public_numbers()
+    n, e = numbers.n.to_bytes(256, "big"), numbers.e.to_bytes(3, "big")
+    assert rsa_aes_key_wrap.rsa_public_key_pem(n, e) == _pem(rsa_key.public_key())
+    pkcs8 = rsa_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pkcs1_pem = rsa_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    assert (
+        rsa_aes_key_wrap.rsa_private_key_pkcs8_der(pkcs1_pem)
+        == pkcs8
+        == rsa_aes_key_wrap.rsa_private_key_pkcs8_der(pkcs8)
+    )
+    with pytest.raises(ValidationError, match="not an unencrypted RSA private key"):
+        rsa_aes_key_wrap.rsa_private_key_pkcs8_der(b"nope")

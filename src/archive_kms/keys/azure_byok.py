@@ -37,7 +37,6 @@ import base64
 import binascii
 import json
 import re
-import secrets
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from typing import Any
 
 from archive_kms import clients
 from archive_kms.config import Settings
+from archive_kms.crypto import rsa_aes_key_wrap
 from archive_kms.errors import (
     ArchiveKmsError,
     ConfigurationError,
@@ -121,17 +121,7 @@ def customer_transfer_blob(
 ) -> bytes:
     """The customer's side of step 2 (tests, the demo, ``archive-kms byok wrap``): the
     ``.byok`` file for ``target_private_key_pkcs8_der`` under the KEK ``public_key_pem``."""
-    from cryptography.hazmat.primitives import hashes, keywrap, serialization
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa
-
-    kek = serialization.load_pem_public_key(public_key_pem.encode("ascii"))
-    if not isinstance(kek, rsa.RSAPublicKey):
-        raise ValidationError("the key exchange key must be an RSA public key (PEM)")
-    aes_key = secrets.token_bytes(32)
-    oaep_sha1 = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
-    ciphertext = kek.encrypt(aes_key, oaep_sha1) + keywrap.aes_key_wrap_with_padding(
-        aes_key, target_private_key_pkcs8_der
-    )
+    ciphertext = rsa_aes_key_wrap.wrap(public_key_pem, target_private_key_pkcs8_der)
     doc = {
         "schema_version": BYOK_SCHEMA_VERSION,
         "header": {"kid": kek_kid, "alg": BYOK_ALG, "enc": BYOK_ENC},
@@ -178,9 +168,6 @@ class KeyVaultByokImporter:
         key the import will create."""
         if wrapping_key_spec not in KEK_SPECS:
             raise ValidationError(f"wrapping key spec {wrapping_key_spec!r} is not one of {', '.join(KEK_SPECS)}")
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
         token = uuid.uuid4().hex[:16]
         target = self._ref(f"byok-{token}")
         kek_name = f"byok-{token}-kek"
@@ -198,12 +185,7 @@ class KeyVaultByokImporter:
                 tags=all_tags,
             ),
         )
-        numbers = rsa.RSAPublicNumbers(int.from_bytes(key.key.e, "big"), int.from_bytes(key.key.n, "big"))
-        pem = (
-            numbers.public_key()
-            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-            .decode("ascii")
-        )
+        pem = rsa_aes_key_wrap.rsa_public_key_pem(key.key.n, key.key.e)
         version = str(key.properties.version)
         return KeyVaultImportParameters(
             key_ref=target.uri,

@@ -39,7 +39,7 @@ from archive_kms.operations.platform import Platform
 from archive_kms.operations.rotation import current_key_version
 from archive_kms.state.port import AuditEvent, KeyMode, KeyRotation, MigrationRun, RotationState
 
-__all__ = ["import_parameters", "retire_old_key", "upload"]
+__all__ = ["import_parameters", "upload"]
 
 
 #: The key services a BYOK tenant's key can live in, by reference scheme.
@@ -52,15 +52,6 @@ def _importer(platform: Platform) -> ByokImporter:
 
 def _kv_importer(platform: Platform) -> KeyVaultByokImporter:
     return KeyVaultByokImporter.from_settings(platform.settings)
-
-
-def retire_old_key(platform: Platform, key_ref: str) -> None:
-    """Retire a BYOK key nothing is wrapped under any more: KMS deletes its imported
-    material; Key Vault soft-deletes the key (ADR 0036)."""
-    if key_ref.startswith(AZURE_KV + "://"):
-        _kv_importer(platform).retire(key_ref)
-    else:
-        _importer(platform).delete_material(key_ref)
 
 
 def _check_tenant(platform: Platform, tenant_id: str) -> tuple[str, str]:
@@ -191,6 +182,7 @@ def upload(
             f"{tenant_id}` first",
             resource=f"tenant:{tenant_id}",
         )
+    version: str | None
     try:
         if rotation.details.get("key_service", AWS_KMS) != service:
             raise StateError(

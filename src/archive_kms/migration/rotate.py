@@ -365,11 +365,16 @@ def _retire_old_byok_key(ctx: RunContext, old_ref: str) -> str:
     """Retire the old imported key (BYOK): after the canary nothing is wrapped under it. KMS
     deletes its material, Key Vault soft-deletes it (ADR 0036). Once per run (a checkpoint),
     so a rerun does not ask the key service again."""
-    from archive_kms.migration.byok_upload import retire_old_key
-
     done = ctx.platform.state.load_checkpoints(ctx.run_id, "retire").get(0)
     if done is None:
-        retire_old_key(ctx.platform, old_ref)
+        if old_ref.startswith("azure-kv://"):
+            from archive_kms.keys.azure_byok import KeyVaultByokImporter
+
+            KeyVaultByokImporter.from_settings(ctx.platform.settings).retire(old_ref)
+        else:
+            from archive_kms.keys.byok import ByokImporter
+
+            ByokImporter.from_settings(ctx.platform.settings).delete_material(old_ref)
         ctx.platform.state.save_checkpoint(ctx.run_id, "retire", 0, {"old_key_retired": old_ref}, fence=ctx.fence)
         ctx.audit("byok.old_key_retired", {"key_ref": old_ref})
     return old_ref
