@@ -2359,13 +2359,13 @@ def byok_wrap(
             raise ValidationError(f"{option} {path}: no such file")
     if out_path.exists():
         raise ValidationError(f"--out {out}: the file exists; pick a new name")
-    blob = customer_transfer_blob(kek_path.read_text(), kek_id_text(kek_kid), _pkcs8_der(key_path.read_bytes()))
+    blob = customer_transfer_blob(kek_path.read_text(), _kek_id_text(kek_kid), _pkcs8_der(key_path.read_bytes()))
     out_path.write_bytes(blob)
     digest = sha256_hex(blob)
     _emit(as_json, {"file": str(out_path), "sha256": digest}, f"{out_path}: sha256 {digest}")
 
 
-def kek_id_text(value: str) -> str:
+def _kek_id_text(value: str) -> str:
     kid = value.strip()
     if not kid.startswith("https://") or "/keys/" not in kid:
         raise ValidationError(f"--kek-kid {value[:80]!r}: expected https://VAULT/keys/NAME/VERSION (kek-kid.txt)")
