@@ -211,7 +211,7 @@ def test_a_bad_byok_file_is_refused_and_nothing_is_imported(
     if refused_by == "us":
         assert counting.calls == [], "a malformed file reached the vault"
     else:
-        assert counting.calls == ["import_key"] and "Key Vault refused" in str(info.value)
+        assert counting.calls == ["get_key", "import_key"] and "Key Vault refused" in str(info.value)
     _assert_nothing_imported(key_client, params)
 
 
@@ -303,3 +303,16 @@ def test_the_documented_python_example_makes_a_file_that_imports(importer, param
     ).stdout.strip()
     result = importer.import_blob(params, (tmp_path / "KEY.byok").read_bytes(), printed)
     assert result.key_size == 3072 and _exists(key_client, params.key_ref)
+
+
+def test_a_repeated_upload_of_the_imported_file_is_recognised(importer, params, key_client, target_der) -> None:
+    """The caller crashed after the import: the same file again finds the key (no second
+    version); another file for the same key is refused."""
+    blob = customer_transfer_blob(params.public_key_pem, params.kek_kid, target_der)
+    first = importer.import_blob(params, blob, sha256_hex(blob))
+    again = importer.import_blob(params, blob, sha256_hex(blob))
+    assert again == first
+    assert len(list(key_client.list_properties_of_key_versions(_name(params.key_ref)))) == 1
+    other = customer_transfer_blob(params.public_key_pem, params.kek_kid, target_der)
+    with pytest.raises(KeyImportError, match="exists already, imported from another file"):
+        importer.import_blob(params, other, sha256_hex(other))

@@ -85,6 +85,8 @@ MAX_BLOB_BYTES = 64 * 1024
 #: Operations of the imported key: what AzureKeyVaultKeyProvider calls, nothing else.
 TARGET_KEY_OPS = ["wrapKey", "unwrapKey"]
 _B64URL = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
+#: The imported key's tag naming the .byok file it came from (a repeated upload is recognised).
+_SHA256_TAG = "archive-kms-byok-sha256"
 
 
 def _utcnow() -> datetime:
@@ -214,19 +216,33 @@ class KeyVaultByokImporter:
                 "request new import parameters and make the .byok file again",
                 resource=target.uri,
             )
+        existing = self._existing(target)
+        if existing is not None:  # an earlier upload of this file was imported (and its caller crashed)
+            imported_from = (existing.properties.tags or {}).get(_SHA256_TAG)
+            if imported_from != actual:
+                raise KeyImportError(
+                    f"import into {target.uri} refused: that key exists already, imported from another file "
+                    f"(SHA-256 {imported_from}); request new import parameters for a new key",
+                    resource=target.uri,
+                )
+            return self._finish(params, target, existing, actual)
         from azure.keyvault.keys import JsonWebKey
 
         jwk = JsonWebKey(kty="RSA-HSM", key_ops=list(TARGET_KEY_OPS), t=bytes(blob))
-        all_tags = {"archive-kms-purpose": "byok", "archive-kms-byok-sha256": actual[:64], **(tags or {})}
+        all_tags = {"archive-kms-purpose": "byok", _SHA256_TAG: actual, **(tags or {})}
         key = self._call(
             "import",
             target.uri,
             lambda: self._keys.import_key(target.name, jwk, hardware_protected=True, tags=all_tags),
             importing=True,
         )
+        return self._finish(params, target, key, actual)
+
+    def _finish(
+        self, params: KeyVaultImportParameters, target: AzureKeyVaultKeyRef, key: Any, digest: str
+    ) -> KeyVaultImportResult:
         n = key.key.n or b""
         size = len(n.lstrip(b"\0")) * 8
-        version = str(key.properties.version)
         if size < MIN_TARGET_BITS:
             self._discard(target)
             raise KeyImportError(
@@ -236,7 +252,20 @@ class KeyVaultByokImporter:
                 resource=target.uri,
             )
         self._drop_kek(params)
-        return KeyVaultImportResult(key_ref=target.uri, key_version=version, key_size=size, byok_sha256=actual)
+        return KeyVaultImportResult(
+            key_ref=target.uri, key_version=str(key.properties.version), key_size=size, byok_sha256=digest
+        )
+
+    def _existing(self, target: AzureKeyVaultKeyRef) -> Any:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        def get() -> Any:
+            try:
+                return self._keys.get_key(target.name)
+            except ResourceNotFoundError:
+                return None
+
+        return self._call("get", target.uri, get)
 
     def retire(self, key_ref: str) -> None:
         """Soft-delete an imported key nothing is wrapped under any more (idempotent)."""
