@@ -804,6 +804,9 @@ class Vault:
         with self._lock:
             entry, v = self._version(name, version)
             if key_ops is not None:
+                if "import" in v.key_ops and key_ops != v.key_ops:
+                    raise bad_parameter("The key operations of a key exchange key are fixed ('import').")
+                check_import_ops(v.kty, key_ops)
                 v.key_ops = key_ops
             if "enabled" in attrs:
                 v.enabled = attrs["enabled"]

@@ -250,6 +250,9 @@ def test_a_kek_must_be_rsa_hsm_with_import_only(key_client, params) -> None:
         with pytest.raises(HttpResponseError) as refused:
             key_client.create_rsa_key(name, size=2048, **kwargs)
         assert refused.value.status_code == 400 and "key exchange key" in str(refused.value)
+    with pytest.raises(HttpResponseError) as fixed:  # a KEK's operations are fixed
+        key_client.update_key_properties(_name(params.kek_ref), key_operations=["import", "unwrapKey"])
+    assert fixed.value.status_code == 400 and "fixed" in str(fixed.value)
 
 
 def test_an_rsa_2048_target_is_refused_and_removed(importer, params, key_client) -> None:
