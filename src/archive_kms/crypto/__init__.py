@@ -7,6 +7,7 @@
 * ``kdf``: HKDF-SHA256;
 * ``signing``: the platform's Ed25519 signing key (``Signer``/``Verifier``);
 * ``rsa_oaep``: RSA-OAEP-SHA-256, the BYOK import wrap;
+* ``rsa_aes_key_wrap``: CKM_RSA_AES_KEY_WRAP, the Key Vault BYOK (``.byok``) wrap;
 * ``keystream``: the deterministic AES-CTR keystream of synthetic data.
 
 No network I/O and no Prefect; the only files touched are the file-like objects passed in
