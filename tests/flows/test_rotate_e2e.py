@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tenant_indices
+from conftest import run_plan, tenant_indices
 
 from archive_kms import cli
 from archive_kms.api.rotation_actions import RotationWarnings
@@ -194,7 +194,6 @@ def test_byok_on_azure_enable_then_reupload_moves_the_tenant_onto_the_new_key(
     file imports a new key, the L2 is re-wrapped under it (1 unwrap + 1 wrap), the index
     rebuilt, and only then the old key is soft-deleted."""
     from azure.core.exceptions import ResourceNotFoundError
-    from conftest import run_plan
     from customer_keys import rsa_private_key_der
 
     from archive_kms import clients
