@@ -6,6 +6,8 @@
                   would (GetParametersForImport, RSA-OAEP-SHA-256 wrap, keys/byok.py)
 * ``managed``   - the platform key (keys/managed.py), created on first use
 * ``azure-kv``  - an RSA-3072 key in the Key Vault emulator
+* ``azure-byok``- an RSA-3072 key imported into the Key Vault emulator from a ``.byok``
+                  file made for a key exchange key (keys/azure_byok.py)
 * ``kmip``      - an AES-256 key in the PyKMIP server
 
 Key state is changed *on the server*, the way the customer or HSM officer would
@@ -28,6 +30,7 @@ import pytest
 from archive_kms import clients
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.errors import KeyNotFoundError, KeyUnavailableError, WrongKeyError
+from archive_kms.keys.azure_byok import KeyVaultByokImporter, customer_transfer_blob
 from archive_kms.keys.byok import ByokImporter, customer_wrap, sha256_hex
 from archive_kms.keys.managed import ManagedKeyProvider
 from archive_kms.keys.memory import MemoryKms
@@ -236,7 +239,9 @@ class AzureKeyVaultBackend(Backend):
         name = f"ct-{uuid.uuid4().hex[:12]}"
         key = self.kc.create_rsa_key(name, size=3072, key_operations=["wrapKey", "unwrapKey"])
         self.created.append(name)
-        version = key.properties.version
+        return self._key(name, key.properties.version)
+
+    def _key(self, name: str, version: str) -> Key:
         kc = self.kc
         past = datetime.now(UTC) - timedelta(hours=1)
         future = datetime.now(UTC) + timedelta(days=365)
@@ -272,6 +277,35 @@ class AzureKeyVaultBackend(Backend):
                 self.kc.purge_deleted_key(name)
             except Exception:  # noqa: BLE001
                 pass
+
+
+def rsa_private_key_der(bits: int) -> bytes:
+    """A new RSA private key as PKCS#8 DER (what the customer's HSM exports under a KEK)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+class AzureByokBackend(AzureKeyVaultBackend):
+    """An RSA-3072 key imported into the emulator from a .byok file (keys/azure_byok.py)."""
+
+    name, schemes = "azure-byok", ("azure-kv",)
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.importer = KeyVaultByokImporter(self.kc, settings.azure_keyvault_url)
+
+    def new_key(self) -> Key:
+        params = self.importer.create_import_parameters(wrapping_key_spec="RSA_2048")
+        blob = customer_transfer_blob(params.public_key_pem, params.kek_kid, rsa_private_key_der(3072))
+        result = self.importer.import_blob(params, blob, sha256_hex(blob))
+        name = parse_key_ref(result.key_ref).name  # type: ignore[union-attr]
+        self.created.append(name)
+        return self._key(name, result.key_version)
 
 
 class KmipBackend(Backend):
@@ -340,13 +374,14 @@ class KmipBackend(Backend):
                     pass
 
 
-BACKENDS = ["memory", "aws-kms", "byok", "managed", "azure-kv", "kmip"]
+BACKENDS = ["memory", "aws-kms", "byok", "managed", "azure-kv", "azure-byok", "kmip"]
 REVOCATIONS = {
     "memory": ["disable", "revoke", "schedule-deletion", "delete-material", "expire"],
     "aws-kms": ["disable", "schedule-deletion"],
     "byok": ["disable", "schedule-deletion", "delete-material"],
     "managed": ["disable", "schedule-deletion"],
     "azure-kv": ["disable", "expire"],
+    "azure-byok": ["disable", "expire"],
     "kmip": ["revoke-compromised", "revoke-deactivated"],
 }
 
@@ -372,6 +407,7 @@ def _backend_named(request, made: dict[str, Backend], name: str) -> Backend:
             "byok": "localstack",
             "managed": "localstack",
             "azure-kv": "keyvault",
+            "azure-byok": "keyvault",
             "kmip": "kmip",
         }.get(name)
         settings = request.getfixturevalue(service) if service else None
@@ -381,6 +417,7 @@ def _backend_named(request, made: dict[str, Backend], name: str) -> Backend:
             "byok": lambda: ByokBackend(settings),
             "managed": lambda: ManagedBackend(settings),
             "azure-kv": lambda: AzureKeyVaultBackend(settings),
+            "azure-byok": lambda: AzureByokBackend(settings),
             "kmip": lambda: KmipBackend(settings),
         }[name]()
     return made[name]

@@ -29,10 +29,18 @@ from archive_kms.keys.byok import sha256_hex
 from archive_kms.keys.port import KeyState
 from archive_kms.keys.refs import parse_key_ref
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "flows"))
-from customer_keys import rsa_private_key_der
-
 CTX = {"tenant": "acme"}
+
+
+def rsa_private_key_der(bits: int) -> bytes:
+    """A new RSA private key as PKCS#8 DER (what the customer's HSM exports under a KEK)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 class CountingClient:
