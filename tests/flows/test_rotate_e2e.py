@@ -83,7 +83,7 @@ def test_customer_rotation_is_confirmed_then_applied(
     create_tenant(p, tid, cloud=cloud, key_ref=key_ref, actor="test")
     assert submit_job(p.state, job(tid, "a", 12, 0), p.open_archive).decision == "run"
     old_index = p.index.current_index(tid)
-    assert json.loads(invoke("rotation", "check", tid, "--wait", "--json").output)["rotation"] is None  # baseline
+    assert json.loads(invoke("rotation", "check", tid, "--wait", "--json").stdout)["rotation"] is None  # baseline
     before = p.state.get_key_version(tid).version
 
     rotate_at_provider(cli_env, key_ref)
@@ -133,7 +133,7 @@ def test_customer_rotation_is_confirmed_then_applied(
 
     replay = invoke("confirm-rotation", tid, "--confirmation", str(good), "--wait")
     assert replay.exit_code == 2 and "not awaiting" in replay.output
-    shown = json.loads(invoke("rotation", "show", tid, "--json").output)
+    shown = json.loads(invoke("rotation", "show", tid, "--json").stdout)
     assert shown[0]["state"] == "completed" and shown[0]["safe_to_disable_old_version"] is True
 
 
@@ -160,7 +160,7 @@ def test_byok_reupload_on_s3_moves_the_tenant_onto_the_new_material(
 
     out = invoke("byok", "import-params", tid, "--wrapping-key-spec", "RSA_2048", "--out-dir", str(tmp_path), "--json")
     assert out.exit_code == 0, out.output
-    params = json.loads(out.output)
+    params = json.loads(out.stdout)
     wrapped = customer_wrap((tmp_path / "wrapping-key.pem").read_text(), SecretBytes.random(32))  # the customer
     upload_file = tmp_path / "wrapped.bin"
     upload_file.write_bytes(wrapped)
