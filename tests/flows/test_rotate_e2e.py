@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,53 @@ def searchable(p: Any, tenant: str) -> int:
     return len(result.hits)
 
 
-def rotate_at_provider(settings: Settings, key_ref: str) -> None:
+def rotate_at_provider(settings: Settings, key_ref: str) -> str | None:
+    """Rotate as the customer does; for KMIP, the new object's UID."""
     from archive_kms import clients
 
     if key_ref.startswith("aws-kms://"):
         clients.kms_client(settings).rotate_key_on_demand(KeyId=key_ref.removeprefix("aws-kms://"))
+    elif key_ref.startswith("kmip://"):
+        return new_kmip_object_under_the_same_name(settings, key_ref)
     else:
         name = key_ref.split("/keys/", 1)[1].split("/", 1)[0]
         clients.keyvault_key_client(settings).rotate_key(name)
 
 
-@pytest.mark.parametrize(("mode", "cloud"), [("byokms", "s3"), ("byokv", "azure")])
+def new_kmip_object_under_the_same_name(settings: Settings, key_ref: str) -> str:
+    """An HSM rotation: a new AES-256 object under the old one's Name, activated (the old
+    one stays Active until the customer deactivates it)."""
+    from kmip.core import enums
+
+    from archive_kms import clients
+
+    uid = key_ref.rsplit("/", 1)[1]
+    with clients.kmip_client(settings) as client:
+        _, rows = client.get_attributes(uid, ["Name", "Initial Date"])
+        found = {a.attribute_name.value: a.attribute_value for a in rows}
+        name, created = found["Name"].name_value.value, found["Initial Date"].value
+        while int(time.time()) <= created:  # Initial Date has 1 s resolution: be the newer one
+            time.sleep(0.05)
+        new = client.create(
+            enums.CryptographicAlgorithm.AES,
+            256,
+            name=name,
+            cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT],
+        )
+        client.activate(new)
+    return str(new)
+
+
+def revoke_kmip_object(settings: Settings, key_ref: str) -> None:
+    from kmip.core import enums
+
+    from archive_kms import clients
+
+    with clients.kmip_client(settings) as client:
+        client.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, key_ref.rsplit("/", 1)[1])
+
+
+@pytest.mark.parametrize(("mode", "cloud"), [("byokms", "s3"), ("byokv", "azure"), ("kmip", "s3")])
 def test_customer_rotation_is_confirmed_then_applied(
     cli_env, flow_platform, new_tenant_id, customer_key, tmp_path, mode, cloud
 ):
@@ -86,12 +123,15 @@ def test_customer_rotation_is_confirmed_then_applied(
     assert json.loads(invoke("rotation", "check", tid, "--wait", "--json").stdout)["rotation"] is None  # baseline
     before = p.state.get_key_version(tid).version
 
-    rotate_at_provider(cli_env, key_ref)
+    new_object = rotate_at_provider(cli_env, key_ref)
     out = invoke("rotation", "check", tid, "--wait")
     assert out.exit_code == 0, out.output
     rotation = p.state.find_open_rotation(tid)
     assert rotation.state is RotationState.AWAITING
     assert rotation.previous_version == before and rotation.observed_version not in (None, before)
+    if new_object is not None:  # KMIP: the rotation moves the tenant to the new object
+        assert rotation.kind == "customer" and rotation.observed_version == new_object
+        assert rotation.key_ref == f"{key_ref.rsplit('/', 1)[0]}/{new_object}" and rotation.previous_key_ref == key_ref
     assert p.state.gate(tid).state.value != "open"
     assert submit_job(p.state, job(tid, "b", 3, 100), p.open_archive).decision == "deferred"
     (warning,) = [w for w in RotationWarnings().warnings(p, [p.state.get_tenant(tid)])]
@@ -130,6 +170,13 @@ def test_customer_rotation_is_confirmed_then_applied(
     p.keychain.cache.purge(tid)  # read through the provider: the re-wrapped L2 unwraps under the new version
     assert b"".join(p.open_archive(tid).read_object(names[0]))
     assert searchable(p, tid) == 15
+
+    if new_object is not None:
+        assert p.state.get_tenant(tid).key_ref == rotation.key_ref == p.keychain.status(tid).l1_ref
+        revoke_kmip_object(cli_env, key_ref)  # the customer deactivates the old object: nothing needs it
+        p.keychain.cache.purge(tid)
+        assert b"".join(p.open_archive(tid).read_object(names[-1]))
+        assert searchable(p, tid) == 15
 
     replay = invoke("confirm-rotation", tid, "--confirmation", str(good), "--wait")
     assert replay.exit_code == 2 and "not awaiting" in replay.output
