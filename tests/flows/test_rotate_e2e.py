@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tenant_indices
+from customer_keys import new_kmip_object_under_the_same_name
 
 from archive_kms import cli
 from archive_kms.api.rotation_actions import RotationWarnings
@@ -75,30 +75,6 @@ def rotate_at_provider(settings: Settings, key_ref: str) -> str | None:
     else:
         name = key_ref.split("/keys/", 1)[1].split("/", 1)[0]
         clients.keyvault_key_client(settings).rotate_key(name)
-
-
-def new_kmip_object_under_the_same_name(settings: Settings, key_ref: str) -> str:
-    """An HSM rotation: a new AES-256 object under the old one's Name, activated (the old
-    one stays Active until the customer deactivates it)."""
-    from kmip.core import enums
-
-    from archive_kms import clients
-
-    uid = key_ref.rsplit("/", 1)[1]
-    with clients.kmip_client(settings) as client:
-        _, rows = client.get_attributes(uid, ["Name", "Initial Date"])
-        found = {a.attribute_name.value: a.attribute_value for a in rows}
-        name, created = found["Name"].name_value.value, found["Initial Date"].value
-        while int(time.time()) <= created:  # Initial Date has 1 s resolution: be the newer one
-            time.sleep(0.05)
-        new = client.create(
-            enums.CryptographicAlgorithm.AES,
-            256,
-            name=name,
-            cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT],
-        )
-        client.activate(new)
-    return str(new)
 
 
 def revoke_kmip_object(settings: Settings, key_ref: str) -> None:
