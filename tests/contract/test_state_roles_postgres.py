@@ -79,7 +79,7 @@ def test_the_runtime_role_runs_the_platform_but_cannot_touch_the_audit_logs_prot
     runner = CliRunner()
     upgraded = runner.invoke(app, ["db", "upgrade", "--url", mig_url, "--runtime-role", rt, "--json"])
     assert upgraded.exit_code == 0, upgraded.output
-    assert json.loads(upgraded.output)["after"]["at_head"]
+    assert json.loads(upgraded.stdout)["after"]["at_head"]
 
     # The workers' role: the whole platform path a tenant takes works.
     signer = Signer.generate()

@@ -149,7 +149,7 @@ def test_a_database_of_the_release_before_alembic_is_upgraded_and_keeps_everythi
     assert out.exit_code == 1 and "from before Alembic (schema version 1" in out.output, out.output
     out = _cli("db", "upgrade", "--url", db_url, "--json")
     assert out.exit_code == 0, out.output
-    answer = json.loads(out.output)
+    answer = json.loads(out.stdout)
     assert answer["before"]["revision"] is None and answer["after"] == answer["after"] | {
         "revision": migrate.head(),
         "at_head": True,

@@ -16,6 +16,7 @@ KMIP has no "disable": ``disable`` revokes the key, which KMIP makes permanent, 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -202,3 +203,25 @@ def customer_key(request, localstack) -> Iterator[CustomerKeyFactory]:
 
 
 __all__ = ["MODES", "SERVICE_OF_MODE", "CustomerKeyFactory", "customer_key", "rsa_private_key_der"]
+
+
+def new_kmip_object_under_the_same_name(settings: Any, key_ref: str) -> str:
+    """An HSM rotation: a new AES-256 object under the old one's Name, activated (the old
+    one stays Active until the customer deactivates it)."""
+    from kmip.core import enums
+
+    uid = key_ref.rsplit("/", 1)[1]
+    with clients.kmip_client(settings) as client:
+        _, rows = client.get_attributes(uid, ["Name", "Initial Date"])
+        found = {a.attribute_name.value: a.attribute_value for a in rows}
+        name, created = found["Name"].name_value.value, found["Initial Date"].value
+        while int(time.time()) <= created:  # Initial Date has 1 s resolution: be the newer one
+            time.sleep(0.05)
+        new = client.create(
+            enums.CryptographicAlgorithm.AES,
+            256,
+            name=name,
+            cryptographic_usage_mask=[enums.CryptographicUsageMask.ENCRYPT, enums.CryptographicUsageMask.DECRYPT],
+        )
+        client.activate(new)
+    return str(new)

@@ -77,7 +77,7 @@ def test_a_restored_database_is_refused_by_the_report_step_verify_and_every_fres
     monkeypatch.setattr(cli, "_platform", lambda: fresh)
     verified = CliRunner().invoke(cli.app, ["audit", "verify", "--json"])
     assert verified.exit_code == 1, verified.output
-    assert json.loads(verified.output)["ok"] is False
+    assert json.loads(verified.stdout)["ok"] is False
     anchored = CliRunner().invoke(cli.app, ["audit", "anchor"])
     assert anchored.exit_code == 2 and "does not continue the latest anchor" in anchored.output
 

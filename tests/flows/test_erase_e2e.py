@@ -81,7 +81,7 @@ def test_erase_by_time_through_the_cli_on_s3(cli_env, flow_platform, new_tenant_
     before = data.cutoff.isoformat()
     dry = invoke("erase", tid, "--before", before, "--dry-run", "--json")
     assert dry.exit_code == 0, dry.output
-    preview = json.loads(dry.output)
+    preview = json.loads(dry.stdout)
     assert (preview["objects"], preview["records"], preview["index_documents"]) == (
         len(data.old),
         len(data.old_records),

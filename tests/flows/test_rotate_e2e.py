@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import run_plan, tenant_indices
+from customer_keys import new_kmip_object_under_the_same_name
 
 from archive_kms import cli
 from archive_kms.api.rotation_actions import RotationWarnings
@@ -63,17 +64,29 @@ def searchable(p: Any, tenant: str) -> int:
     return len(result.hits)
 
 
-def rotate_at_provider(settings: Settings, key_ref: str) -> None:
+def rotate_at_provider(settings: Settings, key_ref: str) -> str | None:
+    """Rotate as the customer does; for KMIP, the new object's UID."""
     from archive_kms import clients
 
     if key_ref.startswith("aws-kms://"):
         clients.kms_client(settings).rotate_key_on_demand(KeyId=key_ref.removeprefix("aws-kms://"))
+    elif key_ref.startswith("kmip://"):
+        return new_kmip_object_under_the_same_name(settings, key_ref)
     else:
         name = key_ref.split("/keys/", 1)[1].split("/", 1)[0]
         clients.keyvault_key_client(settings).rotate_key(name)
 
 
-@pytest.mark.parametrize(("mode", "cloud"), [("byokms", "s3"), ("byokv", "azure")])
+def revoke_kmip_object(settings: Settings, key_ref: str) -> None:
+    from kmip.core import enums
+
+    from archive_kms import clients
+
+    with clients.kmip_client(settings) as client:
+        client.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, key_ref.rsplit("/", 1)[1])
+
+
+@pytest.mark.parametrize(("mode", "cloud"), [("byokms", "s3"), ("byokv", "azure"), ("kmip", "s3")])
 def test_customer_rotation_is_confirmed_then_applied(
     cli_env, flow_platform, new_tenant_id, customer_key, tmp_path, mode, cloud
 ):
@@ -83,15 +96,18 @@ def test_customer_rotation_is_confirmed_then_applied(
     create_tenant(p, tid, cloud=cloud, key_ref=key_ref, actor="test")
     assert submit_job(p.state, job(tid, "a", 12, 0), p.open_archive).decision == "run"
     old_index = p.index.current_index(tid)
-    assert json.loads(invoke("rotation", "check", tid, "--wait", "--json").output)["rotation"] is None  # baseline
+    assert json.loads(invoke("rotation", "check", tid, "--wait", "--json").stdout)["rotation"] is None  # baseline
     before = p.state.get_key_version(tid).version
 
-    rotate_at_provider(cli_env, key_ref)
+    new_object = rotate_at_provider(cli_env, key_ref)
     out = invoke("rotation", "check", tid, "--wait")
     assert out.exit_code == 0, out.output
     rotation = p.state.find_open_rotation(tid)
     assert rotation.state is RotationState.AWAITING
     assert rotation.previous_version == before and rotation.observed_version not in (None, before)
+    if new_object is not None:  # KMIP: the rotation moves the tenant to the new object
+        assert rotation.kind == "customer" and rotation.observed_version == new_object
+        assert rotation.key_ref == f"{key_ref.rsplit('/', 1)[0]}/{new_object}" and rotation.previous_key_ref == key_ref
     assert p.state.gate(tid).state.value != "open"
     assert submit_job(p.state, job(tid, "b", 3, 100), p.open_archive).decision == "deferred"
     (warning,) = [w for w in RotationWarnings().warnings(p, [p.state.get_tenant(tid)])]
@@ -131,9 +147,16 @@ def test_customer_rotation_is_confirmed_then_applied(
     assert b"".join(p.open_archive(tid).read_object(names[0]))
     assert searchable(p, tid) == 15
 
+    if new_object is not None:
+        assert p.state.get_tenant(tid).key_ref == rotation.key_ref == p.keychain.status(tid).l1_ref
+        revoke_kmip_object(cli_env, key_ref)  # the customer deactivates the old object: nothing needs it
+        p.keychain.cache.purge(tid)
+        assert b"".join(p.open_archive(tid).read_object(names[-1]))
+        assert searchable(p, tid) == 15
+
     replay = invoke("confirm-rotation", tid, "--confirmation", str(good), "--wait")
     assert replay.exit_code == 2 and "not awaiting" in replay.output
-    shown = json.loads(invoke("rotation", "show", tid, "--json").output)
+    shown = json.loads(invoke("rotation", "show", tid, "--json").stdout)
     assert shown[0]["state"] == "completed" and shown[0]["safe_to_disable_old_version"] is True
 
 
@@ -160,7 +183,7 @@ def test_byok_reupload_on_s3_moves_the_tenant_onto_the_new_material(
 
     out = invoke("byok", "import-params", tid, "--wrapping-key-spec", "RSA_2048", "--out-dir", str(tmp_path), "--json")
     assert out.exit_code == 0, out.output
-    params = json.loads(out.output)
+    params = json.loads(out.stdout)
     wrapped = customer_wrap((tmp_path / "wrapping-key.pem").read_text(), SecretBytes.random(32))  # the customer
     upload_file = tmp_path / "wrapped.bin"
     upload_file.write_bytes(wrapped)

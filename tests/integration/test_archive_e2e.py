@@ -171,14 +171,14 @@ def test_cli_archive_then_search(localstack, azurite, elasticsearch, tmp_path, m
     run = runner.invoke(
         app, ["archive", tenant, "--generate", "12", "--seed", "4", "--job-id", f"{tenant}-j", "--json"]
     )
-    assert run.exit_code == 0 and json.loads(run.output)["records"] == 12, run.output
+    assert run.exit_code == 0 and json.loads(run.stdout)["records"] == 12, run.output
     spec = JobSpec(f"{tenant}-j", tenant, "synthetic", synthetic={"count": 12, "seed": 4})
     record = next(r for r, _ in spec.materialise())
     word = record.fields["Description"].split()[-1]
     found = runner.invoke(app, ["search", tenant, word, "--json"])
     assert found.exit_code == 0, found.output
-    assert record.record_id in {h["record_id"] for h in json.loads(found.output)["hits"]}
+    assert record.record_id in {h["record_id"] for h in json.loads(found.stdout)["hits"]}
     read = runner.invoke(app, ["read", tenant, "--record", f"{record.object_type}/{record.record_id}", "--json"])
-    assert read.exit_code == 0 and json.loads(read.output)["fields"] == dict(record.fields)
+    assert read.exit_code == 0 and json.loads(read.stdout)["fields"] == dict(record.fields)
     bad = runner.invoke(app, ["tenant", "create", "Bad/Id"])
     assert bad.exit_code == 2 and "tenant" in bad.output.lower()

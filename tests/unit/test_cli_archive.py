@@ -43,7 +43,7 @@ def test_read_attachment_writes_the_file_only_when_it_authenticates(platform: Pl
     out = tmp_path / "att.bin"
     ok = invoke("read", "acme", "--attachment", att_id, "--workspace", ws, "--out", str(out), "--json")
     assert ok.exit_code == 0, ok.output
-    assert out.stat().st_size == size == json.loads(ok.output)["bytes"]
+    assert out.stat().st_size == size == json.loads(ok.stdout)["bytes"]
 
     store = platform.open_archive("acme").store
     name = next(i.name for i in store.list() if i.name.endswith(att_id.encode()))
@@ -67,9 +67,9 @@ def test_read_of_a_missing_record_names_it(platform: Platform) -> None:
 def test_audit_anchor_then_verify_against_it(platform: Platform) -> None:
     anchored = invoke("audit", "anchor", "--json")
     assert anchored.exit_code == 0, anchored.output
-    count = json.loads(anchored.output)["count"]
+    count = json.loads(anchored.stdout)["count"]
     verified = invoke("audit", "verify", "--json")
-    body = json.loads(verified.output)
+    body = json.loads(verified.stdout)
     assert verified.exit_code == 0 and body["ok"] and body["anchor"]["count"] == count
     human = invoke("audit", "verify")
     assert f"against the anchor of record {count}" in human.output
@@ -95,7 +95,7 @@ def test_jobs_list_and_park_give_up_one_queued_job(platform: Platform, monkeypat
     assert submit_job(platform.state, spec, platform.open_archive).decision == "deferred"
     listed = invoke("jobs", "list", "acme", "--json")
     assert listed.exit_code == 0, listed.output
-    [row] = json.loads(listed.output)
+    [row] = json.loads(listed.stdout)
     assert (row["job_id"], row["state"], row["position"], row["parked_reason"]) == ("j-stuck", "deferred", 1, None)
     assert secret not in listed.output and "gate paused, 1 pending" in invoke("jobs", "list", "acme").output
 
@@ -103,7 +103,7 @@ def test_jobs_list_and_park_give_up_one_queued_job(platform: Platform, monkeypat
     assert no_reason.exit_code == 2 and "--reason" in no_reason.output  # mandatory
     parked = invoke("jobs", "park", "acme", "j-stuck", "--reason", "seal refused", "--actor", "support:alice", "--json")
     assert parked.exit_code == 0, parked.output
-    body = json.loads(parked.output)
+    body = json.loads(parked.stdout)
     assert (body["state"], body["parked_reason"], body["parked_by"], body["pending"]) == (
         "parked",
         "seal refused",
@@ -113,7 +113,7 @@ def test_jobs_list_and_park_give_up_one_queued_job(platform: Platform, monkeypat
     assert platform.state.list_deferred("acme", include_replayed=True)[0].sealed is not None  # kept
     assert any(r.action == "job.parked" for r in platform.state.iter_audit(tenant_id="acme"))
 
-    assert json.loads(invoke("jobs", "list", "acme", "--json").output) == []
+    assert json.loads(invoke("jobs", "list", "acme", "--json").stdout) == []
     everything = invoke("jobs", "list", "acme", "--all")
     assert "parked by support:alice: seal refused" in everything.output and secret not in everything.output
     twice = invoke("jobs", "park", "acme", "j-stuck", "--reason", "again")

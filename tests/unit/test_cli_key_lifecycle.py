@@ -77,17 +77,17 @@ def test_revoke_prints_the_receipt_and_restore_brings_access_back(platform: Plat
     assert "revocation receipt" in out.output and "receipt: OK" in out.output
     assert "reads (fresh" in out.output and "provider unwrap" in out.output
     assert platform.launcher.submitted[0][0] == "key-revoke/revoke"
-    runs = json.loads(invoke("runs", "list", "--tenant", "acme", "--json").output)
+    runs = json.loads(invoke("runs", "list", "--tenant", "acme", "--json").stdout)
     assert [(r["flow"], r["state"]) for r in runs] == [("revoke", "completed")]
-    status = json.loads(invoke("keys", "status", "acme", "--json").output)
+    status = json.loads(invoke("keys", "status", "acme", "--json").stdout)
     assert status["revoked"] is True
-    assert [w["kind"] for w in json.loads(invoke("warnings", "--tenant", "acme", "--json").output)] == [
+    assert [w["kind"] for w in json.loads(invoke("warnings", "--tenant", "acme", "--json").stdout)] == [
         "tenant_revoked"
     ]
     again = invoke("restore", "acme", "--yes", "--json")
     assert again.exit_code == 0, again.output
-    assert json.loads(again.output)["restore_keys"]["restored_at"]
-    assert json.loads(invoke("keys", "status", "acme", "--json").output)["revoked"] is False
+    assert json.loads(again.stdout)["restore_keys"]["restored_at"]
+    assert json.loads(invoke("keys", "status", "acme", "--json").stdout)["revoked"] is False
     assert invoke("read", "acme", "--record", "x/y").exit_code == 2  # readable again (only the record is unknown)
 
 
@@ -124,9 +124,9 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(platform: Platform, ar
 def test_dry_runs_print_the_blast_radius_and_change_nothing(platform: Platform) -> None:
     out = invoke("revoke", "acme", "--dry-run", "--json")
     assert out.exit_code == 0, out.output
-    preview = json.loads(out.output)
+    preview = json.loads(out.stdout)
     assert preview["action"] == "revoke" and preview["index_documents"] == 6 and preview["objects"] >= 6
-    scoped = json.loads(invoke("revoke", "acme", "--workspace", "default", "--dry-run", "--json").output)
+    scoped = json.loads(invoke("revoke", "acme", "--workspace", "default", "--dry-run", "--json").stdout)
     assert scoped["objects"] == preview["objects"]  # one workspace: all of it here
     human = invoke("keys", "check", "--dry-run")
     assert human.exit_code == 0 and "acme" in human.output and "dry run" in human.output
@@ -134,9 +134,9 @@ def test_dry_runs_print_the_blast_radius_and_change_nothing(platform: Platform) 
 
 
 def test_keys_check_revokes_a_tenant_whose_key_the_customer_disabled(platform: Platform, kms: MemoryKms) -> None:
-    assert json.loads(invoke("keys", "check", "--json").output)["counts"]["ok"] == 1
+    assert json.loads(invoke("keys", "check", "--json").stdout)["counts"]["ok"] == 1
     kms.disable(parse_key_ref(platform.resolve_provider("memory://acme-cmk").key_ref).name)
-    out = json.loads(invoke("keys", "check", "acme", "--json").output)
+    out = json.loads(invoke("keys", "check", "acme", "--json").stdout)
     assert out["observations"][0]["classification"] == "revoked"
     assert out["observations"][0]["action"].startswith("revoked by run")
     assert platform.keychain.status("acme").revoked
@@ -158,7 +158,7 @@ def test_warnings_can_be_acknowledged_and_cleared_by_hand(platform: Platform) ->
 
     raise_warning(platform.state, "acme", "key_unavailable", "no answer", actor="test")
     ack = invoke("warnings", "ack", "key_unavailable:acme", "--json")
-    assert ack.exit_code == 0 and json.loads(ack.output)["acknowledged_by"].startswith("operator")
+    assert ack.exit_code == 0 and json.loads(ack.stdout)["acknowledged_by"].startswith("operator")
     cleared = invoke("warnings", "clear", "key_unavailable:acme", "--reason", "fixed", "--yes")
     assert cleared.exit_code == 0, cleared.output
     assert invoke("warnings").output.strip() == "no warnings"

@@ -128,7 +128,7 @@ def test_runs_list_and_show_read_the_state_store(state_url: str) -> None:
 
     listed = invoke("runs", "list", "--json")
     assert listed.exit_code == 0, listed.output
-    [row] = json.loads(listed.output)
+    [row] = json.loads(listed.stdout)
     assert (row["run_id"], row["tenant"], row["state"], row["steps_done"], row["steps"], row["current_step"]) == (
         run_id,
         "acme",
@@ -137,11 +137,11 @@ def test_runs_list_and_show_read_the_state_store(state_url: str) -> None:
         len(STEPS),
         "preflight",
     )
-    assert json.loads(invoke("runs", "list", "--tenant", "other", "--json").output) == []
+    assert json.loads(invoke("runs", "list", "--tenant", "other", "--json").stdout) == []
 
     shown = invoke("runs", "show", run_id, "--json")
     assert shown.exit_code == 0, shown.output
-    report = json.loads(shown.output)
+    report = json.loads(shown.stdout)
     assert report["run_id"] == run_id and report["key_ref"] == KEY and report["verification"] == "pending"
     assert [s["step"] for s in report["steps"]] == list(STEPS)
 
@@ -170,7 +170,7 @@ def memory_platform(monkeypatch: pytest.MonkeyPatch):
 
 def _verify(*args: str) -> tuple[int, dict]:
     result = invoke("verify", "acme", "--json", *args)
-    return result.exit_code, json.loads(result.output)
+    return result.exit_code, json.loads(result.stdout)
 
 
 def test_verify_reads_every_object_and_matches_the_index(memory_platform) -> None:
@@ -225,7 +225,7 @@ def test_verify_compares_ids_past_the_search_limit(monkeypatch: pytest.MonkeyPat
     write_records(archive, ((r, []) for r in records))
     monkeypatch.setattr(cli, "_platform", lambda: platform)
     result = invoke("verify", "bulk", "--json")
-    v = json.loads(result.output)
+    v = json.loads(result.stdout)
     assert result.exit_code == 0 and v["ok"] and v["records"] == v["index_documents"] == MAX_LIMIT + 50, v
 
     index = platform.index.current_index("bulk")
@@ -240,7 +240,7 @@ def test_verify_compares_ids_past_the_search_limit(monkeypatch: pytest.MonkeyPat
         index, [build_document(ghost, tenant="bulk", mode=archive.index_mode, keys=archive.search_keys)], refresh=True
     )
     result = invoke("verify", "bulk", "--json")
-    v = json.loads(result.output)
+    v = json.loads(result.stdout)
     assert result.exit_code == 1 and not v["ok"]
     assert (v["missing_in_index"], v["extra_in_index"], v["index_documents"]) == (1, 1, MAX_LIMIT + 50)
     assert v["examples"]["missing_in_index"] == [f"{gone.workspace_id}/Task/{gone.record_id}"]
@@ -346,7 +346,7 @@ def test_runs_waive_records_an_audited_waiver_per_object(state_url: str) -> None
         "--json",
     )
     assert out.exit_code == 0, out.output
-    answer = json.loads(out.output)
+    answer = json.loads(out.stdout)
     assert answer["waived"] == ["records/ws0/Case/500A"] and answer["remaining"] == 1
     hexed = invoke(
         "runs", "waive", run_id, "--object-hex", names[1].hex(), "--reason", "junk object", "--actor", "support:bob"
@@ -368,7 +368,7 @@ def test_runs_waive_records_an_audited_waiver_per_object(state_url: str) -> None
         ("support:alice", names[0].hex(), "restored by hand", run_id),
         ("support:bob", names[1].hex(), "junk object", run_id),
     ]
-    report = json.loads(invoke("runs", "show", run_id, "--json").output)
+    report = json.loads(invoke("runs", "show", run_id, "--json").stdout)
     assert (report["quarantined"], report["waived"]) == (2, 2)
     assert {q["waived_by"] for q in report["quarantine"]} == {"support:alice", "support:bob"}
 

@@ -423,3 +423,18 @@ def test_a_workspace_and_dek_another_process_just_created_read_at_once_despite_t
     assert reader.dek_by_id("acme", dek.dek_id).reveal() == dek.key.reveal()
     with pytest.raises(KeyNotFoundError):
         reader.dek_by_id("acme", "l4/nope/1/1")  # what does not exist is still refused
+
+
+def test_new_data_is_never_encrypted_under_a_dek_another_process_just_retired() -> None:
+    """Choosing the DEK for new data reads the current head, never the reused one: a DEK
+    another process retired a moment ago (an enable's bind_key, an erasure's floor) is
+    not used again (the soak's seed 20261: a copy right after bind_key took the retired
+    DEK, the check before upload refused it, and the run failed for good)."""
+    world = World(recheck=0.5)
+    writer, binder = world.process(), world.process()
+    world.tenant(writer)
+    old = writer.dek_for_encrypt("acme", "ws0")  # the writer now reuses its head for 0.5 s
+    binder.retire_active_dek("acme", "ws0")  # another process
+    new = writer.dek_for_encrypt("acme", "ws0")
+    assert new.dek_id != old.dek_id, "new data went under the DEK another process retired"
+    assert writer.dek_by_id("acme", old.dek_id).reveal() == old.key.reveal()  # still decrypts

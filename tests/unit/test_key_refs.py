@@ -215,3 +215,16 @@ def test_canonical_context_is_order_free_and_injective() -> None:
 def test_bad_contexts_are_refused(context, fix: str) -> None:
     with pytest.raises(ValidationError, match=fix):
         check_context(context)
+
+
+def test_replacement_ref_names_another_kmip_object_only() -> None:
+    from archive_kms.errors import ValidationError
+    from archive_kms.keys.refs import replacement_ref
+
+    assert replacement_ref("kmip://hsm.example:5696/41", "57") == "kmip://hsm.example:5696/57"
+    assert replacement_ref("kmip://hsm.example:5696/41", "41") is None
+    assert replacement_ref("kmip://hsm.example:5696/41", None) is None
+    arn = "aws-kms://arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    assert replacement_ref(arn, "f" * 64) is None  # a KMS version is key material of the same key
+    with pytest.raises(ValidationError):
+        replacement_ref("kmip://hsm.example:5696/41", "../etc")

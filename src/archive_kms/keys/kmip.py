@@ -34,6 +34,7 @@ Decrypt and Get Attributes are safe to repeat).
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import threading
@@ -60,12 +61,22 @@ from archive_kms.keys.refs import KmipKeyRef, parse_key_ref, wrapped_key_ref
 
 __all__ = ["ALGORITHM", "KmipKeyProvider"]
 
+log = logging.getLogger(__name__)
+
 
 ALGORITHM = "kmip:AES-256-GCM"
 _AAD_LABEL = b"archive_kms/kmip-wrap/v1\n"
 _NONCE = 12
 _TAG = 16
-_ATTRIBUTES = ["State", "Object Type", "Cryptographic Algorithm", "Cryptographic Length", "Cryptographic Usage Mask"]
+_ATTRIBUTES = [
+    "State",
+    "Object Type",
+    "Cryptographic Algorithm",
+    "Cryptographic Length",
+    "Cryptographic Usage Mask",
+    "Name",
+    "Initial Date",
+]
 
 
 def _state_map() -> dict[Any, KeyState]:
@@ -187,7 +198,60 @@ class KmipKeyProvider:
         except KeyAccessDeniedError:
             return KeyStatus(key_ref=self.key_ref, state=KeyState.ACCESS_DENIED)
         state = _state_map().get(attributes.get("State"), KeyState.DISABLED)
-        return KeyStatus(key_ref=self.key_ref, state=state, key_version=self._ref.uid, details=_details(attributes))
+        version = self._series_current(attributes)
+        details = _details(attributes)
+        if version != self._ref.uid:
+            details["replaced_by"] = version
+        return KeyStatus(key_ref=self.key_ref, state=state, key_version=version, details=details)
+
+    def _series_current(self, attributes: Mapping[str, Any]) -> str:
+        """The key's *version* in KMIP terms: the UID of the newest Active symmetric key
+        that bears this key's Name (a customer rotates an HSM key by creating a new
+        object under the same Name and activating it; ADR 0038). This key's own UID when
+        it has no Name, when no newer object exists, or when the newest are ambiguous
+        (created in the same second: ``Initial Date`` has 1 s resolution). A failed
+        lookup reports no rotation; the next check asks again."""
+        from kmip.core import enums
+        from kmip.core.factories.attributes import AttributeFactory
+
+        name = _name_of(attributes.get("Name"))
+        own_date = attributes.get("Initial Date")
+        if not name or not isinstance(own_date, int):
+            return self._ref.uid
+        make = AttributeFactory().create_attribute
+        wanted = [
+            make(enums.AttributeType.NAME, name),
+            make(enums.AttributeType.STATE, enums.State.ACTIVE),
+            make(enums.AttributeType.OBJECT_TYPE, enums.ObjectType.SYMMETRIC_KEY),
+        ]
+        try:
+            found = self._call("Locate", lambda client: client.locate(attributes=wanted), consult_state=False)
+            newer: list[tuple[int, str]] = []
+            for uid in found or ():
+                if uid == self._ref.uid:
+                    continue
+                _, rows = self._call("GetAttributes", _initial_date_of(uid), consult_state=False)
+                dates = [getattr(a.attribute_value, "value", None) for a in rows]
+                if dates and isinstance(dates[0], int) and dates[0] > own_date:
+                    newer.append((dates[0], str(uid)))
+        except ArchiveKmsError as exc:
+            log.info("KMIP key %s: looking for a newer object named %r failed (%s)", self.key_ref, name, exc)
+            return self._ref.uid
+        if not newer:
+            return self._ref.uid
+        newest = max(date for date, _ in newer)
+        top = [uid for date, uid in newer if date == newest]
+        if len(top) > 1:
+            log.warning(
+                "KMIP key %s: %d newer Active keys named %r were created in the same second (%s); "
+                "no rotation is reported until one of them is deactivated",
+                self.key_ref,
+                len(top),
+                name,
+                ", ".join(sorted(top)),
+            )
+            return self._ref.uid
+        return top[0]
 
     def check_metadata(self) -> dict[str, str]:
         """Preflight: a symmetric AES-256 key whose usage mask allows Encrypt and Decrypt."""
@@ -352,6 +416,19 @@ def _gcm_parameters() -> Any:
     )
 
 
+def _initial_date_of(uid: str) -> Callable[[Any], Any]:
+    def get(client: Any) -> Any:
+        return client.get_attributes(uid, ["Initial Date"])
+
+    return get
+
+
+def _name_of(value: Any) -> str | None:
+    """The text of a KMIP ``Name`` attribute value (a ``Name`` structure)."""
+    text = getattr(getattr(value, "name_value", None), "value", None)
+    return text if isinstance(text, str) and text else None
+
+
 def _details(attributes: Mapping[str, Any]) -> dict[str, str]:
     def name(value: Any) -> str:
         return str(getattr(value, "name", value))
@@ -367,4 +444,7 @@ def _details(attributes: Mapping[str, Any]) -> dict[str, str]:
             out[label] = name(attributes[key])
     if "Cryptographic Usage Mask" in attributes:
         out["usage_mask"] = str(attributes["Cryptographic Usage Mask"])
+    key_name = _name_of(attributes.get("Name"))
+    if key_name:
+        out["name"] = key_name
     return out

@@ -45,6 +45,7 @@ __all__ = [
     "ManagedKeyRef",
     "MemoryKeyRef",
     "parse_key_ref",
+    "replacement_ref",
 ]
 
 MAX_REF_LEN = 2048
@@ -411,3 +412,18 @@ def wrapped_key_ref(wrapped: WrappedKey, *, algorithm: str, owner: str) -> KeyRe
         return parse_key_ref(wrapped.key_ref)
     except ValidationError:
         raise WrongKeyError(f"wrapped key names an invalid key reference; expected {owner}", resource=owner) from None
+
+
+def replacement_ref(key_ref: str, version: str | None) -> str | None:
+    """The key a provider's reported *version* of ``key_ref`` names, when that version is
+    another key object rather than a version of the same key: KMIP reports the UID of the
+    newest Active object bearing the key's Name (a customer's HSM rotation is a new
+    object; ADR 0038), so the rotation moves the tenant to ``kmip://HOST:PORT/<that UID>``.
+    None when ``version`` is a version of ``key_ref`` itself (AWS KMS key material, Key
+    Vault key versions: the reference stays) or names ``key_ref``'s own object."""
+    parsed = parse_key_ref(key_ref)
+    if not isinstance(parsed, KmipKeyRef) or not version or version == parsed.uid:
+        return None
+    if not _KMIP_UID_RE.match(version):
+        raise ValidationError(f"KMIP key {parsed.uri}: the server named a replacement with an unusable UID")
+    return KmipKeyRef(parsed.host, parsed.port, version).uri

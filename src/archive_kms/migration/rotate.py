@@ -95,6 +95,13 @@ class RotationPlan:
     flow: str = Flow.ROTATE.value
 
     @property
+    def switches_key(self) -> bool:
+        """The tenant moves to another key: a BYOK re-upload (a new imported key), or a
+        customer rotation whose new version is another key object (KMIP: a new object
+        under the same Name, ADR 0038)."""
+        return bool(self.previous_key_ref) and self.previous_key_ref != self.key_ref
+
+    @property
     def new_index(self) -> str:
         return index_name(self.tenant_id, self.new_generation)
 
@@ -220,6 +227,10 @@ def prove_key(ctx: RunContext) -> dict[str, Any]:
             resource=plan.key_ref,
         )
     provider = p.resolve_provider(plan.key_ref)
+    if plan.switches_key and plan.kind == "customer":
+        check = getattr(provider, "check_metadata", None)
+        if check is not None:
+            check()  # another object of the customer's: it must be a usable master key (preflight's checks)
     probe = SecretBytes(secrets.token_bytes(32))
     context = {"tenant": plan.tenant_id, "purpose": "rotation-proof"}
     wrapped = provider.wrap(probe, context=context)
@@ -277,8 +288,8 @@ def build_index(ctx: RunContext) -> dict[str, Any]:
 def cutover(ctx: RunContext) -> dict[str, Any]:
     plan, p = _plan(ctx), ctx.platform
     t = ctx.tenant()
-    if t.index_generation != plan.new_generation or (plan.kind == "byok" and t.key_ref != plan.key_ref):
-        key_ref = plan.key_ref if plan.kind == "byok" else t.key_ref
+    if t.index_generation != plan.new_generation or (plan.switches_key and t.key_ref != plan.key_ref):
+        key_ref = plan.key_ref if plan.switches_key else t.key_ref
         p.state.update_tenant(replace(t, index_generation=plan.new_generation, key_ref=key_ref), fence=ctx.fence)
     current = p.index.current_index(plan.tenant_id)
     if current != plan.new_index:
@@ -353,11 +364,15 @@ def retire(ctx: RunContext) -> dict[str, Any]:
         "rotation.completed",
         {"rotation_id": plan.rotation_id, "version": plan.observed_version, "previous": plan.previous_version},
     )
+    if plan.switches_key and plan.kind == "customer":
+        # The old object is the customer's: nothing wraps under it now; they deactivate it.
+        ctx.audit("rotation.old_key_released", {"key_ref": plan.previous_key_ref, "replaced_by": plan.key_ref})
     return {
         **result,
         "previous_version": plan.previous_version,
         "version": plan.observed_version,
         "old_key_retired": retired,
+        "previous_key_ref": plan.previous_key_ref,
     }
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from archive_kms.domain.tenants import TenantId
 from archive_kms.errors import StateError
+from archive_kms.keys.refs import replacement_ref
 from archive_kms.migration.engine import trigger
 from archive_kms.migration.rotate import audit_detected, plan_rotation
 from archive_kms.operations.platform import Platform
@@ -76,7 +77,10 @@ def on_rotation_detected(
     trigger created the run (it submits it; concurrent callers find it). An observation made before a rotate run
     applied this very change (a monitor check racing the run's ``retire``) finds that
     completed rotation and its run (created False): the same change is not rotated twice."""
-    applied = _applied(platform, tenant_id, observation)
+    # A KMIP "version" is another key object: the rotation moves the tenant onto it.
+    replacement = replacement_ref(observation.key_ref, observation.observed_version)
+    target = replacement or observation.key_ref
+    applied = _applied(platform, tenant_id, target, observation.observed_version)
     if applied is not None:
         return applied
     rotation, created = platform.state.open_rotation(
@@ -84,7 +88,7 @@ def on_rotation_detected(
             rotation_id=uuid.uuid4().hex,
             tenant_id=tenant_id,
             kind="customer",
-            key_ref=observation.key_ref,
+            key_ref=target,
             previous_key_ref=observation.key_ref,
             previous_version=observation.previous_version,
             observed_version=observation.observed_version,
@@ -101,15 +105,15 @@ def on_rotation_detected(
 
 
 def _applied(
-    platform: Platform, tenant_id: str, observation: RotationObservation
+    platform: Platform, tenant_id: str, key_ref: str, version: str | None
 ) -> tuple[KeyRotation, MigrationRun, bool] | None:
-    """The completed rotation (and its run) that already moved the tenant onto the
-    observed version, if the tenant's known version is that one; else None."""
+    """The completed rotation (and its run) that already moved the tenant onto
+    ``version`` of ``key_ref``, if the tenant's known version is that one; else None."""
     mark = platform.state.get_key_version(tenant_id)
-    if mark is None or mark.key_ref != observation.key_ref or mark.version != observation.observed_version:
+    if mark is None or mark.key_ref != key_ref or mark.version != version:
         return None
     for done in platform.state.list_rotations(tenant_id, states=[RotationState.COMPLETED]):
-        if done.key_ref == observation.key_ref and done.observed_version == observation.observed_version:
+        if done.key_ref == key_ref and done.observed_version == version:
             run = platform.state.get_run(done.run_id) if done.run_id else None
             if run is not None:
                 return done, run, False

@@ -28,6 +28,7 @@ revocation itself: the key-state monitor does (``operations.key_monitor``).
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import contextvars
 import enum
@@ -146,6 +147,11 @@ class _Tenant:
 
 T = TypeVar("T")
 
+# Set as the interpreter starts shutting down (before it joins threads: the moment the
+# libraries a status call uses begin to refuse new work, as concurrent.futures does).
+_INTERPRETER_STOPPING = threading.Event()
+(getattr(threading, "_register_atexit", None) or atexit.register)(_INTERPRETER_STOPPING.set)
+
 
 class _DaemonPool:
     """A fixed set of daemon threads running submitted calls into futures.
@@ -160,6 +166,11 @@ class _DaemonPool:
         self._name = name
         self._started = 0
         self._lock = threading.Lock()
+
+    @property
+    def stopping(self) -> bool:
+        """The interpreter is shutting down: calls still running were cut short."""
+        return _INTERPRETER_STOPPING.is_set()
 
     def submit(self, call: Callable[[], T]) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -387,7 +398,9 @@ class KeyStateGuard:
                 )
             elif previous is not None:
                 log.warning("key state: tenant %s, L1 %s is usable again", tenant_id, l1_ref)
-            if self._on_change is not None:
+            if self._on_change is not None and not self._pool.stopping:
+                # A probe cut short by the interpreter's shutdown (its HTTP clients refuse
+                # new work then) is no answer from the provider: report nothing.
                 try:
                     self._on_change(verdict, previous)
                 except Exception:

@@ -123,7 +123,7 @@ class DataKeys:
                 return DataKey(active.record_id, self._keys.dek_key(head, active.record_id))
             return None
 
-        found = self._heads.read(tenant_id, fast)
+        found = self._heads.read(tenant_id, fast, fresh=True)  # new data: never a DEK retired meanwhile
         if found is not None:
             return found
 

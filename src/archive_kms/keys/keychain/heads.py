@@ -275,8 +275,12 @@ class TenantHeads:
 
     # --- reading and writing ----------------------------------------------------------------
 
-    def read(self, tenant_id: str, fn: Callable[[TenantHead], T], *, gate: bool = True) -> T:
-        max_age = self.recheck_seconds if gate else 0.0
+    def read(self, tenant_id: str, fn: Callable[[TenantHead], T], *, gate: bool = True, fresh: bool = False) -> T:
+        """``fn`` of the tenant's verified head. A head this process verified less than
+        ``recheck_seconds`` ago is reused, unless ``fresh``: choices about *new* data (which
+        DEK encrypts it) are made on the current head, so a DEK another process just
+        retired or erased is never given new data."""
+        max_age = self.recheck_seconds if gate and not fresh else 0.0
         head = self.load(tenant_id, gate=gate, max_age=max_age)
         for _ in range(self._max_attempts):
             try:
@@ -290,10 +294,10 @@ class TenantHeads:
                 if max_age <= 0:
                     raise
                 max_age = 0.0
-                fresh = self.load(tenant_id, gate=gate)
-                if fresh.version == head.version:
+                reloaded = self.load(tenant_id, gate=gate)
+                if reloaded.version == head.version:
                     raise
-                head = fresh
+                head = reloaded
         raise self._busy(tenant_id)
 
     def write(
