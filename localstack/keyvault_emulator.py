@@ -435,12 +435,22 @@ def open_transfer_blob(kek: rsa.RSAPrivateKey, ciphertext: bytes) -> tuple[str, 
         raise _corrupt_blob("the target key is not a PKCS#8 private key") from None
     if not isinstance(target, rsa.RSAPrivateKey):
         raise bad_parameter("Only RSA target keys can be imported into a vault from a key transfer blob.")
-    if target.key_size not in RSA_SIZES:
-        raise bad_parameter(f"RSA key size {target.key_size} is not supported; use one of {RSA_SIZES}.")
-    pem = target.private_bytes(
+    return stored_rsa_key(target)
+
+
+def pkcs8_pem(key: rsa.RSAPrivateKey) -> str:
+    """How the vault keeps an RSA private key: unencrypted PKCS#8 PEM."""
+    return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode("ascii")
-    return pem, target.key_size
+
+
+def stored_rsa_key(key: rsa.RSAPrivateKey) -> tuple[str, int]:
+    """An imported RSA key as the vault keeps it, (PEM, size); a size Key Vault does not
+    take is refused."""
+    if key.key_size not in RSA_SIZES:
+        raise bad_parameter(f"RSA key size {key.key_size} is not supported; use one of {RSA_SIZES}.")
+    return pkcs8_pem(key), key.key_size
 
 
 # --------------------------------------------------------------------------- the vault
@@ -584,10 +594,7 @@ class Vault:
     @staticmethod
     def _new_material(kty: str, size: int) -> str:
         if kty in RSA_TYPES:
-            key = rsa.generate_private_key(public_exponent=65537, key_size=size)
-            return key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ).decode("ascii")
+            return pkcs8_pem(rsa.generate_private_key(public_exponent=65537, key_size=size))
         return b64url_encode(secrets.token_bytes(size // 8))
 
     @staticmethod
@@ -768,12 +775,7 @@ class Vault:
             key = numbers.private_key()
         except (ValueError, TypeError):
             raise bad_parameter("The RSA key parameters are not consistent.") from None
-        if key.key_size not in RSA_SIZES:
-            raise bad_parameter(f"RSA key size {key.key_size} is not supported; use one of {RSA_SIZES}.")
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode("ascii")
-        return pem, key.key_size
+        return stored_rsa_key(key)
 
     def get(self, base: str, name: str, version: str) -> dict[str, Any]:
         with self._lock:
