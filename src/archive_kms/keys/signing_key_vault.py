@@ -176,6 +176,7 @@ class KeyVaultSigningKey:
         except ArchiveKmsError as exc:
             error = exc
         error.__cause__ = None  # one line; the SDK exception holds the request
+        error.__context__ = None
         error.__suppress_context__ = True
         raise error
 

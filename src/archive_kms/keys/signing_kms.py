@@ -2,14 +2,14 @@
 a ``crypto.signing.RemoteSigningKey`` over one asymmetric KMS key (KeySpec
 ``ECC_NIST_P256``, KeyUsage ``SIGN_VERIFY``). The private key never leaves KMS.
 
-* ``public_key()`` is ``GetPublicKey``: it checks the key signs with ``ECDSA_SHA_256``
-  (KMS refuses a disabled key with ``DisabledException``, which fails the start) and
-  pins the key ARN KMS answers with, so an alias re-pointed later does not move the
-  signer to another key while it runs.
+* ``public_key()`` is ``DescribeKey`` (the key must be ``Enabled``: a disabled key fails
+  the start) and ``GetPublicKey`` (KeyUsage ``SIGN_VERIFY``, KeySpec ``ECC_NIST_P256``,
+  ``ECDSA_SHA_256`` among its signing algorithms); it pins the key ARN, so an alias
+  re-pointed later does not move the signer to another key while it runs.
 * ``sign_digest()`` is ``Sign`` with ``MessageType=DIGEST`` and ``ECDSA_SHA_256`` over the
   32-byte SHA-256 digest; KMS answers a DER ECDSA-Sig-Value, returned as r || s.
 
-The worker's role needs ``kms:Sign`` and ``kms:GetPublicKey`` on this key only
+The worker's role needs ``kms:Sign``, ``kms:GetPublicKey`` and ``kms:DescribeKey`` on this key only
 (docs/deployment.md). Errors are translated by ``keys.aws_kms.translate_client_error``
 (one line naming the operation and the reference); transient ones (throttling, KMS
 unavailable) are retried through ``archive_kms.retry``, a disabled or deleted key is not:
@@ -19,13 +19,14 @@ the operation that wanted a signature fails and writes nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from archive_kms import clients, retry
 from archive_kms.config import Settings
 from archive_kms.crypto.signing import ecdsa_raw_from_der, signing_public_key_from_der
-from archive_kms.errors import ArchiveKmsError, ConfigurationError, ValidationError
-from archive_kms.keys.aws_kms import translate_client_error
+from archive_kms.errors import ArchiveKmsError, ConfigurationError, KeyUnavailableError, ValidationError
+from archive_kms.keys.aws_kms import map_key_state, translate_client_error
 from archive_kms.keys.refs import AwsKmsKeyRef, parse_key_ref
 
 __all__ = ["KEY_SPEC", "SIGNING_ALGORITHM", "KmsSigningKey"]
@@ -62,7 +63,17 @@ class KmsSigningKey:
         return f"KmsSigningKey({self._ref.uri!r})"
 
     def public_key(self) -> Any:
-        response = self._call("GetPublicKey", lambda: self._kms.get_public_key(KeyId=self._ref.api_key_id))
+        metadata = self._call("DescribeKey", lambda: self._kms.describe_key(KeyId=self._ref.api_key_id))["KeyMetadata"]
+        if metadata.get("KeyState") != "Enabled":
+            state = map_key_state(metadata, datetime.now(UTC))
+            raise KeyUnavailableError(
+                f"keychain signing key (keychain_signing_key_ref): KMS key {self.key_ref} is "
+                f"{metadata.get('KeyState')}; nothing can be signed",
+                resource=self.key_ref,
+                state=state.value,
+            )
+        key_arn = str(metadata["Arn"])
+        response = self._call("GetPublicKey", lambda: self._kms.get_public_key(KeyId=key_arn))
         problems = []
         if response.get("KeyUsage") != "SIGN_VERIFY":
             problems.append(f"its KeyUsage is {response.get('KeyUsage')}")
@@ -112,5 +123,6 @@ class KmsSigningKey:
             error = exc
         error.args = (f"keychain signing key (keychain_signing_key_ref): {error}",)
         error.__cause__ = None
+        error.__context__ = None
         error.__suppress_context__ = True
         raise error
