@@ -81,6 +81,25 @@ def test_a_rotation_from_the_pem_key_to_a_kms_key_keeps_old_records_verifiable(
     assert set(rotated.verifier().key_ids) == {old.key_id, rotated.signer.key_id}
     rotated.state.close()
 
+    # Audit heads name the algorithm of the key that sealed them; a label that disagrees
+    # with the trusted key the key id selects is refused, never checked another way.
+    con = sqlite3.connect(tmp_path / "state.db")
+    seals = set(con.execute("select seal_alg, seal_key_id from audit_heads").fetchall())
+    assert ("ecdsa-p256", rotated.signer.key_id) in seals
+    con.execute("update audit_heads set seal_alg='ed25519' where seal_key_id=?", (rotated.signer.key_id,))
+    con.commit()
+    con.close()
+    relabelled = Platform.from_settings(
+        base.model_copy(update={"keychain_signing_key_ref": ref, "keychain_previous_public_keys_path": str(previous)})
+    )
+    check = relabelled.state.verify_audit()
+    assert not check.ok and "expected ecdsa-p256" in str(check), check
+    relabelled.state.close()
+    con = sqlite3.connect(tmp_path / "state.db")
+    con.execute("update audit_heads set seal_alg='ecdsa-p256' where seal_key_id=?", (rotated.signer.key_id,))
+    con.commit()
+    con.close()
+
     again = Platform.from_settings(
         base.model_copy(update={"keychain_signing_key_ref": ref, "keychain_previous_public_keys_path": str(previous)})
     )

@@ -446,6 +446,12 @@ class Verifier:
     def key_ids(self) -> tuple[str, ...]:
         return tuple(sorted(self._keys))
 
+    def algorithm_of(self, key_id: str) -> str | None:
+        """``"ed25519"`` or ``"ecdsa-p256"``: the algorithm of the trusted key ``key_id``
+        (None if no such key). What a document's own algorithm label must equal."""
+        pk = self._keys.get(key_id)
+        return algorithm_of(pk) if pk is not None else None
+
     def public_pem(self, key_id: str) -> bytes:
         """The public key ``key_id`` as PEM (what a customer verifies exports with)."""
         pk = self._keys.get(key_id)
