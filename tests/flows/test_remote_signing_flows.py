@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import run_plan
 
 from archive_kms import cli, clients
-from archive_kms.config import Settings
+from archive_kms.config import PROJECT_ROOT, Settings
 from archive_kms.migration import plan_enable
 from archive_kms.migration.erase import certificate_json, plan_erase
 from archive_kms.state.port import RunState
@@ -87,6 +88,20 @@ class SignCounter:
         return self.calls, self.seconds
 
 
+def run_documented_ecdsa_check(*, pem: bytes, record: bytes) -> None:
+    """Execute the Python block of docs/erasure-record.md "Verifying an ECDSA-signed record
+    with another tool" with ``pem`` and ``record`` defined; it raises if the record does not
+    verify."""
+    text = (PROJECT_ROOT / "docs" / "erasure-record.md").read_text()
+    section = text[text.index("**Verifying an ECDSA-signed record with another tool.**") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
+    exec(compile(code, "docs/erasure-record.md", "exec"), {"pem": pem, "record": record})
+    tampered = record.replace(b'"objects_deleted":', b'"objects_deleted":1')
+    with pytest.raises(InvalidSignature):
+        exec(compile(code, "docs/erasure-record.md", "exec"), {"pem": pem, "record": tampered})
+
+
 def invoke(*args: str) -> Any:
     return CliRunner().invoke(cli.app, list(args), catch_exceptions=False)
 
@@ -128,6 +143,9 @@ def test_enable_and_erase_signed_by_a_remote_key_verify_offline(
     monkeypatch.delenv("ARCHIVE_KMS_KEYCHAIN_SIGNING_KEY_REF")
     ok = invoke("erasure", "verify", str(record), "--public-key", str(pem))
     assert ok.exit_code == 0 and f"signed by {signer.key_id}" in ok.output, ok.output
+    # A second implementation: the docs' own snippet (docs/erasure-record.md section 4),
+    # run as written, verifies the record with the PEM alone.
+    run_documented_ecdsa_check(pem=pem.read_bytes(), record=record.read_bytes())
     doc = json.loads(record.read_text())
     doc["storage"]["objects_deleted"] -= 1  # the operator hides one object
     tampered = tmp_path / "tampered.json"
