@@ -149,6 +149,8 @@ def test_a_rotation_may_cross_algorithms() -> None:
     old = Signer.generate()
     new = Signer.remote(LocalP256()).with_previous(old.public_key_pem())
     assert set(new.verifier().key_ids) == {old.key_id, new.key_id}
+    # what the console publishes as "the" public key: the one that signs now
+    assert new.verifier().primary_key_id == new.key_id and old.verifier().primary_key_id == old.key_id
     new.verifier().verify(b"r", old.sign(b"r", purpose="p"), key_id=old.key_id, purpose="p")
     back = Signer.generate().with_previous(new.public_key_pem())  # and back to a PEM key
     back.verifier().verify(b"r", new.sign(b"r", purpose="p"), key_id=new.key_id, purpose="p")

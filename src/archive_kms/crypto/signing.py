@@ -423,7 +423,7 @@ class Verifier:
     """Public keys that signatures are checked against, chosen by key id; each key checks
     with its own algorithm (Ed25519 or ECDSA P-256 / SHA-256)."""
 
-    __slots__ = ("_keys",)
+    __slots__ = ("_keys", "_primary")
 
     def __init__(self, public_keys: Iterable[SigningPublicKey]) -> None:
         keys: dict[str, SigningPublicKey] = {}
@@ -436,6 +436,7 @@ class Verifier:
         if not keys:
             raise ValidationError("a verifier needs at least one public key")
         self._keys = keys
+        self._primary = next(iter(keys))
 
     @classmethod
     def from_public_pem(cls, *pems: bytes) -> Verifier:
@@ -445,6 +446,12 @@ class Verifier:
     @property
     def key_ids(self) -> tuple[str, ...]:
         return tuple(sorted(self._keys))
+
+    @property
+    def primary_key_id(self) -> str:
+        """The first key given: for ``Signer.verifier()``, the key that signs now (the
+        others are the keys it replaced)."""
+        return self._primary
 
     def algorithm_of(self, key_id: str) -> str | None:
         """``"ed25519"`` or ``"ecdsa-p256"``: the algorithm of the trusted key ``key_id``
