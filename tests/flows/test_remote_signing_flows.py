@@ -28,58 +28,64 @@ from conftest import run_plan
 
 from archive_kms import cli, clients
 from archive_kms.config import PROJECT_ROOT, Settings
+from archive_kms.crypto.signing import Signer
 from archive_kms.migration import plan_enable
 from archive_kms.migration.erase import certificate_json, plan_erase
 from archive_kms.state.port import RunState
 
-SIGNING_BACKENDS = ["aws-kms", "azure-kv"]
+#: "pem" is the peer run: the same flows with the local Ed25519 key, for the comparison.
+SIGNING_BACKENDS = ["pem", "aws-kms", "azure-kv"]
+PHASE_WALL: dict[str, dict[str, float]] = {}  # backend -> phase -> wall seconds, for the ratios
 
 
 @pytest.fixture(params=SIGNING_BACKENDS)
-def signing_key_ref(request, localstack: Settings, keyvault: Settings) -> Iterator[str]:
+def signing_key(request, localstack: Settings, keyvault: Settings, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The settings that name the platform signing key of one backend."""
+    if request.param == "pem":
+        path = tmp_path / "signing.pem"
+        Signer.create_key_file(path)
+        yield {"keychain_signing_key_path": str(path)}
+        return
     if request.param == "aws-kms":
         kms = clients.kms_client(localstack)
         md = kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY", Description="archive-kms flow signing")[
             "KeyMetadata"
         ]
-        yield f"aws-kms://{md['Arn']}"
+        yield {"keychain_signing_key_ref": f"aws-kms://{md['Arn']}"}
         kms.schedule_key_deletion(KeyId=md["KeyId"], PendingWindowInDays=7)
         return
     keys = clients.keyvault_key_client(keyvault)
     key = keys.create_ec_key(f"flow-signing-{uuid.uuid4().hex[:10]}", curve="P-256", hardware_protected=True)
     host_port = str(keyvault.azure_keyvault_url).removeprefix("https://")
-    yield f"azure-kv://{host_port}/keys/{key.name}/{key.properties.version}"
+    yield {"keychain_signing_key_ref": f"azure-kv://{host_port}/keys/{key.name}/{key.properties.version}"}
     keys.begin_delete_key(key.name).wait()
 
 
 @pytest.fixture
-def flow_settings(localstack: Settings, azurite: Settings, elasticsearch: Settings, tmp_path, signing_key_ref: str):
-    """The flows' settings, signing with the remote key."""
+def flow_settings(localstack: Settings, azurite: Settings, elasticsearch: Settings, tmp_path, signing_key):
+    """The flows' settings, signing with the backend's key."""
     return localstack.model_copy(
-        update={
-            "state_url": f"sqlite:///{tmp_path / 'state.db'}",
-            "lease_ttl_seconds": 5,
-            "keychain_signing_key_ref": signing_key_ref,
-        }
+        update={"state_url": f"sqlite:///{tmp_path / 'state.db'}", "lease_ttl_seconds": 5, **signing_key}
     )
 
 
 class SignCounter:
-    """Counts the remote key's signatures and the time spent in them."""
+    """Counts the platform's signatures (``Signer.sign``, every backend) and the time spent
+    in them."""
 
-    def __init__(self, remote: Any) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls, self.seconds = 0, 0.0
-        inner = remote.sign_digest
+        inner = Signer.sign
 
-        def counted(digest: bytes) -> bytes:
+        def counted(signer: Signer, message: bytes, *, purpose: str) -> bytes:
             start = time.perf_counter()
             try:
-                return inner(digest)
+                return inner(signer, message, purpose=purpose)
             finally:
                 self.calls += 1
                 self.seconds += time.perf_counter() - start
 
-        remote.sign_digest = counted
+        monkeypatch.setattr(Signer, "sign", counted)
 
     def since(self, mark: tuple[int, float]) -> tuple[int, float]:
         return self.calls - mark[0], self.seconds - mark[1]
@@ -106,13 +112,17 @@ def invoke(*args: str) -> Any:
     return CliRunner().invoke(cli.app, list(args), catch_exceptions=False)
 
 
-def test_enable_and_erase_signed_by_a_remote_key_verify_offline(
-    flow_platform, archived_tenant, customer_key, signing_key_ref, tmp_path: Path, monkeypatch, request
+def test_enable_and_erase_signed_by_each_backend_verify_offline(
+    flow_platform, archived_tenant, customer_key, signing_key, tmp_path: Path, monkeypatch, request
 ) -> None:
     p = flow_platform
     signer = p.require_signer()
-    assert signer.algorithm == "ecdsa-p256" and signer.key_ref is not None
-    counter = SignCounter(signer._remote)
+    backend = request.node.callspec.params["signing_key"]
+    if backend == "pem":
+        assert signer.algorithm == "ed25519" and signer.key_ref is None
+    else:
+        assert signer.algorithm == "ecdsa-p256" and signer.key_ref == signing_key["keychain_signing_key_ref"]
+    counter = SignCounter(monkeypatch)
     phases: dict[str, tuple[int, float, float]] = {}
 
     mark, start = counter.mark(), time.perf_counter()
@@ -132,20 +142,23 @@ def test_enable_and_erase_signed_by_a_remote_key_verify_offline(
     assert all(calls > 0 for calls, _, _ in phases.values()), phases
     assert p.state.verify_audit(tenant_id=tid).ok
 
-    # Offline: the exported public PEM alone verifies the record, which names the ECDSA key.
-    monkeypatch.setenv("ARCHIVE_KMS_KEYCHAIN_SIGNING_KEY_REF", signing_key_ref)
+    # Offline: the exported public PEM alone verifies the record, which names the key.
+    for name, value in signing_key.items():
+        monkeypatch.setenv(f"ARCHIVE_KMS_{name.upper()}", value)
     record = tmp_path / "erasure.json"
     record.write_bytes(certificate_json(p.state.get_run(erased.run_id)))
     exported = invoke("erasure", "public-key")
     assert exported.exit_code == 0 and exported.output.encode().strip() == signer.public_key_pem().strip()
     pem = tmp_path / "platform.pem"
     pem.write_text(exported.output)
-    monkeypatch.delenv("ARCHIVE_KMS_KEYCHAIN_SIGNING_KEY_REF")
+    for name in signing_key:
+        monkeypatch.delenv(f"ARCHIVE_KMS_{name.upper()}")
     ok = invoke("erasure", "verify", str(record), "--public-key", str(pem))
     assert ok.exit_code == 0 and f"signed by {signer.key_id}" in ok.output, ok.output
     # A second implementation: the docs' own snippet (docs/erasure-record.md section 4),
     # run as written, verifies the record with the PEM alone.
-    run_documented_ecdsa_check(pem=pem.read_bytes(), record=record.read_bytes())
+    if backend != "pem":
+        run_documented_ecdsa_check(pem=pem.read_bytes(), record=record.read_bytes())
     doc = json.loads(record.read_text())
     doc["storage"]["objects_deleted"] -= 1  # the operator hides one object
     tampered = tmp_path / "tampered.json"
@@ -153,9 +166,11 @@ def test_enable_and_erase_signed_by_a_remote_key_verify_offline(
     bad = invoke("erasure", "verify", str(tampered), "--public-key", str(pem))
     assert bad.exit_code == 1 and "NOT verified" in bad.output, bad.output
 
-    backend = request.node.callspec.params["signing_key_ref"]
+    PHASE_WALL[backend] = {phase: wall for phase, (_, _, wall) in phases.items()}
+    peer = PHASE_WALL.get("pem", {})
     for phase, (calls, seconds, wall) in phases.items():
+        ratio = f", {wall / peer[phase]:.2f}x the PEM key's wall time" if backend != "pem" and phase in peer else ""
         print(
-            f"\n[remote signing {backend}] {phase}: {calls} signatures, {seconds:.2f} s in them "
-            f"({seconds / wall:.0%} of the phase's {wall:.2f} s)"
+            f"\n[signing {backend}] {phase}: {calls} signatures, {seconds:.3f} s in them "
+            f"({seconds / wall:.0%} of the phase's {wall:.2f} s{ratio})"
         )
