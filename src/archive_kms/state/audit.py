@@ -18,9 +18,10 @@ run_id, details, prev_hash, tenant_seq, tenant_prev_hash`` (``ts`` as
 Heads
 -----
 Each chain has a head (``count``, ``head_hash``) updated in the append's transaction. A
-head may be **sealed** (HMAC-SHA256 or Ed25519 over ``canonical_head``) with a key kept
-out of the database: then an attacker who can write the database but lacks the key can
-neither truncate the tail nor rewrite records and re-hash, without the seal failing. He
+head may be **sealed** (HMAC-SHA256, or the platform signing key: Ed25519 or ECDSA P-256,
+over ``canonical_head``) with a key kept out of the database: then an attacker who can
+write the database but lacks the key can neither truncate the tail nor rewrite records
+and re-hash, without the seal failing. He
 can still roll the log back to a state whose sealed head he saved earlier; anchoring
 (``verify_export(anchor=...)``, or publishing heads elsewhere) detects that.
 """
