@@ -26,6 +26,10 @@ non-empty bearer token is then accepted. ``GET /ping`` answers ``pong`` without 
 Dependencies: the standard library and ``cryptography``. Request log lines name the
 method, the path and the status only, never bodies or key material.
 
+EC keys on curve P-256 (``EC``/``EC-HSM``) sign and verify with ``ES256`` over a SHA-256
+digest, the signature being the raw r || s (64 bytes) as Key Vault answers it: the
+platform signing key held in a vault (docs/adr/0040-remote-signing-key.md).
+
 BYOK: key exchange keys (RSA-HSM, key_ops ``import`` only) and the import of key transfer
 blobs (``key_hsm``, CKM_RSA_AES_KEY_WRAP) as docs/adr/0037-key-vault-emulator-byok-import.md
 says. Differences from the real service are listed in docs/adr/0003-azure-key-vault-emulator.md
