@@ -91,6 +91,13 @@ def algorithm_of(public_key: object) -> str:
     raise ValidationError("a platform signing key must be an Ed25519 or an ECDSA P-256 key")
 
 
+def _signing_key(public_key: object) -> SigningPublicKey:
+    """``public_key`` if it is an Ed25519 or P-256 key (``algorithm_of``), typed as such."""
+    algorithm_of(public_key)
+    assert isinstance(public_key, (Ed25519PublicKey, ec.EllipticCurvePublicKey))
+    return public_key
+
+
 def key_id_of(public_key: SigningPublicKey) -> str:
     """``ed25519:`` + the first 16 hex digits of SHA-256 of the raw public key, or
     ``ecdsa-p256:`` + the first 16 hex digits of SHA-256 of its SubjectPublicKeyInfo DER."""
@@ -108,8 +115,7 @@ def signing_public_key_from_der(der: bytes) -> SigningPublicKey:
         pk = serialization.load_der_public_key(der)
     except (ValueError, TypeError):
         raise ValidationError("not a DER SubjectPublicKeyInfo public key") from None
-    algorithm_of(pk)
-    return pk  # type: ignore[return-value]
+    return _signing_key(pk)
 
 
 def ecdsa_p256_public_key_from_xy(x: bytes, y: bytes) -> ec.EllipticCurvePublicKey:
@@ -405,17 +411,16 @@ def _public_keys(pem: bytes, what: str = "a previous signing key") -> list[Signi
     blocks = [marker + part for part in pem.split(marker)[1:]]
     if not blocks:
         raise ValidationError("no PEM public key found")
-    keys = []
+    keys: list[SigningPublicKey] = []
     for block in blocks:
         try:
             pk = serialization.load_pem_public_key(block)
         except (ValueError, TypeError):
             raise ValidationError("not a PEM public key") from None
         try:
-            algorithm_of(pk)
+            keys.append(_signing_key(pk))
         except ValidationError:
             raise ValidationError(f"{what} must be an Ed25519 or ECDSA P-256 public key") from None
-        keys.append(pk)  # type: ignore[arg-type]
     return keys
 
 

@@ -250,8 +250,9 @@ def check_head_seal(head: ChainHead, verifier: HeadVerifier | None) -> str | Non
         return None
     if head.seal is None:
         return f"chain {head.chain!r}: head is not sealed"
-    expected = verifier.algorithm_for(head.seal_key_id) if head.seal_key_id else None
-    if expected is None:
+    key_id = head.seal_key_id
+    expected = verifier.algorithm_for(key_id) if key_id else None
+    if not key_id or expected is None:
         return f"chain {head.chain!r}: head sealed with {head.seal_alg}/{head.seal_key_id}, a key we do not trust"
     if head.seal_alg != expected:
         return f"chain {head.chain!r}: head sealed with {head.seal_alg}/{head.seal_key_id}, expected {expected}"
@@ -259,7 +260,7 @@ def check_head_seal(head: ChainHead, verifier: HeadVerifier | None) -> str | Non
         tag = base64.b64decode(head.seal, validate=True)
     except ValueError:
         return f"chain {head.chain!r}: head seal is not base64"
-    if not verifier.verify(canonical_head(head.chain, head.count, head.head_hash), tag, key_id=head.seal_key_id):
+    if not verifier.verify(canonical_head(head.chain, head.count, head.head_hash), tag, key_id=key_id):
         return f"chain {head.chain!r}: head seal does not verify (head rewritten)"
     return None
 
