@@ -2,7 +2,8 @@
 (``Platform.from_settings``, the state store on SQLite; ADR 0040): a rotation from the PEM
 key to a KMS key keeps what the PEM key signed verifiable; a disabled KMS signing key
 fails closed (one line, nothing stored unsigned, and a new process refuses to start);
-both settings at once, or a key that cannot sign, are configuration errors."""
+both settings at once, or a key that cannot sign, are configuration errors. The same for a
+Key Vault signing key (the emulator): disabled, verify-only, RSA, or on a foreign host."""
 
 from __future__ import annotations
 
@@ -167,3 +168,41 @@ def test_both_settings_or_a_key_that_cannot_sign_are_configuration_errors(
     with pytest.raises(Exception, match="keychain_signing_key_ref.*no such key") as info:
         platform_signer(localstack.model_copy(update={"keychain_signing_key_ref": missing}))
     assert "\n" not in str(info.value)
+
+
+def test_a_key_vault_signing_key_disabled_or_of_the_wrong_kind_fails_closed(keyvault: Settings) -> None:
+    keys = clients.keyvault_key_client(keyvault)
+    host_port = str(keyvault.azure_keyvault_url).removeprefix("https://")
+    made: list[str] = []
+
+    def new(create: Callable[..., object], **kwargs: object) -> tuple[str, object]:
+        name = f"signing-{uuid.uuid4().hex[:10]}"
+        key = create(name, **kwargs)
+        made.append(name)
+        return f"azure-kv://{host_port}/keys/{name}", key
+
+    try:
+        ref, key = new(keys.create_ec_key, curve="P-256")
+        settings = keyvault.model_copy(update={"keychain_signing_key_ref": ref})
+        signer = platform_signer(settings)
+        assert signer.key_id.startswith("ecdsa-p256:")
+        keys.update_key_properties(key.name, key.properties.version, enabled=False)  # type: ignore[attr-defined]
+        with pytest.raises(KeyUnavailableError) as info:
+            signer.sign(b"head", purpose="keychain-head/v1")  # the running signer: refused by the vault
+        assert "keychain_signing_key_ref" in str(info.value) and "\n" not in str(info.value)
+        assert info.value.__cause__ is None and info.value.__context__ is None
+        with pytest.raises(KeyUnavailableError, match="keychain_signing_key_ref.*is disabled"):
+            platform_signer(settings)  # and a new process does not start
+
+        verify_only, _ = new(keys.create_ec_key, curve="P-256", key_operations=["verify"])
+        with pytest.raises(ConfigurationError, match="permitted operations lack sign"):
+            platform_signer(keyvault.model_copy(update={"keychain_signing_key_ref": verify_only}))
+        rsa, _ = new(keys.create_rsa_key, size=2048)
+        with pytest.raises(ConfigurationError, match="its type is RSA"):
+            platform_signer(keyvault.model_copy(update={"keychain_signing_key_ref": rsa}))
+        elsewhere = "azure-kv://attacker.example.com/keys/signing"
+        with pytest.raises(ConfigurationError, match="refusing to send credentials"):
+            platform_signer(keyvault.model_copy(update={"keychain_signing_key_ref": elsewhere}))
+    finally:
+        for name in made:
+            keys.begin_delete_key(name).wait()
