@@ -147,7 +147,8 @@ class KeyVaultSigningKey:
         crypto = self._crypto
         result = self._call("sign", pinned, lambda: crypto.sign(SignatureAlgorithm.es256, digest))
         answered = str(getattr(result, "key_id", "") or "")
-        if not answered.rstrip("/").endswith(f"/keys/{pinned.name}/{pinned.version}"):
+        # key names are case-insensitive in Key Vault; the version is exact
+        if not answered.rstrip("/").lower().endswith(f"/keys/{pinned.name}/{pinned.version}".lower()):
             raise IntegrityError(
                 f"{_SETTING}: Key Vault sign for {pinned.uri} answered for another key ({answered})",
                 resource=self.key_ref,
