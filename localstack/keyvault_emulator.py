@@ -26,6 +26,10 @@ non-empty bearer token is then accepted. ``GET /ping`` answers ``pong`` without 
 Dependencies: the standard library and ``cryptography``. Request log lines name the
 method, the path and the status only, never bodies or key material.
 
+EC keys on curve P-256 (``EC``/``EC-HSM``) sign and verify with ``ES256`` over a SHA-256
+digest, the signature being the raw r || s (64 bytes) as Key Vault answers it: the
+platform signing key held in a vault (docs/adr/0040-remote-signing-key.md).
+
 BYOK: key exchange keys (RSA-HSM, key_ops ``import`` only) and the import of key transfer
 blobs (``key_hsm``, CKM_RSA_AES_KEY_WRAP) as docs/adr/0037-key-vault-emulator-byok-import.md
 says. Differences from the real service are listed in docs/adr/0003-azure-key-vault-emulator.md
@@ -62,7 +66,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, keywrap, padding, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature, encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -82,12 +86,17 @@ API_VERSIONS = frozenset({"2016-10-01", "7.0", "7.1", "7.2", "7.3", "7.4", "7.5"
 
 RSA_TYPES = ("RSA", "RSA-HSM")
 OCT_TYPES = ("oct", "oct-HSM")
+EC_TYPES = ("EC", "EC-HSM")
+# The one curve this emulator creates (the platform signing key, ES256). A version keeps
+# its curve as ``size`` (256), so the state file format is unchanged.
+EC_CURVES = {"P-256": 256}
 RSA_SIZES = (2048, 3072, 4096)
 OCT_SIZES = (128, 192, 256)
 ALL_KEY_OPS = ("encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey", "import", "export")
 DEFAULT_OPS = {
     "RSA": ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"],
     "oct": ["encrypt", "decrypt", "wrapKey", "unwrapKey"],
+    "EC": ["sign", "verify"],
 }
 RECOVERY_LEVEL = "Recoverable+Purgeable"
 
@@ -185,6 +194,19 @@ def b64url_to_int(value: Any, what: str) -> int:
 # --------------------------------------------------------------------------- model
 
 
+def key_family(kty: str) -> str:
+    """ "RSA", "EC" or "oct": what a key type can do (its HSM variant does the same)."""
+    if kty in RSA_TYPES:
+        return "RSA"
+    if kty in EC_TYPES:
+        return "EC"
+    return "oct"
+
+
+def ec_curve_name(size: int) -> str:
+    return next(name for name, bits in EC_CURVES.items() if bits == size)
+
+
 @dataclass
 class KeyVersion:
     version: str
@@ -197,16 +219,16 @@ class KeyVersion:
     nbf: int | None = None
     exp: int | None = None
     tags: dict[str, str] | None = None
-    material: str = ""  # PKCS#8 PEM (RSA) or base64url (oct). Never logged, never returned.
+    material: str = ""  # PKCS#8 PEM (RSA, EC) or base64url (oct). Never logged, never returned.
     _obj: Any = field(default=None, repr=False, compare=False)
 
     @property
     def family(self) -> str:
-        return "RSA" if self.kty in RSA_TYPES else "oct"
+        return key_family(self.kty)
 
     def private_key(self) -> Any:
         if self._obj is None:
-            if self.family == "RSA":
+            if self.family in ("RSA", "EC"):
                 self._obj = serialization.load_pem_private_key(self.material.encode("ascii"), password=None)
             else:
                 self._obj = b64url_decode(self.material, "k")
@@ -438,8 +460,8 @@ def open_transfer_blob(kek: rsa.RSAPrivateKey, ciphertext: bytes) -> tuple[str, 
     return stored_rsa_key(target)
 
 
-def pkcs8_pem(key: rsa.RSAPrivateKey) -> str:
-    """How the vault keeps an RSA private key: unencrypted PKCS#8 PEM."""
+def pkcs8_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    """How the vault keeps an RSA or EC private key: unencrypted PKCS#8 PEM."""
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode("ascii")
@@ -568,6 +590,12 @@ class Vault:
             pub = v.private_key().public_key().public_numbers()
             jwk["n"] = int_to_b64url(pub.n)
             jwk["e"] = int_to_b64url(pub.e)
+        elif v.family == "EC":
+            pub_ec = v.private_key().public_key().public_numbers()
+            width = (v.size + 7) // 8
+            jwk["crv"] = ec_curve_name(v.size)
+            jwk["x"] = b64url_encode(pub_ec.x.to_bytes(width, "big"))
+            jwk["y"] = b64url_encode(pub_ec.y.to_bytes(width, "big"))
         return jwk  # symmetric material is never released, as in Azure
 
     def _bundle(self, base: str, entry: KeyEntry, v: KeyVersion) -> dict[str, Any]:
@@ -595,10 +623,13 @@ class Vault:
     def _new_material(kty: str, size: int) -> str:
         if kty in RSA_TYPES:
             return pkcs8_pem(rsa.generate_private_key(public_exponent=65537, key_size=size))
+        if kty in EC_TYPES:
+            assert size == EC_CURVES["P-256"]
+            return pkcs8_pem(ec.generate_private_key(ec.SECP256R1()))
         return b64url_encode(secrets.token_bytes(size // 8))
 
     @staticmethod
-    def _check_type_and_size(kty: Any, size: Any) -> tuple[str, int]:
+    def _check_type_and_size(kty: Any, size: Any, crv: Any = None) -> tuple[str, int]:
         if kty in RSA_TYPES:
             size = 2048 if size is None else size
             if size not in RSA_SIZES:
@@ -609,13 +640,18 @@ class Vault:
             if size not in OCT_SIZES:
                 raise bad_parameter(f"Symmetric key size {size!r} is not supported; use one of {OCT_SIZES}.")
             return kty, size
-        if kty in ("EC", "EC-HSM"):
-            raise bad_parameter("Key type EC is not supported by this emulator.")
+        if kty in EC_TYPES:
+            crv = "P-256" if crv is None else crv
+            if crv not in EC_CURVES:
+                raise bad_parameter(f"Curve {crv!r} is not supported by this emulator; use one of {tuple(EC_CURVES)}.")
+            if size is not None:
+                raise bad_parameter("An EC key is sized by its curve ('crv'), not by 'key_size'.")
+            return kty, EC_CURVES[crv]
         raise bad_parameter(f"Invalid key type {kty!r}.")
 
     def create(self, base: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         check_name(name)
-        kty, size = self._check_type_and_size(body.get("kty"), body.get("key_size"))
+        kty, size = self._check_type_and_size(body.get("kty"), body.get("key_size"), body.get("crv"))
         if body.get("public_exponent") not in (None, 65537):
             raise bad_parameter("Only the public exponent 65537 is supported.")
         if body.get("release_policy") is not None:
@@ -652,7 +688,7 @@ class Vault:
         material: str,
     ) -> dict[str, Any]:
         now = int(time.time())
-        family = "RSA" if kty in RSA_TYPES else "oct"
+        family = key_family(kty)
         version = KeyVersion(
             version=uuid.uuid4().hex,
             kty=kty,
@@ -695,6 +731,8 @@ class Vault:
                 raise bad_parameter(f"Symmetric key size {size} is not supported; use one of {OCT_SIZES}.")
             material = b64url_encode(raw)
             kty = "oct-HSM" if hsm else "oct"
+        elif kty in EC_TYPES:
+            raise bad_parameter("Importing EC keys is not supported by this emulator; create them in the vault.")
         else:
             self._check_type_and_size(kty, None)
             raise bad_parameter(f"Invalid key type {kty!r}.")  # pragma: no cover - the check raises
@@ -925,6 +963,8 @@ class Vault:
             raise bad_parameter("'alg' is required.")
         if family == "RSA":
             result = _rsa_operation(key, op, alg, body)
+        elif family == "EC":
+            result = _ec_operation(key, op, alg, body)
         else:
             result = _oct_operation(key, op, alg, body)
         return {"kid": kid, **result}
@@ -975,6 +1015,39 @@ def _rsa_operation(key: rsa.RSAPrivateKey, op: str, alg: str, body: dict[str, An
         raise bad_parameter(f"The digest length does not match {alg}.")
     try:
         key.public_key().verify(signature, digest, pad, Prehashed(hash_alg))
+        return {"value": True}
+    except InvalidSignature:
+        return {"value": False}
+
+
+EC_SIGN_ALGS = {"ES256": ("P-256", hashes.SHA256)}
+
+
+def _ec_operation(key: ec.EllipticCurvePrivateKey, op: str, alg: str, body: dict[str, Any]) -> dict[str, Any]:
+    """ES256 as Key Vault does it: ``sign`` takes the SHA-256 digest (32 bytes) and answers
+    the raw signature r || s (32 + 32 bytes, big-endian, JWS / IEEE P1363), not DER;
+    ``verify`` takes the digest and that raw form."""
+    if op not in ("sign", "verify"):
+        raise bad_parameter(f"Operation {op} is not supported for EC keys.")
+    if alg not in EC_SIGN_ALGS or EC_CURVES[EC_SIGN_ALGS[alg][0]] != key.curve.key_size:
+        raise _unsupported(alg, "EC")
+    hash_alg = EC_SIGN_ALGS[alg][1]()
+    width = (key.curve.key_size + 7) // 8
+    if op == "sign":
+        digest = b64url_decode(body.get("value"), "value")
+        if len(digest) != hash_alg.digest_size:
+            raise bad_parameter(f"The digest length does not match {alg}.")
+        r, s = decode_dss_signature(key.sign(digest, ec.ECDSA(Prehashed(hash_alg))))
+        return {"value": b64url_encode(r.to_bytes(width, "big") + s.to_bytes(width, "big"))}
+    digest = b64url_decode(body.get("digest"), "digest")
+    signature = b64url_decode(body.get("value"), "value")
+    if len(digest) != hash_alg.digest_size:
+        raise bad_parameter(f"The digest length does not match {alg}.")
+    if len(signature) != 2 * width:
+        return {"value": False}
+    der = encode_dss_signature(int.from_bytes(signature[:width], "big"), int.from_bytes(signature[width:], "big"))
+    try:
+        key.public_key().verify(der, digest, ec.ECDSA(Prehashed(hash_alg)))
         return {"value": True}
     except InvalidSignature:
         return {"value": False}

@@ -126,8 +126,14 @@ class Settings(BaseSettings):
     shared_azure_account: str = "devstoreaccount1"
 
     # Keys.
-    # Ed25519 platform signing key (PEM) that signs keychain records and erasure records.
+    # The platform signing key that signs keychain records, audit seals and anchors, search
+    # generations, rotation confirmations and erasure records: either a local Ed25519 PEM
+    # file (keychain_signing_key_path) or a key held by AWS KMS / Azure Key Vault that
+    # signs with ECDSA P-256 (keychain_signing_key_ref: aws-kms://... or azure-kv://...,
+    # the tenant key reference syntax; the private key never reaches a worker). Set one,
+    # never both (docs/key-hierarchy.md section 7, docs/adr/0040-remote-signing-key.md).
     keychain_signing_key_path: str | None = None
+    keychain_signing_key_ref: str | None = None
     # Public keys (one PEM file, one or more keys) of the signing keys this one replaced:
     # what they signed still verifies, by key id (docs/key-hierarchy.md, section 7).
     keychain_previous_public_keys_path: str | None = None

@@ -62,6 +62,8 @@ KMS_ACTIONS: dict[str, set[str]] = {
     "get_parameters_for_import": {"kms:GetParametersForImport"},
     "import_key_material": {"kms:ImportKeyMaterial"},
     "delete_imported_key_material": {"kms:DeleteImportedKeyMaterial"},
+    "sign": {"kms:Sign"},
+    "get_public_key": {"kms:GetPublicKey"},
 }
 
 #: Calls that are not on AWS at all, with the reason.
@@ -131,6 +133,8 @@ def test_the_scan_finds_the_adapters_calls() -> None:
         ("kms:Encrypt", "keys/aws_kms.py"),
         ("kms:ImportKeyMaterial", "keys/byok.py"),
         ("kms:CreateAlias", "keys/managed.py"),
+        ("kms:Sign", "keys/signing_kms.py"),
+        ("kms:GetPublicKey", "keys/signing_kms.py"),
         ("s3:PutObject", "storage/s3.py"),
         ("s3:PutBucketPublicAccessBlock", "storage/locations.py"),
         ("s3:ListBucketVersions", "state/anchors_s3.py"),
@@ -158,6 +162,8 @@ def test_console_reads_key_state_and_anchors_only() -> None:
     assert console <= set(code_actions())
     assert console == {
         "kms:DescribeKey",
+        "kms:Sign",  # rotation confirmations, with the platform signing key only (below)
+        "kms:GetPublicKey",
         "kms:Decrypt",  # of the anchor bucket's S3 data key, only through S3 (condition below)
         "s3:ListBucket",
         "s3:ListBucketVersions",
@@ -167,6 +173,21 @@ def test_console_reads_key_state_and_anchors_only() -> None:
     }
     (decrypt,) = [st for st in policy_statements(CORE, "ConsoleRole") if "kms:Decrypt" in st["Action"]]
     assert decrypt["Condition"]["StringEquals"]["kms:ViaService"] == {"Sub": "s3.${AWS::Region}.amazonaws.com"}
+
+
+def test_the_signing_key_only_signs_digests_with_ecdsa_sha_256_for_both_roles() -> None:
+    key = CORE["Resources"]["SigningKey"]["Properties"]
+    assert (key["KeySpec"], key["KeyUsage"]) == ("ECC_NIST_P256", "SIGN_VERIFY")
+    for role in ("WorkerRole", "ConsoleRole"):
+        statements = policy_statements(CORE, role)
+        for action in ("kms:Sign", "kms:GetPublicKey"):
+            granted = _with(statements, action)
+            assert granted and all(st["Resource"] == {"GetAtt": "SigningKey.Arn"} for st in granted), (role, action)
+        (sign,) = _with(statements, "kms:Sign")
+        assert sign["Condition"]["StringEquals"] == {
+            "kms:SigningAlgorithm": "ECDSA_SHA_256",
+            "kms:MessageType": "DIGEST",
+        }
 
 
 def _with(statements: list[dict], action: str) -> list[dict]:

@@ -29,7 +29,6 @@ import pytest
 
 from archive_kms import clients
 from archive_kms.config import Settings
-from archive_kms.crypto.signing import Signer
 from archive_kms.migration import execute, plan_enable, thread_shard_runner, trigger
 from archive_kms.operations.archive import JobSpec, submit_job
 from archive_kms.operations.platform import Platform
@@ -111,6 +110,10 @@ def test_core_stack_create_update_delete(ls: Settings, core_stack) -> None:
         assert key["Arn"] == out["ManagedKeyArn"] and key["KeyState"] == "Enabled"
         assert key["KeySpec"] == "SYMMETRIC_DEFAULT" and key["KeyUsage"] == "ENCRYPT_DECRYPT"
         assert kms.get_key_rotation_status(KeyId=key["Arn"])["KeyRotationEnabled"] is True
+        # the platform signing key (keychain_signing_key_ref): ECDSA P-256, sign/verify only
+        signing = kms.describe_key(KeyId="alias/archive-kms-signing")["KeyMetadata"]
+        assert out["SigningKeyRef"] == f"aws-kms://{signing['Arn']}" and signing["KeyState"] == "Enabled"
+        assert (signing["KeySpec"], signing["KeyUsage"]) == ("ECC_NIST_P256", "SIGN_VERIFY")
 
         shared, anchors = out["SharedBucketName"], out["AuditAnchorBucketName"]
         assert shared == params["SharedBucketName"] and anchors == params["AuditAnchorBucketName"]
@@ -140,6 +143,7 @@ def test_core_stack_create_update_delete(ls: Settings, core_stack) -> None:
         assert not {"archive-kms-worker", "archive-kms-console"} & roles
         assert _statement_sids(iam, "akms-next-worker").keys() == worker.keys()
         assert out["ManagedKeyArn"] == key["Arn"] and out["SharedBucketName"] == shared
+        assert out["SigningKeyRef"] == f"aws-kms://{signing['Arn']}"
     finally:
         delete(cf, name)
     # Deleting the stack removes the roles, but never the archive, the anchors or the key.
@@ -148,6 +152,8 @@ def test_core_stack_create_update_delete(ls: Settings, core_stack) -> None:
         b["Name"] for b in s3.list_buckets()["Buckets"]
     }
     assert kms.describe_key(KeyId=out["ManagedKeyArn"])["KeyMetadata"]["KeyState"] == "Enabled"
+    # and never the signing key: what it signed must stay verifiable
+    assert kms.describe_key(KeyId=signing["Arn"])["KeyMetadata"]["KeyState"] == "Enabled"
 
 
 # LocalStack 2026.3.0's CloudFormation handler for AWS::S3::Bucket applies only versioning,
@@ -215,7 +221,6 @@ def deployed(ls: Settings, tmp_path_factory) -> Iterator[Deployed]:
             {"TenantId": tenant, "PlatformWorkerRoleArn": core["WorkerRoleArn"], "PendingWindowInDays": "7"},
         )
         tmp = tmp_path_factory.mktemp("infra-demo")
-        Signer.create_key_file(tmp / "signing.pem")
         from pydantic import SecretStr
 
         settings = ls.model_copy(
@@ -226,7 +231,8 @@ def deployed(ls: Settings, tmp_path_factory) -> Iterator[Deployed]:
                 "audit_anchor_bucket": core["AuditAnchorBucketName"],
                 "audit_anchor_retention_days": int(core["AuditAnchorRetentionDays"]),
                 "state_url": f"sqlite:///{tmp / 'state.db'}",
-                "keychain_signing_key_path": str(tmp / "signing.pem"),
+                # the stack's KMS signing key: no private key on this "worker"
+                "keychain_signing_key_ref": core["SigningKeyRef"],
             }
         )
         yield Deployed(platform_account, customer_account, core, customer, tenant, settings)
@@ -244,7 +250,8 @@ def deployed(ls: Settings, tmp_path_factory) -> Iterator[Deployed]:
         for bucket in (core["SharedBucketName"], core_parameters(tag)["AccessLogBucketName"]):
             empty_and_delete_bucket(s3, bucket)
         # the anchor bucket keeps its anchors until their COMPLIANCE retention ends (1 day here)
-        client(ls, "kms", platform_account).schedule_key_deletion(KeyId=core["ManagedKeyArn"], PendingWindowInDays=7)
+        for retained in (core["ManagedKeyArn"], core["SigningKeyRef"].removeprefix("aws-kms://")):
+            client(ls, "kms", platform_account).schedule_key_deletion(KeyId=retained, PendingWindowInDays=7)
 
 
 def test_customer_key_policy_names_the_worker_role_and_the_tenant(deployed: Deployed, ls: Settings) -> None:
@@ -270,7 +277,9 @@ def test_demo_s3_kms_path_runs_on_the_stack_resources(deployed: Deployed, ls: Se
 
     # tenant on the stack's shared bucket under the stack's key: the code creates no key
     create_tenant(platform, t, cloud="s3", actor="infra-test")
-    assert [k["KeyArn"] for k in kms.list_keys()["Keys"]] == [deployed.core["ManagedKeyArn"]]
+    signing_arn = deployed.core["SigningKeyRef"].removeprefix("aws-kms://")
+    assert sorted(k["KeyArn"] for k in kms.list_keys()["Keys"]) == sorted([deployed.core["ManagedKeyArn"], signing_arn])
+    assert platform.require_signer().key_ref == deployed.core["SigningKeyRef"]  # signs through the stack's key
     spec = JobSpec(f"{t}-j1", t, "synthetic", synthetic={"count": 12, "seed": 5, "mix": "small", "workspaces": 2})
     out = submit_job(platform.state, spec, platform.open_archive)
     assert out.decision == "run" and out.records == 12

@@ -146,8 +146,10 @@ def _archive_kms_vars_in_services_template() -> set[str]:
     for res in template["Resources"].values():
         for container in res.get("Properties", {}).get("ContainerDefinitions", []):
             for item in container.get("Environment", []) + container.get("Secrets", []):
-                if item["Name"].startswith("ARCHIVE_KMS_"):
-                    names.add(item["Name"])
+                # a conditional entry (!If [cond, {Name, ...}, !Ref AWS::NoValue]): both branches
+                for entry in item["If"][1:] if "If" in item else [item]:
+                    if isinstance(entry, dict) and str(entry.get("Name", "")).startswith("ARCHIVE_KMS_"):
+                        names.add(entry["Name"])
     return names
 
 

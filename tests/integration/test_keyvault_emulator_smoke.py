@@ -15,6 +15,7 @@ meant to pass) whether or not the stack is up.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -37,7 +38,10 @@ from azure.core.exceptions import HttpResponseError, ResourceExistsError, Resour
 from azure.core.pipeline.transport import RequestsTransport
 from azure.core.rest import HttpRequest
 from azure.keyvault.keys import KeyClient, KeyOperation, KeyType
-from azure.keyvault.keys.crypto import CryptographyClient, EncryptionAlgorithm, KeyWrapAlgorithm
+from azure.keyvault.keys.crypto import CryptographyClient, EncryptionAlgorithm, KeyWrapAlgorithm, SignatureAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 EMULATOR = Path(__file__).resolve().parents[2] / "localstack" / "keyvault_emulator.py"
 CHALLENGE = (
@@ -382,6 +386,61 @@ def test_bad_requests_answer_400_and_unknown_keys_404(emulator: Emulator, kc: Ke
         kc.get_key(unique("missing"))
     with pytest.raises(ResourceNotFoundError):
         kc.get_key(name, "0" * 32)
+
+
+def test_ec_p256_keys_sign_es256_as_key_vault_does(emulator: Emulator, kc: KeyClient) -> None:
+    """An EC P-256 key (the platform signing key, ADR 0040): the JWK carries crv, x and y;
+    ``sign`` takes a SHA-256 digest and answers the raw r || s (64 bytes, not DER), which
+    verifies with the public key alone; key_ops and key state are enforced."""
+    name = unique("ec")
+    key = kc.create_ec_key(name, curve="P-256", hardware_protected=True)
+    assert key.key_type == KeyType.ec_hsm and key.key.crv == "P-256"
+    assert set(key.key_operations) == {"sign", "verify"}
+    public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + key.key.x + key.key.y)
+    digest = hashlib.sha256(b"keychain head").digest()
+    result = crypto_client(emulator, key.id).sign(SignatureAlgorithm.es256, digest)
+    assert result.key_id == key.id and len(result.signature) == 64
+    r, s = int.from_bytes(result.signature[:32], "big"), int.from_bytes(result.signature[32:], "big")
+    public.verify(encode_dss_signature(r, s), b"keychain head", ec.ECDSA(hashes.SHA256()))
+    verified = server_op(
+        kc, key.id, "verify", {"alg": "ES256", "digest": b64url(digest), "value": b64url(result.signature)}
+    )
+    assert verified.json()["value"] is True
+    other = hashlib.sha256(b"another head").digest()
+    refused = server_op(
+        kc, key.id, "verify", {"alg": "ES256", "digest": b64url(other), "value": b64url(result.signature)}
+    )
+    assert refused.json()["value"] is False
+
+    # the digest must be SHA-256 sized; only ES256 on P-256; an EC key cannot wrap or encrypt
+    assert error_of(server_op(kc, key.id, "sign", {"alg": "ES256", "value": b64url(b"x" * 31)}))[:2] == (
+        400,
+        "BadParameter",
+    )
+    assert error_of(server_op(kc, key.id, "sign", {"alg": "ES384", "value": b64url(b"x" * 48)}))[:2] == (
+        400,
+        "BadParameter",
+    )
+    assert error_of(server_op(kc, key.id, "sign", {"alg": "RS256", "value": b64url(digest)}))[:2] == (
+        400,
+        "BadParameter",
+    )
+    with pytest.raises(HttpResponseError) as info:
+        kc.create_ec_key(unique("p384"), curve="P-384")
+    assert info.value.status_code == 400
+
+    verify_only = kc.create_ec_key(unique("ecv"), curve="P-256", key_operations=[KeyOperation.verify])
+    assert error_of(server_op(kc, verify_only.id, "sign", {"alg": "ES256", "value": b64url(digest)}))[:2] == (
+        403,
+        "Forbidden",
+    )
+    kc.update_key_properties(name, key.properties.version, enabled=False)
+    status, code, message = error_of(server_op(kc, key.id, "sign", {"alg": "ES256", "value": b64url(digest)}))
+    assert (status, code) == (403, "Forbidden") and "disabled" in message
+
+    rotated = kc.rotate_key(name)  # a new EC version with a new key
+    assert rotated.key.crv == "P-256" and rotated.key.x != key.key.x
+    assert crypto_client(emulator, rotated.id).sign(SignatureAlgorithm.es256, digest).key_id == rotated.id
 
 
 def test_keys_survive_a_restart(emulator: Emulator, kc: KeyClient) -> None:

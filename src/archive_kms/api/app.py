@@ -727,7 +727,7 @@ def create_app(console: Console) -> FastAPI:
         require(p, Permission.AUDIT, "read the audit key")
         if console.audit_verifier is None:
             raise ApiError(503, "unavailable", "no platform signing key is configured")
-        key_id = console.audit_verifier.key_ids[-1]
+        key_id = console.audit_verifier.primary_key_id  # the key that signs now, not a replaced one
         return {"key_id": key_id, "pem": console.audit_verifier.public_pem(key_id).decode("ascii")}
 
     # --- the page ------------------------------------------------------------------------------

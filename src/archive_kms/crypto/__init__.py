@@ -5,7 +5,8 @@
 * ``secrets``: ``SecretBytes``, the one type that holds raw key material;
 * ``aes_gcm``: AES-256-GCM with associated data for small sealed values;
 * ``kdf``: HKDF-SHA256;
-* ``signing``: the platform's Ed25519 signing key (``Signer``/``Verifier``);
+* ``signing``: the platform signing key (``Signer``/``Verifier``): Ed25519 locally, or
+  ECDSA P-256 through a ``RemoteSigningKey`` (KMS / Key Vault adapters in ``keys/``);
 * ``rsa_oaep``: RSA-OAEP-SHA-256, the BYOK import wrap;
 * ``rsa_aes_key_wrap``: CKM_RSA_AES_KEY_WRAP, the Key Vault BYOK (``.byok``) wrap;
 * ``keystream``: the deterministic AES-CTR keystream of synthetic data.

@@ -61,7 +61,7 @@ from archive_kms.keys.port import KeyState, KeyStatus, WrappedKey
 from archive_kms.keys.refs import AzureKeyVaultKeyRef, parse_key_ref, wrapped_key_ref
 from archive_kms.retry import retry_after_seconds
 
-__all__ = ["ALGORITHM", "AZURE_VAULT_SUFFIXES", "AzureKeyVaultKeyProvider"]
+__all__ = ["ALGORITHM", "AZURE_VAULT_SUFFIXES", "AzureKeyVaultKeyProvider", "check_vault_host"]
 
 ALGORITHM = "azure-kv:RSA-OAEP-256+ctx16"
 _LABEL = b"archive_kms/azure-kv-wrap/v1"
@@ -122,7 +122,7 @@ class AzureKeyVaultKeyProvider:
 
     @classmethod
     def from_settings(cls, ref: AzureKeyVaultKeyRef, settings: Settings) -> AzureKeyVaultKeyProvider:
-        _check_vault_host(ref, settings)
+        check_vault_host(ref, settings)
         return cls(
             ref,
             clients.keyvault_key_client_for(ref.vault_url, settings),
@@ -404,7 +404,7 @@ class AzureKeyVaultKeyProvider:
             return None
 
 
-def _check_vault_host(ref: AzureKeyVaultKeyRef, settings: Any) -> None:
+def check_vault_host(ref: AzureKeyVaultKeyRef, settings: Any) -> None:
     """Refuse vault hosts that are neither an Azure vault nor the configured vault: our Azure
     credential would otherwise send a Key Vault token to whatever host a reference names."""
     configured = getattr(settings, "azure_keyvault_url", None)

@@ -3,7 +3,7 @@ destroyed, what storage deleted and what the search index dropped, verifiable of
 the record and the platform's public key alone (``archive-kms erasure verify FILE``).
 
 Byte-for-byte format: ``docs/erasure-record.md``. In short: canonical JSON (sorted keys,
-no whitespace, ASCII), signed with Ed25519 by the platform signing key over
+no whitespace, ASCII), signed by the platform signing key (Ed25519 or ECDSA P-256) over
 ``b"archive_kms/erasure-certificate/v1\\n" + canonical JSON without "signature"``. It
 embeds, verbatim as JSON objects, the keychain's own signed erasure records
 (``keys.keychain.erasure.ErasureRecord``, purpose ``erasure-record/v1``), one per workspace

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from archive_kms.state.anchors import AnchorStore
     from archive_kms.storage.provisioning import LocationProvisioner, TenantAccountProvisioner
 
-__all__ = ["Platform", "grace_policy_lookup", "key_state_reporter", "platform_signer"]
+__all__ = ["Platform", "grace_policy_lookup", "key_state_reporter", "platform_signer", "remote_signer"]
 
 
 @dataclass
@@ -437,8 +437,10 @@ def key_state_reporter(state: Any) -> Callable[[L1Verdict, L1Verdict | None], No
 
 
 def platform_signer(settings: Settings | None = None) -> Signer:
-    """The platform signing key. Configured by ``keychain_signing_key_path`` (with
-    ``keychain_previous_public_keys_path`` after a rotation). Without one, only a local
+    """The platform signing key. Configured by ``keychain_signing_key_path`` (a local
+    Ed25519 PEM) or ``keychain_signing_key_ref`` (a KMS or Key Vault key: the signer pins
+    its public key now and signs remotely), never both; with
+    ``keychain_previous_public_keys_path`` after a rotation. Without either, only a local
     stack (an endpoints file exists) or a development setup that says so
     (``keychain_signing_key_autocreate``) creates a key once in the stack directory
     (owner-only file); anywhere else it is a ``ConfigurationError``: a worker that signs
@@ -447,18 +449,55 @@ def platform_signer(settings: Settings | None = None) -> Signer:
     from archive_kms.crypto.signing import Signer
 
     s = settings or get_settings()
+    if s.keychain_signing_key_path and s.keychain_signing_key_ref:
+        raise ConfigurationError(
+            "both ARCHIVE_KMS_KEYCHAIN_SIGNING_KEY_PATH and ARCHIVE_KMS_KEYCHAIN_SIGNING_KEY_REF are set: "
+            "the platform has one signing key; keep the one that signs and list the other's public key in "
+            "ARCHIVE_KMS_KEYCHAIN_PREVIOUS_PUBLIC_KEYS_PATH",
+            resource="keychain_signing_key_ref",
+        )
+    if s.keychain_signing_key_ref:
+        return remote_signer(s.keychain_signing_key_ref, s).with_previous_file(s.keychain_previous_public_keys_path)
     if s.keychain_signing_key_path:
         return Signer.from_settings(s)
     if not (s.keychain_signing_key_autocreate or endpoints_file().exists()):
         raise ConfigurationError(
             "no platform signing key: set ARCHIVE_KMS_KEYCHAIN_SIGNING_KEY_PATH to the PEM file of the "
-            "deployment's Ed25519 key (docs/deployment.md); a worker never creates its own"
+            "deployment's Ed25519 key, or ARCHIVE_KMS_KEYCHAIN_SIGNING_KEY_REF to its KMS or Key Vault key "
+            "(docs/deployment.md); a worker never creates its own"
         )
     path = stack_dir() / "keychain-signing.pem"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         return Signer.create_key_file(path).with_previous_file(s.keychain_previous_public_keys_path)
     return Signer.from_pem_file(path).with_previous_file(s.keychain_previous_public_keys_path)
+
+
+def remote_signer(ref: str, settings: Settings) -> Signer:
+    """A signer over the KMS (``aws-kms://``) or Key Vault (``azure-kv://``) key ``ref``
+    (setting ``keychain_signing_key_ref``): its public key is fetched and pinned now, so a
+    key that is missing, disabled or not a P-256 signing key fails here, at start."""
+    from archive_kms.crypto.signing import Signer
+    from archive_kms.errors import ValidationError
+    from archive_kms.keys.refs import AwsKmsKeyRef, AzureKeyVaultKeyRef, parse_key_ref
+    from archive_kms.keys.signing_key_vault import KeyVaultSigningKey
+    from archive_kms.keys.signing_kms import KmsSigningKey
+
+    try:
+        parsed = parse_key_ref(ref)
+    except ValidationError as exc:
+        raise ConfigurationError(
+            f"setting keychain_signing_key_ref: {exc}", resource="keychain_signing_key_ref"
+        ) from None
+    if isinstance(parsed, AwsKmsKeyRef):
+        return Signer.remote(KmsSigningKey.from_settings(parsed, settings))
+    if isinstance(parsed, AzureKeyVaultKeyRef):
+        return Signer.remote(KeyVaultSigningKey.from_settings(parsed, settings))
+    raise ConfigurationError(
+        f"setting keychain_signing_key_ref is {parsed.uri}: the signing key must be an aws-kms:// or an "
+        "azure-kv:// key",
+        resource="keychain_signing_key_ref",
+    )
 
 
 def _s3_client(settings: Settings) -> Any:

@@ -1,7 +1,7 @@
 """Customer key rotation: what version a tenant's master key is at, and the customer's
 **confirmation** of a rotation (``docs/key-lifecycle.md`` "Rotation").
 
-A confirmation is a signed statement (Ed25519, the platform signing key, its own purpose
+A confirmation is a signed statement (the platform signing key, its own purpose
 prefix) that a named principal confirmed one rotation of one tenant: it binds the tenant,
 the rotation id, the rotation's single-use challenge (``nonce``), the key version the
 rotation observed, and an expiry. The console issues one for an authenticated caller with

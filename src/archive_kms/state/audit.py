@@ -18,9 +18,10 @@ run_id, details, prev_hash, tenant_seq, tenant_prev_hash`` (``ts`` as
 Heads
 -----
 Each chain has a head (``count``, ``head_hash``) updated in the append's transaction. A
-head may be **sealed** (HMAC-SHA256 or Ed25519 over ``canonical_head``) with a key kept
-out of the database: then an attacker who can write the database but lacks the key can
-neither truncate the tail nor rewrite records and re-hash, without the seal failing. He
+head may be **sealed** (HMAC-SHA256, or the platform signing key: Ed25519 or ECDSA P-256,
+over ``canonical_head``) with a key kept out of the database: then an attacker who can
+write the database but lacks the key can neither truncate the tail nor rewrite records
+and re-hash, without the seal failing. He
 can still roll the log back to a state whose sealed head he saved earlier; anchoring
 (``verify_export(anchor=...)``, or publishing heads elsewhere) detects that.
 """
@@ -152,6 +153,11 @@ class HeadVerifier(Protocol):
 
     algorithm: str
 
+    def algorithm_for(self, key_id: str) -> str | None:
+        """The seal algorithm of the trusted key ``key_id`` (None: no such key): a head's
+        ``seal_alg`` must equal it."""
+        ...
+
     def verify(self, message: bytes, seal: bytes, *, key_id: str) -> bool: ...
 
 
@@ -175,6 +181,9 @@ class HmacHeadSealer:
     def seal(self, message: bytes) -> bytes:
         return hmac.new(self._key.reveal(), message, hashlib.sha256).digest()
 
+    def algorithm_for(self, key_id: str) -> str | None:
+        return self.algorithm if key_id == self.key_id else None
+
     def verify(self, message: bytes, seal: bytes, *, key_id: str) -> bool:
         return key_id == self.key_id and hmac.compare_digest(self.seal(message), seal)
 
@@ -183,19 +192,22 @@ class HmacHeadSealer:
 
 
 class SignerHeadSealer:
-    """Ed25519 with the platform signing key (``crypto.signing.Signer``, purpose
-    ``audit-head``): customers verify an export with the public key alone
-    (``SignatureHeadVerifier``), and old heads stay verifiable across key rotation."""
-
-    algorithm = "ed25519"
+    """A signature by the platform signing key (``crypto.signing.Signer``, purpose
+    ``audit-head``; ``seal_alg`` ``ed25519`` or ``ecdsa-p256``, the signer's algorithm):
+    customers verify an export with the public key alone (``SignatureHeadVerifier``), and
+    old heads stay verifiable across key rotation, also to a key of the other algorithm."""
 
     def __init__(self, signer: Signer) -> None:
         self._signer = signer
         self.key_id = signer.key_id
+        self.algorithm = signer.algorithm
         self._verifier = SignatureHeadVerifier(signer.verifier())
 
     def seal(self, message: bytes) -> bytes:
         return self._signer.sign(message, purpose=AUDIT_HEAD_PURPOSE)
+
+    def algorithm_for(self, key_id: str) -> str | None:
+        return self._verifier.algorithm_for(key_id)
 
     def verify(self, message: bytes, seal: bytes, *, key_id: str) -> bool:
         return self._verifier.verify(message, seal, key_id=key_id)
@@ -205,12 +217,16 @@ class SignerHeadSealer:
 
 
 class SignatureHeadVerifier:
-    """Verifies Ed25519 head seals with public keys only (what a customer holds)."""
+    """Verifies head seals by the platform signing key with public keys only (what a
+    customer holds); each key id selects its key and so its algorithm."""
 
-    algorithm = "ed25519"
+    algorithm = "signature"  # seal_alg is checked per key (algorithm_for), never against this
 
     def __init__(self, verifier: Verifier) -> None:
         self._verifier = verifier
+
+    def algorithm_for(self, key_id: str) -> str | None:
+        return self._verifier.algorithm_of(key_id)
 
     def verify(self, message: bytes, seal: bytes, *, key_id: str) -> bool:
         try:
@@ -234,15 +250,17 @@ def check_head_seal(head: ChainHead, verifier: HeadVerifier | None) -> str | Non
         return None
     if head.seal is None:
         return f"chain {head.chain!r}: head is not sealed"
-    if head.seal_alg != verifier.algorithm or not head.seal_key_id:
-        return (
-            f"chain {head.chain!r}: head sealed with {head.seal_alg}/{head.seal_key_id}, expected {verifier.algorithm}"
-        )
+    key_id = head.seal_key_id
+    expected = verifier.algorithm_for(key_id) if key_id else None
+    if not key_id or expected is None:
+        return f"chain {head.chain!r}: head sealed with {head.seal_alg}/{head.seal_key_id}, a key we do not trust"
+    if head.seal_alg != expected:
+        return f"chain {head.chain!r}: head sealed with {head.seal_alg}/{head.seal_key_id}, expected {expected}"
     try:
         tag = base64.b64decode(head.seal, validate=True)
     except ValueError:
         return f"chain {head.chain!r}: head seal is not base64"
-    if not verifier.verify(canonical_head(head.chain, head.count, head.head_hash), tag, key_id=head.seal_key_id):
+    if not verifier.verify(canonical_head(head.chain, head.count, head.head_hash), tag, key_id=key_id):
         return f"chain {head.chain!r}: head seal does not verify (head rewritten)"
     return None
 
