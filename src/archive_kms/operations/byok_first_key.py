@@ -232,7 +232,7 @@ def new_key(
         if not previous.expired:
             return previous, True
     else:
-        out_dir.mkdir(mode=0o700, parents=False, exist_ok=True)
+        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     if lives == "azure":
         kv = KeyVaultByokImporter.from_settings(platform.settings)
