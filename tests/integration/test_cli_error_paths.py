@@ -354,7 +354,11 @@ BYOK_IMPORT_CASES = [
     ("missing-state", "holds no import-state.json: run `archive-kms byok new-key TENANT"),
     ("corrupt-state", "is not an import state written by `archive-kms byok new-key`"),
     ("state-for-another-key", "which `byok new-key` did not make for tenant"),
-    ("state-for-another-cloud", "lives on s3"),
+    (
+        "state-turned-into-azure",
+        "(key exchange key https://kv.example/keys/k-kek/1), which `byok new-key` did not make",
+    ),
+    ("state-token-null", "is not an import state written by `archive-kms byok new-key`"),
     ("expired", "expired at 2020-01-01T00:00:00+00:00; run `archive-kms byok new-key"),
 ]
 
@@ -400,8 +404,11 @@ def test_byok_import_key_bad_input(env, tenant, byok_import, tmp_path, case, fra
     elif case == "state-for-another-key":
         other = byok_import["key_ref"][:-4] + "0000"
         folder = _edited_state(byok_import, tmp_path, key_ref=other)
-    elif case == "state-for-another-cloud":
-        folder = _edited_state(byok_import, tmp_path, cloud="azure", key_service="azure-kv")
+    elif case == "state-turned-into-azure":
+        kek = {"kek_ref": "https://kv.example/keys/k-kek/1", "kek_kid": "https://kv.example/keys/k-kek/1"}
+        folder = _edited_state(byok_import, tmp_path, cloud="azure", key_service="azure-kv", **kek)
+    elif case == "state-token-null":
+        folder = _edited_state(byok_import, tmp_path, import_token=None)
     elif case == "expired":
         folder = _edited_state(byok_import, tmp_path, expires_at="2020-01-01T00:00:00+00:00")
     state_before = (byok_import["folder"] / "import-state.json").read_bytes()

@@ -97,6 +97,14 @@ class PendingImport:
                 raise ValueError("cloud")
             if state.expires_at.tzinfo is None:
                 raise ValueError("expires_at")
+            needed = ["tenant", "key_ref", "wrapping_algorithm", "wrapping_key_spec", "public_key_pem"]
+            needed += ["kek_ref", "kek_kid"] if state.key_service == "azure-kv" else ["import_token"]
+            if not all(isinstance(getattr(state, name), str) for name in needed):
+                raise ValueError("fields")
+            if state.import_token is not None:
+                base64.b64decode(state.import_token, validate=True)
+            if state.imported is not None and not isinstance(state.imported, dict):
+                raise ValueError("imported")
         except (ValueError, TypeError, KeyError, UnicodeDecodeError):
             raise ValidationError(
                 f"{path} is not an import state written by `archive-kms byok new-key` ({STATE_FORMAT}); "
@@ -307,11 +315,12 @@ def _kv_params(state: PendingImport) -> KeyVaultImportParameters:
     )
 
 
-def _made_here(platform: Platform, tenant_id: str, key_ref: str) -> bool:
-    """Did ``new-key`` of this platform make ``key_ref`` for ``tenant_id`` (its audit record)?"""
+def _made_here(platform: Platform, state: PendingImport) -> bool:
+    """Did ``new-key`` of this platform make this key (and key exchange key) for this tenant
+    (its audit record)? A state file edited to name another key is not."""
     return any(
-        r.action == CREATED and r.details.get("key_ref") == key_ref
-        for r in platform.state.iter_audit(tenant_id=tenant_id)
+        r.action == CREATED and r.details.get("key_ref") == state.key_ref and r.details.get("kek_ref") == state.kek_ref
+        for r in platform.state.iter_audit(tenant_id=state.tenant)
     )
 
 
@@ -325,13 +334,16 @@ def import_key(
             f"--out-dir {out_dir} holds the import of tenant {state.tenant}'s key, not {tenant_id}'s; "
             "use the folder `byok new-key` wrote for this tenant"
         )
-    if not _made_here(platform, tenant_id, state.key_ref):
+    if not _made_here(platform, state):
         raise ValidationError(
-            f"{out_dir / STATE_FILE} names key {state.key_ref}, which `byok new-key` did not make for tenant "
+            f"{out_dir / STATE_FILE} names key {state.key_ref}"
+            + (f" (key exchange key {state.kek_ref})" if state.kek_ref else "")
+            + f", which `byok new-key` did not make for tenant "
             f"{tenant_id} on this platform; run `archive-kms byok new-key {tenant_id} --out-dir NEW_FOLDER`"
         )
     _tenant_cloud(platform, tenant_id, state.cloud)
     example = "KEY.byok" if state.key_service == "azure-kv" else "wrapped.bin"
+    version: str | None
     try:
         # The digest first, before any key service call: a corrupted or swapped upload changes nothing.
         digest = check_upload_digest(upload, stated_sha256, state.key_ref, example=example)
@@ -367,7 +379,7 @@ def import_key(
                 expires_at=state.expires_at,
             )
             result = ByokImporter.from_settings(platform.settings).import_material(params, upload, stated_sha256)
-            key_ref, version = result.key_ref, result.key_material_id
+            key_ref, version = result.key_ref, (result.key_material_id or None)
     except ArchiveKmsError as exc:
         _audit(platform, actor, REFUSED, tenant_id, {"key_ref": state.key_ref, "reason": f"{exc}"[:500]})
         raise
