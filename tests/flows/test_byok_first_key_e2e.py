@@ -220,3 +220,82 @@ def test_first_byok_key_on_azure_from_the_cli_then_enable(cli_env, flow_platform
                 vault.purge_deleted_key(name)
             except ResourceNotFoundError:
                 pass
+
+
+@pytest.mark.parametrize("cloud", ["s3", "azure"])
+def test_expired_parameters_are_refused_and_new_key_renews_them(cli_env, flow_platform, new_tenant_id, tmp_path, cloud):
+    """Parameters past their expiry: import-key refuses (nothing imported, says to run
+    new-key); new-key on the same folder makes new ones (AWS: for the same key, still
+    pending import; Key Vault: a new key exchange key, the expired one deleted), and the
+    customer's new upload for them imports."""
+    from azure.core.exceptions import ResourceNotFoundError
+    from customer_keys import rsa_private_key_der
+
+    from archive_kms.crypto.secrets import SecretBytes
+    from archive_kms.keys.azure_byok import customer_transfer_blob
+    from archive_kms.keys.byok import customer_wrap, sha256_hex
+    from archive_kms.operations.tenants import create_tenant
+
+    p = flow_platform
+    tid = new_tenant_id()
+    create_tenant(p, tid, cloud=cloud, actor="test")
+    folder = tmp_path / "import"
+    first = json.loads(
+        invoke("byok", "new-key", tid, "--wrapping-key-spec", "RSA_2048", "--out-dir", folder, "--json").stdout
+    )
+    made = [first["key_ref"]] + ([first["kek_kid"]] if cloud == "azure" else [])
+    vault = clients.keyvault_key_client(cli_env) if cloud == "azure" else None
+    kms = clients.kms_client(cli_env)
+    name_of = lambda ref: ref.split("/keys/", 1)[1].split("/", 1)[0]  # noqa: E731
+
+    def upload_for(params: dict[str, Any]) -> Path:
+        if cloud == "azure":
+            data = customer_transfer_blob(params["public_key_pem"], params["kek_kid"], rsa_private_key_der(3072))
+        else:
+            data = customer_wrap(params["public_key_pem"], SecretBytes.random(32))
+        path = tmp_path / f"upload-{sha256_hex(data)[:8]}"
+        path.write_bytes(data)
+        return path
+
+    try:
+        state = json.loads((folder / "import-state.json").read_text())
+        (folder / "import-state.json").write_text(json.dumps({**state, "expires_at": "2020-01-01T00:00:00+00:00"}))
+        stale = upload_for(first)
+        refused = invoke(
+            "byok", "import-key", tid, "--out-dir", folder, "--file", stale, "--sha256", sha256_hex(stale.read_bytes())
+        )
+        assert refused.exit_code == 2 and "expired at 2020-01-01" in refused.output
+        assert f"archive-kms byok new-key {tid} --out-dir {folder}" in refused.output
+        if cloud == "s3":
+            key_id = first["key_ref"].removeprefix("aws-kms://")
+            assert kms.describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"] == "PendingImport"
+        else:
+            with pytest.raises(ResourceNotFoundError):
+                vault.get_key(name_of(first["key_ref"]))
+
+        renewed = json.loads(invoke("byok", "new-key", tid, "--out-dir", folder, "--json").stdout)
+        assert renewed["reused"] is False and renewed["expires_at"] > "2026"
+        if cloud == "s3":
+            assert renewed["key_ref"] == first["key_ref"]  # the same key shell, new import parameters
+        else:
+            made += [renewed["key_ref"], renewed["kek_kid"]]
+            assert renewed["key_ref"] != first["key_ref"] and renewed["kek_kid"] != first["kek_kid"]
+            with pytest.raises(ResourceNotFoundError):
+                vault.get_key(name_of(first["kek_kid"]))  # the expired key exchange key is deleted
+        fresh = upload_for(renewed)
+        good = invoke(
+            "byok", "import-key", tid, "--out-dir", folder, "--file", fresh, "--sha256", sha256_hex(fresh.read_bytes()),
+            "--json",
+        )  # fmt: skip
+        assert good.exit_code == 0, good.output
+        assert json.loads(good.stdout)["key_ref"] == renewed["key_ref"]
+    finally:
+        for ref in made:
+            if cloud == "s3":
+                kms.schedule_key_deletion(KeyId=ref.removeprefix("aws-kms://"), PendingWindowInDays=7)
+                continue
+            for action in (lambda n: vault.begin_delete_key(n).wait(), vault.purge_deleted_key):
+                try:
+                    action(name_of(ref))
+                except ResourceNotFoundError:
+                    pass
