@@ -18,14 +18,15 @@ CLI command; the second finds what the first made in a folder the operator keeps
 
    Both: ``import-state.json`` (:class:`PendingImport`, no key material: public key,
    token, references, expiry) and an audit record ``byok.first_key_created`` naming the key.
-2. :func:`import_key` (``archive-kms byok import-key``) checks, before any key service
-   call, the stated SHA-256 of the upload, that the folder's import belongs to this tenant
-   and was made by this platform (the audit record), that the tenant is still on the
-   managed key and that the parameters have not expired; then imports through the same
-   importer as a re-upload (``import_material`` / ``import_blob``: their own shape checks),
-   proves the key (``keys.preflight.check_usable``: state, then a wrap/unwrap round trip in
-   the tenant's context) and records the import in the folder and the audit log
-   (``byok.first_key_imported``). A refusal changes nothing, is audited
+2. :func:`import_key` (``archive-kms byok import-key``) checks that the folder's import
+   belongs to this tenant and was made by this platform (the audit record names its key
+   and key exchange key), that the tenant is still on the managed key; then, before any
+   key service call, the stated SHA-256 of the upload and that the parameters have not
+   expired; then imports through the same importer as a re-upload (``import_material`` /
+   ``import_blob``: their own shape checks), records the import in the folder and the
+   audit log (``byok.first_key_imported``) and proves the key
+   (``keys.preflight.check_usable``: state, then a wrap/unwrap round trip in the tenant's
+   context). A refusal from the digest on changes nothing, is audited
    (``byok.first_key_refused``) and leaves the parameters usable until they expire.
 
 The key reference it returns is what ``enable TENANT --mode byok --key-ref REF`` takes.
