@@ -2284,8 +2284,84 @@ def confirm_rotation_cmd(
 
 # --- key lifecycle: BYOK re-upload (issue #14) -------------------------------------------------
 
-byok_app = typer.Typer(no_args_is_help=True, help="BYOK re-upload: new key material from the customer.")
+byok_app = typer.Typer(
+    no_args_is_help=True,
+    help="BYOK: a tenant's first key before `enable --mode byok` (new-key, import-key), and re-uploads of new key "
+    "material (import-params, upload); wrap is the customer's side for Key Vault.",
+)
 app.add_typer(byok_app, name="byok")
+
+
+@byok_app.command("new-key")
+@_errors_are_messages
+def byok_new_key(
+    tenant: str,
+    out_dir: str = typer.Option(
+        ...,
+        "--out-dir",
+        help="The import folder (made if missing; keep it for import-key): wrapping-key.pem, import-token.bin (AWS "
+        "KMS) or kek-kid.txt (Key Vault), import-state.json",
+    ),
+    cloud: str | None = typer.Option(None, "--cloud", help="s3 or azure (default: where the tenant lives)"),
+    spec: str = typer.Option(
+        "RSA_4096", "--wrapping-key-spec", help="RSA_2048 | RSA_3072 | RSA_4096 (the wrapping / key exchange key)"
+    ),
+    as_json: bool = JSON,
+) -> None:
+    """The first BYOK key of TENANT (on the managed key, before `enable --mode byok`): make the key in the platform's
+    key service of the tenant's cloud and publish what the customer needs, valid 24 hours. S3 tenants: an AWS KMS key
+    with Origin EXTERNAL and its import parameters; the customer wraps 32 random bytes (RSA-OAEP-SHA-256) under
+    wrapping-key.pem. Azure tenants: a key exchange key in the platform's vault; the customer makes a .byok file of a
+    new RSA key (3072 bits or more). Run again on the same folder: the same parameters while valid, new ones after."""
+    from archive_kms.operations.byok_first_key import new_key
+
+    tid = _tenant_arg(tenant)
+    folder = Path(out_dir)
+    state, reused = new_key(_platform(), tid, folder, actor=_operator(), cloud=cloud, wrapping_key_spec=spec)
+    view = state.view(folder) | {"reused": reused}
+    azure = state.key_service == "azure-kv"
+    what = (
+        f"make a .byok file of a new RSA key (3072 bits or more) for key exchange key {state.kek_kid}"
+        if azure
+        else f"wrap 32 random bytes with {state.wrapping_algorithm}"
+    )
+    upload = "KEY.byok" if azure else "WRAPPED"
+    _emit(
+        as_json,
+        view,
+        f"tenant {tid}: {'the same ' if reused else ''}key {state.key_ref} awaits material; {what} under "
+        f"{folder}/wrapping-key.pem before {state.expires_at.isoformat()}; then: archive-kms byok import-key {tid} "
+        f"--out-dir {folder} --file {upload} --sha256 HEX",
+    )
+
+
+@byok_app.command("import-key")
+@_errors_are_messages
+def byok_import_key(
+    tenant: str,
+    file: str = typer.Option(..., "--file", help="The wrapped key material (AWS KMS) or the .byok file (Key Vault)"),
+    sha256: str = typer.Option(..., "--sha256", help="The SHA-256 (hex) of that file, as the customer computed it"),
+    out_dir: str = typer.Option(..., "--out-dir", help="The import folder `byok new-key` wrote for TENANT"),
+    as_json: bool = JSON,
+) -> None:
+    """Import the customer's upload into the key `byok new-key` made for TENANT (the SHA-256 checked first: a mismatch
+    changes nothing), prove the key (wrap/unwrap round trip) and print the key reference for
+    `archive-kms enable TENANT --mode byok --key-ref REF`. A refusal changes nothing; upload again until the
+    parameters expire."""
+    from archive_kms.operations.byok_first_key import import_key
+
+    tid = _tenant_arg(tenant)
+    path = Path(file)
+    if not path.is_file():
+        raise ValidationError(f"--file {file}: no such file")
+    done = import_key(_platform(), tid, Path(out_dir), path.read_bytes(), sha256, actor=_operator())
+    view = done.to_dict()
+    _emit(
+        as_json,
+        view,
+        f"tenant {tid}: key {done.key_ref} {'was imported already' if done.already else 'imported'} "
+        f"(sha256 {done.sha256}) and proven (wrap/unwrap); next: {view['enable']}",
+    )
 
 
 @byok_app.command("import-params")
@@ -2343,7 +2419,9 @@ def byok_import_params(
 @_errors_are_messages
 def byok_wrap(
     key: str = typer.Option(..., "--key", help="The new RSA private key to send (PEM or DER, PKCS#8 or PKCS#1)"),
-    kek: str = typer.Option(..., "--kek", help="wrapping-key.pem from `byok import-params` (the key exchange key)"),
+    kek: str = typer.Option(
+        ..., "--kek", help="wrapping-key.pem from `byok new-key` or `byok import-params` (the key exchange key)"
+    ),
     kek_kid: str = typer.Option(..., "--kek-kid", help="The key exchange key's kid (kek-kid.txt)"),
     out: str = typer.Option(..., "--out", help="Where to write the .byok file"),
     as_json: bool = JSON,

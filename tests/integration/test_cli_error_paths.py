@@ -287,12 +287,144 @@ def test_attachments_root_confines_paths(env, tenant, tmp_path):
         (("db", "upgrade", "--url", "nonsense://x"), "unsupported state store database 'nonsense'"),
         (("verify", "nobody"), "unknown tenant 'nobody'"),
         (("verify", "Bad/Id"), "tenant id"),
+        (("byok", "new-key", "nobody", "--out-dir", "/tmp/never-made"), "unknown tenant 'nobody'"),
+        (("byok", "new-key", "Bad/Id", "--out-dir", "/tmp/never-made"), "tenant id"),
+        (
+            ("byok", "new-key", "{t}", "--out-dir", "/tmp/never-made", "--cloud", "gcp"),
+            "--cloud 'gcp': use s3 or azure",
+        ),
+        (("byok", "new-key", "{t}", "--out-dir", "/tmp/never-made", "--cloud", "azure"), "lives on s3"),
+        (
+            ("byok", "new-key", "{t}", "--out-dir", "/tmp/never-made", "--wrapping-key-spec", "RSA_1024"),
+            "--wrapping-key-spec 'RSA_1024'",
+        ),
+        (
+            ("byok", "import-key", "{t}", "--out-dir", "/tmp", "--file", "/nonexistent/w.bin", "--sha256", "0" * 64),
+            "--file /nonexistent/w.bin: no such file",
+        ),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, tuple) else None,
 )
 def test_command_bad_input(env, tenant, args, fragment):
     argv = [a.replace("{t}", tenant) for a in args]
     assert_one_line_error(run(env, *argv), fragment.replace("{t}", tenant))
+
+
+@pytest.fixture(scope="module")
+def byok_import(env, tenant, tmp_path_factory) -> dict:
+    """`byok new-key` for the module's (S3) tenant: the import folder and its key, pending import."""
+    folder = tmp_path_factory.mktemp("byok") / "import"
+    made = run(env, "byok", "new-key", tenant, "--wrapping-key-spec", "RSA_2048", "--out-dir", str(folder), "--json")
+    assert made.exit_code == 0, made.output
+    yield {"folder": folder, **json.loads(made.stdout)}
+    from archive_kms import clients
+    from archive_kms.config import Settings
+
+    clients.kms_client(Settings()).schedule_key_deletion(
+        KeyId=json.loads(made.stdout)["key_ref"].removeprefix("aws-kms://"), PendingWindowInDays=7
+    )
+
+
+def _wrapped_upload(byok_import: dict) -> bytes:
+    from archive_kms.crypto.secrets import SecretBytes
+    from archive_kms.keys.byok import customer_wrap
+
+    return customer_wrap(byok_import["public_key_pem"], SecretBytes.random(32))
+
+
+def _edited_state(byok_import: dict, tmp_path: Path, **changes) -> Path:
+    """A copy of the import folder whose import-state.json has ``changes``."""
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(byok_import["folder"], copy)
+    doc = json.loads((copy / "import-state.json").read_text())
+    (copy / "import-state.json").write_text(json.dumps({**doc, **changes}))
+    return copy
+
+
+BYOK_IMPORT_CASES = [
+    # (case id, fragment): the inputs are made in the test below
+    ("digest-not-hex", "must be 64 hex digits"),
+    ("digest-mismatch", "the file was corrupted or swapped in transit"),
+    ("garbled-short", "the upload is 100 bytes, but an RSAES_OAEP_SHA_256 wrap"),
+    ("garbled-ciphertext", "the key stays pending import"),
+    ("other-tenant", "holds the import of tenant"),
+    ("unknown-tenant", "holds the import of tenant"),
+    ("missing-state", "holds no import-state.json: run `archive-kms byok new-key TENANT"),
+    ("corrupt-state", "is not an import state written by `archive-kms byok new-key`"),
+    ("state-for-another-key", "which `byok new-key` did not make for tenant"),
+    (
+        "state-turned-into-azure",
+        "(key exchange key https://kv.example/keys/k-kek/1), which `byok new-key` did not make",
+    ),
+    ("state-token-null", "is not an import state written by `archive-kms byok new-key`"),
+    ("expired", "expired at 2020-01-01T00:00:00+00:00; run `archive-kms byok new-key"),
+]
+
+
+@pytest.mark.parametrize(("case", "fragment"), BYOK_IMPORT_CASES, ids=[c[0] for c in BYOK_IMPORT_CASES])
+def test_byok_import_key_bad_input(env, tenant, byok_import, tmp_path, case, fragment):
+    """Every refusal of `byok import-key`: one line, exit 2, and nothing imported (the key
+    stays PendingImport, the import folder unchanged and still usable)."""
+    import hashlib
+
+    from archive_kms import clients
+    from archive_kms.config import Settings
+
+    wrapped = _wrapped_upload(byok_import)
+    upload, digest, folder, who = (
+        tmp_path / "wrapped.bin",
+        hashlib.sha256(wrapped).hexdigest(),
+        byok_import["folder"],
+        tenant,
+    )
+    upload.write_bytes(wrapped)
+    if case == "digest-not-hex":
+        digest = "xyz"
+    elif case == "digest-mismatch":
+        digest = "0" * 64
+    elif case == "garbled-short":
+        upload.write_bytes(os.urandom(100))
+        digest = hashlib.sha256(upload.read_bytes()).hexdigest()
+    elif case == "garbled-ciphertext":
+        upload.write_bytes(os.urandom(256))
+        digest = hashlib.sha256(upload.read_bytes()).hexdigest()
+    elif case == "other-tenant":
+        who = f"cli{uuid.uuid4().hex[:8]}"
+        assert run(env, "tenant", "create", who).exit_code == 0
+    elif case == "unknown-tenant":
+        who = "nobody"
+    elif case == "missing-state":
+        folder = tmp_path / "empty"
+        folder.mkdir()
+    elif case == "corrupt-state":
+        folder = _edited_state(byok_import, tmp_path)
+        (folder / "import-state.json").write_text("{not json")
+    elif case == "state-for-another-key":
+        other = byok_import["key_ref"][:-4] + "0000"
+        folder = _edited_state(byok_import, tmp_path, key_ref=other)
+    elif case == "state-turned-into-azure":
+        kek = {"kek_ref": "https://kv.example/keys/k-kek/1", "kek_kid": "https://kv.example/keys/k-kek/1"}
+        folder = _edited_state(byok_import, tmp_path, cloud="azure", key_service="azure-kv", **kek)
+    elif case == "state-token-null":
+        folder = _edited_state(byok_import, tmp_path, import_token=None)
+    elif case == "expired":
+        folder = _edited_state(byok_import, tmp_path, expires_at="2020-01-01T00:00:00+00:00")
+    state_before = (byok_import["folder"] / "import-state.json").read_bytes()
+    result = run(env, "byok", "import-key", who, "--out-dir", str(folder), "--file", str(upload), "--sha256", digest)
+    assert_one_line_error(result, fragment)
+    key_id = byok_import["key_ref"].removeprefix("aws-kms://")
+    kms = clients.kms_client(Settings(state_url=env["ARCHIVE_KMS_STATE_URL"]))
+    assert kms.describe_key(KeyId=key_id)["KeyMetadata"]["KeyState"] == "PendingImport"
+    assert (byok_import["folder"] / "import-state.json").read_bytes() == state_before
+    assert not Path("/tmp/never-made").exists()  # the new-key refusals in the table made no folder
+
+
+def test_byok_new_key_refuses_a_file_as_the_import_folder(env, tenant, tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    assert_one_line_error(run(env, "byok", "new-key", tenant, "--out-dir", str(f)), "is a file, not a folder")
 
 
 def test_a_state_url_into_a_missing_folder_is_an_error(env, tmp_path):
