@@ -115,6 +115,20 @@ def blob_service_client(settings: Settings | None = None):
     return blob_service_client_from_connection_string(cs.get_secret_value())
 
 
+def check_connection_string(connection_string: str, setting: str = "azure_blob_connection_string") -> None:
+    """Refuse a connection string that is not ``key=value`` pairs naming an account, without
+    importing the Azure SDK (the platform checks its settings before it builds any Azure
+    client; the SDK checks the rest when the client is built). Never echoes the string."""
+    pairs = [p for p in connection_string.split(";") if p.strip()]
+    fields = dict(p.split("=", 1) for p in pairs if "=" in p)
+    if not pairs or len(fields) != len(pairs) or not fields.get("AccountName", "x").strip():
+        raise ConfigurationError(
+            f"{setting} (ARCHIVE_KMS_{setting.upper()}) is malformed; expected "
+            "DefaultEndpointsProtocol=...;AccountName=...;AccountKey=...;BlobEndpoint=...",
+            resource=setting,
+        )
+
+
 def blob_service_client_from_connection_string(connection_string: str, setting: str = "azure_blob_connection_string"):
     """A Blob client for one account from its connection string (shared key: Azurite).
     A malformed one is a ConfigurationError naming ``setting``, never echoing the string

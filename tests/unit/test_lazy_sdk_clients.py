@@ -75,3 +75,16 @@ def test_accounts_and_a_factory_together_are_refused() -> None:
 
     with pytest.raises(ValidationError, match="accounts or accounts_factory"):
         CloudProvisioner(_settings(), accounts=object(), accounts_factory=lambda: None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", ["AccountName=;;;garbage", "", ";;", "AccountName=;AccountKey=k", "garbage"])
+def test_a_malformed_connection_string_is_refused_without_the_azure_sdk(bad: str) -> None:
+    with pytest.raises(ConfigurationError, match="malformed") as info:
+        clients.check_connection_string(bad)
+    assert "garbage" not in str(info.value)
+
+
+def test_a_well_formed_connection_string_passes_the_check() -> None:
+    clients.check_connection_string(
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:10000/x;"
+    )

@@ -258,6 +258,11 @@ class Platform:
         keychain = new_keychain()
         # Azure clients are built on first use: an S3 tenant's processes never import the
         # Azure SDK (~8 MiB of RSS; docs/benchmarks.md, session 5).
+        # A malformed connection string is still refused here, before any work.
+        if s.azure_blob_connection_string is not None:
+            clients.check_connection_string(s.azure_blob_connection_string.get_secret_value())
+        for cs in s.azure_account_pool or ():
+            clients.check_connection_string(cs.get_secret_value(), "azure_account_pool")
         provisioner = CloudProvisioner(s, s3_client=s3, accounts_factory=lambda: _tenant_accounts(s, state))
 
         def open_location(location: Location) -> ObjectStore:
