@@ -11,7 +11,9 @@ Emulator endpoints are configuration values, never code paths.
 
 from __future__ import annotations
 
+import os
 import ssl
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -28,15 +30,38 @@ def _require(value: Any, name: str) -> Any:
     return value
 
 
+_data_loader: Any = None
+_data_loader_lock = threading.Lock()
+
+
+def _shared_data_loader() -> Any:
+    """One botocore data loader per process: every session reads the service models and
+    endpoint data through it, so they are parsed and held once, not once per client
+    (~8 MiB per KMS client otherwise; docs/benchmarks.md, session 5). The loader only
+    caches the SDK's own JSON files: no credentials, nothing per tenant."""
+    global _data_loader
+    with _data_loader_lock:
+        if _data_loader is None:
+            import boto3
+            from botocore.loaders import create_loader
+
+            _data_loader = create_loader()
+            # what boto3.Session adds to its own loader (resource models)
+            _data_loader.search_paths.append(os.path.join(os.path.dirname(boto3.__file__), "data"))
+        return _data_loader
+
+
 def boto3_session(settings: Settings | None = None):  # -> boto3.Session
     import boto3
 
     s = settings or get_settings()
-    return boto3.Session(
+    session = boto3.Session(
         aws_access_key_id=s.aws_access_key_id.get_secret_value() if s.aws_access_key_id else None,
         aws_secret_access_key=s.aws_secret_access_key.get_secret_value() if s.aws_secret_access_key else None,
         region_name=s.aws_region,
     )
+    session._session.register_component("data_loader", _shared_data_loader())
+    return session
 
 
 def aws_client(service: str, settings: Settings | None = None, **config: Any):
@@ -88,6 +113,20 @@ def blob_service_client(settings: Settings | None = None):
     if cs is None:  # Entra ID only (the account allows no shared key): the managed identity
         return blob_service_client_for_url(s.azure_blob_account_url or "")
     return blob_service_client_from_connection_string(cs.get_secret_value())
+
+
+def check_connection_string(connection_string: str, setting: str = "azure_blob_connection_string") -> None:
+    """Refuse a connection string that is not ``key=value`` pairs naming an account, without
+    importing the Azure SDK (the platform checks its settings before it builds any Azure
+    client; the SDK checks the rest when the client is built). Never echoes the string."""
+    pairs = [p for p in connection_string.split(";") if p.strip()]
+    fields = dict(p.split("=", 1) for p in pairs if "=" in p)
+    if not pairs or len(fields) != len(pairs) or not fields.get("AccountName", "x").strip():
+        raise ConfigurationError(
+            f"{setting} (ARCHIVE_KMS_{setting.upper()}) is malformed; expected "
+            "DefaultEndpointsProtocol=...;AccountName=...;AccountKey=...;BlobEndpoint=...",
+            resource=setting,
+        )
 
 
 def blob_service_client_from_connection_string(connection_string: str, setting: str = "azure_blob_connection_string"):

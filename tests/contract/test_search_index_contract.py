@@ -112,8 +112,8 @@ class _RejectingClient:
         plan: list[dict | None] = []
         i = 0
         while i < len(operations):
-            action = operations[i]
-            op, meta = next(iter(action.items()))
+            action = operations[i]  # a dict, or an NDJSON line (bytes) as the adapter sends
+            op, meta = next(iter((json.loads(action) if isinstance(action, bytes) else action).items()))
             pair = [action] if op == "delete" else [action, operations[i + 1]]
             i += len(pair)
             if self._rejector.take(meta["_id"]):

@@ -34,7 +34,7 @@ from archive_kms.operations.archive import TenantArchive
 from archive_kms.operations.search_guard import GuardedSearchIndex
 from archive_kms.search import IndexMode, SearchIndex, SearchKeys, derive_search_keys, index_name
 from archive_kms.state.port import KeyMode, StateStore, TenantRecord
-from archive_kms.storage import Location, ObjectStore
+from archive_kms.storage import Cloud, Location, ObjectStore
 
 if TYPE_CHECKING:
     from archive_kms.crypto.signing import Signer, Verifier
@@ -256,13 +256,21 @@ class Platform:
             )
 
         keychain = new_keychain()
-        blob = clients.blob_service_client(s) if s.azure_blob_connection_string or s.azure_blob_account_url else None
-        provisioner = CloudProvisioner(s, s3_client=s3, blob_service=blob, accounts=_tenant_accounts(s, state))
+        # Azure clients are built on first use: an S3 tenant's processes never import the
+        # Azure SDK (~8 MiB of RSS; docs/benchmarks.md, session 5).
+        # A malformed connection string is still refused here, before any work.
+        if s.azure_blob_connection_string is not None:
+            clients.check_connection_string(s.azure_blob_connection_string.get_secret_value())
+        for cs in s.azure_account_pool or ():
+            clients.check_connection_string(cs.get_secret_value(), "azure_account_pool")
+        provisioner = CloudProvisioner(s, s3_client=s3, accounts_factory=lambda: _tenant_accounts(s, state))
 
         def open_location(location: Location) -> ObjectStore:
             if location.own_account:  # the tenant's own account: its client comes from its provisioner
                 return open_store(location, s, blob_service=provisioner.blob_service(location))
-            return open_store(location, s, s3_client=s3, blob_service=blob)
+            if location.cloud is Cloud.AZURE:
+                return open_store(location, s, blob_service=provisioner.shared_blob_service())
+            return open_store(location, s, s3_client=s3)
 
         platform = cls(
             s,

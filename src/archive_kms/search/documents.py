@@ -49,6 +49,7 @@ from archive_kms.search.naming import check_tenant_id
 from archive_kms.search.port import Hit, HitFailure, IndexDocument, IndexMode, Query
 from archive_kms.search.tokens import (
     SearchKeys,
+    TokenMemo,
     check_field_name,
     field_term,
     lp,
@@ -218,13 +219,22 @@ def _check_mode_keys(tenant: str, mode: IndexMode, keys: SearchKeys | None) -> N
 
 
 def build_document(
-    record: Record, *, tenant: str, mode: IndexMode, keys: SearchKeys | None, version: int | None = None
+    record: Record,
+    *,
+    tenant: str,
+    mode: IndexMode,
+    keys: SearchKeys | None,
+    version: int | None = None,
+    memo: TokenMemo | None = None,
 ) -> IndexDocument:
     """The index document of ``record``. ``ValidationError`` for a record that breaks
-    the bounds above (reported per record by callers, never indexed)."""
+    the bounds above (reported per record by callers, never indexed). ``memo``: tokens
+    already computed with the same ``keys`` (a rebuild's; the document is the same)."""
     tenant = check_tenant_id(tenant)
     mode = IndexMode(mode)
     _check_mode_keys(tenant, mode, keys)
+    if memo is not None and not memo.keys_are(keys):
+        raise ValidationError("a token memo is used only with the SearchKeys it was made for")
     _check_record(record)
     if version is not None and (isinstance(version, bool) or not isinstance(version, int) or not 0 <= version < 2**63):
         raise ValidationError("document version must be a non-negative 64-bit int")
@@ -239,7 +249,7 @@ def build_document(
             f"record {record.object_type}/{record.record_id} is {len(display)} bytes (max {MAX_DISPLAY_BYTES})"
         )
     doc_id = document_id(tenant, record, keys)
-    source: dict[str, Any] = _indexed_fields(record, mode, keys, terms)
+    source: dict[str, Any] = _indexed_fields(record, mode, keys if memo is None else memo, terms)
     if mode is IndexMode.PLAINTEXT:
         source["display"] = display.decode("utf-8")
     else:
@@ -249,7 +259,7 @@ def build_document(
 
 
 def _indexed_fields(
-    record: Record, mode: IndexMode, keys: SearchKeys | None, terms: set[str] | None = None
+    record: Record, mode: IndexMode, keys: SearchKeys | TokenMemo | None, terms: set[str] | None = None
 ) -> dict[str, Any]:
     """The searchable fields of ``record``'s document (everything but ``display``)."""
     terms = record_terms(record) if terms is None else terms
@@ -512,5 +522,5 @@ def check_bound_mode(index: str, recorded: IndexMode, stored: IndexMode) -> None
 
 
 def encode_json(source: Mapping[str, Any]) -> bytes:
-    """Compact JSON, for request size accounting."""
+    """Compact UTF-8 JSON: the line a bulk request sends for a document, and its size."""
     return json.dumps(source, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -269,16 +269,17 @@ class ElasticsearchSearchIndex:
             resp = self._es.bulk(operations=operations, include_source_on_error=False)
         return resp.body if hasattr(resp, "body") else resp
 
-    def _index_ops(self, name: str, docs: Sequence[IndexDocument]) -> list[Any]:
-        ops: list[Any] = []
-        for d in docs:
+    def _index_ops(self, name: str, docs: Sequence[tuple[IndexDocument, bytes]]) -> list[bytes]:
+        """NDJSON lines: each document's source was serialized once, when its batch was
+        sized; the client sends bytes lines as they are."""
+        ops: list[bytes] = []
+        for d, source in docs:
             if d.version is None:
-                ops.append({"create": {"_index": name, "_id": d.doc_id}})
+                action: dict[str, Any] = {"create": {"_index": name, "_id": d.doc_id}}
             else:
-                ops.append(
-                    {"index": {"_index": name, "_id": d.doc_id, "version": d.version, "version_type": "external"}}
-                )
-            ops.append(dict(d.source))
+                action = {"index": {"_index": name, "_id": d.doc_id, "version": d.version, "version_type": "external"}}
+            ops.append(D.encode_json(action))
+            ops.append(source)
         return ops
 
     def _merge(self, name: str, results: list[BulkResult]) -> BulkResult:
@@ -296,12 +297,13 @@ class ElasticsearchSearchIndex:
         self._require_index(index_name)
         D.check_document_modes(index_name, self._mode(index_name), docs)
         results = []
-        for batch in self._batches(docs, lambda d: len(D.encode_json(d.source)) + 200):
+        encoded = [(d, D.encode_json(d.source)) for d in docs]
+        for batch in self._batches(encoded, lambda e: len(e[1]) + 200):
             results.append(
                 run_bulk(
                     index_name,
                     batch,
-                    doc_id=lambda d: d.doc_id,
+                    doc_id=lambda e: e[0].doc_id,
                     send=lambda b: self._send(index_name, self._index_ops(index_name, b)),
                     max_attempts=self._max_attempts,
                     backoff=self._backoff,

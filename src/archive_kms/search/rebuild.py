@@ -33,7 +33,7 @@ from archive_kms.errors import SearchError, ValidationError
 from archive_kms.search.documents import build_document
 from archive_kms.search.naming import check_generation, check_tenant_id
 from archive_kms.search.port import BulkItemError, IndexDocument, IndexMode, SearchIndex
-from archive_kms.search.tokens import SearchKeys
+from archive_kms.search.tokens import SearchKeys, TokenMemo
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +157,13 @@ def rebuild_generation(
                 f.result()
         in_flight.add(pool.submit(send, docs))
 
+    memo = TokenMemo(keys) if keys is not None else None  # this rebuild's only: gone when it returns
     pool = ThreadPoolExecutor(max_workers=bulk_concurrency, thread_name_prefix="akms-bulk")
     try:
         for record in records:
             report.records_seen += 1
             try:
-                batch.append(build_document(record, tenant=tenant, mode=mode, keys=keys))
+                batch.append(build_document(record, tenant=tenant, mode=mode, keys=keys, memo=memo))
             except ValidationError as e:
                 report.rejected_total += 1
                 if len(report.rejected) < MAX_REPORTED:

@@ -219,6 +219,49 @@ class SearchKeys:
         raise TypeError("SearchKeys cannot be pickled or copied")
 
 
+class TokenMemo:
+    """Tokens already computed during one batch job (a rebuild), by plaintext term.
+
+    Most terms recur across records (84 % of them in the benchmark's archive), and each
+    token is an HMAC: a rebuild computes each distinct term's token once. The memo holds
+    only what the index itself stores next to terms the process already holds in clear
+    (no key material); it lives as long as the job that made it, is bounded
+    (``max_entries``; terms beyond it are computed every time) and is tied to one
+    ``SearchKeys`` object, so it never answers for other keys, and keys wiped since make
+    it raise as they do."""
+
+    __slots__ = ("_keys", "_max", "_tokens")
+
+    def __init__(self, keys: SearchKeys, max_entries: int = 16_384) -> None:
+        if not isinstance(keys, SearchKeys):
+            raise TypeError("a token memo needs SearchKeys")
+        self._keys, self._max = keys, max_entries
+        self._tokens: dict[str, str] = {}
+
+    def keys_are(self, keys: SearchKeys | None) -> bool:
+        return keys is self._keys
+
+    def keyed(self, term: str) -> str:
+        self._keys._check()
+        token = self._tokens.get(term)
+        if token is None:
+            token = self._keys.keyed(term)
+            if len(self._tokens) < self._max:
+                self._tokens[term] = token
+        return token
+
+    def keyed_all(self, terms: Iterable[str]) -> list[str]:
+        return sorted({self.keyed(t) for t in terms})
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __repr__(self) -> str:
+        return f"TokenMemo(tenant={self._keys.tenant!r}, {len(self._tokens)} tokens)"
+
+    __str__ = __repr__
+
+
 def derive_search_keys(tenant_key_material: SecretBytes, tenant_id: str) -> SearchKeys:
     """Derive a tenant's search keys from its tenant key (L2) with HKDF-SHA256.
 

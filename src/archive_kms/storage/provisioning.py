@@ -15,6 +15,7 @@ the platform's; the prefix is the tenant's entity).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -81,7 +82,8 @@ def require_own_account(location: Location) -> Location:
 class CloudProvisioner:
     """S3 buckets and Azure containers, and tenants' own Azure accounts through
     ``accounts``. Takes ready SDK clients (the platform's); a client not given is built
-    from ``settings`` on first use."""
+    from ``settings`` on first use, and ``accounts_factory`` (instead of ``accounts``) is
+    called on first use, so a process that never touches Azure never imports its SDK."""
 
     def __init__(
         self,
@@ -90,15 +92,25 @@ class CloudProvisioner:
         s3_client: Any = None,
         blob_service: Any = None,
         accounts: TenantAccountProvisioner | None = None,
+        accounts_factory: Callable[[], TenantAccountProvisioner | None] | None = None,
     ) -> None:
+        if accounts is not None and accounts_factory is not None:
+            raise ValidationError("give accounts or accounts_factory, not both")
         self._settings = settings
         self._s3 = s3_client
         self._blob = blob_service
         self._accounts = accounts
+        self._accounts_factory = accounts_factory
+        self._lock = threading.Lock()  # each lazy client is built once
 
     def tenant_accounts(self) -> TenantAccountProvisioner:
         """The provisioner of tenants' own storage accounts; ConfigurationError naming the
         settings when none is configured."""
+        if self._accounts is None and self._accounts_factory is not None:
+            with self._lock:
+                if self._accounts_factory is not None:
+                    self._accounts = self._accounts_factory()
+                    self._accounts_factory = None
         if self._accounts is None:
             raise ConfigurationError(
                 "no provisioner for tenants' own Azure storage accounts: set azure_subscription_id, "
@@ -115,15 +127,21 @@ class CloudProvisioner:
             return self.tenant_accounts().blob_service(location)
         return self._blob_service()
 
+    def shared_blob_service(self) -> Any:
+        """The platform's Blob client (shared Azure account), built on first use."""
+        return self._blob_service()
+
     def _s3_client(self) -> Any:
-        if self._s3 is None:
-            self._s3 = clients.aws_client("s3", self._settings)
-        return self._s3
+        with self._lock:
+            if self._s3 is None:
+                self._s3 = clients.aws_client("s3", self._settings)
+            return self._s3
 
     def _blob_service(self) -> Any:
-        if self._blob is None:
-            self._blob = clients.blob_service_client(self._settings)
-        return self._blob
+        with self._lock:
+            if self._blob is None:
+                self._blob = clients.blob_service_client(self._settings)
+            return self._blob
 
     def create(self, location: Location) -> None:
         if location.own_account:

@@ -22,19 +22,21 @@ and SQLite both run DDL transactionally: a failed upgrade leaves the database as
 
 from __future__ import annotations
 
+import ast
 import functools
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, func, inspect, select, text
 
 from archive_kms.errors import ConfigurationError
 from archive_kms.state.schema import SCHEMA_VERSION, schema_version
 from archive_kms.state.sql.database import SqlDatabase
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 __all__ = ["BASELINE", "SchemaStatus", "grant_runtime", "head", "prepare", "runtime_grants", "status", "upgrade"]
 
@@ -85,6 +87,8 @@ class SchemaStatus:
 
 
 def _config(connection: Connection | None = None, runtime_role: str | None = None) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", SCRIPTS)
     if connection is not None:
@@ -139,26 +143,94 @@ def grant_runtime(db: SqlDatabase, role: str) -> list[str]:
         return runtime_grants(conn, role)
 
 
+# Alembic is imported only to change a schema (or to read an unusual one): a process that
+# opens a database already at head never loads it (~11 MiB of RSS and ~0.13 s per process;
+# docs/benchmarks.md, session 5).
+_VERSIONS = Path(__file__).resolve().parent.parent / "migrations" / "versions"
+
+
 @functools.cache
 def _scripts() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_config())  # the scripts ship with the code: read once
+
+
+def _constant(node: ast.stmt, name: str) -> tuple[bool, object]:
+    """``(True, value)`` when ``node`` assigns a constant to ``name`` at module level."""
+    if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        target, value = node.targets[0], node.value
+    elif isinstance(node, ast.AnnAssign) and node.value is not None:
+        target, value = node.target, node.value
+    else:
+        return False, None
+    if isinstance(target, ast.Name) and target.id == name and isinstance(value, ast.Constant):
+        return True, value.value
+    return False, None
+
+
+@functools.cache
+def _linear_chain() -> tuple[frozenset[str], str] | None:
+    """The revisions and the head, read from each script's ``revision`` and
+    ``down_revision`` constants without importing Alembic; ``None`` unless the scripts form
+    one linear chain of plain constants (branches, merges, computed ids: Alembic decides).
+    A unit test holds this to Alembic's own reading."""
+    down: dict[str, str | None] = {}
+    try:
+        paths = sorted(p for p in _VERSIONS.glob("*.py") if p.name != "__init__.py")
+        for path in paths:
+            found: dict[str, object] = {}
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:
+                for name in ("revision", "down_revision"):
+                    ok, value = _constant(node, name)
+                    if ok:
+                        found[name] = value
+            rev, parent = found.get("revision"), found.get("down_revision", ...)
+            if not isinstance(rev, str) or not (parent is None or isinstance(parent, str)) or rev in down:
+                return None
+            down[rev] = parent
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+    parents = [p for p in down.values() if p is not None]
+    heads = set(down) - set(parents)
+    roots = [r for r, p in down.items() if p is None]
+    if len(heads) != 1 or len(roots) != 1 or len(set(parents)) != len(parents) or not set(parents) <= set(down):
+        return None
+    return frozenset(down), heads.pop()
 
 
 @functools.cache
 def _revisions() -> frozenset[str]:
+    chain = _linear_chain()
+    if chain is not None:
+        return chain[0]
     return frozenset(s.revision for s in _scripts().walk_revisions())
 
 
 def head() -> str:
     """The newest revision this code knows."""
+    chain = _linear_chain()
+    if chain is not None:
+        return chain[1]
     found = _scripts().get_current_head()
     assert found is not None, "no Alembic revisions shipped"
     return found
 
 
+def _current_revision(conn: Connection) -> str | None:
+    """``alembic_version``'s one row (what Alembic's ``get_current_revision`` reads); more
+    than one row (branches) goes to Alembic, which refuses it as before."""
+    rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(rows) <= 1:
+        return str(rows[0]) if rows else None
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
 def _read(conn: Connection) -> SchemaStatus:
     tables = set(inspect(conn).get_table_names())
-    revision = MigrationContext.configure(conn).get_current_revision() if "alembic_version" in tables else None
+    revision = _current_revision(conn) if "alembic_version" in tables else None
     legacy = conn.execute(select(func.max(schema_version.c.version))).scalar() if "schema_version" in tables else None
     return SchemaStatus(revision, head(), legacy, empty=not (tables - {"alembic_version"}))
 
@@ -197,6 +269,8 @@ def _refuse_unknown(db: SqlDatabase, found: SchemaStatus) -> None:
 
 
 def _upgrade_in(db: SqlDatabase, conn: Connection, target: str, runtime_role: str | None = None) -> None:
+    from alembic import command
+
     cfg = _config(conn, runtime_role)
     found = _read(conn)  # again, under the lock: another process may have done it
     _refuse_unknown(db, found)
