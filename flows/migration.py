@@ -106,6 +106,14 @@ LOCAL_DASK_CLUSTER: dict[str, Any] = {
     "threads_per_worker": 2,
     "dashboard_address": ":0",
 }
+#: Dask settings the local cluster's workers get (a Nanny passes its process's Dask config
+#: to the worker it spawns). The worker's statistical profiler is off: every 10 ms it calls
+#: ``sys._current_frames()``, and on CPython 3.11 a garbage collection that starts inside
+#: that call can deadlock the whole worker process with the GIL held (every thread waits
+#: for it, the shard never ends; seen as a copy step that hung in the test suite). We never
+#: read those profiles. A cluster of your own (``dask_address``) needs the same setting:
+#: docs/migration-flows.md.
+LOCAL_DASK_CONFIG: dict[str, Any] = {"distributed.worker.profile.enabled": False}
 #: Fields of a shard result kept in the flow's answer (which process ran which shard).
 _SHARD_SUMMARY_FIELDS = ("shard", "pid", "objects", "written", "already", "verified", "failed", "mismatched")
 
@@ -230,7 +238,14 @@ def task_runner_for(name: str, settings: Settings | None = None) -> TaskRunner:
         except ImportError:
             raise ConfigurationError("--task-runner dask needs prefect-dask: install archive-kms[dask]") from None
         address = getattr(settings or Settings(), "dask_address", None)
-        return DaskTaskRunner(address=address) if address else DaskTaskRunner(cluster_kwargs=dict(LOCAL_DASK_CLUSTER))
+        if address:
+            return DaskTaskRunner(address=address)
+        import dask
+
+        # set for the process (not a context): the cluster, and the Nannies that hand the
+        # config to the workers, are started later, when the flow enters the runner
+        dask.config.set(LOCAL_DASK_CONFIG)
+        return DaskTaskRunner(cluster_kwargs=dict(LOCAL_DASK_CLUSTER))
     raise ValidationError(f"unknown task runner {name!r}: use one of {', '.join(TASK_RUNNERS)}")
 
 

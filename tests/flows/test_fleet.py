@@ -76,6 +76,10 @@ def dask_fleet(stack):
     flows_dir = str(PROJECT_ROOT / "flows")
     if flows_dir not in sys.path:
         sys.path.append(flows_dir)
+    import dask
+    from archive_kms.flows.migration import LOCAL_DASK_CONFIG  # no worker profiler (a CPython 3.11 deadlock)
+
+    dask.config.set(LOCAL_DASK_CONFIG)
     cluster = LocalCluster(
         n_workers=2,
         processes=True,
