@@ -23,7 +23,12 @@ def serving(app: Any) -> Iterator[str]:
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    # log_config=None: uvicorn must not reconfigure this process's logging. Its dictConfig
+    # takes the logging lock and flushes every handler, Prefect's API log handler among
+    # them, while a background thread (a key-state probe emitting a Prefect event) may hold
+    # Prefect's service lock and wait for the logging lock: the suite deadlocked there once.
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", log_config=None)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="console-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
