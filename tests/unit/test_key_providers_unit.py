@@ -434,6 +434,115 @@ def test_key_vault_unwrap_checks_the_context_tag_and_translates_sdk_errors() -> 
         ok.unwrap(WrappedKey(KV_REF, KV_ALGORITHM, b"c"), context=CTX)  # no version recorded
 
 
+def sdk_error(status: int, code: str, message: str, inner: str = "", headers: dict | None = None):
+    """An azure-core ``HttpResponseError`` as the Key Vault SDK raises it."""
+    from azure.core.exceptions import HttpResponseError
+
+    exc = HttpResponseError(message=message)
+    exc.status_code = status
+    exc.error = types.SimpleNamespace(code=code, message=message, innererror={"code": inner} if inner else None)
+    exc.response = types.SimpleNamespace(headers=headers or {})
+    return exc
+
+
+@pytest.mark.parametrize(
+    "answer,expected,state,phrase",
+    [
+        (sdk_error(403, "Forbidden", "Operation sign is not allowed on a disabled key.", "KeyDisabled"),
+         KeyUnavailableError, "disabled", "is disabled"),
+        (sdk_error(403, "Forbidden", "Operation sign is not allowed on an expired key.", "KeyExpired"),
+         KeyUnavailableError, "material_expired", "has expired"),
+        (sdk_error(403, "Forbidden", "Operation sign is not allowed on a key that is not yet valid.", "KeyNotYetValid"),
+         KeyUnavailableError, "disabled", "is not valid yet"),
+        (sdk_error(403, "Forbidden", "Operation sign is not permitted on this key.", "KeyOperationForbidden"),
+         KeyAccessDeniedError, None, "not permitted"),
+        (sdk_error(403, "Forbidden", "Caller is not authorized; access disabled", "ForbiddenByRbac"),
+         KeyAccessDeniedError, None, "not permitted"),
+        (sdk_error(401, "Unauthorized", "no token"), KeyAccessDeniedError, None, "not authenticated"),
+        (sdk_error(404, "KeyNotFound", "no key"), KeyNotFoundError, None, "no such key"),
+        (sdk_error(400, "BadParameter", "bad alg"), ConfigurationError, None, "rejected the request"),
+        (sdk_error(408, "Timeout", "slow"), ServiceUnavailableError, None, "unavailable"),
+        (sdk_error(502, "BadGateway", "down"), ServiceUnavailableError, None, "unavailable"),
+        (sdk_error(409, "Conflict", "?"), KeyError_, None, "failed"),
+    ],
+)  # fmt: skip
+def test_one_key_vault_translation_serves_provider_and_signer(answer, expected, state, phrase) -> None:
+    """``translate_error`` is pure (asks nothing) and the same for both users; only the
+    setting prefix and what the identity needs differ."""
+    from archive_kms.keys.azure_key_vault import VaultReply, translate_error
+    from archive_kms.keys.refs import AzureKeyVaultKeyRef
+
+    ref = parse_key_ref(KV_VERSIONED)
+    assert isinstance(ref, AzureKeyVaultKeyRef)
+    plain = translate_error(answer, "sign", ref, needs="NEEDS")
+    signer = translate_error(answer, "sign", ref, needs="NEEDS", setting="keychain_signing_key_ref")
+    for error in (plain, signer):
+        assert type(error) is expected and getattr(error, "state", None) == state
+        assert phrase in str(error) and KV_VERSIONED in str(error) and "\n" not in str(error)
+    assert str(signer) == "keychain_signing_key_ref: " + str(plain)
+    reply = VaultReply.from_exception(answer)
+    assert reply is not None and str(translate_error(reply, "sign", ref, needs="NEEDS")) == str(plain)
+
+
+def test_key_vault_translation_of_no_answer_throttling_and_wrong_key() -> None:
+    from azure.core.exceptions import ServiceRequestError
+
+    from archive_kms.keys.azure_key_vault import VaultReply, translate_error
+
+    ref = parse_key_ref(KV_VERSIONED)
+    gone = translate_error(ServiceRequestError("connection refused"), "get", ref, needs="")
+    assert isinstance(gone, ServiceUnavailableError) and "did not answer" in str(gone)
+    assert VaultReply.from_exception(ValueError("x")) is None
+    throttled = translate_error(
+        sdk_error(429, "Throttled", "slow down", headers={"Retry-After": "3"}), "get", ref, needs=""
+    )
+    assert isinstance(throttled, KeyThrottledError) and throttled.retry_after == 3.0
+    wrong = translate_error(sdk_error(400, "BadParameter", "decrypt failed"), "unwrapKey", ref, needs="")
+    assert isinstance(wrong, WrongKeyError)
+    raw = VaultReply.from_response(FakeResponse(400, {"error": "not an object"}))
+    assert (raw.status, raw.code, raw.inner) == (400, "", "")
+
+
+def test_key_vault_key_usability_is_one_check() -> None:
+    from archive_kms.keys.azure_key_vault import unusable_reason
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def props(enabled=True, expires_on=None, not_before=None):
+        return types.SimpleNamespace(enabled=enabled, expires_on=expires_on, not_before=not_before)
+
+    assert unusable_reason(props(), now) is None
+    assert unusable_reason(props(enabled=False), now) == (KeyState.DISABLED, "is disabled")
+    assert unusable_reason(props(expires_on=now), now) == (KeyState.MATERIAL_EXPIRED, "has expired")
+    assert unusable_reason(props(not_before=now + timedelta(seconds=1)), now) == (KeyState.DISABLED, "is not valid yet")
+    assert unusable_reason(props(expires_on=now + timedelta(days=1), not_before=now), now) is None
+
+
+def test_key_vault_signer_translates_through_the_shared_function() -> None:
+    """The signing key's sign on a key disabled in the vault: the shared translation, named
+    after the setting, one line, not retried (a disabled key is not transient)."""
+    from archive_kms import retry
+    from archive_kms.keys.signing_key_vault import KeyVaultSigningKey
+
+    calls: list[str] = []
+
+    class RefusingCrypto:
+        def sign(self, algorithm, digest):
+            calls.append("sign")
+            raise sdk_error(403, "Forbidden", "Operation sign is not allowed on a disabled key.", "KeyDisabled")
+
+    signer = KeyVaultSigningKey(
+        KV_VERSIONED,
+        FakeKeyClient([]),
+        lambda key_id: RefusingCrypto(),
+        backoff=retry.Backoff(max_attempts=3, base_delay=0.0),
+    )
+    signer._pinned = parse_key_ref(KV_VERSIONED)  # as public_key() leaves it (the fake key is RSA)
+    with pytest.raises(KeyUnavailableError, match="keychain_signing_key_ref.*the key is disabled") as info:
+        signer.sign_digest(b"d" * 32)
+    assert info.value.state == "disabled" and info.value.__cause__ is None and calls == ["sign"]
+
+
 # --- KMIP error classification -----------------------------------------------------------
 
 

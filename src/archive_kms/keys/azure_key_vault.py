@@ -23,12 +23,19 @@ vault to refuse a disabled key and to log every wrap, so wrap is a ``POST .../wr
 the vault (a documented public SDK call). Unwrap uses ``CryptographyClient.unwrap_key``,
 which always goes to the vault (the private key never leaves it).
 
-Errors (translated here): 403 for a disabled / expired / not-yet-valid key ->
-``KeyUnavailableError`` with the state; 403 for an operation outside the key's
-``key_ops`` or a missing role assignment, and 401 -> ``KeyAccessDeniedError``; 404 ->
-``KeyNotFoundError``; 400 on unwrap -> ``WrongKeyError``; 429 -> ``KeyThrottledError``
-(``retry_after`` seconds when the vault sent ``Retry-After``, read by
-``archive_kms.retry.retry_after_seconds``; azure-core has already retried honouring it); 5xx and transport errors -> ``ServiceUnavailableError``.
+Errors are translated by one module-level function, ``translate_error`` (also used by the
+Key Vault signing key, ``keys.signing_key_vault``), over the answer ``VaultReply`` reads
+from an SDK exception or a raw response: a 403 whose inner code is ``KeyDisabled`` /
+``KeyExpired`` / ``KeyNotYetValid`` (or, without an inner code, whose message says so) ->
+``KeyUnavailableError`` with the state; any other 403, and 401 -> ``KeyAccessDeniedError``;
+404 -> ``KeyNotFoundError``; 400 on unwrap -> ``WrongKeyError``, on anything else ->
+``ConfigurationError``; 429 -> ``KeyThrottledError`` (``retry_after`` seconds when the
+vault sent ``Retry-After``, read by ``archive_kms.retry.retry_after_seconds``; azure-core
+has already retried honouring it); 5xx, 408, no answer and transport errors ->
+``ServiceUnavailableError``. The function is pure; the provider alone, for a 403 that
+names no reason, then reads the key's state (``get``) and reports a disabled or expired key
+as ``KeyUnavailableError`` rather than a denial. ``unusable_reason`` is the one check of a
+key version's enabled flag and validity dates.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import base64
 import hmac
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -61,7 +69,15 @@ from archive_kms.keys.port import KeyState, KeyStatus, WrappedKey
 from archive_kms.keys.refs import AzureKeyVaultKeyRef, parse_key_ref, wrapped_key_ref
 from archive_kms.retry import retry_after_seconds
 
-__all__ = ["ALGORITHM", "AZURE_VAULT_SUFFIXES", "AzureKeyVaultKeyProvider", "check_vault_host"]
+__all__ = [
+    "ALGORITHM",
+    "AZURE_VAULT_SUFFIXES",
+    "AzureKeyVaultKeyProvider",
+    "VaultReply",
+    "check_vault_host",
+    "translate_error",
+    "unusable_reason",
+]
 
 ALGORITHM = "azure-kv:RSA-OAEP-256+ctx16"
 _LABEL = b"archive_kms/azure-kv-wrap/v1"
@@ -213,14 +229,8 @@ class AzureKeyVaultKeyProvider:
     # --- internals -----------------------------------------------------------------------
 
     def _state_of(self, props: Any) -> KeyState:
-        now = self._clock()
-        if not props.enabled:
-            return KeyState.DISABLED
-        if props.expires_on is not None and props.expires_on <= now:
-            return KeyState.MATERIAL_EXPIRED
-        if props.not_before is not None and props.not_before > now:
-            return KeyState.DISABLED
-        return KeyState.ENABLED
+        unusable = unusable_reason(props, self._clock())
+        return unusable[0] if unusable else KeyState.ENABLED
 
     @staticmethod
     def _details(key: Any) -> dict[str, str]:
@@ -258,7 +268,7 @@ class AzureKeyVaultKeyProvider:
         try:
             return self._keys.get_key(ref.name, ref.version)
         except AzureError as exc:
-            error = self._translate(exc, "get", ref, consult_state=False)
+            error = translate_error(exc, "get", ref, needs=_NEEDS)
         raise error
 
     def _crypto_client(self, ref: AzureKeyVaultKeyRef) -> Any:
@@ -293,115 +303,159 @@ class AzureKeyVaultKeyProvider:
         if error is not None:
             raise error
         if response.status_code >= 400:
-            try:
-                payload = response.json().get("error", {})
-            except ValueError:
-                payload = {}
-            raise self._classify(
-                operation,
-                ref,
-                response.status_code,
-                str(payload.get("code", "")),
-                str(payload.get("message", ""))[:300],
-                retry_after_seconds(response.headers),
-                inner=str((payload.get("innererror") or {}).get("code", "")),
-            )
+            raise self._translate(VaultReply.from_response(response), operation, ref)
         return cast("dict[str, Any]", response.json())
 
-    def _translate(
-        self, exc: Exception, operation: str, ref: AzureKeyVaultKeyRef, *, consult_state: bool = True
-    ) -> ArchiveKmsError:
-        from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
-
-        if isinstance(exc, (ServiceRequestError, ServiceResponseError)):
-            return ServiceUnavailableError(
-                f"Key Vault {operation} for {ref.uri}: the vault did not answer ({type(exc).__name__})",
-                resource=ref.uri,
-            )
-        if isinstance(exc, HttpResponseError):
-            err = getattr(exc, "error", None)
-            code = str(getattr(err, "code", "") or "")
-            message = str(getattr(err, "message", "") or "")[:300]
-            innererror = getattr(err, "innererror", None)
-            inner = str(innererror.get("code", "")) if isinstance(innererror, Mapping) else ""
-            headers = getattr(getattr(exc, "response", None), "headers", None)
-            return self._classify(
-                operation,
-                ref,
-                int(exc.status_code or 0),
-                code,
-                message,
-                retry_after_seconds(headers),
-                inner=inner,
-                consult_state=consult_state,
-            )
-        return ServiceUnavailableError(
-            f"Key Vault {operation} for {ref.uri} failed: {type(exc).__name__}", resource=ref.uri
-        )
-
-    def _classify(
-        self,
-        operation: str,
-        ref: AzureKeyVaultKeyRef,
-        status: int,
-        code: str,
-        message: str,
-        retry_after: float | None,
-        *,
-        inner: str = "",
-        consult_state: bool = True,
-    ) -> ArchiveKmsError:
-        said = f"{status} {code}: {message}".strip()
-        where = f"Key Vault {operation} for {ref.uri}"
-        lowered = message.lower()
-        if status == 403 and code == "Forbidden" and not inner:
-            if "disabled" in lowered:
+    def _translate(self, answer: Exception | VaultReply, operation: str, ref: AzureKeyVaultKeyRef) -> ArchiveKmsError:
+        """``translate_error``, then, for a 403 that names no reason, the key's state: a
+        key found disabled or expired is reported as such, not as a denial."""
+        error = translate_error(answer, operation, ref, needs=_NEEDS)
+        reply = answer if isinstance(answer, VaultReply) else VaultReply.from_exception(answer)
+        if (
+            isinstance(error, KeyAccessDeniedError)
+            and reply is not None
+            and reply.status == 403
+            and "not permitted" not in reply.message.lower()
+        ):
+            state = self._state_quietly(ref)
+            if state is not None and not state.usable:
                 return KeyUnavailableError(
-                    f"{where}: the key is disabled ({said})", resource=ref.uri, state=KeyState.DISABLED.value
+                    f"Key Vault {operation} for {ref.uri}: the key is {state.value} ({reply.said})",
+                    resource=ref.uri,
+                    state=state.value,
                 )
-            if "expired" in lowered:
-                return KeyUnavailableError(
-                    f"{where}: the key has expired ({said})", resource=ref.uri, state=KeyState.MATERIAL_EXPIRED.value
-                )
-            if "not yet valid" in lowered:
-                return KeyUnavailableError(
-                    f"{where}: the key is not valid yet ({said})", resource=ref.uri, state=KeyState.DISABLED.value
-                )
-        if status == 403:
-            if consult_state and "not permitted" not in lowered:
-                state = self._state_quietly(ref)
-                if state is not None and not state.usable:
-                    return KeyUnavailableError(
-                        f"{where}: the key is {state.value} ({said})", resource=ref.uri, state=state.value
-                    )
-            return KeyAccessDeniedError(
-                f"{where}: not permitted ({said}); the key's permitted operations and "
-                "our role assignment must allow wrapKey, unwrapKey and get",
-                resource=ref.uri,
-            )
-        if status == 401:
-            return KeyAccessDeniedError(f"{where}: not authenticated ({said})", resource=ref.uri)
-        if status == 404:
-            return KeyNotFoundError(f"{where}: no such key or version ({said})", resource=ref.uri)
-        if status == 400 and operation == "unwrapKey":
-            return WrongKeyError(
-                f"{where}: the wrapped key does not decrypt under this key version ({code})", resource=ref.uri
-            )
-        if status == 429:
-            error = KeyThrottledError(f"{where}: throttled ({said})", resource=ref.uri)
-            error.retry_after = retry_after
-            return error
-        if status >= 500 or status == 408:
-            return ServiceUnavailableError(f"{where}: the vault is unavailable ({said})", resource=ref.uri)
-        if status == 400:
-            return ConfigurationError(f"{where}: the vault rejected the request ({said})", resource=ref.uri)
-        return KeyError_(f"{where} failed ({said})", resource=ref.uri)
+        return error
 
     def _state_quietly(self, ref: AzureKeyVaultKeyRef) -> KeyState | None:
         try:
             return self._state_of(self._keys.get_key(ref.name, ref.version).properties)
         except Exception:  # noqa: BLE001 - only used to enrich another error
             return None
+
+
+#: What the provider's identity needs, named in its access-denied errors.
+_NEEDS = "the key's permitted operations and our role assignment must allow wrapKey, unwrapKey and get"
+#: Inner error codes of a 403 about the key version's state (not about our identity).
+_STATE_CODES = {
+    "KeyDisabled": (KeyState.DISABLED, "is disabled"),
+    "KeyExpired": (KeyState.MATERIAL_EXPIRED, "has expired"),
+    "KeyNotYetValid": (KeyState.DISABLED, "is not valid yet"),
+}
+
+
+def unusable_reason(props: Any, now: datetime) -> tuple[KeyState, str] | None:
+    """Why a key version (its ``KeyProperties``) cannot be used at ``now``: its state and
+    a phrase (``is disabled``, ``has expired``, ``is not valid yet``); None if usable."""
+    if not props.enabled:
+        return _STATE_CODES["KeyDisabled"]
+    if props.expires_on is not None and props.expires_on <= now:
+        return _STATE_CODES["KeyExpired"]
+    if props.not_before is not None and props.not_before > now:
+        return _STATE_CODES["KeyNotYetValid"]
+    return None
+
+
+@dataclass(frozen=True)
+class VaultReply:
+    """What a Key Vault error answer said: HTTP status, error code and message (first 300
+    characters), inner error code, and ``Retry-After`` in seconds."""
+
+    status: int
+    code: str = ""
+    message: str = ""
+    inner: str = ""
+    retry_after: float | None = None
+
+    @property
+    def said(self) -> str:
+        return f"{self.status} {self.code}: {self.message}".strip()
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> VaultReply | None:
+        """The answer carried by an SDK ``HttpResponseError``; None when the vault did not
+        answer (a transport error, or any other exception)."""
+        from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+
+        if isinstance(exc, (ServiceRequestError, ServiceResponseError)) or not isinstance(exc, HttpResponseError):
+            return None
+        err = getattr(exc, "error", None)
+        innererror = getattr(err, "innererror", None)
+        return cls(
+            status=int(exc.status_code or 0),
+            code=str(getattr(err, "code", "") or ""),
+            message=str(getattr(err, "message", "") or "")[:300],
+            inner=str(innererror.get("code", "")) if isinstance(innererror, Mapping) else "",
+            retry_after=retry_after_seconds(getattr(getattr(exc, "response", None), "headers", None)),
+        )
+
+    @classmethod
+    def from_response(cls, response: Any) -> VaultReply:
+        """The answer of a raw ``send_request`` response with status >= 400."""
+        try:
+            payload = response.json().get("error", {})
+        except ValueError:
+            payload = {}
+        if not isinstance(payload, Mapping):
+            payload = {}
+        inner = payload.get("innererror")
+        return cls(
+            status=int(response.status_code),
+            code=str(payload.get("code", "") or ""),
+            message=str(payload.get("message", "") or "")[:300],
+            inner=str(inner.get("code", "")) if isinstance(inner, Mapping) else "",
+            retry_after=retry_after_seconds(response.headers),
+        )
+
+
+def translate_error(
+    answer: BaseException | VaultReply,
+    operation: str,
+    ref: AzureKeyVaultKeyRef,
+    *,
+    needs: str,
+    setting: str = "",
+) -> ArchiveKmsError:
+    """The ``archive_kms.errors`` error for a failed Key Vault ``operation`` on ``ref``: an
+    SDK exception (``AzureError``) or a ``VaultReply``. Pure: it asks the vault nothing.
+    ``needs`` says what our identity needs (in access-denied errors); ``setting`` prefixes
+    every message (the signing key names its setting)."""
+    where = f"{setting + ': ' if setting else ''}Key Vault {operation} for {ref.uri}"
+    reply = answer if isinstance(answer, VaultReply) else VaultReply.from_exception(answer)
+    if reply is None:
+        return ServiceUnavailableError(f"{where}: the vault did not answer ({type(answer).__name__})", resource=ref.uri)
+    status, said = reply.status, reply.said
+    if status == 403:
+        state = _STATE_CODES.get(reply.inner)
+        if state is None and not reply.inner and reply.code == "Forbidden":
+            lowered = reply.message.lower()
+            for marker, inner in (
+                ("disabled", "KeyDisabled"),
+                ("expired", "KeyExpired"),
+                ("not yet valid", "KeyNotYetValid"),
+            ):
+                if marker in lowered:
+                    state = _STATE_CODES[inner]
+                    break
+        if state is not None:
+            return KeyUnavailableError(f"{where}: the key {state[1]} ({said})", resource=ref.uri, state=state[0].value)
+        return KeyAccessDeniedError(f"{where}: not permitted ({said}); {needs}", resource=ref.uri)
+    if status == 401:
+        return KeyAccessDeniedError(f"{where}: not authenticated ({said}); {needs}", resource=ref.uri)
+    if status == 404:
+        return KeyNotFoundError(f"{where}: no such key or version ({said})", resource=ref.uri)
+    if status == 400 and operation == "unwrapKey":
+        return WrongKeyError(
+            f"{where}: the wrapped key does not decrypt under this key version ({reply.code})", resource=ref.uri
+        )
+    if status == 429:
+        error = KeyThrottledError(f"{where}: throttled ({said})", resource=ref.uri)
+        error.retry_after = reply.retry_after
+        return error
+    if status >= 500 or status == 408:
+        return ServiceUnavailableError(f"{where}: the vault is unavailable ({said})", resource=ref.uri)
+    if status == 400:
+        return ConfigurationError(f"{where}: the vault rejected the request ({said})", resource=ref.uri)
+    return KeyError_(f"{where} failed ({said})", resource=ref.uri)
 
 
 def check_vault_host(ref: AzureKeyVaultKeyRef, settings: Any) -> None:

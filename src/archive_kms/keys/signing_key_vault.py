@@ -13,14 +13,16 @@ key on curve P-256 (``kty`` ``EC`` or ``EC-HSM``). The private key never leaves 
   64-byte r || s.
 
 The worker's identity needs the ``keys/get`` and ``keys/sign`` data actions on this key
-(Key Vault Crypto User, or an access policy with get and sign). Errors are translated
-here into ``archive_kms.errors`` (one line naming the setting and the reference);
-transient ones are retried through ``archive_kms.retry``; a disabled or expired key is not.
+(Key Vault Crypto User, or an access policy with get and sign). Errors are translated into
+``archive_kms.errors`` by the Key Vault key provider's ``translate_error`` (one line naming
+the setting and the reference), and the key version's enabled flag and validity dates are
+checked by its ``unusable_reason``; transient errors are retried through
+``archive_kms.retry``; a disabled or expired key is not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,21 +33,17 @@ from archive_kms.errors import (
     ArchiveKmsError,
     ConfigurationError,
     IntegrityError,
-    KeyAccessDeniedError,
-    KeyError_,
-    KeyNotFoundError,
-    KeyThrottledError,
     KeyUnavailableError,
-    ServiceUnavailableError,
     ValidationError,
 )
+from archive_kms.keys.azure_key_vault import check_vault_host, translate_error, unusable_reason
 from archive_kms.keys.port import KeyState
 from archive_kms.keys.refs import AzureKeyVaultKeyRef, parse_key_ref
-from archive_kms.retry import retry_after_seconds
 
 __all__ = ["KeyVaultSigningKey"]
 
 _SETTING = "keychain signing key (keychain_signing_key_ref)"
+_NEEDS = "our identity needs get and sign on this key"
 _BACKOFF = retry.Backoff(max_attempts=3, base_delay=0.2, max_delay=2.0)
 
 
@@ -80,8 +78,6 @@ class KeyVaultSigningKey:
 
     @classmethod
     def from_settings(cls, ref: AzureKeyVaultKeyRef, settings: Settings) -> KeyVaultSigningKey:
-        from archive_kms.keys.azure_key_vault import check_vault_host
-
         check_vault_host(ref, settings)
         return cls(
             ref,
@@ -100,13 +96,9 @@ class KeyVaultSigningKey:
         key = self._call("get", self._ref, lambda: self._keys.get_key(self._ref.name, self._ref.version))
         props = key.properties
         version = self._ref.with_version(str(props.version))
-        now = self._clock()
-        if not props.enabled:
-            raise self._unavailable(version, "is disabled", KeyState.DISABLED)
-        if props.expires_on is not None and props.expires_on <= now:
-            raise self._unavailable(version, "has expired", KeyState.MATERIAL_EXPIRED)
-        if props.not_before is not None and props.not_before > now:
-            raise self._unavailable(version, "is not valid yet", KeyState.DISABLED)
+        unusable = unusable_reason(props, self._clock())
+        if unusable is not None:
+            raise self._unavailable(version, unusable[1], unusable[0])
         jwk = key.key
         kty = str(getattr(key.key_type, "value", key.key_type))
         crv = str(getattr(jwk.crv, "value", jwk.crv)) if getattr(jwk, "crv", None) else ""
@@ -169,7 +161,7 @@ class KeyVaultSigningKey:
 
         def translate(exc: BaseException) -> ArchiveKmsError:
             if isinstance(exc, AzureError):
-                return self._translate(exc, operation, ref)
+                return translate_error(exc, operation, ref, needs=_NEEDS, setting=_SETTING)
             return ArchiveKmsError(f"{_SETTING}: Key Vault {operation} for {ref.uri} failed: {type(exc).__name__}")
 
         try:
@@ -180,41 +172,3 @@ class KeyVaultSigningKey:
         error.__context__ = None
         error.__suppress_context__ = True
         raise error
-
-    def _translate(self, exc: Exception, operation: str, ref: AzureKeyVaultKeyRef) -> ArchiveKmsError:
-        from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
-
-        where = f"{_SETTING}: Key Vault {operation} for {ref.uri}"
-        if isinstance(exc, (ServiceRequestError, ServiceResponseError)) or not isinstance(exc, HttpResponseError):
-            return ServiceUnavailableError(
-                f"{where}: the vault did not answer ({type(exc).__name__})", resource=ref.uri
-            )
-        err = getattr(exc, "error", None)
-        code = str(getattr(err, "code", "") or "")
-        message = str(getattr(err, "message", "") or "")[:300]
-        innererror = getattr(err, "innererror", None)
-        inner = str(innererror.get("code", "")) if isinstance(innererror, Mapping) else ""
-        status = int(exc.status_code or 0)
-        said = f"{status} {code}: {message}".strip()
-        lowered = message.lower()
-        if status == 403 and (inner in ("KeyDisabled", "KeyExpired", "KeyNotYetValid") or "disabled" in lowered):
-            state = KeyState.MATERIAL_EXPIRED if "expired" in lowered else KeyState.DISABLED
-            return KeyUnavailableError(
-                f"{where}: the key is not usable ({said}); nothing was signed", resource=ref.uri, state=state.value
-            )
-        if status in (401, 403):
-            return KeyAccessDeniedError(
-                f"{where}: not permitted ({said}); our identity needs get and sign on this key", resource=ref.uri
-            )
-        if status == 404:
-            return KeyNotFoundError(f"{where}: no such key or version ({said})", resource=ref.uri)
-        if status == 429:
-            error = KeyThrottledError(f"{where}: throttled ({said})", resource=ref.uri)
-            headers = getattr(getattr(exc, "response", None), "headers", None)
-            error.retry_after = retry_after_seconds(headers)
-            return error
-        if status >= 500 or status == 408:
-            return ServiceUnavailableError(f"{where}: the vault is unavailable ({said})", resource=ref.uri)
-        if status == 400:
-            return ConfigurationError(f"{where}: the vault rejected the request ({said})", resource=ref.uri)
-        return KeyError_(f"{where} failed ({said})", resource=ref.uri)
