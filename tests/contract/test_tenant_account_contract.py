@@ -132,17 +132,33 @@ def require_azurite_pool(settings: Settings) -> None:
         )
 
 
-def pool_provisioner(settings: Settings, state_url: str):
-    from archive_kms.state.account_pool import SqlAccountPool
+def pool_provisioner(settings: Settings, state_url: str, accounts: list[str] | None = None):
+    """As the composition root builds it (the deployment named by its claims), on the
+    whole pool or on ``accounts`` of it."""
+    from archive_kms.state.account_pool import SqlAccountPool, sqlite_state_path, sqlite_store_holds
     from archive_kms.state.sql import open_state
-    from archive_kms.storage.azurite_pool import AzuritePoolProvisioner
+    from archive_kms.storage.azurite_pool import AzuritePoolProvisioner, PoolDeployment, host_id
 
     allocations = SqlAccountPool(open_state(state_url))
     pool = {}
     for cs in settings.azure_account_pool:
         c = clients.blob_service_client_from_connection_string(cs.get_secret_value())
-        pool[c.account_name] = c
-    return AzuritePoolProvisioner(pool, allocations, sleep=lambda s: None), allocations
+        if accounts is None or c.account_name in accounts:
+            pool[c.account_name] = c
+    deployment = PoolDeployment(host_id(), sqlite_state_path(state_url), sqlite_store_holds)
+    return AzuritePoolProvisioner(pool, allocations, deployment=deployment, sleep=lambda s: None), allocations
+
+
+def unclaimed_pool_account(settings: Settings) -> tuple[str, Any]:
+    """A pool account nobody claims now (from the end of the pool: deployments allocate
+    from its start), and its client."""
+    from archive_kms.storage.azurite_pool import CLAIM_CONTAINER
+
+    for cs in reversed(settings.azure_account_pool):
+        c = clients.blob_service_client_from_connection_string(cs.get_secret_value())
+        if not c.get_container_client(CLAIM_CONTAINER).exists():
+            return c.account_name, c
+    pytest.fail("every Azurite pool account is claimed", pytrace=False)
 
 
 @pytest.fixture(params=["arm", "azurite-pool"])
@@ -440,7 +456,7 @@ def test_two_deployments_sharing_one_azurite_never_share_an_account(azurite, tmp
 
 
 def test_the_pool_records_the_customer_key_it_cannot_apply(azurite, tmp_path):
-    from archive_kms.storage.azurite_pool import CLAIM_CONTAINER
+    from archive_kms.storage.azurite_pool import CLAIM_CONTAINER, host_id
 
     require_azurite_pool(azurite)
     p, allocations = pool_provisioner(azurite, f"sqlite:///{tmp_path / 'a.db'}")
@@ -449,7 +465,13 @@ def test_the_pool_records_the_customer_key_it_cannot_apply(azurite, tmp_path):
     try:
         svc = p.blob_service(loc)
         meta = svc.get_container_client(CLAIM_CONTAINER).get_container_properties().metadata
-        assert meta == {"tenant": loc.tenant.value, "account": loc.account, "cmkkeyurl": KEY_URL}
+        assert meta == {
+            "tenant": loc.tenant.value,
+            "account": loc.account,
+            "cmkkeyurl": KEY_URL,
+            "deploymenthost": host_id(),
+            "deploymentstate": str(tmp_path / "a.db"),  # ADR 0047: the deployment that claims
+        }
         assert allocations.allocation(loc.account).tenant_id == loc.tenant.value
     finally:
         p.delete(loc, open_store(loc, blob_service=p.blob_service(loc)))
@@ -479,3 +501,72 @@ def test_a_delete_that_died_after_dropping_the_claim_finishes_without_touching_t
         assert second.exists(b)
     finally:
         second.delete(b, open_store(b, blob_service=second.blob_service(b)))
+
+
+def test_a_dead_deployments_claim_is_reclaimed_and_a_live_ones_never(azurite, tmp_path):
+    """ADR 0047. Two deployments on one pool account: while the first's state store holds
+    its allocation, the second is refused and the first's data stays; while another
+    reclaimer holds the lease, the second leaves it; once the first is gone (its state store
+    deleted), the second empties the account and takes it."""
+    from archive_kms.storage.azurite_pool import CLAIM_CONTAINER
+
+    require_azurite_pool(azurite)
+    name, svc = unclaimed_pool_account(azurite)
+    first, _ = pool_provisioner(azurite, f"sqlite:///{tmp_path / 'a.db'}", accounts=[name])
+    second, second_allocations = pool_provisioner(azurite, f"sqlite:///{tmp_path / 'b.db'}", accounts=[name])
+    a, b = new_location(), new_location()
+    first.create(a)
+    try:
+        svc.get_container_client(a.container).upload_blob("obj", b"the first tenant's bytes")
+        claim = svc.get_container_client(CLAIM_CONTAINER)
+        assert claim.get_container_properties().metadata["deploymentstate"].endswith("/a.db")
+
+        with pytest.raises(StorageError, match="no free account in the Azurite pool"):
+            second.create(b)  # the first deployment is alive: never robbed
+        assert first.exists(a) and second_allocations.allocation(b.account) is None
+        assert [x.name for x in svc.get_container_client(a.container).list_blobs()] == ["obj"]
+
+        for suffix in ("", "-wal", "-shm"):  # the first deployment dies with its state store
+            (tmp_path / f"a.db{suffix}").unlink(missing_ok=True)
+        lease = claim.acquire_lease(lease_duration=15)  # another reclaimer at work
+        with pytest.raises(StorageError, match="no free account"):
+            second.create(b)
+        assert claim.get_container_properties().metadata["tenant"] == a.tenant.value
+        lease.release()
+
+        second.create(b)
+        assert second.blob_service(b).account_name == name and second.exists(b)
+        assert claim.get_container_properties().metadata["tenant"] == b.tenant.value
+        assert sorted(c.name for c in svc.list_containers()) == sorted([CLAIM_CONTAINER, b.container])
+    finally:
+        for c in list(svc.list_containers()):
+            svc.delete_container(c.name)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {},  # a claim made before claims named their deployment
+        {"deploymenthost": "another-host/0", "deploymentstate": "/nonexistent/state.db"},
+        {"deploymentstate": "/nonexistent/state.db"},
+        {"deploymenthost": "HERE", "deploymentstate": "relative/state.db"},
+    ],
+    ids=["no-record", "another-host", "no-host", "relative-path"],
+)
+def test_a_claim_without_proof_of_death_is_never_reclaimed(azurite, tmp_path, record):
+    from archive_kms.storage.azurite_pool import CLAIM_CONTAINER, host_id
+
+    require_azurite_pool(azurite)
+    name, svc = unclaimed_pool_account(azurite)
+    meta = {"tenant": "someone", "account": "akmssomeone0000000000000"}
+    meta.update({k: (host_id() if v == "HERE" else v) for k, v in record.items()})
+    svc.create_container(CLAIM_CONTAINER, metadata=meta)
+    try:
+        prov, allocations = pool_provisioner(azurite, f"sqlite:///{tmp_path / 'b.db'}", accounts=[name])
+        b = new_location()
+        with pytest.raises(StorageError, match="no free account"):
+            prov.create(b)
+        assert svc.get_container_client(CLAIM_CONTAINER).get_container_properties().metadata == meta
+        assert allocations.allocation(b.account) is None
+    finally:
+        svc.delete_container(CLAIM_CONTAINER)

@@ -519,14 +519,15 @@ def _tenant_accounts(settings: Settings, state: Any) -> TenantAccountProvisioner
     settings)."""
 
     if settings.azure_account_pool:
-        from archive_kms.state.account_pool import SqlAccountPool
-        from archive_kms.storage.azurite_pool import AzuritePoolProvisioner
+        from archive_kms.state.account_pool import SqlAccountPool, sqlite_state_path, sqlite_store_holds
+        from archive_kms.storage.azurite_pool import AzuritePoolProvisioner, PoolDeployment, host_id
 
         pool = {}
         for cs in settings.azure_account_pool:
             client = clients.blob_service_client_from_connection_string(cs.get_secret_value(), "azure_account_pool")
             pool[client.account_name] = client
-        return AzuritePoolProvisioner(pool, SqlAccountPool(state))
+        deployment = PoolDeployment(host_id(), sqlite_state_path(settings.state_url), sqlite_store_holds)
+        return AzuritePoolProvisioner(pool, SqlAccountPool(state), deployment=deployment)
     if settings.azure_subscription_id:
         from archive_kms.storage.azure_accounts import ArmAccountProvisioner
 

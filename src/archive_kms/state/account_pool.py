@@ -13,13 +13,20 @@ Contract (``tests/contract/test_account_pool_store_contract.py`` holds it):
   another tenant raises ``StateError`` (a 40-bit digest collision, or a forged location).
 - ``release`` deletes the allocation if it is still (account, pool account); idempotent.
 - Each method is one transaction; database errors are translated like the state store's.
+
+``sqlite_store_holds`` answers, for another deployment's claim in Azurite, whether the
+SQLite state store it names still holds that allocation (ADR 0047): the evidence the pool
+needs before it reclaims the account of a deployment that is gone.
 """
 
 from __future__ import annotations
 
+import os
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 from sqlalchemy import delete, insert, select
 
@@ -28,7 +35,7 @@ from archive_kms.state.schema import tenant_account_pool
 from archive_kms.state.sql import SqlStateStore
 from archive_kms.state.sql.database import Conflict
 
-__all__ = ["PoolAllocation", "SqlAccountPool"]
+__all__ = ["PoolAllocation", "SqlAccountPool", "sqlite_state_path", "sqlite_store_holds"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +116,41 @@ class SqlAccountPool:
     def _row(row: object) -> PoolAllocation:
         m = row._mapping  # type: ignore[attr-defined]
         return PoolAllocation(m["pool_account"], m["account"], m["tenant_id"], m["allocated_at"])
+
+
+def sqlite_state_path(state_url: str) -> str | None:
+    """The absolute path of a SQLite state store's file (``sqlite:///PATH``); None for any
+    other database (an in-memory SQLite, PostgreSQL): its claims can never be proven gone."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(state_url)
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return None
+    if str(url.database).startswith("file:") or url.query.get("mode") == "memory":
+        return None
+    return os.path.abspath(os.path.expanduser(str(url.database)))
+
+
+def sqlite_store_holds(path: str, *, pool_account: str, account: str, tenant_id: str) -> bool:
+    """Whether the SQLite state store at ``path`` (another deployment's) still holds the
+    allocation ``account`` -> ``pool_account`` for ``tenant_id``. False only on proof: the
+    file is gone, or it was read and has no such row. Anything else (unreadable, locked,
+    no such table, a directory) counts as holding it: a live deployment is never robbed."""
+    if not os.path.isabs(path):
+        return True
+    if not os.path.lexists(path):
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=5.0)
+    except sqlite3.Error:
+        return True
+    try:
+        row = conn.execute(
+            "SELECT 1 FROM tenant_account_pool WHERE pool_account = ? AND account = ? AND tenant_id = ?",
+            (pool_account, account, tenant_id),
+        ).fetchone()
+    except sqlite3.Error:
+        return True
+    finally:
+        conn.close()
+    return row is not None

@@ -14,6 +14,15 @@ A tenant's location keeps the account name the naming rule derives for it
   deployments (state stores) sharing one Azurite cannot both take an account: the second
   sees a claim that is not its own, releases its allocation and takes the next account.
 
+A claim also names the deployment that made it (``deploymenthost``, ``deploymentstate``:
+the host and the path of its SQLite state store). A deployment that died without
+deleting its tenants leaves claims behind; another deployment reclaims such an account
+only on proof that the claimant is gone (ADR 0047): the claim names this host and a
+SQLite state store that no longer exists or no longer holds the allocation. It then takes
+a lease on the claim, checks under the lease that the claim is still the one judged,
+empties the account and drops the claim. A claim without that record (an older version, or
+a PostgreSQL state store) is never reclaimed.
+
 "Create the account" = allocate and claim; "the account exists" = this tenant's
 allocation and claim are there; "delete the account" = delete every container in the pool
 account (the claim last) and release the allocation, so the account is empty for the next
@@ -26,9 +35,13 @@ docs/adr/0031-tenant-storage-accounts.md say what is and is not proven here.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import quote, unquote
 
 from archive_kms import retry
 from archive_kms.errors import ArchiveKmsError, ConfigurationError, ServiceUnavailableError, StorageError
@@ -40,6 +53,54 @@ log = logging.getLogger(__name__)
 
 #: The container that marks a pool account as taken (its metadata: tenant, account).
 CLAIM_CONTAINER = "akms-pool-claim"
+#: How long a reclaim's lease on a dead deployment's claim lasts (renewed while it works);
+#: a reclaimer that dies leaves the claim to the next one after this.
+RECLAIM_LEASE_SECONDS = 60
+
+
+def host_id() -> str:
+    """This machine: host name and machine id (a SQLite path means nothing on another host)."""
+    machine = ""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path, encoding="ascii") as f:
+                machine = f.read().strip()[:32]
+            break
+        except (OSError, UnicodeDecodeError):
+            continue
+    return f"{socket.gethostname()}/{machine}"
+
+
+@dataclass(frozen=True)
+class PoolDeployment:
+    """This deployment, as its claims name it, and how to tell whether another deployment
+    (named by its claim) is gone. ``state_path``: the absolute path of this deployment's
+    SQLite state store, or None (then its claims can never be reclaimed by anyone).
+    ``store_holds(path, pool_account=, account=, tenant_id=)``: whether the SQLite state
+    store at ``path`` still holds that allocation (``state.account_pool.sqlite_store_holds``);
+    it must answer False only on proof."""
+
+    host: str
+    state_path: str | None
+    store_holds: Callable[..., bool]
+
+    def claim_metadata(self) -> dict[str, str]:
+        if self.state_path is None:
+            return {}
+        return {"deploymenthost": quote(self.host, safe="/"), "deploymentstate": quote(self.state_path, safe="/")}
+
+    def claimant_gone(self, claim: Mapping[str, str], pool_account: str) -> bool:
+        """True only if the claim names this host and a SQLite state store that no longer
+        holds its allocation."""
+        host, state = claim.get("deploymenthost"), claim.get("deploymentstate")
+        if not host or not state or unquote(host) != self.host:
+            return False
+        path = unquote(state)
+        if not os.path.isabs(path) or path == self.state_path:
+            return False  # our own store: our allocations are ours to release
+        return not self.store_holds(
+            path, pool_account=pool_account, account=claim.get("account", ""), tenant_id=claim.get("tenant", "")
+        )
 
 
 class PoolAllocation(Protocol):
@@ -93,6 +154,7 @@ class AzuritePoolProvisioner:
         pool: Mapping[str, Any],
         allocations: PoolAllocations,
         *,
+        deployment: PoolDeployment | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -100,6 +162,7 @@ class AzuritePoolProvisioner:
             raise ConfigurationError("the Azurite account pool is empty (azure_account_pool)")
         self._pool = dict(pool)
         self._allocations = allocations
+        self._deployment = deployment
         self._sleep = sleep
         self._clock = clock
 
@@ -112,6 +175,7 @@ class AzuritePoolProvisioner:
         require_own_account(location)
         account, tenant = location.account or "", location.tenant.value
         refused: set[str] = set()
+        reclaimed: set[str] = set()  # at most once each: a claim that comes back is a live owner's
         while True:
             found = self._allocations.allocation(account)
             if found is None:
@@ -130,6 +194,9 @@ class AzuritePoolProvisioner:
             self._check_tenant(location, found)
             if self._claim(found.pool_account, location):
                 break
+            if found.pool_account not in reclaimed and self._reclaim(found.pool_account):
+                reclaimed.add(found.pool_account)
+                continue  # the claimant was gone: claim it again (our allocation stands)
             # Another deployment sharing this Azurite holds it: not ours to take.
             log.warning("pool account %s is claimed by another deployment; taking another", found.pool_account)
             self._allocations.release(account, found.pool_account)
@@ -230,6 +297,8 @@ class AzuritePoolProvisioner:
         meta = {"tenant": location.tenant.value, "account": location.account or ""}
         if location.cmk_key_url:
             meta["cmkkeyurl"] = location.cmk_key_url
+        if self._deployment is not None:
+            meta.update(self._deployment.claim_metadata())
 
         def claimed() -> bool:
             try:
@@ -273,6 +342,51 @@ class AzuritePoolProvisioner:
         meta = props.metadata or {}
         return f"{meta.get('tenant', '?')}/{meta.get('account', '?')}"
 
+    def _reclaim(self, pool_account: str) -> bool:
+        """Take back ``pool_account`` from a deployment that is provably gone (ADR 0047):
+        judge its claim, lease the claim (one reclaimer at a time), check under the lease
+        that it is the same claim (ETag), empty the account and drop the claim. True if the
+        account is free now; False if its claimant may be alive (or another reclaims it)."""
+        from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+        if self._deployment is None:
+            return False
+        claim = self._pool[pool_account].get_container_client(CLAIM_CONTAINER)
+        try:
+            props = claim.get_container_properties()
+        except ResourceNotFoundError:
+            return True  # dropped meanwhile: free
+        except Exception as exc:
+            raise _translate(exc, pool_account=pool_account, op="Get Container Properties (claim)") from exc
+        meta = dict(props.metadata or {})
+        if not self._deployment.claimant_gone(meta, pool_account):
+            return False
+        try:
+            lease = claim.acquire_lease(lease_duration=RECLAIM_LEASE_SECONDS)
+        except HttpResponseError:
+            return False  # another reclaimer holds it (or the claim went): look again later
+        svc = self._pool[pool_account]
+        try:
+            if claim.get_container_properties().etag != props.etag:
+                lease.release()
+                return False  # not the claim we judged
+            log.warning(
+                "pool account %s: reclaiming it from %s/%s, whose deployment (state store %s) is gone",
+                pool_account,
+                meta.get("tenant"),
+                meta.get("account"),
+                unquote(meta.get("deploymentstate", "")),
+            )
+            for name in [c.name for c in svc.list_containers() if c.name != CLAIM_CONTAINER]:
+                lease.renew()
+                self._delete_container(svc, name)
+            svc.delete_container(CLAIM_CONTAINER, lease=lease)
+        except ArchiveKmsError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, pool_account=pool_account, op="reclaim") from exc
+        return True
+
     @staticmethod
     def _delete_container(svc: Any, name: str) -> None:
         from azure.core.exceptions import ResourceNotFoundError
@@ -285,4 +399,11 @@ class AzuritePoolProvisioner:
             # ContainerNotFound: already gone
 
 
-__all__ = ["CLAIM_CONTAINER", "AzuritePoolProvisioner", "PoolAllocations"]
+__all__ = [
+    "CLAIM_CONTAINER",
+    "RECLAIM_LEASE_SECONDS",
+    "AzuritePoolProvisioner",
+    "PoolAllocations",
+    "PoolDeployment",
+    "host_id",
+]
