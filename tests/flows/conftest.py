@@ -6,8 +6,8 @@ do not see each other's runs, leases or gates; buckets, containers and indices l
 the shared services and are removed at teardown (best effort).
 
 Stable names (other test modules import them): ``flow_settings``, ``flow_platform``,
-``new_tenant_id``, ``archived_tenant`` (-> ``ArchivedTenant``), ``customer_key``
-(customer_keys.py), and the plain functions ``invariants`` (I1-I7), ``audit_holds`` (I6)
+``new_tenant_id``, ``archived_tenant`` (-> ``ArchivedTenant``), ``customer_key`` and
+``cli_env`` (customer_keys.py), and the plain functions ``invariants`` (I1-I7), ``audit_holds`` (I6)
 and ``secrets_absent`` (I7). The fault tier (``tests/faults``) loads this module too.
 """
 
@@ -39,7 +39,7 @@ from archive_kms.state.port import GateState, RunState, StepState
 from archive_kms.storage import Location
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # customer_keys, whatever the import mode
-from customer_keys import customer_key  # noqa: F401 - the fixture, registered here
+from customer_keys import cli_env, customer_key  # noqa: F401 - the fixtures, registered here
 
 #: The lease of a test run: short, so a crash-resume test can take over after a few seconds.
 FLOW_LEASE_TTL_SECONDS = 5

@@ -11,15 +11,21 @@ disable/enable of them (what a customer does to revoke access).
 
 KMIP has no "disable": ``disable`` revokes the key, which KMIP makes permanent, so
 ``can_reenable`` is False for it and ``enable`` raises.
+
+Also the setup the customer-key end-to-end tests share: ``cli_env`` (the CLI in this
+process on the test's state store, Key Vault emulator and Prefect up), ``invoke_cli``,
+``customer_byok_file`` (the customer's side of Key Vault BYOK) and ``delete_vault_keys``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -122,7 +128,7 @@ class CustomerKeyFactory:
         if scheme == "aws-kms":
             self._kms().disable_key(KeyId=parse_key_ref(ref).api_key_id)
         elif scheme == "azure-kv":
-            clients.keyvault_key_client(self.settings).update_key_properties(_kv_name(ref), enabled=False)
+            clients.keyvault_key_client(self.settings).update_key_properties(vault_key_name(ref), enabled=False)
         elif scheme == "kmip":
             from kmip.core import enums
 
@@ -135,7 +141,7 @@ class CustomerKeyFactory:
         if scheme == "aws-kms":
             self._kms().enable_key(KeyId=parse_key_ref(ref).api_key_id)
         elif scheme == "azure-kv":
-            clients.keyvault_key_client(self.settings).update_key_properties(_kv_name(ref), enabled=True)
+            clients.keyvault_key_client(self.settings).update_key_properties(vault_key_name(ref), enabled=True)
         else:
             raise ValueError(f"{ref}: a revoked KMIP key cannot be re-enabled (KMIP revocation is permanent)")
 
@@ -155,8 +161,8 @@ class CustomerKeyFactory:
             self._kms().schedule_key_deletion(KeyId=parse_key_ref(ref).api_key_id, PendingWindowInDays=7)
         elif scheme == "azure-kv":
             kc = clients.keyvault_key_client(self.settings)
-            kc.begin_delete_key(_kv_name(ref)).wait()
-            kc.purge_deleted_key(_kv_name(ref))
+            kc.begin_delete_key(vault_key_name(ref)).wait()
+            kc.purge_deleted_key(vault_key_name(ref))
         elif scheme == "kmip":
             from kmip.core import enums
 
@@ -179,9 +185,57 @@ def rsa_private_key_der(bits: int) -> bytes:
     )
 
 
-def _kv_name(ref: str) -> str:
-    # azure-kv://host:port/keys/NAME[/VERSION]
+def vault_key_name(ref: str) -> str:
+    """NAME of ``azure-kv://host:port/keys/NAME[/VERSION]`` (or of a key id ``https://.../keys/NAME/V``)."""
     return ref.split("/keys/", 1)[1].split("/", 1)[0]
+
+
+def delete_vault_keys(vault: Any, refs: Iterable[str]) -> None:
+    """Delete and purge the Key Vault keys ``refs`` name (references or key ids); keys
+    already gone are skipped."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    for name in {vault_key_name(ref) for ref in refs}:
+        for action in (lambda n: vault.begin_delete_key(n).wait(), vault.purge_deleted_key):
+            try:
+                action(name)
+            except ResourceNotFoundError:
+                pass
+
+
+def invoke_cli(*args: object) -> Any:
+    """``archive-kms ARGS`` in this process (arguments as strings; exceptions propagate)."""
+    from typer.testing import CliRunner
+
+    from archive_kms import cli
+
+    return CliRunner().invoke(cli.app, [str(a) for a in args], catch_exceptions=False)
+
+
+def customer_byok_file(folder: Path, kek_pem: Path, kek_kid: str) -> tuple[bytes, Any, Path, str]:
+    """The customer's side of Key Vault BYOK, from the CLI: a new RSA-3072 key (PKCS#8 DER
+    in ``folder/new-key.der``), its .byok file made by ``byok wrap`` for the key exchange
+    key. Returns (the private key, the command's result, the file, its SHA-256)."""
+    private_der = rsa_private_key_der(3072)
+    (folder / "new-key.der").write_bytes(private_der)
+    byok_file = folder / "KEY.byok"
+    made = invoke_cli(
+        "byok", "wrap", "--key", folder / "new-key.der", "--kek", kek_pem, "--kek-kid", kek_kid,
+        "--out", byok_file, "--json",
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    digest = json.loads(made.stdout)["sha256"]
+    assert digest == sha256_hex(byok_file.read_bytes())
+    return private_der, made, byok_file, digest
+
+
+@pytest.fixture
+def cli_env(flow_settings: Any, keyvault: Any, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The flows' settings (per-test SQLite state, short leases), exported to the CLI run in
+    this process; the Key Vault emulator and Prefect are up."""
+    monkeypatch.setenv("ARCHIVE_KMS_STATE_URL", flow_settings.state_url)
+    monkeypatch.setenv("ARCHIVE_KMS_LEASE_TTL_SECONDS", str(flow_settings.lease_ttl_seconds))
+    return flow_settings
 
 
 def _kmip_uid(ref: str) -> str:
@@ -202,7 +256,18 @@ def customer_key(request, localstack) -> Iterator[CustomerKeyFactory]:
     factory.cleanup()
 
 
-__all__ = ["MODES", "SERVICE_OF_MODE", "CustomerKeyFactory", "customer_key", "rsa_private_key_der"]
+__all__ = [
+    "MODES",
+    "SERVICE_OF_MODE",
+    "CustomerKeyFactory",
+    "cli_env",
+    "customer_byok_file",
+    "customer_key",
+    "delete_vault_keys",
+    "invoke_cli",
+    "rsa_private_key_der",
+    "vault_key_name",
+]
 
 
 def new_kmip_object_under_the_same_name(settings: Any, key_ref: str) -> str:

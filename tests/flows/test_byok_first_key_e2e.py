@@ -19,33 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import secrets_absent, tenant_indices
+from customer_keys import customer_byok_file, delete_vault_keys, vault_key_name
+from customer_keys import invoke_cli as invoke
 
-from archive_kms import cli, clients
-from archive_kms.config import Settings
+from archive_kms import clients
 from archive_kms.search import Query
 from archive_kms.state.port import KeyMode
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def flow_settings(localstack: Settings, azurite: Settings, elasticsearch: Settings, keyvault: Settings, tmp_path):
-    return localstack.model_copy(update={"state_url": f"sqlite:///{tmp_path / 'state.db'}", "lease_ttl_seconds": 5})
-
-
-@pytest.fixture
-def cli_env(flow_settings: Settings, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setenv("ARCHIVE_KMS_STATE_URL", flow_settings.state_url)
-    monkeypatch.setenv("ARCHIVE_KMS_LEASE_TTL_SECONDS", "5")
-    return flow_settings
-
-
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(cli.app, [str(a) for a in args], catch_exceptions=False)
 
 
 def forms(secret: bytes) -> list[str]:
@@ -160,14 +144,13 @@ def check_s3_import(p, kms, archived, folder: Path, tmp_path: Path, params: dict
 
 def test_first_byok_key_on_azure_from_the_cli_then_enable(cli_env, flow_platform, archived_tenant, tmp_path):
     from azure.core.exceptions import ResourceNotFoundError
-    from customer_keys import rsa_private_key_der
 
     p = flow_platform
     archived = archived_tenant("azure", records=10, seed=13)
     tid = archived.tenant_id
     folder = tmp_path / "import"
     vault = clients.keyvault_key_client(cli_env)
-    name_of = lambda ref: ref.split("/keys/", 1)[1].split("/", 1)[0]  # noqa: E731
+    name_of = vault_key_name
 
     made = invoke("byok", "new-key", tid, "--wrapping-key-spec", "RSA_2048", "--out-dir", folder, "--json")
     assert made.exit_code == 0, made.output
@@ -179,15 +162,8 @@ def test_first_byok_key_on_azure_from_the_cli_then_enable(cli_env, flow_platform
     assert kek.key_operations == ["import"] and kek.properties.tags["archive-kms-tenant"] == tid
     try:
         # the customer: a new RSA-3072 key, its .byok file made with the customer-side command
-        private_der = rsa_private_key_der(3072)
-        (tmp_path / "new-key.der").write_bytes(private_der)
-        byok_file = tmp_path / "KEY.byok"
-        wrapped = invoke(
-            "byok", "wrap", "--key", tmp_path / "new-key.der", "--kek", folder / "wrapping-key.pem",
-            "--kek-kid", (folder / "kek-kid.txt").read_text().strip(), "--out", byok_file, "--json",
-        )  # fmt: skip
-        assert wrapped.exit_code == 0, wrapped.output
-        digest = json.loads(wrapped.stdout)["sha256"]
+        kek_kid = (folder / "kek-kid.txt").read_text().strip()
+        private_der, wrapped, byok_file, digest = customer_byok_file(tmp_path, folder / "wrapping-key.pem", kek_kid)
 
         bad = invoke("byok", "import-key", tid, "--out-dir", folder, "--file", byok_file, "--sha256", "f" * 64)
         assert bad.exit_code == 2 and "SHA-256" in bad.output and "Traceback" not in bad.output
@@ -211,15 +187,7 @@ def test_first_byok_key_on_azure_from_the_cli_then_enable(cli_env, flow_platform
         assert_no_secret(private_der, texts + [json.dumps(r.details) for r in p.state.iter_audit(tenant_id=tid)])
         secrets_absent(p, tid, texts=texts)
     finally:
-        for name in (name_of(key_ref), name_of(params["kek_kid"])):
-            try:
-                vault.begin_delete_key(name).wait()
-            except ResourceNotFoundError:
-                pass
-            try:
-                vault.purge_deleted_key(name)
-            except ResourceNotFoundError:
-                pass
+        delete_vault_keys(vault, [key_ref, params["kek_kid"]])
 
 
 @pytest.mark.parametrize("cloud", ["s3", "azure"])
@@ -246,7 +214,7 @@ def test_expired_parameters_are_refused_and_new_key_renews_them(cli_env, flow_pl
     made = [first["key_ref"]] + ([first["kek_kid"]] if cloud == "azure" else [])
     vault = clients.keyvault_key_client(cli_env) if cloud == "azure" else None
     kms = clients.kms_client(cli_env)
-    name_of = lambda ref: ref.split("/keys/", 1)[1].split("/", 1)[0]  # noqa: E731
+    name_of = vault_key_name
 
     def upload_for(params: dict[str, Any]) -> Path:
         if cloud == "azure":
@@ -290,12 +258,8 @@ def test_expired_parameters_are_refused_and_new_key_renews_them(cli_env, flow_pl
         assert good.exit_code == 0, good.output
         assert json.loads(good.stdout)["key_ref"] == renewed["key_ref"]
     finally:
-        for ref in made:
-            if cloud == "s3":
+        if cloud == "s3":
+            for ref in made:
                 kms.schedule_key_deletion(KeyId=ref.removeprefix("aws-kms://"), PendingWindowInDays=7)
-                continue
-            for action in (lambda n: vault.begin_delete_key(n).wait(), vault.purge_deleted_key):
-                try:
-                    action(name_of(ref))
-                except ResourceNotFoundError:
-                    pass
+        else:
+            delete_vault_keys(vault, made)

@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import run_plan, tenant_indices
-from customer_keys import new_kmip_object_under_the_same_name
+from customer_keys import delete_vault_keys, new_kmip_object_under_the_same_name, vault_key_name
+from customer_keys import invoke_cli as invoke
 
-from archive_kms import cli
 from archive_kms.api.rotation_actions import RotationWarnings
 from archive_kms.config import Settings
 from archive_kms.migration.rotate import rotate_report
@@ -36,22 +35,6 @@ from archive_kms.search import Query
 from archive_kms.state.port import RotationState
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def flow_settings(localstack: Settings, azurite: Settings, elasticsearch: Settings, keyvault: Settings, tmp_path):
-    return localstack.model_copy(update={"state_url": f"sqlite:///{tmp_path / 'state.db'}", "lease_ttl_seconds": 5})
-
-
-@pytest.fixture
-def cli_env(flow_settings: Settings, prefect_api: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setenv("ARCHIVE_KMS_STATE_URL", flow_settings.state_url)
-    monkeypatch.setenv("ARCHIVE_KMS_LEASE_TTL_SECONDS", "5")
-    return flow_settings
-
-
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(cli.app, list(args), catch_exceptions=False)
 
 
 def job(tenant: str, name: str, count: int, offset: int) -> JobSpec:
@@ -73,8 +56,7 @@ def rotate_at_provider(settings: Settings, key_ref: str) -> str | None:
     elif key_ref.startswith("kmip://"):
         return new_kmip_object_under_the_same_name(settings, key_ref)
     else:
-        name = key_ref.split("/keys/", 1)[1].split("/", 1)[0]
-        clients.keyvault_key_client(settings).rotate_key(name)
+        clients.keyvault_key_client(settings).rotate_key(vault_key_name(key_ref))
 
 
 def revoke_kmip_object(settings: Settings, key_ref: str) -> None:
@@ -217,10 +199,9 @@ def test_byok_on_azure_enable_then_reupload_moves_the_tenant_onto_the_new_key(
     file imports a new key, the L2 is re-wrapped under it (1 unwrap + 1 wrap), the index
     rebuilt, and only then the old key is soft-deleted."""
     from azure.core.exceptions import ResourceNotFoundError
-    from customer_keys import rsa_private_key_der
+    from customer_keys import customer_byok_file
 
     from archive_kms import clients
-    from archive_kms.keys.byok import sha256_hex
     from archive_kms.migration import plan_enable
     from archive_kms.state.port import KeyMode
 
@@ -233,7 +214,7 @@ def test_byok_on_azure_enable_then_reupload_moves_the_tenant_onto_the_new_key(
     assert p.state.get_tenant(tid).key_mode is KeyMode.BYOK and p.keychain.status(tid).l1_ref == old_ref
     old_index = p.index.current_index(tid)
     vault = clients.keyvault_key_client(cli_env)
-    name_of = lambda ref: ref.split("/keys/", 1)[1].split("/", 1)[0]  # noqa: E731
+    name_of = vault_key_name
 
     out = invoke("byok", "import-params", tid, "--wrapping-key-spec", "RSA_2048", "--out-dir", str(tmp_path), "--json")
     assert out.exit_code == 0, out.output
@@ -242,15 +223,7 @@ def test_byok_on_azure_enable_then_reupload_moves_the_tenant_onto_the_new_key(
     assert "import_token" not in params and (tmp_path / "kek-kid.txt").read_text().strip() == params["kek_kid"]
     try:
         # the customer: a new RSA-3072 key, its .byok file made with the customer-side command
-        (tmp_path / "new-key.der").write_bytes(rsa_private_key_der(3072))
-        byok_file = tmp_path / "KEY.byok"
-        made = invoke(
-            "byok", "wrap", "--key", str(tmp_path / "new-key.der"), "--kek", str(tmp_path / "wrapping-key.pem"),
-            "--kek-kid", params["kek_kid"], "--out", str(byok_file), "--json",
-        )  # fmt: skip
-        assert made.exit_code == 0, made.output
-        digest = json.loads(made.output)["sha256"]
-        assert digest == sha256_hex(byok_file.read_bytes())
+        _, _, byok_file, digest = customer_byok_file(tmp_path, tmp_path / "wrapping-key.pem", params["kek_kid"])
 
         bad = invoke("byok", "upload", tid, "--file", str(byok_file), "--sha256", "0" * 64, "--wait")
         assert bad.exit_code == 2 and "SHA-256" in bad.output
@@ -283,12 +256,4 @@ def test_byok_on_azure_enable_then_reupload_moves_the_tenant_onto_the_new_key(
         first = archived.records[0]
         assert p.open_archive(tid).read_record(first.workspace_id, first.object_type, first.record_id) == first
     finally:
-        for name in (name_of(params["key_ref"]), name_of(old_ref)):
-            try:
-                vault.begin_delete_key(name).wait()
-            except ResourceNotFoundError:
-                pass
-            try:
-                vault.purge_deleted_key(name)
-            except ResourceNotFoundError:
-                pass
+        delete_vault_keys(vault, [params["key_ref"], old_ref])
