@@ -1780,7 +1780,29 @@ def console_serve(
     application = create_app(console_from_settings(s))
     where = f"http://{host or s.console_host}:{port or s.console_port}/"
     typer.echo(f"console at {where} (sign in with a token from `archive-kms console token`)", err=True)
-    uvicorn.run(application, host=host or s.console_host, port=port or s.console_port, log_level="warning")
+    _console_logging()
+    # log_config=None: uvicorn's dictConfig would clear, flush and close every handler of
+    # this process under the logging lock, Prefect's API log handler among them; a thread
+    # holding Prefect's service lock and waiting for the logging lock (a key-state probe
+    # emitting an event) then deadlocks it. Our own handler for uvicorn's records instead.
+    uvicorn.run(
+        application, host=host or s.console_host, port=port or s.console_port, log_level="warning", log_config=None
+    )
+
+
+def _console_logging() -> None:
+    """uvicorn's records (warnings and errors: a port in use, a failed request) to stderr,
+    one line each, on the ``uvicorn`` logger alone; every other logger and handler of the
+    process is left as it is."""
+    import logging
+
+    logger = logging.getLogger("uvicorn")
+    if not any(getattr(h, "archive_kms_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.archive_kms_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.propagate = False
 
 
 @console_app.command("token")
