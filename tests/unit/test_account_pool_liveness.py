@@ -4,6 +4,8 @@ doubt counts as alive."""
 
 from __future__ import annotations
 
+import os
+
 from archive_kms.state.account_pool import SqlAccountPool, sqlite_state_path, sqlite_store_holds
 from archive_kms.state.sql import open_state
 from archive_kms.storage.azurite_pool import PoolDeployment
@@ -33,6 +35,12 @@ def test_any_doubt_counts_as_alive(tmp_path) -> None:
     assert sqlite_store_holds(str(empty), **ALLOC) is True  # no table: not proof
     assert sqlite_store_holds(str(tmp_path), **ALLOC) is True  # a directory
     assert sqlite_store_holds("relative/state.db", **ALLOC) is True
+    fifo = tmp_path / "fifo.db"
+    os.mkfifo(fifo)
+    assert sqlite_store_holds(str(fifo), **ALLOC) is True  # never opened (it would block)
+    link = tmp_path / "link.db"
+    link.symlink_to(tmp_path / "missing.db")
+    assert sqlite_store_holds(str(link), **ALLOC) is True
 
 
 def test_only_a_sqlite_file_names_a_deployment() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -135,11 +136,17 @@ def sqlite_store_holds(path: str, *, pool_account: str, account: str, tenant_id:
     """Whether the SQLite state store at ``path`` (another deployment's) still holds the
     allocation ``account`` -> ``pool_account`` for ``tenant_id``. False only on proof: the
     file is gone, or it was read and has no such row. Anything else (unreadable, locked,
-    no such table, a directory) counts as holding it: a live deployment is never robbed."""
+    no such table, anything but a regular file) counts as holding it: a live deployment is never robbed."""
     if not os.path.isabs(path):
         return True
-    if not os.path.lexists(path):
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return False
+    except OSError:
+        return True
+    if not stat.S_ISREG(mode):
+        return True  # a directory, a link, a device or a FIFO (which would block an open): not proof
     try:
         conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=5.0)
     except sqlite3.Error:
