@@ -55,6 +55,7 @@ from archive_kms.errors import (
     ServiceUnavailableError,
     ValidationError,
 )
+from archive_kms.keys.azure_key_vault import VaultReply
 from archive_kms.keys.byok import check_upload_digest
 from archive_kms.keys.refs import AzureKeyVaultKeyRef, parse_key_ref
 
@@ -385,18 +386,11 @@ class KeyVaultByokImporter:
 
 
 def _translate(exc: Exception, operation: str, key_ref: str, *, importing: bool) -> ArchiveKmsError:
-    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
-
     where = f"Key Vault {operation} for {key_ref}"
-    if isinstance(exc, (ServiceRequestError, ServiceResponseError)) or not isinstance(exc, HttpResponseError):
+    reply = VaultReply.from_exception(exc)  # the Key Vault answer, read as the key provider reads it
+    if reply is None:
         return ServiceUnavailableError(f"{where}: the vault did not answer ({type(exc).__name__})", resource=key_ref)
-    status = int(exc.status_code or 0)
-    err = getattr(exc, "error", None)
-    code = str(getattr(err, "code", "") or "")
-    message = str(getattr(err, "message", "") or "")[:300]
-    inner = getattr(err, "innererror", None)
-    inner_code = str(inner.get("code", "")) if isinstance(inner, Mapping) else ""
-    said = f"{status} {code}: {message}".strip()
+    status, inner_code, said = reply.status, reply.inner, reply.said
     # A 403 about the key (the KEK lacks `import`, is disabled or expired) says so in its inner
     # code; one about our identity (RBAC, access policy) does not, or names the policy.
     about_the_key = status == 403 and importing and inner_code.startswith("Key")
