@@ -152,4 +152,10 @@ class ObstoreS3Reads:
                         ) from exc2
                     state["stream"] = again.stream(min_chunk_size=self._chunk)
 
-        return ObjectReader(info, chunks(), label=where, on_close=lambda: state.pop("stream", None))
+        body = chunks()
+
+        def close() -> None:  # ends the generator, which lets go of the stream and its connection
+            body.close()
+            state.pop("stream", None)
+
+        return ObjectReader(info, body, label=where, on_close=close)
