@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 from archive_kms.errors import (
@@ -124,7 +124,7 @@ class ObstoreS3Reads:
         )
         state: dict[str, Any] = {"stream": result.stream(min_chunk_size=self._chunk)}
 
-        def chunks() -> Iterator[bytes]:
+        def chunks() -> Generator[bytes, None, None]:
             pos = 0
             resumes = 0
             while True:
