@@ -90,6 +90,65 @@ def aws_client(service: str, settings: Settings | None = None, **config: Any):
     return session.client(service, endpoint_url=s.aws_endpoint_url, config=cfg)
 
 
+def obstore_s3_store(bucket: str, settings: Settings | None = None) -> Any:
+    """An obstore ``S3Store`` for ``bucket`` (the streaming reads of ``storage.s3_obstore``,
+    ADR 0043), addressed like ``aws_client("s3")``: same endpoint, region, path-style
+    addressing and credentials (the settings' keys, else boto3's own credential chain, so
+    an instance or task role works the same), the CA bundle boto3 honours
+    (``AWS_CA_BUNDLE``), and the same attempts as botocore's (9, with jittered backoff). The
+    overall request timeout is off (a large object streams for minutes); a stalled read
+    times out after 60 s and is retried or resumed."""
+    from datetime import timedelta
+
+    from obstore.store import S3Store
+
+    s = settings or get_settings()
+    options: Any = {  # obstore.store.ClientConfig
+        "allow_http": bool(s.aws_endpoint_url and s.aws_endpoint_url.startswith("http://")),
+        "connect_timeout": timedelta(seconds=10),
+        "read_timeout": timedelta(seconds=60),
+        "timeout": timedelta(days=1),
+        "pool_max_idle_per_host": "32",
+    }
+    ca_bundle = os.environ.get("AWS_CA_BUNDLE")
+    if ca_bundle:
+        with open(ca_bundle, "rb") as f:
+            options["root_certificate"] = f.read()
+    kwargs: dict[str, Any] = {}
+    if s.aws_endpoint_url:
+        kwargs["endpoint"] = s.aws_endpoint_url
+    if s.aws_access_key_id and s.aws_secret_access_key:
+        kwargs["access_key_id"] = s.aws_access_key_id.get_secret_value()
+        kwargs["secret_access_key"] = s.aws_secret_access_key.get_secret_value()
+    else:
+        credentials = boto3_session(s).get_credentials()
+        if credentials is None:
+            raise ConfigurationError("no AWS credentials found for S3 (settings, environment or role)")
+
+        def provider() -> dict[str, Any]:
+            frozen = credentials.get_frozen_credentials()
+            return {
+                "access_key_id": frozen.access_key,
+                "secret_access_key": frozen.secret_key,
+                "token": frozen.token,
+                "expires_at": None,
+            }
+
+        kwargs["credential_provider"] = provider
+    return S3Store(
+        bucket,
+        region=s.aws_region,
+        virtual_hosted_style_request=False,
+        client_options=options,
+        retry_config={
+            "max_retries": 8,
+            "retry_timeout": timedelta(seconds=120),
+            "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=20), "base": 2},
+        },
+        **kwargs,
+    )
+
+
 def _blob_transport():
     import requests
     from azure.core.pipeline.transport import RequestsTransport

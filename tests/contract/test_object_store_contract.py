@@ -194,7 +194,9 @@ def _crash_in_subprocess(location: L.Location, name: bytes) -> None:
     assert proc.returncode == -9, proc.stderr[-2000:]
 
 
-def _s3_harness(settings) -> Iterator[Harness]:
+def _s3_harness(settings, read_client: str = "boto3") -> Iterator[Harness]:
+    """S3 on LocalStack; ``read_client`` picks the client of ``open_read`` (ADR 0043)."""
+    settings = settings.model_copy(update={"s3_read_client": read_client})
     s3 = clients.aws_client("s3", settings)
     bucket = f"contract-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
@@ -215,7 +217,7 @@ def _s3_harness(settings) -> Iterator[Harness]:
         return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", ())]
 
     h = Harness(
-        "s3",
+        "s3" if read_client == "boto3" else f"s3-{read_client}-reads",
         make(),
         make,
         loc.prefix,
@@ -270,12 +272,14 @@ def _azure_harness(settings) -> Iterator[Harness]:
     other.delete_container()
 
 
-@pytest.fixture(params=["memory", "s3", "azure"])
+@pytest.fixture(params=["memory", "s3", "s3-obstore-reads", "azure"])
 def backend(request) -> Iterator[Harness]:
     if request.param == "memory":
         yield from _memory_harness()
     elif request.param == "s3":
         yield from _s3_harness(request.getfixturevalue("localstack"))
+    elif request.param == "s3-obstore-reads":
+        yield from _s3_harness(request.getfixturevalue("localstack"), "obstore")
     else:
         yield from _azure_harness(request.getfixturevalue("azurite"))
 
@@ -417,7 +421,7 @@ def test_write_returns_the_checksum_the_store_validated(backend, size):
     b64 = lambda d: base64.b64encode(d).decode()  # noqa: E731
     if backend.kind == "memory":
         expected = "sha256:" + hashlib.sha256(data).hexdigest()
-    elif backend.kind == "s3":
+    elif backend.kind.startswith("s3"):
         if len(parts) == 1:
             expected = "sha256:" + b64(hashlib.sha256(data).digest())
         else:
@@ -675,7 +679,8 @@ def test_s3_200_with_error_body_is_retried(localstack, monkeypatch):
 
 def test_s3_read_resumes_after_connection_break(localstack):
     """A body that breaks mid-read is resumed with a ranged GET conditioned on the etag;
-    if the object changed in between the read fails instead (faults A3)."""
+    if the object changed in between the read fails instead (faults A3). The boto3 read
+    path (the obstore one: tests/faults/test_storage_faults.py, through the fault proxy)."""
     from botocore.exceptions import ResponseStreamingError
 
     s3 = clients.aws_client("s3", localstack)
@@ -708,7 +713,7 @@ def test_s3_read_resumes_after_connection_break(localstack):
         return resp
 
     try:
-        store = L.open_store(loc, localstack, s3_client=s3, read_chunk_size=256 * 1024)
+        store = L.open_store(loc, localstack, s3_client=s3, read_chunk_size=256 * 1024, reads=None)
         store.put_stream(b"o", stream(3 * MiB))
         s3.get_object = flaky_get
         assert digest_of(iter(store.open_read(b"o"))) == digest_of(stream(3 * MiB))

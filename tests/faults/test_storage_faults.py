@@ -208,7 +208,8 @@ def _upstream(url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 80
 
 
-def _s3_env(settings, monkeypatch) -> Iterator[Env]:
+def _s3_env(settings, monkeypatch, read_client: str = "boto3") -> Iterator[Env]:
+    settings = settings.model_copy(update={"s3_read_client": read_client})
     raw = clients.aws_client("s3", settings)
     bucket = f"faults-{uuid.uuid4().hex[:12]}"
     raw.create_bucket(Bucket=bucket)
@@ -253,7 +254,7 @@ def _s3_env(settings, monkeypatch) -> Iterator[Env]:
         lambda name: f"s3://{bucket}/{object_key(loc.prefix, name)}",
         slow_down(),
         S3_ATTEMPTS,
-        extra={"s3": raw, "bucket": bucket},
+        extra={"s3": raw, "bucket": bucket, "read_client": read_client},
     )
     _record_sleeps(env, monkeypatch)
     try:
@@ -528,8 +529,13 @@ def test_a3_get_cut_mid_body_never_yields_a_short_object(env):
     assert len(env.proxy.faults(get)) == 2 and len(env.proxy.requests(get)) >= 3
     if env.kind == "s3":  # resumed where it broke, with a ranged GET on the same version (If-Match)
         second, third = ({k.lower(): v for k, v in e.request_headers} for e in env.proxy.requests(get)[1:3])
-        assert second.get("range") == f"bytes={first_cut}-" and "if-match" in second
-        assert int(third["range"][6:-1]) >= first_cut and "if-match" in third
+        # (boto3 asks for "bytes=N-"; obstore names the end too, "bytes=N-<size - 1>")
+        assert second.get("range", "").startswith(f"bytes={first_cut}-")
+        # Our resume sends If-Match; obstore's own retry of a broken body checks the ETag of
+        # what it gets instead (test_obstore_reads.py: a replaced object is never spliced in).
+        assert "if-match" in second or env.extra.get("read_client") == "obstore"
+        assert int(third["range"][6:].split("-")[0]) >= first_cut
+        assert "if-match" in third or env.extra.get("read_client") == "obstore"
 
     env.proxy.set_rules(_cut_reads_beyond(get, 7 * MiB))
     with pytest.raises(TransientError) as exc:

@@ -30,7 +30,7 @@ from datetime import timedelta
 from typing import Any
 
 from archive_kms import clients, retry
-from archive_kms.config import Settings
+from archive_kms.config import Settings, get_settings
 from archive_kms.domain.tenants import (
     DEFAULT_DEDICATED_BUCKET_PREFIX,
     DEFAULT_DEDICATED_CONTAINER_PREFIX,
@@ -259,9 +259,15 @@ def open_store(
         from archive_kms.storage.s3 import S3ObjectStore
 
         client = s3_client or clients.aws_client("s3", settings)
-        return S3ObjectStore(
-            client, location.bucket or "", location.prefix, sse_kms_key_arn=location.sse_kms_key_arn, **tuning
-        )
+        bucket = location.bucket or ""
+        s = settings or get_settings()
+        if s.s3_read_client == "obstore" and "reads" not in tuning:
+            from archive_kms.storage.s3_obstore import ObstoreS3Reads
+
+            tuning["reads"] = ObstoreS3Reads(
+                clients.obstore_s3_store(bucket, s), bucket, chunk_size=tuning.get("read_chunk_size", 1024 * 1024)
+            )
+        return S3ObjectStore(client, bucket, location.prefix, sse_kms_key_arn=location.sse_kms_key_arn, **tuning)
     from archive_kms.storage.azure_blob import AzureBlobObjectStore
 
     if location.own_account:

@@ -20,7 +20,9 @@ adaptive backoff, checksums "when_required" (faults A13). On top of that the ada
 * for a location with an SSE-KMS key, sends ``ServerSideEncryption=aws:kms`` and the key
   ARN on every PutObject / CreateMultipartUpload (never relying on the bucket default,
   faults A14), and checks the response names that key;
-* reads with one streaming GET (``If-Match`` when the caller names the version it wants:
+* reads with one streaming GET through obstore when given ``reads``
+  (``storage.s3_obstore``, ADR 0043: the same guarantees at a quarter of botocore's CPU),
+  else through boto3: ``If-Match`` when the caller names the version it wants:
   another version is ``ObjectChangedError``); if the connection breaks mid-body it resumes
   with a ranged GET conditioned on the ETag (``If-Match``), so a changed object fails
   instead of mixing two versions (faults A3);
@@ -47,7 +49,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from botocore.exceptions import ClientError
 
@@ -81,6 +83,9 @@ from archive_kms.storage.port import (
     part_size_for,
     validate_metadata,
 )
+
+if TYPE_CHECKING:
+    from archive_kms.storage.s3_obstore import ObstoreS3Reads
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +143,7 @@ class S3ObjectStore:
         max_read_resumes: int = 3,
         parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
         upload_buffer: int | PartBudget = DEFAULT_UPLOAD_BUFFER,
+        reads: ObstoreS3Reads | None = None,
     ) -> None:
         if not 1 <= list_page_size <= 1000:
             raise ValidationError(f"list_page_size must be 1..1000, got {list_page_size}")
@@ -151,6 +157,7 @@ class S3ObjectStore:
         self._page_size = list_page_size
         self._read_chunk = read_chunk_size
         self._max_resumes = max_read_resumes
+        self._reads = reads  # open_read through obstore (ADR 0043); None: boto3
 
     @property
     def label(self) -> str:
@@ -405,6 +412,8 @@ class S3ObjectStore:
 
     def open_read(self, name: bytes, *, if_match: str | None = None) -> ObjectReader:
         key = object_key(self._prefix, name)
+        if self._reads is not None:
+            return self._reads.open_read(name, key, if_match=if_match)
         try:
             resp = self._s3.get_object(Bucket=self._bucket, Key=key, **({"IfMatch": if_match} if if_match else {}))
         except Exception as exc:
