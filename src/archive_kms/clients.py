@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 import threading
 import time
 from datetime import UTC, datetime
+from types import FrameType
 from typing import Any
 
 from archive_kms.config import Settings, get_settings
@@ -243,8 +245,45 @@ def storage_management_client(settings: Settings | None = None):
     )
 
 
+class _NoOptionalHttpBackends:
+    """A ``sys.meta_path`` finder that refuses ``httpx``, ``requests`` and ``aiohttp`` to
+    ``elastic_transport._node`` only (ADR 0046). The transport imports every HTTP library it
+    finds installed, to offer it as a node class; ours is its default, urllib3. httpx came
+    with the test extra and Prefect, and its package imports click, rich and pygments for
+    its command line: ~9 MiB of RSS, with requests, in every process that searches. A
+    library already imported is taken as it is (finders are not asked); any other importer,
+    in any thread, is not affected."""
+
+    NAMES = frozenset({"httpx", "requests", "aiohttp"})
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name in self.NAMES:
+            frame: FrameType | None = sys._getframe(1)
+            while frame is not None:
+                if frame.f_globals.get("__name__", "").startswith("elastic_transport._node."):
+                    raise ModuleNotFoundError(f"{name}: not used by our Elasticsearch client", name=name)
+                frame = frame.f_back
+        return None
+
+
+_es_import_lock = threading.Lock()
+
+
+def _import_elasticsearch():  # -> type[elasticsearch.Elasticsearch]
+    with _es_import_lock:
+        if "elastic_transport" not in sys.modules:
+            finder = _NoOptionalHttpBackends()
+            sys.meta_path.insert(0, finder)
+            try:
+                import elasticsearch  # noqa: F401 - imported here, behind the finder
+            finally:
+                sys.meta_path.remove(finder)
+        from elasticsearch import Elasticsearch
+    return Elasticsearch
+
+
 def elasticsearch_client(settings: Settings | None = None):
-    from elasticsearch import Elasticsearch
+    Elasticsearch = _import_elasticsearch()  # noqa: N806 - the class
 
     s = settings or get_settings()
     return Elasticsearch(

@@ -202,8 +202,14 @@ class Settings(BaseSettings):
     # Recorded in the run's plan when the run is triggered.
     migration_verify: Literal["attested", "read-back"] = "attested"
     # Object data (MiB) the copies of one migration process may hold at once: each object
-    # is charged 2 x min(size, 8 MiB part) + 1 MiB before it starts (ADR 0019).
-    migration_copy_buffer_mib: int = Field(default=96, ge=4, le=4096)
+    # is charged before it starts, by its size (ADR 0019, ADR 0046: the part being cut,
+    # one more part for an object of several parts, and 7 segment buffers of at most
+    # min(size, 1 MiB)).
+    migration_copy_buffer_mib: int = Field(default=32, ge=4, le=4096)
+    # Destination parts (MiB) uploading in the store's threads during a copy, shared by
+    # every copy of the process; beyond it a writer uploads its own part (ADR 0046). Peak
+    # RSS of a migration process is about its floor + both budgets.
+    migration_upload_buffer_mib: int = Field(default=8, ge=0, le=1024)
 
     # Archive Console (src/archive_kms/api, docs/console-api.md).
     # Ed25519 PEM private key that signs console tokens; None on a local stack = a key

@@ -5,14 +5,35 @@ from __future__ import annotations
 import threading
 import time
 
-from archive_kms.migration.memory import OBJECT_OVERHEAD, CopyBudget, limit_allocator
+from archive_kms.config import Settings
+from archive_kms.migration.memory import (
+    COPY_UPLOAD_BUFFER,
+    DEFAULT_COPY_BUFFER,
+    OBJECT_OVERHEAD,
+    SEGMENT,
+    SEGMENT_COPIES,
+    CopyBudget,
+    limit_allocator,
+)
 
 MiB = 1024 * 1024
 
 
-def test_cost_counts_the_part_twice_and_the_overhead():
-    assert CopyBudget.cost(100, 8 * MiB) == 200 + OBJECT_OVERHEAD
-    assert CopyBudget.cost(400 * MiB, 8 * MiB) == 16 * MiB + OBJECT_OVERHEAD  # a big object: its parts, not its size
+def test_cost_counts_what_an_object_in_flight_holds():
+    # A small object: its one part and its segment buffers, each no larger than itself
+    # (ADR 0046: the encryptor's buffer grows to the object, not to a whole segment).
+    assert CopyBudget.cost(100, 8 * MiB) == 100 + SEGMENT_COPIES * 100 + OBJECT_OVERHEAD
+    assert CopyBudget.cost(5 * MiB, 8 * MiB) == 5 * MiB + SEGMENT_COPIES * SEGMENT + OBJECT_OVERHEAD
+    # An object of several parts: the part being cut and one its writer may upload, not its size.
+    big = 2 * 8 * MiB + SEGMENT_COPIES * SEGMENT + OBJECT_OVERHEAD
+    assert CopyBudget.cost(400 * MiB, 8 * MiB) == big == CopyBudget.cost(2048 * MiB, 8 * MiB)
+    assert CopyBudget.cost(0, 8 * MiB) == OBJECT_OVERHEAD
+
+
+def test_default_budgets_are_the_documented_ones():
+    fields = Settings.model_fields
+    assert fields["migration_upload_buffer_mib"].default * MiB == COPY_UPLOAD_BUFFER
+    assert fields["migration_copy_buffer_mib"].default * MiB == DEFAULT_COPY_BUFFER
 
 
 def test_holders_never_exceed_the_capacity_and_an_oversized_one_runs_alone():

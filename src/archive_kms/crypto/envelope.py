@@ -382,7 +382,9 @@ def _seal(
         return out
 
     yield header_bytes
-    segment = bytearray(size)  # the one plaintext buffer, reused for every segment
+    # The one plaintext buffer, reused for every segment. It grows to what the object needs,
+    # at most one segment: a 5 KB object does not touch a 1 MiB buffer (ADR 0046).
+    segment = bytearray()
     filled = 0
     for chunk in chunks:
         view = memoryview(chunk).cast("B")
@@ -394,7 +396,7 @@ def _seal(
                 filled = 0
             n = min(size - filled, len(view) - pos)
             piece = view[pos : pos + n]
-            segment[filled : filled + n] = piece
+            segment[filled : filled + n] = piece  # in place once the buffer is one segment long
             sha.update(piece)  # hash what is copied, so the digest always matches the ciphertext
             filled += n
             pos += n

@@ -69,7 +69,7 @@ from archive_kms.errors import (
 from archive_kms.keys.keychain import DataKey, parse_dek_id
 from archive_kms.migration import stopping
 from archive_kms.migration.digests import LedgerDigests, is_keyed
-from archive_kms.migration.memory import COPY_UPLOAD_BUFFER, CopyBudget, copy_budget, limit_allocator
+from archive_kms.migration.memory import CopyBudget, copy_budget, limit_allocator
 from archive_kms.migration.plan import MigrationPlan
 from archive_kms.migration.quarantine import (
     SOURCE_READ_ATTEMPTS,
@@ -700,8 +700,9 @@ def _copy_shard(
     budget = copy_budget(platform.settings.migration_copy_buffer_mib * 1024 * 1024)
     part_size = getattr(dst, "part_size", DEFAULT_PART_SIZE)
     parts = getattr(dst, "upload_budget", None)
-    if parts is not None and parts.capacity > COPY_UPLOAD_BUFFER:
-        parts.capacity = COPY_UPLOAD_BUFFER  # parts uploading in the store's threads, process-wide (ADR 0019)
+    upload_buffer = platform.settings.migration_upload_buffer_mib * 1024 * 1024
+    if parts is not None and parts.capacity > upload_buffer:
+        parts.capacity = upload_buffer  # parts uploading in the store's threads, process-wide (ADR 0019, 0046)
     # No DEK memo of our own: the keychain's cache answers in microseconds and checks
     # revocation, erasure and the master key's state on every use (a memo here would let a
     # DEK outlive a revocation or an erasure by its lifetime).

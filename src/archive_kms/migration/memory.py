@@ -68,23 +68,34 @@ def limit_allocator() -> bool:
 
 
 MiB = 1024 * 1024
-#: What one object in flight holds besides its part: the encryptor's segment buffer, the
-#: decrypted and sealed segment, the in-memory check's segment, read chunks.
-OBJECT_OVERHEAD = 1 * MiB
+#: The envelope's segment (``crypto.envelope.DEFAULT_SEGMENT_SIZE``): the unit of every
+#: buffer below the part.
+SEGMENT = 1 * MiB
+#: Segment-sized buffers one object in flight holds at its worst moment (ADR 0046): the
+#: source's read chunk and the ciphertext segment cut from it, its plaintext, the
+#: encryptor's segment buffer, the sealed segment, and the in-memory check's ciphertext
+#: and plaintext. Each is at most the object's size: a 5 KB object holds ~35 KB, not 7 MiB.
+SEGMENT_COPIES = 7
+#: Per object besides its data: request and response objects, the ledger row.
+OBJECT_OVERHEAD = 64 * 1024
 #: Default for ``settings.migration_copy_buffer_mib``.
-DEFAULT_COPY_BUFFER = 96 * MiB
-#: Parts of the destination store uploading in its threads, across the process's copies
-#: (the store's ``PartBudget``); beyond it each writer uploads its own part.
-COPY_UPLOAD_BUFFER = 32 * MiB
+DEFAULT_COPY_BUFFER = 32 * MiB
+#: Default for ``settings.migration_upload_buffer_mib``: parts of the destination store
+#: uploading in its threads, across the process's copies (the store's ``PartBudget``);
+#: beyond it each writer uploads its own part. One 8 MiB part.
+COPY_UPLOAD_BUFFER = 8 * MiB
 
 
 class CopyBudget:
     """Bytes of object data the copies of this process may hold at once. Each object is
-    charged before it starts, by its size from the manifest: ``2 x min(size, part)`` (the
-    part being cut from the stream, and one the writer may be uploading itself) plus
-    ``OBJECT_OVERHEAD``. An object larger than the whole budget runs alone. Small objects
-    (most of an archive) cost about ``OBJECT_OVERHEAD`` and are never held back by a big one
-    that does not fit: a waiting object only blocks objects behind it in its own shard."""
+    charged before it starts, by its size from the manifest (``cost``): the part being cut
+    from the stream (``min(size, part)``), for an object of several parts one more part its
+    writer may be uploading itself, and ``SEGMENT_COPIES`` segment-sized buffers, each at
+    most the object's size. An object larger than the whole budget runs alone. Small
+    objects (most of an archive) cost a few times their size and are never held back by a
+    big one that does not fit: a waiting object only blocks objects behind it in its own
+    shard. What the process holds for object data is then at most this budget plus the
+    store's part budget (``COPY_UPLOAD_BUFFER``): peak RSS = floor + both (ADR 0046)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -98,7 +109,9 @@ class CopyBudget:
 
     @staticmethod
     def cost(size: int, part_size: int) -> int:
-        return 2 * min(max(size, 0), part_size) + OBJECT_OVERHEAD
+        size = max(size, 0)
+        parts = 2 if size > part_size else 1  # several parts: one cut, one its writer may upload
+        return parts * min(size, part_size) + SEGMENT_COPIES * min(size, SEGMENT) + OBJECT_OVERHEAD
 
     @contextmanager
     def hold(self, nbytes: int) -> Iterator[None]:
