@@ -178,7 +178,14 @@ def test_a_signal_stops_the_run_gracefully_and_the_previous_handler_is_restored(
 
     old = signal.signal(sig, previous)
     try:
-        stop_after_reads(p.store_for(plan.source_location), 5, lambda: os.kill(os.getpid(), sig))
+        def signal_and_wait_for_the_handler() -> None:
+            # The handler runs in the main thread whenever it next gets the GIL: hold this
+            # shard until it has, or on a loaded machine the other shards copy everything first.
+            os.kill(os.getpid(), sig)
+            stop = stopping.for_run(run_id)
+            assert stop is not None and stop.wait(10), "the engine's handler never ran"
+
+        stop_after_reads(p.store_for(plan.source_location), 5, signal_and_wait_for_the_handler)
         out = execute(p, run_id, actor="test")
         assert signal.getsignal(sig) is previous  # restored
     finally:
