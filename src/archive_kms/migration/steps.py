@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_PAGE = 1000
 PAUSE_WAIT_SECONDS = 300.0
+#: ``RunContext.marks`` key: when cutover saw the registry point at the destination.
+REGISTRY_SWITCHED = "registry_switched"
 
 
 def _shard_of(name: bytes, shards: int) -> int:
@@ -614,7 +617,7 @@ def verify(ctx: RunContext) -> dict[str, Any]:
 
 
 def _records(ctx: RunContext, store: ObjectStore) -> Iterator[Record]:
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures import Future
 
     from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter
     from archive_kms.operations.archive import workspace_of
@@ -695,6 +698,12 @@ def cutover(ctx: RunContext) -> dict[str, Any]:
             ),
             fence=ctx.fence,
         )
+    # From here no reader looks the old location up: the cutover grace counts from now
+    # (``cleanup_source``), so the alias swap, the audit and cleanup's checks run inside it.
+    # On a rerun that found the registry switched already, "now" is later than the switch:
+    # the grace only gets longer.
+    ctx.marks[REGISTRY_SWITCHED] = time.monotonic()
+    switched_at = datetime.now(UTC).isoformat()
     current = p.index.current_index(plan.tenant_id)
     alias_changed = current != plan.new_index
     if alias_changed:
@@ -719,6 +728,7 @@ def cutover(ctx: RunContext) -> dict[str, Any]:
         "index": plan.new_index,
         "registry_changed": registry_changed,
         "alias_changed": alias_changed,
+        "registry_switched_at": switched_at,
     }
 
 
@@ -791,13 +801,35 @@ def _delete_all_but(ctx: RunContext, store: ObjectStore, kept: set[bytes]) -> in
     return store.delete_many(names)  # 1,000 (S3) / 256 (Azure) names a request
 
 
+def _grace_remaining(ctx: RunContext, started: float) -> float:
+    """Seconds of the cutover grace still to wait at ``started`` (``time.monotonic()``).
+    The grace counts from the moment cutover saw the registry point at the destination
+    (ADR 0045): on this process's monotonic clock when the same execution ran cutover;
+    from the wall-clock time cutover recorded otherwise (a resume, maybe elsewhere), never
+    more than the whole grace (a clock behind the recorder's waits the whole grace, one
+    ahead of it by more than the grace waits none); from ``started`` if cutover recorded
+    none (a run cut over by older code)."""
+    grace = ctx.plan.cutover_grace_seconds
+    mark = ctx.marks.get(REGISTRY_SWITCHED)
+    if mark is not None:
+        elapsed = started - mark
+    else:
+        recorded = (ctx.run().step("cutover").result or {}).get("registry_switched_at")
+        if not recorded:
+            return grace
+        elapsed = (datetime.now(UTC) - datetime.fromisoformat(recorded)).total_seconds()
+    return min(grace, max(0.0, grace - max(0.0, elapsed)))
+
+
 def cleanup_source(ctx: RunContext) -> dict[str, Any]:
-    """Delete the old storage entity and the old index, after a short grace period for
-    reads that looked the location up just before cutover. The source objects of waived
-    (quarantined) objects are kept where they are, named in the result and the report:
-    the run never loses an object silently (ADR 0006)."""
+    """Delete the old storage entity and the old index once the cutover grace is over: a
+    short wait, counted from cutover's registry switch, for reads that looked the location
+    up just before it. The source objects of waived (quarantined) objects are kept where
+    they are, named in the result and the report: the run never loses an object silently
+    (ADR 0006)."""
     p, plan = ctx.platform, ctx.plan
-    grace_ends = time.monotonic() + plan.cutover_grace_seconds  # the checks below run during the grace
+    started = time.monotonic()
+    grace_ends = started + _grace_remaining(ctx, started)  # the checks below run during the grace
     if dict(ctx.tenant().location) != dict(plan.destination):
         raise StateError("refusing to delete the source: the registry does not point at the destination yet")
     src_loc = plan.source_location
@@ -807,11 +839,14 @@ def cleanup_source(ctx: RunContext) -> dict[str, Any]:
         p.state.save_checkpoint(ctx.run_id, "cleanup_source", 0, {"deleting": True}, fence=ctx.fence)
     time.sleep(max(0.0, grace_ends - time.monotonic()))
     store = p.store_for(src_loc)
-    deleted = _delete_all_but(ctx, store, kept) if kept else p.provisioner.delete(src_loc, store)
-    index_deleted = False
-    if plan.old_index is not None and plan.old_index != plan.new_index:
-        p.index.delete_index(plan.old_index)
-        index_deleted = True
+    index_deleted = plan.old_index is not None and plan.old_index != plan.new_index
+    # The old index goes while the storage is deleted (independent services; searches
+    # follow the alias, which cutover moved): both are in place again only if both end.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="akms-cleanup") as pool:
+        dropping = pool.submit(p.index.delete_index, plan.old_index) if index_deleted else None
+        deleted = _delete_all_but(ctx, store, kept) if kept else p.provisioner.delete(src_loc, store)
+        if dropping is not None:
+            dropping.result()
     left = {i.name for i in p.store_for(src_loc).list()} if p.provisioner.exists(src_loc) else set()
     if left - kept:
         raise IntegrityError(f"{len(left - kept)} object(s) still in {src_loc.uri} after cleanup; rerun the step")
