@@ -757,16 +757,21 @@ def _recheck_before_deleting(ctx: RunContext, kept: set[bytes]) -> None:
             resource=plan.key_ref,
             state=state.value,
         )
-    manifest = _names_fingerprint(e.name for e in p.state.iter_manifest(ctx.run_id) if e.name not in kept)
-    dest = _names_fingerprint(i.name for i in p.store_for(plan.destination_location).list())
-    if dest != manifest:
-        raise IntegrityError(
-            f"refusing to delete the source: {plan.destination_location.uri} holds {dest[0]} "
-            f"object(s), not the manifest's {manifest[0]} (or other names); rerun from verify",
-            resource=plan.destination_location.uri,
-        )
-    if not kept:
-        count, described = source_drift(ctx)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="akms-recheck") as pool:
+        # The source is listed while the destination is (two listings, no order between
+        # them; the destination's verdict is reported first, as before).
+        drift = pool.submit(source_drift, ctx) if not kept else None
+        manifest = _names_fingerprint(e.name for e in p.state.iter_manifest(ctx.run_id) if e.name not in kept)
+        dest = _names_fingerprint(i.name for i in p.store_for(plan.destination_location).list())
+        if dest != manifest:
+            raise IntegrityError(
+                f"refusing to delete the source: {plan.destination_location.uri} holds {dest[0]} "
+                f"object(s), not the manifest's {manifest[0]} (or other names); rerun from verify",
+                resource=plan.destination_location.uri,
+            )
+        drifted = drift.result() if drift is not None else None
+    if drifted is not None:
+        count, described = drifted
         if count:
             raise IntegrityError(
                 f"refusing to delete the source: {plan.source_location.uri} is not what the manifest "
