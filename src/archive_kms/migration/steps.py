@@ -814,7 +814,7 @@ def _grace_remaining(ctx: RunContext, started: float) -> float:
     more than the whole grace (a clock behind the recorder's waits the whole grace, one
     ahead of it by more than the grace waits none); from ``started`` if cutover recorded
     none (a run cut over by older code)."""
-    grace = ctx.plan.cutover_grace_seconds
+    grace = float(ctx.plan.cutover_grace_seconds)
     mark = ctx.marks.get(REGISTRY_SWITCHED)
     if mark is not None:
         elapsed = started - mark
