@@ -107,3 +107,27 @@ def test_the_source_is_deleted_no_sooner_than_the_grace_after_the_registry_switc
     result = p.state.get_run(run.run_id).step("cutover").result
     switched_at = datetime.fromisoformat(result["registry_switched_at"])
     assert switched_at <= datetime.now(UTC)
+
+
+def test_the_alias_swap_after_the_switch_counts_as_grace(monkeypatch):
+    """Time cutover spends after switching the registry (here a slow alias swap) is not
+    waited for again by cleanup: it sleeps at most the grace minus that time."""
+    p = _archived()
+    grace, swap = 0.6, 0.35
+    plan = replace(plan_enable(p, TENANT, "byokms", "memory://customer-1"), shards=2, cutover_grace_seconds=grace)
+    real_swap = p.index.swap_alias
+
+    def slow_swap(*args, **kwargs):
+        time.sleep(swap)
+        return real_swap(*args, **kwargs)
+
+    slept: list[float] = []
+    monkeypatch.setattr(p.index, "swap_alias", slow_swap)
+    monkeypatch.setattr(
+        steps_module,
+        "time",
+        SimpleNamespace(monotonic=time.monotonic, sleep=lambda s: slept.append(s) or time.sleep(s)),
+    )
+    run, _ = trigger(p, plan, actor="test")
+    assert execute(p, run.run_id, actor="test").state == RunState.COMPLETED.value
+    assert len(slept) == 1 and slept[0] <= grace - swap + 0.001, slept
