@@ -468,11 +468,11 @@ def source_drift(
     return found, described
 
 
-def _require_source_as_manifested(ctx: RunContext, step: str, skip: set[bytes] | frozenset[bytes]) -> None:
-    """Stop before cutover (or before deleting the source) if the source no longer holds
-    exactly what the manifest recorded: the destination was proven against the manifest,
-    and a change since then is data a stray writer would lose (issue #10)."""
-    count, described = source_drift(ctx, skip=skip)
+def _raise_on_drift(ctx: RunContext, step: str, drift: tuple[int, list[str]]) -> None:
+    """Stop before cutover if the source no longer holds exactly what the manifest
+    recorded (``drift``: what ``source_drift`` found): the destination was proven against
+    the manifest, and a change since then is data a stray writer would lose (issue #10)."""
+    count, described = drift
     if count:
         raise IntegrityError(
             f"{step}: {ctx.plan.source_location.uri} is not what the manifest recorded: {count} difference(s): "
@@ -549,28 +549,33 @@ def verify(ctx: RunContext) -> dict[str, Any]:
         _stop_on_source_changes(ctx, again)
         recopied = sum(r["written"] + r["already"] for r in again)
     dst = p.store_for(plan.destination_location)
-    aborted = dst.abort_stale_uploads(timedelta(0))  # uploads of crashed attempts (faults A5, I5)
-    infos: dict[bytes, Any] = {}
-    duplicates = 0
-    for info in dst.list():
-        if info.name in infos:
-            duplicates += 1
-        infos[info.name] = info
-    if plan.verify == ATTESTED:
-        results = [attest_copies(p, ctx.run_id, infos, ctx.fence, check=ctx.check)]
-        ctx.report_progress("verify")
-    else:
-        results = _shards(ctx, "verify")
-    mismatched = sum(r["mismatched"] for r in results)
-    if mismatched:
-        errors = [e for r in results for e in r["errors"]][:5]
-        raise IntegrityError(
-            f"{mismatched} object(s) failed verification and are marked failed; resume the run "
-            f"(verify copies them again first). First: {'; '.join(errors)}"
-        )
+    # Which objects are quarantined is settled once the copies above are done (verify marks
+    # rows verified or failed, never quarantined): the source is compared with the manifest
+    # while the destination is listed and proven (two listings, no order between them).
     held = quarantine.summarize(p.state, ctx.run_id)
-    quarantine.check_waivers_audited(p.state, plan.tenant_id, ctx.run_id, held.waived)
-    _require_source_as_manifested(ctx, "verify", held.names)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="akms-verify") as pool:
+        drift = pool.submit(source_drift, ctx, skip=held.names)
+        aborted = dst.abort_stale_uploads(timedelta(0))  # uploads of crashed attempts (faults A5, I5)
+        infos: dict[bytes, Any] = {}
+        duplicates = 0
+        for info in dst.list():
+            if info.name in infos:
+                duplicates += 1
+            infos[info.name] = info
+        if plan.verify == ATTESTED:
+            results = [attest_copies(p, ctx.run_id, infos, ctx.fence, check=ctx.check)]
+            ctx.report_progress("verify")
+        else:
+            results = _shards(ctx, "verify")
+        mismatched = sum(r["mismatched"] for r in results)
+        if mismatched:
+            errors = [e for r in results for e in r["errors"]][:5]
+            raise IntegrityError(
+                f"{mismatched} object(s) failed verification and are marked failed; resume the run "
+                f"(verify copies them again first). First: {'; '.join(errors)}"
+            )
+        quarantine.check_waivers_audited(p.state, plan.tenant_id, ctx.run_id, held.waived)
+        _raise_on_drift(ctx, "verify", drift.result())
     manifest_names = {e.name for e in p.state.iter_manifest(ctx.run_id)}
     verified = {c.name for c in p.state.iter_copies(ctx.run_id, status=CopyStatus.VERIFIED)}
     listed = infos
