@@ -855,9 +855,9 @@ def cleanup_source(ctx: RunContext) -> dict[str, Any]:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="akms-cleanup") as pool:
         dropping = pool.submit(p.index.delete_index, plan.old_index) if index_deleted else None
         deleted = _delete_all_but(ctx, store, kept) if kept else p.provisioner.delete(src_loc, store)
+        left = {i.name for i in p.store_for(src_loc).list()} if p.provisioner.exists(src_loc) else set()
         if dropping is not None:
             dropping.result()
-    left = {i.name for i in p.store_for(src_loc).list()} if p.provisioner.exists(src_loc) else set()
     if left - kept:
         raise IntegrityError(f"{len(left - kept)} object(s) still in {src_loc.uri} after cleanup; rerun the step")
     out: dict[str, Any] = {
