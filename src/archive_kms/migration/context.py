@@ -52,6 +52,9 @@ class RunContext:
     hooks: Hooks
     _fenced: threading.Event = field(default_factory=threading.Event)
     stop: StopRequest = field(default_factory=StopRequest)
+    #: ``time.monotonic()`` of moments this execution passed (``steps.REGISTRY_SWITCHED``):
+    #: a later step of the same execution measures waits from them on this process's clock.
+    marks: dict[str, float] = field(default_factory=dict)
 
     def check(self) -> None:
         """Raise FencedError if the heartbeat lost the lease, StopRequestedError if the run

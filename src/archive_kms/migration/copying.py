@@ -135,6 +135,8 @@ READ_BACK = "read-back"  # every object read back, decrypted and compared (one m
 VERIFY_MODES = (ATTESTED, READ_BACK)
 #: Audited when a quarantined source was restored (another version) and then copied.
 REPAIRED_ACTION = "object.source_repaired"
+#: Seconds between two saves of a copy shard's progress cursor (besides the final one).
+PROGRESS_INTERVAL = 2.0
 
 
 @dataclass(frozen=True)
@@ -736,8 +738,14 @@ def _copy_shard(
             source_dek_for=source_dek_for,
         )
 
+    progress_saved = [started]
+
     def flushed(rows: list[CopyRecord]) -> None:
-        state.save_checkpoint(run_id, "copy", shard, _cursor(result, started), fence=fence)
+        # The ledger rows are the checkpoint; the shard's cursor is progress only, saved
+        # every PROGRESS_INTERVAL (it was a second transaction with every batch) and at the end.
+        if time.monotonic() - progress_saved[0] >= PROGRESS_INTERVAL:
+            state.save_checkpoint(run_id, "copy", shard, _cursor(result, started), fence=fence)
+            progress_saved[0] = time.monotonic()
         crashpoints.hit("copy:after-record", times=sum(r.status is CopyStatus.COPIED for r in rows))
 
     ledger = LedgerBatch(state, run_id, fence, on_flush=flushed)

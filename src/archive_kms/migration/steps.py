@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST_PAGE = 1000
 PAUSE_WAIT_SECONDS = 300.0
+#: ``RunContext.marks`` key: when cutover saw the registry point at the destination.
+REGISTRY_SWITCHED = "registry_switched"
 
 
 def _shard_of(name: bytes, shards: int) -> int:
@@ -465,11 +468,11 @@ def source_drift(
     return found, described
 
 
-def _require_source_as_manifested(ctx: RunContext, step: str, skip: set[bytes] | frozenset[bytes]) -> None:
-    """Stop before cutover (or before deleting the source) if the source no longer holds
-    exactly what the manifest recorded: the destination was proven against the manifest,
-    and a change since then is data a stray writer would lose (issue #10)."""
-    count, described = source_drift(ctx, skip=skip)
+def _raise_on_drift(ctx: RunContext, step: str, drift: tuple[int, list[str]]) -> None:
+    """Stop before cutover if the source no longer holds exactly what the manifest
+    recorded (``drift``: what ``source_drift`` found): the destination was proven against
+    the manifest, and a change since then is data a stray writer would lose (issue #10)."""
+    count, described = drift
     if count:
         raise IntegrityError(
             f"{step}: {ctx.plan.source_location.uri} is not what the manifest recorded: {count} difference(s): "
@@ -546,28 +549,33 @@ def verify(ctx: RunContext) -> dict[str, Any]:
         _stop_on_source_changes(ctx, again)
         recopied = sum(r["written"] + r["already"] for r in again)
     dst = p.store_for(plan.destination_location)
-    aborted = dst.abort_stale_uploads(timedelta(0))  # uploads of crashed attempts (faults A5, I5)
-    infos: dict[bytes, Any] = {}
-    duplicates = 0
-    for info in dst.list():
-        if info.name in infos:
-            duplicates += 1
-        infos[info.name] = info
-    if plan.verify == ATTESTED:
-        results = [attest_copies(p, ctx.run_id, infos, ctx.fence, check=ctx.check)]
-        ctx.report_progress("verify")
-    else:
-        results = _shards(ctx, "verify")
-    mismatched = sum(r["mismatched"] for r in results)
-    if mismatched:
-        errors = [e for r in results for e in r["errors"]][:5]
-        raise IntegrityError(
-            f"{mismatched} object(s) failed verification and are marked failed; resume the run "
-            f"(verify copies them again first). First: {'; '.join(errors)}"
-        )
+    # Which objects are quarantined is settled once the copies above are done (verify marks
+    # rows verified or failed, never quarantined): the source is compared with the manifest
+    # while the destination is listed and proven (two listings, no order between them).
     held = quarantine.summarize(p.state, ctx.run_id)
-    quarantine.check_waivers_audited(p.state, plan.tenant_id, ctx.run_id, held.waived)
-    _require_source_as_manifested(ctx, "verify", held.names)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="akms-verify") as pool:
+        drift = pool.submit(source_drift, ctx, skip=held.names)
+        aborted = dst.abort_stale_uploads(timedelta(0))  # uploads of crashed attempts (faults A5, I5)
+        infos: dict[bytes, Any] = {}
+        duplicates = 0
+        for info in dst.list():
+            if info.name in infos:
+                duplicates += 1
+            infos[info.name] = info
+        if plan.verify == ATTESTED:
+            results = [attest_copies(p, ctx.run_id, infos, ctx.fence, check=ctx.check)]
+            ctx.report_progress("verify")
+        else:
+            results = _shards(ctx, "verify")
+        mismatched = sum(r["mismatched"] for r in results)
+        if mismatched:
+            errors = [e for r in results for e in r["errors"]][:5]
+            raise IntegrityError(
+                f"{mismatched} object(s) failed verification and are marked failed; resume the run "
+                f"(verify copies them again first). First: {'; '.join(errors)}"
+            )
+        quarantine.check_waivers_audited(p.state, plan.tenant_id, ctx.run_id, held.waived)
+        _raise_on_drift(ctx, "verify", drift.result())
     manifest_names = {e.name for e in p.state.iter_manifest(ctx.run_id)}
     verified = {c.name for c in p.state.iter_copies(ctx.run_id, status=CopyStatus.VERIFIED)}
     listed = infos
@@ -614,7 +622,7 @@ def verify(ctx: RunContext) -> dict[str, Any]:
 
 
 def _records(ctx: RunContext, store: ObjectStore) -> Iterator[Record]:
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures import Future
 
     from archive_kms.crypto.envelope import ObjectBinding, decrypt_iter
     from archive_kms.operations.archive import workspace_of
@@ -695,6 +703,12 @@ def cutover(ctx: RunContext) -> dict[str, Any]:
             ),
             fence=ctx.fence,
         )
+    # From here no reader looks the old location up: the cutover grace counts from now
+    # (``cleanup_source``), so the alias swap, the audit and cleanup's checks run inside it.
+    # On a rerun that found the registry switched already, "now" is later than the switch:
+    # the grace only gets longer.
+    ctx.marks[REGISTRY_SWITCHED] = time.monotonic()
+    switched_at = datetime.now(UTC).isoformat()
     current = p.index.current_index(plan.tenant_id)
     alias_changed = current != plan.new_index
     if alias_changed:
@@ -719,6 +733,7 @@ def cutover(ctx: RunContext) -> dict[str, Any]:
         "index": plan.new_index,
         "registry_changed": registry_changed,
         "alias_changed": alias_changed,
+        "registry_switched_at": switched_at,
     }
 
 
@@ -747,16 +762,21 @@ def _recheck_before_deleting(ctx: RunContext, kept: set[bytes]) -> None:
             resource=plan.key_ref,
             state=state.value,
         )
-    manifest = _names_fingerprint(e.name for e in p.state.iter_manifest(ctx.run_id) if e.name not in kept)
-    dest = _names_fingerprint(i.name for i in p.store_for(plan.destination_location).list())
-    if dest != manifest:
-        raise IntegrityError(
-            f"refusing to delete the source: {plan.destination_location.uri} holds {dest[0]} "
-            f"object(s), not the manifest's {manifest[0]} (or other names); rerun from verify",
-            resource=plan.destination_location.uri,
-        )
-    if not kept:
-        count, described = source_drift(ctx)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="akms-recheck") as pool:
+        # The source is listed while the destination is (two listings, no order between
+        # them; the destination's verdict is reported first, as before).
+        drift = pool.submit(source_drift, ctx) if not kept else None
+        manifest = _names_fingerprint(e.name for e in p.state.iter_manifest(ctx.run_id) if e.name not in kept)
+        dest = _names_fingerprint(i.name for i in p.store_for(plan.destination_location).list())
+        if dest != manifest:
+            raise IntegrityError(
+                f"refusing to delete the source: {plan.destination_location.uri} holds {dest[0]} "
+                f"object(s), not the manifest's {manifest[0]} (or other names); rerun from verify",
+                resource=plan.destination_location.uri,
+            )
+        drifted = drift.result() if drift is not None else None
+    if drifted is not None:
+        count, described = drifted
         if count:
             raise IntegrityError(
                 f"refusing to delete the source: {plan.source_location.uri} is not what the manifest "
@@ -791,13 +811,35 @@ def _delete_all_but(ctx: RunContext, store: ObjectStore, kept: set[bytes]) -> in
     return store.delete_many(names)  # 1,000 (S3) / 256 (Azure) names a request
 
 
+def _grace_remaining(ctx: RunContext, started: float) -> float:
+    """Seconds of the cutover grace still to wait at ``started`` (``time.monotonic()``).
+    The grace counts from the moment cutover saw the registry point at the destination
+    (ADR 0045): on this process's monotonic clock when the same execution ran cutover;
+    from the wall-clock time cutover recorded otherwise (a resume, maybe elsewhere), never
+    more than the whole grace (a clock behind the recorder's waits the whole grace, one
+    ahead of it by more than the grace waits none); from ``started`` if cutover recorded
+    none (a run cut over by older code)."""
+    grace = float(ctx.plan.cutover_grace_seconds)
+    mark = ctx.marks.get(REGISTRY_SWITCHED)
+    if mark is not None:
+        elapsed = started - mark
+    else:
+        recorded = (ctx.run().step("cutover").result or {}).get("registry_switched_at")
+        if not recorded:
+            return grace
+        elapsed = (datetime.now(UTC) - datetime.fromisoformat(recorded)).total_seconds()
+    return min(grace, max(0.0, grace - max(0.0, elapsed)))
+
+
 def cleanup_source(ctx: RunContext) -> dict[str, Any]:
-    """Delete the old storage entity and the old index, after a short grace period for
-    reads that looked the location up just before cutover. The source objects of waived
-    (quarantined) objects are kept where they are, named in the result and the report:
-    the run never loses an object silently (ADR 0006)."""
+    """Delete the old storage entity and the old index once the cutover grace is over: a
+    short wait, counted from cutover's registry switch, for reads that looked the location
+    up just before it. The source objects of waived (quarantined) objects are kept where
+    they are, named in the result and the report: the run never loses an object silently
+    (ADR 0006)."""
     p, plan = ctx.platform, ctx.plan
-    grace_ends = time.monotonic() + plan.cutover_grace_seconds  # the checks below run during the grace
+    started = time.monotonic()
+    grace_ends = started + _grace_remaining(ctx, started)  # the checks below run during the grace
     if dict(ctx.tenant().location) != dict(plan.destination):
         raise StateError("refusing to delete the source: the registry does not point at the destination yet")
     src_loc = plan.source_location
@@ -807,12 +849,15 @@ def cleanup_source(ctx: RunContext) -> dict[str, Any]:
         p.state.save_checkpoint(ctx.run_id, "cleanup_source", 0, {"deleting": True}, fence=ctx.fence)
     time.sleep(max(0.0, grace_ends - time.monotonic()))
     store = p.store_for(src_loc)
-    deleted = _delete_all_but(ctx, store, kept) if kept else p.provisioner.delete(src_loc, store)
-    index_deleted = False
-    if plan.old_index is not None and plan.old_index != plan.new_index:
-        p.index.delete_index(plan.old_index)
-        index_deleted = True
-    left = {i.name for i in p.store_for(src_loc).list()} if p.provisioner.exists(src_loc) else set()
+    index_deleted = plan.old_index is not None and plan.old_index != plan.new_index
+    # The old index goes while the storage is deleted (independent services; searches
+    # follow the alias, which cutover moved): both are in place again only if both end.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="akms-cleanup") as pool:
+        dropping = pool.submit(p.index.delete_index, plan.old_index) if index_deleted else None
+        deleted = _delete_all_but(ctx, store, kept) if kept else p.provisioner.delete(src_loc, store)
+        left = {i.name for i in p.store_for(src_loc).list()} if p.provisioner.exists(src_loc) else set()
+        if dropping is not None:
+            dropping.result()
     if left - kept:
         raise IntegrityError(f"{len(left - kept)} object(s) still in {src_loc.uri} after cleanup; rerun the step")
     out: dict[str, Any] = {
