@@ -274,7 +274,11 @@ class TokenMemo:
         return token
 
     def keyed_all(self, terms: Iterable[str]) -> list[str]:
-        return sorted({self.keyed(t) for t in terms})
+        # One record's terms: the keys are checked once for all of them (a term not
+        # memoized yet is computed by SearchKeys.keyed, which checks them again).
+        self._keys._check()
+        get = self._tokens.get
+        return sorted({get(t) or self.keyed(t) for t in terms})
 
     def __len__(self) -> int:
         return len(self._tokens)
