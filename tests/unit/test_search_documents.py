@@ -6,8 +6,6 @@ import base64
 import json
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from archive_kms.crypto.secrets import SecretBytes
 from archive_kms.domain.records import AttachmentRef, Record
@@ -19,7 +17,6 @@ from archive_kms.search.documents import (
     compile_query,
     decode_hit,
     document_id,
-    encode_json,
     index_mapping,
     mapping_drift,
     open_display,
@@ -213,28 +210,3 @@ def test_mapping_is_strict_and_drift_is_detected():
     assert mapping_drift(index_mapping("acme", 1, IndexMode.PLAINTEXT), m)
     assert mapping_drift({**m, "dynamic": True}, m)
     assert mapping_drift({**m, "properties": {**m["properties"], "extra": {"type": "text"}}}, m)
-
-
-_VALUES = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**63), 2**63 - 1),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=60),
-)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    st.text(min_size=1, max_size=40).filter(str.isprintable),
-    st.dictionaries(st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,10}", fullmatch=True), _VALUES, max_size=6),
-    st.sampled_from([IndexMode.PLAINTEXT, IndexMode.KEYED]),
-    st.one_of(st.none(), st.integers(0, 2**63 - 1)),
-)
-def test_bulk_lines_are_the_bytes_of_compact_utf8_json(record_id, fields, mode, version):
-    """encode_json (orjson) writes what json.dumps writes, for every document and action built."""
-    record = Record("Account", record_id, fields, (AttachmentRef("a1", "Résumé\u2028\x00.pdf", 10),))
-    doc = build_document(record, tenant="acme", mode=mode, keys=KEYS if mode is IndexMode.KEYED else None)
-    action = {"index": {"_index": "archive-acme-g1", "_id": doc.doc_id, "version": version, "version_type": "external"}}
-    for value in (doc.source, action):
-        assert encode_json(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
