@@ -50,21 +50,23 @@ def records_for(tenant: str, n: int) -> list[Any]:
 
 def run_ours(
     index: ElasticsearchSearchIndex, tenant: str, gen: int, records: list[Any], mode: IndexMode, keys
-) -> float:
-    started = time.perf_counter()
+) -> tuple[float, float]:
+    started, cpu = time.perf_counter(), time.process_time()
     report = rebuild_generation(iter(records), index, tenant, gen, mode, keys, batch_size=BATCH)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     report.require_complete()
     if report.count != len(records):
         raise SystemExit(f"ours indexed {report.count} of {len(records)}")
-    return seconds
+    return seconds, cpu
 
 
-def run_peer(es: Any, name: str, docs: list[Any], tenant: str, gen: int, mode: IndexMode, parallel: bool) -> float:
+def run_peer(
+    es: Any, name: str, docs: list[Any], tenant: str, gen: int, mode: IndexMode, parallel: bool
+) -> tuple[float, float]:
     from elasticsearch import helpers
 
     actions = ({"_op_type": "create", "_index": name, "_id": d.doc_id, "_source": dict(d.source)} for d in docs)
-    started = time.perf_counter()  # from index creation to a counted, refreshed index, as ours
+    started, cpu = time.perf_counter(), time.process_time()  # from index creation to a counted, refreshed index
     es.indices.create(index=name, mappings=D.index_mapping(tenant, gen, mode), settings=D.index_settings())
     if parallel:
         for ok, item in helpers.parallel_bulk(es, actions, chunk_size=BATCH, thread_count=4):
@@ -76,10 +78,10 @@ def run_peer(es: Any, name: str, docs: list[Any], tenant: str, gen: int, mode: I
             raise SystemExit(f"bulk: {errors} items failed")
     es.indices.refresh(index=name)
     count = es.count(index=name)["count"]
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     if count != len(docs):
         raise SystemExit(f"peer indexed {count} of {len(docs)}")
-    return seconds
+    return seconds, cpu
 
 
 def main() -> int:
@@ -102,15 +104,15 @@ def main() -> int:
         for rep in range(args.repeats):
             gen = 10 + rep
             created.append(index_name(tenant, gen))
-            ours = run_ours(index, tenant, gen, records, mode, keys)
+            ours, ours_cpu = run_ours(index, tenant, gen, records, mode, keys)
             docs = [D.build_document(r, tenant=tenant, mode=mode, keys=keys) for r in records]  # not timed
-            peer_times = {}
+            peer_times, peer_cpu = {}, {}
             for label, parallel, g in (("bulk", False, 100 + rep), ("parallel_bulk", True, 200 + rep)):
                 name = index_name(tenant, g)
                 created.append(name)
-                peer_times[label] = run_peer(es, name, docs, tenant, g, mode, parallel)
+                peer_times[label], peer_cpu[f"{label}_cpu"] = run_peer(es, name, docs, tenant, g, mode, parallel)
             best = min(peer_times.values())
-            runs.append({"ours": ours, **peer_times, "ratio": best / ours})
+            runs.append({"ours": ours, **peer_times, "ratio": best / ours, "ours_cpu": ours_cpu, **peer_cpu})
     finally:
         for name in created:
             es.options(ignore_status=404).indices.delete(index=name)
@@ -127,12 +129,14 @@ def main() -> int:
     for i, r in enumerate(runs, 1):
         print(
             f"  run {i}: ours {r['ours']:.2f} ({len(records) / r['ours']:.0f}/s)  bulk {r['bulk']:.2f}  "
-            f"parallel_bulk {r['parallel_bulk']:.2f}  ratio {r['ratio']:.2f}"
+            f"parallel_bulk {r['parallel_bulk']:.2f}  ratio {r['ratio']:.2f}  "
+            f"CPU s ours {r['ours_cpu']:.2f} bulk {r['bulk_cpu']:.2f} parallel_bulk {r['parallel_bulk_cpu']:.2f}"
         )
     m = result["median"]
     print(
         f"median: ours {m['ours']:.2f} s, bulk {m['bulk']:.2f} s, parallel_bulk {m['parallel_bulk']:.2f} s; "
-        f"ratio ours/best peer {m['ratio']:.2f}   (target >= 0.8)"
+        f"ratio ours/best peer {m['ratio']:.2f}   (target >= 0.8); CPU s ours {m['ours_cpu']:.2f}, "
+        f"bulk {m['bulk_cpu']:.2f}, parallel_bulk {m['parallel_bulk_cpu']:.2f}"
     )
     return 0
 

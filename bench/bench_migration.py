@@ -331,7 +331,22 @@ def migrate_phase(
 ) -> dict[str, Any]:
     """Runs in the child: the whole enable flow of ``tenant``; step timings from the run."""
     from archive_kms.migration import build_report, execute, plan_enable, trigger
+    from archive_kms.migration.steps import STEP_FUNCTIONS
 
+    step_cpu: dict[str, float] = {}
+
+    def cpu_of(name: str, fn: Any) -> Any:
+        def timed(ctx: Any) -> Any:  # the process's CPU seconds (all threads) while the step ran
+            started = time.process_time()
+            try:
+                return fn(ctx)
+            finally:
+                step_cpu[name] = step_cpu.get(name, 0.0) + time.process_time() - started
+
+        return timed
+
+    for name, fn in list(STEP_FUNCTIONS.items()):
+        STEP_FUNCTIONS[name] = cpu_of(name, fn)
     platform, _ = build_platform(state_url)
     started = time.perf_counter()
     plan = plan_enable(
@@ -357,6 +372,7 @@ def migrate_phase(
     return {
         "outcome": outcome.to_dict(),
         "steps": steps,
+        "step_cpu_seconds": {k: round(v, 3) for k, v in step_cpu.items()},
         "end_to_end_seconds": end_to_end,
         "copy": run.step("copy").result or {},
         "verify": run.step("verify").result or {},
@@ -552,6 +568,7 @@ def compare(args: argparse.Namespace, *, data: str = "synthetic") -> dict[str, A
                 "cpu_seconds": ours_proc.cpu_seconds,
                 "rss_method": ours_proc.rss_method,
                 "steps": ours["steps"],
+                "step_cpu_seconds": ours.get("step_cpu_seconds", {}),
             },
             "rclone": {
                 "seconds": rclone.seconds,

@@ -68,6 +68,8 @@ def test_bench_json_has_the_figures(localstack, elasticsearch) -> None:
     assert result["ours"]["peak_rss_bytes"] > 0 and result["rclone"]["peak_rss_bytes"] > 0
     assert result["data"]["objects"] == result["data"]["records"] + result["data"]["attachments"]
     assert result["ours"]["copy_seconds"] > 0 and result["ours"]["verify_seconds"] > 0
+    step_cpu = result["ours"]["step_cpu_seconds"]
+    assert set(step_cpu) == set(result["ours"]["steps"]) and step_cpu["build_index"] > 0, step_cpu
     assert result["raw_boto3"]["seconds"] > 0 and result["ratio_vs_raw_boto3"] > 0
 
 
@@ -92,4 +94,6 @@ def test_bench_index_prints_its_ratio(elasticsearch) -> None:
     assert done.returncode == 0, f"exit {done.returncode}\nstderr:\n{done.stderr[-3000:]}"
     result = json.loads(done.stdout)
     assert result["records"] == 60 and result["median"]["ratio"] > 0
-    assert set(result["runs"][0]) == {"ours", "bulk", "parallel_bulk", "ratio"}
+    run = result["runs"][0]
+    assert set(run) == {"ours", "bulk", "parallel_bulk", "ratio", "ours_cpu", "bulk_cpu", "parallel_bulk_cpu"}
+    assert all(run[k] > 0 for k in ("ours_cpu", "bulk_cpu", "parallel_bulk_cpu"))

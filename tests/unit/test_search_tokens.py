@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import logging
 import pickle
+import unicodedata
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -27,6 +28,7 @@ from archive_kms.search.tokens import (
     derive_search_keys,
     field_term,
     normalize,
+    value_terms,
     value_text,
     word_terms,
     words,
@@ -106,6 +108,32 @@ def test_normalize_is_idempotent_and_words_are_stable(text):
     assert normalize(normalize(text)) == normalize(text)
     assert words(normalize(text)) == words(text)
     assert all(w and len(w) <= MAX_WORD_CHARS and "_" not in w for w in words(text))
+
+
+def _full_normalize(text: str) -> str:
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+
+
+def test_the_ascii_shortcut_normalizes_every_ascii_character_as_the_unicode_path_does():
+    every_ascii = "".join(chr(c) for c in range(128))
+    assert normalize(every_ascii) == _full_normalize(every_ascii)
+    for c in range(128):
+        assert normalize(chr(c)) == _full_normalize(chr(c)), c
+
+
+@given(st.one_of(st.text(max_size=200), st.text(alphabet=st.characters(max_codepoint=127), max_size=200)))
+def test_normalize_equals_nfkc_casefold_nfkc(text):
+    assert normalize(text) == _full_normalize(text)
+
+
+@given(
+    st.sampled_from(["Name", "Email__c", "a"]),
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text()),
+)
+def test_value_terms_are_the_word_and_exact_terms_of_the_value(field, value):
+    text = value_text(value)
+    expected = (set(), None) if text is None else (word_terms(text), field_term(field, value))
+    assert value_terms(field, value) == expected
 
 
 # --- keys and keyed tokens ---------------------------------------------------------------

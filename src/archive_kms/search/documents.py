@@ -55,6 +55,7 @@ from archive_kms.search.tokens import (
     lp,
     record_term,
     type_term,
+    value_terms,
     value_text,
     word_terms,
 )
@@ -192,11 +193,8 @@ def record_terms(record: Record) -> set[str]:
     attachment file names."""
     terms: set[str] = set()
     for name, value in record.fields.items():
-        text = value_text(value)
-        if text is None:
-            continue
-        terms |= word_terms(text)
-        exact = field_term(name, value)
+        value_words, exact = value_terms(name, value)
+        terms |= value_words
         if exact:
             terms.add(exact)
     for att in record.attachments:

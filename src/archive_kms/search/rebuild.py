@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from archive_kms.domain.records import Record
 from archive_kms.errors import SearchError, ValidationError
 from archive_kms.search.documents import build_document
-from archive_kms.search.naming import check_generation, check_tenant_id
+from archive_kms.search.naming import check_generation, check_tenant_id, index_name
 from archive_kms.search.port import BulkItemError, IndexDocument, IndexMode, SearchIndex
 from archive_kms.search.tokens import SearchKeys, TokenMemo
 
@@ -111,75 +111,26 @@ def rebuild_generation(
             "a keyed tenant must not be indexed in clear"
         )
     started = clock()
-    name = index.create_generation(tenant, gen, mode)
+    name = index_name(tenant, gen)
     report = RebuildReport(tenant=tenant, generation=gen, index=name, mode=mode)
-
-    info = index.describe_generation(name)
-    if info is not None and info.completed_records is not None:
-        index.refresh(name)
-        count = index.count(name)
-        if count == info.completed_records:
-            log.info("rebuild of %s: finished generation found (%d documents), reusing it", name, count)
-            report.records_seen = report.count = count
-            report.reused = True
-            report.seconds = clock() - started
-            return report
-        log.warning(
-            "rebuild of %s: marker says %d documents but the index holds %d; rebuilding",
-            name,
-            info.completed_records,
-            count,
-        )
-
-    batch: list[IndexDocument] = []
-    lock = threading.Lock()
-    in_flight: set[Future[None]] = set()
-
-    def send(docs: list[IndexDocument]) -> None:
-        result = index.bulk_index(name, docs)
-        with lock:
-            report.indexed += len(result.indexed)
-            report.skipped += len(result.skipped)
-            report.failed_total += len(result.failed)
-            report.failed.extend(result.failed[: max(0, MAX_REPORTED - len(report.failed))])
-
-    def flush() -> None:
-        # Up to ``bulk_concurrency`` bulk requests in flight while the next batch is built
-        # (as ``helpers.parallel_bulk`` does); memory: that many batches.
-        nonlocal batch
-        if not batch:
-            return
-        docs, batch = batch, []
-        while len(in_flight) >= bulk_concurrency:
-            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for f in finished:
-                in_flight.discard(f)
-                f.result()
-        in_flight.add(pool.submit(send, docs))
-
-    memo = TokenMemo(keys) if keys is not None else None  # this rebuild's only: gone when it returns
-    pool = ThreadPoolExecutor(max_workers=bulk_concurrency, thread_name_prefix="akms-bulk")
     try:
-        for record in records:
-            report.records_seen += 1
-            try:
-                batch.append(build_document(record, tenant=tenant, mode=mode, keys=keys, memo=memo))
-            except ValidationError as e:
-                report.rejected_total += 1
-                if len(report.rejected) < MAX_REPORTED:
-                    report.rejected.append(
-                        RejectedRecord(
-                            str(getattr(record, "object_type", "?"))[:100],
-                            str(getattr(record, "record_id", "?"))[:255],
-                            str(e),
-                        )
-                    )
-                continue
-            if len(batch) >= batch_size:
-                flush()
-        flush()
-        for f in list(in_flight):
-            f.result()
+        absent = index.describe_generation(name) is None
+    except SearchError:
+        absent = False  # something else holds the name: create_generation says what
+    pool = ThreadPoolExecutor(max_workers=bulk_concurrency + 1, thread_name_prefix="akms-bulk")
+    try:
+        if absent:
+            # A new generation (the usual case): create it while the first records are read
+            # and built (creating an index is a cluster-state update, 0.2-0.5 s); every bulk
+            # request waits for it. Nothing can be reused from an index that did not exist.
+            created: Future[str] = pool.submit(index.create_generation, tenant, gen, mode)
+        else:
+            created = Future()
+            created.set_result(index.create_generation(tenant, gen, mode))
+            if _reusable(index, name, report):
+                report.seconds = clock() - started
+                return report
+        _index_records(records, index, created, report, tenant, mode, keys, batch_size, bulk_concurrency, pool)
     finally:
         pool.shutdown(wait=True)
 
@@ -198,3 +149,95 @@ def rebuild_generation(
         )
     report.seconds = clock() - started
     return report
+
+
+def _reusable(index: SearchIndex, name: str, report: RebuildReport) -> bool:
+    """True (and ``report`` filled in) if ``name`` is a finished generation whose count
+    still equals its completion marker."""
+    info = index.describe_generation(name)
+    if info is None or info.completed_records is None:
+        return False
+    index.refresh(name)
+    count = index.count(name)
+    if count == info.completed_records:
+        log.info("rebuild of %s: finished generation found (%d documents), reusing it", name, count)
+        report.records_seen = report.count = count
+        report.reused = True
+        return True
+    log.warning(
+        "rebuild of %s: marker says %d documents but the index holds %d; rebuilding",
+        name,
+        info.completed_records,
+        count,
+    )
+    return False
+
+
+def _index_records(
+    records: Iterable[Record],
+    index: SearchIndex,
+    created: Future[str],
+    report: RebuildReport,
+    tenant: str,
+    mode: IndexMode,
+    keys: SearchKeys | None,
+    batch_size: int,
+    bulk_concurrency: int,
+    pool: ThreadPoolExecutor,
+) -> None:
+    """Build a document of every record and bulk-index them into the generation
+    ``created`` names, up to ``bulk_concurrency`` requests in flight."""
+    name = report.index
+    batch: list[IndexDocument] = []
+    lock = threading.Lock()
+    in_flight: set[Future[None]] = set()
+    # The first batches are smaller, so the first requests go out while records are still
+    # being read; batches double up to batch_size.
+    limit = max(1, batch_size // 4)
+
+    def send(docs: list[IndexDocument]) -> None:
+        created.result()  # the generation exists (or its creation's error is raised here)
+        result = index.bulk_index(name, docs)
+        with lock:
+            report.indexed += len(result.indexed)
+            report.skipped += len(result.skipped)
+            report.failed_total += len(result.failed)
+            report.failed.extend(result.failed[: max(0, MAX_REPORTED - len(report.failed))])
+
+    def flush() -> None:
+        # Up to ``bulk_concurrency`` bulk requests in flight while the next batch is built
+        # (as ``helpers.parallel_bulk`` does); memory: that many batches.
+        nonlocal batch, limit
+        if not batch:
+            return
+        docs, batch = batch, []
+        limit = min(batch_size, limit * 2)
+        while len(in_flight) >= bulk_concurrency:
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for f in finished:
+                in_flight.discard(f)
+                f.result()
+        in_flight.add(pool.submit(send, docs))
+
+    memo = TokenMemo(keys) if keys is not None else None  # this rebuild's only: gone when it returns
+    for record in records:
+        report.records_seen += 1
+        try:
+            batch.append(build_document(record, tenant=tenant, mode=mode, keys=keys, memo=memo))
+        except ValidationError as e:
+            report.rejected_total += 1
+            if len(report.rejected) < MAX_REPORTED:
+                report.rejected.append(
+                    RejectedRecord(
+                        str(getattr(record, "object_type", "?"))[:100],
+                        str(getattr(record, "record_id", "?"))[:255],
+                        str(e),
+                    )
+                )
+            continue
+        if len(batch) >= limit:
+            flush()
+    flush()
+    for f in list(in_flight):
+        f.result()
+    created.result()  # every record rejected (or none): the generation must still exist

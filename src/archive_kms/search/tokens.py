@@ -49,6 +49,7 @@ __all__ = [
     "normalize",
     "record_term",
     "type_term",
+    "value_terms",
     "value_text",
     "word_terms",
     "words",
@@ -80,12 +81,19 @@ def lp(data: bytes) -> bytes:
 def normalize(text: str) -> str:
     """NFKC, casefold, NFKC again (casefolding can denormalise), so "ＡＣＭＥ", "Acme"
     and "ACME" are one word."""
+    if text.isascii():
+        # The same result, cheaper: ASCII is NFKC-stable and its casefold is lower().
+        return text.lower()
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
 
 
 def words(text: str) -> list[str]:
     """The words of ``text`` in order (duplicates kept), each cut to MAX_WORD_CHARS."""
-    return [w[:MAX_WORD_CHARS] for w in _WORD_RE.findall(normalize(text))]
+    return _words_of_normalized(normalize(text))
+
+
+def _words_of_normalized(norm: str) -> list[str]:
+    return [w[:MAX_WORD_CHARS] for w in _WORD_RE.findall(norm)]
 
 
 def word_terms(text: str) -> set[str]:
@@ -127,10 +135,25 @@ def field_term(field: str, value: object) -> str | None:
     text = value_text(value)
     if text is None:
         return None
-    norm = _SPACE_RE.sub(" ", normalize(text)).strip()
+    return _exact_term(field, normalize(text))
+
+
+def _exact_term(field: str, normalized: str) -> str | None:
+    norm = _SPACE_RE.sub(" ", normalized).strip()
     if not norm or len(norm) > MAX_EXACT_VALUE_CHARS:
         return None
     return f"f:{field.lower()}={norm}"
+
+
+def value_terms(field: str, value: object) -> tuple[set[str], str | None]:
+    """``(word_terms(text), field_term(field, value))`` of one field value, normalising
+    its text once (a rebuild tokenizes every value of every record)."""
+    text = value_text(value)
+    if text is None:
+        return set(), None
+    check_field_name(field)
+    norm = normalize(text)
+    return {f"w:{w}" for w in _words_of_normalized(norm)}, _exact_term(field, norm)
 
 
 def type_term(object_type: str) -> str:
@@ -251,7 +274,11 @@ class TokenMemo:
         return token
 
     def keyed_all(self, terms: Iterable[str]) -> list[str]:
-        return sorted({self.keyed(t) for t in terms})
+        # One record's terms: the keys are checked once for all of them (a term not
+        # memoized yet is computed by SearchKeys.keyed, which checks them again).
+        self._keys._check()
+        get = self._tokens.get
+        return sorted({get(t) or self.keyed(t) for t in terms})
 
     def __len__(self) -> int:
         return len(self._tokens)
