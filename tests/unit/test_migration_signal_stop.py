@@ -178,6 +178,7 @@ def test_a_signal_stops_the_run_gracefully_and_the_previous_handler_is_restored(
 
     old = signal.signal(sig, previous)
     try:
+
         def signal_and_wait_for_the_handler() -> None:
             # The handler runs in the main thread whenever it next gets the GIL: hold this
             # shard until it has, or on a loaded machine the other shards copy everything first.
