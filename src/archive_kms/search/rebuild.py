@@ -32,7 +32,7 @@ from archive_kms.domain.records import Record
 from archive_kms.errors import SearchError, ValidationError
 from archive_kms.search.documents import build_document
 from archive_kms.search.naming import check_generation, check_tenant_id, index_name
-from archive_kms.search.port import BulkItemError, IndexDocument, IndexMode, SearchIndex
+from archive_kms.search.port import BulkItemError, GenerationInfo, IndexDocument, IndexMode, SearchIndex
 from archive_kms.search.tokens import SearchKeys, TokenMemo
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,12 @@ def rebuild_generation(
     started = clock()
     name = index_name(tenant, gen)
     report = RebuildReport(tenant=tenant, generation=gen, index=name, mode=mode)
+    described = True
     try:
-        absent = index.describe_generation(name) is None
+        found = index.describe_generation(name)
     except SearchError:
-        absent = False  # something else holds the name: create_generation says what
+        found, described = None, False  # something else holds the name: create_generation says what
+    absent = described and found is None
     pool = ThreadPoolExecutor(max_workers=bulk_concurrency + 1, thread_name_prefix="akms-bulk")
     try:
         if absent:
@@ -127,7 +129,10 @@ def rebuild_generation(
         else:
             created = Future()
             created.set_result(index.create_generation(tenant, gen, mode))
-            if _reusable(index, name, report):
+            # The description read above is the existing generation's; read it again
+            # only if that read failed.
+            info = found if described else index.describe_generation(name)
+            if _reusable(index, name, info, report):
                 report.seconds = clock() - started
                 return report
         _index_records(records, index, created, report, tenant, mode, keys, batch_size, bulk_concurrency, pool)
@@ -151,10 +156,9 @@ def rebuild_generation(
     return report
 
 
-def _reusable(index: SearchIndex, name: str, report: RebuildReport) -> bool:
+def _reusable(index: SearchIndex, name: str, info: GenerationInfo | None, report: RebuildReport) -> bool:
     """True (and ``report`` filled in) if ``name`` is a finished generation whose count
-    still equals its completion marker."""
-    info = index.describe_generation(name)
+    still equals its completion marker (``info``: its description)."""
     if info is None or info.completed_records is None:
         return False
     index.refresh(name)
