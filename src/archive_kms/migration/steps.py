@@ -828,7 +828,7 @@ def _grace_remaining(ctx: RunContext, started: float) -> float:
         if not recorded:
             return grace
         elapsed = (datetime.now(UTC) - datetime.fromisoformat(recorded)).total_seconds()
-    return min(grace, max(0.0, grace - max(0.0, elapsed)))
+    return max(0.0, grace - max(0.0, elapsed))
 
 
 def cleanup_source(ctx: RunContext) -> dict[str, Any]:
