@@ -95,7 +95,8 @@ class CopyBudget:
     objects (most of an archive) cost a few times their size and are never held back by a
     big one that does not fit: a waiting object only blocks objects behind it in its own
     shard. What the process holds for object data is then at most this budget plus the
-    store's part budget (``COPY_UPLOAD_BUFFER``): peak RSS = floor + both (ADR 0046)."""
+    store's part budget (``settings.migration_upload_buffer_mib``, default
+    ``COPY_UPLOAD_BUFFER``): peak RSS = floor + both (ADR 0046)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
