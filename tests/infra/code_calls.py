@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from source_trees import parse_tree
 
 from archive_kms.config import PROJECT_ROOT
 
@@ -45,11 +46,10 @@ def sdk_calls(receivers: set[str], operations: set[str]) -> list[Call]:
     """Every call of, or reference to (``call("PutPublicAccessBlock", s3.put_public_access_block)``),
     a method in ``operations`` on one of ``receivers``."""
     calls = []
-    for path in sorted(SRC.rglob("*.py")):
+    for path, tree in parse_tree(SRC).items():
         rel = path.relative_to(SRC).as_posix()
         if rel in NOT_PLATFORM:
             continue
-        tree = ast.parse(path.read_text(), filename=str(path))
         called: set[int] = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):

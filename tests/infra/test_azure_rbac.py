@@ -18,6 +18,7 @@ import pytest
 from azure.keyvault.keys import KeyClient
 from azure.keyvault.keys.crypto import CryptographyClient
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient
+from source_trees import parse_file
 
 from archive_kms.config import PROJECT_ROOT
 
@@ -92,7 +93,7 @@ def code_permissions() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     actions: dict[str, list[str]] = {}
     data: dict[str, list[str]] = {}
     for rel in ADAPTERS:
-        tree = ast.parse((SRC / rel).read_text())
+        tree = parse_file(SRC / rel)
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
@@ -218,7 +219,7 @@ ASSIGN_IDENTITY = "Microsoft.ManagedIdentity/userAssignedIdentities/assign/actio
 def _mgmt_calls() -> list[tuple[str, str, int]]:
     """(operation group, method, line) of every ``self._mgmt.<group>.<method>`` the
     provisioner calls or passes on to be called."""
-    tree = ast.parse((SRC / ACCOUNTS_ADAPTER).read_text())
+    tree = parse_file(SRC / ACCOUNTS_ADAPTER)
     out = []
     for node in ast.walk(tree):
         if (
@@ -248,7 +249,7 @@ def test_the_tenant_accounts_role_grants_exactly_what_the_account_provisioner_do
     actions.add(ASSIGN_IDENTITY)
     # its data-plane calls (waiting for the container) and the object store's on the account
     code_actions, code_data = code_permissions()
-    tree = ast.parse(source)
+    tree = parse_file(SRC / ACCOUNTS_ADAPTER)
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in PERMISSIONS:
             actions |= PERMISSIONS[node.func.attr][0]

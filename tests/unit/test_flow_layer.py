@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 
 import pytest
+from source_trees import parse_tree
 
 FLOWS = Path(__file__).resolve().parents[2] / "flows"
 # What a flow may import of the library: the layers below it (docs/adr/0008-layers.md).
@@ -30,7 +31,7 @@ FORBIDDEN = ("cli", "demo", "api")
 
 def _imports(path: Path) -> list[str]:
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parse_tree(FLOWS)[path]):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.append(node.module)
         elif isinstance(node, ast.Import):

@@ -189,7 +189,9 @@ def _linear_chain() -> tuple[frozenset[str], str] | None:
             if not isinstance(rev, str) or not (parent is None or isinstance(parent, str)) or rev in down:
                 return None
             down[rev] = parent
-    except (OSError, SyntaxError, UnicodeDecodeError):
+    # SystemError: CPython 3.11's AST constructor can miscount its recursion depth when another
+    # thread parses at the same time (python/cpython#106905); Alembic then reads the chain.
+    except (OSError, SyntaxError, UnicodeDecodeError, SystemError):
         return None
     parents = [p for p in down.values() if p is not None]
     heads = set(down) - set(parents)
