@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from archive_kms.config import Settings
-from archive_kms.errors import KeyThrottledError, ServiceUnavailableError
+from archive_kms.errors import ConfigurationError, KeyThrottledError, ServiceUnavailableError
 from archive_kms.keys.limits import QuotaDomain, rate_for
 
 log = logging.getLogger(__name__)
@@ -99,15 +99,49 @@ def apply_limits(settings: Settings, domains: Sequence[QuotaDomain] = ()) -> lis
 
 
 class PrefectRequestLimiter:
-    """``keys.limits.RequestLimiter`` on Prefect rate limits, one per quota domain."""
+    """``keys.limits.RequestLimiter`` on Prefect rate limits, one per quota domain.
+
+    Callable from any thread. Why that needs care: Prefect's settings live in a context
+    variable, and a thread that did not inherit the flow run's context (a copy shard's, the
+    key-state probe's) sees the settings the process had when it imported Prefect. If those
+    name no API, Prefect quietly starts a temporary server of its own and the fleet-wide
+    limit becomes this process's alone. So a request runs under the thread's own API when it
+    has one, else under the API known when the limiter was built (the building context's,
+    else ``prefect_api_url``), else it is refused (``ConfigurationError``)."""
 
     def __init__(self, settings: Settings) -> None:
+        from prefect.settings import get_current_settings
+
         self._settings = settings
+        self._api_url = get_current_settings().api.url or settings.prefect_api_url
+        self._bound: tuple[Any, Any] | None = None  # (profile, Prefect settings on that API), built once
         self._ready: set[str] = set()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return "PrefectRequestLimiter()"
+
+    @contextlib.contextmanager
+    def _on_fleet_api(self) -> Iterator[None]:
+        import prefect.context
+        from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+        current = prefect.context.get_settings_context()
+        if current.settings.api.url:
+            yield
+            return
+        if not self._api_url:
+            raise ConfigurationError(
+                "no Prefect API for the fleet's limits: set PREFECT_API_URL or prefect_api_url "
+                "(ARCHIVE_KMS_PREFECT_API_URL); the limits live on the fleet's Prefect server"
+            )
+        with self._lock:
+            if self._bound is None:  # copying Prefect's settings costs ~0.1 s: once per limiter
+                updates = {PREFECT_API_URL: self._api_url, PREFECT_SERVER_EPHEMERAL_ENABLED: False}
+                self._bound = (current.profile, current.settings.copy_with_update(updates=updates))
+            profile, bound = self._bound
+        with prefect.context.SettingsContext(profile=profile, settings=bound):
+            yield
 
     def _ensure(self, domain: QuotaDomain) -> str:
         name = l1_limit_name(domain)
@@ -124,6 +158,10 @@ class PrefectRequestLimiter:
         from prefect.concurrency.sync import rate_limit
 
         timeout = self._settings.l1_limit_timeout_seconds
+        with self._on_fleet_api():
+            self._acquire(domain, requests, timeout, rate_limit)
+
+    def _acquire(self, domain: QuotaDomain, requests: int, timeout: float, rate_limit: Callable[..., Any]) -> None:
         try:
             name = self._ensure(domain)
             rate_limit(name, occupy=requests, timeout_seconds=timeout, strict=True)
