@@ -643,6 +643,17 @@ class Proxy:
 
         threading.Thread(target=back, daemon=True, name=f"fault-proxy-{self.port}-back").start()
 
+    def wait_until_up(self, timeout: float = 60.0) -> None:
+        """Return once an outage is over and the proxy listens again (at once if none)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._listener is not None or self._closed:
+                    return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the proxy on port {self.port} did not come back within {timeout:g} s")
+            time.sleep(0.05)
+
     def _start_accepting(self, listener: socket.socket) -> None:
         threading.Thread(target=self._accept, args=(listener,), name=f"fault-proxy-{self.port}", daemon=True).start()
 

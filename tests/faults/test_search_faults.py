@@ -426,7 +426,7 @@ def test_c1_c2_long_restart_and_persistent_mapping_error_fail_resumably(
     old = p.state.get_run(outcome.run_id).params["old_index"]
     assert flow_platform.index.current_index(t) == old, "the alias moved during a failed build"
     searches.check(before)
-    time.sleep(LONG_RESTART / 2)  # the node is back
+    es_proxy.wait_until_up()  # the node is back (the step may fail sooner than the outage lasts)
 
     poison = BulkItemFaults(0.2, ES_SEED + 2, status=400, error_type="mapper_parsing_exception")
     es_proxy.set_rules(Always(ops("bulk"), Splice(_only_when_items(poison), poison.response)))
