@@ -851,6 +851,7 @@ def cleanup_source(ctx: RunContext) -> dict[str, Any]:
     index_deleted = plan.old_index is not None and plan.old_index != plan.new_index
     # The old index goes while the storage is deleted (independent services; searches
     # follow the alias, which cutover moved): both are in place again only if both end.
+    # A failed deletion of the index is raised when the block is left.
     with beside(p.index.delete_index, plan.old_index) if index_deleted else nullcontext():
         deleted = _delete_all_but(ctx, store, kept) if kept else p.provisioner.delete(src_loc, store)
         left = {i.name for i in p.store_for(src_loc).list()} if p.provisioner.exists(src_loc) else set()
