@@ -252,7 +252,10 @@ class _NoOptionalHttpBackends:
     with the test extra and Prefect, and its package imports click, rich and pygments for
     its command line: ~9 MiB of RSS, with requests, in every process that searches. A
     library already imported is taken as it is (finders are not asked); any other importer,
-    in any thread, is not affected."""
+    in any thread, is not affected. Choosing the node class (``node_class="urllib3"``) does
+    not avoid them: ``elastic_transport._node`` imports every ``_http_*`` module, and each
+    tries its library, when the package is imported (checked on 9.4). A test fails naming
+    this layout if a release changes it (tests/unit/test_elasticsearch_client_imports.py)."""
 
     NAMES = frozenset({"httpx", "requests", "aiohttp"})
 

@@ -237,6 +237,16 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _EndpointsFileSource(settings_cls))
 
 
+def setting_default(name: str) -> Any:
+    """The default of setting ``name``: what a module constant that stands for that
+    default is set to, so the setting is its one source (``DEFAULT_LEASE_TTL`` =
+    ``lease_ttl_seconds``'s default, ...)."""
+    field = Settings.model_fields[name]
+    if field.default_factory is not None:
+        raise TypeError(f"setting {name} has a computed default")
+    return field.default
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """Process-wide settings; tests build their own ``Settings(...)`` instead."""

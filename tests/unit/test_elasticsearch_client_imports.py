@@ -5,9 +5,13 @@ importers are not affected. Fast: one subprocess, no service (the client connect
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+from source_trees import parse_tree
 
 from archive_kms.clients import _NoOptionalHttpBackends
 
@@ -47,3 +51,53 @@ def test_the_finder_refuses_only_the_transports_node_modules() -> None:
     else:
         raise AssertionError("the transport's optional import was not refused")
     exec("assert finder.find_spec('urllib3') is None", scope)  # what it uses is never refused
+
+
+def _imports_at_import_time(tree: ast.Module) -> set[str]:
+    """Top-level names of the modules ``tree`` imports when it is imported (not inside a
+    function: an import there runs only when the function is called)."""
+    found: set[str] = set()
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def test_the_transport_imports_the_optional_libraries_only_where_the_finder_looks() -> None:
+    # The finder tells the transport's imports from anyone else's by the importing module's
+    # name. It holds for the layout of elastic_transport 8.x-9.x: ``_node/__init__`` imports
+    # every ``_node._http_*`` module, and each of those tries ``import httpx`` (requests,
+    # aiohttp) at import time. A release that moves these imports elsewhere, or makes them
+    # lazy, fails here by name instead of quietly loading httpx, click, rich and pygments
+    # into every process that searches (or keeping a finder nobody needs).
+    import elastic_transport
+
+    root = Path(elastic_transport.__file__).parent
+    version = elastic_transport.__version__
+    importers: dict[str, set[str]] = {name: set() for name in _NoOptionalHttpBackends.NAMES}
+    for path, tree in parse_tree(root).items():
+        parts = path.relative_to(root).with_suffix("").parts
+        module = ".".join(("elastic_transport", *(parts[:-1] if parts[-1] == "__init__" else parts)))
+        for name in _imports_at_import_time(tree) & _NoOptionalHttpBackends.NAMES:
+            importers[name].add(module)
+    elsewhere = {
+        name: sorted(m for m in modules if not m.startswith("elastic_transport._node."))
+        for name, modules in importers.items()
+    }
+    assert not any(elsewhere.values()), (
+        f"elastic_transport {version} imports an optional HTTP library outside elastic_transport._node.* "
+        f"({ {n: m for n, m in elsewhere.items() if m} }): clients._NoOptionalHttpBackends only refuses "
+        "imports made by modules named elastic_transport._node.*; extend it to these modules"
+    )
+    assert importers["httpx"] and importers["requests"], (
+        f"elastic_transport {version} no longer imports httpx / requests when it is imported "
+        f"(importers: {importers}): the layout clients._NoOptionalHttpBackends was written for is gone; "
+        "if the node classes are imported lazily now, drop the finder (ADR 0046)"
+    )

@@ -63,3 +63,40 @@ def test_repr_names_the_bucket_only():
     store = type("Store", (), {"__repr__": lambda self: "S3Store(secret_access_key=s3cr3t)"})()
     reads = ObstoreS3Reads(store, "b", chunk_size=1024)
     assert repr(reads) == "ObstoreS3Reads(s3://b)" and "s3cr3t" not in str(reads)
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "KMS.DisabledException"),
+        (403, "AccessDenied"),
+        (404, "NoSuchKey"),
+        (404, "NoSuchBucket"),
+        (404, "NoSuchUpload"),
+        (409, "OperationAborted"),
+        (412, "PreconditionFailed"),
+        (503, "SlowDown"),
+        (400, "InvalidRequest"),
+        (418, "418"),
+    ],
+)
+def test_both_clients_read_one_table(status, code):
+    # boto3's ClientError and obstore's text give the same error: both look the code and
+    # status up in s3_errors.error_for.
+    from botocore.exceptions import ClientError
+
+    from archive_kms.s3_errors import error_for, translate_error
+
+    boto = translate_error(
+        ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"),
+        bucket="b",
+        key="t/k",
+        op="GetObject",
+    )
+    obstore = translate_obstore_error(
+        GenericError(_obstore_text(f"{status} X", code)), bucket="b", key="t/k", op="GetObject"
+    )
+    table = error_for(code, status, bucket="b", key="t/k", op="GetObject")
+    assert type(boto) is type(obstore) is type(table)
+    assert str(boto) == str(obstore) == str(table)
+    assert boto.resource == obstore.resource == table.resource

@@ -31,6 +31,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from archive_kms.config import setting_default
 from archive_kms.errors import ValidationError
 
 __all__ = [
@@ -67,7 +68,7 @@ DEFAULT_S3_SHARED_PREFIX_ROOT = "tenants"
 DEFAULT_DEDICATED_BUCKET_PREFIX = "archive-kms-tenant"
 DEFAULT_SHARED_CONTAINER_PREFIX = "tenant"
 DEFAULT_DEDICATED_CONTAINER_PREFIX = "byok"
-DEFAULT_ACCOUNT_PREFIX = "akms"
+DEFAULT_ACCOUNT_PREFIX: str = setting_default("azure_tenant_account_prefix")
 DEFAULT_INDEX_PREFIX = "archive"
 #: Separator between tenant id and index generation; tenant ids cannot contain it.
 GENERATION_SEPARATOR = "--"

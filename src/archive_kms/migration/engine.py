@@ -42,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from archive_kms import crashpoints, retry
+from archive_kms.config import setting_default
 from archive_kms.errors import ArchiveKmsError, FencedError, LeaseHeldError, StateError, ValidationError
 from archive_kms.migration import stopping
 from archive_kms.migration.context import FlowDefinition, Hooks, RunContext, ShardRunner, StepWaiting
@@ -93,7 +94,8 @@ class HasRunStore(Protocol):
     def state(self) -> RunStore: ...
 
 
-DEFAULT_LEASE_TTL = timedelta(seconds=60)
+#: The run lease of a platform without settings: ``settings.lease_ttl_seconds``'s default.
+DEFAULT_LEASE_TTL = timedelta(seconds=setting_default("lease_ttl_seconds"))
 
 #: ``execute``'s ``admission``: a fresh context manager per run, held while its steps run.
 Admission = Callable[[], contextlib.AbstractContextManager[None]]

@@ -78,12 +78,6 @@ SEGMENT = 1 * MiB
 SEGMENT_COPIES = 7
 #: Per object besides its data: request and response objects, the ledger row.
 OBJECT_OVERHEAD = 64 * 1024
-#: Default for ``settings.migration_copy_buffer_mib``.
-DEFAULT_COPY_BUFFER = 32 * MiB
-#: Default for ``settings.migration_upload_buffer_mib``: parts of the destination store
-#: uploading in its threads, across the process's copies (the store's ``PartBudget``);
-#: beyond it each writer uploads its own part. One 8 MiB part.
-COPY_UPLOAD_BUFFER = 8 * MiB
 
 
 class CopyBudget:
@@ -94,9 +88,11 @@ class CopyBudget:
     most the object's size. An object larger than the whole budget runs alone. Small
     objects (most of an archive) cost a few times their size and are never held back by a
     big one that does not fit: a waiting object only blocks objects behind it in its own
-    shard. What the process holds for object data is then at most this budget plus the
-    store's part budget (``settings.migration_upload_buffer_mib``, default
-    ``COPY_UPLOAD_BUFFER``): peak RSS = floor + both (ADR 0046)."""
+    shard. The capacity is ``settings.migration_copy_buffer_mib``. What the process holds
+    for object data is then at most this budget plus the store's part budget
+    (``settings.migration_upload_buffer_mib``: parts of the destination store uploading in
+    its threads, across the process's copies; beyond it each writer uploads its own part):
+    peak RSS = floor + both (ADR 0046)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -133,9 +129,10 @@ class CopyBudget:
 _budget: CopyBudget | None = None
 
 
-def copy_budget(capacity: int = DEFAULT_COPY_BUFFER) -> CopyBudget:
-    """The process's one ``CopyBudget`` (every shard of every run in this process shares
-    it); ``capacity`` is applied when it is created, or raised to it later."""
+def copy_budget(capacity: int) -> CopyBudget:
+    """The process's one ``CopyBudget``: every shard of every run in this process shares
+    it. ``capacity`` (``settings.migration_copy_buffer_mib`` in bytes) is applied when it
+    is created, by the first copy in the process; later calls get that budget as it is."""
     global _budget
     with _lock:
         if _budget is None:
@@ -143,4 +140,4 @@ def copy_budget(capacity: int = DEFAULT_COPY_BUFFER) -> CopyBudget:
         return _budget
 
 
-__all__ = ["COPY_UPLOAD_BUFFER", "CopyBudget", "copy_budget", "limit_allocator"]
+__all__ = ["CopyBudget", "copy_budget", "limit_allocator"]

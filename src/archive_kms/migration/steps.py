@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +38,7 @@ from archive_kms.migration import quarantine
 from archive_kms.migration.context import RunContext
 from archive_kms.migration.plan import EnableMode
 from archive_kms.migration.stopping import StopRequestedError
+from archive_kms.migration.threads import beside, worker_threads
 from archive_kms.operations.archive import RECORD_PREFIX, fence_stalled_jobs, replay_deferred
 from archive_kms.search import alias_name, rebuild_generation
 from archive_kms.state.anchors import AnchorStore
@@ -553,8 +554,7 @@ def verify(ctx: RunContext) -> dict[str, Any]:
     # rows verified or failed, never quarantined): the source is compared with the manifest
     # while the destination is listed and proven (two listings, no order between them).
     held = quarantine.summarize(p.state, ctx.run_id)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="akms-verify") as pool:
-        drift = pool.submit(source_drift, ctx, skip=held.names)
+    with beside(source_drift, ctx, skip=held.names) as drift:
         aborted = dst.abort_stale_uploads(timedelta(0))  # uploads of crashed attempts (faults A5, I5)
         infos: dict[bytes, Any] = {}
         duplicates = 0
@@ -640,7 +640,7 @@ def _records(ctx: RunContext, store: ObjectStore) -> Iterator[Record]:
 
     names = (info.name for info in store.list(RECORD_PREFIX))
     threads = ctx.plan.parallel_shards * ctx.plan.threads_per_shard  # as many reads in flight as the copy
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="akms-etl") as pool:
+    with worker_threads(threads, name="akms-etl") as pool:
         window: list[Future[Record]] = []
         for name in names:
             ctx.check()  # a stop request ends the build here; a resume rebuilds (ids are deterministic)
@@ -762,10 +762,9 @@ def _recheck_before_deleting(ctx: RunContext, kept: set[bytes]) -> None:
             resource=plan.key_ref,
             state=state.value,
         )
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="akms-recheck") as pool:
-        # The source is listed while the destination is (two listings, no order between
-        # them; the destination's verdict is reported first, as before).
-        drift = pool.submit(source_drift, ctx) if not kept else None
+    # The source is listed while the destination is (two listings, no order between them;
+    # the destination's verdict is reported first, as before).
+    with beside(source_drift, ctx) if not kept else nullcontext() as drift:
         manifest = _names_fingerprint(e.name for e in p.state.iter_manifest(ctx.run_id) if e.name not in kept)
         dest = _names_fingerprint(i.name for i in p.store_for(plan.destination_location).list())
         if dest != manifest:
@@ -852,12 +851,10 @@ def cleanup_source(ctx: RunContext) -> dict[str, Any]:
     index_deleted = plan.old_index is not None and plan.old_index != plan.new_index
     # The old index goes while the storage is deleted (independent services; searches
     # follow the alias, which cutover moved): both are in place again only if both end.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="akms-cleanup") as pool:
-        dropping = pool.submit(p.index.delete_index, plan.old_index) if index_deleted else None
+    # A failed deletion of the index is raised when the block is left.
+    with beside(p.index.delete_index, plan.old_index) if index_deleted else nullcontext():
         deleted = _delete_all_but(ctx, store, kept) if kept else p.provisioner.delete(src_loc, store)
         left = {i.name for i in p.store_for(src_loc).list()} if p.provisioner.exists(src_loc) else set()
-        if dropping is not None:
-            dropping.result()
     if left - kept:
         raise IntegrityError(f"{len(left - kept)} object(s) still in {src_loc.uri} after cleanup; rerun the step")
     out: dict[str, Any] = {

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
+from archive_kms.config import setting_default
+
 # The audit values live in domain/ (the keychain writes audit records without importing
 # state); re-exported here, where callers have always found them.
 from archive_kms.domain.audit import AuditEvent as AuditEvent
@@ -218,8 +220,9 @@ class ArchiveJob:
     lease_expires_at: datetime | None = None
 
 
-#: How long an admitted attempt holds its job without a heartbeat (``renew_job_lease``).
-DEFAULT_JOB_LEASE_TTL = timedelta(seconds=60)
+#: How long an admitted attempt holds its job without a heartbeat (``renew_job_lease``):
+#: ``settings.job_lease_ttl_seconds``'s default.
+DEFAULT_JOB_LEASE_TTL = timedelta(seconds=setting_default("job_lease_ttl_seconds"))
 #: What ``fence_expired_jobs`` / ``abandon_job`` record as the error of a fenced attempt.
 SUPERSEDED_PREFIX = "superseded: "
 ABANDONED_PREFIX = "abandoned: "

@@ -14,10 +14,11 @@ What a read keeps from the boto3 path: ``If-Match`` on the GET (another version 
 the size check of ``ObjectReader`` (a short or long body raises), a resume after a broken
 body with a ranged GET conditioned on the ETag (a replaced object fails instead of mixing
 versions, faults A3), and the same error translation: obstore's errors carry the HTTP
-status and S3's XML error body, which are turned back into the code and status that
-``s3_errors.translate_error`` maps (so a refusing SSE-KMS key is ``KeyUnavailableError``
-here exactly as on boto3). obstore retries 5xx, throttling and connection errors itself
-(``clients.obstore_s3_store`` sets the limits) before one reaches us.
+status and S3's XML error body; the code and status parsed out of them are looked up in
+``s3_errors.error_for``, the table boto3's errors go through too (so a refusing SSE-KMS
+key is ``KeyUnavailableError`` here exactly as on boto3). obstore retries 5xx, throttling
+and connection errors itself (``clients.obstore_s3_store`` sets the limits) before one
+reaches us.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from archive_kms.errors import (
     StorageError,
     TransientError,
 )
-from archive_kms.s3_errors import translate_error
+from archive_kms.s3_errors import error_for
 from archive_kms.storage.port import ObjectInfo, ObjectReader
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,10 @@ def s3_error_of(exc: BaseException) -> tuple[str, int] | None:
 
 
 def translate_obstore_error(exc: BaseException, *, bucket: str, key: str, op: str) -> ArchiveKmsError:
-    """An obstore error in our hierarchy, mapped by ``s3_errors.translate_error`` from the
-    S3 code and status it carries, so both clients report a failure the same way. The
-    message names bucket, key and operation; it never repeats obstore's text (which holds
-    the request URL but no credentials)."""
+    """An obstore error in our hierarchy, mapped by ``s3_errors.error_for`` (the table the
+    boto3 path uses too) from the S3 code and status it carries, so both clients report a
+    failure the same way. The message names bucket, key and operation; it never repeats
+    obstore's text (which holds the request URL but no credentials)."""
     if isinstance(exc, ArchiveKmsError):
         return exc
     where = f"s3://{bucket}/{key}"
@@ -72,15 +73,8 @@ def translate_obstore_error(exc: BaseException, *, bucket: str, key: str, op: st
         if isinstance(exc, (ConnectionError, TimeoutError, OSError)) or _is_transport(exc):
             return ServiceUnavailableError(f"S3 {op} on {where}: connection failed (retryable)", resource=where)
         return StorageError(f"S3 {op} on {where}: {type(exc).__name__}", resource=where)
-    from botocore.exceptions import ClientError
-
     code, status = found
-    return translate_error(
-        ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, op),
-        bucket=bucket,
-        key=key,
-        op=op,
-    )
+    return error_for(code, status, bucket=bucket, key=key, op=op)
 
 
 def _is_transport(exc: BaseException) -> bool:

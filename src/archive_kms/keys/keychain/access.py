@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from archive_kms.config import setting_default
 from archive_kms.errors import ArchiveKmsError, KeyServiceUnavailableError, KeyUnavailableError, ValidationError
 from archive_kms.keys.cache import KeyCache
 from archive_kms.keys.port import KeyProvider, KeyState
@@ -60,8 +61,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECK_SECONDS = 5.0
-DEFAULT_TIMEOUT_SECONDS = 2.0
+# The defaults of a guard built without settings are the settings' defaults.
+DEFAULT_CHECK_SECONDS: float = setting_default("key_state_check_seconds")
+DEFAULT_TIMEOUT_SECONDS: float = setting_default("key_state_check_timeout_seconds")
 MAX_GRACE_SECONDS = 86_400.0
 
 
@@ -115,7 +117,7 @@ class GracePolicy:
         return str(self.kind.value)
 
 
-DEFAULT_GRACE = GracePolicy(GraceKind.SERVE_FROM_CACHE, 60)
+DEFAULT_GRACE = GracePolicy.parse(setting_default("key_outage_grace"))
 
 
 class Availability(str, enum.Enum):

@@ -7,6 +7,7 @@ import re
 from datetime import UTC, datetime
 from typing import cast
 
+from archive_kms.config import setting_default
 from archive_kms.errors import ValidationError
 
 __all__ = [
@@ -24,7 +25,7 @@ __all__ = [
     "parse_dek_id",
 ]
 
-DEFAULT_BUCKET_SECONDS = 3600
+DEFAULT_BUCKET_SECONDS: int = setting_default("dek_bucket_seconds")
 MAX_DEK_ID_LEN = 128  # what the envelope header accepts
 
 _TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")

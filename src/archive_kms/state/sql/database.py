@@ -40,6 +40,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
 from archive_kms import retry
+from archive_kms.config import setting_default
 from archive_kms.errors import ConfigurationError, FencedError, ServiceUnavailableError, StateError, TransientError
 from archive_kms.state._common import check_token
 from archive_kms.state.port import DEFAULT_JOB_LEASE_TTL, Fence
@@ -84,9 +85,9 @@ class PoolLimits:
     before a retryable ``TransientError``. A process never holds more than
     ``size + max_overflow`` connections (docs/state-store.md "Connection pool")."""
 
-    size: int = 5
-    max_overflow: int = 5
-    timeout: float = 30.0
+    size: int = setting_default("state_pool_size")
+    max_overflow: int = setting_default("state_pool_max_overflow")
+    timeout: float = setting_default("state_pool_timeout_seconds")
 
     def __post_init__(self) -> None:
         if self.size < 1 or self.max_overflow < 0 or self.timeout <= 0:
