@@ -1,0 +1,218 @@
+"""Every promise the docs make about the command line and the settings holds in the code.
+
+Acceptance tests are written from the public surface alone (README, ``docs/``, the CLI's
+help, the documented settings), so a command line, flag or setting name that the docs give
+and the code does not have is a failing acceptance test. Here, mechanically:
+
+- every ``archive-kms ...`` command line in README.md, ``docs/`` and ``infra/README.md``
+  (code blocks and inline code) names an existing command, only options that command has,
+  and, where it gives arguments, parses (placeholders such as ``RUN`` or ``<id>`` stand in
+  for values; ``[...]`` parts are parsed as given);
+- every command of the CLI is documented somewhere;
+- every ``ARCHIVE_KMS_*`` variable the docs name is a ``Settings`` field or is read by the
+  code that the doc points at (entrypoint, stack, tests), and every default the docs give
+  for a setting is the field's default.
+
+The console API's routes are held to ``docs/console-api.md`` in ``test_console_api.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from archive_kms.cli import app
+from archive_kms.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC_FILES = [ROOT / "README.md", ROOT / "infra" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+# `archive-kms`, `.venv/bin/archive-kms` or the README's `$A`, then a command word. Not inside
+# a quoted string (`"archive-kms local Azurite pool account"` is a key-derivation label).
+_PREFIX = re.compile(r"""(?:\.venv/bin/archive-kms|\$A|(?<![\w/."'-])archive-kms)\s+(?=[a-z])""")
+# Where a shell command line ends: a comment, a pipe, a redirection, a second command.
+_END = re.compile(r"\s#\s|\s#$|&&|\|\||\s\|\s|;|\s>\s|\s2>|\s<\s")
+_PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*|X")
+
+
+def _command_lines() -> Iterator[tuple[str, str, bool]]:
+    """(file:line, the text after ``archive-kms``, in a code block?) for every mention."""
+    for path in DOC_FILES:
+        in_block = False
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                in_block = not in_block
+                continue
+            # A code block quoting an error message holds its commands in backticks, as prose.
+            spans = [line] if in_block and "`" not in line else re.findall(r"`([^`]+)`", line)
+            for span in spans:
+                for m in _PREFIX.finditer(span):
+                    yield f"{path.relative_to(ROOT)}:{number}", _END.split(span[m.end() :])[0].strip(), in_block
+
+
+def _argv(text: str) -> list[str]:
+    """A documented synopsis as arguments: ``<...>`` is a value, ``[...]`` is parsed as given,
+    ``a|b`` is its first alternative."""
+    text = re.sub(r"<[^<>]*>", "X", text).replace("[", " ").replace("]", " ")
+    return [t.split("|")[0] if "|" in t and not t.startswith("|") else t for t in shlex.split(text)]
+
+
+ROOT_COMMAND = typer.main.get_command(app)
+
+
+def _walk(argv: list[str]) -> tuple[Any, list[str], list[str]]:
+    """The command ``argv`` names, the arguments left for it, and its path."""
+    command: Any = ROOT_COMMAND
+    path: list[str] = []
+    rest = list(argv)
+    while hasattr(command, "resolve_command"):
+        if not rest or rest[0].startswith("-") or rest[0] in ("X", "...", "…"):
+            break
+        sub = command.get_command(None, rest[0])
+        if sub is None:
+            raise LookupError(f"no command `archive-kms {' '.join([*path, rest[0]])}`")
+        path.append(rest.pop(0))
+        command = sub
+    return command, rest, path
+
+
+def _option_names(command: Any) -> set[str]:
+    return {o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")} | {"--help"}
+
+
+def _parse(argv: list[str]) -> None:
+    """Parse as the CLI would, down to the leaf command, without running it."""
+    ctx = ROOT_COMMAND.make_context("archive-kms", list(argv))
+    command: Any = ROOT_COMMAND
+    while hasattr(command, "resolve_command"):
+        args = [*ctx._protected_args, *ctx.args]
+        if not args:
+            return
+        name, command, rest = command.resolve_command(ctx, args)
+        ctx = command.make_context(name, rest, parent=ctx)
+
+
+def _all_commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[str]:
+    if hasattr(command, "resolve_command"):
+        if getattr(command, "invoke_without_command", False):
+            yield " ".join(path)
+        for name in command.list_commands(None):
+            yield from _all_commands(command.get_command(None, name), (*path, name))
+    else:
+        yield " ".join(path)
+
+
+def test_the_docs_mention_commands():
+    """The extraction itself finds the README's commands (a broken regex would pass everything)."""
+    found = {text.split()[0] for _, text, _ in _command_lines() if text}
+    assert {"enable", "runs", "revoke", "erase", "console", "stack", "db", "keys"} <= found
+    assert sum(1 for _ in _command_lines()) > 150
+
+
+def test_every_documented_command_line_names_real_commands_and_options_and_parses():
+    problems = []
+    for where, text, in_block in _command_lines():
+        try:
+            argv = _argv(text)
+            command, rest, path = _walk(argv)
+        except (ValueError, LookupError) as e:
+            problems.append(f"{where}: {e}: {text}")
+            continue
+        known = _option_names(command)
+        for token in rest:
+            if token.startswith("--") and token.split("=")[0] not in known:
+                problems.append(f"{where}: `archive-kms {' '.join(path)}` has no option {token}: {text}")
+        if not rest:
+            continue  # the command named in prose, no synopsis
+        try:
+            _parse(argv)
+        except typer.TyperException as e:  # the CLI's usage errors; those a synopsis may cause are below
+            kind = type(e).__name__
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            if kind == "BadParameter" and any(_PLACEHOLDER.fullmatch(t) for t in argv):
+                continue  # a placeholder for a typed value (`--generate N`)
+            if kind == "BadOptionUsage" and not in_block and argv[-1].startswith("--"):
+                continue  # prose naming an option: "`archive-kms erase --out` writes ..."
+            problems.append(f"{where}: {kind}: {message}: archive-kms {text}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_command_is_documented():
+    mentioned = set()
+    for _, text, _ in _command_lines():
+        try:
+            mentioned.add(" ".join(_walk(_argv(text))[2]))
+        except (ValueError, LookupError):
+            pass
+    missing = sorted(set(_all_commands(ROOT_COMMAND)) - mentioned - {""})
+    assert not missing, f"commands no doc shows (README.md or docs/): {missing}"
+
+
+# --- settings ---------------------------------------------------------------------------------------
+
+# Variables the docs name that are not Settings fields, and the file that reads each.
+NOT_SETTINGS = {
+    "ARCHIVE_KMS_STACK_DIR": "src/archive_kms/config.py",
+    "ARCHIVE_KMS_PORT_<SERVICE>": "localstack/stack.py",
+    "ARCHIVE_KMS_PORT_PREFECT": "localstack/stack.py",
+    "ARCHIVE_KMS_AZURITE_POOL_SIZE": "localstack/stack.py",
+    "ARCHIVE_KMS_LOWKEY_VAULT_JAR": "localstack/stack.py",
+    "ARCHIVE_KMS_CRASH_AT": "src/archive_kms/crashpoints.py",
+    "ARCHIVE_KMS_KEYCHAIN_SIGNING_KEY_PEM": "infra/docker/entrypoint.py",
+    "ARCHIVE_KMS_DB_HOST": "infra/docker/entrypoint.py",
+    "ARCHIVE_KMS_STATE_RUNTIME_ROLE": "src/archive_kms/state/migrations/versions/0007_runtime_role.py",
+    "ARCHIVE_KMS_SOAK_SEED": "tests/faults/test_random_kills.py",
+    "ARCHIVE_KMS_SOAK_TRIALS": "tests/faults/test_random_kills.py",
+    "ARCHIVE_KMS_FAULT_REPORT": "tests/faults/conftest.py",
+    "ARCHIVE_KMS_TEST_COMPOSE": "tests/infra/compose_stack.py",
+    "ARCHIVE_KMS_TEST_POSTGRES_URL": "tests/state_fixtures.py",
+}
+
+
+def _documented_variables() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for path in DOC_FILES:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for m in re.finditer(r"ARCHIVE_KMS_[A-Z0-9_]*(?:[A-Z0-9]|_<[A-Z]+>)", line):
+                found.setdefault(m.group(0), []).append(f"{path.relative_to(ROOT)}:{number}")
+    return found
+
+
+def test_every_documented_variable_is_a_setting_or_read_where_the_docs_say():
+    fields = set(Settings.model_fields)
+    problems = []
+    for name, where in sorted(_documented_variables().items()):
+        if name.removeprefix("ARCHIVE_KMS_").lower() in fields:
+            continue
+        reader = NOT_SETTINGS.get(name)
+        prefix = "ARCHIVE_KMS_PORT_" if name.startswith("ARCHIVE_KMS_PORT_") else name
+        if reader is None or prefix not in (ROOT / reader).read_text():
+            problems.append(f"{name} ({', '.join(where[:3])}): no such setting, and nothing reads it")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_documented_setting_default_is_the_code_default():
+    """``ARCHIVE_KMS_X` (60)``, ``x` (default 10)``, ``x` (default 30 s)``: the documented
+    number is the field's default."""
+    fields = Settings.model_fields
+    claim = re.compile(r"`(?:ARCHIVE_KMS_)?([A-Za-z0-9_]+)`\s*\((?:default\s+)?(\d[\d_,.]*)(?:\s*s)?\)")
+    checked, problems = 0, []
+    for path in DOC_FILES:
+        text = path.read_text()
+        for m in claim.finditer(text):
+            field = fields.get(m.group(1).lower())
+            if field is None:
+                continue
+            checked += 1
+            documented = float(m.group(2).replace(",", "").replace("_", ""))
+            if field.default != documented:
+                line = text[: m.start()].count("\n") + 1
+                problems.append(f"{path.relative_to(ROOT)}:{line}: {m.group(0)} but the default is {field.default!r}")
+    assert checked >= 10, checked
+    assert not problems, "\n".join(problems)
+
