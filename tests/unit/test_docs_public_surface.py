@@ -216,3 +216,22 @@ def test_every_documented_setting_default_is_the_code_default():
     assert checked >= 10, checked
     assert not problems, "\n".join(problems)
 
+
+# README "Every command takes `--json`, except ...": the exceptions it lists, no others.
+WITHOUT_JSON = {
+    "version",
+    "audit export",
+    "erasure public-key",
+    "erasure show",
+    "rotation confirmation",
+    "console token",
+    "console serve",
+}
+
+
+def test_every_command_takes_json_but_the_ones_the_readme_lists():
+    readme = (ROOT / "README.md").read_text()
+    listed = readme[readme.index("Every command takes `--json`") :].split("\n\n")[0]
+    assert all(f"`{name}`" in listed for name in WITHOUT_JSON), listed
+    without = {p for p in _all_commands(ROOT_COMMAND) if p and "--json" not in _option_names(_walk(p.split())[0])}
+    assert without == WITHOUT_JSON
