@@ -7,6 +7,7 @@ real worker is tests/integration/test_console_worker_e2e.py."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -618,6 +619,64 @@ def test_openapi_document_lists_every_route_with_bearer_security(h):
     assert enable["security"] == [{"HTTPBearer": []}]
     schema = doc["components"]["schemas"]["EnableMode"]
     assert set(schema["enum"]) == {"byokms", "byok", "byokv", "kmip"}
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "console-api.md"
+
+
+def _doc_section(title: str) -> str:
+    text = DOCS.read_text()
+    start = text.index(f"## {title}\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_the_documented_endpoints_are_the_apps_endpoints(h):
+    """docs/console-api.md "Endpoints": every row is an operation of the app with the documented
+    query parameters, and every operation of the app has its row."""
+    doc = h.client.get("/api/openapi.json").json()
+    served = {
+        (method.upper(), path): sorted(p["name"] for p in op.get("parameters", []) if p["in"] == "query")
+        for path, ops in doc["paths"].items()
+        for method, op in ops.items()
+    }
+    documented = {}
+    for m in re.finditer(r"^\| `(GET|POST|PUT|PATCH|DELETE) (/\S*?)(\[?\?[^`]*)?` \|", _doc_section("Endpoints"), re.M):
+        method, path, query = m.group(1), m.group(2), m.group(3) or ""
+        if path == "/" or path == "/openapi.json":  # the page, and the document itself
+            continue
+        documented[(method, "/api" + path)] = sorted(re.findall(r"[?&](\w+)=", query))
+    assert documented.keys() == served.keys(), (
+        sorted(documented.keys() - served.keys()),
+        sorted(served.keys() - documented.keys()),
+    )
+    for op, params in documented.items():
+        assert params == served[op], (op, params, served[op])
+    assert h.client.get("/api/openapi.json").status_code == 200 and h.client.get("/").status_code == 200
+
+
+def test_each_documented_error_has_its_documented_status_and_kind(h):
+    """docs/console-api.md "Errors": the table's kinds, answered by a request of each kind."""
+    table = {
+        int(m.group(1)): set(re.findall(r"`(\w+)`", m.group(2)))
+        for m in re.finditer(r"^\| (\d{3}) \| ([^|]+) \|", _doc_section("Errors"), re.M)
+    }
+    json_type = {"Content-Type": "application/json"}
+    cases = [
+        (400, h.call("POST", f"/api/tenants/{ACME}/enable", ADMIN, content=b"{not json", headers=json_type)),
+        (401, h.call("GET", "/api/tenants", None)),
+        (403, h.call("POST", f"/api/tenants/{ACME}/enable", SUPPORT, json={"mode": "byokms", "key_ref": CUSTOMER_KEY})),
+        (404, h.call("GET", "/api/tenants/no-such-tenant", PLATFORM, tenant=None)),
+        (405, h.call("DELETE", "/api/tenants", ADMIN)),
+        (415, h.call("POST", "/api/audit/verify", ADMIN, content=b"{}\n", headers={"Content-Type": "text/plain"})),
+        (422, h.call("POST", f"/api/tenants/{ACME}/enable", ADMIN, json={"mode": "nope", "key_ref": CUSTOMER_KEY})),
+    ]
+    for status, resp in cases:
+        assert resp.status_code == status, (status, resp.text)
+        assert resp.json()["error"] in table[status], (status, resp.json(), table[status])
+        assert set(resp.json()) == {"error", "detail"} and "\n" not in resp.json()["detail"]
+    assert cases[1][1].headers["WWW-Authenticate"] == "Bearer"
+    assert cases[4][1].headers["Allow"] == "GET"
+    assert "mode" in cases[6][1].json()["detail"]
 
 
 def test_the_page_is_served(h):
