@@ -2039,7 +2039,10 @@ def _retention_seconds(days: float | None, hours: float | None, seconds: int | N
         raise ValidationError("give the retention once: --days N, --hours N or --seconds N")
     total = days * 86_400 if days is not None else hours * 3600 if hours is not None else seconds
     if total is None or total != int(total) or total < 1:
-        raise ValidationError("the retention must be a whole, positive number of seconds")
+        flag = "--days" if days is not None else "--hours" if hours is not None else "--seconds"
+        raise ValidationError(
+            f"{flag} {given[0]:g}: the retention must be a whole, positive number of seconds (1 second to 100 years)"
+        )
     return int(total)
 
 
