@@ -68,9 +68,14 @@ def stack_down(only: str | None = ONLY, as_json: bool = JSON) -> None:
 # --- tenants, archive jobs, search, reads, audit (the library's operations) ----------------
 
 import json as _json  # noqa: E402
+import re as _re  # noqa: E402
 from functools import wraps  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from pydantic import ValidationError as PydanticValidationError  # noqa: E402
+from pydantic_settings import SettingsError  # noqa: E402
+
+from archive_kms.config import endpoints_file  # noqa: E402
 from archive_kms.errors import ArchiveKmsError, ObjectNotFoundError  # noqa: E402
 
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: create and list.")
@@ -107,6 +112,9 @@ def _errors_are_messages(fn):
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:
+            if isinstance(e, (PydanticValidationError, SettingsError)) and _settings_error(e):
+                typer.echo(f"error: {_settings_error(e)}", err=True)
+                raise typer.Exit(2) from None
             if type(e).__module__.startswith(("click", "typer")) or _os.environ.get("ARCHIVE_KMS_DEBUG") == "1":
                 raise  # usage errors: typer prints them (exit 2)
             typer.echo(
@@ -117,6 +125,24 @@ def _errors_are_messages(fn):
             raise typer.Exit(3) from None
 
     return wrapper
+
+
+def _settings_error(e: PydanticValidationError | SettingsError) -> str | None:
+    """A setting out of its range or not parsable: the variable and what it should be, never
+    its value (some settings are secrets). None if ``e`` is not about the settings."""
+    if isinstance(e, SettingsError):
+        field = _re.search(r'for field "(\w+)"', str(e))
+        if field is None:
+            return None
+        parts = [f"ARCHIVE_KMS_{field.group(1).upper()}: not parsable (a list or object is JSON)"]
+    elif e.title == "Settings":
+        parts = [
+            f"ARCHIVE_KMS_{str(err['loc'][0]).upper() if err['loc'] else '?'}: {err['msg']}"
+            for err in e.errors(include_url=False, include_input=False, include_context=False)
+        ]
+    else:
+        return None
+    return f"invalid setting {'; '.join(parts)} (from the environment or {endpoints_file()})"
 
 
 def _tenant_arg(tenant: str) -> str:

@@ -235,3 +235,22 @@ def test_every_command_takes_json_but_the_ones_the_readme_lists():
     assert all(f"`{name}`" in listed for name in WITHOUT_JSON), listed
     without = {p for p in _all_commands(ROOT_COMMAND) if p and "--json" not in _option_names(_walk(p.split())[0])}
     assert without == WITHOUT_JSON
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable_and_exit_2(monkeypatch):
+    """README: errors are one line naming what to fix (exit code 2). A setting out of its
+    range is such an error, not an internal one; its value is never echoed (some are secrets)."""
+    from typer.testing import CliRunner
+
+    for variable, value, words in [
+        ("ARCHIVE_KMS_MIGRATION_COPY_BUFFER_MIB", "1", "greater than or equal to 4"),
+        ("ARCHIVE_KMS_AZURE_ACCOUNT_POOL", '[{"key": "s3cr3t-value"}]', "string"),  # secrets, of the wrong type
+        ("ARCHIVE_KMS_AZURE_ACCOUNT_POOL", "not-json-s3cr3t-value", "JSON"),
+    ]:
+        with monkeypatch.context() as env:
+            env.setenv(variable, value)
+            out = CliRunner().invoke(app, ["tenant", "list"])
+        assert out.exit_code == 2, out.output
+        assert out.output.startswith(f"error: invalid setting {variable}: ") and out.output.count("\n") == 1
+        assert words in out.output and "s3cr3t" not in out.output, out.output
+        assert "internal error" not in out.output and "Traceback" not in out.output
