@@ -11,7 +11,11 @@ and the code does not have is a failing acceptance test. Here, mechanically:
 - every command of the CLI is documented somewhere;
 - every ``ARCHIVE_KMS_*`` variable the docs name is a ``Settings`` field or is read by the
   code that the doc points at (entrypoint, stack, tests), and every default the docs give
-  for a setting is the field's default.
+  for a setting is the field's default;
+- ``docs/deployment.md`` "Settings reference" has one row per field with its default, its
+  bounds and its allowed values;
+- a bad setting is one line naming the variable, exit 2 (README: errors are one line);
+- every command takes ``--json`` but the ones the README lists.
 
 The console API's routes are held to ``docs/console-api.md`` in ``test_console_api.py``.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -158,6 +163,7 @@ def test_every_command_is_documented():
 # Variables the docs name that are not Settings fields, and the file that reads each.
 NOT_SETTINGS = {
     "ARCHIVE_KMS_STACK_DIR": "src/archive_kms/config.py",
+    "ARCHIVE_KMS_ENDPOINTS_FILE": "src/archive_kms/config.py",
     "ARCHIVE_KMS_PORT_<SERVICE>": "localstack/stack.py",
     "ARCHIVE_KMS_PORT_PREFECT": "localstack/stack.py",
     "ARCHIVE_KMS_AZURITE_POOL_SIZE": "localstack/stack.py",
@@ -215,6 +221,47 @@ def test_every_documented_setting_default_is_the_code_default():
                 problems.append(f"{path.relative_to(ROOT)}:{line}: {m.group(0)} but the default is {field.default!r}")
     assert checked >= 10, checked
     assert not problems, "\n".join(problems)
+
+
+def _reference_rows() -> dict[str, list[str]]:
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    section = text[text.index("## Settings reference") :]
+    return {
+        m.group(1): [c.strip() for c in m.group(2).split(" | ")]
+        for m in re.finditer(r"^\| `ARCHIVE_KMS_(\w+)` \| (.*) \|$", section, re.M)
+    }
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def test_the_settings_reference_lists_every_setting_with_its_default_and_range():
+    """docs/deployment.md "Settings reference": one row per field, its default, its bounds."""
+    rows = _reference_rows()
+    assert set(rows) == {name.upper() for name in Settings.model_fields}
+    for name, field in Settings.model_fields.items():
+        default, values, what = rows[name.upper()]
+        if name == "state_url":
+            assert default == "`sqlite:///<stack dir>/state.db`" and "state.db" in str(Settings().state_url)
+        elif field.default_factory is not None:
+            assert default == "`[]`" and field.default_factory() == [], name
+        elif field.default is None:
+            assert default == "unset", name
+        elif isinstance(field.default, bool):
+            assert default == f"`{str(field.default).lower()}`", name
+        elif isinstance(field.default, int | float):
+            assert default == _number(field.default), name
+        else:
+            assert default == f"`{field.default}`", name
+        for bound in field.metadata:
+            for attr in ("ge", "gt", "le", "pattern"):
+                if getattr(bound, attr, None) is not None:
+                    shown = getattr(bound, attr)
+                    assert (shown if attr == "pattern" else _number(shown)) in values, (name, values)
+        if typing.get_origin(field.annotation) is typing.Literal:
+            assert all(f"`{option}`" in values for option in typing.get_args(field.annotation)), (name, values)
+        assert what, name
 
 
 # README "Every command takes `--json`, except ...": the exceptions it lists, no others.
