@@ -236,3 +236,15 @@ def test_a_bad_retention_is_one_line_naming_the_flag_and_changes_nothing(platfor
     assert all(w in out.output for w in words), out.output
     assert "Traceback" not in out.output
     assert json.loads(invoke("retention", "show", "acme", "--json").stdout) == []
+
+
+@pytest.mark.parametrize(("kind", "subject"), [("run_failed\n", None), ("run_failed", "rot-1\n")])
+def test_a_warning_kind_or_subject_with_a_trailing_newline_is_refused(kind: str, subject: str | None) -> None:
+    """A warning id is `<kind>:<tenant>[:<subject>]` of the documented characters only; a
+    trailing newline would make a second id for the same condition."""
+    from archive_kms.errors import ValidationError
+    from archive_kms.state._common import check_warning
+
+    with pytest.raises(ValidationError):
+        check_warning(kind, "warning", "m", subject, {})
+    assert check_warning(kind.strip(), "warning", "m", subject.strip() if subject else None, {}) == {}

@@ -109,6 +109,26 @@ def test_forged_expired_and_foreign_tokens_are_refused(h):
     assert_error(resp, 401, "signature")
 
 
+def test_a_subject_is_exactly_the_documented_characters(h, monkeypatch):
+    """docs/console-api.md: `sub` is 1-128 ASCII letters, digits and `. _ @ : + -`, starting with a
+    letter or digit; "alice\n" is not "alice" (a second person to dual control) nor a valid sub."""
+    import time
+    import uuid
+
+    from archive_kms.api.auth import issue_token
+    from archive_kms.errors import ValidationError
+
+    monkeypatch.setattr(h.console, "auth_failure_limit", 10**9)  # six bad tokens in a row are the point here
+    for bad in ("alice\n", "-alice", "al ice", "é", "a" * 129, ""):
+        with pytest.raises(ValidationError, match="sub: "):
+            issue_token(h.keys, subject=bad, role=PLATFORM)
+        now = int(time.time())
+        claims = {"iss": "archive-kms", "aud": "archive-kms-console", "sub": bad, "role": PLATFORM}
+        signed = h.keys.sign({**claims, "iat": now, "exp": now + 600, "jti": uuid.uuid4().hex})
+        assert_error(h.client.get("/api/me", headers={"Authorization": f"Bearer {signed}"}), 401)
+    assert issue_token(h.keys, subject="a" * 128, role=PLATFORM)
+
+
 def test_token_failures_are_rate_limited_per_client(h):
     for _ in range(5):
         assert h.client.get("/api/me", headers={"Authorization": "Bearer x.y.z"}).status_code == 401
