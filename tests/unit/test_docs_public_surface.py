@@ -301,3 +301,45 @@ def test_a_bad_setting_is_one_line_naming_the_variable_and_exit_2(monkeypatch):
         assert out.output.startswith(f"error: invalid setting {variable}: ") and out.output.count("\n") == 1
         assert words in out.output and "s3cr3t" not in out.output, out.output
         assert "internal error" not in out.output and "Traceback" not in out.output
+
+
+# --- deployments ------------------------------------------------------------------------------------
+
+
+def _deployments() -> dict[str, dict[str, Any]]:
+    """``<flow name>/<deployment name>`` -> the deployment, from flows/prefect.yaml and the
+    ``@flow(name=...)`` of each entrypoint."""
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "flows" / "prefect.yaml").read_text())
+    found = {}
+    for d in spec["deployments"]:
+        path, function = d["entrypoint"].split(":")
+        source = (ROOT / path).read_text()
+        flow = re.search(
+            rf'@flow\((?:[^()]|\([^()]*\))*?name="([^"]+)"(?:[^()]|\([^()]*\))*\)\s*def {function}\(', source
+        )
+        assert flow, d["entrypoint"]
+        found[f"{flow.group(1)}/{d['name']}"] = d
+    return found
+
+
+def test_every_documented_deployment_exists_with_its_documented_schedule():
+    deployments = _deployments()
+    text = "\n".join(p.read_text() for p in DOC_FILES)
+    flows = {name.split("/")[0] for name in deployments}
+    named = set(re.findall(r"`([a-z]+(?:-[a-z]+)+/[a-z]+(?:-[a-z]+)*)`", text))
+    named = {n for n in named if n.split("/")[0] in flows or n.split("/")[0].startswith(("migration-", "key-"))}
+    assert named, "no deployment named in the docs"
+    assert named <= set(deployments), sorted(named - set(deployments))
+    for flow in flows:
+        assert f"`{flow}`" in text or f"`{flow}/" in text or f"{flow} deployment" in text, f"flow {flow} undocumented"
+    schedules = {name: [s.get("interval") for s in d.get("schedules") or []] for name, d in deployments.items()}
+    # docs/key-lifecycle.md section 6 (every 60 s), "Retention policy" (every hour);
+    # docs/deployment.md "The audit-anchor schedule" (3600 seconds); nothing else is scheduled.
+    assert {n: s for n, s in schedules.items() if s} == {
+        "key-monitor/monitor": [60],
+        "key-erase-retention/retention": [3600],
+        "audit-anchor/audit-anchor": [3600],
+    }
+    assert "scheduled `monitor` deployment\n(every 60 s)" in (ROOT / "docs" / "key-lifecycle.md").read_text()
