@@ -1916,7 +1916,9 @@ def _write_certificate(run_id: str, out: str | None, *, quiet: bool = False) -> 
 def erase_cmd(
     tenant: str,
     before: str | None = typer.Option(
-        None, "--before", help="Erase the time buckets that started before this time (ISO 8601 with a zone)"
+        None,
+        "--before",
+        help="Erase the time buckets that started before this time's bucket (ISO 8601 with a zone; its own bucket is kept)",
     ),
     workspace: str | None = typer.Option(None, "--workspace", help="Erase this whole workspace (its key and DEKs)"),
     reason: str | None = typer.Option(None, "--reason", help="Why (audited, and in the erasure record)"),
