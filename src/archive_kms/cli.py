@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 app = typer.Typer(no_args_is_help=True, help="archive_kms: tenant archives under the tenant's own key.")
 stack_app = typer.Typer(
-    no_args_is_help=True, help="The local cloud: LocalStack, Azurite, Elasticsearch, Key Vault, KMIP."
+    no_args_is_help=True,
+    help="The local cloud: LocalStack, Azurite, Elasticsearch, Key Vault, KMIP, PostgreSQL, the Prefect server and worker.",
 )
 app.add_typer(stack_app, name="stack")
 

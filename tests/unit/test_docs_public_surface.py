@@ -22,6 +22,7 @@ The console API's routes are held to ``docs/console-api.md`` in ``test_console_a
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import typing
@@ -343,3 +344,24 @@ def test_every_documented_deployment_exists_with_its_documented_schedule():
         "audit-anchor/audit-anchor": [3600],
     }
     assert "scheduled `monitor` deployment\n(every 60 s)" in (ROOT / "docs" / "key-lifecycle.md").read_text()
+
+
+def test_the_readme_gives_every_stack_service_and_its_port(monkeypatch):
+    """README "The local cloud": one row per service of localstack/stack.py, at its port; the
+    services `--only` accepts are those."""
+    import importlib.util
+    import sys
+
+    for name in [v for v in os.environ if v.startswith("ARCHIVE_KMS_PORT_")]:
+        monkeypatch.delenv(name)  # the documented defaults
+    loader = importlib.util.spec_from_file_location("akms_stack_ports", ROOT / "localstack" / "stack.py")
+    assert loader is not None and loader.loader is not None
+    stack = importlib.util.module_from_spec(loader)
+    monkeypatch.setitem(sys.modules, "akms_stack_ports", stack)  # its dataclasses look their module up
+    loader.loader.exec_module(stack)
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| service | stands in for | port |") :].split("\n\n")[0]
+    documented = sorted(int(p) for p in re.findall(r"\| (\d+)(?: \(HTTPS\)| \(health\))? \|$", table, re.M))
+    assert documented == sorted(s.port for s in stack.SERVICES), table
+    only = next(p for p in _walk(["stack", "up"])[0].params if "--only" in p.opts)
+    assert only.help.split(": ")[1].split(",") == [s.name for s in stack.SERVICES]
