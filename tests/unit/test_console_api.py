@@ -674,6 +674,19 @@ def test_the_documented_endpoints_are_the_apps_endpoints(h):
     assert h.client.get("/api/openapi.json").status_code == 200 and h.client.get("/").status_code == 200
 
 
+def test_the_documented_roles_hold_the_documented_permissions():
+    """docs/console-api.md "Roles": a cell other than "no" is the permission held."""
+    from archive_kms.api.auth import ROLE_PERMISSIONS, Permission, Role
+
+    rows = re.findall(r"^\| `(\w+)`[^|]* \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", _doc_section("Roles"), re.M)
+    roles = [Role.TENANT_ADMIN, Role.SECURITY_OFFICER, Role.SUPPORT_ENGINEER, Role.PLATFORM_ADMIN]
+    assert {r[0] for r in rows} == {p.value for p in Permission}
+    for permission, *cells in rows:
+        for role, cell in zip(roles, cells, strict=True):
+            held = Permission(permission) in ROLE_PERMISSIONS[role]
+            assert held == (cell.strip() != "no"), (permission, role, cell)
+
+
 def test_each_documented_error_has_its_documented_status_and_kind(h):
     """docs/console-api.md "Errors": the table's kinds, answered by a request of each kind."""
     table = {
