@@ -1794,7 +1794,7 @@ app.add_typer(console_app, name="console")
 @_errors_are_messages
 def console_serve(
     host: str | None = typer.Option(None, "--host", help="Listen address (default: console_host, 127.0.0.1)"),
-    port: int | None = typer.Option(None, "--port", help="Listen port (default: console_port, 8700)"),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535, help="Listen port (default: console_port, 8700)"),
 ) -> None:
     """Serve the console API and page (http://HOST:PORT/; the OpenAPI document at /api/openapi.json)."""
     import uvicorn
@@ -1803,18 +1803,49 @@ def console_serve(
     from archive_kms.config import Settings
 
     s = Settings()
+    host = host if host is not None else s.console_host
+    port = port if port is not None else s.console_port
+    _check_listen(host, port)
     _prefect_api()
     application = create_app(console_from_settings(s))
-    where = f"http://{host or s.console_host}:{port or s.console_port}/"
+    where = f"http://{host}:{port}/"
     typer.echo(f"console at {where} (sign in with a token from `archive-kms console token`)", err=True)
     _console_logging()
     # log_config=None: uvicorn's dictConfig would clear, flush and close every handler of
     # this process under the logging lock, Prefect's API log handler among them; a thread
     # holding Prefect's service lock and waiting for the logging lock (a key-state probe
     # emitting an event) then deadlocks it. Our own handler for uvicorn's records instead.
-    uvicorn.run(
-        application, host=host or s.console_host, port=port or s.console_port, log_level="warning", log_config=None
-    )
+    try:
+        uvicorn.run(application, host=host, port=port, log_level="warning", log_config=None)
+    except SystemExit as e:
+        if e.code != 3:  # uvicorn's STARTUP_FAILURE: it logged why on the line above
+            raise
+        typer.echo(f"error: the console could not start on {where} (the line above says why)", err=True)
+        raise typer.Exit(2) from None
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse at once, in one line, an address the console cannot listen on (an unknown
+    host, a port in use or not ours to take), before anything starts."""
+    import socket
+
+    from archive_kms.errors import ConfigurationError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigurationError(
+            f"--host {host!r}: not an address to listen on ({e}); set --host or ARCHIVE_KMS_CONSOLE_HOST"
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigurationError(
+                f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --host / --port "
+                "(ARCHIVE_KMS_CONSOLE_HOST / _PORT) or stop what holds it"
+            ) from None
 
 
 def _console_logging() -> None:
