@@ -10,6 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import typer
+from typer.core import TyperGroup
 
 from archive_kms import __version__
 from archive_kms.config import PROJECT_ROOT
@@ -18,7 +19,38 @@ if TYPE_CHECKING:
     from archive_kms.operations.platform import Platform
     from archive_kms.state.port import MigrationRun, RunRepo, StateStore
 
-app = typer.Typer(no_args_is_help=True, help="archive_kms: tenant archives under the tenant's own key.")
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (an unknown option, a missing argument, a value of the wrong type) are one
+    line naming what to fix, exit code 2, like every other error of this command line
+    (README), instead of typer's boxed usage block. A command line with no command still
+    shows the help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[no-untyped-def, override]
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        except typer.TyperException as e:
+            if not hasattr(e, "format_message"):
+                raise
+            ctx = getattr(e, "ctx", None)
+            if type(e).__name__ == "NoArgsIsHelpError":  # a group named without a command: its help
+                if e.format_message().strip():  # (with rich, typer has printed it already)
+                    typer.echo(e.format_message(), err=True)
+                sys.exit(getattr(e, "exit_code", 2))
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
+            sys.exit(getattr(e, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineUsageErrors, no_args_is_help=True, help="archive_kms: tenant archives under the tenant's own key."
+)
 stack_app = typer.Typer(
     no_args_is_help=True,
     help="The local cloud: LocalStack, Azurite, Elasticsearch, Key Vault, KMIP, PostgreSQL, the Prefect server and worker.",

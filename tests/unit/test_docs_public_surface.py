@@ -365,3 +365,24 @@ def test_the_readme_gives_every_stack_service_and_its_port(monkeypatch):
     assert documented == sorted(s.port for s in stack.SERVICES), table
     only = next(p for p in _walk(["stack", "up"])[0].params if "--only" in p.opts)
     assert only.help.split(": ")[1].split(",") == [s.name for s in stack.SERVICES]
+
+
+def test_a_usage_error_is_one_line_naming_what_to_fix_and_exit_2():
+    """README: errors are one line naming what to fix, exit code 2, never a traceback; that
+    holds for what the parser refuses too (it printed a boxed usage block)."""
+    from typer.testing import CliRunner
+
+    for argv, words in [
+        (["enable", "acme", "--bogus"], "No such option: --bogus (see `archive-kms enable --help`)"),
+        (["runs", "show"], "Missing argument 'RUN'."),
+        (["nosuch"], "No such command 'nosuch'."),
+        (["archive", "acme", "--generate", "many"], "Invalid value for '--generate'"),
+        (["enable", "acme", "--key-ref", "aws-kms://x"], "Missing option '--mode'."),
+    ]:
+        out = CliRunner().invoke(app, argv, prog_name="archive-kms")
+        assert out.exit_code == 2, (argv, out.output)
+        assert out.output.startswith("error: ") and out.output.count("\n") == 1, (argv, out.output)
+        assert words in out.output and "Traceback" not in out.output, (argv, out.output)
+    bare = CliRunner().invoke(app, ["runs"], prog_name="archive-kms")  # a group without a command: its help
+    assert bare.exit_code == 2 and "resume" in bare.output and not bare.output.startswith("error")
+    assert CliRunner().invoke(app, ["--help"], prog_name="archive-kms").exit_code == 0
