@@ -351,19 +351,25 @@ def test_every_documented_deployment_exists_with_its_documented_schedule():
     assert "scheduled `monitor` deployment\n(every 60 s)" in (ROOT / "docs" / "key-lifecycle.md").read_text()
 
 
-def test_the_readme_gives_every_stack_service_and_its_port(monkeypatch):
-    """README "The local cloud": one row per service of localstack/stack.py, at its port; the
-    services `--only` accepts are those."""
+def _stack_script(monkeypatch) -> Any:
+    """localstack/stack.py, loaded with the documented default ports."""
     import importlib.util
     import sys
 
     for name in [v for v in os.environ if v.startswith("ARCHIVE_KMS_PORT_")]:
-        monkeypatch.delenv(name)  # the documented defaults
+        monkeypatch.delenv(name)
     loader = importlib.util.spec_from_file_location("akms_stack_ports", ROOT / "localstack" / "stack.py")
     assert loader is not None and loader.loader is not None
     stack = importlib.util.module_from_spec(loader)
     monkeypatch.setitem(sys.modules, "akms_stack_ports", stack)  # its dataclasses look their module up
     loader.loader.exec_module(stack)
+    return stack
+
+
+def test_the_readme_gives_every_stack_service_and_its_port(monkeypatch):
+    """README "The local cloud": one row per service of localstack/stack.py, at its port; the
+    services `--only` accepts are those."""
+    stack = _stack_script(monkeypatch)
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("| service | stands in for | port |") :].split("\n\n")[0]
     documented = sorted(int(p) for p in re.findall(r"\| (\d+)(?: \(HTTPS\)| \(health\))? \|$", table, re.M))
@@ -404,3 +410,12 @@ def test_every_table_of_the_state_schema_is_documented():
     assert len(tables) > 20
     text = "\n".join(p.read_text() for p in DOC_FILES)
     assert not sorted(t for t in tables if f"`{t}`" not in text)
+
+
+def test_an_unknown_stack_service_is_one_line_and_exit_2(monkeypatch, capsys):
+    """`stack status --only nope` was exit 1 ("stack: unknown service"), which `stack status`
+    also answers when a service is down; bad input is exit 2 with one line."""
+    stack = _stack_script(monkeypatch)
+    assert stack.main(["status", "--only", "localstack,nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --only: unknown service(s): nope; known: localstack") and err.count("\n") == 1
