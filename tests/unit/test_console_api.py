@@ -687,6 +687,28 @@ def test_the_documented_roles_hold_the_documented_permissions():
             assert held == (cell.strip() != "no"), (permission, role, cell)
 
 
+def test_every_error_kind_the_console_answers_is_in_the_documented_table():
+    """docs/console-api.md "Errors": each (status, kind) the API code raises is a row of the table
+    (500 `internal` is the prose under it)."""
+    table = {
+        int(m.group(1)): set(re.findall(r"`(\w+)`", m.group(2)))
+        for m in re.finditer(r"^\| (\d{3}) \| ([^|]+) \|", _doc_section("Errors"), re.M)
+    }
+    source = "\n".join(
+        p.read_text() for p in (Path(__file__).resolve().parents[2] / "src/archive_kms/api").glob("*.py")
+    )
+    raised = set(re.findall(r"(?:ApiError|_json_error)\(\s*(\d{3}),\s*\"(\w+)\"", source))
+    raised |= {
+        (str(s), k) for s, k in re.findall(r"(\d{3}): \"(\w+)\"", source.split("kinds = {", 1)[1].split("}", 1)[0])
+    }
+    assert len(raised) >= 12, raised
+    undocumented = sorted(
+        (s, k) for s, k in raised if k not in table.get(int(s), set()) and (s, k) != ("500", "internal")
+    )
+    assert not undocumented
+    assert "500 with a reference" in _doc_section("Errors")
+
+
 def test_each_documented_error_has_its_documented_status_and_kind(h):
     """docs/console-api.md "Errors": the table's kinds, answered by a request of each kind."""
     table = {
