@@ -1252,6 +1252,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         services = select(args.only)
+    except StackError as e:  # bad input: one line, exit 2 (exit 1 is `status` finding a service down)
+        print(f"error: --only: {e}", file=sys.stderr)
+        return 2
+    try:
         if args.action == "up":
             return cmd_up(services, args.json)
         if args.action == "status":

@@ -10,6 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import typer
+from typer.core import TyperGroup
 
 from archive_kms import __version__
 from archive_kms.config import PROJECT_ROOT
@@ -18,9 +19,41 @@ if TYPE_CHECKING:
     from archive_kms.operations.platform import Platform
     from archive_kms.state.port import MigrationRun, RunRepo, StateStore
 
-app = typer.Typer(no_args_is_help=True, help="archive_kms: tenant archives under the tenant's own key.")
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (an unknown option, a missing argument, a value of the wrong type) are one
+    line naming what to fix, exit code 2, like every other error of this command line
+    (README), instead of typer's boxed usage block. A command line with no command still
+    shows the help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[no-untyped-def, override]
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        except typer.TyperException as e:
+            if not hasattr(e, "format_message"):
+                raise
+            ctx = getattr(e, "ctx", None)
+            if type(e).__name__ == "NoArgsIsHelpError":  # a group named without a command: its help
+                if e.format_message().strip():  # (with rich, typer has printed it already)
+                    typer.echo(e.format_message(), err=True)
+                sys.exit(getattr(e, "exit_code", 2))
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
+            sys.exit(getattr(e, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineUsageErrors, no_args_is_help=True, help="archive_kms: tenant archives under the tenant's own key."
+)
 stack_app = typer.Typer(
-    no_args_is_help=True, help="The local cloud: LocalStack, Azurite, Elasticsearch, Key Vault, KMIP."
+    no_args_is_help=True,
+    help="The local cloud: LocalStack, Azurite, Elasticsearch, Key Vault, KMIP, PostgreSQL, the Prefect server and worker.",
 )
 app.add_typer(stack_app, name="stack")
 
@@ -68,9 +101,14 @@ def stack_down(only: str | None = ONLY, as_json: bool = JSON) -> None:
 # --- tenants, archive jobs, search, reads, audit (the library's operations) ----------------
 
 import json as _json  # noqa: E402
+import re as _re  # noqa: E402
 from functools import wraps  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from pydantic import ValidationError as PydanticValidationError  # noqa: E402
+from pydantic_settings import SettingsError  # noqa: E402
+
+from archive_kms.config import endpoints_file  # noqa: E402
 from archive_kms.errors import ArchiveKmsError, ObjectNotFoundError  # noqa: E402
 
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: create and list.")
@@ -107,6 +145,9 @@ def _errors_are_messages(fn):
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:
+            if isinstance(e, (PydanticValidationError, SettingsError)) and _settings_error(e):
+                typer.echo(f"error: {_settings_error(e)}", err=True)
+                raise typer.Exit(2) from None
             if type(e).__module__.startswith(("click", "typer")) or _os.environ.get("ARCHIVE_KMS_DEBUG") == "1":
                 raise  # usage errors: typer prints them (exit 2)
             typer.echo(
@@ -117,6 +158,24 @@ def _errors_are_messages(fn):
             raise typer.Exit(3) from None
 
     return wrapper
+
+
+def _settings_error(e: PydanticValidationError | SettingsError) -> str | None:
+    """A setting out of its range or not parsable: the variable and what it should be, never
+    its value (some settings are secrets). None if ``e`` is not about the settings."""
+    if isinstance(e, SettingsError):
+        field = _re.search(r'for field "(\w+)"', str(e))
+        if field is None:
+            return None
+        parts = [f"ARCHIVE_KMS_{field.group(1).upper()}: not parsable (a list or object is JSON)"]
+    elif e.title == "Settings":
+        parts = [
+            f"ARCHIVE_KMS_{str(err['loc'][0]).upper() if err['loc'] else '?'}: {err['msg']}"
+            for err in e.errors(include_url=False, include_input=False, include_context=False)
+        ]
+    else:
+        return None
+    return f"invalid setting {'; '.join(parts)} (from the environment or {endpoints_file()})"
 
 
 def _tenant_arg(tenant: str) -> str:
@@ -1767,7 +1826,7 @@ app.add_typer(console_app, name="console")
 @_errors_are_messages
 def console_serve(
     host: str | None = typer.Option(None, "--host", help="Listen address (default: console_host, 127.0.0.1)"),
-    port: int | None = typer.Option(None, "--port", help="Listen port (default: console_port, 8700)"),
+    port: int | None = typer.Option(None, "--port", min=1, max=65535, help="Listen port (default: console_port, 8700)"),
 ) -> None:
     """Serve the console API and page (http://HOST:PORT/; the OpenAPI document at /api/openapi.json)."""
     import uvicorn
@@ -1776,18 +1835,49 @@ def console_serve(
     from archive_kms.config import Settings
 
     s = Settings()
+    host = host if host is not None else s.console_host
+    port = port if port is not None else s.console_port
+    _check_listen(host, port)
     _prefect_api()
     application = create_app(console_from_settings(s))
-    where = f"http://{host or s.console_host}:{port or s.console_port}/"
+    where = f"http://{host}:{port}/"
     typer.echo(f"console at {where} (sign in with a token from `archive-kms console token`)", err=True)
     _console_logging()
     # log_config=None: uvicorn's dictConfig would clear, flush and close every handler of
     # this process under the logging lock, Prefect's API log handler among them; a thread
     # holding Prefect's service lock and waiting for the logging lock (a key-state probe
     # emitting an event) then deadlocks it. Our own handler for uvicorn's records instead.
-    uvicorn.run(
-        application, host=host or s.console_host, port=port or s.console_port, log_level="warning", log_config=None
-    )
+    try:
+        uvicorn.run(application, host=host, port=port, log_level="warning", log_config=None)
+    except SystemExit as e:
+        if e.code != 3:  # uvicorn's STARTUP_FAILURE: it logged why on the line above
+            raise
+        typer.echo(f"error: the console could not start on {where} (the line above says why)", err=True)
+        raise typer.Exit(2) from None
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse at once, in one line, an address the console cannot listen on (an unknown
+    host, a port in use or not ours to take), before anything starts."""
+    import socket
+
+    from archive_kms.errors import ConfigurationError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigurationError(
+            f"--host {host!r}: not an address to listen on ({e}); set --host or ARCHIVE_KMS_CONSOLE_HOST"
+        ) from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigurationError(
+                f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --host / --port "
+                "(ARCHIVE_KMS_CONSOLE_HOST / _PORT) or stop what holds it"
+            ) from None
 
 
 def _console_logging() -> None:
@@ -1890,7 +1980,9 @@ def _write_certificate(run_id: str, out: str | None, *, quiet: bool = False) -> 
 def erase_cmd(
     tenant: str,
     before: str | None = typer.Option(
-        None, "--before", help="Erase the time buckets that started before this time (ISO 8601 with a zone)"
+        None,
+        "--before",
+        help="Erase the time buckets that started before this time's bucket (ISO 8601 with a zone; its own bucket is kept)",
     ),
     workspace: str | None = typer.Option(None, "--workspace", help="Erase this whole workspace (its key and DEKs)"),
     reason: str | None = typer.Option(None, "--reason", help="Why (audited, and in the erasure record)"),
@@ -2039,7 +2131,10 @@ def _retention_seconds(days: float | None, hours: float | None, seconds: int | N
         raise ValidationError("give the retention once: --days N, --hours N or --seconds N")
     total = days * 86_400 if days is not None else hours * 3600 if hours is not None else seconds
     if total is None or total != int(total) or total < 1:
-        raise ValidationError("the retention must be a whole, positive number of seconds")
+        flag = "--days" if days is not None else "--hours" if hours is not None else "--seconds"
+        raise ValidationError(
+            f"{flag} {given[0]:g}: the retention must be a whole, positive number of seconds (1 second to 100 years)"
+        )
     return int(total)
 
 

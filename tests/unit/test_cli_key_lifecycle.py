@@ -217,3 +217,34 @@ def _flow_name(entrypoint: str) -> str:
         "flows/audit.py": {"audit_anchor": "audit-anchor"},
         "flows/archive_jobs.py": {"archive": "archive-job"},
     }[path][fn]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--days", "-1"), ("--days -1", "positive")),
+        (("--hours", "0.0001"), ("--hours 0.0001", "whole")),
+        (("--seconds", "0"), ("--seconds 0", "positive")),
+        (("--days", "3", "--hours", "2"), ("once",)),
+        (("--days", "40000"), ("36600 days",)),
+    ],
+)
+def test_a_bad_retention_is_one_line_naming_the_flag_and_changes_nothing(platform: Platform, args, words) -> None:
+    out = invoke("retention", "set", "acme", *args)
+    assert out.exit_code == 2, out.output
+    assert out.output.startswith("error: ") and out.output.count("\n") == 1, out.output
+    assert all(w in out.output for w in words), out.output
+    assert "Traceback" not in out.output
+    assert json.loads(invoke("retention", "show", "acme", "--json").stdout) == []
+
+
+@pytest.mark.parametrize(("kind", "subject"), [("run_failed\n", None), ("run_failed", "rot-1\n")])
+def test_a_warning_kind_or_subject_with_a_trailing_newline_is_refused(kind: str, subject: str | None) -> None:
+    """A warning id is `<kind>:<tenant>[:<subject>]` of the documented characters only; a
+    trailing newline would make a second id for the same condition."""
+    from archive_kms.errors import ValidationError
+    from archive_kms.state._common import check_warning
+
+    with pytest.raises(ValidationError):
+        check_warning(kind, "warning", "m", subject, {})
+    assert check_warning(kind.strip(), "warning", "m", subject.strip() if subject else None, {}) == {}

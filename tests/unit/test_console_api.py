@@ -7,6 +7,7 @@ real worker is tests/integration/test_console_worker_e2e.py."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -106,6 +107,26 @@ def test_forged_expired_and_foreign_tokens_are_refused(h):
     raised = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
     resp = h.client.get("/api/me", headers={"Authorization": f"Bearer {head}.{raised}.{sig}"})
     assert_error(resp, 401, "signature")
+
+
+def test_a_subject_is_exactly_the_documented_characters(h, monkeypatch):
+    """docs/console-api.md: `sub` is 1-128 ASCII letters, digits and `. _ @ : + -`, starting with a
+    letter or digit; "alice\n" is not "alice" (a second person to dual control) nor a valid sub."""
+    import time
+    import uuid
+
+    from archive_kms.api.auth import issue_token
+    from archive_kms.errors import ValidationError
+
+    monkeypatch.setattr(h.console, "auth_failure_limit", 10**9)  # six bad tokens in a row are the point here
+    for bad in ("alice\n", "-alice", "al ice", "é", "a" * 129, ""):
+        with pytest.raises(ValidationError, match="sub: "):
+            issue_token(h.keys, subject=bad, role=PLATFORM)
+        now = int(time.time())
+        claims = {"iss": "archive-kms", "aud": "archive-kms-console", "sub": bad, "role": PLATFORM}
+        signed = h.keys.sign({**claims, "iat": now, "exp": now + 600, "jti": uuid.uuid4().hex})
+        assert_error(h.client.get("/api/me", headers={"Authorization": f"Bearer {signed}"}), 401)
+    assert issue_token(h.keys, subject="a" * 128, role=PLATFORM)
 
 
 def test_token_failures_are_rate_limited_per_client(h):
@@ -618,6 +639,99 @@ def test_openapi_document_lists_every_route_with_bearer_security(h):
     assert enable["security"] == [{"HTTPBearer": []}]
     schema = doc["components"]["schemas"]["EnableMode"]
     assert set(schema["enum"]) == {"byokms", "byok", "byokv", "kmip"}
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "console-api.md"
+
+
+def _doc_section(title: str) -> str:
+    text = DOCS.read_text()
+    start = text.index(f"## {title}\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_the_documented_endpoints_are_the_apps_endpoints(h):
+    """docs/console-api.md "Endpoints": every row is an operation of the app with the documented
+    query parameters, and every operation of the app has its row."""
+    doc = h.client.get("/api/openapi.json").json()
+    served = {
+        (method.upper(), path): sorted(p["name"] for p in op.get("parameters", []) if p["in"] == "query")
+        for path, ops in doc["paths"].items()
+        for method, op in ops.items()
+    }
+    documented = {}
+    for m in re.finditer(r"^\| `(GET|POST|PUT|PATCH|DELETE) (/\S*?)(\[?\?[^`]*)?` \|", _doc_section("Endpoints"), re.M):
+        method, path, query = m.group(1), m.group(2), m.group(3) or ""
+        if path == "/" or path == "/openapi.json":  # the page, and the document itself
+            continue
+        documented[(method, "/api" + path)] = sorted(re.findall(r"[?&](\w+)=", query))
+    assert documented.keys() == served.keys(), (
+        sorted(documented.keys() - served.keys()),
+        sorted(served.keys() - documented.keys()),
+    )
+    for op, params in documented.items():
+        assert params == served[op], (op, params, served[op])
+    assert h.client.get("/api/openapi.json").status_code == 200 and h.client.get("/").status_code == 200
+
+
+def test_the_documented_roles_hold_the_documented_permissions():
+    """docs/console-api.md "Roles": a cell other than "no" is the permission held."""
+    from archive_kms.api.auth import ROLE_PERMISSIONS, Permission, Role
+
+    rows = re.findall(r"^\| `(\w+)`[^|]* \| ([^|]+) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", _doc_section("Roles"), re.M)
+    roles = [Role.TENANT_ADMIN, Role.SECURITY_OFFICER, Role.SUPPORT_ENGINEER, Role.PLATFORM_ADMIN]
+    assert {r[0] for r in rows} == {p.value for p in Permission}
+    for permission, *cells in rows:
+        for role, cell in zip(roles, cells, strict=True):
+            held = Permission(permission) in ROLE_PERMISSIONS[role]
+            assert held == (cell.strip() != "no"), (permission, role, cell)
+
+
+def test_every_error_kind_the_console_answers_is_in_the_documented_table():
+    """docs/console-api.md "Errors": each (status, kind) the API code raises is a row of the table
+    (500 `internal` is the prose under it)."""
+    table = {
+        int(m.group(1)): set(re.findall(r"`(\w+)`", m.group(2)))
+        for m in re.finditer(r"^\| (\d{3}) \| ([^|]+) \|", _doc_section("Errors"), re.M)
+    }
+    source = "\n".join(
+        p.read_text() for p in (Path(__file__).resolve().parents[2] / "src/archive_kms/api").glob("*.py")
+    )
+    raised = set(re.findall(r"(?:ApiError|_json_error)\(\s*(\d{3}),\s*\"(\w+)\"", source))
+    raised |= {
+        (str(s), k) for s, k in re.findall(r"(\d{3}): \"(\w+)\"", source.split("kinds = {", 1)[1].split("}", 1)[0])
+    }
+    assert len(raised) >= 12, raised
+    undocumented = sorted(
+        (s, k) for s, k in raised if k not in table.get(int(s), set()) and (s, k) != ("500", "internal")
+    )
+    assert not undocumented
+    assert "500 with a reference" in _doc_section("Errors")
+
+
+def test_each_documented_error_has_its_documented_status_and_kind(h):
+    """docs/console-api.md "Errors": the table's kinds, answered by a request of each kind."""
+    table = {
+        int(m.group(1)): set(re.findall(r"`(\w+)`", m.group(2)))
+        for m in re.finditer(r"^\| (\d{3}) \| ([^|]+) \|", _doc_section("Errors"), re.M)
+    }
+    json_type = {"Content-Type": "application/json"}
+    cases = [
+        (400, h.call("POST", f"/api/tenants/{ACME}/enable", ADMIN, content=b"{not json", headers=json_type)),
+        (401, h.call("GET", "/api/tenants", None)),
+        (403, h.call("POST", f"/api/tenants/{ACME}/enable", SUPPORT, json={"mode": "byokms", "key_ref": CUSTOMER_KEY})),
+        (404, h.call("GET", "/api/tenants/no-such-tenant", PLATFORM, tenant=None)),
+        (405, h.call("DELETE", "/api/tenants", ADMIN)),
+        (415, h.call("POST", "/api/audit/verify", ADMIN, content=b"{}\n", headers={"Content-Type": "text/plain"})),
+        (422, h.call("POST", f"/api/tenants/{ACME}/enable", ADMIN, json={"mode": "nope", "key_ref": CUSTOMER_KEY})),
+    ]
+    for status, resp in cases:
+        assert resp.status_code == status, (status, resp.text)
+        assert resp.json()["error"] in table[status], (status, resp.json(), table[status])
+        assert set(resp.json()) == {"error", "detail"} and "\n" not in resp.json()["detail"]
+    assert cases[1][1].headers["WWW-Authenticate"] == "Bearer"
+    assert cases[4][1].headers["Allow"] == "GET"
+    assert "mode" in cases[6][1].json()["detail"]
 
 
 def test_the_page_is_served(h):

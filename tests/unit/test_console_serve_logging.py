@@ -60,9 +60,10 @@ def test_console_serve_does_not_reconfigure_logging(monkeypatch: pytest.MonkeyPa
     uvicorn_logger = logging.getLogger("uvicorn")
     before = (list(uvicorn_logger.handlers), uvicorn_logger.propagate)
     try:
-        result = CliRunner().invoke(cli.app, ["console", "serve", "--port", "18799"], catch_exceptions=False)
+        port = _free_port()  # console serve first checks that it can listen there
+        result = CliRunner().invoke(cli.app, ["console", "serve", "--port", str(port)], catch_exceptions=False)
         assert result.exit_code == 0, result.output
-        assert served["log_config"] is None and served["port"] == 18799
+        assert served["log_config"] is None and served["port"] == port
         assert watched.touched == [] and prefect_logger.handlers == [watched]  # left alone
         ours = [h for h in uvicorn_logger.handlers if getattr(h, "archive_kms_console", False)]
         assert len(ours) == 1 and uvicorn_logger.propagate is False
@@ -71,3 +72,59 @@ def test_console_serve_does_not_reconfigure_logging(monkeypatch: pytest.MonkeyPa
     finally:
         prefect_logger.removeHandler(watched)
         uvicorn_logger.handlers[:], uvicorn_logger.propagate = before
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _serve(monkeypatch: pytest.MonkeyPatch, *args: str, run: Any = None):
+    import uvicorn
+
+    import archive_kms.api.app as api_app
+
+    started: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", run or (lambda app, **kw: started.append(kw)))
+    monkeypatch.setattr(cli, "_prefect_api", lambda: "http://127.0.0.1:1/api")
+    monkeypatch.setattr(api_app, "console_from_settings", lambda settings: object())
+    monkeypatch.setattr(api_app, "create_app", lambda console: object())
+    return CliRunner().invoke(cli.app, ["console", "serve", *args]), started
+
+
+def test_an_address_the_console_cannot_listen_on_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: errors are one line naming what to fix, exit code 2; uvicorn's own startup
+    failure was exit 3 (our code for a bug) and a port out of range a traceback."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        out, started = _serve(monkeypatch, "--host", "127.0.0.1", "--port", str(busy))
+    assert out.exit_code == 2 and not started, out.output
+    assert out.output.startswith(f"error: cannot listen on 127.0.0.1:{busy}: ") and out.output.count("\n") == 1
+
+    out, started = _serve(monkeypatch, "--host", "no-such-host.invalid", "--port", str(_free_port()))
+    assert out.exit_code == 2 and not started and out.output.startswith("error: --host 'no-such-host.invalid'")
+
+    for port in ("0", "70000"):
+        out, started = _serve(monkeypatch, "--port", port)
+        assert out.exit_code == 2 and not started and "--port" in out.output and "Traceback" not in out.output
+
+    def startup_failure(app: Any, **kw: Any) -> None:
+        raise SystemExit(3)  # what uvicorn does when it cannot bind after all (a race with another process)
+
+    port = _free_port()
+    out, _ = _serve(monkeypatch, "--host", "127.0.0.1", "--port", str(port), run=startup_failure)
+    assert out.exit_code == 2 and f"error: the console could not start on http://127.0.0.1:{port}/" in out.output
+
+
+def test_the_console_listens_where_it_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    port = _free_port()
+    out, started = _serve(monkeypatch, "--host", "127.0.0.1", "--port", str(port))
+    assert out.exit_code == 0, out.output
+    assert (started[0]["host"], started[0]["port"]) == ("127.0.0.1", port)

@@ -82,3 +82,18 @@ def test_opening_a_database_at_head_does_not_import_alembic(tmp_path) -> None:
     again = subprocess.run([sys.executable, "-c", OPEN_AT_HEAD, str(db)], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "at head: False" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("legacy", "words"),
+    [
+        (None, "not an archive_kms state database"),
+        (2, "not an archive_kms state database"),
+        (1, "from before Alembic (schema version 1; baseline 0001)"),
+    ],
+)
+def test_db_current_says_what_db_upgrade_would_do_with_a_database_without_a_revision(legacy, words) -> None:
+    """`db current` on a foreign database said "from before Alembic" while `db upgrade`
+    refused it as foreign: both now say the same (docs/state-store.md)."""
+    found = migrate.SchemaStatus(revision=None, head=migrate.head(), legacy_version=legacy, empty=False)
+    assert words in found.describe() and not found.at_head

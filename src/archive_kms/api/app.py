@@ -176,6 +176,9 @@ def create_app(console: Console) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            # A body that is not JSON at all is malformed (400), not a field that fails validation.
+            return _json_error(400, "malformed", "the request body is not JSON (Content-Type: application/json)")
         parts = []
         for err in exc.errors()[:5]:
             where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"

@@ -186,7 +186,7 @@ class TokenKeys:
 
 
 def check_subject(subject: str) -> str:
-    if not isinstance(subject, str) or not _SUBJECT.match(subject):
+    if not isinstance(subject, str) or not _SUBJECT.fullmatch(subject):
         raise ValidationError(
             "sub: 1-128 characters of letters, digits and . _ @ : + -, starting with a letter or digit"
         )

@@ -258,13 +258,13 @@ def check_warning(kind: str, severity: str, message: str, subject: str | None, d
     """A warning's fields as ``raise_warning`` accepts them; returns the details as plain JSON."""
     from archive_kms.state.port import MAX_WARNING_MESSAGE, WARNING_SEVERITIES
 
-    if not isinstance(kind, str) or not _KIND.match(kind):
+    if not isinstance(kind, str) or not _KIND.fullmatch(kind):
         raise ValidationError(f"warning kind {str(kind)[:40]!r}: 1..32 lowercase letters or '_'")
     if severity not in WARNING_SEVERITIES:
         raise ValidationError(f"warning severity {str(severity)[:20]!r}: one of {', '.join(WARNING_SEVERITIES)}")
     if not isinstance(message, str) or not message.strip() or len(message) > MAX_WARNING_MESSAGE:
         raise ValidationError(f"a warning needs a message of 1..{MAX_WARNING_MESSAGE} characters")
-    if subject is not None and (not isinstance(subject, str) or not _SUBJECT.match(subject)):
+    if subject is not None and (not isinstance(subject, str) or not _SUBJECT.fullmatch(subject)):
         raise ValidationError(f"warning subject {str(subject)[:40]!r}: 1..128 of A-Z a-z 0-9 . _ : @ / -")
     return json_object(details or {}, "warning details")
 

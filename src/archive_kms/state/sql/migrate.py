@@ -67,6 +67,9 @@ class SchemaStatus:
     def describe(self) -> str:
         if self.empty:
             return "empty (no tables)"
+        if self.revision is None and self.legacy_version != 1:  # what `upgrade` refuses (_refuse_unknown)
+            what = "no schema_version row" if self.legacy_version is None else f"schema version {self.legacy_version}"
+            return f"not an archive_kms state database, or a damaged one (tables, but {what} and no Alembic revision)"
         if self.revision is None:
             return f"from before Alembic (schema version {self.legacy_version}; baseline {BASELINE})"
         if self.at_head:
