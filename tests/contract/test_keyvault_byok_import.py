@@ -177,6 +177,7 @@ def test_a_malformed_digest_is_a_validation_error(importer, counting, params, di
         ("wrong-enc", "us"),
         ("other-kek-kid", "us"),
         ("truncated-ciphertext", "us"),
+        ("ciphertext-with-a-trailing-newline", "us"),
         ("flipped-wrapped-key-byte", "vault"),
         ("flipped-rsa-block-byte", "vault"),
         ("wrapped-under-another-kek", "vault"),
@@ -197,6 +198,10 @@ def test_a_bad_byok_file_is_refused_and_nothing_is_imported(
     elif how == "truncated-ciphertext":
         doc = json.loads(_blob(params, target_der))
         doc["ciphertext"] = doc["ciphertext"][:300]
+        blob = json.dumps(doc).encode()
+    elif how == "ciphertext-with-a-trailing-newline":  # "$" matches before a final newline; the check must not
+        doc = json.loads(_blob(params, target_der))
+        doc["ciphertext"] += "\n"
         blob = json.dumps(doc).encode()
     elif how in ("flipped-wrapped-key-byte", "flipped-rsa-block-byte"):
         doc = json.loads(_blob(params, target_der))

@@ -334,7 +334,7 @@ class KeyVaultByokImporter:
                 f"this import ({params.kek_kid})"
             )
         text = doc.get("ciphertext")
-        if not isinstance(text, str) or not _B64URL.match(text):
+        if not isinstance(text, str) or not _B64URL.fullmatch(text):
             raise refuse("its ciphertext is missing or not base64url")
         try:
             raw = base64.urlsafe_b64decode(text.rstrip("=") + "=" * (-len(text.rstrip("=")) % 4))

@@ -80,7 +80,7 @@ def check_upload_digest(upload: bytes, stated_sha256: str, key_ref: str, *, exam
     uploaded bytes (``KeyImportError`` naming both). Returns the digest (lower-case hex)."""
     if not isinstance(upload, (bytes, bytearray)):
         raise ValidationError("the uploaded wrapped key material must be bytes")
-    if not isinstance(stated_sha256, str) or not _HEX64.match(stated_sha256.strip().lower()):
+    if not isinstance(stated_sha256, str) or not _HEX64.fullmatch(stated_sha256.strip().lower()):
         raise ValidationError(
             f"the stated SHA-256 digest of the upload must be 64 hex digits (e.g. the output of `sha256sum {example}`)",
             resource=key_ref,

@@ -134,7 +134,7 @@ class AzureKeyVaultKeyRef:
         return "azure-kv://" + self.key_id[len("https://") :]
 
     def with_version(self, version: str | None) -> AzureKeyVaultKeyRef:
-        if version is not None and not _KV_VERSION_RE.match(version):
+        if version is not None and not _KV_VERSION_RE.fullmatch(version):
             raise _fail(self.uri + f"/{version}", "the key version must be 32 lowercase hex digits", self.syntax)
         return AzureKeyVaultKeyRef(host=self.host, name=self.name, port=self.port, version=version)
 
@@ -263,7 +263,7 @@ def _parse_aws(ref: str, rest: str) -> AwsKmsKeyRef:
     if rest.startswith("alias/"):
         return AwsKmsKeyRef(alias=_check_alias(ref, rest))
     if not rest.startswith("arn:"):
-        if _KEY_ID_RE.match(rest.lower()):
+        if _KEY_ID_RE.fullmatch(rest.lower()):
             raise _fail(ref, "a bare key id does not say its region or account: use the key ARN", syntax)
         raise _fail(ref, "write a key ARN, an alias ARN or alias/NAME after aws-kms://", syntax)
     parts = rest.split(":", 5)
@@ -274,16 +274,16 @@ def _parse_aws(ref: str, rest: str) -> AwsKmsKeyRef:
         raise _fail(ref, f"unknown AWS partition {partition!r} (known: {', '.join(_PARTITIONS)})", syntax)
     if service != "kms":
         raise _fail(ref, f"the ARN is for service {service!r}, not 'kms'", syntax)
-    if not _REGION_RE.match(region):
+    if not _REGION_RE.fullmatch(region):
         raise _fail(ref, f"{region!r} is not an AWS region name such as us-east-1", syntax)
-    if not _ACCOUNT_RE.match(account):
+    if not _ACCOUNT_RE.fullmatch(account):
         raise _fail(ref, "the account must be 12 digits", syntax)
     if resource.startswith("key/"):
         key_id = resource[len("key/") :]
-        if not _KEY_ID_RE.match(key_id):
+        if not _KEY_ID_RE.fullmatch(key_id):
             problem = (
                 "key ids are lowercase"
-                if _KEY_ID_RE.match(key_id.lower())
+                if _KEY_ID_RE.fullmatch(key_id.lower())
                 else "the key id must be a UUID (or mrk- and 32 hex digits for a multi-Region key)"
             )
             raise _fail(ref, problem, syntax)
@@ -294,7 +294,7 @@ def _parse_aws(ref: str, rest: str) -> AwsKmsKeyRef:
 
 
 def _check_alias(ref: str, alias: str) -> str:
-    if not _ALIAS_RE.match(alias):
+    if not _ALIAS_RE.fullmatch(alias):
         raise _fail(ref, "an alias name is alias/ and 1-250 characters from A-Z a-z 0-9 / _ -", AwsKmsKeyRef.syntax)
     if alias.startswith("alias/aws/"):
         raise _fail(
@@ -328,7 +328,7 @@ def _split_host_port(ref: str, authority: str, syntax: str, *, port_required: bo
             labels = host.split(".")
             if all(label.isdigit() for label in labels):
                 raise _fail(ref, f"{host!r} is not a valid IPv4 address", syntax) from None
-            if len(host) > 253 or not all(_DNS_LABEL_RE.match(label) for label in labels):
+            if len(host) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in labels):
                 raise _fail(ref, f"{host!r} is not a valid DNS host name", syntax) from None
     if not tail:
         if port_required:
@@ -358,10 +358,10 @@ def _parse_azure(ref: str, rest: str) -> AzureKeyVaultKeyRef:
     if parts[0] != "keys" or len(parts) not in (2, 3):
         raise _fail(ref, "the path must be /keys/NAME or /keys/NAME/VERSION", syntax)
     name = parts[1]
-    if not _KV_NAME_RE.match(name):
+    if not _KV_NAME_RE.fullmatch(name):
         raise _fail(ref, "a key name is 1-127 characters from 0-9 a-z A-Z and '-'", syntax)
     version = parts[2] if len(parts) == 3 else None
-    if version is not None and not _KV_VERSION_RE.match(version):
+    if version is not None and not _KV_VERSION_RE.fullmatch(version):
         raise _fail(ref, "the key version must be 32 lowercase hex digits", syntax)
     return AzureKeyVaultKeyRef(host=host, name=name, port=port, version=version)
 
@@ -372,14 +372,14 @@ def _parse_kmip(ref: str, rest: str) -> KmipKeyRef:
     if not slash or not uid:
         raise _fail(ref, "the key's unique identifier (/UID) is missing", syntax)
     host, port = _split_host_port(ref, authority, syntax, port_required=True)
-    if not _KMIP_UID_RE.match(uid):
+    if not _KMIP_UID_RE.fullmatch(uid):
         raise _fail(ref, "a UID is 1-128 characters from A-Z a-z 0-9 . _ : - (no '/')", syntax)
     assert port is not None
     return KmipKeyRef(host=host, port=port, uid=uid)
 
 
 def _parse_managed(ref: str, rest: str) -> ManagedKeyRef:
-    if not _NAME_RE.match(rest):
+    if not _NAME_RE.fullmatch(rest):
         raise _fail(
             ref,
             "the name is 1-63 lowercase letters, digits and inner hyphens, starting with a letter",
@@ -390,13 +390,13 @@ def _parse_managed(ref: str, rest: str) -> ManagedKeyRef:
 
 def _parse_memory(ref: str, rest: str) -> MemoryKeyRef:
     name, slash, version = rest.partition("/")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise _fail(
             ref,
             "the name is 1-63 lowercase letters, digits and inner hyphens, starting with a letter",
             MemoryKeyRef.syntax,
         )
-    if slash and not _MEMORY_VERSION_RE.match(version):
+    if slash and not _MEMORY_VERSION_RE.fullmatch(version):
         raise _fail(ref, "the version is a positive integer", MemoryKeyRef.syntax)
     return MemoryKeyRef(name=name, version=int(version) if slash else None)
 
@@ -424,6 +424,6 @@ def replacement_ref(key_ref: str, version: str | None) -> str | None:
     parsed = parse_key_ref(key_ref)
     if not isinstance(parsed, KmipKeyRef) or not version or version == parsed.uid:
         return None
-    if not _KMIP_UID_RE.match(version):
+    if not _KMIP_UID_RE.fullmatch(version):
         raise ValidationError(f"KMIP key {parsed.uri}: the server named a replacement with an unusable UID")
     return KmipKeyRef(parsed.host, parsed.port, version).uri

@@ -102,7 +102,7 @@ class GracePolicy:
             return cls(GraceKind.DENY_IMMEDIATELY)
         if value == GraceKind.ALERT_ONLY.value:
             return cls(GraceKind.ALERT_ONLY)
-        m = _GRACE_TEXT.match(value)
+        m = _GRACE_TEXT.fullmatch(value)
         if m is None:
             raise ValidationError(
                 f"grace policy {text!r}: use deny-immediately, alert-only or serve-from-cache-for:SECONDS "
