@@ -447,8 +447,15 @@ def audit_anchor(as_json: bool = JSON) -> None:
 @audit_app.command("export")
 @_errors_are_messages
 def audit_export(tenant: str | None = None) -> None:
-    """Export the audit log as JSONL (verifiable by the customer)."""
-    for rec in _platform().state.export_audit(tenant):
+    """Export the audit log as JSONL (verifiable by the customer). A removed tenant's
+    records stay exportable; a tenant the log never named is an error, not an empty file."""
+    state = _platform().state
+    named = tenant is None or state.get_tenant(tenant) is not None
+    if not named and next(iter(state.iter_audit(tenant_id=tenant, page_size=1)), None) is None:
+        raise ObjectNotFoundError(
+            f"unknown tenant {tenant!r}: not registered, and no audit record names it (see `archive-kms tenant list`)"
+        )
+    for rec in state.export_audit(tenant):
         typer.echo(_json.dumps(rec, default=str, sort_keys=True))
 
 

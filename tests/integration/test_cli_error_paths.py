@@ -286,6 +286,7 @@ def test_attachments_root_confines_paths(env, tenant, tmp_path):
         (("db", "upgrade", "--to", "bogus"), "unknown schema revision 'bogus'"),
         (("db", "upgrade", "--url", "nonsense://x"), "unsupported state store database 'nonsense'"),
         (("verify", "nobody"), "unknown tenant 'nobody'"),
+        (("audit", "export", "--tenant", "nobody"), "unknown tenant 'nobody'"),
         (("verify", "Bad/Id"), "tenant id"),
         (("byok", "new-key", "nobody", "--out-dir", "/tmp/never-made"), "unknown tenant 'nobody'"),
         (("byok", "new-key", "Bad/Id", "--out-dir", "/tmp/never-made"), "tenant id"),
@@ -308,6 +309,13 @@ def test_attachments_root_confines_paths(env, tenant, tmp_path):
 def test_command_bad_input(env, tenant, args, fragment):
     argv = [a.replace("{t}", tenant) for a in args]
     assert_one_line_error(run(env, *argv), fragment.replace("{t}", tenant))
+
+
+def test_audit_export_of_a_known_tenant_ends_with_its_chain_head(env, tenant):
+    done = run(env, "audit", "export", "--tenant", tenant)
+    assert done.exit_code == 0, done.output
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert lines and lines[-1]["type"] == "head" and lines[-1]["count"] == len(lines) - 1 >= 1, lines[-1]
 
 
 @pytest.fixture(scope="module")
