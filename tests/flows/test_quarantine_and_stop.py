@@ -91,11 +91,13 @@ class Cli:
         self.logs = logs
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, *args: str) -> tuple[subprocess.Popen, Path, Path]:
+    def start(self, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path, Path]:
         n = len(self.procs)
         out, err = self.logs / f"cli{n}.out", self.logs / f"cli{n}.err"
         with out.open("wb") as o, err.open("wb") as e:
-            proc = subprocess.Popen([str(CLI), *in_this_process(args)], stdout=o, stderr=e, env=self.env)
+            proc = subprocess.Popen(
+                [str(CLI), *in_this_process(args)], stdout=o, stderr=e, env={**self.env, **(env or {})}
+            )
         self.procs.append(proc)
         return proc, out, err
 
@@ -278,6 +280,15 @@ def test_corrupt_and_foreign_sources_are_quarantined_waived_and_kept(
 # --- SIGTERM mid-copy ------------------------------------------------------------------------------------
 
 
+def _stopped(pid: int) -> bool:
+    """The process is stopped (state T in /proc/PID/stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
 def _big_job(tenant_id: str, files: Path) -> JobSpec:
     """Two records whose attachments (> one 8 MiB part) are copied with multipart uploads."""
     records, paths = [], {}
@@ -311,25 +322,31 @@ def test_sigterm_mid_copy_stops_gracefully_and_runs_resume_completes(
     total = len(snapshot)
     key_ref = customer_key("byokms", "s3")
 
-    proc, out, err = cli.start("enable", t, "--mode", "byokms", "--key-ref", key_ref, "--json")  # default fan-out
+    # The process freezes itself (SIGSTOP, every thread) once its first batch of ledger rows
+    # is durable: the copy is caught mid-way whatever the machine's speed. SIGTERM stays
+    # pending while it is stopped and is delivered on SIGCONT.
+    proc, out, err = cli.start(
+        "enable", t, "--mode", "byokms", "--key-ref", key_ref, "--json",  # default fan-out
+        env={"ARCHIVE_KMS_FREEZE_AT": "copy:after-record@1"},
+    )  # fmt: skip
     run_id, copied_at_signal = None, 0
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(
-                f"archive-kms enable exited ({proc.returncode}) before its copy was caught half way:\n"
-                f"{err.read_text()[-3000:]}"
+                f"archive-kms enable exited ({proc.returncode}) before its copy froze:\n{err.read_text()[-3000:]}"
             )
-        run = p.state.find_active_run(t)
-        if run is not None and run.step("copy").state is StepState.RUNNING:
-            copied_at_signal = p.state.copy_counts(run.run_id).get(CopyStatus.COPIED, 0)
-            if 0 < copied_at_signal < total // 2:
-                run_id = run.run_id
-                break
+        if _stopped(proc.pid):
+            run = p.state.find_active_run(t)
+            assert run is not None and run.step("copy").state is StepState.RUNNING, run
+            run_id, copied_at_signal = run.run_id, p.state.copy_counts(run.run_id).get(CopyStatus.COPIED, 0)
+            break
         time.sleep(0.02)
-    assert run_id is not None, "the copy was not caught half way"
-    signalled = time.monotonic()
+    assert run_id is not None, "the copy never reached its first durable ledger batch"
+    assert 0 < copied_at_signal < total, (copied_at_signal, total)
     proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGCONT)
     try:
         rc = proc.wait(timeout=STOP_BOUND_SECONDS + 30)
     except subprocess.TimeoutExpired:

@@ -180,9 +180,11 @@ def test_a_signal_stops_the_run_gracefully_and_the_previous_handler_is_restored(
     try:
 
         def signal_and_wait_for_the_handler() -> None:
-            # The handler runs in the main thread whenever it next gets the GIL: hold this
-            # shard until it has, or on a loaded machine the other shards copy everything first.
-            os.kill(os.getpid(), sig)
+            # Python runs the handler in the main thread. Sent to the main thread itself, the
+            # signal interrupts its wait for the shards (a process-wide kill may land on
+            # another thread, and the main thread then sleeps on until a shard ends). Hold
+            # this shard until the handler has run, or the other shards copy everything first.
+            signal.pthread_kill(threading.main_thread().ident, sig)
             stop = stopping.for_run(run_id)
             assert stop is not None and stop.wait(10), "the engine's handler never ran"
 
