@@ -145,8 +145,9 @@ def _errors_are_messages(fn):
         except (typer.Exit, typer.Abort):
             raise
         except Exception as e:
-            if isinstance(e, (PydanticValidationError, SettingsError)) and _settings_error(e):
-                typer.echo(f"error: {_settings_error(e)}", err=True)
+            bad_setting = _settings_error(e) if isinstance(e, (PydanticValidationError, SettingsError)) else None
+            if bad_setting:
+                typer.echo(f"error: {bad_setting}", err=True)
                 raise typer.Exit(2) from None
             if type(e).__module__.startswith(("click", "typer")) or _os.environ.get("ARCHIVE_KMS_DEBUG") == "1":
                 raise  # usage errors: typer prints them (exit 2)
