@@ -158,24 +158,21 @@ class PrefectRequestLimiter:
         from prefect.concurrency.sync import rate_limit
 
         timeout = self._settings.l1_limit_timeout_seconds
-        with self._on_fleet_api():
-            self._acquire(domain, requests, timeout, rate_limit)
-
-    def _acquire(self, domain: QuotaDomain, requests: int, timeout: float, rate_limit: Callable[..., Any]) -> None:
-        try:
-            name = self._ensure(domain)
-            rate_limit(name, occupy=requests, timeout_seconds=timeout, strict=True)
-        except TimeoutError:
-            raise KeyThrottledError(
-                f"no request slot for {domain} within {timeout:.0f} s (rate limit {l1_limit_name(domain)}): "
-                "the fleet is at its share of this key service's quota",
-                resource=domain.name,
-            ) from None
-        except Exception as exc:  # noqa: BLE001 - httpx / Prefect client errors: the API does not answer
-            raise ServiceUnavailableError(
-                f"the Prefect API did not grant a request slot for {domain} ({type(exc).__name__}: {exc})"[:500],
-                resource=domain.name,
-            ) from None
+        with self._on_fleet_api():  # no API at all: ConfigurationError, not a retryable outage
+            try:
+                name = self._ensure(domain)
+                rate_limit(name, occupy=requests, timeout_seconds=timeout, strict=True)
+            except TimeoutError:
+                raise KeyThrottledError(
+                    f"no request slot for {domain} within {timeout:.0f} s (rate limit {l1_limit_name(domain)}): "
+                    "the fleet is at its share of this key service's quota",
+                    resource=domain.name,
+                ) from None
+            except Exception as exc:  # noqa: BLE001 - httpx / Prefect client errors: the API does not answer
+                raise ServiceUnavailableError(
+                    f"the Prefect API did not grant a request slot for {domain} ({type(exc).__name__}: {exc})"[:500],
+                    resource=domain.name,
+                ) from None
 
 
 def run_admission(settings: Settings) -> Callable[[], contextlib.AbstractContextManager[None]]:
